@@ -1,0 +1,16 @@
+"""fastattn: fused attention, residual+LayerNorm and INT8 matmul kernels for PyTorch.
+
+Each op runs on one of four backends: ``cuda`` (CUDA C++), ``triton``, ``cpu`` (C++/OpenMP) and ``reference``
+(pure PyTorch). Auto mode picks the fastest one that supports the inputs; ``with fastattn.backend("triton"):`` or
+the ``FASTATTN_BACKEND`` environment variable forces one.
+"""
+from ._ext import has_cpp as _has_cpp
+from .backends import BackendNotSupported, available_backends, backend
+from .info import build_info
+from .ops.add_norm import add_layer_norm, add_rms_norm
+from . import nn  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["add_layer_norm", "add_rms_norm", "available_backends", "backend", "build_info",
+           "BackendNotSupported", "nn"]

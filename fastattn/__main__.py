@@ -1,0 +1,156 @@
+"""Command line: ``fastattn info | check | bench | demo`` (``python -m fastattn ...``)."""
+import argparse
+import json
+import sys
+
+import torch
+
+import fastattn
+from fastattn.backends import available_backends
+from fastattn.reference import add_norm_ref
+from fastattn.testing import add_norm_bytes, gbps, median_ms, table
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _backends_for(device: str):
+    """Backends worth timing on device: auto-mode candidates (Triton only on a GPU, not in the interpreter)."""
+    return [b for b in available_backends() if b != "reference" and (b != "triton" or device == "cuda")
+            and (b != "cuda" or device == "cuda") and (b != "cpu" or device == "cpu")]
+
+
+def cmd_info(args) -> int:
+    print(json.dumps(fastattn.build_info(), indent=2))
+    return 0
+
+
+def cmd_check(args) -> int:
+    """Every available backend against the float64 reference, forward and backward, on a few shapes."""
+    from fastattn.backends import triton_interpreted
+    rows, failed = [], 0
+    dev = _device()
+    for name in available_backends():
+        if name == "triton" and dev == "cpu" and not triton_interpreted():
+            continue
+        d = "cpu" if name == "cpu" else dev
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for is_rms in (False, True):
+                err, bound = _check_one(name, d, dtype, is_rms)
+                ok = err <= bound
+                failed += not ok
+                rows.append([name, str(dtype).replace("torch.", ""), "rms" if is_rms else "layer",
+                             f"{err:.2e}", f"{bound:.2e}", "ok" if ok else "FAIL"])
+    print(table(rows, ["backend", "dtype", "norm", "max err", "bound", ""]))
+    print(f"{len(rows) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def _check_one(backend, device, dtype, is_rms, shape=(64, 1000)):
+    """Largest error over y, dx, dresidual, dweight (and bound 2 x torch's error + 1 ulp-ish), vs float64."""
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(*s, generator=g, dtype=torch.float64) for s in (shape, shape, shape[-1:], shape[-1:], shape)]
+    x, r, w, b, dy = [t.to(device) for t in ts]
+    b = None if is_rms else b
+
+    def grads(fn, dt):
+        leaves = [None if t is None else t.to(dt).requires_grad_() for t in (x, r, w, b)]
+        y = fn(*leaves)
+        y.backward(dy.to(dt))
+        return [y] + [t.grad for t in leaves if t is not None]
+
+    def ours(x, r, w, b):
+        with fastattn.backend(backend):
+            return fastattn.add_rms_norm(x, r, w) if is_rms else fastattn.add_layer_norm(x, r, w, b)
+
+    eps = 1e-6 if is_rms else 1e-5
+    def ref(x, r, w, b, up):
+        return add_norm_ref(x, r, w, b, eps, is_rms=is_rms, upcast=up)
+
+    got, base, exact = grads(ours, dtype), grads(lambda *a: ref(*a, False), dtype), grads(lambda *a: ref(*a, True),
+                                                                                          torch.float64)
+    worst_err, worst_bound = 0.0, 1.0
+    ulp = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    for a, t, e in zip(got, base, exact):
+        err = (a.double() - e).abs().max().item()
+        bound = 2 * (t.double() - e).abs().max().item() + ulp * max(1.0, e.abs().max().item())
+        if err / bound > worst_err / worst_bound:
+            worst_err, worst_bound = err, bound
+    return worst_err, worst_bound
+
+
+def bench_add_norm(shapes, dtypes, device, backward=False):
+    """Rows of [backend, shape, dtype, ms, GB/s, speedup vs torch (x + r, then F.layer_norm)]."""
+    rows = []
+    for (M, N) in shapes:
+        for dtype in dtypes:
+            x, r = (torch.randn(M, N, device=device, dtype=dtype) for _ in range(2))
+            w, b = (torch.randn(N, device=device, dtype=dtype) for _ in range(2))
+            dy = torch.randn(M, N, device=device, dtype=dtype)
+            nbytes = add_norm_bytes(M, N, dtype, residual=True, store_s=backward, backward=backward)
+            if backward:
+                for t in (x, r, w, b):
+                    t.requires_grad_()
+
+            def step(f):
+                def run():
+                    y = f()
+                    if backward:
+                        torch.autograd.grad(y, (x, r, w, b), dy)
+                return run
+
+            def torch_fn():
+                return torch.nn.functional.layer_norm(x + r, (N,), w, b)
+
+            with torch.set_grad_enabled(backward):
+                t_ms = median_ms(step(torch_fn), device)
+                rows.append(["torch", f"{M}x{N}", str(dtype)[6:], f"{t_ms:.3f}", f"{gbps(nbytes, t_ms):.0f}", "1.00"])
+                for name in _backends_for(device):
+                    def ours(name=name):
+                        with fastattn.backend(name):
+                            return fastattn.add_layer_norm(x, r, w, b)
+                    ms = median_ms(step(ours), device)
+                    rows.append([name, f"{M}x{N}", str(dtype)[6:], f"{ms:.3f}", f"{gbps(nbytes, ms):.0f}",
+                                 f"{t_ms / ms:.2f}"])
+    return rows
+
+
+def cmd_bench(args) -> int:
+    dev = _device()
+    if dev == "cuda":
+        shapes, dtypes = [(8192, 1024), (8192, 4096), (4096, 8192)], [torch.float16, torch.bfloat16]
+    else:
+        shapes, dtypes = [(4096, 1024), (1024, 4096)], [torch.float32]
+    headers = ["backend", "shape", "dtype", "ms", "GB/s", "vs torch"]
+    print(f"add + LayerNorm forward ({dev}; torch = x + r then F.layer_norm; median ms)")
+    print(table(bench_add_norm(shapes, dtypes, dev), headers))
+    print(f"\nadd + LayerNorm forward+backward ({dev})")
+    print(table(bench_add_norm(shapes, dtypes, dev, backward=True), headers))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    info = fastattn.build_info()
+    print(f"fastattn {info['fastattn']} | torch {info['torch']} | backends: {', '.join(available_backends())}")
+    print("\n== correctness: every backend vs the float64 reference ==")
+    rc = cmd_check(args)
+    print("\n== speed ==")
+    return rc or cmd_bench(args)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fastattn", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, fn, help_ in [("info", cmd_info, "what was built and which backends run here"),
+                            ("check", cmd_check, "check every backend against the reference"),
+                            ("bench", cmd_bench, "time the kernels against torch"),
+                            ("demo", cmd_demo, "info + check + bench")]:
+        sp = sub.add_parser(name, help=help_)
+        sp.set_defaults(fn=fn)
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Public ops: validation, backend dispatch, torch.library custom ops and autograd.Functions."""

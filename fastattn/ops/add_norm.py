@@ -1,0 +1,233 @@
+"""Fused residual-add + LayerNorm / RMSNorm: validation, backend dispatch, custom ops and the autograd.Function.
+
+Every backend implements the same pair of functions on 2-D contiguous tensors:
+
+  fwd(x, residual, weight, bias, eps, is_rms, store_s, s_fp32) -> [y, s, mean, rstd]
+  bwd(dy, s, mean, rstd, weight, ds, has_bias, is_rms, dres_fp32) -> [dx, dres, dweight, dbias]
+
+Absent outputs are empty tensors. s = x + residual is rounded to its dtype (float32 when s_fp32, else x's) and
+the norm is computed from the rounded s; mean/rstd are float32 (float64 for float64 input), so a forward on one
+backend and a backward on another agree. The backward needs s: it is stored when a residual is added and a
+gradient is needed, or for prenorm; otherwise x itself serves as s. The full contract: csrc/README.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from ..backends import Dispatcher, Impl, forced_backend
+from ..reference import add_norm_ref, norm_residual_dtype
+
+MAX_COLS = 65536
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class NormRequest:
+    device: str
+    dtype: torch.dtype
+    cols: int
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- reference backend: the reference forward, and the closed-form backward in torch ops ------------------------
+def _ref_fwd(x, residual, weight, bias, eps, is_rms, store_s, s_fp32):
+    cdt = _stats_dtype(x.dtype)
+    s = x.to(torch.float32 if s_fp32 else x.dtype) if residual is None else \
+        (x.to(cdt) + residual.to(cdt)).to(torch.float32 if s_fp32 else x.dtype)
+    sc = s.to(cdt)
+    mean = sc.new_empty(0) if is_rms else sc.mean(-1)
+    centered = sc if is_rms else sc - mean[:, None]
+    rstd = torch.rsqrt(centered.square().mean(-1) + eps)
+    y = add_norm_ref(s, None, weight, bias, eps, is_rms=is_rms, upcast=True).to(x.dtype)
+    return [y, s if store_s else s.new_empty(0), mean, rstd]
+
+
+def _ref_bwd(dy, s, mean, rstd, weight, ds, has_bias, is_rms, dres_fp32):
+    cdt = _stats_dtype(dy.dtype)
+    g, sc, r = dy.to(cdt), s.to(cdt), rstd.to(cdt)[:, None]
+    xhat = (sc if is_rms else sc - mean.to(cdt)[:, None]) * r
+    dweight = (g * xhat).sum(0) if weight is not None else g.new_empty(0)
+    dbias = g.sum(0) if has_bias else g.new_empty(0)
+    if weight is not None:
+        g = g * weight.to(cdt)
+    dsum = g - xhat * (g * xhat).mean(-1, keepdim=True)
+    if not is_rms:
+        dsum = dsum - g.mean(-1, keepdim=True)
+    dsum = dsum * r
+    if ds is not None:
+        dsum = dsum + ds.to(cdt)
+    dres = dsum.float() if dres_fp32 else dsum.new_empty(0, dtype=torch.float32)
+    return [dsum.to(dy.dtype), dres, dweight, dbias]
+
+
+def _triton_fwd(*args):
+    from ..kernels import add_norm as k
+    return k.add_norm_fwd(*args)
+
+
+def _triton_bwd(*args):
+    from ..kernels import add_norm as k
+    return k.add_norm_bwd(*args)
+
+
+def _cols_check(req: NormRequest):
+    return [f"row width {req.cols} > {MAX_COLS}"] if req.cols > MAX_COLS else []
+
+
+_dispatch = Dispatcher("add_norm", [
+    Impl("cuda", lambda *a: _ext._C.add_norm_fwd_cuda(*a), lambda *a: _ext._C.add_norm_bwd_cuda(*a),
+         ("cuda",), _FLOATS, _cols_check),
+    Impl("triton", _triton_fwd, _triton_bwd, ("cuda",), _FLOATS, _cols_check),
+    Impl("cpu", lambda *a: _ext._C.add_norm_fwd_cpu(*a), lambda *a: _ext._C.add_norm_bwd_cpu(*a),
+         ("cpu",), _FLOATS + (torch.float64,), _cols_check),
+    Impl("reference", _ref_fwd, _ref_bwd, ("cpu", "cuda"), _FLOATS + (torch.float64,)),
+])
+
+
+def _request(t: Tensor) -> NormRequest:
+    return NormRequest(t.device.type, t.dtype, t.shape[-1])
+
+
+def select_backend(x: Tensor, backend: Optional[str] = None) -> str:
+    """The backend that would run add_layer_norm / add_rms_norm on x (raises if a forced one cannot)."""
+    return _dispatch.select(_request(x), backend).backend
+
+
+def why_not(x: Tensor):
+    """Every backend's reasons against running on x (an empty list means supported)."""
+    return _dispatch.why_not(_request(x))
+
+
+# ---- custom ops: opaque to torch.compile, with fake implementations for tracing -------------------------------
+def _fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+         is_rms: bool, store_s: bool, s_fp32: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    impl = _dispatch.select(_request(x), backend or None)
+    return tuple(impl.fwd(x, residual, weight, bias, eps, is_rms, store_s, s_fp32))
+
+
+def _bwd(dy: Tensor, s: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], ds: Optional[Tensor],
+         has_bias: bool, is_rms: bool, dres_fp32: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    impl = _dispatch.select(_request(dy), backend or None)
+    return tuple(impl.bwd(dy, s, mean, rstd, weight, ds, has_bias, is_rms, dres_fp32))
+
+
+# Custom ops: opaque to torch.compile, with fake implementations for tracing. Eager calls skip this layer (its
+# dispatch costs microseconds that small rows notice) and call _fwd / _bwd directly.
+add_norm_fwd_op = torch.library.custom_op("fastattn::add_norm_fwd", _fwd, mutates_args=())
+add_norm_bwd_op = torch.library.custom_op("fastattn::add_norm_bwd", _bwd, mutates_args=())
+
+
+@add_norm_fwd_op.register_fake
+def _(x, residual, weight, bias, eps, is_rms, store_s, s_fp32, backend):
+    M, N = x.shape
+    st = _stats_dtype(x.dtype)
+    return (torch.empty_like(x), x.new_empty((M, N) if store_s else (0,), dtype=torch.float32 if s_fp32 else x.dtype),
+            x.new_empty(0 if is_rms else M, dtype=st), x.new_empty(M, dtype=st))
+
+
+@add_norm_bwd_op.register_fake
+def _(dy, s, mean, rstd, weight, ds, has_bias, is_rms, dres_fp32, backend):
+    M, N = dy.shape
+    st = _stats_dtype(dy.dtype)
+    return (torch.empty_like(dy), dy.new_empty((M, N) if dres_fp32 else (0,), dtype=torch.float32),
+            dy.new_empty(N if weight is not None else 0, dtype=st), dy.new_empty(N if has_bias else 0, dtype=st))
+
+
+class AddNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, is_rms, prenorm, s_dtype, backend):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()  # (M, N)
+        r2 = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
+        needs_grad = any(ctx.needs_input_grad[:4])
+        s_fp32 = s_dtype == torch.float32 and x.dtype != torch.float32
+        store_s = prenorm or (needs_grad and (residual is not None or s_fp32))
+        y, s, mean, rstd = (add_norm_fwd_op if torch.compiler.is_compiling() else _fwd)(x2, r2, weight, bias, eps, is_rms, store_s, s_fp32, backend)
+        if needs_grad:
+            ctx.save_for_backward(s if store_s else x2, mean, rstd, weight)
+        ctx.meta = (shape, is_rms, bias is not None, backend, None if residual is None else residual.dtype,
+                    None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        y = y.view(shape)
+        return (y, s.view(shape)) if prenorm else y
+
+    @staticmethod
+    def backward(ctx, dy, ds=None):
+        shape, is_rms, has_bias, backend, res_dtype, w_dtype, b_dtype = ctx.meta
+        s, mean, rstd, weight = ctx.saved_tensors
+        N = shape[-1]
+        dy2 = dy.reshape(-1, N).contiguous()
+        ds2 = None if ds is None else ds.reshape(-1, N).to(s.dtype).contiguous()
+        dres_fp32 = res_dtype == torch.float32 and dy.dtype != torch.float32
+        dx, dres, dw, db = (add_norm_bwd_op if torch.compiler.is_compiling() else _bwd)(dy2, s, mean, rstd, weight, ds2, has_bias, is_rms, dres_fp32, backend)
+        dx = dx.view(shape)
+        if res_dtype is None or not ctx.needs_input_grad[1]:
+            dr = None
+        else:
+            dr = dres.view(shape) if dres_fp32 else dx.to(res_dtype)
+        dw = dw.to(w_dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        db = db.to(b_dtype) if has_bias and ctx.needs_input_grad[3] else None
+        return dx, dr, dw, db, None, None, None, None, None
+
+
+def _check_tensor(name: str, t, x: Tensor, shape, dtypes) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: on device {t.device}, but x is on {x.device}; all tensors must share a device")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: shape {tuple(t.shape)} does not match the expected {tuple(shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: dtype {t.dtype} is not supported here (expected one of "
+                        f"{', '.join(str(d) for d in dtypes)})")
+
+
+def _validate(x, residual, weight, bias, eps) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS + (torch.float64,):
+        raise TypeError(f"x: dtype {x.dtype} is not supported (float16, bfloat16, float32, float64)")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x: shape {tuple(x.shape)} needs a non-empty last (normalized) dimension")
+    allowed = (x.dtype, torch.float32)
+    if residual is not None:
+        _check_tensor("residual", residual, x, x.shape, allowed)
+    if weight is not None:
+        _check_tensor("weight", weight, x, x.shape[-1:], allowed)
+    if bias is not None:
+        _check_tensor("bias", bias, x, x.shape[-1:], allowed)
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+
+
+def _add_norm(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32):
+    _validate(x, residual, weight, bias, eps)
+    s_dtype = norm_residual_dtype(x, residual, residual_in_fp32)
+    if residual is not None and x.dtype == torch.float64 and residual.dtype != torch.float64:
+        residual = residual.double()  # kernels take a residual of x's dtype or float32 (s is float64 here)
+    return AddNormFunction.apply(x, residual, weight, bias, float(eps), is_rms, prenorm, s_dtype,
+                                 forced_backend() or "")
+
+
+def add_layer_norm(x: Tensor, residual: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, eps: float = 1e-5, *, prenorm: bool = False,
+                   residual_in_fp32: bool = False):
+    """s = x + residual; y = LayerNorm(s) * weight + bias over the last dimension.
+
+    Returns y (x's dtype), or (y, s) when ``prenorm``. s is float32 when ``residual_in_fp32`` or the residual is
+    float32, else x's dtype. weight/bias: (N,) of x's dtype or float32, or None. Statistics are float32.
+    """
+    return _add_norm(x, residual, weight, bias, eps, False, prenorm, residual_in_fp32)
+
+
+def add_rms_norm(x: Tensor, residual: Optional[Tensor] = None, weight: Optional[Tensor] = None, eps: float = 1e-6,
+                 *, prenorm: bool = False, residual_in_fp32: bool = False):
+    """s = x + residual; y = s / sqrt(mean(s^2) + eps) * weight. Returns y, or (y, s) when ``prenorm``."""
+    return _add_norm(x, residual, weight, None, eps, True, prenorm, residual_in_fp32)

@@ -1,0 +1,55 @@
+"""Timing helpers shared by the CLI, the benchmarks and the GPU suite (not used by the kernels)."""
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device="cpu", warmup: int = 3, rep: int = 20, min_time_s: float = 0.0) -> float:
+    """Median wall time of fn() in milliseconds; on CUDA synchronized around each call (CUDA events via
+    triton.testing.do_bench when Triton is importable)."""
+    if torch.device(device).type == "cuda":
+        try:
+            from triton.testing import do_bench
+            return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        except ImportError:
+            pass
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times, start_all = [], time.perf_counter()
+    while len(times) < rep or time.perf_counter() - start_all < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def gbps(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def add_norm_bytes(M: int, N: int, dtype: torch.dtype, residual: bool = True, store_s: bool = False,
+                   backward: bool = False) -> int:
+    """Fewest bytes the fused op must move: inputs read once, outputs written once (weights ignored)."""
+    e = torch.tensor([], dtype=dtype).element_size()
+    fwd = M * N * e * (1 + residual + 1 + store_s)  # x, residual, y, s
+    if not backward:
+        return fwd
+    return fwd + M * N * e * (3 + residual)  # dy, s read; dx (and dresidual) written
+
+
+def table(rows, headers) -> str:
+    cols = [[str(h)] + [str(r[i]) for r in rows] for i, h in enumerate(headers)]
+    widths = [max(len(c) for c in col) for col in cols]
+    lines = [" | ".join(c[i].ljust(w) for c, w in zip(cols, widths)) for i in range(len(rows) + 1)]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+

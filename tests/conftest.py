@@ -1,0 +1,56 @@
+import os
+
+import pytest
+import torch
+
+# Triton's interpreter must be on before any @triton.jit function is defined: without a GPU, the Triton kernels
+# run on the CPU through it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastattn  # noqa: E402
+from fastattn.backends import unavailable_reason  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+BACKENDS = ["reference", "cpu", "triton", "cuda"]
+
+
+def backend_device(name: str) -> str:
+    """The device a backend is tested on: the GPU where there is one (cpu is CPU-only)."""
+    return "cuda" if HAS_GPU and name != "cpu" else "cpu"
+
+
+def backend_params():
+    """pytest params for every backend; the CUDA one is marked gpu and skipped without a GPU."""
+    return [pytest.param(b, marks=pytest.mark.gpu) if b == "cuda" else b for b in BACKENDS]
+
+
+@pytest.fixture
+def backend_name(request):
+    name = request.param
+    why = unavailable_reason(name)
+    if why is None:
+        return name
+    if name == "cuda" and not HAS_GPU:
+        pytest.skip(f"needs a GPU: {why}")
+    if os.environ.get("FASTATTN_EXPECT_CPP") == "1":  # CI builds the extension: a missing backend is a failure
+        pytest.fail(f"backend {name!r} is unavailable: {why}")
+    pytest.skip(why)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+# Floor of the error bound, relative to the reference's magnitude: about one rounding step of the dtype.
+EPS = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def assert_bounded(name: str, out: torch.Tensor, ref: torch.Tensor, torch_out: torch.Tensor, dtype) -> None:
+    """err(out) <= 2 * err(torch in the same dtype) + eps, both measured against a float64 reference."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    err, base = max_err(out, ref), max_err(torch_out, ref)
+    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+    bound = 2 * base + EPS[dtype] * scale
+    assert err <= bound, f"{name}: max error {err:.3g} > 2 x torch's {base:.3g} + {EPS[dtype] * scale:.3g}"

@@ -1,0 +1,170 @@
+"""add_layer_norm / add_rms_norm on every backend against the float64 reference, bounded by torch's own error."""
+import pytest
+import torch
+
+import fastattn
+from fastattn.ops import add_norm as op
+from fastattn.reference import add_norm_ref
+from conftest import assert_bounded, backend_device, backend_params
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+WIDTHS = [1, 7, 123, 1024, 4099]
+# residual: None, "same" (x's dtype) or "fp32"; weight/bias: False, True (x's dtype) or "fp32"
+CASES = {
+    "res-w-b": dict(residual="same", weight=True, bias=True),
+    "plain": dict(residual=None, weight=False, bias=False),
+    "res-w-prenorm": dict(residual="same", weight=True, bias=False, prenorm=True),
+    "fp32res-fp32w-prenorm": dict(residual="fp32", weight="fp32", bias=True, prenorm=True),
+    "res-in-fp32-prenorm": dict(residual="same", weight=True, bias=True, prenorm=True, residual_in_fp32=True),
+    "noweight-bias": dict(residual="same", weight=False, bias=True),
+}
+
+
+def make_inputs(shape, dtype, device, residual=None, weight=False, bias=False, is_rms=False, **_):
+    g = torch.Generator().manual_seed(sum(shape) * 7 + len(shape))
+    n = shape[-1]
+
+    def rnd(*s, dt=dtype, loc=0.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) + loc).to(dt).to(device)
+
+    x = rnd(*shape, loc=0.5)
+    r = None if residual is None else rnd(*shape, dt=torch.float32 if residual == "fp32" else dtype)
+    w = None if not weight else rnd(n, dt=torch.float32 if weight == "fp32" else dtype, loc=1.0)
+    b = None if (not bias or is_rms) else rnd(n, dt=torch.float32 if bias == "fp32" else dtype)
+    return x, r, w, b
+
+
+def run(fn, tensors, grads, prenorm):
+    """Forward fn on leaf copies of tensors, backward with the given output gradients; returns outputs, grads."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    outs = list(out) if prenorm else [out]
+    torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(grads, outs)])
+    return outs, [None if t is None else t.grad for t in leaves]
+
+
+def check_against_reference(backend_name, shape, dtype, case, is_rms, device):
+    kw = dict(case, is_rms=is_rms)
+    x, r, w, b = make_inputs(shape, dtype, device, **kw)
+    prenorm, rif = kw.get("prenorm", False), kw.get("residual_in_fp32", False)
+    eps = 1e-5
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(shape, generator=gen, dtype=torch.float64).to(device) for _ in range(2 if prenorm else 1)]
+
+    def ours(x, r, w, b):
+        with fastattn.backend(backend_name):
+            if is_rms:
+                return fastattn.add_rms_norm(x, r, w, eps, prenorm=prenorm, residual_in_fp32=rif)
+            return fastattn.add_layer_norm(x, r, w, b, eps, prenorm=prenorm, residual_in_fp32=rif)
+
+    def ref(x, r, w, b, upcast):
+        return add_norm_ref(x, r, w, b, eps, is_rms=is_rms, prenorm=prenorm, residual_in_fp32=rif, upcast=upcast)
+
+    outs, gr = run(ours, (x, r, w, b), grads, prenorm)
+    t_outs, t_gr = run(lambda *a: ref(*a, upcast=False), (x, r, w, b), grads, prenorm)
+    f64 = [None if t is None else t.double() for t in (x, r, w, b)]
+    r_outs, r_gr = run(lambda *a: ref(*a, upcast=True), f64, grads, prenorm)
+
+    for i, name in enumerate(["y", "s"][:len(outs)]):
+        assert outs[i].dtype == t_outs[i].dtype, f"{name}: dtype {outs[i].dtype}, torch gives {t_outs[i].dtype}"
+        assert_bounded(name, outs[i], r_outs[i], t_outs[i], dtype)
+    for name, g, tg, rg, t in zip(["dx", "dresidual", "dweight", "dbias"], gr, t_gr, r_gr, (x, r, w, b)):
+        if t is None:
+            continue
+        assert g.dtype == t.dtype, f"{name}: dtype {g.dtype} != input dtype {t.dtype}"
+        assert_bounded(name, g, rg, tg, dtype)
+
+
+@pytest.mark.parametrize("backend_name", backend_params(), indirect=True)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_matches_reference(backend_name, case, width, dtype, is_rms):
+    check_against_reference(backend_name, (3, 5, width), dtype, CASES[case], is_rms, backend_device(backend_name))
+
+
+@pytest.mark.parametrize("backend_name", backend_params(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_widest_rows(backend_name, dtype):
+    check_against_reference(backend_name, (2, 65536), dtype, CASES["res-w-b"], False, backend_device(backend_name))
+
+
+@pytest.mark.parametrize("backend_name", backend_params(), indirect=True)
+def test_many_rows_dweight(backend_name):
+    # enough rows that the backward splits them over several programs / blocks / threads
+    check_against_reference(backend_name, (1537, 96), torch.float32, CASES["res-w-b"], False,
+                            backend_device(backend_name))
+
+
+@pytest.mark.parametrize("backend_name", backend_params(), indirect=True)
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_empty_rows(backend_name, is_rms):
+    dev = backend_device(backend_name)
+    x = torch.randn(0, 4, 16, device=dev, requires_grad=True)
+    w = torch.randn(16, device=dev, requires_grad=True)
+    with fastattn.backend(backend_name):
+        y = fastattn.add_rms_norm(x, None, w) if is_rms else fastattn.add_layer_norm(x, None, w)
+        y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("backend_name", backend_params(), indirect=True)
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_no_out_of_bounds_reads(backend_name, is_rms):
+    """Inputs are views at the start of NaN-filled buffers: reading past the last row poisons the results."""
+    dev = backend_device(backend_name)
+    M, N = 9, 131
+    impl = op._dispatch.impls[backend_name]
+
+    def nan_tail(t):
+        buf = torch.full((t.numel() + 4096,), float("nan"), dtype=t.dtype, device=dev)
+        buf[:t.numel()] = t.flatten()
+        return buf[:t.numel()].view(t.shape)
+
+    x, r, dy, ds = (nan_tail(torch.randn(M, N, device=dev)) for _ in range(4))
+    w, b = nan_tail(torch.randn(N, device=dev)), nan_tail(torch.randn(N, device=dev))
+    y, s, mean, rstd = impl.fwd(x, r, w, None if is_rms else b, 1e-5, is_rms, True, False)
+    dx, dres, dw, db = impl.bwd(dy, s, mean, rstd, w, ds, not is_rms, is_rms, False)
+    for name, t in dict(y=y, s=s, rstd=rstd, dx=dx, dw=dw, db=db).items():
+        assert torch.isfinite(t).all(), f"{name}: NaN read from past the end of an input"
+
+
+@pytest.mark.parametrize("backend_name", backend_params(), indirect=True)
+def test_contract_matches_reference_backend(backend_name):
+    """Every backend's (y, s, mean, rstd) and (dx, dres, dw, db) match the reference backend's, so a forward on
+    one backend and a backward on another agree."""
+    dev = backend_device(backend_name)
+    M, N = 6, 77
+    x = torch.randn(M, N, device=dev, dtype=torch.float16)
+    r = torch.randn(M, N, device=dev, dtype=torch.float32)
+    w, b = torch.randn(N, device=dev), torch.randn(N, device=dev)
+    dy = torch.randn(M, N, device=dev, dtype=torch.float16)
+    ds = torch.randn(M, N, device=dev, dtype=torch.float32)
+    ref, ours = op._dispatch.impls["reference"], op._dispatch.impls[backend_name]
+    f_ref = ref.fwd(x, r, w, b, 1e-5, False, True, True)
+    f_our = ours.fwd(x, r, w, b, 1e-5, False, True, True)
+    for name, a, e in zip(["y", "s", "mean", "rstd"], f_our, f_ref):
+        assert a.dtype == e.dtype and a.shape == e.shape, f"{name}: {a.dtype}{tuple(a.shape)} vs {e.dtype}{tuple(e.shape)}"
+        torch.testing.assert_close(a, e, atol=2e-3, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+    b_ref = ref.bwd(dy, f_ref[1], f_ref[2], f_ref[3], w, ds, True, False, True)
+    b_our = ours.bwd(dy, f_ref[1], f_ref[2], f_ref[3], w, ds, True, False, True)
+    for name, a, e in zip(["dx", "dres", "dweight", "dbias"], b_our, b_ref):
+        assert a.dtype == e.dtype and a.shape == e.shape, f"{name}: {a.dtype}{tuple(a.shape)} vs {e.dtype}{tuple(e.shape)}"
+        torch.testing.assert_close(a, e, atol=5e-3, rtol=5e-3, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"], indirect=True)
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_gradcheck_float64(backend_name, is_rms):
+    x, r, w, b = make_inputs((3, 8), torch.float64, "cpu", residual="same", weight=True, bias=True, is_rms=is_rms)
+    inputs = [t.requires_grad_() for t in (x, r, w, b) if t is not None]
+
+    def f(*a):
+        with fastattn.backend(backend_name):
+            if is_rms:
+                return fastattn.add_rms_norm(a[0], a[1], a[2], 1e-5, prenorm=True)
+            return fastattn.add_layer_norm(*a, prenorm=True)
+
+    assert torch.autograd.gradcheck(f, inputs)
