@@ -1,0 +1,141 @@
+"""Backend selection, refusal messages, bad input, build info, torch.compile."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import fastattn
+from fastattn.backends import BackendNotSupported
+from fastattn.ops import add_norm as op
+from conftest import HAS_GPU
+
+
+def test_available_backends_and_build_info():
+    avail = fastattn.available_backends()
+    assert "reference" in avail
+    info = fastattn.build_info()
+    assert set(info["backends"]) == {"cuda", "triton", "cpu", "reference"}
+    if os.environ.get("FASTATTN_EXPECT_CPP") == "1":
+        assert info["cpp_ops"] and "cpu" in avail, info
+        assert info["openmp"], "the CPU ops were built without OpenMP"
+    if os.environ.get("FASTATTN_EXPECT_CUDA_OPS") == "1":
+        assert info["cuda_ops"], f"nvcc is here ({shutil.which('nvcc')}) but the CUDA ops were not built"
+        assert info["cuda_archs"]
+
+
+def test_auto_prefers_compiled_backend_on_cpu():
+    x = torch.randn(4, 8)
+    expected = "cpu" if "cpu" in fastattn.available_backends() else "reference"
+    assert op.select_backend(x) == expected
+
+
+def test_forced_backend_context_and_env(monkeypatch):
+    x = torch.randn(4, 8)
+    with fastattn.backend("reference"):
+        assert op.select_backend(x) == "reference"
+        with fastattn.backend("auto"):
+            assert op.select_backend(x) != "reference" or "cpu" not in fastattn.available_backends()
+    monkeypatch.setenv("FASTATTN_BACKEND", "reference")
+    assert op.select_backend(x) == "reference"
+    monkeypatch.setenv("FASTATTN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        fastattn.add_layer_norm(x)
+
+
+def test_forced_backend_that_cannot_run_lists_reasons():
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with fastattn.backend("triton"), pytest.raises(BackendNotSupported) as e:
+        fastattn.add_layer_norm(x)
+    assert "triton" in str(e.value) and "float64" in str(e.value)
+    if not HAS_GPU:
+        with fastattn.backend("cuda"), pytest.raises(BackendNotSupported, match="cuda"):
+            fastattn.add_layer_norm(torch.randn(4, 8))
+
+
+def test_wide_rows_fall_back_with_reason():
+    x = torch.randn(2, 65537)
+    reasons = op.why_not(x)
+    assert any("65537" in r for r in reasons["triton"] + reasons["cpu"])
+    assert op.select_backend(x) == "reference"  # auto falls back
+    with fastattn.backend("reference"):
+        y = fastattn.add_layer_norm(x)
+    assert torch.isfinite(y).all()
+
+
+def test_forced_backend_applies_to_backward():
+    x = torch.randn(4, 8, requires_grad=True)
+    with fastattn.backend("reference"):
+        y = fastattn.add_layer_norm(x)
+    with fastattn.backend("triton"):  # a backward under another forced backend still runs on it
+        y.sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("bad, match, exc", [
+    (dict(residual=torch.randn(4, 7)), "residual", ValueError),
+    (dict(weight=torch.randn(7)), "weight", ValueError),
+    (dict(weight=torch.randn(8, dtype=torch.float64)), "weight", TypeError),
+    (dict(bias=torch.randn(8).to(torch.int32)), "bias", TypeError),
+    (dict(residual=torch.randn(4, 8, dtype=torch.float64)), "residual", TypeError),
+    (dict(weight=torch.randn(8, device="meta")), "weight.*device", ValueError),
+    (dict(weight=[1.0] * 8), "weight", TypeError),
+    (dict(eps=-1.0), "eps", ValueError),
+])
+def test_bad_input_names_the_argument(bad, match, exc):
+    kw = dict(residual=None, weight=None, bias=None, eps=1e-5)
+    kw.update(bad)
+    x = torch.randn(4, 8, dtype=torch.float32)
+    with pytest.raises(exc, match=match):
+        fastattn.add_layer_norm(x, kw["residual"], kw["weight"], kw["bias"], kw["eps"])
+
+
+@pytest.mark.parametrize("x, match", [(torch.randint(0, 5, (4, 8)), "x: dtype"), (torch.randn(4, 0), "x: shape"),
+                                      (torch.tensor(1.0), "x: shape"), ([1.0, 2.0], "x:")])
+def test_bad_x(x, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        fastattn.add_layer_norm(x)
+
+
+def test_cpp_binding_checks_its_arguments():
+    from fastattn import _ext
+    if _ext._C is None:
+        pytest.skip("fastattn._C is not built")
+    C = _ext._C
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="x"):
+        C.add_norm_fwd_cpu(x.t(), None, None, None, 1e-5, False, False, False)  # non-contiguous
+    with pytest.raises(RuntimeError, match="weight"):
+        C.add_norm_fwd_cpu(x, None, torch.randn(5), None, 1e-5, False, False, False)
+    with pytest.raises(RuntimeError, match="residual"):
+        C.add_norm_fwd_cpu(x, torch.randn(4, 8, dtype=torch.float16), None, None, 1e-5, False, False, False)
+    if C.with_cuda:
+        with pytest.raises(RuntimeError, match="x"):
+            C.add_norm_fwd_cuda(x, None, None, None, 1e-5, False, False, False)  # a CPU tensor
+
+
+def test_torch_compile_traces_the_op():
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    r = torch.randn(3, 5, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+
+    def f(x, r, w):
+        y, s = fastattn.add_rms_norm(x, r, w, prenorm=True)
+        return (y * 2).sum() + s.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    loss = compiled(x, r, w)
+    grads = torch.autograd.grad(loss, (x, r, w))
+    expected = torch.autograd.grad(f(x, r, w), (x, r, w))
+    assert torch.allclose(loss, f(x, r, w))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_custom_ops_pass_opcheck():
+    M, N = 5, 24
+    x, r = torch.randn(M, N), torch.randn(M, N)
+    w, b = torch.randn(N), torch.randn(N)
+    torch.library.opcheck(op.add_norm_fwd_op, (x, r, w, b, 1e-5, False, True, False, ""))
+    y, s, mean, rstd = op._fwd(x, r, w, b, 1e-5, False, True, False, "")
+    torch.library.opcheck(op.add_norm_bwd_op, (torch.randn(M, N), s, mean, rstd, w, None, True, False, False, ""))
