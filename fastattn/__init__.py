@@ -8,9 +8,10 @@ from ._ext import has_cpp as _has_cpp
 from .backends import BackendNotSupported, available_backends, backend
 from .info import build_info
 from .ops.add_norm import add_layer_norm, add_rms_norm
+from .ops.attention import attention, scaled_dot_product_attention
 from . import nn  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["add_layer_norm", "add_rms_norm", "available_backends", "backend", "build_info",
+__all__ = ["add_layer_norm", "add_rms_norm", "attention", "scaled_dot_product_attention", "available_backends", "backend", "build_info",
            "BackendNotSupported", "nn"]

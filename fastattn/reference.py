@@ -44,3 +44,71 @@ def add_norm_ref(x: torch.Tensor, residual: Optional[torch.Tensor] = None, weigh
         y = F.layer_norm(sc, n, w, None if bias is None else bias.to(cdt), eps)
     y = y.to(x.dtype)
     return (y, s) if prenorm else y
+
+
+def attention_diag_offset(L: int, S: int, align: str) -> int:
+    """Query i's diagonal is key i + offset: 0 when aligned top-left (torch's is_causal), S - L bottom-right."""
+    return 0 if align == "top_left" else S - L
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, *,
+                     causal: Optional[str] = None, scale: Optional[float] = None, window=(-1, -1),
+                     alibi_slopes: Optional[torch.Tensor] = None, softcap: float = 0.0):
+    """The (B, H, L, S) scores of :func:`attention_ref` in q's dtype (-inf where masked), and tanh(x / softcap)
+    (the softcap's derivative is 1 - tanh^2; None without softcap). k has the same number of heads as q."""
+    B, H, L, E = q.shape
+    S = k.shape[2]
+    scale = E ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, L, S)
+    capped = None
+    if softcap > 0:
+        capped = torch.tanh(scores / softcap)
+        scores = softcap * capped
+    offset = attention_diag_offset(L, S, "top_left" if causal == "top_left" else "bottom_right")
+    i = torch.arange(L, device=q.device)[:, None]
+    j = torch.arange(S, device=q.device)[None, :]
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(q.dtype).reshape(-1 if alibi_slopes.dim() == 2 else 1, H, 1, 1)
+        scores = scores - slopes * (i + offset - j).abs().to(q.dtype)
+    keep = torch.ones(L, S, dtype=torch.bool, device=q.device)
+    if causal is not None:
+        keep &= j <= i + attention_diag_offset(L, S, causal)
+    if window[0] >= 0:
+        keep &= j >= i + offset - window[0]
+    if window[1] >= 0:
+        keep &= j <= i + offset + window[1]
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = keep & attn_mask
+        else:
+            scores = scores + attn_mask.to(q.dtype)
+    return scores.masked_fill(~keep, float("-inf")), capped
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, *,
+                  causal: Optional[str] = None, scale: Optional[float] = None, window=(-1, -1),
+                  alibi_slopes: Optional[torch.Tensor] = None, softcap: float = 0.0,
+                  dropout_p: float = 0.0, dropout_mask: Optional[torch.Tensor] = None,
+                  upcast: bool = True, return_lse: bool = False):
+    """softmax(mask(softcap(q k^T * scale) + alibi)) v for q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev).
+
+    attn_mask: bool (True = take part) or additive float, broadcastable to (B, H, L, S). causal: None, "top_left"
+    or "bottom_right"; window (left, right) keys around the diagonal (-1 = unbounded), aligned bottom-right unless
+    causal == "top_left". alibi_slopes (H,) or (B, H) add -slope * |i + offset - j|. Heads of k/v are shared by
+    H // Hk query heads (GQA). A row with no key left gives 0. dropout_mask (B, H, L, S) bool keeps entries (scaled
+    by 1 / (1 - dropout_p)). Returns out (B, H, L, Ev) in q's dtype, and lse (B, H, L) float32 when return_lse
+    (-inf for rows with no key).
+    """
+    H, Hk = q.shape[1], k.shape[1]
+    cdt = (torch.float64 if q.dtype == torch.float64 else torch.float32) if upcast else q.dtype
+    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+    if Hk != H:
+        kc, vc = kc.repeat_interleave(H // Hk, dim=1), vc.repeat_interleave(H // Hk, dim=1)
+    scores, _ = attention_scores(qc, kc, attn_mask, causal=causal, scale=scale, window=window,
+                                 alibi_slopes=alibi_slopes, softcap=softcap)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, H, L, 1)
+    p = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0))  # rows with no key: all zeros
+    if dropout_p > 0:
+        p = p * dropout_mask / (1 - dropout_p)
+    out = (p @ vc).to(q.dtype)
+    return (out, lse.squeeze(-1).float()) if return_lse else out

@@ -46,11 +46,14 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 EPS = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
-def assert_bounded(name: str, out: torch.Tensor, ref: torch.Tensor, torch_out: torch.Tensor, dtype) -> None:
-    """err(out) <= 2 * err(torch in the same dtype) + eps, both measured against a float64 reference."""
+def assert_bounded(name: str, out: torch.Tensor, ref: torch.Tensor, torch_out: torch.Tensor, dtype,
+                   scale: float = None) -> None:
+    """err(out) <= 2 * err(torch in the same dtype) + eps, both measured against a float64 reference; eps is about
+    one rounding step of dtype at ``scale`` (default: the reference's magnitude, at least 1)."""
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
     err, base = max_err(out, ref), max_err(torch_out, ref)
-    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+    if scale is None:
+        scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
     bound = 2 * base + EPS[dtype] * scale
     assert err <= bound, f"{name}: max error {err:.3g} > 2 x torch's {base:.3g} + {EPS[dtype] * scale:.3g}"

@@ -1,0 +1,404 @@
+"""Flash attention (FlashAttention-2 schedule) in Triton: forward with an online softmax in base 2 that saves the
+logsumexp, backward as a dK/dV kernel (one program per key block and KV head, looping over the query heads of its
+GQA group: no atomics, no repeated K/V) and a dQ kernel. Masks are read tile by tile through their strides.
+Contract (shapes, lse, dropout counters): fastattn/ops/attention.py."""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpreted
+
+LOG2E = 1.4426950408889634
+MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
+def _scores(q, kT, offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi,
+            sm_scale, softcap, diag_offset, window_left, window_right,
+            MASKED: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+            HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of a (BLOCK_M, BLOCK_N) tile in base 2, -inf where masked; also tanh(x / softcap) for the backward."""
+    s = tl.dot(q, kT, input_precision=PRECISION)
+    if SOFTCAP:
+        capped = _tanh(s * (sm_scale / softcap))
+        s = capped * (softcap * 1.4426950408889634)
+    else:
+        capped = s
+        s = s * (sm_scale * 1.4426950408889634)
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + bh)
+        dist = tl.abs(offs_m[:, None] + diag_offset - offs_n[None, :]).to(tl.float32)
+        s = s - (slope * 1.4426950408889634) * dist
+    if MASK_KIND != 0:
+        in_bounds = (offs_m[:, None] < L) & (offs_n[None, :] < S)
+        mptr = Mask + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        if MASK_KIND == 1:
+            s = tl.where(tl.load(mptr, mask=in_bounds, other=0) != 0, s, float("-inf"))
+        else:
+            s = s + tl.load(mptr, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        keep = offs_n[None, :] < S
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag_offset)
+        if HAS_WINDOW:
+            keep = keep & (offs_n[None, :] >= offs_m[:, None] + diag_offset - window_left)
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag_offset + window_right)
+        s = tl.where(keep, s, float("-inf"))
+    return s, capped
+
+
+@triton.jit
+def _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p):
+    counter = rng_offset + ((bh.to(tl.int64) * L + offs_m[:, None]) * S + offs_n[None, :])
+    return tl.rand(seed, counter) >= dropout_p
+
+
+@triton.jit
+def _key_range(start_m, L, S, diag_offset, window_left, window_right,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """[lo, mid) key blocks need no element masks, [mid, hi) do (tails, the causal diagonal, windows)."""
+    lo = 0
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + diag_offset)
+    if HAS_WINDOW:
+        lo = tl.maximum(0, start_m + diag_offset - window_left)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(hi, start_m + BLOCK_M + diag_offset + window_right)
+        mid = lo
+    elif CAUSAL:
+        mid = tl.maximum(0, tl.minimum(S, start_m + diag_offset + 1) // BLOCK_N * BLOCK_N)
+    else:
+        mid = S // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, lo)
+    mid = tl.minimum(tl.maximum(mid, lo), hi)
+    return lo, mid, hi
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, offs_m, offs_d, offs_dv, start, end, b, h, bh, L, S, E, EV,
+               stride_kn, stride_vn, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi,
+               sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
+               MASKED: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None],
+                     mask=(offs_n[None, :] < S) & (offs_d[:, None] < E), other=0.0).to(DOT_DTYPE)
+        s, _ = _scores(q, kT, offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh, stride_mm, stride_mn,
+                       Alibi, sm_scale, softcap, diag_offset, window_left, window_right, MASKED, MASK_KIND,
+                       CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep exp2 finite
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV), other=0.0).to(DOT_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V,  # (B, H, L, E), (B, Hk, S, E), (B, Hk, S, EV); last dim contiguous
+    Out,  # (B, H, L, EV)
+    Lse,  # (B, H, L) float32, natural log; +inf for rows with no key
+    Mask,  # (B, H, L, S) strided view (bool or float), or a dummy
+    Alibi,  # (B, H) float32 slopes, or a dummy
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om, stride_mb, stride_mh, stride_mm, stride_mn,
+    H, GROUP, L, S, E, EV,
+    sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=(offs_m[:, None] < L) & (offs_d[None, :] < E), other=0.0).to(DOT_DTYPE)
+    K += b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
+    V += b.to(tl.int64) * stride_vb + (h // GROUP) * stride_vh
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    lo, mid, hi = _key_range(start_m, L, S, diag_offset, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL,
+                             HAS_WINDOW)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, offs_m, offs_d, offs_dv, lo, mid, b, h, bh, L, S, E, EV,
+                               stride_kn, stride_vn, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi,
+                               sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed,
+                               rng_offset, False, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
+                               DOT_DTYPE, PRECISION, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, offs_m, offs_d, offs_dv, mid, hi, b, h, bh, L, S, E, EV,
+                               stride_kn, stride_vn, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi,
+                               sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed,
+                               rng_offset, True, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
+                               DOT_DTYPE, PRECISION, BLOCK_N)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = tl.where(empty, float("inf"), (m_safe + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)
+    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
+             out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_dv[None, :] < EV))
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    Out, DOut,  # (B, H, L, EV), contiguous
+    Delta,  # (B, H, L) float32: rowsum(dout * out)
+    rows, EV,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    msk = (offs_m[:, None] < rows) & (offs_d[None, :] < EV)
+    off = offs_m[:, None].to(tl.int64) * EV + offs_d[None, :]
+    o = tl.load(Out + off, mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DOut + off, mask=msk, other=0.0).to(tl.float32)
+    tl.store(Delta + offs_m, tl.sum(o * do, 1), mask=offs_m < rows)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DOut,  # (B, H, L, E), (B, Hk, S, E), (B, Hk, S, EV), (B, H, L, EV) contiguous
+    Lse, Delta,  # (B, H, L) float32
+    DK, DV,  # (B, Hk, S, E), (B, Hk, S, EV) contiguous
+    Mask, Alibi,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, Hk, GROUP, L, S, E, EV,
+    sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = bhk // Hk
+    hk = bhk % Hk
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kv_row = bhk.to(tl.int64) * S + offs_n
+    k = tl.load(K + kv_row[:, None] * E + offs_d[None, :], mask=(offs_n[:, None] < S) & (offs_d[None, :] < E),
+                other=0.0).to(DOT_DTYPE)
+    v = tl.load(V + kv_row[:, None] * EV + offs_dv[None, :], mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV),
+                other=0.0).to(DOT_DTYPE)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
+    # query rows that can see this key block
+    lo = 0
+    hi = L
+    if CAUSAL:
+        lo = tl.maximum(0, start_n - diag_offset)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, start_n - diag_offset - window_right)
+        hi = tl.minimum(L, start_n + BLOCK_N - 1 - diag_offset + window_left + 1)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q_row = bh.to(tl.int64) * L + offs_m
+            q = tl.load(Q + q_row[:, None] * E + offs_d[None, :], mask=(offs_m[:, None] < L) & (offs_d[None, :] < E),
+                        other=0.0).to(DOT_DTYPE)
+            do = tl.load(DOut + q_row[:, None] * EV + offs_dv[None, :],
+                         mask=(offs_m[:, None] < L) & (offs_dv[None, :] < EV), other=0.0).to(DOT_DTYPE)
+            lse = tl.load(Lse + q_row, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(Delta + q_row, mask=offs_m < L, other=0.0)
+            s, capped = _scores(q, tl.trans(k), offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh,
+                                stride_mm, stride_mn, Alibi, sm_scale, softcap, diag_offset, window_left,
+                                window_right, True, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, PRECISION)
+            p = tl.math.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N); 0 where masked or the row is empty
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p)
+                pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            else:
+                pd = p
+            dv += tl.dot(tl.trans(pd.to(DOT_DTYPE)), do, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - capped * capped)
+            dk += tl.dot(tl.trans(ds.to(DOT_DTYPE)), q, input_precision=PRECISION)
+    dk = dk * sm_scale
+    tl.store(DK + kv_row[:, None] * E + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=(offs_n[:, None] < S) & (offs_d[None, :] < E))
+    tl.store(DV + kv_row[:, None] * EV + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+             mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV))
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DOut,  # contiguous, as in the dK/dV kernel
+    Lse, Delta,
+    DQ,  # (B, H, L, E)
+    Mask, Alibi,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, Hk, GROUP, L, S, E, EV,
+    sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_row = bh.to(tl.int64) * L + offs_m
+    q = tl.load(Q + q_row[:, None] * E + offs_d[None, :], mask=(offs_m[:, None] < L) & (offs_d[None, :] < E),
+                other=0.0).to(DOT_DTYPE)
+    do = tl.load(DOut + q_row[:, None] * EV + offs_dv[None, :], mask=(offs_m[:, None] < L) & (offs_dv[None, :] < EV),
+                 other=0.0).to(DOT_DTYPE)
+    lse = tl.load(Lse + q_row, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + q_row, mask=offs_m < L, other=0.0)
+    kv_base = (b * Hk + h // GROUP).to(tl.int64) * S
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    lo, mid, hi = _key_range(start_m, L, S, diag_offset, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL,
+                             HAS_WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_row = kv_base + offs_n
+        k = tl.load(K + kv_row[:, None] * E + offs_d[None, :], mask=(offs_n[:, None] < S) & (offs_d[None, :] < E),
+                    other=0.0).to(DOT_DTYPE)
+        v = tl.load(V + kv_row[:, None] * EV + offs_dv[None, :],
+                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV), other=0.0).to(DOT_DTYPE)
+        s, capped = _scores(q, tl.trans(k), offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh, stride_mm,
+                            stride_mn, Alibi, sm_scale, softcap, diag_offset, window_left, window_right, True,
+                            MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, PRECISION)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - capped * capped)
+        dq += tl.dot(ds.to(DOT_DTYPE), k, input_precision=PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + q_row[:, None] * E + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=(offs_m[:, None] < L) & (offs_d[None, :] < E))
+
+
+@triton.jit
+def _dropout_mask_kernel(Keep, H, L, S, dropout_p, seed, rng_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keep mask the attention kernels draw, for tests: (B, H, L, S) bool."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(2)
+    keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p)
+    off = (bh.to(tl.int64) * L + offs_m[:, None]) * S + offs_n[None, :]
+    tl.store(Keep + off, keep.to(tl.int8), mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
+
+
+# ---- launchers ----------------------------------------------------------------------------------------------
+def _head_block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _common(q, k, v, mask, alibi, p):
+    """Kernel arguments shared by the forward and the backward kernels."""
+    B, H, L, E = q.shape
+    Hk, S, EV = k.shape[1], k.shape[2], v.shape[-1]
+    interp = triton_interpreted()
+    big = L + S + 1  # an unbounded window side, as a bound that never binds
+    has_window = (p.window_left, p.window_right) != (-1, -1)
+    if mask is None:
+        mask_kind, mask_arg, mstrides = MASK_NONE, q, (0, 0, 0, 0)
+    else:
+        mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
+        mask_arg, mstrides = mask, mask.stride()
+        if mask_kind == MASK_BOOL:
+            mask_arg = mask.view(torch.uint8) if mask.stride(-1) == 1 else mask.to(torch.uint8)
+            mstrides = mask_arg.stride()
+    if q.dtype == torch.float32 or interp:  # the interpreter's bf16 dot is broken: compute in fp32 there
+        dot_dtype, precision = tl.float32, "ieee"
+    else:
+        dot_dtype, precision = (tl.float16 if q.dtype == torch.float16 else tl.bfloat16), "tf32"
+    scalars = (p.scale, p.softcap if p.softcap > 0 else 1.0, p.diag_offset,
+               p.window_left if p.window_left >= 0 else big, p.window_right if p.window_right >= 0 else big,
+               p.dropout_p, p.seed, p.offset)
+    flags = dict(MASK_KIND=mask_kind, CAUSAL=p.causal, HAS_WINDOW=has_window, HAS_ALIBI=alibi is not None,
+                 SOFTCAP=p.softcap > 0, DROPOUT=p.dropout_p > 0, DOT_DTYPE=dot_dtype, PRECISION=precision,
+                 BLOCK_D=_head_block(E), BLOCK_DV=_head_block(EV))
+    return (B, H, Hk, L, S, E, EV), mask_arg, mstrides, (q if alibi is None else alibi), scalars, flags
+
+
+def _blocks(E: int, EV: int, backward: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): small tiles in the interpreter, tuned-by-hand ones on GPU."""
+    if triton_interpreted():
+        return 32, 32, 4, 1
+    d = max(E, EV)
+    if backward:
+        return (64, 64, 4, 2) if d <= 64 else (64, 64, 8, 2) if d <= 128 else (32, 32, 8, 1)
+    return (128, 64, 4, 3) if d <= 64 else (128, 64, 8, 3) if d <= 128 else (64, 32, 8, 2)
+
+
+def attention_fwd(q, k, v, mask, alibi, p):
+    """q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, EV), last dims contiguous -> out, lse (see the contract)."""
+    (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, scalars, flags = _common(q, k, v, mask, alibi, p)
+    out = torch.empty((B, H, L, EV), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or L == 0:
+        return out.zero_(), lse.fill_(float("inf"))
+    block_m, block_n, warps, stages = _blocks(E, EV, backward=False)
+    grid = (triton.cdiv(L, block_m), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, mask_arg, alibi_arg,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), out.stride(0), out.stride(1), out.stride(2), *ms,
+        H, H // Hk, L, S, E, EV, *scalars, **flags,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def attention_bwd(dout, q, k, v, out, lse, mask, alibi, p):
+    """Gradients of the forward above: dq (B, H, L, E), dk (B, Hk, S, E), dv (B, Hk, S, EV)."""
+    (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, scalars, flags = _common(q, k, v, mask, alibi, p)
+    q, k, v, dout, out = (t.contiguous() for t in (q, k, v, dout, out))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if L == 0 or S == 0 or B * H == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    pre_m = 64 if not triton_interpreted() else 32
+    _attn_bwd_preprocess[(triton.cdiv(B * H * L, pre_m),)](out, dout, delta, B * H * L, EV, BLOCK_M=pre_m,
+                                                           BLOCK_DV=flags["BLOCK_DV"])
+    block_m, block_n, warps, stages = _blocks(E, EV, backward=True)
+    args = (q, k, v, dout, lse, delta)
+    tail = (mask_arg, alibi_arg, *ms, H, Hk, H // Hk, L, S, E, EV, *scalars)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(S, block_n), B * Hk)](*args, dk, dv, *tail, **flags, BLOCK_M=block_m,
+                                                             BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    _attn_bwd_dq_kernel[(triton.cdiv(L, block_m), B * H)](*args, dq, *tail, **flags, BLOCK_M=block_m,
+                                                          BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return dq, dk, dv
+
+
+def dropout_mask(p, B, H, L, S, device):
+    """The (B, H, L, S) keep mask the kernels above draw for these parameters (for tests)."""
+    keep = torch.empty((B, H, L, S), dtype=torch.int8, device=device)
+    _dropout_mask_kernel[(triton.cdiv(L, 32), triton.cdiv(S, 32), B * H)](keep, H, L, S, p.dropout_p, p.seed,
+                                                                         p.offset, BLOCK_M=32, BLOCK_N=32)
+    return keep.bool()

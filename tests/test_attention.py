@@ -1,0 +1,309 @@
+"""Attention on every backend against the float64 reference (outputs and dQ/dK/dV), bounded by torch's own error
+in the same dtype; conformance with F.scaled_dot_product_attention; dropout; bad input."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn.ops import attention as A
+from fastattn.reference import attention_ref
+from conftest import HAS_GPU, assert_bounded, backend_device, backend_params
+
+LOW = [torch.float16, torch.bfloat16]
+
+
+def rand(shape, dtype, device, gen, scale=1.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def check(backend_name, B=2, H=4, Hk=None, L=33, S=47, E=32, Ev=None, dtype=torch.float16, mask=None,
+          causal=None, window=(-1, -1), alibi=False, softcap=0.0, scale=None, seed=0, key_padding=False):
+    """Run fastattn.attention on backend_name and compare out, dq, dk, dv with the float64 reference."""
+    dev = backend_device(backend_name)
+    Hk, Ev = Hk or H, Ev or E
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = rand((B, H, L, E), dtype, dev, g), rand((B, Hk, S, E), dtype, dev, g), rand((B, Hk, S, Ev), dtype, dev, g)
+    dout = rand((B, H, L, Ev), dtype, dev, g)
+    attn_mask = None
+    if mask == "bool":
+        attn_mask = (torch.rand((B, H, L, S), generator=g) > 0.3).to(dev)
+    elif mask == "bool-broadcast":
+        attn_mask = (torch.rand((L, S), generator=g) > 0.3).to(dev)
+    elif mask == "float":
+        attn_mask = rand((1, H, L, S), dtype, dev, g)
+    elif mask == "float-inf":
+        attn_mask = rand((B, 1, L, S), dtype, dev, g).masked_fill(torch.rand((B, 1, L, S), generator=g).to(dev) > 0.7,
+                                                                   float("-inf"))
+    kpm = (torch.rand((B, S), generator=g) > 0.2).to(dev) if key_padding else None
+    slopes = torch.rand(H, generator=g).to(dev) if alibi else None
+    kw = dict(causal=causal, window=window, alibi_slopes=slopes, softcap=softcap, scale=scale)
+
+    def grads(q, k, v, fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(dout.to(out.dtype))
+        return [out] + [t.grad for t in leaves]
+
+    full_mask = attn_mask
+    if kpm is not None:  # the reference takes one mask: fold the key padding into it
+        pad = kpm[:, None, None, :]
+        full_mask = pad if attn_mask is None else (attn_mask & pad if attn_mask.dtype == torch.bool else
+                                                   attn_mask.masked_fill(~pad, float("-inf")))
+
+    def ours(q, k, v):
+        with fastattn.backend(backend_name):
+            return fastattn.attention(q, k, v, attn_mask=attn_mask, key_padding_mask=kpm, **kw)
+
+    got = grads(q, k, v, ours)
+    base = grads(q, k, v, lambda *t: attention_ref(*t, full_mask, upcast=False, **kw))
+    up = None if full_mask is None else (full_mask if full_mask.dtype == torch.bool else full_mask.double())
+    exact = grads(q.double(), k.double(), v.double(), lambda *t: attention_ref(*t, up, **kw))
+    # one rounding step at the problem's scale: a gradient that is exactly 0 (one key: dk = 0) is computed as a
+    # difference of terms of that size
+    scale = max([1.0] + [e.abs().max().item() for e in exact if e.numel()])
+    for name, a, t, e in zip(["out", "dq", "dk", "dv"], got, base, exact):
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
+        assert_bounded(name, a, e, t, dtype, scale)
+
+
+BK = pytest.mark.parametrize("backend_name", backend_params(), indirect=True)
+DT = pytest.mark.parametrize("dtype", [torch.float32] + LOW, ids=str)
+
+
+@BK
+@pytest.mark.parametrize("E", [16, 32, 64, 80, 96, 128, 256])
+def test_head_dims(backend_name, E):
+    check(backend_name, B=1, H=2, L=40, S=70, E=E, dtype=torch.float16)
+
+
+@BK
+@DT
+@pytest.mark.parametrize("L, S", [(1, 1), (17, 17), (97, 129), (129, 97), (1, 97), (97, 1)])
+@pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
+def test_seqlens_and_causal(backend_name, dtype, L, S, causal):
+    check(backend_name, B=1, H=2, L=L, S=S, E=32, dtype=dtype, causal=causal)
+
+
+@BK
+@pytest.mark.parametrize("mask", ["bool", "bool-broadcast", "float", "float-inf"])
+@pytest.mark.parametrize("causal", [None, "top_left"])
+def test_masks(backend_name, mask, causal):
+    check(backend_name, L=45, S=67, mask=mask, causal=causal)
+
+
+@BK
+def test_key_padding_mask(backend_name):
+    check(backend_name, key_padding=True, mask="bool-broadcast")
+
+
+@BK
+@pytest.mark.parametrize("H, Hk", [(8, 2), (8, 1)], ids=["gqa", "mqa"])
+@pytest.mark.parametrize("causal", [None, "bottom_right"])
+def test_gqa(backend_name, H, Hk, causal):
+    check(backend_name, B=1, H=H, Hk=Hk, L=29, S=61, causal=causal)
+
+
+@BK
+def test_value_head_dim_differs(backend_name):
+    check(backend_name, E=32, Ev=48, L=21, S=37)
+
+
+@BK
+@pytest.mark.parametrize("kw", [dict(scale=0.3), dict(alibi=True), dict(alibi=True, causal="bottom_right"),
+                                dict(window=(8, 0)), dict(window=(5, 9)), dict(window=(-1, 4)),
+                                dict(window=(6, 0), causal="top_left"), dict(softcap=5.0),
+                                dict(softcap=3.0, alibi=True, mask="float", window=(20, 20))],
+                         ids=["scale", "alibi", "alibi-causal", "window-8-0", "window-5-9", "window-inf-4",
+                              "window-causal", "softcap", "everything"])
+def test_extended_features(backend_name, kw):
+    check(backend_name, B=1, H=2, L=50, S=66, **kw)
+
+
+@BK
+@pytest.mark.parametrize("causal", [None, "top_left"])
+def test_fully_masked_rows_give_zero(backend_name, causal):
+    dev = backend_device(backend_name)
+    q, k, v = (torch.randn(1, 2, 20, 16, device=dev, requires_grad=True) for _ in range(3))
+    mask = torch.rand(1, 2, 20, 20, device=dev) > 0.5
+    mask[:, :, 3] = False  # row 3 sees no key
+    with fastattn.backend(backend_name):
+        out, lse = fastattn.attention(q, k, v, attn_mask=mask, causal=causal, return_lse=True)
+        out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+    assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
+    assert torch.equal(q.grad[:, :, 3], torch.zeros_like(q.grad[:, :, 3]))
+    assert (lse[:, :, 3] == float("-inf")).all()
+
+
+@BK
+def test_no_out_of_bounds_reads(backend_name):
+    """q, k, v, mask are views at the start of NaN-filled buffers: reading past their ends poisons the results."""
+    dev = backend_device(backend_name)
+
+    def nan_tail(shape, dtype=torch.float16, fill=float("nan")):
+        n = math.prod(shape)
+        buf = torch.full((n + 8192,), fill, dtype=dtype, device=dev)
+        buf[:n] = torch.randn(n, device=dev).to(dtype) if dtype != torch.bool else torch.rand(n, device=dev) > 0.3
+        return buf[:n].view(shape)
+
+    q, k, v, dout = nan_tail((1, 2, 37, 40)), nan_tail((1, 2, 53, 40)), nan_tail((1, 2, 53, 40)), nan_tail((1, 2, 37, 40))
+    mask = nan_tail((1, 2, 37, 53))
+    p = A.AttnParams(scale=40 ** -0.5)
+    impl = A._dispatch.impls[backend_name]
+    if impl.not_supported_reasons(A._request(q, k, v, mask, None, p)):
+        pytest.skip("backend does not take this input")
+    out, lse = impl.fwd(q, k, v, mask, None, p)
+    grads = impl.bwd(dout, q, k, v, out, lse, mask, None, p)
+    for name, t in zip(["out", "dq", "dk", "dv"], [out, *grads]):
+        assert torch.isfinite(t).all(), f"{name}: NaN read from past the end of an input"
+
+
+@BK
+@pytest.mark.parametrize("p_drop", [0.17, 0.5])
+def test_dropout(backend_name, p_drop):
+    """Output and gradients equal the reference given the backend's own keep mask: forward and backward draw the
+    same mask; a seed reproduces it; the kept fraction is 1 - p."""
+    dev = backend_device(backend_name)
+    B, H, L, S, E = 2, 2, 40, 56, 32
+    q, k, v, dout = (torch.randn(*s, device=dev) for s in ((B, H, L, E), (B, H, S, E), (B, H, S, E), (B, H, L, E)))
+    if A._dispatch.impls[backend_name].not_supported_reasons(A._request(q, k, v, None, None, A.AttnParams(
+            scale=1.0, dropout_p=p_drop))):
+        pytest.skip(f"{backend_name} declares no dropout for this input")
+
+    def run():
+        torch.manual_seed(1234)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with fastattn.backend(backend_name):
+            out = fastattn.attention(*leaves, dropout_p=p_drop)
+        out.backward(dout)
+        return [out] + [t.grad for t in leaves]
+
+    got, again = run(), run()
+    for a, b in zip(got, again):
+        assert torch.equal(a, b), "same seed, different result"
+    torch.manual_seed(1234)
+    seed, offset = (int(x) for x in torch.randint(0, 2**62, (2,), device="cpu"))
+    p = A.AttnParams(scale=E ** -0.5, diag_offset=S - L, dropout_p=p_drop, seed=seed, offset=offset)
+    keep = A.dropout_mask(backend_name, p, B, H, L, S, dev)
+    assert abs(keep.float().mean().item() - (1 - p_drop)) < 0.03
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = attention_ref(*leaves, dropout_p=p_drop, dropout_mask=keep)
+    ref.backward(dout.double())
+    for name, a, e in zip(["out", "dq", "dk", "dv"], got, [ref] + [t.grad for t in leaves]):
+        torch.testing.assert_close(a.double(), e, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"], indirect=True)
+@pytest.mark.parametrize("kw", [dict(), dict(causal="top_left", mask="float"), dict(alibi=True, window=(3, 2)),
+                                dict(softcap=2.0, causal="bottom_right")], ids=["plain", "causal-float", "alibi-window",
+                                                                                 "softcap"])
+def test_gradcheck_float64(backend_name, kw):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7))
+    mask = torch.randn(1, 2, 5, 7, generator=g, dtype=torch.float64) if kw.get("mask") == "float" else None
+    slopes = torch.rand(2, generator=g, dtype=torch.float64) if kw.get("alibi") else None
+    opts = {k_: v_ for k_, v_ in kw.items() if k_ not in ("mask", "alibi")}
+
+    def f(q, k, v):
+        with fastattn.backend(backend_name):
+            return fastattn.attention(q, k, v, attn_mask=mask, alibi_slopes=slopes, **opts)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+# ---- conformance with torch's SDPA (default backend) --------------------------------------------------------
+@pytest.mark.parametrize("shape", [(2, 3, 17, 16), (17, 16), (2, 17, 16), (2, 2, 3, 17, 16)], ids=str)
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_conformance(shape, mask, is_causal):
+    g = torch.Generator().manual_seed(3)
+    dev = "cuda" if HAS_GPU else "cpu"
+    q = torch.randn(shape, generator=g).to(dev)
+    k = torch.randn(*shape[:-2], 23, shape[-1], generator=g).to(dev)
+    v = torch.randn(*shape[:-2], 23, 24, generator=g).to(dev)
+    m = None
+    if mask == "bool":
+        m = (torch.rand(shape[-2], 23, generator=g) > 0.2).to(dev)
+        m[:, 0] = True  # torch gives NaN for an all-masked row; we give 0 (documented)
+    elif mask == "float":
+        m = torch.randn(shape[-2], 23, generator=g).to(dev)
+    if is_causal and m is not None:
+        pytest.skip("torch rejects attn_mask together with is_causal")
+    for scale in (None, 0.5):
+        ours = fastattn.scaled_dot_product_attention(q, k, v, m, is_causal=is_causal, scale=scale)
+        theirs = F.scaled_dot_product_attention(q, k, v, m, is_causal=is_causal, scale=scale)
+        torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=2e-5)
+
+
+def test_sdpa_gqa_conformance():
+    q, k, v = torch.randn(2, 8, 9, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
+    ours = fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, enable_gqa=True), atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        fastattn.scaled_dot_product_attention(q, k, v)
+
+
+def test_mask_gradient_falls_back_to_reference():
+    q, k, v = (torch.randn(1, 2, 6, 8, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 6, 6, requires_grad=True)
+    out = fastattn.scaled_dot_product_attention(q, k, v, bias)
+    out.sum().backward()
+    q2, k2, v2, b2 = (t.detach().clone().requires_grad_() for t in (q, k, v, bias))
+    F.scaled_dot_product_attention(q2, k2, v2, b2).sum().backward()
+    torch.testing.assert_close(bias.grad, b2.grad)
+    with fastattn.backend("triton"), pytest.raises(fastattn.BackendNotSupported, match="requires grad"):
+        fastattn.scaled_dot_product_attention(q, k, v, bias)
+
+
+@pytest.mark.parametrize("args, match", [
+    (dict(q=(2, 4, 8, 16), k=(2, 4, 8, 12)), "key: head dim"),
+    (dict(q=(2, 4, 8, 16), k=(2, 3, 8, 16), v=(2, 3, 8, 16), gqa=True), "multiple"),
+    (dict(q=(2, 4, 8, 16), v=(2, 4, 9, 16)), "value"),
+    (dict(q=(2, 4, 8, 16), k=(3, 4, 8, 16), v=(3, 4, 8, 16)), "batch"),
+    (dict(mask=(3, 8)), "attn_mask"),
+    (dict(q=(8,)), "query"),
+])
+def test_bad_shapes(args, match):
+    q = torch.randn(args.get("q", (2, 4, 8, 16)))
+    k = torch.randn(args.get("k", q.shape))
+    v = torch.randn(args.get("v", k.shape))
+    m = torch.ones(args["mask"], dtype=torch.bool) if "mask" in args else None
+    with pytest.raises(ValueError, match=match):
+        fastattn.scaled_dot_product_attention(q, k, v, m, enable_gqa=args.get("gqa", False))
+
+
+def test_bad_dtypes_and_arguments():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(TypeError, match="dtypes must match"):
+        fastattn.scaled_dot_product_attention(q, q.half(), q)
+    with pytest.raises(TypeError, match="query: dtype"):
+        fastattn.scaled_dot_product_attention(q.int(), q.int(), q.int())
+    with pytest.raises(TypeError, match="attn_mask"):
+        fastattn.scaled_dot_product_attention(q, q, q, torch.ones(4, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="dropout_p"):
+        fastattn.scaled_dot_product_attention(q, q, q, dropout_p=1.5)
+    with pytest.raises(ValueError, match="causal"):
+        fastattn.attention(q, q, q, causal="diagonal")
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        fastattn.attention(q, q, q, alibi_slopes=torch.ones(3))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        fastattn.attention(q, q, q, key_padding_mask=torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="device"):
+        fastattn.scaled_dot_product_attention(q, q.to("meta"), q.to("meta"))
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"], indirect=True)
+def test_torch_compile_traces_attention(backend_name):
+    q, k, v = (torch.randn(1, 2, 9, 16, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        return fastattn.attention(q, k, v, causal="top_left").square().sum()
+
+    with fastattn.backend(backend_name):  # a backend is forced outside the compiled region
+        loss = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+        grads = torch.autograd.grad(loss, (q, k, v))
+        expected = torch.autograd.grad(f(q, k, v), (q, k, v))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b)
