@@ -120,8 +120,9 @@ def _triton(name):
 
 
 def _compiled(name):
+    """A fastattn._C attention op: the AttnParams (last argument) go in as plain scalars."""
     def call(*args):
-        return getattr(_ext._C, name)(*args)
+        return getattr(_ext._C, name)(*args[:-1], *_flat(args[-1]))
     return call
 
 
@@ -373,7 +374,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
     scale = E ** -0.5 if scale is None else float(scale)
     seed = offset = 0
     if dropout_p > 0:
-        seed, offset = (int(x) for x in torch.randint(0, 2**62, (2,), device="cpu"))  # torch's default generator
+        # from torch's default generator, so torch.manual_seed reproduces the mask; offsets stay far from 2**63
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
+        offset = int(torch.randint(0, 2**40, (1,), device="cpu"))
     p = AttnParams(scale, causal is not None,
                    attention_diag_offset(L, S, causal if causal is not None else "bottom_right"),
                    int(window[0]), int(window[1]), float(softcap), float(dropout_p), seed, offset)
