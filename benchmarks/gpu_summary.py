@@ -8,8 +8,6 @@ import xml.etree.ElementTree as ET
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from plot import speedups  # noqa: E402
 
 
 def copy_bandwidth_gbs() -> float:
@@ -34,20 +32,40 @@ def test_counts(path):
     return counts
 
 
+def bench_rows(path, bw):
+    """One row per (op, direction, dtype, width, fastattn impl): per-call ms, rate, speedup vs each torch impl."""
+    with open(path) as f:
+        benches = json.load(f)["benchmarks"]
+    groups = {}
+    for b in benches:
+        e = b["extra_info"]
+        key = (e["op"], e["direction"], e["dtype"], e["width"])
+        ms = b["stats"]["median"] / e.get("calls_per_round", 1) * 1e3
+        groups.setdefault(key, {})[e["impl"]] = (ms, e.get("GB/s"), e.get("TFLOP/s"))
+    rows = []
+    for (op, direction, dtype, width), impls in sorted(groups.items()):
+        torch_ms = {i: v[0] for i, v in impls.items() if i.startswith("torch")}
+        for impl, (ms, gbs, tflops) in impls.items():
+            if impl.startswith("torch"):
+                continue
+            row = dict(op=op, direction=direction, dtype=dtype, width=width, impl=impl, ms=round(ms, 4))
+            if gbs is not None:
+                row.update(gbs=round(gbs, 1), pct_copy_bw=round(100 * gbs / bw, 1))
+            if tflops is not None:
+                row["tflops"] = round(tflops, 1)
+            if torch_ms:
+                row["vs_best_torch"] = round(min(torch_ms.values()) / ms, 3)
+            row.update({f"vs_{t}": round(tms / ms, 3) for t, tms in torch_ms.items()})
+            rows.append(row)
+    return rows
+
+
 def main(out, commit):
     gpu = open(os.path.join(out, "gpu.txt")).read().strip().splitlines()[-1]
     bw = copy_bandwidth_gbs()
     tests = test_counts(os.path.join(out, "tests.xml"))
     bench = os.path.join(out, "bench.json")
-    data = speedups(bench) if os.path.exists(bench) else {}
-    rows = []
-    for (op, direction, dtype, device), impls in sorted(data.items()):
-        for impl, pts in sorted(impls.items()):
-            if impl == "torch":
-                continue
-            for width, sp, gbs in pts:
-                rows.append(dict(op=op, direction=direction, dtype=dtype, impl=impl, width=width,
-                                 speedup_vs_torch=round(sp, 3), gbs=round(gbs, 1), pct_copy_bw=round(100 * gbs / bw, 1)))
+    rows = bench_rows(bench, bw) if os.path.exists(bench) else []
     summary = dict(date=datetime.date.today().isoformat(), gpu=gpu, commit=commit, torch=torch.__version__,
                    copy_bandwidth_gbs=round(bw, 1), tests=tests, results=rows)
     with open(os.path.join(out, "summary.json"), "w") as f:
@@ -58,10 +76,13 @@ def main(out, commit):
              f"- tests: {tests.get('tests')} run, {tests.get('failures')} failed, {tests.get('errors')} errors, "
              f"{tests.get('skipped')} skipped", ""]
     lines += [f"  - FAILED {t}" for t in tests.get("failed_tests", [])]
-    lines += ["", "| op | direction | dtype | impl | width | speedup vs torch | GB/s | % copy BW |",
-              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['op']} | {r['direction']} | {r['dtype']} | {r['impl']} | {r['width']} | {r['speedup_vs_torch']:.2f}x "
-              f"| {r['gbs']:.0f} | {r['pct_copy_bw']:.0f}% |" for r in rows]
+    lines += ["", "| op | direction | dtype | width/seqlen | impl | ms | GB/s (% copy) or TFLOP/s | vs best torch | "
+              "vs each torch |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rate = f"{r['gbs']:.0f} ({r['pct_copy_bw']:.0f}%)" if "gbs" in r else f"{r.get('tflops', 0):.0f} TFLOP/s"
+        each = ", ".join(f"{k[3:]} {v:.2f}x" for k, v in r.items() if k.startswith("vs_torch"))
+        lines.append(f"| {r['op']} | {r['direction']} | {r['dtype']} | {r['width']} | {r['impl']} | {r['ms']:.3f} | "
+                     f"{rate} | {r.get('vs_best_torch', 0):.2f}x | {each} |")
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

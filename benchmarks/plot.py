@@ -9,19 +9,26 @@ from collections import defaultdict
 
 
 def speedups(path):
-    """{(op, direction, dtype, device): {impl: [(width, speedup vs torch, GB/s)]}} from a benchmark JSON."""
+    """{(op, direction, dtype, device): {impl: [(width, speedup vs torch, rate)]}} from a benchmark JSON; the rate
+    is GB/s for memory-bound ops, TFLOP/s for attention (whichever extra_info holds). Attention's baseline is
+    torch's best backend at that point ("torch-*" impls), or plain "torch"."""
     with open(path) as f:
         benches = json.load(f)["benchmarks"]
     median = {}
     for b in benches:
         e = b["extra_info"]
         median[(e["op"], e["direction"], e["dtype"], e["device"], e["width"], e["impl"])] = (
-            b["stats"]["median"], e.get("GB/s", 0.0))
+            b["stats"]["median"], e.get("GB/s", e.get("TFLOP/s", 0.0)))
+    best_torch = {}
+    for (op, direction, dtype, device, width, impl), (t, _) in median.items():
+        if impl.startswith("torch"):
+            key = (op, direction, dtype, device, width)
+            best_torch[key] = min(best_torch.get(key, float("inf")), t)
     out = defaultdict(lambda: defaultdict(list))
-    for (op, direction, dtype, device, width, impl), (t, gbs) in sorted(median.items(), key=lambda kv: kv[0][4]):
-        base = median.get((op, direction, dtype, device, width, "torch"))
+    for (op, direction, dtype, device, width, impl), (t, rate) in sorted(median.items(), key=lambda kv: kv[0][4]):
+        base = best_torch.get((op, direction, dtype, device, width))
         if base is not None:
-            out[(op, direction, dtype, device)][impl].append((width, base[0] / t, gbs))
+            out[(op, direction, dtype, device)][impl].append((width, base / t, rate))
     return out
 
 
@@ -33,7 +40,7 @@ def main(argv):
     png = argv[2] if len(argv) > 2 else argv[1].rsplit(".", 1)[0] + ".png"
     for key, impls in data.items():
         for impl, pts in impls.items():
-            print(" ".join(key), impl, " ".join(f"{w}:{s:.2f}x({g:.0f}GB/s)" for w, s, g in pts))
+            print(" ".join(key), impl, " ".join(f"{w}:{s:.2f}x({g:.3g})" for w, s, g in pts))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -47,8 +54,8 @@ def main(argv):
         ax.set_xscale("log", base=2)
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_title(" ".join(key))
-        ax.set_xlabel("width (elements)")
-        ax.set_ylabel("speedup vs torch")
+        ax.set_xlabel("width / seqlen")
+        ax.set_ylabel("speedup vs best torch")
         ax.legend()
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
