@@ -9,9 +9,12 @@ from .backends import BackendNotSupported, available_backends, backend
 from .info import build_info
 from .ops.add_norm import add_layer_norm, add_rms_norm
 from .ops.attention import attention, scaled_dot_product_attention
+from .ops.int8 import int8_matmul, quantize_per_channel, quantize_per_token, w8a16_matmul
 from . import nn  # noqa: E402
+from .quantization import convert_qat, prepare_qat, quantize  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["add_layer_norm", "add_rms_norm", "attention", "scaled_dot_product_attention", "available_backends", "backend", "build_info",
-           "BackendNotSupported", "nn"]
+           "int8_matmul", "quantize_per_token", "quantize_per_channel", "w8a16_matmul", "quantize", "prepare_qat",
+           "convert_qat", "BackendNotSupported", "nn"]

@@ -112,3 +112,43 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
         p = p * dropout_mask / (1 - dropout_p)
     out = (p @ vc).to(q.dtype)
     return (out, lse.squeeze(-1).float()) if return_lse else out
+
+
+def int8_matmul_ref(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Tensor] = None,
+                    b_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                    out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """a int8 (M, K) @ b int8 (N, K)^T accumulated exactly (int64), then out = acc * a_scale[m] * b_scale[n] + bias[n]
+    in float32, cast to out_dtype. out_dtype=torch.int32 returns the accumulator (no scales, no bias)."""
+    acc = a.to(torch.int64) @ b.to(torch.int64).T  # exact: |acc| < 2**31 for K < 2**17
+    if out_dtype == torch.int32:
+        return acc.to(torch.int32)
+    out = acc.to(torch.float32)  # the kernels' epilogue rounds the int32 accumulator to float32 the same way
+    if a_scale is not None:
+        out = out * a_scale.to(torch.float32).reshape(-1, 1)
+    if b_scale is not None:
+        out = out * b_scale.to(torch.float32).reshape(1, -1)
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)
+
+
+def quantize_rows_ref(x: torch.Tensor, smooth: Optional[torch.Tensor] = None):
+    """Symmetric int8 quantization of each row of x (..., K), after dividing column k by smooth[k]: scale = absmax /
+    127, q = round_half_even(x / scale) in [-127, 127]. Returns (q int8 (..., K), scale float32 (...)); a zero row
+    gets scale 0 and q 0."""
+    xf = x.to(torch.float32)
+    if smooth is not None:
+        xf = xf / smooth.to(torch.float32)
+    scale = xf.abs().amax(-1) / 127.0
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    q = torch.round(xf * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def w8a16_matmul_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Weight-only int8: (x @ w^T) * w_scale[n] (+ bias[n]) computed in float32, cast to x's dtype."""
+    out = (x.to(torch.float32) @ w.to(torch.float32).T) * w_scale.to(torch.float32)
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(x.dtype)

@@ -1,0 +1,108 @@
+"""Int8Linear (inference: W8A8 dynamic or static, or weight-only W8A16) and QATLinear (fake quantization with a
+straight-through estimator for quantization-aware training)."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.int8 import int8_matmul, quantize_per_channel, quantize_per_token, w8a16_matmul
+
+MODES = ("w8a8", "w8a8_static", "w8a16")
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W stored as int8 (out_features, in_features) and a float32 scale per output channel.
+
+    mode "w8a8": x is quantized per token on the fly (fused absmax/scale/round) and multiplied on the int8 path;
+    "w8a8_static": x uses a calibrated per-tensor ``input_scale``; "w8a16": only the weight is int8 (for
+    memory-bound decoding). ``smooth`` (in_features,) divides x's columns before quantization (SmoothQuant, when no
+    preceding op absorbs it). Buffers: weight, weight_scale, bias (optional), input_scale, smooth (optional).
+    Inference only: no gradient flows to x or the weight (train with QATLinear, then convert).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "w8a8",
+                 smooth: bool = False, device=None, dtype=None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode: {mode!r} is not one of {MODES}")
+        dtype = dtype or torch.get_default_dtype()
+        self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
+        self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32, device=device) if smooth else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, mode: str = "w8a8", smooth: Optional[Tensor] = None,
+                   input_scale: Optional[float] = None) -> "Int8Linear":
+        """Quantize a float nn.Linear (per output channel). ``smooth`` must already be folded into the weight
+        (W[:, k] * smooth[k]); ``input_scale`` is needed for w8a8_static."""
+        w = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, mode, smooth is not None,
+                device=w.device, dtype=w.dtype)
+        q, s = quantize_per_channel(w.float() if w.dtype == torch.float64 else w)
+        m.weight.copy_(q)
+        m.weight_scale.copy_(s)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach())
+        if smooth is not None:
+            m.smooth.copy_(smooth)
+        if mode == "w8a8_static":
+            if input_scale is None:
+                raise ValueError("input_scale: w8a8_static needs a calibrated input scale (fastattn.quantize with "
+                                 "calib_data computes it)")
+            m.input_scale.fill_(float(input_scale))
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: last dim {x.shape[-1]} != in_features {self.in_features}")
+        if self.mode == "w8a16":
+            xs = x if self.smooth is None else x / self.smooth.to(x.dtype)
+            return w8a16_matmul(xs, self.weight, self.weight_scale, self.bias)
+        if self.mode == "w8a8":
+            q, s = quantize_per_token(x, self.smooth)
+        else:
+            xf = x.float() if self.smooth is None else x.float() / self.smooth
+            q, s = torch.round(xf / self.input_scale).clamp_(-127, 127).to(torch.int8), self.input_scale
+        return int8_matmul(q, self.weight, s, self.weight_scale, self.bias, out_dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"mode={self.mode}, smooth={self.smooth is not None}")
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Quantize-dequantize rows in the forward; pass the gradient straight through in the backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        q, s = quantize_per_token(x)
+        return (q.to(torch.float32) * s[..., None]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def fake_quantize_rows(x: Tensor) -> Tensor:
+    """x with each row rounded to its int8 grid (per-token for activations, per-channel for weights); identity
+    gradient (straight-through estimator)."""
+    return _FakeQuantSTE.apply(x.float() if x.dtype == torch.float64 else x).to(x.dtype)
+
+
+class QATLinear(nn.Linear):
+    """nn.Linear that trains through int8 fake quantization of its weight (per channel) and input (per token)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(fake_quantize_rows(x), fake_quantize_rows(self.weight), self.bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "QATLinear":
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.in_features, m.out_features = linear.in_features, linear.out_features
+        m.weight, m.bias = linear.weight, linear.bias  # shared parameters
+        return m

@@ -1,0 +1,230 @@
+"""INT8 matmul (W8A8, int32 accumulation, fused dequant epilogue) and row-wise int8 quantization: validation,
+backend dispatch and custom ops. No autograd: these are inference ops (QAT trains through fake quantization).
+
+Backend contract, on 2-D row-major tensors:
+  mm(a int8 (M, K), b int8 (N, K), a_scale f32 (M,) | None, b_scale f32 (N,) | None, bias f32 (N,) | None, out_dtype)
+     -> out (M, N) = acc * a_scale[m] * b_scale[n] + bias[n] computed in float32 (acc rounded to float32 first),
+        cast to out_dtype; out_dtype=torch.int32 returns the exact int32 accumulator (scales and bias None).
+  quantize(x float (M, K), smooth f32 (K,) | None) -> (q int8 (M, K), scale f32 (M,)): see quantize_rows_ref.
+Scales and bias arrive contiguous (a scalar scale is expanded by the caller).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from ..backends import Dispatcher, Impl
+from ..reference import int8_matmul_ref, quantize_rows_ref, w8a16_matmul_ref
+
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int32)
+X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Int8Request:
+    device: str
+    dtype: torch.dtype  # out_dtype for mm, x.dtype for quantize
+    K: int
+
+
+def _triton(name):
+    def call(*args):
+        from ..kernels import int8 as k
+        return getattr(k, name)(*args)
+    return call
+
+
+def _compiled(name):
+    def call(*args):
+        return getattr(_ext._C, name)(*args)
+    return call
+
+
+def _has(name):
+    def check(req):
+        return [] if hasattr(_ext._C, name) else [f"fastattn._C has no {name}"]
+    return check
+
+
+def _ref_mm(a, b, a_scale, b_scale, bias, out_dtype):
+    return int8_matmul_ref(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+_mm = Dispatcher("int8_matmul", [
+    Impl("cuda", _compiled("int8_mm_cuda"), None, ("cuda",), OUT_DTYPES, _has("int8_mm_cuda")),
+    Impl("triton", _triton("int8_mm"), None, ("cuda",), OUT_DTYPES),
+    Impl("cpu", _compiled("int8_mm_cpu"), None, ("cpu",), OUT_DTYPES, _has("int8_mm_cpu")),
+    Impl("reference", _ref_mm, None, ("cpu", "cuda"), OUT_DTYPES),
+])
+_quant = Dispatcher("quantize_per_token", [
+    Impl("cuda", _compiled("quantize_rows_cuda"), None, ("cuda",), X_DTYPES, _has("quantize_rows_cuda")),
+    Impl("triton", _triton("quantize_rows"), None, ("cuda",), X_DTYPES),
+    Impl("cpu", _compiled("quantize_rows_cpu"), None, ("cpu",), X_DTYPES, _has("quantize_rows_cpu")),
+    Impl("reference", quantize_rows_ref, None, ("cpu", "cuda"), X_DTYPES),
+])
+
+_w8a16 = Dispatcher("w8a16_matmul", [
+    Impl("triton", _triton("w8a16_mm"), None, ("cuda",), (torch.float16, torch.bfloat16)),
+    Impl("reference", w8a16_matmul_ref, None, ("cpu", "cuda"), X_DTYPES),
+])
+
+
+@torch.library.custom_op("fastattn::int8_mm", mutates_args=())
+def int8_mm_op(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Optional[Tensor], bias: Optional[Tensor],
+               out_dtype: torch.dtype) -> Tensor:
+    return _mm.select(Int8Request(a.device.type, out_dtype, a.shape[1])).fwd(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+@int8_mm_op.register_fake
+def _(a, b, a_scale, b_scale, bias, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fastattn::quantize_rows", mutates_args=())
+def quantize_rows_op(x: Tensor, smooth: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    q, s = _quant.select(Int8Request(x.device.type, x.dtype, x.shape[1])).fwd(x, smooth)
+    return q, s
+
+
+@quantize_rows_op.register_fake
+def _(x, smooth):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+def _scale_vector(name: str, s, n: int, lead, device) -> Optional[Tensor]:
+    """A scale as float32 (n,): from a python number, a 0-d / 1-element tensor (broadcast) or an (n,) tensor."""
+    if s is None:
+        return None
+    if isinstance(s, (int, float)):
+        s = torch.tensor(float(s), device=device)
+    if not isinstance(s, Tensor):
+        raise TypeError(f"{name}: expected a float or a tensor, got {type(s).__name__}")
+    if s.device != device:
+        raise ValueError(f"{name}: on {s.device}, but the operands are on {device}")
+    if not s.is_floating_point():
+        raise TypeError(f"{name}: dtype {s.dtype} must be floating point")
+    if s.numel() == 1:
+        return s.reshape(1).to(torch.float32).expand(n).contiguous()
+    if tuple(s.shape) not in ((n,), tuple(lead)):
+        raise ValueError(f"{name}: shape {tuple(s.shape)}, expected a scalar or ({n},)")
+    return s.reshape(n).to(torch.float32).contiguous()
+
+
+def int8_matmul(a: Tensor, b: Tensor, a_scale: Union[Tensor, float, None] = None,
+                b_scale: Union[Tensor, float, None] = None, bias: Optional[Tensor] = None,
+                out_dtype: torch.dtype = torch.float16) -> Tensor:
+    """out = (a @ b.T) * a_scale[m] * b_scale[n] (+ bias[n]) with exact int32 accumulation, cast to out_dtype.
+
+    a: int8 (..., K) (rows flattened to M); b: int8 (N, K), the nn.Linear weight layout; a_scale: scalar, (M,) or
+    a.shape[:-1]; b_scale: scalar or (N,); bias: (N,). out_dtype=torch.int32 returns the raw accumulator.
+    """
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.int8:
+            raise TypeError(f"{name}: dtype {t.dtype}, expected torch.int8 (quantize with "
+                            "fastattn.quantize_per_token / quantize_per_channel)")
+    if a.dim() < 1 or b.dim() != 2:
+        raise ValueError(f"a: (..., K) and b: (N, K) expected, got shapes {tuple(a.shape)}, {tuple(b.shape)}")
+    if a.shape[-1] != b.shape[1]:
+        raise ValueError(f"b: K mismatch: a has K={a.shape[-1]}, b {tuple(b.shape)} has K={b.shape[1]}")
+    if a.device != b.device:
+        raise ValueError(f"b: on {b.device}, but a is on {a.device}")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype: {out_dtype} is not one of {OUT_DTYPES}")
+    lead, K, N = a.shape[:-1], a.shape[-1], b.shape[0]
+    a2 = a.reshape(-1, K)
+    M = a2.shape[0]
+    sa = _scale_vector("a_scale", a_scale, M, lead, a.device)
+    sb = _scale_vector("b_scale", b_scale, N, (N,), a.device)
+    if bias is not None:
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != (N,):
+            raise ValueError(f"bias: expected a ({N},) tensor, got {getattr(bias, 'shape', type(bias).__name__)}")
+        if bias.device != a.device:
+            raise ValueError(f"bias: on {bias.device}, but a is on {a.device}")
+        bias = bias.to(torch.float32)
+    if out_dtype == torch.int32 and (sa is not None or sb is not None or bias is not None):
+        raise ValueError("out_dtype: torch.int32 returns the raw accumulator: pass no a_scale, b_scale or bias")
+    a2, b2 = a2.contiguous(), b.contiguous()
+    if torch.compiler.is_compiling():
+        out = int8_mm_op(a2, b2, sa, sb, bias, out_dtype)
+    else:
+        out = _mm.select(Int8Request(a.device.type, out_dtype, K)).fwd(a2, b2, sa, sb, bias, out_dtype)
+    return out.reshape(*lead, N)
+
+
+def _quantize(x: Tensor, smooth: Optional[Tensor], name: str):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in X_DTYPES:
+        raise TypeError(f"{name}: dtype {x.dtype} is not one of {X_DTYPES}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{name}: shape {tuple(x.shape)} needs a non-empty last dimension")
+    K = x.shape[-1]
+    if smooth is not None:
+        if not isinstance(smooth, Tensor) or tuple(smooth.shape) != (K,):
+            raise ValueError(f"smooth: expected a ({K},) tensor, got {getattr(smooth, 'shape', smooth)}")
+        if smooth.device != x.device:
+            raise ValueError(f"smooth: on {smooth.device}, but x is on {x.device}")
+        smooth = smooth.to(torch.float32).contiguous()
+    x2 = x.reshape(-1, K).contiguous()
+    if torch.compiler.is_compiling():
+        q, s = quantize_rows_op(x2, smooth)
+    else:
+        q, s = _quant.select(Int8Request(x.device.type, x.dtype, K)).fwd(x2, smooth)
+    return q.view(x.shape), s.view(x.shape[:-1])
+
+
+def quantize_per_token(x: Tensor, smooth: Optional[Tensor] = None):
+    """Dynamic per-token (row) int8 quantization of x (..., K), fused absmax -> scale -> round: returns
+    (x_int8 (..., K), scale float32 (...)) with x ~= x_int8 * scale[..., None] (* smooth). ``smooth`` (K,) divides
+    column k first (SmoothQuant)."""
+    return _quantize(x, smooth, "x")
+
+
+def quantize_per_channel(w: Tensor):
+    """Per-output-channel int8 quantization of a weight (N, K): returns (w_int8 (N, K), scale float32 (N,))."""
+    if isinstance(w, Tensor) and w.dim() != 2:
+        raise ValueError(f"w: expected a 2-D (N, K) weight, got shape {tuple(w.shape)}")
+    return _quantize(w, None, "w")
+
+
+@torch.library.custom_op("fastattn::w8a16_mm", mutates_args=())
+def w8a16_mm_op(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _w8a16.select(Int8Request(x.device.type, x.dtype, x.shape[1])).fwd(x, w, w_scale, bias)
+
+
+@w8a16_mm_op.register_fake
+def _(x, w, w_scale, bias):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def w8a16_matmul(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Weight-only int8 linear: (x @ w^T) * w_scale[n] (+ bias[n]) in x's dtype. x (..., K) float; w int8 (N, K);
+    w_scale (N,). For memory-bound decoding (small M): the weight moves as int8."""
+    if not isinstance(x, Tensor) or x.dtype not in X_DTYPES:
+        raise TypeError(f"x: expected a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(w, Tensor) or w.dtype != torch.int8 or w.dim() != 2:
+        raise TypeError(f"w: expected an int8 (N, K) tensor, got {getattr(w, 'dtype', type(w).__name__)} "
+                        f"{tuple(getattr(w, 'shape', ()))}")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"w: K mismatch: x has K={x.shape[-1]}, w {tuple(w.shape)} has K={w.shape[1]}")
+    if x.device != w.device:
+        raise ValueError(f"w: on {w.device}, but x is on {x.device}")
+    N, K = w.shape
+    w_scale = _scale_vector("w_scale", w_scale, N, (N,), x.device)
+    if bias is not None:
+        if tuple(bias.shape) != (N,) or bias.device != x.device:
+            raise ValueError(f"bias: expected a ({N},) tensor on {x.device}, got {tuple(bias.shape)} on {bias.device}")
+        bias = bias.to(torch.float32)
+    x2 = x.reshape(-1, K).contiguous()
+    w_scale = w_scale.contiguous()
+    if torch.compiler.is_compiling():
+        out = w8a16_mm_op(x2, w.contiguous(), w_scale, bias)
+    else:
+        out = _w8a16.select(Int8Request(x.device.type, x.dtype, K)).fwd(x2, w.contiguous(), w_scale, bias)
+    return out.reshape(*x.shape[:-1], N)

@@ -1,0 +1,177 @@
+"""Post-training quantization (with SmoothQuant) and quantization-aware training for any torch model.
+
+quantize(model, calib_data): every nn.Linear becomes an Int8Linear. With calibration data, forward hooks collect
+each Linear's per-channel activation maxima and which module produced its input; SmoothQuant then divides input
+channel k by s_k = max|X_k|^alpha / max|W_k|^(1 - alpha) and multiplies the weight's column k by s_k. The 1/s is
+folded into the producing LayerNorm / RMSNorm / Linear when that is exact (checked on a calibration batch),
+otherwise it stays in the Int8Linear and is fused into its quantization kernel.
+"""
+import fnmatch
+from collections import defaultdict
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .nn.quantized import MODES, Int8Linear, QATLinear
+
+_PRODUCERS = (nn.LayerNorm, nn.RMSNorm, nn.Linear)
+
+
+def _skipped(name: str, skip: Sequence[str]) -> bool:
+    return any(name == s or fnmatch.fnmatch(name, s) for s in skip)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _run(model: nn.Module, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+@torch.no_grad()
+def _calibrate(model, linears: Dict[str, nn.Linear], calib_data: Iterable):
+    """Per-channel |x| maxima of each Linear's input, the module whose output it was (name or None), and the
+    batches (kept to check folds)."""
+    act_max: Dict[str, torch.Tensor] = {}
+    producer: Dict[str, Optional[str]] = {}
+    outputs: Dict[int, tuple] = {}  # id(output) -> (module name, output): held for the batch so ids stay unique
+    hooks = []
+
+    def out_hook(name):
+        def hook(mod, inp, out):
+            if isinstance(out, torch.Tensor):
+                outputs[id(out)] = (name, out)
+        return hook
+
+    def in_hook(name):
+        def hook(mod, inp):
+            x = inp[0]
+            m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
+            act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m)
+            src = outputs.get(id(x), (None,))[0]
+            producer[name] = src if producer.get(name, src) == src else None  # must agree across batches
+        return hook
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, _PRODUCERS):
+            hooks.append(mod.register_forward_hook(out_hook(name)))
+        if name in linears:
+            hooks.append(mod.register_forward_pre_hook(in_hook(name)))
+    batches = []
+    try:
+        for batch in calib_data:
+            outputs.clear()
+            _run(model, batch)
+            batches.append(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return act_max, producer, batches
+
+
+@torch.no_grad()
+def _smooth_factors(act_max: torch.Tensor, weights: List[torch.Tensor], alpha: float) -> torch.Tensor:
+    w_max = torch.stack([w.abs().amax(0).float() for w in weights]).amax(0)
+    s = act_max.clamp_min(1e-5).pow(alpha) / w_max.clamp_min(1e-5).pow(1 - alpha)
+    return s.clamp_min(1e-5)
+
+
+@torch.no_grad()
+def _fold_into(producer: nn.Module, s: torch.Tensor) -> None:
+    """Divide the producer's output channel k by s[k] (LayerNorm/RMSNorm affine, or Linear rows and bias)."""
+    if isinstance(producer, nn.Linear):
+        producer.weight.div_(s.to(producer.weight.dtype)[:, None])
+    elif producer.weight is not None:
+        producer.weight.div_(s.to(producer.weight.dtype).view_as(producer.weight))
+    if getattr(producer, "bias", None) is not None:
+        producer.bias.div_(s.to(producer.bias.dtype).view_as(producer.bias))
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-3 * (b.float().abs().max().item() + 1e-6))
+    if isinstance(a, (tuple, list)):
+        return all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return all(_close(a[k], b[k]) for k in a)
+    return True
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, calib_data: Optional[Iterable] = None, smoothquant_alpha: float = 0.5,
+             mode: str = "w8a8", skip: Sequence[str] = ()) -> nn.Module:
+    """Replace every nn.Linear of model (in place; names matching a ``skip`` pattern stay float) by an Int8Linear.
+
+    calib_data: an iterable of model inputs (a tensor, a tuple of args or a dict of kwargs). With it, SmoothQuant
+    (``smoothquant_alpha``; None disables) smooths activation outliers, and w8a8_static gets its input scales.
+    Returns the model.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode: {mode!r} is not one of {MODES}")
+    linears = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, QATLinear) and not _skipped(n, skip)}
+    smooth: Dict[str, torch.Tensor] = {}
+    input_scale: Dict[str, float] = {}
+    if calib_data is not None:
+        act_max, producer, batches = _calibrate(model, linears, calib_data)
+        if smoothquant_alpha is not None and mode != "w8a16":
+            groups = defaultdict(list)
+            for name in linears:
+                if name in act_max:
+                    groups[producer.get(name)].append(name)
+            for src, names in groups.items():
+                if src is not None:
+                    s = _smooth_factors(torch.stack([act_max[n] for n in names]).amax(0),
+                                        [linears[n].weight for n in names], smoothquant_alpha)
+                    if _try_fold(model, batches[0], model.get_submodule(src), [linears[n] for n in names], s):
+                        for n in names:
+                            act_max[n] = act_max[n] / s
+                        continue
+                for n in names:  # no exact fold: keep 1/s in the Int8Linear
+                    s = _smooth_factors(act_max[n], [linears[n].weight], smoothquant_alpha)
+                    linears[n].weight.mul_(s.to(linears[n].weight.dtype))
+                    smooth[n] = s
+                    act_max[n] = act_max[n] / s
+        input_scale = {n: (act_max[n].max().item() / 127.0) or 1.0 for n in act_max}
+    elif mode == "w8a8_static":
+        raise ValueError("calib_data: mode='w8a8_static' needs calibration data for its input scales")
+    for name, lin in linears.items():
+        _set_module(model, name, Int8Linear.from_float(lin, mode, smooth.get(name), input_scale.get(name)))
+    return model
+
+
+@torch.no_grad()
+def _try_fold(model, batch, producer, consumers, s) -> bool:
+    """Fold 1/s into producer and s into the consumers' weights; keep it only if the model's output is unchanged."""
+    before = _run(model, batch)
+    _fold_into(producer, s)
+    for lin in consumers:
+        lin.weight.mul_(s.to(lin.weight.dtype))
+    if _close(_run(model, batch), before):
+        return True
+    _fold_into(producer, 1.0 / s)  # undo: the producer's output has other consumers
+    for lin in consumers:
+        lin.weight.div_(s.to(lin.weight.dtype))
+    return False
+
+
+def prepare_qat(model: nn.Module, skip: Sequence[str] = ()) -> nn.Module:
+    """Swap every nn.Linear (not matching ``skip``) for a QATLinear sharing its parameters, in place."""
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.Linear and not _skipped(name, skip):
+            _set_module(model, name, QATLinear.from_linear(mod))
+    return model
+
+
+def convert_qat(model: nn.Module, mode: str = "w8a8") -> nn.Module:
+    """Turn every QATLinear into an Int8Linear, in place."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QATLinear):
+            _set_module(model, name, Int8Linear.from_float(mod, mode))
+    return model

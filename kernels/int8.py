@@ -1,0 +1,214 @@
+"""INT8 GEMM with int32 accumulation and a fused dequant epilogue (W8A8), weight-only int8 GEMM (W8A16), and
+row-wise int8 quantization, in Triton. Contract: fastattn/ops/int8.py."""
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpreted
+
+def _mm_configs():
+    if triton_interpreted():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    shapes = [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4), (128, 128, 64, 4, 4),
+              (64, 128, 128, 4, 4), (16, 128, 256, 4, 4), (16, 64, 256, 4, 5), (32, 128, 128, 4, 4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles much larger than the problem (decode-sized M takes the BLOCK_M=16/32 configs)."""
+    M = named_args["M"]
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(M))]
+    return keep or configs[:1]
+
+
+def _autotune(fn):
+    """EVEN_K from the tile; on a GPU, autotuned over _mm_configs (the interpreter runs its one config)."""
+    fn = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(fn)
+    if triton_interpreted():
+        return fn
+    return triton.autotune(_mm_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})(fn)
+
+
+@triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped (L2-friendly) order of output tiles."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
+    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _epilogue(acc, C, AS, BS, Bias, offs_m, offs_n, M, N, stride_cm,
+              HAS_AS: tl.constexpr, HAS_BS: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr):
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    ptrs = C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    if OUT_INT32:
+        tl.store(ptrs, acc, mask=mask)
+    else:
+        c = acc.to(tl.float32)
+        if HAS_AS:
+            c = c * tl.load(AS + offs_m, mask=offs_m < M, other=0.0)[:, None]
+        if HAS_BS:
+            c = c * tl.load(BS + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        if HAS_BIAS:
+            c = c + tl.load(Bias + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        tl.store(ptrs, c.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _int8_mm_kernel(
+    A,  # int8 (M, K), row stride stride_am
+    B,  # int8 (N, K), row stride stride_bn (the nn.Linear weight layout)
+    C,  # output (M, N)
+    AS,  # float32 (M,) per-token scales
+    BS,  # float32 (N,) per-channel scales
+    Bias,  # float32 (N,)
+    M, N, K, M_BUCKET, stride_am, stride_bn, stride_cm,
+    HAS_AS: tl.constexpr, HAS_BS: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_a = tl.minimum(offs_m, M - 1).to(tl.int64)  # clamped rows: loads stay in bounds without a mask
+    rows_b = tl.minimum(offs_n, N - 1).to(tl.int64)
+    a_ptrs = A + rows_a[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = B + rows_b[None, :] * stride_bn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        acc += tl.dot(a, b, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    _epilogue(acc, C, AS, BS, Bias, offs_m, offs_n, M, N, stride_cm, HAS_AS, HAS_BS, HAS_BIAS, OUT_INT32)
+
+
+_int8_mm = _autotune(_int8_mm_kernel)
+
+
+def _meta():
+    return dict(_mm_configs()[0].kwargs, num_warps=4) if triton_interpreted() else {}
+
+
+def int8_mm(a, b, a_scale, b_scale, bias, out_dtype):
+    """a int8 (M, K), b int8 (N, K) -> (M, N) out_dtype; see the contract."""
+    M, K = a.shape
+    N = b.shape[0]
+    out = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0 or N == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _int8_mm[grid](a, b, out, out if a_scale is None else a_scale, out if b_scale is None else b_scale,
+                   out if bias is None else bias, M, N, K, min(triton.next_power_of_2(M), 4096), a.stride(0),
+                   b.stride(0), out.stride(0),
+                   HAS_AS=a_scale is not None, HAS_BS=b_scale is not None, HAS_BIAS=bias is not None,
+                   OUT_INT32=out_dtype == torch.int32, **_meta())
+    return out
+
+
+@triton.jit
+def _w8a16_mm_kernel(
+    A,  # float16 / bfloat16 (M, K) activations
+    B,  # int8 (N, K) weight
+    C,  # output (M, N), A's dtype
+    BS,  # float32 (N,) per-channel weight scales
+    Bias,  # float32 (N,)
+    M, N, K, M_BUCKET, stride_am, stride_bn, stride_cm,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Weight-only int8: the weight tile is converted to A's dtype in registers (half the weight bytes of bf16),
+    products accumulate in float32, and the per-channel scale is applied once in the epilogue."""
+    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_a = tl.minimum(offs_m, M - 1).to(tl.int64)
+    rows_b = tl.minimum(offs_n, N - 1).to(tl.int64)
+    a_ptrs = A + rows_a[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = B + rows_b[None, :] * stride_bn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        if DOT_F32:  # the interpreter's bf16 dot is broken: compute in fp32 there
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
+        else:
+            acc += tl.dot(a, b.to(a.dtype))
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    _epilogue(acc, C, BS, BS, Bias, offs_m, offs_n, M, N, stride_cm, False, True, HAS_BIAS, False)
+
+
+_w8a16_mm = _autotune(_w8a16_mm_kernel)
+
+
+def w8a16_mm(a, b, b_scale, bias):
+    """a float16/bfloat16 (M, K), b int8 (N, K), b_scale float32 (N,), bias float32 (N,) | None -> (M, N) a.dtype."""
+    M, K = a.shape
+    N = b.shape[0]
+    out = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    if M == 0 or N == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _w8a16_mm[grid](a, b, out, b_scale, out if bias is None else bias, M, N, K, min(triton.next_power_of_2(M), 4096),
+                    a.stride(0), b.stride(0), out.stride(0), HAS_BIAS=bias is not None, DOT_F32=triton_interpreted(),
+                    **_meta())
+    return out
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    X,  # float (M, K), contiguous
+    Smooth,  # float32 (K,): column k is divided by smooth[k] first
+    Q,  # int8 (M, K)
+    Scale,  # float32 (M,)
+    K,
+    HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    mask = cols < K
+    x = tl.load(X + row * K + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        x = x / tl.load(Smooth + cols, mask=mask, other=1.0)
+    scale = tl.max(tl.abs(x), 0) / 127.0
+    inv = tl.where(scale > 0, 1.0 / scale, 0.0)
+    y = x * inv
+    r = tl.floor(y + 0.5)  # round half to even, as torch.round
+    r = tl.where(((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)
+    q = tl.minimum(tl.maximum(r, -127.0), 127.0)
+    tl.store(Q + row * K + cols, q.to(tl.int8), mask=mask)
+    tl.store(Scale + row, scale)
+
+
+MAX_QUANT_K = 65536
+
+
+def quantize_rows(x, smooth):
+    """x float (M, K) contiguous, smooth float32 (K,) | None -> (q int8 (M, K), scale float32 (M,))."""
+    M, K = x.shape
+    if K > MAX_QUANT_K:
+        raise ValueError(f"x: row width {K} exceeds the Triton quantize kernel's {MAX_QUANT_K}")
+    q = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M:
+        block = triton.next_power_of_2(K)
+        _quantize_rows_kernel[(M,)](x, x if smooth is None else smooth, q, scale, K, HAS_SMOOTH=smooth is not None,
+                                    BLOCK_K=block, num_warps=min(max(block // 1024, 1), 16))
+    return q, scale

@@ -1,0 +1,217 @@
+"""INT8 matmul and quantization on every backend: exact int32 accumulators, epilogue within float tolerance,
+quantization bit-exact with the reference; Int8Linear within its quantization-step bound; SmoothQuant; QAT."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastattn
+from fastattn.nn import Int8Linear
+from fastattn.reference import int8_matmul_ref, quantize_rows_ref, w8a16_matmul_ref
+from conftest import backend_device, backend_params
+
+BK = pytest.mark.parametrize("backend_name", backend_params(), indirect=True)
+SHAPES = [(1, 1, 1), (7, 13, 5), (129, 65, 100), (33, 129, 257), (64, 64, 4096)]
+
+
+def int8(shape, gen, device):
+    return torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8).to(device)
+
+
+@BK
+@pytest.mark.parametrize("M, N, K", SHAPES)
+def test_int32_accumulator_is_exact(backend_name, M, N, K):
+    dev = backend_device(backend_name)
+    g = torch.Generator().manual_seed(M * N + K)
+    a, b = int8((M, K), g, dev), int8((N, K), g, dev)
+    a[0, :] = -128  # extremes: |acc| up to K * 2**14
+    b[0, :] = -128
+    with fastattn.backend(backend_name):
+        acc = fastattn.int8_matmul(a, b, out_dtype=torch.int32)
+    assert acc.dtype == torch.int32
+    assert torch.equal(acc.cpu(), int8_matmul_ref(a.cpu(), b.cpu(), out_dtype=torch.int32))
+
+
+@BK
+@pytest.mark.parametrize("M, N, K", SHAPES[:4])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("scales", ["vector", "scalar", "none", "bias"])
+def test_epilogue(backend_name, M, N, K, out_dtype, scales):
+    dev = backend_device(backend_name)
+    g = torch.Generator().manual_seed(K)
+    a, b = int8((M, K), g, dev), int8((N, K), g, dev)
+    sa = (torch.rand(M, generator=g) / 1000).to(dev)
+    sb = (torch.rand(N, generator=g) / 100).to(dev)
+    bias = torch.randn(N, generator=g).to(dev) if scales == "bias" else None
+    if scales == "scalar":
+        sa, sb = 0.003, torch.tensor(0.002, device=dev)
+    elif scales == "none":
+        sa = sb = None
+    with fastattn.backend(backend_name):
+        out = fastattn.int8_matmul(a, b, sa, sb, bias, out_dtype=out_dtype)
+    as_t = None if sa is None else torch.as_tensor(sa, device=dev, dtype=torch.float32)
+    ref = int8_matmul_ref(a, b, as_t, sb, bias, torch.float64 if out_dtype == torch.float32 else out_dtype)
+    assert out.dtype == out_dtype and out.shape == (M, N)
+    # same float32 epilogue as the reference: at most one rounding step of out_dtype apart
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[out_dtype]
+    torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol * ref.abs().max().item() * 1e-3 + 1e-6)
+
+
+@BK
+@pytest.mark.parametrize("K", [1, 7, 100, 4099])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("smooth", [False, True])
+def test_quantize_is_bit_exact(backend_name, K, dtype, smooth):
+    dev = backend_device(backend_name)
+    g = torch.Generator().manual_seed(K)
+    x = (torch.randn(9, K, generator=g) * 3).to(dtype).to(dev)
+    x[1] = 0  # a zero row: scale 0, q 0
+    x[2, 0] = 127 * 0.5 / 127  # ties round to even
+    sm = (torch.rand(K, generator=g) + 0.5).to(dev) if smooth else None
+    with fastattn.backend(backend_name):
+        q, s = fastattn.quantize_per_token(x, sm)
+    qr, sr = quantize_rows_ref(x, sm)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert torch.equal(s, sr), "scales differ"
+    assert torch.equal(q, qr), f"{(q.int() - qr.int()).abs().max()} quantization steps off"
+
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"], indirect=True)
+@pytest.mark.parametrize("M", [1, 37])
+def test_w8a16(backend_name, M):
+    dev = backend_device(backend_name)
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 96, generator=g).to(torch.float16).to(dev)
+    w, s, bias = int8((40, 96), g, dev), (torch.rand(40, generator=g) / 100).to(dev), torch.randn(40).to(dev)
+    with fastattn.backend(backend_name):
+        out = fastattn.w8a16_matmul(x, w, s, bias)
+    torch.testing.assert_close(out.float(), w8a16_matmul_ref(x, w, s, bias).float(), rtol=2e-3, atol=2e-3)
+
+
+def test_int8linear_within_quantization_bound():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64)
+    x = torch.randn(3, 17, 256)
+    q = Int8Linear.from_float(lin)
+    y, yf = q(x), lin(x)
+    # |dy| <= 1/2 s_w[n] sum|x| + 1/2 s_x[m] sum|W[n]| + K/4 s_x s_w  (rounding of x and W to their int8 grids)
+    _, s_x = quantize_rows_ref(x)
+    s_w = q.weight_scale
+    bound = (0.5 * s_w * x.abs().sum(-1, keepdim=True) + 0.5 * s_x[..., None] * lin.weight.abs().sum(-1)
+             + 0.25 * 256 * s_x[..., None] * s_w)
+    err = (y - yf).abs()
+    assert (err <= bound * 1.001 + 1e-5).all(), f"max excess {(err - bound).max():.3g}"
+    assert err.max() > 0  # it did quantize
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8_static", "w8a16"])
+def test_int8linear_modes_and_state_dict(mode):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    x = torch.randn(8, 64)
+    q = Int8Linear.from_float(lin, mode, input_scale=x.abs().max().item() / 127)
+    y = q(x)
+    assert y.shape == (8, 32) and y.dtype == x.dtype
+    assert (y - lin(x)).abs().max() < 0.05 * lin(x).abs().max()
+    q2 = Int8Linear(64, 32, mode=mode)
+    q2.load_state_dict(q.state_dict())
+    assert torch.equal(q2(x), y)
+    assert set(q.state_dict()) == {"weight", "weight_scale", "bias", "input_scale"}
+
+
+def _outlier_model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(128), nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 32))
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.5)
+        model[0].weight[:4] = 60.0  # activation outlier channels, as in LLMs
+    data = [torch.randn(16, 128) for _ in range(4)]
+    return model, data
+
+
+def test_smoothquant_lowers_error_on_outlier_channels():
+    model, data = _outlier_model_and_data()
+    x = torch.randn(64, 128)
+    ref = model(x)
+    import copy
+    plain = fastattn.quantize(copy.deepcopy(model), data, smoothquant_alpha=None)
+    smooth = fastattn.quantize(copy.deepcopy(model), data, smoothquant_alpha=0.5)
+    err_plain = (plain(x) - ref).abs().mean().item()
+    err_smooth = (smooth(x) - ref).abs().mean().item()
+    assert err_smooth < 0.7 * err_plain, (err_smooth, err_plain)
+    # the smoothing went into the LayerNorm (an exact fold), not into the Int8Linear
+    assert isinstance(smooth[1], Int8Linear) and smooth[1].smooth is None
+    assert smooth[0].weight[:4].max() < 60.0
+
+
+def test_smoothquant_keeps_scale_when_fold_is_not_exact():
+    class Residual(nn.Module):  # the LayerNorm's output is also used by the residual: folding would change it
+        def __init__(self):
+            super().__init__()
+            self.ln, self.fc = nn.LayerNorm(32), nn.Linear(32, 32)
+
+        def forward(self, x):
+            h = self.ln(x)
+            return h + self.fc(h)
+
+    torch.manual_seed(0)
+    m = Residual()
+    x = torch.randn(8, 32)
+    ref = m(x)
+    fastattn.quantize(m, [x], smoothquant_alpha=0.5)
+    assert m.fc.smooth is not None
+    assert (m(x) - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_quantize_static_and_skip():
+    model, data = _outlier_model_and_data()
+    fastattn.quantize(model, data, mode="w8a8_static", skip=["3"])
+    assert isinstance(model[1], Int8Linear) and model[1].mode == "w8a8_static"
+    assert isinstance(model[3], nn.Linear) and not isinstance(model[3], Int8Linear)
+    with pytest.raises(ValueError, match="calib_data"):
+        fastattn.quantize(nn.Sequential(nn.Linear(4, 4)), mode="w8a8_static")
+
+
+def test_qat_recovers_accuracy():
+    """A model whose weights have outliers loses accuracy under plain int8 PTQ; a few QAT steps win it back."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    with torch.no_grad():
+        teacher[0].weight[:, 0] *= 40  # one dominant input column: a coarse per-channel grid for the rest
+    x = torch.randn(2048, 32)
+    y = teacher(x).detach()
+    import copy
+    ptq = fastattn.quantize(copy.deepcopy(teacher))
+    loss_ptq = F.mse_loss(ptq(x), y).item()
+    student = fastattn.prepare_qat(copy.deepcopy(teacher))
+    opt = torch.optim.Adam(student.parameters(), lr=3e-5)
+    for step in range(300):  # full batch: seeds 0-2 give 0.57-0.62 x the PTQ loss
+        loss = F.mse_loss(student(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    qat = fastattn.convert_qat(student)
+    assert isinstance(qat[0], Int8Linear)
+    loss_qat = F.mse_loss(qat(x), y).item()
+    assert loss_qat < 0.8 * loss_ptq, (loss_qat, loss_ptq)
+
+
+@pytest.mark.parametrize("call, match, exc", [
+    (lambda: fastattn.int8_matmul(torch.randn(4, 8), torch.zeros(4, 8, dtype=torch.int8)), "a: dtype", TypeError),
+    (lambda: fastattn.int8_matmul(torch.zeros(4, 8, dtype=torch.int8), torch.zeros(4, 9, dtype=torch.int8)),
+     "K mismatch", ValueError),
+    (lambda: fastattn.int8_matmul(torch.zeros(4, 8, dtype=torch.int8), torch.zeros(3, 8, dtype=torch.int8),
+                                  torch.ones(5)), "a_scale", ValueError),
+    (lambda: fastattn.int8_matmul(torch.zeros(4, 8, dtype=torch.int8), torch.zeros(3, 8, dtype=torch.int8), None,
+                                  torch.ones(4)), "b_scale", ValueError),
+    (lambda: fastattn.int8_matmul(torch.zeros(4, 8, dtype=torch.int8), torch.zeros(3, 8, dtype=torch.int8), 1.0,
+                                  out_dtype=torch.int32), "out_dtype", ValueError),
+    (lambda: fastattn.quantize_per_token(torch.zeros(4, 8, dtype=torch.int32)), "x: dtype", TypeError),
+    (lambda: fastattn.quantize_per_token(torch.zeros(4, 8), torch.ones(7)), "smooth", ValueError),
+    (lambda: fastattn.quantize_per_channel(torch.zeros(2, 4, 8)), "w:", ValueError),
+    (lambda: Int8Linear(4, 4, mode="int4"), "mode", ValueError),
+])
+def test_bad_input(call, match, exc):
+    with pytest.raises(exc, match=match):
+        call()
