@@ -2,6 +2,8 @@
 import importlib
 import warnings
 
+import torch  # noqa: F401  (loads libc10/libtorch, which fastattn._C links against)
+
 try:
     _C = importlib.import_module("fastattn._C")
     _C_ERROR = None

@@ -168,3 +168,21 @@ def test_gradcheck_float64(backend_name, is_rms):
             return fastattn.add_layer_norm(*a, prenorm=True)
 
     assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_cpu_portable_path():
+    """The portable (non-AVX2) C++ path, forced with FASTATTN_CPU_NO_AVX2=1 (read once per process): run a slice of
+    this file's CPU tests in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    from fastattn.backends import unavailable_reason
+    if unavailable_reason("cpu"):
+        pytest.skip(unavailable_reason("cpu"))
+    env = dict(os.environ, FASTATTN_CPU_NO_AVX2="1")
+    here = os.path.dirname(__file__)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_add_norm.py"),
+                        "-k", "cpu and (res-w-b or fp32res or plain) and not portable"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout

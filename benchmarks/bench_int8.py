@@ -1,0 +1,76 @@
+"""pytest-benchmark: INT8 GEMM (W8A8, fused dequant) against torch's float matmul and torch._int_mm, and Int8Linear
+(quantize + GEMM + dequant; and weight-only W8A16) against nn.Linear. TOPS in extra_info."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn.backends import available_backends
+from fastattn.nn import Int8Linear
+from fastattn.testing import sync
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+FLOAT = torch.bfloat16 if GPU else torch.float32
+GEMMS = [(1, 4096, 4096), (16, 4096, 4096), (4096, 4096, 4096), (8192, 8192, 8192)] if GPU else \
+    [(1, 1024, 1024), (128, 1024, 1024), (1024, 1024, 1024)]
+LINEARS = [(1, 4096, 4096), (4096, 4096, 4096)] if GPU else [(1, 1024, 1024), (512, 1024, 1024)]
+CALLS, ROUNDS = (10, 10) if GPU else (1, 10)
+OURS = [b for b in available_backends() if b in (("cuda", "triton") if GPU else ("cpu",))]
+
+
+def _bench(benchmark, fn, ops, group, info):
+    try:
+        fn()
+        sync(DEVICE)
+    except fastattn.BackendNotSupported as e:
+        pytest.skip(str(e)[:200])
+    except RuntimeError as e:  # e.g. torch._int_mm's shape limits
+        if info["impl"].startswith("torch"):
+            pytest.skip(str(e).splitlines()[0][:160])
+        raise
+
+    def step():
+        for _ in range(CALLS):
+            fn()
+        sync(DEVICE)
+
+    benchmark.group = group
+    benchmark.extra_info.update(info, device=DEVICE, calls_per_round=CALLS)
+    benchmark.pedantic(step, warmup_rounds=2, rounds=ROUNDS, iterations=1)
+    benchmark.extra_info["TFLOP/s"] = ops * CALLS / benchmark.stats.stats.median / 1e12
+
+
+@pytest.mark.parametrize("impl", ["torch-float", "torch-int_mm"] + OURS)
+@pytest.mark.parametrize("M, N, K", GEMMS, ids=lambda v: str(v))
+def test_int8_gemm(benchmark, impl, M, N, K):
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=DEVICE)
+    b = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=DEVICE)
+    sa, sb = torch.rand(M, device=DEVICE), torch.rand(N, device=DEVICE)
+    out_dtype = FLOAT
+    if impl == "torch-float":
+        af, bf = a.to(FLOAT), b.to(FLOAT)
+        fn = lambda: af @ bf.T  # noqa: E731
+    elif impl == "torch-int_mm":
+        bt = b.T
+        fn = lambda: torch._int_mm(a, bt)  # noqa: E731
+    else:
+        def fn():
+            with fastattn.backend(impl):
+                return fastattn.int8_matmul(a, b, sa, sb, out_dtype=out_dtype)
+    _bench(benchmark, fn, 2 * M * N * K, f"int8 gemm M={M} N={N} K={K}",
+           dict(op="int8_gemm", impl=impl, width=M, dtype=str(FLOAT)[6:], direction=f"N{N}K{K}"))
+
+
+@pytest.mark.parametrize("impl", ["torch-linear", "w8a8", "w8a16"])
+@pytest.mark.parametrize("M, N, K", LINEARS, ids=lambda v: str(v))
+def test_int8_linear(benchmark, impl, M, N, K):
+    lin = torch.nn.Linear(K, N, device=DEVICE, dtype=FLOAT)
+    x = torch.randn(M, K, device=DEVICE, dtype=FLOAT)
+    if impl == "w8a16" and not GPU:
+        pytest.skip("w8a16 targets GPU decoding (the CPU path is the reference)")
+    mod = lin if impl == "torch-linear" else Int8Linear.from_float(lin, impl)
+    with torch.no_grad():
+        _bench(benchmark, lambda: mod(x), 2 * M * N * K, f"linear M={M} N={N} K={K}",
+               dict(op="int8_linear", impl=impl if impl == "torch-linear" else f"Int8Linear-{impl}", width=M,
+                    dtype=str(FLOAT)[6:], direction=f"N{N}K{K}"))
