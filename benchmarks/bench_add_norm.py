@@ -1,6 +1,8 @@
 """pytest-benchmark: fused add + LayerNorm / RMSNorm on each backend against torch (x + r, then F.layer_norm /
 F.rms_norm), forward and forward+backward. Run: pytest benchmarks/ --benchmark-only [--benchmark-json=out.json];
 benchmarks/plot.py turns the JSON into a PNG of speedup vs width."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,9 @@ from fastattn.testing import add_norm_bytes, sync
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 ELEMENTS = 32 * 2**20 if GPU else 4 * 2**20  # per tensor: far above the L2 on GPU, around the L3 on CPU
-WIDTHS = [512, 1024, 2048, 4096, 8192, 16384, 65536] if GPU else [256, 1024, 4096, 16384]
+SUITE = os.environ.get("FASTATTN_BENCH_SUITE") == "1"  # the GPU suite's shorter grid
+WIDTHS = ([1024, 4096, 16384] if SUITE else [512, 1024, 2048, 4096, 8192, 16384, 65536]) if GPU else \
+    [256, 1024, 4096, 16384]
 DTYPES = [torch.float16, torch.bfloat16] if GPU else [torch.float32]
 # Triton on a CPU tensor would be the interpreter: not a benchmark.
 CALLS = 10 if GPU else 1  # calls per timed round

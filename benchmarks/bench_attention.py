@@ -1,6 +1,8 @@
 """pytest-benchmark: attention forward, backward and forward+backward on each fastattn backend against torch's
 SDPA (on GPU each torch backend separately: flash, efficient, cudnn, math; on CPU torch's CPU kernel). TFLOP/s
 (fwd = 4*B*H*L*S*D, x0.5 causal; bwd = 2.5x fwd) and peak memory in extra_info; plot with benchmarks/plot.py."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,12 +14,14 @@ from fastattn.testing import sync
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 TOKENS = 16384 if GPU else 4096  # B * L
-SEQLENS = [1024, 2048, 4096, 8192, 16384] if GPU else [128, 512, 1024, 2048]
+SUITE = os.environ.get("FASTATTN_BENCH_SUITE") == "1"  # the GPU suite's shorter grid
+SEQLENS = ([2048, 8192] if SUITE else [1024, 2048, 4096, 8192, 16384]) if GPU else [128, 512, 1024, 2048]
+DIRECTIONS = ["fwd", "bwd"] if SUITE else ["fwd", "bwd", "fwd+bwd"]
 HEAD_DIMS = [64, 128]
 DTYPE = torch.bfloat16 if GPU else torch.float32
 MODEL_DIM = 2048 if GPU else 512  # H = MODEL_DIM // D
 CALLS, ROUNDS = (5, 10) if GPU else (1, 5)
-TORCH_IMPLS = ["torch-flash", "torch-efficient", "torch-cudnn", "torch-math"] if GPU else ["torch"]
+TORCH_IMPLS = (["torch-flash", "torch-efficient", "torch-cudnn"] + ([] if SUITE else ["torch-math"])) if GPU else ["torch"]
 IMPLS = TORCH_IMPLS + [b for b in available_backends() if b in (("cuda", "triton") if GPU else ("cpu",))]
 
 
@@ -76,7 +80,7 @@ def run_benchmark(benchmark, impl, fn, flops, group, info):
 @pytest.mark.parametrize("seqlen", SEQLENS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("direction", ["fwd", "bwd", "fwd+bwd"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_attention(benchmark, impl, seqlen, head_dim, causal, direction):
     if impl == "torch-math" and seqlen > 4096:
         pytest.skip("torch-math materializes (B, H, L, L): skipped past 4096")
@@ -104,7 +108,7 @@ def test_attention(benchmark, impl, seqlen, head_dim, causal, direction):
 
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i in ("torch-efficient", "torch", "triton", "cpu", "cuda")])
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
-@pytest.mark.parametrize("seqlen", SEQLENS[1:4])
+@pytest.mark.parametrize("seqlen", SEQLENS[1:4] if len(SEQLENS) > 2 else SEQLENS[:1])
 def test_masked_attention(benchmark, impl, mask_kind, seqlen):
     """An arbitrary (B, 1, L, S) mask, broadcast over heads: fastattn reads it through its strides."""
     head_dim = 64

@@ -7,6 +7,9 @@ import torch
 # run on the CPU through it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests check kernels with their first tile config (tests/test_int8.py checks every config once); autotuning each
+# test's shape would cost minutes of tuning runs.
+os.environ.setdefault("FASTATTN_AUTOTUNE", "0")
 
 import fastattn  # noqa: E402
 from fastattn.backends import unavailable_reason  # noqa: E402

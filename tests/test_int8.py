@@ -32,6 +32,17 @@ def test_int32_accumulator_is_exact(backend_name, M, N, K):
     assert torch.equal(acc.cpu(), int8_matmul_ref(a.cpu(), b.cpu(), out_dtype=torch.int32))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: autotuned configs exist on GPU only")
+def test_every_triton_config_is_exact():
+    from fastattn.kernels import int8 as k
+    g = torch.Generator().manual_seed(0)
+    a, b = int8((300, 1000), g, "cuda"), int8((200, 1000), g, "cuda")
+    ref = int8_matmul_ref(a.cpu(), b.cpu(), out_dtype=torch.int32)
+    for config in k._mm_configs(all_configs=True):
+        assert torch.equal(k.int8_mm_with_config(a, b, config).cpu(), ref), str(config)
+
+
 @BK
 @pytest.mark.parametrize("M, N, K", SHAPES[:4])
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
