@@ -59,6 +59,14 @@ def forced_backend() -> Optional[str]:
     return None if env in ("", "auto") else _check_name(env)
 
 
+def forced_backend_name() -> str:
+    """The forced backend to record with a call ("" = auto). Under torch.compile it is left to the custom op, which
+    reads it when it runs (dynamo cannot trace ContextVar.get)."""
+    if torch.compiler.is_compiling():
+        return ""
+    return forced_backend() or ""
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -117,9 +117,11 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
 def int8_matmul_ref(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Tensor] = None,
                     b_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                     out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """a int8 (M, K) @ b int8 (N, K)^T accumulated exactly (int64), then out = acc * a_scale[m] * b_scale[n] + bias[n]
+    """a int8 (M, K) @ b int8 (N, K)^T accumulated exactly, then out = acc * a_scale[m] * b_scale[n] + bias[n]
     in float32, cast to out_dtype. out_dtype=torch.int32 returns the accumulator (no scales, no bias)."""
-    acc = a.to(torch.int64) @ b.to(torch.int64).T  # exact: |acc| < 2**31 for K < 2**17
+    # exact in float64 (every partial sum is an integer below 2**53; CUDA has no int64 matmul): |acc| < 2**31
+    # for K < 2**17
+    acc = (a.to(torch.float64) @ b.to(torch.float64).T).to(torch.int64)
     if out_dtype == torch.int32:
         return acc.to(torch.int32)
     out = acc.to(torch.float32)  # the kernels' epilogue rounds the int32 accumulator to float32 the same way

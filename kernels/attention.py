@@ -2,7 +2,7 @@
 logsumexp, backward as a dK/dV kernel (one program per key block and KV head, looping over the query heads of its
 GQA group: no atomics, no repeated K/V) and a dQ kernel. Masks are read tile by tile through their strides.
 Contract (shapes, lse, dropout counters): fastattn/ops/attention.py."""
-import math
+import os
 
 import torch
 import triton
@@ -332,7 +332,7 @@ def _common(q, k, v, mask, alibi, p):
         mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
         mask_arg, mstrides = mask, mask.stride()
         if mask_kind == MASK_BOOL:
-            mask_arg = mask.view(torch.uint8) if mask.stride(-1) == 1 else mask.to(torch.uint8)
+            mask_arg = mask.view(torch.uint8)  # same strides, stride-0 broadcasts included
             mstrides = mask_arg.stride()
     if q.dtype == torch.float32 or interp:  # the interpreter's bf16 dot is broken: compute in fp32 there
         dot_dtype, precision = tl.float32, "ieee"
@@ -347,14 +347,50 @@ def _common(q, k, v, mask, alibi, p):
     return (B, H, Hk, L, S, E, EV), mask_arg, mstrides, (q if alibi is None else alibi), scalars, flags
 
 
-def _blocks(E: int, EV: int, backward: bool):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): small tiles in the interpreter, tuned-by-hand ones on GPU."""
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel and head-dim class (<= 64, <= 128, <= 256);
+# autotuned on GPU (FASTATTN_AUTOTUNE=0 keeps the first), one config in the interpreter.
+_CONFIGS = {
+    "fwd": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+            128: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2)],
+            256: [(64, 32, 8, 2), (64, 64, 8, 1)]},
+    "dkdv": {64: [(32, 128, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2)],
+             128: [(32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2)],
+             256: [(32, 32, 8, 1), (16, 32, 4, 1)]},
+    "dq": {64: [(128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)],
+           128: [(64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2)],
+           256: [(32, 32, 8, 1), (32, 16, 4, 1)]},
+}
+
+
+def _dim_class(d: int) -> int:
+    return 64 if d <= 64 else 128 if d <= 128 else 256
+
+
+def _tuned(kernel, which: str):
+    """kernel autotuned over _CONFIGS[which] for its head-dim class (keyed on the head dims only)."""
     if triton_interpreted():
-        return 32, 32, 4, 1
-    d = max(E, EV)
-    if backward:
-        return (64, 64, 4, 2) if d <= 64 else (64, 64, 8, 2) if d <= 128 else (32, 32, 8, 1)
-    return (128, 64, 4, 3) if d <= 64 else (128, 64, 8, 3) if d <= 128 else (64, 32, 8, 2)
+        return kernel
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+               for cls, group in _CONFIGS[which].items() for (m, n, w, st) in group]
+    classes = [cls for cls, group in _CONFIGS[which].items() for _ in group]
+    first_only = os.environ.get("FASTATTN_AUTOTUNE", "1") == "0"
+
+    def prune(configs_, named_args, **kwargs):
+        cls = _dim_class(max(named_args["E"], named_args["EV"]))
+        keep = [c for c, k in zip(configs, classes) if k == cls]
+        return keep[:1] if first_only else keep
+
+    return triton.autotune(configs, key=["E", "EV"], prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+_fwd_tuned = _tuned(_attn_fwd_kernel, "fwd")
+_dkdv_tuned = _tuned(_attn_bwd_dkdv_kernel, "dkdv")
+_dq_tuned = _tuned(_attn_bwd_dq_kernel, "dq")
+
+
+def _meta():
+    """The interpreter's one config (on GPU the autotuner supplies BLOCK_M, BLOCK_N, warps and stages)."""
+    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1) if triton_interpreted() else {}
 
 
 def attention_fwd(q, k, v, mask, alibi, p):
@@ -364,14 +400,12 @@ def attention_fwd(q, k, v, mask, alibi, p):
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or L == 0:
         return out.zero_(), lse.fill_(float("inf"))
-    block_m, block_n, warps, stages = _blocks(E, EV, backward=False)
-    grid = (triton.cdiv(L, block_m), B * H)
-    _attn_fwd_kernel[grid](
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _fwd_tuned[grid](
         q, k, v, out, lse, mask_arg, alibi_arg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), out.stride(0), out.stride(1), out.stride(2), *ms,
-        H, H // Hk, L, S, E, EV, *scalars, **flags,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        H, H // Hk, L, S, E, EV, *scalars, **flags, **_meta())
     return out, lse
 
 
@@ -386,13 +420,10 @@ def attention_bwd(dout, q, k, v, out, lse, mask, alibi, p):
     pre_m = 64 if not triton_interpreted() else 32
     _attn_bwd_preprocess[(triton.cdiv(B * H * L, pre_m),)](out, dout, delta, B * H * L, EV, BLOCK_M=pre_m,
                                                            BLOCK_DV=flags["BLOCK_DV"])
-    block_m, block_n, warps, stages = _blocks(E, EV, backward=True)
     args = (q, k, v, dout, lse, delta)
     tail = (mask_arg, alibi_arg, *ms, H, Hk, H // Hk, L, S, E, EV, *scalars)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(S, block_n), B * Hk)](*args, dk, dv, *tail, **flags, BLOCK_M=block_m,
-                                                             BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    _attn_bwd_dq_kernel[(triton.cdiv(L, block_m), B * H)](*args, dq, *tail, **flags, BLOCK_M=block_m,
-                                                          BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    _dkdv_tuned[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hk)](*args, dk, dv, *tail, **flags, **_meta())
+    _dq_tuned[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)](*args, dq, *tail, **flags, **_meta())
     return dq, dk, dv
 
 

@@ -119,6 +119,63 @@ def _meta():
     return dict(_mm_configs()[0].kwargs, num_warps=4) if triton_interpreted() else {}
 
 
+@triton.jit
+def _small_m_kernel(
+    A,  # (M, K) activations: int8 (W8A8) or float16/bfloat16 (W8A16)
+    B,  # int8 (N, K) weight
+    C,  # output (M, N)
+    AS,  # float32 (M,) activation scales
+    BS,  # float32 (N,) weight scales
+    Bias,  # float32 (N,)
+    N, K, stride_am, stride_bn, stride_cm,
+    HAS_AS: tl.constexpr, HAS_BS: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
+    INT8_A: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Decode-sized M: one program per (row of A, BLOCK_N weight rows), reducing K with vector products instead of
+    tensor-core tiles (which would pad M to 16+); the weight streams once per row of A."""
+    m = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_b = tl.minimum(offs_n, N - 1).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.int32 if INT8_A else tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(A + m * stride_am + kk, mask=kk < K, other=0)
+        w = tl.load(B + rows_b[:, None] * stride_bn + kk[None, :], mask=kk[None, :] < K, other=0)
+        if INT8_A:
+            acc += tl.sum(w.to(tl.int32) * a.to(tl.int32)[None, :], axis=1)
+        else:
+            acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+    ptrs = C + m.to(tl.int64) * stride_cm + offs_n
+    if OUT_INT32:
+        tl.store(ptrs, acc, mask=offs_n < N)
+    else:
+        c = acc.to(tl.float32)
+        if HAS_AS:
+            c = c * tl.load(AS + m)
+        if HAS_BS:
+            c = c * tl.load(BS + offs_n, mask=offs_n < N, other=0.0)
+        if HAS_BIAS:
+            c = c + tl.load(Bias + offs_n, mask=offs_n < N, other=0.0)
+        tl.store(ptrs, c.to(C.dtype.element_ty), mask=offs_n < N)
+
+
+SMALL_M = 8  # up to this many rows, the vector-product kernel beats padding M to a tensor-core tile
+
+
+def _small_m(a, b, out, a_scale, b_scale, bias):
+    M, K = a.shape
+    N = b.shape[0]
+    block_n, block_k = (16, 64) if triton_interpreted() else (16, 512)
+    _small_m_kernel[(triton.cdiv(N, block_n), M)](
+        a, b, out, out if a_scale is None else a_scale, out if b_scale is None else b_scale,
+        out if bias is None else bias, N, K, a.stride(0), b.stride(0), out.stride(0),
+        HAS_AS=a_scale is not None, HAS_BS=b_scale is not None, HAS_BIAS=bias is not None,
+        OUT_INT32=out.dtype == torch.int32, INT8_A=a.dtype == torch.int8, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4)
+    return out
+
+
 def int8_mm(a, b, a_scale, b_scale, bias, out_dtype):
     """a int8 (M, K), b int8 (N, K) -> (M, N) out_dtype; see the contract."""
     M, K = a.shape
@@ -126,6 +183,8 @@ def int8_mm(a, b, a_scale, b_scale, bias, out_dtype):
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return out
+    if M <= SMALL_M:
+        return _small_m(a, b, out, a_scale, b_scale, bias)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _int8_mm[grid](a, b, out, out if a_scale is None else a_scale, out if b_scale is None else b_scale,
                    out if bias is None else bias, M, N, K, min(triton.next_power_of_2(M), 4096), a.stride(0),
@@ -182,6 +241,8 @@ def w8a16_mm(a, b, b_scale, bias):
     out = torch.empty((M, N), dtype=a.dtype, device=a.device)
     if M == 0 or N == 0:
         return out
+    if M <= SMALL_M:
+        return _small_m(a, b, out, None, b_scale, bias)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _w8a16_mm[grid](a, b, out, b_scale, out if bias is None else bias, M, N, K, min(triton.next_power_of_2(M), 4096),
                     a.stride(0), b.stride(0), out.stride(0), HAS_BIAS=bias is not None, DOT_F32=triton_interpreted(),
@@ -202,10 +263,11 @@ def _quantize_rows_kernel(
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
     x = tl.load(X + row * K + cols, mask=mask, other=0.0).to(tl.float32)
+    # IEEE-rounded divisions (a plain `/` may lower to an approximate one on GPU): bit-exact with the reference
     if HAS_SMOOTH:
-        x = x / tl.load(Smooth + cols, mask=mask, other=1.0)
-    scale = tl.max(tl.abs(x), 0) / 127.0
-    inv = tl.where(scale > 0, 1.0 / scale, 0.0)
+        x = tl.math.div_rn(x, tl.load(Smooth + cols, mask=mask, other=1.0))
+    scale = tl.math.div_rn(tl.max(tl.abs(x), 0), 127.0)
+    inv = tl.where(scale > 0, tl.math.div_rn(1.0, scale), 0.0)
     y = x * inv
     r = tl.floor(y + 0.5)  # round half to even, as torch.round
     r = tl.where(((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from ..backends import Dispatcher, Impl, forced_backend
+from ..backends import Dispatcher, Impl, forced_backend_name
 from ..reference import add_norm_ref, norm_residual_dtype
 
 MAX_COLS = 65536
@@ -213,7 +213,7 @@ def _add_norm(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32)
     if residual is not None and x.dtype == torch.float64 and residual.dtype != torch.float64:
         residual = residual.double()  # kernels take a residual of x's dtype or float32 (s is float64 here)
     return AddNormFunction.apply(x, residual, weight, bias, float(eps), is_rms, prenorm, s_dtype,
-                                 forced_backend() or "")
+                                 forced_backend_name())
 
 
 def add_layer_norm(x: Tensor, residual: Optional[Tensor] = None, weight: Optional[Tensor] = None,

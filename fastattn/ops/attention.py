@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from ..backends import Dispatcher, Impl, forced_backend
+from ..backends import Dispatcher, Impl, forced_backend_name
 from ..reference import attention_diag_offset, attention_ref, attention_scores
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -380,7 +380,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
     p = AttnParams(scale, causal is not None,
                    attention_diag_offset(L, S, causal if causal is not None else "bottom_right"),
                    int(window[0]), int(window[1]), float(softcap), float(dropout_p), seed, offset)
-    backend = forced_backend() or ""
+    backend = forced_backend_name()
     if mask is not None and mask.requires_grad and torch.is_grad_enabled():
         _dispatch.select(_request(qb, kb, vb, mask, alibi, p), backend or None)  # raises if a kernel was forced
         out, lse = _ref_call(qb, kb, vb, mask, alibi, p)  # autograd through the reference gives the mask gradient
