@@ -131,9 +131,10 @@ class Impl:
 class Dispatcher:
     """Picks the Impl of one op for a request (a frozen dataclass with at least ``device`` and ``dtype``)."""
 
-    def __init__(self, op: str, impls: Sequence[Impl]):
+    def __init__(self, op: str, impls: Sequence[Impl], priority: Optional[Dict[str, Tuple[str, ...]]] = None):
         self.op = op
         self.impls: Dict[str, Impl] = {i.backend: i for i in impls}
+        self.priority = dict(PRIORITY, **(priority or {}))  # auto-mode order per device type
 
     def select(self, req, forced: Optional[str] = None) -> Impl:
         return self._select(req, forced if forced is not None else forced_backend())
@@ -149,7 +150,7 @@ class Dispatcher:
             log.debug("fastattn.%s: running on forced backend %r for %s", self.op, forced, req)
             return impl
         refused = []
-        for name in PRIORITY.get(req.device, ("reference",)):
+        for name in self.priority.get(req.device, ("reference",)):
             impl = self.impls.get(name)
             reasons = ["not implemented for this op"] if impl is None else impl.not_supported_reasons(req)
             if not reasons:

@@ -82,14 +82,18 @@ def _cols_check(req: NormRequest):
     return [f"row width {req.cols} > {MAX_COLS}"] if req.cols > MAX_COLS else []
 
 
-_dispatch = Dispatcher("add_norm", [
+_IMPLS = [
     Impl("cuda", lambda *a: _ext._C.add_norm_fwd_cuda(*a), lambda *a: _ext._C.add_norm_bwd_cuda(*a),
          ("cuda",), _FLOATS, _cols_check),
     Impl("triton", _triton_fwd, _triton_bwd, ("cuda",), _FLOATS, _cols_check),
     Impl("cpu", lambda *a: _ext._C.add_norm_fwd_cpu(*a), lambda *a: _ext._C.add_norm_bwd_cpu(*a),
          ("cpu",), _FLOATS + (torch.float64,), _cols_check),
     Impl("reference", _ref_fwd, _ref_bwd, ("cpu", "cuda"), _FLOATS + (torch.float64,)),
-])
+]
+# On GPU the forward prefers Triton and the backward CUDA C++: the faster of each in GPU run 1 on an H100
+# (benchmarks/results/2026-11-26-h100-run1). Both share the (y, s, mean, rstd) contract, so they mix.
+_dispatch = Dispatcher("add_norm", _IMPLS, priority={"cuda": ("triton", "cuda", "reference")})
+_bwd_dispatch = Dispatcher("add_norm_backward", _IMPLS, priority={"cuda": ("cuda", "triton", "reference")})
 
 
 def _request(t: Tensor) -> NormRequest:
@@ -115,7 +119,7 @@ def _fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: 
 
 def _bwd(dy: Tensor, s: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], ds: Optional[Tensor],
          has_bias: bool, is_rms: bool, dres_fp32: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = _dispatch.select(_request(dy), backend or None)
+    impl = _bwd_dispatch.select(_request(dy), backend or None)
     return tuple(impl.bwd(dy, s, mean, rstd, weight, ds, has_bias, is_rms, dres_fp32))
 
 
