@@ -86,6 +86,12 @@ def test_seqlens_and_causal(backend_name, dtype, L, S, causal):
     check(backend_name, B=1, H=2, L=L, S=S, E=32, dtype=dtype, causal=causal)
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"], indirect=True)
+@pytest.mark.parametrize("causal", [None, "top_left"])
+def test_long_sequence(backend_name, causal):
+    check(backend_name, B=1, H=2, L=1025, S=1025, E=32, dtype=torch.float32, causal=causal)
+
+
 @BK
 @pytest.mark.parametrize("mask", ["bool", "bool-broadcast", "float", "float-inf"])
 @pytest.mark.parametrize("causal", [None, "top_left"])
