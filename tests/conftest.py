@@ -60,3 +60,11 @@ def assert_bounded(name: str, out: torch.Tensor, ref: torch.Tensor, torch_out: t
         scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
     bound = 2 * base + EPS[dtype] * scale
     assert err <= bound, f"{name}: max error {err:.3g} > 2 x torch's {base:.3g} + {EPS[dtype] * scale:.3g}"
+
+
+
+def skip_if_not_built(backend_name: str, op: str) -> None:
+    """Skip when this build of fastattn._C has no ``{op}_{backend}`` kernel (cpu/cuda backends only)."""
+    from fastattn import _ext
+    if backend_name in ("cpu", "cuda") and not hasattr(_ext._C, f"{op}_{backend_name}"):
+        pytest.skip(f"fastattn._C has no {op}_{backend_name} kernel in this build")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import fastattn
 from fastattn.ops import attention as A
 from fastattn.reference import attention_ref
-from conftest import HAS_GPU, assert_bounded, backend_device, backend_params
+from conftest import HAS_GPU, assert_bounded, backend_device, backend_params, skip_if_not_built
 
 LOW = [torch.float16, torch.bfloat16]
 
@@ -21,6 +21,7 @@ def rand(shape, dtype, device, gen, scale=1.0):
 def check(backend_name, B=2, H=4, Hk=None, L=33, S=47, E=32, Ev=None, dtype=torch.float16, mask=None,
           causal=None, window=(-1, -1), alibi=False, softcap=0.0, scale=None, seed=0, key_padding=False):
     """Run fastattn.attention on backend_name and compare out, dq, dk, dv with the float64 reference."""
+    skip_if_not_built(backend_name, "attention_fwd")
     dev = backend_device(backend_name)
     Hk, Ev = Hk or H, Ev or E
     g = torch.Generator().manual_seed(seed)
@@ -130,6 +131,7 @@ def test_extended_features(backend_name, kw):
 @BK
 @pytest.mark.parametrize("causal", [None, "top_left"])
 def test_fully_masked_rows_give_zero(backend_name, causal):
+    skip_if_not_built(backend_name, "attention_fwd")
     dev = backend_device(backend_name)
     q, k, v = (torch.randn(1, 2, 20, 16, device=dev, requires_grad=True) for _ in range(3))
     mask = torch.rand(1, 2, 20, 20, device=dev) > 0.5
@@ -207,6 +209,7 @@ def test_dropout(backend_name, p_drop):
                                 dict(softcap=2.0, causal="bottom_right")], ids=["plain", "causal-float", "alibi-window",
                                                                                  "softcap"])
 def test_gradcheck_float64(backend_name, kw):
+    skip_if_not_built(backend_name, "attention_fwd")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7))
     mask = torch.randn(1, 2, 5, 7, generator=g, dtype=torch.float64) if kw.get("mask") == "float" else None

@@ -8,7 +8,7 @@ from torch import nn
 import fastattn
 from fastattn.nn import Int8Linear
 from fastattn.reference import int8_matmul_ref, quantize_rows_ref, w8a16_matmul_ref
-from conftest import backend_device, backend_params
+from conftest import backend_device, backend_params, skip_if_not_built
 
 BK = pytest.mark.parametrize("backend_name", backend_params(), indirect=True)
 SHAPES = [(1, 1, 1), (7, 13, 5), (129, 65, 100), (33, 129, 257), (64, 64, 4096)]
@@ -21,6 +21,7 @@ def int8(shape, gen, device):
 @BK
 @pytest.mark.parametrize("M, N, K", SHAPES)
 def test_int32_accumulator_is_exact(backend_name, M, N, K):
+    skip_if_not_built(backend_name, "int8_mm")
     dev = backend_device(backend_name)
     g = torch.Generator().manual_seed(M * N + K)
     a, b = int8((M, K), g, dev), int8((N, K), g, dev)
@@ -48,6 +49,7 @@ def test_every_triton_config_is_exact():
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("scales", ["vector", "scalar", "none", "bias"])
 def test_epilogue(backend_name, M, N, K, out_dtype, scales):
+    skip_if_not_built(backend_name, "int8_mm")
     dev = backend_device(backend_name)
     g = torch.Generator().manual_seed(K)
     a, b = int8((M, K), g, dev), int8((N, K), g, dev)
@@ -73,6 +75,7 @@ def test_epilogue(backend_name, M, N, K, out_dtype, scales):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("smooth", [False, True])
 def test_quantize_is_bit_exact(backend_name, K, dtype, smooth):
+    skip_if_not_built(backend_name, "quantize_rows")
     dev = backend_device(backend_name)
     g = torch.Generator().manual_seed(K)
     x = (torch.randn(9, K, generator=g) * 3).to(dtype).to(dev)
