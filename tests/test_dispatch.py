@@ -16,12 +16,16 @@ def test_available_backends_and_build_info():
     assert "reference" in avail
     info = fastattn.build_info()
     assert set(info["backends"]) == {"cuda", "triton", "cpu", "reference"}
+    from fastattn import _ext
+    ops = ("add_norm_fwd", "add_norm_bwd", "attention_fwd", "attention_bwd", "int8_mm", "quantize_rows")
     if os.environ.get("FASTATTN_EXPECT_CPP") == "1":
         assert info["cpp_ops"] and "cpu" in avail, info
         assert info["openmp"], "the CPU ops were built without OpenMP"
+        assert all(hasattr(_ext._C, f"{op}_cpu") for op in ops), dir(_ext._C)
     if os.environ.get("FASTATTN_EXPECT_CUDA_OPS") == "1":
         assert info["cuda_ops"], f"nvcc is here ({shutil.which('nvcc')}) but the CUDA ops were not built"
         assert info["cuda_archs"]
+        assert all(hasattr(_ext._C, f"{op}_cuda") for op in ops), dir(_ext._C)
 
 
 def test_auto_prefers_compiled_backend_on_cpu():

@@ -229,3 +229,21 @@ def test_qat_recovers_accuracy():
 def test_bad_input(call, match, exc):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("env", [{"FASTATTN_CPU_NO_AVX512": "1"}, {"FASTATTN_CPU_NO_AVX2": "1"}],
+                         ids=["avx2", "portable"])
+def test_cpu_code_paths(env):
+    """The CPU int8 kernels pick AVX-512 VNNI, AVX2 or portable code at run time (once per process): run this
+    file's CPU cases in fresh processes with the faster paths turned off."""
+    import os
+    import subprocess
+    import sys
+    from fastattn import _ext
+    if not hasattr(_ext._C, "int8_mm_cpu"):
+        pytest.skip("fastattn._C has no CPU int8 kernels in this build")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "cpu and not code_paths"], env=dict(os.environ, **env), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout
