@@ -54,18 +54,21 @@ def _ref_mm(a, b, a_scale, b_scale, bias, out_dtype):
     return int8_matmul_ref(a, b, a_scale, b_scale, bias, out_dtype)
 
 
+# On GPU, Triton first: measured on an H100 (1.27x torch._int_mm at 4096^3); the CUDA C++ kernels have not run on a
+# GPU yet (emulator-checked only) and serve when forced.
+_GPU_ORDER = {"cuda": ("triton", "cuda", "reference")}
 _mm = Dispatcher("int8_matmul", [
     Impl("cuda", _compiled("int8_mm_cuda"), None, ("cuda",), OUT_DTYPES, _has("int8_mm_cuda")),
     Impl("triton", _triton("int8_mm"), None, ("cuda",), OUT_DTYPES),
     Impl("cpu", _compiled("int8_mm_cpu"), None, ("cpu",), OUT_DTYPES, _has("int8_mm_cpu")),
     Impl("reference", _ref_mm, None, ("cpu", "cuda"), OUT_DTYPES),
-])
+], priority=_GPU_ORDER)
 _quant = Dispatcher("quantize_per_token", [
     Impl("cuda", _compiled("quantize_rows_cuda"), None, ("cuda",), X_DTYPES, _has("quantize_rows_cuda")),
     Impl("triton", _triton("quantize_rows"), None, ("cuda",), X_DTYPES),
     Impl("cpu", _compiled("quantize_rows_cpu"), None, ("cpu",), X_DTYPES, _has("quantize_rows_cpu")),
     Impl("reference", quantize_rows_ref, None, ("cpu", "cuda"), X_DTYPES),
-])
+], priority=_GPU_ORDER)
 
 _w8a16 = Dispatcher("w8a16_matmul", [
     Impl("triton", _triton("w8a16_mm"), None, ("cuda",), (torch.float16, torch.bfloat16)),
