@@ -6,14 +6,26 @@ namespace fastattn {
 
 bool cpu_has_avx2();  // defined in csrc/cpu/cpu_features.cpp
 
-void register_cpu_add_norm(pybind11::module_& m);  // csrc/cpu/add_norm_api.cpp
+void register_cpu_add_norm(pybind11::module_& m);   // csrc/cpu/add_norm_api.cpp
+void register_cpu_attention(pybind11::module_& m);  // csrc/cpu/attention_api.cpp
+void register_cpu_int8(pybind11::module_& m);       // csrc/cpu/int8_api.cpp
 
-inline void register_cpu_ops(pybind11::module_& m) { register_cpu_add_norm(m); }
+inline void register_cpu_ops(pybind11::module_& m) {
+  register_cpu_add_norm(m);
+  register_cpu_attention(m);
+  register_cpu_int8(m);
+}
 
 #ifdef FASTATTN_WITH_CUDA
-void register_cuda_add_norm(pybind11::module_& m);  // csrc/cuda/add_norm_api.cpp
+void register_cuda_add_norm(pybind11::module_& m);   // csrc/cuda/add_norm_api.cpp
+void register_cuda_attention(pybind11::module_& m);  // csrc/cuda/attention_api.cpp
+void register_cuda_int8(pybind11::module_& m);       // csrc/cuda/int8_api.cpp
 
-inline void register_cuda_ops(pybind11::module_& m) { register_cuda_add_norm(m); }
+inline void register_cuda_ops(pybind11::module_& m) {
+  register_cuda_add_norm(m);
+  register_cuda_attention(m);
+  register_cuda_int8(m);
+}
 #endif
 
 }  // namespace fastattn

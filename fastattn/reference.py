@@ -138,11 +138,14 @@ def quantize_rows_ref(x: torch.Tensor, smooth: Optional[torch.Tensor] = None):
     """Symmetric int8 quantization of each row of x (..., K), after dividing column k by smooth[k]: scale = absmax /
     127, q = round_half_even(x / scale) in [-127, 127]. Returns (q int8 (..., K), scale float32 (...)); a zero row
     gets scale 0 and q 0."""
+    def div(a, b):  # IEEE-rounded float32 division on every device (CUDA turns `tensor / scalar` into a multiply by
+        return (a.double() / b).float()  # the reciprocal); float64 then float32 rounds correctly (53 >= 2 * 24 + 2)
+
     xf = x.to(torch.float32)
     if smooth is not None:
-        xf = xf / smooth.to(torch.float32)
-    scale = xf.abs().amax(-1) / 127.0
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+        xf = div(xf, smooth.double())
+    scale = div(xf.abs().amax(-1), 127.0)
+    inv = torch.where(scale > 0, div(torch.ones_like(scale), scale.double()), torch.zeros_like(scale))
     q = torch.round(xf * inv[..., None]).clamp(-127, 127).to(torch.int8)
     return q, scale
 

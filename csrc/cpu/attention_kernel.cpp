@@ -1,0 +1,1593 @@
+// CPU flash attention: forward and backward.
+//
+// Operands: every matrix product is one routine, gemm (C = alpha A B, C += A B or C = C * rs[m] + A B; A read
+//   through two strides so that it may be transposed), on operands in the compute type (float32; float64 for
+//   float64 inputs): K^T and V^T per key block of kBN keys ((E or Ev) x kBN, keys past S zero), packed lazily by the
+//   first work item that needs a block; Q / dO / K / V rows read in place when the input already is in the compute
+//   type (else converted into row buffers padded to a multiple of 8 columns).
+// Kernel sets (chosen once at run time): Avx512 (AVX-512F register tiles of 6 rows x 32 or 16 columns and 16-lane
+//   exp), Avx2 (AVX2/FMA register tiles of 6 rows x 16 or 8 columns, 8-lane exp / tanh / Philox), Portable (plain
+//   loops; also the float64 path). FASTATTN_CPU_NO_AVX512=1 and FASTATTN_CPU_NO_AVX2=1 force the lower ones.
+// Forward: one work item per (batch, head, block of kBM queries), OpenMP dynamic schedule. Per key block, stripes
+//   of kMR query rows: S = Q K^T (scaled to base 2) -> softcap / alibi / mask / bounds, only on tiles that need them
+//   -> online softmax (max, exp2, sum) -> O = O * alpha + P V. Key blocks (and key columns of a block, by multiples
+//   of 8) that the causal / window bounds rule out are skipped. out = O / l, lse = (m + log2 l) ln 2.
+// Backward: P is recomputed per (query block, key block) tile from lse (recomputed in float64 for float64 inputs);
+//   delta = rowsum(dO * O). "fused" schedule (enough (batch, kv head) groups for the threads): one item per group
+//   computes dQ, dK and dV of all its query heads (5 products per tile, no races). "split" schedule otherwise:
+//   dK/dV items per (batch, kv head, key block) and dQ items per (batch, head, query block) (7 products per tile).
+#include "attention_kernel.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+#include <thread>
+#include <type_traits>
+
+#if defined(__x86_64__) || defined(__i386__)
+// GCC 12's AVX-512 headers pass _mm512_undefined_* through masked builtins, which -Wall reports (fixed in GCC 13)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#define FA_X86 1
+#define FA_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define FA_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#define FA_INLINE inline __attribute__((always_inline))
+
+namespace fastattn {
+namespace cpu {
+namespace {
+
+constexpr int kBM = 64;   // queries per block
+constexpr int kBN = 128;  // keys per block
+constexpr int kMR = 6;    // query rows per stripe (the rows of the register tiles)
+constexpr int kDotMaxL = 16;  // forward with L <= this: scores as dot products with K rows (no K^T packing)
+constexpr int kChunk = 4;     // forward: query blocks per work item (at most)
+constexpr double kLog2e = 1.44269504088896340736;
+constexpr double kLn2 = 0.69314718055994530942;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Storage types and scalar conversions (round-to-nearest-even, like torch).
+struct Half { uint16_t bits; };
+struct BF16 { uint16_t bits; };
+
+inline float float_from_bits(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline uint32_t select_u32(bool c, uint32_t a, uint32_t b) { const uint32_t m = 0u - uint32_t(c); return (a & m) | (b & ~m); }
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t w = uint32_t(h) << 16, sign = w & 0x80000000u, two_w = w + w;
+  const float normal = float_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormal = float_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  return float_from_bits(sign | select_u32(two_w < (1u << 27), bits_of(denormal), bits_of(normal)));
+}
+inline uint16_t float_to_half(float f) {
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = bits_of(f), shl1_w = w + w, sign = w & 0x80000000u;
+  const uint32_t bias = std::max(shl1_w & 0xFF000000u, 0x71000000u);
+  base = float_from_bits((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = bits_of(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return uint16_t((sign >> 16) | select_u32(shl1_w > 0xFF000000u, 0x7E00u, nonsign));
+}
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t u = bits_of(f);
+  return uint16_t(select_u32(f != f, 0x7FC0u, (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16));
+}
+
+FA_INLINE float in_value(float v) { return v; }
+FA_INLINE double in_value(double v) { return v; }
+FA_INLINE float in_value(Half v) { return half_to_float(v.bits); }
+FA_INLINE float in_value(BF16 v) { return float_from_bits(uint32_t(v.bits) << 16); }
+
+template <class S, class T>
+FA_INLINE S out_value(T v) {
+  if constexpr (std::is_same_v<S, Half>) return Half{float_to_half(float(v))};
+  else if constexpr (std::is_same_v<S, BF16>) return BF16{float_to_bf16(float(v))};
+  else return S(v);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 64-byte aligned buffer (allocated outside parallel regions: a throw there would terminate). Large ones are
+// 2 MiB aligned and ask for transparent huge pages (fewer page faults and TLB misses on the packed operands).
+template <class T>
+class ABuf {
+ public:
+  ABuf() = default;
+  explicit ABuf(int64_t n) {
+    const size_t bytes = size_t(round_up(std::max<int64_t>(n, 1) * int64_t(sizeof(T)), 64));
+    const size_t huge = size_t(2) << 20;
+    const bool big = bytes >= 2 * huge;
+    p_ = static_cast<T*>(big ? std::aligned_alloc(huge, (bytes + huge - 1) / huge * huge) : std::aligned_alloc(64, bytes));
+    if (!p_) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+    if (big) madvise(p_, (bytes + huge - 1) / huge * huge, MADV_HUGEPAGE);
+#endif
+  }
+  ABuf(const ABuf&) = delete;
+  ABuf& operator=(const ABuf&) = delete;
+  ~ABuf() { std::free(p_); }
+  T* get() const { return p_; }
+
+ private:
+  T* p_ = nullptr;
+};
+
+// Lazy packing: f(i) runs once per index i, by the first thread that needs it. run(lo, hi, f) makes [lo, hi)
+// ready: it first runs the indices nobody has claimed yet, then waits for those that other threads are running.
+class OnceFlags {
+ public:
+  explicit OnceFlags(int64_t n) : f_(new std::atomic<uint8_t>[size_t(std::max<int64_t>(n, 1))]()) {}
+  template <class F>
+  void run(int64_t lo, int64_t hi, F&& f) {
+    bool busy = false;
+    for (int64_t i = lo; i < hi; ++i) busy |= !try_run(i, f);
+    if (busy)
+      for (int64_t i = lo; i < hi; ++i) wait(i);
+  }
+  template <class F>
+  void run(int64_t i, F&& f) { run(i, i + 1, f); }
+
+ private:
+  template <class F>
+  bool try_run(int64_t i, F& f) {  // false: another thread is running it
+    std::atomic<uint8_t>& s = f_[i];
+    if (s.load(std::memory_order_acquire) == 2) return true;
+    uint8_t expected = 0;
+    if (!s.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) return expected == 2;
+    f(i);
+    s.store(2, std::memory_order_release);
+    return true;
+  }
+  void wait(int64_t i) {
+    std::atomic<uint8_t>& s = f_[i];
+    for (int spins = 0; s.load(std::memory_order_acquire) != 2; ++spins) {
+      if (spins < 64) {
+#ifdef FA_X86
+        _mm_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+  std::unique_ptr<std::atomic<uint8_t>[]> f_;
+};
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+[[maybe_unused]] bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v && std::strcmp(v, "0") != 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Philox4x32-10 exactly as Triton's tl.rand.
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u, kPhiloxKeyB = 0xBB67AE85u;
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u, kPhiloxRoundB = 0xCD9E8D57u;
+constexpr float kUniformScale = 4.6566127342e-10f;
+
+inline float philox_uniform(uint64_t seed, uint64_t counter) {
+  uint32_t c0 = uint32_t(counter), c1 = uint32_t(counter >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t pa = uint64_t(kPhiloxRoundA) * c0, pb = uint64_t(kPhiloxRoundB) * c2;
+    const uint32_t n0 = uint32_t(pb >> 32) ^ c1 ^ k0, n2 = uint32_t(pa >> 32) ^ c3 ^ k1;
+    c1 = uint32_t(pb);
+    c3 = uint32_t(pa);
+    c0 = n0;
+    c2 = n2;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  int32_t x;
+  std::memcpy(&x, &c0, 4);
+  x = x < 0 ? ~x : x;
+  return float(x) * kUniformScale;
+}
+
+// keep[j] = philox_uniform(seed, ctr + j) >= p for j < n
+inline void keep_row_scalar(uint64_t seed, uint64_t ctr, int64_t n, float p, uint8_t* keep) {
+  for (int64_t j = 0; j < n; ++j) keep[j] = philox_uniform(seed, ctr + uint64_t(j)) >= p;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The matrix product of the kernels: C (M x N) {= alpha * A B | += A B | = C * rs[m] + A B} with
+// A(m, k) = A[m * sam + k * sak] (sak == 1 or sam == 1) and B(k, n) = B[k * sbk + n]. The AVX2 path needs
+// N % 8 == 0 (every B operand is a padded buffer of ours).
+enum GemmMode : int { kStore = 0, kAccum = 1, kRescale = 2 };
+
+template <class T>
+struct Gemm {
+  int64_t M = 0, N = 0, K = 0;
+  const T* A = nullptr;
+  int64_t sam = 0, sak = 1;
+  const T* B = nullptr;
+  int64_t sbk = 0;
+  T* C = nullptr;
+  int64_t scm = 0;
+  int mode = kStore;
+  T alpha = 1;
+  const T* rs = nullptr;
+};
+
+template <class T>
+FA_INLINE void gemm_portable(const Gemm<T>& g) {
+  for (int64_t m = 0; m < g.M; ++m) {
+    T* __restrict c = g.C + m * g.scm;
+    if (g.mode == kStore) {
+      for (int64_t n = 0; n < g.N; ++n) c[n] = 0;
+    } else if (g.mode == kRescale) {
+      const T r = g.rs[m];
+      for (int64_t n = 0; n < g.N; ++n) c[n] *= r;
+    }
+    const T* a = g.A + m * g.sam;
+    for (int64_t k = 0; k < g.K; ++k) {
+      const T x = a[k * g.sak];
+      const T* __restrict b = g.B + k * g.sbk;
+      for (int64_t n = 0; n < g.N; ++n) c[n] += x * b[n];
+    }
+    if (g.mode == kStore && g.alpha != T(1))
+      for (int64_t n = 0; n < g.N; ++n) c[n] *= g.alpha;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Element-wise row operations shared by both paths (inlined into the AVX2 wrappers, where they vectorise).
+template <class T>
+FA_INLINE void ds_row_impl(T* __restrict dp, const T* __restrict p, const T* __restrict t, int64_t n, T delta) {
+  if (t) {
+    for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta) * (T(1) - t[j] * t[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+  }
+}
+
+// Dropout in the backward: pd = P * keep * ks, dp = dP * keep * ks.
+template <class T>
+FA_INLINE void dropout_bwd_row_impl(const T* __restrict p, T* __restrict pd, T* __restrict dp,
+                                    const uint8_t* __restrict keep, int64_t n, T ks) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T s = keep[j] ? ks : T(0);
+    pd[j] = p[j] * s;
+    dp[j] = dp[j] * s;
+  }
+}
+
+template <class T>
+FA_INLINE void dropout_fwd_row_impl(T* __restrict p, const uint8_t* __restrict keep, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) p[j] = keep[j] ? p[j] : T(0);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Packing: inputs (storage type In, strided rows) -> compute-type buffers.
+template <class In, class T>
+void pack_rows(const In* src, int64_t sstride, int64_t rows, int64_t cols, T* dst, int64_t dstride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const In* s = src + r * sstride;
+    T* d = dst + r * dstride;
+    for (int64_t c = 0; c < cols; ++c) d[c] = T(in_value(s[c]));
+    for (int64_t c = cols; c < dstride; ++c) d[c] = 0;
+  }
+}
+
+// dst (cols x kBN): dst[c * kBN + r] = src[r][c] for r < rows, 0 for rows <= r < kBN
+template <class In, class T>
+void pack_transposed(const In* src, int64_t sstride, int64_t rows, int64_t cols, T* dst) {
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = rows; r < kBN; ++r) dst[c * kBN + r] = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const In* s = src + r * sstride;
+    for (int64_t c = 0; c < cols; ++c) dst[c * kBN + r] = T(in_value(s[c]));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Portable path (plain loops; also the float64 path).
+template <class T>
+struct Portable {
+  static void gemm(const Gemm<T>& g) { gemm_portable(g); }
+  template <class In>
+  static void pack_t(const In* src, int64_t sstride, int64_t rows, int64_t cols, T* dst) {
+    pack_transposed(src, sstride, rows, cols, dst);
+  }
+  static T row_max(const T* x, int64_t n) {
+    T m = -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+    return m;
+  }
+  static T exp2_sum(T* x, int64_t n, T m, bool) {  // x = 2^(x - m); returns the sum
+    T s = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      x[j] = std::exp2(x[j] - m);
+      s += x[j];
+    }
+    return s;
+  }
+  static void exp2_sub(T* x, int64_t n, T m, bool) {  // x = 2^(x - m); m = +inf gives 0
+    for (int64_t j = 0; j < n; ++j) x[j] = std::exp2(x[j] - m);
+  }
+  static void softcap_row(T* x, T* t, int64_t n, T c) {  // t = tanh(x), x = c * t
+    for (int64_t j = 0; j < n; ++j) {
+      const T th = std::tanh(x[j]);
+      if (t) t[j] = th;
+      x[j] = c * th;
+    }
+  }
+  static void ds_row(T* dp, const T* p, const T* t, int64_t n, T delta) { ds_row_impl(dp, p, t, n, delta); }
+  // s[r * ss + j] = alpha * (q_r . k_j) for r < mr, j < n; 0 for n <= j < round_up(n, 8)
+  static void dot_scores(const T* q, int64_t sq, int64_t mr, const T* k, int64_t sk, int64_t n, int64_t E, T alpha,
+                         T* s, int64_t ss) {
+    for (int64_t r = 0; r < mr; ++r) {
+      for (int64_t j = 0; j < n; ++j) {
+        T acc = 0;
+        for (int64_t e = 0; e < E; ++e) acc += q[r * sq + e] * k[j * sk + e];
+        s[r * ss + j] = alpha * acc;
+      }
+      for (int64_t j = n; j < round_up(n, 8); ++j) s[r * ss + j] = 0;
+    }
+  }
+  static void keep_row(uint64_t seed, uint64_t ctr, int64_t n, float p, uint8_t* keep) {
+    keep_row_scalar(seed, ctr, n, p, keep);
+  }
+  static void dropout_bwd_row(const T* p, T* pd, T* dp, const uint8_t* keep, int64_t n, T ks) {
+    dropout_bwd_row_impl(p, pd, dp, keep, n, ks);
+  }
+  static void dropout_fwd_row(T* p, const uint8_t* keep, int64_t n) { dropout_fwd_row_impl(p, keep, n); }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// AVX2/FMA path (float32 compute).
+#ifdef FA_X86
+
+// Register tile: MR rows x (8 * NV) columns, accumulated over K in MR * NV ymm registers.
+template <int MR, int NV, bool AT, int MODE>
+FA_AVX2 inline void micro_f32(int64_t K, const float* A, int64_t sa, const float* B, int64_t sbk, float* C,
+                              int64_t scm, float alpha, const float* rs) {
+  __m256 c[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) c[r][v] = _mm256_setzero_ps();
+  if constexpr (AT) {  // A(m, k) = A[k * sa + m]
+    for (int64_t k = 0; k < K; ++k) {
+      const float* bk = B + k * sbk;
+      const float* ak = A + k * sa;
+      __m256 b[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(bk + 8 * v);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m256 x = _mm256_broadcast_ss(ak + r);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) c[r][v] = _mm256_fmadd_ps(x, b[v], c[r][v]);
+      }
+    }
+  } else {  // A(m, k) = A[m * sa + k]
+    const float* ar[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) ar[r] = A + r * sa;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* bk = B + k * sbk;
+      __m256 b[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(bk + 8 * v);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m256 x = _mm256_broadcast_ss(ar[r] + k);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) c[r][v] = _mm256_fmadd_ps(x, b[v], c[r][v]);
+      }
+    }
+  }
+  const __m256 va = _mm256_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    float* cr = C + r * scm;
+    const __m256 vr = MODE == kRescale ? _mm256_set1_ps(rs[r]) : va;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      if constexpr (MODE == kStore) {
+        _mm256_storeu_ps(cr + 8 * v, _mm256_mul_ps(c[r][v], va));
+      } else if constexpr (MODE == kAccum) {
+        _mm256_storeu_ps(cr + 8 * v, _mm256_add_ps(_mm256_loadu_ps(cr + 8 * v), c[r][v]));
+      } else {
+        _mm256_storeu_ps(cr + 8 * v, _mm256_fmadd_ps(_mm256_loadu_ps(cr + 8 * v), vr, c[r][v]));
+      }
+    }
+  }
+}
+
+template <int NV, bool AT, int MODE>
+FA_AVX2 inline void gemm_cols_f32(const Gemm<float>& g, int64_t n) {
+  const int64_t sa = AT ? g.sak : g.sam, ma = AT ? 1 : g.sam;
+  const float* B = g.B + n;
+  float* C = g.C + n;
+  int64_t m = 0;
+  for (; m + 6 <= g.M; m += 6)
+    micro_f32<6, NV, AT, MODE>(g.K, g.A + m * ma, sa, B, g.sbk, C + m * g.scm, g.scm, g.alpha, g.rs + (g.rs ? m : 0));
+  const float* A = g.A + m * ma;
+  const float* rs = g.rs ? g.rs + m : nullptr;
+  C += m * g.scm;
+  switch (g.M - m) {
+    case 5: micro_f32<5, NV, AT, MODE>(g.K, A, sa, B, g.sbk, C, g.scm, g.alpha, rs); break;
+    case 4: micro_f32<4, NV, AT, MODE>(g.K, A, sa, B, g.sbk, C, g.scm, g.alpha, rs); break;
+    case 3: micro_f32<3, NV, AT, MODE>(g.K, A, sa, B, g.sbk, C, g.scm, g.alpha, rs); break;
+    case 2: micro_f32<2, NV, AT, MODE>(g.K, A, sa, B, g.sbk, C, g.scm, g.alpha, rs); break;
+    case 1: micro_f32<1, NV, AT, MODE>(g.K, A, sa, B, g.sbk, C, g.scm, g.alpha, rs); break;
+    default: break;
+  }
+}
+
+template <bool AT, int MODE>
+FA_AVX2 void gemm_f32_avx2(const Gemm<float>& g) {
+  int64_t n = 0;
+  for (; n + 16 <= g.N; n += 16) gemm_cols_f32<2, AT, MODE>(g, n);
+  if (n < g.N) gemm_cols_f32<1, AT, MODE>(g, n);  // N % 8 == 0
+}
+
+FA_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+FA_AVX2 inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 2^x to about 1 ulp for x <= 127; NaN stays NaN. EXACT: 0 for x < -125 (and -inf); else 2^-125 there (for tiles
+// without masked entries, where that is below every rounding step of the sums).
+template <bool EXACT = true>
+FA_AVX2 inline __m256 exp2_ps(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-125.0f), magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23
+  __m256 xc = _mm256_max_ps(lo, x);  // the second operand is returned for NaN: NaN propagates
+  if constexpr (EXACT) xc = _mm256_min_ps(_mm256_set1_ps(127.0f), xc);
+  const __m256 t = _mm256_add_ps(xc, magic);  // round to nearest: the low mantissa bits of t hold n
+  const __m256 f = _mm256_sub_ps(xc, _mm256_sub_ps(t, magic));  // [-0.5, 0.5]
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(t), 23);  // n << 23
+  const __m256 r = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+  if constexpr (EXACT) return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), r);
+  return r;
+}
+
+// tanh to about 1.5 ulp: odd polynomial below 0.625, 1 - 2 / (e^{2|x|} + 1) above.
+FA_AVX2 inline __m256 tanh_ps(__m256 x) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 ax = _mm256_andnot_ps(sign, x);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
+  const __m256 e = exp2_ps(_mm256_min_ps(_mm256_mul_ps(ax, _mm256_set1_ps(2.0f * 1.44269504088896341f)),
+                                         _mm256_set1_ps(64.0f)));
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256 big = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
+  big = _mm256_or_ps(big, _mm256_and_ps(sign, x));
+  const __m256 use_small = _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
+  return _mm256_blendv_ps(big, small, use_small);
+}
+
+// Philox on 8 consecutive counters (no carry into the high word inside the group).
+FA_AVX2 inline __m256i mulhilo_epu32(__m256i a, __m256i b, __m256i* lo) {  // a: a 32-bit splat
+  const __m256i pe = _mm256_mul_epu32(a, b);
+  const __m256i po = _mm256_mul_epu32(a, _mm256_srli_epi64(b, 32));
+  *lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
+  return _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
+}
+
+FA_AVX2 inline __m256 philox_uniform8(uint64_t seed, uint32_t lo0, uint32_t hi) {
+  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(int(lo0)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i c1 = _mm256_set1_epi32(int(hi)), c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  const __m256i ra = _mm256_set1_epi32(int(kPhiloxRoundA)), rb = _mm256_set1_epi32(int(kPhiloxRoundB));
+  for (int r = 0; r < 10; ++r) {
+    __m256i loa, lob;
+    const __m256i hia = mulhilo_epu32(ra, c0, &loa), hib = mulhilo_epu32(rb, c2, &lob);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hib, c1), _mm256_set1_epi32(int(k0)));
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hia, c3), _mm256_set1_epi32(int(k1)));
+    c1 = lob;
+    c3 = loa;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  const __m256i x = _mm256_xor_si256(c0, _mm256_srai_epi32(c0, 31));  // x < 0 ? ~x : x
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(x), _mm256_set1_ps(kUniformScale));
+}
+
+struct Avx2 {
+  FA_AVX2 static void gemm(const Gemm<float>& g) {
+    if (g.M <= 0 || g.N <= 0) return;
+    const bool at = g.sam == 1 && g.sak != 1;
+    switch (g.mode) {
+      case kStore: at ? gemm_f32_avx2<true, kStore>(g) : gemm_f32_avx2<false, kStore>(g); break;
+      case kAccum: at ? gemm_f32_avx2<true, kAccum>(g) : gemm_f32_avx2<false, kAccum>(g); break;
+      default: at ? gemm_f32_avx2<true, kRescale>(g) : gemm_f32_avx2<false, kRescale>(g); break;
+    }
+  }
+  // pack_transposed, by 8 x 8 register transposes for float32 inputs
+  template <class In>
+  FA_AVX2 static void pack_t(const In* src, int64_t sstride, int64_t rows, int64_t cols, float* dst) {
+    if constexpr (!std::is_same_v<In, float>) {
+      pack_transposed(src, sstride, rows, cols, dst);
+    } else {
+      const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
+      for (int64_t r = 0; r < r8; r += 8)
+        for (int64_t c = 0; c < c8; c += 8) {
+          const float* sp = src + r * sstride + c;
+          __m256 x[8];
+          for (int i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(sp + i * sstride);
+          const __m256 t0 = _mm256_unpacklo_ps(x[0], x[1]), t1 = _mm256_unpackhi_ps(x[0], x[1]);
+          const __m256 t2 = _mm256_unpacklo_ps(x[2], x[3]), t3 = _mm256_unpackhi_ps(x[2], x[3]);
+          const __m256 t4 = _mm256_unpacklo_ps(x[4], x[5]), t5 = _mm256_unpackhi_ps(x[4], x[5]);
+          const __m256 t6 = _mm256_unpacklo_ps(x[6], x[7]), t7 = _mm256_unpackhi_ps(x[6], x[7]);
+          const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+          const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+          const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+          const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+          float* dp = dst + c * kBN + r;
+          _mm256_storeu_ps(dp + 0 * kBN, _mm256_permute2f128_ps(u0, u4, 0x20));
+          _mm256_storeu_ps(dp + 1 * kBN, _mm256_permute2f128_ps(u1, u5, 0x20));
+          _mm256_storeu_ps(dp + 2 * kBN, _mm256_permute2f128_ps(u2, u6, 0x20));
+          _mm256_storeu_ps(dp + 3 * kBN, _mm256_permute2f128_ps(u3, u7, 0x20));
+          _mm256_storeu_ps(dp + 4 * kBN, _mm256_permute2f128_ps(u0, u4, 0x31));
+          _mm256_storeu_ps(dp + 5 * kBN, _mm256_permute2f128_ps(u1, u5, 0x31));
+          _mm256_storeu_ps(dp + 6 * kBN, _mm256_permute2f128_ps(u2, u6, 0x31));
+          _mm256_storeu_ps(dp + 7 * kBN, _mm256_permute2f128_ps(u3, u7, 0x31));
+        }
+      for (int64_t r = 0; r < rows; ++r)  // the columns past c8 (all rows), the rows past r8 (first c8 columns)
+        for (int64_t c = r < r8 ? c8 : 0; c < cols; ++c) dst[c * kBN + r] = src[r * sstride + c];
+      for (int64_t c = 0; c < cols; ++c)
+        for (int64_t r = rows; r < kBN; ++r) dst[c * kBN + r] = 0;
+    }
+  }
+  FA_AVX2 static float row_max(const float* x, int64_t n) {
+    __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
+    float r = hmax8(m);
+    for (; j < n; ++j) r = x[j] > r ? x[j] : r;
+    return r;
+  }
+  FA_AVX2 static float exp2_sum(float* x, int64_t n, float m, bool exact) {
+    return exact ? exp2_sum_impl<true>(x, n, m) : exp2_sum_impl<false>(x, n, m);
+  }
+  template <bool EXACT>
+  FA_AVX2 static float exp2_sum_impl(float* x, int64_t n, float m) {
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 s = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = exp2_ps<EXACT>(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
+      _mm256_storeu_ps(x + j, e);
+      s = _mm256_add_ps(s, e);
+    }
+    float r = hsum8(s);
+    for (; j < n; ++j) {
+      x[j] = std::exp2(x[j] - m);
+      r += x[j];
+    }
+    return r;
+  }
+  FA_AVX2 static void exp2_sub(float* x, int64_t n, float m, bool exact) {
+    if (exact) return exp2_sub_impl<true>(x, n, m);
+    exp2_sub_impl<false>(x, n, m);
+  }
+  template <bool EXACT>
+  FA_AVX2 static void exp2_sub_impl(float* x, int64_t n, float m) {
+    const __m256 vm = _mm256_set1_ps(m);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, exp2_ps<EXACT>(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm)));
+    for (; j < n; ++j) x[j] = std::exp2(x[j] - m);
+  }
+  FA_AVX2 static void softcap_row(float* x, float* t, int64_t n, float c) {
+    const __m256 vc = _mm256_set1_ps(c);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 th = tanh_ps(_mm256_loadu_ps(x + j));
+      if (t) _mm256_storeu_ps(t + j, th);
+      _mm256_storeu_ps(x + j, _mm256_mul_ps(vc, th));
+    }
+    for (; j < n; ++j) {
+      const float th = std::tanh(x[j]);
+      if (t) t[j] = th;
+      x[j] = c * th;
+    }
+  }
+  FA_AVX2 static void ds_row(float* dp, const float* p, const float* t, int64_t n, float delta) {
+    ds_row_impl(dp, p, t, n, delta);
+  }
+  // s[r * ss + j] = alpha * (q_r . k_j) for r < mr, j < n; 0 for n <= j < round_up(n, 8). 8 keys at a time.
+  FA_AVX2 static void dot_scores(const float* q, int64_t sq, int64_t mr, const float* k, int64_t sk, int64_t n,
+                                 int64_t E, float alpha, float* s, int64_t ss) {
+    const int64_t E8 = E / 8 * 8;
+    alignas(32) int32_t tail_bits[8];
+    for (int i = 0; i < 8; ++i) tail_bits[i] = i < E - E8 ? -1 : 0;
+    const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail_bits));
+    const __m256 va = _mm256_set1_ps(alpha);
+    for (int64_t r = 0; r < mr; ++r) {
+      const float* qr = q + r * sq;
+      float* sr = s + r * ss;
+      int64_t j = 0;
+      for (; j < n; j += 8) {
+        const int64_t nk = std::min<int64_t>(8, n - j);
+        const float* kr[8];
+        for (int i = 0; i < 8; ++i) kr[i] = k + (j + (i < nk ? i : 0)) * sk;  // past n: a valid row, result dropped
+        __m256 a[8];
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+        for (int64_t e = 0; e < E8; e += 8) {
+          const __m256 qv = _mm256_loadu_ps(qr + e);
+          for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[i] + e), a[i]);
+        }
+        if (E8 < E) {
+          const __m256 qv = _mm256_maskload_ps(qr + E8, tail);
+          for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_maskload_ps(kr[i] + E8, tail), a[i]);
+        }
+        const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        __m256 d = _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+        d = _mm256_mul_ps(d, va);
+        if (nk < 8) {  // zero the lanes past n
+          alignas(32) float tmp[8];
+          _mm256_store_ps(tmp, d);
+          for (int i = 0; i < 8; ++i) sr[j + i] = i < nk ? tmp[i] : 0.0f;
+        } else {
+          _mm256_storeu_ps(sr + j, d);
+        }
+      }
+    }
+  }
+  FA_AVX2 static void keep_row(uint64_t seed, uint64_t ctr, int64_t n, float p, uint8_t* keep) {
+    const __m256 vp = _mm256_set1_ps(p);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const uint64_t c = ctr + uint64_t(j);
+      const uint32_t lo = uint32_t(c);
+      if (lo > 0xFFFFFFF8u) {  // the group crosses a 2^32 boundary of the counter
+        keep_row_scalar(seed, c, 8, p, keep + j);
+        continue;
+      }
+      const __m256 u = philox_uniform8(seed, lo, uint32_t(c >> 32));
+      const __m256i k = _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(u, vp, _CMP_GE_OQ)), 31);
+      const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(k), _mm256_extracti128_si256(k, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(keep + j), _mm_packus_epi16(w, w));  // 8 bytes of 0 / 1
+    }
+    keep_row_scalar(seed, ctr + uint64_t(j), n - j, p, keep + j);
+  }
+  FA_AVX2 static void dropout_bwd_row(const float* p, float* pd, float* dp, const uint8_t* keep, int64_t n,
+                                      float ks) {
+    dropout_bwd_row_impl(p, pd, dp, keep, n, ks);
+  }
+  FA_AVX2 static void dropout_fwd_row(float* p, const uint8_t* keep, int64_t n) { dropout_fwd_row_impl(p, keep, n); }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// AVX-512F path (float32 compute): the register tiles and the exp / max / sum row passes on 16 lanes; everything
+// else is the AVX2 path's.
+
+template <int MR, int NV, bool AT, int MODE>
+FA_AVX512 inline void micro_f32_512(int64_t K, const float* A, int64_t sa, const float* B, int64_t sbk, float* C,
+                                    int64_t scm, float alpha, const float* rs) {
+  __m512 c[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
+  if constexpr (AT) {  // A(m, k) = A[k * sa + m]
+    for (int64_t k = 0; k < K; ++k) {
+      const float* bk = B + k * sbk;
+      const float* ak = A + k * sa;
+      __m512 b[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(bk + 16 * v);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m512 x = _mm512_set1_ps(ak[r]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(x, b[v], c[r][v]);
+      }
+    }
+  } else {  // A(m, k) = A[m * sa + k]
+    const float* ar[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) ar[r] = A + r * sa;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* bk = B + k * sbk;
+      __m512 b[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(bk + 16 * v);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m512 x = _mm512_set1_ps(ar[r][k]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(x, b[v], c[r][v]);
+      }
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    float* cr = C + r * scm;
+    const __m512 vr = MODE == kRescale ? _mm512_set1_ps(rs[r]) : va;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      if constexpr (MODE == kStore) {
+        _mm512_storeu_ps(cr + 16 * v, _mm512_mul_ps(c[r][v], va));
+      } else if constexpr (MODE == kAccum) {
+        _mm512_storeu_ps(cr + 16 * v, _mm512_add_ps(_mm512_loadu_ps(cr + 16 * v), c[r][v]));
+      } else {
+        _mm512_storeu_ps(cr + 16 * v, _mm512_fmadd_ps(_mm512_loadu_ps(cr + 16 * v), vr, c[r][v]));
+      }
+    }
+  }
+}
+
+template <int NV, bool AT, int MODE>
+FA_AVX512 inline void gemm_cols_f32_512(const Gemm<float>& g, int64_t n) {
+  const int64_t sa = AT ? g.sak : g.sam, ma = AT ? 1 : g.sam;
+  const float* B = g.B + n;
+  float* C = g.C + n;
+  int64_t m = 0;
+  for (; m + 6 <= g.M; m += 6)
+    micro_f32_512<6, NV, AT, MODE>(g.K, g.A + m * ma, sa, B, g.sbk, C + m * g.scm, g.scm, g.alpha,
+                                   g.rs + (g.rs ? m : 0));
+  const float* A = g.A + m * ma;
+  const float* rs = g.rs ? g.rs + m : nullptr;
+  C += m * g.scm;
+  switch (g.M - m) {
+    case 5: micro_f32_512<5, NV, AT, MODE>(g.K, A, sa, B, g.sbk, C, g.scm, g.alpha, rs); break;
+    case 4: micro_f32_512<4, NV, AT, MODE>(g.K, A, sa, B, g.sbk, C, g.scm, g.alpha, rs); break;
+    case 3: micro_f32_512<3, NV, AT, MODE>(g.K, A, sa, B, g.sbk, C, g.scm, g.alpha, rs); break;
+    case 2: micro_f32_512<2, NV, AT, MODE>(g.K, A, sa, B, g.sbk, C, g.scm, g.alpha, rs); break;
+    case 1: micro_f32_512<1, NV, AT, MODE>(g.K, A, sa, B, g.sbk, C, g.scm, g.alpha, rs); break;
+    default: break;
+  }
+}
+
+template <bool AT, int MODE>
+FA_AVX512 void gemm_f32_avx512(const Gemm<float>& g) {
+  int64_t n = 0;
+  for (; n + 32 <= g.N; n += 32) gemm_cols_f32_512<2, AT, MODE>(g, n);
+  if (n + 16 <= g.N) {
+    gemm_cols_f32_512<1, AT, MODE>(g, n);
+    n += 16;
+  }
+  if (n < g.N) gemm_cols_f32<1, AT, MODE>(g, n);  // the last 8 columns (N % 8 == 0)
+}
+
+FA_AVX512 inline __m256 high_half(__m512 v) { return _mm512_castps512_ps256(_mm512_shuffle_f32x4(v, v, 0xEE)); }
+FA_AVX512 inline float hmax16(__m512 v) { return hmax8(_mm256_max_ps(_mm512_castps512_ps256(v), high_half(v))); }
+FA_AVX512 inline float hsum16(__m512 v) { return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), high_half(v))); }
+
+// 2^x to about 1 ulp; underflows to 0 (exactly 0 for -inf), NaN stays NaN.
+FA_AVX512 inline __m512 exp2_512(__m512 x) {
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-160.0f), x);  // NaN (second operand) propagates
+  const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(xc, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);  // p * 2^n, with the right underflow
+}
+
+// Philox on 16 consecutive counters (no carry into the high word inside the group), as philox_uniform8.
+FA_AVX512 inline __m512i mulhilo_epu32_512(__m512i a, __m512i b, __m512i* lo) {  // a: a 32-bit splat
+  const __m512i pe = _mm512_mul_epu32(a, b);
+  const __m512i po = _mm512_mul_epu32(a, _mm512_srli_epi64(b, 32));
+  *lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
+  return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+}
+
+FA_AVX512 inline __m512 philox_uniform16(uint64_t seed, uint32_t lo0, uint32_t hi) {
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(int(lo0)),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i c1 = _mm512_set1_epi32(int(hi)), c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  const __m512i ra = _mm512_set1_epi32(int(kPhiloxRoundA)), rb = _mm512_set1_epi32(int(kPhiloxRoundB));
+  for (int r = 0; r < 10; ++r) {
+    __m512i loa, lob;
+    const __m512i hia = mulhilo_epu32_512(ra, c0, &loa), hib = mulhilo_epu32_512(rb, c2, &lob);
+    c0 = _mm512_xor_si512(_mm512_xor_si512(hib, c1), _mm512_set1_epi32(int(k0)));
+    c2 = _mm512_xor_si512(_mm512_xor_si512(hia, c3), _mm512_set1_epi32(int(k1)));
+    c1 = lob;
+    c3 = loa;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  const __m512i x = _mm512_xor_si512(c0, _mm512_srai_epi32(c0, 31));  // x < 0 ? ~x : x
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(kUniformScale));
+}
+
+struct Avx512 : Avx2 {
+  FA_AVX512 static void keep_row(uint64_t seed, uint64_t ctr, int64_t n, float p, uint8_t* keep) {
+    const __m512 vp = _mm512_set1_ps(p);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      const uint64_t c = ctr + uint64_t(j);
+      const uint32_t lo = uint32_t(c);
+      if (lo > 0xFFFFFFF0u) {  // the group crosses a 2^32 boundary of the counter
+        keep_row_scalar(seed, c, 16, p, keep + j);
+        continue;
+      }
+      const __mmask16 k = _mm512_cmp_ps_mask(philox_uniform16(seed, lo, uint32_t(c >> 32)), vp, _CMP_GE_OQ);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + j),
+                       _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(k, _mm512_set1_epi32(1))));
+    }
+    Avx2::keep_row(seed, ctr + uint64_t(j), n - j, p, keep + j);
+  }
+  FA_AVX512 static void gemm(const Gemm<float>& g) {
+    if (g.M <= 0 || g.N <= 0) return;
+    const bool at = g.sam == 1 && g.sak != 1;
+    switch (g.mode) {
+      case kStore: at ? gemm_f32_avx512<true, kStore>(g) : gemm_f32_avx512<false, kStore>(g); break;
+      case kAccum: at ? gemm_f32_avx512<true, kAccum>(g) : gemm_f32_avx512<false, kAccum>(g); break;
+      default: at ? gemm_f32_avx512<true, kRescale>(g) : gemm_f32_avx512<false, kRescale>(g); break;
+    }
+  }
+  FA_AVX512 static float row_max(const float* x, int64_t n) {
+    __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + j));
+    float r = hmax16(m);
+    for (; j < n; ++j) r = x[j] > r ? x[j] : r;
+    return r;
+  }
+  FA_AVX512 static float exp2_sum(float* x, int64_t n, float m, bool) {
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 s = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      const __m512 e = exp2_512(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm));
+      _mm512_storeu_ps(x + j, e);
+      s = _mm512_add_ps(s, e);
+    }
+    if (j < n) {  // masked tail
+      const __mmask16 k = __mmask16((1u << (n - j)) - 1);
+      const __m512 e = exp2_512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), vm));
+      _mm512_mask_storeu_ps(x + j, k, e);
+      s = _mm512_add_ps(s, _mm512_maskz_mov_ps(k, e));
+    }
+    return hsum16(s);
+  }
+  FA_AVX512 static void exp2_sub(float* x, int64_t n, float m, bool) {
+    const __m512 vm = _mm512_set1_ps(m);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) _mm512_storeu_ps(x + j, exp2_512(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm)));
+    if (j < n) {
+      const __mmask16 k = __mmask16((1u << (n - j)) - 1);
+      _mm512_mask_storeu_ps(x + j, k, exp2_512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), vm)));
+    }
+  }
+};
+#endif  // FA_X86
+
+// ---------------------------------------------------------------------------------------------------------------
+// Rows of a (B, heads, n, width) operand in the compute type: a packed buffer of ours, or the input itself when
+// it already is in the compute type (and, for a B operand, its width is a multiple of 8).
+template <class T>
+struct Rows {
+  const T* p = nullptr;
+  int64_t s0 = 0, s1 = 0, s2 = 0;
+  const T* at(int64_t b, int64_t h, int64_t i) const { return p + b * s0 + h * s1 + i * s2; }
+  static Rows packed(const T* p, int64_t heads, int64_t n, int64_t width) { return {p, heads * n * width, n * width, width}; }
+  static Rows input(const AttnView& v) { return {static_cast<const T*>(v.data), v.stride[0], v.stride[1], v.stride[2]}; }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// The attention itself, for compute type T, kernel set Ops and input storage type In.
+template <class T, class Ops, class In>
+class Attention {
+ public:
+  explicit Attention(const AttnArgs& a) : a_(a) {
+    B = a.B; H = a.H; Hk = a.Hk; L = a.L; S = a.S; E = a.E; Ev = a.Ev;
+    G = Hk > 0 ? H / Hk : 1;
+    Ep = round_up(E, 8);
+    Evp = round_up(Ev, 8);
+    nqb = cdiv(L, kBM);
+    nkb = cdiv(S, kBN);
+    causal = a.causal;
+    diag = a.diag_offset;
+    // a window wider than every |i + diag - j| is unbounded (also keeps the bound arithmetic far from overflow)
+    const int64_t span = L + S + (diag < 0 ? -diag : diag) + 1;
+    wl = a.window_left < 0 || a.window_left > span ? -1 : a.window_left;
+    wr = a.window_right < 0 || a.window_right > span ? -1 : a.window_right;
+    has_mask = a.mask.data != nullptr;
+    has_alibi = a.alibi != nullptr;
+    softcap = a.softcap > 0;
+    dropout = a.dropout_p > 0;
+    p_drop = float(a.dropout_p);
+    keep_scale = dropout ? T(1.0 / (1.0 - a.dropout_p)) : T(1);
+    alpha_s = softcap ? T(a.scale / a.softcap) : T(a.scale * kLog2e);
+    cap2 = T(a.softcap * kLog2e);
+    nt = std::max(1, a.num_threads);
+  }
+
+  void forward(const AttnFwdArgs& f);
+  void backward(const AttnBwdArgs& g);
+
+ private:
+  const AttnArgs& a_;
+  int64_t B, H, Hk, G, L, S, E, Ev, Ep, Evp, nqb, nkb, diag, wl, wr;
+  bool causal, has_mask, has_alibi, softcap, dropout;
+  float p_drop;
+  T keep_scale, alpha_s, cap2;
+  int nt;
+
+  template <class X>
+  const X* ptr(const AttnView& v, int64_t i0, int64_t i1, int64_t i2) const {
+    return static_cast<const X*>(v.data) + i0 * v.stride[0] + i1 * v.stride[1] + i2 * v.stride[2];
+  }
+  int64_t bk_of(int64_t b, int64_t h) const { return b * Hk + h / G; }
+  uint64_t counter(int64_t b, int64_t h, int64_t i) const {  // dropout counter of (b, h, i, 0)
+    return a_.offset + (uint64_t(b * H + h) * uint64_t(L) + uint64_t(i)) * uint64_t(S);
+  }
+
+  // keys [jlo, jhi) that some query of [i0, i0 + bm) may see
+  void kv_range(int64_t i0, int64_t bm, int64_t& jlo, int64_t& jhi) const {
+    jlo = 0;
+    jhi = S;
+    const int64_t last = i0 + bm - 1;
+    if (causal) jhi = std::min(jhi, last + diag + 1);
+    if (wr >= 0) jhi = std::min(jhi, last + diag + wr + 1);
+    if (wl >= 0) jlo = std::max(jlo, i0 + diag - wl);
+    if (jhi < jlo) jhi = jlo;
+  }
+  // queries [ilo, ihi) that may see some key of [j0, j0 + bn)
+  void q_range(int64_t j0, int64_t bn, int64_t& ilo, int64_t& ihi) const {
+    ilo = 0;
+    ihi = L;
+    if (causal) ilo = std::max(ilo, j0 - diag);
+    if (wr >= 0) ilo = std::max(ilo, j0 - diag - wr);
+    if (wl >= 0) ihi = std::min(ihi, j0 + bn - 1 - diag + wl + 1);
+    if (ihi < ilo) ihi = ilo;
+  }
+  // keys [lo, hi) of the block starting at j0 that query i sees (bounds only)
+  void row_range(int64_t i, int64_t j0, int64_t bn, int64_t& lo, int64_t& hi) const {
+    lo = 0;
+    hi = bn;
+    const int64_t d = i + diag - j0;
+    if (causal) hi = std::min(hi, d + 1);
+    if (wr >= 0) hi = std::min(hi, d + wr + 1);
+    if (wl >= 0) lo = std::max(lo, d - wl);
+    lo = std::min(std::max<int64_t>(lo, 0), bn);
+    hi = std::min(std::max(hi, lo), bn);
+  }
+  bool bounds_full(int64_t i0, int64_t bm, int64_t j0, int64_t bn) const {
+    if (causal && j0 + bn - 1 > i0 + diag) return false;
+    if (wr >= 0 && j0 + bn - 1 > i0 + diag + wr) return false;
+    if (wl >= 0 && j0 < i0 + bm - 1 + diag - wl) return false;
+    return true;
+  }
+
+  // The scores tile s (bm x round_up(bn, 8), row stride kBN), given s = alpha_s * q k^T: turned into base-2 scores
+  // (softcap, alibi, mask, bounds; -inf where masked). t (optional): tanh(q k^T scale / softcap), 0 where masked.
+  // Returns false when the tile needed nothing (no masked entry: the exp may skip its exact-zero handling).
+  bool scores(int64_t b, int64_t h, int64_t i0, int64_t bm, int64_t j0, int64_t bn, T* s, T* t) const {
+    const int64_t nbp = round_up(bn, 8);
+    if (!softcap && !has_alibi && !has_mask && bn == nbp && bounds_full(i0, bm, j0, bn)) return false;
+    const T ninf = -std::numeric_limits<T>::infinity();
+    const T slope = has_alibi ? T(double(a_.alibi[b * H + h]) * kLog2e) : T(0);
+    for (int64_t r = 0; r < bm; ++r) {
+      const int64_t i = i0 + r;
+      T* row = s + r * kBN;
+      T* trow = t ? t + r * kBN : nullptr;
+      int64_t lo, hi;
+      row_range(i, j0, bn, lo, hi);
+      if (softcap && lo < hi) Ops::softcap_row(row, trow, nbp, cap2);
+      for (int64_t j = 0; j < lo; ++j) row[j] = ninf;
+      for (int64_t j = hi; j < nbp; ++j) row[j] = ninf;
+      if (trow) {
+        for (int64_t j = 0; j < lo; ++j) trow[j] = 0;
+        for (int64_t j = hi; j < nbp; ++j) trow[j] = 0;
+      }
+      if (lo >= hi) continue;
+      if (has_alibi) {
+        const int64_t d = i + diag - j0;
+        for (int64_t j = lo; j < hi; ++j) row[j] -= slope * T(d > j ? d - j : j - d);
+      }
+      if (has_mask) apply_mask(b, h, i, j0, lo, hi, row);
+    }
+    return true;
+  }
+
+  void apply_mask(int64_t b, int64_t h, int64_t i, int64_t j0, int64_t lo, int64_t hi, T* row) const {
+    const AttnView& m = a_.mask;
+    const int64_t sj = m.stride[3];
+    const int64_t base = b * m.stride[0] + h * m.stride[1] + i * m.stride[2] + j0 * sj;
+    const T ninf = -std::numeric_limits<T>::infinity();
+    switch (a_.mask_dtype) {
+      case AttnDType::kBool: {
+        const uint8_t* mp = static_cast<const uint8_t*>(m.data) + base;
+        for (int64_t j = lo; j < hi; ++j) row[j] = mp[j * sj] ? row[j] : ninf;
+        break;
+      }
+      case AttnDType::kFloat32: add_mask(static_cast<const float*>(m.data) + base, sj, lo, hi, row); break;
+      case AttnDType::kFloat64: add_mask(static_cast<const double*>(m.data) + base, sj, lo, hi, row); break;
+      case AttnDType::kFloat16: add_mask(static_cast<const Half*>(m.data) + base, sj, lo, hi, row); break;
+      case AttnDType::kBFloat16: add_mask(static_cast<const BF16*>(m.data) + base, sj, lo, hi, row); break;
+    }
+  }
+  template <class M>
+  static void add_mask(const M* mp, int64_t sj, int64_t lo, int64_t hi, T* row) {
+    // in the compute type (the reference adds mask.to(compute dtype)), then to base 2
+    for (int64_t j = lo; j < hi; ++j) row[j] += T(T(in_value(mp[j * sj])) * T(kLog2e));
+  }
+
+  void fwd_item(const AttnFwdArgs& f, int64_t b, int64_t h, int64_t qb, const T* ktg, const Rows<T>& kr,
+                const Rows<T>& vr, T* buf, uint8_t* keep) const;
+  bool trim(int64_t& i0, int64_t& bm, int64_t& j0, int64_t& bn) const;
+  void exact_lse2(int64_t b, int64_t h, int64_t i0, int64_t bm, T* lse2) const;
+  void bwd_tile(int64_t b, int64_t h, int64_t i0, int64_t bm, int64_t j0, int64_t bn, T* dq, T* dk, T* dv, T* buf,
+                uint8_t* keep) const;
+  // the tile of query block qb and key block kb, trimmed; dq holds query rows from dq0, dk / dv key rows from dk0
+  void bwd_block(int64_t b, int64_t h, int64_t qb, int64_t kb, T* dq, int64_t dq0, T* dk, T* dv, int64_t dk0,
+                 T* buf, uint8_t* keep) const {
+    int64_t i0 = qb * kBM, bm = std::min<int64_t>(kBM, L - i0), j0 = kb * kBN, bn = std::min<int64_t>(kBN, S - j0);
+    if (!trim(i0, bm, j0, bn)) return;
+    bwd_tile(b, h, i0, bm, j0, bn, dq ? dq + (i0 - dq0) * Ep : nullptr, dk ? dk + (j0 - dk0) * Ep : nullptr,
+             dv ? dv + (j0 - dk0) * Evp : nullptr, buf, keep);
+  }
+
+  // packed backward operands
+  Rows<T> qr_, dor_, kr_;
+  const T *kt_ = nullptr, *vt_ = nullptr;
+  const T *delta_ = nullptr, *lse2_ = nullptr;
+};
+
+// ---- forward ---------------------------------------------------------------------------------------------------
+template <class T, class Ops, class In>
+// ktg: the packed K^T blocks of this head, or nullptr for dot mode (scores from the K rows kr)
+void Attention<T, Ops, In>::fwd_item(const AttnFwdArgs& f, int64_t b, int64_t h, int64_t qb, const T* ktg,
+                                     const Rows<T>& kr, const Rows<T>& vr, T* buf, uint8_t* keep) const {
+  const int64_t i0 = qb * kBM, bm = std::min<int64_t>(kBM, L - i0), kvh = h / G;
+  In* out = static_cast<In*>(f.out) + ((b * H + h) * L + i0) * Ev;
+  float* lse = f.lse + (b * H + h) * L + i0;
+  int64_t jlo, jhi;
+  kv_range(i0, bm, jlo, jhi);
+  if (jhi <= jlo) {  // no key for any row of the block
+    for (int64_t r = 0; r < bm; ++r) {
+      for (int64_t e = 0; e < Ev; ++e) out[r * Ev + e] = out_value<In>(T(0));
+      lse[r] = std::numeric_limits<float>::infinity();
+    }
+    return;
+  }
+  T* qbuf = buf;              // bm x Ep
+  T* s = qbuf + kBM * Ep;     // kMR x kBN (one stripe)
+  T* o = s + kMR * kBN;       // bm x Evp
+  T* m = o + kBM * Evp;       // running max (base 2)
+  T* l = m + kBM;             // running sum
+  T* alpha = l + kBM;         // rescale factor of this block
+  const T* q = qbuf;
+  int64_t sq = Ep;
+  if constexpr (std::is_same_v<In, T>) {  // an A operand: read in place
+    q = ptr<T>(a_.q, b, h, i0);
+    sq = a_.q.stride[2];
+  } else {
+    pack_rows(ptr<In>(a_.q, b, h, i0), a_.q.stride[2], bm, E, qbuf, Ep);
+  }
+  std::fill(o, o + bm * Evp, T(0));
+  std::fill(m, m + bm, -std::numeric_limits<T>::infinity());
+  std::fill(l, l + bm, T(0));
+  const T* vrg = vr.at(b, kvh, 0);
+  for (int64_t kb = jlo / kBN; kb * kBN < jhi; ++kb) {
+    // the keys of the block that the bounds leave, starting at a multiple of 8 within the block
+    const int64_t jb0 = kb * kBN, koff = std::max<int64_t>(0, jlo - jb0) / 8 * 8, j0 = jb0 + koff;
+    const int64_t bn = std::min(std::min<int64_t>(kBN, S - jb0), jhi - jb0) - koff, nbp = round_up(bn, 8);
+    // stripes of kMR query rows: S stripe -> softmax -> P V, reusing the K^T / V blocks from cache
+    for (int64_t r0 = 0; r0 < bm; r0 += kMR) {
+      const int64_t mr = std::min<int64_t>(kMR, bm - r0);
+      if (ktg) {
+        Gemm<T> g;
+        g.M = mr; g.N = nbp; g.K = E;
+        g.A = q + r0 * sq; g.sam = sq; g.sak = 1;
+        g.B = ktg + kb * E * kBN + koff; g.sbk = kBN;
+        g.C = s; g.scm = kBN;
+        g.mode = kStore; g.alpha = alpha_s;
+        Ops::gemm(g);
+      } else {
+        Ops::dot_scores(q + r0 * sq, sq, mr, kr.at(b, kvh, j0), kr.s2, bn, E, alpha_s, s, kBN);
+      }
+      const bool exact = scores(b, h, i0 + r0, mr, j0, bn, s, nullptr);
+      for (int64_t r = 0; r < mr; ++r) {
+        T* row = s + r * kBN;
+        const int64_t rr = r0 + r;
+        const T mx = Ops::row_max(row, nbp), mn = std::max(m[rr], mx);
+        if (mn == -std::numeric_limits<T>::infinity()) {  // no key for this row yet
+          alpha[rr] = 1;
+          std::fill(row, row + nbp, T(0));
+          continue;
+        }
+        alpha[rr] = m[rr] == mn ? T(1) : T(std::exp2(m[rr] - mn));
+        const T sum = Ops::exp2_sum(row, nbp, mn, exact);
+        l[rr] = l[rr] * alpha[rr] + sum;
+        m[rr] = mn;
+        if (dropout) {
+          Ops::keep_row(a_.seed, counter(b, h, i0 + rr) + uint64_t(j0), bn, p_drop, keep);
+          Ops::dropout_fwd_row(row, keep, bn);
+        }
+      }
+      Gemm<T> pv;
+      pv.M = mr; pv.N = Evp; pv.K = bn;
+      pv.A = s; pv.sam = kBN; pv.sak = 1;
+      pv.B = vrg + j0 * vr.s2; pv.sbk = vr.s2;
+      pv.C = o + r0 * Evp; pv.scm = Evp;
+      pv.mode = kRescale; pv.rs = alpha + r0;
+      Ops::gemm(pv);
+    }
+  }
+  for (int64_t r = 0; r < bm; ++r) {
+    const bool empty = !(l[r] > 0);
+    const T inv = empty ? T(0) : keep_scale / l[r];
+    for (int64_t e = 0; e < Ev; ++e) out[r * Ev + e] = out_value<In>(o[r * Evp + e] * inv);
+    lse[r] = empty ? std::numeric_limits<float>::infinity()
+                   : float((double(m[r]) + std::log2(double(l[r]))) * kLn2);
+  }
+}
+
+template <class T, class Ops, class In>
+void Attention<T, Ops, In>::forward(const AttnFwdArgs& f) {
+  if (B == 0 || H == 0 || L == 0) return;
+  // Work items: (batch, head, chunk of up to kChunk query blocks), dynamic schedule. Each thread packs the key
+  // blocks its item needs into its own buffers (L2-resident; kept while it stays on the same kv head): K^T blocks
+  // (or K rows, for short queries: dot mode) and V rows in the compute type. K / V rows already in the compute
+  // type are read in place.
+  const bool dot = L <= kDotMaxL, k_direct = dot && std::is_same_v<In, T>;
+  const bool v_direct = std::is_same_v<In, T> && Ev % 8 == 0;
+  const int64_t nkt = dot ? 0 : nkb * E * kBN, nkr = !dot || k_direct ? 0 : S * Ep, nvr = v_direct ? 0 : S * Evp;
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(kChunk, B * H * nqb / (8 * nt)));
+  const int64_t nch = cdiv(nqb, chunk), items = B * H * nch;
+  const int64_t work = round_up(kBM * Ep + kMR * kBN + kBM * Evp + 3 * kBM, 16);
+  const int64_t per_thread = work + round_up(nkt, 16) + round_up(nkr, 16) + round_up(nvr, 16);
+  ABuf<T> scratch(nt * per_thread);
+  ABuf<uint8_t> keeps(nt * (kBN + nkb));
+#pragma omp parallel num_threads(nt) if (nt > 1 && items > 1)
+  {
+    const int tid = thread_id();
+    T* buf = scratch.get() + tid * per_thread;
+    T* kt = buf + work;
+    T* kbuf = kt + round_up(nkt, 16);
+    T* vbuf = kbuf + round_up(nkr, 16);
+    uint8_t* keep = keeps.get() + tid * (kBN + nkb);
+    uint8_t* have = keep + kBN;  // key blocks of kv head `cur` packed in this thread's buffers
+    int64_t cur = -1;
+    const Rows<T> kr = k_direct ? Rows<T>::input(a_.k) : Rows<T>{kbuf, 0, 0, Ep};
+    const Rows<T> vr = v_direct ? Rows<T>::input(a_.v) : Rows<T>{vbuf, 0, 0, Evp};
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t idx = 0; idx < items; ++idx) {
+      const int64_t bh = idx / nch, ci = nch - 1 - idx % nch;  // heavy (causal) chunks first
+      const int64_t b = bh / H, h = bh % H, bk = b * Hk + h / G;
+      const int64_t qb0 = ci * chunk, qb1 = std::min(nqb, qb0 + chunk);
+      int64_t jlo, jhi, lo2, hi2;
+      kv_range(qb0 * kBM, std::min(L, qb1 * kBM) - qb0 * kBM, jlo, jhi);
+      for (int64_t qb = qb0; qb < qb1; ++qb) {  // the union of the blocks' key ranges (windows: not monotone)
+        kv_range(qb * kBM, std::min<int64_t>(kBM, L - qb * kBM), lo2, hi2);
+        if (hi2 > lo2) jlo = std::min(jlo, lo2), jhi = std::max(jhi, hi2);
+      }
+      if (bk != cur) {
+        std::fill(have, have + nkb, uint8_t(0));
+        cur = bk;
+      }
+      for (int64_t kb = jlo / kBN; kb * kBN < jhi; ++kb) {
+        if (have[kb]) continue;
+        have[kb] = 1;
+        const int64_t j0 = kb * kBN, bn = std::min<int64_t>(kBN, S - j0), kvh = h / G;
+        if (nkt) Ops::pack_t(ptr<In>(a_.k, b, kvh, j0), a_.k.stride[2], bn, E, kt + kb * E * kBN);
+        if (nkr) pack_rows(ptr<In>(a_.k, b, kvh, j0), a_.k.stride[2], bn, E, kbuf + j0 * Ep, Ep);
+        if (nvr) pack_rows(ptr<In>(a_.v, b, kvh, j0), a_.v.stride[2], bn, Ev, vbuf + j0 * Evp, Evp);
+      }
+      for (int64_t qb = qb1 - 1; qb >= qb0; --qb) fwd_item(f, b, h, qb, nkt ? kt : nullptr, kr, vr, buf, keep);
+    }
+  }
+}
+
+// ---- backward --------------------------------------------------------------------------------------------------
+// Shrinks the tile [i0, i0 + bm) x [j0, j0 + bn) (inside one key block) to the queries and keys that the causal /
+// window bounds leave; j0 moves by a multiple of 8 within its block. False when nothing is left.
+template <class T, class Ops, class In>
+bool Attention<T, Ops, In>::trim(int64_t& i0, int64_t& bm, int64_t& j0, int64_t& bn) const {
+  int64_t jlo, jhi, ilo, ihi;
+  kv_range(i0, bm, jlo, jhi);
+  const int64_t jend = std::min(j0 + bn, jhi);
+  const int64_t ja = j0 + std::max<int64_t>(0, jlo - j0) / 8 * 8;
+  if (jend <= ja || jend <= jlo) return false;
+  q_range(ja, jend - ja, ilo, ihi);
+  const int64_t ia = std::max(i0, ilo), iend = std::min(i0 + bm, ihi);
+  if (iend <= ia) return false;
+  i0 = ia;
+  bm = iend - ia;
+  j0 = ja;
+  bn = jend - ja;
+  return true;
+}
+
+// Base-2 logsumexp of the scores of queries [i0, i0 + bm) recomputed in T (+inf for a row with no key). The
+// float64 backward uses it instead of the float32 lse of the contract, for gradients exact to float64.
+template <class T, class Ops, class In>
+void Attention<T, Ops, In>::exact_lse2(int64_t b, int64_t h, int64_t i0, int64_t bm, T* lse2) const {
+  T s[kMR * kBN];
+  const int64_t bk = b * Hk + h / G;
+  int64_t jlo, jhi;
+  kv_range(i0, bm, jlo, jhi);
+  for (int64_t r0 = 0; r0 < bm; r0 += kMR) {
+    const int64_t mr = std::min<int64_t>(kMR, bm - r0);
+    T m[kMR], l[kMR];
+    std::fill(m, m + kMR, -std::numeric_limits<T>::infinity());
+    std::fill(l, l + kMR, T(0));
+    for (int64_t kb = jlo / kBN; kb * kBN < jhi; ++kb) {
+      const int64_t jb0 = kb * kBN, koff = std::max<int64_t>(0, jlo - jb0) / 8 * 8, j0 = jb0 + koff;
+      const int64_t bn = std::min(std::min<int64_t>(kBN, S - jb0), jhi - jb0) - koff, nbp = round_up(bn, 8);
+      Gemm<T> g;
+      g.M = mr; g.N = nbp; g.K = E;
+      g.A = qr_.at(b, h, i0 + r0); g.sam = qr_.s2; g.sak = 1;
+      g.B = kt_ + (bk * nkb + kb) * E * kBN + koff; g.sbk = kBN;
+      g.C = s; g.scm = kBN;
+      g.mode = kStore; g.alpha = alpha_s;
+      Ops::gemm(g);
+      scores(b, h, i0 + r0, mr, j0, bn, s, nullptr);
+      for (int64_t r = 0; r < mr; ++r) {
+        T* row = s + r * kBN;
+        const T mx = Ops::row_max(row, nbp);
+        if (mx == -std::numeric_limits<T>::infinity()) continue;
+        const T mn = std::max(m[r], mx);
+        l[r] = l[r] * std::exp2(m[r] - mn) + Ops::exp2_sum(row, nbp, mn, true);
+        m[r] = mn;
+      }
+    }
+    for (int64_t r = 0; r < mr; ++r) lse2[r0 + r] = l[r] > 0 ? m[r] + std::log2(l[r]) : std::numeric_limits<T>::infinity();
+  }
+}
+
+// One tile (queries [i0, i0 + bm), keys [j0, j0 + bn) within one key block): accumulates into dq (bm x Ep),
+// dk (bn x Ep), dv (bn x Evp) those given.
+template <class T, class Ops, class In>
+void Attention<T, Ops, In>::bwd_tile(int64_t b, int64_t h, int64_t i0, int64_t bm, int64_t j0, int64_t bn, T* dq,
+                                     T* dk, T* dv, T* buf, uint8_t* keep) const {
+  const int64_t kb = j0 / kBN, koff = j0 - kb * kBN, nbp = round_up(bn, 8);
+  const int64_t bh = b * H + h, bk = b * Hk + h / G;
+  const T* q = qr_.at(b, h, i0);
+  const T* dout = dor_.at(b, h, i0);
+  const int64_t sq = qr_.s2, sdo = dor_.s2;
+  const T* lse2 = lse2_ + bh * L + i0;
+  const T* delta = delta_ + bh * L + i0;
+  T* s = buf;                  // scores, then P
+  T* dp = s + kBM * kBN;       // dP, then dS
+  T* pd = dp + kBM * kBN;      // P with dropout
+  T* t = pd + kBM * kBN;       // tanh (softcap) of one stripe
+  Gemm<T> g;
+  for (int64_t r0 = 0; r0 < bm; r0 += kMR) {  // stripes of kMR rows: S, P, dP, dS, dQ
+    const int64_t mr = std::min<int64_t>(kMR, bm - r0);
+    T* sr = s + r0 * kBN;
+    T* dpr = dp + r0 * kBN;
+    T* tr = softcap ? t : nullptr;
+    g.M = mr; g.N = nbp; g.K = E;
+    g.A = q + r0 * sq; g.sam = sq; g.sak = 1;
+    g.B = kt_ + (bk * nkb + kb) * E * kBN + koff; g.sbk = kBN;
+    g.C = sr; g.scm = kBN;
+    g.mode = kStore; g.alpha = alpha_s;
+    Ops::gemm(g);
+    const bool exact = scores(b, h, i0 + r0, mr, j0, bn, sr, tr);
+    for (int64_t r = 0; r < mr; ++r) Ops::exp2_sub(sr + r * kBN, nbp, lse2[r0 + r], exact);
+    g.M = mr; g.N = nbp; g.K = Ev;
+    g.A = dout + r0 * sdo; g.sam = sdo; g.sak = 1;
+    g.B = vt_ + (bk * nkb + kb) * Ev * kBN + koff; g.sbk = kBN;
+    g.C = dpr; g.scm = kBN;
+    g.mode = kStore; g.alpha = 1;
+    Ops::gemm(g);
+    if (dropout) {
+      for (int64_t r = 0; r < mr; ++r) {
+        Ops::keep_row(a_.seed, counter(b, h, i0 + r0 + r) + uint64_t(j0), bn, p_drop, keep);
+        T* pdr = pd + (r0 + r) * kBN;
+        Ops::dropout_bwd_row(sr + r * kBN, pdr, dpr + r * kBN, keep, bn, keep_scale);
+        for (int64_t j = bn; j < nbp; ++j) pdr[j] = 0;
+      }
+    }
+    for (int64_t r = 0; r < mr; ++r)
+      Ops::ds_row(dpr + r * kBN, sr + r * kBN, tr ? tr + r * kBN : nullptr, nbp, delta[r0 + r]);
+    if (dq) {  // dQ += dS K   (times scale at the end)
+      g.M = mr; g.N = Ep; g.K = bn;
+      g.A = dpr; g.sam = kBN; g.sak = 1;
+      g.B = kr_.at(b, h / G, j0); g.sbk = kr_.s2;
+      g.C = dq + r0 * Ep; g.scm = Ep;
+      g.mode = kAccum;
+      Ops::gemm(g);
+    }
+  }
+  const T* pv = dropout ? pd : s;
+  if (dv) {  // dV += (P * keep)^T dO
+    g.M = bn; g.N = Evp; g.K = bm;
+    g.A = pv; g.sam = 1; g.sak = kBN;
+    g.B = dout; g.sbk = sdo;
+    g.C = dv; g.scm = Evp;
+    g.mode = kAccum;
+    Ops::gemm(g);
+  }
+  if (dk) {  // dK += dS^T Q   (times scale at the end)
+    g.M = bn; g.N = Ep; g.K = bm;
+    g.A = dp; g.sam = 1; g.sak = kBN;
+    g.B = q; g.sbk = sq;
+    g.C = dk; g.scm = Ep;
+    g.mode = kAccum;
+    Ops::gemm(g);
+  }
+}
+
+template <class In, class T>
+void store_rows(const T* src, int64_t sstride, int64_t rows, int64_t cols, T mul, In* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = out_value<In>(src[r * sstride + c] * mul);
+}
+
+template <class T, class Ops, class In>
+void Attention<T, Ops, In>::backward(const AttnBwdArgs& g) {
+  In* dqo = static_cast<In*>(g.dq);
+  In* dko = static_cast<In*>(g.dk);
+  In* dvo = static_cast<In*>(g.dv);
+  if (B == 0 || Hk == 0) return;
+  const T scale = T(a_.scale);
+  if (L == 0 || H == 0 || S == 0) {  // nothing to attend: zero gradients
+    std::fill(dqo, dqo + B * H * L * E, out_value<In>(T(0)));
+    std::fill(dko, dko + B * Hk * S * E, out_value<In>(T(0)));
+    std::fill(dvo, dvo + B * Hk * S * Ev, out_value<In>(T(0)));
+    return;
+  }
+  // Packed operands, each block packed by the first item that needs it: K^T, V^T blocks and K rows per key
+  // block; Q, dO rows, delta = rowsum(dO * O) and lse (base 2) per query block.
+  // (Q, dO and K rows are read in place when they already are in the compute type with widths multiple of 8.)
+  const bool qk_direct = std::is_same_v<In, T> && E % 8 == 0, do_direct = std::is_same_v<In, T> && Ev % 8 == 0;
+  ABuf<T> kt(B * Hk * nkb * E * kBN), vt(B * Hk * nkb * Ev * kBN), kr(qk_direct ? 0 : B * Hk * S * Ep);
+  ABuf<T> qr(qk_direct ? 0 : B * H * L * Ep), dor(do_direct ? 0 : B * H * L * Evp), delta(B * H * L), lse2(B * H * L);
+  qr_ = qk_direct ? Rows<T>::input(a_.q) : Rows<T>::packed(qr.get(), H, L, Ep);
+  kr_ = qk_direct ? Rows<T>::input(a_.k) : Rows<T>::packed(kr.get(), Hk, S, Ep);
+  dor_ = do_direct ? Rows<T>::input(g.dout) : Rows<T>::packed(dor.get(), H, L, Evp);
+  kt_ = kt.get(); vt_ = vt.get();
+  delta_ = delta.get(); lse2_ = lse2.get();
+  OnceFlags k_packed(B * Hk * nkb), q_packed(B * H * nqb);
+  auto pack_k1 = [&](int64_t idx) {  // idx = (b * Hk + kvh) * nkb + kb
+    const int64_t bk = idx / nkb, kb = idx % nkb, b = bk / Hk, kvh = bk % Hk;
+    const int64_t j0 = kb * kBN, bn = std::min<int64_t>(kBN, S - j0);
+    Ops::pack_t(ptr<In>(a_.k, b, kvh, j0), a_.k.stride[2], bn, E, kt.get() + idx * E * kBN);
+    Ops::pack_t(ptr<In>(a_.v, b, kvh, j0), a_.v.stride[2], bn, Ev, vt.get() + idx * Ev * kBN);
+    if (!qk_direct) pack_rows(ptr<In>(a_.k, b, kvh, j0), a_.k.stride[2], bn, E, kr.get() + (bk * S + j0) * Ep, Ep);
+  };
+  // makes key blocks [lo, hi) ready
+  auto pack_k = [&](int64_t lo, int64_t hi) { k_packed.run(lo, hi, pack_k1); };
+  auto pack_q1 = [&](int64_t idx) {  // idx = (b * H + h) * nqb + qb
+    {
+      const int64_t bh = idx / nqb, qb = idx % nqb, b = bh / H, h = bh % H;
+      const int64_t i0 = qb * kBM, bm = std::min<int64_t>(kBM, L - i0);
+      if (!qk_direct) pack_rows(ptr<In>(a_.q, b, h, i0), a_.q.stride[2], bm, E, qr.get() + (bh * L + i0) * Ep, Ep);
+      if (!do_direct)
+        pack_rows(ptr<In>(g.dout, b, h, i0), g.dout.stride[2], bm, Ev, dor.get() + (bh * L + i0) * Evp, Evp);
+      for (int64_t r = 0; r < bm; ++r) {
+        const In* o = ptr<In>(g.out, b, h, i0 + r);
+        const In* d = ptr<In>(g.dout, b, h, i0 + r);
+        T acc = 0;
+        for (int64_t e = 0; e < Ev; ++e) acc += T(in_value(d[e])) * T(in_value(o[e]));
+        delta.get()[bh * L + i0 + r] = acc;
+        const float lv = g.lse[b * g.lse_stride[0] + h * g.lse_stride[1] + (i0 + r) * g.lse_stride[2]];
+        // -inf (a public lse) also means "no key"
+        lse2.get()[bh * L + i0 + r] =
+            lv == -std::numeric_limits<float>::infinity() ? std::numeric_limits<T>::infinity() : T(double(lv) * kLog2e);
+      }
+      if constexpr (std::is_same_v<T, double>) {
+        int64_t jlo, jhi;
+        kv_range(i0, bm, jlo, jhi);
+        if (jhi > jlo) pack_k(bk_of(b, h) * nkb + jlo / kBN, bk_of(b, h) * nkb + cdiv(jhi, kBN));
+        exact_lse2(b, h, i0, bm, lse2.get() + bh * L + i0);
+      }
+    }
+  };
+  // makes query blocks [lo, hi) ready
+  auto pack_q = [&](int64_t lo, int64_t hi) { q_packed.run(lo, hi, pack_q1); };
+
+  const int64_t tile_buf = 3 * kBM * kBN + kMR * kBN;
+  const int64_t groups = B * Hk;
+  ABuf<uint8_t> keeps(nt * kBN);
+  const bool fused = nt == 1 || groups % nt == 0 || groups >= 4 * nt;
+  if (fused) {
+    // one item per (batch, kv head): every gradient of the group is owned by one thread
+    const int64_t per_thread = round_up(tile_buf + L * Ep + S * Ep + S * Evp, 16);
+    ABuf<T> scratch(nt * per_thread);
+#pragma omp parallel num_threads(nt) if (nt > 1 && groups > 1)
+    {
+      const int tid = thread_id();
+      T* buf = scratch.get() + tid * per_thread;
+      T* dq = buf + tile_buf;
+      T* dk = dq + L * Ep;
+      T* dv = dk + S * Ep;
+      uint8_t* keep = keeps.get() + tid * kBN;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t bk = 0; bk < groups; ++bk) {
+        const int64_t b = bk / Hk, kvh = bk % Hk;
+        std::fill(dk, dk + S * Ep, T(0));
+        std::fill(dv, dv + S * Evp, T(0));
+        pack_k(bk * nkb, (bk + 1) * nkb);
+        for (int64_t hg = 0; hg < G; ++hg) {
+          const int64_t h = kvh * G + hg;
+          std::fill(dq, dq + L * Ep, T(0));
+          pack_q((b * H + h) * nqb, (b * H + h + 1) * nqb);
+          for (int64_t kb = 0; kb < nkb; ++kb) {
+            const int64_t j0 = kb * kBN, bn = std::min<int64_t>(kBN, S - j0);
+            int64_t ilo, ihi;
+            q_range(j0, bn, ilo, ihi);
+            for (int64_t qb = ilo / kBM; qb * kBM < ihi; ++qb) bwd_block(b, h, qb, kb, dq, 0, dk, dv, 0, buf, keep);
+          }
+          store_rows(dq, Ep, L, E, scale, dqo + (b * H + h) * L * E);
+        }
+        store_rows(dk, Ep, S, E, scale, dko + bk * S * E);
+        store_rows(dv, Evp, S, Ev, T(1), dvo + bk * S * Ev);
+      }
+    }
+    return;
+  }
+  // split schedule: dK/dV items per (batch, kv head, key block), then dQ items per (batch, head, query block)
+  const int64_t per_thread = round_up(tile_buf + kBM * Ep + kBN * Ep + kBN * Evp, 16);
+  ABuf<T> scratch(nt * per_thread);
+  const int64_t nk_items = B * Hk * nkb, nq_items = B * H * nqb;
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = thread_id();
+    T* buf = scratch.get() + tid * per_thread;
+    T* dq = buf + tile_buf;
+    T* dk = dq + kBM * Ep;
+    T* dv = dk + kBN * Ep;
+    uint8_t* keep = keeps.get() + tid * kBN;
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t idx = 0; idx < nk_items; ++idx) {
+      const int64_t bk = idx / nkb, kb = idx % nkb, b = bk / Hk, kvh = bk % Hk;
+      const int64_t j0 = kb * kBN, bn = std::min<int64_t>(kBN, S - j0);
+      pack_k(idx, idx + 1);
+      std::fill(dk, dk + bn * Ep, T(0));
+      std::fill(dv, dv + bn * Evp, T(0));
+      int64_t ilo, ihi;
+      q_range(j0, bn, ilo, ihi);
+      for (int64_t hg = 0; hg < G; ++hg) {
+        const int64_t h = kvh * G + hg;
+        if (ihi > ilo) pack_q((b * H + h) * nqb + ilo / kBM, (b * H + h) * nqb + cdiv(ihi, kBM));
+        for (int64_t qb = ilo / kBM; qb * kBM < ihi; ++qb) bwd_block(b, h, qb, kb, nullptr, 0, dk, dv, j0, buf, keep);
+      }
+      store_rows(dk, Ep, bn, E, scale, dko + (bk * S + j0) * E);
+      store_rows(dv, Evp, bn, Ev, T(1), dvo + (bk * S + j0) * Ev);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t idx = 0; idx < nq_items; ++idx) {
+      const int64_t bh = idx / nqb, qb = nqb - 1 - idx % nqb, b = bh / H, h = bh % H;
+      const int64_t i0 = qb * kBM, bm = std::min<int64_t>(kBM, L - i0);
+      pack_q(bh * nqb + qb, bh * nqb + qb + 1);
+      std::fill(dq, dq + bm * Ep, T(0));
+      int64_t jlo, jhi;
+      kv_range(i0, bm, jlo, jhi);
+      if (jhi > jlo) pack_k((b * Hk + h / G) * nkb + jlo / kBN, (b * Hk + h / G) * nkb + cdiv(jhi, kBN));
+      for (int64_t kb = jlo / kBN; kb * kBN < jhi; ++kb) bwd_block(b, h, qb, kb, dq, i0, nullptr, nullptr, 0, buf, keep);
+      store_rows(dq, Ep, bm, E, scale, dqo + (bh * L + i0) * E);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+template <class F>
+void dispatch(const AttnArgs& a, F&& f) {
+  switch (a.dtype) {
+    case AttnDType::kFloat64: f(Attention<double, Portable<double>, double>(a)); return;
+#ifdef FA_X86
+    case AttnDType::kFloat32:
+      if (attention_uses_avx512()) return f(Attention<float, Avx512, float>(a));
+      if (attention_uses_avx2()) return f(Attention<float, Avx2, float>(a));
+      return f(Attention<float, Portable<float>, float>(a));
+    case AttnDType::kFloat16:
+      if (attention_uses_avx512()) return f(Attention<float, Avx512, Half>(a));
+      if (attention_uses_avx2()) return f(Attention<float, Avx2, Half>(a));
+      return f(Attention<float, Portable<float>, Half>(a));
+    case AttnDType::kBFloat16:
+      if (attention_uses_avx512()) return f(Attention<float, Avx512, BF16>(a));
+      if (attention_uses_avx2()) return f(Attention<float, Avx2, BF16>(a));
+      return f(Attention<float, Portable<float>, BF16>(a));
+#else
+    case AttnDType::kFloat32: return f(Attention<float, Portable<float>, float>(a));
+    case AttnDType::kFloat16: return f(Attention<float, Portable<float>, Half>(a));
+    case AttnDType::kBFloat16: return f(Attention<float, Portable<float>, BF16>(a));
+#endif
+    default: return;
+  }
+}
+
+}  // namespace
+
+bool attention_uses_avx2() {
+#ifdef FA_X86
+  static const bool use = cpu_has_avx2() && !env_flag("FASTATTN_CPU_NO_AVX2");
+  return use;
+#else
+  return false;
+#endif
+}
+
+bool attention_uses_avx512() {
+#ifdef FA_X86
+  static const bool use = attention_uses_avx2() && __builtin_cpu_supports("avx512f") &&
+                          !env_flag("FASTATTN_CPU_NO_AVX512");
+  return use;
+#else
+  return false;
+#endif
+}
+
+float attention_philox_uniform(uint64_t seed, uint64_t counter) { return philox_uniform(seed, counter); }
+
+void attention_fwd(const AttnFwdArgs& a) {
+  dispatch(a, [&](auto&& attn) { attn.forward(a); });
+}
+
+void attention_bwd(const AttnBwdArgs& a) {
+  dispatch(a, [&](auto&& attn) { attn.backward(a); });
+}
+
+void attention_dropout_mask(int64_t B, int64_t H, int64_t L, int64_t S, double dropout_p, uint64_t seed,
+                            uint64_t offset, bool* keep, int num_threads) {
+  const int64_t rows = B * H * L;
+  if (rows == 0 || S == 0) return;
+  const float p = float(dropout_p);
+  [[maybe_unused]] const int nt = std::max(1, num_threads);
+  static_assert(sizeof(bool) == 1, "bool is one byte");
+  uint8_t* out = reinterpret_cast<uint8_t*>(keep);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * S >= (1 << 14))
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint64_t ctr = offset + uint64_t(r) * uint64_t(S);
+#ifdef FA_X86
+    if (attention_uses_avx512()) {
+      Avx512::keep_row(seed, ctr, S, p, out + r * S);
+      continue;
+    }
+    if (attention_uses_avx2()) {
+      Avx2::keep_row(seed, ctr, S, p, out + r * S);
+      continue;
+    }
+#endif
+    keep_row_scalar(seed, ctr, S, p, out + r * S);
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastattn

@@ -1,0 +1,73 @@
+// CPU kernels of fused scaled-dot-product attention, forward and backward (torch-free: raw pointers, element
+// strides and plain structs). Semantics: the module docstring of fastattn/ops/attention.py (scores, masks, causal /
+// window bounds, ALiBi, softcap, dropout counters, lse = +inf and zero output / gradients for a row with no key).
+#pragma once
+#include <cstdint>
+
+namespace fastattn {
+
+bool cpu_has_avx2();  // csrc/cpu/cpu_features.cpp
+
+namespace cpu {
+
+// Storage types of the attention tensors (kBool: masks only).
+enum class AttnDType : int { kFloat32, kFloat16, kBFloat16, kFloat64, kBool };
+
+// A 4-D strided view; strides in elements. q/k/v/out/dout have stride[3] == 1; a mask may have any strides,
+// 0 included (broadcast dims are read through their strides, never expanded).
+struct AttnView {
+  const void* data = nullptr;
+  int64_t stride[4] = {0, 0, 0, 1};
+};
+
+// Inputs shared by the forward and the backward. The compute type is float64 for float64 inputs, else float32.
+struct AttnArgs {
+  int64_t B = 0, H = 0, Hk = 0, L = 0, S = 0, E = 0, Ev = 0;  // H % Hk == 0: query head h reads kv head h / (H / Hk)
+  AttnDType dtype = AttnDType::kFloat32;  // of q, k, v (and out, dout, dq, dk, dv)
+  AttnView q, k, v;                       // (B, H, L, E), (B, Hk, S, E), (B, Hk, S, Ev)
+  AttnView mask;                          // (B, H, L, S) view or data == nullptr; bool (True = take part) or float
+  AttnDType mask_dtype = AttnDType::kBool;
+  const float* alibi = nullptr;           // (B, H) contiguous slopes, or nullptr
+  double scale = 1.0;
+  bool causal = false;
+  int64_t diag_offset = 0;                // query i's diagonal is key i + diag_offset
+  int64_t window_left = -1, window_right = -1;  // -1: unbounded
+  double softcap = 0.0;                   // > 0: s = softcap * tanh(s / softcap)
+  double dropout_p = 0.0;                 // in [0, 1)
+  uint64_t seed = 0, offset = 0;          // Philox key and counter offset of the dropout mask
+  int num_threads = 1;
+};
+
+struct AttnFwdArgs : AttnArgs {
+  void* out = nullptr;   // (B, H, L, Ev) contiguous, dtype
+  float* lse = nullptr;  // (B, H, L) contiguous: natural-log logsumexp, +inf for a row with no key
+};
+
+struct AttnBwdArgs : AttnArgs {
+  AttnView dout, out;                // (B, H, L, Ev), dtype
+  const float* lse = nullptr;        // (B, H, L) as written by the forward
+  int64_t lse_stride[3] = {0, 0, 1};
+  void* dq = nullptr;                // (B, H, L, E) contiguous, dtype
+  void* dk = nullptr;                // (B, Hk, S, E) contiguous, dtype (summed over each GQA group)
+  void* dv = nullptr;                // (B, Hk, S, Ev) contiguous, dtype (summed over each GQA group)
+};
+
+void attention_fwd(const AttnFwdArgs& a);
+void attention_bwd(const AttnBwdArgs& a);
+
+// keep[((b * H + h) * L + i) * S + j] = philox_uniform(seed, offset + that index) >= (float)dropout_p.
+void attention_dropout_mask(int64_t B, int64_t H, int64_t L, int64_t S, double dropout_p, uint64_t seed,
+                            uint64_t offset, bool* keep, int num_threads);
+
+// Triton's tl.rand(seed, counter): Philox4x32-10 on (counter lo, counter hi, 0, 0) with key (seed lo, seed hi),
+// first output word mapped to a float in [0, 1).
+float attention_philox_uniform(uint64_t seed, uint64_t counter);
+
+// Whether the AVX2/FMA path runs: the CPU supports it and FASTATTN_CPU_NO_AVX2 is unset or "0" (read once).
+bool attention_uses_avx2();
+// Whether the AVX-512F register tiles and exp run (on top of the AVX2 path): the AVX2 path runs, the CPU supports
+// AVX-512F and FASTATTN_CPU_NO_AVX512 is unset or "0" (read once).
+bool attention_uses_avx512();
+
+}  // namespace cpu
+}  // namespace fastattn

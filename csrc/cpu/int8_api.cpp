@@ -1,0 +1,140 @@
+// Python bindings of the CPU INT8 kernels: argument checks, output allocation, kernel call.
+// Semantics: see fastattn/ops/int8.py (backend contract) and fastattn/reference.py (int8_matmul_ref,
+// quantize_rows_ref); the kernels are in int8_kernel.cpp.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include "int8_kernel.h"
+#include "registry.h"
+
+namespace fastattn {
+namespace {
+
+// Largest K for which |acc| <= K * 2**14 stays below 2**31 (the int32 accumulator is exact).
+constexpr int64_t kMaxK = (int64_t(1) << 17) - 1;
+
+// Argument checks; every message names the op and the argument.
+struct Checker {
+  const char* op;
+
+  void cpu_dense(const at::Tensor& t, const char* name) const {
+    TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+    TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got ", t.layout());
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  }
+  void contiguous(const at::Tensor& t, const char* name) const {
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+  }
+  void matrix(const at::Tensor& t, const char* name, const char* shape) const {
+    cpu_dense(t, name);
+    TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D ", shape, ", got shape ", t.sizes());
+    contiguous(t, name);
+  }
+  void dtype_is(const at::Tensor& t, const char* name, at::ScalarType want) const {
+    TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must have dtype ", want, ", got ", t.scalar_type());
+  }
+  // float32 (n,) contiguous: the scale / bias / smooth vectors.
+  void f32_vector(const at::Tensor& t, const char* name, int64_t n, const char* what) const {
+    cpu_dense(t, name);
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "] (", what, "), got ",
+                t.sizes());
+    dtype_is(t, name, at::kFloat);
+    contiguous(t, name);
+  }
+};
+
+cpu::Int8OutType out_type_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cpu::Int8OutType::kFloat32;
+    case at::kHalf: return cpu::Int8OutType::kFloat16;
+    case at::kBFloat16: return cpu::Int8OutType::kBFloat16;
+    case at::kInt: return cpu::Int8OutType::kInt32;
+    default:
+      TORCH_CHECK(false, "int8_mm_cpu: out_dtype must be torch.float16, torch.bfloat16, torch.float32 or torch.int32, "
+                  "got ", t);
+  }
+}
+
+at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& a_scale,
+                       const c10::optional<at::Tensor>& b_scale, const c10::optional<at::Tensor>& bias,
+                       at::ScalarType out_dtype) {
+  const Checker c{"int8_mm_cpu"};
+  c.matrix(a, "a", "(M, K)");
+  c.dtype_is(a, "a", at::kChar);
+  c.matrix(b, "b", "(N, K)");
+  c.dtype_is(b, "b", at::kChar);
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
+  TORCH_CHECK(b.size(1) == K, c.op, ": b must have K = ", K, " columns like a ", a.sizes(), ", got shape ", b.sizes());
+  TORCH_CHECK(K <= kMaxK, c.op, ": K = ", K, " is too large for an exact int32 accumulator (at most ", kMaxK, ")");
+  const cpu::Int8OutType ot = out_type_of(out_dtype);
+  if (ot == cpu::Int8OutType::kInt32)
+    TORCH_CHECK(!a_scale && !b_scale && !bias, c.op,
+                ": out_dtype torch.int32 returns the raw accumulator: a_scale, b_scale and bias must be None");
+  if (a_scale) c.f32_vector(*a_scale, "a_scale", M, "M, one scale per row of a");
+  if (b_scale) c.f32_vector(*b_scale, "b_scale", N, "N, one scale per row of b");
+  if (bias) c.f32_vector(*bias, "bias", N, "N");
+
+  at::Tensor out = at::empty({M, N}, a.options().dtype(out_dtype));
+  if (M == 0 || N == 0) return out;
+  cpu::Int8MatmulParams p;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.a = a.data_ptr<int8_t>();
+  p.b = b.data_ptr<int8_t>();
+  p.a_scale = a_scale ? a_scale->data_ptr<float>() : nullptr;
+  p.b_scale = b_scale ? b_scale->data_ptr<float>() : nullptr;
+  p.bias = bias ? bias->data_ptr<float>() : nullptr;
+  p.out_type = ot;
+  p.out = out.data_ptr();
+  p.num_threads = std::max(1, at::get_num_threads());
+  cpu::int8_matmul(p);
+  return out;
+}
+
+std::vector<at::Tensor> quantize_rows_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& smooth) {
+  const Checker c{"quantize_rows_cpu"};
+  c.matrix(x, "x", "(M, K)");
+  cpu::Int8InType xt;
+  switch (x.scalar_type()) {
+    case at::kFloat: xt = cpu::Int8InType::kFloat32; break;
+    case at::kHalf: xt = cpu::Int8InType::kFloat16; break;
+    case at::kBFloat16: xt = cpu::Int8InType::kBFloat16; break;
+    default: TORCH_CHECK(false, c.op, ": x must have dtype Float, Half or BFloat16, got ", x.scalar_type());
+  }
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K >= 1, c.op, ": x must have at least one column, got shape ", x.sizes());
+  if (smooth) c.f32_vector(*smooth, "smooth", K, "K, one divisor per column of x");
+
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M == 0) return {q, scale};
+  cpu::QuantizeRowsParams p;
+  p.M = M;
+  p.K = K;
+  p.x_type = xt;
+  p.x = x.data_ptr();
+  p.smooth = smooth ? smooth->data_ptr<float>() : nullptr;
+  p.q = q.data_ptr<int8_t>();
+  p.scale = scale.data_ptr<float>();
+  p.num_threads = std::max(1, at::get_num_threads());
+  cpu::quantize_rows(p);
+  return {q, scale};
+}
+
+}  // namespace
+
+void register_cpu_int8(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("int8_mm_cpu", &int8_mm_cpu,
+        "INT8 matmul on CPU: a int8 (M, K) @ b int8 (N, K)^T with an exact int32 accumulator, then (float32) "
+        "* a_scale[m] * b_scale[n] + bias[n] cast to out_dtype; out_dtype=torch.int32 returns the accumulator",
+        py::arg("a"), py::arg("b"), py::arg("a_scale"), py::arg("b_scale"), py::arg("bias"), py::arg("out_dtype"));
+  m.def("quantize_rows_cpu", &quantize_rows_cpu,
+        "Row-wise symmetric int8 quantization on CPU (x / smooth; scale = absmax / 127; round half to even) -> "
+        "[q int8 (M, K), scale float32 (M,)]",
+        py::arg("x"), py::arg("smooth"));
+}
+
+}  // namespace fastattn

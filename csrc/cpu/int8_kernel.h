@@ -1,0 +1,53 @@
+// CPU kernels of the INT8 ops (torch-free: raw pointers and plain structs).
+// Semantics: see fastattn/ops/int8.py and fastattn/reference.py (int8_matmul_ref, quantize_rows_ref).
+#pragma once
+#include <cstdint>
+
+namespace fastattn {
+
+bool cpu_has_avx2();  // csrc/cpu/cpu_features.cpp
+
+namespace cpu {
+
+enum class Int8OutType : int { kFloat32, kFloat16, kBFloat16, kInt32 };
+enum class Int8InType : int { kFloat32, kFloat16, kBFloat16 };
+
+// out (M, N) = a (M, K) @ b (N, K)^T with an exact int32 accumulator acc. For kInt32 out = acc (no scales, no bias);
+// otherwise, in float32 and in this order: c = float(acc); c *= a_scale[m]; c *= b_scale[n]; c += bias[n]; out =
+// c rounded to nearest-even in out_type. All arrays contiguous row-major; optional inputs are nullptr when absent.
+// Exact for K < 2**17 (|acc| < 2**31).
+struct Int8MatmulParams {
+  int64_t M = 0, N = 0, K = 0;
+  const int8_t* a = nullptr;        // (M, K)
+  const int8_t* b = nullptr;        // (N, K), the nn.Linear weight layout
+  const float* a_scale = nullptr;   // (M,)
+  const float* b_scale = nullptr;   // (N,)
+  const float* bias = nullptr;      // (N,)
+  Int8OutType out_type = Int8OutType::kFloat32;
+  void* out = nullptr;              // (M, N) out_type (float16/bfloat16 as raw uint16 bits)
+  int num_threads = 1;
+};
+
+// Per row m of x (M, K): xf = float(x[m][k]) (/ smooth[k]); scale[m] = max_k |xf| / 127; inv = scale > 0 ? 1 / scale
+// : 0; q[m][k] = clamp(round_half_even(xf * inv), -127, 127). Bit-exact with quantize_rows_ref (float32 throughout).
+struct QuantizeRowsParams {
+  int64_t M = 0, K = 0;
+  Int8InType x_type = Int8InType::kFloat32;
+  const void* x = nullptr;          // (M, K) x_type (float16/bfloat16 as raw uint16 bits)
+  const float* smooth = nullptr;    // (K,) or nullptr
+  int8_t* q = nullptr;              // (M, K)
+  float* scale = nullptr;           // (M,)
+  int num_threads = 1;
+};
+
+void int8_matmul(const Int8MatmulParams& p);
+void quantize_rows(const QuantizeRowsParams& p);
+
+// Whether the AVX2 paths run: the CPU supports AVX2/FMA/F16C and FASTATTN_CPU_NO_AVX2 is unset or "0" (read once).
+bool int8_uses_avx2();
+// Whether the matmul uses its AVX-512 VNNI path: the AVX2 paths run, the CPU supports AVX512F/BW/VL/VNNI and
+// FASTATTN_CPU_NO_AVX512 is unset or "0" (read once).
+bool int8_uses_avx512_vnni();
+
+}  // namespace cpu
+}  // namespace fastattn
