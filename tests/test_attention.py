@@ -317,3 +317,21 @@ def test_torch_compile_traces_attention(backend_name):
         expected = torch.autograd.grad(f(q, k, v), (q, k, v))
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("env", [{"FASTATTN_CPU_NO_AVX512": "1"}, {"FASTATTN_CPU_NO_AVX2": "1"}],
+                         ids=["avx2", "portable"])
+def test_cpu_code_paths(env):
+    """The CPU attention kernels choose AVX-512, AVX2 or portable code at run time (once per process): run a slice
+    of this file's CPU cases in fresh processes with the faster paths turned off."""
+    import os
+    import subprocess
+    import sys
+    from fastattn import _ext
+    if not hasattr(_ext._C, "attention_fwd_cpu"):
+        pytest.skip("fastattn._C has no CPU attention kernels in this build")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "cpu and (masks or gqa or extended or dropout or 97-129) and not code_paths"],
+                       env=dict(os.environ, **env), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout

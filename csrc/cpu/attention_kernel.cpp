@@ -1199,12 +1199,8 @@ void Attention<T, Ops, In>::forward(const AttnFwdArgs& f) {
       const int64_t bh = idx / nch, ci = nch - 1 - idx % nch;  // heavy (causal) chunks first
       const int64_t b = bh / H, h = bh % H, bk = b * Hk + h / G;
       const int64_t qb0 = ci * chunk, qb1 = std::min(nqb, qb0 + chunk);
-      int64_t jlo, jhi, lo2, hi2;
+      int64_t jlo, jhi;  // the keys of the chunk (both bounds grow with the query index: the union of its blocks')
       kv_range(qb0 * kBM, std::min(L, qb1 * kBM) - qb0 * kBM, jlo, jhi);
-      for (int64_t qb = qb0; qb < qb1; ++qb) {  // the union of the blocks' key ranges (windows: not monotone)
-        kv_range(qb * kBM, std::min<int64_t>(kBM, L - qb * kBM), lo2, hi2);
-        if (hi2 > lo2) jlo = std::min(jlo, lo2), jhi = std::max(jhi, hi2);
-      }
       if (bk != cur) {
         std::fill(have, have + nkb, uint8_t(0));
         cur = bk;
