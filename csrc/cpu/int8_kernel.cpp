@@ -23,6 +23,7 @@
 //   pass 2 rounds buf * inv half-to-even (vroundps / nearbyint), clamps to [-127, 127] and packs to int8 (AVX2 or
 //   portable; the same float32 operations either way, so both are bit-exact with quantize_rows_ref).
 #include "int8_kernel.h"
+#include "float_bits.h"
 
 #include <algorithm>
 #include <cmath>
@@ -124,8 +125,7 @@ class Scratch {
 // ---------------------------------------------------------------------------------------------------------------
 // Scalar conversions (round-to-nearest-even, like torch) and a compiler barrier that keeps c * s and c + bias
 // separate float32 operations (no FMA contraction, so the epilogue rounds exactly like the reference).
-inline float float_from_bits(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+using namespace bits;  // float_from_bits, bits_of, select, half/bf16 <-> float (float_bits.h)
 
 inline float opaque(float v) {
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -139,31 +139,6 @@ inline float opaque(float v) {
   return v;
 }
 
-inline uint32_t select(bool c, uint32_t a, uint32_t b) {
-  const uint32_t m = 0u - uint32_t(c);
-  return (a & m) | (b & ~m);
-}
-// IEEE half <-> float by the bit tricks of the FP16 library (exact / round-to-nearest-even, NaN -> NaN).
-inline float half_to_float(uint16_t h) {
-  const uint32_t w = uint32_t(h) << 16, sign = w & 0x80000000u, two_w = w + w;
-  const float normal = float_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const float denormal = float_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
-  return float_from_bits(sign | select(two_w < (1u << 27), bits_of(denormal), bits_of(normal)));
-}
-inline uint16_t float_to_half(float f) {
-  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
-  const uint32_t w = bits_of(f), shl1_w = w + w, sign = w & 0x80000000u;
-  const uint32_t bias = std::max(shl1_w & 0xFF000000u, 0x71000000u);
-  base = float_from_bits((bias >> 1) + 0x07800000u) + base;
-  const uint32_t bits = bits_of(base);
-  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-  return uint16_t((sign >> 16) | select(shl1_w > 0xFF000000u, 0x7E00u, nonsign));
-}
-inline uint16_t float_to_bf16(float f) {  // NaN -> 0x7FC0
-  const uint32_t u = bits_of(f);
-  return uint16_t(select(f != f, 0x7FC0u, (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16));
-}
-inline float bf16_to_float(uint16_t h) { return float_from_bits(uint32_t(h) << 16); }
 
 // The scalar epilogue of one accumulator (also the AVX2 path's reference semantics).
 inline void store_scalar(const Int8MatmulParams& p, int64_t m, int64_t n, int32_t acc) {
