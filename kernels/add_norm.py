@@ -141,10 +141,6 @@ def _block_and_warps(n: int, elem_size: int):
     return block_n, num_warps
 
 
-def _empty(dtype, device):
-    return torch.empty(0, dtype=dtype, device=device)
-
-
 def add_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], eps: float, is_rms: bool, store_s: bool, s_fp32: bool):
     """x, residual: (M, N) contiguous. Returns [y, s (or empty), mean (or empty for RMS), rstd]."""

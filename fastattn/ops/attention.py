@@ -13,8 +13,7 @@ there and its output and gradients are 0). Dropout keeps entry (b, h, i, j) when
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
