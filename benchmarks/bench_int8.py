@@ -1,5 +1,9 @@
 """pytest-benchmark: INT8 GEMM (W8A8, fused dequant) against torch's float matmul and torch._int_mm, and Int8Linear
-(quantize + GEMM + dequant; and weight-only W8A16) against nn.Linear. TOPS in extra_info."""
+(quantize + GEMM + dequant; and weight-only W8A16) against nn.Linear. TOPS in extra_info.
+
+Decode-sized calls (M <= 16) on GPU are timed twice: eager (host overhead included: Python validation, dispatch,
+kernel launch) and replayed from a CUDA graph (GPU time alone, as graph-captured decoding runs them), both for
+torch and fastattn; the graph rows carry "-graph" in their direction."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +23,26 @@ CALLS, ROUNDS = (10, 10) if GPU else (1, 10)
 OURS = [b for b in available_backends() if b in (("cuda", "triton") if GPU else ("cpu",))]
 
 
-def _bench(benchmark, fn, ops, group, info):
+def _graphed(fn):
+    """fn's CALLS calls captured once in a CUDA graph; returns the replay (after warm-up: autotuning runs eagerly)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    return graph.replay
+
+
+def _timings(M):
+    return ["eager", "graph"] if GPU and M <= 16 else ["eager"]
+
+
+def _bench(benchmark, fn, ops, group, info, timing="eager"):
     try:
         fn()
         sync(DEVICE)
@@ -30,10 +53,18 @@ def _bench(benchmark, fn, ops, group, info):
             pytest.skip(str(e).splitlines()[0][:160])
         raise
 
-    def step():
-        for _ in range(CALLS):
-            fn()
-        sync(DEVICE)
+    if timing == "graph":
+        replay = _graphed(fn)
+
+        def step():
+            replay()
+            sync(DEVICE)
+        group, info = group + " (cuda graph)", dict(info, direction=info["direction"] + "-graph")
+    else:
+        def step():
+            for _ in range(CALLS):
+                fn()
+            sync(DEVICE)
 
     benchmark.group = group
     benchmark.extra_info.update(info, device=DEVICE, calls_per_round=CALLS)
@@ -41,9 +72,12 @@ def _bench(benchmark, fn, ops, group, info):
     benchmark.extra_info["TFLOP/s"] = ops * CALLS / benchmark.stats.stats.median / 1e12
 
 
+@pytest.mark.parametrize("timing", ["eager", "graph"])
 @pytest.mark.parametrize("impl", ["torch-float", "torch-int_mm"] + OURS)
 @pytest.mark.parametrize("M, N, K", GEMMS, ids=lambda v: str(v))
-def test_int8_gemm(benchmark, impl, M, N, K):
+def test_int8_gemm(benchmark, impl, M, N, K, timing):
+    if timing not in _timings(M):
+        pytest.skip("CUDA-graph timing is for decode-sized M on GPU")
     a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=DEVICE)
     b = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=DEVICE)
     sa, sb = torch.rand(M, device=DEVICE), torch.rand(N, device=DEVICE)
@@ -59,12 +93,15 @@ def test_int8_gemm(benchmark, impl, M, N, K):
             with fastattn.backend(impl):
                 return fastattn.int8_matmul(a, b, sa, sb, out_dtype=out_dtype)
     _bench(benchmark, fn, 2 * M * N * K, f"int8 gemm M={M} N={N} K={K}",
-           dict(op="int8_gemm", impl=impl, width=M, dtype=str(FLOAT)[6:], direction=f"N{N}K{K}"))
+           dict(op="int8_gemm", impl=impl, width=M, dtype=str(FLOAT)[6:], direction=f"N{N}K{K}"), timing)
 
 
+@pytest.mark.parametrize("timing", ["eager", "graph"])
 @pytest.mark.parametrize("impl", ["torch-linear", "w8a8", "w8a16"])
 @pytest.mark.parametrize("M, N, K", LINEARS, ids=lambda v: str(v))
-def test_int8_linear(benchmark, impl, M, N, K):
+def test_int8_linear(benchmark, impl, M, N, K, timing):
+    if timing not in _timings(M):
+        pytest.skip("CUDA-graph timing is for decode-sized M on GPU")
     lin = torch.nn.Linear(K, N, device=DEVICE, dtype=FLOAT)
     x = torch.randn(M, K, device=DEVICE, dtype=FLOAT)
     if impl == "w8a16" and not GPU:
@@ -73,4 +110,4 @@ def test_int8_linear(benchmark, impl, M, N, K):
     with torch.no_grad():
         _bench(benchmark, lambda: mod(x), 2 * M * N * K, f"linear M={M} N={N} K={K}",
                dict(op="int8_linear", impl=impl if impl == "torch-linear" else f"Int8Linear-{impl}", width=M,
-                    dtype=str(FLOAT)[6:], direction=f"N{N}K{K}"))
+                    dtype=str(FLOAT)[6:], direction=f"N{N}K{K}"), timing)

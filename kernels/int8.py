@@ -12,8 +12,8 @@ def _mm_configs(all_configs: bool = False):
     """Tile configs; FASTATTN_AUTOTUNE=0 (the test suite) keeps the first, so tests skip the tuning runs."""
     if triton_interpreted():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    shapes = [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4), (64, 128, 128, 4, 4),
-              (16, 64, 256, 4, 5)]
+    shapes = [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 4),
+              (128, 128, 128, 4, 4), (64, 128, 128, 4, 4), (16, 64, 256, 4, 5)]
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
                for m, n, k, w, s in shapes]
     return configs if all_configs or os.environ.get("FASTATTN_AUTOTUNE", "1") != "0" else configs[:1]
