@@ -29,8 +29,8 @@ log "built: $($PY -c 'import fastattn; i = fastattn.build_info(); print(i["cuda_
 xdist=""
 $PY -c "import xdist" 2>/dev/null && xdist="-n $(( $(nproc) > 12 ? 12 : $(nproc) ))"
 t_tests=$(( BUDGET - $(elapsed) - ${BENCH_RESERVE_S:-150} ))
-log "tests ($xdist, up to ${t_tests}s)"
-FASTATTN_EXPECT_CPP=1 FASTATTN_EXPECT_CUDA_OPS=1 timeout -s INT -k 20 $t_tests $PY -m pytest tests -q \
+log "tests ($xdist, one OpenMP thread per worker (CI covers the threaded CPU paths), up to ${t_tests}s)"
+OMP_NUM_THREADS=1 FASTATTN_EXPECT_CPP=1 FASTATTN_EXPECT_CUDA_OPS=1 timeout -s INT -k 20 $t_tests $PY -m pytest tests -q \
   -p no:cacheprovider $xdist -o junit_family=xunit1 --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 log "tests rc=$?: $(tail -1 "$OUT/tests.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
