@@ -2,6 +2,8 @@
 // Semantics: see the add_norm contract; the kernels are in add_norm_kernel.cpp.
 #include <torch/extension.h>
 
+#include "../check.h"
+
 #include <ATen/Parallel.h>
 
 #include "add_norm_kernel.h"
@@ -18,7 +20,7 @@ DType to_dtype(at::ScalarType t) {
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
     case at::kDouble: return DType::kFloat64;
-    default: TORCH_CHECK(false, "add_norm: unsupported dtype ", t);
+    default: FA_CHECK(false, "add_norm: unsupported dtype ", t);
   }
 }
 
@@ -27,34 +29,34 @@ struct Checker {
   const char* op;
 
   void cpu_dense(const at::Tensor& t, const char* name) const {
-    TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-    TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got ", t.layout());
-    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
-    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+    FA_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+    FA_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got ", t.layout());
+    FA_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+    FA_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
   }
   // (M, N) with the given shape (when ref is given).
   void matrix(const at::Tensor& t, const char* name, const at::Tensor* ref = nullptr, const char* ref_name = "") const {
     cpu_dense(t, name);
-    TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D (M, N), got shape ", t.sizes());
+    FA_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D (M, N), got shape ", t.sizes());
     if (ref)
-      TORCH_CHECK(t.sizes() == ref->sizes(), op, ": ", name, " must have the shape of ", ref_name, " ", ref->sizes(),
+      FA_CHECK(t.sizes() == ref->sizes(), op, ": ", name, " must have the shape of ", ref_name, " ", ref->sizes(),
                   ", got ", t.sizes());
   }
   void vector(const at::Tensor& t, const char* name, int64_t n) const {
     cpu_dense(t, name);
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ", t.sizes());
+    FA_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ", t.sizes());
   }
   void dtype_is(const at::Tensor& t, const char* name, at::ScalarType want) const {
-    TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must have dtype ", want, ", got ", t.scalar_type());
+    FA_CHECK(t.scalar_type() == want, op, ": ", name, " must have dtype ", want, ", got ", t.scalar_type());
   }
   // dtype == x dtype or float32
   void dtype_x_or_f32(const at::Tensor& t, const char* name, at::ScalarType xt) const {
-    TORCH_CHECK(t.scalar_type() == xt || t.scalar_type() == at::kFloat, op, ": ", name, " must have dtype ", xt,
+    FA_CHECK(t.scalar_type() == xt || t.scalar_type() == at::kFloat, op, ": ", name, " must have dtype ", xt,
                 " (the dtype of x) or Float, got ", t.scalar_type());
   }
   void float_dtype(const at::Tensor& t, const char* name) const {
     const auto st = t.scalar_type();
-    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op, ": ", name,
+    FA_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op, ": ", name,
                 " must have dtype Float, Half, BFloat16 or Double, got ", st);
   }
 };
@@ -72,7 +74,7 @@ std::vector<at::Tensor> add_norm_fwd_cpu(const at::Tensor& x, const c10::optiona
   c.float_dtype(x, "x");
   const int64_t M = x.size(0), N = x.size(1);
   const auto xt = x.scalar_type();
-  TORCH_CHECK(N >= 1, c.op, ": x must have at least one column, got shape ", x.sizes());
+  FA_CHECK(N >= 1, c.op, ": x must have at least one column, got shape ", x.sizes());
   if (residual) {
     c.matrix(*residual, "residual", &x, "x");
     c.dtype_x_or_f32(*residual, "residual", xt);
@@ -82,11 +84,11 @@ std::vector<at::Tensor> add_norm_fwd_cpu(const at::Tensor& x, const c10::optiona
     c.dtype_x_or_f32(*weight, "weight", xt);
   }
   if (bias) {
-    TORCH_CHECK(!is_rms, c.op, ": bias must be None for RMSNorm (is_rms=True)");
+    FA_CHECK(!is_rms, c.op, ": bias must be None for RMSNorm (is_rms=True)");
     c.vector(*bias, "bias", N);
     c.dtype_x_or_f32(*bias, "bias", xt);
   }
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, c.op, ": eps must be finite and non-negative, got ", eps);
+  FA_CHECK(std::isfinite(eps) && eps >= 0, c.op, ": eps must be finite and non-negative, got ", eps);
 
   const auto st = stats_type(xt), s_t = s_fp32 ? at::kFloat : xt;
   at::Tensor y = at::empty({M, N}, x.options());
@@ -132,7 +134,7 @@ std::vector<at::Tensor> add_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor&
   c.float_dtype(dy, "dy");
   const int64_t M = dy.size(0), N = dy.size(1);
   const auto xt = dy.scalar_type(), st = stats_type(xt);
-  TORCH_CHECK(N >= 1, c.op, ": dy must have at least one column, got shape ", dy.sizes());
+  FA_CHECK(N >= 1, c.op, ": dy must have at least one column, got shape ", dy.sizes());
   c.matrix(s, "s", &dy, "dy");
   c.dtype_x_or_f32(s, "s", xt);
   if (!is_rms) {  // RMSNorm ignores mean
@@ -149,7 +151,7 @@ std::vector<at::Tensor> add_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor&
     c.matrix(*ds, "ds", &dy, "dy");
     c.dtype_is(*ds, "ds", s.scalar_type());
   }
-  TORCH_CHECK(!(has_bias && is_rms), c.op, ": has_bias must be False for RMSNorm (is_rms=True)");
+  FA_CHECK(!(has_bias && is_rms), c.op, ": has_bias must be False for RMSNorm (is_rms=True)");
 
   at::Tensor dx = at::empty({M, N}, dy.options());
   at::Tensor dres = dres_fp32 ? at::empty({M, N}, dy.options().dtype(at::kFloat)) : empty_of(dy, at::kFloat);

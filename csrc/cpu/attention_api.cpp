@@ -2,6 +2,8 @@
 // Contract: fastattn/ops/attention.py (module docstring); the kernels are in attention_kernel.cpp.
 #include <torch/extension.h>
 
+#include "../check.h"
+
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -22,7 +24,7 @@ AttnDType attn_dtype(at::ScalarType t) {
     case at::kBFloat16: return AttnDType::kBFloat16;
     case at::kDouble: return AttnDType::kFloat64;
     case at::kBool: return AttnDType::kBool;
-    default: TORCH_CHECK(false, "attention: unsupported dtype ", t);
+    default: FA_CHECK(false, "attention: unsupported dtype ", t);
   }
   return AttnDType::kFloat32;
 }
@@ -36,25 +38,25 @@ struct Checker {
   const char* op;
 
   void cpu_strided(const at::Tensor& t, const char* name) const {
-    TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-    TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got ", t.layout());
-    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+    FA_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+    FA_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got ", t.layout());
+    FA_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
   }
   // 4-D, float dtype, stride(-1) == 1
   void bhld(const at::Tensor& t, const char* name, const char* dims) const {
     cpu_strided(t, name);
-    TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D ", dims, ", got shape ", t.sizes());
-    TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name,
+    FA_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D ", dims, ", got shape ", t.sizes());
+    FA_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name,
                 " must have dtype Float, Half, BFloat16 or Double, got ", t.scalar_type());
-    TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name,
+    FA_CHECK(t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name,
                 " must have a contiguous last dim (stride 1), got strides ", t.strides());
   }
   void same_dtype(const at::Tensor& t, const char* name, const at::Tensor& q) const {
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of q (",
+    FA_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of q (",
                 q.scalar_type(), "), got ", t.scalar_type());
   }
   void shape_is(const at::Tensor& t, const char* name, at::IntArrayRef want, const char* dims) const {
-    TORCH_CHECK(t.sizes() == want, op, ": ", name, " must have shape ", want, " ", dims, ", got ", t.sizes());
+    FA_CHECK(t.sizes() == want, op, ": ", name, " must have shape ", want, " ", dims, ", got ", t.sizes());
   }
 };
 
@@ -78,11 +80,11 @@ void fill_args(const Checker& c, cpu::AttnArgs& a, const at::Tensor& q, const at
   c.same_dtype(v, "v", q);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), E = q.size(3);
   const int64_t Hk = k.size(1), S = k.size(2), Ev = v.size(3);
-  TORCH_CHECK(k.size(0) == B && k.size(3) == E, c.op, ": k must have shape (B=", B, ", Hk, S, E=", E,
+  FA_CHECK(k.size(0) == B && k.size(3) == E, c.op, ": k must have shape (B=", B, ", Hk, S, E=", E,
               ") to match q ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.size(0) == B && v.size(1) == Hk && v.size(2) == S, c.op, ": v must have shape (B=", B, ", Hk=", Hk,
+  FA_CHECK(v.size(0) == B && v.size(1) == Hk && v.size(2) == S, c.op, ": v must have shape (B=", B, ", Hk=", Hk,
               ", S=", S, ", Ev) to match k ", k.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(Hk > 0 ? H % Hk == 0 : H == 0, c.op, ": q's head count H=", H,
+  FA_CHECK(Hk > 0 ? H % Hk == 0 : H == 0, c.op, ": q's head count H=", H,
               " must be a multiple of k's head count Hk=", Hk);
   a.B = B; a.H = H; a.Hk = Hk; a.L = L; a.S = S; a.E = E; a.Ev = Ev;
   a.dtype = attn_dtype(q.scalar_type());
@@ -92,7 +94,7 @@ void fill_args(const Checker& c, cpu::AttnArgs& a, const at::Tensor& q, const at
   if (mask && mask->defined()) {
     const at::Tensor& m = *mask;
     c.cpu_strided(m, "mask");
-    TORCH_CHECK(m.scalar_type() == at::kBool || is_float_dtype(m.scalar_type()), c.op,
+    FA_CHECK(m.scalar_type() == at::kBool || is_float_dtype(m.scalar_type()), c.op,
                 ": mask must have dtype Bool (True = take part) or Float, Half, BFloat16, Double (added to the "
                 "scores), got ", m.scalar_type());
     c.shape_is(m, "mask", {B, H, L, S}, "(B, H, L, S) (broadcast dims as stride-0 views)");
@@ -103,15 +105,15 @@ void fill_args(const Checker& c, cpu::AttnArgs& a, const at::Tensor& q, const at
   if (alibi && alibi->defined()) {
     const at::Tensor& s = *alibi;
     c.cpu_strided(s, "alibi");
-    TORCH_CHECK(s.scalar_type() == at::kFloat, c.op, ": alibi must have dtype Float, got ", s.scalar_type());
+    FA_CHECK(s.scalar_type() == at::kFloat, c.op, ": alibi must have dtype Float, got ", s.scalar_type());
     c.shape_is(s, "alibi", {B, H}, "(B, H)");
-    TORCH_CHECK(s.is_contiguous(), c.op, ": alibi must be contiguous, got strides ", s.strides());
+    FA_CHECK(s.is_contiguous(), c.op, ": alibi must be contiguous, got strides ", s.strides());
     a.alibi = s.data_ptr<float>();
   }
-  TORCH_CHECK(std::isfinite(scale), c.op, ": scale must be finite, got ", scale);
-  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, c.op, ": softcap must be finite and >= 0, got ", softcap);
-  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, c.op, ": dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(window_left >= -1 && window_right >= -1, c.op, ": window_left and window_right must be >= -1 (-1: "
+  FA_CHECK(std::isfinite(scale), c.op, ": scale must be finite, got ", scale);
+  FA_CHECK(std::isfinite(softcap) && softcap >= 0, c.op, ": softcap must be finite and >= 0, got ", softcap);
+  FA_CHECK(dropout_p >= 0 && dropout_p < 1, c.op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  FA_CHECK(window_left >= -1 && window_right >= -1, c.op, ": window_left and window_right must be >= -1 (-1: "
               "unbounded), got ", window_left, ", ", window_right);
   a.scale = scale;
   a.causal = causal;
@@ -159,7 +161,7 @@ std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& dout, const at::Tens
   c.same_dtype(out, "out", q);
   c.shape_is(out, "out", {a.B, a.H, a.L, a.Ev}, "(B, H, L, Ev)");
   c.cpu_strided(lse, "lse");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, c.op, ": lse must have dtype Float, got ", lse.scalar_type());
+  FA_CHECK(lse.scalar_type() == at::kFloat, c.op, ": lse must have dtype Float, got ", lse.scalar_type());
   c.shape_is(lse, "lse", {a.B, a.H, a.L}, "(B, H, L)");
   a.dout = view_of(dout);
   a.out = view_of(out);
@@ -178,9 +180,9 @@ std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& dout, const at::Tens
 at::Tensor attention_dropout_mask_cpu(int64_t B, int64_t H, int64_t L, int64_t S, double dropout_p, int64_t seed,
                                       int64_t offset) {
   const char* op = "attention_dropout_mask_cpu";
-  TORCH_CHECK(B >= 0 && H >= 0 && L >= 0 && S >= 0, op, ": B, H, L, S must be >= 0, got ", B, ", ", H, ", ", L,
+  FA_CHECK(B >= 0 && H >= 0 && L >= 0 && S >= 0, op, ": B, H, L, S must be >= 0, got ", B, ", ", H, ", ", L,
               ", ", S);
-  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  FA_CHECK(dropout_p >= 0 && dropout_p < 1, op, ": dropout_p must be in [0, 1), got ", dropout_p);
   at::Tensor keep = at::empty({B, H, L, S}, at::TensorOptions().dtype(at::kBool));
   cpu::attention_dropout_mask(B, H, L, S, dropout_p, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
                               keep.data_ptr<bool>(), std::max(1, at::get_num_threads()));

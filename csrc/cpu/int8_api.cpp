@@ -3,6 +3,8 @@
 // quantize_rows_ref); the kernels are in int8_kernel.cpp.
 #include <torch/extension.h>
 
+#include "../check.h"
+
 #include <ATen/Parallel.h>
 
 #include "int8_kernel.h"
@@ -19,25 +21,25 @@ struct Checker {
   const char* op;
 
   void cpu_dense(const at::Tensor& t, const char* name) const {
-    TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-    TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got ", t.layout());
-    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+    FA_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+    FA_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got ", t.layout());
+    FA_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
   }
   void contiguous(const at::Tensor& t, const char* name) const {
-    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+    FA_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
   }
   void matrix(const at::Tensor& t, const char* name, const char* shape) const {
     cpu_dense(t, name);
-    TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D ", shape, ", got shape ", t.sizes());
+    FA_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D ", shape, ", got shape ", t.sizes());
     contiguous(t, name);
   }
   void dtype_is(const at::Tensor& t, const char* name, at::ScalarType want) const {
-    TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must have dtype ", want, ", got ", t.scalar_type());
+    FA_CHECK(t.scalar_type() == want, op, ": ", name, " must have dtype ", want, ", got ", t.scalar_type());
   }
   // float32 (n,) contiguous: the scale / bias / smooth vectors.
   void f32_vector(const at::Tensor& t, const char* name, int64_t n, const char* what) const {
     cpu_dense(t, name);
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "] (", what, "), got ",
+    FA_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "] (", what, "), got ",
                 t.sizes());
     dtype_is(t, name, at::kFloat);
     contiguous(t, name);
@@ -51,7 +53,7 @@ cpu::Int8OutType out_type_of(at::ScalarType t) {
     case at::kBFloat16: return cpu::Int8OutType::kBFloat16;
     case at::kInt: return cpu::Int8OutType::kInt32;
     default:
-      TORCH_CHECK(false, "int8_mm_cpu: out_dtype must be torch.float16, torch.bfloat16, torch.float32 or torch.int32, "
+      FA_CHECK(false, "int8_mm_cpu: out_dtype must be torch.float16, torch.bfloat16, torch.float32 or torch.int32, "
                   "got ", t);
   }
 }
@@ -65,11 +67,11 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b, const c10::opti
   c.matrix(b, "b", "(N, K)");
   c.dtype_is(b, "b", at::kChar);
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
-  TORCH_CHECK(b.size(1) == K, c.op, ": b must have K = ", K, " columns like a ", a.sizes(), ", got shape ", b.sizes());
-  TORCH_CHECK(K <= kMaxK, c.op, ": K = ", K, " is too large for an exact int32 accumulator (at most ", kMaxK, ")");
+  FA_CHECK(b.size(1) == K, c.op, ": b must have K = ", K, " columns like a ", a.sizes(), ", got shape ", b.sizes());
+  FA_CHECK(K <= kMaxK, c.op, ": K = ", K, " is too large for an exact int32 accumulator (at most ", kMaxK, ")");
   const cpu::Int8OutType ot = out_type_of(out_dtype);
   if (ot == cpu::Int8OutType::kInt32)
-    TORCH_CHECK(!a_scale && !b_scale && !bias, c.op,
+    FA_CHECK(!a_scale && !b_scale && !bias, c.op,
                 ": out_dtype torch.int32 returns the raw accumulator: a_scale, b_scale and bias must be None");
   if (a_scale) c.f32_vector(*a_scale, "a_scale", M, "M, one scale per row of a");
   if (b_scale) c.f32_vector(*b_scale, "b_scale", N, "N, one scale per row of b");
@@ -101,10 +103,10 @@ std::vector<at::Tensor> quantize_rows_cpu(const at::Tensor& x, const c10::option
     case at::kFloat: xt = cpu::Int8InType::kFloat32; break;
     case at::kHalf: xt = cpu::Int8InType::kFloat16; break;
     case at::kBFloat16: xt = cpu::Int8InType::kBFloat16; break;
-    default: TORCH_CHECK(false, c.op, ": x must have dtype Float, Half or BFloat16, got ", x.scalar_type());
+    default: FA_CHECK(false, c.op, ": x must have dtype Float, Half or BFloat16, got ", x.scalar_type());
   }
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K >= 1, c.op, ": x must have at least one column, got shape ", x.sizes());
+  FA_CHECK(K >= 1, c.op, ": x must have at least one column, got shape ", x.sizes());
   if (smooth) c.f32_vector(*smooth, "smooth", K, "K, one divisor per column of x");
 
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));

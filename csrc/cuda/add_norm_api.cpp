@@ -3,6 +3,8 @@
 // outputs and the backward workspace are allocated with torch, and the kernels run on the current stream.
 #include <torch/extension.h>
 
+#include "../check.h"
+
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -33,9 +35,9 @@ int sm_count(c10::DeviceIndex device) {
   }
   int n = 0;
   const cudaError_t err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, static_cast<int>(device));
-  TORCH_CHECK(err == cudaSuccess, "add_norm (CUDA): cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount) failed: ",
+  FA_CHECK(err == cudaSuccess, "add_norm (CUDA): cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount) failed: ",
               cudaGetErrorString(err));
-  TORCH_CHECK(n > 0, "add_norm (CUDA): device ", static_cast<int>(device), " reports no multiprocessors");
+  FA_CHECK(n > 0, "add_norm (CUDA): device ", static_cast<int>(device), " reports no multiprocessors");
   if (cacheable) cache[device].store(n, std::memory_order_relaxed);
   return n;
 }
@@ -55,51 +57,51 @@ knl::AddNormDtype kernel_dtype(at::ScalarType t) {
     default:
       break;
   }
-  TORCH_CHECK(false, "add_norm (CUDA): unsupported dtype ", t);
+  FA_CHECK(false, "add_norm (CUDA): unsupported dtype ", t);
   return knl::AddNormDtype::kFloat32;  // unreachable
 }
 
 // The primary tensor (x / dy): a 2-D contiguous CUDA tensor of a supported dtype with 1 <= N <= 65536.
 void check_primary(const at::Tensor& t, const char* fn, const char* name) {
-  TORCH_CHECK(t.defined(), fn, ": ", name, " is undefined");
-  TORCH_CHECK(t.is_cuda(), fn, ": ", name, " must be a CUDA tensor, got a tensor on ", t.device());
-  TORCH_CHECK(t.layout() == at::kStrided, fn, ": ", name, " must be a dense (strided) tensor");
-  TORCH_CHECK(t.dim() == 2, fn, ": ", name, " must be 2-D (M, N), got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous");
+  FA_CHECK(t.defined(), fn, ": ", name, " is undefined");
+  FA_CHECK(t.is_cuda(), fn, ": ", name, " must be a CUDA tensor, got a tensor on ", t.device());
+  FA_CHECK(t.layout() == at::kStrided, fn, ": ", name, " must be a dense (strided) tensor");
+  FA_CHECK(t.dim() == 2, fn, ": ", name, " must be 2-D (M, N), got shape ", t.sizes());
+  FA_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous");
   const auto dt = t.scalar_type();
-  TORCH_CHECK(dt != at::kDouble, fn, ": ", name,
+  FA_CHECK(dt != at::kDouble, fn, ": ", name,
               " is float64, which the CUDA kernels do not support; use float32, float16 or bfloat16 (or the CPU op)");
-  TORCH_CHECK(is_kernel_dtype(dt), fn, ": ", name, " must be float32, float16 or bfloat16, got ", dt);
+  FA_CHECK(is_kernel_dtype(dt), fn, ": ", name, " must be float32, float16 or bfloat16, got ", dt);
   const int64_t n = t.size(1);
-  TORCH_CHECK(n >= 1, fn, ": ", name, " must have at least one column (N >= 1), got shape ", t.sizes());
-  TORCH_CHECK(n <= knl::kAddNormMaxN, fn, ": the CUDA kernels support rows of at most ", knl::kAddNormMaxN,
+  FA_CHECK(n >= 1, fn, ": ", name, " must have at least one column (N >= 1), got shape ", t.sizes());
+  FA_CHECK(n <= knl::kAddNormMaxN, fn, ": the CUDA kernels support rows of at most ", knl::kAddNormMaxN,
               " elements, but ", name, " has width N = ", n);
 }
 
 // A secondary tensor: defined, CUDA, on `device`, strided, contiguous.
 void check_secondary(const at::Tensor& t, const char* fn, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.defined(), fn, ": ", name, " is undefined");
-  TORCH_CHECK(t.is_cuda(), fn, ": ", name, " must be a CUDA tensor, got a tensor on ", t.device());
-  TORCH_CHECK(t.device() == device, fn, ": ", name, " is on ", t.device(), " but the other tensors are on ",
+  FA_CHECK(t.defined(), fn, ": ", name, " is undefined");
+  FA_CHECK(t.is_cuda(), fn, ": ", name, " must be a CUDA tensor, got a tensor on ", t.device());
+  FA_CHECK(t.device() == device, fn, ": ", name, " is on ", t.device(), " but the other tensors are on ",
               device);
-  TORCH_CHECK(t.layout() == at::kStrided, fn, ": ", name, " must be a dense (strided) tensor");
-  TORCH_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous");
+  FA_CHECK(t.layout() == at::kStrided, fn, ": ", name, " must be a dense (strided) tensor");
+  FA_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous");
 }
 
 // An (N,) vector of dtype `dt` or float32 (weight, bias).
 void check_vector(const at::Tensor& t, const char* fn, const char* name, const at::Device& device, int64_t n,
                   at::ScalarType dt) {
   check_secondary(t, fn, name, device);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, fn, ": ", name, " must have shape (", n, ",), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dt || t.scalar_type() == at::kFloat, fn, ": ", name, " must be ", dt,
+  FA_CHECK(t.dim() == 1 && t.size(0) == n, fn, ": ", name, " must have shape (", n, ",), got ", t.sizes());
+  FA_CHECK(t.scalar_type() == dt || t.scalar_type() == at::kFloat, fn, ": ", name, " must be ", dt,
               " or float32, got ", t.scalar_type());
 }
 
 // Per-row statistics: (M,) float32.
 void check_stats(const at::Tensor& t, const char* fn, const char* name, const at::Device& device, int64_t m) {
   check_secondary(t, fn, name, device);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == m, fn, ": ", name, " must have shape (", m, ",), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, fn, ": ", name, " must be float32, got ", t.scalar_type());
+  FA_CHECK(t.dim() == 1 && t.size(0) == m, fn, ": ", name, " must have shape (", m, ",), got ", t.sizes());
+  FA_CHECK(t.scalar_type() == at::kFloat, fn, ": ", name, " must be float32, got ", t.scalar_type());
 }
 
 const at::Tensor* present(const c10::optional<at::Tensor>& t) {
@@ -121,14 +123,14 @@ std::vector<at::Tensor> add_norm_fwd_cuda(const at::Tensor& x, const c10::option
   const at::Tensor* b = present(bias);
   if (res != nullptr) {
     check_secondary(*res, kFwd, "residual", device);
-    TORCH_CHECK(res->sizes() == x.sizes(), kFwd, ": residual must have the shape of x ", x.sizes(), ", got ",
+    FA_CHECK(res->sizes() == x.sizes(), kFwd, ": residual must have the shape of x ", x.sizes(), ", got ",
                 res->sizes());
-    TORCH_CHECK(res->scalar_type() == xt || res->scalar_type() == at::kFloat, kFwd, ": residual must be ", xt,
+    FA_CHECK(res->scalar_type() == xt || res->scalar_type() == at::kFloat, kFwd, ": residual must be ", xt,
                 " (the dtype of x) or float32, got ", res->scalar_type());
   }
   if (w != nullptr) check_vector(*w, kFwd, "weight", device, n, xt);
   if (b != nullptr) {
-    TORCH_CHECK(!is_rms, kFwd, ": bias must be None for RMSNorm (is_rms=True)");
+    FA_CHECK(!is_rms, kFwd, ": bias must be None for RMSNorm (is_rms=True)");
     check_vector(*b, kFwd, "bias", device, n, xt);
   }
 
@@ -162,7 +164,7 @@ std::vector<at::Tensor> add_norm_fwd_cuda(const at::Tensor& x, const c10::option
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const char* err = knl::add_norm_fwd_launch(p, stream);
-  TORCH_CHECK(err == nullptr, kFwd, ": kernel launch failed: ", err);
+  FA_CHECK(err == nullptr, kFwd, ": kernel launch failed: ", err);
   return {y, s, mean, rstd};
 }
 
@@ -178,24 +180,24 @@ std::vector<at::Tensor> add_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor
   const int64_t n = dy.size(1);
 
   check_secondary(s, kBwd, "s", device);
-  TORCH_CHECK(s.sizes() == dy.sizes(), kBwd, ": s must have the shape of dy ", dy.sizes(), ", got ", s.sizes());
-  TORCH_CHECK(s.scalar_type() == xt || s.scalar_type() == at::kFloat, kBwd, ": s must be ", xt,
+  FA_CHECK(s.sizes() == dy.sizes(), kBwd, ": s must have the shape of dy ", dy.sizes(), ", got ", s.sizes());
+  FA_CHECK(s.scalar_type() == xt || s.scalar_type() == at::kFloat, kBwd, ": s must be ", xt,
               " (the dtype of dy) or float32, got ", s.scalar_type());
   check_stats(rstd, kBwd, "rstd", device, m);
   const at::Tensor* mu = present(mean);
   if (!is_rms) {
-    TORCH_CHECK(mu != nullptr, kBwd, ": mean is required for LayerNorm (is_rms=False)");
+    FA_CHECK(mu != nullptr, kBwd, ": mean is required for LayerNorm (is_rms=False)");
     check_stats(*mu, kBwd, "mean", device, m);
   }
-  TORCH_CHECK(!(has_bias && is_rms), kBwd, ": has_bias must be False for RMSNorm (is_rms=True)");
+  FA_CHECK(!(has_bias && is_rms), kBwd, ": has_bias must be False for RMSNorm (is_rms=True)");
   const at::Tensor* w = present(weight);
   if (w != nullptr) check_vector(*w, kBwd, "weight", device, n, xt);
   const at::Tensor* dsp = present(ds);
   if (dsp != nullptr) {
     check_secondary(*dsp, kBwd, "ds", device);
-    TORCH_CHECK(dsp->sizes() == dy.sizes(), kBwd, ": ds must have the shape of dy ", dy.sizes(), ", got ",
+    FA_CHECK(dsp->sizes() == dy.sizes(), kBwd, ": ds must have the shape of dy ", dy.sizes(), ", got ",
                 dsp->sizes());
-    TORCH_CHECK(dsp->scalar_type() == s.scalar_type(), kBwd, ": ds must have the dtype of s (",
+    FA_CHECK(dsp->scalar_type() == s.scalar_type(), kBwd, ": ds must have the dtype of s (",
                 s.scalar_type(), "), got ", dsp->scalar_type());
   }
 
@@ -232,12 +234,12 @@ std::vector<at::Tensor> add_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor
 
   size_t ws_floats = 0;
   const char* err = knl::add_norm_bwd_workspace_size(p, &ws_floats);
-  TORCH_CHECK(err == nullptr, kBwd, ": ", err);
+  FA_CHECK(err == nullptr, kBwd, ": ", err);
   at::Tensor workspace;
   if (ws_floats > 0) workspace = at::empty({static_cast<int64_t>(ws_floats)}, f32);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   err = knl::add_norm_bwd_launch(p, ws_floats > 0 ? workspace.data_ptr<float>() : nullptr, ws_floats, stream);
-  TORCH_CHECK(err == nullptr, kBwd, ": kernel launch failed: ", err);
+  FA_CHECK(err == nullptr, kBwd, ": kernel launch failed: ", err);
   return {dx, dres, dweight, dbias};
 }
 

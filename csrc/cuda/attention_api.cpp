@@ -11,6 +11,8 @@
 // alibi, a window, softcap > 0 and dropout_p > 0 are refused (the Python dispatcher sends those to Triton).
 #include <torch/extension.h>
 
+#include "../check.h"
+
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -36,11 +38,11 @@ const at::Tensor* present(const c10::optional<at::Tensor>& t) {
 
 // A defined, strided CUDA tensor on `device` (device == nullptr: any CUDA device).
 void check_cuda(const at::Tensor& t, const char* fn, const char* name, const at::Device* device) {
-  TORCH_CHECK(t.defined(), fn, ": ", name, " is undefined");
-  TORCH_CHECK(t.is_cuda(), fn, ": ", name, " must be a CUDA tensor, got a tensor on ", t.device());
-  TORCH_CHECK(t.layout() == at::kStrided, fn, ": ", name, " must be a dense (strided) tensor");
+  FA_CHECK(t.defined(), fn, ": ", name, " is undefined");
+  FA_CHECK(t.is_cuda(), fn, ": ", name, " must be a CUDA tensor, got a tensor on ", t.device());
+  FA_CHECK(t.layout() == at::kStrided, fn, ": ", name, " must be a dense (strided) tensor");
   if (device != nullptr) {
-    TORCH_CHECK(t.device() == *device, fn, ": ", name, " is on ", t.device(), " but query is on ", *device);
+    FA_CHECK(t.device() == *device, fn, ": ", name, " is on ", t.device(), " but query is on ", *device);
   }
 }
 
@@ -48,10 +50,10 @@ void check_cuda(const at::Tensor& t, const char* fn, const char* name, const at:
 void check_bhld(const at::Tensor& t, const char* fn, const char* name, const at::Device& device,
                 at::ScalarType dtype) {
   check_cuda(t, fn, name, &device);
-  TORCH_CHECK(t.dim() == 4, fn, ": ", name, " must be 4-D (B, heads, seq_len, head_dim), got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, fn, ": ", name, " must have dtype ", dtype, " (the dtype of query), got ",
+  FA_CHECK(t.dim() == 4, fn, ": ", name, " must be 4-D (B, heads, seq_len, head_dim), got shape ", t.sizes());
+  FA_CHECK(t.scalar_type() == dtype, fn, ": ", name, " must have dtype ", dtype, " (the dtype of query), got ",
               t.scalar_type());
-  TORCH_CHECK(t.stride(3) == 1, fn, ": ", name, " must have a contiguous last dim (stride(-1) == 1), got strides ",
+  FA_CHECK(t.stride(3) == 1, fn, ": ", name, " must have a contiguous last dim (stride(-1) == 1), got strides ",
               t.strides());
 }
 
@@ -87,26 +89,26 @@ Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_cuda(q, fn, "q", nullptr);
   const at::Device device = q.device();
   const at::ScalarType dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, fn, ": q must be float16 or bfloat16, got ", dt,
+  FA_CHECK(dt == at::kHalf || dt == at::kBFloat16, fn, ": q must be float16 or bfloat16, got ", dt,
               " (float32 / float64 run on the Triton / reference backends)");
   check_bhld(q, fn, "q", device, dt);
   check_bhld(k, fn, "k", device, dt);
   check_bhld(v, fn, "v", device, dt);
   Problem pr{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
-  TORCH_CHECK(k.size(0) == pr.B && v.size(0) == pr.B, fn, ": k and v must have q's batch size ", pr.B,
+  FA_CHECK(k.size(0) == pr.B && v.size(0) == pr.B, fn, ": k and v must have q's batch size ", pr.B,
               ", got shapes ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(3) == pr.E, fn, ": k's head dim ", k.size(3), " != q's ", pr.E);
-  TORCH_CHECK(v.size(1) == pr.Hk && v.size(2) == pr.S, fn, ": v must have k's heads and length (", pr.Hk, ", ",
+  FA_CHECK(k.size(3) == pr.E, fn, ": k's head dim ", k.size(3), " != q's ", pr.E);
+  FA_CHECK(v.size(1) == pr.Hk && v.size(2) == pr.S, fn, ": v must have k's heads and length (", pr.Hk, ", ",
               pr.S, "), got shape ", v.sizes());
-  TORCH_CHECK(v.size(3) == pr.E, fn, ": v's head dim ", v.size(3),
+  FA_CHECK(v.size(3) == pr.E, fn, ": v's head dim ", v.size(3),
               " != q's head dim ", pr.E, " (the CUDA kernel needs Ev == E)");
-  TORCH_CHECK(pr.E == 32 || pr.E == 64 || pr.E == 128, fn, ": head dim ", pr.E,
+  FA_CHECK(pr.E == 32 || pr.E == 64 || pr.E == 128, fn, ": head dim ", pr.E,
               " is not supported by the CUDA kernel (32, 64 or 128)");
-  TORCH_CHECK(pr.Hk >= 1 && pr.H % pr.Hk == 0, fn, ": q's ", pr.H, " heads must be a multiple of k's ", pr.Hk,
+  FA_CHECK(pr.Hk >= 1 && pr.H % pr.Hk == 0, fn, ": q's ", pr.H, " heads must be a multiple of k's ", pr.Hk,
               " heads");
-  TORCH_CHECK(pr.B <= 65535 && pr.H <= 65535, fn, ": batch size ", pr.B, " and query heads ", pr.H,
+  FA_CHECK(pr.B <= 65535 && pr.H <= 65535, fn, ": batch size ", pr.B, " and query heads ", pr.H,
               " must each be at most 65535");
-  TORCH_CHECK(pr.L <= INT_MAX && pr.S <= INT_MAX, fn, ": sequence lengths must be below 2^31, got L = ", pr.L,
+  FA_CHECK(pr.L <= INT_MAX && pr.S <= INT_MAX, fn, ": sequence lengths must be below 2^31, got L = ", pr.L,
               ", S = ", pr.S);
   return pr;
 }
@@ -115,21 +117,21 @@ Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 knl::AttnMask check_features(const Problem& pr, const c10::optional<at::Tensor>& mask,
                              const c10::optional<at::Tensor>& alibi, int64_t window_left, int64_t window_right,
                              double softcap, double dropout_p, const at::Device& device, const char* fn) {
-  TORCH_CHECK(present(alibi) == nullptr, fn, ": alibi slopes are not implemented in the CUDA kernel (pass None)");
-  TORCH_CHECK(window_left == -1 && window_right == -1, fn,
+  FA_CHECK(present(alibi) == nullptr, fn, ": alibi slopes are not implemented in the CUDA kernel (pass None)");
+  FA_CHECK(window_left == -1 && window_right == -1, fn,
               ": a local window is not implemented in the CUDA kernel (window must be (-1, -1), got (", window_left,
               ", ", window_right, "))");
-  TORCH_CHECK(!(softcap > 0.0), fn, ": softcap is not implemented in the CUDA kernel (must be 0, got ", softcap,
+  FA_CHECK(!(softcap > 0.0), fn, ": softcap is not implemented in the CUDA kernel (must be 0, got ", softcap,
               ")");
-  TORCH_CHECK(!(dropout_p > 0.0), fn, ": dropout is not implemented in the CUDA kernel (dropout_p must be 0, got ",
+  FA_CHECK(!(dropout_p > 0.0), fn, ": dropout is not implemented in the CUDA kernel (dropout_p must be 0, got ",
               dropout_p, ")");
   knl::AttnMask m;
   const at::Tensor* mk = present(mask);
   if (mk != nullptr) {
     check_cuda(*mk, fn, "mask", &device);
-    TORCH_CHECK(mk->scalar_type() == at::kBool, fn, ": mask must be bool (True = take part), got ",
+    FA_CHECK(mk->scalar_type() == at::kBool, fn, ": mask must be bool (True = take part), got ",
                 mk->scalar_type(), " (float masks run on the Triton backend)");
-    TORCH_CHECK(mk->dim() == 4 && mk->size(0) == pr.B && mk->size(1) == pr.H && mk->size(2) == pr.L &&
+    FA_CHECK(mk->dim() == 4 && mk->size(0) == pr.B && mk->size(1) == pr.H && mk->size(2) == pr.L &&
                     mk->size(3) == pr.S,
                 fn, ": mask must have shape (B, H, L, S) = (", pr.B, ", ", pr.H, ", ", pr.L, ", ", pr.S,
                 ") (broadcast dims as stride-0 views), got ", mk->sizes());
@@ -180,7 +182,7 @@ std::vector<at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const char* err = knl::attention_fwd_launch(p, stream);
-  TORCH_CHECK(err == nullptr, kFwd, ": kernel launch failed: ", err);
+  FA_CHECK(err == nullptr, kFwd, ": kernel launch failed: ", err);
   return {out, lse};
 }
 
@@ -199,15 +201,15 @@ std::vector<at::Tensor> attention_bwd_cuda(const at::Tensor& dout, const at::Ten
                                          kBwd);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{dout, "dout"}, {out, "out"}}) {
     check_cuda(t, kBwd, name, &device);
-    TORCH_CHECK(t.dim() == 4 && t.size(0) == pr.B && t.size(1) == pr.H && t.size(2) == pr.L && t.size(3) == pr.E,
+    FA_CHECK(t.dim() == 4 && t.size(0) == pr.B && t.size(1) == pr.H && t.size(2) == pr.L && t.size(3) == pr.E,
                 kBwd, ": ", name, " must have shape (B, H, L, E) = (", pr.B, ", ", pr.H, ", ", pr.L, ", ", pr.E,
                 "), got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == dt, kBwd, ": ", name, " must have dtype ", dt, " (the dtype of q), got ",
+    FA_CHECK(t.scalar_type() == dt, kBwd, ": ", name, " must have dtype ", dt, " (the dtype of q), got ",
                 t.scalar_type());
   }
   check_cuda(lse, kBwd, "lse", &device);
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, kBwd, ": lse must be float32, got ", lse.scalar_type());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == pr.B && lse.size(1) == pr.H && lse.size(2) == pr.L, kBwd,
+  FA_CHECK(lse.scalar_type() == at::kFloat, kBwd, ": lse must be float32, got ", lse.scalar_type());
+  FA_CHECK(lse.dim() == 3 && lse.size(0) == pr.B && lse.size(1) == pr.H && lse.size(2) == pr.L, kBwd,
               ": lse must have shape (B, H, L) = (", pr.B, ", ", pr.H, ", ", pr.L, "), got ", lse.sizes());
 
   const c10::cuda::CUDAGuard guard(device);
@@ -243,7 +245,7 @@ std::vector<at::Tensor> attention_bwd_cuda(const at::Tensor& dout, const at::Ten
   p.dk = kernel_tensor(dka);
   p.dv = kernel_tensor(dva);
   p.delta = delta.data_ptr<float>();
-  TORCH_CHECK(static_cast<size_t>(delta.numel()) >= knl::attention_bwd_workspace_floats(p), kBwd,
+  FA_CHECK(static_cast<size_t>(delta.numel()) >= knl::attention_bwd_workspace_floats(p), kBwd,
               ": workspace too small");
   p.scale = static_cast<float>(scale);
   p.causal = causal;
@@ -251,7 +253,7 @@ std::vector<at::Tensor> attention_bwd_cuda(const at::Tensor& dout, const at::Ten
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const char* err = knl::attention_bwd_launch(p, stream);
-  TORCH_CHECK(err == nullptr, kBwd, ": kernel launch failed: ", err);
+  FA_CHECK(err == nullptr, kBwd, ": kernel launch failed: ", err);
   // (aligned_rows returned a copy only if empty_like produced unaligned rows: never for these head dims, but
   // keep the result correct if it ever does)
   if (!dqa.is_same(dq)) dq.copy_(dqa);

@@ -6,6 +6,8 @@
 //   quantize_rows_cuda(x, smooth) -> [q int8 (M, K), scale float32 (M,)]
 #include <torch/extension.h>
 
+#include "../check.h"
+
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -35,9 +37,9 @@ int sm_count(c10::DeviceIndex device, const char* op) {
   }
   int n = 0;
   const cudaError_t err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, static_cast<int>(device));
-  TORCH_CHECK(err == cudaSuccess, op, ": cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount) failed: ",
+  FA_CHECK(err == cudaSuccess, op, ": cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount) failed: ",
               cudaGetErrorString(err));
-  TORCH_CHECK(n > 0, op, ": device ", static_cast<int>(device), " reports no multiprocessors");
+  FA_CHECK(n > 0, op, ": device ", static_cast<int>(device), " reports no multiprocessors");
   if (cacheable) cache[device].store(n, std::memory_order_relaxed);
   return n;
 }
@@ -47,31 +49,31 @@ struct Checker {
   const char* op;
 
   void cuda_dense(const at::Tensor& t, const char* name) const {
-    TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-    TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got ", t.layout());
-    TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got a tensor on ", t.device());
+    FA_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+    FA_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got ", t.layout());
+    FA_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got a tensor on ", t.device());
   }
   void same_device(const at::Tensor& t, const char* name, const at::Device& device, const char* first) const {
-    TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but ", first, " is on ", device);
+    FA_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but ", first, " is on ", device);
   }
   void contiguous(const at::Tensor& t, const char* name) const {
-    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got shape ", t.sizes(), " and strides ",
+    FA_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got shape ", t.sizes(), " and strides ",
                 t.strides());
   }
   void matrix(const at::Tensor& t, const char* name, const char* shape) const {
     cuda_dense(t, name);
-    TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D ", shape, ", got shape ", t.sizes());
+    FA_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D ", shape, ", got shape ", t.sizes());
     contiguous(t, name);
   }
   void dtype_is(const at::Tensor& t, const char* name, at::ScalarType want) const {
-    TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must have dtype ", want, ", got ", t.scalar_type());
+    FA_CHECK(t.scalar_type() == want, op, ": ", name, " must have dtype ", want, ", got ", t.scalar_type());
   }
   // float32 (n,) contiguous on `device`: the scale / bias / smooth vectors.
   void f32_vector(const at::Tensor& t, const char* name, int64_t n, const char* what, const at::Device& device,
                   const char* first) const {
     cuda_dense(t, name);
     same_device(t, name, device, first);
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "] (", what, "), got ",
+    FA_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "] (", what, "), got ",
                 t.sizes());
     dtype_is(t, name, at::kFloat);
     contiguous(t, name);
@@ -90,7 +92,7 @@ knl::Int8Kernel forced_kernel() {
   if (s == "tile128x128") return knl::Int8Kernel::kTile128x128;
   if (s == "tile128x128w8") return knl::Int8Kernel::kTile128x128W8;
   if (s == "tile128x256") return knl::Int8Kernel::kTile128x256;
-  TORCH_CHECK(false, "int8_mm_cuda: environment variable FASTATTN_CUDA_INT8_KERNEL=", s, " is not one of auto, "
+  FA_CHECK(false, "int8_mm_cuda: environment variable FASTATTN_CUDA_INT8_KERNEL=", s, " is not one of auto, "
               "small_m, tile64x64, tile128x128, tile128x128w8, tile128x256");
   return knl::Int8Kernel::kAuto;  // unreachable
 }
@@ -112,7 +114,7 @@ knl::Int8OutDtype out_dtype_of(at::ScalarType t) {
     default:
       break;
   }
-  TORCH_CHECK(false, "int8_mm_cuda: out_dtype must be torch.float16, torch.bfloat16, torch.float32 or torch.int32, "
+  FA_CHECK(false, "int8_mm_cuda: out_dtype must be torch.float16, torch.bfloat16, torch.float32 or torch.int32, "
               "got ", t);
   return knl::Int8OutDtype::kFloat32;  // unreachable
 }
@@ -128,16 +130,16 @@ at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b, const c10::opt
   c.same_device(b, "b", device, "a");
   c.dtype_is(b, "b", at::kChar);
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
-  TORCH_CHECK(b.size(1) == K, c.op, ": b must have K = ", K, " columns like a ", a.sizes(), ", got shape ",
+  FA_CHECK(b.size(1) == K, c.op, ": b must have K = ", K, " columns like a ", a.sizes(), ", got shape ",
               b.sizes());
-  TORCH_CHECK(K <= knl::kInt8MaxK, c.op, ": K = ", K, " is too large for an exact int32 accumulator (at most ",
+  FA_CHECK(K <= knl::kInt8MaxK, c.op, ": K = ", K, " is too large for an exact int32 accumulator (at most ",
               knl::kInt8MaxK, ")");
   const knl::Int8OutDtype ot = out_dtype_of(out_dtype);
   const at::Tensor* sa = present(a_scale);
   const at::Tensor* sb = present(b_scale);
   const at::Tensor* bi = present(bias);
   if (ot == knl::Int8OutDtype::kInt32)
-    TORCH_CHECK(sa == nullptr && sb == nullptr && bi == nullptr, c.op,
+    FA_CHECK(sa == nullptr && sb == nullptr && bi == nullptr, c.op,
                 ": out_dtype torch.int32 returns the raw accumulator: a_scale, b_scale and bias must be None");
   if (sa != nullptr) c.f32_vector(*sa, "a_scale", M, "M, one scale per row of a", device, "a");
   if (sb != nullptr) c.f32_vector(*sb, "b_scale", N, "N, one scale per row of b", device, "a");
@@ -162,7 +164,7 @@ at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b, const c10::opt
   p.kernel = forced_kernel();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const char* err = knl::int8_mm_launch(p, stream);
-  TORCH_CHECK(err == nullptr, c.op, ": kernel launch failed: ", err);
+  FA_CHECK(err == nullptr, c.op, ": kernel launch failed: ", err);
   return out;
 }
 
@@ -182,11 +184,11 @@ std::vector<at::Tensor> quantize_rows_cuda(const at::Tensor& x, const c10::optio
       xt = knl::Int8InDtype::kBFloat16;
       break;
     default:
-      TORCH_CHECK(false, c.op, ": x must have dtype torch.float32, torch.float16 or torch.bfloat16, got ",
+      FA_CHECK(false, c.op, ": x must have dtype torch.float32, torch.float16 or torch.bfloat16, got ",
                   x.scalar_type());
   }
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K >= 1, c.op, ": x must have at least one column, got shape ", x.sizes());
+  FA_CHECK(K >= 1, c.op, ": x must have at least one column, got shape ", x.sizes());
   const at::Tensor* sm = present(smooth);
   if (sm != nullptr) c.f32_vector(*sm, "smooth", K, "K, one divisor per column of x", device, "x");
 
@@ -206,7 +208,7 @@ std::vector<at::Tensor> quantize_rows_cuda(const at::Tensor& x, const c10::optio
   p.scale_by_reciprocal = false;  // scale = amax / 127, IEEE-rounded, as the reference on every device
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const char* err = knl::quantize_rows_launch(p, stream);
-  TORCH_CHECK(err == nullptr, c.op, ": kernel launch failed: ", err);
+  FA_CHECK(err == nullptr, c.op, ": kernel launch failed: ", err);
   return {q, scale};
 }
 
