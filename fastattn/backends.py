@@ -115,8 +115,10 @@ class Impl:
 
     def not_supported_reasons(self, req) -> List[str]:
         why = unavailable_reason(self.backend)
-        if why is not None:
-            return [why]
+        return [why] if why is not None else self.declared_reasons(req)
+
+    def declared_reasons(self, req) -> List[str]:
+        """What this backend declares it cannot run in req (device, dtype, features), on any machine."""
         reasons = []
         devices = self.devices
         if self.backend == "triton" and triton_interpreted():
