@@ -162,17 +162,32 @@ def _small_m_kernel(
 
 SMALL_M = 8  # up to this many rows, the vector-product kernel beats padding M to a tensor-core tile
 
+# Decode is memory-bound: the weight must stream at full bandwidth, which takes enough bytes in flight per SM. Which
+# (rows x K chunk, warps) gets there depends on N and K, so the GPU autotunes it (H100, run 2: the fixed 16 x 512
+# tile with 4 warps moved the 4096 x 4096 weight at about half the copy bandwidth).
+_SMALL_M_TILES = [(16, 512, 4), (8, 1024, 4), (16, 1024, 8), (4, 2048, 4), (8, 2048, 8), (32, 256, 4), (2, 4096, 4)]
+if triton_interpreted():
+    _small_m_mm = _small_m_kernel
+else:
+    _small_m_mm = triton.autotune(
+        [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in _SMALL_M_TILES][
+            :None if os.environ.get("FASTATTN_AUTOTUNE", "1") != "0" else 1],
+        key=["N", "K", "INT8_A"])(_small_m_kernel)
 
-def _small_m(a, b, out, a_scale, b_scale, bias):
+
+def _small_m(a, b, out, a_scale, b_scale, bias, tile=None):
+    """The decode kernel; ``tile`` = (BLOCK_N, BLOCK_K, num_warps) runs that tile untuned (tests check each)."""
     M, K = a.shape
     N = b.shape[0]
-    block_n, block_k = (16, 64) if triton_interpreted() else (16, 512)
-    _small_m_kernel[(triton.cdiv(N, block_n), M)](
+    kernel, meta = _small_m_mm, {}
+    if tile is not None or triton_interpreted():
+        n, k, w = tile or (16, 64, 4)
+        kernel, meta = _small_m_kernel, dict(BLOCK_N=n, BLOCK_K=k, num_warps=w)
+    kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](
         a, b, out, out if a_scale is None else a_scale, out if b_scale is None else b_scale,
         out if bias is None else bias, N, K, a.stride(0), b.stride(0), out.stride(0),
         HAS_AS=a_scale is not None, HAS_BS=b_scale is not None, HAS_BIAS=bias is not None,
-        OUT_INT32=out.dtype == torch.int32, INT8_A=a.dtype == torch.int8, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4)
+        OUT_INT32=out.dtype == torch.int32, INT8_A=a.dtype == torch.int8, **meta)
     return out
 
 
@@ -289,5 +304,6 @@ def quantize_rows(x, smooth):
     if M:
         block = triton.next_power_of_2(K)
         _quantize_rows_kernel[(M,)](x, x if smooth is None else smooth, q, scale, K, HAS_SMOOTH=smooth is not None,
-                                    BLOCK_K=block, num_warps=min(max(block // 1024, 1), 16))
+                                    BLOCK_K=block, num_warps=min(max(block // 1024, 1), 16),
+                                    enable_fp_fusion=False)  # x * inv + 0.5 as one FMA skips the rounding of x * inv
     return q, scale

@@ -1,5 +1,7 @@
 """INT8 matmul and quantization on every backend: exact int32 accumulators, epilogue within float tolerance,
 quantization bit-exact with the reference; Int8Linear within its quantization-step bound; SmoothQuant; QAT."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,27 @@ def test_every_triton_config_is_exact():
     ref = int8_matmul_ref(a.cpu(), b.cpu(), out_dtype=torch.int32)
     for config in k._mm_configs(all_configs=True):
         assert torch.equal(k.int8_mm_with_config(a, b, config).cpu(), ref), str(config)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton needs a GPU or its interpreter")
+def test_every_decode_tile_is_exact():
+    """Each tile the GPU may autotune the small-M (decode) kernel to: exact int32 sums (W8A8) and W8A16 within fp32
+    rounding, over an N and K that no tile divides."""
+    from fastattn.kernels import int8 as k
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(1)
+    a, b = int8((3, 4101), g, dev), int8((37, 4101), g, dev)
+    x = torch.randn(3, 4101, generator=g).to(torch.bfloat16).to(dev)
+    ones = torch.ones(37, device=dev)
+    ref = int8_matmul_ref(a.cpu(), b.cpu(), out_dtype=torch.int32)
+    ref16 = x.cpu().double() @ b.cpu().double().T
+    bound16 = 4101 * 2.0**-24 * (x.cpu().double().abs() @ b.cpu().double().abs().T)  # fp32 summation: K * eps * sum|.|
+    for tile in k._SMALL_M_TILES:
+        out = k._small_m(a, b, torch.empty(3, 37, dtype=torch.int32, device=dev), None, None, None, tile)
+        assert torch.equal(out.cpu(), ref), tile
+        out = k._small_m(x, b, torch.empty(3, 37, dtype=torch.float32, device=dev), None, ones, None, tile)
+        assert ((out.cpu().double() - ref16).abs() <= bound16).all(), tile
 
 
 @BK
