@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -130,13 +130,16 @@ class Impl:
         return reasons + list(self.check(req))
 
 
+Priority = Union[Tuple[str, ...], Callable[[object], Tuple[str, ...]]]
+
+
 class Dispatcher:
     """Picks the Impl of one op for a request (a frozen dataclass with at least ``device`` and ``dtype``)."""
 
-    def __init__(self, op: str, impls: Sequence[Impl], priority: Optional[Dict[str, Tuple[str, ...]]] = None):
+    def __init__(self, op: str, impls: Sequence[Impl], priority: Optional[Dict[str, Priority]] = None):
         self.op = op
         self.impls: Dict[str, Impl] = {i.backend: i for i in impls}
-        self.priority = dict(PRIORITY, **(priority or {}))  # auto-mode order per device type
+        self.priority = dict(PRIORITY, **(priority or {}))  # auto-mode order per device type (or req -> order)
 
     def select(self, req, forced: Optional[str] = None) -> Impl:
         return self._select(req, forced if forced is not None else forced_backend())
@@ -152,7 +155,8 @@ class Dispatcher:
             log.debug("fastattn.%s: running on forced backend %r for %s", self.op, forced, req)
             return impl
         refused = []
-        for name in self.priority.get(req.device, ("reference",)):
+        order = self.priority.get(req.device, ("reference",))
+        for name in order(req) if callable(order) else order:
             impl = self.impls.get(name)
             reasons = ["not implemented for this op"] if impl is None else impl.not_supported_reasons(req)
             if not reasons:

@@ -270,3 +270,14 @@ def test_cpu_code_paths(env):
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
+
+
+def test_gpu_auto_order_depends_on_rows():
+    """Decode-sized calls go to the CUDA C++ kernels first (cheaper launches, faster small-M kernel), larger ones to
+    Triton's GEMM; on a GPU with both built, auto mode picks accordingly."""
+    from fastattn.ops import int8 as I
+    small = I.Int8Request("cuda", torch.float16, 4096, decode=True)
+    large = I.Int8Request("cuda", torch.float16, 4096, decode=False)
+    assert I._gpu_order(small)[0] == "cuda" and I._gpu_order(large)[0] == "triton"
+    if torch.cuda.is_available() and hasattr(fastattn._ext._C, "int8_mm_cuda"):
+        assert I._mm.select(small).backend == "cuda" and I._mm.select(large).backend == "triton"
