@@ -69,7 +69,8 @@ def _bench(benchmark, fn, ops, group, info, timing="eager"):
     benchmark.group = group
     benchmark.extra_info.update(info, device=DEVICE, calls_per_round=CALLS)
     benchmark.pedantic(step, warmup_rounds=2, rounds=ROUNDS, iterations=1)
-    benchmark.extra_info["TFLOP/s"] = ops * CALLS / benchmark.stats.stats.median / 1e12
+    if ops:
+        benchmark.extra_info["TFLOP/s"] = ops * CALLS / benchmark.stats.stats.median / 1e12
 
 
 @pytest.mark.parametrize("timing", ["eager", "graph"])
@@ -111,3 +112,21 @@ def test_int8_linear(benchmark, impl, M, N, K, timing):
         _bench(benchmark, lambda: mod(x), 2 * M * N * K, f"linear M={M} N={N} K={K}",
                dict(op="int8_linear", impl=impl if impl == "torch-linear" else f"Int8Linear-{impl}", width=M,
                     dtype=str(FLOAT)[6:], direction=f"N{N}K{K}"), timing)
+
+
+@pytest.mark.parametrize("impl", ["torch"] + OURS)
+@pytest.mark.parametrize("M, K", [(1, 4096), (4096, 4096)], ids=lambda v: str(v))
+def test_quantize(benchmark, impl, M, K):
+    """Per-token quantization alone (torch: the same absmax / divide / round in eager ops)."""
+    x = torch.randn(M, K, device=DEVICE, dtype=FLOAT)
+    if impl == "torch":
+        def fn():
+            scale = x.abs().amax(-1, keepdim=True).float() / 127
+            return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
+    else:
+        def fn():
+            with fastattn.backend(impl):
+                return fastattn.quantize_per_token(x)
+    _bench(benchmark, fn, 0, f"quantize M={M} K={K}",
+           dict(op="quantize", impl=impl, width=M, dtype=str(FLOAT)[6:], direction=f"K{K}"))
+    benchmark.extra_info["GB/s"] = M * K * (x.element_size() + 1) * CALLS / benchmark.stats.stats.median / 1e9
