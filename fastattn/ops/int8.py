@@ -59,16 +59,16 @@ def _ref_mm(a, b, a_scale, b_scale, bias, out_dtype):
 
 
 def _gpu_order(req: Int8Request):
-    """H100, GPU suite run 2: Triton's GEMM is the fast one at large M (964 TOPS at 4096^3 against CUDA C++'s 497);
-    at decode sizes the CUDA C++ kernels win, eagerly (M=1: 0.031 ms against 0.113: a pybind call launches faster
-    than Triton) and in CUDA graphs (M=1: 1.98x bf16 against 1.71x; M=16: 1.35x against 1.22x)."""
+    """H100, GPU suite runs 2 and 3: Triton's GEMM is the fast one at large M (964-1024 TOPS at 4096^3 against CUDA
+    C++'s 487-497); at decode sizes the CUDA C++ kernels win eagerly (M=1: 0.031-0.043 ms against 0.113-0.125: a
+    pybind call launches faster than Triton) and at M=16 in CUDA graphs (1.32-1.35x bf16 against 1.17-1.22x); at M=1
+    in graphs the two trade places between runs (1.98x / 1.71x, then 1.75x / 2.08x)."""
     return ("cuda", "triton", "reference") if req.decode else ("triton", "cuda", "reference")
 
 
 _GPU_ORDER = {"cuda": _gpu_order}
 # Quantization, a memory-bound row pass, at every size on the CUDA C++ kernel (vectorized row loads, bit-exact like
-# Triton's): run 2 showed Int8Linear held back by host time, and Triton's launch there cost ~80 us against ~20 for a
-# pybind call (int8 GEMM at M=1, eager: 0.113 ms against 0.031). bench_int8's quantize rows measure both.
+# Triton's): GPU suite run 3, bf16 K=4096, 0.042 ms against Triton's 0.093 at M=4096 and 0.026 against 0.054 at M=1.
 _QUANT_ORDER = {"cuda": ("cuda", "triton", "reference")}
 _mm = Dispatcher("int8_matmul", [
     Impl("cuda", _compiled("int8_mm_cuda"), None, ("cuda",), OUT_DTYPES, _has("int8_mm_cuda")),
