@@ -83,6 +83,30 @@ def _key_range(start_m, L, S, diag_offset, window_left, window_right,
 
 
 @triton.jit
+def _query_range(start_n, L, S, diag_offset, window_left, window_right,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Query rows that see keys [start_n, start_n + BLOCK_N): [lo, mid) need element masks, [mid, hi) do not."""
+    lo = 0
+    hi = L
+    if CAUSAL:
+        lo = tl.maximum(0, start_n - diag_offset)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, start_n - diag_offset - window_right)
+        hi = tl.minimum(L, start_n + BLOCK_N - 1 - diag_offset + window_left + 1)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    if HAS_WINDOW:
+        mid = hi
+    elif CAUSAL:  # rows from start_n + BLOCK_N - 1 - diag_offset on see the whole key block
+        mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag_offset, 0), BLOCK_M) * BLOCK_M
+    else:
+        mid = lo
+    mid = tl.where(start_n + BLOCK_N > S, hi, mid)  # the key tail block stays masked throughout
+    hi = tl.maximum(hi, lo)
+    mid = tl.minimum(tl.maximum(mid, lo), hi)
+    return lo, mid, hi
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, offs_m, offs_d, offs_dv, start, end, b, h, bh, L, S, E, EV,
                stride_kn, stride_vn, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi,
                sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
@@ -178,6 +202,41 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
+def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta, offs_n, offs_d, offs_dv, start, end, b, h, bh, L, S, E, EV,
+                Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi,
+                sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
+                MASKED: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_row = bh.to(tl.int64) * L + offs_m
+        q = tl.load(Q + q_row[:, None] * E + offs_d[None, :], mask=(offs_m[:, None] < L) & (offs_d[None, :] < E),
+                    other=0.0).to(DOT_DTYPE)
+        do = tl.load(DOut + q_row[:, None] * EV + offs_dv[None, :],
+                     mask=(offs_m[:, None] < L) & (offs_dv[None, :] < EV), other=0.0).to(DOT_DTYPE)
+        lse = tl.load(Lse + q_row, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(Delta + q_row, mask=offs_m < L, other=0.0)
+        s, capped = _scores(q, tl.trans(k), offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh,
+                            stride_mm, stride_mn, Alibi, sm_scale, softcap, diag_offset, window_left,
+                            window_right, MASKED, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, PRECISION)
+        p = tl.math.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N); 0 where masked, for rows past L or empty rows
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p)
+            pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        else:
+            pd = p
+        dv += tl.dot(tl.trans(pd.to(DOT_DTYPE)), do, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - capped * capped)
+        dk += tl.dot(tl.trans(ds.to(DOT_DTYPE)), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DOut,  # (B, H, L, E), (B, Hk, S, E), (B, Hk, S, EV), (B, H, L, EV) contiguous
     Lse, Delta,  # (B, H, L) float32
@@ -204,48 +263,52 @@ def _attn_bwd_dkdv_kernel(
                 other=0.0).to(DOT_DTYPE)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
-    # query rows that can see this key block
-    lo = 0
-    hi = L
-    if CAUSAL:
-        lo = tl.maximum(0, start_n - diag_offset)
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, start_n - diag_offset - window_right)
-        hi = tl.minimum(L, start_n + BLOCK_N - 1 - diag_offset + window_left + 1)
-    lo = (lo // BLOCK_M) * BLOCK_M
+    lo, mid, hi = _query_range(start_n, L, S, diag_offset, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL,
+                               HAS_WINDOW)
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q_row = bh.to(tl.int64) * L + offs_m
-            q = tl.load(Q + q_row[:, None] * E + offs_d[None, :], mask=(offs_m[:, None] < L) & (offs_d[None, :] < E),
-                        other=0.0).to(DOT_DTYPE)
-            do = tl.load(DOut + q_row[:, None] * EV + offs_dv[None, :],
-                         mask=(offs_m[:, None] < L) & (offs_dv[None, :] < EV), other=0.0).to(DOT_DTYPE)
-            lse = tl.load(Lse + q_row, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(Delta + q_row, mask=offs_m < L, other=0.0)
-            s, capped = _scores(q, tl.trans(k), offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh,
-                                stride_mm, stride_mn, Alibi, sm_scale, softcap, diag_offset, window_left,
-                                window_right, True, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, PRECISION)
-            p = tl.math.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N); 0 where masked or the row is empty
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            if DROPOUT:
-                keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p)
-                pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            else:
-                pd = p
-            dv += tl.dot(tl.trans(pd.to(DOT_DTYPE)), do, input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            if SOFTCAP:
-                ds = ds * (1.0 - capped * capped)
-            dk += tl.dot(tl.trans(ds.to(DOT_DTYPE)), q, input_precision=PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta, offs_n, offs_d, offs_dv, lo, mid, b, h, bh, L, S,
+                             E, EV, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi, sm_scale, softcap,
+                             diag_offset, window_left, window_right, dropout_p, seed, rng_offset, True, MASK_KIND,
+                             CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT, DOT_DTYPE, PRECISION, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta, offs_n, offs_d, offs_dv, mid, hi, b, h, bh, L, S,
+                             E, EV, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi, sm_scale, softcap,
+                             diag_offset, window_left, window_right, dropout_p, seed, rng_offset, False, MASK_KIND,
+                             CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT, DOT_DTYPE, PRECISION, BLOCK_M)
     dk = dk * sm_scale
     tl.store(DK + kv_row[:, None] * E + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=(offs_n[:, None] < S) & (offs_d[None, :] < E))
     tl.store(DV + kv_row[:, None] * EV + offs_dv[None, :], dv.to(DV.dtype.element_ty),
              mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV))
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, K, V, offs_m, offs_d, offs_dv, start, end, b, h, bh, L, S, E, EV,
+              Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi,
+              sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
+              MASKED: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + offs_n[:, None] * E + offs_d[None, :], mask=(offs_n[:, None] < S) & (offs_d[None, :] < E),
+                    other=0.0).to(DOT_DTYPE)
+        v = tl.load(V + offs_n[:, None] * EV + offs_dv[None, :],
+                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV), other=0.0).to(DOT_DTYPE)
+        s, capped = _scores(q, tl.trans(k), offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh, stride_mm,
+                            stride_mn, Alibi, sm_scale, softcap, diag_offset, window_left, window_right, MASKED,
+                            MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, PRECISION)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - capped * capped)
+        dq += tl.dot(ds.to(DOT_DTYPE), k, input_precision=PRECISION)
+    return dq
 
 
 @triton.jit
@@ -279,25 +342,14 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     lo, mid, hi = _key_range(start_m, L, S, diag_offset, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL,
                              HAS_WINDOW)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_row = kv_base + offs_n
-        k = tl.load(K + kv_row[:, None] * E + offs_d[None, :], mask=(offs_n[:, None] < S) & (offs_d[None, :] < E),
-                    other=0.0).to(DOT_DTYPE)
-        v = tl.load(V + kv_row[:, None] * EV + offs_dv[None, :],
-                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV), other=0.0).to(DOT_DTYPE)
-        s, capped = _scores(q, tl.trans(k), offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh, stride_mm,
-                            stride_mn, Alibi, sm_scale, softcap, diag_offset, window_left, window_right, True,
-                            MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, PRECISION)
-        p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - capped * capped)
-        dq += tl.dot(ds.to(DOT_DTYPE), k, input_precision=PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, K + kv_base * E, V + kv_base * EV, offs_m, offs_d, offs_dv, lo, mid, b, h,
+                   bh, L, S, E, EV, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi, sm_scale, softcap,
+                   diag_offset, window_left, window_right, dropout_p, seed, rng_offset, False, MASK_KIND, CAUSAL,
+                   HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT, DOT_DTYPE, PRECISION, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, K + kv_base * E, V + kv_base * EV, offs_m, offs_d, offs_dv, mid, hi, b, h,
+                   bh, L, S, E, EV, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi, sm_scale, softcap,
+                   diag_offset, window_left, window_right, dropout_p, seed, rng_offset, True, MASK_KIND, CAUSAL,
+                   HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT, DOT_DTYPE, PRECISION, BLOCK_N)
     dq = dq * sm_scale
     tl.store(DQ + q_row[:, None] * E + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=(offs_m[:, None] < L) & (offs_d[None, :] < E))
@@ -348,16 +400,18 @@ def _common(q, k, v, mask, alibi, p):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel and head-dim class (<= 64, <= 128, <= 256);
-# autotuned on GPU (FASTATTN_AUTOTUNE=0 keeps the first), one config in the interpreter.
+# autotuned on GPU (FASTATTN_AUTOTUNE=0 keeps the first), one config in the interpreter. Run 3 (H100) read the
+# backward at 0.85-1.01x torch's flash backend: the 128-wide tiles (FA2's and the Triton tutorial's shapes) are
+# candidates for it since.
 _CONFIGS = {
     "fwd": {64: [(128, 64, 4, 3), (128, 128, 8, 3)],
             128: [(128, 64, 8, 3), (128, 128, 8, 2)],
             256: [(64, 32, 8, 2), (64, 64, 8, 1)]},
-    "dkdv": {64: [(32, 128, 4, 3), (64, 64, 4, 2)],
-             128: [(32, 64, 4, 3), (64, 64, 8, 2)],
+    "dkdv": {64: [(32, 128, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2)],
+             128: [(32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 4, 3), (64, 128, 8, 2)],
              256: [(32, 32, 8, 1), (16, 32, 4, 1)]},
-    "dq": {64: [(128, 32, 4, 3), (64, 64, 4, 2)],
-           128: [(64, 32, 4, 3), (64, 64, 8, 2)],
+    "dq": {64: [(128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)],
+           128: [(64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2)],
            256: [(32, 32, 8, 1), (32, 16, 4, 1)]},
 }
 
@@ -367,7 +421,7 @@ def _dim_class(d: int) -> int:
 
 
 def _tuned(kernel, which: str):
-    """kernel autotuned over _CONFIGS[which] for its head-dim class (keyed on the head dims only)."""
+    """kernel autotuned over _CONFIGS[which] for its head-dim class (keyed on the head dims and causality)."""
     if triton_interpreted():
         return kernel
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
@@ -380,17 +434,25 @@ def _tuned(kernel, which: str):
         keep = [c for c, k in zip(configs, classes) if k == cls]
         return keep[:1] if first_only else keep
 
-    return triton.autotune(configs, key=["E", "EV"], prune_configs_by={"early_config_prune": prune})(kernel)
+    return triton.autotune(configs, key=["E", "EV", "CAUSAL"], prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-_fwd_tuned = _tuned(_attn_fwd_kernel, "fwd")
-_dkdv_tuned = _tuned(_attn_bwd_dkdv_kernel, "dkdv")
-_dq_tuned = _tuned(_attn_bwd_dq_kernel, "dq")
+_KERNELS = {"fwd": (_attn_fwd_kernel, _tuned(_attn_fwd_kernel, "fwd")),
+            "dkdv": (_attn_bwd_dkdv_kernel, _tuned(_attn_bwd_dkdv_kernel, "dkdv")),
+            "dq": (_attn_bwd_dq_kernel, _tuned(_attn_bwd_dq_kernel, "dq"))}
+_INTERPRETER_CONFIG = (32, 32, 4, 1)
+# kernel name -> (BLOCK_M, BLOCK_N, num_warps, num_stages) launched instead of the autotuner's pick: tests run every
+# GPU candidate through it (the autotuner would only ever run the one it picks).
+FORCED_CONFIG = {}
 
 
-def _meta():
-    """The interpreter's one config (on GPU the autotuner supplies BLOCK_M, BLOCK_N, warps and stages)."""
-    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1) if triton_interpreted() else {}
+def _launch(which: str, grid, *args, **kwargs):
+    raw, tuned = _KERNELS[which]
+    config = FORCED_CONFIG.get(which) or (_INTERPRETER_CONFIG if triton_interpreted() else None)
+    if config is None:
+        return tuned[grid](*args, **kwargs)
+    m, n, w, st = config
+    return raw[grid](*args, **kwargs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
 
 
 def attention_fwd(q, k, v, mask, alibi, p):
@@ -401,11 +463,11 @@ def attention_fwd(q, k, v, mask, alibi, p):
     if out.numel() == 0 or L == 0:
         return out.zero_(), lse.fill_(float("inf"))
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _fwd_tuned[grid](
-        q, k, v, out, lse, mask_arg, alibi_arg,
+    _launch(
+        "fwd", grid, q, k, v, out, lse, mask_arg, alibi_arg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), out.stride(0), out.stride(1), out.stride(2), *ms,
-        H, H // Hk, L, S, E, EV, *scalars, **flags, **_meta())
+        H, H // Hk, L, S, E, EV, *scalars, **flags)
     return out, lse
 
 
@@ -422,8 +484,10 @@ def attention_bwd(dout, q, k, v, out, lse, mask, alibi, p):
                                                            BLOCK_DV=flags["BLOCK_DV"])
     args = (q, k, v, dout, lse, delta)
     tail = (mask_arg, alibi_arg, *ms, H, Hk, H // Hk, L, S, E, EV, *scalars)
-    _dkdv_tuned[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hk)](*args, dk, dv, *tail, **flags, **_meta())
-    _dq_tuned[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)](*args, dq, *tail, **flags, **_meta())
+    dkdv_grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hk)  # noqa: E731
+    dq_grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _launch("dkdv", dkdv_grid, *args, dk, dv, *tail, **flags)
+    _launch("dq", dq_grid, *args, dq, *tail, **flags)
     return dq, dk, dv
 
 

@@ -174,6 +174,39 @@ def test_no_out_of_bounds_reads(backend_name):
         assert torch.isfinite(t).all(), f"{name}: NaN read from past the end of an input"
 
 
+def _triton_candidates():
+    """(kernel, head dim of its class, config) for every config the GPU may autotune a Triton kernel to; in the
+    interpreter, where only the tile shape matters, one per tile shape other than its own 32 x 32."""
+    try:
+        from fastattn.kernels.attention import _CONFIGS
+    except ImportError:  # no triton: the backend_name fixture skips
+        return [("fwd", 64, (32, 32, 4, 1))]
+    seen, out = {(w, 32, 32) for w in _CONFIGS}, []
+    for which, classes in _CONFIGS.items():
+        for dim, group in classes.items():
+            for cfg in group:
+                if not HAS_GPU and (which, *cfg[:2]) in seen:
+                    continue
+                seen.add((which, *cfg[:2]))
+                out.append(pytest.param(which, dim, cfg, id=f"{which}-d{dim}-{'-'.join(map(str, cfg))}"))
+    return out
+
+
+@pytest.mark.parametrize("backend_name", ["triton"], indirect=True)
+@pytest.mark.parametrize("which, E, config", _triton_candidates())
+def test_every_triton_config(backend_name, monkeypatch, which, E, config):
+    """Each config the autotuner may pick, forced (on GPU with its warps and stages; in the interpreter its tile
+    shape), where its tiles split into masked and mask-free blocks: causal both alignments (with GQA, with empty
+    rows), a window, key tails."""
+    from fastattn.kernels import attention as K
+    monkeypatch.setitem(K.FORCED_CONFIG, which, config)
+    E = E if HAS_GPU else 16  # the head dim only matters for the GPU's registers and shared memory
+    check(backend_name, B=1, H=1, L=200, S=200, E=E, causal="top_left")
+    check(backend_name, B=1, H=4, Hk=2, L=70, S=200, E=E, causal="bottom_right", mask="bool")
+    check(backend_name, B=1, H=1, L=270, S=140, E=E, causal="bottom_right")
+    check(backend_name, B=1, H=1, L=200, S=200, E=E, window=(70, 10), alibi=True)
+
+
 @BK
 @pytest.mark.parametrize("p_drop", [0.17, 0.5])
 def test_dropout(backend_name, p_drop):
