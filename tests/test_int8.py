@@ -157,6 +157,32 @@ def test_int8linear_modes_and_state_dict(mode):
     assert set(q.state_dict()) == {"weight", "weight_scale", "bias", "input_scale"}
 
 
+def test_int8linear_bias_is_float32_and_exact():
+    """The bias is kept in the epilogue's float32 (no cast kernel per call); a bf16 layer's bias converts exactly,
+    and a layer moved to bf16 later (its buffers cast) still computes through float32 vectors."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32).to(torch.bfloat16)
+    q = Int8Linear.from_float(lin)
+    assert q.bias.dtype == torch.float32 and torch.equal(q.bias, lin.bias.float())
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    xq, sx = fastattn.quantize_per_token(x)
+    expect = fastattn.int8_matmul(xq, q.weight, sx, q.weight_scale, lin.bias, out_dtype=torch.bfloat16)
+    assert torch.equal(q(x), expect)
+    q16 = Int8Linear.from_float(lin).to(torch.bfloat16)  # weight_scale and bias now bf16: converted per call
+    assert q16.bias.dtype == torch.bfloat16
+    expect16 = fastattn.int8_matmul(xq, q.weight, sx, q16.weight_scale, q16.bias, out_dtype=torch.bfloat16)
+    assert torch.equal(q16(x), expect16)
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8_static", "w8a16"])
+def test_int8linear_compiles_without_graph_breaks(mode):
+    """torch.compile traces Int8Linear through the registered custom ops (fullgraph: no break) and matches eager."""
+    torch.manual_seed(0)
+    q = Int8Linear.from_float(nn.Linear(64, 32), mode, input_scale=0.03)
+    x = torch.randn(3, 5, 64)
+    assert torch.equal(torch.compile(q, backend="aot_eager", fullgraph=True)(x), q(x))
+
+
 def _outlier_model_and_data():
     torch.manual_seed(0)
     model = nn.Sequential(nn.LayerNorm(128), nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 32))
@@ -248,6 +274,8 @@ def test_qat_recovers_accuracy():
     (lambda: fastattn.quantize_per_token(torch.zeros(4, 8), torch.ones(7)), "smooth", ValueError),
     (lambda: fastattn.quantize_per_channel(torch.zeros(2, 4, 8)), "w:", ValueError),
     (lambda: Int8Linear(4, 4, mode="int4"), "mode", ValueError),
+    (lambda: Int8Linear(4, 4)(torch.zeros(2, 4, dtype=torch.int32)), "x: expected", TypeError),
+    (lambda: Int8Linear(4, 4)(torch.zeros(2, 5)), "in_features", ValueError),
 ])
 def test_bad_input(call, match, exc):
     with pytest.raises(exc, match=match):

@@ -6,9 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.int8 import int8_matmul, quantize_per_channel, quantize_per_token, w8a16_matmul
+from ..ops.int8 import X_DTYPES, mm_rows, quantize_per_channel, quantize_per_token, quantize_rows, w8a16_rows
 
 MODES = ("w8a8", "w8a8_static", "w8a16")
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A float vector as the kernels take it (float32, contiguous); no copy when it already is one."""
+    return None if t is None else t.to(torch.float32).contiguous()
 
 
 class Int8Linear(nn.Module):
@@ -18,7 +23,8 @@ class Int8Linear(nn.Module):
     "w8a8_static": x uses a calibrated per-tensor ``input_scale``; "w8a16": only the weight is int8 (for
     memory-bound decoding). ``smooth`` (in_features,) divides x's columns before quantization (SmoothQuant, when no
     preceding op absorbs it). Buffers: weight, weight_scale, bias (optional), input_scale, smooth (optional).
-    Inference only: no gradient flows to x or the weight (train with QATLinear, then convert).
+    ``dtype`` is the bias buffer's (default float32, the epilogue's own: no conversion per call). Inference only: no
+    gradient flows to x or the weight (train with QATLinear, then convert).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "w8a8",
@@ -26,7 +32,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode: {mode!r} is not one of {MODES}")
-        dtype = dtype or torch.get_default_dtype()
+        dtype = dtype or torch.float32
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
@@ -41,7 +47,7 @@ class Int8Linear(nn.Module):
         (W[:, k] * smooth[k]); ``input_scale`` is needed for w8a8_static."""
         w = linear.weight.detach()
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, mode, smooth is not None,
-                device=w.device, dtype=w.dtype)
+                device=w.device)
         q, s = quantize_per_channel(w.float() if w.dtype == torch.float64 else w)
         m.weight.copy_(q)
         m.weight_scale.copy_(s)
@@ -57,17 +63,26 @@ class Int8Linear(nn.Module):
         return m
 
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dtype not in X_DTYPES:
+            raise TypeError(f"x: expected a tensor of {X_DTYPES}, got {getattr(x, 'dtype', type(x).__name__)}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: last dim {x.shape[-1]} != in_features {self.in_features}")
+        if x.device != self.weight.device:
+            raise ValueError(f"x: on {x.device}, but the layer's weight is on {self.weight.device}")
+        w_scale, bias, smooth = (_f32(t) for t in (self.weight_scale, self.bias, self.smooth))
+        w = self.weight if self.weight.is_contiguous() else self.weight.contiguous()
+        x2 = x.reshape(-1, self.in_features).contiguous()
         if self.mode == "w8a16":
-            xs = x if self.smooth is None else x / self.smooth.to(x.dtype)
-            return w8a16_matmul(xs, self.weight, self.weight_scale, self.bias)
-        if self.mode == "w8a8":
-            q, s = quantize_per_token(x, self.smooth)
+            out = w8a16_rows(x2 if smooth is None else (x2 / smooth.to(x.dtype)).contiguous(), w, w_scale, bias)
         else:
-            xf = x.float() if self.smooth is None else x.float() / self.smooth
-            q, s = torch.round(xf / self.input_scale).clamp_(-127, 127).to(torch.int8), self.input_scale
-        return int8_matmul(q, self.weight, s, self.weight_scale, self.bias, out_dtype=x.dtype)
+            if self.mode == "w8a8":
+                q, s = quantize_rows(x2, smooth)
+            else:
+                xf = x2.float() if smooth is None else x2.float() / smooth
+                q = torch.round(xf / self.input_scale).clamp_(-127, 127).to(torch.int8)
+                s = self.input_scale.to(torch.float32).reshape(1).expand(x2.shape[0]).contiguous()
+            out = mm_rows(q, w, s, w_scale, bias, x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

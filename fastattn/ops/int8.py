@@ -166,12 +166,18 @@ def int8_matmul(a: Tensor, b: Tensor, a_scale: Union[Tensor, float, None] = None
         bias = bias.to(torch.float32)
     if out_dtype == torch.int32 and (sa is not None or sb is not None or bias is not None):
         raise ValueError("out_dtype: torch.int32 returns the raw accumulator: pass no a_scale, b_scale or bias")
-    a2, b2 = a2.contiguous(), b.contiguous()
+    return mm_rows(a2.contiguous(), b.contiguous(), sa, sb, bias, out_dtype).reshape(*lead, N)
+
+
+def mm_rows(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Optional[Tensor], bias: Optional[Tensor],
+            out_dtype: torch.dtype) -> Tensor:
+    """int8_matmul on arguments already checked and in the backend contract's form (contiguous 2-D int8 a, b;
+    float32 (M,) / (N,) scales and bias or None): Int8Linear's per-call path, without the re-validation."""
     if torch.compiler.is_compiling():
-        out = int8_mm_op(a2, b2, sa, sb, bias, out_dtype)
-    else:
-        out = _mm.select(Int8Request(a.device.type, out_dtype, K, M <= DECODE_M)).fwd(a2, b2, sa, sb, bias, out_dtype)
-    return out.reshape(*lead, N)
+        return int8_mm_op(a, b, a_scale, b_scale, bias, out_dtype)
+    M, K = a.shape
+    return _mm.select(Int8Request(a.device.type, out_dtype, K, M <= DECODE_M)).fwd(a, b, a_scale, b_scale, bias,
+                                                                                  out_dtype)
 
 
 def _quantize(x: Tensor, smooth: Optional[Tensor], name: str):
@@ -188,12 +194,16 @@ def _quantize(x: Tensor, smooth: Optional[Tensor], name: str):
         if smooth.device != x.device:
             raise ValueError(f"smooth: on {smooth.device}, but x is on {x.device}")
         smooth = smooth.to(torch.float32).contiguous()
-    x2 = x.reshape(-1, K).contiguous()
-    if torch.compiler.is_compiling():
-        q, s = quantize_rows_op(x2, smooth)
-    else:
-        q, s = _quant.select(Int8Request(x.device.type, x.dtype, K, x2.shape[0] <= DECODE_M)).fwd(x2, smooth)
+    q, s = quantize_rows(x.reshape(-1, K).contiguous(), smooth)
     return q.view(x.shape), s.view(x.shape[:-1])
+
+
+def quantize_rows(x: Tensor, smooth: Optional[Tensor]):
+    """Per-row quantization of a checked contiguous (M, K) x (smooth: float32 (K,) or None), as the backends take it."""
+    if torch.compiler.is_compiling():
+        return quantize_rows_op(x, smooth)
+    M, K = x.shape
+    return _quant.select(Int8Request(x.device.type, x.dtype, K, M <= DECODE_M)).fwd(x, smooth)
 
 
 def quantize_per_token(x: Tensor, smooth: Optional[Tensor] = None):
@@ -238,10 +248,11 @@ def w8a16_matmul(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] =
         if tuple(bias.shape) != (N,) or bias.device != x.device:
             raise ValueError(f"bias: expected a ({N},) tensor on {x.device}, got {tuple(bias.shape)} on {bias.device}")
         bias = bias.to(torch.float32)
-    x2 = x.reshape(-1, K).contiguous()
-    w_scale = w_scale.contiguous()
+    return w8a16_rows(x.reshape(-1, K).contiguous(), w.contiguous(), w_scale, bias).reshape(*x.shape[:-1], N)
+
+
+def w8a16_rows(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """w8a16_matmul on checked contiguous 2-D x, w and float32 (N,) w_scale / bias (or None)."""
     if torch.compiler.is_compiling():
-        out = w8a16_mm_op(x2, w.contiguous(), w_scale, bias)
-    else:
-        out = _w8a16.select(Int8Request(x.device.type, x.dtype, K)).fwd(x2, w.contiguous(), w_scale, bias)
-    return out.reshape(*x.shape[:-1], N)
+        return w8a16_mm_op(x, w, w_scale, bias)
+    return _w8a16.select(Int8Request(x.device.type, x.dtype, x.shape[1])).fwd(x, w, w_scale, bias)
