@@ -40,7 +40,7 @@ struct Checker {
     FA_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D (M, N), got shape ", t.sizes());
     if (ref)
       FA_CHECK(t.sizes() == ref->sizes(), op, ": ", name, " must have the shape of ", ref_name, " ", ref->sizes(),
-                  ", got ", t.sizes());
+               ", got ", t.sizes());
   }
   void vector(const at::Tensor& t, const char* name, int64_t n) const {
     cpu_dense(t, name);
@@ -52,12 +52,12 @@ struct Checker {
   // dtype == x dtype or float32
   void dtype_x_or_f32(const at::Tensor& t, const char* name, at::ScalarType xt) const {
     FA_CHECK(t.scalar_type() == xt || t.scalar_type() == at::kFloat, op, ": ", name, " must have dtype ", xt,
-                " (the dtype of x) or Float, got ", t.scalar_type());
+             " (the dtype of x) or Float, got ", t.scalar_type());
   }
   void float_dtype(const at::Tensor& t, const char* name) const {
     const auto st = t.scalar_type();
     FA_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op, ": ", name,
-                " must have dtype Float, Half, BFloat16 or Double, got ", st);
+             " must have dtype Float, Half, BFloat16 or Double, got ", st);
   }
 };
 

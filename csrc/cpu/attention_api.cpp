@@ -47,13 +47,13 @@ struct Checker {
     cpu_strided(t, name);
     FA_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D ", dims, ", got shape ", t.sizes());
     FA_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name,
-                " must have dtype Float, Half, BFloat16 or Double, got ", t.scalar_type());
+             " must have dtype Float, Half, BFloat16 or Double, got ", t.scalar_type());
     FA_CHECK(t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name,
-                " must have a contiguous last dim (stride 1), got strides ", t.strides());
+             " must have a contiguous last dim (stride 1), got strides ", t.strides());
   }
   void same_dtype(const at::Tensor& t, const char* name, const at::Tensor& q) const {
     FA_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of q (",
-                q.scalar_type(), "), got ", t.scalar_type());
+             q.scalar_type(), "), got ", t.scalar_type());
   }
   void shape_is(const at::Tensor& t, const char* name, at::IntArrayRef want, const char* dims) const {
     FA_CHECK(t.sizes() == want, op, ": ", name, " must have shape ", want, " ", dims, ", got ", t.sizes());
@@ -81,11 +81,11 @@ void fill_args(const Checker& c, cpu::AttnArgs& a, const at::Tensor& q, const at
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), E = q.size(3);
   const int64_t Hk = k.size(1), S = k.size(2), Ev = v.size(3);
   FA_CHECK(k.size(0) == B && k.size(3) == E, c.op, ": k must have shape (B=", B, ", Hk, S, E=", E,
-              ") to match q ", q.sizes(), ", got ", k.sizes());
+           ") to match q ", q.sizes(), ", got ", k.sizes());
   FA_CHECK(v.size(0) == B && v.size(1) == Hk && v.size(2) == S, c.op, ": v must have shape (B=", B, ", Hk=", Hk,
-              ", S=", S, ", Ev) to match k ", k.sizes(), ", got ", v.sizes());
+           ", S=", S, ", Ev) to match k ", k.sizes(), ", got ", v.sizes());
   FA_CHECK(Hk > 0 ? H % Hk == 0 : H == 0, c.op, ": q's head count H=", H,
-              " must be a multiple of k's head count Hk=", Hk);
+           " must be a multiple of k's head count Hk=", Hk);
   a.B = B; a.H = H; a.Hk = Hk; a.L = L; a.S = S; a.E = E; a.Ev = Ev;
   a.dtype = attn_dtype(q.scalar_type());
   a.q = view_of(q);
@@ -95,8 +95,8 @@ void fill_args(const Checker& c, cpu::AttnArgs& a, const at::Tensor& q, const at
     const at::Tensor& m = *mask;
     c.cpu_strided(m, "mask");
     FA_CHECK(m.scalar_type() == at::kBool || is_float_dtype(m.scalar_type()), c.op,
-                ": mask must have dtype Bool (True = take part) or Float, Half, BFloat16, Double (added to the "
-                "scores), got ", m.scalar_type());
+             ": mask must have dtype Bool (True = take part) or Float, Half, BFloat16, Double (added to the "
+             "scores), got ", m.scalar_type());
     c.shape_is(m, "mask", {B, H, L, S}, "(B, H, L, S) (broadcast dims as stride-0 views)");
     a.mask.data = m.data_ptr();
     for (int d = 0; d < 4; ++d) a.mask.stride[d] = m.stride(d);
@@ -114,7 +114,7 @@ void fill_args(const Checker& c, cpu::AttnArgs& a, const at::Tensor& q, const at
   FA_CHECK(std::isfinite(softcap) && softcap >= 0, c.op, ": softcap must be finite and >= 0, got ", softcap);
   FA_CHECK(dropout_p >= 0 && dropout_p < 1, c.op, ": dropout_p must be in [0, 1), got ", dropout_p);
   FA_CHECK(window_left >= -1 && window_right >= -1, c.op, ": window_left and window_right must be >= -1 (-1: "
-              "unbounded), got ", window_left, ", ", window_right);
+           "unbounded), got ", window_left, ", ", window_right);
   a.scale = scale;
   a.causal = causal;
   a.diag_offset = diag_offset;
@@ -181,7 +181,7 @@ at::Tensor attention_dropout_mask_cpu(int64_t B, int64_t H, int64_t L, int64_t S
                                       int64_t offset) {
   const char* op = "attention_dropout_mask_cpu";
   FA_CHECK(B >= 0 && H >= 0 && L >= 0 && S >= 0, op, ": B, H, L, S must be >= 0, got ", B, ", ", H, ", ", L,
-              ", ", S);
+           ", ", S);
   FA_CHECK(dropout_p >= 0 && dropout_p < 1, op, ": dropout_p must be in [0, 1), got ", dropout_p);
   at::Tensor keep = at::empty({B, H, L, S}, at::TensorOptions().dtype(at::kBool));
   cpu::attention_dropout_mask(B, H, L, S, dropout_p, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),

@@ -40,7 +40,7 @@ struct Checker {
   void f32_vector(const at::Tensor& t, const char* name, int64_t n, const char* what) const {
     cpu_dense(t, name);
     FA_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "] (", what, "), got ",
-                t.sizes());
+             t.sizes());
     dtype_is(t, name, at::kFloat);
     contiguous(t, name);
   }
@@ -54,7 +54,7 @@ cpu::Int8OutType out_type_of(at::ScalarType t) {
     case at::kInt: return cpu::Int8OutType::kInt32;
     default:
       FA_CHECK(false, "int8_mm_cpu: out_dtype must be torch.float16, torch.bfloat16, torch.float32 or torch.int32, "
-                  "got ", t);
+               "got ", t);
   }
 }
 
@@ -72,7 +72,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b, const c10::opti
   const cpu::Int8OutType ot = out_type_of(out_dtype);
   if (ot == cpu::Int8OutType::kInt32)
     FA_CHECK(!a_scale && !b_scale && !bias, c.op,
-                ": out_dtype torch.int32 returns the raw accumulator: a_scale, b_scale and bias must be None");
+             ": out_dtype torch.int32 returns the raw accumulator: a_scale, b_scale and bias must be None");
   if (a_scale) c.f32_vector(*a_scale, "a_scale", M, "M, one scale per row of a");
   if (b_scale) c.f32_vector(*b_scale, "b_scale", N, "N, one scale per row of b");
   if (bias) c.f32_vector(*bias, "bias", N, "N");

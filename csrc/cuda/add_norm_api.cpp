@@ -9,11 +9,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
-#include <atomic>
 #include <cstdint>
 #include <vector>
 
 #include "add_norm.h"
+#include "device.h"
 #include "registry.h"
 
 namespace fastattn {
@@ -23,24 +23,6 @@ namespace knl = add_norm_cuda;
 
 constexpr const char* kFwd = "add_norm_fwd_cuda";
 constexpr const char* kBwd = "add_norm_bwd_cuda";
-
-// Multiprocessor count per device, queried once.
-int sm_count(c10::DeviceIndex device) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices];  // zero-initialised (static storage)
-  const bool cacheable = device >= 0 && device < kMaxDevices;
-  if (cacheable) {
-    const int v = cache[device].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int n = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, static_cast<int>(device));
-  FA_CHECK(err == cudaSuccess, "add_norm (CUDA): cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount) failed: ",
-              cudaGetErrorString(err));
-  FA_CHECK(n > 0, "add_norm (CUDA): device ", static_cast<int>(device), " reports no multiprocessors");
-  if (cacheable) cache[device].store(n, std::memory_order_relaxed);
-  return n;
-}
 
 bool is_kernel_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
@@ -70,12 +52,12 @@ void check_primary(const at::Tensor& t, const char* fn, const char* name) {
   FA_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous");
   const auto dt = t.scalar_type();
   FA_CHECK(dt != at::kDouble, fn, ": ", name,
-              " is float64, which the CUDA kernels do not support; use float32, float16 or bfloat16 (or the CPU op)");
+           " is float64, which the CUDA kernels do not support; use float32, float16 or bfloat16 (or the CPU op)");
   FA_CHECK(is_kernel_dtype(dt), fn, ": ", name, " must be float32, float16 or bfloat16, got ", dt);
   const int64_t n = t.size(1);
   FA_CHECK(n >= 1, fn, ": ", name, " must have at least one column (N >= 1), got shape ", t.sizes());
   FA_CHECK(n <= knl::kAddNormMaxN, fn, ": the CUDA kernels support rows of at most ", knl::kAddNormMaxN,
-              " elements, but ", name, " has width N = ", n);
+           " elements, but ", name, " has width N = ", n);
 }
 
 // A secondary tensor: defined, CUDA, on `device`, strided, contiguous.
@@ -83,7 +65,7 @@ void check_secondary(const at::Tensor& t, const char* fn, const char* name, cons
   FA_CHECK(t.defined(), fn, ": ", name, " is undefined");
   FA_CHECK(t.is_cuda(), fn, ": ", name, " must be a CUDA tensor, got a tensor on ", t.device());
   FA_CHECK(t.device() == device, fn, ": ", name, " is on ", t.device(), " but the other tensors are on ",
-              device);
+           device);
   FA_CHECK(t.layout() == at::kStrided, fn, ": ", name, " must be a dense (strided) tensor");
   FA_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous");
 }
@@ -94,7 +76,7 @@ void check_vector(const at::Tensor& t, const char* fn, const char* name, const a
   check_secondary(t, fn, name, device);
   FA_CHECK(t.dim() == 1 && t.size(0) == n, fn, ": ", name, " must have shape (", n, ",), got ", t.sizes());
   FA_CHECK(t.scalar_type() == dt || t.scalar_type() == at::kFloat, fn, ": ", name, " must be ", dt,
-              " or float32, got ", t.scalar_type());
+           " or float32, got ", t.scalar_type());
 }
 
 // Per-row statistics: (M,) float32.
@@ -124,9 +106,9 @@ std::vector<at::Tensor> add_norm_fwd_cuda(const at::Tensor& x, const c10::option
   if (res != nullptr) {
     check_secondary(*res, kFwd, "residual", device);
     FA_CHECK(res->sizes() == x.sizes(), kFwd, ": residual must have the shape of x ", x.sizes(), ", got ",
-                res->sizes());
+             res->sizes());
     FA_CHECK(res->scalar_type() == xt || res->scalar_type() == at::kFloat, kFwd, ": residual must be ", xt,
-                " (the dtype of x) or float32, got ", res->scalar_type());
+             " (the dtype of x) or float32, got ", res->scalar_type());
   }
   if (w != nullptr) check_vector(*w, kFwd, "weight", device, n, xt);
   if (b != nullptr) {
@@ -182,7 +164,7 @@ std::vector<at::Tensor> add_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor
   check_secondary(s, kBwd, "s", device);
   FA_CHECK(s.sizes() == dy.sizes(), kBwd, ": s must have the shape of dy ", dy.sizes(), ", got ", s.sizes());
   FA_CHECK(s.scalar_type() == xt || s.scalar_type() == at::kFloat, kBwd, ": s must be ", xt,
-              " (the dtype of dy) or float32, got ", s.scalar_type());
+           " (the dtype of dy) or float32, got ", s.scalar_type());
   check_stats(rstd, kBwd, "rstd", device, m);
   const at::Tensor* mu = present(mean);
   if (!is_rms) {
@@ -196,9 +178,9 @@ std::vector<at::Tensor> add_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor
   if (dsp != nullptr) {
     check_secondary(*dsp, kBwd, "ds", device);
     FA_CHECK(dsp->sizes() == dy.sizes(), kBwd, ": ds must have the shape of dy ", dy.sizes(), ", got ",
-                dsp->sizes());
+             dsp->sizes());
     FA_CHECK(dsp->scalar_type() == s.scalar_type(), kBwd, ": ds must have the dtype of s (",
-                s.scalar_type(), "), got ", dsp->scalar_type());
+             s.scalar_type(), "), got ", dsp->scalar_type());
   }
 
   const c10::cuda::CUDAGuard guard(device);
@@ -230,7 +212,7 @@ std::vector<at::Tensor> add_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor
   p.dweight = w != nullptr ? dweight.data_ptr<float>() : nullptr;
   p.dbias = has_bias ? dbias.data_ptr<float>() : nullptr;
   p.is_rms = is_rms;
-  p.num_sms = sm_count(device.index());
+  p.num_sms = sm_count(device.index(), kBwd);
 
   size_t ws_floats = 0;
   const char* err = knl::add_norm_bwd_workspace_size(p, &ws_floats);

@@ -52,9 +52,9 @@ void check_bhld(const at::Tensor& t, const char* fn, const char* name, const at:
   check_cuda(t, fn, name, &device);
   FA_CHECK(t.dim() == 4, fn, ": ", name, " must be 4-D (B, heads, seq_len, head_dim), got shape ", t.sizes());
   FA_CHECK(t.scalar_type() == dtype, fn, ": ", name, " must have dtype ", dtype, " (the dtype of query), got ",
-              t.scalar_type());
+           t.scalar_type());
   FA_CHECK(t.stride(3) == 1, fn, ": ", name, " must have a contiguous last dim (stride(-1) == 1), got strides ",
-              t.strides());
+           t.strides());
 }
 
 // The kernels need 16-byte aligned rows: data pointer and the strides of every non-trivial dim a multiple of 8
@@ -90,26 +90,26 @@ Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const at::Device device = q.device();
   const at::ScalarType dt = q.scalar_type();
   FA_CHECK(dt == at::kHalf || dt == at::kBFloat16, fn, ": q must be float16 or bfloat16, got ", dt,
-              " (float32 / float64 run on the Triton / reference backends)");
+           " (float32 / float64 run on the Triton / reference backends)");
   check_bhld(q, fn, "q", device, dt);
   check_bhld(k, fn, "k", device, dt);
   check_bhld(v, fn, "v", device, dt);
   Problem pr{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
   FA_CHECK(k.size(0) == pr.B && v.size(0) == pr.B, fn, ": k and v must have q's batch size ", pr.B,
-              ", got shapes ", k.sizes(), " and ", v.sizes());
+           ", got shapes ", k.sizes(), " and ", v.sizes());
   FA_CHECK(k.size(3) == pr.E, fn, ": k's head dim ", k.size(3), " != q's ", pr.E);
   FA_CHECK(v.size(1) == pr.Hk && v.size(2) == pr.S, fn, ": v must have k's heads and length (", pr.Hk, ", ",
-              pr.S, "), got shape ", v.sizes());
+           pr.S, "), got shape ", v.sizes());
   FA_CHECK(v.size(3) == pr.E, fn, ": v's head dim ", v.size(3),
-              " != q's head dim ", pr.E, " (the CUDA kernel needs Ev == E)");
+           " != q's head dim ", pr.E, " (the CUDA kernel needs Ev == E)");
   FA_CHECK(pr.E == 32 || pr.E == 64 || pr.E == 128, fn, ": head dim ", pr.E,
-              " is not supported by the CUDA kernel (32, 64 or 128)");
+           " is not supported by the CUDA kernel (32, 64 or 128)");
   FA_CHECK(pr.Hk >= 1 && pr.H % pr.Hk == 0, fn, ": q's ", pr.H, " heads must be a multiple of k's ", pr.Hk,
-              " heads");
+           " heads");
   FA_CHECK(pr.B <= 65535 && pr.H <= 65535, fn, ": batch size ", pr.B, " and query heads ", pr.H,
-              " must each be at most 65535");
+           " must each be at most 65535");
   FA_CHECK(pr.L <= INT_MAX && pr.S <= INT_MAX, fn, ": sequence lengths must be below 2^31, got L = ", pr.L,
-              ", S = ", pr.S);
+           ", S = ", pr.S);
   return pr;
 }
 
@@ -119,22 +119,22 @@ knl::AttnMask check_features(const Problem& pr, const c10::optional<at::Tensor>&
                              double softcap, double dropout_p, const at::Device& device, const char* fn) {
   FA_CHECK(present(alibi) == nullptr, fn, ": alibi slopes are not implemented in the CUDA kernel (pass None)");
   FA_CHECK(window_left == -1 && window_right == -1, fn,
-              ": a local window is not implemented in the CUDA kernel (window must be (-1, -1), got (", window_left,
-              ", ", window_right, "))");
+           ": a local window is not implemented in the CUDA kernel (window must be (-1, -1), got (", window_left,
+           ", ", window_right, "))");
   FA_CHECK(!(softcap > 0.0), fn, ": softcap is not implemented in the CUDA kernel (must be 0, got ", softcap,
-              ")");
+           ")");
   FA_CHECK(!(dropout_p > 0.0), fn, ": dropout is not implemented in the CUDA kernel (dropout_p must be 0, got ",
-              dropout_p, ")");
+           dropout_p, ")");
   knl::AttnMask m;
   const at::Tensor* mk = present(mask);
   if (mk != nullptr) {
     check_cuda(*mk, fn, "mask", &device);
     FA_CHECK(mk->scalar_type() == at::kBool, fn, ": mask must be bool (True = take part), got ",
-                mk->scalar_type(), " (float masks run on the Triton backend)");
+             mk->scalar_type(), " (float masks run on the Triton backend)");
     FA_CHECK(mk->dim() == 4 && mk->size(0) == pr.B && mk->size(1) == pr.H && mk->size(2) == pr.L &&
                     mk->size(3) == pr.S,
-                fn, ": mask must have shape (B, H, L, S) = (", pr.B, ", ", pr.H, ", ", pr.L, ", ", pr.S,
-                ") (broadcast dims as stride-0 views), got ", mk->sizes());
+             fn, ": mask must have shape (B, H, L, S) = (", pr.B, ", ", pr.H, ", ", pr.L, ", ", pr.S,
+             ") (broadcast dims as stride-0 views), got ", mk->sizes());
     m.ptr = reinterpret_cast<const uint8_t*>(mk->data_ptr());
     m.sb = mk->size(0) > 1 ? mk->stride(0) : 0;
     m.sh = mk->size(1) > 1 ? mk->stride(1) : 0;
@@ -202,15 +202,15 @@ std::vector<at::Tensor> attention_bwd_cuda(const at::Tensor& dout, const at::Ten
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{dout, "dout"}, {out, "out"}}) {
     check_cuda(t, kBwd, name, &device);
     FA_CHECK(t.dim() == 4 && t.size(0) == pr.B && t.size(1) == pr.H && t.size(2) == pr.L && t.size(3) == pr.E,
-                kBwd, ": ", name, " must have shape (B, H, L, E) = (", pr.B, ", ", pr.H, ", ", pr.L, ", ", pr.E,
-                "), got ", t.sizes());
+             kBwd, ": ", name, " must have shape (B, H, L, E) = (", pr.B, ", ", pr.H, ", ", pr.L, ", ", pr.E,
+             "), got ", t.sizes());
     FA_CHECK(t.scalar_type() == dt, kBwd, ": ", name, " must have dtype ", dt, " (the dtype of q), got ",
-                t.scalar_type());
+             t.scalar_type());
   }
   check_cuda(lse, kBwd, "lse", &device);
   FA_CHECK(lse.scalar_type() == at::kFloat, kBwd, ": lse must be float32, got ", lse.scalar_type());
   FA_CHECK(lse.dim() == 3 && lse.size(0) == pr.B && lse.size(1) == pr.H && lse.size(2) == pr.L, kBwd,
-              ": lse must have shape (B, H, L) = (", pr.B, ", ", pr.H, ", ", pr.L, "), got ", lse.sizes());
+           ": lse must have shape (B, H, L) = (", pr.B, ", ", pr.H, ", ", pr.L, "), got ", lse.sizes());
 
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor dq = at::empty_like(q);
@@ -246,7 +246,7 @@ std::vector<at::Tensor> attention_bwd_cuda(const at::Tensor& dout, const at::Ten
   p.dv = kernel_tensor(dva);
   p.delta = delta.data_ptr<float>();
   FA_CHECK(static_cast<size_t>(delta.numel()) >= knl::attention_bwd_workspace_floats(p), kBwd,
-              ": workspace too small");
+           ": workspace too small");
   p.scale = static_cast<float>(scale);
   p.causal = causal;
   p.diag_offset = diag_offset;

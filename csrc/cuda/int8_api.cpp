@@ -12,12 +12,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <vector>
 
+#include "device.h"
 #include "int8.h"
 #include "registry.h"
 
@@ -25,24 +25,6 @@ namespace fastattn {
 namespace {
 
 namespace knl = int8_cuda;
-
-// Multiprocessor count per device, queried once.
-int sm_count(c10::DeviceIndex device, const char* op) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices];  // zero-initialised (static storage)
-  const bool cacheable = device >= 0 && device < kMaxDevices;
-  if (cacheable) {
-    const int v = cache[device].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int n = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, static_cast<int>(device));
-  FA_CHECK(err == cudaSuccess, op, ": cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount) failed: ",
-              cudaGetErrorString(err));
-  FA_CHECK(n > 0, op, ": device ", static_cast<int>(device), " reports no multiprocessors");
-  if (cacheable) cache[device].store(n, std::memory_order_relaxed);
-  return n;
-}
 
 // Argument checks; every message names the op and the argument.
 struct Checker {
@@ -58,7 +40,7 @@ struct Checker {
   }
   void contiguous(const at::Tensor& t, const char* name) const {
     FA_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got shape ", t.sizes(), " and strides ",
-                t.strides());
+             t.strides());
   }
   void matrix(const at::Tensor& t, const char* name, const char* shape) const {
     cuda_dense(t, name);
@@ -74,7 +56,7 @@ struct Checker {
     cuda_dense(t, name);
     same_device(t, name, device, first);
     FA_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "] (", what, "), got ",
-                t.sizes());
+             t.sizes());
     dtype_is(t, name, at::kFloat);
     contiguous(t, name);
   }
@@ -93,7 +75,7 @@ knl::Int8Kernel forced_kernel() {
   if (s == "tile128x128w8") return knl::Int8Kernel::kTile128x128W8;
   if (s == "tile128x256") return knl::Int8Kernel::kTile128x256;
   FA_CHECK(false, "int8_mm_cuda: environment variable FASTATTN_CUDA_INT8_KERNEL=", s, " is not one of auto, "
-              "small_m, tile64x64, tile128x128, tile128x128w8, tile128x256");
+           "small_m, tile64x64, tile128x128, tile128x128w8, tile128x256");
   return knl::Int8Kernel::kAuto;  // unreachable
 }
 
@@ -115,7 +97,7 @@ knl::Int8OutDtype out_dtype_of(at::ScalarType t) {
       break;
   }
   FA_CHECK(false, "int8_mm_cuda: out_dtype must be torch.float16, torch.bfloat16, torch.float32 or torch.int32, "
-              "got ", t);
+           "got ", t);
   return knl::Int8OutDtype::kFloat32;  // unreachable
 }
 
@@ -131,16 +113,16 @@ at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b, const c10::opt
   c.dtype_is(b, "b", at::kChar);
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
   FA_CHECK(b.size(1) == K, c.op, ": b must have K = ", K, " columns like a ", a.sizes(), ", got shape ",
-              b.sizes());
+           b.sizes());
   FA_CHECK(K <= knl::kInt8MaxK, c.op, ": K = ", K, " is too large for an exact int32 accumulator (at most ",
-              knl::kInt8MaxK, ")");
+           knl::kInt8MaxK, ")");
   const knl::Int8OutDtype ot = out_dtype_of(out_dtype);
   const at::Tensor* sa = present(a_scale);
   const at::Tensor* sb = present(b_scale);
   const at::Tensor* bi = present(bias);
   if (ot == knl::Int8OutDtype::kInt32)
     FA_CHECK(sa == nullptr && sb == nullptr && bi == nullptr, c.op,
-                ": out_dtype torch.int32 returns the raw accumulator: a_scale, b_scale and bias must be None");
+             ": out_dtype torch.int32 returns the raw accumulator: a_scale, b_scale and bias must be None");
   if (sa != nullptr) c.f32_vector(*sa, "a_scale", M, "M, one scale per row of a", device, "a");
   if (sb != nullptr) c.f32_vector(*sb, "b_scale", N, "N, one scale per row of b", device, "a");
   if (bi != nullptr) c.f32_vector(*bi, "bias", N, "N, one per output column", device, "a");
@@ -185,7 +167,7 @@ std::vector<at::Tensor> quantize_rows_cuda(const at::Tensor& x, const c10::optio
       break;
     default:
       FA_CHECK(false, c.op, ": x must have dtype torch.float32, torch.float16 or torch.bfloat16, got ",
-                  x.scalar_type());
+               x.scalar_type());
   }
   const int64_t M = x.size(0), K = x.size(1);
   FA_CHECK(K >= 1, c.op, ": x must have at least one column, got shape ", x.sizes());
