@@ -137,15 +137,18 @@ def _small_m_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_b = tl.minimum(offs_n, N - 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.int32 if INT8_A else tl.float32)
+    # elementwise partial sums, reduced across the tile once after the loop: a reduction per K step would cost
+    # shuffles and a shared-memory round trip with a barrier between every two loads of the weight
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32 if INT8_A else tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         a = tl.load(A + m * stride_am + kk, mask=kk < K, other=0)
         w = tl.load(B + rows_b[:, None] * stride_bn + kk[None, :], mask=kk[None, :] < K, other=0)
         if INT8_A:
-            acc += tl.sum(w.to(tl.int32) * a.to(tl.int32)[None, :], axis=1)
+            acc2 += w.to(tl.int32) * a.to(tl.int32)[None, :]
         else:
-            acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+            acc2 += w.to(tl.float32) * a.to(tl.float32)[None, :]
+    acc = tl.sum(acc2, axis=1)
     ptrs = C + m.to(tl.int64) * stride_cm + offs_n
     if OUT_INT32:
         tl.store(ptrs, acc, mask=offs_n < N)
@@ -164,7 +167,8 @@ SMALL_M = 8  # up to this many rows, the vector-product kernel beats padding M t
 
 # Decode is memory-bound: the weight must stream at full bandwidth, which takes enough bytes in flight per SM. Which
 # (rows x K chunk, warps) gets there depends on N and K, so the GPU autotunes it (H100, run 2: the fixed 16 x 512
-# tile with 4 warps moved the 4096 x 4096 weight at about half the copy bandwidth).
+# tile with 4 warps moved the 4096 x 4096 weight at about half the copy bandwidth; run 3: no tile did better, with
+# a cross-thread reduction in every K step, since moved out of the loop). Every tile holds 64 partial sums a thread.
 _SMALL_M_TILES = [(16, 512, 4), (8, 1024, 4), (16, 1024, 8), (4, 2048, 4), (8, 2048, 8), (32, 256, 4), (2, 4096, 4)]
 if triton_interpreted():
     _small_m_mm = _small_m_kernel
