@@ -202,6 +202,48 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
+def _load_rows(X, row, offs, n_rows, width, offs_d, DOT_DTYPE: tl.constexpr):
+    """Rows row[i] (offs[i] < n_rows) of a contiguous (.., width) tensor, zero-padded to the tile, as DOT_DTYPE."""
+    mask = (offs[:, None] < n_rows) & (offs_d[None, :] < width)
+    return tl.load(X + row[:, None] * width + offs_d[None, :], mask=mask, other=0.0).to(DOT_DTYPE)
+
+
+@triton.jit
+def _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, DOT_DTYPE: tl.constexpr):
+    """A query block's q, dout, logsumexp (base 2; +inf past L) and delta."""
+    q_row = bh.to(tl.int64) * L + offs_m
+    q = _load_rows(Q, q_row, offs_m, L, E, offs_d, DOT_DTYPE)
+    do = _load_rows(DOut, q_row, offs_m, L, EV, offs_dv, DOT_DTYPE)
+    lse = tl.load(Lse + q_row, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + q_row, mask=offs_m < L, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh, stride_mm,
+              stride_mn, Alibi, sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
+              MASKED: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of the backward: P as the forward applied it to V (dropout included) and dS.
+    P is 0 where masked, for rows past L and for empty rows (their lse is +inf)."""
+    s, capped = _scores(q, tl.trans(k), offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh, stride_mm,
+                        stride_mn, Alibi, sm_scale, softcap, diag_offset, window_left, window_right, MASKED, MASK_KIND,
+                        CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, PRECISION)
+    p = tl.math.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p)
+        pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    else:
+        pd = p
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - capped * capped)
+    return pd, ds
+
+
+@triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta, offs_n, offs_d, offs_dv, start, end, b, h, bh, L, S, E, EV,
                 Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi,
                 sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
@@ -210,28 +252,12 @@ def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta, offs_n, offs_d, offs_dv, star
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_row = bh.to(tl.int64) * L + offs_m
-        q = tl.load(Q + q_row[:, None] * E + offs_d[None, :], mask=(offs_m[:, None] < L) & (offs_d[None, :] < E),
-                    other=0.0).to(DOT_DTYPE)
-        do = tl.load(DOut + q_row[:, None] * EV + offs_dv[None, :],
-                     mask=(offs_m[:, None] < L) & (offs_dv[None, :] < EV), other=0.0).to(DOT_DTYPE)
-        lse = tl.load(Lse + q_row, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(Delta + q_row, mask=offs_m < L, other=0.0)
-        s, capped = _scores(q, tl.trans(k), offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh,
-                            stride_mm, stride_mn, Alibi, sm_scale, softcap, diag_offset, window_left,
-                            window_right, MASKED, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, PRECISION)
-        p = tl.math.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N); 0 where masked, for rows past L or empty rows
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p)
-            pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        else:
-            pd = p
+        q, do, lse, delta = _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, DOT_DTYPE)
+        pd, ds = _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh,
+                           stride_mm, stride_mn, Alibi, sm_scale, softcap, diag_offset, window_left, window_right,
+                           dropout_p, seed, rng_offset, MASKED, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
+                           DROPOUT, PRECISION)
         dv += tl.dot(tl.trans(pd.to(DOT_DTYPE)), do, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - capped * capped)
         dk += tl.dot(tl.trans(ds.to(DOT_DTYPE)), q, input_precision=PRECISION)
     return dk, dv
 
@@ -257,10 +283,8 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     kv_row = bhk.to(tl.int64) * S + offs_n
-    k = tl.load(K + kv_row[:, None] * E + offs_d[None, :], mask=(offs_n[:, None] < S) & (offs_d[None, :] < E),
-                other=0.0).to(DOT_DTYPE)
-    v = tl.load(V + kv_row[:, None] * EV + offs_dv[None, :], mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV),
-                other=0.0).to(DOT_DTYPE)
+    k = _load_rows(K, kv_row, offs_n, S, E, offs_d, DOT_DTYPE)
+    v = _load_rows(V, kv_row, offs_n, S, EV, offs_dv, DOT_DTYPE)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
     lo, mid, hi = _query_range(start_n, L, S, diag_offset, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL,
@@ -292,21 +316,12 @@ def _dq_inner(dq, q, do, lse, delta, K, V, offs_m, offs_d, offs_dv, start, end, 
               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + offs_n[:, None] * E + offs_d[None, :], mask=(offs_n[:, None] < S) & (offs_d[None, :] < E),
-                    other=0.0).to(DOT_DTYPE)
-        v = tl.load(V + offs_n[:, None] * EV + offs_dv[None, :],
-                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV), other=0.0).to(DOT_DTYPE)
-        s, capped = _scores(q, tl.trans(k), offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh, stride_mm,
-                            stride_mn, Alibi, sm_scale, softcap, diag_offset, window_left, window_right, MASKED,
-                            MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, PRECISION)
-        p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - capped * capped)
+        k = _load_rows(K, offs_n, offs_n, S, E, offs_d, DOT_DTYPE)
+        v = _load_rows(V, offs_n, offs_n, S, EV, offs_dv, DOT_DTYPE)
+        _, ds = _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh,
+                          stride_mm, stride_mn, Alibi, sm_scale, softcap, diag_offset, window_left, window_right,
+                          dropout_p, seed, rng_offset, MASKED, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
+                          DROPOUT, PRECISION)
         dq += tl.dot(ds.to(DOT_DTYPE), k, input_precision=PRECISION)
     return dq
 
@@ -331,13 +346,7 @@ def _attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_row = bh.to(tl.int64) * L + offs_m
-    q = tl.load(Q + q_row[:, None] * E + offs_d[None, :], mask=(offs_m[:, None] < L) & (offs_d[None, :] < E),
-                other=0.0).to(DOT_DTYPE)
-    do = tl.load(DOut + q_row[:, None] * EV + offs_dv[None, :], mask=(offs_m[:, None] < L) & (offs_dv[None, :] < EV),
-                 other=0.0).to(DOT_DTYPE)
-    lse = tl.load(Lse + q_row, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + q_row, mask=offs_m < L, other=0.0)
+    q, do, lse, delta = _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, DOT_DTYPE)
     kv_base = (b * Hk + h // GROUP).to(tl.int64) * S
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     lo, mid, hi = _key_range(start_m, L, S, diag_offset, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL,
@@ -351,6 +360,7 @@ def _attn_bwd_dq_kernel(
                    diag_offset, window_left, window_right, dropout_p, seed, rng_offset, True, MASK_KIND, CAUSAL,
                    HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT, DOT_DTYPE, PRECISION, BLOCK_N)
     dq = dq * sm_scale
+    q_row = bh.to(tl.int64) * L + offs_m
     tl.store(DQ + q_row[:, None] * E + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=(offs_m[:, None] < L) & (offs_d[None, :] < E))
 
