@@ -15,6 +15,6 @@ from .quantization import convert_qat, prepare_qat, quantize  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["add_layer_norm", "add_rms_norm", "attention", "scaled_dot_product_attention", "available_backends", "backend", "build_info",
-           "int8_matmul", "quantize_per_token", "quantize_per_channel", "w8a16_matmul", "quantize", "prepare_qat",
-           "convert_qat", "BackendNotSupported", "nn"]
+__all__ = ["add_layer_norm", "add_rms_norm", "attention", "scaled_dot_product_attention", "available_backends",
+           "backend", "build_info", "int8_matmul", "quantize_per_token", "quantize_per_channel", "w8a16_matmul",
+           "quantize", "prepare_qat", "convert_qat", "BackendNotSupported", "nn"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -100,6 +101,27 @@ def unavailable_reason(name: str) -> Optional[str]:
 def available_backends() -> List[str]:
     """The backends that can run on this machine, in the order auto mode prefers them."""
     return [b for b in BACKENDS if unavailable_reason(b) is None]
+
+
+def triton_op(module: str, name: str) -> Callable:
+    """fastattn.kernels.<module>.<name>, imported at its first call: triton loads only when a Triton backend runs."""
+    def call(*args):
+        return getattr(importlib.import_module(f"{__package__}.kernels.{module}"), name)(*args)
+    return call
+
+
+def compiled_op(name: str) -> Callable:
+    """fastattn._C.<name>, looked up when called (the extension may be absent or built without it)."""
+    def call(*args):
+        return getattr(_ext._C, name)(*args)
+    return call
+
+
+def compiled_has(name: str) -> Callable[..., List[str]]:
+    """An Impl check: fastattn._C was built with this op."""
+    def check(req) -> List[str]:
+        return [] if hasattr(_ext._C, name) else [f"fastattn._C has no {name}"]
+    return check
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ def _autotune(fn):
     fn = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(fn)
     if triton_interpreted():
         return fn
-    return triton.autotune(_mm_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})(fn)
+    return triton.autotune(_mm_configs(), key=["M_BUCKET", "N", "K"],
+                           prune_configs_by={"early_config_prune": _prune})(fn)
 
 
 @triton.jit

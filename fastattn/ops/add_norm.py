@@ -18,8 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _ext
-from ..backends import Dispatcher, Impl, forced_backend_name
+from ..backends import Dispatcher, Impl, compiled_op, forced_backend_name, triton_op
 from ..reference import add_norm_ref, norm_residual_dtype
 
 MAX_COLS = 65536
@@ -68,26 +67,17 @@ def _ref_bwd(dy, s, mean, rstd, weight, ds, has_bias, is_rms, dres_fp32):
     return [dsum.to(dy.dtype), dres, dweight, dbias]
 
 
-def _triton_fwd(*args):
-    from ..kernels import add_norm as k
-    return k.add_norm_fwd(*args)
-
-
-def _triton_bwd(*args):
-    from ..kernels import add_norm as k
-    return k.add_norm_bwd(*args)
-
-
 def _cols_check(req: NormRequest):
     return [f"row width {req.cols} > {MAX_COLS}"] if req.cols > MAX_COLS else []
 
 
 _IMPLS = [
-    Impl("cuda", lambda *a: _ext._C.add_norm_fwd_cuda(*a), lambda *a: _ext._C.add_norm_bwd_cuda(*a),
-         ("cuda",), _FLOATS, _cols_check),
-    Impl("triton", _triton_fwd, _triton_bwd, ("cuda",), _FLOATS, _cols_check),
-    Impl("cpu", lambda *a: _ext._C.add_norm_fwd_cpu(*a), lambda *a: _ext._C.add_norm_bwd_cpu(*a),
-         ("cpu",), _FLOATS + (torch.float64,), _cols_check),
+    Impl("cuda", compiled_op("add_norm_fwd_cuda"), compiled_op("add_norm_bwd_cuda"), ("cuda",), _FLOATS,
+         _cols_check),
+    Impl("triton", triton_op("add_norm", "add_norm_fwd"), triton_op("add_norm", "add_norm_bwd"), ("cuda",),
+         _FLOATS, _cols_check),
+    Impl("cpu", compiled_op("add_norm_fwd_cpu"), compiled_op("add_norm_bwd_cpu"), ("cpu",),
+         _FLOATS + (torch.float64,), _cols_check),
     Impl("reference", _ref_fwd, _ref_bwd, ("cpu", "cuda"), _FLOATS + (torch.float64,)),
 ]
 # On GPU the forward prefers Triton and the backward CUDA C++: the faster of each in GPU run 1 on an H100
@@ -154,7 +144,8 @@ class AddNormFunction(torch.autograd.Function):
         needs_grad = any(ctx.needs_input_grad[:4])
         s_fp32 = s_dtype == torch.float32 and x.dtype != torch.float32
         store_s = prenorm or (needs_grad and (residual is not None or s_fp32))
-        y, s, mean, rstd = (add_norm_fwd_op if torch.compiler.is_compiling() else _fwd)(x2, r2, weight, bias, eps, is_rms, store_s, s_fp32, backend)
+        fwd = add_norm_fwd_op if torch.compiler.is_compiling() else _fwd
+        y, s, mean, rstd = fwd(x2, r2, weight, bias, eps, is_rms, store_s, s_fp32, backend)
         if needs_grad:
             ctx.save_for_backward(s if store_s else x2, mean, rstd, weight)
         ctx.meta = (shape, is_rms, bias is not None, backend, None if residual is None else residual.dtype,
@@ -170,7 +161,8 @@ class AddNormFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, N).contiguous()
         ds2 = None if ds is None else ds.reshape(-1, N).to(s.dtype).contiguous()
         dres_fp32 = res_dtype == torch.float32 and dy.dtype != torch.float32
-        dx, dres, dw, db = (add_norm_bwd_op if torch.compiler.is_compiling() else _bwd)(dy2, s, mean, rstd, weight, ds2, has_bias, is_rms, dres_fp32, backend)
+        bwd = add_norm_bwd_op if torch.compiler.is_compiling() else _bwd
+        dx, dres, dw, db = bwd(dy2, s, mean, rstd, weight, ds2, has_bias, is_rms, dres_fp32, backend)
         dx = dx.view(shape)
         if res_dtype is None or not ctx.needs_input_grad[1]:
             dr = None

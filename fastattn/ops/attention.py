@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from ..backends import Dispatcher, Impl, forced_backend_name
+from ..backends import Dispatcher, Impl, forced_backend_name, triton_op
 from ..reference import attention_diag_offset, attention_ref, attention_scores
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -111,13 +111,6 @@ def _ref_bwd(dout, q, k, v, out, lse, mask, alibi, p):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _triton(name):
-    def call(*args):
-        from ..kernels import attention as k
-        return getattr(k, name)(*args)
-    return call
-
-
 def _compiled(name):
     """A fastattn._C attention op: the AttnParams (last argument) go in as plain scalars."""
     def call(*args):
@@ -162,7 +155,8 @@ def _cuda_check(req: AttnRequest):
 _dispatch = Dispatcher("attention", [
     Impl("cuda", _compiled("attention_fwd_cuda"), _compiled("attention_bwd_cuda"), ("cuda",),
          (torch.float16, torch.bfloat16), _cuda_check),
-    Impl("triton", _triton("attention_fwd"), _triton("attention_bwd"), ("cuda",), _FLOATS, _triton_check),
+    Impl("triton", triton_op("attention", "attention_fwd"), triton_op("attention", "attention_bwd"), ("cuda",),
+         _FLOATS, _triton_check),
     Impl("cpu", _compiled("attention_fwd_cpu"), _compiled("attention_bwd_cpu"), ("cpu",),
          _FLOATS + (torch.float64,), _cpu_check),
     Impl("reference", _ref_fwd, _ref_bwd, ("cpu", "cuda"), _FLOATS + (torch.float64,)),

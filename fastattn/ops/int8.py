@@ -16,8 +16,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .. import _ext
-from ..backends import Dispatcher, Impl
+from ..backends import Dispatcher, Impl, compiled_has, compiled_op, triton_op
 from ..reference import int8_matmul_ref, quantize_rows_ref, w8a16_matmul_ref
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int32)
@@ -33,25 +32,6 @@ class Int8Request:
     dtype: torch.dtype  # out_dtype for mm, x.dtype for quantize
     K: int
     decode: bool = False  # M <= DECODE_M
-
-
-def _triton(name):
-    def call(*args):
-        from ..kernels import int8 as k
-        return getattr(k, name)(*args)
-    return call
-
-
-def _compiled(name):
-    def call(*args):
-        return getattr(_ext._C, name)(*args)
-    return call
-
-
-def _has(name):
-    def check(req):
-        return [] if hasattr(_ext._C, name) else [f"fastattn._C has no {name}"]
-    return check
 
 
 def _ref_mm(a, b, a_scale, b_scale, bias, out_dtype):
@@ -71,20 +51,20 @@ _GPU_ORDER = {"cuda": _gpu_order}
 # Triton's): GPU suite run 3, bf16 K=4096, 0.042 ms against Triton's 0.093 at M=4096 and 0.026 against 0.054 at M=1.
 _QUANT_ORDER = {"cuda": ("cuda", "triton", "reference")}
 _mm = Dispatcher("int8_matmul", [
-    Impl("cuda", _compiled("int8_mm_cuda"), None, ("cuda",), OUT_DTYPES, _has("int8_mm_cuda")),
-    Impl("triton", _triton("int8_mm"), None, ("cuda",), OUT_DTYPES),
-    Impl("cpu", _compiled("int8_mm_cpu"), None, ("cpu",), OUT_DTYPES, _has("int8_mm_cpu")),
+    Impl("cuda", compiled_op("int8_mm_cuda"), None, ("cuda",), OUT_DTYPES, compiled_has("int8_mm_cuda")),
+    Impl("triton", triton_op("int8", "int8_mm"), None, ("cuda",), OUT_DTYPES),
+    Impl("cpu", compiled_op("int8_mm_cpu"), None, ("cpu",), OUT_DTYPES, compiled_has("int8_mm_cpu")),
     Impl("reference", _ref_mm, None, ("cpu", "cuda"), OUT_DTYPES),
 ], priority=_GPU_ORDER)
 _quant = Dispatcher("quantize_per_token", [
-    Impl("cuda", _compiled("quantize_rows_cuda"), None, ("cuda",), X_DTYPES, _has("quantize_rows_cuda")),
-    Impl("triton", _triton("quantize_rows"), None, ("cuda",), X_DTYPES),
-    Impl("cpu", _compiled("quantize_rows_cpu"), None, ("cpu",), X_DTYPES, _has("quantize_rows_cpu")),
+    Impl("cuda", compiled_op("quantize_rows_cuda"), None, ("cuda",), X_DTYPES, compiled_has("quantize_rows_cuda")),
+    Impl("triton", triton_op("int8", "quantize_rows"), None, ("cuda",), X_DTYPES),
+    Impl("cpu", compiled_op("quantize_rows_cpu"), None, ("cpu",), X_DTYPES, compiled_has("quantize_rows_cpu")),
     Impl("reference", quantize_rows_ref, None, ("cpu", "cuda"), X_DTYPES),
 ], priority=_QUANT_ORDER)
 
 _w8a16 = Dispatcher("w8a16_matmul", [
-    Impl("triton", _triton("w8a16_mm"), None, ("cuda",), (torch.float16, torch.bfloat16)),
+    Impl("triton", triton_op("int8", "w8a16_mm"), None, ("cuda",), (torch.float16, torch.bfloat16)),
     Impl("reference", w8a16_matmul_ref, None, ("cpu", "cuda"), X_DTYPES),
 ])
 
