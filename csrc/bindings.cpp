@@ -2,6 +2,7 @@
 // binding file (csrc/cpu/*_api.cpp, csrc/cuda/*_api.cpp), so kernels stay in torch-free translation units.
 #include <torch/extension.h>
 
+#include "cpu/cpu_features.h"
 #include "registry.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -19,7 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_openmp") = false;
 #endif
-  m.def("cpu_has_avx2", &fastattn::cpu_has_avx2, "whether this CPU runs the AVX2/FMA code paths");
+  m.def("cpu_has_avx2", &fastattn::cpu_has_avx2, "whether this CPU supports the AVX2/FMA/F16C code paths");
   fastattn::register_cpu_ops(m);
 #ifdef FASTATTN_WITH_CUDA
   fastattn::register_cuda_ops(m);

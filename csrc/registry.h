@@ -4,8 +4,6 @@
 
 namespace fastattn {
 
-bool cpu_has_avx2();  // defined in csrc/cpu/cpu_features.cpp
-
 void register_cpu_add_norm(pybind11::module_& m);   // csrc/cpu/add_norm_api.cpp
 void register_cpu_attention(pybind11::module_& m);  // csrc/cpu/attention_api.cpp
 void register_cpu_int8(pybind11::module_& m);       // csrc/cpu/int8_api.cpp

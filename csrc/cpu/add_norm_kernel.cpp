@@ -7,6 +7,7 @@
 // Portable (plain loops; also the float64 path) and Avx2 (AVX2/FMA/F16C intrinsics, float32 compute only),
 // chosen at run time. Row sums add float partials over blocks of kBlock columns and the blocks in double.
 #include "add_norm_kernel.h"
+#include "cpu_features.h"
 #include "float_bits.h"
 
 #include <algorithm>
@@ -483,27 +484,13 @@ void bwd_typed(const AddNormBwdParams& p) {
   }
 }
 
-bool env_flag(const char* name) {
-  const char* v = std::getenv(name);
-  return v && *v && std::strcmp(v, "0") != 0;
-}
-
 }  // namespace
-
-bool add_norm_uses_avx2() {
-#ifdef FA_X86
-  static const bool use = cpu_has_avx2() && !env_flag("FASTATTN_CPU_NO_AVX2");
-  return use;
-#else
-  return false;
-#endif
-}
 
 void add_norm_fwd(const AddNormFwdParams& p) {
   if (p.rows == 0) return;
   if (p.x_dtype == DType::kFloat64) return fwd_typed<Portable, double>(p);
 #ifdef FA_X86
-  if (add_norm_uses_avx2()) return fwd_typed<Avx2, float>(p);
+  if (cpu_use_avx2()) return fwd_typed<Avx2, float>(p);
 #endif
   fwd_typed<Portable, float>(p);
 }
@@ -511,7 +498,7 @@ void add_norm_fwd(const AddNormFwdParams& p) {
 void add_norm_bwd(const AddNormBwdParams& p) {  // also for M == 0: dweight/dbias are then zeros
   if (p.dy_dtype == DType::kFloat64) return bwd_typed<Portable, double>(p);
 #ifdef FA_X86
-  if (add_norm_uses_avx2()) return bwd_typed<Avx2, float>(p);
+  if (cpu_use_avx2()) return bwd_typed<Avx2, float>(p);
 #endif
   bwd_typed<Portable, float>(p);
 }

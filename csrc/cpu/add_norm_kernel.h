@@ -5,8 +5,6 @@
 
 namespace fastattn {
 
-bool cpu_has_avx2();  // csrc/cpu/cpu_features.cpp
-
 namespace cpu {
 
 enum class DType : int { kFloat32, kFloat16, kBFloat16, kFloat64 };
@@ -54,9 +52,6 @@ struct AddNormBwdParams {
 
 void add_norm_fwd(const AddNormFwdParams& p);
 void add_norm_bwd(const AddNormBwdParams& p);
-
-// Whether the AVX2/FMA/F16C path runs: the CPU supports it and FASTATTN_CPU_NO_AVX2 is unset or "0" (read once).
-bool add_norm_uses_avx2();
 
 }  // namespace cpu
 }  // namespace fastattn

@@ -17,6 +17,7 @@
 //   computes dQ, dK and dV of all its query heads (5 products per tile, no races). "split" schedule otherwise:
 //   dK/dV items per (batch, kv head, key block) and dQ items per (batch, head, query block) (7 products per tile).
 #include "attention_kernel.h"
+#include "cpu_features.h"
 #include "float_bits.h"
 
 #include <algorithm>
@@ -158,11 +159,6 @@ inline int thread_id() {
 #else
   return 0;
 #endif
-}
-
-[[maybe_unused]] bool env_flag(const char* name) {
-  const char* v = std::getenv(name);
-  return v && *v && std::strcmp(v, "0") != 0;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1488,16 +1484,16 @@ void dispatch(const AttnArgs& a, F&& f) {
     case AttnDType::kFloat64: f(Attention<double, Portable<double>, double>(a)); return;
 #ifdef FA_X86
     case AttnDType::kFloat32:
-      if (attention_uses_avx512()) return f(Attention<float, Avx512, float>(a));
-      if (attention_uses_avx2()) return f(Attention<float, Avx2, float>(a));
+      if (cpu_use_avx512()) return f(Attention<float, Avx512, float>(a));
+      if (cpu_use_avx2()) return f(Attention<float, Avx2, float>(a));
       return f(Attention<float, Portable<float>, float>(a));
     case AttnDType::kFloat16:
-      if (attention_uses_avx512()) return f(Attention<float, Avx512, Half>(a));
-      if (attention_uses_avx2()) return f(Attention<float, Avx2, Half>(a));
+      if (cpu_use_avx512()) return f(Attention<float, Avx512, Half>(a));
+      if (cpu_use_avx2()) return f(Attention<float, Avx2, Half>(a));
       return f(Attention<float, Portable<float>, Half>(a));
     case AttnDType::kBFloat16:
-      if (attention_uses_avx512()) return f(Attention<float, Avx512, BF16>(a));
-      if (attention_uses_avx2()) return f(Attention<float, Avx2, BF16>(a));
+      if (cpu_use_avx512()) return f(Attention<float, Avx512, BF16>(a));
+      if (cpu_use_avx2()) return f(Attention<float, Avx2, BF16>(a));
       return f(Attention<float, Portable<float>, BF16>(a));
 #else
     case AttnDType::kFloat32: return f(Attention<float, Portable<float>, float>(a));
@@ -1509,25 +1505,6 @@ void dispatch(const AttnArgs& a, F&& f) {
 }
 
 }  // namespace
-
-bool attention_uses_avx2() {
-#ifdef FA_X86
-  static const bool use = cpu_has_avx2() && !env_flag("FASTATTN_CPU_NO_AVX2");
-  return use;
-#else
-  return false;
-#endif
-}
-
-bool attention_uses_avx512() {
-#ifdef FA_X86
-  static const bool use = attention_uses_avx2() && __builtin_cpu_supports("avx512f") &&
-                          !env_flag("FASTATTN_CPU_NO_AVX512");
-  return use;
-#else
-  return false;
-#endif
-}
 
 float attention_philox_uniform(uint64_t seed, uint64_t counter) { return philox_uniform(seed, counter); }
 
@@ -1551,11 +1528,11 @@ void attention_dropout_mask(int64_t B, int64_t H, int64_t L, int64_t S, double d
   for (int64_t r = 0; r < rows; ++r) {
     const uint64_t ctr = offset + uint64_t(r) * uint64_t(S);
 #ifdef FA_X86
-    if (attention_uses_avx512()) {
+    if (cpu_use_avx512()) {
       Avx512::keep_row(seed, ctr, S, p, out + r * S);
       continue;
     }
-    if (attention_uses_avx2()) {
+    if (cpu_use_avx2()) {
       Avx2::keep_row(seed, ctr, S, p, out + r * S);
       continue;
     }

@@ -6,8 +6,6 @@
 
 namespace fastattn {
 
-bool cpu_has_avx2();  // csrc/cpu/cpu_features.cpp
-
 namespace cpu {
 
 // Storage types of the attention tensors (kBool: masks only).
@@ -62,12 +60,6 @@ void attention_dropout_mask(int64_t B, int64_t H, int64_t L, int64_t S, double d
 // Triton's tl.rand(seed, counter): Philox4x32-10 on (counter lo, counter hi, 0, 0) with key (seed lo, seed hi),
 // first output word mapped to a float in [0, 1).
 float attention_philox_uniform(uint64_t seed, uint64_t counter);
-
-// Whether the AVX2/FMA path runs: the CPU supports it and FASTATTN_CPU_NO_AVX2 is unset or "0" (read once).
-bool attention_uses_avx2();
-// Whether the AVX-512F register tiles and exp run (on top of the AVX2 path): the AVX2 path runs, the CPU supports
-// AVX-512F and FASTATTN_CPU_NO_AVX512 is unset or "0" (read once).
-bool attention_uses_avx512();
 
 }  // namespace cpu
 }  // namespace fastattn

@@ -23,6 +23,7 @@
 //   pass 2 rounds buf * inv half-to-even (vroundps / nearbyint), clamps to [-127, 127] and packs to int8 (AVX2 or
 //   portable; the same float32 operations either way, so both are bit-exact with quantize_rows_ref).
 #include "int8_kernel.h"
+#include "cpu_features.h"
 #include "float_bits.h"
 
 #include <algorithm>
@@ -54,11 +55,6 @@ constexpr int64_t kNC = 8 * kNR;         // columns per tile
 constexpr int64_t kSmallM = 4;           // up to this many rows: no packing (GEMV-like path)
 constexpr int64_t kParallelMinMacs = 1 << 18;  // below this many multiply-adds one thread does the whole matmul
 constexpr int64_t kParallelMinElems = 1 << 15; // quantize: elements below which one thread does it all
-
-bool env_flag(const char* name) {
-  const char* v = std::getenv(name);
-  return v && *v && std::strcmp(v, "0") != 0;
-}
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -138,7 +134,6 @@ inline float opaque(float v) {
 #endif
   return v;
 }
-
 
 // The scalar epilogue of one accumulator (also the AVX2 path's reference semantics).
 inline void store_scalar(const Int8MatmulParams& p, int64_t m, int64_t n, int32_t acc) {
@@ -741,27 +736,6 @@ FA_AVX2 void quantize_row_avx2(const void* xrow, Int8InType t, const float* smoo
 
 }  // namespace
 
-bool int8_uses_avx2() {
-#ifdef FA_X86
-  static const bool use = cpu_has_avx2() && !env_flag("FASTATTN_CPU_NO_AVX2");
-  return use;
-#else
-  return false;
-#endif
-}
-
-bool int8_uses_avx512_vnni() {
-#ifdef FA_X86
-  static const bool use = int8_uses_avx2() && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512vnni") &&
-                          !env_flag("FASTATTN_CPU_NO_AVX512");
-  return use;
-#else
-  return false;
-#endif
-}
-
 void int8_matmul(const Int8MatmulParams& p) {
   if (p.M == 0 || p.N == 0) return;
   if (p.K == 0) {  // acc = 0 everywhere
@@ -770,9 +744,9 @@ void int8_matmul(const Int8MatmulParams& p) {
     return;
   }
 #ifdef FA_X86
-  if (int8_uses_avx2()) {
+  if (cpu_use_avx2()) {
     if (p.M <= kSmallM) return matmul_avx2_small_m(p);
-    if (int8_uses_avx512_vnni()) return matmul_vnni_packed(p);
+    if (cpu_use_avx512_vnni()) return matmul_vnni_packed(p);
     return matmul_avx2_packed(p);
   }
 #endif
@@ -784,7 +758,7 @@ void quantize_rows(const QuantizeRowsParams& p) {
   if (M == 0) return;
   const bool par = M > 1 && M * K >= kParallelMinElems && p.num_threads > 1;
 #ifdef FA_X86
-  const bool avx2 = int8_uses_avx2();
+  const bool avx2 = cpu_use_avx2();
 #else
   [[maybe_unused]] const bool avx2 = false;
 #endif

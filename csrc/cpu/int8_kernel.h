@@ -5,8 +5,6 @@
 
 namespace fastattn {
 
-bool cpu_has_avx2();  // csrc/cpu/cpu_features.cpp
-
 namespace cpu {
 
 enum class Int8OutType : int { kFloat32, kFloat16, kBFloat16, kInt32 };
@@ -42,12 +40,6 @@ struct QuantizeRowsParams {
 
 void int8_matmul(const Int8MatmulParams& p);
 void quantize_rows(const QuantizeRowsParams& p);
-
-// Whether the AVX2 paths run: the CPU supports AVX2/FMA/F16C and FASTATTN_CPU_NO_AVX2 is unset or "0" (read once).
-bool int8_uses_avx2();
-// Whether the matmul uses its AVX-512 VNNI path: the AVX2 paths run, the CPU supports AVX512F/BW/VL/VNNI and
-// FASTATTN_CPU_NO_AVX512 is unset or "0" (read once).
-bool int8_uses_avx512_vnni();
 
 }  // namespace cpu
 }  // namespace fastattn

@@ -1,0 +1,12 @@
+// Run-time CPU feature choices shared by the CPU kernels: what the CPU supports, less what the environment turns
+// off (FASTATTN_CPU_NO_AVX2 / FASTATTN_CPU_NO_AVX512 set and not "0"; read once). Definitions: cpu_features.cpp.
+#pragma once
+
+namespace fastattn {
+
+bool cpu_has_avx2();          // AVX2 + FMA + F16C
+bool cpu_use_avx2();          // the AVX2/FMA/F16C code paths run
+bool cpu_use_avx512();        // ... and AVX-512F register tiles (attention)
+bool cpu_use_avx512_vnni();   // ... and AVX-512F/BW/VL/VNNI int8 dot products (int8 matmul)
+
+}  // namespace fastattn
