@@ -104,6 +104,11 @@ def _close(a, b) -> bool:
     return True
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, calib_data: Optional[Iterable] = None, smoothquant_alpha: float = 0.5,
              mode: str = "w8a8", skip: Sequence[str] = ()) -> nn.Module:
@@ -113,8 +118,11 @@ def quantize(model: nn.Module, calib_data: Optional[Iterable] = None, smoothquan
     (``smoothquant_alpha``; None disables) smooths activation outliers, and w8a8_static gets its input scales.
     Returns the model.
     """
+    _check_model(model)
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is not one of {MODES}")
+    if smoothquant_alpha is not None and not 0.0 <= smoothquant_alpha <= 1.0:
+        raise ValueError(f"smoothquant_alpha: expected a float in [0, 1] (or None), got {smoothquant_alpha!r}")
     linears = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, QATLinear) and not _skipped(n, skip)}
     smooth: Dict[str, torch.Tensor] = {}
     input_scale: Dict[str, float] = {}
@@ -163,6 +171,7 @@ def _try_fold(model, batch, producer, consumers, s) -> bool:
 
 def prepare_qat(model: nn.Module, skip: Sequence[str] = ()) -> nn.Module:
     """Swap every nn.Linear (not matching ``skip``) for a QATLinear sharing its parameters, in place."""
+    _check_model(model)
     for name, mod in list(model.named_modules()):
         if type(mod) is nn.Linear and not _skipped(name, skip):
             _set_module(model, name, QATLinear.from_linear(mod))
@@ -171,6 +180,7 @@ def prepare_qat(model: nn.Module, skip: Sequence[str] = ()) -> nn.Module:
 
 def convert_qat(model: nn.Module, mode: str = "w8a8") -> nn.Module:
     """Turn every QATLinear into an Int8Linear, in place."""
+    _check_model(model)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QATLinear):
             _set_module(model, name, Int8Linear.from_float(mod, mode))

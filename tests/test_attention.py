@@ -279,8 +279,12 @@ def test_sdpa_conformance(shape, mask, is_causal):
         m[:, 0] = True  # torch gives NaN for an all-masked row; we give 0 (documented)
     elif mask == "float":
         m = torch.randn(shape[-2], 23, generator=g).to(dev)
-    if is_causal and m is not None:
-        pytest.skip("torch rejects attn_mask together with is_causal")
+    if is_causal and m is not None:  # torch refuses the pair; so do we, with a ValueError naming attn_mask
+        with pytest.raises(RuntimeError):
+            F.scaled_dot_product_attention(q, k, v, m, is_causal=True)
+        with pytest.raises(ValueError, match="attn_mask: must be None when is_causal"):
+            fastattn.scaled_dot_product_attention(q, k, v, m, is_causal=True)
+        return
     for scale in (None, 0.5):
         ours = fastattn.scaled_dot_product_attention(q, k, v, m, is_causal=is_causal, scale=scale)
         theirs = F.scaled_dot_product_attention(q, k, v, m, is_causal=is_causal, scale=scale)
@@ -342,6 +346,8 @@ def test_bad_dtypes_and_arguments():
         fastattn.attention(q, q, q, key_padding_mask=torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="device"):
         fastattn.scaled_dot_product_attention(q, q.to("meta"), q.to("meta"))
+    with pytest.raises(TypeError, match="scale"):
+        fastattn.scaled_dot_product_attention(q, q, q, scale="0.5")
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"], indirect=True)

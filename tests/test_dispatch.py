@@ -85,6 +85,7 @@ def test_forced_backend_applies_to_backward():
     (dict(weight=torch.randn(8, device="meta")), "weight.*device", ValueError),
     (dict(weight=[1.0] * 8), "weight", TypeError),
     (dict(eps=-1.0), "eps", ValueError),
+    (dict(eps=float("nan")), "eps", ValueError),
 ])
 def test_bad_input_names_the_argument(bad, match, exc):
     kw = dict(residual=None, weight=None, bias=None, eps=1e-5)

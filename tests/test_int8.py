@@ -276,6 +276,13 @@ def test_qat_recovers_accuracy():
     (lambda: Int8Linear(4, 4, mode="int4"), "mode", ValueError),
     (lambda: Int8Linear(4, 4)(torch.zeros(2, 4, dtype=torch.int32)), "x: expected", TypeError),
     (lambda: Int8Linear(4, 4)(torch.zeros(2, 5)), "in_features", ValueError),
+    (lambda: Int8Linear.from_float(nn.Conv1d(4, 4, 1)), "linear: expected a torch.nn.Linear", TypeError),
+    (lambda: fastattn.quantize("model"), "model: expected a torch.nn.Module", TypeError),
+    (lambda: fastattn.prepare_qat(3), "model: expected a torch.nn.Module", TypeError),
+    (lambda: fastattn.quantize(nn.Linear(4, 4), [torch.randn(2, 4)], smoothquant_alpha=2.0), "smoothquant_alpha",
+     ValueError),
+    (lambda: fastattn.w8a16_matmul(torch.randn(2, 4), torch.zeros(3, 4, dtype=torch.int8), torch.ones(3), [1, 2, 3]),
+     "bias", ValueError),
 ])
 def test_bad_input(call, match, exc):
     with pytest.raises(exc, match=match):

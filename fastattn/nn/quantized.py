@@ -45,6 +45,8 @@ class Int8Linear(nn.Module):
                    input_scale: Optional[float] = None) -> "Int8Linear":
         """Quantize a float nn.Linear (per output channel). ``smooth`` must already be folded into the weight
         (W[:, k] * smooth[k]); ``input_scale`` is needed for w8a8_static."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, mode, smooth is not None,
                 device=w.device)

@@ -199,8 +199,8 @@ def _validate(x, residual, weight, bias, eps) -> None:
         _check_tensor("weight", weight, x, x.shape[-1:], allowed)
     if bias is not None:
         _check_tensor("bias", bias, x, x.shape[-1:], allowed)
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        raise ValueError(f"eps: expected a finite non-negative float, got {eps!r}")
 
 
 def _add_norm(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32):
@@ -208,7 +208,7 @@ def _add_norm(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32)
     s_dtype = norm_residual_dtype(x, residual, residual_in_fp32)
     if residual is not None and x.dtype == torch.float64 and residual.dtype != torch.float64:
         residual = residual.double()  # kernels take a residual of x's dtype or float32 (s is float64 here)
-    return AddNormFunction.apply(x, residual, weight, bias, float(eps), is_rms, prenorm, s_dtype,
+    return AddNormFunction.apply(x, residual, weight, bias, float(eps), is_rms, bool(prenorm), s_dtype,
                                  forced_backend_name())
 
 

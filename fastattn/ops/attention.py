@@ -334,6 +334,16 @@ def _check_mask(attn_mask, q: Tensor, S: int, key_padding_mask, B: int, H: int, 
     return mask
 
 
+def _as_float(name: str, v) -> float:
+    """A Python / numpy / 0-d tensor number as a float; anything else is refused naming the argument."""
+    try:
+        if not isinstance(v, (str, bytes)):
+            return float(v)
+    except (TypeError, ValueError, RuntimeError):
+        pass
+    raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, attn_mask: Optional[Tensor] = None,
               key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0, scale: Optional[float] = None,
               window: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
@@ -366,7 +376,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
         if alibi_slopes.shape not in ((H,), (B, H)):
             raise ValueError(f"alibi_slopes: shape {tuple(alibi_slopes.shape)}, expected ({H},) or ({B}, {H})")
         alibi = alibi_slopes.to(device=q.device, dtype=torch.float32).expand(B, H).contiguous()
-    scale = E ** -0.5 if scale is None else float(scale)
+    scale = E ** -0.5 if scale is None else _as_float("scale", scale)
     seed = offset = 0
     if dropout_p > 0:
         # from torch's default generator, so torch.manual_seed reproduces the mask; offsets stay far from 2**63
@@ -390,6 +400,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention (same signature and semantics), except that a
-    row whose keys are all masked gives 0 (and 0 gradients) instead of NaN."""
+    row whose keys are all masked gives 0 (and 0 gradients) instead of NaN. Like torch, it refuses an attn_mask
+    together with is_causal=True (fastattn.attention combines a mask with either causal alignment)."""
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask: must be None when is_causal=True (as in torch's scaled_dot_product_attention); "
+                         "fastattn.attention(q, k, v, causal='top_left', attn_mask=...) applies both")
     return attention(query, key, value, causal="top_left" if is_causal else None, attn_mask=attn_mask,
                      dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa)

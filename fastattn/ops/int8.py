@@ -225,8 +225,9 @@ def w8a16_matmul(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] =
     N, K = w.shape
     w_scale = _scale_vector("w_scale", w_scale, N, (N,), x.device)
     if bias is not None:
-        if tuple(bias.shape) != (N,) or bias.device != x.device:
-            raise ValueError(f"bias: expected a ({N},) tensor on {x.device}, got {tuple(bias.shape)} on {bias.device}")
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != (N,) or bias.device != x.device:
+            got = f"{tuple(bias.shape)} on {bias.device}" if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(f"bias: expected a ({N},) tensor on {x.device}, got {got}")
         bias = bias.to(torch.float32)
     return w8a16_rows(x.reshape(-1, K).contiguous(), w.contiguous(), w_scale, bias).reshape(*x.shape[:-1], N)
 
