@@ -21,6 +21,7 @@
 #include <immintrin.h>
 #define FA_X86 1
 #define FA_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define FA_AVX2_INLINE FA_AVX2 __attribute__((always_inline)) inline  // constant k folds the tail checks away
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -64,9 +65,9 @@ constexpr bool kHasRes = !std::is_same_v<T, NoRes>;
 // ---------------------------------------------------------------------------------------------------------------
 // Row passes, portable: plain branch-free loops (auto-vectorised by the compiler), any compute type Acc.
 struct Portable {
-  // buf = round_s(x + r); s = buf when s is non-null.
+  // buf = round_s(x + r); s = buf when s is non-null. Returns sum_j buf_j.
   template <class Acc, class TX, class TR, class TS>
-  static void fwd_load(const TX* x, const TR* r, TS* s, Acc* buf, int64_t n) {
+  static double fwd_load(const TX* x, const TR* r, TS* s, Acc* buf, int64_t n) {
     for (int64_t j = 0; j < n; ++j) {
       Acc v = to_acc(x[j]);
       if constexpr (kHasRes<TR>) v += to_acc(r[j]);
@@ -74,6 +75,7 @@ struct Portable {
     }
     if (s)
       for (int64_t j = 0; j < n; ++j) s[j] = from_acc<TS>(buf[j]);  // exact: buf holds TS values
+    return sum<Acc, false>(buf, n, Acc(0));
   }
 
   // sum_j (a_j - c), or sum_j (a_j - c)^2 when kSquare.
@@ -105,10 +107,10 @@ struct Portable {
     for (int64_t j = 0; j < n; ++j) y[j] = from_acc<TX>((buf[j] - mean) * rstd * w[j] + b[j]);
   }
 
-  // xh = (s - mean) * rstd, g = dy * w; dw += dy * xh, db += dy.
+  // xh = (s - mean) * rstd, g = dy * w; dw += dy * xh, db += dy; *sg = sum_j g_j, *sgx = sum_j g_j * xh_j.
   template <class Acc, class TS, class TD>
   static void bwd_load(const TS* s, const TD* dy, const Acc* w, Acc mean, Acc rstd, Acc* xh, Acc* g, Acc* dw,
-                       Acc* db, int64_t n) {
+                       Acc* db, int64_t n, double* sg, double* sgx) {
     for (int64_t j = 0; j < n; ++j) {
       const Acc x = (to_acc(s[j]) - mean) * rstd, d = to_acc(dy[j]);
       xh[j] = x;
@@ -116,6 +118,7 @@ struct Portable {
       dw[j] += d * x;
       db[j] += d;
     }
+    sum_dot(xh, g, n, sg, sgx);
   }
 
   // sum_j g_j and sum_j g_j * xh_j
@@ -198,14 +201,14 @@ FA_AVX2 inline __m256 round8(__m256 v) {
 }
 // k valid lanes (k >= 8: a full vector)
 template <class T>
-FA_AVX2 inline __m256 ld(const T* p, int64_t k) {
+FA_AVX2_INLINE __m256 ld(const T* p, int64_t k) {
   if (k >= 8) return ld8(p);
   T t[8] = {};
   std::memcpy(t, p, k * sizeof(T));
   return ld8(t);
 }
 template <class T>
-FA_AVX2 inline void st(T* p, __m256 v, int64_t k) {
+FA_AVX2_INLINE void st(T* p, __m256 v, int64_t k) {
   if (k >= 8) return st8(p, v);
   T t[8];
   st8(t, v);
@@ -222,17 +225,32 @@ FA_AVX2 inline __m256 accum(__m256 acc, __m256 d) {  // acc + d, or acc + d * d
   return kSquare ? _mm256_fmadd_ps(d, d, acc) : _mm256_add_ps(acc, d);
 }
 
-struct Avx2 {  // the interface of Portable, for Acc = float
+struct Avx2 {  // the interface of Portable, for Acc = float. Main loops take whole vectors; the tail comes once.
+  template <class TX, class TR, class TS>
+  FA_AVX2_INLINE static __m256 load_round(const TX* x, const TR* r, TS* s, float* buf, int64_t j, int64_t k) {
+    __m256 v = ld(x + j, k);
+    if constexpr (kHasRes<TR>) v = _mm256_add_ps(v, ld(r + j, k));
+    v = round8<TS>(v);
+    if (s) st(s + j, v, k);
+    st(buf + j, v, k);
+    return v;  // zero past k: the padded loads read zeros
+  }
+
   template <class Acc, class TX, class TR, class TS>
-  FA_AVX2 static void fwd_load(const TX* x, const TR* r, TS* s, float* buf, int64_t n) {
-    for (int64_t j = 0; j < n; j += 8) {
-      const int64_t k = n - j;
-      __m256 v = ld(x + j, k);
-      if constexpr (kHasRes<TR>) v = _mm256_add_ps(v, ld(r + j, k));
-      v = round8<TS>(v);
-      if (s) st(s + j, v, k);
-      st(buf + j, v, k);
+  FA_AVX2 static double fwd_load(const TX* x, const TR* r, TS* s, float* buf, int64_t n) {
+    double total = 0;  // float partial sums over kBlock columns, as in sum()
+    for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+      const int64_t j1 = std::min(n, j0 + kBlock);
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+      int64_t j = j0;
+      for (; j + 16 <= j1; j += 16) {
+        a0 = _mm256_add_ps(a0, load_round(x, r, s, buf, j, 8));
+        a1 = _mm256_add_ps(a1, load_round(x, r, s, buf, j + 8, 8));
+      }
+      for (; j < j1; j += 8) a0 = _mm256_add_ps(a0, load_round(x, r, s, buf, j, j1 - j));
+      total += hsum(_mm256_add_ps(a0, a1));
     }
+    return total;
   }
 
   template <class Acc, bool kSquare>
@@ -260,74 +278,85 @@ struct Avx2 {  // the interface of Portable, for Acc = float
     return total;
   }
 
+  template <class TX>
+  FA_AVX2_INLINE static void norm_store(const float* buf, const float* w, const float* b, __m256 vm, __m256 vr, TX* y,
+                                 int64_t j, int64_t k) {
+    const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(ld(buf + j, k), vm), vr);
+    st(y + j, _mm256_fmadd_ps(xh, ld(w + j, k), ld(b + j, k)), k);
+  }
+
   template <class Acc, class TX>
   FA_AVX2 static void fwd_store(const float* buf, const float* w, const float* b, float mean, float rstd, TX* y,
                                 int64_t n) {
     const __m256 vm = _mm256_set1_ps(mean), vr = _mm256_set1_ps(rstd);
-    for (int64_t j = 0; j < n; j += 8) {
-      const int64_t k = n - j;
-      const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(ld(buf + j, k), vm), vr);
-      st(y + j, _mm256_fmadd_ps(xh, ld(w + j, k), ld(b + j, k)), k);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      norm_store(buf, w, b, vm, vr, y, j, 8);
+      norm_store(buf, w, b, vm, vr, y, j + 8, 8);
     }
+    for (; j < n; j += 8) norm_store(buf, w, b, vm, vr, y, j, n - j);
+  }
+
+  // One vector of bwd_load; returns g, and xh in *xh_out.
+  template <class TS, class TD>
+  FA_AVX2_INLINE static __m256 grad_in(const TS* s, const TD* dy, const float* w, __m256 vm, __m256 vr, float* xh,
+                                       float* g, float* dw, float* db, int64_t j, int64_t k, __m256* xh_out) {
+    const __m256 x = _mm256_mul_ps(_mm256_sub_ps(ld(s + j, k), vm), vr), d = ld(dy + j, k);
+    const __m256 gv = _mm256_mul_ps(d, ld(w + j, k));
+    st(xh + j, x, k);
+    st(g + j, gv, k);
+    st(dw + j, _mm256_fmadd_ps(d, x, ld(dw + j, k)), k);
+    st(db + j, _mm256_add_ps(d, ld(db + j, k)), k);
+    *xh_out = x;
+    return gv;  // zero past k (dy and w read as zeros there)
   }
 
   template <class Acc, class TS, class TD>
   FA_AVX2 static void bwd_load(const TS* s, const TD* dy, const float* w, float mean, float rstd, float* xh, float* g,
-                               float* dw, float* db, int64_t n) {
+                               float* dw, float* db, int64_t n, double* sg, double* sgx) {
     const __m256 vm = _mm256_set1_ps(mean), vr = _mm256_set1_ps(rstd);
-    for (int64_t j = 0; j < n; j += 8) {
-      const int64_t k = n - j;
-      const __m256 x = _mm256_mul_ps(_mm256_sub_ps(ld(s + j, k), vm), vr), d = ld(dy + j, k);
-      st(xh + j, x, k);
-      st(g + j, _mm256_mul_ps(d, ld(w + j, k)), k);
-      st(dw + j, _mm256_fmadd_ps(d, x, ld(dw + j, k)), k);
-      st(db + j, _mm256_add_ps(d, ld(db + j, k)), k);
-    }
-  }
-
-  template <class Acc>
-  FA_AVX2 static void sum_dot(const float* xh, const float* g, int64_t n, double* sg, double* sgx) {
-    double t1 = 0, t2 = 0;
+    double t1 = 0, t2 = 0;  // float partial sums over kBlock columns
     for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
       const int64_t j1 = std::min(n, j0 + kBlock);
-      __m256 s0 = _mm256_setzero_ps(), s1 = s0, d0 = s0, d1 = s0;
+      __m256 s0 = _mm256_setzero_ps(), s1 = s0, d0 = s0, d1 = s0, x0, x1;
       int64_t j = j0;
       for (; j + 16 <= j1; j += 16) {
-        const __m256 g0 = ld8(g + j), g1 = ld8(g + j + 8);
+        const __m256 g0 = grad_in(s, dy, w, vm, vr, xh, g, dw, db, j, 8, &x0);
+        const __m256 g1 = grad_in(s, dy, w, vm, vr, xh, g, dw, db, j + 8, 8, &x1);
         s0 = _mm256_add_ps(s0, g0);
         s1 = _mm256_add_ps(s1, g1);
-        d0 = _mm256_fmadd_ps(g0, ld8(xh + j), d0);
-        d1 = _mm256_fmadd_ps(g1, ld8(xh + j + 8), d1);
+        d0 = _mm256_fmadd_ps(g0, x0, d0);
+        d1 = _mm256_fmadd_ps(g1, x1, d1);
       }
-      for (; j + 8 <= j1; j += 8) {
-        const __m256 g0 = ld8(g + j);
+      for (; j < j1; j += 8) {
+        const __m256 g0 = grad_in(s, dy, w, vm, vr, xh, g, dw, db, j, j1 - j, &x0);
         s0 = _mm256_add_ps(s0, g0);
-        d0 = _mm256_fmadd_ps(g0, ld8(xh + j), d0);
+        d0 = _mm256_fmadd_ps(g0, x0, d0);
       }
-      float u1 = hsum(_mm256_add_ps(s0, s1)), u2 = hsum(_mm256_add_ps(d0, d1));
-      for (; j < j1; ++j) {
-        u1 += g[j];
-        u2 += g[j] * xh[j];
-      }
-      t1 += u1;
-      t2 += u2;
+      t1 += hsum(_mm256_add_ps(s0, s1));
+      t2 += hsum(_mm256_add_ps(d0, d1));
     }
     *sg = t1;
     *sgx = t2;
+  }
+
+  template <class TD, class TS>
+  FA_AVX2_INLINE static void grad_out(const float* xh, const float* g, const TS* ds, __m256 v1, __m256 v2, __m256 vr,
+                                      TD* dx, float* dres, int64_t j, int64_t k) {
+    __m256 v = _mm256_sub_ps(ld(g + j, k), v1);
+    v = _mm256_mul_ps(vr, _mm256_fnmadd_ps(ld(xh + j, k), v2, v));
+    if (ds) v = _mm256_add_ps(v, ld(ds + j, k));
+    st(dx + j, v, k);
+    if (dres) st(dres + j, v, k);
   }
 
   template <class Acc, class TD, class TS>
   FA_AVX2 static void bwd_store(const float* xh, const float* g, const TS* ds, float c1, float c2, float rstd, TD* dx,
                                 float* dres, int64_t n) {
     const __m256 v1 = _mm256_set1_ps(c1), v2 = _mm256_set1_ps(c2), vr = _mm256_set1_ps(rstd);
-    for (int64_t j = 0; j < n; j += 8) {
-      const int64_t k = n - j;
-      __m256 v = _mm256_sub_ps(ld(g + j, k), v1);
-      v = _mm256_mul_ps(vr, _mm256_fnmadd_ps(ld(xh + j, k), v2, v));
-      if (ds) v = _mm256_add_ps(v, ld(ds + j, k));
-      st(dx + j, v, k);
-      if (dres) st(dres + j, v, k);
-    }
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) grad_out(xh, g, ds, v1, v2, vr, dx, dres, j, 8);
+    if (j < n) grad_out(xh, g, ds, v1, v2, vr, dx, dres, j, n - j);
   }
 };
 #endif  // FA_X86
@@ -358,10 +387,10 @@ void fwd_rows(const AddNormFwdParams& p, const Acc* w, const Acc* b) {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M; ++i) {
       const int64_t o = i * N;
-      Ops::template fwd_load<Acc, TX, TR, TS>(x + o, r ? r + o : r, s ? s + o : s, buf.data(), N);
+      const double total = Ops::template fwd_load<Acc, TX, TR, TS>(x + o, r ? r + o : r, s ? s + o : s, buf.data(), N);
       Acc mean = 0;
       if (!p.is_rms) {
-        mean = Acc(Ops::template sum<Acc, false>(buf.data(), N, Acc(0)) / N);
+        mean = Acc(total / N);
         mean_out[i] = mean;
       }
       const Acc var = Acc(Ops::template sum<Acc, true>(buf.data(), N, mean) / N);  // mean square for RMS
@@ -395,9 +424,8 @@ void bwd_rows(const AddNormBwdParams& p, const Acc* w) {
     for (int64_t i = 0; i < M; ++i) {
       const int64_t o = i * N;
       const Acc mu = p.is_rms ? Acc(0) : mean[i], rs = rstd[i];
-      Ops::template bwd_load<Acc, TS, TD>(s + o, dy + o, w, mu, rs, xh.data(), g.data(), dw, db, N);
       double sg, sgx;
-      Ops::template sum_dot<Acc>(xh.data(), g.data(), N, &sg, &sgx);
+      Ops::template bwd_load<Acc, TS, TD>(s + o, dy + o, w, mu, rs, xh.data(), g.data(), dw, db, N, &sg, &sgx);
       const Acc c1 = p.is_rms ? Acc(0) : Acc(sg / N), c2 = Acc(sgx / N);
       Ops::template bwd_store<Acc, TD, TS>(xh.data(), g.data(), ds ? ds + o : ds, c1, c2, rs, dx + o,
                                            dres ? dres + o : dres, N);
