@@ -130,7 +130,7 @@ def _small_m_kernel(
     Bias,  # float32 (N,)
     N, K, stride_am, stride_bn, stride_cm,
     HAS_AS: tl.constexpr, HAS_BS: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
-    INT8_A: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INT8_A: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE_ONCE: tl.constexpr,
 ):
     """Decode-sized M: one program per (row of A, BLOCK_N weight rows), reducing K with vector products instead of
     tensor-core tiles (which would pad M to 16+); the weight streams once per row of A."""
@@ -138,18 +138,24 @@ def _small_m_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_b = tl.minimum(offs_n, N - 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    # elementwise partial sums, reduced across the tile once after the loop: a reduction per K step would cost
-    # shuffles and a shared-memory round trip with a barrier between every two loads of the weight
-    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32 if INT8_A else tl.float32)
+    # REDUCE_ONCE: elementwise partial sums (BLOCK_N x BLOCK_K of them), reduced across the tile after the loop;
+    # else a reduction per K step (shuffles, and a shared-memory round trip with a barrier when the tile spans warps)
+    # with fewer registers held. The autotuner measures both.
+    acc_dtype = tl.int32 if INT8_A else tl.float32
+    acc = tl.zeros((BLOCK_N,), dtype=acc_dtype)
+    if REDUCE_ONCE:
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=acc_dtype)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         a = tl.load(A + m * stride_am + kk, mask=kk < K, other=0)
         w = tl.load(B + rows_b[:, None] * stride_bn + kk[None, :], mask=kk[None, :] < K, other=0)
-        if INT8_A:
-            acc2 += w.to(tl.int32) * a.to(tl.int32)[None, :]
+        prod = w.to(acc_dtype) * a.to(acc_dtype)[None, :]
+        if REDUCE_ONCE:
+            acc2 += prod
         else:
-            acc2 += w.to(tl.float32) * a.to(tl.float32)[None, :]
-    acc = tl.sum(acc2, axis=1)
+            acc += tl.sum(prod, axis=1)
+    if REDUCE_ONCE:
+        acc = tl.sum(acc2, axis=1)
     ptrs = C + m.to(tl.int64) * stride_cm + offs_n
     if OUT_INT32:
         tl.store(ptrs, acc, mask=offs_n < N)
@@ -167,27 +173,29 @@ def _small_m_kernel(
 SMALL_M = 8  # up to this many rows, the vector-product kernel beats padding M to a tensor-core tile
 
 # Decode is memory-bound: the weight must stream at full bandwidth, which takes enough bytes in flight per SM. Which
-# (rows x K chunk, warps) gets there depends on N and K, so the GPU autotunes it (H100, run 2: the fixed 16 x 512
-# tile with 4 warps moved the 4096 x 4096 weight at about half the copy bandwidth; run 3: no tile did better, with
-# a cross-thread reduction in every K step, since moved out of the loop). Every tile holds 64 partial sums a thread.
-_SMALL_M_TILES = [(16, 512, 4), (8, 1024, 4), (16, 1024, 8), (4, 2048, 4), (8, 2048, 8), (32, 256, 4), (2, 4096, 4)]
+# (rows x K chunk, warps, where the K reduction happens) gets there depends on N and K, so the GPU autotunes it
+# (H100, run 2: the fixed 16 x 512 tile with 4 warps moved the 4096 x 4096 weight at about half the copy bandwidth;
+# run 3: no tile did better, all reducing in every K step; REDUCE_ONCE tiles hold 64 partial sums a thread).
+_SMALL_M_TILES = [(n, k, w, once) for once in (True, False) for n, k, w in
+                  [(16, 512, 4), (8, 1024, 4), (16, 1024, 8), (4, 2048, 4), (8, 2048, 8), (32, 256, 4), (2, 4096, 4)]]
 if triton_interpreted():
     _small_m_mm = _small_m_kernel
 else:
     _small_m_mm = triton.autotune(
-        [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in _SMALL_M_TILES][
-            :None if os.environ.get("FASTATTN_AUTOTUNE", "1") != "0" else 1],
+        [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "REDUCE_ONCE": once}, num_warps=w)
+         for n, k, w, once in _SMALL_M_TILES][:None if os.environ.get("FASTATTN_AUTOTUNE", "1") != "0" else 1],
         key=["N", "K", "INT8_A"])(_small_m_kernel)
 
 
 def _small_m(a, b, out, a_scale, b_scale, bias, tile=None):
-    """The decode kernel; ``tile`` = (BLOCK_N, BLOCK_K, num_warps) runs that tile untuned (tests check each)."""
+    """The decode kernel; ``tile`` = (BLOCK_N, BLOCK_K, num_warps, REDUCE_ONCE) runs that tile untuned (tests check
+    each)."""
     M, K = a.shape
     N = b.shape[0]
     kernel, meta = _small_m_mm, {}
     if tile is not None or triton_interpreted():
-        n, k, w = tile or (16, 64, 4)
-        kernel, meta = _small_m_kernel, dict(BLOCK_N=n, BLOCK_K=k, num_warps=w)
+        n, k, w, once = tile or (16, 64, 4, True)
+        kernel, meta = _small_m_kernel, dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, REDUCE_ONCE=once)
     kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](
         a, b, out, out if a_scale is None else a_scale, out if b_scale is None else b_scale,
         out if bias is None else bias, N, K, a.stride(0), b.stride(0), out.stride(0),
