@@ -68,14 +68,17 @@ def cases():
                               BLOCK_N=n, BLOCK_D=dim, BLOCK_DV=dim)
                     yield (f"attention {which} d{dim} {m}x{n} w{w} s{st} causal={causal}", ATTN_KERNELS[which],
                            ATTN_TYPES, ce, w, st)
-    for cfg in I8._mm_configs(all_configs=True):
-        ce = dict(cfg.kwargs, HAS_AS=True, HAS_BS=True, HAS_BIAS=True, OUT_INT32=False, EVEN_K=True)
-        name = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        yield (f"int8 gemm {name} w{cfg.num_warps} s{cfg.num_stages}", I8._int8_mm_kernel, MM_TYPES, ce,
-               cfg.num_warps, cfg.num_stages)
-        ce = dict(cfg.kwargs, HAS_BIAS=True, DOT_F32=False, EVEN_K=True)
-        yield (f"w8a16 gemm {name} w{cfg.num_warps} s{cfg.num_stages}", I8._w8a16_mm_kernel,
-               dict(MM_TYPES, A="*bf16"), ce, cfg.num_warps, cfg.num_stages)
+    for w8a16 in (False, True):
+        for cfg in I8._mm_configs(all_configs=True, w8a16=w8a16):
+            name = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            if w8a16:
+                ce = dict(cfg.kwargs, HAS_BIAS=True, DOT_F32=False, EVEN_K=True)
+                yield (f"w8a16 gemm {name} w{cfg.num_warps} s{cfg.num_stages}", I8._w8a16_mm_kernel,
+                       dict(MM_TYPES, A="*bf16"), ce, cfg.num_warps, cfg.num_stages)
+            else:
+                ce = dict(cfg.kwargs, HAS_AS=True, HAS_BS=True, HAS_BIAS=True, OUT_INT32=False, EVEN_K=True)
+                yield (f"int8 gemm {name} w{cfg.num_warps} s{cfg.num_stages}", I8._int8_mm_kernel, MM_TYPES, ce,
+                       cfg.num_warps, cfg.num_stages)
     for n, k, w, once in I8._SMALL_M_TILES:
         for int8_a in (True, False):
             ce = dict(HAS_AS=int8_a, HAS_BS=True, HAS_BIAS=True, OUT_INT32=False, INT8_A=int8_a, BLOCK_N=n,
