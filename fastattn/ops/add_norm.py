@@ -160,7 +160,9 @@ class AddNormFunction(torch.autograd.Function):
         N = shape[-1]
         dy2 = dy.reshape(-1, N).contiguous()
         ds2 = None if ds is None else ds.reshape(-1, N).to(s.dtype).contiguous()
-        dres_fp32 = res_dtype == torch.float32 and dy.dtype != torch.float32
+        # A float32 residual's gradient comes from the kernel as its own float32 tensor: for a half x it has another
+        # dtype; for a float32 x it spares autograd a copy (it would clone dx, handed to two leaves, for the second).
+        dres_fp32 = res_dtype == torch.float32 and (dy.dtype != torch.float32 or all(ctx.needs_input_grad[:2]))
         bwd = add_norm_bwd_op if torch.compiler.is_compiling() else _bwd
         dx, dres, dw, db = bwd(dy2, s, mean, rstd, weight, ds2, has_bias, is_rms, dres_fp32, backend)
         dx = dx.view(shape)
