@@ -279,8 +279,8 @@ struct Avx2 {  // the interface of Portable, for Acc = float. Main loops take wh
   }
 
   template <class TX>
-  FA_AVX2_INLINE static void norm_store(const float* buf, const float* w, const float* b, __m256 vm, __m256 vr, TX* y,
-                                 int64_t j, int64_t k) {
+  FA_AVX2_INLINE static void norm_store(const float* buf, const float* w, const float* b, __m256 vm, __m256 vr,
+                                        TX* y, int64_t j, int64_t k) {
     const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(ld(buf + j, k), vm), vr);
     st(y + j, _mm256_fmadd_ps(xh, ld(w + j, k), ld(b + j, k)), k);
   }
