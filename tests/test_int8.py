@@ -13,7 +13,7 @@ from fastattn.reference import int8_matmul_ref, quantize_rows_ref, w8a16_matmul_
 from conftest import backend_device, backend_params, skip_if_not_built
 
 BK = pytest.mark.parametrize("backend_name", backend_params(), indirect=True)
-SHAPES = [(1, 1, 1), (7, 13, 5), (129, 65, 100), (33, 129, 257), (64, 64, 4096)]
+SHAPES = [(1, 1, 1), (7, 13, 5), (129, 65, 100), (33, 129, 257), (64, 64, 4096), (3, 37, 4101)]
 
 
 def int8(shape, gen, device):
@@ -68,7 +68,7 @@ def test_every_decode_tile_is_exact():
 
 
 @BK
-@pytest.mark.parametrize("M, N, K", SHAPES[:4])
+@pytest.mark.parametrize("M, N, K", SHAPES[:4] + SHAPES[5:])
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("scales", ["vector", "scalar", "none", "bias"])
 def test_epilogue(backend_name, M, N, K, out_dtype, scales):

@@ -3,7 +3,8 @@
 //
 // Matmul paths, chosen at run time (int8_matmul at the bottom):
 //   AVX-512 VNNI (CPU has avx512f/bw/vl/vnni; FASTATTN_CPU_NO_AVX512=1 turns it off): vpdpbusd on b + 128 (u8)
-//     and a (s8), non-saturating, minus 128 * rowsum(a) in the epilogue; 12 x 32 micro-kernel on zmm (see below).
+//     and a (s8), non-saturating, minus 128 * rowsum(a) in the epilogue; 12 x 32 micro-kernel on zmm (see below);
+//     small M (<= kSmallM rows): no packing, each b row streams once against the few a rows, 4 columns at a time.
 //   AVX2 (no VNNI, no saturating vpmaddubsw: exact for any int8 input):
 //     1. a (M, K) int8 is sign-extended to int16 rows Aw (M, Kp), Kp = K rounded up to even (zero pad);
 //     2. b (N, K) int8 is packed into int16 panels of kNR = 16 columns: panel j holds, for every k-pair p, the 16
@@ -13,7 +14,7 @@
 //        vpaddd into twelve int32 accumulators, over the whole K (no C round trips), then the fused epilogue;
 //     4. tiles of kMC rows x kNC columns are spread over the OpenMP threads; inside a tile the B panel stays in L1
 //        while the A block (kMC rows) stays in L2.
-//   AVX2, small M (<= kSmallM rows, either ISA): no packing: dot products of int16 A rows against b rows
+//   AVX2, small M (<= kSmallM rows): no packing: dot products of int16 A rows against b rows
 //     sign-extended on the fly, 4 columns at a time, reduced horizontally.
 //   Portable (no AVX2, or FASTATTN_CPU_NO_AVX2=1, which also turns the VNNI path off): plain loops.
 // The int32 sums wrap modulo 2**32 exactly like int64 -> int32 (the reference), exact for K < 2**17.
@@ -619,6 +620,55 @@ constexpr auto make_micro_table(std::integer_sequence<int, I...>) {
 }
 constexpr auto kMicroVnni = make_micro_table(std::make_integer_sequence<int, kMRv>{});
 
+// Small M (<= kSmallM rows, decoding): no packing. Each b row (column n) streams once, as u8 (b XOR 0x80 = b + 128),
+// against the M rows of a as s8: vpdpbusd over 64-byte chunks, the K tail read through a zeroing mask (a zero a
+// byte contributes nothing whatever b' holds), and 128 * rowsum_a[m] taken off after the horizontal sum.
+template <int MR>
+FA_VNNI void small_m_vnni_cols(const Int8MatmulParams& p, const int32_t* rowsum, int64_t n0, int64_t n1) {
+  constexpr int NB = 4;  // columns at a time: NB independent accumulator chains per row hide vpdpbusd's latency
+  const int64_t K = p.K;
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  const __mmask64 tail = K % 64 ? (~__mmask64(0)) >> (64 - K % 64) : ~__mmask64(0);
+  for (int64_t n = n0; n < n1; n += NB) {
+    const int nb = int(std::min<int64_t>(NB, n1 - n));
+    const int8_t* b[NB];
+    for (int j = 0; j < NB; ++j) b[j] = p.b + (n + std::min(j, nb - 1)) * K;  // past n1: repeat the last column
+    __m512i acc[MR][NB];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 64) {
+      const __mmask64 m = k + 64 <= K ? ~__mmask64(0) : tail;
+      __m512i av[MR];
+      for (int r = 0; r < MR; ++r) av[r] = _mm512_maskz_loadu_epi8(m, p.a + r * K + k);
+      for (int j = 0; j < NB; ++j) {
+        const __m512i bv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, b[j] + k), flip);
+        for (int r = 0; r < MR; ++r) dpbusd(acc[r][j], bv, av[r]);
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < nb; ++j)
+        store_scalar(p, r, n + j, int32_t(uint32_t(_mm512_reduce_add_epi32(acc[r][j])) - uint32_t(rowsum[r]) * 128u));
+  }
+}
+
+FA_VNNI void matmul_vnni_small_m(const Int8MatmulParams& p) {
+  int32_t rowsum[kSmallM];
+  for (int64_t m = 0; m < p.M; ++m) rowsum[m] = row_sum(p.a + m * p.K, p.K);
+  const int64_t chunk = 64;  // columns per work item
+  const int64_t T = ceil_div(p.N, chunk);
+  const bool par = p.M * p.N * p.K >= kParallelMinMacs && p.num_threads > 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(p.num_threads) if (par)
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t n0 = t * chunk, n1 = std::min(p.N, n0 + chunk);
+    switch (p.M) {
+      case 1: small_m_vnni_cols<1>(p, rowsum, n0, n1); break;
+      case 2: small_m_vnni_cols<2>(p, rowsum, n0, n1); break;
+      case 3: small_m_vnni_cols<3>(p, rowsum, n0, n1); break;
+      default: small_m_vnni_cols<4>(p, rowsum, n0, n1); break;
+    }
+  }
+}
+
 FA_VNNI void matmul_vnni_packed(const Int8MatmulParams& p) {
   const int64_t M = p.M, N = p.N, K = p.K;
   const int64_t K4 = (K + 3) / 4 * 4, kq = K4 / 4;
@@ -745,8 +795,8 @@ void int8_matmul(const Int8MatmulParams& p) {
   }
 #ifdef FA_X86
   if (cpu_use_avx2()) {
+    if (cpu_use_avx512_vnni()) return p.M <= kSmallM ? matmul_vnni_small_m(p) : matmul_vnni_packed(p);
     if (p.M <= kSmallM) return matmul_avx2_small_m(p);
-    if (cpu_use_avx512_vnni()) return matmul_vnni_packed(p);
     return matmul_avx2_packed(p);
   }
 #endif
