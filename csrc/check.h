@@ -4,6 +4,7 @@
 // killed Python instead of raising. TORCH_CHECK given one std::string does no formatting of its own.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <c10/core/Layout.h>
 #include <c10/core/ScalarType.h>
@@ -58,3 +59,14 @@ std::string message(const A&... parts) {
       TORCH_CHECK(false, ::fastattn::message(__VA_ARGS__)); \
     }                                                       \
   } while (0)
+
+namespace fastattn {
+
+// A defined, dense (strided) CPU tensor; messages name the op and the argument. Shared by the CPU bindings.
+inline void check_cpu_strided(const char* op, const at::Tensor& t, const char* name) {
+  FA_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  FA_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got ", t.layout());
+  FA_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+}
+
+}  // namespace fastattn

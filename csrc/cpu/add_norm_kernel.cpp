@@ -9,6 +9,7 @@
 #include "add_norm_kernel.h"
 #include "cpu_features.h"
 #include "float_bits.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -17,10 +18,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define FA_X86 1
-#define FA_AVX2 __attribute__((target("avx2,fma,f16c")))
+#ifdef FA_X86
 #define FA_AVX2_INLINE FA_AVX2 __attribute__((always_inline)) inline  // constant k folds the tail checks away
 #endif
 #ifdef _OPENMP

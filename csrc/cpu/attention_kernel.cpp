@@ -19,6 +19,7 @@
 #include "attention_kernel.h"
 #include "cpu_features.h"
 #include "float_bits.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <atomic>
@@ -31,15 +32,7 @@
 #include <thread>
 #include <type_traits>
 
-#if defined(__x86_64__) || defined(__i386__)
-// GCC 12's AVX-512 headers pass _mm512_undefined_* through masked builtins, which -Wall reports (fixed in GCC 13)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#define FA_X86 1
-#define FA_AVX2 __attribute__((target("avx2,fma,f16c")))
+#ifdef FA_X86
 #define FA_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 #endif
 #ifdef _OPENMP

@@ -21,9 +21,7 @@ struct Checker {
   const char* op;
 
   void cpu_dense(const at::Tensor& t, const char* name) const {
-    FA_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-    FA_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got ", t.layout());
-    FA_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+    check_cpu_strided(op, t, name);
   }
   void contiguous(const at::Tensor& t, const char* name) const {
     FA_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());

@@ -1,0 +1,15 @@
+// The x86 SIMD switches shared by the CPU kernels: FA_X86 when building for x86, and FA_AVX2 marking a function
+// compiled for AVX2/FMA/F16C (chosen at run time, csrc/cpu/cpu_features.h). Kernels that need more targets
+// (AVX-512) define their own on top.
+#pragma once
+
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC diagnostic push
+// GCC 12's AVX-512 headers pass _mm512_undefined_* through masked builtins, which -Wall reports (fixed in GCC 13)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#define FA_X86 1
+#define FA_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
