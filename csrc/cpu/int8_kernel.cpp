@@ -26,6 +26,7 @@
 #include "int8_kernel.h"
 #include "cpu_features.h"
 #include "float_bits.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -36,11 +37,7 @@
 #include <utility>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define FA_X86 1
-#define FA_AVX2 __attribute__((target("avx2,fma,f16c")))
-#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -177,25 +174,31 @@ void matmul_portable(const Int8MatmulParams& p) {
   }
 }
 
+// The scalar steps of every quantization path (the portable rows, the AVX2 tails): the same float32 operations.
+// Pass 1, one element: v / smooth[k] into buf, running absmax and NaN flag.
+inline void absmax_step(float v, const float* smooth, int64_t k, float* buf, float& amax, bool& nan) {
+  if (smooth) v = v / smooth[k];
+  buf[k] = v;
+  const float a = std::fabs(v);
+  nan |= a != a;
+  amax = a > amax ? a : amax;
+}
+inline float row_scale(float amax, bool nan) { return nan ? std::nanf("") : amax / 127.0f; }
+// Pass 2, one element: round half to even (the default rounding mode), clamp to [-127, 127], NaN -> 0.
+inline int8_t quantize_step(float v, float inv) {
+  const float r = std::nearbyint(v * inv);
+  return int8_t(r != r ? 0.f : std::min(127.f, std::max(-127.f, r)));
+}
+
 // Portable quantization of one row (xf in buf).
 template <class LoadF>
 void quantize_row_portable(LoadF load, const float* smooth, int64_t K, float* buf, int8_t* q, float* scale) {
   float amax = 0.f;
   bool nan = false;
-  for (int64_t k = 0; k < K; ++k) {
-    float v = load(k);
-    if (smooth) v = v / smooth[k];
-    buf[k] = v;
-    const float a = std::fabs(v);
-    nan |= a != a;
-    amax = a > amax ? a : amax;
-  }
-  const float s = nan ? std::nanf("") : amax / 127.0f;
+  for (int64_t k = 0; k < K; ++k) absmax_step(load(k), smooth, k, buf, amax, nan);
+  const float s = row_scale(amax, nan);
   const float inv = s > 0.f ? 1.0f / s : 0.f;
-  for (int64_t k = 0; k < K; ++k) {
-    const float r = std::nearbyint(buf[k] * inv);  // round half to even (default rounding mode)
-    q[k] = int8_t(r != r ? 0.f : std::min(127.f, std::max(-127.f, r)));
-  }
+  for (int64_t k = 0; k < K; ++k) q[k] = quantize_step(buf[k], inv);
   *scale = s;
 }
 
@@ -752,13 +755,9 @@ FA_AVX2 void quantize_row_avx2(const void* xrow, Int8InType t, const float* smoo
     if (t == Int8InType::kFloat32) v = static_cast<const float*>(xrow)[k];
     else if (t == Int8InType::kFloat16) v = half_to_float(static_cast<const uint16_t*>(xrow)[k]);
     else v = bf16_to_float(static_cast<const uint16_t*>(xrow)[k]);
-    if (smooth) v = v / smooth[k];
-    buf[k] = v;
-    const float a = std::fabs(v);
-    nan |= a != a;
-    amax = a > amax ? a : amax;
+    absmax_step(v, smooth, k, buf, amax, nan);
   }
-  const float s = nan ? std::nanf("") : amax / 127.0f;
+  const float s = row_scale(amax, nan);
   const float inv = s > 0.f ? 1.0f / s : 0.f;
   const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
   auto quant = [&](int64_t k) FA_AVX2 {  // 8 int32 in [-127, 127] (NaN -> 0)
@@ -776,10 +775,7 @@ FA_AVX2 void quantize_row_avx2(const void* xrow, Int8InType t, const float* smoo
     const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), perm);
     _mm256_storeu_si256((__m256i*)(q + k), b);
   }
-  for (; k < K; ++k) {
-    const float r = std::nearbyint(buf[k] * inv);
-    q[k] = int8_t(r != r ? 0.f : std::min(127.f, std::max(-127.f, r)));
-  }
+  for (; k < K; ++k) q[k] = quantize_step(buf[k], inv);
   *scale = s;
 }
 #endif  // FA_X86
