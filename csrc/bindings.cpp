@@ -21,6 +21,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_openmp") = false;
 #endif
   m.def("cpu_has_avx2", &fastattn::cpu_has_avx2, "whether this CPU supports the AVX2/FMA/F16C code paths");
+  m.def("cpu_stream_min_bytes", &fastattn::cpu_stream_min_bytes,
+        "bytes a CPU add+norm call moves before it writes its outputs with non-temporal stores");
   fastattn::register_cpu_ops(m);
 #ifdef FASTATTN_WITH_CUDA
   fastattn::register_cuda_ops(m);

@@ -170,19 +170,26 @@ def test_gradcheck_float64(backend_name, is_rms):
     assert torch.autograd.gradcheck(f, inputs)
 
 
-def test_cpu_portable_path():
-    """The portable (non-AVX2) C++ path, forced with FASTATTN_CPU_NO_AVX2=1 (read once per process): run a slice of
-    this file's CPU tests in a fresh process."""
+@pytest.mark.parametrize("env", [{"FASTATTN_CPU_NO_AVX2": "1"}, {"FASTATTN_CPU_STREAM_MIN_BYTES": "0"}],
+                         ids=["portable", "streaming"])
+def test_cpu_env_path(env):
+    """The C++ paths that the environment picks (read once per process), each in a fresh process running a slice of
+    this file's CPU tests: the portable (non-AVX2) loops, and the AVX2 loops with non-temporal output stores, which
+    large calls take (widths that are multiples of 8 stream; the others keep plain stores)."""
     import os
     import subprocess
     import sys
     from fastattn.backends import unavailable_reason
     if unavailable_reason("cpu"):
         pytest.skip(unavailable_reason("cpu"))
-    env = dict(os.environ, FASTATTN_CPU_NO_AVX2="1")
+    env = dict(os.environ, **env)
     here = os.path.dirname(__file__)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_add_norm.py"),
-                        "-k", "cpu and (res-w-b or fp32res or plain) and not portable"],
+                        "-k", "cpu and (res-w-b or fp32res or plain) and not env_path"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
+    if "FASTATTN_CPU_STREAM_MIN_BYTES" in env:
+        info = subprocess.run([sys.executable, "-c", "import fastattn; print(fastattn.build_info()['cpu_stream_min_bytes'])"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert info.stdout.strip() == "0", info.stdout + info.stderr

@@ -9,4 +9,8 @@ bool cpu_use_avx2();          // the AVX2/FMA/F16C code paths run
 bool cpu_use_avx512();        // ... and AVX-512F register tiles (attention)
 bool cpu_use_avx512_vnni();   // ... and AVX-512F/BW/VL/VNNI int8 dot products (int8 matmul)
 
+// Bytes a call must move (reads + writes) before its large outputs are written with non-temporal stores: the
+// last-level cache size (sysfs, else 32 MiB), or FASTATTN_CPU_STREAM_MIN_BYTES (read once; 0 streams always).
+long long cpu_stream_min_bytes();
+
 }  // namespace fastattn
