@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
+from fastattn.testing import steady_cpu_allocator
 
 
 def main(M=4096, N=1024, reps=3, calls=50):
@@ -28,8 +29,9 @@ def main(M=4096, N=1024, reps=3, calls=50):
 
     pairs = {"fwd": (lambda: torch_fwd(x, r, w, b), lambda: fastattn.add_layer_norm(x, r, w, b)),
              "fwd+bwd": (lambda: backward(torch_fwd), lambda: backward(fastattn.add_layer_norm))}
+    steady = steady_cpu_allocator()
     print(f"add + LayerNorm [{M}, {N}] fp32, {torch.get_num_threads()} threads, backend "
-          f"{fastattn.available_backends()[0]}")
+          f"{fastattn.available_backends()[0]}, steady allocator {steady}")
     for name, (theirs, ours) in pairs.items():
         for rep in range(reps):
             for _ in range(5):
