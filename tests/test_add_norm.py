@@ -98,6 +98,35 @@ def test_many_rows_dweight(backend_name):
 
 
 @pytest.mark.parametrize("backend_name", backend_params(), indirect=True)
+@pytest.mark.parametrize("leaves", ["both", "x", "residual", "neither", "shared"])
+def test_residual_gradient_routes(backend_name, leaves):
+    """float32 x and residual as leaves or activations (the backward writes dresidual itself beside a leaf, else
+    hands dx to both edges), or both views of one tensor: every upstream gradient matches torch's."""
+    dev = backend_device(backend_name)
+    g = torch.Generator().manual_seed(3)
+    a, c, w, b, dy = (torch.randn(*s, generator=g).to(dev) for s in ((5, 40), (5, 40), (40,), (40,), (5, 40)))
+
+    def grads(fn):
+        a_, c_, w_, b_ = (t.clone().requires_grad_() for t in (a, c, w, b))
+        x = a_ if leaves in ("both", "x") else a_ * 1.5
+        r = c_ if leaves in ("both", "residual") else (x.exp() if leaves == "shared" else c_ - 0.25)
+        y = fn(x, r, w_, b_)
+        (y * dy).sum().backward()
+        return [t.grad for t in (a_, c_, w_, b_)]
+
+    def ours(x, r, w, b):
+        with fastattn.backend(backend_name):
+            return fastattn.add_layer_norm(x, r, w, b)
+
+    expected = grads(lambda x, r, w, b: torch.nn.functional.layer_norm(x + r, (40,), w, b))
+    for name, got, want in zip(["a", "c", "weight", "bias"], grads(ours), expected):
+        if want is None:
+            assert got is None, name
+        else:
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend_name", backend_params(), indirect=True)
 @pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
 def test_empty_rows(backend_name, is_rms):
     dev = backend_device(backend_name)

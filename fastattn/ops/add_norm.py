@@ -148,6 +148,8 @@ class AddNormFunction(torch.autograd.Function):
         y, s, mean, rstd = fwd(x2, r2, weight, bias, eps, is_rms, store_s, s_fp32, backend)
         if needs_grad:
             ctx.save_for_backward(s if store_s else x2, mean, rstd, weight)
+        # Both gradients wanted and one of x, residual a leaf: its AccumulateGrad would clone a dx shared by two edges.
+        ctx.leaf_pair = (residual is not None and all(ctx.needs_input_grad[:2]) and (x.is_leaf or residual.is_leaf))
         ctx.meta = (shape, is_rms, bias is not None, backend, None if residual is None else residual.dtype,
                     None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         y = y.view(shape)
@@ -161,8 +163,9 @@ class AddNormFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, N).contiguous()
         ds2 = None if ds is None else ds.reshape(-1, N).to(s.dtype).contiguous()
         # A float32 residual's gradient comes from the kernel as its own float32 tensor: for a half x it has another
-        # dtype; for a float32 x it spares autograd a copy (it would clone dx, handed to two leaves, for the second).
-        dres_fp32 = res_dtype == torch.float32 and (dy.dtype != torch.float32 or all(ctx.needs_input_grad[:2]))
+        # dtype; for a float32 x beside a leaf it spares autograd a copy (a leaf's AccumulateGrad clones a gradient
+        # that another edge still holds). Between activations dx serves both, a tensor pass fewer than writing dres.
+        dres_fp32 = res_dtype == torch.float32 and (dy.dtype != torch.float32 or ctx.leaf_pair)
         bwd = add_norm_bwd_op if torch.compiler.is_compiling() else _bwd
         dx, dres, dw, db = bwd(dy2, s, mean, rstd, weight, ds2, has_bias, is_rms, dres_fp32, backend)
         dx = dx.view(shape)
