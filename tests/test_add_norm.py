@@ -125,6 +125,15 @@ def test_residual_gradient_routes(backend_name, leaves):
         else:
             torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
 
+    # torch.autograd.grad on the leaves accumulates nothing: like torch's x + r, one tensor serves both.
+    x, r = a.clone().requires_grad_(), c.clone().requires_grad_()
+    y = ours(x, r, w, b)
+    gx, gr = torch.autograd.grad(y, [x, r], dy)
+    gx_t, gr_t = torch.autograd.grad(torch.nn.functional.layer_norm(x + r, (40,), w, b), [x, r], dy)
+    torch.testing.assert_close(gx, gx_t, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(gr, gr_t, atol=2e-5, rtol=2e-5)
+    assert gx.data_ptr() == gr.data_ptr()
+
 
 @pytest.mark.parametrize("backend_name", backend_params(), indirect=True)
 @pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])

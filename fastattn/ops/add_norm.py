@@ -135,6 +135,25 @@ def _(dy, s, mean, rstd, weight, ds, has_bias, is_rms, dres_fp32, backend):
             dy.new_empty(N if weight is not None else 0, dtype=st), dy.new_empty(N if has_bias else 0, dtype=st))
 
 
+def _accumulators(*tensors):
+    """The AccumulateGrad nodes of the leaves among tensors."""
+    from torch.autograd.graph import get_gradient_edge
+    return tuple(get_gradient_edge(t).node for t in tensors if t.is_leaf)
+
+
+def _runs_any(nodes) -> bool:
+    """Whether the running backward pass executes any of the AccumulateGrad nodes (None: unknown, so yes).
+    .backward() runs them; torch.autograd.grad() never does (it returns gradients instead of accumulating them)."""
+    if nodes is None:
+        return True
+    try:
+        return any(torch._C._will_engine_execute_node(n) for n in nodes)
+    except RuntimeError:  # torch refuses the question for a leaf while autograd.grad() runs
+        return False
+    except AttributeError:  # private API gone: assume the accumulation runs
+        return True
+
+
 class AddNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, is_rms, prenorm, s_dtype, backend):
@@ -150,6 +169,7 @@ class AddNormFunction(torch.autograd.Function):
             ctx.save_for_backward(s if store_s else x2, mean, rstd, weight)
         # Both gradients wanted and one of x, residual a leaf: its AccumulateGrad would clone a dx shared by two edges.
         ctx.leaf_pair = (residual is not None and all(ctx.needs_input_grad[:2]) and (x.is_leaf or residual.is_leaf))
+        ctx.leaf_nodes = _accumulators(x, residual) if ctx.leaf_pair and not torch.compiler.is_compiling() else None
         ctx.meta = (shape, is_rms, bias is not None, backend, None if residual is None else residual.dtype,
                     None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         y = y.view(shape)
@@ -163,9 +183,11 @@ class AddNormFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, N).contiguous()
         ds2 = None if ds is None else ds.reshape(-1, N).to(s.dtype).contiguous()
         # A float32 residual's gradient comes from the kernel as its own float32 tensor: for a half x it has another
-        # dtype; for a float32 x beside a leaf it spares autograd a copy (a leaf's AccumulateGrad clones a gradient
-        # that another edge still holds). Between activations dx serves both, a tensor pass fewer than writing dres.
-        dres_fp32 = res_dtype == torch.float32 and (dy.dtype != torch.float32 or ctx.leaf_pair)
+        # dtype; for a float32 x beside a leaf that this pass accumulates into it spares autograd a copy (a leaf's
+        # AccumulateGrad clones a gradient that another edge still holds). Otherwise (activations, or
+        # torch.autograd.grad capturing the leaves) dx serves both, as torch's x + r does: one tensor pass fewer.
+        dres_fp32 = res_dtype == torch.float32 and (
+            dy.dtype != torch.float32 or (ctx.leaf_pair and _runs_any(ctx.leaf_nodes)))
         bwd = add_norm_bwd_op if torch.compiler.is_compiling() else _bwd
         dx, dres, dw, db = bwd(dy2, s, mean, rstd, weight, ds2, has_bias, is_rms, dres_fp32, backend)
         dx = dx.view(shape)
