@@ -160,11 +160,11 @@ struct Portable {
     *sgx = t2;
   }
 
-  // dx = rstd * (g - c1 - xh * c2) + ds; dres = the same in float32 when non-null.
-  static constexpr bool kCanStream = false;
+  static constexpr bool kCanStream = false;  // no non-temporal variant (see Avx2T)
   using Streaming = Portable;
   static void fence() {}
 
+  // dx = rstd * (g - c1 - xh * c2) + ds; dres = the same in float32 when non-null.
   template <class Acc, class TD, class TS>
   static void bwd_store(const Acc* xh, const Acc* g, const TS* ds, Acc c1, Acc c2, Acc rstd, TD* dx, float* dres,
                         int64_t n) {
