@@ -41,29 +41,13 @@ constexpr int64_t kBlock = 512;             // columns per float partial sum
 constexpr int64_t kParallelMin = 1 << 15;   // elements below which one thread does the whole op
 
 // ---------------------------------------------------------------------------------------------------------------
-// Storage types and scalar conversions (round-to-nearest-even, like torch).
-struct Half { uint16_t bits; };
-struct BF16 { uint16_t bits; };
+// Storage types: Half, BF16 and their conversions to_acc / from_acc in float_bits.h.
 struct NoRes {};  // the residual type when there is none
 
 template <class T> constexpr DType kDType = DType::kFloat32;
 template <> constexpr DType kDType<Half> = DType::kFloat16;
 template <> constexpr DType kDType<BF16> = DType::kBFloat16;
 template <> constexpr DType kDType<double> = DType::kFloat64;
-
-using namespace bits;  // float_from_bits, bits_of, select, half/bf16 <-> float (float_bits.h)
-
-inline float to_acc(float v) { return v; }
-inline double to_acc(double v) { return v; }
-inline float to_acc(Half v) { return half_to_float(v.bits); }
-inline float to_acc(BF16 v) { return float_from_bits(uint32_t(v.bits) << 16); }
-
-template <class T, class Acc>
-inline T from_acc(Acc v) {  // rounds v to the storage type T
-  if constexpr (std::is_same_v<T, Half>) return Half{float_to_half(float(v))};
-  else if constexpr (std::is_same_v<T, BF16>) return BF16{float_to_bf16(float(v))};
-  else return static_cast<T>(v);
-}
 
 template <class T>
 constexpr bool kHasRes = !std::is_same_v<T, NoRes>;

@@ -59,24 +59,7 @@ constexpr double kLn2 = 0.69314718055994530942;
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Storage types and scalar conversions (round-to-nearest-even, like torch).
-struct Half { uint16_t bits; };
-struct BF16 { uint16_t bits; };
-
-using namespace bits;  // float_from_bits, bits_of, select, half/bf16 <-> float (float_bits.h)
-
-FA_INLINE float in_value(float v) { return v; }
-FA_INLINE double in_value(double v) { return v; }
-FA_INLINE float in_value(Half v) { return half_to_float(v.bits); }
-FA_INLINE float in_value(BF16 v) { return float_from_bits(uint32_t(v.bits) << 16); }
-
-template <class S, class T>
-FA_INLINE S out_value(T v) {
-  if constexpr (std::is_same_v<S, Half>) return Half{float_to_half(float(v))};
-  else if constexpr (std::is_same_v<S, BF16>) return BF16{float_to_bf16(float(v))};
-  else return S(v);
-}
+// Storage types (Half, BF16) and scalar conversions (to_acc / from_acc, round-to-nearest-even): float_bits.h.
 
 // ---------------------------------------------------------------------------------------------------------------
 // 64-byte aligned buffer (allocated outside parallel regions: a throw there would terminate). Large ones are
@@ -259,7 +242,7 @@ void pack_rows(const In* src, int64_t sstride, int64_t rows, int64_t cols, T* ds
   for (int64_t r = 0; r < rows; ++r) {
     const In* s = src + r * sstride;
     T* d = dst + r * dstride;
-    for (int64_t c = 0; c < cols; ++c) d[c] = T(in_value(s[c]));
+    for (int64_t c = 0; c < cols; ++c) d[c] = T(to_acc(s[c]));
     for (int64_t c = cols; c < dstride; ++c) d[c] = 0;
   }
 }
@@ -271,7 +254,7 @@ void pack_transposed(const In* src, int64_t sstride, int64_t rows, int64_t cols,
     for (int64_t r = rows; r < kBN; ++r) dst[c * kBN + r] = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const In* s = src + r * sstride;
-    for (int64_t c = 0; c < cols; ++c) dst[c * kBN + r] = T(in_value(s[c]));
+    for (int64_t c = 0; c < cols; ++c) dst[c * kBN + r] = T(to_acc(s[c]));
   }
 }
 
@@ -1020,7 +1003,7 @@ class Attention {
   template <class M>
   static void add_mask(const M* mp, int64_t sj, int64_t lo, int64_t hi, T* row) {
     // in the compute type (the reference adds mask.to(compute dtype)), then to base 2
-    for (int64_t j = lo; j < hi; ++j) row[j] += T(T(in_value(mp[j * sj])) * T(kLog2e));
+    for (int64_t j = lo; j < hi; ++j) row[j] += T(T(to_acc(mp[j * sj])) * T(kLog2e));
   }
 
   void fwd_item(const AttnFwdArgs& f, int64_t b, int64_t h, int64_t qb, const T* ktg, const Rows<T>& kr,
@@ -1056,7 +1039,7 @@ void Attention<T, Ops, In>::fwd_item(const AttnFwdArgs& f, int64_t b, int64_t h,
   kv_range(i0, bm, jlo, jhi);
   if (jhi <= jlo) {  // no key for any row of the block
     for (int64_t r = 0; r < bm; ++r) {
-      for (int64_t e = 0; e < Ev; ++e) out[r * Ev + e] = out_value<In>(T(0));
+      for (int64_t e = 0; e < Ev; ++e) out[r * Ev + e] = from_acc<In>(T(0));
       lse[r] = std::numeric_limits<float>::infinity();
     }
     return;
@@ -1128,7 +1111,7 @@ void Attention<T, Ops, In>::fwd_item(const AttnFwdArgs& f, int64_t b, int64_t h,
   for (int64_t r = 0; r < bm; ++r) {
     const bool empty = !(l[r] > 0);
     const T inv = empty ? T(0) : keep_scale / l[r];
-    for (int64_t e = 0; e < Ev; ++e) out[r * Ev + e] = out_value<In>(o[r * Evp + e] * inv);
+    for (int64_t e = 0; e < Ev; ++e) out[r * Ev + e] = from_acc<In>(o[r * Evp + e] * inv);
     lse[r] = empty ? std::numeric_limits<float>::infinity()
                    : float((double(m[r]) + std::log2(double(l[r]))) * kLn2);
   }
@@ -1320,7 +1303,7 @@ void Attention<T, Ops, In>::bwd_tile(int64_t b, int64_t h, int64_t i0, int64_t b
 template <class In, class T>
 void store_rows(const T* src, int64_t sstride, int64_t rows, int64_t cols, T mul, In* dst) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = out_value<In>(src[r * sstride + c] * mul);
+    for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = from_acc<In>(src[r * sstride + c] * mul);
 }
 
 template <class T, class Ops, class In>
@@ -1331,9 +1314,9 @@ void Attention<T, Ops, In>::backward(const AttnBwdArgs& g) {
   if (B == 0 || Hk == 0) return;
   const T scale = T(a_.scale);
   if (L == 0 || H == 0 || S == 0) {  // nothing to attend: zero gradients
-    std::fill(dqo, dqo + B * H * L * E, out_value<In>(T(0)));
-    std::fill(dko, dko + B * Hk * S * E, out_value<In>(T(0)));
-    std::fill(dvo, dvo + B * Hk * S * Ev, out_value<In>(T(0)));
+    std::fill(dqo, dqo + B * H * L * E, from_acc<In>(T(0)));
+    std::fill(dko, dko + B * Hk * S * E, from_acc<In>(T(0)));
+    std::fill(dvo, dvo + B * Hk * S * Ev, from_acc<In>(T(0)));
     return;
   }
   // Packed operands, each block packed by the first item that needs it: K^T, V^T blocks and K rows per key
@@ -1368,7 +1351,7 @@ void Attention<T, Ops, In>::backward(const AttnBwdArgs& g) {
         const In* o = ptr<In>(g.out, b, h, i0 + r);
         const In* d = ptr<In>(g.dout, b, h, i0 + r);
         T acc = 0;
-        for (int64_t e = 0; e < Ev; ++e) acc += T(in_value(d[e])) * T(in_value(o[e]));
+        for (int64_t e = 0; e < Ev; ++e) acc += T(to_acc(d[e])) * T(to_acc(o[e]));
         delta.get()[bh * L + i0 + r] = acc;
         const float lv = g.lse[b * g.lse_stride[0] + h * g.lse_stride[1] + (i0 + r) * g.lse_stride[2]];
         // -inf (a public lse) also means "no key"

@@ -1,11 +1,13 @@
 // Scalar float <-> float16 / bfloat16 conversions shared by the CPU kernels: round to nearest even like torch, NaN
-// stays NaN (bfloat16 NaN -> 0x7FC0), branch-free so that loops using them stay vectorisable.
+// stays NaN (bfloat16 NaN -> 0x7FC0), branch-free so that loops using them stay vectorisable. Also the kernels'
+// 16-bit storage types and their conversions to and from the compute type.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace fastattn {
 namespace cpu {
@@ -42,5 +44,25 @@ inline uint16_t float_to_bf16(float f) {  // NaN -> 0x7FC0
 }
 
 }  // namespace bits
+
+// Storage types of float16 / bfloat16 elements (their bits). to_acc widens a stored value to the compute type
+// (float, or double for float64); from_acc<T> rounds a computed value to nearest even into storage type T.
+struct Half { uint16_t bits; };
+struct BF16 { uint16_t bits; };
+
+#define FA_CONVERT inline __attribute__((always_inline))
+FA_CONVERT float to_acc(float v) { return v; }
+FA_CONVERT double to_acc(double v) { return v; }
+FA_CONVERT float to_acc(Half v) { return bits::half_to_float(v.bits); }
+FA_CONVERT float to_acc(BF16 v) { return bits::bf16_to_float(v.bits); }
+
+template <class T, class Acc>
+FA_CONVERT T from_acc(Acc v) {
+  if constexpr (std::is_same_v<T, Half>) return Half{bits::float_to_half(float(v))};
+  else if constexpr (std::is_same_v<T, BF16>) return BF16{bits::float_to_bf16(float(v))};
+  else return static_cast<T>(v);
+}
+#undef FA_CONVERT
+
 }  // namespace cpu
 }  // namespace fastattn
