@@ -136,8 +136,11 @@ def _(dy, s, mean, rstd, weight, ds, has_bias, is_rms, dres_fp32, backend):
 
 
 def _accumulators(*tensors):
-    """The AccumulateGrad nodes of the leaves among tensors."""
-    from torch.autograd.graph import get_gradient_edge
+    """The AccumulateGrad nodes of the leaves among tensors (None where torch cannot say)."""
+    try:
+        from torch.autograd.graph import get_gradient_edge
+    except ImportError:
+        return None
     return tuple(get_gradient_edge(t).node for t in tensors if t.is_leaf)
 
 
