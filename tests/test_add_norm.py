@@ -101,7 +101,7 @@ def test_many_rows_dweight(backend_name):
 @pytest.mark.parametrize("leaves", ["both", "x", "residual", "neither", "shared"])
 def test_residual_gradient_routes(backend_name, leaves):
     """float32 x and residual as leaves or activations (the backward writes dresidual itself beside a leaf, else
-    hands dx to both edges), or both views of one tensor: every upstream gradient matches torch's."""
+    hands dx to both edges), or both computed from one tensor: every upstream gradient matches torch's."""
     dev = backend_device(backend_name)
     g = torch.Generator().manual_seed(3)
     a, c, w, b, dy = (torch.randn(*s, generator=g).to(dev) for s in ((5, 40), (5, 40), (40,), (40,), (5, 40)))
@@ -228,6 +228,6 @@ def test_cpu_env_path(env):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
     if "FASTATTN_CPU_STREAM_MIN_BYTES" in env:
-        info = subprocess.run([sys.executable, "-c", "import fastattn; print(fastattn.build_info()['cpu_stream_min_bytes'])"],
-                              env=env, capture_output=True, text=True, timeout=120)
+        code = "import fastattn; print(fastattn.build_info()['cpu_stream_min_bytes'])"
+        info = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert info.stdout.strip() == "0", info.stdout + info.stderr
