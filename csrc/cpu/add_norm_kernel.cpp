@@ -4,9 +4,9 @@
 //   forward:  buf = round_s(x + r) (also stored as s)  ->  row sums from buf  ->  y = (buf - mean) * rstd * w + b
 //   backward: xhat, g = dy * w into buffers (dweight/dbias partials accumulated on the way)  ->  row sums  ->  dx
 // so the (M, N) tensors are read and written once each. Each thread takes one block of rows, and in the forward
-// row i's y pass also loads row i + 1 (fwd_store_load), so that reads from memory overlap the row's arithmetic
-// ([4096, 1024] float32, A/B here: 1.00-1.06 -> 0.86-0.88 ms, or 0.65 -> 0.53 ms when the host is quiet; the
-// backward's two passes fused the same way ran slower). The row passes come in two sets with the same interface:
+// row i's y pass also loads row i + 1 (fwd_store_load, rows up to kFuseMaxCols wide), so that reads from memory
+// overlap the row's arithmetic ([4096, 1024] float32, A/B here: 1.00-1.06 -> 0.86-0.88 ms, or 0.65 -> 0.53 ms when
+// the host is quiet; the backward's two passes fused the same way ran slower). The row passes come in two sets with the same interface:
 // Portable (plain loops; also the float64 path) and Avx2 (AVX2/FMA/F16C intrinsics, float32 compute only),
 // chosen at run time. Row sums add float partials over blocks of kBlock columns and the blocks in double.
 // A call that moves more bytes than the last-level cache holds writes its (M, N) outputs with non-temporal stores
@@ -39,6 +39,10 @@ namespace {
 
 constexpr int64_t kBlock = 512;             // columns per float partial sum
 constexpr int64_t kParallelMin = 1 << 15;   // elements below which one thread does the whole op
+// Widest row whose forward fuses row i's store pass with row i + 1's load pass: the fused loop touches four float
+// rows (two buffers, weight, bias), which must stay in L1. Measured: faster at 1024, even at 2048, 10-20% slower
+// from 4096 on.
+constexpr int64_t kFuseMaxCols = 1024;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Storage types: Half, BF16 and their conversions to_acc / from_acc in float_bits.h.
@@ -468,13 +472,15 @@ void fwd_rows(const AddNormFwdParams& p, const Acc* w, const Acc* b) {
       const Acc var = Acc(Ops::template sum<Acc, true>(buf, N, mean) / N);  // mean square for RMS
       const Acc rstd = Acc(1) / std::sqrt(var + eps);
       rstd_out[i] = rstd;
-      if (i + 1 == i1) {
-        Ops::template fwd_store<Acc, TX>(buf, w, b, mean, rstd, y + o, N);
-      } else {
-        const int64_t on = o + N;
+      const int64_t on = o + N;
+      if (i + 1 < i1 && N <= kFuseMaxCols) {
         total = Ops::template fwd_store_load<Acc, TX, TR, TS>(buf, w, b, mean, rstd, y + o, x + on, r ? r + on : r,
                                                              s ? s + on : s, next, N);
         std::swap(buf, next);
+      } else {
+        Ops::template fwd_store<Acc, TX>(buf, w, b, mean, rstd, y + o, N);
+        if (i + 1 < i1)
+          total = Ops::template fwd_load<Acc, TX, TR, TS>(x + on, r ? r + on : r, s ? s + on : s, buf, N);
       }
     }
     Ops::fence();
