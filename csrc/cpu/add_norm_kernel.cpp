@@ -2,13 +2,14 @@
 //
 // Every row goes through per-thread buffers in the compute type (float32, float64 for float64 x):
 //   forward:  buf = round_s(x + r) (also stored as s)  ->  row sums from buf  ->  y = (buf - mean) * rstd * w + b
-//   backward: xhat, g = dy * w into buffers (dweight/dbias partials accumulated on the way)  ->  row sums  ->  dx
+//   backward: xhat, g = dy * w (dweight/dbias partials accumulated on the way)  ->  row sums  ->  dx from xhat, g
+//             (held in buffers by the portable passes, recomputed from s and dy by the AVX2 ones)
 // so the (M, N) tensors are read and written once each. Each thread takes one block of rows, and in the forward
 // row i's y pass also loads row i + 1 (fwd_store_load, rows up to kFuseMaxCols wide), so that reads from memory
 // overlap the row's arithmetic ([4096, 1024] float32, A/B here: 1.00-1.06 -> 0.86-0.88 ms, or 0.65 -> 0.53 ms when
-// the host is quiet; the backward's two passes fused the same way ran slower). The row passes come in two sets with the same interface:
-// Portable (plain loops; also the float64 path) and Avx2 (AVX2/FMA/F16C intrinsics, float32 compute only),
-// chosen at run time. Row sums add float partials over blocks of kBlock columns and the blocks in double.
+// the host is quiet; the backward's two passes fused the same way ran slower). The row passes come in two sets with
+// the same interface: Portable (plain loops; also the float64 path) and Avx2 (AVX2/FMA/F16C intrinsics, float32
+// compute only), chosen at run time. Row sums add float partials over blocks of kBlock columns, the blocks in double.
 // A call that moves more bytes than the last-level cache holds writes its (M, N) outputs with non-temporal stores
 // (Avx2T<true>): nothing of them would stay cached, and the stores skip reading each line first (2 reads + 1 write
 // of 16 MB float32 tensors: 1.24-1.33x faster on our 2-core machine; of 8 MB tensors, which fit, 0.85x).
@@ -152,10 +153,11 @@ struct Portable {
   using Streaming = Portable;
   static void fence() {}
 
-  // dx = rstd * (g - c1 - xh * c2) + ds; dres = the same in float32 when non-null.
+  // dx = rstd * (g - c1 - xh * c2) + ds; dres = the same in float32 when non-null. xh and g come from bwd_load's
+  // buffers (the Avx2 passes recompute them from s, dy, w and mean instead).
   template <class Acc, class TD, class TS>
-  static void bwd_store(const Acc* xh, const Acc* g, const TS* ds, Acc c1, Acc c2, Acc rstd, TD* dx, float* dres,
-                        int64_t n) {
+  static void bwd_store(const TS*, const TD*, const Acc*, Acc, const Acc* xh, const Acc* g, const TS* ds, Acc c1,
+                        Acc c2, Acc rstd, TD* dx, float* dres, int64_t n) {
     auto dsum = [&](int64_t j) { return rstd * (g[j] - c1 - xh[j] * c2); };
     if (ds) {
       for (int64_t j = 0; j < n; ++j) dx[j] = from_acc<TD>(dsum(j) + to_acc(ds[j]));
@@ -355,20 +357,20 @@ struct Avx2T {
 
   // One vector of bwd_load; returns g, and xh in *xh_out.
   template <class TS, class TD>
-  FA_AVX2_INLINE static __m256 grad_in(const TS* s, const TD* dy, const float* w, __m256 vm, __m256 vr, float* xh,
-                                       float* g, float* dw, float* db, int64_t j, int64_t k, __m256* xh_out) {
+  FA_AVX2_INLINE static __m256 grad_in(const TS* s, const TD* dy, const float* w, __m256 vm, __m256 vr, float* dw,
+                                       float* db, int64_t j, int64_t k, __m256* xh_out) {
     const __m256 x = _mm256_mul_ps(_mm256_sub_ps(ld(s + j, k), vm), vr), d = ld(dy + j, k);
     const __m256 gv = _mm256_mul_ps(d, ld(w + j, k));
-    st(xh + j, x, k);
-    st(g + j, gv, k);
     st(dw + j, _mm256_fmadd_ps(d, x, ld(dw + j, k)), k);
     st(db + j, _mm256_add_ps(d, ld(db + j, k)), k);
     *xh_out = x;
     return gv;  // zero past k (dy and w read as zeros there)
   }
 
+  // bwd_load without the xh / g buffers: bwd_store recomputes both from s and dy (still in L1/L2), so wide rows keep
+  // only w, dw, db in L1 (A/B, 4096 and 16384 wide: backward 1.93-2.00 -> 1.75-1.78 ms; 1024: even).
   template <class Acc, class TS, class TD>
-  FA_AVX2 static void bwd_load(const TS* s, const TD* dy, const float* w, float mean, float rstd, float* xh, float* g,
+  FA_AVX2 static void bwd_load(const TS* s, const TD* dy, const float* w, float mean, float rstd, float*, float*,
                                float* dw, float* db, int64_t n, double* sg, double* sgx) {
     const __m256 vm = _mm256_set1_ps(mean), vr = _mm256_set1_ps(rstd);
     double t1 = 0, t2 = 0;  // float partial sums over kBlock columns
@@ -377,15 +379,15 @@ struct Avx2T {
       __m256 s0 = _mm256_setzero_ps(), s1 = s0, d0 = s0, d1 = s0, x0, x1;
       int64_t j = j0;
       for (; j + 16 <= j1; j += 16) {
-        const __m256 g0 = grad_in(s, dy, w, vm, vr, xh, g, dw, db, j, 8, &x0);
-        const __m256 g1 = grad_in(s, dy, w, vm, vr, xh, g, dw, db, j + 8, 8, &x1);
+        const __m256 g0 = grad_in(s, dy, w, vm, vr, dw, db, j, 8, &x0);
+        const __m256 g1 = grad_in(s, dy, w, vm, vr, dw, db, j + 8, 8, &x1);
         s0 = _mm256_add_ps(s0, g0);
         s1 = _mm256_add_ps(s1, g1);
         d0 = _mm256_fmadd_ps(g0, x0, d0);
         d1 = _mm256_fmadd_ps(g1, x1, d1);
       }
       for (; j < j1; j += 8) {
-        const __m256 g0 = grad_in(s, dy, w, vm, vr, xh, g, dw, db, j, j1 - j, &x0);
+        const __m256 g0 = grad_in(s, dy, w, vm, vr, dw, db, j, j1 - j, &x0);
         s0 = _mm256_add_ps(s0, g0);
         d0 = _mm256_fmadd_ps(g0, x0, d0);
       }
@@ -397,22 +399,24 @@ struct Avx2T {
   }
 
   template <class TD, class TS>
-  FA_AVX2_INLINE static void grad_out(const float* xh, const float* g, const TS* ds, __m256 v1, __m256 v2, __m256 vr,
-                                      TD* dx, float* dres, int64_t j, int64_t k) {
-    __m256 v = _mm256_sub_ps(ld(g + j, k), v1);
-    v = _mm256_mul_ps(vr, _mm256_fnmadd_ps(ld(xh + j, k), v2, v));
+  FA_AVX2_INLINE static void grad_out(const TS* s, const TD* dy, const float* w, __m256 vm, const TS* ds, __m256 v1,
+                                      __m256 v2, __m256 vr, TD* dx, float* dres, int64_t j, int64_t k) {
+    const __m256 x = _mm256_mul_ps(_mm256_sub_ps(ld(s + j, k), vm), vr);
+    __m256 v = _mm256_sub_ps(_mm256_mul_ps(ld(dy + j, k), ld(w + j, k)), v1);
+    v = _mm256_mul_ps(vr, _mm256_fnmadd_ps(x, v2, v));
     if (ds) v = _mm256_add_ps(v, ld(ds + j, k));
     put<kStream>(dx + j, v, k);
     if (dres) put<kStream>(dres + j, v, k);
   }
 
   template <class Acc, class TD, class TS>
-  FA_AVX2 static void bwd_store(const float* xh, const float* g, const TS* ds, float c1, float c2, float rstd, TD* dx,
-                                float* dres, int64_t n) {
+  FA_AVX2 static void bwd_store(const TS* s, const TD* dy, const float* w, float mean, const float*, const float*,
+                                const TS* ds, float c1, float c2, float rstd, TD* dx, float* dres, int64_t n) {
     const __m256 v1 = _mm256_set1_ps(c1), v2 = _mm256_set1_ps(c2), vr = _mm256_set1_ps(rstd);
+    const __m256 vm = _mm256_set1_ps(mean);  // xh = (s - mean) * rstd and g = dy * w again, as in grad_in
     int64_t j = 0;
-    for (; j + 8 <= n; j += 8) grad_out(xh, g, ds, v1, v2, vr, dx, dres, j, 8);
-    if (j < n) grad_out(xh, g, ds, v1, v2, vr, dx, dres, j, n - j);
+    for (; j + 8 <= n; j += 8) grad_out(s, dy, w, vm, ds, v1, v2, vr, dx, dres, j, 8);
+    if (j < n) grad_out(s, dy, w, vm, ds, v1, v2, vr, dx, dres, j, n - j);
   }
 };
 using Avx2 = Avx2T<false>;
@@ -513,8 +517,8 @@ void bwd_rows(const AddNormBwdParams& p, const Acc* w) {
       double sg, sgx;
       Ops::template bwd_load<Acc, TS, TD>(s + o, dy + o, w, mu, rs, xh.data(), g.data(), dw, db, N, &sg, &sgx);
       const Acc c1 = p.is_rms ? Acc(0) : Acc(sg / N), c2 = Acc(sgx / N);
-      Ops::template bwd_store<Acc, TD, TS>(xh.data(), g.data(), ds ? ds + o : ds, c1, c2, rs, dx + o,
-                                           dres ? dres + o : dres, N);
+      Ops::template bwd_store<Acc, TD, TS>(s + o, dy + o, w, mu, xh.data(), g.data(), ds ? ds + o : ds, c1, c2, rs,
+                                           dx + o, dres ? dres + o : dres, N);
     }
     Ops::fence();
   }
