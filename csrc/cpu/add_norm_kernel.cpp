@@ -150,6 +150,7 @@ struct Portable {
   }
 
   static constexpr bool kCanStream = false;  // no non-temporal variant (see Avx2T)
+  static constexpr bool kBwdBuffers = true;  // bwd_load fills xh and g for bwd_store
   using Streaming = Portable;
   static void fence() {}
 
@@ -252,6 +253,7 @@ struct Avx2T {
     FA_AVX2_INLINE void operator()(int64_t, int64_t) const {}
   };
   static constexpr bool kCanStream = true;
+  static constexpr bool kBwdBuffers = false;  // xh and g are recomputed in bwd_store
   using Streaming = Avx2T<true>;
   FA_AVX2 static void fence() {
     if constexpr (kStream) _mm_sfence();  // orders this thread's non-temporal stores before the join
@@ -457,7 +459,7 @@ void fwd_rows(const AddNormFwdParams& p, const Acc* w, const Acc* b) {
 #pragma omp parallel num_threads(p.num_threads) if (M > 1 && M * N >= kParallelMin)
   {
     // Each thread takes a contiguous block of rows; row i's store pass also loads row i + 1 (fwd_store_load).
-    std::vector<Acc> bufs(2 * N);
+    std::vector<Acc> bufs(N <= kFuseMaxCols ? 2 * N : N);  // the second row only when fused
     Acc* buf = bufs.data();
     Acc* next = buf + N;
     const auto [i0, i1] = thread_rows(M);
@@ -509,7 +511,7 @@ void bwd_rows(const AddNormBwdParams& p, const Acc* w) {
   {
     Acc* dw = part.data() + thread_num() * stride;
     Acc* db = dw + N;
-    std::vector<Acc> xh(N), g(N);
+    std::vector<Acc> xh(Ops::kBwdBuffers ? N : 0), g(Ops::kBwdBuffers ? N : 0);
 #pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < M; ++i) {
       const int64_t o = i * N;

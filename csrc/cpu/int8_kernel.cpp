@@ -37,7 +37,6 @@
 #include <utility>
 #include <vector>
 
-
 #ifdef _OPENMP
 #include <omp.h>
 #endif

@@ -72,7 +72,7 @@ class Int8Linear(nn.Module):
         if x.device != self.weight.device:
             raise ValueError(f"x: on {x.device}, but the layer's weight is on {self.weight.device}")
         w_scale, bias, smooth = (_f32(t) for t in (self.weight_scale, self.bias, self.smooth))
-        w = self.weight if self.weight.is_contiguous() else self.weight.contiguous()
+        w = self.weight.contiguous()
         x2 = x.reshape(-1, self.in_features).contiguous()
         if self.mode == "w8a16":
             out = w8a16_rows(x2 if smooth is None else (x2 / smooth.to(x.dtype)).contiguous(), w, w_scale, bias)
