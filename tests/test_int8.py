@@ -289,6 +289,30 @@ def test_bad_input(call, match, exc):
         call()
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("M, N, K", [(200, 1100, 2100), (97, 40, 1027)])
+def test_cpu_schedule_is_exact(threads, M, N, K):
+    """The CPU packed matmuls split the columns into one group per thread, each group into blocks of panels that fit
+    L2 (512 KB of packed B: a few panels at K = 2100) and the rows into chunks, and threads take each other's
+    remaining items: several groups, blocks and chunks, fewer panels than threads, and more threads than cores."""
+    skip_if_not_built("cpu", "int8_mm")
+    g = torch.Generator().manual_seed(10 * N + threads)  # new values per case: stale output memory cannot pass
+    a, b = int8((M, K), g, "cpu"), int8((N, K), g, "cpu")
+    sa, sb = torch.rand(M, generator=g), torch.rand(N, generator=g)
+    ref = int8_matmul_ref(a, b, out_dtype=torch.int32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with fastattn.backend("cpu"):
+            acc = fastattn.int8_matmul(a, b, out_dtype=torch.int32)
+            out = fastattn.int8_matmul(a, b, sa, sb, out_dtype=torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(acc, ref)
+    torch.testing.assert_close(out.double(), int8_matmul_ref(a, b, sa, sb, out_dtype=torch.float64),
+                               rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("env", [{"FASTATTN_CPU_NO_AVX512": "1"}, {"FASTATTN_CPU_NO_AVX2": "1"}],
                          ids=["avx2", "portable"])
 def test_cpu_code_paths(env):

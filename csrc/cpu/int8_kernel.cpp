@@ -12,8 +12,7 @@
 //     3. a 6 x 16 register-blocked micro-kernel: per k-pair, two panel loads, six vpbroadcastd of the int16 pair
 //        (a[m][2p], a[m][2p+1]) and twelve vpmaddwd (exact: each lane sums two products of magnitude <= 2**14) +
 //        vpaddd into twelve int32 accumulators, over the whole K (no C round trips), then the fused epilogue;
-//     4. tiles of kMC rows x kNC columns are spread over the OpenMP threads; inside a tile the B panel stays in L1
-//        while the A block (kMC rows) stays in L2.
+//     4. the parallel schedule of run_packed (below), shared with the VNNI path.
 //   AVX2, small M (<= kSmallM rows): no packing: dot products of int16 A rows against b rows
 //     sign-extended on the fly, 4 columns at a time, reduced horizontally.
 //   Portable (no AVX2, or FASTATTN_CPU_NO_AVX2=1, which also turns the VNNI path off): plain loops.
@@ -34,6 +33,7 @@
 #include <cstring>
 #include <new>
 #include <array>
+#include <atomic>
 #include <utility>
 #include <vector>
 
@@ -47,8 +47,7 @@ namespace {
 
 constexpr int kMR = 6;                   // micro-kernel rows (A)
 constexpr int kNR = 16;                  // micro-kernel columns (B panel width)
-constexpr int64_t kMC = 16 * kMR;        // rows per tile (the A block kept in L2)
-constexpr int64_t kNC = 8 * kNR;         // columns per tile
+constexpr int64_t kMC = 16 * kMR;        // rows per work item
 constexpr int64_t kSmallM = 4;           // up to this many rows: no packing (GEMV-like path)
 constexpr int64_t kParallelMinMacs = 1 << 18;  // below this many multiply-adds one thread does the whole matmul
 constexpr int64_t kParallelMinElems = 1 << 15; // quantize: elements below which one thread does it all
@@ -114,6 +113,55 @@ class Scratch {
   bool owned_ = false;
   size_t offsets_[kMaxParts] = {};
 };
+
+// ---------------------------------------------------------------------------------------------------------------
+// The parallel schedule of the packed matmuls (AVX2 and VNNI). B is packed into PN panels of panel_bytes each. The
+// panels are split into one contiguous group per thread, which that thread packs (so they land in its own caches);
+// a group's work items are (block of its panels small enough to stay in L2, chunk of MC rows), blocks outer, so a
+// block stays in the core's L2 while A's row chunks stream past it. (Re-reading B from L3 for every row tile made
+// 1024^3 1.2-1.3x slower whenever another tenant of the host was using the L3.) A thread done with its group takes the
+// remaining items of the others (one atomic counter per group), so one descheduled thread does not hold a call up.
+//   pack(j): packs panel j;  prep(m0, m1): per-row work on rows m0 .. m1-1, done before any tile;
+//   tile(m0, m1, j0, j1): rows m0 .. m1-1 against panels j0 .. j1-1.
+constexpr size_t kBlockBytes = size_t(512) << 10;
+
+struct alignas(64) WorkCounter {  // one cache line each
+  std::atomic<int64_t> next{0};
+};
+
+template <class Pack, class Prep, class Tile>
+void run_packed(const Int8MatmulParams& p, int64_t PN, size_t panel_bytes, int64_t MC, Pack pack, Prep prep,
+                Tile tile) {
+  const int64_t M = p.M;
+  const int64_t block = std::max<int64_t>(1, int64_t(kBlockBytes / panel_bytes));  // panels per work item
+  const int64_t chunks = ceil_div(M, MC);
+  const bool par = M * p.N * p.K >= kParallelMinMacs && p.num_threads > 1;
+  std::vector<WorkCounter> counters(size_t(std::max(1, p.num_threads)));
+#pragma omp parallel num_threads(p.num_threads) if (par)
+  {
+    int T = 1, t = 0;
+#ifdef _OPENMP
+    T = omp_get_num_threads();
+    t = omp_get_thread_num();
+#endif
+    const int G = int(std::min<int64_t>(T, PN));
+    auto first = [&](int g) { return PN * g / G; };  // group g: panels first(g) .. first(g + 1) - 1
+    if (t < G)
+      for (int64_t j = first(t); j < first(t + 1); ++j) pack(j);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) prep(c * MC, std::min(M, (c + 1) * MC));
+    // (the implicit barrier above: every panel packed, every row prepared)
+    for (int k = 0; k < G; ++k) {
+      const int g = (t + k) % G;
+      const int64_t j0 = first(g), j1 = first(g + 1);
+      const int64_t items = ceil_div(j1 - j0, block) * chunks;
+      for (int64_t it; (it = counters[g].next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+        const int64_t jb = j0 + (it / chunks) * block, m0 = (it % chunks) * MC;
+        tile(m0, std::min(M, m0 + MC), jb, std::min(j1, jb + block));
+      }
+    }
+  }
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Scalar conversions (round-to-nearest-even, like torch) and a compiler barrier that keeps c * s and c + bias
@@ -382,29 +430,22 @@ FA_AVX2 void matmul_avx2_packed(const Int8MatmulParams& p) {
   const int64_t M = p.M, N = p.N, K = p.K;
   const int64_t Kp = K + (K & 1), kp = Kp / 2;
   const int64_t PN = ceil_div(N, kNR);
-  const Scratch scratch({size_t(M * Kp) * 2, size_t(PN * kp * 32) * 2});
+  const size_t panel = size_t(kp) * 32;  // int16 elements per packed panel
+  const Scratch scratch({size_t(M * Kp) * 2, PN * panel * 2});
   int16_t* Aw = scratch.part<int16_t>(0);
   int16_t* Bp = scratch.part<int16_t>(1);
-  const int64_t TM = ceil_div(M, kMC), TN = ceil_div(N, kNC);
-  const bool par = M * N * K >= kParallelMinMacs && p.num_threads > 1;
-#pragma omp parallel num_threads(p.num_threads) if (par)
-  {
-#pragma omp for schedule(dynamic, 16) nowait
-    for (int64_t m = 0; m < M; ++m) widen_row(p.a + m * K, K, Kp, Aw + m * Kp);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t j = 0; j < PN; ++j) pack_panel(p.b, N, K, kp, j * kNR, Bp + j * kp * 32);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < TM * TN; ++t) {
-      const int64_t tm = t / TN, tn = t % TN;
-      const int64_t m_end = std::min(M, (tm + 1) * kMC), n_end = std::min(N, (tn + 1) * kNC);
-      for (int64_t n0 = tn * kNC; n0 < n_end; n0 += kNR) {
-        const EpiCols e0 = epi_cols(p, n0), e1 = epi_cols(p, n0 + 8);
-        const int16_t* B = Bp + (n0 / kNR) * kp * 32;
-        for (int64_t m0 = tm * kMC; m0 < m_end; m0 += kMR)
-          micro_rows(int(std::min<int64_t>(kMR, m_end - m0)), p, Aw + m0 * Kp, Kp, B, kp, m0, e0, e1);
-      }
-    }
-  }
+  run_packed(
+      p, PN, panel * 2, kMC, [&](int64_t j) { pack_panel(p.b, N, K, kp, j * kNR, Bp + j * panel); },
+      [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m) widen_row(p.a + m * K, K, Kp, Aw + m * Kp);
+      },
+      [&](int64_t m_beg, int64_t m_end, int64_t j0, int64_t j1) FA_AVX2 {
+        for (int64_t m0 = m_beg; m0 < m_end; m0 += kMR)
+          for (int64_t j = j0; j < j1; ++j) {
+            const EpiCols e0 = epi_cols(p, j * kNR), e1 = epi_cols(p, j * kNR + 8);
+            micro_rows(int(std::min<int64_t>(kMR, m_end - m0)), p, Aw + m0 * Kp, Kp, Bp + j * panel, kp, m0, e0, e1);
+          }
+      });
 }
 
 // Horizontal sums of 4 vectors of 8 int32: lane i of the result = sum of v[i] (i < 4).
@@ -484,8 +525,7 @@ FA_AVX2 void matmul_avx2_small_m(const Int8MatmulParams& p) {
 #define FA_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 constexpr int kMRv = 12;               // micro-kernel rows
 constexpr int kNRv = 32;               // micro-kernel columns (kNRv / 16 zmm per row)
-constexpr int64_t kMCv = 8 * kMRv;     // rows per tile
-constexpr int64_t kNCv = 4 * kNRv;     // columns per tile
+constexpr int64_t kMCv = 8 * kMRv;     // rows per work item
 
 // sum_k a[k] (exact: |sum| <= 128 K), via vpsadbw on a + 128.
 FA_AVX2 int32_t row_sum(const int8_t* a, int64_t K) {
@@ -526,23 +566,22 @@ FA_AVX2 void pack_panel_vnni(const int8_t* b, int64_t N, int64_t K, int64_t kq, 
   }
 }
 
-// The epilogue of a 16-column slice on zmm registers (same float32 operations as epi_store).
+// The epilogue's per-column constants of a 16-column slice on zmm registers: absent terms are exact identities
+// (b_scale 1, bias -0: x * 1 = x and x + -0 = x for every float x, zeros' signs included), so the float path has
+// no per-vector branches; columns past N are masked off (a zero mask stores nothing).
 struct EpiCols16 {
   __m512 bs, bias;
   __mmask16 mask;
-  int64_t n, cnt;
+  int64_t n;
 };
 
 FA_VNNI inline EpiCols16 epi_cols16(const Int8MatmulParams& p, int64_t n) {
   EpiCols16 e;
   e.n = n;
-  e.cnt = std::max<int64_t>(0, std::min<int64_t>(16, p.N - n));
-  e.mask = __mmask16((1u << e.cnt) - 1u);
-  e.bs = e.bias = _mm512_setzero_ps();
-  if (e.cnt > 0 && p.out_type != Int8OutType::kInt32) {
-    if (p.b_scale) e.bs = _mm512_maskz_loadu_ps(e.mask, p.b_scale + n);
-    if (p.bias) e.bias = _mm512_maskz_loadu_ps(e.mask, p.bias + n);
-  }
+  const int64_t cnt = std::max<int64_t>(0, std::min<int64_t>(16, p.N - n));
+  e.mask = __mmask16((1u << cnt) - 1u);
+  e.bs = p.b_scale ? _mm512_maskz_loadu_ps(e.mask, p.b_scale + n) : _mm512_set1_ps(1.f);
+  e.bias = p.bias ? _mm512_maskz_loadu_ps(e.mask, p.bias + n) : _mm512_set1_ps(-0.f);
   return e;
 }
 
@@ -551,32 +590,40 @@ FA_VNNI inline __m512 opaque(__m512 v) {
   return v;
 }
 
-FA_VNNI inline void epi_store16(const Int8MatmulParams& p, const EpiCols16& e, int64_t m, __m512i acc) {
-  if (e.cnt <= 0) return;
-  const int64_t o = m * p.N + e.n;
-  if (p.out_type == Int8OutType::kInt32) {
-    _mm512_mask_storeu_epi32(static_cast<int32_t*>(p.out) + o, e.mask, acc);
-    return;
+// Rows m0 .. m0 + MR - 1 of the output from the MR x NV accumulators (the same float32 operations as store_scalar).
+template <Int8OutType T, int MR, int NV>
+FA_VNNI inline void epi_tile(const Int8MatmulParams& p, const EpiCols16* e, int64_t m0, const __m512i (&c)[MR][NV]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    const int64_t row = (m0 + r) * p.N;
+    if constexpr (T == Int8OutType::kInt32) {
+      int32_t* out = static_cast<int32_t*>(p.out) + row;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) _mm512_mask_storeu_epi32(out + e[v].n, e[v].mask, c[r][v]);
+    } else {
+      const __m512 as = _mm512_set1_ps(p.a_scale ? p.a_scale[m0 + r] : 1.f);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        __m512 x = opaque(_mm512_mul_ps(_mm512_cvtepi32_ps(c[r][v]), as));
+        x = _mm512_add_ps(opaque(_mm512_mul_ps(x, e[v].bs)), e[v].bias);
+        if constexpr (T == Int8OutType::kFloat32) {
+          _mm512_mask_storeu_ps(static_cast<float*>(p.out) + row + e[v].n, e[v].mask, x);
+        } else {
+          __m256i h;
+          if constexpr (T == Int8OutType::kFloat16) {
+            h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          } else {  // bfloat16: round to nearest even, NaN -> 0x7FC0
+            const __m512i u = _mm512_castps_si512(x);
+            const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+            __m512i b = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+            b = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), b, _mm512_set1_epi32(0x7FC0));
+            h = _mm512_cvtepi32_epi16(b);
+          }
+          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.out) + row + e[v].n, e[v].mask, h);
+        }
+      }
+    }
   }
-  __m512 c = _mm512_cvtepi32_ps(acc);
-  if (p.a_scale) c = opaque(_mm512_mul_ps(c, _mm512_set1_ps(p.a_scale[m])));
-  if (p.b_scale) c = opaque(_mm512_mul_ps(c, e.bs));
-  if (p.bias) c = opaque(_mm512_add_ps(c, e.bias));
-  if (p.out_type == Int8OutType::kFloat32) {
-    _mm512_mask_storeu_ps(static_cast<float*>(p.out) + o, e.mask, c);
-    return;
-  }
-  __m256i h;
-  if (p.out_type == Int8OutType::kFloat16) {
-    h = _mm512_cvtps_ph(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  } else {  // bfloat16: round to nearest even, NaN -> 0x7FC0
-    const __m512i u = _mm512_castps_si512(c);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
-    h = _mm512_cvtepi32_epi16(r);
-  }
-  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.out) + o, e.mask, h);
 }
 
 // acc += the four u8 x s8 products of each 32-bit lane of b (unsigned) and a (signed). Inline asm: with the
@@ -608,10 +655,12 @@ FA_VNNI void micro_vnni(const Int8MatmulParams& p, const int8_t* A, int64_t lda,
       for (int v = 0; v < NV; ++v) dpbusd(c[r][v], bv[v], a);
     }
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) epi_store16(p, e[v], m0 + r, c[r][v]);
+  switch (p.out_type) {
+    case Int8OutType::kInt32: return epi_tile<Int8OutType::kInt32>(p, e, m0, c);
+    case Int8OutType::kFloat32: return epi_tile<Int8OutType::kFloat32>(p, e, m0, c);
+    case Int8OutType::kFloat16: return epi_tile<Int8OutType::kFloat16>(p, e, m0, c);
+    default: return epi_tile<Int8OutType::kBFloat16>(p, e, m0, c);
+  }
 }
 
 template <int... I>
@@ -675,40 +724,34 @@ FA_VNNI void matmul_vnni_packed(const Int8MatmulParams& p) {
   const int64_t M = p.M, N = p.N, K = p.K;
   const int64_t K4 = (K + 3) / 4 * 4, kq = K4 / 4;
   const int64_t PN = ceil_div(N, kNRv);
+  const size_t panel = size_t(kq) * 4 * kNRv;  // bytes per packed panel
   const bool pad_a = K4 != K;
-  const Scratch scratch({size_t(PN * kq) * 4 * kNRv, size_t(M) * 4, pad_a ? size_t(M * K4) : 0});
+  const Scratch scratch({PN * panel, size_t(M) * 4, pad_a ? size_t(M * K4) : 0});
   uint8_t* Bp = scratch.part<uint8_t>(0);
   int32_t* rowsum = scratch.part<int32_t>(1);
   int8_t* Ap = scratch.part<int8_t>(2);
   const int8_t* A = pad_a ? Ap : p.a;
-  const int64_t TM = ceil_div(M, kMCv), TN = ceil_div(N, kNCv);
-  const bool par = M * N * K >= kParallelMinMacs && p.num_threads > 1;
-#pragma omp parallel num_threads(p.num_threads) if (par)
-  {
-#pragma omp for schedule(dynamic, 16) nowait
-    for (int64_t m = 0; m < M; ++m) {
-      rowsum[m] = row_sum(p.a + m * K, K);
-      if (pad_a) {
-        int8_t* dst = Ap + m * K4;
-        std::memcpy(dst, p.a + m * K, size_t(K));
-        std::memset(dst + K, 0, size_t(K4 - K));
-      }
-    }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t j = 0; j < PN; ++j) pack_panel_vnni(p.b, N, K, kq, j * kNRv, Bp + j * kq * 4 * kNRv);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < TM * TN; ++t) {
-      const int64_t tm = t / TN, tn = t % TN;
-      const int64_t m_end = std::min(M, (tm + 1) * kMCv), n_end = std::min(N, (tn + 1) * kNCv);
-      for (int64_t n0 = tn * kNCv; n0 < n_end; n0 += kNRv) {
-        EpiCols16 e[kNRv / 16];
-        for (int g = 0; g < kNRv / 16; ++g) e[g] = epi_cols16(p, n0 + 16 * g);
-        const uint8_t* B = Bp + (n0 / kNRv) * kq * 4 * kNRv;
-        for (int64_t m0 = tm * kMCv; m0 < m_end; m0 += kMRv)
-          kMicroVnni[std::min<int64_t>(kMRv, m_end - m0) - 1](p, A + m0 * K4, K4, B, kq, m0, rowsum, e);
-      }
-    }
-  }
+  run_packed(
+      p, PN, panel, kMCv, [&](int64_t j) { pack_panel_vnni(p.b, N, K, kq, j * kNRv, Bp + j * panel); },
+      [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m) {
+          rowsum[m] = row_sum(p.a + m * K, K);
+          if (pad_a) {
+            std::memcpy(Ap + m * K4, p.a + m * K, size_t(K));
+            std::memset(Ap + m * K4 + K, 0, size_t(K4 - K));
+          }
+        }
+      },
+      [&](int64_t m_beg, int64_t m_end, int64_t j0, int64_t j1) FA_VNNI {
+        for (int64_t m0 = m_beg; m0 < m_end; m0 += kMRv) {
+          const auto micro = kMicroVnni[std::min<int64_t>(kMRv, m_end - m0) - 1];
+          for (int64_t j = j0; j < j1; ++j) {
+            EpiCols16 e[kNRv / 16];
+            for (int v = 0; v < kNRv / 16; ++v) e[v] = epi_cols16(p, j * kNRv + 16 * v);
+            micro(p, A + m0 * K4, K4, Bp + j * panel, kq, m0, rowsum, e);
+          }
+        }
+      });
 }
 
 #pragma GCC diagnostic pop
