@@ -379,11 +379,31 @@ FA_AVX2 void pack_panel(const int8_t* b, int64_t N, int64_t K, int64_t kp, int64
   }
 }
 
+// Asks for the cache lines of the output block rows m0 .. m0 + rows - 1, columns n0 .. n0 + cols - 1 in writable
+// state, ahead of a micro-kernel's epilogue (call it before the K loop). Each epilogue writes a few lines in each of
+// its rows, so the hardware prefetchers do not see them coming and every store would wait for its line to be read
+// first: when other tenants of the host use the L3, that was ~10% of a 1024^3 matmul (A/B, same minutes). Unlike
+// non-temporal stores, this leaves the output in cache for the next op. always_inline: GCC deems a function of
+// prefetches alone free of side effects and deletes calls to it; inlined, they are prefetchw where the caller's
+// target has prfchw (the VNNI micro-kernel), else prefetcht0 (the AVX2 one: PREFETCHW is not an AVX2-era given).
+__attribute__((always_inline)) inline void prefetch_out(const Int8MatmulParams& p, int64_t m0, int rows, int64_t n0,
+                                                        int64_t cols) {
+  if (cols <= 0) return;
+  const int64_t es = p.out_type == Int8OutType::kFloat16 || p.out_type == Int8OutType::kBFloat16 ? 2 : 4;
+  const int64_t bytes = cols * es;
+  const char* o = static_cast<const char*>(p.out) + (m0 * p.N + n0) * es;
+  for (int r = 0; r < rows; ++r, o += p.N * es) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(o + b, 1, 3);
+    __builtin_prefetch(o + bytes - 1, 1, 3);  // the last line when the block does not start on a line
+  }
+}
+
 // MR x 16 micro-kernel over all kp k-pairs, then the epilogue of rows m0 .. m0+MR-1. Twelve named accumulators
 // (plus two B vectors and one broadcast: 15 of the 16 ymm registers), so nothing spills in the loop.
 template <int MR>
 FA_AVX2 void micro(const Int8MatmulParams& p, const int16_t* A, int64_t lda, const int16_t* B, int64_t kp,
                    int64_t m0, const EpiCols& e0, const EpiCols& e1) {
+  prefetch_out(p, m0, MR, e0.n, std::min<int64_t>(kNR, p.N - e0.n));
   const __m256i z = _mm256_setzero_si256();
   __m256i c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
   const int32_t* a0 = reinterpret_cast<const int32_t*>(A);  // int16 pairs (4-byte aligned: lda is even)
@@ -523,24 +543,6 @@ FA_AVX2 void matmul_avx2_small_m(const Int8MatmulParams& p) {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define FA_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,prfchw")))
-
-// Asks for the cache lines of the output block rows m0 .. m0 + rows - 1, columns n0 .. n0 + cols - 1 in writable
-// state, ahead of a micro-kernel's epilogue (call it before the K loop). Each epilogue writes a few lines in each of
-// its rows, so the hardware prefetchers do not see them coming and every store would wait for its line to be read
-// first: when other tenants of the host use the L3, that was ~10% of a 1024^3 matmul (A/B, same minutes). Unlike
-// non-temporal stores, this leaves the output in cache for the next op. always_inline: GCC deems a function of
-// prefetches alone free of side effects and deletes calls to it. (FA_VNNI has prfchw, so they are prefetchw.)
-FA_VNNI __attribute__((always_inline)) inline void prefetch_out(const Int8MatmulParams& p, int64_t m0, int rows,
-                                                                int64_t n0, int64_t cols) {
-  if (cols <= 0) return;
-  const int64_t es = p.out_type == Int8OutType::kFloat16 || p.out_type == Int8OutType::kBFloat16 ? 2 : 4;
-  const int64_t bytes = cols * es;
-  const char* o = static_cast<const char*>(p.out) + (m0 * p.N + n0) * es;
-  for (int r = 0; r < rows; ++r, o += p.N * es) {
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(o + b, 1, 3);
-    __builtin_prefetch(o + bytes - 1, 1, 3);  // the last line when the block does not start on a line
-  }
-}
 
 constexpr int kMRv = 12;               // micro-kernel rows
 constexpr int kNRv = 32;               // micro-kernel columns (kNRv / 16 zmm per row)
