@@ -12,8 +12,7 @@ gradient is needed, or for prenorm; otherwise x itself serves as s. The full con
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -25,8 +24,7 @@ MAX_COLS = 65536
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@dataclass(frozen=True)
-class NormRequest:
+class NormRequest(NamedTuple):
     device: str
     dtype: torch.dtype
     cols: int

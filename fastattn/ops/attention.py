@@ -14,7 +14,7 @@ there and its output and gradients are 0). Dropout keeps entry (b, h, i, j) when
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -39,8 +39,7 @@ class AttnParams:
     offset: int = 0
 
 
-@dataclass(frozen=True)
-class AttnRequest:
+class AttnRequest(NamedTuple):
     device: str
     dtype: torch.dtype
     head_dim: int

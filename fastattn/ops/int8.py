@@ -10,8 +10,7 @@ Scales and bias arrive contiguous (a scalar scale is expanded by the caller).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -26,8 +25,7 @@ X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DECODE_M = 16  # rows up to which a call counts as decode-sized
 
 
-@dataclass(frozen=True)
-class Int8Request:
+class Int8Request(NamedTuple):
     device: str
     dtype: torch.dtype  # out_dtype for mm, x.dtype for quantize
     K: int
@@ -102,6 +100,8 @@ def _scale_vector(name: str, s, n: int, lead, device) -> Optional[Tensor]:
         raise TypeError(f"{name}: expected a float or a tensor, got {type(s).__name__}")
     if s.device != device:
         raise ValueError(f"{name}: on {s.device}, but the operands are on {device}")
+    if s.dtype == torch.float32 and s.shape == (n,) and s.is_contiguous():
+        return s  # already as the backends take it (the common case): no reshape / to / contiguous calls
     if not s.is_floating_point():
         raise TypeError(f"{name}: dtype {s.dtype} must be floating point")
     if s.numel() == 1:
