@@ -313,20 +313,28 @@ def test_cpu_schedule_is_exact(threads, M, N, K):
                                rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("env", [{"FASTATTN_CPU_NO_AVX512": "1"}, {"FASTATTN_CPU_NO_AVX2": "1"}],
-                         ids=["avx2", "portable"])
-def test_cpu_code_paths(env):
-    """The CPU int8 kernels pick AVX-512 VNNI, AVX2 or portable code at run time (once per process): run this
-    file's CPU cases in fresh processes with the faster paths turned off."""
+@pytest.mark.parametrize("env, paths", [
+    ({"FASTATTN_CPU_NO_AVX512": "1"}, ("avx-vnni", "avx2")),
+    ({"FASTATTN_CPU_NO_AVX512": "1", "FASTATTN_CPU_NO_AVXVNNI": "1"}, ("avx2",)),
+    ({"FASTATTN_CPU_NO_AVX2": "1"}, ("portable",)),
+], ids=["no-avx512", "avx2", "portable"])
+def test_cpu_code_paths(env, paths):
+    """The CPU int8 kernels pick AVX-512 VNNI, AVX-VNNI, AVX2 or portable code at run time (once per process): run
+    this file's CPU cases in fresh processes with the faster paths turned off, checking which path they took."""
     import os
     import subprocess
     import sys
     from fastattn import _ext
     if not hasattr(_ext._C, "int8_mm_cpu"):
         pytest.skip("fastattn._C has no CPU int8 kernels in this build")
+    if not _ext._C.cpu_has_avx2() and paths != ("portable",):
+        pytest.skip("this CPU has no AVX2")
+    env = dict(os.environ, **env)
+    took = subprocess.run([sys.executable, "-c", "import fastattn; print(fastattn.build_info()['cpu_int8_path'])"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert took.stdout.strip() in paths, took.stdout + took.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "cpu and not code_paths"], env=dict(os.environ, **env), capture_output=True, text=True,
-                       timeout=600)
+                        "cpu and not code_paths"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
 

@@ -56,6 +56,11 @@ bool cpu_use_avx512_vnni() {
   return use;
 }
 
+bool cpu_use_avx_vnni() {
+  static const bool use = cpu_use_avx2() && FA_CPU_SUPPORTS("avxvnni") && !env_flag("FASTATTN_CPU_NO_AVXVNNI");
+  return use;
+}
+
 long long cpu_stream_min_bytes() {
   static const long long n = [] {
     const char* v = std::getenv("FASTATTN_CPU_STREAM_MIN_BYTES");

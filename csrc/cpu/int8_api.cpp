@@ -135,6 +135,8 @@ void register_cpu_int8(pybind11::module_& m) {
         "Row-wise symmetric int8 quantization on CPU (x / smooth; scale = absmax / 127; round half to even) -> "
         "[q int8 (M, K), scale float32 (M,)]",
         py::arg("x"), py::arg("smooth"));
+  m.def("cpu_int8_path", &cpu::int8_matmul_path,
+        "the CPU int8 matmul's code path here: avx512-vnni, avx-vnni, avx2 or portable");
 }
 
 }  // namespace fastattn

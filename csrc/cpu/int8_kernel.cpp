@@ -5,6 +5,8 @@
 //   AVX-512 VNNI (CPU has avx512f/bw/vl/vnni; FASTATTN_CPU_NO_AVX512=1 turns it off): vpdpbusd on b + 128 (u8)
 //     and a (s8), non-saturating, minus 128 * rowsum(a) in the epilogue; 12 x 32 micro-kernel on zmm (see below);
 //     small M (<= kSmallM rows): no packing, each b row streams once against the few a rows, 4 columns at a time.
+//   AVX-VNNI (no AVX-512, CPU has avxvnni; FASTATTN_CPU_NO_AVXVNNI=1 turns it off): the same scheme with the VEX
+//     vpdpbusd on ymm, 6 x 16 micro-kernel; small M takes the AVX2 path.
 //   AVX2 (no VNNI, no saturating vpmaddubsw: exact for any int8 input):
 //     1. a (M, K) int8 is sign-extended to int16 rows Aw (M, Kp), Kp = K rounded up to even (zero pad);
 //     2. b (N, K) int8 is packed into int16 panels of kNR = 16 columns: panel j holds, for every k-pair p, the 16
@@ -15,7 +17,7 @@
 //     4. the parallel schedule of run_packed (below), shared with the VNNI path.
 //   AVX2, small M (<= kSmallM rows): no packing: dot products of int16 A rows against b rows
 //     sign-extended on the fly, 4 columns at a time, reduced horizontally.
-//   Portable (no AVX2, or FASTATTN_CPU_NO_AVX2=1, which also turns the VNNI path off): plain loops.
+//   Portable (no AVX2, or FASTATTN_CPU_NO_AVX2=1, which also turns the VNNI paths off): plain loops.
 // The int32 sums wrap modulo 2**32 exactly like int64 -> int32 (the reference), exact for K < 2**17.
 // Epilogue (float32, in the reference's order, never contracted into FMAs): c = float(acc); c *= a_scale[m];
 //   c *= b_scale[n]; c += bias[n]; rounded to nearest-even into float16 / bfloat16 / float32.
@@ -532,21 +534,11 @@ FA_AVX2 void matmul_avx2_small_m(const Int8MatmulParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// AVX-512 VNNI matmul: vpdpbusd sums four u8 x s8 products into each int32 lane WITHOUT saturation (unlike
-// vpmaddubsw / vpdpbusds), so with b' = b + 128 (unsigned) the accumulator is sum_k b'[n][k] a[m][k] =
-// acc[m][n] + 128 * rowsum_a[m] exactly modulo 2**32, and the epilogue subtracts 128 * rowsum_a[m].
-//   B is packed into panels of kNRv = 32 columns: per k-quad, the 32 words (b'[n][4q .. 4q+3]) (two zmm; zero past
-//   N and K: a zero b' contributes nothing); A rows are broadcast 4 bytes at a time straight from a (or from a
-//   copy zero-padded to a multiple of 4 when K is not one); 12 x 32 micro-kernel = 24 zmm accumulators.
-#pragma GCC diagnostic push
-// GCC 12 warns falsely about the _mm512_undefined_* passthroughs inside avx512fintrin.h under -Wall.
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#define FA_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,prfchw")))
-
-constexpr int kMRv = 12;               // micro-kernel rows
-constexpr int kNRv = 32;               // micro-kernel columns (kNRv / 16 zmm per row)
-constexpr int64_t kMCv = 8 * kMRv;     // rows per work item
+// The u8 x s8 packed paths (AVX-512 VNNI on zmm, AVX-VNNI on ymm): vpdpbusd sums four u8 x s8 products into each
+// int32 lane WITHOUT saturation (unlike vpmaddubsw / vpdpbusds), so with b' = b + 128 (unsigned) the sum is
+// sum_k b'[n][k] a[m][k] = acc[m][n] + 128 * rowsum_a[m] exactly modulo 2**32, and the accumulators start at
+// -128 * rowsum_a[m]. B is packed into panels of NR columns (pack_panel_u8); A rows are broadcast 4 bytes at a
+// time straight from a, or from a copy zero-padded to a multiple of 4 when K is not one.
 
 // sum_k a[k] (exact: |sum| <= 128 K), via vpsadbw on a + 128.
 FA_AVX2 int32_t row_sum(const int8_t* a, int64_t K) {
@@ -562,11 +554,13 @@ FA_AVX2 int32_t row_sum(const int8_t* a, int64_t K) {
   return int32_t(total);
 }
 
-// Packs the 32-column panel starting at column n0 as b + 128; kq = K4 / 4 k-quads.
-FA_AVX2 void pack_panel_vnni(const int8_t* b, int64_t N, int64_t K, int64_t kq, int64_t n0, uint8_t* dst) {
+// Packs the NR-column panel starting at column n0 as b + 128: per k-quad q, the NR words (b'[n][4q .. 4q+3]);
+// kq = K4 / 4 k-quads; zero past N and K (a zero b' contributes nothing).
+template <int NR>
+FA_AVX2 void pack_panel_u8(const int8_t* b, int64_t N, int64_t K, int64_t kq, int64_t n0, uint8_t* dst) {
   const int64_t K32 = (K / 32) * 32;
   const __m256i flip = _mm256_set1_epi8(char(0x80));
-  for (int g = 0; g < kNRv / 8; ++g) {
+  for (int g = 0; g < NR / 8; ++g) {
     const int64_t c0 = n0 + 8 * g;
     const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(8, N - c0));
     const int8_t* rows[8];
@@ -578,14 +572,57 @@ FA_AVX2 void pack_panel_vnni(const int8_t* b, int64_t N, int64_t K, int64_t kq, 
         r[i] = rows[i] ? _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(rows[i] + k0)), flip)
                        : _mm256_setzero_si256();
       transpose8x8_epi32(r);  // r[q] word i = quad k0/4 + q of column c0 + i
-      uint8_t* o = out + (k0 / 4) * (4 * kNRv);
-      for (int q = 0; q < 8; ++q) _mm256_store_si256((__m256i*)(o + q * (4 * kNRv)), r[q]);
+      uint8_t* o = out + (k0 / 4) * (4 * NR);
+      for (int q = 0; q < 8; ++q) _mm256_store_si256((__m256i*)(o + q * (4 * NR)), r[q]);
     }
     for (int64_t k = K32; k < 4 * kq; ++k)  // K tail and the zero pad to a multiple of 4
       for (int i = 0; i < 8; ++i)
-        out[(k / 4) * (4 * kNRv) + 4 * i + (k & 3)] = (rows[i] && k < K) ? uint8_t(rows[i][k] ^ 0x80) : uint8_t(0);
+        out[(k / 4) * (4 * NR) + 4 * i + (k & 3)] = (rows[i] && k < K) ? uint8_t(rows[i][k] ^ 0x80) : uint8_t(0);
   }
 }
+
+// Packs B, prepares A (row sums; the zero-padded copy when K % 4 != 0) and runs the schedule of run_packed with
+// tile(A, lda, Bp, panel_bytes, kq, rowsum, m_beg, m_end, j0, j1): A's rows m_beg .. m_end-1 against panels j0 .. j1-1.
+template <int NR, class Tile>
+void run_u8_packed(const Int8MatmulParams& p, int64_t MC, Tile tile) {
+  const int64_t M = p.M, N = p.N, K = p.K;
+  const int64_t K4 = (K + 3) / 4 * 4, kq = K4 / 4;
+  const int64_t PN = ceil_div(N, NR);
+  const size_t panel = size_t(kq) * 4 * NR;  // bytes per packed panel
+  const bool pad_a = K4 != K;
+  const Scratch scratch({PN * panel, size_t(M) * 4, pad_a ? size_t(M * K4) : 0});
+  uint8_t* Bp = scratch.part<uint8_t>(0);
+  int32_t* rowsum = scratch.part<int32_t>(1);
+  int8_t* Ap = scratch.part<int8_t>(2);
+  const int8_t* A = pad_a ? Ap : p.a;
+  run_packed(
+      p, PN, panel, MC, [&](int64_t j) { pack_panel_u8<NR>(p.b, N, K, kq, j * NR, Bp + j * panel); },
+      [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m) {
+          rowsum[m] = row_sum(p.a + m * K, K);
+          if (pad_a) {
+            std::memcpy(Ap + m * K4, p.a + m * K, size_t(K));
+            std::memset(Ap + m * K4 + K, 0, size_t(K4 - K));
+          }
+        }
+      },
+      [&](int64_t m_beg, int64_t m_end, int64_t j0, int64_t j1) {
+        tile(A, K4, Bp, panel, kq, rowsum, m_beg, m_end, j0, j1);
+      });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// AVX-512 VNNI matmul: the u8 x s8 scheme above on zmm: panels of kNRv = 32 columns (two zmm per k-quad) and a
+// 12 x 32 micro-kernel (24 zmm accumulators).
+#pragma GCC diagnostic push
+// GCC 12 warns falsely about the _mm512_undefined_* passthroughs inside avx512fintrin.h under -Wall.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define FA_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,prfchw")))
+
+constexpr int kMRv = 12;               // micro-kernel rows
+constexpr int kNRv = 32;               // micro-kernel columns (kNRv / 16 zmm per row)
+constexpr int64_t kMCv = 8 * kMRv;     // rows per work item
 
 // The epilogue's per-column constants of a 16-column slice on zmm registers: absent terms are exact identities
 // (b_scale 1, bias -0: x * 1 = x and x + -0 = x for every float x, zeros' signs included), so the float path has
@@ -743,40 +780,85 @@ FA_VNNI void matmul_vnni_small_m(const Int8MatmulParams& p) {
 }
 
 FA_VNNI void matmul_vnni_packed(const Int8MatmulParams& p) {
-  const int64_t M = p.M, N = p.N, K = p.K;
-  const int64_t K4 = (K + 3) / 4 * 4, kq = K4 / 4;
-  const int64_t PN = ceil_div(N, kNRv);
-  const size_t panel = size_t(kq) * 4 * kNRv;  // bytes per packed panel
-  const bool pad_a = K4 != K;
-  const Scratch scratch({PN * panel, size_t(M) * 4, pad_a ? size_t(M * K4) : 0});
-  uint8_t* Bp = scratch.part<uint8_t>(0);
-  int32_t* rowsum = scratch.part<int32_t>(1);
-  int8_t* Ap = scratch.part<int8_t>(2);
-  const int8_t* A = pad_a ? Ap : p.a;
-  run_packed(
-      p, PN, panel, kMCv, [&](int64_t j) { pack_panel_vnni(p.b, N, K, kq, j * kNRv, Bp + j * panel); },
-      [&](int64_t m0, int64_t m1) {
-        for (int64_t m = m0; m < m1; ++m) {
-          rowsum[m] = row_sum(p.a + m * K, K);
-          if (pad_a) {
-            std::memcpy(Ap + m * K4, p.a + m * K, size_t(K));
-            std::memset(Ap + m * K4 + K, 0, size_t(K4 - K));
-          }
-        }
-      },
-      [&](int64_t m_beg, int64_t m_end, int64_t j0, int64_t j1) FA_VNNI {
-        for (int64_t m0 = m_beg; m0 < m_end; m0 += kMRv) {
-          const auto micro = kMicroVnni[std::min<int64_t>(kMRv, m_end - m0) - 1];
-          for (int64_t j = j0; j < j1; ++j) {
-            EpiCols16 e[kNRv / 16];
-            for (int v = 0; v < kNRv / 16; ++v) e[v] = epi_cols16(p, j * kNRv + 16 * v);
-            micro(p, A + m0 * K4, K4, Bp + j * panel, kq, m0, rowsum, e);
-          }
-        }
-      });
+  run_u8_packed<kNRv>(p, kMCv, [&](const int8_t* A, int64_t lda, const uint8_t* Bp, size_t panel, int64_t kq,
+                                   const int32_t* rowsum, int64_t m_beg, int64_t m_end, int64_t j0, int64_t j1) FA_VNNI {
+    for (int64_t m0 = m_beg; m0 < m_end; m0 += kMRv) {
+      const auto micro = kMicroVnni[std::min<int64_t>(kMRv, m_end - m0) - 1];
+      for (int64_t j = j0; j < j1; ++j) {
+        EpiCols16 e[kNRv / 16];
+        for (int v = 0; v < kNRv / 16; ++v) e[v] = epi_cols16(p, j * kNRv + 16 * v);
+        micro(p, A + m0 * lda, lda, Bp + j * panel, kq, m0, rowsum, e);
+      }
+    }
+  });
 }
 
 #pragma GCC diagnostic pop
+
+// ---------------------------------------------------------------------------------------------------------------
+// AVX-VNNI matmul, for CPUs with the VEX-encoded 256-bit vpdpbusd but no AVX-512 (Intel's client cores from Alder
+// Lake on, among others; FASTATTN_CPU_NO_AVXVNNI=1 turns it off): the u8 x s8 scheme above on ymm, panels of
+// kNRa = 16 columns (two ymm per k-quad) and a 6 x 16 micro-kernel (12 accumulators, two B vectors and a broadcast:
+// 15 of the 16 ymm registers), with the AVX2 path's epilogue. Small M runs the AVX2 path.
+#define FA_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni,prfchw")))
+
+constexpr int kMRa = 6;
+constexpr int kNRa = 16;
+constexpr int64_t kMCa = 16 * kMRa;  // rows per work item
+
+// acc += the four u8 x s8 products of each 32-bit lane of u (unsigned) and s (signed); inline asm as for zmm.
+FA_AVXVNNI inline void dpbusd_vex(__m256i& acc, __m256i u, __m256i s) {
+  __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+}
+
+template <int MR>
+FA_AVXVNNI __attribute__((noinline)) void micro_avxvnni(const Int8MatmulParams& p, const int8_t* A, int64_t lda, const uint8_t* B, int64_t kq,
+                              int64_t m0, const int32_t* rowsum, const EpiCols& e0, const EpiCols& e1) {
+  prefetch_out(p, m0, MR, e0.n, std::min<int64_t>(kNRa, p.N - e0.n));
+  __m256i c[MR][2];  // start at -128 * rowsum_a[m] (mod 2**32): the b + 128 compensation
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) c[r][0] = c[r][1] = _mm256_set1_epi32(int32_t(0u - uint32_t(rowsum[m0 + r]) * 128u));
+  const __m256i* b = reinterpret_cast<const __m256i*>(B);
+  for (int64_t q = 0; q < kq; ++q) {
+    const __m256i b0 = _mm256_load_si256(b + 2 * q), b1 = _mm256_load_si256(b + 2 * q + 1);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int32_t w;
+      std::memcpy(&w, A + r * lda + 4 * q, 4);
+      const __m256i a = _mm256_set1_epi32(w);
+      dpbusd_vex(c[r][0], b0, a);
+      dpbusd_vex(c[r][1], b1, a);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    epi_store(p, e0, m0 + r, c[r][0]);
+    epi_store(p, e1, m0 + r, c[r][1]);
+  }
+}
+
+FA_AVXVNNI void matmul_avxvnni_packed(const Int8MatmulParams& p) {
+  run_u8_packed<kNRa>(p, kMCa, [&](const int8_t* A, int64_t lda, const uint8_t* Bp, size_t panel, int64_t kq,
+                                   const int32_t* rowsum, int64_t m_beg, int64_t m_end, int64_t j0, int64_t j1)
+                                   FA_AVXVNNI {
+    for (int64_t m0 = m_beg; m0 < m_end; m0 += kMRa) {
+      const int rows = int(std::min<int64_t>(kMRa, m_end - m0));
+      for (int64_t j = j0; j < j1; ++j) {
+        const EpiCols e0 = epi_cols(p, j * kNRa), e1 = epi_cols(p, j * kNRa + 8);
+        const int8_t* a = A + m0 * lda;
+        const uint8_t* bp = Bp + j * panel;
+        switch (rows) {
+          case 6: micro_avxvnni<6>(p, a, lda, bp, kq, m0, rowsum, e0, e1); break;
+          case 5: micro_avxvnni<5>(p, a, lda, bp, kq, m0, rowsum, e0, e1); break;
+          case 4: micro_avxvnni<4>(p, a, lda, bp, kq, m0, rowsum, e0, e1); break;
+          case 3: micro_avxvnni<3>(p, a, lda, bp, kq, m0, rowsum, e0, e1); break;
+          case 2: micro_avxvnni<2>(p, a, lda, bp, kq, m0, rowsum, e0, e1); break;
+          default: micro_avxvnni<1>(p, a, lda, bp, kq, m0, rowsum, e0, e1); break;
+        }
+      }
+    }
+  });
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // AVX2 quantization.
@@ -844,6 +926,18 @@ FA_AVX2 void quantize_row_avx2(const void* xrow, Int8InType t, const float* smoo
 }
 #endif  // FA_X86
 
+// The matmul's code path, from what the CPU has and the FASTATTN_CPU_NO_* switches.
+enum class Path { kAvx512Vnni, kAvxVnni, kAvx2, kPortable };
+
+Path matmul_path() {
+#ifdef FA_X86
+  if (cpu_use_avx512_vnni()) return Path::kAvx512Vnni;
+  if (cpu_use_avx_vnni()) return Path::kAvxVnni;
+  if (cpu_use_avx2()) return Path::kAvx2;
+#endif
+  return Path::kPortable;
+}
+
 }  // namespace
 
 void int8_matmul(const Int8MatmulParams& p) {
@@ -854,13 +948,23 @@ void int8_matmul(const Int8MatmulParams& p) {
     return;
   }
 #ifdef FA_X86
-  if (cpu_use_avx2()) {
-    if (cpu_use_avx512_vnni()) return p.M <= kSmallM ? matmul_vnni_small_m(p) : matmul_vnni_packed(p);
-    if (p.M <= kSmallM) return matmul_avx2_small_m(p);
-    return matmul_avx2_packed(p);
+  switch (matmul_path()) {
+    case Path::kAvx512Vnni: return p.M <= kSmallM ? matmul_vnni_small_m(p) : matmul_vnni_packed(p);
+    case Path::kAvxVnni: return p.M <= kSmallM ? matmul_avx2_small_m(p) : matmul_avxvnni_packed(p);
+    case Path::kAvx2: return p.M <= kSmallM ? matmul_avx2_small_m(p) : matmul_avx2_packed(p);
+    default: break;
   }
 #endif
   matmul_portable(p);
+}
+
+const char* int8_matmul_path() {
+  switch (matmul_path()) {
+    case Path::kAvx512Vnni: return "avx512-vnni";
+    case Path::kAvxVnni: return "avx-vnni";
+    case Path::kAvx2: return "avx2";
+    default: return "portable";
+  }
 }
 
 void quantize_rows(const QuantizeRowsParams& p) {

@@ -39,6 +39,8 @@ struct QuantizeRowsParams {
 };
 
 void int8_matmul(const Int8MatmulParams& p);
+// The matmul's code path on this CPU (packed, M > 4): "avx512-vnni", "avx-vnni", "avx2" or "portable".
+const char* int8_matmul_path();
 void quantize_rows(const QuantizeRowsParams& p);
 
 }  // namespace cpu
