@@ -783,7 +783,8 @@ FA_VNNI void matmul_vnni_small_m(const Int8MatmulParams& p) {
 
 FA_VNNI void matmul_vnni_packed(const Int8MatmulParams& p) {
   run_u8_packed<kNRv>(p, kMCv, [&](const int8_t* A, int64_t lda, const uint8_t* Bp, size_t panel, int64_t kq,
-                                   const int32_t* rowsum, int64_t m_beg, int64_t m_end, int64_t j0, int64_t j1) FA_VNNI {
+                                   const int32_t* rowsum, int64_t m_beg, int64_t m_end, int64_t j0, int64_t j1)
+                                   FA_VNNI {
     for (int64_t m0 = m_beg; m0 < m_end; m0 += kMRv) {
       const auto micro = kMicroVnni[std::min<int64_t>(kMRv, m_end - m0) - 1];
       for (int64_t j = j0; j < j1; ++j) {
@@ -813,9 +814,12 @@ FA_AVXVNNI inline void dpbusd_vex(__m256i& acc, __m256i u, __m256i s) {
   __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
 }
 
+// MR x 16 micro-kernel over all kq k-quads, then the epilogue of rows m0 .. m0+MR-1. noinline: inlined into the
+// tile, GCC 12 kept the accumulators on the stack.
 template <int MR>
-FA_AVXVNNI __attribute__((noinline)) void micro_avxvnni(const Int8MatmulParams& p, const int8_t* A, int64_t lda, const uint8_t* B, int64_t kq,
-                              int64_t m0, const int32_t* rowsum, const EpiCols& e0, const EpiCols& e1) {
+FA_AVXVNNI __attribute__((noinline)) void micro_avxvnni(const Int8MatmulParams& p, const int8_t* A, int64_t lda,
+                                                        const uint8_t* B, int64_t kq, int64_t m0,
+                                                        const int32_t* rowsum, const EpiCols& e0, const EpiCols& e1) {
   prefetch_out(p, m0, MR, e0.n, std::min<int64_t>(kNRa, p.N - e0.n));
   __m256i c[MR][2];  // start at -128 * rowsum_a[m] (mod 2**32): the b + 128 compensation
 #pragma GCC unroll 8
