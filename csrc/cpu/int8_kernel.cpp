@@ -131,6 +131,35 @@ struct alignas(64) WorkCounter {  // one cache line each
   std::atomic<int64_t> next{0};
 };
 
+// Work stealing over G groups of items (group g holds items(g), taken in order through counters[g]): thread t works
+// through group t % G first, then takes what is left of the others.
+template <class Items, class F>
+void take_items(WorkCounter* counters, int G, int t, Items items, F f) {
+  for (int k = 0; k < G; ++k) {
+    const int g = (t + k) % G;
+    const int64_t n = items(g);
+    for (int64_t it; (it = counters[g].next.fetch_add(1, std::memory_order_relaxed)) < n;) f(g, it);
+  }
+}
+
+// Items 0 .. n-1 in one contiguous range per thread, with take_items: repeated calls on the same operands find each
+// thread's share in its own caches (unlike a dynamic schedule), and a descheduled thread does not hold a call up.
+template <class F>
+void for_owned(int64_t n, int num_threads, bool par, F f) {
+  std::vector<WorkCounter> counters(size_t(std::max(1, num_threads)));
+#pragma omp parallel num_threads(num_threads) if (par)
+  {
+    int T = 1, t = 0;
+#ifdef _OPENMP
+    T = omp_get_num_threads();
+    t = omp_get_thread_num();
+#endif
+    auto first = [&](int g) { return n * g / T; };
+    take_items(counters.data(), T, t, [&](int g) { return first(g + 1) - first(g); },
+               [&](int g, int64_t i) { f(first(g) + i); });
+  }
+}
+
 template <class Pack, class Prep, class Tile>
 void run_packed(const Int8MatmulParams& p, int64_t PN, size_t panel_bytes, int64_t MC, Pack pack, Prep prep,
                 Tile tile) {
@@ -153,15 +182,11 @@ void run_packed(const Int8MatmulParams& p, int64_t PN, size_t panel_bytes, int64
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) prep(c * MC, std::min(M, (c + 1) * MC));
     // (the implicit barrier above: every panel packed, every row prepared)
-    for (int k = 0; k < G; ++k) {
-      const int g = (t + k) % G;
-      const int64_t j0 = first(g), j1 = first(g + 1);
-      const int64_t items = ceil_div(j1 - j0, block) * chunks;
-      for (int64_t it; (it = counters[g].next.fetch_add(1, std::memory_order_relaxed)) < items;) {
-        const int64_t jb = j0 + (it / chunks) * block, m0 = (it % chunks) * MC;
-        tile(m0, std::min(M, m0 + MC), jb, std::min(j1, jb + block));
-      }
-    }
+    take_items(counters.data(), G, t, [&](int g) { return ceil_div(first(g + 1) - first(g), block) * chunks; },
+               [&](int g, int64_t it) {
+                 const int64_t j0 = first(g) + (it / chunks) * block, m0 = (it % chunks) * MC;
+                 tile(m0, std::min(M, m0 + MC), j0, std::min(first(g + 1), j0 + block));
+               });
   }
 }
 
@@ -519,18 +544,16 @@ FA_AVX2 void matmul_avx2_small_m(const Int8MatmulParams& p) {
   int16_t* Aw = scratch.part<int16_t>(0);
   for (int64_t m = 0; m < M; ++m) widen_row(p.a + m * K, K, Kp, Aw + m * Kp);
   const int64_t chunk = 64;  // columns per work item
-  const int64_t T = ceil_div(N, chunk);
   const bool par = M * N * K >= kParallelMinMacs && p.num_threads > 1;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(p.num_threads) if (par)
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t n0 = t * chunk, n1 = std::min(N, n0 + chunk);
+  for_owned(ceil_div(N, chunk), p.num_threads, par, [&](int64_t c) FA_AVX2 {
+    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
     switch (M) {
       case 1: small_m_cols<1>(p, Aw, Kp, n0, n1); break;
       case 2: small_m_cols<2>(p, Aw, Kp, n0, n1); break;
       case 3: small_m_cols<3>(p, Aw, Kp, n0, n1); break;
       default: small_m_cols<4>(p, Aw, Kp, n0, n1); break;
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -767,18 +790,16 @@ FA_VNNI void matmul_vnni_small_m(const Int8MatmulParams& p) {
   int32_t rowsum[kSmallM];
   for (int64_t m = 0; m < p.M; ++m) rowsum[m] = row_sum(p.a + m * p.K, p.K);
   const int64_t chunk = 64;  // columns per work item
-  const int64_t T = ceil_div(p.N, chunk);
   const bool par = p.M * p.N * p.K >= kParallelMinMacs && p.num_threads > 1;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(p.num_threads) if (par)
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t n0 = t * chunk, n1 = std::min(p.N, n0 + chunk);
+  for_owned(ceil_div(p.N, chunk), p.num_threads, par, [&](int64_t c) FA_VNNI {
+    const int64_t n0 = c * chunk, n1 = std::min(p.N, n0 + chunk);
     switch (p.M) {
       case 1: small_m_vnni_cols<1>(p, rowsum, n0, n1); break;
       case 2: small_m_vnni_cols<2>(p, rowsum, n0, n1); break;
       case 3: small_m_vnni_cols<3>(p, rowsum, n0, n1); break;
       default: small_m_vnni_cols<4>(p, rowsum, n0, n1); break;
     }
-  }
+  });
 }
 
 FA_VNNI void matmul_vnni_packed(const Int8MatmulParams& p) {
