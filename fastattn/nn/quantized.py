@@ -73,7 +73,8 @@ class Int8Linear(nn.Module):
             raise ValueError(f"x: on {x.device}, but the layer's weight is on {self.weight.device}")
         w_scale, bias, smooth = (_f32(t) for t in (self.weight_scale, self.bias, self.smooth))
         w = self.weight.contiguous()
-        x2 = x.reshape(-1, self.in_features).contiguous()
+        flat = x.dim() == 2  # no reshape / view either way (~0.7 us of host time each)
+        x2 = (x if flat else x.reshape(-1, self.in_features)).contiguous()
         if self.mode == "w8a16":
             out = w8a16_rows(x2 if smooth is None else (x2 / smooth.to(x.dtype)).contiguous(), w, w_scale, bias)
         else:
@@ -84,7 +85,7 @@ class Int8Linear(nn.Module):
                 q = torch.round(xf / self.input_scale).clamp_(-127, 127).to(torch.int8)
                 s = self.input_scale.to(torch.float32).reshape(1).expand(x2.shape[0]).contiguous()
             out = mm_rows(q, w, s, w_scale, bias, x.dtype)
-        return out.view(*x.shape[:-1], self.out_features)
+        return out if flat else out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -134,7 +134,8 @@ def int8_matmul(a: Tensor, b: Tensor, a_scale: Union[Tensor, float, None] = None
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype: {out_dtype} is not one of {OUT_DTYPES}")
     lead, K, N = a.shape[:-1], a.shape[-1], b.shape[0]
-    a2 = a.reshape(-1, K)
+    flat = a.dim() == 2  # the common case: no reshape either way (each costs ~0.7 us of host time)
+    a2 = a if flat else a.reshape(-1, K)
     M = a2.shape[0]
     sa = _scale_vector("a_scale", a_scale, M, lead, a.device)
     sb = _scale_vector("b_scale", b_scale, N, (N,), a.device)
@@ -146,7 +147,8 @@ def int8_matmul(a: Tensor, b: Tensor, a_scale: Union[Tensor, float, None] = None
         bias = bias.to(torch.float32)
     if out_dtype == torch.int32 and (sa is not None or sb is not None or bias is not None):
         raise ValueError("out_dtype: torch.int32 returns the raw accumulator: pass no a_scale, b_scale or bias")
-    return mm_rows(a2.contiguous(), b.contiguous(), sa, sb, bias, out_dtype).reshape(*lead, N)
+    out = mm_rows(a2.contiguous(), b.contiguous(), sa, sb, bias, out_dtype)
+    return out if flat else out.reshape(*lead, N)
 
 
 def mm_rows(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Optional[Tensor], bias: Optional[Tensor],
