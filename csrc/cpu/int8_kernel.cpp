@@ -4,7 +4,8 @@
 // Matmul paths, chosen at run time (int8_matmul at the bottom):
 //   AVX-512 VNNI (CPU has avx512f/bw/vl/vnni; FASTATTN_CPU_NO_AVX512=1 turns it off): vpdpbusd on b + 128 (u8)
 //     and a (s8), non-saturating, minus 128 * rowsum(a) in the epilogue; 12 x 32 micro-kernel on zmm (see below);
-//     small M (<= kSmallM rows): no packing, each b row streams once against the few a rows, 4 columns at a time.
+//     small M (<= kSmallM rows): no packing, each b row streams once against the few a rows, 8 columns at a time
+//     (4 for 4 rows), each thread on its own contiguous range of columns (for_owned).
 //   AVX-VNNI (no AVX-512, CPU has avxvnni; FASTATTN_CPU_NO_AVXVNNI=1 turns it off): the same scheme with the VEX
 //     vpdpbusd on ymm, 6 x 16 micro-kernel; small M takes the AVX2 path.
 //   AVX2 (no VNNI, no saturating vpmaddubsw: exact for any int8 input):
@@ -14,9 +15,9 @@
 //     3. a 6 x 16 register-blocked micro-kernel: per k-pair, two panel loads, six vpbroadcastd of the int16 pair
 //        (a[m][2p], a[m][2p+1]) and twelve vpmaddwd (exact: each lane sums two products of magnitude <= 2**14) +
 //        vpaddd into twelve int32 accumulators, over the whole K (no C round trips), then the fused epilogue;
-//     4. the parallel schedule of run_packed (below), shared with the VNNI path.
+//     4. the parallel schedule of run_packed (below), shared with the VNNI paths.
 //   AVX2, small M (<= kSmallM rows): no packing: dot products of int16 A rows against b rows
-//     sign-extended on the fly, 4 columns at a time, reduced horizontally.
+//     sign-extended on the fly, 4 columns at a time, reduced horizontally; column ranges per thread as above.
 //   Portable (no AVX2, or FASTATTN_CPU_NO_AVX2=1, which also turns the VNNI paths off): plain loops.
 // The int32 sums wrap modulo 2**32 exactly like int64 -> int32 (the reference), exact for K < 2**17.
 // Epilogue (float32, in the reference's order, never contracted into FMAs): c = float(acc); c *= a_scale[m];
