@@ -8,6 +8,7 @@ Environment:
   MAX_JOBS=N                   parallel compile jobs (ninja)
 """
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -16,7 +17,18 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
-VERSION = "0.1.0"
+
+
+def _version():
+    """__version__ from fastattn/version.py, read as text: building must not import the package (or torch)."""
+    text = (ROOT / "fastattn" / "version.py").read_text()
+    match = re.search(r'^__version__ = "([^"]+)"$', text, re.M)
+    if match is None:
+        raise RuntimeError("fastattn/version.py: no line __version__ = \"...\"")
+    return match.group(1)
+
+
+VERSION = _version()
 
 
 def _env_flag(name):

@@ -12,8 +12,7 @@ from .ops.attention import attention, scaled_dot_product_attention
 from .ops.int8 import int8_matmul, quantize_per_channel, quantize_per_token, w8a16_matmul
 from . import nn  # noqa: E402
 from .quantization import convert_qat, prepare_qat, quantize  # noqa: E402
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = ["add_layer_norm", "add_rms_norm", "attention", "scaled_dot_product_attention", "available_backends",
            "backend", "build_info", "int8_matmul", "quantize_per_token", "quantize_per_channel", "w8a16_matmul",
