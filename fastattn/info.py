@@ -5,6 +5,7 @@ import torch
 
 from . import _ext
 from .backends import BACKENDS, unavailable_reason
+from .version import __version__
 
 
 def build_info() -> dict:
@@ -16,7 +17,7 @@ def build_info() -> dict:
     except ImportError:
         triton_version = None
     return {
-        "fastattn": "0.1.0",
+        "fastattn": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
