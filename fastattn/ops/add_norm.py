@@ -133,26 +133,36 @@ def _(dy, s, mean, rstd, weight, ds, has_bias, is_rms, dres_fp32, backend):
             dy.new_empty(N if weight is not None else 0, dtype=st), dy.new_empty(N if has_bias else 0, dtype=st))
 
 
-def _accumulators(*tensors):
-    """The AccumulateGrad nodes of the leaves among tensors (None where torch cannot say)."""
-    try:
-        from torch.autograd.graph import get_gradient_edge
-    except ImportError:
-        return None
-    return tuple(get_gradient_edge(t).node for t in tensors if t.is_leaf)
+class _LeafAccumulation:
+    """Does the running backward pass accumulate a gradient into a leaf among ``tensors``? Built in the forward,
+    asked in the backward (AddNormFunction's dres_fp32).
 
+    Why: .backward() accumulating into x or residual gets a separate dres (the leaf's AccumulateGrad would clone a
+    dx shared by two edges: a copy saved); torch.autograd.grad(), which accumulates nothing, gets one dx for both (a
+    tensor pass saved). Only private autograd internals tell the two apart: the leaves' AccumulateGrad nodes and
+    torch._C._will_engine_execute_node. Where they are missing, or while torch.compile traces, runs() answers True:
+    the separate dres, correct either way.
+    """
 
-def _runs_any(nodes) -> bool:
-    """Whether the running backward pass executes any of the AccumulateGrad nodes (None: unknown, so yes).
-    .backward() runs them; torch.autograd.grad() never does (it returns gradients instead of accumulating them)."""
-    if nodes is None:
-        return True
-    try:
-        return any(torch._C._will_engine_execute_node(n) for n in nodes)
-    except RuntimeError:  # torch refuses the question for a leaf while autograd.grad() runs
-        return False
-    except AttributeError:  # private API gone: assume the accumulation runs
-        return True
+    def __init__(self, *tensors):
+        self.nodes = None  # None: unknown
+        if torch.compiler.is_compiling():
+            return
+        try:
+            from torch.autograd.graph import get_gradient_edge
+        except ImportError:
+            return
+        self.nodes = tuple(get_gradient_edge(t).node for t in tensors if t.is_leaf)
+
+    def runs(self) -> bool:
+        if self.nodes is None:
+            return True
+        try:
+            return any(torch._C._will_engine_execute_node(n) for n in self.nodes)
+        except RuntimeError:  # torch refuses the question for a leaf while autograd.grad() runs
+            return False
+        except AttributeError:  # private API gone: assume the accumulation runs
+            return True
 
 
 class AddNormFunction(torch.autograd.Function):
@@ -170,7 +180,7 @@ class AddNormFunction(torch.autograd.Function):
             ctx.save_for_backward(s if store_s else x2, mean, rstd, weight)
         # Both gradients wanted and one of x, residual a leaf: its AccumulateGrad would clone a dx shared by two edges.
         ctx.leaf_pair = (residual is not None and all(ctx.needs_input_grad[:2]) and (x.is_leaf or residual.is_leaf))
-        ctx.leaf_nodes = _accumulators(x, residual) if ctx.leaf_pair and not torch.compiler.is_compiling() else None
+        ctx.leaf_accumulation = _LeafAccumulation(x, residual) if ctx.leaf_pair else None
         ctx.meta = (shape, is_rms, bias is not None, backend, None if residual is None else residual.dtype,
                     None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         y = y.view(shape)
@@ -188,7 +198,7 @@ class AddNormFunction(torch.autograd.Function):
         # AccumulateGrad clones a gradient that another edge still holds). Otherwise (activations, or
         # torch.autograd.grad capturing the leaves) dx serves both, as torch's x + r does: one tensor pass fewer.
         dres_fp32 = res_dtype == torch.float32 and (
-            dy.dtype != torch.float32 or (ctx.leaf_pair and _runs_any(ctx.leaf_nodes)))
+            dy.dtype != torch.float32 or (ctx.leaf_pair and ctx.leaf_accumulation.runs()))
         bwd = add_norm_bwd_op if torch.compiler.is_compiling() else _bwd
         dx, dres, dw, db = bwd(dy2, s, mean, rstd, weight, ds2, has_bias, is_rms, dres_fp32, backend)
         dx = dx.view(shape)
