@@ -14,8 +14,8 @@ from fastattn.testing import add_norm_bytes, sync
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 # Elements per tensor: far above the L2 on GPU, around the L3 on CPU. On GPU 128M (a 7B model's 32k-token batch at
-# width 4096): at 32M one fp16 forward took ~65 us, about what the eager host side (Python, autograd, launches) takes,
-# and GPU suite run 2 measured host stalls instead of the kernels (the same Triton forward read 0.9x and 1.7x torch).
+# width 4096): at smaller sizes a call's GPU time is no longer than the eager host side (Python, autograd, launches),
+# and the host would be timed instead of the kernel.
 ELEMENTS = 128 * 2**20 if GPU else 4 * 2**20
 SUITE = os.environ.get("FASTATTN_BENCH_SUITE") == "1"  # the GPU suite's shorter grid
 WIDTHS = ([1024, 4096, 16384] if SUITE else [512, 1024, 2048, 4096, 8192, 16384, 65536]) if GPU else \

@@ -19,8 +19,7 @@ FLOAT = torch.bfloat16 if GPU else torch.float32
 GEMMS = [(1, 4096, 4096), (16, 4096, 4096), (4096, 4096, 4096), (8192, 8192, 8192)] if GPU else \
     [(1, 1024, 1024), (128, 1024, 1024), (1024, 1024, 1024)]
 LINEARS = [(1, 4096, 4096), (4096, 4096, 4096)] if GPU else [(1, 1024, 1024), (512, 1024, 1024)]
-# CPU: 40 rounds of one call (~1 ms each at 1024^3), so that a burst of the host's other load (10-20 ms, seen moving
-# both sides' medians 2x in a 10-round run) cannot take the median.
+# CPU: 40 rounds of one call (~1 ms each at 1024^3), so that a burst of the host's other load cannot take the median.
 CALLS, ROUNDS = (10, 10) if GPU else (1, 40)
 OURS = [b for b in available_backends() if b in (("cuda", "triton") if GPU else ("cpu",))]
 

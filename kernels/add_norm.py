@@ -165,8 +165,8 @@ def add_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Opti
 
 def _bwd_launch(M: int, N: int, device: torch.device):
     """(programs, num_warps) of the backward. Each program walks its rows one after another, so latency is hidden
-    by many programs per SM (run 1 on an H100: 4 one-warp programs per SM reached only ~45% of bandwidth); the
-    (programs, N) float32 partials of dweight/dbias are capped near 16 MB."""
+    by many programs per SM (a few per SM leave half the bandwidth unused); the (programs, N) float32 partials of
+    dweight/dbias are capped near 16 MB."""
     block_n = triton.next_power_of_2(N)
     num_warps = 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
     if device.type != "cuda":

@@ -179,9 +179,8 @@ def _small_m_kernel(
 SMALL_M = 8  # up to this many rows, the vector-product kernel beats padding M to a tensor-core tile
 
 # Decode is memory-bound: the weight must stream at full bandwidth, which takes enough bytes in flight per SM. Which
-# (rows x K chunk, warps, where the K reduction happens) gets there depends on N and K, so the GPU autotunes it
-# (H100, run 2: the fixed 16 x 512 tile with 4 warps moved the 4096 x 4096 weight at about half the copy bandwidth;
-# run 3: no tile did better, all reducing in every K step; REDUCE_ONCE tiles hold 64 partial sums a thread).
+# (rows x K chunk, warps, where the K reduction happens) gets there depends on N and K, so the GPU autotunes it;
+# REDUCE_ONCE tiles hold 64 partial sums a thread.
 _SMALL_M_TILES = [(n, k, w, once) for once in (True, False) for n, k, w in
                   [(16, 512, 4), (8, 1024, 4), (16, 1024, 8), (4, 2048, 4), (8, 2048, 8), (32, 256, 4), (2, 4096, 4)]]
 if triton_interpreted():

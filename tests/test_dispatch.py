@@ -127,9 +127,8 @@ print("OK")
 
 
 def test_cpp_binding_checks_its_arguments():
-    """The C++ bindings refuse bad arguments with a RuntimeError naming them. Run in a child process: on the GPU
-    machine's image (torch 2.11) an exception leaving fastattn._C crashed the process in run 1 — a crash must fail
-    this test, not kill the test runner."""
+    """The C++ bindings refuse bad arguments with a RuntimeError naming them. Run in a child process: a crash in an
+    error path (one happened on the GPU image) must fail this test, not kill the test runner."""
     import subprocess
     import sys
     from fastattn import _ext

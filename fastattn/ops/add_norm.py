@@ -78,7 +78,7 @@ _IMPLS = [
          _FLOATS + (torch.float64,), _cols_check),
     Impl("reference", _ref_fwd, _ref_bwd, ("cpu", "cuda"), _FLOATS + (torch.float64,)),
 ]
-# On GPU the forward prefers Triton and the backward CUDA C++: the faster of each in GPU run 1 on an H100
+# On GPU the forward prefers Triton and the backward CUDA C++, the faster of each on an H100
 # (benchmarks/results/2026-11-26-h100-run1). Both share the (y, s, mean, rstd) contract, so they mix.
 _dispatch = Dispatcher("add_norm", _IMPLS, priority={"cuda": ("triton", "cuda", "reference")})
 _bwd_dispatch = Dispatcher("add_norm_backward", _IMPLS, priority={"cuda": ("cuda", "triton", "reference")})

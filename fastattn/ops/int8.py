@@ -37,16 +37,14 @@ def _ref_mm(a, b, a_scale, b_scale, bias, out_dtype):
 
 
 def _gpu_order(req: Int8Request):
-    """H100, GPU suite runs 2 and 3: Triton's GEMM is the fast one at large M (964-1024 TOPS at 4096^3 against CUDA
-    C++'s 487-497); at decode sizes the CUDA C++ kernels win eagerly (M=1: 0.031-0.043 ms against 0.113-0.125: a
-    pybind call launches faster than Triton) and at M=16 in CUDA graphs (1.32-1.35x bf16 against 1.17-1.22x); at M=1
-    in graphs the two trade places between runs (1.98x / 1.71x, then 1.75x / 2.08x)."""
+    """The faster GEMM on an H100 (benchmarks/results/2026-11-26-h100-run3): Triton's at large M; the CUDA C++
+    kernels at decode sizes (a pybind call launches faster than Triton, and their small-M kernel is the faster one)."""
     return ("cuda", "triton", "reference") if req.decode else ("triton", "cuda", "reference")
 
 
 _GPU_ORDER = {"cuda": _gpu_order}
 # Quantization, a memory-bound row pass, at every size on the CUDA C++ kernel (vectorized row loads, bit-exact like
-# Triton's): GPU suite run 3, bf16 K=4096, 0.042 ms against Triton's 0.093 at M=4096 and 0.026 against 0.054 at M=1.
+# Triton's): about twice as fast as Triton's on an H100, at one row and at thousands (2026-11-26-h100-run3).
 _QUANT_ORDER = {"cuda": ("cuda", "triton", "reference")}
 _mm = Dispatcher("int8_matmul", [
     Impl("cuda", compiled_op("int8_mm_cuda"), None, ("cuda",), OUT_DTYPES, compiled_has("int8_mm_cuda")),
