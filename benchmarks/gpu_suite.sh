@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite: on a fresh GPU machine with torch, triton and nvcc (no internet), build fastattn for this GPU, run
-# the whole test suite on it, run the GPU benchmarks, and write OUTDIR/summary.md + summary.json (GPU, commit,
-# measured copy bandwidth, each kernel's speedup vs torch) with the logs. Budget: <= 8 minutes on an H100.
+# the whole test suite on it (the gpu-marked tests too: tests/test_cuda_*.py check the CUDA C++ kernels), run the GPU
+# benchmarks, and write OUTDIR/summary.md + summary.json (GPU, commit, measured copy bandwidth, each kernel's speedup
+# vs torch) with the logs. Budget: <= 8 minutes on an H100.
 #   usage: bash benchmarks/gpu_suite.sh OUTDIR   (PYTHON=python3, FASTATTN_COMMIT=<sha> when .git is absent,
 #          SUITE_BUDGET_S=450: the tests and benchmarks are cut off so that the whole suite ends within it;
 #          BENCH_RESERVE_S=150 of it are kept for the benchmarks)

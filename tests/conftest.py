@@ -63,6 +63,21 @@ def assert_bounded(name: str, out: torch.Tensor, ref: torch.Tensor, torch_out: t
 
 
 
+def cuda_kernels(*ops: str):
+    """fastattn._C for a test that calls its CUDA kernels ``ops`` directly. Skipped without a GPU; without the
+    kernels, skipped too, or failed where the build must have them (FASTATTN_EXPECT_CUDA_OPS=1, as in the GPU suite)."""
+    from fastattn import _ext
+    if not HAS_GPU:
+        pytest.skip("needs a GPU")
+    missing = [op for op in ops if not hasattr(_ext._C, op)]
+    if missing:
+        why = _ext.cpp_missing_reason() if _ext._C is None else f"fastattn._C has no {', '.join(missing)}"
+        if os.environ.get("FASTATTN_EXPECT_CUDA_OPS") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    return _ext._C
+
+
 def skip_if_not_built(backend_name: str, op: str) -> None:
     """Skip when this build of fastattn._C has no ``{op}_{backend}`` kernel (cpu/cuda backends only)."""
     from fastattn import _ext
