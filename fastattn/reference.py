@@ -97,7 +97,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     causal == "top_left". alibi_slopes (H,) or (B, H) add -slope * |i + offset - j|. Heads of k/v are shared by
     H // Hk query heads (GQA). A row with no key left gives 0. dropout_mask (B, H, L, S) bool keeps entries (scaled
     by 1 / (1 - dropout_p)). Returns out (B, H, L, Ev) in q's dtype, and lse (B, H, L) float32 when return_lse
-    (-inf for rows with no key).
+    (+inf for a row with no key, so that exp(s - lse) = 0 there: the kernels' convention, and flash-attn's).
     """
     H, Hk = q.shape[1], k.shape[1]
     cdt = (torch.float64 if q.dtype == torch.float64 else torch.float32) if upcast else q.dtype
@@ -111,7 +111,42 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     if dropout_p > 0:
         p = p * dropout_mask / (1 - dropout_p)
     out = (p @ vc).to(q.dtype)
-    return (out, lse.squeeze(-1).float()) if return_lse else out
+    if not return_lse:
+        return out
+    return out, lse.squeeze(-1).float().masked_fill(lse.squeeze(-1) == float("-inf"), float("inf"))
+
+
+def attention_bwd_ref(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      attn_mask: Optional[torch.Tensor] = None, *, causal: Optional[str] = None,
+                      scale: Optional[float] = None, window=(-1, -1), alibi_slopes: Optional[torch.Tensor] = None,
+                      softcap: float = 0.0, dropout_p: float = 0.0, dropout_mask: Optional[torch.Tensor] = None):
+    """dq, dk, dv of :func:`attention_ref` for the output gradient dout, in closed form on recomputed scores (no
+    autograd: it also runs inside a custom op). Computed in float32 (float64 stays float64), returned in the
+    inputs' dtypes; dk, dv are summed over each GQA group."""
+    B, H, L, _ = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc, do = q.to(cdt), k.to(cdt), v.to(cdt), dout.to(cdt)
+    if Hk != H:
+        kc, vc = kc.repeat_interleave(H // Hk, dim=1), vc.repeat_interleave(H // Hk, dim=1)
+    scores, capped = attention_scores(qc, kc, attn_mask, causal=causal, scale=scale, window=window,
+                                      alibi_slopes=alibi_slopes, softcap=softcap)
+    row_max = scores.amax(-1, keepdim=True)
+    probs = torch.exp(scores - row_max.masked_fill(row_max == float("-inf"), 0.0))
+    probs = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(cdt).tiny)  # (B, H, L, S); 0 for empty rows
+    keep = dropout_mask.to(cdt) / (1 - dropout_p) if dropout_p > 0 else 1.0
+    dv = (probs * keep).transpose(-1, -2) @ do
+    dp = (do @ vc.transpose(-1, -2)) * keep
+    ds = probs * (dp - (dp * probs).sum(-1, keepdim=True))
+    if capped is not None:
+        ds = ds * (1 - capped.square())
+    dq = (ds @ kc) * scale
+    dk = (ds.transpose(-1, -2) @ qc) * scale
+    if Hk != H:  # sum each GQA group's gradients into its shared K/V head
+        dk = dk.view(B, Hk, H // Hk, S, -1).sum(2)
+        dv = dv.view(B, Hk, H // Hk, S, -1).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def int8_matmul_ref(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Tensor] = None,

@@ -1,7 +1,7 @@
 """Flash attention (FlashAttention-2 schedule) in Triton: forward with an online softmax in base 2 that saves the
 logsumexp, backward as a dK/dV kernel (one program per key block and KV head, looping over the query heads of its
 GQA group: no atomics, no repeated K/V) and a dQ kernel. Masks are read tile by tile through their strides.
-Contract (shapes, lse, dropout counters): fastattn/ops/attention.py."""
+Contract (shapes, lse, dropout counters): fastattn/ops/attention/dispatch.py."""
 import os
 
 import torch
@@ -10,7 +10,8 @@ import triton.language as tl
 
 from ..backends import triton_interpreted
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in base 2 (exp2): x * LOG2E
+LN2 = tl.constexpr(0.6931471805599453)
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 
 
@@ -20,7 +21,9 @@ def _tanh(x):
 
 
 @triton.jit
-def _scores(q, kT, offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi,
+def _scores(q, kT, offs_m, offs_n, L, S,
+            Mask, stride_mm, stride_mn,  # this (batch, head)'s mask, or a dummy
+            slope,  # this head's ALiBi slope (unused without HAS_ALIBI)
             sm_scale, softcap, diag_offset, window_left, window_right,
             MASKED: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
             HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
@@ -28,21 +31,20 @@ def _scores(q, kT, offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh, s
     s = tl.dot(q, kT, input_precision=PRECISION)
     if SOFTCAP:
         capped = _tanh(s * (sm_scale / softcap))
-        s = capped * (softcap * 1.4426950408889634)
+        s = capped * (softcap * LOG2E)
     else:
         capped = s
-        s = s * (sm_scale * 1.4426950408889634)
+        s = s * (sm_scale * LOG2E)
     if HAS_ALIBI:
-        slope = tl.load(Alibi + bh)
         dist = tl.abs(offs_m[:, None] + diag_offset - offs_n[None, :]).to(tl.float32)
-        s = s - (slope * 1.4426950408889634) * dist
+        s = s - (slope * LOG2E) * dist
     if MASK_KIND != 0:
         in_bounds = (offs_m[:, None] < L) & (offs_n[None, :] < S)
-        mptr = Mask + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        mptr = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         if MASK_KIND == 1:
             s = tl.where(tl.load(mptr, mask=in_bounds, other=0) != 0, s, float("-inf"))
         else:
-            s = s + tl.load(mptr, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+            s = s + tl.load(mptr, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
     if MASKED:
         keep = offs_n[None, :] < S
         if CAUSAL:
@@ -52,6 +54,16 @@ def _scores(q, kT, offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh, s
             keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag_offset + window_right)
         s = tl.where(keep, s, float("-inf"))
     return s, capped
+
+
+@triton.jit
+def _head_bias(Mask, stride_mb, stride_mh, Alibi, b, h, bh, HAS_ALIBI: tl.constexpr):
+    """Head (b, h)'s mask pointer and ALiBi slope, found once per program (per head in the dK/dV kernel)."""
+    Mask += b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + bh)
+    return Mask, slope
 
 
 @triton.jit
@@ -107,19 +119,22 @@ def _query_range(start_n, L, S, diag_offset, window_left, window_right,
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, offs_m, offs_d, offs_dv, start, end, b, h, bh, L, S, E, EV,
-               stride_kn, stride_vn, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi,
-               sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
+def _fwd_inner(acc, l_i, m_i, q,  # running output, row sums and row maxima; the query tile
+               K, V, stride_kn, stride_vn,  # this head's K and V
+               offs_m, offs_d, offs_dv, start, end, bh, L, S, E, EV,  # the tile and the key range [start, end)
+               Mask, stride_mm, stride_mn, slope,  # this head's mask and ALiBi slope
+               sm_scale, softcap, diag_offset, window_left, window_right,  # score transforms
+               dropout_p, seed, rng_offset,
                MASKED: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+               HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None],
                      mask=(offs_n[None, :] < S) & (offs_d[:, None] < E), other=0.0).to(DOT_DTYPE)
-        s, _ = _scores(q, kT, offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh, stride_mm, stride_mn,
-                       Alibi, sm_scale, softcap, diag_offset, window_left, window_right, MASKED, MASK_KIND,
-                       CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, PRECISION)
+        s, _ = _scores(q, kT, offs_m, offs_n, L, S, Mask, stride_mm, stride_mn, slope,
+                       sm_scale, softcap, diag_offset, window_left, window_right,
+                       MASKED, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep exp2 finite
         p = tl.math.exp2(s - m_safe[:, None])
@@ -161,25 +176,32 @@ def _attn_fwd_kernel(
                 mask=(offs_m[:, None] < L) & (offs_d[None, :] < E), other=0.0).to(DOT_DTYPE)
     K += b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
     V += b.to(tl.int64) * stride_vb + (h // GROUP) * stride_vh
+    Mask, slope = _head_bias(Mask, stride_mb, stride_mh, Alibi, b, h, bh, HAS_ALIBI)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     lo, mid, hi = _key_range(start_m, L, S, diag_offset, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL,
                              HAS_WINDOW)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, offs_m, offs_d, offs_dv, lo, mid, b, h, bh, L, S, E, EV,
-                               stride_kn, stride_vn, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi,
-                               sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed,
-                               rng_offset, False, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q,
+                               K, V, stride_kn, stride_vn,
+                               offs_m, offs_d, offs_dv, lo, mid, bh, L, S, E, EV,
+                               Mask, stride_mm, stride_mn, slope,
+                               sm_scale, softcap, diag_offset, window_left, window_right,
+                               dropout_p, seed, rng_offset,
+                               False, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
                                DOT_DTYPE, PRECISION, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, offs_m, offs_d, offs_dv, mid, hi, b, h, bh, L, S, E, EV,
-                               stride_kn, stride_vn, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi,
-                               sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed,
-                               rng_offset, True, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q,
+                               K, V, stride_kn, stride_vn,
+                               offs_m, offs_d, offs_dv, mid, hi, bh, L, S, E, EV,
+                               Mask, stride_mm, stride_mn, slope,
+                               sm_scale, softcap, diag_offset, window_left, window_right,
+                               dropout_p, seed, rng_offset,
+                               True, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
                                DOT_DTYPE, PRECISION, BLOCK_N)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    lse = tl.where(empty, float("inf"), (m_safe + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("inf"), (m_safe + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)
     tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
              out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_dv[None, :] < EV))
@@ -214,21 +236,24 @@ def _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, DOT
     q_row = bh.to(tl.int64) * L + offs_m
     q = _load_rows(Q, q_row, offs_m, L, E, offs_d, DOT_DTYPE)
     do = _load_rows(DOut, q_row, offs_m, L, EV, offs_dv, DOT_DTYPE)
-    lse = tl.load(Lse + q_row, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
+    lse = tl.load(Lse + q_row, mask=offs_m < L, other=float("inf")) * LOG2E
     delta = tl.load(Delta + q_row, mask=offs_m < L, other=0.0)
     return q, do, lse, delta
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh, stride_mm,
-              stride_mn, Alibi, sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
+def _bwd_tile(q, k, v, do, lse, delta,  # the query side's tiles and the key side's
+              offs_m, offs_n, bh, L, S,
+              Mask, stride_mm, stride_mn, slope,  # this head's mask and ALiBi slope
+              sm_scale, softcap, diag_offset, window_left, window_right,  # score transforms
+              dropout_p, seed, rng_offset,
               MASKED: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of the backward: P as the forward applied it to V (dropout included) and dS.
     P is 0 where masked, for rows past L and for empty rows (their lse is +inf)."""
-    s, capped = _scores(q, tl.trans(k), offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh, stride_mm,
-                        stride_mn, Alibi, sm_scale, softcap, diag_offset, window_left, window_right, MASKED, MASK_KIND,
-                        CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, PRECISION)
+    s, capped = _scores(q, tl.trans(k), offs_m, offs_n, L, S, Mask, stride_mm, stride_mn, slope,
+                        sm_scale, softcap, diag_offset, window_left, window_right,
+                        MASKED, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, PRECISION)
     p = tl.math.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:
@@ -244,19 +269,23 @@ def _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, b, h, bh, L, S, Mask, str
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta, offs_n, offs_d, offs_dv, start, end, b, h, bh, L, S, E, EV,
-                Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi,
-                sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
+def _dkdv_inner(dk, dv, k, v,  # running dK, dV; the key block
+                Q, DOut, Lse, Delta,  # the query side, read one block at a time
+                offs_n, offs_d, offs_dv, start, end, bh, L, S, E, EV,  # the block and the query range [start, end)
+                Mask, stride_mm, stride_mn, slope,  # this head's mask and ALiBi slope
+                sm_scale, softcap, diag_offset, window_left, window_right,  # score transforms
+                dropout_p, seed, rng_offset,
                 MASKED: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+                HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q, do, lse, delta = _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, DOT_DTYPE)
-        pd, ds = _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh,
-                           stride_mm, stride_mn, Alibi, sm_scale, softcap, diag_offset, window_left, window_right,
-                           dropout_p, seed, rng_offset, MASKED, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
-                           DROPOUT, PRECISION)
+        pd, ds = _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, bh, L, S,
+                           Mask, stride_mm, stride_mn, slope,
+                           sm_scale, softcap, diag_offset, window_left, window_right,
+                           dropout_p, seed, rng_offset,
+                           MASKED, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT, PRECISION)
         dv += tl.dot(tl.trans(pd.to(DOT_DTYPE)), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(DOT_DTYPE)), q, input_precision=PRECISION)
     return dk, dv
@@ -292,14 +321,21 @@ def _attn_bwd_dkdv_kernel(
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta, offs_n, offs_d, offs_dv, lo, mid, b, h, bh, L, S,
-                             E, EV, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi, sm_scale, softcap,
-                             diag_offset, window_left, window_right, dropout_p, seed, rng_offset, True, MASK_KIND,
-                             CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT, DOT_DTYPE, PRECISION, BLOCK_M)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta, offs_n, offs_d, offs_dv, mid, hi, b, h, bh, L, S,
-                             E, EV, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi, sm_scale, softcap,
-                             diag_offset, window_left, window_right, dropout_p, seed, rng_offset, False, MASK_KIND,
-                             CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT, DOT_DTYPE, PRECISION, BLOCK_M)
+        HeadMask, slope = _head_bias(Mask, stride_mb, stride_mh, Alibi, b, h, bh, HAS_ALIBI)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta,
+                             offs_n, offs_d, offs_dv, lo, mid, bh, L, S, E, EV,
+                             HeadMask, stride_mm, stride_mn, slope,
+                             sm_scale, softcap, diag_offset, window_left, window_right,
+                             dropout_p, seed, rng_offset,
+                             True, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
+                             DOT_DTYPE, PRECISION, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta,
+                             offs_n, offs_d, offs_dv, mid, hi, bh, L, S, E, EV,
+                             HeadMask, stride_mm, stride_mn, slope,
+                             sm_scale, softcap, diag_offset, window_left, window_right,
+                             dropout_p, seed, rng_offset,
+                             False, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
+                             DOT_DTYPE, PRECISION, BLOCK_M)
     dk = dk * sm_scale
     tl.store(DK + kv_row[:, None] * E + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=(offs_n[:, None] < S) & (offs_d[None, :] < E))
@@ -308,20 +344,24 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, K, V, offs_m, offs_d, offs_dv, start, end, b, h, bh, L, S, E, EV,
-              Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi,
-              sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
+def _dq_inner(dq, q, do, lse, delta,  # running dQ; the query block's tiles
+              K, V,  # this head's K and V, read one block at a time
+              offs_m, offs_d, offs_dv, start, end, bh, L, S, E, EV,  # the block and the key range [start, end)
+              Mask, stride_mm, stride_mn, slope,  # this head's mask and ALiBi slope
+              sm_scale, softcap, diag_offset, window_left, window_right,  # score transforms
+              dropout_p, seed, rng_offset,
               MASKED: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+              HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, offs_n, offs_n, S, E, offs_d, DOT_DTYPE)
         v = _load_rows(V, offs_n, offs_n, S, EV, offs_dv, DOT_DTYPE)
-        _, ds = _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, b, h, bh, L, S, Mask, stride_mb, stride_mh,
-                          stride_mm, stride_mn, Alibi, sm_scale, softcap, diag_offset, window_left, window_right,
-                          dropout_p, seed, rng_offset, MASKED, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
-                          DROPOUT, PRECISION)
+        _, ds = _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, bh, L, S,
+                          Mask, stride_mm, stride_mn, slope,
+                          sm_scale, softcap, diag_offset, window_left, window_right,
+                          dropout_p, seed, rng_offset,
+                          MASKED, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT, PRECISION)
         dq += tl.dot(ds.to(DOT_DTYPE), k, input_precision=PRECISION)
     return dq
 
@@ -348,17 +388,26 @@ def _attn_bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     q, do, lse, delta = _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, DOT_DTYPE)
     kv_base = (b * Hk + h // GROUP).to(tl.int64) * S
+    K += kv_base * E
+    V += kv_base * EV
+    Mask, slope = _head_bias(Mask, stride_mb, stride_mh, Alibi, b, h, bh, HAS_ALIBI)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     lo, mid, hi = _key_range(start_m, L, S, diag_offset, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL,
                              HAS_WINDOW)
-    dq = _dq_inner(dq, q, do, lse, delta, K + kv_base * E, V + kv_base * EV, offs_m, offs_d, offs_dv, lo, mid, b, h,
-                   bh, L, S, E, EV, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi, sm_scale, softcap,
-                   diag_offset, window_left, window_right, dropout_p, seed, rng_offset, False, MASK_KIND, CAUSAL,
-                   HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT, DOT_DTYPE, PRECISION, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, K + kv_base * E, V + kv_base * EV, offs_m, offs_d, offs_dv, mid, hi, b, h,
-                   bh, L, S, E, EV, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Alibi, sm_scale, softcap,
-                   diag_offset, window_left, window_right, dropout_p, seed, rng_offset, True, MASK_KIND, CAUSAL,
-                   HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT, DOT_DTYPE, PRECISION, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V,
+                   offs_m, offs_d, offs_dv, lo, mid, bh, L, S, E, EV,
+                   Mask, stride_mm, stride_mn, slope,
+                   sm_scale, softcap, diag_offset, window_left, window_right,
+                   dropout_p, seed, rng_offset,
+                   False, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
+                   DOT_DTYPE, PRECISION, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V,
+                   offs_m, offs_d, offs_dv, mid, hi, bh, L, S, E, EV,
+                   Mask, stride_mm, stride_mn, slope,
+                   sm_scale, softcap, diag_offset, window_left, window_right,
+                   dropout_p, seed, rng_offset,
+                   True, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
+                   DOT_DTYPE, PRECISION, BLOCK_N)
     dq = dq * sm_scale
     q_row = bh.to(tl.int64) * L + offs_m
     tl.store(DQ + q_row[:, None] * E + offs_d[None, :], dq.to(DQ.dtype.element_ty),

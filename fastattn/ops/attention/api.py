@@ -1,0 +1,101 @@
+"""The public attention API: ``fastattn.attention`` (everything the kernels can do) and
+``fastattn.scaled_dot_product_attention`` (torch's signature and semantics)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ...backends import forced_backend_name
+from ...errors import ArgumentError
+from ...reference import attention_diag_offset, attention_ref
+from .dispatch import ref_kwargs, dispatcher
+from .function import AttentionFunction, DroppedAttention
+from .params import AttnParams, request
+from .validation import CAUSAL, as_bhld, as_float, build_mask, causal_bias_alignment, check_qkv
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, attn_mask: Optional[Tensor] = None,
+              key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0, scale: Optional[float] = None,
+              window: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
+              return_lse: bool = False, enable_gqa: bool = True):
+    """Attention with what torch's SDPA signature cannot say. q (..., H, L, E), k (..., Hk, S, E), v (..., Hk, S, Ev);
+    dims before the last two broadcast as in torch (heads by grouped-query attention when Hk divides H).
+
+    causal: None, "top_left" (torch's is_causal) or "bottom_right" (the last query sees the last key: KV-cache
+    decoding). attn_mask: bool (True = take part), additive float, or torch's CausalBias, broadcastable to
+    (..., H, L, S). key_padding_mask: torch's meaning, bool (..., S) True = padding (that key is ignored), or a float
+    (..., S) added to the scores. window=(left, right): keys within left before and right after the diagonal
+    (-1 = unbounded), aligned as causal (bottom-right when causal is None). alibi_slopes: (H,) or (B, H).
+    softcap > 0: scores become softcap * tanh(scores / softcap). A row with no key left gives 0, never NaN.
+    Returns out (..., H, L, Ev), and lse (..., H, L) float32 when return_lse (the natural-log logsumexp of each
+    row's scores; +inf for a row with no key, so that exp(score - lse) = 0 there).
+    """
+    lay = check_qkv(q, k, v, enable_gqa)
+    if causal not in CAUSAL:
+        raise ArgumentError(f"causal: expected one of {CAUSAL}, got {causal!r}")
+    bias_causal = causal_bias_alignment(attn_mask)
+    if bias_causal is not None:
+        if causal is not None and causal != bias_causal:
+            raise ArgumentError(f"attn_mask: a CausalBias ({bias_causal}) together with causal={causal!r}")
+        if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (lay.L, lay.S):
+            raise ArgumentError(f"attn_mask: CausalBias for ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) on "
+                                f"L={lay.L} queries and S={lay.S} keys")
+        causal, attn_mask = bias_causal, None
+    dropout_p = as_float("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ArgumentError(f"dropout_p: expected 0 <= dropout_p <= 1, got {dropout_p}")
+    if len(window) != 2 or any(int(w) < -1 for w in window):
+        raise ArgumentError(f"window: expected (left, right) with -1 for unbounded, got {window!r}")
+    softcap = as_float("softcap", softcap)
+    if softcap < 0:
+        raise ArgumentError(f"softcap: expected >= 0, got {softcap}")
+    out_shape = (*lay.lead, lay.L, v.shape[-1])
+    qb, kb, vb = as_bhld(q, lay, lay.H), as_bhld(k, lay, lay.Hk), as_bhld(v, lay, lay.Hk)  # (B, H|Hk, L|S, E)
+    B, H, L, E = qb.shape
+    mask = build_mask(attn_mask, key_padding_mask, q, lay)
+    alibi = None
+    if alibi_slopes is not None:
+        if alibi_slopes.shape not in ((H,), (B, H)):
+            raise ArgumentError(f"alibi_slopes: shape {tuple(alibi_slopes.shape)}, expected ({H},) or ({B}, {H})")
+        alibi = alibi_slopes.to(device=q.device, dtype=torch.float32).expand(B, H).contiguous()
+    scale = E ** -0.5 if scale is None else as_float("scale", scale)
+    if dropout_p == 1.0 and not return_lse:  # every probability dropped
+        return DroppedAttention.apply(qb, kb, vb).reshape(out_shape)
+    seed = offset = 0
+    if 0 < dropout_p < 1:
+        # from torch's default generator, so torch.manual_seed reproduces the mask; offsets stay far from 2**63
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
+        offset = int(torch.randint(0, 2**40, (1,), device="cpu"))
+    p = AttnParams(scale, causal is not None,
+                   attention_diag_offset(L, kb.shape[2], causal if causal is not None else "bottom_right"),
+                   int(window[0]), int(window[1]), softcap, dropout_p if dropout_p < 1 else 0.0, seed, offset)
+    backend = forced_backend_name()
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        dispatcher.select(request(qb, kb, vb, mask, alibi, p), backend or None)  # raises if a kernel was forced
+        # autograd through the reference gives the mask its gradient
+        out, lse = attention_ref(qb, kb, vb, mask, return_lse=True, **ref_kwargs(qb, kb, mask, alibi, p))
+    else:
+        out, lse = AttentionFunction.apply(qb, kb, vb, mask, alibi, backend, *p.flat())
+    if dropout_p == 1.0:  # the lse was asked for: it does not depend on dropout
+        out = DroppedAttention.apply(qb, kb, vb)
+    out = out.reshape(out_shape)
+    return (out, lse.reshape(out_shape[:-1])) if return_lse else out
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention: same signature, semantics and errors (an
+    :class:`fastattn.ArgumentError` is the RuntimeError torch raises), batch dims broadcast, torch's CausalBias
+    masks. A query row whose keys are all masked gives 0 (and 0 gradients), as torch's SDPA does on CPU in torch
+    2.14 (torch.nn.MultiheadAttention gives NaN there)."""
+    if causal_bias_alignment(attn_mask) is not None:
+        if is_causal:
+            raise ArgumentError("CausalBias should not be used with causal=True")  # torch's words
+    elif is_causal and attn_mask is not None:
+        raise ArgumentError("attn_mask: must be None when is_causal=True (as in torch's scaled_dot_product_attention)"
+                            "; fastattn.attention(q, k, v, causal='top_left', attn_mask=...) applies both")
+    return attention(query, key, value, causal="top_left" if is_causal else None, attn_mask=attn_mask,
+                     dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa)

@@ -1,0 +1,170 @@
+"""The attention backends: what each supports, the dispatch table, and the custom ops torch.compile and torch.func
+see.
+
+Every backend implements the same pair on (B, H, L, E) tensors whose last dimension is contiguous (other dims may
+have any stride, stride 0 included):
+
+  fwd(q, k, v, mask, alibi, p: AttnParams) -> (out (B, H, L, Ev) q.dtype, lse (B, H, L) float32)
+  bwd(dout, q, k, v, out, lse, mask, alibi, p) -> (dq, dk, dv)       (dk, dv summed over each GQA group)
+
+k, v have Hk heads, H % Hk == 0. mask is None or a (B, H, L, S) view (broadcast dims have stride 0: never
+materialized) of dtype bool (True = take part) or float (added to the scores). alibi is None or (B, H) float32.
+lse is the natural-log logsumexp of each row's scaled scores, +inf for a row with no key left (so exp(s - lse) = 0
+there and its output and gradients are 0); the public API returns it the same way. Dropout keeps entry
+(b, h, i, j) when the Philox uniform at counter ``p.offset + ((b * H + h) * L + i) * S + j`` under key ``p.seed``
+is >= dropout_p, identically in fwd and bwd.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ... import _ext
+from ...backends import Dispatcher, Impl, triton_op
+from ...reference import attention_bwd_ref, attention_ref
+from .params import AttnParams, AttnRequest, params_schema, request
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---- reference backend -------------------------------------------------------------------------------------
+def ref_dropout_mask(p: AttnParams, B: int, H: int, L: int, S: int, device) -> Tensor:
+    """The reference backend's keep mask: torch's generator seeded by p.seed (reproducible, not Philox-equal)."""
+    g = torch.Generator(device=device).manual_seed(p.seed + p.offset)
+    return torch.rand(B, H, L, S, generator=g, device=device) >= p.dropout_p
+
+
+def ref_kwargs(q, k, mask, alibi, p: AttnParams) -> dict:
+    B, H, L, _ = q.shape
+    dmask = ref_dropout_mask(p, B, H, L, k.shape[2], q.device) if p.dropout_p > 0 else None
+    return dict(causal=p.causal_align, scale=p.scale, window=(p.window_left, p.window_right), alibi_slopes=alibi,
+                softcap=p.softcap, dropout_p=p.dropout_p, dropout_mask=dmask)
+
+
+def ref_fwd(q, k, v, mask, alibi, p: AttnParams):
+    return attention_ref(q, k, v, mask, return_lse=True, **ref_kwargs(q, k, mask, alibi, p))
+
+
+def ref_bwd(dout, q, k, v, out, lse, mask, alibi, p: AttnParams):
+    return attention_bwd_ref(dout, q, k, v, mask, **ref_kwargs(q, k, mask, alibi, p))
+
+
+# ---- compiled and Triton backends ---------------------------------------------------------------------------
+def _compiled(name):
+    """A fastattn._C attention op: the AttnParams (last argument) go in as plain scalars."""
+    def call(*args):
+        return getattr(_ext._C, name)(*args[:-1], *args[-1].flat())
+    return call
+
+
+def _no_mask_grad(req: AttnRequest):
+    return ["attn_mask requires grad (only the reference computes its gradient)"] if req.mask_grad else []
+
+
+def _triton_check(req: AttnRequest):
+    reasons = _no_mask_grad(req)
+    if max(req.head_dim, req.head_dim_v) > 256:
+        reasons.append(f"head dim {max(req.head_dim, req.head_dim_v)} > 256")
+    return reasons
+
+
+def _cpu_check(req: AttnRequest):
+    reasons = _no_mask_grad(req)
+    if not hasattr(_ext._C, "attention_fwd_cpu"):
+        reasons.append("fastattn._C has no CPU attention kernel")
+    return reasons
+
+
+def _cuda_check(req: AttnRequest):
+    reasons = _no_mask_grad(req)
+    if not hasattr(_ext._C, "attention_fwd_cuda"):
+        return reasons + ["fastattn._C has no CUDA attention kernel"]
+    if req.head_dim not in (32, 64, 128) or req.head_dim_v != req.head_dim:
+        reasons.append(f"head dims ({req.head_dim}, {req.head_dim_v}) (supports 32, 64, 128 with Ev == E)")
+    if req.mask == "float":
+        reasons.append("float attn_mask (supports bool masks)")
+    for feature in ("window", "alibi", "softcap", "dropout"):
+        if getattr(req, feature):
+            reasons.append(f"{feature} is not implemented in the CUDA C++ kernel")
+    return reasons
+
+
+# On GPU, Triton first: it is faster than the CUDA C++ kernel both ways on an H100; CUDA C++ serves when forced or
+# without Triton.
+dispatcher = Dispatcher("attention", [
+    Impl("cuda", _compiled("attention_fwd_cuda"), _compiled("attention_bwd_cuda"), ("cuda",),
+         (torch.float16, torch.bfloat16), _cuda_check),
+    Impl("triton", triton_op("attention", "attention_fwd"), triton_op("attention", "attention_bwd"), ("cuda",),
+         FLOATS, _triton_check),
+    Impl("cpu", _compiled("attention_fwd_cpu"), _compiled("attention_bwd_cpu"), ("cpu",),
+         FLOATS + (torch.float64,), _cpu_check),
+    Impl("reference", ref_fwd, ref_bwd, ("cpu", "cuda"), FLOATS + (torch.float64,)),
+], priority={"cuda": ("triton", "cuda", "reference")})
+
+
+def last_dim_unit(t: Optional[Tensor], broadcast_ok: bool = False) -> Optional[Tensor]:
+    """t with the unit last-dim stride every backend needs (a mask may also broadcast its last dim: stride 0)."""
+    if t is None or t.stride(-1) == 1 or t.shape[-1] <= 1 or (broadcast_ok and t.stride(-1) == 0):
+        return t
+    return t.contiguous()
+
+
+def select_backend(q, k, v, mask=None, alibi=None, p: Optional[AttnParams] = None, backend=None) -> str:
+    p = p or AttnParams(scale=1.0)
+    return dispatcher.select(request(q, k, v, mask, alibi, p), backend).backend
+
+
+def fwd(q, k, v, mask, alibi, p: AttnParams, backend: Optional[str]):
+    return dispatcher.select(request(q, k, v, mask, alibi, p), backend).fwd(q, k, v, mask, alibi, p)
+
+
+def bwd(dout, q, k, v, out, lse, mask, alibi, p: AttnParams, backend: Optional[str]):
+    impl = dispatcher.select(request(q, k, v, mask, alibi, p), backend)
+    return impl.bwd(dout, q, k, v, out, lse, mask, alibi, p)
+
+
+def dropout_mask(backend: str, p: AttnParams, B: int, H: int, L: int, S: int, device) -> Tensor:
+    """The (B, H, L, S) keep mask that backend draws for p (for tests: the kernels never materialize it)."""
+    if backend == "reference":
+        return ref_dropout_mask(p, B, H, L, S, device)
+    if backend == "triton":
+        from ...kernels import attention as k
+        return k.dropout_mask(p, B, H, L, S, device)
+    return getattr(_ext._C, f"attention_dropout_mask_{backend}")(B, H, L, S, p.dropout_p, p.seed, p.offset)
+
+
+# ---- custom ops ----------------------------------------------------------------------------------------------
+# What torch.compile traces (eager calls skip this layer: its dispatch costs microseconds). AttnParams travel as
+# their flat fields; backend "" is auto.
+_TENSORS_FWD = "Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? alibi"
+
+
+@torch.library.custom_op("fastattn::attention_fwd", mutates_args=(),
+                         schema=f"({_TENSORS_FWD}, {params_schema()}, str backend) -> (Tensor, Tensor)")
+def attention_fwd_op(q, k, v, mask, alibi, *flat_and_backend):
+    *flat, backend = flat_and_backend
+    out, lse = fwd(q, k, v, mask, alibi, AttnParams(*flat), backend or None)
+    return out, lse
+
+
+@attention_fwd_op.register_fake
+def _(q, k, v, mask, alibi, *args):
+    B, H, L, _ = q.shape
+    return q.new_empty(B, H, L, v.shape[-1]), q.new_empty(B, H, L, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastattn::attention_bwd", mutates_args=(),
+                         schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+                                f"Tensor? alibi, {params_schema()}, str backend) -> (Tensor, Tensor, Tensor)")
+def attention_bwd_op(dout, q, k, v, out, lse, mask, alibi, *flat_and_backend):
+    *flat, backend = flat_and_backend
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, mask, alibi, AttnParams(*flat), backend or None)
+    return dq, dk, dv
+
+
+@attention_bwd_op.register_fake
+def _(dout, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+

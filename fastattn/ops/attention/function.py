@@ -1,0 +1,90 @@
+"""The autograd.Functions of attention. Both support torch.func: vmap folds the vmapped dim into the batch (one
+kernel launch), and grad / jacrev / vjp run the backward through the custom op when its inputs are transformed."""
+from __future__ import annotations
+
+import torch
+
+from ..batching import fold, is_legacy_batched, is_transformed, unfold
+from .dispatch import attention_bwd_op, attention_fwd_op, bwd, fwd, last_dim_unit
+from .params import AttnParams
+
+
+class AttentionFunction(torch.autograd.Function):
+    """(out, lse) = attention(q, k, v, mask, alibi) on ``backend`` ("" = auto). The AttnParams come as their flat
+    fields: torch.compile traces plain scalars through an autograd.Function."""
+
+    @staticmethod
+    def forward(q, k, v, mask, alibi, backend: str, *flat):
+        if torch.compiler.is_compiling():
+            return attention_fwd_op(q, k, v, mask, alibi, *flat, backend)
+        return tuple(fwd(q, k, v, mask, alibi, AttnParams(*flat), backend or None))  # the C++ ops return lists
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, alibi, backend, *flat = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, mask, alibi)
+        ctx.flat, ctx.backend = tuple(flat), backend
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, mask, alibi = ctx.saved_tensors
+        args = (q, k, v, out, lse, mask, alibi, ctx.backend, *ctx.flat)
+        if torch.compiler.is_compiling() or is_legacy_batched(dout):  # torch.compile; gradcheck's batched grads
+            dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, mask, alibi, *ctx.flat, ctx.backend)
+        elif is_transformed(dout, q, k, v, out, lse, mask, alibi):  # torch.func
+            dq, dk, dv = AttentionBackward.apply(dout, *args)
+        else:
+            dq, dk, dv = AttentionBackward.forward(dout, *args)
+        return (dq, dk, dv, None, None, None) + (None,) * len(ctx.flat)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, mask, alibi, backend, *flat):
+        n = info.batch_size
+        q, k, v, mask, alibi = (fold(t, d, n) for t, d in zip((q, k, v, mask, alibi), in_dims))
+        q, k, v, mask = last_dim_unit(q), last_dim_unit(k), last_dim_unit(v), last_dim_unit(mask, True)
+        out, lse = AttentionFunction.apply(q, k, v, mask, alibi, backend, *flat)
+        return (unfold(out, n), unfold(lse, n)), (0, 0)
+
+
+class AttentionBackward(torch.autograd.Function):
+    """(dq, dk, dv) of AttentionFunction as a function of its own, so that torch.func can batch it (jacrev, per-sample
+    gradients) and run it on the unwrapped tensors; it has no derivative itself (no double backward)."""
+
+    @staticmethod
+    def forward(dout, q, k, v, out, lse, mask, alibi, backend: str, *flat):
+        dout = last_dim_unit(dout)
+        return tuple(bwd(dout, q, k, v, out, lse, mask, alibi, AttnParams(*flat), backend or None))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("fastattn attention: double backward (the gradient of the gradient) is not "
+                                  "implemented")
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        n = info.batch_size
+        tensors = [last_dim_unit(fold(t, d, n), i == 6) for i, (t, d) in enumerate(zip(args[:8], in_dims))]
+        return tuple(unfold(g, n) for g in AttentionBackward.apply(*tensors, *args[8:])), (0, 0, 0)
+
+
+class DroppedAttention(torch.autograd.Function):
+    """dropout_p = 1 drops every probability: out = 0 and every gradient 0, as in torch."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v):
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.like = [(t.shape, t.dtype, t.device) for t in inputs]
+
+    @staticmethod
+    def backward(ctx, dout):
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.like)

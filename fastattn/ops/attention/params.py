@@ -1,0 +1,68 @@
+"""What one attention call asks of a backend: its scalar parameters (AttnParams) and the hashable description that
+dispatch decides on (AttnRequest).
+
+AttnParams cross every boundary (the C++ bindings, the custom ops, the autograd.Function's saved state) as the flat
+tuple ``p.flat()`` and come back as ``AttnParams(*flat)``; the field order below is the order everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnParams:
+    scale: float
+    causal: bool = False
+    diag_offset: int = 0  # query i's diagonal is key i + diag_offset (0 top-left, S - L bottom-right)
+    window_left: int = -1  # keys j >= i + diag_offset - window_left take part (-1: no limit)
+    window_right: int = -1  # keys j <= i + diag_offset + window_right take part (-1: no limit)
+    softcap: float = 0.0
+    dropout_p: float = 0.0
+    seed: int = 0
+    offset: int = 0
+
+    def flat(self) -> tuple:
+        return dataclasses.astuple(self)
+
+    @property
+    def causal_align(self) -> Optional[str]:
+        """The causal alignment as the reference spells it (diag_offset is 0 or S - L, and S - L when not causal)."""
+        if not self.causal:
+            return None
+        return "top_left" if self.diag_offset == 0 else "bottom_right"
+
+
+_SCHEMA_TYPES = {"float": "float", "bool": "bool", "int": "SymInt"}  # what torch.library infers for each
+
+
+def params_schema() -> str:
+    """AttnParams' fields as custom-op schema arguments, in field order: 'float scale, bool causal, ...'."""
+    return ", ".join(f"{_SCHEMA_TYPES[str(f.type)]} {f.name}" for f in dataclasses.fields(AttnParams))
+
+
+class AttnRequest(NamedTuple):
+    device: str
+    dtype: torch.dtype
+    head_dim: int
+    head_dim_v: int
+    mask: Optional[str]  # None, "bool" or "float"
+    mask_grad: bool
+    gqa: bool
+    causal: bool
+    window: bool
+    alibi: bool
+    softcap: bool
+    dropout: bool
+
+
+def request(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi: Optional[Tensor],
+            p: AttnParams) -> AttnRequest:
+    return AttnRequest(q.device.type, q.dtype, q.shape[-1], v.shape[-1],
+                       None if mask is None else "bool" if mask.dtype == torch.bool else "float",
+                       mask is not None and mask.requires_grad, k.shape[1] != q.shape[1], p.causal,
+                       (p.window_left, p.window_right) != (-1, -1), alibi is not None, p.softcap > 0,
+                       p.dropout_p > 0)

@@ -1,0 +1,160 @@
+"""Argument checks of the public attention API and the translation of its inputs into the kernels' form: q, k, v as
+(B, H, L, E) views of the broadcast batch, masks as (B, H, L, S) strided views (broadcast dims have stride 0, never
+materialized). Errors name the argument and raise :class:`fastattn.ArgumentError` where torch raises RuntimeError."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ...errors import ArgumentError
+from .dispatch import FLOATS
+
+CAUSAL = (None, "top_left", "bottom_right")
+
+
+class Layout(NamedTuple):
+    """The broadcast shape of one call: out is (*lead, L, Ev); the kernels see (B, H, L, E) with B = prod(batch)."""
+    batch: Tuple[int, ...]  # leading dims of the output other than the heads
+    H: int
+    Hk: int
+    L: int
+    S: int
+
+    @property
+    def B(self) -> int:
+        return math.prod(self.batch)
+
+    @property
+    def lead(self) -> Tuple[int, ...]:
+        return (*self.batch, self.H) if self.H else self.batch
+
+
+def _broadcast(name: str, *shapes) -> Tuple[int, ...]:
+    try:
+        return tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        raise ArgumentError(f"{name}: batch dims {', '.join(str(tuple(s)) for s in shapes)} do not broadcast") \
+            from None
+
+
+def check_qkv(q, k, v, enable_gqa: bool) -> Layout:
+    """Checks query, key, value as torch's SDPA does and returns the broadcast layout: every dim but the last two
+    broadcasts; with enable_gqa the heads (dim -3) of key and value each divide the query's instead."""
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if t.dtype not in FLOATS + (torch.float64,):
+            raise ArgumentError(f"{name}: dtype {t.dtype} is not supported (float16, bfloat16, float32, float64)")
+        if t.dim() < 2:
+            raise ArgumentError(f"{name}: expected (..., seq_len, head_dim), at least 2 dims, got shape "
+                                f"{tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ArgumentError(f"query, key, value: dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ArgumentError(f"query, key, value: devices must match, got {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ArgumentError(f"key: head dim {k.shape[-1]} != query's {q.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ArgumentError(f"value: {v.shape[-2]} keys (shape {tuple(v.shape)}) != key's {k.shape[-2]} "
+                            f"(shape {tuple(k.shape)})")
+    L, S = q.shape[-2], k.shape[-2]
+    hq, hk, hv = (t.shape[-3] if t.dim() >= 3 else 1 for t in (q, k, v))
+    if enable_gqa and min(q.dim(), k.dim(), v.dim()) >= 3 and not hq == hk == hv:
+        if hq % hk or hq % hv:
+            raise ArgumentError(f"key, value: {hk} and {hv} heads must each divide the query's {hq} for "
+                                "grouped-query attention")
+        batch = _broadcast("query, key, value", q.shape[:-3], k.shape[:-3], v.shape[:-3])
+        return Layout(batch, hq, max(hk, hv), L, S)
+    lead = _broadcast("query, key, value" + ("" if enable_gqa else " (pass enable_gqa=True for grouped-query "
+                                                                     "attention)"),
+                      q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    return Layout(lead[:-1], lead[-1], lead[-1], L, S) if lead else Layout((), 0, 0, L, S)
+
+
+def as_bhld(t: Tensor, lay: Layout, heads: int) -> Tensor:
+    """t broadcast to (*batch, heads, seq, dim) and viewed as (B, heads, seq, dim) with a contiguous last dim: a view
+    unless two batch dims must be merged across a broadcast one. GQA with k and v head counts that differ (one
+    divides the other) repeats the smaller one's heads."""
+    if lay.H and t.dim() >= 3 and t.shape[-3] not in (1, heads):
+        t = t.repeat_interleave(heads // t.shape[-3], dim=-3)
+    t = t.expand(*lay.batch, max(heads, 1), *t.shape[-2:])
+    t = t.reshape(lay.B, max(heads, 1), *t.shape[-2:]) if t.dim() != 4 else t
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def causal_bias_alignment(attn_mask) -> Optional[str]:
+    """torch.nn.attention.bias.CausalBias -> its causal alignment ("top_left" or "bottom_right"), else None."""
+    try:
+        from torch.nn.attention.bias import CausalBias, CausalVariant
+    except ImportError:  # torch without causal biases
+        return None
+    if not isinstance(attn_mask, CausalBias):
+        return None
+    return "top_left" if attn_mask.variant == CausalVariant.UPPER_LEFT else "bottom_right"
+
+
+def _plain_tensor(name: str, t, q: Tensor) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if type(t) not in (Tensor, torch.nn.Parameter) and getattr(type(t), "__torch_function__", None) is not \
+            Tensor.__torch_function__:
+        # a subclass that overrides torch functions means something its memory does not say: never read it raw
+        raise ArgumentError(f"{name}: tensor subclass {type(t).__name__} is not supported as a mask; pass a plain "
+                            "bool or float tensor (torch.nn.attention.bias.CausalBias maps to causal=...)")
+    if t.dtype != torch.bool and not t.is_floating_point():
+        raise ArgumentError(f"{name}: dtype {t.dtype} must be bool or floating")
+    if t.device != q.device:
+        raise ArgumentError(f"{name}: on {t.device}, query on {q.device}")
+    return t
+
+
+def build_mask(attn_mask, key_padding_mask, q: Tensor, lay: Layout) -> Optional[Tensor]:
+    """attn_mask (bool: True = take part, or additive float; broadcastable to (*batch, H, L, S)) and key_padding_mask
+    (torch's meaning: bool True = padding, ignored; or float added; broadcastable to (*batch, S)) as one (B, H, L, S)
+    strided view, or None. The two are combined at their own broadcast shape, never at (B, H, L, S)."""
+    mask = None if attn_mask is None else _plain_tensor("attn_mask", attn_mask, q)
+    if key_padding_mask is not None:
+        kpm = _plain_tensor("key_padding_mask", key_padding_mask, q)
+        try:
+            torch.broadcast_shapes(kpm.shape, (*lay.batch, lay.S))
+        except RuntimeError:
+            raise ArgumentError(f"key_padding_mask: shape {tuple(kpm.shape)} does not broadcast to (batch, S) = "
+                                f"{(*lay.batch, lay.S)}") from None
+        kpm = kpm[..., None, None, :]  # (*batch, 1, 1, S)
+        if mask is None:
+            mask = ~kpm if kpm.dtype == torch.bool else kpm
+        elif mask.dtype == torch.bool and kpm.dtype == torch.bool:
+            mask = mask & ~kpm
+        elif kpm.dtype == torch.bool:
+            mask = mask.masked_fill(kpm, float("-inf"))
+        elif mask.dtype == torch.bool:
+            mask = kpm.masked_fill(~mask, float("-inf"))
+        else:
+            mask = mask + kpm
+    if mask is None:
+        return None
+    target = (*lay.lead, lay.L, lay.S)
+    try:
+        mask = mask.expand(target)
+    except RuntimeError:
+        what = "attn_mask" if key_padding_mask is None else "attn_mask with key_padding_mask"
+        raise ArgumentError(f"{what}: shape {tuple(mask.shape)} does not broadcast to {target}") from None
+    if mask.dim() != 4:
+        mask = mask.reshape(lay.B, max(lay.H, 1), lay.L, lay.S)
+    if mask.stride(-1) not in (0, 1):
+        mask = mask.contiguous()
+    return mask
+
+
+def as_float(name: str, v) -> float:
+    """A Python / numpy / 0-d tensor number as a float; anything else is refused naming the argument."""
+    try:
+        if not isinstance(v, (str, bytes)):
+            return float(v)
+    except (TypeError, ValueError, RuntimeError):
+        pass
+    raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
