@@ -235,14 +235,14 @@ def test_public_api_on_cuda_backend(C):
     g = torch.Generator(device=DEV).manual_seed(1)
     B, H, Hk, L, S, D = 2, 4, 2, 77, 130, 64
     q, k, v = (torch.randn(B, h, n, D, generator=g, device=DEV).half() for h, n in ((H, L), (Hk, S), (Hk, S)))
-    kpm = torch.rand(B, S, generator=g, device=DEV) > 0.2
+    kpm = torch.rand(B, S, generator=g, device=DEV) < 0.2  # torch's meaning: True = padding
     dout = torch.randn(B, H, L, D, generator=g, device=DEV).half()
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     with fastattn.backend("cuda"):
         out = fastattn.attention(*leaves, causal="bottom_right", key_padding_mask=kpm, enable_gqa=True)
         out.backward(dout)
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = attention_ref(*ref_leaves, kpm[:, None, None, :], causal="bottom_right")
+    ref = attention_ref(*ref_leaves, ~kpm[:, None, None, :], causal="bottom_right")
     ref.backward(dout.double())
     for name, a, e in zip(("out", "dq", "dk", "dv"), [out] + [t.grad for t in leaves],
                           [ref] + [t.grad for t in ref_leaves]):
