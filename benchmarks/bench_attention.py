@@ -21,7 +21,8 @@ HEAD_DIMS = [64, 128]
 DTYPE = torch.bfloat16 if GPU else torch.float32
 MODEL_DIM = 2048 if GPU else 512  # H = MODEL_DIM // D
 CALLS, ROUNDS = (5, 10) if GPU else (1, 5)
-TORCH_IMPLS = (["torch-flash", "torch-efficient", "torch-cudnn"] + ([] if SUITE else ["torch-math"])) if GPU else ["torch"]
+TORCH_IMPLS = ((["torch-flash", "torch-efficient", "torch-cudnn"] + ([] if SUITE else ["torch-math"])) if GPU
+               else ["torch"])
 IMPLS = TORCH_IMPLS + [b for b in available_backends() if b in (("cuda", "triton") if GPU else ("cpu",))]
 
 

@@ -6,7 +6,6 @@ kernel launch) and replayed from a CUDA graph (GPU time alone, as graph-captured
 torch and fastattn; the graph rows carry "-graph" in their direction."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastattn
 from fastattn.backends import available_backends

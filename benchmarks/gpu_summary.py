@@ -9,7 +9,6 @@ import xml.etree.ElementTree as ET
 import torch
 
 
-
 def copy_bandwidth_gbs() -> float:
     """Device-to-device copy of 1 GiB, counting bytes read + written (median of do_bench)."""
     from triton.testing import do_bench

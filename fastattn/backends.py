@@ -167,7 +167,7 @@ class Dispatcher:
     def select(self, req, forced: Optional[str] = None) -> Impl:
         return self._select(req, forced if forced is not None else forced_backend())
 
-    @functools.lru_cache(maxsize=1024)
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 (the cache keeps self alive: dispatchers live as long as fastattn)
     def _select(self, req, forced: Optional[str]) -> Impl:
         if forced is not None:
             impl = self.impls.get(forced)

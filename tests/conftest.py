@@ -11,7 +11,6 @@ if not torch.cuda.is_available():
 # test's shape would cost minutes of tuning runs.
 os.environ.setdefault("FASTATTN_AUTOTUNE", "0")
 
-import fastattn  # noqa: E402
 from fastattn.backends import unavailable_reason  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()

@@ -184,12 +184,14 @@ def test_contract_matches_reference_backend(backend_name):
     f_ref = ref.fwd(x, r, w, b, 1e-5, False, True, True)
     f_our = ours.fwd(x, r, w, b, 1e-5, False, True, True)
     for name, a, e in zip(["y", "s", "mean", "rstd"], f_our, f_ref):
-        assert a.dtype == e.dtype and a.shape == e.shape, f"{name}: {a.dtype}{tuple(a.shape)} vs {e.dtype}{tuple(e.shape)}"
+        assert a.dtype == e.dtype and a.shape == e.shape, \
+            f"{name}: {a.dtype}{tuple(a.shape)} vs {e.dtype}{tuple(e.shape)}"
         torch.testing.assert_close(a, e, atol=2e-3, rtol=2e-3, msg=lambda m: f"{name}: {m}")
     b_ref = ref.bwd(dy, f_ref[1], f_ref[2], f_ref[3], w, ds, True, False, True)
     b_our = ours.bwd(dy, f_ref[1], f_ref[2], f_ref[3], w, ds, True, False, True)
     for name, a, e in zip(["dx", "dres", "dweight", "dbias"], b_our, b_ref):
-        assert a.dtype == e.dtype and a.shape == e.shape, f"{name}: {a.dtype}{tuple(a.shape)} vs {e.dtype}{tuple(e.shape)}"
+        assert a.dtype == e.dtype and a.shape == e.shape, \
+            f"{name}: {a.dtype}{tuple(a.shape)} vs {e.dtype}{tuple(e.shape)}"
         torch.testing.assert_close(a, e, atol=5e-3, rtol=5e-3, msg=lambda m: f"{name}: {m}")
 
 
@@ -222,7 +224,8 @@ def test_cpu_env_path(env):
         pytest.skip(unavailable_reason("cpu"))
     env = dict(os.environ, **env)
     here = os.path.dirname(__file__)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_add_norm.py"),
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        os.path.join(here, "test_add_norm.py"),
                         "-k", "cpu and (res-w-b or fp32res or plain) and not env_path"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

@@ -249,7 +249,7 @@ def test_qat_recovers_accuracy():
     loss_ptq = F.mse_loss(ptq(x), y).item()
     student = fastattn.prepare_qat(copy.deepcopy(teacher))
     opt = torch.optim.Adam(student.parameters(), lr=3e-5)
-    for step in range(300):  # full batch: seeds 0-2 give 0.57-0.62 x the PTQ loss
+    for _ in range(300):  # full batch: seeds 0-2 give 0.57-0.62 x the PTQ loss
         loss = F.mse_loss(student(x), y)
         opt.zero_grad()
         loss.backward()

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import fastattn
 from fastattn import nn as fnn
 
 

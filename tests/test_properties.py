@@ -1,5 +1,4 @@
 """Property tests: any leading shape and width, with and without each optional input, on the default backend."""
-import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
