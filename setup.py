@@ -144,7 +144,7 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["fastattn", "fastattn.nn", "fastattn.ops", "fastattn.kernels"],
+    packages=["fastattn", "fastattn.nn", "fastattn.ops", "fastattn.ops.attention", "fastattn.kernels"],
     package_dir={"fastattn.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

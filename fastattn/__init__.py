@@ -5,6 +5,7 @@ Each op runs on one of four backends: ``cuda`` (CUDA C++), ``triton``, ``cpu`` (
 the ``FASTATTN_BACKEND`` environment variable forces one.
 """
 from .backends import BackendNotSupported, available_backends, backend
+from .errors import ArgumentError
 from .info import build_info
 from .ops.add_norm import add_layer_norm, add_rms_norm
 from .ops.attention import attention, scaled_dot_product_attention
@@ -14,5 +15,5 @@ from .quantization import convert_qat, prepare_qat, quantize  # noqa: E402
 from .version import __version__ as __version__
 
 __all__ = ["add_layer_norm", "add_rms_norm", "attention", "scaled_dot_product_attention", "available_backends",
-           "backend", "build_info", "int8_matmul", "quantize_per_token", "quantize_per_channel", "w8a16_matmul",
+           "backend", "ArgumentError", "build_info", "int8_matmul", "quantize_per_token", "quantize_per_channel", "w8a16_matmul",
            "quantize", "prepare_qat", "convert_qat", "BackendNotSupported", "nn"]
