@@ -15,5 +15,5 @@ from .quantization import convert_qat, prepare_qat, quantize  # noqa: E402
 from .version import __version__ as __version__
 
 __all__ = ["add_layer_norm", "add_rms_norm", "attention", "scaled_dot_product_attention", "available_backends",
-           "backend", "ArgumentError", "build_info", "int8_matmul", "quantize_per_token", "quantize_per_channel", "w8a16_matmul",
-           "quantize", "prepare_qat", "convert_qat", "BackendNotSupported", "nn"]
+           "backend", "ArgumentError", "build_info", "int8_matmul", "quantize_per_token", "quantize_per_channel",
+           "w8a16_matmul", "quantize", "prepare_qat", "convert_qat", "BackendNotSupported", "nn"]
