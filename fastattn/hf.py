@@ -1,0 +1,233 @@
+"""HF transformers integration: ``attn_implementation="fastattn"``.
+
+``fastattn.hf.register()`` adds "fastattn" to transformers' ``AttentionInterface`` (the attention function) and, where
+the installed transformers has it, to ``masking_utils.AttentionMaskInterface`` (the mask builder). Then
+
+    model = AutoModel.from_pretrained(path, attn_implementation="fastattn")    # or model.set_attn_implementation(...)
+
+runs every attention layer on ``fastattn.attention``. transformers is optional: this module imports it only inside
+``register()`` and the mask builder.
+
+How the two halves talk. The mask builder recognises transformers' plain patterns (causal, sliding-window causal,
+bidirectional, each with padding) and hands the attention function only what the kernel cannot work out itself:
+- causal / sliding window: the 2-D padding mask (B, S) bool (True = a real key), or None when nothing is padded.
+  The kernel applies causality aligned bottom-right (query i of L sits at key i + S - L: prefill, and a decode step
+  of L = 1 that sees every key) and the window ``sliding_window`` passed by the layer (HF: key j is seen by query i
+  when i - sliding_window < j <= i, i.e. ``window=(sliding_window - 1, 0)``). When the layer's cache is longer than
+  the keys seen so far (a static cache), the 2-D mask stops at the last key seen and the function drops the keys
+  after it, so the bottom-right alignment holds.
+- bidirectional: None, or a (B, 1, 1, S) view of the padding mask, read by the kernel through its strides.
+Any other pattern (packed sequences, block / chunked / custom mask functions, or a caller that asks for a full mask)
+is built by transformers' own ``sdpa_mask`` as a (B, 1, L, S) bool tensor, logged at debug level. The attention
+function accepts every mask transformers may pass (None, 2-D, 4-D bool or additive float), derives ``is_causal`` as
+transformers' SDPA integration does (the call's ``is_causal``, else ``module.is_causal``; a materialised mask
+already holds causality and windows), reads GQA from the key's head count, and passes ``scaling``, ``dropout``,
+``softcap`` and ``position_bias`` (as an additive mask) to the kernel.
+
+Differences from ``attn_implementation="eager"``: a query row whose keys are all masked (a left-padding position
+under a causal mask) gives 0 where eager averages the masked keys; those positions are padding, and no real token
+attends to them. ``output_attentions=True`` returns None weights (as "sdpa" does), with a warning. Attention sinks
+(``s_aux`` / ``sinks``) run on the kernel through its log-sum-exp (out * sigmoid(lse - sink)) when no gradient is
+needed; with gradients the layer runs its model's own eager function instead, with a warning.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import sys
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .ops.attention import attention
+
+log = logging.getLogger("fastattn")
+
+NAME = "fastattn"
+_said = set()
+
+
+def _once(level: int, key: str, msg: str, *args) -> None:
+    if key not in _said:
+        _said.add(key)
+        log.log(level, msg, *args)
+
+
+def register() -> str:
+    """Register "fastattn" with transformers' AttentionInterface and (when it exists) AttentionMaskInterface.
+    Returns the name to pass as ``attn_implementation``. Raises ImportError without transformers."""
+    _installed_kernels_package()
+    try:
+        from transformers import AttentionInterface
+    except ImportError as e:
+        raise ImportError("fastattn.hf.register() needs HF transformers (pip install transformers, or "
+                          "pip install fastattn[test]); it is an optional dependency of fastattn") from e
+    AttentionInterface.register(NAME, attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        log.debug("fastattn.hf: this transformers has no AttentionMaskInterface: models build their own masks")
+    else:
+        AttentionMaskInterface.register(NAME, mask_forward)
+    return NAME
+
+
+def _installed_kernels_package() -> None:
+    """transformers imports the ``kernels`` package (HF's hub kernels) when it is installed. Python started in a
+    fastattn checkout (``python -m pytest`` puts the folder first on sys.path) would find fastattn's Triton sources
+    folder ``kernels/`` under that name instead, and every model load would fail: import the installed package
+    first, once, with the checkout's folder off the path."""
+    if "kernels" in sys.modules:
+        return
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(ours, "kernels", "attention.py")):
+        return  # an installed fastattn: its kernels live in fastattn/kernels
+    path = list(sys.path)
+    sys.path[:] = [p for p in path if os.path.abspath(p or os.curdir) != ours]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:
+        pass
+    finally:
+        sys.path[:] = path
+
+
+# ---- the attention function ----------------------------------------------------------------------------------
+def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Optional[Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                      is_causal: Optional[bool] = None, **kwargs) -> Tuple[Tensor, None]:
+    """transformers' attention-function contract: query (B, H, L, E), key/value (B, Hk, S, E|Ev) ->
+    (out (B, L, H, Ev), None)."""
+    if kwargs.get("output_attentions", False):
+        _once(logging.WARNING, "output_attentions", "fastattn.hf: output_attentions=True is not supported by "
+              "attn_implementation='fastattn' (the kernel never forms the weights); returning None weights. Use "
+              "'eager' to get them")
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        sinks = kwargs.get("sinks")
+    if sinks is not None and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (query, key, value, sinks)):
+        return _eager_fallback(module, "attention sinks with gradients (the kernel's log-sum-exp carries none)",
+                               query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal, window, attn_mask = None, (-1, -1), attention_mask
+    if attention_mask is None or attention_mask.dim() == 2:
+        if attention_mask is not None:  # (B, S') padding, True / 1 = a real key; S' < S: keys past S' not seen yet
+            n = attention_mask.shape[-1]
+            if n > key.shape[2]:
+                raise ValueError(f"attention_mask: 2-D padding mask over {n} keys, but the layer has {key.shape[2]}")
+            if n < key.shape[2]:
+                key, value = key[:, :, :n], value[:, :, :n]
+            attn_mask = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, S): a view, never expanded
+        if is_causal:
+            causal = "bottom_right"
+            sliding_window = kwargs.get("sliding_window")
+            if sliding_window is not None:
+                window = (int(sliding_window) - 1, 0)
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        attn_mask = _with_position_bias(attn_mask, position_bias[..., :key.shape[2]])
+    softcap = kwargs.get("softcap")
+    out = attention(query, key, value, causal=causal, attn_mask=attn_mask, dropout_p=dropout, scale=scaling,
+                    window=window, softcap=0.0 if softcap is None else softcap, return_lse=sinks is not None,
+                    enable_gqa=True)
+    if sinks is not None:  # softmax over the keys plus one sink logit per head: out * Z / (Z + exp(sink))
+        out, lse = out
+        out = out * torch.sigmoid(lse - sinks.to(torch.float32).view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
+    return out.transpose(1, 2).contiguous(), None  # (B, L, H, Ev)
+
+
+def _with_position_bias(attn_mask: Optional[Tensor], position_bias: Tensor) -> Tensor:
+    """An additive bias (T5-style) with the mask folded in: a bool mask becomes -inf where it is False."""
+    if attn_mask is None:
+        return position_bias
+    if attn_mask.dtype == torch.bool:
+        return position_bias.masked_fill(~attn_mask, float("-inf"))
+    return position_bias + attn_mask
+
+
+def _eager_fallback(module, why: str, *args, **kwargs):
+    """Run the layer on its own model file's eager_attention_forward, saying so once per model class."""
+    eager: Optional[Callable] = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(f"fastattn.hf: {type(module).__name__} needs {why}, which the kernel cannot do, "
+                                  f"and its model file has no eager_attention_forward to fall back to")
+    _once(logging.WARNING, f"eager:{type(module).__qualname__}:{why}",
+          "fastattn.hf: %s runs on its model's eager attention: %s", type(module).__name__, why)
+    query, key, value, attention_mask, dropout, scaling, is_causal = args
+    if is_causal is not None:
+        kwargs["is_causal"] = is_causal
+    return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+# ---- the mask builder ------------------------------------------------------------------------------------------
+def _closure(fn) -> dict:
+    try:
+        return inspect.getclosurevars(fn).nonlocals
+    except (TypeError, ValueError):
+        return {}
+
+
+def _pattern(mask_function, local_size) -> Optional[str]:
+    """"causal", "sliding" (causal within local_size) or "bidirectional" when mask_function is exactly one of
+    transformers' plain patterns, else None. The sliding pattern is a closure: recognised by its code objects."""
+    from transformers import masking_utils as mu
+    if mask_function is mu.causal_mask_function:
+        return "causal"
+    if mask_function is mu.bidirectional_mask_function:
+        return "bidirectional"
+    and_code = mu.and_masks(mu.causal_mask_function).__code__
+    if local_size is None or getattr(mask_function, "__code__", None) is not and_code:
+        return None
+    parts = _closure(mask_function).get("mask_functions", ())
+    if len(parts) != 2 or parts[1] is not mu.causal_mask_function:
+        return None
+    overlay = parts[0]
+    if getattr(overlay, "__code__", None) is not mu.sliding_window_overlay(1).__code__:
+        return None
+    return "sliding" if _closure(overlay).get("sliding_window") == local_size else None
+
+
+def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                 mask_function: Optional[Callable] = None, attention_mask: Optional[Tensor] = None,
+                 local_size: Optional[int] = None, allow_is_causal_skip: bool = True,
+                 allow_is_bidirectional_skip: bool = False, use_vmap: bool = False, device="cpu", **kwargs):
+    """transformers' mask-interface contract (see ``masking_utils.sdpa_mask``), answered as the module docstring
+    says: None, a 2-D padding mask, a (B, 1, 1, S) view, or a materialised (B, 1, L, S) bool mask."""
+    from transformers import masking_utils as mu
+    if mask_function is None:
+        mask_function = mu.causal_mask_function
+    pattern = _pattern(mask_function, local_size)
+    why = None
+    if pattern is None:
+        why = "a mask function other than causal, sliding-window causal or bidirectional"
+    elif pattern != "bidirectional" and not allow_is_causal_skip:
+        why = "the caller asked for a full causal mask"
+    elif pattern == "bidirectional" and not allow_is_bidirectional_skip:
+        why = "the caller asked for a full bidirectional mask"
+    elif mu.is_torchdynamo_exporting() or any(isinstance(t, Tensor) and mu.is_tracing(t)
+                                              for t in (attention_mask, q_offset)):
+        why = "tracing (the mask's values and offsets cannot be read)"
+    if why is None:
+        padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)  # (B, >= kv_offset + kv_length)
+        if pattern == "bidirectional":
+            if padding is None:
+                return None
+            padding = padding[:, kv_offset:kv_offset + kv_length]
+            return None if mu.fast_all(padding) else padding[:, None, None, :]
+        seen = int(q_offset) - kv_offset + q_length  # keys up to the last query; the rest of a static cache is future
+        if q_length <= seen <= kv_length:
+            if padding is None:
+                return None if seen == kv_length else torch.ones(batch_size, seen, dtype=torch.bool, device=device)
+            padding = padding[:, kv_offset:kv_offset + seen]
+            return None if seen == kv_length and mu.fast_all(padding) else padding
+        why = "the query and key offsets do not place the queries within the keys"
+    _once(logging.DEBUG, f"mask:{why}", "fastattn.hf: building a full (B, 1, L, S) mask: %s", why)
+    return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                        local_size=local_size, allow_is_causal_skip=False,
+                        allow_is_bidirectional_skip=allow_is_bidirectional_skip, use_vmap=use_vmap, device=device,
+                        **kwargs)

@@ -1,0 +1,230 @@
+"""HF transformers with attn_implementation="fastattn": small randomly initialised BERT, GPT-2, Llama (GQA), Mistral
+(sliding window, MQA) and Gemma-2 (softcap, alternating sliding / full layers) saved locally, against "eager" on the
+same weights (fp32 on CPU; error bounded by eager's own fp32 error against eager in float64), with left and right
+padding, on the reference, cpu and triton backends; greedy generation (dynamic and static KV caches) token for
+token; the masks the kernel receives are never expanded to (B, H, L, S). Skipped without transformers."""
+import logging
+import sys
+
+import pytest
+import torch
+
+import fastattn
+import fastattn.hf as fhf
+from conftest import assert_bounded
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64)
+
+
+def _configs():
+    t = transformers
+    return {
+        "bert": (t.BertModel, t.BertConfig(vocab_size=VOCAB, hidden_dropout_prob=0.0,
+                                           attention_probs_dropout_prob=0.0, **SMALL)),
+        "gpt2": (t.GPT2LMHeadModel, t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+        "llama": (t.LlamaForCausalLM, t.LlamaConfig(vocab_size=VOCAB, num_key_value_heads=2, **SMALL)),
+        "mistral": (t.MistralForCausalLM, t.MistralConfig(vocab_size=VOCAB, num_key_value_heads=1, sliding_window=4,
+                                                          **SMALL)),
+        "gemma2": (t.Gemma2ForCausalLM, t.Gemma2Config(vocab_size=VOCAB, num_key_value_heads=2, head_dim=8,
+                                                       sliding_window=4, attn_logit_softcapping=1.5,
+                                                       query_pre_attn_scalar=8, **SMALL)),
+    }
+
+
+ARCHS = ["bert", "gpt2", "llama", "mistral", "gemma2"]
+# The float64 reference: "sdpa" (torch's attention in float64). Eager's softmax runs in float32, where its float64
+# mask minimum is -inf: a fully masked row (left padding under a causal mask) turns NaN and spreads through 0 * NaN.
+# Gemma-2's softcap has only eager: its left-padded row is left out of the comparison (and no right-padded query
+# may lose all its keys to the sliding window).
+REF64 = {"gemma2": "eager"}
+DECODERS = ["gpt2", "llama", "mistral", "gemma2"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Each architecture's random weights, saved once (no hub): arch -> (model class, path)."""
+    fhf.register()
+    out = {}
+    for arch, (cls, cfg) in _configs().items():
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(arch)
+        cls(cfg).save_pretrained(path)
+        out[arch] = (cls, path)
+    return out
+
+
+def load(saved, arch, impl, dtype=torch.float32):
+    cls, path = saved[arch]
+    return cls.from_pretrained(path, attn_implementation=impl, dtype=dtype).eval()
+
+
+def batch(L=11):
+    """Three rows: left-padded (4 pads), right-padded (3 pads: fewer than the sliding window), full."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (3, L), generator=g)
+    mask = torch.ones(3, L, dtype=torch.long)
+    mask[0, :4] = 0
+    mask[1, -3:] = 0
+    return ids, mask
+
+
+def hidden(model, ids, mask):
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits
+
+
+class Spy:
+    """Records what fastattn.hf hands the kernel: (q shape, k shape, attn_mask, causal, window)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = fhf.attention
+
+        def spy(q, k, v, **kw):
+            self.calls.append((tuple(q.shape), tuple(k.shape), kw.get("attn_mask"), kw.get("causal"),
+                               tuple(kw.get("window", (-1, -1)))))
+            return real(q, k, v, **kw)
+        monkeypatch.setattr(fhf, "attention", spy)
+
+    def assert_masks_not_expanded(self):
+        assert self.calls
+        for q_shape, _, mask, _, _ in self.calls:
+            if mask is not None:  # (B, 1, 1, S) views of the padding mask: nothing per query or head in memory
+                assert mask.shape[1] == 1 and (mask.shape[2] == 1 or mask.stride(2) == 0), (q_shape, mask.shape)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpu", "triton"], indirect=True)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_matches_eager(saved, arch, backend_name, monkeypatch):
+    if backend_name == "triton" and arch not in ("llama", "mistral"):
+        pytest.skip("Triton runs through its interpreter on CPU: the GQA and sliding-window models cover it")
+    ids, mask = batch()
+    ref = hidden(load(saved, arch, REF64.get(arch, "sdpa"), torch.float64), ids, mask)
+    eager = hidden(load(saved, arch, "eager"), ids, mask)
+    model = load(saved, arch, "fastattn")
+    assert model.config._attn_implementation == "fastattn"
+    spy = Spy(monkeypatch)
+    with fastattn.backend(backend_name):
+        out = hidden(model, ids, mask)
+    spy.assert_masks_not_expanded()
+    causal = {c[3] for c in spy.calls}
+    assert causal == ({None} if arch == "bert" else {"bottom_right"})
+    if arch in ("mistral", "gemma2"):
+        assert (3, 0) in {c[4] for c in spy.calls}  # HF's sliding_window=4: the key itself and 3 before it
+    # a left-padding query under a causal mask has no key: 0 here, eager averages the masked keys; compare real tokens
+    keep = mask.bool() if arch != "bert" else torch.ones_like(mask, dtype=torch.bool)
+    if REF64.get(arch) == "eager":
+        keep[0] = False  # float64 eager's NaN in the left-padded row
+    assert_bounded(f"{arch} {backend_name}", out[keep], ref[keep], eager[keep], torch.float32)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_generate_matches_eager(saved, arch, monkeypatch):
+    ids, mask = batch(L=7)
+    mask = torch.ones_like(mask)  # generation pads on the left
+    mask[0, :3] = 0
+    mask[1, :1] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = load(saved, arch, "eager").generate(ids, **kw)
+    spy = Spy(monkeypatch)
+    got = load(saved, arch, "fastattn").generate(ids, **kw)
+    assert got.tolist() == want.tolist()
+    spy.assert_masks_not_expanded()
+    decode = [c for c in spy.calls if c[0][2] == 1]
+    assert decode and all(c[1][2] > 1 for c in decode)  # one query against the cached keys
+    if arch == "mistral":  # the sliding-window cache keeps window - 1 past keys (a key offset): 4 keys per step
+        assert {c[1][2] for c in decode} == {4}
+
+
+def test_generate_static_cache(saved, monkeypatch):
+    """A static cache is longer than the keys seen: the 2-D mask stops at the last one, and the keys after it are
+    dropped so that the causal diagonal stays bottom-right."""
+    ids, mask = batch(L=7)
+    mask = torch.ones_like(mask)
+    mask[0, :2] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = load(saved, "llama", "eager").generate(ids, **kw)
+    spy = Spy(monkeypatch)
+    got = load(saved, "llama", "fastattn").generate(ids, cache_implementation="static", **kw)
+    assert got.tolist() == want.tolist()
+    prefill = [c for c in spy.calls if c[0][2] == 7]
+    assert prefill and all(c[1][2] == 7 for c in prefill)  # the cache holds more, the kernel saw the 7 keys
+
+
+def test_set_attn_implementation_and_packed_fallback(saved, monkeypatch, caplog):
+    """set_attn_implementation switches a loaded model; packed sequences (position_ids restarting, no attention
+    mask) are a pattern the kernel cannot read from flags: transformers builds the full mask, and the log says so."""
+    model = load(saved, "llama", "eager")
+    ids = torch.randint(1, VOCAB, (1, 10), generator=torch.Generator().manual_seed(2))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        want64 = load(saved, "llama", "eager", torch.float64)(input_ids=ids, position_ids=pos, use_cache=False).logits
+        want = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        model.set_attn_implementation("fastattn")
+        spy = Spy(monkeypatch)
+        fhf._said.clear()
+        with caplog.at_level(logging.DEBUG, logger="fastattn"):
+            got = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    assert any("building a full (B, 1, L, S) mask" in r.getMessage() for r in caplog.records)
+    assert spy.calls[0][2].shape == (1, 1, 10, 10) and spy.calls[0][3] is None
+    assert_bounded("llama packed", got, want64, want, torch.float32)
+
+
+def test_attention_sinks(caplog):
+    """gpt-oss style sinks (an extra logit per head in the softmax) through the kernel's log-sum-exp, against
+    transformers' own eager implementation; with gradients the layer falls back to its eager function, logged."""
+    from transformers.models.gpt_oss import modeling_gpt_oss as oss
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups, is_causal = 2, True
+
+        def __init__(self, sinks):
+            super().__init__()
+            self.sinks = torch.nn.Parameter(sinks)
+    Attn.__module__ = oss.__name__  # its model file: where the eager fallback is looked up
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, 6, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    sinks = torch.randn(4, generator=g, dtype=torch.float64)
+    causal = torch.full((6, 6), float("-inf"), dtype=torch.float64).triu(1)[None, None]
+
+    def eager(dtype):
+        mod = Attn(sinks.to(dtype)).eval()
+        return oss.eager_attention_forward(mod, q.to(dtype), k.to(dtype), v.to(dtype), causal.to(dtype),
+                                           scaling=8 ** -0.5)[0]
+    ref, want = eager(torch.float64), eager(torch.float32)
+    mod = Attn(sinks.float()).eval()
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    with torch.no_grad():
+        got, w = fhf.attention_forward(mod, q32, k32, v32, None, scaling=8 ** -0.5, s_aux=mod.sinks)
+    assert w is None
+    assert_bounded("sinks", got, ref, want, torch.float32)
+    q32.requires_grad_(True)
+    fhf._said.clear()
+    with caplog.at_level(logging.WARNING, logger="fastattn"):
+        got, _ = fhf.attention_forward(mod, q32, k32, v32, causal.float(), scaling=8 ** -0.5, s_aux=mod.sinks)
+    assert torch.equal(got, want) and got.requires_grad  # the eager function itself
+    assert any("runs on its model's eager attention" in r.getMessage() for r in caplog.records)
+
+
+def test_output_attentions_warns(saved, caplog):
+    ids, mask = batch()
+    model = load(saved, "llama", "fastattn")
+    fhf._said.clear()
+    with caplog.at_level(logging.WARNING, logger="fastattn"), torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert all(a is None for a in out.attentions)
+    assert any("output_attentions=True is not supported" in r.getMessage() for r in caplog.records)
+
+
+def test_register_without_transformers(monkeypatch):
+    for name in [n for n in sys.modules if n == "transformers" or n.startswith("transformers.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(ImportError, match="needs HF transformers"):
+        fhf.register()
