@@ -87,7 +87,7 @@ def _extensions():
         from torch.utils import cpp_extension
     except ImportError:
         warnings.warn("torch is not importable at build time: building without the C++/CUDA extension "
-                      "(install with --no-build-isolation to build it)")
+                      "(install with --no-build-isolation to build it)", stacklevel=2)
         return [], {}
 
     cpu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
@@ -102,9 +102,9 @@ def _extensions():
         cuda_home = _find_cuda_home()
         if torch.version.cuda is None:
             warnings.warn("torch is a CPU-only build: skipping the CUDA ops (cpp_extension cannot compile .cu "
-                          "files against it)")
+                          "files against it)", stacklevel=2)
         elif cuda_home is None:
-            warnings.warn("nvcc not found: skipping the CUDA ops (set CUDA_HOME to build them)")
+            warnings.warn("nvcc not found: skipping the CUDA ops (set CUDA_HOME to build them)", stacklevel=2)
         else:
             os.environ["CUDA_HOME"] = cuda_home
             cpp_extension.CUDA_HOME = cuda_home
@@ -134,7 +134,7 @@ def _extensions():
 try:
     ext_modules, cmdclass = _extensions()
 except Exception as e:  # never fail the install for the optional extension's set-up
-    warnings.warn(f"fastattn: not building the C++/CUDA extension: {e}")
+    warnings.warn(f"fastattn: not building the C++/CUDA extension: {e}", stacklevel=1)
     ext_modules, cmdclass = [], {}
 
 setup(

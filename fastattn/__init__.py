@@ -4,7 +4,6 @@ Each op runs on one of four backends: ``cuda`` (CUDA C++), ``triton``, ``cpu`` (
 (pure PyTorch). Auto mode picks the fastest one that supports the inputs; ``with fastattn.backend("triton"):`` or
 the ``FASTATTN_BACKEND`` environment variable forces one.
 """
-from ._ext import has_cpp as _has_cpp
 from .backends import BackendNotSupported, available_backends, backend
 from .errors import ArgumentError
 from .info import build_info
@@ -17,5 +16,5 @@ from . import hf  # noqa: E402  (transformers is imported only by fastattn.hf.re
 from .version import __version__ as __version__
 
 __all__ = ["add_layer_norm", "add_rms_norm", "attention", "scaled_dot_product_attention", "available_backends",
-           "backend", "ArgumentError", "build_info", "int8_matmul", "quantize_per_token", "quantize_per_channel", "w8a16_matmul",
-           "quantize", "prepare_qat", "convert_qat", "BackendNotSupported", "nn", "hf"]
+           "backend", "ArgumentError", "build_info", "int8_matmul", "quantize_per_token", "quantize_per_channel",
+           "w8a16_matmul", "quantize", "prepare_qat", "convert_qat", "BackendNotSupported", "nn", "hf"]
