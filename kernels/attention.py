@@ -533,7 +533,7 @@ def attention_fwd(q, k, v, mask, alibi, p):
 def attention_bwd(dout, q, k, v, out, lse, mask, alibi, p):
     """Gradients of the forward above: dq (B, H, L, E), dk (B, Hk, S, E), dv (B, Hk, S, EV)."""
     (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, scalars, flags = _common(q, k, v, mask, alibi, p)
-    q, k, v, dout, out = (t.contiguous() for t in (q, k, v, dout, out))
+    q, k, v, dout, out, lse = (t.contiguous() for t in (q, k, v, dout, out, lse))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if L == 0 or S == 0 or B * H == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()

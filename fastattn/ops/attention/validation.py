@@ -100,8 +100,8 @@ def causal_bias_alignment(attn_mask) -> Optional[str]:
 def _plain_tensor(name: str, t, q: Tensor) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if type(t) not in (Tensor, torch.nn.Parameter) and getattr(type(t), "__torch_function__", None) is not \
-            Tensor.__torch_function__:
+    override = getattr(type(t).__torch_function__, "__func__", type(t).__torch_function__)
+    if override not in (Tensor.__torch_function__.__func__, torch._C._disabled_torch_function_impl):
         # a subclass that overrides torch functions means something its memory does not say: never read it raw
         raise ArgumentError(f"{name}: tensor subclass {type(t).__name__} is not supported as a mask; pass a plain "
                             "bool or float tensor (torch.nn.attention.bias.CausalBias maps to causal=...)")
