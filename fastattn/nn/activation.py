@@ -1,0 +1,299 @@
+"""MultiheadAttention on fastattn's fused attention: torch.nn.MultiheadAttention's constructor, forward, parameters
+and state_dict keys (it subclasses it), with the attention itself in one fused kernel call.
+
+torch's masks say True = "masked out" (attn_mask, key_padding_mask); the kernel's bool masks say True = "takes
+part". The translation happens once, in :func:`kernel_mask`, which also keeps a key padding mask at (B, 1, 1, S)
+(or (B, 1, L, S) merged with a 2-D attn_mask): the kernel reads masks through their strides, never expanded.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..backends import forced_backend_name
+from ..ops import attention as _attn_ops
+from ..ops.attention import attention
+
+
+# ---- argument checks: torch's exception types (AssertionError / RuntimeError), clearer messages ----------------
+def _fail(exc, msg: str):
+    raise exc(f"MultiheadAttention: {msg}")
+
+
+def _check_mask_dtype(name: str, mask: Optional[Tensor]) -> None:
+    if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+        _fail(AssertionError, f"{name} must be bool (True = masked out) or floating (added to the scores), got "
+                              f"dtype {mask.dtype}")
+
+
+def check_inputs(mha: "nn.MultiheadAttention", query: Tensor, key: Tensor, value: Tensor,
+                 key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor]) -> bool:
+    """Validates shapes the way torch's multi_head_attention_forward does; returns whether the input is batched."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            _fail(TypeError, f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.is_nested:
+            _fail(AssertionError, f"{name} is a NestedTensor: pass a padded tensor and a key_padding_mask")
+    _check_mask_dtype("key_padding_mask", key_padding_mask)
+    _check_mask_dtype("attn_mask", attn_mask)
+    if query.dim() not in (2, 3):
+        _fail(AssertionError, f"query must be 2-D (unbatched) or 3-D (batched), got {query.dim()}-D")
+    batched = query.dim() == 3
+    if key.dim() != query.dim() or value.dim() != query.dim():
+        _fail(AssertionError, f"for a {query.dim()}-D query, key and value must be {query.dim()}-D, got "
+                              f"{key.dim()}-D and {value.dim()}-D")
+    if key_padding_mask is not None and key_padding_mask.dim() != query.dim() - 1:
+        _fail(AssertionError, f"key_padding_mask must be {'(N, S)' if batched else '(S,)'} for a "
+                              f"{query.dim()}-D query, got shape {tuple(key_padding_mask.shape)}")
+    if attn_mask is not None and attn_mask.dim() not in (2, 3):
+        _fail(AssertionError, f"attn_mask must be 2-D (L, S) or 3-D (N * num_heads, L, S), got shape "
+                              f"{tuple(attn_mask.shape)}")
+    if query.shape[-1] != mha.embed_dim:
+        _fail(AssertionError, f"query has {query.shape[-1]} features, expected embed_dim={mha.embed_dim}")
+    if key.shape[-1] != mha.kdim or value.shape[-1] != mha.vdim:
+        _fail(RuntimeError, f"key / value have {key.shape[-1]} / {value.shape[-1]} features, expected kdim="
+                            f"{mha.kdim} / vdim={mha.vdim}")
+    if key.shape[:-1] != value.shape[:-1]:
+        _fail(AssertionError, f"key {tuple(key.shape)} and value {tuple(value.shape)} differ in their sequence / "
+                              "batch dims")
+    bdim = (0 if mha.batch_first else 1) if batched else None
+    ldim = (1 if mha.batch_first else 0) if batched else 0
+    B = query.shape[bdim] if batched else 1
+    L, S = query.shape[ldim], key.shape[ldim]
+    if batched and key.shape[bdim] != B:
+        _fail(RuntimeError, f"key has batch size {key.shape[bdim]}, query {B}")
+    if attn_mask is not None:
+        want = (L, S) if attn_mask.dim() == 2 else (B * mha.num_heads, L, S)
+        if tuple(attn_mask.shape) != want:
+            exc = RuntimeError if batched or attn_mask.dim() == 2 else AssertionError
+            _fail(exc, f"attn_mask has shape {tuple(attn_mask.shape)}, expected {want} "
+                       f"({'(L, S)' if len(want) == 2 else '(N * num_heads, L, S)'})")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != ((B, S) if batched else (S,)):
+        _fail(AssertionError, f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected "
+                              f"{(B, S) if batched else (S,)}")
+    return batched
+
+
+# ---- masks: torch's convention in, the kernel's out -------------------------------------------------------------
+def kernel_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], B: int, H: int, L: int, S: int,
+                dtype: torch.dtype) -> Optional[Tensor]:
+    """torch's attn_mask ((L, S) or (B * H, L, S); bool True = masked out, or float added) and key_padding_mask
+    ((B, S); bool True = padding, or float added) as one mask for the kernel: bool True = takes part, or float added,
+    broadcastable to (B, H, L, S) and no larger than its inputs need: (1, 1, L, S), (B, 1, 1, S), (B, 1, L, S) or
+    (B, H, L, S). Mixed bool / float masks become float (of the float one's dtype, else ``dtype``), as in torch."""
+    am = pm = None
+    if attn_mask is not None:
+        am = attn_mask.view(1, 1, L, S) if attn_mask.dim() == 2 else attn_mask.view(B, H, L, S)
+    if key_padding_mask is not None:
+        pm = key_padding_mask.view(B, 1, 1, S)
+    if am is None and pm is None:
+        return None
+    if am is None or pm is None:
+        m = am if pm is None else pm
+        return m.logical_not() if m.dtype == torch.bool else m
+    if am.dtype == torch.bool and pm.dtype == torch.bool:
+        return (am | pm).logical_not()  # (B, 1, L, S) or (B, H, L, S)
+    fdt = am.dtype if am.is_floating_point() else pm.dtype
+    am = am.to(fdt) if am.is_floating_point() else torch.zeros(am.shape, dtype=fdt, device=am.device).masked_fill_(
+        am, float("-inf"))
+    return am + (pm.to(fdt) if pm.is_floating_point() else pm.to(fdt).masked_fill_(pm, float("-inf")))
+
+
+def _pad_keys(mask: Optional[Tensor], n: int) -> Optional[Tensor]:
+    """Appends n key columns that take part (bias_k / zero-attention keys)."""
+    if mask is None or n == 0:
+        return mask
+    if mask.dtype == torch.bool:
+        return F.pad(mask, (0, n), value=True)
+    return F.pad(mask, (0, n), value=0.0)
+
+
+# ---- attention weights from the kernel's log-sum-exp -----------------------------------------------------------
+def _probs(q: Tensor, k: Tensor, mask: Optional[Tensor], lse: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale + mask) = exp(q k^T * scale + mask - lse): one QK^T, no second reduction. A row with
+    no key left (lse = -inf) gives 0, as the kernel's output does."""
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q, k.transpose(-1, -2)).to(cdt).mul_(scale)  # (B, H, L, S)
+    if mask is not None and mask.dtype != torch.bool:
+        s = s.add_(mask.to(cdt))
+    lse = lse.to(cdt).masked_fill(lse == float("-inf"), float("inf"))
+    p = s.sub_(lse[..., None]).exp_()
+    if mask is not None and mask.dtype == torch.bool:
+        p = p.masked_fill_(~mask, 0.0)
+    return p
+
+
+class _AttnWeights(torch.autograd.Function):
+    """The attention probabilities (times the dropout keep mask / (1 - p)), differentiable in q, k and a float mask:
+    the softmax backward dS = P * (dP - rowsum(dP * P)) (lse carries no gradient of its own here)."""
+
+    @staticmethod
+    def forward(ctx, q, k, mask, lse, scale, keep, dropout_p):
+        p = _probs(q, k, mask, lse, scale)
+        ctx.save_for_backward(q, k, mask, p, keep)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
+        w = p if keep is None else p * keep / (1.0 - dropout_p)
+        return w.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dw):
+        q, k, mask, p, keep = ctx.saved_tensors
+        dp = dw.to(p.dtype)
+        if keep is not None:
+            dp = dp * keep / (1.0 - ctx.dropout_p)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))  # (B, H, L, S)
+        dq = dk = dmask = None
+        if ctx.needs_input_grad[0]:
+            dq = (torch.matmul(ds, k.to(ds.dtype)) * ctx.scale).to(q.dtype)
+        if ctx.needs_input_grad[1]:
+            dk = (torch.matmul(ds.transpose(-1, -2), q.to(ds.dtype)) * ctx.scale).to(k.dtype)
+        if ctx.needs_input_grad[2]:
+            dmask = ds.sum_to_size(mask.shape).to(mask.dtype)
+        return dq, dk, dmask, None, None, None, None
+
+
+def _attention_with_keep(q, k, v, mask, dropout_p: float):
+    """The kernel's output and lse with dropout, and the kernel's (B, H, L, S) keep mask, for returning dropped
+    weights that match the output. fastattn.attention has no public way to hand out its dropout mask, so this
+    mirrors its dispatch (mask view, seed / offset from torch's generator, the reference when the mask needs a
+    gradient) on fastattn.ops.attention's internals."""
+    B, H, L, E = q.shape
+    S = k.shape[2]
+    m = None if mask is None else mask.expand(B, H, L, S)
+    if m is not None and m.stride(-1) not in (0, 1):
+        m = m.contiguous()
+    seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
+    offset = int(torch.randint(0, 2**40, (1,), device="cpu"))
+    p = _attn_ops.AttnParams(E ** -0.5, False, S - L, -1, -1, 0.0, float(dropout_p), seed, offset)
+    forced = forced_backend_name()
+    if m is not None and m.requires_grad and torch.is_grad_enabled():
+        _attn_ops.select_backend(q, k, v, m, None, p, forced or None)  # raises if a kernel was forced
+        out, lse = _attn_ops._ref_call(q, k, v, m, None, p)
+        backend = "reference"
+    else:
+        backend = _attn_ops.select_backend(q, k, v, m, None, p, forced or None)
+        out, lse = _attn_ops.AttentionFunction.apply(q, k, v, m, None, forced, *_attn_ops._flat(p))
+    keep = _attn_ops.dropout_mask(backend, p, B, H, L, S, q.device)
+    return out, lse, keep
+
+
+# ---- layouts ---------------------------------------------------------------------------------------------------
+def _to_heads(t: Tensor, n: int, H: int, layout: str) -> Tuple[Tensor, ...]:
+    """A projection (*lead, n * H * D) as n (B, H, L, D) views (no copy; the kernel reads them through strides).
+    layout: "bld" (batch_first), "lbd" (sequence first) or "ld" (unbatched)."""
+    *lead, width = t.shape
+    parts = t.view(*lead, n, H, width // (n * H)).unbind(-3)  # each (*lead, H, D)
+    if layout == "bld":
+        return tuple(x.transpose(1, 2) for x in parts)  # (B, H, L, D)
+    if layout == "lbd":
+        return tuple(x.permute(1, 2, 0, 3) for x in parts)
+    return tuple(x.transpose(0, 1).unsqueeze(0) for x in parts)
+
+
+def _from_heads(out: Tensor, layout: str) -> Tensor:
+    """(B, H, L, D) back to the caller's row order with the heads concatenated: (T, E) rows ordered as the
+    query's (B, L), (L, B) or (L,) leading dims."""
+    B, H, L, D = out.shape
+    if layout == "bld":
+        return out.transpose(1, 2).reshape(B * L, H * D)
+    if layout == "lbd":
+        return out.permute(2, 0, 1, 3).reshape(L * B, H * D)
+    return out[0].transpose(0, 1).reshape(L, H * D)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """F.linear on the rows of x, returned (*x.shape[:-1], N) as a view of one 2-D result."""
+    return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """torch.nn.MultiheadAttention on fastattn's fused attention kernel: same constructor, forward, outputs,
+    parameters and state_dict keys (load_state_dict works both ways).
+
+    Self-attention (query is key is value) projects Q, K and V in one matmul; the heads are read through strides
+    (no transposes); bool and float masks of every shape torch accepts are translated once into the kernel's form
+    and read through their strides, a key_padding_mask at (B, 1, 1, S). Dropout runs inside the kernel in training.
+    With need_weights=True the kernel still computes the output, and the weights are rebuilt from its
+    log-sum-exp (one extra QK^T); they are differentiable, and under dropout they carry the kernel's dropout mask.
+    is_causal is the hint torch takes it for: it needs an attn_mask, and the kernel runs causal (ignoring the mask)
+    exactly when torch's SDPA would, i.e. without a key_padding_mask and with need_weights=False.
+
+    **One difference from torch:** a query whose keys are all masked out gives 0 (output and weights, and 0
+    gradients) where torch gives NaN, as everywhere in fastattn. A NestedTensor input is refused (torch takes one
+    on its inference fast path only).
+    """
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        out, weights = mha_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)
+        return out.view(*query.shape[:-1], self.embed_dim), weights
+
+
+def mha_forward(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """MultiheadAttention.forward with the output flat: (T, E) rows in query's layout (T = query.numel() // E),
+    a tensor of its own (not a view), so a caller may modify it in place (the Transformer layers' dropout)."""
+    batched = check_inputs(mha, query, key, value, key_padding_mask, attn_mask)
+    if is_causal and attn_mask is None:
+        raise RuntimeError("MultiheadAttention: is_causal=True is a hint that attn_mask is the causal mask and "
+                           "needs that attn_mask (Transformer.generate_square_subsequent_mask builds one)")
+    layout = ("bld" if mha.batch_first else "lbd") if batched else "ld"
+    H = mha.num_heads
+    E = mha.embed_dim
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    bq = bk = bv = bkv = None
+    if b is not None:
+        bq, bk, bv = b[:E], b[E:2 * E], b[2 * E:]
+        bkv = b[E:]
+    if mha._qkv_same_embed_dim and query is key and key is value:
+        q, k, v = _to_heads(_linear(query, w, b), 3, H, layout)  # one matmul for Q, K and V
+    elif mha._qkv_same_embed_dim and key is value:
+        q, = _to_heads(_linear(query, w[:E], bq), 1, H, layout)
+        k, v = _to_heads(_linear(key, w[E:], bkv), 2, H, layout)  # one matmul for K and V
+    else:
+        wq, wk, wv = ((mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight) if w is None
+                      else (w[:E], w[E:2 * E], w[2 * E:]))
+        q, = _to_heads(_linear(query, wq, bq), 1, H, layout)
+        k, = _to_heads(_linear(key, wk, bk), 1, H, layout)
+        v, = _to_heads(_linear(value, wv, bv), 1, H, layout)
+    B, _, L, D = q.shape
+    S = k.shape[2]
+
+    causal = is_causal and key_padding_mask is None and not need_weights
+    mask = None if causal else kernel_mask(attn_mask, None if key_padding_mask is None else
+                                           key_padding_mask.view(B, S), B, H, L, S, query.dtype)
+    extra = 0
+    if mha.bias_k is not None and mha.bias_v is not None:
+        k = torch.cat([k, mha.bias_k.view(1, H, 1, D).expand(B, H, 1, D)], dim=2)
+        v = torch.cat([v, mha.bias_v.view(1, H, 1, D).expand(B, H, 1, D)], dim=2)
+        extra += 1
+    if mha.add_zero_attn:
+        k = torch.cat([k, k.new_zeros(B, H, 1, D)], dim=2)
+        v = torch.cat([v, v.new_zeros(B, H, 1, D)], dim=2)
+        extra += 1
+    mask = _pad_keys(mask, extra)
+    dropout_p = mha.dropout if mha.training else 0.0
+
+    weights = None
+    if not need_weights:
+        out = attention(q, k, v, causal="top_left" if causal else None, attn_mask=mask, dropout_p=dropout_p)
+    else:
+        keep = None
+        if dropout_p > 0:
+            out, lse, keep = _attention_with_keep(q, k, v, mask, dropout_p)
+        else:
+            out, lse = attention(q, k, v, attn_mask=mask, return_lse=True)
+        weights = _AttnWeights.apply(q, k, mask, lse.detach(), D ** -0.5, keep, dropout_p)  # (B, H, L, S')
+        if average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not batched:
+            weights = weights.squeeze(0)
+    out = F.linear(_from_heads(out, layout), mha.out_proj.weight, mha.out_proj.bias)  # (T, E)
+    return out, weights

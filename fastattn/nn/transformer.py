@@ -1,0 +1,348 @@
+"""The torch.nn.Transformer family on fastattn's kernels: same constructors, forward signatures, parameters and
+state_dict keys as torch's classes (they subclass them), with attention in the fused kernel
+(:class:`~fastattn.nn.MultiheadAttention`) and every residual add + LayerNorm in one fused call: post-norm layers
+compute norm(x + sublayer(x)) in one kernel, pre-norm layers carry the residual stream through ``prenorm=True``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.add_norm import add_layer_norm
+from .activation import MultiheadAttention, mha_forward
+from .normalization import LayerNorm
+
+_Activation = Union[str, Callable[[Tensor], Tensor]]
+
+
+def _activation_fn(activation: _Activation) -> Callable[[Tensor], Tensor]:
+    if isinstance(activation, str):
+        if activation == "relu":
+            return F.relu
+        if activation == "gelu":
+            return F.gelu
+        raise RuntimeError(f"activation should be relu/gelu, not {activation}")
+    return activation
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _fusable(norm: nn.Module) -> bool:
+    """A LayerNorm over the last dim whose forward nobody intercepts: its add + norm can run as one kernel."""
+    return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and not _has_hooks(norm)
+
+
+def _add_norm(norm: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
+    """norm(x + residual), in one kernel call for a plain LayerNorm."""
+    if _fusable(norm):
+        return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+    return norm(x + residual)
+
+
+def _norm(norm: nn.Module, x: Tensor) -> Tensor:
+    if _fusable(norm):
+        return add_layer_norm(x, None, norm.weight, norm.bias, norm.eps)
+    return norm(x)
+
+
+def _add_norm_prenorm(norm: nn.Module, x: Tensor, residual: Tensor):
+    """(norm(x + residual), x + residual): the pre-norm layer's next input and its residual stream, in one call."""
+    if _fusable(norm):
+        return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, prenorm=True)
+    s = x + residual
+    return norm(s), s
+
+
+def _dropout(module: nn.Module, x: Tensor, training: bool) -> Tensor:
+    """module(x) for an nn.Dropout, in place (x is a fresh activation nobody saved for backward)."""
+    if isinstance(module, nn.Dropout) and not _has_hooks(module):
+        return F.dropout(x, module.p, training, inplace=True) if training and module.p > 0 else x
+    return module(x)
+
+
+def _gelu_approximate(act) -> Optional[str]:
+    """The approximation of a GELU activation (F.gelu or an nn.GELU without hooks), else None."""
+    if act is F.gelu:
+        return "none"
+    if type(act) is nn.GELU and not _has_hooks(act):
+        return act.approximate
+    return None
+
+
+def _feed_forward(layer: nn.Module, x: Tensor, dropout_out: nn.Module) -> Tensor:
+    """dropout_out(linear2(dropout(activation(linear1(x))))), with ReLU / GELU and the dropouts in place where
+    autograd allows: ReLU saves its output, so its dropout runs first (they commute: the dropout scale is >= 0);
+    GELU saves its input, so it runs in place only without autograd."""
+    h = layer.linear1(x)  # (..., dim_feedforward)
+    act, training = layer.activation, layer.training
+    approximate = _gelu_approximate(act)
+    if act is F.relu or (type(act) is nn.ReLU and not _has_hooks(act)):
+        h = F.relu(_dropout(layer.dropout, h, training), inplace=True)
+    elif approximate is not None:
+        if torch.is_grad_enabled() and h.requires_grad:
+            h = F.gelu(h, approximate=approximate)
+        else:
+            h = torch.ops.aten.gelu_(h, approximate=approximate)
+        h = _dropout(layer.dropout, h, training)
+    else:
+        h = layer.dropout(act(h))
+    return _dropout(dropout_out, layer.linear2(h), training)
+
+
+def _residual(f: Tensor, dropout_out: nn.Module, x: Tensor) -> Tensor:
+    """f + x, in place when f is known to be a fresh activation (dropout_out an nn.Dropout)."""
+    return f.add_(x) if isinstance(dropout_out, nn.Dropout) else f + x
+
+
+def _plain(attn: nn.Module) -> bool:
+    """A fastattn MultiheadAttention nobody intercepts: called through mha_forward, its output comes as rows."""
+    return isinstance(attn, MultiheadAttention) and type(attn).forward is MultiheadAttention.forward \
+        and not _has_hooks(attn)
+
+
+def _check_float_or_bool(name: str, mask: Optional[Tensor]) -> None:
+    if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+        raise AssertionError(f"only bool and floating types of {name} are supported, got {mask.dtype}")
+
+
+def _build_layer(layer: nn.Module, d_model: int, nhead: int, dim_feedforward: int, dropout: float,
+                 layer_norm_eps: float, batch_first: bool, norm_first: bool, bias: bool, factory_kwargs: dict,
+                 decoder: bool) -> None:
+    """torch's TransformerEncoderLayer / TransformerDecoderLayer __init__ with fastattn's attention and norms,
+    module for module in torch's order (the same seed draws the same initial parameters)."""
+    nn.Module.__init__(layer)
+    layer.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
+                                         **factory_kwargs)
+    if decoder:
+        layer.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=batch_first,
+                                                  bias=bias, **factory_kwargs)
+    layer.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory_kwargs)
+    layer.dropout = nn.Dropout(dropout)
+    layer.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory_kwargs)
+    layer.norm_first = norm_first
+    for i in range(1, 4 if decoder else 3):
+        setattr(layer, f"norm{i}", LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory_kwargs))
+    for i in range(1, 4 if decoder else 3):
+        setattr(layer, f"dropout{i}", nn.Dropout(dropout))
+
+
+def _attn_rows(layer: nn.Module, attn: nn.Module, x: Tensor, mem: Optional[Tensor], attn_mask: Optional[Tensor],
+               key_padding_mask: Optional[Tensor], is_causal: bool, dropout: nn.Module) -> Tensor:
+    """dropout(attn(x, mem, mem)) (self-attention when mem is None) as (T, E) rows of their own."""
+    kv = x if mem is None else mem
+    if _plain(attn):
+        a = mha_forward(attn, x, kv, kv, key_padding_mask, False, attn_mask, True, is_causal)[0]
+    else:
+        a = attn(x, kv, kv, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
+                 need_weights=False)[0].reshape(-1, x.shape[-1])
+    return _dropout(dropout, a, layer.training)
+
+
+class TransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """torch.nn.TransformerEncoderLayer on fastattn's fused attention and add + LayerNorm kernels (same constructor,
+    forward, parameters, state_dict keys and outputs; in eval mode too, where torch takes its fused fast path)."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: _Activation = F.relu, layer_norm_eps: float = 1e-5, batch_first: bool = False,
+                 norm_first: bool = False, bias: bool = True, device=None, dtype=None) -> None:
+        _build_layer(self, d_model, nhead, dim_feedforward, dropout, layer_norm_eps, batch_first, norm_first, bias,
+                     {"device": device, "dtype": dtype}, decoder=False)
+        activation = _activation_fn(activation)
+        if activation is F.relu or isinstance(activation, nn.ReLU):
+            self.activation_relu_or_gelu = 1
+        elif activation is F.gelu or isinstance(activation, nn.GELU):
+            self.activation_relu_or_gelu = 2
+        else:
+            self.activation_relu_or_gelu = 0
+        self.activation = activation
+
+    def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
+                is_causal: bool = False) -> Tensor:
+        _check_float_or_bool("src_key_padding_mask", src_key_padding_mask)
+        _check_float_or_bool("src_mask", src_mask)
+        shape = src.shape
+        x = src.reshape(-1, shape[-1])  # (T, E): every step below works on rows, each result a tensor of its own
+        if self.norm_first:
+            a = _attn_rows(self, self.self_attn, _norm(self.norm1, x).view(shape), None, src_mask,
+                           src_key_padding_mask, is_causal, self.dropout1)
+            h, x = _add_norm_prenorm(self.norm2, a, x)  # h = norm2(x + a), x = x + a
+            out = _residual(_feed_forward(self, h, self.dropout2), self.dropout2, x)
+        else:
+            a = _attn_rows(self, self.self_attn, src, None, src_mask, src_key_padding_mask, is_causal, self.dropout1)
+            x = _add_norm(self.norm1, a, x)
+            out = _add_norm(self.norm2, _feed_forward(self, x, self.dropout2), x)
+        return out.view(shape)
+
+
+class TransformerDecoderLayer(nn.TransformerDecoderLayer):
+    """torch.nn.TransformerDecoderLayer on fastattn's fused attention and add + LayerNorm kernels (same constructor,
+    forward, parameters, state_dict keys and outputs). Cross-attention projects K and V of memory in one matmul."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: _Activation = F.relu, layer_norm_eps: float = 1e-5, batch_first: bool = False,
+                 norm_first: bool = False, bias: bool = True, device=None, dtype=None) -> None:
+        _build_layer(self, d_model, nhead, dim_feedforward, dropout, layer_norm_eps, batch_first, norm_first, bias,
+                     {"device": device, "dtype": dtype}, decoder=True)
+        self.activation = _activation_fn(activation)
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
+                memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
+                memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: bool = False,
+                memory_is_causal: bool = False) -> Tensor:
+        shape = tgt.shape
+        x = tgt.reshape(-1, shape[-1])  # (T, E) rows
+        if self.norm_first:
+            a = _attn_rows(self, self.self_attn, _norm(self.norm1, x).view(shape), None, tgt_mask,
+                           tgt_key_padding_mask, tgt_is_causal, self.dropout1)
+            h, x = _add_norm_prenorm(self.norm2, a, x)
+            a = _attn_rows(self, self.multihead_attn, h.view(shape), memory, memory_mask, memory_key_padding_mask,
+                           memory_is_causal, self.dropout2)
+            h, x = _add_norm_prenorm(self.norm3, a, x)
+            out = _residual(_feed_forward(self, h, self.dropout3), self.dropout3, x)
+        else:
+            a = _attn_rows(self, self.self_attn, tgt, None, tgt_mask, tgt_key_padding_mask, tgt_is_causal,
+                           self.dropout1)
+            x = _add_norm(self.norm1, a, x)
+            a = _attn_rows(self, self.multihead_attn, x.view(shape), memory, memory_mask, memory_key_padding_mask,
+                           memory_is_causal, self.dropout2)
+            x = _add_norm(self.norm2, a, x)
+            out = _add_norm(self.norm3, _feed_forward(self, x, self.dropout3), x)
+        return out.view(shape)
+
+
+def _causal_mask(sz: int, device=None, dtype=None) -> Tensor:
+    return torch.triu(torch.full((sz, sz), float("-inf"), dtype=dtype, device=device), diagonal=1)
+
+
+def _detect_is_causal(mask: Optional[Tensor], is_causal: Optional[bool], size: Optional[int]) -> bool:
+    """torch's rule: an explicit is_causal wins; None means "is mask exactly the square causal mask?" (a bool
+    mask compared as torch compares it, after turning True into -inf)."""
+    if is_causal is not None or mask is None:
+        return is_causal is True
+    sz = size if size is not None else mask.size(-2)
+    if mask.dtype == torch.bool:
+        want = torch.ones(sz, sz, dtype=torch.bool, device=mask.device).triu(1)
+    else:
+        want = _causal_mask(sz, device=mask.device, dtype=mask.dtype)
+    return mask.size() == want.size() and bool((mask == want).all())
+
+
+def _seq_len(src: Tensor, batch_first: bool) -> Optional[int]:
+    if src.is_nested:
+        return None
+    return src.size(0) if src.dim() == 2 else src.size(1 if batch_first else 0)
+
+
+def _left_aligned(padding: Tensor) -> bool:
+    """Every row is tokens then padding (what torch's nested-tensor conversion checks)."""
+    keep = padding.logical_not()
+    return not bool((keep[:, 1:] & ~keep[:, :-1]).any())
+
+
+class TransformerEncoder(nn.TransformerEncoder):
+    """torch.nn.TransformerEncoder, running fastattn layers when given one (the layer is deep-copied num_layers
+    times, as in torch). Same constructor and forward; enable_nested_tensor is accepted and keeps its one visible
+    effect: in inference with a left-aligned src_key_padding_mask and no mask, torch's nested-tensor path returns
+    zeros at padded positions (before the final norm), and so does this class (without a NestedTensor: the padded
+    keys are masked out in every layer instead)."""
+
+    def forward(self, src: Tensor, mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
+                is_causal: Optional[bool] = None) -> Tensor:
+        _check_float_or_bool("src_key_padding_mask", src_key_padding_mask)
+        _check_float_or_bool("mask", mask)
+        first = self.layers[0]
+        batch_first = first.self_attn.batch_first
+        padded_rows = None
+        if self._nested_path(src, mask, src_key_padding_mask):
+            # torch drops padded tokens (kpm != 0 after its float conversion) and pads the result with zeros
+            padded_rows = src_key_padding_mask if src_key_padding_mask.dtype == torch.bool \
+                else src_key_padding_mask != 0
+            src_key_padding_mask = padded_rows
+        is_causal = _detect_is_causal(mask, is_causal, _seq_len(src, batch_first))
+        output = src
+        for mod in self.layers:
+            output = mod(output, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)
+        if padded_rows is not None:
+            output = output.masked_fill(padded_rows[..., None], 0.0)
+        if self.norm is not None:
+            output = self.norm(output)
+        return output
+
+    def _nested_path(self, src: Tensor, mask: Optional[Tensor], src_key_padding_mask: Optional[Tensor]) -> bool:
+        """Whether torch's TransformerEncoder.forward would take its nested-tensor (sparsity) fast path."""
+        first = self.layers[0]
+        if (not torch.backends.mha.get_fastpath_enabled() or not getattr(self, "use_nested_tensor", False)
+                or first.training or src.dim() != 3 or src_key_padding_mask is None or mask is not None
+                or src.is_nested or torch.is_autocast_enabled()):
+            return False
+        if getattr(self, "mask_check", True):
+            if torch.compiler.is_compiling():
+                return False
+            pad = src_key_padding_mask if src_key_padding_mask.dtype == torch.bool else src_key_padding_mask != 0
+            if not _left_aligned(pad):
+                return False
+        tensor_args = (src, first.self_attn.in_proj_weight, first.self_attn.in_proj_bias,
+                       first.self_attn.out_proj.weight, first.self_attn.out_proj.bias, first.norm1.weight,
+                       first.norm1.bias, first.norm2.weight, first.norm2.bias, first.linear1.weight,
+                       first.linear1.bias, first.linear2.weight, first.linear2.bias)
+        if torch.overrides.has_torch_function(tensor_args):
+            return False
+        return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensor_args))
+
+
+class TransformerDecoder(nn.TransformerDecoder):
+    """torch.nn.TransformerDecoder, running fastattn layers when given one (deep-copied num_layers times, as in
+    torch). Same constructor, forward (tgt_is_causal=None detects a causal tgt_mask as torch does) and outputs."""
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
+                memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
+                memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: Optional[bool] = None,
+                memory_is_causal: bool = False) -> Tensor:
+        output = tgt
+        tgt_is_causal = _detect_is_causal(tgt_mask, tgt_is_causal,
+                                          _seq_len(tgt, self.layers[0].self_attn.batch_first))
+        for mod in self.layers:
+            output = mod(output, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                         tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                         tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+        if self.norm is not None:
+            output = self.norm(output)
+        return output
+
+
+class Transformer(nn.Transformer):
+    """torch.nn.Transformer built from fastattn's encoder / decoder layers and LayerNorms (or the custom_encoder /
+    custom_decoder given). Same constructor, forward, generate_square_subsequent_mask, parameters, state_dict keys
+    and initialization (the same seed draws the same parameters)."""
+
+    def __init__(self, d_model: int = 512, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
+                 dim_feedforward: int = 2048, dropout: float = 0.1, activation: _Activation = F.relu,
+                 custom_encoder: Optional[Any] = None, custom_decoder: Optional[Any] = None,
+                 layer_norm_eps: float = 1e-5, batch_first: bool = False, norm_first: bool = False,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        nn.Module.__init__(self)
+        if custom_encoder is not None:
+            self.encoder = custom_encoder
+        else:
+            encoder_layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
+                                                    layer_norm_eps, batch_first, norm_first, bias, **factory_kwargs)
+            encoder_norm = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory_kwargs)
+            self.encoder = TransformerEncoder(encoder_layer, num_encoder_layers, encoder_norm)
+        if custom_decoder is not None:
+            self.decoder = custom_decoder
+        else:
+            decoder_layer = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
+                                                    layer_norm_eps, batch_first, norm_first, bias, **factory_kwargs)
+            decoder_norm = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory_kwargs)
+            self.decoder = TransformerDecoder(decoder_layer, num_decoder_layers, decoder_norm)
+        self._reset_parameters()
+        self.d_model = d_model
+        self.nhead = nhead
+        self.batch_first = batch_first
