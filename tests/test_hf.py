@@ -47,20 +47,22 @@ DECODERS = ["gpt2", "llama", "mistral", "gemma2"]
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """Each architecture's random weights, saved once (no hub): arch -> (model class, path)."""
+    """Each architecture's random weights, saved once (no hub): arch -> path."""
     fhf.register()
     out = {}
     for arch, (cls, cfg) in _configs().items():
         torch.manual_seed(0)
-        path = tmp_path_factory.mktemp(arch)
-        cls(cfg).save_pretrained(path)
-        out[arch] = (cls, path)
+        out[arch] = tmp_path_factory.mktemp(arch)
+        cls(cfg).save_pretrained(out[arch])
     return out
 
 
 def load(saved, arch, impl, dtype=torch.float32):
-    cls, path = saved[arch]
-    return cls.from_pretrained(path, attn_implementation=impl, dtype=dtype).eval()
+    """The saved model through transformers' Auto classes, as a user loads one."""
+    auto = transformers.AutoModel if arch == "bert" else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(saved[arch], attn_implementation=impl, dtype=dtype).eval()
+    assert type(model) is _configs()[arch][0]
+    return model
 
 
 def batch(L=11):
@@ -174,6 +176,21 @@ def test_set_attn_implementation_and_packed_fallback(saved, monkeypatch, caplog)
     assert any("building a full (B, 1, L, S) mask" in r.getMessage() for r in caplog.records)
     assert spy.calls[0][2].shape == (1, 1, 10, 10) and spy.calls[0][3] is None
     assert_bounded("llama packed", got, want64, want, torch.float32)
+
+
+def test_convert_hf_model(saved):
+    """fastattn.convert on an HF BERT: attention routed through fastattn, its nn.LayerNorms swapped."""
+    ids, mask = batch()
+    ref = hidden(load(saved, "bert", "eager", torch.float64), ids, mask)
+    eager = hidden(load(saved, "bert", "eager"), ids, mask)
+    model = load(saved, "bert", "eager")
+    keys = list(model.state_dict())
+    assert fastattn.convert(model) is model
+    assert model.config._attn_implementation == "fastattn"
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(type(m) is fastattn.nn.LayerNorm for m in norms)
+    assert list(model.state_dict()) == keys
+    assert_bounded("bert converted", hidden(model, ids, mask), ref, eager, torch.float32)
 
 
 def test_attention_sinks(caplog):

@@ -1,0 +1,236 @@
+"""fastattn.convert: swaps torch's attention / norm / Transformer modules (and Linear -> Int8Linear) in place,
+carrying the original Parameter objects; outputs and gradients bounded by torch's own fp32 error against the same
+model in float64; state_dict keys, device, dtype and training mode kept; idempotent; skip by name and class;
+logging."""
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import fastattn
+from fastattn import nn as fnn
+from conftest import assert_bounded
+
+D, H = 16, 2
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, D)
+        self.norm = nn.LayerNorm(D)
+        self.attn = nn.MultiheadAttention(D, H, batch_first=True)
+        self.out = nn.Linear(D, 4)
+
+    def forward(self, x):
+        h = self.norm(self.inp(x))
+        return self.out(h + self.attn(h, h, h, need_weights=False)[0])
+
+
+class Mixed(nn.Module):
+    """Every kind convert swaps, next to modules it leaves alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, D)
+        self.ln = nn.LayerNorm(D)
+        self.rms = nn.RMSNorm(D, eps=1e-6)
+        self.mha = nn.MultiheadAttention(D, H, batch_first=True, kdim=12, vdim=10)
+        self.enc_layer = nn.TransformerEncoderLayer(D, H, 24, dropout=0.0, batch_first=True, norm_first=True)
+        self.dec_layer = nn.TransformerDecoderLayer(D, H, 24, dropout=0.0, batch_first=True, activation="gelu")
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, 24, dropout=0.0, batch_first=True), 2,
+                                             norm=nn.LayerNorm(D), enable_nested_tensor=False)
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(D, H, 24, dropout=0.0, batch_first=True), 2)
+        self.transformer = nn.Transformer(D, H, 1, 1, 24, dropout=0.0, batch_first=True)
+        self.act = nn.GELU()
+        self.head = nn.Linear(D, 4)
+
+    def forward(self, x, k, v):
+        h = self.rms(self.ln(self.inp(x)))
+        h = h + self.mha(h, k, v, need_weights=False)[0]
+        h = self.enc_layer(h)
+        h = self.dec_layer(h, h)
+        m = self.encoder(h)
+        h = self.decoder(h, m)
+        h = self.transformer(h, m)
+        return self.head(self.act(h))
+
+
+def inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 5, 8, generator=g, dtype=dtype), torch.randn(2, 7, 12, generator=g, dtype=dtype),
+            torch.randn(2, 7, 10, generator=g, dtype=dtype))
+
+
+def build(cls):
+    torch.manual_seed(0)
+    return cls()
+
+
+def check_outputs_and_grads(name, model, torch_model, ref_model, args):
+    """Outputs (and, in training mode, every parameter's gradient) bounded by torch's fp32 error vs float64."""
+    outs = []
+    for m, a in ((model, args), (torch_model, args), (ref_model, tuple(t.double() for t in args))):
+        m.zero_grad()
+        y = m(*a)
+        if m.training:
+            y.square().sum().backward()
+        outs.append(y)
+    assert_bounded(name, outs[0], outs[2], outs[1], torch.float32)
+    if model.training:
+        grads = [dict(m.named_parameters()) for m in (model, torch_model, ref_model)]
+        for key, p in grads[0].items():
+            assert_bounded(f"{name} d{key}", p.grad, grads[2][key].grad, grads[1][key].grad, torch.float32)
+
+
+def test_small_model_round_trip():
+    model = build(Small).eval()
+    torch_model, ref_model = copy.deepcopy(model), copy.deepcopy(model).double()
+    keys = list(model.state_dict())
+    params = dict(model.named_parameters())
+    assert fastattn.convert(model) is model
+    assert type(model.norm) is fnn.LayerNorm and type(model.attn) is fnn.MultiheadAttention
+    assert type(model.inp) is nn.Linear  # int8 is off by default
+    assert list(model.state_dict()) == keys
+    assert all(p is params[k] for k, p in model.named_parameters())  # the same Parameter objects, moved
+    check_outputs_and_grads("small", model, torch_model, ref_model, inputs()[:1])
+    # idempotent: nothing left to swap, the same modules
+    mods = dict(model.named_modules())
+    fastattn.convert(model)
+    assert all(m is mods[k] for k, m in model.named_modules())
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_mixed_model(training):
+    model = build(Mixed).train(training)
+    model.enc_layer.norm2.eval()  # a submodule's own mode survives the swap of its parent
+    torch_model, ref_model = copy.deepcopy(model), copy.deepcopy(model).double()
+    keys = list(model.state_dict())
+    fastattn.convert(model)
+    assert list(model.state_dict()) == keys
+    expected = {"ln": fnn.LayerNorm, "rms": fnn.RMSNorm, "mha": fnn.MultiheadAttention,
+                "enc_layer": fnn.TransformerEncoderLayer, "dec_layer": fnn.TransformerDecoderLayer,
+                "encoder": fnn.TransformerEncoder, "encoder.layers.1": fnn.TransformerEncoderLayer,
+                "encoder.norm": fnn.LayerNorm, "decoder": fnn.TransformerDecoder,
+                "transformer": fnn.Transformer, "transformer.encoder": fnn.TransformerEncoder,
+                "transformer.decoder.layers.0": fnn.TransformerDecoderLayer,
+                "transformer.decoder.layers.0.multihead_attn": fnn.MultiheadAttention,
+                "act": nn.GELU, "head": nn.Linear}
+    for name, cls in expected.items():
+        assert type(model.get_submodule(name)) is cls, name
+    for name, m in model.named_modules():
+        want = torch_model.get_submodule(name).training if name != "enc_layer.norm2" else False
+        assert m.training == want, name
+    check_outputs_and_grads(f"mixed training={training}", model, torch_model, ref_model, inputs())
+
+
+def test_whole_transformer_and_root(caplog):
+    """An nn.Transformer is swapped as one module (one log line, no per-layer swaps); a model that is itself a
+    swappable class comes back as a new module."""
+    torch.manual_seed(0)
+    tr = nn.Transformer(D, H, 2, 1, 24, dropout=0.0, batch_first=True).eval()
+    keys = list(tr.state_dict())
+    with caplog.at_level(logging.INFO, logger="fastattn"):
+        new = fastattn.convert(tr)
+    assert type(new) is fnn.Transformer and list(new.state_dict()) == keys
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["fastattn.convert: 1 x nn.Transformer -> fastattn.nn.Transformer"]
+    src, tgt = torch.randn(2, 6, D), torch.randn(2, 4, D)
+    ref = copy.deepcopy(tr).double()(src.double(), tgt.double())
+    assert_bounded("transformer", new(src, tgt), ref, tr(src, tgt), torch.float32)
+
+
+def test_dtype_and_shared_modules():
+    """A float64 model stays float64; a module shared by two parents is replaced by one shared module."""
+    norm = nn.LayerNorm(D, dtype=torch.float64)
+    model = nn.Sequential(norm, nn.Linear(D, D, dtype=torch.float64), norm)
+    x = torch.randn(3, D, dtype=torch.float64)
+    want = model(x)
+    fastattn.convert(model)
+    assert type(model[0]) is fnn.LayerNorm and model[0] is model[2]
+    assert model[0].weight.dtype == torch.float64
+    assert_bounded("float64", model(x), want, want, torch.float64)
+
+
+def test_skip_by_name_and_class(caplog):
+    model = build(Mixed)
+    with caplog.at_level(logging.INFO, logger="fastattn"):
+        fastattn.convert(model, skip=["ln", "encoder.layers.1.self_attn", nn.RMSNorm, "nothing.here"])
+    assert type(model.ln) is nn.LayerNorm and type(model.rms) is nn.RMSNorm
+    # something inside the encoder is skipped: the encoder is swapped part by part around it
+    assert type(model.encoder) is nn.TransformerEncoder
+    assert type(model.encoder.layers[0]) is fnn.TransformerEncoderLayer
+    assert type(model.encoder.layers[1]) is nn.TransformerEncoderLayer
+    assert type(model.encoder.layers[1].self_attn) is nn.MultiheadAttention
+    assert type(model.encoder.layers[1].norm1) is fnn.LayerNorm
+    assert type(model.transformer) is fnn.Transformer
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    for line in ("skipped ln (LayerNorm): in skip ('ln')",
+                 "skipped rms (RMSNorm): in skip (RMSNorm)",
+                 "skipped encoder.layers.1.self_attn (MultiheadAttention): in skip ('encoder.layers.1.self_attn')",
+                 "encoder (TransformerEncoder) swapped part by part: encoder.layers.1.self_attn is in skip",
+                 "skip entry 'nothing.here' matched no module",
+                 "2 x nn.TransformerEncoderLayer -> fastattn.nn.TransformerEncoderLayer",
+                 "1 x nn.Transformer -> fastattn.nn.Transformer"):
+        assert line in text, line
+
+
+def test_left_alone_with_reason(caplog):
+    """Subclasses (their forward may differ) and modules with hooks stay as they are, and the log says why."""
+    class MyNorm(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    hooked = nn.LayerNorm(D)
+    hooked.register_forward_hook(lambda m, i, o: o + 1)
+    model = nn.Sequential(MyNorm(D), hooked, nn.LayerNorm(D))
+    with caplog.at_level(logging.INFO, logger="fastattn"):
+        fastattn.convert(model, attention=False)
+    assert [type(m) for m in model] == [MyNorm, nn.LayerNorm, fnn.LayerNorm]
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "left 0 (MyNorm) as it is: a subclass of nn.LayerNorm" in text
+    assert "skipped 1 (LayerNorm): it has forward / backward hooks" in text
+    assert "1 x nn.LayerNorm -> fastattn.nn.LayerNorm" in text
+
+
+def test_flags():
+    model = build(Mixed)
+    fastattn.convert(model, attention=False)
+    assert type(model.mha) is nn.MultiheadAttention and type(model.transformer) is nn.Transformer
+    assert type(model.ln) is fnn.LayerNorm and type(model.transformer.encoder.layers[0].norm1) is fnn.LayerNorm
+    model = build(Mixed)
+    fastattn.convert(model, layernorm=False)
+    assert type(model.ln) is nn.LayerNorm and type(model.mha) is fnn.MultiheadAttention
+
+
+@pytest.mark.parametrize("mode", [True, "w8a16"])
+def test_int8(mode):
+    """nn.Linear -> Int8Linear.from_float (also inside fastattn's Transformer layers), exactly as built by hand;
+    torch's own TransformerEncoderLayer keeps float linears (its fast path reads the weights)."""
+    model = build(Mixed).eval()
+    by_hand = copy.deepcopy(model)
+    fastattn.convert(by_hand, skip=["enc_layer"])
+    for name, m in list(by_hand.named_modules()):
+        if type(m) is nn.Linear and not name.startswith("enc_layer"):
+            parent, _, leaf = name.rpartition(".")
+            setattr(by_hand.get_submodule(parent), leaf,
+                    fnn.Int8Linear.from_float(m, "w8a8" if mode is True else mode))
+    fastattn.convert(model, int8=mode, skip=["enc_layer"])
+    assert type(model.head) is fnn.Int8Linear and type(model.encoder.layers[0].linear1) is fnn.Int8Linear
+    assert type(model.enc_layer.linear1) is nn.Linear
+    assert type(model.mha.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    with torch.no_grad():
+        assert torch.equal(model(*inputs()), by_hand(*inputs()))
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="model"):
+        fastattn.convert("model")
+    with pytest.raises(ValueError, match="int8"):
+        fastattn.convert(nn.Linear(2, 2), int8="int4")
+    with pytest.raises(ValueError, match="calibrated"):
+        fastattn.convert(nn.Linear(2, 2), int8="w8a8_static")
+    with pytest.raises(TypeError, match="skip"):
+        fastattn.convert(nn.Linear(2, 2), skip=[3])
