@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backends import forced_backend_name
-from ..ops import attention as _attn_ops
-from ..ops.attention import attention
+from ..backends import forced_backend
+from ..ops.attention import AttnParams, attention, dropout_mask, select_backend
 
 
 # ---- argument checks: torch's exception types (AssertionError / RuntimeError), clearer messages ----------------
@@ -53,12 +52,14 @@ def check_inputs(mha: "nn.MultiheadAttention", query: Tensor, key: Tensor, value
                               f"{tuple(attn_mask.shape)}")
     if query.shape[-1] != mha.embed_dim:
         _fail(AssertionError, f"query has {query.shape[-1]} features, expected embed_dim={mha.embed_dim}")
+    if key.shape[:-1] != value.shape[:-1] or (mha._qkv_same_embed_dim and key.shape != value.shape):
+        _fail(AssertionError, f"key {tuple(key.shape)} and value {tuple(value.shape)} must have the same shape"
+                              + ("" if mha._qkv_same_embed_dim else " but for their features"))
     if key.shape[-1] != mha.kdim or value.shape[-1] != mha.vdim:
-        _fail(RuntimeError, f"key / value have {key.shape[-1]} / {value.shape[-1]} features, expected kdim="
-                            f"{mha.kdim} / vdim={mha.vdim}")
-    if key.shape[:-1] != value.shape[:-1]:
-        _fail(AssertionError, f"key {tuple(key.shape)} and value {tuple(value.shape)} differ in their sequence / "
-                              "batch dims")
+        # torch: a shape assertion on the separate projection weights, a matmul error on the packed one
+        _fail(RuntimeError if mha._qkv_same_embed_dim else AssertionError,
+              f"key / value have {key.shape[-1]} / {value.shape[-1]} features, expected kdim={mha.kdim} / "
+              f"vdim={mha.vdim}")
     bdim = (0 if mha.batch_first else 1) if batched else None
     ldim = (1 if mha.batch_first else 0) if batched else 0
     B = query.shape[bdim] if batched else 1
@@ -113,8 +114,10 @@ def _pad_keys(mask: Optional[Tensor], n: int) -> Optional[Tensor]:
 
 # ---- attention weights from the kernel's log-sum-exp -----------------------------------------------------------
 def _probs(q: Tensor, k: Tensor, mask: Optional[Tensor], lse: Tensor, scale: float) -> Tensor:
-    """softmax(q k^T * scale + mask) = exp(q k^T * scale + mask - lse): one QK^T, no second reduction. A row with
-    no key left (lse = -inf) gives 0, as the kernel's output does."""
+    """softmax(q k^T * scale + mask) from the kernel's log-sum-exp: exp(scores - lse) needs no max pass and
+    cannot overflow, and one row sum renormalizes away lse's float32 rounding (at scores of magnitude 40 that
+    rounding alone is ~2e-6 on the largest weight; torch's softmax is ~10x closer). A row with no key left
+    (lse = +inf) gives 0, as the kernel's output does."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(q, k.transpose(-1, -2)).to(cdt).mul_(scale)  # (B, H, L, S)
     if mask is not None and mask.dtype != torch.bool:
@@ -123,7 +126,7 @@ def _probs(q: Tensor, k: Tensor, mask: Optional[Tensor], lse: Tensor, scale: flo
     p = s.sub_(lse[..., None]).exp_()
     if mask is not None and mask.dtype == torch.bool:
         p = p.masked_fill_(~mask, 0.0)
-    return p
+    return p.div_(p.sum(-1, keepdim=True).clamp_min_(torch.finfo(cdt).tiny))
 
 
 class _AttnWeights(torch.autograd.Function):
@@ -155,29 +158,29 @@ class _AttnWeights(torch.autograd.Function):
         return dq, dk, dmask, None, None, None, None
 
 
-def _attention_with_keep(q, k, v, mask, dropout_p: float):
-    """The kernel's output and lse with dropout, and the kernel's (B, H, L, S) keep mask, for returning dropped
-    weights that match the output. fastattn.attention has no public way to hand out its dropout mask, so this
-    mirrors its dispatch (mask view, seed / offset from torch's generator, the reference when the mask needs a
-    gradient) on fastattn.ops.attention's internals."""
+def _attention_with_keep(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float):
+    """fastattn.attention's output and lse with dropout, and the (B, H, L, S) keep mask its kernel drew, so that
+    the returned weights carry the dropout the output had. attention() draws its Philox seed and offset from
+    torch's default generator (two randint calls, documented there and relied on by its dropout test): the
+    generator is rewound to draw them again."""
     B, H, L, E = q.shape
     S = k.shape[2]
-    m = None if mask is None else mask.expand(B, H, L, S)
-    if m is not None and m.stride(-1) not in (0, 1):
-        m = m.contiguous()
+    if dropout_p >= 1.0:  # every probability dropped: out = 0, weights = 0
+        out, lse = attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, return_lse=True)
+        return out, lse, torch.zeros(B, H, L, S, dtype=torch.bool, device=q.device)
+    before = torch.get_rng_state()
+    out, lse = attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, return_lse=True)
+    after = torch.get_rng_state()
+    torch.set_rng_state(before)
     seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
     offset = int(torch.randint(0, 2**40, (1,), device="cpu"))
-    p = _attn_ops.AttnParams(E ** -0.5, False, S - L, -1, -1, 0.0, float(dropout_p), seed, offset)
-    forced = forced_backend_name()
-    if m is not None and m.requires_grad and torch.is_grad_enabled():
-        _attn_ops.select_backend(q, k, v, m, None, p, forced or None)  # raises if a kernel was forced
-        out, lse = _attn_ops._ref_call(q, k, v, m, None, p)
-        backend = "reference"
+    torch.set_rng_state(after)
+    p = AttnParams(E ** -0.5, False, S - L, dropout_p=float(dropout_p), seed=seed, offset=offset)
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        backend = "reference"  # attention() runs a mask that needs a gradient on the reference
     else:
-        backend = _attn_ops.select_backend(q, k, v, m, None, p, forced or None)
-        out, lse = _attn_ops.AttentionFunction.apply(q, k, v, m, None, forced, *_attn_ops._flat(p))
-    keep = _attn_ops.dropout_mask(backend, p, B, H, L, S, q.device)
-    return out, lse, keep
+        backend = select_backend(q, k, v, mask, None, p, forced_backend() or None)
+    return out, lse, dropout_mask(backend, p, B, H, L, S, q.device)
 
 
 # ---- layouts ---------------------------------------------------------------------------------------------------
