@@ -126,6 +126,22 @@ def test_forward_matches_eager(saved, arch, backend_name, monkeypatch):
     assert_bounded(f"{arch} {backend_name}", out[keep], ref[keep], eager[keep], torch.float32)
 
 
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_backward_matches_eager(saved, arch):
+    """A training step: every parameter's gradient (loss on the real tokens) bounded like the outputs."""
+    ids, mask = batch()
+    grads = []
+    for impl, dtype in (("fastattn", torch.float32), ("eager", torch.float32), ("sdpa", torch.float64)):
+        model = load(saved, arch, impl, dtype).train()
+        out = model(input_ids=ids, attention_mask=mask)
+        out = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits
+        out[mask.bool()].square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[2].keys() and len(grads[0]) > 10
+    for name, g in grads[0].items():
+        assert_bounded(f"{arch} d{name}", g, grads[2][name], grads[1][name], torch.float32)
+
+
 @pytest.mark.parametrize("arch", DECODERS)
 def test_generate_matches_eager(saved, arch, monkeypatch):
     ids, mask = batch(L=7)
