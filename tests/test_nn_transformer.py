@@ -1,0 +1,411 @@
+"""fastattn.nn's Transformer family against torch.nn's: constructors, parameters, state_dicts both ways and the same
+initialization under a seed; outputs and the gradients of inputs and parameters (bounded by torch's own float32
+error against a float64 torch run) in train and eval mode, under inference_mode (torch's fused fast path and its
+nested-tensor path), on every backend; dropout's statistics; masks never expanded; bad input."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn import nn as fnn
+from conftest import assert_bounded, backend_device
+
+D, NHEAD, FF = 16, 4, 24
+
+pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor is True",
+                                        "ignore:Support for mismatched")
+
+
+def randomize(m: torch.nn.Module, seed=0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 and p.shape[0] == D else 0.0))
+
+
+def twins(name, *args, **kw):
+    """(torch's module, ours) built with the same arguments, ours carrying torch's (randomized) state_dict."""
+    theirs = getattr(torch.nn, name)(*args, **kw)
+    randomize(theirs)
+    ours = getattr(fnn, name)(*args, **kw)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def layer_twins(kind, **kw):
+    kw = dict(dict(dim_feedforward=FF, dropout=0.0), **kw)
+    return twins("TransformerEncoderLayer" if kind == "encoder" else "TransformerDecoderLayer", D, NHEAD, **kw)
+
+
+def run(m, args, kw, grad_out, dtype=None):
+    """Output and the gradients of the tensor inputs and of every parameter."""
+    if dtype is not None:
+        m = copy.deepcopy(m).to(dtype)
+        kw = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
+    leaves = [a.detach().to(dtype or a.dtype).requires_grad_() for a in args]
+    m.zero_grad()
+    out = m(*leaves, **kw)
+    (out * grad_out.to(out.dtype)).sum().backward()
+    return [out] + [t.grad for t in leaves] + [p.grad for p in m.parameters()]
+
+
+def compare(ours, theirs, args, kw, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grad_out = torch.randn(theirs(*args, **kw).shape, generator=g)
+        ref = run(theirs, args, kw, grad_out, torch.float64)
+        base = run(theirs, args, kw, grad_out)
+    got = run(ours, args, kw, grad_out)
+    names = ["out"] + [f"input{i}.grad" for i in range(len(args))] + [f"{n}.grad" for n, _ in ours.named_parameters()]
+    assert len(got) == len(names)
+    for name, a, b, e in zip(names, got, base, ref):
+        assert (a is None) == (e is None), name
+        if a is not None:
+            assert_bounded(name, a, e, b, torch.float32)
+
+
+def seq(batch_first, B, L, g, batched=True):
+    shape = ((B, L, D) if batch_first else (L, B, D)) if batched else (L, D)
+    return torch.randn(shape, generator=g)
+
+
+def masks(kind, B, L, S, g, prefix=""):
+    """Mask arguments in torch's convention (bool True = masked out); every query keeps a key."""
+    kw = {}
+    if kind in ("causal", "causal-hint"):
+        kw[f"{prefix}mask"] = torch.nn.Transformer.generate_square_subsequent_mask(L)
+    elif kind == "bool":
+        m = torch.rand(L, S, generator=g) < 0.3
+        kw[f"{prefix}mask"] = m.index_fill_(1, torch.tensor([0]), False)
+    elif kind == "float":
+        kw[f"{prefix}mask"] = torch.randn(L, S, generator=g)
+    if kind in ("kpm", "bool+kpm"):
+        kpm = torch.zeros(B, S, dtype=torch.bool)
+        kpm[0, S - 2:] = True
+        kw[f"{prefix}key_padding_mask"] = kpm
+    if kind == "bool+kpm":
+        kw[f"{prefix}mask"] = (torch.rand(L, S, generator=g) < 0.3).index_fill_(1, torch.tensor([0]), False)
+    if kind == "kpm-float":
+        kw[f"{prefix}key_padding_mask"] = torch.randn(B, S, generator=g)
+    return kw
+
+
+# ---- constructors, parameters, state_dicts -----------------------------------------------------------------
+CLASSES = [
+    ("TransformerEncoderLayer", (D, NHEAD), dict(dim_feedforward=FF, activation="gelu", norm_first=True)),
+    ("TransformerDecoderLayer", (D, NHEAD), dict(dim_feedforward=FF, bias=False, batch_first=True)),
+    ("Transformer", (), dict(d_model=D, nhead=NHEAD, num_encoder_layers=2, num_decoder_layers=1,
+                             dim_feedforward=FF, layer_norm_eps=1e-3)),
+]
+
+
+@pytest.mark.parametrize("name, args, kw", CLASSES, ids=[c[0] for c in CLASSES])
+def test_same_keys_same_init_both_ways(name, args, kw):
+    torch.manual_seed(5)
+    theirs = getattr(torch.nn, name)(*args, **kw)
+    torch.manual_seed(5)
+    ours = getattr(fnn, name)(*args, **kw)
+    assert isinstance(ours, getattr(torch.nn, name))
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for (k, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):
+        assert torch.equal(a, b), f"{k}: the same seed initialized it differently"
+    randomize(theirs, 1)
+    ours.load_state_dict(theirs.state_dict())
+    back = getattr(torch.nn, name)(*args, **kw)
+    back.load_state_dict(ours.state_dict())
+    for a, b in zip(back.state_dict().values(), theirs.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_stacks_build_fastattn_layers():
+    layer = fnn.TransformerEncoderLayer(D, NHEAD, FF, batch_first=True)
+    enc = fnn.TransformerEncoder(layer, 3, norm=fnn.LayerNorm(D), enable_nested_tensor=False)
+    assert all(type(m) is fnn.TransformerEncoderLayer for m in enc.layers)
+    assert all(type(m.self_attn) is fnn.MultiheadAttention for m in enc.layers)
+    assert len({id(m) for m in enc.layers}) == 3  # deep copies, as torch makes
+    dec = fnn.TransformerDecoder(fnn.TransformerDecoderLayer(D, NHEAD, FF), 2)
+    assert all(type(m) is fnn.TransformerDecoderLayer for m in dec.layers)
+    t = fnn.Transformer(D, NHEAD, 1, 1, FF)
+    assert type(t.encoder) is fnn.TransformerEncoder and type(t.decoder) is fnn.TransformerDecoder
+    assert type(t.encoder.layers[0]) is fnn.TransformerEncoderLayer
+    assert type(t.decoder.layers[0].multihead_attn) is fnn.MultiheadAttention
+    assert type(t.encoder.norm) is fnn.LayerNorm and type(t.decoder.norm) is fnn.LayerNorm
+    custom = fnn.Transformer(D, NHEAD, custom_encoder=enc, custom_decoder=dec)
+    assert custom.encoder is enc and custom.decoder is dec
+    torch.testing.assert_close(fnn.Transformer.generate_square_subsequent_mask(5),
+                               torch.nn.Transformer.generate_square_subsequent_mask(5))
+
+
+# ---- layers ---------------------------------------------------------------------------------------------
+def _layer_cases():
+    """Each layer kind with each mask kind; norm_first, activation, batch_first, bias and train / eval rotate."""
+    acts = ["relu", "gelu", torch.tanh, torch.nn.GELU(approximate="tanh")]
+    cases = []
+    for i, kind in enumerate(["encoder", "decoder"]):
+        for j, mask in enumerate(["none", "causal", "causal-hint", "bool", "float", "kpm", "bool+kpm", "kpm-float"]):
+            for norm_first in (False, True):
+                n = i + j + norm_first
+                act = acts[n % len(acts)]
+                cases.append(pytest.param(kind, mask, norm_first, act, n % 2 == 0, n % 3 != 2, ["train", "eval"][j % 2],
+                                          id=f"{kind}-{mask}-{'pre' if norm_first else 'post'}-"
+                                             f"{getattr(act, '__name__', act)}-{'bf' if n % 2 == 0 else 'sf'}-"
+                                             f"{'bias' if n % 3 != 2 else 'nobias'}-{['train', 'eval'][j % 2]}"))
+    return cases
+
+
+@pytest.mark.parametrize("kind, mask, norm_first, activation, batch_first, bias, mode", _layer_cases())
+def test_layer_matches_torch(kind, mask, norm_first, activation, batch_first, bias, mode):
+    g = torch.Generator().manual_seed(hash((kind, mask, norm_first)) % 2**31)
+    theirs, ours = layer_twins(kind, activation=activation, batch_first=batch_first, norm_first=norm_first,
+                               bias=bias)
+    theirs.train(mode == "train")
+    ours.train(mode == "train")
+    B, L, S = 3, 5, 7
+    x = seq(batch_first, B, L, g)
+    if kind == "encoder":
+        args = (x,)
+        kw = masks(mask, B, L, L, g, "src_")
+        if mask == "causal-hint":
+            kw["is_causal"] = True
+    else:
+        args = (x, seq(batch_first, B, S, g))
+        kw = masks(mask, B, L, L, g, "tgt_")
+        kw.update({k.replace("tgt_", "memory_"): v for k, v in masks(mask if mask != "causal" else "kpm", B, L, S, g,
+                                                                      "tgt_").items() if "causal" not in mask})
+        if mask == "causal-hint":
+            kw["tgt_is_causal"] = True
+    compare(ours, theirs, args, kw)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_unbatched_layer_matches_torch(kind, norm_first):
+    g = torch.Generator().manual_seed(3)
+    theirs, ours = layer_twins(kind, norm_first=norm_first)
+    x = seq(False, 1, 6, g, batched=False)
+    args = (x,) if kind == "encoder" else (x, seq(False, 1, 4, g, batched=False))
+    kpm = torch.tensor([False, False, False, False, True, False])
+    kw = dict(src_key_padding_mask=kpm) if kind == "encoder" else dict(tgt_key_padding_mask=kpm)
+    compare(ours, theirs, args, kw)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpu", "triton"], indirect=True)
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_layer_every_backend(backend_name, kind):
+    """Triton runs through its interpreter here: one small case per layer kind."""
+    dev = backend_device(backend_name)
+    g = torch.Generator().manual_seed(4)
+    theirs, ours = layer_twins(kind, batch_first=True, norm_first=kind == "decoder")
+    theirs, ours = theirs.to(dev), ours.to(dev)
+    B, L = 2, 3
+    x = seq(True, B, L, g).to(dev)
+    args = (x,) if kind == "encoder" else (x, seq(True, B, 4, g).to(dev))
+    kw = {k: v.to(dev) for k, v in masks("bool+kpm", B, L, L, g, "src_" if kind == "encoder" else "tgt_").items()}
+    with fastattn.backend(backend_name):
+        compare(ours, theirs, args, kw)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("mask", ["none", "bool", "kpm", "bool+kpm", "causal-hint"])
+def test_encoder_layer_inference_matches_torch_fast_path(norm_first, activation, mask):
+    """In eval mode under inference_mode torch runs torch._transformer_encoder_layer_fwd (its fused native path);
+    ours matches it (and ReLU / GELU run in place there)."""
+    g = torch.Generator().manual_seed(6)
+    theirs, ours = layer_twins("encoder", activation=activation, norm_first=norm_first, batch_first=True)
+    theirs.eval()
+    ours.eval()
+    B, L = 2, 6
+    x = seq(True, B, L, g)
+    kw = masks(mask, B, L, L, g, "src_")
+    if mask == "causal-hint":
+        kw["is_causal"] = True
+    with torch.inference_mode():
+        a, b = theirs(x, **kw), ours(x, **kw)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+# ---- stacks and the whole Transformer ---------------------------------------------------------------------
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_transformer_matches_torch(norm_first, mode):
+    g = torch.Generator().manual_seed(7)
+    theirs, ours = twins("Transformer", D, NHEAD, 2, 2, FF, 0.0, batch_first=True, norm_first=norm_first)
+    theirs.train(mode == "train")
+    ours.train(mode == "train")
+    B, S, T = 2, 7, 5
+    src, tgt = seq(True, B, S, g), seq(True, B, T, g)
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[1, 5:] = True
+    kw = dict(tgt_mask=torch.nn.Transformer.generate_square_subsequent_mask(T), src_key_padding_mask=kpm,
+              memory_key_padding_mask=kpm, src_mask=torch.randn(S, S, generator=g) * 0.1, tgt_is_causal=True)
+    compare(ours, theirs, (src, tgt), kw)
+
+
+@pytest.mark.parametrize("left_aligned", [True, False])
+@pytest.mark.parametrize("kpm_dtype", [torch.bool, torch.float32])
+def test_encoder_inference_nested_tensor_path(left_aligned, kpm_dtype):
+    """torch's TransformerEncoder in inference with a left-aligned src_key_padding_mask (and no mask) runs on a
+    NestedTensor and returns zeros at padded positions (then the final norm); ours returns the same."""
+    g = torch.Generator().manual_seed(8)
+    layer_t, layer_o = layer_twins("encoder", batch_first=True)
+    theirs = torch.nn.TransformerEncoder(layer_t, 2, norm=torch.nn.LayerNorm(D))
+    ours = fnn.TransformerEncoder(layer_o, 2, norm=fnn.LayerNorm(D))
+    ours.load_state_dict(theirs.state_dict())
+    theirs.eval()
+    ours.eval()
+    B, L = 3, 6
+    x = seq(True, B, L, g)
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[0, 4:] = True
+    kpm[2, 1:] = True
+    if not left_aligned:
+        kpm[1, 2] = True
+    if kpm_dtype != torch.bool:
+        kpm = torch.zeros(B, L).masked_fill(kpm, float("-inf"))
+    with torch.inference_mode():
+        a, b = theirs(x, src_key_padding_mask=kpm), ours(x, src_key_padding_mask=kpm)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # and out of inference mode (train mode has no nested path)
+        theirs.train()
+        ours.train()
+        torch.testing.assert_close(ours(x, src_key_padding_mask=kpm), theirs(x, src_key_padding_mask=kpm),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["float", "bool"])
+def test_decoder_detects_causal_tgt_mask(monkeypatch, mask_kind):
+    """tgt_is_causal=None: a tgt_mask equal to the square causal mask runs the causal kernel (torch's detection),
+    with the same result as the mask."""
+    import fastattn.nn.activation as act
+    causal_calls = []
+    real = act.attention
+
+    def spy(q, k, v, **kw):
+        causal_calls.append(kw.get("causal"))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(act, "attention", spy)
+    g = torch.Generator().manual_seed(9)
+    lt, lo = layer_twins("decoder")
+    theirs, ours = torch.nn.TransformerDecoder(lt, 2), fnn.TransformerDecoder(lo, 2)
+    ours.load_state_dict(theirs.state_dict())
+    T, B = 5, 2
+    tgt, mem = seq(False, B, T, g), seq(False, B, 4, g)
+    m = torch.nn.Transformer.generate_square_subsequent_mask(T)
+    m = m if mask_kind == "float" else m.isinf()
+    torch.testing.assert_close(ours(tgt, mem, tgt_mask=m), theirs(tgt, mem, tgt_mask=m), atol=1e-5, rtol=1e-5)
+    assert causal_calls[::2] == ["top_left", "top_left"] and causal_calls[1::2] == [None, None]
+
+
+# ---- dropout --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_dropout_statistics_and_seed(kind, norm_first):
+    """Dropout draws differ from torch's (the attention's runs inside the kernel), so: a seed reproduces ours,
+    gradients flow and are reproducible, and the spread of train-mode outputs around the eval-mode output matches
+    torch's."""
+    g = torch.Generator().manual_seed(10)
+    theirs, ours = layer_twins(kind, dropout=0.2, norm_first=norm_first, batch_first=True)
+    B, L = 4, 12
+    x = seq(True, B, L, g).requires_grad_()
+    args = (x,) if kind == "encoder" else (x, seq(True, B, 9, g))
+    theirs.eval()
+    ours.eval()
+    with torch.no_grad():
+        clean = theirs(*args)
+        torch.testing.assert_close(ours(*args), clean, atol=1e-5, rtol=1e-5)
+    theirs.train()
+    ours.train()
+
+    def draw(m, seed):
+        torch.manual_seed(seed)
+        y = m(*args)
+        gx, = torch.autograd.grad(y.square().sum(), x)
+        return y.detach(), gx
+
+    y1, g1 = draw(ours, 1)
+    y2, g2 = draw(ours, 1)
+    assert torch.equal(y1, y2) and torch.equal(g1, g2)
+    assert torch.isfinite(g1).all()
+    spread = {n: torch.stack([draw(m, s)[0] - clean for s in range(8)]).std().item()
+              for n, m in (("ours", ours), ("torch", theirs))}
+    assert 0.8 < spread["ours"] / spread["torch"] < 1.25, spread
+
+
+# ---- what reaches the kernel ------------------------------------------------------------------------------
+def test_key_padding_mask_never_expanded(monkeypatch):
+    import fastattn.nn.activation as act
+    shapes = []
+    real = act.attention
+
+    def spy(q, k, v, **kw):
+        m = kw.get("attn_mask")
+        shapes.append(None if m is None else (tuple(m.shape), m.numel()))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(act, "attention", spy)
+    g = torch.Generator().manual_seed(11)
+    _, ours = layer_twins("decoder", batch_first=True)
+    B, T, S = 2, 5, 7
+    kw = dict(tgt_key_padding_mask=torch.zeros(B, T, dtype=torch.bool),
+              memory_key_padding_mask=torch.zeros(B, S, dtype=torch.bool))
+    ours(seq(True, B, T, g), seq(True, B, S, g), **kw)
+    assert shapes == [((B, 1, 1, T), B * T), ((B, 1, 1, S), B * S)]
+
+
+# ---- bad input --------------------------------------------------------------------------------------------
+def _bad():
+    x = torch.randn(2, 5, D)
+    return {
+        "src_mask-dtype": ("encoder", (x,), dict(src_mask=torch.zeros(5, 5, dtype=torch.int64))),
+        "kpm-dtype": ("encoder", (x,), dict(src_key_padding_mask=torch.zeros(2, 5, dtype=torch.int32))),
+        "src_mask-shape": ("encoder", (x,), dict(src_mask=torch.zeros(4, 5, dtype=torch.bool))),
+        "d_model": ("encoder", (torch.randn(2, 5, D + 2),), {}),
+        "memory-d_model": ("decoder", (x, torch.randn(2, 3, D + 1)), {}),
+        "memory_mask-shape": ("decoder", (x, torch.randn(2, 3, D)), dict(memory_mask=torch.zeros(5, 4))),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad()))
+def test_bad_input_raises_torchs_exception_type(case):
+    kind, args, kw = _bad()[case]
+    theirs, ours = layer_twins(kind, batch_first=True)
+    with pytest.raises(Exception) as t:
+        theirs(*args, **kw)
+    with pytest.raises(Exception) as o:
+        ours(*args, **kw)
+    assert type(o.value) is type(t.value), f"torch raised {t.value!r}, we raised {o.value!r}"
+
+
+def test_transformer_bad_input():
+    theirs, ours = twins("Transformer", D, NHEAD, 1, 1, FF, batch_first=True)
+    for args in [(torch.randn(2, 5, D), torch.randn(3, 4, D)), (torch.randn(2, 5, D), torch.randn(2, 4, D + 1))]:
+        for m in (theirs, ours):
+            with pytest.raises(RuntimeError):
+                m(*args)
+    with pytest.raises(RuntimeError, match="relu/gelu"):
+        fnn.TransformerEncoderLayer(D, NHEAD, activation="swish")
+
+
+def test_in_place_activation_keeps_autograd_and_inputs():
+    """ReLU / dropout run in place on fresh activations only: the input is untouched and double use works."""
+    _, ours = layer_twins("encoder", dropout=0.1)
+    ours.train()
+    x = torch.randn(5, 2, D, requires_grad=True)
+    before = x.detach().clone()
+    y = ours(x)
+    y.sum().backward()
+    assert torch.equal(x.detach(), before) and torch.isfinite(x.grad).all()
+    with torch.inference_mode():
+        ours.eval()
+        xi = before.clone()
+        ours(xi)
+        assert torch.equal(xi, before)
+    z = ours(x) * 2
+    z.mul_(3)  # the output is the caller's to modify
+    F.relu(z).sum().backward()
