@@ -60,7 +60,8 @@ def run(benchmark, models, impl, ids, mask, group, info):
     benchmark.group = group
     benchmark.extra_info.update(info, impl=impl, device=DEVICE, dtype=str(DTYPE)[6:])
     benchmark.pedantic(step, warmup_rounds=1, rounds=ROUNDS, iterations=1)
-    benchmark.extra_info["tokens/s"] = ids.numel() / benchmark.stats.stats.median
+    if benchmark.stats is not None:  # None under --benchmark-disable (a plain run of each step)
+        benchmark.extra_info["tokens/s"] = ids.numel() / benchmark.stats.stats.median
 
 
 def _inputs(vocab, B, L, padded):
