@@ -153,20 +153,29 @@ def int8_matmul_ref(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Te
                     b_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                     out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """a int8 (M, K) @ b int8 (N, K)^T accumulated exactly, then out = acc * a_scale[m] * b_scale[n] + bias[n]
-    in float32, cast to out_dtype. out_dtype=torch.int32 returns the accumulator (no scales, no bias)."""
+    in float32, cast to out_dtype. out_dtype=torch.int32 returns the accumulator (no scales, no bias). Leading batch
+    dims, on every argument alike, are batched."""
     # exact in float64 (every partial sum is an integer below 2**53; CUDA has no int64 matmul): |acc| < 2**31
     # for K < 2**17
-    acc = (a.to(torch.float64) @ b.to(torch.float64).T).to(torch.int64)
+    acc = (a.to(torch.float64) @ b.to(torch.float64).transpose(-1, -2)).to(torch.int64)
     if out_dtype == torch.int32:
         return acc.to(torch.int32)
     out = acc.to(torch.float32)  # the kernels' epilogue rounds the int32 accumulator to float32 the same way
     if a_scale is not None:
-        out = out * a_scale.to(torch.float32).reshape(-1, 1)
+        out = out * _per_row(a_scale.to(torch.float32))
     if b_scale is not None:
-        out = out * b_scale.to(torch.float32).reshape(1, -1)
+        out = out * _per_col(b_scale.to(torch.float32))
     if bias is not None:
-        out = out + bias.to(torch.float32)
+        out = out + _per_col(bias.to(torch.float32))
     return out.to(out_dtype)
+
+
+def _per_row(t: torch.Tensor) -> torch.Tensor:  # (..., M) -> (..., M, 1); a scalar stays one
+    return t[..., :, None] if t.dim() else t
+
+
+def _per_col(t: torch.Tensor) -> torch.Tensor:  # (..., N) -> (..., 1, N); a scalar stays one
+    return t[..., None, :] if t.dim() else t
 
 
 def quantize_rows_ref(x: torch.Tensor, smooth: Optional[torch.Tensor] = None):
@@ -187,8 +196,9 @@ def quantize_rows_ref(x: torch.Tensor, smooth: Optional[torch.Tensor] = None):
 
 def w8a16_matmul_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Weight-only int8: (x @ w^T) * w_scale[n] (+ bias[n]) computed in float32, cast to x's dtype."""
-    out = (x.to(torch.float32) @ w.to(torch.float32).T) * w_scale.to(torch.float32)
+    """Weight-only int8: (x @ w^T) * w_scale[n] (+ bias[n]) computed in float32, cast to x's dtype. x is (M, K) or
+    batched (..., M, K) with the weights batched alike."""
+    out = (x.to(torch.float32) @ w.to(torch.float32).transpose(-1, -2)) * _per_col(w_scale.to(torch.float32))
     if bias is not None:
-        out = out + bias.to(torch.float32)
+        out = out + _per_col(bias.to(torch.float32))
     return out.to(x.dtype)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..backends import Dispatcher, Impl, compiled_op, forced_backend_name, triton_op
 from ..reference import add_norm_ref, norm_residual_dtype
+from .batching import fold, front, is_legacy_batched, is_transformed, unfold
 
 MAX_COLS = 65536
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -166,41 +167,59 @@ class _LeafAccumulation:
 
 
 class AddNormFunction(torch.autograd.Function):
+    """(y, s, mean, rstd) of add+norm over the last dim of x. s is the stored x + residual (shaped like x; empty
+    unless store_s), mean / rstd the per-row statistics (M,): the backward's, not differentiable. torch.func: vmap
+    moves the vmapped dim in front of the rows (one launch), and the backward is AddNormBackward."""
+
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, is_rms, prenorm, s_dtype, backend):
+    def forward(x, residual, weight, bias, eps, is_rms, prenorm, s_dtype, backend, needs_grad):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()  # (M, N)
         r2 = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
-        needs_grad = any(ctx.needs_input_grad[:4])
         s_fp32 = s_dtype == torch.float32 and x.dtype != torch.float32
         store_s = prenorm or (needs_grad and (residual is not None or s_fp32))
         fwd = add_norm_fwd_op if torch.compiler.is_compiling() else _fwd
         y, s, mean, rstd = fwd(x2, r2, weight, bias, eps, is_rms, store_s, s_fp32, backend)
-        if needs_grad:
-            ctx.save_for_backward(s if store_s else x2, mean, rstd, weight)
-        # Both gradients wanted and one of x, residual a leaf: its AccumulateGrad would clone a dx shared by two edges.
-        ctx.leaf_pair = (residual is not None and all(ctx.needs_input_grad[:2]) and (x.is_leaf or residual.is_leaf))
-        ctx.leaf_accumulation = _LeafAccumulation(x, residual) if ctx.leaf_pair else None
-        ctx.meta = (shape, is_rms, bias is not None, backend, None if residual is None else residual.dtype,
-                    None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        y = y.view(shape)
-        return (y, s.view(shape)) if prenorm else y
+        return y.view(shape), (s.view(shape) if store_s else s), mean, rstd
 
     @staticmethod
-    def backward(ctx, dy, ds=None):
+    def setup_context(ctx, inputs, output):
+        x, residual, weight, bias, eps, is_rms, prenorm, s_dtype, backend, needs_grad = inputs
+        y, s, mean, rstd = output
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*((mean, rstd) if prenorm else (s, mean, rstd)))
+        if needs_grad:
+            ctx.save_for_backward(s if s.numel() or not x.numel() else x, mean, rstd, weight)
+        # Both gradients wanted and one of x, residual a leaf: its AccumulateGrad would clone a dx shared by two edges.
+        ctx.leaf_pair = (residual is not None and all(ctx.needs_input_grad[:2]) and (x.is_leaf or residual.is_leaf))
+        ctx.leaf_accumulation = None if not ctx.leaf_pair or torch.compiler.is_compiling() or \
+            is_transformed(x, residual) else _LeafAccumulation(x, residual)
+        ctx.y_dtype = y.dtype
+        ctx.meta = (x.shape, is_rms, bias is not None, backend, None if residual is None else residual.dtype,
+                    None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+
+    @staticmethod
+    def backward(ctx, dy, ds, dmean, drstd):
         shape, is_rms, has_bias, backend, res_dtype, w_dtype, b_dtype = ctx.meta
         s, mean, rstd, weight = ctx.saved_tensors
         N = shape[-1]
-        dy2 = dy.reshape(-1, N).contiguous()
-        ds2 = None if ds is None else ds.reshape(-1, N).to(s.dtype).contiguous()
+        s = s.reshape(-1, N)
+        dy2 = torch.zeros_like(s, dtype=ctx.y_dtype) if dy is None else dy.reshape(-1, N)  # only s was used
+        ds2 = None if ds is None else ds.reshape(-1, N).to(s.dtype)
         # A float32 residual's gradient comes from the kernel as its own float32 tensor: for a half x it has another
         # dtype; for a float32 x beside a leaf that this pass accumulates into it spares autograd a copy (a leaf's
         # AccumulateGrad clones a gradient that another edge still holds). Otherwise (activations, or
         # torch.autograd.grad capturing the leaves) dx serves both, as torch's x + r does: one tensor pass fewer.
-        dres_fp32 = res_dtype == torch.float32 and (
-            dy.dtype != torch.float32 or (ctx.leaf_pair and ctx.leaf_accumulation.runs()))
-        bwd = add_norm_bwd_op if torch.compiler.is_compiling() else _bwd
-        dx, dres, dw, db = bwd(dy2, s, mean, rstd, weight, ds2, has_bias, is_rms, dres_fp32, backend)
+        dres_fp32 = res_dtype == torch.float32 and (dy2.dtype != torch.float32 or (ctx.leaf_pair and (
+            ctx.leaf_accumulation is None or ctx.leaf_accumulation.runs())))
+        flags = (has_bias, is_rms, dres_fp32, backend)
+        compiling = torch.compiler.is_compiling()
+        if not compiling and is_transformed(dy2, s, mean, rstd, weight, ds2):  # torch.func
+            dx, dres, dw, db = AddNormBackward.apply(dy2, s, mean, rstd, weight, ds2, *flags)
+        else:  # the custom op for torch.compile and gradcheck's batched grads (legacy vmap)
+            bwd = add_norm_bwd_op if compiling or is_legacy_batched(dy2, ds2) else _bwd
+            dx, dres, dw, db = bwd(dy2.contiguous(), s.contiguous(), mean, rstd, weight,
+                                   None if ds2 is None else ds2.contiguous(), *flags)
         dx = dx.view(shape)
         if res_dtype is None or not ctx.needs_input_grad[1]:
             dr = None
@@ -208,7 +227,70 @@ class AddNormFunction(torch.autograd.Function):
             dr = dres.view(shape) if dres_fp32 else dx.to(res_dtype)
         dw = dw.to(w_dtype) if weight is not None and ctx.needs_input_grad[2] else None
         db = db.to(b_dtype) if has_bias and ctx.needs_input_grad[3] else None
-        return dx, dr, dw, db, None, None, None, None, None
+        return dx, dr, dw, db, None, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, residual, weight, bias, *flags):
+        n = info.batch_size
+        if in_dims[2] is not None or in_dims[3] is not None:  # a weight per sample: the reference, batched by torch
+            return _vmapped_ref_fwd(info, in_dims, x, residual, weight, bias, *flags)
+        # the vmapped dim becomes the outermost row dim: the rows of every sample in one launch
+        x, residual = front(x, in_dims[0], n), front(residual, in_dims[1], n)
+        y, s, mean, rstd = AddNormFunction.apply(x, residual, weight, bias, *flags)
+        return (y, s, unfold(mean, n) if mean.numel() else mean, unfold(rstd, n)), \
+            (0, 0 if s.numel() else None, 0 if mean.numel() else None, 0)
+
+
+def _vmapped_ref_fwd(info, in_dims, x, residual, weight, bias, eps, is_rms, prenorm, s_dtype, backend, needs_grad):
+    def one(x, residual, weight, bias):
+        shape = x.shape
+        r2 = None if residual is None else residual.reshape(-1, shape[-1])
+        s_fp32 = s_dtype == torch.float32 and x.dtype != torch.float32
+        y, s, mean, rstd = _ref_fwd(x.reshape(-1, shape[-1]), r2, weight, bias, eps, is_rms, True, s_fp32)
+        return y.view(shape), s.view(shape), mean, rstd
+
+    y, s, mean, rstd = torch.vmap(one, in_dims=in_dims[:4], randomness=info.randomness)(x, residual, weight, bias)
+    if not (prenorm or needs_grad):
+        s = s.new_empty(0)
+    return (y, s, mean, rstd), (0, 0 if s.numel() else None, 0 if mean.numel() else None, 0)
+
+
+class AddNormBackward(torch.autograd.Function):
+    """The add+norm backward as a function of its own, so that torch.func can batch it (jacrev, per-sample
+    gradients); it has no derivative itself (no double backward)."""
+
+    @staticmethod
+    def forward(dy, s, mean, rstd, weight, ds, has_bias, is_rms, dres_fp32, backend):
+        return tuple(_bwd(dy.contiguous(), s.contiguous(), mean, rstd, weight, None if ds is None else ds.contiguous(),
+                          has_bias, is_rms, dres_fp32, backend))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("fastattn add+norm: double backward is not implemented")
+
+    @staticmethod
+    def vmap(info, in_dims, dy, s, mean, rstd, weight, ds, has_bias, is_rms, dres_fp32, backend):
+        n = info.batch_size
+        if in_dims[4] is not None:  # a weight per sample: the reference backward, batched by torch
+            out = torch.vmap(lambda *t: tuple(_ref_bwd(*t, has_bias, is_rms, dres_fp32)), in_dims=in_dims[:6],
+                             randomness=info.randomness)(dy, s, mean, rstd, weight, ds)
+            return out, tuple(0 if t.numel() else None for t in out)
+        dy, s, ds = (fold(t, d, n) for t, d in zip((dy, s, ds), (in_dims[0], in_dims[1], in_dims[5])))
+        mean = fold(mean, in_dims[2], n) if mean.numel() else mean
+        rstd = fold(rstd, in_dims[3], n)
+        dx, dres, _, _ = AddNormBackward.apply(dy, s, mean, rstd, weight, ds, False, is_rms, dres_fp32, backend)
+        # the kernel sums dweight / dbias over all rows of every sample: per sample here, in torch ops
+        cdt = _stats_dtype(dy.dtype)
+        dyc = dy.to(cdt).view(n, -1, dy.shape[-1])  # (n, M, N)
+        xhat = ((s.to(cdt) if is_rms else s.to(cdt) - mean.to(cdt)[:, None]) * rstd.to(cdt)[:, None]).view_as(dyc)
+        dw = (dyc * xhat).sum(1) if weight is not None else dy.new_empty(0, dtype=cdt)
+        db = dyc.sum(1) if has_bias else dy.new_empty(0, dtype=cdt)
+        out = (unfold(dx, n), unfold(dres, n) if dres.numel() else dres, dw, db)
+        return out, (0, 0 if dres.numel() else None, 0 if dw.numel() else None, 0 if db.numel() else None)
 
 
 def _check_tensor(name: str, t, x: Tensor, shape, dtypes) -> None:
@@ -246,8 +328,10 @@ def _add_norm(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32)
     s_dtype = norm_residual_dtype(x, residual, residual_in_fp32)
     if residual is not None and x.dtype == torch.float64 and residual.dtype != torch.float64:
         residual = residual.double()  # kernels take a residual of x's dtype or float32 (s is float64 here)
-    return AddNormFunction.apply(x, residual, weight, bias, float(eps), is_rms, bool(prenorm), s_dtype,
-                                 forced_backend_name())
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias))
+    y, s, _, _ = AddNormFunction.apply(x, residual, weight, bias, float(eps), is_rms, bool(prenorm), s_dtype,
+                                       forced_backend_name(), needs_grad)
+    return (y, s) if prenorm else y
 
 
 def add_layer_norm(x: Tensor, residual: Optional[Tensor] = None, weight: Optional[Tensor] = None,

@@ -3,7 +3,7 @@ loops over (attention's batch, add+norm's and the INT8 GEMM's rows), runs the ke
 No Python loop over the vmapped dimension."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -16,32 +16,25 @@ def is_transformed(*tensors: Optional[Tensor]) -> bool:
     return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-def is_legacy_batched(t: Tensor) -> bool:
+def is_legacy_batched(*tensors: Optional[Tensor]) -> bool:
     """True for the batched tensors of torch's legacy vmap, which gradcheck(check_batched_grad=True) still uses: they
     are batched by running the custom op once per sample (torch's fallback), since no vmap rule sees them."""
-    return torch._C._functorch.is_legacy_batchedtensor(t)
+    return any(t is not None and torch._C._functorch.is_legacy_batchedtensor(t) for t in tensors)
 
 
-def fold(t: Optional[Tensor], bdim: Optional[int], size: int, dim: int = 0) -> Optional[Tensor]:
-    """t with its vmapped dim (at bdim, or absent: broadcast) merged into ``dim``: shape (..., size * n, ...), the
-    vmapped index outermost. A view whenever the strides allow it."""
+def front(t: Optional[Tensor], bdim: Optional[int], size: int) -> Optional[Tensor]:
+    """t with its vmapped dim (at bdim, or absent: broadcast as a stride-0 view) in front."""
     if t is None:
         return None
-    if bdim is None:
-        t = t.unsqueeze(dim).expand(*t.shape[:dim], size, *t.shape[dim:])
-    else:
-        t = t.movedim(bdim, dim)
-    return t.flatten(dim, dim + 1)
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
 
 
-def unfold(t: Tensor, size: int, dim: int = 0) -> Tensor:
-    """Inverse of :func:`fold` for an output: (..., size * n, ...) -> (..., size, n, ...) with the vmapped dim at
-    ``dim``."""
-    return t.unflatten(dim, (size, t.shape[dim] // size))
+def fold(t: Optional[Tensor], bdim: Optional[int], size: int) -> Optional[Tensor]:
+    """t with its vmapped dim merged into its first dim: shape (size * n, ...), the vmapped index outermost. A view
+    whenever the strides allow it."""
+    return None if t is None else front(t, bdim, size).flatten(0, 1)
 
 
-def batched_size(in_dims: Sequence[Optional[int]], args: Sequence) -> int:
-    for d, a in zip(in_dims, args):
-        if d is not None:
-            return a.shape[d]
-    raise ValueError("vmap: no argument is batched")
+def unfold(t: Tensor, size: int) -> Tensor:
+    """Inverse of :func:`fold` for an output: (size * n, ...) -> (size, n, ...)."""
+    return t.unflatten(0, (size, t.shape[0] // size))

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..backends import Dispatcher, Impl, compiled_has, compiled_op, triton_op
 from ..reference import int8_matmul_ref, quantize_rows_ref, w8a16_matmul_ref
+from .batching import fold, front, is_transformed, unfold
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int32)
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -65,6 +66,11 @@ _w8a16 = Dispatcher("w8a16_matmul", [
 ])
 
 
+def _leading(n: int, in_dims, *tensors):
+    """tensors with the vmapped dim in front: what the batched references take."""
+    return [front(t, d, n) for t, d in zip(tensors, in_dims)]
+
+
 @torch.library.custom_op("fastattn::int8_mm", mutates_args=())
 def int8_mm_op(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Optional[Tensor], bias: Optional[Tensor],
                out_dtype: torch.dtype) -> Tensor:
@@ -77,6 +83,16 @@ def _(a, b, a_scale, b_scale, bias, out_dtype):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
+@int8_mm_op.register_vmap
+def _(info, in_dims, a, b, a_scale, b_scale, bias, out_dtype):
+    n = info.batch_size
+    if any(d is not None for d in in_dims[1:]):  # weights or scales per sample: the exact reference, batched
+        return int8_matmul_ref(*_leading(n, in_dims, a, b, a_scale, b_scale, bias), out_dtype=out_dtype), 0
+    # the vmapped dim folds into the rows of a and its scales: one GEMM
+    a, a_scale = fold(a, in_dims[0], n), fold(a_scale, in_dims[2], n)
+    return unfold(int8_mm_op(a.contiguous(), b, a_scale, b_scale, bias, out_dtype), n), 0
+
+
 @torch.library.custom_op("fastattn::quantize_rows", mutates_args=())
 def quantize_rows_op(x: Tensor, smooth: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     q, s = _quant.select(Int8Request(x.device.type, x.dtype, x.shape[1], x.shape[0] <= DECODE_M)).fwd(x, smooth)
@@ -86,6 +102,16 @@ def quantize_rows_op(x: Tensor, smooth: Optional[Tensor]) -> tuple[Tensor, Tenso
 @quantize_rows_op.register_fake
 def _(x, smooth):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@quantize_rows_op.register_vmap
+def _(info, in_dims, x, smooth):
+    n = info.batch_size
+    if in_dims[1] is not None:  # a smoothing vector per sample
+        x, smooth = _leading(n, in_dims, x, smooth)
+        return quantize_rows_ref(x, smooth[:, None, :]), (0, 0)
+    q, s = quantize_rows_op(fold(x, in_dims[0], n).contiguous(), smooth)
+    return (unfold(q, n), unfold(s, n)), (0, 0)
 
 
 def _scale_vector(name: str, s, n: int, lead, device) -> Optional[Tensor]:
@@ -153,7 +179,7 @@ def mm_rows(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Optional[T
             out_dtype: torch.dtype) -> Tensor:
     """int8_matmul on arguments already checked and in the backend contract's form (contiguous 2-D int8 a, b;
     float32 (M,) / (N,) scales and bias or None): Int8Linear's per-call path, without the re-validation."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or is_transformed(a, b, a_scale, b_scale, bias):  # torch.compile, torch.func
         return int8_mm_op(a, b, a_scale, b_scale, bias, out_dtype)
     M, K = a.shape
     return _mm.select(Int8Request(a.device.type, out_dtype, K, M <= DECODE_M)).fwd(a, b, a_scale, b_scale, bias,
@@ -180,7 +206,7 @@ def _quantize(x: Tensor, smooth: Optional[Tensor], name: str):
 
 def quantize_rows(x: Tensor, smooth: Optional[Tensor]):
     """Per-row quantization of a checked contiguous (M, K) x (smooth: float32 (K,) or None), as the backends take it."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or is_transformed(x, smooth):
         return quantize_rows_op(x, smooth)
     M, K = x.shape
     return _quant.select(Int8Request(x.device.type, x.dtype, K, M <= DECODE_M)).fwd(x, smooth)
@@ -210,6 +236,14 @@ def _(x, w, w_scale, bias):
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
+@w8a16_mm_op.register_vmap
+def _(info, in_dims, x, w, w_scale, bias):
+    n = info.batch_size
+    if any(d is not None for d in in_dims[1:]):  # weights per sample: the reference, batched
+        return w8a16_matmul_ref(*_leading(n, in_dims, x, w, w_scale, bias)), 0
+    return unfold(w8a16_mm_op(fold(x, in_dims[0], n).contiguous(), w, w_scale, bias), n), 0
+
+
 def w8a16_matmul(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """Weight-only int8 linear: (x @ w^T) * w_scale[n] (+ bias[n]) in x's dtype. x (..., K) float; w int8 (N, K);
     w_scale (N,). For memory-bound decoding (small M): the weight moves as int8."""
@@ -234,6 +268,6 @@ def w8a16_matmul(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] =
 
 def w8a16_rows(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """w8a16_matmul on checked contiguous 2-D x, w and float32 (N,) w_scale / bias (or None)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or is_transformed(x, w, w_scale, bias):
         return w8a16_mm_op(x, w, w_scale, bias)
     return _w8a16.select(Int8Request(x.device.type, x.dtype, x.shape[1])).fwd(x, w, w_scale, bias)

@@ -1,0 +1,115 @@
+"""torch.func on add+norm and the INT8 ops (attention's are in test_sdpa_conformance.py): vmap folds the vmapped dim
+into the kernel's rows (one launch), grad / jacrev / per-sample gradients match the reference's, and
+gradcheck(check_batched_grad=True) passes in float64."""
+import pytest
+import torch
+from torch.func import grad, jacrev, vmap
+
+import fastattn
+from fastattn.ops import add_norm as add_norm_op
+from fastattn.reference import add_norm_ref, int8_matmul_ref, quantize_rows_ref, w8a16_matmul_ref
+from conftest import backend_device
+
+NORM_BK = pytest.mark.parametrize("backend_name", ["reference", "cpu", "triton"], indirect=True)
+
+
+def randn(*shape, seed=0, dtype=torch.float64, dev="cpu"):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(dev)
+
+
+def norm_fns(prenorm, rms):
+    if rms:
+        return (lambda x, r, w, b: fastattn.add_rms_norm(x, r, w, prenorm=prenorm),
+                lambda x, r, w, b: add_norm_ref(x, r, w, None, 1e-6, is_rms=True, prenorm=prenorm, upcast=True))
+    return (lambda x, r, w, b: fastattn.add_layer_norm(x, r, w, b, prenorm=prenorm),
+            lambda x, r, w, b: add_norm_ref(x, r, w, b, prenorm=prenorm, upcast=True))
+
+
+def scalar(f, prenorm):
+    """A scalar loss of every output of f."""
+    def loss(*args):
+        out = f(*args)
+        return out[0].sin().sum() + out[1].cos().sum() if prenorm else out.sin().sum()
+    return loss
+
+
+@NORM_BK
+@pytest.mark.parametrize("prenorm", [False, True])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_add_norm_vmap(backend_name, prenorm, rms, monkeypatch):
+    dev = backend_device(backend_name)
+    dt = torch.float32 if backend_name == "triton" else torch.float64
+    x, r = randn(3, 4, 16, dtype=dt, dev=dev), randn(3, 4, 16, seed=1, dtype=dt, dev=dev)
+    w, b = randn(3, 16, seed=2, dtype=dt, dev=dev), randn(3, 16, seed=3, dtype=dt, dev=dev)
+    ours, ref = norm_fns(prenorm, rms)
+    calls = []
+    real = add_norm_op._fwd
+    monkeypatch.setattr(add_norm_op, "_fwd", lambda x2, *a: calls.append(x2.shape) or real(x2, *a))
+    with fastattn.backend(backend_name):
+        for in_dims, args in [((0, 0, None, None), (x, r, w[0], b[0])), ((2, None, None, None), (x, r[:, :, 0],
+                              w[0, :4], b[0, :4])), ((1, 1, None, None), (x, r, w[0], b[0]))]:
+            calls.clear()
+            torch.testing.assert_close(vmap(ours, in_dims=in_dims)(*args), vmap(ref, in_dims=in_dims)(*args))
+            assert len(calls) == 1, calls  # the vmapped dim folded into the rows: one launch
+        # a weight per sample: the reference, batched by torch
+        torch.testing.assert_close(vmap(ours)(x, r, w, b), vmap(ref)(x, r, w, b))
+
+
+@NORM_BK
+@pytest.mark.parametrize("prenorm", [False, True])
+def test_add_norm_grad_jacrev_per_sample(backend_name, prenorm):
+    dev = backend_device(backend_name)
+    dt = torch.float32 if backend_name == "triton" else torch.float64
+    x, r = randn(3, 4, 16, dtype=dt, dev=dev), randn(3, 4, 16, seed=1, dtype=dt, dev=dev)
+    w, b = randn(16, seed=2, dtype=dt, dev=dev), randn(16, seed=3, dtype=dt, dev=dev)
+    ours, ref = norm_fns(prenorm, False)
+    args = (0, 1, 2, 3)
+    with fastattn.backend(backend_name):
+        got = [grad(scalar(ours, prenorm), argnums=args)(x, r, w, b),
+               jacrev(lambda x: ours(x, r[0], w, b)[0] if prenorm else ours(x, r[0], w, b))(x[0]),
+               vmap(grad(scalar(ours, prenorm), argnums=args), in_dims=(0, 0, None, None))(x, r, w, b),
+               vmap(grad(scalar(ours, prenorm), argnums=args))(x, r, w.expand(3, 16), b.expand(3, 16))]
+    expected = [grad(scalar(ref, prenorm), argnums=args)(x, r, w, b),
+                jacrev(lambda x: ref(x, r[0], w, b)[0] if prenorm else ref(x, r[0], w, b))(x[0]),
+                vmap(grad(scalar(ref, prenorm), argnums=args), in_dims=(0, 0, None, None))(x, r, w, b),
+                vmap(grad(scalar(ref, prenorm), argnums=args))(x, r, w.expand(3, 16), b.expand(3, 16))]
+    tol = dict(atol=1e-4, rtol=1e-4) if dt == torch.float32 else {}
+    torch.testing.assert_close(got, expected, **tol)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"], indirect=True)
+@pytest.mark.parametrize("prenorm", [False, True])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_add_norm_gradcheck_batched(backend_name, prenorm, rms):
+    leaves = [randn(*s, seed=i).requires_grad_() for i, s in enumerate([(3, 8), (3, 8), (8,), (8,)])]
+    ours, _ = norm_fns(prenorm, rms)
+
+    def f(*t):
+        with fastattn.backend(backend_name):
+            return ours(*t)
+
+    assert torch.autograd.gradcheck(f, leaves, check_batched_grad=True)
+
+
+# ---- INT8 (inference ops: vmap) ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend_name", ["reference", "cpu", "triton"], indirect=True)
+def test_int8_vmap(backend_name):
+    dev = backend_device(backend_name)
+    x = randn(3, 5, 32, dtype=torch.float32, dev=dev)
+    w8, ws = quantize_rows_ref(randn(16, 32, seed=1, dtype=torch.float32, dev=dev))
+    wb = torch.stack([w8, w8.flip(0), w8.flip(1)])
+    smooth = torch.rand(3, 32, generator=torch.Generator().manual_seed(2)).to(dev) + 0.5
+    with fastattn.backend(backend_name):
+        q, s = vmap(fastattn.quantize_per_token)(x)
+        qs, ss = vmap(fastattn.quantize_per_token)(x, smooth)
+        out = vmap(lambda a, sa: fastattn.int8_matmul(a, w8, sa, ws, out_dtype=torch.float32))(q, s)
+        out_w = vmap(lambda a, sa, w: fastattn.int8_matmul(a, w, sa, ws, out_dtype=torch.float32))(q, s, wb)
+    for i in range(3):  # exact ops: bit-equal to the reference, sample by sample
+        assert torch.equal(q[i], quantize_rows_ref(x[i])[0]) and torch.equal(s[i], quantize_rows_ref(x[i])[1])
+        assert torch.equal(qs[i], quantize_rows_ref(x[i], smooth[i])[0])
+        assert torch.equal(out[i], int8_matmul_ref(q[i], w8, s[i], ws, out_dtype=torch.float32))
+        assert torch.equal(out_w[i], int8_matmul_ref(q[i], wb[i], s[i], ws, out_dtype=torch.float32))
+    y = vmap(lambda x: fastattn.w8a16_matmul(x, w8, ws))(x)
+    y_w = vmap(lambda x, w: fastattn.w8a16_matmul(x, w, ws))(x, wb)
+    torch.testing.assert_close(y, torch.stack([w8a16_matmul_ref(x[i], w8, ws) for i in range(3)]))
+    torch.testing.assert_close(y_w, torch.stack([w8a16_matmul_ref(x[i], wb[i], ws) for i in range(3)]))
