@@ -5,7 +5,6 @@ compute norm(x + sublayer(x)) in one kernel, pre-norm layers carry the residual 
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, Optional, Union
 
 import torch
