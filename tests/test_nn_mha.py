@@ -377,8 +377,8 @@ def test_masks_reach_the_kernel_unexpanded(monkeypatch, mask, want):
 
 
 def test_fully_masked_rows_give_zero():
-    """The one documented difference: a query whose keys are all masked gives 0 (output, weights, gradients)
-    where torch's weights path gives NaN."""
+    """The one documented difference: a query whose keys are all masked attends to nothing (attention output,
+    weights and gradients 0) where torch's weights path gives NaN (its need_weights=False path gives 0 too)."""
     theirs, ours = pair()
     L, B = 3, 2
     x = torch.randn(L, B, E, requires_grad=True)
@@ -386,6 +386,8 @@ def test_fully_masked_rows_give_zero():
     m[1] = True  # query 1 sees no key
     a, wa = theirs(x, x, x, attn_mask=m)
     assert torch.isnan(wa[:, 1]).all()
+    torch.testing.assert_close(theirs(x, x, x, attn_mask=m, need_weights=False)[0][1],
+                               theirs.out_proj.bias.expand(B, E))
     b, wb = ours(x, x, x, attn_mask=m)
     assert torch.isfinite(b).all() and torch.equal(wb[:, 1], torch.zeros_like(wb[:, 1]))
     torch.testing.assert_close(b[1], ours.out_proj.bias.expand(B, E))

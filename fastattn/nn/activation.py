@@ -224,9 +224,10 @@ class MultiheadAttention(nn.MultiheadAttention):
     is_causal is the hint torch takes it for: it needs an attn_mask, and the kernel runs causal (ignoring the mask)
     exactly when torch's SDPA would, i.e. without a key_padding_mask and with need_weights=False.
 
-    **One difference from torch:** a query whose keys are all masked out gives 0 (output and weights, and 0
-    gradients) where torch gives NaN, as everywhere in fastattn. A NestedTensor input is refused (torch takes one
-    on its inference fast path only).
+    **One difference from torch:** a query whose keys are all masked out attends to nothing: its attention output is
+    0 (so the module's output there is out_proj.bias), its weights 0 and its gradients 0, as everywhere in fastattn.
+    torch gives the same on the CPU with need_weights=False in its general path, but NaN with need_weights=True and
+    on its inference fast path. A NestedTensor input is refused (torch takes one on its inference fast path only).
     """
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
