@@ -1,0 +1,88 @@
+"""Reading HF checkpoint folders (config.json + model.safetensors or pytorch_model.bin) for the ``from_hf`` importers,
+with errors that name the missing key or the wrong shape."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be imported: a missing key, a wrong shape, or an unsupported setting."""
+
+
+def read_hf_folder(path: str) -> Tuple[dict, Dict[str, Tensor]]:
+    """(config dict, state dict) of a local HF model folder. Weights: model.safetensors, else pytorch_model.bin
+    (loaded with ``weights_only=True``). Sharded checkpoints (an index JSON) are read shard by shard."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path}: no config.json")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    state: Dict[str, Tensor] = {}
+    for index, single, loader in (("model.safetensors.index.json", "model.safetensors", _load_safetensors),
+                                  ("pytorch_model.bin.index.json", "pytorch_model.bin", _load_bin)):
+        if os.path.isfile(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                for shard in sorted(set(json.load(f)["weight_map"].values())):
+                    state.update(loader(os.path.join(path, shard)))
+            return config, state
+        if os.path.isfile(os.path.join(path, single)):
+            return config, loader(os.path.join(path, single))
+    raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def _load_safetensors(file: str) -> Dict[str, Tensor]:
+    from safetensors.torch import load_file
+    return load_file(file)
+
+
+def _load_bin(file: str) -> Dict[str, Tensor]:
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+class KeyMap:
+    """Takes tensors out of an HF state dict by name (trying each of ``prefixes``), checking shapes."""
+
+    def __init__(self, state: Dict[str, Tensor], prefixes: Sequence[str] = ("",)):
+        self.state = state
+        self.prefixes = [p for p in prefixes if any(k.startswith(p) for k in state)] or [""]
+
+    def has(self, key: str) -> bool:
+        return any(p + key in self.state for p in self.prefixes)
+
+    def take(self, key: str, shape: Optional[Sequence[int]] = None, transpose: bool = False) -> Tensor:
+        for p in self.prefixes:
+            if p + key in self.state:
+                t = self.state[p + key]
+                if transpose:
+                    t = t.t()
+                if shape is not None and tuple(t.shape) != tuple(shape):
+                    stored = tuple(t.shape[::-1]) if transpose else tuple(t.shape)
+                    raise CheckpointError(f"checkpoint key {p + key!r}: shape {stored}, expected "
+                                          f"{tuple(shape[::-1]) if transpose else tuple(shape)}")
+                return t
+        raise CheckpointError(f"checkpoint key {self.prefixes[0] + key!r} is missing")
+
+
+def load_mapped(model: nn.Module, state: Dict[str, Tensor]) -> None:
+    """Copy a state dict built by an importer into the model: every model key must be there with its shape."""
+    own = model.state_dict()
+    for key, t in own.items():
+        if key not in state:
+            raise CheckpointError(f"importer built no tensor for the model's {key!r}")
+        if tuple(state[key].shape) != tuple(t.shape):
+            raise CheckpointError(f"{key!r}: checkpoint gives {tuple(state[key].shape)}, the model has "
+                                  f"{tuple(t.shape)}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own}, strict=True)
+
+
+def hf_get(config: dict, *names, default=None):
+    """The first of ``names`` present in an HF config dict."""
+    for n in names:
+        if config.get(n) is not None:
+            return config[n]
+    return default

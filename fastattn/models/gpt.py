@@ -1,0 +1,267 @@
+"""GPT: a decoder-only causal language model on fastattn's fused ops (GPT-2 and Llama shapes), with a static KV cache,
+prefill / decode generation and import of HF GPT-2 and Llama-family checkpoints.
+
+    model = GPT(GPTConfig(vocab_size=50257, d_model=768, n_layer=12, n_head=12))
+    out = model(input_ids, labels=input_ids)                    # out.logits (B, L, V), out.loss
+    ids = model.generate(prompt, 128, temperature=0)              # greedy; temperature > 0 samples
+    model = GPT.from_hf("path/to/gpt2")                           # or a Llama-family folder
+
+Generation: ``setup_caches(batch, max_len)`` preallocates each layer's K/V (B, Hk, max_len, D); ``prefill`` runs the
+prompt (left-padded batches: ``attention_mask`` 1 = token, 0 = padding on the left), writes the cache and gives the
+last position's logits; ``decode_one`` runs one token per sequence against the whole cache with static shapes (the
+empty and padded slots masked), so it can be compiled or graphed. Positions count each sequence's real tokens only,
+so a left-padded prompt generates what it would alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import CheckpointError, KeyMap, hf_get, load_mapped, read_hf_folder
+from .layers import (Block, KVCache, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling, keep_mask,
+                     make_norm, padding_or_none, sample_next)
+
+
+@dataclass
+class GPTConfig(ModelConfig):
+    model_type = "gpt"
+
+
+class GPT(PretrainedMixin, nn.Module):
+    config_class = GPTConfig
+    head_modules = ("lm_head",)
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config: expected a GPTConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = Positions(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg) if cfg.norm_first else None  # post-norm blocks end normalised
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(_init_weights)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    # ---- the network ----
+    def hidden(self, input_ids: Tensor, positions: Tensor, *, causal: Optional[str] = "bottom_right",
+               key_padding_mask: Optional[Tensor] = None, input_pos: Optional[Tensor] = None,
+               use_cache: bool = False) -> Tensor:
+        """Final hidden states (B, L, d_model) of tokens (B, L) at ``positions`` (B, L)."""
+        x = self.tok_emb(input_ids)
+        pe = self.pos.embed(positions)
+        if pe is not None:
+            x = x + pe
+        if self.config.dropout:
+            x = F.dropout(x, self.config.dropout, self.training)
+        rotary = self.pos.rotary(positions, x.dtype)
+        h, residual = x, None
+        for block in self.blocks:
+            h, residual = block(h, residual, causal=causal, key_padding_mask=key_padding_mask, rotary=rotary,
+                                input_pos=input_pos, use_cache=use_cache)
+        return self.norm_f.post(h, residual) if self.norm_f is not None else h
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None) -> ModelOutput:
+        """input_ids (B, L); attention_mask (B, L) 1 = token, 0 = padding; labels (B, L) (shifted here: position t
+        predicts labels[t + 1]; -100 ignored). Returns .logits (B, L, V) and .loss."""
+        keep = keep_mask(input_ids, attention_mask)
+        positions = (keep.cumsum(-1) - 1).clamp_min(0)
+        h = self.hidden(input_ids, positions, key_padding_mask=padding_or_none(keep))
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss)
+
+    # ---- KV cache and generation ----
+    def setup_caches(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None, device=None) -> None:
+        """Preallocate every layer's K/V cache for ``batch`` sequences of up to ``max_len`` tokens (reused when the
+        shapes already match)."""
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"max_len: {max_len} > config.max_seq_len {self.config.max_seq_len}")
+        dtype = dtype or self.tok_emb.weight.dtype
+        device = device or self.tok_emb.weight.device
+        cache = self.blocks[0].attn.cache if len(self.blocks) else None
+        if cache is None or cache.k.shape[0] != batch or cache.k.shape[2] != max_len or cache.k.dtype != dtype:
+            cfg = self.config
+            for block in self.blocks:
+                block.attn.cache = KVCache(batch, cfg.n_kv_head, max_len, cfg.head_dim, dtype, device)
+        self.register_buffer("cache_padding", torch.ones(batch, max_len, dtype=torch.bool, device=device),
+                             persistent=False)  # True = padding or not written yet
+        self.register_buffer("next_pos", torch.zeros(batch, 1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("cache_index", torch.arange(max_len, device=device), persistent=False)
+
+    def prefill(self, input_ids: Tensor, keep: Tensor) -> Tensor:
+        """Run the prompt (B, L) (``keep``: bool (B, L), False = left padding) into the cache at positions 0..L-1;
+        return the last position's logits (B, V)."""
+        L = input_ids.shape[1]
+        positions = (keep.cumsum(-1) - 1).clamp_min(0)
+        self.cache_padding.fill_(True)
+        self.cache_padding[:, :L] = ~keep
+        self.next_pos.copy_(positions[:, -1:] + 1)
+        h = self.hidden(input_ids, positions, key_padding_mask=padding_or_none(keep), input_pos=self.cache_index[:L])
+        return self.lm_head(h[:, -1])
+
+    def decode_one(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        """One token per sequence (B, 1), written at cache slot ``input_pos`` (1,); attends over the whole cache with
+        the unwritten slots masked (static shapes). Returns logits (B, V)."""
+        self.cache_padding.index_fill_(1, input_pos, False)
+        h = self.hidden(tokens, self.next_pos, causal=None, key_padding_mask=self.cache_padding, input_pos=input_pos,
+                        use_cache=True)
+        self.next_pos += 1
+        return self.lm_head(h[:, -1])
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+                 attention_mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                 streamer: Optional[Callable[[Tensor], None]] = None) -> Tensor:
+        """Continue prompts (B, L) by up to max_new_tokens: (B, L + new). temperature 0 = greedy; else sampling with
+        top_k / top_p from ``generator`` (seeded: reproducible). Batches of different lengths: left padding and
+        attention_mask (1 = token). After eos_token_id a sequence is padded with eos; generation stops when every
+        sequence has finished. ``streamer(tokens (B,))`` is called with each new token batch."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        B, L = input_ids.shape
+        keep = keep_mask(input_ids, attention_mask)
+        if not bool(keep[:, -1].all()):
+            raise ValueError("attention_mask: generate needs prompts padded on the left (the last column is padding "
+                             "in some row)")
+        if max_new_tokens == 0:
+            return input_ids
+        total = L + max_new_tokens
+        self.setup_caches(B, total)
+        out = input_ids.new_empty(B, total)
+        out[:, :L] = input_ids
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        logits = self.prefill(input_ids, keep)
+        for i in range(max_new_tokens):
+            tok = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                tok = tok.masked_fill(finished, eos_token_id)
+                finished |= tok == eos_token_id
+            out[:, L + i] = tok
+            if streamer is not None:
+                streamer(tok)
+            if i + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
+                return out[:, :L + i + 1]
+            logits = self.decode_one(tok[:, None], self.cache_index[L + i:L + i + 1])
+        return out
+
+    # ---- HF checkpoints ----
+    @classmethod
+    def from_hf(cls, path: str, **overrides) -> "GPT":
+        """Import a local HF GPT-2 or Llama-family folder (config.json + model.safetensors or pytorch_model.bin).
+        ``overrides`` set config fields (e.g. backend="torch", dropout=0.1)."""
+        hf, state = read_hf_folder(path)
+        kind = hf.get("model_type")
+        if kind == "gpt2":
+            cfg, sd = _from_gpt2(hf, state)
+        elif kind in ("llama", "mistral"):
+            cfg, sd = _from_llama(hf, state)
+        else:
+            raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
+                                  "mistral)")
+        model = cls(GPTConfig.from_dict({**cfg.to_dict(), **overrides}))
+        load_mapped(model, sd)
+        return model
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+
+
+_GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+
+
+def _from_gpt2(hf: dict, state):
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        if hf.get(flag):
+            raise CheckpointError(f"config.json: {flag}=true is not supported by GPT.from_hf")
+    if hf.get("scale_attn_weights") is False:
+        raise CheckpointError("config.json: scale_attn_weights=false is not supported by GPT.from_hf")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _GPT2_ACT:
+        raise CheckpointError(f"config.json: activation_function {act!r} is not supported ({sorted(_GPT2_ACT)})")
+    d = hf["n_embd"]
+    cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["n_layer"], n_head=hf["n_head"],
+                    d_ff=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"], norm="layernorm",
+                    norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_first=True, mlp="gelu",
+                    activation=_GPT2_ACT[act], pos="learned", tie_embeddings=hf.get("tie_word_embeddings", True),
+                    bias=True)
+    m, f = KeyMap(state, ("transformer.", "")), cfg.d_ff
+    sd = {"tok_emb.weight": m.take("wte.weight", (cfg.vocab_size, d)),
+          "pos.weight": m.take("wpe.weight", (cfg.max_seq_len, d)),
+          "norm_f.weight": m.take("ln_f.weight", (d,)), "norm_f.bias": m.take("ln_f.bias", (d,))}
+    for i in range(cfg.n_layer):
+        h, b = f"h.{i}.", f"blocks.{i}."
+        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            sd[f"{b}{ours}.weight"] = m.take(f"{h}{theirs}.weight", (d,))
+            sd[f"{b}{ours}.bias"] = m.take(f"{h}{theirs}.bias", (d,))
+        # GPT-2's Conv1D stores (in, out): transposed into nn.Linear's (out, in)
+        for ours, theirs, shape in (("attn.wqkv", "attn.c_attn", (3 * d, d)), ("attn.wo", "attn.c_proj", (d, d)),
+                                    ("mlp.w_in", "mlp.c_fc", (f, d)), ("mlp.w_out", "mlp.c_proj", (d, f))):
+            sd[f"{b}{ours}.weight"] = m.take(f"{h}{theirs}.weight", shape, transpose=True)
+            sd[f"{b}{ours}.bias"] = m.take(f"{h}{theirs}.bias", shape[:1])
+    sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else \
+        KeyMap(state).take("lm_head.weight", (cfg.vocab_size, d))
+    return cfg, sd
+
+
+def _from_llama(hf: dict, state):
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise CheckpointError(f"config.json: rope type {rope_type!r} is not supported by GPT.from_hf (default only)")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise CheckpointError(f"config.json: hidden_act {act!r} is not supported (a SwiGLU MLP needs 'silu')")
+    attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    if attn_bias != mlp_bias:
+        raise CheckpointError(f"config.json: attention_bias={attn_bias} with mlp_bias={mlp_bias} is not supported "
+                              "(one bias setting for every Linear)")
+    d, H = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, d // H):
+        raise CheckpointError(f"config.json: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+    if hf.get("sliding_window") and hf.get("use_sliding_window", True) and hf.get("model_type") == "mistral":
+        raise CheckpointError("config.json: sliding_window attention is not supported by GPT.from_hf")
+    cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["num_hidden_layers"], n_head=H,
+                    n_kv_head=hf.get("num_key_value_heads") or H, d_ff=hf["intermediate_size"],
+                    max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
+                    norm_eps=hf.get("rms_norm_eps", 1e-6), norm_first=True, mlp="swiglu", activation="silu",
+                    pos="rotary", rope_theta=float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4))),
+                    tie_embeddings=hf.get("tie_word_embeddings", False), bias=attn_bias)
+    m, f, D, Hk = KeyMap(state, ("model.", "")), cfg.d_ff, cfg.head_dim, cfg.n_kv_head
+    sd = {"tok_emb.weight": m.take("embed_tokens.weight", (cfg.vocab_size, d)),
+          "norm_f.weight": m.take("norm.weight", (d,))}
+    for i in range(cfg.n_layer):
+        h, b = f"layers.{i}.", f"blocks.{i}."
+        sd[f"{b}norm1.weight"] = m.take(f"{h}input_layernorm.weight", (d,))
+        sd[f"{b}norm2.weight"] = m.take(f"{h}post_attention_layernorm.weight", (d,))
+        # q, k, v concatenated into wqkv; HF's rotate_half layout is ours, so no permutation
+        sd[f"{b}attn.wqkv.weight"] = torch.cat([m.take(f"{h}self_attn.q_proj.weight", (H * D, d)),
+                                                 m.take(f"{h}self_attn.k_proj.weight", (Hk * D, d)),
+                                                 m.take(f"{h}self_attn.v_proj.weight", (Hk * D, d))])
+        sd[f"{b}attn.wo.weight"] = m.take(f"{h}self_attn.o_proj.weight", (d, H * D))
+        sd[f"{b}mlp.w_in.weight"] = torch.cat([m.take(f"{h}mlp.gate_proj.weight", (f, d)),
+                                               m.take(f"{h}mlp.up_proj.weight", (f, d))])
+        sd[f"{b}mlp.w_out.weight"] = m.take(f"{h}mlp.down_proj.weight", (d, f))
+        if cfg.bias:
+            sd[f"{b}attn.wqkv.bias"] = torch.cat([m.take(f"{h}self_attn.{n}_proj.bias", (s,))
+                                                   for n, s in (("q", H * D), ("k", Hk * D), ("v", Hk * D))])
+            sd[f"{b}attn.wo.bias"] = m.take(f"{h}self_attn.o_proj.bias", (d,))
+            sd[f"{b}mlp.w_in.bias"] = torch.cat([m.take(f"{h}mlp.gate_proj.bias", (f,)),
+                                                 m.take(f"{h}mlp.up_proj.bias", (f,))])
+            sd[f"{b}mlp.w_out.bias"] = m.take(f"{h}mlp.down_proj.bias", (d,))
+    sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else \
+        KeyMap(state).take("lm_head.weight", (cfg.vocab_size, d))
+    return cfg, sd

@@ -1,0 +1,466 @@
+"""Pieces the model files share: the config base, norms that carry the residual stream, positions, attention with a
+static KV cache, the MLP, one Transformer block, sampling, and saving / loading.
+
+Every module takes ``backend``: "fastattn" runs fastattn's fused ops (``fastattn.attention``, ``add_layer_norm`` /
+``add_rms_norm`` with ``prenorm=True``), "torch" the same math from stock torch ops (F.scaled_dot_product_attention,
+F.layer_norm / F.rms_norm, x + r), with the same parameters and state_dict keys, for A/B runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.add_norm import add_layer_norm, add_rms_norm
+from ..ops.attention import attention
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+POSITIONS = ("learned", "sinusoidal", "rotary", "none")
+BACKENDS = ("fastattn", "torch")
+
+
+# ---- config ---------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """Fields every model shares. ``n_kv_head`` None = n_head (multi-head); 1 = multi-query; between: grouped-query.
+    ``d_ff`` None = 4 * d_model. ``mlp``: "gelu" (two Linears with ``activation`` between) or "swiglu"
+    (down(silu(gate(x)) * up(x))). ``norm_first``: pre-norm (True) or post-norm (False)."""
+    vocab_size: int = 50257
+    d_model: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: Optional[int] = None
+    d_ff: Optional[int] = None
+    max_seq_len: int = 1024
+    dropout: float = 0.0
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_first: bool = True
+    mlp: str = "gelu"
+    activation: str = "gelu"
+    pos: str = "learned"
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    bias: bool = True
+    backend: str = "fastattn"
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        self.validate()
+
+    def validate(self) -> None:
+        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("activation", ACTIVATIONS), ("pos", POSITIONS),
+                              ("backend", BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{type(self).__name__}.{name}: {getattr(self, name)!r} is not one of {allowed}")
+        for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "max_seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "n_layer" else 1):
+                raise ValueError(f"{type(self).__name__}.{name}: expected a positive int, got {v!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"{type(self).__name__}.n_head: {self.n_head} heads do not divide "
+                             f"d_model={self.d_model}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"{type(self).__name__}.n_kv_head: {self.n_kv_head} key/value heads do not divide "
+                             f"n_head={self.n_head}")
+        if self.pos == "rotary" and self.head_dim % 2:
+            raise ValueError(f"{type(self).__name__}.pos: rotary positions need an even head dim, got "
+                             f"{self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{type(self).__name__}.dropout: expected 0 <= dropout < 1, got {self.dropout!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"model_type": self.model_type, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]):
+        d = dict(d)
+        kind = d.pop("model_type", cls.model_type)
+        if kind != cls.model_type:
+            raise ValueError(f"{cls.__name__}.from_dict: model_type {kind!r}, expected {cls.model_type!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in names:
+                raise ValueError(f"{cls.__name__}.from_dict: unknown key {key!r} (known: {', '.join(sorted(names))})")
+        return cls(**d)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: str):
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    model_type = "base"
+
+
+# ---- norms: the residual stream -------------------------------------------------------------------------------
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm whose call also adds the residual. ``pre(x, residual)`` -> (norm(x + residual),
+    x + residual) (residual None: (norm(x), x)); ``post(x, residual)`` -> norm(x + residual). Parameters: weight,
+    bias (LayerNorm with bias only)."""
+
+    def __init__(self, dim: int, kind: str, eps: float, bias: bool, backend: str):
+        super().__init__()
+        self.kind, self.eps, self.backend = kind, eps, backend
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias and kind == "layernorm" else None
+
+    def _torch_norm(self, s: Tensor) -> Tensor:
+        if self.kind == "layernorm":
+            return F.layer_norm(s, s.shape[-1:], self.weight, self.bias, self.eps)
+        return F.rms_norm(s, s.shape[-1:], self.weight, self.eps)
+
+    def pre(self, x: Tensor, residual: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        if self.backend == "torch":
+            s = x if residual is None else x + residual
+            return self._torch_norm(s), s
+        if self.kind == "layernorm":
+            return add_layer_norm(x, residual, self.weight, self.bias, self.eps, prenorm=True)
+        return add_rms_norm(x, residual, self.weight, self.eps, prenorm=True)
+
+    def post(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if self.backend == "torch":
+            return self._torch_norm(x if residual is None else x + residual)
+        if self.kind == "layernorm":
+            return add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
+
+    forward = post
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, {self.kind}, eps={self.eps}"
+
+
+def make_norm(cfg: ModelConfig, dim: Optional[int] = None) -> Norm:
+    return Norm(dim or cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias, cfg.backend)
+
+
+# ---- positions ------------------------------------------------------------------------------------------------
+def sinusoidal_table(n: int, dim: int) -> Tensor:
+    """(n, dim): sin on the even channels, cos on the odd ones (Vaswani et al.)."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n, dim)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv)[:, : dim // 2]
+    return table
+
+
+def rotary_tables(n: int, head_dim: int, theta: float) -> Tuple[Tensor, Tensor]:
+    """cos, sin (n, head_dim) in HF Llama's layout: the frequencies repeated over the two halves."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)  # (n, head_dim / 2)
+    emb = torch.cat([freqs, freqs], -1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat([-x2, x1], -1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, L, H, D); cos, sin (B, L, 1, D)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Positions(nn.Module):
+    """Position information for a (B, L) tensor of positions: an embedding added to the tokens (learned,
+    sinusoidal), or the rotary (cos, sin) the attention layers apply to q and k."""
+
+    def __init__(self, cfg: ModelConfig, offset: int = 0):
+        super().__init__()
+        self.kind, self.offset = cfg.pos, offset
+        if cfg.pos == "learned":
+            self.weight = nn.Parameter(torch.empty(cfg.max_seq_len + offset, cfg.d_model).normal_(std=0.02))
+        elif cfg.pos == "sinusoidal":
+            self.register_buffer("table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        elif cfg.pos == "rotary":
+            cos, sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
+
+    def embed(self, positions: Tensor) -> Optional[Tensor]:
+        """(B, L, d_model) to add to the token embeddings, or None."""
+        if self.kind == "learned":
+            return F.embedding(positions + self.offset, self.weight)
+        if self.kind == "sinusoidal":
+            return F.embedding(positions, self.table)
+        return None
+
+    def rotary(self, positions: Tensor, dtype: torch.dtype) -> Optional[Tuple[Tensor, Tensor]]:
+        if self.kind != "rotary":
+            return None
+        return (F.embedding(positions, self.cos).to(dtype).unsqueeze(2),  # (B, L, 1, D)
+                F.embedding(positions, self.sin).to(dtype).unsqueeze(2))
+
+
+# ---- attention ------------------------------------------------------------------------------------------------
+class KVCache(nn.Module):
+    """Preallocated keys and values (B, Hk, max_len, D), written at ``input_pos``; static shapes for decoding."""
+
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        """k, v (B, Hk, L, D) written at the L positions ``input_pos`` (L,); returns the whole cache."""
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+def _torch_attention(q, k, v, causal, key_padding_mask, dropout_p):
+    """fastattn.attention's meaning in stock torch SDPA (a bool mask is built for causal + padding)."""
+    L, S = q.shape[-2], k.shape[-2]
+    mask = None
+    if causal is not None:
+        i = torch.arange(L, device=q.device)[:, None] + (S - L if causal == "bottom_right" else 0)
+        mask = i >= torch.arange(S, device=q.device)  # (L, S) True = take part
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
+        mask = keep if mask is None else mask & keep
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query / multi-query attention. Self-attention: one fused projection ``wqkv`` to
+    [q | k | v]; cross-attention (``cross=True``): ``wq`` on the queries and ``wkv`` on the memory. Output ``wo``."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.backend, self.dropout, self.cross = cfg.backend, cfg.dropout, cross
+        q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        if cross:
+            self.wq = nn.Linear(cfg.d_model, q_dim, bias=cfg.bias)
+            self.wkv = nn.Linear(cfg.d_model, 2 * kv_dim, bias=cfg.bias)
+        else:
+            self.wqkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.bias)
+        self.wo = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
+        self.cache: Optional[KVCache] = None
+        self.memory_kv: Optional[Tuple[Tensor, Tensor]] = None  # cross-attention K/V, computed once per generation
+
+    def memory(self, mem: Tensor) -> Tuple[Tensor, Tensor]:
+        """Cross-attention keys and values of the memory (B, S, d_model): (B, Hk, S, D) each."""
+        B, S, _ = mem.shape
+        k, v = self.wkv(mem).view(B, S, 2, self.n_kv_head, self.head_dim).unbind(2)  # (B, S, Hk, D) each
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: Tensor, *, causal: Optional[str] = None, key_padding_mask: Optional[Tensor] = None,
+                rotary: Optional[Tuple[Tensor, Tensor]] = None, input_pos: Optional[Tensor] = None,
+                use_cache: bool = False, memory: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """x (B, L, d_model). ``input_pos`` (L,): also write k, v into the cache there; ``use_cache``: attend over the
+        whole cache (decode; ``key_padding_mask`` then covers the cache) instead of the keys of x (prefill).
+        ``memory``: cross-attention keys and values (B, Hk, S, D)."""
+        B, L, _ = x.shape
+        H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
+        if self.cross:
+            q = self.wq(x).view(B, L, H, D)
+            k, v = memory
+        else:
+            q, k, v = self.wqkv(x).split([H * D, Hk * D, Hk * D], -1)
+            q, k, v = q.view(B, L, H, D), k.view(B, L, Hk, D), v.view(B, L, Hk, D)
+            if rotary is not None:
+                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hk, L, D)
+            if input_pos is not None:
+                k_all, v_all = self.cache.update(input_pos, k, v)
+                if use_cache:
+                    k, v = k_all, v_all
+        q = q.transpose(1, 2)  # (B, H, L, D), a strided view
+        p = self.dropout if self.training else 0.0
+        if self.backend == "torch":
+            out = _torch_attention(q, k, v, causal, key_padding_mask, p)
+        else:
+            out = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=p)
+        return self.wo(out.transpose(1, 2).reshape(B, L, H * D))
+
+
+# ---- MLP ------------------------------------------------------------------------------------------------------
+def activation_fn(name: str):
+    return {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
+            "silu": F.silu}[name]
+
+
+class MLP(nn.Module):
+    """"gelu": w_out(act(w_in(x))); "swiglu": w_out(silu(gate) * up) with [gate | up] = w_in(x) (one Linear)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.act = F.silu if self.swiglu else activation_fn(cfg.activation)
+        self.w_in = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.d_ff, bias=cfg.bias)
+        self.w_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.w_in(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, -1)
+            return self.w_out(self.act(gate) * up)
+        return self.w_out(self.act(h))
+
+
+# ---- one block ------------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    """Self-attention, optional cross-attention, MLP; pre-norm (the residual stream carried by add+norm) or post-norm.
+
+    Pre-norm: ``forward(h, residual)`` takes the previous block's sublayer output h and the stream so far, and returns
+    (h, residual) again; the model applies its final norm to h + residual. Post-norm: residual is None in and out."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
+        super().__init__()
+        self.norm_first, self.dropout = cfg.norm_first, cfg.dropout
+        self.norm1, self.attn = make_norm(cfg), Attention(cfg)
+        if cross:
+            self.norm_x, self.cross_attn = make_norm(cfg), Attention(cfg, cross=True)
+        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+
+    def _drop(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+
+    def forward(self, h: Tensor, residual: Optional[Tensor], *, memory=None, memory_mask=None,
+                **attn_kw) -> Tuple[Tensor, Optional[Tensor]]:
+        if self.norm_first:
+            x, residual = self.norm1.pre(h, residual)
+            h = self._drop(self.attn(x, **attn_kw))
+            if memory is not None:
+                x, residual = self.norm_x.pre(h, residual)
+                h = self._drop(self.cross_attn(x, key_padding_mask=memory_mask, memory=memory))
+            x, residual = self.norm2.pre(h, residual)
+            return self._drop(self.mlp(x)), residual
+        h = self.norm1.post(self._drop(self.attn(h, **attn_kw)), h)
+        if memory is not None:
+            h = self.norm_x.post(self._drop(self.cross_attn(h, key_padding_mask=memory_mask, memory=memory)), h)
+        return self.norm2.post(self._drop(self.mlp(h)), h), None
+
+
+# ---- generation helpers ---------------------------------------------------------------------------------------
+def sample_next(logits: Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                generator: Optional[torch.Generator]) -> Tensor:
+    """Next token (B,) from logits (B, V): argmax when temperature == 0, else a draw from softmax(logits / T)
+    restricted to the top_k tokens and the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, -1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # the most likely token always stays
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature: expected >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: expected 0 < top_p <= 1 or None, got {top_p!r}")
+
+
+def keep_mask(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """HF's attention_mask (1 = keep) as bool (B, L); all True when None."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids' "
+                         f"{tuple(input_ids.shape)}")
+    return attention_mask.bool()
+
+
+def padding_or_none(keep: Tensor) -> Optional[Tensor]:
+    """The kernel's key_padding_mask (True = padding) from a keep mask, or None when nothing is padded."""
+    return None if bool(keep.all()) else ~keep
+
+
+# ---- outputs, saving, parameter groups ------------------------------------------------------------------------
+@dataclass
+class ModelOutput:
+    logits: Tensor
+    loss: Optional[Tensor] = None
+    nsp_logits: Optional[Tensor] = None
+    hidden_states: Optional[Tensor] = None
+
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+class PretrainedMixin:
+    """save_pretrained / from_pretrained (config.json + model.safetensors), parameter counts and the backbone / head
+    split. A model lists its head modules' attribute names in ``head_modules``."""
+
+    config_class = ModelConfig
+    head_modules: Tuple[str, ...] = ()
+
+    def save_pretrained(self, path: str) -> None:
+        from safetensors.torch import save_model
+        os.makedirs(path, exist_ok=True)
+        self.config.save(os.path.join(path, CONFIG_FILE))
+        save_model(self, os.path.join(path, WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, path: str, **overrides):
+        """Load what save_pretrained wrote; ``overrides`` replace config fields (e.g. backend="torch")."""
+        from safetensors.torch import load_model
+        cfg = cls.config_class.load(os.path.join(path, CONFIG_FILE))
+        if overrides:
+            cfg = cls.config_class.from_dict({**dataclasses.asdict(cfg), **overrides})
+        model = cls(cfg)
+        load_model(model, os.path.join(path, WEIGHTS_FILE))
+        return model
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def backbone_parameters(self) -> List[nn.Parameter]:
+        """Parameters outside the task heads (``head_modules``): freeze these to fine-tune the heads only."""
+        seen, out = set(), []
+        for name, child in self.named_children():
+            if name not in self.head_modules:
+                for p in child.parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        out.append(p)
+        return out
+
+    def head_parameters(self) -> List[nn.Parameter]:
+        """Parameters of the task heads that the backbone does not share (a tied LM head's weight is the backbone's
+        embedding: not listed here)."""
+        seen = {id(p) for p in self.backbone_parameters()}
+        out = []
+        for name in self.head_modules:
+            for p in getattr(self, name).parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
