@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, KeyMap, hf_get, load_mapped, read_hf_folder
-from .layers import (Block, KVCache, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling, keep_mask,
-                     make_norm, padding_or_none, sample_next)
+from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
+                     generation_loop, keep_mask, make_norm, padding_or_none)
 
 
 @dataclass
@@ -31,7 +31,7 @@ class GPTConfig(ModelConfig):
     model_type = "gpt"
 
 
-class GPT(PretrainedMixin, nn.Module):
+class GPT(CacheMixin, PretrainedMixin, nn.Module):
     config_class = GPTConfig
     head_modules = ("lm_head",)
 
@@ -80,24 +80,7 @@ class GPT(PretrainedMixin, nn.Module):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss)
 
-    # ---- KV cache and generation ----
-    def setup_caches(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None, device=None) -> None:
-        """Preallocate every layer's K/V cache for ``batch`` sequences of up to ``max_len`` tokens (reused when the
-        shapes already match)."""
-        if max_len > self.config.max_seq_len:
-            raise ValueError(f"max_len: {max_len} > config.max_seq_len {self.config.max_seq_len}")
-        dtype = dtype or self.tok_emb.weight.dtype
-        device = device or self.tok_emb.weight.device
-        cache = self.blocks[0].attn.cache if len(self.blocks) else None
-        if cache is None or cache.k.shape[0] != batch or cache.k.shape[2] != max_len or cache.k.dtype != dtype:
-            cfg = self.config
-            for block in self.blocks:
-                block.attn.cache = KVCache(batch, cfg.n_kv_head, max_len, cfg.head_dim, dtype, device)
-        self.register_buffer("cache_padding", torch.ones(batch, max_len, dtype=torch.bool, device=device),
-                             persistent=False)  # True = padding or not written yet
-        self.register_buffer("next_pos", torch.zeros(batch, 1, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("cache_index", torch.arange(max_len, device=device), persistent=False)
-
+    # ---- KV cache and generation (setup_caches: CacheMixin) ----
     def prefill(self, input_ids: Tensor, keep: Tensor) -> Tensor:
         """Run the prompt (B, L) (``keep``: bool (B, L), False = left padding) into the cache at positions 0..L-1;
         return the last position's logits (B, V)."""
@@ -135,24 +118,11 @@ class GPT(PretrainedMixin, nn.Module):
                              "in some row)")
         if max_new_tokens == 0:
             return input_ids
-        total = L + max_new_tokens
-        self.setup_caches(B, total)
-        out = input_ids.new_empty(B, total)
+        self.setup_caches(B, L + max_new_tokens)
+        out = input_ids.new_empty(B, L + max_new_tokens)
         out[:, :L] = input_ids
-        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        logits = self.prefill(input_ids, keep)
-        for i in range(max_new_tokens):
-            tok = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                tok = tok.masked_fill(finished, eos_token_id)
-                finished |= tok == eos_token_id
-            out[:, L + i] = tok
-            if streamer is not None:
-                streamer(tok)
-            if i + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
-                return out[:, :L + i + 1]
-            logits = self.decode_one(tok[:, None], self.cache_index[L + i:L + i + 1])
-        return out
+        return generation_loop(self.prefill(input_ids, keep), self.decode_one, out, L, max_new_tokens, temperature,
+                               top_k, top_p, eos_token_id, generator, streamer)
 
     # ---- HF checkpoints ----
     @classmethod

@@ -403,6 +403,53 @@ def padding_or_none(keep: Tensor) -> Optional[Tensor]:
     return None if bool(keep.all()) else ~keep
 
 
+class CacheMixin:
+    """``setup_caches`` for a model whose ``cached_blocks()`` attend causally over their own past (GPT's blocks, the
+    Seq2Seq decoder's). Buffers (not in the state_dict): each block's KVCache, ``cache_padding`` (B, max_len) True =
+    padding or not written yet, ``next_pos`` (B, 1) each sequence's next position, ``cache_index`` arange(max_len)."""
+
+    def cached_blocks(self) -> nn.ModuleList:
+        return self.blocks
+
+    def setup_caches(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None, device=None) -> None:
+        """Preallocate every layer's K/V cache for ``batch`` sequences of up to ``max_len`` tokens (kept when the
+        shapes already match)."""
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"max_len: {max_len} > config.max_seq_len {self.config.max_seq_len}")
+        ref = self.tok_emb.weight
+        dtype, device = dtype or ref.dtype, device or ref.device
+        blocks, cfg = self.cached_blocks(), self.config
+        cache = blocks[0].attn.cache if len(blocks) else None
+        if cache is None or tuple(cache.k.shape) != (batch, cfg.n_kv_head, max_len, cfg.head_dim) or \
+                cache.k.dtype != dtype or cache.k.device != torch.device(device):
+            for block in blocks:
+                block.attn.cache = KVCache(batch, cfg.n_kv_head, max_len, cfg.head_dim, dtype, device)
+        self.register_buffer("cache_padding", torch.ones(batch, max_len, dtype=torch.bool, device=device),
+                             persistent=False)
+        self.register_buffer("next_pos", torch.zeros(batch, 1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("cache_index", torch.arange(max_len, device=device), persistent=False)
+
+
+def generation_loop(logits: Tensor, decode_one, out: Tensor, start: int, max_new_tokens: int, temperature: float,
+                    top_k, top_p, eos_token_id, generator, streamer) -> Tensor:
+    """Sample from ``logits`` (B, V), write the token into out[:, start + i], feed it to ``decode_one(tokens (B, 1),
+    input_pos (1,))`` for the next logits; eos handling and streaming as ``GPT.generate`` documents."""
+    finished = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
+    index = torch.arange(start, start + max_new_tokens, device=out.device)
+    for i in range(max_new_tokens):
+        tok = sample_next(logits, temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            tok = tok.masked_fill(finished, eos_token_id)
+            finished |= tok == eos_token_id
+        out[:, start + i] = tok
+        if streamer is not None:
+            streamer(tok)
+        if i + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
+            return out[:, :start + i + 1]
+        logits = decode_one(tok[:, None], index[i:i + 1])
+    return out
+
+
 # ---- outputs, saving, parameter groups ------------------------------------------------------------------------
 @dataclass
 class ModelOutput:

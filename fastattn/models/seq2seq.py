@@ -1,0 +1,174 @@
+"""Seq2Seq: a BART-style encoder-decoder on fastattn's fused ops, with static-KV-cache generation in which each decoder
+layer's cross-attention keys and values are computed once from the encoder output.
+
+    model = Seq2Seq(Seq2SeqConfig(vocab_size=1000, d_model=256, n_layer=4, n_head=4))
+    out = model(input_ids, attention_mask, labels=target)       # decoder inputs: labels shifted right
+    ids = model.generate(input_ids, 64, temperature=0, attention_mask=mask)   # (B, 1 + new), from the start token
+
+Token embeddings are shared by the encoder, the decoder and (tied) the LM head; each side has its own positions and
+(``embed_norm``) its own embedding LayerNorm, as in BART. Encoder padding may sit on either side.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
+                     generation_loop, keep_mask, make_norm, padding_or_none)
+
+
+@dataclass
+class Seq2SeqConfig(ModelConfig):
+    n_decoder_layer: Optional[int] = None  # None: n_layer
+    embed_norm: bool = True
+    pad_token_id: int = 1
+    eos_token_id: int = 2
+    decoder_start_token_id: int = 2
+    model_type = "seq2seq"
+
+    def __post_init__(self):
+        if self.n_decoder_layer is None:
+            self.n_decoder_layer = self.n_layer
+        super().__post_init__()
+
+
+class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
+    config_class = Seq2SeqConfig
+    head_modules = ("lm_head",)
+
+    def __init__(self, config: Seq2SeqConfig):
+        super().__init__()
+        if not isinstance(config, Seq2SeqConfig):
+            raise TypeError(f"config: expected a Seq2SeqConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.enc_pos, self.dec_pos = Positions(cfg), Positions(cfg)
+        self.enc_embed_norm = make_norm(cfg) if cfg.embed_norm else None
+        self.dec_embed_norm = make_norm(cfg) if cfg.embed_norm else None
+        self.encoder = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.decoder = nn.ModuleList(Block(cfg, cross=True) for _ in range(cfg.n_decoder_layer))
+        self.enc_norm_f = make_norm(cfg) if cfg.norm_first else None
+        self.dec_norm_f = make_norm(cfg) if cfg.norm_first else None
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(_init_weights)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.memory_kv: Optional[List[Tuple[Tensor, Tensor]]] = None  # per decoder layer, during generate
+        self.memory_pad: Optional[Tensor] = None
+
+    def cached_blocks(self) -> nn.ModuleList:
+        return self.decoder
+
+    def _embed(self, ids: Tensor, positions: Tensor, pos: Positions, norm: Optional[nn.Module]):
+        x = self.tok_emb(ids)
+        pe = pos.embed(positions)
+        if norm is not None:
+            x = norm.post(x, pe)  # LayerNorm(tokens + positions) in one call
+        elif pe is not None:
+            x = x + pe
+        if self.config.dropout:
+            x = F.dropout(x, self.config.dropout, self.training)
+        return x, pos.rotary(positions, x.dtype)
+
+    def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """Encoder output (B, S, d_model) and its key_padding_mask (B, S) (True = padding) or None."""
+        B, S = input_ids.shape
+        pad = padding_or_none(keep_mask(input_ids, attention_mask))
+        positions = torch.arange(S, device=input_ids.device).expand(B, S)
+        h, rotary = self._embed(input_ids, positions, self.enc_pos, self.enc_embed_norm)
+        residual = None
+        for block in self.encoder:
+            h, residual = block(h, residual, key_padding_mask=pad, rotary=rotary)
+        return (self.enc_norm_f.post(h, residual) if self.enc_norm_f is not None else h), pad
+
+    def decode(self, decoder_input_ids: Tensor, positions: Tensor, memory_kv: List[Tuple[Tensor, Tensor]],
+               memory_pad: Optional[Tensor], *, causal: Optional[str] = "bottom_right",
+               key_padding_mask: Optional[Tensor] = None, input_pos: Optional[Tensor] = None,
+               use_cache: bool = False) -> Tensor:
+        """Decoder hidden states (B, T, d_model); ``memory_kv``: each layer's cross-attention K/V."""
+        h, rotary = self._embed(decoder_input_ids, positions, self.dec_pos, self.dec_embed_norm)
+        residual = None
+        for block, mem in zip(self.decoder, memory_kv):
+            h, residual = block(h, residual, memory=mem, memory_mask=memory_pad, causal=causal,
+                                key_padding_mask=key_padding_mask, rotary=rotary, input_pos=input_pos,
+                                use_cache=use_cache)
+        return self.dec_norm_f.post(h, residual) if self.dec_norm_f is not None else h
+
+    def shift_right(self, labels: Tensor) -> Tensor:
+        """Decoder inputs from labels: the start token, then labels[:, :-1] (-100 -> pad_token_id)."""
+        out = labels.new_full(labels.shape, self.config.decoder_start_token_id)
+        out[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, self.config.pad_token_id)
+        return out
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                decoder_input_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> ModelOutput:
+        """.logits (B, T, V) of the decoder; .loss: cross-entropy against labels (B, T) (-100 ignored; no shift:
+        the decoder inputs are the labels shifted right when decoder_input_ids is None)."""
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("decoder_input_ids: needed when labels is None")
+            decoder_input_ids = self.shift_right(labels)
+        memory, pad = self.encode(input_ids, attention_mask)
+        B, T = decoder_input_ids.shape
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        h = self.decode(decoder_input_ids, positions, [b.cross_attn.memory(memory) for b in self.decoder], pad)
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss)
+
+    # ---- generation (setup_caches: CacheMixin) ----
+    def prefill(self, input_ids: Tensor, attention_mask: Optional[Tensor], decoder_input_ids: Tensor) -> Tensor:
+        """Encode, compute each layer's cross-attention K/V once, run the decoder prompt (B, T) into the cache; the
+        last position's logits (B, V)."""
+        memory, self.memory_pad = self.encode(input_ids, attention_mask)
+        self.memory_kv = [b.cross_attn.memory(memory) for b in self.decoder]
+        B, T = decoder_input_ids.shape
+        positions = self.cache_index[:T].expand(B, T)
+        self.cache_padding.fill_(True)
+        self.cache_padding[:, :T] = False
+        self.next_pos.fill_(T)
+        h = self.decode(decoder_input_ids, positions, self.memory_kv, self.memory_pad, input_pos=self.cache_index[:T])
+        return self.lm_head(h[:, -1])
+
+    def decode_one(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        """One decoder token per sequence (B, 1) at cache slot ``input_pos`` (1,), over the whole (static) cache."""
+        self.cache_padding.index_fill_(1, input_pos, False)
+        h = self.decode(tokens, self.next_pos, self.memory_kv, self.memory_pad, causal=None,
+                        key_padding_mask=self.cache_padding, input_pos=input_pos, use_cache=True)
+        self.next_pos += 1
+        return self.lm_head(h[:, -1])
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+                 attention_mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                 streamer: Optional[Callable[[Tensor], None]] = None,
+                 decoder_start_token_id: Optional[int] = None) -> Tensor:
+        """Decoder tokens (B, 1 + new) for the source input_ids (B, S): the start token, then up to max_new_tokens
+        (temperature 0 = greedy; sampling, eos and streamer as in GPT.generate)."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        start = self.config.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
+        B = input_ids.shape[0]
+        out = input_ids.new_full((B, 1 + max_new_tokens), start)
+        if max_new_tokens == 0:
+            return out
+        self.setup_caches(B, 1 + max_new_tokens)
+        try:
+            logits = self.prefill(input_ids, attention_mask, out[:, :1])
+            return generation_loop(logits, self.decode_one, out, 1, max_new_tokens, temperature, top_k, top_p,
+                                   eos_token_id, generator, streamer)
+        finally:
+            self.memory_kv = self.memory_pad = None
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
