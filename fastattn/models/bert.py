@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, KeyMap, load_mapped, read_hf_folder
-from .layers import Block, ModelConfig, ModelOutput, Positions, PretrainedMixin, activation_fn, keep_mask, make_norm
+from .layers import (Block, ModelConfig, ModelOutput, Positions, PretrainedMixin, activation_fn, init_weights,
+                     keep_mask, make_norm)
 
 log = logging.getLogger("fastattn")
 
@@ -113,7 +114,7 @@ class BERT(PretrainedMixin, nn.Module):
         self.mlm_head = MLMHead(cfg)
         self.pooler = Pooler(cfg.d_model)
         self.nsp_head = nn.Linear(cfg.d_model, 2)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         if cfg.tie_embeddings:
             self.mlm_head.decoder.weight = self.encoder.tok_emb.weight
 
@@ -169,7 +170,7 @@ class BERTForSequenceClassification(PretrainedMixin, nn.Module):
         self.encoder = BERTEncoder(cfg)
         self.pooler = Pooler(cfg.d_model)
         self.classifier = nn.Linear(cfg.d_model, cfg.num_labels)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> ModelOutput:
@@ -199,13 +200,6 @@ class BERTForSequenceClassification(PretrainedMixin, nn.Module):
                                       "classifier.bias": ("classifier.bias", (cfg.num_labels,), top)})
         load_mapped(model, sd)
         return model
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(m.weight, std=0.02)
-        if getattr(m, "bias", None) is not None:
-            nn.init.zeros_(m.bias)
 
 
 _ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}

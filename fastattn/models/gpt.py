@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, KeyMap, hf_get, load_mapped, read_hf_folder
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
-                     generation_loop, keep_mask, make_norm, padding_or_none)
+                     generation_loop, init_weights, keep_mask, make_norm, padding_or_none)
 
 
 @dataclass
@@ -45,7 +45,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.norm_first else None  # post-norm blocks end normalised
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
@@ -141,13 +141,6 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         model = cls(GPTConfig.from_dict({**cfg.to_dict(), **overrides}))
         load_mapped(model, sd)
         return model
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(m.weight, std=0.02)
-        if getattr(m, "bias", None) is not None:
-            nn.init.zeros_(m.bias)
 
 
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}

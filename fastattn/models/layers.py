@@ -357,6 +357,14 @@ class Block(nn.Module):
         return self.norm2.post(self._drop(self.mlp(h)), h), None
 
 
+def init_weights(m: nn.Module) -> None:
+    """GPT-2 / BERT initialisation: normal(0, 0.02) weights, zero biases (norms keep ones / zeros)."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+
+
 # ---- generation helpers ---------------------------------------------------------------------------------------
 def sample_next(logits: Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
                 generator: Optional[torch.Generator]) -> Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
-                     generation_loop, keep_mask, make_norm, padding_or_none)
+                     generation_loop, init_weights, keep_mask, make_norm, padding_or_none)
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         self.enc_norm_f = make_norm(cfg) if cfg.norm_first else None
         self.dec_norm_f = make_norm(cfg) if cfg.norm_first else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.memory_kv: Optional[List[Tuple[Tensor, Tensor]]] = None  # per decoder layer, during generate
@@ -166,9 +166,3 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         finally:
             self.memory_kv = self.memory_pad = None
 
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(m.weight, std=0.02)
-        if getattr(m, "bias", None) is not None:
-            nn.init.zeros_(m.bias)
