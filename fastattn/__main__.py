@@ -1,5 +1,5 @@
-"""Command line: ``fastattn info | check | bench | demo`` (``python -m fastattn ...``)."""
-import argparse
+"""Command line: ``fastattn train | generate | eval | quantize | prune`` (fastattn.cli) and ``info | check | bench |
+demo`` (here); also ``python -m fastattn ...``."""
 import json
 import sys
 
@@ -140,16 +140,13 @@ def cmd_demo(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="fastattn", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    for name, fn, help_ in [("info", cmd_info, "what was built and which backends run here"),
-                            ("check", cmd_check, "check every backend against the reference"),
-                            ("bench", cmd_bench, "time the kernels against torch"),
-                            ("demo", cmd_demo, "info + check + bench")]:
-        sp = sub.add_parser(name, help=help_)
-        sp.set_defaults(fn=fn)
-    args = p.parse_args(argv)
-    return args.fn(args)
+    """The ``fastattn`` console script: train / generate / eval / quantize / prune (fastattn.cli) and the kernel
+    commands of this file."""
+    from fastattn.cli import main as cli_main
+    return cli_main(argv, legacy=[("info", cmd_info, "what was built and which backends run here"),
+                                  ("check", cmd_check, "check every backend against the reference"),
+                                  ("bench", cmd_bench, "time the kernels against torch"),
+                                  ("demo", cmd_demo, "info + check + bench")])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,157 @@
+"""Checkpoints: one folder per step, written atomically, verified on load, the last N kept.
+
+    RUN/ckpt-0000100/  model.safetensors  config.json (the model's)  tokenizer.json
+                       train_state.json (model type, task, step, train config)  state.pt (optimizer, RNG, data)
+                       manifest.json (sha256 + size of every file; written last)
+
+The files go to a temporary folder, each fsync'd, then the folder is renamed into place (and its parent fsync'd),
+so a crash leaves either the whole checkpoint or none. config.json + model.safetensors are what the models'
+from_pretrained reads. state.pt holds tensors and plain containers only and is read with weights_only=True.
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from fastattn.cli.config import CLIError
+
+CKPT_RE = re.compile(r"^ckpt-(\d{7,})$")
+
+
+class CheckpointError(CLIError):
+    """A checkpoint that is missing, truncated or corrupt."""
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path):
+    with open(path, "rb+") as f:
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_folder(final, writers):
+    """Atomically create folder `final` from writers {file name: fn(path)}; adds manifest.json."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    manifest = {}
+    for name, write in writers.items():
+        write(tmp / name)
+        _fsync_file(tmp / name)
+        manifest[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    _fsync_file(tmp / "manifest.json")
+    _fsync_dir(tmp)
+    if final.exists():  # same step written again (e.g. a signal right after a periodic save)
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def verify(path):
+    """Raise CheckpointError unless every file in path's manifest is there with its size and sha256."""
+    path = Path(path)
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
+            return  # a plain save_pretrained folder: safetensors checks its own header
+        raise CheckpointError(f"{path}: not a checkpoint (no manifest.json / model.safetensors)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt manifest.json ({e})") from None
+    for name, want in manifest.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if f.stat().st_size != want["bytes"]:
+            raise CheckpointError(f"{path}: {name} is truncated ({f.stat().st_size} of {want['bytes']} bytes)")
+        if _sha256(f) != want["sha256"]:
+            raise CheckpointError(f"{path}: {name} is corrupt (sha256 mismatch)")
+
+
+def list_checkpoints(run_dir):
+    """Checkpoint folders of a run, newest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CKPT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_valid(run_dir, warn=print):
+    """The newest checkpoint of run_dir that verifies (corrupt ones are reported and skipped), or None."""
+    for p in list_checkpoints(run_dir):
+        try:
+            verify(p)
+            return p
+        except CheckpointError as e:
+            warn(f"warning: skipping {e}")
+    return None
+
+
+def resolve(path):
+    """A checkpoint folder from a path to one, or to a run folder (its newest valid checkpoint; else RUN/model)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint")
+    if not (p / "config.json").is_file():
+        ck = latest_valid(p, warn=lambda m: print(m, file=__import__("sys").stderr))
+        if ck is None and (p / "model").is_dir():
+            ck = p / "model"
+        if ck is None:
+            raise CheckpointError(f"{p}: no valid checkpoint in this folder")
+        p = ck
+    verify(p)
+    return p
+
+
+def prune(run_dir, keep):
+    for p in list_checkpoints(run_dir)[keep:]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_state(path):
+    """state.pt, tensors and containers only (weights_only=True: never unpickles code)."""
+    try:
+        return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt file for the user
+        raise CheckpointError(f"{path}: cannot read state.pt ({type(e).__name__}: {e})") from None
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt ({e})") from None

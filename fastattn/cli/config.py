@@ -1,0 +1,146 @@
+"""Dataclass configs for the CLI: argparse options generated from the fields, TOML files read into the same fields.
+
+Precedence: field default < the TOML file (``--config``) < options given on the command line. A TOML file is data
+only (tomllib / tomli; nothing is executed); an unknown key or a value of the wrong type is one clear error.
+"""
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - older Pythons
+    import tomli as tomllib
+
+
+class CLIError(Exception):
+    """An error the user can cause and fix (bad option, bad config, missing or corrupt file): one line, exit 2."""
+
+
+def opt(default, help, choices=None, short=None):  # noqa: A002 - mirrors argparse's keyword
+    """A config field with its --help text (and choices / a short flag)."""
+    meta = {"help": help, "choices": choices, "short": short}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _base_type(tp):
+    """(python type, optional) of a field annotation: int, float, str, bool, list[str] (Optional allowed)."""
+    optional = False
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional, tp = True, args[0]
+    return tp, optional
+
+
+def add_options(parser, cls, positional=()):
+    """One --kebab-case option per field of dataclass cls (positional: field names taken as positionals)."""
+    for f in dataclasses.fields(cls):
+        tp, optional = _base_type(f.type)
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = meta.get("help", "")
+        if default not in (None, "", [], False) and tp is not bool:
+            help_ += f" (default: {default})"
+        if f.name in positional:
+            parser.add_argument(f.name, nargs="*" if typing.get_origin(tp) is list else "?",
+                                default=argparse.SUPPRESS, help=help_)
+            continue
+        names = ["--" + f.name.replace("_", "-")] + ([meta["short"]] if meta.get("short") else [])
+        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_}
+        if tp is bool:
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(*names, nargs="+", action="extend", type=typing.get_args(tp)[0], **kw)
+        else:
+            parser.add_argument(*names, type=tp, choices=meta.get("choices"), metavar=f.name.upper(), **kw)
+
+
+def _check_value(cls_name, f, value, where):
+    tp, optional = _base_type(f.type)
+    if value is None and optional:
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool) and f.metadata.get("choices"):
+        value = str(value)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        ok = isinstance(value, list) and all(isinstance(v, typing.get_args(tp)[0]) for v in value)
+    else:
+        ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if not ok:
+        want = getattr(tp, "__name__", str(tp))
+        raise CLIError(f"{where}: {f.name} must be {want}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise CLIError(f"{where}: {f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def read_toml(path, section=None):
+    """The key/values of a TOML file (its [section] table if it has one, else the top level)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise CLIError(f"config file {p}: no such file") from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise CLIError(f"config file {p}: {e}") from None
+    if section and isinstance(data.get(section), dict):
+        data = data[section]
+    return data
+
+
+def build(cls, args, section=None):
+    """cls's instance from its defaults, the --config TOML (if given) and the options set in args."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    path = getattr(args, "config", None)
+    if path:
+        for key, value in read_toml(path, section).items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                close = [n for n in fields if n.startswith(name[:4])][:3]
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise CLIError(f"config file {path}: unknown key {key!r}{hint}")
+            values[name] = _check_value(cls.__name__, fields[name], value, f"config file {path}")
+    for name in fields:
+        if name in vars(args):
+            v = getattr(args, name)
+            if isinstance(v, list) and v == [] and name not in values:
+                continue
+            values[name] = v
+    cfg = cls(**values)
+    check = getattr(cfg, "validate", None)
+    if check:
+        check()
+    return cfg
+
+
+def to_toml(cfg) -> str:
+    """cfg as TOML text (fields with None left out): what `--config` reads back."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if v is None:
+            continue
+        lines.append(f"{f.name} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'

@@ -1,0 +1,91 @@
+"""``fastattn eval``: held-out loss / perplexity / accuracy of a checkpoint, as JSON."""
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from fastattn.cli.config import CLIError, opt
+from fastattn.cli.tasks import TASKS, perplexity
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = opt("runs/train", "checkpoint folder, or a run folder")
+    data: List[str] = opt([], "held-out data (files / folders; classify: .jsonl / .csv); default: the run's data")
+    task: Optional[str] = opt(None, "clm, mlm, seq2seq or classify (default: the checkpoint's)", choices=list(TASKS))
+    split: str = opt("val", "val: the held-out split; train: the training split", choices=["val", "train"])
+    batches: int = opt(16, "batches to evaluate")
+    batch_size: int = opt(8, "sequences per batch")
+    seq_len: Optional[int] = opt(None, "tokens per sequence (default: the run's)")
+    device: str = opt("auto", "cpu, cuda or auto")
+    model_backend: Optional[str] = opt(None, "fastattn or torch layers (default: as trained)",
+                                       choices=["fastattn", "torch"])
+    int8: bool = opt(False, "quantize the Linear layers to int8 (w8a16) first")
+    output: Optional[str] = opt(None, "write the JSON here as well as to stdout", short="-o")
+
+    def validate(self):
+        if self.batches < 1 or self.batch_size < 1:
+            raise CLIError("--batches and --batch-size must be at least 1")
+
+
+def make_task(state, tok, task=None, data=None, seq_len=None):
+    """The task a checkpoint was trained on (its data and sequence length), with overrides."""
+    from fastattn.cli.train import TrainConfig
+    saved = state.get("train_config", {})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    tcfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    tcfg.task = task or tcfg.task
+    if data:
+        tcfg.data = list(data)
+    if seq_len:
+        tcfg.seq_len = seq_len
+    return TASKS[tcfg.task](tcfg, tok)
+
+
+def main(cfg: EvalConfig) -> int:
+    from fastattn.cli.train import load_model, pick_device
+    device = pick_device(cfg.device)
+    model, state, tok = load_model(cfg.checkpoint, backend=cfg.model_backend, map_location=device)
+    model.eval()
+    if cfg.int8:
+        import fastattn
+        model = fastattn.quantize(model, mode="w8a16")
+    task = make_task(state, tok, cfg.task, cfg.data, cfg.seq_len)
+    tcfg = task.cfg
+    if state.get("int8") and not cfg.int8:
+        from fastattn.cli.quantize import apply_recipe
+        model = apply_recipe(model, state["int8"], task)
+    loss, correct, count, ntok = 0.0, 0, 0, 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(cfg.batches):
+            inputs, target = task.batch(cfg.split, cfg.batch_size, index=i)
+            ntok += task.tokens(inputs)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            target = {k: v.to(device) for k, v in target.items()} if isinstance(target, dict) else target.to(device)
+            out = model(**inputs)
+            loss += task.loss(out, target).item()
+            c, n = task.correct(out, target)
+            correct, count = correct + c, count + n
+    secs = time.perf_counter() - start
+    loss /= cfg.batches
+    result = {"checkpoint": str(cfg.checkpoint), "task": tcfg.task, "split": cfg.split, "loss": loss,
+              "accuracy": correct / max(count, 1), "examples": cfg.batches * cfg.batch_size,
+              "tokens_per_s": ntok / max(secs, 1e-9)}
+    if tcfg.task in ("clm", "seq2seq", "mlm"):
+        result["perplexity"] = perplexity(loss)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if cfg.output:
+        try:
+            with open(cfg.output, "w") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            raise CLIError(f"--output {cfg.output}: {e}") from None
+    print(f"{tcfg.task}: loss {loss:.4f}" + (f", perplexity {result['perplexity']:.2f}" if "perplexity" in result
+                                              else "") + f", accuracy {result['accuracy']:.4f}", file=sys.stderr)
+    return 0

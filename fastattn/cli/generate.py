@@ -1,0 +1,138 @@
+"""``fastattn generate``: continue prompts with a trained model (greedy or sampled, batched, streamed)."""
+import sys
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from fastattn.cli.config import CLIError, opt
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: str = opt("runs/train", "checkpoint folder, or a run folder (its final model / newest checkpoint)")
+    prompt: List[str] = opt([], "prompt text (repeat for a batch); '-' or none: read prompts from stdin, one a line",
+                            short="-p")
+    prompt_file: Optional[str] = opt(None, "a file of prompts, one a line")
+    max_new_tokens: int = opt(100, "tokens to generate per prompt", short="-n")
+    temperature: float = opt(0.8, "sampling temperature; 0: greedy")
+    top_k: Optional[int] = opt(50, "sample among the k likeliest tokens")
+    top_p: Optional[float] = opt(None, "sample among the likeliest tokens holding probability p (nucleus)")
+    stop: List[str] = opt([], "stop a continuation at the first of these strings")
+    seed: int = opt(0, "sampling seed")
+    device: str = opt("auto", "cpu, cuda or auto")
+    model_backend: Optional[str] = opt(None, "run the model on fastattn or torch layers (default: as trained)",
+                                       choices=["fastattn", "torch"])
+    int8: bool = opt(False, "quantize the Linear layers to int8 (w8a16) before generating")
+    stream: Optional[bool] = opt(None, "print tokens as they come (default: on for a single prompt)")
+
+    def validate(self):
+        if self.max_new_tokens < 0:
+            raise CLIError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise CLIError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise CLIError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise CLIError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def read_prompts(cfg):
+    prompts = [p for p in cfg.prompt if p != "-"]
+    if cfg.prompt_file:
+        try:
+            with open(cfg.prompt_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise CLIError(f"--prompt-file {cfg.prompt_file}: {e}") from None
+    if "-" in cfg.prompt or (not prompts and not sys.stdin.isatty()):
+        prompts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    return prompts or [""]
+
+
+def _cut(text, stops):
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+class _Stop(Exception):
+    pass
+
+
+def generate(model, tok, prompts, cfg, device, out=sys.stdout):
+    """Generate for every prompt (one left-padded batch); returns (texts, new tokens, seconds)."""
+    enc = [[tok.eos_id] + tok.encode(p) for p in prompts]  # EOS first: what the model saw between documents
+    n_prompt = getattr(getattr(model, "soft_prompt", None), "shape", [0])[0]
+    L = max(len(e) for e in enc)
+    ids = torch.full((len(enc), L + n_prompt), tok.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    mask[:, :n_prompt] = 1  # a soft prompt's placeholders (its embedding hook fills the first n_prompt positions)
+    for i, e in enumerate(enc):
+        ids[i, L + n_prompt - len(e):] = torch.tensor(e)
+        mask[i, L + n_prompt - len(e):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    stream = cfg.stream if cfg.stream is not None else len(prompts) == 1
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    new, streamed = [], []
+
+    def streamer(t):
+        new.append(t.detach().cpu())
+        if stream:
+            text = tok.decode(torch.stack(new, 1)[0].tolist())
+            shown = _cut(text, cfg.stop)
+            if len(shown) > len("".join(streamed)):
+                piece = shown[len("".join(streamed)):]
+                if "\ufffd" not in piece[-1:]:
+                    streamed.append(piece)
+                    out.write(piece)
+                    out.flush()
+            if cfg.stop and shown != text:
+                raise _Stop
+        if len(prompts) == 1 and int(t[0]) == tok.eos_id:
+            raise _Stop
+
+    if stream and len(prompts) == 1:
+        out.write(prompts[0])
+        out.flush()
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            model.generate(ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                           eos_token_id=tok.eos_id, attention_mask=mask, generator=gen, streamer=streamer)
+    except _Stop:
+        pass
+    except ValueError as e:
+        raise CLIError(f"generate: {e}") from None
+    secs = time.perf_counter() - start
+    toks = torch.stack(new, 1) if new else torch.zeros(len(prompts), 0, dtype=torch.long)
+    texts = []
+    for i, p in enumerate(prompts):
+        row = toks[i].tolist()
+        if tok.eos_id in row:
+            row = row[:row.index(tok.eos_id)]
+        texts.append(p + _cut(tok.decode(row), cfg.stop))
+    return texts, toks.numel(), secs
+
+
+def main(cfg: GenerateConfig) -> int:
+    from fastattn.cli.train import load_model, pick_device
+    device = pick_device(cfg.device)
+    model, state, tok = load_model(cfg.checkpoint, backend=cfg.model_backend, map_location=device)
+    model.eval()
+    if not hasattr(model, "generate"):
+        raise CLIError(f"{cfg.checkpoint}: a {type(model).__name__} does not generate text")
+    if cfg.int8 or state.get("int8"):
+        import fastattn
+        model = fastattn.quantize(model, mode=state.get("int8", {}).get("mode", "w8a16") if state.get("int8")
+                                  else "w8a16")
+    prompts = read_prompts(cfg)
+    stream = cfg.stream if cfg.stream is not None else len(prompts) == 1
+    texts, n, secs = generate(model, tok, prompts, cfg, device)
+    if stream and len(prompts) == 1:
+        print()
+    else:
+        for i, t in enumerate(texts):
+            print(f"--- [{i}] ---\n{t}")
+    print(f"[{n} tokens in {secs:.2f} s: {n / max(secs, 1e-9):,.1f} tokens/s]", file=sys.stderr)
+    return 0

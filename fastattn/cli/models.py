@@ -1,0 +1,52 @@
+"""Which model class a task trains, built from the CLI's size options, saved and loaded through checkpoints.
+
+Model classes are found by name: the ones of fastattn.models (GPT, BERT, Seq2Seq) and any registered with
+``register`` (an extension point, e.g. for a model of your own with the same interface)."""
+import dataclasses
+
+from fastattn.cli.config import CLIError
+
+TASK_ARCH = {"clm": "GPT", "mlm": "BERT", "classify": "BERT", "seq2seq": "Seq2Seq"}
+_EXTRA = {}
+
+
+def register(model_cls):
+    """Make model_cls (with a ``config_class`` dataclass having ``model_type``) available to the CLI by name."""
+    _EXTRA[model_cls.__name__] = model_cls
+
+
+def _classes():
+    out = {}
+    try:
+        from fastattn import models
+        for name in ("GPT", "BERT", "Seq2Seq"):
+            if hasattr(models, name):
+                out[name] = getattr(models, name)
+    except ImportError:
+        pass
+    out.update(_EXTRA)
+    return out
+
+
+def model_class(name):
+    classes = _classes()
+    if name not in classes:
+        raise CLIError(f"unknown model architecture {name!r} (known: {', '.join(sorted(classes)) or 'none'})")
+    return classes[name]
+
+
+def class_for_type(model_type):
+    """The class whose config's model_type is model_type (what a checkpoint's config.json names)."""
+    for cls in _classes().values():
+        if getattr(cls.config_class, "model_type", None) == model_type:
+            return cls
+    raise CLIError(f"checkpoint: unknown model_type {model_type!r}")
+
+
+def build_config(cls, fields):
+    """cls.config_class(**fields), keeping only the fields that config has (others belong to other models)."""
+    names = {f.name for f in dataclasses.fields(cls.config_class)}
+    try:
+        return cls.config_class(**{k: v for k, v in fields.items() if k in names and v is not None})
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"model config: {e}") from None

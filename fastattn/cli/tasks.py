@@ -1,0 +1,194 @@
+"""The training tasks: batches (dicts of tensors for the model's forward), loss and metrics from its outputs.
+
+    clm       next-token prediction on token blocks (GPT)
+    mlm       BERT masking (15%: 80% <mask>, 10% random, 10% kept), --nsp adds next-sentence pairs
+    seq2seq   BART-style denoising: the sentences of a block shuffled, then spans (Poisson(3) lengths, 30% of the
+              tokens) each replaced by one <mask>; the decoder reconstructs the original block
+    classify  labelled JSONL / CSV texts, one label per text (accuracy)
+
+Losses are computed here from the model's logits (never from the model's own ``labels`` handling), so the trainer
+sees one convention and distillation can use the same logits.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastattn.data import TokenSplits, load_labelled
+
+IGNORE = -100
+
+
+def _ce(logits, labels):
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+
+
+def pad_right(seqs, pad_id):
+    """(ids, attention_mask) (B, longest) of lists of ids, padded on the right."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    for j, s in enumerate(seqs):
+        ids[j, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[j, :len(s)] = 1
+    return ids, mask
+
+
+class CLMTask:
+    name = "clm"
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg, self.tok = cfg, tokenizer
+        self.data = TokenSplits(tokenizer, cfg.data or None, cfg.val_fraction, cfg.max_data_tokens)
+
+    def batch(self, split, batch_size, generator=None, index=None):
+        x = self.data.blocks(split, batch_size, self.cfg.seq_len + 1, generator, index)
+        return {"input_ids": x[:, :-1]}, x[:, 1:]
+
+    def loss(self, out, target):
+        return _ce(out.logits, target)
+
+    def logits(self, out):
+        return out.logits
+
+    def correct(self, out, target):
+        m = target != IGNORE
+        return (out.logits.argmax(-1)[m] == target[m]).sum().item(), m.sum().item()
+
+    def tokens(self, inputs):
+        return inputs["input_ids"].numel()
+
+
+class MLMTask(CLMTask):
+    name = "mlm"
+
+    def batch(self, split, batch_size, generator=None, index=None):
+        L, tok = self.cfg.seq_len, self.tok
+        g = generator if generator is not None else torch.Generator().manual_seed(1000 + (index or 0))
+        if self.cfg.nsp:
+            half = (L - 3) // 2
+            a = self.data.blocks(split, batch_size, 2 * half, g, index)
+            other = self.data.blocks(split, batch_size, half, g, None if index is None else index + 7919)
+            is_next = torch.rand(batch_size, generator=g) < 0.5
+            b = torch.where(is_next[:, None], a[:, half:], other)
+            cls_ = torch.full((batch_size, 1), tok.cls_id)
+            sep = torch.full((batch_size, 1), tok.sep_id)
+            x = torch.cat([cls_, a[:, :half], sep, b, sep], 1)
+            types = torch.cat([torch.zeros(batch_size, half + 2, dtype=torch.long),
+                               torch.ones(batch_size, half + 1, dtype=torch.long)], 1)
+            special = (x == tok.cls_id) | (x == tok.sep_id)
+        else:
+            x = self.data.blocks(split, batch_size, L, g, index)
+            types, special = torch.zeros_like(x), torch.zeros_like(x, dtype=torch.bool)
+        chosen = (torch.rand(x.shape, generator=g) < self.cfg.mask_prob) & ~special
+        labels = torch.where(chosen, x, torch.full_like(x, IGNORE))
+        r = torch.rand(x.shape, generator=g)
+        rand_ids = torch.randint(0, tok.vocab_size - 5, x.shape, generator=g)
+        inp = torch.where(chosen & (r < 0.8), torch.full_like(x, tok.mask_id), x)
+        inp = torch.where(chosen & (r >= 0.8) & (r < 0.9), rand_ids, inp)
+        inputs = {"input_ids": inp, "attention_mask": torch.ones_like(x), "token_type_ids": types}
+        target = {"labels": labels}
+        if self.cfg.nsp:
+            target["nsp"] = (~is_next).long()  # BERT's convention: 0 = B follows A
+        return inputs, target
+
+    def loss(self, out, target):
+        loss = _ce(out.logits, target["labels"])
+        if "nsp" in target and getattr(out, "nsp_logits", None) is not None:
+            loss = loss + F.cross_entropy(out.nsp_logits.float(), target["nsp"])
+        return loss
+
+    def correct(self, out, target):
+        return super().correct(out, target["labels"])
+
+
+class Seq2SeqTask(CLMTask):
+    name = "seq2seq"
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        ends = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
+        for i, b in enumerate(tokenizer.token_bytes[:tokenizer.vocab_size - 5]):
+            ends[i] = b.rstrip().endswith((b".", b"!", b"?"))
+        self.sentence_end = ends
+
+    def _corrupt(self, row, g):
+        """Sentence shuffle then span masking of one block (1-D)."""
+        cuts = (torch.nonzero(self.sentence_end[row]).flatten() + 1).tolist()
+        bounds = [0] + [c for c in cuts if c < len(row)] + [len(row)]
+        sents = [row[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+        order = torch.randperm(len(sents), generator=g).tolist()
+        row = torch.cat([sents[i] for i in order])
+        out, i, n = [], 0, len(row)
+        budget = int(round(self.cfg.mask_prob * 2 * n))  # 30% of the tokens at mask_prob 0.15
+        lam = torch.tensor(3.0)
+        while i < n:
+            if budget > 0 and torch.rand(1, generator=g).item() < self.cfg.mask_prob * 2 / 3:
+                span = int(torch.poisson(lam, generator=g).item())
+                out.append(self.tok.mask_id)
+                i += span
+                budget -= max(span, 1)
+                if span == 0:
+                    out.append(row[i].item() if i < n else self.tok.eos_id)
+                    i += 1
+            else:
+                out.append(row[i].item())
+                i += 1
+        return out
+
+    def batch(self, split, batch_size, generator=None, index=None):
+        g = generator if generator is not None else torch.Generator().manual_seed(2000 + (index or 0))
+        x = self.data.blocks(split, batch_size, self.cfg.seq_len, g, index)
+        ids, mask = pad_right([self._corrupt(r, g)[:self.cfg.seq_len] for r in x], self.tok.pad_id)
+        dec = torch.cat([torch.full((batch_size, 1), self.tok.eos_id), x[:, :-1]], 1)
+        return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}, x
+
+    def tokens(self, inputs):
+        return inputs["attention_mask"].sum().item() + inputs["decoder_input_ids"].numel()
+
+
+class ClassifyTask:
+    name = "classify"
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg, self.tok = cfg, tokenizer
+        if not cfg.data:
+            from fastattn.cli.config import CLIError
+            raise CLIError("--task classify needs --data FILE.jsonl|FILE.csv (text, label per example)")
+        self.train, self.val, self.labels = load_labelled(cfg.data[0], max(cfg.val_fraction, 0.1))
+        self._enc = {}
+
+    def _encode(self, text):
+        ids = self._enc.get(text)
+        if ids is None:
+            ids = [self.tok.cls_id] + self.tok.encode(text)[: self.cfg.seq_len - 1]
+            self._enc[text] = ids
+        return ids
+
+    def batch(self, split, batch_size, generator=None, index=None):
+        rows = self.train if split == "train" else self.val
+        if index is None:
+            pick = torch.randint(0, len(rows), (batch_size,), generator=generator).tolist()
+        else:
+            pick = [(index * batch_size + j) % len(rows) for j in range(batch_size)]
+        ids, mask = pad_right([self._encode(rows[j][0]) for j in pick], self.tok.pad_id)
+        return {"input_ids": ids, "attention_mask": mask}, torch.tensor([rows[j][1] for j in pick])
+
+    def loss(self, out, target):
+        return F.cross_entropy(out.logits.float(), target)
+
+    def logits(self, out):
+        return out.logits
+
+    def correct(self, out, target):
+        return (out.logits.argmax(-1) == target).sum().item(), target.numel()
+
+    def tokens(self, inputs):
+        return inputs["attention_mask"].sum().item()
+
+
+TASKS = {"clm": CLMTask, "mlm": MLMTask, "seq2seq": Seq2SeqTask, "classify": ClassifyTask}
+
+
+def perplexity(loss):
+    return math.exp(min(loss, 50.0))

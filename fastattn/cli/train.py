@@ -1,0 +1,512 @@
+"""``fastattn train``: pre-train or fine-tune a model of fastattn.models on the embedded corpus or your files."""
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from fastattn.cli import checkpoint as ckpt
+from fastattn.cli import finetune
+from fastattn.cli.config import CLIError, opt
+from fastattn.cli.models import TASK_ARCH, build_config, class_for_type, model_class
+from fastattn.cli.tasks import TASKS, perplexity
+
+
+@dataclass
+class TrainConfig:
+    task: str = opt("clm", "what to train: clm (GPT), mlm (BERT), seq2seq (denoising), classify (labelled data)",
+                    choices=list(TASKS))
+    data: List[str] = opt([], "your .txt / .jsonl files or folders (classify: one .jsonl / .csv with text, label); "
+                              "default: the embedded corpus")
+    out: str = opt("runs/train", "run folder: checkpoints, metrics.jsonl, loss.png, model/ (the final model)")
+    tokenizer: str = opt("bpe", "bpe (the embedded 4096-id byte-level BPE), bytes (plain bytes), or a tokenizer "
+                                ".json")
+    arch: Optional[str] = opt(None, "model class (default: GPT for clm, BERT for mlm/classify, Seq2Seq for seq2seq)")
+    d_model: int = opt(256, "model width")
+    n_layer: int = opt(4, "layers (per stack)")
+    n_head: int = opt(4, "attention heads")
+    n_kv_head: Optional[int] = opt(None, "key/value heads (GQA; default n_head)")
+    d_ff: Optional[int] = opt(None, "MLP width (default 4 x d_model)")
+    seq_len: int = opt(128, "tokens per training sequence")
+    dropout: float = opt(0.0, "dropout")
+    norm: str = opt("layernorm", "layernorm or rmsnorm", choices=["layernorm", "rmsnorm"])
+    pos: str = opt("learned", "positions", choices=["learned", "sinusoidal", "rotary", "none"])
+    mlp: str = opt("gelu", "MLP kind", choices=["gelu", "swiglu"])
+    model_backend: str = opt("fastattn", "model layers on fastattn's kernels or on torch's (A/B runs)",
+                             choices=["fastattn", "torch"])
+    steps: int = opt(1000, "optimizer steps")
+    max_time: float = opt(0.0, "stop (with a checkpoint) after this many seconds of training; 0: no limit")
+    batch_size: int = opt(16, "sequences per micro-batch (per process)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(1e-3, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr (cosine decay)")
+    warmup: int = opt(50, "linear warm-up steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay (2-D weights only)")
+    clip: float = opt(1.0, "gradient-norm clipping; 0: off")
+    precision: str = opt("fp32", "fp32, bf16 (autocast; CPU too) or fp16 (autocast + GradScaler, GPU)",
+                         choices=["fp32", "bf16", "fp16"])
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto")
+    eval_every: int = opt(100, "evaluate on held-out data every N steps (and at the end); 0: only at the end")
+    eval_batches: int = opt(8, "held-out batches per evaluation")
+    ckpt_every: int = opt(200, "checkpoint every N steps (and at the end)")
+    keep: int = opt(3, "checkpoints kept")
+    resume: bool = opt(False, "continue the run in --out from its newest valid checkpoint")
+    init: Optional[str] = opt(None, "start from this fastattn checkpoint (or run folder)")
+    init_hf: Optional[str] = opt(None, "start from a local Hugging Face folder (GPT-2 / Llama / BERT)")
+    mode: str = opt("full", "fine-tuning: full, frozen (heads only), lora (adapters), prompt (soft prompt)",
+                    choices=["full", "frozen", "lora", "prompt"])
+    lora_rank: int = opt(8, "LoRA rank")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator (scale = alpha / rank)")
+    prompt_len: int = opt(16, "soft-prompt length (--mode prompt)")
+    nsp: bool = opt(False, "mlm: add next-sentence prediction")
+    mask_prob: float = opt(0.15, "mlm: fraction of tokens masked (seq2seq masks twice as many, in spans)")
+    num_labels: Optional[int] = opt(None, "classify: number of labels (default: found in the data)")
+    val_fraction: float = opt(0.02, "held-out fraction of the documents")
+    max_data_tokens: Optional[int] = opt(None, "read at most this many tokens of the data")
+    seed: int = opt(0, "random seed (weights, data order, dropout)")
+    log_every: int = opt(10, "progress line every N steps")
+    peak_tflops: float = opt(0.0, "peak TFLOP/s for the MFU column (default: a guess for this device)")
+    teacher: Optional[str] = opt(None, "distill from this checkpoint (same tokenizer)")
+    distill_alpha: float = opt(0.5, "weight of the distillation loss (KL on softened logits)")
+    temperature: float = opt(2.0, "distillation temperature")
+    qat: bool = opt(False, "quantization-aware training (fastattn.prepare_qat), converted to int8 on export")
+    fsdp: bool = opt(False, "under torchrun: shard parameters with FSDP (fully_shard) instead of DDP")
+    tp: int = opt(1, "under torchrun: tensor-parallel degree over the attention / MLP projections")
+    step_delay: float = opt(0.0, "sleep this long after each step (for tests of interruption)")
+
+    def validate(self):
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "keep", "eval_batches", "log_every", "tp"):
+            if getattr(self, name) < 1:
+                raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.init and self.init_hf:
+            raise CLIError("give --init or --init-hf, not both")
+        if not 0 < self.val_fraction < 1:
+            raise CLIError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+
+
+def load_tokenizer(spec):
+    from fastattn.data import Tokenizer, default_tokenizer
+    if spec == "bpe":
+        return default_tokenizer()
+    if spec == "bytes":
+        return Tokenizer()
+    try:
+        return Tokenizer.load(spec)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def pick_device(spec):
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise CLIError(f"--device {spec!r}: not a device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {spec}: no CUDA device here")
+    return dev
+
+
+def model_fields(cfg, vocab_size):
+    return {"vocab_size": vocab_size, "d_model": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+            "n_kv_head": cfg.n_kv_head, "d_ff": cfg.d_ff, "max_seq_len": cfg.seq_len + cfg.prompt_len + 8,
+            "dropout": cfg.dropout, "norm": cfg.norm, "pos": cfg.pos, "mlp": cfg.mlp, "backend": cfg.model_backend,
+            "num_labels": cfg.num_labels}
+
+
+def load_model(path, backend=None, map_location="cpu"):
+    """(model, train_state dict, tokenizer) from a checkpoint folder (or a run folder: its newest valid one),
+    with the fine-tuning adapters of its run merged (LoRA) or kept (soft prompt)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model as st_load
+
+    from fastattn.data import Tokenizer
+    path = ckpt.resolve(path)
+    mcfg = ckpt.read_json(path / "config.json")
+    state = ckpt.read_json(path / "train_state.json") if (path / "train_state.json").is_file() else {}
+    cls = class_for_type(mcfg.get("model_type"))
+    if backend:
+        mcfg["backend"] = backend
+    try:
+        model = cls(cls.config_class.from_dict(mcfg))
+    except (TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}/config.json: {e}") from None
+    tcfg = state.get("train_config", {})
+    finetune.apply(model, tcfg.get("mode", "full"), tcfg.get("lora_rank", 8), tcfg.get("lora_alpha", 16.0),
+                   tcfg.get("prompt_len", 16), seed=0)
+    try:
+        st_load(model, str(path / "model.safetensors"), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise ckpt.CheckpointError(f"{path}/model.safetensors: {str(e).splitlines()[0]}") from None
+    finetune.merge(model)
+    tok = Tokenizer.load(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else load_tokenizer("bpe")
+    return model.to(map_location), state, tok
+
+
+def configure_optimizer(model, cfg, device):
+    """AdamW; weight decay on 2-D weights only; fused when this torch/device has it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    for fused in (True, False):
+        try:
+            return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused or None)
+        except (RuntimeError, TypeError, ValueError):
+            continue
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def lr_at(step, cfg):
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    lo = cfg.lr * cfg.min_lr_ratio
+    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * t))
+
+
+def peak_flops(cfg, device):
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        bf16 = cfg.precision != "fp32"
+        for key, (lo, hi) in {"H100": (495e12, 989e12), "H200": (495e12, 989e12), "A100": (156e12, 312e12)}.items():
+            if key in name:
+                return hi if bf16 else lo
+        return 100e12
+    return torch.get_num_threads() * 2.5e9 * 32  # AVX2: 2 FMA units x 8 fp32 lanes x 2 flops, ~2.5 GHz
+
+
+class Progress:
+    """One line per log step: on a terminal redrawn in place (a progress bar), else appended (logs)."""
+
+    def __init__(self, total, enabled=True):
+        self.total, self.enabled = total, enabled
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step, text):
+        if not self.enabled:
+            return
+        if self.tty:
+            frac = step / self.total
+            bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
+            sys.stderr.write(f"\r[{bar}] {step}/{self.total} {text}   ")
+        else:
+            sys.stderr.write(f"step {step}/{self.total} {text}\n")
+        sys.stderr.flush()
+
+    def line(self, text):
+        if self.enabled:
+            sys.stderr.write(("\n" if self.tty else "") + text + "\n")
+            sys.stderr.flush()
+
+
+def plot_metrics(run_dir):
+    """loss.png from metrics.jsonl: training loss and held-out loss against steps."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train, val = [], []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if "loss" in m:
+            train.append((m["step"], m["loss"]))
+        if "val_loss" in m:
+            val.append((m["step"], m["val_loss"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="held-out")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(Path(run_dir).name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(run_dir) / "loss.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, dist=None):
+        from fastattn.cli import distributed
+        self.cfg = cfg
+        self.dist = dist or distributed.Single()
+        self.rank0 = self.dist.rank == 0
+        self.device = self.dist.device if self.dist.world > 1 else pick_device(cfg.device)
+        self.run_dir = Path(cfg.out)
+        existing = ckpt.list_checkpoints(self.run_dir)
+        if existing and not cfg.resume:
+            raise CLIError(f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
+                           "or a new --out")
+        if cfg.resume and not existing:
+            raise CLIError(f"--resume: no checkpoint in {self.run_dir}")
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise CLIError("--precision fp16 needs a CUDA device (use bf16 on CPU)")
+        torch.manual_seed(cfg.seed)
+        self.tok = load_tokenizer(cfg.tokenizer)
+        self.task = TASKS[cfg.task](cfg, self.tok)
+        self.model = self._build_model().to(self.device)
+        self.teacher = None
+        if cfg.teacher:
+            self.teacher, _, ttok = load_model(cfg.teacher, map_location=self.device)
+            if ttok.vocab_size != self.tok.vocab_size:
+                raise CLIError("--teacher: its tokenizer differs from this run's")
+            self.teacher.eval().requires_grad_(False)
+        if cfg.qat:
+            import fastattn
+            self.model = fastattn.prepare_qat(self.model)
+        self.train_model = self.dist.wrap(self.model, cfg)
+        self.opt = configure_optimizer(self.model, cfg, self.device)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1 + self.dist.rank)
+        self.step = 0
+        self.stop_signal = None
+        if cfg.resume:
+            self._restore()
+
+    # ---- model ----
+    def _build_model(self):
+        cfg = self.cfg
+        if cfg.init or cfg.init_hf:
+            if cfg.init:
+                model, _, tok = load_model(cfg.init, backend=cfg.model_backend)
+                if tok.vocab_size != self.tok.vocab_size:
+                    raise CLIError("--init: the checkpoint's tokenizer differs from --tokenizer")
+            else:
+                cls = model_class(cfg.arch or TASK_ARCH[cfg.task])
+                try:
+                    model = cls.from_hf(cfg.init_hf)
+                except (OSError, ValueError, KeyError) as e:
+                    raise CLIError(f"--init-hf {cfg.init_hf}: {e}") from None
+        else:
+            cls = model_class(cfg.arch or TASK_ARCH[cfg.task])
+            fields = model_fields(cfg, self.tok.vocab_size)
+            if cfg.task == "classify":
+                fields["num_labels"] = cfg.num_labels or len(self.task.labels)
+            model = cls(build_config(cls, fields))
+        if cfg.task == "classify" and hasattr(model, "add_classifier"):
+            model.add_classifier(cfg.num_labels or len(self.task.labels))
+        finetune.apply(model, cfg.mode, cfg.lora_rank, cfg.lora_alpha, cfg.prompt_len, seed=cfg.seed)
+        return model
+
+    # ---- one step ----
+    def _forward(self, model, inputs):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            return model(**inputs)
+
+    def _loss(self, inputs, target):
+        out = self._forward(self.train_model, inputs)
+        loss = self.task.loss(out, target)
+        if self.teacher is not None:
+            with torch.no_grad():
+                tout = self._forward(self.teacher, inputs)
+            loss = finetune.distill_loss(loss, self.task.logits(out), self.task.logits(tout),
+                                         self.cfg.distill_alpha, self.cfg.temperature)
+        return loss
+
+    def train_step(self):
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.train_model.train()
+        total, ntok = 0.0, 0
+        for micro in range(cfg.grad_accum):
+            inputs, target = self.task.batch("train", cfg.batch_size, self.gen)
+            ntok += self.task.tokens(inputs)
+            inputs, target = _to(inputs, self.device), _to(target, self.device)
+            with self.dist.no_sync(self.train_model, micro < cfg.grad_accum - 1):
+                loss = self._loss(inputs, target) / cfg.grad_accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.clip)
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return self.dist.mean(total), ntok * self.dist.world, lr
+
+    @torch.no_grad()
+    def evaluate(self):
+        self.train_model.eval()
+        loss, correct, count = 0.0, 0, 0
+        for i in range(self.cfg.eval_batches):
+            inputs, target = self.task.batch("val", self.cfg.batch_size, index=i)
+            inputs, target = _to(inputs, self.device), _to(target, self.device)
+            out = self._forward(self.train_model, inputs)
+            loss += self.task.loss(out, target).item()
+            c, n = self.task.correct(out, target)
+            correct, count = correct + c, count + n
+        loss = self.dist.mean(loss / self.cfg.eval_batches)
+        acc = self.dist.mean(correct / max(count, 1))
+        return {"val_loss": loss, "val_ppl": perplexity(loss), "val_acc": acc}
+
+    # ---- checkpoints ----
+    def _state(self):
+        return {"step": self.step, "optimizer": self.opt.state_dict(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "data_rng": self.gen.get_state(), "scaler": self.scaler.state_dict() if self.scaler else {}}
+
+    def save(self, tag=None):
+        from safetensors.torch import save_model
+        if self.dist.world > 1 and not self.dist.replicated:
+            return self.dist.save_sharded(self, tag)
+        if not self.rank0:
+            return None
+        meta = {"step": self.step, "task": self.cfg.task, "train_config": dataclasses.asdict(self.cfg)}
+        model, cfg_dict = self.model, self.model.config.to_dict()
+        path = ckpt.write_folder(self.run_dir / (tag or f"ckpt-{self.step:07d}"), {
+            "model.safetensors": lambda p: save_model(model, str(p)),
+            "config.json": lambda p: p.write_text(json.dumps(cfg_dict, indent=2)),
+            "tokenizer.json": lambda p: self.tok.save(p),
+            "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2)),
+            "state.pt": lambda p: torch.save(self._state(), p),
+        })
+        if tag is None:
+            ckpt.prune(self.run_dir, self.cfg.keep)
+        return path
+
+    def _restore(self):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model as st_load
+        if self.dist.world > 1 and not self.dist.replicated:
+            return self.dist.load_sharded(self)
+        path = ckpt.latest_valid(self.run_dir, warn=lambda m: print(m, file=sys.stderr))
+        if path is None:
+            raise CLIError(f"--resume: no valid checkpoint in {self.run_dir}")
+        try:
+            st_load(self.model, str(path / "model.safetensors"), strict=True)
+        except (SafetensorError, RuntimeError) as e:
+            raise CLIError(f"{path}: weights do not fit this model ({str(e).splitlines()[0]}); resume with the "
+                           "options the run was started with") from None
+        state = ckpt.load_state(path)
+        self.opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.gen.set_state(state["data_rng"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        if self.rank0:
+            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+
+    def export(self):
+        """RUN/model: the final model (LoRA merged, QAT converted) as a plain checkpoint for generate / eval."""
+        from safetensors.torch import save_model
+        if not self.rank0:
+            return None
+        model = self.model
+        finetune.merge(model)
+        meta = {"step": self.step, "task": self.cfg.task,
+                "train_config": {**dataclasses.asdict(self.cfg), "mode": "prompt" if self.cfg.mode == "prompt"
+                                 else "full"}}
+        cfg_dict = model.config.to_dict()
+        return ckpt.write_folder(self.run_dir / "model", {
+            "model.safetensors": lambda p: save_model(model, str(p)),
+            "config.json": lambda p: p.write_text(json.dumps(cfg_dict, indent=2)),
+            "tokenizer.json": lambda p: self.tok.save(p),
+            "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2)),
+        })
+
+    # ---- the loop ----
+    def _on_signal(self, signum, frame):
+        self.stop_signal = signum
+
+    def run(self):
+        cfg = self.cfg
+        if self.rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        n_params = sum(p.numel() for p in self.model.parameters())
+        flops_per_token = 6 * n_params + 12 * self.model.config.n_layer * self.model.config.d_model * cfg.seq_len
+        peak = peak_flops(cfg, self.device) * self.dist.world
+        prog = Progress(cfg.steps, self.rank0)
+        prog.line(f"{cfg.task} | {type(self.model).__name__} {n_params / 1e6:.2f}M params | "
+                  f"{cfg.model_backend} | {self.device} {cfg.precision} | global batch "
+                  f"{cfg.batch_size * cfg.grad_accum * self.dist.world} x {cfg.seq_len} | run {self.run_dir}")
+        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.rank0 else None
+        start = time.perf_counter()
+        window_t, window_tok, reason = time.perf_counter(), 0, "done"
+        try:
+            while self.step < cfg.steps:
+                loss, ntok, lr = self.train_step()
+                window_tok += ntok
+                if cfg.step_delay:
+                    time.sleep(cfg.step_delay)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    dt = time.perf_counter() - window_t
+                    tps = window_tok / max(dt, 1e-9)
+                    rec = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tps,
+                           "mfu": tps * flops_per_token / peak, "time": time.perf_counter() - start}
+                    prog.update(self.step, f"loss {loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
+                                           f"MFU {100 * rec['mfu']:.1f}%")
+                    if metrics:
+                        metrics.write(json.dumps(rec) + "\n")
+                        metrics.flush()
+                    window_t, window_tok = time.perf_counter(), 0
+                timed_out = cfg.max_time and time.perf_counter() - start >= cfg.max_time
+                stop = self.dist.any(self.stop_signal is not None or bool(timed_out))
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps or stop:
+                    ev = self.evaluate()
+                    prog.line(f"step {self.step}: held-out loss {ev['val_loss']:.4f} | ppl {ev['val_ppl']:.2f} | "
+                              f"acc {ev['val_acc']:.3f}")
+                    if metrics:
+                        metrics.write(json.dumps({"step": self.step, **ev}) + "\n")
+                        metrics.flush()
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop:
+                    self.save()
+                if stop:
+                    reason = (f"signal {signal.Signals(self.stop_signal).name}" if self.stop_signal
+                              else f"--max-time {cfg.max_time:g}s")
+                    break
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if metrics:
+                metrics.close()
+        if self.rank0:
+            png = plot_metrics(self.run_dir)
+            final = self.export()
+            prog.line(f"stopped at step {self.step} ({reason}); model: {final}; metrics: "
+                      f"{self.run_dir / 'metrics.jsonl'}{'; plot: ' + str(png) if png else ''}")
+        return 0
+
+
+def _to(x, device):
+    if isinstance(x, dict):
+        return {k: v.to(device) for k, v in x.items()}
+    return x.to(device)
+
+
+def main(cfg: TrainConfig) -> int:
+    from fastattn.cli import distributed
+    dist = distributed.setup(cfg)
+    try:
+        return Trainer(cfg, dist).run()
+    finally:
+        dist.close()
+

@@ -1,0 +1,164 @@
+"""Training data: the embedded corpus (Jane Austen's six novels, public domain; see CORPUS.md), its tokenizer,
+the user's own .txt / .jsonl / .csv files (streamed, with a held-out split) and the batch builders of each task."""
+import csv
+import io
+import json
+import lzma
+from array import array
+from pathlib import Path
+
+import torch
+
+from fastattn.data.tokenizer import SPECIALS, Tokenizer, train_bpe
+
+__all__ = ["Tokenizer", "train_bpe", "SPECIALS", "default_corpus", "default_tokenizer", "iter_documents",
+           "TokenSplits", "load_labelled", "DataError"]
+
+HERE = Path(__file__).parent
+CORPUS = HERE / "austen.txt.xz"
+TOKENIZER = HERE / "austen-bpe-4096.json"
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+class DataError(ValueError):
+    """A data file that is missing, unreadable or malformed (a user error: reported in one line)."""
+
+
+def default_corpus() -> str:
+    """The embedded corpus as one string (about 4 MB)."""
+    with lzma.open(CORPUS, "rt", encoding="utf-8") as f:
+        return f.read()
+
+
+def default_tokenizer() -> Tokenizer:
+    """The byte-level BPE (4096 ids) trained on the embedded corpus."""
+    return Tokenizer.load(TOKENIZER)
+
+
+def _files(paths, suffixes):
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in suffixes)
+            if not found:
+                raise DataError(f"{p}: no {' / '.join(suffixes)} files in this folder")
+            yield from found
+        elif p.is_file():
+            if p.suffix not in suffixes:
+                raise DataError(f"{p}: expected a {' / '.join(suffixes)} file or a folder of them")
+            yield p
+        else:
+            raise DataError(f"{p}: no such file or folder")
+
+
+def _paragraphs(lines):
+    buf = []
+    for line in lines:
+        if line.strip():
+            buf.append(line)
+        elif buf:
+            yield "".join(buf)
+            buf = []
+    if buf:
+        yield "".join(buf)
+
+
+def _jsonl(f, path):
+    """(line number, object) of every non-blank line of a JSONL file."""
+    for n, line in enumerate(f, 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
+
+
+def iter_documents(paths=None):
+    """Documents, streamed: paragraphs of the .txt files, the "text" field (or the string) of each .jsonl line.
+    paths=None: the embedded corpus."""
+    if not paths:
+        yield from _paragraphs(io.StringIO(default_corpus()))
+        return
+    for path in _files(paths, TEXT_SUFFIXES):
+        try:
+            with open(path, encoding="utf-8") as f:
+                if path.suffix == ".txt":
+                    yield from _paragraphs(f)
+                    continue
+                for n, obj in _jsonl(f, path):
+                    text = obj.get("text") if isinstance(obj, dict) else obj
+                    if not isinstance(text, str):
+                        raise DataError(f"{path}:{n}: expected a string or an object with a \"text\" string")
+                    yield text
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def held_out(i, fraction):
+    """Document i belongs to the held-out split (an even spread of `fraction` of the documents)."""
+    return int((i + 1) * fraction) > int(i * fraction)
+
+
+class TokenSplits:
+    """Every document tokenized into one train and one held-out stream of ids, documents separated by EOS."""
+
+    def __init__(self, tokenizer, paths=None, val_fraction=0.02, max_tokens=None):
+        self.tokenizer = tokenizer
+        train, val = array("i"), array("i")
+        for i, doc in enumerate(iter_documents(paths)):
+            ids = tokenizer.encode(doc)
+            ids.append(tokenizer.eos_id)
+            (val if held_out(i, val_fraction) else train).extend(ids)
+            if max_tokens and len(train) + len(val) >= max_tokens:
+                break
+        self.train = torch.frombuffer(train, dtype=torch.int32).long() if train else torch.zeros(0, dtype=torch.long)
+        self.val = torch.frombuffer(val, dtype=torch.int32).long() if val else torch.zeros(0, dtype=torch.long)
+        if len(self.train) < 2:
+            raise DataError("the training data is empty")
+
+    def split(self, name):
+        return self.train if name == "train" or len(self.val) < 2 else self.val
+
+    def blocks(self, split, batch, length, generator=None, index=None):
+        """(batch, length) windows: at random offsets (from generator), or the index-th run of consecutive ones."""
+        data = self.split(split)
+        length = min(length, len(data) - 1)
+        hi = len(data) - length
+        if index is None:
+            starts = torch.randint(0, hi, (batch,), generator=generator)
+        else:
+            starts = (torch.arange(batch) + index * batch) * length % hi
+        return torch.stack([data[s:s + length] for s in starts.tolist()])
+
+
+def load_labelled(path, val_fraction=0.1):
+    """(train, val, labels) from a JSONL ({"text": ..., "label": ...} per line) or CSV (text,label columns) file;
+    train/val are lists of (text, label index); labels are the sorted distinct labels."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if path.suffix == ".csv":
+                reader = csv.DictReader(f)
+                if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
+                    raise DataError(f"{path}: the CSV header must name the columns text and label")
+                rows = [(r["text"], str(r["label"])) for r in reader]
+            elif path.suffix == ".jsonl":
+                for n, obj in _jsonl(f, path):
+                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or "label" not in obj:
+                        raise DataError(f"{path}:{n}: expected {{\"text\": string, \"label\": ...}}")
+                    rows.append((obj["text"], str(obj["label"])))
+            else:
+                raise DataError(f"{path}: labelled data must be .jsonl or .csv")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if len(rows) < 2:
+        raise DataError(f"{path}: needs at least two labelled examples")
+    labels = sorted({lab for _, lab in rows})
+    index = {lab: i for i, lab in enumerate(labels)}
+    train, val = [], []
+    for i, (text, lab) in enumerate(rows):
+        (val if held_out(i, val_fraction) else train).append((text, index[lab]))
+    return train or val, val or train, labels
