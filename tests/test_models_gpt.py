@@ -1,0 +1,241 @@
+"""fastattn.models.GPT on tiny configs (CPU backends): configs and their errors, the fastattn and torch backends
+against each other over training steps, KV-cache decoding against the full forward token by token (fp32, bounded
+by the full forward's own fp32 error against float64), batched generation with left padding against each prompt
+alone, sampling (seeded, top-k, top-p), eos and streaming, save / from_pretrained, the backbone / head split."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from conftest import assert_bounded
+from fastattn.models import GPT, GPTConfig, ModelConfig
+
+VOCAB = 61
+VARIANTS = {
+    "gpt2": dict(),
+    "llama": dict(pos="rotary", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False),
+    "mqa-postnorm-sinusoidal": dict(n_kv_head=1, norm_first=False, pos="sinusoidal", activation="relu"),
+}
+
+
+def tiny(**kw) -> GPTConfig:
+    base = dict(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, d_ff=48, max_seq_len=64)
+    return GPTConfig(**{**base, **kw})
+
+
+def model(variant="gpt2", seed=0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny(**{**VARIANTS[variant], **kw})).eval()
+
+
+def twin(m: GPT, **kw) -> GPT:
+    """The same weights under other config fields (e.g. backend="torch")."""
+    other = GPT(GPTConfig.from_dict({**m.config.to_dict(), **kw})).eval()
+    other.load_state_dict(m.state_dict())
+    return other
+
+
+# ---- configs --------------------------------------------------------------------------------------------------
+def test_config_json_round_trip(tmp_path):
+    cfg = tiny(**VARIANTS["llama"])
+    cfg.save(tmp_path / "c.json")
+    assert GPTConfig.load(tmp_path / "c.json") == cfg
+    assert GPTConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.to_dict()["model_type"] == "gpt" and cfg.n_kv_head == 2 and tiny().n_kv_head == 4
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(d_model=30, n_head=4), ["n_head", "d_model=30"]),
+    (dict(n_kv_head=3), ["n_kv_head", "3"]),
+    (dict(mlp="geglu"), ["mlp", "geglu"]),
+    (dict(activation="swish"), ["activation", "swish"]),
+    (dict(norm="batchnorm"), ["norm", "batchnorm"]),
+    (dict(pos="alibi"), ["pos", "alibi"]),
+    (dict(backend="jax"), ["backend", "jax"]),
+    (dict(dropout=1.0), ["dropout"]),
+    (dict(n_head=0), ["n_head"]),
+])
+def test_bad_config(kw, words):
+    with pytest.raises(ValueError) as e:
+        tiny(**kw)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_key_named():
+    with pytest.raises(ValueError, match="'n_heads'"):
+        GPTConfig.from_dict({**tiny().to_dict(), "n_heads": 4})
+    with pytest.raises(ValueError, match="model_type"):
+        GPTConfig.from_dict({**tiny().to_dict(), "model_type": "bert"})
+
+
+def test_config_fields_are_the_documented_ones():
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert {"vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "max_seq_len", "dropout", "norm",
+            "norm_first", "mlp", "pos", "tie_embeddings", "bias", "backend"} <= names
+
+
+# ---- forward, backends, training ------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_backends_match_over_training_steps(variant):
+    """fastattn and torch backends: same state_dict, same losses and parameters over a few SGD steps (padding
+    included; SGD rather than Adam, which blows up rounding noise in near-zero gradients, e.g. the key bias's)."""
+    fa = model(variant).train()
+    th = twin(fa, backend="torch").train()
+    assert fa.state_dict().keys() == th.state_dict().keys()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, 8:] = 0  # right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9) for m in (fa, th)]
+    for _ in range(3):
+        losses = []
+        for m, opt in zip((fa, th), opts):
+            opt.zero_grad()
+            loss = m(ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+    for (n, p), q in zip(fa.named_parameters(), th.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_loss_is_shifted_next_token_ce():
+    m = model()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    out = m(ids, labels=ids)
+    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    assert out.logits.shape == (2, 9, VOCAB)
+    torch.testing.assert_close(out.loss, ref)
+
+
+def test_dropout_trains_and_eval_is_deterministic():
+    m = model(dropout=0.2).train()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    a, b = m(ids).logits, m(ids).logits
+    assert not torch.equal(a, b)
+    m.eval()
+    assert torch.equal(m(ids).logits, m(ids).logits)
+
+
+# ---- KV cache and generation ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kv_cache_decode_equals_full_forward(variant):
+    """prefill + decode_one, token by token, against the full forward on the whole sequence: error (fp32) at most
+    twice the full forward's own fp32 error against the model in float64, plus a rounding step."""
+    m = model(variant)
+    m64 = twin(m).double()
+    g = torch.Generator().manual_seed(2)
+    seq = torch.randint(0, VOCAB, (2, 20), generator=g)
+    P = 7
+    m.setup_caches(2, seq.shape[1])
+    keep = torch.ones(2, P, dtype=torch.bool)
+    steps = [m.prefill(seq[:, :P], keep)]
+    for t in range(P, seq.shape[1]):
+        steps.append(m.decode_one(seq[:, t:t + 1], m.cache_index[t:t + 1]))
+    with torch.no_grad():
+        for i, logits in enumerate(steps):
+            n = P + i
+            full = m(seq[:, :n]).logits[:, -1]
+            ref = m64(seq[:, :n]).logits[:, -1]
+            assert_bounded(f"step {i}", logits.detach(), ref, full, torch.float32)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_batched_generation_with_left_padding_equals_alone(variant):
+    m = twin(model(variant)).double()  # float64: no argmax flips between two orders of summation
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g) for n in (3, 8, 5)]
+    L = max(len(p) for p in prompts)
+    ids = torch.zeros(3, L, dtype=torch.long)
+    mask = torch.zeros(3, L, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = p
+        mask[i, L - len(p):] = 1
+    batched = m.generate(ids, 6, temperature=0, attention_mask=mask)
+    assert batched.shape == (3, L + 6)
+    for i, p in enumerate(prompts):
+        alone = m.generate(p[None], 6, temperature=0)
+        assert torch.equal(batched[i, L:], alone[0, len(p):]), f"prompt {i}"
+
+
+def test_generate_right_padding_refused():
+    m = model()
+    ids = torch.randint(0, VOCAB, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0
+    with pytest.raises(ValueError, match="left"):
+        m.generate(ids, 2, attention_mask=mask)
+
+
+def test_sampling_seeded_reproducible_and_filters():
+    m = model()
+    ids = torch.randint(0, VOCAB, (2, 4))
+    a = m.generate(ids, 8, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(7))
+    b = m.generate(ids, 8, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    # top_k=1 and a tiny top_p are greedy
+    greedy = m.generate(ids, 8, temperature=0)
+    assert torch.equal(m.generate(ids, 8, top_k=1, generator=torch.Generator().manual_seed(1)), greedy)
+    assert torch.equal(m.generate(ids, 8, top_p=1e-6, generator=torch.Generator().manual_seed(1)), greedy)
+    # sampled tokens stay in the top-k set of their step
+    m.setup_caches(2, 12)
+    logits = m.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+    top = logits.topk(5, -1).indices
+    assert all(a[i, 4].item() in top[i].tolist() for i in range(2))
+
+
+def test_eos_stops_and_pads_and_streamer():
+    m = model()
+    ids = torch.randint(0, VOCAB, (2, 4))
+    greedy = m.generate(ids, 8, temperature=0)
+    eos = greedy[0, 6].item()  # sequence 0 emits it at its third new token
+    seen = []
+    out = m.generate(ids, 8, temperature=0, eos_token_id=eos, streamer=lambda t: seen.append(t.clone()))
+    assert torch.equal(torch.stack(seen, 1), out[:, 4:])
+    first = [(row[4:] == eos).nonzero()[0].item() if (row[4:] == eos).any() else None for row in out]
+    for i, f in enumerate(first):
+        if f is not None:
+            assert (out[i, 4 + f:] == eos).all()
+    assert out.shape[1] == 12 or all(f is not None for f in first)
+
+
+def test_generate_argument_errors():
+    m = model()
+    ids = torch.randint(0, VOCAB, (1, 4))
+    for kw in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            m.generate(ids, 2, **kw)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m.generate(ids, 100)
+    assert torch.equal(m.generate(ids, 0), ids)
+
+
+# ---- saving, parameters ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_save_from_pretrained_round_trip(tmp_path, variant):
+    m = model(variant)
+    m.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
+    back = GPT.from_pretrained(tmp_path)
+    assert back.config == m.config
+    ids = torch.randint(0, VOCAB, (2, 6))
+    assert torch.equal(back(ids).logits, m(ids).logits)
+    assert (back.lm_head.weight is back.tok_emb.weight) == m.config.tie_embeddings
+    th = GPT.from_pretrained(tmp_path, backend="torch")
+    assert th.config.backend == "torch"
+
+
+def test_parameter_split():
+    for variant in ("gpt2", "llama"):
+        m = model(variant)
+        backbone, head = m.backbone_parameters(), m.head_parameters()
+        assert m.num_parameters() == sum(p.numel() for p in backbone) + sum(p.numel() for p in head)
+        assert (len(head) == 0) == m.config.tie_embeddings
+        for p in backbone:
+            p.requires_grad_(False)
+        assert m.num_parameters(trainable_only=True) == sum(p.numel() for p in head)

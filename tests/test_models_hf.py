@@ -1,0 +1,163 @@
+"""Checkpoint import: GPT.from_hf (GPT-2, Llama with GQA), BERT.from_hf and BERTForSequenceClassification.from_hf on
+small randomly initialised HF models saved to tmp_path (safetensors, and pytorch_model.bin), logits against
+transformers' own model on the same weights (fp32; error bounded by transformers' own fp32 error against its
+float64 run); greedy generation against transformers' generate; bad checkpoints raise errors naming the key."""
+import json
+
+import pytest
+import torch
+
+import fastattn
+from conftest import assert_bounded
+from fastattn.models import BERT, GPT, BERTForSequenceClassification, CheckpointError
+
+try:
+    fastattn.hf.register()  # imports HF's kernels package before the checkout's kernels/ folder can shadow it
+except ImportError:
+    pass
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+
+
+def _gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
+
+
+def _llama(tie=False):
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0, tie_word_embeddings=tie,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+def _bert(cls_name="BertForPreTraining", **kw):
+    return getattr(transformers, cls_name)(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw))
+
+
+def _ids(B=2, L=12, seed=0):
+    return torch.randint(0, VOCAB, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def _bounded(name, ours, hf, hf64, get=lambda o: o.logits):
+    with torch.no_grad():
+        assert_bounded(name, get(ours).detach(), get(hf64).double(), get(hf).detach(), torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-tied"])
+def test_gpt_from_hf_matches_transformers(tmp_path, arch):
+    torch.manual_seed(0)
+    hf = (_gpt2() if arch == "gpt2" else _llama(tie=arch == "llama-tied")).eval()
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_hf(tmp_path).eval()
+    assert ours.config.n_kv_head == (4 if arch == "gpt2" else 2)
+    hf64 = type(hf).from_pretrained(tmp_path, torch_dtype=torch.float64).eval()
+    ids = _ids()
+    with torch.no_grad():
+        _bounded(arch, ours(ids), hf(ids), hf64(ids))
+        mine = ours.generate(ids[:, :5], 8, temperature=0)
+        theirs = hf.generate(ids[:, :5], max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(mine, theirs)
+
+
+def test_gpt_from_hf_pytorch_bin(tmp_path):
+    torch.manual_seed(0)
+    hf = _llama().eval()
+    hf.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")  # the legacy format
+    (tmp_path / "model.safetensors").unlink()
+    ours = GPT.from_hf(tmp_path).eval()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_bert_from_hf_matches_transformers(tmp_path):
+    torch.manual_seed(0)
+    hf = _bert().eval()
+    hf.save_pretrained(tmp_path)
+    hf64 = transformers.BertForPreTraining.from_pretrained(tmp_path, torch_dtype=torch.float64).eval()
+    ours = BERT.from_hf(tmp_path).eval()
+    ids, tt = _ids(), torch.zeros(2, 12, dtype=torch.long)
+    tt[:, 6:] = 1
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    kw = dict(attention_mask=mask, token_type_ids=tt)
+    with torch.no_grad():
+        a, b, c = ours(ids, **kw), hf(ids, **kw), hf64(ids, **kw)
+    keep = mask.bool()  # padded positions' outputs are not compared (no real token reads them)
+    assert_bounded("mlm", a.logits[keep], c.prediction_logits[keep].double(), b.prediction_logits[keep],
+                   torch.float32)
+    assert_bounded("nsp", a.nsp_logits, c.seq_relationship_logits.double(), b.seq_relationship_logits,
+                   torch.float32)
+
+
+def test_bert_sequence_classification_from_hf(tmp_path):
+    torch.manual_seed(0)
+    hf = _bert("BertForSequenceClassification", num_labels=3).eval()
+    hf.save_pretrained(tmp_path)
+    ours = BERTForSequenceClassification.from_hf(tmp_path).eval()
+    assert ours.config.num_labels == 3
+    ids = _ids()
+    labels = torch.tensor([0, 2])
+    with torch.no_grad():
+        a, b = ours(ids, labels=labels), hf(ids, labels=labels)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-4, atol=1e-5)
+
+
+def test_bert_classifier_from_pretraining_checkpoint(tmp_path, caplog):
+    _bert().eval().save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="fastattn"):
+        clf = BERTForSequenceClassification.from_hf(tmp_path, num_labels=5)
+    assert "classifier.weight" in caplog.text
+    assert clf(_ids()).logits.shape == (2, 5)
+
+
+# ---- bad checkpoints ------------------------------------------------------------------------------------------
+def _edit_weights(path, edit):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(path / "model.safetensors")
+    edit(sd)
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_key_named(tmp_path):
+    _gpt2().eval().save_pretrained(tmp_path)
+    _edit_weights(tmp_path, lambda sd: sd.pop("transformer.h.1.mlp.c_fc.weight"))
+    with pytest.raises(CheckpointError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight.*missing"):
+        GPT.from_hf(tmp_path)
+
+
+def test_wrong_shape_named(tmp_path):
+    _llama().eval().save_pretrained(tmp_path)
+
+    def edit(sd):
+        sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(32, 32)  # GQA: (2 * 8, 32) expected
+    _edit_weights(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight.*\(32, 32\).*\(16, 32\)"):
+        GPT.from_hf(tmp_path)
+
+
+def test_bert_missing_mlm_head_named(tmp_path):
+    _bert("BertModel").eval().save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="cls.predictions"):
+        BERT.from_hf(tmp_path)
+
+
+def test_unsupported_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        GPT.from_hf(tmp_path)
+    _gpt2().eval().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "t5"}))
+    with pytest.raises(CheckpointError, match="'t5'"):
+        GPT.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "activation_function": "gelu_fast"}))
+    with pytest.raises(CheckpointError, match="gelu_fast"):
+        GPT.from_hf(tmp_path)
