@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -120,14 +121,15 @@ def latest_valid(run_dir, warn=print):
 
 
 def resolve(path):
-    """A checkpoint folder from a path to one, or to a run folder (its newest valid checkpoint; else RUN/model)."""
+    """A checkpoint folder from a path to one, or to a run folder (its final RUN/model, else its newest valid
+    checkpoint)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint")
     if not (p / "config.json").is_file():
-        ck = latest_valid(p, warn=lambda m: print(m, file=__import__("sys").stderr))
-        if ck is None and (p / "model").is_dir():
-            ck = p / "model"
+        ck = p / "model" if (p / "model" / "config.json").is_file() else None
+        if ck is None:
+            ck = latest_valid(p, warn=lambda m: print(m, file=sys.stderr))
         if ck is None:
             raise CheckpointError(f"{p}: no valid checkpoint in this folder")
         p = ck

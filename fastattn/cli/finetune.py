@@ -100,7 +100,7 @@ def add_soft_prompt(model, length, seed=0):
         return (), kwargs
 
     def after(mod, args, kwargs, out):
-        if out.logits.dim() == 3 and not getattr(model.config, "is_encoder_decoder", False):
+        if out.logits.dim() == 3 and kwargs.get("decoder_input_ids") is None:
             out.logits = out.logits[:, length:]
         return out
 

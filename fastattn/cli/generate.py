@@ -60,8 +60,9 @@ class _Stop(Exception):
     pass
 
 
-def generate(model, tok, prompts, cfg, device, out=sys.stdout):
+def generate(model, tok, prompts, cfg, device, out=None):
     """Generate for every prompt (one left-padded batch); returns (texts, new tokens, seconds)."""
+    out = out or sys.stdout
     enc = [[tok.eos_id] + tok.encode(p) for p in prompts]  # EOS first: what the model saw between documents
     n_prompt = getattr(getattr(model, "soft_prompt", None), "shape", [0])[0]
     L = max(len(e) for e in enc)
@@ -122,10 +123,14 @@ def main(cfg: GenerateConfig) -> int:
     model.eval()
     if not hasattr(model, "generate"):
         raise CLIError(f"{cfg.checkpoint}: a {type(model).__name__} does not generate text")
-    if cfg.int8 or state.get("int8"):
+    if state.get("int8"):
+        from fastattn.cli.evaluate import make_task
+        from fastattn.cli.quantize import apply_recipe
+        recipe = state["int8"]
+        model = apply_recipe(model, recipe, make_task(state, tok) if recipe["smoothquant"] else None)
+    elif cfg.int8:
         import fastattn
-        model = fastattn.quantize(model, mode=state.get("int8", {}).get("mode", "w8a16") if state.get("int8")
-                                  else "w8a16")
+        model = fastattn.quantize(model, mode="w8a16")
     prompts = read_prompts(cfg)
     stream = cfg.stream if cfg.stream is not None else len(prompts) == 1
     texts, n, secs = generate(model, tok, prompts, cfg, device)

@@ -6,7 +6,7 @@ import dataclasses
 
 from fastattn.cli.config import CLIError
 
-TASK_ARCH = {"clm": "GPT", "mlm": "BERT", "classify": "BERT", "seq2seq": "Seq2Seq"}
+TASK_ARCH = {"clm": "GPT", "mlm": "BERT", "classify": "BERTForSequenceClassification", "seq2seq": "Seq2Seq"}
 _EXTRA = {}
 
 
@@ -19,7 +19,7 @@ def _classes():
     out = {}
     try:
         from fastattn import models
-        for name in ("GPT", "BERT", "Seq2Seq"):
+        for name in ("GPT", "BERT", "BERTForSequenceClassification", "Seq2Seq"):
             if hasattr(models, name):
                 out[name] = getattr(models, name)
     except ImportError:
@@ -35,8 +35,11 @@ def model_class(name):
     return classes[name]
 
 
-def class_for_type(model_type):
-    """The class whose config's model_type is model_type (what a checkpoint's config.json names)."""
+def class_for_type(model_type, arch=None):
+    """The class a checkpoint names (train_state.json's arch), else the first whose config's model_type is
+    model_type (what config.json names)."""
+    if arch:
+        return model_class(arch)
     for cls in _classes().values():
         if getattr(cls.config_class, "model_type", None) == model_type:
             return cls

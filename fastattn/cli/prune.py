@@ -42,7 +42,7 @@ def head_importance(model):
             for h in range(m.n_head):
                 q = m.wqkv.weight[h * D:(h + 1) * D]
                 o = m.wo.weight[:, h * D:(h + 1) * D]
-                rows.append((float(q.norm() * o.norm()), m, h))
+                rows.append((float(q.detach().norm() * o.detach().norm()), m, h))
     return rows
 
 

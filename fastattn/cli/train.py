@@ -114,11 +114,11 @@ def pick_device(spec):
     return dev
 
 
-def model_fields(cfg, vocab_size):
+def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
     return {"vocab_size": vocab_size, "d_model": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
             "n_kv_head": cfg.n_kv_head, "d_ff": cfg.d_ff, "max_seq_len": cfg.seq_len + cfg.prompt_len + 8,
             "dropout": cfg.dropout, "norm": cfg.norm, "pos": cfg.pos, "mlp": cfg.mlp, "backend": cfg.model_backend,
-            "num_labels": cfg.num_labels}
+            "num_labels": cfg.num_labels, "pad_token_id": pad_id, "decoder_start_token_id": eos_id}
 
 
 def load_model(path, backend=None, map_location="cpu"):
@@ -131,7 +131,7 @@ def load_model(path, backend=None, map_location="cpu"):
     path = ckpt.resolve(path)
     mcfg = ckpt.read_json(path / "config.json")
     state = ckpt.read_json(path / "train_state.json") if (path / "train_state.json").is_file() else {}
-    cls = class_for_type(mcfg.get("model_type"))
+    cls = class_for_type(mcfg.get("model_type"), state.get("arch"))
     if backend:
         mcfg["backend"] = backend
     try:
@@ -296,13 +296,17 @@ class Trainer:
                     raise CLIError(f"--init-hf {cfg.init_hf}: {e}") from None
         else:
             cls = model_class(cfg.arch or TASK_ARCH[cfg.task])
-            fields = model_fields(cfg, self.tok.vocab_size)
+            fields = model_fields(cfg, self.tok.vocab_size, self.tok.pad_id, self.tok.eos_id)
             if cfg.task == "classify":
                 fields["num_labels"] = cfg.num_labels or len(self.task.labels)
             model = cls(build_config(cls, fields))
-        if cfg.task == "classify" and hasattr(model, "add_classifier"):
-            model.add_classifier(cfg.num_labels or len(self.task.labels))
-        finetune.apply(model, cfg.mode, cfg.lora_rank, cfg.lora_alpha, cfg.prompt_len, seed=cfg.seed)
+        try:
+            finetune.apply(model, cfg.mode, cfg.lora_rank, cfg.lora_alpha, cfg.prompt_len, seed=cfg.seed)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        if not any(p.requires_grad for p in model.parameters()):
+            raise CLIError(f"--mode {cfg.mode}: nothing left to train in a {type(model).__name__} (a head tied to "
+                           "the embedding is part of the backbone: try --mode lora)")
         return model
 
     # ---- one step ----
@@ -375,7 +379,8 @@ class Trainer:
             return self.dist.save_sharded(self, tag)
         if not self.rank0:
             return None
-        meta = {"step": self.step, "task": self.cfg.task, "train_config": dataclasses.asdict(self.cfg)}
+        meta = {"step": self.step, "task": self.cfg.task, "arch": type(self.model).__name__,
+                "train_config": dataclasses.asdict(self.cfg)}
         model, cfg_dict = self.model, self.model.config.to_dict()
         path = ckpt.write_folder(self.run_dir / (tag or f"ckpt-{self.step:07d}"), {
             "model.safetensors": lambda p: save_model(model, str(p)),
@@ -420,9 +425,11 @@ class Trainer:
             return None
         model = self.model
         finetune.merge(model)
-        meta = {"step": self.step, "task": self.cfg.task,
+        meta = {"step": self.step, "task": self.cfg.task, "arch": type(model).__name__,
                 "train_config": {**dataclasses.asdict(self.cfg), "mode": "prompt" if self.cfg.mode == "prompt"
                                  else "full"}}
+        if self.cfg.qat:  # trained through fake quantization: generate / eval load it as int8 w8a8
+            meta["int8"] = {"mode": "w8a8", "smoothquant": False, "alpha": 0.5, "calib": 0, "batch_size": 1}
         cfg_dict = model.config.to_dict()
         return ckpt.write_folder(self.run_dir / "model", {
             "model.safetensors": lambda p: save_model(model, str(p)),

@@ -1,0 +1,151 @@
+"""CLI smoke tests of `fastattn train` (tiny models, byte tokenizer, a slice of the embedded corpus): every task and
+fine-tuning mode, the run folder's files, generate / eval / quantize / prune / distillation on the results."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastattn.cli import main
+
+TINY = ["--tokenizer", "bytes", "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--seq-len", "16",
+        "--batch-size", "4", "--steps", "4", "--eval-every", "2", "--eval-batches", "1", "--log-every", "2",
+        "--max-data-tokens", "20000", "--warmup", "1"]
+
+
+def train(tmp_path, name, *args):
+    out = tmp_path / name
+    assert main(["train", *TINY, "--out", str(out), *args]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt_run(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("gpt"), "run", "--steps", "6", "--ckpt-every", "2", "--keep", "2")
+
+
+@pytest.fixture
+def labelled(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    with open(path, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": ("good fine nice " if i % 2 else "bad awful poor ") * 2, "label":
+                                ["neg", "pos"][i % 2]}) + "\n")
+    return path
+
+
+def test_clm_run_folder(gpt_run):
+    names = {p.name for p in gpt_run.iterdir()}
+    assert {"metrics.jsonl", "loss.png", "model", "train_config.json", "ckpt-0000006", "ckpt-0000004"} <= names
+    assert "ckpt-0000002" not in names  # --keep 2
+    rows = [json.loads(line) for line in (gpt_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
+    assert all("tokens_per_s" in r and "mfu" in r for r in rows if "loss" in r)
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4, 6]
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "train_state.json", "state.pt", "manifest.json"):
+        assert (gpt_run / "ckpt-0000006" / f).is_file()
+    final, last = load_file(gpt_run / "model" / "model.safetensors"), load_file(gpt_run / "ckpt-0000006" /
+                                                                                 "model.safetensors")
+    assert all(torch.equal(final[k], last[k]) for k in last)
+
+
+def test_generate_and_eval(gpt_run, capsys, tmp_path):
+    assert main(["generate", str(gpt_run), "-p", "It is", "-p", "Emma", "-n", "5", "--temperature", "0"]) == 0
+    out = capsys.readouterr()
+    assert "--- [0] ---\nIt is" in out.out and "--- [1] ---\nEmma" in out.out and "tokens/s" in out.err
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Mr. Darcy\n")
+    assert main(["generate", str(gpt_run), "--prompt-file", str(prompts), "-n", "4", "--stop", "zzz"]) == 0
+    assert capsys.readouterr().out.startswith("Mr. Darcy")
+    assert main(["eval", str(gpt_run), "--batches", "2", "-o", str(tmp_path / "e.json")]) == 0
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["task"] == "clm" and res["perplexity"] == pytest.approx(torch.tensor(res["loss"]).exp().item(),
+                                                                       rel=1e-5)
+
+
+def test_generate_greedy_is_reproducible(gpt_run, capsys):
+    outs = []
+    for _ in range(2):
+        assert main(["generate", str(gpt_run), "-p", "She", "-n", "6", "--temperature", "0"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("args", [["--task", "mlm"], ["--task", "mlm", "--nsp"], ["--task", "seq2seq"],
+                                  ["--mode", "lora"], ["--mode", "prompt", "--prompt-len", "3"],
+                                  ["--precision", "bf16"], ["--model-backend", "torch"],
+                                  ["--grad-accum", "2", "--clip", "0.5"]])
+def test_tasks_and_modes(tmp_path, args, capsys):
+    run = train(tmp_path, "run", *args)
+    assert (run / "model" / "model.safetensors").is_file()
+    assert main(["eval", str(run), "--batches", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["loss"] > 0 and "perplexity" in res
+
+
+@pytest.mark.parametrize("mode", ["full", "frozen"])
+def test_classify(tmp_path, labelled, mode, capsys):
+    run = train(tmp_path, "run", "--task", "classify", "--data", str(labelled), "--mode", mode, "--steps", "8",
+                "--lr", "3e-3")
+    assert main(["eval", str(run), "--batches", "2"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["task"] == "classify" and 0 <= res["accuracy"] <= 1 and "perplexity" not in res
+
+
+def test_classify_csv(tmp_path, capsys):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"example {i},{i % 3}\n" for i in range(30)))
+    run = train(tmp_path, "run", "--task", "classify", "--data", str(path))
+    state = json.loads((run / "model" / "config.json").read_text())
+    assert state["num_labels"] == 3
+
+
+def test_frozen_trains_only_the_head(tmp_path, labelled):
+    run = train(tmp_path, "run", "--task", "classify", "--data", str(labelled), "--mode", "frozen",
+                "--ckpt-every", "2")
+    a, b = (load_file(run / f"ckpt-000000{s}" / "model.safetensors") for s in (2, 4))
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith(("classifier", "pooler")) for k in changed), changed
+
+
+def test_own_data_txt_jsonl_folder(tmp_path, capsys):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "a.txt").write_text("One paragraph of text.\n\nAnother paragraph here.\n" * 50)
+    (d / "b.jsonl").write_text("".join(json.dumps({"text": f"line {i} of json."}) + "\n" for i in range(100)))
+    run = train(tmp_path, "run", "--data", str(d), "--val-fraction", "0.1")
+    assert json.loads((run / "train_config.json").read_text())["data"] == [str(d)]
+
+
+def test_init_distill_prune_quantize(gpt_run, tmp_path, capsys):
+    run = train(tmp_path, "student", "--init", str(gpt_run), "--teacher", str(gpt_run), "--distill-alpha", "0.7")
+    assert main(["prune", str(run), "--heads", "0.5", "--unstructured", "0.3", "--out", str(tmp_path / "p")]) == 0
+    pruned = json.loads(capsys.readouterr().out)
+    assert pruned["heads_removed"] == 1 and pruned["linear_sparsity"] == pytest.approx(0.3, abs=0.01)
+    w = load_file(tmp_path / "p" / "model.safetensors")
+    assert not any("orig" in k or "mask" in k for k in w)  # pruning made permanent
+    train(tmp_path, "finetuned", "--init", str(tmp_path / "p"))
+    assert main(["quantize", str(gpt_run), "--mode", "w8a8", "--smoothquant", "--calib", "2",
+                 "--out", str(tmp_path / "q")]) == 0
+    q = json.loads(capsys.readouterr().out)
+    assert q["int8_linears"] > 0 and abs(q["loss_int8"] - q["loss_float"]) < 0.5
+    assert main(["generate", str(tmp_path / "q"), "-p", "Hi", "-n", "3"]) == 0
+    assert main(["generate", str(gpt_run), "-p", "Hi", "-n", "3", "--int8"]) == 0
+
+
+def test_qat(tmp_path, capsys):
+    run = train(tmp_path, "run", "--qat")
+    assert json.loads((run / "model" / "train_state.json").read_text())["int8"]["mode"] == "w8a8"
+    assert main(["eval", str(run), "--batches", "1"]) == 0
+
+
+def test_toml_config(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[train]\nsteps = 3\nlr = 0.002\nd-model = 32\ntokenizer = "bytes"\nlog_every = 1\n')
+    args = [a for a in TINY if a not in ()]
+    i = args.index("--steps")
+    del args[i:i + 2]
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), *args, "--lr", "0.003", "--out", str(out)]) == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["steps"] == 3 and saved["lr"] == 0.003  # the command line overrides the file
