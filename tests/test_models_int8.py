@@ -1,0 +1,108 @@
+"""INT8 inference on fastattn.models: fastattn.quantize (w8a8 with SmoothQuant calibration, w8a16) and
+fastattn.convert(int8=...) on GPT, BERT and Seq2Seq; generation runs quantized; the quality loss is reported as the
+perplexity delta of a small byte-level GPT trained here on real text (this repository's README) and evaluated on
+held-out text, bounded loosely."""
+import pathlib
+
+import pytest
+import torch
+
+import fastattn
+from fastattn.models import BERT, GPT, BERTConfig, GPTConfig, Seq2Seq, Seq2SeqConfig
+from fastattn.nn import Int8Linear
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CTX = 64
+
+
+def _text_bytes():
+    text = (ROOT / "README.md").read_bytes()
+    data = torch.tensor(list(text), dtype=torch.long)
+    cut = int(len(data) * 0.85)
+    return data[:cut], data[cut:]
+
+
+def _batches(data, n, B, g):
+    starts = torch.randint(0, len(data) - CTX - 1, (n, B), generator=g)
+    return [torch.stack([data[s:s + CTX] for s in row]) for row in starts]
+
+
+@torch.no_grad()
+def _perplexity(model, data) -> float:
+    windows = data[: (len(data) - 1) // CTX * CTX].view(-1, CTX)
+    losses = [model(w[None], labels=w[None]).loss for w in windows]
+    return torch.stack(losses).mean().exp().item()
+
+
+@pytest.fixture(scope="module")
+def trained_gpt():
+    """A 2-layer byte-level GPT trained for a few seconds on the README: far from uniform (perplexity 256)."""
+    torch.manual_seed(0)
+    train, held = _text_bytes()
+    m = GPT(GPTConfig(vocab_size=256, d_model=64, n_layer=2, n_head=4, d_ff=192, max_seq_len=CTX + 32))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for batch in _batches(train, 120, 16, g):
+        opt.zero_grad()
+        m(batch, labels=batch).loss.backward()
+        opt.step()
+    return m.eval(), train, held
+
+
+def _copy(model: GPT, **kw) -> GPT:
+    q = GPT(GPTConfig.from_dict({**model.config.to_dict(), **kw})).eval()
+    q.load_state_dict(model.state_dict())
+    return q
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8-smoothquant", "w8a16"])
+def test_perplexity_delta_reported_and_bounded(trained_gpt, mode, capsys):
+    """Held-out perplexity, float vs int8. SmoothQuant runs on an untied copy (see the xfail below)."""
+    model, train, held = trained_gpt
+    ref = _perplexity(model, held)
+    calib = _batches(train, 4, 4, torch.Generator().manual_seed(1)) if mode == "w8a8-smoothquant" else None
+    q = _copy(model, tie_embeddings=calib is None)
+    fastattn.quantize(q, calib_data=calib, mode=mode.split("-")[0])
+    assert sum(isinstance(mod, Int8Linear) for mod in q.modules()) == 2 * 4 + 1  # 4 per block + the LM head
+    ppl = _perplexity(q, held)
+    with capsys.disabled():
+        print(f"\n[int8 {mode}] held-out perplexity: float {ref:.3f}, int8 {ppl:.3f} ({(ppl / ref - 1) * 100:+.2f}%)")
+    assert ref < 40  # the model learned the text (uniform bytes: 256)
+    assert abs(ppl / ref - 1) < 0.02  # loose: measured at about 0.02% here (a tiny model: few outliers)
+
+
+@pytest.mark.xfail(strict=True, reason="fastattn.quantize scales a Linear's weight in place for SmoothQuant; a tied "
+                   "LM head shares it with the token embedding, which is then scaled too (owner: quantization.py)")
+def test_smoothquant_leaves_a_tied_embedding_alone(trained_gpt):
+    model, train, _ = trained_gpt
+    q = _copy(model)
+    assert q.lm_head.weight is q.tok_emb.weight
+    fastattn.quantize(q, calib_data=_batches(train, 2, 4, torch.Generator().manual_seed(1)), mode="w8a8")
+    assert torch.equal(q.tok_emb.weight, model.tok_emb.weight)
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_quantized_generation(trained_gpt, mode):
+    model, train, _ = trained_gpt
+    q = _copy(model)
+    fastattn.quantize(q, mode=mode)
+    prompt = train[:16][None]
+    ref, out = model.generate(prompt, 12, temperature=0), q.generate(prompt, 12, temperature=0)
+    assert out.shape == (1, 28) and torch.equal(out[:, :16], prompt)
+    assert (out[0, 16:] == ref[0, 16:]).float().mean() >= 0.5  # mostly the float model's greedy continuation
+
+
+def test_quantize_and_convert_other_models():
+    torch.manual_seed(0)
+    small = dict(vocab_size=40, d_model=32, n_layer=1, n_head=4, d_ff=48, max_seq_len=32)
+    ids = torch.randint(3, 40, (2, 7))
+    bert = BERT(BERTConfig(**small, tie_embeddings=False)).eval()  # tied: see the xfail above
+    ref = bert(ids).logits
+    fastattn.quantize(bert, calib_data=[ids], mode="w8a8")
+    out = bert(ids).logits
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+    s2s = Seq2Seq(Seq2SeqConfig(**small)).eval()
+    ref = s2s.generate(ids, 5, temperature=0)
+    fastattn.convert(s2s, int8="w8a16")
+    assert sum(isinstance(mod, Int8Linear) for mod in s2s.modules()) > 0
+    assert s2s.generate(ids, 5, temperature=0).shape == ref.shape
