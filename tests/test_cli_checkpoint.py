@@ -1,0 +1,108 @@
+"""Checkpoints of `fastattn train`: resume is bit-exact across kill -9, SIGINT / SIGTERM save and exit cleanly,
+a truncated or corrupt checkpoint is refused and the previous one used, user errors are one line."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastattn.cli import main
+from fastattn.cli.checkpoint import CheckpointError, verify
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--tokenizer", "bytes", "--d-model", "32", "--n-layer", "2", "--n-head", "2", "--seq-len", "16",
+        "--batch-size", "4", "--eval-every", "0", "--eval-batches", "1", "--log-every", "5",
+        "--max-data-tokens", "20000", "--warmup", "3", "--dropout", "0.1", "--lr", "3e-3"]
+
+
+def cli(*args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "fastattn", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def weights(path):
+    return load_file(Path(path) / "model.safetensors")
+
+
+def wait_for(path, proc, timeout=120):
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - start < timeout
+        time.sleep(0.05)
+
+
+def test_resume_after_kill9_is_bit_exact(tmp_path):
+    straight = tmp_path / "straight"
+    assert main(["train", *TINY, "--steps", "20", "--ckpt-every", "10", "--out", str(straight)]) == 0
+    killed = tmp_path / "killed"
+    proc = cli("train", *TINY, "--steps", "20", "--ckpt-every", "10", "--step-delay", "0.3", "--out", str(killed))
+    wait_for(killed / "ckpt-0000010", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "ckpt-0000020").exists()
+    assert main(["train", *TINY, "--steps", "20", "--ckpt-every", "10", "--out", str(killed), "--resume"]) == 0
+    a, b = weights(straight / "ckpt-0000020"), weights(killed / "ckpt-0000020")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(straight / "ckpt-0000020" / "state.pt", weights_only=True)
+    sb = torch.load(killed / "ckpt-0000020" / "state.pt", weights_only=True)
+    assert torch.equal(sa["data_rng"], sb["data_rng"]) and torch.equal(sa["rng"], sb["rng"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_and_exits_cleanly(tmp_path, sig):
+    run = tmp_path / "run"
+    proc = cli("train", *TINY, "--steps", "1000", "--ckpt-every", "2", "--step-delay", "0.2", "--out", str(run))
+    wait_for(run / "ckpt-0000002", proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert f"signal {sig.name}" in err and "Traceback" not in err
+    steps = sorted(int(p.name[5:]) for p in run.glob("ckpt-*"))
+    assert steps[-1] > 2 and steps[-1] < 1000
+    verify(run / f"ckpt-{steps[-1]:07d}")
+    assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_corrupt_checkpoint_refused_previous_used(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "4", "--ckpt-every", "2", "--out", str(run)]) == 0
+    f = run / "ckpt-0000004" / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="truncated"):
+        verify(run / "ckpt-0000004")
+    capsys.readouterr()
+    assert main(["train", *TINY, "--steps", "6", "--ckpt-every", "2", "--out", str(run), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping" in err and "ckpt-0000004" in err and "resumed from" in err and "ckpt-0000002" in err
+    # a flipped byte of the same size is caught by the hash
+    g = run / "ckpt-0000006" / "state.pt"
+    raw = bytearray(g.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    g.write_bytes(bytes(raw))
+    assert main(["generate", str(run / "ckpt-0000006"), "-p", "a", "-n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "corrupt" in err and "Traceback" not in err
+
+
+def test_run_folder_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "2", "--out", str(run)]) == 0
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    assert main(["train", *TINY, "--steps", "2", "--out", str(run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_state_has_no_code(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "2", "--out", str(run)]) == 0
+    state = torch.load(run / "ckpt-0000002" / "state.pt", weights_only=True)  # raises on any pickled object
+    assert set(state) >= {"step", "optimizer", "rng", "data_rng"}

@@ -1,0 +1,91 @@
+"""Errors a user can cause: one line on stderr, exit code 2, no traceback, nothing written."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastattn.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_main(capsys, *args):
+    rc = main(list(args))
+    err = capsys.readouterr().err
+    return rc, err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "--steps", "many"], "invalid int value"),
+    (["train", "--task", "nope"], "invalid choice"),
+    (["train", "--steps", "0"], "--steps must be at least 1"),
+    (["train", "--data", "/no/such/file.txt"], "no such file"),
+    (["train", "--task", "classify"], "needs --data"),
+    (["train", "--config", "/no/such.toml"], "no such file"),
+    (["generate", "/no/such/ckpt"], "no such checkpoint"),
+    (["eval", "/no/such/ckpt"], "no such checkpoint"),
+    (["quantize", "/no/such/ckpt"], "no such checkpoint"),
+    (["prune", "/no/such/ckpt", "--heads", "0.5"], "no such checkpoint"),
+    (["prune", "x", "--heads", "1.5"], "--heads must be in [0, 1)"),
+    (["nonsense"], "invalid choice"),
+    (["train", "--tokenizer", "/no/tok.json"], "cannot read tokenizer"),
+])
+def test_user_errors_are_one_line(capsys, tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    rc, err = run_main(capsys, *args)
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("fastattn: error:") and needle in err, err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("steps = \n", "config file"),                       # not TOML
+    ("stepz = 3\n", "unknown key 'stepz'"),
+    ("steps = \"ten\"\n", "steps must be int"),
+    ("task = \"nope\"\n", "task must be one of"),
+    ("[train]\nlr = true\n", "lr must be float"),
+])
+def test_bad_config_files(capsys, tmp_path, monkeypatch, text, needle):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    rc, err = run_main(capsys, "train", "--config", str(cfg))
+    assert rc == 2 and err.count("\n") == 1 and needle in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["c.toml"]
+
+
+def test_bad_data_files(capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json\n')
+    rc, err = run_main(capsys, "train", "--data", str(bad), "--out", str(tmp_path / "r"))
+    assert rc == 2 and "bad.jsonl:2: not JSON" in err
+    binary = tmp_path / "b.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    rc, err = run_main(capsys, "train", "--data", str(binary), "--out", str(tmp_path / "r"))
+    assert rc == 2 and "not UTF-8" in err
+    labels = tmp_path / "l.csv"
+    labels.write_text("sentence,y\na,1\n")
+    rc, err = run_main(capsys, "train", "--task", "classify", "--data", str(labels), "--out", str(tmp_path / "r"))
+    assert rc == 2 and "text and label" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_console_entry_point_no_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "fastattn", "train", "--nope"], cwd=tmp_path, capture_output=True,
+                       text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("train", "generate", "eval", "quantize", "prune", "info", "check", "bench", "demo"):
+        assert cmd in out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--model-backend" in out and "--config" in out and "default: 1000" in out
