@@ -136,7 +136,32 @@ def cmd_demo(args) -> int:
     print("\n== correctness: every backend vs the float64 reference ==")
     rc = cmd_check(args)
     print("\n== speed ==")
-    return rc or cmd_bench(args)
+    rc = rc or cmd_bench(args)
+    if rc or args.train_seconds <= 0:
+        return rc
+    return demo_train(args.train_seconds)
+
+
+def demo_train(seconds) -> int:
+    """Train the default GPT on the embedded corpus for `seconds`, then generate from the saved model."""
+    import time
+
+    from fastattn.cli import main as cli_main
+    run = f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"\n== training: the default GPT on the embedded corpus (Jane Austen) for {seconds:g} s -> {run} ==",
+          flush=True)
+    rc = cli_main(["train", "--out", run, "--max-time", str(seconds), "--steps", "300", "--warmup", "20",
+                   "--lr", "2e-3", "--eval-every", "25", "--ckpt-every", "100", "--log-every", "5"])
+    if rc:
+        return rc
+    print("\n== generating from the saved model ==", flush=True)
+    return cli_main(["generate", run, "-p", "It is a truth universally acknowledged", "-n", "60",
+                     "--temperature", "0.8", "--top-k", "40"])
+
+
+def _demo_args(p):
+    p.add_argument("--train-seconds", type=float, default=120.0,
+                   help="then train the default GPT for this long and generate from it; 0: skip (default: 120)")
 
 
 def main(argv=None) -> int:
@@ -146,7 +171,8 @@ def main(argv=None) -> int:
     return cli_main(argv, legacy=[("info", cmd_info, "what was built and which backends run here"),
                                   ("check", cmd_check, "check every backend against the reference"),
                                   ("bench", cmd_bench, "time the kernels against torch"),
-                                  ("demo", cmd_demo, "info + check + bench")])
+                                  ("demo", cmd_demo, "info + check + bench, then train a small GPT and generate",
+                                   _demo_args)])
 
 
 if __name__ == "__main__":

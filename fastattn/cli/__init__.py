@@ -46,8 +46,10 @@ def build_parser(legacy=()):
                                                                 "top level); command-line options override it")
         add_options(sp, getattr(importlib.import_module(mod), cls_name), positional)
         sp.set_defaults(cmd_module=mod, cmd_config=cls_name, cmd_name=name)
-    for name, fn, help_ in legacy:
+    for name, fn, help_, *add_args in legacy:
         sp = sub.add_parser(name, help=help_, description=help_)
+        for add in add_args:
+            add(sp)
         sp.set_defaults(fn=fn)
     return p
 
