@@ -368,6 +368,7 @@ def _bad():
         "d_model": ("encoder", (torch.randn(2, 5, D + 2),), {}),
         "memory-d_model": ("decoder", (x, torch.randn(2, 3, D + 1)), {}),
         "memory_mask-shape": ("decoder", (x, torch.randn(2, 3, D)), dict(memory_mask=torch.zeros(5, 4))),
+        "nested-in-training": ("encoder", (torch.nested.nested_tensor([torch.randn(5, D), torch.randn(3, D)]),), {}),
     }
 
 

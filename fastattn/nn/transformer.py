@@ -110,6 +110,13 @@ def _check_float_or_bool(name: str, mask: Optional[Tensor]) -> None:
         raise AssertionError(f"only bool and floating types of {name} are supported, got {mask.dtype}")
 
 
+def _rows(x: Tensor, name: str) -> Tensor:
+    """x (..., E) as (T, E) rows (a view when x is contiguous)."""
+    if x.is_nested:  # torch's layers take one on their inference fast path only
+        raise AssertionError(f"{name} is a NestedTensor: pass a padded tensor and a key padding mask")
+    return x.reshape(-1, x.shape[-1])
+
+
 def _build_layer(layer: nn.Module, d_model: int, nhead: int, dim_feedforward: int, dropout: float,
                  layer_norm_eps: float, batch_first: bool, norm_first: bool, bias: bool, factory_kwargs: dict,
                  decoder: bool) -> None:
@@ -165,8 +172,8 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                 is_causal: bool = False) -> Tensor:
         _check_float_or_bool("src_key_padding_mask", src_key_padding_mask)
         _check_float_or_bool("src_mask", src_mask)
+        x = _rows(src, "src")  # (T, E): every step below works on rows, each result a tensor of its own
         shape = src.shape
-        x = src.reshape(-1, shape[-1])  # (T, E): every step below works on rows, each result a tensor of its own
         if self.norm_first:
             a = _attn_rows(self, self.self_attn, _norm(self.norm1, x).view(shape), None, src_mask,
                            src_key_padding_mask, is_causal, self.dropout1)
@@ -194,8 +201,8 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
                 memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
                 memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: bool = False,
                 memory_is_causal: bool = False) -> Tensor:
+        x = _rows(tgt, "tgt")  # (T, E) rows
         shape = tgt.shape
-        x = tgt.reshape(-1, shape[-1])  # (T, E) rows
         if self.norm_first:
             a = _attn_rows(self, self.self_attn, _norm(self.norm1, x).view(shape), None, tgt_mask,
                            tgt_key_padding_mask, tgt_is_causal, self.dropout1)
