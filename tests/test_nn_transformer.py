@@ -121,6 +121,19 @@ def test_same_keys_same_init_both_ways(name, args, kw):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
+                                  "TransformerEncoder", "TransformerDecoder", "Transformer"])
+def test_signatures_are_torchs(name):
+    """Constructor and forward signatures equal torch's (names, order, defaults), so a torch module's constructor
+    arguments build ours (fastattn.convert relies on it)."""
+    import inspect
+    ours, theirs = getattr(fnn, name), getattr(torch.nn, name)
+    for method in ("__init__", "forward"):
+        a, b = inspect.signature(getattr(ours, method)), inspect.signature(getattr(theirs, method))
+        assert [(p.name, p.default, p.kind) for p in a.parameters.values()] == \
+            [(p.name, p.default, p.kind) for p in b.parameters.values()], f"{name}.{method}: {a} != {b}"
+
+
 def test_stacks_build_fastattn_layers():
     layer = fnn.TransformerEncoderLayer(D, NHEAD, FF, batch_first=True)
     enc = fnn.TransformerEncoder(layer, 3, norm=fnn.LayerNorm(D), enable_nested_tensor=False)
