@@ -12,6 +12,7 @@
 #include "philox.h"
 #include "simd.h"
 #include "vec_math.h"
+#include "vec_traits.h"
 
 #include <algorithm>
 #include <cmath>
@@ -135,15 +136,7 @@ struct Portable {
 #ifdef FA_X86
 // AVX2/FMA path (float32 compute).
 struct Avx2 {
-  FA_AVX2 static void gemm(const Gemm<float>& g) {
-    if (g.M <= 0 || g.N <= 0) return;
-    const bool at = g.sam == 1 && g.sak != 1;
-    switch (g.mode) {
-      case kStore: at ? gemm_f32_avx2<true, kStore>(g) : gemm_f32_avx2<false, kStore>(g); break;
-      case kAccum: at ? gemm_f32_avx2<true, kAccum>(g) : gemm_f32_avx2<false, kAccum>(g); break;
-      default: at ? gemm_f32_avx2<true, kRescale>(g) : gemm_f32_avx2<false, kRescale>(g); break;
-    }
-  }
+  FA_AVX2 static void gemm(const Gemm<float>& g) { avx2::gemm(g); }
   // pack_transposed, by 8 x 8 register transposes for float32 inputs
   template <class In>
   FA_AVX2 static void pack_t(const In* src, int64_t sstride, int64_t rows, int64_t cols, float* dst) {
@@ -180,14 +173,7 @@ struct Avx2 {
         for (int64_t r = rows; r < kBN; ++r) dst[c * kBN + r] = 0;
     }
   }
-  FA_AVX2 static float row_max(const float* x, int64_t n) {
-    __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
-    float r = hmax8(m);
-    for (; j < n; ++j) r = x[j] > r ? x[j] : r;
-    return r;
-  }
+  FA_AVX2 static float row_max(const float* x, int64_t n) { return avx2::row_max(x, n); }
   FA_AVX2 static float exp2_sum(float* x, int64_t n, float m, bool exact) {
     return exact ? exp2_sum_impl<true>(x, n, m) : exp2_sum_impl<false>(x, n, m);
   }
@@ -201,7 +187,7 @@ struct Avx2 {
       _mm256_storeu_ps(x + j, e);
       s = _mm256_add_ps(s, e);
     }
-    float r = hsum8(s);
+    float r = avx2::Vec::reduce_add(s);
     for (; j < n; ++j) {
       x[j] = std::exp2(x[j] - m);
       r += x[j];
@@ -277,21 +263,7 @@ struct Avx2 {
     }
   }
   FA_AVX2 static void keep_row(uint64_t seed, uint64_t ctr, int64_t n, float p, uint8_t* keep) {
-    const __m256 vp = _mm256_set1_ps(p);
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      const uint64_t c = ctr + uint64_t(j);
-      const uint32_t lo = uint32_t(c);
-      if (lo > 0xFFFFFFF8u) {  // the group crosses a 2^32 boundary of the counter
-        keep_row_scalar(seed, c, 8, p, keep + j);
-        continue;
-      }
-      const __m256 u = philox_uniform8(seed, lo, uint32_t(c >> 32));
-      const __m256i k = _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(u, vp, _CMP_GE_OQ)), 31);
-      const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(k), _mm256_extracti128_si256(k, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(keep + j), _mm_packus_epi16(w, w));  // 8 bytes of 0 / 1
-    }
-    keep_row_scalar(seed, ctr + uint64_t(j), n - j, p, keep + j);
+    avx2::keep_row(seed, ctr, n, p, keep);
   }
   FA_AVX2 static void dropout_bwd_row(const float* p, float* pd, float* dp, const uint8_t* keep, int64_t n,
                                       float ks) {
@@ -305,38 +277,10 @@ struct Avx2 {
 // everything else is the AVX2 path's.
 struct Avx512 : Avx2 {
   FA_AVX512 static void keep_row(uint64_t seed, uint64_t ctr, int64_t n, float p, uint8_t* keep) {
-    const __m512 vp = _mm512_set1_ps(p);
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-      const uint64_t c = ctr + uint64_t(j);
-      const uint32_t lo = uint32_t(c);
-      if (lo > 0xFFFFFFF0u) {  // the group crosses a 2^32 boundary of the counter
-        keep_row_scalar(seed, c, 16, p, keep + j);
-        continue;
-      }
-      const __mmask16 k = _mm512_cmp_ps_mask(philox_uniform16(seed, lo, uint32_t(c >> 32)), vp, _CMP_GE_OQ);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + j),
-                       _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(k, _mm512_set1_epi32(1))));
-    }
-    Avx2::keep_row(seed, ctr + uint64_t(j), n - j, p, keep + j);
+    avx512::keep_row(seed, ctr, n, p, keep);
   }
-  FA_AVX512 static void gemm(const Gemm<float>& g) {
-    if (g.M <= 0 || g.N <= 0) return;
-    const bool at = g.sam == 1 && g.sak != 1;
-    switch (g.mode) {
-      case kStore: at ? gemm_f32_avx512<true, kStore>(g) : gemm_f32_avx512<false, kStore>(g); break;
-      case kAccum: at ? gemm_f32_avx512<true, kAccum>(g) : gemm_f32_avx512<false, kAccum>(g); break;
-      default: at ? gemm_f32_avx512<true, kRescale>(g) : gemm_f32_avx512<false, kRescale>(g); break;
-    }
-  }
-  FA_AVX512 static float row_max(const float* x, int64_t n) {
-    __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + j));
-    float r = hmax16(m);
-    for (; j < n; ++j) r = x[j] > r ? x[j] : r;
-    return r;
-  }
+  FA_AVX512 static void gemm(const Gemm<float>& g) { avx512::gemm(g); }
+  FA_AVX512 static float row_max(const float* x, int64_t n) { return avx512::row_max(x, n); }
   FA_AVX512 static float exp2_sum(float* x, int64_t n, float m, bool) {
     const __m512 vm = _mm512_set1_ps(m);
     __m512 s = _mm512_setzero_ps();
@@ -352,7 +296,7 @@ struct Avx512 : Avx2 {
       _mm512_mask_storeu_ps(x + j, k, e);
       s = _mm512_add_ps(s, _mm512_maskz_mov_ps(k, e));
     }
-    return hsum16(s);
+    return avx512::Vec::reduce_add(s);
   }
   FA_AVX512 static void exp2_sub(float* x, int64_t n, float m, bool) {
     const __m512 vm = _mm512_set1_ps(m);
