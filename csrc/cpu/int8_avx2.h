@@ -72,13 +72,13 @@ FA_AVX2 void pack_panel(const int8_t* b, int64_t N, int64_t K, int64_t kp, int64
   }
 }
 
-// Asks for the cache lines of the output block rows m0 .. m0 + rows - 1, columns n0 .. n0 + cols - 1 in writable
-// state, ahead of a micro-kernel's epilogue (call it before the K loop). Each epilogue writes a few lines in each of
-// its rows, so the hardware prefetchers do not see them coming and every store would wait for its line to be read
-// first: when other tenants of the host use the L3, that was ~10% of a 1024^3 matmul (A/B, same minutes). Unlike
-// non-temporal stores, this leaves the output in cache for the next op. always_inline: GCC deems a function of
-// prefetches alone free of side effects and deletes calls to it; inlined, they are prefetchw where the caller's
-// target has prfchw (the VNNI micro-kernel), else prefetcht0 (the AVX2 one: PREFETCHW is not an AVX2-era given).
+// Asks for the cache lines of the output block rows m0 .. m0 + rows - 1, columns n0 .. n0 + cols - 1 in writable state,
+// ahead of a micro-kernel's epilogue (call it before the K loop). Each epilogue writes a few lines in each of its rows,
+// so the hardware prefetchers do not see them coming and every store would wait for its line to be read first (slow
+// when other tenants of the host use the L3). Unlike non-temporal stores, this leaves the output in cache for the next
+// op. always_inline: GCC deems a function of prefetches alone free of side effects and deletes calls to it; inlined,
+// they are prefetchw where the caller's target has prfchw (the VNNI micro-kernel), else prefetcht0 (the AVX2 one:
+// PREFETCHW is not an AVX2-era given).
 __attribute__((always_inline)) inline void prefetch_out(const Int8MatmulParams& p, int64_t m0, int rows, int64_t n0,
                                                         int64_t cols) {
   if (cols <= 0) return;

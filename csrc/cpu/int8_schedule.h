@@ -27,8 +27,8 @@ constexpr size_t align64(size_t n) { return (n + 63) / 64 * 64; }
 
 // 64-byte aligned, uninitialised scratch memory for one call, carved into parts of the given sizes. Up to
 // kCachedScratch bytes come from a grow-only buffer kept per calling thread (released when the thread exits), so
-// repeated calls neither allocate nor page-fault (fresh pages cost ~5% of a 1024^3 matmul); larger requests are
-// allocated and freed per call. One Scratch per thread at a time.
+// repeated calls neither allocate nor page-fault; larger requests are allocated and freed per call. One Scratch per
+// thread at a time.
 constexpr size_t kCachedScratch = size_t(64) << 20;
 
 class Scratch {
@@ -85,11 +85,11 @@ class Scratch {
 
 // ---------------------------------------------------------------------------------------------------------------
 // The parallel schedule of the packed matmuls (AVX2 and VNNI). B is packed into PN panels of panel_bytes each. The
-// panels are split into one contiguous group per thread, which that thread packs (so they land in its own caches);
-// a group's work items are (block of its panels small enough to stay in L2, chunk of MC rows), blocks outer, so a
-// block stays in the core's L2 while A's row chunks stream past it. (Re-reading B from L3 for every row tile made
-// 1024^3 1.2-1.3x slower whenever another tenant of the host was using the L3.) A thread done with its group takes the
-// remaining items of the others (one atomic counter per group), so one descheduled thread does not hold a call up.
+// panels are split into one contiguous group per thread, which that thread packs (so they land in its own caches); a
+// group's work items are (block of its panels small enough to stay in L2, chunk of MC rows), blocks outer, so a block
+// stays in the core's L2 while A's row chunks stream past it (re-reading B from a shared L3 for every row tile is slow
+// when other tenants use it). A thread done with its group takes the remaining items of the others (one atomic counter
+// per group), so one descheduled thread does not hold a call up.
 //   pack(j): packs panel j;  prep(m0, m1): per-row work on rows m0 .. m1-1, done before any tile;
 //   tile(m0, m1, j0, j1): rows m0 .. m1-1 against panels j0 .. j1-1.
 constexpr size_t kBlockBytes = size_t(512) << 10;

@@ -223,7 +223,7 @@ constexpr auto kMicroVnni = make_micro_table(std::make_integer_sequence<int, kMR
 template <int MR>
 FA_VNNI void small_m_vnni_cols(const Int8MatmulParams& p, const int32_t* rowsum, int64_t n0, int64_t n1) {
   // Columns at a time: NB independent accumulator chains per row hide vpdpbusd's latency and keep NB rows of b
-  // streaming; 8 while the MR x NB accumulators leave room in the 32 zmm (1x4096x4096 0.17 -> 0.13 ms).
+  // streaming; 8 while the MR x NB accumulators leave room in the 32 zmm.
   constexpr int NB = MR <= 3 ? 8 : 4;
   const int64_t K = p.K;
   const __m512i flip = _mm512_set1_epi8(char(0x80));
