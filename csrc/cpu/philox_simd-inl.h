@@ -9,7 +9,7 @@ inline Vec::I mulhilo(Vec::I a, Vec::I b, Vec::I* lo) {
   return Vec::blend_odd(Vec::srli64<32>(pe), po);
 }
 
-// philox_uniform(seed, counter) of the counters (hi, lo0 + i), i < Vec::W (no carry into the high word).
+// philox_uniform(seed, (hi << 32) + lo0 + i) for lane i < Vec::W; lo0 + i must not carry into the high word.
 inline Vec::F philox_uniform(uint64_t seed, uint32_t lo0, uint32_t hi) {
   Vec::I c0 = Vec::addi(Vec::set1i(lo0), Vec::lane_index());
   Vec::I c1 = Vec::set1i(hi), c2 = Vec::zeroi(), c3 = Vec::zeroi();
