@@ -4,15 +4,14 @@
 //   forward:  buf = round_s(x + r) (also stored as s)  ->  row sums from buf  ->  y = (buf - mean) * rstd * w + b
 //   backward: xhat, g = dy * w (dweight/dbias partials accumulated on the way)  ->  row sums  ->  dx from xhat, g
 //             (held in buffers by the portable passes, recomputed from s and dy by the AVX2 ones)
-// so the (M, N) tensors are read and written once each. Each thread takes one block of rows, and in the forward
-// row i's y pass also loads row i + 1 (fwd_store_load, rows up to kFuseMaxCols wide), so that reads from memory
-// overlap the row's arithmetic ([4096, 1024] float32, A/B here: 1.00-1.06 -> 0.86-0.88 ms, or 0.65 -> 0.53 ms when
-// the host is quiet; the backward's two passes fused the same way ran slower). The row passes come in two sets with
-// the same interface: Portable (plain loops; also the float64 path) and Avx2 (AVX2/FMA/F16C intrinsics, float32
-// compute only), chosen at run time. Row sums add float partials over blocks of kBlock columns, the blocks in double.
+// so the (M, N) tensors are read and written once each. Each thread takes one block of rows, and in the forward row i's
+// y pass also loads row i + 1 (fwd_store_load, rows up to kFuseMaxCols wide), so that reads from memory overlap the
+// row's arithmetic (the backward's two passes fused the same way are slower). The row passes come in two sets with the
+// same interface: Portable (plain loops; also the float64 path) and Avx2 (AVX2/FMA/F16C intrinsics, float32 compute
+// only), chosen at run time. Row sums add float partials over blocks of kBlock columns, the blocks in double.
 // A call that moves more bytes than the last-level cache holds writes its (M, N) outputs with non-temporal stores
-// (Avx2T<true>): nothing of them would stay cached, and the stores skip reading each line first (2 reads + 1 write
-// of 16 MB float32 tensors: 1.24-1.33x faster on our 2-core machine; of 8 MB tensors, which fit, 0.85x).
+// (Avx2T<true>): nothing of them would stay cached, and the stores skip reading each line first (below that size, where
+// the outputs would stay cached, they are slower).
 #include "add_norm_kernel.h"
 #include "cpu_features.h"
 #include "float_bits.h"
@@ -41,8 +40,7 @@ namespace {
 constexpr int64_t kBlock = 512;             // columns per float partial sum
 constexpr int64_t kParallelMin = 1 << 15;   // elements below which one thread does the whole op
 // Widest row whose forward fuses row i's store pass with row i + 1's load pass: the fused loop touches four float
-// rows (two buffers, weight, bias), which must stay in L1. Measured: faster at 1024, even at 2048, 10-20% slower
-// from 4096 on.
+// rows (two buffers, weight, bias), which must stay in L1.
 constexpr int64_t kFuseMaxCols = 1024;
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -370,7 +368,7 @@ struct Avx2T {
   }
 
   // bwd_load without the xh / g buffers: bwd_store recomputes both from s and dy (still in L1/L2), so wide rows keep
-  // only w, dw, db in L1 (A/B, 4096 and 16384 wide: backward 1.93-2.00 -> 1.75-1.78 ms; 1024: even).
+  // only w, dw, db in L1.
   template <class Acc, class TS, class TD>
   FA_AVX2 static void bwd_load(const TS* s, const TD* dy, const float* w, float mean, float rstd, float*, float*,
                                float* dw, float* db, int64_t n, double* sg, double* sgx) {

@@ -1,4 +1,4 @@
-// Torch binding of the CUDA fused residual-add + LayerNorm / RMSNorm kernels (add_norm.cu).
+// Torch binding of the CUDA fused residual-add + LayerNorm / RMSNorm kernels (add_norm_fwd.cu, add_norm_bwd.cu).
 // Thin binding, fat checks: every tensor argument is validated here (device, contiguity, dims, shapes, dtypes),
 // outputs and the backward workspace are allocated with torch, and the kernels run on the current stream.
 #include <torch/extension.h>
