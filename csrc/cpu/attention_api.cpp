@@ -1,5 +1,5 @@
 // Python bindings of the CPU attention kernels: argument checks, output allocation, kernel call.
-// Contract: fastattn/ops/attention.py (module docstring); the kernels are in attention_kernel.cpp.
+// Contract: fastattn/ops/attention/dispatch.py (module docstring); the kernels are in attention_kernel.cpp.
 #include <torch/extension.h>
 
 #include "../check.h"

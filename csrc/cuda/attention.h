@@ -1,6 +1,6 @@
 // Flash attention (forward + backward) on tensor cores: kernel parameters and launchers (torch-free).
 //
-// Semantics (the contract of fastattn._C attention_fwd_cuda / attention_bwd_cuda; see fastattn/ops/attention.py):
+// Semantics (the contract of fastattn._C attention_fwd_cuda / attention_bwd_cuda; see fastattn/ops/attention/dispatch.py):
 //   s[i, j] = scale * q[i] . k[j], -inf where key j does not take part in row i:
 //     j >= S, or (causal and j > i + diag_offset), or (mask and !mask[b, h, i, j]);
 //   out = softmax(s) v;  lse[i] = log(sum_j exp(s[i, j])) (natural log, float32);
