@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.add_norm import add_layer_norm
-from .activation import MultiheadAttention, mha_forward
+from .activation import MultiheadAttention, linear_rows, mha_forward
 from .normalization import LayerNorm
 
 _Activation = Union[str, Callable[[Tensor], Tensor]]
@@ -65,6 +65,13 @@ def _dropout(module: nn.Module, x: Tensor, training: bool) -> Tensor:
     return module(x)
 
 
+def _linear(linear: nn.Module, x: Tensor) -> Tensor:
+    """linear(x) on (T, K) rows: through linear_rows for an nn.Linear nobody intercepts."""
+    if type(linear) is nn.Linear and not _has_hooks(linear):
+        return linear_rows(x, linear.weight, linear.bias)
+    return linear(x)
+
+
 def _gelu_approximate(act) -> Optional[str]:
     """The approximation of a GELU activation (F.gelu or an nn.GELU without hooks), else None."""
     if act is F.gelu:
@@ -78,7 +85,7 @@ def _feed_forward(layer: nn.Module, x: Tensor, dropout_out: nn.Module) -> Tensor
     """dropout_out(linear2(dropout(activation(linear1(x))))), with ReLU / GELU and the dropouts in place where
     autograd allows: ReLU saves its output, so its dropout runs first (they commute: the dropout scale is >= 0);
     GELU saves its input, so it runs in place only without autograd."""
-    h = layer.linear1(x)  # (..., dim_feedforward)
+    h = _linear(layer.linear1, x)  # (T, dim_feedforward)
     act, training = layer.activation, layer.training
     approximate = _gelu_approximate(act)
     if act is F.relu or (type(act) is nn.ReLU and not _has_hooks(act)):
@@ -91,7 +98,7 @@ def _feed_forward(layer: nn.Module, x: Tensor, dropout_out: nn.Module) -> Tensor
         h = _dropout(layer.dropout, h, training)
     else:
         h = layer.dropout(act(h))
-    return _dropout(dropout_out, layer.linear2(h), training)
+    return _dropout(dropout_out, _linear(layer.linear2, h), training)
 
 
 def _residual(f: Tensor, dropout_out: nn.Module, x: Tensor) -> Tensor:
