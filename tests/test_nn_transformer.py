@@ -406,6 +406,25 @@ def test_transformer_bad_input():
         fnn.TransformerEncoderLayer(D, NHEAD, activation="swish")
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_hooks_and_swapped_submodules_still_run(norm_first):
+    """A submodule someone intercepts (forward hooks, a torch MultiheadAttention or a custom dropout swapped in)
+    runs through its own forward, in torch's order, and the layer still matches torch's."""
+    g = torch.Generator().manual_seed(12)
+    theirs, ours = layer_twins("decoder", norm_first=norm_first)
+    torch_attn = torch.nn.MultiheadAttention(D, NHEAD)
+    torch_attn.load_state_dict(ours.multihead_attn.state_dict())
+    ours.multihead_attn = torch_attn
+    fired = []
+    for name in ("self_attn", "linear1", "linear2", "norm1", "norm3", "dropout", "activation"):
+        if name == "activation":
+            ours.activation = torch.nn.ReLU()
+        getattr(ours, name).register_forward_hook(lambda m, i, o, name=name: fired.append(name))
+    x, mem = seq(False, 2, 5, g), seq(False, 2, 4, g)
+    compare(ours, theirs, (x, mem), {})
+    assert set(fired) == {"self_attn", "linear1", "linear2", "norm1", "norm3", "dropout", "activation"}
+
+
 def test_in_place_activation_keeps_autograd_and_inputs():
     """ReLU / dropout run in place on fresh activations only: the input is untouched and double use works."""
     _, ours = layer_twins("encoder", dropout=0.1)

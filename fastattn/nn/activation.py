@@ -79,12 +79,12 @@ def check_inputs(mha: "nn.MultiheadAttention", query: Tensor, key: Tensor, value
 
 
 # ---- masks: torch's convention in, the kernel's out -------------------------------------------------------------
-def kernel_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], B: int, H: int, L: int, S: int,
-                dtype: torch.dtype) -> Optional[Tensor]:
+def kernel_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], B: int, H: int, L: int,
+                S: int) -> Optional[Tensor]:
     """torch's attn_mask ((L, S) or (B * H, L, S); bool True = masked out, or float added) and key_padding_mask
     ((B, S); bool True = padding, or float added) as one mask for the kernel: bool True = takes part, or float added,
     broadcastable to (B, H, L, S) and no larger than its inputs need: (1, 1, L, S), (B, 1, 1, S), (B, 1, L, S) or
-    (B, H, L, S). Mixed bool / float masks become float (of the float one's dtype, else ``dtype``), as in torch."""
+    (B, H, L, S). A bool mask beside a float one becomes 0 / -inf of the float one's dtype, as in torch."""
     am = pm = None
     if attn_mask is not None:
         am = attn_mask.view(1, 1, L, S) if attn_mask.dim() == 2 else attn_mask.view(B, H, L, S)
@@ -298,7 +298,7 @@ def mha_forward(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: T
 
     causal = is_causal and key_padding_mask is None and not need_weights
     mask = None if causal else kernel_mask(attn_mask, None if key_padding_mask is None else
-                                           key_padding_mask.view(B, S), B, H, L, S, query.dtype)
+                                           key_padding_mask.view(B, S), B, H, L, S)
     extra = 0
     if mha.bias_k is not None and mha.bias_v is not None:
         k = torch.cat([k, mha.bias_k.view(1, H, 1, D).expand(B, H, 1, D)], dim=2)

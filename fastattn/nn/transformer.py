@@ -34,7 +34,7 @@ def _has_hooks(m: nn.Module) -> bool:
 
 def _fusable(norm: nn.Module) -> bool:
     """A LayerNorm over the last dim whose forward nobody intercepts: its add + norm can run as one kernel."""
-    return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and not _has_hooks(norm)
+    return type(norm) in (nn.LayerNorm, LayerNorm) and len(norm.normalized_shape) == 1 and not _has_hooks(norm)
 
 
 def _add_norm(norm: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
@@ -58,18 +58,19 @@ def _add_norm_prenorm(norm: nn.Module, x: Tensor, residual: Tensor):
     return norm(s), s
 
 
+def _plain_dropout(module: nn.Module) -> bool:
+    return type(module) is nn.Dropout and not _has_hooks(module)
+
+
 def _dropout(module: nn.Module, x: Tensor, training: bool) -> Tensor:
-    """module(x) for an nn.Dropout, in place (x is a fresh activation nobody saved for backward)."""
-    if isinstance(module, nn.Dropout) and not _has_hooks(module):
+    """module(x); for an nn.Dropout in place (x is a fresh activation nobody saved for backward)."""
+    if _plain_dropout(module):
         return F.dropout(x, module.p, training, inplace=True) if training and module.p > 0 else x
     return module(x)
 
 
-def _linear(linear: nn.Module, x: Tensor) -> Tensor:
-    """linear(x) on (T, K) rows: through linear_rows for an nn.Linear nobody intercepts."""
-    if type(linear) is nn.Linear and not _has_hooks(linear):
-        return linear_rows(x, linear.weight, linear.bias)
-    return linear(x)
+def _plain_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and not _has_hooks(module)
 
 
 def _gelu_approximate(act) -> Optional[str]:
@@ -81,14 +82,22 @@ def _gelu_approximate(act) -> Optional[str]:
     return None
 
 
+def _fresh_ffn(layer: nn.Module) -> bool:
+    """Whether the FFN's linears are plain nn.Linear: their outputs are fresh tensors nobody saved, safe to modify
+    in place."""
+    return _plain_linear(layer.linear1) and _plain_linear(layer.linear2)
+
+
 def _feed_forward(layer: nn.Module, x: Tensor, dropout_out: nn.Module) -> Tensor:
-    """dropout_out(linear2(dropout(activation(linear1(x))))), with ReLU / GELU and the dropouts in place where
-    autograd allows: ReLU saves its output, so its dropout runs first (they commute: the dropout scale is >= 0);
-    GELU saves its input, so it runs in place only without autograd."""
-    h = _linear(layer.linear1, x)  # (T, dim_feedforward)
+    """dropout_out(linear2(dropout(activation(linear1(x))))) on (T, E) rows, with ReLU / GELU and the dropouts in
+    place where autograd allows: ReLU saves its output, so its dropout runs first (they commute: the dropout scale
+    is >= 0); GELU saves its input, so it runs in place only without autograd."""
     act, training = layer.activation, layer.training
+    if not _fresh_ffn(layer):  # a linear someone intercepts: torch's order, nothing in place
+        return dropout_out(layer.linear2(layer.dropout(act(layer.linear1(x)))))
+    h = linear_rows(x, layer.linear1.weight, layer.linear1.bias)  # (T, dim_feedforward)
     approximate = _gelu_approximate(act)
-    if act is F.relu or (type(act) is nn.ReLU and not _has_hooks(act)):
+    if (act is F.relu or (type(act) is nn.ReLU and not _has_hooks(act))) and _plain_dropout(layer.dropout):
         h = F.relu(_dropout(layer.dropout, h, training), inplace=True)
     elif approximate is not None:
         if torch.is_grad_enabled() and h.requires_grad:
@@ -98,12 +107,12 @@ def _feed_forward(layer: nn.Module, x: Tensor, dropout_out: nn.Module) -> Tensor
         h = _dropout(layer.dropout, h, training)
     else:
         h = layer.dropout(act(h))
-    return _dropout(dropout_out, _linear(layer.linear2, h), training)
+    return _dropout(dropout_out, linear_rows(h, layer.linear2.weight, layer.linear2.bias), training)
 
 
-def _residual(f: Tensor, dropout_out: nn.Module, x: Tensor) -> Tensor:
-    """f + x, in place when f is known to be a fresh activation (dropout_out an nn.Dropout)."""
-    return f.add_(x) if isinstance(dropout_out, nn.Dropout) else f + x
+def _residual(layer: nn.Module, f: Tensor, dropout_out: nn.Module, x: Tensor) -> Tensor:
+    """f + x for the FFN's output f, in place when f is a fresh tensor (plain linears and dropout)."""
+    return f.add_(x) if _fresh_ffn(layer) and _plain_dropout(dropout_out) else f + x
 
 
 def _plain(attn: nn.Module) -> bool:
@@ -149,11 +158,11 @@ def _attn_rows(layer: nn.Module, attn: nn.Module, x: Tensor, mem: Optional[Tenso
                key_padding_mask: Optional[Tensor], is_causal: bool, dropout: nn.Module) -> Tensor:
     """dropout(attn(x, mem, mem)) (self-attention when mem is None) as (T, E) rows of their own."""
     kv = x if mem is None else mem
-    if _plain(attn):
-        a = mha_forward(attn, x, kv, kv, key_padding_mask, False, attn_mask, True, is_causal)[0]
-    else:
+    if not _plain(attn):  # someone intercepts the attention: its output may be theirs, nothing in place
         a = attn(x, kv, kv, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
-                 need_weights=False)[0].reshape(-1, x.shape[-1])
+                 need_weights=False)[0]
+        return dropout(a.reshape(-1, x.shape[-1]))
+    a = mha_forward(attn, x, kv, kv, key_padding_mask, False, attn_mask, True, is_causal)[0]
     return _dropout(dropout, a, layer.training)
 
 
@@ -185,7 +194,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             a = _attn_rows(self, self.self_attn, _norm(self.norm1, x).view(shape), None, src_mask,
                            src_key_padding_mask, is_causal, self.dropout1)
             h, x = _add_norm_prenorm(self.norm2, a, x)  # h = norm2(x + a), x = x + a
-            out = _residual(_feed_forward(self, h, self.dropout2), self.dropout2, x)
+            out = _residual(self, _feed_forward(self, h, self.dropout2), self.dropout2, x)
         else:
             a = _attn_rows(self, self.self_attn, src, None, src_mask, src_key_padding_mask, is_causal, self.dropout1)
             x = _add_norm(self.norm1, a, x)
@@ -217,7 +226,7 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
             a = _attn_rows(self, self.multihead_attn, h.view(shape), memory, memory_mask, memory_key_padding_mask,
                            memory_is_causal, self.dropout2)
             h, x = _add_norm_prenorm(self.norm3, a, x)
-            out = _residual(_feed_forward(self, h, self.dropout3), self.dropout3, x)
+            out = _residual(self, _feed_forward(self, h, self.dropout3), self.dropout3, x)
         else:
             a = _attn_rows(self, self.self_attn, tgt, None, tgt_mask, tgt_key_padding_mask, tgt_is_causal,
                            self.dropout1)
