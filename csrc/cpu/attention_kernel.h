@@ -1,6 +1,7 @@
 // CPU kernels of fused scaled-dot-product attention, forward and backward (torch-free: raw pointers, element
-// strides and plain structs). Semantics: the module docstring of fastattn/ops/attention/dispatch.py (scores, masks, causal /
-// window bounds, ALiBi, softcap, dropout counters, lse = +inf and zero output / gradients for a row with no key).
+// strides and plain structs). Semantics: the module docstring of fastattn/ops/attention/dispatch.py (scores, masks,
+// causal / window bounds, ALiBi, softcap, dropout counters, lse = +inf and zero output / gradients for a row with
+// no key).
 #pragma once
 #include <cstdint>
 
