@@ -116,6 +116,30 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     return out, lse.squeeze(-1).float().masked_fill(lse.squeeze(-1) == float("-inf"), float("inf"))
 
 
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         cache_seqlens: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None, *,
+                         scale: Optional[float] = None, softcap: float = 0.0, causal: bool = True,
+                         upcast: bool = True, return_lse: bool = False):
+    """Decode attention as :func:`attention_ref` with a mask: q (B, H, L, E) against the caches (B, Hk, S, E|Ev);
+    sequence b has cache_seqlens[b] keys (all S when None) and its L query rows are its last L positions (causal:
+    query i sees keys j <= i + len_b - L). keep (B, S) bool: False = that key is ignored. Cache entries past a
+    sequence's length and masked keys are zeroed first, so whatever they hold (NaN) never reaches the result."""
+    B, L, S = q.shape[0], q.shape[2], k_cache.shape[2]
+    j = torch.arange(S, device=q.device)
+    lens = torch.full((B,), S, device=q.device) if cache_seqlens is None else cache_seqlens.to(q.device).long()
+    valid = j[None, :] < lens[:, None]  # (B, S)
+    if keep is not None:
+        valid = valid & keep
+    k_cache = k_cache.masked_fill(~valid[:, None, :, None], 0)
+    v_cache = v_cache.masked_fill(~valid[:, None, :, None], 0)
+    mask = valid[:, None, None, :]  # (B, 1, 1, S)
+    if causal:
+        i = torch.arange(L, device=q.device)
+        mask = mask & (j[None, None, :] <= i[None, :, None] + (lens - L)[:, None, None])[:, None]  # (B, 1, L, S)
+    return attention_ref(q, k_cache, v_cache, mask, scale=scale, softcap=softcap, upcast=upcast,
+                         return_lse=return_lse)
+
+
 def attention_bwd_ref(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       attn_mask: Optional[torch.Tensor] = None, *, causal: Optional[str] = None,
                       scale: Optional[float] = None, window=(-1, -1), alibi_slopes: Optional[torch.Tensor] = None,

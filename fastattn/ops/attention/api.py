@@ -10,6 +10,7 @@ from torch import Tensor
 from ...backends import forced_backend_name
 from ...errors import ArgumentError
 from ...reference import attention_diag_offset, attention_ref
+from .decode import route as decode_route
 from .dispatch import attention_fwd_op, dispatcher, ref_kwargs
 from .function import AttentionFunction, DroppedAttention
 from .params import AttnParams, request
@@ -31,6 +32,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
     softcap > 0: scores become softcap * tanh(scores / softcap). A row with no key left gives 0, never NaN.
     Returns out (..., H, L, Ev), and lse (..., H, L) float32 when return_lse (the natural-log logsumexp of each
     row's scores; +inf for a row with no key, so that exp(score - lse) = 0 there).
+
+    Up to 16 queries against a long cache (no gradient, dropout, ALiBi or window; causal None or "bottom_right"; no
+    mask or a per-key bool mask such as key_padding_mask) run on the split-KV decode kernel
+    (:func:`fastattn.decode_attention`); a debug log line says so.
     """
     lay = check_qkv(q, k, v, enable_gqa)
     if causal not in CAUSAL:
@@ -72,7 +77,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
                    attention_diag_offset(L, kb.shape[2], causal if causal is not None else "bottom_right"),
                    int(window[0]), int(window[1]), softcap, dropout_p if dropout_p < 1 else 0.0, seed, offset)
     backend = forced_backend_name()
-    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+    # short queries against a long cache, forward only: the split-KV decode kernel (decode.py says when it fits)
+    routed = None if dropout_p > 0 else decode_route(qb, kb, vb, mask, alibi, p, backend)
+    if routed is not None:
+        out, lse = routed
+    elif mask is not None and mask.requires_grad and torch.is_grad_enabled():
         dispatcher.select(request(qb, kb, vb, mask, alibi, p), backend or None)  # raises if a kernel was forced
         # autograd through the reference gives the mask its gradient
         out, lse = attention_ref(qb, kb, vb, mask, return_lse=True, **ref_kwargs(qb, kb, mask, alibi, p))

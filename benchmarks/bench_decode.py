@@ -1,0 +1,146 @@
+"""pytest-benchmark: split-KV decode attention (fastattn.decode_attention) against torch's
+F.scaled_dot_product_attention on the same KV cache, one query row per sequence (batch 1, D 64; MHA with 8 heads
+and GQA with 32 query heads on 8 kv heads; cache 8192, and 16384 on GPU). Each fastattn row records
+``speedup_vs_torch`` (torch's median in the same run / ours) and GB/s (K and V read once);
+``test_decode_interleaved`` alternates the two call by call for noisy shared hosts (ratio of the minima).
+
+    python benchmarks/bench_decode.py --threshold   # decode kernel vs the flash kernel by cache length (MIN_KEYS)
+"""
+import os
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn.backends import available_backends
+from fastattn.testing import sync
+
+GPU = torch.cuda.is_available()
+SUITE = os.environ.get("FASTATTN_BENCH_SUITE") == "1"  # the GPU suite: no interleaved rows (its summary reads medians)
+DEVICE = "cuda" if GPU else "cpu"
+DTYPE = torch.bfloat16 if GPU else torch.float32
+CACHES = [8192, 16384] if GPU else [8192]
+CASES = [(8, 8), (32, 8)]  # (query heads, kv heads)
+CALLS, ROUNDS = (20, 20) if GPU else (5, 20)
+OURS = [b for b in available_backends() if b in (("triton",) if GPU else ("cpu",))]
+_medians = {}  # group -> torch's median, for the ratios
+
+
+def make(H, Hk, S, L=1, B=1, D=64):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, L, D, generator=g).to(DEVICE, DTYPE)
+    k = torch.randn(B, Hk, S, D, generator=g).to(DEVICE, DTYPE)
+    v = torch.randn(B, Hk, S, D, generator=g).to(DEVICE, DTYPE)
+    return q, k, v
+
+
+def call(impl, q, k, v):
+    if impl == "torch":
+        return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+
+    def ours():
+        with fastattn.backend(impl):
+            return fastattn.decode_attention(q, k, v)
+    return ours
+
+
+def gbytes(k, v):
+    return (k.numel() * k.element_size() + v.numel() * v.element_size()) / 1e9
+
+
+@pytest.mark.parametrize("impl", ["torch"] + OURS)
+@pytest.mark.parametrize("S", CACHES)
+@pytest.mark.parametrize("H,Hk", CASES, ids=["mha", "gqa"])
+def test_decode(benchmark, impl, S, H, Hk):
+    q, k, v = make(H, Hk, S)
+    fn = call(impl, q, k, v)
+    group = f"decode B=1 H={H} Hk={Hk} D=64 S={S} L=1 {str(DTYPE)[6:]}"
+
+    def step():
+        for _ in range(CALLS):
+            fn()
+        sync(DEVICE)
+
+    with torch.no_grad():
+        fn()
+        sync(DEVICE)
+        benchmark.group = group
+        benchmark.extra_info.update(impl=impl, device=DEVICE, calls_per_round=CALLS, op=f"decode-H{H}-Hk{Hk}-D64-L1",
+                                    direction="fwd", dtype=str(DTYPE)[6:], width=S, heads=H, kv_heads=Hk)
+        benchmark.pedantic(step, warmup_rounds=3, rounds=ROUNDS, iterations=1)
+    median = benchmark.stats.stats.median / CALLS
+    benchmark.extra_info["ms_per_call"] = median * 1e3
+    benchmark.extra_info["GB/s"] = gbytes(k, v) / median
+    if impl == "torch":
+        _medians[group] = median
+    elif group in _medians:
+        benchmark.extra_info["speedup_vs_torch"] = _medians[group] / median
+
+
+def interleaved(impls, q, k, v, rounds):
+    """The minimum per call of each impl over rounds in which every impl runs CALLS calls, one after another."""
+    fns = {i: call(i, q, k, v) for i in impls}
+    best = dict.fromkeys(impls, float("inf"))
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        for _ in range(rounds):
+            for i, fn in fns.items():
+                sync(DEVICE)
+                t0 = time.perf_counter()
+                for _ in range(CALLS):
+                    fn()
+                sync(DEVICE)
+                best[i] = min(best[i], (time.perf_counter() - t0) / CALLS)
+    return best
+
+
+@pytest.mark.skipif(SUITE, reason="the GPU suite times test_decode only")
+@pytest.mark.parametrize("impl", OURS)
+@pytest.mark.parametrize("H,Hk", CASES, ids=["mha", "gqa"])
+def test_decode_interleaved(benchmark, impl, H, Hk):
+    """torch and ours alternated round by round at cache 8192 (shared, noisy hosts): the ratio of the minima."""
+    q, k, v = make(H, Hk, 8192)
+    result = {}
+
+    def step():
+        result.update(interleaved(["torch", impl], q, k, v, rounds=3))
+
+    benchmark.group = f"decode interleaved H={H} Hk={Hk} S=8192"
+    benchmark.pedantic(step, rounds=5, iterations=1)
+    benchmark.extra_info.update(impl=impl, torch_ms=result["torch"] * 1e3, ours_ms=result[impl] * 1e3,
+                                speedup_vs_torch=result["torch"] / result[impl])
+
+
+def threshold_sweep():
+    """Per cache length: the decode kernel and the flash kernel (same backend) at L = 1, MHA 8 heads, D 64."""
+    impl = OURS[0] if OURS else "reference"
+    print(f"{'S':>6} {'decode ms':>10} {'flash ms':>10} {'flash/decode':>12}   ({impl}, {DEVICE}, {DTYPE})")
+    for S in [32, 64, 128, 256, 512, 1024, 2048, 4096]:
+        q, k, v = make(8, 8, S, B=4)
+        with torch.no_grad(), fastattn.backend(impl):
+            t = {}
+            for name, fn in [("decode", lambda: fastattn.decode_attention(q, k, v)),
+                             ("flash", lambda: fastattn.ops.attention.dispatch.fwd(
+                                 q, k, v, None, None, fastattn.ops.attention.AttnParams(scale=0.125), impl))]:
+                fn()
+                best = float("inf")
+                for _ in range(30):
+                    sync(DEVICE)
+                    t0 = time.perf_counter()
+                    for _ in range(10):
+                        fn()
+                    sync(DEVICE)
+                    best = min(best, (time.perf_counter() - t0) / 10)
+                t[name] = best
+        print(f"{S:>6} {t['decode'] * 1e3:>10.4f} {t['flash'] * 1e3:>10.4f} {t['flash'] / t['decode']:>12.2f}")
+
+
+if __name__ == "__main__":
+    if "--threshold" in sys.argv:
+        threshold_sweep()
+    else:
+        os.execvp(sys.executable, [sys.executable, "-m", "pytest", __file__, "--benchmark-only", "-q"])

@@ -1,0 +1,152 @@
+// The key loop of the CPU decode attention (decode_kernel.cpp), width-generic: compiled by foreach_isa.h for
+// AVX2 (8 lanes) and AVX-512F (16 lanes), and for the portable path with one lane. No #include. Needs from the
+// including namespace: Vec (vec_traits.h), vexp2(Vec::F), vtanh(Vec::F) and widen(const In*, int64_t, float*).
+
+// dst[j] = q . k_j for j < n; q and the k rows hold Dp floats (Dp a multiple of Vec::W; zero past the head dim)
+inline void dot_keys(const float* q, const float* k, int64_t sk, int64_t n, int64_t Dp, float* dst) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float *k0 = k + j * sk, *k1 = k0 + sk, *k2 = k1 + sk, *k3 = k2 + sk;
+    typename Vec::F a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
+    for (int64_t e = 0; e < Dp; e += Vec::W) {
+      const typename Vec::F qv = Vec::load(q + e);
+      a0 = Vec::fmadd(qv, Vec::load(k0 + e), a0);
+      a1 = Vec::fmadd(qv, Vec::load(k1 + e), a1);
+      a2 = Vec::fmadd(qv, Vec::load(k2 + e), a2);
+      a3 = Vec::fmadd(qv, Vec::load(k3 + e), a3);
+    }
+    dst[j] = Vec::reduce_add(a0);
+    dst[j + 1] = Vec::reduce_add(a1);
+    dst[j + 2] = Vec::reduce_add(a2);
+    dst[j + 3] = Vec::reduce_add(a3);
+  }
+  for (; j < n; ++j) {
+    const float* kj = k + j * sk;
+    typename Vec::F a = Vec::zero();
+    for (int64_t e = 0; e < Dp; e += Vec::W) a = Vec::fmadd(Vec::load(q + e), Vec::load(kj + e), a);
+    dst[j] = Vec::reduce_add(a);
+  }
+}
+
+// o[0, Dvp) += sum_j p[j] v_j, skipping the keys with p[j] == 0 (masked keys: their V rows are never read)
+inline void add_pv(const float* p, const float* v, int64_t sv, int64_t n, int64_t Dvp, float* o) {
+  int64_t e = 0;
+  for (; e + 4 * Vec::W <= Dvp; e += 4 * Vec::W) {
+    typename Vec::F o0 = Vec::load(o + e), o1 = Vec::load(o + e + Vec::W), o2 = Vec::load(o + e + 2 * Vec::W),
+                    o3 = Vec::load(o + e + 3 * Vec::W);
+    for (int64_t j = 0; j < n; ++j) {
+      if (p[j] == 0.0f) continue;
+      const typename Vec::F pj = Vec::set1(p[j]);
+      const float* vj = v + j * sv + e;
+      o0 = Vec::fmadd(pj, Vec::load(vj), o0);
+      o1 = Vec::fmadd(pj, Vec::load(vj + Vec::W), o1);
+      o2 = Vec::fmadd(pj, Vec::load(vj + 2 * Vec::W), o2);
+      o3 = Vec::fmadd(pj, Vec::load(vj + 3 * Vec::W), o3);
+    }
+    Vec::store(o + e, o0);
+    Vec::store(o + e + Vec::W, o1);
+    Vec::store(o + e + 2 * Vec::W, o2);
+    Vec::store(o + e + 3 * Vec::W, o3);
+  }
+  for (; e < Dvp; e += Vec::W) {
+    typename Vec::F o0 = Vec::load(o + e);
+    for (int64_t j = 0; j < n; ++j)
+      if (p[j] != 0.0f) o0 = Vec::fmadd(Vec::set1(p[j]), Vec::load(v + j * sv + e), o0);
+    Vec::store(o + e, o0);
+  }
+}
+
+// x[j] = 2^(x[j] - m) for j < n (2^-inf = 0); returns the sum
+inline float exp2_sum_row(float* x, int64_t n, float m) {
+  const typename Vec::F neg_m = Vec::set1(-m);
+  typename Vec::F s = Vec::zero();
+  int64_t j = 0;
+  for (; j + Vec::W <= n; j += Vec::W) {
+    const typename Vec::F e = vexp2(Vec::add(Vec::load(x + j), neg_m));
+    Vec::store(x + j, e);
+    s = Vec::add(s, e);
+  }
+  float r = Vec::reduce_add(s);
+  for (; j < n; ++j) {
+    x[j] = std::exp2(x[j] - m);
+    r += x[j];
+  }
+  return r;
+}
+
+inline float max_row(const float* x, int64_t n) {
+  typename Vec::F mv = Vec::set1(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + Vec::W <= n; j += Vec::W) mv = Vec::max(mv, Vec::load(x + j));
+  float r = Vec::reduce_max(mv);
+  for (; j < n; ++j) r = x[j] > r ? x[j] : r;
+  return r;
+}
+
+// x = c * tanh(x)
+inline void softcap_row(float* x, int64_t n, float c) {
+  int64_t j = 0;
+  for (; j + Vec::W <= n; j += Vec::W) Vec::store(x + j, Vec::mul(Vec::set1(c), vtanh(Vec::load(x + j))));
+  for (; j < n; ++j) x[j] = c * std::tanh(x[j]);
+}
+
+// The keys [j0, j1) of one split for the M = G * L query rows of one (batch, kv head): updates the running output
+// o (M x Dvp, unnormalised), maxima m and sums l (base 2) of every row. q: M x Dp rows, pre-scaled.
+template <class In>
+void decode_keys(const DecodeJob& J, const float* q, float* o, float* m, float* l, float* s, float* kbuf,
+                 float* vbuf, uint8_t* km) {
+  const int64_t Dp = round_up(J.E, Vec::W), Dvp = round_up(J.Ev, Vec::W);
+  const bool k_direct = std::is_same_v<In, float> && Dp == J.E;
+  const bool v_direct = std::is_same_v<In, float> && Dvp == J.Ev;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  if (!k_direct) std::fill(kbuf, kbuf + kDecodeBlock * Dp, 0.0f);
+  if (!v_direct) std::fill(vbuf, vbuf + kDecodeBlock * Dvp, 0.0f);
+  const In* kin = static_cast<const In*>(J.k);
+  const In* vin = static_cast<const In*>(J.v);
+  for (int64_t jb = J.j0; jb < J.j1; jb += kDecodeBlock) {
+    const int64_t n = std::min<int64_t>(kDecodeBlock, J.j1 - jb);
+    bool any_masked = false;
+    if (J.keep) {
+      bool any_kept = false;
+      for (int64_t t = 0; t < n; ++t) {
+        km[t] = J.keep[(jb + t) * J.keep_stride] != 0;
+        any_kept |= km[t] != 0;
+        any_masked |= km[t] == 0;
+      }
+      if (!any_kept) continue;  // a block of padding (a static cache's unwritten slots): never read
+    }
+    const float* kb = kbuf;  // the block's K and V rows in float32: in place when the input allows it
+    const float* vb = vbuf;
+    int64_t skb = Dp, svb = Dvp;
+    bool kd = false, vd = false;
+    if constexpr (std::is_same_v<In, float>) {
+      if (k_direct) kb = kin + jb * J.sk, skb = J.sk, kd = true;
+      if (v_direct) vb = vin + jb * J.sv, svb = J.sv, vd = true;
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      if (any_masked && !km[t]) continue;
+      if (!kd) widen(kin + (jb + t) * J.sk, J.E, kbuf + t * Dp);
+      if (!vd) widen(vin + (jb + t) * J.sv, J.Ev, vbuf + t * Dvp);
+    }
+    for (int64_t r = 0; r < J.M; ++r) {
+      float* sr = s + r * kDecodeBlock;
+      dot_keys(q + r * Dp, kb, skb, n, Dp, sr);
+      if (J.cap2 > 0) softcap_row(sr, n, J.cap2);
+      if (any_masked)
+        for (int64_t t = 0; t < n; ++t) sr[t] = km[t] ? sr[t] : ninf;
+      if (J.causal) {  // row r is query i = r % L: it sees keys j <= i + len - L
+        const int64_t last = r % J.L + J.len - J.L;
+        for (int64_t t = std::max<int64_t>(0, last + 1 - jb); t < n; ++t) sr[t] = ninf;
+      }
+      const float mn = std::max(m[r], max_row(sr, n));
+      if (mn == ninf) continue;  // no key for this row yet
+      const float alpha = std::exp2(m[r] - mn);
+      l[r] = l[r] * alpha + exp2_sum_row(sr, n, mn);
+      m[r] = mn;
+      float* orow = o + r * Dvp;
+      if (alpha != 1.0f)
+        for (int64_t e = 0; e < Dvp; e += Vec::W) Vec::store(orow + e, Vec::mul(Vec::set1(alpha), Vec::load(orow + e)));
+      add_pv(sr, vb, svb, n, Dvp, orow);
+    }
+  }
+}
