@@ -61,6 +61,7 @@ def write_folder(final, writers):
     tmp.mkdir()
     manifest = {}
     for name, write in writers.items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         write(tmp / name)
         _fsync_file(tmp / name)
         manifest[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}

@@ -1,9 +1,16 @@
-"""torchrun support: DDP (gloo on CPU, NCCL on GPU), FSDP (fully_shard) and tensor parallelism.
+"""torchrun support: DDP (gloo on CPU, NCCL on GPU), FSDP (fully_shard) and tensor parallelism (--tp).
 
 ``Single`` is the one-process case; ``setup`` returns it unless torchrun's environment (WORLD_SIZE > 1) is set.
-Rank 0 logs and writes checkpoints; gradients are averaged by DDP, so every rank holds the same weights.
+Every rank draws the same global batch (the same data generator) and takes its slice, so N processes at
+--batch-size B train exactly what one process at --batch-size N*B does (tests check it). Under --tp all ranks of the
+group take the whole batch (tensor parallelism only: --tp must equal the number of processes).
+
+Rank 0 logs. DDP keeps whole weights on every rank, so rank 0 writes the usual checkpoint; FSDP and TP write their
+sharded state with torch.distributed.checkpoint (every rank its part) into the same atomically renamed folder, and
+rank 0 exports the gathered model to RUN/model at the end.
 """
 import contextlib
+import json
 import os
 
 import torch
@@ -11,6 +18,7 @@ import torch
 
 class Single:
     rank, world, replicated = 0, 1, True
+    dp_rank, dp_world = 0, 1
     device = None
 
     def wrap(self, model, cfg):
@@ -25,35 +33,51 @@ class Single:
     def any(self, flag):
         return bool(flag)
 
+    def barrier(self):
+        pass
+
     def close(self):
         pass
 
 
-class DDP(Single):
-    """Data parallel over torchrun's processes (each samples its own batches: the global batch is world x local)."""
-
+class Distributed(Single):
     def __init__(self):
         import torch.distributed as dist
         self.dist = dist
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dp_rank, self.dp_world = self.rank, self.world
         if backend == "nccl":
             local = int(os.environ.get("LOCAL_RANK", 0))
             torch.cuda.set_device(local)
             self.device = torch.device("cuda", local)
         else:
             self.device = torch.device("cpu")
+        self.kind = "ddp"
 
     def wrap(self, model, cfg):
-        if cfg.fsdp or cfg.tp > 1:
-            from fastattn.cli.config import CLIError
-            raise CLIError("--fsdp / --tp are not available in this build; use plain DDP")
+        from fastattn.cli.config import CLIError
+        if cfg.tp > 1:
+            if cfg.tp != self.world:
+                raise CLIError(f"--tp {cfg.tp}: tensor parallelism runs over all {self.world} processes "
+                               "(--tp must equal --nproc_per_node x nodes)")
+            self.kind, self.replicated, self.dp_rank, self.dp_world = "tp", False, 0, 1
+            return tensor_parallel(model, self.world, self.device)
+        if cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+            self.kind, self.replicated = "fsdp", False
+            for block in _blocks(model):
+                fully_shard(block)
+            fully_shard(model)
+            return model
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def no_sync(self, model, skip):
-        return model.no_sync() if skip else contextlib.nullcontext()
+        if skip and hasattr(model, "no_sync"):
+            return model.no_sync()
+        return contextlib.nullcontext()
 
     def mean(self, x):
         t = torch.tensor([float(x)], device=self.device)
@@ -65,11 +89,140 @@ class DDP(Single):
         self.dist.all_reduce(t)
         return t.item() > 0
 
+    def barrier(self):
+        self.dist.barrier()
+
     def close(self):
         self.dist.destroy_process_group()
+
+    # ---- sharded checkpoints (FSDP, TP) ----
+    def save_sharded(self, trainer, tag=None):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        from fastattn.cli import checkpoint as ckpt
+        name = tag or f"ckpt-{trainer.step:07d}"
+        tmp = trainer.run_dir / f".{name}.tmp-sharded"
+        if self.rank == 0:
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.barrier()
+        state = {"model": get_model_state_dict(trainer.model),
+                 "optim": get_optimizer_state_dict(trainer.model, trainer.opt)}
+        dcp.save(state, checkpoint_id=str(tmp / "dcp"))
+        torch.save({"rng": torch.get_rng_state()}, tmp / f"rng-rank{self.rank}.pt")
+        self.barrier()
+        if self.rank == 0:
+            files = {p.relative_to(tmp).as_posix(): p for p in sorted(tmp.rglob("*")) if p.is_file()}
+            meta = {"step": trainer.step, "task": trainer.cfg.task, "arch": trainer.arch,
+                    "sharded": self.kind, "world": self.world, "train_config": trainer.meta_config()}
+            writers = {k: (lambda p, src=v: os.replace(src, p)) for k, v in files.items()}
+            writers["train_state.json"] = lambda p: p.write_text(json.dumps(meta, indent=2))
+            writers["state.pt"] = lambda p: torch.save({"step": trainer.step, "data_rng": trainer.gen.get_state()}, p)
+            writers["tokenizer.json"] = lambda p: trainer.tok.save(p)
+            ckpt.write_folder(trainer.run_dir / name, writers)
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+            if tag is None:
+                ckpt.prune(trainer.run_dir, trainer.cfg.keep)
+        self.barrier()
+        return trainer.run_dir / name
+
+    def load_sharded(self, trainer):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
+
+        from fastattn.cli import checkpoint as ckpt
+        from fastattn.cli.config import CLIError
+        path = ckpt.latest_valid(trainer.run_dir, warn=lambda m: print(m) if self.rank == 0 else None)
+        if path is None or not (path / "dcp").is_dir():
+            raise CLIError(f"--resume: no valid sharded checkpoint in {trainer.run_dir}")
+        state = {"model": get_model_state_dict(trainer.model),
+                 "optim": get_optimizer_state_dict(trainer.model, trainer.opt)}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_model_state_dict(trainer.model, state["model"])
+        set_optimizer_state_dict(trainer.model, trainer.opt, state["optim"])
+        rng = path / f"rng-rank{self.rank}.pt"
+        if rng.is_file():
+            torch.set_rng_state(torch.load(rng, weights_only=True)["rng"])
+        extra = ckpt.load_state(path)
+        trainer.gen.set_state(extra["data_rng"])
+        trainer.step = extra["step"]
+
+    def full_state_dict(self, model):
+        """The whole model's state dict on rank 0 (gathered from the shards; TP's wqkv rows put back in order)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.kind == "tp":
+            sd = {k: (_unpermute_qkv(v, model.config, self.world) if k.endswith(("wqkv.weight", "wqkv.bias"))
+                      else v) for k, v in sd.items()}
+        return sd
+
+
+def _blocks(model):
+    for m in model.modules():
+        if type(m).__name__ == "Block":
+            yield m
+
+
+def _qkv_order(cfg, tp):
+    """Row order of a fused [q | k | v] projection that gives rank r, in one contiguous chunk, its q heads, then
+    its k and v heads."""
+    H, Hk, D = cfg.n_head, cfg.n_kv_head, cfg.d_model // cfg.n_head
+    q, k, v = torch.arange(H * D), H * D + torch.arange(Hk * D), (H + Hk) * D + torch.arange(Hk * D)
+    parts = []
+    for r in range(tp):
+        for t, n in ((q, H), (k, Hk), (v, Hk)):
+            per = n // tp * D
+            parts.append(t[r * per:(r + 1) * per])
+    return torch.cat(parts)
+
+
+def _unpermute_qkv(t, cfg, tp):
+    order = _qkv_order(cfg, tp)
+    out = torch.empty_like(t)
+    out[order] = t
+    return out
+
+
+def tensor_parallel(model, tp, device):
+    """Megatron-style: every self-attention's wqkv and the MLP's w_in column-parallel, wo and w_out row-parallel,
+    over all ranks; each rank keeps n_head / tp heads."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from fastattn.cli.config import CLIError
+    cfg = model.config
+    if cfg.n_head % tp or cfg.n_kv_head % tp:
+        raise CLIError(f"--tp {tp}: n_head={cfg.n_head} and n_kv_head={cfg.n_kv_head} must be divisible by it")
+    if getattr(cfg, "mlp", "gelu") != "gelu":
+        raise CLIError("--tp: only the gelu MLP is split (its w_in is not a fused [gate | up])")
+    mesh = init_device_mesh(device.type, (tp,))
+    order = _qkv_order(cfg, tp)
+    for block in _blocks(model):
+        attn = block.attn
+        with torch.no_grad():
+            attn.wqkv.weight.copy_(attn.wqkv.weight[order])
+            if attn.wqkv.bias is not None:
+                attn.wqkv.bias.copy_(attn.wqkv.bias[order])
+        attn.n_head, attn.n_kv_head = cfg.n_head // tp, cfg.n_kv_head // tp
+        parallelize_module(block, mesh, {"attn.wqkv": ColwiseParallel(), "attn.wo": RowwiseParallel(),
+                                         "mlp.w_in": ColwiseParallel(), "mlp.w_out": RowwiseParallel()})
+        for lin in (attn.wo, block.mlp.w_out):
+            lin.register_forward_hook(lambda mod, args, out: _waited(out))
+    return model
+
+
+def _waited(t):
+    """A row-parallel output is an AsyncCollectiveTensor, its all-reduce still in flight: a tensor subclass that
+    fastattn's C++ ops must not read as raw memory. Wait for it."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+    return t.clone() if isinstance(t, AsyncCollectiveTensor) else t  # an aten op waits; .wait() would drop the graph
 
 
 def setup(cfg):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return DDP()
+        return Distributed()
     return Single()

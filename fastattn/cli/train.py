@@ -155,12 +155,13 @@ def configure_optimizer(model, cfg, device):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    for fused in (True, False):
-        try:
-            return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused or None)
-        except (RuntimeError, TypeError, ValueError):
-            continue
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    kinds = {type(p).__name__ == "DTensor" for p in params}
+    if len(kinds) > 1:  # tensor parallel: DTensor and plain parameters together, which the multi-tensor kernels refuse
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), foreach=False)
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
 def lr_at(step, cfg):
@@ -261,6 +262,7 @@ class Trainer:
         self.tok = load_tokenizer(cfg.tokenizer)
         self.task = TASKS[cfg.task](cfg, self.tok)
         self.model = self._build_model().to(self.device)
+        self.arch = type(self.model).__name__
         self.teacher = None
         if cfg.teacher:
             self.teacher, _, ttok = load_model(cfg.teacher, map_location=self.device)
@@ -274,7 +276,7 @@ class Trainer:
         self.opt = configure_optimizer(self.model, cfg, self.device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1 + self.dist.rank)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same on every rank: each takes its slice
         self.step = 0
         self.stop_signal = None
         if cfg.resume:
@@ -332,7 +334,10 @@ class Trainer:
         self.train_model.train()
         total, ntok = 0.0, 0
         for micro in range(cfg.grad_accum):
-            inputs, target = self.task.batch("train", cfg.batch_size, self.gen)
+            inputs, target = self.task.batch("train", cfg.batch_size * self.dist.dp_world, self.gen)
+            if self.dist.dp_world > 1:
+                inputs, target = _rows(inputs, self.dist.dp_rank, cfg.batch_size), _rows(target, self.dist.dp_rank,
+                                                                                         cfg.batch_size)
             ntok += self.task.tokens(inputs)
             inputs, target = _to(inputs, self.device), _to(target, self.device)
             with self.dist.no_sync(self.train_model, micro < cfg.grad_accum - 1):
@@ -342,7 +347,7 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.opt)
         if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.clip)
+            clip_grad_norm([p for p in self.model.parameters() if p.requires_grad], cfg.clip)
         if self.scaler:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -350,7 +355,7 @@ class Trainer:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        return self.dist.mean(total), ntok * self.dist.world, lr
+        return self.dist.mean(total), ntok * self.dist.dp_world, lr
 
     @torch.no_grad()
     def evaluate(self):
@@ -368,6 +373,9 @@ class Trainer:
         return {"val_loss": loss, "val_ppl": perplexity(loss), "val_acc": acc}
 
     # ---- checkpoints ----
+    def meta_config(self):
+        return dataclasses.asdict(self.cfg)
+
     def _state(self):
         return {"step": self.step, "optimizer": self.opt.state_dict(), "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -379,8 +387,7 @@ class Trainer:
             return self.dist.save_sharded(self, tag)
         if not self.rank0:
             return None
-        meta = {"step": self.step, "task": self.cfg.task, "arch": type(self.model).__name__,
-                "train_config": dataclasses.asdict(self.cfg)}
+        meta = {"step": self.step, "task": self.cfg.task, "arch": self.arch, "train_config": self.meta_config()}
         model, cfg_dict = self.model, self.model.config.to_dict()
         path = ckpt.write_folder(self.run_dir / (tag or f"ckpt-{self.step:07d}"), {
             "model.safetensors": lambda p: save_model(model, str(p)),
@@ -421,12 +428,19 @@ class Trainer:
     def export(self):
         """RUN/model: the final model (LoRA merged, QAT converted) as a plain checkpoint for generate / eval."""
         from safetensors.torch import save_model
-        if not self.rank0:
+        if self.dist.world > 1 and not self.dist.replicated:
+            sd = self.dist.full_state_dict(self.model)  # every rank takes part in the gather
+            if not self.rank0:
+                return None
+            model = model_class(self.arch)(self.model.config)
+            model.load_state_dict(sd)
+        elif not self.rank0:
             return None
-        model = self.model
+        else:
+            model = self.model
         finetune.merge(model)
-        meta = {"step": self.step, "task": self.cfg.task, "arch": type(model).__name__,
-                "train_config": {**dataclasses.asdict(self.cfg), "mode": "prompt" if self.cfg.mode == "prompt"
+        meta = {"step": self.step, "task": self.cfg.task, "arch": self.arch,
+                "train_config": {**self.meta_config(), "mode": "prompt" if self.cfg.mode == "prompt"
                                  else "full"}}
         if self.cfg.qat:  # trained through fake quantization: generate / eval load it as int8 w8a8
             meta["int8"] = {"mode": "w8a8", "smoothquant": False, "alpha": 0.5, "calib": 0, "batch_size": 1}
@@ -495,12 +509,34 @@ class Trainer:
                 signal.signal(s, h)
             if metrics:
                 metrics.close()
+        final = self.export()  # every rank: a sharded model is gathered
         if self.rank0:
             png = plot_metrics(self.run_dir)
-            final = self.export()
             prog.line(f"stopped at step {self.step} ({reason}); model: {final}; metrics: "
                       f"{self.run_dir / 'metrics.jsonl'}{'; plot: ' + str(png) if png else ''}")
         return 0
+
+
+def clip_grad_norm(params, max_norm):
+    """torch's clip_grad_norm_, also over a mix of DTensor (sharded / tensor-parallel) and plain gradients."""
+    grads = [p.grad for p in params if p.grad is not None]
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - old torch
+        DTensor = ()  # noqa: N806
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    total = torch.stack([(g.full_tensor() if isinstance(g, DTensor) else g).float().norm() for g in grads]).norm()
+    coef = min(1.0, max_norm / (float(total) + 1e-6))
+    for g in grads:
+        g.mul_(coef)
+    return total
+
+
+def _rows(x, rank, n):
+    if isinstance(x, dict):
+        return {k: v[rank * n:(rank + 1) * n] for k, v in x.items()}
+    return x[rank * n:(rank + 1) * n]
 
 
 def _to(x, device):

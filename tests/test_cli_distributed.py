@@ -1,0 +1,49 @@
+"""`torchrun --nproc_per_node 2 -m fastattn train` on gloo: DDP, FSDP (fully_shard) and tensor parallelism each
+train what one process trains at the same global batch (fp32 tolerance)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastattn.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--tokenizer", "bytes", "--d-model", "32", "--n-layer", "2", "--n-head", "2", "--seq-len", "16",
+        "--steps", "3", "--eval-every", "0", "--eval-batches", "1", "--log-every", "1", "--max-data-tokens", "20000",
+        "--warmup", "1", "--ckpt-every", "3"]
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    assert main(["train", *TINY, "--batch-size", "4", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("mode, local_batch", [([], "2"), (["--fsdp"], "2"), (["--tp", "2"], "4")],
+                         ids=["ddp", "fsdp", "tp"])
+def test_two_processes_match_one(single, tmp_path, mode, local_batch):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "fastattn", "train", *TINY, "--batch-size", local_batch, *mode, "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = load_file(single / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5, msg=k)
+    la = [json.loads(x)["loss"] for x in (single / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    lb = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert lb == pytest.approx(la, rel=1e-5)
+    ck = out / "ckpt-0000003"
+    assert (ck / "manifest.json").is_file()
+    if mode:  # sharded state through torch.distributed.checkpoint
+        assert (ck / "dcp").is_dir() and (ck / "rng-rank1.pt").is_file()
