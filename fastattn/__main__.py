@@ -150,8 +150,10 @@ def demo_train(seconds) -> int:
     run = f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"\n== training: the default GPT on the embedded corpus (Jane Austen) for {seconds:g} s -> {run} ==",
           flush=True)
-    rc = cli_main(["train", "--out", run, "--max-time", str(seconds), "--steps", "300", "--warmup", "20",
-                   "--lr", "2e-3", "--eval-every", "25", "--ckpt-every", "100", "--log-every", "5"])
+    rc = cli_main(["train", "--out", run, "--max-time", str(seconds), "--d-model", "128", "--n-layer", "4",
+                   "--n-head", "4", "--seq-len", "64", "--batch-size", "16", "--steps", "600", "--warmup", "10",
+                   "--lr", "3e-3", "--eval-every", "50", "--eval-batches", "4", "--ckpt-every", "200",
+                   "--log-every", "10"])
     if rc:
         return rc
     print("\n== generating from the saved model ==", flush=True)

@@ -92,6 +92,16 @@ def test_classify(tmp_path, labelled, mode, capsys):
     assert res["task"] == "classify" and 0 <= res["accuracy"] <= 1 and "perplexity" not in res
 
 
+def test_classify_from_mlm_checkpoint(tmp_path, labelled):
+    bert = train(tmp_path, "bert", "--task", "mlm")
+    run = train(tmp_path, "clf", "--task", "classify", "--data", str(labelled), "--init", str(bert), "--mode",
+                "frozen")
+    enc_a = load_file(bert / "model" / "model.safetensors")
+    enc_b = load_file(run / "model" / "model.safetensors")
+    shared = [k for k in enc_b if k.startswith("encoder.")]
+    assert shared and all(torch.equal(enc_a[k], enc_b[k]) for k in shared)  # frozen: the encoder kept as loaded
+
+
 def test_classify_csv(tmp_path, capsys):
     path = tmp_path / "d.csv"
     path.write_text("text,label\n" + "".join(f"example {i},{i % 3}\n" for i in range(30)))

@@ -158,3 +158,44 @@ def read_json(path):
         raise CheckpointError(f"{path}: missing") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt ({e})") from None
+
+
+def save_weights(model, path):
+    """model's state dict as safetensors: a tensor shared by several names (tied weights) stored once, under its
+    first name; any layout (the models keep some weights column-major) stored contiguous."""
+    from safetensors.torch import save_file
+    state, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape), t.stride())
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        state[name] = t.detach().contiguous()
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def load_weights(model, path):
+    """Copy what save_weights wrote into model, in place (parameters keep their identity and layout). Every key
+    must be the model's with its shape; a key not in the file must share its tensor with one that is (tied)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise CheckpointError(f"{path}: weights the model does not have: {', '.join(unknown[:4])}")
+    loaded = set()
+    with torch.no_grad():
+        for name, t in own.items():
+            if name in state:
+                if tuple(state[name].shape) != tuple(t.shape):
+                    raise CheckpointError(f"{path}: {name} has shape {tuple(state[name].shape)}, the model "
+                                          f"{tuple(t.shape)}")
+                t.copy_(state[name])
+                loaded.add(t.data_ptr())
+    missing = [n for n, t in own.items() if n not in state and t.data_ptr() not in loaded]
+    if missing:
+        raise CheckpointError(f"{path}: missing weights: {', '.join(missing[:4])}")

@@ -78,6 +78,8 @@ def prune_heads(model, frac):
 
 def prune_unstructured(model, frac):
     params = [(m, "weight") for m in model.modules() if isinstance(m, nn.Linear)]
+    for m, _ in params:  # prune flattens with .view(-1): the models keep some weights column-major
+        m.weight.data = m.weight.data.contiguous()
     prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=frac)
     for m, name in params:
         prune.remove(m, name)
@@ -87,8 +89,6 @@ def prune_unstructured(model, frac):
 
 
 def main(cfg: PruneConfig) -> int:
-    from safetensors.torch import save_model
-
     from fastattn.cli.train import load_model
     src = ckpt.resolve(cfg.checkpoint)
     out = Path(cfg.out or f"{str(src).rstrip('/')}-pruned")
@@ -102,7 +102,7 @@ def main(cfg: PruneConfig) -> int:
     cfg_dict = model.config.to_dict()
     meta = {**state, "pruned": {"heads_removed": removed, "heads": total, "linear_sparsity": sparsity}}
     meta.setdefault("train_config", {})["mode"] = "full"
-    files = {"model.safetensors": lambda p: save_model(model, str(p)),
+    files = {"model.safetensors": lambda p: ckpt.save_weights(model, p),
              "config.json": lambda p: p.write_text(json.dumps(cfg_dict, indent=2)),
              "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2))}
     if (src / "tokenizer.json").is_file():

@@ -124,9 +124,6 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
 def load_model(path, backend=None, map_location="cpu"):
     """(model, train_state dict, tokenizer) from a checkpoint folder (or a run folder: its newest valid one),
     with the fine-tuning adapters of its run merged (LoRA) or kept (soft prompt)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model as st_load
-
     from fastattn.data import Tokenizer
     path = ckpt.resolve(path)
     mcfg = ckpt.read_json(path / "config.json")
@@ -141,10 +138,7 @@ def load_model(path, backend=None, map_location="cpu"):
     tcfg = state.get("train_config", {})
     finetune.apply(model, tcfg.get("mode", "full"), tcfg.get("lora_rank", 8), tcfg.get("lora_alpha", 16.0),
                    tcfg.get("prompt_len", 16), seed=0)
-    try:
-        st_load(model, str(path / "model.safetensors"), strict=True)
-    except (SafetensorError, RuntimeError, OSError) as e:
-        raise ckpt.CheckpointError(f"{path}/model.safetensors: {str(e).splitlines()[0]}") from None
+    ckpt.load_weights(model, path / "model.safetensors")
     finetune.merge(model)
     tok = Tokenizer.load(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else load_tokenizer("bpe")
     return model.to(map_location), state, tok
@@ -296,6 +290,11 @@ class Trainer:
                     model = cls.from_hf(cfg.init_hf)
                 except (OSError, ValueError, KeyError) as e:
                     raise CLIError(f"--init-hf {cfg.init_hf}: {e}") from None
+                if model.config.vocab_size < self.tok.vocab_size:
+                    raise CLIError(f"--init-hf: the model's vocabulary ({model.config.vocab_size}) is smaller than "
+                                   f"the tokenizer's ({self.tok.vocab_size})")
+            if cfg.task == "classify" and type(model).__name__ != TASK_ARCH["classify"]:
+                model = self._with_classifier(model)
         else:
             cls = model_class(cfg.arch or TASK_ARCH[cfg.task])
             fields = model_fields(cfg, self.tok.vocab_size, self.tok.pad_id, self.tok.eos_id)
@@ -310,6 +309,21 @@ class Trainer:
             raise CLIError(f"--mode {cfg.mode}: nothing left to train in a {type(model).__name__} (a head tied to "
                            "the embedding is part of the backbone: try --mode lora)")
         return model
+
+    def _with_classifier(self, model):
+        """A classification model holding the encoder (and pooler) weights of model (e.g. an MLM-trained BERT)."""
+        cls = model_class(TASK_ARCH["classify"])
+        fields = {**model.config.to_dict(), "num_labels": self.cfg.num_labels or len(self.task.labels)}
+        try:
+            new = cls(cls.config_class.from_dict(fields))
+        except (TypeError, ValueError) as e:
+            raise CLIError(f"--init: cannot put a classifier on a {type(model).__name__}: {e}") from None
+        own = new.state_dict()
+        shared = {k: v for k, v in model.state_dict().items() if k in own and own[k].shape == v.shape}
+        if not any(k.startswith("encoder.") for k in shared):
+            raise CLIError(f"--init: a {type(model).__name__} has no encoder weights for {cls.__name__}")
+        new.load_state_dict(shared, strict=False)
+        return new
 
     # ---- one step ----
     def _forward(self, model, inputs):
@@ -382,7 +396,6 @@ class Trainer:
                 "data_rng": self.gen.get_state(), "scaler": self.scaler.state_dict() if self.scaler else {}}
 
     def save(self, tag=None):
-        from safetensors.torch import save_model
         if self.dist.world > 1 and not self.dist.replicated:
             return self.dist.save_sharded(self, tag)
         if not self.rank0:
@@ -390,7 +403,7 @@ class Trainer:
         meta = {"step": self.step, "task": self.cfg.task, "arch": self.arch, "train_config": self.meta_config()}
         model, cfg_dict = self.model, self.model.config.to_dict()
         path = ckpt.write_folder(self.run_dir / (tag or f"ckpt-{self.step:07d}"), {
-            "model.safetensors": lambda p: save_model(model, str(p)),
+            "model.safetensors": lambda p: ckpt.save_weights(model, p),
             "config.json": lambda p: p.write_text(json.dumps(cfg_dict, indent=2)),
             "tokenizer.json": lambda p: self.tok.save(p),
             "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2)),
@@ -401,18 +414,15 @@ class Trainer:
         return path
 
     def _restore(self):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_model as st_load
         if self.dist.world > 1 and not self.dist.replicated:
             return self.dist.load_sharded(self)
         path = ckpt.latest_valid(self.run_dir, warn=lambda m: print(m, file=sys.stderr))
         if path is None:
             raise CLIError(f"--resume: no valid checkpoint in {self.run_dir}")
         try:
-            st_load(self.model, str(path / "model.safetensors"), strict=True)
-        except (SafetensorError, RuntimeError) as e:
-            raise CLIError(f"{path}: weights do not fit this model ({str(e).splitlines()[0]}); resume with the "
-                           "options the run was started with") from None
+            ckpt.load_weights(self.model, path / "model.safetensors")
+        except ckpt.CheckpointError as e:
+            raise CLIError(f"{e}: resume with the options the run was started with") from None
         state = ckpt.load_state(path)
         self.opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -427,7 +437,6 @@ class Trainer:
 
     def export(self):
         """RUN/model: the final model (LoRA merged, QAT converted) as a plain checkpoint for generate / eval."""
-        from safetensors.torch import save_model
         if self.dist.world > 1 and not self.dist.replicated:
             sd = self.dist.full_state_dict(self.model)  # every rank takes part in the gather
             if not self.rank0:
@@ -446,7 +455,7 @@ class Trainer:
             meta["int8"] = {"mode": "w8a8", "smoothquant": False, "alpha": 0.5, "calib": 0, "batch_size": 1}
         cfg_dict = model.config.to_dict()
         return ckpt.write_folder(self.run_dir / "model", {
-            "model.safetensors": lambda p: save_model(model, str(p)),
+            "model.safetensors": lambda p: ckpt.save_weights(model, p),
             "config.json": lambda p: p.write_text(json.dumps(cfg_dict, indent=2)),
             "tokenizer.json": lambda p: self.tok.save(p),
             "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2)),
