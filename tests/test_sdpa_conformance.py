@@ -242,3 +242,11 @@ def test_fully_masked_rows_match_torch_sdpa_on_cpu():
     for be in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
         with sdpa_kernel(be):
             torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_vmap_of_a_decode_sized_call():
+    """One query against a long cache is routed to the decode kernel outside transforms; under vmap the attention
+    Function's rule runs it (the decode kernel cannot read batched tensors)."""
+    q, k, v = randn(3, 2, 4, 1, 16), randn(3, 2, 4, 700, 16, seed=1), randn(3, 2, 4, 700, 16, seed=2)
+    torch.testing.assert_close(vmap(fastattn.scaled_dot_product_attention)(q, k, v),
+                               F.scaled_dot_product_attention(q, k, v), atol=2e-5, rtol=2e-5)

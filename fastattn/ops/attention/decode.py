@@ -26,6 +26,7 @@ from ... import _ext
 from ...backends import BackendNotSupported, Dispatcher, Impl, compiled_has, forced_backend_name, triton_op
 from ...errors import ArgumentError
 from ...reference import decode_attention_ref
+from ..batching import is_transformed
 from .params import AttnParams
 from .validation import as_float
 
@@ -202,6 +203,8 @@ def route(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi: Option
     if p.causal and p.diag_offset != S - L:
         return None
     if q.numel() == 0 or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask))):
+        return None
+    if is_transformed(q, k, v, mask):  # torch.func: AttentionFunction's vmap rule and backward handle those
         return None
     keep = None
     if mask is not None:
