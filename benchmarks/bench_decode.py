@@ -4,7 +4,8 @@ and GQA with 32 query heads on 8 kv heads; cache 8192, and 16384 on GPU). Each f
 ``speedup_vs_torch`` (torch's median in the same run / ours) and GB/s (K and V read once);
 ``test_decode_interleaved`` alternates the two call by call for noisy shared hosts (ratio of the minima).
 
-    python benchmarks/bench_decode.py --threshold   # decode kernel vs the flash kernel by cache length (MIN_KEYS)
+    python benchmarks/bench_decode.py --threshold   # decode kernel vs the flash kernel by cache length
+    python benchmarks/bench_decode.py --route       # fastattn.attention routed or not, by cache length (MIN_KEYS)
 """
 import os
 import sys
@@ -80,24 +81,6 @@ def test_decode(benchmark, impl, S, H, Hk):
         benchmark.extra_info["speedup_vs_torch"] = _medians[group] / median
 
 
-def interleaved(impls, q, k, v, rounds):
-    """The minimum per call of each impl over rounds in which every impl runs CALLS calls, one after another."""
-    fns = {i: call(i, q, k, v) for i in impls}
-    best = dict.fromkeys(impls, float("inf"))
-    with torch.no_grad():
-        for fn in fns.values():
-            fn()
-        for _ in range(rounds):
-            for i, fn in fns.items():
-                sync(DEVICE)
-                t0 = time.perf_counter()
-                for _ in range(CALLS):
-                    fn()
-                sync(DEVICE)
-                best[i] = min(best[i], (time.perf_counter() - t0) / CALLS)
-    return best
-
-
 @pytest.mark.skipif(SUITE, reason="the GPU suite times test_decode only")
 @pytest.mark.parametrize("impl", OURS)
 @pytest.mark.parametrize("H,Hk", CASES, ids=["mha", "gqa"])
@@ -107,7 +90,7 @@ def test_decode_interleaved(benchmark, impl, H, Hk):
     result = {}
 
     def step():
-        result.update(interleaved(["torch", impl], q, k, v, rounds=3))
+        result.update(_best({i: call(i, q, k, v) for i in ("torch", impl)}, rounds=3, calls=CALLS))
 
     benchmark.group = f"decode interleaved H={H} Hk={Hk} S=8192"
     benchmark.pedantic(step, rounds=5, iterations=1)
@@ -115,32 +98,71 @@ def test_decode_interleaved(benchmark, impl, H, Hk):
                                 speedup_vs_torch=result["torch"] / result[impl])
 
 
-def threshold_sweep():
-    """Per cache length: the decode kernel and the flash kernel (same backend) at L = 1, MHA 8 heads, D 64."""
-    impl = OURS[0] if OURS else "reference"
-    print(f"{'S':>6} {'decode ms':>10} {'flash ms':>10} {'flash/decode':>12}   ({impl}, {DEVICE}, {DTYPE})")
-    for S in [32, 64, 128, 256, 512, 1024, 2048, 4096]:
-        q, k, v = make(8, 8, S, B=4)
-        with torch.no_grad(), fastattn.backend(impl):
-            t = {}
-            for name, fn in [("decode", lambda: fastattn.decode_attention(q, k, v)),
-                             ("flash", lambda: fastattn.ops.attention.dispatch.fwd(
-                                 q, k, v, None, None, fastattn.ops.attention.AttnParams(scale=0.125), impl))]:
+def _best(fns, rounds, calls):
+    """The minimum per call of each function, the functions alternated round by round."""
+    best = dict.fromkeys(fns, float("inf"))
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, fn in fns.items():
                 fn()
-                best = float("inf")
-                for _ in range(30):
-                    sync(DEVICE)
-                    t0 = time.perf_counter()
-                    for _ in range(10):
-                        fn()
-                    sync(DEVICE)
-                    best = min(best, (time.perf_counter() - t0) / 10)
-                t[name] = best
-        print(f"{S:>6} {t['decode'] * 1e3:>10.4f} {t['flash'] * 1e3:>10.4f} {t['flash'] / t['decode']:>12.2f}")
+                sync(DEVICE)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                sync(DEVICE)
+                best[name] = min(best[name], (time.perf_counter() - t0) / calls)
+    return best
+
+
+def threshold_sweep():
+    """Per cache length, L = 1, batch 4, 8 heads, D 64: the decode kernel, the flash kernel (same backend, its own
+    short-query path) and torch, each called directly (no fastattn.attention in front)."""
+    from fastattn.ops.attention import AttnParams, dispatch
+    impl = OURS[0] if OURS else "reference"
+    print(f"kernels alone ({impl}, {DEVICE}, {DTYPE}, {torch.get_num_threads()} threads): ms per call")
+    for S in [128, 512, 1024, 2048, 4096, 8192]:
+        q, k, v = make(8, 8, S, B=4)
+        p = AttnParams(scale=64 ** -0.5)
+        with fastattn.backend(impl):
+            best = _best({"decode": lambda: fastattn.decode_attention(q, k, v),
+                          "flash": lambda: dispatch.fwd(q, k, v, None, None, p, impl),
+                          "torch": call("torch", q, k, v)}, rounds=15, calls=max(1, 20000 // S))
+        print(f"S={S:>5} " + " ".join(f"{n} {t * 1e3:.3f}" for n, t in best.items())
+              + f"  flash/decode {best['flash'] / best['decode']:.2f}")
+
+
+def route_sweep(L):
+    """fastattn.attention with and without the route to the decode kernel (MIN_KEYS forced), a GPT-2-like decode
+    step: batch 1, 12 heads, D 64, L queries, half the cache padded (key_padding_mask)."""
+    from fastattn.ops.attention import decode as Dec
+    dev = DEVICE
+    saved = dict(Dec.MIN_KEYS)
+    print(f"fastattn.attention, L={L} ({DEVICE}, {DTYPE}, {torch.get_num_threads()} threads): us per call")
+    try:
+        for S in [16, 32, 64, 256, 1024, 4096]:
+            q, k, v = make(12, 12, S, L=L)
+            pad = torch.zeros(1, S, dtype=torch.bool, device=dev)
+            pad[:, S // 2:] = True
+
+            def run(min_keys):
+                Dec.MIN_KEYS[dev] = min_keys
+                Dec._route_backend.cache_clear()
+                return fastattn.attention(q, k, v, key_padding_mask=pad)
+            best = _best({"routed": lambda: run(1), "flash": lambda: run(1 << 40),
+                          "torch": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=~pad[:, None, None])},
+                         rounds=10, calls=100)
+            print(f"S={S:>5} " + " ".join(f"{n} {t * 1e6:.1f}" for n, t in best.items())
+                  + f"  flash/routed {best['flash'] / best['routed']:.2f}")
+    finally:
+        Dec.MIN_KEYS.update(saved)
+        Dec._route_backend.cache_clear()
 
 
 if __name__ == "__main__":
     if "--threshold" in sys.argv:
         threshold_sweep()
+    elif "--route" in sys.argv:
+        route_sweep(L=1)
+        route_sweep(L=16)
     else:
         os.execvp(sys.executable, [sys.executable, "-m", "pytest", __file__, "--benchmark-only", "-q"])

@@ -34,7 +34,7 @@ namespace fastattn {
 namespace cpu {
 namespace {
 
-constexpr int64_t kDecodeBlock = 32;     // keys per block (their K and V rows stay in L1)
+constexpr int64_t kDecodeBlock = 128;    // keys per block (their K and V rows stay in L1)
 constexpr int64_t kMinSplitKeys = 256;   // keys per split, at least
 constexpr double kLog2e = 1.44269504088896340736;
 constexpr double kLn2 = 0.69314718055994530942;
@@ -69,6 +69,7 @@ struct Vec {
 };
 inline float vexp2(float x) { return std::exp2(x); }
 inline float vtanh(float x) { return std::tanh(x); }
+inline void reduce8(const float* a, float* dst) { std::copy(a, a + 8, dst); }
 template <class In>
 inline void widen(const In* src, int64_t n, float* dst) {
   for (int64_t e = 0; e < n; ++e) dst[e] = to_acc(src[e]);
@@ -82,6 +83,12 @@ namespace avx2 {
 FA_AVX2_BEGIN
 FA_INLINE Vec::F vexp2(Vec::F x) { return exp2_ps<true>(x); }
 FA_INLINE Vec::F vtanh(Vec::F x) { return tanh_ps(x); }
+// dst[t] = the sum of a[t]'s lanes, t < 8
+FA_INLINE void reduce8(const __m256* a, float* dst) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31)));
+}
 template <class In>
 FA_INLINE void widen(const In* src, int64_t n, float* dst) {
   int64_t e = 0;
@@ -106,6 +113,11 @@ FA_INLINE Vec::F vtanh(Vec::F x) {  // the 8-lane tanh on each half
   const __m256 lo = tanh_ps(_mm512_castps512_ps256(x));
   const __m256 hi = tanh_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+}
+FA_INLINE void reduce8(const __m512* a, float* dst) {  // halves added, then the 8-lane tree
+  __m256 h[8];
+  for (int t = 0; t < 8; ++t) h[t] = _mm256_add_ps(_mm512_castps512_ps256(a[t]), Vec::high_half(a[t]));
+  avx2::reduce8(h, dst);
 }
 template <class In>
 FA_INLINE void widen(const In* src, int64_t n, float* dst) {

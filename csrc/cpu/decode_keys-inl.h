@@ -1,24 +1,21 @@
 // The key loop of the CPU decode attention (decode_kernel.cpp), width-generic: compiled by foreach_isa.h for
 // AVX2 (8 lanes) and AVX-512F (16 lanes), and for the portable path with one lane. No #include. Needs from the
-// including namespace: Vec (vec_traits.h), vexp2(Vec::F), vtanh(Vec::F) and widen(const In*, int64_t, float*).
+// including namespace: Vec (vec_traits.h), vexp2(Vec::F), vtanh(Vec::F), reduce8(Vec::F[8], float*) and
+// widen(const In*, int64_t, float*).
 
-// dst[j] = q . k_j for j < n; q and the k rows hold Dp floats (Dp a multiple of Vec::W; zero past the head dim)
+// dst[j] = q . k_j for j < n; q and the k rows hold Dp floats (Dp a multiple of Vec::W; zero past the head dim).
+// Eight keys at a time, their eight sums reduced together (reduce8: one transposing tree, not eight reductions).
 inline void dot_keys(const float* q, const float* k, int64_t sk, int64_t n, int64_t Dp, float* dst) {
   int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    const float *k0 = k + j * sk, *k1 = k0 + sk, *k2 = k1 + sk, *k3 = k2 + sk;
-    typename Vec::F a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
+  for (; j + 8 <= n; j += 8) {
+    const float* kj = k + j * sk;
+    typename Vec::F a[8];
+    for (int t = 0; t < 8; ++t) a[t] = Vec::zero();
     for (int64_t e = 0; e < Dp; e += Vec::W) {
       const typename Vec::F qv = Vec::load(q + e);
-      a0 = Vec::fmadd(qv, Vec::load(k0 + e), a0);
-      a1 = Vec::fmadd(qv, Vec::load(k1 + e), a1);
-      a2 = Vec::fmadd(qv, Vec::load(k2 + e), a2);
-      a3 = Vec::fmadd(qv, Vec::load(k3 + e), a3);
+      for (int t = 0; t < 8; ++t) a[t] = Vec::fmadd(qv, Vec::load(kj + t * sk + e), a[t]);
     }
-    dst[j] = Vec::reduce_add(a0);
-    dst[j + 1] = Vec::reduce_add(a1);
-    dst[j + 2] = Vec::reduce_add(a2);
-    dst[j + 3] = Vec::reduce_add(a3);
+    reduce8(a, dst + j);
   }
   for (; j < n; ++j) {
     const float* kj = k + j * sk;
@@ -28,30 +25,35 @@ inline void dot_keys(const float* q, const float* k, int64_t sk, int64_t n, int6
   }
 }
 
-// o[0, Dvp) += sum_j p[j] v_j, skipping the keys with p[j] == 0 (masked keys: their V rows are never read)
-inline void add_pv(const float* p, const float* v, int64_t sv, int64_t n, int64_t Dvp, float* o) {
+// o[0, Dvp) += sum_j p[j] v_j. sparse (the block has masked keys): the keys with p[j] == 0 are skipped, so the V
+// rows of masked keys are never read; else two keys at a time into two sets of accumulators (no FMA chain from one
+// key to the next).
+inline void add_pv(const float* p, const float* v, int64_t sv, int64_t n, int64_t Dvp, float* o, bool sparse) {
   int64_t e = 0;
   for (; e + 4 * Vec::W <= Dvp; e += 4 * Vec::W) {
-    typename Vec::F o0 = Vec::load(o + e), o1 = Vec::load(o + e + Vec::W), o2 = Vec::load(o + e + 2 * Vec::W),
-                    o3 = Vec::load(o + e + 3 * Vec::W);
-    for (int64_t j = 0; j < n; ++j) {
-      if (p[j] == 0.0f) continue;
-      const typename Vec::F pj = Vec::set1(p[j]);
-      const float* vj = v + j * sv + e;
-      o0 = Vec::fmadd(pj, Vec::load(vj), o0);
-      o1 = Vec::fmadd(pj, Vec::load(vj + Vec::W), o1);
-      o2 = Vec::fmadd(pj, Vec::load(vj + 2 * Vec::W), o2);
-      o3 = Vec::fmadd(pj, Vec::load(vj + 3 * Vec::W), o3);
+    typename Vec::F a[4], b[4];
+    for (int c = 0; c < 4; ++c) a[c] = Vec::load(o + e + c * Vec::W), b[c] = Vec::zero();
+    int64_t j = 0;
+    if (!sparse) {
+      for (; j + 2 <= n; j += 2) {
+        const typename Vec::F p0 = Vec::set1(p[j]), p1 = Vec::set1(p[j + 1]);
+        const float* v0 = v + j * sv + e;
+        const float* v1 = v0 + sv;
+        for (int c = 0; c < 4; ++c) a[c] = Vec::fmadd(p0, Vec::load(v0 + c * Vec::W), a[c]);
+        for (int c = 0; c < 4; ++c) b[c] = Vec::fmadd(p1, Vec::load(v1 + c * Vec::W), b[c]);
+      }
     }
-    Vec::store(o + e, o0);
-    Vec::store(o + e + Vec::W, o1);
-    Vec::store(o + e + 2 * Vec::W, o2);
-    Vec::store(o + e + 3 * Vec::W, o3);
+    for (; j < n; ++j) {
+      if (sparse && p[j] == 0.0f) continue;
+      const typename Vec::F pj = Vec::set1(p[j]);
+      for (int c = 0; c < 4; ++c) a[c] = Vec::fmadd(pj, Vec::load(v + j * sv + e + c * Vec::W), a[c]);
+    }
+    for (int c = 0; c < 4; ++c) Vec::store(o + e + c * Vec::W, Vec::add(a[c], b[c]));
   }
   for (; e < Dvp; e += Vec::W) {
     typename Vec::F o0 = Vec::load(o + e);
     for (int64_t j = 0; j < n; ++j)
-      if (p[j] != 0.0f) o0 = Vec::fmadd(Vec::set1(p[j]), Vec::load(v + j * sv + e), o0);
+      if (!sparse || p[j] != 0.0f) o0 = Vec::fmadd(Vec::set1(p[j]), Vec::load(v + j * sv + e), o0);
     Vec::store(o + e, o0);
   }
 }
@@ -146,7 +148,7 @@ void decode_keys(const DecodeJob& J, const float* q, float* o, float* m, float* 
       float* orow = o + r * Dvp;
       if (alpha != 1.0f)
         for (int64_t e = 0; e < Dvp; e += Vec::W) Vec::store(orow + e, Vec::mul(Vec::set1(alpha), Vec::load(orow + e)));
-      add_pv(sr, vb, svb, n, Dvp, orow);
+      add_pv(sr, vb, svb, n, Dvp, orow, any_masked);
     }
   }
 }

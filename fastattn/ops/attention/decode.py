@@ -34,9 +34,11 @@ log = logging.getLogger("fastattn")
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 MAX_QUERIES = 16  # fastattn.attention routes queries up to this long ...
-# ... against at least this many keys (per device type): below it the flash kernels are as fast. CPU: measured with
-# benchmarks/bench_decode.py's threshold sweep (2 cores, fp32, L 1, D 64).
-MIN_KEYS = {"cpu": 512, "cuda": 512}
+# ... against at least this many keys (per device type). CPU: the routed call beat the flash path at every cache
+# length measured, 16 to 4096 keys, L 1 and 16 (fp32, D 64, one thread; benchmarks/bench_decode.py --route; at
+# short caches the flash path's extra per-call cost dominates, at long ones the skipped padding blocks). GPU: not
+# measured yet (no GPU in this session); 512 until benchmarks/bench_decode.py --route runs on one.
+MIN_KEYS = {"cpu": 32, "cuda": 512}
 
 
 class DecodeRequest(NamedTuple):
@@ -204,7 +206,8 @@ def route(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi: Option
         return None
     if q.numel() == 0 or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask))):
         return None
-    if is_transformed(q, k, v, mask):  # torch.func: AttentionFunction's vmap rule and backward handle those
+    if not torch.compiler.is_compiling() and is_transformed(q, k, v, mask):
+        # torch.func: AttentionFunction's vmap rule and backward handle those (dynamo cannot trace this check)
         return None
     keep = None
     if mask is not None:
