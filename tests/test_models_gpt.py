@@ -226,6 +226,7 @@ def test_save_from_pretrained_round_trip(tmp_path, variant):
     ids = torch.randint(0, VOCAB, (2, 6))
     assert torch.equal(back(ids).logits, m(ids).logits)
     assert (back.lm_head.weight is back.tok_emb.weight) == m.config.tie_embeddings
+    assert back.lm_head.weight.stride() == (1, VOCAB)  # column-major (layers.column_major_), after loading too
     th = GPT.from_pretrained(tmp_path, backend="torch")
     assert th.config.backend == "torch"
 
@@ -239,3 +240,28 @@ def test_parameter_split():
         for p in backbone:
             p.requires_grad_(False)
         assert m.num_parameters(trainable_only=True) == sum(p.numel() for p in head)
+
+
+def test_decode_step_traces_under_torch_compile():
+    """decode_one has static shapes and no graph break: dynamo traces it whole (backend "eager": no compiler needed
+    here), and the traced step gives the eager step's logits, token after token, with no recompilation."""
+    import torch._dynamo.testing
+    torch._dynamo.reset()
+    eager = model("llama")
+    traced = twin(eager)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[0, :2] = False
+    for m in (eager, traced):
+        m.setup_caches(2, 12)
+    tok = eager.prefill(ids, keep).argmax(-1, keepdim=True)
+    traced.prefill(ids, keep)
+    counter = torch._dynamo.testing.CompileCounter()
+    step = torch.compile(traced.decode_one, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for t in range(5, 11):
+            pos = eager.cache_index[t:t + 1]
+            a, b = eager.decode_one(tok, pos), step(tok, traced.cache_index[t:t + 1])
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+            tok = a.argmax(-1, keepdim=True)
+    assert counter.frame_count == 1

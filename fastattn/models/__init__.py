@@ -1,5 +1,29 @@
 """Models on fastattn's fused ops: GPT (decoder-only LM), BERT (encoder: masked LM, next sentence, sequence
-classification) and Seq2Seq (BART-style encoder-decoder), with static-KV-cache generation and HF checkpoint import."""
+classification) and Seq2Seq (BART-style encoder-decoder), with static-KV-cache generation and HF checkpoint import.
+
+The interface (stable; the CLI builds on it):
+
+- Configs (``GPTConfig``, ``BERTConfig``, ``Seq2SeqConfig``; dataclasses): vocab_size, d_model, n_layer, n_head,
+  n_kv_head (None = n_head), d_ff (None = 4 d_model), max_seq_len, dropout, norm ("layernorm" | "rmsnorm"), norm_eps,
+  norm_first, mlp ("gelu" | "swiglu"), activation (the "gelu" MLP's: "gelu" | "gelu_tanh" | "relu" | "silu"), pos
+  ("learned" | "sinusoidal" | "rotary" | "none"), rope_theta, tie_embeddings, bias, backend ("fastattn" | "torch");
+  BERT adds type_vocab_size, num_labels; Seq2Seq adds n_decoder_layer, embed_norm, pad/eos/decoder_start token ids.
+  ``to_dict()`` / ``from_dict(d)`` (an unknown key raises ValueError naming it), ``save(path)`` / ``load(path)`` JSON.
+  A bad value raises ValueError naming the field.
+- ``model(...)`` returns a ``ModelOutput`` with ``.logits`` and ``.loss`` (and BERT's ``.nsp_logits``).
+  GPT: ``forward(input_ids, attention_mask=None, labels=None)``; BERT: ``forward(input_ids, attention_mask=None,
+  token_type_ids=None, labels=None, next_sentence_label=None)``; BERTForSequenceClassification: ``forward(input_ids,
+  attention_mask=None, token_type_ids=None, labels=None)``; Seq2Seq: ``forward(input_ids, attention_mask=None,
+  decoder_input_ids=None, labels=None)``. attention_mask is HF's: 1 = token, 0 = padding. Labels -100 are ignored.
+- ``generate(input_ids, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
+  attention_mask=None, generator=None, streamer=None)`` (GPT; Seq2Seq adds ``decoder_start_token_id``):
+  temperature 0 = greedy. GPT batches of different lengths are padded on the left.
+- Every model: ``save_pretrained(dir)`` / ``cls.from_pretrained(dir, **config_overrides)`` (config.json +
+  model.safetensors), ``num_parameters(trainable_only=False)``, ``backbone_parameters()`` / ``head_parameters()``.
+  ``GPT.from_hf(dir)`` (GPT-2, Llama, Mistral without sliding window), ``BERT.from_hf(dir)``,
+  ``BERTForSequenceClassification.from_hf(dir, num_labels=...)``: bad checkpoints raise ``CheckpointError`` naming
+  the key. ``fastattn.quantize(model, ...)`` / ``fastattn.convert(model, int8=...)`` apply as to any module.
+"""
 from .bert import BERT, BERTConfig, BERTForSequenceClassification
 from .checkpoint import CheckpointError
 from .gpt import GPT, GPTConfig

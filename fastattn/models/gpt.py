@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, KeyMap, hf_get, load_mapped, read_hf_folder
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
-                     generation_loop, init_weights, keep_mask, make_norm, padding_or_none)
+                     column_major_, generation_loop, init_weights, keep_mask, make_norm, padding_or_none)
 
 
 @dataclass
@@ -48,6 +48,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         self.apply(init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        column_major_(self)
 
     # ---- the network ----
     def hidden(self, input_ids: Tensor, positions: Tensor, *, causal: Optional[str] = "bottom_right",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
-                     generation_loop, init_weights, keep_mask, make_norm, padding_or_none)
+                     column_major_, generation_loop, init_weights, keep_mask, make_norm, padding_or_none)
 
 
 @dataclass
@@ -57,6 +57,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         self.apply(init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        column_major_(self)
         self.memory_kv: Optional[List[Tuple[Tensor, Tensor]]] = None  # per decoder layer, during generate
         self.memory_pad: Optional[Tensor] = None
 

@@ -1,0 +1,159 @@
+"""pytest-benchmark: fastattn.models.GPT against transformers' own model on the same weights, same run.
+
+A GPT-2-small-sized (124M) model with random weights is saved once by transformers and loaded by both
+(``GPT.from_hf``). Greedy generation of NEW tokens after a PROMPT-token prompt: transformers' ``generate``
+(attn_implementation="sdpa") against ``GPT.generate`` in float and quantized (``fastattn.quantize``: w8a16, and w8a8
+for comparison); and the prompt's prefill alone. Each fastattn row records ``speedup_vs_transformers``: the ratio of
+the medians to the transformers row of its group measured earlier in the same run (rows run in that order).
+
+Shapes are selectable for larger machines (environment): FASTATTN_BENCH_MODEL (gpt2-small, gpt2-medium, gpt2-large,
+gpt2-xl), FASTATTN_BENCH_BATCH (1), FASTATTN_BENCH_PROMPT (128), FASTATTN_BENCH_NEW (128), FASTATTN_BENCH_ROUNDS
+(3 on CPU). CPU runs in float32; on a GPU, bfloat16. Skipped without transformers.
+"""
+import os
+
+import pytest
+import torch
+
+import fastattn
+import fastattn.hf
+from fastattn.testing import sync
+
+transformers = pytest.importorskip("transformers")
+fastattn.hf.register()  # before any model class loads (see fastattn.hf._installed_kernels_package)
+from fastattn.models import GPT  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+DTYPE = torch.bfloat16 if GPU else torch.float32
+SIZES = {"gpt2-small": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20),
+         "gpt2-xl": (1600, 48, 25)}
+SIZE = os.environ.get("FASTATTN_BENCH_MODEL", "gpt2-small")
+BATCH = int(os.environ.get("FASTATTN_BENCH_BATCH", "1"))
+PROMPT = int(os.environ.get("FASTATTN_BENCH_PROMPT", "128"))
+NEW = int(os.environ.get("FASTATTN_BENCH_NEW", "128"))
+ROUNDS = int(os.environ.get("FASTATTN_BENCH_ROUNDS", "10" if GPU else "3"))
+IMPLS = ["transformers", "fastattn", "fastattn-w8a16", "fastattn-w8a8"]
+_medians = {}  # group -> transformers' median, for the ratios
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d, n_layer, n_head = SIZES[SIZE]
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=d, n_layer=n_layer, n_head=n_head, n_positions=max(1024, PROMPT + NEW))
+    path = tmp_path_factory.mktemp("hf-gpt2")
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(path, attn_implementation="sdpa").to(DEVICE, DTYPE).eval()
+    ours = {"fastattn": GPT.from_hf(path).to(DEVICE, DTYPE).eval()}
+    for mode in ("w8a16", "w8a8"):
+        ours[f"fastattn-{mode}"] = fastattn.quantize(GPT.from_hf(path).to(DEVICE, DTYPE).eval(), mode=mode)
+    return hf, ours
+
+
+def _prompt(vocab):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (BATCH, PROMPT), generator=g).to(DEVICE)
+
+
+def _run(benchmark, impl, step, group, tokens):
+    benchmark.group = group
+    benchmark.extra_info.update(impl=impl, device=DEVICE, dtype=str(DTYPE)[6:], model=SIZE, batch=BATCH,
+                                prompt=PROMPT, new=NEW, threads=torch.get_num_threads())
+    benchmark.pedantic(step, warmup_rounds=1, rounds=ROUNDS, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: one plain run, no statistics
+        return
+    median = benchmark.stats.stats.median
+    benchmark.extra_info["tokens/s"] = tokens / median
+    if impl == "transformers":
+        _medians[group] = median
+    elif group in _medians:
+        benchmark.extra_info["speedup_vs_transformers"] = _medians[group] / median
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_greedy_generation(benchmark, models, impl):
+    hf, ours = models
+    ids = _prompt(hf.config.vocab_size)
+    if impl == "transformers":
+        def step():
+            with torch.inference_mode():
+                out = hf.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                                  pad_token_id=0)
+            sync(DEVICE)
+            return out
+    else:
+        model = ours[impl]
+
+        def step():
+            with torch.inference_mode():
+                out = model.generate(ids, NEW, temperature=0)
+            sync(DEVICE)
+            return out
+    _run(benchmark, impl, step, f"generate {SIZE} {str(DTYPE)[6:]} b{BATCH} {PROMPT}+{NEW} greedy", BATCH * NEW)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_prefill(benchmark, models, impl):
+    hf, ours = models
+    ids = _prompt(hf.config.vocab_size)
+    if impl == "transformers":
+        def step():
+            with torch.inference_mode():
+                hf(ids, use_cache=True, logits_to_keep=1)
+            sync(DEVICE)
+    else:
+        model = ours[impl]
+        keep = torch.ones_like(ids, dtype=torch.bool)
+
+        def step():
+            with torch.inference_mode():
+                model.setup_caches(BATCH, PROMPT + NEW)
+                model.prefill(ids, keep)
+            sync(DEVICE)
+    _run(benchmark, impl, step, f"prefill {SIZE} {str(DTYPE)[6:]} b{BATCH} {PROMPT}", BATCH * PROMPT)
+
+
+@pytest.mark.parametrize("impl", ["fastattn", "fastattn-w8a8"])
+def test_greedy_generation_interleaved(benchmark, models, impl):
+    """Each round runs transformers' generate, then ours: on a shared, noisy machine the ratio of the two minima
+    (load only ever adds time) is steadier than medians taken minutes apart. extra_info: both minima and medians (s),
+    and speedup_vs_transformers from the minima."""
+    hf, ours = models
+    ids = _prompt(hf.config.vocab_size)
+    times = {"transformers": [], impl: []}
+
+    def step():
+        import time
+        with torch.inference_mode():
+            for name in times:
+                t = time.perf_counter()
+                if name == "transformers":
+                    hf.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+                else:
+                    ours[impl].generate(ids, NEW, temperature=0)
+                sync(DEVICE)
+                times[name].append(time.perf_counter() - t)
+
+    benchmark.group = f"generate interleaved {SIZE} {str(DTYPE)[6:]} b{BATCH} {PROMPT}+{NEW} greedy"
+    benchmark.extra_info.update(impl=f"transformers+{impl}", device=DEVICE, dtype=str(DTYPE)[6:], model=SIZE,
+                                batch=BATCH, prompt=PROMPT, new=NEW, threads=torch.get_num_threads())
+    benchmark.pedantic(step, warmup_rounds=1, rounds=ROUNDS, iterations=1)
+    best = {}
+    for name, ts in times.items():
+        ts = sorted(ts[1:] if len(ts) > 1 else ts)  # the warm-up round dropped
+        best[name] = ts[0]
+        benchmark.extra_info[f"{name} min s"] = ts[0]
+        benchmark.extra_info[f"{name} median s"] = ts[len(ts) // 2]
+        benchmark.extra_info[f"{name} ms/token (min, incl. prefill)"] = ts[0] / (BATCH * NEW) * 1e3
+    benchmark.extra_info["speedup_vs_transformers"] = best["transformers"] / best[impl]
+
+
+def test_same_greedy_tokens(models):
+    """The float rows generate the same tokens (a benchmark of two different computations would be worthless)."""
+    hf, ours = models
+    ids = _prompt(hf.config.vocab_size)[:, :16]
+    with torch.inference_mode():
+        theirs = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        mine = ours["fastattn"].generate(ids, 8, temperature=0)
+    assert torch.equal(mine, theirs)
