@@ -8,7 +8,8 @@ the medians to the transformers row of its group measured earlier in the same ru
 
 Shapes are selectable for larger machines (environment): FASTATTN_BENCH_MODEL (gpt2-small, gpt2-medium, gpt2-large,
 gpt2-xl), FASTATTN_BENCH_BATCH (1), FASTATTN_BENCH_PROMPT (128), FASTATTN_BENCH_NEW (128), FASTATTN_BENCH_ROUNDS
-(3 on CPU). CPU runs in float32; on a GPU, bfloat16. Skipped without transformers.
+(3 on CPU), FASTATTN_BENCH_THREADS (torch's default; on a shared, loaded host 1 thread is steadier: a parallel
+region waits for its slowest thread). CPU runs in float32; on a GPU, bfloat16. Skipped without transformers.
 """
 import os
 
@@ -33,6 +34,8 @@ BATCH = int(os.environ.get("FASTATTN_BENCH_BATCH", "1"))
 PROMPT = int(os.environ.get("FASTATTN_BENCH_PROMPT", "128"))
 NEW = int(os.environ.get("FASTATTN_BENCH_NEW", "128"))
 ROUNDS = int(os.environ.get("FASTATTN_BENCH_ROUNDS", "10" if GPU else "3"))
+if os.environ.get("FASTATTN_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["FASTATTN_BENCH_THREADS"]))
 IMPLS = ["transformers", "fastattn", "fastattn-w8a16", "fastattn-w8a8"]
 _medians = {}  # group -> transformers' median, for the ratios
 

@@ -213,6 +213,10 @@ def test_generate_argument_errors():
     with pytest.raises(ValueError, match="max_seq_len"):
         m.generate(ids, 100)
     assert torch.equal(m.generate(ids, 0), ids)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids"):
+        m(torch.zeros(4, 3))
 
 
 # ---- saving, parameters ---------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class BERTEncoder(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None) -> Tensor:
         B, L = input_ids.shape
-        keep = keep_mask(input_ids, attention_mask)
+        keep = keep_mask(input_ids, attention_mask, self.cfg.max_seq_len)
         positions = torch.arange(L, device=input_ids.device).expand(B, L)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)

@@ -72,7 +72,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
                 labels: Optional[Tensor] = None) -> ModelOutput:
         """input_ids (B, L); attention_mask (B, L) 1 = token, 0 = padding; labels (B, L) (shifted here: position t
         predicts labels[t + 1]; -100 ignored). Returns .logits (B, L, V) and .loss."""
-        keep = keep_mask(input_ids, attention_mask)
+        keep = keep_mask(input_ids, attention_mask, self.config.max_seq_len)
         positions = (keep.cumsum(-1) - 1).clamp_min(0)
         h = self.hidden(input_ids, positions, key_padding_mask=padding_or_none(keep))
         logits = self.lm_head(h)
@@ -113,7 +113,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         sequence has finished. ``streamer(tokens (B,))`` is called with each new token batch."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         B, L = input_ids.shape
-        keep = keep_mask(input_ids, attention_mask)
+        keep = keep_mask(input_ids, attention_mask, self.config.max_seq_len)
         if not bool(keep[:, -1].all()):
             raise ValueError("attention_mask: generate needs prompts padded on the left (the last column is padding "
                              "in some row)")

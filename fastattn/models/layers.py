@@ -407,8 +407,14 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> Non
         raise ValueError(f"top_p: expected 0 < top_p <= 1 or None, got {top_p!r}")
 
 
-def keep_mask(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
-    """HF's attention_mask (1 = keep) as bool (B, L); all True when None."""
+def keep_mask(input_ids: Tensor, attention_mask: Optional[Tensor], max_len: Optional[int] = None) -> Tensor:
+    """HF's attention_mask (1 = keep) as bool (B, L); all True when None. Checks input_ids (B, L) and L <= max_len."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        what = getattr(input_ids, "dtype", type(input_ids).__name__)
+        raise ValueError(f"input_ids: expected an integer tensor (B, L), got {what} "
+                         f"{tuple(getattr(input_ids, 'shape', ()))}")
+    if max_len is not None and input_ids.shape[1] > max_len:
+        raise ValueError(f"input_ids: {input_ids.shape[1]} tokens > config.max_seq_len {max_len}")
     if attention_mask is None:
         return torch.ones_like(input_ids, dtype=torch.bool)
     if attention_mask.shape != input_ids.shape:

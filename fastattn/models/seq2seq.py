@@ -78,7 +78,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
     def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """Encoder output (B, S, d_model) and its key_padding_mask (B, S) (True = padding) or None."""
         B, S = input_ids.shape
-        pad = padding_or_none(keep_mask(input_ids, attention_mask))
+        pad = padding_or_none(keep_mask(input_ids, attention_mask, self.config.max_seq_len))
         positions = torch.arange(S, device=input_ids.device).expand(B, S)
         h, rotary = self._embed(input_ids, positions, self.enc_pos, self.enc_embed_norm)
         residual = None
@@ -113,6 +113,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
             if labels is None:
                 raise ValueError("decoder_input_ids: needed when labels is None")
             decoder_input_ids = self.shift_right(labels)
+        keep_mask(decoder_input_ids, None, self.config.max_seq_len)  # checks shape and length
         memory, pad = self.encode(input_ids, attention_mask)
         B, T = decoder_input_ids.shape
         positions = torch.arange(T, device=input_ids.device).expand(B, T)
