@@ -25,6 +25,65 @@ inline void dot_keys(const float* q, const float* k, int64_t sk, int64_t n, int6
   }
 }
 
+// Two query rows at once (GQA groups, several queries): each K load serves both. Four keys x two rows per reduce8.
+inline void dot_keys2(const float* q0, const float* q1, const float* k, int64_t sk, int64_t n, int64_t Dp,
+                      float* d0, float* d1) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* kj = k + j * sk;
+    typename Vec::F a[8];
+    for (int t = 0; t < 8; ++t) a[t] = Vec::zero();
+    for (int64_t e = 0; e < Dp; e += Vec::W) {
+      const typename Vec::F x0 = Vec::load(q0 + e), x1 = Vec::load(q1 + e);
+      for (int t = 0; t < 4; ++t) {
+        const typename Vec::F kv = Vec::load(kj + t * sk + e);
+        a[t] = Vec::fmadd(x0, kv, a[t]);
+        a[4 + t] = Vec::fmadd(x1, kv, a[4 + t]);
+      }
+    }
+    float r[8];
+    reduce8(a, r);
+    for (int t = 0; t < 4; ++t) d0[j + t] = r[t], d1[j + t] = r[4 + t];
+  }
+  if (j < n) {
+    dot_keys(q0, k + j * sk, sk, n - j, Dp, d0 + j);
+    dot_keys(q1, k + j * sk, sk, n - j, Dp, d1 + j);
+  }
+}
+
+// o0 += sum_j p0[j] v_j and o1 += sum_j p1[j] v_j, each V load serving both rows; sparse: keys with p0[j] and
+// p1[j] both 0 are skipped (masked keys: their V rows are never read)
+inline void add_pv2(const float* p0, const float* p1, const float* v, int64_t sv, int64_t n, int64_t Dvp, float* o0,
+                    float* o1, bool sparse) {
+  int64_t e = 0;
+  for (; e + 4 * Vec::W <= Dvp; e += 4 * Vec::W) {
+    typename Vec::F a[4], b[4];
+    for (int c = 0; c < 4; ++c) a[c] = Vec::load(o0 + e + c * Vec::W), b[c] = Vec::load(o1 + e + c * Vec::W);
+    for (int64_t j = 0; j < n; ++j) {
+      if (sparse && p0[j] == 0.0f && p1[j] == 0.0f) continue;
+      const typename Vec::F x0 = Vec::set1(p0[j]), x1 = Vec::set1(p1[j]);
+      const float* vj = v + j * sv + e;
+      for (int c = 0; c < 4; ++c) {
+        const typename Vec::F vv = Vec::load(vj + c * Vec::W);
+        a[c] = Vec::fmadd(x0, vv, a[c]);
+        b[c] = Vec::fmadd(x1, vv, b[c]);
+      }
+    }
+    for (int c = 0; c < 4; ++c) Vec::store(o0 + e + c * Vec::W, a[c]), Vec::store(o1 + e + c * Vec::W, b[c]);
+  }
+  for (; e < Dvp; e += Vec::W) {
+    typename Vec::F a = Vec::load(o0 + e), b = Vec::load(o1 + e);
+    for (int64_t j = 0; j < n; ++j) {
+      if (sparse && p0[j] == 0.0f && p1[j] == 0.0f) continue;
+      const typename Vec::F vv = Vec::load(v + j * sv + e);
+      a = Vec::fmadd(Vec::set1(p0[j]), vv, a);
+      b = Vec::fmadd(Vec::set1(p1[j]), vv, b);
+    }
+    Vec::store(o0 + e, a);
+    Vec::store(o1 + e, b);
+  }
+}
+
 // o[0, Dvp) += sum_j p[j] v_j. sparse (the block has masked keys): the keys with p[j] == 0 are skipped, so the V
 // rows of masked keys are never read; else two keys at a time into two sets of accumulators (no FMA chain from one
 // key to the next).
@@ -130,9 +189,9 @@ void decode_keys(const DecodeJob& J, const float* q, float* o, float* m, float* 
       if (!kd) widen(kin + (jb + t) * J.sk, J.E, kbuf + t * Dp);
       if (!vd) widen(vin + (jb + t) * J.sv, J.Ev, vbuf + t * Dvp);
     }
-    for (int64_t r = 0; r < J.M; ++r) {
+    // row r's scores (in s) -> its probabilities; rescales its output. False: no key for the row yet.
+    auto softmax = [&](int64_t r) {
       float* sr = s + r * kDecodeBlock;
-      dot_keys(q + r * Dp, kb, skb, n, Dp, sr);
       if (J.cap2 > 0) softcap_row(sr, n, J.cap2);
       if (any_masked)
         for (int64_t t = 0; t < n; ++t) sr[t] = km[t] ? sr[t] : ninf;
@@ -141,14 +200,29 @@ void decode_keys(const DecodeJob& J, const float* q, float* o, float* m, float* 
         for (int64_t t = std::max<int64_t>(0, last + 1 - jb); t < n; ++t) sr[t] = ninf;
       }
       const float mn = std::max(m[r], max_row(sr, n));
-      if (mn == ninf) continue;  // no key for this row yet
+      if (mn == ninf) return false;
       const float alpha = std::exp2(m[r] - mn);
       l[r] = l[r] * alpha + exp2_sum_row(sr, n, mn);
       m[r] = mn;
       float* orow = o + r * Dvp;
       if (alpha != 1.0f)
         for (int64_t e = 0; e < Dvp; e += Vec::W) Vec::store(orow + e, Vec::mul(Vec::set1(alpha), Vec::load(orow + e)));
-      add_pv(sr, vb, svb, n, Dvp, orow, any_masked);
+      return true;
+    };
+    int64_t r = 0;
+    for (; r + 2 <= J.M; r += 2) {  // rows in pairs: one pass over the block's K and V rows serves both
+      float *s0 = s + r * kDecodeBlock, *s1 = s0 + kDecodeBlock;
+      dot_keys2(q + r * Dp, q + (r + 1) * Dp, kb, skb, n, Dp, s0, s1);
+      const bool live0 = softmax(r), live1 = softmax(r + 1);
+      if (live0 && live1) {
+        add_pv2(s0, s1, vb, svb, n, Dvp, o + r * Dvp, o + (r + 1) * Dvp, any_masked);
+      } else if (live0 || live1) {
+        add_pv(live0 ? s0 : s1, vb, svb, n, Dvp, o + (live0 ? r : r + 1) * Dvp, any_masked);
+      }
+    }
+    if (r < J.M) {
+      dot_keys(q + r * Dp, kb, skb, n, Dp, s + r * kDecodeBlock);
+      if (softmax(r)) add_pv(s + r * kDecodeBlock, vb, svb, n, Dvp, o + r * Dvp, any_masked);
     }
   }
 }
