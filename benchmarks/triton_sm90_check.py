@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastattn.kernels import attention as A  # noqa: E402
+from fastattn.kernels import decode as DEC  # noqa: E402
 from fastattn.kernels import int8 as I8  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -79,6 +80,14 @@ def cases():
                 ce = dict(cfg.kwargs, HAS_AS=True, HAS_BS=True, HAS_BIAS=True, OUT_INT32=False, EVEN_K=True)
                 yield (f"int8 gemm {name} w{cfg.num_warps} s{cfg.num_stages}", I8._int8_mm_kernel, MM_TYPES, ce,
                        cfg.num_warps, cfg.num_stages)
+    dec_types = dict(ATTN_TYPES, Seqlens="*i32", Keep="*i1", PartO="*fp32", PartLse="*fp32")
+    for m, d in ((16, 64), (64, 128), (16, 256)):  # the split kernel's tiles in decode_fwd (BLOCK_N 64, 4 warps)
+        for direct in (True, False):
+            ce = dict(NSPLIT=1 if direct else 8, HAS_LENS=True, HAS_KEEP=True, CAUSAL=True, SOFTCAP=False,
+                      DIRECT=direct, DOT_F32=False, PRECISION="tf32", BLOCK_M=m, BLOCK_N=64, BLOCK_D=d, BLOCK_DV=d)
+            yield (f"decode attention split d{d} {m}x64 direct={direct}", DEC._decode_split_kernel, dec_types, ce, 4, 2)
+    yield ("decode attention combine", DEC._decode_combine_kernel, dec_types, dict(NSPLIT=8, BLOCK_S=8, BLOCK_DV=128),
+           4, 1)
     for n, k, w, once in I8._SMALL_M_TILES:
         for int8_a in (True, False):
             ce = dict(HAS_AS=int8_a, HAS_BS=True, HAS_BIAS=True, OUT_INT32=False, INT8_A=int8_a, BLOCK_N=n,
