@@ -9,7 +9,7 @@ import torch
 
 import fastattn
 from fastattn.ops.attention import decode as D
-from fastattn.reference import decode_attention_ref
+from fastattn.reference import attention_ref, decode_attention_ref
 from conftest import HAS_GPU, assert_bounded, backend_device
 
 LOW = [torch.float16, torch.bfloat16]
@@ -283,3 +283,21 @@ def test_cpu_code_paths(env):
                        env=dict(os.environ, **env), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
+
+
+@TRITON
+def test_route_to_triton(backend_name, caplog):
+    """fastattn.attention with a forced Triton backend routes to the Triton decode kernel: the key mask (a (B, S)
+    view with stride-0 head and query dims in the kernel's layout) read through its strides."""
+    B, S = 2, D.MIN_KEYS["cpu"] + 9
+    q, k, v = _qkv(B=B, H=4, Hk=2, L=2, S=S, E=16)
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[0, :5] = True
+    pad[1, -7:] = True
+    with fastattn.backend("triton"):
+        out, routed = _routed(caplog, q, k, v, key_padding_mask=pad, causal="bottom_right")
+    assert routed
+    mask = ~pad[:, None, None, :]
+    kw = dict(causal="bottom_right")
+    exact = attention_ref(q.double(), k.double(), v.double(), mask, **kw)
+    assert_bounded("out", out, exact, attention_ref(q, k, v, mask, upcast=False, **kw), torch.float32)
