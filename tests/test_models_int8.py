@@ -67,7 +67,7 @@ def test_perplexity_delta_reported_and_bounded(trained_gpt, mode, capsys):
     ppl = _perplexity(q, held)
     with capsys.disabled():
         print(f"\n[int8 {mode}] held-out perplexity: float {ref:.3f}, int8 {ppl:.3f} ({(ppl / ref - 1) * 100:+.2f}%)")
-    assert ref < 40  # the model learned the text (uniform bytes: 256)
+    assert ref < 64  # the model learned something of the text (uniform bytes: 256; measured 20-28 here)
     assert abs(ppl / ref - 1) < 0.02  # loose: measured at about 0.02% here (a tiny model: few outliers)
 
 
