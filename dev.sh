@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv (torch, build tools), build fastattn in place, then run one job:
-#   bash dev.sh demo    check every backend against the reference and print the speedups on this machine
+#   bash dev.sh demo    check every backend against the reference and print the speedups on this machine, then
+#                       train a small GPT on the embedded corpus for 2 minutes and generate from it
+#                       (extra arguments go to `fastattn demo`: --train-seconds N, 0 to skip)
 #   bash dev.sh test    the test suite (extra arguments go to pytest)
 #   bash dev.sh bench   the pytest-benchmark comparisons (extra arguments go to pytest)
 #   bash dev.sh lint    ruff check . with pyproject.toml's rules, no build (extra arguments go to ruff: --fix)
@@ -14,6 +16,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 if [ "$job" = lint ]; then exec .venv/bin/python -m ruff check . "$@"; fi  # no build needed
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# setup.py keeps the compiled objects in build/temp.*: a rerun recompiles only changed C++/CUDA sources
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 case "$job" in
   demo)  exec .venv/bin/python -m fastattn demo "$@" ;;
