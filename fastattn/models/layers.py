@@ -359,10 +359,9 @@ class Block(nn.Module):
 
 def column_major_(model: nn.Module) -> None:
     """Store every Linear and Embedding weight column-major: the same (out, in) shape and state_dict, strides
-    (1, out). A batch-1 decode step is matrix-vector products, which read this layout 1.3-2x faster than the
-    row-major one on our CPU hosts (the LM head most: 21 -> 10 ms for GPT-2's, single thread; HF's GPT-2 Conv1D
-    stores (in, out) for the same reason). Prefill / training GEMMs take either layout. Parameters keep their
-    identity (tied weights stay tied)."""
+    (1, out). A batch-1 decode step is matrix-vector products, which torch's CPU GEMV reads faster in this layout
+    (most for a large LM head; HF's GPT-2 Conv1D stores (in, out) likewise). Prefill / training GEMMs take either
+    layout. Parameters keep their identity (tied weights stay tied)."""
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.dim() == 2 and m.weight.stride(0) != 1:
             m.weight.data = m.weight.data.t().contiguous().t()
