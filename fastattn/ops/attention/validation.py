@@ -33,6 +33,8 @@ class Layout(NamedTuple):
 
 
 def _broadcast(name: str, *shapes) -> Tuple[int, ...]:
+    if all(s == shapes[0] for s in shapes[1:]):  # the common case; torch.broadcast_shapes costs ~25 us a call
+        return tuple(shapes[0])
     try:
         return tuple(torch.broadcast_shapes(*shapes))
     except RuntimeError:
@@ -119,11 +121,12 @@ def build_mask(attn_mask, key_padding_mask, q: Tensor, lay: Layout) -> Optional[
     mask = None if attn_mask is None else _plain_tensor("attn_mask", attn_mask, q)
     if key_padding_mask is not None:
         kpm = _plain_tensor("key_padding_mask", key_padding_mask, q)
-        try:
-            torch.broadcast_shapes(kpm.shape, (*lay.batch, lay.S))
-        except RuntimeError:
-            raise ArgumentError(f"key_padding_mask: shape {tuple(kpm.shape)} does not broadcast to (batch, S) = "
-                                f"{(*lay.batch, lay.S)}") from None
+        if kpm.shape != (*lay.batch, lay.S):
+            try:
+                torch.broadcast_shapes(kpm.shape, (*lay.batch, lay.S))
+            except RuntimeError:
+                raise ArgumentError(f"key_padding_mask: shape {tuple(kpm.shape)} does not broadcast to (batch, S) = "
+                                    f"{(*lay.batch, lay.S)}") from None
         kpm = kpm[..., None, None, :]  # (*batch, 1, 1, S)
         if mask is None:
             mask = ~kpm if kpm.dtype == torch.bool else kpm
