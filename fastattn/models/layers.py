@@ -500,9 +500,10 @@ class PretrainedMixin:
         self.config.save(os.path.join(path, CONFIG_FILE))
         state, seen = {}, set()
         for name, t in self.state_dict().items():
-            if t.data_ptr() in seen and t.numel():
+            key = (t.data_ptr(), tuple(t.shape), t.stride())  # the same tensor, not just the same start
+            if t.numel() and key in seen:
                 continue
-            seen.add(t.data_ptr())
+            seen.add(key)
             state[name] = t.detach().contiguous()
         save_file(state, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
 
@@ -518,7 +519,8 @@ class PretrainedMixin:
         own = model.state_dict()
         for name, t in own.items():  # tied weights: stored once, under the first name sharing them
             if name not in state:
-                twin = next((n for n, u in own.items() if n in state and u.data_ptr() == t.data_ptr()), None)
+                twin = next((n for n, u in own.items() if n in state and (u.data_ptr(), u.shape, u.stride()) ==
+                             (t.data_ptr(), t.shape, t.stride())), None)
                 if twin is None:
                     raise KeyError(f"{path}: {WEIGHTS_FILE} has no {name!r}")
                 state[name] = state[twin]
