@@ -487,7 +487,9 @@ class Trainer:
                 window_tok += ntok
                 if cfg.step_delay:
                     time.sleep(cfg.step_delay)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                timed_out = cfg.max_time and time.perf_counter() - start >= cfg.max_time
+                stop = self.dist.any(self.stop_signal is not None or bool(timed_out))
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or stop:
                     dt = time.perf_counter() - window_t
                     tps = window_tok / max(dt, 1e-9)
                     rec = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tps,
@@ -498,8 +500,6 @@ class Trainer:
                         metrics.write(json.dumps(rec) + "\n")
                         metrics.flush()
                     window_t, window_tok = time.perf_counter(), 0
-                timed_out = cfg.max_time and time.perf_counter() - start >= cfg.max_time
-                stop = self.dist.any(self.stop_signal is not None or bool(timed_out))
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps or stop:
                     ev = self.evaluate()
                     prog.line(f"step {self.step}: held-out loss {ev['val_loss']:.4f} | ppl {ev['val_ppl']:.2f} | "
