@@ -113,3 +113,26 @@ def test_int8_vmap(backend_name):
     y_w = vmap(lambda x, w: fastattn.w8a16_matmul(x, w, ws))(x, wb)
     torch.testing.assert_close(y, torch.stack([w8a16_matmul_ref(x[i], w8, ws) for i in range(3)]))
     torch.testing.assert_close(y_w, torch.stack([w8a16_matmul_ref(x[i], wb[i], ws) for i in range(3)]))
+
+
+# ---- tensor subclasses (DTensor, AsyncCollectiveTensor, ...): torch ops, never the kernels' raw reads -------------
+class Traced(torch.Tensor):
+    """A subclass that sees every torch function (as DTensor and AsyncCollectiveTensor do)."""
+    seen = set()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.add(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_subclasses_run_on_torch_ops():
+    x, r = randn(4, 16, dtype=torch.float32), randn(4, 16, seed=1, dtype=torch.float32)
+    w, b = randn(16, seed=2, dtype=torch.float32), randn(16, seed=3, dtype=torch.float32)
+    y, s = fastattn.add_layer_norm(x.as_subclass(Traced), r, w, b, prenorm=True)
+    ey, es = add_norm_ref(x, r, w, b, prenorm=True, upcast=True)
+    assert isinstance(y, Traced) and Traced.seen, "the subclass did not see the computation"
+    torch.testing.assert_close((y.as_subclass(torch.Tensor), s.as_subclass(torch.Tensor)), (ey, es))
+    q, k = randn(1, 2, 5, 8, dtype=torch.float32), randn(1, 2, 7, 8, seed=1, dtype=torch.float32)
+    out = fastattn.scaled_dot_product_attention(q.as_subclass(Traced), k, k)
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), torch.nn.functional.scaled_dot_product_attention(q, k, k))

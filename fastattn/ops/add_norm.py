@@ -17,9 +17,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..backends import Dispatcher, Impl, compiled_op, forced_backend_name, triton_op
+from ..backends import Dispatcher, Impl, compiled_op, forced_backend_name, log, triton_op
 from ..reference import add_norm_ref, norm_residual_dtype
-from .batching import fold, front, is_legacy_batched, is_transformed, unfold
+from .batching import eager_twin, fold, front, has_torch_function_subclass, is_legacy_batched, is_transformed, unfold
 
 MAX_COLS = 65536
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -241,6 +241,9 @@ class AddNormFunction(torch.autograd.Function):
             (0, 0 if s.numel() else None, 0 if mean.numel() else None, 0)
 
 
+AddNormFunctionEager = eager_twin(AddNormFunction)
+
+
 def _vmapped_ref_fwd(info, in_dims, x, residual, weight, bias, eps, is_rms, prenorm, s_dtype, backend, needs_grad):
     def one(x, residual, weight, bias):
         shape = x.shape
@@ -328,8 +331,15 @@ def _add_norm(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32)
     s_dtype = norm_residual_dtype(x, residual, residual_in_fp32)
     if residual is not None and x.dtype == torch.float64 and residual.dtype != torch.float64:
         residual = residual.double()  # kernels take a residual of x's dtype or float32 (s is float64 here)
+    if has_torch_function_subclass(x, residual, weight, bias):
+        log.debug("fastattn.add_norm: a tensor subclass (%s) runs on the reference (torch ops)",
+                  ", ".join(type(t).__name__ for t in (x, residual, weight, bias) if t is not None))
+        return add_norm_ref(x, residual, weight, bias, eps, is_rms=is_rms, prenorm=prenorm,
+                            residual_in_fp32=residual_in_fp32, upcast=True)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias))
-    y, s, _, _ = AddNormFunction.apply(x, residual, weight, bias, float(eps), is_rms, bool(prenorm), s_dtype,
+    fn = AddNormFunction if torch.compiler.is_compiling() or is_transformed(x, residual, weight, bias) else \
+        AddNormFunctionEager
+    y, s, _, _ = fn.apply(x, residual, weight, bias, float(eps), is_rms, bool(prenorm), s_dtype,
                                        forced_backend_name(), needs_grad)
     return (y, s) if prenorm else y
 

@@ -16,6 +16,18 @@ def is_transformed(*tensors: Optional[Tensor]) -> bool:
     return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
+def has_torch_function_subclass(*tensors: Optional[Tensor]) -> bool:
+    """True when a tensor is a subclass that gives torch functions its own meaning (DTensor, AsyncCollectiveTensor,
+    ...): its memory is not what it says, so a kernel must never read it; torch ops on it do the right thing."""
+    for t in tensors:
+        if t is None or type(t) is Tensor or type(t) is torch.nn.Parameter:
+            continue
+        override = getattr(type(t).__torch_function__, "__func__", type(t).__torch_function__)
+        if override not in (Tensor.__torch_function__.__func__, torch._C._disabled_torch_function_impl):
+            return True
+    return False
+
+
 def is_legacy_batched(*tensors: Optional[Tensor]) -> bool:
     """True for the batched tensors of torch's legacy vmap, which gradcheck(check_batched_grad=True) still uses: they
     are batched by running the custom op once per sample (torch's fallback), since no vmap rule sees them."""
@@ -38,3 +50,16 @@ def fold(t: Optional[Tensor], bdim: Optional[int], size: int) -> Optional[Tensor
 def unfold(t: Tensor, size: int) -> Tensor:
     """Inverse of :func:`fold` for an output: (size * n, ...) -> (size, n, ...)."""
     return t.unflatten(0, (size, t.shape[0] // size))
+
+
+def eager_twin(cls):
+    """An old-style twin of the setup_context-style autograd.Function ``cls`` (same forward, context and backward),
+    for calls outside torch.func: torch binds a setup_context-style Function's arguments with inspect on every
+    apply (~9 us a call here), the old style does not. torch.func and torch.compile take ``cls`` itself."""
+    def forward(ctx, *args):
+        out = cls.forward(*args)
+        cls.setup_context(ctx, args, out)
+        return out
+
+    return type(f"{cls.__name__}Eager", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(cls.backward), "__doc__": eager_twin.__doc__})

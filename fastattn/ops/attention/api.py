@@ -7,12 +7,13 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ...backends import forced_backend_name
+from ...backends import forced_backend_name, log
 from ...errors import ArgumentError
 from ...reference import attention_diag_offset, attention_ref
 from .decode import route as decode_route
 from .dispatch import attention_fwd_op, dispatcher, ref_kwargs
-from .function import AttentionFunction, DroppedAttention
+from ..batching import has_torch_function_subclass, is_transformed
+from .function import AttentionFunction, AttentionFunctionEager, DroppedAttention
 from .params import AttnParams, request
 from .validation import CAUSAL, as_bhld, as_float, build_mask, causal_bias_alignment, check_qkv
 
@@ -78,10 +79,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
                    int(window[0]), int(window[1]), softcap, dropout_p if dropout_p < 1 else 0.0, seed, offset)
     backend = forced_backend_name()
     # short queries against a long cache, forward only: the split-KV decode kernel (decode.py says when it fits)
-    routed = None if dropout_p > 0 else decode_route(qb, kb, vb, mask, alibi, p, backend)
+    routed = None if dropout_p > 0 or has_torch_function_subclass(qb, kb, vb) else \
+        decode_route(qb, kb, vb, mask, alibi, p, backend)
+    subclass = has_torch_function_subclass(qb, kb, vb)  # e.g. DTensor: torch ops understand it, kernels cannot
+    if subclass:
+        log.debug("fastattn.attention: a tensor subclass (%s) runs on the reference (torch ops)", type(qb).__name__)
     if routed is not None:
         out, lse = routed
-    elif mask is not None and mask.requires_grad and torch.is_grad_enabled():
+    elif subclass or (mask is not None and mask.requires_grad and torch.is_grad_enabled()):
         dispatcher.select(request(qb, kb, vb, mask, alibi, p), backend or None)  # raises if a kernel was forced
         # autograd through the reference gives the mask its gradient
         out, lse = attention_ref(qb, kb, vb, mask, return_lse=True, **ref_kwargs(qb, kb, mask, alibi, p))
@@ -89,7 +94,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
         # dynamo (torch 2.14) cannot inline a setup_context-style Function that records no graph: the op itself
         out, lse = attention_fwd_op(qb, kb, vb, mask, alibi, *p.flat(), backend)
     else:
-        out, lse = AttentionFunction.apply(qb, kb, vb, mask, alibi, backend, *p.flat())
+        fn = AttentionFunction if torch.compiler.is_compiling() or is_transformed(qb, kb, vb, mask) else \
+            AttentionFunctionEager
+        out, lse = fn.apply(qb, kb, vb, mask, alibi, backend, *p.flat())
     if dropout_p == 1.0:  # the lse was asked for: it does not depend on dropout
         out = DroppedAttention.apply(qb, kb, vb)
     out = out.reshape(out_shape)

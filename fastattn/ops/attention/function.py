@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..batching import fold, is_legacy_batched, is_transformed, unfold
+from ..batching import eager_twin, fold, is_legacy_batched, is_transformed, unfold
 from .dispatch import attention_bwd_op, attention_fwd_op, bwd, fwd, last_dim_unit
 from .params import AttnParams
 
@@ -46,6 +46,9 @@ class AttentionFunction(torch.autograd.Function):
         q, k, v, mask = last_dim_unit(q), last_dim_unit(k), last_dim_unit(v), last_dim_unit(mask, True)
         out, lse = AttentionFunction.apply(q, k, v, mask, alibi, backend, *flat)
         return (unfold(out, n), unfold(lse, n)), (0, 0)
+
+
+AttentionFunctionEager = eager_twin(AttentionFunction)
 
 
 class AttentionBackward(torch.autograd.Function):

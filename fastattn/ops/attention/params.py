@@ -26,7 +26,8 @@ class AttnParams:
     offset: int = 0
 
     def flat(self) -> tuple:
-        return dataclasses.astuple(self)
+        """The fields in order, as dataclasses.astuple gives them (without its deep copies: ~4 us a call)."""
+        return tuple(self.__dict__.values())
 
     @property
     def causal_align(self) -> Optional[str]:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ...errors import ArgumentError
+from ..batching import has_torch_function_subclass
 from .dispatch import FLOATS
 
 CAUSAL = (None, "top_left", "bottom_right")
@@ -102,9 +103,7 @@ def causal_bias_alignment(attn_mask) -> Optional[str]:
 def _plain_tensor(name: str, t, q: Tensor) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    override = getattr(type(t).__torch_function__, "__func__", type(t).__torch_function__)
-    if override not in (Tensor.__torch_function__.__func__, torch._C._disabled_torch_function_impl):
-        # a subclass that overrides torch functions means something its memory does not say: never read it raw
+    if has_torch_function_subclass(t):  # a subclass that overrides torch functions: never read it raw
         raise ArgumentError(f"{name}: tensor subclass {type(t).__name__} is not supported as a mask; pass a plain "
                             "bool or float tensor (torch.nn.attention.bias.CausalBias maps to causal=...)")
     if t.dtype != torch.bool and not t.is_floating_point():
