@@ -177,7 +177,9 @@ def peak_flops(cfg, device):
             if key in name:
                 return hi if bf16 else lo
         return 100e12
-    return torch.get_num_threads() * 2.5e9 * 32  # AVX2: 2 FMA units x 8 fp32 lanes x 2 flops, ~2.5 GHz
+    # 2 FMA units x (16 AVX-512 | 8 AVX2 | 4 SSE) fp32 lanes x 2 flops per cycle, at a guessed ~2.5 GHz
+    per_cycle = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability(), 16)
+    return torch.get_num_threads() * 2.5e9 * per_cycle
 
 
 class Progress:
