@@ -2,6 +2,7 @@
 state_dict both ways, outputs, returned weights and the gradients of inputs and parameters (bounded by torch's own
 float32 error against a float64 torch run), train and eval mode, every backend; is_causal as torch treats it;
 dropout; the masks the kernel is handed; bad input raises torch's exception type."""
+import zlib
 import copy
 import warnings
 
@@ -156,7 +157,7 @@ def _cases():
 
 @pytest.mark.parametrize("backend_name, ctor, mask, kind, weights, mode", _cases(), indirect=["backend_name"])
 def test_matches_torch(backend_name, ctor, mask, kind, weights, mode):
-    g = torch.Generator().manual_seed(hash((ctor, mask, kind)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(f"{ctor}-{mask}-{kind}".encode()))
     theirs, ours = pair(**CTORS[ctor])
     theirs.train(mode == "train")
     ours.train(mode == "train")

@@ -2,6 +2,7 @@
 initialization under a seed; outputs and the gradients of inputs and parameters (bounded by torch's own float32
 error against a float64 torch run) in train and eval mode, under inference_mode (torch's fused fast path and its
 nested-tensor path), on every backend; dropout's statistics; masks never expanded; bad input."""
+import zlib
 import copy
 import warnings
 
@@ -172,7 +173,7 @@ def _layer_cases():
 
 @pytest.mark.parametrize("kind, mask, norm_first, activation, batch_first, bias, mode", _layer_cases())
 def test_layer_matches_torch(kind, mask, norm_first, activation, batch_first, bias, mode):
-    g = torch.Generator().manual_seed(hash((kind, mask, norm_first)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(f"{kind}-{mask}-{norm_first}".encode()))
     theirs, ours = layer_twins(kind, activation=activation, batch_first=batch_first, norm_first=norm_first,
                                bias=bias)
     theirs.train(mode == "train")
