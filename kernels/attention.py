@@ -459,9 +459,8 @@ def _common(q, k, v, mask, alibi, p):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel and head-dim class (<= 64, <= 128, <= 256);
-# autotuned on GPU (FASTATTN_AUTOTUNE=0 keeps the first), one config in the interpreter. Run 3 (H100) read the
-# backward at 0.85-1.01x torch's flash backend: the 128-wide tiles (FA2's and the Triton tutorial's shapes) are
-# candidates for it since.
+# autotuned on GPU (FASTATTN_AUTOTUNE=0 keeps the first), one config in the interpreter. The backward's 128-wide
+# tiles are FA2's and the Triton tutorial's shapes (why: benchmarks/results/2026-11-26-h100-run3).
 _CONFIGS = {
     "fwd": {64: [(128, 64, 4, 3), (128, 128, 8, 3)],
             128: [(128, 64, 8, 3), (128, 128, 8, 2)],
