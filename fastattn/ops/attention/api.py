@@ -78,12 +78,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
                    attention_diag_offset(L, kb.shape[2], causal if causal is not None else "bottom_right"),
                    int(window[0]), int(window[1]), softcap, dropout_p if dropout_p < 1 else 0.0, seed, offset)
     backend = forced_backend_name()
-    # short queries against a long cache, forward only: the split-KV decode kernel (decode.py says when it fits)
-    routed = None if dropout_p > 0 or has_torch_function_subclass(qb, kb, vb) else \
-        decode_route(qb, kb, vb, mask, alibi, p, backend)
     subclass = has_torch_function_subclass(qb, kb, vb)  # e.g. DTensor: torch ops understand it, kernels cannot
     if subclass:
         log.debug("fastattn.attention: a tensor subclass (%s) runs on the reference (torch ops)", type(qb).__name__)
+    # short queries against a long cache, forward only: the split-KV decode kernel (decode.py says when it fits)
+    routed = None if dropout_p > 0 or subclass else decode_route(qb, kb, vb, mask, alibi, p, backend)
     if routed is not None:
         out, lse = routed
     elif subclass or (mask is not None and mask.requires_grad and torch.is_grad_enabled()):
