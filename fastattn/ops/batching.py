@@ -1,6 +1,7 @@
-"""torch.func support shared by the ops: a vmap rule folds the vmapped dimension into a dimension the kernel already
-loops over (attention's batch, add+norm's and the INT8 GEMM's rows), runs the kernel once, and splits it out again.
-No Python loop over the vmapped dimension."""
+"""What the ops share for torch.func and for tensors a kernel must not read: a vmap rule folds the vmapped dimension
+into a dimension the kernel already loops over (attention's batch, add+norm's and the INT8 GEMM's rows), runs the
+kernel once, and splits it out again (no Python loop over the vmapped dimension); wrapped tensors and torch-function
+subclasses are told apart from plain ones."""
 from __future__ import annotations
 
 from typing import Optional
@@ -11,8 +12,8 @@ from torch import Tensor
 
 def is_transformed(*tensors: Optional[Tensor]) -> bool:
     """True when any tensor is wrapped by a torch.func transform (vmap's BatchedTensor, grad's wrapper): the
-    compiled kernels cannot read such a tensor's memory, so the call must go through a custom op, whose vmap rule
-    and autograd formula torch.func understands."""
+    compiled kernels cannot read such a tensor's memory, so the call must go through an autograd.Function or custom
+    op whose vmap rule torch.func applies."""
     return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
