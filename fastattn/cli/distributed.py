@@ -36,7 +36,7 @@ class Single:
     def barrier(self):
         pass
 
-    def close(self):
+    def close(self, finished=True):
         pass
 
 
@@ -94,7 +94,13 @@ class Distributed(Single):
     def barrier(self):
         self.dist.barrier()
 
-    def close(self):
+    def close(self, finished=True):
+        """finished: every rank got here normally, so wait for all of them (a gloo barrier also waits for this
+        rank's collectives still in flight, e.g. a gather's unwaited AsyncCollectiveTensors) before tearing the
+        group down; tearing it down under a peer's running collective aborts the process. After an error, no
+        barrier: the other ranks may never come."""
+        if finished:
+            self.dist.barrier()
         self.dist.destroy_process_group()
 
     # ---- sharded checkpoints (FSDP, TP) ----

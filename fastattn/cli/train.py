@@ -560,7 +560,10 @@ def main(cfg: TrainConfig) -> int:
     from fastattn.cli import distributed
     dist = distributed.setup(cfg)
     try:
-        return Trainer(cfg, dist).run()
-    finally:
-        dist.close()
+        rc = Trainer(cfg, dist).run()
+    except BaseException:
+        dist.close(finished=False)
+        raise
+    dist.close()
+    return rc
 
