@@ -53,20 +53,6 @@ struct DecodeJob {
 
 // ---- the portable kernel set: one lane ------------------------------------------------------------------------
 namespace portable {
-struct Vec {
-  static constexpr int W = 1;
-  using F = float;
-  static F zero() { return 0.0f; }
-  static F set1(float x) { return x; }
-  static F load(const float* p) { return *p; }
-  static void store(float* p, F v) { *p = v; }
-  static F add(F a, F b) { return a + b; }
-  static F mul(F a, F b) { return a * b; }
-  static F fmadd(F a, F b, F c) { return a * b + c; }
-  static F max(F a, F b) { return a > b ? a : b; }
-  static float reduce_add(F v) { return v; }
-  static float reduce_max(F v) { return v; }
-};
 inline float vexp2(float x) { return std::exp2(x); }
 inline float vtanh(float x) { return std::tanh(x); }
 inline void reduce8(const float* a, float* dst) { std::copy(a, a + 8, dst); }

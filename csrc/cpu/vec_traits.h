@@ -1,6 +1,7 @@
 // Vec: the float32 / int32 lane operations that width-generic kernel bodies ("*-inl.h", compiled once per ISA by
 // foreach_isa.h) are written against: 8 lanes in namespace avx2 (AVX2/FMA/F16C), 16 lanes in namespace avx512
-// (AVX-512F). Each is defined in its ISA's target region, so its operations inline only into code of that ISA.
+// (AVX-512F), and 1 lane in namespace portable (plain float, for the scalar fallbacks). Each x86 one is defined in
+// its ISA's target region, so its operations inline only into code of that ISA.
 #pragma once
 
 #include "kernel_util.h"
@@ -8,10 +9,29 @@
 
 #include <cstdint>
 
-#ifdef FA_X86
 namespace fastattn {
 namespace cpu {
 namespace {
+
+namespace portable {
+struct Vec {
+  static constexpr int W = 1;
+  using F = float;
+  static F zero() { return 0.0f; }
+  static F set1(float x) { return x; }
+  static F load(const float* p) { return *p; }
+  static F load_i8(const int8_t* p) { return float(*p); }
+  static void store(float* p, F v) { *p = v; }
+  static F add(F a, F b) { return a + b; }
+  static F mul(F a, F b) { return a * b; }
+  static F fmadd(F a, F b, F c) { return a * b + c; }
+  static F max(F a, F b) { return a > b ? a : b; }
+  static float reduce_add(F v) { return v; }
+  static float reduce_max(F v) { return v; }
+};
+}  // namespace portable
+
+#ifdef FA_X86
 
 namespace avx2 {
 FA_AVX2_BEGIN
@@ -23,6 +43,9 @@ struct Vec {
   FA_INLINE static F set1(float x) { return _mm256_set1_ps(x); }
   FA_INLINE static F bcast(const float* p) { return _mm256_broadcast_ss(p); }
   FA_INLINE static F load(const float* p) { return _mm256_loadu_ps(p); }
+  FA_INLINE static F load_i8(const int8_t* p) {  // W int8 values, widened to float
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
   FA_INLINE static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   FA_INLINE static F add(F a, F b) { return _mm256_add_ps(a, b); }
   FA_INLINE static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
@@ -72,6 +95,9 @@ struct Vec {
   FA_INLINE static F set1(float x) { return _mm512_set1_ps(x); }
   FA_INLINE static F bcast(const float* p) { return _mm512_set1_ps(*p); }
   FA_INLINE static F load(const float* p) { return _mm512_loadu_ps(p); }
+  FA_INLINE static F load_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   FA_INLINE static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   FA_INLINE static F add(F a, F b) { return _mm512_add_ps(a, b); }
   FA_INLINE static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
@@ -104,8 +130,8 @@ struct Vec {
 };
 FA_TARGET_END
 }  // namespace avx512
+#endif  // FA_X86
 
 }  // namespace
 }  // namespace cpu
 }  // namespace fastattn
-#endif  // FA_X86
