@@ -26,6 +26,7 @@ def build_info() -> dict:
         "openmp": bool(C is not None and C.with_openmp),
         "cpu_avx2": bool(C is not None and C.cpu_has_avx2()),
         "cpu_int8_path": (C.cpu_int8_path() if C is not None and hasattr(C, "cpu_int8_path") else None),
+        "cpu_w8a16_path": (C.cpu_w8a16_path() if C is not None and hasattr(C, "cpu_w8a16_path") else None),
         "cpu_stream_min_bytes": (C.cpu_stream_min_bytes() if C is not None else None),
         "cuda_ops": bool(C is not None and C.with_cuda),
         "cuda_archs": (C.cuda_archs if C is not None and C.with_cuda else ""),

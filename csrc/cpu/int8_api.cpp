@@ -56,6 +56,15 @@ cpu::Int8OutType out_type_of(at::ScalarType t) {
   }
 }
 
+cpu::Int8InType in_type_of(const at::Tensor& x, const char* op) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return cpu::Int8InType::kFloat32;
+    case at::kHalf: return cpu::Int8InType::kFloat16;
+    case at::kBFloat16: return cpu::Int8InType::kBFloat16;
+    default: FA_CHECK(false, op, ": x must have dtype Float, Half or BFloat16, got ", x.scalar_type());
+  }
+}
+
 at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& a_scale,
                        const c10::optional<at::Tensor>& b_scale, const c10::optional<at::Tensor>& bias,
                        at::ScalarType out_dtype) {
@@ -96,13 +105,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b, const c10::opti
 std::vector<at::Tensor> quantize_rows_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& smooth) {
   const Checker c{"quantize_rows_cpu"};
   c.matrix(x, "x", "(M, K)");
-  cpu::Int8InType xt;
-  switch (x.scalar_type()) {
-    case at::kFloat: xt = cpu::Int8InType::kFloat32; break;
-    case at::kHalf: xt = cpu::Int8InType::kFloat16; break;
-    case at::kBFloat16: xt = cpu::Int8InType::kBFloat16; break;
-    default: FA_CHECK(false, c.op, ": x must have dtype Float, Half or BFloat16, got ", x.scalar_type());
-  }
+  const cpu::Int8InType xt = in_type_of(x, c.op);
   const int64_t M = x.size(0), K = x.size(1);
   FA_CHECK(K >= 1, c.op, ": x must have at least one column, got shape ", x.sizes());
   if (smooth) c.f32_vector(*smooth, "smooth", K, "K, one divisor per column of x");
@@ -123,6 +126,35 @@ std::vector<at::Tensor> quantize_rows_cpu(const at::Tensor& x, const c10::option
   return {q, scale};
 }
 
+at::Tensor w8a16_mm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                        const c10::optional<at::Tensor>& bias) {
+  const Checker c{"w8a16_mm_cpu"};
+  c.matrix(x, "x", "(M, K)");
+  const cpu::Int8InType xt = in_type_of(x, c.op);
+  c.matrix(w, "w", "(N, K)");
+  c.dtype_is(w, "w", at::kChar);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  FA_CHECK(w.size(1) == K, c.op, ": w must have K = ", K, " columns like x ", x.sizes(), ", got shape ", w.sizes());
+  c.f32_vector(w_scale, "w_scale", N, "N, one scale per row of w");
+  if (bias) c.f32_vector(*bias, "bias", N, "N");
+
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  cpu::W8A16Params p;
+  p.x_type = xt;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.x = x.data_ptr();
+  p.w = w.data_ptr<int8_t>();
+  p.w_scale = w_scale.data_ptr<float>();
+  p.bias = bias ? bias->data_ptr<float>() : nullptr;
+  p.out = out.data_ptr();
+  p.num_threads = std::max(1, at::get_num_threads());
+  cpu::w8a16_matmul(p);
+  return out;
+}
+
 }  // namespace
 
 void register_cpu_int8(pybind11::module_& m) {
@@ -135,6 +167,11 @@ void register_cpu_int8(pybind11::module_& m) {
         "Row-wise symmetric int8 quantization on CPU (x / smooth; scale = absmax / 127; round half to even) -> "
         "[q int8 (M, K), scale float32 (M,)]",
         py::arg("x"), py::arg("smooth"));
+  m.def("w8a16_mm_cpu", &w8a16_mm_cpu,
+        "Weight-only int8 matmul on CPU: (x (M, K) @ float(w int8 (N, K))^T) * w_scale[n] (+ bias[n]) in float32, "
+        "cast to x's dtype (float32, float16 or bfloat16)",
+        py::arg("x"), py::arg("w"), py::arg("w_scale"), py::arg("bias"));
+  m.def("cpu_w8a16_path", &cpu::w8a16_matmul_path, "the CPU w8a16 matmul's code path here: avx512, avx2 or portable");
   m.def("cpu_int8_path", &cpu::int8_matmul_path,
         "the CPU int8 matmul's code path here: avx512-vnni, avx-vnni, avx2 or portable");
 }

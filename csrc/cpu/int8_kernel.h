@@ -38,10 +38,26 @@ struct QuantizeRowsParams {
   int num_threads = 1;
 };
 
+// Weight-only int8 (w8a16): out (M, N) = (x (M, K) @ float(w (N, K))^T) * w_scale[n] (+ bias[n]), the sums in
+// float32 (any order), then c *= w_scale[n]; c += bias[n] as separate float32 operations; out in x's type.
+struct W8A16Params {
+  int64_t M = 0, N = 0, K = 0;
+  Int8InType x_type = Int8InType::kFloat32;
+  const void* x = nullptr;          // (M, K) x_type; out is (M, N) of the same type
+  const int8_t* w = nullptr;        // (N, K)
+  const float* w_scale = nullptr;   // (N,)
+  const float* bias = nullptr;      // (N,) or nullptr
+  void* out = nullptr;
+  int num_threads = 1;
+};
+
 void int8_matmul(const Int8MatmulParams& p);
 // The matmul's code path on this CPU (packed, M > 4): "avx512-vnni", "avx-vnni", "avx2" or "portable".
 const char* int8_matmul_path();
 void quantize_rows(const QuantizeRowsParams& p);
+void w8a16_matmul(const W8A16Params& p);
+// The w8a16 matmul's code path on this CPU: "avx512", "avx2" or "portable".
+const char* w8a16_matmul_path();
 
 }  // namespace cpu
 }  // namespace fastattn

@@ -62,6 +62,7 @@ _quant = Dispatcher("quantize_per_token", [
 
 _w8a16 = Dispatcher("w8a16_matmul", [
     Impl("triton", triton_op("int8", "w8a16_mm"), None, ("cuda",), (torch.float16, torch.bfloat16)),
+    Impl("cpu", compiled_op("w8a16_mm_cpu"), None, ("cpu",), X_DTYPES, compiled_has("w8a16_mm_cpu")),
     Impl("reference", w8a16_matmul_ref, None, ("cpu", "cuda"), X_DTYPES),
 ])
 
