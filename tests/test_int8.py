@@ -10,7 +10,7 @@ from torch import nn
 import fastattn
 from fastattn.nn import Int8Linear
 from fastattn.reference import int8_matmul_ref, quantize_rows_ref, w8a16_matmul_ref
-from conftest import backend_device, backend_params, skip_if_not_built
+from conftest import assert_bounded, backend_device, backend_params, skip_if_not_built
 
 BK = pytest.mark.parametrize("backend_name", backend_params(), indirect=True)
 SHAPES = [(1, 1, 1), (7, 13, 5), (129, 65, 100), (33, 129, 257), (64, 64, 4096), (3, 37, 4101)]
@@ -114,16 +114,55 @@ def test_quantize_is_bit_exact(backend_name, K, dtype, smooth):
 
 
 
-@pytest.mark.parametrize("backend_name", ["reference", "triton"], indirect=True)
-@pytest.mark.parametrize("M", [1, 37])
-def test_w8a16(backend_name, M):
+def _w8a16_case(M, N, K, dtype, has_bias, seed, device="cpu"):
+    """x (M, K) in dtype, as the first rows of a NaN-filled buffer (a read past its end shows), int8 w (N, K),
+    w_scale, bias; and the float64 result."""
+    g = torch.Generator().manual_seed(seed)
+    buf = torch.full((M * K + 64,), float("nan"), dtype=dtype)
+    x = buf[:M * K].view(M, K)
+    x.copy_(torch.randn(M, K, generator=g))
+    w, s = int8((N, K), g, "cpu"), torch.rand(N, generator=g) / 100
+    bias = torch.randn(N, generator=g) if has_bias else None
+    ref = (x.double() @ w.double().T) * s.double() + (0 if bias is None else bias.double())
+    x, w, s, bias = (t if t is None else t.to(device) for t in (x, w, s, bias))
+    return x, w, s, bias, ref
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpu", "triton"], indirect=True)
+@pytest.mark.parametrize("M", [1, 3, 8, 17, 130])
+@pytest.mark.parametrize("K", [100, 768])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
+def test_w8a16(backend_name, M, K, dtype, has_bias):
+    """Within twice torch's error (the float32 reference, in dtype) of the float64 result: the CPU kernel's GEMV
+    (M <= 16) and GEMM paths, K tails, N = 203 past their blocks of 96 weight rows; NaN past the end of x."""
+    if backend_name == "triton" and (dtype != torch.float16 or M not in (1, 17)):
+        pytest.skip("triton: float16 / bfloat16 on a GPU, float16 in the interpreter (bf16 tl.dot): two sizes")
+    skip_if_not_built(backend_name, "w8a16_mm")
     dev = backend_device(backend_name)
-    g = torch.Generator().manual_seed(M)
-    x = torch.randn(M, 96, generator=g).to(torch.float16).to(dev)
-    w, s, bias = int8((40, 96), g, dev), (torch.rand(40, generator=g) / 100).to(dev), torch.randn(40).to(dev)
+    x, w, s, bias, ref = _w8a16_case(M, 203, K, dtype, has_bias, seed=M * K, device=dev)
     with fastattn.backend(backend_name):
         out = fastattn.w8a16_matmul(x, w, s, bias)
-    torch.testing.assert_close(out.float(), w8a16_matmul_ref(x, w, s, bias).float(), rtol=2e-3, atol=2e-3)
+    assert out.dtype == dtype
+    assert_bounded("w8a16", out.cpu(), ref, w8a16_matmul_ref(x, w, s, bias).cpu(), dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("M", [4, 12, 300])
+def test_w8a16_cpu_schedule(threads, M):
+    """The CPU w8a16 kernel at 1-3 threads (more than cores) over N = 1000 weight rows (not a multiple of its
+    blocks of 96) and K = 3001: GEMV with one group of rows (M = 4) and two (M = 12 > 8), and GEMM with K in blocks
+    of 256 and two passes over the rows of x (M = 300 > 256)."""
+    skip_if_not_built("cpu", "w8a16_mm")
+    x, w, s, bias, ref = _w8a16_case(M, 1000, 3001, torch.float32, True, seed=threads * M)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with fastattn.backend("cpu"):
+            out = fastattn.w8a16_matmul(x, w, s, bias)
+    finally:
+        torch.set_num_threads(before)
+    assert_bounded("w8a16", out, ref, w8a16_matmul_ref(x, w, s, bias), torch.float32)
 
 
 def test_int8linear_within_quantization_bound():
@@ -313,14 +352,15 @@ def test_cpu_schedule_is_exact(threads, M, N, K):
                                rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("env, paths", [
-    ({"FASTATTN_CPU_NO_AVX512": "1"}, ("avx-vnni", "avx2")),
-    ({"FASTATTN_CPU_NO_AVX512": "1", "FASTATTN_CPU_NO_AVXVNNI": "1"}, ("avx2",)),
-    ({"FASTATTN_CPU_NO_AVX2": "1"}, ("portable",)),
+@pytest.mark.parametrize("env, paths, w8a16_path", [
+    ({"FASTATTN_CPU_NO_AVX512": "1"}, ("avx-vnni", "avx2"), "avx2"),
+    ({"FASTATTN_CPU_NO_AVX512": "1", "FASTATTN_CPU_NO_AVXVNNI": "1"}, ("avx2",), "avx2"),
+    ({"FASTATTN_CPU_NO_AVX2": "1"}, ("portable",), "portable"),
 ], ids=["no-avx512", "avx2", "portable"])
-def test_cpu_code_paths(env, paths):
-    """The CPU int8 kernels pick AVX-512 VNNI, AVX-VNNI, AVX2 or portable code at run time (once per process): run
-    this file's CPU cases in fresh processes with the faster paths turned off, checking which path they took."""
+def test_cpu_code_paths(env, paths, w8a16_path):
+    """The CPU int8 kernels pick AVX-512 VNNI, AVX-VNNI, AVX2 or portable code at run time (once per process), the
+    w8a16 one AVX-512F, AVX2 or portable: run this file's CPU cases in fresh processes with the faster paths turned
+    off, checking which paths they took. (This process runs them on the fastest path the CPU has.)"""
     import os
     import subprocess
     import sys
@@ -330,9 +370,11 @@ def test_cpu_code_paths(env, paths):
     if not _ext._C.cpu_has_avx2() and paths != ("portable",):
         pytest.skip("this CPU has no AVX2")
     env = dict(os.environ, **env)
-    took = subprocess.run([sys.executable, "-c", "import fastattn; print(fastattn.build_info()['cpu_int8_path'])"],
+    took = subprocess.run([sys.executable, "-c", "import fastattn; i = fastattn.build_info(); "
+                           "print(i['cpu_int8_path'], i['cpu_w8a16_path'])"],
                           env=env, capture_output=True, text=True, timeout=120)
-    assert took.stdout.strip() in paths, took.stdout + took.stderr[-2000:]
+    int8_path, _, w8a16_took = took.stdout.strip().partition(" ")
+    assert int8_path in paths and w8a16_took == w8a16_path, took.stdout + took.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                         "cpu and not code_paths"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
