@@ -1,5 +1,6 @@
 """pytest-benchmark: INT8 GEMM (W8A8, fused dequant) against torch's float matmul and torch._int_mm, and Int8Linear
-(quantize + GEMM + dequant; and weight-only W8A16) against nn.Linear. TOPS in extra_info.
+(quantize + GEMM + dequant; and weight-only W8A16) against nn.Linear. TOPS in extra_info. On CPU also the w8a16
+kernel against F.linear in float32 and the reference at GPT-2 small's Linear shapes (test_w8a16_cpu).
 
 Decode-sized calls (M <= 16) on GPU are timed twice: eager (host overhead included: Python validation, dispatch,
 kernel launch) and replayed from a CUDA graph (GPU time alone, as graph-captured decoding runs them), both for
@@ -105,13 +106,42 @@ def test_int8_linear(benchmark, impl, M, N, K, timing):
         pytest.skip("CUDA-graph timing is for decode-sized M on GPU")
     lin = torch.nn.Linear(K, N, device=DEVICE, dtype=FLOAT)
     x = torch.randn(M, K, device=DEVICE, dtype=FLOAT)
-    if impl == "w8a16" and not GPU:
-        pytest.skip("w8a16 targets GPU decoding (the CPU path is the reference)")
     mod = lin if impl == "torch-linear" else Int8Linear.from_float(lin, impl)
     with torch.no_grad():
         _bench(benchmark, lambda: mod(x), 2 * M * N * K, f"linear M={M} N={N} K={K}",
                dict(op="int8_linear", impl=impl if impl == "torch-linear" else f"Int8Linear-{impl}", width=M,
                     dtype=str(FLOAT)[6:], direction=f"N{N}K{K}"), timing)
+
+
+# GPT-2 small's Linear layers (768 x 768 attention out, 3072 x 768 MLP up, 768 x 3072 MLP down, 50257 x 768 LM
+# head) at one decode token and at a 128-token prefill.
+W8A16_CPU = [(1, 768, 768), (1, 3072, 768), (1, 768, 3072), (1, 50257, 768), (128, 768, 768), (128, 3072, 768)]
+
+
+@pytest.mark.skipif(GPU, reason="the CPU w8a16 kernel")
+@pytest.mark.parametrize("impl", ["torch-linear-fp32", "reference", "cpu"])
+@pytest.mark.parametrize("M, N, K", W8A16_CPU, ids=lambda v: str(v))
+def test_w8a16_cpu(benchmark, impl, M, N, K):
+    """fastattn.w8a16_matmul's CPU kernel against F.linear on the float32 weight (4x the bytes) and the reference
+    (the weight dequantized per call, then torch's matmul). GB/s: the bytes of the weight each reads (float32 for
+    F.linear, int8 for the others) over the median time."""
+    if impl == "cpu" and "cpu" not in available_backends():
+        pytest.skip("fastattn._C is not built")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    s, bias = torch.rand(N, generator=g) / 100, torch.randn(N, generator=g)
+    if impl == "torch-linear-fp32":
+        wf = w.float() * s[:, None]
+        fn = lambda: torch.nn.functional.linear(x, wf, bias)  # noqa: E731
+    else:
+        def fn():
+            with fastattn.backend(impl):
+                return fastattn.w8a16_matmul(x, w, s, bias)
+    _bench(benchmark, fn, 2 * M * N * K, f"w8a16 cpu M={M} N={N} K={K}",
+           dict(op="w8a16", impl=impl, width=M, dtype="float32", direction=f"N{N}K{K}"))
+    weight_bytes = N * K * (4 if impl.startswith("torch") else 1)
+    benchmark.extra_info["GB/s"] = weight_bytes * CALLS / benchmark.stats.stats.median / 1e9
 
 
 @pytest.mark.parametrize("impl", ["torch"] + OURS)
