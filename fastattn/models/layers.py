@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.add_norm import add_layer_norm, add_rms_norm
-from ..ops.attention import attention
+from ..backends import forced_backend
+from ..ops.attention import attention, decode_attention
+from ..ops.attention.decode import MAX_QUERIES, dispatcher as decode_dispatcher
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
@@ -231,6 +233,12 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def _decode_backend_ok() -> bool:
+    """No backend forced, or one the decode kernel has (a forced "cuda" means the flash kernels: no direct route)."""
+    forced = forced_backend()
+    return forced is None or forced in decode_dispatcher.impls
+
+
 def _torch_attention(q, k, v, causal, key_padding_mask, dropout_p):
     """fastattn.attention's meaning in stock torch SDPA (a bool mask is built for causal + padding)."""
     L, S = q.shape[-2], k.shape[-2]
@@ -294,6 +302,10 @@ class Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.backend == "torch":
             out = _torch_attention(q, k, v, causal, key_padding_mask, p)
+        elif use_cache and L <= MAX_QUERIES and not torch.is_grad_enabled() and _decode_backend_ok():
+            # a decode step: straight to the split-KV kernel (fastattn.attention would route it there too, after
+            # its general checks, which cost more host time than the kernel at these sizes)
+            out = decode_attention(q, k, v, causal=False, key_padding_mask=key_padding_mask)
         else:
             out = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=p)
         return self.wo(out.transpose(1, 2).reshape(B, L, H * D))
