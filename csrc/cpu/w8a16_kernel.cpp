@@ -1,10 +1,10 @@
 // CPU weight-only int8 matmul (w8a16): out = (x @ float(w)^T) * w_scale[n] (+ bias[n]), float32 sums.
 //
 // x (float32, or bfloat16 / float16 widened to float32) against the int8 weight (N, K), read where it lies:
-//   M <= kGemvMaxM (decode): GEMV-like; the weight streams once (once per 8 rows of x): blocks of NB weight rows,
-//     each 8/16-lane chunk widened int8 -> int32 -> float once and FMA'd into every row of x, one horizontal sum per
-//     (row, weight row) at the end (w8a16_rows-inl.h). Bound by that widening (~6 G weights/s per Zen 3 core: about
-//     DRAM bandwidth with both cores busy). Threads own contiguous ranges of weight rows (for_owned).
+//   M <= kGemvMaxM (decode): GEMV-like; the weight streams once (once per 8 rows of x), one weight row at a time
+//     (a single sequential stream), each 8/16-lane chunk widened int8 -> int32 -> float once and FMA'd into every
+//     row of x, one horizontal sum per (row, weight row) at the end (w8a16_rows-inl.h). Threads own contiguous
+//     ranges of weight rows (for_owned).
 //   larger M: GEMM; per work item a panel of kNC weight rows, widened to float32 kKC columns at a time (L2-sized),
 //     is the A operand of gemm_f32.h's register tiles against x transposed once per pass of kMC rows (B, K x kMC);
 //     C (weight rows x rows of x) goes through the epilogue transposed.
@@ -36,7 +36,7 @@ namespace {
 // M = 128 it takes 0.7-0.85x the reference's (weight dequantized, then torch's matmul), so it serves all M > 16.
 constexpr int64_t kGemvMaxM = 16;
 constexpr int64_t kGemvRows = 8;               // rows of x per pass of the GEMV body (gemv)
-constexpr int64_t kGemvChunk = 96;             // weight rows per GEMV work item (divisible by every NB)
+constexpr int64_t kGemvChunk = 96;             // weight rows per GEMV work item
 constexpr int64_t kNC = 96;                    // GEMM path: weight rows per work item (panel),
 constexpr int64_t kKC = 256;                   //   widened KC columns at a time (96 KB: stays in L2),
 constexpr int64_t kMC = 256;                   //   against x^T for up to kMC rows of x
