@@ -117,7 +117,7 @@ def test_prefill(benchmark, models, impl):
     _run(benchmark, impl, step, f"prefill {SIZE} {str(DTYPE)[6:]} b{BATCH} {PROMPT}", BATCH * PROMPT)
 
 
-@pytest.mark.parametrize("impl", ["fastattn", "fastattn-w8a8"])
+@pytest.mark.parametrize("impl", ["fastattn", "fastattn-w8a16", "fastattn-w8a8"])
 def test_greedy_generation_interleaved(benchmark, models, impl):
     """Each round runs transformers' generate, then ours: on a shared, noisy machine the ratio of the two minima
     (load only ever adds time) is steadier than medians taken minutes apart. extra_info: both minima and medians (s),
