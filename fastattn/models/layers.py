@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.add_norm import add_layer_norm, add_rms_norm
-from ..backends import forced_backend
+from ..backends import forced_backend_name
 from ..ops.attention import attention, decode_attention
-from ..ops.attention.decode import MAX_QUERIES, dispatcher as decode_dispatcher
+from ..ops.attention.decode import route_backend
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
@@ -233,12 +233,6 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-def _decode_backend_ok() -> bool:
-    """No backend forced, or one the decode kernel has (a forced "cuda" means the flash kernels: no direct route)."""
-    forced = forced_backend()
-    return forced is None or forced in decode_dispatcher.impls
-
-
 def _torch_attention(q, k, v, causal, key_padding_mask, dropout_p):
     """fastattn.attention's meaning in stock torch SDPA (a bool mask is built for causal + padding)."""
     L, S = q.shape[-2], k.shape[-2]
@@ -302,9 +296,9 @@ class Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.backend == "torch":
             out = _torch_attention(q, k, v, causal, key_padding_mask, p)
-        elif use_cache and L <= MAX_QUERIES and not torch.is_grad_enabled() and _decode_backend_ok():
-            # a decode step: straight to the split-KV kernel (fastattn.attention would route it there too, after
-            # its general checks, which cost more host time than the kernel at these sizes)
+        elif use_cache and not torch.is_grad_enabled() and route_backend(q, k, v, forced_backend_name()):
+            # a decode step that fastattn.attention would route to the split-KV kernel: called directly, without
+            # the general checks, which cost more host time than the kernel at these sizes
             out = decode_attention(q, k, v, causal=False, key_padding_mask=key_padding_mask)
         else:
             out = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=p)

@@ -198,8 +198,6 @@ def route(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi: Option
     mask (the same for every head and query: a key_padding_mask)."""
     B, H, L, E = q.shape
     S = k.shape[2]
-    if not (0 < L <= MAX_QUERIES and S >= MIN_KEYS.get(q.device.type, 1 << 62)) or forced == "cuda":
-        return None
     if p.dropout_p > 0 or alibi is not None or (p.window_left, p.window_right) != (-1, -1):
         return None
     if p.causal and p.diag_offset != S - L:
@@ -214,7 +212,16 @@ def route(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi: Option
         if mask.dtype != torch.bool or (H > 1 and mask.stride(1) != 0) or (L > 1 and mask.stride(2) != 0):
             return None
         keep = mask[:, 0, 0, :]  # (B, S), a view
-    backend = _route_backend(q.device.type, q.dtype, E, v.shape[-1], L, S, forced)
+    backend = route_backend(q, k, v, forced)
     if not backend:
         return None
     return _call(q, k, v, None, keep, p.scale, p.softcap, p.causal, backend)
+
+
+def route_backend(q: Tensor, k: Tensor, v: Tensor, forced: str) -> str:
+    """The decode kernel that takes q (B, H, L, E) against k / v (B, Hk, S, E|Ev) by shape, device and dtype, or ""
+    (too many queries, too few keys, a forced backend it lacks, or only its reference would run)."""
+    L, S = q.shape[2], k.shape[2]
+    if not (0 < L <= MAX_QUERIES and S >= MIN_KEYS.get(q.device.type, 1 << 62)) or forced == "cuda":
+        return ""
+    return _route_backend(q.device.type, q.dtype, q.shape[-1], v.shape[-1], L, S, forced)
