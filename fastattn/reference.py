@@ -218,6 +218,11 @@ def quantize_rows_ref(x: torch.Tensor, smooth: Optional[torch.Tensor] = None):
     return q, scale
 
 
+def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The few-row linear: x (M, K) @ w (N, K)^T (+ bias[n]), torch's own (float32 sums for float32 operands)."""
+    return torch.nn.functional.linear(x, w, bias)
+
+
 def w8a16_matmul_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Weight-only int8: (x @ w^T) * w_scale[n] (+ bias[n]) computed in float32, cast to x's dtype. x is (M, K) or

@@ -390,3 +390,62 @@ def test_gpu_auto_order_depends_on_rows():
     assert I._gpu_order(small)[0] == "cuda" and I._gpu_order(large)[0] == "triton"
     if torch.cuda.is_available() and hasattr(fastattn._ext._C, "int8_mm_cuda"):
         assert I._mm.select(small).backend == "cuda" and I._mm.select(large).backend == "triton"
+
+
+# ---- the few-row float32 linear (fastattn.ops.gemv: the w8a16 kernel's GEMV body on a float32 weight) ----------
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 9, 16])
+@pytest.mark.parametrize("N, K", [(1, 1), (97, 7), (203, 33), (300, 770)])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_gemv_cpu(M, N, K, has_bias):
+    """fastattn.ops.gemv on the CPU kernel: rows 1..16 (one and two passes of its 8-row body), K and N off every
+    vector and chunk width; error bounded by torch's F.linear against float64."""
+    from fastattn.ops.gemv import gemv
+    skip_if_not_built("cpu", "gemv_f32")
+    g = torch.Generator().manual_seed(M * N + K)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K ** 0.5
+    b = torch.randn(N, generator=g) if has_bias else None
+    with fastattn.backend("cpu"):
+        out = gemv(x, w, b)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert_bounded("gemv", out, ref, F.linear(x, w, b), torch.float32)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gemv_cpu_schedule(threads):
+    """1-3 threads (more than cores) over N = 1000 weight rows, not a multiple of the work item; K = 3001."""
+    from fastattn.ops.gemv import gemv
+    skip_if_not_built("cpu", "gemv_f32")
+    g = torch.Generator().manual_seed(threads)
+    x, w = torch.randn(3, 3001, generator=g), torch.randn(1000, 3001, generator=g) / 55
+    b = torch.randn(1000, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with fastattn.backend("cpu"):
+            out = gemv(x, w, b)
+    finally:
+        torch.set_num_threads(before)
+    assert_bounded("gemv", out, F.linear(x.double(), w.double(), b.double()), F.linear(x, w, b), torch.float32)
+
+
+def test_gemv_cpu_bad_input_named():
+    """The binding's own checks (the bound decode step calls it directly): each names the argument."""
+    from fastattn import _ext
+    from fastattn.ops.gemv import gemv
+    skip_if_not_built("cpu", "gemv_f32")
+    C = _ext._C
+    x, w = torch.randn(2, 8), torch.randn(3, 8)
+    cases = [(lambda: C.gemv_f32_cpu(x, w.t().contiguous().t(), None), "w must be contiguous"),
+             (lambda: C.gemv_f32_cpu(x.double(), w, None), "x must have dtype"),
+             (lambda: C.gemv_f32_cpu(torch.randn(17, 8), w, None), "at most 16"),
+             (lambda: C.gemv_f32_cpu(x, torch.randn(3, 9), None), "w must have K = 8"),
+             (lambda: C.gemv_f32_cpu(x, w, torch.randn(4)), "bias must have shape")]
+    for call, words in cases:
+        with pytest.raises(RuntimeError, match=words):
+            call()
+    with pytest.raises(ValueError, match="x: 17 rows"):
+        gemv(torch.randn(17, 8), w)
+    with pytest.raises(TypeError, match="dtypes must be"):
+        gemv(x, w.double())
+    assert torch.equal(C.gemv_f32_cpu(torch.randn(2, 0), torch.randn(3, 0), torch.arange(3.0)),
+                       torch.arange(3.0).expand(2, 3))

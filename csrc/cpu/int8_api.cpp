@@ -155,6 +155,23 @@ at::Tensor w8a16_mm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tens
   return out;
 }
 
+at::Tensor gemv_f32_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  const Checker c{"gemv_f32_cpu"};
+  c.matrix(x, "x", "(M, K)");
+  c.dtype_is(x, "x", at::kFloat);
+  c.matrix(w, "w", "(N, K)");
+  c.dtype_is(w, "w", at::kFloat);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  FA_CHECK(M <= cpu::gemv_max_rows(), c.op, ": x has ", M, " rows; the GEMV takes at most ", cpu::gemv_max_rows());
+  FA_CHECK(w.size(1) == K, c.op, ": w must have K = ", K, " columns like x ", x.sizes(), ", got shape ", w.sizes());
+  if (bias) c.f32_vector(*bias, "bias", N, "N");
+
+  at::Tensor out = at::empty({M, N}, x.options());
+  cpu::gemv_f32({M, N, K, x.data_ptr<float>(), w.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr,
+                 out.data_ptr<float>(), std::max(1, at::get_num_threads())});
+  return out;
+}
+
 }  // namespace
 
 void register_cpu_int8(pybind11::module_& m) {
@@ -171,6 +188,9 @@ void register_cpu_int8(pybind11::module_& m) {
         "Weight-only int8 matmul on CPU: (x (M, K) @ float(w int8 (N, K))^T) * w_scale[n] (+ bias[n]) in float32, "
         "cast to x's dtype (float32, float16 or bfloat16)",
         py::arg("x"), py::arg("w"), py::arg("w_scale"), py::arg("bias"));
+  m.def("gemv_f32_cpu", &gemv_f32_cpu,
+        "Few-row float32 linear on CPU: x (M, K) @ w (N, K)^T (+ bias[n]), M <= 16, the weight read once",
+        py::arg("x"), py::arg("w"), py::arg("bias"));
   m.def("cpu_w8a16_path", &cpu::w8a16_matmul_path, "the CPU w8a16 matmul's code path here: avx512, avx2 or portable");
   m.def("cpu_int8_path", &cpu::int8_matmul_path,
         "the CPU int8 matmul's code path here: avx512-vnni, avx-vnni, avx2 or portable");

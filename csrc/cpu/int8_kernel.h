@@ -51,11 +51,24 @@ struct W8A16Params {
   int num_threads = 1;
 };
 
+// out (M, N) = x (M, K) @ w (N, K)^T (+ bias (N,)), all float32, for M <= gemv_max_rows(): the w8a16 GEMV body on a
+// float32 weight, read once, one row at a time.
+struct GemvF32Params {
+  int64_t M = 0, N = 0, K = 0;
+  const float* x = nullptr;
+  const float* w = nullptr;
+  const float* bias = nullptr;
+  float* out = nullptr;
+  int num_threads = 1;
+};
+
 void int8_matmul(const Int8MatmulParams& p);
 // The matmul's code path on this CPU (packed, M > 4): "avx512-vnni", "avx-vnni", "avx2" or "portable".
 const char* int8_matmul_path();
 void quantize_rows(const QuantizeRowsParams& p);
 void w8a16_matmul(const W8A16Params& p);
+void gemv_f32(const GemvF32Params& p);
+int64_t gemv_max_rows();
 // The w8a16 matmul's code path on this CPU: "avx512", "avx2" or "portable".
 const char* w8a16_matmul_path();
 

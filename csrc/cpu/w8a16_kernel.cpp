@@ -1,4 +1,5 @@
-// CPU weight-only int8 matmul (w8a16): out = (x @ float(w)^T) * w_scale[n] (+ bias[n]), float32 sums.
+// CPU weight-only int8 matmul (w8a16): out = (x @ float(w)^T) * w_scale[n] (+ bias[n]), float32 sums; and its
+// GEMV body on a float32 weight (gemv_f32: out = x @ w^T (+ bias[n]) for M <= kGemvMaxM float32 rows of x).
 //
 // x (float32, or bfloat16 / float16 widened to float32) against the int8 weight (N, K), read where it lies:
 //   M <= kGemvMaxM (decode): GEMV-like; the weight streams once (once per 8 rows of x), one weight row at a time
@@ -53,43 +54,49 @@ inline void gemm(const Gemm<float>& g) { gemm_portable(g); }
 
 struct KernelSet {
   void (*gemv)(const float*, int64_t, int64_t, const int8_t*, int64_t, float*, int64_t);
+  void (*gemv_f32)(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t);
   void (*widen)(const int8_t*, int64_t, float*);
   void (*gemm)(const Gemm<float>&);
   const char* name;
 };
 
+#define FA_KERNEL_SET(ns, name) \
+  KernelSet { &ns::gemv<int8_t>, &ns::gemv<float>, &ns::widen_i8, &ns::gemm, name }
+
 const KernelSet& kernels() {
-  static const KernelSet port{&portable::gemv, &portable::widen_i8, &portable::gemm, "portable"};
+  static const KernelSet port = FA_KERNEL_SET(portable, "portable");
 #ifdef FA_X86
-  static const KernelSet k2{&avx2::gemv, &avx2::widen_i8, &avx2::gemm, "avx2"};
-  static const KernelSet k512{&avx512::gemv, &avx512::widen_i8, &avx512::gemm, "avx512"};
+  static const KernelSet k2 = FA_KERNEL_SET(avx2, "avx2");
+  static const KernelSet k512 = FA_KERNEL_SET(avx512, "avx512");
   if (cpu_use_avx512()) return k512;
   if (cpu_use_avx2()) return k2;
 #endif
   return port;
 }
 
-// out[0] = c * scale (+ bias) rounded into In, the float32 operations kept apart
+// out[0] = c (* scale) (+ bias) rounded into In, the float32 operations kept apart
 template <class In>
-inline void store_out(In* out, float c, float scale, const float* bias) {
-  c = opaque(c * scale);
+inline void store_out(In* out, float c, const float* scale, const float* bias) {
+  if (scale) c = opaque(c * *scale);
   if (bias) c = opaque(c + *bias);
   *out = from_acc<In>(c);
 }
 
-template <class In>
-void run_gemv(const W8A16Params& p, const KernelSet& ks, const float* x) {
-  const int64_t M = p.M, N = p.N, K = p.K;
-  In* out = static_cast<In*>(p.out);
-  const bool par = M * N * K >= kParallelMinMacs && p.num_threads > 1;
-  for_owned(cdiv(N, kGemvChunk), p.num_threads, par, [&](int64_t c) {
+// The GEMV path: out (M, N) from float32 x (M, K) and the weight w (N, K) of T, with w_scale (N,) or nullptr.
+template <class In, class T>
+void run_gemv(int64_t M, int64_t N, int64_t K, const float* x, const T* w, const float* w_scale, const float* bias,
+              In* out, int num_threads,
+              void (*gemv)(const float*, int64_t, int64_t, const T*, int64_t, float*, int64_t)) {
+  const bool par = M * N * K >= kParallelMinMacs && num_threads > 1;
+  for_owned(cdiv(N, kGemvChunk), num_threads, par, [&](int64_t c) {
     const int64_t n0 = c * kGemvChunk, rows = std::min(kGemvChunk, N - n0);
     float s[kGemvMaxM * kGemvChunk];
     for (int64_t m0 = 0; m0 < M; m0 += kGemvRows)  // groups of rows against the chunk (in L2 after the first)
-      ks.gemv(x + m0 * K, std::min(kGemvRows, M - m0), K, p.w + n0 * K, rows, s + m0 * kGemvChunk, kGemvChunk);
+      gemv(x + m0 * K, std::min(kGemvRows, M - m0), K, w + n0 * K, rows, s + m0 * kGemvChunk, kGemvChunk);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = 0; j < rows; ++j)
-        store_out(out + m * N + n0 + j, s[m * kGemvChunk + j], p.w_scale[n0 + j], p.bias ? p.bias + n0 + j : nullptr);
+        store_out(out + m * N + n0 + j, s[m * kGemvChunk + j], w_scale ? w_scale + n0 + j : nullptr,
+                  bias ? bias + n0 + j : nullptr);
   });
 }
 
@@ -134,7 +141,7 @@ void run_panels(const W8A16Params& p, const KernelSet& ks) {
       for (int64_t i = 0; i < mc; ++i) {
         In* o = out + (m0 + i) * N + n0;
         for (int64_t r = 0; r < rows; ++r)
-          store_out(o + r, c[r * mcp + i], p.w_scale[n0 + r], p.bias ? p.bias + n0 + r : nullptr);
+          store_out(o + r, c[r * mcp + i], p.w_scale + n0 + r, p.bias ? p.bias + n0 + r : nullptr);
       }
     });
   }
@@ -146,19 +153,19 @@ void run(const W8A16Params& p) {
   In* out = static_cast<In*>(p.out);
   if (K == 0) {  // empty sums
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) store_out(out + m * N + n, 0.0f, p.w_scale[n], p.bias ? p.bias + n : nullptr);
+      for (int64_t n = 0; n < N; ++n) store_out(out + m * N + n, 0.0f, p.w_scale + n, p.bias ? p.bias + n : nullptr);
     return;
   }
   const KernelSet& ks = kernels();
   if (M > kGemvMaxM) return run_panels<In>(p, ks);
   if constexpr (std::is_same_v<In, float>) {
-    run_gemv<In>(p, ks, static_cast<const float*>(p.x));
+    run_gemv(M, N, K, static_cast<const float*>(p.x), p.w, p.w_scale, p.bias, out, p.num_threads, ks.gemv);
   } else {  // the few rows of x widened to float32 once
     const Scratch scratch({size_t(M * K) * sizeof(float)});
     float* xf = scratch.part<float>(0);
     const In* x = static_cast<const In*>(p.x);
     for (int64_t e = 0; e < M * K; ++e) xf[e] = to_acc(x[e]);
-    run_gemv<In>(p, ks, xf);
+    run_gemv(M, N, K, xf, p.w, p.w_scale, p.bias, out, p.num_threads, ks.gemv);
   }
 }
 
@@ -172,6 +179,19 @@ void w8a16_matmul(const W8A16Params& p) {
     case Int8InType::kBFloat16: return run<BF16>(p);
   }
 }
+
+void gemv_f32(const GemvF32Params& p) {
+  if (p.M == 0 || p.N == 0) return;
+  if (p.K == 0) {
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t n = 0; n < p.N; ++n) p.out[m * p.N + n] = p.bias ? p.bias[n] : 0.0f;
+    return;
+  }
+  const KernelSet& ks = kernels();
+  run_gemv(p.M, p.N, p.K, p.x, p.w, nullptr, p.bias, p.out, p.num_threads, ks.gemv_f32);
+}
+
+int64_t gemv_max_rows() { return kGemvMaxM; }
 
 const char* w8a16_matmul_path() { return kernels().name; }
 
