@@ -162,7 +162,7 @@ def read_json(path):
 
 def save_weights(model, path):
     """model's state dict as safetensors: a tensor shared by several names (tied weights) stored once, under its
-    first name; any layout (the models keep some weights column-major) stored contiguous."""
+    first name; any layout stored contiguous."""
     from safetensors.torch import save_file
     state, seen = {}, set()
     for name, t in model.state_dict().items():

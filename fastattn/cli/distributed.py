@@ -67,7 +67,7 @@ class Distributed(Single):
         if cfg.fsdp:
             from torch.distributed.fsdp import fully_shard
             self.kind, self.replicated = "fsdp", False
-            for p in model.parameters():  # FSDP shards contiguous parameters only (the models keep some column-major)
+            for p in model.parameters():  # FSDP shards contiguous parameters only
                 p.data = p.data.contiguous()
             for block in _blocks(model):
                 fully_shard(block)

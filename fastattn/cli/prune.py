@@ -78,7 +78,7 @@ def prune_heads(model, frac):
 
 def prune_unstructured(model, frac):
     params = [(m, "weight") for m in model.modules() if isinstance(m, nn.Linear)]
-    for m, _ in params:  # prune flattens with .view(-1): the models keep some weights column-major
+    for m, _ in params:  # prune flattens with .view(-1): a weight that is a strided view is made contiguous
         m.weight.data = m.weight.data.contiguous()
     prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=frac)
     for m, name in params:

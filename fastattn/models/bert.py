@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, KeyMap, load_mapped, read_hf_folder
-from .layers import (Block, ModelConfig, ModelOutput, Positions, PretrainedMixin, activation_fn, column_major_,
-                     init_weights, keep_mask, make_norm)
+from .layers import (Block, ModelConfig, ModelOutput, Positions, PretrainedMixin, activation_fn, init_weights,
+                     keep_mask, make_norm)
 
 log = logging.getLogger("fastattn")
 
@@ -117,7 +117,6 @@ class BERT(PretrainedMixin, nn.Module):
         self.apply(init_weights)
         if cfg.tie_embeddings:
             self.mlm_head.decoder.weight = self.encoder.tok_emb.weight
-        column_major_(self)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
@@ -172,7 +171,6 @@ class BERTForSequenceClassification(PretrainedMixin, nn.Module):
         self.pooler = Pooler(cfg.d_model)
         self.classifier = nn.Linear(cfg.d_model, cfg.num_labels)
         self.apply(init_weights)
-        column_major_(self)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> ModelOutput:

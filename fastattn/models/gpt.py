@@ -15,15 +15,16 @@ so a left-padded prompt generates what it would alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, KeyMap, hf_get, load_mapped, read_hf_folder
+from .decode_step import bind_decode
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
-                     column_major_, generation_loop, init_weights, keep_mask, make_norm, padding_or_none)
+                     generation_loop, init_weights, keep_mask, make_norm, padding_or_none)
 
 
 @dataclass
@@ -48,21 +49,25 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         self.apply(init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        column_major_(self)
 
     # ---- the network ----
-    def hidden(self, input_ids: Tensor, positions: Tensor, *, causal: Optional[str] = "bottom_right",
-               key_padding_mask: Optional[Tensor] = None, input_pos: Optional[Tensor] = None,
-               use_cache: bool = False) -> Tensor:
-        """Final hidden states (B, L, d_model) of tokens (B, L) at ``positions`` (B, L)."""
+    def embed(self, input_ids: Tensor, positions: Tensor) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
+        """Token (+ position) embeddings (B, L, d_model) of tokens (B, L) at ``positions`` (B, L), and the rotary
+        cos / sin (B, L, 1, head_dim) for the attention layers, or None."""
         x = self.tok_emb(input_ids)
         pe = self.pos.embed(positions)
         if pe is not None:
             x = x + pe
         if self.config.dropout:
             x = F.dropout(x, self.config.dropout, self.training)
-        rotary = self.pos.rotary(positions, x.dtype)
-        h, residual = x, None
+        return x, self.pos.rotary(positions, x.dtype)
+
+    def hidden(self, input_ids: Tensor, positions: Tensor, *, causal: Optional[str] = "bottom_right",
+               key_padding_mask: Optional[Tensor] = None, input_pos: Optional[Tensor] = None,
+               use_cache: bool = False) -> Tensor:
+        """Final hidden states (B, L, d_model) of tokens (B, L) at ``positions`` (B, L)."""
+        h, rotary = self.embed(input_ids, positions)
+        residual = None
         for block in self.blocks:
             h, residual = block(h, residual, causal=causal, key_padding_mask=key_padding_mask, rotary=rotary,
                                 input_pos=input_pos, use_cache=use_cache)
@@ -122,8 +127,14 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         self.setup_caches(B, L + max_new_tokens)
         out = input_ids.new_empty(B, L + max_new_tokens)
         out[:, :L] = input_ids
-        return generation_loop(self.prefill(input_ids, keep), self.decode_one, out, L, max_new_tokens, temperature,
-                               top_k, top_p, eos_token_id, generator, streamer)
+        logits = self.prefill(input_ids, keep)
+        return generation_loop(logits, self.bound_decode_one(), out, L, max_new_tokens, temperature, top_k, top_p,
+                               eos_token_id, generator, streamer)
+
+    def bound_decode_one(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """decode_one bound to the kernels chosen now, for the caches as set up (models/decode_step.py): the same
+        step with the per-op checks done once; decode_one itself when the model cannot be bound (logged)."""
+        return bind_decode(self, self.blocks, self.embed, self.norm_f, self.lm_head) or self.decode_one
 
     # ---- HF checkpoints ----
     @classmethod

@@ -322,11 +322,15 @@ class MLP(nn.Module):
         self.w_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.w_in(x)
+        return self.run(self.w_in, self.w_out, x)
+
+    def run(self, w_in, w_out, x: Tensor) -> Tensor:
+        """The MLP on x through the projections given: the module's own, or bound ones (models/decode_step.py)."""
+        h = w_in(x)
         if self.swiglu:
             gate, up = h.chunk(2, -1)
-            return self.w_out(self.act(gate) * up)
-        return self.w_out(self.act(h))
+            return w_out(self.act(gate) * up)
+        return w_out(self.act(h))
 
 
 # ---- one block ------------------------------------------------------------------------------------------------
@@ -361,16 +365,6 @@ class Block(nn.Module):
         if memory is not None:
             h = self.norm_x.post(self._drop(self.cross_attn(h, key_padding_mask=memory_mask, memory=memory)), h)
         return self.norm2.post(self._drop(self.mlp(h)), h), None
-
-
-def column_major_(model: nn.Module) -> None:
-    """Store every Linear and Embedding weight column-major: the same (out, in) shape and state_dict, strides
-    (1, out). A batch-1 decode step is matrix-vector products, which torch's CPU GEMV reads faster in this layout
-    (most for a large LM head; HF's GPT-2 Conv1D stores (in, out) likewise). Prefill / training GEMMs take either
-    layout. Parameters keep their identity (tied weights stay tied)."""
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.dim() == 2 and m.weight.stride(0) != 1:
-            m.weight.data = m.weight.data.t().contiguous().t()
 
 
 def init_weights(m: nn.Module) -> None:

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .decode_step import bind_decode
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
-                     column_major_, generation_loop, init_weights, keep_mask, make_norm, padding_or_none)
+                     generation_loop, init_weights, keep_mask, make_norm, padding_or_none)
 
 
 @dataclass
@@ -57,7 +58,6 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         self.apply(init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        column_major_(self)
         self.memory_kv: Optional[List[Tuple[Tensor, Tensor]]] = None  # per decoder layer, during generate
         self.memory_pad: Optional[Tensor] = None
 
@@ -75,6 +75,9 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
             x = F.dropout(x, self.config.dropout, self.training)
         return x, pos.rotary(positions, x.dtype)
 
+    def _embed_decoder(self, ids: Tensor, positions: Tensor):
+        return self._embed(ids, positions, self.dec_pos, self.dec_embed_norm)
+
     def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """Encoder output (B, S, d_model) and its key_padding_mask (B, S) (True = padding) or None."""
         B, S = input_ids.shape
@@ -91,7 +94,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
                key_padding_mask: Optional[Tensor] = None, input_pos: Optional[Tensor] = None,
                use_cache: bool = False) -> Tensor:
         """Decoder hidden states (B, T, d_model); ``memory_kv``: each layer's cross-attention K/V."""
-        h, rotary = self._embed(decoder_input_ids, positions, self.dec_pos, self.dec_embed_norm)
+        h, rotary = self._embed_decoder(decoder_input_ids, positions)
         residual = None
         for block, mem in zip(self.decoder, memory_kv):
             h, residual = block(h, residual, memory=mem, memory_mask=memory_pad, causal=causal,
@@ -163,8 +166,14 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         self.setup_caches(B, 1 + max_new_tokens)
         try:
             logits = self.prefill(input_ids, attention_mask, out[:, :1])
-            return generation_loop(logits, self.decode_one, out, 1, max_new_tokens, temperature, top_k, top_p,
-                                   eos_token_id, generator, streamer)
+            return generation_loop(logits, self.bound_decode_one(), out, 1, max_new_tokens, temperature, top_k,
+                                   top_p, eos_token_id, generator, streamer)
         finally:
             self.memory_kv = self.memory_pad = None
+
+    def bound_decode_one(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """decode_one bound to the kernels chosen now, for the caches and memory of the last prefill
+        (models/decode_step.py); decode_one itself when the model cannot be bound (logged)."""
+        return bind_decode(self, self.decoder, self._embed_decoder, self.dec_norm_f, self.lm_head, self.memory_kv,
+                           self.memory_pad) or self.decode_one
 

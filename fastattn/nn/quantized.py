@@ -1,12 +1,13 @@
 """Int8Linear (inference: W8A8 dynamic or static, or weight-only W8A16) and QATLinear (fake quantization with a
 straight-through estimator for quantization-aware training)."""
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.int8 import X_DTYPES, mm_rows, quantize_per_channel, quantize_per_token, quantize_rows, w8a16_rows
+from ..ops.int8 import (X_DTYPES, mm_rows, quantize_per_channel, quantize_per_token, quantize_rows, w8a16_kernel,
+                        w8a16_rows)
 
 MODES = ("w8a8", "w8a8_static", "w8a16")
 
@@ -88,6 +89,24 @@ class Int8Linear(nn.Module):
                 s = self.input_scale.to(torch.float32).reshape(1).expand(x2.shape[0]).contiguous()
             out = mm_rows(q, w, s, w_scale, bias, x.dtype)
         return out if flat else out.view(*x.shape[:-1], self.out_features)
+
+    def bind_rows(self, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+        """This layer on contiguous 2-D rows of ``dtype``, forward's checks and conversions done once here and the
+        kernel chosen now (the forced backend, if any): for a decode step, which calls it on a few rows every token.
+        w8a16 without smoothing: the kernel itself; w8a8: the quantize and GEMM calls; w8a8_static: forward."""
+        if dtype not in X_DTYPES:
+            raise TypeError(f"dtype: expected one of {X_DTYPES}, got {dtype}")
+        w_scale, bias, smooth = _f32(self.weight_scale), _f32(self.bias), _f32(self.smooth)
+        w = self.weight.contiguous()
+        if self.mode == "w8a16" and smooth is None:
+            fwd = w8a16_kernel(w.device, dtype, self.in_features)
+            return lambda x: fwd(x, w, w_scale, bias)
+        if self.mode == "w8a8":
+            def w8a8(x: Tensor) -> Tensor:
+                q, s = quantize_rows(x, smooth)
+                return mm_rows(q, w, s, w_scale, bias, dtype)
+            return w8a8
+        return self.forward
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -12,7 +12,7 @@ gradient is needed, or for prenorm; otherwise x itself serves as s. The full con
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -345,6 +345,30 @@ def _add_norm(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32)
     else:  # nothing to differentiate (inference, decode): no autograd node, no apply() host time
         y, s, _, _ = AddNormFunction.forward(*args)
     return (y, s) if prenorm else y
+
+
+def bind_rows(weight: Optional[Tensor], bias: Optional[Tensor], eps: float, is_rms: bool, prenorm: bool,
+              dtype: torch.dtype, device: torch.device) -> Callable:
+    """add+norm with these parameters on contiguous 2-D rows (x of ``dtype``, residual of ``dtype`` or None), as one
+    call into the backend chosen now (the forced one, if any), checked once here and not per call; inference only
+    (no autograd node). Returns f(x, residual) -> (y, s) when ``prenorm``, else -> y. For a decode step, which calls
+    the same norm on a few rows every token, where the per-call checks cost more host time than the kernel."""
+    if weight is None and bias is None:
+        raise ValueError("weight, bias: bind_rows needs at least one of them (it fixes the row width)")
+    N = (weight if weight is not None else bias).shape[-1]
+    _validate(torch.empty(0, N, dtype=dtype, device=device), None, weight, bias, eps)
+    if has_torch_function_subclass(weight, bias):
+        raise ValueError("weight, bias: a tensor subclass cannot be bound to a kernel (use add_layer_norm)")
+    fwd, eps = _dispatch.select(NormRequest(torch.device(device).type, dtype, N)).fwd, float(eps)
+    if prenorm:
+        def pre(x: Tensor, residual: Optional[Tensor]):
+            y, s, _, _ = fwd(x, residual, weight, bias, eps, is_rms, True, False)
+            return y, s
+        return pre
+
+    def post(x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        return fwd(x, residual, weight, bias, eps, is_rms, False, False)[0]
+    return post
 
 
 def add_layer_norm(x: Tensor, residual: Optional[Tensor] = None, weight: Optional[Tensor] = None,

@@ -267,6 +267,12 @@ def w8a16_matmul(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] =
     return w8a16_rows(x.reshape(-1, K).contiguous(), w.contiguous(), w_scale, bias).reshape(*x.shape[:-1], N)
 
 
+def w8a16_kernel(device: torch.device, dtype: torch.dtype, K: int):
+    """The w8a16 backend's fwd(x, w, w_scale, bias) for x of ``dtype`` with K columns, chosen now (the forced backend,
+    if any): what w8a16_rows would call, for a caller that binds it once (a decode step)."""
+    return _w8a16.select(Int8Request(torch.device(device).type, dtype, K)).fwd
+
+
 def w8a16_rows(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """w8a16_matmul on checked contiguous 2-D x, w and float32 (N,) w_scale / bias (or None)."""
     if torch.compiler.is_compiling() or is_transformed(x, w, w_scale, bias):

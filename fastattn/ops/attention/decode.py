@@ -221,7 +221,18 @@ def route(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi: Option
 def route_backend(q: Tensor, k: Tensor, v: Tensor, forced: str) -> str:
     """The decode kernel that takes q (B, H, L, E) against k / v (B, Hk, S, E|Ev) by shape, device and dtype, or ""
     (too many queries, too few keys, a forced backend it lacks, or only its reference would run)."""
-    L, S = q.shape[2], k.shape[2]
-    if not (0 < L <= MAX_QUERIES and S >= MIN_KEYS.get(q.device.type, 1 << 62)) or forced == "cuda":
+    return route_for(q.device.type, q.dtype, q.shape[-1], v.shape[-1], q.shape[2], k.shape[2], forced)
+
+
+def route_for(device: str, dtype: torch.dtype, E: int, Ev: int, L: int, S: int, forced: str) -> str:
+    """route_backend by the numbers alone (for a caller that binds the kernel once, ahead of the tensors)."""
+    if not (0 < L <= MAX_QUERIES and S >= MIN_KEYS.get(device, 1 << 62)) or forced == "cuda":
         return ""
-    return _route_backend(q.device.type, q.dtype, q.shape[-1], v.shape[-1], L, S, forced)
+    return _route_backend(device, dtype, E, Ev, L, S, forced)
+
+
+def routed_kernel(device: str, dtype: torch.dtype, E: int, Ev: int, L: int, S: int, forced: str):
+    """The backend fwd(q, k, v, seqlens, keep, scale, softcap, causal) -> (out, lse) that fastattn.attention would hand
+    L queries against S keys of this kind, or None when it keeps them on the flash kernels."""
+    name = route_for(device, dtype, E, Ev, L, S, forced)
+    return dispatcher.impls[name].fwd if name else None

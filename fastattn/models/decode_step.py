@@ -1,0 +1,208 @@
+"""The decode step bound once per generation: ``decode_one`` of GPT and of the Seq2Seq decoder as direct calls into
+the kernels that the dispatchers choose when generation starts.
+
+A decode step runs each layer's norms, projections and attention on a few rows. The module path (``decode_one``)
+checks every argument of every op on every call and wraps each kernel in (B, 1, d) views; on our 2-core hosts that
+host time was as long as the kernels' (benchmarks/results/2026-12-05-cpu-session10). Bound, the checks and backend
+choices are made once and the layers work on 2-D (B, d) rows: the same kernels, except that a float32 nn.Linear on
+CPU runs fastattn.ops.gemv where the modules run torch's GEMV (tests/test_models_decode_step.py holds the two paths
+to each other). ``decode_one`` stays the static-shape step to compile or graph.
+
+``bind_decode`` returns None (and logs why) for a model it cannot bind: training mode, the "torch" backend, forward
+hooks, a block / attention / MLP / norm of another type, a tensor-subclass parameter (DTensor), torch.compile tracing,
+or a backend that refuses the dtype. A linear layer of another type (a LoRA wrapper) runs its own forward inside.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..backends import BackendNotSupported, forced_backend
+from ..nn.quantized import Int8Linear
+from ..ops.add_norm import bind_rows
+from ..ops.attention import attention
+from ..ops.attention.decode import routed_kernel
+from ..ops.batching import has_torch_function_subclass
+from ..ops.gemv import gemv_kernel
+from .layers import MLP, Attention, Block, Norm, apply_rotary
+
+log = logging.getLogger("fastattn")
+
+Rows = Callable[[Tensor], Tensor]
+
+
+def bind_linear(mod: nn.Module, dtype: torch.dtype, rows: int) -> Rows:
+    """(rows, in) contiguous rows -> (rows, out): nn.Linear through fastattn.ops.gemv's kernel where one runs (a
+    contiguous float32 weight on CPU), else as the one addmm / mm that F.linear runs on 2-D input; an Int8Linear
+    through its bound kernels; any other module through its own forward."""
+    if type(mod) is nn.Linear:
+        w, b = mod.weight, mod.bias
+        fwd = None
+        if w.dtype == dtype and w.is_contiguous() and (b is None or (b.dtype == dtype and b.is_contiguous())):
+            fwd = gemv_kernel(w.device, dtype, rows)
+        if fwd is not None:
+            return lambda x: fwd(x, w, b)
+        wt = w.t()
+        return (lambda x: torch.mm(x, wt)) if b is None else (lambda x: torch.addmm(b, x, wt))
+    if type(mod) is Int8Linear:
+        return mod.bind_rows(dtype)
+    return mod
+
+
+def bind_norm(norm: Norm, prenorm: bool, dtype: torch.dtype, device: torch.device):
+    return bind_rows(norm.weight, norm.bias, norm.eps, norm.kind == "rmsnorm", prenorm, dtype, device)
+
+
+class _Step(NamedTuple):
+    """What every layer of one step shares: the cache slot, the cache's keep mask (False = padding or not written;
+    None when no layer's kernel reads it) and padding mask (True = padding), rotary cos / sin (B, 1, D) or None."""
+    input_pos: Tensor
+    keep: Optional[Tensor]
+    pad: Tensor
+    rotary: Optional[Tuple[Tensor, Tensor]]
+
+
+class _SelfAttention:
+    def __init__(self, a: Attention, rows: int, dtype, device, forced: str):
+        self.H, self.Hk, self.D, self.cache = a.n_head, a.n_kv_head, a.head_dim, a.cache
+        self.qkv, self.out = bind_linear(a.wqkv, dtype, rows), bind_linear(a.wo, dtype, rows)
+        S = a.cache.k.shape[2]
+        self.kernel = routed_kernel(torch.device(device).type, dtype, self.D, self.D, 1, S, forced)
+        self.scale = self.D ** -0.5
+
+    def __call__(self, x: Tensor, st: _Step) -> Tensor:
+        B, H, Hk, D = x.shape[0], self.H, self.Hk, self.D
+        q, k, v = self.qkv(x).view(B, H + 2 * Hk, D).split((H, Hk, Hk), 1)  # (B, H | Hk, D)
+        if st.rotary is not None:
+            q, k = apply_rotary(q, *st.rotary), apply_rotary(k, *st.rotary)
+        self.cache.k.index_copy_(2, st.input_pos, k.unsqueeze(2))
+        self.cache.v.index_copy_(2, st.input_pos, v.unsqueeze(2))
+        q = q.unsqueeze(2)  # (B, H, 1, D)
+        if self.kernel is not None:
+            out = self.kernel(q, self.cache.k, self.cache.v, None, st.keep, self.scale, 0.0, False)[0]
+        else:
+            out = attention(q, self.cache.k, self.cache.v, causal=None, key_padding_mask=st.pad)
+        return self.out(out.reshape(B, H * D))
+
+
+class _CrossAttention:
+    def __init__(self, a: Attention, memory: Tuple[Tensor, Tensor], memory_pad: Optional[Tensor], rows: int, dtype,
+                 device, forced: str):
+        self.H, self.D, (self.k, self.v), self.pad = a.n_head, a.head_dim, memory, memory_pad
+        self.keep = None if memory_pad is None else ~memory_pad
+        self.q, self.out = bind_linear(a.wq, dtype, rows), bind_linear(a.wo, dtype, rows)
+        self.kernel = routed_kernel(torch.device(device).type, dtype, self.D, self.D, 1, self.k.shape[2], forced)
+        self.scale = self.D ** -0.5
+
+    def __call__(self, x: Tensor, st: _Step) -> Tensor:
+        B = x.shape[0]
+        q = self.q(x).view(B, self.H, 1, self.D)
+        if self.kernel is not None:
+            out = self.kernel(q, self.k, self.v, None, self.keep, self.scale, 0.0, False)[0]
+        else:
+            out = attention(q, self.k, self.v, causal=None, key_padding_mask=self.pad)
+        return self.out(out.reshape(B, self.H * self.D))
+
+
+class _Block:
+    """Block.forward for one row per sequence, eval mode (no dropout)."""
+
+    def __init__(self, b: Block, memory, memory_pad, rows: int, dtype, device, forced: str):
+        self.norm_first = pre = b.norm_first
+        self.norm1 = bind_norm(b.norm1, pre, dtype, device)
+        self.attn = _SelfAttention(b.attn, rows, dtype, device, forced)
+        self.cross = None
+        if memory is not None:
+            self.norm_x = bind_norm(b.norm_x, pre, dtype, device)
+            self.cross = _CrossAttention(b.cross_attn, memory, memory_pad, rows, dtype, device, forced)
+        self.norm2 = bind_norm(b.norm2, pre, dtype, device)
+        w_in, w_out = bind_linear(b.mlp.w_in, dtype, rows), bind_linear(b.mlp.w_out, dtype, rows)
+        self.mlp = lambda x: b.mlp.run(w_in, w_out, x)
+
+    def __call__(self, h: Tensor, residual: Optional[Tensor], st: _Step):
+        if self.norm_first:
+            x, residual = self.norm1(h, residual)
+            h = self.attn(x, st)
+            if self.cross is not None:
+                x, residual = self.norm_x(h, residual)
+                h = self.cross(x, st)
+            x, residual = self.norm2(h, residual)
+            return self.mlp(x), residual
+        h = self.norm1(self.attn(h, st), h)
+        if self.cross is not None:
+            h = self.norm_x(self.cross(h, st), h)
+        return self.norm2(self.mlp(h), h), None
+
+
+class DecodeStep:
+    """``step(tokens (B, 1), input_pos (1,)) -> logits (B, V)`` with decode_one's effects on the model's buffers
+    (the cache slot written, ``cache_padding`` cleared there, ``next_pos`` advanced)."""
+
+    def __init__(self, model: nn.Module, blocks, embed, final_norm: Optional[Norm], head: nn.Module, memory,
+                 memory_pad):
+        ref = model.tok_emb.weight
+        dtype, device, forced = ref.dtype, ref.device, forced_backend() or ""
+        rows = model.cache_padding.shape[0]  # the batch: one row per sequence
+        self.model, self.embed = model, embed
+        self.blocks = [_Block(b, None if memory is None else memory[i], memory_pad, rows, dtype, device, forced)
+                       for i, b in enumerate(blocks)]
+        self.final = None if final_norm is None else bind_norm(final_norm, False, dtype, device)
+        self.head = bind_linear(head, dtype, rows)
+        self.needs_keep = any(b.attn.kernel is not None for b in self.blocks)
+
+    def __call__(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        m = self.model
+        m.cache_padding.index_fill_(1, input_pos, False)
+        x, rotary = self.embed(tokens, m.next_pos)  # (B, 1, d); cos, sin (B, 1, 1, D) or None
+        B = x.shape[0]
+        if rotary is not None:
+            rotary = tuple(t.view(B, 1, t.shape[-1]) for t in rotary)
+        st = _Step(input_pos, ~m.cache_padding if self.needs_keep else None, m.cache_padding, rotary)
+        h, residual = x.view(B, x.shape[-1]), None
+        for block in self.blocks:
+            h, residual = block(h, residual, st)
+        if self.final is not None:
+            h = self.final(h, residual)
+        m.next_pos += 1
+        return self.head(h)
+
+
+def _why_not(model: nn.Module, blocks) -> Optional[str]:
+    if torch.compiler.is_compiling():
+        return "torch.compile is tracing (it traces decode_one)"
+    if model.training:
+        return "training mode"
+    if model.config.backend != "fastattn":
+        return f"backend {model.config.backend!r}"
+    hooks = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
+    if any(hooks) or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return "a forward hook would not run"
+    for b in blocks:
+        parts = [(b, Block), (b.attn, Attention), (b.mlp, MLP), (b.norm1, Norm), (b.norm2, Norm)]
+        if hasattr(b, "cross_attn"):
+            parts += [(b.cross_attn, Attention), (b.norm_x, Norm)]
+        for mod, cls in parts:
+            if type(mod) is not cls:
+                return f"{type(mod).__name__} in place of {cls.__name__}"
+    if any(has_torch_function_subclass(t) for t in (*model.parameters(), *model.buffers())):
+        return "a parameter or buffer is a tensor subclass"
+    return None
+
+
+def bind_decode(model: nn.Module, blocks, embed, final_norm: Optional[Norm], head: nn.Module,
+                memory: Optional[List[Tuple[Tensor, Tensor]]] = None,
+                memory_pad: Optional[Tensor] = None) -> Optional[DecodeStep]:
+    """The bound step of ``model`` (caches set up, prompt prefilled), or None when the modules must run it.
+    ``embed(tokens (B, 1), positions (B, 1)) -> (x (B, 1, d), rotary or None)``; ``memory``: each block's
+    cross-attention K/V (Seq2Seq), with ``memory_pad`` (B, S) True = padding."""
+    reason = _why_not(model, blocks)
+    if reason is None:
+        try:
+            return DecodeStep(model, blocks, embed, final_norm, head, memory, memory_pad)
+        except (BackendNotSupported, TypeError, ValueError) as e:
+            reason = str(e)
+    log.debug("fastattn.models: the decode step runs through the modules (not bound: %s)", reason)
+    return None
