@@ -47,3 +47,30 @@ def test_two_processes_match_one(single, tmp_path, mode, local_batch):
     assert (ck / "manifest.json").is_file()
     if mode:  # sharded state through torch.distributed.checkpoint
         assert (ck / "dcp").is_dir() and (ck / "rng-rank1.pt").is_file()
+
+
+@pytest.mark.parametrize("mode", [["--fsdp"], ["--tp", "2"]], ids=["fsdp", "tp"])
+def test_sharded_resume_is_bit_exact(tmp_path, mode):
+    """A sharded run (torch.distributed.checkpoint) that stops after its step-3 checkpoint and resumes from it ends
+    where the uninterrupted run ends, bit for bit."""
+    import shutil
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def torchrun(*extra):
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "fastattn", "train", *TINY, "--steps", "6", "--batch-size", "2", *mode,
+                            "--out", str(out), *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return load_file(out / "model" / "model.safetensors"), p.stderr
+
+    straight, _ = torchrun()
+    shutil.rmtree(out / "ckpt-0000006")  # as if killed after the step-3 checkpoint
+    shutil.rmtree(out / "model")
+    resumed, log = torchrun("--resume")
+    assert "ckpt-0000003 at step 3 (sharded" in log, log[-3000:]
+    assert (out / "ckpt-0000006" / "dcp").is_dir()
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(resumed[k], straight[k]), k

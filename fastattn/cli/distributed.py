@@ -12,6 +12,7 @@ rank 0 exports the gathered model to RUN/model at the end.
 import contextlib
 import json
 import os
+import sys
 
 import torch
 
@@ -158,6 +159,8 @@ class Distributed(Single):
         extra = ckpt.load_state(path)
         trainer.gen.set_state(extra["data_rng"])
         trainer.step = extra["step"]
+        if self.rank == 0:
+            print(f"resumed from {path} at step {trainer.step} (sharded, {self.kind})", file=sys.stderr)
 
     def full_state_dict(self, model):
         """The whole model's state dict on rank 0 (gathered from the shards; TP's wqkv rows put back in order)."""
