@@ -74,3 +74,28 @@ def test_sharded_resume_is_bit_exact(tmp_path, mode):
     assert straight.keys() == resumed.keys()
     for k in straight:
         assert torch.equal(resumed[k], straight[k]), k
+
+
+def test_lora_fsdp_matches_one_process(tmp_path):
+    """LoRA fine-tuning sharded with FSDP trains what one process trains, and exports the merged model; --tp with
+    LoRA is refused with one line."""
+    base = tmp_path / "base"
+    assert main(["train", *TINY, "--batch-size", "4", "--out", str(base)]) == 0
+    lora = ["--mode", "lora", "--init", str(base)]
+    one = tmp_path / "one"
+    assert main(["train", *TINY, "--batch-size", "4", *lora, "--out", str(one)]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out, *mode):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "fastattn", "train", *TINY, "--batch-size", "2", *lora, *mode, "--out", str(out)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    p = torchrun(tmp_path / "fsdp", "--fsdp")
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = load_file(one / "model" / "model.safetensors"), load_file(tmp_path / "fsdp" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and not any("lora" in k for k in b)  # merged on export
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5, msg=k)
+    p = torchrun(tmp_path / "tp", "--tp", "2")
+    assert p.returncode != 0 and "--tp with --mode lora" in p.stderr

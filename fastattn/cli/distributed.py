@@ -63,6 +63,8 @@ class Distributed(Single):
             if cfg.tp != self.world:
                 raise CLIError(f"--tp {cfg.tp}: tensor parallelism runs over all {self.world} processes "
                                "(--tp must equal --nproc_per_node x nodes)")
+            if cfg.mode == "lora":
+                raise CLIError("--tp with --mode lora: the adapters are not split across ranks; use DDP or --fsdp")
             self.kind, self.replicated, self.dp_rank, self.dp_world = "tp", False, 0, 1
             return tensor_parallel(model, self.world, self.device)
         if cfg.fsdp:

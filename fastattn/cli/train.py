@@ -444,6 +444,8 @@ class Trainer:
             if not self.rank0:
                 return None
             model = model_class(self.arch)(self.model.config)
+            cfg = self.cfg  # the fine-tuning structure (LoRA adapters, soft prompt) that the gathered state holds
+            finetune.apply(model, cfg.mode, cfg.lora_rank, cfg.lora_alpha, cfg.prompt_len, seed=cfg.seed)
             model.load_state_dict(sd)
         elif not self.rank0:
             return None
