@@ -6,6 +6,7 @@ channel k by s_k = max|X_k|^alpha / max|W_k|^(1 - alpha) and multiplies the weig
 folded into the producing LayerNorm / RMSNorm / Linear when that is exact (checked on a calibration batch),
 otherwise it stays in the Int8Linear and is fused into its quantization kernel.
 """
+import dataclasses
 import fnmatch
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -84,24 +85,39 @@ def _smooth_factors(act_max: torch.Tensor, weights: List[torch.Tensor], alpha: f
 
 
 @torch.no_grad()
+def _scaled(p: nn.Parameter, factor: torch.Tensor) -> nn.Parameter:
+    """p * factor as a new Parameter: out of place, so that a tensor tied elsewhere (a tied LM head's token
+    embedding) keeps its values."""
+    return nn.Parameter(p.detach() * factor.to(p.dtype), requires_grad=p.requires_grad)
+
+
 def _fold_into(producer: nn.Module, s: torch.Tensor) -> None:
     """Divide the producer's output channel k by s[k] (LayerNorm/RMSNorm affine, or Linear rows and bias)."""
     if isinstance(producer, nn.Linear):
-        producer.weight.div_(s.to(producer.weight.dtype)[:, None])
+        producer.weight = _scaled(producer.weight, 1.0 / s[:, None])
     elif producer.weight is not None:
-        producer.weight.div_(s.to(producer.weight.dtype).view_as(producer.weight))
+        producer.weight = _scaled(producer.weight, (1.0 / s).view_as(producer.weight))
     if getattr(producer, "bias", None) is not None:
-        producer.bias.div_(s.to(producer.bias.dtype).view_as(producer.bias))
+        producer.bias = _scaled(producer.bias, (1.0 / s).view_as(producer.bias))
 
 
 def _close(a, b) -> bool:
+    """Whether two model outputs agree: tensors within a quantization-free tolerance, containers (tuple, list, dict,
+    dataclass such as fastattn.models.ModelOutput) element by element, plain values by equality; anything else
+    counts as different (a fold is then not kept)."""
     if isinstance(a, torch.Tensor):
-        return torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-3 * (b.float().abs().max().item() + 1e-6))
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(
+            a.float(), b.float(), rtol=1e-3, atol=1e-3 * (b.float().abs().max().item() + 1e-6))
     if isinstance(a, (tuple, list)):
-        return all(_close(x, y) for x, y in zip(a, b))
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
-        return all(_close(a[k], b[k]) for k in a)
-    return True
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return type(a) is type(b) and all(_close(getattr(a, f.name), getattr(b, f.name))
+                                          for f in dataclasses.fields(a))
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return a == b
+    return False
 
 
 def _check_model(model) -> None:
@@ -143,7 +159,7 @@ def quantize(model: nn.Module, calib_data: Optional[Iterable] = None, smoothquan
                         continue
                 for n in names:  # no exact fold: keep 1/s in the Int8Linear
                     s = _smooth_factors(act_max[n], [linears[n].weight], smoothquant_alpha)
-                    linears[n].weight.mul_(s.to(linears[n].weight.dtype))
+                    linears[n].weight = _scaled(linears[n].weight, s)
                     smooth[n] = s
                     act_max[n] = act_max[n] / s
         input_scale = {n: (act_max[n].max().item() / 127.0) or 1.0 for n in act_max}
@@ -158,14 +174,15 @@ def quantize(model: nn.Module, calib_data: Optional[Iterable] = None, smoothquan
 def _try_fold(model, batch, producer, consumers, s) -> bool:
     """Fold 1/s into producer and s into the consumers' weights; keep it only if the model's output is unchanged."""
     before = _run(model, batch)
+    saved = [(m, name, getattr(m, name)) for m in (producer, *consumers) for name in ("weight", "bias")
+             if getattr(m, name, None) is not None]
     _fold_into(producer, s)
     for lin in consumers:
-        lin.weight.mul_(s.to(lin.weight.dtype))
+        lin.weight = _scaled(lin.weight, s)
     if _close(_run(model, batch), before):
         return True
-    _fold_into(producer, 1.0 / s)  # undo: the producer's output has other consumers
-    for lin in consumers:
-        lin.weight.div_(s.to(lin.weight.dtype))
+    for m, name, p in saved:  # undo (the producer's output has other consumers): the original parameters
+        setattr(m, name, p)
     return False
 
 

@@ -266,6 +266,35 @@ def test_smoothquant_keeps_scale_when_fold_is_not_exact():
     assert (m(x) - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+def test_smoothquant_fold_checked_on_dataclass_outputs():
+    """A model returning a dataclass (as fastattn.models do): the fold check compares its fields, so a fold that
+    changes another output of the LayerNorm is not kept (it was accepted unchecked)."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        y: torch.Tensor
+        h: torch.Tensor
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.fc = nn.LayerNorm(32), nn.Linear(32, 32)
+
+        def forward(self, x):
+            h = self.ln(x)
+            return Out(self.fc(h), h)
+
+    torch.manual_seed(0)
+    m = M()
+    x = torch.randn(8, 32)
+    x[:, 3] *= 20  # an outlier channel: smoothing is far from 1
+    ref = m(x)
+    fastattn.quantize(m, [x], smoothquant_alpha=0.5)
+    assert m.fc.smooth is not None
+    torch.testing.assert_close(m(x).h, ref.h)
+
+
 def test_quantize_static_and_skip():
     model, data = _outlier_model_and_data()
     fastattn.quantize(model, data, mode="w8a8_static", skip=["3"])
