@@ -421,6 +421,24 @@ def test_gpu_auto_order_depends_on_rows():
         assert I._mm.select(small).backend == "cuda" and I._mm.select(large).backend == "triton"
 
 
+def test_w8a16_cpu_bad_input_named():
+    """The w8a16 binding's own checks (Int8Linear.bind_rows calls the kernel directly): each names the argument."""
+    from fastattn import _ext
+    skip_if_not_built("cpu", "w8a16_mm")
+    C = _ext._C
+    x, w, s = torch.randn(2, 8), torch.zeros(3, 8, dtype=torch.int8), torch.ones(3)
+    cases = [(lambda: C.w8a16_mm_cpu(x, w.float(), s, None), "w must have dtype"),
+             (lambda: C.w8a16_mm_cpu(x.double(), w, s, None), "x must have dtype"),
+             (lambda: C.w8a16_mm_cpu(x, w.t().contiguous().t(), s, None), "w must be contiguous"),
+             (lambda: C.w8a16_mm_cpu(x, torch.zeros(3, 9, dtype=torch.int8), s, None), "w must have K = 8"),
+             (lambda: C.w8a16_mm_cpu(x, w, torch.ones(4), None), "w_scale must have shape"),
+             (lambda: C.w8a16_mm_cpu(x, w, s.double(), None), "w_scale must have dtype"),
+             (lambda: C.w8a16_mm_cpu(x, w, s, torch.ones(2)), "bias must have shape")]
+    for call, words in cases:
+        with pytest.raises(RuntimeError, match=words):
+            call()
+
+
 # ---- the few-row float32 linear (fastattn.ops.gemv: the w8a16 kernel's GEMV body on a float32 weight) ----------
 @pytest.mark.parametrize("M", [1, 2, 5, 8, 9, 16])
 @pytest.mark.parametrize("N, K", [(1, 1), (97, 7), (203, 33), (300, 770)])
