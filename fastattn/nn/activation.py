@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..backends import forced_backend
 from ..ops.attention import AttnParams, attention, dropout_mask, select_backend
+from ..ops.batching import is_transformed
 
 
 # ---- argument checks: torch's exception types (AssertionError / RuntimeError), clearer messages ----------------
@@ -131,18 +132,26 @@ def _probs(q: Tensor, k: Tensor, mask: Optional[Tensor], lse: Tensor, scale: flo
 
 class _AttnWeights(torch.autograd.Function):
     """The attention probabilities (times the dropout keep mask / (1 - p)), differentiable in q, k and a float mask:
-    the softmax backward dS = P * (dP - rowsum(dP * P)) (lse carries no gradient of its own here)."""
+    the softmax backward dS = P * (dP - rowsum(dP * P)) (lse carries no gradient of its own here). Returns (weights,
+    P), P for the backward only. torch ops throughout, so torch.func batches it by running it on batched tensors
+    (generate_vmap_rule)."""
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, q, k, mask, lse, scale, keep, dropout_p):
+    def forward(q, k, mask, lse, scale, keep, dropout_p):
         p = _probs(q, k, mask, lse, scale)
-        ctx.save_for_backward(q, k, mask, p, keep)
-        ctx.scale, ctx.dropout_p = scale, dropout_p
-        w = p if keep is None else p * keep / (1.0 - dropout_p)
-        return w.to(q.dtype)
+        w = (p if keep is None else p * keep / (1.0 - dropout_p)).to(q.dtype)
+        return w, p.detach() if w is p else p  # a P that is w itself: an alias, so that w stays differentiable
 
     @staticmethod
-    def backward(ctx, dw):
+    def setup_context(ctx, inputs, output):
+        q, k, mask, lse, scale, keep, dropout_p = inputs
+        ctx.save_for_backward(q, k, mask, output[1], keep)
+        ctx.mark_non_differentiable(output[1])
+        ctx.scale, ctx.dropout_p = scale, dropout_p
+
+    @staticmethod
+    def backward(ctx, dw, _):
         q, k, mask, p, keep = ctx.saved_tensors
         dp = dw.to(p.dtype)
         if keep is not None:
@@ -226,9 +235,10 @@ class _RowLinear(torch.autograd.Function):
 
 
 def linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """F.linear on (T, K) rows (a tensor of its own, (T, N)); under autograd through :class:`_RowLinear`."""
+    """F.linear on (T, K) rows (a tensor of its own, (T, N)); under autograd through :class:`_RowLinear`, except
+    under torch.func transforms (F.linear itself: they batch and differentiate it)."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
-                                    (bias is not None and bias.requires_grad)):
+                                    (bias is not None and bias.requires_grad)) and not is_transformed(x, weight, bias):
         return _RowLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -320,7 +330,7 @@ def mha_forward(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: T
             out, lse, keep = _attention_with_keep(q, k, v, mask, dropout_p)
         else:
             out, lse = attention(q, k, v, attn_mask=mask, return_lse=True)
-        weights = _AttnWeights.apply(q, k, mask, lse.detach(), D ** -0.5, keep, dropout_p)  # (B, H, L, S')
+        weights = _AttnWeights.apply(q, k, mask, lse.detach(), D ** -0.5, keep, dropout_p)[0]  # (B, H, L, S')
         if average_attn_weights:
             weights = weights.mean(dim=1)
         if not batched:
