@@ -7,6 +7,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <array>
+
 #include "int8_kernel.h"
 #include "registry.h"
 
@@ -33,6 +35,19 @@ struct Checker {
   }
   void dtype_is(const at::Tensor& t, const char* name, at::ScalarType want) const {
     FA_CHECK(t.scalar_type() == want, op, ": ", name, " must have dtype ", want, ", got ", t.scalar_type());
+  }
+  // The two matrices of a product, a (M, K) and b (N, K) (dtypes checked unless Undefined), with the same K.
+  // Returns {M, K, N}.
+  std::array<int64_t, 3> operands(const at::Tensor& a, const char* an, at::ScalarType at_, const at::Tensor& b,
+                                  const char* bn, at::ScalarType bt) const {
+    matrix(a, an, "(M, K)");
+    if (at_ != at::ScalarType::Undefined) dtype_is(a, an, at_);
+    matrix(b, bn, "(N, K)");
+    if (bt != at::ScalarType::Undefined) dtype_is(b, bn, bt);
+    const int64_t K = a.size(1);
+    FA_CHECK(b.size(1) == K, op, ": ", bn, " must have K = ", K, " columns like ", an, " ", a.sizes(), ", got shape ",
+             b.sizes());
+    return {a.size(0), K, b.size(0)};
   }
   // float32 (n,) contiguous: the scale / bias / smooth vectors.
   void f32_vector(const at::Tensor& t, const char* name, int64_t n, const char* what) const {
@@ -69,12 +84,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b, const c10::opti
                        const c10::optional<at::Tensor>& b_scale, const c10::optional<at::Tensor>& bias,
                        at::ScalarType out_dtype) {
   const Checker c{"int8_mm_cpu"};
-  c.matrix(a, "a", "(M, K)");
-  c.dtype_is(a, "a", at::kChar);
-  c.matrix(b, "b", "(N, K)");
-  c.dtype_is(b, "b", at::kChar);
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
-  FA_CHECK(b.size(1) == K, c.op, ": b must have K = ", K, " columns like a ", a.sizes(), ", got shape ", b.sizes());
+  const auto [M, K, N] = c.operands(a, "a", at::kChar, b, "b", at::kChar);
   FA_CHECK(K <= kMaxK, c.op, ": K = ", K, " is too large for an exact int32 accumulator (at most ", kMaxK, ")");
   const cpu::Int8OutType ot = out_type_of(out_dtype);
   if (ot == cpu::Int8OutType::kInt32)
@@ -157,13 +167,8 @@ at::Tensor w8a16_mm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tens
 
 at::Tensor gemv_f32_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   const Checker c{"gemv_f32_cpu"};
-  c.matrix(x, "x", "(M, K)");
-  c.dtype_is(x, "x", at::kFloat);
-  c.matrix(w, "w", "(N, K)");
-  c.dtype_is(w, "w", at::kFloat);
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const auto [M, K, N] = c.operands(x, "x", at::kFloat, w, "w", at::kFloat);
   FA_CHECK(M <= cpu::gemv_max_rows(), c.op, ": x has ", M, " rows; the GEMV takes at most ", cpu::gemv_max_rows());
-  FA_CHECK(w.size(1) == K, c.op, ": w must have K = ", K, " columns like x ", x.sizes(), ", got shape ", w.sizes());
   if (bias) c.f32_vector(*bias, "bias", N, "N");
 
   at::Tensor out = at::empty({M, N}, x.options());
