@@ -1,6 +1,7 @@
 """pytest-benchmark: INT8 GEMM (W8A8, fused dequant) against torch's float matmul and torch._int_mm, and Int8Linear
 (quantize + GEMM + dequant; and weight-only W8A16) against nn.Linear. TOPS in extra_info. On CPU also the w8a16
-kernel against F.linear in float32 and the reference at GPT-2 small's Linear shapes (test_w8a16_cpu).
+kernel against F.linear in float32 and the reference at GPT-2 small's Linear shapes (test_w8a16_cpu), and its GEMV
+body on a float32 weight (fastattn.ops.gemv, the decode step's projections) against F.linear (test_gemv_cpu).
 
 Decode-sized calls (M <= 16) on GPU are timed twice: eager (host overhead included: Python validation, dispatch,
 kernel launch) and replayed from a CUDA graph (GPU time alone, as graph-captured decoding runs them), both for
@@ -143,6 +144,29 @@ def test_w8a16_cpu(benchmark, impl, M, N, K):
     weight_bytes = N * K * (4 if impl.startswith("torch") else 1)
     benchmark.extra_info["GB/s"] = weight_bytes * CALLS / benchmark.stats.stats.median / 1e9
 
+
+
+@pytest.mark.skipif(GPU, reason="the CPU float32 GEMV (GPU decoding keeps torch's)")
+@pytest.mark.parametrize("impl", ["torch-linear", "torch-linear-colmajor", "cpu"])
+@pytest.mark.parametrize("M, N, K", [(m, n, k) for m, n, k in W8A16_CPU if m == 1], ids=lambda v: str(v))
+def test_gemv_cpu(benchmark, impl, M, N, K):
+    """fastattn.ops.gemv's CPU kernel against F.linear on the same float32 weight, row-major (nn.Linear's layout)
+    and column-major (what torch's GEMV reads fastest). GB/s: the weight's bytes over the median time."""
+    from fastattn.ops.gemv import gemv
+    if impl == "cpu" and "cpu" not in available_backends():
+        pytest.skip("fastattn._C is not built")
+    g = torch.Generator().manual_seed(0)
+    x, w, bias = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K ** 0.5, torch.randn(N, generator=g)
+    if impl == "cpu":
+        def fn():
+            with fastattn.backend("cpu"):
+                return gemv(x, w, bias)
+    else:
+        wt = w.t().contiguous().t() if impl.endswith("colmajor") else w
+        fn = lambda: torch.nn.functional.linear(x, wt, bias)  # noqa: E731
+    _bench(benchmark, fn, 2 * M * N * K, f"gemv cpu M={M} N={N} K={K}",
+           dict(op="gemv", impl=impl, width=M, dtype="float32", direction=f"N{N}K{K}"))
+    benchmark.extra_info["GB/s"] = N * K * 4 * CALLS / benchmark.stats.stats.median / 1e9
 
 @pytest.mark.parametrize("impl", ["torch"] + OURS)
 @pytest.mark.parametrize("M, K", [(1, 4096), (4096, 4096)], ids=lambda v: str(v))
