@@ -5,6 +5,10 @@ each Linear's per-channel activation maxima and which module produced its input;
 channel k by s_k = max|X_k|^alpha / max|W_k|^(1 - alpha) and multiplies the weight's column k by s_k. The 1/s is
 folded into the producing LayerNorm / RMSNorm / Linear when that is exact (checked on a calibration batch),
 otherwise it stays in the Int8Linear and is fused into its quantization kernel.
+
+int8_layout / apply_int8_layout: which Linears of a model are int8, and in which mode, as plain JSON-able data, so a
+quantized state dict (int8 weights, scales) loads into a freshly built float model: what save_pretrained and
+``fastattn quantize`` store next to the weights.
 """
 import dataclasses
 import fnmatch
@@ -184,6 +188,43 @@ def _try_fold(model, batch, producer, consumers, s) -> bool:
     for m, name, p in saved:  # undo (the producer's output has other consumers): the original parameters
         setattr(m, name, p)
     return False
+
+
+def int8_layout(model: nn.Module) -> Dict[str, dict]:
+    """{module name: {"mode", "in_features", "out_features", "bias", "smooth"}} of every Int8Linear of model (empty
+    for a float model): what apply_int8_layout needs to rebuild them."""
+    _check_model(model)
+    return {name: {"mode": m.mode, "in_features": m.in_features, "out_features": m.out_features,
+                   "bias": m.bias is not None, "smooth": m.smooth is not None}
+            for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+
+
+_LAYOUT_TYPES = {"mode": str, "in_features": int, "out_features": int, "bias": bool, "smooth": bool}
+
+
+def apply_int8_layout(model: nn.Module, layout: Dict[str, dict]) -> nn.Module:
+    """Replace the nn.Linear layers named in ``layout`` (int8_layout's dict) by empty Int8Linear layers of the
+    recorded mode, in place, so that the quantized model's state dict loads into model. Returns model."""
+    _check_model(model)
+    if not isinstance(layout, dict):
+        raise TypeError(f"layout: expected a dict of module name -> spec, got {type(layout).__name__}")
+    modules = dict(model.named_modules())
+    for name, spec in layout.items():
+        lin = modules.get(name)
+        if type(lin) not in (nn.Linear, QATLinear):
+            found = "no such module" if lin is None else f"a {type(lin).__name__}"
+            raise ValueError(f"layout: {name!r} is not an nn.Linear of this model ({found})")
+        if not isinstance(spec, dict) or any(not isinstance(spec.get(k), t) or (t is int and isinstance(spec[k], bool))
+                                             for k, t in _LAYOUT_TYPES.items()):
+            raise ValueError(f"layout[{name!r}]: expected {{{', '.join(_LAYOUT_TYPES)}}}, got {spec!r}")
+        if spec["mode"] not in MODES:
+            raise ValueError(f"layout[{name!r}]: mode {spec['mode']!r} is not one of {MODES}")
+        if (spec["in_features"], spec["out_features"]) != (lin.in_features, lin.out_features):
+            raise ValueError(f"layout[{name!r}]: {spec['in_features']} -> {spec['out_features']} features, the "
+                             f"model's Linear {lin.in_features} -> {lin.out_features}")
+        _set_module(model, name, Int8Linear(lin.in_features, lin.out_features, spec["bias"], spec["mode"],
+                                            spec["smooth"], device=lin.weight.device))
+    return model
 
 
 def prepare_qat(model: nn.Module, skip: Sequence[str] = ()) -> nn.Module:

@@ -139,8 +139,21 @@ def test_init_distill_prune_quantize(gpt_run, tmp_path, capsys):
                  "--out", str(tmp_path / "q")]) == 0
     q = json.loads(capsys.readouterr().out)
     assert q["int8_linears"] > 0 and abs(q["loss_int8"] - q["loss_float"]) < 0.5
+    stored = load_file(tmp_path / "q" / "model.safetensors")  # the int8 weights themselves, not a recipe
+    int8 = [k for k, t in stored.items() if t.dtype == torch.int8]
+    assert len(int8) == q["int8_linears"] == len(json.loads((tmp_path / "q" / "quantization.json").read_text()))
+    assert q["bytes_int8"] < q["bytes_float"]
+    assert main(["eval", str(tmp_path / "q"), "--batches", "4", "--batch-size", "4"]) == 0  # quantize's batches
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(q["loss_int8"], rel=1e-5)
     assert main(["generate", str(tmp_path / "q"), "-p", "Hi", "-n", "3"]) == 0
     assert main(["generate", str(gpt_run), "-p", "Hi", "-n", "3", "--int8"]) == 0
+    for args in (["train", *TINY, "--init", str(tmp_path / "q"), "--out", str(tmp_path / "x")],
+                 ["prune", str(tmp_path / "q"), "--heads", "0.5", "--out", str(tmp_path / "y")],
+                 ["quantize", str(tmp_path / "q"), "--out", str(tmp_path / "z")]):
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "int8 checkpoint" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_qat(tmp_path, capsys):

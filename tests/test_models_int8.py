@@ -2,7 +2,9 @@
 fastattn.convert(int8=...) on GPT, BERT and Seq2Seq; generation runs quantized; the quality loss is reported as the
 perplexity delta of a small byte-level GPT trained here on real text (this repository's README) and evaluated on
 held-out text, bounded loosely."""
+import json
 import pathlib
+import re
 
 import pytest
 import torch
@@ -95,7 +97,7 @@ def test_quantize_and_convert_other_models():
     torch.manual_seed(0)
     small = dict(vocab_size=40, d_model=32, n_layer=1, n_head=4, d_ff=48, max_seq_len=32)
     ids = torch.randint(3, 40, (2, 7))
-    bert = BERT(BERTConfig(**small, tie_embeddings=False)).eval()  # tied: see the xfail above
+    bert = BERT(BERTConfig(**small, tie_embeddings=False)).eval()
     ref = bert(ids).logits
     fastattn.quantize(bert, calib_data=[ids], mode="w8a8")
     out = bert(ids).logits
@@ -105,3 +107,47 @@ def test_quantize_and_convert_other_models():
     fastattn.convert(s2s, int8="w8a16")
     assert sum(isinstance(mod, Int8Linear) for mod in s2s.modules()) > 0
     assert s2s.generate(ids, 5, temperature=0).shape == ref.shape
+
+
+@pytest.mark.parametrize("mode", ["w8a8-smoothquant", "w8a8_static", "w8a16"])
+def test_quantized_save_and_load(trained_gpt, mode, tmp_path):
+    """save_pretrained of a quantized model stores its int8 weights and layout; from_pretrained gives the same
+    model back (same logits and generation), and a float save over the folder drops the layout."""
+    model, train, held = trained_gpt
+    q = _copy(model)
+    calib = _batches(train, 2, 4, torch.Generator().manual_seed(1)) if mode != "w8a16" else None
+    fastattn.quantize(q, calib_data=calib, mode=mode.split("-")[0])
+    q.save_pretrained(tmp_path)
+    layout = fastattn.int8_layout(q)
+    assert json.loads((tmp_path / "quantization.json").read_text()) == layout and len(layout) == 9
+    assert (tmp_path / "model.safetensors").stat().st_size < 0.5 * sum(
+        t.numel() * t.element_size() for t in model.state_dict().values())
+    back = GPT.from_pretrained(tmp_path).eval()
+    assert fastattn.int8_layout(back) == layout
+    for a, b in zip(q.state_dict().items(), back.state_dict().items()):
+        assert a[0] == b[0] and a[1].dtype == b[1].dtype and torch.equal(a[1], b[1])
+    x = held[:CTX][None]
+    with torch.no_grad():
+        assert torch.equal(q(x).logits, back(x).logits)
+    assert torch.equal(q.generate(x[:, :16], 8, temperature=0), back.generate(x[:, :16], 8, temperature=0))
+    model.save_pretrained(tmp_path)
+    assert not (tmp_path / "quantization.json").exists()
+    assert fastattn.int8_layout(GPT.from_pretrained(tmp_path)) == {}
+
+
+def test_int8_layout_bad_input(trained_gpt):
+    model, _, _ = trained_gpt
+    spec = {"mode": "w8a16", "in_features": 64, "out_features": 256, "bias": False, "smooth": False}
+    cases = [({"nope": spec}, "'nope' is not an nn.Linear of this model (no such module)"),
+             ({"blocks.0": spec}, "'blocks.0' is not an nn.Linear of this model (a Block)"),
+             ({"lm_head": {**spec, "in_features": 32}}, "32 -> 256 features, the model's Linear 64 -> 256"),
+             ({"lm_head": {**spec, "mode": "int4"}}, "mode 'int4' is not one of"),
+             ({"lm_head": {**spec, "bias": "no"}}, "layout['lm_head']: expected {mode, in_features"),
+             ({"lm_head": {**spec, "in_features": True}}, "layout['lm_head']: expected")]
+    for layout, needle in cases:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            fastattn.apply_int8_layout(_copy(model), layout)
+    with pytest.raises(TypeError, match="layout: expected a dict"):
+        fastattn.apply_int8_layout(_copy(model), [spec])
+    q = fastattn.apply_int8_layout(_copy(model), {"lm_head": spec})
+    assert isinstance(q.lm_head, Int8Linear) and q.lm_head.mode == "w8a16" and q.lm_head.bias is None

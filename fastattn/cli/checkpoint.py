@@ -194,6 +194,8 @@ def load_weights(model, path):
                 if tuple(state[name].shape) != tuple(t.shape):
                     raise CheckpointError(f"{path}: {name} has shape {tuple(state[name].shape)}, the model "
                                           f"{tuple(t.shape)}")
+                if state[name].is_floating_point() != t.is_floating_point():  # int8 weights, float model or back
+                    raise CheckpointError(f"{path}: {name} is {state[name].dtype}, the model's {t.dtype}")
                 t.copy_(state[name])
                 loaded.add(t.data_ptr())
     missing = [n for n, t in own.items() if n not in state and t.data_ptr() not in loaded]

@@ -56,7 +56,7 @@ def main(cfg: EvalConfig) -> int:
         model = fastattn.quantize(model, mode="w8a16")
     task = make_task(state, tok, cfg.task, cfg.data, cfg.seq_len)
     tcfg = task.cfg
-    if state.get("int8") and not cfg.int8:
+    if state.get("int8") and not state["int8"].get("stored") and not cfg.int8:  # QAT export: quantized on load
         from fastattn.cli.quantize import apply_recipe
         model = apply_recipe(model, state["int8"], task)
     loss, correct, count, ntok = 0.0, 0, 0, 0

@@ -94,7 +94,7 @@ def main(cfg: PruneConfig) -> int:
     out = Path(cfg.out or f"{str(src).rstrip('/')}-pruned")
     if out.exists():
         raise CLIError(f"{out} exists: choose another --out")
-    model, state, tok = load_model(src)
+    model, state, tok = load_model(src, purpose="prune")
     removed = total = 0
     if cfg.heads:
         removed, total = prune_heads(model, cfg.heads)

@@ -1,8 +1,9 @@
 """``fastattn quantize``: int8 Linear layers (w8a8 / w8a16, optional SmoothQuant calibrated on N batches).
 
-The output folder keeps the float weights and records the recipe (mode, SmoothQuant alpha, calibration batches) in
-train_state.json; ``generate`` / ``eval`` re-apply it on load (calibration data is deterministic), and this command
-reports the held-out loss before and after quantization."""
+The output folder is a checkpoint of the quantized model: int8 weights with their scales in model.safetensors and
+the int8 layout (fastattn.int8_layout) in quantization.json, so ``generate`` / ``eval`` / ``from_pretrained`` load
+it as it was measured here, without the float weights or calibration data. The recipe is recorded in
+train_state.json, and the held-out loss before and after quantization is reported."""
 import json
 import shutil
 import sys
@@ -14,6 +15,8 @@ import torch
 
 from fastattn.cli import checkpoint as ckpt
 from fastattn.cli.config import CLIError, opt
+from fastattn.models.layers import INT8_FILE
+from fastattn.quantization import int8_layout
 
 
 @dataclass
@@ -55,7 +58,7 @@ def main(cfg: QuantizeConfig) -> int:
     out = Path(cfg.out or f"{str(src).rstrip('/')}-int8")
     if out.exists():
         raise CLIError(f"{out} exists: choose another --out")
-    model, state, tok = load_model(src)
+    model, state, tok = load_model(src, purpose="quantize")
     model.eval()
     task = make_task(state, tok)
     recipe = {"mode": cfg.mode, "smoothquant": cfg.smoothquant, "alpha": cfg.alpha, "calib": cfg.calib,
@@ -63,12 +66,19 @@ def main(cfg: QuantizeConfig) -> int:
     before = _loss(model, task, cfg.eval_batches, cfg.batch_size) if cfg.eval_batches else None
     model = apply_recipe(model, recipe, task)
     after = _loss(model, task, cfg.eval_batches, cfg.batch_size) if cfg.eval_batches else None
-    meta = {**state, "int8": recipe}
+    tcfg = dict(state.get("train_config", {}))
+    tcfg["mode"] = "prompt" if tcfg.get("mode") == "prompt" else "full"  # LoRA adapters were merged by load_model
+    meta = {**state, "train_config": tcfg, "int8": {**recipe, "stored": True}}
+    layout = int8_layout(model)
     files = {name: (lambda p, name=name: shutil.copyfile(src / name, p))
-             for name in ("model.safetensors", "config.json", "tokenizer.json") if (src / name).is_file()}
-    files["train_state.json"] = lambda p: p.write_text(json.dumps(meta, indent=2))
+             for name in ("config.json", "tokenizer.json") if (src / name).is_file()}
+    files.update({"model.safetensors": lambda p: ckpt.save_weights(model, p),
+                  INT8_FILE: lambda p: p.write_text(json.dumps(layout, indent=1)),
+                  "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2))})
     ckpt.write_folder(out, files)
-    n8 = sum(1 for m in model.modules() if type(m).__name__ == "Int8Linear")
-    print(json.dumps({"out": str(out), "int8_linears": n8, "loss_float": before, "loss_int8": after}, indent=2))
-    print(f"{n8} Linear layers -> int8 {cfg.mode}; held-out loss {before} -> {after}", file=sys.stderr)
+    n8, size = len(layout), (out / "model.safetensors").stat().st_size
+    print(json.dumps({"out": str(out), "int8_linears": n8, "loss_float": before, "loss_int8": after,
+                      "bytes_float": (src / "model.safetensors").stat().st_size, "bytes_int8": size}, indent=2))
+    print(f"{n8} Linear layers -> int8 {cfg.mode}; held-out loss {before} -> {after}; weights "
+          f"{(src / 'model.safetensors').stat().st_size / 2**20:.1f} -> {size / 2**20:.1f} MiB", file=sys.stderr)
     return 0

@@ -121,10 +121,13 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
             "num_labels": cfg.num_labels, "pad_token_id": pad_id, "decoder_start_token_id": eos_id}
 
 
-def load_model(path, backend=None, map_location="cpu"):
+def load_model(path, backend=None, map_location="cpu", purpose=None):
     """(model, train_state dict, tokenizer) from a checkpoint folder (or a run folder: its newest valid one),
-    with the fine-tuning adapters of its run merged (LoRA) or kept (soft prompt)."""
+    with the fine-tuning adapters of its run merged (LoRA) or kept (soft prompt); an int8 checkpoint (`fastattn
+    quantize`) comes back int8, unless ``purpose`` (e.g. "--init") names a use that needs float weights."""
     from fastattn.data import Tokenizer
+    from fastattn.models.layers import INT8_FILE
+    from fastattn.quantization import apply_int8_layout
     path = ckpt.resolve(path)
     mcfg = ckpt.read_json(path / "config.json")
     state = ckpt.read_json(path / "train_state.json") if (path / "train_state.json").is_file() else {}
@@ -138,6 +141,14 @@ def load_model(path, backend=None, map_location="cpu"):
     tcfg = state.get("train_config", {})
     finetune.apply(model, tcfg.get("mode", "full"), tcfg.get("lora_rank", 8), tcfg.get("lora_alpha", 16.0),
                    tcfg.get("prompt_len", 16), seed=0)
+    if (path / INT8_FILE).is_file():
+        if purpose:
+            raise CLIError(f"{purpose} {path}: an int8 checkpoint (fastattn quantize) cannot be trained, pruned or "
+                           "quantized again: use the float checkpoint it was made from")
+        try:
+            apply_int8_layout(model, ckpt.read_json(path / INT8_FILE))
+        except (TypeError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{path}/{INT8_FILE}: {e}") from None
     ckpt.load_weights(model, path / "model.safetensors")
     finetune.merge(model)
     tok = Tokenizer.load(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else load_tokenizer("bpe")
@@ -283,7 +294,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.init or cfg.init_hf:
             if cfg.init:
-                model, _, tok = load_model(cfg.init, backend=cfg.model_backend)
+                model, _, tok = load_model(cfg.init, backend=cfg.model_backend, purpose="--init")
                 if tok.vocab_size != self.tok.vocab_size:
                     raise CLIError("--init: the checkpoint's tokenizer differs from --tokenizer")
             else:

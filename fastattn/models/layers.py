@@ -22,6 +22,7 @@ from ..ops.add_norm import add_layer_norm, add_rms_norm
 from ..backends import forced_backend_name
 from ..ops.attention import attention, decode_attention
 from ..ops.attention.decode import route_backend
+from ..quantization import apply_int8_layout, int8_layout
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
@@ -484,6 +485,7 @@ class ModelOutput:
 
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+INT8_FILE = "quantization.json"  # a quantized model's int8 layout (fastattn.int8_layout)
 
 
 class PretrainedMixin:
@@ -494,10 +496,17 @@ class PretrainedMixin:
     head_modules: Tuple[str, ...] = ()
 
     def save_pretrained(self, path: str) -> None:
-        """config.json and model.safetensors (a tied weight is stored once, under its first name)."""
+        """config.json and model.safetensors (a tied weight is stored once, under its first name); a quantized
+        model (fastattn.quantize) also writes quantization.json and keeps its weights int8."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         self.config.save(os.path.join(path, CONFIG_FILE))
+        layout, layout_file = int8_layout(self), os.path.join(path, INT8_FILE)
+        if layout:
+            with open(layout_file, "w") as f:
+                json.dump(layout, f, indent=1)
+        elif os.path.exists(layout_file):  # a float model saved over a quantized one
+            os.remove(layout_file)
         state, seen = {}, set()
         for name, t in self.state_dict().items():
             key = (t.data_ptr(), tuple(t.shape), t.stride())  # the same tensor, not just the same start
@@ -509,12 +518,16 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, path: str, **overrides):
-        """Load what save_pretrained wrote; ``overrides`` replace config fields (e.g. backend="torch")."""
+        """Load what save_pretrained wrote (a quantized model comes back int8); ``overrides`` replace config fields
+        (e.g. backend="torch")."""
         from safetensors.torch import load_file
         cfg = cls.config_class.load(os.path.join(path, CONFIG_FILE))
         if overrides:
             cfg = cls.config_class.from_dict({**dataclasses.asdict(cfg), **overrides})
         model = cls(cfg)
+        if os.path.exists(os.path.join(path, INT8_FILE)):
+            with open(os.path.join(path, INT8_FILE)) as f:
+                apply_int8_layout(model, json.load(f))
         state = load_file(os.path.join(path, WEIGHTS_FILE))
         own = model.state_dict()
         for name, t in own.items():  # tied weights: stored once, under the first name sharing them
