@@ -49,6 +49,23 @@ def test_two_processes_match_one(single, tmp_path, mode, local_batch):
         assert (ck / "dcp").is_dir() and (ck / "rng-rank1.pt").is_file()
 
 
+def test_tp_swiglu_gqa_matches_one(tmp_path):
+    """--tp splits a SwiGLU MLP (each rank its part of gate and up) and grouped-query attention (its key/value heads)
+    and trains what one process trains."""
+    arch = ["--mlp", "swiglu", "--n-head", "4", "--n-kv-head", "2", "--batch-size", "4"]
+    one = tmp_path / "one"
+    assert main(["train", *TINY, *arch, "--out", str(one)]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "fastattn", "train", *TINY, *arch, "--tp", "2", "--out", str(tmp_path / "tp")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = load_file(one / "model" / "model.safetensors"), load_file(tmp_path / "tp" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and a["blocks.0.mlp.w_in.weight"].shape == (2 * 128, 32)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5, msg=k)
+
+
 @pytest.mark.parametrize("mode", [["--fsdp"], ["--tp", "2"]], ids=["fsdp", "tp"])
 def test_sharded_resume_is_bit_exact(tmp_path, mode):
     """A sharded run (torch.distributed.checkpoint) that stops after its step-3 checkpoint and resumes from it ends

@@ -168,10 +168,7 @@ class Distributed(Single):
         """The whole model's state dict on rank 0 (gathered from the shards; TP's wqkv rows put back in order)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.kind == "tp":
-            sd = {k: (_unpermute_qkv(v, model.config, self.world) if k.endswith(("wqkv.weight", "wqkv.bias"))
-                      else v) for k, v in sd.items()}
-        return sd
+        return _unpermute(sd, model.config, self.world) if self.kind == "tp" else sd
 
 
 def _blocks(model):
@@ -180,29 +177,41 @@ def _blocks(model):
             yield m
 
 
-def _qkv_order(cfg, tp):
-    """Row order of a fused [q | k | v] projection that gives rank r, in one contiguous chunk, its q heads, then
-    its k and v heads."""
-    H, Hk, D = cfg.n_head, cfg.n_kv_head, cfg.d_model // cfg.n_head
-    q, k, v = torch.arange(H * D), H * D + torch.arange(Hk * D), (H + Hk) * D + torch.arange(Hk * D)
-    parts = []
-    for r in range(tp):
-        for t, n in ((q, H), (k, Hk), (v, Hk)):
-            per = n // tp * D
-            parts.append(t[r * per:(r + 1) * per])
-    return torch.cat(parts)
+def _rank_order(sizes, tp):
+    """Row order of a fused projection of segments ``sizes`` ([q | k | v], or SwiGLU's [gate | up]) that gives
+    rank r, in one contiguous chunk, the r-th 1/tp of every segment in turn."""
+    starts = torch.tensor([0, *sizes[:-1]]).cumsum(0).tolist()
+    return torch.cat([torch.arange(s + r * (n // tp), s + (r + 1) * (n // tp))
+                      for r in range(tp) for s, n in zip(starts, sizes)])
 
 
-def _unpermute_qkv(t, cfg, tp):
-    order = _qkv_order(cfg, tp)
-    out = torch.empty_like(t)
-    out[order] = t
+def _fused_segments(cfg):
+    """{parameter name suffix: segment sizes} of the fused projections that tensor parallelism reorders."""
+    D = cfg.d_model // cfg.n_head
+    out = {"attn.wqkv": [cfg.n_head * D, cfg.n_kv_head * D, cfg.n_kv_head * D]}
+    if getattr(cfg, "mlp", "gelu") == "swiglu":
+        out["mlp.w_in"] = [cfg.d_ff, cfg.d_ff]
+    return out
+
+
+def _unpermute(sd, cfg, tp):
+    """A full state dict of a tensor-parallel model with its fused projections' rows back in the model's order."""
+    orders = {"." + k: _rank_order(v, tp) for k, v in _fused_segments(cfg).items()}
+    out = {}
+    for key, t in sd.items():
+        module = "." + key.rpartition(".")[0]  # ".blocks.0.attn.wqkv" (not ".cross_attn.wqkv": not split)
+        order = next((o for suffix, o in orders.items() if module.endswith(suffix)), None)
+        if order is not None:
+            t, put = torch.empty_like(t), t
+            t[order] = put
+        out[key] = t
     return out
 
 
 def tensor_parallel(model, tp, device):
     """Megatron-style: every self-attention's wqkv and the MLP's w_in column-parallel, wo and w_out row-parallel,
-    over all ranks; each rank keeps n_head / tp heads."""
+    over all ranks; each rank keeps n_head / tp heads (n_kv_head / tp key/value heads) and d_ff / tp MLP units. The
+    fused projections' rows are reordered first so that each rank's column shard holds its part of every segment."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -210,16 +219,18 @@ def tensor_parallel(model, tp, device):
     cfg = model.config
     if cfg.n_head % tp or cfg.n_kv_head % tp:
         raise CLIError(f"--tp {tp}: n_head={cfg.n_head} and n_kv_head={cfg.n_kv_head} must be divisible by it")
-    if getattr(cfg, "mlp", "gelu") != "gelu":
-        raise CLIError("--tp: only the gelu MLP is split (its w_in is not a fused [gate | up])")
+    if cfg.d_ff % tp:
+        raise CLIError(f"--tp {tp}: d_ff={cfg.d_ff} must be divisible by it")
     mesh = init_device_mesh(device.type, (tp,))
-    order = _qkv_order(cfg, tp)
+    orders = {k: _rank_order(v, tp) for k, v in _fused_segments(cfg).items()}
     for block in _blocks(model):
-        attn = block.attn
         with torch.no_grad():
-            attn.wqkv.weight.copy_(attn.wqkv.weight[order])
-            if attn.wqkv.bias is not None:
-                attn.wqkv.bias.copy_(attn.wqkv.bias[order])
+            for name, order in orders.items():
+                lin = block.get_submodule(name)
+                lin.weight.copy_(lin.weight[order])
+                if lin.bias is not None:
+                    lin.bias.copy_(lin.bias[order])
+        attn = block.attn
         attn.n_head, attn.n_kv_head = cfg.n_head // tp, cfg.n_kv_head // tp
         parallelize_module(block, mesh, {"attn.wqkv": ColwiseParallel(), "attn.wo": RowwiseParallel(),
                                          "mlp.w_in": ColwiseParallel(), "mlp.w_out": RowwiseParallel()})
