@@ -15,6 +15,8 @@
 #include <string>
 #include <type_traits>
 
+#include "cpu/float_bits.h"  // cpu::DType
+
 namespace fastattn {
 
 inline void append(std::string& s, const char* v) { s += v; }
@@ -61,6 +63,18 @@ std::string message(const A&... parts) {
   } while (0)
 
 namespace fastattn {
+
+// The kernels' DType of a floating torch dtype; op names the caller in the error for any other dtype.
+inline cpu::DType cpu_dtype(at::ScalarType t, const char* op) {
+  switch (t) {
+    case at::kFloat: return cpu::DType::kFloat32;
+    case at::kHalf: return cpu::DType::kFloat16;
+    case at::kBFloat16: return cpu::DType::kBFloat16;
+    case at::kDouble: return cpu::DType::kFloat64;
+    default: FA_CHECK(false, op, ": unsupported dtype ", t, " (Float, Half, BFloat16 or Double)");
+  }
+  return cpu::DType::kFloat32;
+}
 
 // A defined, dense (strided) CPU tensor; messages name the op and the argument. Shared by the CPU bindings.
 inline void check_cpu_strided(const char* op, const at::Tensor& t, const char* name) {

@@ -14,15 +14,7 @@ namespace {
 
 using cpu::DType;
 
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kDouble: return DType::kFloat64;
-    default: FA_CHECK(false, "add_norm: unsupported dtype ", t);
-  }
-}
+DType to_dtype(at::ScalarType t) { return cpu_dtype(t, "add_norm"); }
 
 // Argument checks; every message names the op and the argument.
 struct Checker {

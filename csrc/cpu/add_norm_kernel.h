@@ -3,11 +3,11 @@
 #pragma once
 #include <cstdint>
 
+#include "float_bits.h"  // DType
+
 namespace fastattn {
 
 namespace cpu {
-
-enum class DType : int { kFloat32, kFloat16, kBFloat16, kFloat64 };
 
 // All tensors are contiguous; (M, N) row-major unless noted. The "stats dtype" (mean, rstd, dweight, dbias) and
 // the compute type are float64 for float64 x, else float32. Optional inputs/outputs are nullptr when absent.

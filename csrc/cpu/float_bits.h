@@ -45,6 +45,9 @@ inline uint16_t float_to_bf16(float f) {  // NaN -> 0x7FC0
 
 }  // namespace bits
 
+// The floating dtypes of a kernel's tensors (torch-free headers pass them as this).
+enum class DType : int { kFloat32, kFloat16, kBFloat16, kFloat64 };
+
 // Storage types of float16 / bfloat16 elements (their bits). to_acc widens a stored value to the compute type
 // (float, or double for float64); from_acc<T> rounds a computed value to nearest even into storage type T.
 struct Half { uint16_t bits; };

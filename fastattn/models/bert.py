@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, KeyMap, load_mapped, read_hf_folder
 from .layers import (Block, ModelConfig, ModelOutput, Positions, PretrainedMixin, activation_fn, init_weights,
-                     keep_mask, make_norm)
+                     drop, keep_mask, make_norm)
 
 log = logging.getLogger("fastattn")
 
@@ -67,8 +67,7 @@ class BERTEncoder(nn.Module):
         if pe is not None:
             extra = extra + pe
         x = self.embed_norm.post(self.tok_emb(input_ids), extra)  # LayerNorm(tokens + positions + types)
-        if self.cfg.dropout:
-            x = F.dropout(x, self.cfg.dropout, self.training)
+        x = drop(x, self.cfg.dropout, self.training, self.cfg.backend)
         pad = None if bool(keep.all()) else ~keep  # (B, L) True = padding
         rotary = self.pos.rotary(positions, x.dtype)
         h, residual = x, None
@@ -175,8 +174,7 @@ class BERTForSequenceClassification(PretrainedMixin, nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> ModelOutput:
         pooled = self.pooler(self.encoder(input_ids, attention_mask, token_type_ids))
-        if self.config.dropout:
-            pooled = F.dropout(pooled, self.config.dropout, self.training)
+        pooled = drop(pooled, self.config.dropout, self.training, self.config.backend)
         logits = self.classifier(pooled)
         loss = None
         if labels is not None:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .checkpoint import CheckpointError, KeyMap, hf_get, load_mapped, read_hf_folder
 from .decode_step import bind_decode
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
-                     generation_loop, init_weights, keep_mask, make_norm, padding_or_none)
+                     generation_loop, init_weights, drop, keep_mask, make_norm, padding_or_none)
 
 
 @dataclass
@@ -58,8 +58,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         pe = self.pos.embed(positions)
         if pe is not None:
             x = x + pe
-        if self.config.dropout:
-            x = F.dropout(x, self.config.dropout, self.training)
+        x = drop(x, self.config.dropout, self.training, self.config.backend)
         return x, self.pos.rotary(positions, x.dtype)
 
     def hidden(self, input_ids: Tensor, positions: Tensor, *, causal: Optional[str] = "bottom_right",

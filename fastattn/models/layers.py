@@ -22,6 +22,7 @@ from ..ops.add_norm import add_layer_norm, add_rms_norm
 from ..backends import forced_backend_name
 from ..ops.attention import attention, decode_attention
 from ..ops.attention.decode import route_backend
+from ..ops.dropout import dropout as fa_dropout
 from ..quantization import apply_int8_layout, int8_layout
 
 NORMS = ("layernorm", "rmsnorm")
@@ -151,6 +152,13 @@ class Norm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, {self.kind}, eps={self.eps}"
+
+
+def drop(x: Tensor, p: float, training: bool, backend: str) -> Tensor:
+    """Dropout: fastattn's Philox kernel (the mask regenerated in the backward, not stored), torch's for "torch"."""
+    if not p or not training:
+        return x
+    return F.dropout(x, p, True) if backend == "torch" else fa_dropout(x, p, True)
 
 
 def make_norm(cfg: ModelConfig, dim: Optional[int] = None) -> Norm:
@@ -343,14 +351,14 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, cross: bool = False):
         super().__init__()
-        self.norm_first, self.dropout = cfg.norm_first, cfg.dropout
+        self.norm_first, self.dropout, self.backend = cfg.norm_first, cfg.dropout, cfg.backend
         self.norm1, self.attn = make_norm(cfg), Attention(cfg)
         if cross:
             self.norm_x, self.cross_attn = make_norm(cfg), Attention(cfg, cross=True)
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
 
     def _drop(self, x: Tensor) -> Tensor:
-        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+        return drop(x, self.dropout, self.training, self.backend)
 
     def forward(self, h: Tensor, residual: Optional[Tensor], *, memory=None, memory_mask=None,
                 **attn_kw) -> Tuple[Tensor, Optional[Tensor]]:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .decode_step import bind_decode
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
-                     generation_loop, init_weights, keep_mask, make_norm, padding_or_none)
+                     generation_loop, init_weights, drop, keep_mask, make_norm, padding_or_none)
 
 
 @dataclass
@@ -71,8 +71,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
             x = norm.post(x, pe)  # LayerNorm(tokens + positions) in one call
         elif pe is not None:
             x = x + pe
-        if self.config.dropout:
-            x = F.dropout(x, self.config.dropout, self.training)
+        x = drop(x, self.config.dropout, self.training, self.config.backend)
         return x, pos.rotary(positions, x.dtype)
 
     def _embed_decoder(self, ids: Tensor, positions: Tensor):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.add_norm import add_layer_norm
+from ..ops.dropout import dropout
 from .activation import MultiheadAttention, linear_rows, mha_forward
 from .normalization import LayerNorm
 
@@ -63,9 +64,10 @@ def _plain_dropout(module: nn.Module) -> bool:
 
 
 def _dropout(module: nn.Module, x: Tensor, training: bool) -> Tensor:
-    """module(x); for an nn.Dropout in place (x is a fresh activation nobody saved for backward)."""
+    """module(x); for an nn.Dropout fastattn's Philox dropout (its mask not stored), in place (x is a fresh activation
+    nobody saved for backward)."""
     if _plain_dropout(module):
-        return F.dropout(x, module.p, training, inplace=True) if training and module.p > 0 else x
+        return dropout(x, module.p, training, inplace=True) if training and module.p > 0 else x
     return module(x)
 
 
