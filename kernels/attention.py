@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
+from .dropout import philox_keep
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in base 2 (exp2): x * LOG2E
 LN2 = tl.constexpr(0.6931471805599453)
@@ -69,7 +70,7 @@ def _head_bias(Mask, stride_mb, stride_mh, Alibi, b, h, bh, HAS_ALIBI: tl.conste
 @triton.jit
 def _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p):
     counter = rng_offset + ((bh.to(tl.int64) * L + offs_m[:, None]) * S + offs_n[None, :])
-    return tl.rand(seed, counter) >= dropout_p
+    return philox_keep(seed, counter, dropout_p)
 
 
 @triton.jit

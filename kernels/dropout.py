@@ -1,5 +1,5 @@
-"""Dropout in Triton: one program per BLOCK elements, keep flags from tl.rand (Philox) at counters offset + i, so
-the CPU kernel keeps the same elements. Contract: fastattn/ops/dropout.py."""
+"""Dropout in Triton: one program per BLOCK elements, keep flags from philox_keep at logical counters offset + i,
+as the CPU kernels draw them (also the attention kernels' dropout). Contract: fastattn/ops/dropout.py."""
 import torch
 import triton
 import triton.language as tl
@@ -8,11 +8,20 @@ BLOCK = 1024
 
 
 @triton.jit
+def philox_keep(seed, counter, p):
+    """counter's uniform >= p: word (counter % 4) of Philox4x32-10 at counter // 4 (csrc/cpu/philox.h: one Philox
+    evaluation serves four consecutive counters there)."""
+    u0, u1, u2, u3 = tl.rand4x(seed, counter >> 2)
+    w = counter & 3
+    return tl.where(w == 0, u0, tl.where(w == 1, u1, tl.where(w == 2, u2, u3))) >= p
+
+
+@triton.jit
 def _dropout_kernel(X, Out, n, p, scale, seed, offset, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = idx < n
     x = tl.load(X + idx, mask=inside, other=0.0).to(tl.float32)
-    keep = tl.rand(seed, offset + idx) >= p
+    keep = philox_keep(seed, offset + idx, p)
     tl.store(Out + idx, (x * tl.where(keep, scale, 0.0)).to(Out.dtype.element_ty), mask=inside)
 
 

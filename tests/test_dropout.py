@@ -76,6 +76,17 @@ def test_cpu_dropout_equals_the_attention_kernels_mask():
     assert torch.equal(keep, mask)
 
 
+@needs_cpu
+@pytest.mark.parametrize("S, offset", [(37, 2**40 + 1), (130, 2**32 - 301)])
+def test_attention_masks_agree_across_backends(S, offset):
+    """The CPU and Triton attention kernels drop the same (b, h, i, j), rows starting inside a Philox counter's four
+    words and crossing a 2**32 carry included."""
+    from fastattn.ops.attention import dispatch as A
+    p = A.AttnParams(scale=1.0, dropout_p=0.3, seed=2**40 + 17, offset=offset)
+    cpu, tri = (A.dropout_mask(b, p, 2, 3, 5, S, "cpu") for b in ("cpu", "triton"))
+    assert torch.equal(cpu, tri) and abs(cpu.float().mean().item() - 0.7) < 0.05
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_backward_regenerates_the_mask(backend):
     if backend == "cpu" and not HAS_CPU_KERNEL:
@@ -166,7 +177,7 @@ def test_cpu_code_paths(env):
     """The kernel chooses AVX-512, AVX2 or portable Philox at run time (once per process): fresh processes with the
     faster paths off keep the same elements as Triton."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "same_elements or values_and_keep_rate and cpu"],
+                        "same_elements or agree or values_and_keep_rate and cpu"],
                        env=dict(os.environ, **env), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout

@@ -202,7 +202,7 @@ void register_cpu_attention(pybind11::module_& m) {
         py::arg("scale"), py::arg("causal"), py::arg("diag_offset"), py::arg("window_left"),
         py::arg("window_right"), py::arg("softcap"), py::arg("dropout_p"), py::arg("seed"), py::arg("offset"));
   m.def("attention_dropout_mask_cpu", &attention_dropout_mask_cpu,
-        "The (B, H, L, S) bool keep mask of the CPU attention kernels (Philox, equal to Triton's tl.rand)",
+        "The (B, H, L, S) bool keep mask of the CPU attention kernels (Philox, equal to Triton's)",
         py::arg("B"), py::arg("H"), py::arg("L"), py::arg("S"), py::arg("dropout_p"), py::arg("seed"),
         py::arg("offset"));
 }

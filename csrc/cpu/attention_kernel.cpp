@@ -669,8 +669,6 @@ void dispatch(const AttnArgs& a, F&& f) {
 
 }  // namespace
 
-float attention_philox_uniform(uint64_t seed, uint64_t counter) { return philox_uniform(seed, counter); }
-
 void attention_fwd(const AttnFwdArgs& a) {
   dispatch(a, [&](auto&& attn) { attn.forward(a); });
 }

@@ -54,13 +54,10 @@ struct AttnBwdArgs : AttnArgs {
 void attention_fwd(const AttnFwdArgs& a);
 void attention_bwd(const AttnBwdArgs& a);
 
-// keep[((b * H + h) * L + i) * S + j] = philox_uniform(seed, offset + that index) >= (float)dropout_p.
+// keep[((b * H + h) * L + i) * S + j] = (the uniform of logical counter offset + that index) >= (float)dropout_p:
+// word (counter % 4) of Philox4x32-10 at (counter / 4) under key seed (philox.h; Triton's philox_keep).
 void attention_dropout_mask(int64_t B, int64_t H, int64_t L, int64_t S, double dropout_p, uint64_t seed,
                             uint64_t offset, bool* keep, int num_threads);
-
-// Triton's tl.rand(seed, counter): Philox4x32-10 on (counter lo, counter hi, 0, 0) with key (seed lo, seed hi),
-// first output word mapped to a float in [0, 1).
-float attention_philox_uniform(uint64_t seed, uint64_t counter);
 
 }  // namespace cpu
 }  // namespace fastattn

@@ -64,12 +64,6 @@ struct Vec {
     return _mm_cvtss_f32(s);
   }
   FA_INLINE static F to_float(I a) { return _mm256_cvtepi32_ps(a); }
-  // keep[i] = u[i] >= p[i], as bytes 0 / 1
-  FA_INLINE static void store_ge(uint8_t* keep, F u, F p) {
-    const __m256i k = _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(u, p, _CMP_GE_OQ)), 31);
-    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(k), _mm256_extracti128_si256(k, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(keep), _mm_packus_epi16(w, w));
-  }
 
   FA_INLINE static I zeroi() { return _mm256_setzero_si256(); }
   FA_INLINE static I set1i(uint32_t x) { return _mm256_set1_epi32(int(x)); }
@@ -81,6 +75,12 @@ struct Vec {
   template <int N> FA_INLINE static I slli64(I a) { return _mm256_slli_epi64(a, N); }
   template <int N> FA_INLINE static I srai32(I a) { return _mm256_srai_epi32(a, N); }
   FA_INLINE static I blend_odd(I a, I b) { return _mm256_blend_epi32(a, b, 0xAA); }  // odd lanes from b
+  FA_INLINE static I ge01(F u, F p) {  // 1 where u >= p, else 0, per 32-bit lane
+    return _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(u, p, _CMP_GE_OQ)), 31);
+  }
+  template <int N> FA_INLINE static I slli32(I a) { return _mm256_slli_epi32(a, N); }
+  FA_INLINE static I ori(I a, I b) { return _mm256_or_si256(a, b); }
+  FA_INLINE static void storei(void* p, I a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), a); }
 };
 FA_TARGET_END
 }  // namespace avx2
@@ -111,11 +111,6 @@ struct Vec {
     return avx2::Vec::reduce_max(_mm256_max_ps(_mm512_castps512_ps256(v), high_half(v)));
   }
   FA_INLINE static F to_float(I a) { return _mm512_cvtepi32_ps(a); }
-  FA_INLINE static void store_ge(uint8_t* keep, F u, F p) {
-    const __mmask16 k = _mm512_cmp_ps_mask(u, p, _CMP_GE_OQ);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(keep),
-                     _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(k, _mm512_set1_epi32(1))));
-  }
 
   FA_INLINE static I zeroi() { return _mm512_setzero_si512(); }
   FA_INLINE static I set1i(uint32_t x) { return _mm512_set1_epi32(int(x)); }
@@ -127,6 +122,12 @@ struct Vec {
   template <int N> FA_INLINE static I slli64(I a) { return _mm512_slli_epi64(a, N); }
   template <int N> FA_INLINE static I srai32(I a) { return _mm512_srai_epi32(a, N); }
   FA_INLINE static I blend_odd(I a, I b) { return _mm512_mask_blend_epi32(0xAAAA, a, b); }
+  FA_INLINE static I ge01(F u, F p) {
+    return _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(u, p, _CMP_GE_OQ), _mm512_set1_epi32(1));
+  }
+  template <int N> FA_INLINE static I slli32(I a) { return _mm512_slli_epi32(a, N); }
+  FA_INLINE static I ori(I a, I b) { return _mm512_or_si512(a, b); }
+  FA_INLINE static void storei(void* p, I a) { _mm512_storeu_si512(p, a); }
 };
 FA_TARGET_END
 }  // namespace avx512
