@@ -172,7 +172,8 @@ class Distributed(Single):
             print(f"resumed from {path} at step {trainer.step} (sharded, {self.kind})", file=sys.stderr)
 
     def full_state_dict(self, model):
-        """The whole model's state dict on rank 0 (gathered from the shards; TP's wqkv rows put back in order)."""
+        """The whole model's state dict on rank 0 (gathered from the shards; TP's fused projections' rows put back in
+        the model's order)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return _unpermute(sd, model.config, self.world) if self.kind == "tp" else sd

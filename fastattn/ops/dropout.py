@@ -1,12 +1,13 @@
-"""Dropout on a counter-based generator: element i of a contiguous tensor is kept when the Philox4x32-10 uniform at
-counter ``offset + i`` under key ``seed`` is >= p, and scaled by 1 / (1 - p). Nothing is stored for the backward but
+"""Dropout on a counter-based generator: element i of a contiguous tensor is kept when the uniform of logical counter
+``offset + i`` under key ``seed`` (word (offset + i) % 4 of Philox4x32-10 at counter (offset + i) // 4: one Philox
+evaluation serves four elements) is >= p, and scaled by 1 / (1 - p). Nothing is stored for the backward but
 (p, seed, offset): it applies the same keep flags to the gradient. (seed, offset) are drawn from torch's default
 generator, so torch.manual_seed reproduces a run. Contract of every backend:
 
   fwd(x, out, p, seed, offset) -> None: out = x * keep / (1 - p), both contiguous, one dtype; out may be x
 
-Backends: cpu (csrc/cpu/dropout_kernel.cpp) and triton (kernels/dropout.py) keep the same elements (the generator of
-Triton's tl.rand, as the attention kernels' dropout); reference: torch's generator seeded by seed + offset
+Backends: cpu (csrc/cpu/dropout_kernel.cpp) and triton (kernels/dropout.py) keep the same elements (the same Philox
+words as the attention kernels' dropout); reference: torch's generator seeded by seed + offset
 (reproducible, not Philox-equal). No CUDA C++ kernel: on GPUs Triton runs it. Under torch.compile or a torch.func
 transform, and for tensor subclasses, ``dropout`` is torch's own F.dropout (which those understand).
 """
@@ -78,8 +79,8 @@ DropoutFunctionEager = eager_twin(DropoutFunction)
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
-    """torch.nn.functional.dropout's signature and meaning, on fastattn's Philox kernels: the mask is regenerated in
-    the backward instead of stored, and made several times faster than torch's CPU generator."""
+    """torch.nn.functional.dropout's signature and meaning, on fastattn's Philox kernels: the mask is drawn several
+    times faster than torch's CPU generator draws it, and regenerated in the backward instead of stored."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
@@ -89,9 +90,9 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = Fa
     if p == 1.0 or not x.is_floating_point() or torch.compiler.is_compiling() or is_transformed(x) or \
             has_torch_function_subclass(x) or x.dtype not in _FLOATS + (torch.float64,):
         return F.dropout(x, p, training, inplace)
+    if inplace and x.requires_grad and x.is_leaf and torch.is_grad_enabled():
+        return F.dropout(x, p, training, inplace)  # torch's error for an in-place op on a leaf that requires grad
     # from torch's default generator, so torch.manual_seed reproduces the mask; offsets stay far from 2**63
     seed = int(torch.randint(0, 2**62, (1,)))
     offset = int(torch.randint(0, 2**40, (1,)))
-    if inplace and x.requires_grad and x.is_leaf and torch.is_grad_enabled():
-        return F.dropout(x, p, training, inplace)  # torch's error for an in-place op on a leaf that requires grad
     return DropoutFunctionEager.apply(x, float(p), seed, offset, inplace)
