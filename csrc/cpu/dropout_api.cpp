@@ -39,7 +39,7 @@ void dropout_cpu(const at::Tensor& x, at::Tensor& out, double p, int64_t seed, i
 void register_cpu_dropout(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("dropout_cpu", &dropout_cpu,
-        "out = x * keep / (1 - p) on CPU (Philox keep flags at counters offset + i, equal to Triton's tl.rand); "
+        "out = x * keep / (1 - p) on CPU (Philox keep flags of logical counters offset + i, equal to Triton's); "
         "out may be x", py::arg("x"), py::arg("out"), py::arg("p"), py::arg("seed"), py::arg("offset"));
 }
 

@@ -1,6 +1,7 @@
-// CPU dropout on Philox counters (torch-free): out[i] = x[i] * (keep_i / (1 - p)), keep_i = the Philox uniform at
-// counter offset + i under key seed is >= p (philox.h: Triton's tl.rand, so the Triton kernel keeps the same
-// elements). x and out are contiguous, of n elements of one dtype, and may be the same memory (in place).
+// CPU dropout on Philox counters (torch-free): out[i] = x[i] * (keep_i / (1 - p)), keep_i = the uniform of logical
+// counter offset + i under key seed is >= p (philox.h: word (offset + i) % 4 of Philox4x32-10 at (offset + i) / 4;
+// the Triton kernel keeps the same elements). x and out are contiguous, of n elements of one dtype, and may be the
+// same memory (in place).
 #pragma once
 #include <cstdint>
 
