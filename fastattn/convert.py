@@ -42,9 +42,13 @@ def _fastattn_class(kind: str) -> Optional[type]:
     return getattr(fnn, kind, None)
 
 
-def _kind(mod: nn.Module, attention: bool, layernorm: bool) -> Optional[str]:
+def _enabled(attention: bool, layernorm: bool, dropout: bool = False) -> Tuple[str, ...]:
+    """The torch class names convert swaps, by its flags."""
+    return (_ATTENTION if attention else ()) + (_NORMS if layernorm else ()) + (("Dropout",) if dropout else ())
+
+
+def _kind(mod: nn.Module, kinds: Tuple[str, ...]) -> Optional[str]:
     """The swap this module gets: its torch class name, when it is exactly that class and that swap is enabled."""
-    kinds = (_ATTENTION if attention else ()) + (_NORMS if layernorm else ())
     for kind in kinds:
         if type(mod) is getattr(nn, kind):
             return kind
@@ -55,11 +59,10 @@ def _ours(mod: nn.Module) -> bool:
     return type(mod).__module__.startswith("fastattn.")
 
 
-def _torch_base(mod: nn.Module, attention: bool, layernorm: bool) -> Optional[str]:
+def _torch_base(mod: nn.Module, kinds: Tuple[str, ...]) -> Optional[str]:
     """The swappable torch class a (non-fastattn) subclass derives from, else None."""
     if _ours(mod):
         return None
-    kinds = (_ATTENTION if attention else ()) + (_NORMS if layernorm else ())
     for kind in kinds:
         if isinstance(mod, getattr(nn, kind)) and type(mod) is not getattr(nn, kind):
             return kind
@@ -102,6 +105,8 @@ def _build(kind: str, old: nn.Module, device, layernorm: bool) -> nn.Module:
         return cls(old.normalized_shape, old.eps, old.elementwise_affine, old.bias is not None, **dd)
     if kind == "RMSNorm":
         return cls(old.normalized_shape, old.eps, old.elementwise_affine, **dd)
+    if kind == "Dropout":
+        return cls(old.p, old.inplace)
     if kind == "MultiheadAttention":
         return cls(old.embed_dim, old.num_heads, dropout=old.dropout, bias=old.in_proj_bias is not None,
                    add_bias_kv=old.bias_k is not None, add_zero_attn=old.add_zero_attn, kdim=old.kdim,
@@ -136,7 +141,7 @@ def _build(kind: str, old: nn.Module, device, layernorm: bool) -> nn.Module:
 def _norm_twin(norm: Optional[nn.Module], device, layernorm: bool) -> Optional[nn.Module]:
     """An encoder / decoder's final norm: fastattn's when it is a plain LayerNorm / RMSNorm and norms are swapped,
     else the same module object."""
-    kind = _kind(norm, False, layernorm) if norm is not None else None
+    kind = _kind(norm, _enabled(False, layernorm)) if norm is not None else None
     return _build(kind, norm, device, layernorm) if kind is not None else norm
 
 
@@ -232,19 +237,19 @@ def _entry(e: SkipEntry) -> str:
 
 # ---- the walk ----------------------------------------------------------------------------------------------------
 class _Converter:
-    def __init__(self, attention: bool, layernorm: bool, int8: Optional[str], skip: _Skip):
-        self.attention, self.layernorm, self.int8, self.skip = attention, layernorm, int8, skip
+    def __init__(self, kinds: Tuple[str, ...], layernorm: bool, int8: Optional[str], skip: _Skip):
+        self.kinds, self.layernorm, self.int8, self.skip = kinds, layernorm, int8, skip
         self.counts: Counter = Counter()
         self.done: Dict[int, nn.Module] = {}  # id(old) -> new: a module shared by two parents stays shared
 
     def would_swap(self, mod: nn.Module) -> bool:
-        return any(_kind(m, self.attention, self.layernorm) is not None for m in mod.modules())
+        return any(_kind(m, self.kinds) is not None for m in mod.modules())
 
     def swapped(self, name: str, mod: nn.Module) -> Optional[nn.Module]:
         """The replacement for mod (None: keep it, walk inside)."""
-        kind = _kind(mod, self.attention, self.layernorm)
+        kind = _kind(mod, self.kinds)
         if kind is None:
-            base = _torch_base(mod, self.attention, self.layernorm)
+            base = _torch_base(mod, self.kinds)
             if base is not None:
                 log.info("fastattn.convert: left %s (%s) as it is: a subclass of nn.%s, whose forward may differ",
                          name or "the model", type(mod).__name__, base)
@@ -338,11 +343,12 @@ def _hf_attention(model: nn.Module, skip: _Skip) -> None:
                  type(mod).__name__, before)
 
 
-def convert(model: nn.Module, *, attention: bool = True, layernorm: bool = True, int8: Union[bool, str] = False,
-            skip: Sequence[SkipEntry] = ()) -> nn.Module:
+def convert(model: nn.Module, *, attention: bool = True, layernorm: bool = True, dropout: bool = True,
+            int8: Union[bool, str] = False, skip: Sequence[SkipEntry] = ()) -> nn.Module:
     """Swap, in place, torch's nn.MultiheadAttention and nn.Transformer{,Encoder,Decoder}{,Layer} (attention=True),
-    nn.LayerNorm and nn.RMSNorm (layernorm=True) and nn.Linear (int8=True or a mode: "w8a8", "w8a8_static",
-    "w8a16") for fastattn's, carrying the weights; HF transformers models (attention=True) switch to
+    nn.LayerNorm and nn.RMSNorm (layernorm=True), nn.Dropout (dropout=True: fastattn's Philox dropout, which draws
+    other masks than torch's generator) and nn.Linear (int8=True or a mode: "w8a8", "w8a8_static", "w8a16") for
+    fastattn's, carrying the weights; HF transformers models (attention=True) switch to
     attn_implementation="fastattn". ``skip``: module names as in ``named_modules()`` (fnmatch patterns allowed) or
     classes; a skipped module is left whole, with everything inside it.
 
@@ -362,7 +368,7 @@ def convert(model: nn.Module, *, attention: bool = True, layernorm: bool = True,
         raise ValueError("int8: 'w8a8_static' needs calibrated input scales: use fastattn.quantize(model, calib_data, "
                          "mode='w8a8_static')")
     skip = _Skip(skip)
-    conv = _Converter(bool(attention), bool(layernorm), int8, skip)
+    conv = _Converter(_enabled(bool(attention), bool(layernorm), bool(dropout)), bool(layernorm), int8, skip)
     if skip.match("", model) is not None:
         log.info("fastattn.convert: the model (%s) is in skip: nothing swapped", type(model).__name__)
         return model

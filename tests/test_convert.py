@@ -205,6 +205,32 @@ def test_flags():
     assert type(model.ln) is nn.LayerNorm and type(model.mha) is fnn.MultiheadAttention
 
 
+def test_dropout_swapped(caplog):
+    """nn.Dropout -> fastattn.nn.Dropout (p, inplace and training mode kept; a subclass left alone); dropout=False
+    keeps torch's. In training it drops as torch's does (rate, scale, zero gradients where dropped)."""
+    class MyDropout(nn.Dropout):
+        pass
+
+    model = nn.Sequential(nn.Linear(8, 64), nn.Dropout(0.25, inplace=True), MyDropout(0.5), nn.Dropout(0.1))
+    with caplog.at_level(logging.INFO, logger="fastattn"):
+        fastattn.convert(model)
+    assert [type(m) for m in model[1:]] == [fnn.Dropout, MyDropout, fnn.Dropout]
+    assert (model[1].p, model[1].inplace, model[3].p) == (0.25, True, 0.1)
+    assert "2 x nn.Dropout -> fastattn.nn.Dropout" in "\n".join(r.getMessage() for r in caplog.records)
+    layer = fnn.Dropout(0.25)
+    x = (torch.rand(200, 500) + 0.5).requires_grad_()
+    y = layer(x)
+    keep = y != 0
+    assert abs(keep.float().mean().item() - 0.75) < 0.01
+    assert torch.allclose(y[keep], x[keep] / 0.75)
+    y.sum().backward()
+    assert torch.equal(x.grad, keep * (1 / torch.tensor(0.75)))
+    assert layer.eval()(x) is x and repr(layer) == "Dropout(p=0.25, inplace=False)"
+    kept = nn.Sequential(nn.Dropout(0.1))
+    fastattn.convert(kept, dropout=False)
+    assert type(kept[0]) is nn.Dropout
+
+
 @pytest.mark.parametrize("mode", [True, "w8a16"])
 def test_int8(mode):
     """nn.Linear -> Int8Linear.from_float (also inside fastattn's Transformer layers), exactly as built by hand;
