@@ -76,9 +76,10 @@ def main(cfg: QuantizeConfig) -> int:
                   INT8_FILE: lambda p: p.write_text(json.dumps(layout, indent=1)),
                   "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2))})
     ckpt.write_folder(out, files)
-    n8, size = len(layout), (out / "model.safetensors").stat().st_size
+    n8 = len(layout)
+    size_float, size = ((f / "model.safetensors").stat().st_size for f in (src, out))
     print(json.dumps({"out": str(out), "int8_linears": n8, "loss_float": before, "loss_int8": after,
-                      "bytes_float": (src / "model.safetensors").stat().st_size, "bytes_int8": size}, indent=2))
+                      "bytes_float": size_float, "bytes_int8": size}, indent=2))
     print(f"{n8} Linear layers -> int8 {cfg.mode}; held-out loss {before} -> {after}; weights "
-          f"{(src / 'model.safetensors').stat().st_size / 2**20:.1f} -> {size / 2**20:.1f} MiB", file=sys.stderr)
+          f"{size_float / 2**20:.1f} -> {size / 2**20:.1f} MiB", file=sys.stderr)
     return 0
