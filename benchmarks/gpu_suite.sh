@@ -39,8 +39,8 @@ grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
 t_bench=$(( BUDGET - $(elapsed) - 25 ))
 log "benchmarks (up to ${t_bench}s)"
 FASTATTN_BENCH_SUITE=1 timeout -s INT -k 10 $t_bench $PY -m pytest benchmarks/bench_int8.py benchmarks/bench_add_norm.py \
-  benchmarks/bench_decode.py benchmarks/bench_attention.py benchmarks/bench_modules.py benchmarks/bench_models.py \
-  benchmarks/bench_hf.py --benchmark-only -q -p no:cacheprovider \
+  benchmarks/bench_decode.py benchmarks/bench_attention.py benchmarks/bench_dropout.py benchmarks/bench_modules.py \
+  benchmarks/bench_models.py benchmarks/bench_hf.py --benchmark-only -q -p no:cacheprovider \
   --benchmark-json="$OUT/bench.json" > "$OUT/bench.log" 2>&1
 log "benchmarks rc=$?: $(tail -1 "$OUT/bench.log")"
 
