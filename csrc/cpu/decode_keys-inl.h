@@ -84,37 +84,37 @@ inline void add_pv2(const float* p0, const float* p1, const float* v, int64_t sv
   }
 }
 
-// o[0, Dvp) += sum_j p[j] v_j. sparse (the block has masked keys): the keys with p[j] == 0 are skipped, so the V
-// rows of masked keys are never read; else two keys at a time into two sets of accumulators (no FMA chain from one
-// key to the next).
+// o[e, e + C * W) += sum_j p[j] v_j[e, e + C * W): C accumulators; with fewer than 8 (no cover for the FMA
+// latency) two keys at a time into two sets. sparse: keys with p[j] == 0 are skipped (masked keys' V never read).
+template <int C>
+inline void add_pv_cols(const float* p, const float* v, int64_t sv, int64_t n, float* o, bool sparse) {
+  constexpr bool two = C < 8;
+  typename Vec::F a[C], b[C];
+  for (int c = 0; c < C; ++c) a[c] = Vec::load(o + c * Vec::W), b[c] = Vec::zero();
+  int64_t j = 0;
+  if (two && !sparse) {
+    for (; j + 2 <= n; j += 2) {
+      const typename Vec::F p0 = Vec::set1(p[j]), p1 = Vec::set1(p[j + 1]);
+      const float* v0 = v + j * sv;
+      for (int c = 0; c < C; ++c) a[c] = Vec::fmadd(p0, Vec::load(v0 + c * Vec::W), a[c]);
+      for (int c = 0; c < C; ++c) b[c] = Vec::fmadd(p1, Vec::load(v0 + sv + c * Vec::W), b[c]);
+    }
+  }
+  for (; j < n; ++j) {
+    if (sparse && p[j] == 0.0f) continue;
+    const typename Vec::F pj = Vec::set1(p[j]);
+    for (int c = 0; c < C; ++c) a[c] = Vec::fmadd(pj, Vec::load(v + j * sv + c * Vec::W), a[c]);
+  }
+  for (int c = 0; c < C; ++c) Vec::store(o + c * Vec::W, two ? Vec::add(a[c], b[c]) : a[c]);
+}
+
+// o[0, Dvp) += sum_j p[j] v_j, in column chunks of 8 vectors (a whole D 64 row on AVX2: one pass over the block's
+// V rows, each read in full, as a memory stream wants), then 4, then 1.
 inline void add_pv(const float* p, const float* v, int64_t sv, int64_t n, int64_t Dvp, float* o, bool sparse) {
   int64_t e = 0;
-  for (; e + 4 * Vec::W <= Dvp; e += 4 * Vec::W) {
-    typename Vec::F a[4], b[4];
-    for (int c = 0; c < 4; ++c) a[c] = Vec::load(o + e + c * Vec::W), b[c] = Vec::zero();
-    int64_t j = 0;
-    if (!sparse) {
-      for (; j + 2 <= n; j += 2) {
-        const typename Vec::F p0 = Vec::set1(p[j]), p1 = Vec::set1(p[j + 1]);
-        const float* v0 = v + j * sv + e;
-        const float* v1 = v0 + sv;
-        for (int c = 0; c < 4; ++c) a[c] = Vec::fmadd(p0, Vec::load(v0 + c * Vec::W), a[c]);
-        for (int c = 0; c < 4; ++c) b[c] = Vec::fmadd(p1, Vec::load(v1 + c * Vec::W), b[c]);
-      }
-    }
-    for (; j < n; ++j) {
-      if (sparse && p[j] == 0.0f) continue;
-      const typename Vec::F pj = Vec::set1(p[j]);
-      for (int c = 0; c < 4; ++c) a[c] = Vec::fmadd(pj, Vec::load(v + j * sv + e + c * Vec::W), a[c]);
-    }
-    for (int c = 0; c < 4; ++c) Vec::store(o + e + c * Vec::W, Vec::add(a[c], b[c]));
-  }
-  for (; e < Dvp; e += Vec::W) {
-    typename Vec::F o0 = Vec::load(o + e);
-    for (int64_t j = 0; j < n; ++j)
-      if (!sparse || p[j] != 0.0f) o0 = Vec::fmadd(Vec::set1(p[j]), Vec::load(v + j * sv + e), o0);
-    Vec::store(o + e, o0);
-  }
+  for (; e + 8 * Vec::W <= Dvp; e += 8 * Vec::W) add_pv_cols<8>(p, v + e, sv, n, o + e, sparse);
+  for (; e + 4 * Vec::W <= Dvp; e += 4 * Vec::W) add_pv_cols<4>(p, v + e, sv, n, o + e, sparse);
+  for (; e < Dvp; e += Vec::W) add_pv_cols<1>(p, v + e, sv, n, o + e, sparse);
 }
 
 // x[j] = 2^(x[j] - m) for j < n (2^-inf = 0); returns the sum
