@@ -235,6 +235,25 @@ def test_save_from_pretrained_round_trip(tmp_path, variant):
     assert th.config.backend == "torch"
 
 
+
+def test_from_pretrained_bad_weights_name_the_key(tmp_path):
+    """A weights file missing a tensor, with a wrong shape or with an unknown name: CheckpointError naming it."""
+    from safetensors.torch import load_file, save_file
+    from fastattn.models import CheckpointError
+    model("gpt2").save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    good = load_file(file)
+    for state, match in [({k: v for k, v in good.items() if k != "blocks.1.mlp.w_out.weight"},
+                          r"missing weights: blocks\.1\.mlp\.w_out\.weight"),
+                         ({**good, "blocks.0.norm1.weight": torch.ones(3)}, r"blocks\.0\.norm1\.weight has shape"),
+                         ({**good, "extra.weight": torch.ones(2)}, r"does not have: extra\.weight")]:
+        save_file(state, file)
+        with pytest.raises(CheckpointError, match=match):
+            GPT.from_pretrained(tmp_path)
+    file.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        GPT.from_pretrained(tmp_path)
+
 def test_parameter_split():
     for variant in ("gpt2", "llama"):
         m = model(variant)

@@ -161,43 +161,15 @@ def read_json(path):
 
 
 def save_weights(model, path):
-    """model's state dict as safetensors: a tensor shared by several names (tied weights) stored once, under its
-    first name; any layout stored contiguous."""
-    from safetensors.torch import save_file
-    state, seen = {}, set()
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), tuple(t.shape), t.stride())
-        if t.numel() and key in seen:
-            continue
-        seen.add(key)
-        state[name] = t.detach().contiguous()
-    save_file(state, str(path), metadata={"format": "pt"})
+    """model's weights as safetensors (fastattn.models.checkpoint.save_weights: tied weights stored once)."""
+    from fastattn.models import checkpoint as weights
+    weights.save_weights(model, path)
 
 
 def load_weights(model, path):
-    """Copy what save_weights wrote into model, in place (parameters keep their identity and layout). Every key
-    must be the model's with its shape; a key not in the file must share its tensor with one that is (tied)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Copy what save_weights wrote into model, in place; a bad file is a CheckpointError (one line for the user)."""
+    from fastattn.models import checkpoint as weights
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
-    own = model.state_dict()
-    unknown = sorted(set(state) - set(own))
-    if unknown:
-        raise CheckpointError(f"{path}: weights the model does not have: {', '.join(unknown[:4])}")
-    loaded = set()
-    with torch.no_grad():
-        for name, t in own.items():
-            if name in state:
-                if tuple(state[name].shape) != tuple(t.shape):
-                    raise CheckpointError(f"{path}: {name} has shape {tuple(state[name].shape)}, the model "
-                                          f"{tuple(t.shape)}")
-                if state[name].is_floating_point() != t.is_floating_point():  # int8 weights, float model or back
-                    raise CheckpointError(f"{path}: {name} is {state[name].dtype}, the model's {t.dtype}")
-                t.copy_(state[name])
-                loaded.add(t.data_ptr())
-    missing = [n for n, t in own.items() if n not in state and t.data_ptr() not in loaded]
-    if missing:
-        raise CheckpointError(f"{path}: missing weights: {', '.join(missing[:4])}")
+        weights.load_weights(model, path)
+    except weights.CheckpointError as e:
+        raise CheckpointError(str(e)) from None

@@ -1,5 +1,6 @@
 """Reading HF checkpoint folders (config.json + model.safetensors or pytorch_model.bin) for the ``from_hf`` importers,
-with errors that name the missing key or the wrong shape."""
+and our own weights files (save_weights / load_weights: save_pretrained, the CLI's checkpoints), with errors that
+name the missing key or the wrong shape."""
 from __future__ import annotations
 
 import json
@@ -78,6 +79,50 @@ def load_mapped(model: nn.Module, state: Dict[str, Tensor]) -> None:
             raise CheckpointError(f"{key!r}: checkpoint gives {tuple(state[key].shape)}, the model has "
                                   f"{tuple(t.shape)}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own}, strict=True)
+
+
+def save_weights(model: nn.Module, file: str) -> None:
+    """model's state dict as safetensors: a tensor shared by several names (tied weights) stored once, under its
+    first name; any layout stored contiguous."""
+    from safetensors.torch import save_file
+    state, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape), t.stride())  # the same tensor, not just the same start
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        state[name] = t.detach().contiguous()
+    save_file(state, str(file), metadata={"format": "pt"})
+
+
+def load_weights(model: nn.Module, file: str) -> None:
+    """Copy what save_weights wrote into model, in place (parameters keep their identity and layout). Every key
+    must be the model's, with its shape and kind (an int8 weight for an int8 buffer); a key not in the file must
+    share its tensor with one that is (tied)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable ({e})") from None
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise CheckpointError(f"{file}: weights the model does not have: {', '.join(unknown[:4])}")
+    loaded = set()
+    with torch.no_grad():
+        for name, t in own.items():
+            if name in state:
+                if tuple(state[name].shape) != tuple(t.shape):
+                    raise CheckpointError(f"{file}: {name} has shape {tuple(state[name].shape)}, the model "
+                                          f"{tuple(t.shape)}")
+                if state[name].is_floating_point() != t.is_floating_point():  # int8 weights, float model or back
+                    raise CheckpointError(f"{file}: {name} is {state[name].dtype}, the model's {t.dtype}")
+                t.copy_(state[name])
+                loaded.add(t.data_ptr())
+    missing = [n for n, t in own.items() if n not in state and t.data_ptr() not in loaded]
+    if missing:
+        raise CheckpointError(f"{file}: missing weights: {', '.join(missing[:4])}")
 
 
 def hf_get(config: dict, *names, default=None):

@@ -24,6 +24,7 @@ from ..ops.attention import attention, decode_attention
 from ..ops.attention.decode import route_backend
 from ..ops.dropout import dropout as fa_dropout
 from ..quantization import apply_int8_layout, int8_layout
+from .checkpoint import load_weights, save_weights
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
@@ -506,7 +507,6 @@ class PretrainedMixin:
     def save_pretrained(self, path: str) -> None:
         """config.json and model.safetensors (a tied weight is stored once, under its first name); a quantized
         model (fastattn.quantize) also writes quantization.json and keeps its weights int8."""
-        from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         self.config.save(os.path.join(path, CONFIG_FILE))
         layout, layout_file = int8_layout(self), os.path.join(path, INT8_FILE)
@@ -515,20 +515,12 @@ class PretrainedMixin:
                 json.dump(layout, f, indent=1)
         elif os.path.exists(layout_file):  # a float model saved over a quantized one
             os.remove(layout_file)
-        state, seen = {}, set()
-        for name, t in self.state_dict().items():
-            key = (t.data_ptr(), tuple(t.shape), t.stride())  # the same tensor, not just the same start
-            if t.numel() and key in seen:
-                continue
-            seen.add(key)
-            state[name] = t.detach().contiguous()
-        save_file(state, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+        save_weights(self, os.path.join(path, WEIGHTS_FILE))
 
     @classmethod
     def from_pretrained(cls, path: str, **overrides):
         """Load what save_pretrained wrote (a quantized model comes back int8); ``overrides`` replace config fields
-        (e.g. backend="torch")."""
-        from safetensors.torch import load_file
+        (e.g. backend="torch"). A bad weights file raises CheckpointError naming the key."""
         cfg = cls.config_class.load(os.path.join(path, CONFIG_FILE))
         if overrides:
             cfg = cls.config_class.from_dict({**dataclasses.asdict(cfg), **overrides})
@@ -536,16 +528,7 @@ class PretrainedMixin:
         if os.path.exists(os.path.join(path, INT8_FILE)):
             with open(os.path.join(path, INT8_FILE)) as f:
                 apply_int8_layout(model, json.load(f))
-        state = load_file(os.path.join(path, WEIGHTS_FILE))
-        own = model.state_dict()
-        for name, t in own.items():  # tied weights: stored once, under the first name sharing them
-            if name not in state:
-                twin = next((n for n, u in own.items() if n in state and (u.data_ptr(), u.shape, u.stride()) ==
-                             (t.data_ptr(), t.shape, t.stride())), None)
-                if twin is None:
-                    raise KeyError(f"{path}: {WEIGHTS_FILE} has no {name!r}")
-                state[name] = state[twin]
-        model.load_state_dict(state, strict=True)
+        load_weights(model, os.path.join(path, WEIGHTS_FILE))
         return model
 
     def num_parameters(self, trainable_only: bool = False) -> int:
