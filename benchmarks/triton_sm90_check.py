@@ -19,8 +19,10 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from fastattn.kernels import add_norm as AN  # noqa: E402
 from fastattn.kernels import attention as A  # noqa: E402
 from fastattn.kernels import decode as DEC  # noqa: E402
+from fastattn.kernels import dropout as D  # noqa: E402
 from fastattn.kernels import int8 as I8  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -28,7 +30,7 @@ SMEM_LIMIT = 232448  # bytes of shared memory one H100 block may take (227 KiB):
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def compile_usage(kernel, types: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+def compile_usage(kernel, types: dict, constexprs: dict, num_warps: int, num_stages: int, options=None) -> dict:
     """ptxas's resource use of kernel for sm_90; types: argument name -> Triton type ("*bf16", "i32", ...). As at a
     real launch of the benchmarked shapes, pointers and the integers in ALIGNED are known multiples of 16 (what
     lets Triton vectorize loads and pipeline them through shared memory)."""
@@ -37,7 +39,8 @@ def compile_usage(kernel, types: dict, constexprs: dict, num_warps: int, num_sta
     aligned = [n for n in names if sig[n].startswith("*") or (sig[n] == "i32" and n in ALIGNED)]
     src = ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(src, target=TARGET,
+                              options={"num_warps": num_warps, "num_stages": num_stages, **(options or {})})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -59,7 +62,8 @@ MM_TYPES = {"A": "*i8", "B": "*i8", "C": "*bf16", "AS": "*fp32", "BS": "*fp32", 
 
 
 def cases():
-    """(name, kernel, types, constexprs, warps, stages) for every candidate config."""
+    """(name, kernel, types, constexprs, warps, stages[, options]) for every candidate config, then every feature
+    branch (masks, window, ALiBi, softcap, dropout's Philox) and the small kernels once."""
     for which, classes in A._CONFIGS.items():
         for dim, group in classes.items():
             for m, n, w, st in group:
@@ -94,6 +98,36 @@ def cases():
                       BLOCK_K=k, REDUCE_ONCE=once)
             yield (f"decode {'w8a8' if int8_a else 'w8a16'} {n}x{k} w{w} reduce_once={once}", I8._small_m_kernel,
                    MM_TYPES if int8_a else dict(MM_TYPES, A="*bf16"), ce, w, 3)
+    for which, classes in A._CONFIGS.items():  # every feature on, in each kernel's first config per head dim
+        for dim, group in classes.items():
+            m, n, w, st = group[0]
+            for kind, mask in ((A.MASK_BOOL, "*i8"), (A.MASK_FLOAT, "*fp32")):
+                ce = dict(MASK_KIND=kind, CAUSAL=True, HAS_WINDOW=True, HAS_ALIBI=True, SOFTCAP=True, DROPOUT=True,
+                          DOT_DTYPE=tl.bfloat16, PRECISION="tf32", BLOCK_M=m, BLOCK_N=n, BLOCK_D=dim, BLOCK_DV=dim)
+                yield (f"attention {which} d{dim} {m}x{n} every feature, mask {mask[1:]}", ATTN_KERNELS[which],
+                       dict(ATTN_TYPES, Mask=mask), ce, w, st)
+    yield ("attention bwd preprocess", A._attn_bwd_preprocess, {"Out": "*bf16", "DOut": "*bf16", "Delta": "*fp32"},
+           dict(BLOCK_M=64, BLOCK_DV=128), 4, 1)
+    yield ("attention dropout mask", A._dropout_mask_kernel, dict(ATTN_TYPES, Keep="*i8"),
+           dict(BLOCK_M=32, BLOCK_N=32), 4, 1)
+    for dtype in ("bf16", "fp32"):
+        yield (f"dropout {dtype}", D._dropout_kernel, {"X": f"*{dtype}", "Out": f"*{dtype}", "n": "i64", "p": "fp32",
+                                                       "scale": "fp32", "seed": "i64", "offset": "i64"},
+               dict(BLOCK=D.BLOCK), 4, 1)
+    norm_types = {**{n: "*bf16" for n in ("X", "R", "W", "B", "Y", "S", "DY", "DS", "DX")},
+                  **{n: "*fp32" for n in ("Mean", "Rstd", "DRES", "DW", "DB")}, "eps": "fp32"}
+    for block_n in (1024, AN.MAX_COLS):
+        _, warps = AN._block_and_warps(block_n, 2)
+        for rms in (False, True):
+            yield (f"add+{'rms' if rms else 'layer'}norm fwd N{block_n}", AN._add_norm_fwd_kernel, norm_types,
+                   dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=not rms, IS_RMS=rms, STORE_S=True,
+                        BLOCK_N=block_n), warps, 1)
+            yield (f"add+{'rms' if rms else 'layer'}norm bwd N{block_n}", AN._add_norm_bwd_kernel, norm_types,
+                   dict(HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_DS=True, IS_RMS=rms, WRITE_DRES=True,
+                        BLOCK_N=block_n), 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16, 1)
+    yield ("int8 quantize rows", I8._quantize_rows_kernel,
+           {"X": "*bf16", "Smooth": "*fp32", "Q": "*i8", "Scale": "*fp32"}, dict(HAS_SMOOTH=True, BLOCK_K=4096), 4, 1,
+           {"enable_fp_fusion": False})
 
 
 def main():
@@ -101,9 +135,9 @@ def main():
     ap.add_argument("--fail-on-spill", action="store_true", help="exit 1 when any config spills registers")
     args = ap.parse_args()
     failed = spilled = too_big = 0
-    for name, kernel, types, ce, warps, stages in cases():
+    for name, kernel, types, ce, warps, stages, *options in cases():
         try:
-            u = compile_usage(kernel, types, ce, warps, stages)
+            u = compile_usage(kernel, types, ce, warps, stages, *options)
         except Exception as e:  # a config that does not compile: say which and why, go on
             failed += 1
             print(f"FAILED  {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
