@@ -250,3 +250,25 @@ def test_vmap_of_a_decode_sized_call():
     q, k, v = randn(3, 2, 4, 1, 16), randn(3, 2, 4, 700, 16, seed=1), randn(3, 2, 4, 700, 16, seed=2)
     torch.testing.assert_close(vmap(fastattn.scaled_dot_product_attention)(q, k, v),
                                F.scaled_dot_product_attention(q, k, v), atol=2e-5, rtol=2e-5)
+
+
+# ---- autocast ---------------------------------------------------------------------------------------------------
+@BK
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float32, torch.float32, torch.bfloat16),
+                                    (torch.float16,) * 3, (torch.float64,) * 3], ids=["fp32", "mixed", "fp16", "fp64"])
+def test_autocast_casts_like_torch(backend_name, dtypes):
+    """Under autocast torch's SDPA runs in autocast's dtype (mixed and float16 inputs included; float64 stays):
+    ours returns the same dtype and values within bfloat16's error, and gradients reach the inputs in theirs."""
+    if dtypes[0] == torch.float64 and backend_name == "triton":
+        pytest.skip("the Triton kernels have no float64")
+    dev = backend_device(backend_name)
+    q, k, v = (randn(2, 4, 6, 16, dev=dev, seed=i).to(dt).requires_grad_() for i, dt in enumerate(dtypes))
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with fastattn.backend(backend_name):
+            got = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert got.dtype == want.dtype
+    exact = F.scaled_dot_product_attention(*(t.detach().double() for t in (q, k, v)), is_causal=True)
+    assert_bounded("out", got, exact, want, want.dtype)
+    got.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == t.dtype for t in (q, k, v))

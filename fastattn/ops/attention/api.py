@@ -15,7 +15,7 @@ from .dispatch import attention_fwd_op, dispatcher, ref_kwargs
 from ..batching import has_torch_function_subclass, is_transformed
 from .function import AttentionFunction, AttentionFunctionEager, DroppedAttention
 from .params import AttnParams, request
-from .validation import CAUSAL, as_bhld, as_float, build_mask, causal_bias_alignment, check_qkv
+from .validation import CAUSAL, as_bhld, as_float, autocast_qkv, build_mask, causal_bias_alignment, check_qkv
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, attn_mask: Optional[Tensor] = None,
@@ -36,8 +36,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
 
     Up to 16 queries against a long cache (no gradient, dropout, ALiBi or window; causal None or "bottom_right"; no
     mask or a per-key bool mask such as key_padding_mask) run on the split-KV decode kernel
-    (:func:`fastattn.decode_attention`); a debug log line says so.
+    (:func:`fastattn.decode_attention`); a debug log line says so. Under autocast q, k and v run in autocast's dtype
+    (float64 excepted), as torch's SDPA does.
     """
+    q, k, v = autocast_qkv(q, k, v)
     lay = check_qkv(q, k, v, enable_gqa)
     if causal not in CAUSAL:
         raise ArgumentError(f"causal: expected one of {CAUSAL}, got {causal!r}")

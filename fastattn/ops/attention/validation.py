@@ -43,6 +43,22 @@ def _broadcast(name: str, *shapes) -> Tuple[int, ...]:
             from None
 
 
+def autocast_qkv(q, k, v) -> Tuple[Tensor, Tensor, Tensor]:
+    """Under autocast (for q's device type), q, k and v in autocast's dtype, as autocast casts torch's SDPA inputs
+    (float64 is left alone, as there); else unchanged. A model may hand over mixed dtypes there (Llama's RoPE gives
+    float32 q and k beside a bfloat16 v)."""
+    if not all(isinstance(t, Tensor) for t in (q, k, v)):
+        return q, k, v  # check_qkv names the argument
+    device = q.device.type
+    try:
+        if not torch.is_autocast_enabled(device):
+            return q, k, v
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.dtype in FLOATS else t for t in (q, k, v))
+
+
 def check_qkv(q, k, v, enable_gqa: bool) -> Layout:
     """Checks query, key, value as torch's SDPA does and returns the broadcast layout: every dim but the last two
     broadcasts; with enable_gqa the heads (dim -3) of key and value each divide the query's instead."""
