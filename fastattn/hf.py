@@ -22,7 +22,8 @@ is built by transformers' own ``sdpa_mask`` as a (B, 1, L, S) bool tensor, logge
 function accepts every mask transformers may pass (None, 2-D, 4-D bool or additive float), derives ``is_causal`` as
 transformers' SDPA integration does (the call's ``is_causal``, else ``module.is_causal``; a materialised mask
 already holds causality and windows), reads GQA from the key's head count, and passes ``scaling``, ``dropout``,
-``softcap`` and ``position_bias`` (as an additive mask) to the kernel.
+``softcap`` and ``position_bias`` (as an additive mask) to the kernel. Under autocast, q, k and v run in
+autocast's dtype, as torch's SDPA does (fastattn.attention casts them).
 
 Differences from ``attn_implementation="eager"``: a query row whose keys are all masked (a left-padding position
 under a causal mask) gives 0 where eager averages the masked keys; those positions are padding, and no real token
@@ -33,7 +34,6 @@ needed; with gradients the layer runs its model's own eager function instead, wi
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 import os
 import sys
@@ -51,6 +51,9 @@ _said = set()
 
 
 def _once(level: int, key: str, msg: str, *args) -> None:
+    """Log msg once per key; silent while dynamo traces (a logging call breaks a fullgraph compile)."""
+    if torch.compiler.is_compiling():
+        return
     if key not in _said:
         _said.add(key)
         log.log(level, msg, *args)
@@ -165,10 +168,11 @@ def _eager_fallback(module, why: str, *args, **kwargs):
 
 # ---- the mask builder ------------------------------------------------------------------------------------------
 def _closure(fn) -> dict:
-    try:
-        return inspect.getclosurevars(fn).nonlocals
-    except (TypeError, ValueError):
+    """fn's closure variables by name, read from its cells (dynamo traces this; not inspect.getclosurevars)."""
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or not cells:
         return {}
+    return {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
 
 
 def _pattern(mask_function, local_size) -> Optional[str]:

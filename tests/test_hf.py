@@ -255,6 +255,38 @@ def test_output_attentions_warns(saved, caplog):
     assert any("output_attentions=True is not supported" in r.getMessage() for r in caplog.records)
 
 
+def test_autocast_mixed_dtypes(saved):
+    """Under CPU autocast Llama's RoPE hands over float32 q and k beside a bfloat16 v: run them in autocast's dtype,
+    as autocast does for torch's SDPA, instead of refusing the mixed dtypes."""
+    ids, mask = batch()
+    keep = mask.bool()
+    with torch.no_grad():
+        ref = hidden(load(saved, "llama", "sdpa", torch.float64), ids, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = hidden(load(saved, "llama", "sdpa"), ids, mask)
+            got = hidden(load(saved, "llama", "fastattn"), ids, mask)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert_bounded("llama autocast", got[keep], ref[keep], want[keep], torch.bfloat16)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_compile_fullgraph(saved, arch):
+    """torch.compile(fullgraph=True) traces the mask builder: no logging call in the traced path (the full-mask
+    fallback's debug line), and the sliding-window pattern read from the mask function's cells (not inspect)."""
+    ids, mask = batch()
+    model = load(saved, arch, "fastattn")
+    with torch.no_grad():
+        want = hidden(model, ids, mask)
+        fhf._said.clear()  # the fallback's line is said once: it must be due in the traced call
+        torch._dynamo.reset()
+        try:
+            got = hidden(torch.compile(model, fullgraph=True, backend="eager"), ids, mask)
+        finally:
+            torch._dynamo.reset()
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
+
+
 def test_register_without_transformers(monkeypatch):
     for name in [n for n in sys.modules if n == "transformers" or n.startswith("transformers.")]:
         monkeypatch.delitem(sys.modules, name)
