@@ -1,6 +1,8 @@
 """Checkpoints of `fastattn train`: resume is bit-exact across kill -9, SIGINT / SIGTERM save and exit cleanly,
 a truncated or corrupt checkpoint is refused and the previous one used, user errors are one line."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,3 +108,51 @@ def test_state_has_no_code(tmp_path):
     assert main(["train", *TINY, "--steps", "2", "--out", str(run)]) == 0
     state = torch.load(run / "ckpt-0000002" / "state.pt", weights_only=True)  # raises on any pickled object
     assert set(state) >= {"step", "optimizer", "rng", "data_rng"}
+
+
+def test_resume_with_changed_options_refused_metrics_not_repeated(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "4", "--ckpt-every", "2", "--keep", "5", "--log-every", "1",
+                 "--out", str(run)]) == 0
+    shutil.rmtree(run / "ckpt-0000004")  # as if killed after logging steps 3 and 4
+    for args, needle in ((["--d-model", "64"], "--d-model 64 (the run's: 32)"),
+                         (["--task", "mlm"], "--task 'mlm' (the run's: 'clm')"),
+                         (["--mode", "lora"], "--mode 'lora' (the run's: 'full')")):
+        capsys.readouterr()
+        assert main(["train", *TINY, "--steps", "4", "--out", str(run), "--resume", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+    assert main(["train", *TINY, "--steps", "4", "--ckpt-every", "2", "--log-every", "1", "--out", str(run),
+                 "--resume"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_out_folder_of_other_files_not_overwritten(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes\n")
+    (mine / "metrics.jsonl").write_text("{}\n")
+    assert main(["train", *TINY, "--steps", "2", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds files but no checkpoint (notes.txt)" in err, err
+    assert sorted(p.name for p in mine.iterdir()) == ["metrics.jsonl", "notes.txt"]
+    assert (mine / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_out_folder_of_a_run_killed_before_its_first_checkpoint_is_reused(tmp_path):
+    """Only what a run writes before its first checkpoint (its config, metrics rows, a temp folder): a new run
+    starts there, and metrics.jsonl holds its rows only."""
+    run = tmp_path / "run"
+    (run / ".ckpt-0000200.tmp-123").mkdir(parents=True)
+    (run / "train_config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 7, "loss": 99.0}) + "\n")
+    assert main(["train", *TINY, "--steps", "2", "--out", str(run)]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r.get("loss") != 99.0 for r in rows)
+
+
+def test_ckpt_every_zero_saves_at_the_end(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "3", "--ckpt-every", "0", "--out", str(run)]) == 0
+    assert [p.name for p in run.glob("ckpt-*")] == ["ckpt-0000003"]

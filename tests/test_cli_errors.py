@@ -31,6 +31,25 @@ def run_main(capsys, *args):
     (["prune", "x", "--heads", "1.5"], "--heads must be in [0, 1)"),
     (["nonsense"], "invalid choice"),
     (["train", "--tokenizer", "/no/tok.json"], "cannot read tokenizer"),
+    # odd values: refused before anything runs (they were a traceback, NaN losses or a silent wrong run)
+    (["train", "--lr", "-1"], "--lr must be >= 0"),
+    (["train", "--ckpt-every", "-1"], "--ckpt-every must be >= 0"),
+    (["train", "--eval-every", "-2"], "--eval-every must be >= 0"),
+    (["train", "--max-time", "-1"], "--max-time must be >= 0"),
+    (["train", "--min-lr-ratio", "-1"], "--min-lr-ratio must be in [0, 1]"),
+    (["train", "--mode", "lora", "--lora-rank", "0"], "--lora-rank must be at least 1"),
+    (["train", "--mode", "prompt", "--prompt-len", "0"], "--prompt-len must be at least 1"),
+    (["train", "--task", "mlm", "--mask-prob", "0"], "--mask-prob must be in (0, 1]"),
+    (["train", "--temperature", "0"], "--temperature (distillation) must be > 0"),
+    (["train", "--distill-alpha", "2"], "--distill-alpha must be in [0, 1]"),
+    (["train", "--arch", "BERT"], "a BERT is a --task mlm model, not a --task clm one"),
+    (["generate", "x", "--stop", ""], "--stop: an empty string"),
+    (["eval", "x", "--seq-len", "0"], "--seq-len must be at least 1"),
+    (["quantize", "x", "--alpha", "5"], "--alpha must be in [0, 1]"),
+    (["quantize", "x", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["quantize", "x", "--smoothquant", "--calib", "0"], "--calib must be at least 1 with --smoothquant"),
+    (["quantize", "x", "--eval-batches", "-1"], "--eval-batches must be >= 0"),
+    (["prune", "x"], "nothing to prune"),
 ])
 def test_user_errors_are_one_line(capsys, tmp_path, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)
@@ -46,6 +65,8 @@ def test_user_errors_are_one_line(capsys, tmp_path, monkeypatch, args, needle):
     ("steps = \"ten\"\n", "steps must be int"),
     ("task = \"nope\"\n", "task must be one of"),
     ("[train]\nlr = true\n", "lr must be float"),
+    ("data = [\"a\", 3]\n", "data must be a list of str"),
+    ("[generate]\nseed = 1\n", "no [train] table ([generate] is for another command)"),
 ])
 def test_bad_config_files(capsys, tmp_path, monkeypatch, text, needle):
     monkeypatch.chdir(tmp_path)
@@ -89,3 +110,11 @@ def test_help_lists_every_command(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--model-backend" in out and "--config" in out and "default: 1000" in out
+
+
+def test_out_inside_a_file(capsys, tmp_path):
+    (tmp_path / "f").write_text("x")
+    for out in (tmp_path / "f", tmp_path / "f" / "run"):
+        rc, err = run_main(capsys, "train", "--out", str(out))
+        assert rc == 2 and err.count("\n") == 1 and "a file, not a folder" in err, err
+    assert (tmp_path / "f").read_text() == "x"

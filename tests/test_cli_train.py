@@ -172,3 +172,91 @@ def test_toml_config(tmp_path, capsys):
     assert main(["train", "--config", str(cfg), *args, "--lr", "0.003", "--out", str(out)]) == 0
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["steps"] == 3 and saved["lr"] == 0.003  # the command line overrides the file
+
+
+def test_generate_prompt_before_checkpoint_and_streamed_stop(gpt_run, capsys):
+    # -p takes one value: the checkpoint after it is the positional, not a second prompt
+    assert main(["generate", "-p", "She", str(gpt_run), "-n", "8", "--temperature", "0", "--no-stream"]) == 0
+    full = capsys.readouterr().out.split("--- [0] ---\n")[1].rstrip("\n")
+    cont = full[len("She"):]
+    stop = cont[1:3]  # two characters of the continuation (stop strings are looked for there, not in the prompt)
+    assert main(["generate", str(gpt_run), "-p", "She", "-n", "8", "--temperature", "0", "--stop", stop]) == 0
+    streamed = capsys.readouterr().out.rstrip("\n")
+    assert main(["generate", str(gpt_run), "-p", "She", "-n", "8", "--temperature", "0", "--stop", stop,
+                 "--no-stream"]) == 0
+    batch = capsys.readouterr().out.split("--- [0] ---\n")[1].rstrip("\n")
+    assert streamed == batch == "She" + cont[:cont.index(stop)]  # nothing of the stop string printed while streaming
+
+
+@pytest.mark.parametrize("args, stdin, needle", [
+    (["-p", "x" * 200, "-n", "2"], None, "exceed the model's context of"),
+    (["-p", "a", "-n", "500"], None, "exceed the model's context of"),
+    (["-p", "a", "-p", "b", "--stream"], None, "--stream prints one continuation"),
+    (["-p", "-"], "\n  \n", "no prompts on stdin"),
+])
+def test_generate_user_errors(gpt_run, capsys, monkeypatch, args, stdin, needle):
+    import io
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    assert main(["generate", str(gpt_run), *args]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1 and needle in out.err, out.err
+
+
+def test_generate_empty_prompt_file(gpt_run, capsys, tmp_path):
+    (tmp_path / "p.txt").write_text("\n\n")
+    assert main(["generate", str(gpt_run), "--prompt-file", str(tmp_path / "p.txt")]) == 2
+    assert "no prompts in it" in capsys.readouterr().err
+
+
+def test_task_mismatch_is_one_line(gpt_run, capsys, tmp_path):
+    for args in (["eval", str(gpt_run), "--task", "mlm"],
+                 ["train", *TINY, "--task", "mlm", "--init", str(gpt_run), "--out", str(tmp_path / "a")],
+                 ["train", *TINY, "--task", "mlm", "--teacher", str(gpt_run), "--out", str(tmp_path / "b")]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "a GPT is a --task clm model, not a --task mlm one" in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_eval_checks_seq_len_and_output(gpt_run, capsys, tmp_path):
+    assert main(["eval", str(gpt_run), "--seq-len", "1000"]) == 2
+    assert "exceeds the model's" in capsys.readouterr().err
+    assert main(["eval", str(gpt_run), "--batches", "1", "-o", str(tmp_path)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "a folder, not a file" in out.err
+
+
+def test_quantize_prune_out_inside_a_file(gpt_run, capsys, tmp_path):
+    (tmp_path / "f").write_text("x")
+    for cmd in (["quantize", "--eval-batches", "0"], ["prune", "--heads", "0.5"]):
+        assert main([cmd[0], str(gpt_run), *cmd[1:], "--out", str(tmp_path / "f" / "o")]) == 2
+        assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_classify_labels_by_name(tmp_path, labelled, capsys):
+    run = train(tmp_path, "run", "--task", "classify", "--data", str(labelled), "--steps", "8", "--lr", "3e-3")
+    assert json.loads((run / "model" / "train_state.json").read_text())["labels"] == ["neg", "pos"]
+    assert main(["eval", str(run), "--batches", "2"]) == 0
+    acc = json.loads(capsys.readouterr().out)["accuracy"]
+    rows = [json.loads(line) for line in labelled.read_text().splitlines()]
+    only_pos = tmp_path / "pos.jsonl"  # one label: its index in this file (0) is not the model's (1)
+    only_pos.write_text("".join(json.dumps(r) + "\n" for r in rows if r["label"] == "pos"))
+    assert main(["eval", str(run), "--data", str(only_pos), "--batches", "2"]) == 0
+    pos_acc = json.loads(capsys.readouterr().out)["accuracy"]
+    assert acc == 1.0 and pos_acc == 1.0
+    unseen = tmp_path / "unseen.jsonl"
+    unseen.write_text("".join(json.dumps({**r, "label": "meh" if r["label"] == "neg" else "pos"}) + "\n"
+                              for r in rows))
+    assert main(["eval", str(run), "--data", str(unseen)]) == 2
+    assert "label 'meh' is not one the model was trained on" in capsys.readouterr().err
+
+
+def test_classify_data_errors(tmp_path, labelled, capsys):
+    three = tmp_path / "three.csv"
+    three.write_text("text,label\n" + "".join(f"example {i},{i % 3}\n" for i in range(30)))
+    for args in (["--data", str(labelled), str(labelled)], ["--data", str(three), "--num-labels", "2"]):
+        assert main(["train", *TINY, "--task", "classify", *args, "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("reads one --data file" in err or "fewer than the 3" in err), err
+    assert not (tmp_path / "r").exists()

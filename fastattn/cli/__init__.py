@@ -66,6 +66,10 @@ def main(argv=None, legacy=()) -> int:
     except (CLIError, DataError) as e:
         print(f"fastattn: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file the user named cannot be read or written (permissions, a full disk ...)
+        print(f"fastattn: error: {e.filename}: {e.strerror}" if e.filename and e.strerror else
+              f"fastattn: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fastattn: interrupted", file=sys.stderr)
         return 130

@@ -53,6 +53,9 @@ def add_options(parser, cls, positional=()):
         kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_}
         if tp is bool:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) is list and positional:
+            # one value per option (repeat it for more): `-p a -p b CHECKPOINT` must not take CHECKPOINT as a prompt
+            parser.add_argument(*names, action="append", type=typing.get_args(tp)[0], **kw)
         elif typing.get_origin(tp) is list:
             parser.add_argument(*names, nargs="+", action="extend", type=typing.get_args(tp)[0], **kw)
         else:
@@ -75,7 +78,7 @@ def _check_value(cls_name, f, value, where):
     else:
         ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     if not ok:
-        want = getattr(tp, "__name__", str(tp))
+        want = f"a list of {typing.get_args(tp)[0].__name__}" if origin is list else tp.__name__
         raise CLIError(f"{where}: {f.name} must be {want}, got {value!r}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
@@ -106,6 +109,8 @@ def build(cls, args, section=None):
     if path:
         for key, value in read_toml(path, section).items():
             name = key.replace("-", "_")
+            if name not in fields and isinstance(value, dict) and section:
+                raise CLIError(f"config file {path}: no [{section}] table ([{key}] is for another command)")
             if name not in fields:
                 close = [n for n in fields if n.startswith(name[:4])][:3]
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -122,6 +127,18 @@ def build(cls, args, section=None):
     if check:
         check()
     return cfg
+
+
+def check_new_folder(path, flag="--out"):
+    """Raise CLIError unless path can be created as a new folder: it does not exist, nor is any parent a file."""
+    path = Path(path)
+    if path.exists():
+        raise CLIError(f"{path} exists: choose another {flag}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
 
 
 def to_toml(cfg) -> str:

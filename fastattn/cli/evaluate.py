@@ -4,11 +4,13 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional
 
 import torch
 
 from fastattn.cli.config import CLIError, opt
+from fastattn.cli.models import check_task
 from fastattn.cli.tasks import TASKS, perplexity
 
 
@@ -30,10 +32,15 @@ class EvalConfig:
     def validate(self):
         if self.batches < 1 or self.batch_size < 1:
             raise CLIError("--batches and --batch-size must be at least 1")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise CLIError(f"--seq-len must be at least 1, got {self.seq_len}")
+        if self.output and Path(self.output).is_dir():
+            raise CLIError(f"--output {self.output}: a folder, not a file")
 
 
 def make_task(state, tok, task=None, data=None, seq_len=None):
-    """The task a checkpoint was trained on (its data and sequence length), with overrides."""
+    """The task a checkpoint was trained on (its data, sequence length and label names), with overrides."""
+    from fastattn.cli.tasks import ClassifyTask
     from fastattn.cli.train import TrainConfig
     saved = state.get("train_config", {})
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -43,6 +50,8 @@ def make_task(state, tok, task=None, data=None, seq_len=None):
         tcfg.data = list(data)
     if seq_len:
         tcfg.seq_len = seq_len
+    if tcfg.task == "classify":
+        return ClassifyTask(tcfg, tok, labels=state.get("labels"))
     return TASKS[tcfg.task](tcfg, tok)
 
 
@@ -54,8 +63,14 @@ def main(cfg: EvalConfig) -> int:
     if cfg.int8:
         import fastattn
         model = fastattn.quantize(model, mode="w8a16")
+    check_task(type(model).__name__, cfg.task or state.get("task", "clm"), f"{cfg.checkpoint}")
     task = make_task(state, tok, cfg.task, cfg.data, cfg.seq_len)
     tcfg = task.cfg
+    n_prompt = getattr(getattr(model, "soft_prompt", None), "shape", [0])[0]
+    max_len = getattr(model.config, "max_seq_len", None)
+    if max_len is not None and tcfg.seq_len + n_prompt > max_len:
+        raise CLIError(f"--seq-len {tcfg.seq_len}" + (f" + a soft prompt of {n_prompt}" if n_prompt else "") +
+                       f" exceeds the model's {max_len} positions")
     if state.get("int8") and not state["int8"].get("stored") and not cfg.int8:  # QAT export: quantized on load
         from fastattn.cli.quantize import apply_recipe
         model = apply_recipe(model, state["int8"], task)
@@ -79,13 +94,13 @@ def main(cfg: EvalConfig) -> int:
     if tcfg.task in ("clm", "seq2seq", "mlm"):
         result["perplexity"] = perplexity(loss)
     text = json.dumps(result, indent=2)
-    print(text)
-    if cfg.output:
+    if cfg.output:  # first: a file that cannot be written is an error, with nothing printed
         try:
             with open(cfg.output, "w") as f:
                 f.write(text + "\n")
         except OSError as e:
-            raise CLIError(f"--output {cfg.output}: {e}") from None
+            raise CLIError(f"--output {cfg.output}: {e.strerror or e}") from None
+    print(text)
     print(f"{tcfg.task}: loss {loss:.4f}" + (f", perplexity {result['perplexity']:.2f}" if "perplexity" in result
                                               else "") + f", accuracy {result['accuracy']:.4f}", file=sys.stderr)
     return 0

@@ -36,24 +36,70 @@ class GenerateConfig:
             raise CLIError(f"--top-k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise CLIError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if "" in self.stop:
+            raise CLIError("--stop: an empty string (it would stop every continuation before its first token)")
 
 
 def read_prompts(cfg):
+    """The prompts of -p, --prompt-file and stdin ('-', or no prompt given and stdin not a terminal), blank lines
+    skipped; none given at all: one empty prompt (unconditional generation)."""
     prompts = [p for p in cfg.prompt if p != "-"]
     if cfg.prompt_file:
         try:
             with open(cfg.prompt_file, encoding="utf-8") as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise CLIError(f"--prompt-file {cfg.prompt_file}: {e}") from None
+                from_file = [line.rstrip("\r\n") for line in f if line.strip()]
+        except OSError as e:
+            raise CLIError(f"--prompt-file {cfg.prompt_file}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise CLIError(f"--prompt-file {cfg.prompt_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not from_file:
+            raise CLIError(f"--prompt-file {cfg.prompt_file}: no prompts in it (only blank lines)")
+        prompts += from_file
     if "-" in cfg.prompt or (not prompts and not sys.stdin.isatty()):
-        prompts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        try:
+            from_stdin = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+        except UnicodeDecodeError as e:
+            raise CLIError(f"stdin: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not from_stdin and "-" in cfg.prompt:
+            raise CLIError("--prompt -: no prompts on stdin (only blank lines)")
+        prompts += from_stdin
     return prompts or [""]
 
 
 def _cut(text, stops):
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     return text if cut < 0 else text[:cut]
+
+
+def _safe_to_show(text, stops):
+    """How much of text (with no stop string in it) can be shown now: not a tail that may begin a stop string, nor
+    a tail that is half a character."""
+    n = len(text)
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if s.startswith(text[-k:]):
+                n = min(n, len(text) - k)
+                break
+    while n and text[n - 1] == "\ufffd":
+        n -= 1
+    return n
+
+
+def _check_context(model, prompt_len, n_prompt, max_new):
+    """The longest prompt (after its EOS and any soft prompt) and the new tokens fit the model's positions: a GPT
+    holds both in one context, an encoder-decoder the prompt in its encoder and the new tokens in its decoder."""
+    max_len = getattr(model.config, "max_seq_len", None)
+    if max_len is None:
+        return
+    soft = f" + a soft prompt of {n_prompt}" if n_prompt else ""
+    if hasattr(model, "encode"):
+        if 1 + prompt_len + n_prompt > max_len:
+            raise CLIError(f"the prompt ({prompt_len} tokens{soft}) is longer than the model's {max_len} positions")
+        if 1 + max_new > max_len:
+            raise CLIError(f"--max-new-tokens {max_new} exceeds the model's {max_len - 1} decoder positions")
+    elif 1 + prompt_len + n_prompt + max_new > max_len:
+        raise CLIError(f"the prompt ({prompt_len} tokens{soft}) + --max-new-tokens {max_new} exceed the model's "
+                       f"context of {max_len} tokens: shorten the prompt or lower --max-new-tokens")
 
 
 class _Stop(Exception):
@@ -74,23 +120,30 @@ def generate(model, tok, prompts, cfg, device, out=None):
         mask[i, L + n_prompt - len(e):] = 1
     ids, mask = ids.to(device), mask.to(device)
     stream = cfg.stream if cfg.stream is not None else len(prompts) == 1
+    if stream and len(prompts) > 1:
+        raise CLIError(f"--stream prints one continuation as it comes: give one prompt, not {len(prompts)}")
+    _check_context(model, L - 1, n_prompt, cfg.max_new_tokens)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     new, streamed = [], []
+    done = torch.zeros(len(prompts), dtype=torch.bool)
 
     def streamer(t):
         new.append(t.detach().cpu())
+        t = t.detach().cpu()
+        done.logical_or_(t == tok.eos_id)
+        if cfg.stop:  # every continuation has ended (EOS or a stop string): no need to generate more
+            toks = torch.stack(new, 1)
+            for i in (~done).nonzero().flatten().tolist():
+                text = tok.decode(toks[i].tolist())
+                done[i] = _cut(text, cfg.stop) != text
         if stream:
-            text = tok.decode(torch.stack(new, 1)[0].tolist())
-            shown = _cut(text, cfg.stop)
+            text = _cut(tok.decode(torch.stack(new, 1)[0].tolist()), cfg.stop)
+            shown = text[:_safe_to_show(text, cfg.stop)]
             if len(shown) > len("".join(streamed)):
-                piece = shown[len("".join(streamed)):]
-                if "\ufffd" not in piece[-1:]:
-                    streamed.append(piece)
-                    out.write(piece)
-                    out.flush()
-            if cfg.stop and shown != text:
-                raise _Stop
-        if len(prompts) == 1 and int(t[0]) == tok.eos_id:
+                streamed.append(shown[len("".join(streamed)):])
+                out.write(streamed[-1])
+                out.flush()
+        if bool(done.all()):
             raise _Stop
 
     if stream and len(prompts) == 1:
@@ -113,6 +166,10 @@ def generate(model, tok, prompts, cfg, device, out=None):
         if tok.eos_id in row:
             row = row[:row.index(tok.eos_id)]
         texts.append(p + _cut(tok.decode(row), cfg.stop))
+    if stream:  # what was held back (a possible start of a stop string, half a character) is final now
+        rest = texts[0][len(prompts[0]) + len("".join(streamed)):]
+        out.write(rest)
+        out.flush()
     return texts, toks.numel(), secs
 
 

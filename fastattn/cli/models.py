@@ -53,3 +53,11 @@ def build_config(cls, fields):
         return cls.config_class(**{k: v for k, v in fields.items() if k in names and v is not None})
     except (TypeError, ValueError) as e:
         raise CLIError(f"model config: {e}") from None
+
+
+def check_task(arch, task, what):
+    """Raise CLIError when arch is one of fastattn's models and not the one that task trains (a BERT reads both
+    directions, so it cannot be trained or measured on next-token prediction; a GPT has no masked-LM inputs)."""
+    if arch in TASK_ARCH.values() and arch != TASK_ARCH[task]:
+        trains = next(t for t, a in TASK_ARCH.items() if a == arch)
+        raise CLIError(f"{what}: a {arch} is a --task {trains} model, not a --task {task} one")

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from fastattn.cli import checkpoint as ckpt
-from fastattn.cli.config import CLIError, opt
+from fastattn.cli.config import CLIError, check_new_folder, opt
 
 
 @dataclass
@@ -31,6 +31,8 @@ class PruneConfig:
         for name in ("heads", "unstructured"):
             if not 0 <= getattr(self, name) < 1:
                 raise CLIError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.heads and not self.unstructured:
+            raise CLIError("nothing to prune: give --heads and/or --unstructured (fractions to remove)")
 
 
 def head_importance(model):
@@ -92,8 +94,7 @@ def main(cfg: PruneConfig) -> int:
     from fastattn.cli.train import load_model
     src = ckpt.resolve(cfg.checkpoint)
     out = Path(cfg.out or f"{str(src).rstrip('/')}-pruned")
-    if out.exists():
-        raise CLIError(f"{out} exists: choose another --out")
+    check_new_folder(out)
     model, state, tok = load_model(src, purpose="prune")
     removed = total = 0
     if cfg.heads:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from fastattn.cli import checkpoint as ckpt
-from fastattn.cli.config import CLIError, opt
+from fastattn.cli.config import CLIError, check_new_folder, opt
 from fastattn.models.layers import INT8_FILE
 from fastattn.quantization import int8_layout
 
@@ -29,6 +29,17 @@ class QuantizeConfig:
     calib: int = opt(8, "calibration batches (from the run's held-out data)")
     batch_size: int = opt(4, "sequences per calibration / evaluation batch")
     eval_batches: int = opt(4, "held-out batches to compare float and int8 loss; 0: skip")
+
+    def validate(self):
+        if not 0 <= self.alpha <= 1:
+            raise CLIError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.batch_size < 1:
+            raise CLIError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.calib < (1 if self.smoothquant else 0):
+            raise CLIError(f"--calib must be at least 1 with --smoothquant, got {self.calib}" if self.smoothquant
+                           else f"--calib must be >= 0, got {self.calib}")
+        if self.eval_batches < 0:
+            raise CLIError(f"--eval-batches must be >= 0, got {self.eval_batches}")
 
 
 def calib_batches(task, n, batch_size):
@@ -56,8 +67,7 @@ def main(cfg: QuantizeConfig) -> int:
     from fastattn.cli.train import load_model
     src = ckpt.resolve(cfg.checkpoint)
     out = Path(cfg.out or f"{str(src).rstrip('/')}-int8")
-    if out.exists():
-        raise CLIError(f"{out} exists: choose another --out")
+    check_new_folder(out)
     model, state, tok = load_model(src, purpose="quantize")
     model.eval()
     task = make_task(state, tok)

@@ -150,12 +150,24 @@ class Seq2SeqTask(CLMTask):
 class ClassifyTask:
     name = "classify"
 
-    def __init__(self, cfg, tokenizer):
+    def __init__(self, cfg, tokenizer, labels=None):
+        """labels: the names of the model's outputs, in order (a trained model's); default: the data's, sorted."""
+        from fastattn.cli.config import CLIError
         self.cfg, self.tok = cfg, tokenizer
         if not cfg.data:
-            from fastattn.cli.config import CLIError
             raise CLIError("--task classify needs --data FILE.jsonl|FILE.csv (text, label per example)")
+        if len(cfg.data) > 1:
+            raise CLIError(f"--task classify reads one --data file (text, label per example), got {len(cfg.data)}")
         self.train, self.val, self.labels = load_labelled(cfg.data[0], max(cfg.val_fraction, 0.1))
+        if labels is not None:  # the data's label indices -> the model's
+            unseen = [lab for lab in self.labels if lab not in labels]
+            if unseen:
+                raise CLIError(f"{cfg.data[0]}: label {unseen[0]!r} is not one the model was trained on "
+                               f"({', '.join(map(repr, labels))})")
+            to_model = [labels.index(lab) for lab in self.labels]
+            self.train = [(text, to_model[i]) for text, i in self.train]
+            self.val = [(text, to_model[i]) for text, i in self.val]
+            self.labels = list(labels)
         self._enc = {}
 
     def _encode(self, text):

@@ -13,8 +13,8 @@ import torch
 
 from fastattn.cli import checkpoint as ckpt
 from fastattn.cli import finetune
-from fastattn.cli.config import CLIError, opt
-from fastattn.cli.models import TASK_ARCH, build_config, class_for_type, model_class
+from fastattn.cli.config import CLIError, check_new_folder, opt
+from fastattn.cli.models import TASK_ARCH, build_config, check_task, class_for_type, model_class
 from fastattn.cli.tasks import TASKS, perplexity
 
 
@@ -54,7 +54,7 @@ class TrainConfig:
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
     eval_every: int = opt(100, "evaluate on held-out data every N steps (and at the end); 0: only at the end")
     eval_batches: int = opt(8, "held-out batches per evaluation")
-    ckpt_every: int = opt(200, "checkpoint every N steps (and at the end)")
+    ckpt_every: int = opt(200, "checkpoint every N steps (and at the end); 0: only at the end")
     keep: int = opt(3, "checkpoints kept")
     resume: bool = opt(False, "continue the run in --out from its newest valid checkpoint")
     init: Optional[str] = opt(None, "start from this fastattn checkpoint (or run folder)")
@@ -81,13 +81,33 @@ class TrainConfig:
     step_delay: float = opt(0.0, "sleep this long after each step (for tests of interruption)")
 
     def validate(self):
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "keep", "eval_batches", "log_every", "tp"):
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "keep", "eval_batches", "log_every", "tp",
+                     "lora_rank", "prompt_len"):
             if getattr(self, name) < 1:
                 raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "warmup", "ckpt_every", "eval_every", "max_time", "weight_decay", "clip", "peak_tflops"):
+            if getattr(self, name) < 0:
+                raise CLIError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("min_lr_ratio", "distill_alpha"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise CLIError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 < self.mask_prob <= 1:
+            raise CLIError(f"--mask-prob must be in (0, 1], got {self.mask_prob}")
+        if self.temperature <= 0:
+            raise CLIError(f"--temperature (distillation) must be > 0, got {self.temperature}")
+        if self.num_labels is not None and self.num_labels < 2:
+            raise CLIError(f"--num-labels must be at least 2, got {self.num_labels}")
+        check_task(self.arch, self.task, f"--arch {self.arch}")
         if self.init and self.init_hf:
             raise CLIError("give --init or --init-hf, not both")
         if not 0 < self.val_fraction < 1:
             raise CLIError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+
+
+# options that define the model, its tokens or its data stream: --resume refuses to change them
+RESUME_FIXED = ("task", "arch", "tokenizer", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "norm", "pos", "mlp",
+                "mode", "lora_rank", "lora_alpha", "prompt_len", "nsp", "num_labels", "qat", "data", "seq_len",
+                "max_data_tokens", "val_fraction")
 
 
 def load_tokenizer(spec):
@@ -226,8 +246,7 @@ def plot_metrics(run_dir):
     except ImportError:
         return None
     train, val = [], []
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
+    for m in _metric_rows(Path(run_dir) / "metrics.jsonl"):
         if "loss" in m:
             train.append((m["step"], m["loss"]))
         if "val_loss" in m:
@@ -257,12 +276,24 @@ class Trainer:
         self.rank0 = self.dist.rank == 0
         self.device = self.dist.device if self.dist.world > 1 else pick_device(cfg.device)
         self.run_dir = Path(cfg.out)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise CLIError(f"--out {self.run_dir}: a file, not a folder")
+        if not self.run_dir.exists():
+            check_new_folder(self.run_dir)
         existing = ckpt.list_checkpoints(self.run_dir)
         if existing and not cfg.resume:
             raise CLIError(f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
                            "or a new --out")
         if cfg.resume and not existing:
             raise CLIError(f"--resume: no checkpoint in {self.run_dir}")
+        others = sorted(p.name for p in self.run_dir.iterdir() if not _run_file(p.name)) \
+            if not existing and self.run_dir.is_dir() else []
+        if others:
+            raise CLIError(f"--out {self.run_dir}: the folder holds files but no checkpoint ({', '.join(others[:3])}"
+                           f"{' ...' if len(others) > 3 else ''}): choose a new --out (nothing there is overwritten)")
+        if existing:
+            self._check_resume_options(existing[0])
+        self.dist.barrier()  # every rank has looked at --out before rank 0 writes to it
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise CLIError("--precision fp16 needs a CUDA device (use bf16 on CPU)")
         torch.manual_seed(cfg.seed)
@@ -270,11 +301,17 @@ class Trainer:
         self.task = TASKS[cfg.task](cfg, self.tok)
         self.model = self._build_model().to(self.device)
         self.arch = type(self.model).__name__
+        self._check_fits(self.model, "the model")
         self.teacher = None
         if cfg.teacher:
             self.teacher, _, ttok = load_model(cfg.teacher, map_location=self.device)
             if ttok.vocab_size != self.tok.vocab_size:
                 raise CLIError("--teacher: its tokenizer differs from this run's")
+            check_task(type(self.teacher).__name__, cfg.task, f"--teacher {cfg.teacher}")
+            if getattr(self.teacher.config, "num_labels", None) != getattr(self.model.config, "num_labels", None):
+                raise CLIError(f"--teacher: it has {self.teacher.config.num_labels} labels, this run "
+                               f"{self.model.config.num_labels}")
+            self._check_fits(self.teacher, "--teacher")
             self.teacher.eval().requires_grad_(False)
         if cfg.qat:
             import fastattn
@@ -288,6 +325,30 @@ class Trainer:
         self.stop_signal = None
         if cfg.resume:
             self._restore()
+
+    def _check_resume_options(self, path):
+        """--resume with an option that changes the model, its tokens or its data: one clear error."""
+        try:
+            saved = json.loads((path / "train_state.json").read_text()).get("train_config", {})
+        except (OSError, ValueError, AttributeError):
+            return  # a corrupt newest checkpoint: latest_valid reports it and takes an older one
+        changed = [f"--{k.replace('_', '-')} {getattr(self.cfg, k)!r} (the run's: {saved[k]!r})"
+                   for k in RESUME_FIXED if k in saved and saved[k] != getattr(self.cfg, k)]
+        if changed:
+            raise CLIError(f"--resume {self.run_dir}: changed {', '.join(changed)}: resume with the options the run "
+                           "was started with, or start a new --out")
+
+    def _check_fits(self, model, what):
+        """The run's sequences (and labels) fit model: its positions and its classifier."""
+        cfg, mcfg = self.cfg, model.config
+        need = cfg.seq_len + (cfg.prompt_len if cfg.mode == "prompt" and model is self.model else 0)
+        if getattr(mcfg, "max_seq_len", need) < need:
+            raise CLIError(f"{what}: {mcfg.max_seq_len} positions, fewer than --seq-len {cfg.seq_len}"
+                           + (f" + --prompt-len {cfg.prompt_len}" if need > cfg.seq_len else ""))
+        labels = getattr(self.task, "labels", None)
+        if labels is not None and getattr(mcfg, "num_labels", len(labels)) < len(labels):
+            raise CLIError(f"{what}: {mcfg.num_labels} labels, fewer than the {len(labels)} in the data "
+                           f"({', '.join(labels[:6])})")
 
     # ---- model ----
     def _build_model(self):
@@ -308,6 +369,7 @@ class Trainer:
                                    f"the tokenizer's ({self.tok.vocab_size})")
             if cfg.task == "classify" and type(model).__name__ != TASK_ARCH["classify"]:
                 model = self._with_classifier(model)
+            check_task(type(model).__name__, cfg.task, f"--init {cfg.init or cfg.init_hf}")
         else:
             cls = model_class(cfg.arch or TASK_ARCH[cfg.task])
             fields = model_fields(cfg, self.tok.vocab_size, self.tok.pad_id, self.tok.eos_id)
@@ -403,6 +465,11 @@ class Trainer:
     def meta_config(self):
         return dataclasses.asdict(self.cfg)
 
+    def label_meta(self):
+        """classify: the label names, in the order of the classifier's outputs (eval maps its data by them)."""
+        labels = getattr(self.task, "labels", None)
+        return {"labels": list(labels)} if labels is not None else {}
+
     def _state(self):
         return {"step": self.step, "optimizer": self.opt.state_dict(), "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -413,7 +480,8 @@ class Trainer:
             return self.dist.save_sharded(self, tag)
         if not self.rank0:
             return None
-        meta = {"step": self.step, "task": self.cfg.task, "arch": self.arch, "train_config": self.meta_config()}
+        meta = {"step": self.step, "task": self.cfg.task, "arch": self.arch, "train_config": self.meta_config(),
+                **self.label_meta()}
         model, cfg_dict = self.model, self.model.config.to_dict()
         path = ckpt.write_folder(self.run_dir / (tag or f"ckpt-{self.step:07d}"), {
             "model.safetensors": lambda p: ckpt.save_weights(model, p),
@@ -465,7 +533,7 @@ class Trainer:
         finetune.merge(model)
         meta = {"step": self.step, "task": self.cfg.task, "arch": self.arch,
                 "train_config": {**self.meta_config(), "mode": "prompt" if self.cfg.mode == "prompt"
-                                 else "full"}}
+                                 else "full"}, **self.label_meta()}
         if self.cfg.qat:  # trained through fake quantization: generate / eval load it as int8 w8a8
             meta["int8"] = {"mode": "w8a8", "smoothquant": False, "alpha": 0.5, "calib": 0, "batch_size": 1}
         cfg_dict = model.config.to_dict()
@@ -493,7 +561,10 @@ class Trainer:
         prog.line(f"{cfg.task} | {type(self.model).__name__} {n_params / 1e6:.2f}M params | "
                   f"{cfg.model_backend} | {self.device} {cfg.precision} | global batch "
                   f"{cfg.batch_size * cfg.grad_accum * self.dist.world} x {cfg.seq_len} | run {self.run_dir}")
-        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.rank0 else None
+        if self.rank0 and cfg.resume:
+            _drop_metrics_after(self.run_dir / "metrics.jsonl", self.step)  # rows the interrupted run logged later
+        # a fresh run starts the file anew (a run killed before its first checkpoint may have left rows)
+        metrics = open(self.run_dir / "metrics.jsonl", "a" if cfg.resume else "w") if self.rank0 else None
         start = time.perf_counter()
         window_t, window_tok, reason = time.perf_counter(), 0, "done"
         try:
@@ -522,7 +593,7 @@ class Trainer:
                     if metrics:
                         metrics.write(json.dumps({"step": self.step, **ev}) + "\n")
                         metrics.flush()
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop:
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps or stop:
                     self.save()
                 if stop:
                     reason = (f"signal {signal.Signals(self.stop_signal).name}" if self.stop_signal
@@ -539,6 +610,35 @@ class Trainer:
             prog.line(f"stopped at step {self.step} ({reason}); model: {final}; metrics: "
                       f"{self.run_dir / 'metrics.jsonl'}{'; plot: ' + str(png) if png else ''}")
         return 0
+
+
+RUN_FILES = ("train_config.json", "metrics.jsonl", "loss.png")
+
+
+def _run_file(name):
+    """A file a run writes before its first checkpoint (a run killed then leaves only these, and temp folders)."""
+    return name in RUN_FILES or (name.startswith(".") and ".tmp-" in name)
+
+
+def _metric_rows(path):
+    """The records of metrics.jsonl (a line cut short by a kill is skipped)."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            m = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(m, dict) and isinstance(m.get("step"), int):
+            rows.append(m)
+    return rows
+
+
+def _drop_metrics_after(path, step):
+    """Keep the metrics.jsonl records up to step: a resumed run logs the later steps again."""
+    if path.is_file():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in _metric_rows(path) if m["step"] <= step))
+        tmp.replace(path)
 
 
 def clip_grad_norm(params, max_norm):
