@@ -203,6 +203,17 @@ def test_generate_user_errors(gpt_run, capsys, monkeypatch, args, stdin, needle)
     assert out.out == "" and out.err.count("\n") == 1 and needle in out.err, out.err
 
 
+def test_generate_top_k_zero_is_off(gpt_run, capsys, monkeypatch):
+    from fastattn.models import GPT
+    seen, real = [], GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda self, *a, **kw: seen.append(kw["top_k"]) or real(self, *a, **kw))
+    for k in ("0", "7"):
+        assert main(["generate", str(gpt_run), "-p", "It", "-n", "3", "--top-k", k]) == 0
+    assert seen == [None, 7]
+    assert main(["generate", str(gpt_run), "-p", "It", "--top-k", "-1"]) == 2
+    assert "--top-k must be >= 0 (0: off)" in capsys.readouterr().err
+
+
 def test_generate_empty_prompt_file(gpt_run, capsys, tmp_path):
     (tmp_path / "p.txt").write_text("\n\n")
     assert main(["generate", str(gpt_run), "--prompt-file", str(tmp_path / "p.txt")]) == 2

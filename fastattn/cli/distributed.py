@@ -134,7 +134,8 @@ class Distributed(Single):
         if self.rank == 0:
             files = {p.relative_to(tmp).as_posix(): p for p in sorted(tmp.rglob("*")) if p.is_file()}
             meta = {"step": trainer.step, "task": trainer.cfg.task, "arch": trainer.arch,
-                    "sharded": self.kind, "world": self.world, "train_config": trainer.meta_config()}
+                    "sharded": self.kind, "world": self.world, "train_config": trainer.meta_config(),
+                    **trainer.label_meta()}
             writers = {k: (lambda p, src=v: os.replace(src, p)) for k, v in files.items()}
             writers["train_state.json"] = lambda p: p.write_text(json.dumps(meta, indent=2))
             writers["state.pt"] = lambda p: torch.save({"step": trainer.step, "data_rng": trainer.gen.get_state()}, p)

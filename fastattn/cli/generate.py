@@ -17,7 +17,7 @@ class GenerateConfig:
     prompt_file: Optional[str] = opt(None, "a file of prompts, one a line")
     max_new_tokens: int = opt(100, "tokens to generate per prompt", short="-n")
     temperature: float = opt(0.8, "sampling temperature; 0: greedy")
-    top_k: Optional[int] = opt(50, "sample among the k likeliest tokens")
+    top_k: Optional[int] = opt(50, "sample among the k likeliest tokens; 0: no top-k cut")
     top_p: Optional[float] = opt(None, "sample among the likeliest tokens holding probability p (nucleus)")
     stop: List[str] = opt([], "stop a continuation at the first of these strings")
     seed: int = opt(0, "sampling seed")
@@ -32,8 +32,8 @@ class GenerateConfig:
             raise CLIError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise CLIError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise CLIError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.top_k is not None and self.top_k < 0:
+            raise CLIError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise CLIError(f"--top-p must be in (0, 1], got {self.top_p}")
         if "" in self.stop:
@@ -152,8 +152,9 @@ def generate(model, tok, prompts, cfg, device, out=None):
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            model.generate(ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                           eos_token_id=tok.eos_id, attention_mask=mask, generator=gen, streamer=streamer)
+            model.generate(ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                           top_p=cfg.top_p, eos_token_id=tok.eos_id, attention_mask=mask, generator=gen,
+                           streamer=streamer)
     except _Stop:
         pass
     except ValueError as e:
