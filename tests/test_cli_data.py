@@ -9,7 +9,7 @@ from fastattn.cli import finetune
 from fastattn.cli.config import CLIError, build, to_toml
 from fastattn.cli.train import TrainConfig, lr_at
 from fastattn.data import (CORPUS, DataError, TokenSplits, Tokenizer, default_corpus, default_tokenizer, held_out,
-                           iter_documents, train_bpe)
+                           iter_documents, load_labelled, train_bpe)
 
 
 def test_corpus_and_licence_note():
@@ -57,6 +57,39 @@ def test_documents_streamed_from_files(tmp_path):
     assert len(splits.val) > 0 and len(splits.train) > len(splits.val)
     g = torch.Generator().manual_seed(0)
     assert splits.blocks("train", 3, 5, g).shape == (3, 5)
+
+
+def test_windows_never_cut_short(tmp_path):
+    """A split shorter than a window is an error naming it (blocks once cut the windows to the data silently)."""
+    (tmp_path / "a.txt").write_text("".join(f"paragraph {i} with a few words\n\n" for i in range(8)))
+    splits = TokenSplits(Tokenizer(), [tmp_path], val_fraction=0.25)
+    n_train, n_val = len(splits.train), len(splits.val)
+    splits.check_window(n_val - 1)
+    with pytest.raises(DataError, match=f"held-out data has {n_val} tokens, too few for windows of {n_val}.*"
+                                        "--val-fraction"):
+        splits.check_window(n_val)
+    with pytest.raises(DataError, match=f"training data has {n_train} tokens"):
+        splits.check_window(n_train)
+    with pytest.raises(DataError, match="too few for windows"):
+        splits.blocks("val", 2, n_val)
+    assert splits.blocks("val", 2, n_val - 1).shape == (2, n_val - 1)
+
+
+def test_labels_by_value(tmp_path):
+    """1, 1.0 and "1" are one label, true is "true", spaces around a CSV label do not count; null is an error."""
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"t{i}", "label": lab}) for i, lab in
+                                               enumerate([1, 1.0, "1", " 2 ", True, 0.5])))
+    train, val, labels = load_labelled(tmp_path / "a.jsonl", val_fraction=0.5)
+    assert labels == ["0.5", "1", "2", "true"]
+    assert sorted(i for _, i in train + val) == [0, 1, 1, 1, 2, 3]
+    (tmp_path / "b.csv").write_text("text,label\nx, pos\ny,pos\n")
+    assert load_labelled(tmp_path / "b.csv")[2] == ["pos"]
+    (tmp_path / "c.jsonl").write_text('{"text": "x", "label": 1}\n{"text": "y", "label": null}\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:2: label must be a non-empty string or a number, got None"):
+        load_labelled(tmp_path / "c.jsonl")
+    (tmp_path / "d.csv").write_text("text,label\nx,1\ny,\n")
+    with pytest.raises(DataError, match=r"d\.csv:3: label must be"):
+        load_labelled(tmp_path / "d.csv")
 
 
 def test_lora_merge_equals_unmerged():

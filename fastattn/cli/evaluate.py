@@ -55,6 +55,15 @@ def make_task(state, tok, task=None, data=None, seq_len=None):
     return TASKS[tcfg.task](tcfg, tok)
 
 
+def _check_fits(model, seq_len):
+    """seq_len (and the model's soft prompt) within the model's positions."""
+    n_prompt = getattr(getattr(model, "soft_prompt", None), "shape", [0])[0]
+    max_len = getattr(model.config, "max_seq_len", None)
+    if max_len is not None and seq_len and seq_len + n_prompt > max_len:
+        raise CLIError(f"--seq-len {seq_len}" + (f" + a soft prompt of {n_prompt}" if n_prompt else "") +
+                       f" exceeds the model's {max_len} positions")
+
+
 def main(cfg: EvalConfig) -> int:
     from fastattn.cli.train import load_model, pick_device
     device = pick_device(cfg.device)
@@ -64,13 +73,10 @@ def main(cfg: EvalConfig) -> int:
         import fastattn
         model = fastattn.quantize(model, mode="w8a16")
     check_task(type(model).__name__, cfg.task or state.get("task", "clm"), f"{cfg.checkpoint}")
+    _check_fits(model, cfg.seq_len or state.get("train_config", {}).get("seq_len"))  # before the data is read
     task = make_task(state, tok, cfg.task, cfg.data, cfg.seq_len)
     tcfg = task.cfg
-    n_prompt = getattr(getattr(model, "soft_prompt", None), "shape", [0])[0]
-    max_len = getattr(model.config, "max_seq_len", None)
-    if max_len is not None and tcfg.seq_len + n_prompt > max_len:
-        raise CLIError(f"--seq-len {tcfg.seq_len}" + (f" + a soft prompt of {n_prompt}" if n_prompt else "") +
-                       f" exceeds the model's {max_len} positions")
+    _check_fits(model, tcfg.seq_len)
     if state.get("int8") and not state["int8"].get("stored") and not cfg.int8:  # QAT export: quantized on load
         from fastattn.cli.quantize import apply_recipe
         model = apply_recipe(model, state["int8"], task)

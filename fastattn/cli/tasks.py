@@ -40,6 +40,7 @@ class CLMTask:
     def __init__(self, cfg, tokenizer):
         self.cfg, self.tok = cfg, tokenizer
         self.data = TokenSplits(tokenizer, cfg.data or None, cfg.val_fraction, cfg.max_data_tokens)
+        self.data.check_window(cfg.seq_len + 1)  # the longest window a task reads (clm: seq_len inputs + 1 target)
 
     def batch(self, split, batch_size, generator=None, index=None):
         x = self.data.blocks(split, batch_size, self.cfg.seq_len + 1, generator, index)

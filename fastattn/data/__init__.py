@@ -119,16 +119,40 @@ class TokenSplits:
     def split(self, name):
         return self.train if name == "train" or len(self.val) < 2 else self.val
 
+    def check_window(self, length):
+        """Raise DataError unless each split holds more than length tokens (windows are never cut short); a
+        held-out split of fewer than 2 tokens is none: evaluation reads the training split then."""
+        for name, data in (("training", self.train), ("held-out", self.val)):
+            if len(data) <= length and not (name == "held-out" and len(data) < 2):
+                more = " or a larger held-out share (--val-fraction)" if name == "held-out" else ""
+                raise DataError(f"the {name} data has {len(data)} tokens, too few for windows of {length}: give "
+                                f"more text, a shorter --seq-len{more}")
+
     def blocks(self, split, batch, length, generator=None, index=None):
         """(batch, length) windows: at random offsets (from generator), or the index-th run of consecutive ones."""
         data = self.split(split)
-        length = min(length, len(data) - 1)
+        if len(data) <= length:
+            raise DataError(f"the {split} split has {len(data)} tokens, too few for windows of {length}")
         hi = len(data) - length
         if index is None:
             starts = torch.randint(0, hi, (batch,), generator=generator)
         else:
             starts = (torch.arange(batch) + index * batch) * length % hi
         return torch.stack([data[s:s + length] for s in starts.tolist()])
+
+
+def _label(value, where):
+    """A label's name: a string stripped, a number as an integer where it is one (1, 1.0 and "1" are one label),
+    a bool as "true" / "false"; anything else (null, a list, an empty string) is a DataError."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise DataError(f"{where}: label must be a non-empty string or a number, got {value!r}")
 
 
 def load_labelled(path, val_fraction=0.1):
@@ -144,12 +168,12 @@ def load_labelled(path, val_fraction=0.1):
                 reader = csv.DictReader(f)
                 if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
                     raise DataError(f"{path}: the CSV header must name the columns text and label")
-                rows = [(r["text"], str(r["label"])) for r in reader]
+                rows = [(r["text"], _label(r["label"], f"{path}:{reader.line_num}")) for r in reader]
             elif path.suffix == ".jsonl":
                 for n, obj in _jsonl(f, path):
                     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or "label" not in obj:
                         raise DataError(f"{path}:{n}: expected {{\"text\": string, \"label\": ...}}")
-                    rows.append((obj["text"], str(obj["label"])))
+                    rows.append((obj["text"], _label(obj["label"], f"{path}:{n}")))
             else:
                 raise DataError(f"{path}: labelled data must be .jsonl or .csv")
     except UnicodeDecodeError as e:
