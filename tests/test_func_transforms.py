@@ -191,3 +191,46 @@ def test_encoder_layer_per_sample_grads(norm_first):
     ga, gb = _per_sample_grads(ours, loss, x, False), _per_sample_grads(theirs, loss, x, False)
     for k in ga:
         torch.testing.assert_close(ga[k], gb[k], rtol=1e-7, atol=1e-9, msg=k)
+
+
+# ---- torch.jit.trace -------------------------------------------------------------------------------------------
+def test_jit_trace_records_the_custom_ops():
+    """A direct call into the kernels is invisible to torch.jit.trace (it recorded only the output's allocation:
+    the trace replayed uninitialized memory). While tracing, every op runs through its custom op, which the trace
+    keeps: a traced GPT (float, w8a8, w8a16) and the ops alone give the eager results on new inputs."""
+    import warnings
+    from fastattn.models import GPT, GPTConfig
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(ids).logits
+
+    def traced(fn, *args):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings of the Python-side checks
+            return torch.jit.trace(fn, args, check_trace=False)
+
+    ids, ids2 = torch.randint(0, 50, (2, 12)), torch.randint(0, 50, (2, 12))
+    for mode in (None, "w8a8", "w8a16"):
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(vocab_size=50, d_model=32, n_layer=2, n_head=4, max_seq_len=16)).eval()
+        if mode:
+            fastattn.quantize(m, mode=mode)
+        tr = traced(Logits(m), ids)
+        ops = {n.kind() for n in tr.inlined_graph.nodes() if n.kind().startswith("fastattn::")}
+        assert {"fastattn::add_norm_fwd", "fastattn::attention_fwd"} <= ops, ops
+        with torch.no_grad():
+            torch.testing.assert_close(tr(ids2), m(ids2).logits, rtol=0, atol=0)
+    w, b = randn(16, dtype=torch.float32), randn(16, seed=1, dtype=torch.float32)
+    x, r = randn(4, 16, seed=2, dtype=torch.float32), randn(4, 16, seed=3, dtype=torch.float32)
+    tr = traced(lambda x, r: fastattn.add_layer_norm(x, r, w, b), x, r)
+    torch.testing.assert_close(tr(2 * x + 1, r), fastattn.add_layer_norm(2 * x + 1, r, w, b))
+    q, k = randn(1, 2, 1, 16, seed=4, dtype=torch.float32), randn(1, 2, 64, 16, seed=5, dtype=torch.float32)
+    tr = traced(lambda q, k: fastattn.decode_attention(q, k, k), q, k)
+    torch.testing.assert_close(tr(q * 2, k + 1), fastattn.decode_attention(q * 2, k + 1, k + 1))
+    tr = traced(lambda x: fastattn.ops.dropout.dropout(x, 0.5, True), x)
+    assert 0.3 < (tr(torch.ones(4000)) == 0).float().mean() < 0.7  # a mask drawn per call, not a recorded one

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from ..backends import Dispatcher, Impl, compiled_op, forced_backend_name, log, triton_op
 from ..reference import add_norm_ref, norm_residual_dtype
-from .batching import eager_twin, fold, front, has_torch_function_subclass, is_legacy_batched, is_transformed, unfold
+from .batching import (eager_twin, fold, front, graph_capture, has_torch_function_subclass, is_legacy_batched,
+                       is_transformed, unfold)
 
 MAX_COLS = 65536
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -178,7 +179,7 @@ class AddNormFunction(torch.autograd.Function):
         r2 = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
         s_fp32 = s_dtype == torch.float32 and x.dtype != torch.float32
         store_s = prenorm or (needs_grad and (residual is not None or s_fp32))
-        fwd = add_norm_fwd_op if torch.compiler.is_compiling() else _fwd
+        fwd = add_norm_fwd_op if graph_capture() else _fwd
         y, s, mean, rstd = fwd(x2, r2, weight, bias, eps, is_rms, store_s, s_fp32, backend)
         return y.view(shape), (s.view(shape) if store_s else s), mean, rstd
 

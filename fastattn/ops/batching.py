@@ -10,6 +10,13 @@ import torch
 from torch import Tensor
 
 
+def graph_capture() -> bool:
+    """torch.compile (dynamo) or torch.jit.trace is recording: kernels must be called through their custom ops,
+    which both record (a direct call into the compiled kernels is invisible to them: a trace would keep only the
+    allocation of the output, and replay uninitialized memory)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def is_transformed(*tensors: Optional[Tensor]) -> bool:
     """True when any tensor is wrapped by a torch.func transform (vmap's BatchedTensor, grad's wrapper): the
     compiled kernels cannot read such a tensor's memory, so the call must go through an autograd.Function or custom

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..backends import Dispatcher, Impl, compiled_has, compiled_op, triton_op
 from ..reference import int8_matmul_ref, quantize_rows_ref, w8a16_matmul_ref
-from .batching import fold, front, is_transformed, unfold
+from .batching import fold, front, graph_capture, is_transformed, unfold
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int32)
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -180,7 +180,7 @@ def mm_rows(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Optional[T
             out_dtype: torch.dtype) -> Tensor:
     """int8_matmul on arguments already checked and in the backend contract's form (contiguous 2-D int8 a, b;
     float32 (M,) / (N,) scales and bias or None): Int8Linear's per-call path, without the re-validation."""
-    if torch.compiler.is_compiling() or is_transformed(a, b, a_scale, b_scale, bias):  # torch.compile, torch.func
+    if graph_capture() or is_transformed(a, b, a_scale, b_scale, bias):  # torch.compile / jit.trace, torch.func
         return int8_mm_op(a, b, a_scale, b_scale, bias, out_dtype)
     M, K = a.shape
     return _mm.select(Int8Request(a.device.type, out_dtype, K, M <= DECODE_M)).fwd(a, b, a_scale, b_scale, bias,
@@ -207,7 +207,7 @@ def _quantize(x: Tensor, smooth: Optional[Tensor], name: str):
 
 def quantize_rows(x: Tensor, smooth: Optional[Tensor]):
     """Per-row quantization of a checked contiguous (M, K) x (smooth: float32 (K,) or None), as the backends take it."""
-    if torch.compiler.is_compiling() or is_transformed(x, smooth):
+    if graph_capture() or is_transformed(x, smooth):
         return quantize_rows_op(x, smooth)
     M, K = x.shape
     return _quant.select(Int8Request(x.device.type, x.dtype, K, M <= DECODE_M)).fwd(x, smooth)
@@ -275,6 +275,6 @@ def w8a16_kernel(device: torch.device, dtype: torch.dtype, K: int):
 
 def w8a16_rows(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """w8a16_matmul on checked contiguous 2-D x, w and float32 (N,) w_scale / bias (or None)."""
-    if torch.compiler.is_compiling() or is_transformed(x, w, w_scale, bias):
+    if graph_capture() or is_transformed(x, w, w_scale, bias):
         return w8a16_mm_op(x, w, w_scale, bias)
     return _w8a16.select(Int8Request(x.device.type, x.dtype, x.shape[1])).fwd(x, w, w_scale, bias)

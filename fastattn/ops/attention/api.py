@@ -12,7 +12,7 @@ from ...errors import ArgumentError
 from ...reference import attention_diag_offset, attention_ref
 from .decode import route as decode_route
 from .dispatch import attention_fwd_op, dispatcher, ref_kwargs
-from ..batching import has_torch_function_subclass, is_transformed
+from ..batching import graph_capture, has_torch_function_subclass, is_transformed
 from .function import AttentionFunction, AttentionFunctionEager, DroppedAttention
 from .params import AttnParams, request
 from .validation import CAUSAL, as_bhld, as_float, autocast_qkv, build_mask, causal_bias_alignment, check_qkv
@@ -91,7 +91,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
         dispatcher.select(request(qb, kb, vb, mask, alibi, p), backend or None)  # raises if a kernel was forced
         # autograd through the reference gives the mask its gradient
         out, lse = attention_ref(qb, kb, vb, mask, return_lse=True, **ref_kwargs(qb, kb, mask, alibi, p))
-    elif torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(t.requires_grad for t in (qb, kb, vb))):
+    elif graph_capture() and not (torch.is_grad_enabled() and any(t.requires_grad for t in (qb, kb, vb))):
         # dynamo (torch 2.14) cannot inline a setup_context-style Function that records no graph: the op itself
         out, lse = attention_fwd_op(qb, kb, vb, mask, alibi, *p.flat(), backend)
     else:

@@ -26,7 +26,7 @@ from ... import _ext
 from ...backends import BackendNotSupported, Dispatcher, Impl, compiled_has, forced_backend_name, triton_op
 from ...errors import ArgumentError
 from ...reference import decode_attention_ref
-from ..batching import is_transformed
+from ..batching import graph_capture, is_transformed
 from .params import AttnParams
 from .validation import as_float
 
@@ -93,7 +93,7 @@ def _(q, k, v, seqlens, keep, scale, softcap, causal, backend):
 
 
 def _call(q, k, v, seqlens, keep, scale, softcap, causal, backend: str):
-    if torch.compiler.is_compiling():
+    if graph_capture():
         return decode_op(q, k, v, seqlens, keep, scale, softcap, causal, backend)
     return fwd(q, k, v, seqlens, keep, scale, softcap, causal, backend or None)
 

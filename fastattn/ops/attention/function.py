@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..batching import eager_twin, fold, is_legacy_batched, is_transformed, unfold
+from ..batching import eager_twin, fold, graph_capture, is_legacy_batched, is_transformed, unfold
 from .dispatch import attention_bwd_op, attention_fwd_op, bwd, fwd, last_dim_unit
 from .params import AttnParams
 
@@ -15,7 +15,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, mask, alibi, backend: str, *flat):
-        if torch.compiler.is_compiling():
+        if graph_capture():
             return attention_fwd_op(q, k, v, mask, alibi, *flat, backend)
         return tuple(fwd(q, k, v, mask, alibi, AttnParams(*flat), backend or None))  # the C++ ops return lists
 
