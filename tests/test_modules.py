@@ -75,3 +75,50 @@ def test_module_rejects_wrong_trailing_shape():
         fnn.LayerNorm(16)(torch.randn(3, 8))
     with pytest.raises(ValueError, match="normalized_shape"):
         fnn.AddLayerNorm((4, 4))
+
+
+def test_rmsnorm_weight_of_another_dtype_as_torch():
+    """torch.nn.RMSNorm takes a weight of any dtype and returns the input's; so does ours (a bfloat16 weight beside
+    a float32 input used to raise a TypeError)."""
+    theirs = torch.nn.RMSNorm(16).to(torch.bfloat16)
+    with torch.no_grad():
+        theirs.weight.normal_()
+    ours = fnn.RMSNorm(16).to(torch.bfloat16)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 16)
+    y = ours(x)
+    assert y.dtype == theirs(x).dtype == torch.float32
+    torch.testing.assert_close(y, theirs(x))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated
+@pytest.mark.parametrize("cls, args", [("LayerNorm", ((4, 4),)), ("RMSNorm", (16,)), ("AddLayerNorm", (16,)),
+                                       ("AddRMSNorm", (16,)), ("Dropout", (0.5,))])
+def test_trace_records_fastattn_ops_and_script_refuses(cls, args):
+    """torch.jit.trace recorded only the allocation of the kernels' outputs (a direct call is invisible to it), and
+    the traced module returned uninitialized memory: while tracing, the kernels run through their custom ops, which
+    the trace keeps. Scripting raises a clear error."""
+    m = getattr(fnn, cls)(*args).eval()
+    x = torch.randn(2, 3, 16).view(2, 3, 4, 4) if cls == "LayerNorm" else torch.randn(2, 3, 16)
+    with torch.no_grad():
+        traced = torch.jit.trace(m, (x,))
+        x2 = torch.randn_like(x) * 3 + 1
+        torch.testing.assert_close(traced(x2), m(x2))
+    assert cls == "Dropout" or any(n.kind().startswith("fastattn::") for n in traced.inlined_graph.nodes())
+    with pytest.raises(RuntimeError, match=f"fastattn.nn.{cls} cannot be scripted"):
+        torch.jit.script(torch.nn.Sequential(m))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("cls", ["LayerNorm", "RMSNorm"])
+def test_cuda_autocast_norms_run_in_float32_as_torch(cls):
+    """CUDA autocast runs layer_norm and rms_norm in float32: torch's modules return float32 for a float16 input."""
+    theirs = getattr(torch.nn, cls)(16).cuda()
+    ours = getattr(fnn, cls)(16).cuda()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 16, device="cuda", dtype=torch.float16)
+    with torch.autocast("cuda", dtype=torch.float16):
+        y, want = ours(x), theirs(x)
+    assert y.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(y, want)

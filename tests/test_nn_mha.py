@@ -430,3 +430,30 @@ def test_bad_input_raises_torchs_exception_type(case):
         ours(*args, **kw)
     assert type(o.value) is type(t.value), f"torch raised {t.value!r}, we raised {o.value!r}"
     assert "MultiheadAttention" in str(o.value)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_trace_records_fastattn_ops_and_script_refuses(need_weights):
+    """torch.jit.trace keeps the kernels' custom ops (a direct kernel call is invisible to it: the trace returned
+    uninitialized memory), so the trace gives our outputs on new input; torch.jit.script raises a clear error (it
+    failed on a line inside fastattn)."""
+    class Wrap(torch.nn.Module):
+        def __init__(self, mha):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, q, kpm):
+            out, w = self.mha(q, q, q, key_padding_mask=kpm, need_weights=need_weights)
+            return (out, w) if need_weights else out
+
+    m = Wrap(MultiheadAttention(E, H, batch_first=True)).eval()
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[1, 3:] = True
+    with torch.no_grad():
+        traced = torch.jit.trace(m, (torch.randn(2, 5, E), kpm), check_trace=False)
+        q = torch.randn(2, 5, E) * 2
+        torch.testing.assert_close(traced(q, kpm), m(q, kpm))
+    assert any(n.kind() == "fastattn::attention_fwd" for n in traced.inlined_graph.nodes())
+    with pytest.raises(RuntimeError, match="fastattn.nn.MultiheadAttention cannot be scripted"):
+        torch.jit.script(m)

@@ -443,3 +443,50 @@ def test_in_place_activation_keeps_autograd_and_inputs():
     z = ours(x) * 2
     z.mul_(3)  # the output is the caller's to modify
     F.relu(z).sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("mode", ["train", "eval", "inference"])
+def test_cpu_autocast_output_dtype_and_values_as_torch(kind, norm_first, mode):
+    """Under autocast a sublayer's bfloat16 output meets the float32 residual stream: torch adds them in float32
+    (its output float32), except on its fused inference path (encoder, no grad: bfloat16). Ours returned bfloat16
+    everywhere. Values bounded by torch's autocast error against float64."""
+    g = torch.Generator().manual_seed(21)
+    theirs, ours = layer_twins(kind, norm_first=norm_first, batch_first=True)
+    for m in (theirs, ours):
+        m.train(mode == "train")
+    args = (seq(True, 2, 5, g),) + ((seq(True, 2, 4, g),) if kind == "decoder" else ())
+    ctx = torch.inference_mode if mode == "inference" else torch.enable_grad
+    with ctx(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = ours(*args), theirs(*args)
+    with torch.no_grad():
+        ref = copy.deepcopy(theirs).double()(*(a.double() for a in args))
+    assert got.dtype == want.dtype == (torch.bfloat16 if mode == "inference" and kind == "encoder" else torch.float32)
+    assert_bounded(f"{kind} autocast", got, ref, want, torch.bfloat16)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated
+@pytest.mark.parametrize("name", ["TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
+                                  "TransformerDecoder", "Transformer"])
+def test_trace_records_fastattn_ops_and_script_refuses(name):
+    """torch.jit.trace keeps the kernels' custom ops (a direct kernel call is invisible to it: a traced layer returned
+    uninitialized memory), so the trace computes our outputs on new input; scripting raises a clear error."""
+    layer = dict(d_model=D, nhead=NHEAD, dim_feedforward=FF, dropout=0.0, batch_first=True)
+    if name == "Transformer":
+        m = fnn.Transformer(num_encoder_layers=1, num_decoder_layers=1, **layer)
+    elif name.endswith("Layer"):
+        m = getattr(fnn, name)(**layer)
+    else:
+        m = getattr(fnn, name)(getattr(fnn, name + "Layer")(**layer), 2)
+    m.eval()
+    g = torch.Generator().manual_seed(22)
+    args = (seq(True, 2, 5, g),) + ((seq(True, 2, 4, g),) if "Decoder" in name or name == "Transformer" else ())
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(m, args, check_trace=False)
+        new = tuple(a * 2 + 1 for a in args)
+        torch.testing.assert_close(traced(*new), m(*new), atol=1e-5, rtol=1e-5)
+    assert any(n.kind() == "fastattn::add_norm_fwd" for n in traced.inlined_graph.nodes())
+    with pytest.raises(RuntimeError, match=f"fastattn.nn.{name} cannot be scripted"):
+        torch.jit.script(m)

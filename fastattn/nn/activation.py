@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..backends import forced_backend
 from ..ops.attention import AttnParams, attention, dropout_mask, select_backend
 from ..ops.batching import is_transformed
+from ._torchscript import refuse_script
 
 
 # ---- argument checks: torch's exception types (AssertionError / RuntimeError), clearer messages ----------------
@@ -272,6 +273,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         out, weights = mha_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         return out.view(*query.shape[:-1], self.embed_dim), weights
+
+    __prepare_scriptable__ = refuse_script
 
 
 def mha_forward(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,

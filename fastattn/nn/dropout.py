@@ -3,6 +3,7 @@ the mask is drawn by the counter-based kernel and regenerated in the backward in
 from torch import Tensor, nn
 
 from ..ops.dropout import dropout
+from ._torchscript import refuse_script
 
 
 class Dropout(nn.Dropout):
@@ -10,3 +11,5 @@ class Dropout(nn.Dropout):
 
     def forward(self, input: Tensor) -> Tensor:
         return dropout(input, self.p, self.training, self.inplace)
+
+    __prepare_scriptable__ = refuse_script

@@ -8,12 +8,22 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.add_norm import add_layer_norm, add_rms_norm
+from ._torchscript import refuse_script
 
 _Shape = Union[int, Tuple[int, ...], torch.Size]
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.reshape(-1)
+
+
+def autocast_fp32(x: Tensor, *params: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """(x, *params) as torch's autocast hands them to layer_norm / rms_norm: CUDA autocast runs both in float32
+    (float16 / bfloat16 tensors upcast, the output float32); CPU autocast leaves them as they are."""
+    if x.device.type != "cuda" or x.dtype == torch.float64 or not torch.is_autocast_enabled("cuda"):
+        return (x,) + params
+    return tuple(t.float() if t is not None and t.dtype in _HALF else t for t in (x,) + params)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -24,22 +34,31 @@ class LayerNorm(nn.LayerNorm):
         if tuple(input.shape[input.dim() - k:]) != tuple(self.normalized_shape):
             raise ValueError(f"input: trailing shape {tuple(input.shape[input.dim() - k:])} does not match "
                              f"normalized_shape {tuple(self.normalized_shape)}")
+        input, weight, bias = autocast_fp32(input, self.weight, self.bias)
         x = input.flatten(-k) if k > 1 else input
-        y = add_layer_norm(x, None, _flat(self.weight), _flat(self.bias), self.eps)
+        y = add_layer_norm(x, None, _flat(weight), _flat(bias), self.eps)
         return y.view(input.shape)
+
+    __prepare_scriptable__ = refuse_script
 
 
 class RMSNorm(nn.RMSNorm):
-    """torch.nn.RMSNorm on fastattn's kernels (eps=None means torch.finfo(input.dtype).eps, as in torch)."""
+    """torch.nn.RMSNorm on fastattn's kernels (eps=None means torch.finfo(input.dtype).eps, as in torch; the
+    output has the input's dtype whatever the weight's, as in torch)."""
 
     def forward(self, x: Tensor) -> Tensor:
         k = len(self.normalized_shape)
         if tuple(x.shape[x.dim() - k:]) != tuple(self.normalized_shape):
             raise ValueError(f"x: trailing shape {tuple(x.shape[x.dim() - k:])} does not match "
                              f"normalized_shape {tuple(self.normalized_shape)}")
+        x, weight = autocast_fp32(x, self.weight)
+        if weight is not None and weight.dtype not in (x.dtype, torch.float32):
+            weight = weight.float()  # the kernels take a weight of x's dtype or float32; torch takes any
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        y = add_rms_norm(x.flatten(-k) if k > 1 else x, None, _flat(self.weight), eps)
+        y = add_rms_norm(x.flatten(-k) if k > 1 else x, None, _flat(weight), eps)
         return y.view(x.shape)
+
+    __prepare_scriptable__ = refuse_script
 
 
 class AddLayerNorm(nn.LayerNorm):
@@ -56,6 +75,8 @@ class AddLayerNorm(nn.LayerNorm):
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
         return add_layer_norm(x, residual, self.weight, self.bias, self.eps, prenorm=self.prenorm,
                               residual_in_fp32=self.residual_in_fp32)
+
+    __prepare_scriptable__ = refuse_script
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", prenorm={self.prenorm}, residual_in_fp32={self.residual_in_fp32}"
@@ -75,6 +96,8 @@ class AddRMSNorm(nn.RMSNorm):
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
         return add_rms_norm(x, residual, self.weight, eps, prenorm=self.prenorm,
                             residual_in_fp32=self.residual_in_fp32)
+
+    __prepare_scriptable__ = refuse_script
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", prenorm={self.prenorm}, residual_in_fp32={self.residual_in_fp32}"

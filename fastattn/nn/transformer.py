@@ -13,8 +13,9 @@ from torch import Tensor, nn
 
 from ..ops.add_norm import add_layer_norm
 from ..ops.dropout import dropout
+from ._torchscript import refuse_script
 from .activation import MultiheadAttention, linear_rows, mha_forward
-from .normalization import LayerNorm
+from .normalization import LayerNorm, autocast_fp32
 
 _Activation = Union[str, Callable[[Tensor], Tensor]]
 
@@ -38,23 +39,36 @@ def _fusable(norm: nn.Module) -> bool:
     return type(norm) in (nn.LayerNorm, LayerNorm) and len(norm.normalized_shape) == 1 and not _has_hooks(norm)
 
 
-def _add_norm(norm: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
+def _promoted(x: Tensor, residual: Tensor, promote: bool):
+    """x and residual in the dtype of torch's x + residual (under autocast a bfloat16 sublayer output beside a
+    float32 residual stream gives float32), or as they are when not ``promote`` (torch's fused inference path,
+    whose output has the sublayer's dtype, as add_layer_norm's has x's)."""
+    if not promote or x.dtype == residual.dtype:
+        return x, residual
+    dt = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(dt), residual.to(dt)
+
+
+def _add_norm(norm: nn.Module, x: Tensor, residual: Tensor, promote: bool = True) -> Tensor:
     """norm(x + residual), in one kernel call for a plain LayerNorm."""
     if _fusable(norm):
-        return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+        x, residual, weight, bias = autocast_fp32(*_promoted(x, residual, promote), norm.weight, norm.bias)
+        return add_layer_norm(x, residual, weight, bias, norm.eps)
     return norm(x + residual)
 
 
 def _norm(norm: nn.Module, x: Tensor) -> Tensor:
     if _fusable(norm):
-        return add_layer_norm(x, None, norm.weight, norm.bias, norm.eps)
+        x, weight, bias = autocast_fp32(x, norm.weight, norm.bias)
+        return add_layer_norm(x, None, weight, bias, norm.eps)
     return norm(x)
 
 
-def _add_norm_prenorm(norm: nn.Module, x: Tensor, residual: Tensor):
+def _add_norm_prenorm(norm: nn.Module, x: Tensor, residual: Tensor, promote: bool = True):
     """(norm(x + residual), x + residual): the pre-norm layer's next input and its residual stream, in one call."""
     if _fusable(norm):
-        return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, prenorm=True)
+        x, residual, weight, bias = autocast_fp32(*_promoted(x, residual, promote), norm.weight, norm.bias)
+        return add_layer_norm(x, residual, weight, bias, norm.eps, prenorm=True)
     s = x + residual
     return norm(s), s
 
@@ -112,9 +126,11 @@ def _feed_forward(layer: nn.Module, x: Tensor, dropout_out: nn.Module) -> Tensor
     return _dropout(dropout_out, linear_rows(h, layer.linear2.weight, layer.linear2.bias), training)
 
 
-def _residual(layer: nn.Module, f: Tensor, dropout_out: nn.Module, x: Tensor) -> Tensor:
-    """f + x for the FFN's output f, in place when f is a fresh tensor (plain linears and dropout)."""
-    return f.add_(x) if _fresh_ffn(layer) and _plain_dropout(dropout_out) else f + x
+def _residual(layer: nn.Module, f: Tensor, dropout_out: nn.Module, x: Tensor, promote: bool = True) -> Tensor:
+    """f + x for the FFN's output f, in place when f is a fresh tensor (plain linears and dropout) of the sum's
+    dtype (or not ``promote``: torch's fused inference path keeps f's)."""
+    in_place = not promote or torch.promote_types(f.dtype, x.dtype) == f.dtype
+    return f.add_(x) if in_place and _fresh_ffn(layer) and _plain_dropout(dropout_out) else f + x
 
 
 def _plain(attn: nn.Module) -> bool:
@@ -133,6 +149,35 @@ def _rows(x: Tensor, name: str) -> Tensor:
     if x.is_nested:  # torch's layers take one on their inference fast path only
         raise AssertionError(f"{name} is a NestedTensor: pass a padded tensor and a key padding mask")
     return x.reshape(-1, x.shape[-1])
+
+
+def _fast_path_tensors(layer: nn.Module, src: Tensor) -> tuple:
+    """The tensors torch's encoder layer fast path checks (the order of torch's tensor_args)."""
+    attn = layer.self_attn
+    return (src, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias, layer.norm1.weight,
+            layer.norm1.bias, layer.norm2.weight, layer.norm2.bias, layer.linear1.weight, layer.linear1.bias,
+            layer.linear2.weight, layer.linear2.bias)
+
+
+_FAST_PATH_DEVICES = ("cpu", "cuda", "xpu")
+
+
+def _torch_fast_path(layer: nn.Module, src: Tensor, src_mask: Optional[Tensor],
+                     src_key_padding_mask: Optional[Tensor]) -> bool:
+    """Whether torch's TransformerEncoderLayer.forward would run its fused inference kernel here (its checks, in
+    its order; CUDA autocast, the one torch.is_autocast_enabled() reports, turns it off)."""
+    attn = layer.self_attn
+    if (not torch.backends.mha.get_fastpath_enabled() or src.dim() != 3 or layer.training or not attn.batch_first
+            or attn.in_proj_bias is None or not attn._qkv_same_embed_dim or not layer.activation_relu_or_gelu
+            or layer.norm1.eps != layer.norm2.eps
+            or (src.is_nested and (src_key_padding_mask is not None or src_mask is not None))
+            or attn.num_heads % 2 == 1 or torch.is_autocast_enabled() or any(_has_hooks(m) for m in layer.modules())):
+        return False
+    tensor_args = _fast_path_tensors(layer, src)
+    devices = _FAST_PATH_DEVICES + (torch.utils.backend_registration._privateuse1_backend_name,)
+    if torch.overrides.has_torch_function(tensor_args) or not all(t.device.type in devices for t in tensor_args):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensor_args))
 
 
 def _build_layer(layer: nn.Module, d_model: int, nhead: int, dim_feedforward: int, dropout: float,
@@ -192,16 +237,22 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         _check_float_or_bool("src_mask", src_mask)
         x = _rows(src, "src")  # (T, E): every step below works on rows, each result a tensor of its own
         shape = src.shape
+        # the dtypes of a sublayer's output and the residual stream differ under autocast only: torch's general
+        # path adds them in the promoted dtype, its fused inference path in the sublayer's
+        promote = not (torch.is_autocast_enabled(src.device.type)
+                       and _torch_fast_path(self, src, src_mask, src_key_padding_mask))
         if self.norm_first:
             a = _attn_rows(self, self.self_attn, _norm(self.norm1, x).view(shape), None, src_mask,
                            src_key_padding_mask, is_causal, self.dropout1)
-            h, x = _add_norm_prenorm(self.norm2, a, x)  # h = norm2(x + a), x = x + a
-            out = _residual(self, _feed_forward(self, h, self.dropout2), self.dropout2, x)
+            h, x = _add_norm_prenorm(self.norm2, a, x, promote)  # h = norm2(x + a), x = x + a
+            out = _residual(self, _feed_forward(self, h, self.dropout2), self.dropout2, x, promote)
         else:
             a = _attn_rows(self, self.self_attn, src, None, src_mask, src_key_padding_mask, is_causal, self.dropout1)
-            x = _add_norm(self.norm1, a, x)
-            out = _add_norm(self.norm2, _feed_forward(self, x, self.dropout2), x)
+            x = _add_norm(self.norm1, a, x, promote)
+            out = _add_norm(self.norm2, _feed_forward(self, x, self.dropout2), x, promote)
         return out.view(shape)
+
+    __prepare_scriptable__ = refuse_script
 
 
 class TransformerDecoderLayer(nn.TransformerDecoderLayer):
@@ -238,6 +289,8 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
             x = _add_norm(self.norm2, a, x)
             out = _add_norm(self.norm3, _feed_forward(self, x, self.dropout3), x)
         return out.view(shape)
+
+    __prepare_scriptable__ = refuse_script
 
 
 def _causal_mask(sz: int, device=None, dtype=None) -> Tensor:
@@ -311,13 +364,12 @@ class TransformerEncoder(nn.TransformerEncoder):
             pad = src_key_padding_mask if src_key_padding_mask.dtype == torch.bool else src_key_padding_mask != 0
             if not _left_aligned(pad):
                 return False
-        tensor_args = (src, first.self_attn.in_proj_weight, first.self_attn.in_proj_bias,
-                       first.self_attn.out_proj.weight, first.self_attn.out_proj.bias, first.norm1.weight,
-                       first.norm1.bias, first.norm2.weight, first.norm2.bias, first.linear1.weight,
-                       first.linear1.bias, first.linear2.weight, first.linear2.bias)
+        tensor_args = _fast_path_tensors(first, src)
         if torch.overrides.has_torch_function(tensor_args):
             return False
         return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensor_args))
+
+    __prepare_scriptable__ = refuse_script
 
 
 class TransformerDecoder(nn.TransformerDecoder):
@@ -338,6 +390,8 @@ class TransformerDecoder(nn.TransformerDecoder):
         if self.norm is not None:
             output = self.norm(output)
         return output
+
+    __prepare_scriptable__ = refuse_script
 
 
 class Transformer(nn.Transformer):
@@ -370,3 +424,5 @@ class Transformer(nn.Transformer):
         self.d_model = d_model
         self.nhead = nhead
         self.batch_first = batch_first
+
+    __prepare_scriptable__ = refuse_script
