@@ -31,7 +31,9 @@ _ATTENTION = ("MultiheadAttention", "TransformerEncoderLayer", "TransformerDecod
 _NORMS = ("LayerNorm", "RMSNorm")
 _CONTAINERS = ("TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
                "Transformer")  # swapped whole: their insides are fastattn's
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_HOOKS = {"forward / backward": ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"),
+          "state_dict / load_state_dict": ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                                           "_load_state_dict_post_hooks")}  # hooks a new module would not carry
 
 
 class _CannotSwap(Exception):
@@ -187,9 +189,20 @@ def _carry(old: nn.Module, new: nn.Module) -> None:
         sub.training = old_modules[name].training if name in old_modules else old.training
 
 
+def _hook_kinds(mod: nn.Module) -> str:
+    """The kinds of hooks registered on mod or inside it, "" when none."""
+    return " and ".join(kind for kind, attrs in _HOOKS.items()
+                        if any(getattr(m, a, None) for m in mod.modules() for a in attrs))
+
+
 def _swap(kind: str, old: nn.Module, layernorm: bool) -> nn.Module:
-    if any(getattr(m, h, None) for m in old.modules() for h in _HOOKS):
-        raise _CannotSwap("it has forward / backward hooks, which a new module would not carry")
+    for name, m in old.named_modules():
+        if torch.nn.utils.parametrize.is_parametrized(m):
+            raise _CannotSwap(f"{name or 'it'} is parametrized (torch.nn.utils.parametrize), which fastattn's "
+                              f"modules would not carry")
+    hooks = _hook_kinds(old)
+    if hooks:  # checked before _carry, whose state_dict() call would run a state_dict hook
+        raise _CannotSwap(f"it has {hooks} hooks, which a new module would not carry")
     new = _build(kind, old, "meta", layernorm)
     _carry(old, new)
     if any(t.is_meta for t in list(new.parameters()) + list(new.buffers())):  # fastattn's own extra buffers

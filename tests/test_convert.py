@@ -260,3 +260,31 @@ def test_bad_arguments():
         fastattn.convert(nn.Linear(2, 2), int8="w8a8_static")
     with pytest.raises(TypeError, match="skip"):
         fastattn.convert(nn.Linear(2, 2), skip=[3])
+
+
+def test_state_dict_hooks_and_parametrizations_kept(caplog):
+    """A module with state_dict / load_state_dict hooks, or a parametrized part, stays as it is (a new module would
+    not carry them): convert used to swap it, dropping the hooks, and ran the state_dict hook while doing so."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    fired = []
+    model = build(Small)
+    model.norm.register_state_dict_post_hook(lambda m, sd, prefix, local: fired.append("state_dict"))
+    model.norm.register_load_state_dict_pre_hook(lambda *a: fired.append("load"))
+    parametrize.register_parametrization(model.attn.out_proj, "weight", Double())
+    x = inputs()[0]
+    want = model(x)
+    with caplog.at_level(logging.INFO, logger="fastattn"):
+        fastattn.convert(model)
+    assert fired == []
+    assert type(model.norm) is nn.LayerNorm and type(model.attn) is nn.MultiheadAttention
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "skipped norm (LayerNorm): it has state_dict / load_state_dict hooks" in text
+    assert "skipped attn (MultiheadAttention): out_proj is parametrized" in text
+    model.load_state_dict(model.state_dict())
+    assert fired == ["state_dict", "load"]
+    torch.testing.assert_close(model(x), want)
