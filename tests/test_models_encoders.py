@@ -90,6 +90,18 @@ def test_bert_rejects_swiglu():
         BERTConfig(**SMALL, mlp="swiglu")
 
 
+@pytest.mark.parametrize("cls, kw, field", [
+    (BERTConfig, dict(num_labels=0), "num_labels"),
+    (BERTConfig, dict(type_vocab_size=0), "type_vocab_size"),
+    (Seq2SeqConfig, dict(n_decoder_layer=-1), "n_decoder_layer"),  # was a decoder of no layers, silently
+    (Seq2SeqConfig, dict(pad_token_id=-1), "pad_token_id"),
+    (Seq2SeqConfig, dict(decoder_start_token_id=VOCAB), "decoder_start_token_id"),
+])
+def test_encoder_configs_name_the_bad_field(cls, kw, field):
+    with pytest.raises(ValueError, match=f"{cls.__name__}.{field}"):
+        cls(**SMALL, **kw)
+
+
 # ---- Seq2Seq --------------------------------------------------------------------------------------------------
 def _s2s(variant, seed=0):
     torch.manual_seed(seed)
@@ -158,6 +170,16 @@ def test_seq2seq_sampling_eos_streamer_and_save(tmp_path):
     back = Seq2Seq.from_pretrained(tmp_path)
     assert back.config == m.config and torch.equal(back.generate(src, 6, temperature=0), greedy)
     assert m.config.n_decoder_layer == 2 and Seq2SeqConfig.from_dict(m.config.to_dict()) == m.config
+
+
+def test_seq2seq_generate_after_inference_mode_and_bad_source():
+    m = _s2s("prenorm-rotary-swiglu-gqa")
+    src = _ids(2, 6, 9, low=3)
+    with torch.inference_mode():
+        a = m.generate(src, 4, temperature=0)
+    assert torch.equal(m.generate(src, 4, temperature=0), a)  # the inference-mode caches are made anew
+    with pytest.raises(ValueError, match="input_ids"):
+        m.generate(src[0], 4)
 
 
 def test_seq2seq_needs_decoder_inputs_or_labels():

@@ -55,6 +55,9 @@ def test_config_json_round_trip(tmp_path):
     (dict(backend="jax"), ["backend", "jax"]),
     (dict(dropout=1.0), ["dropout"]),
     (dict(n_head=0), ["n_head"]),
+    (dict(dropout="0.1"), ["dropout", "'0.1'"]),
+    (dict(norm_eps=-1e-5), ["norm_eps"]),
+    (dict(pos="rotary", rope_theta=0.0), ["rope_theta"]),
 ])
 def test_bad_config(kw, words):
     with pytest.raises(ValueError) as e:
@@ -217,6 +220,36 @@ def test_generate_argument_errors():
         m(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="input_ids"):
         m(torch.zeros(4, 3))
+
+
+def test_generate_input_errors_and_eos_list():
+    """A 1-D or empty prompt and a float top_k: ValueError naming the argument (they were an unpacking error, an
+    IndexError and topk's TypeError); eos_token_id as a list (HF's generation_config) stops at any of its ids."""
+    m = model()
+    ids = torch.randint(0, VOCAB, (2, 4))
+    for args, kw, word in (((ids[0], 2), {}, "input_ids"), ((ids[:, :0], 2), {}, "input_ids"),
+                           ((ids, 2), dict(top_k=2.0), "top_k"), ((ids, 2), dict(eos_token_id="x"), "eos_token_id")):
+        with pytest.raises(ValueError, match=word):
+            m.generate(*args, **kw)
+    greedy = m.generate(ids, 8, temperature=0)
+    a, b = greedy[0, 5].item(), greedy[1, 6].item()  # row 0's second new token, row 1's third
+    out = m.generate(ids, 8, temperature=0, eos_token_id=[a, b])
+    for i in range(2):
+        hit = torch.isin(greedy[i, 4:], torch.tensor([a, b])).nonzero()[0].item()
+        assert torch.equal(out[i, :5 + hit], greedy[i, :5 + hit])
+        assert (out[i, 5 + hit:] == a).all()
+    assert out.shape[1] == 4 + 1 + max(torch.isin(greedy[i, 4:], torch.tensor([a, b])).nonzero()[0].item()
+                                       for i in range(2))
+
+
+def test_generate_after_inference_mode():
+    """Caches made under torch.inference_mode are made anew for a generate outside it (writing them raised
+    'Inplace update to inference tensor outside InferenceMode')."""
+    m = model("llama")
+    ids = torch.randint(0, VOCAB, (2, 5))
+    with torch.inference_mode():
+        a = m.generate(ids, 4, temperature=0)
+    assert torch.equal(m.generate(ids, 4, temperature=0), a)
 
 
 # ---- saving, parameters ---------------------------------------------------------------------------------------

@@ -64,6 +64,24 @@ def test_gpt_from_hf_matches_transformers(tmp_path, arch):
     assert torch.equal(mine, theirs)
 
 
+def test_mistral_sliding_window_covering_max_seq_len(tmp_path):
+    """A Mistral window at least max_seq_len long never cuts (transformers' default window, 4096, was refused
+    for every Mistral config); a shorter one is refused naming it, also when max_seq_len is raised past it."""
+    torch.manual_seed(0)
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
+    hf = transformers.MistralForCausalLM(transformers.MistralConfig(**kw, sliding_window=64)).eval()
+    hf.save_pretrained(tmp_path)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(GPT.from_hf(tmp_path).eval()(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(CheckpointError, match="sliding_window 64 < max_seq_len 128"):
+        GPT.from_hf(tmp_path, max_seq_len=128)
+    transformers.MistralForCausalLM(transformers.MistralConfig(**kw, sliding_window=8)).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="sliding_window 8"):
+        GPT.from_hf(tmp_path)
+
+
 def test_gpt_from_hf_pytorch_bin(tmp_path):
     torch.manual_seed(0)
     hf = _llama().eval()
@@ -142,6 +160,14 @@ def test_wrong_shape_named(tmp_path):
     _edit_weights(tmp_path, edit)
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight.*\(32, 32\).*\(16, 32\)"):
         GPT.from_hf(tmp_path)
+
+
+def test_bert_decoder_refused(tmp_path):
+    """A BertLMHeadModel (is_decoder: causal attention) imported as the bidirectional encoder gave other logits,
+    silently."""
+    _bert("BertLMHeadModel", is_decoder=True).eval().save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="is_decoder"):
+        BERT.from_hf(tmp_path)
 
 
 def test_bert_missing_mlm_head_named(tmp_path):

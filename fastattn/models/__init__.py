@@ -17,10 +17,11 @@ The interface (stable; the CLI builds on it):
   decoder_input_ids=None, labels=None)``. attention_mask is HF's: 1 = token, 0 = padding. Labels -100 are ignored.
 - ``generate(input_ids, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
   attention_mask=None, generator=None, streamer=None)`` (GPT; Seq2Seq adds ``decoder_start_token_id``):
-  temperature 0 = greedy. GPT batches of different lengths are padded on the left.
+  temperature 0 = greedy; eos_token_id may be a list of ids. GPT batches of different lengths are padded on the
+  left.
 - Every model: ``save_pretrained(dir)`` / ``cls.from_pretrained(dir, **config_overrides)`` (config.json +
   model.safetensors), ``num_parameters(trainable_only=False)``, ``backbone_parameters()`` / ``head_parameters()``.
-  ``GPT.from_hf(dir)`` (GPT-2, Llama, Mistral without sliding window), ``BERT.from_hf(dir)``,
+  ``GPT.from_hf(dir)`` (GPT-2, Llama, Mistral whose sliding window covers max_seq_len), ``BERT.from_hf(dir)``,
   ``BERTForSequenceClassification.from_hf(dir, num_labels=...)``: bad checkpoints raise ``CheckpointError`` naming
   the key. ``fastattn.quantize(model, ...)`` / ``fastattn.convert(model, int8=...)`` apply as to any module.
 """

@@ -38,6 +38,7 @@ class BERTConfig(ModelConfig):
 
     def validate(self) -> None:
         super().validate()
+        self.check_ints(("type_vocab_size", "num_labels"), 1)
         if self.mlp != "gelu":
             raise ValueError(f"BERTConfig.mlp: {self.mlp!r}; BERT uses the two-Linear 'gelu' MLP")
 
@@ -206,6 +207,9 @@ _ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh
 def _bert_config(hf: dict, config_class, overrides: dict) -> BERTConfig:
     if hf.get("model_type") not in ("bert", None):
         raise CheckpointError(f"config.json: model_type {hf.get('model_type')!r} is not supported by from_hf (bert)")
+    for flag in ("is_decoder", "add_cross_attention"):  # a causal (BertLMHeadModel) or cross-attending BERT
+        if hf.get(flag):
+            raise CheckpointError(f"config.json: {flag}=true is not supported by from_hf (a bidirectional encoder)")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise CheckpointError(f"config.json: position_embedding_type {hf['position_embedding_type']!r} is not "
                               "supported (absolute)")

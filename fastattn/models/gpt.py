@@ -15,7 +15,7 @@ so a left-padded prompt generates what it would alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -108,16 +108,20 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
-                 attention_mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 eos_token_id: Union[int, Sequence[int], None] = None, attention_mask: Optional[Tensor] = None,
+                 generator: Optional[torch.Generator] = None,
                  streamer: Optional[Callable[[Tensor], None]] = None) -> Tensor:
         """Continue prompts (B, L) by up to max_new_tokens: (B, L + new). temperature 0 = greedy; else sampling with
         top_k / top_p from ``generator`` (seeded: reproducible). Batches of different lengths: left padding and
-        attention_mask (1 = token). After eos_token_id a sequence is padded with eos; generation stops when every
-        sequence has finished. ``streamer(tokens (B,))`` is called with each new token batch."""
+        attention_mask (1 = token). eos_token_id: an id or a list of ids (as in HF's generation_config); after one a
+        sequence is padded with the first; generation stops when every sequence has finished.
+        ``streamer(tokens (B,))`` is called with each new token batch."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
-        B, L = input_ids.shape
         keep = keep_mask(input_ids, attention_mask, self.config.max_seq_len)
+        B, L = input_ids.shape
+        if L == 0:
+            raise ValueError("input_ids: generate needs a prompt of at least one token, got (B, 0)")
         if not bool(keep[:, -1].all()):
             raise ValueError("attention_mask: generate needs prompts padded on the left (the last column is padding "
                              "in some row)")
@@ -149,7 +153,13 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         else:
             raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
                                   "mistral)")
-        model = cls(GPTConfig.from_dict({**cfg.to_dict(), **overrides}))
+        cfg = GPTConfig.from_dict({**cfg.to_dict(), **overrides})
+        window = _sliding_window(hf)
+        if window is not None and cfg.max_seq_len > window:  # the window covers every position: plain causal
+            raise CheckpointError(f"config.json: sliding_window {window} < max_seq_len {cfg.max_seq_len}; "
+                                  "sliding-window attention is not supported by GPT.from_hf (pass "
+                                  f"max_seq_len={window} or less to import it)")
+        model = cls(cfg)
         load_mapped(model, sd)
         return model
 
@@ -191,6 +201,13 @@ def _from_gpt2(hf: dict, state):
     return cfg, sd
 
 
+def _sliding_window(hf: dict) -> Optional[int]:
+    """Mistral's attention window (a query sees the ``window`` latest keys, itself included), or None."""
+    if hf.get("model_type") == "mistral" and hf.get("sliding_window") and hf.get("use_sliding_window", True):
+        return int(hf["sliding_window"])
+    return None
+
+
 def _from_llama(hf: dict, state):
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -206,8 +223,6 @@ def _from_llama(hf: dict, state):
     d, H = hf["hidden_size"], hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, d // H):
         raise CheckpointError(f"config.json: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
-    if hf.get("sliding_window") and hf.get("use_sliding_window", True) and hf.get("model_type") == "mistral":
-        raise CheckpointError("config.json: sliding_window attention is not supported by GPT.from_hf")
     cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["num_hidden_layers"], n_head=H,
                     n_kv_head=hf.get("num_key_value_heads") or H, d_ff=hf["intermediate_size"],
                     max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",

@@ -70,10 +70,8 @@ class ModelConfig:
                               ("backend", BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{type(self).__name__}.{name}: {getattr(self, name)!r} is not one of {allowed}")
-        for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "max_seq_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "n_layer" else 1):
-                raise ValueError(f"{type(self).__name__}.{name}: expected a positive int, got {v!r}")
+        self.check_ints(("vocab_size", "d_model", "n_head", "n_kv_head", "d_ff", "max_seq_len"), 1)
+        self.check_ints(("n_layer",), 0)
         if self.d_model % self.n_head:
             raise ValueError(f"{type(self).__name__}.n_head: {self.n_head} heads do not divide "
                              f"d_model={self.d_model}")
@@ -83,8 +81,19 @@ class ModelConfig:
         if self.pos == "rotary" and self.head_dim % 2:
             raise ValueError(f"{type(self).__name__}.pos: rotary positions need an even head dim, got "
                              f"{self.head_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{type(self).__name__}.dropout: expected 0 <= dropout < 1, got {self.dropout!r}")
+        for name, ok, want in (("dropout", lambda v: 0 <= v < 1, "0 <= dropout < 1"),
+                               ("norm_eps", lambda v: v >= 0, "norm_eps >= 0"),
+                               ("rope_theta", lambda v: v > 0, "rope_theta > 0")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+                raise ValueError(f"{type(self).__name__}.{name}: expected a number, {want}; got {v!r}")
+
+    def check_ints(self, names, low: int) -> None:
+        """Each of ``names`` an int >= low (ValueError naming the field)."""
+        for name in names:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{type(self).__name__}.{name}: expected an int >= {low}, got {v!r}")
 
     @property
     def head_dim(self) -> int:
@@ -410,10 +419,23 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> Non
         raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
     if temperature < 0:
         raise ValueError(f"temperature: expected >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and top_k < 1:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p: expected 0 < top_p <= 1 or None, got {top_p!r}")
+
+
+def eos_ids(eos_token_id, device) -> Optional[Tensor]:
+    """``eos_token_id`` (a token id, a list of them as in HF's generation_config, or None) as a 1-D long tensor."""
+    if eos_token_id is None:
+        return None
+    try:
+        ids = torch.as_tensor(eos_token_id, device=device).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        ids = None
+    if ids is None or not ids.numel() or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"eos_token_id: expected a token id, a list of them or None, got {eos_token_id!r}")
+    return ids.long()
 
 
 def keep_mask(input_ids: Tensor, attention_mask: Optional[Tensor], max_len: Optional[int] = None) -> Tensor:
@@ -454,8 +476,10 @@ class CacheMixin:
         dtype, device = dtype or ref.dtype, device or ref.device
         blocks, cfg = self.cached_blocks(), self.config
         cache = blocks[0].attn.cache if len(blocks) else None
+        # a cache made under torch.inference_mode cannot be written outside it: made anew then
         if cache is None or tuple(cache.k.shape) != (batch, cfg.n_kv_head, max_len, cfg.head_dim) or \
-                cache.k.dtype != dtype or cache.k.device != torch.device(device):
+                cache.k.dtype != dtype or cache.k.device != torch.device(device) or \
+                (cache.k.is_inference() and not torch.is_inference_mode_enabled()):
             for block in blocks:
                 block.attn.cache = KVCache(batch, cfg.n_kv_head, max_len, cfg.head_dim, dtype, device)
         self.register_buffer("cache_padding", torch.ones(batch, max_len, dtype=torch.bool, device=device),
@@ -470,11 +494,12 @@ def generation_loop(logits: Tensor, decode_one, out: Tensor, start: int, max_new
     input_pos (1,))`` for the next logits; eos handling and streaming as ``GPT.generate`` documents."""
     finished = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
     index = torch.arange(start, start + max_new_tokens, device=out.device)
+    eos = eos_ids(eos_token_id, out.device)
     for i in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_k, top_p, generator)
-        if eos_token_id is not None:
-            tok = tok.masked_fill(finished, eos_token_id)
-            finished |= tok == eos_token_id
+        if eos is not None:
+            tok = tok.masked_fill(finished, eos[0])
+            finished |= torch.isin(tok, eos)
         out[:, start + i] = tok
         if streamer is not None:
             streamer(tok)

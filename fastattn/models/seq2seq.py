@@ -36,6 +36,14 @@ class Seq2SeqConfig(ModelConfig):
             self.n_decoder_layer = self.n_layer
         super().__post_init__()
 
+    def validate(self) -> None:
+        super().validate()
+        self.check_ints(("n_decoder_layer", "pad_token_id", "eos_token_id", "decoder_start_token_id"), 0)
+        for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+            if getattr(self, name) >= self.vocab_size:
+                raise ValueError(f"Seq2SeqConfig.{name}: {getattr(self, name)} is not a token id (vocab_size "
+                                 f"{self.vocab_size})")
+
 
 class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
     config_class = Seq2SeqConfig
@@ -157,6 +165,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         """Decoder tokens (B, 1 + new) for the source input_ids (B, S): the start token, then up to max_new_tokens
         (temperature 0 = greedy; sampling, eos and streamer as in GPT.generate)."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
+        keep_mask(input_ids, attention_mask, self.config.max_seq_len)  # checks shapes and length
         start = self.config.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
         B = input_ids.shape[0]
         out = input_ids.new_full((B, 1 + max_new_tokens), start)
