@@ -2,7 +2,9 @@
 against each other over training steps, KV-cache decoding against the full forward token by token (fp32, bounded
 by the full forward's own fp32 error against float64), batched generation with left padding against each prompt
 alone, sampling (seeded, top-k, top-p), eos and streaming, save / from_pretrained, the backbone / head split."""
+import contextlib
 import dataclasses
+import io
 import json
 
 import pytest
@@ -205,6 +207,39 @@ def test_eos_stops_and_pads_and_streamer():
         if f is not None:
             assert (out[i, 4 + f:] == eos).all()
     assert out.shape[1] == 12 or all(f is not None for f in first)
+
+
+def test_transformers_streamers():
+    """A streamer object of transformers' (put / end) gets what HF's generate gives it: the prompt, each token, end();
+    a TextStreamer prints the continuation. Anything neither callable nor put / end is a ValueError."""
+    from transformers import TextStreamer
+
+    class Letters:  # the one tokenizer method TextStreamer calls
+        def decode(self, ids, **kw):
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def put(self, t):
+            self.calls.append(t.clone())
+
+        def end(self):
+            self.calls.append("end")
+
+    m = model()
+    ids = torch.randint(0, VOCAB, (1, 4))
+    rec = Recorder()
+    out = m.generate(ids, 5, temperature=0, streamer=rec)
+    assert torch.equal(rec.calls[0], ids) and rec.calls[-1] == "end" and len(rec.calls) == 7
+    assert torch.equal(torch.stack(rec.calls[1:-1], 1), out[:, 4:])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        m.generate(ids, 5, temperature=0, streamer=TextStreamer(Letters(), skip_prompt=True))
+    assert printed.getvalue() == Letters().decode(out[0, 4:].tolist()) + "\n"
+    with pytest.raises(ValueError, match="streamer: expected a callable or an object with put / end"):
+        m.generate(ids, 2, streamer=object())
 
 
 def test_generate_argument_errors():

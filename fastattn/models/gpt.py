@@ -15,7 +15,7 @@ so a left-padded prompt generates what it would alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -111,12 +111,13 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_token_id: Union[int, Sequence[int], None] = None, attention_mask: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None,
-                 streamer: Optional[Callable[[Tensor], None]] = None) -> Tensor:
+                 streamer: Optional[Any] = None) -> Tensor:
         """Continue prompts (B, L) by up to max_new_tokens: (B, L + new). temperature 0 = greedy; else sampling with
         top_k / top_p from ``generator`` (seeded: reproducible). Batches of different lengths: left padding and
         attention_mask (1 = token). eos_token_id: an id or a list of ids (as in HF's generation_config); after one a
         sequence is padded with the first; generation stops when every sequence has finished.
-        ``streamer(tokens (B,))`` is called with each new token batch."""
+        ``streamer(tokens (B,))`` is called with each new token batch; a streamer object of transformers'
+        (TextStreamer, TextIteratorStreamer: put / end) is called as HF's generate calls it."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         keep = keep_mask(input_ids, attention_mask, self.config.max_seq_len)
         B, L = input_ids.shape

@@ -495,18 +495,36 @@ def generation_loop(logits: Tensor, decode_one, out: Tensor, start: int, max_new
     finished = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
     index = torch.arange(start, start + max_new_tokens, device=out.device)
     eos = eos_ids(eos_token_id, out.device)
+    stream, end = stream_calls(streamer, out[:, :start])
     for i in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_k, top_p, generator)
         if eos is not None:
             tok = tok.masked_fill(finished, eos[0])
             finished |= torch.isin(tok, eos)
         out[:, start + i] = tok
-        if streamer is not None:
-            streamer(tok)
+        if stream is not None:
+            stream(tok)
         if i + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
+            if end is not None:
+                end()
             return out[:, :start + i + 1]
         logits = decode_one(tok[:, None], index[i:i + 1])
     return out
+
+
+def stream_calls(streamer, prompt: Tensor):
+    """(per-token call, end call) of generate's ``streamer``: a callable, called with each new token batch (B,);
+    or an object with put / end like transformers' streamers (TextStreamer, TextIteratorStreamer), called as HF's
+    generate calls them: put(prompt) now, put(tokens) per step, end() after the last (CPU tensors)."""
+    if streamer is None:
+        return None, None
+    if callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None)):
+        streamer.put(prompt.cpu())
+        return (lambda tok: streamer.put(tok.cpu())), streamer.end
+    if not callable(streamer):
+        raise ValueError(f"streamer: expected a callable or an object with put / end (transformers' streamers), got "
+                         f"{type(streamer).__name__}")
+    return streamer, None
 
 
 # ---- outputs, saving, parameter groups ------------------------------------------------------------------------

@@ -11,7 +11,7 @@ Token embeddings are shared by the encoder, the decoder and (tied) the LM head; 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +160,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
                  attention_mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
-                 streamer: Optional[Callable[[Tensor], None]] = None,
+                 streamer: Optional[Any] = None,
                  decoder_start_token_id: Optional[int] = None) -> Tensor:
         """Decoder tokens (B, 1 + new) for the source input_ids (B, S): the start token, then up to max_new_tokens
         (temperature 0 = greedy; sampling, eos and streamer as in GPT.generate)."""
