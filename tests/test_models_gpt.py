@@ -356,3 +356,15 @@ def test_decode_step_traces_under_torch_compile():
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
             tok = a.argmax(-1, keepdim=True)
     assert counter.frame_count == 1
+
+
+def test_loaded_models_come_back_in_eval_mode(tmp_path):
+    """As transformers' from_pretrained: a loaded model is in eval mode (generate's bound decode step and no
+    dropout), for our own format and for an HF import."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    m = model(dropout=0.1)
+    m.save_pretrained(tmp_path / "ours")
+    assert not GPT.from_pretrained(tmp_path / "ours").training
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32)).save_pretrained(
+        tmp_path / "hf")
+    assert not GPT.from_hf(tmp_path / "hf").training

@@ -23,7 +23,8 @@ The interface (stable; the CLI builds on it):
   model.safetensors), ``num_parameters(trainable_only=False)``, ``backbone_parameters()`` / ``head_parameters()``.
   ``GPT.from_hf(dir)`` (GPT-2, Llama, Mistral whose sliding window covers max_seq_len), ``BERT.from_hf(dir)``,
   ``BERTForSequenceClassification.from_hf(dir, num_labels=...)``: bad checkpoints raise ``CheckpointError`` naming
-  the key. ``fastattn.quantize(model, ...)`` / ``fastattn.convert(model, int8=...)`` apply as to any module.
+  the key. from_pretrained and from_hf return the model in eval mode, as transformers does.
+  ``fastattn.quantize(model, ...)`` / ``fastattn.convert(model, int8=...)`` apply as to any module.
 """
 from .bert import BERT, BERTConfig, BERTForSequenceClassification
 from .checkpoint import CheckpointError

@@ -155,7 +155,7 @@ class BERT(PretrainedMixin, nn.Module):
                                       "nsp_head.weight": ("cls.seq_relationship.weight", (2, d), top),
                                       "nsp_head.bias": ("cls.seq_relationship.bias", (2,), top)})
         load_mapped(model, sd)
-        return model
+        return model.eval()  # as transformers' from_pretrained
 
 
 class BERTForSequenceClassification(PretrainedMixin, nn.Module):
@@ -198,7 +198,7 @@ class BERTForSequenceClassification(PretrainedMixin, nn.Module):
                                       "classifier.weight": ("classifier.weight", (cfg.num_labels, d), top),
                                       "classifier.bias": ("classifier.bias", (cfg.num_labels,), top)})
         load_mapped(model, sd)
-        return model
+        return model.eval()  # as transformers' from_pretrained
 
 
 _ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}

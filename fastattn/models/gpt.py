@@ -144,7 +144,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
     @classmethod
     def from_hf(cls, path: str, **overrides) -> "GPT":
         """Import a local HF GPT-2 or Llama-family folder (config.json + model.safetensors or pytorch_model.bin).
-        ``overrides`` set config fields (e.g. backend="torch", dropout=0.1)."""
+        ``overrides`` set config fields (e.g. backend="torch", dropout=0.1). The model comes back in eval mode, as
+        transformers' from_pretrained returns it (``.train()`` to fine-tune)."""
         hf, state = read_hf_folder(path)
         kind = hf.get("model_type")
         if kind == "gpt2":
@@ -162,7 +163,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
                                   f"max_seq_len={window} or less to import it)")
         model = cls(cfg)
         load_mapped(model, sd)
-        return model
+        return model.eval()  # as transformers' from_pretrained
 
 
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}

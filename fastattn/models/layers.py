@@ -563,7 +563,8 @@ class PretrainedMixin:
     @classmethod
     def from_pretrained(cls, path: str, **overrides):
         """Load what save_pretrained wrote (a quantized model comes back int8); ``overrides`` replace config fields
-        (e.g. backend="torch"). A bad weights file raises CheckpointError naming the key."""
+        (e.g. backend="torch"). A bad weights file raises CheckpointError naming the key. The model comes back in
+        eval mode, as transformers' from_pretrained returns it (``.train()`` to fine-tune)."""
         cfg = cls.config_class.load(os.path.join(path, CONFIG_FILE))
         if overrides:
             cfg = cls.config_class.from_dict({**dataclasses.asdict(cfg), **overrides})
@@ -572,7 +573,7 @@ class PretrainedMixin:
             with open(os.path.join(path, INT8_FILE)) as f:
                 apply_int8_layout(model, json.load(f))
         load_weights(model, os.path.join(path, WEIGHTS_FILE))
-        return model
+        return model.eval()
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
