@@ -115,14 +115,20 @@ def test_bert_from_hf_matches_transformers(tmp_path):
                    torch.float32)
 
 
-def test_bert_sequence_classification_from_hf(tmp_path):
+@pytest.mark.parametrize("problem_type, num_labels, labels", [
+    (None, 3, torch.tensor([0, 2])), (None, 1, torch.tensor([0.5, -1.0])),
+    (None, 3, torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])),  # float labels: multi-label, as HF infers
+    ("multi_label_classification", 3, torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])),
+    ("regression", 3, torch.tensor([[0.5, 1.0, -1.0], [0.0, 2.0, 1.0]]))])
+def test_bert_sequence_classification_from_hf(tmp_path, problem_type, num_labels, labels):
+    """Logits and loss equal transformers' BertForSequenceClassification, its problem_type (or its inference of
+    one from num_labels and the labels' dtype) picking the loss."""
     torch.manual_seed(0)
-    hf = _bert("BertForSequenceClassification", num_labels=3).eval()
+    hf = _bert("BertForSequenceClassification", num_labels=num_labels, problem_type=problem_type).eval()
     hf.save_pretrained(tmp_path)
     ours = BERTForSequenceClassification.from_hf(tmp_path).eval()
-    assert ours.config.num_labels == 3
+    assert (ours.config.num_labels, ours.config.problem_type) == (num_labels, problem_type)
     ids = _ids()
-    labels = torch.tensor([0, 2])
     with torch.no_grad():
         a, b = ours(ids, labels=labels), hf(ids, labels=labels)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)

@@ -25,6 +25,9 @@ from .layers import (Block, ModelConfig, ModelOutput, Positions, PretrainedMixin
 log = logging.getLogger("fastattn")
 
 
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+
 @dataclass
 class BERTConfig(ModelConfig):
     vocab_size: int = 30522
@@ -34,11 +37,14 @@ class BERTConfig(ModelConfig):
     tie_embeddings: bool = True
     type_vocab_size: int = 2
     num_labels: int = 2
+    problem_type: Optional[str] = None  # the classifier's loss, as transformers' config.problem_type (None: inferred)
     model_type = "bert"
 
     def validate(self) -> None:
         super().validate()
         self.check_ints(("type_vocab_size", "num_labels"), 1)
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"BERTConfig.problem_type: {self.problem_type!r} is not one of {PROBLEM_TYPES}")
         if self.mlp != "gelu":
             raise ValueError(f"BERTConfig.mlp: {self.mlp!r}; BERT uses the two-Linear 'gelu' MLP")
 
@@ -159,8 +165,11 @@ class BERT(PretrainedMixin, nn.Module):
 
 
 class BERTForSequenceClassification(PretrainedMixin, nn.Module):
-    """The encoder, the pooler and a classifier: .logits (B, num_labels); .loss cross-entropy from ``labels`` (B,)
-    (mean squared error when num_labels == 1)."""
+    """The encoder, the pooler and a classifier: .logits (B, num_labels); .loss from ``labels`` by
+    ``config.problem_type``, as transformers' BertForSequenceClassification: "regression" (mean squared error),
+    "single_label_classification" (cross-entropy of class ids (B,)), "multi_label_classification" (binary
+    cross-entropy of multi-hot (B, num_labels)); None: regression when num_labels == 1, else single-label for
+    integer labels and multi-label for float ones."""
     config_class = BERTConfig
     head_modules = ("pooler", "classifier")
 
@@ -179,8 +188,16 @@ class BERTForSequenceClassification(PretrainedMixin, nn.Module):
         logits = self.classifier(pooled)
         loss = None
         if labels is not None:
-            loss = F.mse_loss(logits.squeeze(-1).float(), labels.float()) if self.config.num_labels == 1 else \
-                F.cross_entropy(logits.float(), labels.view(-1))
+            kind = self.config.problem_type or ("regression" if self.config.num_labels == 1 else
+                                                "multi_label_classification" if labels.is_floating_point() else
+                                                "single_label_classification")
+            if kind == "regression":
+                out = logits.squeeze(-1) if self.config.num_labels == 1 else logits
+                loss = F.mse_loss(out.float(), labels.float().view(out.shape))
+            elif kind == "single_label_classification":
+                loss = F.cross_entropy(logits.float(), labels.long().view(-1))
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float().view(logits.shape))
         return ModelOutput(logits=logits, loss=loss)
 
     @classmethod
@@ -189,6 +206,7 @@ class BERTForSequenceClassification(PretrainedMixin, nn.Module):
         checkpoint's classifier (and a missing pooler) starts at random init (fine-tuning), with a warning."""
         hf, state = read_hf_folder(path)
         overrides.setdefault("num_labels", hf.get("num_labels", len(hf.get("id2label") or {}) or 2))
+        overrides.setdefault("problem_type", hf.get("problem_type"))
         cfg = _bert_config(hf, cls.config_class, overrides)
         m, top, d = KeyMap(state, ("bert.", "")), KeyMap(state), cfg.d_model
         sd = _encoder_state(cfg, m)
