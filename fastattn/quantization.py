@@ -23,6 +23,17 @@ from .nn.quantized import MODES, Int8Linear, QATLinear
 _PRODUCERS = (nn.LayerNorm, nn.RMSNorm, nn.Linear)
 
 
+def _skip_patterns(skip) -> Sequence[str]:
+    """``skip`` as a sequence of patterns: one string is one pattern (not its characters)."""
+    if isinstance(skip, str):
+        return (skip,)
+    skip = tuple(skip)
+    bad = [s for s in skip if not isinstance(s, str)]
+    if bad:
+        raise TypeError(f"skip: expected module names or fnmatch patterns (str), got {bad[0]!r}")
+    return skip
+
+
 def _skipped(name: str, skip: Sequence[str]) -> bool:
     return any(name == s or fnmatch.fnmatch(name, s) for s in skip)
 
@@ -30,6 +41,33 @@ def _skipped(name: str, skip: Sequence[str]) -> bool:
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _aliases(model: nn.Module) -> Dict[int, List[str]]:
+    """id(module) -> every name it has in model (a module registered at several places has several)."""
+    names: Dict[int, List[str]] = defaultdict(list)
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names[id(mod)].append(name)
+    return names
+
+
+def _replace(model: nn.Module, new: Dict[int, nn.Module]) -> nn.Module:
+    """Put new[id(m)] at every place of model where module m is (shared modules stay shared); returns the model, or
+    its replacement when model itself is one of them."""
+    if id(model) in new:
+        return new[id(model)]
+    for mod_id, names in _aliases(model).items():
+        if mod_id in new:
+            for name in names:
+                _set_module(model, name, new[mod_id])
+    return model
+
+
+def _fast_path_linears(model: nn.Module) -> set:
+    """ids of the Linears that torch's TransformerEncoderLayer reads directly in its inference fast path (its weight
+    passed to a fused kernel): they must stay float, as fastattn.convert keeps them."""
+    return {id(m) for layer in model.modules() if type(layer).forward is nn.TransformerEncoderLayer.forward
+            for m in layer.children() if isinstance(m, nn.Linear)}
 
 
 def _run(model: nn.Module, batch):
@@ -78,6 +116,8 @@ def _calibrate(model, linears: Dict[str, nn.Linear], calib_data: Iterable):
     finally:
         for h in hooks:
             h.remove()
+    if not batches:
+        raise ValueError("calib_data: no batches (an empty iterable, or a generator already consumed)")
     return act_max, producer, batches
 
 
@@ -132,46 +172,78 @@ def _check_model(model) -> None:
 @torch.no_grad()
 def quantize(model: nn.Module, calib_data: Optional[Iterable] = None, smoothquant_alpha: float = 0.5,
              mode: str = "w8a8", skip: Sequence[str] = ()) -> nn.Module:
-    """Replace every nn.Linear of model (in place; names matching a ``skip`` pattern stay float) by an Int8Linear.
+    """Replace every nn.Linear of model (in place; names matching a ``skip`` pattern, one string or a sequence of
+    fnmatch patterns, stay float) by an Int8Linear. A Linear registered at several places is replaced at each by
+    one Int8Linear; the Linears torch's TransformerEncoderLayer reads directly (its fast path) stay float.
 
-    calib_data: an iterable of model inputs (a tensor, a tuple of args or a dict of kwargs). With it, SmoothQuant
-    (``smoothquant_alpha``; None disables) smooths activation outliers, and w8a8_static gets its input scales.
-    Returns the model.
+    calib_data: an iterable of model inputs (a tensor, a tuple of args or a dict of kwargs), run once in eval mode.
+    With it, SmoothQuant (``smoothquant_alpha``; None disables) smooths activation outliers, and w8a8_static gets its
+    input scales. Returns the model (the new Int8Linear when model itself is an nn.Linear).
     """
     _check_model(model)
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is not one of {MODES}")
     if smoothquant_alpha is not None and not 0.0 <= smoothquant_alpha <= 1.0:
         raise ValueError(f"smoothquant_alpha: expected a float in [0, 1] (or None), got {smoothquant_alpha!r}")
-    linears = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, QATLinear) and not _skipped(n, skip)}
+    skip = _skip_patterns(skip)
+    aliases, keep = _aliases(model), _fast_path_linears(model)
+    linears = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, QATLinear) and id(m) not in keep
+               and not any(_skipped(a, skip) for a in aliases[id(m)])}
     smooth: Dict[str, torch.Tensor] = {}
     input_scale: Dict[str, float] = {}
-    if calib_data is not None:
-        act_max, producer, batches = _calibrate(model, linears, calib_data)
-        if smoothquant_alpha is not None and mode != "w8a16":
-            groups = defaultdict(list)
-            for name in linears:
-                if name in act_max:
-                    groups[producer.get(name)].append(name)
-            for src, names in groups.items():
-                if src is not None:
-                    s = _smooth_factors(torch.stack([act_max[n] for n in names]).amax(0),
-                                        [linears[n].weight for n in names], smoothquant_alpha)
-                    if _try_fold(model, batches[0], model.get_submodule(src), [linears[n] for n in names], s):
-                        for n in names:
-                            act_max[n] = act_max[n] / s
-                        continue
-                for n in names:  # no exact fold: keep 1/s in the Int8Linear
-                    s = _smooth_factors(act_max[n], [linears[n].weight], smoothquant_alpha)
-                    linears[n].weight = _scaled(linears[n].weight, s)
-                    smooth[n] = s
-                    act_max[n] = act_max[n] / s
+    if calib_data is not None and linears:
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()  # inference statistics (no dropout), and a deterministic model for the fold checks
+        try:
+            act_max, producer, batches = _calibrate(model, linears, calib_data)
+            missing = [n for n in linears if n not in act_max]
+            if mode == "w8a8_static" and missing:
+                raise ValueError(f"calib_data: {missing[0]!r} (an nn.Linear) never ran on the calibration data, so "
+                                 "w8a8_static has no input scale for it: calibrate with inputs that reach it, or "
+                                 "skip it")
+            if smoothquant_alpha is not None and mode != "w8a16":
+                _smoothquant(model, linears, act_max, producer, batches[0], smoothquant_alpha, smooth)
+        finally:
+            for m, training in modes:
+                m.train(training)
         input_scale = {n: (act_max[n].max().item() / 127.0) or 1.0 for n in act_max}
-    elif mode == "w8a8_static":
+    elif mode == "w8a8_static" and linears:
         raise ValueError("calib_data: mode='w8a8_static' needs calibration data for its input scales")
+    new = {}
     for name, lin in linears.items():
-        _set_module(model, name, Int8Linear.from_float(lin, mode, smooth.get(name), input_scale.get(name)))
-    return model
+        s = smooth.get(name)
+        new[id(lin)] = Int8Linear.from_float(lin if s is None else _smoothed(lin, s), mode, s, input_scale.get(name))
+    return _replace(model, new)
+
+
+def _smoothquant(model, linears, act_max, producer, batch, alpha, smooth) -> None:
+    """SmoothQuant on the calibrated linears: fold each group's factors into their common producer when exact, else
+    into each Linear's weight with 1/s recorded in ``smooth``; act_max becomes the smoothed inputs' maxima."""
+    groups = defaultdict(list)
+    for name in linears:
+        if name in act_max:
+            groups[producer.get(name)].append(name)
+    for src, names in groups.items():
+        if src is not None:
+            s = _smooth_factors(torch.stack([act_max[n] for n in names]).amax(0),
+                                [linears[n].weight for n in names], alpha)
+            if _try_fold(model, batch, model.get_submodule(src), [linears[n] for n in names], s):
+                for n in names:
+                    act_max[n] = act_max[n] / s
+                continue
+        for n in names:  # no exact fold: keep 1/s in the Int8Linear (the weight scaled as it is built)
+            s = _smooth_factors(act_max[n], [linears[n].weight], alpha)
+            smooth[n] = s
+            act_max[n] = act_max[n] / s
+
+
+def _smoothed(lin: nn.Linear, s: torch.Tensor) -> nn.Linear:
+    """A Linear with lin's bias and lin's weight times s (per input column), lin itself left as it is (a Linear the
+    caller still holds, as a bare Linear quantized, keeps its weights)."""
+    tmp = nn.Linear(lin.in_features, lin.out_features, bias=False, device="meta")
+    tmp.weight, tmp.bias = _scaled(lin.weight, s), lin.bias
+    tmp.train(lin.training)
+    return tmp
 
 
 @torch.no_grad()
@@ -204,11 +276,13 @@ _LAYOUT_TYPES = {"mode": str, "in_features": int, "out_features": int, "bias": b
 
 def apply_int8_layout(model: nn.Module, layout: Dict[str, dict]) -> nn.Module:
     """Replace the nn.Linear layers named in ``layout`` (int8_layout's dict) by empty Int8Linear layers of the
-    recorded mode, in place, so that the quantized model's state dict loads into model. Returns model."""
+    recorded mode, in place (at every place a shared Linear is registered), so that the quantized model's state dict
+    loads into model. Returns model."""
     _check_model(model)
     if not isinstance(layout, dict):
         raise TypeError(f"layout: expected a dict of module name -> spec, got {type(layout).__name__}")
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
+    new: Dict[int, nn.Module] = {}
     for name, spec in layout.items():
         lin = modules.get(name)
         if type(lin) not in (nn.Linear, QATLinear):
@@ -222,24 +296,29 @@ def apply_int8_layout(model: nn.Module, layout: Dict[str, dict]) -> nn.Module:
         if (spec["in_features"], spec["out_features"]) != (lin.in_features, lin.out_features):
             raise ValueError(f"layout[{name!r}]: {spec['in_features']} -> {spec['out_features']} features, the "
                              f"model's Linear {lin.in_features} -> {lin.out_features}")
-        _set_module(model, name, Int8Linear(lin.in_features, lin.out_features, spec["bias"], spec["mode"],
-                                            spec["smooth"], device=lin.weight.device))
+        if id(lin) not in new:
+            new[id(lin)] = Int8Linear(lin.in_features, lin.out_features, spec["bias"], spec["mode"], spec["smooth"],
+                                      device=lin.weight.device)
+    _replace(model, new)
     return model
 
 
 def prepare_qat(model: nn.Module, skip: Sequence[str] = ()) -> nn.Module:
-    """Swap every nn.Linear (not matching ``skip``) for a QATLinear sharing its parameters, in place."""
+    """Swap every nn.Linear (not matching ``skip``) for a QATLinear sharing its parameters, in place (at every place
+    a shared Linear is registered). Returns the model (the QATLinear when model itself is an nn.Linear)."""
     _check_model(model)
-    for name, mod in list(model.named_modules()):
-        if type(mod) is nn.Linear and not _skipped(name, skip):
-            _set_module(model, name, QATLinear.from_linear(mod))
-    return model
+    skip, aliases = _skip_patterns(skip), _aliases(model)
+    new = {id(m): QATLinear.from_linear(m) for _, m in model.named_modules()
+           if type(m) is nn.Linear and not any(_skipped(a, skip) for a in aliases[id(m)])}
+    return _replace(model, new)
 
 
 def convert_qat(model: nn.Module, mode: str = "w8a8") -> nn.Module:
-    """Turn every QATLinear into an Int8Linear, in place."""
+    """Turn every QATLinear into an Int8Linear (mode "w8a8" or "w8a16"), in place. Returns the model (the
+    Int8Linear when model itself is a QATLinear)."""
     _check_model(model)
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, QATLinear):
-            _set_module(model, name, Int8Linear.from_float(mod, mode))
-    return model
+    if mode not in MODES or mode == "w8a8_static":
+        raise ValueError(f"mode: {mode!r} is not 'w8a8' or 'w8a16' (w8a8_static needs calibrated input scales: "
+                         "fastattn.quantize(model, calib_data, mode='w8a8_static') quantizes a QAT model so)")
+    new = {id(m): Int8Linear.from_float(m, mode) for _, m in model.named_modules() if isinstance(m, QATLinear)}
+    return _replace(model, new)

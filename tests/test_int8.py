@@ -328,6 +328,129 @@ def test_qat_recovers_accuracy():
     assert loss_qat < 0.8 * loss_ptq, (loss_qat, loss_ptq)
 
 
+class _Shared(nn.Module):
+    """One Linear registered (and called) at two places."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln, self.a = nn.LayerNorm(16), nn.Linear(16, 16)
+        self.b = self.a
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(self.ln(x))))
+
+
+def test_quantize_replaces_a_shared_linear_everywhere():
+    """A Linear registered at two places becomes one Int8Linear at both (it stayed float at the second, where
+    SmoothQuant had scaled its weight: 120% error); the layout rebuilds both; QAT swaps both."""
+    torch.manual_seed(0)
+    m, x = _Shared(), torch.randn(8, 16)
+    ref = m(x)
+    fastattn.quantize(m, [x])
+    assert isinstance(m.a, Int8Linear) and m.b is m.a
+    assert (m(x) - ref).abs().max() < 0.05 * ref.abs().max()
+    fresh = fastattn.apply_int8_layout(_Shared(), fastattn.int8_layout(m))
+    assert isinstance(fresh.b, Int8Linear) and fresh.b is fresh.a
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh(x), m(x))
+    qat = fastattn.prepare_qat(_Shared())
+    assert type(qat.b) is fastattn.nn.quantized.QATLinear and qat.b is qat.a
+    qat = fastattn.convert_qat(qat)
+    assert isinstance(qat.b, Int8Linear) and qat.b is qat.a
+
+
+def test_quantize_a_bare_linear_returns_the_int8_layer():
+    """model itself an nn.Linear: the replacement is returned (it was left float, with a submodule named '')."""
+    lin = nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    q = fastattn.quantize(lin, [x])
+    assert isinstance(q, Int8Linear) and "" not in dict(lin.named_children())
+    assert (q(x) - lin(x)).abs().max() < 0.05 * lin(x).abs().max()
+    qat = fastattn.prepare_qat(nn.Linear(8, 4))
+    assert type(qat) is fastattn.nn.quantized.QATLinear
+    assert isinstance(fastattn.convert_qat(qat), Int8Linear)
+
+
+def test_quantize_skip_as_one_string():
+    """skip="head" is one pattern (it was read as the patterns 'h', 'e', 'a', 'd': nothing skipped)."""
+    m = nn.Sequential()
+    m.add_module("body", nn.Linear(8, 8))
+    m.add_module("head", nn.Linear(8, 4))
+    fastattn.quantize(m, skip="head")
+    assert isinstance(m.body, Int8Linear) and type(m.head) is nn.Linear
+    m = fastattn.prepare_qat(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), skip="1")
+    assert type(m[0]) is fastattn.nn.quantized.QATLinear and type(m[1]) is nn.Linear
+
+
+def test_quantize_calibration_errors_are_clear_and_change_nothing():
+    """No calibration batch (an empty list, a generator used up) and, for w8a8_static, a Linear the calibration
+    never reached: a ValueError naming it, before the model is changed (it failed half-converted, unnamed)."""
+    model, data = _outlier_model_and_data()
+    gen = iter(data)
+    fastattn.quantize(model, gen)
+    for calib in ([], gen):
+        with pytest.raises(ValueError, match="calib_data: no batches"):
+            fastattn.quantize(nn.Sequential(nn.Linear(4, 4)), calib)
+
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.used(x)
+
+    m = Unused()
+    with pytest.raises(ValueError, match="'unused' .* never ran"):
+        fastattn.quantize(m, [torch.randn(2, 8)], mode="w8a8_static")
+    assert type(m.used) is nn.Linear and type(m.unused) is nn.Linear
+
+
+def test_quantize_calibrates_in_eval_mode():
+    """A model in training mode calibrates without dropout (its noise made every fold check fail, leaving the
+    smoothing in the layers) and gets its modes back."""
+    model, data = _outlier_model_and_data()
+    model = nn.Sequential(model[0], nn.Dropout(0.2), *model[1:]).train()
+    fastattn.quantize(model, data)
+    assert model[2].smooth is None and model[0].weight[:4].max() < 60.0  # folded into the LayerNorm
+    assert model.training and model[1].training
+
+
+def test_quantize_keeps_the_transformer_encoder_fast_path_float():
+    """torch's TransformerEncoderLayer reads its Linears' weights directly in eval / no_grad (its fast path): they
+    stay float, as fastattn.convert keeps them (an int8 weight there crashed: "Float and Char")."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        ref = layer(x)
+        fastattn.quantize(layer, [x])
+        torch.testing.assert_close(layer(x), ref)
+    assert type(layer.linear1) is nn.Linear
+
+
+def test_int8linear_static_clamps_and_propagates_nonfinite():
+    """w8a8_static: values past the calibrated range clamp to +-127 steps; a row with NaN or inf gives NaN as in the
+    w8a8 mode (NaN was cast to int8 as garbage, a finite output)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    q = Int8Linear.from_float(lin, "w8a8_static", input_scale=1 / 127)  # range [-1, 1]
+    x = torch.full((4, 8), 0.5)
+    x[1, 0], x[2, 3], x[3, 0] = 100.0, float("nan"), -float("inf")
+    y = q(x)
+    clamped = x[1].clone()
+    clamped[0] = 1.0
+    torch.testing.assert_close(y[1], q(clamped[None])[0])
+    assert y[[0, 1]].isfinite().all() and y[[2, 3]].isnan().all()
+    assert Int8Linear.from_float(lin)(x)[[2, 3]].isnan().all()  # w8a8 (dynamic) alike
+
+
+def test_int8linear_from_float_on_meta():
+    """A Linear on the meta device (a model built without memory) converts to a meta Int8Linear of its shapes."""
+    q = Int8Linear.from_float(nn.Linear(8, 4, bias=False, device="meta"), "w8a16")
+    assert q.weight.is_meta and q.weight.shape == (4, 8) and q.weight.dtype == torch.int8 and q.bias is None
+
+
 @pytest.mark.parametrize("call, match, exc", [
     (lambda: fastattn.int8_matmul(torch.randn(4, 8), torch.zeros(4, 8, dtype=torch.int8)), "a: dtype", TypeError),
     (lambda: fastattn.int8_matmul(torch.zeros(4, 8, dtype=torch.int8), torch.zeros(4, 9, dtype=torch.int8)),
@@ -351,6 +474,14 @@ def test_qat_recovers_accuracy():
      ValueError),
     (lambda: fastattn.w8a16_matmul(torch.randn(2, 4), torch.zeros(3, 4, dtype=torch.int8), torch.ones(3), [1, 2, 3]),
      "bias", ValueError),
+    (lambda: fastattn.w8a16_matmul(torch.randn(2, 4), torch.zeros(3, 4, dtype=torch.int8), None), "w_scale: required",
+     TypeError),
+    (lambda: fastattn.w8a16_matmul(torch.tensor(1.0), torch.zeros(3, 4, dtype=torch.int8), torch.ones(3)), "x: shape",
+     ValueError),
+    (lambda: Int8Linear(4, 4)(torch.tensor(1.0)), "x: shape", ValueError),
+    (lambda: fastattn.convert_qat(fastattn.prepare_qat(nn.Sequential(nn.Linear(4, 4))), "w8a8_static"), "mode:",
+     ValueError),
+    (lambda: fastattn.quantize(nn.Sequential(nn.Linear(4, 4)), skip=[3]), "skip:", TypeError),
 ])
 def test_bad_input(call, match, exc):
     with pytest.raises(exc, match=match):

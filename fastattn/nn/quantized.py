@@ -50,9 +50,15 @@ class Int8Linear(nn.Module):
         (W[:, k] * smooth[k]); ``input_scale`` is needed for w8a8_static."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+        if mode == "w8a8_static" and input_scale is None:
+            raise ValueError("input_scale: w8a8_static needs a calibrated input scale (fastattn.quantize with "
+                             "calib_data computes it)")
         w = linear.weight.detach()
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, mode, smooth is not None,
                 device=w.device)
+        m.train(linear.training)
+        if w.is_meta:  # a model built on the meta device (shapes only): an Int8Linear of the same shapes there
+            return m
         q, s = quantize_per_channel(w.float() if w.dtype == torch.float64 else w)
         m.weight.copy_(q)
         m.weight_scale.copy_(s)
@@ -61,17 +67,14 @@ class Int8Linear(nn.Module):
         if smooth is not None:
             m.smooth.copy_(smooth)
         if mode == "w8a8_static":
-            if input_scale is None:
-                raise ValueError("input_scale: w8a8_static needs a calibrated input scale (fastattn.quantize with "
-                                 "calib_data computes it)")
             m.input_scale.fill_(float(input_scale))
         return m
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dtype not in X_DTYPES:
             raise TypeError(f"x: expected a tensor of {X_DTYPES}, got {getattr(x, 'dtype', type(x).__name__)}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x: last dim {x.shape[-1]} != in_features {self.in_features}")
+        if not x.dim() or x.shape[-1] != self.in_features:
+            raise ValueError(f"x: shape {tuple(x.shape)}, expected (..., in_features={self.in_features})")
         if x.device != self.weight.device:
             raise ValueError(f"x: on {x.device}, but the layer's weight is on {self.weight.device}")
         w_scale, bias, smooth = _f32(self.weight_scale), _f32(self.bias), _f32(self.smooth)
@@ -85,8 +88,10 @@ class Int8Linear(nn.Module):
                 q, s = quantize_rows(x2, smooth)
             else:
                 xf = x2.float() if smooth is None else x2.float() / smooth
-                q = torch.round(xf / self.input_scale).clamp_(-127, 127).to(torch.int8)
-                s = self.input_scale.to(torch.float32).reshape(1).expand(x2.shape[0]).contiguous()
+                q = torch.round(xf / self.input_scale).clamp_(-127, 127).to(torch.int8)  # beyond the range: clamped
+                s = self.input_scale.to(torch.float32).reshape(1).expand(x2.shape[0])
+                # a row with inf or NaN gives NaN, as in the w8a8 mode (not a clamped or garbage int8 value)
+                s = torch.where(torch.isfinite(xf).all(-1), s, float("nan"))
             out = mm_rows(q, w, s, w_scale, bias, x.dtype)
         return out if flat else out.view(*x.shape[:-1], self.out_features)
 

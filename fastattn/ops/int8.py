@@ -253,10 +253,14 @@ def w8a16_matmul(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] =
     if not isinstance(w, Tensor) or w.dtype != torch.int8 or w.dim() != 2:
         raise TypeError(f"w: expected an int8 (N, K) tensor, got {getattr(w, 'dtype', type(w).__name__)} "
                         f"{tuple(getattr(w, 'shape', ()))}")
+    if not x.dim():
+        raise ValueError(f"x: shape {tuple(x.shape)}, expected (..., K)")
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"w: K mismatch: x has K={x.shape[-1]}, w {tuple(w.shape)} has K={w.shape[1]}")
     if x.device != w.device:
         raise ValueError(f"w: on {w.device}, but x is on {x.device}")
+    if w_scale is None:
+        raise TypeError("w_scale: required (the weight's scale: a float, or a (N,) tensor from quantize_per_channel)")
     N, K = w.shape
     w_scale = _scale_vector("w_scale", w_scale, N, (N,), x.device)
     if bias is not None:
