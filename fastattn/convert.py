@@ -230,6 +230,15 @@ class _Skip:
                 return e
         return None
 
+    def kept(self, model: nn.Module) -> Dict[int, str]:
+        """id -> the skipped place, of every module skipped at some place of model and everything inside it: a module
+        registered at two places is one module, so it is kept at the other place too."""
+        out: Dict[int, str] = {}
+        for name, mod in model.named_modules(remove_duplicate=False):
+            if name and id(mod) not in out and self.match(name, mod) is not None:
+                out.update((id(m), name) for m in mod.modules())
+        return out
+
     def first_inside(self, name: str, mod: nn.Module) -> Optional[Tuple[str, SkipEntry]]:
         for sub_name, sub in mod.named_modules(prefix=name):
             if sub_name != name:
@@ -250,8 +259,9 @@ def _entry(e: SkipEntry) -> str:
 
 # ---- the walk ----------------------------------------------------------------------------------------------------
 class _Converter:
-    def __init__(self, kinds: Tuple[str, ...], layernorm: bool, int8: Optional[str], skip: _Skip):
-        self.kinds, self.layernorm, self.int8, self.skip = kinds, layernorm, int8, skip
+    def __init__(self, kinds: Tuple[str, ...], layernorm: bool, int8: Optional[str], skip: _Skip,
+                 kept: Dict[int, str]):
+        self.kinds, self.layernorm, self.int8, self.skip, self.kept = kinds, layernorm, int8, skip, kept
         self.counts: Counter = Counter()
         self.done: Dict[int, nn.Module] = {}  # id(old) -> new: a module shared by two parents stays shared
 
@@ -271,6 +281,11 @@ class _Converter:
             return self.done[id(mod)]
         if kind in _CONTAINERS:
             inner = self.skip.first_inside(name, mod)
+            shared = next((self.kept[id(m)] for m in mod.modules() if id(m) in self.kept), None)
+            if inner is None and shared is not None:
+                log.info("fastattn.convert: %s (%s) swapped part by part: a module inside it is also registered at "
+                         "%s, which skip keeps", name or "the model", kind, shared)
+                return None
             if inner is not None:
                 log.info("fastattn.convert: %s (%s) swapped part by part: %s is in skip (%s)", name or "the model",
                          kind, inner[0], _entry(inner[1]))
@@ -284,14 +299,22 @@ class _Converter:
         self.done[id(mod)] = new
         return new
 
+    def skipped(self, name: str, child: nn.Module) -> Optional[str]:
+        """Why child (at name) stays as it is: its skip entry, or the skipped place it is also registered at."""
+        entry = self.skip.match(name, child)
+        if entry is not None:
+            return _entry(entry)
+        if id(child) in self.kept:
+            return f"the same module is {self.kept[id(child)]}, which is in skip or inside it"
+        return None
+
     def walk(self, mod: nn.Module, prefix: str) -> None:
         for child_name, child in _children(mod):
             name = f"{prefix}.{child_name}" if prefix else child_name
-            entry = self.skip.match(name, child)
+            entry = self.skipped(name, child)
             if entry is not None:
                 if self.would_swap(child):
-                    log.info("fastattn.convert: skipped %s (%s): in skip (%s)", name, type(child).__name__,
-                             _entry(entry))
+                    log.info("fastattn.convert: skipped %s (%s): in skip (%s)", name, type(child).__name__, entry)
                 continue
             new = self.swapped(name, child)
             if new is not None:
@@ -302,11 +325,10 @@ class _Converter:
     def walk_int8(self, mod: nn.Module, prefix: str) -> None:
         for child_name, child in _children(mod):
             name = f"{prefix}.{child_name}" if prefix else child_name
-            entry = self.skip.match(name, child)
+            entry = self.skipped(name, child)
             if entry is not None:
                 if any(type(m) is nn.Linear for m in child.modules()):
-                    log.info("fastattn.convert: skipped %s (%s): in skip (%s)", name, type(child).__name__,
-                             _entry(entry))
+                    log.info("fastattn.convert: skipped %s (%s): in skip (%s)", name, type(child).__name__, entry)
                 continue
             if type(child) is nn.Linear:
                 if type(mod).forward is nn.TransformerEncoderLayer.forward:
@@ -381,7 +403,8 @@ def convert(model: nn.Module, *, attention: bool = True, layernorm: bool = True,
         raise ValueError("int8: 'w8a8_static' needs calibrated input scales: use fastattn.quantize(model, calib_data, "
                          "mode='w8a8_static')")
     skip = _Skip(skip)
-    conv = _Converter(_enabled(bool(attention), bool(layernorm), bool(dropout)), bool(layernorm), int8, skip)
+    conv = _Converter(_enabled(bool(attention), bool(layernorm), bool(dropout)), bool(layernorm), int8, skip,
+                      skip.kept(model))
     if skip.match("", model) is not None:
         log.info("fastattn.convert: the model (%s) is in skip: nothing swapped", type(model).__name__)
         return model

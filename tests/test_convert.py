@@ -154,6 +154,30 @@ def test_dtype_and_shared_modules():
     assert_bounded("float64", model(x), want, want, torch.float64)
 
 
+def test_skip_keeps_a_shared_module_at_every_place(caplog):
+    """A module registered at two places is one module: skipping it by one name keeps it at the other too (it was
+    swapped there, leaving two modules sharing their parameters), and a container holding it is swapped around it."""
+    norm, lin = nn.LayerNorm(D), nn.Linear(D, D)
+    block = nn.Sequential(nn.LayerNorm(D), norm)
+    model = nn.Sequential(norm, lin, block, lin)
+    with caplog.at_level(logging.INFO, logger="fastattn"):
+        fastattn.convert(model, skip=["0", "1"], int8=True)
+    assert type(model[0]) is nn.LayerNorm and model[2][1] is model[0]
+    assert type(model[2][0]) is fnn.LayerNorm
+    assert type(model[1]) is nn.Linear and model[3] is model[1]
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "skipped 2.1 (LayerNorm): in skip (the same module is 0, which is in skip or inside it)" in text, text
+    assert "skipped 3 (Linear): in skip (the same module is 1" in text, text
+    layer = nn.TransformerEncoderLayer(D, 2, 2 * D, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer.norm1, layer)
+    with caplog.at_level(logging.INFO, logger="fastattn"):
+        fastattn.convert(model, skip=["0"])
+    assert type(model[1]) is nn.TransformerEncoderLayer and model[1].norm1 is model[0]
+    assert type(model[0]) is nn.LayerNorm and type(model[1].norm2) is fnn.LayerNorm
+    assert "1 (TransformerEncoderLayer) swapped part by part: a module inside it is also registered at 0" in \
+        "\n".join(r.getMessage() for r in caplog.records)
+
+
 def test_skip_by_name_and_class(caplog):
     model = build(Mixed)
     with caplog.at_level(logging.INFO, logger="fastattn"):
