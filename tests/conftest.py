@@ -12,6 +12,12 @@ if not torch.cuda.is_available():
 os.environ.setdefault("FASTATTN_AUTOTUNE", "0")
 
 from fastattn.backends import unavailable_reason  # noqa: E402
+from fastattn.hf import _installed_kernels_package  # noqa: E402
+
+# transformers imports HF's `kernels` package when it is installed (transformers 5.x requires it); pytest started in
+# this checkout would find our Triton folder kernels/ under that name instead: import HF's first, for every test
+# file that loads a transformers model (not only those that call fastattn.hf.register(), which does the same).
+_installed_kernels_package()
 
 HAS_GPU = torch.cuda.is_available()
 BACKENDS = ["reference", "cpu", "triton", "cuda"]

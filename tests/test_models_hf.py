@@ -7,14 +7,8 @@ import json
 import pytest
 import torch
 
-import fastattn
 from conftest import assert_bounded
 from fastattn.models import BERT, GPT, BERTForSequenceClassification, CheckpointError
-
-try:
-    fastattn.hf.register()  # imports HF's kernels package before the checkout's kernels/ folder can shadow it
-except ImportError:
-    pass
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 97
@@ -62,6 +56,27 @@ def test_gpt_from_hf_matches_transformers(tmp_path, arch):
         mine = ours.generate(ids[:, :5], 8, temperature=0)
         theirs = hf.generate(ids[:, :5], max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(mine, theirs)
+
+
+def test_min_new_tokens_as_transformers(tmp_path):
+    """min_new_tokens keeps every eos id from being chosen before that many new tokens, as HF's generate: greedy
+    continuations equal transformers' with the same eos ids, with and without it (and with a bad value refused)."""
+    torch.manual_seed(0)
+    hf = _gpt2().eval()
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_hf(tmp_path)
+    ids = _ids()[:, :5]
+    with torch.no_grad():
+        greedy = ours.generate(ids, 8, temperature=0)
+        eos = [greedy[0, 6].item(), greedy[1, 5].item()]  # row 0's second new token, row 1's first
+        for n in (0, 3, 8):
+            mine = ours.generate(ids, 8, temperature=0, eos_token_id=eos, min_new_tokens=n)
+            theirs = hf.generate(ids, max_new_tokens=8, min_new_tokens=n, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=eos[0])
+            assert torch.equal(mine, theirs), n
+            assert not torch.isin(mine[:, 5:5 + n], torch.tensor(eos)).any()
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        ours.generate(ids, 2, min_new_tokens=-1)
 
 
 def test_mistral_sliding_window_covering_max_seq_len(tmp_path):
