@@ -148,17 +148,18 @@ def demo_train(seconds) -> int:
 
     from fastattn.cli import main as cli_main
     run = f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"\n== training: the default GPT on the embedded corpus (Jane Austen) for {seconds:g} s -> {run} ==",
-          flush=True)
+    print(f"\n== training: the default GPT on the embedded corpus (Jane Austen), up to {seconds:g} s or 1500 steps "
+          f"-> {run} ==", flush=True)
     rc = cli_main(["train", "--out", run, "--max-time", str(seconds), "--d-model", "128", "--n-layer", "4",
-                   "--n-head", "4", "--seq-len", "64", "--batch-size", "16", "--steps", "600", "--warmup", "10",
+                   "--n-head", "4", "--seq-len", "64", "--batch-size", "16", "--steps", "1500", "--warmup", "10",
                    "--lr", "3e-3", "--eval-every", "50", "--eval-batches", "4", "--ckpt-every", "200",
                    "--log-every", "10"])
     if rc:
         return rc
     print("\n== generating from the saved model ==", flush=True)
+    # the corpus ends every paragraph with EOS: at least 40 tokens, or a short paragraph may be the whole sample
     return cli_main(["generate", run, "-p", "It is a truth universally acknowledged", "-n", "60",
-                     "--temperature", "0.8", "--top-k", "40"])
+                     "--min-new-tokens", "40", "--temperature", "0.8", "--top-k", "40"])
 
 
 def _demo_args(p):

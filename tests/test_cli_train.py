@@ -214,6 +214,24 @@ def test_generate_top_k_zero_is_off(gpt_run, capsys, monkeypatch):
     assert "--top-k must be >= 0 (0: off)" in capsys.readouterr().err
 
 
+def test_generate_min_new_tokens(gpt_run, monkeypatch):
+    """--min-new-tokens reaches generate, and no continuation ends on EOS before it (the demo's sample could be
+    2 tokens long: the embedded corpus ends every paragraph with EOS)."""
+    from fastattn.models import GPT
+    seen, real = [], GPT.generate
+
+    def spy(self, *a, **kw):
+        seen.append((kw["min_new_tokens"], real(self, *a, **kw)))
+        return seen[-1][1]
+    monkeypatch.setattr(GPT, "generate", spy)
+    from fastattn.data import default_tokenizer
+    tok = default_tokenizer()
+    assert main(["generate", str(gpt_run), "-p", "It", "-p", "Emma", "-n", "6", "--min-new-tokens", "6",
+                 "--seed", "3"]) == 0
+    n, out = seen[0]
+    assert n == 6 and out.shape[1] >= 6 and not (out[:, -6:] == tok.eos_id).any()
+
+
 def test_generate_empty_prompt_file(gpt_run, capsys, tmp_path):
     (tmp_path / "p.txt").write_text("\n\n")
     assert main(["generate", str(gpt_run), "--prompt-file", str(tmp_path / "p.txt")]) == 2

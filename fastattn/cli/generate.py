@@ -16,6 +16,7 @@ class GenerateConfig:
                             short="-p")
     prompt_file: Optional[str] = opt(None, "a file of prompts, one a line")
     max_new_tokens: int = opt(100, "tokens to generate per prompt", short="-n")
+    min_new_tokens: int = opt(0, "tokens to generate before an end-of-text token may end a continuation")
     temperature: float = opt(0.8, "sampling temperature; 0: greedy")
     top_k: Optional[int] = opt(50, "sample among the k likeliest tokens; 0: no top-k cut")
     top_p: Optional[float] = opt(None, "sample among the likeliest tokens holding probability p (nucleus)")
@@ -30,6 +31,8 @@ class GenerateConfig:
     def validate(self):
         if self.max_new_tokens < 0:
             raise CLIError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0:
+            raise CLIError(f"--min-new-tokens must be >= 0, got {self.min_new_tokens}")
         if self.temperature < 0:
             raise CLIError(f"--temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
@@ -154,7 +157,7 @@ def generate(model, tok, prompts, cfg, device, out=None):
         with torch.no_grad():
             model.generate(ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
                            top_p=cfg.top_p, eos_token_id=tok.eos_id, attention_mask=mask, generator=gen,
-                           streamer=streamer)
+                           streamer=streamer, min_new_tokens=cfg.min_new_tokens)
     except _Stop:
         pass
     except ValueError as e:

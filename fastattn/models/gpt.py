@@ -111,14 +111,15 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_token_id: Union[int, Sequence[int], None] = None, attention_mask: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None,
-                 streamer: Optional[Any] = None) -> Tensor:
+                 streamer: Optional[Any] = None, min_new_tokens: int = 0) -> Tensor:
         """Continue prompts (B, L) by up to max_new_tokens: (B, L + new). temperature 0 = greedy; else sampling with
         top_k / top_p from ``generator`` (seeded: reproducible). Batches of different lengths: left padding and
         attention_mask (1 = token). eos_token_id: an id or a list of ids (as in HF's generation_config); after one a
-        sequence is padded with the first; generation stops when every sequence has finished.
+        sequence is padded with the first; generation stops when every sequence has finished. ``min_new_tokens``: no
+        eos id is sampled before that many new tokens (HF's min_new_tokens).
         ``streamer(tokens (B,))`` is called with each new token batch; a streamer object of transformers'
         (TextStreamer, TextIteratorStreamer: put / end) is called as HF's generate calls it."""
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        check_sampling(max_new_tokens, temperature, top_k, top_p, min_new_tokens)
         keep = keep_mask(input_ids, attention_mask, self.config.max_seq_len)
         B, L = input_ids.shape
         if L == 0:
@@ -133,7 +134,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         out[:, :L] = input_ids
         logits = self.prefill(input_ids, keep)
         return generation_loop(logits, self.bound_decode_one(), out, L, max_new_tokens, temperature, top_k, top_p,
-                               eos_token_id, generator, streamer)
+                               eos_token_id, generator, streamer, min_new_tokens)
 
     def bound_decode_one(self) -> Callable[[Tensor, Tensor], Tensor]:
         """decode_one bound to the kernels chosen now, for the caches as set up (models/decode_step.py): the same

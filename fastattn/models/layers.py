@@ -414,9 +414,10 @@ def sample_next(logits: Tensor, temperature: float, top_k: Optional[int], top_p:
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p, min_new_tokens: int = 0) -> None:
+    for name, n in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name}: expected an int >= 0, got {n!r}")
     if temperature < 0:
         raise ValueError(f"temperature: expected >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
@@ -489,14 +490,17 @@ class CacheMixin:
 
 
 def generation_loop(logits: Tensor, decode_one, out: Tensor, start: int, max_new_tokens: int, temperature: float,
-                    top_k, top_p, eos_token_id, generator, streamer) -> Tensor:
+                    top_k, top_p, eos_token_id, generator, streamer, min_new_tokens: int = 0) -> Tensor:
     """Sample from ``logits`` (B, V), write the token into out[:, start + i], feed it to ``decode_one(tokens (B, 1),
-    input_pos (1,))`` for the next logits; eos handling and streaming as ``GPT.generate`` documents."""
+    input_pos (1,))`` for the next logits; eos handling (none of the eos ids among the first ``min_new_tokens``)
+    and streaming as ``GPT.generate`` documents."""
     finished = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
     index = torch.arange(start, start + max_new_tokens, device=out.device)
     eos = eos_ids(eos_token_id, out.device)
     stream, end = stream_calls(streamer, out[:, :start])
     for i in range(max_new_tokens):
+        if eos is not None and i < min_new_tokens:  # as HF's MinNewTokensLengthLogitsProcessor
+            logits = logits.index_fill(-1, eos, float("-inf"))
         tok = sample_next(logits, temperature, top_k, top_p, generator)
         if eos is not None:
             tok = tok.masked_fill(finished, eos[0])

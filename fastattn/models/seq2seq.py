@@ -160,11 +160,11 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
                  attention_mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
-                 streamer: Optional[Any] = None,
-                 decoder_start_token_id: Optional[int] = None) -> Tensor:
+                 streamer: Optional[Any] = None, decoder_start_token_id: Optional[int] = None,
+                 min_new_tokens: int = 0) -> Tensor:
         """Decoder tokens (B, 1 + new) for the source input_ids (B, S): the start token, then up to max_new_tokens
-        (temperature 0 = greedy; sampling, eos and streamer as in GPT.generate)."""
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        (temperature 0 = greedy; sampling, eos, min_new_tokens and streamer as in GPT.generate)."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p, min_new_tokens)
         keep_mask(input_ids, attention_mask, self.config.max_seq_len)  # checks shapes and length
         start = self.config.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
         B = input_ids.shape[0]
@@ -175,7 +175,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         try:
             logits = self.prefill(input_ids, attention_mask, out[:, :1])
             return generation_loop(logits, self.bound_decode_one(), out, 1, max_new_tokens, temperature, top_k,
-                                   top_p, eos_token_id, generator, streamer)
+                                   top_p, eos_token_id, generator, streamer, min_new_tokens)
         finally:
             self.memory_kv = self.memory_pad = None
 
