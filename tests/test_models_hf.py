@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import fastattn
 from conftest import assert_bounded
 from fastattn.models import BERT, GPT, BERTForSequenceClassification, CheckpointError
 transformers = pytest.importorskip("transformers")
@@ -77,6 +78,37 @@ def test_min_new_tokens_as_transformers(tmp_path):
             assert not torch.isin(mine[:, 5:5 + n], torch.tensor(eos)).any()
     with pytest.raises(ValueError, match="min_new_tokens"):
         ours.generate(ids, 2, min_new_tokens=-1)
+
+
+def test_dtype_and_device_on_load(tmp_path):
+    """from_hf / from_pretrained(dtype=, device=) as transformers' from_pretrained(dtype=): float64 import equals
+    transformers' float64 model to float64 rounding; bfloat16 casts every float tensor (a quantized model keeps its
+    int8 weights and float32 scales); a non-float dtype or a bad device is a ValueError naming it. (GPT-2: HF's
+    Llama computes its rotary tables in float32 even in a float64 model.)"""
+    torch.manual_seed(0)
+    hf = _gpt2().eval()
+    hf.save_pretrained(tmp_path / "hf")
+    hf64 = type(hf).from_pretrained(tmp_path / "hf", dtype=torch.float64).eval()
+    ours = GPT.from_hf(tmp_path / "hf", dtype=torch.float64, device="cpu")
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf64(ids).logits, rtol=1e-10, atol=1e-10)
+    bert = _bert()
+    bert.save_pretrained(tmp_path / "bert")
+    assert {p.dtype for p in BERT.from_hf(tmp_path / "bert", dtype=torch.bfloat16).parameters()} == {torch.bfloat16}
+    fastattn.quantize(ours.float(), mode="w8a16")
+    ours.save_pretrained(tmp_path / "q")
+    q = GPT.from_pretrained(tmp_path / "q", dtype=torch.bfloat16)
+    lin = q.blocks[0].mlp.w_in
+    assert isinstance(lin, fastattn.nn.Int8Linear)
+    assert lin.weight.dtype == torch.int8 and lin.weight_scale.dtype == torch.float32
+    assert q.tok_emb.weight.dtype == torch.bfloat16 and q.norm_f.weight.dtype == torch.bfloat16
+    assert q.generate(ids[:, :4], 3, temperature=0).shape == (2, 7)
+    for kw, word in ((dict(dtype=torch.int8), "dtype"), (dict(dtype="bf16"), "dtype"), (dict(device="nope"), "device")):
+        with pytest.raises(ValueError, match=word):
+            GPT.from_hf(tmp_path / "hf", **kw)
+        with pytest.raises(ValueError, match=word):
+            GPT.from_pretrained(tmp_path / "q", **kw)
 
 
 def test_mistral_sliding_window_covering_max_seq_len(tmp_path):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, KeyMap, load_mapped, read_hf_folder
+from .checkpoint import CheckpointError, KeyMap, load_mapped, place, read_hf_folder
 from .layers import (Block, ModelConfig, ModelOutput, Positions, PretrainedMixin, activation_fn, init_weights,
                      drop, keep_mask, make_norm)
 
@@ -139,9 +139,10 @@ class BERT(PretrainedMixin, nn.Module):
         return ModelOutput(logits=logits, loss=loss, nsp_logits=nsp_logits, hidden_states=h)
 
     @classmethod
-    def from_hf(cls, path: str, **overrides) -> "BERT":
+    def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides) -> "BERT":
         """Import a local HF BERT folder (BertForPreTraining; BertForMaskedLM / BertModel too, their missing heads
-        left at random init with a warning, except the MLM head, which must be there)."""
+        left at random init with a warning, except the MLM head, which must be there); dtype / device as in
+        GPT.from_hf."""
         hf, state = read_hf_folder(path)
         cfg = _bert_config(hf, cls.config_class, overrides)
         m = KeyMap(state, ("bert.", ""))
@@ -155,7 +156,7 @@ class BERT(PretrainedMixin, nn.Module):
                    "mlm_head.decoder.bias": top.take("cls.predictions.bias", (cfg.vocab_size,)),
                    "mlm_head.decoder.weight": sd["encoder.tok_emb.weight"] if cfg.tie_embeddings else
                    top.take("cls.predictions.decoder.weight", (cfg.vocab_size, d))})
-        model = cls(cfg)
+        model = place(cls(cfg), dtype, device)
         _optional(sd, model, m, top, {"pooler.dense.weight": ("pooler.dense.weight", (d, d), m),
                                       "pooler.dense.bias": ("pooler.dense.bias", (d,), m),
                                       "nsp_head.weight": ("cls.seq_relationship.weight", (2, d), top),
@@ -201,16 +202,18 @@ class BERTForSequenceClassification(PretrainedMixin, nn.Module):
         return ModelOutput(logits=logits, loss=loss)
 
     @classmethod
-    def from_hf(cls, path: str, **overrides) -> "BERTForSequenceClassification":
+    def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None,
+                **overrides) -> "BERTForSequenceClassification":
         """Import a local HF BERT folder; a BertForSequenceClassification's classifier is loaded, any other
-        checkpoint's classifier (and a missing pooler) starts at random init (fine-tuning), with a warning."""
+        checkpoint's classifier (and a missing pooler) starts at random init (fine-tuning), with a warning;
+        dtype / device as in GPT.from_hf."""
         hf, state = read_hf_folder(path)
         overrides.setdefault("num_labels", hf.get("num_labels", len(hf.get("id2label") or {}) or 2))
         overrides.setdefault("problem_type", hf.get("problem_type"))
         cfg = _bert_config(hf, cls.config_class, overrides)
         m, top, d = KeyMap(state, ("bert.", "")), KeyMap(state), cfg.d_model
         sd = _encoder_state(cfg, m)
-        model = cls(cfg)
+        model = place(cls(cfg), dtype, device)
         _optional(sd, model, m, top, {"pooler.dense.weight": ("pooler.dense.weight", (d, d), m),
                                       "pooler.dense.bias": ("pooler.dense.bias", (d,), m),
                                       "classifier.weight": ("classifier.weight", (cfg.num_labels, d), top),

@@ -69,6 +69,19 @@ class KeyMap:
         raise CheckpointError(f"checkpoint key {self.prefixes[0] + key!r} is missing")
 
 
+def place(model: nn.Module, dtype=None, device=None) -> nn.Module:
+    """model cast to a floating ``dtype`` and moved to ``device`` before its weights are copied in (from_hf and
+    from_pretrained's dtype= / device=, as transformers' from_pretrained(dtype=...)): the checkpoint's tensors are
+    converted as they are copied, never held twice in float32."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype: expected a floating torch.dtype (torch.bfloat16, ...), got {dtype!r}")
+    try:
+        device = None if device is None else torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {device!r} is not a device ({e})") from None
+    return model if dtype is None and device is None else model.to(device=device, dtype=dtype)
+
+
 def load_mapped(model: nn.Module, state: Dict[str, Tensor]) -> None:
     """Copy a state dict built by an importer into the model: every model key must be there with its shape."""
     own = model.state_dict()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, KeyMap, hf_get, load_mapped, read_hf_folder
+from .checkpoint import CheckpointError, KeyMap, hf_get, load_mapped, place, read_hf_folder
 from .decode_step import bind_decode
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
                      generation_loop, init_weights, drop, keep_mask, make_norm, padding_or_none)
@@ -143,10 +143,11 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
 
     # ---- HF checkpoints ----
     @classmethod
-    def from_hf(cls, path: str, **overrides) -> "GPT":
+    def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides) -> "GPT":
         """Import a local HF GPT-2 or Llama-family folder (config.json + model.safetensors or pytorch_model.bin).
-        ``overrides`` set config fields (e.g. backend="torch", dropout=0.1). The model comes back in eval mode, as
-        transformers' from_pretrained returns it (``.train()`` to fine-tune)."""
+        ``dtype`` / ``device``: the model's (e.g. torch.bfloat16, "cuda"; default float32 on the CPU), the weights
+        converted as they load. ``overrides`` set config fields (e.g. backend="torch", dropout=0.1). The model comes
+        back in eval mode, as transformers' from_pretrained returns it (``.train()`` to fine-tune)."""
         hf, state = read_hf_folder(path)
         kind = hf.get("model_type")
         if kind == "gpt2":
@@ -162,7 +163,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
             raise CheckpointError(f"config.json: sliding_window {window} < max_seq_len {cfg.max_seq_len}; "
                                   "sliding-window attention is not supported by GPT.from_hf (pass "
                                   f"max_seq_len={window} or less to import it)")
-        model = cls(cfg)
+        model = place(cls(cfg), dtype, device)
         load_mapped(model, sd)
         return model.eval()  # as transformers' from_pretrained
 

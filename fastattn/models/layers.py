@@ -24,7 +24,7 @@ from ..ops.attention import attention, decode_attention
 from ..ops.attention.decode import route_backend
 from ..ops.dropout import dropout as fa_dropout
 from ..quantization import apply_int8_layout, int8_layout
-from .checkpoint import load_weights, save_weights
+from .checkpoint import load_weights, place, save_weights
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
@@ -565,14 +565,15 @@ class PretrainedMixin:
         save_weights(self, os.path.join(path, WEIGHTS_FILE))
 
     @classmethod
-    def from_pretrained(cls, path: str, **overrides):
-        """Load what save_pretrained wrote (a quantized model comes back int8); ``overrides`` replace config fields
-        (e.g. backend="torch"). A bad weights file raises CheckpointError naming the key. The model comes back in
-        eval mode, as transformers' from_pretrained returns it (``.train()`` to fine-tune)."""
+    def from_pretrained(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides):
+        """Load what save_pretrained wrote (a quantized model comes back int8, its scales float32); ``dtype`` /
+        ``device``: the model's (e.g. torch.bfloat16, "cuda"), the weights converted as they load; ``overrides``
+        replace config fields (e.g. backend="torch"). A bad weights file raises CheckpointError naming the key. The
+        model comes back in eval mode, as transformers' from_pretrained returns it (``.train()`` to fine-tune)."""
         cfg = cls.config_class.load(os.path.join(path, CONFIG_FILE))
         if overrides:
             cfg = cls.config_class.from_dict({**dataclasses.asdict(cfg), **overrides})
-        model = cls(cfg)
+        model = place(cls(cfg), dtype, device)
         if os.path.exists(os.path.join(path, INT8_FILE)):
             with open(os.path.join(path, INT8_FILE)) as f:
                 apply_int8_layout(model, json.load(f))
