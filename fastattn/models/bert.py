@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, KeyMap, load_mapped, place, read_hf_folder
 from .layers import (Block, ModelConfig, ModelOutput, Positions, PretrainedMixin, activation_fn, init_weights,
-                     drop, keep_mask, make_norm)
+                     drop, keep_mask, make_norm, padding_or_none)
 
 log = logging.getLogger("fastattn")
 
@@ -75,7 +75,7 @@ class BERTEncoder(nn.Module):
             extra = extra + pe
         x = self.embed_norm.post(self.tok_emb(input_ids), extra)  # LayerNorm(tokens + positions + types)
         x = drop(x, self.cfg.dropout, self.training, self.cfg.backend)
-        pad = None if bool(keep.all()) else ~keep  # (B, L) True = padding
+        pad = padding_or_none(keep, attention_mask)  # (B, L) True = padding, or None
         rotary = self.pos.rotary(positions, x.dtype)
         h, residual = x, None
         for block in self.blocks:

@@ -78,7 +78,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         predicts labels[t + 1]; -100 ignored). Returns .logits (B, L, V) and .loss."""
         keep = keep_mask(input_ids, attention_mask, self.config.max_seq_len)
         positions = (keep.cumsum(-1) - 1).clamp_min(0)
-        h = self.hidden(input_ids, positions, key_padding_mask=padding_or_none(keep))
+        h = self.hidden(input_ids, positions, key_padding_mask=padding_or_none(keep, attention_mask))
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
@@ -94,7 +94,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         self.cache_padding.fill_(True)
         self.cache_padding[:, :L] = ~keep
         self.next_pos.copy_(positions[:, -1:] + 1)
-        h = self.hidden(input_ids, positions, key_padding_mask=padding_or_none(keep), input_pos=self.cache_index[:L])
+        h = self.hidden(input_ids, positions, key_padding_mask=padding_or_none(keep, keep),
+                        input_pos=self.cache_index[:L])
         return self.lm_head(h[:, -1])
 
     def decode_one(self, tokens: Tensor, input_pos: Tensor) -> Tensor:

@@ -455,8 +455,14 @@ def keep_mask(input_ids: Tensor, attention_mask: Optional[Tensor], max_len: Opti
     return attention_mask.bool()
 
 
-def padding_or_none(keep: Tensor) -> Optional[Tensor]:
-    """The kernel's key_padding_mask (True = padding) from a keep mask, or None when nothing is padded."""
+def padding_or_none(keep: Tensor, attention_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The kernel's key_padding_mask (True = padding) from keep_mask's result, or None when nothing is padded (no
+    attention_mask; or, in eager mode, one that keeps every token: under torch.compile that test would be a
+    data-dependent branch, and the all-False mask gives the same result)."""
+    if attention_mask is None:
+        return None
+    if torch.compiler.is_compiling():
+        return ~keep
     return None if bool(keep.all()) else ~keep
 
 

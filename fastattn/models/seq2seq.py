@@ -88,7 +88,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
     def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """Encoder output (B, S, d_model) and its key_padding_mask (B, S) (True = padding) or None."""
         B, S = input_ids.shape
-        pad = padding_or_none(keep_mask(input_ids, attention_mask, self.config.max_seq_len))
+        pad = padding_or_none(keep_mask(input_ids, attention_mask, self.config.max_seq_len), attention_mask)
         positions = torch.arange(S, device=input_ids.device).expand(B, S)
         h, rotary = self._embed(input_ids, positions, self.enc_pos, self.enc_embed_norm)
         residual = None

@@ -195,7 +195,7 @@ class AddNormFunction(torch.autograd.Function):
         ctx.leaf_pair = (residual is not None and all(ctx.needs_input_grad[:2]) and (x.is_leaf or residual.is_leaf))
         ctx.leaf_accumulation = None if not ctx.leaf_pair or torch.compiler.is_compiling() or \
             is_transformed(x, residual) else _LeafAccumulation(x, residual)
-        ctx.y_dtype = y.dtype
+        ctx.y_dtype, ctx.prenorm = y.dtype, prenorm
         ctx.meta = (x.shape, is_rms, bias is not None, backend, None if residual is None else residual.dtype,
                     None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
@@ -206,7 +206,9 @@ class AddNormFunction(torch.autograd.Function):
         N = shape[-1]
         s = s.reshape(-1, N)
         dy2 = torch.zeros_like(s, dtype=ctx.y_dtype) if dy is None else dy.reshape(-1, N)  # only s was used
-        ds2 = None if ds is None else ds.reshape(-1, N).to(s.dtype)
+        # s carries a gradient only as prenorm's residual stream (torch.compile hands a non-differentiable output
+        # a zero gradient anyway, shaped like s: empty when s was not stored)
+        ds2 = None if ds is None or not ctx.prenorm else ds.reshape(-1, N).to(s.dtype)
         # A float32 residual's gradient comes from the kernel as its own float32 tensor: for a half x it has another
         # dtype; for a float32 x beside a leaf that this pass accumulates into it spares autograd a copy (a leaf's
         # AccumulateGrad clones a gradient that another edge still holds). Otherwise (activations, or

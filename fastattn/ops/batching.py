@@ -20,7 +20,10 @@ def graph_capture() -> bool:
 def is_transformed(*tensors: Optional[Tensor]) -> bool:
     """True when any tensor is wrapped by a torch.func transform (vmap's BatchedTensor, grad's wrapper): the
     compiled kernels cannot read such a tensor's memory, so the call must go through an autograd.Function or custom
-    op whose vmap rule torch.func applies."""
+    op whose vmap rule torch.func applies. False while torch.compile traces: dynamo cannot call the check (a
+    graph break, an error under fullgraph), and the traced graph reaches the kernels through their custom ops."""
+    if torch.compiler.is_compiling():
+        return False
     return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 

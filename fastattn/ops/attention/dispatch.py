@@ -146,7 +146,7 @@ _TENSORS_FWD = "Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? alibi"
 def attention_fwd_op(q, k, v, mask, alibi, *flat_and_backend):
     *flat, backend = flat_and_backend
     out, lse = fwd(q, k, v, mask, alibi, AttnParams(*flat), backend or None)
-    return out, lse
+    return out.contiguous(), lse.contiguous()  # as the fake (every backend's already are)
 
 
 @attention_fwd_op.register_fake
@@ -161,10 +161,12 @@ def _(q, k, v, mask, alibi, *args):
 def attention_bwd_op(dout, q, k, v, out, lse, mask, alibi, *flat_and_backend):
     *flat, backend = flat_and_backend
     dq, dk, dv = bwd(dout, q, k, v, out, lse, mask, alibi, AttnParams(*flat), backend or None)
-    return dq, dk, dv
+    # contiguous, as the fake promises: the CPU and Triton backends' gradients are, the CUDA one's take the layout of
+    # q / k / v (empty_like), and a traced graph that views a gradient laid out otherwise fails at run time
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_bwd_op.register_fake
 def _(dout, q, k, v, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
