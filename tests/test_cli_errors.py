@@ -45,6 +45,7 @@ def run_main(capsys, *args):
     (["train", "--arch", "BERT"], "a BERT is a --task mlm model, not a --task clm one"),
     (["generate", "x", "--stop", ""], "--stop: an empty string"),
     (["generate", "x", "--min-new-tokens", "-1"], "--min-new-tokens must be >= 0"),
+    (["train", "--compile", "--compile-backend", "nope", "--steps", "1"], "--compile-backend 'nope' is not a"),
     (["eval", "x", "--seq-len", "0"], "--seq-len must be at least 1"),
     (["quantize", "x", "--alpha", "5"], "--alpha must be in [0, 1]"),
     (["quantize", "x", "--batch-size", "0"], "--batch-size must be at least 1"),

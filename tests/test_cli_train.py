@@ -214,6 +214,16 @@ def test_generate_top_k_zero_is_off(gpt_run, capsys, monkeypatch):
     assert "--top-k must be >= 0 (0: off)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("task", ["clm", "mlm"])
+def test_compile_trains_the_same_model(tmp_path, task):
+    """--compile (aot_eager here: the kernels eager runs, so no tolerance) trains the same weights as eager, and
+    the run folder's model loads as usual (state_dict keys without torch.compile's _orig_mod prefix)."""
+    plain = train(tmp_path, "plain", "--task", task)
+    comp = train(tmp_path, "comp", "--task", task, "--compile", "--compile-backend", "aot_eager")
+    a, b = load_file(plain / "model" / "model.safetensors"), load_file(comp / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_generate_min_new_tokens(gpt_run, monkeypatch):
     """--min-new-tokens reaches generate, and no continuation ends on EOS before it (the demo's sample could be
     2 tokens long: the embedded corpus ends every paragraph with EOS)."""

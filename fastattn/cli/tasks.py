@@ -59,9 +59,19 @@ class CLMTask:
     def tokens(self, inputs):
         return inputs["input_ids"].numel()
 
+    def unused(self, model):
+        """Parameters the model computes with but the loss never reaches: eager autograd leaves their .grad None,
+        torch.compile gives them zeros (and AdamW would then decay them); the trainer resets them to None."""
+        return []
+
 
 class MLMTask(CLMTask):
     name = "mlm"
+
+    def unused(self, model):  # BERT always computes its NSP logits
+        if self.cfg.nsp or not hasattr(model, "nsp_head"):
+            return []
+        return [*model.pooler.parameters(), *model.nsp_head.parameters()]
 
     def batch(self, split, batch_size, generator=None, index=None):
         L, tok = self.cfg.seq_len, self.tok
@@ -198,6 +208,9 @@ class ClassifyTask:
 
     def tokens(self, inputs):
         return inputs["attention_mask"].sum().item()
+
+    def unused(self, model):
+        return []
 
 
 TASKS = {"clm": CLMTask, "mlm": MLMTask, "seq2seq": Seq2SeqTask, "classify": ClassifyTask}

@@ -78,6 +78,9 @@ class TrainConfig:
     qat: bool = opt(False, "quantization-aware training (fastattn.prepare_qat), converted to int8 on export")
     fsdp: bool = opt(False, "under torchrun: shard parameters with FSDP (fully_shard) instead of DDP")
     tp: int = opt(1, "under torchrun: tensor-parallel degree over the attention / MLP projections")
+    compile: bool = opt(False, "torch.compile the model (the first steps of training and of evaluation are slower "
+                               "while it compiles)")
+    compile_backend: str = opt("inductor", "torch.compile backend for --compile (inductor, aot_eager, eager, ...)")
     step_delay: float = opt(0.0, "sleep this long after each step (for tests of interruption)")
 
     def validate(self):
@@ -102,6 +105,12 @@ class TrainConfig:
             raise CLIError("give --init or --init-hf, not both")
         if not 0 < self.val_fraction < 1:
             raise CLIError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.compile:  # torch itself names an unknown backend only at the first call, deep in a traceback
+            from torch._dynamo import list_backends
+            if self.compile_backend not in set(list_backends(exclude_tags=())) | {"inductor"}:
+                known = ", ".join(sorted(set(list_backends()) | {"inductor", "aot_eager", "eager"}))
+                raise CLIError(f"--compile-backend {self.compile_backend!r} is not a torch.compile backend (e.g. "
+                               f"{known})")
 
 
 # options that define the model, its tokens or its data stream: --resume refuses to change them
@@ -317,6 +326,9 @@ class Trainer:
             import fastattn
             self.model = fastattn.prepare_qat(self.model)
         self.train_model = self.dist.wrap(self.model, cfg)
+        if cfg.compile:  # the wrapper (DDP, FSDP) compiled, as torch recommends; self.model stays the module saved
+            self.train_model = torch.compile(self.train_model, backend=cfg.compile_backend)
+        self.unused = self.task.unused(self.model)
         self.opt = configure_optimizer(self.model, cfg, self.device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
@@ -433,6 +445,8 @@ class Trainer:
                 loss = self._loss(inputs, target) / cfg.grad_accum
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
+        for p in self.unused:  # as eager leaves them: untouched by the optimizer (compiled, they got zeros)
+            p.grad = None
         if self.scaler:
             self.scaler.unscale_(self.opt)
         if cfg.clip > 0:
