@@ -13,13 +13,20 @@ inline typename Vec::F load_w(const float* p) { return Vec::load(p); }
 template <int MR, class T>
 inline void dot_row(const float* x, const T* w, int64_t K, float* s) {
   constexpr int U = MR == 1 ? 4 : MR == 2 ? 2 : 1;
+  constexpr int64_t kStep = int64_t(U) * Vec::W * int64_t(sizeof(T));  // weight bytes per main-loop iteration
   typename Vec::F acc[MR][U];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) acc[r][u] = Vec::zero();
   int64_t k = 0;
+  const int64_t pf = gemv_prefetch();
   for (; k + U * Vec::W <= K; k += U * Vec::W) {
+    if (pf) {  // software prefetch pf bytes ahead, on into the next weight rows (past the weight's end: harmless)
+      const char* ahead = reinterpret_cast<const char*>(w + k) + pf;
+#pragma GCC unroll 4
+      for (int64_t b = 0; b < kStep; b += 64) __builtin_prefetch(ahead + b, 0, 3);
+    }
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) {
       const typename Vec::F wv = load_w(w + k + u * Vec::W);
