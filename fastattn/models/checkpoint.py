@@ -71,8 +71,9 @@ class KeyMap:
 
 def place(model: nn.Module, dtype=None, device=None) -> nn.Module:
     """model cast to a floating ``dtype`` and moved to ``device`` before its weights are copied in (from_hf and
-    from_pretrained's dtype= / device=, as transformers' from_pretrained(dtype=...)): the checkpoint's tensors are
-    converted as they are copied, never held twice in float32."""
+    from_pretrained's dtype= / device=, as transformers' from_pretrained(dtype=...)): the device only ever holds
+    the model in ``dtype``, and the checkpoint's tensors are converted as they are copied. (The model is built in
+    float32 on the CPU first: host memory holds that and the checkpoint for a moment.)"""
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype (torch.bfloat16, ...), got {dtype!r}")
     try:

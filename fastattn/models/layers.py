@@ -456,9 +456,9 @@ def keep_mask(input_ids: Tensor, attention_mask: Optional[Tensor], max_len: Opti
 
 
 def padding_or_none(keep: Tensor, attention_mask: Optional[Tensor]) -> Optional[Tensor]:
-    """The kernel's key_padding_mask (True = padding) from keep_mask's result, or None when nothing is padded (no
-    attention_mask; or, in eager mode, one that keeps every token: under torch.compile that test would be a
-    data-dependent branch, and the all-False mask gives the same result)."""
+    """The kernel's key_padding_mask (True = padding) from keep_mask's result, or None when nothing is padded
+    (``attention_mask``, the mask the caller was given, is None; or, in eager mode, it keeps every token: under
+    torch.compile that test would be a data-dependent branch, and the all-False mask gives the same result)."""
     if attention_mask is None:
         return None
     if torch.compiler.is_compiling():
