@@ -62,7 +62,8 @@ def _prompt(vocab):
 def _run(benchmark, impl, step, group, tokens):
     benchmark.group = group
     benchmark.extra_info.update(impl=impl, device=DEVICE, dtype=str(DTYPE)[6:], model=SIZE, batch=BATCH,
-                                prompt=PROMPT, new=NEW, threads=torch.get_num_threads())
+                                prompt=PROMPT, new=NEW, threads=torch.get_num_threads(),
+                                op=f"{SIZE} {group.split()[0]}", direction=f"b{BATCH}", width=f"{PROMPT}+{NEW}")
     benchmark.pedantic(step, warmup_rounds=1, rounds=ROUNDS, iterations=1)
     if benchmark.stats is None:  # --benchmark-disable: one plain run, no statistics
         return
