@@ -88,3 +88,12 @@ def skip_if_not_built(backend_name: str, op: str) -> None:
     from fastattn import _ext
     if backend_name in ("cpu", "cuda") and not hasattr(_ext._C, f"{op}_{backend_name}"):
         pytest.skip(f"fastattn._C has no {op}_{backend_name} kernel in this build")
+
+
+def grads_equal(a, b, rtol=1e-6, atol=1e-6):
+    """The parameters of modules a and b have equal gradients; a parameter the loss does not reach has None in
+    eager and may have zeros under torch.compile (torch's own behaviour): both count as zeros."""
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        want = torch.zeros_like(p) if p.grad is None else p.grad
+        got = torch.zeros_like(q) if q.grad is None else q.grad
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=name)
