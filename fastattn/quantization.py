@@ -169,6 +169,16 @@ def _check_model(model) -> None:
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
 
 
+def _check_float_weights(named) -> None:
+    """Int8Linear takes float32, float16 and bfloat16 activations: a float64 Linear would be quantized and then
+    refuse the model's first input. Refused here, naming the layer."""
+    for name, m in named:
+        if m.weight.dtype == torch.float64:
+            which = f"its Linear {name!r}" if name else "the Linear"
+            raise TypeError(f"model: {which} holds float64 weights, and Int8Linear runs float32, float16 and "
+                            "bfloat16 activations: cast the model first (model.float())")
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, calib_data: Optional[Iterable] = None, smoothquant_alpha: float = 0.5,
              mode: str = "w8a8", skip: Sequence[str] = ()) -> nn.Module:
@@ -189,6 +199,7 @@ def quantize(model: nn.Module, calib_data: Optional[Iterable] = None, smoothquan
     aliases, keep = _aliases(model), _fast_path_linears(model)
     linears = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, QATLinear) and id(m) not in keep
                and not any(_skipped(a, skip) for a in aliases[id(m)])}
+    _check_float_weights(linears.items())
     smooth: Dict[str, torch.Tensor] = {}
     input_scale: Dict[str, float] = {}
     if calib_data is not None and linears:
@@ -320,5 +331,7 @@ def convert_qat(model: nn.Module, mode: str = "w8a8") -> nn.Module:
     if mode not in MODES or mode == "w8a8_static":
         raise ValueError(f"mode: {mode!r} is not 'w8a8' or 'w8a16' (w8a8_static needs calibrated input scales: "
                          "fastattn.quantize(model, calib_data, mode='w8a8_static') quantizes a QAT model so)")
-    new = {id(m): Int8Linear.from_float(m, mode) for _, m in model.named_modules() if isinstance(m, QATLinear)}
+    qat = [(n, m) for n, m in model.named_modules() if isinstance(m, QATLinear)]
+    _check_float_weights(qat)
+    new = {id(m): Int8Linear.from_float(m, mode) for _, m in qat}
     return _replace(model, new)

@@ -406,6 +406,22 @@ def test_quantize_calibration_errors_are_clear_and_change_nothing():
     assert type(m.used) is nn.Linear and type(m.unused) is nn.Linear
 
 
+def test_float64_models_refused_by_name():
+    """A float64 model was quantized and then refused its first input (Int8Linear runs float32 / float16 /
+    bfloat16 activations, its TypeError naming an x the user never passed): quantize and convert_qat refuse it
+    up front, naming the Linear, and change nothing."""
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    with pytest.raises(TypeError, match="its Linear '0' holds float64 weights.*model.float"):
+        fastattn.quantize(m, mode="w8a16")
+    assert type(m[0]) is nn.Linear and type(m[2]) is nn.Linear
+    q = fastattn.prepare_qat(nn.Sequential(nn.Linear(4, 4)).double())
+    with pytest.raises(TypeError, match="its Linear '0' holds float64 weights"):
+        fastattn.convert_qat(q)
+    with pytest.raises(TypeError, match="the Linear holds float64 weights"):
+        fastattn.quantize(nn.Linear(4, 4).double())
+    assert fastattn.quantize(m.float(), mode="w8a16")(torch.randn(3, 4)).shape == (3, 2)
+
+
 def test_quantize_calibrates_in_eval_mode():
     """A model in training mode calibrates without dropout (its noise made every fold check fail, leaving the
     smoothing in the layers) and gets its modes back."""
