@@ -10,6 +10,7 @@ from typing import List, Optional
 import torch
 
 from fastattn.cli.config import CLIError, opt
+from fastattn.cli.finetune import soft_prompt_len
 from fastattn.cli.models import check_task
 from fastattn.cli.tasks import TASKS, perplexity
 
@@ -57,7 +58,7 @@ def make_task(state, tok, task=None, data=None, seq_len=None):
 
 def _check_fits(model, seq_len):
     """seq_len (and the model's soft prompt) within the model's positions."""
-    n_prompt = getattr(getattr(model, "soft_prompt", None), "shape", [0])[0]
+    n_prompt = soft_prompt_len(model)
     max_len = getattr(model.config, "max_seq_len", None)
     if max_len is not None and seq_len and seq_len + n_prompt > max_len:
         raise CLIError(f"--seq-len {seq_len}" + (f" + a soft prompt of {n_prompt}" if n_prompt else "") +

@@ -77,6 +77,12 @@ def _token_embedding(model):
     raise ValueError("--mode prompt: no token embedding found in this model")
 
 
+def soft_prompt_len(model) -> int:
+    """The length of the soft prompt add_soft_prompt gave model (0: none)."""
+    prompt = getattr(model, "soft_prompt", None)
+    return 0 if prompt is None else prompt.shape[0]
+
+
 def add_soft_prompt(model, length, seed=0):
     emb = _token_embedding(model)
     g = torch.Generator().manual_seed(seed)

@@ -7,6 +7,7 @@ from typing import List, Optional
 import torch
 
 from fastattn.cli.config import CLIError, opt
+from fastattn.cli.finetune import soft_prompt_len
 
 
 @dataclass
@@ -113,7 +114,7 @@ def generate(model, tok, prompts, cfg, device, out=None):
     """Generate for every prompt (one left-padded batch); returns (texts, new tokens, seconds)."""
     out = out or sys.stdout
     enc = [[tok.eos_id] + tok.encode(p) for p in prompts]  # EOS first: what the model saw between documents
-    n_prompt = getattr(getattr(model, "soft_prompt", None), "shape", [0])[0]
+    n_prompt = soft_prompt_len(model)
     L = max(len(e) for e in enc)
     ids = torch.full((len(enc), L + n_prompt), tok.pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -131,8 +132,8 @@ def generate(model, tok, prompts, cfg, device, out=None):
     done = torch.zeros(len(prompts), dtype=torch.bool)
 
     def streamer(t):
-        new.append(t.detach().cpu())
         t = t.detach().cpu()
+        new.append(t)
         done.logical_or_(t == tok.eos_id)
         if cfg.stop:  # every continuation has ended (EOS or a stop string): no need to generate more
             toks = torch.stack(new, 1)
