@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import nn as fnn
-from .nn.quantized import MODES, Int8Linear
+from .nn.quantized import MODES, Int8Linear, reads_linear_weights
 
 log = logging.getLogger("fastattn")
 
@@ -331,14 +331,13 @@ class _Converter:
                     log.info("fastattn.convert: skipped %s (%s): in skip (%s)", name, type(child).__name__, entry)
                 continue
             if type(child) is nn.Linear:
-                if type(mod).forward is nn.TransformerEncoderLayer.forward:
+                if reads_linear_weights(mod):
                     log.info("fastattn.convert: kept %s (Linear) float: torch's TransformerEncoderLayer reads its "
                              "weight directly (its inference fast path)", name)
                     continue
                 new = self.done.get(id(child))
                 if new is None:
-                    new = Int8Linear.from_float(child, self.int8)
-                    new.train(child.training)
+                    new = Int8Linear.from_float(child, self.int8)  # in child's training mode
                     self.done[id(child)] = new
                     self.counts["Linear"] += 1
                 setattr(mod, child_name, new)

@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .nn.quantized import MODES, Int8Linear, QATLinear
+from .nn.quantized import MODES, Int8Linear, QATLinear, reads_linear_weights
 
 _PRODUCERS = (nn.LayerNorm, nn.RMSNorm, nn.Linear)
 
@@ -66,7 +66,7 @@ def _replace(model: nn.Module, new: Dict[int, nn.Module]) -> nn.Module:
 def _fast_path_linears(model: nn.Module) -> set:
     """ids of the Linears that torch's TransformerEncoderLayer reads directly in its inference fast path (its weight
     passed to a fused kernel): they must stay float, as fastattn.convert keeps them."""
-    return {id(m) for layer in model.modules() if type(layer).forward is nn.TransformerEncoderLayer.forward
+    return {id(m) for layer in model.modules() if reads_linear_weights(layer)
             for m in layer.children() if isinstance(m, nn.Linear)}
 
 

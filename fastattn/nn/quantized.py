@@ -12,6 +12,12 @@ from ..ops.int8 import (X_DTYPES, mm_rows, quantize_per_channel, quantize_per_to
 MODES = ("w8a8", "w8a8_static", "w8a16")
 
 
+def reads_linear_weights(layer: nn.Module) -> bool:
+    """Whether layer is torch's TransformerEncoderLayer (its forward), whose inference fast path hands its Linears'
+    weights to a fused kernel directly: those Linears must stay float (fastattn.quantize / convert(int8=...))."""
+    return type(layer).forward is nn.TransformerEncoderLayer.forward
+
+
 def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     """A float vector as the kernels take it (float32, contiguous); no copy when it already is one."""
     if t is None or (t.dtype == torch.float32 and t.is_contiguous()):  # the usual case: no torch call
