@@ -18,6 +18,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
+from . import hugepages
 from .nn.quantized import MODES, Int8Linear, QATLinear, reads_linear_weights
 
 _PRODUCERS = (nn.LayerNorm, nn.RMSNorm, nn.Linear)
@@ -223,7 +224,8 @@ def quantize(model: nn.Module, calib_data: Optional[Iterable] = None, smoothquan
     new = {}
     for name, lin in linears.items():
         s = smooth.get(name)
-        new[id(lin)] = Int8Linear.from_float(lin if s is None else _smoothed(lin, s), mode, s, input_scale.get(name))
+        new[id(lin)] = hugepages.place(Int8Linear.from_float(lin if s is None else _smoothed(lin, s), mode, s,
+                                                             input_scale.get(name)))
     return _replace(model, new)
 
 

@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import torch
 
+from fastattn import hugepages
 from fastattn.cli import checkpoint as ckpt
 from fastattn.cli import finetune
 from fastattn.cli.config import CLIError, check_new_folder, opt
@@ -181,7 +182,7 @@ def load_model(path, backend=None, map_location="cpu", purpose=None):
     ckpt.load_weights(model, path / "model.safetensors")
     finetune.merge(model)
     tok = Tokenizer.load(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else load_tokenizer("bpe")
-    return model.to(map_location), state, tok
+    return hugepages.place(model.to(map_location)), state, tok
 
 
 def configure_optimizer(model, cfg, device):

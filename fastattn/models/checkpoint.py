@@ -10,6 +10,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import hugepages
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be imported: a missing key, a wrong shape, or an unsupported setting."""
@@ -73,14 +75,16 @@ def place(model: nn.Module, dtype=None, device=None) -> nn.Module:
     """model cast to a floating ``dtype`` and moved to ``device`` before its weights are copied in (from_hf and
     from_pretrained's dtype= / device=, as transformers' from_pretrained(dtype=...)): the device only ever holds
     the model in ``dtype``, and the checkpoint's tensors are converted as they are copied. (The model is built in
-    float32 on the CPU first: host memory holds that and the checkpoint for a moment.)"""
+    float32 on the CPU first: host memory holds that and the checkpoint for a moment.) Weights that stay on the CPU
+    go to huge pages (models/hugepages.py)."""
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype (torch.bfloat16, ...), got {dtype!r}")
     try:
         device = None if device is None else torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device: {device!r} is not a device ({e})") from None
-    return model if dtype is None and device is None else model.to(device=device, dtype=dtype)
+    model = model if dtype is None and device is None else model.to(device=device, dtype=dtype)
+    return hugepages.place(model)
 
 
 def load_mapped(model: nn.Module, state: Dict[str, Tensor]) -> None:

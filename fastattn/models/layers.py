@@ -24,6 +24,7 @@ from ..ops.attention import attention, decode_attention
 from ..ops.attention.decode import route_backend
 from ..ops.dropout import dropout as fa_dropout
 from ..quantization import apply_int8_layout, int8_layout
+from .. import hugepages
 from .checkpoint import load_weights, place, save_weights
 
 NORMS = ("layernorm", "rmsnorm")
@@ -242,8 +243,8 @@ class KVCache(nn.Module):
     def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, n_kv_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", hugepages.zeros(shape, dtype, device), persistent=False)
+        self.register_buffer("v", hugepages.zeros(shape, dtype, device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """k, v (B, Hk, L, D) written at the L positions ``input_pos`` (L,); returns the whole cache."""
