@@ -6,6 +6,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 
@@ -64,6 +66,27 @@ cpu::AttnView view_of(const at::Tensor& t) {
   for (int d = 0; d < 4; ++d) v.stride[d] = t.stride(d);
   if (t.size(3) <= 1) v.stride[3] = 1;
   return v;
+}
+
+// An uninitialised 4-D tensor of `sizes` whose first three dims lie in memory in the order of like's strides
+// (largest first, ties in index order; the last dim innermost). A q read as the (B, L, H, D) view of a projection
+// gets a (B, L, H, D)-laid-out out and dq, so the caller's out.transpose(1, 2).reshape(B, L, H * D) and the
+// gradient's way back to the projection are views, not copies (as with torch's flash CPU kernel).
+at::Tensor empty_in_order_of(const at::Tensor& like, std::array<int64_t, 4> sizes, const at::TensorOptions& opts) {
+  std::array<int64_t, 3> order = {0, 1, 2};
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t x, int64_t y) { return like.stride(x) > like.stride(y); });
+  at::Tensor t = at::empty({sizes[order[0]], sizes[order[1]], sizes[order[2]], sizes[3]}, opts);
+  std::array<int64_t, 4> back = {0, 0, 0, 3};
+  for (int64_t i = 0; i < 3; ++i) back[order[i]] = i;
+  return t.permute({back[0], back[1], back[2], back[3]});
+}
+
+cpu::AttnOut out_of(const at::Tensor& t) {
+  cpu::AttnOut o;
+  o.data = t.data_ptr();
+  for (int d = 0; d < 3; ++d) o.stride[d] = t.stride(d);
+  return o;
 }
 
 // Checks q, k, v, mask, alibi and the scalars; fills everything of a but the outputs.
@@ -134,9 +157,9 @@ std::vector<at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor&
   cpu::AttnFwdArgs a;
   fill_args(c, a, q, k, v, mask, alibi, scale, causal, diag_offset, window_left, window_right, softcap, dropout_p,
             seed, offset);
-  at::Tensor out = at::empty({a.B, a.H, a.L, a.Ev}, q.options());
+  at::Tensor out = empty_in_order_of(q, {a.B, a.H, a.L, a.Ev}, q.options());
   at::Tensor lse = at::empty({a.B, a.H, a.L}, q.options().dtype(at::kFloat));
-  a.out = out.data_ptr();
+  a.out = out_of(out);
   a.lse = lse.data_ptr<float>();
   cpu::attention_fwd(a);
   return {out, lse};
@@ -165,12 +188,12 @@ std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& dout, const at::Tens
   a.out = view_of(out);
   a.lse = lse.data_ptr<float>();
   for (int d = 0; d < 3; ++d) a.lse_stride[d] = lse.stride(d);
-  at::Tensor dq = at::empty({a.B, a.H, a.L, a.E}, q.options());
-  at::Tensor dk = at::empty({a.B, a.Hk, a.S, a.E}, q.options());
-  at::Tensor dv = at::empty({a.B, a.Hk, a.S, a.Ev}, q.options());
-  a.dq = dq.data_ptr();
-  a.dk = dk.data_ptr();
-  a.dv = dv.data_ptr();
+  at::Tensor dq = empty_in_order_of(q, {a.B, a.H, a.L, a.E}, q.options());  // each in its input's layout
+  at::Tensor dk = empty_in_order_of(k, {a.B, a.Hk, a.S, a.E}, q.options());
+  at::Tensor dv = empty_in_order_of(v, {a.B, a.Hk, a.S, a.Ev}, q.options());
+  a.dq = out_of(dq);
+  a.dk = out_of(dk);
+  a.dv = out_of(dv);
   cpu::attention_bwd(a);
   return {dq, dk, dv};
 }
@@ -192,12 +215,14 @@ at::Tensor attention_dropout_mask_cpu(int64_t B, int64_t H, int64_t L, int64_t S
 void register_cpu_attention(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("attention_fwd_cpu", &attention_fwd_cpu,
-        "Fused attention forward on CPU -> [out (B, H, L, Ev), lse (B, H, L) float32, +inf for rows with no key]",
+        "Fused attention forward on CPU -> [out (B, H, L, Ev) laid out in q's dimension order, lse (B, H, L) "
+        "float32, +inf for rows with no key]",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("alibi"), py::arg("scale"),
         py::arg("causal"), py::arg("diag_offset"), py::arg("window_left"), py::arg("window_right"),
         py::arg("softcap"), py::arg("dropout_p"), py::arg("seed"), py::arg("offset"));
   m.def("attention_bwd_cpu", &attention_bwd_cpu,
-        "Fused attention backward on CPU -> [dq, dk, dv] (dk, dv summed over each GQA group)", py::arg("dout"),
+        "Fused attention backward on CPU -> [dq, dk, dv] (each in its input's dimension order; dk, dv summed over "
+        "each GQA group)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("mask"), py::arg("alibi"),
         py::arg("scale"), py::arg("causal"), py::arg("diag_offset"), py::arg("window_left"),
         py::arg("window_right"), py::arg("softcap"), py::arg("dropout_p"), py::arg("seed"), py::arg("offset"));

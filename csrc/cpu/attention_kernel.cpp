@@ -220,13 +220,14 @@ template <class T, class Ops, class In>
 void Attention<T, Ops, In>::fwd_item(const AttnFwdArgs& f, int64_t b, int64_t h, int64_t qb, const T* ktg,
                                      const Rows<T>& kr, const Rows<T>& vr, T* buf, uint8_t* keep) const {
   const int64_t i0 = qb * kBM, bm = std::min<int64_t>(kBM, L - i0), kvh = h / G;
-  In* out = static_cast<In*>(f.out) + ((b * H + h) * L + i0) * Ev;
+  const int64_t so = f.out.stride[2];
+  In* out = static_cast<In*>(f.out.data) + b * f.out.stride[0] + h * f.out.stride[1] + i0 * so;
   float* lse = f.lse + (b * H + h) * L + i0;
   int64_t jlo, jhi;
   kv_range(i0, bm, jlo, jhi);
   if (jhi <= jlo) {  // no key for any row of the block
     for (int64_t r = 0; r < bm; ++r) {
-      for (int64_t e = 0; e < Ev; ++e) out[r * Ev + e] = from_acc<In>(T(0));
+      for (int64_t e = 0; e < Ev; ++e) out[r * so + e] = from_acc<In>(T(0));
       lse[r] = std::numeric_limits<float>::infinity();
     }
     return;
@@ -298,7 +299,7 @@ void Attention<T, Ops, In>::fwd_item(const AttnFwdArgs& f, int64_t b, int64_t h,
   for (int64_t r = 0; r < bm; ++r) {
     const bool empty = !(l[r] > 0);
     const T inv = empty ? T(0) : keep_scale / l[r];
-    for (int64_t e = 0; e < Ev; ++e) out[r * Ev + e] = from_acc<In>(o[r * Evp + e] * inv);
+    for (int64_t e = 0; e < Ev; ++e) out[r * so + e] = from_acc<In>(o[r * Evp + e] * inv);
     lse[r] = empty ? std::numeric_limits<float>::infinity()
                    : float((double(m[r]) + std::log2(double(l[r]))) * kLn2);
   }
@@ -487,23 +488,33 @@ void Attention<T, Ops, In>::bwd_tile(int64_t b, int64_t h, int64_t i0, int64_t b
   }
 }
 
+// rows [r0, r0 + rows) of (b, h) of the output o: dst row r = src row r * mul
 template <class In, class T>
-void store_rows(const T* src, int64_t sstride, int64_t rows, int64_t cols, T mul, In* dst) {
+void store_rows(const T* src, int64_t sstride, int64_t rows, int64_t cols, T mul, const AttnOut& o, int64_t b,
+                int64_t h, int64_t r0) {
+  In* dst = static_cast<In*>(o.data) + b * o.stride[0] + h * o.stride[1] + r0 * o.stride[2];
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = from_acc<In>(src[r * sstride + c] * mul);
+    for (int64_t c = 0; c < cols; ++c) dst[r * o.stride[2] + c] = from_acc<In>(src[r * sstride + c] * mul);
+}
+
+template <class In>
+void zero_out(const AttnOut& o, int64_t B, int64_t H, int64_t rows, int64_t cols) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t r = 0; r < rows; ++r) {
+        In* dst = static_cast<In*>(o.data) + b * o.stride[0] + h * o.stride[1] + r * o.stride[2];
+        std::fill(dst, dst + cols, from_acc<In>(0.0f));
+      }
 }
 
 template <class T, class Ops, class In>
 void Attention<T, Ops, In>::backward(const AttnBwdArgs& g) {
-  In* dqo = static_cast<In*>(g.dq);
-  In* dko = static_cast<In*>(g.dk);
-  In* dvo = static_cast<In*>(g.dv);
   if (B == 0 || Hk == 0) return;
   const T scale = T(a_.scale);
   if (L == 0 || H == 0 || S == 0) {  // nothing to attend: zero gradients
-    std::fill(dqo, dqo + B * H * L * E, from_acc<In>(T(0)));
-    std::fill(dko, dko + B * Hk * S * E, from_acc<In>(T(0)));
-    std::fill(dvo, dvo + B * Hk * S * Ev, from_acc<In>(T(0)));
+    zero_out<In>(g.dq, B, H, L, E);
+    zero_out<In>(g.dk, B, Hk, S, E);
+    zero_out<In>(g.dv, B, Hk, S, Ev);
     return;
   }
   // Packed operands, each block packed by the first item that needs it: K^T, V^T blocks and K rows per key
@@ -588,10 +599,10 @@ void Attention<T, Ops, In>::backward(const AttnBwdArgs& g) {
             q_range(j0, bn, ilo, ihi);
             for (int64_t qb = ilo / kBM; qb * kBM < ihi; ++qb) bwd_block(b, h, qb, kb, dq, 0, dk, dv, 0, buf, keep);
           }
-          store_rows(dq, Ep, L, E, scale, dqo + (b * H + h) * L * E);
+          store_rows<In>(dq, Ep, L, E, scale, g.dq, b, h, 0);
         }
-        store_rows(dk, Ep, S, E, scale, dko + bk * S * E);
-        store_rows(dv, Evp, S, Ev, T(1), dvo + bk * S * Ev);
+        store_rows<In>(dk, Ep, S, E, scale, g.dk, b, kvh, 0);
+        store_rows<In>(dv, Evp, S, Ev, T(1), g.dv, b, kvh, 0);
       }
     }
     return;
@@ -622,8 +633,8 @@ void Attention<T, Ops, In>::backward(const AttnBwdArgs& g) {
         if (ihi > ilo) pack_q((b * H + h) * nqb + ilo / kBM, (b * H + h) * nqb + cdiv(ihi, kBM));
         for (int64_t qb = ilo / kBM; qb * kBM < ihi; ++qb) bwd_block(b, h, qb, kb, nullptr, 0, dk, dv, j0, buf, keep);
       }
-      store_rows(dk, Ep, bn, E, scale, dko + (bk * S + j0) * E);
-      store_rows(dv, Evp, bn, Ev, T(1), dvo + (bk * S + j0) * Ev);
+      store_rows<In>(dk, Ep, bn, E, scale, g.dk, b, kvh, j0);
+      store_rows<In>(dv, Evp, bn, Ev, T(1), g.dv, b, kvh, j0);
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t idx = 0; idx < nq_items; ++idx) {
@@ -635,7 +646,7 @@ void Attention<T, Ops, In>::backward(const AttnBwdArgs& g) {
       kv_range(i0, bm, jlo, jhi);
       if (jhi > jlo) pack_k((b * Hk + h / G) * nkb + jlo / kBN, (b * Hk + h / G) * nkb + cdiv(jhi, kBN));
       for (int64_t kb = jlo / kBN; kb * kBN < jhi; ++kb) bwd_block(b, h, qb, kb, dq, i0, nullptr, nullptr, 0, buf, keep);
-      store_rows(dq, Ep, bm, E, scale, dqo + (bh * L + i0) * E);
+      store_rows<In>(dq, Ep, bm, E, scale, g.dq, b, h, i0);
     }
   }
 }

@@ -37,8 +37,14 @@ struct AttnArgs {
   int num_threads = 1;
 };
 
+// A 4-D output: element strides of its first three dims; the last is contiguous (stride 1).
+struct AttnOut {
+  void* data = nullptr;
+  int64_t stride[3] = {0, 0, 0};
+};
+
 struct AttnFwdArgs : AttnArgs {
-  void* out = nullptr;   // (B, H, L, Ev) contiguous, dtype
+  AttnOut out;           // (B, H, L, Ev), dtype
   float* lse = nullptr;  // (B, H, L) contiguous: natural-log logsumexp, +inf for a row with no key
 };
 
@@ -46,9 +52,9 @@ struct AttnBwdArgs : AttnArgs {
   AttnView dout, out;                // (B, H, L, Ev), dtype
   const float* lse = nullptr;        // (B, H, L) as written by the forward
   int64_t lse_stride[3] = {0, 0, 1};
-  void* dq = nullptr;                // (B, H, L, E) contiguous, dtype
-  void* dk = nullptr;                // (B, Hk, S, E) contiguous, dtype (summed over each GQA group)
-  void* dv = nullptr;                // (B, Hk, S, Ev) contiguous, dtype (summed over each GQA group)
+  AttnOut dq;                        // (B, H, L, E), dtype
+  AttnOut dk;                        // (B, Hk, S, E), dtype (summed over each GQA group)
+  AttnOut dv;                        // (B, Hk, S, Ev), dtype (summed over each GQA group)
 };
 
 void attention_fwd(const AttnFwdArgs& a);

@@ -7,6 +7,11 @@ have any stride, stride 0 included):
   fwd(q, k, v, mask, alibi, p: AttnParams) -> (out (B, H, L, Ev) q.dtype, lse (B, H, L) float32)
   bwd(dout, q, k, v, out, lse, mask, alibi, p) -> (dq, dk, dv)       (dk, dv summed over each GQA group)
 
+out and the gradients may have any layout with a unit last-dim stride: the CPU backend lays each out in its input's
+dimension order (q read as the transposed view of a (B, L, H, D) projection gives a (B, L, H, D)-laid-out out and
+dq, so the way back to (B, L, H * D) is a view, as with torch's flash CPU kernel); the others are contiguous, or (the
+CUDA gradients) empty_like their inputs. The custom ops below return them contiguous.
+
 k, v have Hk heads, H % Hk == 0. mask is None or a (B, H, L, S) view (broadcast dims have stride 0: never
 materialized) of dtype bool (True = take part) or float (added to the scores). alibi is None or (B, H) float32.
 lse is the natural-log logsumexp of each row's scaled scores, +inf for a row with no key left (so exp(s - lse) = 0
@@ -146,7 +151,7 @@ _TENSORS_FWD = "Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? alibi"
 def attention_fwd_op(q, k, v, mask, alibi, *flat_and_backend):
     *flat, backend = flat_and_backend
     out, lse = fwd(q, k, v, mask, alibi, AttnParams(*flat), backend or None)
-    return out.contiguous(), lse.contiguous()  # as the fake (every backend's already are)
+    return out.contiguous(), lse.contiguous()  # as the fake (the CPU backend's out follows q's layout)
 
 
 @attention_fwd_op.register_fake
@@ -161,8 +166,8 @@ def _(q, k, v, mask, alibi, *args):
 def attention_bwd_op(dout, q, k, v, out, lse, mask, alibi, *flat_and_backend):
     *flat, backend = flat_and_backend
     dq, dk, dv = bwd(dout, q, k, v, out, lse, mask, alibi, AttnParams(*flat), backend or None)
-    # contiguous, as the fake promises: the CPU and Triton backends' gradients are, the CUDA one's take the layout of
-    # q / k / v (empty_like), and a traced graph that views a gradient laid out otherwise fails at run time
+    # contiguous, as the fake promises: the Triton backend's gradients are, the CPU and CUDA ones' take the layout of
+    # q / k / v, and a traced graph that views a gradient laid out otherwise fails at run time
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
