@@ -243,6 +243,40 @@ def test_encoder_layer_inference_matches_torch_fast_path(norm_first, activation,
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu-tanh", "callable"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_ffn_in_row_chunks(monkeypatch, kind, activation, bias):
+    """CPU inference runs the FFN in row chunks (FFN_CHUNK_BYTES; here 5 rows a chunk, the last one short): the
+    output is torch's, in eval mode with and without autograd; a training-mode layer or one whose parameters need
+    gradients under autograd never chunks. (Against torch's standard path: its fused encoder path computes the exact
+    GELU for an nn.GELU(approximate="tanh"), ours the module's tanh form, as torch's standard path does.)"""
+    import fastattn.nn.transformer as tr
+    monkeypatch.setattr(torch.backends.mha, "get_fastpath_enabled", lambda: False)
+    act = {"relu": "relu", "gelu": "gelu", "gelu-tanh": torch.nn.GELU(approximate="tanh"),
+           "callable": lambda t: torch.sigmoid(t) * t}[activation]
+    theirs, ours = layer_twins(kind, activation=act, batch_first=True, bias=bias)
+    theirs.eval()
+    ours.eval()
+    monkeypatch.setattr(tr, "FFN_CHUNK_BYTES", 5 * FF * 4)
+    calls = []
+    real = tr._ffn_chunked
+    monkeypatch.setattr(tr, "_ffn_chunked", lambda *a: calls.append(a[2]) or real(*a))
+    g = torch.Generator().manual_seed(8)
+    args = (seq(True, 3, 7, g),) if kind == "encoder" else (seq(True, 3, 7, g), seq(True, 3, 4, g))
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(*args), theirs(*args), atol=1e-5, rtol=1e-5)
+    assert calls == [5]  # 21 rows: chunks of 5, 5, 5, 5 and 1
+    with torch.no_grad():
+        torch.testing.assert_close(ours(*args), theirs(*args), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2
+    ours(*args).sum().backward()  # parameters need gradients: the whole FFN, under autograd
+    ours.train()
+    with torch.no_grad():
+        ours(*args)
+    assert len(calls) == 2 and ours.linear1.weight.grad is not None
+
 # ---- stacks and the whole Transformer ---------------------------------------------------------------------
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("mode", ["train", "eval"])

@@ -104,16 +104,62 @@ def _fresh_ffn(layer: nn.Module) -> bool:
     return _plain_linear(layer.linear1) and _plain_linear(layer.linear2)
 
 
+# CPU inference: the FFN's hidden activation in row chunks of at most this many bytes (see _chunk_rows)
+FFN_CHUNK_BYTES = 8 << 20
+
+
+def _chunk_rows(layer: nn.Module, x: Tensor, dropout_out: nn.Module) -> int:
+    """Rows per chunk for an FFN run without autograd or dropout on the CPU whose (T, dim_feedforward) hidden
+    activation would exceed FFN_CHUNK_BYTES, else 0. Whole, a hidden of 32 MiB (L 512 x batch 8 x 2048 float32)
+    is a fresh mapping that glibc hands back to the OS and page-faults in again on every call (~5 ms of a ~105 ms
+    layer on our hosts); chunks of a few MiB are reused and stay in the cache between the two GEMMs."""
+    lin1, lin2 = layer.linear1, layer.linear2
+    drops = (layer.dropout, dropout_out)
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or \
+            not all(_plain_dropout(d) and not d.training for d in drops):
+        return 0
+    params = (lin1.weight, lin1.bias, lin2.weight, lin2.bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
+        return 0
+    rows = FFN_CHUNK_BYTES // (lin1.out_features * x.element_size())
+    return rows if 0 < rows < x.shape[0] else 0
+
+
+def _ffn_chunked(layer: nn.Module, x: Tensor, rows: int, approximate: Optional[str], relu: bool) -> Tensor:
+    """linear2(activation(linear1(x))) on (T, E) rows, ``rows`` at a time, into one (T, E) output."""
+    lin1, lin2 = layer.linear1, layer.linear2
+    out = x.new_empty(x.shape[0], lin2.out_features)
+    w2t = lin2.weight.t()
+    for s in range(0, x.shape[0], rows):
+        h = F.linear(x[s:s + rows], lin1.weight, lin1.bias)
+        if relu:
+            h = F.relu(h, inplace=True)
+        elif approximate is not None:
+            h = torch.ops.aten.gelu_(h, approximate=approximate)
+        else:
+            h = layer.activation(h)
+        if lin2.bias is None:
+            torch.mm(h, w2t, out=out[s:s + rows])
+        else:
+            torch.addmm(lin2.bias, h, w2t, out=out[s:s + rows])
+    return out
+
+
 def _feed_forward(layer: nn.Module, x: Tensor, dropout_out: nn.Module) -> Tensor:
     """dropout_out(linear2(dropout(activation(linear1(x))))) on (T, E) rows, with ReLU / GELU and the dropouts in
     place where autograd allows: ReLU saves its output, so its dropout runs first (they commute: the dropout scale
-    is >= 0); GELU saves its input, so it runs in place only without autograd."""
+    is >= 0); GELU saves its input, so it runs in place only without autograd. CPU inference runs it in row chunks
+    (_chunk_rows)."""
     act, training = layer.activation, layer.training
     if not _fresh_ffn(layer):  # a linear someone intercepts: torch's order, nothing in place
         return dropout_out(layer.linear2(layer.dropout(act(layer.linear1(x)))))
+    relu = act is F.relu or (type(act) is nn.ReLU and not _has_hooks(act))
+    rows = _chunk_rows(layer, x, dropout_out)
+    if rows:
+        return _ffn_chunked(layer, x, rows, _gelu_approximate(act), relu)
     h = linear_rows(x, layer.linear1.weight, layer.linear1.bias)  # (T, dim_feedforward)
     approximate = _gelu_approximate(act)
-    if (act is F.relu or (type(act) is nn.ReLU and not _has_hooks(act))) and _plain_dropout(layer.dropout):
+    if relu and _plain_dropout(layer.dropout):
         h = F.relu(_dropout(layer.dropout, h, training), inplace=True)
     elif approximate is not None:
         if torch.is_grad_enabled() and h.requires_grad:
