@@ -99,5 +99,5 @@ def place(module: nn.Module) -> nn.Module:
                 else:
                     getattr(mod, kind)[name] = moved[key]
     if total:
-        log.debug("fastattn.models: %.1f MB of weights placed in huge pages", total / 1e6)
+        log.debug("fastattn.hugepages: %.1f MB of weights placed in huge pages", total / 1e6)
     return module

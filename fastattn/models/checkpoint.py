@@ -76,7 +76,7 @@ def place(model: nn.Module, dtype=None, device=None) -> nn.Module:
     from_pretrained's dtype= / device=, as transformers' from_pretrained(dtype=...)): the device only ever holds
     the model in ``dtype``, and the checkpoint's tensors are converted as they are copied. (The model is built in
     float32 on the CPU first: host memory holds that and the checkpoint for a moment.) Weights that stay on the CPU
-    go to huge pages (models/hugepages.py)."""
+    go to huge pages (fastattn/hugepages.py)."""
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype (torch.bfloat16, ...), got {dtype!r}")
     try:
