@@ -12,8 +12,10 @@
 // Forward: one work item per (batch, head, block of kBM queries), OpenMP dynamic schedule. Per key block, stripes
 //   of kMR query rows: S = Q K^T (scaled to base 2) -> softcap / alibi / mask / bounds, only on tiles that need them
 //   -> online softmax (max, exp2, sum) -> O = O * alpha + P V. Key blocks (and key columns of a block, by multiples
-//   of 8) that the causal / window bounds rule out are skipped. out = O / l, lse = (m + log2 l) ln 2.
+//   of 8) that the causal / window bounds rule out are skipped; in a diagonal block each stripe stops at the last
+//   key its last row sees. out = O / l, lse = (m + log2 l) ln 2.
 // Backward: P is recomputed per (query block, key block) tile from lse (recomputed in float64 for float64 inputs);
+//   a tile the bounds cut diagonally runs as sub-tiles of kSubBM queries, each trimmed to its keys;
 //   delta = rowsum(dO * O). "fused" schedule (enough (batch, kv head) groups for the threads): one item per group
 //   computes dQ, dK and dV of all its query heads (5 products per tile, no races). "split" schedule otherwise:
 //   dK/dV items per (batch, kv head, key block) and dQ items per (batch, head, query block) (7 products per tile).
@@ -38,6 +40,7 @@ namespace {
 
 constexpr int kDotMaxL = 16;  // forward with L <= this: scores as dot products with K rows (no K^T packing)
 constexpr int kChunk = 4;     // forward: query blocks per work item (at most)
+constexpr int kSubBM = 12;    // backward: queries per sub-tile of a tile the causal / window bounds cut
 constexpr double kLog2e = 1.44269504088896340736;
 constexpr double kLn2 = 0.69314718055994530942;
 
@@ -200,12 +203,19 @@ class Attention {
   void bwd_tile(int64_t b, int64_t h, int64_t i0, int64_t bm, int64_t j0, int64_t bn, T* dq, T* dk, T* dv, T* buf,
                 uint8_t* keep) const;
   // the tile of query block qb and key block kb, trimmed; dq holds query rows from dq0, dk / dv key rows from dk0
+  // A tile the bounds cut diagonally goes in sub-tiles of kSubBM queries, each trimmed to the keys it sees: the
+  // masked upper triangle is mostly not multiplied.
   void bwd_block(int64_t b, int64_t h, int64_t qb, int64_t kb, T* dq, int64_t dq0, T* dk, T* dv, int64_t dk0,
                  T* buf, uint8_t* keep) const {
     int64_t i0 = qb * kBM, bm = std::min<int64_t>(kBM, L - i0), j0 = kb * kBN, bn = std::min<int64_t>(kBN, S - j0);
     if (!trim(i0, bm, j0, bn)) return;
-    bwd_tile(b, h, i0, bm, j0, bn, dq ? dq + (i0 - dq0) * Ep : nullptr, dk ? dk + (j0 - dk0) * Ep : nullptr,
-             dv ? dv + (j0 - dk0) * Evp : nullptr, buf, keep);
+    const int64_t sub = bounds_full(i0, bm, j0, bn) ? bm : kSubBM;
+    for (int64_t s0 = 0; s0 < bm; s0 += sub) {
+      int64_t si = i0 + s0, sm = std::min(sub, bm - s0), sj = j0, sn = bn;
+      if (sub < bm && !trim(si, sm, sj, sn)) continue;
+      bwd_tile(b, h, si, sm, sj, sn, dq ? dq + (si - dq0) * Ep : nullptr, dk ? dk + (sj - dk0) * Ep : nullptr,
+               dv ? dv + (sj - dk0) * Evp : nullptr, buf, keep);
+    }
   }
 
   // packed backward operands
@@ -253,10 +263,16 @@ void Attention<T, Ops, In>::fwd_item(const AttnFwdArgs& f, int64_t b, int64_t h,
   for (int64_t kb = jlo / kBN; kb * kBN < jhi; ++kb) {
     // the keys of the block that the bounds leave, starting at a multiple of 8 within the block
     const int64_t jb0 = kb * kBN, koff = std::max<int64_t>(0, jlo - jb0) / 8 * 8, j0 = jb0 + koff;
-    const int64_t bn = std::min(std::min<int64_t>(kBN, S - jb0), jhi - jb0) - koff, nbp = round_up(bn, 8);
+    const int64_t bnb = std::min(std::min<int64_t>(kBN, S - jb0), jhi - jb0) - koff;
     // stripes of kMR query rows: S stripe -> softmax -> P V, reusing the K^T / V blocks from cache
     for (int64_t r0 = 0; r0 < bm; r0 += kMR) {
       const int64_t mr = std::min<int64_t>(kMR, bm - r0);
+      // a diagonal block: the stripe stops at the last key its last row may see (the causal / right-window bound
+      // grows with the row), so the masked upper triangle is not multiplied; a stripe that sees none skips it
+      int64_t bn = bnb, lo_unused;
+      if (causal || wr >= 0) row_range(i0 + r0 + mr - 1, j0, bnb, lo_unused, bn);
+      if (bn <= 0) continue;
+      const int64_t nbp = round_up(bn, 8);
       if (ktg) {
         Gemm<T> g;
         g.M = mr; g.N = nbp; g.K = E;
