@@ -134,6 +134,21 @@ def test_extended_features(backend_name, kw):
 
 
 @BK
+@pytest.mark.parametrize("B, L, S, window, causal", [
+    (1, 300, 1, (3, -1), "top_left"),     # a left window past the last key: queries >= 4 see no key
+    (2, 260, 7, (2, -1), "bottom_right"),
+    (1, 10, 300, (-1, 5), None),           # a right window before the first query: keys >= 16 have no query
+    (2, 12, 290, (-1, 0), None)],
+    ids=["left-past-keys", "left-past-keys-b2", "right-before-queries", "right-before-queries-b2"])
+def test_windows_past_the_sequence_ends(backend_name, B, L, S, window, causal):
+    """Windows that leave whole blocks of queries without keys (or keys without queries). The CPU kernels' key /
+    query ranges ran past S / L there: they packed blocks past the end of their buffers (heap corruption that
+    crashed a later free()), with B 1 on the split backward schedule and B 2 on the fused one."""
+    for seed in range(3):
+        check(backend_name, B=B, H=2, L=L, S=S, E=16, dtype=torch.float32, window=window, causal=causal, seed=seed)
+
+
+@BK
 @pytest.mark.parametrize("causal", [None, "top_left"])
 def test_fully_masked_rows_give_zero(backend_name, causal):
     skip_if_not_built(backend_name, "attention_fwd")

@@ -113,6 +113,7 @@ class Attention {
     if (causal) jhi = std::min(jhi, last + diag + 1);
     if (wr >= 0) jhi = std::min(jhi, last + diag + wr + 1);
     if (wl >= 0) jlo = std::max(jlo, i0 + diag - wl);
+    jlo = std::min(jlo, S);  // a left window past the last key: none (the loops over [jlo, jhi) stay inside S)
     if (jhi < jlo) jhi = jlo;
   }
   // queries [ilo, ihi) that may see some key of [j0, j0 + bn)
@@ -122,6 +123,7 @@ class Attention {
     if (causal) ilo = std::max(ilo, j0 - diag);
     if (wr >= 0) ilo = std::max(ilo, j0 - diag - wr);
     if (wl >= 0) ihi = std::min(ihi, j0 + bn - 1 - diag + wl + 1);
+    ilo = std::min(ilo, L);  // likewise for queries past the last one
     if (ihi < ilo) ihi = ilo;
   }
   // keys [lo, hi) of the block starting at j0 that query i sees (bounds only)
