@@ -154,11 +154,11 @@ def _feed_forward(layer: nn.Module, x: Tensor, dropout_out: nn.Module) -> Tensor
     if not _fresh_ffn(layer):  # a linear someone intercepts: torch's order, nothing in place
         return dropout_out(layer.linear2(layer.dropout(act(layer.linear1(x)))))
     relu = act is F.relu or (type(act) is nn.ReLU and not _has_hooks(act))
+    approximate = _gelu_approximate(act)
     rows = _chunk_rows(layer, x, dropout_out)
     if rows:
-        return _ffn_chunked(layer, x, rows, _gelu_approximate(act), relu)
+        return _ffn_chunked(layer, x, rows, approximate, relu)
     h = linear_rows(x, layer.linear1.weight, layer.linear1.bias)  # (T, dim_feedforward)
-    approximate = _gelu_approximate(act)
     if relu and _plain_dropout(layer.dropout):
         h = F.relu(_dropout(layer.dropout, h, training), inplace=True)
     elif approximate is not None:
