@@ -10,12 +10,15 @@ runs every attention layer on ``fastattn.attention``. transformers is optional: 
 
 How the two halves talk. The mask builder recognises transformers' plain patterns (causal, sliding-window causal,
 bidirectional, each with padding) and hands the attention function only what the kernel cannot work out itself:
-- causal / sliding window: the 2-D padding mask (B, S) bool (True = a real key), or None when nothing is padded.
-  The kernel applies causality aligned bottom-right (query i of L sits at key i + S - L: prefill, and a decode step
-  of L = 1 that sees every key) and the window ``sliding_window`` passed by the layer (HF: key j is seen by query i
-  when i - sliding_window < j <= i, i.e. ``window=(sliding_window - 1, 0)``). When the layer's cache is longer than
-  the keys seen so far (a static cache), the 2-D mask stops at the last key seen and the function drops the keys
-  after it, so the bottom-right alignment holds.
+- causal: the 2-D padding mask (B, S) bool (True = a real key), or None when nothing is padded. The kernel applies
+  causality aligned bottom-right (query i of L sits at key i + S - L: prefill, and a decode step of L = 1 that sees
+  every key). When the layer's cache is longer than the keys seen so far (a static cache), the mask stops at the
+  last key seen and the function drops the keys after it, so the bottom-right alignment holds.
+- sliding window W: the same padding mask as a (B, min(W, S), S) stride-0 view (all ones when nothing is padded),
+  so the window travels with the mask (HF: key j is seen by query i when i - W < j <= i, i.e. ``window=(W - 1,
+  0)``). The mask, not the layer's ``sliding_window`` argument, decides, as in "eager" and "sdpa": Phi-MoE and
+  Qwen2-MoE build sliding-window masks and pass no ``sliding_window``. generate() with a compileable cache builds
+  the masks first and hands them back to the model (made contiguous): the builder returns its own 3-D mask as is.
 - bidirectional: None, or a (B, 1, 1, S) view of the padding mask, read by the kernel through its strides.
 Any other pattern (packed sequences, block / chunked / custom mask functions, or a caller that asks for a full mask)
 is built by transformers' own ``sdpa_mask`` as a (B, 1, L, S) bool tensor, logged at debug level. The attention
@@ -117,6 +120,9 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
                                query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal, window, attn_mask = None, (-1, -1), attention_mask
+    if attention_mask is not None and attention_mask.dim() == 3:  # the mask builder's sliding window: (B, W, S)
+        window = (attention_mask.shape[1] - 1, 0)
+        attention_mask = attention_mask[:, 0]
     if attention_mask is None or attention_mask.dim() == 2:
         if attention_mask is not None:  # (B, S') padding, True / 1 = a real key; S' < S: keys past S' not seen yet
             n = attention_mask.shape[-1]
@@ -127,9 +133,6 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
             attn_mask = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, S): a view, never expanded
         if is_causal:
             causal = "bottom_right"
-            sliding_window = kwargs.get("sliding_window")
-            if sliding_window is not None:
-                window = (int(sliding_window) - 1, 0)
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         attn_mask = _with_position_bias(attn_mask, position_bias[..., :key.shape[2]])
@@ -195,6 +198,20 @@ def _pattern(mask_function, local_size) -> Optional[str]:
     return "sliding" if _closure(overlay).get("sliding_window") == local_size else None
 
 
+def _attention_in_own_code(config) -> Optional[str]:
+    """The name of the modeling module of ``config`` when that module computes attention itself (Bloom, MPT, ...:
+    it never imports transformers' ALL_ATTENTION_FUNCTIONS, the test transformers' own ``_can_set_attn_
+    implementation`` makes), else None. Such a model still asks the mask interface under its
+    ``_attn_implementation`` and adds the result to its scores: it needs eager's (B, 1, L, S) additive mask. A
+    config whose modeling module is not loaded (not transformers' file layout) counts as computing its own."""
+    name = type(config).__module__ if config is not None else ""
+    if ".configuration_" not in name:
+        return None if config is None else name
+    modeling = name.replace(".configuration_", ".modeling_")
+    module = sys.modules.get(modeling)
+    return None if module is not None and hasattr(module, "ALL_ATTENTION_FUNCTIONS") else modeling
+
+
 def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
                  mask_function: Optional[Callable] = None, attention_mask: Optional[Tensor] = None,
                  local_size: Optional[int] = None, allow_is_causal_skip: bool = True,
@@ -204,7 +221,22 @@ def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     from transformers import masking_utils as mu
     if mask_function is None:
         mask_function = mu.causal_mask_function
+    owner = _attention_in_own_code(kwargs.get("config"))
+    if owner is not None:  # no attention_forward will read what we return: the mask its eager code reads
+        _once(logging.WARNING, f"own:{owner}", "fastattn.hf: %s computes attention in its own code, not through "
+              "transformers' AttentionInterface: attn_implementation='fastattn' runs it on its eager attention",
+              owner)
+        return mu.eager_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                             kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                             local_size=local_size, allow_is_bidirectional_skip=allow_is_bidirectional_skip,
+                             use_vmap=use_vmap, device=device, **kwargs)
     pattern = _pattern(mask_function, local_size)
+    if isinstance(attention_mask, Tensor) and attention_mask.dim() == 3:
+        # our own sliding-window mask, back: generate() builds a compileable cache's masks before the forward
+        if pattern == "sliding" and attention_mask.dtype == torch.bool and attention_mask.shape[0] == batch_size:
+            return attention_mask
+        raise ValueError(f"attention_mask: a 3-D mask {tuple(attention_mask.shape)} is not one fastattn's mask "
+                         f"builder made for this layer; pass the 2-D padding mask (batch, keys)")
     why = None
     if pattern is None:
         why = "a mask function other than causal, sliding-window causal or bidirectional"
@@ -224,6 +256,10 @@ def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
             return None if mu.fast_all(padding) else padding[:, None, None, :]
         seen = int(q_offset) - kv_offset + q_length  # keys up to the last query; the rest of a static cache is future
         if q_length <= seen <= kv_length:
+            if pattern == "sliding":  # a window of >= seen keys cuts none: the middle dim stays <= seen
+                padding = torch.ones(batch_size, seen, dtype=torch.bool, device=device) if padding is None \
+                    else padding[:, kv_offset:kv_offset + seen]
+                return padding[:, None, :].expand(batch_size, min(local_size, seen), seen)
             if padding is None:
                 return None if seen == kv_length else torch.ones(batch_size, seen, dtype=torch.bool, device=device)
             padding = padding[:, kv_offset:kv_offset + seen]

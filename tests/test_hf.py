@@ -1,5 +1,6 @@
 """HF transformers with attn_implementation="fastattn": small randomly initialised BERT, GPT-2, Llama (GQA), Mistral
-(sliding window, MQA) and Gemma-2 (softcap, alternating sliding / full layers) saved locally, against "eager" on the
+(sliding window, MQA), Gemma-2 (softcap, alternating sliding / full layers) and Phi-MoE (a sliding window known only
+to its mask) saved locally, against "eager" on the
 same weights (fp32 on CPU; error bounded by eager's own fp32 error against eager in float64), with left and right
 padding, on the reference, cpu and triton backends; greedy generation (dynamic and static KV caches) token for
 token; the masks the kernel receives are never expanded to (B, H, L, S). Skipped without transformers."""
@@ -33,16 +34,19 @@ def _configs():
         "gemma2": (t.Gemma2ForCausalLM, t.Gemma2Config(vocab_size=VOCAB, num_key_value_heads=2, head_dim=8,
                                                        sliding_window=4, attn_logit_softcapping=1.5,
                                                        query_pre_attn_scalar=8, **SMALL)),
+        # a sliding-window mask, but no sliding_window argument to the attention function: the mask must carry it
+        "phimoe": (t.PhimoeForCausalLM, t.PhimoeConfig(vocab_size=VOCAB, num_key_value_heads=2, sliding_window=4,
+                                                       num_local_experts=2, num_experts_per_tok=1, **SMALL)),
     }
 
 
-ARCHS = ["bert", "gpt2", "llama", "mistral", "gemma2"]
+ARCHS = ["bert", "gpt2", "llama", "mistral", "gemma2", "phimoe"]
 # The float64 reference: "sdpa" (torch's attention in float64). Eager's softmax runs in float32, where its float64
 # mask minimum is -inf: a fully masked row (left padding under a causal mask) turns NaN and spreads through 0 * NaN.
 # Gemma-2's softcap has only eager: its left-padded row is left out of the comparison (and no right-padded query
 # may lose all its keys to the sliding window).
 REF64 = {"gemma2": "eager"}
-DECODERS = ["gpt2", "llama", "mistral", "gemma2"]
+DECODERS = ["gpt2", "llama", "mistral", "gemma2", "phimoe"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,8 @@ def saved(tmp_path_factory):
 def load(saved, arch, impl, dtype=torch.float32):
     """The saved model through transformers' Auto classes, as a user loads one."""
     auto = transformers.AutoModel if arch == "bert" else transformers.AutoModelForCausalLM
-    model = auto.from_pretrained(saved[arch], attn_implementation=impl, dtype=dtype).eval()
+    kw = dict(experts_implementation="eager") if arch == "phimoe" else {}  # its default grouped_mm: no float64
+    model = auto.from_pretrained(saved[arch], attn_implementation=impl, dtype=dtype, **kw).eval()
     assert type(model) is _configs()[arch][0]
     return model
 
@@ -117,7 +122,7 @@ def test_forward_matches_eager(saved, arch, backend_name, monkeypatch):
     spy.assert_masks_not_expanded()
     causal = {c[3] for c in spy.calls}
     assert causal == ({None} if arch == "bert" else {"bottom_right"})
-    if arch in ("mistral", "gemma2"):
+    if arch in ("mistral", "gemma2", "phimoe"):
         assert (3, 0) in {c[4] for c in spy.calls}  # HF's sliding_window=4: the key itself and 3 before it
     # a left-padding query under a causal mask has no key: 0 here, eager averages the masked keys; compare real tokens
     keep = mask.bool() if arch != "bert" else torch.ones_like(mask, dtype=torch.bool)
@@ -156,23 +161,27 @@ def test_generate_matches_eager(saved, arch, monkeypatch):
     spy.assert_masks_not_expanded()
     decode = [c for c in spy.calls if c[0][2] == 1]
     assert decode and all(c[1][2] > 1 for c in decode)  # one query against the cached keys
-    if arch == "mistral":  # the sliding-window cache keeps window - 1 past keys (a key offset): 4 keys per step
+    if arch in ("mistral", "phimoe"):  # the sliding-window cache keeps window - 1 past keys (a key offset): 4 keys
         assert {c[1][2] for c in decode} == {4}
 
 
-def test_generate_static_cache(saved, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_generate_static_cache(saved, arch, monkeypatch):
     """A static cache is longer than the keys seen: the 2-D mask stops at the last one, and the keys after it are
-    dropped so that the causal diagonal stays bottom-right."""
+    dropped so that the causal diagonal stays bottom-right. generate() builds the prefill's masks itself and hands
+    them back to the model: the sliding-window mask (3-D) comes back through the mask builder unchanged."""
     ids, mask = batch(L=7)
     mask = torch.ones_like(mask)
     mask[0, :2] = 0
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    want = load(saved, "llama", "eager").generate(ids, **kw)
+    want = load(saved, arch, "eager").generate(ids, **kw)
     spy = Spy(monkeypatch)
-    got = load(saved, "llama", "fastattn").generate(ids, cache_implementation="static", **kw)
+    got = load(saved, arch, "fastattn").generate(ids, cache_implementation="static", **kw)
     assert got.tolist() == want.tolist()
     prefill = [c for c in spy.calls if c[0][2] == 7]
     assert prefill and all(c[1][2] == 7 for c in prefill)  # the cache holds more, the kernel saw the 7 keys
+    if arch == "mistral":
+        assert {c[4] for c in prefill} == {(3, 0)}
 
 
 def test_set_attn_implementation_and_packed_fallback(saved, monkeypatch, caplog):
@@ -312,6 +321,31 @@ def test_compile_fullgraph_training(saved, arch):
         torch._dynamo.reset()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     grads_equal(eager, comp, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["megatron-bert", "bloom"])
+def test_models_computing_their_own_attention(arch, caplog):
+    """MegatronBERT, Bloom, MPT, RoFormer, ... never call the AttentionInterface but still ask the mask interface
+    under "fastattn" and add its answer to their scores: they get eager's additive mask (a compact padding mask
+    added as 0 / 1 gave MegatronBERT wrong outputs and crashed Bloom), run their eager code, and a warning says
+    so. Same weights, same padding: equal to "eager" exactly."""
+    t = transformers
+    if arch == "bloom":
+        cls, cfg = t.BloomForCausalLM, t.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
+    else:
+        cls, cfg = t.MegatronBertModel, t.MegatronBertConfig(vocab_size=VOCAB, hidden_dropout_prob=0.0,
+                                                             attention_probs_dropout_prob=0.0, **SMALL)
+    fhf.register()
+    torch.manual_seed(0)
+    eager = cls._from_config(cfg, attn_implementation="eager").eval()
+    ours = cls._from_config(cfg, attn_implementation="fastattn").eval()
+    ours.load_state_dict(eager.state_dict())
+    ids, mask = batch()
+    fhf._said.clear()
+    with caplog.at_level(logging.WARNING, logger="fastattn"):
+        got = hidden(ours, ids, mask)
+    assert "computes attention in its own code" in caplog.text
+    assert torch.equal(got, hidden(eager, ids, mask))
 
 
 def test_register_without_transformers(monkeypatch):
