@@ -2,16 +2,20 @@
 in place, carrying the weights.
 
 Each swapped module is rebuilt from the original's configuration (on the meta device: nothing is allocated or
-initialised) and then given the original's own Parameter and buffer objects, so weights, device, dtype,
-requires_grad, parameter tying and an optimizer's references all survive, and the state_dict keys are unchanged.
-Only modules of exactly the torch class are swapped: a subclass may compute something else, so it is left alone and
-the log says so. A whole nn.Transformer / TransformerEncoder / TransformerDecoder is swapped as one module (its
-layers come from fastattn's class), unless something inside it is in ``skip``: then its parts are swapped one by one.
+initialised) and then given the original's own Parameter and buffer objects, so weights, device, dtype, requires_grad,
+parameter tying and an optimizer's references all survive, and the state_dict keys are unchanged. Only modules of
+exactly the torch class are swapped: a subclass may compute something else, so it is left alone and the log says so. HF
+transformers' RMSNorm classes are swapped when their forward is LlamaRMSNorm's own bytecode (Mistral's, Qwen's,
+DeepSeek's, ... copies; not Gemma's 1 + weight), for ``fastattn.nn.HFRMSNorm``. A whole nn.Transformer /
+TransformerEncoder / TransformerDecoder is swapped as one module (its layers come from fastattn's class), unless
+something inside it is in ``skip``: then its parts are swapped one by one.
 """
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
+import sys
 from collections import Counter
 from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
@@ -50,11 +54,48 @@ def _enabled(attention: bool, layernorm: bool, dropout: bool = False) -> Tuple[s
 
 
 def _kind(mod: nn.Module, kinds: Tuple[str, ...]) -> Optional[str]:
-    """The swap this module gets: its torch class name, when it is exactly that class and that swap is enabled."""
+    """The swap this module gets: its torch class name, when it is exactly that class and that swap is enabled;
+    "HFRMSNorm" for HF transformers' Llama-style RMSNorms when norms are swapped."""
     for kind in kinds:
         if type(mod) is getattr(nn, kind):
             return kind
+    if "RMSNorm" in kinds and _llama_rms_norm(mod):
+        return "HFRMSNorm"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _llama_rms_norm_code():
+    """transformers' LlamaRMSNorm.forward code object, or None without transformers."""
+    from .hf import _installed_kernels_package
+    _installed_kernels_package()
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    except ImportError:
+        return None
+    return getattr(LlamaRMSNorm.forward, "__code__", None)
+
+
+def _code_key(code) -> tuple:
+    """What a function computes: bytecode, names and constants (a docstring aside), locals."""
+    return (code.co_code, code.co_names, tuple(c for c in code.co_consts if not isinstance(c, str)),
+            code.co_varnames)
+
+
+def _llama_rms_norm(mod: nn.Module) -> bool:
+    """Whether mod is an HF transformers RMSNorm running LlamaRMSNorm's forward (Mistral's, Qwen's, ...: the same
+    code, compared as bytecode), with its one 1-D ``weight`` and a float ``variance_epsilon``. Only classes named
+    *RMSNorm of a loaded transformers are looked at."""
+    cls = type(mod)
+    if not cls.__name__.endswith("RMSNorm") or _ours(mod) or "transformers" not in sys.modules:
+        return False
+    code = getattr(getattr(cls, "forward", None), "__code__", None)
+    ref = _llama_rms_norm_code()
+    if code is None or ref is None or _code_key(code) != _code_key(ref):
+        return False
+    params = dict(mod.named_parameters(recurse=False))
+    return (params.keys() == {"weight"} and params["weight"].dim() == 1 and not list(mod.buffers())
+            and not list(mod.children()) and isinstance(getattr(mod, "variance_epsilon", None), float))
 
 
 def _ours(mod: nn.Module) -> bool:
@@ -107,6 +148,8 @@ def _build(kind: str, old: nn.Module, device, layernorm: bool) -> nn.Module:
         return cls(old.normalized_shape, old.eps, old.elementwise_affine, old.bias is not None, **dd)
     if kind == "RMSNorm":
         return cls(old.normalized_shape, old.eps, old.elementwise_affine, **dd)
+    if kind == "HFRMSNorm":
+        return cls(old.weight.shape[0], old.variance_epsilon, **dd)
     if kind == "Dropout":
         return cls(old.p, old.inplace)
     if kind == "MultiheadAttention":
@@ -196,6 +239,9 @@ def _hook_kinds(mod: nn.Module) -> str:
 
 
 def _swap(kind: str, old: nn.Module, layernorm: bool) -> nn.Module:
+    if "forward" in vars(old):
+        raise _CannotSwap("its forward is replaced on the instance (accelerate's hooks do that), which a new module "
+                          "would not carry")
     for name, m in old.named_modules():
         if torch.nn.utils.parametrize.is_parametrized(m):
             raise _CannotSwap(f"{name or 'it'} is parametrized (torch.nn.utils.parametrize), which fastattn's "
@@ -380,11 +426,11 @@ def _hf_attention(model: nn.Module, skip: _Skip) -> None:
 def convert(model: nn.Module, *, attention: bool = True, layernorm: bool = True, dropout: bool = True,
             int8: Union[bool, str] = False, skip: Sequence[SkipEntry] = ()) -> nn.Module:
     """Swap, in place, torch's nn.MultiheadAttention and nn.Transformer{,Encoder,Decoder}{,Layer} (attention=True),
-    nn.LayerNorm and nn.RMSNorm (layernorm=True), nn.Dropout (dropout=True: fastattn's Philox dropout, which draws
-    other masks than torch's generator) and nn.Linear (int8=True or a mode: "w8a8", "w8a8_static", "w8a16") for
-    fastattn's, carrying the weights; HF transformers models (attention=True) switch to
-    attn_implementation="fastattn". ``skip``: module names as in ``named_modules()`` (fnmatch patterns allowed) or
-    classes; a skipped module is left whole, with everything inside it.
+    nn.LayerNorm, nn.RMSNorm and HF transformers' Llama-style RMSNorms (layernorm=True), nn.Dropout (dropout=True:
+    fastattn's Philox dropout, which draws other masks than torch's generator) and nn.Linear (int8=True or a mode:
+    "w8a8", "w8a8_static", "w8a16") for fastattn's, carrying the weights; HF transformers models (attention=True)
+    switch to attn_implementation="fastattn". ``skip``: module names as in ``named_modules()`` (fnmatch patterns
+    allowed) or classes; a skipped module is left whole, with everything inside it.
 
     Returns the model (a new module only when ``model`` itself is one of the swapped classes). Idempotent. The
     state_dict keys stay the same, except that Int8Linear adds its scales. Logs (logger "fastattn", level INFO) one
@@ -422,7 +468,8 @@ def convert(model: nn.Module, *, attention: bool = True, layernorm: bool = True,
         _hf_attention(model, skip)
     for kind, n in conv.counts.items():
         target = f"fastattn.nn.Int8Linear ({int8})" if kind == "Linear" else f"fastattn.nn.{kind}"
-        log.info("fastattn.convert: %d x nn.%s -> %s", n, kind, target)
+        source = "HF Llama-style RMSNorm" if kind == "HFRMSNorm" else f"nn.{kind}"
+        log.info("fastattn.convert: %d x %s -> %s", n, source, target)
     if not conv.counts:
         log.info("fastattn.convert: no module swapped")
     for e in skip.entries:

@@ -202,20 +202,24 @@ def test_skip_by_name_and_class(caplog):
 
 
 def test_left_alone_with_reason(caplog):
-    """Subclasses (their forward may differ) and modules with hooks stay as they are, and the log says why."""
+    """Subclasses (their forward may differ), modules with hooks and modules whose forward was replaced on the
+    instance stay as they are, and the log says why."""
     class MyNorm(nn.LayerNorm):
         def forward(self, x):
             return super().forward(x) * 2
 
     hooked = nn.LayerNorm(D)
     hooked.register_forward_hook(lambda m, i, o: o + 1)
-    model = nn.Sequential(MyNorm(D), hooked, nn.LayerNorm(D))
+    patched = nn.LayerNorm(D)  # as accelerate's hooks do: forward replaced on the instance
+    patched.forward = lambda x, _f=patched.forward: _f(x) + 1
+    model = nn.Sequential(MyNorm(D), hooked, nn.LayerNorm(D), patched)
     with caplog.at_level(logging.INFO, logger="fastattn"):
         fastattn.convert(model, attention=False)
-    assert [type(m) for m in model] == [MyNorm, nn.LayerNorm, fnn.LayerNorm]
+    assert [type(m) for m in model] == [MyNorm, nn.LayerNorm, fnn.LayerNorm, nn.LayerNorm]
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "left 0 (MyNorm) as it is: a subclass of nn.LayerNorm" in text
     assert "skipped 1 (LayerNorm): it has forward / backward hooks" in text
+    assert "skipped 3 (LayerNorm): its forward is replaced on the instance" in text
     assert "1 x nn.LayerNorm -> fastattn.nn.LayerNorm" in text
 
 

@@ -218,6 +218,57 @@ def test_convert_hf_model(saved):
     assert_bounded("bert converted", hidden(model, ids, mask), ref, eager, torch.float32)
 
 
+def test_convert_hf_rms_norms(saved, caplog):
+    """fastattn.convert on HF Llama: its LlamaRMSNorms (LlamaRMSNorm's forward, which 140-odd HF classes share as
+    bytecode) become fastattn.nn.HFRMSNorm; outputs and every gradient bounded by eager's own error; the state_dict
+    keys kept. Gemma-2's RMSNorm scales by 1 + weight: left alone."""
+    ids, mask = batch()
+    grads, outs = [], []
+    for impl, dtype in (("fastattn", torch.float32), ("eager", torch.float32), ("sdpa", torch.float64)):
+        model = load(saved, "llama", impl, dtype).train()
+        if impl == "fastattn":
+            keys = list(model.state_dict())
+            with caplog.at_level(logging.INFO, logger="fastattn"):
+                fastattn.convert(model, dropout=False)
+            assert "5 x HF Llama-style RMSNorm -> fastattn.nn.HFRMSNorm" in caplog.text
+            assert list(model.state_dict()) == keys
+            assert not [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+        out = hidden(model, ids, mask)  # under no_grad; then a training step
+        outs.append(out)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits[mask.bool()].square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    keep = mask.bool()
+    assert_bounded("llama converted", outs[0][keep], outs[2][keep], outs[1][keep], torch.float32)
+    for name, g in grads[0].items():
+        assert_bounded(f"llama converted d{name}", g, grads[2][name], grads[1][name], torch.float32)
+    gemma = load(saved, "gemma2", "eager")
+    fastattn.convert(gemma)
+    assert not any(isinstance(m, fastattn.nn.HFRMSNorm) for m in gemma.modules())
+
+
+def test_hf_rms_norm_dtypes():
+    """fastattn.nn.HFRMSNorm computes what LlamaRMSNorm computes: a float32 weight with bfloat16 input promotes
+    the output to float32 (weight * normalized.to(bfloat16)), equal to HF's; bfloat16 throughout within one rounding
+    of HF's (which rounds twice)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 48) * 3
+    for w_dtype, x_dtype in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                             (torch.float32, torch.float32)):
+        hf = LlamaRMSNorm(48, eps=1e-5).to(w_dtype)
+        with torch.no_grad():
+            hf.weight.uniform_(0.5, 1.5)
+        ours = fastattn.nn.HFRMSNorm(48, eps=1e-5, dtype=w_dtype)
+        ours.load_state_dict(hf.state_dict())
+        want, got = hf(x.to(x_dtype)), ours(x.to(x_dtype))
+        assert got.dtype == want.dtype
+        tol = dict(rtol=2 ** -7, atol=0) if want.dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got, want, **tol)
+    with pytest.raises(ValueError, match="hidden_states: last dim 47"):
+        ours(torch.randn(2, 47))
+
+
 def test_attention_sinks(caplog):
     """gpt-oss style sinks (an extra logit per head in the softmax) through the kernel's log-sum-exp, against
     transformers' own eager implementation; with gradients the layer falls back to its eager function, logged."""

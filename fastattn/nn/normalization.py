@@ -101,3 +101,29 @@ class AddRMSNorm(nn.RMSNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", prenorm={self.prenorm}, residual_in_fp32={self.residual_in_fp32}"
+
+
+class HFRMSNorm(nn.Module):
+    """HF transformers' Llama-style RMSNorm (``LlamaRMSNorm``, and the 140-odd classes of transformers that run its
+    forward: Mistral, Qwen2 / 3, Phi-3, DeepSeek, GLM, Granite, ...) on fastattn's kernel, for ``fastattn.convert``:
+    the same parameter (``weight``), attribute (``variance_epsilon``) and result, ``weight * (x / rms(x)).to(x.dtype)``
+    with the rms in float32; a weight of another dtype than x promotes the output, as there. Gemma's ``(1 + weight)``
+    and T5's norms compute something else and are not this."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        if hidden_states.shape[-1:] != self.weight.shape:
+            raise ValueError(f"hidden_states: last dim {hidden_states.shape[-1]}, but the weight has "
+                             f"{self.weight.shape[0]}")
+        if self.weight.dtype == hidden_states.dtype:  # one kernel: y = x * rstd * weight, rounded once
+            return add_rms_norm(hidden_states, None, self.weight, self.variance_epsilon)
+        return self.weight * add_rms_norm(hidden_states, None, None, self.variance_epsilon)
+
+    __prepare_scriptable__ = refuse_script
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
