@@ -116,3 +116,16 @@ def test_lora_fsdp_matches_one_process(tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5, msg=k)
     p = torchrun(tmp_path / "tp", "--tp", "2")
     assert p.returncode != 0 and "--tp with --mode lora" in p.stderr
+
+
+def test_tp_refuses_what_it_cannot_split():
+    """tensor_parallel names what stops it before any process group is touched: heads or d_ff not divisible, and
+    Qwen3-style q / k norms (one weight over every head: each rank's gradient would be partial)."""
+    from fastattn.cli.config import CLIError
+    from fastattn.cli.distributed import tensor_parallel
+    from fastattn.models import GPT, GPTConfig
+    base = dict(vocab_size=50, d_model=32, n_layer=1, n_head=4, n_kv_head=2, d_ff=48, max_seq_len=16)
+    for kw, tp, word in ((dict(), 4, "n_kv_head=2"), (dict(d_ff=49), 2, "d_ff=49"),
+                         (dict(qk_norm=True, norm="rmsnorm"), 2, "qk_norm")):
+        with pytest.raises(CLIError, match=word):
+            tensor_parallel(GPT(GPTConfig(**{**base, **kw})), tp, torch.device("cpu"))

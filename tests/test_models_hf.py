@@ -1,7 +1,8 @@
-"""Checkpoint import: GPT.from_hf (GPT-2, Llama with GQA), BERT.from_hf and BERTForSequenceClassification.from_hf on
-small randomly initialised HF models saved to tmp_path (safetensors, and pytorch_model.bin), logits against
-transformers' own model on the same weights (fp32; error bounded by transformers' own fp32 error against its
-float64 run); greedy generation against transformers' generate; bad checkpoints raise errors naming the key."""
+"""Checkpoint import: GPT.from_hf (GPT-2, Llama with GQA, Qwen2, Qwen3), BERT.from_hf and
+BERTForSequenceClassification.from_hf on small randomly initialised HF models saved to tmp_path (safetensors, and
+pytorch_model.bin), logits against transformers' own model on the same weights (fp32; error bounded by transformers'
+own fp32 error against its float64 run); greedy generation against transformers' generate; bad checkpoints raise
+errors naming the key."""
 import json
 
 import pytest
@@ -28,6 +29,21 @@ def _llama(tie=False):
         bos_token_id=0, eos_token_id=0, pad_token_id=0))
 
 
+def _qwen(version):
+    """Qwen2: q / k / v biases only; Qwen3: per-head q / k RMSNorms and a head_dim (16) that is not d / heads (8)."""
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, rope_theta=1e6, tie_word_embeddings=True,
+              bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if version == 2:
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw))
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw, head_dim=16))
+    with torch.no_grad():  # q / k norm weights start at ones: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
 def _bert(cls_name="BertForPreTraining", **kw):
     return getattr(transformers, cls_name)(transformers.BertConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -43,13 +59,17 @@ def _bounded(name, ours, hf, hf64, get=lambda o: o.logits):
         assert_bounded(name, get(ours).detach(), get(hf64).double(), get(hf).detach(), torch.float32)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-tied"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-tied", "qwen2", "qwen3"])
 def test_gpt_from_hf_matches_transformers(tmp_path, arch):
     torch.manual_seed(0)
-    hf = (_gpt2() if arch == "gpt2" else _llama(tie=arch == "llama-tied")).eval()
+    hf = {"gpt2": _gpt2, "qwen2": lambda: _qwen(2), "qwen3": lambda: _qwen(3)}.get(
+        arch, lambda: _llama(tie=arch == "llama-tied"))().eval()
     hf.save_pretrained(tmp_path)
     ours = GPT.from_hf(tmp_path).eval()
     assert ours.config.n_kv_head == (4 if arch == "gpt2" else 2)
+    assert (ours.config.head_dim, ours.config.qk_norm) == ((16, True) if arch == "qwen3" else (8, False))
+    if arch == "qwen2":
+        assert ours.blocks[0].attn.wqkv.bias is not None and ours.blocks[0].attn.wo.bias is None
     hf64 = type(hf).from_pretrained(tmp_path, torch_dtype=torch.float64).eval()
     ids = _ids()
     with torch.no_grad():
@@ -109,6 +129,33 @@ def test_dtype_and_device_on_load(tmp_path):
             GPT.from_hf(tmp_path / "hf", **kw)
         with pytest.raises(ValueError, match=word):
             GPT.from_pretrained(tmp_path / "q", **kw)
+
+
+def test_qwen_backends_and_decode_step(tmp_path):
+    """A Qwen3-style GPT (q / k norms, head_dim != d / heads) and a Qwen2-style one (q / k / v biases): the "torch"
+    backend gives the same logits, and the bound decode step the same greedy tokens as the modules; a Qwen2 whose
+    sliding window is on and shorter than max_seq_len is refused naming it."""
+    from fastattn.models import GPTConfig
+    ids = _ids()
+    for kw in (dict(qk_norm=True, head_dim=16), dict(qkv_bias=True, bias=False)):
+        cfg = dict(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, n_kv_head=2, d_ff=48, max_seq_len=64,
+                   norm="rmsnorm", mlp="swiglu", pos="rotary", **kw)
+        torch.manual_seed(0)
+        ours = GPT(GPTConfig(**cfg)).eval()
+        ref = GPT(GPTConfig(**cfg, backend="torch")).eval()
+        ref.load_state_dict(ours.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+            bound = ours.generate(ids[:, :5], 6, temperature=0)
+            modules = ref.generate(ids[:, :5], 6, temperature=0)
+        assert torch.equal(bound, modules), kw
+    torch.manual_seed(0)
+    _qwen(2).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="sliding_window 16 < max_seq_len 64"):
+        GPT.from_hf(tmp_path)
 
 
 def test_mistral_sliding_window_covering_max_seq_len(tmp_path):

@@ -196,7 +196,7 @@ def _rank_order(sizes, tp):
 
 def _fused_segments(cfg):
     """{parameter name suffix: segment sizes} of the fused projections that tensor parallelism reorders."""
-    D = cfg.d_model // cfg.n_head
+    D = cfg.head_dim
     out = {"attn.wqkv": [cfg.n_head * D, cfg.n_kv_head * D, cfg.n_kv_head * D]}
     if getattr(cfg, "mlp", "gelu") == "swiglu":
         out["mlp.w_in"] = [cfg.d_ff, cfg.d_ff]
@@ -230,6 +230,8 @@ def tensor_parallel(model, tp, device):
         raise CLIError(f"--tp {tp}: n_head={cfg.n_head} and n_kv_head={cfg.n_kv_head} must be divisible by it")
     if cfg.d_ff % tp:
         raise CLIError(f"--tp {tp}: d_ff={cfg.d_ff} must be divisible by it")
+    if getattr(cfg, "qk_norm", False):  # its weights would see only each rank's heads: gradients partial per rank
+        raise CLIError(f"--tp {tp}: a model with qk_norm (Qwen3-style) is not supported by tensor parallelism")
     mesh = init_device_mesh(device.type, (tp,))
     orders = {k: _rank_order(v, tp) for k, v in _fused_segments(cfg).items()}
     for block in _blocks(model):

@@ -59,7 +59,7 @@ class TrainConfig:
     keep: int = opt(3, "checkpoints kept")
     resume: bool = opt(False, "continue the run in --out from its newest valid checkpoint")
     init: Optional[str] = opt(None, "start from this fastattn checkpoint (or run folder)")
-    init_hf: Optional[str] = opt(None, "start from a local Hugging Face folder (GPT-2 / Llama / BERT)")
+    init_hf: Optional[str] = opt(None, "start from a local Hugging Face folder (GPT-2 / Llama / Qwen / BERT)")
     mode: str = opt("full", "fine-tuning: full, frozen (heads only), lora (adapters), prompt (soft prompt)",
                     choices=["full", "frozen", "lora", "prompt"])
     lora_rank: int = opt(8, "LoRA rank")

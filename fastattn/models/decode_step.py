@@ -56,6 +56,12 @@ def bind_norm(norm: Norm, prenorm: bool, dtype: torch.dtype, device: torch.devic
     return bind_rows(norm.weight, norm.bias, norm.eps, norm.kind == "rmsnorm", prenorm, dtype, device)
 
 
+def bind_head_norm(norm: Norm, dtype: torch.dtype, device: torch.device) -> Callable[[Tensor], Tensor]:
+    """A per-head norm (Qwen3's q / k norm) on (..., head_dim): rows made contiguous, normalised, shaped back."""
+    rows = bind_norm(norm, False, dtype, device)
+    return lambda x: rows(x.reshape(-1, x.shape[-1]), None).view(x.shape)
+
+
 class _Step(NamedTuple):
     """What every layer of one step shares: the cache slot, the cache's keep mask (False = padding or not written;
     None when no layer's kernel reads it) and padding mask (True = padding), rotary cos / sin (B, 1, D) or None."""
@@ -69,6 +75,8 @@ class _SelfAttention:
     def __init__(self, a: Attention, rows: int, dtype, device, forced: str):
         self.H, self.Hk, self.D, self.cache = a.n_head, a.n_kv_head, a.head_dim, a.cache
         self.qkv, self.out = bind_linear(a.wqkv, dtype, rows), bind_linear(a.wo, dtype, rows)
+        self.qk_norm = None if a.q_norm is None else (bind_head_norm(a.q_norm, dtype, device),
+                                                      bind_head_norm(a.k_norm, dtype, device))
         S = a.cache.k.shape[2]
         self.kernel = routed_kernel(torch.device(device).type, dtype, self.D, self.D, 1, S, forced)
         self.scale = self.D ** -0.5
@@ -76,6 +84,8 @@ class _SelfAttention:
     def __call__(self, x: Tensor, st: _Step) -> Tensor:
         B, H, Hk, D = x.shape[0], self.H, self.Hk, self.D
         q, k, v = self.qkv(x).view(B, H + 2 * Hk, D).split((H, Hk, Hk), 1)  # (B, H | Hk, D)
+        if self.qk_norm is not None:
+            q, k = self.qk_norm[0](q), self.qk_norm[1](k)
         if st.rotary is not None:
             q, k = apply_rotary(q, *st.rotary), apply_rotary(k, *st.rotary)
         self.cache.k.index_copy_(2, st.input_pos, k.unsqueeze(2))
@@ -94,12 +104,15 @@ class _CrossAttention:
         self.H, self.D, (self.k, self.v), self.pad = a.n_head, a.head_dim, memory, memory_pad
         self.keep = None if memory_pad is None else ~memory_pad
         self.q, self.out = bind_linear(a.wq, dtype, rows), bind_linear(a.wo, dtype, rows)
+        self.q_norm = None if a.q_norm is None else bind_head_norm(a.q_norm, dtype, device)
         self.kernel = routed_kernel(torch.device(device).type, dtype, self.D, self.D, 1, self.k.shape[2], forced)
         self.scale = self.D ** -0.5
 
     def __call__(self, x: Tensor, st: _Step) -> Tensor:
         B = x.shape[0]
         q = self.q(x).view(B, self.H, 1, self.D)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         if self.kernel is not None:
             out = self.kernel(q, self.k, self.v, None, self.keep, self.scale, 0.0, False)[0]
         else:
@@ -184,6 +197,8 @@ def _why_not(model: nn.Module, blocks) -> Optional[str]:
         parts = [(b, Block), (b.attn, Attention), (b.mlp, MLP), (b.norm1, Norm), (b.norm2, Norm)]
         if hasattr(b, "cross_attn"):
             parts += [(b.cross_attn, Attention), (b.norm_x, Norm)]
+        parts += [(n, Norm) for a in (b.attn, getattr(b, "cross_attn", None)) if a is not None
+                  for n in (getattr(a, "q_norm", None), getattr(a, "k_norm", None)) if n is not None]
         for mod, cls in parts:
             if type(mod) is not cls:
                 return f"{type(mod).__name__} in place of {cls.__name__}"

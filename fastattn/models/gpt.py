@@ -145,7 +145,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
     # ---- HF checkpoints ----
     @classmethod
     def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides) -> "GPT":
-        """Import a local HF GPT-2 or Llama-family folder (config.json + model.safetensors or pytorch_model.bin).
+        """Import a local HF GPT-2 or Llama-family (Llama, Mistral, Qwen2, Qwen3) folder (config.json +
+        model.safetensors or pytorch_model.bin).
         ``dtype`` / ``device``: the model's (e.g. torch.bfloat16, "cuda"; default float32 on the CPU), the weights
         converted as they load. ``overrides`` set config fields (e.g. backend="torch", dropout=0.1). The model comes
         back in eval mode, as transformers' from_pretrained returns it (``.train()`` to fine-tune)."""
@@ -153,11 +154,11 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         kind = hf.get("model_type")
         if kind == "gpt2":
             cfg, sd = _from_gpt2(hf, state)
-        elif kind in ("llama", "mistral"):
+        elif kind in ("llama", "mistral", "qwen2", "qwen3"):
             cfg, sd = _from_llama(hf, state)
         else:
             raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
-                                  "mistral)")
+                                  "mistral, qwen2, qwen3)")
         cfg = GPTConfig.from_dict({**cfg.to_dict(), **overrides})
         window = _sliding_window(hf)
         if window is not None and cfg.max_seq_len > window:  # the window covers every position: plain causal
@@ -207,8 +208,10 @@ def _from_gpt2(hf: dict, state):
 
 
 def _sliding_window(hf: dict) -> Optional[int]:
-    """Mistral's attention window (a query sees the ``window`` latest keys, itself included), or None."""
-    if hf.get("model_type") == "mistral" and hf.get("sliding_window") and hf.get("use_sliding_window", True):
+    """The attention window (a query sees the ``window`` latest keys, itself included) of a Mistral, or of a Qwen2 /
+    Qwen3 with use_sliding_window (on some of its layers: the smallest window counts), or None."""
+    on = {"mistral": True, "qwen2": False, "qwen3": False}.get(hf.get("model_type"))
+    if on is not None and hf.get("sliding_window") and hf.get("use_sliding_window", on):
         return int(hf["sliding_window"])
     return None
 
@@ -221,19 +224,20 @@ def _from_llama(hf: dict, state):
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"config.json: hidden_act {act!r} is not supported (a SwiGLU MLP needs 'silu')")
+    kind = hf.get("model_type")
     attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
     if attn_bias != mlp_bias:
         raise CheckpointError(f"config.json: attention_bias={attn_bias} with mlp_bias={mlp_bias} is not supported "
                               "(one bias setting for every Linear)")
+    qkv_bias = True if kind == "qwen2" else None  # Qwen2: q / k / v projections with bias, the others without
     d, H = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, d // H):
-        raise CheckpointError(f"config.json: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
     cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["num_hidden_layers"], n_head=H,
-                    n_kv_head=hf.get("num_key_value_heads") or H, d_ff=hf["intermediate_size"],
-                    max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
+                    n_kv_head=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim") or d // H,
+                    d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
                     norm_eps=hf.get("rms_norm_eps", 1e-6), norm_first=True, mlp="swiglu", activation="silu",
                     pos="rotary", rope_theta=float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4))),
-                    tie_embeddings=hf.get("tie_word_embeddings", False), bias=attn_bias)
+                    tie_embeddings=hf.get("tie_word_embeddings", False), bias=attn_bias, qkv_bias=qkv_bias,
+                    qk_norm=kind == "qwen3")
     m, f, D, Hk = KeyMap(state, ("model.", "")), cfg.d_ff, cfg.head_dim, cfg.n_kv_head
     sd = {"tok_emb.weight": m.take("embed_tokens.weight", (cfg.vocab_size, d)),
           "norm_f.weight": m.take("norm.weight", (d,))}
@@ -249,9 +253,13 @@ def _from_llama(hf: dict, state):
         sd[f"{b}mlp.w_in.weight"] = torch.cat([m.take(f"{h}mlp.gate_proj.weight", (f, d)),
                                                m.take(f"{h}mlp.up_proj.weight", (f, d))])
         sd[f"{b}mlp.w_out.weight"] = m.take(f"{h}mlp.down_proj.weight", (d, f))
-        if cfg.bias:
+        if cfg.qk_norm:
+            sd[f"{b}attn.q_norm.weight"] = m.take(f"{h}self_attn.q_norm.weight", (D,))
+            sd[f"{b}attn.k_norm.weight"] = m.take(f"{h}self_attn.k_norm.weight", (D,))
+        if cfg.bias or qkv_bias:
             sd[f"{b}attn.wqkv.bias"] = torch.cat([m.take(f"{h}self_attn.{n}_proj.bias", (s,))
                                                    for n, s in (("q", H * D), ("k", Hk * D), ("v", Hk * D))])
+        if cfg.bias:
             sd[f"{b}attn.wo.bias"] = m.take(f"{h}self_attn.o_proj.bias", (d,))
             sd[f"{b}mlp.w_in.bias"] = torch.cat([m.take(f"{h}mlp.gate_proj.bias", (f,)),
                                                  m.take(f"{h}mlp.up_proj.bias", (f,))])

@@ -38,13 +38,17 @@ BACKENDS = ("fastattn", "torch")
 @dataclass
 class ModelConfig:
     """Fields every model shares. ``n_kv_head`` None = n_head (multi-head); 1 = multi-query; between: grouped-query.
-    ``d_ff`` None = 4 * d_model. ``mlp``: "gelu" (two Linears with ``activation`` between) or "swiglu"
-    (down(silu(gate(x)) * up(x))). ``norm_first``: pre-norm (True) or post-norm (False)."""
+    ``head_dim`` None = d_model / n_head (Qwen3-style checkpoints set their own). ``d_ff`` None = 4 * d_model.
+    ``mlp``: "gelu" (two Linears with ``activation`` between) or "swiglu" (down(silu(gate(x)) * up(x))).
+    ``norm_first``: pre-norm (True) or post-norm (False). ``bias``: every Linear's bias; ``qkv_bias`` None = bias,
+    else the query / key / value projections' own (Qwen2: True with bias False). ``qk_norm``: queries and keys
+    normalised per head (the model's ``norm`` over head_dim) before the rotary positions (Qwen3)."""
     vocab_size: int = 50257
     d_model: int = 768
     n_layer: int = 12
     n_head: int = 12
     n_kv_head: Optional[int] = None
+    head_dim: Optional[int] = None
     d_ff: Optional[int] = None
     max_seq_len: int = 1024
     dropout: float = 0.0
@@ -57,6 +61,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     bias: bool = True
+    qkv_bias: Optional[bool] = None
+    qk_norm: bool = False
     backend: str = "fastattn"
 
     def __post_init__(self):
@@ -73,9 +79,15 @@ class ModelConfig:
                 raise ValueError(f"{type(self).__name__}.{name}: {getattr(self, name)!r} is not one of {allowed}")
         self.check_ints(("vocab_size", "d_model", "n_head", "n_kv_head", "d_ff", "max_seq_len"), 1)
         self.check_ints(("n_layer",), 0)
-        if self.d_model % self.n_head:
-            raise ValueError(f"{type(self).__name__}.n_head: {self.n_head} heads do not divide "
-                             f"d_model={self.d_model}")
+        if self.head_dim is None:  # resolved here, once d_model and n_head are known to be valid
+            if self.d_model % self.n_head:
+                raise ValueError(f"{type(self).__name__}.n_head: {self.n_head} heads do not divide "
+                                 f"d_model={self.d_model} (or set head_dim)")
+            self.head_dim = self.d_model // self.n_head
+        self.check_ints(("head_dim",), 1)
+        for name in ("bias", "qk_norm") + (("qkv_bias",) if self.qkv_bias is not None else ()):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{type(self).__name__}.{name}: expected true or false, got {getattr(self, name)!r}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"{type(self).__name__}.n_kv_head: {self.n_kv_head} key/value heads do not divide "
                              f"n_head={self.n_head}")
@@ -95,10 +107,6 @@ class ModelConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{type(self).__name__}.{name}: expected an int >= {low}, got {v!r}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
 
     def to_dict(self) -> Dict[str, Any]:
         return {"model_type": self.model_type, **dataclasses.asdict(self)}
@@ -276,12 +284,16 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.backend, self.dropout, self.cross = cfg.backend, cfg.dropout, cross
         q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
         if cross:
-            self.wq = nn.Linear(cfg.d_model, q_dim, bias=cfg.bias)
-            self.wkv = nn.Linear(cfg.d_model, 2 * kv_dim, bias=cfg.bias)
+            self.wq = nn.Linear(cfg.d_model, q_dim, bias=qkv_bias)
+            self.wkv = nn.Linear(cfg.d_model, 2 * kv_dim, bias=qkv_bias)
         else:
-            self.wqkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.bias)
+            self.wqkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
         self.wo = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
+        # Qwen3: q and k normalised over each head's dims (one weight shared by the heads)
+        self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.cache: Optional[KVCache] = None
         self.memory_kv: Optional[Tuple[Tensor, Tensor]] = None  # cross-attention K/V, computed once per generation
 
@@ -289,6 +301,8 @@ class Attention(nn.Module):
         """Cross-attention keys and values of the memory (B, S, d_model): (B, Hk, S, D) each."""
         B, S, _ = mem.shape
         k, v = self.wkv(mem).view(B, S, 2, self.n_kv_head, self.head_dim).unbind(2)  # (B, S, Hk, D) each
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: Tensor, *, causal: Optional[str] = None, key_padding_mask: Optional[Tensor] = None,
@@ -301,10 +315,14 @@ class Attention(nn.Module):
         H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
         if self.cross:
             q = self.wq(x).view(B, L, H, D)
+            if self.q_norm is not None:
+                q = self.q_norm(q)
             k, v = memory
         else:
             q, k, v = self.wqkv(x).split([H * D, Hk * D, Hk * D], -1)
             q, k, v = q.view(B, L, H, D), k.view(B, L, Hk, D), v.view(B, L, Hk, D)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
             if rotary is not None:
                 q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hk, L, D)
