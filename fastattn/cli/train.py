@@ -26,8 +26,9 @@ class TrainConfig:
     data: List[str] = opt([], "your .txt / .jsonl files or folders (classify: one .jsonl / .csv with text, label); "
                               "default: the embedded corpus")
     out: str = opt("runs/train", "run folder: checkpoints, metrics.jsonl, loss.png, model/ (the final model)")
-    tokenizer: str = opt("bpe", "bpe (the embedded 4096-id byte-level BPE), bytes (plain bytes), or a tokenizer "
-                                ".json")
+    tokenizer: str = opt("bpe", "bpe (the embedded 4096-id byte-level BPE), bytes (plain bytes), a tokenizer "
+                                ".json, or hf (the --init-hf folder's own tokenizer.json: the default there when "
+                                "the folder has one)")
     arch: Optional[str] = opt(None, "model class (default: GPT for clm, BERT for mlm/classify, Seq2Seq for seq2seq)")
     d_model: int = opt(256, "model width")
     n_layer: int = opt(4, "layers (per stack)")
@@ -104,6 +105,8 @@ class TrainConfig:
         check_task(self.arch, self.task, f"--arch {self.arch}")
         if self.init and self.init_hf:
             raise CLIError("give --init or --init-hf, not both")
+        if self.tokenizer == "hf" and not self.init_hf:
+            raise CLIError("--tokenizer hf reads the --init-hf folder's tokenizer.json: give --init-hf")
         if not 0 < self.val_fraction < 1:
             raise CLIError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
         if self.compile:  # torch itself names an unknown backend only at the first call, deep in a traceback
@@ -120,8 +123,18 @@ RESUME_FIXED = ("task", "arch", "tokenizer", "d_model", "n_layer", "n_head", "n_
                 "max_data_tokens", "val_fraction")
 
 
-def load_tokenizer(spec):
+TASK_SPECIALS = {"mlm": ("mask", "cls", "sep"), "seq2seq": ("mask",), "classify": ("cls",)}
+
+
+def load_tokenizer(spec, init_hf=None):
     from fastattn.data import Tokenizer, default_tokenizer
+    if init_hf and (spec == "hf" or (spec == "bpe" and (Path(init_hf) / "tokenizer.json").is_file())):
+        from fastattn.data.hf_tokenizer import HFTokenizer
+        try:
+            tok = HFTokenizer.from_folder(init_hf)
+        except ValueError as e:
+            raise CLIError(f"--init-hf {init_hf}: {e}") from None
+        return tok
     if spec == "bpe":
         return default_tokenizer()
     if spec == "bytes":
@@ -307,7 +320,12 @@ class Trainer:
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise CLIError("--precision fp16 needs a CUDA device (use bf16 on CPU)")
         torch.manual_seed(cfg.seed)
-        self.tok = load_tokenizer(cfg.tokenizer)
+        self.tok = load_tokenizer(cfg.tokenizer, cfg.init_hf)
+        for role in TASK_SPECIALS.get(cfg.task, ()):  # a Hugging Face tokenizer may lack them (GPT-2: no mask)
+            try:
+                getattr(self.tok, f"{role}_id")
+            except ValueError as e:
+                raise CLIError(f"--task {cfg.task}: {e}") from None
         self.task = TASKS[cfg.task](cfg, self.tok)
         self.model = self._build_model().to(self.device)
         self.arch = type(self.model).__name__
@@ -563,6 +581,11 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self.stop_signal = signum
 
+    def _tokenizer_name(self):
+        if type(self.tok).__name__ == "HFTokenizer":
+            return f"tokenizer {self.cfg.init_hf}/tokenizer.json ({self.tok.vocab_size} ids)"
+        return f"tokenizer {self.cfg.tokenizer} ({self.tok.vocab_size} ids)"
+
     def run(self):
         cfg = self.cfg
         if self.rank0:
@@ -575,7 +598,8 @@ class Trainer:
         prog = Progress(cfg.steps, self.rank0)
         prog.line(f"{cfg.task} | {type(self.model).__name__} {n_params / 1e6:.2f}M params | "
                   f"{cfg.model_backend} | {self.device} {cfg.precision} | global batch "
-                  f"{cfg.batch_size * cfg.grad_accum * self.dist.world} x {cfg.seq_len} | run {self.run_dir}")
+                  f"{cfg.batch_size * cfg.grad_accum * self.dist.world} x {cfg.seq_len} | {self._tokenizer_name()} | "
+                  f"run {self.run_dir}")
         if self.rank0 and cfg.resume:
             _drop_metrics_after(self.run_dir / "metrics.jsonl", self.step)  # rows the interrupted run logged later
         # a fresh run starts the file anew (a run killed before its first checkpoint may have left rows)

@@ -72,6 +72,9 @@ class Tokenizer:
 
     @classmethod
     def from_dict(cls, d):
+        if d.get("type") == "hf":  # a Hugging Face tokenizer.json a run started from (--init-hf)
+            from .hf_tokenizer import HFTokenizer
+            return HFTokenizer.from_dict(d)
         if d.get("type") not in ("byte_bpe", "bytes") or list(d.get("specials", SPECIALS)) != list(SPECIALS):
             raise ValueError("not a fastattn tokenizer file (type byte_bpe / bytes with the standard specials)")
         merges = d.get("merges", [])
@@ -86,6 +89,8 @@ class Tokenizer:
             d = json.loads(Path(path).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read tokenizer {path}: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"tokenizer {path}: not a tokenizer file (a JSON object)")
         return cls.from_dict(d)
 
 

@@ -1,0 +1,103 @@
+"""A Hugging Face folder's own tokenizer (its ``tokenizer.json``, run by HF's ``tokenizers`` library), with the
+interface of fastattn's Tokenizer, for ``fastattn train --init-hf``: a pretrained model keeps the token ids it was
+trained on. The special tokens come from the folder's ``tokenizer_config.json`` / ``config.json``; a checkpoint
+stores the tokenizer and those ids in one JSON (``{"type": "hf", ...}``), read back by ``Tokenizer.load``."""
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+ROLES = ("eos", "pad", "mask", "cls", "sep")
+
+
+class HFTokenizer:
+    def __init__(self, tokenizer_json: str, special_ids: Dict[str, Optional[int]]):
+        self._tok = _parse(tokenizer_json)
+        self._json, self.special_ids = tokenizer_json, dict(special_ids)
+        if self.special_ids.get("eos") is None:
+            raise ValueError("the tokenizer has no end-of-text token (eos_token in tokenizer_config.json or "
+                             "eos_token_id in config.json)")
+        if self.special_ids.get("pad") is None:
+            self.special_ids["pad"] = self.special_ids["eos"]
+        self._token_bytes = None
+
+    @classmethod
+    def from_folder(cls, path) -> "HFTokenizer":
+        """The tokenizer of a local HF model folder (tokenizer.json, tokenizer_config.json, config.json)."""
+        path = Path(path)
+        try:
+            text = (path / "tokenizer.json").read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"{path}: no readable tokenizer.json ({e.strerror})") from None
+        configs = {}
+        for name in ("tokenizer_config.json", "config.json"):
+            try:
+                configs[name] = json.loads((path / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                configs[name] = {}
+        probe, ids = _parse(text), {}
+        for role in ROLES:
+            token = configs["tokenizer_config.json"].get(f"{role}_token")
+            if isinstance(token, dict):  # {"content": "<|endoftext|>", ...}
+                token = token.get("content")
+            tid = probe.token_to_id(token) if isinstance(token, str) else None
+            if tid is None:
+                tid = configs["config.json"].get(f"{role}_token_id")
+                tid = tid[0] if isinstance(tid, list) and tid else tid
+            ids[role] = tid if isinstance(tid, int) else None
+        return cls(text, ids)
+
+    # fastattn Tokenizer's interface
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    eos_id = property(lambda self: self.special_ids["eos"])
+    pad_id = property(lambda self: self.special_ids["pad"])
+    mask_id = property(lambda self: self._special("mask"))
+    cls_id = property(lambda self: self._special("cls"))
+    sep_id = property(lambda self: self._special("sep"))
+
+    def _special(self, role: str) -> int:
+        tid = self.special_ids.get(role)
+        if tid is None:
+            raise ValueError(f"the Hugging Face tokenizer has no {role} token, which this task needs")
+        return tid
+
+    def encode(self, text: str):
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    @property
+    def token_bytes(self):
+        """Each id's text as UTF-8 bytes (the seq2seq task looks for sentence ends in them)."""
+        if self._token_bytes is None:
+            self._token_bytes = [self._tok.decode([i], skip_special_tokens=False).encode("utf-8")
+                                 for i in range(self.vocab_size)]
+        return self._token_bytes
+
+    def to_dict(self) -> dict:
+        return {"type": "hf", "tokenizer": json.loads(self._json), "special_ids": self.special_ids}
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()), encoding="utf-8")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HFTokenizer":
+        ids = d.get("special_ids")
+        if not isinstance(d.get("tokenizer"), dict) or not isinstance(ids, dict):
+            raise ValueError("malformed fastattn tokenizer file of type 'hf' (tokenizer, special_ids)")
+        return cls(json.dumps(d["tokenizer"]), {r: ids.get(r) for r in ROLES})
+
+
+def _parse(text: str):
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:  # transformers depends on it; fastattn itself does not
+        raise ValueError("a Hugging Face tokenizer.json needs the `tokenizers` package (pip install "
+                         "tokenizers)") from e
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises its own exception types
+        raise ValueError(f"unreadable Hugging Face tokenizer.json: {e}") from None

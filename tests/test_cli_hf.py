@@ -1,0 +1,72 @@
+"""`fastattn train --init-hf`: a pretrained HF folder trains with its own tokenizer.json (run by HF's tokenizers), the
+run's checkpoints carry it, and generate / eval read it back. The folder: a tiny random GPT-2 and a byte-level BPE
+trained by the tokenizers library on a slice of the embedded corpus. Skipped without transformers."""
+import json
+
+import pytest
+import torch
+
+from fastattn.cli import main
+from fastattn.data import Tokenizer, default_corpus
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    path = tmp_path_factory.mktemp("gpt2-hf")
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([default_corpus()[:200_000]], trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    torch.manual_seed(0)
+    eos = tok.token_to_id("<|endoftext|>")
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=tok.get_vocab_size(), n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=eos,
+        eos_token_id=eos)).save_pretrained(path)
+    return path
+
+
+def test_init_hf_trains_generates_and_evaluates_with_the_folders_tokenizer(hf_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--init-hf", str(hf_folder), "--out", str(run), "--seq-len", "16", "--batch-size", "4",
+                 "--steps", "3", "--eval-every", "3", "--eval-batches", "1", "--max-data-tokens", "20000",
+                 "--warmup", "1"]) == 0
+    assert f"tokenizer {hf_folder}/tokenizer.json (400 ids)" in capsys.readouterr().err
+    saved = json.loads((run / "model" / "tokenizer.json").read_text())
+    assert saved["type"] == "hf" and saved["special_ids"]["eos"] == 0
+    tok = Tokenizer.load(run / "model" / "tokenizer.json")
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(hf_folder / "tokenizer.json"))
+    text = "It is a truth universally acknowledged, that a single man"
+    assert tok.encode(text) == hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(tok.encode(text)) == text
+    assert main(["generate", str(run), "-p", "It is", "-n", "5", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("It is")
+    assert main(["eval", str(run), "--batches", "1"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_init_hf_tokenizer_errors(hf_folder, tmp_path, capsys):
+    """A task needing a token the folder's tokenizer lacks, --tokenizer hf without --init-hf, a corrupt
+    tokenizer.json: one line on stderr, exit code 2, no run folder."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bad / f).write_bytes((hf_folder / f).read_bytes())
+    (bad / "tokenizer.json").write_text("{not json")
+    for args, needle in ((["--init-hf", str(hf_folder), "--task", "mlm"], "--task mlm: the Hugging Face tokenizer "
+                                                                            "has no mask token"),
+                         (["--tokenizer", "hf"], "--tokenizer hf reads the --init-hf folder's tokenizer.json"),
+                         (["--init-hf", str(bad)], "unreadable Hugging Face tokenizer.json")):
+        out = tmp_path / "never"
+        assert main(["train", "--out", str(out), "--steps", "1", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert needle in err, err
+        assert not out.exists()
