@@ -1,5 +1,6 @@
 """`fastattn train --init-hf`: a pretrained HF folder trains with its own tokenizer.json (run by HF's tokenizers), the
-run's checkpoints carry it, and generate / eval read it back. The folder: a tiny random GPT-2 and a byte-level BPE
+run's checkpoints carry it, and generate / eval read it back; generate / eval / quantize / prune take the folder
+itself. The folder: a tiny random GPT-2 and a byte-level BPE
 trained by the tokenizers library on a slice of the embedded corpus. Skipped without transformers."""
 import json
 
@@ -70,3 +71,32 @@ def test_init_hf_tokenizer_errors(hf_folder, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and "Traceback" not in err
         assert needle in err, err
         assert not out.exists()
+
+
+def test_generate_eval_quantize_read_an_hf_folder(hf_folder, tmp_path, capsys):
+    """generate / eval / quantize take a Hugging Face folder as they take a checkpoint: from_hf with its own
+    tokenizer; greedy text equals transformers' generate decoded by its tokenizer. --init points to --init-hf."""
+    import shutil
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    assert main(["generate", str(folder), "-p", "It is", "-n", "6", "--temperature", "0"]) == 0
+    ours = capsys.readouterr().out.strip()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    ids = torch.tensor([hf_tok("It is", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        want = hf.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert ours == hf_tok.decode(want[0], skip_special_tokens=True)
+    assert main(["eval", str(folder), "--batches", "1", "--seq-len", "16"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] > 0
+    assert main(["quantize", str(folder), "--mode", "w8a16"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "hf-int8" / "tokenizer.json").read_text())["type"] == "hf"
+    assert main(["generate", str(tmp_path / "hf-int8"), "-p", "It is", "-n", "3"]) == 0
+    capsys.readouterr()
+    assert main(["prune", str(folder), "--heads", "0.5"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "hf-pruned"), "--batches", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--init", str(folder), "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
+    assert "a Hugging Face folder: start from it with --init-hf" in capsys.readouterr().err

@@ -113,7 +113,7 @@ class _Stop(Exception):
 def generate(model, tok, prompts, cfg, device, out=None):
     """Generate for every prompt (one left-padded batch); returns (texts, new tokens, seconds)."""
     out = out or sys.stdout
-    enc = [[tok.eos_id] + tok.encode(p) for p in prompts]  # EOS first: what the model saw between documents
+    enc = [tok.encode_prompt(p) for p in prompts]
     n_prompt = soft_prompt_len(model)
     L = max(len(e) for e in enc)
     ids = torch.full((len(enc), L + n_prompt), tok.pad_id, dtype=torch.long)

@@ -6,7 +6,6 @@ through torch.nn.utils.prune masks, then made permanent (prune.remove). ``--unst
 of every Linear weight (torch.nn.utils.prune.global_unstructured), made permanent. Fine-tune afterwards with
 ``fastattn train --init OUT``."""
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,9 +104,8 @@ def main(cfg: PruneConfig) -> int:
     meta.setdefault("train_config", {})["mode"] = "full"
     files = {"model.safetensors": lambda p: ckpt.save_weights(model, p),
              "config.json": lambda p: p.write_text(json.dumps(cfg_dict, indent=2)),
-             "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2))}
-    if (src / "tokenizer.json").is_file():
-        files["tokenizer.json"] = lambda p: shutil.copyfile(src / "tokenizer.json", p)
+             "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2)),
+             "tokenizer.json": lambda p: tok.save(p)}  # src may be a Hugging Face folder: fastattn's format
     ckpt.write_folder(out, files)
     print(json.dumps({"out": str(out), **meta["pruned"]}, indent=2))
     print(f"removed {removed} of {total} heads; Linear sparsity {sparsity}", file=sys.stderr)

@@ -5,7 +5,6 @@ the int8 layout (fastattn.int8_layout) in quantization.json, so ``generate`` / `
 it as it was measured here, without the float weights or calibration data. The recipe is recorded in
 train_state.json, and the held-out loss before and after quantization is reported."""
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,11 +79,10 @@ def main(cfg: QuantizeConfig) -> int:
     tcfg["mode"] = "prompt" if tcfg.get("mode") == "prompt" else "full"  # LoRA adapters were merged by load_model
     meta = {**state, "train_config": tcfg, "int8": {**recipe, "stored": True}}
     layout = int8_layout(model)
-    files = {name: (lambda p, name=name: shutil.copyfile(src / name, p))
-             for name in ("config.json", "tokenizer.json") if (src / name).is_file()}
-    files.update({"model.safetensors": lambda p: ckpt.save_weights(model, p),
+    files = {"config.json": lambda p: model.config.save(p), "tokenizer.json": lambda p: tok.save(p),  # (src may
+             "model.safetensors": lambda p: ckpt.save_weights(model, p),  # be a Hugging Face folder: ours written)
                   INT8_FILE: lambda p: p.write_text(json.dumps(layout, indent=1)),
-                  "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2))})
+             "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2))}
     ckpt.write_folder(out, files)
     n8 = len(layout)
     size_float, size = ((f / "model.safetensors").stat().st_size for f in (src, out))

@@ -164,13 +164,46 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
             "num_labels": cfg.num_labels, "pad_token_id": pad_id, "decoder_start_token_id": eos_id}
 
 
+HF_MODEL_TYPES = {"gpt2": "GPT", "llama": "GPT", "mistral": "GPT", "qwen2": "GPT", "qwen3": "GPT", "bert": "BERT"}
+
+
+def hf_model_type(path):
+    """The model_type of a Hugging Face model folder (its config.json, not one of fastattn's: no d_model) that
+    from_hf imports, else None."""
+    try:
+        d = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    kind = d.get("model_type") if isinstance(d, dict) and "d_model" not in d else None
+    return kind if kind in HF_MODEL_TYPES else None
+
+
+def _load_hf(path, backend, map_location):
+    """(model, {}, tokenizer) from a Hugging Face folder: from_hf and the folder's tokenizer.json."""
+    from fastattn.data.hf_tokenizer import HFTokenizer
+    from fastattn.models import CheckpointError
+    cls = model_class(HF_MODEL_TYPES[hf_model_type(path)])
+    try:
+        model = cls.from_hf(path, **({"backend": backend} if backend else {}))
+        tok = HFTokenizer.from_folder(path)
+    except (CheckpointError, ValueError) as e:
+        raise CLIError(f"{path}: {e}") from None
+    task = "mlm" if cls.__name__ == "BERT" else "clm"  # what eval / quantize / prune measure it on by default
+    state = {"task": task, "train_config": {"task": task, "seq_len": min(TrainConfig.seq_len,
+                                                                          model.config.max_seq_len)}}
+    return hugepages.place(model.to(map_location)), state, tok
+
+
 def load_model(path, backend=None, map_location="cpu", purpose=None):
     """(model, train_state dict, tokenizer) from a checkpoint folder (or a run folder: its newest valid one),
     with the fine-tuning adapters of its run merged (LoRA) or kept (soft prompt); an int8 checkpoint (`fastattn
-    quantize`) comes back int8, unless ``purpose`` (e.g. "--init") names a use that needs float weights."""
+    quantize`) comes back int8, unless ``purpose`` (e.g. "--init") names a use that needs float weights. A Hugging
+    Face folder (GPT-2, Llama, Mistral, Qwen2 / 3, BERT) is imported with from_hf and its own tokenizer.json."""
     from fastattn.data import Tokenizer
     from fastattn.models.layers import INT8_FILE
     from fastattn.quantization import apply_int8_layout
+    if hf_model_type(path):
+        return _load_hf(path, backend, map_location)
     path = ckpt.resolve(path)
     mcfg = ckpt.read_json(path / "config.json")
     state = ckpt.read_json(path / "train_state.json") if (path / "train_state.json").is_file() else {}
@@ -386,6 +419,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.init or cfg.init_hf:
             if cfg.init:
+                if hf_model_type(cfg.init):
+                    raise CLIError(f"--init {cfg.init}: a Hugging Face folder: start from it with --init-hf")
                 model, _, tok = load_model(cfg.init, backend=cfg.model_backend, purpose="--init")
                 if tok.vocab_size != self.tok.vocab_size:
                     raise CLIError("--init: the checkpoint's tokenizer differs from --tokenizer")

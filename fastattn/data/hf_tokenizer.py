@@ -66,6 +66,11 @@ class HFTokenizer:
     def encode(self, text: str):
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str):
+        """A generation prompt as transformers encodes it: with the tokenizer's own specials (Llama's BOS; none for
+        GPT-2 or Qwen)."""
+        return self._tok.encode(text, add_special_tokens=True).ids
+
     def decode(self, ids, skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 

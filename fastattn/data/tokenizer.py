@@ -59,6 +59,10 @@ class Tokenizer:
             out += self._encode_piece(piece)
         return out
 
+    def encode_prompt(self, text):
+        """A generation prompt: EOS first (what the model saw between documents), then the text."""
+        return [self.eos_id] + self.encode(text)
+
     def decode(self, ids, skip_special=True):
         n_special = len(SPECIALS)
         stop = self.vocab_size - n_special if skip_special else self.vocab_size
