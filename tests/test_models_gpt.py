@@ -60,6 +60,10 @@ def test_config_json_round_trip(tmp_path):
     (dict(dropout="0.1"), ["dropout", "'0.1'"]),
     (dict(norm_eps=-1e-5), ["norm_eps"]),
     (dict(pos="rotary", rope_theta=0.0), ["rope_theta"]),
+    (dict(head_dim=0), ["head_dim"]),
+    (dict(qk_norm="yes"), ["qk_norm", "'yes'"]),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), ["rope_scaling", "yarn"]),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), ["rope_scaling", "low_freq_factor"]),
 ])
 def test_bad_config(kw, words):
     with pytest.raises(ValueError) as e:

@@ -22,11 +22,16 @@ def _gpt2():
         attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
 
 
-def _llama(tie=False):
+def _llama(tie=False, rope=None):
+    """rope: "llama3" (Llama 3.1 / 3.2's scaling, its blend band inside these 8-dim heads) or "linear"."""
+    scaling = {"llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                              original_max_position_embeddings=16),
+               "linear": dict(rope_type="linear", factor=2.0)}.get(rope)
+    extra = dict(rope_parameters={"rope_theta": 500.0, **scaling}) if scaling else dict(rope_theta=500.0)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0, tie_word_embeddings=tie,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, bos_token_id=0,
+        eos_token_id=0, pad_token_id=0, **extra))
 
 
 def _qwen(version):
@@ -59,10 +64,11 @@ def _bounded(name, ours, hf, hf64, get=lambda o: o.logits):
         assert_bounded(name, get(ours).detach(), get(hf64).double(), get(hf).detach(), torch.float32)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-tied", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-tied", "llama3-rope", "linear-rope", "qwen2", "qwen3"])
 def test_gpt_from_hf_matches_transformers(tmp_path, arch):
     torch.manual_seed(0)
-    hf = {"gpt2": _gpt2, "qwen2": lambda: _qwen(2), "qwen3": lambda: _qwen(3)}.get(
+    hf = {"gpt2": _gpt2, "qwen2": lambda: _qwen(2), "qwen3": lambda: _qwen(3),
+          "llama3-rope": lambda: _llama(rope="llama3"), "linear-rope": lambda: _llama(rope="linear")}.get(
         arch, lambda: _llama(tie=arch == "llama-tied"))().eval()
     hf.save_pretrained(tmp_path)
     ours = GPT.from_hf(tmp_path).eval()
@@ -72,6 +78,9 @@ def test_gpt_from_hf_matches_transformers(tmp_path, arch):
         assert ours.blocks[0].attn.wqkv.bias is not None and ours.blocks[0].attn.wo.bias is None
     hf64 = type(hf).from_pretrained(tmp_path, torch_dtype=torch.float64).eval()
     ids = _ids()
+    if arch.endswith("-rope"):
+        assert ours.config.rope_scaling["rope_type"] == arch.split("-")[0]
+        ids = _ids(L=40)  # past original_max_position_embeddings
     with torch.no_grad():
         _bounded(arch, ours(ids), hf(ids), hf64(ids))
         mine = ours.generate(ids[:, :5], 8, temperature=0)

@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, KeyMap, hf_get, load_mapped, place, read_hf_folder
 from .decode_step import bind_decode
-from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
-                     generation_loop, init_weights, drop, keep_mask, make_norm, padding_or_none)
+from .layers import (ROPE_SCALING_KEYS, Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin,
+                     check_rope_scaling, check_sampling, generation_loop, init_weights, drop, keep_mask, make_norm,
+                     padding_or_none)
 
 
 @dataclass
@@ -219,8 +220,16 @@ def _sliding_window(hf: dict) -> Optional[int]:
 def _from_llama(hf: dict, state):
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise CheckpointError(f"config.json: rope type {rope_type!r} is not supported by GPT.from_hf (default only)")
+    scaling = None
+    if rope_type in ROPE_SCALING_KEYS:  # Llama 3.1 / 3.2: "llama3"
+        scaling = {"rope_type": rope_type, **{k: rope.get(k) for k in ROPE_SCALING_KEYS[rope_type]}}
+        try:
+            check_rope_scaling(scaling, "config.json")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    elif rope_type != "default":
+        raise CheckpointError(f"config.json: rope type {rope_type!r} is not supported by GPT.from_hf (default, "
+                              f"{', '.join(ROPE_SCALING_KEYS)})")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"config.json: hidden_act {act!r} is not supported (a SwiGLU MLP needs 'silu')")
@@ -237,7 +246,7 @@ def _from_llama(hf: dict, state):
                     norm_eps=hf.get("rms_norm_eps", 1e-6), norm_first=True, mlp="swiglu", activation="silu",
                     pos="rotary", rope_theta=float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4))),
                     tie_embeddings=hf.get("tie_word_embeddings", False), bias=attn_bias, qkv_bias=qkv_bias,
-                    qk_norm=kind == "qwen3")
+                    qk_norm=kind == "qwen3", rope_scaling=scaling)
     m, f, D, Hk = KeyMap(state, ("model.", "")), cfg.d_ff, cfg.head_dim, cfg.n_kv_head
     sd = {"tok_emb.weight": m.take("embed_tokens.weight", (cfg.vocab_size, d)),
           "norm_f.weight": m.take("norm.weight", (d,))}

@@ -40,7 +40,9 @@ class ModelConfig:
     """Fields every model shares. ``n_kv_head`` None = n_head (multi-head); 1 = multi-query; between: grouped-query.
     ``head_dim`` None = d_model / n_head (Qwen3-style checkpoints set their own). ``d_ff`` None = 4 * d_model.
     ``mlp``: "gelu" (two Linears with ``activation`` between) or "swiglu" (down(silu(gate(x)) * up(x))).
-    ``norm_first``: pre-norm (True) or post-norm (False). ``bias``: every Linear's bias; ``qkv_bias`` None = bias,
+    ``norm_first``: pre-norm (True) or post-norm (False). ``rope_scaling``: None, {"rope_type": "linear",
+    "factor": f} or Llama 3's {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}. ``bias``: every Linear's bias; ``qkv_bias`` None = bias,
     else the query / key / value projections' own (Qwen2: True with bias False). ``qk_norm``: queries and keys
     normalised per head (the model's ``norm`` over head_dim) before the rotary positions (Qwen3)."""
     vocab_size: int = 50257
@@ -59,6 +61,7 @@ class ModelConfig:
     activation: str = "gelu"
     pos: str = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: Optional[Dict[str, Any]] = None
     tie_embeddings: bool = True
     bias: bool = True
     qkv_bias: Optional[bool] = None
@@ -100,6 +103,8 @@ class ModelConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
                 raise ValueError(f"{type(self).__name__}.{name}: expected a number, {want}; got {v!r}")
+
+        check_rope_scaling(self.rope_scaling, type(self).__name__)
 
     def check_ints(self, names, low: int) -> None:
         """Each of ``names`` an int >= low (ValueError naming the field)."""
@@ -195,9 +200,44 @@ def sinusoidal_table(n: int, dim: int) -> Tensor:
     return table
 
 
-def rotary_tables(n: int, head_dim: int, theta: float) -> Tuple[Tensor, Tensor]:
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(scaling: Optional[Dict[str, Any]], owner: str) -> None:
+    """ValueError naming the field unless scaling is None or a supported rope scaling with positive numbers."""
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"{owner}.rope_scaling: rope_type {kind!r} is not one of {sorted(ROPE_SCALING_KEYS)}")
+    for key in ROPE_SCALING_KEYS[kind]:
+        v = scaling.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise ValueError(f"{owner}.rope_scaling: {key} must be a number > 0 for {kind}, got {v!r}")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(f"{owner}.rope_scaling: high_freq_factor must exceed low_freq_factor")
+
+
+def scale_frequencies(inv: Tensor, scaling: Dict[str, Any]) -> Tensor:
+    """Rotary inverse frequencies under a rope scaling. linear: all divided by factor. llama3: wavelengths longer
+    than original_max / low_freq_factor divided by factor, shorter than original_max / high_freq_factor kept, a
+    linear blend (in original_max / wavelength) between."""
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv / factor
+    lo, hi = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    ratio = float(scaling["original_max_position_embeddings"]) / (2 * math.pi / inv)  # original_max / wavelength
+    smooth = ((ratio - lo) / (hi - lo)).clamp(0, 1)
+    return (1 - smooth) * inv / factor + smooth * inv
+
+
+def rotary_tables(n: int, head_dim: int, theta: float,
+                  scaling: Optional[Dict[str, Any]] = None) -> Tuple[Tensor, Tensor]:
     """cos, sin (n, head_dim) in HF Llama's layout: the frequencies repeated over the two halves."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv = scale_frequencies(inv, scaling)
     freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)  # (n, head_dim / 2)
     emb = torch.cat([freqs, freqs], -1)
     return emb.cos(), emb.sin()
@@ -225,7 +265,7 @@ class Positions(nn.Module):
         elif cfg.pos == "sinusoidal":
             self.register_buffer("table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
         elif cfg.pos == "rotary":
-            cos, sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+            cos, sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
             self.register_buffer("cos", cos, persistent=False)
             self.register_buffer("sin", sin, persistent=False)
 
