@@ -100,3 +100,18 @@ def test_generate_eval_quantize_read_an_hf_folder(hf_folder, tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--init", str(folder), "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
     assert "a Hugging Face folder: start from it with --init-hf" in capsys.readouterr().err
+
+
+def test_sharded_hf_folder(hf_folder, tmp_path, capsys):
+    """A sharded Hugging Face folder (model-0000x-of-0000y.safetensors + index): generate and quantize read it."""
+    folder = tmp_path / "sharded"
+    transformers.GPT2LMHeadModel.from_pretrained(hf_folder).save_pretrained(folder, max_shard_size="40KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / f).write_bytes((hf_folder / f).read_bytes())
+    assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
+    assert main(["generate", str(folder), "-p", "It is", "-n", "4", "--temperature", "0"]) == 0
+    assert main(["generate", str(hf_folder), "-p", "It is", "-n", "4", "--temperature", "0"]) == 0
+    one, two = capsys.readouterr().out.strip().split("\n")
+    assert one == two
+    assert main(["quantize", str(folder), "--mode", "w8a16"]) == 0
+    assert json.loads(capsys.readouterr().out)["bytes_float"] > 0

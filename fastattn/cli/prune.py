@@ -90,8 +90,8 @@ def prune_unstructured(model, frac):
 
 
 def main(cfg: PruneConfig) -> int:
-    from fastattn.cli.train import load_model
-    src = ckpt.resolve(cfg.checkpoint)
+    from fastattn.cli.train import hf_model_type, load_model
+    src = Path(cfg.checkpoint) if hf_model_type(cfg.checkpoint) else ckpt.resolve(cfg.checkpoint)
     out = Path(cfg.out or f"{str(src).rstrip('/')}-pruned")
     check_new_folder(out)
     model, state, tok = load_model(src, purpose="prune")

@@ -61,10 +61,16 @@ def _loss(model, task, n, batch_size):
     return total / max(n, 1)
 
 
+def _weight_bytes(folder: Path) -> int:
+    """Bytes of a folder's weight files (a Hugging Face folder's may be sharded)."""
+    return sum(f.stat().st_size for pattern in ("model*.safetensors", "pytorch_model*.bin")
+               for f in folder.glob(pattern))
+
+
 def main(cfg: QuantizeConfig) -> int:
     from fastattn.cli.evaluate import make_task
-    from fastattn.cli.train import load_model
-    src = ckpt.resolve(cfg.checkpoint)
+    from fastattn.cli.train import hf_model_type, load_model
+    src = Path(cfg.checkpoint) if hf_model_type(cfg.checkpoint) else ckpt.resolve(cfg.checkpoint)
     out = Path(cfg.out or f"{str(src).rstrip('/')}-int8")
     check_new_folder(out)
     model, state, tok = load_model(src, purpose="quantize")
@@ -85,7 +91,7 @@ def main(cfg: QuantizeConfig) -> int:
              "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2))}
     ckpt.write_folder(out, files)
     n8 = len(layout)
-    size_float, size = ((f / "model.safetensors").stat().st_size for f in (src, out))
+    size_float, size = (_weight_bytes(f) for f in (src, out))
     print(json.dumps({"out": str(out), "int8_linears": n8, "loss_float": before, "loss_int8": after,
                       "bytes_float": size_float, "bytes_int8": size}, indent=2))
     print(f"{n8} Linear layers -> int8 {cfg.mode}; held-out loss {before} -> {after}; weights "
