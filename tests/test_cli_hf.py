@@ -115,3 +115,22 @@ def test_sharded_hf_folder(hf_folder, tmp_path, capsys):
     assert one == two
     assert main(["quantize", str(folder), "--mode", "w8a16"]) == 0
     assert json.loads(capsys.readouterr().out)["bytes_float"] > 0
+
+
+def test_generation_stops_at_every_end_id(hf_folder, tmp_path, capsys):
+    """generation_config.json's eos_token_id list (Llama 3's <|eot_id|> beside <|end_of_text|>) ends a generation
+    as the tokenizer's eos does: the text stops before the first of them, in the folder and in a run's checkpoint."""
+    import shutil
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    from fastattn.data.hf_tokenizer import HFTokenizer
+    from fastattn.models import GPT
+    tok = HFTokenizer.from_folder(folder)
+    prompt = torch.tensor([tok.encode_prompt("It is")])
+    with torch.no_grad():
+        new = GPT.from_hf(folder).generate(prompt, 6, temperature=0)[0, prompt.shape[1]:].tolist()
+    k = next((i for i in range(1, len(new)) if new[i] not in new[:i]), 0)  # its first occurrence ends the text
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, new[k]]}))
+    assert HFTokenizer.from_folder(folder).stop_ids == [0, new[k]]
+    assert main(["generate", str(folder), "-p", "It is", "-n", "6", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip() == ("It is" + tok.decode(new[:k])).strip()

@@ -110,6 +110,11 @@ class _Stop(Exception):
     pass
 
 
+def _until_end(row, stop_ids):
+    """The tokens of row before its first end id (an end id need not be a special token that decode skips)."""
+    return next((row[:j] for j, t in enumerate(row) if t in stop_ids), row)
+
+
 def generate(model, tok, prompts, cfg, device, out=None):
     """Generate for every prompt (one left-padded batch); returns (texts, new tokens, seconds)."""
     out = out or sys.stdout
@@ -129,19 +134,20 @@ def generate(model, tok, prompts, cfg, device, out=None):
     _check_context(model, L - 1, n_prompt, cfg.max_new_tokens)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     new, streamed = [], []
+    stop_ids = torch.tensor(tok.stop_ids)  # end-of-text, and an HF model's other end ids (Llama 3's <|eot_id|>)
     done = torch.zeros(len(prompts), dtype=torch.bool)
 
     def streamer(t):
         t = t.detach().cpu()
         new.append(t)
-        done.logical_or_(t == tok.eos_id)
+        done.logical_or_(torch.isin(t, stop_ids))
         if cfg.stop:  # every continuation has ended (EOS or a stop string): no need to generate more
             toks = torch.stack(new, 1)
             for i in (~done).nonzero().flatten().tolist():
-                text = tok.decode(toks[i].tolist())
+                text = tok.decode(toks[i].tolist())  # (a row that is not done holds no end id)
                 done[i] = _cut(text, cfg.stop) != text
         if stream:
-            text = _cut(tok.decode(torch.stack(new, 1)[0].tolist()), cfg.stop)
+            text = _cut(tok.decode(_until_end(torch.stack(new, 1)[0].tolist(), tok.stop_ids)), cfg.stop)
             shown = text[:_safe_to_show(text, cfg.stop)]
             if len(shown) > len("".join(streamed)):
                 streamed.append(shown[len("".join(streamed)):])
@@ -157,7 +163,7 @@ def generate(model, tok, prompts, cfg, device, out=None):
     try:
         with torch.no_grad():
             model.generate(ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                           top_p=cfg.top_p, eos_token_id=tok.eos_id, attention_mask=mask, generator=gen,
+                           top_p=cfg.top_p, eos_token_id=tok.stop_ids, attention_mask=mask, generator=gen,
                            streamer=streamer, min_new_tokens=cfg.min_new_tokens)
     except _Stop:
         pass
@@ -167,10 +173,7 @@ def generate(model, tok, prompts, cfg, device, out=None):
     toks = torch.stack(new, 1) if new else torch.zeros(len(prompts), 0, dtype=torch.long)
     texts = []
     for i, p in enumerate(prompts):
-        row = toks[i].tolist()
-        if tok.eos_id in row:
-            row = row[:row.index(tok.eos_id)]
-        texts.append(p + _cut(tok.decode(row), cfg.stop))
+        texts.append(p + _cut(tok.decode(_until_end(toks[i].tolist(), tok.stop_ids)), cfg.stop))
     if stream:  # what was held back (a possible start of a stop string, half a character) is final now
         rest = texts[0][len(prompts[0]) + len("".join(streamed)):]
         out.write(rest)

@@ -18,6 +18,8 @@ class HFTokenizer:
                              "eos_token_id in config.json)")
         if self.special_ids.get("pad") is None:
             self.special_ids["pad"] = self.special_ids["eos"]
+        stop = [self.special_ids["eos"]] + list(self.special_ids.get("stop") or [])
+        self.special_ids["stop"] = sorted(set(stop), key=stop.index)
         self._token_bytes = None
 
     @classmethod
@@ -29,11 +31,12 @@ class HFTokenizer:
         except OSError as e:
             raise ValueError(f"{path}: no readable tokenizer.json ({e.strerror})") from None
         configs = {}
-        for name in ("tokenizer_config.json", "config.json"):
+        for name in ("tokenizer_config.json", "config.json", "generation_config.json"):
             try:
-                configs[name] = json.loads((path / name).read_text(encoding="utf-8"))
+                d = json.loads((path / name).read_text(encoding="utf-8"))
             except (OSError, ValueError):
-                configs[name] = {}
+                d = {}
+            configs[name] = d if isinstance(d, dict) else {}
         probe, ids = _parse(text), {}
         for role in ROLES:
             token = configs["tokenizer_config.json"].get(f"{role}_token")
@@ -44,6 +47,9 @@ class HFTokenizer:
                 tid = configs["config.json"].get(f"{role}_token_id")
                 tid = tid[0] if isinstance(tid, list) and tid else tid
             ids[role] = tid if isinstance(tid, int) else None
+        # every id that ends a generation: config.json's and generation_config.json's eos_token_id (int or list)
+        ids["stop"] = [t for name in ("config.json", "generation_config.json")
+                       for t in _ints(configs[name].get("eos_token_id"))]
         return cls(text, ids)
 
     # fastattn Tokenizer's interface
@@ -52,6 +58,7 @@ class HFTokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     eos_id = property(lambda self: self.special_ids["eos"])
+    stop_ids = property(lambda self: list(self.special_ids["stop"]))  # the ids that end a generation
     pad_id = property(lambda self: self.special_ids["pad"])
     mask_id = property(lambda self: self._special("mask"))
     cls_id = property(lambda self: self._special("cls"))
@@ -93,7 +100,13 @@ class HFTokenizer:
         ids = d.get("special_ids")
         if not isinstance(d.get("tokenizer"), dict) or not isinstance(ids, dict):
             raise ValueError("malformed fastattn tokenizer file of type 'hf' (tokenizer, special_ids)")
-        return cls(json.dumps(d["tokenizer"]), {r: ids.get(r) for r in ROLES})
+        return cls(json.dumps(d["tokenizer"]), {**{r: ids.get(r) for r in ROLES}, "stop": _ints(ids.get("stop"))})
+
+
+def _ints(v) -> list:
+    """An int or a list of ints from a config, as a list (anything else: empty)."""
+    v = v if isinstance(v, list) else [v]
+    return [t for t in v if isinstance(t, int) and not isinstance(t, bool)]
 
 
 def _parse(text: str):

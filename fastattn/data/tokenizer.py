@@ -33,6 +33,7 @@ class Tokenizer:
 
     eos_id = property(lambda self: self.special_ids["<|endoftext|>"])
     pad_id = property(lambda self: self.special_ids["<pad>"])
+    stop_ids = property(lambda self: [self.eos_id])  # the ids that end a generation
     mask_id = property(lambda self: self.special_ids["<mask>"])
     cls_id = property(lambda self: self.special_ids["<cls>"])
     sep_id = property(lambda self: self.special_ids["<sep>"])
