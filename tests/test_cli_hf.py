@@ -134,3 +134,28 @@ def test_generation_stops_at_every_end_id(hf_folder, tmp_path, capsys):
     assert HFTokenizer.from_folder(folder).stop_ids == [0, new[k]]
     assert main(["generate", str(folder), "-p", "It is", "-n", "6", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.strip() == ("It is" + tok.decode(new[:k])).strip()
+
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_generate_chat(hf_folder, tmp_path, capsys):
+    """--chat: each prompt as a user turn of the folder's chat template, as transformers' apply_chat_template
+    renders it; the reply alone is printed, equal to transformers' generate from the same ids. Without a template
+    (or on a fastattn checkpoint) it is one line and exit code 2."""
+    import shutil
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    assert main(["generate", str(folder), "--chat", "-p", "hi"]) == 2
+    assert "--chat: the tokenizer has no chat template" in capsys.readouterr().err
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": CHAT}))
+    assert main(["generate", str(folder), "--chat", "-p", "Who is Emma?", "-n", "5", "--temperature", "0"]) == 0
+    reply = capsys.readouterr().out.strip()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = hf_tok.apply_chat_template([{"role": "user", "content": "Who is Emma?"}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)["input_ids"]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        want = hf.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert reply == hf_tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True).strip()

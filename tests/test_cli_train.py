@@ -193,6 +193,7 @@ def test_generate_prompt_before_checkpoint_and_streamed_stop(gpt_run, capsys):
     (["-p", "a", "-n", "500"], None, "exceed the model's context of"),
     (["-p", "a", "-p", "b", "--stream"], None, "--stream prints one continuation"),
     (["-p", "-"], "\n  \n", "no prompts on stdin"),
+    (["-p", "a", "--chat"], None, "--chat: the model's tokenizer has no chat template"),
 ])
 def test_generate_user_errors(gpt_run, capsys, monkeypatch, args, stdin, needle):
     import io

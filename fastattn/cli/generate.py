@@ -28,6 +28,8 @@ class GenerateConfig:
                                        choices=["fastattn", "torch"])
     int8: bool = opt(False, "quantize the Linear layers to int8 (w8a16) before generating")
     stream: Optional[bool] = opt(None, "print tokens as they come (default: on for a single prompt)")
+    chat: bool = opt(False, "each prompt as a user turn of the model's chat template (an instruct model's "
+                            "Hugging Face tokenizer); the reply alone is printed")
 
     def validate(self):
         if self.max_new_tokens < 0:
@@ -118,7 +120,13 @@ def _until_end(row, stop_ids):
 def generate(model, tok, prompts, cfg, device, out=None):
     """Generate for every prompt (one left-padded batch); returns (texts, new tokens, seconds)."""
     out = out or sys.stdout
-    enc = [tok.encode_prompt(p) for p in prompts]
+    if cfg.chat and not hasattr(tok, "encode_chat"):
+        raise CLIError("--chat: the model's tokenizer has no chat template (a Hugging Face instruct model's has)")
+    try:
+        enc = [tok.encode_chat(p) if cfg.chat else tok.encode_prompt(p) for p in prompts]
+    except ValueError as e:
+        raise CLIError(f"--chat: {e}") from None
+    shown = [""] * len(prompts) if cfg.chat else prompts  # what the output repeats before each continuation
     n_prompt = soft_prompt_len(model)
     L = max(len(e) for e in enc)
     ids = torch.full((len(enc), L + n_prompt), tok.pad_id, dtype=torch.long)
@@ -157,7 +165,7 @@ def generate(model, tok, prompts, cfg, device, out=None):
             raise _Stop
 
     if stream and len(prompts) == 1:
-        out.write(prompts[0])
+        out.write(shown[0])
         out.flush()
     start = time.perf_counter()
     try:
@@ -172,10 +180,10 @@ def generate(model, tok, prompts, cfg, device, out=None):
     secs = time.perf_counter() - start
     toks = torch.stack(new, 1) if new else torch.zeros(len(prompts), 0, dtype=torch.long)
     texts = []
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(shown):
         texts.append(p + _cut(tok.decode(_until_end(toks[i].tolist(), tok.stop_ids)), cfg.stop))
     if stream:  # what was held back (a possible start of a stop string, half a character) is final now
-        rest = texts[0][len(prompts[0]) + len("".join(streamed)):]
+        rest = texts[0][len(shown[0]) + len("".join(streamed)):]
         out.write(rest)
         out.flush()
     return texts, toks.numel(), secs

@@ -1,7 +1,8 @@
 """A Hugging Face folder's own tokenizer (its ``tokenizer.json``, run by HF's ``tokenizers`` library), with the
 interface of fastattn's Tokenizer, for ``fastattn train --init-hf``: a pretrained model keeps the token ids it was
 trained on. The special tokens come from the folder's ``tokenizer_config.json`` / ``config.json``; a checkpoint
-stores the tokenizer and those ids in one JSON (``{"type": "hf", ...}``), read back by ``Tokenizer.load``."""
+stores the tokenizer and those ids in one JSON (``{"type": "hf", ...}``), read back by ``Tokenizer.load``. An
+instruct model's chat template is kept too, for ``fastattn generate --chat``."""
 import json
 from pathlib import Path
 from typing import Dict, Optional
@@ -10,9 +11,10 @@ ROLES = ("eos", "pad", "mask", "cls", "sep")
 
 
 class HFTokenizer:
-    def __init__(self, tokenizer_json: str, special_ids: Dict[str, Optional[int]]):
+    def __init__(self, tokenizer_json: str, special_ids: Dict[str, Optional[int]], chat: Optional[dict] = None):
         self._tok = _parse(tokenizer_json)
         self._json, self.special_ids = tokenizer_json, dict(special_ids)
+        self.chat, self._hf = chat, None  # {"template", "bos_token", "eos_token"}; transformers' tokenizer for it
         if self.special_ids.get("eos") is None:
             raise ValueError("the tokenizer has no end-of-text token (eos_token in tokenizer_config.json or "
                              "eos_token_id in config.json)")
@@ -39,10 +41,8 @@ class HFTokenizer:
             configs[name] = d if isinstance(d, dict) else {}
         probe, ids = _parse(text), {}
         for role in ROLES:
-            token = configs["tokenizer_config.json"].get(f"{role}_token")
-            if isinstance(token, dict):  # {"content": "<|endoftext|>", ...}
-                token = token.get("content")
-            tid = probe.token_to_id(token) if isinstance(token, str) else None
+            token = _token_text(configs["tokenizer_config.json"].get(f"{role}_token"))
+            tid = probe.token_to_id(token) if token is not None else None
             if tid is None:
                 tid = configs["config.json"].get(f"{role}_token_id")
                 tid = tid[0] if isinstance(tid, list) and tid else tid
@@ -50,7 +50,7 @@ class HFTokenizer:
         # every id that ends a generation: config.json's and generation_config.json's eos_token_id (int or list)
         ids["stop"] = [t for name in ("config.json", "generation_config.json")
                        for t in _ints(configs[name].get("eos_token_id"))]
-        return cls(text, ids)
+        return cls(text, ids, _chat(path, configs["tokenizer_config.json"]))
 
     # fastattn Tokenizer's interface
     @property
@@ -78,6 +78,27 @@ class HFTokenizer:
         GPT-2 or Qwen)."""
         return self._tok.encode(text, add_special_tokens=True).ids
 
+    def encode_chat(self, text: str):
+        """text as the user's turn of the model's chat template, ending where the assistant's reply starts, rendered
+        by transformers' own apply_chat_template (its sandboxed Jinja)."""
+        if not self.chat:
+            raise ValueError("the tokenizer has no chat template (chat_template in tokenizer_config.json, or "
+                             "chat_template.jinja)")
+        if self._hf is None:
+            try:
+                from transformers import PreTrainedTokenizerFast
+            except ImportError as e:
+                raise ValueError("a chat template needs HF transformers (pip install transformers)") from e
+            self._hf = PreTrainedTokenizerFast(tokenizer_object=self._tok, chat_template=self.chat["template"],
+                                               bos_token=self.chat.get("bos_token"),
+                                               eos_token=self.chat.get("eos_token"))
+        try:
+            rendered = self._hf.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                    add_generation_prompt=True)
+        except Exception as e:  # a template error (jinja2's TemplateError, raise_exception in the template)
+            raise ValueError(f"the chat template failed: {e}") from None
+        return self.encode(rendered)
+
     def decode(self, ids, skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
@@ -90,7 +111,8 @@ class HFTokenizer:
         return self._token_bytes
 
     def to_dict(self) -> dict:
-        return {"type": "hf", "tokenizer": json.loads(self._json), "special_ids": self.special_ids}
+        return {"type": "hf", "tokenizer": json.loads(self._json), "special_ids": self.special_ids,
+                "chat": self.chat}
 
     def save(self, path) -> None:
         Path(path).write_text(json.dumps(self.to_dict()), encoding="utf-8")
@@ -100,7 +122,33 @@ class HFTokenizer:
         ids = d.get("special_ids")
         if not isinstance(d.get("tokenizer"), dict) or not isinstance(ids, dict):
             raise ValueError("malformed fastattn tokenizer file of type 'hf' (tokenizer, special_ids)")
-        return cls(json.dumps(d["tokenizer"]), {**{r: ids.get(r) for r in ROLES}, "stop": _ints(ids.get("stop"))})
+        chat = d.get("chat")
+        if chat is not None and not (isinstance(chat, dict) and isinstance(chat.get("template"), str)):
+            raise ValueError("malformed fastattn tokenizer file of type 'hf' (chat)")
+        return cls(json.dumps(d["tokenizer"]), {**{r: ids.get(r) for r in ROLES}, "stop": _ints(ids.get("stop"))},
+                   chat)
+
+
+def _token_text(v) -> Optional[str]:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    v = v.get("content") if isinstance(v, dict) else v
+    return v if isinstance(v, str) else None
+
+
+def _chat(path: Path, tokenizer_config: dict) -> Optional[dict]:
+    """The folder's chat template (chat_template.jinja, else tokenizer_config.json's chat_template: a string, or
+    named templates of which "default" is used) and the bos / eos token texts it may refer to; None without one."""
+    try:
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    except OSError:
+        template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if not isinstance(template, str):
+        return None
+    return {"template": template, "bos_token": _token_text(tokenizer_config.get("bos_token")),
+            "eos_token": _token_text(tokenizer_config.get("eos_token"))}
 
 
 def _ints(v) -> list:
