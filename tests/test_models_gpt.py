@@ -64,12 +64,20 @@ def test_config_json_round_trip(tmp_path):
     (dict(qk_norm="yes"), ["qk_norm", "'yes'"]),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), ["rope_scaling", "yarn"]),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), ["rope_scaling", "low_freq_factor"]),
+    (dict(sliding_window=0), ["sliding_window"]),
 ])
 def test_bad_config(kw, words):
     with pytest.raises(ValueError) as e:
         tiny(**kw)
     for w in words:
         assert w in str(e.value)
+
+
+def test_sliding_window_is_for_gpt_only():
+    from fastattn.models import BERTConfig, Seq2SeqConfig
+    for cls in (BERTConfig, Seq2SeqConfig):
+        with pytest.raises(ValueError, match="sliding_window: a window is supported by GPT"):
+            cls(vocab_size=50, d_model=32, n_layer=1, n_head=2, sliding_window=4)
 
 
 def test_unknown_key_named():

@@ -143,7 +143,7 @@ def test_dtype_and_device_on_load(tmp_path):
 def test_qwen_backends_and_decode_step(tmp_path):
     """A Qwen3-style GPT (q / k norms, head_dim != d / heads) and a Qwen2-style one (q / k / v biases): the "torch"
     backend gives the same logits, and the bound decode step the same greedy tokens as the modules; a Qwen2 whose
-    sliding window is on and shorter than max_seq_len is refused naming it."""
+    sliding window is on in every layer imports it, one that mixes windowed and full layers is refused."""
     from fastattn.models import GPTConfig
     ids = _ids()
     for kw in (dict(qk_norm=True, head_dim=16), dict(qkv_bias=True, bias=False)):
@@ -162,27 +162,39 @@ def test_qwen_backends_and_decode_step(tmp_path):
     _qwen(2).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config.update(use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    config.pop("layer_types", None)
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="sliding_window 16 < max_seq_len 64"):
+    assert GPT.from_hf(tmp_path).config.sliding_window == 16
+    config.update(max_window_layers=1)  # layer 0 full, layer 1 windowed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="1 of 2 windowed"):
         GPT.from_hf(tmp_path)
 
 
-def test_mistral_sliding_window_covering_max_seq_len(tmp_path):
-    """A Mistral window at least max_seq_len long never cuts (transformers' default window, 4096, was refused
-    for every Mistral config); a shorter one is refused naming it, also when max_seq_len is raised past it."""
+def test_mistral_sliding_window(tmp_path):
+    """A Mistral window shorter than the sequence: logits past the window equal transformers' (window 8, 40
+    tokens); greedy generation of a left-padded batch equals its generate (its sliding cache) through the bound decode
+    step, the modules' decode_one and the "torch" backend. A window covering max_seq_len cuts nothing: none kept."""
     torch.manual_seed(0)
     kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)
-    hf = transformers.MistralForCausalLM(transformers.MistralConfig(**kw, sliding_window=64)).eval()
+              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    hf = transformers.MistralForCausalLM(transformers.MistralConfig(**kw, sliding_window=8)).eval()
     hf.save_pretrained(tmp_path)
-    ids = _ids()
+    hf64 = type(hf).from_pretrained(tmp_path, dtype=torch.float64).eval()
+    ours = GPT.from_hf(tmp_path)
+    assert ours.config.sliding_window == 8 and GPT.from_hf(tmp_path, max_seq_len=8).config.sliding_window is None
+    ids = _ids(L=40)
     with torch.no_grad():
-        torch.testing.assert_close(GPT.from_hf(tmp_path).eval()(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-5)
-    with pytest.raises(CheckpointError, match="sliding_window 64 < max_seq_len 128"):
-        GPT.from_hf(tmp_path, max_seq_len=128)
-    transformers.MistralForCausalLM(transformers.MistralConfig(**kw, sliding_window=8)).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="sliding_window 8"):
-        GPT.from_hf(tmp_path)
+        _bounded("mistral window", ours(ids), hf(ids), hf64(ids))
+        prompt, mask = ids[:, :10].clone(), torch.ones(2, 10, dtype=torch.long)
+        mask[1, :3] = 0
+        want = hf.generate(prompt, attention_mask=mask, max_new_tokens=14, min_new_tokens=14, do_sample=False,
+                           pad_token_id=0)
+        assert torch.equal(ours.generate(prompt, 14, temperature=0, attention_mask=mask), want)  # bound step
+        ours.bound_decode_one = lambda: ours.decode_one
+        assert torch.equal(ours.generate(prompt, 14, temperature=0, attention_mask=mask), want)  # modules
+        ref = GPT.from_hf(tmp_path, backend="torch")
+        assert torch.equal(ref.generate(prompt, 14, temperature=0, attention_mask=mask), want)
 
 
 def test_gpt_from_hf_pytorch_bin(tmp_path):

@@ -120,7 +120,8 @@ class HFTokenizer:
     @classmethod
     def from_dict(cls, d: dict) -> "HFTokenizer":
         ids = d.get("special_ids")
-        if not isinstance(d.get("tokenizer"), dict) or not isinstance(ids, dict):
+        if not isinstance(d.get("tokenizer"), dict) or not isinstance(ids, dict) or any(
+                ids.get(r) is not None and _ints(ids.get(r)) != [ids.get(r)] for r in ROLES):
             raise ValueError("malformed fastattn tokenizer file of type 'hf' (tokenizer, special_ids)")
         chat = d.get("chat")
         if chat is not None and not (isinstance(chat, dict) and isinstance(chat.get("template"), str)):

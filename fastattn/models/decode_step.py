@@ -173,7 +173,8 @@ class DecodeStep:
         B = x.shape[0]
         if rotary is not None:
             rotary = tuple(t.view(B, 1, t.shape[-1]) for t in rotary)
-        st = _Step(input_pos, ~m.cache_padding if self.needs_keep else None, m.cache_padding, rotary)
+        pad = m.decode_padding(input_pos)
+        st = _Step(input_pos, ~pad if self.needs_keep else None, pad, rotary)
         h, residual = x.view(B, x.shape[-1]), None
         for block in self.blocks:
             h, residual = block(h, residual, st)

@@ -103,8 +103,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         """One token per sequence (B, 1), written at cache slot ``input_pos`` (1,); attends over the whole cache with
         the unwritten slots masked (static shapes). Returns logits (B, V)."""
         self.cache_padding.index_fill_(1, input_pos, False)
-        h = self.hidden(tokens, self.next_pos, causal=None, key_padding_mask=self.cache_padding, input_pos=input_pos,
-                        use_cache=True)
+        h = self.hidden(tokens, self.next_pos, causal=None, key_padding_mask=self.decode_padding(input_pos),
+                        input_pos=input_pos, use_cache=True)
         self.next_pos += 1
         return self.lm_head(h[:, -1])
 
@@ -160,12 +160,11 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         else:
             raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
                                   "mistral, qwen2, qwen3)")
-        cfg = GPTConfig.from_dict({**cfg.to_dict(), **overrides})
         window = _sliding_window(hf)
-        if window is not None and cfg.max_seq_len > window:  # the window covers every position: plain causal
-            raise CheckpointError(f"config.json: sliding_window {window} < max_seq_len {cfg.max_seq_len}; "
-                                  "sliding-window attention is not supported by GPT.from_hf (pass "
-                                  f"max_seq_len={window} or less to import it)")
+        max_len = overrides.get("max_seq_len", cfg.max_seq_len)
+        if window is not None and window < max_len and "sliding_window" not in overrides:
+            overrides = {**overrides, "sliding_window": window}  # (a window of >= max_seq_len keys cuts nothing)
+        cfg = GPTConfig.from_dict({**cfg.to_dict(), **overrides})
         model = place(cls(cfg), dtype, device)
         load_mapped(model, sd)
         return model.eval()  # as transformers' from_pretrained
@@ -209,12 +208,24 @@ def _from_gpt2(hf: dict, state):
 
 
 def _sliding_window(hf: dict) -> Optional[int]:
-    """The attention window (a query sees the ``window`` latest keys, itself included) of a Mistral, or of a Qwen2 /
-    Qwen3 with use_sliding_window (on some of its layers: the smallest window counts), or None."""
-    on = {"mistral": True, "qwen2": False, "qwen3": False}.get(hf.get("model_type"))
-    if on is not None and hf.get("sliding_window") and hf.get("use_sliding_window", on):
-        return int(hf["sliding_window"])
-    return None
+    """The attention window (a query sees the ``window`` latest keys, itself included) of every layer of a Mistral,
+    or of a Qwen2 / Qwen3 with use_sliding_window, or None. A Qwen whose layers mix windowed and full attention
+    (layer_types, max_window_layers) is refused."""
+    kind = hf.get("model_type")
+    on = {"mistral": True, "qwen2": False, "qwen3": False}.get(kind)
+    if on is None or not hf.get("sliding_window") or not hf.get("use_sliding_window", on):
+        return None
+    if kind != "mistral":
+        n = hf["num_hidden_layers"]
+        types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 0) else
+                                          "full_attention" for i in range(n)]
+        if "sliding_attention" not in types:
+            return None
+        if set(types) != {"sliding_attention"}:
+            windowed = types.count("sliding_attention")
+            raise CheckpointError(f"config.json: layers with and without a sliding window ({windowed} of {n} "
+                                  "windowed) are not supported by GPT.from_hf")
+    return int(hf["sliding_window"])
 
 
 def _from_llama(hf: dict, state):

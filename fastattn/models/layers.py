@@ -42,7 +42,8 @@ class ModelConfig:
     ``mlp``: "gelu" (two Linears with ``activation`` between) or "swiglu" (down(silu(gate(x)) * up(x))).
     ``norm_first``: pre-norm (True) or post-norm (False). ``rope_scaling``: None, {"rope_type": "linear",
     "factor": f} or Llama 3's {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-    "original_max_position_embeddings"}. ``bias``: every Linear's bias; ``qkv_bias`` None = bias,
+    "original_max_position_embeddings"}. ``sliding_window`` W (GPT): a token attends to itself and the W - 1 before
+    it (Mistral's window), in training, prefill and decoding. ``bias``: every Linear's bias; ``qkv_bias`` None = bias,
     else the query / key / value projections' own (Qwen2: True with bias False). ``qk_norm``: queries and keys
     normalised per head (the model's ``norm`` over head_dim) before the rotary positions (Qwen3)."""
     vocab_size: int = 50257
@@ -62,6 +63,7 @@ class ModelConfig:
     pos: str = "learned"
     rope_theta: float = 10000.0
     rope_scaling: Optional[Dict[str, Any]] = None
+    sliding_window: Optional[int] = None
     tie_embeddings: bool = True
     bias: bool = True
     qkv_bias: Optional[bool] = None
@@ -105,6 +107,10 @@ class ModelConfig:
                 raise ValueError(f"{type(self).__name__}.{name}: expected a number, {want}; got {v!r}")
 
         check_rope_scaling(self.rope_scaling, type(self).__name__)
+        if self.sliding_window is not None:
+            self.check_ints(("sliding_window",), 1)
+            if self.model_type != "gpt":
+                raise ValueError(f"{type(self).__name__}.sliding_window: a window is supported by GPT (causal) only")
 
     def check_ints(self, names, low: int) -> None:
         """Each of ``names`` an int >= low (ValueError naming the field)."""
@@ -301,13 +307,15 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-def _torch_attention(q, k, v, causal, key_padding_mask, dropout_p):
-    """fastattn.attention's meaning in stock torch SDPA (a bool mask is built for causal + padding)."""
+def _torch_attention(q, k, v, causal, key_padding_mask, dropout_p, window: int = 0):
+    """fastattn.attention's meaning in stock torch SDPA (a bool mask is built for causal + padding + a causal
+    window of ``window`` keys, 0: none)."""
     L, S = q.shape[-2], k.shape[-2]
     mask = None
     if causal is not None:
         i = torch.arange(L, device=q.device)[:, None] + (S - L if causal == "bottom_right" else 0)
-        mask = i >= torch.arange(S, device=q.device)  # (L, S) True = take part
+        j = torch.arange(S, device=q.device)
+        mask = (i >= j) & (j > i - window) if window else i >= j  # (L, S) True = take part
     if key_padding_mask is not None:
         keep = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
         mask = keep if mask is None else mask & keep
@@ -323,6 +331,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.backend, self.dropout, self.cross = cfg.backend, cfg.dropout, cross
+        self.window = 0 if cross or cfg.sliding_window is None else cfg.sliding_window  # keys per causal query
         q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
         qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
         if cross:
@@ -372,14 +381,16 @@ class Attention(nn.Module):
                     k, v = k_all, v_all
         q = q.transpose(1, 2)  # (B, H, L, D), a strided view
         p = self.dropout if self.training else 0.0
+        # a decode step (causal None) gets its window in key_padding_mask (the model's window_padding)
+        window = (self.window - 1, 0) if self.window and causal is not None else (-1, -1)
         if self.backend == "torch":
-            out = _torch_attention(q, k, v, causal, key_padding_mask, p)
+            out = _torch_attention(q, k, v, causal, key_padding_mask, p, self.window if causal is not None else 0)
         elif use_cache and not torch.is_grad_enabled() and route_backend(q, k, v, forced_backend_name()):
             # a decode step that fastattn.attention would route to the split-KV kernel: called directly, without
             # the general checks, which cost more host time than the kernel at these sizes
             out = decode_attention(q, k, v, causal=False, key_padding_mask=key_padding_mask)
         else:
-            out = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=p)
+            out = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=p, window=window)
         return self.wo(out.transpose(1, 2).reshape(B, L, H * D))
 
 
@@ -532,6 +543,14 @@ class CacheMixin:
 
     def cached_blocks(self) -> nn.ModuleList:
         return self.blocks
+
+    def decode_padding(self, input_pos: Tensor) -> Tensor:
+        """The key padding (B, max_len) of a decode step at cache slot ``input_pos`` (1,): the unwritten and padded
+        slots, and with a sliding window W the slots W or more before it (a slot's distance is its tokens')."""
+        window = getattr(self.config, "sliding_window", None)
+        if window is None:
+            return self.cache_padding
+        return self.cache_padding | (self.cache_index <= input_pos - window)
 
     def setup_caches(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None, device=None) -> None:
         """Preallocate every layer's K/V cache for ``batch`` sequences of up to ``max_len`` tokens (kept when the
