@@ -53,6 +53,55 @@ def test_init_hf_trains_generates_and_evaluates_with_the_folders_tokenizer(hf_fo
     assert "perplexity" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("mode", ["lora", "prompt"])
+def test_init_hf_fine_tuning_modes(hf_folder, tmp_path, capsys, mode):
+    """LoRA (merged on export) and a soft prompt on a pretrained HF GPT-2 with its tokenizer: the exported model
+    generates."""
+    run = tmp_path / mode
+    assert main(["train", "--init-hf", str(hf_folder), "--mode", mode, "--out", str(run), "--seq-len", "16",
+                 "--batch-size", "4", "--steps", "2", "--eval-every", "2", "--eval-batches", "1",
+                 "--max-data-tokens", "20000", "--warmup", "1", "--prompt-len", "4"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(run), "-p", "It is", "-n", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("It is")
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    """A tiny random BERT with a WordPiece tokenizer trained by tokenizers ([CLS] / [SEP] / [MASK] / [PAD])."""
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
+    path = tmp_path_factory.mktemp("bert-hf")
+    tok = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator([default_corpus()[:200_000]], trainers.WordPieceTrainer(vocab_size=500,
+                                                                                   special_tokens=specials))
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({f"{r}_token": f"[{r.upper()}]"
+                                                            for r in ("pad", "cls", "sep", "mask")}
+                                                           | {"eos_token": "[SEP]"}))
+    torch.manual_seed(0)
+    transformers.BertForPreTraining(transformers.BertConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=64)).save_pretrained(path)
+    return path
+
+
+def test_hf_bert_folder_masked_lm(bert_folder, tmp_path, capsys):
+    """eval --task mlm straight on an HF BERT folder, and train --task mlm --init-hf with its WordPiece tokenizer:
+    the [CLS] / [SEP] / [MASK] ids are the tokenizer's."""
+    assert main(["eval", str(bert_folder), "--batches", "1", "--seq-len", "32"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "mlm"
+    run = tmp_path / "bert"
+    assert main(["train", "--task", "mlm", "--init-hf", str(bert_folder), "--out", str(run), "--seq-len", "32",
+                 "--batch-size", "4", "--steps", "2", "--eval-every", "2", "--eval-batches", "1",
+                 "--max-data-tokens", "20000", "--warmup", "1"]) == 0
+    capsys.readouterr()
+    ids = json.loads((run / "model" / "tokenizer.json").read_text())["special_ids"]
+    assert (ids["cls"], ids["sep"], ids["mask"], ids["pad"]) == (2, 3, 4, 0)
+
+
 def test_init_hf_tokenizer_errors(hf_folder, tmp_path, capsys):
     """A task needing a token the folder's tokenizer lacks, --tokenizer hf without --init-hf, a corrupt
     tokenizer.json: one line on stderr, exit code 2, no run folder."""
