@@ -171,6 +171,28 @@ def test_qwen_backends_and_decode_step(tmp_path):
         GPT.from_hf(tmp_path)
 
 
+def test_phi3_fused_projections_and_window(tmp_path):
+    """Phi-3 stores q / k / v in one qkv_proj and [gate | up] in one gate_up_proj (our layout) and has a sliding
+    window: logits past the window and greedy tokens equal transformers'; a partial rotary factor is refused."""
+    torch.manual_seed(0)
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+              sliding_window=8)
+    hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(**kw)).eval()
+    hf.save_pretrained(tmp_path)
+    hf64 = type(hf).from_pretrained(tmp_path, dtype=torch.float64).eval()
+    ours = GPT.from_hf(tmp_path)
+    assert ours.config.sliding_window == 8
+    ids = _ids(L=40)
+    with torch.no_grad():
+        _bounded("phi3", ours(ids), hf(ids), hf64(ids))
+        want = hf.generate(ids[:, :10], max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(ids[:, :10], 12, temperature=0), want)
+    transformers.Phi3ForCausalLM(transformers.Phi3Config(**kw, partial_rotary_factor=0.5)).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="partial_rotary_factor 0.5"):
+        GPT.from_hf(tmp_path)
+
+
 def test_mistral_sliding_window(tmp_path):
     """A Mistral window shorter than the sequence: logits past the window equal transformers' (window 8, 40
     tokens); greedy generation of a left-padded batch equals its generate (its sliding cache) through the bound decode

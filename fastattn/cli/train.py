@@ -164,7 +164,8 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
             "num_labels": cfg.num_labels, "pad_token_id": pad_id, "decoder_start_token_id": eos_id}
 
 
-HF_MODEL_TYPES = {"gpt2": "GPT", "llama": "GPT", "mistral": "GPT", "qwen2": "GPT", "qwen3": "GPT", "bert": "BERT"}
+HF_MODEL_TYPES = {"gpt2": "GPT", "llama": "GPT", "mistral": "GPT", "qwen2": "GPT", "qwen3": "GPT", "phi3": "GPT",
+                  "bert": "BERT"}
 
 
 def hf_model_type(path):

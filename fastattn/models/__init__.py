@@ -23,7 +23,7 @@ The interface (stable; the CLI builds on it):
   left.
 - Every model: ``save_pretrained(dir)`` / ``cls.from_pretrained(dir, **config_overrides)`` (config.json +
   model.safetensors), ``num_parameters(trainable_only=False)``, ``backbone_parameters()`` / ``head_parameters()``.
-  ``GPT.from_hf(dir)`` (GPT-2, Llama incl. 3.1 / 3.2, Qwen2, Qwen3, Mistral with its sliding window),
+  ``GPT.from_hf(dir)`` (GPT-2, Llama incl. 3.1 / 3.2, Qwen2, Qwen3, Phi-3, Mistral with its sliding window),
   ``BERT.from_hf(dir)``,
   ``BERTForSequenceClassification.from_hf(dir, num_labels=...)``: bad checkpoints raise ``CheckpointError`` naming
   the key. from_pretrained and from_hf return the model in eval mode, as transformers does.

@@ -146,7 +146,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
     # ---- HF checkpoints ----
     @classmethod
     def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides) -> "GPT":
-        """Import a local HF GPT-2 or Llama-family (Llama, Mistral, Qwen2, Qwen3) folder (config.json +
+        """Import a local HF GPT-2 or Llama-family (Llama, Mistral, Qwen2, Qwen3, Phi-3) folder (config.json +
         model.safetensors or pytorch_model.bin).
         ``dtype`` / ``device``: the model's (e.g. torch.bfloat16, "cuda"; default float32 on the CPU), the weights
         converted as they load. ``overrides`` set config fields (e.g. backend="torch", dropout=0.1). The model comes
@@ -155,11 +155,11 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         kind = hf.get("model_type")
         if kind == "gpt2":
             cfg, sd = _from_gpt2(hf, state)
-        elif kind in ("llama", "mistral", "qwen2", "qwen3"):
+        elif kind in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
             cfg, sd = _from_llama(hf, state)
         else:
             raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
-                                  "mistral, qwen2, qwen3)")
+                                  "mistral, qwen2, qwen3, phi3)")
         window = _sliding_window(hf)
         max_len = overrides.get("max_seq_len", cfg.max_seq_len)
         if window is not None and window < max_len and "sliding_window" not in overrides:
@@ -212,7 +212,7 @@ def _sliding_window(hf: dict) -> Optional[int]:
     or of a Qwen2 / Qwen3 with use_sliding_window, or None. A Qwen whose layers mix windowed and full attention
     (layer_types, max_window_layers) is refused."""
     kind = hf.get("model_type")
-    on = {"mistral": True, "qwen2": False, "qwen3": False}.get(kind)
+    on = {"mistral": True, "phi3": True, "qwen2": False, "qwen3": False}.get(kind)
     if on is None or not hf.get("sliding_window") or not hf.get("use_sliding_window", on):
         return None
     if kind != "mistral":
@@ -241,6 +241,10 @@ def _from_llama(hf: dict, state):
     elif rope_type != "default":
         raise CheckpointError(f"config.json: rope type {rope_type!r} is not supported by GPT.from_hf (default, "
                               f"{', '.join(ROPE_SCALING_KEYS)})")
+    partial = hf_get(rope, "partial_rotary_factor", default=hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise CheckpointError(f"config.json: partial_rotary_factor {partial} is not supported by GPT.from_hf (rotary "
+                              "positions on every head dim only)")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"config.json: hidden_act {act!r} is not supported (a SwiGLU MLP needs 'silu')")
@@ -265,13 +269,18 @@ def _from_llama(hf: dict, state):
         h, b = f"layers.{i}.", f"blocks.{i}."
         sd[f"{b}norm1.weight"] = m.take(f"{h}input_layernorm.weight", (d,))
         sd[f"{b}norm2.weight"] = m.take(f"{h}post_attention_layernorm.weight", (d,))
-        # q, k, v concatenated into wqkv; HF's rotate_half layout is ours, so no permutation
-        sd[f"{b}attn.wqkv.weight"] = torch.cat([m.take(f"{h}self_attn.q_proj.weight", (H * D, d)),
-                                                 m.take(f"{h}self_attn.k_proj.weight", (Hk * D, d)),
-                                                 m.take(f"{h}self_attn.v_proj.weight", (Hk * D, d))])
+        # q, k, v concatenated into wqkv (Phi-3 stores them so: qkv_proj); HF's rotate_half layout is ours, so no
+        # permutation; [gate | up] into w_in (Phi-3: gate_up_proj)
+        if kind == "phi3":
+            sd[f"{b}attn.wqkv.weight"] = m.take(f"{h}self_attn.qkv_proj.weight", ((H + 2 * Hk) * D, d))
+            sd[f"{b}mlp.w_in.weight"] = m.take(f"{h}mlp.gate_up_proj.weight", (2 * f, d))
+        else:
+            sd[f"{b}attn.wqkv.weight"] = torch.cat([m.take(f"{h}self_attn.q_proj.weight", (H * D, d)),
+                                                     m.take(f"{h}self_attn.k_proj.weight", (Hk * D, d)),
+                                                     m.take(f"{h}self_attn.v_proj.weight", (Hk * D, d))])
+            sd[f"{b}mlp.w_in.weight"] = torch.cat([m.take(f"{h}mlp.gate_proj.weight", (f, d)),
+                                                   m.take(f"{h}mlp.up_proj.weight", (f, d))])
         sd[f"{b}attn.wo.weight"] = m.take(f"{h}self_attn.o_proj.weight", (d, H * D))
-        sd[f"{b}mlp.w_in.weight"] = torch.cat([m.take(f"{h}mlp.gate_proj.weight", (f, d)),
-                                               m.take(f"{h}mlp.up_proj.weight", (f, d))])
         sd[f"{b}mlp.w_out.weight"] = m.take(f"{h}mlp.down_proj.weight", (d, f))
         if cfg.qk_norm:
             sd[f"{b}attn.q_norm.weight"] = m.take(f"{h}self_attn.q_norm.weight", (D,))
