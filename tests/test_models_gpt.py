@@ -50,7 +50,7 @@ def test_config_json_round_trip(tmp_path):
 @pytest.mark.parametrize("kw, words", [
     (dict(d_model=30, n_head=4), ["n_head", "d_model=30"]),
     (dict(n_kv_head=3), ["n_kv_head", "3"]),
-    (dict(mlp="geglu"), ["mlp", "geglu"]),
+    (dict(mlp="reglu"), ["mlp", "reglu"]),
     (dict(activation="swish"), ["activation", "swish"]),
     (dict(norm="batchnorm"), ["norm", "batchnorm"]),
     (dict(pos="alibi"), ["pos", "alibi"]),
@@ -65,6 +65,10 @@ def test_config_json_round_trip(tmp_path):
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), ["rope_scaling", "yarn"]),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), ["rope_scaling", "low_freq_factor"]),
     (dict(sliding_window=0), ["sliding_window"]),
+    (dict(attn_softcap=-1.0), ["attn_softcap"]),
+    (dict(attn_scale=0.0), ["attn_scale"]),
+    (dict(embed_scale=0), ["embed_scale"]),
+    (dict(sandwich_norm=True, norm_first=False), ["sandwich_norm", "pre-norm"]),
 ])
 def test_bad_config(kw, words):
     with pytest.raises(ValueError) as e:

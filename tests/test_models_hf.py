@@ -193,6 +193,48 @@ def test_phi3_fused_projections_and_window(tmp_path):
         GPT.from_hf(tmp_path)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_gemma(tmp_path, version):
+    """Gemma (1 + weight norms, sqrt(d) embedding scale, GeGLU, head_dim 16 != d / heads) and Gemma 2 (also sandwich
+    norms, score and logit softcaps, query_pre_attn_scalar, a sliding window on every other layer): logits within
+    transformers' own fp32 error and greedy tokens equal to its generate, through the bound decode step, the modules'
+    decode_one and the "torch" backend; a window shorter than max_seq_len is refused with the way out."""
+    torch.manual_seed(0)
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+              pad_token_id=0)
+    if version == 1:
+        hf = transformers.GemmaForCausalLM(transformers.GemmaConfig(**kw))
+    else:
+        hf = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            **kw, sliding_window=64, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+            query_pre_attn_scalar=24))
+    with torch.no_grad():  # norm weights start at 0 (a scale of 1): make them matter; larger scores for the caps
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5)
+            elif "q_proj" in name:
+                p.mul_(8)
+    hf.eval().save_pretrained(tmp_path)
+    hf64 = type(hf).from_pretrained(tmp_path, dtype=torch.float64).eval()
+    ours = GPT.from_hf(tmp_path)
+    assert ours.config.sandwich_norm == (version == 2) and ours.config.head_dim == 16
+    ids = _ids(L=20)
+    with torch.no_grad():
+        _bounded(f"gemma{version}", ours(ids), hf(ids), hf64(ids))
+        want = hf.generate(ids[:, :6], max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(ids[:, :6], 10, temperature=0), want)  # bound step
+        ours.bound_decode_one = lambda: ours.decode_one
+        assert torch.equal(ours.generate(ids[:, :6], 10, temperature=0), want)  # modules
+        assert torch.equal(GPT.from_hf(tmp_path, backend="torch").generate(ids[:, :6], 10, temperature=0), want)
+    if version == 2:
+        config = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 16}))
+        with pytest.raises(CheckpointError, match="pass max_seq_len=16 or less"):
+            GPT.from_hf(tmp_path)
+        assert GPT.from_hf(tmp_path, max_seq_len=16).config.max_seq_len == 16
+
+
 def test_mistral_sliding_window(tmp_path):
     """A Mistral window shorter than the sequence: logits past the window equal transformers' (window 8, 40
     tokens); greedy generation of a left-padded batch equals its generate (its sliding cache) through the bound decode

@@ -198,7 +198,7 @@ def _fused_segments(cfg):
     """{parameter name suffix: segment sizes} of the fused projections that tensor parallelism reorders."""
     D = cfg.head_dim
     out = {"attn.wqkv": [cfg.n_head * D, cfg.n_kv_head * D, cfg.n_kv_head * D]}
-    if getattr(cfg, "mlp", "gelu") == "swiglu":
+    if getattr(cfg, "mlp", "gelu") in ("swiglu", "geglu"):
         out["mlp.w_in"] = [cfg.d_ff, cfg.d_ff]
     return out
 

@@ -27,7 +27,7 @@ from ..ops.attention import attention
 from ..ops.attention.decode import routed_kernel
 from ..ops.batching import has_torch_function_subclass
 from ..ops.gemv import gemv_kernel
-from .layers import MLP, Attention, Block, Norm, apply_rotary
+from .layers import MLP, Attention, Block, Norm, apply_rotary, softcap
 
 log = logging.getLogger("fastattn")
 
@@ -62,6 +62,14 @@ def bind_head_norm(norm: Norm, dtype: torch.dtype, device: torch.device) -> Call
     return lambda x: rows(x.reshape(-1, x.shape[-1]), None).view(x.shape)
 
 
+def bind_output_norm(norm: Optional[Norm], dtype: torch.dtype, device: torch.device) -> Callable[[Tensor], Tensor]:
+    """A sublayer's output norm (Gemma 2's sandwich norms), or the identity when the block has none."""
+    if norm is None:
+        return lambda x: x
+    rows = bind_norm(norm, False, dtype, device)
+    return lambda x: rows(x, None)
+
+
 class _Step(NamedTuple):
     """What every layer of one step shares: the cache slot, the cache's keep mask (False = padding or not written;
     None when no layer's kernel reads it) and padding mask (True = padding), rotary cos / sin (B, 1, D) or None."""
@@ -79,7 +87,8 @@ class _SelfAttention:
                                                       bind_head_norm(a.k_norm, dtype, device))
         S = a.cache.k.shape[2]
         self.kernel = routed_kernel(torch.device(device).type, dtype, self.D, self.D, 1, S, forced)
-        self.scale = self.D ** -0.5
+        self.scale = self.D ** -0.5 if a.scale is None else a.scale
+        self.softcap = a.softcap
 
     def __call__(self, x: Tensor, st: _Step) -> Tensor:
         B, H, Hk, D = x.shape[0], self.H, self.Hk, self.D
@@ -92,9 +101,10 @@ class _SelfAttention:
         self.cache.v.index_copy_(2, st.input_pos, v.unsqueeze(2))
         q = q.unsqueeze(2)  # (B, H, 1, D)
         if self.kernel is not None:
-            out = self.kernel(q, self.cache.k, self.cache.v, None, st.keep, self.scale, 0.0, False)[0]
+            out = self.kernel(q, self.cache.k, self.cache.v, None, st.keep, self.scale, self.softcap, False)[0]
         else:
-            out = attention(q, self.cache.k, self.cache.v, causal=None, key_padding_mask=st.pad)
+            out = attention(q, self.cache.k, self.cache.v, causal=None, key_padding_mask=st.pad, scale=self.scale,
+                            softcap=self.softcap)
         return self.out(out.reshape(B, H * D))
 
 
@@ -106,7 +116,8 @@ class _CrossAttention:
         self.q, self.out = bind_linear(a.wq, dtype, rows), bind_linear(a.wo, dtype, rows)
         self.q_norm = None if a.q_norm is None else bind_head_norm(a.q_norm, dtype, device)
         self.kernel = routed_kernel(torch.device(device).type, dtype, self.D, self.D, 1, self.k.shape[2], forced)
-        self.scale = self.D ** -0.5
+        self.scale = self.D ** -0.5 if a.scale is None else a.scale
+        self.softcap = a.softcap
 
     def __call__(self, x: Tensor, st: _Step) -> Tensor:
         B = x.shape[0]
@@ -114,9 +125,10 @@ class _CrossAttention:
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.kernel is not None:
-            out = self.kernel(q, self.k, self.v, None, self.keep, self.scale, 0.0, False)[0]
+            out = self.kernel(q, self.k, self.v, None, self.keep, self.scale, self.softcap, False)[0]
         else:
-            out = attention(q, self.k, self.v, causal=None, key_padding_mask=self.pad)
+            out = attention(q, self.k, self.v, causal=None, key_padding_mask=self.pad, scale=self.scale,
+                            softcap=self.softcap)
         return self.out(out.reshape(B, self.H * self.D))
 
 
@@ -134,16 +146,18 @@ class _Block:
         self.norm2 = bind_norm(b.norm2, pre, dtype, device)
         w_in, w_out = bind_linear(b.mlp.w_in, dtype, rows), bind_linear(b.mlp.w_out, dtype, rows)
         self.mlp = lambda x: b.mlp.run(w_in, w_out, x)
+        self.post1 = bind_output_norm(getattr(b, "post_norm1", None), dtype, device)
+        self.post2 = bind_output_norm(getattr(b, "post_norm2", None), dtype, device)
 
     def __call__(self, h: Tensor, residual: Optional[Tensor], st: _Step):
         if self.norm_first:
             x, residual = self.norm1(h, residual)
-            h = self.attn(x, st)
+            h = self.post1(self.attn(x, st))
             if self.cross is not None:
                 x, residual = self.norm_x(h, residual)
                 h = self.cross(x, st)
             x, residual = self.norm2(h, residual)
-            return self.mlp(x), residual
+            return self.post2(self.mlp(x)), residual
         h = self.norm1(self.attn(h, st), h)
         if self.cross is not None:
             h = self.norm_x(self.cross(h, st), h)
@@ -181,7 +195,7 @@ class DecodeStep:
         if self.final is not None:
             h = self.final(h, residual)
         m.next_pos += 1
-        return self.head(h)
+        return softcap(self.head(h), m.config.final_softcap)
 
 
 def _why_not(model: nn.Module, blocks) -> Optional[str]:
@@ -200,6 +214,7 @@ def _why_not(model: nn.Module, blocks) -> Optional[str]:
             parts += [(b.cross_attn, Attention), (b.norm_x, Norm)]
         parts += [(n, Norm) for a in (b.attn, getattr(b, "cross_attn", None)) if a is not None
                   for n in (getattr(a, "q_norm", None), getattr(a, "k_norm", None)) if n is not None]
+        parts += [(n, Norm) for n in (getattr(b, "post_norm1", None), getattr(b, "post_norm2", None)) if n is not None]
         for mod, cls in parts:
             if type(mod) is not cls:
                 return f"{type(mod).__name__} in place of {cls.__name__}"

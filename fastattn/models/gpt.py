@@ -25,7 +25,7 @@ from .checkpoint import CheckpointError, KeyMap, hf_get, load_mapped, place, rea
 from .decode_step import bind_decode
 from .layers import (ROPE_SCALING_KEYS, Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin,
                      check_rope_scaling, check_sampling, generation_loop, init_weights, drop, keep_mask, make_norm,
-                     padding_or_none)
+                     padding_or_none, softcap)
 
 
 @dataclass
@@ -56,6 +56,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         """Token (+ position) embeddings (B, L, d_model) of tokens (B, L) at ``positions`` (B, L), and the rotary
         cos / sin (B, L, 1, head_dim) for the attention layers, or None."""
         x = self.tok_emb(input_ids)
+        if self.config.embed_scale != 1.0:  # Gemma: sqrt(d_model), in the embedding's dtype as there
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         pe = self.pos.embed(positions)
         if pe is not None:
             x = x + pe
@@ -80,11 +82,15 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         keep = keep_mask(input_ids, attention_mask, self.config.max_seq_len)
         positions = (keep.cumsum(-1) - 1).clamp_min(0)
         h = self.hidden(input_ids, positions, key_padding_mask=padding_or_none(keep, attention_mask))
-        logits = self.lm_head(h)
+        logits = self.logits(h)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """The LM head on final hidden states; Gemma 2 caps the logits: c * tanh(logits / c)."""
+        return softcap(self.lm_head(h), self.config.final_softcap)
 
     # ---- KV cache and generation (setup_caches: CacheMixin) ----
     def prefill(self, input_ids: Tensor, keep: Tensor) -> Tensor:
@@ -97,7 +103,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         self.next_pos.copy_(positions[:, -1:] + 1)
         h = self.hidden(input_ids, positions, key_padding_mask=padding_or_none(keep, keep),
                         input_pos=self.cache_index[:L])
-        return self.lm_head(h[:, -1])
+        return self.logits(h[:, -1])
 
     def decode_one(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """One token per sequence (B, 1), written at cache slot ``input_pos`` (1,); attends over the whole cache with
@@ -106,7 +112,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         h = self.hidden(tokens, self.next_pos, causal=None, key_padding_mask=self.decode_padding(input_pos),
                         input_pos=input_pos, use_cache=True)
         self.next_pos += 1
-        return self.lm_head(h[:, -1])
+        return self.logits(h[:, -1])
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
@@ -146,8 +152,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
     # ---- HF checkpoints ----
     @classmethod
     def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides) -> "GPT":
-        """Import a local HF GPT-2 or Llama-family (Llama, Mistral, Qwen2, Qwen3, Phi-3) folder (config.json +
-        model.safetensors or pytorch_model.bin).
+        """Import a local HF GPT-2, Llama-family (Llama, Mistral, Qwen2, Qwen3, Phi-3) or Gemma / Gemma 2 folder
+        (config.json + model.safetensors or pytorch_model.bin).
         ``dtype`` / ``device``: the model's (e.g. torch.bfloat16, "cuda"; default float32 on the CPU), the weights
         converted as they load. ``overrides`` set config fields (e.g. backend="torch", dropout=0.1). The model comes
         back in eval mode, as transformers' from_pretrained returns it (``.train()`` to fine-tune)."""
@@ -157,9 +163,11 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
             cfg, sd = _from_gpt2(hf, state)
         elif kind in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
             cfg, sd = _from_llama(hf, state)
+        elif kind in ("gemma", "gemma2"):
+            cfg, sd = _from_gemma(hf, state, overrides.get("max_seq_len"))
         else:
             raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
-                                  "mistral, qwen2, qwen3, phi3)")
+                                  "mistral, qwen2, qwen3, phi3, gemma, gemma2)")
         window = _sliding_window(hf)
         max_len = overrides.get("max_seq_len", cfg.max_seq_len)
         if window is not None and window < max_len and "sliding_window" not in overrides:
@@ -204,6 +212,62 @@ def _from_gpt2(hf: dict, state):
             sd[f"{b}{ours}.bias"] = m.take(f"{h}{theirs}.bias", shape[:1])
     sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else \
         KeyMap(state).take("lm_head.weight", (cfg.vocab_size, d))
+    return cfg, sd
+
+
+_GEMMA_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu_tanh", "gelu_exact": "gelu"}
+
+
+def _from_gemma(hf: dict, state, max_seq_len: Optional[int]):
+    """Gemma / Gemma 2: RMSNorms scaling by (1 + weight) (imported as that sum), embeddings times sqrt(d_model), a
+    GeGLU MLP, its own head_dim; Gemma 2 adds sandwich norms, score and logit softcaps, query_pre_attn_scalar and a
+    sliding window on every other layer (imported when max_seq_len is within it)."""
+    two = hf.get("model_type") == "gemma2"
+    # transformers reads Gemma's legacy hidden_act "gelu" as the tanh approximation, as the official models mean it
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in _GEMMA_ACT:
+        raise CheckpointError(f"config.json: hidden_activation {act!r} is not supported ({sorted(_GEMMA_ACT)})")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise CheckpointError(f"config.json: rope type {rope.get('rope_type')!r} is not supported for Gemma")
+    d, H, L = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
+    max_len = max_seq_len or hf.get("max_position_embeddings", 8192)
+    window = hf.get("sliding_window") if two else None
+    if window and window < max_len:
+        raise CheckpointError(f"config.json: Gemma 2's sliding window {window} on every other layer is shorter than "
+                              f"max_seq_len {max_len}; pass max_seq_len={window} or less to import it")
+    cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=L, n_head=H,
+                    n_kv_head=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim") or d // H,
+                    d_ff=hf["intermediate_size"], max_seq_len=max_len, norm="rmsnorm",
+                    norm_eps=hf.get("rms_norm_eps", 1e-6), norm_first=True, mlp="geglu", activation=_GEMMA_ACT[act],
+                    pos="rotary", rope_theta=float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4))),
+                    tie_embeddings=True, bias=bool(hf.get("attention_bias", False)), embed_scale=d ** 0.5,
+                    sandwich_norm=two, attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0) if two else 0.0,
+                    final_softcap=float(hf.get("final_logit_softcapping") or 0.0) if two else 0.0,
+                    attn_scale=float(hf["query_pre_attn_scalar"]) ** -0.5 if two else None)
+    if cfg.bias:
+        raise CheckpointError("config.json: attention_bias=true is not supported for Gemma")
+    m, f, D, Hk = KeyMap(state, ("model.", "")), cfg.d_ff, cfg.head_dim, cfg.n_kv_head
+
+    def norm(key):  # Gemma's norm multiplies by (1 + weight)
+        return m.take(key, (d,)).float() + 1.0
+
+    sd = {"tok_emb.weight": m.take("embed_tokens.weight", (cfg.vocab_size, d)), "norm_f.weight": norm("norm.weight")}
+    names = (("norm1", "input_layernorm"), ("norm2", "pre_feedforward_layernorm"), ("post_norm1",
+             "post_attention_layernorm"), ("post_norm2", "post_feedforward_layernorm")) if two else \
+        (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"))
+    for i in range(L):
+        h, b = f"layers.{i}.", f"blocks.{i}."
+        for ours, theirs in names:
+            sd[f"{b}{ours}.weight"] = norm(f"{h}{theirs}.weight")
+        sd[f"{b}attn.wqkv.weight"] = torch.cat([m.take(f"{h}self_attn.q_proj.weight", (H * D, d)),
+                                                 m.take(f"{h}self_attn.k_proj.weight", (Hk * D, d)),
+                                                 m.take(f"{h}self_attn.v_proj.weight", (Hk * D, d))])
+        sd[f"{b}attn.wo.weight"] = m.take(f"{h}self_attn.o_proj.weight", (d, H * D))
+        sd[f"{b}mlp.w_in.weight"] = torch.cat([m.take(f"{h}mlp.gate_proj.weight", (f, d)),
+                                               m.take(f"{h}mlp.up_proj.weight", (f, d))])
+        sd[f"{b}mlp.w_out.weight"] = m.take(f"{h}mlp.down_proj.weight", (d, f))
+    sd["lm_head.weight"] = sd["tok_emb.weight"]
     return cfg, sd
 
 

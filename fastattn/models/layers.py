@@ -28,7 +28,7 @@ from .. import hugepages
 from .checkpoint import load_weights, place, save_weights
 
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "geglu")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 POSITIONS = ("learned", "sinusoidal", "rotary", "none")
 BACKENDS = ("fastattn", "torch")
@@ -39,11 +39,15 @@ BACKENDS = ("fastattn", "torch")
 class ModelConfig:
     """Fields every model shares. ``n_kv_head`` None = n_head (multi-head); 1 = multi-query; between: grouped-query.
     ``head_dim`` None = d_model / n_head (Qwen3-style checkpoints set their own). ``d_ff`` None = 4 * d_model.
-    ``mlp``: "gelu" (two Linears with ``activation`` between) or "swiglu" (down(silu(gate(x)) * up(x))).
+    ``mlp``: "gelu" (two Linears with ``activation`` between), "swiglu" (down(silu(gate(x)) * up(x))) or "geglu"
+    (Gemma's: down(activation(gate(x)) * up(x)), activation "gelu_tanh" or "gelu").
     ``norm_first``: pre-norm (True) or post-norm (False). ``rope_scaling``: None, {"rope_type": "linear",
     "factor": f} or Llama 3's {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     "original_max_position_embeddings"}. ``sliding_window`` W (GPT): a token attends to itself and the W - 1 before
-    it (Mistral's window), in training, prefill and decoding. ``bias``: every Linear's bias; ``qkv_bias`` None = bias,
+    it (Mistral's window), in training, prefill and decoding. Gemma: ``embed_scale`` multiplies the token
+    embeddings; ``attn_scale`` (None = head_dim ** -0.5) scales the scores; ``attn_softcap`` / ``final_softcap``
+    (0: off) cap the scores / the logits as c * tanh(x / c); ``sandwich_norm`` adds a norm on each sublayer's output
+    before the residual add (pre-norm GPT only). ``bias``: every Linear's bias; ``qkv_bias`` None = bias,
     else the query / key / value projections' own (Qwen2: True with bias False). ``qk_norm``: queries and keys
     normalised per head (the model's ``norm`` over head_dim) before the rotary positions (Qwen3)."""
     vocab_size: int = 50257
@@ -64,6 +68,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: Optional[Dict[str, Any]] = None
     sliding_window: Optional[int] = None
+    embed_scale: float = 1.0
+    attn_scale: Optional[float] = None
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+    sandwich_norm: bool = False
     tie_embeddings: bool = True
     bias: bool = True
     qkv_bias: Optional[bool] = None
@@ -90,7 +99,7 @@ class ModelConfig:
                                  f"d_model={self.d_model} (or set head_dim)")
             self.head_dim = self.d_model // self.n_head
         self.check_ints(("head_dim",), 1)
-        for name in ("bias", "qk_norm") + (("qkv_bias",) if self.qkv_bias is not None else ()):
+        for name in ("bias", "qk_norm", "sandwich_norm") + (("qkv_bias",) if self.qkv_bias is not None else ()):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{type(self).__name__}.{name}: expected true or false, got {getattr(self, name)!r}")
         if self.n_head % self.n_kv_head:
@@ -101,10 +110,18 @@ class ModelConfig:
                              f"{self.head_dim}")
         for name, ok, want in (("dropout", lambda v: 0 <= v < 1, "0 <= dropout < 1"),
                                ("norm_eps", lambda v: v >= 0, "norm_eps >= 0"),
-                               ("rope_theta", lambda v: v > 0, "rope_theta > 0")):
+                               ("rope_theta", lambda v: v > 0, "rope_theta > 0"),
+                               ("embed_scale", lambda v: v > 0, "embed_scale > 0"),
+                               ("attn_softcap", lambda v: v >= 0, "attn_softcap >= 0 (0: off)"),
+                               ("final_softcap", lambda v: v >= 0, "final_softcap >= 0 (0: off)")):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
                 raise ValueError(f"{type(self).__name__}.{name}: expected a number, {want}; got {v!r}")
+        v = self.attn_scale
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            raise ValueError(f"{type(self).__name__}.attn_scale: expected a number > 0 or None, got {v!r}")
+        if self.sandwich_norm and (not self.norm_first or self.model_type != "gpt"):
+            raise ValueError(f"{type(self).__name__}.sandwich_norm: supported by pre-norm (norm_first) GPT only")
 
         check_rope_scaling(self.rope_scaling, type(self).__name__)
         if self.sliding_window is not None:
@@ -307,9 +324,9 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-def _torch_attention(q, k, v, causal, key_padding_mask, dropout_p, window: int = 0):
+def _torch_attention(q, k, v, causal, key_padding_mask, dropout_p, window: int = 0, scale=None, softcap=0.0):
     """fastattn.attention's meaning in stock torch SDPA (a bool mask is built for causal + padding + a causal
-    window of ``window`` keys, 0: none)."""
+    window of ``window`` keys, 0: none); with a softcap, which SDPA lacks, written out in torch ops."""
     L, S = q.shape[-2], k.shape[-2]
     mask = None
     if causal is not None:
@@ -319,7 +336,16 @@ def _torch_attention(q, k, v, causal, key_padding_mask, dropout_p, window: int =
     if key_padding_mask is not None:
         keep = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
         mask = keep if mask is None else mask & keep
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+    if softcap:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        s = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5 if scale is None else scale)
+        s = softcap * torch.tanh(s / softcap)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        p = F.dropout(torch.softmax(s, -1).nan_to_num(0.0), dropout_p, True)  # a row with no key: 0, as fastattn
+        return (p.to(v.dtype) @ v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
@@ -332,6 +358,7 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.backend, self.dropout, self.cross = cfg.backend, cfg.dropout, cross
         self.window = 0 if cross or cfg.sliding_window is None else cfg.sliding_window  # keys per causal query
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap
         q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
         qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
         if cross:
@@ -384,13 +411,16 @@ class Attention(nn.Module):
         # a decode step (causal None) gets its window in key_padding_mask (the model's window_padding)
         window = (self.window - 1, 0) if self.window and causal is not None else (-1, -1)
         if self.backend == "torch":
-            out = _torch_attention(q, k, v, causal, key_padding_mask, p, self.window if causal is not None else 0)
+            out = _torch_attention(q, k, v, causal, key_padding_mask, p, self.window if causal is not None else 0,
+                                   self.scale, self.softcap)
         elif use_cache and not torch.is_grad_enabled() and route_backend(q, k, v, forced_backend_name()):
             # a decode step that fastattn.attention would route to the split-KV kernel: called directly, without
             # the general checks, which cost more host time than the kernel at these sizes
-            out = decode_attention(q, k, v, causal=False, key_padding_mask=key_padding_mask)
+            out = decode_attention(q, k, v, causal=False, key_padding_mask=key_padding_mask, scale=self.scale,
+                                   softcap=self.softcap)
         else:
-            out = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=p, window=window)
+            out = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=p, window=window,
+                            scale=self.scale, softcap=self.softcap)
         return self.wo(out.transpose(1, 2).reshape(B, L, H * D))
 
 
@@ -401,13 +431,14 @@ def activation_fn(name: str):
 
 
 class MLP(nn.Module):
-    """"gelu": w_out(act(w_in(x))); "swiglu": w_out(silu(gate) * up) with [gate | up] = w_in(x) (one Linear)."""
+    """"gelu": w_out(act(w_in(x))); "swiglu" / "geglu": w_out(act(gate) * up) with [gate | up] = w_in(x) (one
+    Linear), act silu / the config's activation."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
-        self.act = F.silu if self.swiglu else activation_fn(cfg.activation)
-        self.w_in = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.d_ff, bias=cfg.bias)
+        self.gated = cfg.mlp in ("swiglu", "geglu")
+        self.act = F.silu if cfg.mlp == "swiglu" else activation_fn(cfg.activation)
+        self.w_in = nn.Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_ff, bias=cfg.bias)
         self.w_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -416,7 +447,7 @@ class MLP(nn.Module):
     def run(self, w_in, w_out, x: Tensor) -> Tensor:
         """The MLP on x through the projections given: the module's own, or bound ones (models/decode_step.py)."""
         h = w_in(x)
-        if self.swiglu:
+        if self.gated:
             gate, up = h.chunk(2, -1)
             return w_out(self.act(gate) * up)
         return w_out(self.act(h))
@@ -436,24 +467,36 @@ class Block(nn.Module):
         if cross:
             self.norm_x, self.cross_attn = make_norm(cfg), Attention(cfg, cross=True)
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        if cfg.sandwich_norm:  # Gemma 2: each sublayer's output normalised before the residual add
+            self.post_norm1, self.post_norm2 = make_norm(cfg), make_norm(cfg)
 
     def _drop(self, x: Tensor) -> Tensor:
         return drop(x, self.dropout, self.training, self.backend)
+
+    def _out(self, x: Tensor, post: str) -> Tensor:
+        """A sublayer's output, through its sandwich norm when the model has them."""
+        norm = getattr(self, post, None)
+        return x if norm is None else norm(x)
 
     def forward(self, h: Tensor, residual: Optional[Tensor], *, memory=None, memory_mask=None,
                 **attn_kw) -> Tuple[Tensor, Optional[Tensor]]:
         if self.norm_first:
             x, residual = self.norm1.pre(h, residual)
-            h = self._drop(self.attn(x, **attn_kw))
+            h = self._drop(self._out(self.attn(x, **attn_kw), "post_norm1"))
             if memory is not None:
                 x, residual = self.norm_x.pre(h, residual)
                 h = self._drop(self.cross_attn(x, key_padding_mask=memory_mask, memory=memory))
             x, residual = self.norm2.pre(h, residual)
-            return self._drop(self.mlp(x)), residual
+            return self._drop(self._out(self.mlp(x), "post_norm2")), residual
         h = self.norm1.post(self._drop(self.attn(h, **attn_kw)), h)
         if memory is not None:
             h = self.norm_x.post(self._drop(self.cross_attn(h, key_padding_mask=memory_mask, memory=memory)), h)
         return self.norm2.post(self._drop(self.mlp(h)), h), None
+
+
+def softcap(x: Tensor, cap: float) -> Tensor:
+    """cap * tanh(x / cap); x itself when cap is 0."""
+    return cap * torch.tanh(x / cap) if cap else x
 
 
 def init_weights(m: nn.Module) -> None:
