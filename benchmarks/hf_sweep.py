@@ -9,6 +9,7 @@ A row says "FASTATTN ERROR" when only our run failed; a config the script cannot
 
     python benchmarks/hf_sweep.py                    # the default list below
     python benchmarks/hf_sweep.py llama:causal mpnet:encoder bart:seq2seq
+    python benchmarks/hf_sweep.py --backward         # also a training step's parameter gradients
 """
 import copy
 import logging
@@ -25,6 +26,7 @@ import transformers as t  # noqa: E402
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 V = 97
+BACKWARD = False
 SMALL = dict(hidden_size=64, d_model=64, n_embd=64, num_hidden_layers=2, n_layer=2, num_layers=2, encoder_layers=2,
              decoder_layers=2, num_decoder_layers=2, num_attention_heads=4, n_head=4, encoder_attention_heads=4,
              decoder_attention_heads=4, num_heads=4, num_key_value_heads=2, intermediate_size=96,
@@ -36,7 +38,9 @@ SMALL = dict(hidden_size=64, d_model=64, n_embd=64, num_hidden_layers=2, n_layer
              decoder_start_token_id=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
              attention_dropout=0.0, dropout=0.0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
              max_source_positions=64, max_target_positions=64, n_group=1, topk_group=1,
-             global_attn_every_n_layers=2, local_attention=4, rotary_dim=8)
+             global_attn_every_n_layers=2, local_attention=4, rotary_dim=8, dropout_rate=0.0, layerdrop=0.0,
+             encoder_layerdrop=0.0, decoder_layerdrop=0.0, residual_dropout=0.0, activation_dropout=0.0,
+             classifier_dropout=0.0, mlp_dropout=0.0, embedding_dropout=0.0)
 AUTO = {"causal": "AutoModelForCausalLM", "encoder": "AutoModel", "seq2seq": "AutoModelForSeq2SeqLM"}
 DEFAULT = {
     "causal": "llama qwen2 qwen3 qwen3_moe qwen3_next phi phi3 phimoe gemma gemma2 gemma3_text cohere cohere2 "
@@ -112,6 +116,8 @@ def check(model_type, kind):
     if all(isinstance(outs.get(k), torch.Tensor) for k in ("eager", "sdpa")):
         res.append(f"|sdpa-eager| {(outs['sdpa'] - outs['eager'])[keep].abs().max().item():.1e}")
     res.append(f"max|out| {outs['eager'][keep].abs().max().item():.1e}")
+    if BACKWARD:
+        res.append(_gradients(models, ids, mask, keep, kw))
     if kind == "causal":
         for cache in (None, "static"):
             gen = [models[k].generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8,
@@ -121,7 +127,41 @@ def check(model_type, kind):
     return ", ".join(res)
 
 
+def _gradients(models, ids, mask, keep, kw):
+    """A training step (train mode, dropout 0) of eager and fastattn: the largest parameter-gradient difference,
+    relative to the largest gradient, beside sdpa's own from eager."""
+    grads = {}
+    for k in ("eager", "sdpa", "fastattn"):
+        m = models.get(k)
+        if m is None:
+            continue
+        m.train().zero_grad()
+        try:
+            out = m(input_ids=ids, attention_mask=mask, **kw)
+            o = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+            o[keep].square().mean().backward()
+        except Exception as e:
+            grads[k] = e
+            continue
+        finally:
+            m.eval()
+        grads[k] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    if isinstance(grads.get("fastattn"), Exception):
+        return f"BACKWARD ERROR {type(grads['fastattn']).__name__}: {str(grads['fastattn'])[:120]}"
+
+    def rel(a, b):
+        top = max(g.abs().max().item() for g in b.values()) or 1.0
+        return max((a[n] - b[n]).abs().max().item() for n in b) / top
+    out = [f"grad |fa-eager|/max {rel(grads['fastattn'], grads['eager']):.1e}"]
+    if isinstance(grads.get("sdpa"), dict):
+        out.append(f"|sdpa-eager|/max {rel(grads['sdpa'], grads['eager']):.1e}")
+    return ", ".join(out)
+
+
 def main(argv):
+    global BACKWARD
+    BACKWARD = "--backward" in argv
+    argv = [a for a in argv if a != "--backward"]
     specs = [a.split(":") for a in argv] or [(m, k) for k, ms in DEFAULT.items() for m in ms.split()]
     print(f"transformers {t.__version__}, torch {torch.__version__}")
     for model_type, kind in specs:

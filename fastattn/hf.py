@@ -164,9 +164,39 @@ def _eager_fallback(module, why: str, *args, **kwargs):
     _once(logging.WARNING, f"eager:{type(module).__qualname__}:{why}",
           "fastattn.hf: %s runs on its model's eager attention: %s", type(module).__name__, why)
     query, key, value, attention_mask, dropout, scaling, is_causal = args
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if is_causal is not None:
         kwargs["is_causal"] = is_causal
-    return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    mask = _eager_mask(attention_mask, query.shape[2], key.shape[2], causal, query.dtype)
+    return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _eager_mask(attention_mask: Optional[Tensor], L: int, S: int, causal: bool, dtype: torch.dtype):
+    """What a model's eager function adds to its scores, (B | 1, 1, L, S) float with finfo.min where masked, from any
+    mask the builder above hands the attention function: None (causal or nothing), a 2-D padding mask over the keys
+    seen so far, the 3-D sliding-window view, a (B, 1, 1, S) view or a 4-D bool / float mask."""
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.is_floating_point():
+        return attention_mask
+    device = attention_mask.device if attention_mask is not None else None
+    i, j = torch.arange(L, device=device)[:, None], torch.arange(S, device=device)
+    keep, window = torch.ones(1, 1, L, S, dtype=torch.bool, device=device), 0
+    if attention_mask is not None and attention_mask.dim() == 3:  # (B, W, S'): the window, then the padding
+        window, attention_mask = attention_mask.shape[1], attention_mask[:, 0]
+    if attention_mask is not None and attention_mask.dim() == 4:
+        keep = attention_mask.to(torch.bool)
+    else:
+        seen = S
+        if attention_mask is not None:  # (B, S') True / 1 = a real key, S' <= S keys seen so far
+            seen = attention_mask.shape[-1]
+            pad = torch.zeros(attention_mask.shape[0], S, dtype=torch.bool, device=device)
+            pad[:, :seen] = attention_mask.to(torch.bool)
+            keep = keep & pad[:, None, None, :]
+        if causal:  # bottom-right over the keys seen: query i sits at key i + seen - L
+            keep = keep & (j <= i + seen - L)
+            if window:
+                keep = keep & (j > i + seen - L - window)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(keep, zero, torch.finfo(dtype).min)
 
 
 # ---- the mask builder ------------------------------------------------------------------------------------------

@@ -305,6 +305,33 @@ def test_attention_sinks(caplog):
     assert any("runs on its model's eager attention" in r.getMessage() for r in caplog.records)
 
 
+def test_gpt_oss_training_with_padding_falls_back_to_eager():
+    """A gpt-oss training step (sinks with gradients: the eager fallback) on a padded batch: the compact masks the
+    builder makes (padding, sliding window) reach the eager function as the additive mask it expects; loss and
+    every gradient equal to attn_implementation="eager"."""
+    t = transformers
+    cfg = t.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                         num_experts_per_tok=1, sliding_window=4, max_position_embeddings=64, pad_token_id=0)
+    fhf.register()
+    torch.manual_seed(0)
+    models = [t.GptOssForCausalLM._from_config(cfg, attn_implementation=impl, experts_implementation="eager")
+              for impl in ("eager", "fastattn")]
+    models[1].load_state_dict(models[0].state_dict())
+    ids, mask = batch()
+    grads, losses = [], []
+    for model in models:
+        out = model.train()(input_ids=ids, attention_mask=mask).logits
+        loss = out[mask.bool()].square().mean()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7)
+
+
 def test_output_attentions_warns(saved, caplog):
     ids, mask = batch()
     model = load(saved, "llama", "fastattn")
