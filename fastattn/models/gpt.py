@@ -1,5 +1,5 @@
-"""GPT: a decoder-only causal language model on fastattn's fused ops (GPT-2 and Llama shapes), with a static KV cache,
-prefill / decode generation and import of HF GPT-2 and Llama-family checkpoints.
+"""GPT: a decoder-only causal language model on fastattn's fused ops (GPT-2, Llama, Qwen, Gemma shapes), with a static
+KV cache, prefill / decode generation and import of HF checkpoints (the importers: gpt_hf.py).
 
     model = GPT(GPTConfig(vocab_size=50257, d_model=768, n_layer=12, n_head=12))
     out = model(input_ids, labels=input_ids)                    # out.logits (B, L, V), out.loss
@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, KeyMap, hf_get, load_mapped, place, read_hf_folder
+from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
-from .layers import (ROPE_SCALING_KEYS, Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin,
-                     check_rope_scaling, check_sampling, generation_loop, init_weights, drop, keep_mask, make_norm,
-                     padding_or_none, softcap)
+from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
+                     drop, generation_loop, init_weights, keep_mask, make_norm, padding_or_none, softcap)
 
 
 @dataclass
@@ -157,206 +156,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         ``dtype`` / ``device``: the model's (e.g. torch.bfloat16, "cuda"; default float32 on the CPU), the weights
         converted as they load. ``overrides`` set config fields (e.g. backend="torch", dropout=0.1). The model comes
         back in eval mode, as transformers' from_pretrained returns it (``.train()`` to fine-tune)."""
-        hf, state = read_hf_folder(path)
-        kind = hf.get("model_type")
-        if kind == "gpt2":
-            cfg, sd = _from_gpt2(hf, state)
-        elif kind in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
-            cfg, sd = _from_llama(hf, state)
-        elif kind in ("gemma", "gemma2"):
-            cfg, sd = _from_gemma(hf, state, overrides.get("max_seq_len"))
-        else:
-            raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
-                                  "mistral, qwen2, qwen3, phi3, gemma, gemma2)")
-        window = _sliding_window(hf)
-        max_len = overrides.get("max_seq_len", cfg.max_seq_len)
-        if window is not None and window < max_len and "sliding_window" not in overrides:
-            overrides = {**overrides, "sliding_window": window}  # (a window of >= max_seq_len keys cuts nothing)
-        cfg = GPTConfig.from_dict({**cfg.to_dict(), **overrides})
+        from .gpt_hf import import_gpt  # the importers of each family (they build GPTConfigs: imported here)
+        cfg, sd = import_gpt(path, overrides)
         model = place(cls(cfg), dtype, device)
         load_mapped(model, sd)
         return model.eval()  # as transformers' from_pretrained
-
-
-_GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
-
-
-def _from_gpt2(hf: dict, state):
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
-        if hf.get(flag):
-            raise CheckpointError(f"config.json: {flag}=true is not supported by GPT.from_hf")
-    if hf.get("scale_attn_weights") is False:
-        raise CheckpointError("config.json: scale_attn_weights=false is not supported by GPT.from_hf")
-    act = hf.get("activation_function", "gelu_new")
-    if act not in _GPT2_ACT:
-        raise CheckpointError(f"config.json: activation_function {act!r} is not supported ({sorted(_GPT2_ACT)})")
-    d = hf["n_embd"]
-    cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["n_layer"], n_head=hf["n_head"],
-                    d_ff=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"], norm="layernorm",
-                    norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_first=True, mlp="gelu",
-                    activation=_GPT2_ACT[act], pos="learned", tie_embeddings=hf.get("tie_word_embeddings", True),
-                    bias=True)
-    m, f = KeyMap(state, ("transformer.", "")), cfg.d_ff
-    sd = {"tok_emb.weight": m.take("wte.weight", (cfg.vocab_size, d)),
-          "pos.weight": m.take("wpe.weight", (cfg.max_seq_len, d)),
-          "norm_f.weight": m.take("ln_f.weight", (d,)), "norm_f.bias": m.take("ln_f.bias", (d,))}
-    for i in range(cfg.n_layer):
-        h, b = f"h.{i}.", f"blocks.{i}."
-        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-            sd[f"{b}{ours}.weight"] = m.take(f"{h}{theirs}.weight", (d,))
-            sd[f"{b}{ours}.bias"] = m.take(f"{h}{theirs}.bias", (d,))
-        # GPT-2's Conv1D stores (in, out): transposed into nn.Linear's (out, in)
-        for ours, theirs, shape in (("attn.wqkv", "attn.c_attn", (3 * d, d)), ("attn.wo", "attn.c_proj", (d, d)),
-                                    ("mlp.w_in", "mlp.c_fc", (f, d)), ("mlp.w_out", "mlp.c_proj", (d, f))):
-            sd[f"{b}{ours}.weight"] = m.take(f"{h}{theirs}.weight", shape, transpose=True)
-            sd[f"{b}{ours}.bias"] = m.take(f"{h}{theirs}.bias", shape[:1])
-    sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else \
-        KeyMap(state).take("lm_head.weight", (cfg.vocab_size, d))
-    return cfg, sd
-
-
-_GEMMA_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu_tanh", "gelu_exact": "gelu"}
-
-
-def _from_gemma(hf: dict, state, max_seq_len: Optional[int]):
-    """Gemma / Gemma 2: RMSNorms scaling by (1 + weight) (imported as that sum), embeddings times sqrt(d_model), a
-    GeGLU MLP, its own head_dim; Gemma 2 adds sandwich norms, score and logit softcaps, query_pre_attn_scalar and a
-    sliding window on every other layer (imported when max_seq_len is within it)."""
-    two = hf.get("model_type") == "gemma2"
-    # transformers reads Gemma's legacy hidden_act "gelu" as the tanh approximation, as the official models mean it
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in _GEMMA_ACT:
-        raise CheckpointError(f"config.json: hidden_activation {act!r} is not supported ({sorted(_GEMMA_ACT)})")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise CheckpointError(f"config.json: rope type {rope.get('rope_type')!r} is not supported for Gemma")
-    d, H, L = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
-    max_len = max_seq_len or hf.get("max_position_embeddings", 8192)
-    window = hf.get("sliding_window") if two else None
-    if window and window < max_len:
-        raise CheckpointError(f"config.json: Gemma 2's sliding window {window} on every other layer is shorter than "
-                              f"max_seq_len {max_len}; pass max_seq_len={window} or less to import it")
-    cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=L, n_head=H,
-                    n_kv_head=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim") or d // H,
-                    d_ff=hf["intermediate_size"], max_seq_len=max_len, norm="rmsnorm",
-                    norm_eps=hf.get("rms_norm_eps", 1e-6), norm_first=True, mlp="geglu", activation=_GEMMA_ACT[act],
-                    pos="rotary", rope_theta=float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4))),
-                    tie_embeddings=True, bias=bool(hf.get("attention_bias", False)), embed_scale=d ** 0.5,
-                    sandwich_norm=two, attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0) if two else 0.0,
-                    final_softcap=float(hf.get("final_logit_softcapping") or 0.0) if two else 0.0,
-                    attn_scale=float(hf["query_pre_attn_scalar"]) ** -0.5 if two else None)
-    if cfg.bias:
-        raise CheckpointError("config.json: attention_bias=true is not supported for Gemma")
-    m, f, D, Hk = KeyMap(state, ("model.", "")), cfg.d_ff, cfg.head_dim, cfg.n_kv_head
-
-    def norm(key):  # Gemma's norm multiplies by (1 + weight)
-        return m.take(key, (d,)).float() + 1.0
-
-    sd = {"tok_emb.weight": m.take("embed_tokens.weight", (cfg.vocab_size, d)), "norm_f.weight": norm("norm.weight")}
-    names = (("norm1", "input_layernorm"), ("norm2", "pre_feedforward_layernorm"), ("post_norm1",
-             "post_attention_layernorm"), ("post_norm2", "post_feedforward_layernorm")) if two else \
-        (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"))
-    for i in range(L):
-        h, b = f"layers.{i}.", f"blocks.{i}."
-        for ours, theirs in names:
-            sd[f"{b}{ours}.weight"] = norm(f"{h}{theirs}.weight")
-        sd[f"{b}attn.wqkv.weight"] = torch.cat([m.take(f"{h}self_attn.q_proj.weight", (H * D, d)),
-                                                 m.take(f"{h}self_attn.k_proj.weight", (Hk * D, d)),
-                                                 m.take(f"{h}self_attn.v_proj.weight", (Hk * D, d))])
-        sd[f"{b}attn.wo.weight"] = m.take(f"{h}self_attn.o_proj.weight", (d, H * D))
-        sd[f"{b}mlp.w_in.weight"] = torch.cat([m.take(f"{h}mlp.gate_proj.weight", (f, d)),
-                                               m.take(f"{h}mlp.up_proj.weight", (f, d))])
-        sd[f"{b}mlp.w_out.weight"] = m.take(f"{h}mlp.down_proj.weight", (d, f))
-    sd["lm_head.weight"] = sd["tok_emb.weight"]
-    return cfg, sd
-
-
-def _sliding_window(hf: dict) -> Optional[int]:
-    """The attention window (a query sees the ``window`` latest keys, itself included) of every layer of a Mistral,
-    or of a Qwen2 / Qwen3 with use_sliding_window, or None. A Qwen whose layers mix windowed and full attention
-    (layer_types, max_window_layers) is refused."""
-    kind = hf.get("model_type")
-    on = {"mistral": True, "phi3": True, "qwen2": False, "qwen3": False}.get(kind)
-    if on is None or not hf.get("sliding_window") or not hf.get("use_sliding_window", on):
-        return None
-    if kind != "mistral":
-        n = hf["num_hidden_layers"]
-        types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 0) else
-                                          "full_attention" for i in range(n)]
-        if "sliding_attention" not in types:
-            return None
-        if set(types) != {"sliding_attention"}:
-            windowed = types.count("sliding_attention")
-            raise CheckpointError(f"config.json: layers with and without a sliding window ({windowed} of {n} "
-                                  "windowed) are not supported by GPT.from_hf")
-    return int(hf["sliding_window"])
-
-
-def _from_llama(hf: dict, state):
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    scaling = None
-    if rope_type in ROPE_SCALING_KEYS:  # Llama 3.1 / 3.2: "llama3"
-        scaling = {"rope_type": rope_type, **{k: rope.get(k) for k in ROPE_SCALING_KEYS[rope_type]}}
-        try:
-            check_rope_scaling(scaling, "config.json")
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
-    elif rope_type != "default":
-        raise CheckpointError(f"config.json: rope type {rope_type!r} is not supported by GPT.from_hf (default, "
-                              f"{', '.join(ROPE_SCALING_KEYS)})")
-    partial = hf_get(rope, "partial_rotary_factor", default=hf.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise CheckpointError(f"config.json: partial_rotary_factor {partial} is not supported by GPT.from_hf (rotary "
-                              "positions on every head dim only)")
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise CheckpointError(f"config.json: hidden_act {act!r} is not supported (a SwiGLU MLP needs 'silu')")
-    kind = hf.get("model_type")
-    attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
-    if attn_bias != mlp_bias:
-        raise CheckpointError(f"config.json: attention_bias={attn_bias} with mlp_bias={mlp_bias} is not supported "
-                              "(one bias setting for every Linear)")
-    qkv_bias = True if kind == "qwen2" else None  # Qwen2: q / k / v projections with bias, the others without
-    d, H = hf["hidden_size"], hf["num_attention_heads"]
-    cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["num_hidden_layers"], n_head=H,
-                    n_kv_head=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim") or d // H,
-                    d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
-                    norm_eps=hf.get("rms_norm_eps", 1e-6), norm_first=True, mlp="swiglu", activation="silu",
-                    pos="rotary", rope_theta=float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4))),
-                    tie_embeddings=hf.get("tie_word_embeddings", False), bias=attn_bias, qkv_bias=qkv_bias,
-                    qk_norm=kind == "qwen3", rope_scaling=scaling)
-    m, f, D, Hk = KeyMap(state, ("model.", "")), cfg.d_ff, cfg.head_dim, cfg.n_kv_head
-    sd = {"tok_emb.weight": m.take("embed_tokens.weight", (cfg.vocab_size, d)),
-          "norm_f.weight": m.take("norm.weight", (d,))}
-    for i in range(cfg.n_layer):
-        h, b = f"layers.{i}.", f"blocks.{i}."
-        sd[f"{b}norm1.weight"] = m.take(f"{h}input_layernorm.weight", (d,))
-        sd[f"{b}norm2.weight"] = m.take(f"{h}post_attention_layernorm.weight", (d,))
-        # q, k, v concatenated into wqkv (Phi-3 stores them so: qkv_proj); HF's rotate_half layout is ours, so no
-        # permutation; [gate | up] into w_in (Phi-3: gate_up_proj)
-        if kind == "phi3":
-            sd[f"{b}attn.wqkv.weight"] = m.take(f"{h}self_attn.qkv_proj.weight", ((H + 2 * Hk) * D, d))
-            sd[f"{b}mlp.w_in.weight"] = m.take(f"{h}mlp.gate_up_proj.weight", (2 * f, d))
-        else:
-            sd[f"{b}attn.wqkv.weight"] = torch.cat([m.take(f"{h}self_attn.q_proj.weight", (H * D, d)),
-                                                     m.take(f"{h}self_attn.k_proj.weight", (Hk * D, d)),
-                                                     m.take(f"{h}self_attn.v_proj.weight", (Hk * D, d))])
-            sd[f"{b}mlp.w_in.weight"] = torch.cat([m.take(f"{h}mlp.gate_proj.weight", (f, d)),
-                                                   m.take(f"{h}mlp.up_proj.weight", (f, d))])
-        sd[f"{b}attn.wo.weight"] = m.take(f"{h}self_attn.o_proj.weight", (d, H * D))
-        sd[f"{b}mlp.w_out.weight"] = m.take(f"{h}mlp.down_proj.weight", (d, f))
-        if cfg.qk_norm:
-            sd[f"{b}attn.q_norm.weight"] = m.take(f"{h}self_attn.q_norm.weight", (D,))
-            sd[f"{b}attn.k_norm.weight"] = m.take(f"{h}self_attn.k_norm.weight", (D,))
-        if cfg.bias or qkv_bias:
-            sd[f"{b}attn.wqkv.bias"] = torch.cat([m.take(f"{h}self_attn.{n}_proj.bias", (s,))
-                                                   for n, s in (("q", H * D), ("k", Hk * D), ("v", Hk * D))])
-        if cfg.bias:
-            sd[f"{b}attn.wo.bias"] = m.take(f"{h}self_attn.o_proj.bias", (d,))
-            sd[f"{b}mlp.w_in.bias"] = torch.cat([m.take(f"{h}mlp.gate_proj.bias", (f,)),
-                                                 m.take(f"{h}mlp.up_proj.bias", (f,))])
-            sd[f"{b}mlp.w_out.bias"] = m.take(f"{h}mlp.down_proj.bias", (d,))
-    sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else \
-        KeyMap(state).take("lm_head.weight", (cfg.vocab_size, d))
-    return cfg, sd

@@ -408,7 +408,7 @@ class Attention(nn.Module):
                     k, v = k_all, v_all
         q = q.transpose(1, 2)  # (B, H, L, D), a strided view
         p = self.dropout if self.training else 0.0
-        # a decode step (causal None) gets its window in key_padding_mask (the model's window_padding)
+        # a decode step (causal None) gets its window in key_padding_mask (CacheMixin.decode_padding)
         window = (self.window - 1, 0) if self.window and causal is not None else (-1, -1)
         if self.backend == "torch":
             out = _torch_attention(q, k, v, causal, key_padding_mask, p, self.window if causal is not None else 0,
