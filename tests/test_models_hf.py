@@ -143,7 +143,8 @@ def test_dtype_and_device_on_load(tmp_path):
 def test_qwen_backends_and_decode_step(tmp_path):
     """A Qwen3-style GPT (q / k norms, head_dim != d / heads) and a Qwen2-style one (q / k / v biases): the "torch"
     backend gives the same logits, and the bound decode step the same greedy tokens as the modules; a Qwen2 whose
-    sliding window is on in every layer imports it, one that mixes windowed and full layers is refused."""
+    sliding window is on imports it, on every layer or from max_window_layers on (logits and generation equal to
+    transformers')."""
     from fastattn.models import GPTConfig
     ids = _ids()
     for kw in (dict(qk_norm=True, head_dim=16), dict(qkv_bias=True, bias=False)):
@@ -158,17 +159,20 @@ def test_qwen_backends_and_decode_step(tmp_path):
             bound = ours.generate(ids[:, :5], 6, temperature=0)
             modules = ref.generate(ids[:, :5], 6, temperature=0)
         assert torch.equal(bound, modules), kw
-    torch.manual_seed(0)
-    _qwen(2).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.update(use_sliding_window=True, sliding_window=16, max_window_layers=0)
-    config.pop("layer_types", None)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    assert GPT.from_hf(tmp_path).config.sliding_window == 16
-    config.update(max_window_layers=1)  # layer 0 full, layer 1 windowed
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="1 of 2 windowed"):
-        GPT.from_hf(tmp_path)
+    for layers in (0, 1):  # every layer windowed; layer 0 full and layer 1 windowed (max_window_layers)
+        torch.manual_seed(0)
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True, sliding_window=6,
+            max_window_layers=layers, bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+        hf.save_pretrained(tmp_path / str(layers))
+        ours = GPT.from_hf(tmp_path / str(layers))
+        assert (ours.config.sliding_window, ours.config.layer_types) == \
+            (6, None if layers == 0 else ["full_attention", "sliding_attention"])
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-5)
+            want = hf.generate(ids[:, :5], max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+            assert torch.equal(ours.generate(ids[:, :5], 8, temperature=0), want)
 
 
 def test_phi3_fused_projections_and_window(tmp_path):
@@ -196,9 +200,9 @@ def test_phi3_fused_projections_and_window(tmp_path):
 @pytest.mark.parametrize("version", [1, 2])
 def test_gemma(tmp_path, version):
     """Gemma (1 + weight norms, sqrt(d) embedding scale, GeGLU, head_dim 16 != d / heads) and Gemma 2 (also sandwich
-    norms, score and logit softcaps, query_pre_attn_scalar, a sliding window on every other layer): logits within
-    transformers' own fp32 error and greedy tokens equal to its generate, through the bound decode step, the modules'
-    decode_one and the "torch" backend; a window shorter than max_seq_len is refused with the way out."""
+    norms, score and logit softcaps, query_pre_attn_scalar, a sliding window of 6 on every other layer): logits of 20
+    tokens within transformers' own fp32 error and 10 greedy tokens after 6 equal to its generate (its hybrid cache),
+    through the bound decode step, the modules' decode_one and the "torch" backend."""
     torch.manual_seed(0)
     kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
@@ -207,7 +211,7 @@ def test_gemma(tmp_path, version):
         hf = transformers.GemmaForCausalLM(transformers.GemmaConfig(**kw))
     else:
         hf = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
-            **kw, sliding_window=64, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+            **kw, sliding_window=6, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
             query_pre_attn_scalar=24))
     with torch.no_grad():  # norm weights start at 0 (a scale of 1): make them matter; larger scores for the caps
         for name, p in hf.named_parameters():
@@ -219,6 +223,8 @@ def test_gemma(tmp_path, version):
     hf64 = type(hf).from_pretrained(tmp_path, dtype=torch.float64).eval()
     ours = GPT.from_hf(tmp_path)
     assert ours.config.sandwich_norm == (version == 2) and ours.config.head_dim == 16
+    if version == 2:  # a window of 6 on layer 0, none on layer 1
+        assert (ours.config.sliding_window, ours.config.layer_types) == (6, ["sliding_attention", "full_attention"])
     ids = _ids(L=20)
     with torch.no_grad():
         _bounded(f"gemma{version}", ours(ids), hf(ids), hf64(ids))
@@ -227,12 +233,6 @@ def test_gemma(tmp_path, version):
         ours.bound_decode_one = lambda: ours.decode_one
         assert torch.equal(ours.generate(ids[:, :6], 10, temperature=0), want)  # modules
         assert torch.equal(GPT.from_hf(tmp_path, backend="torch").generate(ids[:, :6], 10, temperature=0), want)
-    if version == 2:
-        config = json.loads((tmp_path / "config.json").read_text())
-        (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 16}))
-        with pytest.raises(CheckpointError, match="pass max_seq_len=16 or less"):
-            GPT.from_hf(tmp_path)
-        assert GPT.from_hf(tmp_path, max_seq_len=16).config.max_seq_len == 16
 
 
 def test_mistral_sliding_window(tmp_path):

@@ -7,9 +7,9 @@ The interface (stable; the CLI builds on it):
   n_kv_head (None = n_head), head_dim (None = d_model / n_head), d_ff (None = 4 d_model), max_seq_len, dropout, norm
   ("layernorm" | "rmsnorm"), norm_eps, norm_first, mlp ("gelu" | "swiglu" | "geglu"), activation (the "gelu" and
   "geglu" MLPs': "gelu" | "gelu_tanh" | "relu" | "silu"), pos ("learned" | "sinusoidal" | "rotary" | "none"),
-  rope_theta, rope_scaling (None | linear | llama3), sliding_window (GPT), tie_embeddings, bias, qkv_bias (None =
-  bias), qk_norm (per-head q / k norms), embed_scale, attn_scale, attn_softcap, final_softcap, sandwich_norm (Gemma),
-  backend ("fastattn" | "torch");
+  rope_theta, rope_scaling (None | linear | llama3), sliding_window and layer_types (GPT), tie_embeddings, bias,
+  qkv_bias (None = bias), qk_norm (per-head q / k norms), embed_scale, attn_scale, attn_softcap, final_softcap,
+  sandwich_norm (Gemma), backend ("fastattn" | "torch");
   BERT adds type_vocab_size, num_labels; Seq2Seq adds n_decoder_layer, embed_norm, pad/eos/decoder_start token ids.
   ``to_dict()`` / ``from_dict(d)`` (an unknown key raises ValueError naming it), ``save(path)`` / ``load(path)`` JSON.
   A bad value raises ValueError naming the field.

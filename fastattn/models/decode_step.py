@@ -15,7 +15,7 @@ or a backend that refuses the dtype. A linear layer of another type (a LoRA wrap
 from __future__ import annotations
 
 import logging
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ from ..ops.attention import attention
 from ..ops.attention.decode import routed_kernel
 from ..ops.batching import has_torch_function_subclass
 from ..ops.gemv import gemv_kernel
-from .layers import MLP, Attention, Block, Norm, apply_rotary, softcap
+from .layers import MLP, Attention, Block, Norm, apply_rotary, softcap, window_padding
 
 log = logging.getLogger("fastattn")
 
@@ -71,11 +71,12 @@ def bind_output_norm(norm: Optional[Norm], dtype: torch.dtype, device: torch.dev
 
 
 class _Step(NamedTuple):
-    """What every layer of one step shares: the cache slot, the cache's keep mask (False = padding or not written;
-    None when no layer's kernel reads it) and padding mask (True = padding), rotary cos / sin (B, 1, D) or None."""
+    """What every layer of one step shares: the cache slot, per sliding window (0: none) the cache's keep mask (False
+    = padding, not written, or out of the window; None when no layer's kernel reads it) and padding mask (True =
+    padding), rotary cos / sin (B, 1, D) or None."""
     input_pos: Tensor
-    keep: Optional[Tensor]
-    pad: Tensor
+    keep: Dict[int, Optional[Tensor]]
+    pad: Dict[int, Tensor]
     rotary: Optional[Tuple[Tensor, Tensor]]
 
 
@@ -88,7 +89,7 @@ class _SelfAttention:
         S = a.cache.k.shape[2]
         self.kernel = routed_kernel(torch.device(device).type, dtype, self.D, self.D, 1, S, forced)
         self.scale = self.D ** -0.5 if a.scale is None else a.scale
-        self.softcap = a.softcap
+        self.softcap, self.window = a.softcap, a.window
 
     def __call__(self, x: Tensor, st: _Step) -> Tensor:
         B, H, Hk, D = x.shape[0], self.H, self.Hk, self.D
@@ -101,10 +102,11 @@ class _SelfAttention:
         self.cache.v.index_copy_(2, st.input_pos, v.unsqueeze(2))
         q = q.unsqueeze(2)  # (B, H, 1, D)
         if self.kernel is not None:
-            out = self.kernel(q, self.cache.k, self.cache.v, None, st.keep, self.scale, self.softcap, False)[0]
+            out = self.kernel(q, self.cache.k, self.cache.v, None, st.keep[self.window], self.scale, self.softcap,
+                              False)[0]
         else:
-            out = attention(q, self.cache.k, self.cache.v, causal=None, key_padding_mask=st.pad, scale=self.scale,
-                            softcap=self.softcap)
+            out = attention(q, self.cache.k, self.cache.v, causal=None, key_padding_mask=st.pad[self.window],
+                            scale=self.scale, softcap=self.softcap)
         return self.out(out.reshape(B, H * D))
 
 
@@ -179,6 +181,7 @@ class DecodeStep:
         self.final = None if final_norm is None else bind_norm(final_norm, False, dtype, device)
         self.head = bind_linear(head, dtype, rows)
         self.needs_keep = any(b.attn.kernel is not None for b in self.blocks)
+        self.windows = sorted({b.attn.window for b in self.blocks} - {0})
 
     def __call__(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         m = self.model
@@ -187,8 +190,11 @@ class DecodeStep:
         B = x.shape[0]
         if rotary is not None:
             rotary = tuple(t.view(B, 1, t.shape[-1]) for t in rotary)
-        pad = m.decode_padding(input_pos)
-        st = _Step(input_pos, ~pad if self.needs_keep else None, pad, rotary)
+        pad = {0: m.cache_padding}
+        for w in self.windows:  # each sliding window's layers also leave out the slots w or more behind the token
+            pad[w] = m.cache_padding | window_padding(m.cache_padding.shape[1], input_pos, w)
+        keep = {w: ~p if self.needs_keep else None for w, p in pad.items()}
+        st = _Step(input_pos, keep, pad, rotary)
         h, residual = x.view(B, x.shape[-1]), None
         for block in self.blocks:
             h, residual = block(h, residual, st)

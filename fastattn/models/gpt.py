@@ -43,7 +43,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         self.config = cfg = config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = Positions(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, layer=i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.norm_first else None  # post-norm blocks end normalised
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(init_weights)
@@ -108,8 +108,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         """One token per sequence (B, 1), written at cache slot ``input_pos`` (1,); attends over the whole cache with
         the unwritten slots masked (static shapes). Returns logits (B, V)."""
         self.cache_padding.index_fill_(1, input_pos, False)
-        h = self.hidden(tokens, self.next_pos, causal=None, key_padding_mask=self.decode_padding(input_pos),
-                        input_pos=input_pos, use_cache=True)
+        h = self.hidden(tokens, self.next_pos, causal=None, key_padding_mask=self.cache_padding, input_pos=input_pos,
+                        use_cache=True)
         self.next_pos += 1
         return self.logits(h[:, -1])
 

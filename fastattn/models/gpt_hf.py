@@ -20,14 +20,15 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
     elif kind in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
         cfg, sd = _from_llama(hf, state)
     elif kind in ("gemma", "gemma2"):
-        cfg, sd = _from_gemma(hf, state, overrides.get("max_seq_len"))
+        cfg, sd = _from_gemma(hf, state)
     else:
         raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
                               "mistral, qwen2, qwen3, phi3, gemma, gemma2)")
-    window = _sliding_window(hf)
+    window, types = _sliding_window(hf)
     max_len = overrides.get("max_seq_len", cfg.max_seq_len)
     if window is not None and window < max_len and "sliding_window" not in overrides:
-        overrides = {**overrides, "sliding_window": window}  # (a window of >= max_seq_len keys cuts nothing)
+        # (a window of >= max_seq_len keys cuts nothing: then none is set)
+        overrides = {"sliding_window": window, "layer_types": types, **overrides}
     return GPTConfig.from_dict({**cfg.to_dict(), **overrides}), sd
 
 
@@ -71,10 +72,10 @@ def _from_gpt2(hf: dict, state):
 _GEMMA_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu_tanh", "gelu_exact": "gelu"}
 
 
-def _from_gemma(hf: dict, state, max_seq_len: Optional[int]):
+def _from_gemma(hf: dict, state):
     """Gemma / Gemma 2: RMSNorms scaling by (1 + weight) (imported as that sum), embeddings times sqrt(d_model), a
     GeGLU MLP, its own head_dim; Gemma 2 adds sandwich norms, score and logit softcaps, query_pre_attn_scalar and a
-    sliding window on every other layer (imported when max_seq_len is within it)."""
+    sliding window on every other layer (import_gpt sets it from _sliding_window)."""
     two = hf.get("model_type") == "gemma2"
     # transformers reads Gemma's legacy hidden_act "gelu" as the tanh approximation, as the official models mean it
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
@@ -84,14 +85,9 @@ def _from_gemma(hf: dict, state, max_seq_len: Optional[int]):
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise CheckpointError(f"config.json: rope type {rope.get('rope_type')!r} is not supported for Gemma")
     d, H, L = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
-    max_len = max_seq_len or hf.get("max_position_embeddings", 8192)
-    window = hf.get("sliding_window") if two else None
-    if window and window < max_len:
-        raise CheckpointError(f"config.json: Gemma 2's sliding window {window} on every other layer is shorter than "
-                              f"max_seq_len {max_len}; pass max_seq_len={window} or less to import it")
     cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=L, n_head=H,
                     n_kv_head=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim") or d // H,
-                    d_ff=hf["intermediate_size"], max_seq_len=max_len, norm="rmsnorm",
+                    d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 8192), norm="rmsnorm",
                     norm_eps=hf.get("rms_norm_eps", 1e-6), norm_first=True, mlp="geglu", activation=_GEMMA_ACT[act],
                     pos="rotary", rope_theta=float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4))),
                     tie_embeddings=True, bias=bool(hf.get("attention_bias", False)), embed_scale=d ** 0.5,
@@ -124,25 +120,24 @@ def _from_gemma(hf: dict, state, max_seq_len: Optional[int]):
     return cfg, sd
 
 
-def _sliding_window(hf: dict) -> Optional[int]:
-    """The attention window (a query sees the ``window`` latest keys, itself included) of every layer of a Mistral,
-    or of a Qwen2 / Qwen3 with use_sliding_window, or None. A Qwen whose layers mix windowed and full attention
-    (layer_types, max_window_layers) is refused."""
-    kind = hf.get("model_type")
-    on = {"mistral": True, "phi3": True, "qwen2": False, "qwen3": False}.get(kind)
+def _sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
+    """(the attention window W: a query sees the W latest keys, itself included; the layer_types when only some
+    layers have it, else None), or (None, None): Mistral and Phi-3 (every layer), Qwen2 / Qwen3 with
+    use_sliding_window (the layers from max_window_layers on, or as layer_types says), Gemma 2 (every other layer,
+    the first included)."""
+    kind, n = hf.get("model_type"), hf.get("num_hidden_layers", 0)
+    on = {"mistral": True, "phi3": True, "qwen2": False, "qwen3": False, "gemma2": True}.get(kind)
     if on is None or not hf.get("sliding_window") or not hf.get("use_sliding_window", on):
-        return None
-    if kind != "mistral":
-        n = hf["num_hidden_layers"]
+        return None, None
+    types = None
+    if kind in ("qwen2", "qwen3"):
         types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 0) else
                                           "full_attention" for i in range(n)]
-        if "sliding_attention" not in types:
-            return None
-        if set(types) != {"sliding_attention"}:
-            windowed = types.count("sliding_attention")
-            raise CheckpointError(f"config.json: layers with and without a sliding window ({windowed} of {n} "
-                                  "windowed) are not supported by GPT.from_hf")
-    return int(hf["sliding_window"])
+    elif kind == "gemma2":
+        types = hf.get("layer_types") or ["full_attention" if i % 2 else "sliding_attention" for i in range(n)]
+    if types is not None and "sliding_attention" not in types:
+        return None, None
+    return int(hf["sliding_window"]), (None if types is None or set(types) == {"sliding_attention"} else list(types))
 
 
 def _from_llama(hf: dict, state):

@@ -40,16 +40,17 @@ class ModelConfig:
     """Fields every model shares. ``n_kv_head`` None = n_head (multi-head); 1 = multi-query; between: grouped-query.
     ``head_dim`` None = d_model / n_head (Qwen3-style checkpoints set their own). ``d_ff`` None = 4 * d_model.
     ``mlp``: "gelu" (two Linears with ``activation`` between), "swiglu" (down(silu(gate(x)) * up(x))) or "geglu"
-    (Gemma's: down(activation(gate(x)) * up(x)), activation "gelu_tanh" or "gelu").
-    ``norm_first``: pre-norm (True) or post-norm (False). ``rope_scaling``: None, {"rope_type": "linear",
-    "factor": f} or Llama 3's {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-    "original_max_position_embeddings"}. ``sliding_window`` W (GPT): a token attends to itself and the W - 1 before
-    it (Mistral's window), in training, prefill and decoding. Gemma: ``embed_scale`` multiplies the token
-    embeddings; ``attn_scale`` (None = head_dim ** -0.5) scales the scores; ``attn_softcap`` / ``final_softcap``
-    (0: off) cap the scores / the logits as c * tanh(x / c); ``sandwich_norm`` adds a norm on each sublayer's output
-    before the residual add (pre-norm GPT only). ``bias``: every Linear's bias; ``qkv_bias`` None = bias,
-    else the query / key / value projections' own (Qwen2: True with bias False). ``qk_norm``: queries and keys
-    normalised per head (the model's ``norm`` over head_dim) before the rotary positions (Qwen3)."""
+    (Gemma's: down(activation(gate(x)) * up(x)), activation "gelu_tanh" or "gelu"). ``norm_first``: pre-norm (True)
+    or post-norm (False). ``rope_scaling``: None, {"rope_type": "linear", "factor": f} or Llama 3's {"rope_type":
+    "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
+    ``sliding_window`` W (GPT): a token attends to itself and the W - 1 before it (Mistral's window), in training,
+    prefill and decoding; on every layer, or on those ``layer_types`` (one "sliding_attention" / "full_attention"
+    per layer, HF's names) marks (Gemma 2's alternation). Gemma: ``embed_scale`` multiplies the token embeddings;
+    ``attn_scale`` (None = head_dim ** -0.5) scales the scores; ``attn_softcap`` / ``final_softcap`` (0: off) cap
+    the scores / the logits as c * tanh(x / c); ``sandwich_norm`` adds a norm on each sublayer's output before the
+    residual add (pre-norm GPT only). ``bias``: every Linear's bias; ``qkv_bias`` None = bias, else the query / key
+    / value projections' own (Qwen2: True with bias False). ``qk_norm``: queries and keys normalised per head (the
+    model's ``norm`` over head_dim) before the rotary positions (Qwen3)."""
     vocab_size: int = 50257
     d_model: int = 768
     n_layer: int = 12
@@ -68,6 +69,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: Optional[Dict[str, Any]] = None
     sliding_window: Optional[int] = None
+    layer_types: Optional[List[str]] = None
     embed_scale: float = 1.0
     attn_scale: Optional[float] = None
     attn_softcap: float = 0.0
@@ -128,6 +130,19 @@ class ModelConfig:
             self.check_ints(("sliding_window",), 1)
             if self.model_type != "gpt":
                 raise ValueError(f"{type(self).__name__}.sliding_window: a window is supported by GPT (causal) only")
+        if self.layer_types is not None:
+            kinds = ("sliding_attention", "full_attention")
+            if not isinstance(self.layer_types, list) or len(self.layer_types) != self.n_layer or any(
+                    t not in kinds for t in self.layer_types) or self.sliding_window is None:
+                raise ValueError(f"{type(self).__name__}.layer_types: one of {kinds} per layer ({self.n_layer}), "
+                                 f"with sliding_window set; got {self.layer_types!r}")
+
+    def layer_window(self, i: int) -> int:
+        """Layer i's sliding window (keys per query), 0 for none."""
+        if self.sliding_window is None or (self.layer_types is not None and
+                                           self.layer_types[i] != "sliding_attention"):
+            return 0
+        return self.sliding_window
 
     def check_ints(self, names, low: int) -> None:
         """Each of ``names`` an int >= low (ValueError naming the field)."""
@@ -324,6 +339,12 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def window_padding(S: int, input_pos: Tensor, window: int) -> Tensor:
+    """(S,) True for the cache slots a token written at ``input_pos`` (1,) does not see through a window of
+    ``window`` keys (a slot's distance is its tokens': left padding comes first)."""
+    return torch.arange(S, device=input_pos.device) <= input_pos - window
+
+
 def _torch_attention(q, k, v, causal, key_padding_mask, dropout_p, window: int = 0, scale=None, softcap=0.0):
     """fastattn.attention's meaning in stock torch SDPA (a bool mask is built for causal + padding + a causal
     window of ``window`` keys, 0: none); with a softcap, which SDPA lacks, written out in torch ops."""
@@ -353,11 +374,11 @@ class Attention(nn.Module):
     """Multi-head / grouped-query / multi-query attention. Self-attention: one fused projection ``wqkv`` to
     [q | k | v]; cross-attention (``cross=True``): ``wq`` on the queries and ``wkv`` on the memory. Output ``wo``."""
 
-    def __init__(self, cfg: ModelConfig, cross: bool = False):
+    def __init__(self, cfg: ModelConfig, cross: bool = False, window: int = 0):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.backend, self.dropout, self.cross = cfg.backend, cfg.dropout, cross
-        self.window = 0 if cross or cfg.sliding_window is None else cfg.sliding_window  # keys per causal query
+        self.window = window  # keys per causal query (a sliding window), 0: all
         self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap
         q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
         qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
@@ -408,8 +429,9 @@ class Attention(nn.Module):
                     k, v = k_all, v_all
         q = q.transpose(1, 2)  # (B, H, L, D), a strided view
         p = self.dropout if self.training else 0.0
-        # a decode step (causal None) gets its window in key_padding_mask (CacheMixin.decode_padding)
         window = (self.window - 1, 0) if self.window and causal is not None else (-1, -1)
+        if self.window and use_cache:  # a decode step: the cache slots W or more behind the token join the padding
+            key_padding_mask = key_padding_mask | window_padding(k.shape[2], input_pos, self.window)
         if self.backend == "torch":
             out = _torch_attention(q, k, v, causal, key_padding_mask, p, self.window if causal is not None else 0,
                                    self.scale, self.softcap)
@@ -460,10 +482,10 @@ class Block(nn.Module):
     Pre-norm: ``forward(h, residual)`` takes the previous block's sublayer output h and the stream so far, and returns
     (h, residual) again; the model applies its final norm to h + residual. Post-norm: residual is None in and out."""
 
-    def __init__(self, cfg: ModelConfig, cross: bool = False):
+    def __init__(self, cfg: ModelConfig, cross: bool = False, layer: int = 0):
         super().__init__()
         self.norm_first, self.dropout, self.backend = cfg.norm_first, cfg.dropout, cfg.backend
-        self.norm1, self.attn = make_norm(cfg), Attention(cfg)
+        self.norm1, self.attn = make_norm(cfg), Attention(cfg, window=cfg.layer_window(layer))
         if cross:
             self.norm_x, self.cross_attn = make_norm(cfg), Attention(cfg, cross=True)
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
@@ -586,14 +608,6 @@ class CacheMixin:
 
     def cached_blocks(self) -> nn.ModuleList:
         return self.blocks
-
-    def decode_padding(self, input_pos: Tensor) -> Tensor:
-        """The key padding (B, max_len) of a decode step at cache slot ``input_pos`` (1,): the unwritten and padded
-        slots, and with a sliding window W the slots W or more before it (a slot's distance is its tokens')."""
-        window = getattr(self.config, "sliding_window", None)
-        if window is None:
-            return self.cache_padding
-        return self.cache_padding | (self.cache_index <= input_pos - window)
 
     def setup_caches(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None, device=None) -> None:
         """Preallocate every layer's K/V cache for ``batch`` sequences of up to ``max_len`` tokens (kept when the
