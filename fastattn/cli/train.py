@@ -165,7 +165,7 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
 
 
 HF_MODEL_TYPES = {"gpt2": "GPT", "llama": "GPT", "mistral": "GPT", "qwen2": "GPT", "qwen3": "GPT", "phi3": "GPT",
-                  "gemma": "GPT", "gemma2": "GPT", "bert": "BERT"}
+                  "gemma": "GPT", "gemma2": "GPT", "gemma3_text": "GPT", "bert": "BERT"}
 
 
 def hf_model_type(path):

@@ -7,9 +7,9 @@ The interface (stable; the CLI builds on it):
   n_kv_head (None = n_head), head_dim (None = d_model / n_head), d_ff (None = 4 d_model), max_seq_len, dropout, norm
   ("layernorm" | "rmsnorm"), norm_eps, norm_first, mlp ("gelu" | "swiglu" | "geglu"), activation (the "gelu" and
   "geglu" MLPs': "gelu" | "gelu_tanh" | "relu" | "silu"), pos ("learned" | "sinusoidal" | "rotary" | "none"),
-  rope_theta, rope_scaling (None | linear | llama3), sliding_window and layer_types (GPT), tie_embeddings, bias,
-  qkv_bias (None = bias), qk_norm (per-head q / k norms), embed_scale, attn_scale, attn_softcap, final_softcap,
-  sandwich_norm (Gemma), backend ("fastattn" | "torch");
+  rope_theta, rope_scaling (None | linear | llama3), sliding_window, layer_types and rope_local_theta (GPT),
+  tie_embeddings, bias, qkv_bias (None = bias), qk_norm (per-head q / k norms), embed_scale, attn_scale, attn_softcap,
+  final_softcap, sandwich_norm (Gemma), backend ("fastattn" | "torch");
   BERT adds type_vocab_size, num_labels; Seq2Seq adds n_decoder_layer, embed_norm, pad/eos/decoder_start token ids.
   ``to_dict()`` / ``from_dict(d)`` (an unknown key raises ValueError naming it), ``save(path)`` / ``load(path)`` JSON.
   A bad value raises ValueError naming the field.
@@ -24,7 +24,7 @@ The interface (stable; the CLI builds on it):
   left.
 - Every model: ``save_pretrained(dir)`` / ``cls.from_pretrained(dir, **config_overrides)`` (config.json +
   model.safetensors), ``num_parameters(trainable_only=False)``, ``backbone_parameters()`` / ``head_parameters()``.
-  ``GPT.from_hf(dir)`` (GPT-2, Llama incl. 3.1 / 3.2, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2, Mistral with its
+  ``GPT.from_hf(dir)`` (GPT-2, Llama incl. 3.1 / 3.2, Qwen2, Qwen3, Phi-3, Gemma 1 / 2 / 3 text, Mistral with its
   sliding window),
   ``BERT.from_hf(dir)``,
   ``BERTForSequenceClassification.from_hf(dir, num_labels=...)``: bad checkpoints raise ``CheckpointError`` naming

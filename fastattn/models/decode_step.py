@@ -27,7 +27,7 @@ from ..ops.attention import attention
 from ..ops.attention.decode import routed_kernel
 from ..ops.batching import has_torch_function_subclass
 from ..ops.gemv import gemv_kernel
-from .layers import MLP, Attention, Block, Norm, apply_rotary, softcap, window_padding
+from .layers import MLP, Attention, Block, Norm, apply_rotary, pick_rotary, softcap, window_padding
 
 log = logging.getLogger("fastattn")
 
@@ -97,7 +97,8 @@ class _SelfAttention:
         if self.qk_norm is not None:
             q, k = self.qk_norm[0](q), self.qk_norm[1](k)
         if st.rotary is not None:
-            q, k = apply_rotary(q, *st.rotary), apply_rotary(k, *st.rotary)
+            rotary = pick_rotary(st.rotary, self.window)
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         self.cache.k.index_copy_(2, st.input_pos, k.unsqueeze(2))
         self.cache.v.index_copy_(2, st.input_pos, v.unsqueeze(2))
         q = q.unsqueeze(2)  # (B, H, 1, D)
@@ -188,7 +189,9 @@ class DecodeStep:
         m.cache_padding.index_fill_(1, input_pos, False)
         x, rotary = self.embed(tokens, m.next_pos)  # (B, 1, d); cos, sin (B, 1, 1, D) or None
         B = x.shape[0]
-        if rotary is not None:
+        if isinstance(rotary, dict):  # global and local tables (Gemma 3)
+            rotary = {k: tuple(t.view(B, 1, t.shape[-1]) for t in r) for k, r in rotary.items()}
+        elif rotary is not None:
             rotary = tuple(t.view(B, 1, t.shape[-1]) for t in rotary)
         pad = {0: m.cache_padding}
         for w in self.windows:  # each sliding window's layers also leave out the slots w or more behind the token

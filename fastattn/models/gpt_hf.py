@@ -14,20 +14,23 @@ from .layers import ROPE_SCALING_KEYS, check_rope_scaling
 def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]]:
     """(config with ``overrides`` applied, GPT state dict) of the HF folder at path."""
     hf, state = read_hf_folder(path)
-    kind = hf.get("model_type")
+    kind, local_theta = hf.get("model_type"), None
     if kind == "gpt2":
         cfg, sd = _from_gpt2(hf, state)
     elif kind in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
         cfg, sd = _from_llama(hf, state)
-    elif kind in ("gemma", "gemma2"):
-        cfg, sd = _from_gemma(hf, state)
+    elif kind in ("gemma", "gemma2", "gemma3_text"):
+        cfg, sd, local_theta = _from_gemma(hf, state)
     else:
         raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
-                              "mistral, qwen2, qwen3, phi3, gemma, gemma2)")
+                              "mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text)")
     window, types = _sliding_window(hf)
+    if local_theta is not None and window is not None:  # Gemma 3: its windowed layers' rotary base
+        overrides = {"rope_local_theta": local_theta, **overrides}
     max_len = overrides.get("max_seq_len", cfg.max_seq_len)
-    if window is not None and window < max_len and "sliding_window" not in overrides:
-        # (a window of >= max_seq_len keys cuts nothing: then none is set)
+    if window is not None and "sliding_window" not in overrides and (
+            window < max_len or overrides.get("rope_local_theta") is not None):
+        # (a window of >= max_seq_len keys cuts nothing: then none is set, unless it marks Gemma 3's local layers)
         overrides = {"sliding_window": window, "layer_types": types, **overrides}
     return GPTConfig.from_dict({**cfg.to_dict(), **overrides}), sd
 
@@ -73,42 +76,55 @@ _GEMMA_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu":
 
 
 def _from_gemma(hf: dict, state):
-    """Gemma / Gemma 2: RMSNorms scaling by (1 + weight) (imported as that sum), embeddings times sqrt(d_model), a
-    GeGLU MLP, its own head_dim; Gemma 2 adds sandwich norms, score and logit softcaps, query_pre_attn_scalar and a
-    sliding window on every other layer (import_gpt sets it from _sliding_window)."""
-    two = hf.get("model_type") == "gemma2"
+    """Gemma / Gemma 2 / Gemma 3 (text): RMSNorms scaling by (1 + weight) (imported as that sum), embeddings times
+    sqrt(d_model), a GeGLU MLP, its own head_dim; Gemma 2 adds sandwich norms, score and logit softcaps,
+    query_pre_attn_scalar and a sliding window on every other layer (import_gpt sets it from _sliding_window);
+    Gemma 3 has q / k norms, no softcaps, and the windowed layers' own rotary base."""
+    kind = hf.get("model_type")
+    two, three = kind == "gemma2", kind == "gemma3_text"
+    if three and hf.get("use_bidirectional_attention"):
+        raise CheckpointError("config.json: use_bidirectional_attention=true (an embedding model) is not supported "
+                              "by GPT.from_hf")
     # transformers reads Gemma's legacy hidden_act "gelu" as the tanh approximation, as the official models mean it
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in _GEMMA_ACT:
         raise CheckpointError(f"config.json: hidden_activation {act!r} is not supported ({sorted(_GEMMA_ACT)})")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise CheckpointError(f"config.json: rope type {rope.get('rope_type')!r} is not supported for Gemma")
+    rope, local_theta = hf.get("rope_parameters") or hf.get("rope_scaling") or {}, None
+    if three:  # {"full_attention": {...}, "sliding_attention": {...}}
+        local = rope.get("sliding_attention") or {}
+        if _rope_scaling(local) is not None:
+            raise CheckpointError("config.json: a scaled rope on Gemma 3's sliding layers is not supported")
+        local_theta = float(local.get("rope_theta", hf.get("rope_local_base_freq", 1e4)))
+        rope = rope.get("full_attention") or {}
     d, H, L = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
     cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=L, n_head=H,
                     n_kv_head=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim") or d // H,
                     d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 8192), norm="rmsnorm",
                     norm_eps=hf.get("rms_norm_eps", 1e-6), norm_first=True, mlp="geglu", activation=_GEMMA_ACT[act],
                     pos="rotary", rope_theta=float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4))),
-                    tie_embeddings=True, bias=bool(hf.get("attention_bias", False)), embed_scale=d ** 0.5,
-                    sandwich_norm=two, attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0) if two else 0.0,
-                    final_softcap=float(hf.get("final_logit_softcapping") or 0.0) if two else 0.0,
-                    attn_scale=float(hf["query_pre_attn_scalar"]) ** -0.5 if two else None)
+                    rope_scaling=_rope_scaling(rope), tie_embeddings=True, bias=bool(hf.get("attention_bias", False)),
+                    embed_scale=d ** 0.5, sandwich_norm=two or three, qk_norm=three,
+                    attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+                    final_softcap=float(hf.get("final_logit_softcapping") or 0.0),
+                    attn_scale=float(hf["query_pre_attn_scalar"]) ** -0.5 if two or three else None)
     if cfg.bias:
         raise CheckpointError("config.json: attention_bias=true is not supported for Gemma")
     m, f, D, Hk = KeyMap(state, ("model.", "")), cfg.d_ff, cfg.head_dim, cfg.n_kv_head
 
-    def norm(key):  # Gemma's norm multiplies by (1 + weight)
-        return m.take(key, (d,)).float() + 1.0
+    def norm(key, n=d):  # Gemma's norm multiplies by (1 + weight)
+        return m.take(key, (n,)).float() + 1.0
 
     sd = {"tok_emb.weight": m.take("embed_tokens.weight", (cfg.vocab_size, d)), "norm_f.weight": norm("norm.weight")}
     names = (("norm1", "input_layernorm"), ("norm2", "pre_feedforward_layernorm"), ("post_norm1",
-             "post_attention_layernorm"), ("post_norm2", "post_feedforward_layernorm")) if two else \
+             "post_attention_layernorm"), ("post_norm2", "post_feedforward_layernorm")) if two or three else \
         (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"))
     for i in range(L):
         h, b = f"layers.{i}.", f"blocks.{i}."
         for ours, theirs in names:
             sd[f"{b}{ours}.weight"] = norm(f"{h}{theirs}.weight")
+        if three:
+            sd[f"{b}attn.q_norm.weight"] = norm(f"{h}self_attn.q_norm.weight", D)
+            sd[f"{b}attn.k_norm.weight"] = norm(f"{h}self_attn.k_norm.weight", D)
         sd[f"{b}attn.wqkv.weight"] = torch.cat([m.take(f"{h}self_attn.q_proj.weight", (H * D, d)),
                                                  m.take(f"{h}self_attn.k_proj.weight", (Hk * D, d)),
                                                  m.take(f"{h}self_attn.v_proj.weight", (Hk * D, d))])
@@ -117,7 +133,7 @@ def _from_gemma(hf: dict, state):
                                                m.take(f"{h}mlp.up_proj.weight", (f, d))])
         sd[f"{b}mlp.w_out.weight"] = m.take(f"{h}mlp.down_proj.weight", (d, f))
     sd["lm_head.weight"] = sd["tok_emb.weight"]
-    return cfg, sd
+    return cfg, sd, local_theta
 
 
 def _sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
@@ -126,7 +142,8 @@ def _sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
     use_sliding_window (the layers from max_window_layers on, or as layer_types says), Gemma 2 (every other layer,
     the first included)."""
     kind, n = hf.get("model_type"), hf.get("num_hidden_layers", 0)
-    on = {"mistral": True, "phi3": True, "qwen2": False, "qwen3": False, "gemma2": True}.get(kind)
+    on = {"mistral": True, "phi3": True, "qwen2": False, "qwen3": False, "gemma2": True,
+          "gemma3_text": True}.get(kind)
     if on is None or not hf.get("sliding_window") or not hf.get("use_sliding_window", on):
         return None, None
     types = None
@@ -135,24 +152,33 @@ def _sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
                                           "full_attention" for i in range(n)]
     elif kind == "gemma2":
         types = hf.get("layer_types") or ["full_attention" if i % 2 else "sliding_attention" for i in range(n)]
+    elif kind == "gemma3_text":  # 5 local layers to 1 global by default
+        types = hf.get("layer_types") or ["full_attention" if (i + 1) % hf.get("sliding_window_pattern", 6) == 0
+                                          else "sliding_attention" for i in range(n)]
     if types is not None and "sliding_attention" not in types:
         return None, None
     return int(hf["sliding_window"]), (None if types is None or set(types) == {"sliding_attention"} else list(types))
 
 
-def _from_llama(hf: dict, state):
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _rope_scaling(rope: dict) -> Optional[dict]:
+    """GPTConfig.rope_scaling of an HF rope dict (rope_parameters / rope_scaling): None for the default rope."""
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    scaling = None
-    if rope_type in ROPE_SCALING_KEYS:  # Llama 3.1 / 3.2: "llama3"
-        scaling = {"rope_type": rope_type, **{k: rope.get(k) for k in ROPE_SCALING_KEYS[rope_type]}}
-        try:
-            check_rope_scaling(scaling, "config.json")
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
-    elif rope_type != "default":
+    if rope_type == "default":
+        return None
+    if rope_type not in ROPE_SCALING_KEYS:
         raise CheckpointError(f"config.json: rope type {rope_type!r} is not supported by GPT.from_hf (default, "
                               f"{', '.join(ROPE_SCALING_KEYS)})")
+    scaling = {"rope_type": rope_type, **{k: rope.get(k) for k in ROPE_SCALING_KEYS[rope_type]}}
+    try:
+        check_rope_scaling(scaling, "config.json")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return scaling
+
+
+def _from_llama(hf: dict, state):
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    scaling = _rope_scaling(rope)  # Llama 3.1 / 3.2: "llama3"
     partial = hf_get(rope, "partial_rotary_factor", default=hf.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise CheckpointError(f"config.json: partial_rotary_factor {partial} is not supported by GPT.from_hf (rotary "

@@ -45,7 +45,8 @@ class ModelConfig:
     "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
     ``sliding_window`` W (GPT): a token attends to itself and the W - 1 before it (Mistral's window), in training,
     prefill and decoding; on every layer, or on those ``layer_types`` (one "sliding_attention" / "full_attention"
-    per layer, HF's names) marks (Gemma 2's alternation). Gemma: ``embed_scale`` multiplies the token embeddings;
+    per layer, HF's names) marks (Gemma 2's alternation); ``rope_local_theta`` gives those windowed layers rotary
+    positions of their own base, unscaled (Gemma 3). Gemma: ``embed_scale`` multiplies the token embeddings;
     ``attn_scale`` (None = head_dim ** -0.5) scales the scores; ``attn_softcap`` / ``final_softcap`` (0: off) cap
     the scores / the logits as c * tanh(x / c); ``sandwich_norm`` adds a norm on each sublayer's output before the
     residual add (pre-norm GPT only). ``bias``: every Linear's bias; ``qkv_bias`` None = bias, else the query / key
@@ -68,6 +69,7 @@ class ModelConfig:
     pos: str = "learned"
     rope_theta: float = 10000.0
     rope_scaling: Optional[Dict[str, Any]] = None
+    rope_local_theta: Optional[float] = None
     sliding_window: Optional[int] = None
     layer_types: Optional[List[str]] = None
     embed_scale: float = 1.0
@@ -130,6 +132,11 @@ class ModelConfig:
             self.check_ints(("sliding_window",), 1)
             if self.model_type != "gpt":
                 raise ValueError(f"{type(self).__name__}.sliding_window: a window is supported by GPT (causal) only")
+        if self.rope_local_theta is not None and (self.model_type != "gpt" or
+                isinstance(self.rope_local_theta, bool) or not isinstance(self.rope_local_theta, (int, float))
+                or self.rope_local_theta <= 0 or self.pos != "rotary" or self.sliding_window is None):
+            raise ValueError(f"{type(self).__name__}.rope_local_theta: a number > 0 for the windowed layers of a "
+                             f"rotary model with sliding_window; got {self.rope_local_theta!r}")
         if self.layer_types is not None:
             kinds = ("sliding_attention", "full_attention")
             if not isinstance(self.layer_types, list) or len(self.layer_types) != self.n_layer or any(
@@ -297,7 +304,7 @@ class Positions(nn.Module):
 
     def __init__(self, cfg: ModelConfig, offset: int = 0):
         super().__init__()
-        self.kind, self.offset = cfg.pos, offset
+        self.kind, self.offset, self.local = cfg.pos, offset, False
         if cfg.pos == "learned":
             self.weight = nn.Parameter(torch.empty(cfg.max_seq_len + offset, cfg.d_model).normal_(std=0.02))
         elif cfg.pos == "sinusoidal":
@@ -306,6 +313,11 @@ class Positions(nn.Module):
             cos, sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
             self.register_buffer("cos", cos, persistent=False)
             self.register_buffer("sin", sin, persistent=False)
+            self.local = cfg.rope_local_theta is not None  # Gemma 3: the windowed layers' own tables
+            if self.local:
+                cos, sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_local_theta)
+                self.register_buffer("cos_local", cos, persistent=False)
+                self.register_buffer("sin_local", sin, persistent=False)
 
     def embed(self, positions: Tensor) -> Optional[Tensor]:
         """(B, L, d_model) to add to the token embeddings, or None."""
@@ -315,11 +327,22 @@ class Positions(nn.Module):
             return F.embedding(positions, self.table)
         return None
 
-    def rotary(self, positions: Tensor, dtype: torch.dtype) -> Optional[Tuple[Tensor, Tensor]]:
+    def rotary(self, positions: Tensor, dtype: torch.dtype):
+        """cos, sin (B, L, 1, D) at positions, or None; with local tables {False: global, True: local}, each
+        attention layer taking its own (``pick_rotary``)."""
         if self.kind != "rotary":
             return None
-        return (F.embedding(positions, self.cos).to(dtype).unsqueeze(2),  # (B, L, 1, D)
-                F.embedding(positions, self.sin).to(dtype).unsqueeze(2))
+        out = (F.embedding(positions, self.cos).to(dtype).unsqueeze(2),  # (B, L, 1, D)
+               F.embedding(positions, self.sin).to(dtype).unsqueeze(2))
+        if not self.local:
+            return out
+        return {False: out, True: (F.embedding(positions, self.cos_local).to(dtype).unsqueeze(2),
+                                   F.embedding(positions, self.sin_local).to(dtype).unsqueeze(2))}
+
+
+def pick_rotary(rotary, window: int):
+    """A layer's (cos, sin): the local tables for a windowed layer when the model has them (Gemma 3)."""
+    return rotary[window > 0] if isinstance(rotary, dict) else rotary
 
 
 # ---- attention ------------------------------------------------------------------------------------------------
@@ -421,6 +444,7 @@ class Attention(nn.Module):
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             if rotary is not None:
+                rotary = pick_rotary(rotary, self.window)
                 q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hk, L, D)
             if input_pos is not None:
