@@ -60,7 +60,8 @@ class TrainConfig:
     keep: int = opt(3, "checkpoints kept")
     resume: bool = opt(False, "continue the run in --out from its newest valid checkpoint")
     init: Optional[str] = opt(None, "start from this fastattn checkpoint (or run folder)")
-    init_hf: Optional[str] = opt(None, "start from a local Hugging Face folder (GPT-2 / Llama / Qwen / BERT)")
+    init_hf: Optional[str] = opt(None, "start from a local Hugging Face folder (GPT-2, Llama, Mistral, Qwen, Phi-3, "
+                                       "Gemma, BERT)")
     mode: str = opt("full", "fine-tuning: full, frozen (heads only), lora (adapters), prompt (soft prompt)",
                     choices=["full", "frozen", "lora", "prompt"])
     lora_rank: int = opt(8, "LoRA rank")
@@ -180,7 +181,8 @@ def hf_model_type(path):
 
 
 def _load_hf(path, backend, map_location):
-    """(model, {}, tokenizer) from a Hugging Face folder: from_hf and the folder's tokenizer.json."""
+    """(model, train state, tokenizer) from a Hugging Face folder: from_hf, the folder's tokenizer.json, and a
+    train state naming the task and sequence length eval / quantize / prune use by default."""
     from fastattn.data.hf_tokenizer import HFTokenizer
     from fastattn.models import CheckpointError
     cls = model_class(HF_MODEL_TYPES[hf_model_type(path)])
@@ -199,7 +201,7 @@ def load_model(path, backend=None, map_location="cpu", purpose=None):
     """(model, train_state dict, tokenizer) from a checkpoint folder (or a run folder: its newest valid one),
     with the fine-tuning adapters of its run merged (LoRA) or kept (soft prompt); an int8 checkpoint (`fastattn
     quantize`) comes back int8, unless ``purpose`` (e.g. "--init") names a use that needs float weights. A Hugging
-    Face folder (GPT-2, Llama, Mistral, Qwen2 / 3, BERT) is imported with from_hf and its own tokenizer.json."""
+    Face folder (a model_type of HF_MODEL_TYPES) is imported with from_hf and its own tokenizer.json."""
     from fastattn.data import Tokenizer
     from fastattn.models.layers import INT8_FILE
     from fastattn.quantization import apply_int8_layout
