@@ -109,7 +109,7 @@ def _from_gemma(hf: dict, state):
                     attn_scale=float(hf["query_pre_attn_scalar"]) ** -0.5 if two or three else None)
     if cfg.bias:
         raise CheckpointError("config.json: attention_bias=true is not supported for Gemma")
-    m, f, D, Hk = KeyMap(state, ("model.", "")), cfg.d_ff, cfg.head_dim, cfg.n_kv_head
+    m, D = KeyMap(state, ("model.", "")), cfg.head_dim
 
     def norm(key, n=d):  # Gemma's norm multiplies by (1 + weight)
         return m.take(key, (n,)).float() + 1.0
@@ -125,15 +125,26 @@ def _from_gemma(hf: dict, state):
         if three:
             sd[f"{b}attn.q_norm.weight"] = norm(f"{h}self_attn.q_norm.weight", D)
             sd[f"{b}attn.k_norm.weight"] = norm(f"{h}self_attn.k_norm.weight", D)
-        sd[f"{b}attn.wqkv.weight"] = torch.cat([m.take(f"{h}self_attn.q_proj.weight", (H * D, d)),
-                                                 m.take(f"{h}self_attn.k_proj.weight", (Hk * D, d)),
-                                                 m.take(f"{h}self_attn.v_proj.weight", (Hk * D, d))])
-        sd[f"{b}attn.wo.weight"] = m.take(f"{h}self_attn.o_proj.weight", (d, H * D))
-        sd[f"{b}mlp.w_in.weight"] = torch.cat([m.take(f"{h}mlp.gate_proj.weight", (f, d)),
-                                               m.take(f"{h}mlp.up_proj.weight", (f, d))])
-        sd[f"{b}mlp.w_out.weight"] = m.take(f"{h}mlp.down_proj.weight", (d, f))
+        sd.update(_projections(m, h, b, cfg))
     sd["lm_head.weight"] = sd["tok_emb.weight"]
     return cfg, sd, local_theta
+
+
+def _projections(m: KeyMap, h: str, b: str, cfg: GPTConfig, fused: bool = False) -> Dict[str, Tensor]:
+    """A Llama-layout layer's projection weights (HF prefix h) as GPT's (prefix b): q, k, v concatenated into wqkv,
+    [gate | up] into w_in (Phi-3 stores both so: ``fused``), wo, w_out. HF's rotate_half layout is ours, so no
+    permutation."""
+    d, f, H, Hk, D = cfg.d_model, cfg.d_ff, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    if fused:
+        qkv = m.take(f"{h}self_attn.qkv_proj.weight", ((H + 2 * Hk) * D, d))
+        gate_up = m.take(f"{h}mlp.gate_up_proj.weight", (2 * f, d))
+    else:
+        qkv = torch.cat([m.take(f"{h}self_attn.q_proj.weight", (H * D, d)),
+                         m.take(f"{h}self_attn.k_proj.weight", (Hk * D, d)),
+                         m.take(f"{h}self_attn.v_proj.weight", (Hk * D, d))])
+        gate_up = torch.cat([m.take(f"{h}mlp.gate_proj.weight", (f, d)), m.take(f"{h}mlp.up_proj.weight", (f, d))])
+    return {f"{b}attn.wqkv.weight": qkv, f"{b}attn.wo.weight": m.take(f"{h}self_attn.o_proj.weight", (d, H * D)),
+            f"{b}mlp.w_in.weight": gate_up, f"{b}mlp.w_out.weight": m.take(f"{h}mlp.down_proj.weight", (d, f))}
 
 
 def _sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
@@ -207,19 +218,7 @@ def _from_llama(hf: dict, state):
         h, b = f"layers.{i}.", f"blocks.{i}."
         sd[f"{b}norm1.weight"] = m.take(f"{h}input_layernorm.weight", (d,))
         sd[f"{b}norm2.weight"] = m.take(f"{h}post_attention_layernorm.weight", (d,))
-        # q, k, v concatenated into wqkv (Phi-3 stores them so: qkv_proj); HF's rotate_half layout is ours, so no
-        # permutation; [gate | up] into w_in (Phi-3: gate_up_proj)
-        if kind == "phi3":
-            sd[f"{b}attn.wqkv.weight"] = m.take(f"{h}self_attn.qkv_proj.weight", ((H + 2 * Hk) * D, d))
-            sd[f"{b}mlp.w_in.weight"] = m.take(f"{h}mlp.gate_up_proj.weight", (2 * f, d))
-        else:
-            sd[f"{b}attn.wqkv.weight"] = torch.cat([m.take(f"{h}self_attn.q_proj.weight", (H * D, d)),
-                                                     m.take(f"{h}self_attn.k_proj.weight", (Hk * D, d)),
-                                                     m.take(f"{h}self_attn.v_proj.weight", (Hk * D, d))])
-            sd[f"{b}mlp.w_in.weight"] = torch.cat([m.take(f"{h}mlp.gate_proj.weight", (f, d)),
-                                                   m.take(f"{h}mlp.up_proj.weight", (f, d))])
-        sd[f"{b}attn.wo.weight"] = m.take(f"{h}self_attn.o_proj.weight", (d, H * D))
-        sd[f"{b}mlp.w_out.weight"] = m.take(f"{h}mlp.down_proj.weight", (d, f))
+        sd.update(_projections(m, h, b, cfg, fused=kind == "phi3"))
         if cfg.qk_norm:
             sd[f"{b}attn.q_norm.weight"] = m.take(f"{h}self_attn.q_norm.weight", (D,))
             sd[f"{b}attn.k_norm.weight"] = m.take(f"{h}self_attn.k_norm.weight", (D,))
