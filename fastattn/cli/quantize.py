@@ -85,9 +85,10 @@ def main(cfg: QuantizeConfig) -> int:
     tcfg["mode"] = "prompt" if tcfg.get("mode") == "prompt" else "full"  # LoRA adapters were merged by load_model
     meta = {**state, "train_config": tcfg, "int8": {**recipe, "stored": True}}
     layout = int8_layout(model)
-    files = {"config.json": lambda p: model.config.save(p), "tokenizer.json": lambda p: tok.save(p),  # (src may
-             "model.safetensors": lambda p: ckpt.save_weights(model, p),  # be a Hugging Face folder: ours written)
-                  INT8_FILE: lambda p: p.write_text(json.dumps(layout, indent=1)),
+    # config and tokenizer written from the loaded ones: src may be a Hugging Face folder, whose files are not ours
+    files = {"config.json": lambda p: model.config.save(p), "tokenizer.json": lambda p: tok.save(p),
+             "model.safetensors": lambda p: ckpt.save_weights(model, p),
+             INT8_FILE: lambda p: p.write_text(json.dumps(layout, indent=1)),
              "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2))}
     ckpt.write_folder(out, files)
     n8 = len(layout)

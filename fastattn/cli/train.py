@@ -180,12 +180,12 @@ def hf_model_type(path):
     return kind if kind in HF_MODEL_TYPES else None
 
 
-def _load_hf(path, backend, map_location):
+def _load_hf(path, kind, backend, map_location):
     """(model, train state, tokenizer) from a Hugging Face folder: from_hf, the folder's tokenizer.json, and a
     train state naming the task and sequence length eval / quantize / prune use by default."""
     from fastattn.data.hf_tokenizer import HFTokenizer
     from fastattn.models import CheckpointError
-    cls = model_class(HF_MODEL_TYPES[hf_model_type(path)])
+    cls = model_class(HF_MODEL_TYPES[kind])
     try:
         model = cls.from_hf(path, **({"backend": backend} if backend else {}))
         tok = HFTokenizer.from_folder(path)
@@ -205,8 +205,9 @@ def load_model(path, backend=None, map_location="cpu", purpose=None):
     from fastattn.data import Tokenizer
     from fastattn.models.layers import INT8_FILE
     from fastattn.quantization import apply_int8_layout
-    if hf_model_type(path):
-        return _load_hf(path, backend, map_location)
+    kind = hf_model_type(path)
+    if kind:
+        return _load_hf(path, kind, backend, map_location)
     path = ckpt.resolve(path)
     mcfg = ckpt.read_json(path / "config.json")
     state = ckpt.read_json(path / "train_state.json") if (path / "train_state.json").is_file() else {}

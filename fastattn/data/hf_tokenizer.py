@@ -11,8 +11,9 @@ ROLES = ("eos", "pad", "mask", "cls", "sep")
 
 
 class HFTokenizer:
-    def __init__(self, tokenizer_json: str, special_ids: Dict[str, Optional[int]], chat: Optional[dict] = None):
-        self._tok = _parse(tokenizer_json)
+    def __init__(self, tokenizer_json: str, special_ids: Dict[str, Optional[int]], chat: Optional[dict] = None,
+                 parsed=None):
+        self._tok = _parse(tokenizer_json) if parsed is None else parsed  # (from_folder has parsed it already)
         self._json, self.special_ids = tokenizer_json, dict(special_ids)
         self.chat, self._hf = chat, None  # {"template", "bos_token", "eos_token"}; transformers' tokenizer for it
         if self.special_ids.get("eos") is None:
@@ -50,7 +51,7 @@ class HFTokenizer:
         # every id that ends a generation: config.json's and generation_config.json's eos_token_id (int or list)
         ids["stop"] = [t for name in ("config.json", "generation_config.json")
                        for t in _ints(configs[name].get("eos_token_id"))]
-        return cls(text, ids, _chat(path, configs["tokenizer_config.json"]))
+        return cls(text, ids, _chat(path, configs["tokenizer_config.json"]), parsed=probe)
 
     # fastattn Tokenizer's interface
     @property
