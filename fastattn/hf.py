@@ -242,6 +242,12 @@ def _attention_in_own_code(config) -> Optional[str]:
     return None if module is not None and hasattr(module, "ALL_ATTENTION_FUNCTIONS") else modeling
 
 
+def _exporting() -> bool:
+    """torch.export tracing (transformers' own check; masking_utils re-exports it only from 5.2x on)."""
+    from transformers.utils.import_utils import is_torchdynamo_exporting
+    return is_torchdynamo_exporting()
+
+
 def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
                  mask_function: Optional[Callable] = None, attention_mask: Optional[Tensor] = None,
                  local_size: Optional[int] = None, allow_is_causal_skip: bool = True,
@@ -274,7 +280,7 @@ def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
         why = "the caller asked for a full causal mask"
     elif pattern == "bidirectional" and not allow_is_bidirectional_skip:
         why = "the caller asked for a full bidirectional mask"
-    elif mu.is_torchdynamo_exporting() or any(isinstance(t, Tensor) and mu.is_tracing(t)
+    elif _exporting() or any(isinstance(t, Tensor) and mu.is_tracing(t)
                                               for t in (attention_mask, q_offset)):
         why = "tracing (the mask's values and offsets cannot be read)"
     if why is None:
