@@ -1,0 +1,331 @@
+"""The GPU suite's model-level checks: the test suite runs fastattn.models, the CLI and the HF integration on the CPU
+only (CI has no GPU), so this script runs them once on the GPU. Each check prints PASS / FAIL with its numbers; all
+of them go to OUT.json.  usage: python benchmarks/gpu_models_check.py OUT.json  (on a machine without a GPU it runs
+on the CPU, the CUDA-graph check skipped: a dry run of the script itself).
+
+Bounds are the tests' (tests/conftest.py): fastattn's error against a float64 reference <= 2x the error of torch's
+own computation in the same dtype + about one rounding step of that dtype."""
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import fastattn  # noqa: E402
+import fastattn.hf  # noqa: E402
+
+fastattn.hf.register()
+from fastattn.models import BERT, GPT, BERTConfig, GPTConfig, Seq2Seq, Seq2SeqConfig  # noqa: E402
+
+DEV = "cuda" if GPU else "cpu"
+EPS = {torch.float32: 2e-6, torch.bfloat16: 8e-3}
+RESULTS = {}
+CHECKS = []
+
+
+def check(fn):
+    CHECKS.append(fn)
+    return fn
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def bounded(name, ours, theirs, ref, dtype):
+    """ours within 2x theirs' error against ref (+ eps at ref's scale); returns the numbers for the record."""
+    e, base = err(ours, ref), err(theirs, ref)
+    bound = 2 * base + EPS[dtype] * max(1.0, ref.abs().max().item())
+    assert torch.isfinite(ours).all(), f"{name}: non-finite"
+    assert e <= bound, f"{name}: error {e:.3g} > bound {bound:.3g} (torch's {base:.3g})"
+    return {name: {"err": e, "torch_err": base}}
+
+
+def ids(B, L, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (B, L), generator=g).to(DEV)
+
+
+GPT_CFGS = {
+    "gpt2-style": dict(vocab_size=512, d_model=128, n_layer=3, n_head=4, max_seq_len=256),
+    "llama-style": dict(vocab_size=512, d_model=128, n_layer=3, n_head=8, n_kv_head=2, max_seq_len=256,
+                        norm="rmsnorm", mlp="swiglu", pos="rotary", bias=False, tie_embeddings=False),
+}
+
+
+def gpt(name, backend="fastattn", dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**GPT_CFGS[name], backend=backend, **kw)).to(DEV, dtype).eval()
+
+
+@check
+def gpt_logits_vs_torch_backend():
+    out = {}
+    for name in GPT_CFGS:
+        x = ids(3, 100, 512)
+        mask = torch.ones_like(x)
+        mask[1, :37] = 0  # left padding
+        with torch.no_grad():
+            ref = gpt(name, "torch", torch.float64)(x, mask).logits
+            for dt in (torch.float32, torch.bfloat16):
+                ours = gpt(name, "fastattn", dt)(x, mask).logits
+                theirs = gpt(name, "torch", dt)(x, mask).logits
+                keep = mask.bool()  # padded rows' logits are not defined alike
+                out |= bounded(f"{name} {str(dt)[6:]}", ours[keep], theirs[keep], ref[keep], dt)
+    return out
+
+
+@check
+def gpt_kv_cache_generation():
+    """Greedy tokens from the cache equal the argmax of a full forward over the generated text, and a left-padded
+    batch generates what each prompt does alone (fp32)."""
+    out = {}
+    for name in GPT_CFGS:
+        model = gpt(name)
+        prompts = [ids(1, L, 512, seed=L) for L in (5, 17, 40)]
+        with torch.no_grad():
+            alone = [model.generate(p, 24, temperature=0) for p in prompts]
+            for p, a in zip(prompts, alone):
+                full = model(a).logits[0, p.shape[1] - 1:-1].argmax(-1)
+                assert torch.equal(full, a[0, p.shape[1]:]), f"{name}: cached decoding != full forward's argmax"
+            L = max(p.shape[1] for p in prompts)
+            batch = torch.zeros(len(prompts), L, dtype=torch.long, device=DEV)
+            mask = torch.zeros_like(batch)
+            for i, p in enumerate(prompts):
+                batch[i, L - p.shape[1]:], mask[i, L - p.shape[1]:] = p[0], 1
+            together = model.generate(batch, 24, temperature=0, attention_mask=mask)
+            for i, a in enumerate(alone):
+                assert torch.equal(together[i, L:], a[0, -24:]), f"{name}: batched row {i} != alone"
+            b16 = gpt(name, dtype=torch.bfloat16).generate(batch, 24, temperature=0, attention_mask=mask)
+            out[name] = {"bf16 tokens equal to fp32": float((b16[:, L:] == together[:, L:]).float().mean())}
+    return out
+
+
+@check
+def gpt_decode_step_cuda_graph():
+    """decode_one and the bound step captured in a CUDA graph and replayed give the eager step's logits."""
+    if not GPU:
+        return {"skipped": "no GPU"}
+    out = {}
+    for name in GPT_CFGS:
+        for bound in (False, True):
+            eager, graphed = gpt(name), gpt(name)
+            x = ids(2, 20, 512)
+            keep = torch.ones_like(x, dtype=torch.bool)
+            logits = {}
+            with torch.no_grad():
+                for tag, m in (("eager", eager), ("graph", graphed)):
+                    m.setup_caches(2, 64)
+                    first = m.prefill(x, keep).argmax(-1, keepdim=True)
+                    step = m.bound_decode_one() if bound else m.decode_one
+                    tok, pos = first.clone(), torch.tensor([20], device=DEV)
+                    seq = []
+                    if tag == "eager":
+                        for _ in range(12):
+                            lg = step(tok, pos)
+                            seq.append(lg.clone())
+                            tok.copy_(lg.argmax(-1, keepdim=True))
+                            pos += 1
+                    else:
+                        s = torch.cuda.Stream()
+                        s.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(s):  # the first step eagerly (warm-up: compiles, autotunes)
+                            lg = step(tok, pos)
+                        torch.cuda.current_stream().wait_stream(s)
+                        seq.append(lg.clone())
+                        tok.copy_(lg.argmax(-1, keepdim=True))
+                        pos += 1
+                        g = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(g):
+                            static = step(tok, pos)
+                        for _ in range(11):
+                            g.replay()
+                            seq.append(static.clone())
+                            tok.copy_(static.argmax(-1, keepdim=True))
+                            pos += 1
+                    logits[tag] = torch.stack(seq)
+            d = err(logits["graph"], logits["eager"])
+            assert d <= 1e-4, f"{name} bound={bound}: graphed decode differs from eager by {d:.3g}"
+            out[f"{name} {'bound' if bound else 'decode_one'}"] = {"max diff": d}
+    return out
+
+
+@check
+def seq2seq_generation():
+    torch.manual_seed(0)
+    model = Seq2Seq(Seq2SeqConfig(vocab_size=512, d_model=128, n_layer=2, n_head=4, max_seq_len=128)).to(DEV).eval()
+    src = ids(2, 30, 512)
+    mask = torch.ones_like(src)
+    mask[1, 22:] = 0
+    with torch.no_grad():
+        gen = model.generate(src, 20, temperature=0, attention_mask=mask)
+        full = model(src, mask, decoder_input_ids=gen[:, :-1]).logits.argmax(-1)
+    assert torch.equal(full, gen[:, 1:]), "Seq2Seq: cached decoding != full forward's argmax"
+    return {"tokens": gen.shape[1] - 1}
+
+
+@check
+def bert_vs_torch_backend():
+    out = {}
+    x = ids(4, 64, 512)
+    mask = torch.ones_like(x)
+    mask[2:, 40:] = 0
+
+    def make(backend, dt):
+        torch.manual_seed(0)
+        cfg = BERTConfig(vocab_size=512, d_model=128, n_layer=2, n_head=4, max_seq_len=128, backend=backend)
+        return BERT(cfg).to(DEV, dt).eval()
+    with torch.no_grad():
+        ref = make("torch", torch.float64)(x, mask).logits
+        for dt in (torch.float32, torch.bfloat16):
+            keep = mask.bool()
+            out |= bounded(f"bert {str(dt)[6:]}", make("fastattn", dt)(x, mask).logits[keep],
+                           make("torch", dt)(x, mask).logits[keep], ref[keep], dt)
+    return out
+
+
+@check
+def gpt_training_bf16_vs_torch():
+    """Eight AdamW steps under bf16 autocast: fastattn's losses stay as close to the fp32 run's as torch's do."""
+    x = ids(4, 129, 512, seed=3)
+    losses = {}
+    for tag, backend, amp in (("fp32", "torch", None), ("torch-bf16", "torch", torch.bfloat16),
+                              ("fastattn-bf16", "fastattn", torch.bfloat16)):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**GPT_CFGS["llama-style"], backend=backend, dropout=0.0)).to(DEV).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses[tag] = []
+        for _ in range(8):
+            with torch.autocast(DEV, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = model(x[:, :-1], labels=x[:, :-1]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[tag].append(loss.item())
+    d_torch = max(abs(a - b) for a, b in zip(losses["torch-bf16"], losses["fp32"]))
+    d_ours = max(abs(a - b) for a, b in zip(losses["fastattn-bf16"], losses["fp32"]))
+    assert d_ours <= 2 * d_torch + 1e-3, f"bf16 training drifts {d_ours:.3g} from fp32 (torch bf16: {d_torch:.3g})"
+    assert losses["fastattn-bf16"][-1] < losses["fastattn-bf16"][0] - 0.5, "loss does not fall"
+    return {"losses": losses, "max |bf16 - fp32|": {"fastattn": d_ours, "torch": d_torch}}
+
+
+@check
+def hf_llama_fastattn_vs_sdpa():
+    """A tiny Llama on the GPU: attn_implementation="fastattn" (and fastattn.convert on top) against "sdpa", both
+    against a float64 "sdpa" run (float64 "eager" turns a left-padded row into NaN: its padded queries see no key);
+    left padding; greedy generate equal to sdpa's."""
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                                   pad_token_id=0)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    x = ids(3, 50, 512)
+    mask = torch.ones_like(x)
+    mask[1, :13] = 0
+    out = {}
+    with torch.no_grad():
+        ref = copy.deepcopy(base).to(DEV, torch.float64)
+        ref.set_attn_implementation("sdpa")
+        r = ref(input_ids=x, attention_mask=mask).logits
+        keep = mask.bool()
+        for dt in (torch.float32, torch.bfloat16):
+            m = copy.deepcopy(base).to(DEV, dt)
+            m.set_attn_implementation("sdpa")
+            theirs = m(input_ids=x, attention_mask=mask).logits
+            gen_sdpa = m.generate(x, attention_mask=mask, max_new_tokens=12, do_sample=False)
+            m.set_attn_implementation("fastattn")
+            ours = m(input_ids=x, attention_mask=mask).logits
+            gen_ours = m.generate(x, attention_mask=mask, max_new_tokens=12, do_sample=False)
+            out |= bounded(f"llama {str(dt)[6:]}", ours[keep], theirs[keep], r[keep], dt)
+            fastattn.convert(m)
+            conv = m(input_ids=x, attention_mask=mask).logits
+            out |= bounded(f"llama+convert {str(dt)[6:]}", conv[keep], theirs[keep], r[keep], dt)
+            if dt == torch.float32:
+                assert torch.equal(gen_ours, gen_sdpa), "fp32 greedy generate differs from sdpa's"
+    return out
+
+
+@check
+def gpt_from_hf_gpt2():
+    import transformers
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=512))
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = GPT.from_hf(d, device=DEV)
+        hf64 = transformers.GPT2LMHeadModel.from_pretrained(d, dtype=torch.float64).to(DEV).eval()
+        hf32 = transformers.GPT2LMHeadModel.from_pretrained(d, attn_implementation="sdpa").to(DEV).eval()
+    x = ids(2, 60, 512)
+    with torch.no_grad():
+        res = bounded("gpt2 fp32", ours(x).logits, hf32(x).logits, hf64(x).logits, torch.float32)
+        a = ours.generate(x, 16, temperature=0)
+        b = hf32.generate(x, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b), "greedy tokens differ from transformers' generate"
+    return res
+
+
+def _cli(*args, timeout=240):
+    t = time.time()
+    p = subprocess.run([sys.executable, "-m", "fastattn", *args], capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"fastattn {' '.join(args)}: rc {p.returncode}\n{p.stderr[-2000:]}"
+    return p.stdout, time.time() - t
+
+
+@check
+def cli_train_eval_generate():
+    """The CLI on the GPU: bf16 and fp16 (GradScaler) training of a small GPT, a resumed run, eval and generate."""
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        common = ["--device", DEV, "--d-model", "128", "--n-layer", "2", "--n-head", "4", "--seq-len", "128",
+                  "--eval-every", "40", "--warmup", "10", "--log-every", "20"]
+        for prec in ("bf16", "fp16") if GPU else ("bf16",):
+            run = os.path.join(d, prec)
+            _, s = _cli("train", "--out", run, "--steps", "80", "--precision", prec, *common)
+            m = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+            evals = [r["val_loss"] for r in m if "val_loss" in r]
+            assert len(evals) >= 2 and evals[-1] < evals[0], f"{prec}: validation loss not falling: {evals}"
+            out[f"train {prec}"] = {"s": round(s, 1), "val_loss": evals}
+        run = os.path.join(d, "bf16")
+        _cli("train", "--out", run, "--steps", "100", "--precision", "bf16", "--resume", *common)
+        ev, _ = _cli("eval", os.path.join(run, "model"), "--device", DEV, "--batches", "4")
+        out["eval"] = json.loads(ev)
+        gen, _ = _cli("generate", os.path.join(run, "model"), "--device", DEV, "--prompt", "It is a truth",
+                      "--max-new-tokens", "30", "--temperature", "0")
+        assert len(gen.strip()) > len("It is a truth"), f"no continuation: {gen!r}"
+        out["generate"] = gen.strip()[-200:]
+    return out
+
+
+def main(path):
+    print(f"gpu_models_check on {torch.cuda.get_device_name() if GPU else 'cpu'}, torch {torch.__version__}",
+          flush=True)
+    failed = 0
+    for fn in CHECKS:
+        t = time.time()
+        try:
+            RESULTS[fn.__name__] = {"ok": True, "result": fn()}
+            print(f"PASS {fn.__name__} ({time.time() - t:.1f}s): {json.dumps(RESULTS[fn.__name__]['result'])[:400]}",
+                  flush=True)
+        except Exception as e:  # noqa: BLE001 (each check reports; the rest still run)
+            failed += 1
+            RESULTS[fn.__name__] = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                                    "traceback": traceback.format_exc()[-3000:]}
+            print(f"FAIL {fn.__name__} ({time.time() - t:.1f}s): {type(e).__name__}: {e}\n"
+                  f"{traceback.format_exc()[-1500:]}", flush=True)
+        with open(path, "w") as f:
+            json.dump(RESULTS, f, indent=1)
+    print(f"{len(CHECKS) - failed} passed, {failed} failed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "gpu_models_check.json"))
