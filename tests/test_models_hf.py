@@ -227,7 +227,9 @@ def test_gemma(tmp_path, version):
             elif "q_proj" in name:
                 p.mul_(8)
     hf.eval().save_pretrained(tmp_path)
-    hf64 = type(hf).from_pretrained(tmp_path, dtype=torch.float64).eval()
+    # eager: transformers before 5.2x ran Gemma 2 on "sdpa" by default, which drops the score softcap
+    hf.set_attn_implementation("eager")
+    hf64 = type(hf).from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="eager").eval()
     ours = GPT.from_hf(tmp_path)
     assert ours.config.sandwich_norm == (version > 1) and ours.config.head_dim == 16
     assert ours.config.qk_norm == (version == 3) and (ours.config.rope_local_theta == 1e4) == (version == 3)
