@@ -169,7 +169,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "safetensors", "tomli>=1.1; python_version < '3.11'"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "transformers>=5.0", "safetensors"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "transformers>=5.4", "safetensors"],
     },
     entry_points={"console_scripts": ["fastattn=fastattn.__main__:main"]},
     zip_safe=False,

@@ -50,6 +50,7 @@ from .ops.attention import attention
 log = logging.getLogger("fastattn")
 
 NAME = "fastattn"
+MIN_TRANSFORMERS = "5.4"  # setup.py's test extra and requirements-dev.txt say the same
 _said = set()
 
 
@@ -67,10 +68,15 @@ def register() -> str:
     Returns the name to pass as ``attn_implementation``. Raises ImportError without transformers."""
     _installed_kernels_package()
     try:
+        import transformers
         from transformers import AttentionInterface
     except ImportError as e:
         raise ImportError("fastattn.hf.register() needs HF transformers (pip install transformers, or "
                           "pip install fastattn[test]); it is an optional dependency of fastattn") from e
+    from packaging.version import Version
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        raise ImportError(f"fastattn.hf.register() needs transformers >= {MIN_TRANSFORMERS} (its mask interface "
+                          f"passes q_length / q_offset from then on); found {transformers.__version__}")
     AttentionInterface.register(NAME, attention_forward)
     try:
         from transformers.masking_utils import AttentionMaskInterface
@@ -242,6 +248,11 @@ def _attention_in_own_code(config) -> Optional[str]:
     return None if module is not None and hasattr(module, "ALL_ATTENTION_FUNCTIONS") else modeling
 
 
+def _all_true(mask: Tensor) -> bool:
+    """mask.all(), as a sum (transformers' fast_all: faster than all() on large masks)."""
+    return bool(mask.sum() == mask.numel())
+
+
 def _exporting() -> bool:
     """torch.export tracing (transformers' own check; masking_utils re-exports it only from 5.2x on)."""
     from transformers.utils.import_utils import is_torchdynamo_exporting
@@ -289,7 +300,7 @@ def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
             if padding is None:
                 return None
             padding = padding[:, kv_offset:kv_offset + kv_length]
-            return None if mu.fast_all(padding) else padding[:, None, None, :]
+            return None if _all_true(padding) else padding[:, None, None, :]
         seen = int(q_offset) - kv_offset + q_length  # keys up to the last query; the rest of a static cache is future
         if q_length <= seen <= kv_length:
             if pattern == "sliding":  # a window of >= seen keys cuts none: the middle dim stays <= seen
@@ -299,7 +310,7 @@ def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
             if padding is None:
                 return None if seen == kv_length else torch.ones(batch_size, seen, dtype=torch.bool, device=device)
             padding = padding[:, kv_offset:kv_offset + seen]
-            return None if seen == kv_length and mu.fast_all(padding) else padding
+            return None if seen == kv_length and _all_true(padding) else padding
         why = "the query and key offsets do not place the queries within the keys"
     _once(logging.DEBUG, f"mask:{why}", "fastattn.hf: building a full (B, 1, L, S) mask: %s", why)
     return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,

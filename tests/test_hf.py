@@ -432,3 +432,11 @@ def test_register_without_transformers(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     with pytest.raises(ImportError, match="needs HF transformers"):
         fhf.register()
+
+
+def test_register_refuses_old_transformers(monkeypatch):
+    """Before 5.4 transformers' mask interface passed cache_position, not q_length / q_offset: refused by name."""
+    import transformers as current  # the module register() imports (a test above swaps sys.modules' entries)
+    monkeypatch.setattr(current, "__version__", "5.3.0")
+    with pytest.raises(ImportError, match=r"transformers >= 5\.4 .*found 5\.3\.0"):
+        fhf.register()
