@@ -418,3 +418,16 @@ def test_cpu_code_paths(env):
                        env=dict(os.environ, **env), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
+
+
+def test_attn_params_flat_is_field_order():
+    """AttnParams.flat() spells its fields out (for dynamo): it must stay dataclasses.astuple's order."""
+    import dataclasses
+
+    from fastattn.ops.attention.params import AttnParams
+    values = dict(scale=0.5, causal=True, diag_offset=3, window_left=4, window_right=5, softcap=6.0, dropout_p=0.7,
+                  seed=8, offset=9)
+    assert [f.name for f in dataclasses.fields(AttnParams)] == list(values)
+    p = AttnParams(**values)
+    assert p.flat() == dataclasses.astuple(p) == tuple(values.values())
+    assert AttnParams(*p.flat()) == p

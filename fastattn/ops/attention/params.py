@@ -26,8 +26,10 @@ class AttnParams:
     offset: int = 0
 
     def flat(self) -> tuple:
-        """The fields in order, as dataclasses.astuple gives them (without its deep copies: ~4 us a call)."""
-        return tuple(self.__dict__.values())
+        """The fields in order, as dataclasses.astuple gives them (without its deep copies: ~4 us a call). Spelled
+        out: torch 2.11's dynamo cannot trace a frozen dataclass's ``__dict__`` (every compiled model broke)."""
+        return (self.scale, self.causal, self.diag_offset, self.window_left, self.window_right, self.softcap,
+                self.dropout_p, self.seed, self.offset)
 
     @property
     def causal_align(self) -> Optional[str]:
