@@ -51,6 +51,10 @@ log = logging.getLogger("fastattn")
 
 NAME = "fastattn"
 MIN_TRANSFORMERS = "5.4"  # setup.py's test extra and requirements-dev.txt say the same
+# transformers.masking_utils and its export check, bound by register(): an import inside the mask builder would run
+# under torch.compile, and torch 2.11's dynamo cannot trace `from transformers import ...` (a lazy module)
+_mu = None
+_exporting = None
 _said = set()
 
 
@@ -64,7 +68,7 @@ def _once(level: int, key: str, msg: str, *args) -> None:
 
 
 def register() -> str:
-    """Register "fastattn" with transformers' AttentionInterface and (when it exists) AttentionMaskInterface.
+    """Register "fastattn" with transformers' AttentionInterface and AttentionMaskInterface.
     Returns the name to pass as ``attn_implementation``. Raises ImportError without transformers."""
     _installed_kernels_package()
     try:
@@ -78,12 +82,11 @@ def register() -> str:
         raise ImportError(f"fastattn.hf.register() needs transformers >= {MIN_TRANSFORMERS} (its mask interface "
                           f"passes q_length / q_offset from then on); found {transformers.__version__}")
     AttentionInterface.register(NAME, attention_forward)
-    try:
-        from transformers.masking_utils import AttentionMaskInterface
-    except ImportError:
-        log.debug("fastattn.hf: this transformers has no AttentionMaskInterface: models build their own masks")
-    else:
-        AttentionMaskInterface.register(NAME, mask_forward)
+    global _mu, _exporting
+    from transformers import masking_utils
+    from transformers.utils.import_utils import is_torchdynamo_exporting  # (masking_utils has it from 5.2x on)
+    _mu, _exporting = masking_utils, is_torchdynamo_exporting
+    masking_utils.AttentionMaskInterface.register(NAME, mask_forward)
     return NAME
 
 
@@ -214,10 +217,14 @@ def _closure(fn) -> dict:
     return {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
 
 
+# Evaluated at trace time: torch 2.11's dynamo cannot read the cells of a closure made inside the traced code.
+@torch.compiler.assume_constant_result
 def _pattern(mask_function, local_size) -> Optional[str]:
     """"causal", "sliding" (causal within local_size) or "bidirectional" when mask_function is exactly one of
-    transformers' plain patterns, else None. The sliding pattern is a closure: recognised by its code objects."""
-    from transformers import masking_utils as mu
+    transformers' plain patterns, else None. The sliding pattern is a closure: recognised by its code objects.
+    Under torch.compile the answer is a constant of the graph: both arguments come from the model's config, which
+    dynamo guards."""
+    mu = _mu
     if mask_function is mu.causal_mask_function:
         return "causal"
     if mask_function is mu.bidirectional_mask_function:
@@ -253,19 +260,13 @@ def _all_true(mask: Tensor) -> bool:
     return bool(mask.sum() == mask.numel())
 
 
-def _exporting() -> bool:
-    """torch.export tracing (transformers' own check; masking_utils re-exports it only from 5.2x on)."""
-    from transformers.utils.import_utils import is_torchdynamo_exporting
-    return is_torchdynamo_exporting()
-
-
 def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
                  mask_function: Optional[Callable] = None, attention_mask: Optional[Tensor] = None,
                  local_size: Optional[int] = None, allow_is_causal_skip: bool = True,
                  allow_is_bidirectional_skip: bool = False, use_vmap: bool = False, device="cpu", **kwargs):
     """transformers' mask-interface contract (see ``masking_utils.sdpa_mask``), answered as the module docstring
     says: None, a 2-D padding mask, a (B, 1, 1, S) view, or a materialised (B, 1, L, S) bool mask."""
-    from transformers import masking_utils as mu
+    mu = _mu
     if mask_function is None:
         mask_function = mu.causal_mask_function
     owner = _attention_in_own_code(kwargs.get("config"))
