@@ -109,8 +109,12 @@ def test_errors_are_torchs_exception_type(case):
         kw = dict(dropout_p=-0.1)
     elif case == "head-dim":
         k = randn(2, 4, 6, 4)
-    with pytest.raises(RuntimeError):
+    try:
         F.scaled_dot_product_attention(q, k, v, **kw)
+    except RuntimeError:
+        pass
+    else:  # torch 2.11's CPU path took a mask with is_causal=True; later releases refuse it, as we do
+        assert case == "mask-and-causal", f"torch {torch.__version__} accepted case {case!r}"
     with pytest.raises(RuntimeError) as err:
         fastattn.scaled_dot_product_attention(q, k, v, **kw)
     assert isinstance(err.value, ValueError) and isinstance(err.value, fastattn.ArgumentError)
