@@ -110,55 +110,6 @@ def gpt_kv_cache_generation():
 
 
 @check
-def gpt_decode_step_cuda_graph():
-    """decode_one and the bound step captured in a CUDA graph and replayed give the eager step's logits."""
-    if not GPU:
-        return {"skipped": "no GPU"}
-    out = {}
-    for name in GPT_CFGS:
-        for bound in (False, True):
-            eager, graphed = gpt(name), gpt(name)
-            x = ids(2, 20, 512)
-            keep = torch.ones_like(x, dtype=torch.bool)
-            logits = {}
-            with torch.no_grad():
-                for tag, m in (("eager", eager), ("graph", graphed)):
-                    m.setup_caches(2, 64)
-                    first = m.prefill(x, keep).argmax(-1, keepdim=True)
-                    step = m.bound_decode_one() if bound else m.decode_one
-                    tok, pos = first.clone(), torch.tensor([20], device=DEV)
-                    seq = []
-                    if tag == "eager":
-                        for _ in range(12):
-                            lg = step(tok, pos)
-                            seq.append(lg.clone())
-                            tok.copy_(lg.argmax(-1, keepdim=True))
-                            pos += 1
-                    else:
-                        s = torch.cuda.Stream()
-                        s.wait_stream(torch.cuda.current_stream())
-                        with torch.cuda.stream(s):  # the first step eagerly (warm-up: compiles, autotunes)
-                            lg = step(tok, pos)
-                        torch.cuda.current_stream().wait_stream(s)
-                        seq.append(lg.clone())
-                        tok.copy_(lg.argmax(-1, keepdim=True))
-                        pos += 1
-                        g = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(g):
-                            static = step(tok, pos)
-                        for _ in range(11):
-                            g.replay()
-                            seq.append(static.clone())
-                            tok.copy_(static.argmax(-1, keepdim=True))
-                            pos += 1
-                    logits[tag] = torch.stack(seq)
-            d = err(logits["graph"], logits["eager"])
-            assert d <= 1e-4, f"{name} bound={bound}: graphed decode differs from eager by {d:.3g}"
-            out[f"{name} {'bound' if bound else 'decode_one'}"] = {"max diff": d}
-    return out
-
-
-@check
 def seq2seq_generation():
     torch.manual_seed(0)
     model = Seq2Seq(Seq2SeqConfig(vocab_size=512, d_model=128, n_layer=2, n_head=4, max_seq_len=128)).to(DEV).eval()
@@ -302,6 +253,56 @@ def cli_train_eval_generate():
                       "--max-new-tokens", "30", "--temperature", "0")
         assert len(gen.strip()) > len("It is a truth"), f"no continuation: {gen!r}"
         out["generate"] = gen.strip()[-200:]
+    return out
+
+
+@check
+def gpt_decode_step_cuda_graph():
+    """decode_one and the bound step captured in a CUDA graph and replayed give the eager step's logits (last: a
+    failed capture can leave the CUDA context unusable for what would run after it)."""
+    if not GPU:
+        return {"skipped": "no GPU"}
+    out = {}
+    for name in GPT_CFGS:
+        for bound in (False, True):
+            eager, graphed = gpt(name), gpt(name)
+            x = ids(2, 20, 512)
+            keep = torch.ones_like(x, dtype=torch.bool)
+            logits = {}
+            with torch.no_grad():
+                for tag, m in (("eager", eager), ("graph", graphed)):
+                    m.setup_caches(2, 64)
+                    first = m.prefill(x, keep).argmax(-1, keepdim=True)
+                    step = m.bound_decode_one() if bound else m.decode_one
+                    tok, pos = first.clone(), torch.tensor([20], device=DEV)
+                    seq = []
+                    if tag == "eager":
+                        for _ in range(12):
+                            lg = step(tok, pos)
+                            seq.append(lg.clone())
+                            tok.copy_(lg.argmax(-1, keepdim=True))
+                            pos += 1
+                    else:
+                        s = torch.cuda.Stream()
+                        s.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(s):  # the first step eagerly (warm-up: compiles, autotunes)
+                            lg = step(tok, pos)
+                        torch.cuda.current_stream().wait_stream(s)
+                        seq.append(lg.clone())
+                        tok.copy_(lg.argmax(-1, keepdim=True))
+                        pos += 1
+                        g = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(g):
+                            static = step(tok, pos)
+                        for _ in range(11):
+                            g.replay()
+                            seq.append(static.clone())
+                            tok.copy_(static.argmax(-1, keepdim=True))
+                            pos += 1
+                    logits[tag] = torch.stack(seq)
+            d = err(logits["graph"], logits["eager"])
+            assert d <= 1e-4, f"{name} bound={bound}: graphed decode differs from eager by {d:.3g}"
+            out[f"{name} {'bound' if bound else 'decode_one'}"] = {"max diff": d}
     return out
 
 

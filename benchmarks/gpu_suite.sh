@@ -5,13 +5,19 @@
 # write OUTDIR/summary.md + summary.json (GPU, commit, measured copy bandwidth, each speedup vs torch) with the logs.
 #   usage: bash benchmarks/gpu_suite.sh OUTDIR   (PYTHON=python3, FASTATTN_COMMIT=<sha> when .git is absent,
 #          SUITE_BUDGET_S=540: each stage is cut off so that the whole suite ends within it; CHECK_RESERVE_S=90 and
-#          BENCH_RESERVE_S=270 of it are kept for the checks and the benchmarks; BENCH_MODEL=gpt2-medium)
+#          BENCH_RESERVE_S=270 of it are kept for the checks and the benchmarks; BENCH_MODEL=gpt2-medium;
+#          SUITE_STAGES="tests check bench": a subset runs alone, its reserves dropped: with a 15-minute lease, run
+#          "tests check" and then, on the still-warm machine (the build is kept), "bench", each with the whole budget)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: gpu_suite.sh OUTDIR}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 BUDGET=${SUITE_BUDGET_S:-540}
+STAGES=" ${SUITE_STAGES:-tests check bench} "
+want() { [[ "$STAGES" == *" $1 "* ]]; }
+want check && CHECK_RES=${CHECK_RESERVE_S:-90} || CHECK_RES=0
+want bench && BENCH_RES=${BENCH_RESERVE_S:-270} || BENCH_RES=0
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
 log() { echo "[gpu_suite +$(elapsed)s] $*"; }
@@ -28,28 +34,32 @@ fi
 log "built: $($PY -c 'import fastattn; i = fastattn.build_info(); print(i["cuda_archs"], i["backends"])')"
 
 xdist=""
-$PY -c "import xdist" 2>/dev/null && xdist="-n $(( $(nproc) > 14 ? 14 : $(nproc) ))"
+$PY -c "import xdist" 2>/dev/null && xdist="-n $(( $(nproc) > 12 ? 12 : $(nproc) ))"
 # The test files that run on the GPU (backend_device / cuda_kernels); the rest (models, CLI, HF, checkpoints) run
 # on the CPU only, as in CI: benchmarks/gpu_models_check.py runs those layers on the GPU instead.
 TESTS=${SUITE_TESTS:-$(grep -l "backend_device\|backend_params\|cuda_kernels\|HAS_GPU\|cuda" tests/test_*.py | tr '\n' ' ')}
-t_tests=$(( BUDGET - $(elapsed) - ${CHECK_RESERVE_S:-90} - ${BENCH_RESERVE_S:-270} ))
+if want tests; then
+t_tests=$(( BUDGET - $(elapsed) - CHECK_RES - BENCH_RES ))
 log "tests ($xdist, one OpenMP thread per worker (CI covers the threaded CPU paths), up to ${t_tests}s): $TESTS"
 OMP_NUM_THREADS=1 FASTATTN_EXPECT_CPP=1 FASTATTN_EXPECT_CUDA_OPS=1 timeout -s INT -k 20 $t_tests $PY -m pytest $TESTS -q \
   -p no:cacheprovider $xdist -o junit_family=xunit1 --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 log "tests rc=$?: $(tail -1 "$OUT/tests.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
+fi
 
-t_check=$(( BUDGET - $(elapsed) - ${BENCH_RESERVE_S:-270} ))
+if want check; then
+t_check=$(( BUDGET - $(elapsed) - BENCH_RES ))
 log "model-level checks on the GPU (up to ${t_check}s)"
 PYTHONUNBUFFERED=1 timeout -k 10 $t_check $PY benchmarks/gpu_models_check.py "$OUT/models_check.json" \
   > "$OUT/models_check.log" 2>&1
 log "checks rc=$?: $(tail -1 "$OUT/models_check.log")"
 grep -E "^(PASS|FAIL)" "$OUT/models_check.log" | cut -c1-300
+fi
 
 # Benchmarks one file at a time, the rows of the open issues' GPU goals first; each file gets what is left of the
 # budget, so a slow one cuts the kernel rows after it, not the summary. Per-file JSON: OUT/bench_NAME.json.
 # bench_models: GPT-2-medium (issue 16's goal), 3 rounds (transformers' generate takes seconds a round).
-for spec in "decode:" "modules:" "hf:" "models:not interleaved" "train:not fastattn-compile" "attention:" \
+want bench && for spec in "decode:" "modules:" "hf:" "models:not interleaved" "train:not fastattn-compile" "attention:" \
             "dropout:" "add_norm:" "int8:"; do
   name=${spec%%:*}; sel=${spec#*:}
   left=$(( BUDGET - $(elapsed) - 25 ))
