@@ -89,6 +89,8 @@ def test_decode(benchmark, impl, cache, S, H, Hk):
                                     op=f"decode-H{H}-Hk{Hk}-D64-L1-{cache}", direction="fwd", dtype=str(DTYPE)[6:],
                                     width=S, heads=H, kv_heads=Hk)
         benchmark.pedantic(step, warmup_rounds=3, rounds=ROUNDS, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: one plain run, no statistics
+        return
     median = benchmark.stats.stats.median / CALLS
     benchmark.extra_info["ms_per_call"] = median * 1e3
     benchmark.extra_info["GB/s"] = gbytes(k, v) / median
