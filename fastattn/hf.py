@@ -55,6 +55,9 @@ MIN_TRANSFORMERS = "5.4"  # setup.py's test extra and requirements-dev.txt say t
 # under torch.compile, and torch 2.11's dynamo cannot trace `from transformers import ...` (a lazy module)
 _mu = None
 _exporting = None
+# Models that read the mask themselves before calling the attention function (Doge's dynamic mask indexes it as
+# (B, 1, L, S)); transformers 5.25 asks for a full mask for them, 5.17 did not
+_READ_BY_MODEL = frozenset({"doge"})
 _said = set()
 
 
@@ -286,8 +289,11 @@ def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
         raise ValueError(f"attention_mask: a 3-D mask {tuple(attention_mask.shape)} is not one fastattn's mask "
                          f"builder made for this layer; pass the 2-D padding mask (batch, keys)")
     why = None
+    model_type = getattr(kwargs.get("config"), "model_type", None)
     if pattern is None:
         why = "a mask function other than causal, sliding-window causal or bidirectional"
+    elif model_type in _READ_BY_MODEL:
+        why = f"{model_type} reads the (B, 1, L, S) mask itself"
     elif pattern != "bidirectional" and not allow_is_causal_skip:
         why = "the caller asked for a full causal mask"
     elif pattern == "bidirectional" and not allow_is_bidirectional_skip:

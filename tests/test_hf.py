@@ -441,3 +441,17 @@ def test_register_refuses_old_transformers(monkeypatch):
     monkeypatch.setattr(current, "__version__", "5.3.0")
     with pytest.raises(ImportError, match=r"transformers >= 5\.4 .*found 5\.3\.0"):
         fhf.register()
+
+
+def test_doge_gets_a_full_mask():
+    """Doge builds its dynamic mask from the (B, 1, L, S) mask before attention runs: the builder gives it the full
+    mask even when the caller allows a skip (transformers 5.17 did: a compact mask crashed it)."""
+    fhf.register()
+    cfg = transformers.DogeConfig(vocab_size=VOCAB, sliding_window=5, **SMALL)
+    assert transformers.DogeModel  # its modeling module loaded, as under a model (else: eager's float mask)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, :3] = False
+    got = fhf.mask_forward(2, 7, 7, 0, 0, mask_function=transformers.masking_utils.causal_mask_function,
+                           attention_mask=mask, allow_is_causal_skip=True, config=cfg)
+    assert got.shape == (2, 1, 7, 7)
+    assert torch.equal(got[1, 0], torch.ones(7, 7, dtype=torch.bool).tril() & mask[1])
