@@ -1,12 +1,12 @@
 """HF transformers integration: ``attn_implementation="fastattn"``.
 
-``fastattn.hf.register()`` adds "fastattn" to transformers' ``AttentionInterface`` (the attention function) and, where
-the installed transformers has it, to ``masking_utils.AttentionMaskInterface`` (the mask builder). Then
+``fastattn.hf.register()`` adds "fastattn" to transformers' ``AttentionInterface`` (the attention function) and to
+``masking_utils.AttentionMaskInterface`` (the mask builder); it needs transformers >= 5.4. Then
 
     model = AutoModel.from_pretrained(path, attn_implementation="fastattn")    # or model.set_attn_implementation(...)
 
 runs every attention layer on ``fastattn.attention``. transformers is optional: this module imports it only inside
-``register()`` and the mask builder.
+``register()``.
 
 How the two halves talk. The mask builder recognises transformers' plain patterns (causal, sliding-window causal,
 bidirectional, each with padding) and hands the attention function only what the kernel cannot work out itself:
@@ -298,8 +298,7 @@ def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
         why = "the caller asked for a full causal mask"
     elif pattern == "bidirectional" and not allow_is_bidirectional_skip:
         why = "the caller asked for a full bidirectional mask"
-    elif _exporting() or any(isinstance(t, Tensor) and mu.is_tracing(t)
-                                              for t in (attention_mask, q_offset)):
+    elif _exporting() or any(isinstance(t, Tensor) and mu.is_tracing(t) for t in (attention_mask, q_offset)):
         why = "tracing (the mask's values and offsets cannot be read)"
     if why is None:
         padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)  # (B, >= kv_offset + kv_length)
