@@ -257,6 +257,43 @@ def cli_train_eval_generate():
 
 
 @check
+def gpt_decode_step_compiled():
+    """decode_one under torch.compile(fullgraph=True) (GPU: inductor with CUDA graphs, "reduce-overhead", as
+    gpt-fast runs it; CPU: the "eager" backend, a dry run) gives the eager step's logits, compiled once."""
+    import torch._dynamo.testing
+    torch._dynamo.reset()
+    out = {}
+    eager, compiled = gpt("llama-style"), gpt("llama-style")
+    x = ids(2, 20, 512)
+    keep = torch.ones_like(x, dtype=torch.bool)
+    keep[0, :6] = False
+    counter = torch._dynamo.testing.CompileCounter()
+    with torch.no_grad():
+        for m in (eager, compiled):
+            m.setup_caches(2, 40)
+        tok = eager.prefill(x, keep).argmax(-1, keepdim=True)
+        compiled.prefill(x, keep)
+        t0 = time.time()
+        if GPU:
+            step = torch.compile(compiled.decode_one, fullgraph=True, mode="reduce-overhead")
+        else:
+            step = torch.compile(compiled.decode_one, backend=counter, fullgraph=True)
+        worst = 0.0
+        for t in range(20, 36):
+            a = eager.decode_one(tok, eager.cache_index[t:t + 1])
+            b = step(tok, compiled.cache_index[t:t + 1]).clone()
+            worst = max(worst, err(b, a))
+            tok = a.argmax(-1, keepdim=True)
+        out["compile + 16 steps s"] = round(time.time() - t0, 1)
+    torch._dynamo.reset()
+    assert worst <= 1e-4, f"compiled decode step differs from eager by {worst:.3g}"
+    if not GPU:
+        assert counter.frame_count == 1, f"{counter.frame_count} compilations"
+    out["max diff"] = worst
+    return out
+
+
+@check
 def gpt_decode_step_cuda_graph():
     """decode_one and the bound step captured in a CUDA graph and replayed give the eager step's logits (last: a
     failed capture can leave the CUDA context unusable for what would run after it)."""

@@ -4,7 +4,7 @@
 # (benchmarks/gpu_models_check.py: models, KV cache, CUDA graphs, HF, the CLI on the GPU) and the GPU benchmarks, and
 # write OUTDIR/summary.md + summary.json (GPU, commit, measured copy bandwidth, each speedup vs torch) with the logs.
 #   usage: bash benchmarks/gpu_suite.sh OUTDIR   (PYTHON=python3, FASTATTN_COMMIT=<sha> when .git is absent,
-#          SUITE_BUDGET_S=540: each stage is cut off so that the whole suite ends within it; CHECK_RESERVE_S=90 and
+#          SUITE_BUDGET_S=540: each stage is cut off so that the whole suite ends within it; CHECK_RESERVE_S=120 and
 #          BENCH_RESERVE_S=270 of it are kept for the checks and the benchmarks; BENCH_MODEL=gpt2-medium;
 #          SUITE_STAGES="tests check bench": a subset runs alone, its reserves dropped: with a 15-minute lease, run
 #          "tests check" and then, on the still-warm machine (the build is kept), "bench", each with the whole budget)
@@ -16,7 +16,7 @@ PY=${PYTHON:-python3}
 BUDGET=${SUITE_BUDGET_S:-540}
 STAGES=" ${SUITE_STAGES:-tests check bench} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
-want check && CHECK_RES=${CHECK_RESERVE_S:-90} || CHECK_RES=0
+want check && CHECK_RES=${CHECK_RESERVE_S:-120} || CHECK_RES=0
 want bench && BENCH_RES=${BENCH_RESERVE_S:-270} || BENCH_RES=0
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
