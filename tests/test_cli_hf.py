@@ -208,3 +208,18 @@ def test_generate_chat(hf_folder, tmp_path, capsys):
     with torch.no_grad():
         want = hf.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
     assert reply == hf_tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_init_from_a_run_that_started_from_hf_keeps_its_tokenizer(hf_folder, tmp_path, capsys):
+    """--init from a checkpoint trained on an HF folder's tokenizer continues with that tokenizer (the checkpoint
+    carries it): no --tokenizer needed, and the second run's checkpoints carry it on."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    short = ["--seq-len", "16", "--batch-size", "4", "--steps", "2", "--eval-every", "2", "--eval-batches", "1",
+             "--max-data-tokens", "20000", "--warmup", "1"]
+    assert main(["train", "--init-hf", str(hf_folder), "--out", str(first), *short]) == 0
+    capsys.readouterr()
+    assert main(["train", "--init", str(first), "--out", str(second), *short]) == 0
+    assert f"tokenizer of {first} (400 ids)" in capsys.readouterr().err
+    assert json.loads((second / "model" / "tokenizer.json").read_text())["type"] == "hf"
+    assert main(["generate", str(second), "-p", "It is", "-n", "3", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("It is")

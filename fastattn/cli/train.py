@@ -28,7 +28,7 @@ class TrainConfig:
     out: str = opt("runs/train", "run folder: checkpoints, metrics.jsonl, loss.png, model/ (the final model)")
     tokenizer: str = opt("bpe", "bpe (the embedded 4096-id byte-level BPE), bytes (plain bytes), a tokenizer "
                                 ".json, or hf (the --init-hf folder's own tokenizer.json: the default there when "
-                                "the folder has one)")
+                                "the folder has one); with --init the checkpoint's own unless another is named")
     arch: Optional[str] = opt(None, "model class (default: GPT for clm, BERT for mlm/classify, Seq2Seq for seq2seq)")
     d_model: int = opt(256, "model width")
     n_layer: int = opt(4, "layers (per stack)")
@@ -202,7 +202,6 @@ def load_model(path, backend=None, map_location="cpu", purpose=None):
     with the fine-tuning adapters of its run merged (LoRA) or kept (soft prompt); an int8 checkpoint (`fastattn
     quantize`) comes back int8, unless ``purpose`` (e.g. "--init") names a use that needs float weights. A Hugging
     Face folder (a model_type of HF_MODEL_TYPES) is imported with from_hf and its own tokenizer.json."""
-    from fastattn.data import Tokenizer
     from fastattn.models.layers import INT8_FILE
     from fastattn.quantization import apply_int8_layout
     kind = hf_model_type(path)
@@ -231,8 +230,15 @@ def load_model(path, backend=None, map_location="cpu", purpose=None):
             raise ckpt.CheckpointError(f"{path}/{INT8_FILE}: {e}") from None
     ckpt.load_weights(model, path / "model.safetensors")
     finetune.merge(model)
-    tok = Tokenizer.load(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else load_tokenizer("bpe")
-    return hugepages.place(model.to(map_location)), state, tok
+    return hugepages.place(model.to(map_location)), state, checkpoint_tokenizer(path)
+
+
+def checkpoint_tokenizer(path):
+    """The tokenizer a checkpoint (or a run folder's newest) was trained with: its tokenizer.json (ours or a
+    Hugging Face one it carried from --init-hf), else the embedded BPE."""
+    from fastattn.data import Tokenizer
+    path = ckpt.resolve(path)
+    return Tokenizer.load(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else load_tokenizer("bpe")
 
 
 def configure_optimizer(model, cfg, device):
@@ -357,7 +363,10 @@ class Trainer:
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise CLIError("--precision fp16 needs a CUDA device (use bf16 on CPU)")
         torch.manual_seed(cfg.seed)
-        self.tok = load_tokenizer(cfg.tokenizer, cfg.init_hf)
+        if cfg.init and cfg.tokenizer == "bpe" and not hf_model_type(cfg.init):
+            self.tok = checkpoint_tokenizer(cfg.init)  # the checkpoint's own, unless --tokenizer names another
+        else:
+            self.tok = load_tokenizer(cfg.tokenizer, cfg.init_hf)
         for role in TASK_SPECIALS.get(cfg.task, ()):  # a Hugging Face tokenizer may lack them (GPT-2: no mask)
             try:
                 getattr(self.tok, f"{role}_id")
@@ -621,6 +630,8 @@ class Trainer:
         self.stop_signal = signum
 
     def _tokenizer_name(self):
+        if self.cfg.init and self.cfg.tokenizer == "bpe":
+            return f"tokenizer of {self.cfg.init} ({self.tok.vocab_size} ids)"
         if type(self.tok).__name__ == "HFTokenizer":
             return f"tokenizer {self.cfg.init_hf}/tokenizer.json ({self.tok.vocab_size} ids)"
         return f"tokenizer {self.cfg.tokenizer} ({self.tok.vocab_size} ids)"
