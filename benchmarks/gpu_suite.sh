@@ -7,7 +7,7 @@
 #          SUITE_BUDGET_S=540: each stage is cut off so that the whole suite ends within it; CHECK_RESERVE_S=120 and
 #          BENCH_RESERVE_S=270 of it are kept for the checks and the benchmarks; BENCH_MODEL=gpt2-medium;
 #          SUITE_STAGES="tests check bench": a subset runs alone, its reserves dropped: with a 15-minute lease, run
-#          "tests check" and then, on the still-warm machine (the build is kept), "bench", each with the whole budget)
+#          "tests check" and then, on the still-warm machine (the build is kept and not redone), "bench")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: gpu_suite.sh OUTDIR}
@@ -26,10 +26,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 log "GPU: $(tail -1 "$OUT/gpu.txt"); commit $commit"
 
 arch=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')")
-log "building for sm_$arch"
-if ! FASTATTN_CUDA_ARCHS=$arch MAX_JOBS=$(nproc) $PY -m pip install --no-build-isolation --no-deps -e . \
-     > "$OUT/build.log" 2>&1; then
-  log "BUILD FAILED"; tail -60 "$OUT/build.log"; exit 1
+if [ "${SUITE_REBUILD:-0}" != 1 ] && $PY -c "import fastattn._C" 2>/dev/null; then
+  log "fastattn._C already built here (a second call on a warm machine): not rebuilt (SUITE_REBUILD=1 does)"
+else
+  log "building for sm_$arch"
+  if ! FASTATTN_CUDA_ARCHS=$arch MAX_JOBS=$(nproc) $PY -m pip install --no-build-isolation --no-deps -e . \
+       > "$OUT/build.log" 2>&1; then
+    log "BUILD FAILED"; tail -60 "$OUT/build.log"; exit 1
+  fi
 fi
 log "built: $($PY -c 'import fastattn; i = fastattn.build_info(); print(i["cuda_archs"], i["backends"])')"
 
