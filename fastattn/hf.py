@@ -72,7 +72,8 @@ def _once(level: int, key: str, msg: str, *args) -> None:
 
 def register() -> str:
     """Register "fastattn" with transformers' AttentionInterface and AttentionMaskInterface.
-    Returns the name to pass as ``attn_implementation``. Raises ImportError without transformers."""
+    Returns the name to pass as ``attn_implementation``. Raises ImportError without transformers, or with one older
+    than ``MIN_TRANSFORMERS``."""
     _installed_kernels_package()
     try:
         import transformers
