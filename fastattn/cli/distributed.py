@@ -10,6 +10,7 @@ sharded state with torch.distributed.checkpoint (every rank its part) into the s
 rank 0 exports the gathered model to RUN/model at the end.
 """
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -108,9 +109,13 @@ class Distributed(Single):
         """finished: every rank got here normally, so wait for all of them (a gloo barrier also waits for this
         rank's collectives still in flight, e.g. a gather's unwaited AsyncCollectiveTensors) before tearing the
         group down; tearing it down under a peer's running collective aborts the process. After an error, no
-        barrier: the other ranks may never come."""
+        barrier: the other ranks may never come. Then the run's garbage is collected while the groups and the
+        interpreter are alive: the FSDP / tensor-parallel model sits in reference cycles, and freed only at
+        interpreter exit, with gloo's works on its tensors, it aborted a rank now and then ("terminate called
+        without an active exception", after a finished run: CI once, and once on torch 2.11)."""
         if finished:
             self.dist.barrier()
+        gc.collect()
         self.dist.destroy_process_group()
 
     # ---- sharded checkpoints (FSDP, TP) ----
