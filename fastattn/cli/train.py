@@ -363,8 +363,10 @@ class Trainer:
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise CLIError("--precision fp16 needs a CUDA device (use bf16 on CPU)")
         torch.manual_seed(cfg.seed)
-        if cfg.init and cfg.tokenizer == "bpe" and not hf_model_type(cfg.init):
-            self.tok = checkpoint_tokenizer(cfg.init)  # the checkpoint's own, unless --tokenizer names another
+        # --init: the checkpoint's own tokenizer, unless --tokenizer names another (an HF folder is refused below)
+        self.tok_from_init = bool(cfg.init) and cfg.tokenizer == "bpe" and not hf_model_type(cfg.init)
+        if self.tok_from_init:
+            self.tok = checkpoint_tokenizer(cfg.init)
         else:
             self.tok = load_tokenizer(cfg.tokenizer, cfg.init_hf)
         for role in TASK_SPECIALS.get(cfg.task, ()):  # a Hugging Face tokenizer may lack them (GPT-2: no mask)
@@ -630,7 +632,7 @@ class Trainer:
         self.stop_signal = signum
 
     def _tokenizer_name(self):
-        if self.cfg.init and self.cfg.tokenizer == "bpe":
+        if self.tok_from_init:
             return f"tokenizer of {self.cfg.init} ({self.tok.vocab_size} ids)"
         if type(self.tok).__name__ == "HFTokenizer":
             return f"tokenizer {self.cfg.init_hf}/tokenizer.json ({self.tok.vocab_size} ids)"
