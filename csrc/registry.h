@@ -9,6 +9,7 @@ void register_cpu_attention(pybind11::module_& m);  // csrc/cpu/attention_api.cp
 void register_cpu_int8(pybind11::module_& m);       // csrc/cpu/int8_api.cpp
 void register_cpu_decode(pybind11::module_& m);     // csrc/cpu/decode_api.cpp
 void register_cpu_dropout(pybind11::module_& m);    // csrc/cpu/dropout_api.cpp
+void register_cpu_cross_entropy(pybind11::module_& m);  // csrc/cpu/cross_entropy_api.cpp
 
 inline void register_cpu_ops(pybind11::module_& m) {
   register_cpu_add_norm(m);
@@ -16,6 +17,7 @@ inline void register_cpu_ops(pybind11::module_& m) {
   register_cpu_int8(m);
   register_cpu_decode(m);
   register_cpu_dropout(m);
+  register_cpu_cross_entropy(m);
 }
 
 #ifdef FASTATTN_WITH_CUDA

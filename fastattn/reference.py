@@ -231,3 +231,19 @@ def w8a16_matmul_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     if bias is not None:
         out = out + _per_col(bias.to(torch.float32))
     return out.to(x.dtype)
+
+
+def linear_cross_entropy_ref(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                             bias: Optional[torch.Tensor] = None, *, ignore_index: int = -100,
+                             reduction: str = "mean", upcast: bool = False) -> torch.Tensor:
+    """cross_entropy(input @ weight.T + bias, target) over the last dim, the logits in float32 (float64 stays);
+    ``upcast`` also runs the linear in float32. The unfused expression of fastattn.linear_cross_entropy."""
+    if upcast:
+        cdt = torch.float64 if input.dtype == torch.float64 else torch.float32
+        input, weight = input.to(cdt), weight.to(cdt)
+        bias = None if bias is None else bias.to(cdt)
+    logits = F.linear(input, weight, bias)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1).long(),
+                           ignore_index=ignore_index, reduction=reduction).reshape(
+        target.shape if reduction == "none" else ())

@@ -6,8 +6,9 @@
               tokens) each replaced by one <mask>; the decoder reconstructs the original block
     classify  labelled JSONL / CSV texts, one label per text (accuracy)
 
-Losses are computed here from the model's logits (never from the model's own ``labels`` handling), so the trainer
-sees one convention and distillation can use the same logits.
+Losses: ``label_kwargs(target)`` gives the model's own label arguments, whose loss equals ``loss(out, target)``
+(the trainer uses them so that the fastattn backend computes the loss without the logits); distillation, soft
+prompts and evaluation compute it here from the model's logits.
 """
 import math
 
@@ -48,6 +49,9 @@ class CLMTask:
 
     def loss(self, out, target):
         return _ce(out.logits, target)
+
+    def label_kwargs(self, target):
+        return {"shift_labels": target}  # GPT: position t predicts target[t]
 
     def logits(self, out):
         return out.logits
@@ -103,6 +107,9 @@ class MLMTask(CLMTask):
             target["nsp"] = (~is_next).long()  # BERT's convention: 0 = B follows A
         return inputs, target
 
+    def label_kwargs(self, target):
+        return {"labels": target["labels"], "next_sentence_label": target.get("nsp")}
+
     def loss(self, out, target):
         loss = _ce(out.logits, target["labels"])
         if "nsp" in target and getattr(out, "nsp_logits", None) is not None:
@@ -157,6 +164,9 @@ class Seq2SeqTask(CLMTask):
     def tokens(self, inputs):
         return inputs["attention_mask"].sum().item() + inputs["decoder_input_ids"].numel()
 
+    def label_kwargs(self, target):
+        return {"labels": target}  # Seq2Seq: the decoder's position t predicts labels[t]
+
 
 class ClassifyTask:
     name = "classify"
@@ -196,6 +206,9 @@ class ClassifyTask:
             pick = [(index * batch_size + j) % len(rows) for j in range(batch_size)]
         ids, mask = pad_right([self._encode(rows[j][0]) for j in pick], self.tok.pad_id)
         return {"input_ids": ids, "attention_mask": mask}, torch.tensor([rows[j][1] for j in pick])
+
+    def label_kwargs(self, target):
+        return None  # the loss is computed here (single-label cross-entropy over the classes)
 
     def loss(self, out, target):
         return F.cross_entropy(out.logits.float(), target)

@@ -487,6 +487,10 @@ class Trainer:
             return model(**inputs)
 
     def _loss(self, inputs, target):
+        labels = self.task.label_kwargs(target)
+        if labels is not None and self.teacher is None and self.cfg.mode != "prompt":
+            # the model's own loss: on the fastattn backend it skips the logits (fastattn.linear_cross_entropy)
+            return self._forward(self.train_model, {**inputs, **labels}).loss
         out = self._forward(self.train_model, inputs)
         loss = self.task.loss(out, target)
         if self.teacher is not None:

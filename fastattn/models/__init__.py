@@ -14,10 +14,13 @@ The interface (stable; the CLI builds on it):
   ``to_dict()`` / ``from_dict(d)`` (an unknown key raises ValueError naming it), ``save(path)`` / ``load(path)`` JSON.
   A bad value raises ValueError naming the field.
 - ``model(...)`` returns a ``ModelOutput`` with ``.logits`` and ``.loss`` (and BERT's ``.nsp_logits``).
-  GPT: ``forward(input_ids, attention_mask=None, labels=None)``; BERT: ``forward(input_ids, attention_mask=None,
-  token_type_ids=None, labels=None, next_sentence_label=None)``; BERTForSequenceClassification: ``forward(input_ids,
-  attention_mask=None, token_type_ids=None, labels=None)``; Seq2Seq: ``forward(input_ids, attention_mask=None,
-  decoder_input_ids=None, labels=None)``. attention_mask is HF's: 1 = token, 0 = padding. Labels -100 are ignored.
+  GPT: ``forward(input_ids, attention_mask=None, labels=None, *, shift_labels=None, skip_logits=None)``; BERT:
+  ``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None, *,
+  skip_logits=None)``; BERTForSequenceClassification: ``forward(input_ids, attention_mask=None, token_type_ids=None,
+  labels=None)``; Seq2Seq: ``forward(input_ids, attention_mask=None, decoder_input_ids=None, labels=None, *,
+  skip_logits=None)``. attention_mask is HF's: 1 = token, 0 = padding. Labels -100 are ignored. GPT's labels are
+  shifted inside (shift_labels: already shifted). In training with labels (``skip_logits`` None) the fastattn
+  backend computes the LM loss with fastattn.linear_cross_entropy and returns ``.logits`` None.
 - ``generate(input_ids, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
   attention_mask=None, generator=None, streamer=None)`` (GPT; Seq2Seq adds ``decoder_start_token_id``):
   temperature 0 = greedy; eos_token_id may be a list of ids. GPT batches of different lengths are padded on the

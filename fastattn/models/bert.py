@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, KeyMap, load_mapped, place, read_hf_folder
 from .layers import (Block, ModelConfig, ModelOutput, Positions, PretrainedMixin, activation_fn, init_weights,
-                     drop, keep_mask, make_norm, padding_or_none)
+                     drop, keep_mask, lm_head_loss, make_norm, padding_or_none)
 
 log = logging.getLogger("fastattn")
 
@@ -105,7 +105,11 @@ class MLMHead(nn.Module):
         self.decoder = nn.Linear(cfg.d_model, cfg.vocab_size)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.decoder(self.norm.post(self.act(self.dense(h))))
+        return self.decoder(self.transform(h))
+
+    def transform(self, h: Tensor) -> Tensor:
+        """The hidden states the vocabulary projection (decoder) reads."""
+        return self.norm.post(self.act(self.dense(h)))
 
 
 class BERT(PretrainedMixin, nn.Module):
@@ -126,13 +130,20 @@ class BERT(PretrainedMixin, nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                next_sentence_label: Optional[Tensor] = None) -> ModelOutput:
+                next_sentence_label: Optional[Tensor] = None, *, skip_logits: Optional[bool] = None) -> ModelOutput:
+        """labels (B, L): the masked positions' token ids, -100 elsewhere. ``skip_logits`` (default: in training,
+        given labels): on the fastattn backend the MLM loss comes from fastattn.linear_cross_entropy without the
+        logits, and .logits is None."""
         h = self.encoder(input_ids, attention_mask, token_type_ids)
-        logits = self.mlm_head(h)
         nsp_logits = self.nsp_head(self.pooler(h))
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        if labels is None:
+            logits = self.mlm_head(h)
+        else:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels: shape {tuple(labels.shape)} != input_ids' {tuple(input_ids.shape)}")
+            logits, loss = lm_head_loss(self.mlm_head.decoder, self.mlm_head.transform(h), labels,
+                                        self.config.backend, self.training if skip_logits is None else skip_logits)
         if next_sentence_label is not None:
             nsp = F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
             loss = nsp if loss is None else loss + nsp

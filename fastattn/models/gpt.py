@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
-                     drop, generation_loop, init_weights, keep_mask, make_norm, padding_or_none, softcap)
+                     drop, generation_loop, init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none,
+                     shifted_target, softcap)
 
 
 @dataclass
@@ -74,17 +74,23 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
                                 input_pos=input_pos, use_cache=use_cache)
         return self.norm_f.post(h, residual) if self.norm_f is not None else h
 
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None) -> ModelOutput:
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                *, shift_labels: Optional[Tensor] = None, skip_logits: Optional[bool] = None) -> ModelOutput:
         """input_ids (B, L); attention_mask (B, L) 1 = token, 0 = padding; labels (B, L) (shifted here: position t
-        predicts labels[t + 1]; -100 ignored). Returns .logits (B, L, V) and .loss."""
+        predicts labels[t + 1]; -100 ignored) or shift_labels (B, L), already shifted (position t predicts
+        shift_labels[t]), as transformers' loss functions name them. Returns .logits (B, L, V) and .loss.
+        ``skip_logits`` (default: in training, given labels): on the fastattn backend the loss comes from
+        fastattn.linear_cross_entropy without the logits, and .logits is None."""
         keep = keep_mask(input_ids, attention_mask, self.config.max_seq_len)
         positions = (keep.cumsum(-1) - 1).clamp_min(0)
         h = self.hidden(input_ids, positions, key_padding_mask=padding_or_none(keep, attention_mask))
-        logits = self.logits(h)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        target = shifted_target(labels, shift_labels, input_ids)
+        if target is None:
+            return ModelOutput(logits=self.logits(h))
+        cap = self.config.final_softcap
+        logits, loss = lm_head_loss(self.lm_head, h, target, self.config.backend,
+                                    self.training if skip_logits is None else skip_logits,
+                                    (lambda z: softcap(z, cap)) if cap else None)
         return ModelOutput(logits=logits, loss=loss)
 
     def logits(self, h: Tensor) -> Tensor:

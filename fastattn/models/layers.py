@@ -22,6 +22,7 @@ from ..ops.add_norm import add_layer_norm, add_rms_norm
 from ..backends import forced_backend_name
 from ..ops.attention import attention, decode_attention
 from ..ops.attention.decode import route_backend
+from ..ops.cross_entropy import linear_cross_entropy
 from ..ops.dropout import dropout as fa_dropout
 from ..quantization import apply_int8_layout, int8_layout
 from .. import hugepages
@@ -596,6 +597,32 @@ def eos_ids(eos_token_id, device) -> Optional[Tensor]:
     if ids is None or not ids.numel() or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(f"eos_token_id: expected a token id, a list of them or None, got {eos_token_id!r}")
     return ids.long()
+
+
+def lm_head_loss(head: nn.Module, h: Tensor, target: Tensor, backend: str, skip_logits: bool,
+                 transform=None) -> Tuple[Optional[Tensor], Tensor]:
+    """(logits, loss) of the LM head ``head`` on hidden states h (..., d): cross-entropy against target (...) (-100
+    ignored), mean over the kept positions. ``skip_logits`` on the fastattn backend, with a plain nn.Linear head (not
+    a LoRA / QAT / int8 one): fastattn.linear_cross_entropy, and logits None. ``transform``: a function the logits
+    go through (Gemma 2's softcap), which keeps the unfused path."""
+    if skip_logits and backend == "fastattn" and transform is None and type(head) is nn.Linear:
+        return None, linear_cross_entropy(h, head.weight, target, head.bias)
+    logits = head(h) if transform is None else transform(head(h))
+    return logits, F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(), ignore_index=-100)
+
+
+def shifted_target(labels: Optional[Tensor], shift_labels: Optional[Tensor], input_ids: Tensor) -> Optional[Tensor]:
+    """A causal LM's target per position (B, L): shift_labels as given, or labels shifted left by one (the last
+    position ignored: -100); None without either."""
+    if labels is not None and shift_labels is not None:
+        raise ValueError("labels, shift_labels: pass one of them (labels are shifted here, shift_labels already are)")
+    name, t = ("shift_labels", shift_labels) if shift_labels is not None else ("labels", labels)
+    if t is None:
+        return None
+    if not isinstance(t, Tensor) or t.shape != input_ids.shape or t.is_floating_point():
+        raise ValueError(f"{name}: expected integer class ids of input_ids' shape {tuple(input_ids.shape)}, got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    return t if shift_labels is not None else F.pad(t[:, 1:], (0, 1), value=-100)
 
 
 def keep_mask(input_ids: Tensor, attention_mask: Optional[Tensor], max_len: Optional[int] = None) -> Tensor:

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .decode_step import bind_decode
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
-                     generation_loop, init_weights, drop, keep_mask, make_norm, padding_or_none)
+                     generation_loop, init_weights, drop, keep_mask, lm_head_loss, make_norm, padding_or_none)
 
 
 @dataclass
@@ -116,9 +115,12 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         return out
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                decoder_input_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> ModelOutput:
+                decoder_input_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None, *,
+                skip_logits: Optional[bool] = None) -> ModelOutput:
         """.logits (B, T, V) of the decoder; .loss: cross-entropy against labels (B, T) (-100 ignored; no shift:
-        the decoder inputs are the labels shifted right when decoder_input_ids is None)."""
+        the decoder inputs are the labels shifted right when decoder_input_ids is None). ``skip_logits`` (default:
+        in training, given labels): on the fastattn backend the loss comes from fastattn.linear_cross_entropy
+        without the logits, and .logits is None."""
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("decoder_input_ids: needed when labels is None")
@@ -128,10 +130,13 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         B, T = decoder_input_ids.shape
         positions = torch.arange(T, device=input_ids.device).expand(B, T)
         h = self.decode(decoder_input_ids, positions, [b.cross_attn.memory(memory) for b in self.decoder], pad)
-        logits = self.lm_head(h)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        if labels is None:
+            return ModelOutput(logits=self.lm_head(h))
+        if labels.shape != decoder_input_ids.shape:
+            raise ValueError(f"labels: shape {tuple(labels.shape)} != decoder_input_ids' "
+                             f"{tuple(decoder_input_ids.shape)}")
+        logits, loss = lm_head_loss(self.lm_head, h, labels, self.config.backend,
+                                    self.training if skip_logits is None else skip_logits)
         return ModelOutput(logits=logits, loss=loss)
 
     # ---- generation (setup_caches: CacheMixin) ----
