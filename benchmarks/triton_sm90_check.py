@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastattn.kernels import add_norm as AN  # noqa: E402
+from fastattn.kernels import cross_entropy as CE  # noqa: E402
 from fastattn.kernels import attention as A  # noqa: E402
 from fastattn.kernels import decode as DEC  # noqa: E402
 from fastattn.kernels import dropout as D  # noqa: E402
@@ -114,6 +115,10 @@ def cases():
         yield (f"dropout {dtype}", D._dropout_kernel, {"X": f"*{dtype}", "Out": f"*{dtype}", "n": "i64", "p": "fp32",
                                                        "scale": "fp32", "seed": "i64", "offset": "i64"},
                dict(BLOCK=D.BLOCK), 4, 1)
+    for dtype in ("bf16", "fp32"):
+        for grad in (False, True):
+            yield (f"cross-entropy rows {dtype} write_grad={grad}", CE._cross_entropy_kernel,
+                   {"X": f"*{dtype}", "T": "*i64", "Loss": "*fp32"}, dict(WRITE_GRAD=grad, BLOCK=4096), 8, 1)
     norm_types = {**{n: "*bf16" for n in ("X", "R", "W", "B", "Y", "S", "DY", "DS", "DX")},
                   **{n: "*fp32" for n in ("Mean", "Rstd", "DRES", "DW", "DB")}, "eps": "fp32"}
     for block_n in (1024, AN.MAX_COLS):
