@@ -63,8 +63,8 @@ fi
 # Benchmarks one file at a time, the rows of the open issues' GPU goals first; each file gets what is left of the
 # budget, so a slow one cuts the kernel rows after it, not the summary. Per-file JSON: OUT/bench_NAME.json.
 # bench_models: GPT-2-medium (issue 16's goal), 3 rounds (transformers' generate takes seconds a round).
-want bench && for spec in "decode:" "modules:" "hf:" "models:not interleaved" "train:not fastattn-compile" "attention:" \
-            "dropout:" "add_norm:" "int8:"; do
+want bench && for spec in "decode:" "modules:" "hf:" "models:not interleaved" "train:not fastattn-compile" \
+            "cross_entropy:" "attention:" "dropout:" "add_norm:" "int8:"; do
   name=${spec%%:*}; sel=${spec#*:}
   left=$(( BUDGET - $(elapsed) - 25 ))
   if [ $left -lt 20 ]; then log "bench_$name: skipped (budget spent)"; continue; fi
