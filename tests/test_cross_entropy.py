@@ -45,8 +45,7 @@ def test_rows_against_float64(backend_name, dtype, V, write_grad):
     ignored = (t == -100).cpu()
     ref = F.cross_entropy(x64, t.cpu(), reduction="none")  # 0 where ignored
     # torch in the same dtype (float16 / bfloat16 logits upcast on CPU, as torch's CPU kernels require float)
-    xt = x.detach().clone() if not write_grad else before.clone()
-    xt = xt.cpu().float() if dtype in (torch.float16, torch.bfloat16) else xt.cpu()
+    xt = before.cpu().float() if dtype in (torch.float16, torch.bfloat16) else before.cpu()
     xt.requires_grad_(True)
     torch_loss = F.cross_entropy(xt, t.cpu(), reduction="none")
     assert_bounded("loss", loss.cpu(), ref, torch_loss.detach(), dtype)
@@ -188,10 +187,11 @@ def test_torch_compile_runs_the_fused_op():
 
 def test_chunk_rows():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert chunk_rows(2048, 4096, 256, cpu) == 1024
-    assert chunk_rows(8192, 50257, 768, cpu) == 256  # at least MIN_CHUNK_ROWS
-    assert chunk_rows(100, 50257, 768, cpu) == 100
-    assert chunk_rows(8192, 50257, 768, cuda) == 125  # the chunk's logits about the size of the input
+    assert chunk_rows(2048, 4096, cpu) == 1024
+    assert chunk_rows(8192, 50257, cpu) == 256  # at least MIN_CHUNK_ROWS
+    assert chunk_rows(100, 50257, cpu) == 100
+    assert chunk_rows(8192, 50257, cuda) == 5341  # 512 MB of bf16 logits: two chunks of 8192 tokens
+    assert chunk_rows(8192, 128256, cuda) == 2092
 
 
 # ---- the models' loss --------------------------------------------------------------------------------------------

@@ -29,7 +29,11 @@ from ..reference import linear_cross_entropy_ref
 from .batching import graph_capture, has_torch_function_subclass, is_transformed
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-CPU_CHUNK_ELEMENTS = 1 << 22  # logits per CPU chunk (16 MB of float32; in L3 between the passes)
+# Logits per chunk. CPU: 16 MB of float32, in L3 between the passes. GPU: 512 MB of bf16. Every chunk adds its
+# weight gradient into a (V, d) float32 accumulator (and, in bf16, through a (V, d) temporary), ~12 V d bytes of
+# traffic; with Liger's rule (chunk logits ~ the input's size: ~V / d chunks) that traffic outgrows the GEMMs
+# themselves at GPT-2 / Llama-3 vocabularies (30 GB, 197 GB a step at 8192 tokens), so fewer, larger chunks.
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
 MIN_CHUNK_ROWS = {"cpu": 256, "cuda": 64}  # fewer rows make the chunk's GEMMs inefficient
 
 
@@ -59,16 +63,12 @@ dispatcher = Dispatcher("cross_entropy", [
 ])
 
 
-def chunk_rows(N: int, V: int, d: int, device: torch.device) -> int:
-    """Rows per chunk: on GPU, as many as make the chunk's logits about the size of the input (N x d), Liger's
-    rule; on CPU, about CPU_CHUNK_ELEMENTS logits (there the chunk's GEMMs, whose inner dimension it is for the
-    weight's gradient, run faster the more rows they get: 2-core host, V 4096, 256 rows 39 ms, 1024 rows 36 ms,
-    unfused 53 ms). At least MIN_CHUNK_ROWS, at most N."""
-    if device.type == "cuda":
-        rows = -(-N // max(1, -(-V // d)))
-    else:
-        rows = CPU_CHUNK_ELEMENTS // V
-    return max(1, min(N, max(MIN_CHUNK_ROWS.get(device.type, 64), rows)))
+def chunk_rows(N: int, V: int, device: torch.device) -> int:
+    """Rows per chunk: about CHUNK_ELEMENTS logits, at least MIN_CHUNK_ROWS, at most N. On CPU the chunk's GEMMs
+    (whose inner dimension it is for the weight's gradient) run faster the more rows they get: 2-core host, V 4096,
+    256 rows 39 ms, 1024 rows 36 ms, unfused 53 ms."""
+    kind = device.type if device.type in CHUNK_ELEMENTS else "cuda"
+    return max(1, min(N, max(MIN_CHUNK_ROWS[kind], CHUNK_ELEMENTS[kind] // V)))
 
 
 def _check_targets(t: Tensor, V: int, ignore_index: int) -> None:
@@ -195,7 +195,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and x.dtype in _FLOATS else x.dtype
     if x.shape[0] == 0:  # torch: nan for a mean over no rows, 0 for a sum
         return F.linear(x, weight, bias).float().sum() / (0 if reduction == "mean" else 1)
-    chunk = chunk_size or chunk_rows(x.shape[0], weight.shape[0], x.shape[1], x.device)
+    chunk = chunk_size or chunk_rows(x.shape[0], weight.shape[0], x.device)
     grad = torch.is_grad_enabled()
     need = (grad and x.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
     return LinearCrossEntropyFunction.apply(x, weight, bias, t, int(ignore_index), reduction == "mean", chunk, cd,
