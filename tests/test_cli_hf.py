@@ -223,3 +223,48 @@ def test_init_from_a_run_that_started_from_hf_keeps_its_tokenizer(hf_folder, tmp
     assert json.loads((second / "model" / "tokenizer.json").read_text())["type"] == "hf"
     assert main(["generate", str(second), "-p", "It is", "-n", "3", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("It is")
+
+
+@pytest.fixture(scope="module")
+def roberta_folder(tmp_path_factory):
+    """A tiny random RoBERTa with a byte-level BPE tokenizer (<s> <pad> </s> <unk> <mask>: its pad id 1, the
+    model's padding_idx)."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    path = tmp_path_factory.mktemp("roberta-hf")
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([default_corpus()[:200_000]], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "cls_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "pad_token": "<pad>",
+         "mask_token": "<mask>", "unk_token": "<unk>"}))
+    torch.manual_seed(0)
+    transformers.RobertaForMaskedLM(transformers.RobertaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1)).save_pretrained(path)
+    return path
+
+
+def test_hf_roberta_folder_masked_lm_and_classifier(roberta_folder, tmp_path, capsys):
+    """eval on an HF RoBERTa folder (masked LM), then a classifier fine-tuned from it with --init-hf: its encoder
+    starts from the folder's weights, and the run evaluates."""
+    assert main(["eval", str(roberta_folder), "--batches", "1", "--seq-len", "32"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["task"] == "mlm" and 0 <= res["accuracy"] <= 1
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"text": ("good fine nice " if i % 2 else "bad awful poor ") * 2,
+                                          "label": ["neg", "pos"][i % 2]}) + "\n" for i in range(40)))
+    run = tmp_path / "clf"
+    assert main(["train", "--task", "classify", "--init-hf", str(roberta_folder), "--data", str(labels), "--mode",
+                 "frozen", "--out", str(run), "--seq-len", "32", "--batch-size", "4", "--steps", "2",
+                 "--eval-every", "2", "--eval-batches", "1", "--warmup", "1"]) == 0
+    capsys.readouterr()
+    from safetensors.torch import load_file
+    ours, theirs = load_file(run / "model" / "model.safetensors"), load_file(roberta_folder / "model.safetensors")
+    assert torch.equal(ours["encoder.pos.weight"], theirs["roberta.embeddings.position_embeddings.weight"])
+    assert json.loads((run / "model" / "config.json").read_text())["roberta_positions"] is True
+    assert main(["eval", str(run), "--batches", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "classify"

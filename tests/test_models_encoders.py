@@ -92,7 +92,8 @@ def test_bert_rejects_swiglu():
 
 @pytest.mark.parametrize("cls, kw, field", [
     (BERTConfig, dict(num_labels=0), "num_labels"),
-    (BERTConfig, dict(type_vocab_size=0), "type_vocab_size"),
+    (BERTConfig, dict(type_vocab_size=-1), "type_vocab_size"),  # 0 is DistilBERT's: no token types
+    (BERTConfig, dict(pad_token_id=VOCAB), "pad_token_id"),
     (Seq2SeqConfig, dict(n_decoder_layer=-1), "n_decoder_layer"),  # was a decoder of no layers, silently
     (Seq2SeqConfig, dict(pad_token_id=-1), "pad_token_id"),
     (Seq2SeqConfig, dict(decoder_start_token_id=VOCAB), "decoder_start_token_id"),

@@ -61,7 +61,7 @@ class TrainConfig:
     resume: bool = opt(False, "continue the run in --out from its newest valid checkpoint")
     init: Optional[str] = opt(None, "start from this fastattn checkpoint (or run folder)")
     init_hf: Optional[str] = opt(None, "start from a local Hugging Face folder (GPT-2, Llama, Mistral, Qwen, Phi-3, "
-                                       "Gemma, BERT)")
+                                       "Gemma, BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT)")
     mode: str = opt("full", "fine-tuning: full, frozen (heads only), lora (adapters), prompt (soft prompt)",
                     choices=["full", "frozen", "lora", "prompt"])
     lora_rank: int = opt(8, "LoRA rank")
@@ -166,7 +166,8 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
 
 
 HF_MODEL_TYPES = {"gpt2": "GPT", "llama": "GPT", "mistral": "GPT", "qwen2": "GPT", "qwen3": "GPT", "phi3": "GPT",
-                  "gemma": "GPT", "gemma2": "GPT", "gemma3_text": "GPT", "bert": "BERT"}
+                  "gemma": "GPT", "gemma2": "GPT", "gemma3_text": "GPT", "bert": "BERT", "roberta": "BERT",
+                  "xlm-roberta": "BERT", "camembert": "BERT", "distilbert": "BERT"}
 
 
 def hf_model_type(path):

@@ -1,5 +1,6 @@
 """BERT: a bidirectional encoder on fastattn's fused ops, with the pre-training heads (masked LM, next sentence) and a
-sequence-classification model, and import of HF BERT checkpoints.
+sequence-classification model, and import of HF BERT-family checkpoints (BERT, RoBERTa / XLM-R / CamemBERT,
+DistilBERT: bert_hf.py).
 
     model = BERT(BERTConfig(vocab_size=30522, d_model=768, n_layer=12, n_head=12))
     out = model(input_ids, attention_mask, token_type_ids, labels=mlm_labels, next_sentence_label=nsp)
@@ -10,7 +11,6 @@ post-norm as in BERT (``norm_first=True`` gives a pre-norm encoder with a final 
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,14 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, KeyMap, load_mapped, place, read_hf_folder
+from .bert_hf import load_bert
 from .layers import (Block, ModelConfig, ModelOutput, Positions, PretrainedMixin, activation_fn, init_weights,
                      drop, keep_mask, lm_head_loss, make_norm, padding_or_none)
 
-log = logging.getLogger("fastattn")
-
-
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+POOLER_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
 
 
 @dataclass
@@ -35,16 +33,31 @@ class BERTConfig(ModelConfig):
     norm_eps: float = 1e-12
     norm_first: bool = False
     tie_embeddings: bool = True
-    type_vocab_size: int = 2
+    type_vocab_size: int = 2  # 0: no token-type embedding (DistilBERT)
     num_labels: int = 2
     problem_type: Optional[str] = None  # the classifier's loss, as transformers' config.problem_type (None: inferred)
+    pad_token_id: int = 0
+    # RoBERTa's position ids: padding tokens (pad_token_id) at table row pad_token_id, the others numbered from
+    # pad_token_id + 1 in order, skipping padding; the table has max_seq_len + pad_token_id + 1 rows
+    roberta_positions: bool = False
+    pooler_activation: str = "tanh"  # the classifier's pooler: "tanh" (BERT, RoBERTa) or "relu" (DistilBERT)
     model_type = "bert"
 
     def validate(self) -> None:
         super().validate()
-        self.check_ints(("type_vocab_size", "num_labels"), 1)
+        self.check_ints(("num_labels",), 1)
+        self.check_ints(("type_vocab_size", "pad_token_id"), 0)
+        if self.pad_token_id >= self.vocab_size:
+            raise ValueError(f"BERTConfig.pad_token_id: {self.pad_token_id} is not below vocab_size {self.vocab_size}")
         if self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"BERTConfig.problem_type: {self.problem_type!r} is not one of {PROBLEM_TYPES}")
+        if self.pooler_activation not in POOLER_ACTIVATIONS:
+            raise ValueError(f"BERTConfig.pooler_activation: {self.pooler_activation!r} is not one of "
+                             f"{tuple(POOLER_ACTIVATIONS)}")
+        if not isinstance(self.roberta_positions, bool):
+            raise ValueError(f"BERTConfig.roberta_positions: expected true or false, got {self.roberta_positions!r}")
+        if self.roberta_positions and self.pos != "learned":
+            raise ValueError(f"BERTConfig.roberta_positions: needs pos 'learned', got {self.pos!r}")
         if self.mlp != "gelu":
             raise ValueError(f"BERTConfig.mlp: {self.mlp!r}; BERT uses the two-Linear 'gelu' MLP")
 
@@ -56,8 +69,8 @@ class BERTEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = Positions(cfg)
-        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
+        self.pos = Positions(cfg, cfg.pad_token_id + 1 if cfg.roberta_positions else 0)
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.embed_norm = make_norm(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.norm_first else None
@@ -66,13 +79,17 @@ class BERTEncoder(nn.Module):
                 token_type_ids: Optional[Tensor] = None) -> Tensor:
         B, L = input_ids.shape
         keep = keep_mask(input_ids, attention_mask, self.cfg.max_seq_len)
-        positions = torch.arange(L, device=input_ids.device).expand(B, L)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        extra = self.type_emb(token_type_ids)
-        pe = self.pos.embed(positions)
-        if pe is not None:
-            extra = extra + pe
+        if self.cfg.roberta_positions:  # 0, 1, ... over the real tokens, -1 (the table's padding row) on padding
+            real = (input_ids != self.cfg.pad_token_id).long()
+            positions = torch.cumsum(real, 1) * real - 1
+        else:
+            positions = torch.arange(L, device=input_ids.device).expand(B, L)
+        extra = self.pos.embed(positions)
+        if self.type_emb is not None:
+            types = self.type_emb(torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
+            extra = types if extra is None else extra + types
+        elif token_type_ids is not None:
+            raise ValueError("token_type_ids: this model has no token types (config.type_vocab_size 0)")
         x = self.embed_norm.post(self.tok_emb(input_ids), extra)  # LayerNorm(tokens + positions + types)
         x = drop(x, self.cfg.dropout, self.training, self.cfg.backend)
         pad = padding_or_none(keep, attention_mask)  # (B, L) True = padding, or None
@@ -84,14 +101,15 @@ class BERTEncoder(nn.Module):
 
 
 class Pooler(nn.Module):
-    """tanh(Linear(h[:, 0])): the [CLS] summary the sentence-level heads read."""
+    """tanh(Linear(h[:, 0])) (or relu): the [CLS] summary the sentence-level heads read."""
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, activation: str = "tanh"):
         super().__init__()
         self.dense = nn.Linear(d, d)
+        self.act = POOLER_ACTIVATIONS[activation]
 
     def forward(self, h: Tensor) -> Tensor:
-        return torch.tanh(self.dense(h[:, 0]))
+        return self.act(self.dense(h[:, 0]))
 
 
 class MLMHead(nn.Module):
@@ -122,7 +140,7 @@ class BERT(PretrainedMixin, nn.Module):
         self.config = cfg = config
         self.encoder = BERTEncoder(cfg)
         self.mlm_head = MLMHead(cfg)
-        self.pooler = Pooler(cfg.d_model)
+        self.pooler = Pooler(cfg.d_model, cfg.pooler_activation)
         self.nsp_head = nn.Linear(cfg.d_model, 2)
         self.apply(init_weights)
         if cfg.tie_embeddings:
@@ -151,29 +169,10 @@ class BERT(PretrainedMixin, nn.Module):
 
     @classmethod
     def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides) -> "BERT":
-        """Import a local HF BERT folder (BertForPreTraining; BertForMaskedLM / BertModel too, their missing heads
-        left at random init with a warning, except the MLM head, which must be there); dtype / device as in
-        GPT.from_hf."""
-        hf, state = read_hf_folder(path)
-        cfg = _bert_config(hf, cls.config_class, overrides)
-        m = KeyMap(state, ("bert.", ""))
-        sd = _encoder_state(cfg, m)
-        top = KeyMap(state)
-        d = cfg.d_model
-        sd.update({"mlm_head.dense.weight": top.take("cls.predictions.transform.dense.weight", (d, d)),
-                   "mlm_head.dense.bias": top.take("cls.predictions.transform.dense.bias", (d,)),
-                   "mlm_head.norm.weight": top.take("cls.predictions.transform.LayerNorm.weight", (d,)),
-                   "mlm_head.norm.bias": top.take("cls.predictions.transform.LayerNorm.bias", (d,)),
-                   "mlm_head.decoder.bias": top.take("cls.predictions.bias", (cfg.vocab_size,)),
-                   "mlm_head.decoder.weight": sd["encoder.tok_emb.weight"] if cfg.tie_embeddings else
-                   top.take("cls.predictions.decoder.weight", (cfg.vocab_size, d))})
-        model = place(cls(cfg), dtype, device)
-        _optional(sd, model, m, top, {"pooler.dense.weight": ("pooler.dense.weight", (d, d), m),
-                                      "pooler.dense.bias": ("pooler.dense.bias", (d,), m),
-                                      "nsp_head.weight": ("cls.seq_relationship.weight", (2, d), top),
-                                      "nsp_head.bias": ("cls.seq_relationship.bias", (2,), top)})
-        load_mapped(model, sd)
-        return model.eval()  # as transformers' from_pretrained
+        """Import a local HF BERT-family folder (BertForPreTraining; BertForMaskedLM / BertModel, RoBERTa, XLM-R,
+        CamemBERT and DistilBERT masked LMs too, the heads they lack left at random init with a warning, except
+        the MLM head, which must be there); dtype / device as in GPT.from_hf."""
+        return load_bert(cls, path, dtype, device, overrides, "pretraining")
 
 
 class BERTForSequenceClassification(PretrainedMixin, nn.Module):
@@ -189,7 +188,7 @@ class BERTForSequenceClassification(PretrainedMixin, nn.Module):
         super().__init__()
         self.config = cfg = config
         self.encoder = BERTEncoder(cfg)
-        self.pooler = Pooler(cfg.d_model)
+        self.pooler = Pooler(cfg.d_model, cfg.pooler_activation)
         self.classifier = nn.Linear(cfg.d_model, cfg.num_labels)
         self.apply(init_weights)
 
@@ -215,79 +214,8 @@ class BERTForSequenceClassification(PretrainedMixin, nn.Module):
     @classmethod
     def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None,
                 **overrides) -> "BERTForSequenceClassification":
-        """Import a local HF BERT folder; a BertForSequenceClassification's classifier is loaded, any other
+        """Import a local HF BERT-family folder; a *ForSequenceClassification's classifier is loaded, any other
         checkpoint's classifier (and a missing pooler) starts at random init (fine-tuning), with a warning;
         dtype / device as in GPT.from_hf."""
-        hf, state = read_hf_folder(path)
-        overrides.setdefault("num_labels", hf.get("num_labels", len(hf.get("id2label") or {}) or 2))
-        overrides.setdefault("problem_type", hf.get("problem_type"))
-        cfg = _bert_config(hf, cls.config_class, overrides)
-        m, top, d = KeyMap(state, ("bert.", "")), KeyMap(state), cfg.d_model
-        sd = _encoder_state(cfg, m)
-        model = place(cls(cfg), dtype, device)
-        _optional(sd, model, m, top, {"pooler.dense.weight": ("pooler.dense.weight", (d, d), m),
-                                      "pooler.dense.bias": ("pooler.dense.bias", (d,), m),
-                                      "classifier.weight": ("classifier.weight", (cfg.num_labels, d), top),
-                                      "classifier.bias": ("classifier.bias", (cfg.num_labels,), top)})
-        load_mapped(model, sd)
-        return model.eval()  # as transformers' from_pretrained
+        return load_bert(cls, path, dtype, device, overrides, "classify")
 
-
-_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
-
-
-def _bert_config(hf: dict, config_class, overrides: dict) -> BERTConfig:
-    if hf.get("model_type") not in ("bert", None):
-        raise CheckpointError(f"config.json: model_type {hf.get('model_type')!r} is not supported by from_hf (bert)")
-    for flag in ("is_decoder", "add_cross_attention"):  # a causal (BertLMHeadModel) or cross-attending BERT
-        if hf.get(flag):
-            raise CheckpointError(f"config.json: {flag}=true is not supported by from_hf (a bidirectional encoder)")
-    if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise CheckpointError(f"config.json: position_embedding_type {hf['position_embedding_type']!r} is not "
-                              "supported (absolute)")
-    act = hf.get("hidden_act", "gelu")
-    if act not in _ACT:
-        raise CheckpointError(f"config.json: hidden_act {act!r} is not supported ({sorted(_ACT)})")
-    base = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
-                n_head=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
-                max_seq_len=hf["max_position_embeddings"], norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-12),
-                norm_first=False, mlp="gelu", activation=_ACT[act], pos="learned",
-                tie_embeddings=hf.get("tie_word_embeddings", True), bias=True,
-                type_vocab_size=hf.get("type_vocab_size", 2))
-    return config_class.from_dict({**base, **overrides})
-
-
-def _encoder_state(cfg: BERTConfig, m: KeyMap) -> dict:
-    """Our encoder's state dict from HF BERT keys (q, k, v concatenated into wqkv)."""
-    d, f = cfg.d_model, cfg.d_ff
-    e = "encoder."
-    sd = {e + "tok_emb.weight": m.take("embeddings.word_embeddings.weight", (cfg.vocab_size, d)),
-          e + "pos.weight": m.take("embeddings.position_embeddings.weight", (cfg.max_seq_len, d)),
-          e + "type_emb.weight": m.take("embeddings.token_type_embeddings.weight", (cfg.type_vocab_size, d)),
-          e + "embed_norm.weight": m.take("embeddings.LayerNorm.weight", (d,)),
-          e + "embed_norm.bias": m.take("embeddings.LayerNorm.bias", (d,))}
-    for i in range(cfg.n_layer):
-        h, b = f"encoder.layer.{i}.", f"{e}blocks.{i}."
-        for p in ("weight", "bias"):
-            shape = (lambda *s: s) if p == "weight" else (lambda *s: s[:1])
-            sd[f"{b}attn.wqkv.{p}"] = torch.cat([m.take(f"{h}attention.self.{n}.{p}", shape(d, d))
-                                                  for n in ("query", "key", "value")])
-            sd[f"{b}attn.wo.{p}"] = m.take(f"{h}attention.output.dense.{p}", shape(d, d))
-            sd[f"{b}norm1.{p}"] = m.take(f"{h}attention.output.LayerNorm.{p}", (d,))
-            sd[f"{b}mlp.w_in.{p}"] = m.take(f"{h}intermediate.dense.{p}", shape(f, d))
-            sd[f"{b}mlp.w_out.{p}"] = m.take(f"{h}output.dense.{p}", shape(d, f))
-            sd[f"{b}norm2.{p}"] = m.take(f"{h}output.LayerNorm.{p}", (d,))
-    return sd
-
-
-def _optional(sd: dict, model: nn.Module, m: KeyMap, top: KeyMap, keys: dict) -> None:
-    """Heads a checkpoint may lack: taken when present (shapes checked), else kept at the model's random init."""
-    missing = []
-    for ours, (theirs, shape, keymap) in keys.items():
-        if keymap.has(theirs):
-            sd[ours] = keymap.take(theirs, shape)
-        else:
-            sd[ours] = model.state_dict()[ours]
-            missing.append(theirs)
-    if missing:
-        log.warning("from_hf: %s not in the checkpoint; left at random init", ", ".join(missing))

@@ -1,0 +1,157 @@
+"""Import of HF BERT-family checkpoints into fastattn.models.BERT / BERTForSequenceClassification: BERT, RoBERTa
+(and XLM-RoBERTa, CamemBERT: the same model), DistilBERT.
+
+How they differ from BERT, and how the config says it:
+- RoBERTa numbers positions past its padding tokens from pad_token_id + 1 (``roberta_positions``; its
+  max_position_embeddings counts the pad_token_id + 1 rows before them). Its classifier reads h[:, 0] through
+  dense, tanh, out_proj (our pooler and classifier; transformers adds a dropout before dense, in training only).
+- DistilBERT has no token types (``type_vocab_size=0``), no pooler, and a relu "pre_classifier"
+  (``pooler_activation="relu"``). Its sinusoidal position table, when it has one, loads frozen, as transformers
+  keeps it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+from .checkpoint import CheckpointError, KeyMap, load_mapped, place, read_hf_folder
+
+log = logging.getLogger("fastattn")
+
+FAMILIES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta",
+            "distilbert": "distilbert"}
+_PREFIX = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert."}
+# per layer: HF's layer prefix, its q / k / v, and ours -> its name for the rest
+_BERT_LAYER = ("encoder.layer.{}.", ("attention.self.query", "attention.self.key", "attention.self.value"),
+               {"attn.wo": "attention.output.dense", "norm1": "attention.output.LayerNorm",
+                "mlp.w_in": "intermediate.dense", "mlp.w_out": "output.dense", "norm2": "output.LayerNorm"})
+_LAYER = {"bert": _BERT_LAYER, "roberta": _BERT_LAYER,
+          "distilbert": ("transformer.layer.{}.", ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+                         {"attn.wo": "attention.out_lin", "norm1": "sa_layer_norm", "mlp.w_in": "ffn.lin1",
+                          "mlp.w_out": "ffn.lin2", "norm2": "output_layer_norm"})}
+# the MLM head (top-level keys): dense, norm, the vocabulary bias, the untied vocabulary weight
+_MLM = {"bert": ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.bias",
+                 "cls.predictions.decoder.weight"),
+        "roberta": ("lm_head.dense", "lm_head.layer_norm", "lm_head.bias", "lm_head.decoder.weight"),
+        "distilbert": ("vocab_transform", "vocab_layer_norm", "vocab_projector.bias", "vocab_projector.weight")}
+# the sentence-level heads, ours -> (HF's name, under the family's prefix?); absent: random init with a warning
+_HEADS = {"pretraining": {"bert": {"pooler.dense": ("pooler.dense", True), "nsp_head": ("cls.seq_relationship", False)},
+                          "roberta": {"pooler.dense": ("pooler.dense", True)},
+                          "distilbert": {}},
+          "classify": {"bert": {"pooler.dense": ("pooler.dense", True), "classifier": ("classifier", False)},
+                       "roberta": {"pooler.dense": ("classifier.dense", False),
+                                   "classifier": ("classifier.out_proj", False)},
+                       "distilbert": {"pooler.dense": ("pre_classifier", False), "classifier": ("classifier", False)}}}
+_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
+
+
+def load_bert(model_class, path: str, dtype: Optional[torch.dtype], device, overrides: dict, heads: str):
+    """model_class (BERT or BERTForSequenceClassification) with the weights of the HF folder at path, in eval mode;
+    ``heads``: "pretraining" (the MLM head must be there) or "classify"."""
+    hf, state = read_hf_folder(path)
+    kind = hf.get("model_type") or "bert"
+    if kind not in FAMILIES:
+        raise CheckpointError(f"config.json: model_type {kind!r} is not supported by from_hf ({', '.join(FAMILIES)})")
+    family = FAMILIES[kind]
+    if heads == "classify":
+        overrides.setdefault("num_labels", hf.get("num_labels", len(hf.get("id2label") or {}) or 2))
+        overrides.setdefault("problem_type", hf.get("problem_type"))
+    cfg = model_class.config_class.from_dict({**_config(hf, family), **overrides})
+    m, top = KeyMap(state, (_PREFIX[family], "")), KeyMap(state)
+    sd = _encoder_state(cfg, family, m)
+    if heads == "pretraining":
+        sd.update(_mlm_head(cfg, family, top, sd["encoder.tok_emb.weight"]))
+    model = place(model_class(cfg), dtype, device)
+    missing, none = [], []
+    for ours, (theirs, prefixed) in _HEADS[heads][family].items():
+        keymap = m if prefixed else top
+        for p in ("weight", "bias"):
+            want = model.state_dict()[f"{ours}.{p}"]
+            if keymap.has(f"{theirs}.{p}"):
+                sd[f"{ours}.{p}"] = keymap.take(f"{theirs}.{p}", tuple(want.shape))
+            else:
+                sd[f"{ours}.{p}"] = want
+                missing.append(f"{theirs}.{p}")
+    for name in sorted(set(model.state_dict()) - set(sd)):  # heads this family has no weights for (NSP of RoBERTa)
+        if not name.startswith("encoder."):
+            sd[name] = model.state_dict()[name]
+            none.append(name)
+    if missing or none:
+        log.warning("from_hf: left at random init: %s", "; ".join(
+            ([", ".join(missing) + " (not in the checkpoint)"] if missing else []) +
+            ([", ".join(none) + f" (a {kind} checkpoint has none)"] if none else [])))
+    load_mapped(model, sd)
+    if family == "distilbert" and hf.get("sinusoidal_pos_embds"):
+        model.encoder.pos.weight.requires_grad_(False)
+    return model.eval()  # as transformers' from_pretrained
+
+
+def _config(hf: dict, family: str) -> dict:
+    """Our config fields from an HF config.json."""
+    for flag in ("is_decoder", "add_cross_attention"):  # a causal (BertLMHeadModel) or cross-attending BERT
+        if hf.get(flag):
+            raise CheckpointError(f"config.json: {flag}=true is not supported by from_hf (a bidirectional encoder)")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise CheckpointError(f"config.json: position_embedding_type {hf['position_embedding_type']!r} is not "
+                              "supported (absolute)")
+    key = "activation" if family == "distilbert" else "hidden_act"
+    act = hf.get(key, "gelu")
+    if act not in _ACT:
+        raise CheckpointError(f"config.json: {key} {act!r} is not supported ({sorted(_ACT)})")
+    if family == "roberta" and act != "gelu":  # its MLM head applies gelu whatever hidden_act says
+        raise CheckpointError(f"config.json: hidden_act {act!r}: a {hf.get('model_type')} MLM head uses 'gelu', "
+                              "and from_hf supports the models whose layers do too")
+    if family == "distilbert":
+        base = dict(d_model=hf["dim"], n_layer=hf["n_layers"], n_head=hf["n_heads"], d_ff=hf["hidden_dim"],
+                    max_seq_len=hf["max_position_embeddings"], norm_eps=1e-12, type_vocab_size=0,
+                    pooler_activation="relu")
+    else:
+        base = dict(d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                    d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
+                    norm_eps=hf.get("layer_norm_eps", 1e-12), type_vocab_size=hf.get("type_vocab_size", 2))
+    pad = hf.get("pad_token_id")
+    pad = (1 if family == "roberta" else 0) if pad is None else pad
+    if family == "roberta":  # the table's first pad + 1 rows come before the first position
+        base.update(roberta_positions=True, max_seq_len=hf["max_position_embeddings"] - pad - 1)
+        if base["max_seq_len"] < 1:
+            raise CheckpointError(f"config.json: max_position_embeddings {hf['max_position_embeddings']} leaves no "
+                                  f"position past pad_token_id {pad}")
+    return dict(vocab_size=hf["vocab_size"], norm="layernorm", norm_first=False, mlp="gelu", activation=_ACT[act],
+                pos="learned", tie_embeddings=hf.get("tie_word_embeddings", True), bias=True, pad_token_id=pad,
+                **base)
+
+
+def _encoder_state(cfg, family: str, m: KeyMap) -> Dict[str, Tensor]:
+    """Our encoder's state dict from the family's keys (q, k, v concatenated into wqkv)."""
+    d, f, e = cfg.d_model, cfg.d_ff, "encoder."
+    rows = cfg.max_seq_len + (cfg.pad_token_id + 1 if cfg.roberta_positions else 0)
+    sd = {e + "tok_emb.weight": m.take("embeddings.word_embeddings.weight", (cfg.vocab_size, d)),
+          e + "pos.weight": m.take("embeddings.position_embeddings.weight", (rows, d)),
+          e + "embed_norm.weight": m.take("embeddings.LayerNorm.weight", (d,)),
+          e + "embed_norm.bias": m.take("embeddings.LayerNorm.bias", (d,))}
+    if cfg.type_vocab_size:
+        sd[e + "type_emb.weight"] = m.take("embeddings.token_type_embeddings.weight", (cfg.type_vocab_size, d))
+    layer, qkv, rest = _LAYER[family]
+    shapes = {"attn.wo": (d, d), "norm1": (d,), "mlp.w_in": (f, d), "mlp.w_out": (d, f), "norm2": (d,)}
+    for i in range(cfg.n_layer):
+        h, b = layer.format(i), f"{e}blocks.{i}."
+        for p in ("weight", "bias"):
+            shape = (lambda s: s) if p == "weight" else (lambda s: s[:1])
+            sd[f"{b}attn.wqkv.{p}"] = torch.cat([m.take(f"{h}{n}.{p}", shape((d, d))) for n in qkv])
+            for ours, theirs in rest.items():
+                sd[f"{b}{ours}.{p}"] = m.take(f"{h}{theirs}.{p}", shape(shapes[ours]))
+    return sd
+
+
+def _mlm_head(cfg, family: str, top: KeyMap, tok_emb: Tensor) -> Dict[str, Tensor]:
+    d, (dense, norm, bias, decoder) = cfg.d_model, _MLM[family]
+    return {"mlm_head.dense.weight": top.take(f"{dense}.weight", (d, d)),
+            "mlm_head.dense.bias": top.take(f"{dense}.bias", (d,)),
+            "mlm_head.norm.weight": top.take(f"{norm}.weight", (d,)),
+            "mlm_head.norm.bias": top.take(f"{norm}.bias", (d,)),
+            "mlm_head.decoder.bias": top.take(bias, (cfg.vocab_size,)),
+            "mlm_head.decoder.weight": tok_emb if cfg.tie_embeddings else top.take(decoder, (cfg.vocab_size, d))}
+

@@ -1,0 +1,171 @@
+"""BERT.from_hf / BERTForSequenceClassification.from_hf on the rest of the BERT family: RoBERTa (and XLM-RoBERTa,
+CamemBERT: the same model under other names) and DistilBERT, small and randomly initialised, saved to tmp_path.
+Logits against transformers' own model on the same weights (fp32; error bounded by transformers' own fp32 error
+against its float64 run), with right and left padding (RoBERTa numbers positions past its padding tokens), and
+both of our backends; errors name what is wrong."""
+import pytest
+import torch
+
+from conftest import assert_bounded
+from fastattn.models import BERT, BERTForSequenceClassification, CheckpointError
+transformers = pytest.importorskip("transformers")
+
+VOCAB, PAD = 97, 1
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=PAD)
+ROBERTA = {"roberta": ("RobertaConfig", "Roberta"), "xlm-roberta": ("XLMRobertaConfig", "XLMRoberta"),
+           "camembert": ("CamembertConfig", "Camembert")}
+
+
+def _roberta(kind="roberta", head="ForMaskedLM", **kw):
+    cfg_name, prefix = ROBERTA[kind]
+    cfg = getattr(transformers, cfg_name)(**{**SMALL, "type_vocab_size": 1, **kw})
+    return getattr(transformers, prefix + head)(cfg).eval()
+
+
+def _distilbert(head="ForMaskedLM", **kw):
+    cfg = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, hidden_dim=48, n_layers=2, n_heads=4,
+                                        max_position_embeddings=40, dropout=0.0, attention_dropout=0.0,
+                                        pad_token_id=0, **kw)
+    return getattr(transformers, "DistilBert" + head)(cfg).eval()
+
+
+def _batch(left: bool, pad=PAD):
+    """(ids, attention_mask): 2 x 12 tokens (none of them ``pad``), the second row padded by 4 on one side."""
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    cut = slice(0, 4) if left else slice(8, 12)
+    ids[1, cut], mask[1, cut] = pad, 0
+    return ids, mask
+
+
+def _float64(hf, path):
+    return type(hf).from_pretrained(path, dtype=torch.float64).eval()
+
+
+@pytest.mark.parametrize("kind", list(ROBERTA))
+@pytest.mark.parametrize("left", [False, True])
+def test_roberta_mlm_matches_transformers(tmp_path, kind, left):
+    torch.manual_seed(0)
+    hf = _roberta(kind)
+    hf.save_pretrained(tmp_path)
+    ours = BERT.from_hf(tmp_path)
+    assert ours.config.roberta_positions and ours.config.max_seq_len == 40 - PAD - 1
+    ids, mask = _batch(left)
+    with torch.no_grad():
+        a, b, c = ours(ids, attention_mask=mask), hf(ids, attention_mask=mask), _float64(hf, tmp_path)(
+            ids, attention_mask=mask)
+    keep = mask.bool()
+    assert_bounded(f"{kind} mlm", a.logits[keep], c.logits[keep].double(), b.logits[keep], torch.float32)
+
+
+def test_roberta_positions_follow_the_padding(tmp_path):
+    """A left-padded row's real tokens get the positions they have unpadded: the logits equal the unpadded row's
+    (BERT's arange positions would shift them)."""
+    torch.manual_seed(0)
+    _roberta().save_pretrained(tmp_path)
+    ours = BERT.from_hf(tmp_path)
+    ids, mask = _batch(left=True)
+    with torch.no_grad():
+        padded = ours(ids, attention_mask=mask).logits[1, 4:]
+        alone = ours(ids[1:, 4:]).logits[0]
+    torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["fastattn", "torch"])
+def test_roberta_classifier_matches_transformers(tmp_path, backend):
+    torch.manual_seed(0)
+    hf = _roberta(head="ForSequenceClassification", num_labels=3)
+    hf.save_pretrained(tmp_path)
+    ours = BERTForSequenceClassification.from_hf(tmp_path, backend=backend)
+    ids, mask = _batch(left=False)
+    labels = torch.tensor([2, 0])
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask, labels=labels), hf(ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-4, atol=1e-5)
+
+
+def test_roberta_pretraining_heads_it_lacks_warned(tmp_path, caplog):
+    _roberta().save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="fastattn"):
+        BERT.from_hf(tmp_path)
+    assert "nsp_head.weight" in caplog.text
+
+
+@pytest.mark.parametrize("sinusoidal", [False, True])
+def test_distilbert_mlm_matches_transformers(tmp_path, sinusoidal):
+    torch.manual_seed(0)
+    hf = _distilbert(sinusoidal_pos_embds=sinusoidal)
+    hf.save_pretrained(tmp_path)
+    ours = BERT.from_hf(tmp_path)
+    assert ours.config.type_vocab_size == 0 and "encoder.type_emb.weight" not in ours.state_dict()
+    assert ours.encoder.pos.weight.requires_grad is not sinusoidal  # frozen, as transformers keeps it
+    ids, mask = _batch(left=False, pad=0)
+    with torch.no_grad():
+        a, b, c = ours(ids, attention_mask=mask), hf(ids, attention_mask=mask), _float64(hf, tmp_path)(
+            ids, attention_mask=mask)
+    keep = mask.bool()
+    assert_bounded("distilbert mlm", a.logits[keep], c.logits[keep].double(), b.logits[keep], torch.float32)
+    with pytest.raises(ValueError, match="token_type_ids: this model has no token types"):
+        ours(ids, token_type_ids=torch.zeros_like(ids))
+
+
+def test_distilbert_classifier_matches_transformers(tmp_path):
+    """DistilBERT's pre_classifier is a relu pooler."""
+    torch.manual_seed(0)
+    hf = _distilbert("ForSequenceClassification", num_labels=4)
+    hf.save_pretrained(tmp_path)
+    ours = BERTForSequenceClassification.from_hf(tmp_path)
+    assert ours.config.pooler_activation == "relu"
+    ids, mask = _batch(left=False, pad=0)
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask), hf(ids, attention_mask=mask)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_fine_tuning_a_roberta_import_trains(tmp_path):
+    """The imported model trains on both backends alike (same losses over a few AdamW steps), and round-trips
+    through our own save_pretrained / from_pretrained with its position scheme."""
+    torch.manual_seed(0)
+    _roberta().save_pretrained(tmp_path / "hf")
+    ids, mask = _batch(left=True)
+    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3, ids, -100)
+    labels[mask == 0] = -100
+    losses = {}
+    for backend in ("fastattn", "torch"):
+        model = BERT.from_hf(tmp_path / "hf", backend=backend).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[backend] = []
+        for _ in range(3):
+            loss = model(ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[backend].append(loss.item())
+    torch.testing.assert_close(losses["fastattn"], losses["torch"], rtol=1e-4, atol=1e-5)
+    assert losses["fastattn"][-1] < losses["fastattn"][0]
+    model.save_pretrained(tmp_path / "ours")
+    again = BERT.from_pretrained(tmp_path / "ours").eval()
+    assert again.config.roberta_positions
+    with torch.no_grad():
+        want = model.eval()(ids, attention_mask=mask).logits
+        torch.testing.assert_close(again(ids, attention_mask=mask).logits, want)
+
+
+def test_bert_family_errors(tmp_path):
+    _roberta(hidden_act="relu").save_pretrained(tmp_path / "r")
+    with pytest.raises(CheckpointError, match="hidden_act 'relu'.*gelu"):
+        BERT.from_hf(tmp_path / "r")
+    _roberta(max_position_embeddings=2).save_pretrained(tmp_path / "p")
+    with pytest.raises(CheckpointError, match="max_position_embeddings 2"):
+        BERT.from_hf(tmp_path / "p")
+    _distilbert("Model").save_pretrained(tmp_path / "d")
+    with pytest.raises(CheckpointError, match="vocab_transform.weight.*missing"):
+        BERT.from_hf(tmp_path / "d")
+    clf = BERTForSequenceClassification.from_hf(tmp_path / "d", num_labels=2)  # a bare encoder: heads at init
+    assert clf(torch.ones(1, 4, dtype=torch.long)).logits.shape == (1, 2)
+    with pytest.raises(ValueError, match="pooler_activation"):
+        BERT.config_class(pooler_activation="gelu")
+    with pytest.raises(ValueError, match="roberta_positions: needs pos 'learned'"):
+        BERT.config_class(roberta_positions=True, pos="rotary")
