@@ -97,3 +97,22 @@ def grads_equal(a, b, rtol=1e-6, atol=1e-6):
         want = torch.zeros_like(p) if p.grad is None else p.grad
         got = torch.zeros_like(q) if q.grad is None else q.grad
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=name)
+
+
+def backends_train_alike(make_model, batch: dict, steps: int = 3):
+    """make_model(backend) for "fastattn" and "torch", each trained ``steps`` AdamW steps on ``batch`` (the model's
+    keyword arguments, labels included): the same losses each step, falling; returns the fastattn model."""
+    losses, models = {}, {}
+    for backend in ("fastattn", "torch"):
+        model = models[backend] = make_model(backend).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[backend] = []
+        for _ in range(steps):
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[backend].append(loss.item())
+    torch.testing.assert_close(losses["fastattn"], losses["torch"], rtol=1e-4, atol=1e-5)
+    assert losses["fastattn"][-1] < losses["fastattn"][0]
+    return models["fastattn"]

@@ -225,22 +225,30 @@ def test_init_from_a_run_that_started_from_hf_keeps_its_tokenizer(hf_folder, tmp
     assert capsys.readouterr().out.startswith("It is")
 
 
-@pytest.fixture(scope="module")
-def roberta_folder(tmp_path_factory):
-    """A tiny random RoBERTa with a byte-level BPE tokenizer (<s> <pad> </s> <unk> <mask>: its pad id 1, the
-    model's padding_idx)."""
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    path = tmp_path_factory.mktemp("roberta-hf")
+ROBERTA_SPECIALS = {"bos_token": "<s>", "cls_token": "<s>", "eos_token": "</s>", "sep_token": "</s>",
+                    "pad_token": "<pad>", "mask_token": "<mask>", "unk_token": "<unk>"}
+
+
+def _roberta_tokenizer(path):
+    """A byte-level BPE as RoBERTa's and BART's (<s> <pad> </s> <unk> <mask>: ids 0-4), saved in path."""
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator([default_corpus()[:200_000]], trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))  # <s> text </s>, as theirs
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "cls_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "pad_token": "<pad>",
-         "mask_token": "<mask>", "unk_token": "<unk>"}))
+    (path / "tokenizer_config.json").write_text(json.dumps(ROBERTA_SPECIALS))
+    return tok
+
+
+@pytest.fixture(scope="module")
+def roberta_folder(tmp_path_factory):
+    """A tiny random RoBERTa (its pad id 1, the model's padding_idx)."""
+    path = tmp_path_factory.mktemp("roberta-hf")
+    tok = _roberta_tokenizer(path)
     torch.manual_seed(0)
     transformers.RobertaForMaskedLM(transformers.RobertaConfig(
         vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
@@ -268,3 +276,32 @@ def test_hf_roberta_folder_masked_lm_and_classifier(roberta_folder, tmp_path, ca
     assert json.loads((run / "model" / "config.json").read_text())["roberta_positions"] is True
     assert main(["eval", str(run), "--batches", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["task"] == "classify"
+
+
+def test_hf_bart_folder_generates_evaluates_and_trains(tmp_path, capsys):
+    """generate / eval on an HF BART folder (its tokenizer's <s> text </s> into the encoder, forced BOS from its
+    generation config): the same tokens as Seq2Seq.from_hf's generate; then a denoising run from it."""
+    from fastattn.models import Seq2Seq
+    path = tmp_path / "bart"
+    path.mkdir()
+    tok = _roberta_tokenizer(path)
+    torch.manual_seed(0)
+    hf = transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=tok.get_vocab_size(), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64))
+    hf.generation_config.forced_bos_token_id = 0
+    hf.save_pretrained(path)
+    assert main(["generate", str(path), "-p", "It is a truth", "-n", "6", "--temperature", "0"]) == 0
+    text = capsys.readouterr().out
+    ids = torch.tensor([tok.encode("It is a truth").ids])
+    want = Seq2Seq.from_hf(path).generate(ids, 6, temperature=0, eos_token_id=2)[0, 1:].tolist()
+    want = want[:want.index(2)] if 2 in want else want
+    assert text.rstrip("\n") == "It is a truth" + tok.decode(want)
+    assert main(["eval", str(path), "--batches", "1", "--seq-len", "32"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "seq2seq"
+    run = tmp_path / "run"
+    assert main(["train", "--task", "seq2seq", "--init-hf", str(path), "--out", str(run), "--seq-len", "32",
+                 "--batch-size", "4", "--steps", "2", "--eval-every", "2", "--eval-batches", "1",
+                 "--max-data-tokens", "20000", "--warmup", "1"]) == 0
+    capsys.readouterr()
+    assert json.loads((run / "model" / "config.json").read_text())["pos_offset"] == 2

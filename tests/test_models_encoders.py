@@ -186,3 +186,18 @@ def test_seq2seq_generate_after_inference_mode_and_bad_source():
 def test_seq2seq_needs_decoder_inputs_or_labels():
     with pytest.raises(ValueError, match="decoder_input_ids"):
         _s2s("bart")(_ids(1, 4, 0))
+
+
+@pytest.mark.parametrize("cls", [BERT, Seq2Seq])
+def test_embed_scale_scales_the_token_embeddings(cls):
+    """embed_scale (mBART's sqrt(d_model)) multiplies the token embeddings: the same as doubled embedding weights
+    (the LM head untied). It was a config field BERT and Seq2Seq ignored."""
+    cfg = dict(SMALL, tie_embeddings=False)
+    m = cls(cls.config_class(**cfg)).eval()
+    scaled = _twin(cls, m, embed_scale=2.0)
+    with torch.no_grad():
+        m.state_dict()[[k for k in m.state_dict() if k.endswith("tok_emb.weight")][0]].mul_(2.0)
+    ids = _ids(2, 6, 0)
+    kw = {"decoder_input_ids": _ids(2, 4, 1)} if cls is Seq2Seq else {}
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(ids, **kw).logits, m(ids, **kw).logits)

@@ -61,7 +61,7 @@ class TrainConfig:
     resume: bool = opt(False, "continue the run in --out from its newest valid checkpoint")
     init: Optional[str] = opt(None, "start from this fastattn checkpoint (or run folder)")
     init_hf: Optional[str] = opt(None, "start from a local Hugging Face folder (GPT-2, Llama, Mistral, Qwen, Phi-3, "
-                                       "Gemma, BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT)")
+                                       "Gemma, BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, BART, mBART)")
     mode: str = opt("full", "fine-tuning: full, frozen (heads only), lora (adapters), prompt (soft prompt)",
                     choices=["full", "frozen", "lora", "prompt"])
     lora_rank: int = opt(8, "LoRA rank")
@@ -167,17 +167,19 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
 
 HF_MODEL_TYPES = {"gpt2": "GPT", "llama": "GPT", "mistral": "GPT", "qwen2": "GPT", "qwen3": "GPT", "phi3": "GPT",
                   "gemma": "GPT", "gemma2": "GPT", "gemma3_text": "GPT", "bert": "BERT", "roberta": "BERT",
-                  "xlm-roberta": "BERT", "camembert": "BERT", "distilbert": "BERT"}
+                  "xlm-roberta": "BERT", "camembert": "BERT", "distilbert": "BERT", "bart": "Seq2Seq",
+                  "mbart": "Seq2Seq"}
 
 
 def hf_model_type(path):
-    """The model_type of a Hugging Face model folder (its config.json, not one of fastattn's: no d_model) that
-    from_hf imports, else None."""
+    """The model_type of a Hugging Face model folder (its config.json, not one of fastattn's, whose fields include
+    d_model, n_layer and backend; "bert" names both) that from_hf imports, else None."""
     try:
         d = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    kind = d.get("model_type") if isinstance(d, dict) and "d_model" not in d else None
+    ours = isinstance(d, dict) and {"d_model", "n_layer", "backend"} <= d.keys()
+    kind = d.get("model_type") if isinstance(d, dict) and not ours else None
     return kind if kind in HF_MODEL_TYPES else None
 
 
@@ -192,7 +194,7 @@ def _load_hf(path, kind, backend, map_location):
         tok = HFTokenizer.from_folder(path)
     except (CheckpointError, ValueError) as e:
         raise CLIError(f"{path}: {e}") from None
-    task = "mlm" if cls.__name__ == "BERT" else "clm"  # what eval / quantize / prune measure it on by default
+    task = {"BERT": "mlm", "Seq2Seq": "seq2seq"}.get(cls.__name__, "clm")  # what eval / quantize / prune measure
     state = {"task": task, "train_config": {"task": task, "seq_len": min(TrainConfig.seq_len,
                                                                           model.config.max_seq_len)}}
     return hugepages.place(model.to(map_location)), state, tok

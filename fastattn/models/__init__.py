@@ -10,7 +10,9 @@ The interface (stable; the CLI builds on it):
   rope_theta, rope_scaling (None | linear | llama3), sliding_window, layer_types and rope_local_theta (GPT),
   tie_embeddings, bias, qkv_bias (None = bias), qk_norm (per-head q / k norms), embed_scale, attn_scale, attn_softcap,
   final_softcap, sandwich_norm (Gemma), backend ("fastattn" | "torch");
-  BERT adds type_vocab_size, num_labels; Seq2Seq adds n_decoder_layer, embed_norm, pad/eos/decoder_start token ids.
+  BERT adds type_vocab_size (0: none), num_labels, problem_type, pad_token_id, roberta_positions, pooler_activation;
+  Seq2Seq adds n_decoder_layer, embed_norm, pad / eos / decoder_start / forced_bos token ids, pos_offset,
+  lm_head_bias.
   ``to_dict()`` / ``from_dict(d)`` (an unknown key raises ValueError naming it), ``save(path)`` / ``load(path)`` JSON.
   A bad value raises ValueError naming the field.
 - ``model(...)`` returns a ``ModelOutput`` with ``.logits`` and ``.loss`` (and BERT's ``.nsp_logits``).
@@ -22,15 +24,16 @@ The interface (stable; the CLI builds on it):
   shifted inside (shift_labels: already shifted). In training with labels (``skip_logits`` None) the fastattn
   backend computes the LM loss with fastattn.linear_cross_entropy and returns ``.logits`` None.
 - ``generate(input_ids, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
-  attention_mask=None, generator=None, streamer=None)`` (GPT; Seq2Seq adds ``decoder_start_token_id``):
+  attention_mask=None, generator=None, streamer=None)`` (GPT; Seq2Seq adds ``decoder_start_token_id``,
+  ``forced_bos_token_id``):
   temperature 0 = greedy; eos_token_id may be a list of ids. GPT batches of different lengths are padded on the
   left.
 - Every model: ``save_pretrained(dir)`` / ``cls.from_pretrained(dir, **config_overrides)`` (config.json +
   model.safetensors), ``num_parameters(trainable_only=False)``, ``backbone_parameters()`` / ``head_parameters()``.
   ``GPT.from_hf(dir)`` (GPT-2, Llama incl. 3.1 / 3.2, Qwen2, Qwen3, Phi-3, Gemma 1 / 2 / 3 text, Mistral with its
   sliding window),
-  ``BERT.from_hf(dir)``,
-  ``BERTForSequenceClassification.from_hf(dir, num_labels=...)``: bad checkpoints raise ``CheckpointError`` naming
+  ``BERT.from_hf(dir)`` and ``BERTForSequenceClassification.from_hf(dir, num_labels=...)`` (BERT, RoBERTa, XLM-R,
+  CamemBERT, DistilBERT), ``Seq2Seq.from_hf(dir)`` (BART, mBART): bad checkpoints raise ``CheckpointError`` naming
   the key. from_pretrained and from_hf return the model in eval mode, as transformers does.
   ``fastattn.quantize(model, ...)`` / ``fastattn.convert(model, int8=...)`` apply as to any module.
 """

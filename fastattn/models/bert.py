@@ -90,7 +90,10 @@ class BERTEncoder(nn.Module):
             extra = types if extra is None else extra + types
         elif token_type_ids is not None:
             raise ValueError("token_type_ids: this model has no token types (config.type_vocab_size 0)")
-        x = self.embed_norm.post(self.tok_emb(input_ids), extra)  # LayerNorm(tokens + positions + types)
+        x = self.tok_emb(input_ids)
+        if self.cfg.embed_scale != 1.0:
+            x = x * self.cfg.embed_scale
+        x = self.embed_norm.post(x, extra)  # LayerNorm(tokens + positions + types)
         x = drop(x, self.cfg.dropout, self.training, self.cfg.backend)
         pad = padding_or_none(keep, attention_mask)  # (B, L) True = padding, or None
         rotary = self.pos.rotary(positions, x.dtype)

@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
                      generation_loop, init_weights, drop, keep_mask, lm_head_loss, make_norm, padding_or_none)
@@ -28,6 +29,9 @@ class Seq2SeqConfig(ModelConfig):
     pad_token_id: int = 1
     eos_token_id: int = 2
     decoder_start_token_id: int = 2
+    forced_bos_token_id: Optional[int] = None  # generate's first new token, forced (BART-large-CNN's 0, mBART-50's)
+    pos_offset: int = 0  # learned positions start at this row of their table (BART's 2)
+    lm_head_bias: bool = False  # a bias on the vocabulary projection (BART's final_logits_bias)
     model_type = "seq2seq"
 
     def __post_init__(self):
@@ -37,8 +41,14 @@ class Seq2SeqConfig(ModelConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.check_ints(("n_decoder_layer", "pad_token_id", "eos_token_id", "decoder_start_token_id"), 0)
-        for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+        ids = ("pad_token_id", "eos_token_id", "decoder_start_token_id") + (
+            ("forced_bos_token_id",) if self.forced_bos_token_id is not None else ())
+        self.check_ints(("n_decoder_layer", "pos_offset") + ids, 0)
+        if self.pos_offset and self.pos != "learned":
+            raise ValueError(f"Seq2SeqConfig.pos_offset: needs pos 'learned', got {self.pos!r}")
+        if not isinstance(self.lm_head_bias, bool):
+            raise ValueError(f"Seq2SeqConfig.lm_head_bias: expected true or false, got {self.lm_head_bias!r}")
+        for name in ids:
             if getattr(self, name) >= self.vocab_size:
                 raise ValueError(f"Seq2SeqConfig.{name}: {getattr(self, name)} is not a token id (vocab_size "
                                  f"{self.vocab_size})")
@@ -54,14 +64,14 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
             raise TypeError(f"config: expected a Seq2SeqConfig, got {type(config).__name__}")
         self.config = cfg = config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.enc_pos, self.dec_pos = Positions(cfg), Positions(cfg)
+        self.enc_pos, self.dec_pos = Positions(cfg, cfg.pos_offset), Positions(cfg, cfg.pos_offset)
         self.enc_embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.dec_embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.encoder = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.decoder = nn.ModuleList(Block(cfg, cross=True) for _ in range(cfg.n_decoder_layer))
         self.enc_norm_f = make_norm(cfg) if cfg.norm_first else None
         self.dec_norm_f = make_norm(cfg) if cfg.norm_first else None
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.apply(init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -73,6 +83,8 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
 
     def _embed(self, ids: Tensor, positions: Tensor, pos: Positions, norm: Optional[nn.Module]):
         x = self.tok_emb(ids)
+        if self.config.embed_scale != 1.0:  # mBART, BART with scale_embedding: sqrt(d_model)
+            x = x * self.config.embed_scale
         pe = pos.embed(positions)
         if norm is not None:
             x = norm.post(x, pe)  # LayerNorm(tokens + positions) in one call
@@ -139,6 +151,17 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
                                     self.training if skip_logits is None else skip_logits)
         return ModelOutput(logits=logits, loss=loss)
 
+    @classmethod
+    def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides) -> "Seq2Seq":
+        """Import a local HF BART or mBART folder (BartForConditionalGeneration, MBartForConditionalGeneration,
+        or their base models; seq2seq_hf.py says what carries over); dtype / device / overrides as in
+        GPT.from_hf. In eval mode, as transformers' from_pretrained returns it."""
+        from .seq2seq_hf import import_seq2seq
+        cfg, sd = import_seq2seq(path, overrides)
+        model = place(cls(Seq2SeqConfig.from_dict(cfg)), dtype, device)
+        load_mapped(model, sd)
+        return model.eval()
+
     # ---- generation (setup_caches: CacheMixin) ----
     def prefill(self, input_ids: Tensor, attention_mask: Optional[Tensor], decoder_input_ids: Tensor) -> Tensor:
         """Encode, compute each layer's cross-attention K/V once, run the decoder prompt (B, T) into the cache; the
@@ -166,9 +189,11 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
                  top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
                  attention_mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
                  streamer: Optional[Any] = None, decoder_start_token_id: Optional[int] = None,
-                 min_new_tokens: int = 0) -> Tensor:
+                 min_new_tokens: int = 0, forced_bos_token_id: Optional[int] = None) -> Tensor:
         """Decoder tokens (B, 1 + new) for the source input_ids (B, S): the start token, then up to max_new_tokens
-        (temperature 0 = greedy; sampling, eos, min_new_tokens and streamer as in GPT.generate)."""
+        (temperature 0 = greedy; sampling, eos, min_new_tokens and streamer as in GPT.generate). The first new
+        token is ``forced_bos_token_id`` (None: the config's) when there is one, as transformers' generate forces
+        it."""
         check_sampling(max_new_tokens, temperature, top_k, top_p, min_new_tokens)
         keep_mask(input_ids, attention_mask, self.config.max_seq_len)  # checks shapes and length
         start = self.config.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
@@ -179,6 +204,13 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         self.setup_caches(B, 1 + max_new_tokens)
         try:
             logits = self.prefill(input_ids, attention_mask, out[:, :1])
+            forced = self.config.forced_bos_token_id if forced_bos_token_id is None else forced_bos_token_id
+            if forced is not None:
+                if not 0 <= forced < logits.shape[-1]:
+                    raise ValueError(f"forced_bos_token_id: {forced} is not a token id (vocab_size "
+                                     f"{logits.shape[-1]})")
+                logits = torch.full_like(logits, float("-inf")).index_fill_(-1, logits.new_tensor([forced]).long(),
+                                                                            0.0)
             return generation_loop(logits, self.bound_decode_one(), out, 1, max_new_tokens, temperature, top_k,
                                    top_p, eos_token_id, generator, streamer, min_new_tokens)
         finally:
