@@ -18,6 +18,7 @@ import torch
 
 import fastattn
 import fastattn.hf
+from conftest import interleaved
 from fastattn.testing import sync
 
 transformers = pytest.importorskip("transformers")
@@ -120,37 +121,25 @@ def test_prefill(benchmark, models, impl):
 
 @pytest.mark.parametrize("impl", ["fastattn", "fastattn-w8a16", "fastattn-w8a8"])
 def test_greedy_generation_interleaved(benchmark, models, impl):
-    """Each round runs transformers' generate, then ours: on a shared, noisy machine the ratio of the two minima
-    (load only ever adds time) is steadier than medians taken minutes apart. extra_info: both minima and medians (s),
-    and speedup_vs_transformers from the minima."""
+    """Each round runs transformers' generate, then ours (conftest.interleaved): speedup_vs_transformers from the
+    two minima."""
     hf, ours = models
     ids = _prompt(hf.config.vocab_size)
-    times = {"transformers": [], impl: []}
 
-    def step():
-        import time
+    def theirs():
         with torch.inference_mode():
-            for name in times:
-                t = time.perf_counter()
-                if name == "transformers":
-                    hf.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
-                else:
-                    ours[impl].generate(ids, NEW, temperature=0)
-                sync(DEVICE)
-                times[name].append(time.perf_counter() - t)
+            hf.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        sync(DEVICE)
 
-    benchmark.group = f"generate interleaved {SIZE} {str(DTYPE)[6:]} b{BATCH} {PROMPT}+{NEW} greedy"
-    benchmark.extra_info.update(impl=f"transformers+{impl}", device=DEVICE, dtype=str(DTYPE)[6:], model=SIZE,
-                                batch=BATCH, prompt=PROMPT, new=NEW, threads=torch.get_num_threads())
-    benchmark.pedantic(step, warmup_rounds=1, rounds=ROUNDS, iterations=1)
-    best = {}
-    for name, ts in times.items():
-        ts = sorted(ts[1:] if len(ts) > 1 else ts)  # the warm-up round dropped
-        best[name] = ts[0]
-        benchmark.extra_info[f"{name} min s"] = ts[0]
-        benchmark.extra_info[f"{name} median s"] = ts[len(ts) // 2]
-        benchmark.extra_info[f"{name} ms/token (min, incl. prefill)"] = ts[0] / (BATCH * NEW) * 1e3
-    benchmark.extra_info["speedup_vs_transformers"] = best["transformers"] / best[impl]
+    def mine():
+        with torch.inference_mode():
+            ours[impl].generate(ids, NEW, temperature=0)
+        sync(DEVICE)
+
+    interleaved(benchmark, {"transformers": theirs, impl: mine}, impl, BATCH * NEW,
+                f"generate interleaved {SIZE} {str(DTYPE)[6:]} b{BATCH} {PROMPT}+{NEW} greedy", ROUNDS,
+                device=DEVICE, dtype=str(DTYPE)[6:], model=SIZE, batch=BATCH, prompt=PROMPT, new=NEW,
+                threads=torch.get_num_threads())
 
 
 def test_same_greedy_tokens(models):

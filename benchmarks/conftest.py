@@ -15,3 +15,31 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["steady_cpu_allocator"] = STEADY_MALLOC
+
+
+def interleaved(benchmark, runs: dict, ours: str, tokens: int, group: str, rounds: int, **info) -> None:
+    """Each round calls every function of ``runs`` (name -> callable, the baseline first) in turn: on a shared,
+    noisy machine the ratio of two minima taken in the same rounds (load only ever adds time) is steadier than medians
+    taken minutes apart. extra_info: each one's minimum and median (s) and ms/token (``tokens`` per call), and
+    speedup_vs_<baseline> of ``ours`` from the minima; the warm-up round is dropped."""
+    import time
+    times = {name: [] for name in runs}
+
+    def step():
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+
+    benchmark.group = group
+    benchmark.extra_info.update(impl="+".join(runs), **info)
+    benchmark.pedantic(step, warmup_rounds=1, rounds=rounds, iterations=1)
+    best = {}
+    for name, ts in times.items():
+        ts = sorted(ts[1:] if len(ts) > 1 else ts)
+        best[name] = ts[0]
+        benchmark.extra_info[f"{name} min s"] = ts[0]
+        benchmark.extra_info[f"{name} median s"] = ts[len(ts) // 2]
+        benchmark.extra_info[f"{name} ms/token (min, incl. prefill)"] = ts[0] / tokens * 1e3
+    base = next(iter(runs))
+    benchmark.extra_info[f"speedup_vs_{base}"] = best[base] / best[ours]
