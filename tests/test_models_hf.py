@@ -1,4 +1,4 @@
-"""Checkpoint import: GPT.from_hf (GPT-2, Llama with GQA, Qwen2, Qwen3), BERT.from_hf and
+"""Checkpoint import: GPT.from_hf (GPT-2, OPT, Llama with GQA, Qwen2, Qwen3), BERT.from_hf and
 BERTForSequenceClassification.from_hf on small randomly initialised HF models saved to tmp_path (safetensors, and
 pytorch_model.bin), logits against transformers' own model on the same weights (fp32; error bounded by transformers'
 own fp32 error against its float64 run); greedy generation against transformers' generate; bad checkpoints raise
@@ -86,6 +86,44 @@ def test_gpt_from_hf_matches_transformers(tmp_path, arch):
         mine = ours.generate(ids[:, :5], 8, temperature=0)
         theirs = hf.generate(ids[:, :5], max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(mine, theirs)
+
+
+def _opt(**kw):
+    return transformers.OPTForCausalLM(transformers.OPTConfig(**{**dict(
+        vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0, pad_token_id=1, bos_token_id=2,
+        eos_token_id=2), **kw}))
+
+
+def test_opt_from_hf_matches_transformers(tmp_path):
+    """OPT: learned positions from table row 2 (pos_offset), counted past left padding as transformers counts them;
+    logits and greedy tokens of a left-padded batch."""
+    torch.manual_seed(0)
+    hf = _opt().eval()
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_hf(tmp_path)
+    assert (ours.config.pos_offset, ours.config.activation) == (2, "relu")
+    hf64 = type(hf).from_pretrained(tmp_path, dtype=torch.float64).eval()
+    ids, mask = _ids(), torch.ones(2, 12, dtype=torch.long)
+    ids[1, :4], mask[1, :4] = 1, 0
+    keep = mask.bool()
+    with torch.no_grad():
+        a, b, c = (m(ids, attention_mask=mask).logits for m in (ours, hf, hf64))
+        assert_bounded("opt", a[keep], c[keep].double(), b[keep], torch.float32)
+        mine = ours.generate(ids, 8, temperature=0, attention_mask=mask, eos_token_id=2, min_new_tokens=8)
+        theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                             pad_token_id=1)
+    assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("kw, key", [(dict(do_layer_norm_before=False), "do_layer_norm_before"),
+                                     (dict(word_embed_proj_dim=16), "word_embed_proj_dim"),
+                                     (dict(enable_bias=False), "enable_bias")])
+def test_opt_variants_refused(tmp_path, kw, key):
+    """OPT-350m (post-norm, embeddings projected from 512 dims) and bias-free OPTs: refused, naming the key."""
+    _opt(**kw).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=f"{key}="):
+        GPT.from_hf(tmp_path)
 
 
 def test_min_new_tokens_as_transformers(tmp_path):

@@ -156,5 +156,5 @@ def test_bert_family_errors(tmp_path):
     assert clf(torch.ones(1, 4, dtype=torch.long)).logits.shape == (1, 2)
     with pytest.raises(ValueError, match="pooler_activation"):
         BERT.config_class(pooler_activation="gelu")
-    with pytest.raises(ValueError, match="roberta_positions: needs pos 'learned'"):
-        BERT.config_class(roberta_positions=True, pos="rotary")
+    with pytest.raises(ValueError, match="roberta_positions: needs pos 'learned' and pos_offset = pad_token_id"):
+        BERT.config_class(roberta_positions=True, pad_token_id=1)

@@ -37,8 +37,8 @@ class BERTConfig(ModelConfig):
     num_labels: int = 2
     problem_type: Optional[str] = None  # the classifier's loss, as transformers' config.problem_type (None: inferred)
     pad_token_id: int = 0
-    # RoBERTa's position ids: padding tokens (pad_token_id) at table row pad_token_id, the others numbered from
-    # pad_token_id + 1 in order, skipping padding; the table has max_seq_len + pad_token_id + 1 rows
+    # RoBERTa's position ids: the real tokens numbered in order, skipping padding, from table row pos_offset (which
+    # must be pad_token_id + 1); padding tokens (pad_token_id) at row pad_token_id
     roberta_positions: bool = False
     pooler_activation: str = "tanh"  # the classifier's pooler: "tanh" (BERT, RoBERTa) or "relu" (DistilBERT)
     model_type = "bert"
@@ -56,8 +56,9 @@ class BERTConfig(ModelConfig):
                              f"{tuple(POOLER_ACTIVATIONS)}")
         if not isinstance(self.roberta_positions, bool):
             raise ValueError(f"BERTConfig.roberta_positions: expected true or false, got {self.roberta_positions!r}")
-        if self.roberta_positions and self.pos != "learned":
-            raise ValueError(f"BERTConfig.roberta_positions: needs pos 'learned', got {self.pos!r}")
+        if self.roberta_positions and (self.pos != "learned" or self.pos_offset != self.pad_token_id + 1):
+            raise ValueError(f"BERTConfig.roberta_positions: needs pos 'learned' and pos_offset = pad_token_id + 1 "
+                             f"({self.pad_token_id + 1}), got {self.pos!r} and {self.pos_offset}")
         if self.mlp != "gelu":
             raise ValueError(f"BERTConfig.mlp: {self.mlp!r}; BERT uses the two-Linear 'gelu' MLP")
 
@@ -69,7 +70,7 @@ class BERTEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = Positions(cfg, cfg.pad_token_id + 1 if cfg.roberta_positions else 0)
+        self.pos = Positions(cfg, cfg.pos_offset)
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.embed_norm = make_norm(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))

@@ -2,8 +2,8 @@
 (and XLM-RoBERTa, CamemBERT: the same model), DistilBERT.
 
 How they differ from BERT, and how the config says it:
-- RoBERTa numbers positions past its padding tokens from pad_token_id + 1 (``roberta_positions``; its
-  max_position_embeddings counts the pad_token_id + 1 rows before them). Its classifier reads h[:, 0] through
+- RoBERTa numbers positions past its padding tokens from table row pad_token_id + 1 (``roberta_positions``,
+  ``pos_offset``; its max_position_embeddings counts the rows before them). Its classifier reads h[:, 0] through
   dense, tanh, out_proj (our pooler and classifier; transformers adds a dropout before dense, in training only).
 - DistilBERT has no token types (``type_vocab_size=0``), no pooler, and a relu "pre_classifier"
   (``pooler_activation="relu"``). Its sinusoidal position table, when it has one, loads frozen, as transformers
@@ -115,7 +115,7 @@ def _config(hf: dict, family: str) -> dict:
     pad = hf.get("pad_token_id")
     pad = (1 if family == "roberta" else 0) if pad is None else pad
     if family == "roberta":  # the table's first pad + 1 rows come before the first position
-        base.update(roberta_positions=True, max_seq_len=hf["max_position_embeddings"] - pad - 1)
+        base.update(roberta_positions=True, pos_offset=pad + 1, max_seq_len=hf["max_position_embeddings"] - pad - 1)
         if base["max_seq_len"] < 1:
             raise CheckpointError(f"config.json: max_position_embeddings {hf['max_position_embeddings']} leaves no "
                                   f"position past pad_token_id {pad}")
@@ -127,7 +127,7 @@ def _config(hf: dict, family: str) -> dict:
 def _encoder_state(cfg, family: str, m: KeyMap) -> Dict[str, Tensor]:
     """Our encoder's state dict from the family's keys (q, k, v concatenated into wqkv)."""
     d, f, e = cfg.d_model, cfg.d_ff, "encoder."
-    rows = cfg.max_seq_len + (cfg.pad_token_id + 1 if cfg.roberta_positions else 0)
+    rows = cfg.max_seq_len + cfg.pos_offset
     sd = {e + "tok_emb.weight": m.take("embeddings.word_embeddings.weight", (cfg.vocab_size, d)),
           e + "pos.weight": m.take("embeddings.position_embeddings.weight", (rows, d)),
           e + "embed_norm.weight": m.take("embeddings.LayerNorm.weight", (d,)),

@@ -42,7 +42,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
             raise TypeError(f"config: expected a GPTConfig, got {type(config).__name__}")
         self.config = cfg = config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = Positions(cfg)
+        self.pos = Positions(cfg, cfg.pos_offset)
         self.blocks = nn.ModuleList(Block(cfg, layer=i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.norm_first else None  # post-norm blocks end normalised
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

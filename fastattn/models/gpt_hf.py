@@ -1,5 +1,5 @@
 """GPT.from_hf's importers: a Hugging Face config.json and state dict mapped onto GPTConfig and GPT's state dict, per
-family (GPT-2; Llama, Mistral, Qwen2, Qwen3, Phi-3; Gemma, Gemma 2). Whatever a family sets that GPT cannot
+family (GPT-2; OPT; Llama, Mistral, Qwen2, Qwen3, Phi-3; Gemma, Gemma 2). Whatever a family sets that GPT cannot
 reproduce exactly is refused with a CheckpointError naming the setting."""
 from typing import Dict, Optional, Tuple
 
@@ -21,9 +21,11 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
         cfg, sd = _from_llama(hf, state)
     elif kind in ("gemma", "gemma2", "gemma3_text"):
         cfg, sd, local_theta = _from_gemma(hf, state)
+    elif kind == "opt":
+        cfg, sd = _from_opt(hf, state)
     else:
         raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
-                              "mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text)")
+                              "mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, opt)")
     window, types = _sliding_window(hf)
     if local_theta is not None and window is not None:  # Gemma 3: its windowed layers' rotary base
         overrides = {"rope_local_theta": local_theta, **overrides}
@@ -67,6 +69,41 @@ def _from_gpt2(hf: dict, state):
                                     ("mlp.w_in", "mlp.c_fc", (f, d)), ("mlp.w_out", "mlp.c_proj", (d, f))):
             sd[f"{b}{ours}.weight"] = m.take(f"{h}{theirs}.weight", shape, transpose=True)
             sd[f"{b}{ours}.bias"] = m.take(f"{h}{theirs}.bias", shape[:1])
+    sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else \
+        KeyMap(state).take("lm_head.weight", (cfg.vocab_size, d))
+    return cfg, sd
+
+
+def _from_opt(hf: dict, state):
+    """OPT: GPT-2's block with separate q / k / v / out projections, ReLU, learned positions from table row 2. The
+    post-norm OPT-350m and its embedding projections (word_embed_proj_dim) are refused."""
+    d = hf["hidden_size"]
+    checks = (("do_layer_norm_before", True), ("_remove_final_layer_norm", False), ("enable_bias", True),
+              ("layer_norm_elementwise_affine", True), ("word_embed_proj_dim", d))
+    for key, want in checks:
+        if hf.get(key, want) != want:
+            raise CheckpointError(f"config.json: {key}={hf[key]!r} is not supported by GPT.from_hf (OPT with "
+                                  f"{key}={want!r})")
+    act = hf.get("activation_function", "relu")
+    if act not in _GPT2_ACT:
+        raise CheckpointError(f"config.json: activation_function {act!r} is not supported ({sorted(_GPT2_ACT)})")
+    cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["num_hidden_layers"],
+                    n_head=hf["num_attention_heads"], d_ff=hf["ffn_dim"], max_seq_len=hf["max_position_embeddings"],
+                    norm="layernorm", norm_eps=1e-5, norm_first=True, mlp="gelu", activation=_GPT2_ACT[act],
+                    pos="learned", pos_offset=2, tie_embeddings=hf.get("tie_word_embeddings", True), bias=True)
+    m, f = KeyMap(state, ("model.decoder.", "decoder.", "")), cfg.d_ff
+    sd = {"tok_emb.weight": m.take("embed_tokens.weight", (cfg.vocab_size, d)),
+          "pos.weight": m.take("embed_positions.weight", (cfg.max_seq_len + 2, d))}
+    for p in ("weight", "bias"):
+        shape = (lambda s: s) if p == "weight" else (lambda s: s[:1])
+        sd[f"norm_f.{p}"] = m.take(f"final_layer_norm.{p}", (d,))
+        for i in range(cfg.n_layer):
+            h, b = f"layers.{i}.", f"blocks.{i}."
+            sd[f"{b}attn.wqkv.{p}"] = torch.cat([m.take(f"{h}self_attn.{x}_proj.{p}", shape((d, d))) for x in "qkv"])
+            for ours, theirs, s in (("attn.wo", "self_attn.out_proj", (d, d)), ("mlp.w_in", "fc1", (f, d)),
+                                    ("mlp.w_out", "fc2", (d, f)), ("norm1", "self_attn_layer_norm", (d,)),
+                                    ("norm2", "final_layer_norm", (d,))):
+                sd[f"{b}{ours}.{p}"] = m.take(f"{h}{theirs}.{p}", shape(s))
     sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else \
         KeyMap(state).take("lm_head.weight", (cfg.vocab_size, d))
     return cfg, sd

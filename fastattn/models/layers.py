@@ -68,6 +68,7 @@ class ModelConfig:
     mlp: str = "gelu"
     activation: str = "gelu"
     pos: str = "learned"
+    pos_offset: int = 0  # learned positions start at this row of their table (OPT's and BART's 2)
     rope_theta: float = 10000.0
     rope_scaling: Optional[Dict[str, Any]] = None
     rope_local_theta: Optional[float] = None
@@ -97,7 +98,9 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{type(self).__name__}.{name}: {getattr(self, name)!r} is not one of {allowed}")
         self.check_ints(("vocab_size", "d_model", "n_head", "n_kv_head", "d_ff", "max_seq_len"), 1)
-        self.check_ints(("n_layer",), 0)
+        self.check_ints(("n_layer", "pos_offset"), 0)
+        if self.pos_offset and self.pos != "learned":
+            raise ValueError(f"{type(self).__name__}.pos_offset: needs pos 'learned', got {self.pos!r}")
         if self.head_dim is None:  # resolved here, once d_model and n_head are known to be valid
             if self.d_model % self.n_head:
                 raise ValueError(f"{type(self).__name__}.n_head: {self.n_head} heads do not divide "

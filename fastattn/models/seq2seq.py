@@ -30,7 +30,6 @@ class Seq2SeqConfig(ModelConfig):
     eos_token_id: int = 2
     decoder_start_token_id: int = 2
     forced_bos_token_id: Optional[int] = None  # generate's first new token, forced (BART-large-CNN's 0, mBART-50's)
-    pos_offset: int = 0  # learned positions start at this row of their table (BART's 2)
     lm_head_bias: bool = False  # a bias on the vocabulary projection (BART's final_logits_bias)
     model_type = "seq2seq"
 
@@ -43,9 +42,7 @@ class Seq2SeqConfig(ModelConfig):
         super().validate()
         ids = ("pad_token_id", "eos_token_id", "decoder_start_token_id") + (
             ("forced_bos_token_id",) if self.forced_bos_token_id is not None else ())
-        self.check_ints(("n_decoder_layer", "pos_offset") + ids, 0)
-        if self.pos_offset and self.pos != "learned":
-            raise ValueError(f"Seq2SeqConfig.pos_offset: needs pos 'learned', got {self.pos!r}")
+        self.check_ints(("n_decoder_layer",) + ids, 0)
         if not isinstance(self.lm_head_bias, bool):
             raise ValueError(f"Seq2SeqConfig.lm_head_bias: expected true or false, got {self.lm_head_bias!r}")
         for name in ids:
