@@ -213,25 +213,27 @@ def test_qwen_backends_and_decode_step(tmp_path):
             assert torch.equal(ours.generate(ids[:, :5], 8, temperature=0), want)
 
 
-def test_phi3_fused_projections_and_window(tmp_path):
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_phi3_fused_projections_and_window(tmp_path, partial):
     """Phi-3 stores q / k / v in one qkv_proj and [gate | up] in one gate_up_proj (our layout) and has a sliding
-    window: logits past the window and greedy tokens equal transformers'; a partial rotary factor is refused."""
+    window: logits past the window and greedy tokens equal transformers'; with a partial rotary factor (Phi-4-mini's
+    0.75) too, and a factor giving an odd number of rotary channels refused."""
     torch.manual_seed(0)
     kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
               sliding_window=8)
-    hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(**kw)).eval()
+    hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(**kw, partial_rotary_factor=partial)).eval()
     hf.save_pretrained(tmp_path)
     hf64 = type(hf).from_pretrained(tmp_path, dtype=torch.float64).eval()
     ours = GPT.from_hf(tmp_path)
-    assert ours.config.sliding_window == 8
+    assert (ours.config.sliding_window, ours.config.rotary_dim) == (8, None if partial == 1 else 4)
     ids = _ids(L=40)
     with torch.no_grad():
         _bounded("phi3", ours(ids), hf(ids), hf64(ids))
         want = hf.generate(ids[:, :10], max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
         assert torch.equal(ours.generate(ids[:, :10], 12, temperature=0), want)
-    transformers.Phi3ForCausalLM(transformers.Phi3Config(**kw, partial_rotary_factor=0.5)).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="partial_rotary_factor 0.5"):
+    transformers.Phi3ForCausalLM(transformers.Phi3Config(**kw, partial_rotary_factor=0.375)).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="partial_rotary_factor 0.375 gives 3 rotary channels"):
         GPT.from_hf(tmp_path)
 
 

@@ -146,13 +146,20 @@ class _Block:
         if memory is not None:
             self.norm_x = bind_norm(b.norm_x, pre, dtype, device)
             self.cross = _CrossAttention(b.cross_attn, memory, memory_pad, rows, dtype, device, forced)
-        self.norm2 = bind_norm(b.norm2, pre, dtype, device)
+        self.parallel = b.parallel
+        if self.parallel:  # norm2 (if any) reads the stream itself: a plain norm
+            self.norm2 = None if b.norm2 is None else bind_norm(b.norm2, False, dtype, device)
+        else:
+            self.norm2 = bind_norm(b.norm2, pre, dtype, device)
         w_in, w_out = bind_linear(b.mlp.w_in, dtype, rows), bind_linear(b.mlp.w_out, dtype, rows)
         self.mlp = lambda x: b.mlp.run(w_in, w_out, x)
         self.post1 = bind_output_norm(getattr(b, "post_norm1", None), dtype, device)
         self.post2 = bind_output_norm(getattr(b, "post_norm2", None), dtype, device)
 
     def __call__(self, h: Tensor, residual: Optional[Tensor], st: _Step):
+        if self.parallel:
+            x, residual = self.norm1(h, residual)
+            return self.attn(x, st) + self.mlp(x if self.norm2 is None else self.norm2(residual, None)), residual
         if self.norm_first:
             x, residual = self.norm1(h, residual)
             h = self.post1(self.attn(x, st))
@@ -218,7 +225,8 @@ def _why_not(model: nn.Module, blocks) -> Optional[str]:
     if any(hooks) or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return "a forward hook would not run"
     for b in blocks:
-        parts = [(b, Block), (b.attn, Attention), (b.mlp, MLP), (b.norm1, Norm), (b.norm2, Norm)]
+        parts = [(b, Block), (b.attn, Attention), (b.mlp, MLP), (b.norm1, Norm)]
+        parts += [(b.norm2, Norm)] if b.norm2 is not None else []
         if hasattr(b, "cross_attn"):
             parts += [(b.cross_attn, Attention), (b.norm_x, Norm)]
         parts += [(n, Norm) for a in (b.attn, getattr(b, "cross_attn", None)) if a is not None

@@ -45,7 +45,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         self.pos = Positions(cfg, cfg.pos_offset)
         self.blocks = nn.ModuleList(Block(cfg, layer=i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.norm_first else None  # post-norm blocks end normalised
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.apply(init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight

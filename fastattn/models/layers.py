@@ -32,6 +32,7 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu", "geglu")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 POSITIONS = ("learned", "sinusoidal", "rotary", "none")
+PARALLEL_BLOCKS = ("two_norms", "one_norm")
 BACKENDS = ("fastattn", "torch")
 
 
@@ -52,7 +53,12 @@ class ModelConfig:
     the scores / the logits as c * tanh(x / c); ``sandwich_norm`` adds a norm on each sublayer's output before the
     residual add (pre-norm GPT only). ``bias``: every Linear's bias; ``qkv_bias`` None = bias, else the query / key
     / value projections' own (Qwen2: True with bias False). ``qk_norm``: queries and keys normalised per head (the
-    model's ``norm`` over head_dim) before the rotary positions (Qwen3)."""
+    model's ``norm`` over head_dim) before the rotary positions (Qwen3). ``rotary_dim`` None = head_dim: rotary
+    positions on that many leading channels of each head (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor).
+    ``parallel_block`` (pre-norm GPT): attention and MLP read the same residual stream and their outputs are added
+    to it together, "two_norms" (GPT-NeoX / Pythia: each sublayer its own norm) or "one_norm" (Phi: both read
+    norm1). ``lm_head_bias``: a bias on the vocabulary projection (Phi's; BART's final_logits_bias; not BERT, whose
+    MLM head has its own)."""
     vocab_size: int = 50257
     d_model: int = 768
     n_layer: int = 12
@@ -69,6 +75,7 @@ class ModelConfig:
     activation: str = "gelu"
     pos: str = "learned"
     pos_offset: int = 0  # learned positions start at this row of their table (OPT's and BART's 2)
+    rotary_dim: Optional[int] = None
     rope_theta: float = 10000.0
     rope_scaling: Optional[Dict[str, Any]] = None
     rope_local_theta: Optional[float] = None
@@ -83,6 +90,8 @@ class ModelConfig:
     bias: bool = True
     qkv_bias: Optional[bool] = None
     qk_norm: bool = False
+    parallel_block: Optional[str] = None
+    lm_head_bias: bool = False
     backend: str = "fastattn"
 
     def __post_init__(self):
@@ -116,6 +125,19 @@ class ModelConfig:
         if self.pos == "rotary" and self.head_dim % 2:
             raise ValueError(f"{type(self).__name__}.pos: rotary positions need an even head dim, got "
                              f"{self.head_dim}")
+        if self.rotary_dim is not None:
+            r = self.rotary_dim
+            if self.pos != "rotary" or isinstance(r, bool) or not isinstance(r, int) or r < 2 or r % 2 or \
+                    r > self.head_dim:
+                raise ValueError(f"{type(self).__name__}.rotary_dim: an even int in [2, head_dim={self.head_dim}] "
+                                 f"with pos 'rotary', got {r!r} (pos {self.pos!r})")
+        if self.parallel_block is not None and (self.parallel_block not in PARALLEL_BLOCKS or
+                                                self.model_type != "gpt" or not self.norm_first or self.sandwich_norm):
+            raise ValueError(f"{type(self).__name__}.parallel_block: one of {PARALLEL_BLOCKS} in a pre-norm GPT "
+                             f"without sandwich_norm, got {self.parallel_block!r}")
+        if not isinstance(self.lm_head_bias, bool) or (self.lm_head_bias and self.model_type == "bert"):
+            raise ValueError(f"{type(self).__name__}.lm_head_bias: true or false (GPT, Seq2Seq; BERT's MLM head has "
+                             f"its own bias), got {self.lm_head_bias!r}")
         for name, ok, want in (("dropout", lambda v: 0 <= v < 1, "0 <= dropout < 1"),
                                ("norm_eps", lambda v: v >= 0, "norm_eps >= 0"),
                                ("rope_theta", lambda v: v > 0, "rope_theta > 0"),
@@ -298,7 +320,10 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, L, H, D); cos, sin (B, L, 1, D)."""
+    """x (B, L, H, D); cos, sin (B, L, 1, R): the first R <= D channels of each head rotated, the rest kept."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :r], cos, sin), x[..., r:]], -1)
     return x * cos + rotate_half(x) * sin
 
 
@@ -314,12 +339,13 @@ class Positions(nn.Module):
         elif cfg.pos == "sinusoidal":
             self.register_buffer("table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
         elif cfg.pos == "rotary":
-            cos, sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            rot = cfg.rotary_dim or cfg.head_dim
+            cos, sin = rotary_tables(cfg.max_seq_len, rot, cfg.rope_theta, cfg.rope_scaling)
             self.register_buffer("cos", cos, persistent=False)
             self.register_buffer("sin", sin, persistent=False)
             self.local = cfg.rope_local_theta is not None  # Gemma 3: the windowed layers' own tables
             if self.local:
-                cos, sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_local_theta)
+                cos, sin = rotary_tables(cfg.max_seq_len, rot, cfg.rope_local_theta)
                 self.register_buffer("cos_local", cos, persistent=False)
                 self.register_buffer("sin_local", sin, persistent=False)
 
@@ -516,7 +542,9 @@ class Block(nn.Module):
         self.norm1, self.attn = make_norm(cfg), Attention(cfg, window=cfg.layer_window(layer))
         if cross:
             self.norm_x, self.cross_attn = make_norm(cfg), Attention(cfg, cross=True)
-        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.parallel = cfg.parallel_block
+        self.norm2 = None if self.parallel == "one_norm" else make_norm(cfg)
+        self.mlp = MLP(cfg)
         if cfg.sandwich_norm:  # Gemma 2: each sublayer's output normalised before the residual add
             self.post_norm1, self.post_norm2 = make_norm(cfg), make_norm(cfg)
 
@@ -530,6 +558,10 @@ class Block(nn.Module):
 
     def forward(self, h: Tensor, residual: Optional[Tensor], *, memory=None, memory_mask=None,
                 **attn_kw) -> Tuple[Tensor, Optional[Tensor]]:
+        if self.parallel:  # attention and MLP both read the stream; their outputs join it together
+            x, residual = self.norm1.pre(h, residual)
+            x2 = x if self.norm2 is None else self.norm2(residual)
+            return self._drop(self.attn(x, **attn_kw)) + self._drop(self.mlp(x2)), residual
         if self.norm_first:
             x, residual = self.norm1.pre(h, residual)
             h = self._drop(self._out(self.attn(x, **attn_kw), "post_norm1"))

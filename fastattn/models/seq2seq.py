@@ -30,7 +30,6 @@ class Seq2SeqConfig(ModelConfig):
     eos_token_id: int = 2
     decoder_start_token_id: int = 2
     forced_bos_token_id: Optional[int] = None  # generate's first new token, forced (BART-large-CNN's 0, mBART-50's)
-    lm_head_bias: bool = False  # a bias on the vocabulary projection (BART's final_logits_bias)
     model_type = "seq2seq"
 
     def __post_init__(self):
@@ -43,8 +42,6 @@ class Seq2SeqConfig(ModelConfig):
         ids = ("pad_token_id", "eos_token_id", "decoder_start_token_id") + (
             ("forced_bos_token_id",) if self.forced_bos_token_id is not None else ())
         self.check_ints(("n_decoder_layer",) + ids, 0)
-        if not isinstance(self.lm_head_bias, bool):
-            raise ValueError(f"Seq2SeqConfig.lm_head_bias: expected true or false, got {self.lm_head_bias!r}")
         for name in ids:
             if getattr(self, name) >= self.vocab_size:
                 raise ValueError(f"Seq2SeqConfig.{name}: {getattr(self, name)} is not a token id (vocab_size "

@@ -1,0 +1,99 @@
+"""GPT.from_hf on the parallel-block families: GPT-NeoX / Pythia (query_key_value interleaved per head; attention
+and MLP reading the same stream, each through its own norm; rotary positions on rotary_pct of each head) and Phi-1 /
+1.5 / 2 (one norm for both, a biased LM head, partial rotary, GQA). Small random models (weights large enough that
+every sublayer moves the greedy tokens) saved to tmp_path: logits of a left-padded batch bounded by transformers' own
+fp32 error against its float64 run, greedy tokens (through the bound decode step) equal to transformers' generate,
+both backends training alike; bad configs refused naming the key."""
+import logging
+
+import pytest
+import torch
+
+from conftest import assert_bounded, backends_train_alike
+from fastattn.models import BERTConfig, GPT, GPTConfig, CheckpointError
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 71
+
+
+def _neox(**kw):
+    return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**{**dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=0,
+        eos_token_id=0, initializer_range=0.3), **kw})).eval()
+
+
+def _phi(**kw):
+    return transformers.PhiForCausalLM(transformers.PhiConfig(**{**dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, partial_rotary_factor=0.5, resid_pdrop=0.0,
+        embd_pdrop=0.0, bos_token_id=0, eos_token_id=0, initializer_range=0.3), **kw})).eval()
+
+
+MODELS = {"pythia": (_neox, {}, "two_norms"), "neox-sequential": (_neox, dict(use_parallel_residual=False), None),
+          "phi": (_phi, {}, "one_norm")}
+
+
+def _batch():
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_matches_transformers(tmp_path, arch, caplog):
+    make, kw, parallel = MODELS[arch]
+    torch.manual_seed(0)
+    with torch.no_grad():  # biases and norm weights start at 0 / 1 in transformers' init: make them matter
+        hf = make(**kw)
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias") or "norm" in name:
+                p.uniform_(-0.5, 0.5).add_(1.0 if name.endswith("norm.weight") else 0.0)
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_hf(tmp_path)
+    assert (ours.config.parallel_block, ours.config.rotary_dim) == (parallel, 4)
+    assert ours.config.lm_head_bias is (arch == "phi")
+    hf64 = type(hf).from_pretrained(tmp_path, dtype=torch.float64).eval()
+    ids, mask = _batch()
+    keep = mask.bool()
+    with torch.no_grad():
+        a, b, c = (m(ids, attention_mask=mask).logits for m in (ours, hf, hf64))
+        assert_bounded(arch, a[keep], c[keep].double(), b[keep], torch.float32)
+        with caplog.at_level(logging.DEBUG, logger="fastattn"):
+            mine = ours.generate(ids, 10, temperature=0, attention_mask=mask)
+        assert "not bound" not in caplog.text  # the bound decode step ran the parallel blocks
+        theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)
+    assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("arch", ["pythia", "phi"])
+def test_backends_train_alike(tmp_path, arch):
+    make, kw, _ = MODELS[arch]
+    torch.manual_seed(0)
+    make(**kw).save_pretrained(tmp_path)
+    ids, mask = _batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    backends_train_alike(lambda backend: GPT.from_hf(tmp_path, backend=backend, dropout=0.0),
+                         dict(input_ids=ids, attention_mask=mask, labels=labels))
+
+
+@pytest.mark.parametrize("make, kw, key", [(_neox, dict(attention_bias=False), "attention_bias"),
+                                           (_phi, dict(qk_layernorm=True), "qk_layernorm"),
+                                           (_neox, dict(rotary_pct=0.375), "gives 3 rotary channels")])
+def test_refused(tmp_path, make, kw, key):
+    make(**kw).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=key):
+        GPT.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("cls, kw, field", [
+    (GPTConfig, dict(parallel_block="two_norms", norm_first=False), "parallel_block"),
+    (GPTConfig, dict(parallel_block="three"), "parallel_block"),
+    (GPTConfig, dict(pos="rotary", rotary_dim=5), "rotary_dim"),
+    (GPTConfig, dict(pos="learned", rotary_dim=4), "rotary_dim"),
+    (BERTConfig, dict(lm_head_bias=True), "lm_head_bias")])
+def test_bad_configs_name_the_field(cls, kw, field):
+    with pytest.raises(ValueError, match=f"{cls.__name__}.{field}"):
+        cls(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=4, **kw)
