@@ -329,3 +329,15 @@ def test_hf_opt_folder_smoothquant(hf_folder, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(ppl, rel=0.05)
     assert main(["generate", str(tmp_path / "opt-int8"), "-p", "It is", "-n", "3", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("It is")
+
+
+def test_corrupt_hf_folder_is_one_line(hf_folder, tmp_path, capsys):
+    """A truncated model.safetensors in an HF folder: one clear line on stderr, exit code 2, no traceback."""
+    import shutil
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:len(data) // 2])
+    assert main(["eval", str(folder), "--batches", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors: not readable" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

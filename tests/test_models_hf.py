@@ -422,3 +422,29 @@ def test_unsupported_checkpoints(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "activation_function": "gelu_fast"}))
     with pytest.raises(CheckpointError, match="gelu_fast"):
         GPT.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "bart"])
+def test_malformed_folders_raise_checkpoint_errors(tmp_path, family):
+    """A config.json lacking a key the family needs, not JSON, or not an object, and truncated weights: a
+    CheckpointError naming the file or key (they were a bare KeyError, a JSONDecodeError, a SafetensorError)."""
+    from fastattn.models import Seq2Seq
+    make, load, key = {"gpt2": (_gpt2, GPT.from_hf, "n_embd"), "bert": (_bert, BERT.from_hf, "hidden_size"),
+                       "bart": (lambda: transformers.BartForConditionalGeneration(transformers.BartConfig(
+                           vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+                           decoder_ffn_dim=48, max_position_embeddings=32)), Seq2Seq.from_hf, "d_model")}[family]
+    make().save_pretrained(tmp_path)
+    cfg_file, weights = tmp_path / "config.json", tmp_path / "model.safetensors"
+    good = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({k: v for k, v in good.items() if k != key}))
+    with pytest.raises(CheckpointError, match=f"config.json: no '{key}'"):
+        load(tmp_path)
+    for text, needle in (("{not json", "not readable JSON"), ("[1, 2]", "expected a JSON object, got list")):
+        cfg_file.write_text(text)
+        with pytest.raises(CheckpointError, match=needle):
+            load(tmp_path)
+    cfg_file.write_text(json.dumps(good))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors: not readable"):
+        load(tmp_path)

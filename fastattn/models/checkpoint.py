@@ -17,25 +17,53 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be imported: a missing key, a wrong shape, or an unsupported setting."""
 
 
+class HFConfig(dict):
+    """An HF config.json's dict: reading a key it lacks raises a CheckpointError naming the key."""
+
+    def __missing__(self, key):
+        raise CheckpointError(f"config.json: no {key!r}, which this model type needs")
+
+
 def read_hf_folder(path: str) -> Tuple[dict, Dict[str, Tensor]]:
     """(config dict, state dict) of a local HF model folder. Weights: model.safetensors, else pytorch_model.bin
     (loaded with ``weights_only=True``). Sharded checkpoints (an index JSON) are read shard by shard."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{path}: no config.json")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
+    config = HFConfig(config)
     state: Dict[str, Tensor] = {}
     for index, single, loader in (("model.safetensors.index.json", "model.safetensors", _load_safetensors),
                                   ("pytorch_model.bin.index.json", "pytorch_model.bin", _load_bin)):
         if os.path.isfile(os.path.join(path, index)):
-            with open(os.path.join(path, index)) as f:
-                for shard in sorted(set(json.load(f)["weight_map"].values())):
-                    state.update(loader(os.path.join(path, shard)))
+            try:
+                with open(os.path.join(path, index)) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{os.path.join(path, index)}: not a shard index ({e!r})") from None
+            for shard in shards:
+                state.update(_load(loader, os.path.join(path, shard)))
             return config, state
         if os.path.isfile(os.path.join(path, single)):
-            return config, loader(os.path.join(path, single))
+            return config, _load(loader, os.path.join(path, single))
     raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def _load(loader, file: str) -> Dict[str, Tensor]:
+    """loader(file), any failure to read it (missing shard, truncated or corrupt file) as a CheckpointError."""
+    try:
+        state = loader(file)
+    except Exception as e:  # safetensors' and pickle's errors have no common base
+        raise CheckpointError(f"{file}: not readable ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: not a state dict ({type(state).__name__})")
+    return state
 
 
 def _load_safetensors(file: str) -> Dict[str, Tensor]:

@@ -152,7 +152,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         GPT.from_hf. In eval mode, as transformers' from_pretrained returns it."""
         from .seq2seq_hf import import_seq2seq
         cfg, sd = import_seq2seq(path, overrides)
-        model = place(cls(Seq2SeqConfig.from_dict(cfg)), dtype, device)
+        model = place(cls(cfg), dtype, device)
         load_mapped(model, sd)
         return model.eval()
 

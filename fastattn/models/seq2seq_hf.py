@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError, KeyMap, read_hf_folder
+from .seq2seq import Seq2SeqConfig
 
 FAMILIES = ("bart", "mbart")
 _ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
@@ -27,16 +28,13 @@ _CROSS = {"cross_attn.wq": "encoder_attn.q_proj", "cross_attn.wo": "encoder_attn
           "norm_x": "encoder_attn_layer_norm"}
 
 
-def import_seq2seq(path: str, overrides: dict) -> Tuple[dict, Dict[str, Tensor]]:
-    """(config dict with ``overrides`` applied, Seq2Seq state dict) of the HF folder at path."""
+def import_seq2seq(path: str, overrides: dict) -> Tuple[Seq2SeqConfig, Dict[str, Tensor]]:
+    """(config with ``overrides`` applied, Seq2Seq state dict) of the HF folder at path."""
     hf, state = read_hf_folder(path)
-    gen = _generation_config(path)
-    cfg = {**_config(hf, gen), **overrides}
-    m = KeyMap(state, ("model.", ""))
     bias = state.get("final_logits_bias")
-    if "lm_head_bias" not in overrides:
-        cfg["lm_head_bias"] = bias is not None and bool(bias.any())
-    return cfg, _state(cfg, m, KeyMap(state), bias)
+    cfg = Seq2SeqConfig.from_dict({**_config(hf, _generation_config(path)),
+                                   "lm_head_bias": bias is not None and bool(bias.any()), **overrides})
+    return cfg, _state(cfg, KeyMap(state, ("model.", "")), KeyMap(state), bias)
 
 
 def _generation_config(path: str) -> dict:
@@ -81,15 +79,15 @@ def _config(hf: dict, gen: dict) -> dict:
                 forced_bos_token_id=generation("forced_bos_token_id"))
 
 
-def _state(cfg: dict, m: KeyMap, top: KeyMap, bias) -> Dict[str, Tensor]:
-    d, f, V = cfg["d_model"], cfg["d_ff"], cfg["vocab_size"]
+def _state(cfg: Seq2SeqConfig, m: KeyMap, top: KeyMap, bias) -> Dict[str, Tensor]:
+    d, f, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
     tok = m.take("shared.weight" if m.has("shared.weight") else "encoder.embed_tokens.weight", (V, d))
     for side in ("encoder", "decoder"):  # Seq2Seq has one token embedding (transformers 5 unties them with lm_head)
         key = f"{side}.embed_tokens.weight"
         if m.has(key) and not torch.equal(m.take(key, (V, d)), tok):
             raise CheckpointError(f"checkpoint key {key!r} differs from the shared token embedding; Seq2Seq shares "
                                   "one between the encoder and the decoder")
-    rows = cfg["max_seq_len"] + cfg["pos_offset"]
+    rows = cfg.max_seq_len + cfg.pos_offset
     sd = {"tok_emb.weight": tok}
     shapes = {"attn.wo": (d, d), "norm1": (d,), "mlp.w_in": (f, d), "mlp.w_out": (d, f), "norm2": (d,),
               "cross_attn.wq": (d, d), "cross_attn.wo": (d, d), "norm_x": (d,)}
@@ -98,9 +96,9 @@ def _state(cfg: dict, m: KeyMap, top: KeyMap, bias) -> Dict[str, Tensor]:
         sd[f"{side}_pos.weight"] = m.take(f"{hf_side}.embed_positions.weight", (rows, d))
         for p in ("weight", "bias"):
             sd[f"{side}_embed_norm.{p}"] = m.take(f"{hf_side}.layernorm_embedding.{p}", (d,))
-            if cfg["norm_first"]:
+            if cfg.norm_first:
                 sd[f"{side}_norm_f.{p}"] = m.take(f"{hf_side}.layer_norm.{p}", (d,))
-        n = cfg["n_layer"] if side == "enc" else cfg["n_decoder_layer"]
+        n = cfg.n_layer if side == "enc" else cfg.n_decoder_layer
         names = {**_LAYER, **(_CROSS if side == "dec" else {})}
         for i in range(n):
             h, b = f"{hf_side}.layers.{i}.", f"{hf_side}.{i}."
@@ -113,8 +111,8 @@ def _state(cfg: dict, m: KeyMap, top: KeyMap, bias) -> Dict[str, Tensor]:
                                                               for x in "kv"])
                 for ours, theirs in names.items():
                     sd[f"{b}{ours}.{p}"] = m.take(f"{h}{theirs}.{p}", shape(shapes[ours]))
-    sd["lm_head.weight"] = tok if cfg["tie_embeddings"] else top.take("lm_head.weight", (V, d))
-    if cfg["lm_head_bias"]:
+    sd["lm_head.weight"] = tok if cfg.tie_embeddings else top.take("lm_head.weight", (V, d))
+    if cfg.lm_head_bias:
         if bias is None or tuple(bias.shape) != (1, V):
             raise CheckpointError(f"checkpoint key 'final_logits_bias': shape "
                                   f"{None if bias is None else tuple(bias.shape)}, expected (1, {V})")
