@@ -1,6 +1,8 @@
 """GPT.from_hf on the parallel-block families: GPT-NeoX / Pythia (query_key_value interleaved per head; attention
 and MLP reading the same stream, each through its own norm; rotary positions on rotary_pct of each head) and Phi-1 /
-1.5 / 2 (one norm for both, a biased LM head, partial rotary, GQA). Small random models (weights large enough that
+1.5 / 2 (one norm for both, a biased LM head, partial rotary, GQA), Falcon (7B's multi-query with one norm, 40B's
+grouped q / k / v layout with two, RW's sequential blocks) and StableLM (LayerNorm biases without Linear ones,
+sequential or parallel). Small random models (weights large enough that
 every sublayer moves the greedy tokens) saved to tmp_path: logits of a left-padded batch bounded by transformers' own
 fp32 error against its float64 run, greedy tokens (through the bound decode step) equal to transformers' generate,
 both backends training alike; bad configs refused naming the key."""
@@ -30,8 +32,28 @@ def _phi(**kw):
         embd_pdrop=0.0, bos_token_id=0, eos_token_id=0, initializer_range=0.3), **kw})).eval()
 
 
-MODELS = {"pythia": (_neox, {}, "two_norms"), "neox-sequential": (_neox, dict(use_parallel_residual=False), None),
-          "phi": (_phi, {}, "one_norm")}
+def _falcon(**kw):
+    return transformers.FalconForCausalLM(transformers.FalconConfig(**{**dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+        hidden_dropout=0.0, attention_dropout=0.0, alibi=False, bos_token_id=0, eos_token_id=0,
+        initializer_range=0.3), **kw})).eval()
+
+
+def _stablelm(**kw):
+    return transformers.StableLmForCausalLM(transformers.StableLmConfig(**{**dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, partial_rotary_factor=0.5, hidden_dropout=0.0,
+        attention_dropout=0.0, bos_token_id=0, eos_token_id=0, initializer_range=0.3), **kw})).eval()
+
+
+# name: (make, kwargs, parallel_block, rotary_dim)
+MODELS = {"pythia": (_neox, {}, "two_norms", 4), "neox-sequential": (_neox, dict(use_parallel_residual=False), None, 4),
+          "phi": (_phi, {}, "one_norm", 4),
+          "falcon-7b": (_falcon, dict(multi_query=True, parallel_attn=True), "one_norm", None),  # MQA, no biases
+          "falcon-40b": (_falcon, dict(new_decoder_architecture=True, num_kv_heads=2), "two_norms", None),  # GQA
+          "falcon-rw": (_falcon, dict(multi_query=False, parallel_attn=False, bias=True), None, None),
+          "stablelm": (_stablelm, dict(use_qkv_bias=True), None, 4),
+          "stablelm-parallel": (_stablelm, dict(use_parallel_residual=True), "one_norm", 4)}
 
 
 def _batch():
@@ -43,7 +65,7 @@ def _batch():
 
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_matches_transformers(tmp_path, arch, caplog):
-    make, kw, parallel = MODELS[arch]
+    make, kw, parallel, rot = MODELS[arch]
     torch.manual_seed(0)
     with torch.no_grad():  # biases and norm weights start at 0 / 1 in transformers' init: make them matter
         hf = make(**kw)
@@ -52,7 +74,7 @@ def test_matches_transformers(tmp_path, arch, caplog):
                 p.uniform_(-0.5, 0.5).add_(1.0 if name.endswith("norm.weight") else 0.0)
     hf.save_pretrained(tmp_path)
     ours = GPT.from_hf(tmp_path)
-    assert (ours.config.parallel_block, ours.config.rotary_dim) == (parallel, 4)
+    assert (ours.config.parallel_block, ours.config.rotary_dim) == (parallel, rot)
     assert ours.config.lm_head_bias is (arch == "phi")
     hf64 = type(hf).from_pretrained(tmp_path, dtype=torch.float64).eval()
     ids, mask = _batch()
@@ -68,9 +90,9 @@ def test_matches_transformers(tmp_path, arch, caplog):
     assert torch.equal(mine, theirs)
 
 
-@pytest.mark.parametrize("arch", ["pythia", "phi"])
+@pytest.mark.parametrize("arch", ["pythia", "phi", "falcon-40b"])
 def test_backends_train_alike(tmp_path, arch):
-    make, kw, _ = MODELS[arch]
+    make, kw, _, _ = MODELS[arch]
     torch.manual_seed(0)
     make(**kw).save_pretrained(tmp_path)
     ids, mask = _batch()
@@ -81,6 +103,8 @@ def test_backends_train_alike(tmp_path, arch):
 
 @pytest.mark.parametrize("make, kw, key", [(_neox, dict(attention_bias=False), "attention_bias"),
                                            (_phi, dict(qk_layernorm=True), "qk_layernorm"),
+                                           (_falcon, dict(alibi=True), "alibi"),
+                                           (_stablelm, dict(qk_layernorm=True), "qk_layernorm"),
                                            (_neox, dict(rotary_pct=0.375), "gives 3 rotary channels")])
 def test_refused(tmp_path, make, kw, key):
     make(**kw).save_pretrained(tmp_path)

@@ -60,9 +60,9 @@ class TrainConfig:
     keep: int = opt(3, "checkpoints kept")
     resume: bool = opt(False, "continue the run in --out from its newest valid checkpoint")
     init: Optional[str] = opt(None, "start from this fastattn checkpoint (or run folder)")
-    init_hf: Optional[str] = opt(None, "start from a local Hugging Face folder (GPT-2, OPT, Pythia, Phi, Llama, "
-                                       "Mistral, Qwen, Phi-3, Gemma, BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, "
-                                       "BART, mBART)")
+    init_hf: Optional[str] = opt(None, "start from a local Hugging Face folder (GPT-2, OPT, Pythia, Phi, Falcon, "
+                                       "Llama, Mistral, Qwen, Phi-3, StableLM, Gemma, BERT, RoBERTa, XLM-R, "
+                                       "CamemBERT, DistilBERT, BART, mBART)")
     mode: str = opt("full", "fine-tuning: full, frozen (heads only), lora (adapters), prompt (soft prompt)",
                     choices=["full", "frozen", "lora", "prompt"])
     lora_rank: int = opt(8, "LoRA rank")
@@ -166,8 +166,8 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
             "num_labels": cfg.num_labels, "pad_token_id": pad_id, "decoder_start_token_id": eos_id}
 
 
-HF_MODEL_TYPES = {**dict.fromkeys(("gpt2", "opt", "gpt_neox", "phi", "llama", "mistral", "qwen2", "qwen3", "phi3",
-                                    "gemma", "gemma2", "gemma3_text"), "GPT"),
+HF_MODEL_TYPES = {**dict.fromkeys(("gpt2", "opt", "gpt_neox", "phi", "falcon", "llama", "mistral", "qwen2", "qwen3",
+                                    "phi3", "stablelm", "gemma", "gemma2", "gemma3_text"), "GPT"),
                   **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "distilbert"), "BERT"),
                   **dict.fromkeys(("bart", "mbart"), "Seq2Seq")}
 

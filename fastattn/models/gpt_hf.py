@@ -1,5 +1,6 @@
 """GPT.from_hf's importers: a Hugging Face config.json and state dict mapped onto GPTConfig and GPT's state dict, per
-family (GPT-2; OPT; GPT-NeoX / Pythia, Phi-1 / 1.5 / 2; Llama, Mistral, Qwen2, Qwen3, Phi-3; Gemma 1 / 2 / 3).
+family (GPT-2; OPT; Llama, Mistral, Qwen2, Qwen3, Phi-3, StableLM; Gemma 1 / 2 / 3; and in gpt_hf_parallel.py
+GPT-NeoX / Pythia, Phi-1 / 1.5 / 2, Falcon).
 Whatever a family sets that GPT cannot reproduce exactly is refused with a CheckpointError naming the setting."""
 from typing import Dict, Optional, Tuple
 
@@ -8,6 +9,8 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, KeyMap, hf_get, read_hf_folder
 from .gpt import GPTConfig
+from .gpt_hf_parallel import ACT
+from .gpt_hf_parallel import from_parallel, rotary
 from .layers import ROPE_SCALING_KEYS, check_rope_scaling
 
 
@@ -17,17 +20,18 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
     kind, local_theta = hf.get("model_type"), None
     if kind == "gpt2":
         cfg, sd = _from_gpt2(hf, state)
-    elif kind in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+    elif kind in ("llama", "mistral", "qwen2", "qwen3", "phi3", "stablelm"):
         cfg, sd = _from_llama(hf, state)
     elif kind in ("gemma", "gemma2", "gemma3_text"):
         cfg, sd, local_theta = _from_gemma(hf, state)
     elif kind == "opt":
         cfg, sd = _from_opt(hf, state)
-    elif kind in ("gpt_neox", "phi"):
-        cfg, sd = _from_parallel(hf, state)
+    elif kind in ("gpt_neox", "phi", "falcon"):
+        cfg, sd = from_parallel(hf, state)
     else:
         raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
-                              "mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, opt, gpt_neox, phi)")
+                              "mistral, qwen2, qwen3, phi3, stablelm, gemma, gemma2, gemma3_text, opt, gpt_neox, "
+                              "phi, falcon)")
     window, types = _sliding_window(hf)
     if local_theta is not None and window is not None:  # Gemma 3: its windowed layers' rotary base
         overrides = {"rope_local_theta": local_theta, **overrides}
@@ -39,9 +43,6 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
     return GPTConfig.from_dict({**cfg.to_dict(), **overrides}), sd
 
 
-_GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
-
-
 def _from_gpt2(hf: dict, state):
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
         if hf.get(flag):
@@ -49,13 +50,13 @@ def _from_gpt2(hf: dict, state):
     if hf.get("scale_attn_weights") is False:
         raise CheckpointError("config.json: scale_attn_weights=false is not supported by GPT.from_hf")
     act = hf.get("activation_function", "gelu_new")
-    if act not in _GPT2_ACT:
-        raise CheckpointError(f"config.json: activation_function {act!r} is not supported ({sorted(_GPT2_ACT)})")
+    if act not in ACT:
+        raise CheckpointError(f"config.json: activation_function {act!r} is not supported ({sorted(ACT)})")
     d = hf["n_embd"]
     cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["n_layer"], n_head=hf["n_head"],
                     d_ff=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"], norm="layernorm",
                     norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_first=True, mlp="gelu",
-                    activation=_GPT2_ACT[act], pos="learned", tie_embeddings=hf.get("tie_word_embeddings", True),
+                    activation=ACT[act], pos="learned", tie_embeddings=hf.get("tie_word_embeddings", True),
                     bias=True)
     m, f = KeyMap(state, ("transformer.", "")), cfg.d_ff
     sd = {"tok_emb.weight": m.take("wte.weight", (cfg.vocab_size, d)),
@@ -87,11 +88,11 @@ def _from_opt(hf: dict, state):
             raise CheckpointError(f"config.json: {key}={hf[key]!r} is not supported by GPT.from_hf (OPT with "
                                   f"{key}={want!r})")
     act = hf.get("activation_function", "relu")
-    if act not in _GPT2_ACT:
-        raise CheckpointError(f"config.json: activation_function {act!r} is not supported ({sorted(_GPT2_ACT)})")
+    if act not in ACT:
+        raise CheckpointError(f"config.json: activation_function {act!r} is not supported ({sorted(ACT)})")
     cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["num_hidden_layers"],
                     n_head=hf["num_attention_heads"], d_ff=hf["ffn_dim"], max_seq_len=hf["max_position_embeddings"],
-                    norm="layernorm", norm_eps=1e-5, norm_first=True, mlp="gelu", activation=_GPT2_ACT[act],
+                    norm="layernorm", norm_eps=1e-5, norm_first=True, mlp="gelu", activation=ACT[act],
                     pos="learned", pos_offset=2, tie_embeddings=hf.get("tie_word_embeddings", True), bias=True)
     m, f = KeyMap(state, ("model.decoder.", "decoder.", "")), cfg.d_ff
     sd = {"tok_emb.weight": m.take("embed_tokens.weight", (cfg.vocab_size, d)),
@@ -108,75 +109,6 @@ def _from_opt(hf: dict, state):
                 sd[f"{b}{ours}.{p}"] = m.take(f"{h}{theirs}.{p}", shape(s))
     sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else \
         KeyMap(state).take("lm_head.weight", (cfg.vocab_size, d))
-    return cfg, sd
-
-
-def _rotary(hf: dict, head_dim: int) -> Tuple[float, Optional[int]]:
-    """(rope_theta, rotary_dim or None for all of head_dim) from transformers 5's rope_parameters or the older
-    top-level keys (GPT-NeoX's rotary_pct / rotary_emb_base)."""
-    rope = hf.get("rope_parameters") or {}
-    theta = hf_get(rope, "rope_theta", default=hf_get(hf, "rope_theta", "rotary_emb_base", default=1e4))
-    partial = hf_get(rope, "partial_rotary_factor", default=hf_get(hf, "partial_rotary_factor", "rotary_pct",
-                                                                   default=1.0))
-    rot = int(head_dim * partial)
-    if rot < 2 or rot % 2:
-        raise CheckpointError(f"config.json: partial_rotary_factor {partial} gives {rot} rotary channels of "
-                              f"{head_dim}; an even number >= 2 is supported")
-    return float(theta), None if rot == head_dim else rot
-
-
-def _from_parallel(hf: dict, state):
-    """GPT-NeoX / Pythia (query_key_value interleaved per head; parallel attention + MLP with two norms when
-    use_parallel_residual) and Phi-1 / 1.5 / 2 (parallel with one norm, a biased LM head); both with partial rotary
-    positions."""
-    neox = hf.get("model_type") == "gpt_neox"
-    rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
-        raise CheckpointError("config.json: rope scaling is not supported by GPT.from_hf for "
-                              f"{hf.get('model_type')} (plain rotary positions)")
-    for key, want in ((("attention_bias", True),) if neox else (("qk_layernorm", False),)):
-        if hf.get(key, want) != want:
-            raise CheckpointError(f"config.json: {key}={hf[key]!r} is not supported by GPT.from_hf")
-    act = hf.get("hidden_act", "gelu" if neox else "gelu_new")
-    if act not in _GPT2_ACT:
-        raise CheckpointError(f"config.json: hidden_act {act!r} is not supported ({sorted(_GPT2_ACT)})")
-    d, H = hf["hidden_size"], hf["num_attention_heads"]
-    Hk = H if neox else hf.get("num_key_value_heads") or H
-    theta, rot = _rotary(hf, d // H)
-    parallel = ("two_norms" if hf.get("use_parallel_residual", True) else None) if neox else "one_norm"
-    cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["num_hidden_layers"], n_head=H, n_kv_head=Hk,
-                    d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-                    norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-5), norm_first=True, mlp="gelu",
-                    activation=_GPT2_ACT[act], pos="rotary", rope_theta=theta, rotary_dim=rot,
-                    tie_embeddings=hf.get("tie_word_embeddings", False), bias=True, parallel_block=parallel,
-                    lm_head_bias=not neox)
-    D, f = cfg.head_dim, cfg.d_ff
-    m = KeyMap(state, ("gpt_neox.",) if neox else ("model.", ""))
-    names = ({"attn.wo": "attention.dense", "mlp.w_in": "mlp.dense_h_to_4h", "mlp.w_out": "mlp.dense_4h_to_h",
-              "norm1": "input_layernorm", "norm2": "post_attention_layernorm"} if neox else
-             {"attn.wo": "self_attn.dense", "mlp.w_in": "mlp.fc1", "mlp.w_out": "mlp.fc2", "norm1": "input_layernorm"})
-    shapes = {"attn.wo": (d, H * D), "mlp.w_in": (f, d), "mlp.w_out": (d, f), "norm1": (d,), "norm2": (d,)}
-    emb, final = ("embed_in", "final_layer_norm") if neox else ("embed_tokens", "final_layernorm")
-    sd = {"tok_emb.weight": m.take(f"{emb}.weight", (cfg.vocab_size, d))}
-    for p in ("weight", "bias"):
-        shape = (lambda s: s) if p == "weight" else (lambda s: s[:1])
-        sd[f"norm_f.{p}"] = m.take(f"{final}.{p}", (d,))
-        for i in range(cfg.n_layer):
-            h, b = f"layers.{i}.", f"blocks.{i}."
-            if neox:  # rows (H, 3, D): each head's q, k, v together; ours are [q heads | k heads | v heads]
-                w = m.take(f"{h}attention.query_key_value.{p}", shape((3 * d, d)))
-                sd[f"{b}attn.wqkv.{p}"] = w.view(H, 3, D, -1).transpose(0, 1).reshape(w.shape)
-            else:
-                sd[f"{b}attn.wqkv.{p}"] = torch.cat([m.take(f"{h}self_attn.{x}_proj.{p}", shape((n * D, d)))
-                                                      for x, n in (("q", H), ("k", Hk), ("v", Hk))])
-            for ours, theirs in names.items():
-                sd[f"{b}{ours}.{p}"] = m.take(f"{h}{theirs}.{p}", shape(shapes[ours]))
-    top = KeyMap(state)
-    head = "embed_out" if neox else "lm_head"
-    sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else top.take(f"{head}.weight",
-                                                                                    (cfg.vocab_size, d))
-    if cfg.lm_head_bias:
-        sd["lm_head.bias"] = top.take(f"{head}.bias", (cfg.vocab_size,))
     return cfg, sd
 
 
@@ -307,22 +239,34 @@ def _from_llama(hf: dict, state):
         raise CheckpointError(f"config.json: attention_bias={attn_bias} with mlp_bias={mlp_bias} is not supported "
                               "(one bias setting for every Linear)")
     qkv_bias = True if kind == "qwen2" else None  # Qwen2: q / k / v projections with bias, the others without
+    stablelm = kind == "stablelm"  # LayerNorms with biases, optional q / k / v biases, optional parallel block
+    if stablelm:
+        if hf.get("qk_layernorm"):
+            raise CheckpointError("config.json: qk_layernorm=true is not supported by GPT.from_hf (StableLM's per-head "
+                                  "LayerNorms, one weight per head)")
+        qkv_bias = bool(hf.get("use_qkv_bias", False))
     d, H = hf["hidden_size"], hf["num_attention_heads"]
-    _, rot = _rotary(hf, hf.get("head_dim") or d // H)  # Phi-4-mini: partial_rotary_factor 0.75
+    _, rot = rotary(hf, hf.get("head_dim") or d // H)  # Phi-4-mini: partial_rotary_factor 0.75
     cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["num_hidden_layers"], n_head=H,
                     n_kv_head=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim") or d // H,
-                    d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
-                    norm_eps=hf.get("rms_norm_eps", 1e-6), norm_first=True, mlp="swiglu", activation="silu",
+                    d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
+                    norm="layernorm" if stablelm else "rmsnorm", norm_bias=True if stablelm else None,
+                    norm_eps=hf.get("layer_norm_eps", 1e-5) if stablelm else hf.get("rms_norm_eps", 1e-6),
+                    parallel_block="one_norm" if stablelm and hf.get("use_parallel_residual") else None,
+                    norm_first=True, mlp="swiglu", activation="silu",
                     pos="rotary", rope_theta=float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4))),
                     tie_embeddings=hf.get("tie_word_embeddings", False), bias=attn_bias, qkv_bias=qkv_bias,
                     qk_norm=kind == "qwen3", rope_scaling=scaling, rotary_dim=rot)
     m, f, D, Hk = KeyMap(state, ("model.", "")), cfg.d_ff, cfg.head_dim, cfg.n_kv_head
+    norm_params = ("weight", "bias") if stablelm else ("weight",)
     sd = {"tok_emb.weight": m.take("embed_tokens.weight", (cfg.vocab_size, d)),
-          "norm_f.weight": m.take("norm.weight", (d,))}
+          **{f"norm_f.{p}": m.take(f"norm.{p}", (d,)) for p in norm_params}}
     for i in range(cfg.n_layer):
         h, b = f"layers.{i}.", f"blocks.{i}."
-        sd[f"{b}norm1.weight"] = m.take(f"{h}input_layernorm.weight", (d,))
-        sd[f"{b}norm2.weight"] = m.take(f"{h}post_attention_layernorm.weight", (d,))
+        for p in norm_params:
+            sd[f"{b}norm1.{p}"] = m.take(f"{h}input_layernorm.{p}", (d,))
+            if cfg.parallel_block is None:
+                sd[f"{b}norm2.{p}"] = m.take(f"{h}post_attention_layernorm.{p}", (d,))
         sd.update(_projections(m, h, b, cfg, fused=kind == "phi3"))
         if cfg.qk_norm:
             sd[f"{b}attn.q_norm.weight"] = m.take(f"{h}self_attn.q_norm.weight", (D,))

@@ -52,7 +52,8 @@ class ModelConfig:
     ``attn_scale`` (None = head_dim ** -0.5) scales the scores; ``attn_softcap`` / ``final_softcap`` (0: off) cap
     the scores / the logits as c * tanh(x / c); ``sandwich_norm`` adds a norm on each sublayer's output before the
     residual add (pre-norm GPT only). ``bias``: every Linear's bias; ``qkv_bias`` None = bias, else the query / key
-    / value projections' own (Qwen2: True with bias False). ``qk_norm``: queries and keys normalised per head (the
+    / value projections' own (Qwen2: True with bias False); ``norm_bias`` None = bias, else the LayerNorms' own
+    (Falcon, StableLM: True with bias False). ``qk_norm``: queries and keys normalised per head (the
     model's ``norm`` over head_dim) before the rotary positions (Qwen3). ``rotary_dim`` None = head_dim: rotary
     positions on that many leading channels of each head (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor).
     ``parallel_block`` (pre-norm GPT): attention and MLP read the same residual stream and their outputs are added
@@ -89,6 +90,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     bias: bool = True
     qkv_bias: Optional[bool] = None
+    norm_bias: Optional[bool] = None
     qk_norm: bool = False
     parallel_block: Optional[str] = None
     lm_head_bias: bool = False
@@ -116,7 +118,8 @@ class ModelConfig:
                                  f"d_model={self.d_model} (or set head_dim)")
             self.head_dim = self.d_model // self.n_head
         self.check_ints(("head_dim",), 1)
-        for name in ("bias", "qk_norm", "sandwich_norm") + (("qkv_bias",) if self.qkv_bias is not None else ()):
+        for name in ("bias", "qk_norm", "sandwich_norm") + tuple(
+                n for n in ("qkv_bias", "norm_bias") if getattr(self, n) is not None):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{type(self).__name__}.{name}: expected true or false, got {getattr(self, name)!r}")
         if self.n_head % self.n_kv_head:
@@ -257,7 +260,8 @@ def drop(x: Tensor, p: float, training: bool, backend: str) -> Tensor:
 
 
 def make_norm(cfg: ModelConfig, dim: Optional[int] = None) -> Norm:
-    return Norm(dim or cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias, cfg.backend)
+    return Norm(dim or cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias if cfg.norm_bias is None else cfg.norm_bias,
+                cfg.backend)
 
 
 # ---- positions ------------------------------------------------------------------------------------------------
