@@ -62,7 +62,7 @@ class TrainConfig:
     init: Optional[str] = opt(None, "start from this fastattn checkpoint (or run folder)")
     init_hf: Optional[str] = opt(None, "start from a local Hugging Face folder (GPT-2, OPT, Pythia, Phi, Falcon, "
                                        "Llama, Mistral, Qwen, Phi-3, StableLM, Gemma, BERT, RoBERTa, XLM-R, "
-                                       "CamemBERT, DistilBERT, BART, mBART)")
+                                       "CamemBERT, DistilBERT, BART, mBART, T5, mT5)")
     mode: str = opt("full", "fine-tuning: full, frozen (heads only), lora (adapters), prompt (soft prompt)",
                     choices=["full", "frozen", "lora", "prompt"])
     lora_rank: int = opt(8, "LoRA rank")
@@ -169,7 +169,7 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
 HF_MODEL_TYPES = {**dict.fromkeys(("gpt2", "opt", "gpt_neox", "phi", "falcon", "llama", "mistral", "qwen2", "qwen3",
                                     "phi3", "stablelm", "gemma", "gemma2", "gemma3_text"), "GPT"),
                   **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "distilbert"), "BERT"),
-                  **dict.fromkeys(("bart", "mbart"), "Seq2Seq")}
+                  **dict.fromkeys(("bart", "mbart", "t5", "mt5"), "Seq2Seq")}
 
 
 def hf_model_type(path):

@@ -13,7 +13,8 @@ The interface (stable; the CLI builds on it):
   final_softcap, sandwich_norm (Gemma), parallel_block (None | "two_norms" | "one_norm"; GPT), lm_head_bias,
   backend ("fastattn" | "torch");
   BERT adds type_vocab_size (0: none), num_labels, problem_type, pad_token_id, roberta_positions, pooler_activation;
-  Seq2Seq adds n_decoder_layer, embed_norm, pad / eos / decoder_start / forced_bos token ids.
+  Seq2Seq adds n_decoder_layer, embed_norm, pad / eos / decoder_start / forced_bos token ids, relative_buckets and
+  relative_max_distance (T5's relative-position bias).
   ``to_dict()`` / ``from_dict(d)`` (an unknown key raises ValueError naming it), ``save(path)`` / ``load(path)`` JSON.
   A bad value raises ValueError naming the field.
 - ``model(...)`` returns a ``ModelOutput`` with ``.logits`` and ``.loss`` (and BERT's ``.nsp_logits``).
@@ -34,8 +35,8 @@ The interface (stable; the CLI builds on it):
   ``GPT.from_hf(dir)`` (GPT-2, OPT, GPT-NeoX / Pythia, Phi-1 / 1.5 / 2, Falcon, StableLM, Llama incl. 3.1 / 3.2,
   Qwen2, Qwen3, Phi-3, Gemma 1 / 2 / 3 text, Mistral with its sliding window),
   ``BERT.from_hf(dir)`` and ``BERTForSequenceClassification.from_hf(dir, num_labels=...)`` (BERT, RoBERTa, XLM-R,
-  CamemBERT, DistilBERT), ``Seq2Seq.from_hf(dir)`` (BART, mBART): bad checkpoints raise ``CheckpointError`` naming
-  the key. from_pretrained and from_hf return the model in eval mode, as transformers does.
+  CamemBERT, DistilBERT), ``Seq2Seq.from_hf(dir)`` (BART, mBART, T5, mT5): bad checkpoints raise
+  ``CheckpointError`` naming the key. from_pretrained and from_hf return the model in eval mode, as transformers does.
   ``fastattn.quantize(model, ...)`` / ``fastattn.convert(model, int8=...)`` apply as to any module.
 """
 from .bert import BERT, BERTConfig, BERTForSequenceClassification

@@ -221,6 +221,8 @@ def _why_not(model: nn.Module, blocks) -> Optional[str]:
         return "training mode"
     if model.config.backend != "fastattn":
         return f"backend {model.config.backend!r}"
+    if getattr(model.config, "relative_buckets", 0):
+        return "relative position bias (T5): the modules add it"
     hooks = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
     if any(hooks) or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return "a forward hook would not run"

@@ -402,9 +402,11 @@ def window_padding(S: int, input_pos: Tensor, window: int) -> Tensor:
     return torch.arange(S, device=input_pos.device) <= input_pos - window
 
 
-def _torch_attention(q, k, v, causal, key_padding_mask, dropout_p, window: int = 0, scale=None, softcap=0.0):
+def _torch_attention(q, k, v, causal, key_padding_mask, dropout_p, window: int = 0, scale=None, softcap=0.0,
+                     bias=None):
     """fastattn.attention's meaning in stock torch SDPA (a bool mask is built for causal + padding + a causal
-    window of ``window`` keys, 0: none); with a softcap, which SDPA lacks, written out in torch ops."""
+    window of ``window`` keys, 0: none; ``bias`` added to the scores); with a softcap, which SDPA lacks, written out
+    in torch ops."""
     L, S = q.shape[-2], k.shape[-2]
     mask = None
     if causal is not None:
@@ -419,10 +421,14 @@ def _torch_attention(q, k, v, causal, key_padding_mask, dropout_p, window: int =
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         s = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5 if scale is None else scale)
         s = softcap * torch.tanh(s / softcap)
+        if bias is not None:
+            s = s + bias
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf"))
         p = F.dropout(torch.softmax(s, -1).nan_to_num(0.0), dropout_p, True)  # a row with no key: 0, as fastattn
         return (p.to(v.dtype) @ v)
+    if bias is not None:
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
@@ -461,10 +467,12 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, *, causal: Optional[str] = None, key_padding_mask: Optional[Tensor] = None,
                 rotary: Optional[Tuple[Tensor, Tensor]] = None, input_pos: Optional[Tensor] = None,
-                use_cache: bool = False, memory: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+                use_cache: bool = False, memory: Optional[Tuple[Tensor, Tensor]] = None,
+                attn_bias: Optional[Tensor] = None) -> Tensor:
         """x (B, L, d_model). ``input_pos`` (L,): also write k, v into the cache there; ``use_cache``: attend over the
         whole cache (decode; ``key_padding_mask`` then covers the cache) instead of the keys of x (prefill).
-        ``memory``: cross-attention keys and values (B, Hk, S, D)."""
+        ``memory``: cross-attention keys and values (B, Hk, S, D). ``attn_bias``: added to the scores, (B | 1, H,
+        L, keys) (T5's relative positions)."""
         B, L, _ = x.shape
         H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
         if self.cross:
@@ -492,15 +500,16 @@ class Attention(nn.Module):
             key_padding_mask = key_padding_mask | window_padding(k.shape[2], input_pos, self.window)
         if self.backend == "torch":
             out = _torch_attention(q, k, v, causal, key_padding_mask, p, self.window if causal is not None else 0,
-                                   self.scale, self.softcap)
-        elif use_cache and not torch.is_grad_enabled() and route_backend(q, k, v, forced_backend_name()):
+                                   self.scale, self.softcap, attn_bias)
+        elif use_cache and attn_bias is None and not torch.is_grad_enabled() and \
+                route_backend(q, k, v, forced_backend_name()):
             # a decode step that fastattn.attention would route to the split-KV kernel: called directly, without
             # the general checks, which cost more host time than the kernel at these sizes
             out = decode_attention(q, k, v, causal=False, key_padding_mask=key_padding_mask, scale=self.scale,
                                    softcap=self.softcap)
         else:
-            out = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=p, window=window,
-                            scale=self.scale, softcap=self.softcap)
+            out = attention(q, k, v, causal=causal, attn_mask=attn_bias, key_padding_mask=key_padding_mask,
+                            dropout_p=p, window=window, scale=self.scale, softcap=self.softcap)
         return self.wo(out.transpose(1, 2).reshape(B, L, H * D))
 
 

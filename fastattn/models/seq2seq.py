@@ -10,10 +10,12 @@ Token embeddings are shared by the encoder, the decoder and (tied) the LM head; 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import load_mapped, place
@@ -30,6 +32,10 @@ class Seq2SeqConfig(ModelConfig):
     eos_token_id: int = 2
     decoder_start_token_id: int = 2
     forced_bos_token_id: Optional[int] = None  # generate's first new token, forced (BART-large-CNN's 0, mBART-50's)
+    # T5's relative positions: a learned bias per head and bucket of (key - query) position, added to the scores of
+    # every self-attention layer (one table per side); 0 = none (then pos gives the positions)
+    relative_buckets: int = 0
+    relative_max_distance: int = 128
     model_type = "seq2seq"
 
     def __post_init__(self):
@@ -41,11 +47,48 @@ class Seq2SeqConfig(ModelConfig):
         super().validate()
         ids = ("pad_token_id", "eos_token_id", "decoder_start_token_id") + (
             ("forced_bos_token_id",) if self.forced_bos_token_id is not None else ())
-        self.check_ints(("n_decoder_layer",) + ids, 0)
+        self.check_ints(("n_decoder_layer", "relative_buckets") + ids, 0)
+        self.check_ints(("relative_max_distance",), 1)
+        if self.relative_buckets and (self.pos != "none" or self.relative_buckets < 4 or self.relative_buckets % 2
+                                      or self.relative_max_distance <= self.relative_buckets // 2):
+            raise ValueError(f"Seq2SeqConfig.relative_buckets: an even number >= 4 with pos 'none' and "
+                             f"relative_max_distance > relative_buckets / 2; got {self.relative_buckets} (pos "
+                             f"{self.pos!r}, relative_max_distance {self.relative_max_distance})")
         for name in ids:
             if getattr(self, name) >= self.vocab_size:
                 raise ValueError(f"Seq2SeqConfig.{name}: {getattr(self, name)} is not a token id (vocab_size "
                                  f"{self.vocab_size})")
+
+
+def relative_buckets(rel: Tensor, bidirectional: bool, n: int, max_distance: int) -> Tensor:
+    """T5's bucket (in [0, n)) of each relative position rel = key - query: half the buckets per direction when
+    bidirectional, else only keys before the query count; the first half of a direction's buckets are exact
+    distances, the rest logarithmic up to max_distance, the last one everything beyond."""
+    out = torch.zeros_like(rel)
+    if bidirectional:
+        n //= 2
+        out = out + (rel > 0).long() * n
+        rel = rel.abs()
+    else:
+        rel = (-rel).clamp_min(0)
+    exact = n // 2
+    far = exact + (torch.log(rel.float() / exact) / math.log(max_distance / exact) * (n - exact)).long()
+    return out + torch.where(rel < exact, rel, far.clamp_max(n - 1))
+
+
+class RelativeBias(nn.Module):
+    """T5's relative-position bias: ``weight`` (buckets, heads); called with query positions (B | 1, L) and key
+    positions (S,), returns the scores' bias (B | 1, H, L, S)."""
+
+    def __init__(self, cfg: "Seq2SeqConfig", bidirectional: bool):
+        super().__init__()
+        self.bidirectional, self.max_distance = bidirectional, cfg.relative_max_distance
+        self.weight = nn.Parameter(torch.empty(cfg.relative_buckets, cfg.n_head).normal_(std=0.02))
+
+    def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        buckets = relative_buckets(k_pos[None, None, :] - q_pos[..., None], self.bidirectional,
+                                   self.weight.shape[0], self.max_distance)
+        return F.embedding(buckets, self.weight).permute(0, 3, 1, 2)
 
 
 class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
@@ -63,6 +106,8 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         self.dec_embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.encoder = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.decoder = nn.ModuleList(Block(cfg, cross=True) for _ in range(cfg.n_decoder_layer))
+        self.enc_rel = RelativeBias(cfg, bidirectional=True) if cfg.relative_buckets else None
+        self.dec_rel = RelativeBias(cfg, bidirectional=False) if cfg.relative_buckets else None
         self.enc_norm_f = make_norm(cfg) if cfg.norm_first else None
         self.dec_norm_f = make_norm(cfg) if cfg.norm_first else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
@@ -96,9 +141,10 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         pad = padding_or_none(keep_mask(input_ids, attention_mask, self.config.max_seq_len), attention_mask)
         positions = torch.arange(S, device=input_ids.device).expand(B, S)
         h, rotary = self._embed(input_ids, positions, self.enc_pos, self.enc_embed_norm)
+        bias = None if self.enc_rel is None else self.enc_rel(positions[:1], positions[0])
         residual = None
         for block in self.encoder:
-            h, residual = block(h, residual, key_padding_mask=pad, rotary=rotary)
+            h, residual = block(h, residual, key_padding_mask=pad, rotary=rotary, attn_bias=bias)
         return (self.enc_norm_f.post(h, residual) if self.enc_norm_f is not None else h), pad
 
     def decode(self, decoder_input_ids: Tensor, positions: Tensor, memory_kv: List[Tuple[Tensor, Tensor]],
@@ -107,11 +153,14 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
                use_cache: bool = False) -> Tensor:
         """Decoder hidden states (B, T, d_model); ``memory_kv``: each layer's cross-attention K/V."""
         h, rotary = self._embed_decoder(decoder_input_ids, positions)
+        bias = None  # keys: the whole cache when decoding (slot = position), else the positions of the inputs
+        if self.dec_rel is not None:
+            bias = self.dec_rel(positions, self.cache_index if use_cache else positions[0])
         residual = None
         for block, mem in zip(self.decoder, memory_kv):
             h, residual = block(h, residual, memory=mem, memory_mask=memory_pad, causal=causal,
                                 key_padding_mask=key_padding_mask, rotary=rotary, input_pos=input_pos,
-                                use_cache=use_cache)
+                                use_cache=use_cache, attn_bias=bias)
         return self.dec_norm_f.post(h, residual) if self.dec_norm_f is not None else h
 
     def shift_right(self, labels: Tensor) -> Tensor:

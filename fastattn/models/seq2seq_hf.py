@@ -1,5 +1,5 @@
 """Seq2Seq.from_hf's importer: a Hugging Face BART or mBART folder (config.json, generation_config.json, weights)
-mapped onto Seq2SeqConfig and Seq2Seq's state dict.
+mapped onto Seq2SeqConfig and Seq2Seq's state dict (T5 and mT5: seq2seq_t5.py).
 
 BART is post-norm, mBART pre-norm with a final norm on each side; both learn positions from row 2 of their tables
 (``pos_offset``), normalise the embeddings (``embed_norm``), may scale them by sqrt(d_model) (``embed_scale``) and
@@ -18,6 +18,8 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, KeyMap, read_hf_folder
 from .seq2seq import Seq2SeqConfig
+from .seq2seq_t5 import FAMILIES as T5_FAMILIES
+from .seq2seq_t5 import import_t5
 
 FAMILIES = ("bart", "mbart")
 _ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
@@ -31,6 +33,8 @@ _CROSS = {"cross_attn.wq": "encoder_attn.q_proj", "cross_attn.wo": "encoder_attn
 def import_seq2seq(path: str, overrides: dict) -> Tuple[Seq2SeqConfig, Dict[str, Tensor]]:
     """(config with ``overrides`` applied, Seq2Seq state dict) of the HF folder at path."""
     hf, state = read_hf_folder(path)
+    if hf.get("model_type") in T5_FAMILIES:
+        return import_t5(hf, state, _generation_config(path), overrides)
     bias = state.get("final_logits_bias")
     cfg = Seq2SeqConfig.from_dict({**_config(hf, _generation_config(path)),
                                    "lm_head_bias": bias is not None and bool(bias.any()), **overrides})
@@ -53,7 +57,7 @@ def _config(hf: dict, gen: dict) -> dict:
     kind = hf.get("model_type")
     if kind not in FAMILIES:
         raise CheckpointError(f"config.json: model_type {kind!r} is not supported by Seq2Seq.from_hf "
-                              f"({', '.join(FAMILIES)})")
+                              f"({', '.join(FAMILIES + T5_FAMILIES)})")
     for enc, dec in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
         if hf.get(enc) != hf.get(dec):
             raise CheckpointError(f"config.json: {enc} {hf.get(enc)} != {dec} {hf.get(dec)}; Seq2Seq has one value "
