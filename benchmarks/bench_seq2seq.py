@@ -1,7 +1,8 @@
-"""pytest-benchmark: fastattn.models.Seq2Seq against transformers' BART on the same weights, same run.
+"""pytest-benchmark: fastattn.models.Seq2Seq against transformers' BART and T5 on the same weights, same run.
 
-A BART-base-sized model (d 768, 6 + 6 layers, 12 heads, vocab 50265) with random weights is saved once by
-transformers and loaded by both (``Seq2Seq.from_hf``). Greedy generation of NEW tokens for a SOURCE-token source
+A BART-base-sized model (d 768, 6 + 6 layers, 12 heads, vocab 50265) and a Flan-T5-base-sized one (d 768, 12 + 12
+layers, 12 heads, gated-GELU d_ff 2048, vocab 32128) with random weights are saved once by transformers and loaded
+by both (``Seq2Seq.from_hf``). Greedy generation of NEW tokens for a SOURCE-token source
 (summarization-shaped: the encoder reads the source once, the decoder's cross-attention K/V are computed once):
 transformers' ``generate`` (attn_implementation="sdpa", num_beams=1) and ours alternated in each round
 (conftest.interleaved), in float and with w8a16 weights. CPU float32, GPU bfloat16. Environment: FASTATTN_BENCH_SOURCE
@@ -31,18 +32,28 @@ HF_GREEDY = dict(do_sample=False, num_beams=1, forced_bos_token_id=None, forced_
                  no_repeat_ngram_size=0)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def _hf_model(name):
+    if name == "bart-base":
+        cfg = transformers.BartConfig(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6,
+                                      encoder_attention_heads=12, decoder_attention_heads=12, encoder_ffn_dim=3072,
+                                      decoder_ffn_dim=3072, max_position_embeddings=1024)
+        return transformers.BartForConditionalGeneration, cfg, 2
+    cfg = transformers.T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12,
+                                num_decoder_layers=12, num_heads=12, feed_forward_proj="gated-gelu",
+                                tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return transformers.T5ForConditionalGeneration, cfg, 1
+
+
+@pytest.fixture(scope="module", params=["bart-base", "flan-t5-base"])
+def models(request, tmp_path_factory):
+    cls, cfg, eos = _hf_model(request.param)
     torch.manual_seed(0)
-    cfg = transformers.BartConfig(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6,
-                                  encoder_attention_heads=12, decoder_attention_heads=12, encoder_ffn_dim=3072,
-                                  decoder_ffn_dim=3072, max_position_embeddings=1024)
-    path = tmp_path_factory.mktemp("hf-bart")
-    transformers.BartForConditionalGeneration(cfg).save_pretrained(path)
-    hf = transformers.BartForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
+    path = tmp_path_factory.mktemp(request.param)
+    cls(cfg).save_pretrained(path)
+    hf = cls.from_pretrained(path, attn_implementation="sdpa")
     ours = {"fastattn": Seq2Seq.from_hf(path).to(DEVICE, DTYPE),
             "fastattn-w8a16": fastattn.quantize(Seq2Seq.from_hf(path).to(DEVICE, DTYPE), mode="w8a16")}
-    return hf.to(DEVICE, DTYPE).eval(), ours
+    return request.param, hf.to(DEVICE, DTYPE).eval(), ours, eos
 
 
 def _source(vocab):
@@ -52,7 +63,7 @@ def _source(vocab):
 
 @pytest.mark.parametrize("impl", ["fastattn", "fastattn-w8a16"])
 def test_greedy_generation_interleaved(benchmark, models, impl):
-    hf, ours = models
+    name, hf, ours, eos = models
     ids = _source(hf.config.vocab_size)
 
     def theirs():
@@ -62,19 +73,19 @@ def test_greedy_generation_interleaved(benchmark, models, impl):
 
     def mine():
         with torch.inference_mode():
-            ours[impl].generate(ids, NEW, temperature=0, eos_token_id=2, min_new_tokens=NEW)  # as theirs
+            ours[impl].generate(ids, NEW, temperature=0, eos_token_id=eos, min_new_tokens=NEW)  # as theirs
         sync(DEVICE)
 
     interleaved(benchmark, {"transformers": theirs, impl: mine}, impl, NEW,
-                f"bart-base generate interleaved {str(DTYPE)[6:]} {SOURCE}->{NEW} greedy", ROUNDS, device=DEVICE,
-                dtype=str(DTYPE)[6:], model="bart-base", source=SOURCE, new=NEW, threads=torch.get_num_threads())
+                f"{name} generate interleaved {str(DTYPE)[6:]} {SOURCE}->{NEW} greedy", ROUNDS, device=DEVICE,
+                dtype=str(DTYPE)[6:], model=name, source=SOURCE, new=NEW, threads=torch.get_num_threads())
 
 
 def test_same_greedy_tokens(models):
     """The float rows generate the same tokens (a benchmark of two different computations would be worthless)."""
-    hf, ours = models
+    _, hf, ours, eos = models
     ids = _source(hf.config.vocab_size)[:, :32]
     with torch.inference_mode():
         theirs = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, **HF_GREEDY)
-        mine = ours["fastattn"].generate(ids, 8, temperature=0, eos_token_id=2, min_new_tokens=8)
+        mine = ours["fastattn"].generate(ids, 8, temperature=0, eos_token_id=eos, min_new_tokens=8)
     assert torch.equal(mine, theirs)

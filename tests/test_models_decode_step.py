@@ -24,6 +24,8 @@ S2S_VARIANTS = {
     "bart": dict(),
     "prenorm-rotary-swiglu-gqa": dict(norm_first=True, pos="rotary", mlp="swiglu", norm="rmsnorm", n_kv_head=2,
                                       embed_norm=False, bias=False),
+    "t5-relative": dict(norm_first=True, pos="none", norm="rmsnorm", mlp="geglu", activation="gelu_tanh",
+                        embed_norm=False, bias=False, attn_scale=1.0, relative_buckets=8, relative_max_distance=12),
 }
 SMALL = dict(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, d_ff=48, max_seq_len=64)
 

@@ -15,6 +15,8 @@ S2S = {
     "prenorm-rotary-swiglu-gqa": dict(norm_first=True, pos="rotary", mlp="swiglu", norm="rmsnorm", n_kv_head=2,
                                       embed_norm=False, n_decoder_layer=3, bias=False),
     "postnorm-sinusoidal-mqa": dict(norm_first=False, pos="sinusoidal", n_kv_head=1, tie_embeddings=False),
+    "t5-relative": dict(norm_first=True, pos="none", norm="rmsnorm", mlp="geglu", activation="gelu_tanh",
+                        embed_norm=False, bias=False, attn_scale=1.0, relative_buckets=8, relative_max_distance=12),
 }
 
 

@@ -2,6 +2,8 @@
 gated GELU), mT5 and gated-SiLU configs saved to tmp_path: T5's relative-position buckets against transformers' own,
 logits and loss of padded sources bounded by transformers' fp32 error against its float64 run, greedy tokens equal to
 transformers' generate, both backends training alike (the bias' gradient included); bad configs refused."""
+import logging
+
 import pytest
 import torch
 
@@ -63,8 +65,9 @@ def test_logits_and_loss_match_transformers(tmp_path, variant, left):
 
 
 @pytest.mark.parametrize("variant", ["t5-v1.0", "flan-t5"])
-def test_greedy_generation_matches_transformers(tmp_path, variant):
-    """The decoder's relative bias over the static cache (slot = position) as transformers computes it per step."""
+def test_greedy_generation_matches_transformers(tmp_path, variant, caplog):
+    """The decoder's relative bias over the static cache (slot = position) as transformers computes it per step, in
+    the bound decode step (its GEMVs; the bias through the flash kernel's float mask)."""
     torch.manual_seed(0)
     hf = _t5(variant, initializer_factor={"t5-v1.0": 2.0, "flan-t5": 8.0}[variant])  # weights that move the tokens
     hf.save_pretrained(tmp_path)
@@ -72,7 +75,9 @@ def test_greedy_generation_matches_transformers(tmp_path, variant):
     ids, mask = _source(left=False)
     want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14, min_new_tokens=14, do_sample=False,
                        num_beams=1)
-    got = ours.generate(ids, 14, temperature=0, attention_mask=mask, eos_token_id=1, min_new_tokens=14)
+    with caplog.at_level(logging.DEBUG, logger="fastattn"):
+        got = ours.generate(ids, 14, temperature=0, attention_mask=mask, eos_token_id=1, min_new_tokens=14)
+    assert "not bound" not in caplog.text
     assert torch.equal(got, want)
     assert len(set(got[0, 1:].tolist())) > 3  # not one token repeated
 

@@ -73,11 +73,12 @@ def bind_output_norm(norm: Optional[Norm], dtype: torch.dtype, device: torch.dev
 class _Step(NamedTuple):
     """What every layer of one step shares: the cache slot, per sliding window (0: none) the cache's keep mask (False
     = padding, not written, or out of the window; None when no layer's kernel reads it) and padding mask (True =
-    padding), rotary cos / sin (B, 1, D) or None."""
+    padding), rotary cos / sin (B, 1, D) or None, the self-attention scores' bias (B, H, 1, S) or None (T5)."""
     input_pos: Tensor
     keep: Dict[int, Optional[Tensor]]
     pad: Dict[int, Tensor]
     rotary: Optional[Tuple[Tensor, Tensor]]
+    bias: Optional[Tensor] = None
 
 
 class _SelfAttention:
@@ -102,7 +103,10 @@ class _SelfAttention:
         self.cache.k.index_copy_(2, st.input_pos, k.unsqueeze(2))
         self.cache.v.index_copy_(2, st.input_pos, v.unsqueeze(2))
         q = q.unsqueeze(2)  # (B, H, 1, D)
-        if self.kernel is not None:
+        if st.bias is not None:  # the split-KV kernel adds no bias: the flash kernel with it as a float mask
+            out = attention(q, self.cache.k, self.cache.v, attn_mask=st.bias, key_padding_mask=st.pad[self.window],
+                            scale=self.scale, softcap=self.softcap)
+        elif self.kernel is not None:
             out = self.kernel(q, self.cache.k, self.cache.v, None, st.keep[self.window], self.scale, self.softcap,
                               False)[0]
         else:
@@ -189,6 +193,7 @@ class DecodeStep:
         self.final = None if final_norm is None else bind_norm(final_norm, False, dtype, device)
         self.head = bind_linear(head, dtype, rows)
         self.needs_keep = any(b.attn.kernel is not None for b in self.blocks)
+        self.rel = getattr(model, "dec_rel", None)  # T5's relative-position bias, shared by the decoder's layers
         self.windows = sorted({b.attn.window for b in self.blocks} - {0})
 
     def __call__(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
@@ -204,7 +209,8 @@ class DecodeStep:
         for w in self.windows:  # each sliding window's layers also leave out the slots w or more behind the token
             pad[w] = m.cache_padding | window_padding(m.cache_padding.shape[1], input_pos, w)
         keep = {w: ~p if self.needs_keep else None for w, p in pad.items()}
-        st = _Step(input_pos, keep, pad, rotary)
+        bias = None if self.rel is None else self.rel(m.next_pos, m.cache_index)  # slot = position
+        st = _Step(input_pos, keep, pad, rotary, bias)
         h, residual = x.view(B, x.shape[-1]), None
         for block in self.blocks:
             h, residual = block(h, residual, st)
@@ -221,8 +227,6 @@ def _why_not(model: nn.Module, blocks) -> Optional[str]:
         return "training mode"
     if model.config.backend != "fastattn":
         return f"backend {model.config.backend!r}"
-    if getattr(model.config, "relative_buckets", 0):
-        return "relative position bias (T5): the modules add it"
     hooks = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
     if any(hooks) or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return "a forward hook would not run"
