@@ -5,8 +5,10 @@ T5 is a pre-norm encoder-decoder with RMSNorms, no biases, unscaled attention sc
 positions but a relative-position bias per head (``relative_buckets``: one table per side, shared by its layers),
 a ReLU or gated (GeGLU / SwiGLU) MLP, and ``head_dim`` (d_kv) of its own. Original T5 scales the decoder's output by
 d_model ** -0.5 before the tied LM head: folded here into the decoder's final norm weight (the same product).
-With the relative bias the decode step runs through the modules, and in training the bias' gradient takes the
-reference attention (autograd through torch ops); inference runs the kernels with the bias as a float mask.
+The decode step adds the decoder's bias itself (the flash kernel with it as a float mask; the split-KV kernel takes
+none); in training the bias' gradient takes the reference attention (autograd through torch ops). T5's relative
+positions have no length limit, but ``max_seq_len`` (the config's n_positions, else 512) still bounds the inputs:
+``Seq2Seq.from_hf(path, max_seq_len=2048)`` lifts it.
 """
 from typing import Dict, Tuple
 
