@@ -281,7 +281,6 @@ def test_hf_roberta_folder_masked_lm_and_classifier(roberta_folder, tmp_path, ca
 def test_hf_bart_folder_generates_evaluates_and_trains(tmp_path, capsys):
     """generate / eval on an HF BART folder (its tokenizer's <s> text </s> into the encoder, forced BOS from its
     generation config): the same tokens as Seq2Seq.from_hf's generate; then a denoising run from it."""
-    from fastattn.models import Seq2Seq
     path = tmp_path / "bart"
     path.mkdir()
     tok = _roberta_tokenizer(path)
@@ -291,11 +290,19 @@ def test_hf_bart_folder_generates_evaluates_and_trains(tmp_path, capsys):
         decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64))
     hf.generation_config.forced_bos_token_id = 0
     hf.save_pretrained(path)
+    run = _seq2seq_folder_round(path, tok, 2, tmp_path, capsys)
+    assert json.loads((run / "model" / "config.json").read_text())["pos_offset"] == 2
+
+
+def _seq2seq_folder_round(path, tok, eos, tmp_path, capsys):
+    """generate from an HF encoder-decoder folder (the same text as Seq2Seq.from_hf's greedy tokens), eval it as
+    seq2seq, and fine-tune it 2 steps with the seq2seq task; returns the run folder."""
+    from fastattn.models import Seq2Seq
     assert main(["generate", str(path), "-p", "It is a truth", "-n", "6", "--temperature", "0"]) == 0
     text = capsys.readouterr().out
     ids = torch.tensor([tok.encode("It is a truth").ids])
-    want = Seq2Seq.from_hf(path).generate(ids, 6, temperature=0, eos_token_id=2)[0, 1:].tolist()
-    want = want[:want.index(2)] if 2 in want else want
+    want = Seq2Seq.from_hf(path).generate(ids, 6, temperature=0, eos_token_id=eos)[0, 1:].tolist()
+    want = want[:want.index(eos)] if eos in want else want
     assert text.rstrip("\n") == "It is a truth" + tok.decode(want)
     assert main(["eval", str(path), "--batches", "1", "--seq-len", "32"]) == 0
     assert json.loads(capsys.readouterr().out)["task"] == "seq2seq"
@@ -304,7 +311,7 @@ def test_hf_bart_folder_generates_evaluates_and_trains(tmp_path, capsys):
                  "--batch-size", "4", "--steps", "2", "--eval-every", "2", "--eval-batches", "1",
                  "--max-data-tokens", "20000", "--warmup", "1"]) == 0
     capsys.readouterr()
-    assert json.loads((run / "model" / "config.json").read_text())["pos_offset"] == 2
+    return run
 
 
 def test_hf_opt_folder_smoothquant(hf_folder, tmp_path, capsys):
@@ -341,3 +348,65 @@ def test_corrupt_hf_folder_is_one_line(hf_folder, tmp_path, capsys):
     assert main(["eval", str(folder), "--batches", "1"]) == 2
     err = capsys.readouterr().err
     assert "model.safetensors: not readable" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def t5_folder(tmp_path_factory):
+    """A tiny random Flan-T5-style model with a Unigram tokenizer (<pad> </s> <unk>, then T5's <extra_id_N>
+    sentinels; no mask token), its post-processor appending </s> as T5's does."""
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    path = tmp_path_factory.mktemp("t5-hf")
+    tok = tokenizers.Tokenizer(models.Unigram())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    specials = ["<pad>", "</s>", "<unk>"] + [f"<extra_id_{i}>" for i in range(20)]
+    tok.train_from_iterator([default_corpus()[:200_000]], trainers.UnigramTrainer(
+        vocab_size=400, special_tokens=specials, unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>",
+                                                            "unk_token": "<unk>"}))
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=tok.get_vocab_size(), d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=1)).save_pretrained(path)
+    return path
+
+
+def test_t5_span_corruption_batches(t5_folder):
+    """The seq2seq task on a T5 tokenizer: spans replaced by consecutive sentinels; putting each target span back
+    in place of its sentinel gives the block again; targets end with the next sentinel and </s>, -100 after."""
+    import types
+    from fastattn.cli.tasks import IGNORE, Seq2SeqTask
+    from fastattn.data.hf_tokenizer import HFTokenizer
+    tok = HFTokenizer.from_folder(t5_folder)
+    cfg = types.SimpleNamespace(data=None, val_fraction=0.05, max_data_tokens=20000, seq_len=48, mask_prob=0.15)
+    task = Seq2SeqTask(cfg, tok)
+    sentinels = tok.sentinel_ids()
+    assert len(sentinels) == 20 and task.sentinels == sentinels
+    g = torch.Generator().manual_seed(0)
+    x = task.data.blocks("train", 4, cfg.seq_len, g, None)
+    for row in x:
+        inputs, targets = task._span_corrupt(row, g)
+        used = [t for t in inputs if t in sentinels]
+        assert used == sentinels[:len(used)] and used, "consecutive sentinels, at least one span"
+        assert inputs[-1] == tok.eos_id and targets[-2:] == [sentinels[len(used)], tok.eos_id]
+        spans, cur = {}, None
+        for t in targets[:-2]:
+            if t in sentinels:
+                cur = spans.setdefault(t, [])
+            else:
+                cur.append(t)
+        rebuilt = [u for t in inputs[:-1] for u in (spans[t] if t in sentinels else [t])]
+        assert rebuilt == row.tolist()
+    inputs, labels = task.batch("train", 3)
+    assert (labels[:, 0] == sentinels[0]).all() and (inputs["decoder_input_ids"][:, 0] == tok.pad_id).all()
+    keep = labels != IGNORE
+    assert torch.equal(inputs["decoder_input_ids"][:, 1:][keep[:, 1:]], labels[:, :-1][keep[:, 1:]])
+
+
+def test_hf_t5_folder_generates_evaluates_and_trains(t5_folder, tmp_path, capsys):
+    """generate (the same tokens as Seq2Seq.from_hf's), eval and a span-corruption fine-tune of an HF T5 folder."""
+    tok = tokenizers.Tokenizer.from_file(str(t5_folder / "tokenizer.json"))
+    run = _seq2seq_folder_round(t5_folder, tok, 1, tmp_path, capsys)
+    assert json.loads((run / "model" / "config.json").read_text())["relative_buckets"] == 32

@@ -3,7 +3,10 @@
     clm       next-token prediction on token blocks (GPT)
     mlm       BERT masking (15%: 80% <mask>, 10% random, 10% kept), --nsp adds next-sentence pairs
     seq2seq   BART-style denoising: the sentences of a block shuffled, then spans (Poisson(3) lengths, 30% of the
-              tokens) each replaced by one <mask>; the decoder reconstructs the original block
+              tokens) each replaced by one <mask>; the decoder reconstructs the original block. With a tokenizer
+              that has T5's <extra_id_N> sentinels and no mask token, T5's span corruption instead: spans (15% of
+              the tokens, mean length 3) each replaced by the next sentinel; the decoder writes the sentinels each
+              followed by its span, then a last sentinel and the end token
     classify  labelled JSONL / CSV texts, one label per text (accuracy)
 
 Losses: ``label_kwargs(target)`` gives the model's own label arguments, whose loss equals ``loss(out, target)``
@@ -15,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastattn.data import TokenSplits, load_labelled
+from fastattn.data import DataError, TokenSplits, load_labelled
 
 IGNORE = -100
 
@@ -125,6 +128,12 @@ class Seq2SeqTask(CLMTask):
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
+        self.sentinels = None
+        if getattr(tokenizer, "special_ids", {}).get("mask") is None and hasattr(tokenizer, "sentinel_ids"):
+            self.sentinels = tokenizer.sentinel_ids() or None  # T5: span corruption (None: BART's, needs <mask>)
+            if self.sentinels is None:
+                raise DataError("the Hugging Face tokenizer has neither a mask token (BART-style denoising) nor "
+                                "<extra_id_N> sentinels (T5's span corruption): the seq2seq task needs one")
         ends = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
         for i, b in enumerate(tokenizer.token_bytes[:tokenizer.vocab_size - 5]):
             ends[i] = b.rstrip().endswith((b".", b"!", b"?"))
@@ -154,9 +163,34 @@ class Seq2SeqTask(CLMTask):
                 i += 1
         return out
 
+    def _span_corrupt(self, row, g):
+        """T5's span corruption of one block (1-D): (inputs, targets) as lists of ids. As T5's random_spans_noise_mask:
+        round(n * mask_prob) noise tokens in round(noise / 3) spans (mean length 3; at least one, at most one per
+        sentinel but the last), noise and kept lengths random compositions, alternating from a kept run."""
+        row, n = row.tolist(), len(row)
+        noise = min(max(1, round(n * self.cfg.mask_prob)), n - 1)
+        spans = max(1, min(round(noise / 3), len(self.sentinels) - 1, n - noise))
+
+        def parts(total):  # total split into `spans` random lengths >= 1
+            cuts = sorted((torch.randperm(total - 1, generator=g)[:spans - 1] + 1).tolist())
+            return [b - a for a, b in zip([0] + cuts, cuts + [total])]
+        inputs, targets, i = [], [], 0
+        for k, (keep, drop) in enumerate(zip(parts(n - noise), parts(noise))):
+            inputs += row[i:i + keep] + [self.sentinels[k]]
+            targets += [self.sentinels[k]] + row[i + keep:i + keep + drop]
+            i += keep + drop
+        return inputs + [self.tok.eos_id], targets + [self.sentinels[spans], self.tok.eos_id]
+
     def batch(self, split, batch_size, generator=None, index=None):
         g = generator if generator is not None else torch.Generator().manual_seed(2000 + (index or 0))
         x = self.data.blocks(split, batch_size, self.cfg.seq_len, g, index)
+        if self.sentinels is not None:  # T5: variable-length targets, -100 past each; the decoder starts at pad
+            pairs = [self._span_corrupt(r, g) for r in x]
+            ids, mask = pad_right([p[:self.cfg.seq_len] for p, _ in pairs], self.tok.pad_id)
+            labels, _ = pad_right([t[:self.cfg.seq_len] for _, t in pairs], IGNORE)
+            dec = torch.cat([torch.full((batch_size, 1), self.tok.pad_id), labels[:, :-1]], 1)
+            return {"input_ids": ids, "attention_mask": mask,
+                    "decoder_input_ids": dec.masked_fill(dec == IGNORE, self.tok.pad_id)}, labels
         ids, mask = pad_right([self._corrupt(r, g)[:self.cfg.seq_len] for r in x], self.tok.pad_id)
         dec = torch.cat([torch.full((batch_size, 1), self.tok.eos_id), x[:, :-1]], 1)
         return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}, x

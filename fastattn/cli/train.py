@@ -125,7 +125,7 @@ RESUME_FIXED = ("task", "arch", "tokenizer", "d_model", "n_layer", "n_head", "n_
                 "max_data_tokens", "val_fraction")
 
 
-TASK_SPECIALS = {"mlm": ("mask", "cls", "sep"), "seq2seq": ("mask",), "classify": ("cls",)}
+TASK_SPECIALS = {"mlm": ("mask", "cls", "sep"), "classify": ("cls",)}  # seq2seq: a mask, or T5's sentinels (its task)
 
 
 def load_tokenizer(spec, init_hf=None):

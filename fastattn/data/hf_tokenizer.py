@@ -68,8 +68,16 @@ class HFTokenizer:
     def _special(self, role: str) -> int:
         tid = self.special_ids.get(role)
         if tid is None:
-            raise ValueError(f"the Hugging Face tokenizer has no {role} token, which this task needs")
+            from fastattn.data import DataError  # (a ValueError the CLI reports in one line)
+            raise DataError(f"the Hugging Face tokenizer has no {role} token, which this task needs")
         return tid
+
+    def sentinel_ids(self):
+        """T5's span sentinels <extra_id_0>, <extra_id_1>, ... as far as the vocabulary has them (often none)."""
+        out = []
+        while (tid := self._tok.token_to_id(f"<extra_id_{len(out)}>")) is not None:
+            out.append(tid)
+        return out
 
     def encode(self, text: str):
         return self._tok.encode(text, add_special_tokens=False).ids
