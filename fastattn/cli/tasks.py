@@ -6,7 +6,9 @@
               tokens) each replaced by one <mask>; the decoder reconstructs the original block. With a tokenizer
               that has T5's <extra_id_N> sentinels and no mask token, T5's span corruption instead: spans (15% of
               the tokens, mean length 3) each replaced by the next sentinel; the decoder writes the sentinels each
-              followed by its span, then a last sentinel and the end token
+              followed by its span, then a last sentinel and the end token. --data files of source / target pairs
+              (.jsonl {"source", "target"} or .csv source,target): supervised fine-tuning, the decoder writes
+              each target
     classify  labelled JSONL / CSV texts, one label per text (accuracy)
 
 Losses: ``label_kwargs(target)`` gives the model's own label arguments, whose loss equals ``loss(out, target)``
@@ -18,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastattn.data import DataError, TokenSplits, load_labelled
+from fastattn.data import DataError, TokenSplits, is_pairs_file, load_labelled, load_pairs
 
 IGNORE = -100
 
@@ -127,6 +129,16 @@ class Seq2SeqTask(CLMTask):
     name = "seq2seq"
 
     def __init__(self, cfg, tokenizer):
+        self.pairs = None
+        if cfg.data and all(is_pairs_file(p) for p in cfg.data):  # supervised source -> target pairs
+            self.cfg, self.tok, self.pairs = cfg, tokenizer, ([], [])
+            for p in cfg.data:
+                train, val = load_pairs(p, max(cfg.val_fraction, 0.1))
+                self.pairs[0].extend(train)
+                self.pairs[1].extend(val)
+            self._enc = {}
+            self.sentinels = getattr(tokenizer, "sentinel_ids", lambda: [])() or None
+            return
         super().__init__(cfg, tokenizer)
         self.sentinels = None
         if getattr(tokenizer, "special_ids", {}).get("mask") is None and hasattr(tokenizer, "sentinel_ids"):
@@ -181,8 +193,34 @@ class Seq2SeqTask(CLMTask):
             i += keep + drop
         return inputs + [self.tok.eos_id], targets + [self.sentinels[spans], self.tok.eos_id]
 
+    def _encode_text(self, text):
+        """Token ids with the tokenizer's own specials, as transformers encodes a seq2seq source or target (T5:
+        text </s>; BART: <s> text </s>); a tokenizer without (ours): text, then the end token."""
+        ids = self._enc.get(text)
+        if ids is None:
+            enc = getattr(self.tok, "encode_prompt", None)
+            ids = enc(text) if enc is not None else self.tok.encode(text) + [self.tok.eos_id]
+            self._enc[text] = ids = ids[:self.cfg.seq_len]
+        return ids
+
+    def _pairs_batch(self, split, batch_size, generator, index):
+        rows = self.pairs[0] if split == "train" else self.pairs[1]
+        if index is None:
+            pick = torch.randint(0, len(rows), (batch_size,), generator=generator).tolist()
+        else:
+            pick = [(index * batch_size + j) % len(rows) for j in range(batch_size)]
+        ids, mask = pad_right([self._encode_text(rows[j][0]) for j in pick], self.tok.pad_id)
+        labels, _ = pad_right([self._encode_text(rows[j][1]) for j in pick], IGNORE)
+        return ids, mask, labels
+
     def batch(self, split, batch_size, generator=None, index=None):
         g = generator if generator is not None else torch.Generator().manual_seed(2000 + (index or 0))
+        if self.pairs is not None:  # the decoder starts at pad for a T5 tokenizer (sentinels), else at eos (BART)
+            ids, mask, labels = self._pairs_batch(split, batch_size, generator, index)
+            start = self.tok.pad_id if self.sentinels else self.tok.eos_id
+            dec = torch.cat([torch.full((batch_size, 1), start), labels[:, :-1]], 1)
+            return {"input_ids": ids, "attention_mask": mask,
+                    "decoder_input_ids": dec.masked_fill(dec == IGNORE, self.tok.pad_id)}, labels
         x = self.data.blocks(split, batch_size, self.cfg.seq_len, g, index)
         if self.sentinels is not None:  # T5: variable-length targets, -100 past each; the decoder starts at pad
             pairs = [self._span_corrupt(r, g) for r in x]

@@ -186,3 +186,46 @@ def load_labelled(path, val_fraction=0.1):
     for i, (text, lab) in enumerate(rows):
         (val if held_out(i, val_fraction) else train).append((text, index[lab]))
     return train or val, val or train, labels
+
+
+def is_pairs_file(path) -> bool:
+    """Whether path is a .jsonl whose first record has "source" and "target", or a .csv with those columns: the
+    seq2seq task's supervised pairs (else its files are text to denoise)."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if path.suffix == ".csv":
+                return {"source", "target"} <= set(csv.DictReader(f).fieldnames or ())
+            if path.suffix == ".jsonl":
+                first = next((line for line in f if line.strip()), "")
+                obj = json.loads(first) if first else None
+                return isinstance(obj, dict) and "source" in obj and "target" in obj
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return False
+
+
+def load_pairs(path, val_fraction=0.1):
+    """(train, val) lists of (source, target) texts from a JSONL ({"source": ..., "target": ...} per line) or CSV
+    (source,target columns) file."""
+    path = Path(path)
+    rows = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if path.suffix == ".csv":
+                reader = csv.DictReader(f)
+                rows = [(r["source"], r["target"]) for r in reader]
+            else:
+                for n, obj in _jsonl(f, path):
+                    if not isinstance(obj, dict) or not isinstance(obj.get("source"), str) or \
+                            not isinstance(obj.get("target"), str):
+                        raise DataError(f"{path}:{n}: expected {{\"source\": string, \"target\": string}}")
+                    rows.append((obj["source"], obj["target"]))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if len(rows) < 2:
+        raise DataError(f"{path}: needs at least two source / target pairs")
+    train, val = [], []
+    for i, row in enumerate(rows):
+        (val if held_out(i, val_fraction) else train).append(row)
+    return train or val, val or train
