@@ -1,5 +1,6 @@
-"""Seq2Seq: a BART-style encoder-decoder on fastattn's fused ops, with static-KV-cache generation in which each decoder
-layer's cross-attention keys and values are computed once from the encoder output.
+"""Seq2Seq: a BART-style encoder-decoder on fastattn's fused ops (T5's relative-position bias as an option), with
+static-KV-cache generation in which each decoder layer's cross-attention keys and values are computed once from the
+encoder output.
 
     model = Seq2Seq(Seq2SeqConfig(vocab_size=1000, d_model=256, n_layer=4, n_head=4))
     out = model(input_ids, attention_mask, labels=target)       # decoder inputs: labels shifted right
@@ -196,9 +197,9 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
 
     @classmethod
     def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides) -> "Seq2Seq":
-        """Import a local HF BART or mBART folder (BartForConditionalGeneration, MBartForConditionalGeneration,
-        or their base models; seq2seq_hf.py says what carries over); dtype / device / overrides as in
-        GPT.from_hf. In eval mode, as transformers' from_pretrained returns it."""
+        """Import a local HF BART, mBART, T5 (v1.0, v1.1 / Flan-T5) or mT5 folder (the *ForConditionalGeneration
+        models or their base models; seq2seq_hf.py and seq2seq_t5.py say what carries over); dtype / device /
+        overrides as in GPT.from_hf. In eval mode, as transformers' from_pretrained returns it."""
         from .seq2seq_hf import import_seq2seq
         cfg, sd = import_seq2seq(path, overrides)
         model = place(cls(cfg), dtype, device)
