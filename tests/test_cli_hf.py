@@ -440,3 +440,36 @@ def test_seq2seq_source_target_pairs(t5_folder, tmp_path, capsys):
     assert losses[-1] < losses[0]
     assert main(["eval", str(run), "--data", str(pairs), "--batches", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["task"] == "seq2seq"
+
+
+def test_clm_prompt_response_pairs(hf_folder, tmp_path, capsys):
+    """--task clm with a .jsonl of source / target pairs: supervised fine-tuning of a GPT, the loss on the target
+    and end token only (each target id is the next input id; the source's are -100); the loss falls; eval reads
+    the pairs."""
+    import types
+    from fastattn.cli.tasks import IGNORE, CLMTask
+    from fastattn.data.hf_tokenizer import HFTokenizer
+    pairs = tmp_path / "sft.jsonl"
+    words = ["good day", "thank you", "the old house", "a small dog", "it is raining", "see you soon"]
+    pairs.write_text("".join(json.dumps({"source": f"Say it loud: {w}\n", "target": w.upper()}) + "\n"
+                             for w in words * 4))
+    tok = HFTokenizer.from_folder(hf_folder)
+    task = CLMTask(types.SimpleNamespace(data=[str(pairs)], val_fraction=0.1, seq_len=32), tok)
+    inputs, target = task.batch("train", 6, index=0)
+    for row, keep, tgt in zip(inputs["input_ids"], inputs["attention_mask"], target):
+        ids = row[keep.bool()].tolist()
+        text = tok.decode(ids)
+        source = next(s for s, _ in task.pairs[0] if text.startswith(s))
+        n = len(tok.encode_prompt(source))
+        want = tok.encode(dict(task.pairs[0])[source]) + [tok.eos_id]
+        assert (tgt[:n - 1] == IGNORE).all() and tgt[n - 1:n - 1 + len(want)].tolist() == want
+        assert ids[n:] == want[:-1]  # each target id is the next input id
+    run = tmp_path / "run"
+    assert main(["train", "--init-hf", str(hf_folder), "--data", str(pairs), "--out", str(run), "--seq-len", "32",
+                 "--batch-size", "8", "--steps", "12", "--eval-every", "4", "--eval-batches", "1", "--warmup", "1",
+                 "--lr", "3e-3", "--log-every", "1"]) == 0
+    capsys.readouterr()
+    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert main(["eval", str(run), "--data", str(pairs), "--batches", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "clm"

@@ -1,6 +1,7 @@
 """The training tasks: batches (dicts of tensors for the model's forward), loss and metrics from its outputs.
 
-    clm       next-token prediction on token blocks (GPT)
+    clm       next-token prediction on token blocks (GPT); --data files of source / target pairs: supervised
+              fine-tuning, the loss on each target (and its end token) after its source
     mlm       BERT masking (15%: 80% <mask>, 10% random, 10% kept), --nsp adds next-sentence pairs
     seq2seq   BART-style denoising: the sentences of a block shuffled, then spans (Poisson(3) lengths, 30% of the
               tokens) each replaced by one <mask>; the decoder reconstructs the original block. With a tokenizer
@@ -40,15 +41,57 @@ def pad_right(seqs, pad_id):
     return ids, mask
 
 
+def pick(rows, batch_size, generator, index):
+    """batch_size row indices: random (training) or the index-th consecutive run (evaluation), wrapping."""
+    if index is None:
+        return torch.randint(0, len(rows), (batch_size,), generator=generator).tolist()
+    return [(index * batch_size + j) % len(rows) for j in range(batch_size)]
+
+
+def pair_splits(cfg):
+    """(train, val) (source, target) pairs when every --data file holds pairs, else None (text to model)."""
+    if not cfg.data or not all(is_pairs_file(p) for p in cfg.data):
+        return None
+    train, val = [], []
+    for p in cfg.data:
+        t, v = load_pairs(p, max(cfg.val_fraction, 0.1))
+        train += t
+        val += v
+    return train, val
+
+
 class CLMTask:
+    """Next-token prediction on blocks of text, or (--data of source / target pairs) supervised fine-tuning: each
+    example is the source (with the tokenizer's own specials, e.g. Llama's BOS), the target and the end token, the
+    loss on the target and end token only."""
     name = "clm"
 
     def __init__(self, cfg, tokenizer):
         self.cfg, self.tok = cfg, tokenizer
+        self.pairs = pair_splits(cfg)
+        if self.pairs is not None:
+            self._enc = {}
+            return
         self.data = TokenSplits(tokenizer, cfg.data or None, cfg.val_fraction, cfg.max_data_tokens)
         self.data.check_window(cfg.seq_len + 1)  # the longest window a task reads (clm: seq_len inputs + 1 target)
 
+    def _example(self, source, target):
+        """(ids, number of source ids) of one pair, cut to seq_len + 1 ids."""
+        key = (source, target)
+        if key not in self._enc:
+            enc = getattr(self.tok, "encode_prompt", self.tok.encode)
+            src = enc(source)
+            self._enc[key] = ((src + self.tok.encode(target) + [self.tok.eos_id])[:self.cfg.seq_len + 1], len(src))
+        return self._enc[key]
+
     def batch(self, split, batch_size, generator=None, index=None):
+        if self.pairs is not None:
+            rows = self.pairs[0] if split == "train" else self.pairs[1]
+            examples = [self._example(*rows[j]) for j in pick(rows, batch_size, generator, index)]
+            ids, mask = pad_right([e[:-1] for e, _ in examples], self.tok.pad_id)
+            # position p predicts e[p + 1]: the target's ids (from index max(n, 1)) count, the source's do not
+            target, _ = pad_right([[IGNORE] * (max(n, 1) - 1) + e[max(n, 1):] for e, n in examples], IGNORE)
+            return {"input_ids": ids, "attention_mask": mask}, target[:, :ids.shape[1]]
         x = self.data.blocks(split, batch_size, self.cfg.seq_len + 1, generator, index)
         return {"input_ids": x[:, :-1]}, x[:, 1:]
 
@@ -66,7 +109,8 @@ class CLMTask:
         return (out.logits.argmax(-1)[m] == target[m]).sum().item(), m.sum().item()
 
     def tokens(self, inputs):
-        return inputs["input_ids"].numel()
+        mask = inputs.get("attention_mask")
+        return inputs["input_ids"].numel() if mask is None else mask.sum().item()
 
     def unused(self, model):
         """Parameters the model computes with but the loss never reaches: eager autograd leaves their .grad None,
@@ -129,18 +173,11 @@ class Seq2SeqTask(CLMTask):
     name = "seq2seq"
 
     def __init__(self, cfg, tokenizer):
-        self.pairs = None
-        if cfg.data and all(is_pairs_file(p) for p in cfg.data):  # supervised source -> target pairs
-            self.cfg, self.tok, self.pairs = cfg, tokenizer, ([], [])
-            for p in cfg.data:
-                train, val = load_pairs(p, max(cfg.val_fraction, 0.1))
-                self.pairs[0].extend(train)
-                self.pairs[1].extend(val)
-            self._enc = {}
+        super().__init__(cfg, tokenizer)  # (with pairs, the supervised source -> target pairs)
+        self.sentinels = None
+        if self.pairs is not None:
             self.sentinels = getattr(tokenizer, "sentinel_ids", lambda: [])() or None
             return
-        super().__init__(cfg, tokenizer)
-        self.sentinels = None
         if getattr(tokenizer, "special_ids", {}).get("mask") is None and hasattr(tokenizer, "sentinel_ids"):
             self.sentinels = tokenizer.sentinel_ids() or None  # T5: span corruption (None: BART's, needs <mask>)
             if self.sentinels is None:
@@ -205,12 +242,9 @@ class Seq2SeqTask(CLMTask):
 
     def _pairs_batch(self, split, batch_size, generator, index):
         rows = self.pairs[0] if split == "train" else self.pairs[1]
-        if index is None:
-            pick = torch.randint(0, len(rows), (batch_size,), generator=generator).tolist()
-        else:
-            pick = [(index * batch_size + j) % len(rows) for j in range(batch_size)]
-        ids, mask = pad_right([self._encode_text(rows[j][0]) for j in pick], self.tok.pad_id)
-        labels, _ = pad_right([self._encode_text(rows[j][1]) for j in pick], IGNORE)
+        chosen = pick(rows, batch_size, generator, index)
+        ids, mask = pad_right([self._encode_text(rows[j][0]) for j in chosen], self.tok.pad_id)
+        labels, _ = pad_right([self._encode_text(rows[j][1]) for j in chosen], IGNORE)
         return ids, mask, labels
 
     def batch(self, split, batch_size, generator=None, index=None):
@@ -272,12 +306,9 @@ class ClassifyTask:
 
     def batch(self, split, batch_size, generator=None, index=None):
         rows = self.train if split == "train" else self.val
-        if index is None:
-            pick = torch.randint(0, len(rows), (batch_size,), generator=generator).tolist()
-        else:
-            pick = [(index * batch_size + j) % len(rows) for j in range(batch_size)]
-        ids, mask = pad_right([self._encode(rows[j][0]) for j in pick], self.tok.pad_id)
-        return {"input_ids": ids, "attention_mask": mask}, torch.tensor([rows[j][1] for j in pick])
+        chosen = pick(rows, batch_size, generator, index)
+        ids, mask = pad_right([self._encode(rows[j][0]) for j in chosen], self.tok.pad_id)
+        return {"input_ids": ids, "attention_mask": mask}, torch.tensor([rows[j][1] for j in chosen])
 
     def label_kwargs(self, target):
         return None  # the loss is computed here (single-label cross-entropy over the classes)
