@@ -473,3 +473,35 @@ def test_clm_prompt_response_pairs(hf_folder, tmp_path, capsys):
     assert losses[-1] < losses[0]
     assert main(["eval", str(run), "--data", str(pairs), "--batches", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["task"] == "clm"
+
+
+def test_clm_pairs_chat(hf_folder, tmp_path, capsys):
+    """--chat: each source as the user turn of the tokenizer's chat template (ending where the reply starts), the
+    target as the reply; without a template, or with another task, one line and exit code 2."""
+    import shutil
+    import types
+    from fastattn.cli.tasks import IGNORE, CLMTask
+    from fastattn.data import DataError
+    from fastattn.data.hf_tokenizer import HFTokenizer
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    pairs = tmp_path / "chat.jsonl"
+    pairs.write_text("".join(json.dumps({"source": f"Say {w}", "target": w}) + "\n" for w in ["yes", "no"] * 4))
+    args = ["train", "--init-hf", str(folder), "--data", str(pairs), "--chat", "--out", str(tmp_path / "r"),
+            "--seq-len", "48", "--batch-size", "2", "--steps", "2", "--eval-every", "2", "--eval-batches", "1"]
+    assert main(args) == 2
+    assert "--chat: " in capsys.readouterr().err
+    assert main(args[:-12] + ["--task", "mlm", "--chat"]) == 2
+    assert "--chat formats the clm task's" in capsys.readouterr().err
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": CHAT}))
+    tok = HFTokenizer.from_folder(folder)
+    cfg = types.SimpleNamespace(data=[str(pairs)], val_fraction=0.1, seq_len=48, chat=True)
+    task = CLMTask(cfg, tok)
+    inputs, target = task.batch("train", 2, index=0)
+    src = tok.encode_chat(task.pairs[0][0][0])
+    assert inputs["input_ids"][0, :len(src)].tolist() == src and (target[0, :len(src) - 1] == IGNORE).all()
+    with pytest.raises(DataError, match="--chat: needs --data files of source / target pairs"):
+        CLMTask(types.SimpleNamespace(data=None, val_fraction=0.1, seq_len=48, max_data_tokens=20000, chat=True),
+                tok)
+    assert main(args) == 0
+    capsys.readouterr()

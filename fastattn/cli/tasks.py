@@ -1,7 +1,8 @@
 """The training tasks: batches (dicts of tensors for the model's forward), loss and metrics from its outputs.
 
     clm       next-token prediction on token blocks (GPT); --data files of source / target pairs: supervised
-              fine-tuning, the loss on each target (and its end token) after its source
+              fine-tuning, the loss on each target (and its end token) after its source (--chat: the source as a
+              user turn of the tokenizer's chat template, the target as the reply)
     mlm       BERT masking (15%: 80% <mask>, 10% random, 10% kept), --nsp adds next-sentence pairs
     seq2seq   BART-style denoising: the sentences of a block shuffled, then spans (Poisson(3) lengths, 30% of the
               tokens) each replaced by one <mask>; the decoder reconstructs the original block. With a tokenizer
@@ -69,8 +70,14 @@ class CLMTask:
     def __init__(self, cfg, tokenizer):
         self.cfg, self.tok = cfg, tokenizer
         self.pairs = pair_splits(cfg)
+        self.chat = getattr(cfg, "chat", False) and self.name == "clm"
+        if self.chat and (self.pairs is None or not hasattr(tokenizer, "encode_chat")):
+            raise DataError("--chat: needs --data files of source / target pairs and a Hugging Face tokenizer "
+                            "(--init-hf) with a chat template")
         if self.pairs is not None:
             self._enc = {}
+            if self.chat:
+                self._example(*self.pairs[0][0])  # a tokenizer without a chat template fails here, not mid-run
             return
         self.data = TokenSplits(tokenizer, cfg.data or None, cfg.val_fraction, cfg.max_data_tokens)
         self.data.check_window(cfg.seq_len + 1)  # the longest window a task reads (clm: seq_len inputs + 1 target)
@@ -79,8 +86,11 @@ class CLMTask:
         """(ids, number of source ids) of one pair, cut to seq_len + 1 ids."""
         key = (source, target)
         if key not in self._enc:
-            enc = getattr(self.tok, "encode_prompt", self.tok.encode)
-            src = enc(source)
+            enc = self.tok.encode_chat if self.chat else getattr(self.tok, "encode_prompt", self.tok.encode)
+            try:
+                src = enc(source)
+            except ValueError as e:  # a tokenizer without a chat template
+                raise DataError(f"--chat: {e}") from None
             self._enc[key] = ((src + self.tok.encode(target) + [self.tok.eos_id])[:self.cfg.seq_len + 1], len(src))
         return self._enc[key]
 

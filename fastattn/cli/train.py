@@ -63,6 +63,8 @@ class TrainConfig:
     init_hf: Optional[str] = opt(None, "start from a local Hugging Face folder (GPT-2, OPT, Pythia, Phi, Falcon, "
                                        "Llama, Mistral, Qwen, Phi-3, StableLM, Gemma, BERT, RoBERTa, XLM-R, "
                                        "CamemBERT, DistilBERT, BART, mBART, T5, mT5)")
+    chat: bool = opt(False, "clm on source / target pairs: each source as a user turn of the tokenizer's chat template "
+                            "(an instruct model's), the target as the reply")
     mode: str = opt("full", "fine-tuning: full, frozen (heads only), lora (adapters), prompt (soft prompt)",
                     choices=["full", "frozen", "lora", "prompt"])
     lora_rank: int = opt(8, "LoRA rank")
@@ -107,6 +109,8 @@ class TrainConfig:
         check_task(self.arch, self.task, f"--arch {self.arch}")
         if self.init and self.init_hf:
             raise CLIError("give --init or --init-hf, not both")
+        if self.chat and self.task != "clm":
+            raise CLIError(f"--chat formats the clm task's source / target pairs, not --task {self.task}")
         if self.tokenizer == "hf" and not self.init_hf:
             raise CLIError("--tokenizer hf reads the --init-hf folder's tokenizer.json: give --init-hf")
         if not 0 < self.val_fraction < 1:
@@ -121,7 +125,7 @@ class TrainConfig:
 
 # options that define the model, its tokens or its data stream: --resume refuses to change them
 RESUME_FIXED = ("task", "arch", "tokenizer", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "norm", "pos", "mlp",
-                "mode", "lora_rank", "lora_alpha", "prompt_len", "nsp", "num_labels", "qat", "data", "seq_len",
+                "mode", "lora_rank", "lora_alpha", "prompt_len", "nsp", "num_labels", "qat", "data", "seq_len", "chat",
                 "max_data_tokens", "val_fraction")
 
 
