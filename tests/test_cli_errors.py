@@ -1,4 +1,5 @@
 """Errors a user can cause: one line on stderr, exit code 2, no traceback, nothing written."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,11 @@ def test_out_inside_a_file(capsys, tmp_path):
         rc, err = run_main(capsys, "train", "--out", str(out))
         assert rc == 2 and err.count("\n") == 1 and "a file, not a folder" in err, err
     assert (tmp_path / "f").read_text() == "x"
+
+
+def test_pairs_for_a_task_that_reads_text(tmp_path, capsys):
+    """Source / target pairs are the clm and seq2seq tasks' supervised data; mlm reads text: one line, exit 2."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"source": f"a {i}", "target": f"b {i}"}) + "\n" for i in range(10)))
+    rc, err = run_main(capsys, "train", "--task", "mlm", "--data", str(pairs), "--out", str(tmp_path / "r"))
+    assert rc == 2 and "--task mlm reads text, not source / target pairs" in err and "Traceback" not in err

@@ -70,6 +70,8 @@ class CLMTask:
     def __init__(self, cfg, tokenizer):
         self.cfg, self.tok = cfg, tokenizer
         self.pairs = pair_splits(cfg)
+        if self.pairs is not None and self.name not in ("clm", "seq2seq"):
+            raise DataError(f"--task {self.name} reads text, not source / target pairs ({cfg.data[0]})")
         self.chat = getattr(cfg, "chat", False) and self.name == "clm"
         if self.chat and (self.pairs is None or not hasattr(tokenizer, "encode_chat")):
             raise DataError("--chat: needs --data files of source / target pairs and a Hugging Face tokenizer "
