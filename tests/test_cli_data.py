@@ -143,3 +143,24 @@ def test_optimizer_decays_only_2d_weights():
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0 and all(p.dim() < 2 for p in no_decay["params"])
+
+
+def test_pairs_files(tmp_path):
+    """Source / target pairs: .jsonl records or a .csv with those columns are pairs files, text is not; a malformed
+    record or row is a DataError naming its line."""
+    from fastattn.data import DataError, is_pairs_file, load_pairs
+    good_csv, good_jsonl = tmp_path / "p.csv", tmp_path / "p.jsonl"
+    good_csv.write_text("source,target\n" + "".join(f"s{i},t{i}\n" for i in range(20)))
+    good_jsonl.write_text("".join(json.dumps({"source": f"s{i}", "target": f"t{i}"}) + "\n" for i in range(20)))
+    text = tmp_path / "t.jsonl"
+    text.write_text(json.dumps({"text": "hello"}) + "\n")
+    assert is_pairs_file(good_csv) and is_pairs_file(good_jsonl) and not is_pairs_file(text)
+    train, val = load_pairs(good_csv, 0.1)
+    assert len(train) + len(val) == 20 and val and set(train).isdisjoint(val) and train[0] == ("s0", "t0")
+    bad_csv, bad_jsonl = tmp_path / "b.csv", tmp_path / "b.jsonl"
+    bad_csv.write_text("source,target\na,b\nc\n")
+    bad_jsonl.write_text(json.dumps({"source": "a", "target": "b"}) + "\n" + json.dumps({"source": "a"}) + "\n")
+    with pytest.raises(DataError, match="b.csv:3"):
+        load_pairs(bad_csv)
+    with pytest.raises(DataError, match="b.jsonl:2"):
+        load_pairs(bad_jsonl)

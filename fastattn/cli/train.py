@@ -24,7 +24,8 @@ class TrainConfig:
     task: str = opt("clm", "what to train: clm (GPT), mlm (BERT), seq2seq (denoising), classify (labelled data)",
                     choices=list(TASKS))
     data: List[str] = opt([], "your .txt / .jsonl files or folders (classify: one .jsonl / .csv with text, label; "
-                              "seq2seq: also .jsonl / .csv of source, target pairs); default: the embedded corpus")
+                              "clm, seq2seq: or .jsonl / .csv of source, target pairs); default: the embedded "
+                              "corpus")
     out: str = opt("runs/train", "run folder: checkpoints, metrics.jsonl, loss.png, model/ (the final model)")
     tokenizer: str = opt("bpe", "bpe (the embedded 4096-id byte-level BPE), bytes (plain bytes), a tokenizer "
                                 ".json, or hf (the --init-hf folder's own tokenizer.json: the default there when "

@@ -190,7 +190,7 @@ def load_labelled(path, val_fraction=0.1):
 
 def is_pairs_file(path) -> bool:
     """Whether path is a .jsonl whose first record has "source" and "target", or a .csv with those columns: the
-    seq2seq task's supervised pairs (else its files are text to denoise)."""
+    clm and seq2seq tasks' supervised pairs (else their files are text)."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -214,7 +214,10 @@ def load_pairs(path, val_fraction=0.1):
         with open(path, encoding="utf-8", newline="") as f:
             if path.suffix == ".csv":
                 reader = csv.DictReader(f)
-                rows = [(r["source"], r["target"]) for r in reader]
+                for r in reader:
+                    if not isinstance(r.get("source"), str) or not isinstance(r.get("target"), str):
+                        raise DataError(f"{path}:{reader.line_num}: a row without a source and a target")
+                    rows.append((r["source"], r["target"]))
             else:
                 for n, obj in _jsonl(f, path):
                     if not isinstance(obj, dict) or not isinstance(obj.get("source"), str) or \
