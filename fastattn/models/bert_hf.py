@@ -17,7 +17,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, KeyMap, load_mapped, place, read_hf_folder
+from .checkpoint import CheckpointError, KeyMap, hf_activation, load_mapped, place, read_hf_folder
 
 log = logging.getLogger("fastattn")
 
@@ -45,7 +45,6 @@ _HEADS = {"pretraining": {"bert": {"pooler.dense": ("pooler.dense", True), "nsp_
                        "roberta": {"pooler.dense": ("classifier.dense", False),
                                    "classifier": ("classifier.out_proj", False)},
                        "distilbert": {"pooler.dense": ("pre_classifier", False), "classifier": ("classifier", False)}}}
-_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
 
 
 def load_bert(model_class, path: str, dtype: Optional[torch.dtype], device, overrides: dict, heads: str):
@@ -99,8 +98,7 @@ def _config(hf: dict, family: str) -> dict:
                               "supported (absolute)")
     key = "activation" if family == "distilbert" else "hidden_act"
     act = hf.get(key, "gelu")
-    if act not in _ACT:
-        raise CheckpointError(f"config.json: {key} {act!r} is not supported ({sorted(_ACT)})")
+    ours = hf_activation(key, act)
     if family == "roberta" and act != "gelu":  # its MLM head applies gelu whatever hidden_act says
         raise CheckpointError(f"config.json: hidden_act {act!r}: a {hf.get('model_type')} MLM head uses 'gelu', "
                               "and from_hf supports the models whose layers do too")
@@ -119,7 +117,7 @@ def _config(hf: dict, family: str) -> dict:
         if base["max_seq_len"] < 1:
             raise CheckpointError(f"config.json: max_position_embeddings {hf['max_position_embeddings']} leaves no "
                                   f"position past pad_token_id {pad}")
-    return dict(vocab_size=hf["vocab_size"], norm="layernorm", norm_first=False, mlp="gelu", activation=_ACT[act],
+    return dict(vocab_size=hf["vocab_size"], norm="layernorm", norm_first=False, mlp="gelu", activation=ours,
                 pos="learned", tie_embeddings=hf.get("tie_word_embeddings", True), bias=True, pad_token_id=pad,
                 **base)
 

@@ -17,6 +17,18 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be imported: a missing key, a wrong shape, or an unsupported setting."""
 
 
+# transformers' activation names -> ours (ModelConfig.activation)
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
+                  "silu": "silu"}
+
+
+def hf_activation(key: str, name: str) -> str:
+    """Our activation for an HF config's ``key`` set to ``name``; a CheckpointError naming both when we have none."""
+    if name not in HF_ACTIVATIONS:
+        raise CheckpointError(f"config.json: {key} {name!r} is not supported ({sorted(HF_ACTIVATIONS)})")
+    return HF_ACTIVATIONS[name]
+
+
 class HFConfig(dict):
     """An HF config.json's dict: reading a key it lacks raises a CheckpointError naming the key."""
 

@@ -16,13 +16,12 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, KeyMap, read_hf_folder
+from .checkpoint import CheckpointError, KeyMap, hf_activation, read_hf_folder
 from .seq2seq import Seq2SeqConfig
 from .seq2seq_t5 import FAMILIES as T5_FAMILIES
 from .seq2seq_t5 import import_t5
 
 FAMILIES = ("bart", "mbart")
-_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
 # ours -> HF's, in every layer of both sides; cross-attention in the decoder's
 _LAYER = {"attn.wo": "self_attn.out_proj", "norm1": "self_attn_layer_norm", "mlp.w_in": "fc1", "mlp.w_out": "fc2",
           "norm2": "final_layer_norm"}
@@ -33,10 +32,11 @@ _CROSS = {"cross_attn.wq": "encoder_attn.q_proj", "cross_attn.wo": "encoder_attn
 def import_seq2seq(path: str, overrides: dict) -> Tuple[Seq2SeqConfig, Dict[str, Tensor]]:
     """(config with ``overrides`` applied, Seq2Seq state dict) of the HF folder at path."""
     hf, state = read_hf_folder(path)
+    gen = _generation_config(path)
     if hf.get("model_type") in T5_FAMILIES:
-        return import_t5(hf, state, _generation_config(path), overrides)
+        return import_t5(hf, state, gen, overrides)
     bias = state.get("final_logits_bias")
-    cfg = Seq2SeqConfig.from_dict({**_config(hf, _generation_config(path)),
+    cfg = Seq2SeqConfig.from_dict({**_config(hf, gen),
                                    "lm_head_bias": bias is not None and bool(bias.any()), **overrides})
     return cfg, _state(cfg, KeyMap(state, ("model.", "")), KeyMap(state), bias)
 
@@ -62,9 +62,7 @@ def _config(hf: dict, gen: dict) -> dict:
         if hf.get(enc) != hf.get(dec):
             raise CheckpointError(f"config.json: {enc} {hf.get(enc)} != {dec} {hf.get(dec)}; Seq2Seq has one value "
                                   "for both sides")
-    act = hf.get("activation_function", "gelu")
-    if act not in _ACT:
-        raise CheckpointError(f"config.json: activation_function {act!r} is not supported ({sorted(_ACT)})")
+    act = hf_activation("activation_function", hf.get("activation_function", "gelu"))
 
     def generation(name):  # generation_config.json first, as transformers' generate reads it
         return gen.get(name, hf.get(name))
@@ -75,7 +73,7 @@ def _config(hf: dict, gen: dict) -> dict:
     return dict(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["encoder_layers"],
                 n_decoder_layer=hf["decoder_layers"], n_head=hf["encoder_attention_heads"], d_ff=hf["encoder_ffn_dim"],
                 max_seq_len=hf["max_position_embeddings"], norm="layernorm", norm_eps=1e-5,
-                norm_first=kind == "mbart", mlp="gelu", activation=_ACT[act], pos="learned", pos_offset=2,
+                norm_first=kind == "mbart", mlp="gelu", activation=act, pos="learned", pos_offset=2,
                 embed_norm=True, embed_scale=math.sqrt(d) if hf.get("scale_embedding") else 1.0,
                 tie_embeddings=hf.get("tie_word_embeddings", True), bias=True,
                 pad_token_id=1 if hf.get("pad_token_id") is None else hf["pad_token_id"], eos_token_id=eos,

@@ -15,19 +15,17 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, KeyMap
+from .checkpoint import KeyMap, hf_activation
 from .seq2seq import Seq2SeqConfig
 
 FAMILIES = ("t5", "mt5")
-_ACT = {"relu": "relu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "silu": "silu"}
 
 
 def import_t5(hf: dict, state: Dict[str, Tensor], gen: dict, overrides: dict) -> Tuple[Seq2SeqConfig, dict]:
     proj = hf.get("feed_forward_proj", "relu")
     gated = proj.startswith("gated-")
     act = hf.get("dense_act_fn") or proj.split("-")[-1]
-    if act not in _ACT:
-        raise CheckpointError(f"config.json: dense_act_fn {act!r} is not supported ({sorted(_ACT)})")
+    ours = hf_activation("dense_act_fn", act)
     d, V = hf["d_model"], hf["vocab_size"]
     m = KeyMap(state)
     tok = m.take("shared.weight" if m.has("shared.weight") else "encoder.embed_tokens.weight", (V, d))
@@ -43,7 +41,7 @@ def import_t5(hf: dict, state: Dict[str, Tensor], gen: dict, overrides: dict) ->
                 n_decoder_layer=hf.get("num_decoder_layers") or hf["num_layers"], n_head=hf["num_heads"],
                 head_dim=hf["d_kv"], d_ff=hf["d_ff"], max_seq_len=hf.get("n_positions") or 512, norm="rmsnorm",
                 norm_eps=hf.get("layer_norm_epsilon", 1e-6), norm_first=True,
-                mlp=("swiglu" if act == "silu" else "geglu") if gated else "gelu", activation=_ACT[act],
+                mlp=("swiglu" if act == "silu" else "geglu") if gated else "gelu", activation=ours,
                 pos="none", embed_norm=False, attn_scale=1.0, tie_embeddings=tied, bias=False, pad_token_id=pad,
                 eos_token_id=eos[0] if isinstance(eos, list) else eos,
                 decoder_start_token_id=pad if start is None else start,
