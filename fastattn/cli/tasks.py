@@ -259,25 +259,27 @@ class Seq2SeqTask(CLMTask):
         labels, _ = pad_right([self._encode_text(rows[j][1]) for j in chosen], IGNORE)
         return ids, mask, labels
 
+    def _inputs(self, ids, mask, labels):
+        """The batch's inputs for labels (B, T): the decoder's are the labels shifted right (-100 -> pad) after the
+        start token, pad for a T5 tokenizer (sentinels) and eos otherwise (BART): each family's decoder_start."""
+        start = self.tok.pad_id if self.sentinels else self.tok.eos_id
+        dec = torch.cat([torch.full((labels.shape[0], 1), start), labels[:, :-1]], 1)
+        return {"input_ids": ids, "attention_mask": mask,
+                "decoder_input_ids": dec.masked_fill(dec == IGNORE, self.tok.pad_id)}
+
     def batch(self, split, batch_size, generator=None, index=None):
         g = generator if generator is not None else torch.Generator().manual_seed(2000 + (index or 0))
-        if self.pairs is not None:  # the decoder starts at pad for a T5 tokenizer (sentinels), else at eos (BART)
+        if self.pairs is not None:
             ids, mask, labels = self._pairs_batch(split, batch_size, generator, index)
-            start = self.tok.pad_id if self.sentinels else self.tok.eos_id
-            dec = torch.cat([torch.full((batch_size, 1), start), labels[:, :-1]], 1)
-            return {"input_ids": ids, "attention_mask": mask,
-                    "decoder_input_ids": dec.masked_fill(dec == IGNORE, self.tok.pad_id)}, labels
+            return self._inputs(ids, mask, labels), labels
         x = self.data.blocks(split, batch_size, self.cfg.seq_len, g, index)
-        if self.sentinels is not None:  # T5: variable-length targets, -100 past each; the decoder starts at pad
+        if self.sentinels is not None:  # T5: variable-length targets, -100 past each
             pairs = [self._span_corrupt(r, g) for r in x]
             ids, mask = pad_right([p[:self.cfg.seq_len] for p, _ in pairs], self.tok.pad_id)
             labels, _ = pad_right([t[:self.cfg.seq_len] for _, t in pairs], IGNORE)
-            dec = torch.cat([torch.full((batch_size, 1), self.tok.pad_id), labels[:, :-1]], 1)
-            return {"input_ids": ids, "attention_mask": mask,
-                    "decoder_input_ids": dec.masked_fill(dec == IGNORE, self.tok.pad_id)}, labels
+            return self._inputs(ids, mask, labels), labels
         ids, mask = pad_right([self._corrupt(r, g)[:self.cfg.seq_len] for r in x], self.tok.pad_id)
-        dec = torch.cat([torch.full((batch_size, 1), self.tok.eos_id), x[:, :-1]], 1)
-        return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}, x
+        return self._inputs(ids, mask, x), x
 
     def tokens(self, inputs):
         return inputs["attention_mask"].sum().item() + inputs["decoder_input_ids"].numel()
