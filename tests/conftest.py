@@ -116,3 +116,13 @@ def backends_train_alike(make_model, batch: dict, steps: int = 3):
     torch.testing.assert_close(losses["fastattn"], losses["torch"], rtol=1e-4, atol=1e-5)
     assert losses["fastattn"][-1] < losses["fastattn"][0]
     return models["fastattn"]
+
+
+def padded_batch(vocab: int, length: int, n_pad: int, left: bool, pad_id: int, low: int, seed: int = 0):
+    """(ids, attention_mask) (2, length): random ids in [low, vocab) (none of them padding when low > pad_id), the
+    second row padded with pad_id by n_pad on the left or the right."""
+    ids = torch.randint(low, vocab, (2, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    cut = slice(0, n_pad) if left else slice(length - n_pad, length)
+    ids[1, cut], mask[1, cut] = pad_id, 0
+    return ids, mask

@@ -431,15 +431,19 @@ def test_seq2seq_source_target_pairs(t5_folder, tmp_path, capsys):
         src = next(s for s, t in task.pairs[0] if tok.encode_prompt(s) == row[row != tok.pad_id].tolist())
         assert lab[lab != IGNORE].tolist() == tok.encode_prompt(dict(task.pairs[0])[src])
     assert (inputs["decoder_input_ids"][:, 0] == tok.pad_id).all()
-    run = tmp_path / "run"
-    assert main(["train", "--task", "seq2seq", "--init-hf", str(t5_folder), "--data", str(pairs), "--out", str(run),
+    _fine_tune_on_pairs("seq2seq", t5_folder, pairs, tmp_path / "run", capsys)
+
+
+def _fine_tune_on_pairs(task, folder, pairs, run, capsys):
+    """12 steps of --task on the pairs from an HF folder: the training loss falls; eval reads the pairs."""
+    assert main(["train", "--task", task, "--init-hf", str(folder), "--data", str(pairs), "--out", str(run),
                  "--seq-len", "32", "--batch-size", "8", "--steps", "12", "--eval-every", "4", "--eval-batches", "1",
                  "--warmup", "1", "--lr", "3e-3", "--log-every", "1"]) == 0
     capsys.readouterr()
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert losses[-1] < losses[0]
     assert main(["eval", str(run), "--data", str(pairs), "--batches", "2"]) == 0
-    assert json.loads(capsys.readouterr().out)["task"] == "seq2seq"
+    assert json.loads(capsys.readouterr().out)["task"] == task
 
 
 def test_clm_prompt_response_pairs(hf_folder, tmp_path, capsys):
@@ -464,15 +468,7 @@ def test_clm_prompt_response_pairs(hf_folder, tmp_path, capsys):
         want = tok.encode(dict(task.pairs[0])[source]) + [tok.eos_id]
         assert (tgt[:n - 1] == IGNORE).all() and tgt[n - 1:n - 1 + len(want)].tolist() == want
         assert ids[n:] == want[:-1]  # each target id is the next input id
-    run = tmp_path / "run"
-    assert main(["train", "--init-hf", str(hf_folder), "--data", str(pairs), "--out", str(run), "--seq-len", "32",
-                 "--batch-size", "8", "--steps", "12", "--eval-every", "4", "--eval-batches", "1", "--warmup", "1",
-                 "--lr", "3e-3", "--log-every", "1"]) == 0
-    capsys.readouterr()
-    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert losses[-1] < losses[0]
-    assert main(["eval", str(run), "--data", str(pairs), "--batches", "2"]) == 0
-    assert json.loads(capsys.readouterr().out)["task"] == "clm"
+    _fine_tune_on_pairs("clm", hf_folder, pairs, tmp_path / "run", capsys)
 
 
 def test_clm_pairs_chat(hf_folder, tmp_path, capsys):

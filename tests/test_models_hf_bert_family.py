@@ -6,7 +6,7 @@ both of our backends; errors name what is wrong."""
 import pytest
 import torch
 
-from conftest import assert_bounded, backends_train_alike
+from conftest import assert_bounded, backends_train_alike, padded_batch
 from fastattn.models import BERT, BERTForSequenceClassification, CheckpointError
 transformers = pytest.importorskip("transformers")
 
@@ -31,12 +31,8 @@ def _distilbert(head="ForMaskedLM", **kw):
 
 
 def _batch(left: bool, pad=PAD):
-    """(ids, attention_mask): 2 x 12 tokens (none of them ``pad``), the second row padded by 4 on one side."""
-    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    cut = slice(0, 4) if left else slice(8, 12)
-    ids[1, cut], mask[1, cut] = pad, 0
-    return ids, mask
+    """2 x 12 tokens (none of them ``pad``), the second row padded by 4 on one side."""
+    return padded_batch(VOCAB, 12, 4, left, pad, low=3)
 
 
 def _float64(hf, path):

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from conftest import assert_bounded, backends_train_alike
+from conftest import assert_bounded, backends_train_alike, padded_batch
 from fastattn.models import BERTConfig, GPT, GPTConfig, CheckpointError
 transformers = pytest.importorskip("transformers")
 
@@ -57,10 +57,7 @@ MODELS = {"pythia": (_neox, {}, "two_norms", 4), "neox-sequential": (_neox, dict
 
 
 def _batch():
-    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    ids[1, :4], mask[1, :4] = 0, 0
-    return ids, mask
+    return padded_batch(VOCAB, 12, 4, left=True, pad_id=0, low=1)
 
 
 @pytest.mark.parametrize("arch", list(MODELS))

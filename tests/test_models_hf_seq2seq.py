@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_bounded, backends_train_alike
+from conftest import assert_bounded, backends_train_alike, padded_batch
 from fastattn.models import CheckpointError, Seq2Seq
 transformers = pytest.importorskip("transformers")
 
@@ -36,11 +36,7 @@ def _saved(tmp_path, hf, bias=False):
 
 
 def _source(left: bool):
-    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    cut = slice(0, 3) if left else slice(7, 10)
-    ids[1, cut], mask[1, cut] = 1, 0
-    return ids, mask
+    return padded_batch(VOCAB, 10, 3, left, pad_id=1, low=3)
 
 
 @pytest.mark.parametrize("kind, kw, bias", [

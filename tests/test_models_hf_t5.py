@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from conftest import assert_bounded, backends_train_alike
+from conftest import assert_bounded, backends_train_alike, padded_batch
 from fastattn.models import CheckpointError, Seq2Seq, Seq2SeqConfig
 from fastattn.models.seq2seq import relative_buckets
 transformers = pytest.importorskip("transformers")
@@ -30,11 +30,7 @@ def _t5(variant, **kw):
 
 
 def _source(left: bool):
-    ids = torch.randint(2, VOCAB, (2, 14), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    cut = slice(0, 5) if left else slice(9, 14)
-    ids[1, cut], mask[1, cut] = 0, 0
-    return ids, mask
+    return padded_batch(VOCAB, 14, 5, left, pad_id=0, low=2)
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
