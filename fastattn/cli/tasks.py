@@ -195,6 +195,7 @@ class Seq2SeqTask(CLMTask):
             if self.sentinels is None:
                 raise DataError("the Hugging Face tokenizer has neither a mask token (BART-style denoising) nor "
                                 "<extra_id_N> sentinels (T5's span corruption): the seq2seq task needs one")
+            return  # span corruption shuffles no sentences: no need to decode the vocabulary for their ends
         ends = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
         for i, b in enumerate(tokenizer.token_bytes[:tokenizer.vocab_size - 5]):
             ends[i] = b.rstrip().endswith((b".", b"!", b"?"))
