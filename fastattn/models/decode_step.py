@@ -71,48 +71,60 @@ def bind_output_norm(norm: Optional[Norm], dtype: torch.dtype, device: torch.dev
 
 
 class _Step(NamedTuple):
-    """What every layer of one step shares: the cache slot, per sliding window (0: none) the cache's keep mask (False
-    = padding, not written, or out of the window; None when no layer's kernel reads it) and padding mask (True =
-    padding), rotary cos / sin (B, 1, D) or None, the self-attention scores' bias (B, H, 1, S) or None (T5)."""
+    """What every layer of one step shares: the W cache slots, per sliding window (0: none) the cache's keep mask
+    (False = padding, not written, or out of the window; None when no layer's kernel reads it) and padding mask (True
+    = padding), rotary cos / sin (B, W, 1, D) or None, the self-attention scores' bias (B, H, 1, S) or None (T5), and
+    for W > 1 rows per sequence the slots' end: each row then sees the slots up to its own (causal, bottom-right),
+    and the masks cover the first ``end`` slots only (window 0)."""
     input_pos: Tensor
     keep: Dict[int, Optional[Tensor]]
     pad: Dict[int, Tensor]
     rotary: Optional[Tuple[Tensor, Tensor]]
     bias: Optional[Tensor] = None
+    end: Optional[int] = None
 
 
 class _SelfAttention:
-    def __init__(self, a: Attention, rows: int, dtype, device, forced: str):
-        self.H, self.Hk, self.D, self.cache = a.n_head, a.n_kv_head, a.head_dim, a.cache
+    def __init__(self, a: Attention, width: int, rows: int, dtype, device, forced: str):
+        self.H, self.Hk, self.D, self.cache, self.W = a.n_head, a.n_kv_head, a.head_dim, a.cache, width
         self.qkv, self.out = bind_linear(a.wqkv, dtype, rows), bind_linear(a.wo, dtype, rows)
         self.qk_norm = None if a.q_norm is None else (bind_head_norm(a.q_norm, dtype, device),
                                                       bind_head_norm(a.k_norm, dtype, device))
         S = a.cache.k.shape[2]
-        self.kernel = routed_kernel(torch.device(device).type, dtype, self.D, self.D, 1, S, forced)
         self.scale = self.D ** -0.5 if a.scale is None else a.scale
         self.softcap, self.window = a.softcap, a.window
+        # W > 1 rows of a windowed layer: each row has its own window, which the flash kernel takes as an argument
+        self.kernel = None if width > 1 and self.window else \
+            routed_kernel(torch.device(device).type, dtype, self.D, self.D, width, S, forced)
 
     def __call__(self, x: Tensor, st: _Step) -> Tensor:
-        B, H, Hk, D = x.shape[0], self.H, self.Hk, self.D
-        q, k, v = self.qkv(x).view(B, H + 2 * Hk, D).split((H, Hk, Hk), 1)  # (B, H | Hk, D)
+        H, Hk, D, W = self.H, self.Hk, self.D, self.W
+        B = x.shape[0] // W
+        q, k, v = self.qkv(x).view(B, W, H + 2 * Hk, D).split((H, Hk, Hk), 2)  # (B, W, H | Hk, D)
         if self.qk_norm is not None:
             q, k = self.qk_norm[0](q), self.qk_norm[1](k)
         if st.rotary is not None:
             rotary = pick_rotary(st.rotary, self.window)
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        self.cache.k.index_copy_(2, st.input_pos, k.unsqueeze(2))
-        self.cache.v.index_copy_(2, st.input_pos, v.unsqueeze(2))
-        q = q.unsqueeze(2)  # (B, H, 1, D)
+        self.cache.k.index_copy_(2, st.input_pos, k.transpose(1, 2))
+        self.cache.v.index_copy_(2, st.input_pos, v.transpose(1, 2))
+        q = q.transpose(1, 2)  # (B, H, W, D)
+        K, V = self.cache.k, self.cache.v
+        if W > 1:  # the first `end` slots, each row seeing the slots up to its own
+            K, V = K[:, :, :st.end], V[:, :, :st.end]
         if st.bias is not None:  # the split-KV kernel adds no bias: the flash kernel with it as a float mask
-            out = attention(q, self.cache.k, self.cache.v, attn_mask=st.bias, key_padding_mask=st.pad[self.window],
-                            scale=self.scale, softcap=self.softcap)
+            out = attention(q, K, V, attn_mask=st.bias, key_padding_mask=st.pad[self.window], scale=self.scale,
+                            softcap=self.softcap)
         elif self.kernel is not None:
-            out = self.kernel(q, self.cache.k, self.cache.v, None, st.keep[self.window], self.scale, self.softcap,
-                              False)[0]
+            out = self.kernel(q, K, V, None, st.keep[0 if W > 1 else self.window], self.scale, self.softcap,
+                              W > 1)[0]
+        elif W > 1:
+            out = attention(q, K, V, causal="bottom_right", key_padding_mask=st.pad[0], scale=self.scale,
+                            softcap=self.softcap, window=(self.window - 1, 0) if self.window else (-1, -1))
         else:
-            out = attention(q, self.cache.k, self.cache.v, causal=None, key_padding_mask=st.pad[self.window],
-                            scale=self.scale, softcap=self.softcap)
-        return self.out(out.reshape(B, H * D))
+            out = attention(q, K, V, causal=None, key_padding_mask=st.pad[self.window], scale=self.scale,
+                            softcap=self.softcap)
+        return self.out(out.transpose(1, 2).reshape(B * W, H * D))
 
 
 class _CrossAttention:
@@ -142,10 +154,10 @@ class _CrossAttention:
 class _Block:
     """Block.forward for one row per sequence, eval mode (no dropout)."""
 
-    def __init__(self, b: Block, memory, memory_pad, rows: int, dtype, device, forced: str):
+    def __init__(self, b: Block, memory, memory_pad, width: int, rows: int, dtype, device, forced: str):
         self.norm_first = pre = b.norm_first
         self.norm1 = bind_norm(b.norm1, pre, dtype, device)
-        self.attn = _SelfAttention(b.attn, rows, dtype, device, forced)
+        self.attn = _SelfAttention(b.attn, width, rows, dtype, device, forced)
         self.cross = None
         if memory is not None:
             self.norm_x = bind_norm(b.norm_x, pre, dtype, device)
@@ -180,44 +192,58 @@ class _Block:
 
 class DecodeStep:
     """``step(tokens (B, 1), input_pos (1,)) -> logits (B, V)`` with decode_one's effects on the model's buffers
-    (the cache slot written, ``cache_padding`` cleared there, ``next_pos`` advanced)."""
+    (the cache slot written, ``cache_padding`` cleared there, ``next_pos`` advanced); bound for ``width`` W > 1:
+    ``step(tokens (B, W), input_pos (W,), valid=None) -> logits (B, W, V)`` with GPT.decode_many's."""
 
     def __init__(self, model: nn.Module, blocks, embed, final_norm: Optional[Norm], head: nn.Module, memory,
-                 memory_pad):
+                 memory_pad, width: int = 1):
         ref = model.tok_emb.weight
         dtype, device, forced = ref.dtype, ref.device, forced_backend() or ""
-        rows = model.cache_padding.shape[0]  # the batch: one row per sequence
-        self.model, self.embed = model, embed
-        self.blocks = [_Block(b, None if memory is None else memory[i], memory_pad, rows, dtype, device, forced)
-                       for i, b in enumerate(blocks)]
+        if width > 1 and (memory is not None or getattr(model, "dec_rel", None) is not None):
+            raise ValueError(f"width: {width} rows per sequence are bound for decoder-only models only")
+        rows = model.cache_padding.shape[0] * width  # W rows per sequence
+        self.model, self.embed, self.width = model, embed, width
+        self.blocks = [_Block(b, None if memory is None else memory[i], memory_pad, width, rows, dtype, device,
+                              forced) for i, b in enumerate(blocks)]
         self.final = None if final_norm is None else bind_norm(final_norm, False, dtype, device)
         self.head = bind_linear(head, dtype, rows)
         self.needs_keep = any(b.attn.kernel is not None for b in self.blocks)
         self.rel = getattr(model, "dec_rel", None)  # T5's relative-position bias, shared by the decoder's layers
         self.windows = sorted({b.attn.window for b in self.blocks} - {0})
 
-    def __call__(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        m = self.model
-        m.cache_padding.index_fill_(1, input_pos, False)
-        x, rotary = self.embed(tokens, m.next_pos)  # (B, 1, d); cos, sin (B, 1, 1, D) or None
+    def __call__(self, tokens: Tensor, input_pos: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        m, W = self.model, self.width
+        if W == 1:
+            m.cache_padding.index_fill_(1, input_pos, False)
+            positions = m.next_pos
+        else:
+            valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
+            m.cache_padding[:, input_pos] = ~valid
+            positions = (m.next_pos + valid.cumsum(-1) - 1).clamp_min(0)
+        x, rotary = self.embed(tokens, positions)  # (B, W, d); cos, sin (B, W, 1, D) or None
         B = x.shape[0]
-        if isinstance(rotary, dict):  # global and local tables (Gemma 3)
-            rotary = {k: tuple(t.view(B, 1, t.shape[-1]) for t in r) for k, r in rotary.items()}
-        elif rotary is not None:
-            rotary = tuple(t.view(B, 1, t.shape[-1]) for t in rotary)
-        pad = {0: m.cache_padding}
-        for w in self.windows:  # each sliding window's layers also leave out the slots w or more behind the token
-            pad[w] = m.cache_padding | window_padding(m.cache_padding.shape[1], input_pos, w)
+        end = None
+        if W == 1:
+            pad = {0: m.cache_padding}
+            for w in self.windows:  # each sliding window's layers also leave out the slots w or more behind the token
+                pad[w] = m.cache_padding | window_padding(m.cache_padding.shape[1], input_pos, w)
+        else:  # windowed layers take the window as the flash kernel's argument
+            end = int(input_pos[-1]) + 1
+            pad = {0: m.cache_padding[:, :end]}
         keep = {w: ~p if self.needs_keep else None for w, p in pad.items()}
         bias = None if self.rel is None else self.rel(m.next_pos, m.cache_index)  # slot = position
-        st = _Step(input_pos, keep, pad, rotary, bias)
-        h, residual = x.view(B, x.shape[-1]), None
+        st = _Step(input_pos, keep, pad, rotary, bias, end)
+        h, residual = x.view(B * W, x.shape[-1]), None
         for block in self.blocks:
             h, residual = block(h, residual, st)
         if self.final is not None:
             h = self.final(h, residual)
-        m.next_pos += 1
-        return softcap(self.head(h), m.config.final_softcap)
+        logits = softcap(self.head(h), m.config.final_softcap)
+        if W == 1:
+            m.next_pos += 1
+            return logits
+        m.next_pos += valid.sum(-1, keepdim=True)
+        return logits.view(B, W, -1)
 
 
 def _why_not(model: nn.Module, blocks) -> Optional[str]:
@@ -248,14 +274,14 @@ def _why_not(model: nn.Module, blocks) -> Optional[str]:
 
 def bind_decode(model: nn.Module, blocks, embed, final_norm: Optional[Norm], head: nn.Module,
                 memory: Optional[List[Tuple[Tensor, Tensor]]] = None,
-                memory_pad: Optional[Tensor] = None) -> Optional[DecodeStep]:
-    """The bound step of ``model`` (caches set up, prompt prefilled), or None when the modules must run it.
-    ``embed(tokens (B, 1), positions (B, 1)) -> (x (B, 1, d), rotary or None)``; ``memory``: each block's
-    cross-attention K/V (Seq2Seq), with ``memory_pad`` (B, S) True = padding."""
+                memory_pad: Optional[Tensor] = None, width: int = 1) -> Optional[DecodeStep]:
+    """The bound step of ``model`` (caches set up, prompt prefilled) for ``width`` rows per sequence, or None when
+    the modules must run it. ``embed(tokens (B, W), positions (B, W)) -> (x (B, W, d), rotary or None)``;
+    ``memory``: each block's cross-attention K/V (Seq2Seq), with ``memory_pad`` (B, S) True = padding."""
     reason = _why_not(model, blocks)
     if reason is None:
         try:
-            return DecodeStep(model, blocks, embed, final_norm, head, memory, memory_pad)
+            return DecodeStep(model, blocks, embed, final_norm, head, memory, memory_pad, width)
         except (BackendNotSupported, TypeError, ValueError) as e:
             reason = str(e)
     log.debug("fastattn.models: the decode step runs through the modules (not bound: %s)", reason)

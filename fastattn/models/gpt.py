@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
+from .speculative import check_speculation, speculative_generate
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
                      drop, generation_loop, init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none,
                      shifted_target, softcap)
@@ -65,13 +66,13 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
 
     def hidden(self, input_ids: Tensor, positions: Tensor, *, causal: Optional[str] = "bottom_right",
                key_padding_mask: Optional[Tensor] = None, input_pos: Optional[Tensor] = None,
-               use_cache: bool = False) -> Tensor:
+               use_cache: bool = False, cache_end: Optional[int] = None) -> Tensor:
         """Final hidden states (B, L, d_model) of tokens (B, L) at ``positions`` (B, L)."""
         h, rotary = self.embed(input_ids, positions)
         residual = None
         for block in self.blocks:
             h, residual = block(h, residual, causal=causal, key_padding_mask=key_padding_mask, rotary=rotary,
-                                input_pos=input_pos, use_cache=use_cache)
+                                input_pos=input_pos, use_cache=use_cache, cache_end=cache_end)
         return self.norm_f.post(h, residual) if self.norm_f is not None else h
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
@@ -119,19 +120,39 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         self.next_pos += 1
         return self.logits(h[:, -1])
 
+    def decode_many(self, tokens: Tensor, input_pos: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """Several tokens per sequence (B, W), written at the consecutive cache slots ``input_pos`` (W,), each
+        attending to the cache up to its own slot (a speculative step's drafts, checked at once). ``valid`` (B, W)
+        bool, False = a filler: its slot stays padding and its position is not counted (its logits mean nothing).
+        Returns logits (B, W, V)."""
+        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
+        self.cache_padding[:, input_pos] = ~valid
+        positions = (self.next_pos + valid.cumsum(-1) - 1).clamp_min(0)
+        end = int(input_pos[-1]) + 1
+        h = self.hidden(tokens, positions, key_padding_mask=self.cache_padding[:, :end], input_pos=input_pos,
+                        use_cache=True, cache_end=end)
+        self.next_pos += valid.sum(-1, keepdim=True)
+        return self.logits(h)
+
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_token_id: Union[int, Sequence[int], None] = None, attention_mask: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None,
-                 streamer: Optional[Any] = None, min_new_tokens: int = 0) -> Tensor:
+                 streamer: Optional[Any] = None, min_new_tokens: int = 0, assistant_model: Optional["GPT"] = None,
+                 num_assistant_tokens: int = 4, prompt_lookup_num_tokens: Optional[int] = None,
+                 max_matching_ngram_size: int = 2) -> Tensor:
         """Continue prompts (B, L) by up to max_new_tokens: (B, L + new). temperature 0 = greedy; else sampling with
         top_k / top_p from ``generator`` (seeded: reproducible). Batches of different lengths: left padding and
         attention_mask (1 = token). eos_token_id: an id or a list of ids (as in HF's generation_config); after one a
         sequence is padded with the first; generation stops when every sequence has finished. ``min_new_tokens``: no
         eos id is sampled before that many new tokens (HF's min_new_tokens).
         ``streamer(tokens (B,))`` is called with each new token batch; a streamer object of transformers'
-        (TextStreamer, TextIteratorStreamer: put / end) is called as HF's generate calls it."""
+        (TextStreamer, TextIteratorStreamer: put / end) is called as HF's generate calls it.
+        Speculative decoding (models/speculative.py; the same output when greedy, the same distribution when
+        sampling): ``assistant_model``, a smaller GPT on the same tokenizer, drafts ``num_assistant_tokens`` tokens a
+        step; or ``prompt_lookup_num_tokens`` tokens are drafted from the sequence itself, matching its last
+        ``max_matching_ngram_size`` tokens or fewer. ``self.speculation_stats`` then tells how many were accepted."""
         check_sampling(max_new_tokens, temperature, top_k, top_p, min_new_tokens)
         keep = keep_mask(input_ids, attention_mask, self.config.max_seq_len)
         B, L = input_ids.shape
@@ -142,6 +163,14 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
                              "in some row)")
         if max_new_tokens == 0:
             return input_ids
+        if assistant_model is not None or prompt_lookup_num_tokens is not None:
+            check_speculation(self, L + max_new_tokens, assistant_model, num_assistant_tokens,
+                              prompt_lookup_num_tokens, max_matching_ngram_size)
+            return speculative_generate(
+                self, input_ids, keep, max_new_tokens, assistant_model=assistant_model,
+                num_assistant_tokens=num_assistant_tokens, prompt_lookup_num_tokens=prompt_lookup_num_tokens,
+                max_matching_ngram_size=max_matching_ngram_size, temperature=temperature, top_k=top_k, top_p=top_p,
+                eos_token_id=eos_token_id, generator=generator, streamer=streamer, min_new_tokens=min_new_tokens)
         self.setup_caches(B, L + max_new_tokens)
         out = input_ids.new_empty(B, L + max_new_tokens)
         out[:, :L] = input_ids
@@ -153,6 +182,11 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         """decode_one bound to the kernels chosen now, for the caches as set up (models/decode_step.py): the same
         step with the per-op checks done once; decode_one itself when the model cannot be bound (logged)."""
         return bind_decode(self, self.blocks, self.embed, self.norm_f, self.lm_head) or self.decode_one
+
+    def bound_decode_many(self, width: int) -> Callable[..., Tensor]:
+        """decode_many bound likewise for ``width`` tokens per sequence (or decode_many itself)."""
+        return bind_decode(self, self.blocks, self.embed, self.norm_f, self.lm_head, width=width) or \
+            self.decode_many
 
     # ---- HF checkpoints ----
     @classmethod

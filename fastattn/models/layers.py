@@ -468,9 +468,11 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, *, causal: Optional[str] = None, key_padding_mask: Optional[Tensor] = None,
                 rotary: Optional[Tuple[Tensor, Tensor]] = None, input_pos: Optional[Tensor] = None,
                 use_cache: bool = False, memory: Optional[Tuple[Tensor, Tensor]] = None,
-                attn_bias: Optional[Tensor] = None) -> Tensor:
+                attn_bias: Optional[Tensor] = None, cache_end: Optional[int] = None) -> Tensor:
         """x (B, L, d_model). ``input_pos`` (L,): also write k, v into the cache there; ``use_cache``: attend over the
-        whole cache (decode; ``key_padding_mask`` then covers the cache) instead of the keys of x (prefill).
+        whole cache (decode; ``key_padding_mask`` then covers the cache) instead of the keys of x (prefill), or over
+        its first ``cache_end`` slots (several rows per sequence, ``causal`` bottom-right: each row sees its own
+        slot and the ones before it).
         ``memory``: cross-attention keys and values (B, Hk, S, D). ``attn_bias``: added to the scores, (B | 1, H,
         L, keys) (T5's relative positions)."""
         B, L, _ = x.shape
@@ -492,21 +494,21 @@ class Attention(nn.Module):
             if input_pos is not None:
                 k_all, v_all = self.cache.update(input_pos, k, v)
                 if use_cache:
-                    k, v = k_all, v_all
+                    k, v = (k_all, v_all) if cache_end is None else (k_all[:, :, :cache_end], v_all[:, :, :cache_end])
         q = q.transpose(1, 2)  # (B, H, L, D), a strided view
         p = self.dropout if self.training else 0.0
         window = (self.window - 1, 0) if self.window and causal is not None else (-1, -1)
-        if self.window and use_cache:  # a decode step: the cache slots W or more behind the token join the padding
+        if self.window and use_cache and causal is None:  # one row: the slots W or more behind it join the padding
             key_padding_mask = key_padding_mask | window_padding(k.shape[2], input_pos, self.window)
         if self.backend == "torch":
             out = _torch_attention(q, k, v, causal, key_padding_mask, p, self.window if causal is not None else 0,
                                    self.scale, self.softcap, attn_bias)
-        elif use_cache and attn_bias is None and not torch.is_grad_enabled() and \
+        elif use_cache and attn_bias is None and not (causal and self.window) and not torch.is_grad_enabled() and \
                 route_backend(q, k, v, forced_backend_name()):
             # a decode step that fastattn.attention would route to the split-KV kernel: called directly, without
             # the general checks, which cost more host time than the kernel at these sizes
-            out = decode_attention(q, k, v, causal=False, key_padding_mask=key_padding_mask, scale=self.scale,
-                                   softcap=self.softcap)
+            out = decode_attention(q, k, v, causal=causal is not None, key_padding_mask=key_padding_mask,
+                                   scale=self.scale, softcap=self.softcap)
         else:
             out = attention(q, k, v, causal=causal, attn_mask=attn_bias, key_padding_mask=key_padding_mask,
                             dropout_p=p, window=window, scale=self.scale, softcap=self.softcap)
@@ -609,7 +611,13 @@ def sample_next(logits: Tensor, temperature: float, top_k: Optional[int], top_p:
     restricted to the top_k tokens and the smallest set whose probability reaches top_p."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    return torch.multinomial(warped_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+
+
+def warped_probs(logits: Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> Tensor:
+    """The float32 distribution (..., V) that sample_next draws from for logits (..., V), temperature > 0."""
+    shape = logits.shape
+    logits = logits.reshape(-1, shape[-1]).float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, -1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -618,8 +626,7 @@ def sample_next(logits: Tensor, temperature: float, top_k: Optional[int], top_p:
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # the most likely token always stays
         logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1).view(shape)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p, min_new_tokens: int = 0) -> None:
@@ -708,11 +715,14 @@ class CacheMixin:
     def cached_blocks(self) -> nn.ModuleList:
         return self.blocks
 
-    def setup_caches(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None, device=None) -> None:
+    def setup_caches(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None, device=None, *,
+                     headroom: int = 0) -> None:
         """Preallocate every layer's K/V cache for ``batch`` sequences of up to ``max_len`` tokens (kept when the
-        shapes already match)."""
+        shapes already match), plus ``headroom`` slots for tokens that may be written and then taken back
+        (speculative decoding's rejected drafts)."""
         if max_len > self.config.max_seq_len:
             raise ValueError(f"max_len: {max_len} > config.max_seq_len {self.config.max_seq_len}")
+        max_len += headroom
         ref = self.tok_emb.weight
         dtype, device = dtype or ref.dtype, device or ref.device
         blocks, cfg = self.cached_blocks(), self.config
@@ -727,6 +737,30 @@ class CacheMixin:
                              persistent=False)
         self.register_buffer("next_pos", torch.zeros(batch, 1, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("cache_index", torch.arange(max_len, device=device), persistent=False)
+
+
+    def reject_slots(self, start: int, reject: Tensor) -> None:
+        """Take back the tokens written at cache slots start, start + 1, ... that ``reject`` (B, W) marks (drafts that
+        were not accepted): their slots become padding, and each sequence's next position goes back by its count."""
+        self.cache_padding[:, start:start + reject.shape[1]] |= reject
+        self.next_pos -= reject.sum(1, keepdim=True)
+
+    def compact_caches(self, end: int) -> int:
+        """Close the holes that rejected tokens left among the first ``end`` slots: each sequence's written slots move,
+        in order, to the right end of the first n slots (n: the most any sequence has), left-padded as after
+        prefill. Returns n, the slot to write next."""
+        keep = ~self.cache_padding[:, :end]
+        n = int(keep.sum(1).max())
+        # a stable sort puts each row's padding first and its kept slots last, in order: the last n are the sources
+        src = torch.sort(keep.to(torch.uint8), dim=1, stable=True).indices[:, end - n:]  # (B, n)
+        for block in self.cached_blocks():
+            c = block.attn.cache
+            idx = src[:, None, :, None].expand(c.k.shape[0], c.k.shape[1], n, c.k.shape[3])
+            k, v = c.k[:, :, :end].gather(2, idx), c.v[:, :, :end].gather(2, idx)
+            c.k[:, :, :n], c.v[:, :, :n] = k, v
+        self.cache_padding[:, :n] = ~keep.gather(1, src)
+        self.cache_padding[:, n:] = True
+        return n
 
 
 def generation_loop(logits: Tensor, decode_one, out: Tensor, start: int, max_new_tokens: int, temperature: float,

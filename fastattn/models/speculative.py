@@ -1,0 +1,331 @@
+"""Speculative decoding for ``GPT.generate`` (Leviathan et al. 2023; Chen et al. 2023): a cheap draft proposes k
+tokens per sequence, the model scores all of them in one step of k + 1 rows (``GPT.decode_many``, bound like the
+decode step) and keeps the longest prefix it agrees with, plus one token of its own. One step reads the weights once
+for up to k + 1 tokens. Drafts:
+
+- ``assistant_model``: a smaller GPT on the same tokenizer, with its own KV cache (transformers' name);
+- ``prompt_lookup_num_tokens``: the tokens that followed the latest earlier occurrence of the sequence's last n-gram
+  (n from ``max_matching_ngram_size`` down to 1), free to draft; pays where outputs copy their inputs.
+
+Greedy (temperature 0): the output is the model's own greedy output, token for token. Sampling: draft token d is
+kept with probability min(1, p(d) / q(d)) and the first one rejected is replaced by a draw from max(p - q, 0)
+normalised (p, q: the model's and the draft's distributions after temperature, top-k and top-p; q is one-hot for
+prompt lookup), so every token follows the model's distribution exactly; seeded runs repeat, but draw differently
+from generation without a draft.
+
+Batches: each sequence keeps its own number of drafts. Slots of rejected drafts become padding (holes); the next step
+writes after the furthest slot any sequence kept, and the cache is compacted (``CacheMixin.compact_caches``) when
+its headroom runs out, and after every step with holes on a model with sliding windows (which count slots). An
+assistant's step with fillers (sequences with one token pending beside sequences with two) counts the filler in its
+windows: its drafts may differ there, never the output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import eos_ids, sample_next, stream_calls, warped_probs
+
+
+@dataclass
+class SpeculationStats:
+    """What the last speculative ``generate`` did: verification steps, draft tokens proposed and accepted (summed
+    over the sequences still generating), and new tokens written."""
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    tokens: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+class _Cursor:
+    """A model's cache during speculative decoding: the next slot to write and the bound step of each width."""
+
+    def __init__(self, model: nn.Module, slot: int):
+        self.m, self.slot, self.start = model, slot, slot
+        self.capacity = model.cache_padding.shape[1]
+        self.windowed = any(b.attn.window for b in model.blocks)
+        self.steps: Dict[int, Callable] = {}
+
+    def reserve(self, n: int) -> None:
+        """Make room for n slots written next (one round), compacting the cache when they do not fit."""
+        if self.slot + n > self.capacity:
+            self.slot = self.m.compact_caches(self.slot)
+        if self.slot + n > self.capacity:  # generate sizes the headroom so that this cannot happen
+            raise RuntimeError(f"speculative decoding: {n} slots do not fit the KV cache ({self.slot} of "
+                               f"{self.capacity} in use after compaction)")
+
+    def run(self, tokens: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """Write tokens (B, W) at the next W slots (``valid`` (B, W): False = a filler; W > 1 only); their logits
+        (B, W, V)."""
+        W = tokens.shape[1]
+        step = self.steps.get(W)
+        if step is None:
+            step = self.steps[W] = self.m.bound_decode_one() if W == 1 else self.m.bound_decode_many(W)
+        pos = self.m.cache_index[self.slot:self.slot + W]
+        logits = step(tokens, pos)[:, None] if W == 1 else step(tokens, pos, valid)
+        self.slot += W
+        return logits
+
+    def take_back(self, start: int, written: Tensor, reject: Tensor, active: Tensor) -> None:
+        """Of the tokens ``written`` (B, W) at slots start, start + 1, ..., take back those ``reject`` marks; the next
+        slot follows the last one any sequence kept. With sliding windows, holes in active sequences are closed."""
+        reject = reject & written
+        self.m.reject_slots(start, reject)
+        kept = written & ~reject
+        cols = kept.any(0).nonzero()
+        self.slot = start + (int(cols.max()) + 1 if cols.numel() else 0)
+        if self.windowed and bool((~kept[active][:, :self.slot - start]).any()):
+            self.slot = self.m.compact_caches(self.slot)
+
+
+def _fit_vocab(logits: Tensor, V: int) -> Tensor:
+    """A draft's logits (..., V_d) over the model's V ids: cut, or padded with -inf (vocabularies padded apart)."""
+    Vd = logits.shape[-1]
+    return logits[..., :V] if Vd >= V else F.pad(logits, (0, V - Vd), value=float("-inf"))
+
+
+class _ModelDraft:
+    """Drafts from a smaller GPT. Its cache holds every committed token but the ``pending`` ones (1 or 2 per
+    sequence, left-padded: the last accepted draft when all k were accepted, and the model's own token)."""
+
+    def __init__(self, draft: nn.Module, input_ids: Tensor, keep: Tensor, V: int):
+        self.m, self.V = draft, V
+        draft.prefill(input_ids, keep)
+        self.cur = _Cursor(draft, input_ids.shape[1])
+
+    def start(self, first: Tensor) -> None:
+        self.pending, self.valid = first[:, None], None
+
+    def propose(self, k: int, sample: Callable[[Tensor, int], Tensor], want_q: bool):
+        """k draft tokens (B, k), how many are real (B,) and the draft's distributions (B, k, V) (want_q) or None."""
+        w = self.pending.shape[1]
+        self.cur.reserve(w + k - 1)
+        self.round_start = self.cur.slot
+        logits = self.cur.run(self.pending, self.valid)[:, -1]
+        drafts, qs = [], []
+        for i in range(k):
+            logits = _fit_vocab(logits, self.V)
+            d, q = sample(logits, i)
+            drafts.append(d)
+            qs.append(q)
+            if i < k - 1:
+                logits = self.cur.run(d[:, None])[:, 0]
+        drafts = torch.stack(drafts, 1)
+        n = torch.full((drafts.shape[0],), k, dtype=torch.long, device=drafts.device)
+        return drafts, n, (torch.stack(qs, 1) if want_q else None)
+
+    def commit(self, drafts: Tensor, a: Tensor, new: Tensor, active: Tensor) -> None:
+        """a (B,) drafts accepted, then the model's token ``new`` (B,)."""
+        B, k = drafts.shape
+        w = self.pending.shape[1]
+        written = torch.ones(B, w + k - 1, dtype=torch.bool, device=a.device)
+        if self.valid is not None:
+            written[:, :w] = self.valid
+        cols = torch.arange(w + k - 1, device=a.device)
+        reject = (cols[None] >= w + a[:, None]) | ~active[:, None]  # the drafts past the a accepted
+        self.cur.take_back(self.round_start, written, reject, active)
+        full = (a == k) & active  # d_k was accepted but never run through the draft: it is pending too
+        if bool(full.any()):
+            self.pending = torch.stack([drafts[:, -1], new], 1)
+            self.valid = torch.stack([full, torch.ones_like(full)], 1)
+        else:
+            self.pending, self.valid = new[:, None], None
+
+
+class _LookupDraft:
+    """Prompt lookup: the k tokens after the latest earlier occurrence of each sequence's last n-gram."""
+
+    def __init__(self, out: Tensor, first: Tensor, ngram: int):
+        self.out, self.first, self.ngram = out, first, ngram  # first: (B,) each sequence's first real column
+
+    def start(self, first: Tensor) -> None:
+        pass
+
+    def propose_for(self, seq: Tensor, k: int) -> Tensor:
+        T = seq.numel()
+        for n in range(min(self.ngram, T - 1), 0, -1):
+            windows = seq[:T - 1].unfold(0, n, 1)  # every n-gram with a token after it
+            hits = (windows == seq[T - n:]).all(1).nonzero()
+            if hits.numel():
+                at = int(hits[-1]) + n
+                return seq[at:at + k]
+        return seq[:0]
+
+    def propose(self, k: int, ends: Tensor, active: Tensor):
+        B = self.out.shape[0]
+        drafts = self.out.new_zeros(B, k)
+        n = torch.zeros(B, dtype=torch.long, device=self.out.device)
+        for b in active.nonzero().flatten().tolist():
+            d = self.propose_for(self.out[b, int(self.first[b]):int(ends[b])], k)
+            drafts[b, :d.numel()], n[b] = d, d.numel()
+        return drafts, n, None
+
+    def commit(self, drafts, a, new, active) -> None:
+        pass
+
+
+def _positive(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+
+
+def check_speculation(model: nn.Module, length: int, assistant_model, num_assistant_tokens,
+                      prompt_lookup_num_tokens, max_matching_ngram_size) -> None:
+    """generate's draft arguments: one kind of draft, sizes >= 1, an assistant that fits beside ``model``."""
+    if assistant_model is not None and prompt_lookup_num_tokens is not None:
+        raise ValueError("assistant_model, prompt_lookup_num_tokens: pass one kind of draft, not both")
+    if assistant_model is not None:
+        if type(assistant_model) is not type(model):
+            raise TypeError(f"assistant_model: expected a {type(model).__name__}, got {type(assistant_model).__name__}")
+        if assistant_model is model:
+            raise ValueError("assistant_model: the model itself (it needs a cache of its own: pass a smaller copy)")
+        _positive("num_assistant_tokens", num_assistant_tokens)
+        dev, adev = model.tok_emb.weight.device, assistant_model.tok_emb.weight.device
+        if adev != dev:
+            raise ValueError(f"assistant_model: on {adev}, the model on {dev}")
+        if assistant_model.config.max_seq_len < length:
+            raise ValueError(f"assistant_model: config.max_seq_len {assistant_model.config.max_seq_len} < the "
+                             f"prompt plus max_new_tokens ({length})")
+        if assistant_model.training:
+            raise ValueError("assistant_model: in training mode (call .eval(): its drafts would use dropout)")
+    else:
+        _positive("prompt_lookup_num_tokens", prompt_lookup_num_tokens)
+        _positive("max_matching_ngram_size", max_matching_ngram_size)
+
+
+def speculative_generate(model: nn.Module, input_ids: Tensor, keep: Tensor, max_new_tokens: int, *,
+                         assistant_model: Optional[nn.Module], num_assistant_tokens: int,
+                         prompt_lookup_num_tokens: Optional[int], max_matching_ngram_size: int, temperature: float,
+                         top_k, top_p, eos_token_id, generator, streamer, min_new_tokens: int) -> Tensor:
+    """GPT.generate with a draft (checked there): prompts (B, L) left-padded (``keep``: False = padding)."""
+    B, L = input_ids.shape
+    dev, V = input_ids.device, model.config.vocab_size
+    k = num_assistant_tokens if assistant_model is not None else prompt_lookup_num_tokens
+    headroom = 2 * (k + 2)  # a round writes at most k + 1 slots (the draft's: k - 1 and 2 pending)
+    model.setup_caches(B, L + max_new_tokens, headroom=headroom)
+    out = input_ids.new_empty(B, L + max_new_tokens)
+    out[:, :L] = input_ids
+    logits = model.prefill(input_ids, keep)
+    cur = _Cursor(model, L)
+    if assistant_model is not None:
+        assistant_model.setup_caches(B, L + max_new_tokens, headroom=headroom)
+        draft = _ModelDraft(assistant_model, input_ids, keep, V)
+    else:
+        draft = _LookupDraft(out, (~keep).sum(1), max_matching_ngram_size)
+
+    eos = eos_ids(eos_token_id, dev)
+    n = torch.zeros(B, dtype=torch.long, device=dev)  # new tokens written per sequence
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    stream, end = stream_calls(streamer, out[:, :L])
+    streamed = 0
+    stats = SpeculationStats()
+    cols_all = torch.arange(k + 1, device=dev)
+
+    def no_early_eos(lg: Tensor, first_index: Tensor) -> Tensor:
+        """lg (B, W, V) whose row i is new token first_index + i: no eos id before min_new_tokens (as HF)."""
+        if eos is None or not min_new_tokens:
+            return lg
+        early = (first_index[:, None] + torch.arange(lg.shape[1], device=dev)) < min_new_tokens
+        return lg.masked_fill(early[..., None] & torch.isin(torch.arange(V, device=dev), eos), float("-inf"))
+
+    def commit(tokens: Tensor, count: Tensor) -> Tensor:
+        """Write the first ``count`` (B,) of tokens (B, W) after each active sequence's new tokens, stopping at an eos
+        and at max_new_tokens; update n and finished. Returns the written mask (B, W)."""
+        W = tokens.shape[1]
+        cols = cols_all[:W]
+        take = (cols[None] < count[:, None]) & (cols[None] < (max_new_tokens - n)[:, None]) & ~finished[:, None]
+        if eos is not None:
+            hit = torch.isin(tokens, eos) & take
+            first = torch.where(hit.any(1), hit.int().argmax(1), W)
+            take &= cols[None] <= first[:, None]
+            finished.logical_or_(hit.any(1))
+        b, c = take.nonzero(as_tuple=True)
+        out[b, L + n[b] + c] = tokens[b, c]
+        n.add_(take.sum(1))
+        if eos is not None:  # a finished sequence is padded with the first eos id, as without a draft
+            pad = (torch.arange(max_new_tokens, device=dev)[None] >= n[:, None]) & finished[:, None]
+            out[:, L:] = torch.where(pad, eos[0], out[:, L:])
+        finished.logical_or_(n >= max_new_tokens)
+        return take
+
+    def sample(lg: Tensor, i: int):
+        """The draft's token (B,) at step i from its logits (B, V), and its distribution (B, V) when sampling."""
+        lg = no_early_eos(lg[:, None], n + i)[:, 0]
+        if temperature == 0:
+            return lg.argmax(-1), None
+        q = warped_probs(lg, temperature, top_k, top_p)
+        return torch.multinomial(q, 1, generator=generator).squeeze(-1), q
+
+    first = sample_next(no_early_eos(logits[:, None], n)[:, 0], temperature, top_k, top_p, generator)
+    commit(first[:, None], torch.ones_like(n))
+    last = first
+    draft.start(first)
+    while True:
+        done_cols = int(torch.where(finished, max_new_tokens, n).min())
+        last_col = int(n.max()) if bool(finished.all()) else done_cols
+        if stream is not None:
+            for c in range(streamed, last_col):
+                stream(out[:, L + c].clone())
+            streamed = max(streamed, last_col)
+        if bool(finished.all()):
+            break
+        active = ~finished
+        kr = min(k, int((max_new_tokens - n)[active].max()) - 1)
+        if kr > 0:
+            if assistant_model is not None:
+                drafts, nd, q = draft.propose(kr, sample, temperature > 0)
+            else:
+                drafts, nd, q = draft.propose(kr, L + n, active)
+                kr = int(nd.max())
+                drafts = drafts[:, :kr]
+        if kr <= 0:
+            kr, drafts, nd, q = 0, last.new_zeros(B, 0), torch.zeros_like(n), None
+        cur.reserve(kr + 1)
+        start = cur.slot
+        logits = no_early_eos(cur.run(torch.cat([last[:, None], drafts], 1)), n)  # (B, kr + 1, V)
+        cols = cols_all[:kr]
+        real = cols[None] < nd[:, None]
+        if temperature == 0:
+            pred = logits.argmax(-1)
+            a = ((drafts == pred[:, :kr]) & real).int().cumprod(1).sum(1)
+            new = pred.gather(1, a[:, None]).squeeze(1)
+        else:
+            p = warped_probs(logits, temperature, top_k, top_p)  # (B, kr + 1, V)
+            pd = p[:, :kr].gather(-1, drafts[..., None]).squeeze(-1)
+            qd = torch.ones_like(pd) if q is None else q.gather(-1, drafts[..., None]).squeeze(-1)
+            u = torch.rand(pd.shape, generator=generator, device=dev)
+            a = ((u * qd < pd) & real).int().cumprod(1).sum(1)
+            pa = p.gather(1, a[:, None, None].expand(B, 1, V)).squeeze(1)  # (B, V)
+            rejected = a < nd
+            if q is None:  # one-hot draft: max(p - q, 0) is p without the rejected token
+                qa = F.one_hot(drafts.gather(1, a.clamp(max=max(kr - 1, 0))[:, None]).squeeze(1), V).to(pa.dtype) \
+                    if kr else torch.zeros_like(pa)
+            else:
+                qa = q.gather(1, a.clamp(max=kr - 1)[:, None, None].expand(B, 1, V)).squeeze(1)
+            r = torch.where(rejected[:, None], (pa - qa).clamp_min(0), pa)
+            r = torch.where(r.sum(-1, keepdim=True) > 0, r, pa)
+            new = torch.multinomial(r, 1, generator=generator).squeeze(1)
+        stats.steps += 1
+        stats.drafted += int(nd[active].sum())
+        stats.accepted += int(a[active].sum())
+        tokens = torch.cat([drafts, new[:, None]], 1).scatter(1, a[:, None], new[:, None])
+        written = commit(tokens, a + 1)
+        # the model's cache keeps `last` and the accepted drafts; a sequence that stopped keeps nothing
+        reject = (cols_all[None, :kr + 1] > a[:, None]) | ~written.any(1, keepdim=True) | finished[:, None]
+        cur.take_back(start, torch.ones_like(reject), reject, ~finished)
+        if kr:  # (kr is 0 for a model draft only in the last round)
+            draft.commit(drafts, a, new, ~finished)
+        last = new
+    stats.tokens = int(n.sum())
+    model.speculation_stats = stats
+    if end is not None:
+        end()
+    return out[:, :L + int(n.max())]
