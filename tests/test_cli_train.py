@@ -188,12 +188,36 @@ def test_generate_prompt_before_checkpoint_and_streamed_stop(gpt_run, capsys):
     assert streamed == batch == "She" + cont[:cont.index(stop)]  # nothing of the stop string printed while streaming
 
 
+def test_generate_speculative(gpt_run, tmp_path, capsys):
+    """--prompt-lookup and --draft (another run on the same tokenizer) print plain greedy's text, and say how many
+    drafted tokens were accepted; a draft on another tokenizer or of another kind is refused in one line."""
+    args = ["generate", str(gpt_run), "-p", "It is", "-p", "Emma", "-n", "12", "--temperature", "0"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    draft = train(tmp_path, "draft", "--steps", "2")
+    for extra in (["--prompt-lookup", "3"], ["--draft", str(draft), "--num-draft-tokens", "2"],
+                  ["--draft", str(draft), "--int8"]):
+        assert main(args + extra) == 0
+        out = capsys.readouterr()
+        assert "drafted tokens accepted" in out.err, out.err
+        if "--int8" not in extra:
+            assert out.out == plain
+    for other, needle in ((train(tmp_path, "bpe", "--tokenizer", "bpe"), "its tokenizer differs"),
+                          (train(tmp_path, "mlm", "--task", "mlm"), "a BERT; the model is a GPT")):
+        capsys.readouterr()
+        assert main(args + ["--draft", str(other)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("args, stdin, needle", [
     (["-p", "x" * 200, "-n", "2"], None, "exceed the model's context of"),
     (["-p", "a", "-n", "500"], None, "exceed the model's context of"),
     (["-p", "a", "-p", "b", "--stream"], None, "--stream prints one continuation"),
     (["-p", "-"], "\n  \n", "no prompts on stdin"),
     (["-p", "a", "--chat"], None, "--chat: the model's tokenizer has no chat template"),
+    (["-p", "a", "--prompt-lookup", "0"], None, "--prompt-lookup must be >= 1"),
+    (["-p", "a", "--prompt-lookup", "2", "--draft", "x"], None, "choose one way of drafting"),
 ])
 def test_generate_user_errors(gpt_run, capsys, monkeypatch, args, stdin, needle):
     import io

@@ -30,6 +30,11 @@ class GenerateConfig:
     stream: Optional[bool] = opt(None, "print tokens as they come (default: on for a single prompt)")
     chat: bool = opt(False, "each prompt as a user turn of the model's chat template (an instruct model's "
                             "Hugging Face tokenizer); the reply alone is printed")
+    draft: Optional[str] = opt(None, "speculative decoding: a smaller model on the same tokenizer (checkpoint or "
+                                     "Hugging Face folder) drafts tokens that the model checks several at a time")
+    num_draft_tokens: int = opt(4, "tokens the --draft model proposes a step")
+    prompt_lookup: Optional[int] = opt(None, "speculative decoding without a draft model: propose this many tokens "
+                                             "a step from where the text's last words appeared before")
 
     def validate(self):
         if self.max_new_tokens < 0:
@@ -44,6 +49,12 @@ class GenerateConfig:
             raise CLIError(f"--top-p must be in (0, 1], got {self.top_p}")
         if "" in self.stop:
             raise CLIError("--stop: an empty string (it would stop every continuation before its first token)")
+        if self.num_draft_tokens < 1:
+            raise CLIError(f"--num-draft-tokens must be >= 1, got {self.num_draft_tokens}")
+        if self.prompt_lookup is not None and self.prompt_lookup < 1:
+            raise CLIError(f"--prompt-lookup must be >= 1, got {self.prompt_lookup}")
+        if self.draft and self.prompt_lookup:
+            raise CLIError("--draft, --prompt-lookup: choose one way of drafting")
 
 
 def read_prompts(cfg):
@@ -117,8 +128,9 @@ def _until_end(row, stop_ids):
     return next((row[:j] for j, t in enumerate(row) if t in stop_ids), row)
 
 
-def generate(model, tok, prompts, cfg, device, out=None):
-    """Generate for every prompt (one left-padded batch); returns (texts, new tokens, seconds)."""
+def generate(model, tok, prompts, cfg, device, out=None, draft=None):
+    """Generate for every prompt (one left-padded batch), speculatively with the ``draft`` model or
+    --prompt-lookup; returns (texts, new tokens, seconds)."""
     out = out or sys.stdout
     if cfg.chat and not hasattr(tok, "encode_chat"):
         raise CLIError("--chat: the model's tokenizer has no chat template (a Hugging Face instruct model's has)")
@@ -167,12 +179,19 @@ def generate(model, tok, prompts, cfg, device, out=None):
     if stream and len(prompts) == 1:
         out.write(shown[0])
         out.flush()
+    spec = {}
+    if draft is not None:
+        spec = dict(assistant_model=draft, num_assistant_tokens=cfg.num_draft_tokens)
+    elif cfg.prompt_lookup:
+        spec = dict(prompt_lookup_num_tokens=cfg.prompt_lookup)
+    if spec and n_prompt:
+        raise CLIError("--draft / --prompt-lookup: not with a soft-prompt model (its prompt is an embedding hook)")
     start = time.perf_counter()
     try:
         with torch.no_grad():
             model.generate(ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
                            top_p=cfg.top_p, eos_token_id=tok.stop_ids, attention_mask=mask, generator=gen,
-                           streamer=streamer, min_new_tokens=cfg.min_new_tokens)
+                           streamer=streamer, min_new_tokens=cfg.min_new_tokens, **spec)
     except _Stop:
         pass
     except ValueError as e:
@@ -204,13 +223,36 @@ def main(cfg: GenerateConfig) -> int:
     elif cfg.int8 and not state.get("int8"):
         import fastattn
         model = fastattn.quantize(model, mode="w8a16")
+    draft = load_draft(cfg, model, tok, device) if cfg.draft else None
+    if (draft is not None or cfg.prompt_lookup) and not hasattr(model, "decode_many"):
+        raise CLIError(f"--draft / --prompt-lookup: speculative decoding runs on a GPT, not a {type(model).__name__}")
     prompts = read_prompts(cfg)
     stream = cfg.stream if cfg.stream is not None else len(prompts) == 1
-    texts, n, secs = generate(model, tok, prompts, cfg, device)
+    texts, n, secs = generate(model, tok, prompts, cfg, device, draft=draft)
     if stream and len(prompts) == 1:
         print()
     else:
         for i, t in enumerate(texts):
             print(f"--- [{i}] ---\n{t}")
-    print(f"[{n} tokens in {secs:.2f} s: {n / max(secs, 1e-9):,.1f} tokens/s]", file=sys.stderr)
+    spec = ""
+    st = getattr(model, "speculation_stats", None)
+    if st is not None and (draft is not None or cfg.prompt_lookup):
+        spec = f"; {st.accepted} of {st.drafted} drafted tokens accepted ({st.acceptance:.0%}), {st.steps} steps"
+    print(f"[{n} tokens in {secs:.2f} s: {n / max(secs, 1e-9):,.1f} tokens/s{spec}]", file=sys.stderr)
     return 0
+
+
+def load_draft(cfg, model, tok, device):
+    """The --draft model: a GPT (checkpoint or HF folder) on the model's tokenizer, in eval mode, int8 like the
+    model when --int8."""
+    from fastattn.cli.train import load_model
+    draft, _, dtok = load_model(cfg.draft, backend=cfg.model_backend, map_location=device)
+    if type(draft) is not type(model):
+        raise CLIError(f"--draft {cfg.draft}: a {type(draft).__name__}; the model is a {type(model).__name__}")
+    if dtok.token_bytes != tok.token_bytes:
+        raise CLIError(f"--draft {cfg.draft}: its tokenizer differs from the model's (a draft must share it)")
+    draft.eval()
+    if cfg.int8:
+        import fastattn
+        draft = fastattn.quantize(draft, mode="w8a16")
+    return draft
