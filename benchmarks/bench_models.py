@@ -142,6 +142,69 @@ def test_greedy_generation_interleaved(benchmark, models, impl):
                 threads=torch.get_num_threads())
 
 
+LOOKUP = int(os.environ.get("FASTATTN_BENCH_LOOKUP", "4"))
+
+
+def test_prompt_lookup_interleaved(benchmark, models):
+    """Speculative decoding by prompt lookup (LOOKUP tokens drafted a step), ours and transformers' own
+    (prompt_lookup_num_tokens), against both plain greedy runs, rounds interleaved; all four give the same tokens.
+    The random weights' greedy output repeats itself, so lookup drafts are often right (``acceptance``): what a
+    task that copies from its input (summaries, code edits) sees, not open-ended text."""
+    hf, ours = models
+    ids = _prompt(hf.config.vocab_size)
+    model = ours["fastattn"]
+
+    def run(fn):
+        def call():
+            with torch.inference_mode():
+                fn()
+            sync(DEVICE)
+        return call
+
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    runs = {"transformers": run(lambda: hf.generate(ids, **kw)),
+            "transformers-lookup": run(lambda: hf.generate(ids, prompt_lookup_num_tokens=LOOKUP, **kw)),
+            "fastattn": run(lambda: model.generate(ids, NEW, temperature=0)),
+            "fastattn-lookup": run(lambda: model.generate(ids, NEW, temperature=0, prompt_lookup_num_tokens=LOOKUP))}
+    interleaved(benchmark, runs, "fastattn-lookup", BATCH * NEW,
+                f"generate prompt-lookup {SIZE} {str(DTYPE)[6:]} b{BATCH} {PROMPT}+{NEW} greedy k{LOOKUP}", ROUNDS,
+                device=DEVICE, dtype=str(DTYPE)[6:], model=SIZE, batch=BATCH, prompt=PROMPT, new=NEW,
+                threads=torch.get_num_threads())
+    st = model.speculation_stats
+    info = benchmark.extra_info
+    info.update(acceptance=st.acceptance, steps=st.steps)
+    if "fastattn min s" in info:
+        best = {n: info[f"{n} min s"] for n in runs}
+        info["speedup_vs_transformers-lookup"] = best["transformers-lookup"] / best["fastattn-lookup"]
+        info["speedup_vs_fastattn"] = best["fastattn"] / best["fastattn-lookup"]
+
+
+@pytest.mark.parametrize("impl", ["fastattn", "fastattn-w8a16"])
+@pytest.mark.parametrize("width", [1, 2, 3, 5, 8])
+def test_verify_step(benchmark, models, impl, width):
+    """One speculative step of ``width`` tokens per sequence against a PROMPT-token cache (GPT.decode_many, bound;
+    width 1: the decode step): what checking k = width - 1 drafts costs. With acceptance a per draft and a draft
+    costing c decode steps a token, a step yields (1 - a^(k+1)) / (1 - a) tokens for k c + step(width) / step(1)."""
+    model = models[1][impl]
+    ids = _prompt(model.config.vocab_size)
+    tokens = ids[:, :width]
+    with torch.inference_mode():
+        model.setup_caches(BATCH, PROMPT + NEW)
+        model.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+        step = model.bound_decode_one() if width == 1 else model.bound_decode_many(width)
+        pos = model.cache_index[PROMPT:PROMPT + width]
+        next_pos = model.next_pos.clone()
+
+        def run():
+            with torch.inference_mode():
+                model.next_pos.copy_(next_pos)  # the same slots and positions every call
+                step(tokens, pos)
+            sync(DEVICE)
+        benchmark.group = f"verify step {SIZE} {impl} b{BATCH} cache {PROMPT}"
+        benchmark.extra_info.update(impl=impl, width=width, model=SIZE, batch=BATCH, device=DEVICE)
+        benchmark.pedantic(run, warmup_rounds=3, rounds=max(ROUNDS, 20), iterations=1)
+
+
 def test_same_greedy_tokens(models):
     """The float rows generate the same tokens (a benchmark of two different computations would be worthless)."""
     hf, ours = models
@@ -149,4 +212,5 @@ def test_same_greedy_tokens(models):
     with torch.inference_mode():
         theirs = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
         mine = ours["fastattn"].generate(ids, 8, temperature=0)
-    assert torch.equal(mine, theirs)
+        lookup = ours["fastattn"].generate(ids, 8, temperature=0, prompt_lookup_num_tokens=LOOKUP)
+    assert torch.equal(mine, theirs) and torch.equal(lookup, theirs)
