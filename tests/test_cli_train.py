@@ -190,7 +190,8 @@ def test_generate_prompt_before_checkpoint_and_streamed_stop(gpt_run, capsys):
 
 def test_generate_speculative(gpt_run, tmp_path, capsys):
     """--prompt-lookup and --draft (another run on the same tokenizer) print plain greedy's text, and say how many
-    drafted tokens were accepted; a draft on another tokenizer or of another kind is refused in one line."""
+    drafted tokens were accepted (an encoder-decoder's too); a draft on another tokenizer or of another kind is
+    refused in one line."""
     args = ["generate", str(gpt_run), "-p", "It is", "-p", "Emma", "-n", "12", "--temperature", "0"]
     assert main(args) == 0
     plain = capsys.readouterr().out
@@ -202,6 +203,11 @@ def test_generate_speculative(gpt_run, tmp_path, capsys):
         assert "drafted tokens accepted" in out.err, out.err
         if "--int8" not in extra:
             assert out.out == plain
+    s2s = ["generate", str(train(tmp_path, "s2s", "--task", "seq2seq")), "-p", "It is", "-n", "6", "--temperature",
+           "0"]
+    assert main(s2s) == 0
+    plain = capsys.readouterr().out
+    assert main(s2s + ["--prompt-lookup", "2"]) == 0 and capsys.readouterr().out == plain
     for other, needle in ((train(tmp_path, "bpe", "--tokenizer", "bpe"), "its tokenizer differs"),
                           (train(tmp_path, "mlm", "--task", "mlm"), "a BERT; the model is a GPT")):
         capsys.readouterr()

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from conftest import assert_bounded
-from fastattn.models import GPT, GPTConfig
+from fastattn.models import GPT, GPTConfig, Seq2Seq, Seq2SeqConfig
 from fastattn.models.decode_step import DecodeStep
 from fastattn.models.layers import CacheMixin
+from fastattn.models.speculative import _LookupDraft
 
 VOCAB = 53
 SMALL = dict(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, d_ff=48, max_seq_len=160)
@@ -187,6 +188,88 @@ def test_assistant_with_a_padded_vocabulary():
     ids, mask = _prompts(2, 12)
     assert torch.equal(m.generate(ids, 20, temperature=0, attention_mask=mask, assistant_model=big),
                        m.generate(ids, 20, temperature=0, attention_mask=mask))
+
+
+def test_prompt_lookup_proposals():
+    """The latest earlier occurrence of the longest matching n-gram (up to max_matching_ngram_size), searched in the
+    prefix (an encoder-decoder's source) and the row from its first real column; nothing when no 1-gram matches."""
+    out = torch.tensor([[0, 0, 5, 6, 9, 5, 6, 7, 1, 2, 5, 6],
+                        [3, 4, 8, 2, 2, 2, 2, 2, 2, 2, 2, 9]])
+    d = _LookupDraft(out, torch.tensor([2, 0]), 2, prefix=None)
+    drafts, n, _ = d.propose(3, torch.tensor([12, 12]), torch.tensor([True, True]))
+    assert n.tolist() == [3, 0] and drafts[0].tolist() == [7, 1, 2]  # "5 6" last seen before "7 1 2", not "9"
+    d = _LookupDraft(out, torch.tensor([2, 0]), 2, prefix=[torch.tensor([1]), torch.tensor([9, 4, 1, 1])])
+    drafts, n, _ = d.propose(3, torch.tensor([5, 12]), torch.tensor([True, True]))
+    assert n.tolist() == [0, 3] and drafts[1].tolist() == [4, 1, 1]  # row 1: "9" found in its source only
+
+
+# ---- encoder-decoder ------------------------------------------------------------------------------------------
+S2S = {
+    "bart": dict(),
+    "t5": dict(norm_first=True, pos="none", norm="rmsnorm", mlp="geglu", activation="gelu_tanh", embed_norm=False,
+               bias=False, attn_scale=1.0, relative_buckets=8, relative_max_distance=12),
+}
+
+
+def _s2s(variant, dtype=torch.float64):
+    torch.manual_seed(0)
+    m = Seq2Seq(Seq2SeqConfig(**{**SMALL, "max_seq_len": 64}, **S2S[variant])).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(6)
+    return m.to(dtype)
+
+
+def _sources(B):
+    ids, mask = _prompts(B, 16, pad=(0, 4, 6))
+    return ids.flip(1), mask.flip(1)  # padded on the right, as tokenizers pad an encoder's input
+
+
+@pytest.mark.parametrize("bound", [True, False], ids=["bound", "modules"])
+@pytest.mark.parametrize("variant", list(S2S))
+def test_seq2seq_decode_many_equals_full_forward(variant, bound):
+    """The decoder's decode_many (cross-attention on W rows; T5's relative bias on them) against the full forward:
+    fp32 error bounded by the full forward's own against float64. T5 in batches of one (no holes: slot = position)."""
+    m, m64 = _s2s(variant, torch.float32), _s2s(variant)
+    B = 1 if variant == "t5" else 2
+    src, mask = _sources(B)
+    g = torch.Generator().manual_seed(6)
+    dec = torch.randint(0, VOCAB, (B, 20), generator=g)
+    W = 4
+    with torch.no_grad():
+        m.setup_caches(B, 20)
+        m.prefill(src, mask, dec[:, :4])
+        step = m.bound_decode_many(W) if bound else m.decode_many
+        assert isinstance(step, DecodeStep) == bound
+        for start in (4, 8):
+            logits = step(dec[:, start:start + W], m.cache_index[start:start + W])
+            for i in range(W):
+                n = start + i + 1
+                assert_bounded(f"token {n}", logits[:, i], m64(src, mask, dec[:, :n]).logits[:, -1],
+                               m(src, mask, dec[:, :n]).logits[:, -1], torch.float32)
+
+
+@pytest.mark.parametrize("draft", ["lookup", "near-copy", "copy"])
+@pytest.mark.parametrize("variant", list(S2S))
+def test_seq2seq_greedy_equals_plain_greedy(variant, draft):
+    m = _s2s(variant)
+    src, mask = _sources(1 if variant == "t5" else 3)
+    plain = m.generate(src, 24, temperature=0, attention_mask=mask)
+    kw = {"lookup": dict(prompt_lookup_num_tokens=3), "near-copy": dict(assistant_model=_near_copy(m, 0.01)),
+          "copy": dict(assistant_model=_near_copy(m, 0.0))}[draft]
+    assert torch.equal(m.generate(src, 24, temperature=0, attention_mask=mask, **kw), plain)
+    if draft == "copy":  # a draft that is the model proposes what it generates
+        assert m.speculation_stats.acceptance == 1.0
+    assert m.memory_kv is None and all(getattr(v, "memory_kv", None) is None for v in kw.values())
+
+
+def test_seq2seq_t5_batches_are_refused():
+    m = _s2s("t5")
+    src, mask = _sources(2)
+    with pytest.raises(ValueError, match="input_ids: speculative decoding of a model with relative positions"):
+        m.generate(src, 4, attention_mask=mask, prompt_lookup_num_tokens=2)
+    with pytest.raises(ValueError, match="assistant_model: a model with relative positions"):
+        _s2s("bart").generate(src, 4, attention_mask=mask, assistant_model=_near_copy(m, 0.0))
 
 
 # ---- sampling: the model's distribution -------------------------------------------------------------------------

@@ -225,7 +225,8 @@ def main(cfg: GenerateConfig) -> int:
         model = fastattn.quantize(model, mode="w8a16")
     draft = load_draft(cfg, model, tok, device) if cfg.draft else None
     if (draft is not None or cfg.prompt_lookup) and not hasattr(model, "decode_many"):
-        raise CLIError(f"--draft / --prompt-lookup: speculative decoding runs on a GPT, not a {type(model).__name__}")
+        raise CLIError(f"--draft / --prompt-lookup: speculative decoding runs on a GPT or Seq2Seq, not a "
+                       f"{type(model).__name__}")
     prompts = read_prompts(cfg)
     stream = cfg.stream if cfg.stream is not None else len(prompts) == 1
     texts, n, secs = generate(model, tok, prompts, cfg, device, draft=draft)

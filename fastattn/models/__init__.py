@@ -29,9 +29,9 @@ The interface (stable; the CLI builds on it):
   attention_mask=None, generator=None, streamer=None)`` (GPT; Seq2Seq adds ``decoder_start_token_id``,
   ``forced_bos_token_id``):
   temperature 0 = greedy; eos_token_id may be a list of ids. GPT batches of different lengths are padded on the
-  left. GPT's speculative decoding: ``assistant_model`` (a smaller GPT, same tokenizer) with
-  ``num_assistant_tokens``, or ``prompt_lookup_num_tokens`` with ``max_matching_ngram_size``; greedy output unchanged,
-  sampling from the same distribution; ``model.speculation_stats`` (a ``SpeculationStats``) after the call.
+  left. Speculative decoding (GPT and Seq2Seq): ``assistant_model`` (a smaller model of the same class, same
+  tokenizer) with ``num_assistant_tokens``, or ``prompt_lookup_num_tokens`` with ``max_matching_ngram_size``; greedy
+  output unchanged, sampling from the same distribution; ``model.speculation_stats`` (a ``SpeculationStats``).
 - Every model: ``save_pretrained(dir)`` / ``cls.from_pretrained(dir, **config_overrides)`` (config.json +
   model.safetensors), ``num_parameters(trainable_only=False)``, ``backbone_parameters()`` / ``head_parameters()``.
   ``GPT.from_hf(dir)`` (GPT-2, OPT, GPT-NeoX / Pythia, Phi-1 / 1.5 / 2, Falcon, StableLM, Llama incl. 3.1 / 3.2,

@@ -114,7 +114,7 @@ class _SelfAttention:
             K, V = K[:, :, :st.end], V[:, :, :st.end]
         if st.bias is not None:  # the split-KV kernel adds no bias: the flash kernel with it as a float mask
             out = attention(q, K, V, attn_mask=st.bias, key_padding_mask=st.pad[self.window], scale=self.scale,
-                            softcap=self.softcap)
+                            softcap=self.softcap, causal="bottom_right" if W > 1 else None)
         elif self.kernel is not None:
             out = self.kernel(q, K, V, None, st.keep[0 if W > 1 else self.window], self.scale, self.softcap,
                               W > 1)[0]
@@ -128,27 +128,29 @@ class _SelfAttention:
 
 
 class _CrossAttention:
-    def __init__(self, a: Attention, memory: Tuple[Tensor, Tensor], memory_pad: Optional[Tensor], rows: int, dtype,
-                 device, forced: str):
-        self.H, self.D, (self.k, self.v), self.pad = a.n_head, a.head_dim, memory, memory_pad
+    def __init__(self, a: Attention, memory: Tuple[Tensor, Tensor], memory_pad: Optional[Tensor], width: int,
+                 rows: int, dtype, device, forced: str):
+        self.H, self.D, (self.k, self.v), self.pad, self.W = a.n_head, a.head_dim, memory, memory_pad, width
         self.keep = None if memory_pad is None else ~memory_pad
         self.q, self.out = bind_linear(a.wq, dtype, rows), bind_linear(a.wo, dtype, rows)
         self.q_norm = None if a.q_norm is None else bind_head_norm(a.q_norm, dtype, device)
-        self.kernel = routed_kernel(torch.device(device).type, dtype, self.D, self.D, 1, self.k.shape[2], forced)
+        self.kernel = routed_kernel(torch.device(device).type, dtype, self.D, self.D, width, self.k.shape[2], forced)
         self.scale = self.D ** -0.5 if a.scale is None else a.scale
         self.softcap = a.softcap
 
     def __call__(self, x: Tensor, st: _Step) -> Tensor:
-        B = x.shape[0]
-        q = self.q(x).view(B, self.H, 1, self.D)
+        H, D, W = self.H, self.D, self.W
+        B = x.shape[0] // W
+        q = self.q(x).view(B, W, H, D)
         if self.q_norm is not None:
             q = self.q_norm(q)
+        q = q.transpose(1, 2)  # (B, H, W, D)
         if self.kernel is not None:
             out = self.kernel(q, self.k, self.v, None, self.keep, self.scale, self.softcap, False)[0]
         else:
             out = attention(q, self.k, self.v, causal=None, key_padding_mask=self.pad, scale=self.scale,
                             softcap=self.softcap)
-        return self.out(out.reshape(B, self.H * self.D))
+        return self.out(out.transpose(1, 2).reshape(B * W, H * D))
 
 
 class _Block:
@@ -161,7 +163,7 @@ class _Block:
         self.cross = None
         if memory is not None:
             self.norm_x = bind_norm(b.norm_x, pre, dtype, device)
-            self.cross = _CrossAttention(b.cross_attn, memory, memory_pad, rows, dtype, device, forced)
+            self.cross = _CrossAttention(b.cross_attn, memory, memory_pad, width, rows, dtype, device, forced)
         self.parallel = b.parallel
         if self.parallel:  # norm2 (if any) reads the stream itself: a plain norm
             self.norm2 = None if b.norm2 is None else bind_norm(b.norm2, False, dtype, device)
@@ -199,8 +201,6 @@ class DecodeStep:
                  memory_pad, width: int = 1):
         ref = model.tok_emb.weight
         dtype, device, forced = ref.dtype, ref.device, forced_backend() or ""
-        if width > 1 and (memory is not None or getattr(model, "dec_rel", None) is not None):
-            raise ValueError(f"width: {width} rows per sequence are bound for decoder-only models only")
         rows = model.cache_padding.shape[0] * width  # W rows per sequence
         self.model, self.embed, self.width = model, embed, width
         self.blocks = [_Block(b, None if memory is None else memory[i], memory_pad, width, rows, dtype, device,
@@ -231,7 +231,8 @@ class DecodeStep:
             end = int(input_pos[-1]) + 1
             pad = {0: m.cache_padding[:, :end]}
         keep = {w: ~p if self.needs_keep else None for w, p in pad.items()}
-        bias = None if self.rel is None else self.rel(m.next_pos, m.cache_index)  # slot = position
+        # T5's relative positions: slot = position (speculative batches of one: no holes)
+        bias = None if self.rel is None else self.rel(positions, m.cache_index[:end])
         st = _Step(input_pos, keep, pad, rotary, bias, end)
         h, residual = x.view(B * W, x.shape[-1]), None
         for block in self.blocks:

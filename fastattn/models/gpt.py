@@ -22,10 +22,10 @@ from torch import Tensor, nn
 
 from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
-from .speculative import check_speculation, speculative_generate
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
                      drop, generation_loop, init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none,
                      shifted_target, softcap)
+from .speculative import speculation, speculative_generate
 
 
 @dataclass
@@ -120,18 +120,10 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         self.next_pos += 1
         return self.logits(h[:, -1])
 
-    def decode_many(self, tokens: Tensor, input_pos: Tensor, valid: Optional[Tensor] = None) -> Tensor:
-        """Several tokens per sequence (B, W), written at the consecutive cache slots ``input_pos`` (W,), each
-        attending to the cache up to its own slot (a speculative step's drafts, checked at once). ``valid`` (B, W)
-        bool, False = a filler: its slot stays padding and its position is not counted (its logits mean nothing).
-        Returns logits (B, W, V)."""
-        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
-        self.cache_padding[:, input_pos] = ~valid
-        positions = (self.next_pos + valid.cumsum(-1) - 1).clamp_min(0)
-        end = int(input_pos[-1]) + 1
+    def cached_logits(self, tokens: Tensor, positions: Tensor, input_pos: Tensor, end: int) -> Tensor:
+        """decode_many's pass (CacheMixin)."""
         h = self.hidden(tokens, positions, key_padding_mask=self.cache_padding[:, :end], input_pos=input_pos,
                         use_cache=True, cache_end=end)
-        self.next_pos += valid.sum(-1, keepdim=True)
         return self.logits(h)
 
     @torch.no_grad()
@@ -163,18 +155,17 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
                              "in some row)")
         if max_new_tokens == 0:
             return input_ids
-        if assistant_model is not None or prompt_lookup_num_tokens is not None:
-            check_speculation(self, L + max_new_tokens, assistant_model, num_assistant_tokens,
-                              prompt_lookup_num_tokens, max_matching_ngram_size)
-            return speculative_generate(
-                self, input_ids, keep, max_new_tokens, assistant_model=assistant_model,
-                num_assistant_tokens=num_assistant_tokens, prompt_lookup_num_tokens=prompt_lookup_num_tokens,
-                max_matching_ngram_size=max_matching_ngram_size, temperature=temperature, top_k=top_k, top_p=top_p,
-                eos_token_id=eos_token_id, generator=generator, streamer=streamer, min_new_tokens=min_new_tokens)
-        self.setup_caches(B, L + max_new_tokens)
+        spec = speculation(self, B, {"the prompt plus max_new_tokens": L + max_new_tokens}, assistant_model,
+                           num_assistant_tokens, prompt_lookup_num_tokens, max_matching_ngram_size)
+        self.setup_caches(B, L + max_new_tokens, headroom=spec.headroom if spec else 0)
         out = input_ids.new_empty(B, L + max_new_tokens)
         out[:, :L] = input_ids
         logits = self.prefill(input_ids, keep)
+        if spec is not None:
+            draft = spec.draft(out, L, self.config.vocab_size, lambda m: m.prefill(input_ids, keep), (~keep).sum(1))
+            return speculative_generate(self, out, L, logits, draft, spec.k, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, eos_token_id=eos_token_id, generator=generator,
+                                        streamer=streamer, min_new_tokens=min_new_tokens)
         return generation_loop(logits, self.bound_decode_one(), out, L, max_new_tokens, temperature, top_k, top_p,
                                eos_token_id, generator, streamer, min_new_tokens)
 

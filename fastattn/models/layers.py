@@ -710,7 +710,9 @@ def padding_or_none(keep: Tensor, attention_mask: Optional[Tensor]) -> Optional[
 class CacheMixin:
     """``setup_caches`` for a model whose ``cached_blocks()`` attend causally over their own past (GPT's blocks, the
     Seq2Seq decoder's). Buffers (not in the state_dict): each block's KVCache, ``cache_padding`` (B, max_len) True =
-    padding or not written yet, ``next_pos`` (B, 1) each sequence's next position, ``cache_index`` arange(max_len)."""
+    padding or not written yet, ``next_pos`` (B, 1) each sequence's next position, ``cache_index`` arange(max_len).
+    ``decode_many`` needs the model's ``cached_logits(tokens, positions, input_pos, end)``: logits (B, W, V) of tokens
+    written at cache slots input_pos, attending causally over the first ``end`` slots."""
 
     def cached_blocks(self) -> nn.ModuleList:
         return self.blocks
@@ -738,6 +740,18 @@ class CacheMixin:
         self.register_buffer("next_pos", torch.zeros(batch, 1, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("cache_index", torch.arange(max_len, device=device), persistent=False)
 
+
+    def decode_many(self, tokens: Tensor, input_pos: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """Several tokens per sequence (B, W), written at the consecutive cache slots ``input_pos`` (W,), each
+        attending to the cache up to its own slot (a speculative step's drafts, checked at once). ``valid`` (B, W)
+        bool, False = a filler: its slot stays padding and its position is not counted (its logits mean nothing).
+        Returns logits (B, W, V)."""
+        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
+        self.cache_padding[:, input_pos] = ~valid
+        positions = (self.next_pos + valid.cumsum(-1) - 1).clamp_min(0)
+        logits = self.cached_logits(tokens, positions, input_pos, int(input_pos[-1]) + 1)
+        self.next_pos += valid.sum(-1, keepdim=True)
+        return logits
 
     def reject_slots(self, start: int, reject: Tensor) -> None:
         """Take back the tokens written at cache slots start, start + 1, ... that ``reject`` (B, W) marks (drafts that

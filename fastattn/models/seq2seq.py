@@ -23,6 +23,7 @@ from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
                      generation_loop, init_weights, drop, keep_mask, lm_head_loss, make_norm, padding_or_none)
+from .speculative import speculation, speculative_generate
 
 
 @dataclass
@@ -151,17 +152,17 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
     def decode(self, decoder_input_ids: Tensor, positions: Tensor, memory_kv: List[Tuple[Tensor, Tensor]],
                memory_pad: Optional[Tensor], *, causal: Optional[str] = "bottom_right",
                key_padding_mask: Optional[Tensor] = None, input_pos: Optional[Tensor] = None,
-               use_cache: bool = False) -> Tensor:
+               use_cache: bool = False, cache_end: Optional[int] = None) -> Tensor:
         """Decoder hidden states (B, T, d_model); ``memory_kv``: each layer's cross-attention K/V."""
         h, rotary = self._embed_decoder(decoder_input_ids, positions)
-        bias = None  # keys: the whole cache when decoding (slot = position), else the positions of the inputs
+        bias = None  # keys: the (first cache_end slots of the) cache when decoding (slot = position), else the inputs
         if self.dec_rel is not None:
-            bias = self.dec_rel(positions, self.cache_index if use_cache else positions[0])
+            bias = self.dec_rel(positions, self.cache_index[:cache_end] if use_cache else positions[0])
         residual = None
         for block, mem in zip(self.decoder, memory_kv):
             h, residual = block(h, residual, memory=mem, memory_mask=memory_pad, causal=causal,
                                 key_padding_mask=key_padding_mask, rotary=rotary, input_pos=input_pos,
-                                use_cache=use_cache, attn_bias=bias)
+                                use_cache=use_cache, attn_bias=bias, cache_end=cache_end)
         return self.dec_norm_f.post(h, residual) if self.dec_norm_f is not None else h
 
     def shift_right(self, labels: Tensor) -> Tensor:
@@ -228,16 +229,25 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         self.next_pos += 1
         return self.lm_head(h[:, -1])
 
+    def cached_logits(self, tokens: Tensor, positions: Tensor, input_pos: Tensor, end: int) -> Tensor:
+        """decode_many's decoder pass (CacheMixin)."""
+        h = self.decode(tokens, positions, self.memory_kv, self.memory_pad, input_pos=input_pos, use_cache=True,
+                        key_padding_mask=self.cache_padding[:, :end], cache_end=end)
+        return self.lm_head(h)
+
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
                  attention_mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
                  streamer: Optional[Any] = None, decoder_start_token_id: Optional[int] = None,
-                 min_new_tokens: int = 0, forced_bos_token_id: Optional[int] = None) -> Tensor:
+                 min_new_tokens: int = 0, forced_bos_token_id: Optional[int] = None,
+                 assistant_model: Optional["Seq2Seq"] = None, num_assistant_tokens: int = 4,
+                 prompt_lookup_num_tokens: Optional[int] = None, max_matching_ngram_size: int = 2) -> Tensor:
         """Decoder tokens (B, 1 + new) for the source input_ids (B, S): the start token, then up to max_new_tokens
-        (temperature 0 = greedy; sampling, eos, min_new_tokens and streamer as in GPT.generate). The first new
-        token is ``forced_bos_token_id`` (None: the config's) when there is one, as transformers' generate forces
-        it."""
+        (temperature 0 = greedy; sampling, eos, min_new_tokens, streamer and speculative decoding as in
+        GPT.generate; prompt lookup searches the source, then the tokens decoded so far; with T5's relative
+        positions, one sequence at a time). The first new token is ``forced_bos_token_id`` (None: the config's) when
+        there is one, as transformers' generate forces it."""
         check_sampling(max_new_tokens, temperature, top_k, top_p, min_new_tokens)
         keep_mask(input_ids, attention_mask, self.config.max_seq_len)  # checks shapes and length
         start = self.config.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
@@ -245,7 +255,9 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         out = input_ids.new_full((B, 1 + max_new_tokens), start)
         if max_new_tokens == 0:
             return out
-        self.setup_caches(B, 1 + max_new_tokens)
+        spec = speculation(self, B, {"the source": input_ids.shape[1], "1 + max_new_tokens": 1 + max_new_tokens},
+                           assistant_model, num_assistant_tokens, prompt_lookup_num_tokens, max_matching_ngram_size)
+        self.setup_caches(B, 1 + max_new_tokens, headroom=spec.headroom if spec else 0)
         try:
             logits = self.prefill(input_ids, attention_mask, out[:, :1])
             forced = self.config.forced_bos_token_id if forced_bos_token_id is None else forced_bos_token_id
@@ -255,14 +267,30 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
                                      f"{logits.shape[-1]})")
                 logits = torch.full_like(logits, float("-inf")).index_fill_(-1, logits.new_tensor([forced]).long(),
                                                                             0.0)
+            if spec is not None:
+                source = list(input_ids) if attention_mask is None else \
+                    [row[m.bool()] for row, m in zip(input_ids, attention_mask)]
+                draft = spec.draft(out, 1, self.config.vocab_size,
+                                   lambda m: m.prefill(input_ids, attention_mask, out[:, :1]),
+                                   torch.zeros(B, dtype=torch.long), source)
+                return speculative_generate(self, out, 1, logits, draft, spec.k, temperature=temperature,
+                                            top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                                            generator=generator, streamer=streamer, min_new_tokens=min_new_tokens)
             return generation_loop(logits, self.bound_decode_one(), out, 1, max_new_tokens, temperature, top_k,
                                    top_p, eos_token_id, generator, streamer, min_new_tokens)
         finally:
             self.memory_kv = self.memory_pad = None
+            if spec is not None and spec.assistant is not None:
+                spec.assistant.memory_kv = spec.assistant.memory_pad = None
 
     def bound_decode_one(self) -> Callable[[Tensor, Tensor], Tensor]:
         """decode_one bound to the kernels chosen now, for the caches and memory of the last prefill
         (models/decode_step.py); decode_one itself when the model cannot be bound (logged)."""
         return bind_decode(self, self.decoder, self._embed_decoder, self.dec_norm_f, self.lm_head, self.memory_kv,
                            self.memory_pad) or self.decode_one
+
+    def bound_decode_many(self, width: int) -> Callable[..., Tensor]:
+        """decode_many bound likewise for ``width`` tokens per sequence (or decode_many itself)."""
+        return bind_decode(self, self.decoder, self._embed_decoder, self.dec_norm_f, self.lm_head, self.memory_kv,
+                           self.memory_pad, width=width) or self.decode_many
 

@@ -1,11 +1,13 @@
-"""Speculative decoding for ``GPT.generate`` (Leviathan et al. 2023; Chen et al. 2023): a cheap draft proposes k
-tokens per sequence, the model scores all of them in one step of k + 1 rows (``GPT.decode_many``, bound like the
-decode step) and keeps the longest prefix it agrees with, plus one token of its own. One step reads the weights once
-for up to k + 1 tokens. Drafts:
+"""Speculative decoding for ``GPT.generate`` and ``Seq2Seq.generate`` (Leviathan et al. 2023; Chen et al. 2023): a
+cheap draft proposes k tokens per sequence, the model scores all of them in one step of k + 1 rows (``decode_many``,
+bound like the decode step) and keeps the longest prefix it agrees with, plus one token of its own. One step reads
+the weights once for up to k + 1 tokens. Drafts:
 
-- ``assistant_model``: a smaller GPT on the same tokenizer, with its own KV cache (transformers' name);
+- ``assistant_model``: a smaller model of the same class on the same tokenizer, with its own KV cache (transformers'
+  name);
 - ``prompt_lookup_num_tokens``: the tokens that followed the latest earlier occurrence of the sequence's last n-gram
-  (n from ``max_matching_ngram_size`` down to 1), free to draft; pays where outputs copy their inputs.
+  (n from ``max_matching_ngram_size`` down to 1; an encoder-decoder's source is searched first), free to draft; pays
+  where outputs copy their inputs.
 
 Greedy (temperature 0): the output is the model's own greedy output, token for token. Sampling: draft token d is
 kept with probability min(1, p(d) / q(d)) and the first one rejected is replaced by a draw from max(p - q, 0)
@@ -17,12 +19,13 @@ Batches: each sequence keeps its own number of drafts. Slots of rejected drafts 
 writes after the furthest slot any sequence kept, and the cache is compacted (``CacheMixin.compact_caches``) when
 its headroom runs out, and after every step with holes on a model with sliding windows (which count slots). An
 assistant's step with fillers (sequences with one token pending beside sequences with two) counts the filler in its
-windows: its drafts may differ there, never the output.
+windows: its drafts may differ there, never the output. T5's relative positions take slot = position, so a T5
+decodes speculatively one sequence at a time.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +54,7 @@ class _Cursor:
     def __init__(self, model: nn.Module, slot: int):
         self.m, self.slot, self.start = model, slot, slot
         self.capacity = model.cache_padding.shape[1]
-        self.windowed = any(b.attn.window for b in model.blocks)
+        self.windowed = any(b.attn.window for b in model.cached_blocks())
         self.steps: Dict[int, Callable] = {}
 
     def reserve(self, n: int) -> None:
@@ -93,13 +96,13 @@ def _fit_vocab(logits: Tensor, V: int) -> Tensor:
 
 
 class _ModelDraft:
-    """Drafts from a smaller GPT. Its cache holds every committed token but the ``pending`` ones (1 or 2 per
-    sequence, left-padded: the last accepted draft when all k were accepted, and the model's own token)."""
+    """Drafts from a smaller model, its prompt prefilled into cache slots 0..L-1. Its cache holds every committed
+    token but the ``pending`` ones (1 or 2 per sequence, left-padded: the last accepted draft when all k were
+    accepted, and the model's own token)."""
 
-    def __init__(self, draft: nn.Module, input_ids: Tensor, keep: Tensor, V: int):
+    def __init__(self, draft: nn.Module, L: int, V: int):
         self.m, self.V = draft, V
-        draft.prefill(input_ids, keep)
-        self.cur = _Cursor(draft, input_ids.shape[1])
+        self.cur = _Cursor(draft, L)
 
     def start(self, first: Tensor) -> None:
         self.pending, self.valid = first[:, None], None
@@ -141,10 +144,11 @@ class _ModelDraft:
 
 
 class _LookupDraft:
-    """Prompt lookup: the k tokens after the latest earlier occurrence of each sequence's last n-gram."""
+    """Prompt lookup: the k tokens after the latest earlier occurrence of each sequence's last n-gram, searched in
+    ``prefix`` (per sequence, e.g. an encoder-decoder's source tokens) and the sequence from its column ``first``."""
 
-    def __init__(self, out: Tensor, first: Tensor, ngram: int):
-        self.out, self.first, self.ngram = out, first, ngram  # first: (B,) each sequence's first real column
+    def __init__(self, out: Tensor, first: Tensor, ngram: int, prefix: Optional[List[Tensor]] = None):
+        self.out, self.first, self.ngram, self.prefix = out, first.tolist(), ngram, prefix
 
     def start(self, first: Tensor) -> None:
         pass
@@ -164,7 +168,8 @@ class _LookupDraft:
         drafts = self.out.new_zeros(B, k)
         n = torch.zeros(B, dtype=torch.long, device=self.out.device)
         for b in active.nonzero().flatten().tolist():
-            d = self.propose_for(self.out[b, int(self.first[b]):int(ends[b])], k)
+            seq = self.out[b, self.first[b]:int(ends[b])]
+            d = self.propose_for(seq if self.prefix is None else torch.cat([self.prefix[b], seq]), k)
             drafts[b, :d.numel()], n[b] = d, d.numel()
         return drafts, n, None
 
@@ -177,56 +182,81 @@ def _positive(name: str, v) -> None:
         raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
 
 
-def check_speculation(model: nn.Module, length: int, assistant_model, num_assistant_tokens,
-                      prompt_lookup_num_tokens, max_matching_ngram_size) -> None:
-    """generate's draft arguments: one kind of draft, sizes >= 1, an assistant that fits beside ``model``."""
+@dataclass
+class Speculation:
+    """generate's draft arguments, checked (``speculation``)."""
+    assistant: Optional[nn.Module]
+    k: int  # tokens drafted a step
+    ngram: int  # prompt lookup's longest n-gram
+
+    @property
+    def headroom(self) -> int:
+        return 2 * (self.k + 2)  # a round writes at most k + 1 slots (the draft's: k - 1 and 2 pending)
+
+    def draft(self, out: Tensor, L: int, V: int, prefill: Callable[[nn.Module], None], first: Tensor,
+              prefix: Optional[List[Tensor]] = None):
+        """The drafter for ``out`` (B, L + max_new_tokens) holding prompts of length L: the assistant, its caches
+        set up and ``prefill(assistant)`` run; or prompt lookup over ``prefix`` and each row from column ``first``."""
+        if self.assistant is None:
+            return _LookupDraft(out, first, self.ngram, prefix)
+        self.assistant.setup_caches(out.shape[0], out.shape[1], headroom=self.headroom)
+        prefill(self.assistant)
+        return _ModelDraft(self.assistant, L, V)
+
+
+def speculation(model: nn.Module, batch: int, lengths: Dict[str, int], assistant_model, num_assistant_tokens,
+                prompt_lookup_num_tokens, max_matching_ngram_size) -> Optional[Speculation]:
+    """generate's draft arguments checked: None without a draft; else one kind of draft, sizes >= 1, an assistant
+    of the model's class that fits ``lengths`` (max_seq_len's use -> tokens)."""
+    if assistant_model is None and prompt_lookup_num_tokens is None:
+        return None
     if assistant_model is not None and prompt_lookup_num_tokens is not None:
         raise ValueError("assistant_model, prompt_lookup_num_tokens: pass one kind of draft, not both")
-    if assistant_model is not None:
-        if type(assistant_model) is not type(model):
-            raise TypeError(f"assistant_model: expected a {type(model).__name__}, got {type(assistant_model).__name__}")
-        if assistant_model is model:
-            raise ValueError("assistant_model: the model itself (it needs a cache of its own: pass a smaller copy)")
-        _positive("num_assistant_tokens", num_assistant_tokens)
-        dev, adev = model.tok_emb.weight.device, assistant_model.tok_emb.weight.device
-        if adev != dev:
-            raise ValueError(f"assistant_model: on {adev}, the model on {dev}")
-        if assistant_model.config.max_seq_len < length:
-            raise ValueError(f"assistant_model: config.max_seq_len {assistant_model.config.max_seq_len} < the "
-                             f"prompt plus max_new_tokens ({length})")
-        if assistant_model.training:
-            raise ValueError("assistant_model: in training mode (call .eval(): its drafts would use dropout)")
-    else:
+    if batch > 1 and getattr(model, "dec_rel", None) is not None:
+        raise ValueError(f"input_ids: speculative decoding of a model with relative positions (T5) takes one "
+                         f"sequence at a time, got a batch of {batch}")
+    if assistant_model is None:
         _positive("prompt_lookup_num_tokens", prompt_lookup_num_tokens)
         _positive("max_matching_ngram_size", max_matching_ngram_size)
+        return Speculation(None, prompt_lookup_num_tokens, max_matching_ngram_size)
+    if type(assistant_model) is not type(model):
+        raise TypeError(f"assistant_model: expected a {type(model).__name__}, got {type(assistant_model).__name__}")
+    if assistant_model is model:
+        raise ValueError("assistant_model: the model itself (it needs a cache of its own: pass a smaller copy)")
+    _positive("num_assistant_tokens", num_assistant_tokens)
+    dev, adev = model.tok_emb.weight.device, assistant_model.tok_emb.weight.device
+    if adev != dev:
+        raise ValueError(f"assistant_model: on {adev}, the model on {dev}")
+    for what, n in lengths.items():
+        if assistant_model.config.max_seq_len < n:
+            raise ValueError(f"assistant_model: config.max_seq_len {assistant_model.config.max_seq_len} < {what} "
+                             f"({n})")
+    if assistant_model.training:
+        raise ValueError("assistant_model: in training mode (call .eval(): its drafts would use dropout)")
+    if batch > 1 and getattr(assistant_model, "dec_rel", None) is not None:
+        raise ValueError(f"assistant_model: a model with relative positions (T5) drafts for one sequence at a time, "
+                         f"got a batch of {batch}")
+    return Speculation(assistant_model, num_assistant_tokens, 0)
 
 
-def speculative_generate(model: nn.Module, input_ids: Tensor, keep: Tensor, max_new_tokens: int, *,
-                         assistant_model: Optional[nn.Module], num_assistant_tokens: int,
-                         prompt_lookup_num_tokens: Optional[int], max_matching_ngram_size: int, temperature: float,
-                         top_k, top_p, eos_token_id, generator, streamer, min_new_tokens: int) -> Tensor:
-    """GPT.generate with a draft (checked there): prompts (B, L) left-padded (``keep``: False = padding)."""
-    B, L = input_ids.shape
-    dev, V = input_ids.device, model.config.vocab_size
-    k = num_assistant_tokens if assistant_model is not None else prompt_lookup_num_tokens
-    headroom = 2 * (k + 2)  # a round writes at most k + 1 slots (the draft's: k - 1 and 2 pending)
-    model.setup_caches(B, L + max_new_tokens, headroom=headroom)
-    out = input_ids.new_empty(B, L + max_new_tokens)
-    out[:, :L] = input_ids
-    logits = model.prefill(input_ids, keep)
+def speculative_generate(model: nn.Module, out: Tensor, L: int, logits: Tensor, draft, k: int, *,
+                         temperature: float, top_k, top_p, eos_token_id, generator, streamer,
+                         min_new_tokens: int) -> Tensor:
+    """generate's loop with a drafter (``Speculation.draft``): ``model`` prefilled (caches with the headroom),
+    out (B, L + max_new_tokens) holding the prompts, logits (B, V) of the first new token. Returns out up to the
+    longest continuation."""
+    B = out.shape[0]
+    dev, V = out.device, logits.shape[-1]
+    max_new_tokens = out.shape[1] - L
     cur = _Cursor(model, L)
-    if assistant_model is not None:
-        assistant_model.setup_caches(B, L + max_new_tokens, headroom=headroom)
-        draft = _ModelDraft(assistant_model, input_ids, keep, V)
-    else:
-        draft = _LookupDraft(out, (~keep).sum(1), max_matching_ngram_size)
+    assistant_model = draft.m if isinstance(draft, _ModelDraft) else None
 
     eos = eos_ids(eos_token_id, dev)
     n = torch.zeros(B, dtype=torch.long, device=dev)  # new tokens written per sequence
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     stream, end = stream_calls(streamer, out[:, :L])
     streamed = 0
-    stats = SpeculationStats()
+    stats = model.speculation_stats = SpeculationStats()  # filled as it goes (a streamer may stop the loop)
     cols_all = torch.arange(k + 1, device=dev)
 
     def no_early_eos(lg: Tensor, first_index: Tensor) -> Tensor:
@@ -266,6 +296,7 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, keep: Tensor, max_
 
     first = sample_next(no_early_eos(logits[:, None], n)[:, 0], temperature, top_k, top_p, generator)
     commit(first[:, None], torch.ones_like(n))
+    stats.tokens = int(n.sum())
     last = first
     draft.start(first)
     while True:
@@ -318,14 +349,13 @@ def speculative_generate(model: nn.Module, input_ids: Tensor, keep: Tensor, max_
         stats.accepted += int(a[active].sum())
         tokens = torch.cat([drafts, new[:, None]], 1).scatter(1, a[:, None], new[:, None])
         written = commit(tokens, a + 1)
+        stats.tokens = int(n.sum())
         # the model's cache keeps `last` and the accepted drafts; a sequence that stopped keeps nothing
         reject = (cols_all[None, :kr + 1] > a[:, None]) | ~written.any(1, keepdim=True) | finished[:, None]
         cur.take_back(start, torch.ones_like(reject), reject, ~finished)
         if kr:  # (kr is 0 for a model draft only in the last round)
             draft.commit(drafts, a, new, ~finished)
         last = new
-    stats.tokens = int(n.sum())
-    model.speculation_stats = stats
     if end is not None:
         end()
     return out[:, :L + int(n.max())]
