@@ -191,8 +191,9 @@ def test_assistant_with_a_padded_vocabulary():
 
 
 def test_prompt_lookup_proposals():
-    """The latest earlier occurrence of the longest matching n-gram (up to max_matching_ngram_size), searched in the
-    prefix (an encoder-decoder's source) and the row from its first real column; nothing when no 1-gram matches."""
+    """After the latest earlier occurrence of the longest matching n-gram (up to max_matching_ngram_size) with k
+    tokens after it, searched in the prefix (an encoder-decoder's source) and the row from its first real column;
+    in a loop, the earliest (the most tokens after it); nothing when no 1-gram matches."""
     out = torch.tensor([[0, 0, 5, 6, 9, 5, 6, 7, 1, 2, 5, 6],
                         [3, 4, 8, 2, 2, 2, 2, 2, 2, 2, 2, 9]])
     d = _LookupDraft(out, torch.tensor([2, 0]), 2, prefix=None)
@@ -201,6 +202,11 @@ def test_prompt_lookup_proposals():
     d = _LookupDraft(out, torch.tensor([2, 0]), 2, prefix=[torch.tensor([1]), torch.tensor([9, 4, 1, 1])])
     drafts, n, _ = d.propose(3, torch.tensor([5, 12]), torch.tensor([True, True]))
     assert n.tolist() == [0, 3] and drafts[1].tolist() == [4, 1, 1]  # row 1: "9" found in its source only
+    loop = _LookupDraft(torch.tensor([[7, 4, 4, 4, 4, 4]]), torch.tensor([0]), 2)
+    drafts, n, _ = loop.propose(3, torch.tensor([6]), torch.tensor([True]))
+    assert n.tolist() == [3] and drafts[0].tolist() == [4, 4, 4]  # the latest "4 4" with 3 tokens after it
+    drafts, n, _ = loop.propose(4, torch.tensor([6]), torch.tensor([True]))
+    assert n.tolist() == [3]  # none has 4 after it: the earliest, with the most
 
 
 # ---- encoder-decoder ------------------------------------------------------------------------------------------

@@ -144,8 +144,9 @@ class _ModelDraft:
 
 
 class _LookupDraft:
-    """Prompt lookup: the k tokens after the latest earlier occurrence of each sequence's last n-gram, searched in
-    ``prefix`` (per sequence, e.g. an encoder-decoder's source tokens) and the sequence from its column ``first``."""
+    """Prompt lookup: the k tokens after the latest earlier occurrence of each sequence's last n-gram that has k
+    tokens after it (else after the earliest, which has the most), searched in ``prefix`` (per sequence, e.g. an
+    encoder-decoder's source tokens) and the sequence from its column ``first``."""
 
     def __init__(self, out: Tensor, first: Tensor, ngram: int, prefix: Optional[List[Tensor]] = None):
         self.out, self.first, self.ngram, self.prefix = out, first.tolist(), ngram, prefix
@@ -157,9 +158,10 @@ class _LookupDraft:
         T = seq.numel()
         for n in range(min(self.ngram, T - 1), 0, -1):
             windows = seq[:T - 1].unfold(0, n, 1)  # every n-gram with a token after it
-            hits = (windows == seq[T - n:]).all(1).nonzero()
-            if hits.numel():
-                at = int(hits[-1]) + n
+            starts = (windows == seq[T - n:]).all(1).nonzero().flatten() + n  # where each continuation starts
+            if starts.numel():
+                full = starts[starts + k <= T]  # a loop's latest match is right behind: the fewest tokens after it
+                at = int(full[-1]) if full.numel() else int(starts[0])
                 return seq[at:at + k]
         return seq[:0]
 
