@@ -25,7 +25,7 @@ decodes speculatively one sequence at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ class _Cursor:
     """A model's cache during speculative decoding: the next slot to write and the bound step of each width."""
 
     def __init__(self, model: nn.Module, slot: int):
-        self.m, self.slot, self.start = model, slot, slot
+        self.m, self.slot = model, slot
         self.capacity = model.cache_padding.shape[1]
         self.windowed = any(b.attn.window for b in model.cached_blocks())
         self.steps: Dict[int, Callable] = {}
@@ -241,6 +241,37 @@ def speculation(model: nn.Module, batch: int, lengths: Dict[str, int], assistant
     return Speculation(assistant_model, num_assistant_tokens, 0)
 
 
+def _accept(logits: Tensor, drafts: Tensor, real: Tensor, q: Optional[Tensor], temperature: float, top_k, top_p,
+            generator) -> Tuple[Tensor, Tensor]:
+    """How many drafts (B, k) each sequence keeps (B,), and the model's own token after them (B,), from the model's
+    logits (B, k + 1, V) at [last token, drafts]. ``real`` (B, k): the drafts that were proposed; ``q`` (B, k, V):
+    the draft's distributions, None for a one-hot draft (prompt lookup, or any greedy one). Greedy: the prefix
+    equal to the model's argmax. Sampling: keep d with probability min(1, p(d) / q(d)); the first rejected is
+    replaced by a draw from max(p - q, 0), normalised (after the last kept draft: a draw from p)."""
+    B, k = drafts.shape
+    if temperature == 0:
+        pred = logits.argmax(-1)
+        a = ((drafts == pred[:, :k]) & real).int().cumprod(1).sum(1)
+        return a, pred.gather(1, a[:, None]).squeeze(1)
+    V = logits.shape[-1]
+    p = warped_probs(logits, temperature, top_k, top_p)  # (B, k + 1, V)
+    pd = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
+    qd = torch.ones_like(pd) if q is None else q.gather(-1, drafts[..., None]).squeeze(-1)
+    u = torch.rand(pd.shape, generator=generator, device=pd.device)
+    a = ((u * qd < pd) & real).int().cumprod(1).sum(1)
+    pa = p.gather(1, a[:, None, None].expand(B, 1, V)).squeeze(1)  # (B, V)
+    if k == 0:
+        qa = torch.zeros_like(pa)
+    elif q is None:  # one-hot: max(p - q, 0) is p without the rejected token
+        qa = F.one_hot(drafts.gather(1, a.clamp(max=k - 1)[:, None]).squeeze(1), V).to(pa.dtype)
+    else:
+        qa = q.gather(1, a.clamp(max=k - 1)[:, None, None].expand(B, 1, V)).squeeze(1)
+    rejected = a < real.sum(1)
+    r = torch.where(rejected[:, None], (pa - qa).clamp_min(0), pa)
+    r = torch.where(r.sum(-1, keepdim=True) > 0, r, pa)  # p = q exactly: nothing to reject in favour of
+    return a, torch.multinomial(r, 1, generator=generator).squeeze(1)
+
+
 def speculative_generate(model: nn.Module, out: Tensor, L: int, logits: Tensor, draft, k: int, *,
                          temperature: float, top_k, top_p, eos_token_id, generator, streamer,
                          min_new_tokens: int) -> Tensor:
@@ -268,9 +299,9 @@ def speculative_generate(model: nn.Module, out: Tensor, L: int, logits: Tensor, 
         early = (first_index[:, None] + torch.arange(lg.shape[1], device=dev)) < min_new_tokens
         return lg.masked_fill(early[..., None] & torch.isin(torch.arange(V, device=dev), eos), float("-inf"))
 
-    def commit(tokens: Tensor, count: Tensor) -> Tensor:
+    def commit(tokens: Tensor, count: Tensor) -> None:
         """Write the first ``count`` (B,) of tokens (B, W) after each active sequence's new tokens, stopping at an eos
-        and at max_new_tokens; update n and finished. Returns the written mask (B, W)."""
+        and at max_new_tokens; update n and finished."""
         W = tokens.shape[1]
         cols = cols_all[:W]
         take = (cols[None] < count[:, None]) & (cols[None] < (max_new_tokens - n)[:, None]) & ~finished[:, None]
@@ -286,7 +317,6 @@ def speculative_generate(model: nn.Module, out: Tensor, L: int, logits: Tensor, 
             pad = (torch.arange(max_new_tokens, device=dev)[None] >= n[:, None]) & finished[:, None]
             out[:, L:] = torch.where(pad, eos[0], out[:, L:])
         finished.logical_or_(n >= max_new_tokens)
-        return take
 
     def sample(lg: Tensor, i: int):
         """The draft's token (B,) at step i from its logits (B, V), and its distribution (B, V) when sampling."""
@@ -324,36 +354,16 @@ def speculative_generate(model: nn.Module, out: Tensor, L: int, logits: Tensor, 
         cur.reserve(kr + 1)
         start = cur.slot
         logits = no_early_eos(cur.run(torch.cat([last[:, None], drafts], 1)), n)  # (B, kr + 1, V)
-        cols = cols_all[:kr]
-        real = cols[None] < nd[:, None]
-        if temperature == 0:
-            pred = logits.argmax(-1)
-            a = ((drafts == pred[:, :kr]) & real).int().cumprod(1).sum(1)
-            new = pred.gather(1, a[:, None]).squeeze(1)
-        else:
-            p = warped_probs(logits, temperature, top_k, top_p)  # (B, kr + 1, V)
-            pd = p[:, :kr].gather(-1, drafts[..., None]).squeeze(-1)
-            qd = torch.ones_like(pd) if q is None else q.gather(-1, drafts[..., None]).squeeze(-1)
-            u = torch.rand(pd.shape, generator=generator, device=dev)
-            a = ((u * qd < pd) & real).int().cumprod(1).sum(1)
-            pa = p.gather(1, a[:, None, None].expand(B, 1, V)).squeeze(1)  # (B, V)
-            rejected = a < nd
-            if q is None:  # one-hot draft: max(p - q, 0) is p without the rejected token
-                qa = F.one_hot(drafts.gather(1, a.clamp(max=max(kr - 1, 0))[:, None]).squeeze(1), V).to(pa.dtype) \
-                    if kr else torch.zeros_like(pa)
-            else:
-                qa = q.gather(1, a.clamp(max=kr - 1)[:, None, None].expand(B, 1, V)).squeeze(1)
-            r = torch.where(rejected[:, None], (pa - qa).clamp_min(0), pa)
-            r = torch.where(r.sum(-1, keepdim=True) > 0, r, pa)
-            new = torch.multinomial(r, 1, generator=generator).squeeze(1)
+        real = cols_all[None, :kr] < nd[:, None]
+        a, new = _accept(logits, drafts, real, q, temperature, top_k, top_p, generator)
         stats.steps += 1
         stats.drafted += int(nd[active].sum())
         stats.accepted += int(a[active].sum())
         tokens = torch.cat([drafts, new[:, None]], 1).scatter(1, a[:, None], new[:, None])
-        written = commit(tokens, a + 1)
+        commit(tokens, a + 1)
         stats.tokens = int(n.sum())
         # the model's cache keeps `last` and the accepted drafts; a sequence that stopped keeps nothing
-        reject = (cols_all[None, :kr + 1] > a[:, None]) | ~written.any(1, keepdim=True) | finished[:, None]
+        reject = (cols_all[None, :kr + 1] > a[:, None]) | finished[:, None]
         cur.take_back(start, torch.ones_like(reject), reject, ~finished)
         if kr:  # (kr is 0 for a model draft only in the last round)
             draft.commit(drafts, a, new, ~finished)
