@@ -18,7 +18,7 @@ import torch
 
 import fastattn
 import fastattn.hf
-from conftest import interleaved
+from conftest import interleaved, interleaved_speculative, synced
 from fastattn.testing import sync
 
 transformers = pytest.importorskip("transformers")
@@ -154,29 +154,17 @@ def test_prompt_lookup_interleaved(benchmark, models):
     ids = _prompt(hf.config.vocab_size)
     model = ours["fastattn"]
 
-    def run(fn):
-        def call():
-            with torch.inference_mode():
-                fn()
-            sync(DEVICE)
-        return call
-
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
-    runs = {"transformers": run(lambda: hf.generate(ids, **kw)),
-            "transformers-lookup": run(lambda: hf.generate(ids, prompt_lookup_num_tokens=LOOKUP, **kw)),
-            "fastattn": run(lambda: model.generate(ids, NEW, temperature=0)),
-            "fastattn-lookup": run(lambda: model.generate(ids, NEW, temperature=0, prompt_lookup_num_tokens=LOOKUP))}
-    interleaved(benchmark, runs, "fastattn-lookup", BATCH * NEW,
-                f"generate prompt-lookup {SIZE} {str(DTYPE)[6:]} b{BATCH} {PROMPT}+{NEW} greedy k{LOOKUP}", ROUNDS,
-                device=DEVICE, dtype=str(DTYPE)[6:], model=SIZE, batch=BATCH, prompt=PROMPT, new=NEW,
-                threads=torch.get_num_threads())
-    st = model.speculation_stats
-    info = benchmark.extra_info
-    info.update(acceptance=st.acceptance, steps=st.steps)
-    if "fastattn min s" in info:
-        best = {n: info[f"{n} min s"] for n in runs}
-        info["speedup_vs_transformers-lookup"] = best["transformers-lookup"] / best["fastattn-lookup"]
-        info["speedup_vs_fastattn"] = best["fastattn"] / best["fastattn-lookup"]
+    runs = {"transformers": synced(DEVICE, lambda: hf.generate(ids, **kw)),
+            "transformers-lookup": synced(DEVICE, lambda: hf.generate(ids, prompt_lookup_num_tokens=LOOKUP, **kw)),
+            "fastattn": synced(DEVICE, lambda: model.generate(ids, NEW, temperature=0)),
+            "fastattn-lookup": synced(DEVICE, lambda: model.generate(ids, NEW, temperature=0,
+                                                                     prompt_lookup_num_tokens=LOOKUP))}
+    interleaved_speculative(
+        benchmark, runs, model, BATCH * NEW,
+        f"generate prompt-lookup {SIZE} {str(DTYPE)[6:]} b{BATCH} {PROMPT}+{NEW} greedy k{LOOKUP}", ROUNDS,
+        device=DEVICE, dtype=str(DTYPE)[6:], model=SIZE, batch=BATCH, prompt=PROMPT, new=NEW,
+        threads=torch.get_num_threads())
 
 
 @pytest.mark.parametrize("impl", ["fastattn", "fastattn-w8a16"])

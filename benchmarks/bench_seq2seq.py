@@ -15,7 +15,7 @@ import torch
 
 import fastattn
 import fastattn.hf
-from conftest import interleaved
+from conftest import interleaved, interleaved_speculative, synced
 from fastattn.testing import sync
 
 transformers = pytest.importorskip("transformers")
@@ -81,6 +81,30 @@ def test_greedy_generation_interleaved(benchmark, models, impl):
                 dtype=str(DTYPE)[6:], model=name, source=SOURCE, new=NEW, threads=torch.get_num_threads())
 
 
+LOOKUP = int(os.environ.get("FASTATTN_BENCH_LOOKUP", "4"))
+
+
+def test_prompt_lookup_interleaved(benchmark, models):
+    """Prompt lookup (LOOKUP tokens drafted a step), ours (which also searches the source) and transformers' own,
+    against both plain greedy runs, rounds interleaved (conftest.interleaved_speculative). Random weights: the
+    decoder's greedy output repeats itself, as bench_models.py's GPT's does."""
+    name, hf, ours, eos = models
+    ids = _source(hf.config.vocab_size)
+    model = ours["fastattn"]
+
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, **HF_GREEDY)
+    mine = dict(temperature=0, eos_token_id=eos, min_new_tokens=NEW)
+    runs = {"transformers": synced(DEVICE, lambda: hf.generate(ids, **kw)),
+            "transformers-lookup": synced(DEVICE, lambda: hf.generate(ids, prompt_lookup_num_tokens=LOOKUP, **kw)),
+            "fastattn": synced(DEVICE, lambda: model.generate(ids, NEW, **mine)),
+            "fastattn-lookup": synced(DEVICE, lambda: model.generate(ids, NEW, prompt_lookup_num_tokens=LOOKUP,
+                                                                     **mine))}
+    interleaved_speculative(benchmark, runs, model, NEW,
+                            f"{name} generate prompt-lookup {str(DTYPE)[6:]} {SOURCE}->{NEW} greedy k{LOOKUP}",
+                            ROUNDS, device=DEVICE, dtype=str(DTYPE)[6:], model=name, source=SOURCE, new=NEW,
+                            threads=torch.get_num_threads())
+
+
 def test_same_greedy_tokens(models):
     """The float rows generate the same tokens (a benchmark of two different computations would be worthless)."""
     _, hf, ours, eos = models
@@ -88,4 +112,8 @@ def test_same_greedy_tokens(models):
     with torch.inference_mode():
         theirs = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, **HF_GREEDY)
         mine = ours["fastattn"].generate(ids, 8, temperature=0, eos_token_id=eos, min_new_tokens=8)
-    assert torch.equal(mine, theirs)
+        lookup = ours["fastattn"].generate(ids, 8, temperature=0, eos_token_id=eos, min_new_tokens=8,
+                                           prompt_lookup_num_tokens=LOOKUP)
+        theirs_lookup = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, prompt_lookup_num_tokens=LOOKUP,
+                                    **HF_GREEDY)
+    assert torch.equal(mine, theirs) and torch.equal(lookup, theirs) and torch.equal(theirs_lookup, theirs)

@@ -43,3 +43,28 @@ def interleaved(benchmark, runs: dict, ours: str, tokens: int, group: str, round
         benchmark.extra_info[f"{name} ms/token (min, incl. prefill)"] = ts[0] / tokens * 1e3
     base = next(iter(runs))
     benchmark.extra_info[f"speedup_vs_{base}"] = best[base] / best[ours]
+
+
+
+def synced(device: str, fn):
+    """fn, called under torch.inference_mode and then synchronised with ``device`` (a timed call)."""
+    from fastattn.testing import sync
+
+    def call():
+        with torch.inference_mode():
+            fn()
+        sync(device)
+    return call
+
+
+def interleaved_speculative(benchmark, runs: dict, ours, tokens: int, group: str, rounds: int, **info) -> None:
+    """``interleaved`` over four runs: "transformers" and "transformers-lookup" (its generate without and with
+    prompt_lookup_num_tokens), "fastattn" and "fastattn-lookup" (model ``ours``'s); extra_info adds the draft acceptance
+    of ``ours``'s last speculative call and fastattn-lookup's speedups over transformers-lookup and fastattn."""
+    interleaved(benchmark, runs, "fastattn-lookup", tokens, group, rounds, **info)
+    st = ours.speculation_stats
+    extra = benchmark.extra_info
+    extra.update(acceptance=st.acceptance, steps=st.steps)
+    best = {name: extra[f"{name} min s"] for name in runs}
+    extra["speedup_vs_transformers-lookup"] = best["transformers-lookup"] / best["fastattn-lookup"]
+    extra["speedup_vs_fastattn"] = best["fastattn"] / best["fastattn-lookup"]

@@ -166,6 +166,18 @@ def test_fp32_bound_path_and_torch_backend():
         assert torch.equal(out, plain), backend
 
 
+@pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
+def test_int8_models(mode):
+    """Quantized model and draft (Int8Linear's bound rows, W per sequence): plain greedy's tokens."""
+    import fastattn
+    m = fastattn.quantize(_model("llama-gqa", dtype=torch.float32), mode=mode)
+    d = fastattn.quantize(_near_copy(_model("llama-gqa", dtype=torch.float32), 0.02), mode=mode)
+    ids, mask = _prompts(3, 14)
+    plain = m.generate(ids, 24, temperature=0, attention_mask=mask)
+    for kw in (dict(assistant_model=d), dict(prompt_lookup_num_tokens=3)):
+        assert torch.equal(m.generate(ids, 24, temperature=0, attention_mask=mask, **kw), plain)
+
+
 def test_streamer_sees_the_plain_columns():
     m = _model("gpt2")
     ids, mask = _prompts(3, 14)
