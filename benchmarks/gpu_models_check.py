@@ -124,6 +124,43 @@ def seq2seq_generation():
 
 
 @check
+def speculative_decoding():
+    """decode_many (5 rows a sequence on the bound step: the Triton decode kernel's causal rows on a GPU) against the
+    full forward, and speculative greedy generation (prompt lookup; an exact copy as the assistant, which must accept
+    every draft) equal to plain greedy, for GPT and Seq2Seq (fp32; weights scaled up: no argmax near a tie)."""
+    out = {}
+    for name in GPT_CFGS:
+        model, ref = gpt(name), gpt(name, "torch", torch.float64)
+        with torch.no_grad():
+            for m in (model, ref):
+                for p in m.parameters():
+                    p.mul_(4)
+            x = ids(2, 60, 512)
+            model.setup_caches(2, 60)
+            model.prefill(x[:, :40], torch.ones(2, 40, dtype=torch.bool, device=DEV))
+            many = model.bound_decode_many(5)(x[:, 40:45], model.cache_index[40:45])
+            out |= bounded(f"{name} decode_many", many, model(x[:, :45]).logits[:, 40:], ref(x[:, :45]).logits[:, 40:],
+                           torch.float32)
+            plain = model.generate(x[:, :30], 40, temperature=0)
+            copy = gpt(name)
+            copy.load_state_dict(model.state_dict())
+            for kw in (dict(prompt_lookup_num_tokens=4), dict(assistant_model=copy)):
+                spec = model.generate(x[:, :30], 40, temperature=0, **kw)
+                assert torch.equal(spec, plain), f"{name} {list(kw)[0]}: tokens differ from plain greedy"
+                out[f"{name} {list(kw)[0]} acceptance"] = model.speculation_stats.acceptance
+            assert out[f"{name} assistant_model acceptance"] == 1.0, f"{name}: an exact copy rejected drafts"
+    torch.manual_seed(0)
+    s2s = Seq2Seq(Seq2SeqConfig(vocab_size=512, d_model=128, n_layer=2, n_head=4, max_seq_len=128)).to(DEV).eval()
+    src = ids(2, 30, 512)
+    with torch.no_grad():
+        plain = s2s.generate(src, 30, temperature=0)
+        assert torch.equal(s2s.generate(src, 30, temperature=0, prompt_lookup_num_tokens=4), plain), \
+            "Seq2Seq prompt lookup: tokens differ from plain greedy"
+    out["seq2seq lookup acceptance"] = s2s.speculation_stats.acceptance
+    return out
+
+
+@check
 def bert_vs_torch_backend():
     out = {}
     x = ids(4, 64, 512)
