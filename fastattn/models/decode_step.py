@@ -6,7 +6,9 @@ checks every argument of every op on every call and wraps each kernel in (B, 1, 
 host time was as long as the kernels' (benchmarks/results/2026-12-05-cpu-session10). Bound, the checks and backend
 choices are made once and the layers work on 2-D (B, d) rows: the same kernels, except that a float32 nn.Linear on
 CPU runs fastattn.ops.gemv where the modules run torch's GEMV (tests/test_models_decode_step.py holds the two paths
-to each other). ``decode_one`` stays the static-shape step to compile or graph.
+to each other). ``decode_one`` stays the static-shape step to compile or graph. Bound for W > 1 rows per sequence,
+the step is ``decode_many``'s (speculative decoding's check of W - 1 drafts): (B * W, d) rows, the rows of a
+sequence causal among themselves over the cache's written slots.
 
 ``bind_decode`` returns None (and logs why) for a model it cannot bind: training mode, the "torch" backend, forward
 hooks, a block / attention / MLP / norm of another type, a tensor-subclass parameter (DTensor), torch.compile tracing,
@@ -73,7 +75,7 @@ def bind_output_norm(norm: Optional[Norm], dtype: torch.dtype, device: torch.dev
 class _Step(NamedTuple):
     """What every layer of one step shares: the W cache slots, per sliding window (0: none) the cache's keep mask
     (False = padding, not written, or out of the window; None when no layer's kernel reads it) and padding mask (True
-    = padding), rotary cos / sin (B, W, 1, D) or None, the self-attention scores' bias (B, H, 1, S) or None (T5), and
+    = padding), rotary cos / sin (B, W, 1, D) or None, the self-attention scores' bias (B, H, W, S) or None (T5), and
     for W > 1 rows per sequence the slots' end: each row then sees the slots up to its own (causal, bottom-right),
     and the masks cover the first ``end`` slots only (window 0)."""
     input_pos: Tensor
@@ -113,8 +115,8 @@ class _SelfAttention:
         if W > 1:  # the first `end` slots, each row seeing the slots up to its own
             K, V = K[:, :, :st.end], V[:, :, :st.end]
         if st.bias is not None:  # the split-KV kernel adds no bias: the flash kernel with it as a float mask
-            out = attention(q, K, V, attn_mask=st.bias, key_padding_mask=st.pad[self.window], scale=self.scale,
-                            softcap=self.softcap, causal="bottom_right" if W > 1 else None)
+            out = attention(q, K, V, attn_mask=st.bias, key_padding_mask=st.pad[0 if W > 1 else self.window],
+                            scale=self.scale, softcap=self.softcap, causal="bottom_right" if W > 1 else None)
         elif self.kernel is not None:
             out = self.kernel(q, K, V, None, st.keep[0 if W > 1 else self.window], self.scale, self.softcap,
                               W > 1)[0]
@@ -154,7 +156,7 @@ class _CrossAttention:
 
 
 class _Block:
-    """Block.forward for one row per sequence, eval mode (no dropout)."""
+    """Block.forward for W rows per sequence, eval mode (no dropout)."""
 
     def __init__(self, b: Block, memory, memory_pad, width: int, rows: int, dtype, device, forced: str):
         self.norm_first = pre = b.norm_first
@@ -195,7 +197,7 @@ class _Block:
 class DecodeStep:
     """``step(tokens (B, 1), input_pos (1,)) -> logits (B, V)`` with decode_one's effects on the model's buffers
     (the cache slot written, ``cache_padding`` cleared there, ``next_pos`` advanced); bound for ``width`` W > 1:
-    ``step(tokens (B, W), input_pos (W,), valid=None) -> logits (B, W, V)`` with GPT.decode_many's."""
+    ``step(tokens (B, W), input_pos (W,), valid=None) -> logits (B, W, V)`` with CacheMixin.decode_many's."""
 
     def __init__(self, model: nn.Module, blocks, embed, final_norm: Optional[Norm], head: nn.Module, memory,
                  memory_pad, width: int = 1):
