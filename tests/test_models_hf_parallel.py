@@ -1,11 +1,11 @@
-"""GPT.from_hf on the parallel-block families: GPT-NeoX / Pythia (query_key_value interleaved per head; attention
-and MLP reading the same stream, each through its own norm; rotary positions on rotary_pct of each head) and Phi-1 /
-1.5 / 2 (one norm for both, a biased LM head, partial rotary, GQA), Falcon (7B's multi-query with one norm, 40B's
-grouped q / k / v layout with two, RW's sequential blocks) and StableLM (LayerNorm biases without Linear ones,
-sequential or parallel). Small random models (weights large enough that
-every sublayer moves the greedy tokens) saved to tmp_path: logits of a left-padded batch bounded by transformers' own
-fp32 error against its float64 run, greedy tokens (through the bound decode step) equal to transformers' generate,
-both backends training alike; bad configs refused naming the key."""
+"""GPT.from_hf on the parallel-block families: GPT-NeoX / Pythia (query_key_value interleaved per head; attention and
+MLP reading the same stream, each through its own norm; rotary positions on rotary_pct of each head) and Phi-1 / 1.5
+/ 2 (one norm for both, a biased LM head, partial rotary, GQA), Falcon (7B's multi-query with one norm, 40B's
+grouped q / k / v layout with two, RW's sequential blocks), StableLM (LayerNorm biases without Linear ones,
+sequential or parallel) and GPT-J (one norm, rotary positions in interleaved pairs). Small random models (weights
+large enough that every sublayer moves the greedy tokens) saved to tmp_path: logits of a left-padded batch bounded
+by transformers' own fp32 error against its float64 run, greedy tokens (through the bound decode step) equal to
+transformers' generate, both backends training alike; bad configs refused naming the key."""
 import logging
 
 import pytest
@@ -39,6 +39,12 @@ def _falcon(**kw):
         initializer_range=0.3), **kw})).eval()
 
 
+def _gptj(**kw):
+    return transformers.GPTJForCausalLM(transformers.GPTJConfig(**{**dict(
+        vocab_size=VOCAB, n_embd=32, n_inner=48, n_layer=2, n_head=4, n_positions=64, rotary_dim=4, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, initializer_range=0.3), **kw})).eval()
+
+
 def _stablelm(**kw):
     return transformers.StableLmForCausalLM(transformers.StableLmConfig(**{**dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -53,7 +59,9 @@ MODELS = {"pythia": (_neox, {}, "two_norms", 4), "neox-sequential": (_neox, dict
           "falcon-40b": (_falcon, dict(new_decoder_architecture=True, num_kv_heads=2), "two_norms", None),  # GQA
           "falcon-rw": (_falcon, dict(multi_query=False, parallel_attn=False, bias=True), None, None),
           "stablelm": (_stablelm, dict(use_qkv_bias=True), None, 4),
-          "stablelm-parallel": (_stablelm, dict(use_parallel_residual=True), "one_norm", 4)}
+          "stablelm-parallel": (_stablelm, dict(use_parallel_residual=True), "one_norm", 4),
+          "gptj": (_gptj, {}, "one_norm", 4),  # interleaved rotary pairs on 4 of 8 channels
+          "gptj-full-rotary": (_gptj, dict(rotary_dim=8), "one_norm", None)}
 
 
 def _batch():
@@ -72,7 +80,7 @@ def test_matches_transformers(tmp_path, arch, caplog):
     hf.save_pretrained(tmp_path)
     ours = GPT.from_hf(tmp_path)
     assert (ours.config.parallel_block, ours.config.rotary_dim) == (parallel, rot)
-    assert ours.config.lm_head_bias is (arch == "phi")
+    assert ours.config.lm_head_bias is (arch == "phi" or arch.startswith("gptj"))
     hf64 = type(hf).from_pretrained(tmp_path, dtype=torch.float64).eval()
     ids, mask = _batch()
     keep = mask.bool()
@@ -87,7 +95,7 @@ def test_matches_transformers(tmp_path, arch, caplog):
     assert torch.equal(mine, theirs)
 
 
-@pytest.mark.parametrize("arch", ["pythia", "phi", "falcon-40b"])
+@pytest.mark.parametrize("arch", ["pythia", "phi", "falcon-40b", "gptj"])
 def test_backends_train_alike(tmp_path, arch):
     make, kw, _, _ = MODELS[arch]
     torch.manual_seed(0)

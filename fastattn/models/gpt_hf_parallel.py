@@ -1,6 +1,6 @@
 """GPT.from_hf's importers for the families whose attention and MLP run in parallel (``parallel_block``), often with
-rotary positions on part of each head (``rotary_dim``): GPT-NeoX / Pythia, Phi-1 / 1.5 / 2 and Falcon (their
-sequential variants too). Whatever a checkpoint sets that GPT cannot reproduce exactly is refused with a
+rotary positions on part of each head (``rotary_dim``): GPT-NeoX / Pythia, Phi-1 / 1.5 / 2, Falcon (their
+sequential variants too) and GPT-J. Whatever a checkpoint sets that GPT cannot reproduce exactly is refused with a
 CheckpointError naming the setting."""
 from typing import Dict, Optional, Tuple
 
@@ -118,4 +118,46 @@ def from_parallel(hf: dict, state):
                                                                                     (cfg.vocab_size, d))
     if cfg.lm_head_bias:
         sd["lm_head.bias"] = top.take(f"{lay['head']}.bias", (cfg.vocab_size,))
+    return cfg, sd
+
+
+def from_gptj(hf: dict, state):
+    """GPT-J: one norm for attention and MLP, rotary positions on ``rotary_dim`` channels of each head rotated in
+    interleaved pairs (x0, x1), (x2, x3), ...; ours rotate (x_i, x_{i + rot/2}). The same permutation of the q and k
+    rows of each head (even channels first) turns one into the other and leaves q . k unchanged. No attention biases
+    (out_proj's is zero here), biased MLP and LM head."""
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ACT:
+        raise CheckpointError(f"config.json: activation_function {act!r} is not supported ({sorted(ACT)})")
+    d, H, n = hf["n_embd"], hf["n_head"], hf["n_layer"]
+    D = d // H
+    rot = hf.get("rotary_dim") or D
+    if rot % 2 or not 2 <= rot <= D:
+        raise CheckpointError(f"config.json: rotary_dim {rot} (head dim {D}): an even number from 2 to {D} is "
+                              "supported")
+    cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=n, n_head=H, d_ff=hf.get("n_inner") or 4 * d,
+                    max_seq_len=hf.get("n_positions", 2048), norm="layernorm",
+                    norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", activation=ACT[act], pos="rotary",
+                    rope_theta=1e4, rotary_dim=None if rot == D else rot,
+                    tie_embeddings=bool(hf.get("tie_word_embeddings", False)), bias=True, qkv_bias=False,
+                    parallel_block="one_norm", lm_head_bias=True)
+    f, m = cfg.d_ff, KeyMap(state, ("transformer.", ""))
+    perm = torch.cat([torch.arange(0, rot, 2), torch.arange(1, rot, 2), torch.arange(rot, D)])
+    rows = (torch.arange(H)[:, None] * D + perm).flatten()  # each head's rows, permuted
+    sd: Dict[str, Tensor] = {"tok_emb.weight": m.take("wte.weight", (cfg.vocab_size, d)),
+                             "norm_f.weight": m.take("ln_f.weight", (d,)), "norm_f.bias": m.take("ln_f.bias", (d,))}
+    for i in range(n):
+        h, b = f"h.{i}.", f"blocks.{i}."
+        q, k, v = (m.take(f"{h}attn.{x}_proj.weight", (d, d)) for x in "qkv")
+        sd[f"{b}attn.wqkv.weight"] = torch.cat([q[rows], k[rows], v])
+        sd[f"{b}attn.wo.weight"] = m.take(f"{h}attn.out_proj.weight", (d, d))
+        sd[f"{b}attn.wo.bias"] = torch.zeros(d, dtype=q.dtype)
+        for ours, theirs, shape in (("mlp.w_in", "mlp.fc_in", (f, d)), ("mlp.w_out", "mlp.fc_out", (d, f)),
+                                    ("norm1", "ln_1", (d,))):
+            sd[f"{b}{ours}.weight"] = m.take(f"{h}{theirs}.weight", shape)
+            sd[f"{b}{ours}.bias"] = m.take(f"{h}{theirs}.bias", shape[:1])
+    top = KeyMap(state)
+    sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else top.take("lm_head.weight",
+                                                                                    (cfg.vocab_size, d))
+    sd["lm_head.bias"] = top.take("lm_head.bias", (cfg.vocab_size,))
     return cfg, sd
