@@ -18,6 +18,7 @@ VARIANTS = {
     "gpt2": dict(),
     "llama": dict(pos="rotary", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False),
     "mqa-postnorm-sinusoidal": dict(n_kv_head=1, norm_first=False, pos="sinusoidal", activation="relu"),
+    "bloom-alibi-gqa": dict(pos="alibi", embed_norm=True, activation="gelu_tanh", n_kv_head=2),
 }
 
 
@@ -53,7 +54,8 @@ def test_config_json_round_trip(tmp_path):
     (dict(mlp="reglu"), ["mlp", "reglu"]),
     (dict(activation="swish"), ["activation", "swish"]),
     (dict(norm="batchnorm"), ["norm", "batchnorm"]),
-    (dict(pos="alibi"), ["pos", "alibi"]),
+    (dict(pos="xpos"), ["pos", "xpos"]),
+    (dict(embed_norm=1), ["embed_norm", "1"]),
     (dict(backend="jax"), ["backend", "jax"]),
     (dict(dropout=1.0), ["dropout"]),
     (dict(n_head=0), ["n_head"]),
@@ -77,11 +79,20 @@ def test_bad_config(kw, words):
         assert w in str(e.value)
 
 
-def test_sliding_window_is_for_gpt_only():
+def test_sliding_window_and_alibi_are_for_gpt_only():
     from fastattn.models import BERTConfig, Seq2SeqConfig
     for cls in (BERTConfig, Seq2SeqConfig):
         with pytest.raises(ValueError, match="sliding_window: a window is supported by GPT"):
             cls(vocab_size=50, d_model=32, n_layer=1, n_head=2, sliding_window=4)
+        with pytest.raises(ValueError, match="pos: 'alibi' is supported by GPT"):
+            cls(vocab_size=50, d_model=32, n_layer=1, n_head=2, pos="alibi")
+
+
+def test_alibi_slopes_are_blooms():
+    """Press et al.'s slopes: 2^(-8i/n) for n a power of two; else the lower power's and every other of the next."""
+    from fastattn.models.layers import alibi_slopes
+    assert alibi_slopes(4).tolist() == [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8]
+    assert alibi_slopes(6).tolist() == [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3]
 
 
 def test_unknown_key_named():

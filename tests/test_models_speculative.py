@@ -18,6 +18,7 @@ VARIANTS = {
     "gpt2": dict(),
     "llama-gqa": dict(pos="rotary", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False),
     "mistral-window": dict(pos="rotary", norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=False, sliding_window=6),
+    "alibi": dict(pos="alibi", n_head=8),
     "gemma2-alternating-softcap": dict(
         pos="rotary", norm="rmsnorm", mlp="geglu", activation="gelu_tanh", bias=False, n_kv_head=2, sliding_window=5,
         layer_types=["sliding_attention", "full_attention"], attn_softcap=20.0, final_softcap=15.0,
@@ -80,7 +81,7 @@ def test_decode_many_equals_full_forward(variant, bound):
               (torch.tensor([3, 3]), None)]
     with torch.no_grad():
         for kept, valid in rounds:
-            if m.config.sliding_window:  # a filler's slot would count in the window (generate has none there)
+            if m.config.sliding_window or m.config.pos == "alibi":  # a filler's slot would count (generate has none)
                 valid = None
             fill = torch.zeros(2, dtype=torch.long) if valid is None else (~valid).sum(1)
             idx = (done[:, None] + torch.arange(W) - fill[:, None]).clamp_min(0)
@@ -95,7 +96,7 @@ def test_decode_many_equals_full_forward(variant, bound):
             m.reject_slots(slot, reject)
             done += kept
             slot += W
-            if m.config.sliding_window:  # windows count slots: no holes may stay (as generate does)
+            if m.config.sliding_window or m.config.pos == "alibi":  # they count slots: no holes (as generate does)
                 slot = m.compact_caches(slot)
         slot = m.compact_caches(slot)
         assert slot == int(done.max()) and m.next_pos.flatten().tolist() == done.tolist()

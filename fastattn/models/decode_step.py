@@ -76,8 +76,8 @@ class _Step(NamedTuple):
     """What every layer of one step shares: the W cache slots, per sliding window (0: none) the cache's keep mask
     (False = padding, not written, or out of the window; None when no layer's kernel reads it) and padding mask (True
     = padding), rotary cos / sin (B, W, 1, D) or None, the self-attention scores' bias (B, H, W, S) or None (T5), and
-    for W > 1 rows per sequence the slots' end: each row then sees the slots up to its own (causal, bottom-right),
-    and the masks cover the first ``end`` slots only (window 0)."""
+    for W > 1 rows per sequence (or ALiBi) the slots' end: each row then sees the slots up to its own (causal,
+    bottom-right), and the masks cover the first ``end`` slots only."""
     input_pos: Tensor
     keep: Dict[int, Optional[Tensor]]
     pad: Dict[int, Tensor]
@@ -94,9 +94,10 @@ class _SelfAttention:
                                                       bind_head_norm(a.k_norm, dtype, device))
         S = a.cache.k.shape[2]
         self.scale = self.D ** -0.5 if a.scale is None else a.scale
-        self.softcap, self.window = a.softcap, a.window
-        # W > 1 rows of a windowed layer: each row has its own window, which the flash kernel takes as an argument
-        self.kernel = None if width > 1 and self.window else \
+        self.softcap, self.window, self.alibi = a.softcap, a.window, a.alibi
+        # W > 1 rows of a windowed layer: each row has its own window, which the flash kernel takes as an argument;
+        # so are ALiBi's slopes, which the split-KV kernel does not take
+        self.kernel = None if (width > 1 and self.window) or self.alibi is not None else \
             routed_kernel(torch.device(device).type, dtype, self.D, self.D, width, S, forced)
 
     def __call__(self, x: Tensor, st: _Step) -> Tensor:
@@ -112,7 +113,7 @@ class _SelfAttention:
         self.cache.v.index_copy_(2, st.input_pos, v.transpose(1, 2))
         q = q.transpose(1, 2)  # (B, H, W, D)
         K, V = self.cache.k, self.cache.v
-        if W > 1:  # the first `end` slots, each row seeing the slots up to its own
+        if st.end is not None:  # the first `end` slots, each row seeing the slots up to its own
             K, V = K[:, :, :st.end], V[:, :, :st.end]
         if st.bias is not None:  # the split-KV kernel adds no bias: the flash kernel with it as a float mask
             out = attention(q, K, V, attn_mask=st.bias, key_padding_mask=st.pad[0 if W > 1 else self.window],
@@ -122,10 +123,11 @@ class _SelfAttention:
                               W > 1)[0]
         elif W > 1:
             out = attention(q, K, V, causal="bottom_right", key_padding_mask=st.pad[0], scale=self.scale,
-                            softcap=self.softcap, window=(self.window - 1, 0) if self.window else (-1, -1))
-        else:
+                            softcap=self.softcap, window=(self.window - 1, 0) if self.window else (-1, -1),
+                            alibi_slopes=self.alibi)
+        else:  # (with ALiBi the cache ends at the token's slot: distances count from it)
             out = attention(q, K, V, causal=None, key_padding_mask=st.pad[self.window], scale=self.scale,
-                            softcap=self.softcap)
+                            softcap=self.softcap, alibi_slopes=self.alibi)
         return self.out(out.transpose(1, 2).reshape(B * W, H * D))
 
 
@@ -212,6 +214,7 @@ class DecodeStep:
         self.needs_keep = any(b.attn.kernel is not None for b in self.blocks)
         self.rel = getattr(model, "dec_rel", None)  # T5's relative-position bias, shared by the decoder's layers
         self.windows = sorted({b.attn.window for b in self.blocks} - {0})
+        self.alibi = any(b.attn.alibi is not None for b in self.blocks)
 
     def __call__(self, tokens: Tensor, input_pos: Tensor, valid: Optional[Tensor] = None) -> Tensor:
         m, W = self.model, self.width
@@ -224,14 +227,11 @@ class DecodeStep:
             positions = (m.next_pos + valid.cumsum(-1) - 1).clamp_min(0)
         x, rotary = self.embed(tokens, positions)  # (B, W, d); cos, sin (B, W, 1, D) or None
         B = x.shape[0]
-        end = None
-        if W == 1:
-            pad = {0: m.cache_padding}
+        end = int(input_pos[-1]) + 1 if W > 1 or self.alibi else None
+        pad = {0: m.cache_padding[:, :end]}
+        if W == 1:  # (W > 1: windowed layers take the window as the flash kernel's argument)
             for w in self.windows:  # each sliding window's layers also leave out the slots w or more behind the token
-                pad[w] = m.cache_padding | window_padding(m.cache_padding.shape[1], input_pos, w)
-        else:  # windowed layers take the window as the flash kernel's argument
-            end = int(input_pos[-1]) + 1
-            pad = {0: m.cache_padding[:, :end]}
+                pad[w] = pad[0] | window_padding(pad[0].shape[1], input_pos, w)
         keep = {w: ~p if self.needs_keep else None for w, p in pad.items()}
         # T5's relative positions: slot = position (speculative batches of one: no holes)
         bias = None if self.rel is None else self.rel(positions, m.cache_index[:end])

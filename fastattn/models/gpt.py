@@ -30,7 +30,14 @@ from .speculative import speculation, speculative_generate
 
 @dataclass
 class GPTConfig(ModelConfig):
+    """ModelConfig, and ``embed_norm``: a LayerNorm on the token embeddings (BLOOM's word_embeddings_layernorm)."""
     model_type = "gpt"
+    embed_norm: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.embed_norm, bool):
+            raise ValueError(f"GPTConfig.embed_norm: expected true or false, got {self.embed_norm!r}")
 
 
 class GPT(CacheMixin, PretrainedMixin, nn.Module):
@@ -43,6 +50,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
             raise TypeError(f"config: expected a GPTConfig, got {type(config).__name__}")
         self.config = cfg = config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.emb_norm = make_norm(cfg) if cfg.embed_norm else None
         self.pos = Positions(cfg, cfg.pos_offset)
         self.blocks = nn.ModuleList(Block(cfg, layer=i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.norm_first else None  # post-norm blocks end normalised
@@ -61,6 +69,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         pe = self.pos.embed(positions)
         if pe is not None:
             x = x + pe
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
         x = drop(x, self.config.dropout, self.training, self.config.backend)
         return x, self.pos.rotary(positions, x.dtype)
 

@@ -31,7 +31,7 @@ from .checkpoint import load_weights, place, save_weights
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu", "geglu")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-POSITIONS = ("learned", "sinusoidal", "rotary", "none")
+POSITIONS = ("learned", "sinusoidal", "rotary", "alibi", "none")
 PARALLEL_BLOCKS = ("two_norms", "one_norm")
 BACKENDS = ("fastattn", "torch")
 
@@ -45,6 +45,7 @@ class ModelConfig:
     (Gemma's: down(activation(gate(x)) * up(x)), activation "gelu_tanh" or "gelu"). ``norm_first``: pre-norm (True)
     or post-norm (False). ``rope_scaling``: None, {"rope_type": "linear", "factor": f} or Llama 3's {"rope_type":
     "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
+    ``pos="alibi"`` (GPT): no position embedding; each head's scores get -slope * distance (BLOOM's ALiBi).
     ``sliding_window`` W (GPT): a token attends to itself and the W - 1 before it (Mistral's window), in training,
     prefill and decoding; on every layer, or on those ``layer_types`` (one "sliding_attention" / "full_attention"
     per layer, HF's names) marks (Gemma 2's alternation); ``rope_local_theta`` gives those windowed layers rotary
@@ -125,6 +126,8 @@ class ModelConfig:
         if self.n_head % self.n_kv_head:
             raise ValueError(f"{type(self).__name__}.n_kv_head: {self.n_kv_head} key/value heads do not divide "
                              f"n_head={self.n_head}")
+        if self.pos == "alibi" and self.model_type != "gpt":
+            raise ValueError(f"{type(self).__name__}.pos: 'alibi' is supported by GPT (causal) only")
         if self.pos == "rotary" and self.head_dim % 2:
             raise ValueError(f"{type(self).__name__}.pos: rotary positions need an even head dim, got "
                              f"{self.head_dim}")
@@ -374,6 +377,15 @@ class Positions(nn.Module):
                                    F.embedding(positions, self.sin_local).to(dtype).unsqueeze(2))}
 
 
+def alibi_slopes(n_head: int) -> Tensor:
+    """ALiBi's per-head slopes (Press et al.; BLOOM's): a geometric sequence from 2^(-8/n) for n a power of two, else
+    those of the power of two below it and every other one of the next power's."""
+    def powers(n):
+        return torch.tensor([2.0 ** (-8.0 * (i + 1) / n) for i in range(n)])
+    p = 2 ** math.floor(math.log2(n_head))
+    return powers(p) if p == n_head else torch.cat([powers(p), powers(2 * p)[0::2][:n_head - p]])
+
+
 def pick_rotary(rotary, window: int):
     """A layer's (cos, sin): the local tables for a windowed layer when the model has them (Gemma 3)."""
     return rotary[window > 0] if isinstance(rotary, dict) else rotary
@@ -403,11 +415,15 @@ def window_padding(S: int, input_pos: Tensor, window: int) -> Tensor:
 
 
 def _torch_attention(q, k, v, causal, key_padding_mask, dropout_p, window: int = 0, scale=None, softcap=0.0,
-                     bias=None):
+                     bias=None, alibi=None):
     """fastattn.attention's meaning in stock torch SDPA (a bool mask is built for causal + padding + a causal
-    window of ``window`` keys, 0: none; ``bias`` added to the scores); with a softcap, which SDPA lacks, written out
-    in torch ops."""
+    window of ``window`` keys, 0: none; ``bias`` added to the scores, and ALiBi's -slope * distance for ``alibi``
+    (H,) slopes, bottom-right aligned); with a softcap, which SDPA lacks, written out in torch ops."""
     L, S = q.shape[-2], k.shape[-2]
+    if alibi is not None:
+        dist = (torch.arange(L, device=q.device)[:, None] + S - L - torch.arange(S, device=q.device)).abs()
+        slope_bias = -alibi.to(q.dtype)[:, None, None] * dist.to(q.dtype)  # (H, L, S)
+        bias = slope_bias if bias is None else bias + slope_bias
     mask = None
     if causal is not None:
         i = torch.arange(L, device=q.device)[:, None] + (S - L if causal == "bottom_right" else 0)
@@ -456,6 +472,14 @@ class Attention(nn.Module):
         self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.cache: Optional[KVCache] = None
         self.memory_kv: Optional[Tuple[Tensor, Tensor]] = None  # cross-attention K/V, computed once per generation
+        # ALiBi (BLOOM): -slope * distance on each head's scores; float32 whatever the model's dtype (see _apply)
+        self.register_buffer("alibi", alibi_slopes(cfg.n_head) if cfg.pos == "alibi" else None, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.alibi is not None and self.alibi.dtype != torch.float32:  # model.to(bfloat16): slopes stay exact
+            self.alibi = alibi_slopes(self.n_head).to(self.alibi.device)
+        return self
 
     def memory(self, mem: Tensor) -> Tuple[Tensor, Tensor]:
         """Cross-attention keys and values of the memory (B, S, d_model): (B, Hk, S, D) each."""
@@ -502,16 +526,17 @@ class Attention(nn.Module):
             key_padding_mask = key_padding_mask | window_padding(k.shape[2], input_pos, self.window)
         if self.backend == "torch":
             out = _torch_attention(q, k, v, causal, key_padding_mask, p, self.window if causal is not None else 0,
-                                   self.scale, self.softcap, attn_bias)
-        elif use_cache and attn_bias is None and not (causal and self.window) and not torch.is_grad_enabled() and \
-                route_backend(q, k, v, forced_backend_name()):
+                                   self.scale, self.softcap, attn_bias, self.alibi)
+        elif use_cache and attn_bias is None and self.alibi is None and not (causal and self.window) and \
+                not torch.is_grad_enabled() and route_backend(q, k, v, forced_backend_name()):
             # a decode step that fastattn.attention would route to the split-KV kernel: called directly, without
             # the general checks, which cost more host time than the kernel at these sizes
             out = decode_attention(q, k, v, causal=causal is not None, key_padding_mask=key_padding_mask,
                                    scale=self.scale, softcap=self.softcap)
         else:
             out = attention(q, k, v, causal=causal, attn_mask=attn_bias, key_padding_mask=key_padding_mask,
-                            dropout_p=p, window=window, scale=self.scale, softcap=self.softcap)
+                            dropout_p=p, window=window, scale=self.scale, softcap=self.softcap,
+                            alibi_slopes=self.alibi)
         return self.wo(out.transpose(1, 2).reshape(B, L, H * D))
 
 

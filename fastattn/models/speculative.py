@@ -17,7 +17,7 @@ from generation without a draft.
 
 Batches: each sequence keeps its own number of drafts. Slots of rejected drafts become padding (holes); the next step
 writes after the furthest slot any sequence kept, and the cache is compacted (``CacheMixin.compact_caches``) when
-its headroom runs out, and after every step with holes on a model with sliding windows (which count slots). An
+its headroom runs out, and after every step with holes on a model with sliding windows or ALiBi (which count slots). An
 assistant's step with fillers (sequences with one token pending beside sequences with two) counts the filler in its
 windows: its drafts may differ there, never the output. T5's relative positions take slot = position, so a T5
 decodes speculatively one sequence at a time.
@@ -54,7 +54,8 @@ class _Cursor:
     def __init__(self, model: nn.Module, slot: int):
         self.m, self.slot = model, slot
         self.capacity = model.cache_padding.shape[1]
-        self.windowed = any(b.attn.window for b in model.cached_blocks())
+        # sliding windows and ALiBi count distances in slots: holes would stretch them
+        self.windowed = any(b.attn.window or b.attn.alibi is not None for b in model.cached_blocks())
         self.steps: Dict[int, Callable] = {}
 
     def reserve(self, n: int) -> None:
