@@ -2,8 +2,8 @@
 MLP reading the same stream, each through its own norm; rotary positions on rotary_pct of each head) and Phi-1 / 1.5
 / 2 (one norm for both, a biased LM head, partial rotary, GQA), Falcon (7B's multi-query with one norm, 40B's
 grouped q / k / v layout with two, RW's sequential blocks), StableLM (LayerNorm biases without Linear ones,
-sequential or parallel), GPT-J (one norm, rotary positions in interleaved pairs) and BLOOM (ALiBi, an embedding
-LayerNorm). Small random models (weights
+sequential or parallel), GPT-J (one norm, rotary positions in interleaved pairs), BLOOM (ALiBi, an embedding
+LayerNorm) and MPT (ALiBi, no biases). Small random models (weights
 large enough that every sublayer moves the greedy tokens) saved to tmp_path: logits of a left-padded batch bounded
 by transformers' own fp32 error against its float64 run, greedy tokens (through the bound decode step) equal to
 transformers' generate, both backends training alike; bad configs refused naming the key."""
@@ -52,6 +52,13 @@ def _bloom(**kw):
         bos_token_id=0, eos_token_id=0, initializer_range=0.3), **kw})).eval()
 
 
+def _mpt(**kw):
+    attn = {"alibi": True, "alibi_bias_max": 8, **kw.pop("attn", {})}
+    return transformers.MptForCausalLM(transformers.MptConfig(**{**dict(
+        vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2, max_seq_len=64, resid_pdrop=0.0, emb_pdrop=0.0,
+        attn_config=attn, bos_token_id=0, eos_token_id=0, initializer_range=0.3), **kw})).eval()
+
+
 def _stablelm(**kw):
     return transformers.StableLmForCausalLM(transformers.StableLmConfig(**{**dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -70,7 +77,8 @@ MODELS = {"pythia": (_neox, {}, "two_norms", 4), "neox-sequential": (_neox, dict
           "gptj": (_gptj, {}, "one_norm", 4),  # interleaved rotary pairs on 4 of 8 channels
           "gptj-full-rotary": (_gptj, dict(rotary_dim=8), "one_norm", None),
           "bloom": (_bloom, {}, None, None),  # ALiBi, 4 heads
-          "bloom-6-heads": (_bloom, dict(hidden_size=48, n_head=6), None, None)}  # ALiBi slopes of 4 and 8 heads
+          "bloom-6-heads": (_bloom, dict(hidden_size=48, n_head=6), None, None),  # ALiBi slopes of 4 and 8 heads
+          "mpt": (_mpt, {}, None, None)}  # ALiBi, no biases
 
 
 def _batch():
@@ -95,7 +103,7 @@ def test_matches_transformers(tmp_path, arch, caplog):
     keep = mask.bool()
     with torch.no_grad():
         a, b = (m(ids, attention_mask=mask).logits for m in (ours, hf))
-        if arch.startswith("bloom"):  # its float64 run gives NaN under a padding mask: each row alone, unpadded
+        if arch.startswith(("bloom", "mpt")):  # their float64 runs give NaN under a padding mask: rows alone
             ref = torch.cat([hf64(ids[i:i + 1, keep[i]]).logits[0] for i in range(len(ids))])
         else:
             ref = hf64(ids, attention_mask=mask).logits[keep]
@@ -108,7 +116,7 @@ def test_matches_transformers(tmp_path, arch, caplog):
     assert torch.equal(mine, theirs)
 
 
-@pytest.mark.parametrize("arch", ["pythia", "phi", "falcon-40b", "gptj", "bloom"])
+@pytest.mark.parametrize("arch", ["pythia", "phi", "falcon-40b", "gptj", "bloom", "mpt"])
 def test_backends_train_alike(tmp_path, arch):
     make, kw, _, _ = MODELS[arch]
     torch.manual_seed(0)
@@ -124,6 +132,8 @@ def test_backends_train_alike(tmp_path, arch):
                                            (_falcon, dict(alibi=True), "alibi"),
                                            (_bloom, dict(apply_residual_connection_post_layernorm=True),
                                             "apply_residual_connection_post_layernorm"),
+                                           (_mpt, dict(attn=dict(clip_qkv=6.0)), "attn_config.clip_qkv"),
+                                           (_mpt, dict(attn=dict(alibi_bias_max=16)), "alibi_bias_max"),
                                            (_stablelm, dict(qk_layernorm=True), "qk_layernorm"),
                                            (_neox, dict(rotary_pct=0.375), "gives 3 rotary channels")])
 def test_refused(tmp_path, make, kw, key):

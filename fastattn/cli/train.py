@@ -171,8 +171,9 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
             "num_labels": cfg.num_labels, "pad_token_id": pad_id, "decoder_start_token_id": eos_id}
 
 
-HF_MODEL_TYPES = {**dict.fromkeys(("gpt2", "opt", "gpt_neox", "phi", "falcon", "gptj", "bloom", "llama", "mistral",
-                                    "qwen2", "qwen3", "phi3", "stablelm", "gemma", "gemma2", "gemma3_text"), "GPT"),
+HF_MODEL_TYPES = {**dict.fromkeys(("gpt2", "opt", "gpt_neox", "phi", "falcon", "gptj", "bloom", "mpt", "llama",
+                                    "mistral", "qwen2", "qwen3", "phi3", "stablelm", "gemma", "gemma2", "gemma3_text"),
+                                   "GPT"),
                   **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "distilbert"), "BERT"),
                   **dict.fromkeys(("bart", "mbart", "t5", "mt5"), "Seq2Seq")}
 

@@ -34,7 +34,7 @@ The interface (stable; the CLI builds on it):
   output unchanged, sampling from the same distribution; ``model.speculation_stats`` (a ``SpeculationStats``).
 - Every model: ``save_pretrained(dir)`` / ``cls.from_pretrained(dir, **config_overrides)`` (config.json +
   model.safetensors), ``num_parameters(trainable_only=False)``, ``backbone_parameters()`` / ``head_parameters()``.
-  ``GPT.from_hf(dir)`` (GPT-2, OPT, GPT-NeoX / Pythia, GPT-J, BLOOM, Phi-1 / 1.5 / 2, Falcon, StableLM, Llama incl.
+  ``GPT.from_hf(dir)`` (GPT-2, OPT, GPT-NeoX / Pythia, GPT-J, BLOOM, MPT, Phi-1 / 1.5 / 2, Falcon, StableLM, Llama incl.
   3.1 / 3.2,
   Qwen2, Qwen3, Phi-3, Gemma 1 / 2 / 3 text, Mistral with its sliding window),
   ``BERT.from_hf(dir)`` and ``BERTForSequenceClassification.from_hf(dir, num_labels=...)`` (BERT, RoBERTa, XLM-R,

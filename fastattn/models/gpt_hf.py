@@ -10,7 +10,8 @@ from torch import Tensor
 from .checkpoint import CheckpointError, KeyMap, hf_get, read_hf_folder
 from .gpt import GPTConfig
 from .gpt_hf_parallel import ACT
-from .gpt_hf_parallel import from_bloom, from_gptj, from_parallel, rotary
+from .gpt_hf_alibi import from_bloom, from_mpt
+from .gpt_hf_parallel import from_gptj, from_parallel, rotary
 from .layers import ROPE_SCALING_KEYS, check_rope_scaling
 
 
@@ -32,10 +33,12 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
         cfg, sd = from_gptj(hf, state)
     elif kind == "bloom":
         cfg, sd = from_bloom(hf, state)
+    elif kind == "mpt":
+        cfg, sd = from_mpt(hf, state)
     else:
         raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
                               "mistral, qwen2, qwen3, phi3, stablelm, gemma, gemma2, gemma3_text, opt, gpt_neox, "
-                              "phi, falcon, gptj, bloom)")
+                              "phi, falcon, gptj, bloom, mpt)")
     window, types = _sliding_window(hf)
     if local_theta is not None and window is not None:  # Gemma 3: its windowed layers' rotary base
         overrides = {"rope_local_theta": local_theta, **overrides}

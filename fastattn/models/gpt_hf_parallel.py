@@ -1,6 +1,6 @@
 """GPT.from_hf's importers for the families whose attention and MLP run in parallel (``parallel_block``), often with
 rotary positions on part of each head (``rotary_dim``): GPT-NeoX / Pythia, Phi-1 / 1.5 / 2, Falcon (their sequential
-variants too) and GPT-J; and BLOOM, whose fused q / k / v layout is GPT-NeoX's. Whatever a checkpoint sets that GPT
+variants too) and GPT-J. Whatever a checkpoint sets that GPT
 cannot reproduce exactly is refused with a CheckpointError naming the setting."""
 from typing import Dict, Optional, Tuple
 
@@ -162,34 +162,3 @@ def from_gptj(hf: dict, state):
     sd["lm_head.bias"] = top.take("lm_head.bias", (cfg.vocab_size,))
     return cfg, sd
 
-
-def from_bloom(hf: dict, state):
-    """BLOOM: ALiBi positions (``pos="alibi"``), a LayerNorm on the embeddings (``embed_norm``), q / k / v fused per
-    head as GPT-NeoX's, tanh GELU, tied LM head; the context length is the caller's (ALiBi has no table: 2048, as
-    BLOOM trained, unless max_seq_len is given)."""
-    if hf.get("apply_residual_connection_post_layernorm"):
-        raise CheckpointError("config.json: apply_residual_connection_post_layernorm=true is not supported by "
-                              "GPT.from_hf (the residual taken after the norm)")
-    d, H, n = hf_get(hf, "hidden_size", "n_embed"), hf["n_head"], hf["n_layer"]
-    if d is None:
-        raise CheckpointError("config.json: key 'hidden_size' (or 'n_embed') is missing")
-    cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=n, n_head=H, max_seq_len=2048,
-                    norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu",
-                    activation="gelu_tanh", pos="alibi", tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-                    bias=True, embed_norm=True)
-    D, f, m = cfg.head_dim, cfg.d_ff, KeyMap(state, ("transformer.", ""))
-    sd: Dict[str, Tensor] = {"tok_emb.weight": m.take("word_embeddings.weight", (cfg.vocab_size, d))}
-    names = (("emb_norm", "word_embeddings_layernorm", (d,)), ("norm_f", "ln_f", (d,)))
-    for i in range(n):
-        h, b = f"h.{i}.", f"blocks.{i}."
-        names += ((f"{b}attn.wqkv", f"{h}self_attention.query_key_value", (3 * d, d)),
-                  (f"{b}attn.wo", f"{h}self_attention.dense", (d, d)), (f"{b}norm1", f"{h}input_layernorm", (d,)),
-                  (f"{b}norm2", f"{h}post_attention_layernorm", (d,)),
-                  (f"{b}mlp.w_in", f"{h}mlp.dense_h_to_4h", (f, d)), (f"{b}mlp.w_out", f"{h}mlp.dense_4h_to_h", (d, f)))
-    for ours, theirs, shape in names:
-        for p, shp in (("weight", shape), ("bias", shape[:1])):
-            t = m.take(f"{theirs}.{p}", shp)
-            sd[f"{ours}.{p}"] = _qkv(t, "per_head", H, H, D) if ours.endswith("attn.wqkv") else t
-    sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else KeyMap(state).take(
-        "lm_head.weight", (cfg.vocab_size, d))
-    return cfg, sd
