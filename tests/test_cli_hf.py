@@ -151,6 +151,27 @@ def test_generate_eval_quantize_read_an_hf_folder(hf_folder, tmp_path, capsys):
     assert "a Hugging Face folder: start from it with --init-hf" in capsys.readouterr().err
 
 
+def test_speculative_generate_with_an_hf_draft_of_another_family(hf_folder, tmp_path, capsys):
+    """--draft takes an HF folder on the same tokenizer, of another family (a BLOOM drafting for a GPT-2): plain
+    greedy's text; --prompt-lookup on the folder too."""
+    import shutil
+    draft = tmp_path / "bloom"
+    draft.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf_folder / name, draft / name)
+    vocab = json.loads((hf_folder / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(1)
+    transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=vocab, hidden_size=16, n_layer=1, n_head=2))\
+        .save_pretrained(draft)
+    args = ["generate", str(hf_folder), "-p", "It is", "-n", "10", "--temperature", "0"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    for extra in (["--draft", str(draft), "--num-draft-tokens", "3"], ["--prompt-lookup", "3"]):
+        assert main(args + extra) == 0
+        out = capsys.readouterr()
+        assert out.out == plain and "drafted tokens accepted" in out.err, out.err
+
+
 def test_sharded_hf_folder(hf_folder, tmp_path, capsys):
     """A sharded Hugging Face folder (model-0000x-of-0000y.safetensors + index): generate and quantize read it."""
     folder = tmp_path / "sharded"
