@@ -244,8 +244,8 @@ def main(cfg: GenerateConfig) -> int:
 
 
 def load_draft(cfg, model, tok, device):
-    """The --draft model: a GPT (checkpoint or HF folder) on the model's tokenizer, in eval mode, int8 like the
-    model when --int8."""
+    """The --draft model: one of the model's class (a checkpoint or HF folder) on the model's tokenizer, in eval
+    mode, int8 (w8a16) too when --int8."""
     from fastattn.cli.train import load_model
     draft, _, dtok = load_model(cfg.draft, backend=cfg.model_backend, map_location=device)
     if type(draft) is not type(model):

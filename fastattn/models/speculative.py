@@ -108,7 +108,7 @@ class _ModelDraft:
     def start(self, first: Tensor) -> None:
         self.pending, self.valid = first[:, None], None
 
-    def propose(self, k: int, sample: Callable[[Tensor, int], Tensor], want_q: bool):
+    def propose(self, k: int, sample: Callable[[Tensor, int], Tuple[Tensor, Optional[Tensor]]], want_q: bool):
         """k draft tokens (B, k), how many are real (B,) and the draft's distributions (B, k, V) (want_q) or None."""
         w = self.pending.shape[1]
         self.cur.reserve(w + k - 1)
