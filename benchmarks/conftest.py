@@ -45,7 +45,6 @@ def interleaved(benchmark, runs: dict, ours: str, tokens: int, group: str, round
     benchmark.extra_info[f"speedup_vs_{base}"] = best[base] / best[ours]
 
 
-
 def synced(device: str, fn):
     """fn, called under torch.inference_mode and then synchronised with ``device`` (a timed call)."""
     from fastattn.testing import sync

@@ -293,4 +293,3 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         """decode_many bound likewise for ``width`` tokens per sequence (or decode_many itself)."""
         return bind_decode(self, self.decoder, self._embed_decoder, self.dec_norm_f, self.lm_head, self.memory_kv,
                            self.memory_pad, width=width) or self.decode_many
-
