@@ -180,11 +180,15 @@ def test_int8_models(mode):
 
 
 def test_streamer_sees_the_plain_columns():
+    """Sequences several tokens apart (each accepts its own number of drafts) still stream one whole column a
+    call, as plain generation does."""
     m = _model("gpt2")
     ids, mask = _prompts(3, 14)
     got = {"plain": [], "spec": []}
     m.generate(ids, 20, temperature=0, attention_mask=mask, streamer=got["plain"].append)
-    m.generate(ids, 20, temperature=0, attention_mask=mask, streamer=got["spec"].append, prompt_lookup_num_tokens=3)
+    m.generate(ids, 20, temperature=0, attention_mask=mask, streamer=got["spec"].append,
+               assistant_model=_near_copy(m, 0.02))
+    assert m.speculation_stats.accepted > 0
     assert len(got["spec"]) == len(got["plain"]) == 20
     assert all(torch.equal(a, b) for a, b in zip(got["spec"], got["plain"]))
 
