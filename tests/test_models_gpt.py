@@ -56,6 +56,8 @@ def test_config_json_round_trip(tmp_path):
     (dict(norm="batchnorm"), ["norm", "batchnorm"]),
     (dict(pos="xpos"), ["pos", "xpos"]),
     (dict(embed_norm=1), ["embed_norm", "1"]),
+    (dict(pos="alibi", alibi_slopes=[0.5, 0.25]), ["alibi_slopes", "4 numbers"]),
+    (dict(alibi_slopes=[0.5] * 4), ["alibi_slopes", "pos 'alibi'"]),
     (dict(backend="jax"), ["backend", "jax"]),
     (dict(dropout=1.0), ["dropout"]),
     (dict(n_head=0), ["n_head"]),

@@ -78,7 +78,10 @@ MODELS = {"pythia": (_neox, {}, "two_norms", 4), "neox-sequential": (_neox, dict
           "gptj-full-rotary": (_gptj, dict(rotary_dim=8), "one_norm", None),
           "bloom": (_bloom, {}, None, None),  # ALiBi, 4 heads
           "bloom-6-heads": (_bloom, dict(hidden_size=48, n_head=6), None, None),  # ALiBi slopes of 4 and 8 heads
-          "mpt": (_mpt, {}, None, None)}  # ALiBi, no biases
+          "mpt": (_mpt, {}, None, None),  # ALiBi, no biases
+          "mpt-6-heads": (_mpt, dict(d_model=48, n_heads=6), None, None),
+          "falcon-rw-alibi": (_falcon, dict(multi_query=False, parallel_attn=False, bias=True, alibi=True), None,
+                              None)}  # ALiBi scaled by 1 / sqrt(head dim), slopes in bfloat16
 
 
 def _batch():
@@ -103,7 +106,7 @@ def test_matches_transformers(tmp_path, arch, caplog):
     keep = mask.bool()
     with torch.no_grad():
         a, b = (m(ids, attention_mask=mask).logits for m in (ours, hf))
-        if arch.startswith(("bloom", "mpt")):  # their float64 runs give NaN under a padding mask: rows alone
+        if arch.startswith(("bloom", "mpt")) or arch.endswith("alibi"):  # ALiBi's float64 runs: NaN under padding
             ref = torch.cat([hf64(ids[i:i + 1, keep[i]]).logits[0] for i in range(len(ids))])
         else:
             ref = hf64(ids, attention_mask=mask).logits[keep]
@@ -129,10 +132,10 @@ def test_backends_train_alike(tmp_path, arch):
 
 @pytest.mark.parametrize("make, kw, key", [(_neox, dict(attention_bias=False), "attention_bias"),
                                            (_phi, dict(qk_layernorm=True), "qk_layernorm"),
-                                           (_falcon, dict(alibi=True), "alibi"),
                                            (_bloom, dict(apply_residual_connection_post_layernorm=True),
                                             "apply_residual_connection_post_layernorm"),
                                            (_mpt, dict(attn=dict(clip_qkv=6.0)), "attn_config.clip_qkv"),
+                                           (_mpt, dict(attn=dict(alibi=False)), "attn_config.alibi"),
                                            (_mpt, dict(attn=dict(alibi_bias_max=16)), "alibi_bias_max"),
                                            (_stablelm, dict(qk_layernorm=True), "qk_layernorm"),
                                            (_neox, dict(rotary_pct=0.375), "gives 3 rotary channels")])

@@ -7,11 +7,11 @@ The interface (stable; the CLI builds on it):
   n_kv_head (None = n_head), head_dim (None = d_model / n_head), d_ff (None = 4 d_model), max_seq_len, dropout, norm
   ("layernorm" | "rmsnorm"), norm_eps, norm_first, mlp ("gelu" | "swiglu" | "geglu"), activation (the "gelu" and
   "geglu" MLPs': "gelu" | "gelu_tanh" | "relu" | "silu"), pos ("learned" | "sinusoidal" | "rotary" | "alibi" (GPT) |
-  "none"), pos_offset (learned positions' first table row), rotary_dim (None = head_dim), rope_theta, rope_scaling
-  (None | linear | llama3), sliding_window, layer_types and rope_local_theta (GPT), tie_embeddings, bias, qkv_bias
-  (None = bias), norm_bias (None = bias), qk_norm (per-head q / k norms), embed_scale, attn_scale, attn_softcap,
-  final_softcap, sandwich_norm (Gemma), parallel_block (None | "two_norms" | "one_norm"; GPT), embed_norm (GPT:
-  BLOOM's embedding LayerNorm), lm_head_bias, backend ("fastattn" | "torch");
+  "none"), alibi_slopes (None = BLOOM's), pos_offset (learned positions' first table row), rotary_dim (None =
+  head_dim), rope_theta, rope_scaling (None | linear | llama3), sliding_window, layer_types and rope_local_theta
+  (GPT), tie_embeddings, bias, qkv_bias (None = bias), norm_bias (None = bias), qk_norm (per-head q / k norms),
+  embed_scale, attn_scale, attn_softcap, final_softcap, sandwich_norm (Gemma), parallel_block (None | "two_norms" |
+  "one_norm"; GPT), embed_norm (GPT: BLOOM's embedding LayerNorm), lm_head_bias, backend ("fastattn" | "torch");
   BERT adds type_vocab_size (0: none), num_labels, problem_type, pad_token_id, roberta_positions, pooler_activation;
   Seq2Seq adds n_decoder_layer, embed_norm, pad / eos / decoder_start / forced_bos token ids, relative_buckets and
   relative_max_distance (T5's relative-position bias).

@@ -50,7 +50,8 @@ def from_mpt(hf: dict, state):
                       ("softmax_scale", None), ("prefix_lm", False), ("attn_uses_sequence_id", False)):
         if attn.get(key, want) != want:
             raise CheckpointError(f"config.json: attn_config.{key}={attn[key]!r} is not supported by GPT.from_hf "
-                                  f"(MPT with {key}={want!r})")
+                                  f"(MPT with {key}={want!r}; transformers' MPT uses alibi_bias_max 8 whatever the "
+                                  "config says)")
     if hf.get("logit_scale") is not None:
         raise CheckpointError(f"config.json: logit_scale={hf['logit_scale']!r} is not supported by GPT.from_hf")
     if not hf.get("no_bias", True):

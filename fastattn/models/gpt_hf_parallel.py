@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, KeyMap, hf_get
 from .gpt import GPTConfig
+from .layers import alibi_slopes
 
 ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 
@@ -61,7 +62,7 @@ def _layout(hf: dict) -> dict:
                 parallel=parallel, act=hf.get("activation", "gelu"), d_ff=hf.get("ffn_hidden_size") or 4 * d,
                 eps=hf.get("layer_norm_epsilon", 1e-5), bias=bool(hf.get("bias", False)), norm_bias=True,
                 head_bias=False, tie=hf.get("tie_word_embeddings", True), prefix="transformer.",
-                emb="word_embeddings", final="ln_f", head="lm_head", names=names, refuse=(("alibi", False),))
+                emb="word_embeddings", final="ln_f", head="lm_head", names=names, refuse=())
 
 
 def _qkv(w: Tensor, kind: str, H: int, Hk: int, D: int) -> Tensor:
@@ -90,12 +91,16 @@ def from_parallel(hf: dict, state):
     if lay["act"] not in ACT:
         raise CheckpointError(f"config.json: activation {lay['act']!r} is not supported ({sorted(ACT)})")
     d, H, Hk = hf["hidden_size"], hf["num_attention_heads"], lay["Hk"]
-    theta, rot = rotary(hf, d // H)
+    if kind == "falcon" and hf.get("alibi"):  # (Falcon-RW) its ALiBi: BLOOM's slopes in bfloat16, / sqrt(head dim)
+        pos = dict(pos="alibi", alibi_slopes=(alibi_slopes(H).bfloat16().float() * (d // H) ** -0.5).tolist())
+    else:
+        theta, rot = rotary(hf, d // H)
+        pos = dict(pos="rotary", rope_theta=theta, rotary_dim=rot)
     cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["num_hidden_layers"], n_head=H, n_kv_head=Hk,
                     d_ff=lay["d_ff"], max_seq_len=hf.get("max_position_embeddings", 2048), norm="layernorm",
-                    norm_eps=lay["eps"], norm_first=True, mlp="gelu", activation=ACT[lay["act"]], pos="rotary",
-                    rope_theta=theta, rotary_dim=rot, tie_embeddings=lay["tie"], bias=lay["bias"],
-                    norm_bias=lay["norm_bias"], parallel_block=lay["parallel"], lm_head_bias=lay["head_bias"])
+                    norm_eps=lay["eps"], norm_first=True, mlp="gelu", activation=ACT[lay["act"]], **pos,
+                    tie_embeddings=lay["tie"], bias=lay["bias"], norm_bias=lay["norm_bias"],
+                    parallel_block=lay["parallel"], lm_head_bias=lay["head_bias"])
     D, f, m = cfg.head_dim, cfg.d_ff, KeyMap(state, (lay["prefix"], ""))
     shapes = {"attn.wqkv": ((H + 2 * Hk) * D, d), "attn.wo": (d, H * D), "mlp.w_in": (f, d), "mlp.w_out": (d, f),
               "norm1": (d,), "norm2": (d,)}

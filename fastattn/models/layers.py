@@ -45,7 +45,8 @@ class ModelConfig:
     (Gemma's: down(activation(gate(x)) * up(x)), activation "gelu_tanh" or "gelu"). ``norm_first``: pre-norm (True)
     or post-norm (False). ``rope_scaling``: None, {"rope_type": "linear", "factor": f} or Llama 3's {"rope_type":
     "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
-    ``pos="alibi"`` (GPT): no position embedding; each head's scores get -slope * distance (BLOOM's ALiBi).
+    ``pos="alibi"`` (GPT): no position embedding; each head's scores get -slope * distance (ALiBi), with BLOOM's
+    slopes or ``alibi_slopes`` (one per head; Falcon-RW's are BLOOM's scaled by 1 / sqrt(head_dim)).
     ``sliding_window`` W (GPT): a token attends to itself and the W - 1 before it (Mistral's window), in training,
     prefill and decoding; on every layer, or on those ``layer_types`` (one "sliding_attention" / "full_attention"
     per layer, HF's names) marks (Gemma 2's alternation); ``rope_local_theta`` gives those windowed layers rotary
@@ -81,6 +82,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: Optional[Dict[str, Any]] = None
     rope_local_theta: Optional[float] = None
+    alibi_slopes: Optional[List[float]] = None
     sliding_window: Optional[int] = None
     layer_types: Optional[List[str]] = None
     embed_scale: float = 1.0
@@ -128,6 +130,11 @@ class ModelConfig:
                              f"n_head={self.n_head}")
         if self.pos == "alibi" and self.model_type != "gpt":
             raise ValueError(f"{type(self).__name__}.pos: 'alibi' is supported by GPT (causal) only")
+        s = self.alibi_slopes
+        if s is not None and (self.pos != "alibi" or not isinstance(s, list) or len(s) != self.n_head or any(
+                isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < float("inf") for x in s)):
+            raise ValueError(f"{type(self).__name__}.alibi_slopes: {self.n_head} numbers > 0 (one per head) with pos "
+                             f"'alibi', got {s!r}")
         if self.pos == "rotary" and self.head_dim % 2:
             raise ValueError(f"{type(self).__name__}.pos: rotary positions need an even head dim, got "
                              f"{self.head_dim}")
@@ -472,13 +479,17 @@ class Attention(nn.Module):
         self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.cache: Optional[KVCache] = None
         self.memory_kv: Optional[Tuple[Tensor, Tensor]] = None  # cross-attention K/V, computed once per generation
-        # ALiBi (BLOOM): -slope * distance on each head's scores; float32 whatever the model's dtype (see _apply)
-        self.register_buffer("alibi", alibi_slopes(cfg.n_head) if cfg.pos == "alibi" else None, persistent=False)
+        # ALiBi: -slope * distance on each head's scores; float32 whatever the model's dtype (see _apply)
+        self._slopes = None
+        if cfg.pos == "alibi":
+            self._slopes = alibi_slopes(cfg.n_head) if cfg.alibi_slopes is None else \
+                torch.tensor(cfg.alibi_slopes, dtype=torch.float32)
+        self.register_buffer("alibi", self._slopes, persistent=False)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if self.alibi is not None and self.alibi.dtype != torch.float32:  # model.to(bfloat16): slopes stay exact
-            self.alibi = alibi_slopes(self.n_head).to(self.alibi.device)
+            self.alibi = self._slopes.to(self.alibi.device)
         return self
 
     def memory(self, mem: Tensor) -> Tuple[Tensor, Tensor]:
