@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, KeyMap, hf_get
 from .gpt import GPTConfig
-from .gpt_hf_parallel import _qkv
+from .gpt_hf_parallel import reorder_qkv
 
 
 def from_bloom(hf: dict, state):
@@ -35,7 +35,7 @@ def from_bloom(hf: dict, state):
     for ours, theirs, shape in names:
         for p, shp in (("weight", shape), ("bias", shape[:1])):
             t = m.take(f"{theirs}.{p}", shp)
-            sd[f"{ours}.{p}"] = _qkv(t, "per_head", H, H, D) if ours.endswith("attn.wqkv") else t
+            sd[f"{ours}.{p}"] = reorder_qkv(t, "per_head", H, H, D) if ours.endswith("attn.wqkv") else t
     sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else KeyMap(state).take(
         "lm_head.weight", (cfg.vocab_size, d))
     return cfg, sd

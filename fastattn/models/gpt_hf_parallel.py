@@ -1,7 +1,7 @@
 """GPT.from_hf's importers for the families whose attention and MLP run in parallel (``parallel_block``), often with
 rotary positions on part of each head (``rotary_dim``): GPT-NeoX / Pythia, Phi-1 / 1.5 / 2, Falcon (their sequential
-variants too) and GPT-J. Whatever a checkpoint sets that GPT
-cannot reproduce exactly is refused with a CheckpointError naming the setting."""
+variants too; Falcon-RW's ALiBi) and GPT-J. Whatever a checkpoint sets that GPT cannot reproduce exactly is refused
+with a CheckpointError naming the setting."""
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -65,7 +65,7 @@ def _layout(hf: dict) -> dict:
                 emb="word_embeddings", final="ln_f", head="lm_head", names=names, refuse=())
 
 
-def _qkv(w: Tensor, kind: str, H: int, Hk: int, D: int) -> Tensor:
+def reorder_qkv(w: Tensor, kind: str, H: int, Hk: int, D: int) -> Tensor:
     """A fused q / k / v weight (rows first) or bias in our [q heads | k heads | v heads] order: "per_head" rows
     (H, 3, D) (GPT-NeoX, Falcon-RW); "grouped" (Hk, H / Hk + 2, D): each group's queries, then its key and value
     (Falcon's new decoder architecture); "separate" is ours already (Falcon-7B's multi-query)."""
@@ -114,7 +114,7 @@ def from_parallel(hf: dict, state):
                 if p == "bias" and not ours.startswith("norm") and not cfg.bias:
                     continue
                 t = m.take(f"{h}{theirs}.{p}", shape(shapes[ours]))
-                sd[f"{b}{ours}.{p}"] = _qkv(t, lay["qkv"], H, Hk, D) if ours == "attn.wqkv" else t
+                sd[f"{b}{ours}.{p}"] = reorder_qkv(t, lay["qkv"], H, Hk, D) if ours == "attn.wqkv" else t
             if lay["qkv"] == "separate" and "attn.wqkv" not in lay["names"]:  # Phi: q, k, v apart
                 sd[f"{b}attn.wqkv.{p}"] = torch.cat([m.take(f"{h}self_attn.{x}_proj.{p}", shape((n * D, d)))
                                                       for x, n in (("q", H), ("k", Hk), ("v", Hk))])
