@@ -1,8 +1,9 @@
-"""Speculative decoding (fastattn/models/speculative.py): GPT.decode_many (several tokens per sequence against the
-cache) against the full forward, bound and through the modules; greedy generation with an assistant model or prompt
-lookup equal to plain greedy generation token for token (left-padded batches whose sequences accept different
-numbers of drafts, eos and min_new_tokens, sliding windows, cache compaction, streaming); sampled tokens following
-the model's distribution (a chi-square test over every continuation); and the errors."""
+"""Speculative decoding (fastattn/models/speculative.py): decode_many (several tokens per sequence against the
+cache) against the full forward, bound and through the modules, for GPT and the Seq2Seq decoder; greedy generation
+with an assistant model or prompt lookup equal to plain greedy generation token for token (left-padded batches whose
+sequences accept different numbers of drafts, eos and min_new_tokens, sliding windows, ALiBi, int8, cache
+compaction, streaming, BART and T5); the lookup rule; sampled tokens following the model's distribution (a
+chi-square test over every continuation); and the errors."""
 import pytest
 import torch
 
