@@ -34,6 +34,16 @@ def hf_folder(tmp_path_factory):
     return path
 
 
+def _beside(hf_folder, folder, build):
+    """A Hugging Face folder with hf_folder's tokenizer files and the model ``build(vocab_size)`` makes."""
+    import shutil
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf_folder / name, folder / name)
+    build(json.loads((hf_folder / "config.json").read_text())["vocab_size"]).save_pretrained(folder)
+    return folder
+
+
 def test_init_hf_trains_generates_and_evaluates_with_the_folders_tokenizer(hf_folder, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--init-hf", str(hf_folder), "--out", str(run), "--seq-len", "16", "--batch-size", "4",
@@ -154,15 +164,9 @@ def test_generate_eval_quantize_read_an_hf_folder(hf_folder, tmp_path, capsys):
 def test_speculative_generate_with_an_hf_draft_of_another_family(hf_folder, tmp_path, capsys):
     """--draft takes an HF folder on the same tokenizer, of another family (a BLOOM drafting for a GPT-2): plain
     greedy's text; --prompt-lookup on the folder too."""
-    import shutil
-    draft = tmp_path / "bloom"
-    draft.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(hf_folder / name, draft / name)
-    vocab = json.loads((hf_folder / "config.json").read_text())["vocab_size"]
     torch.manual_seed(1)
-    transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=vocab, hidden_size=16, n_layer=1, n_head=2))\
-        .save_pretrained(draft)
+    draft = _beside(hf_folder, tmp_path / "bloom", lambda vocab: transformers.BloomForCausalLM(
+        transformers.BloomConfig(vocab_size=vocab, hidden_size=16, n_layer=1, n_head=2)))
     args = ["generate", str(hf_folder), "-p", "It is", "-n", "10", "--temperature", "0"]
     assert main(args) == 0
     plain = capsys.readouterr().out
@@ -338,17 +342,10 @@ def _seq2seq_folder_round(path, tok, eos, tmp_path, capsys):
 def test_hf_opt_folder_smoothquant(hf_folder, tmp_path, capsys):
     """An OPT folder (SmoothQuant's model family) through `fastattn quantize --mode w8a8 --smoothquant`: the int8
     model evaluates, within a few percent of the float model's perplexity, and generates."""
-    import shutil
-    folder = tmp_path / "opt"
-    folder.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(hf_folder / name, folder / name)
-    vocab = json.loads((hf_folder / "config.json").read_text())["vocab_size"]
     torch.manual_seed(0)
-    transformers.OPTForCausalLM(transformers.OPTConfig(
+    folder = _beside(hf_folder, tmp_path / "opt", lambda vocab: transformers.OPTForCausalLM(transformers.OPTConfig(
         vocab_size=vocab, hidden_size=32, ffn_dim=48, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=0, bos_token_id=0,
-        eos_token_id=0)).save_pretrained(folder)
+        max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=0, bos_token_id=0, eos_token_id=0)))
     assert main(["eval", str(folder), "--batches", "2", "--seq-len", "32"]) == 0
     ppl = json.loads(capsys.readouterr().out)["perplexity"]
     assert main(["quantize", str(folder), "--mode", "w8a8", "--smoothquant", "--calib", "2"]) == 0
