@@ -222,9 +222,7 @@ class DecodeStep:
             m.cache_padding.index_fill_(1, input_pos, False)
             positions = m.next_pos
         else:
-            valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
-            m.cache_padding[:, input_pos] = ~valid
-            positions = (m.next_pos + valid.cumsum(-1) - 1).clamp_min(0)
+            valid, positions = m.claim_slots(tokens, input_pos, valid)
         x, rotary = self.embed(tokens, positions)  # (B, W, d); cos, sin (B, W, 1, D) or None
         B = x.shape[0]
         end = int(input_pos[-1]) + 1 if W > 1 or self.alibi else None

@@ -782,12 +782,17 @@ class CacheMixin:
         attending to the cache up to its own slot (a speculative step's drafts, checked at once). ``valid`` (B, W)
         bool, False = a filler: its slot stays padding and its position is not counted (its logits mean nothing).
         Returns logits (B, W, V)."""
-        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
-        self.cache_padding[:, input_pos] = ~valid
-        positions = (self.next_pos + valid.cumsum(-1) - 1).clamp_min(0)
+        valid, positions = self.claim_slots(tokens, input_pos, valid)
         logits = self.cached_logits(tokens, positions, input_pos, int(input_pos[-1]) + 1)
         self.next_pos += valid.sum(-1, keepdim=True)
         return logits
+
+    def claim_slots(self, tokens: Tensor, input_pos: Tensor, valid: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """decode_many's bookkeeping before its pass (the bound step's too): the W slots ``input_pos`` kept, or
+        padding for fillers; returns ``valid`` (all True when None) and the tokens' positions (B, W)."""
+        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
+        self.cache_padding[:, input_pos] = ~valid
+        return valid, (self.next_pos + valid.cumsum(-1) - 1).clamp_min(0)
 
     def reject_slots(self, start: int, reject: Tensor) -> None:
         """Take back the tokens written at cache slots start, start + 1, ... that ``reject`` (B, W) marks (drafts that

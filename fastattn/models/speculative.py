@@ -293,12 +293,14 @@ def speculative_generate(model: nn.Module, out: Tensor, L: int, logits: Tensor, 
     stats = model.speculation_stats = SpeculationStats()  # filled as it goes (a streamer may stop the loop)
     cols_all = torch.arange(k + 1, device=dev)
 
+    eos_vocab = None if eos is None or not min_new_tokens else torch.isin(torch.arange(V, device=dev), eos)
+
     def no_early_eos(lg: Tensor, first_index: Tensor) -> Tensor:
         """lg (B, W, V) whose row i is new token first_index + i: no eos id before min_new_tokens (as HF)."""
-        if eos is None or not min_new_tokens:
+        if eos_vocab is None:
             return lg
         early = (first_index[:, None] + torch.arange(lg.shape[1], device=dev)) < min_new_tokens
-        return lg.masked_fill(early[..., None] & torch.isin(torch.arange(V, device=dev), eos), float("-inf"))
+        return lg.masked_fill(early[..., None] & eos_vocab, float("-inf"))
 
     def commit(tokens: Tensor, count: Tensor) -> None:
         """Write the first ``count`` (B,) of tokens (B, W) after each active sequence's new tokens, stopping at an eos
