@@ -20,10 +20,11 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .beam import Search
 from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
-                     drop, generation_loop, init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none,
+                     drop, eos_ids, generation_loop, init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none,
                      shifted_target, softcap)
 from .speculative import speculation, speculative_generate
 
@@ -143,7 +144,9 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
                  generator: Optional[torch.Generator] = None,
                  streamer: Optional[Any] = None, min_new_tokens: int = 0, assistant_model: Optional["GPT"] = None,
                  num_assistant_tokens: int = 4, prompt_lookup_num_tokens: Optional[int] = None,
-                 max_matching_ngram_size: int = 2) -> Tensor:
+                 max_matching_ngram_size: int = 2, num_beams: int = 1, num_return_sequences: int = 1,
+                 length_penalty: float = 1.0, early_stopping: Union[bool, str] = False,
+                 repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> Tensor:
         """Continue prompts (B, L) by up to max_new_tokens: (B, L + new). temperature 0 = greedy; else sampling with
         top_k / top_p from ``generator`` (seeded: reproducible). Batches of different lengths: left padding and
         attention_mask (1 = token). eos_token_id: an id or a list of ids (as in HF's generation_config); after one a
@@ -154,8 +157,14 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         Speculative decoding (models/speculative.py; the same output when greedy, the same distribution when
         sampling): ``assistant_model``, a smaller GPT on the same tokenizer, drafts ``num_assistant_tokens`` tokens a
         step; or ``prompt_lookup_num_tokens`` tokens are drafted from the sequence itself, matching its last
-        ``max_matching_ngram_size`` tokens or fewer. ``self.speculation_stats`` then tells how many were accepted."""
+        ``max_matching_ngram_size`` tokens or fewer. ``self.speculation_stats`` then tells how many were accepted.
+        ``num_beams`` > 1: beam search (models/beam.py; transformers' ``length_penalty``, ``early_stopping``), the
+        ``num_return_sequences`` best of each prompt in a row (B * R, L + n), their scores in ``self.beam_scores``.
+        ``repetition_penalty``, ``no_repeat_ngram_size``: transformers' processors, in any search but speculative."""
         check_sampling(max_new_tokens, temperature, top_k, top_p, min_new_tokens)
+        search = Search(num_beams, num_return_sequences, length_penalty, early_stopping, repetition_penalty,
+                        no_repeat_ngram_size)
+        search.check(temperature, assistant_model is not None or prompt_lookup_num_tokens is not None, streamer)
         keep = keep_mask(input_ids, attention_mask, self.config.max_seq_len)
         B, L = input_ids.shape
         if L == 0:
@@ -176,8 +185,12 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
             return speculative_generate(self, out, L, logits, draft, spec.k, temperature=temperature, top_k=top_k,
                                         top_p=top_p, eos_token_id=eos_token_id, generator=generator,
                                         streamer=streamer, min_new_tokens=min_new_tokens)
+        eos = eos_ids(eos_token_id, out.device)
+        process = search.processors(eos, min_new_tokens, ignore=None if bool(keep.all()) else ~keep)
+        if num_beams > 1:
+            return search.run(self, logits, input_ids, max_new_tokens, eos, process)
         return generation_loop(logits, self.bound_decode_one(), out, L, max_new_tokens, temperature, top_k, top_p,
-                               eos_token_id, generator, streamer, min_new_tokens)
+                               eos_token_id, generator, streamer, process)
 
     def bound_decode_one(self) -> Callable[[Tensor, Tensor], Tensor]:
         """decode_one bound to the kernels chosen now, for the caches as set up (models/decode_step.py): the same

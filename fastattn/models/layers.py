@@ -819,17 +819,16 @@ class CacheMixin:
 
 
 def generation_loop(logits: Tensor, decode_one, out: Tensor, start: int, max_new_tokens: int, temperature: float,
-                    top_k, top_p, eos_token_id, generator, streamer, min_new_tokens: int = 0) -> Tensor:
-    """Sample from ``logits`` (B, V), write the token into out[:, start + i], feed it to ``decode_one(tokens (B, 1),
-    input_pos (1,))`` for the next logits; eos handling (none of the eos ids among the first ``min_new_tokens``)
-    and streaming as ``GPT.generate`` documents."""
+                    top_k, top_p, eos_token_id, generator, streamer, process) -> Tensor:
+    """Sample from ``logits`` (B, V) after ``process(logits, tokens so far, i)`` (beam.LogitsProcessors: penalties,
+    min_new_tokens, forced tokens), write the token into out[:, start + i], feed it to ``decode_one(tokens (B, 1),
+    input_pos (1,))`` for the next logits; eos handling and streaming as ``GPT.generate`` documents."""
     finished = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
     index = torch.arange(start, start + max_new_tokens, device=out.device)
     eos = eos_ids(eos_token_id, out.device)
     stream, end = stream_calls(streamer, out[:, :start])
     for i in range(max_new_tokens):
-        if eos is not None and i < min_new_tokens:  # as HF's MinNewTokensLengthLogitsProcessor
-            logits = logits.index_fill(-1, eos, float("-inf"))
+        logits = process(logits, out[:, :start + i], i)
         tok = sample_next(logits, temperature, top_k, top_p, generator)
         if eos is not None:
             tok = tok.masked_fill(finished, eos[0])

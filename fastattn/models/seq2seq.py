@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .beam import Search
 from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
-                     generation_loop, init_weights, drop, keep_mask, lm_head_loss, make_norm, padding_or_none)
+                     eos_ids, generation_loop, init_weights, drop, keep_mask, lm_head_loss, make_norm, padding_or_none)
 from .speculative import speculation, speculative_generate
 
 
@@ -34,6 +35,7 @@ class Seq2SeqConfig(ModelConfig):
     eos_token_id: int = 2
     decoder_start_token_id: int = 2
     forced_bos_token_id: Optional[int] = None  # generate's first new token, forced (BART-large-CNN's 0, mBART-50's)
+    forced_eos_token_id: Optional[int] = None  # and its last (max_new_tokens reached), as BART's generation configs
     # T5's relative positions: a learned bias per head and bucket of (key - query) position, added to the scores of
     # every self-attention layer (one table per side); 0 = none (then pos gives the positions)
     relative_buckets: int = 0
@@ -47,8 +49,8 @@ class Seq2SeqConfig(ModelConfig):
 
     def validate(self) -> None:
         super().validate()
-        ids = ("pad_token_id", "eos_token_id", "decoder_start_token_id") + (
-            ("forced_bos_token_id",) if self.forced_bos_token_id is not None else ())
+        ids = ("pad_token_id", "eos_token_id", "decoder_start_token_id") + tuple(
+            name for name in ("forced_bos_token_id", "forced_eos_token_id") if getattr(self, name) is not None)
         self.check_ints(("n_decoder_layer", "relative_buckets") + ids, 0)
         self.check_ints(("relative_max_distance",), 1)
         if self.relative_buckets and (self.pos != "none" or self.relative_buckets < 4 or self.relative_buckets % 2
@@ -241,14 +243,22 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
                  attention_mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
                  streamer: Optional[Any] = None, decoder_start_token_id: Optional[int] = None,
                  min_new_tokens: int = 0, forced_bos_token_id: Optional[int] = None,
+                 forced_eos_token_id: Optional[int] = None,
                  assistant_model: Optional["Seq2Seq"] = None, num_assistant_tokens: int = 4,
-                 prompt_lookup_num_tokens: Optional[int] = None, max_matching_ngram_size: int = 2) -> Tensor:
+                 prompt_lookup_num_tokens: Optional[int] = None, max_matching_ngram_size: int = 2,
+                 num_beams: int = 1, num_return_sequences: int = 1, length_penalty: float = 1.0,
+                 early_stopping: Union[bool, str] = False, repetition_penalty: float = 1.0,
+                 no_repeat_ngram_size: int = 0) -> Tensor:
         """Decoder tokens (B, 1 + new) for the source input_ids (B, S): the start token, then up to max_new_tokens
-        (temperature 0 = greedy; sampling, eos, min_new_tokens, streamer and speculative decoding as in
-        GPT.generate; prompt lookup searches the source, then the tokens decoded so far; with T5's relative
-        positions, one sequence at a time). The first new token is ``forced_bos_token_id`` (None: the config's) when
-        there is one, as transformers' generate forces it."""
+        (temperature 0 = greedy; sampling, eos, min_new_tokens, streamer, speculative decoding, beam search and the
+        repetition processors as in GPT.generate; prompt lookup searches the source, then the tokens decoded so far;
+        with T5's relative positions, speculative decoding takes one sequence at a time). The first new token is
+        ``forced_bos_token_id`` and the last (the max_new_tokens-th) ``forced_eos_token_id`` (None: the config's)
+        when there is one, as transformers' generate forces them."""
         check_sampling(max_new_tokens, temperature, top_k, top_p, min_new_tokens)
+        search = Search(num_beams, num_return_sequences, length_penalty, early_stopping, repetition_penalty,
+                        no_repeat_ngram_size)
+        search.check(temperature, assistant_model is not None or prompt_lookup_num_tokens is not None, streamer)
         keep_mask(input_ids, attention_mask, self.config.max_seq_len)  # checks shapes and length
         start = self.config.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
         B = input_ids.shape[0]
@@ -261,13 +271,14 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         try:
             logits = self.prefill(input_ids, attention_mask, out[:, :1])
             forced = self.config.forced_bos_token_id if forced_bos_token_id is None else forced_bos_token_id
-            if forced is not None:
-                if not 0 <= forced < logits.shape[-1]:
-                    raise ValueError(f"forced_bos_token_id: {forced} is not a token id (vocab_size "
-                                     f"{logits.shape[-1]})")
-                logits = torch.full_like(logits, float("-inf")).index_fill_(-1, logits.new_tensor([forced]).long(),
-                                                                            0.0)
+            last = self.config.forced_eos_token_id if forced_eos_token_id is None else forced_eos_token_id
+            for name, t in (("forced_bos_token_id", forced), ("forced_eos_token_id", last)):
+                if t is not None and not 0 <= t < logits.shape[-1]:
+                    raise ValueError(f"{name}: {t} is not a token id (vocab_size {logits.shape[-1]})")
             if spec is not None:
+                if forced is not None:
+                    logits = torch.full_like(logits, float("-inf")).index_fill_(
+                        -1, logits.new_tensor([forced]).long(), 0.0)
                 source = list(input_ids) if attention_mask is None else \
                     [row[m.bool()] for row, m in zip(input_ids, attention_mask)]
                 draft = spec.draft(out, 1, self.config.vocab_size,
@@ -275,9 +286,15 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
                                    torch.zeros(B, dtype=torch.long), source)
                 return speculative_generate(self, out, 1, logits, draft, spec.k, temperature=temperature,
                                             top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                                            generator=generator, streamer=streamer, min_new_tokens=min_new_tokens)
+                                            generator=generator, streamer=streamer, min_new_tokens=min_new_tokens,
+                                            forced_eos_token_id=last)
+            eos = eos_ids(eos_token_id, out.device)
+            process = search.processors(eos, min_new_tokens, forced, None if last is None else
+                                        (max_new_tokens - 1, last))
+            if num_beams > 1:
+                return search.run(self, logits, out[:, :1], max_new_tokens, eos, process)
             return generation_loop(logits, self.bound_decode_one(), out, 1, max_new_tokens, temperature, top_k,
-                                   top_p, eos_token_id, generator, streamer, min_new_tokens)
+                                   top_p, eos_token_id, generator, streamer, process)
         finally:
             self.memory_kv = self.memory_pad = None
             if spec is not None and spec.assistant is not None:

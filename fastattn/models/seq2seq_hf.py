@@ -4,9 +4,10 @@ mapped onto Seq2SeqConfig and Seq2Seq's state dict (T5 and mT5: seq2seq_t5.py).
 BART is post-norm, mBART pre-norm with a final norm on each side; both learn positions from row 2 of their tables
 (``pos_offset``), normalise the embeddings (``embed_norm``), may scale them by sqrt(d_model) (``embed_scale``) and
 add ``final_logits_bias`` to the logits (``lm_head_bias``, when it is not all zeros). Generation's
-``forced_bos_token_id`` (BART-large-CNN's 0, mBART-50's language code) is read from generation_config.json or
-config.json. mBART's own label shift (its last token, the language code, wrapped to the front) is not Seq2Seq's:
-fine-tuning mBART-cc25 through ``forward(labels=...)`` needs explicit ``decoder_input_ids``.
+``forced_bos_token_id`` (BART-large-CNN's 0, mBART-50's language code) and ``forced_eos_token_id`` (BART's </s>,
+the last token when max_new_tokens is reached) are read from generation_config.json or config.json. mBART's own
+label shift (its last token, the language code, wrapped to the front) is not Seq2Seq's: fine-tuning mBART-cc25
+through ``forward(labels=...)`` needs explicit ``decoder_input_ids``.
 """
 import json
 import math
@@ -78,7 +79,8 @@ def _config(hf: dict, gen: dict) -> dict:
                 tie_embeddings=hf.get("tie_word_embeddings", True), bias=True,
                 pad_token_id=1 if hf.get("pad_token_id") is None else hf["pad_token_id"], eos_token_id=eos,
                 decoder_start_token_id=eos if start is None else start,
-                forced_bos_token_id=generation("forced_bos_token_id"))
+                forced_bos_token_id=generation("forced_bos_token_id"),
+                forced_eos_token_id=generation("forced_eos_token_id"))
 
 
 def _state(cfg: Seq2SeqConfig, m: KeyMap, top: KeyMap, bias) -> Dict[str, Tensor]:

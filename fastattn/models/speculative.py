@@ -275,7 +275,7 @@ def _accept(logits: Tensor, drafts: Tensor, real: Tensor, q: Optional[Tensor], t
 
 def speculative_generate(model: nn.Module, out: Tensor, L: int, logits: Tensor, draft, k: int, *,
                          temperature: float, top_k, top_p, eos_token_id, generator, streamer,
-                         min_new_tokens: int) -> Tensor:
+                         min_new_tokens: int, forced_eos_token_id: Optional[int] = None) -> Tensor:
     """generate's loop with a drafter (``Speculation.draft``): ``model`` prefilled (caches with the headroom),
     out (B, L + max_new_tokens) holding the prompts, logits (B, V) of the first new token. Returns out up to the
     longest continuation."""
@@ -294,13 +294,18 @@ def speculative_generate(model: nn.Module, out: Tensor, L: int, logits: Tensor, 
     cols_all = torch.arange(k + 1, device=dev)
 
     eos_vocab = None if eos is None or not min_new_tokens else torch.isin(torch.arange(V, device=dev), eos)
+    forced_row = None if forced_eos_token_id is None else \
+        torch.full((V,), float("-inf"), device=dev).index_fill_(0, torch.tensor([forced_eos_token_id], device=dev), 0)
 
     def no_early_eos(lg: Tensor, first_index: Tensor) -> Tensor:
-        """lg (B, W, V) whose row i is new token first_index + i: no eos id before min_new_tokens (as HF)."""
-        if eos_vocab is None:
-            return lg
-        early = (first_index[:, None] + torch.arange(lg.shape[1], device=dev)) < min_new_tokens
-        return lg.masked_fill(early[..., None] & eos_vocab, float("-inf"))
+        """lg (B, W, V) whose row i is new token first_index + i: no eos id before min_new_tokens, and the last new
+        token ``forced_eos_token_id`` (as HF's processors)."""
+        index = first_index[:, None] + torch.arange(lg.shape[1], device=dev)
+        if eos_vocab is not None:
+            lg = lg.masked_fill((index < min_new_tokens)[..., None] & eos_vocab, float("-inf"))
+        if forced_row is not None:
+            lg = torch.where((index == max_new_tokens - 1)[..., None], forced_row.to(lg.dtype), lg)
+        return lg
 
     def commit(tokens: Tensor, count: Tensor) -> None:
         """Write the first ``count`` (B,) of tokens (B, W) after each active sequence's new tokens, stopping at an eos

@@ -1,0 +1,212 @@
+"""Beam search and the repetition processors (models/beam.py) against transformers' generate on the same weights:
+small randomly initialised GPT-2, Llama (GQA), BART (forced BOS) and T5 (relative positions) saved to tmp_path,
+batches with left padding, several eos ids so that hypotheses end at different lengths, every early_stopping mode,
+length penalties of both signs, num_return_sequences; the sequences equal, their scores within float32 rounding.
+Float64 weights on both sides (the log-probabilities are float32 in both searches), so that no near-tie in the
+logits' last bits decides a beam. The processors alone against transformers' processors; bad arguments named."""
+import pytest
+import torch
+
+from fastattn.models import GPT, GPTConfig, Seq2Seq
+from fastattn.models.beam import LogitsProcessors
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 53
+EOS = [3, 5, 7, 11]  # several eos ids: hypotheses end early and at different steps
+
+
+def _save(tmp_path, hf):
+    hf.save_pretrained(tmp_path)
+    return type(hf).from_pretrained(tmp_path, dtype=torch.float64).eval()
+
+
+def _gpt2(tmp_path):
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, initializer_range=0.3, bos_token_id=0, eos_token_id=0))
+    return _save(tmp_path, hf)
+
+
+def _llama(tmp_path):
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, bos_token_id=0, eos_token_id=0,
+        pad_token_id=0))
+    return _save(tmp_path, hf)
+
+
+def _prompts(L=7):
+    ids = torch.randint(12, VOCAB, (3, L), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0  # left padding
+    ids[2, :1], mask[2, :1] = 0, 0
+    return ids, mask
+
+
+def _hf_beams(hf, ids, mask, n, **kw):
+    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=EOS,
+                      pad_token_id=EOS[0], return_dict_in_generate=True, output_scores=True, **kw)
+    return out.sequences, out.sequences_scores
+
+
+SEARCHES = [dict(num_beams=3), dict(num_beams=4, num_return_sequences=2, length_penalty=2.0),
+            dict(num_beams=3, early_stopping=True, length_penalty=0.0),
+            dict(num_beams=3, early_stopping=True, length_penalty=2.0), dict(num_beams=4, length_penalty=3.0),
+            dict(num_beams=4, early_stopping="never", length_penalty=1.5, num_return_sequences=3),
+            dict(num_beams=2, length_penalty=-0.5), dict(num_beams=3, no_repeat_ngram_size=2, repetition_penalty=1.4)]
+
+
+def _name(search):
+    return "-".join(f"{k}={v}" for k, v in search.items())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("search", SEARCHES, ids=_name)
+def test_gpt_beam_search_matches_transformers(tmp_path, arch, search):
+    hf = {"gpt2": _gpt2, "llama": _llama}[arch](tmp_path)
+    ours = GPT.from_hf(tmp_path, dtype=torch.float64)
+    ids, mask = _prompts()
+    want, want_scores = _hf_beams(hf, ids, mask, 12, **search)
+    got = ours.generate(ids, 12, temperature=0, attention_mask=mask, eos_token_id=EOS, **search)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(ours.beam_scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search_paths_agree():
+    """The bound decode step, the module path (torch backend: nothing bound) and one prompt at a time give the same
+    beams; beams that end all at once at max_new_tokens when no eos id is given."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=64, pos="rotary",
+                    norm="rmsnorm", mlp="swiglu")
+    m = GPT(cfg).double().eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.3)
+    ref = GPT(GPTConfig.from_dict({**cfg.to_dict(), "backend": "torch"})).double().eval()
+    ref.load_state_dict(m.state_dict())
+    ids, mask = _prompts()
+    kw = dict(temperature=0, eos_token_id=EOS, num_beams=3, num_return_sequences=2)
+    got = m.generate(ids, 10, attention_mask=mask, **kw)
+    assert torch.equal(ref.generate(ids, 10, attention_mask=mask, **kw), got)
+    scores = m.beam_scores
+    for b in range(3):
+        row = ids[b:b + 1, mask[b].bool()]
+        alone = m.generate(row, 10, **kw)
+        n, batched = alone.shape[1] - row.shape[1], got[2 * b:2 * b + 2, ids.shape[1]:]
+        assert torch.equal(alone[:, row.shape[1]:], batched[:, :n]) and (batched[:, n:] == EOS[0]).all()
+        torch.testing.assert_close(m.beam_scores, scores[2 * b:2 * b + 2])
+    full = m.generate(ids, 6, attention_mask=mask, temperature=0, num_beams=2)
+    assert full.shape == (3, ids.shape[1] + 6)
+
+
+def _bart(tmp_path):
+    hf = transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=40, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, decoder_start_token_id=2, forced_eos_token_id=None,
+        init_std=0.3)).eval()
+    hf.generation_config.forced_bos_token_id = 0
+    hf.generation_config.forced_eos_token_id = EOS[1]  # BART's generation configs force </s> at max_length
+    with torch.no_grad():
+        for side in (hf.model.encoder, hf.model.decoder):  # one table in BART (transformers 5 unties them)
+            side.embed_tokens.weight.copy_(hf.model.shared.weight)
+    return _save(tmp_path, hf)
+
+
+def _t5(tmp_path):
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=16, relative_attention_max_distance=20, dropout_rate=0.0,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, initializer_factor=0.5, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1)).eval()
+    return _save(tmp_path, hf)
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+@pytest.mark.parametrize("search", [s for s in SEARCHES if s.get("length_penalty") != -0.5], ids=_name)
+def test_seq2seq_beam_search_matches_transformers(tmp_path, arch, search):
+    """A padded batch of sources (encoded once, the memory repeated for the beams) and one source alone (the memory a
+    stride-0 view); BART's forced BOS and min_new_tokens."""
+    hf = {"bart": _bart, "t5": _t5}[arch](tmp_path)
+    ours = Seq2Seq.from_hf(tmp_path, dtype=torch.float64)
+    ids, mask = _prompts(9)
+    ids = ids.masked_fill(mask == 0, hf.config.pad_token_id)
+    extra = dict(min_new_tokens=2) if arch == "bart" else {}
+    for rows in (slice(0, 3), slice(1, 2)):
+        want, want_scores = _hf_beams(hf, ids[rows], mask[rows], 10, **search, **extra)
+        got = ours.generate(ids[rows], 10, temperature=0, attention_mask=mask[rows], eos_token_id=EOS,
+                            **search, **extra)
+        assert torch.equal(got, want), rows
+        torch.testing.assert_close(ours.beam_scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(repetition_penalty=1.5), dict(repetition_penalty=0.7),
+                                dict(no_repeat_ngram_size=1), dict(no_repeat_ngram_size=2, repetition_penalty=1.3)])
+def test_greedy_processors_match_transformers(tmp_path, kw):
+    """Greedy with the processors on the logits: a left-padded GPT-2 batch (the penalty skips the padding) and
+    BART (its decoder start token penalised too, the forced BOS kept whatever the processors say)."""
+    hf = _gpt2(tmp_path / "gpt2")
+    ours = GPT.from_hf(tmp_path / "gpt2", dtype=torch.float64)
+    ids, mask = _prompts()
+    want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                       pad_token_id=0, **kw)
+    assert torch.equal(ours.generate(ids, 12, temperature=0, attention_mask=mask, **kw), want)
+    hf = _bart(tmp_path / "bart")
+    ours = Seq2Seq.from_hf(tmp_path / "bart", dtype=torch.float64)
+    want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                       pad_token_id=1, min_length=0, **kw)
+    assert torch.equal(ours.generate(ids, 12, temperature=0, attention_mask=mask, **kw), want)
+
+
+def test_forced_eos_in_every_search(tmp_path):
+    """BART's forced_eos_token_id, read from its generation config: the last new token when max_new_tokens is
+    reached, in greedy (as transformers'), speculative (prompt lookup: plain greedy's output) and sampling."""
+    hf = _bart(tmp_path)
+    ours = Seq2Seq.from_hf(tmp_path, dtype=torch.float64)
+    assert ours.config.forced_eos_token_id == EOS[1]
+    ids, mask = _prompts(9)
+    want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                       pad_token_id=1, min_length=0)
+    got = ours.generate(ids, 8, temperature=0, attention_mask=mask)
+    assert torch.equal(got, want) and (got[:, -1] == EOS[1]).all()
+    assert torch.equal(ours.generate(ids, 8, temperature=0, attention_mask=mask, prompt_lookup_num_tokens=3), got)
+    g = torch.Generator().manual_seed(0)
+    for spec in ({}, dict(prompt_lookup_num_tokens=2)):
+        sampled = ours.generate(ids, 8, temperature=1.0, attention_mask=mask, generator=g, **spec)
+        assert (sampled[:, -1] == EOS[1]).all() and (sampled[:, 1] == 0).all()
+    assert (ours.generate(ids, 8, temperature=0, attention_mask=mask, forced_eos_token_id=9)[:, -1] == 9).all()
+
+
+def test_processors_equal_transformers_processors():
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 40, (4, 15), generator=g)
+    scores = torch.randn(4, 40, generator=g)
+    pad = torch.tensor([0, 3, 0, 5])
+    ids[1, :3], ids[3, :5] = torch.arange(30, 33), torch.arange(35, 40)  # the ignored tokens: each once
+    ignore = torch.arange(15)[None, :] < pad[:, None]
+    for penalty in (1.3, 0.8):
+        want = RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=pad)(ids, scores.clone())
+        got = LogitsProcessors(None, 0, repetition_penalty=penalty, ignore=ignore)(scores, ids, 0)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ids = ids % 6  # a small alphabet: n-grams repeat
+    for n in (1, 2, 3, 15, 16):
+        want = NoRepeatNGramLogitsProcessor(n)(ids, scores.clone())
+        got = LogitsProcessors(None, 0, no_repeat_ngram_size=n)(scores, ids, 0)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_bad_search_arguments_name_the_argument():
+    m = GPT(GPTConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=4, max_seq_len=32)).eval()
+    ids = torch.randint(0, VOCAB, (1, 4))
+    for kw, name in [(dict(num_beams=0), "num_beams"), (dict(num_beams=2.0), "num_beams"),
+                     (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+                     (dict(num_beams=2, temperature=0.7), "num_beams"),
+                     (dict(num_beams=2, streamer=print), "streamer"),
+                     (dict(num_beams=2, prompt_lookup_num_tokens=2), "prompt_lookup_num_tokens"),
+                     (dict(repetition_penalty=1.2, prompt_lookup_num_tokens=2), "prompt_lookup_num_tokens"),
+                     (dict(early_stopping="sometimes"), "early_stopping"), (dict(repetition_penalty=0.0),
+                                                                           "repetition_penalty"),
+                     (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"), (dict(length_penalty="1"),
+                                                                               "length_penalty")]:
+        with pytest.raises(ValueError, match=name):
+            m.generate(ids, 3, **{"temperature": 0, **kw})
