@@ -303,16 +303,21 @@ def test_hf_roberta_folder_masked_lm_and_classifier(roberta_folder, tmp_path, ca
     assert json.loads(capsys.readouterr().out)["task"] == "classify"
 
 
+def _bart(path, **kw):
+    """(a tiny random HF BART, its tokenizer saved in path: a new folder)."""
+    path.mkdir()
+    tok = _roberta_tokenizer(path)
+    torch.manual_seed(0)
+    return transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=tok.get_vocab_size(), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64, **kw)), tok
+
+
 def test_hf_bart_folder_generates_evaluates_and_trains(tmp_path, capsys):
     """generate / eval on an HF BART folder (its tokenizer's <s> text </s> into the encoder, forced BOS from its
     generation config): the same tokens as Seq2Seq.from_hf's generate; then a denoising run from it."""
     path = tmp_path / "bart"
-    path.mkdir()
-    tok = _roberta_tokenizer(path)
-    torch.manual_seed(0)
-    hf = transformers.BartForConditionalGeneration(transformers.BartConfig(
-        vocab_size=tok.get_vocab_size(), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64))
+    hf, tok = _bart(path)
     hf.generation_config.forced_bos_token_id = 0
     hf.save_pretrained(path)
     run = _seq2seq_folder_round(path, tok, 2, tmp_path, capsys)
@@ -519,3 +524,34 @@ def test_clm_pairs_chat(hf_folder, tmp_path, capsys):
                 tok)
     assert main(args) == 0
     capsys.readouterr()
+
+
+def test_generate_takes_beam_search_from_the_folders_generation_config(tmp_path, capsys):
+    """An HF BART folder whose generation_config.json asks for beam search (as BART-large-CNN's does) generates with
+    it unless told otherwise: the text of Seq2Seq.from_hf's beam search; --num-beams 1 --temperature 0 is greedy,
+    --temperature samples; a bad value there is named in one line."""
+    from fastattn.models import Seq2Seq
+    path = tmp_path / "bart"
+    hf, tok = _bart(path, init_std=0.3)
+    hf.generation_config.update(num_beams=3, no_repeat_ngram_size=2, length_penalty=2.0, early_stopping=True)
+    hf.save_pretrained(path)
+    model = Seq2Seq.from_hf(path)
+    ids = torch.tensor([tok.encode("It is a truth").ids])
+
+    def text(**kw):
+        out = model.generate(ids, 8, temperature=0, eos_token_id=2, **kw)[0, 1:].tolist()
+        return "It is a truth" + tok.decode(out[:out.index(2)] if 2 in out else out)
+
+    beams = text(num_beams=3, no_repeat_ngram_size=2, length_penalty=2.0, early_stopping=True)
+    assert beams != text(no_repeat_ngram_size=2)
+    args = ["generate", str(path), "-p", "It is a truth", "-n", "8"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == f"--- [0] ---\n{beams}\n"  # not streamed
+    assert main(args + ["--num-beams", "1", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == text(no_repeat_ngram_size=2)
+    assert main(args + ["--temperature", "0.7"]) == 0
+    capsys.readouterr()
+    cfg = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**cfg, "num_beams": 0}))
+    assert main(args) == 2
+    assert "generation_config.json: num_beams 0 is not a valid value" in capsys.readouterr().err

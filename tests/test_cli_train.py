@@ -224,6 +224,11 @@ def test_generate_speculative(gpt_run, tmp_path, capsys):
     (["-p", "a", "--chat"], None, "--chat: the model's tokenizer has no chat template"),
     (["-p", "a", "--prompt-lookup", "0"], None, "--prompt-lookup must be >= 1"),
     (["-p", "a", "--prompt-lookup", "2", "--draft", "x"], None, "choose one way of drafting"),
+    (["-p", "a", "--num-beams", "2", "--temperature", "0.5"], None, "--num-beams: beam search is deterministic"),
+    (["-p", "a", "--num-beams", "2", "--stream"], None, "--stream: beam search knows its text only at the end"),
+    (["-p", "a", "--num-beams", "2", "--prompt-lookup", "2"], None, "--num-beams: not with --draft"),
+    (["-p", "a", "--num-beams", "0"], None, "--num-beams must be >= 1"),
+    (["-p", "a", "--repetition-penalty", "0"], None, "--repetition-penalty must be > 0"),
 ])
 def test_generate_user_errors(gpt_run, capsys, monkeypatch, args, stdin, needle):
     import io
@@ -330,3 +335,28 @@ def test_classify_data_errors(tmp_path, labelled, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and ("reads one --data file" in err or "fewer than the 3" in err), err
     assert not (tmp_path / "r").exists()
+
+
+def test_generate_beam_search(gpt_run, capsys, monkeypatch):
+    """--num-beams, --length-penalty, --repetition-penalty and --no-repeat-ngram-size reach generate; the text
+    printed is the best beam of each prompt (what GPT.generate returns), not streamed."""
+    from fastattn.models import GPT
+    seen, real = [], GPT.generate
+
+    def spy(self, *a, **kw):
+        seen.append((kw, real(self, *a, **kw)))
+        return seen[-1][1]
+    monkeypatch.setattr(GPT, "generate", spy)
+    from fastattn.data import default_tokenizer
+    tok = default_tokenizer()
+    assert main(["generate", str(gpt_run), "-p", "It is", "-p", "Emma", "-n", "8", "--num-beams", "3",
+                 "--length-penalty", "0.5", "--repetition-penalty", "1.3", "--no-repeat-ngram-size", "2"]) == 0
+    kw, out = seen[0]
+    assert (kw["num_beams"], kw["length_penalty"], kw["repetition_penalty"], kw["no_repeat_ngram_size"],
+            kw["temperature"], kw["streamer"]) == (3, 0.5, 1.3, 2, 0.0, None)
+    printed = capsys.readouterr().out
+    L = kw["attention_mask"].shape[1]
+    for i, p in enumerate(["It is", "Emma"]):
+        new = out[i, L:].tolist()
+        new = new[:min([new.index(t) for t in tok.stop_ids if t in new], default=len(new))]
+        assert f"--- [{i}] ---\n{p}{tok.decode(new)}\n" in printed

@@ -1,7 +1,9 @@
 """``fastattn generate``: continue prompts with a trained model (greedy or sampled, batched, streamed)."""
+import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -18,7 +20,7 @@ class GenerateConfig:
     prompt_file: Optional[str] = opt(None, "a file of prompts, one a line")
     max_new_tokens: int = opt(100, "tokens to generate per prompt", short="-n")
     min_new_tokens: int = opt(0, "tokens to generate before an end-of-text token may end a continuation")
-    temperature: float = opt(0.8, "sampling temperature; 0: greedy")
+    temperature: Optional[float] = opt(None, "sampling temperature (default 0.8); 0: greedy")
     top_k: Optional[int] = opt(50, "sample among the k likeliest tokens; 0: no top-k cut")
     top_p: Optional[float] = opt(None, "sample among the likeliest tokens holding probability p (nucleus)")
     stop: List[str] = opt([], "stop a continuation at the first of these strings")
@@ -35,14 +37,33 @@ class GenerateConfig:
     num_draft_tokens: int = opt(4, "tokens the --draft model proposes a step")
     prompt_lookup: Optional[int] = opt(None, "speculative decoding without a draft model: propose this many tokens "
                                              "a step from where the text's last words appeared before")
+    num_beams: Optional[int] = opt(None, "beam search with this many beams (deterministic; default 1, or a Hugging "
+                                         "Face folder's generation_config.json)")
+    length_penalty: Optional[float] = opt(None, "beam search: a finished beam scores its log-probability / "
+                                                "length ** this (default 1, or the folder's)")
+    repetition_penalty: Optional[float] = opt(None, "divide the scores of tokens already in the text by this "
+                                                    "(transformers' meaning; default 1 = none, or the folder's)")
+    no_repeat_ngram_size: Optional[int] = opt(None, "never repeat an n-gram of this many tokens (default 0 = off, "
+                                                    "or the folder's)")
 
     def validate(self):
         if self.max_new_tokens < 0:
             raise CLIError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
         if self.min_new_tokens < 0:
             raise CLIError(f"--min-new-tokens must be >= 0, got {self.min_new_tokens}")
-        if self.temperature < 0:
+        if self.temperature is not None and self.temperature < 0:
             raise CLIError(f"--temperature must be >= 0, got {self.temperature}")
+        for name, low in (("num_beams", 1), ("no_repeat_ngram_size", 0)):
+            if getattr(self, name) is not None and getattr(self, name) < low:
+                raise CLIError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise CLIError(f"--repetition-penalty must be > 0 (1: none), got {self.repetition_penalty}")
+        if (self.num_beams or 1) > 1:
+            if self.temperature:
+                raise CLIError(f"--num-beams: beam search is deterministic; --temperature {self.temperature} "
+                               f"does not apply (leave it out, or 0)")
+            if self.draft or self.prompt_lookup:
+                raise CLIError("--num-beams: not with --draft / --prompt-lookup")
         if self.top_k is not None and self.top_k < 0:
             raise CLIError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -128,9 +149,10 @@ def _until_end(row, stop_ids):
     return next((row[:j] for j, t in enumerate(row) if t in stop_ids), row)
 
 
-def generate(model, tok, prompts, cfg, device, out=None, draft=None):
+def generate(model, tok, prompts, cfg, device, out=None, draft=None, search=None):
     """Generate for every prompt (one left-padded batch), speculatively with the ``draft`` model or
-    --prompt-lookup; returns (texts, new tokens, seconds)."""
+    --prompt-lookup; ``search``: generate's beam search and repetition arguments (search_args); returns (texts, new
+    tokens, seconds)."""
     out = out or sys.stdout
     if cfg.chat and not hasattr(tok, "encode_chat"):
         raise CLIError("--chat: the model's tokenizer has no chat template (a Hugging Face instruct model's has)")
@@ -148,7 +170,11 @@ def generate(model, tok, prompts, cfg, device, out=None, draft=None):
         ids[i, L + n_prompt - len(e):] = torch.tensor(e)
         mask[i, L + n_prompt - len(e):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    stream = cfg.stream if cfg.stream is not None else len(prompts) == 1
+    search = search or {}
+    beams = search.get("num_beams", 1) > 1
+    if beams and cfg.stream:
+        raise CLIError("--stream: beam search knows its text only at the end (--no-stream)")
+    stream = cfg.stream if cfg.stream is not None else len(prompts) == 1 and not beams
     if stream and len(prompts) > 1:
         raise CLIError(f"--stream prints one continuation as it comes: give one prompt, not {len(prompts)}")
     _check_context(model, L - 1, n_prompt, cfg.max_new_tokens)
@@ -186,12 +212,16 @@ def generate(model, tok, prompts, cfg, device, out=None, draft=None):
         spec = dict(prompt_lookup_num_tokens=cfg.prompt_lookup)
     if spec and n_prompt:
         raise CLIError("--draft / --prompt-lookup: not with a soft-prompt model (its prompt is an embedding hook)")
+    temperature = cfg.temperature if cfg.temperature is not None else 0.0 if beams else 0.8
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            model.generate(ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                           top_p=cfg.top_p, eos_token_id=tok.stop_ids, attention_mask=mask, generator=gen,
-                           streamer=streamer, min_new_tokens=cfg.min_new_tokens, **spec)
+            res = model.generate(ids, cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k or None,
+                                 top_p=cfg.top_p, eos_token_id=tok.stop_ids, attention_mask=mask, generator=gen,
+                                 streamer=None if beams else streamer, min_new_tokens=cfg.min_new_tokens,
+                                 **spec, **search)
+        if beams:  # the best beam of each prompt, after the prompt (a GPT's) or the start token (a Seq2Seq's)
+            new.extend(res[:, 1 if hasattr(model, "encode") else ids.shape[1]:].cpu().unbind(1))
     except _Stop:
         pass
     except ValueError as e:
@@ -228,8 +258,9 @@ def main(cfg: GenerateConfig) -> int:
         raise CLIError(f"--draft / --prompt-lookup: speculative decoding runs on a GPT or Seq2Seq, not a "
                        f"{type(model).__name__}")
     prompts = read_prompts(cfg)
-    stream = cfg.stream if cfg.stream is not None else len(prompts) == 1
-    texts, n, secs = generate(model, tok, prompts, cfg, device, draft=draft)
+    search = search_args(cfg)
+    stream = cfg.stream if cfg.stream is not None else len(prompts) == 1 and search.get("num_beams", 1) == 1
+    texts, n, secs = generate(model, tok, prompts, cfg, device, draft=draft, search=search)
     if stream and len(prompts) == 1:
         print()
     else:
@@ -241,6 +272,40 @@ def main(cfg: GenerateConfig) -> int:
         spec = f"; {st.accepted} of {st.drafted} drafted tokens accepted ({st.acceptance:.0%}), {st.steps} steps"
     print(f"[{n} tokens in {secs:.2f} s: {n / max(secs, 1e-9):,.1f} tokens/s{spec}]", file=sys.stderr)
     return 0
+
+
+# generate's search arguments that a Hugging Face folder's generation_config.json may set, and their checks
+_FOLDER_SEARCH = {"num_beams": lambda v: isinstance(v, int) and v >= 1,
+                  "length_penalty": lambda v: isinstance(v, (int, float)),
+                  "early_stopping": lambda v: v in (True, False, "never"),
+                  "repetition_penalty": lambda v: isinstance(v, (int, float)) and v > 0,
+                  "no_repeat_ngram_size": lambda v: isinstance(v, int) and v >= 0}
+
+
+def search_args(cfg) -> dict:
+    """generate's num_beams, length_penalty, early_stopping, repetition_penalty and no_repeat_ngram_size: the
+    options given, else those of the checkpoint's generation_config.json when it is a Hugging Face folder (as
+    transformers' generate reads them: BART-large-CNN's beam search), else nothing (generate's defaults). A folder's
+    beam search gives way to sampling asked for with --temperature, all of them to --draft / --prompt-lookup."""
+    from fastattn.cli.train import hf_model_type
+    folder = {}
+    path = Path(cfg.checkpoint) / "generation_config.json"
+    if hf_model_type(cfg.checkpoint) and path.is_file():
+        try:
+            folder = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CLIError(f"{path}: not readable JSON ({e})") from None
+        folder = {k: v for k, v in folder.items() if k in _FOLDER_SEARCH and v is not None} \
+            if isinstance(folder, dict) else {}
+        for k, v in folder.items():
+            if isinstance(v, bool) and k != "early_stopping" or not _FOLDER_SEARCH[k](v):
+                raise CLIError(f"{path}: {k} {v!r} is not a valid value")
+        if cfg.temperature:  # sampling asked for: the folder's beams do not apply
+            folder.pop("num_beams", None)
+        if cfg.draft or cfg.prompt_lookup:  # nor its beams and penalties to speculative decoding
+            folder = {}
+    given = {k: getattr(cfg, k) for k in _FOLDER_SEARCH if getattr(cfg, k, None) is not None}
+    return {**folder, **given}
 
 
 def load_draft(cfg, model, tok, device):
