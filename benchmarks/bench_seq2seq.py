@@ -5,7 +5,8 @@ layers, 12 heads, gated-GELU d_ff 2048, vocab 32128) with random weights are sav
 by both (``Seq2Seq.from_hf``). Greedy generation of NEW tokens for a SOURCE-token source
 (summarization-shaped: the encoder reads the source once, the decoder's cross-attention K/V are computed once):
 transformers' ``generate`` (attn_implementation="sdpa", num_beams=1) and ours alternated in each round
-(conftest.interleaved), in float and with w8a16 weights. CPU float32, GPU bfloat16. Environment: FASTATTN_BENCH_SOURCE
+(conftest.interleaved), in float and with w8a16 weights; prompt lookup and beam search (FASTATTN_BENCH_BEAMS, 4)
+likewise. CPU float32, GPU bfloat16. Environment: FASTATTN_BENCH_SOURCE
 (256), FASTATTN_BENCH_NEW (64), FASTATTN_BENCH_ROUNDS (3 on CPU). Skipped without transformers.
 """
 import os
@@ -28,8 +29,8 @@ DTYPE = torch.bfloat16 if GPU else torch.float32
 SOURCE = int(os.environ.get("FASTATTN_BENCH_SOURCE", "256"))
 NEW = int(os.environ.get("FASTATTN_BENCH_NEW", "64"))
 ROUNDS = int(os.environ.get("FASTATTN_BENCH_ROUNDS", "10" if GPU else "3"))
-HF_GREEDY = dict(do_sample=False, num_beams=1, forced_bos_token_id=None, forced_eos_token_id=None,
-                 no_repeat_ngram_size=0)
+# BART's config forces eos as the last token (forced_eos_token_id), read by both; no other processor
+HF_GREEDY = dict(do_sample=False, num_beams=1, forced_bos_token_id=None, no_repeat_ngram_size=0)
 
 
 def _hf_model(name):
@@ -105,6 +106,25 @@ def test_prompt_lookup_interleaved(benchmark, models):
                             threads=torch.get_num_threads())
 
 
+BEAMS = int(os.environ.get("FASTATTN_BENCH_BEAMS", "4"))
+
+
+def test_beam_search_interleaved(benchmark, models):
+    """Beam search (BEAMS beams, as summarization and translation checkpoints decode), transformers' generate and
+    ours alternated: NEW tokens for every beam (min_new_tokens), the same tokens (test_same_greedy_tokens)."""
+    name, hf, ours, eos = models
+    ids = _source(hf.config.vocab_size)
+    model = ours["fastattn"]
+    kw = {**HF_GREEDY, "num_beams": BEAMS}
+    runs = {"transformers": synced(DEVICE, lambda: hf.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, **kw)),
+            "fastattn": synced(DEVICE, lambda: model.generate(ids, NEW, temperature=0, eos_token_id=eos,
+                                                              min_new_tokens=NEW, num_beams=BEAMS))}
+    interleaved(benchmark, runs, "fastattn", NEW,
+                f"{name} generate beams {str(DTYPE)[6:]} {SOURCE}->{NEW} {BEAMS} beams", ROUNDS, device=DEVICE,
+                dtype=str(DTYPE)[6:], model=name, source=SOURCE, new=NEW, beams=BEAMS,
+                threads=torch.get_num_threads())
+
+
 def test_same_greedy_tokens(models):
     """The float rows generate the same tokens (a benchmark of two different computations would be worthless)."""
     _, hf, ours, eos = models
@@ -116,4 +136,8 @@ def test_same_greedy_tokens(models):
                                            prompt_lookup_num_tokens=LOOKUP)
         theirs_lookup = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, prompt_lookup_num_tokens=LOOKUP,
                                     **HF_GREEDY)
+        beams = ours["fastattn"].generate(ids, 8, temperature=0, eos_token_id=eos, min_new_tokens=8,
+                                          num_beams=BEAMS)
+        theirs_beams = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, **{**HF_GREEDY, "num_beams": BEAMS})
     assert torch.equal(mine, theirs) and torch.equal(lookup, theirs) and torch.equal(theirs_lookup, theirs)
+    assert torch.equal(beams, theirs_beams)

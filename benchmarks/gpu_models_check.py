@@ -161,6 +161,40 @@ def speculative_decoding():
 
 
 @check
+def beam_search():
+    """Beam search (4 beams, 2 returned, a left-padded batch; models/beam.py's cache expansion and reordering on the
+    device) equal to the torch backend's in float64 on the same weights, for GPT and Seq2Seq (weights scaled up: no
+    near-tie decides a beam)."""
+    out = {}
+    kw = dict(temperature=0, num_beams=4, num_return_sequences=2, eos_token_id=[3, 5], length_penalty=1.5)
+    for name in GPT_CFGS:
+        model, ref = gpt(name), gpt(name, "torch", torch.float64)
+        with torch.no_grad():
+            for m in (model, ref):
+                for p in m.parameters():
+                    p.mul_(4)
+            x = ids(2, 30, 512)
+            mask = torch.ones_like(x)
+            mask[1, :9] = 0
+            got = model.generate(x, 24, attention_mask=mask, **kw)
+            assert torch.equal(got, ref.generate(x, 24, attention_mask=mask, **kw)), f"{name}: beams differ"
+        out[f"{name} tokens"] = got.shape[1] - 30
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=512, d_model=128, n_layer=2, n_head=4, max_seq_len=128)
+    s2s = Seq2Seq(Seq2SeqConfig(**cfg)).to(DEV).eval()
+    ref = Seq2Seq(Seq2SeqConfig(**cfg, backend="torch")).to(DEV, torch.float64).eval()
+    with torch.no_grad():
+        for p in s2s.parameters():
+            p.mul_(4)
+        ref.load_state_dict(s2s.state_dict())
+        src = ids(2, 30, 512)
+        got = s2s.generate(src, 24, **kw)
+        assert torch.equal(got, ref.generate(src, 24, **kw)), "Seq2Seq: beams differ"
+    out["seq2seq tokens"] = got.shape[1] - 1
+    return out
+
+
+@check
 def bert_vs_torch_backend():
     out = {}
     x = ids(4, 64, 512)
