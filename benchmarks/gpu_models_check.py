@@ -123,6 +123,17 @@ def seq2seq_generation():
     return {"tokens": gen.shape[1] - 1}
 
 
+def scaled_pair(name):
+    """(fastattn fp32 GPT, torch-backend fp64 GPT) of config ``name`` with the same weights scaled up by 4: logits
+    far apart, so that no near-tie decides a token."""
+    model, ref = gpt(name), gpt(name, "torch", torch.float64)
+    with torch.no_grad():
+        for m in (model, ref):
+            for p in m.parameters():
+                p.mul_(4)
+    return model, ref
+
+
 @check
 def speculative_decoding():
     """decode_many (5 rows a sequence on the bound step: the Triton decode kernel's causal rows on a GPU) against the
@@ -130,11 +141,8 @@ def speculative_decoding():
     every draft) equal to plain greedy, for GPT and Seq2Seq (fp32; weights scaled up: no argmax near a tie)."""
     out = {}
     for name in GPT_CFGS:
-        model, ref = gpt(name), gpt(name, "torch", torch.float64)
+        model, ref = scaled_pair(name)
         with torch.no_grad():
-            for m in (model, ref):
-                for p in m.parameters():
-                    p.mul_(4)
             x = ids(2, 60, 512)
             model.setup_caches(2, 60)
             model.prefill(x[:, :40], torch.ones(2, 40, dtype=torch.bool, device=DEV))
@@ -168,11 +176,8 @@ def beam_search():
     out = {}
     kw = dict(temperature=0, num_beams=4, num_return_sequences=2, eos_token_id=[3, 5], length_penalty=1.5)
     for name in GPT_CFGS:
-        model, ref = gpt(name), gpt(name, "torch", torch.float64)
+        model, ref = scaled_pair(name)
         with torch.no_grad():
-            for m in (model, ref):
-                for p in m.parameters():
-                    p.mul_(4)
             x = ids(2, 30, 512)
             mask = torch.ones_like(x)
             mask[1, :9] = 0
