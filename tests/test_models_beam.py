@@ -7,7 +7,7 @@ logits' last bits decides a beam. The processors alone against transformers' pro
 import pytest
 import torch
 
-from fastattn.models import GPT, GPTConfig, Seq2Seq
+from fastattn.models import GPT, GPTConfig, Seq2Seq, Seq2SeqConfig
 from fastattn.models.beam import LogitsProcessors
 transformers = pytest.importorskip("transformers")
 
@@ -174,6 +174,24 @@ def test_forced_eos_in_every_search(tmp_path):
         sampled = ours.generate(ids, 8, temperature=1.0, attention_mask=mask, generator=g, **spec)
         assert (sampled[:, -1] == EOS[1]).all() and (sampled[:, 1] == 0).all()
     assert (ours.generate(ids, 8, temperature=0, attention_mask=mask, forced_eos_token_id=9)[:, -1] == 9).all()
+
+
+def test_several_samples_per_prompt():
+    """num_return_sequences when sampling: each prompt's R samples in a row, as transformers' generate orders them,
+    each what sampling the prompt repeated R times gives (same generator state); greedy refuses R > 1."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, max_seq_len=64)).eval()
+    ids, mask = _prompts()
+    kw = dict(temperature=1.0, attention_mask=mask)
+    got = m.generate(ids, 6, num_return_sequences=2, generator=torch.Generator().manual_seed(1), **kw)
+    kw["attention_mask"] = mask.repeat_interleave(2, 0)
+    want = m.generate(ids.repeat_interleave(2, 0), 6, generator=torch.Generator().manual_seed(1), **kw)
+    assert got.shape == (6, ids.shape[1] + 6) and torch.equal(got, want)
+    assert not torch.equal(got[0::2], got[1::2])  # two samples, not one twice
+    s2s = Seq2Seq(Seq2SeqConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=4, max_seq_len=32)).eval()
+    assert s2s.generate(ids, 4, temperature=1.0, num_return_sequences=3).shape == (9, 5)
+    with pytest.raises(ValueError, match="num_return_sequences: greedy search gives one sequence"):
+        m.generate(ids, 3, temperature=0, num_return_sequences=2)
 
 
 def test_processors_equal_transformers_processors():

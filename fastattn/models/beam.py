@@ -46,9 +46,12 @@ class Search:
             n = getattr(self, name)
             if isinstance(n, bool) or not isinstance(n, int) or n < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {n!r}")
-        if self.num_return_sequences > self.num_beams:
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
             raise ValueError(f"num_return_sequences: {self.num_return_sequences} > num_beams {self.num_beams} (beam "
-                             f"search returns at most its beams; several samples per prompt: repeat the prompt)")
+                             f"search returns at most its beams)")
+        if self.num_beams == 1 and self.num_return_sequences > 1 and temperature == 0:
+            raise ValueError(f"num_return_sequences: greedy search gives one sequence per prompt, not "
+                             f"{self.num_return_sequences} (sample with temperature > 0, or use num_beams)")
         if not any(self.early_stopping is v for v in (True, False)) and self.early_stopping != "never":
             raise ValueError(f"early_stopping: expected True, False or 'never', got {self.early_stopping!r}")
         if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, (int, float)):
@@ -65,6 +68,15 @@ class Search:
         if speculative and (self.num_beams > 1 or p != 1.0 or self.no_repeat_ngram_size):
             raise ValueError("assistant_model / prompt_lookup_num_tokens: speculative decoding does not combine with "
                              "num_beams > 1, repetition_penalty or no_repeat_ngram_size")
+
+    def samples(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """The prompts (and mask) each repeated num_return_sequences times in a row when sampling several per prompt
+        (as transformers' generate expands them), else as given."""
+        R = self.num_return_sequences
+        if self.num_beams > 1 or R == 1 or not isinstance(input_ids, Tensor):
+            return input_ids, attention_mask
+        return input_ids.repeat_interleave(R, 0), \
+            attention_mask.repeat_interleave(R, 0) if isinstance(attention_mask, Tensor) else attention_mask
 
     def processors(self, eos: Optional[Tensor], min_new_tokens: int, forced_first: Optional[int] = None,
                    forced_last: Optional[Tuple[int, int]] = None,

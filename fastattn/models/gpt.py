@@ -159,12 +159,14 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         step; or ``prompt_lookup_num_tokens`` tokens are drafted from the sequence itself, matching its last
         ``max_matching_ngram_size`` tokens or fewer. ``self.speculation_stats`` then tells how many were accepted.
         ``num_beams`` > 1: beam search (models/beam.py; transformers' ``length_penalty``, ``early_stopping``), the
-        ``num_return_sequences`` best of each prompt in a row (B * R, L + n), their scores in ``self.beam_scores``.
-        ``repetition_penalty``, ``no_repeat_ngram_size``: transformers' processors, in any search but speculative."""
+        ``num_return_sequences`` best of each prompt in a row (B * R, L + n), their scores in ``self.beam_scores``;
+        when sampling, R samples of each prompt in a row. ``repetition_penalty``, ``no_repeat_ngram_size``:
+        transformers' processors, in any search but speculative."""
         check_sampling(max_new_tokens, temperature, top_k, top_p, min_new_tokens)
         search = Search(num_beams, num_return_sequences, length_penalty, early_stopping, repetition_penalty,
                         no_repeat_ngram_size)
         search.check(temperature, assistant_model is not None or prompt_lookup_num_tokens is not None, streamer)
+        input_ids, attention_mask = search.samples(input_ids, attention_mask)
         keep = keep_mask(input_ids, attention_mask, self.config.max_seq_len)
         B, L = input_ids.shape
         if L == 0:

@@ -259,6 +259,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         search = Search(num_beams, num_return_sequences, length_penalty, early_stopping, repetition_penalty,
                         no_repeat_ngram_size)
         search.check(temperature, assistant_model is not None or prompt_lookup_num_tokens is not None, streamer)
+        input_ids, attention_mask = search.samples(input_ids, attention_mask)
         keep_mask(input_ids, attention_mask, self.config.max_seq_len)  # checks shapes and length
         start = self.config.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
         B = input_ids.shape[0]
