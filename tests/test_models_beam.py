@@ -1,7 +1,8 @@
 """Beam search and the repetition processors (models/beam.py) against transformers' generate on the same weights:
-small randomly initialised GPT-2, Llama (GQA), BART (forced BOS) and T5 (relative positions) saved to tmp_path,
-batches with left padding, several eos ids so that hypotheses end at different lengths, every early_stopping mode,
-length penalties of both signs, num_return_sequences; the sequences equal, their scores within float32 rounding.
+small randomly initialised GPT-2, Llama (GQA), Mistral (sliding window), BLOOM (ALiBi), BART (forced BOS / EOS) and
+T5 (relative positions) saved to tmp_path, batches with left padding, several eos ids so that hypotheses end at
+different lengths, every early_stopping mode, length penalties of both signs, num_return_sequences; the sequences
+equal, their scores within float32 rounding.
 Float64 weights on both sides (the log-probabilities are float32 in both searches), so that no near-tie in the
 logits' last bits decides a beam. The processors alone against transformers' processors; bad arguments named."""
 import pytest
@@ -35,6 +36,23 @@ def _llama(tmp_path):
     return _save(tmp_path, hf)
 
 
+def _mistral(tmp_path):
+    """A sliding window (5) shorter than prompt + continuation: the beams' reordered caches under the window."""
+    hf = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, sliding_window=5, bos_token_id=0,
+        eos_token_id=0, pad_token_id=0))
+    return _save(tmp_path, hf)
+
+
+def _bloom(tmp_path):
+    """ALiBi positions (transformers' float64 BLOOM gives NaN under padding: unpadded prompts for it)."""
+    hf = transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, hidden_dropout=0.0, attention_dropout=0.0,
+        initializer_range=0.3, bos_token_id=0, eos_token_id=0))
+    return _save(tmp_path, hf)
+
+
 def _prompts(L=7):
     ids = torch.randint(12, VOCAB, (3, L), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
@@ -60,12 +78,14 @@ def _name(search):
     return "-".join(f"{k}={v}" for k, v in search.items())
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral", "bloom"])
 @pytest.mark.parametrize("search", SEARCHES, ids=_name)
 def test_gpt_beam_search_matches_transformers(tmp_path, arch, search):
-    hf = {"gpt2": _gpt2, "llama": _llama}[arch](tmp_path)
+    hf = {"gpt2": _gpt2, "llama": _llama, "mistral": _mistral, "bloom": _bloom}[arch](tmp_path)
     ours = GPT.from_hf(tmp_path, dtype=torch.float64)
     ids, mask = _prompts()
+    if arch == "bloom":
+        mask = torch.ones_like(mask)
     want, want_scores = _hf_beams(hf, ids, mask, 12, **search)
     got = ours.generate(ids, 12, temperature=0, attention_mask=mask, eos_token_id=EOS, **search)
     assert torch.equal(got, want)
