@@ -167,6 +167,24 @@ def test_prompt_lookup_interleaved(benchmark, models):
         threads=torch.get_num_threads())
 
 
+BEAMS = int(os.environ.get("FASTATTN_BENCH_BEAMS", "4"))
+
+
+@pytest.mark.parametrize("impl", ["fastattn", "fastattn-w8a16"])
+def test_beam_search_interleaved(benchmark, models, impl):
+    """Beam search (BEAMS beams, NEW tokens each), transformers' generate and ours alternated; the float rows give
+    the same tokens (test_same_greedy_tokens)."""
+    hf, ours = models
+    ids = _prompt(hf.config.vocab_size)
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0, num_beams=BEAMS)
+    runs = {"transformers": synced(DEVICE, lambda: hf.generate(ids, **kw)),
+            impl: synced(DEVICE, lambda: ours[impl].generate(ids, NEW, temperature=0, num_beams=BEAMS))}
+    interleaved(benchmark, runs, impl, BATCH * NEW,
+                f"generate beams {SIZE} {str(DTYPE)[6:]} b{BATCH} {PROMPT}+{NEW} {BEAMS} beams", ROUNDS,
+                device=DEVICE, dtype=str(DTYPE)[6:], model=SIZE, batch=BATCH, prompt=PROMPT, new=NEW, beams=BEAMS,
+                threads=torch.get_num_threads())
+
+
 @pytest.mark.parametrize("impl", ["fastattn", "fastattn-w8a16"])
 @pytest.mark.parametrize("width", [1, 2, 3, 5, 8])
 def test_verify_step(benchmark, models, impl, width):
@@ -201,4 +219,7 @@ def test_same_greedy_tokens(models):
         theirs = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
         mine = ours["fastattn"].generate(ids, 8, temperature=0)
         lookup = ours["fastattn"].generate(ids, 8, temperature=0, prompt_lookup_num_tokens=LOOKUP)
-    assert torch.equal(mine, theirs) and torch.equal(lookup, theirs)
+        beams = ours["fastattn"].generate(ids, 8, temperature=0, num_beams=BEAMS)
+        theirs_beams = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
+                                   num_beams=BEAMS)
+    assert torch.equal(mine, theirs) and torch.equal(lookup, theirs) and torch.equal(beams, theirs_beams)
