@@ -26,12 +26,14 @@ The interface (stable; the CLI builds on it):
   shifted inside (shift_labels: already shifted). In training with labels (``skip_logits`` None) the fastattn
   backend computes the LM loss with fastattn.linear_cross_entropy and returns ``.logits`` None.
 - ``generate(input_ids, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
-  attention_mask=None, generator=None, streamer=None)`` (GPT; Seq2Seq adds ``decoder_start_token_id``,
-  ``forced_bos_token_id``):
+  attention_mask=None, generator=None, streamer=None, min_new_tokens=0)`` (GPT; Seq2Seq adds
+  ``decoder_start_token_id``, ``forced_bos_token_id``, ``forced_eos_token_id``):
   temperature 0 = greedy; eos_token_id may be a list of ids. GPT batches of different lengths are padded on the
   left. Speculative decoding (GPT and Seq2Seq): ``assistant_model`` (a smaller model of the same class, same
   tokenizer) with ``num_assistant_tokens``, or ``prompt_lookup_num_tokens`` with ``max_matching_ngram_size``; greedy
   output unchanged, sampling from the same distribution; ``model.speculation_stats`` (a ``SpeculationStats``).
+  Beam search (models/beam.py, transformers' own): ``num_beams``, ``num_return_sequences``, ``length_penalty``,
+  ``early_stopping``; ``model.beam_scores``. ``repetition_penalty``, ``no_repeat_ngram_size`` as in transformers.
 - Every model: ``save_pretrained(dir)`` / ``cls.from_pretrained(dir, **config_overrides)`` (config.json +
   model.safetensors), ``num_parameters(trainable_only=False)``, ``backbone_parameters()`` / ``head_parameters()``.
   ``GPT.from_hf(dir)`` (GPT-2, OPT, GPT-NeoX / Pythia, GPT-J, BLOOM, MPT, Phi-1 / 1.5 / 2, Falcon, StableLM, Llama incl.
