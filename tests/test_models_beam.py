@@ -94,7 +94,8 @@ def test_gpt_beam_search_matches_transformers(tmp_path, arch, search):
 
 def test_beam_search_paths_agree():
     """The bound decode step, the module path (torch backend: nothing bound) and one prompt at a time give the same
-    beams; beams that end all at once at max_new_tokens when no eos id is given."""
+    beams; beams that end all at once at max_new_tokens when no eos id is given; max_new_tokens 0 returns the
+    prompts, R rows each, as beam search shapes its results."""
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=64, pos="rotary",
                     norm="rmsnorm", mlp="swiglu")
@@ -116,6 +117,8 @@ def test_beam_search_paths_agree():
         torch.testing.assert_close(m.beam_scores, scores[2 * b:2 * b + 2])
     full = m.generate(ids, 6, attention_mask=mask, temperature=0, num_beams=2)
     assert full.shape == (3, ids.shape[1] + 6)
+    assert torch.equal(m.generate(ids, 0, attention_mask=mask, **kw), ids.repeat_interleave(2, 0))
+    assert m.beam_scores.shape == (6,)
 
 
 def _bart(tmp_path):

@@ -78,6 +78,15 @@ class Search:
         return input_ids.repeat_interleave(R, 0), \
             attention_mask.repeat_interleave(R, 0) if isinstance(attention_mask, Tensor) else attention_mask
 
+    def no_new_tokens(self, model: nn.Module, seqs: Tensor) -> Tensor:
+        """generate's result for max_new_tokens 0: the sequences so far (B, T), each num_return_sequences times in a
+        row under beam search (scores 0), as its results are shaped."""
+        if self.num_beams == 1:
+            return seqs
+        seqs = seqs.repeat_interleave(self.num_return_sequences, 0)
+        model.beam_scores = torch.zeros(seqs.shape[0], device=seqs.device)
+        return seqs
+
     def processors(self, eos: Optional[Tensor], min_new_tokens: int, forced_first: Optional[int] = None,
                    forced_last: Optional[Tuple[int, int]] = None,
                    ignore: Optional[Tensor] = None) -> "LogitsProcessors":

@@ -175,7 +175,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
             raise ValueError("attention_mask: generate needs prompts padded on the left (the last column is padding "
                              "in some row)")
         if max_new_tokens == 0:
-            return input_ids
+            return search.no_new_tokens(self, input_ids)
         spec = speculation(self, B, {"the prompt plus max_new_tokens": L + max_new_tokens}, assistant_model,
                            num_assistant_tokens, prompt_lookup_num_tokens, max_matching_ngram_size)
         self.setup_caches(B, L + max_new_tokens, headroom=spec.headroom if spec else 0)

@@ -265,7 +265,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         B = input_ids.shape[0]
         out = input_ids.new_full((B, 1 + max_new_tokens), start)
         if max_new_tokens == 0:
-            return out
+            return search.no_new_tokens(self, out)
         spec = speculation(self, B, {"the source": input_ids.shape[1], "1 + max_new_tokens": 1 + max_new_tokens},
                            assistant_model, num_assistant_tokens, prompt_lookup_num_tokens, max_matching_ngram_size)
         self.setup_caches(B, 1 + max_new_tokens, headroom=spec.headroom if spec else 0)
