@@ -235,6 +235,9 @@ def tensor_parallel(model, tp, device):
         raise CLIError(f"--tp {tp}: n_head={cfg.n_head} and n_kv_head={cfg.n_kv_head} must be divisible by it")
     if cfg.d_ff % tp:
         raise CLIError(f"--tp {tp}: d_ff={cfg.d_ff} must be divisible by it")
+    if getattr(cfg, "n_experts", 0):
+        raise CLIError(f"--tp {tp}: a mixture-of-experts model is not supported by tensor parallelism (--fsdp shards "
+                       f"it)")
     if getattr(cfg, "qk_norm", False):  # its weights would see only each rank's heads: gradients partial per rank
         raise CLIError(f"--tp {tp}: a model with qk_norm (Qwen3-style) is not supported by tensor parallelism")
     mesh = init_device_mesh(device.type, (tp,))

@@ -11,8 +11,9 @@ the step is ``decode_many``'s (speculative decoding's check of W - 1 drafts): (B
 sequence causal among themselves over the cache's written slots.
 
 ``bind_decode`` returns None (and logs why) for a model it cannot bind: training mode, the "torch" backend, forward
-hooks, a block / attention / MLP / norm of another type, a tensor-subclass parameter (DTensor), torch.compile tracing,
-or a backend that refuses the dtype. A linear layer of another type (a LoRA wrapper) runs its own forward inside.
+hooks, a block / attention / MLP / norm of another type (a mixture of experts runs as its module inside the step),
+a tensor-subclass parameter (DTensor), torch.compile tracing, or a backend that refuses the dtype. A linear layer
+of another type (a LoRA wrapper) runs its own forward inside.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from ..ops.attention.decode import routed_kernel
 from ..ops.batching import has_torch_function_subclass
 from ..ops.gemv import gemv_kernel
 from .layers import MLP, Attention, Block, Norm, apply_rotary, pick_rotary, softcap, window_padding
+from .moe import MoE
 
 log = logging.getLogger("fastattn")
 
@@ -173,8 +175,11 @@ class _Block:
             self.norm2 = None if b.norm2 is None else bind_norm(b.norm2, False, dtype, device)
         else:
             self.norm2 = bind_norm(b.norm2, pre, dtype, device)
-        w_in, w_out = bind_linear(b.mlp.w_in, dtype, rows), bind_linear(b.mlp.w_out, dtype, rows)
-        self.mlp = lambda x: b.mlp.run(w_in, w_out, x)
+        if type(b.mlp) is MoE:  # rows per expert vary with the routing: the module runs it
+            self.mlp = b.mlp
+        else:
+            w_in, w_out = bind_linear(b.mlp.w_in, dtype, rows), bind_linear(b.mlp.w_out, dtype, rows)
+            self.mlp = lambda x: b.mlp.run(w_in, w_out, x)
         self.post1 = bind_output_norm(getattr(b, "post_norm1", None), dtype, device)
         self.post2 = bind_output_norm(getattr(b, "post_norm2", None), dtype, device)
 
@@ -258,7 +263,7 @@ def _why_not(model: nn.Module, blocks) -> Optional[str]:
     if any(hooks) or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return "a forward hook would not run"
     for b in blocks:
-        parts = [(b, Block), (b.attn, Attention), (b.mlp, MLP), (b.norm1, Norm)]
+        parts = [(b, Block), (b.attn, Attention), (b.mlp, MoE if type(b.mlp) is MoE else MLP), (b.norm1, Norm)]
         parts += [(b.norm2, Norm)] if b.norm2 is not None else []
         if hasattr(b, "cross_attn"):
             parts += [(b.cross_attn, Attention), (b.norm_x, Norm)]

@@ -1,6 +1,6 @@
 """GPT.from_hf's importers: a Hugging Face config.json and state dict mapped onto GPTConfig and GPT's state dict, per
-family (GPT-2; OPT; Llama, Mistral, Qwen2, Qwen3, Phi-3, StableLM; Gemma 1 / 2 / 3; and in gpt_hf_parallel.py
-GPT-NeoX / Pythia, Phi-1 / 1.5 / 2, Falcon).
+family (GPT-2; OPT; Llama, Mistral, Qwen2, Qwen3, Phi-3, StableLM; Gemma 1 / 2 / 3; Mixtral and Qwen3-MoE, whose
+experts gpt_hf_moe.py maps; and in gpt_hf_parallel.py GPT-NeoX / Pythia, Phi-1 / 1.5 / 2, Falcon).
 Whatever a family sets that GPT cannot reproduce exactly is refused with a CheckpointError naming the setting."""
 from typing import Dict, Optional, Tuple
 
@@ -11,6 +11,7 @@ from .checkpoint import CheckpointError, KeyMap, hf_get, read_hf_folder
 from .gpt import GPTConfig
 from .gpt_hf_parallel import ACT
 from .gpt_hf_alibi import from_bloom, from_mpt
+from .gpt_hf_moe import MOE_FAMILIES, moe_config, moe_projections
 from .gpt_hf_parallel import from_gptj, from_parallel, rotary
 from .layers import ROPE_SCALING_KEYS, check_rope_scaling
 
@@ -23,6 +24,8 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
         cfg, sd = _from_gpt2(hf, state)
     elif kind in ("llama", "mistral", "qwen2", "qwen3", "phi3", "stablelm"):
         cfg, sd = _from_llama(hf, state)
+    elif kind in MOE_FAMILIES:
+        cfg, sd = _from_llama(hf, state, moe_config(hf))
     elif kind in ("gemma", "gemma2", "gemma3_text"):
         cfg, sd, local_theta = _from_gemma(hf, state)
     elif kind == "opt":
@@ -38,7 +41,7 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
     else:
         raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
                               "mistral, qwen2, qwen3, phi3, stablelm, gemma, gemma2, gemma3_text, opt, gpt_neox, "
-                              "phi, falcon, gptj, bloom, mpt)")
+                              "phi, falcon, gptj, bloom, mpt, mixtral, qwen3_moe)")
     window, types = _sliding_window(hf)
     if local_theta is not None and window is not None:  # Gemma 3: its windowed layers' rotary base
         overrides = {"rope_local_theta": local_theta, **overrides}
@@ -179,19 +182,23 @@ def _from_gemma(hf: dict, state):
 
 def _projections(m: KeyMap, h: str, b: str, cfg: GPTConfig, fused: bool = False) -> Dict[str, Tensor]:
     """A Llama-layout layer's projection weights (HF prefix h) as GPT's (prefix b): q, k, v concatenated into wqkv,
-    [gate | up] into w_in (Phi-3 stores both so: ``fused``), wo, w_out. HF's rotate_half layout is ours, so no
-    permutation."""
+    [gate | up] into w_in (Phi-3 stores both so: ``fused``), wo, w_out (a mixture of experts': gpt_hf_moe.py). HF's
+    rotate_half layout is ours, so no permutation."""
     d, f, H, Hk, D = cfg.d_model, cfg.d_ff, cfg.n_head, cfg.n_kv_head, cfg.head_dim
     if fused:
         qkv = m.take(f"{h}self_attn.qkv_proj.weight", ((H + 2 * Hk) * D, d))
-        gate_up = m.take(f"{h}mlp.gate_up_proj.weight", (2 * f, d))
     else:
         qkv = torch.cat([m.take(f"{h}self_attn.q_proj.weight", (H * D, d)),
                          m.take(f"{h}self_attn.k_proj.weight", (Hk * D, d)),
                          m.take(f"{h}self_attn.v_proj.weight", (Hk * D, d))])
+    sd = {f"{b}attn.wqkv.weight": qkv, f"{b}attn.wo.weight": m.take(f"{h}self_attn.o_proj.weight", (d, H * D))}
+    if cfg.n_experts:
+        return {**sd, **moe_projections(m, h, b, cfg)}
+    if fused:
+        gate_up = m.take(f"{h}mlp.gate_up_proj.weight", (2 * f, d))
+    else:
         gate_up = torch.cat([m.take(f"{h}mlp.gate_proj.weight", (f, d)), m.take(f"{h}mlp.up_proj.weight", (f, d))])
-    return {f"{b}attn.wqkv.weight": qkv, f"{b}attn.wo.weight": m.take(f"{h}self_attn.o_proj.weight", (d, H * D)),
-            f"{b}mlp.w_in.weight": gate_up, f"{b}mlp.w_out.weight": m.take(f"{h}mlp.down_proj.weight", (d, f))}
+    return {**sd, f"{b}mlp.w_in.weight": gate_up, f"{b}mlp.w_out.weight": m.take(f"{h}mlp.down_proj.weight", (d, f))}
 
 
 def _sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
@@ -200,12 +207,12 @@ def _sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
     use_sliding_window (the layers from max_window_layers on, or as layer_types says), Gemma 2 (every other layer,
     the first included)."""
     kind, n = hf.get("model_type"), hf.get("num_hidden_layers", 0)
-    on = {"mistral": True, "phi3": True, "qwen2": False, "qwen3": False, "gemma2": True,
-          "gemma3_text": True}.get(kind)
+    on = {"mistral": True, "mixtral": True, "phi3": True, "qwen2": False, "qwen3": False, "qwen3_moe": False,
+          "gemma2": True, "gemma3_text": True}.get(kind)
     if on is None or not hf.get("sliding_window") or not hf.get("use_sliding_window", on):
         return None, None
     types = None
-    if kind in ("qwen2", "qwen3"):
+    if kind in ("qwen2", "qwen3", "qwen3_moe"):
         types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 0) else
                                           "full_attention" for i in range(n)]
     elif kind == "gemma2":
@@ -234,7 +241,10 @@ def _rope_scaling(rope: dict) -> Optional[dict]:
     return scaling
 
 
-def _from_llama(hf: dict, state):
+def _from_llama(hf: dict, state, moe: Optional[dict] = None):
+    """Llama and its relatives; ``moe``: a mixture-of-experts family's GPTConfig fields (gpt_hf_moe.moe_config)."""
+    moe = dict(moe or {})
+    d_ff = moe.pop("d_ff", None) or hf["intermediate_size"]  # an expert's width (Qwen3-MoE's own)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     scaling = _rope_scaling(rope)  # Llama 3.1 / 3.2: "llama3"
     act = hf.get("hidden_act", "silu")
@@ -256,14 +266,14 @@ def _from_llama(hf: dict, state):
     _, rot = rotary(hf, hf.get("head_dim") or d // H)  # Phi-4-mini: partial_rotary_factor 0.75
     cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["num_hidden_layers"], n_head=H,
                     n_kv_head=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim") or d // H,
-                    d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
+                    d_ff=d_ff, max_seq_len=hf.get("max_position_embeddings", 2048),
                     norm="layernorm" if stablelm else "rmsnorm", norm_bias=True if stablelm else None,
                     norm_eps=hf.get("layer_norm_eps", 1e-5) if stablelm else hf.get("rms_norm_eps", 1e-6),
                     parallel_block="one_norm" if stablelm and hf.get("use_parallel_residual") else None,
                     norm_first=True, mlp="swiglu", activation="silu",
                     pos="rotary", rope_theta=float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4))),
                     tie_embeddings=hf.get("tie_word_embeddings", False), bias=attn_bias, qkv_bias=qkv_bias,
-                    qk_norm=kind == "qwen3", rope_scaling=scaling, rotary_dim=rot)
+                    qk_norm=kind in ("qwen3", "qwen3_moe"), rope_scaling=scaling, rotary_dim=rot, **moe)
     m, f, D, Hk = KeyMap(state, ("model.", "")), cfg.d_ff, cfg.head_dim, cfg.n_kv_head
     norm_params = ("weight", "bias") if stablelm else ("weight",)
     sd = {"tok_emb.weight": m.take("embed_tokens.weight", (cfg.vocab_size, d)),

@@ -61,7 +61,9 @@ class ModelConfig:
     ``parallel_block`` (pre-norm GPT): attention and MLP read the same residual stream and their outputs are added
     to it together, "two_norms" (GPT-NeoX / Pythia: each sublayer its own norm) or "one_norm" (Phi: both read
     norm1). ``lm_head_bias``: a bias on the vocabulary projection (Phi's; BART's final_logits_bias; not BERT, whose
-    MLM head has its own)."""
+    MLM head has its own). ``n_experts`` > 0: every MLP is a mixture of that many experts (each an MLP of d_ff
+    units), ``n_experts_per_tok`` of them per token, their router weights renormalised over the chosen ones when
+    ``moe_norm_topk`` (Mixtral, Qwen3-MoE: models/moe.py)."""
     vocab_size: int = 50257
     d_model: int = 768
     n_layer: int = 12
@@ -97,6 +99,9 @@ class ModelConfig:
     qk_norm: bool = False
     parallel_block: Optional[str] = None
     lm_head_bias: bool = False
+    n_experts: int = 0  # > 0: each MLP a mixture of this many experts (models/moe.py)
+    n_experts_per_tok: int = 2
+    moe_norm_topk: bool = True
     backend: str = "fastattn"
 
     def __post_init__(self):
@@ -160,6 +165,16 @@ class ModelConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
                 raise ValueError(f"{type(self).__name__}.{name}: expected a number, {want}; got {v!r}")
+        if self.n_experts:
+            self.check_ints(("n_experts",), 2)
+            self.check_ints(("n_experts_per_tok",), 1)
+            if self.n_experts_per_tok > self.n_experts or not isinstance(self.moe_norm_topk, bool) or \
+                    self.parallel_block is not None:
+                raise ValueError(f"{type(self).__name__}.n_experts_per_tok: 1 <= n_experts_per_tok <= n_experts "
+                                 f"({self.n_experts}), moe_norm_topk true or false, no parallel_block; got "
+                                 f"{self.n_experts_per_tok!r}, {self.moe_norm_topk!r}, {self.parallel_block!r}")
+        else:
+            self.check_ints(("n_experts",), 0)
         v = self.attn_scale
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
             raise ValueError(f"{type(self).__name__}.attn_scale: expected a number > 0 or None, got {v!r}")
@@ -595,7 +610,11 @@ class Block(nn.Module):
             self.norm_x, self.cross_attn = make_norm(cfg), Attention(cfg, cross=True)
         self.parallel = cfg.parallel_block
         self.norm2 = None if self.parallel == "one_norm" else make_norm(cfg)
-        self.mlp = MLP(cfg)
+        if cfg.n_experts:
+            from .moe import MoE  # (moe.py builds on this file's MLP)
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg)
         if cfg.sandwich_norm:  # Gemma 2: each sublayer's output normalised before the residual add
             self.post_norm1, self.post_norm2 = make_norm(cfg), make_norm(cfg)
 

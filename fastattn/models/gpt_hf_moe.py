@@ -1,0 +1,62 @@
+"""GPT.from_hf for mixture-of-experts families on Llama-style attention: Mixtral and Qwen3-MoE (models/moe.py).
+
+Their attention, norms and rotary positions are Llama's (Mistral's window, Qwen3's q / k norms), imported by
+gpt_hf._from_llama; this file adds the config fields and each layer's router and experts. Checkpoints store one
+tensor per expert and projection (Mixtral: ``block_sparse_moe.experts.E.w1 / w3 / w2``, Qwen3-MoE:
+``mlp.experts.E.gate_proj / up_proj / down_proj``); a state dict saved from transformers 5's modules holds them fused
+(``mlp.experts.gate_up_proj`` (E, 2F, d), ``mlp.experts.down_proj`` (E, d, F)): both are read. Refused by name:
+Qwen3-MoE's dense layers among the sparse ones (``mlp_only_layers``, ``decoder_sparse_step``) and biased projections.
+Mixtral's router jitter (training-time noise) is not applied (logged).
+"""
+import logging
+from typing import Dict
+
+import torch
+from torch import Tensor
+
+from .checkpoint import CheckpointError, KeyMap
+
+log = logging.getLogger("fastattn")
+
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
+
+
+def moe_config(hf: dict) -> dict:
+    """GPTConfig fields of a Mixtral / Qwen3-MoE config.json (d_ff: an expert's width)."""
+    kind = hf.get("model_type")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise CheckpointError(f"config.json: attention_bias / mlp_bias true is not supported for {kind}")
+    if kind == "qwen3_moe":
+        if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+            raise CheckpointError(f"config.json: mlp_only_layers={hf.get('mlp_only_layers')!r} / decoder_sparse_step="
+                                  f"{hf.get('decoder_sparse_step')!r}: dense layers among the expert layers are not "
+                                  "supported by GPT.from_hf (every layer a mixture of experts)")
+        return dict(n_experts=hf.get("num_experts") or hf["num_local_experts"],
+                    n_experts_per_tok=hf["num_experts_per_tok"], moe_norm_topk=bool(hf.get("norm_topk_prob", False)),
+                    d_ff=hf.get("moe_intermediate_size") or hf["intermediate_size"])
+    if hf.get("router_jitter_noise"):
+        log.warning("config.json: Mixtral's router_jitter_noise %s (training-time noise on the router's input) is "
+                    "not applied by fastattn's MoE", hf["router_jitter_noise"])
+    return dict(n_experts=hf["num_local_experts"], n_experts_per_tok=hf["num_experts_per_tok"], moe_norm_topk=True,
+                d_ff=hf["intermediate_size"])
+
+
+def moe_projections(m: KeyMap, h: str, b: str, cfg) -> Dict[str, Tensor]:
+    """Layer h's router and experts as GPT's block b's (mlp.router.weight, mlp.experts.E.w_in / w_out)."""
+    d, f, E = cfg.d_model, cfg.d_ff, cfg.n_experts
+    moe = f"{h}block_sparse_moe." if m.has(f"{h}block_sparse_moe.gate.weight") else f"{h}mlp."
+    sd = {f"{b}mlp.router.weight": m.take(f"{moe}gate.weight", (E, d))}
+    fused = m.has(f"{moe}experts.gate_up_proj")
+    if fused:
+        gate_up = m.take(f"{moe}experts.gate_up_proj", (E, 2 * f, d))
+        down = m.take(f"{moe}experts.down_proj", (E, d, f))
+    names = ("w1", "w3", "w2") if moe.endswith("block_sparse_moe.") else ("gate_proj", "up_proj", "down_proj")
+    for e in range(E):
+        x, ours = f"{moe}experts.{e}.", f"{b}mlp.experts.{e}."
+        if fused:
+            sd[f"{ours}w_in.weight"], sd[f"{ours}w_out.weight"] = gate_up[e], down[e]
+        else:
+            sd[f"{ours}w_in.weight"] = torch.cat([m.take(f"{x}{names[0]}.weight", (f, d)),
+                                                  m.take(f"{x}{names[1]}.weight", (f, d))])
+            sd[f"{ours}w_out.weight"] = m.take(f"{x}{names[2]}.weight", (d, f))
+    return sd

@@ -1,0 +1,68 @@
+"""A mixture-of-experts MLP (Mixtral, Qwen3-MoE): a router scores ``n_experts`` MLPs per token, the
+``n_experts_per_tok`` best run, and their outputs are summed weighted by the router's softmax probabilities
+(renormalised over the chosen experts when ``moe_norm_topk``, Mixtral's rule; Qwen3-MoE's ``norm_topk_prob``).
+
+Each expert is the model's own ``MLP`` (its ``mlp`` kind: SwiGLU for both families), so int8 quantization, LoRA,
+pruning and FSDP treat the experts' Linears as any other; the router is not an nn.Linear, so quantization leaves it in
+float (a rounded router would send tokens elsewhere). Tokens are grouped per expert (a sort of the token-expert
+pairs) and each expert runs once on its rows, in expert order as transformers' loop; an expert no token chose is
+skipped. The softmax runs in float32 for 16-bit models (as transformers'), in the model's dtype otherwise.
+
+Training uses the task loss alone (transformers' default output_router_logits=False: no load-balancing loss), and
+tensor parallelism refuses these models; the bound decode step (models/decode_step.py) calls this module for the
+MLP (the rows each expert gets vary with the routing).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import MLP, ModelConfig
+
+
+class Router(nn.Module):
+    """(n_experts, d_model) scores, bias-free; not an nn.Linear (see the module docstring)."""
+
+    def __init__(self, d_model: int, n_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.k, self.renormalize = cfg.n_experts_per_tok, cfg.moe_norm_topk
+        self.router = Router(cfg.d_model, cfg.n_experts)
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts))
+
+    def route(self, x: Tensor):
+        """(weights (N, k) float32 or wider, expert ids (N, k)) for the tokens x (N, d)."""
+        logits = self.router(x)
+        wide = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        weights, ids = torch.topk(wide.softmax(-1), self.k, -1)
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights, ids
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, ids = self.route(x)
+        flat = ids.flatten()
+        order = torch.argsort(flat, stable=True)  # the token-expert pairs grouped by expert
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                pairs = order[start:start + n]
+                rows = pairs // self.k
+                y = self.experts[e](x[rows]) * weights.flatten()[pairs].unsqueeze(-1)
+                out.index_add_(0, rows, y.to(out.dtype))
+                start += n
+        return out.view(shape)
