@@ -360,3 +360,21 @@ def test_generate_beam_search(gpt_run, capsys, monkeypatch):
         new = out[i, L:].tolist()
         new = new[:min([new.index(t) for t in tok.stop_ids if t in new], default=len(new))]
         assert f"--- [{i}] ---\n{p}{tok.decode(new)}\n" in printed
+
+
+def test_mixture_of_experts_run(tmp_path, capsys):
+    """--n-experts trains a mixture-of-experts GPT (and its LoRA adapters over every expert); the run generates,
+    and --resume refuses another expert count."""
+    from fastattn.cli.train import load_model
+    moe = ["--n-experts", "4", "--experts-per-tok", "2", "--mlp", "swiglu", "--d-ff", "24"]
+    run = train(tmp_path, "moe", *moe, "--ckpt-every", "2")
+    model, _, _ = load_model(run)
+    assert (model.config.n_experts, model.config.n_experts_per_tok, len(model.blocks[0].mlp.experts)) == (4, 2, 4)
+    assert main(["generate", str(run), "-p", "It is", "-n", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("It is")
+    lora = train(tmp_path, "lora", *moe, "--init", str(run), "--mode", "lora")
+    assert load_model(lora)[0].config.n_experts == 4
+    capsys.readouterr()
+    assert main(["train", *TINY, "--out", str(run), "--resume", *moe, "--n-experts", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "changed --n-experts 8 (the run's: 4)" in err and "--d-ff" not in err

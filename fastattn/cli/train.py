@@ -41,6 +41,8 @@ class TrainConfig:
     norm: str = opt("layernorm", "layernorm or rmsnorm", choices=["layernorm", "rmsnorm"])
     pos: str = opt("learned", "positions", choices=["learned", "sinusoidal", "rotary", "none"])
     mlp: str = opt("gelu", "MLP kind", choices=["gelu", "swiglu"])
+    n_experts: int = opt(0, "a mixture of this many experts in place of each MLP (each of --d-ff units); 0: dense")
+    experts_per_tok: int = opt(2, "experts each token runs (with --n-experts)")
     model_backend: str = opt("fastattn", "model layers on fastattn's kernels or on torch's (A/B runs)",
                              choices=["fastattn", "torch"])
     steps: int = opt(1000, "optimizer steps")
@@ -125,9 +127,9 @@ class TrainConfig:
 
 
 # options that define the model, its tokens or its data stream: --resume refuses to change them
-RESUME_FIXED = ("task", "arch", "tokenizer", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "norm", "pos", "mlp",
-                "mode", "lora_rank", "lora_alpha", "prompt_len", "nsp", "num_labels", "qat", "data", "seq_len", "chat",
-                "max_data_tokens", "val_fraction")
+RESUME_FIXED = ("task", "arch", "tokenizer", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "norm", "pos",
+                "mlp", "n_experts", "experts_per_tok", "mode", "lora_rank", "lora_alpha", "prompt_len", "nsp",
+                "num_labels", "qat", "data", "seq_len", "chat", "max_data_tokens", "val_fraction")
 
 
 TASK_SPECIALS = {"mlm": ("mask", "cls", "sep"), "classify": ("cls",)}  # seq2seq: a mask, or T5's sentinels (its task)
@@ -168,11 +170,13 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
     return {"vocab_size": vocab_size, "d_model": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
             "n_kv_head": cfg.n_kv_head, "d_ff": cfg.d_ff, "max_seq_len": cfg.seq_len + cfg.prompt_len + 8,
             "dropout": cfg.dropout, "norm": cfg.norm, "pos": cfg.pos, "mlp": cfg.mlp, "backend": cfg.model_backend,
+            "n_experts": cfg.n_experts, "n_experts_per_tok": cfg.experts_per_tok if cfg.n_experts else None,
             "num_labels": cfg.num_labels, "pad_token_id": pad_id, "decoder_start_token_id": eos_id}
 
 
 HF_MODEL_TYPES = {**dict.fromkeys(("gpt2", "opt", "gpt_neox", "phi", "falcon", "gptj", "bloom", "mpt", "llama",
-                                    "mistral", "qwen2", "qwen3", "phi3", "stablelm", "gemma", "gemma2", "gemma3_text"),
+                                    "mistral", "qwen2", "qwen3", "phi3", "stablelm", "gemma", "gemma2", "gemma3_text",
+                                    "mixtral", "qwen3_moe"),
                                    "GPT"),
                   **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "distilbert"), "BERT"),
                   **dict.fromkeys(("bart", "mbart", "t5", "mt5"), "Seq2Seq")}
