@@ -207,8 +207,9 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
     # ---- HF checkpoints ----
     @classmethod
     def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides) -> "GPT":
-        """Import a local HF GPT-2, Llama-family (Llama, Mistral, Qwen2, Qwen3, Phi-3) or Gemma 1 / 2 / 3 (text) folder
-        (config.json + model.safetensors or pytorch_model.bin).
+        """Import a local HF GPT-2, Llama-family (Llama, Mistral, Qwen2, Qwen3, Phi-3; Mixtral and Qwen3-MoE's experts)
+        or Gemma 1 / 2 / 3 (text) folder (config.json + model.safetensors or pytorch_model.bin; models/gpt_hf*.py
+        list every family).
         ``dtype`` / ``device``: the model's (e.g. torch.bfloat16, "cuda"; default float32 on the CPU), the weights
         converted as they load. ``overrides`` set config fields (e.g. backend="torch", dropout=0.1). The model comes
         back in eval mode, as transformers' from_pretrained returns it (``.train()`` to fine-tune)."""
