@@ -45,6 +45,9 @@ def test_moe_layer_equals_per_token_reference(norm_topk):
     x2 = x.detach().clone().requires_grad_()
     want = reference(x2)
     torch.testing.assert_close(out, want)
+    with torch.no_grad():  # one token at a time (decoding's path: its k experts directly)
+        for i in range(5):
+            torch.testing.assert_close(moe(x[1:2, i:i + 1]), want[1:2, i:i + 1], rtol=0, atol=1e-15)
     g = torch.randn_like(out)
     out.backward(g)
     grads = [p.grad.clone() for p in moe.parameters()]
@@ -138,6 +141,8 @@ def test_backends_train_alike_and_the_bound_decode_step():
         full = model(out[:, :-1]).logits.argmax(-1)
         assert torch.equal(full[:, 4:], out[:, 5:])
         assert torch.equal(models["torch"].eval().generate(ids[:, :5], 7, temperature=0), out)
+        one = model.generate(ids[:1, :5], 7, temperature=0)  # one sequence: one token's experts a step
+        assert torch.equal(one, out[:1])
 
 
 def test_int8_keeps_the_router_in_float():

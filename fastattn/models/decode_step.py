@@ -159,6 +159,26 @@ class _CrossAttention:
         return self.out(out.transpose(1, 2).reshape(B * W, H * D))
 
 
+class _Experts:
+    """A mixture of experts in the bound step: MoE.forward with each expert's Linears bound (bind_linear) for the
+    number of rows routed to it, bound once per (expert, rows)."""
+
+    def __init__(self, moe: MoE, dtype: torch.dtype):
+        self.moe, self.dtype = moe, dtype
+        self.bound: Dict[Tuple[int, int], Rows] = {}
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        fn = self.bound.get((e, x.shape[0]))
+        if fn is None:
+            m, n = self.moe.experts[e], x.shape[0]
+            w_in, w_out = bind_linear(m.w_in, self.dtype, n), bind_linear(m.w_out, self.dtype, n)
+            fn = self.bound[(e, n)] = lambda rows: m.run(w_in, w_out, rows)
+        return fn(x)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.moe(x, expert=self.expert)
+
+
 class _Block:
     """Block.forward for W rows per sequence, eval mode (no dropout)."""
 
@@ -175,8 +195,8 @@ class _Block:
             self.norm2 = None if b.norm2 is None else bind_norm(b.norm2, False, dtype, device)
         else:
             self.norm2 = bind_norm(b.norm2, pre, dtype, device)
-        if type(b.mlp) is MoE:  # rows per expert vary with the routing: the module runs it
-            self.mlp = b.mlp
+        if type(b.mlp) is MoE:  # the module routes; its experts run bound, per row count (routing decides it)
+            self.mlp = _Experts(b.mlp, dtype)
         else:
             w_in, w_out = bind_linear(b.mlp.w_in, dtype, rows), bind_linear(b.mlp.w_out, dtype, rows)
             self.mlp = lambda x: b.mlp.run(w_in, w_out, x)

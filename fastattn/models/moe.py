@@ -6,13 +6,16 @@ Each expert is the model's own ``MLP`` (its ``mlp`` kind: SwiGLU for both famili
 pruning and FSDP treat the experts' Linears as any other; the router is not an nn.Linear, so quantization leaves it in
 float (a rounded router would send tokens elsewhere). Tokens are grouped per expert (a sort of the token-expert
 pairs) and each expert runs once on its rows, in expert order as transformers' loop; an expert no token chose is
-skipped. The softmax runs in float32 for 16-bit models (as transformers'), in the model's dtype otherwise.
+skipped. One token without autograd (a decode step) runs its k experts directly, in the same order. The softmax
+runs in float32 for 16-bit models (as transformers'), in the model's dtype otherwise.
 
 Training uses the task loss alone (transformers' default output_router_logits=False: no load-balancing loss), and
-tensor parallelism refuses these models; the bound decode step (models/decode_step.py) calls this module for the
-MLP (the rows each expert gets vary with the routing).
+tensor parallelism refuses these models; the bound decode step (models/decode_step.py) calls this module with each
+expert's Linears bound for the rows routed to it (fastattn.ops.gemv's kernel for float32 on the CPU).
 """
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +52,19 @@ class MoE(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         return weights, ids
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, expert: Optional[Callable[[int, Tensor], Tensor]] = None) -> Tensor:
+        """x (..., d) -> (..., d). ``expert(e, rows)``: expert e on its rows (N_e, d), the module itself when None
+        (the bound decode step passes its kernels)."""
+        expert = expert or (lambda e, rows: self.experts[e](rows))
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.route(x)
+        if x.shape[0] == 1 and not torch.is_grad_enabled():  # one token (decoding): its k experts, in expert order
+            out = None
+            for w, e in sorted(zip(weights[0].tolist(), ids[0].tolist()), key=lambda p: p[1]):
+                y = (expert(e, x) * w).to(x.dtype)
+                out = y if out is None else out + y
+            return out.view(shape)
         flat = ids.flatten()
         order = torch.argsort(flat, stable=True)  # the token-expert pairs grouped by expert
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
@@ -62,7 +74,7 @@ class MoE(nn.Module):
             if n:
                 pairs = order[start:start + n]
                 rows = pairs // self.k
-                y = self.experts[e](x[rows]) * weights.flatten()[pairs].unsqueeze(-1)
+                y = expert(e, x[rows]) * weights.flatten()[pairs].unsqueeze(-1)
                 out.index_add_(0, rows, y.to(out.dtype))
                 start += n
         return out.view(shape)
