@@ -13,6 +13,15 @@ STEADY_MALLOC = steady_cpu_allocator() if not GPU else False
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+# what model benchmarks run in: bfloat16 on a GPU, float32 on the CPU
+DEVICE, DTYPE = ("cuda", torch.bfloat16) if GPU else ("cpu", torch.float32)
+
+
+def env_int(name: str, default: int) -> int:
+    """The environment's FASTATTN_BENCH_<name> as an int, else ``default`` (a benchmark's shape or round count)."""
+    return int(os.environ.get(f"FASTATTN_BENCH_{name}", default))
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["steady_cpu_allocator"] = STEADY_MALLOC
 
