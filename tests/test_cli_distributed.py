@@ -129,3 +129,21 @@ def test_tp_refuses_what_it_cannot_split():
                          (dict(qk_norm=True, norm="rmsnorm"), 2, "qk_norm")):
         with pytest.raises(CLIError, match=word):
             tensor_parallel(GPT(GPTConfig(**{**base, **kw})), tp, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_mixture_of_experts_matches_one(tmp_path, mode):
+    """A mixture-of-experts GPT under DDP and FSDP trains what one process trains, though experts that no token of
+    a rank chose take no part in its forward pass (8 experts, 1 per token, 16 tokens a rank)."""
+    arch = ["--mlp", "swiglu", "--n-experts", "8", "--experts-per-tok", "1", "--d-ff", "16"]
+    one = tmp_path / "one"
+    assert main(["train", *TINY, *arch, "--batch-size", "2", "--out", str(one)]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "fastattn", "train", *TINY, *arch, "--batch-size", "1", *mode, "--out",
+                        str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = load_file(one / "model" / "model.safetensors"), load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5, msg=k)

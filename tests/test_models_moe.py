@@ -59,6 +59,16 @@ def test_moe_layer_equals_per_token_reference(norm_topk):
     assert all(a.abs().sum() > 0 for a in grads)  # router and every expert learn (each chosen by some token)
 
 
+def test_unused_experts_get_zero_gradients():
+    """An expert no token chose still takes part in the graph, with zero gradients (DDP and FSDP reduce every
+    parameter on every rank: tests/test_cli_distributed.py)."""
+    torch.manual_seed(0)
+    moe = MoE(_cfg())
+    moe(torch.randn(1, 1, 32)).sum().backward()  # one token: 2 of the 4 experts
+    grads = [e.w_in.weight.grad for e in moe.experts]
+    assert all(g is not None for g in grads) and sum(bool(g.any()) for g in grads) == 2
+
+
 transformers = pytest.importorskip("transformers")
 
 

@@ -6,7 +6,8 @@ Each expert is the model's own ``MLP`` (its ``mlp`` kind: SwiGLU for both famili
 pruning and FSDP treat the experts' Linears as any other; the router is not an nn.Linear, so quantization leaves it in
 float (a rounded router would send tokens elsewhere). Tokens are grouped per expert (a sort of the token-expert
 pairs) and each expert runs once on its rows, in expert order as transformers' loop; an expert no token chose is
-skipped. One token without autograd (a decode step) runs its k experts directly, in the same order. The softmax
+skipped (in training it runs on no rows, so that its zero gradients exist: DDP and FSDP reduce every parameter's
+on every rank). One token without autograd (a decode step) runs its k experts directly, in the same order. The softmax
 runs in float32 for 16-bit models (as transformers'), in the model's dtype otherwise.
 
 Training uses the task loss alone (transformers' default output_router_logits=False: no load-balancing loss), and
@@ -70,6 +71,7 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
         out = torch.zeros_like(x)
         start = 0
+        unused = None
         for e, n in enumerate(counts):
             if n:
                 pairs = order[start:start + n]
@@ -77,4 +79,7 @@ class MoE(nn.Module):
                 y = expert(e, x[rows]) * weights.flatten()[pairs].unsqueeze(-1)
                 out.index_add_(0, rows, y.to(out.dtype))
                 start += n
-        return out.view(shape)
+            elif torch.is_grad_enabled():  # on no rows: zero gradients, but in the graph (DDP reduces every one)
+                zero = expert(e, x[:0]).sum()
+                unused = zero if unused is None else unused + zero
+        return (out if unused is None else out + unused).view(shape)
