@@ -200,6 +200,29 @@ def beam_search():
 
 
 @check
+def mixture_of_experts():
+    """A Mixtral-style GPT (8 experts, 2 per token) on the device: logits bounded against the float64 torch backend,
+    greedy decoding through the bound step (its experts bound per routed row count) equal to the full forward's
+    argmax, and a training step's gradients finite with every expert's present."""
+    cfg = dict(GPT_CFGS["llama-style"], n_experts=8, n_experts_per_tok=2, d_ff=96)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**cfg)).to(DEV).eval()
+    torch32, ref = (GPT(GPTConfig(**cfg, backend="torch")).to(DEV, dt).eval() for dt in (torch.float32, torch.float64))
+    torch32.load_state_dict(model.state_dict())
+    ref.load_state_dict(model.state_dict())
+    x = ids(2, 40, 512)
+    with torch.no_grad():
+        out = bounded("moe logits", model(x).logits, torch32(x).logits, ref(x).logits, torch.float32)
+        gen = model.generate(x[:, :20], 12, temperature=0)
+        assert torch.equal(model(gen[:, :-1]).logits.argmax(-1)[:, 19:], gen[:, 20:]), "MoE: decoding != forward"
+    model.train()
+    model(x, labels=x).loss.backward()
+    grads = [e.w_in.weight.grad for b in model.blocks for e in b.mlp.experts]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads), "MoE: an expert's gradient is missing"
+    return out
+
+
+@check
 def bert_vs_torch_backend():
     out = {}
     x = ids(4, 64, 512)
