@@ -229,6 +229,8 @@ def test_generate_speculative(gpt_run, tmp_path, capsys):
     (["-p", "a", "--num-beams", "2", "--prompt-lookup", "2"], None, "--num-beams: not with --draft"),
     (["-p", "a", "--num-beams", "0"], None, "--num-beams must be >= 1"),
     (["-p", "a", "--repetition-penalty", "0"], None, "--repetition-penalty must be > 0"),
+    (["-p", "a", "--min-p", "2"], None, "--min-p must be in [0, 1]"),
+    (["-p", "a", "--typical-p", "0"], None, "--typical-p must be in (0, 1]"),
 ])
 def test_generate_user_errors(gpt_run, capsys, monkeypatch, args, stdin, needle):
     import io
@@ -242,10 +244,12 @@ def test_generate_user_errors(gpt_run, capsys, monkeypatch, args, stdin, needle)
 def test_generate_top_k_zero_is_off(gpt_run, capsys, monkeypatch):
     from fastattn.models import GPT
     seen, real = [], GPT.generate
-    monkeypatch.setattr(GPT, "generate", lambda self, *a, **kw: seen.append(kw["top_k"]) or real(self, *a, **kw))
+    monkeypatch.setattr(GPT, "generate", lambda self, *a, **kw: seen.append(kw) or real(self, *a, **kw))
     for k in ("0", "7"):
         assert main(["generate", str(gpt_run), "-p", "It", "-n", "3", "--top-k", k]) == 0
-    assert seen == [None, 7]
+    assert [kw["top_k"] for kw in seen] == [None, 7]
+    assert main(["generate", str(gpt_run), "-p", "It", "-n", "3", "--min-p", "0.1", "--typical-p", "0.9"]) == 0
+    assert (seen[-1]["min_p"], seen[-1]["typical_p"]) == (0.1, 0.9)
     assert main(["generate", str(gpt_run), "-p", "It", "--top-k", "-1"]) == 2
     assert "--top-k must be >= 0 (0: off)" in capsys.readouterr().err
 

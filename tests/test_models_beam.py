@@ -4,7 +4,8 @@ T5 (relative positions) saved to tmp_path, batches with left padding, several eo
 different lengths, every early_stopping mode, length penalties of both signs, num_return_sequences; the sequences
 equal, their scores within float32 rounding.
 Float64 weights on both sides (the log-probabilities are float32 in both searches), so that no near-tie in the
-logits' last bits decides a beam. The processors alone against transformers' processors; bad arguments named."""
+logits' last bits decides a beam. The processors and the sampling warpers alone against transformers' own; bad
+arguments named."""
 import pytest
 import torch
 
@@ -236,6 +237,33 @@ def test_processors_equal_transformers_processors():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("warp", [dict(min_p=0.2), dict(typical_p=0.7), dict(top_k=20, top_p=0.9, min_p=0.05),
+                                  dict(top_p=0.8, typical_p=0.9), dict(min_p=0.0), dict(typical_p=1.0)])
+def test_sampling_warpers_equal_transformers(warp):
+    """The distribution sampling draws from (layers.warped_probs) equals softmax of transformers' warpers applied in
+    its order (temperature, top-k, top-p, min-p, typical) to the same logits."""
+    from transformers.generation import logits_process as lp
+
+    from fastattn.models.layers import Sampling, warped_probs
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    T = 0.7
+    chain = [lp.TemperatureLogitsWarper(T)]
+    if "top_k" in warp:
+        chain.append(lp.TopKLogitsWarper(warp["top_k"]))
+    if "top_p" in warp:
+        chain.append(lp.TopPLogitsWarper(warp["top_p"]))
+    if "min_p" in warp:
+        chain.append(lp.MinPLogitsWarper(warp["min_p"]))
+    if warp.get("typical_p", 1.0) < 1.0:
+        chain.append(lp.TypicalLogitsWarper(warp["typical_p"]))
+    want = logits.clone()
+    for w in chain:
+        want = w(None, want)
+    got = warped_probs(logits, Sampling(T, **warp))
+    torch.testing.assert_close(got, want.softmax(-1))
+    assert ((got > 0).sum(-1) < 50).all() or warp in (dict(min_p=0.0), dict(typical_p=1.0))  # something was cut
+
+
 def test_bad_search_arguments_name_the_argument():
     m = GPT(GPTConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=4, max_seq_len=32)).eval()
     ids = torch.randint(0, VOCAB, (1, 4))
@@ -248,6 +276,7 @@ def test_bad_search_arguments_name_the_argument():
                      (dict(early_stopping="sometimes"), "early_stopping"), (dict(repetition_penalty=0.0),
                                                                            "repetition_penalty"),
                      (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"), (dict(length_penalty="1"),
-                                                                               "length_penalty")]:
+                                                                               "length_penalty"),
+                     (dict(temperature=1.0, min_p=1.5), "min_p"), (dict(temperature=1.0, typical_p=0.0), "typical_p")]:
         with pytest.raises(ValueError, match=name):
             m.generate(ids, 3, **{"temperature": 0, **kw})

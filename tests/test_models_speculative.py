@@ -314,10 +314,11 @@ def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("draft,warp", [("near-copy", {}), ("near-copy", dict(top_k=3)),
-                                        ("lookup", dict(top_p=0.9))])
+                                        ("lookup", dict(top_p=0.9)), ("near-copy", dict(min_p=0.1)),
+                                        ("lookup", dict(typical_p=0.8))])
 def test_sampling_follows_the_model_distribution(draft, warp):
     """4 new tokens of a 5-token vocabulary, sampled for 20000 copies of one prompt in one batch: the counts of the
-    625 continuations against their exact probabilities under the model (temperature 1.5, after top-k / top-p)."""
+    625 continuations against their exact probabilities under the model (temperature 1.5, after each warper)."""
     V, T, new = 5, 1.5, 4
     torch.manual_seed(11)
     m = GPT(GPTConfig(vocab_size=V, d_model=16, n_layer=1, n_head=2, max_seq_len=16)).eval().double()
@@ -335,11 +336,11 @@ def test_sampling_follows_the_model_distribution(draft, warp):
     codes = (out[:, -new:] * V ** torch.arange(new - 1, -1, -1)).sum(1)
     counts = torch.bincount(codes, minlength=V ** new).double()
     # exact probabilities: the product of each step's warped distribution, every continuation at once
-    from fastattn.models.layers import warped_probs
+    from fastattn.models.layers import Sampling, warped_probs
     seqs = torch.cartesian_prod(*[torch.arange(V)] * new)  # (V^new, new), in the codes' order
     full = torch.cat([prompt.expand(len(seqs), -1), seqs], 1)
     with torch.no_grad():
-        probs = warped_probs(m(full).logits[:, prompt.shape[1] - 1:-1], T, warp.get("top_k"), warp.get("top_p"))
+        probs = warped_probs(m(full).logits[:, prompt.shape[1] - 1:-1], Sampling(T, **warp))
     exact = probs.gather(-1, seqs[..., None]).squeeze(-1).prod(1)
     assert _chi2_pvalue(counts, exact) > 1e-3
 

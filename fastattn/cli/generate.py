@@ -23,6 +23,10 @@ class GenerateConfig:
     temperature: Optional[float] = opt(None, "sampling temperature (default 0.8); 0: greedy")
     top_k: Optional[int] = opt(50, "sample among the k likeliest tokens; 0: no top-k cut")
     top_p: Optional[float] = opt(None, "sample among the likeliest tokens holding probability p (nucleus)")
+    min_p: Optional[float] = opt(None, "sample among the tokens at least this fraction of the likeliest one's "
+                                       "probability")
+    typical_p: Optional[float] = opt(None, "locally typical sampling: the tokens nearest the entropy holding this "
+                                           "probability")
     stop: List[str] = opt([], "stop a continuation at the first of these strings")
     seed: int = opt(0, "sampling seed")
     device: str = opt("auto", "cpu, cuda or auto")
@@ -66,8 +70,10 @@ class GenerateConfig:
                 raise CLIError("--num-beams: not with --draft / --prompt-lookup")
         if self.top_k is not None and self.top_k < 0:
             raise CLIError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise CLIError(f"--top-p must be in (0, 1], got {self.top_p}")
+        for name, low_open in (("top_p", True), ("min_p", False), ("typical_p", True)):
+            v = getattr(self, name)
+            if v is not None and not (0 < v <= 1 if low_open else 0 <= v <= 1):
+                raise CLIError(f"--{name.replace('_', '-')} must be in {'(0' if low_open else '[0'}, 1], got {v}")
         if "" in self.stop:
             raise CLIError("--stop: an empty string (it would stop every continuation before its first token)")
         if self.num_draft_tokens < 1:
@@ -217,7 +223,8 @@ def generate(model, tok, prompts, cfg, device, out=None, draft=None, search=None
     try:
         with torch.no_grad():
             res = model.generate(ids, cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k or None,
-                                 top_p=cfg.top_p, eos_token_id=tok.stop_ids, attention_mask=mask, generator=gen,
+                                 top_p=cfg.top_p, min_p=cfg.min_p, typical_p=cfg.typical_p,
+                                 eos_token_id=tok.stop_ids, attention_mask=mask, generator=gen,
                                  streamer=None if beams else streamer, min_new_tokens=cfg.min_new_tokens,
                                  **spec, **search)
         if beams:  # the best beam of each prompt, after the prompt (a GPT's) or the start token (a Seq2Seq's)

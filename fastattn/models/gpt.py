@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .beam import Search
 from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
-from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
+from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, check_sampling,
                      drop, eos_ids, generation_loop, init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none,
                      shifted_target, softcap)
 from .speculative import speculation, speculative_generate
@@ -139,7 +139,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+                 typical_p: Optional[float] = None,
                  eos_token_id: Union[int, Sequence[int], None] = None, attention_mask: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None,
                  streamer: Optional[Any] = None, min_new_tokens: int = 0, assistant_model: Optional["GPT"] = None,
@@ -148,7 +149,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
                  length_penalty: float = 1.0, early_stopping: Union[bool, str] = False,
                  repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> Tensor:
         """Continue prompts (B, L) by up to max_new_tokens: (B, L + new). temperature 0 = greedy; else sampling with
-        top_k / top_p from ``generator`` (seeded: reproducible). Batches of different lengths: left padding and
+        top_k / top_p / min_p / typical_p (layers.Sampling: transformers' warpers) from ``generator`` (seeded:
+        reproducible). Batches of different lengths: left padding and
         attention_mask (1 = token). eos_token_id: an id or a list of ids (as in HF's generation_config); after one a
         sequence is padded with the first; generation stops when every sequence has finished. ``min_new_tokens``: no
         eos id is sampled before that many new tokens (HF's min_new_tokens).
@@ -162,7 +164,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         ``num_return_sequences`` best of each prompt in a row (B * R, L + n), their scores in ``self.beam_scores``;
         when sampling, R samples of each prompt in a row. ``repetition_penalty``, ``no_repeat_ngram_size``:
         transformers' processors, in any search but speculative."""
-        check_sampling(max_new_tokens, temperature, top_k, top_p, min_new_tokens)
+        sampling = Sampling(temperature, top_k, top_p, min_p, typical_p)
+        check_sampling(max_new_tokens, sampling, min_new_tokens)
         search = Search(num_beams, num_return_sequences, length_penalty, early_stopping, repetition_penalty,
                         no_repeat_ngram_size)
         search.check(temperature, assistant_model is not None or prompt_lookup_num_tokens is not None, streamer)
@@ -184,15 +187,15 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         logits = self.prefill(input_ids, keep)
         if spec is not None:
             draft = spec.draft(out, L, self.config.vocab_size, lambda m: m.prefill(input_ids, keep), (~keep).sum(1))
-            return speculative_generate(self, out, L, logits, draft, spec.k, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, eos_token_id=eos_token_id, generator=generator,
+            return speculative_generate(self, out, L, logits, draft, spec.k, sampling=sampling,
+                                        eos_token_id=eos_token_id, generator=generator,
                                         streamer=streamer, min_new_tokens=min_new_tokens)
         eos = eos_ids(eos_token_id, out.device)
         process = search.processors(eos, min_new_tokens, ignore=None if bool(keep.all()) else ~keep)
         if num_beams > 1:
             return search.run(self, logits, input_ids, max_new_tokens, eos, process)
-        return generation_loop(logits, self.bound_decode_one(), out, L, max_new_tokens, temperature, top_k, top_p,
-                               eos_token_id, generator, streamer, process)
+        return generation_loop(logits, self.bound_decode_one(), out, L, max_new_tokens, sampling, eos_token_id,
+                               generator, streamer, process)
 
     def bound_decode_one(self) -> Callable[[Tensor, Tensor], Tensor]:
         """decode_one bound to the kernels chosen now, for the caches as set up (models/decode_step.py): the same

@@ -660,40 +660,74 @@ def init_weights(m: nn.Module) -> None:
 
 
 # ---- generation helpers ---------------------------------------------------------------------------------------
-def sample_next(logits: Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
-                generator: Optional[torch.Generator]) -> Tensor:
-    """Next token (B,) from logits (B, V): argmax when temperature == 0, else a draw from softmax(logits / T)
-    restricted to the top_k tokens and the smallest set whose probability reaches top_p."""
-    if temperature == 0:
+@dataclass(frozen=True)
+class Sampling:
+    """How generate picks each token: temperature 0 = greedy (argmax); else a draw from softmax(logits / temperature)
+    after transformers' warpers, in its order: ``top_k`` (the k likeliest), ``top_p`` (the smallest set whose
+    probability reaches p), ``min_p`` (tokens at least min_p times the likeliest one's probability), ``typical_p``
+    (locally typical sampling: the tokens whose surprise is nearest the entropy, holding that mass). The likeliest
+    token always stays."""
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    min_p: Optional[float] = None
+    typical_p: Optional[float] = None
+
+    def check(self) -> None:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0:
+            raise ValueError(f"temperature: expected >= 0 (0 = greedy), got {t!r}")
+        k = self.top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"top_k: expected an int >= 1 or None, got {k!r}")
+        for name, low_open in (("top_p", True), ("min_p", False), ("typical_p", True)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or
+                                  not (0.0 < v <= 1.0 if low_open else 0.0 <= v <= 1.0)):
+                interval = "0 < {0} <= 1" if low_open else "0 <= {0} <= 1"
+                raise ValueError(f"{name}: expected {interval.format(name)} or None, got {v!r}")
+
+
+def sample_next(logits: Tensor, sampling: Sampling, generator: Optional[torch.Generator]) -> Tensor:
+    """Next token (B,) from logits (B, V): argmax when the temperature is 0, else a draw from warped_probs."""
+    if sampling.temperature == 0:
         return logits.argmax(-1)
-    return torch.multinomial(warped_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+    return torch.multinomial(warped_probs(logits, sampling), 1, generator=generator).squeeze(-1)
 
 
-def warped_probs(logits: Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> Tensor:
+def warped_probs(logits: Tensor, sampling: Sampling) -> Tensor:
     """The float32 distribution (..., V) that sample_next draws from for logits (..., V), temperature > 0."""
-    shape = logits.shape
-    logits = logits.reshape(-1, shape[-1]).float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+    shape, s, inf = logits.shape, sampling, float("-inf")
+    logits = logits.reshape(-1, shape[-1]).float() / s.temperature
+    if s.top_k is not None and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, inf)
+    if s.top_p is not None and s.top_p < 1.0:
         sorted_logits, idx = torch.sort(logits, -1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # the most likely token always stays
-        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+        drop = probs.cumsum(-1) - probs > s.top_p  # the most likely token always stays
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, inf))
+    if s.min_p is not None:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < s.min_p * probs.amax(-1, keepdim=True), inf)
+    if s.typical_p is not None and s.typical_p < 1.0:
+        logp = logits.log_softmax(-1)
+        entropy = -(logp * logp.exp()).nansum(-1, keepdim=True)
+        surprise = (-logp - entropy).abs()
+        sorted_surprise, idx = torch.sort(surprise, -1)
+        mass = logits.gather(-1, idx).softmax(-1).cumsum(-1)
+        last = (mass < s.typical_p).sum(-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+        drop = sorted_surprise > sorted_surprise.gather(-1, last)
+        drop[:, 0] = False  # the most typical token stays
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), inf)
     return logits.softmax(-1).view(shape)
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p, min_new_tokens: int = 0) -> None:
+def check_sampling(max_new_tokens: int, sampling: Sampling, min_new_tokens: int = 0) -> None:
     for name, n in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"{name}: expected an int >= 0, got {n!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature: expected >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p: expected 0 < top_p <= 1 or None, got {top_p!r}")
+    sampling.check()
 
 
 def eos_ids(eos_token_id, device) -> Optional[Tensor]:
@@ -837,8 +871,8 @@ class CacheMixin:
         return n
 
 
-def generation_loop(logits: Tensor, decode_one, out: Tensor, start: int, max_new_tokens: int, temperature: float,
-                    top_k, top_p, eos_token_id, generator, streamer, process) -> Tensor:
+def generation_loop(logits: Tensor, decode_one, out: Tensor, start: int, max_new_tokens: int, sampling: Sampling,
+                    eos_token_id, generator, streamer, process) -> Tensor:
     """Sample from ``logits`` (B, V) after ``process(logits, tokens so far, i)`` (beam.LogitsProcessors: penalties,
     min_new_tokens, forced tokens), write the token into out[:, start + i], feed it to ``decode_one(tokens (B, 1),
     input_pos (1,))`` for the next logits; eos handling and streaming as ``GPT.generate`` documents."""
@@ -848,7 +882,7 @@ def generation_loop(logits: Tensor, decode_one, out: Tensor, start: int, max_new
     stream, end = stream_calls(streamer, out[:, :start])
     for i in range(max_new_tokens):
         logits = process(logits, out[:, :start + i], i)
-        tok = sample_next(logits, temperature, top_k, top_p, generator)
+        tok = sample_next(logits, sampling, generator)
         if eos is not None:
             tok = tok.masked_fill(finished, eos[0])
             finished |= torch.isin(tok, eos)

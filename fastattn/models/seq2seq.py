@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .beam import Search
 from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
-from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, check_sampling,
+from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, check_sampling,
                      eos_ids, generation_loop, init_weights, drop, keep_mask, lm_head_loss, make_norm, padding_or_none)
 from .speculative import speculation, speculative_generate
 
@@ -239,7 +239,8 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+                 typical_p: Optional[float] = None, eos_token_id: Optional[int] = None,
                  attention_mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
                  streamer: Optional[Any] = None, decoder_start_token_id: Optional[int] = None,
                  min_new_tokens: int = 0, forced_bos_token_id: Optional[int] = None,
@@ -255,7 +256,8 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         with T5's relative positions, speculative decoding takes one sequence at a time). The first new token is
         ``forced_bos_token_id`` and the last (the max_new_tokens-th) ``forced_eos_token_id`` (None: the config's)
         when there is one, as transformers' generate forces them."""
-        check_sampling(max_new_tokens, temperature, top_k, top_p, min_new_tokens)
+        sampling = Sampling(temperature, top_k, top_p, min_p, typical_p)
+        check_sampling(max_new_tokens, sampling, min_new_tokens)
         search = Search(num_beams, num_return_sequences, length_penalty, early_stopping, repetition_penalty,
                         no_repeat_ngram_size)
         search.check(temperature, assistant_model is not None or prompt_lookup_num_tokens is not None, streamer)
@@ -285,8 +287,8 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
                 draft = spec.draft(out, 1, self.config.vocab_size,
                                    lambda m: m.prefill(input_ids, attention_mask, out[:, :1]),
                                    torch.zeros(B, dtype=torch.long), source)
-                return speculative_generate(self, out, 1, logits, draft, spec.k, temperature=temperature,
-                                            top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                return speculative_generate(self, out, 1, logits, draft, spec.k, sampling=sampling,
+                                            eos_token_id=eos_token_id,
                                             generator=generator, streamer=streamer, min_new_tokens=min_new_tokens,
                                             forced_eos_token_id=last)
             eos = eos_ids(eos_token_id, out.device)
@@ -294,8 +296,8 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
                                         (max_new_tokens - 1, last))
             if num_beams > 1:
                 return search.run(self, logits, out[:, :1], max_new_tokens, eos, process)
-            return generation_loop(logits, self.bound_decode_one(), out, 1, max_new_tokens, temperature, top_k,
-                                   top_p, eos_token_id, generator, streamer, process)
+            return generation_loop(logits, self.bound_decode_one(), out, 1, max_new_tokens, sampling, eos_token_id,
+                                   generator, streamer, process)
         finally:
             self.memory_kv = self.memory_pad = None
             if spec is not None and spec.assistant is not None:

@@ -11,7 +11,7 @@ the weights once for up to k + 1 tokens. Drafts:
 
 Greedy (temperature 0): the output is the model's own greedy output, token for token. Sampling: draft token d is
 kept with probability min(1, p(d) / q(d)) and the first one rejected is replaced by a draw from max(p - q, 0)
-normalised (p, q: the model's and the draft's distributions after temperature, top-k and top-p; q is one-hot for
+normalised (p, q: the model's and the draft's distributions after the warpers, layers.Sampling; q is one-hot for
 prompt lookup), so every token follows the model's distribution exactly; seeded runs repeat, but draw differently
 from generation without a draft.
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import eos_ids, sample_next, stream_calls, warped_probs
+from .layers import Sampling, eos_ids, sample_next, stream_calls, warped_probs
 
 
 @dataclass
@@ -242,7 +242,7 @@ def speculation(model: nn.Module, batch: int, lengths: Dict[str, int], assistant
     return Speculation(assistant_model, num_assistant_tokens, 0)
 
 
-def _accept(logits: Tensor, drafts: Tensor, real: Tensor, q: Optional[Tensor], temperature: float, top_k, top_p,
+def _accept(logits: Tensor, drafts: Tensor, real: Tensor, q: Optional[Tensor], sampling: Sampling,
             generator) -> Tuple[Tensor, Tensor]:
     """How many drafts (B, k) each sequence keeps (B,), and the model's own token after them (B,), from the model's
     logits (B, k + 1, V) at [last token, drafts]. ``real`` (B, k): the drafts that were proposed; ``q`` (B, k, V):
@@ -250,12 +250,12 @@ def _accept(logits: Tensor, drafts: Tensor, real: Tensor, q: Optional[Tensor], t
     equal to the model's argmax. Sampling: keep d with probability min(1, p(d) / q(d)); the first rejected is
     replaced by a draw from max(p - q, 0), normalised (after the last kept draft: a draw from p)."""
     B, k = drafts.shape
-    if temperature == 0:
+    if sampling.temperature == 0:
         pred = logits.argmax(-1)
         a = ((drafts == pred[:, :k]) & real).int().cumprod(1).sum(1)
         return a, pred.gather(1, a[:, None]).squeeze(1)
     V = logits.shape[-1]
-    p = warped_probs(logits, temperature, top_k, top_p)  # (B, k + 1, V)
+    p = warped_probs(logits, sampling)  # (B, k + 1, V)
     pd = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
     qd = torch.ones_like(pd) if q is None else q.gather(-1, drafts[..., None]).squeeze(-1)
     u = torch.rand(pd.shape, generator=generator, device=pd.device)
@@ -274,7 +274,7 @@ def _accept(logits: Tensor, drafts: Tensor, real: Tensor, q: Optional[Tensor], t
 
 
 def speculative_generate(model: nn.Module, out: Tensor, L: int, logits: Tensor, draft, k: int, *,
-                         temperature: float, top_k, top_p, eos_token_id, generator, streamer,
+                         sampling: Sampling, eos_token_id, generator, streamer,
                          min_new_tokens: int, forced_eos_token_id: Optional[int] = None) -> Tensor:
     """generate's loop with a drafter (``Speculation.draft``): ``model`` prefilled (caches with the headroom),
     out (B, L + max_new_tokens) holding the prompts, logits (B, V) of the first new token. Returns out up to the
@@ -329,12 +329,12 @@ def speculative_generate(model: nn.Module, out: Tensor, L: int, logits: Tensor, 
     def sample(lg: Tensor, i: int):
         """The draft's token (B,) at step i from its logits (B, V), and its distribution (B, V) when sampling."""
         lg = no_early_eos(lg[:, None], n + i)[:, 0]
-        if temperature == 0:
+        if sampling.temperature == 0:
             return lg.argmax(-1), None
-        q = warped_probs(lg, temperature, top_k, top_p)
+        q = warped_probs(lg, sampling)
         return torch.multinomial(q, 1, generator=generator).squeeze(-1), q
 
-    first = sample_next(no_early_eos(logits[:, None], n)[:, 0], temperature, top_k, top_p, generator)
+    first = sample_next(no_early_eos(logits[:, None], n)[:, 0], sampling, generator)
     commit(first[:, None], torch.ones_like(n))
     stats.tokens = int(n.sum())
     last = first
@@ -352,7 +352,7 @@ def speculative_generate(model: nn.Module, out: Tensor, L: int, logits: Tensor, 
         kr = min(k, int((max_new_tokens - n)[active].max()) - 1)
         if kr > 0:
             if assistant_model is not None:
-                drafts, nd, q = draft.propose(kr, sample, temperature > 0)
+                drafts, nd, q = draft.propose(kr, sample, sampling.temperature > 0)
             else:
                 drafts, nd, q = draft.propose(kr, L + n, active)
                 kr = int(nd.max())
@@ -363,7 +363,7 @@ def speculative_generate(model: nn.Module, out: Tensor, L: int, logits: Tensor, 
         start = cur.slot
         logits = no_early_eos(cur.run(torch.cat([last[:, None], drafts], 1)), n)  # (B, kr + 1, V)
         real = cols_all[None, :kr] < nd[:, None]
-        a, new = _accept(logits, drafts, real, q, temperature, top_k, top_p, generator)
+        a, new = _accept(logits, drafts, real, q, sampling, generator)
         stats.steps += 1
         stats.drafted += int(nd[active].sum())
         stats.accepted += int(a[active].sum())
