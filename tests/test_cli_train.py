@@ -367,13 +367,14 @@ def test_generate_beam_search(gpt_run, capsys, monkeypatch):
 
 
 def test_mixture_of_experts_run(tmp_path, capsys):
-    """--n-experts trains a mixture-of-experts GPT (and its LoRA adapters over every expert); the run generates,
-    and --resume refuses another expert count."""
+    """--n-experts trains a mixture-of-experts GPT with the load-balancing loss (and its LoRA adapters over every
+    expert); the run generates, and --resume refuses another expert count."""
     from fastattn.cli.train import load_model
     moe = ["--n-experts", "4", "--experts-per-tok", "2", "--mlp", "swiglu", "--d-ff", "24"]
     run = train(tmp_path, "moe", *moe, "--ckpt-every", "2")
     model, _, _ = load_model(run)
     assert (model.config.n_experts, model.config.n_experts_per_tok, len(model.blocks[0].mlp.experts)) == (4, 2, 4)
+    assert model.config.router_aux_loss_coef == 0.01  # the load-balancing loss, in training
     assert main(["generate", str(run), "-p", "It is", "-n", "4", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("It is")
     lora = train(tmp_path, "lora", *moe, "--init", str(run), "--mode", "lora")

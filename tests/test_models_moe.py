@@ -115,6 +115,30 @@ def test_from_hf_matches_transformers(tmp_path, kind, kw):
                        hf64.generate(input_ids=ids, attention_mask=mask, num_beams=3, **g))
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_load_balancing_loss_matches_transformers(tmp_path, kind):
+    """With output_router_logits (transformers adds router_aux_loss_coef x its load-balancing loss to the loss), the
+    import keeps the coefficient: in training, .aux_loss and .loss of a padded batch within transformers' own fp32
+    error; in eval mode the loss is the task's alone."""
+    torch.manual_seed(0)
+    _hf(kind, output_router_logits=True, router_aux_loss_coef=0.3).save_pretrained(tmp_path)
+    ours = GPT.from_hf(tmp_path).train()
+    assert ours.config.router_aux_loss_coef == 0.3
+    hf = [type(_hf(kind)).from_pretrained(tmp_path, dtype=dt, experts_implementation="eager").train()
+          for dt in (torch.float32, torch.float64)]
+    ids, mask = _prompts()
+    labels = ids.masked_fill(mask == 0, -100)
+    a = ours(ids, mask, labels=labels)
+    b, c = (m(input_ids=ids, attention_mask=mask, labels=labels) for m in hf)
+    assert_bounded(f"{kind} aux_loss", a.aux_loss, c.aux_loss, b.aux_loss, torch.float32)
+    assert_bounded(f"{kind} loss", a.loss, c.loss, b.loss, torch.float32)
+    a.loss.backward()
+    assert ours.blocks[0].mlp.router.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        plain = ours.eval()(ids, mask, labels=labels)
+    assert plain.aux_loss is None and plain.loss < a.loss
+
+
 def test_fused_expert_tensors_are_read(tmp_path):
     """A state dict of transformers 5's modules (experts.gate_up_proj (E, 2F, d), experts.down_proj (E, d, F)) gives
     the same model as the per-expert files."""
@@ -166,7 +190,8 @@ def test_int8_keeps_the_router_in_float():
 
 def test_bad_configs_are_named(tmp_path):
     for kw, name in [(dict(n_experts=1), "n_experts"), (dict(n_experts_per_tok=5), "n_experts_per_tok"),
-                     (dict(n_experts=-1), "n_experts")]:
+                     (dict(n_experts=-1), "n_experts"), (dict(n_experts=0, router_aux_loss_coef=0.1),
+                                                         "router_aux_loss_coef")]:
         with pytest.raises(ValueError, match=name):
             _cfg(**kw)
     from fastattn.cli.config import CLIError

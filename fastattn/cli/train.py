@@ -43,6 +43,8 @@ class TrainConfig:
     mlp: str = opt("gelu", "MLP kind", choices=["gelu", "swiglu"])
     n_experts: int = opt(0, "a mixture of this many experts in place of each MLP (each of --d-ff units); 0: dense")
     experts_per_tok: int = opt(2, "experts each token runs (with --n-experts)")
+    router_aux_loss_coef: float = opt(0.01, "a mixture of experts' load-balancing loss, this much of it added to the "
+                                            "training loss (0: off)")
     model_backend: str = opt("fastattn", "model layers on fastattn's kernels or on torch's (A/B runs)",
                              choices=["fastattn", "torch"])
     steps: int = opt(1000, "optimizer steps")
@@ -471,6 +473,10 @@ class Trainer:
             if cfg.task == "classify":
                 fields["num_labels"] = cfg.num_labels or len(self.task.labels)
             model = cls(build_config(cls, fields))
+        if getattr(model.config, "n_experts", 0) and model.config.model_type == "gpt":
+            if cfg.router_aux_loss_coef < 0:
+                raise CLIError(f"--router-aux-loss-coef must be >= 0, got {cfg.router_aux_loss_coef}")
+            model.config.router_aux_loss_coef = float(cfg.router_aux_loss_coef)
         try:
             finetune.apply(model, cfg.mode, cfg.lora_rank, cfg.lora_alpha, cfg.prompt_len, seed=cfg.seed)
         except ValueError as e:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .beam import Search
 from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
+from .moe import load_balancing_loss
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, check_sampling,
                      drop, eos_ids, generation_loop, init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none,
                      shifted_target, softcap)
@@ -95,15 +96,25 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         fastattn.linear_cross_entropy without the logits, and .logits is None."""
         keep = keep_mask(input_ids, attention_mask, self.config.max_seq_len)
         positions = (keep.cumsum(-1) - 1).clamp_min(0)
-        h = self.hidden(input_ids, positions, key_padding_mask=padding_or_none(keep, attention_mask))
         target = shifted_target(labels, shift_labels, input_ids)
+        routers = [] if self.config.router_aux_loss_coef and target is not None and self.training else None
+        for block in self.blocks if routers is not None else ():
+            block.mlp.collect = routers
+        try:
+            h = self.hidden(input_ids, positions, key_padding_mask=padding_or_none(keep, attention_mask))
+        finally:
+            for block in self.blocks if routers is not None else ():
+                block.mlp.collect = None
         if target is None:
             return ModelOutput(logits=self.logits(h))
         cap = self.config.final_softcap
         logits, loss = lm_head_loss(self.lm_head, h, target, self.config.backend,
                                     self.training if skip_logits is None else skip_logits,
                                     (lambda z: softcap(z, cap)) if cap else None)
-        return ModelOutput(logits=logits, loss=loss)
+        if not routers:
+            return ModelOutput(logits=logits, loss=loss)
+        aux = load_balancing_loss(routers, self.config.n_experts_per_tok, None if attention_mask is None else keep)
+        return ModelOutput(logits=logits, loss=loss + self.config.router_aux_loss_coef * aux, aux_loss=aux)
 
     def logits(self, h: Tensor) -> Tensor:
         """The LM head on final hidden states; Gemma 2 caps the logits: c * tanh(logits / c)."""

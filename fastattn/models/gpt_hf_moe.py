@@ -22,7 +22,15 @@ MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 
 def moe_config(hf: dict) -> dict:
-    """GPTConfig fields of a Mixtral / Qwen3-MoE config.json (d_ff: an expert's width)."""
+    """GPTConfig fields of a Mixtral / Qwen3-MoE config.json (d_ff: an expert's width). The load-balancing loss is
+    part of the loss where transformers adds it (output_router_logits true)."""
+    fields = _moe_fields(hf)
+    if hf.get("output_router_logits"):
+        fields["router_aux_loss_coef"] = float(hf.get("router_aux_loss_coef", 0.001))
+    return fields
+
+
+def _moe_fields(hf: dict) -> dict:
     kind = hf.get("model_type")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise CheckpointError(f"config.json: attention_bias / mlp_bias true is not supported for {kind}")

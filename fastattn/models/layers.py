@@ -63,7 +63,9 @@ class ModelConfig:
     norm1). ``lm_head_bias``: a bias on the vocabulary projection (Phi's; BART's final_logits_bias; not BERT, whose
     MLM head has its own). ``n_experts`` > 0: every MLP is a mixture of that many experts (each an MLP of d_ff
     units), ``n_experts_per_tok`` of them per token, their router weights renormalised over the chosen ones when
-    ``moe_norm_topk`` (Mixtral, Qwen3-MoE: models/moe.py)."""
+    ``moe_norm_topk`` (Mixtral, Qwen3-MoE: models/moe.py); a GPT's ``router_aux_loss_coef`` > 0 adds that much of the
+    load-balancing loss to a loss computed from labels in training (transformers' Mixtral with output_router_logits;
+    in eval mode the loss stays the task's, so perplexity means perplexity)."""
     vocab_size: int = 50257
     d_model: int = 768
     n_layer: int = 12
@@ -102,6 +104,7 @@ class ModelConfig:
     n_experts: int = 0  # > 0: each MLP a mixture of this many experts (models/moe.py)
     n_experts_per_tok: int = 2
     moe_norm_topk: bool = True
+    router_aux_loss_coef: float = 0.0  # GPT with n_experts: the load-balancing loss's weight in .loss (training)
     backend: str = "fastattn"
 
     def __post_init__(self):
@@ -175,6 +178,11 @@ class ModelConfig:
                                  f"{self.n_experts_per_tok!r}, {self.moe_norm_topk!r}, {self.parallel_block!r}")
         else:
             self.check_ints(("n_experts",), 0)
+        c = self.router_aux_loss_coef
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or c < 0 or (c and (
+                not self.n_experts or self.model_type != "gpt")):
+            raise ValueError(f"{type(self).__name__}.router_aux_loss_coef: a number >= 0, > 0 only for a GPT with "
+                             f"n_experts; got {c!r}")
         v = self.attn_scale
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
             raise ValueError(f"{type(self).__name__}.attn_scale: expected a number > 0 or None, got {v!r}")
@@ -919,6 +927,7 @@ class ModelOutput:
     loss: Optional[Tensor] = None
     nsp_logits: Optional[Tensor] = None
     hidden_states: Optional[Tensor] = None
+    aux_loss: Optional[Tensor] = None  # a mixture of experts' load-balancing loss (in training; included in .loss)
 
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"

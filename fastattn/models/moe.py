@@ -10,13 +10,14 @@ skipped (in training it runs on no rows, so that its zero gradients exist: DDP a
 on every rank). One token without autograd (a decode step) runs its k experts directly, in the same order. The softmax
 runs in float32 for 16-bit models (as transformers'), in the model's dtype otherwise.
 
-Training uses the task loss alone (transformers' default output_router_logits=False: no load-balancing loss), and
-tensor parallelism refuses these models; the bound decode step (models/decode_step.py) calls this module with each
+In training a GPT adds ``router_aux_loss_coef`` x ``load_balancing_loss`` (transformers' Mixtral's) to its loss
+when that is > 0 (the CLI's default 0.01; from_hf keeps a folder's where transformers would add it), and tensor
+parallelism refuses these models; the bound decode step (models/decode_step.py) calls this module with each
 expert's Linears bound for the rows routed to it (fastattn.ops.gemv's kernel for float32 on the CPU).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +44,13 @@ class MoE(nn.Module):
         self.k, self.renormalize = cfg.n_experts_per_tok, cfg.moe_norm_topk
         self.router = Router(cfg.d_model, cfg.n_experts)
         self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts))
+        self.collect: Optional[List[Tensor]] = None  # set by the model for a pass that needs the router logits
 
     def route(self, x: Tensor):
         """(weights (N, k) float32 or wider, expert ids (N, k)) for the tokens x (N, d)."""
         logits = self.router(x)
+        if self.collect is not None:
+            self.collect.append(logits)
         wide = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         weights, ids = torch.topk(wide.softmax(-1), self.k, -1)
         if self.renormalize:
@@ -83,3 +87,21 @@ class MoE(nn.Module):
                 zero = expert(e, x[:0]).sum()
                 unused = zero if unused is None else unused + zero
         return (out if unused is None else out + unused).view(shape)
+
+
+def load_balancing_loss(router_logits: List[Tensor], k: int, keep: Optional[Tensor] = None) -> Tensor:
+    """The Switch Transformer's auxiliary loss as transformers' Mixtral computes it, over every layer's router logits
+    (N, E): E * sum_e (the fraction of top-k assignments to e) * (e's mean router probability); ``keep`` (B, L) bool
+    with N = B * L: padding counts for neither. Its gradient pushes the router towards even loads."""
+    E = router_logits[0].shape[-1]
+    w = None if keep is None else keep.reshape(-1).float()
+    counts = router_logits[0].new_zeros(E, dtype=torch.float32)
+    probs_sum, rows = torch.zeros_like(counts), 0.0
+    for logits in router_logits:
+        probs = logits.float().softmax(-1)
+        ids = torch.topk(probs, k, -1).indices
+        ones = torch.ones(ids.numel(), device=ids.device) if w is None else w.repeat_interleave(k)
+        counts = counts + torch.zeros_like(counts).scatter_add_(0, ids.reshape(-1), ones)
+        probs_sum = probs_sum + (probs if w is None else probs * w[:, None]).sum(0)
+        rows = rows + (probs.shape[0] if w is None else w.sum())
+    return (counts / rows * (probs_sum / rows)).sum() * E
