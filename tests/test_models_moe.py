@@ -1,7 +1,8 @@
 """Mixture-of-experts GPTs (models/moe.py, gpt_hf_moe.py): the MoE layer against a per-token float64 reference
-(outputs and gradients of the input, the router and every expert), GPT.from_hf on small random Mixtral and Qwen3-MoE
-checkpoints (logits within transformers' own fp32 error, greedy and beam-search tokens equal to its generate; the
-per-expert files transformers writes and the fused tensors of its modules' state dict), both backends training
+(outputs and gradients of the input, the router and every expert; with a shared expert too), GPT.from_hf on small
+random Mixtral, Qwen3-MoE and Qwen2-MoE (a shared expert) checkpoints (logits within transformers' own fp32 error,
+greedy and beam-search tokens equal to its generate; the per-expert files transformers writes and the fused tensors
+of its modules' state dict), the load-balancing loss against transformers', both backends training
 alike, the bound decode step (the MoE module inside it) decoding what the full forward predicts, int8 keeping the
 router in float, and bad configs named."""
 import json
@@ -24,10 +25,10 @@ def _cfg(**kw):
                                n_experts=4, n_experts_per_tok=2), **kw})
 
 
-@pytest.mark.parametrize("norm_topk", [True, False])
-def test_moe_layer_equals_per_token_reference(norm_topk):
+@pytest.mark.parametrize("norm_topk, shared", [(True, 0), (False, 0), (True, 16)])
+def test_moe_layer_equals_per_token_reference(norm_topk, shared):
     torch.manual_seed(0)
-    moe = MoE(_cfg(moe_norm_topk=norm_topk)).double()
+    moe = MoE(_cfg(moe_norm_topk=norm_topk, moe_shared_d_ff=shared)).double()
     for p in moe.parameters():
         p.data.normal_(0, 0.5)
     x = torch.randn(3, 5, 32, dtype=torch.float64, requires_grad=True)
@@ -39,7 +40,10 @@ def test_moe_layer_equals_per_token_reference(norm_topk):
             probs = (moe.router.weight @ t).softmax(-1)
             w, ids = probs.topk(2)
             w = w / w.sum() if norm_topk else w
-            rows.append(sum(wi * moe.experts[int(e)](t[None])[0] for wi, e in zip(w, ids)))
+            y = sum(wi * moe.experts[int(e)](t[None])[0] for wi, e in zip(w, ids))
+            if shared:
+                y = y + torch.sigmoid(moe.shared_gate.weight @ t) * moe.shared(t[None])[0]
+            rows.append(y)
         return torch.stack(rows).view(x.shape)
 
     x2 = x.detach().clone().requires_grad_()
@@ -79,6 +83,10 @@ def _hf(kind, **kw):
     if kind == "mixtral":
         return transformers.MixtralForCausalLM(transformers.MixtralConfig(
             **base, num_local_experts=4, num_experts_per_tok=2, **kw)).eval()
+    if kind == "qwen2_moe":  # a shared expert beside the routed ones, q / k / v biases
+        return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            **base, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+            shared_expert_intermediate_size=40, **kw)).eval()
     return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
         **base, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, **kw)).eval()
 
@@ -91,7 +99,7 @@ def _prompts():
 
 
 @pytest.mark.parametrize("kind, kw", [("mixtral", {}), ("qwen3_moe", dict(norm_topk_prob=True)),
-                                      ("qwen3_moe", dict(norm_topk_prob=False))])
+                                      ("qwen3_moe", dict(norm_topk_prob=False)), ("qwen2_moe", {})])
 def test_from_hf_matches_transformers(tmp_path, kind, kw):
     torch.manual_seed(0)
     hf = _hf(kind, **kw)
@@ -99,9 +107,9 @@ def test_from_hf_matches_transformers(tmp_path, kind, kw):
     hf64 = type(hf).from_pretrained(tmp_path, dtype=torch.float64, experts_implementation="eager").eval()
     ours = GPT.from_hf(tmp_path)
     cfg = ours.config
-    assert (cfg.n_experts, cfg.n_experts_per_tok, cfg.d_ff, cfg.qk_norm) == \
-        (4, 2, 48 if kind == "mixtral" else 24, kind == "qwen3_moe")
-    assert cfg.moe_norm_topk is (kind == "mixtral" or kw["norm_topk_prob"])
+    assert (cfg.n_experts, cfg.n_experts_per_tok, cfg.d_ff, cfg.qk_norm, cfg.moe_shared_d_ff) == \
+        (4, 2, 48 if kind == "mixtral" else 24, kind == "qwen3_moe", 40 if kind == "qwen2_moe" else 0)
+    assert cfg.moe_norm_topk is (kind == "mixtral" or kw.get("norm_topk_prob", False))
     ids, mask = _prompts()
     keep = mask.bool()
     with torch.no_grad():

@@ -41,7 +41,7 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
     else:
         raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
                               "mistral, qwen2, qwen3, phi3, stablelm, gemma, gemma2, gemma3_text, opt, gpt_neox, "
-                              "phi, falcon, gptj, bloom, mpt, mixtral, qwen3_moe)")
+                              "phi, falcon, gptj, bloom, mpt, mixtral, qwen3_moe, qwen2_moe)")
     window, types = _sliding_window(hf)
     if local_theta is not None and window is not None:  # Gemma 3: its windowed layers' rotary base
         overrides = {"rope_local_theta": local_theta, **overrides}
@@ -208,11 +208,11 @@ def _sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
     the first included)."""
     kind, n = hf.get("model_type"), hf.get("num_hidden_layers", 0)
     on = {"mistral": True, "mixtral": True, "phi3": True, "qwen2": False, "qwen3": False, "qwen3_moe": False,
-          "gemma2": True, "gemma3_text": True}.get(kind)
+          "qwen2_moe": False, "gemma2": True, "gemma3_text": True}.get(kind)
     if on is None or not hf.get("sliding_window") or not hf.get("use_sliding_window", on):
         return None, None
     types = None
-    if kind in ("qwen2", "qwen3", "qwen3_moe"):
+    if kind in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"):
         types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 0) else
                                           "full_attention" for i in range(n)]
     elif kind == "gemma2":
@@ -255,7 +255,8 @@ def _from_llama(hf: dict, state, moe: Optional[dict] = None):
     if attn_bias != mlp_bias:
         raise CheckpointError(f"config.json: attention_bias={attn_bias} with mlp_bias={mlp_bias} is not supported "
                               "(one bias setting for every Linear)")
-    qkv_bias = True if kind == "qwen2" else None  # Qwen2: q / k / v projections with bias, the others without
+    # Qwen2: q / k / v projections with bias, the others without (Qwen2-MoE: as its qkv_bias says)
+    qkv_bias = True if kind == "qwen2" else bool(hf.get("qkv_bias", True)) if kind == "qwen2_moe" else None
     stablelm = kind == "stablelm"  # LayerNorms with biases, optional q / k / v biases, optional parallel block
     if stablelm:
         if hf.get("qk_layernorm"):

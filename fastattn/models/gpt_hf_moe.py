@@ -1,11 +1,13 @@
-"""GPT.from_hf for mixture-of-experts families on Llama-style attention: Mixtral and Qwen3-MoE (models/moe.py).
+"""GPT.from_hf for mixture-of-experts families on Llama-style attention: Mixtral, Qwen3-MoE and Qwen2-MoE (its
+shared expert; models/moe.py).
 
 Their attention, norms and rotary positions are Llama's (Mistral's window, Qwen3's q / k norms), imported by
 gpt_hf._from_llama; this file adds the config fields and each layer's router and experts. Checkpoints store one
 tensor per expert and projection (Mixtral: ``block_sparse_moe.experts.E.w1 / w3 / w2``, Qwen3-MoE:
 ``mlp.experts.E.gate_proj / up_proj / down_proj``); a state dict saved from transformers 5's modules holds them fused
 (``mlp.experts.gate_up_proj`` (E, 2F, d), ``mlp.experts.down_proj`` (E, d, F)): both are read. Refused by name:
-Qwen3-MoE's dense layers among the sparse ones (``mlp_only_layers``, ``decoder_sparse_step``) and biased projections.
+Qwen-MoE's dense layers among the sparse ones (``mlp_only_layers``, ``decoder_sparse_step``) and biased projections
+(Qwen2-MoE's q / k / v biases are read, as Qwen2's).
 Mixtral's router jitter (training-time noise) is not applied (logged).
 """
 import logging
@@ -18,7 +20,7 @@ from .checkpoint import CheckpointError, KeyMap
 
 log = logging.getLogger("fastattn")
 
-MOE_FAMILIES = ("mixtral", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
 
 
 def moe_config(hf: dict) -> dict:
@@ -34,14 +36,15 @@ def _moe_fields(hf: dict) -> dict:
     kind = hf.get("model_type")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise CheckpointError(f"config.json: attention_bias / mlp_bias true is not supported for {kind}")
-    if kind == "qwen3_moe":
+    if kind in ("qwen3_moe", "qwen2_moe"):
         if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
             raise CheckpointError(f"config.json: mlp_only_layers={hf.get('mlp_only_layers')!r} / decoder_sparse_step="
                                   f"{hf.get('decoder_sparse_step')!r}: dense layers among the expert layers are not "
                                   "supported by GPT.from_hf (every layer a mixture of experts)")
+        shared = hf.get("shared_expert_intermediate_size", 0) if kind == "qwen2_moe" else 0
         return dict(n_experts=hf.get("num_experts") or hf["num_local_experts"],
                     n_experts_per_tok=hf["num_experts_per_tok"], moe_norm_topk=bool(hf.get("norm_topk_prob", False)),
-                    d_ff=hf.get("moe_intermediate_size") or hf["intermediate_size"])
+                    d_ff=hf.get("moe_intermediate_size") or hf["intermediate_size"], moe_shared_d_ff=shared or 0)
     if hf.get("router_jitter_noise"):
         log.warning("config.json: Mixtral's router_jitter_noise %s (training-time noise on the router's input) is "
                     "not applied by fastattn's MoE", hf["router_jitter_noise"])
@@ -67,4 +70,10 @@ def moe_projections(m: KeyMap, h: str, b: str, cfg) -> Dict[str, Tensor]:
             sd[f"{ours}w_in.weight"] = torch.cat([m.take(f"{x}{names[0]}.weight", (f, d)),
                                                   m.take(f"{x}{names[1]}.weight", (f, d))])
             sd[f"{ours}w_out.weight"] = m.take(f"{x}{names[2]}.weight", (d, f))
+    if cfg.moe_shared_d_ff:  # Qwen2-MoE's shared expert and its gate
+        s, x = cfg.moe_shared_d_ff, f"{moe}shared_expert."
+        sd[f"{b}mlp.shared.w_in.weight"] = torch.cat([m.take(f"{x}gate_proj.weight", (s, d)),
+                                                      m.take(f"{x}up_proj.weight", (s, d))])
+        sd[f"{b}mlp.shared.w_out.weight"] = m.take(f"{x}down_proj.weight", (d, s))
+        sd[f"{b}mlp.shared_gate.weight"] = m.take(f"{moe}shared_expert_gate.weight", (1, d))
     return sd

@@ -63,7 +63,8 @@ class ModelConfig:
     norm1). ``lm_head_bias``: a bias on the vocabulary projection (Phi's; BART's final_logits_bias; not BERT, whose
     MLM head has its own). ``n_experts`` > 0: every MLP is a mixture of that many experts (each an MLP of d_ff
     units), ``n_experts_per_tok`` of them per token, their router weights renormalised over the chosen ones when
-    ``moe_norm_topk`` (Mixtral, Qwen3-MoE: models/moe.py); a GPT's ``router_aux_loss_coef`` > 0 adds that much of the
+    ``moe_norm_topk`` (Mixtral, Qwen3-MoE: models/moe.py), plus a shared expert of ``moe_shared_d_ff`` units
+    that every token runs, gated by a sigmoid (Qwen2-MoE); a GPT's ``router_aux_loss_coef`` > 0 adds that much of the
     load-balancing loss to a loss computed from labels in training (transformers' Mixtral with output_router_logits;
     in eval mode the loss stays the task's, so perplexity means perplexity)."""
     vocab_size: int = 50257
@@ -104,6 +105,7 @@ class ModelConfig:
     n_experts: int = 0  # > 0: each MLP a mixture of this many experts (models/moe.py)
     n_experts_per_tok: int = 2
     moe_norm_topk: bool = True
+    moe_shared_d_ff: int = 0  # > 0: a shared expert of this width beside the routed ones (Qwen2-MoE)
     router_aux_loss_coef: float = 0.0  # GPT with n_experts: the load-balancing loss's weight in .loss (training)
     backend: str = "fastattn"
 
@@ -178,6 +180,9 @@ class ModelConfig:
                                  f"{self.n_experts_per_tok!r}, {self.moe_norm_topk!r}, {self.parallel_block!r}")
         else:
             self.check_ints(("n_experts",), 0)
+        self.check_ints(("moe_shared_d_ff",), 0)
+        if self.moe_shared_d_ff and not self.n_experts:
+            raise ValueError(f"{type(self).__name__}.moe_shared_d_ff: a shared expert needs n_experts > 0")
         c = self.router_aux_loss_coef
         if isinstance(c, bool) or not isinstance(c, (int, float)) or c < 0 or (c and (
                 not self.n_experts or self.model_type != "gpt")):

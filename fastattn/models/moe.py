@@ -1,6 +1,7 @@
-"""A mixture-of-experts MLP (Mixtral, Qwen3-MoE): a router scores ``n_experts`` MLPs per token, the
+"""A mixture-of-experts MLP (Mixtral, Qwen3-MoE, Qwen2-MoE): a router scores ``n_experts`` MLPs per token, the
 ``n_experts_per_tok`` best run, and their outputs are summed weighted by the router's softmax probabilities
 (renormalised over the chosen experts when ``moe_norm_topk``, Mixtral's rule; Qwen3-MoE's ``norm_topk_prob``).
+Qwen2-MoE adds a shared expert (``moe_shared_d_ff`` units) that every token runs, scaled by a sigmoid gate.
 
 Each expert is the model's own ``MLP`` (its ``mlp`` kind: SwiGLU for both families), so int8 quantization, LoRA,
 pruning and FSDP treat the experts' Linears as any other; the router is not an nn.Linear, so quantization leaves it in
@@ -17,6 +18,7 @@ expert's Linears bound for the rows routed to it (fastattn.ops.gemv's kernel for
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, List, Optional
 
 import torch
@@ -45,6 +47,10 @@ class MoE(nn.Module):
         self.router = Router(cfg.d_model, cfg.n_experts)
         self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts))
         self.collect: Optional[List[Tensor]] = None  # set by the model for a pass that needs the router logits
+        if cfg.moe_shared_d_ff:  # Qwen2-MoE: every token also runs this one, scaled by sigmoid(shared_gate(x))
+            self.shared = MLP(dataclasses.replace(cfg, d_ff=cfg.moe_shared_d_ff, n_experts=0, moe_shared_d_ff=0,
+                                                  router_aux_loss_coef=0.0))
+            self.shared_gate = Router(cfg.d_model, 1)
 
     def route(self, x: Tensor):
         """(weights (N, k) float32 or wider, expert ids (N, k)) for the tokens x (N, d)."""
@@ -60,16 +66,22 @@ class MoE(nn.Module):
     def forward(self, x: Tensor, expert: Optional[Callable[[int, Tensor], Tensor]] = None) -> Tensor:
         """x (..., d) -> (..., d). ``expert(e, rows)``: expert e on its rows (N_e, d), the module itself when None
         (the bound decode step passes its kernels)."""
-        expert = expert or (lambda e, rows: self.experts[e](rows))
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
+        out = self.routed(x.reshape(-1, shape[-1]), expert or (lambda e, rows: self.experts[e](rows)))
+        if hasattr(self, "shared"):
+            x = x.reshape(-1, shape[-1])
+            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+        return out.view(shape)
+
+    def routed(self, x: Tensor, expert: Callable[[int, Tensor], Tensor]) -> Tensor:
+        """The routed experts' weighted sum for the tokens x (N, d)."""
         weights, ids = self.route(x)
         if x.shape[0] == 1 and not torch.is_grad_enabled():  # one token (decoding): its k experts, in expert order
             out = None
             for w, e in sorted(zip(weights[0].tolist(), ids[0].tolist()), key=lambda p: p[1]):
                 y = (expert(e, x) * w).to(x.dtype)
                 out = y if out is None else out + y
-            return out.view(shape)
+            return out
         flat = ids.flatten()
         order = torch.argsort(flat, stable=True)  # the token-expert pairs grouped by expert
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
@@ -86,7 +98,7 @@ class MoE(nn.Module):
             elif torch.is_grad_enabled():  # on no rows: zero gradients, but in the graph (DDP reduces every one)
                 zero = expert(e, x[:0]).sum()
                 unused = zero if unused is None else unused + zero
-        return (out if unused is None else out + unused).view(shape)
+        return out if unused is None else out + unused
 
 
 def load_balancing_loss(router_logits: List[Tensor], k: int, keep: Optional[Tensor] = None) -> Tensor:
