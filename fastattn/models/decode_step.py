@@ -11,9 +11,9 @@ the step is ``decode_many``'s (speculative decoding's check of W - 1 drafts): (B
 sequence causal among themselves over the cache's written slots.
 
 ``bind_decode`` returns None (and logs why) for a model it cannot bind: training mode, the "torch" backend, forward
-hooks, a block / attention / MLP / norm of another type (a mixture of experts runs as its module inside the step),
-a tensor-subclass parameter (DTensor), torch.compile tracing, or a backend that refuses the dtype. A linear layer
-of another type (a LoRA wrapper) runs its own forward inside.
+hooks, a block / attention / MLP / norm of another type, a tensor-subclass parameter (DTensor), torch.compile tracing,
+or a backend that refuses the dtype. A linear layer of another type (a LoRA wrapper) runs its own forward inside; a
+mixture of experts routes in its module, which runs each expert's Linears bound for its rows (``_Experts``).
 """
 from __future__ import annotations
 

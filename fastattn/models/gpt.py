@@ -23,10 +23,10 @@ from torch import Tensor, nn
 from .beam import Search
 from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
-from .moe import load_balancing_loss
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, check_sampling,
                      drop, eos_ids, generation_loop, init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none,
                      shifted_target, softcap)
+from .moe import load_balancing_loss
 from .speculative import speculation, speculative_generate
 
 
