@@ -3,8 +3,8 @@
 random Mixtral, Qwen3-MoE and Qwen2-MoE (a shared expert) checkpoints (logits within transformers' own fp32 error,
 greedy and beam-search tokens equal to its generate; the per-expert files transformers writes and the fused tensors
 of its modules' state dict), the load-balancing loss against transformers', both backends training
-alike, the bound decode step (the MoE module inside it) decoding what the full forward predicts, int8 keeping the
-router in float, and bad configs named."""
+alike, the bound decode step (the MoE module inside it) decoding what the full forward predicts, speculative
+decoding, int8 keeping the router in float, and bad configs named."""
 import json
 
 import pytest
@@ -185,6 +185,23 @@ def test_backends_train_alike_and_the_bound_decode_step():
         assert torch.equal(models["torch"].eval().generate(ids[:, :5], 7, temperature=0), out)
         one = model.generate(ids[:1, :5], 7, temperature=0)  # one sequence: one token's experts a step
         assert torch.equal(one, out[:1])
+
+
+def test_speculative_decoding_of_a_mixture_of_experts():
+    """decode_many's W rows per sequence through the bound step's experts: prompt lookup and an exact-copy
+    assistant give plain greedy's tokens (the copy accepting every draft)."""
+    torch.manual_seed(0)
+    m = GPT(_cfg()).double().eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.3)
+    copy = GPT(_cfg()).double().eval()
+    copy.load_state_dict(m.state_dict())
+    x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
+    plain = m.generate(x, 16, temperature=0)
+    assert torch.equal(m.generate(x, 16, temperature=0, prompt_lookup_num_tokens=3), plain)
+    assert m.speculation_stats.accepted > 0
+    assert torch.equal(m.generate(x, 16, temperature=0, assistant_model=copy), plain)
+    assert m.speculation_stats.acceptance == 1.0
 
 
 def test_int8_keeps_the_router_in_float():
