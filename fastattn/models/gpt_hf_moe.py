@@ -24,8 +24,8 @@ MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
 
 
 def moe_config(hf: dict) -> dict:
-    """GPTConfig fields of a Mixtral / Qwen3-MoE config.json (d_ff: an expert's width). The load-balancing loss is
-    part of the loss where transformers adds it (output_router_logits true)."""
+    """GPTConfig fields of a Mixtral / Qwen3-MoE / Qwen2-MoE config.json (d_ff: an expert's width). The
+    load-balancing loss is part of the loss where transformers adds it (output_router_logits true)."""
     fields = _moe_fields(hf)
     if hf.get("output_router_logits"):
         fields["router_aux_loss_coef"] = float(hf.get("router_aux_loss_coef", 0.001))
