@@ -280,3 +280,6 @@ def test_bad_search_arguments_name_the_argument():
                      (dict(temperature=1.0, min_p=1.5), "min_p"), (dict(temperature=1.0, typical_p=0.0), "typical_p")]:
         with pytest.raises(ValueError, match=name):
             m.generate(ids, 3, **{"temperature": 0, **kw})
+    tiny = GPT(GPTConfig(vocab_size=3, d_model=32, n_layer=1, n_head=4, max_seq_len=32)).eval()
+    with pytest.raises(ValueError, match="num_beams: 2 beams with 3 eos ids take 8 candidates"):
+        tiny.generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=0, num_beams=2, eos_token_id=[0, 1, 2])

@@ -199,6 +199,9 @@ def beam_search(logits: Tensor, decode_one: Callable[[Tensor, Tensor], Tensor], 
     B, T0 = prompt.shape
     K, dev = num_beams, prompt.device
     keep = max(2, 1 + (0 if eos is None else eos.numel())) * K  # enough candidates that K never end at once
+    if keep > K * logits.shape[-1]:
+        raise ValueError(f"num_beams: {K} beams with {keep // K - 1} eos ids take {keep} candidates a step, more than "
+                         f"the {K} x {logits.shape[-1]} continuations of a vocabulary this small")
     first_k = torch.arange(keep, device=dev) < K
     max_len = T0 + max_new_tokens
     fill = int(eos[0]) if eos is not None else -1
