@@ -578,3 +578,37 @@ def test_generate_takes_beam_search_from_the_folders_generation_config(tmp_path,
     (path / "generation_config.json").write_text(json.dumps({**cfg, "num_beams": 0}))
     assert main(args) == 2
     assert "generation_config.json: num_beams 0 is not a valid value" in capsys.readouterr().err
+
+
+def test_generate_takes_sampling_from_the_folders_generation_config(hf_folder, tmp_path, capsys, monkeypatch):
+    """As transformers' generate: a folder whose generation_config.json samples (an instruct model's do_sample,
+    temperature, top_p, top_k) samples with those settings; without do_sample it decodes greedily (transformers'
+    tokens); options given win; a bad value is named in one line."""
+    import shutil
+
+    from fastattn.models import GPT
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    seen, real = [], GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda self, *a, **kw: seen.append(kw) or real(self, *a, **kw))
+    args = ["generate", str(folder), "-p", "It is", "-n", "6", "--min-new-tokens", "6"]
+    assert main(args) == 0  # no do_sample: greedy, transformers' text
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    ids = torch.tensor([hf_tok("It is", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        want = hf.generate(ids, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    assert capsys.readouterr().out.strip() == hf_tok.decode(want[0], skip_special_tokens=True)
+    assert seen[-1]["temperature"] == 0.0
+    gen = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps(
+        {**gen, "do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20}))
+    assert main(args) == 0
+    assert {k: seen[-1][k] for k in ("temperature", "top_p", "top_k", "min_p")} == \
+        {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": None}
+    assert main(args + ["--temperature", "1.1", "--top-k", "0"]) == 0
+    assert (seen[-1]["temperature"], seen[-1]["top_k"], seen[-1]["top_p"]) == (1.1, None, 0.9)
+    (folder / "generation_config.json").write_text(json.dumps({**gen, "temperature": -1}))
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "generation_config.json: temperature -1 is not a valid value" in capsys.readouterr().err

@@ -1,15 +1,14 @@
 """``fastattn generate``: continue prompts with a trained model (greedy or sampled, batched, streamed)."""
-import json
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional
 
 import torch
 
 from fastattn.cli.config import CLIError, opt
 from fastattn.cli.finetune import soft_prompt_len
+from fastattn.cli.generation_args import generation_args
 
 
 @dataclass
@@ -20,8 +19,9 @@ class GenerateConfig:
     prompt_file: Optional[str] = opt(None, "a file of prompts, one a line")
     max_new_tokens: int = opt(100, "tokens to generate per prompt", short="-n")
     min_new_tokens: int = opt(0, "tokens to generate before an end-of-text token may end a continuation")
-    temperature: Optional[float] = opt(None, "sampling temperature (default 0.8); 0: greedy")
-    top_k: Optional[int] = opt(50, "sample among the k likeliest tokens; 0: no top-k cut")
+    temperature: Optional[float] = opt(None, "sampling temperature (default 0.8, or a Hugging Face folder's "
+                                             "generation_config.json: greedy unless it samples); 0: greedy")
+    top_k: Optional[int] = opt(None, "sample among the k likeliest tokens (default 50); 0: no top-k cut")
     top_p: Optional[float] = opt(None, "sample among the likeliest tokens holding probability p (nucleus)")
     min_p: Optional[float] = opt(None, "sample among the tokens at least this fraction of the likeliest one's "
                                        "probability")
@@ -155,10 +155,10 @@ def _until_end(row, stop_ids):
     return next((row[:j] for j, t in enumerate(row) if t in stop_ids), row)
 
 
-def generate(model, tok, prompts, cfg, device, out=None, draft=None, search=None):
+def generate(model, tok, prompts, cfg, device, out=None, draft=None, args=None):
     """Generate for every prompt (one left-padded batch), speculatively with the ``draft`` model or
-    --prompt-lookup; ``search``: generate's beam search and repetition arguments (search_args); returns (texts, new
-    tokens, seconds)."""
+    --prompt-lookup; ``args``: generate's sampling and search arguments (generation_args.py; from cfg when None);
+    returns (texts, new tokens, seconds)."""
     out = out or sys.stdout
     if cfg.chat and not hasattr(tok, "encode_chat"):
         raise CLIError("--chat: the model's tokenizer has no chat template (a Hugging Face instruct model's has)")
@@ -176,8 +176,8 @@ def generate(model, tok, prompts, cfg, device, out=None, draft=None, search=None
         ids[i, L + n_prompt - len(e):] = torch.tensor(e)
         mask[i, L + n_prompt - len(e):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    search = search or {}
-    beams = search.get("num_beams", 1) > 1
+    args = generation_args(cfg) if args is None else args
+    beams = args.get("num_beams", 1) > 1
     if beams and cfg.stream:
         raise CLIError("--stream: beam search knows its text only at the end (--no-stream)")
     stream = cfg.stream if cfg.stream is not None else len(prompts) == 1 and not beams
@@ -218,15 +218,12 @@ def generate(model, tok, prompts, cfg, device, out=None, draft=None, search=None
         spec = dict(prompt_lookup_num_tokens=cfg.prompt_lookup)
     if spec and n_prompt:
         raise CLIError("--draft / --prompt-lookup: not with a soft-prompt model (its prompt is an embedding hook)")
-    temperature = cfg.temperature if cfg.temperature is not None else 0.0 if beams else 0.8
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            res = model.generate(ids, cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k or None,
-                                 top_p=cfg.top_p, min_p=cfg.min_p, typical_p=cfg.typical_p,
-                                 eos_token_id=tok.stop_ids, attention_mask=mask, generator=gen,
-                                 streamer=None if beams else streamer, min_new_tokens=cfg.min_new_tokens,
-                                 **spec, **search)
+            res = model.generate(ids, cfg.max_new_tokens, eos_token_id=tok.stop_ids, attention_mask=mask,
+                                 generator=gen, streamer=None if beams else streamer,
+                                 min_new_tokens=cfg.min_new_tokens, **spec, **args)
         if beams:  # the best beam of each prompt, after the prompt (a GPT's) or the start token (a Seq2Seq's)
             new.extend(res[:, 1 if hasattr(model, "encode") else ids.shape[1]:].cpu().unbind(1))
     except _Stop:
@@ -265,9 +262,9 @@ def main(cfg: GenerateConfig) -> int:
         raise CLIError(f"--draft / --prompt-lookup: speculative decoding runs on a GPT or Seq2Seq, not a "
                        f"{type(model).__name__}")
     prompts = read_prompts(cfg)
-    search = search_args(cfg)
-    stream = cfg.stream if cfg.stream is not None else len(prompts) == 1 and search.get("num_beams", 1) == 1
-    texts, n, secs = generate(model, tok, prompts, cfg, device, draft=draft, search=search)
+    args = generation_args(cfg)
+    stream = cfg.stream if cfg.stream is not None else len(prompts) == 1 and args.get("num_beams", 1) == 1
+    texts, n, secs = generate(model, tok, prompts, cfg, device, draft=draft, args=args)
     if stream and len(prompts) == 1:
         print()
     else:
@@ -279,40 +276,6 @@ def main(cfg: GenerateConfig) -> int:
         spec = f"; {st.accepted} of {st.drafted} drafted tokens accepted ({st.acceptance:.0%}), {st.steps} steps"
     print(f"[{n} tokens in {secs:.2f} s: {n / max(secs, 1e-9):,.1f} tokens/s{spec}]", file=sys.stderr)
     return 0
-
-
-# generate's search arguments that a Hugging Face folder's generation_config.json may set, and their checks
-_FOLDER_SEARCH = {"num_beams": lambda v: isinstance(v, int) and v >= 1,
-                  "length_penalty": lambda v: isinstance(v, (int, float)),
-                  "early_stopping": lambda v: v in (True, False, "never"),
-                  "repetition_penalty": lambda v: isinstance(v, (int, float)) and v > 0,
-                  "no_repeat_ngram_size": lambda v: isinstance(v, int) and v >= 0}
-
-
-def search_args(cfg) -> dict:
-    """generate's num_beams, length_penalty, early_stopping, repetition_penalty and no_repeat_ngram_size: the
-    options given, else those of the checkpoint's generation_config.json when it is a Hugging Face folder (as
-    transformers' generate reads them: BART-large-CNN's beam search), else nothing (generate's defaults). A folder's
-    beam search gives way to sampling asked for with --temperature, all of them to --draft / --prompt-lookup."""
-    from fastattn.cli.train import hf_model_type
-    folder = {}
-    path = Path(cfg.checkpoint) / "generation_config.json"
-    if hf_model_type(cfg.checkpoint) and path.is_file():
-        try:
-            folder = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise CLIError(f"{path}: not readable JSON ({e})") from None
-        folder = {k: v for k, v in folder.items() if k in _FOLDER_SEARCH and v is not None} \
-            if isinstance(folder, dict) else {}
-        for k, v in folder.items():
-            if isinstance(v, bool) and k != "early_stopping" or not _FOLDER_SEARCH[k](v):
-                raise CLIError(f"{path}: {k} {v!r} is not a valid value")
-        if cfg.temperature:  # sampling asked for: the folder's beams do not apply
-            folder.pop("num_beams", None)
-        if cfg.draft or cfg.prompt_lookup:  # nor its beams and penalties to speculative decoding
-            folder = {}
-    given = {k: getattr(cfg, k) for k in _FOLDER_SEARCH if getattr(cfg, k, None) is not None}
-    return {**folder, **given}
 
 
 def load_draft(cfg, model, tok, device):
