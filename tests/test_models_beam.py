@@ -190,8 +190,10 @@ def test_forced_eos_in_every_search(tmp_path):
     ids, mask = _prompts(9)
     want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
                        pad_token_id=1, min_length=0)
-    got = ours.generate(ids, 8, temperature=0, attention_mask=mask)
+    got = ours.generate(ids, 8, temperature=0, attention_mask=mask, output_scores=True)
     assert torch.equal(got, want) and (got[:, -1] == EOS[1]).all()
+    lp = ours.token_logprobs  # forced tokens are certain: log-probability 0 (the first, BOS, and the last, EOS)
+    assert lp.shape == (3, 8) and (lp[:, [0, -1]] == 0).all() and (lp[:, 1:-1] < 0).all()
     assert torch.equal(ours.generate(ids, 8, temperature=0, attention_mask=mask, prompt_lookup_num_tokens=3), got)
     g = torch.Generator().manual_seed(0)
     for spec in ({}, dict(prompt_lookup_num_tokens=2)):
@@ -216,6 +218,35 @@ def test_several_samples_per_prompt():
     assert s2s.generate(ids, 4, temperature=1.0, num_return_sequences=3).shape == (9, 5)
     with pytest.raises(ValueError, match="num_return_sequences: greedy search gives one sequence"):
         m.generate(ids, 3, temperature=0, num_return_sequences=2)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(repetition_penalty=1.3), dict(temperature=0.8, top_k=10)])
+def test_token_logprobs_equal_transformers_transition_scores(tmp_path, kw):
+    """output_scores: each new token's log-probability under the distribution it was picked from equals
+    transformers' compute_transition_scores(normalize_logits=True) (greedy, with a processor, and sampled: the
+    scores of our own tokens, fed to transformers as its sequences); 0 after an eos."""
+    hf = _gpt2(tmp_path)
+    ours = GPT.from_hf(tmp_path, dtype=torch.float64)
+    ids, mask = _prompts()
+    T = kw.pop("temperature", 0.0)
+    got = ours.generate(ids, 10, temperature=T, attention_mask=mask, output_scores=True, eos_token_id=EOS,
+                        generator=torch.Generator().manual_seed(0), **kw)
+    scores = ours.token_logprobs
+    assert scores.shape == (3, got.shape[1] - ids.shape[1]) and scores.dtype == torch.float32
+    L = ids.shape[1]
+    hf_kw = dict(do_sample=T > 0, temperature=T or None, **kw)
+    steps = []
+    for i in range(got.shape[1] - L):  # transformers' processed scores of each step, on our tokens
+        o = hf.generate(input_ids=got[:, :L + i], attention_mask=torch.cat([mask, torch.ones_like(got[:, L:L + i])],
+                        1), max_new_tokens=1, output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+                        eos_token_id=None, **hf_kw)
+        steps.append(o.scores[0])
+    want = hf.compute_transition_scores(got, tuple(steps), normalize_logits=True)
+    ended = torch.zeros(3, dtype=torch.bool)
+    for i in range(want.shape[1]):  # after an eos: 0 (the padding is not a choice)
+        want[:, i] = want[:, i].masked_fill(ended, 0.0)
+        ended |= torch.isin(got[:, L + i], torch.tensor(EOS))
+    torch.testing.assert_close(scores, want.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_processors_equal_transformers_processors():
@@ -277,7 +308,9 @@ def test_bad_search_arguments_name_the_argument():
                                                                            "repetition_penalty"),
                      (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"), (dict(length_penalty="1"),
                                                                                "length_penalty"),
-                     (dict(temperature=1.0, min_p=1.5), "min_p"), (dict(temperature=1.0, typical_p=0.0), "typical_p")]:
+                     (dict(temperature=1.0, min_p=1.5), "min_p"), (dict(temperature=1.0, typical_p=0.0), "typical_p"),
+                     (dict(num_beams=2, output_scores=True), "output_scores"),
+                     (dict(output_scores=True, prompt_lookup_num_tokens=2), "output_scores")]:
         with pytest.raises(ValueError, match=name):
             m.generate(ids, 3, **{"temperature": 0, **kw})
     tiny = GPT(GPTConfig(vocab_size=3, d_model=32, n_layer=1, n_head=4, max_seq_len=32)).eval()

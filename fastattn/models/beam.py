@@ -40,6 +40,7 @@ class Search:
     early_stopping: EarlyStopping = False
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    output_scores: bool = False
 
     def check(self, temperature: float, speculative: bool, streamer) -> None:
         for name, low in (("num_beams", 1), ("num_return_sequences", 1), ("no_repeat_ngram_size", 0)):
@@ -65,6 +66,11 @@ class Search:
                                  f"{temperature} (beam sampling is not supported)")
             if streamer is not None:
                 raise ValueError("streamer: beam search's tokens are known only at its end (as in transformers)")
+        if not isinstance(self.output_scores, bool):
+            raise ValueError(f"output_scores: expected true or false, got {self.output_scores!r}")
+        if self.output_scores and (speculative or self.num_beams > 1):
+            raise ValueError("output_scores: per-token log-probabilities come from greedy search and sampling (beam "
+                             "search leaves its hypotheses' scores in beam_scores; speculative decoding has none)")
         if speculative and (self.num_beams > 1 or p != 1.0 or self.no_repeat_ngram_size):
             raise ValueError("assistant_model / prompt_lookup_num_tokens: speculative decoding does not combine with "
                              "num_beams > 1, repetition_penalty or no_repeat_ngram_size")

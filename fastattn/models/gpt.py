@@ -158,7 +158,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
                  num_assistant_tokens: int = 4, prompt_lookup_num_tokens: Optional[int] = None,
                  max_matching_ngram_size: int = 2, num_beams: int = 1, num_return_sequences: int = 1,
                  length_penalty: float = 1.0, early_stopping: Union[bool, str] = False,
-                 repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> Tensor:
+                 repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, output_scores: bool = False) -> Tensor:
         """Continue prompts (B, L) by up to max_new_tokens: (B, L + new). temperature 0 = greedy; else sampling with
         top_k / top_p / min_p / typical_p (layers.Sampling: transformers' warpers) from ``generator`` (seeded:
         reproducible). Batches of different lengths: left padding and
@@ -174,11 +174,13 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         ``num_beams`` > 1: beam search (models/beam.py; transformers' ``length_penalty``, ``early_stopping``), the
         ``num_return_sequences`` best of each prompt in a row (B * R, L + n), their scores in ``self.beam_scores``;
         when sampling, R samples of each prompt in a row. ``repetition_penalty``, ``no_repeat_ngram_size``:
-        transformers' processors, in any search but speculative."""
+        transformers' processors, in any search but speculative. ``output_scores`` (greedy, sampling):
+        ``self.token_logprobs`` (B, new), each new token's log-probability under the distribution it was picked
+        from (0 after an eos), as transformers' compute_transition_scores(normalize_logits=True) gives."""
         sampling = Sampling(temperature, top_k, top_p, min_p, typical_p)
         check_sampling(max_new_tokens, sampling, min_new_tokens)
         search = Search(num_beams, num_return_sequences, length_penalty, early_stopping, repetition_penalty,
-                        no_repeat_ngram_size)
+                        no_repeat_ngram_size, output_scores)
         search.check(temperature, assistant_model is not None or prompt_lookup_num_tokens is not None, streamer)
         input_ids, attention_mask = search.samples(input_ids, attention_mask)
         keep = keep_mask(input_ids, attention_mask, self.config.max_seq_len)
@@ -205,8 +207,12 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         process = search.processors(eos, min_new_tokens, ignore=None if bool(keep.all()) else ~keep)
         if num_beams > 1:
             return search.run(self, logits, input_ids, max_new_tokens, eos, process)
-        return generation_loop(logits, self.bound_decode_one(), out, L, max_new_tokens, sampling, eos_token_id,
-                               generator, streamer, process)
+        scores = [] if output_scores else None
+        out = generation_loop(logits, self.bound_decode_one(), out, L, max_new_tokens, sampling, eos_token_id,
+                              generator, streamer, process, scores)
+        if scores is not None:
+            self.token_logprobs = torch.stack(scores, 1)
+        return out
 
     def bound_decode_one(self) -> Callable[[Tensor, Tensor], Tensor]:
         """decode_one bound to the kernels chosen now, for the caches as set up (models/decode_step.py): the same

@@ -736,6 +736,17 @@ def warped_probs(logits: Tensor, sampling: Sampling) -> Tensor:
     return logits.softmax(-1).view(shape)
 
 
+def token_logprobs(logits: Tensor, tokens: Tensor, sampling: Sampling) -> Tensor:
+    """float32 log-probabilities (B,) of ``tokens`` (B,) under the distribution they were picked from: softmax of the
+    (processed) logits (B, V) when greedy, else warped_probs (transformers' compute_transition_scores with
+    normalize_logits)."""
+    if sampling.temperature == 0:
+        logp = logits.float().log_softmax(-1)
+    else:
+        logp = warped_probs(logits, sampling).log()
+    return logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
 def check_sampling(max_new_tokens: int, sampling: Sampling, min_new_tokens: int = 0) -> None:
     for name, n in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -885,10 +896,11 @@ class CacheMixin:
 
 
 def generation_loop(logits: Tensor, decode_one, out: Tensor, start: int, max_new_tokens: int, sampling: Sampling,
-                    eos_token_id, generator, streamer, process) -> Tensor:
+                    eos_token_id, generator, streamer, process, scores: Optional[List[Tensor]] = None) -> Tensor:
     """Sample from ``logits`` (B, V) after ``process(logits, tokens so far, i)`` (beam.LogitsProcessors: penalties,
     min_new_tokens, forced tokens), write the token into out[:, start + i], feed it to ``decode_one(tokens (B, 1),
-    input_pos (1,))`` for the next logits; eos handling and streaming as ``GPT.generate`` documents."""
+    input_pos (1,))`` for the next logits; eos handling and streaming as ``GPT.generate`` documents. ``scores``: a
+    list that gets each step's (B,) log-probability of the chosen tokens (token_logprobs; 0 after an eos)."""
     finished = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
     index = torch.arange(start, start + max_new_tokens, device=out.device)
     eos = eos_ids(eos_token_id, out.device)
@@ -896,6 +908,8 @@ def generation_loop(logits: Tensor, decode_one, out: Tensor, start: int, max_new
     for i in range(max_new_tokens):
         logits = process(logits, out[:, :start + i], i)
         tok = sample_next(logits, sampling, generator)
+        if scores is not None:
+            scores.append(token_logprobs(logits, tok, sampling).masked_fill(finished, 0.0))
         if eos is not None:
             tok = tok.masked_fill(finished, eos[0])
             finished |= torch.isin(tok, eos)

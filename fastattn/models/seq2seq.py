@@ -249,17 +249,17 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
                  prompt_lookup_num_tokens: Optional[int] = None, max_matching_ngram_size: int = 2,
                  num_beams: int = 1, num_return_sequences: int = 1, length_penalty: float = 1.0,
                  early_stopping: Union[bool, str] = False, repetition_penalty: float = 1.0,
-                 no_repeat_ngram_size: int = 0) -> Tensor:
+                 no_repeat_ngram_size: int = 0, output_scores: bool = False) -> Tensor:
         """Decoder tokens (B, 1 + new) for the source input_ids (B, S): the start token, then up to max_new_tokens
-        (temperature 0 = greedy; sampling, eos, min_new_tokens, streamer, speculative decoding, beam search and the
-        repetition processors as in GPT.generate; prompt lookup searches the source, then the tokens decoded so far;
-        with T5's relative positions, speculative decoding takes one sequence at a time). The first new token is
-        ``forced_bos_token_id`` and the last (the max_new_tokens-th) ``forced_eos_token_id`` (None: the config's)
-        when there is one, as transformers' generate forces them."""
+        (temperature 0 = greedy; sampling, eos, min_new_tokens, streamer, speculative decoding, beam search, the
+        repetition processors and output_scores as in GPT.generate; prompt lookup searches the source, then the
+        tokens decoded so far; with T5's relative positions, speculative decoding takes one sequence at a time). The
+        first new token is ``forced_bos_token_id`` and the last (the max_new_tokens-th) ``forced_eos_token_id``
+        (None: the config's) when there is one, as transformers' generate forces them."""
         sampling = Sampling(temperature, top_k, top_p, min_p, typical_p)
         check_sampling(max_new_tokens, sampling, min_new_tokens)
         search = Search(num_beams, num_return_sequences, length_penalty, early_stopping, repetition_penalty,
-                        no_repeat_ngram_size)
+                        no_repeat_ngram_size, output_scores)
         search.check(temperature, assistant_model is not None or prompt_lookup_num_tokens is not None, streamer)
         input_ids, attention_mask = search.samples(input_ids, attention_mask)
         keep_mask(input_ids, attention_mask, self.config.max_seq_len)  # checks shapes and length
@@ -296,8 +296,12 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
                                         (max_new_tokens - 1, last))
             if num_beams > 1:
                 return search.run(self, logits, out[:, :1], max_new_tokens, eos, process)
-            return generation_loop(logits, self.bound_decode_one(), out, 1, max_new_tokens, sampling, eos_token_id,
-                                   generator, streamer, process)
+            scores = [] if output_scores else None
+            out = generation_loop(logits, self.bound_decode_one(), out, 1, max_new_tokens, sampling, eos_token_id,
+                                  generator, streamer, process, scores)
+            if scores is not None:
+                self.token_logprobs = torch.stack(scores, 1)
+            return out
         finally:
             self.memory_kv = self.memory_pad = None
             if spec is not None and spec.assistant is not None:
