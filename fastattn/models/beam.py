@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import hugepages
+from .layers import Sampling, check_sampling, eos_ids, generation_loop
 
 EarlyStopping = Union[bool, str]
 
@@ -74,6 +75,31 @@ class Search:
         if speculative and (self.num_beams > 1 or p != 1.0 or self.no_repeat_ngram_size):
             raise ValueError("assistant_model / prompt_lookup_num_tokens: speculative decoding does not combine with "
                              "num_beams > 1, repetition_penalty or no_repeat_ngram_size")
+
+    def prepare(self, sampling: Sampling, max_new_tokens: int, min_new_tokens: int, speculative: bool, streamer,
+                input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """generate's arguments checked (a ValueError naming the bad one); the prompts as ``samples`` gives them."""
+        check_sampling(max_new_tokens, sampling, min_new_tokens)
+        self.check(sampling.temperature, speculative, streamer)
+        return self.samples(input_ids, attention_mask)
+
+    def decode(self, model: nn.Module, logits: Tensor, out: Tensor, start: int, max_new_tokens: int,
+               sampling: Sampling, eos_token_id, generator, streamer, min_new_tokens: int,
+               forced_first: Optional[int] = None, forced_last: Optional[Tuple[int, int]] = None,
+               ignore: Optional[Tensor] = None) -> Tensor:
+        """generate after the prefill's ``logits`` (B, V), out (B, start + max_new_tokens) holding the tokens so far:
+        beam search when num_beams > 1, else greedy / sampling (``generation_loop``; ``model.token_logprobs`` when
+        output_scores). The processors' arguments as ``processors`` takes them."""
+        eos = eos_ids(eos_token_id, out.device)
+        process = self.processors(eos, min_new_tokens, forced_first, forced_last, ignore)
+        if self.num_beams > 1:
+            return self.run(model, logits, out[:, :start], max_new_tokens, eos, process)
+        scores = [] if self.output_scores else None
+        out = generation_loop(logits, model.bound_decode_one(), out, start, max_new_tokens, sampling, eos_token_id,
+                              generator, streamer, process, scores)
+        if scores is not None:
+            model.token_logprobs = torch.stack(scores, 1)
+        return out
 
     def samples(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         """The prompts (and mask) each repeated num_return_sequences times in a row when sampling several per prompt

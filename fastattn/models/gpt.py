@@ -23,9 +23,8 @@ from torch import Tensor, nn
 from .beam import Search
 from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
-from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, check_sampling,
-                     drop, eos_ids, generation_loop, init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none,
-                     shifted_target, softcap)
+from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, drop,
+                     init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none, shifted_target, softcap)
 from .moe import load_balancing_loss
 from .speculative import speculation, speculative_generate
 
@@ -178,11 +177,11 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         ``self.token_logprobs`` (B, new), each new token's log-probability under the distribution it was picked
         from (0 after an eos), as transformers' compute_transition_scores(normalize_logits=True) gives."""
         sampling = Sampling(temperature, top_k, top_p, min_p, typical_p)
-        check_sampling(max_new_tokens, sampling, min_new_tokens)
         search = Search(num_beams, num_return_sequences, length_penalty, early_stopping, repetition_penalty,
                         no_repeat_ngram_size, output_scores)
-        search.check(temperature, assistant_model is not None or prompt_lookup_num_tokens is not None, streamer)
-        input_ids, attention_mask = search.samples(input_ids, attention_mask)
+        speculative = assistant_model is not None or prompt_lookup_num_tokens is not None
+        input_ids, attention_mask = search.prepare(sampling, max_new_tokens, min_new_tokens, speculative, streamer,
+                                                   input_ids, attention_mask)
         keep = keep_mask(input_ids, attention_mask, self.config.max_seq_len)
         B, L = input_ids.shape
         if L == 0:
@@ -203,16 +202,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
             return speculative_generate(self, out, L, logits, draft, spec.k, sampling=sampling,
                                         eos_token_id=eos_token_id, generator=generator,
                                         streamer=streamer, min_new_tokens=min_new_tokens)
-        eos = eos_ids(eos_token_id, out.device)
-        process = search.processors(eos, min_new_tokens, ignore=None if bool(keep.all()) else ~keep)
-        if num_beams > 1:
-            return search.run(self, logits, input_ids, max_new_tokens, eos, process)
-        scores = [] if output_scores else None
-        out = generation_loop(logits, self.bound_decode_one(), out, L, max_new_tokens, sampling, eos_token_id,
-                              generator, streamer, process, scores)
-        if scores is not None:
-            self.token_logprobs = torch.stack(scores, 1)
-        return out
+        return search.decode(self, logits, out, L, max_new_tokens, sampling, eos_token_id, generator, streamer,
+                             min_new_tokens, ignore=None if bool(keep.all()) else ~keep)
 
     def bound_decode_one(self) -> Callable[[Tensor, Tensor], Tensor]:
         """decode_one bound to the kernels chosen now, for the caches as set up (models/decode_step.py): the same

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from .beam import Search
 from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
-from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, check_sampling,
-                     eos_ids, generation_loop, init_weights, drop, keep_mask, lm_head_loss, make_norm, padding_or_none)
+from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, init_weights,
+                     drop, keep_mask, lm_head_loss, make_norm, padding_or_none)
 from .speculative import speculation, speculative_generate
 
 
@@ -257,11 +257,11 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         first new token is ``forced_bos_token_id`` and the last (the max_new_tokens-th) ``forced_eos_token_id``
         (None: the config's) when there is one, as transformers' generate forces them."""
         sampling = Sampling(temperature, top_k, top_p, min_p, typical_p)
-        check_sampling(max_new_tokens, sampling, min_new_tokens)
         search = Search(num_beams, num_return_sequences, length_penalty, early_stopping, repetition_penalty,
                         no_repeat_ngram_size, output_scores)
-        search.check(temperature, assistant_model is not None or prompt_lookup_num_tokens is not None, streamer)
-        input_ids, attention_mask = search.samples(input_ids, attention_mask)
+        speculative = assistant_model is not None or prompt_lookup_num_tokens is not None
+        input_ids, attention_mask = search.prepare(sampling, max_new_tokens, min_new_tokens, speculative, streamer,
+                                                   input_ids, attention_mask)
         keep_mask(input_ids, attention_mask, self.config.max_seq_len)  # checks shapes and length
         start = self.config.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
         B = input_ids.shape[0]
@@ -291,17 +291,8 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
                                             eos_token_id=eos_token_id,
                                             generator=generator, streamer=streamer, min_new_tokens=min_new_tokens,
                                             forced_eos_token_id=last)
-            eos = eos_ids(eos_token_id, out.device)
-            process = search.processors(eos, min_new_tokens, forced, None if last is None else
-                                        (max_new_tokens - 1, last))
-            if num_beams > 1:
-                return search.run(self, logits, out[:, :1], max_new_tokens, eos, process)
-            scores = [] if output_scores else None
-            out = generation_loop(logits, self.bound_decode_one(), out, 1, max_new_tokens, sampling, eos_token_id,
-                                  generator, streamer, process, scores)
-            if scores is not None:
-                self.token_logprobs = torch.stack(scores, 1)
-            return out
+            return search.decode(self, logits, out, 1, max_new_tokens, sampling, eos_token_id, generator, streamer,
+                                 min_new_tokens, forced, None if last is None else (max_new_tokens - 1, last))
         finally:
             self.memory_kv = self.memory_pad = None
             if spec is not None and spec.assistant is not None:
