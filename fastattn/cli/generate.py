@@ -155,6 +155,12 @@ def _until_end(row, stop_ids):
     return next((row[:j] for j, t in enumerate(row) if t in stop_ids), row)
 
 
+def streams(cfg, n_prompts: int, args: dict) -> bool:
+    """Whether the continuation is printed as it comes: --stream / --no-stream, else for one prompt, not beam search
+    (whose text is known at its end)."""
+    return cfg.stream if cfg.stream is not None else n_prompts == 1 and args.get("num_beams", 1) == 1
+
+
 def generate(model, tok, prompts, cfg, device, out=None, draft=None, args=None):
     """Generate for every prompt (one left-padded batch), speculatively with the ``draft`` model or
     --prompt-lookup; ``args``: generate's sampling and search arguments (generation_args.py; from cfg when None);
@@ -180,7 +186,7 @@ def generate(model, tok, prompts, cfg, device, out=None, draft=None, args=None):
     beams = args.get("num_beams", 1) > 1
     if beams and cfg.stream:
         raise CLIError("--stream: beam search knows its text only at the end (--no-stream)")
-    stream = cfg.stream if cfg.stream is not None else len(prompts) == 1 and not beams
+    stream = streams(cfg, len(prompts), args)
     if stream and len(prompts) > 1:
         raise CLIError(f"--stream prints one continuation as it comes: give one prompt, not {len(prompts)}")
     _check_context(model, L - 1, n_prompt, cfg.max_new_tokens)
@@ -263,7 +269,7 @@ def main(cfg: GenerateConfig) -> int:
                        f"{type(model).__name__}")
     prompts = read_prompts(cfg)
     args = generation_args(cfg)
-    stream = cfg.stream if cfg.stream is not None else len(prompts) == 1 and args.get("num_beams", 1) == 1
+    stream = streams(cfg, len(prompts), args)
     texts, n, secs = generate(model, tok, prompts, cfg, device, draft=draft, args=args)
     if stream and len(prompts) == 1:
         print()
