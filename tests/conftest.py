@@ -126,3 +126,35 @@ def padded_batch(vocab: int, length: int, n_pad: int, left: bool, pad_id: int, l
     cut = slice(0, n_pad) if left else slice(length - n_pad, length)
     ids[1, cut], mask[1, cut] = pad_id, 0
     return ids, mask
+
+
+def matches_hf_causal_lm(path, hf, vocab: int, caplog, *, per_row_reference: bool = False):
+    """GPT.from_hf(path) (hf saved there) against transformers' model on a left-padded batch: logits bounded by hf's
+    own fp32 error against its float64 run (``per_row_reference``: that run row by row without padding, for models
+    whose float64 masking gives NaN), 10 greedy tokens through the bound decode step equal to hf.generate's.
+    Returns our model."""
+    import inspect
+    import logging
+    from fastattn.models import GPT
+    ours = GPT.from_hf(path)
+    hf64 = type(hf).from_pretrained(path, dtype=torch.float64).eval()
+    ids, mask = padded_batch(vocab, 12, 4, left=True, pad_id=0, low=1)
+    keep = mask.bool()
+    # positions counted from each row's first real token, as generate() and our models count them (a forward
+    # without position_ids counts from the padding in some families: GPT-BigCode)
+    pos = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if \
+        "position_ids" in inspect.signature(hf.forward).parameters else {}
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask, **pos).logits
+        if per_row_reference:
+            ref = torch.cat([hf64(ids[i:i + 1, keep[i]]).logits[0] for i in range(len(ids))])
+        else:
+            ref = hf64(ids, attention_mask=mask, **pos).logits[keep]
+        assert_bounded(type(hf).__name__, a[keep], ref.double(), b[keep], torch.float32)
+        with caplog.at_level(logging.DEBUG, logger="fastattn"):
+            mine = ours.generate(ids, 10, temperature=0, attention_mask=mask)
+        assert "not bound" not in caplog.text  # the bound decode step ran these blocks
+        theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)
+    assert torch.equal(mine, theirs)
+    return ours

@@ -7,12 +7,10 @@ LayerNorm) and MPT (ALiBi, no biases). Small random models (weights
 large enough that every sublayer moves the greedy tokens) saved to tmp_path: logits of a left-padded batch bounded
 by transformers' own fp32 error against its float64 run, greedy tokens (through the bound decode step) equal to
 transformers' generate, both backends training alike; bad configs refused naming the key."""
-import logging
-
 import pytest
 import torch
 
-from conftest import assert_bounded, backends_train_alike, padded_batch
+from conftest import backends_train_alike, matches_hf_causal_lm, padded_batch
 from fastattn.models import BERTConfig, GPT, GPTConfig, CheckpointError
 transformers = pytest.importorskip("transformers")
 
@@ -98,25 +96,10 @@ def test_matches_transformers(tmp_path, arch, caplog):
             if name.endswith(".bias") or "norm" in name:
                 p.uniform_(-0.5, 0.5).add_(1.0 if name.endswith("norm.weight") else 0.0)
     hf.save_pretrained(tmp_path)
-    ours = GPT.from_hf(tmp_path)
+    alibi = arch.startswith(("bloom", "mpt")) or arch.endswith("alibi")  # ALiBi's float64 runs: NaN under padding
+    ours = matches_hf_causal_lm(tmp_path, hf, VOCAB, caplog, per_row_reference=alibi)
     assert (ours.config.parallel_block, ours.config.rotary_dim) == (parallel, rot)
     assert ours.config.lm_head_bias is (arch == "phi" or arch.startswith("gptj"))
-    hf64 = type(hf).from_pretrained(tmp_path, dtype=torch.float64).eval()
-    ids, mask = _batch()
-    keep = mask.bool()
-    with torch.no_grad():
-        a, b = (m(ids, attention_mask=mask).logits for m in (ours, hf))
-        if arch.startswith(("bloom", "mpt")) or arch.endswith("alibi"):  # ALiBi's float64 runs: NaN under padding
-            ref = torch.cat([hf64(ids[i:i + 1, keep[i]]).logits[0] for i in range(len(ids))])
-        else:
-            ref = hf64(ids, attention_mask=mask).logits[keep]
-        assert_bounded(arch, a[keep], ref.double(), b[keep], torch.float32)
-        with caplog.at_level(logging.DEBUG, logger="fastattn"):
-            mine = ours.generate(ids, 10, temperature=0, attention_mask=mask)
-        assert "not bound" not in caplog.text  # the bound decode step ran the parallel blocks
-        theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
-                             eos_token_id=None)
-    assert torch.equal(mine, theirs)
 
 
 @pytest.mark.parametrize("arch", ["pythia", "phi", "falcon-40b", "gptj", "bloom", "mpt"])

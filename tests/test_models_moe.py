@@ -76,6 +76,9 @@ def test_unused_experts_get_zero_gradients():
 transformers = pytest.importorskip("transformers")
 
 
+GRANITE = dict(embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0)
+
+
 def _hf(kind, **kw):
     base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, bos_token_id=0,
@@ -83,6 +86,9 @@ def _hf(kind, **kw):
     if kind == "mixtral":
         return transformers.MixtralForCausalLM(transformers.MixtralConfig(
             **base, num_local_experts=4, num_experts_per_tok=2, **kw)).eval()
+    if kind == "granitemoe":  # Granite's four multipliers (gpt_hf._granite)
+        return transformers.GraniteMoeForCausalLM(transformers.GraniteMoeConfig(
+            **base, num_local_experts=4, num_experts_per_tok=2, **GRANITE, **kw)).eval()
     if kind == "qwen2_moe":  # a shared expert beside the routed ones, q / k / v biases
         return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
             **base, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
@@ -99,7 +105,8 @@ def _prompts():
 
 
 @pytest.mark.parametrize("kind, kw", [("mixtral", {}), ("qwen3_moe", dict(norm_topk_prob=True)),
-                                      ("qwen3_moe", dict(norm_topk_prob=False)), ("qwen2_moe", {})])
+                                      ("qwen3_moe", dict(norm_topk_prob=False)), ("qwen2_moe", {}),
+                                      ("granitemoe", {})])
 def test_from_hf_matches_transformers(tmp_path, kind, kw):
     torch.manual_seed(0)
     hf = _hf(kind, **kw)
@@ -108,8 +115,8 @@ def test_from_hf_matches_transformers(tmp_path, kind, kw):
     ours = GPT.from_hf(tmp_path)
     cfg = ours.config
     assert (cfg.n_experts, cfg.n_experts_per_tok, cfg.d_ff, cfg.qk_norm, cfg.moe_shared_d_ff) == \
-        (4, 2, 48 if kind == "mixtral" else 24, kind == "qwen3_moe", 40 if kind == "qwen2_moe" else 0)
-    assert cfg.moe_norm_topk is (kind == "mixtral" or kw.get("norm_topk_prob", False))
+        (4, 2, 48 if kind in ("mixtral", "granitemoe") else 24, kind == "qwen3_moe", 40 if kind == "qwen2_moe" else 0)
+    assert cfg.moe_norm_topk is (kind in ("mixtral", "granitemoe") or kw.get("norm_topk_prob", False))
     ids, mask = _prompts()
     keep = mask.bool()
     with torch.no_grad():
@@ -123,7 +130,7 @@ def test_from_hf_matches_transformers(tmp_path, kind, kw):
                        hf64.generate(input_ids=ids, attention_mask=mask, num_beams=3, **g))
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "granitemoe"])
 def test_load_balancing_loss_matches_transformers(tmp_path, kind):
     """With output_router_logits (transformers adds router_aux_loss_coef x its load-balancing loss to the loss), the
     import keeps the coefficient: in training, .aux_loss and .loss of a padded batch within transformers' own fp32
@@ -147,17 +154,20 @@ def test_load_balancing_loss_matches_transformers(tmp_path, kind):
     assert plain.aux_loss is None and plain.loss < a.loss
 
 
-def test_fused_expert_tensors_are_read(tmp_path):
+@pytest.mark.parametrize("kind", ["mixtral", "granitemoe"])
+def test_fused_expert_tensors_are_read(tmp_path, kind):
     """A state dict of transformers 5's modules (experts.gate_up_proj (E, 2F, d), experts.down_proj (E, d, F)) gives
-    the same model as the per-expert files."""
+    the same model as the files save_pretrained writes (Mixtral's per-expert tensors, GraniteMoE's input_linear /
+    output_linear / router.layer)."""
     from safetensors.torch import save_file
     torch.manual_seed(0)
-    hf = _hf("mixtral")
+    hf = _hf(kind)
     hf.save_pretrained(tmp_path / "files")
     fused = tmp_path / "fused"
     fused.mkdir()
     sd = hf.state_dict()
-    assert "model.layers.0.mlp.experts.gate_up_proj" in sd
+    assert any(k.endswith("layers.0.mlp.experts.gate_up_proj") or
+               k.endswith("layers.0.block_sparse_moe.experts.gate_up_proj") for k in sd)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(fused / "model.safetensors"))
     (fused / "config.json").write_text((tmp_path / "files" / "config.json").read_text())
     a, b = GPT.from_hf(tmp_path / "files").state_dict(), GPT.from_hf(fused).state_dict()

@@ -1,7 +1,9 @@
-"""GPT.from_hf's importers: a Hugging Face config.json and state dict mapped onto GPTConfig and GPT's state dict, per
-family (GPT-2; OPT; Llama, Mistral, Qwen2, Qwen3, Phi-3, StableLM; Gemma 1 / 2 / 3; Mixtral and Qwen3-MoE, whose
-experts gpt_hf_moe.py maps; and in gpt_hf_parallel.py GPT-NeoX / Pythia, Phi-1 / 1.5 / 2, Falcon).
+"""GPT.from_hf's importers: a Hugging Face config.json and state dict mapped onto GPTConfig and GPT's state dict,
+per family (GPT-2, GPT-BigCode; OPT; Llama, Mistral, Qwen2, Qwen3, Phi-3, StableLM, Granite; Gemma 1 / 2 / 3;
+Mixtral, Qwen3-MoE, Qwen2-MoE and GraniteMoE, whose experts gpt_hf_moe.py maps; and in gpt_hf_parallel.py GPT-NeoX /
+Pythia, Phi-1 / 1.5 / 2, Falcon).
 Whatever a family sets that GPT cannot reproduce exactly is refused with a CheckpointError naming the setting."""
+import dataclasses
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -12,7 +14,7 @@ from .gpt import GPTConfig
 from .gpt_hf_parallel import ACT
 from .gpt_hf_alibi import from_bloom, from_mpt
 from .gpt_hf_moe import MOE_FAMILIES, moe_config, moe_projections
-from .gpt_hf_parallel import from_gptj, from_parallel, rotary
+from .gpt_hf_parallel import from_gptj, from_parallel, reorder_qkv, rotary
 from .layers import ROPE_SCALING_KEYS, check_rope_scaling
 
 
@@ -20,9 +22,9 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
     """(config with ``overrides`` applied, GPT state dict) of the HF folder at path."""
     hf, state = read_hf_folder(path)
     kind, local_theta = hf.get("model_type"), None
-    if kind == "gpt2":
+    if kind in ("gpt2", "gpt_bigcode"):
         cfg, sd = _from_gpt2(hf, state)
-    elif kind in ("llama", "mistral", "qwen2", "qwen3", "phi3", "stablelm"):
+    elif kind in ("llama", "mistral", "qwen2", "qwen3", "phi3", "stablelm", "granite"):
         cfg, sd = _from_llama(hf, state)
     elif kind in MOE_FAMILIES:
         cfg, sd = _from_llama(hf, state, moe_config(hf))
@@ -41,7 +43,8 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
     else:
         raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
                               "mistral, qwen2, qwen3, phi3, stablelm, gemma, gemma2, gemma3_text, opt, gpt_neox, "
-                              "phi, falcon, gptj, bloom, mpt, mixtral, qwen3_moe, qwen2_moe)")
+                              "phi, falcon, gptj, bloom, mpt, mixtral, qwen3_moe, qwen2_moe, gpt_bigcode, granite, "
+                              "granitemoe)")
     window, types = _sliding_window(hf)
     if local_theta is not None and window is not None:  # Gemma 3: its windowed layers' rotary base
         overrides = {"rope_local_theta": local_theta, **overrides}
@@ -54,21 +57,25 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
 
 
 def _from_gpt2(hf: dict, state):
+    """GPT-2, and GPT-BigCode (SantaCoder, StarCoder): GPT-2's block on nn.Linear weights, multi-query attention
+    (c_attn to [q | k | v] with one K / V head) or per-head [q, k, v] rows without it."""
+    bigcode = hf.get("model_type") == "gpt_bigcode"
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
         if hf.get(flag):
             raise CheckpointError(f"config.json: {flag}=true is not supported by GPT.from_hf")
     if hf.get("scale_attn_weights") is False:
         raise CheckpointError("config.json: scale_attn_weights=false is not supported by GPT.from_hf")
-    act = hf.get("activation_function", "gelu_new")
+    act = hf.get("activation_function", "gelu_pytorch_tanh" if bigcode else "gelu_new")
     if act not in ACT:
         raise CheckpointError(f"config.json: activation_function {act!r} is not supported ({sorted(ACT)})")
-    d = hf["n_embd"]
-    cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["n_layer"], n_head=hf["n_head"],
+    d, H = hf["n_embd"], hf["n_head"]
+    Hk = 1 if bigcode and hf.get("multi_query", True) else H
+    cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["n_layer"], n_head=H, n_kv_head=Hk,
                     d_ff=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"], norm="layernorm",
                     norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_first=True, mlp="gelu",
                     activation=ACT[act], pos="learned", tie_embeddings=hf.get("tie_word_embeddings", True),
                     bias=True)
-    m, f = KeyMap(state, ("transformer.", "")), cfg.d_ff
+    m, f, D = KeyMap(state, ("transformer.", "")), cfg.d_ff, d // H
     sd = {"tok_emb.weight": m.take("wte.weight", (cfg.vocab_size, d)),
           "pos.weight": m.take("wpe.weight", (cfg.max_seq_len, d)),
           "norm_f.weight": m.take("ln_f.weight", (d,)), "norm_f.bias": m.take("ln_f.bias", (d,))}
@@ -77,11 +84,15 @@ def _from_gpt2(hf: dict, state):
         for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
             sd[f"{b}{ours}.weight"] = m.take(f"{h}{theirs}.weight", (d,))
             sd[f"{b}{ours}.bias"] = m.take(f"{h}{theirs}.bias", (d,))
-        # GPT-2's Conv1D stores (in, out): transposed into nn.Linear's (out, in)
-        for ours, theirs, shape in (("attn.wqkv", "attn.c_attn", (3 * d, d)), ("attn.wo", "attn.c_proj", (d, d)),
+        # GPT-2's Conv1D stores (in, out): transposed into nn.Linear's (out, in); GPT-BigCode's are nn.Linear
+        for ours, theirs, shape in (("attn.wqkv", "attn.c_attn", (d + 2 * Hk * D, d)),
+                                    ("attn.wo", "attn.c_proj", (d, d)),
                                     ("mlp.w_in", "mlp.c_fc", (f, d)), ("mlp.w_out", "mlp.c_proj", (d, f))):
-            sd[f"{b}{ours}.weight"] = m.take(f"{h}{theirs}.weight", shape, transpose=True)
-            sd[f"{b}{ours}.bias"] = m.take(f"{h}{theirs}.bias", shape[:1])
+            w = m.take(f"{h}{theirs}.weight", shape, transpose=not bigcode)
+            bias = m.take(f"{h}{theirs}.bias", shape[:1])
+            if ours == "attn.wqkv" and bigcode and Hk == H:  # (H, 3, D) rows: q, k, v of each head in turn
+                w, bias = (reorder_qkv(t, "per_head", H, H, D) for t in (w, bias))
+            sd[f"{b}{ours}.weight"], sd[f"{b}{ours}.bias"] = w, bias
     sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else \
         KeyMap(state).take("lm_head.weight", (cfg.vocab_size, d))
     return cfg, sd
@@ -299,4 +310,18 @@ def _from_llama(hf: dict, state, moe: Optional[dict] = None):
             sd[f"{b}mlp.w_out.bias"] = m.take(f"{h}mlp.down_proj.bias", (d,))
     sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else \
         KeyMap(state).take("lm_head.weight", (cfg.vocab_size, d))
-    return cfg, sd
+    return _granite(hf, cfg, sd) if kind in ("granite", "granitemoe") else (cfg, sd)
+
+
+def _granite(hf: dict, cfg: GPTConfig, sd: Dict[str, Tensor]) -> Tuple[GPTConfig, Dict[str, Tensor]]:
+    """Granite's multipliers: the embeddings' and the attention scores' (the scale itself, not a factor on
+    1 / sqrt(D)) are GPTConfig fields; the two that scale a linear output fold into its weights, in float32:
+    residual_multiplier (each sublayer's output, before the residual add) into o_proj and the MLP's or every
+    expert's down projection, 1 / logits_scaling into the final RMSNorm's weight (the head has no bias)."""
+    r, s = float(hf.get("residual_multiplier", 1.0)), float(hf.get("logits_scaling", 1.0))
+    for k, w in sd.items():
+        if ".attn.wo." in k or ".w_out." in k:
+            sd[k] = w.float() * r
+    sd["norm_f.weight"] = sd["norm_f.weight"].float() / s
+    return dataclasses.replace(cfg, embed_scale=float(hf.get("embedding_multiplier", 1.0)),
+                               attn_scale=float(hf.get("attention_multiplier", 1.0))), sd

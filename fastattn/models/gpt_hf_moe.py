@@ -1,13 +1,14 @@
-"""GPT.from_hf for mixture-of-experts families on Llama-style attention: Mixtral, Qwen3-MoE and Qwen2-MoE (its
-shared expert; models/moe.py).
+"""GPT.from_hf for mixture-of-experts families on Llama-style attention: Mixtral, Qwen3-MoE, Qwen2-MoE (its
+shared expert; models/moe.py) and GraniteMoE (Granite's multipliers: gpt_hf._granite).
 
 Their attention, norms and rotary positions are Llama's (Mistral's window, Qwen3's q / k norms), imported by
 gpt_hf._from_llama; this file adds the config fields and each layer's router and experts. Checkpoints store one
 tensor per expert and projection (Mixtral: ``block_sparse_moe.experts.E.w1 / w3 / w2``, Qwen3-MoE:
-``mlp.experts.E.gate_proj / up_proj / down_proj``); a state dict saved from transformers 5's modules holds them fused
-(``mlp.experts.gate_up_proj`` (E, 2F, d), ``mlp.experts.down_proj`` (E, d, F)): both are read. Refused by name:
-Qwen-MoE's dense layers among the sparse ones (``mlp_only_layers``, ``decoder_sparse_step``) and biased projections
-(Qwen2-MoE's q / k / v biases are read, as Qwen2's).
+``mlp.experts.E.gate_proj / up_proj / down_proj``); a state dict saved from transformers 5's modules holds them
+fused (``mlp.experts.gate_up_proj`` (E, 2F, d), ``mlp.experts.down_proj`` (E, d, F)): both are read. GraniteMoE's
+files store them fused too (``block_sparse_moe.input_linear`` / ``output_linear``, the router in ``router.layer``).
+Refused by name: Qwen-MoE's dense layers among the sparse ones (``mlp_only_layers``, ``decoder_sparse_step``) and
+biased projections (Qwen2-MoE's q / k / v biases are read, as Qwen2's).
 Mixtral's router jitter (training-time noise) is not applied (logged).
 """
 import logging
@@ -20,7 +21,7 @@ from .checkpoint import CheckpointError, KeyMap
 
 log = logging.getLogger("fastattn")
 
-MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "granitemoe")
 
 
 def moe_config(hf: dict) -> dict:
@@ -55,21 +56,24 @@ def _moe_fields(hf: dict) -> dict:
 def moe_projections(m: KeyMap, h: str, b: str, cfg) -> Dict[str, Tensor]:
     """Layer h's router and experts as GPT's block b's (mlp.router.weight, mlp.experts.E.w_in / w_out)."""
     d, f, E = cfg.d_model, cfg.d_ff, cfg.n_experts
-    moe = f"{h}block_sparse_moe." if m.has(f"{h}block_sparse_moe.gate.weight") else f"{h}mlp."
-    sd = {f"{b}mlp.router.weight": m.take(f"{moe}gate.weight", (E, d))}
+    moe = f"{h}block_sparse_moe." if any(m.has(f"{h}block_sparse_moe.{k}.weight") for k in
+                                         ("gate", "router", "router.layer")) else f"{h}mlp."
+    if m.has(f"{moe}router.layer.weight"):  # GraniteMoE's files: router.layer, input_linear [gate | up], output_linear
+        return {f"{b}mlp.router.weight": m.take(f"{moe}router.layer.weight", (E, d)),
+                **_experts(m.take(f"{moe}input_linear.weight", (E, 2 * f, d)),
+                           m.take(f"{moe}output_linear.weight", (E, d, f)), b)}
+    sd = {f"{b}mlp.router.weight": m.take(f"{moe}router.weight" if m.has(f"{moe}router.weight") else
+                                          f"{moe}gate.weight", (E, d))}
     fused = m.has(f"{moe}experts.gate_up_proj")
     if fused:
-        gate_up = m.take(f"{moe}experts.gate_up_proj", (E, 2 * f, d))
-        down = m.take(f"{moe}experts.down_proj", (E, d, f))
+        sd.update(_experts(m.take(f"{moe}experts.gate_up_proj", (E, 2 * f, d)),
+                           m.take(f"{moe}experts.down_proj", (E, d, f)), b))
     names = ("w1", "w3", "w2") if moe.endswith("block_sparse_moe.") else ("gate_proj", "up_proj", "down_proj")
-    for e in range(E):
+    for e in range(0 if fused else E):
         x, ours = f"{moe}experts.{e}.", f"{b}mlp.experts.{e}."
-        if fused:
-            sd[f"{ours}w_in.weight"], sd[f"{ours}w_out.weight"] = gate_up[e], down[e]
-        else:
-            sd[f"{ours}w_in.weight"] = torch.cat([m.take(f"{x}{names[0]}.weight", (f, d)),
-                                                  m.take(f"{x}{names[1]}.weight", (f, d))])
-            sd[f"{ours}w_out.weight"] = m.take(f"{x}{names[2]}.weight", (d, f))
+        sd[f"{ours}w_in.weight"] = torch.cat([m.take(f"{x}{names[0]}.weight", (f, d)),
+                                              m.take(f"{x}{names[1]}.weight", (f, d))])
+        sd[f"{ours}w_out.weight"] = m.take(f"{x}{names[2]}.weight", (d, f))
     if cfg.moe_shared_d_ff:  # Qwen2-MoE's shared expert and its gate
         s, x = cfg.moe_shared_d_ff, f"{moe}shared_expert."
         sd[f"{b}mlp.shared.w_in.weight"] = torch.cat([m.take(f"{x}gate_proj.weight", (s, d)),
@@ -77,3 +81,9 @@ def moe_projections(m: KeyMap, h: str, b: str, cfg) -> Dict[str, Tensor]:
         sd[f"{b}mlp.shared.w_out.weight"] = m.take(f"{x}down_proj.weight", (d, s))
         sd[f"{b}mlp.shared_gate.weight"] = m.take(f"{moe}shared_expert_gate.weight", (1, d))
     return sd
+
+
+def _experts(gate_up: Tensor, down: Tensor, b: str) -> Dict[str, Tensor]:
+    """Fused expert tensors (E, 2F, d) [gate | up] and (E, d, F) as block b's experts' w_in / w_out."""
+    return {k: v for e in range(len(gate_up)) for k, v in ((f"{b}mlp.experts.{e}.w_in.weight", gate_up[e]),
+                                                           (f"{b}mlp.experts.{e}.w_out.weight", down[e]))}
