@@ -283,6 +283,12 @@ def test_gemma(tmp_path, version):
         ours.bound_decode_one = lambda: ours.decode_one
         assert torch.equal(ours.generate(ids[:, :6], 10, temperature=0), want)  # modules
         assert torch.equal(GPT.from_hf(tmp_path, backend="torch").generate(ids[:, :6], 10, temperature=0), want)
+    if version == 3:  # the layout of the published config.json files: one rope_scaling, the local base apart
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        del cfg["rope_parameters"]
+        cfg.update(rope_theta=1e6, rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_local_base_freq=1e4)
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        assert GPT.from_hf(tmp_path).config == ours.config
 
 
 def test_mistral_sliding_window(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import backends_train_alike, matches_hf_causal_lm, padded_batch
-from fastattn.models import GPT, CheckpointError
+from fastattn.models import GPT, GPTConfig, CheckpointError
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 71
@@ -28,6 +28,15 @@ def _granite(**kw):  # its four multipliers (the scale of the embeddings, scores
         logits_scaling=4.0), **kw}))
 
 
+def _olmo(version, **kw):  # OLMo: parameter-free LayerNorms; OLMo 2 / 3: norms on the sublayers' outputs only,
+    # q / k norms over all heads; OLMo 3: sliding windows on 3 layers of 4
+    cls = {1: "Olmo", 2: "Olmo2", 3: "Olmo3"}[version]
+    return getattr(transformers, f"{cls}ForCausalLM")(getattr(transformers, f"{cls}Config")(**{**dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4 if version == 3 else 2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+        pad_token_id=0, initializer_range=0.3), **kw}))
+
+
 # name: (make, kwargs, {GPTConfig field: expected value})
 MODELS = {"starcoder": (_bigcode, {}, dict(n_kv_head=1, activation="gelu_tanh")),  # multi-query
           "bigcode-mha": (_bigcode, dict(multi_query=False, activation_function="gelu"),
@@ -35,7 +44,12 @@ MODELS = {"starcoder": (_bigcode, {}, dict(n_kv_head=1, activation="gelu_tanh"))
           "granite": (_granite, dict(tie_word_embeddings=True),
                       dict(embed_scale=3.0, attn_scale=0.2, tie_embeddings=True)),
           "granite-untied-bias": (_granite, dict(tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
-                                  dict(bias=True, tie_embeddings=False))}
+                                  dict(bias=True, tie_embeddings=False)),
+          "olmo": (lambda **kw: _olmo(1, **kw), {}, dict(norm="layernorm", norm_bias=False, qk_norm=False)),
+          "olmo2": (lambda **kw: _olmo(2, **kw), {}, dict(qk_norm_full=True, sandwich_norm=True, input_norm=False)),
+          "olmo3": (lambda **kw: _olmo(3, sliding_window=5, **kw), {},
+                    dict(qk_norm_full=True, input_norm=False, sliding_window=5,
+                         layer_types=["sliding_attention"] * 3 + ["full_attention"]))}
 
 
 def _saved(tmp_path, make, kw):
@@ -56,7 +70,7 @@ def test_matches_transformers(tmp_path, arch, caplog):
     assert {k: getattr(ours.config, k) for k in fields} == fields
 
 
-@pytest.mark.parametrize("arch", ["starcoder", "granite"])
+@pytest.mark.parametrize("arch", ["starcoder", "granite", "olmo2"])
 def test_backends_train_alike(tmp_path, arch):
     make, kw, _ = MODELS[arch]
     _saved(tmp_path, make, kw)
@@ -66,8 +80,17 @@ def test_backends_train_alike(tmp_path, arch):
 
 
 @pytest.mark.parametrize("make, kw, key", [(_bigcode, dict(scale_attn_weights=False), "scale_attn_weights"),
-                                           (_bigcode, dict(activation_function="silu"), "activation_function")])
+                                           (_bigcode, dict(activation_function="silu"), "activation_function"),
+                                           (lambda **kw: _olmo(1, **kw), dict(clip_qkv=8.0), "clip_qkv")])
 def test_refused(tmp_path, make, kw, key):
     make(**kw).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match=key):
         GPT.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("kw, field", [(dict(input_norm=False), "input_norm"),  # needs sandwich_norm
+                                       (dict(input_norm=0, sandwich_norm=True), "input_norm"),
+                                       (dict(qk_norm_full=True), "qk_norm_full")])  # needs qk_norm
+def test_bad_configs_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=f"GPTConfig.{field}"):
+        GPTConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=4, **kw)

@@ -89,6 +89,9 @@ def _hf(kind, **kw):
     if kind == "granitemoe":  # Granite's four multipliers (gpt_hf._granite)
         return transformers.GraniteMoeForCausalLM(transformers.GraniteMoeConfig(
             **base, num_local_experts=4, num_experts_per_tok=2, **GRANITE, **kw)).eval()
+    if kind == "olmoe":  # q / k norms over all heads (not per head)
+        return transformers.OlmoeForCausalLM(transformers.OlmoeConfig(
+            **base, num_experts=4, num_experts_per_tok=2, **kw)).eval()
     if kind == "qwen2_moe":  # a shared expert beside the routed ones, q / k / v biases
         return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
             **base, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
@@ -106,7 +109,7 @@ def _prompts():
 
 @pytest.mark.parametrize("kind, kw", [("mixtral", {}), ("qwen3_moe", dict(norm_topk_prob=True)),
                                       ("qwen3_moe", dict(norm_topk_prob=False)), ("qwen2_moe", {}),
-                                      ("granitemoe", {})])
+                                      ("granitemoe", {}), ("olmoe", {})])
 def test_from_hf_matches_transformers(tmp_path, kind, kw):
     torch.manual_seed(0)
     hf = _hf(kind, **kw)
@@ -114,8 +117,9 @@ def test_from_hf_matches_transformers(tmp_path, kind, kw):
     hf64 = type(hf).from_pretrained(tmp_path, dtype=torch.float64, experts_implementation="eager").eval()
     ours = GPT.from_hf(tmp_path)
     cfg = ours.config
-    assert (cfg.n_experts, cfg.n_experts_per_tok, cfg.d_ff, cfg.qk_norm, cfg.moe_shared_d_ff) == \
-        (4, 2, 48 if kind in ("mixtral", "granitemoe") else 24, kind == "qwen3_moe", 40 if kind == "qwen2_moe" else 0)
+    assert (cfg.n_experts, cfg.n_experts_per_tok, cfg.d_ff, cfg.qk_norm, cfg.qk_norm_full, cfg.moe_shared_d_ff) == \
+        (4, 2, 48 if kind in ("mixtral", "granitemoe", "olmoe") else 24, kind in ("qwen3_moe", "olmoe"),
+         kind == "olmoe", 40 if kind == "qwen2_moe" else 0)
     assert cfg.moe_norm_topk is (kind in ("mixtral", "granitemoe") or kw.get("norm_topk_prob", False))
     ids, mask = _prompts()
     keep = mask.bool()
@@ -130,7 +134,7 @@ def test_from_hf_matches_transformers(tmp_path, kind, kw):
                        hf64.generate(input_ids=ids, attention_mask=mask, num_beams=3, **g))
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "granitemoe"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "granitemoe", "olmoe"])
 def test_load_balancing_loss_matches_transformers(tmp_path, kind):
     """With output_router_logits (transformers adds router_aux_loss_coef x its load-balancing loss to the loss), the
     import keeps the coefficient: in training, .aux_loss and .loss of a padded batch within transformers' own fp32

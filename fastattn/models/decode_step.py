@@ -30,7 +30,7 @@ from ..ops.attention import attention
 from ..ops.attention.decode import routed_kernel
 from ..ops.batching import has_torch_function_subclass
 from ..ops.gemv import gemv_kernel
-from .layers import MLP, Attention, Block, Norm, apply_rotary, pick_rotary, softcap, window_padding
+from .layers import MLP, Attention, Block, Norm, apply_rotary, pick_rotary, pre_norm, softcap, window_padding
 from .moe import MoE
 
 log = logging.getLogger("fastattn")
@@ -61,9 +61,17 @@ def bind_norm(norm: Norm, prenorm: bool, dtype: torch.dtype, device: torch.devic
 
 
 def bind_head_norm(norm: Norm, dtype: torch.dtype, device: torch.device) -> Callable[[Tensor], Tensor]:
-    """A per-head norm (Qwen3's q / k norm) on (..., head_dim): rows made contiguous, normalised, shaped back."""
+    """A q / k norm on (..., head_dim) (Qwen3's, per head) or (..., heads * head_dim) (OLMo 2's): rows made
+    contiguous, normalised, shaped back."""
     rows = bind_norm(norm, False, dtype, device)
-    return lambda x: rows(x.reshape(-1, x.shape[-1]), None).view(x.shape)
+    return lambda x: rows(x.reshape(-1, x.shape[-1]).contiguous(), None).view(x.shape)
+
+
+def bind_input_norm(norm: Optional[Norm], prenorm: bool, dtype: torch.dtype, device: torch.device):
+    """A sublayer's input norm, or without one (OLMo 2's blocks: layers.pre_norm) the residual add alone."""
+    if norm is not None:
+        return bind_norm(norm, prenorm, dtype, device)
+    return lambda x, residual: pre_norm(None, x, residual)
 
 
 def bind_output_norm(norm: Optional[Norm], dtype: torch.dtype, device: torch.device) -> Callable[[Tensor], Tensor]:
@@ -94,6 +102,7 @@ class _SelfAttention:
         self.qkv, self.out = bind_linear(a.wqkv, dtype, rows), bind_linear(a.wo, dtype, rows)
         self.qk_norm = None if a.q_norm is None else (bind_head_norm(a.q_norm, dtype, device),
                                                       bind_head_norm(a.k_norm, dtype, device))
+        self.qk_full = a.qk_full
         S = a.cache.k.shape[2]
         self.scale = self.D ** -0.5 if a.scale is None else a.scale
         self.softcap, self.window, self.alibi = a.softcap, a.window, a.alibi
@@ -106,7 +115,10 @@ class _SelfAttention:
         H, Hk, D, W = self.H, self.Hk, self.D, self.W
         B = x.shape[0] // W
         q, k, v = self.qkv(x).view(B, W, H + 2 * Hk, D).split((H, Hk, Hk), 2)  # (B, W, H | Hk, D)
-        if self.qk_norm is not None:
+        if self.qk_full:  # one norm over all heads' q, another over all heads' k (OLMo 2)
+            q = self.qk_norm[0](q.reshape(B, W, H * D)).view(B, W, H, D)
+            k = self.qk_norm[1](k.reshape(B, W, Hk * D)).view(B, W, Hk, D)
+        elif self.qk_norm is not None:
             q, k = self.qk_norm[0](q), self.qk_norm[1](k)
         if st.rotary is not None:
             rotary = pick_rotary(st.rotary, self.window)
@@ -184,7 +196,7 @@ class _Block:
 
     def __init__(self, b: Block, memory, memory_pad, width: int, rows: int, dtype, device, forced: str):
         self.norm_first = pre = b.norm_first
-        self.norm1 = bind_norm(b.norm1, pre, dtype, device)
+        self.norm1 = bind_input_norm(b.norm1, pre, dtype, device)
         self.attn = _SelfAttention(b.attn, width, rows, dtype, device, forced)
         self.cross = None
         if memory is not None:
@@ -194,7 +206,7 @@ class _Block:
         if self.parallel:  # norm2 (if any) reads the stream itself: a plain norm
             self.norm2 = None if b.norm2 is None else bind_norm(b.norm2, False, dtype, device)
         else:
-            self.norm2 = bind_norm(b.norm2, pre, dtype, device)
+            self.norm2 = bind_input_norm(b.norm2, pre, dtype, device)
         if type(b.mlp) is MoE:  # the module routes; its experts run bound, per row count (routing decides it)
             self.mlp = _Experts(b.mlp, dtype)
         else:
@@ -283,8 +295,8 @@ def _why_not(model: nn.Module, blocks) -> Optional[str]:
     if any(hooks) or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return "a forward hook would not run"
     for b in blocks:
-        parts = [(b, Block), (b.attn, Attention), (b.mlp, MoE if type(b.mlp) is MoE else MLP), (b.norm1, Norm)]
-        parts += [(b.norm2, Norm)] if b.norm2 is not None else []
+        parts = [(b, Block), (b.attn, Attention), (b.mlp, MoE if type(b.mlp) is MoE else MLP)]
+        parts += [(n, Norm) for n in (b.norm1, b.norm2) if n is not None]
         if hasattr(b, "cross_attn"):
             parts += [(b.cross_attn, Attention), (b.norm_x, Norm)]
         parts += [(n, Norm) for a in (b.attn, getattr(b, "cross_attn", None)) if a is not None

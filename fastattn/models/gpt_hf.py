@@ -1,7 +1,7 @@
 """GPT.from_hf's importers: a Hugging Face config.json and state dict mapped onto GPTConfig and GPT's state dict,
-per family (GPT-2, GPT-BigCode; OPT; Llama, Mistral, Qwen2, Qwen3, Phi-3, StableLM, Granite; Gemma 1 / 2 / 3;
-Mixtral, Qwen3-MoE, Qwen2-MoE and GraniteMoE, whose experts gpt_hf_moe.py maps; and in gpt_hf_parallel.py GPT-NeoX /
-Pythia, Phi-1 / 1.5 / 2, Falcon).
+per family (GPT-2, GPT-BigCode; OPT; Llama, Mistral, Qwen2, Qwen3, Phi-3, StableLM, Granite, OLMo 1 / 2 / 3; Gemma 1
+/ 2 / 3; Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE and OLMoE, whose experts gpt_hf_moe.py maps; and in
+gpt_hf_parallel.py GPT-NeoX / Pythia, Phi-1 / 1.5 / 2, Falcon).
 Whatever a family sets that GPT cannot reproduce exactly is refused with a CheckpointError naming the setting."""
 import dataclasses
 from typing import Dict, Optional, Tuple
@@ -24,10 +24,10 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
     kind, local_theta = hf.get("model_type"), None
     if kind in ("gpt2", "gpt_bigcode"):
         cfg, sd = _from_gpt2(hf, state)
-    elif kind in ("llama", "mistral", "qwen2", "qwen3", "phi3", "stablelm", "granite"):
-        cfg, sd = _from_llama(hf, state)
+    elif kind in LLAMA_FAMILIES:
+        cfg, sd, local_theta = _from_llama(hf, state)
     elif kind in MOE_FAMILIES:
-        cfg, sd = _from_llama(hf, state, moe_config(hf))
+        cfg, sd, local_theta = _from_llama(hf, state, moe_config(hf))
     elif kind in ("gemma", "gemma2", "gemma3_text"):
         cfg, sd, local_theta = _from_gemma(hf, state)
     elif kind == "opt":
@@ -44,9 +44,9 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
         raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
                               "mistral, qwen2, qwen3, phi3, stablelm, gemma, gemma2, gemma3_text, opt, gpt_neox, "
                               "phi, falcon, gptj, bloom, mpt, mixtral, qwen3_moe, qwen2_moe, gpt_bigcode, granite, "
-                              "granitemoe)")
+                              "granitemoe, olmo, olmo2, olmo3, olmoe)")
     window, types = _sliding_window(hf)
-    if local_theta is not None and window is not None:  # Gemma 3: its windowed layers' rotary base
+    if local_theta is not None and window is not None:  # Gemma 3, OLMo 3: the windowed layers' rotary base
         overrides = {"rope_local_theta": local_theta, **overrides}
     max_len = overrides.get("max_seq_len", cfg.max_seq_len)
     if window is not None and "sliding_window" not in overrides and (
@@ -150,13 +150,7 @@ def _from_gemma(hf: dict, state):
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in _GEMMA_ACT:
         raise CheckpointError(f"config.json: hidden_activation {act!r} is not supported ({sorted(_GEMMA_ACT)})")
-    rope, local_theta = hf.get("rope_parameters") or hf.get("rope_scaling") or {}, None
-    if three:  # {"full_attention": {...}, "sliding_attention": {...}}
-        local = rope.get("sliding_attention") or {}
-        if _rope_scaling(local) is not None:
-            raise CheckpointError("config.json: a scaled rope on Gemma 3's sliding layers is not supported")
-        local_theta = float(local.get("rope_theta", hf.get("rope_local_base_freq", 1e4)))
-        rope = rope.get("full_attention") or {}
+    rope, local_theta = _layer_ropes(hf)
     d, H, L = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
     cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=L, n_head=H,
                     n_kv_head=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim") or d // H,
@@ -216,10 +210,10 @@ def _sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
     """(the attention window W: a query sees the W latest keys, itself included; the layer_types when only some
     layers have it, else None), or (None, None): Mistral and Phi-3 (every layer), Qwen2 / Qwen3 with
     use_sliding_window (the layers from max_window_layers on, or as layer_types says), Gemma 2 (every other layer,
-    the first included)."""
+    the first included), Gemma 3 and OLMo 3 (all but every 6th / 4th layer)."""
     kind, n = hf.get("model_type"), hf.get("num_hidden_layers", 0)
     on = {"mistral": True, "mixtral": True, "phi3": True, "qwen2": False, "qwen3": False, "qwen3_moe": False,
-          "qwen2_moe": False, "gemma2": True, "gemma3_text": True}.get(kind)
+          "qwen2_moe": False, "gemma2": True, "gemma3_text": True, "olmo3": True}.get(kind)
     if on is None or not hf.get("sliding_window") or not hf.get("use_sliding_window", on):
         return None, None
     types = None
@@ -228,12 +222,27 @@ def _sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
                                           "full_attention" for i in range(n)]
     elif kind == "gemma2":
         types = hf.get("layer_types") or ["full_attention" if i % 2 else "sliding_attention" for i in range(n)]
-    elif kind == "gemma3_text":  # 5 local layers to 1 global by default
-        types = hf.get("layer_types") or ["full_attention" if (i + 1) % hf.get("sliding_window_pattern", 6) == 0
-                                          else "sliding_attention" for i in range(n)]
+    elif kind in ("gemma3_text", "olmo3"):  # 5 (OLMo 3: 3) local layers to 1 global by default
+        every = hf.get("sliding_window_pattern", 6) if kind == "gemma3_text" else 4
+        types = hf.get("layer_types") or ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
+                                          for i in range(n)]
     if types is not None and "sliding_attention" not in types:
         return None, None
     return int(hf["sliding_window"]), (None if types is None or set(types) == {"sliding_attention"} else list(types))
+
+
+def _layer_ropes(hf: dict) -> Tuple[dict, Optional[float]]:
+    """(the rope dict of the full-attention layers, the rotary base of the sliding-window ones or None): Gemma 3's
+    and OLMo 3's rope_parameters hold one dict per layer type; the windowed layers' rope must be unscaled."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if "sliding_attention" not in rope and "full_attention" not in rope:
+        if hf.get("model_type") != "gemma3_text":
+            return rope, None
+        return rope, float(hf.get("rope_local_base_freq", 1e4))
+    local = rope.get("sliding_attention") or {}
+    if _rope_scaling(local) is not None:
+        raise CheckpointError("config.json: a scaled rope on the sliding-window layers is not supported")
+    return rope.get("full_attention") or {}, float(local.get("rope_theta", hf.get("rope_local_base_freq", 1e4)))
 
 
 def _rope_scaling(rope: dict) -> Optional[dict]:
@@ -252,11 +261,15 @@ def _rope_scaling(rope: dict) -> Optional[dict]:
     return scaling
 
 
+LLAMA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "stablelm", "granite", "olmo", "olmo2", "olmo3")
+
+
 def _from_llama(hf: dict, state, moe: Optional[dict] = None):
-    """Llama and its relatives; ``moe``: a mixture-of-experts family's GPTConfig fields (gpt_hf_moe.moe_config)."""
+    """Llama and its relatives; ``moe``: a mixture-of-experts family's GPTConfig fields (gpt_hf_moe.moe_config).
+    Returns (config, state dict, the sliding-window layers' own rotary base or None)."""
     moe = dict(moe or {})
     d_ff = moe.pop("d_ff", None) or hf["intermediate_size"]  # an expert's width (Qwen3-MoE's own)
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope, local_theta = _layer_ropes(hf)  # (OLMo 3: one rope per layer type)
     scaling = _rope_scaling(rope)  # Llama 3.1 / 3.2: "llama3"
     act = hf.get("hidden_act", "silu")
     if act != "silu":
@@ -274,32 +287,45 @@ def _from_llama(hf: dict, state, moe: Optional[dict] = None):
             raise CheckpointError("config.json: qk_layernorm=true is not supported by GPT.from_hf (StableLM's per-head "
                                   "LayerNorms, one weight per head)")
         qkv_bias = bool(hf.get("use_qkv_bias", False))
+    if hf.get("clip_qkv") is not None:
+        raise CheckpointError(f"config.json: clip_qkv={hf['clip_qkv']!r} (OLMo's clamped q / k / v) is not "
+                              "supported by GPT.from_hf")
+    olmo, olmo2 = kind == "olmo", kind in ("olmo2", "olmo3")  # OLMo: LayerNorms without parameters
     d, H = hf["hidden_size"], hf["num_attention_heads"]
     _, rot = rotary(hf, hf.get("head_dim") or d // H)  # Phi-4-mini: partial_rotary_factor 0.75
     cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["num_hidden_layers"], n_head=H,
                     n_kv_head=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim") or d // H,
                     d_ff=d_ff, max_seq_len=hf.get("max_position_embeddings", 2048),
-                    norm="layernorm" if stablelm else "rmsnorm", norm_bias=True if stablelm else None,
-                    norm_eps=hf.get("layer_norm_eps", 1e-5) if stablelm else hf.get("rms_norm_eps", 1e-6),
+                    norm="layernorm" if stablelm or olmo else "rmsnorm",
+                    norm_bias=True if stablelm else False if olmo else None,
+                    norm_eps=hf.get("layer_norm_eps", 1e-5) if stablelm or olmo else hf.get("rms_norm_eps", 1e-6),
                     parallel_block="one_norm" if stablelm and hf.get("use_parallel_residual") else None,
                     norm_first=True, mlp="swiglu", activation="silu",
                     pos="rotary", rope_theta=float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4))),
                     tie_embeddings=hf.get("tie_word_embeddings", False), bias=attn_bias, qkv_bias=qkv_bias,
-                    qk_norm=kind in ("qwen3", "qwen3_moe"), rope_scaling=scaling, rotary_dim=rot, **moe)
+                    qk_norm=kind in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe"),
+                    qk_norm_full=kind in ("olmo2", "olmo3", "olmoe"), sandwich_norm=olmo2, input_norm=not olmo2,
+                    rope_scaling=scaling, rotary_dim=rot, **moe)
     m, f, D, Hk = KeyMap(state, ("model.", "")), cfg.d_ff, cfg.head_dim, cfg.n_kv_head
     norm_params = ("weight", "bias") if stablelm else ("weight",)
+
+    def norm(key: str) -> Dict[str, Tensor]:  # one norm's parameters (OLMo's LayerNorms have none: weight 1)
+        return {p: torch.ones(d) if olmo else m.take(f"{key}.{p}", (d,)) for p in norm_params}
     sd = {"tok_emb.weight": m.take("embed_tokens.weight", (cfg.vocab_size, d)),
-          **{f"norm_f.{p}": m.take(f"norm.{p}", (d,)) for p in norm_params}}
+          **{f"norm_f.{p}": t for p, t in norm("norm").items()}}
+    # OLMo 2 / 3: each sublayer's output normalised (post_attention_ / post_feedforward_layernorm), not its input
+    norms = (("post_norm1", "post_attention_layernorm"), ("post_norm2", "post_feedforward_layernorm")) if olmo2 else \
+        (("norm1", "input_layernorm"),) + ((("norm2", "post_attention_layernorm"),) if cfg.parallel_block is None
+                                           else ())
+    qk_dims = (H * D, Hk * D) if cfg.qk_norm_full else (D, D)
     for i in range(cfg.n_layer):
         h, b = f"layers.{i}.", f"blocks.{i}."
-        for p in norm_params:
-            sd[f"{b}norm1.{p}"] = m.take(f"{h}input_layernorm.{p}", (d,))
-            if cfg.parallel_block is None:
-                sd[f"{b}norm2.{p}"] = m.take(f"{h}post_attention_layernorm.{p}", (d,))
+        for ours, theirs in norms:
+            sd.update({f"{b}{ours}.{p}": t for p, t in norm(f"{h}{theirs}").items()})
         sd.update(_projections(m, h, b, cfg, fused=kind == "phi3"))
         if cfg.qk_norm:
-            sd[f"{b}attn.q_norm.weight"] = m.take(f"{h}self_attn.q_norm.weight", (D,))
-            sd[f"{b}attn.k_norm.weight"] = m.take(f"{h}self_attn.k_norm.weight", (D,))
+            sd[f"{b}attn.q_norm.weight"] = m.take(f"{h}self_attn.q_norm.weight", qk_dims[:1])
+            sd[f"{b}attn.k_norm.weight"] = m.take(f"{h}self_attn.k_norm.weight", qk_dims[1:])
         if cfg.bias or qkv_bias:
             sd[f"{b}attn.wqkv.bias"] = torch.cat([m.take(f"{h}self_attn.{n}_proj.bias", (s,))
                                                    for n, s in (("q", H * D), ("k", Hk * D), ("v", Hk * D))])
@@ -310,7 +336,9 @@ def _from_llama(hf: dict, state, moe: Optional[dict] = None):
             sd[f"{b}mlp.w_out.bias"] = m.take(f"{h}mlp.down_proj.bias", (d,))
     sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else \
         KeyMap(state).take("lm_head.weight", (cfg.vocab_size, d))
-    return _granite(hf, cfg, sd) if kind in ("granite", "granitemoe") else (cfg, sd)
+    if kind in ("granite", "granitemoe"):
+        cfg, sd = _granite(hf, cfg, sd)
+    return cfg, sd, local_theta
 
 
 def _granite(hf: dict, cfg: GPTConfig, sd: Dict[str, Tensor]) -> Tuple[GPTConfig, Dict[str, Tensor]]:

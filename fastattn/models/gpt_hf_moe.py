@@ -1,5 +1,6 @@
 """GPT.from_hf for mixture-of-experts families on Llama-style attention: Mixtral, Qwen3-MoE, Qwen2-MoE (its
-shared expert; models/moe.py) and GraniteMoE (Granite's multipliers: gpt_hf._granite).
+shared expert; models/moe.py), GraniteMoE (Granite's multipliers: gpt_hf._granite) and OLMoE (q / k norms over all
+heads).
 
 Their attention, norms and rotary positions are Llama's (Mistral's window, Qwen3's q / k norms), imported by
 gpt_hf._from_llama; this file adds the config fields and each layer's router and experts. Checkpoints store one
@@ -21,7 +22,7 @@ from .checkpoint import CheckpointError, KeyMap
 
 log = logging.getLogger("fastattn")
 
-MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "granitemoe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "granitemoe", "olmoe")
 
 
 def moe_config(hf: dict) -> dict:
@@ -37,7 +38,7 @@ def _moe_fields(hf: dict) -> dict:
     kind = hf.get("model_type")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise CheckpointError(f"config.json: attention_bias / mlp_bias true is not supported for {kind}")
-    if kind in ("qwen3_moe", "qwen2_moe"):
+    if kind in ("qwen3_moe", "qwen2_moe", "olmoe"):
         if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
             raise CheckpointError(f"config.json: mlp_only_layers={hf.get('mlp_only_layers')!r} / decoder_sparse_step="
                                   f"{hf.get('decoder_sparse_step')!r}: dense layers among the expert layers are not "

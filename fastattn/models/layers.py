@@ -44,29 +44,31 @@ class ModelConfig:
     ``mlp``: "gelu" (two Linears with ``activation`` between), "swiglu" (down(silu(gate(x)) * up(x))) or "geglu"
     (Gemma's: down(activation(gate(x)) * up(x)), activation "gelu_tanh" or "gelu"). ``norm_first``: pre-norm (True)
     or post-norm (False). ``rope_scaling``: None, {"rope_type": "linear", "factor": f} or Llama 3's {"rope_type":
-    "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
-    ``pos="alibi"`` (GPT): no position embedding; each head's scores get -slope * distance (ALiBi), with BLOOM's
-    slopes or ``alibi_slopes`` (one per head; Falcon-RW's are BLOOM's scaled by 1 / sqrt(head_dim)).
-    ``sliding_window`` W (GPT): a token attends to itself and the W - 1 before it (Mistral's window), in training,
-    prefill and decoding; on every layer, or on those ``layer_types`` (one "sliding_attention" / "full_attention"
-    per layer, HF's names) marks (Gemma 2's alternation); ``rope_local_theta`` gives those windowed layers rotary
-    positions of their own base, unscaled (Gemma 3). Gemma: ``embed_scale`` multiplies the token embeddings;
-    ``attn_scale`` (None = head_dim ** -0.5) scales the scores; ``attn_softcap`` / ``final_softcap`` (0: off) cap
-    the scores / the logits as c * tanh(x / c); ``sandwich_norm`` adds a norm on each sublayer's output before the
-    residual add (pre-norm GPT only). ``bias``: every Linear's bias; ``qkv_bias`` None = bias, else the query / key
-    / value projections' own (Qwen2: True with bias False); ``norm_bias`` None = bias, else the LayerNorms' own
-    (Falcon, StableLM: True with bias False). ``qk_norm``: queries and keys normalised per head (the
-    model's ``norm`` over head_dim) before the rotary positions (Qwen3). ``rotary_dim`` None = head_dim: rotary
-    positions on that many leading channels of each head (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor).
-    ``parallel_block`` (pre-norm GPT): attention and MLP read the same residual stream and their outputs are added
-    to it together, "two_norms" (GPT-NeoX / Pythia: each sublayer its own norm) or "one_norm" (Phi: both read
-    norm1). ``lm_head_bias``: a bias on the vocabulary projection (Phi's; BART's final_logits_bias; not BERT, whose
-    MLM head has its own). ``n_experts`` > 0: every MLP is a mixture of that many experts (each an MLP of d_ff
-    units), ``n_experts_per_tok`` of them per token, their router weights renormalised over the chosen ones when
-    ``moe_norm_topk`` (Mixtral, Qwen3-MoE: models/moe.py), plus a shared expert of ``moe_shared_d_ff`` units
-    that every token runs, gated by a sigmoid (Qwen2-MoE); a GPT's ``router_aux_loss_coef`` > 0 adds that much of the
-    load-balancing loss to a loss computed from labels in training (transformers' Mixtral with output_router_logits;
-    in eval mode the loss stays the task's, so perplexity means perplexity)."""
+    "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}. ``pos="alibi"``
+    (GPT): no position embedding; each head's scores get -slope * distance (ALiBi), with BLOOM's slopes or
+    ``alibi_slopes`` (one per head; Falcon-RW's are BLOOM's scaled by 1 / sqrt(head_dim)). ``sliding_window`` W
+    (GPT): a token attends to itself and the W - 1 before it (Mistral's window), in training, prefill and decoding;
+    on every layer, or on those ``layer_types`` (one "sliding_attention" / "full_attention" per layer, HF's names)
+    marks (Gemma 2's alternation); ``rope_local_theta`` gives those windowed layers rotary positions of their own
+    base, unscaled (Gemma 3). Gemma: ``embed_scale`` multiplies the token embeddings; ``attn_scale`` (None =
+    head_dim ** -0.5) scales the scores; ``attn_softcap`` / ``final_softcap`` (0: off) cap the scores / the logits
+    as c * tanh(x / c); ``sandwich_norm`` adds a norm on each sublayer's output before the residual add (pre-norm
+    GPT only); ``input_norm`` False (with sandwich_norm: OLMo 2) drops the norms on the sublayers' inputs, leaving
+    only those on their outputs. ``bias``: every Linear's bias; ``qkv_bias`` None = bias, else the query / key /
+    value projections' own (Qwen2: True with bias False); ``norm_bias`` None = bias, else the LayerNorms' own
+    (Falcon, StableLM: True with bias False). ``qk_norm``: queries and keys normalised per head (the model's
+    ``norm`` over head_dim) before the rotary positions (Qwen3), or over all heads' q and all heads' k at once when
+    ``qk_norm_full`` (OLMo 2, OLMoE). ``rotary_dim`` None = head_dim: rotary positions on that many leading channels
+    of each head (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor). ``parallel_block`` (pre-norm GPT): attention
+    and MLP read the same residual stream and their outputs are added to it together, "two_norms" (GPT-NeoX /
+    Pythia: each sublayer its own norm) or "one_norm" (Phi: both read norm1). ``lm_head_bias``: a bias on the
+    vocabulary projection (Phi's; BART's final_logits_bias; not BERT, whose MLM head has its own). ``n_experts`` >
+    0: every MLP is a mixture of that many experts (each an MLP of d_ff units), ``n_experts_per_tok`` of them per
+    token, their router weights renormalised over the chosen ones when ``moe_norm_topk`` (Mixtral, Qwen3-MoE:
+    models/moe.py), plus a shared expert of ``moe_shared_d_ff`` units that every token runs, gated by a sigmoid
+    (Qwen2-MoE); a GPT's ``router_aux_loss_coef`` > 0 adds that much of the load-balancing loss to a loss computed
+    from labels in training (transformers' Mixtral with output_router_logits; in eval mode the loss stays the
+    task's, so perplexity means perplexity)."""
     vocab_size: int = 50257
     d_model: int = 768
     n_layer: int = 12
@@ -95,11 +97,13 @@ class ModelConfig:
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
     sandwich_norm: bool = False
+    input_norm: bool = True
     tie_embeddings: bool = True
     bias: bool = True
     qkv_bias: Optional[bool] = None
     norm_bias: Optional[bool] = None
     qk_norm: bool = False
+    qk_norm_full: bool = False
     parallel_block: Optional[str] = None
     lm_head_bias: bool = False
     n_experts: int = 0  # > 0: each MLP a mixture of this many experts (models/moe.py)
@@ -131,7 +135,7 @@ class ModelConfig:
                                  f"d_model={self.d_model} (or set head_dim)")
             self.head_dim = self.d_model // self.n_head
         self.check_ints(("head_dim",), 1)
-        for name in ("bias", "qk_norm", "sandwich_norm") + tuple(
+        for name in ("bias", "qk_norm", "qk_norm_full", "sandwich_norm", "input_norm") + tuple(
                 n for n in ("qkv_bias", "norm_bias") if getattr(self, n) is not None):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{type(self).__name__}.{name}: expected true or false, got {getattr(self, name)!r}")
@@ -193,6 +197,11 @@ class ModelConfig:
             raise ValueError(f"{type(self).__name__}.attn_scale: expected a number > 0 or None, got {v!r}")
         if self.sandwich_norm and (not self.norm_first or self.model_type != "gpt"):
             raise ValueError(f"{type(self).__name__}.sandwich_norm: supported by pre-norm (norm_first) GPT only")
+        if not self.input_norm and (not self.sandwich_norm or self.parallel_block is not None):
+            raise ValueError(f"{type(self).__name__}.input_norm: false needs sandwich_norm (each sublayer's output "
+                             "normalised) and no parallel_block")
+        if self.qk_norm_full and (not self.qk_norm or self.model_type != "gpt"):
+            raise ValueError(f"{type(self).__name__}.qk_norm_full: needs qk_norm, in a GPT")
 
         check_rope_scaling(self.rope_scaling, type(self).__name__)
         if self.sliding_window is not None:
@@ -288,6 +297,14 @@ class Norm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, {self.kind}, eps={self.eps}"
+
+
+def pre_norm(norm: Optional[Norm], x: Tensor, residual: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """norm.pre(x, residual); without a norm (a block with ``input_norm`` False) the stream itself, twice."""
+    if norm is not None:
+        return norm.pre(x, residual)
+    s = x if residual is None else x + residual
+    return s, s
 
 
 def drop(x: Tensor, p: float, training: bool, backend: str) -> Tensor:
@@ -502,9 +519,11 @@ class Attention(nn.Module):
         else:
             self.wqkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
         self.wo = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
-        # Qwen3: q and k normalised over each head's dims (one weight shared by the heads)
-        self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
-        self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        # Qwen3: q and k normalised over each head's dims (one weight shared by the heads); OLMo 2 (qk_norm_full):
+        # over all heads' q (q_dim weights) and all heads' k (kv_dim)
+        self.qk_full = cfg.qk_norm_full
+        self.q_norm = make_norm(cfg, q_dim if self.qk_full else cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, kv_dim if self.qk_full else cfg.head_dim) if cfg.qk_norm else None
         self.cache: Optional[KVCache] = None
         self.memory_kv: Optional[Tuple[Tensor, Tensor]] = None  # cross-attention K/V, computed once per generation
         # ALiBi: -slope * distance on each head's scores; float32 whatever the model's dtype (see _apply)
@@ -547,8 +566,10 @@ class Attention(nn.Module):
             k, v = memory
         else:
             q, k, v = self.wqkv(x).split([H * D, Hk * D, Hk * D], -1)
+            if self.qk_full:  # (rows of the fused projection: made contiguous for the norm kernel)
+                q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
             q, k, v = q.view(B, L, H, D), k.view(B, L, Hk, D), v.view(B, L, Hk, D)
-            if self.q_norm is not None:
+            if self.q_norm is not None and not self.qk_full:
                 q, k = self.q_norm(q), self.k_norm(k)
             if rotary is not None:
                 rotary = pick_rotary(rotary, self.window)
@@ -618,11 +639,13 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, cross: bool = False, layer: int = 0):
         super().__init__()
         self.norm_first, self.dropout, self.backend = cfg.norm_first, cfg.dropout, cfg.backend
-        self.norm1, self.attn = make_norm(cfg), Attention(cfg, window=cfg.layer_window(layer))
+        # input_norm False (OLMo 2): no norm before the sublayers, only the sandwich norms after them
+        self.norm1 = make_norm(cfg) if cfg.input_norm else None
+        self.attn = Attention(cfg, window=cfg.layer_window(layer))
         if cross:
             self.norm_x, self.cross_attn = make_norm(cfg), Attention(cfg, cross=True)
         self.parallel = cfg.parallel_block
-        self.norm2 = None if self.parallel == "one_norm" else make_norm(cfg)
+        self.norm2 = None if self.parallel == "one_norm" or not cfg.input_norm else make_norm(cfg)
         if cfg.n_experts:
             from .moe import MoE  # (moe.py builds on this file's MLP)
             self.mlp = MoE(cfg)
@@ -646,12 +669,12 @@ class Block(nn.Module):
             x2 = x if self.norm2 is None else self.norm2(residual)
             return self._drop(self.attn(x, **attn_kw)) + self._drop(self.mlp(x2)), residual
         if self.norm_first:
-            x, residual = self.norm1.pre(h, residual)
+            x, residual = pre_norm(self.norm1, h, residual)
             h = self._drop(self._out(self.attn(x, **attn_kw), "post_norm1"))
             if memory is not None:
                 x, residual = self.norm_x.pre(h, residual)
                 h = self._drop(self.cross_attn(x, key_padding_mask=memory_mask, memory=memory))
-            x, residual = self.norm2.pre(h, residual)
+            x, residual = pre_norm(self.norm2, h, residual)
             return self._drop(self._out(self.mlp(x), "post_norm2")), residual
         h = self.norm1.post(self._drop(self.attn(h, **attn_kw)), h)
         if memory is not None:
