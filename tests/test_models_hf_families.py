@@ -1,9 +1,9 @@
 """GPT.from_hf on more decoder families: GPT-BigCode (SantaCoder / StarCoder: GPT-2's block with multi-query
 attention), Granite (Llama with multipliers on the embeddings, scores, sublayer outputs and logits; GraniteMoE in
-test_models_moe.py). Small random models (norm weights and biases drawn away from their 1 / 0 init so every sublayer
-moves the greedy tokens) saved to tmp_path: logits of a left-padded batch bounded by transformers' own fp32 error
-against its float64 run, greedy tokens through the bound decode step equal to transformers' generate, both backends
-training alike; what GPT cannot reproduce is refused naming the key."""
+test_models_moe.py), OLMo 1 / 2 / 3 and Cohere. Small random models (norm weights and biases drawn away from their 1
+/ 0 init so every sublayer moves the greedy tokens) saved to tmp_path: logits of a left-padded batch bounded by
+transformers' own fp32 error against its float64 run, greedy tokens through the bound decode step equal to
+transformers' generate, both backends training alike; what GPT cannot reproduce is refused naming the key."""
 import pytest
 import torch
 
@@ -37,6 +37,13 @@ def _olmo(version, **kw):  # OLMo: parameter-free LayerNorms; OLMo 2 / 3: norms 
         pad_token_id=0, initializer_range=0.3), **kw}))
 
 
+def _cohere(**kw):  # bias-free LayerNorms, attention and MLP in parallel, interleaved rotary pairs, logit_scale
+    return transformers.CohereForCausalLM(transformers.CohereConfig(**{**dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        initializer_range=0.3, logit_scale=0.25), **kw}))
+
+
 # name: (make, kwargs, {GPTConfig field: expected value})
 MODELS = {"starcoder": (_bigcode, {}, dict(n_kv_head=1, activation="gelu_tanh")),  # multi-query
           "bigcode-mha": (_bigcode, dict(multi_query=False, activation_function="gelu"),
@@ -49,7 +56,9 @@ MODELS = {"starcoder": (_bigcode, {}, dict(n_kv_head=1, activation="gelu_tanh"))
           "olmo2": (lambda **kw: _olmo(2, **kw), {}, dict(qk_norm_full=True, sandwich_norm=True, input_norm=False)),
           "olmo3": (lambda **kw: _olmo(3, sliding_window=5, **kw), {},
                     dict(qk_norm_full=True, input_norm=False, sliding_window=5,
-                         layer_types=["sliding_attention"] * 3 + ["full_attention"]))}
+                         layer_types=["sliding_attention"] * 3 + ["full_attention"])),
+          "cohere": (_cohere, {}, dict(parallel_block="one_norm", norm="layernorm", norm_bias=False,
+                                       tie_embeddings=True))}
 
 
 def _saved(tmp_path, make, kw):
@@ -70,7 +79,7 @@ def test_matches_transformers(tmp_path, arch, caplog):
     assert {k: getattr(ours.config, k) for k in fields} == fields
 
 
-@pytest.mark.parametrize("arch", ["starcoder", "granite", "olmo2"])
+@pytest.mark.parametrize("arch", ["starcoder", "granite", "olmo2", "cohere"])
 def test_backends_train_alike(tmp_path, arch):
     make, kw, _ = MODELS[arch]
     _saved(tmp_path, make, kw)
@@ -81,7 +90,9 @@ def test_backends_train_alike(tmp_path, arch):
 
 @pytest.mark.parametrize("make, kw, key", [(_bigcode, dict(scale_attn_weights=False), "scale_attn_weights"),
                                            (_bigcode, dict(activation_function="silu"), "activation_function"),
-                                           (lambda **kw: _olmo(1, **kw), dict(clip_qkv=8.0), "clip_qkv")])
+                                           (lambda **kw: _olmo(1, **kw), dict(clip_qkv=8.0), "clip_qkv"),
+                                           (_cohere, dict(use_qk_norm=True), "use_qk_norm"),
+                                           (_cohere, dict(attention_bias=True), "attention_bias")])
 def test_refused(tmp_path, make, kw, key):
     make(**kw).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match=key):

@@ -1,6 +1,6 @@
 """GPT.from_hf's importers: a Hugging Face config.json and state dict mapped onto GPTConfig and GPT's state dict,
-per family (GPT-2, GPT-BigCode; OPT; Llama, Mistral, Qwen2, Qwen3, Phi-3, StableLM, Granite, OLMo 1 / 2 / 3; Gemma 1
-/ 2 / 3; Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE and OLMoE, whose experts gpt_hf_moe.py maps; and in
+per family (GPT-2, GPT-BigCode; OPT; Llama, Mistral, Qwen2, Qwen3, Phi-3, StableLM, Granite, OLMo 1 / 2 / 3, Cohere;
+Gemma 1 / 2 / 3; Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE and OLMoE, whose experts gpt_hf_moe.py maps; and in
 gpt_hf_parallel.py GPT-NeoX / Pythia, Phi-1 / 1.5 / 2, Falcon).
 Whatever a family sets that GPT cannot reproduce exactly is refused with a CheckpointError naming the setting."""
 import dataclasses
@@ -14,7 +14,7 @@ from .gpt import GPTConfig
 from .gpt_hf_parallel import ACT
 from .gpt_hf_alibi import from_bloom, from_mpt
 from .gpt_hf_moe import MOE_FAMILIES, moe_config, moe_projections
-from .gpt_hf_parallel import from_gptj, from_parallel, reorder_qkv, rotary
+from .gpt_hf_parallel import from_gptj, from_parallel, pair_rows, reorder_qkv, rotary
 from .layers import ROPE_SCALING_KEYS, check_rope_scaling
 
 
@@ -44,7 +44,7 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
         raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
                               "mistral, qwen2, qwen3, phi3, stablelm, gemma, gemma2, gemma3_text, opt, gpt_neox, "
                               "phi, falcon, gptj, bloom, mpt, mixtral, qwen3_moe, qwen2_moe, gpt_bigcode, granite, "
-                              "granitemoe, olmo, olmo2, olmo3, olmoe)")
+                              "granitemoe, olmo, olmo2, olmo3, olmoe, cohere)")
     window, types = _sliding_window(hf)
     if local_theta is not None and window is not None:  # Gemma 3, OLMo 3: the windowed layers' rotary base
         overrides = {"rope_local_theta": local_theta, **overrides}
@@ -261,7 +261,8 @@ def _rope_scaling(rope: dict) -> Optional[dict]:
     return scaling
 
 
-LLAMA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "stablelm", "granite", "olmo", "olmo2", "olmo3")
+LLAMA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "stablelm", "granite", "olmo", "olmo2", "olmo3",
+                  "cohere")
 
 
 def _from_llama(hf: dict, state, moe: Optional[dict] = None):
@@ -282,27 +283,30 @@ def _from_llama(hf: dict, state, moe: Optional[dict] = None):
     # Qwen2: q / k / v projections with bias, the others without (Qwen2-MoE: as its qkv_bias says)
     qkv_bias = True if kind == "qwen2" else bool(hf.get("qkv_bias", True)) if kind == "qwen2_moe" else None
     stablelm = kind == "stablelm"  # LayerNorms with biases, optional q / k / v biases, optional parallel block
+    for key in ("qk_layernorm", "use_qk_norm"):
+        if hf.get(key):
+            raise CheckpointError(f"config.json: {key}=true is not supported by GPT.from_hf (StableLM's / Cohere's "
+                                  "per-head LayerNorms, one weight per head)")
     if stablelm:
-        if hf.get("qk_layernorm"):
-            raise CheckpointError("config.json: qk_layernorm=true is not supported by GPT.from_hf (StableLM's per-head "
-                                  "LayerNorms, one weight per head)")
         qkv_bias = bool(hf.get("use_qkv_bias", False))
+    # Cohere: bias-free LayerNorms, attention and MLP in parallel on one norm, rotary pairs interleaved, scaled logits
+    cohere = kind == "cohere"
     if hf.get("clip_qkv") is not None:
         raise CheckpointError(f"config.json: clip_qkv={hf['clip_qkv']!r} (OLMo's clamped q / k / v) is not "
                               "supported by GPT.from_hf")
     olmo, olmo2 = kind == "olmo", kind in ("olmo2", "olmo3")  # OLMo: LayerNorms without parameters
+    layernorm = stablelm or olmo or cohere
     d, H = hf["hidden_size"], hf["num_attention_heads"]
     _, rot = rotary(hf, hf.get("head_dim") or d // H)  # Phi-4-mini: partial_rotary_factor 0.75
     cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["num_hidden_layers"], n_head=H,
                     n_kv_head=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim") or d // H,
                     d_ff=d_ff, max_seq_len=hf.get("max_position_embeddings", 2048),
-                    norm="layernorm" if stablelm or olmo else "rmsnorm",
-                    norm_bias=True if stablelm else False if olmo else None,
-                    norm_eps=hf.get("layer_norm_eps", 1e-5) if stablelm or olmo else hf.get("rms_norm_eps", 1e-6),
-                    parallel_block="one_norm" if stablelm and hf.get("use_parallel_residual") else None,
+                    norm="layernorm" if layernorm else "rmsnorm", norm_bias=stablelm if layernorm else None,
+                    norm_eps=hf.get("layer_norm_eps", 1e-5) if layernorm else hf.get("rms_norm_eps", 1e-6),
+                    parallel_block="one_norm" if cohere or stablelm and hf.get("use_parallel_residual") else None,
                     norm_first=True, mlp="swiglu", activation="silu",
                     pos="rotary", rope_theta=float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4))),
-                    tie_embeddings=hf.get("tie_word_embeddings", False), bias=attn_bias, qkv_bias=qkv_bias,
+                    tie_embeddings=hf.get("tie_word_embeddings", cohere), bias=attn_bias, qkv_bias=qkv_bias,
                     qk_norm=kind in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe"),
                     qk_norm_full=kind in ("olmo2", "olmo3", "olmoe"), sandwich_norm=olmo2, input_norm=not olmo2,
                     rope_scaling=scaling, rotary_dim=rot, **moe)
@@ -318,6 +322,7 @@ def _from_llama(hf: dict, state, moe: Optional[dict] = None):
         (("norm1", "input_layernorm"),) + ((("norm2", "post_attention_layernorm"),) if cfg.parallel_block is None
                                            else ())
     qk_dims = (H * D, Hk * D) if cfg.qk_norm_full else (D, D)
+    qk_rows = torch.cat([pair_rows(H, D, D), H * D + pair_rows(Hk, D, D), torch.arange((H + Hk) * D, (H + 2 * Hk) * D)])
     for i in range(cfg.n_layer):
         h, b = f"layers.{i}.", f"blocks.{i}."
         for ours, theirs in norms:
@@ -334,10 +339,14 @@ def _from_llama(hf: dict, state, moe: Optional[dict] = None):
             sd[f"{b}mlp.w_in.bias"] = torch.cat([m.take(f"{h}mlp.gate_proj.bias", (f,)),
                                                  m.take(f"{h}mlp.up_proj.bias", (f,))])
             sd[f"{b}mlp.w_out.bias"] = m.take(f"{h}mlp.down_proj.bias", (d,))
+        if cohere:  # q and k rows into our rotary layout (its pairs are interleaved; no biases: refused above)
+            sd[f"{b}attn.wqkv.weight"] = sd[f"{b}attn.wqkv.weight"][qk_rows]
     sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else \
         KeyMap(state).take("lm_head.weight", (cfg.vocab_size, d))
     if kind in ("granite", "granitemoe"):
         cfg, sd = _granite(hf, cfg, sd)
+    if cohere:  # logits * logit_scale: the head is linear in the final norm's output, which has no bias
+        sd["norm_f.weight"] = sd["norm_f.weight"].float() * float(hf.get("logit_scale", 0.0625))
     return cfg, sd, local_theta
 
 

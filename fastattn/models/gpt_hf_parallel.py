@@ -126,10 +126,17 @@ def from_parallel(hf: dict, state):
     return cfg, sd
 
 
+def pair_rows(heads: int, D: int, rot: int) -> Tensor:
+    """Row order that turns q / k projections rotated in interleaved pairs (x0, x1), (x2, x3), ... on the first
+    ``rot`` channels of each head (GPT-J, Cohere) into ours, (x_i, x_{i + rot/2}): each head's even channels first.
+    Applied to both q and k, it leaves q . k unchanged."""
+    perm = torch.cat([torch.arange(0, rot, 2), torch.arange(1, rot, 2), torch.arange(rot, D)])
+    return (torch.arange(heads)[:, None] * D + perm).flatten()
+
+
 def from_gptj(hf: dict, state):
     """GPT-J: one norm for attention and MLP, rotary positions on ``rotary_dim`` channels of each head rotated in
-    interleaved pairs (x0, x1), (x2, x3), ...; ours rotate (x_i, x_{i + rot/2}). The same permutation of the q and k
-    rows of each head (even channels first) turns one into the other and leaves q . k unchanged. No attention biases
+    interleaved pairs, permuted into ours (pair_rows). No attention biases
     (out_proj's is zero here), biased MLP and LM head."""
     act = hf.get("activation_function", "gelu_new")
     if act not in ACT:
@@ -147,8 +154,7 @@ def from_gptj(hf: dict, state):
                     tie_embeddings=bool(hf.get("tie_word_embeddings", False)), bias=True, qkv_bias=False,
                     parallel_block="one_norm", lm_head_bias=True)
     f, m = cfg.d_ff, KeyMap(state, ("transformer.", ""))
-    perm = torch.cat([torch.arange(0, rot, 2), torch.arange(1, rot, 2), torch.arange(rot, D)])
-    rows = (torch.arange(H)[:, None] * D + perm).flatten()  # each head's rows, permuted
+    rows = pair_rows(H, D, rot)
     sd: Dict[str, Tensor] = {"tok_emb.weight": m.take("wte.weight", (cfg.vocab_size, d)),
                              "norm_f.weight": m.take("ln_f.weight", (d,)), "norm_f.bias": m.take("ln_f.bias", (d,))}
     for i in range(n):
