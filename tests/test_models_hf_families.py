@@ -1,9 +1,10 @@
 """GPT.from_hf on more decoder families: GPT-BigCode (SantaCoder / StarCoder: GPT-2's block with multi-query
 attention), Granite (Llama with multipliers on the embeddings, scores, sublayer outputs and logits; GraniteMoE in
-test_models_moe.py), OLMo 1 / 2 / 3 and Cohere. Small random models (norm weights and biases drawn away from their 1
-/ 0 init so every sublayer moves the greedy tokens) saved to tmp_path: logits of a left-padded batch bounded by
-transformers' own fp32 error against its float64 run, greedy tokens through the bound decode step equal to
-transformers' generate, both backends training alike; what GPT cannot reproduce is refused naming the key."""
+test_models_moe.py), OLMo 1 / 2 / 3, Cohere 1 / 2 and SmolLM3 (Cohere 2's and SmolLM3's layers without rotary
+positions). Small random models (norm weights and biases drawn away from their 1 / 0 init so every sublayer moves
+the greedy tokens) saved to tmp_path: logits of a left-padded batch bounded by transformers' own fp32 error against
+its float64 run, greedy tokens through the bound decode step equal to transformers' generate, both backends training
+alike; what GPT cannot reproduce is refused naming the key."""
 import pytest
 import torch
 
@@ -37,11 +38,20 @@ def _olmo(version, **kw):  # OLMo: parameter-free LayerNorms; OLMo 2 / 3: norms 
         pad_token_id=0, initializer_range=0.3), **kw}))
 
 
-def _cohere(**kw):  # bias-free LayerNorms, attention and MLP in parallel, interleaved rotary pairs, logit_scale
-    return transformers.CohereForCausalLM(transformers.CohereConfig(**{**dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+def _cohere(version=1, **kw):  # bias-free LayerNorms, attention and MLP in parallel, interleaved rotary pairs,
+    # logit_scale; Cohere 2: 3 sliding-window layers (rotary) to 1 global layer (no positions)
+    cls = "Cohere" if version == 1 else "Cohere2"
+    return getattr(transformers, f"{cls}ForCausalLM")(getattr(transformers, f"{cls}Config")(**{**dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2 if version == 1 else 4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+        pad_token_id=0, initializer_range=0.3, logit_scale=0.25), **kw}))
+
+
+def _smollm3(**kw):  # Llama with no rotary positions on every 4th layer
+    return transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(**{**dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-        initializer_range=0.3, logit_scale=0.25), **kw}))
+        initializer_range=0.3), **kw}))
 
 
 # name: (make, kwargs, {GPTConfig field: expected value})
@@ -58,7 +68,13 @@ MODELS = {"starcoder": (_bigcode, {}, dict(n_kv_head=1, activation="gelu_tanh"))
                     dict(qk_norm_full=True, input_norm=False, sliding_window=5,
                          layer_types=["sliding_attention"] * 3 + ["full_attention"])),
           "cohere": (_cohere, {}, dict(parallel_block="one_norm", norm="layernorm", norm_bias=False,
-                                       tie_embeddings=True))}
+                                       tie_embeddings=True)),
+          "cohere2": (lambda **kw: _cohere(2, sliding_window=5, **kw), {},
+                      dict(nope_layers=[3], sliding_window=5, parallel_block="one_norm")),
+          "smollm3": (_smollm3, {}, dict(nope_layers=[3], sliding_window=None)),
+          "smollm3-window": (_smollm3, dict(use_sliding_window=True, sliding_window=5, no_rope_layers=[1, 0, 1, 0]),
+                             dict(nope_layers=[1, 3], sliding_window=5,
+                                  layer_types=["full_attention", "sliding_attention"] * 2))}
 
 
 def _saved(tmp_path, make, kw):
@@ -79,7 +95,7 @@ def test_matches_transformers(tmp_path, arch, caplog):
     assert {k: getattr(ours.config, k) for k in fields} == fields
 
 
-@pytest.mark.parametrize("arch", ["starcoder", "granite", "olmo2", "cohere"])
+@pytest.mark.parametrize("arch", ["starcoder", "granite", "olmo2", "cohere", "cohere2", "smollm3"])
 def test_backends_train_alike(tmp_path, arch):
     make, kw, _ = MODELS[arch]
     _saved(tmp_path, make, kw)
@@ -101,7 +117,9 @@ def test_refused(tmp_path, make, kw, key):
 
 @pytest.mark.parametrize("kw, field", [(dict(input_norm=False), "input_norm"),  # needs sandwich_norm
                                        (dict(input_norm=0, sandwich_norm=True), "input_norm"),
-                                       (dict(qk_norm_full=True), "qk_norm_full")])  # needs qk_norm
+                                       (dict(qk_norm_full=True), "qk_norm_full"),  # needs qk_norm
+                                       (dict(pos="rotary", nope_layers=[1]), "nope_layers"),  # n_layer 1
+                                       (dict(pos="learned", nope_layers=[0]), "nope_layers")])
 def test_bad_configs_name_the_field(kw, field):
     with pytest.raises(ValueError, match=f"GPTConfig.{field}"):
         GPTConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=4, **kw)

@@ -179,7 +179,7 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
 HF_MODEL_TYPES = {**dict.fromkeys(("gpt2", "opt", "gpt_neox", "phi", "falcon", "gptj", "bloom", "mpt", "llama",
                                     "mistral", "qwen2", "qwen3", "phi3", "stablelm", "gemma", "gemma2", "gemma3_text",
                                     "mixtral", "qwen3_moe", "qwen2_moe", "gpt_bigcode", "granite", "granitemoe",
-                                    "olmo", "olmo2", "olmo3", "olmoe", "cohere"),
+                                    "olmo", "olmo2", "olmo3", "olmoe", "cohere", "cohere2", "smollm3"),
                                    "GPT"),
                   **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "distilbert"), "BERT"),
                   **dict.fromkeys(("bart", "mbart", "t5", "mt5"), "Seq2Seq")}

@@ -102,7 +102,7 @@ class _SelfAttention:
         self.qkv, self.out = bind_linear(a.wqkv, dtype, rows), bind_linear(a.wo, dtype, rows)
         self.qk_norm = None if a.q_norm is None else (bind_head_norm(a.q_norm, dtype, device),
                                                       bind_head_norm(a.k_norm, dtype, device))
-        self.qk_full = a.qk_full
+        self.qk_full, self.rope = a.qk_full, a.rope
         S = a.cache.k.shape[2]
         self.scale = self.D ** -0.5 if a.scale is None else a.scale
         self.softcap, self.window, self.alibi = a.softcap, a.window, a.alibi
@@ -120,7 +120,7 @@ class _SelfAttention:
             k = self.qk_norm[1](k.reshape(B, W, Hk * D)).view(B, W, Hk, D)
         elif self.qk_norm is not None:
             q, k = self.qk_norm[0](q), self.qk_norm[1](k)
-        if st.rotary is not None:
+        if st.rotary is not None and self.rope:
             rotary = pick_rotary(st.rotary, self.window)
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         self.cache.k.index_copy_(2, st.input_pos, k.transpose(1, 2))

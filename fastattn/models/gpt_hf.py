@@ -1,7 +1,7 @@
 """GPT.from_hf's importers: a Hugging Face config.json and state dict mapped onto GPTConfig and GPT's state dict,
-per family (GPT-2, GPT-BigCode; OPT; Llama, Mistral, Qwen2, Qwen3, Phi-3, StableLM, Granite, OLMo 1 / 2 / 3, Cohere;
-Gemma 1 / 2 / 3; Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE and OLMoE, whose experts gpt_hf_moe.py maps; and in
-gpt_hf_parallel.py GPT-NeoX / Pythia, Phi-1 / 1.5 / 2, Falcon).
+per family (GPT-2, GPT-BigCode; OPT; Llama, Mistral, Qwen2, Qwen3, Phi-3, StableLM, Granite, OLMo 1 / 2 / 3, Cohere
+1 / 2, SmolLM3; Gemma 1 / 2 / 3; Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE and OLMoE, whose experts gpt_hf_moe.py
+maps; and in gpt_hf_parallel.py GPT-NeoX / Pythia, Phi-1 / 1.5 / 2, Falcon).
 Whatever a family sets that GPT cannot reproduce exactly is refused with a CheckpointError naming the setting."""
 import dataclasses
 from typing import Dict, Optional, Tuple
@@ -44,7 +44,7 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
         raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf (gpt2, llama, "
                               "mistral, qwen2, qwen3, phi3, stablelm, gemma, gemma2, gemma3_text, opt, gpt_neox, "
                               "phi, falcon, gptj, bloom, mpt, mixtral, qwen3_moe, qwen2_moe, gpt_bigcode, granite, "
-                              "granitemoe, olmo, olmo2, olmo3, olmoe, cohere)")
+                              "granitemoe, olmo, olmo2, olmo3, olmoe, cohere, cohere2, smollm3)")
     window, types = _sliding_window(hf)
     if local_theta is not None and window is not None:  # Gemma 3, OLMo 3: the windowed layers' rotary base
         overrides = {"rope_local_theta": local_theta, **overrides}
@@ -211,24 +211,46 @@ def _sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
     layers have it, else None), or (None, None): Mistral and Phi-3 (every layer), Qwen2 / Qwen3 with
     use_sliding_window (the layers from max_window_layers on, or as layer_types says), Gemma 2 (every other layer,
     the first included), Gemma 3 and OLMo 3 (all but every 6th / 4th layer)."""
-    kind, n = hf.get("model_type"), hf.get("num_hidden_layers", 0)
+    kind = hf.get("model_type")
     on = {"mistral": True, "mixtral": True, "phi3": True, "qwen2": False, "qwen3": False, "qwen3_moe": False,
-          "qwen2_moe": False, "gemma2": True, "gemma3_text": True, "olmo3": True}.get(kind)
+          "qwen2_moe": False, "gemma2": True, "gemma3_text": True, "olmo3": True, "cohere2": True,
+          "smollm3": False}.get(kind)
     if on is None or not hf.get("sliding_window") or not hf.get("use_sliding_window", on):
         return None, None
-    types = None
-    if kind in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"):
-        types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 0) else
-                                          "full_attention" for i in range(n)]
-    elif kind == "gemma2":
-        types = hf.get("layer_types") or ["full_attention" if i % 2 else "sliding_attention" for i in range(n)]
-    elif kind in ("gemma3_text", "olmo3"):  # 5 (OLMo 3: 3) local layers to 1 global by default
-        every = hf.get("sliding_window_pattern", 6) if kind == "gemma3_text" else 4
-        types = hf.get("layer_types") or ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
-                                          for i in range(n)]
+    types = _layer_types(hf)
     if types is not None and "sliding_attention" not in types:
         return None, None
     return int(hf["sliding_window"]), (None if types is None or set(types) == {"sliding_attention"} else list(types))
+
+
+def _layer_types(hf: dict) -> Optional[list]:
+    """Each layer's "sliding_attention" / "full_attention": config.json's layer_types, else the family's default
+    pattern; None for families with one kind of layer (Mistral, Phi-3)."""
+    kind, n = hf.get("model_type"), hf.get("num_hidden_layers", 0)
+    if hf.get("layer_types") or kind not in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "gemma2", "gemma3_text",
+                                             "olmo3", "cohere2", "smollm3"):
+        return hf.get("layer_types")
+    if kind == "gemma2":
+        return ["full_attention" if i % 2 else "sliding_attention" for i in range(n)]
+    if kind in ("gemma3_text", "olmo3", "cohere2"):  # 5 (OLMo 3, Cohere 2: 3) local layers to 1 global by default
+        every = hf.get("sliding_window_pattern", 6 if kind == "gemma3_text" else 4)
+        return ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
+    if kind == "smollm3":  # windows on the NoPE layers
+        return ["sliding_attention" if i in _nope_layers(hf) else "full_attention" for i in range(n)]
+    return ["sliding_attention" if i >= hf.get("max_window_layers", 0) else "full_attention" for i in range(n)]
+
+
+def _nope_layers(hf: dict) -> list:
+    """The layers without rotary positions: SmolLM3's no_rope_layers zeros (every 4th by default), Cohere 2's
+    global (full-attention) layers."""
+    kind, n = hf.get("model_type"), hf.get("num_hidden_layers", 0)
+    if kind == "smollm3":
+        flags = hf.get("no_rope_layers") or [int((i + 1) % hf.get("no_rope_layer_interval", 4) != 0)
+                                             for i in range(n)]
+        return [i for i, rope in enumerate(flags) if not rope]
+    if kind == "cohere2":
+        return [i for i, t in enumerate(_layer_types(hf)) if t == "full_attention"]
+    return []
 
 
 def _layer_ropes(hf: dict) -> Tuple[dict, Optional[float]]:
@@ -262,7 +284,7 @@ def _rope_scaling(rope: dict) -> Optional[dict]:
 
 
 LLAMA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "stablelm", "granite", "olmo", "olmo2", "olmo3",
-                  "cohere")
+                  "cohere", "cohere2", "smollm3")
 
 
 def _from_llama(hf: dict, state, moe: Optional[dict] = None):
@@ -290,7 +312,7 @@ def _from_llama(hf: dict, state, moe: Optional[dict] = None):
     if stablelm:
         qkv_bias = bool(hf.get("use_qkv_bias", False))
     # Cohere: bias-free LayerNorms, attention and MLP in parallel on one norm, rotary pairs interleaved, scaled logits
-    cohere = kind == "cohere"
+    cohere = kind in ("cohere", "cohere2")  # Cohere 2: rotary positions on its sliding-window layers only
     if hf.get("clip_qkv") is not None:
         raise CheckpointError(f"config.json: clip_qkv={hf['clip_qkv']!r} (OLMo's clamped q / k / v) is not "
                               "supported by GPT.from_hf")
@@ -309,7 +331,7 @@ def _from_llama(hf: dict, state, moe: Optional[dict] = None):
                     tie_embeddings=hf.get("tie_word_embeddings", cohere), bias=attn_bias, qkv_bias=qkv_bias,
                     qk_norm=kind in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe"),
                     qk_norm_full=kind in ("olmo2", "olmo3", "olmoe"), sandwich_norm=olmo2, input_norm=not olmo2,
-                    rope_scaling=scaling, rotary_dim=rot, **moe)
+                    rope_scaling=scaling, rotary_dim=rot, nope_layers=_nope_layers(hf) or None, **moe)
     m, f, D, Hk = KeyMap(state, ("model.", "")), cfg.d_ff, cfg.head_dim, cfg.n_kv_head
     norm_params = ("weight", "bias") if stablelm else ("weight",)
 

@@ -50,25 +50,26 @@ class ModelConfig:
     (GPT): a token attends to itself and the W - 1 before it (Mistral's window), in training, prefill and decoding;
     on every layer, or on those ``layer_types`` (one "sliding_attention" / "full_attention" per layer, HF's names)
     marks (Gemma 2's alternation); ``rope_local_theta`` gives those windowed layers rotary positions of their own
-    base, unscaled (Gemma 3). Gemma: ``embed_scale`` multiplies the token embeddings; ``attn_scale`` (None =
-    head_dim ** -0.5) scales the scores; ``attn_softcap`` / ``final_softcap`` (0: off) cap the scores / the logits
-    as c * tanh(x / c); ``sandwich_norm`` adds a norm on each sublayer's output before the residual add (pre-norm
-    GPT only); ``input_norm`` False (with sandwich_norm: OLMo 2) drops the norms on the sublayers' inputs, leaving
-    only those on their outputs. ``bias``: every Linear's bias; ``qkv_bias`` None = bias, else the query / key /
-    value projections' own (Qwen2: True with bias False); ``norm_bias`` None = bias, else the LayerNorms' own
-    (Falcon, StableLM: True with bias False). ``qk_norm``: queries and keys normalised per head (the model's
-    ``norm`` over head_dim) before the rotary positions (Qwen3), or over all heads' q and all heads' k at once when
-    ``qk_norm_full`` (OLMo 2, OLMoE). ``rotary_dim`` None = head_dim: rotary positions on that many leading channels
-    of each head (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor). ``parallel_block`` (pre-norm GPT): attention
-    and MLP read the same residual stream and their outputs are added to it together, "two_norms" (GPT-NeoX /
-    Pythia: each sublayer its own norm) or "one_norm" (Phi: both read norm1). ``lm_head_bias``: a bias on the
-    vocabulary projection (Phi's; BART's final_logits_bias; not BERT, whose MLM head has its own). ``n_experts`` >
-    0: every MLP is a mixture of that many experts (each an MLP of d_ff units), ``n_experts_per_tok`` of them per
-    token, their router weights renormalised over the chosen ones when ``moe_norm_topk`` (Mixtral, Qwen3-MoE:
-    models/moe.py), plus a shared expert of ``moe_shared_d_ff`` units that every token runs, gated by a sigmoid
-    (Qwen2-MoE); a GPT's ``router_aux_loss_coef`` > 0 adds that much of the load-balancing loss to a loss computed
-    from labels in training (transformers' Mixtral with output_router_logits; in eval mode the loss stays the
-    task's, so perplexity means perplexity)."""
+    base, unscaled (Gemma 3); ``nope_layers`` lists the layers without rotary positions (SmolLM3, Cohere 2). Gemma:
+    ``embed_scale`` multiplies the token embeddings; ``attn_scale`` (None = head_dim ** -0.5) scales the scores;
+    ``attn_softcap`` / ``final_softcap`` (0: off) cap the scores / the logits as c * tanh(x / c); ``sandwich_norm``
+    adds a norm on each sublayer's output before the residual add (pre-norm GPT only); ``input_norm`` False (with
+    sandwich_norm: OLMo 2) drops the norms on the sublayers' inputs, leaving only those on their outputs. ``bias``:
+    every Linear's bias; ``qkv_bias`` None = bias, else the query / key / value projections' own (Qwen2: True with
+    bias False); ``norm_bias`` None = bias, else the LayerNorms' own (Falcon, StableLM: True with bias False).
+    ``qk_norm``: queries and keys normalised per head (the model's ``norm`` over head_dim) before the rotary
+    positions (Qwen3), or over all heads' q and all heads' k at once when ``qk_norm_full`` (OLMo 2, OLMoE).
+    ``rotary_dim`` None = head_dim: rotary positions on that many leading channels of each head (GPT-NeoX's
+    rotary_pct, Phi's partial_rotary_factor). ``parallel_block`` (pre-norm GPT): attention and MLP read the same
+    residual stream and their outputs are added to it together, "two_norms" (GPT-NeoX / Pythia: each sublayer its
+    own norm) or "one_norm" (Phi: both read norm1). ``lm_head_bias``: a bias on the vocabulary projection (Phi's;
+    BART's final_logits_bias; not BERT, whose MLM head has its own). ``n_experts`` > 0: every MLP is a mixture of
+    that many experts (each an MLP of d_ff units), ``n_experts_per_tok`` of them per token, their router weights
+    renormalised over the chosen ones when ``moe_norm_topk`` (Mixtral, Qwen3-MoE: models/moe.py), plus a shared
+    expert of ``moe_shared_d_ff`` units that every token runs, gated by a sigmoid (Qwen2-MoE); a GPT's
+    ``router_aux_loss_coef`` > 0 adds that much of the load-balancing loss to a loss computed from labels in
+    training (transformers' Mixtral with output_router_logits; in eval mode the loss stays the task's, so perplexity
+    means perplexity)."""
     vocab_size: int = 50257
     d_model: int = 768
     n_layer: int = 12
@@ -92,6 +93,7 @@ class ModelConfig:
     alibi_slopes: Optional[List[float]] = None
     sliding_window: Optional[int] = None
     layer_types: Optional[List[str]] = None
+    nope_layers: Optional[List[int]] = None
     embed_scale: float = 1.0
     attn_scale: Optional[float] = None
     attn_softcap: float = 0.0
@@ -213,6 +215,12 @@ class ModelConfig:
                 or self.rope_local_theta <= 0 or self.pos != "rotary" or self.sliding_window is None):
             raise ValueError(f"{type(self).__name__}.rope_local_theta: a number > 0 for the windowed layers of a "
                              f"rotary model with sliding_window; got {self.rope_local_theta!r}")
+        n = self.nope_layers
+        if n is not None and (self.model_type != "gpt" or self.pos != "rotary" or not isinstance(n, list) or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layer for i in n) or
+                len(set(n)) != len(n)):
+            raise ValueError(f"{type(self).__name__}.nope_layers: distinct layer indices in [0, n_layer="
+                             f"{self.n_layer}) of a rotary GPT, got {n!r} (pos {self.pos!r})")
         if self.layer_types is not None:
             kinds = ("sliding_attention", "full_attention")
             if not isinstance(self.layer_types, list) or len(self.layer_types) != self.n_layer or any(
@@ -505,8 +513,9 @@ class Attention(nn.Module):
     """Multi-head / grouped-query / multi-query attention. Self-attention: one fused projection ``wqkv`` to
     [q | k | v]; cross-attention (``cross=True``): ``wq`` on the queries and ``wkv`` on the memory. Output ``wo``."""
 
-    def __init__(self, cfg: ModelConfig, cross: bool = False, window: int = 0):
+    def __init__(self, cfg: ModelConfig, cross: bool = False, window: int = 0, rope: bool = True):
         super().__init__()
+        self.rope = rope  # False: a NoPE layer (the model's rotary positions skipped here)
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.backend, self.dropout, self.cross = cfg.backend, cfg.dropout, cross
         self.window = window  # keys per causal query (a sliding window), 0: all
@@ -571,7 +580,7 @@ class Attention(nn.Module):
             q, k, v = q.view(B, L, H, D), k.view(B, L, Hk, D), v.view(B, L, Hk, D)
             if self.q_norm is not None and not self.qk_full:
                 q, k = self.q_norm(q), self.k_norm(k)
-            if rotary is not None:
+            if rotary is not None and self.rope:
                 rotary = pick_rotary(rotary, self.window)
                 q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hk, L, D)
@@ -641,7 +650,7 @@ class Block(nn.Module):
         self.norm_first, self.dropout, self.backend = cfg.norm_first, cfg.dropout, cfg.backend
         # input_norm False (OLMo 2): no norm before the sublayers, only the sandwich norms after them
         self.norm1 = make_norm(cfg) if cfg.input_norm else None
-        self.attn = Attention(cfg, window=cfg.layer_window(layer))
+        self.attn = Attention(cfg, window=cfg.layer_window(layer), rope=layer not in (cfg.nope_layers or ()))
         if cross:
             self.norm_x, self.cross_attn = make_norm(cfg), Attention(cfg, cross=True)
         self.parallel = cfg.parallel_block
