@@ -21,60 +21,62 @@ def _bigcode(**kw):
         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, initializer_range=0.3), **kw}))
 
 
-def _granite(**kw):  # its four multipliers (the scale of the embeddings, scores, sublayer outputs and logits)
-    return transformers.GraniteForCausalLM(transformers.GraniteConfig(**{**dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-        initializer_range=0.3, embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5,
-        logits_scaling=4.0), **kw}))
-
-
-def _olmo(version, **kw):  # OLMo: parameter-free LayerNorms; OLMo 2 / 3: norms on the sublayers' outputs only,
-    # q / k norms over all heads; OLMo 3: sliding windows on 3 layers of 4
-    cls = {1: "Olmo", 2: "Olmo2", 3: "Olmo3"}[version]
+def _hf(cls: str, n_layer=2, **kw):
+    """transformers' {cls}ForCausalLM on a small Llama-shaped {cls}Config (4 layers where a pattern repeats every 4)."""
     return getattr(transformers, f"{cls}ForCausalLM")(getattr(transformers, f"{cls}Config")(**{**dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4 if version == 3 else 2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
-        pad_token_id=0, initializer_range=0.3), **kw}))
-
-
-def _cohere(version=1, **kw):  # bias-free LayerNorms, attention and MLP in parallel, interleaved rotary pairs,
-    # logit_scale; Cohere 2: 3 sliding-window layers (rotary) to 1 global layer (no positions)
-    cls = "Cohere" if version == 1 else "Cohere2"
-    return getattr(transformers, f"{cls}ForCausalLM")(getattr(transformers, f"{cls}Config")(**{**dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2 if version == 1 else 4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
-        pad_token_id=0, initializer_range=0.3, logit_scale=0.25), **kw}))
-
-
-def _smollm3(**kw):  # Llama with no rotary positions on every 4th layer
-    return transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(**{**dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=n_layer, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
         initializer_range=0.3), **kw}))
 
 
+def _family(cls: str, n_layer=2, **fixed):
+    return lambda **kw: _hf(cls, n_layer, **{**fixed, **kw})
+
+
+# Granite's four multipliers scale the embeddings, scores, sublayer outputs and logits
+GRANITE = dict(embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0)
+FOUR = ["sliding_attention"] * 3 + ["full_attention"]
 # name: (make, kwargs, {GPTConfig field: expected value})
 MODELS = {"starcoder": (_bigcode, {}, dict(n_kv_head=1, activation="gelu_tanh")),  # multi-query
           "bigcode-mha": (_bigcode, dict(multi_query=False, activation_function="gelu"),
                           dict(n_kv_head=4, activation="gelu")),
-          "granite": (_granite, dict(tie_word_embeddings=True),
+          "granite": (_family("Granite", **GRANITE), dict(tie_word_embeddings=True),
                       dict(embed_scale=3.0, attn_scale=0.2, tie_embeddings=True)),
-          "granite-untied-bias": (_granite, dict(tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
+          "granite-untied-bias": (_family("Granite", **GRANITE), dict(attention_bias=True, mlp_bias=True),
                                   dict(bias=True, tie_embeddings=False)),
-          "olmo": (lambda **kw: _olmo(1, **kw), {}, dict(norm="layernorm", norm_bias=False, qk_norm=False)),
-          "olmo2": (lambda **kw: _olmo(2, **kw), {}, dict(qk_norm_full=True, sandwich_norm=True, input_norm=False)),
-          "olmo3": (lambda **kw: _olmo(3, sliding_window=5, **kw), {},
-                    dict(qk_norm_full=True, input_norm=False, sliding_window=5,
-                         layer_types=["sliding_attention"] * 3 + ["full_attention"])),
-          "cohere": (_cohere, {}, dict(parallel_block="one_norm", norm="layernorm", norm_bias=False,
-                                       tie_embeddings=True)),
-          "cohere2": (lambda **kw: _cohere(2, sliding_window=5, **kw), {},
+          # OLMo: parameter-free LayerNorms; OLMo 2 / 3: norms on the sublayers' outputs only, q / k norms over all
+          # heads; OLMo 3: sliding windows on 3 layers of 4
+          "olmo": (_family("Olmo"), {}, dict(norm="layernorm", norm_bias=False, qk_norm=False)),
+          "olmo2": (_family("Olmo2"), {}, dict(qk_norm_full=True, sandwich_norm=True, input_norm=False)),
+          "olmo3": (_family("Olmo3", 4, sliding_window=5), {},
+                    dict(qk_norm_full=True, input_norm=False, sliding_window=5, layer_types=FOUR)),
+          # Cohere: bias-free LayerNorms, attention and MLP in parallel, interleaved rotary pairs, logit_scale;
+          # Cohere 2: 3 sliding-window layers (rotary) to 1 global layer (no positions)
+          "cohere": (_family("Cohere", logit_scale=0.25), {},
+                     dict(parallel_block="one_norm", norm="layernorm", norm_bias=False, tie_embeddings=True)),
+          "cohere2": (_family("Cohere2", 4, logit_scale=0.25, sliding_window=5), {},
                       dict(nope_layers=[3], sliding_window=5, parallel_block="one_norm")),
-          "smollm3": (_smollm3, {}, dict(nope_layers=[3], sliding_window=None)),
-          "smollm3-window": (_smollm3, dict(use_sliding_window=True, sliding_window=5, no_rope_layers=[1, 0, 1, 0]),
+          # SmolLM3: no rotary positions on every 4th layer (or as no_rope_layers says)
+          "smollm3": (_family("SmolLM3", 4), {}, dict(nope_layers=[3], sliding_window=None)),
+          "smollm3-window": (_family("SmolLM3", 4), dict(use_sliding_window=True, sliding_window=5,
+                                                         no_rope_layers=[1, 0, 1, 0]),
                              dict(nope_layers=[1, 3], sliding_window=5,
-                                  layer_types=["full_attention", "sliding_attention"] * 2))}
+                                  layer_types=["full_attention", "sliding_attention"] * 2)),
+          # EXAONE 4: OLMo 2's output norms with per-head q / k norms; with a window, global layers without positions
+          "exaone4": (_family("Exaone4", 4, sliding_window=5), {},
+                      dict(qk_norm=True, qk_norm_full=False, input_norm=False, nope_layers=[3], layer_types=FOUR)),
+          "exaone4-global": (_family("Exaone4", sliding_window=None, layer_types=["full_attention"] * 2), {},
+                             dict(nope_layers=None, sliding_window=None)),
+          # StarCoder2: LayerNorms and Linears with biases, an ungated GELU MLP, a window on every layer
+          "starcoder2": (_family("Starcoder2", sliding_window=5), {},
+                         dict(mlp="gelu", norm="layernorm", norm_bias=True, bias=True, sliding_window=5)),
+          # Helium, ERNIE 4.5: rotary pairs interleaved; GLM / GLM-4: on half of each head, q / k / v biases, fused
+          # gate_up_proj (GLM-4 with sandwich norms); Seed-OSS: q / k / v biases without o_proj's
+          "helium": (_family("Helium", attention_bias=True, head_dim=8), {}, dict(qkv_bias=True, bias=False)),
+          "ernie4_5": (_family("Ernie4_5", use_bias=True), {}, dict(bias=True, tie_embeddings=True)),
+          "glm": (_family("Glm", head_dim=8), {}, dict(rotary_dim=4, qkv_bias=True, bias=False)),
+          "glm4": (_family("Glm4", head_dim=8), {}, dict(rotary_dim=4, sandwich_norm=True, input_norm=True)),
+          "seed_oss": (_family("SeedOss"), {}, dict(qkv_bias=True, bias=False))}
 
 
 def _saved(tmp_path, make, kw):
@@ -95,7 +97,8 @@ def test_matches_transformers(tmp_path, arch, caplog):
     assert {k: getattr(ours.config, k) for k in fields} == fields
 
 
-@pytest.mark.parametrize("arch", ["starcoder", "granite", "olmo2", "cohere", "cohere2", "smollm3"])
+@pytest.mark.parametrize("arch", ["starcoder", "granite", "olmo2", "cohere2", "smollm3", "exaone4", "starcoder2",
+                                  "glm4"])
 def test_backends_train_alike(tmp_path, arch):
     make, kw, _ = MODELS[arch]
     _saved(tmp_path, make, kw)
@@ -106,9 +109,11 @@ def test_backends_train_alike(tmp_path, arch):
 
 @pytest.mark.parametrize("make, kw, key", [(_bigcode, dict(scale_attn_weights=False), "scale_attn_weights"),
                                            (_bigcode, dict(activation_function="silu"), "activation_function"),
-                                           (lambda **kw: _olmo(1, **kw), dict(clip_qkv=8.0), "clip_qkv"),
-                                           (_cohere, dict(use_qk_norm=True), "use_qk_norm"),
-                                           (_cohere, dict(attention_bias=True), "attention_bias")])
+                                           (_family("Olmo"), dict(clip_qkv=8.0), "clip_qkv"),
+                                           (_family("Cohere"), dict(use_qk_norm=True), "use_qk_norm"),
+                                           (_family("Cohere"), dict(attention_bias=True), "attention_bias"),
+                                           (_family("SeedOss"), dict(attention_out_bias=True), "attention_out_bias"),
+                                           (_family("Starcoder2"), dict(hidden_act="silu"), "hidden_act")])
 def test_refused(tmp_path, make, kw, key):
     make(**kw).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match=key):

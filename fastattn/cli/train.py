@@ -17,6 +17,7 @@ from fastattn.cli import finetune
 from fastattn.cli.config import CLIError, check_new_folder, opt
 from fastattn.cli.models import TASK_ARCH, build_config, check_task, class_for_type, model_class
 from fastattn.cli.tasks import TASKS, perplexity
+from fastattn.models.gpt_hf import GPT_HF_TYPES
 
 
 @dataclass
@@ -176,11 +177,7 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
             "num_labels": cfg.num_labels, "pad_token_id": pad_id, "decoder_start_token_id": eos_id}
 
 
-HF_MODEL_TYPES = {**dict.fromkeys(("gpt2", "opt", "gpt_neox", "phi", "falcon", "gptj", "bloom", "mpt", "llama",
-                                    "mistral", "qwen2", "qwen3", "phi3", "stablelm", "gemma", "gemma2", "gemma3_text",
-                                    "mixtral", "qwen3_moe", "qwen2_moe", "gpt_bigcode", "granite", "granitemoe",
-                                    "olmo", "olmo2", "olmo3", "olmoe", "cohere", "cohere2", "smollm3"),
-                                   "GPT"),
+HF_MODEL_TYPES = {**dict.fromkeys(GPT_HF_TYPES, "GPT"),
                   **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "distilbert"), "BERT"),
                   **dict.fromkeys(("bart", "mbart", "t5", "mt5"), "Seq2Seq")}
 

@@ -39,7 +39,8 @@ The interface (stable; the CLI builds on it):
   model.safetensors), ``num_parameters(trainable_only=False)``, ``backbone_parameters()`` / ``head_parameters()``.
   ``GPT.from_hf(dir)`` (GPT-2, OPT, GPT-NeoX / Pythia, GPT-J, BLOOM, MPT, Phi-1 / 1.5 / 2, Falcon, StableLM, Llama
   incl. 3.1 / 3.2, Qwen2, Qwen3, Phi-3, Gemma 1 / 2 / 3 text, Mistral with its sliding window, GPT-BigCode /
-  StarCoder, Granite, OLMo 1 / 2 / 3, Cohere 1 / 2, SmolLM3; Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE and OLMoE:
+  StarCoder, Granite, OLMo 1 / 2 / 3, Cohere 1 / 2, SmolLM3, EXAONE 4, GLM / GLM-4, Helium, ERNIE 4.5, Seed-OSS,
+  StarCoder2; Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE and OLMoE:
   mixtures of experts, models/moe.py),
   ``BERT.from_hf(dir)`` and ``BERTForSequenceClassification.from_hf(dir, num_labels=...)`` (BERT, RoBERTa, XLM-R,
   CamemBERT, DistilBERT), ``Seq2Seq.from_hf(dir)`` (BART, mBART, T5, mT5): bad checkpoints raise
