@@ -1,4 +1,4 @@
-"""Seq2Seq.from_hf on small randomly initialised BART and mBART models saved to tmp_path: logits and loss against
+"""Seq2Seq.from_hf on small randomly initialised BART, mBART, Marian, Pegasus and M2M100 models saved to tmp_path:
 transformers' own model on the same weights (fp32; error bounded by transformers' own fp32 error against its float64
 run) with padded sources, greedy generation token for token against transformers' generate (forced BOS included),
 both backends alike in training, and errors naming what is wrong."""
@@ -16,7 +16,10 @@ VOCAB = 61
 
 def _bart(kind="bart", **kw):
     cls = {"bart": ("BartConfig", "BartForConditionalGeneration"),
-           "mbart": ("MBartConfig", "MBartForConditionalGeneration")}[kind]
+           "mbart": ("MBartConfig", "MBartForConditionalGeneration"),
+           "marian": ("MarianConfig", "MarianMTModel"),
+           "pegasus": ("PegasusConfig", "PegasusForConditionalGeneration"),
+           "m2m_100": ("M2M100Config", "M2M100ForConditionalGeneration")}[kind]
     cfg = getattr(transformers, cls[0])(**{**dict(
         vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=40,
@@ -41,14 +44,17 @@ def _source(left: bool):
 
 @pytest.mark.parametrize("kind, kw, bias", [
     ("bart", {}, False), ("bart", dict(scale_embedding=True), True), ("mbart", dict(scale_embedding=True), True),
-    ("bart", dict(tie_word_embeddings=False, activation_function="relu"), False)])
+    ("bart", dict(tie_word_embeddings=False, activation_function="relu"), False),
+    # fixed sinusoidal positions: Marian (post-norm, swish), Pegasus (pre-norm), M2M100 / NLLB (fairseq's table)
+    ("marian", dict(scale_embedding=True, pad_token_id=1), True), ("pegasus", dict(d_model=36), True),
+    ("m2m_100", dict(scale_embedding=True, activation_function="relu"), False)])
 @pytest.mark.parametrize("left", [False, True])
 def test_logits_and_loss_match_transformers(tmp_path, kind, kw, bias, left):
     torch.manual_seed(0)
     hf = _bart(kind, **kw)
     path = _saved(tmp_path, hf, bias)
     ours = Seq2Seq.from_hf(path)
-    assert ours.config.norm_first is (kind == "mbart") and ours.config.lm_head_bias is bias
+    assert ours.config.norm_first is (kind in ("mbart", "pegasus", "m2m_100")) and ours.config.lm_head_bias is bias
     hf64 = type(hf).from_pretrained(path, dtype=torch.float64).eval()
     ids, mask = _source(left)
     labels = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
@@ -63,14 +69,14 @@ def test_logits_and_loss_match_transformers(tmp_path, kind, kw, bias, left):
     assert_bounded(f"{kind} loss", a.loss, c.loss, b.loss, torch.float32)
 
 
-@pytest.mark.parametrize("kind", ["bart", "mbart"])
+@pytest.mark.parametrize("kind", ["bart", "mbart", "marian", "pegasus", "m2m_100"])
 def test_greedy_generation_matches_transformers(tmp_path, kind):
     """A batch of sources padded differently, forced BOS (as BART-large-CNN sets it): the same tokens as
     transformers' greedy generate."""
     torch.manual_seed(0)
-    hf = _bart(kind, scale_embedding=kind == "mbart", init_std=0.3)  # weights that move the greedy tokens
+    hf = _bart(kind, scale_embedding=kind != "bart", init_std=0.3, pad_token_id=1)  # weights that move the tokens
     hf.generation_config.forced_bos_token_id = 0  # transformers 5 keeps it there (generation_config.json)
-    path = _saved(tmp_path, hf, bias=kind == "mbart")  # the decode step's head with a bias
+    path = _saved(tmp_path, hf, bias=kind in ("mbart", "marian"))  # the decode step's head with a bias
     ours = Seq2Seq.from_hf(path)
     assert ours.config.forced_bos_token_id == 0
     ids, mask = _source(left=False)
@@ -127,8 +133,8 @@ def test_errors_name_the_setting(tmp_path):
     with pytest.raises(CheckpointError, match=r"decoder\.layers\.1\.encoder_attn\.v_proj\.weight.*missing"):
         Seq2Seq.from_hf(path)
     cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "pegasus"}))
-    with pytest.raises(CheckpointError, match="'pegasus'.*bart, mbart, t5, mt5"):
+    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "blenderbot"}))
+    with pytest.raises(CheckpointError, match="'blenderbot'.*bart, mbart, marian, pegasus, m2m_100, t5, mt5"):
         Seq2Seq.from_hf(path)
     with pytest.raises(ValueError, match="pos_offset: needs pos 'learned'"):
         Seq2Seq.config_class(pos="rotary", pos_offset=2)

@@ -17,7 +17,10 @@ from fastattn.cli import finetune
 from fastattn.cli.config import CLIError, check_new_folder, opt
 from fastattn.cli.models import TASK_ARCH, build_config, check_task, class_for_type, model_class
 from fastattn.cli.tasks import TASKS, perplexity
+from fastattn.models.bert_hf import FAMILIES as BERT_FAMILIES
 from fastattn.models.gpt_hf import GPT_HF_TYPES
+from fastattn.models.seq2seq_hf import FAMILIES as SEQ2SEQ_FAMILIES
+from fastattn.models.seq2seq_t5 import FAMILIES as T5_FAMILIES
 
 
 @dataclass
@@ -66,9 +69,9 @@ class TrainConfig:
     keep: int = opt(3, "checkpoints kept")
     resume: bool = opt(False, "continue the run in --out from its newest valid checkpoint")
     init: Optional[str] = opt(None, "start from this fastattn checkpoint (or run folder)")
-    init_hf: Optional[str] = opt(None, "start from a local Hugging Face folder (GPT-2, OPT, Pythia, Phi, Falcon, "
-                                       "Llama, Mistral, Qwen, Phi-3, StableLM, Gemma, BERT, RoBERTa, XLM-R, "
-                                       "CamemBERT, DistilBERT, BART, mBART, T5, mT5)")
+    init_hf: Optional[str] = opt(None, "start from a local Hugging Face folder (a model_type GPT / BERT / "
+                                       "Seq2Seq.from_hf reads: GPT-2, Llama, Qwen, Gemma, OLMo, BERT, RoBERTa, BART, "
+                                       "Marian, NLLB, T5, ... ; the README lists them)")
     chat: bool = opt(False, "clm on source / target pairs: each source as a user turn of the tokenizer's chat template "
                             "(an instruct model's), the target as the reply")
     mode: str = opt("full", "fine-tuning: full, frozen (heads only), lora (adapters), prompt (soft prompt)",
@@ -177,9 +180,8 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
             "num_labels": cfg.num_labels, "pad_token_id": pad_id, "decoder_start_token_id": eos_id}
 
 
-HF_MODEL_TYPES = {**dict.fromkeys(GPT_HF_TYPES, "GPT"),
-                  **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "distilbert"), "BERT"),
-                  **dict.fromkeys(("bart", "mbart", "t5", "mt5"), "Seq2Seq")}
+HF_MODEL_TYPES = {**dict.fromkeys(GPT_HF_TYPES, "GPT"), **dict.fromkeys(BERT_FAMILIES, "BERT"),
+                  **dict.fromkeys(SEQ2SEQ_FAMILIES + T5_FAMILIES, "Seq2Seq")}
 
 
 def hf_model_type(path):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .bert_hf import load_bert
 from .layers import (Block, ModelConfig, ModelOutput, Positions, PretrainedMixin, activation_fn, init_weights,
-                     drop, keep_mask, lm_head_loss, make_norm, padding_or_none)
+                     check_skip_padding, drop, keep_mask, lm_head_loss, make_norm, padding_or_none, token_positions)
 
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 POOLER_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
@@ -54,11 +54,7 @@ class BERTConfig(ModelConfig):
         if self.pooler_activation not in POOLER_ACTIVATIONS:
             raise ValueError(f"BERTConfig.pooler_activation: {self.pooler_activation!r} is not one of "
                              f"{tuple(POOLER_ACTIVATIONS)}")
-        if not isinstance(self.roberta_positions, bool):
-            raise ValueError(f"BERTConfig.roberta_positions: expected true or false, got {self.roberta_positions!r}")
-        if self.roberta_positions and (self.pos != "learned" or self.pos_offset != self.pad_token_id + 1):
-            raise ValueError(f"BERTConfig.roberta_positions: needs pos 'learned' and pos_offset = pad_token_id + 1 "
-                             f"({self.pad_token_id + 1}), got {self.pos!r} and {self.pos_offset}")
+        check_skip_padding(self, "roberta_positions")
         if self.mlp != "gelu":
             raise ValueError(f"BERTConfig.mlp: {self.mlp!r}; BERT uses the two-Linear 'gelu' MLP")
 
@@ -80,11 +76,7 @@ class BERTEncoder(nn.Module):
                 token_type_ids: Optional[Tensor] = None) -> Tensor:
         B, L = input_ids.shape
         keep = keep_mask(input_ids, attention_mask, self.cfg.max_seq_len)
-        if self.cfg.roberta_positions:  # 0, 1, ... over the real tokens, -1 (the table's padding row) on padding
-            real = (input_ids != self.cfg.pad_token_id).long()
-            positions = torch.cumsum(real, 1) * real - 1
-        else:
-            positions = torch.arange(L, device=input_ids.device).expand(B, L)
+        positions = token_positions(input_ids, self.cfg.pad_token_id, self.cfg.roberta_positions)
         extra = self.pos.embed(positions)
         if self.type_emb is not None:
             types = self.type_emb(torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)

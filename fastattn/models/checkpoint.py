@@ -19,7 +19,7 @@ class CheckpointError(ValueError):
 
 # transformers' activation names -> ours (ModelConfig.activation)
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
-                  "silu": "silu"}
+                  "silu": "silu", "swish": "silu"}
 
 
 def hf_activation(key: str, name: str) -> str:

@@ -841,6 +841,26 @@ def keep_mask(input_ids: Tensor, attention_mask: Optional[Tensor], max_len: Opti
     return attention_mask.bool()
 
 
+def token_positions(ids: Tensor, pad_id: int, skip_padding: bool) -> Tensor:
+    """(B, L) positions: 0, 1, ... along each row, or (``skip_padding``: RoBERTa's, M2M100's) the real tokens
+    numbered in order past any padding (pad_id) and -1 on the padding (the table row just before pos_offset)."""
+    if not skip_padding:
+        return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
+    real = (ids != pad_id).long()
+    return torch.cumsum(real, 1) * real - 1
+
+
+def check_skip_padding(cfg, field: str) -> None:
+    """ValueError unless cfg.<field> (positions that skip padding) is a bool, set only with learned positions from
+    table row pad_token_id + 1 (the row before it, the padding's)."""
+    v = getattr(cfg, field)
+    if not isinstance(v, bool):
+        raise ValueError(f"{type(cfg).__name__}.{field}: expected true or false, got {v!r}")
+    if v and (cfg.pos != "learned" or cfg.pos_offset != cfg.pad_token_id + 1):
+        raise ValueError(f"{type(cfg).__name__}.{field}: needs pos 'learned' and pos_offset = pad_token_id + 1 "
+                         f"({cfg.pad_token_id + 1}), got {cfg.pos!r} and {cfg.pos_offset}")
+
+
 def padding_or_none(keep: Tensor, attention_mask: Optional[Tensor]) -> Optional[Tensor]:
     """The kernel's key_padding_mask (True = padding) from keep_mask's result, or None when nothing is padded
     (``attention_mask``, the mask the caller was given, is None; or, in eager mode, it keeps every token: under

@@ -23,7 +23,7 @@ from .beam import Search
 from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, init_weights,
-                     drop, keep_mask, lm_head_loss, make_norm, padding_or_none)
+                     check_skip_padding, drop, keep_mask, lm_head_loss, make_norm, padding_or_none, token_positions)
 from .speculative import speculation, speculative_generate
 
 
@@ -40,6 +40,8 @@ class Seq2SeqConfig(ModelConfig):
     # every self-attention layer (one table per side); 0 = none (then pos gives the positions)
     relative_buckets: int = 0
     relative_max_distance: int = 128
+    # M2M100 / NLLB: positions numbered over the real tokens, skipping padding (layers.token_positions)
+    roberta_positions: bool = False
     model_type = "seq2seq"
 
     def __post_init__(self):
@@ -58,6 +60,7 @@ class Seq2SeqConfig(ModelConfig):
             raise ValueError(f"Seq2SeqConfig.relative_buckets: an even number >= 4 with pos 'none' and "
                              f"relative_max_distance > relative_buckets / 2; got {self.relative_buckets} (pos "
                              f"{self.pos!r}, relative_max_distance {self.relative_max_distance})")
+        check_skip_padding(self, "roberta_positions")
         for name in ids:
             if getattr(self, name) >= self.vocab_size:
                 raise ValueError(f"Seq2SeqConfig.{name}: {getattr(self, name)} is not a token id (vocab_size "
@@ -143,7 +146,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         """Encoder output (B, S, d_model) and its key_padding_mask (B, S) (True = padding) or None."""
         B, S = input_ids.shape
         pad = padding_or_none(keep_mask(input_ids, attention_mask, self.config.max_seq_len), attention_mask)
-        positions = torch.arange(S, device=input_ids.device).expand(B, S)
+        positions = token_positions(input_ids, self.config.pad_token_id, self.config.roberta_positions)
         h, rotary = self._embed(input_ids, positions, self.enc_pos, self.enc_embed_norm)
         bias = None if self.enc_rel is None else self.enc_rel(positions[:1], positions[0])
         residual = None
@@ -186,8 +189,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
             decoder_input_ids = self.shift_right(labels)
         keep_mask(decoder_input_ids, None, self.config.max_seq_len)  # checks shape and length
         memory, pad = self.encode(input_ids, attention_mask)
-        B, T = decoder_input_ids.shape
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        positions = token_positions(decoder_input_ids, self.config.pad_token_id, self.config.roberta_positions)
         h = self.decode(decoder_input_ids, positions, [b.cross_attn.memory(memory) for b in self.decoder], pad)
         if labels is None:
             return ModelOutput(logits=self.lm_head(h))
@@ -200,9 +202,10 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
 
     @classmethod
     def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides) -> "Seq2Seq":
-        """Import a local HF BART, mBART, T5 (v1.0, v1.1 / Flan-T5) or mT5 folder (the *ForConditionalGeneration
-        models or their base models; seq2seq_hf.py and seq2seq_t5.py say what carries over); dtype / device /
-        overrides as in GPT.from_hf. In eval mode, as transformers' from_pretrained returns it."""
+        """Import a local HF BART, mBART, Marian, Pegasus, M2M100 / NLLB, T5 (v1.0, v1.1 / Flan-T5) or mT5 folder
+        (the *ForConditionalGeneration models or their base models; seq2seq_hf.py and seq2seq_t5.py say what carries
+        over); dtype / device / overrides as in GPT.from_hf. In eval mode, as transformers' from_pretrained returns
+        it."""
         from .seq2seq_hf import import_seq2seq
         cfg, sd = import_seq2seq(path, overrides)
         model = place(cls(cfg), dtype, device)

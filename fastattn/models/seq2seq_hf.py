@@ -1,9 +1,13 @@
-"""Seq2Seq.from_hf's importer: a Hugging Face BART or mBART folder (config.json, generation_config.json, weights)
-mapped onto Seq2SeqConfig and Seq2Seq's state dict (T5 and mT5: seq2seq_t5.py).
+"""Seq2Seq.from_hf's importer: a Hugging Face BART, mBART, Marian, Pegasus or M2M100 / NLLB folder (config.json,
+generation_config.json, weights) mapped onto Seq2SeqConfig and Seq2Seq's state dict (T5 and mT5: seq2seq_t5.py).
 
-BART is post-norm, mBART pre-norm with a final norm on each side; both learn positions from row 2 of their tables
-(``pos_offset``), normalise the embeddings (``embed_norm``), may scale them by sqrt(d_model) (``embed_scale``) and
-add ``final_logits_bias`` to the logits (``lm_head_bias``, when it is not all zeros). Generation's
+BART and Marian are post-norm, mBART, Pegasus and M2M100 pre-norm with a final norm on each side; all may scale the
+token embeddings by sqrt(d_model) (``embed_scale``) and add ``final_logits_bias`` to the logits (``lm_head_bias``,
+when it is not all zeros). BART and mBART learn positions from row 2 of their tables (``pos_offset``) and normalise
+the embeddings (``embed_norm``). Marian, Pegasus and M2M100 add fixed sinusoidal positions, sin and cos in two halves
+(M2M100's with fairseq's frequencies, numbered over the real tokens past any padding from row pad + 1, the padding
+on the zero row pad: ``roberta_positions``): the importer computes transformers' table and loads it as
+the learned table, so inference matches; fine-tuning then trains it, where transformers keeps it fixed. Generation's
 ``forced_bos_token_id`` (BART-large-CNN's 0, mBART-50's language code) and ``forced_eos_token_id`` (BART's </s>,
 the last token when max_new_tokens is reached) are read from generation_config.json or config.json. mBART's own
 label shift (its last token, the language code, wrapped to the front) is not Seq2Seq's: fine-tuning mBART-cc25
@@ -22,7 +26,8 @@ from .seq2seq import Seq2SeqConfig
 from .seq2seq_t5 import FAMILIES as T5_FAMILIES
 from .seq2seq_t5 import import_t5
 
-FAMILIES = ("bart", "mbart")
+FAMILIES = ("bart", "mbart", "marian", "pegasus", "m2m_100")
+_SINUSOIDAL = ("marian", "pegasus", "m2m_100")
 # ours -> HF's, in every layer of both sides; cross-attention in the decoder's
 _LAYER = {"attn.wo": "self_attn.out_proj", "norm1": "self_attn_layer_norm", "mlp.w_in": "fc1", "mlp.w_out": "fc2",
           "norm2": "final_layer_norm"}
@@ -39,7 +44,7 @@ def import_seq2seq(path: str, overrides: dict) -> Tuple[Seq2SeqConfig, Dict[str,
     bias = state.get("final_logits_bias")
     cfg = Seq2SeqConfig.from_dict({**_config(hf, gen),
                                    "lm_head_bias": bias is not None and bool(bias.any()), **overrides})
-    return cfg, _state(cfg, KeyMap(state, ("model.", "")), KeyMap(state), bias)
+    return cfg, _state(cfg, KeyMap(state, ("model.", "")), KeyMap(state), bias, hf.get("model_type"))
 
 
 def _generation_config(path: str) -> dict:
@@ -71,19 +76,35 @@ def _config(hf: dict, gen: dict) -> dict:
     eos = eos[0] if isinstance(eos, list) else 2 if eos is None else eos
     start = generation("decoder_start_token_id")
     d = hf["d_model"]
+    pad = 1 if hf.get("pad_token_id") is None else hf["pad_token_id"]
     return dict(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["encoder_layers"],
                 n_decoder_layer=hf["decoder_layers"], n_head=hf["encoder_attention_heads"], d_ff=hf["encoder_ffn_dim"],
                 max_seq_len=hf["max_position_embeddings"], norm="layernorm", norm_eps=1e-5,
-                norm_first=kind == "mbart", mlp="gelu", activation=act, pos="learned", pos_offset=2,
-                embed_norm=True, embed_scale=math.sqrt(d) if hf.get("scale_embedding") else 1.0,
-                tie_embeddings=hf.get("tie_word_embeddings", True), bias=True,
-                pad_token_id=1 if hf.get("pad_token_id") is None else hf["pad_token_id"], eos_token_id=eos,
+                norm_first=kind in ("mbart", "pegasus", "m2m_100"), mlp="gelu", activation=act, pos="learned",
+                pos_offset=pad + 1 if kind == "m2m_100" else 0 if kind in _SINUSOIDAL else 2,
+                roberta_positions=kind == "m2m_100",
+                embed_norm=kind in ("bart", "mbart"), embed_scale=math.sqrt(d) if hf.get("scale_embedding") else 1.0,
+                tie_embeddings=hf.get("tie_word_embeddings", True), bias=True, pad_token_id=pad, eos_token_id=eos,
                 decoder_start_token_id=eos if start is None else start,
                 forced_bos_token_id=generation("forced_bos_token_id"),
                 forced_eos_token_id=generation("forced_eos_token_id"))
 
 
-def _state(cfg: Seq2SeqConfig, m: KeyMap, top: KeyMap, bias) -> Dict[str, Tensor]:
+def sinusoidal_halves(rows: int, d: int, fairseq: bool) -> Tensor:
+    """transformers' fixed position table (rows, d), float64 -> float32: sin of every frequency in the first half,
+    cos in the second; frequencies 10000^(-2i / d) (Marian, Pegasus) or fairseq's exp(-i log(10000) / (d / 2 - 1))
+    (M2M100, NLLB). An odd d: Marian's last sin column, fairseq's zero column."""
+    half = d // 2
+    i = torch.arange((d + 1) // 2 if not fairseq else half, dtype=torch.float64)
+    freq = torch.exp(-i * math.log(10000.0) / (half - 1)) if fairseq else 10000.0 ** (-2 * i / d)
+    angle = torch.arange(rows, dtype=torch.float64)[:, None] * freq
+    table = torch.zeros(rows, d, dtype=torch.float64)
+    table[:, :angle.shape[1]] = torch.sin(angle)
+    table[:, angle.shape[1]:angle.shape[1] + half] = torch.cos(angle[:, :half])
+    return table.float()
+
+
+def _state(cfg: Seq2SeqConfig, m: KeyMap, top: KeyMap, bias, kind: str) -> Dict[str, Tensor]:
     d, f, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
     tok = m.take("shared.weight" if m.has("shared.weight") else "encoder.embed_tokens.weight", (V, d))
     for side in ("encoder", "decoder"):  # Seq2Seq has one token embedding (transformers 5 unties them with lm_head)
@@ -97,9 +118,13 @@ def _state(cfg: Seq2SeqConfig, m: KeyMap, top: KeyMap, bias) -> Dict[str, Tensor
               "cross_attn.wq": (d, d), "cross_attn.wo": (d, d), "norm_x": (d,)}
     for side in ("enc", "dec"):
         hf_side = "encoder" if side == "enc" else "decoder"
-        sd[f"{side}_pos.weight"] = m.take(f"{hf_side}.embed_positions.weight", (rows, d))
+        sd[f"{side}_pos.weight"] = sinusoidal_halves(rows, d, kind == "m2m_100") if kind in _SINUSOIDAL else \
+            m.take(f"{hf_side}.embed_positions.weight", (rows, d))
+        if cfg.roberta_positions:  # the padding's row
+            sd[f"{side}_pos.weight"][cfg.pad_token_id] = 0.0
         for p in ("weight", "bias"):
-            sd[f"{side}_embed_norm.{p}"] = m.take(f"{hf_side}.layernorm_embedding.{p}", (d,))
+            if cfg.embed_norm:
+                sd[f"{side}_embed_norm.{p}"] = m.take(f"{hf_side}.layernorm_embedding.{p}", (d,))
             if cfg.norm_first:
                 sd[f"{side}_norm_f.{p}"] = m.take(f"{hf_side}.layer_norm.{p}", (d,))
         n = cfg.n_layer if side == "enc" else cfg.n_decoder_layer
