@@ -1,5 +1,5 @@
 """BERT.from_hf / BERTForSequenceClassification.from_hf on the rest of the BERT family: RoBERTa (and XLM-RoBERTa,
-CamemBERT: the same model under other names) and DistilBERT, small and randomly initialised, saved to tmp_path.
+CamemBERT: the same model under other names), DistilBERT and ELECTRA, small and randomly initialised, saved to tmp_path.
 Logits against transformers' own model on the same weights (fp32; error bounded by transformers' own fp32 error
 against its float64 run), with right and left padding (RoBERTa numbers positions past its padding tokens), and
 both of our backends; errors name what is wrong."""
@@ -28,6 +28,11 @@ def _distilbert(head="ForMaskedLM", **kw):
                                         max_position_embeddings=40, dropout=0.0, attention_dropout=0.0,
                                         pad_token_id=0, **kw)
     return getattr(transformers, "DistilBert" + head)(cfg).eval()
+
+
+def _electra(head="ForMaskedLM", **kw):
+    return getattr(transformers, "Electra" + head)(transformers.ElectraConfig(**{**SMALL, "embedding_size": 32,
+                                                                                 **kw})).eval()
 
 
 def _batch(left: bool, pad=PAD):
@@ -120,6 +125,33 @@ def test_distilbert_classifier_matches_transformers(tmp_path):
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
 
 
+def test_electra_matches_transformers(tmp_path, caplog):
+    """ELECTRA: the generator's MLM logits and the classifier's (dense, gelu, out_proj on h[:, 0]) equal
+    transformers'; a discriminator checkpoint gives the classifier its encoder, the heads at random init (warned)."""
+    torch.manual_seed(0)
+    ids, mask = _batch(left=False)
+    for head, cls in (("ForMaskedLM", BERT), ("ForSequenceClassification", BERTForSequenceClassification)):
+        hf = _electra(head, **({"num_labels": 3} if cls is BERTForSequenceClassification else {}))
+        with torch.no_grad():  # norm weights and biases start at 1 / 0: make them matter
+            for p in hf.parameters():
+                if p.dim() == 1:
+                    p.uniform_(0.5, 1.5)
+        hf.save_pretrained(tmp_path / head)
+        ours = cls.from_hf(tmp_path / head)
+        keep = mask.bool() if cls is BERT else slice(None)
+        with torch.no_grad():
+            a, b, c = ours(ids, attention_mask=mask), hf(ids, attention_mask=mask), _float64(hf, tmp_path / head)(
+                ids, attention_mask=mask)
+        assert_bounded(f"electra {head}", a.logits[keep], c.logits[keep].double(), b.logits[keep], torch.float32)
+    assert ours.config.pooler_activation == "gelu"
+    _electra("ForPreTraining").save_pretrained(tmp_path / "disc")
+    with caplog.at_level("WARNING", logger="fastattn"):
+        clf = BERTForSequenceClassification.from_hf(tmp_path / "disc", num_labels=2)
+    assert "classifier.out_proj.weight" in caplog.text
+    enc = BERTForSequenceClassification.from_hf(tmp_path / "ForSequenceClassification").encoder.state_dict()
+    assert enc.keys() == clf.encoder.state_dict().keys()
+
+
 def test_fine_tuning_a_roberta_import_trains(tmp_path):
     """The imported model trains on both backends alike (same losses over a few AdamW steps), and round-trips
     through our own save_pretrained / from_pretrained with its position scheme."""
@@ -151,6 +183,9 @@ def test_bert_family_errors(tmp_path):
     clf = BERTForSequenceClassification.from_hf(tmp_path / "d", num_labels=2)  # a bare encoder: heads at init
     assert clf(torch.ones(1, 4, dtype=torch.long)).logits.shape == (1, 2)
     with pytest.raises(ValueError, match="pooler_activation"):
-        BERT.config_class(pooler_activation="gelu")
+        BERT.config_class(pooler_activation="swish")
+    _electra(embedding_size=16).save_pretrained(tmp_path / "e")
+    with pytest.raises(CheckpointError, match="embedding_size 16 != hidden_size 32"):
+        BERT.from_hf(tmp_path / "e")
     with pytest.raises(ValueError, match="roberta_positions: needs pos 'learned' and pos_offset = pad_token_id"):
         BERT.config_class(roberta_positions=True, pad_token_id=1)

@@ -23,7 +23,7 @@ from .layers import (Block, ModelConfig, ModelOutput, Positions, PretrainedMixin
                      check_skip_padding, drop, keep_mask, lm_head_loss, make_norm, padding_or_none, token_positions)
 
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
-POOLER_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
+POOLER_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}
 
 
 @dataclass
@@ -40,7 +40,7 @@ class BERTConfig(ModelConfig):
     # RoBERTa's position ids: the real tokens numbered in order, skipping padding, from table row pos_offset (which
     # must be pad_token_id + 1); padding tokens (pad_token_id) at row pad_token_id
     roberta_positions: bool = False
-    pooler_activation: str = "tanh"  # the classifier's pooler: "tanh" (BERT, RoBERTa) or "relu" (DistilBERT)
+    pooler_activation: str = "tanh"  # the classifier's pooler: "tanh" (BERT, RoBERTa), "relu" (DistilBERT), "gelu"
     model_type = "bert"
 
     def validate(self) -> None:

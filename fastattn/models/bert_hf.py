@@ -1,5 +1,5 @@
 """Import of HF BERT-family checkpoints into fastattn.models.BERT / BERTForSequenceClassification: BERT, RoBERTa
-(and XLM-RoBERTa, CamemBERT: the same model), DistilBERT.
+(and XLM-RoBERTa, CamemBERT: the same model), DistilBERT, ELECTRA.
 
 How they differ from BERT, and how the config says it:
 - RoBERTa numbers positions past its padding tokens from table row pad_token_id + 1 (``roberta_positions``,
@@ -8,6 +8,10 @@ How they differ from BERT, and how the config says it:
 - DistilBERT has no token types (``type_vocab_size=0``), no pooler, and a relu "pre_classifier"
   (``pooler_activation="relu"``). Its sinusoidal position table, when it has one, loads frozen, as transformers
   keeps it.
+- ELECTRA is BERT's encoder; its classifier reads h[:, 0] through dense, gelu, out_proj (``pooler_activation=
+  "gelu"``), its generator's MLM head is BERT's with gelu. A discriminator (ElectraForPreTraining) has neither: they
+  start at random init (fine-tuning), with a warning. Embeddings narrower than the layers (ELECTRA-small's
+  embedding_size, projected up) are refused.
 """
 from __future__ import annotations
 
@@ -22,13 +26,13 @@ from .checkpoint import CheckpointError, KeyMap, hf_activation, load_mapped, pla
 log = logging.getLogger("fastattn")
 
 FAMILIES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta",
-            "distilbert": "distilbert"}
-_PREFIX = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert."}
+            "distilbert": "distilbert", "electra": "electra"}
+_PREFIX = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert.", "electra": "electra."}
 # per layer: HF's layer prefix, its q / k / v, and ours -> its name for the rest
 _BERT_LAYER = ("encoder.layer.{}.", ("attention.self.query", "attention.self.key", "attention.self.value"),
                {"attn.wo": "attention.output.dense", "norm1": "attention.output.LayerNorm",
                 "mlp.w_in": "intermediate.dense", "mlp.w_out": "output.dense", "norm2": "output.LayerNorm"})
-_LAYER = {"bert": _BERT_LAYER, "roberta": _BERT_LAYER,
+_LAYER = {"bert": _BERT_LAYER, "roberta": _BERT_LAYER, "electra": _BERT_LAYER,
           "distilbert": ("transformer.layer.{}.", ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
                          {"attn.wo": "attention.out_lin", "norm1": "sa_layer_norm", "mlp.w_in": "ffn.lin1",
                           "mlp.w_out": "ffn.lin2", "norm2": "output_layer_norm"})}
@@ -36,15 +40,19 @@ _LAYER = {"bert": _BERT_LAYER, "roberta": _BERT_LAYER,
 _MLM = {"bert": ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.bias",
                  "cls.predictions.decoder.weight"),
         "roberta": ("lm_head.dense", "lm_head.layer_norm", "lm_head.bias", "lm_head.decoder.weight"),
-        "distilbert": ("vocab_transform", "vocab_layer_norm", "vocab_projector.bias", "vocab_projector.weight")}
+        "distilbert": ("vocab_transform", "vocab_layer_norm", "vocab_projector.bias", "vocab_projector.weight"),
+        "electra": ("generator_predictions.dense", "generator_predictions.LayerNorm", "generator_lm_head.bias",
+                    "generator_lm_head.weight")}
 # the sentence-level heads, ours -> (HF's name, under the family's prefix?); absent: random init with a warning
 _HEADS = {"pretraining": {"bert": {"pooler.dense": ("pooler.dense", True), "nsp_head": ("cls.seq_relationship", False)},
                           "roberta": {"pooler.dense": ("pooler.dense", True)},
-                          "distilbert": {}},
+                          "distilbert": {}, "electra": {}},
           "classify": {"bert": {"pooler.dense": ("pooler.dense", True), "classifier": ("classifier", False)},
                        "roberta": {"pooler.dense": ("classifier.dense", False),
                                    "classifier": ("classifier.out_proj", False)},
-                       "distilbert": {"pooler.dense": ("pre_classifier", False), "classifier": ("classifier", False)}}}
+                       "distilbert": {"pooler.dense": ("pre_classifier", False), "classifier": ("classifier", False)},
+                       "electra": {"pooler.dense": ("classifier.dense", False),
+                                   "classifier": ("classifier.out_proj", False)}}}
 
 
 def load_bert(model_class, path: str, dtype: Optional[torch.dtype], device, overrides: dict, heads: str):
@@ -99,7 +107,7 @@ def _config(hf: dict, family: str) -> dict:
     key = "activation" if family == "distilbert" else "hidden_act"
     act = hf.get(key, "gelu")
     ours = hf_activation(key, act)
-    if family == "roberta" and act != "gelu":  # its MLM head applies gelu whatever hidden_act says
+    if family in ("roberta", "electra") and act != "gelu":  # its MLM head applies gelu whatever hidden_act says
         raise CheckpointError(f"config.json: hidden_act {act!r}: a {hf.get('model_type')} MLM head uses 'gelu', "
                               "and from_hf supports the models whose layers do too")
     if family == "distilbert":
@@ -110,6 +118,11 @@ def _config(hf: dict, family: str) -> dict:
         base = dict(d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                     d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
                     norm_eps=hf.get("layer_norm_eps", 1e-12), type_vocab_size=hf.get("type_vocab_size", 2))
+    if family == "electra":
+        if hf.get("embedding_size", hf["hidden_size"]) != hf["hidden_size"]:
+            raise CheckpointError(f"config.json: embedding_size {hf['embedding_size']} != hidden_size "
+                                  f"{hf['hidden_size']} (embeddings projected up) is not supported by from_hf")
+        base.update(pooler_activation="gelu")
     pad = hf.get("pad_token_id")
     pad = (1 if family == "roberta" else 0) if pad is None else pad
     if family == "roberta":  # the table's first pad + 1 rows come before the first position
