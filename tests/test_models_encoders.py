@@ -87,9 +87,12 @@ def test_bert_classifier_and_frozen_backbone(tmp_path):
     assert reg(_ids(2, 8, 3), labels=torch.tensor([0.5, -1.0])).loss.ndim == 0
 
 
-def test_bert_rejects_swiglu():
-    with pytest.raises(ValueError, match="mlp"):
-        BERTConfig(**SMALL, mlp="swiglu")
+def test_bert_config_errors_name_the_field():
+    for kw, field in ((dict(pooling="max"), "pooling"), (dict(pooler_norm=1), "pooler_norm"),
+                      (dict(first_input_norm=False), "first_input_norm"),  # needs norm_first
+                      (dict(sliding_window=0), "sliding_window")):
+        with pytest.raises(ValueError, match=f"BERTConfig.{field}"):
+            BERTConfig(**SMALL, **kw)
 
 
 @pytest.mark.parametrize("cls, kw, field", [

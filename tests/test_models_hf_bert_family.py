@@ -1,8 +1,8 @@
 """BERT.from_hf / BERTForSequenceClassification.from_hf on the rest of the BERT family: RoBERTa (and XLM-RoBERTa,
-CamemBERT: the same model under other names), DistilBERT and ELECTRA, small and randomly initialised, saved to tmp_path.
-Logits against transformers' own model on the same weights (fp32; error bounded by transformers' own fp32 error
-against its float64 run), with right and left padding (RoBERTa numbers positions past its padding tokens), and
-both of our backends; errors name what is wrong."""
+CamemBERT: the same model under other names), DistilBERT, ELECTRA and ModernBERT, small and randomly initialised,
+saved to tmp_path. Logits against transformers' own model on the same weights (fp32; error bounded by transformers'
+own fp32 error against its float64 run), with right and left padding (RoBERTa numbers positions past its padding
+tokens), and both of our backends; errors name what is wrong."""
 import pytest
 import torch
 
@@ -150,6 +150,45 @@ def test_electra_matches_transformers(tmp_path, caplog):
     assert "classifier.out_proj.weight" in caplog.text
     enc = BERTForSequenceClassification.from_hf(tmp_path / "ForSequenceClassification").encoder.state_dict()
     assert enc.keys() == clf.encoder.state_dict().keys()
+
+
+def _modernbert(head="ForMaskedLM", **kw):
+    """4 layers: global, local, local, global (local_attention 6: keys at most 3 away), no biases."""
+    cfg = transformers.ModernBertConfig(**{**dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=4, num_attention_heads=4,
+        max_position_embeddings=64, local_attention=6, pad_token_id=PAD, bos_token_id=2, eos_token_id=3,
+        cls_token_id=2, sep_token_id=3, initializer_range=0.3), **kw})
+    return getattr(transformers, "ModernBert" + head)(cfg).eval()
+
+
+@pytest.mark.parametrize("head, kw", [("ForMaskedLM", {}), ("ForSequenceClassification", {}),
+                                      ("ForSequenceClassification", dict(classifier_pooling="mean")),
+                                      ("ForMaskedLM", dict(norm_bias=True, attention_bias=True, mlp_bias=True,
+                                                           classifier_bias=True))])
+@pytest.mark.parametrize("left", [False, True])
+def test_modernbert_matches_transformers(tmp_path, head, kw, left):
+    """ModernBERT (pre-norm, rotary with a local base on the windowed layers, windows of 3 keys either side over
+    16 tokens, GeGLU, no biases; its classifier's dense, gelu, LayerNorm over [CLS] or the mean): logits within
+    transformers' own fp32 error against its float64 run, both backends."""
+    torch.manual_seed(0)
+    hf = _modernbert(head, **kw, **({"num_labels": 3} if "Classification" in head else {}))
+    with torch.no_grad():  # norm weights start at 1 (and biases at 0): make them matter
+        for p in hf.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path)
+    cls = BERT if head == "ForMaskedLM" else BERTForSequenceClassification
+    ids, mask = padded_batch(VOCAB, 16, 5, left, PAD, low=4)
+    hf64 = _float64(hf, tmp_path)
+    with torch.no_grad():
+        b, c = hf(ids, attention_mask=mask).logits, hf64(ids, attention_mask=mask).logits
+        keep = mask.bool() if cls is BERT else slice(None)
+        for backend in ("fastattn", "torch"):
+            ours = cls.from_hf(tmp_path, backend=backend)
+            assert (ours.config.sliding_window, ours.config.layer_types[:2]) == (4, ["full_attention",
+                                                                                    "sliding_attention"])
+            a = ours(ids, attention_mask=mask).logits
+            assert_bounded(f"modernbert {head} {backend}", a[keep], c[keep].double(), b[keep], torch.float32)
 
 
 def test_fine_tuning_a_roberta_import_trains(tmp_path):

@@ -1,6 +1,6 @@
 """BERT: a bidirectional encoder on fastattn's fused ops, with the pre-training heads (masked LM, next sentence) and a
 sequence-classification model, and import of HF BERT-family checkpoints (BERT, RoBERTa / XLM-R / CamemBERT,
-DistilBERT: bert_hf.py).
+DistilBERT, ELECTRA, ModernBERT: bert_hf.py).
 
     model = BERT(BERTConfig(vocab_size=30522, d_model=768, n_layer=12, n_head=12))
     out = model(input_ids, attention_mask, token_type_ids, labels=mlm_labels, next_sentence_label=nsp)
@@ -41,6 +41,9 @@ class BERTConfig(ModelConfig):
     # must be pad_token_id + 1); padding tokens (pad_token_id) at row pad_token_id
     roberta_positions: bool = False
     pooler_activation: str = "tanh"  # the classifier's pooler: "tanh" (BERT, RoBERTa), "relu" (DistilBERT), "gelu"
+    pooling: str = "cls"  # what the pooler reads: "cls" (h[:, 0]) or "mean" (the real tokens' mean; ModernBERT's)
+    pooler_norm: bool = False  # a LayerNorm after the pooler's activation (ModernBERT's head)
+    head_bias: bool = True  # the MLM head's and the pooler's dense biases (ModernBERT: none)
     model_type = "bert"
 
     def validate(self) -> None:
@@ -55,8 +58,11 @@ class BERTConfig(ModelConfig):
             raise ValueError(f"BERTConfig.pooler_activation: {self.pooler_activation!r} is not one of "
                              f"{tuple(POOLER_ACTIVATIONS)}")
         check_skip_padding(self, "roberta_positions")
-        if self.mlp != "gelu":
-            raise ValueError(f"BERTConfig.mlp: {self.mlp!r}; BERT uses the two-Linear 'gelu' MLP")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"BERTConfig.pooling: {self.pooling!r} is not one of ('cls', 'mean')")
+        for name in ("pooler_norm", "head_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"BERTConfig.{name}: expected true or false, got {getattr(self, name)!r}")
 
 
 class BERTEncoder(nn.Module):
@@ -69,7 +75,7 @@ class BERTEncoder(nn.Module):
         self.pos = Positions(cfg, cfg.pos_offset)
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.embed_norm = make_norm(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, layer=i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.norm_first else None
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
@@ -97,15 +103,25 @@ class BERTEncoder(nn.Module):
 
 
 class Pooler(nn.Module):
-    """tanh(Linear(h[:, 0])) (or relu): the [CLS] summary the sentence-level heads read."""
+    """tanh(Linear(h[:, 0])) (or relu, gelu): the [CLS] summary the sentence-level heads read; ModernBERT's reads the
+    mean of the real tokens (``pooling="mean"``) and normalises the result (``pooler_norm``)."""
 
-    def __init__(self, d: int, activation: str = "tanh"):
+    def __init__(self, cfg: BERTConfig):
         super().__init__()
-        self.dense = nn.Linear(d, d)
-        self.act = POOLER_ACTIVATIONS[activation]
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.head_bias)
+        self.act, self.mean = POOLER_ACTIVATIONS[cfg.pooler_activation], cfg.pooling == "mean"
+        self.norm = make_norm(cfg) if cfg.pooler_norm else None
 
-    def forward(self, h: Tensor) -> Tensor:
-        return self.act(self.dense(h[:, 0]))
+    def forward(self, h: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        if not self.mean:
+            x = h[:, 0]
+        elif attention_mask is None:
+            x = h.mean(1)
+        else:
+            keep = attention_mask.to(h.dtype)[..., None]
+            x = (h * keep).sum(1) / keep.sum(1)
+        x = self.act(self.dense(x))
+        return x if self.norm is None else self.norm.post(x)
 
 
 class MLMHead(nn.Module):
@@ -113,7 +129,7 @@ class MLMHead(nn.Module):
 
     def __init__(self, cfg: BERTConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.head_bias)
         self.act = activation_fn(cfg.activation)
         self.norm = make_norm(cfg)
         self.decoder = nn.Linear(cfg.d_model, cfg.vocab_size)
@@ -136,7 +152,7 @@ class BERT(PretrainedMixin, nn.Module):
         self.config = cfg = config
         self.encoder = BERTEncoder(cfg)
         self.mlm_head = MLMHead(cfg)
-        self.pooler = Pooler(cfg.d_model, cfg.pooler_activation)
+        self.pooler = Pooler(cfg)
         self.nsp_head = nn.Linear(cfg.d_model, 2)
         self.apply(init_weights)
         if cfg.tie_embeddings:
@@ -149,7 +165,7 @@ class BERT(PretrainedMixin, nn.Module):
         given labels): on the fastattn backend the MLM loss comes from fastattn.linear_cross_entropy without the
         logits, and .logits is None."""
         h = self.encoder(input_ids, attention_mask, token_type_ids)
-        nsp_logits = self.nsp_head(self.pooler(h))
+        nsp_logits = self.nsp_head(self.pooler(h, attention_mask))
         loss = None
         if labels is None:
             logits = self.mlm_head(h)
@@ -166,8 +182,8 @@ class BERT(PretrainedMixin, nn.Module):
     @classmethod
     def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides) -> "BERT":
         """Import a local HF BERT-family folder (BertForPreTraining; BertForMaskedLM / BertModel, RoBERTa, XLM-R,
-        CamemBERT and DistilBERT masked LMs too, the heads they lack left at random init with a warning, except
-        the MLM head, which must be there); dtype / device as in GPT.from_hf."""
+        CamemBERT, DistilBERT, ELECTRA and ModernBERT masked LMs too, the heads they lack left at random init with a
+        warning, except the MLM head, which must be there); dtype / device as in GPT.from_hf."""
         return load_bert(cls, path, dtype, device, overrides, "pretraining")
 
 
@@ -184,13 +200,13 @@ class BERTForSequenceClassification(PretrainedMixin, nn.Module):
         super().__init__()
         self.config = cfg = config
         self.encoder = BERTEncoder(cfg)
-        self.pooler = Pooler(cfg.d_model, cfg.pooler_activation)
+        self.pooler = Pooler(cfg)
         self.classifier = nn.Linear(cfg.d_model, cfg.num_labels)
         self.apply(init_weights)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> ModelOutput:
-        pooled = self.pooler(self.encoder(input_ids, attention_mask, token_type_ids))
+        pooled = self.pooler(self.encoder(input_ids, attention_mask, token_type_ids), attention_mask)
         pooled = drop(pooled, self.config.dropout, self.training, self.config.backend)
         logits = self.classifier(pooled)
         loss = None

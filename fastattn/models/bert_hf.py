@@ -1,5 +1,5 @@
 """Import of HF BERT-family checkpoints into fastattn.models.BERT / BERTForSequenceClassification: BERT, RoBERTa
-(and XLM-RoBERTa, CamemBERT: the same model), DistilBERT, ELECTRA.
+(and XLM-RoBERTa, CamemBERT: the same model), DistilBERT, ELECTRA, ModernBERT (bert_hf_modern.py).
 
 How they differ from BERT, and how the config says it:
 - RoBERTa numbers positions past its padding tokens from table row pad_token_id + 1 (``roberta_positions``,
@@ -21,13 +21,15 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from .bert_hf_modern import modernbert_config, modernbert_encoder_state, modernbert_mlm_head
 from .checkpoint import CheckpointError, KeyMap, hf_activation, load_mapped, place, read_hf_folder
 
 log = logging.getLogger("fastattn")
 
 FAMILIES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta",
-            "distilbert": "distilbert", "electra": "electra"}
-_PREFIX = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert.", "electra": "electra."}
+            "distilbert": "distilbert", "electra": "electra", "modernbert": "modernbert"}
+_PREFIX = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert.", "electra": "electra.",
+           "modernbert": "model."}
 # per layer: HF's layer prefix, its q / k / v, and ours -> its name for the rest
 _BERT_LAYER = ("encoder.layer.{}.", ("attention.self.query", "attention.self.key", "attention.self.value"),
                {"attn.wo": "attention.output.dense", "norm1": "attention.output.LayerNorm",
@@ -46,13 +48,15 @@ _MLM = {"bert": ("cls.predictions.transform.dense", "cls.predictions.transform.L
 # the sentence-level heads, ours -> (HF's name, under the family's prefix?); absent: random init with a warning
 _HEADS = {"pretraining": {"bert": {"pooler.dense": ("pooler.dense", True), "nsp_head": ("cls.seq_relationship", False)},
                           "roberta": {"pooler.dense": ("pooler.dense", True)},
-                          "distilbert": {}, "electra": {}},
+                          "distilbert": {}, "electra": {}, "modernbert": {}},
           "classify": {"bert": {"pooler.dense": ("pooler.dense", True), "classifier": ("classifier", False)},
                        "roberta": {"pooler.dense": ("classifier.dense", False),
                                    "classifier": ("classifier.out_proj", False)},
                        "distilbert": {"pooler.dense": ("pre_classifier", False), "classifier": ("classifier", False)},
                        "electra": {"pooler.dense": ("classifier.dense", False),
-                                   "classifier": ("classifier.out_proj", False)}}}
+                                   "classifier": ("classifier.out_proj", False)},
+                       "modernbert": {"pooler.dense": ("head.dense", False), "pooler.norm": ("head.norm", False),
+                                      "classifier": ("classifier", False)}}}
 
 
 def load_bert(model_class, path: str, dtype: Optional[torch.dtype], device, overrides: dict, heads: str):
@@ -66,16 +70,21 @@ def load_bert(model_class, path: str, dtype: Optional[torch.dtype], device, over
     if heads == "classify":
         overrides.setdefault("num_labels", hf.get("num_labels", len(hf.get("id2label") or {}) or 2))
         overrides.setdefault("problem_type", hf.get("problem_type"))
-    cfg = model_class.config_class.from_dict({**_config(hf, family), **overrides})
+    modern = family == "modernbert"
+    cfg = model_class.config_class.from_dict({**(modernbert_config(hf) if modern else _config(hf, family)),
+                                              **overrides})
     m, top = KeyMap(state, (_PREFIX[family], "")), KeyMap(state)
-    sd = _encoder_state(cfg, family, m)
+    sd = modernbert_encoder_state(cfg, m) if modern else _encoder_state(cfg, family, m)
     if heads == "pretraining":
-        sd.update(_mlm_head(cfg, family, top, sd["encoder.tok_emb.weight"]))
+        tok = sd["encoder.tok_emb.weight"]
+        sd.update(modernbert_mlm_head(cfg, top, tok) if modern else _mlm_head(cfg, family, top, tok))
     model = place(model_class(cfg), dtype, device)
     missing, none = [], []
     for ours, (theirs, prefixed) in _HEADS[heads][family].items():
         keymap = m if prefixed else top
         for p in ("weight", "bias"):
+            if f"{ours}.{p}" not in model.state_dict():  # (bias-free heads: ModernBERT's)
+                continue
             want = model.state_dict()[f"{ours}.{p}"]
             if keymap.has(f"{theirs}.{p}"):
                 sd[f"{ours}.{p}"] = keymap.take(f"{theirs}.{p}", tuple(want.shape))

@@ -47,17 +47,19 @@ class ModelConfig:
     "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}. ``pos="alibi"``
     (GPT): no position embedding; each head's scores get -slope * distance (ALiBi), with BLOOM's slopes or
     ``alibi_slopes`` (one per head; Falcon-RW's are BLOOM's scaled by 1 / sqrt(head_dim)). ``sliding_window`` W
-    (GPT): a token attends to itself and the W - 1 before it (Mistral's window), in training, prefill and decoding;
-    on every layer, or on those ``layer_types`` (one "sliding_attention" / "full_attention" per layer, HF's names)
-    marks (Gemma 2's alternation); ``rope_local_theta`` gives those windowed layers rotary positions of their own
-    base, unscaled (Gemma 3); ``nope_layers`` lists the layers without rotary positions (SmolLM3, Cohere 2). Gemma:
-    ``embed_scale`` multiplies the token embeddings; ``attn_scale`` (None = head_dim ** -0.5) scales the scores;
-    ``attn_softcap`` / ``final_softcap`` (0: off) cap the scores / the logits as c * tanh(x / c); ``sandwich_norm``
-    adds a norm on each sublayer's output before the residual add (pre-norm GPT only); ``input_norm`` False (with
-    sandwich_norm: OLMo 2) drops the norms on the sublayers' inputs, leaving only those on their outputs. ``bias``:
-    every Linear's bias; ``qkv_bias`` None = bias, else the query / key / value projections' own (Qwen2: True with
-    bias False); ``norm_bias`` None = bias, else the LayerNorms' own (Falcon, StableLM: True with bias False).
-    ``qk_norm``: queries and keys normalised per head (the model's ``norm`` over head_dim) before the rotary
+    (GPT): a token attends to itself and the W - 1 before it (Mistral's window), in training, prefill and decoding
+    (BERT: and the W - 1 after it, ModernBERT's local attention); on every layer, or on those ``layer_types`` (one
+    "sliding_attention" / "full_attention" per layer, HF's names) marks (Gemma 2's alternation);
+    ``rope_local_theta`` gives those windowed layers rotary positions of their own base, unscaled (Gemma 3);
+    ``nope_layers`` lists the layers without rotary positions (SmolLM3, Cohere 2). Gemma: ``embed_scale`` multiplies
+    the token embeddings; ``attn_scale`` (None = head_dim ** -0.5) scales the scores; ``attn_softcap`` /
+    ``final_softcap`` (0: off) cap the scores / the logits as c * tanh(x / c); ``sandwich_norm`` adds a norm on each
+    sublayer's output before the residual add (pre-norm GPT only); ``input_norm`` False (with sandwich_norm: OLMo 2)
+    drops the norms on the sublayers' inputs, leaving only those on their outputs; ``first_input_norm`` False
+    (ModernBERT, whose embeddings end in a norm): the first block's attention reads its input unnormalised.
+    ``bias``: every Linear's bias; ``qkv_bias`` None = bias, else the query / key / value projections' own (Qwen2:
+    True with bias False); ``norm_bias`` None = bias, else the LayerNorms' own (Falcon, StableLM: True with bias
+    False). ``qk_norm``: queries and keys normalised per head (the model's ``norm`` over head_dim) before the rotary
     positions (Qwen3), or over all heads' q and all heads' k at once when ``qk_norm_full`` (OLMo 2, OLMoE).
     ``rotary_dim`` None = head_dim: rotary positions on that many leading channels of each head (GPT-NeoX's
     rotary_pct, Phi's partial_rotary_factor). ``parallel_block`` (pre-norm GPT): attention and MLP read the same
@@ -100,6 +102,7 @@ class ModelConfig:
     final_softcap: float = 0.0
     sandwich_norm: bool = False
     input_norm: bool = True
+    first_input_norm: bool = True
     tie_embeddings: bool = True
     bias: bool = True
     qkv_bias: Optional[bool] = None
@@ -137,7 +140,7 @@ class ModelConfig:
                                  f"d_model={self.d_model} (or set head_dim)")
             self.head_dim = self.d_model // self.n_head
         self.check_ints(("head_dim",), 1)
-        for name in ("bias", "qk_norm", "qk_norm_full", "sandwich_norm", "input_norm") + tuple(
+        for name in ("bias", "qk_norm", "qk_norm_full", "sandwich_norm", "input_norm", "first_input_norm") + tuple(
                 n for n in ("qkv_bias", "norm_bias") if getattr(self, n) is not None):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{type(self).__name__}.{name}: expected true or false, got {getattr(self, name)!r}")
@@ -199,6 +202,8 @@ class ModelConfig:
             raise ValueError(f"{type(self).__name__}.attn_scale: expected a number > 0 or None, got {v!r}")
         if self.sandwich_norm and (not self.norm_first or self.model_type != "gpt"):
             raise ValueError(f"{type(self).__name__}.sandwich_norm: supported by pre-norm (norm_first) GPT only")
+        if not self.first_input_norm and (not self.norm_first or self.model_type != "bert"):
+            raise ValueError(f"{type(self).__name__}.first_input_norm: false needs a pre-norm BERT (norm_first)")
         if not self.input_norm and (not self.sandwich_norm or self.parallel_block is not None):
             raise ValueError(f"{type(self).__name__}.input_norm: false needs sandwich_norm (each sublayer's output "
                              "normalised) and no parallel_block")
@@ -208,9 +213,10 @@ class ModelConfig:
         check_rope_scaling(self.rope_scaling, type(self).__name__)
         if self.sliding_window is not None:
             self.check_ints(("sliding_window",), 1)
-            if self.model_type != "gpt":
-                raise ValueError(f"{type(self).__name__}.sliding_window: a window is supported by GPT (causal) only")
-        if self.rope_local_theta is not None and (self.model_type != "gpt" or
+            if self.model_type not in ("gpt", "bert"):
+                raise ValueError(f"{type(self).__name__}.sliding_window: a window is supported by GPT (causal) and "
+                                 "BERT (both sides) only")
+        if self.rope_local_theta is not None and (self.model_type not in ("gpt", "bert") or
                 isinstance(self.rope_local_theta, bool) or not isinstance(self.rope_local_theta, (int, float))
                 or self.rope_local_theta <= 0 or self.pos != "rotary" or self.sliding_window is None):
             raise ValueError(f"{type(self).__name__}.rope_local_theta: a number > 0 for the windowed layers of a "
@@ -474,21 +480,26 @@ def window_padding(S: int, input_pos: Tensor, window: int) -> Tensor:
     return torch.arange(S, device=input_pos.device) <= input_pos - window
 
 
-def _torch_attention(q, k, v, causal, key_padding_mask, dropout_p, window: int = 0, scale=None, softcap=0.0,
-                     bias=None, alibi=None):
-    """fastattn.attention's meaning in stock torch SDPA (a bool mask is built for causal + padding + a causal
-    window of ``window`` keys, 0: none; ``bias`` added to the scores, and ALiBi's -slope * distance for ``alibi``
-    (H,) slopes, bottom-right aligned); with a softcap, which SDPA lacks, written out in torch ops."""
+def _torch_attention(q, k, v, causal, key_padding_mask, dropout_p, window: Tuple[int, int] = (-1, -1), scale=None,
+                     softcap=0.0, bias=None, alibi=None):
+    """fastattn.attention's meaning in stock torch SDPA (a bool mask is built for causal + padding + ``window``:
+    (left, right) keys around the diagonal, -1 unbounded; ``bias`` added to the scores, and ALiBi's -slope *
+    distance for ``alibi`` (H,) slopes, bottom-right aligned); with a softcap, which SDPA lacks, written out in torch
+    ops."""
     L, S = q.shape[-2], k.shape[-2]
     if alibi is not None:
         dist = (torch.arange(L, device=q.device)[:, None] + S - L - torch.arange(S, device=q.device)).abs()
         slope_bias = -alibi.to(q.dtype)[:, None, None] * dist.to(q.dtype)  # (H, L, S)
         bias = slope_bias if bias is None else bias + slope_bias
     mask = None
-    if causal is not None:
+    if causal is not None or window != (-1, -1):
         i = torch.arange(L, device=q.device)[:, None] + (S - L if causal == "bottom_right" else 0)
         j = torch.arange(S, device=q.device)
-        mask = (i >= j) & (j > i - window) if window else i >= j  # (L, S) True = take part
+        mask = i >= j if causal is not None else torch.ones(L, S, dtype=torch.bool, device=q.device)  # (L, S)
+        if window[0] >= 0:
+            mask = mask & (j >= i - window[0])
+        if window[1] >= 0:
+            mask = mask & (j <= i + window[1])
     if key_padding_mask is not None:
         keep = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
         mask = keep if mask is None else mask & keep
@@ -518,7 +529,8 @@ class Attention(nn.Module):
         self.rope = rope  # False: a NoPE layer (the model's rotary positions skipped here)
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.backend, self.dropout, self.cross = cfg.backend, cfg.dropout, cross
-        self.window = window  # keys per causal query (a sliding window), 0: all
+        self.window = window  # keys per causal query (a sliding window), 0: all; bidirectional (BERT): W - 1 each side
+        self.bidirectional = cfg.model_type == "bert"
         self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap
         q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
         qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
@@ -590,11 +602,12 @@ class Attention(nn.Module):
                     k, v = (k_all, v_all) if cache_end is None else (k_all[:, :, :cache_end], v_all[:, :, :cache_end])
         q = q.transpose(1, 2)  # (B, H, L, D), a strided view
         p = self.dropout if self.training else 0.0
-        window = (self.window - 1, 0) if self.window and causal is not None else (-1, -1)
+        window = (-1, -1) if not self.window else (self.window - 1, 0) if causal is not None else \
+            (self.window - 1, self.window - 1) if self.bidirectional else (-1, -1)
         if self.window and use_cache and causal is None:  # one row: the slots W or more behind it join the padding
             key_padding_mask = key_padding_mask | window_padding(k.shape[2], input_pos, self.window)
         if self.backend == "torch":
-            out = _torch_attention(q, k, v, causal, key_padding_mask, p, self.window if causal is not None else 0,
+            out = _torch_attention(q, k, v, causal, key_padding_mask, p, window,
                                    self.scale, self.softcap, attn_bias, self.alibi)
         elif use_cache and attn_bias is None and self.alibi is None and not (causal and self.window) and \
                 not torch.is_grad_enabled() and route_backend(q, k, v, forced_backend_name()):
@@ -649,7 +662,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm_first, self.dropout, self.backend = cfg.norm_first, cfg.dropout, cfg.backend
         # input_norm False (OLMo 2): no norm before the sublayers, only the sandwich norms after them
-        self.norm1 = make_norm(cfg) if cfg.input_norm else None
+        self.norm1 = make_norm(cfg) if cfg.input_norm and (layer or cfg.first_input_norm) else None
         self.attn = Attention(cfg, window=cfg.layer_window(layer), rope=layer not in (cfg.nope_layers or ()))
         if cross:
             self.norm_x, self.cross_attn = make_norm(cfg), Attention(cfg, cross=True)
