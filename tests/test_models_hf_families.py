@@ -76,7 +76,14 @@ MODELS = {"starcoder": (_bigcode, {}, dict(n_kv_head=1, activation="gelu_tanh"))
           "ernie4_5": (_family("Ernie4_5", use_bias=True), {}, dict(bias=True, tie_embeddings=True)),
           "glm": (_family("Glm", head_dim=8), {}, dict(rotary_dim=4, qkv_bias=True, bias=False)),
           "glm4": (_family("Glm4", head_dim=8), {}, dict(rotary_dim=4, sandwich_norm=True, input_norm=True)),
-          "seed_oss": (_family("SeedOss"), {}, dict(qkv_bias=True, bias=False))}
+          "seed_oss": (_family("SeedOss"), {}, dict(qkv_bias=True, bias=False)),
+          # Nemotron: LayerNorm1P (1 + weight, with bias), an ungated relu2 MLP, rotary on half of each head;
+          # Arcee: Llama with the ungated relu2 MLP; Ministral: Mistral with its windows per layer_types
+          "nemotron": (_family("Nemotron", head_dim=8), {}, dict(activation="relu2", mlp="gelu", rotary_dim=4,
+                                                                norm="layernorm", norm_bias=True)),
+          "arcee": (_family("Arcee", mlp_bias=True, attention_bias=True), {}, dict(activation="relu2", bias=True)),
+          "ministral": (_family("Ministral", 4, sliding_window=5, layer_types=FOUR, head_dim=8), {},
+                        dict(sliding_window=5, layer_types=FOUR))}
 
 
 def _saved(tmp_path, make, kw):
@@ -98,7 +105,7 @@ def test_matches_transformers(tmp_path, arch, caplog):
 
 
 @pytest.mark.parametrize("arch", ["starcoder", "granite", "olmo2", "cohere2", "smollm3", "exaone4", "starcoder2",
-                                  "glm4"])
+                                  "glm4", "nemotron"])
 def test_backends_train_alike(tmp_path, arch):
     make, kw, _ = MODELS[arch]
     _saved(tmp_path, make, kw)

@@ -6,8 +6,8 @@ The interface (stable; the CLI builds on it):
 - Configs (``GPTConfig``, ``BERTConfig``, ``Seq2SeqConfig``; dataclasses): vocab_size, d_model, n_layer, n_head,
   n_kv_head (None = n_head), head_dim (None = d_model / n_head), d_ff (None = 4 d_model), max_seq_len, dropout, norm
   ("layernorm" | "rmsnorm"), norm_eps, norm_first, mlp ("gelu" | "swiglu" | "geglu"), activation (the "gelu" and
-  "geglu" MLPs': "gelu" | "gelu_tanh" | "relu" | "silu"), pos ("learned" | "sinusoidal" | "rotary" | "alibi" (GPT) |
-  "none"), alibi_slopes (None = BLOOM's), pos_offset (learned positions' first table row), rotary_dim (None =
+  "geglu" MLPs': "gelu" | "gelu_tanh" | "relu" | "silu" | "relu2"), pos ("learned" | "sinusoidal" | "rotary" | "alibi"
+  (GPT) | "none"), alibi_slopes (None = BLOOM's), pos_offset (learned positions' first table row), rotary_dim (None =
   head_dim), rope_theta, rope_scaling (None | linear | llama3), sliding_window, layer_types and rope_local_theta
   (GPT), nope_layers (GPT: layers without rotary positions), tie_embeddings, bias, qkv_bias (None = bias), norm_bias
   (None = bias), qk_norm (per-head q / k norms; qk_norm_full: over all heads, GPT), embed_scale, attn_scale,
@@ -40,12 +40,12 @@ The interface (stable; the CLI builds on it):
   ``GPT.from_hf(dir)`` (GPT-2, OPT, GPT-NeoX / Pythia, GPT-J, BLOOM, MPT, Phi-1 / 1.5 / 2, Falcon, StableLM, Llama
   incl. 3.1 / 3.2, Qwen2, Qwen3, Phi-3, Gemma 1 / 2 / 3 text, Mistral with its sliding window, GPT-BigCode /
   StarCoder, Granite, OLMo 1 / 2 / 3, Cohere 1 / 2, SmolLM3, EXAONE 4, GLM / GLM-4, Helium, ERNIE 4.5, Seed-OSS,
-  StarCoder2; Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE and OLMoE: mixtures of experts, models/moe.py),
-  ``BERT.from_hf(dir)`` and ``BERTForSequenceClassification.from_hf(dir, num_labels=...)`` (BERT, RoBERTa, XLM-R,
-  CamemBERT, DistilBERT, ELECTRA, ModernBERT), ``Seq2Seq.from_hf(dir)`` (BART, mBART, Marian, Pegasus, M2M100 / NLLB,
-  T5, mT5): bad checkpoints raise ``CheckpointError`` naming the key. from_pretrained and from_hf return the model in
-  eval mode, as transformers does. ``fastattn.quantize(model, ...)`` / ``fastattn.convert(model, int8=...)`` apply as
-  to any module.
+  StarCoder2, Nemotron, Arcee, Ministral; Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE and OLMoE: mixtures of experts,
+  models/moe.py), ``BERT.from_hf(dir)`` and ``BERTForSequenceClassification.from_hf(dir, num_labels=...)`` (BERT,
+  RoBERTa, XLM-R, CamemBERT, DistilBERT, ELECTRA, ModernBERT), ``Seq2Seq.from_hf(dir)`` (BART, mBART, Marian, Pegasus,
+  M2M100 / NLLB, T5, mT5): bad checkpoints raise ``CheckpointError`` naming the key. from_pretrained and from_hf
+  return the model in eval mode, as transformers does. ``fastattn.quantize(model, ...)`` / ``fastattn.convert(model,
+  int8=...)`` apply as to any module.
 """
 from .bert import BERT, BERTConfig, BERTForSequenceClassification
 from .checkpoint import CheckpointError

@@ -7,10 +7,11 @@ biases from attention_bias / mlp_bias). The mixtures of experts among them add t
   interleaved, permuted into ours: gpt_hf_parallel.pair_rows), GLM and GLM-4 (interleaved partial rotary, fused
   gate_up_proj; GLM-4's sandwich norms);
 - StableLM (LayerNorms with biases, optional parallel block), StarCoder2 (LayerNorms with biases, a biased GELU MLP
-  c_fc / c_proj, its window), Cohere 1 / 2 (one bias-free LayerNorm for attention and MLP in parallel, interleaved
-  rotary pairs, logit_scale; Cohere 2's global layers without positions), OLMo (parameter-free LayerNorms),
-  OLMo 2 / 3 and EXAONE 4 (norms on the sublayers' outputs only; OLMo's q / k norms over all heads), Granite (its
-  multipliers; residual and logit scales folded into the weights).
+  c_fc / c_proj, its window), Nemotron (LayerNorm1P: 1 + weight; ungated relu2 MLP; partial rotary), Arcee (an ungated
+  relu2 MLP), Ministral (its windowed layers), Cohere 1 / 2 (one bias-free LayerNorm for attention and MLP in
+  parallel, interleaved rotary pairs, logit_scale; Cohere 2's global layers without positions), OLMo (parameter-free
+  LayerNorms), OLMo 2 / 3 and EXAONE 4 (norms on the sublayers' outputs only; OLMo's q / k norms over all heads),
+  Granite (its multipliers; residual and logit scales folded into the weights).
 Whatever GPT cannot reproduce exactly is refused with a CheckpointError naming the key."""
 import dataclasses
 from typing import Dict, Optional, Tuple
@@ -26,7 +27,9 @@ from .gpt_hf_positions import layer_ropes, nope_layers, rope_scaling
 
 LLAMA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "stablelm", "granite", "olmo", "olmo2", "olmo3",
                   "cohere", "cohere2", "smollm3", "exaone4", "helium", "ernie4_5", "glm", "glm4", "seed_oss",
-                  "starcoder2")
+                  "starcoder2", "ministral", "nemotron", "arcee")
+_UNGATED = {"starcoder2": ("c_fc", "c_proj", "gelu_pytorch_tanh"), "nemotron": ("up_proj", "down_proj", "relu2"),
+            "arcee": ("up_proj", "down_proj", "relu2")}  # MLP keys and default activation of ungated MLPs
 _PRE = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"))
 _POST_ONLY = (("post_norm1", "post_attention_layernorm"), ("post_norm2", "post_feedforward_layernorm"))
 _INTERLEAVED = ("cohere", "cohere2", "helium", "ernie4_5", "glm", "glm4")
@@ -72,21 +75,21 @@ def from_llama(hf: dict, state, moe: Optional[dict] = None):
     moe = dict(moe or {})
     d_ff = moe.pop("d_ff", None) or hf["intermediate_size"]  # an expert's width (Qwen3-MoE's own)
     rope, local_theta = layer_ropes(hf)  # (OLMo 3: one rope per layer type)
-    gated = kind != "starcoder2"  # StarCoder2: c_fc -> activation -> c_proj
-    act = hf.get("hidden_act", "gelu_pytorch_tanh" if not gated else "silu")
+    gated = kind not in _UNGATED  # StarCoder2: c_fc -> activation -> c_proj; Nemotron, Arcee: up, relu2, down
+    act = hf.get("hidden_act", "silu" if gated else _UNGATED[kind][2])
     if (act != "silu") if gated else (act not in ACT):
         raise CheckpointError(f"config.json: hidden_act {act!r} is not supported ("
                               f"{'a SwiGLU MLP needs silu' if gated else sorted(ACT)})")
     cohere, olmo = kind in ("cohere", "cohere2"), kind == "olmo"
     post_only = kind in ("olmo2", "olmo3", "exaone4")  # each sublayer's output normalised, not its input
-    layernorm = kind in ("stablelm", "olmo", "cohere", "cohere2", "starcoder2")
-    norm_bias = kind in ("stablelm", "starcoder2")
+    layernorm = kind in ("stablelm", "olmo", "cohere", "cohere2", "starcoder2", "nemotron")
+    norm_bias = kind in ("stablelm", "starcoder2", "nemotron")
     bias, qkv_bias = _biases(hf, kind)
     d, H = hf["hidden_size"], hf["num_attention_heads"]
     D = hf.get("head_dim") or d // H
-    if kind in ("glm", "glm4") and "partial_rotary_factor" not in hf and \
+    if kind in ("glm", "glm4", "nemotron") and "partial_rotary_factor" not in hf and \
             "partial_rotary_factor" not in (hf.get("rope_parameters") or {}):
-        hf = {**hf, "partial_rotary_factor": 0.5}  # GLM's default
+        hf = {**hf, "partial_rotary_factor": 0.5}  # GLM's and Nemotron's default
     _, rot = rotary(hf, D)  # Phi-4-mini: partial_rotary_factor 0.75
     cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["num_hidden_layers"], n_head=H,
                     n_kv_head=hf.get("num_key_value_heads") or H, head_dim=D, d_ff=d_ff,
@@ -105,8 +108,11 @@ def from_llama(hf: dict, state, moe: Optional[dict] = None):
     m, Hk = KeyMap(state, ("model.", "")), cfg.n_kv_head
     norm_params = ("weight", "bias") if norm_bias else ("weight",)
 
+    one_p = kind == "nemotron"  # its LayerNorm1P scales by 1 + weight
+
     def norm(key: str) -> Dict[str, Tensor]:  # one norm's parameters (OLMo's LayerNorms have none: weight 1)
-        return {p: torch.ones(d) if olmo else m.take(f"{key}.{p}", (d,)) for p in norm_params}
+        return {p: torch.ones(d) if olmo else m.take(f"{key}.{p}", (d,)).float() + 1.0 if one_p and p == "weight"
+                else m.take(f"{key}.{p}", (d,)) for p in norm_params}
     sd = {"tok_emb.weight": m.take("embed_tokens.weight", (cfg.vocab_size, d)),
           **{f"norm_f.{p}": t for p, t in norm("norm").items()}}
     norms = _POST_ONLY if post_only else _PRE[:1] if cfg.parallel_block else _PRE
@@ -137,7 +143,7 @@ def from_llama(hf: dict, state, moe: Optional[dict] = None):
 
 def projections(m: KeyMap, h: str, b: str, cfg: GPTConfig, kind: str = "llama") -> Dict[str, Tensor]:
     """Layer h's projections (and their biases) as GPT's block b's: q, k, v concatenated into wqkv (Phi-3 stores them
-    fused: qkv_proj), [gate | up] into w_in (Phi-3 and GLM: gate_up_proj; StarCoder2's ungated c_fc), wo, w_out (a
+    fused: qkv_proj), [gate | up] into w_in (Phi-3 and GLM: gate_up_proj; ungated: c_fc, up_proj), wo, w_out (a
     mixture of experts': gpt_hf_moe.py)."""
     d, f, H, Hk, D = cfg.d_model, cfg.d_ff, cfg.n_head, cfg.n_kv_head, cfg.head_dim
     qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
@@ -154,8 +160,9 @@ def projections(m: KeyMap, h: str, b: str, cfg: GPTConfig, kind: str = "llama") 
     if cfg.n_experts:
         return {**sd, **moe_projections(m, h, b, cfg)}
     shape = lambda *s: lambda p: s if p == "weight" else s[:1]  # noqa: E731
-    if kind == "starcoder2":
-        names = {"w_in": (("c_fc", shape(f, d)),), "w_out": (("c_proj", shape(d, f)),)}
+    if kind in _UNGATED:
+        up, down, _ = _UNGATED[kind]
+        names = {"w_in": ((up, shape(f, d)),), "w_out": ((down, shape(d, f)),)}
     elif kind in ("phi3", "glm", "glm4"):
         names = {"w_in": (("gate_up_proj", shape(2 * f, d)),), "w_out": (("down_proj", shape(d, f)),)}
     else:

@@ -11,7 +11,7 @@ from .checkpoint import CheckpointError, KeyMap, hf_get
 from .gpt import GPTConfig
 from .layers import alibi_slopes
 
-ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu", "relu2": "relu2"}
 
 
 def rotary(hf: dict, head_dim: int) -> Tuple[float, Optional[int]]:

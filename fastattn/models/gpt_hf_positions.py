@@ -16,7 +16,7 @@ def sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
     kind = hf.get("model_type")
     on = {"mistral": True, "mixtral": True, "phi3": True, "qwen2": False, "qwen3": False, "qwen3_moe": False,
           "qwen2_moe": False, "gemma2": True, "gemma3_text": True, "olmo3": True, "cohere2": True,
-          "smollm3": False, "exaone4": True, "starcoder2": True}.get(kind)
+          "smollm3": False, "exaone4": True, "starcoder2": True, "ministral": True}.get(kind)
     if on is None or not hf.get("sliding_window") or not hf.get("use_sliding_window", on):
         return None, None
     types = layer_types(hf)

@@ -30,7 +30,7 @@ from .checkpoint import load_weights, place, save_weights
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu", "geglu")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "relu2")  # relu2: relu(x) ** 2 (Nemotron, Arcee)
 POSITIONS = ("learned", "sinusoidal", "rotary", "alibi", "none")
 PARALLEL_BLOCKS = ("two_norms", "one_norm")
 BACKENDS = ("fastattn", "torch")
@@ -625,7 +625,7 @@ class Attention(nn.Module):
 # ---- MLP ------------------------------------------------------------------------------------------------------
 def activation_fn(name: str):
     return {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
-            "silu": F.silu}[name]
+            "silu": F.silu, "relu2": lambda x: F.relu(x).square()}[name]
 
 
 class MLP(nn.Module):
