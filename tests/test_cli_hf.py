@@ -132,6 +132,21 @@ def test_init_hf_tokenizer_errors(hf_folder, tmp_path, capsys):
         assert not out.exists()
 
 
+def test_end_ids_past_the_vocabulary_are_dropped(hf_folder, tmp_path, caplog):
+    """A config's eos_token_id that is no token of tokenizer.json (a config left at its class defaults) ends no
+    generation: dropped with a warning, the others kept (model.generate refuses such an id by name)."""
+    from fastattn.data.hf_tokenizer import HFTokenizer
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((hf_folder / name).read_bytes())
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": [50279, 7]}))
+    with caplog.at_level("WARNING", logger="fastattn"):
+        tok = HFTokenizer.from_folder(folder)
+    assert 50279 not in tok.stop_ids and 7 in tok.stop_ids
+    assert "eos_token_id 50279 is not a token of tokenizer.json" in caplog.text
+
+
 def test_generate_eval_quantize_read_an_hf_folder(hf_folder, tmp_path, capsys):
     """generate / eval / quantize take a Hugging Face folder as they take a checkpoint: from_hf with its own
     tokenizer; greedy text equals transformers' generate decoded by its tokenizer. --init points to --init-hf."""
@@ -326,6 +341,33 @@ def test_hf_roberta_folder_masked_lm_and_classifier(roberta_folder, tmp_path, ca
     assert json.loads(capsys.readouterr().out)["task"] == "classify"
 
 
+@pytest.mark.parametrize("family, kw", [
+    ("Olmo2", {}),  # output-only norms, q / k norms over all heads
+    ("Cohere2", dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=3)),
+    ("Granite", dict(embedding_multiplier=3.0, residual_multiplier=0.5, logits_scaling=4.0))])
+def test_more_families_generate_and_fine_tune(hf_folder, tmp_path, capsys, family, kw):
+    """Folders of the families GPT.from_hf gained later (their config fields through the CLI): generate's text is
+    GPT.from_hf's greedy continuation; --init-hf trains two steps and the run's checkpoint generates."""
+    from fastattn.models import GPT
+    torch.manual_seed(0)
+    folder = _beside(hf_folder, tmp_path / family, lambda vocab: getattr(transformers, f"{family}ForCausalLM")(
+        getattr(transformers, f"{family}Config")(**{**dict(
+            vocab_size=vocab, hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.3), **kw})))
+    assert main(["generate", str(folder), "-p", "It is", "-n", "6", "--temperature", "0", "--min-new-tokens", "6"]) \
+        == 0
+    from fastattn.data.hf_tokenizer import HFTokenizer
+    tok = HFTokenizer.from_folder(folder)
+    ids = torch.tensor([tok.encode_prompt("It is")])
+    want = GPT.from_hf(folder).generate(ids, 6, temperature=0)[0, ids.shape[1]:].tolist()
+    assert capsys.readouterr().out.rstrip("\n") == "It is" + tok.decode(want)
+    run = tmp_path / "run"
+    assert main(["train", "--init-hf", str(folder), "--out", str(run), "--seq-len", "16", "--batch-size", "2",
+                 "--steps", "2", "--eval-every", "2", "--eval-batches", "1", "--max-data-tokens", "20000",
+                 "--warmup", "1"]) == 0
+    assert main(["generate", str(run), "-p", "It is", "-n", "4", "--temperature", "0"]) == 0
+
+
 def _bart(path, **kw):
     """(a tiny random HF BART, its tokenizer saved in path: a new folder)."""
     path.mkdir()
@@ -345,6 +387,20 @@ def test_hf_bart_folder_generates_evaluates_and_trains(tmp_path, capsys):
     hf.save_pretrained(path)
     run = _seq2seq_folder_round(path, tok, 2, tmp_path, capsys)
     assert json.loads((run / "model" / "config.json").read_text())["pos_offset"] == 2
+
+
+def test_hf_nllb_folder_generates_evaluates_and_trains(tmp_path, capsys):
+    """An M2M100 / NLLB folder (fixed sinusoidal positions counted past the padding): the same round as BART's."""
+    path = tmp_path / "nllb"
+    path.mkdir()
+    tok = _roberta_tokenizer(path)
+    torch.manual_seed(0)
+    transformers.M2M100ForConditionalGeneration(transformers.M2M100Config(
+        vocab_size=tok.get_vocab_size(), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+        scale_embedding=True, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2)).save_pretrained(path)
+    run = _seq2seq_folder_round(path, tok, 2, tmp_path, capsys)
+    assert json.loads((run / "model" / "config.json").read_text())["roberta_positions"] is True
 
 
 def _seq2seq_folder_round(path, tok, eos, tmp_path, capsys):

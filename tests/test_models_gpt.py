@@ -292,8 +292,11 @@ def test_generate_input_errors_and_eos_list():
     m = model()
     ids = torch.randint(0, VOCAB, (2, 4))
     for args, kw, word in (((ids[0], 2), {}, "input_ids"), ((ids[:, :0], 2), {}, "input_ids"),
-                           ((ids, 2), dict(top_k=2.0), "top_k"), ((ids, 2), dict(eos_token_id="x"), "eos_token_id")):
-        with pytest.raises(ValueError, match=word):
+                           ((ids, 2), dict(top_k=2.0), "top_k"), ((ids, 2), dict(eos_token_id="x"), "eos_token_id"),
+                           ((ids, 2), dict(eos_token_id=[3, VOCAB]), r"eos_token_id: \[%d\] not token ids" % VOCAB),
+                           ((ids, 2), dict(eos_token_id=-1, num_beams=2, temperature=0), "eos_token_id"),
+                           ((ids, 2), dict(eos_token_id=VOCAB, prompt_lookup_num_tokens=2), "eos_token_id")):
+        with pytest.raises(ValueError, match=word):  # (an eos id past the vocabulary was an IndexError)
             m.generate(*args, **kw)
     greedy = m.generate(ids, 8, temperature=0)
     a, b = greedy[0, 5].item(), greedy[1, 6].item()  # row 0's second new token, row 1's third

@@ -4,10 +4,12 @@ trained on. The special tokens come from the folder's ``tokenizer_config.json`` 
 stores the tokenizer and those ids in one JSON (``{"type": "hf", ...}``), read back by ``Tokenizer.load``. An
 instruct model's chat template is kept too, for ``fastattn generate --chat``."""
 import json
+import logging
 from pathlib import Path
 from typing import Dict, Optional
 
 ROLES = ("eos", "pad", "mask", "cls", "sep")
+log = logging.getLogger("fastattn")
 
 
 class HFTokenizer:
@@ -41,6 +43,7 @@ class HFTokenizer:
                 d = {}
             configs[name] = d if isinstance(d, dict) else {}
         probe, ids = _parse(text), {}
+        n = probe.get_vocab_size(with_added_tokens=True)
         for role in ROLES:
             token = _token_text(configs["tokenizer_config.json"].get(f"{role}_token"))
             tid = probe.token_to_id(token) if token is not None else None
@@ -48,9 +51,10 @@ class HFTokenizer:
                 tid = configs["config.json"].get(f"{role}_token_id")
                 tid = tid[0] if isinstance(tid, list) and tid else tid
             ids[role] = tid if isinstance(tid, int) else None
-        # every id that ends a generation: config.json's and generation_config.json's eos_token_id (int or list)
+        # every id that ends a generation: config.json's and generation_config.json's eos_token_id (int or list);
+        # one past the tokenizer's vocabulary (a config left at its class defaults) is dropped, as transformers warns
         ids["stop"] = [t for name in ("config.json", "generation_config.json")
-                       for t in _ints(configs[name].get("eos_token_id"))]
+                       for t in _ints(configs[name].get("eos_token_id")) if 0 <= t < n or _unknown(name, t, n)]
         return cls(text, ids, _chat(path, configs["tokenizer_config.json"]), parsed=probe)
 
     # fastattn Tokenizer's interface
@@ -165,6 +169,12 @@ def _ints(v) -> list:
     """An int or a list of ints from a config, as a list (anything else: empty)."""
     v = v if isinstance(v, list) else [v]
     return [t for t in v if isinstance(t, int) and not isinstance(t, bool)]
+
+
+def _unknown(config: str, token: int, n: int) -> bool:
+    """Log an end id that is no token of the tokenizer (and keep it out: False)."""
+    log.warning("%s: eos_token_id %d is not a token of tokenizer.json (%d tokens): ignored", config, token, n)
+    return False
 
 
 def _parse(text: str):

@@ -90,7 +90,7 @@ class Search:
         """generate after the prefill's ``logits`` (B, V), out (B, start + max_new_tokens) holding the tokens so far:
         beam search when num_beams > 1, else greedy / sampling (``generation_loop``; ``model.token_logprobs`` when
         output_scores). The processors' arguments as ``processors`` takes them."""
-        eos = eos_ids(eos_token_id, out.device)
+        eos = eos_ids(eos_token_id, out.device, logits.shape[-1])
         process = self.processors(eos, min_new_tokens, forced_first, forced_last, ignore)
         if self.num_beams > 1:
             return self.run(model, logits, out[:, :start], max_new_tokens, eos, process)

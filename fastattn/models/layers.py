@@ -799,17 +799,21 @@ def check_sampling(max_new_tokens: int, sampling: Sampling, min_new_tokens: int 
     sampling.check()
 
 
-def eos_ids(eos_token_id, device) -> Optional[Tensor]:
-    """``eos_token_id`` (a token id, a list of them as in HF's generation_config, or None) as a 1-D long tensor."""
+def eos_ids(eos_token_id, device, vocab_size: int) -> Optional[Tensor]:
+    """``eos_token_id`` (a token id, a list of them as in HF's generation_config, or None) as a 1-D long tensor on
+    device; ValueError naming it unless every id is a token of the ``vocab_size`` the model predicts."""
     if eos_token_id is None:
         return None
     try:
-        ids = torch.as_tensor(eos_token_id, device=device).flatten()
+        ids = torch.as_tensor(eos_token_id).flatten()
     except (TypeError, ValueError, RuntimeError):
         ids = None
     if ids is None or not ids.numel() or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(f"eos_token_id: expected a token id, a list of them or None, got {eos_token_id!r}")
-    return ids.long()
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.numel():
+        raise ValueError(f"eos_token_id: {bad.tolist()} not token ids of this model (vocab_size {vocab_size})")
+    return ids.long().to(device)
 
 
 def lm_head_loss(head: nn.Module, h: Tensor, target: Tensor, backend: str, skip_logits: bool,
@@ -968,7 +972,7 @@ def generation_loop(logits: Tensor, decode_one, out: Tensor, start: int, max_new
     list that gets each step's (B,) log-probability of the chosen tokens (token_logprobs; 0 after an eos)."""
     finished = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
     index = torch.arange(start, start + max_new_tokens, device=out.device)
-    eos = eos_ids(eos_token_id, out.device)
+    eos = eos_ids(eos_token_id, out.device, logits.shape[-1])
     stream, end = stream_calls(streamer, out[:, :start])
     for i in range(max_new_tokens):
         logits = process(logits, out[:, :start + i], i)

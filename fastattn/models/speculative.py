@@ -285,7 +285,7 @@ def speculative_generate(model: nn.Module, out: Tensor, L: int, logits: Tensor, 
     cur = _Cursor(model, L)
     assistant_model = draft.m if isinstance(draft, _ModelDraft) else None
 
-    eos = eos_ids(eos_token_id, dev)
+    eos = eos_ids(eos_token_id, dev, V)
     n = torch.zeros(B, dtype=torch.long, device=dev)  # new tokens written per sequence
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     stream, end = stream_calls(streamer, out[:, :L])
