@@ -191,22 +191,27 @@ def test_speculative_generate_with_an_hf_draft_of_another_family(hf_folder, tmp_
         assert out.out == plain and "drafted tokens accepted" in out.err, out.err
 
 
+def _generates_greedily(folder, capsys):
+    """fastattn generate on an HF causal-LM folder prints GPT.from_hf's greedy continuation of "It is"."""
+    from fastattn.data.hf_tokenizer import HFTokenizer
+    from fastattn.models import GPT
+    assert main(["generate", str(folder), "-p", "It is", "-n", "6", "--temperature", "0", "--min-new-tokens", "6"]) \
+        == 0
+    tok = HFTokenizer.from_folder(folder)
+    ids = torch.tensor([tok.encode_prompt("It is")])
+    want = GPT.from_hf(folder).generate(ids, 6, temperature=0)[0, ids.shape[1]:].tolist()
+    assert capsys.readouterr().out.rstrip("\n") == "It is" + tok.decode(want)
+
+
 def test_mixtral_folder_generates_quantizes_and_fine_tunes(hf_folder, tmp_path, capsys):
     """A Mixtral folder (a mixture of experts) on the test tokenizer: generate's text is GPT.from_hf's greedy
     continuation, quantize keeps its router float, and --init-hf trains it two steps."""
-    from fastattn.models import GPT
     torch.manual_seed(0)
     folder = _beside(hf_folder, tmp_path / "mixtral", lambda vocab: transformers.MixtralForCausalLM(
         transformers.MixtralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
                                    num_experts_per_tok=2, max_position_embeddings=64, initializer_range=0.3)))
-    assert main(["generate", str(folder), "-p", "It is", "-n", "6", "--temperature", "0", "--min-new-tokens", "6"]) \
-        == 0
-    from fastattn.data.hf_tokenizer import HFTokenizer
-    tok = HFTokenizer.from_folder(folder)
-    ids = torch.tensor([tok.encode_prompt("It is")])
-    want = GPT.from_hf(folder).generate(ids, 6, temperature=0)[0, ids.shape[1]:].tolist()
-    assert capsys.readouterr().out.rstrip("\n") == "It is" + tok.decode(want)
+    _generates_greedily(folder, capsys)
     assert main(["quantize", str(folder), "--mode", "w8a16"]) == 0
     capsys.readouterr()
     assert main(["train", "--init-hf", str(folder), "--out", str(tmp_path / "run"), "--seq-len", "16",
@@ -348,19 +353,12 @@ def test_hf_roberta_folder_masked_lm_and_classifier(roberta_folder, tmp_path, ca
 def test_more_families_generate_and_fine_tune(hf_folder, tmp_path, capsys, family, kw):
     """Folders of the families GPT.from_hf gained later (their config fields through the CLI): generate's text is
     GPT.from_hf's greedy continuation; --init-hf trains two steps and the run's checkpoint generates."""
-    from fastattn.models import GPT
     torch.manual_seed(0)
     folder = _beside(hf_folder, tmp_path / family, lambda vocab: getattr(transformers, f"{family}ForCausalLM")(
         getattr(transformers, f"{family}Config")(**{**dict(
             vocab_size=vocab, hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.3), **kw})))
-    assert main(["generate", str(folder), "-p", "It is", "-n", "6", "--temperature", "0", "--min-new-tokens", "6"]) \
-        == 0
-    from fastattn.data.hf_tokenizer import HFTokenizer
-    tok = HFTokenizer.from_folder(folder)
-    ids = torch.tensor([tok.encode_prompt("It is")])
-    want = GPT.from_hf(folder).generate(ids, 6, temperature=0)[0, ids.shape[1]:].tolist()
-    assert capsys.readouterr().out.rstrip("\n") == "It is" + tok.decode(want)
+    _generates_greedily(folder, capsys)
     run = tmp_path / "run"
     assert main(["train", "--init-hf", str(folder), "--out", str(run), "--seq-len", "16", "--batch-size", "2",
                  "--steps", "2", "--eval-every", "2", "--eval-batches", "1", "--max-data-tokens", "20000",
