@@ -8,7 +8,7 @@ alike; what GPT cannot reproduce is refused naming the key."""
 import pytest
 import torch
 
-from conftest import backends_train_alike, matches_hf_causal_lm, padded_batch
+from conftest import assert_bounded, backends_train_alike, matches_hf_causal_lm, padded_batch
 from fastattn.models import GPT, GPTConfig, CheckpointError
 transformers = pytest.importorskip("transformers")
 
@@ -83,7 +83,21 @@ MODELS = {"starcoder": (_bigcode, {}, dict(n_kv_head=1, activation="gelu_tanh"))
                                                                 norm="layernorm", norm_bias=True)),
           "arcee": (_family("Arcee", mlp_bias=True, attention_bias=True), {}, dict(activation="relu2", bias=True)),
           "ministral": (_family("Ministral", 4, sliding_window=5, layer_types=FOUR, head_dim=8), {},
-                        dict(sliding_window=5, layer_types=FOUR))}
+                        dict(sliding_window=5, layer_types=FOUR)),
+          # rope scalings (original context 16; the 12-token prompts plus 10 new tokens cross it): YaRN (Qwen2.5,
+          # Qwen3; with DeepSeek's mscale), LongRoPE (Phi-3.5, Phi-4-mini: per-frequency short and long factors, the
+          # long ones for a call reaching past 16, partial rotary)
+          "qwen2-yarn": (_family("Qwen2", rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4,
+                                                                original_max_position_embeddings=16)), {},
+                         dict(rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16))),
+          "llama-yarn-mscale": (_family("Llama", head_dim=16, max_position_embeddings=512, rope_parameters=dict(
+              rope_type="yarn", factor=8.0, rope_theta=1e4, original_max_position_embeddings=64, mscale=1.0,
+              mscale_all_dim=0.5, beta_slow=1.0, truncate=False)), {}, {}),
+          "phi3-longrope": (_family("Phi3", max_position_embeddings=64, original_max_position_embeddings=16,
+                                    rope_parameters=dict(rope_type="longrope", rope_theta=1e4,
+                                                         original_max_position_embeddings=16, partial_rotary_factor=0.5,
+                                                         short_factor=[1.0, 1.5], long_factor=[2.0, 8.0])), {},
+                            dict(rotary_dim=4))}
 
 
 def _saved(tmp_path, make, kw):
@@ -102,6 +116,24 @@ def test_matches_transformers(tmp_path, arch, caplog):
     make, kw, fields = MODELS[arch]
     ours = matches_hf_causal_lm(tmp_path, _saved(tmp_path, make, kw), VOCAB, caplog)
     assert {k: getattr(ours.config, k) for k in fields} == fields
+
+
+def test_longrope_past_the_original_context(tmp_path, caplog):
+    """LongRoPE's long factors: logits of a 24-token prompt (past the original 16 positions: every position takes
+    the long factors, as transformers chooses per call) within transformers' fp32 error; a beam search that crosses
+    the original context says it keeps the short factors' cache (greedy search re-runs the sequence: MODELS)."""
+    make, kw, _ = MODELS["phi3-longrope"]
+    hf = _saved(tmp_path, make, kw)
+    ours = GPT.from_hf(tmp_path)
+    assert ours.config.rope_scaling["factor"] == 4.0  # max_position_embeddings / original, as transformers infers
+    ids = padded_batch(VOCAB, 24, 0, left=True, pad_id=0, low=1)[0]
+    with torch.no_grad():
+        a, b = ours(ids).logits, hf(ids).logits
+        c = type(hf).from_pretrained(tmp_path, dtype=torch.float64).eval()(ids).logits
+    assert_bounded("longrope", a, c.double(), b, torch.float32)
+    with caplog.at_level("WARNING", logger="fastattn"):
+        ours.generate(ids[:, :12], 8, temperature=0, num_beams=2)
+    assert "past LongRoPE's original context (16)" in caplog.text
 
 
 @pytest.mark.parametrize("arch", ["starcoder", "granite", "olmo2", "cohere2", "smollm3", "exaone4", "starcoder2",
@@ -127,11 +159,20 @@ def test_refused(tmp_path, make, kw, key):
         GPT.from_hf(tmp_path)
 
 
+LONGROPE = dict(rope_type="longrope", factor=4.0, original_max_position_embeddings=16, short_factor=[1, 1, 1],
+                long_factor=[2, 2, 2, 2])
+
+
 @pytest.mark.parametrize("kw, field", [(dict(input_norm=False), "input_norm"),  # needs sandwich_norm
                                        (dict(input_norm=0, sandwich_norm=True), "input_norm"),
                                        (dict(qk_norm_full=True), "qk_norm_full"),  # needs qk_norm
                                        (dict(pos="rotary", nope_layers=[1]), "nope_layers"),  # n_layer 1
-                                       (dict(pos="learned", nope_layers=[0]), "nope_layers")])
+                                       (dict(pos="learned", nope_layers=[0]), "nope_layers"),
+                                       (dict(pos="rotary", rope_scaling=LONGROPE), "rope_scaling"),  # 3 of 4
+                                       (dict(pos="rotary", rope_scaling={**LONGROPE, "short_factor": [1, 0, 1, 1]}),
+                                        "rope_scaling"),
+                                       (dict(pos="rotary", rope_scaling=dict(rope_type="yarn", factor=4)),
+                                        "rope_scaling")])  # no original_max_position_embeddings
 def test_bad_configs_name_the_field(kw, field):
     with pytest.raises(ValueError, match=f"GPTConfig.{field}"):
         GPTConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=4, **kw)

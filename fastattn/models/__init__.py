@@ -8,12 +8,12 @@ The interface (stable; the CLI builds on it):
   ("layernorm" | "rmsnorm"), norm_eps, norm_first, mlp ("gelu" | "swiglu" | "geglu"), activation (the "gelu" and
   "geglu" MLPs': "gelu" | "gelu_tanh" | "relu" | "silu" | "relu2"), pos ("learned" | "sinusoidal" | "rotary" | "alibi"
   (GPT) | "none"), alibi_slopes (None = BLOOM's), pos_offset (learned positions' first table row), rotary_dim (None =
-  head_dim), rope_theta, rope_scaling (None | linear | llama3), sliding_window, layer_types and rope_local_theta
-  (GPT), nope_layers (GPT: layers without rotary positions), tie_embeddings, bias, qkv_bias (None = bias), norm_bias
-  (None = bias), qk_norm (per-head q / k norms; qk_norm_full: over all heads, GPT), embed_scale, attn_scale,
-  attn_softcap, final_softcap, sandwich_norm (Gemma), input_norm (False: OLMo 2's output-only norms), parallel_block
-  (None | "two_norms" | "one_norm"; GPT), embed_norm (GPT: BLOOM's embedding LayerNorm), lm_head_bias, backend
-  ("fastattn" | "torch"); BERT adds type_vocab_size (0: none), num_labels, problem_type, pad_token_id,
+  head_dim), rope_theta, rope_scaling (None | linear | llama3 | yarn | longrope), sliding_window, layer_types and
+  rope_local_theta (GPT), nope_layers (GPT: layers without rotary positions), tie_embeddings, bias, qkv_bias (None =
+  bias), norm_bias (None = bias), qk_norm (per-head q / k norms; qk_norm_full: over all heads, GPT), embed_scale,
+  attn_scale, attn_softcap, final_softcap, sandwich_norm (Gemma), input_norm (False: OLMo 2's output-only norms),
+  parallel_block (None | "two_norms" | "one_norm"; GPT), embed_norm (GPT: BLOOM's embedding LayerNorm), lm_head_bias,
+  backend ("fastattn" | "torch"); BERT adds type_vocab_size (0: none), num_labels, problem_type, pad_token_id,
   roberta_positions, pooler_activation; Seq2Seq adds n_decoder_layer, embed_norm, pad / eos / decoder_start /
   forced_bos token ids, relative_buckets and relative_max_distance (T5's relative-position bias).
   ``to_dict()`` / ``from_dict(d)`` (an unknown key raises ValueError naming it), ``save(path)`` / ``load(path)`` JSON.

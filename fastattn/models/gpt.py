@@ -14,6 +14,7 @@ so a left-padded prompt generates what it would alone.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -27,6 +28,8 @@ from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, Pre
                      init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none, shifted_target, softcap)
 from .moe import load_balancing_loss
 from .speculative import speculation, speculative_generate
+
+log = logging.getLogger("fastattn")
 
 
 @dataclass
@@ -53,6 +56,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.emb_norm = make_norm(cfg) if cfg.embed_norm else None
         self.pos = Positions(cfg, cfg.pos_offset)
+        self._refill = None  # during a generate that crosses LongRoPE's original context (_longrope_step)
         self.blocks = nn.ModuleList(Block(cfg, layer=i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.norm_first else None  # post-norm blocks end normalised
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
@@ -197,18 +201,45 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         out = input_ids.new_empty(B, L + max_new_tokens)
         out[:, :L] = input_ids
         logits = self.prefill(input_ids, keep)
-        if spec is not None:
-            draft = spec.draft(out, L, self.config.vocab_size, lambda m: m.prefill(input_ids, keep), (~keep).sum(1))
-            return speculative_generate(self, out, L, logits, draft, spec.k, sampling=sampling,
-                                        eos_token_id=eos_token_id, generator=generator,
-                                        streamer=streamer, min_new_tokens=min_new_tokens)
-        return search.decode(self, logits, out, L, max_new_tokens, sampling, eos_token_id, generator, streamer,
-                             min_new_tokens, ignore=None if bool(keep.all()) else ~keep)
+        at = self.pos.long_from  # LongRoPE's original context, when this generation will cross it
+        if at is not None and L <= at < L + max_new_tokens - 1:
+            if spec is None and num_beams == 1:
+                self._refill = (at, out, keep)
+            else:
+                log.warning("generate: beam search and speculative decoding past LongRoPE's original context (%d) "
+                            "keep the cache of the short factors (transformers' Phi-3 re-runs the sequence with the "
+                            "long ones at that step; greedy search and sampling do here too)", at)
+        try:
+            if spec is not None:
+                draft = spec.draft(out, L, self.config.vocab_size, lambda m: m.prefill(input_ids, keep),
+                                   (~keep).sum(1))
+                return speculative_generate(self, out, L, logits, draft, spec.k, sampling=sampling,
+                                            eos_token_id=eos_token_id, generator=generator,
+                                            streamer=streamer, min_new_tokens=min_new_tokens)
+            return search.decode(self, logits, out, L, max_new_tokens, sampling, eos_token_id, generator, streamer,
+                                 min_new_tokens, ignore=None if bool(keep.all()) else ~keep)
+        finally:
+            self._refill = None
 
     def bound_decode_one(self) -> Callable[[Tensor, Tensor], Tensor]:
         """decode_one bound to the kernels chosen now, for the caches as set up (models/decode_step.py): the same
         step with the per-op checks done once; decode_one itself when the model cannot be bound (logged)."""
-        return bind_decode(self, self.blocks, self.embed, self.norm_f, self.lm_head) or self.decode_one
+        step = bind_decode(self, self.blocks, self.embed, self.norm_f, self.lm_head) or self.decode_one
+        return step if self._refill is None else self._longrope_step(step, *self._refill)
+
+    def _longrope_step(self, step, at: int, out: Tensor, keep: Tensor):
+        """``step``, except that the call feeding column ``at`` (LongRoPE's original context) re-runs every column so
+        far through the prefill, its positions now past the original context: the long factors' rotary positions
+        for all of them, as transformers' Phi-3 generate recomputes its cache at that step."""
+        col = [keep.shape[1]]  # the column the next call feeds: the first new token's
+
+        def call(tokens: Tensor, input_pos: Tensor) -> Tensor:
+            c, col[0] = col[0], col[0] + 1
+            if c != at:
+                return step(tokens, input_pos)
+            new = torch.ones(keep.shape[0], c + 1 - keep.shape[1], dtype=torch.bool, device=keep.device)
+            return self.prefill(out[:, :c + 1], torch.cat([keep, new], 1))
+        return call
 
     def bound_decode_many(self, width: int) -> Callable[..., Tensor]:
         """decode_many bound likewise for ``width`` tokens per sequence (or decode_many itself)."""

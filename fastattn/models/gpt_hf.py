@@ -159,8 +159,9 @@ def _from_gemma(hf: dict, state):
                     d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 8192), norm="rmsnorm",
                     norm_eps=hf.get("rms_norm_eps", 1e-6), norm_first=True, mlp="geglu", activation=_GEMMA_ACT[act],
                     pos="rotary", rope_theta=float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4))),
-                    rope_scaling=rope_scaling(rope), tie_embeddings=True, bias=bool(hf.get("attention_bias", False)),
-                    embed_scale=d ** 0.5, sandwich_norm=two or three, qk_norm=three,
+                    rope_scaling=rope_scaling(rope, hf), tie_embeddings=True,
+                    bias=bool(hf.get("attention_bias", False)), embed_scale=d ** 0.5, sandwich_norm=two or three,
+                    qk_norm=three,
                     attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
                     final_softcap=float(hf.get("final_logit_softcapping") or 0.0),
                     attn_scale=float(hf["query_pre_attn_scalar"]) ** -0.5 if two or three else None)

@@ -103,7 +103,7 @@ def from_llama(hf: dict, state, moe: Optional[dict] = None):
                     tie_embeddings=hf.get("tie_word_embeddings", cohere or kind == "ernie4_5"), bias=bias,
                     qkv_bias=qkv_bias, qk_norm=kind in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4"),
                     qk_norm_full=kind in ("olmo2", "olmo3", "olmoe"), sandwich_norm=post_only or kind == "glm4",
-                    input_norm=not post_only, rope_scaling=rope_scaling(rope), rotary_dim=rot,
+                    input_norm=not post_only, rope_scaling=rope_scaling(rope, hf), rotary_dim=rot,
                     nope_layers=nope_layers(hf) or None, **moe)
     m, Hk = KeyMap(state, ("model.", "")), cfg.n_kv_head
     norm_params = ("weight", "bias") if norm_bias else ("weight",)

@@ -4,7 +4,7 @@ sliding layers' own rotary base where rope_parameters holds one per layer type),
 from typing import Optional, Tuple
 
 from .checkpoint import CheckpointError
-from .layers import ROPE_SCALING_KEYS, check_rope_scaling
+from .layers import ROPE_SCALING_KEYS, ROPE_SCALING_OPTIONAL, check_rope_scaling
 
 
 def sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
@@ -72,15 +72,23 @@ def layer_ropes(hf: dict) -> Tuple[dict, Optional[float]]:
     return rope.get("full_attention") or {}, float(local.get("rope_theta", hf.get("rope_local_base_freq", 1e4)))
 
 
-def rope_scaling(rope: dict) -> Optional[dict]:
-    """GPTConfig.rope_scaling of an HF rope dict (rope_parameters / rope_scaling): None for the default rope."""
+def rope_scaling(rope: dict, hf: Optional[dict] = None) -> Optional[dict]:
+    """GPTConfig.rope_scaling of an HF rope dict (rope_parameters / rope_scaling): None for the default rope. As
+    transformers reads them: original_max_position_embeddings may sit at the top of ``hf`` (config.json; Phi-3),
+    and YaRN's and LongRoPE's missing factor is max_position_embeddings / original_max_position_embeddings."""
+    hf = hf or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "default":
         return None
     if rope_type not in ROPE_SCALING_KEYS:
         raise CheckpointError(f"config.json: rope type {rope_type!r} is not supported by GPT.from_hf (default, "
                               f"{', '.join(ROPE_SCALING_KEYS)})")
-    scaling = {"rope_type": rope_type, **{k: rope.get(k) for k in ROPE_SCALING_KEYS[rope_type]}}
+    scaling = {"rope_type": rope_type, **{k: rope.get(k) for k in ROPE_SCALING_KEYS[rope_type]},
+               **{k: rope[k] for k in ROPE_SCALING_OPTIONAL.get(rope_type, ()) if rope.get(k) is not None}}
+    if "original_max_position_embeddings" in scaling and scaling["original_max_position_embeddings"] is None:
+        scaling["original_max_position_embeddings"] = hf.get("original_max_position_embeddings")
+    if rope_type in ("yarn", "longrope") and scaling["factor"] is None and scaling["original_max_position_embeddings"]:
+        scaling["factor"] = hf.get("max_position_embeddings", 0) / scaling["original_max_position_embeddings"]
     try:
         check_rope_scaling(scaling, "config.json")
     except ValueError as e:

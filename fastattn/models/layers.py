@@ -44,34 +44,37 @@ class ModelConfig:
     ``mlp``: "gelu" (two Linears with ``activation`` between), "swiglu" (down(silu(gate(x)) * up(x))) or "geglu"
     (Gemma's: down(activation(gate(x)) * up(x)), activation "gelu_tanh" or "gelu"). ``norm_first``: pre-norm (True)
     or post-norm (False). ``rope_scaling``: None, {"rope_type": "linear", "factor": f} or Llama 3's {"rope_type":
-    "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}. ``pos="alibi"``
-    (GPT): no position embedding; each head's scores get -slope * distance (ALiBi), with BLOOM's slopes or
-    ``alibi_slopes`` (one per head; Falcon-RW's are BLOOM's scaled by 1 / sqrt(head_dim)). ``sliding_window`` W
-    (GPT): a token attends to itself and the W - 1 before it (Mistral's window), in training, prefill and decoding
-    (BERT: and the W - 1 after it, ModernBERT's local attention); on every layer, or on those ``layer_types`` (one
-    "sliding_attention" / "full_attention" per layer, HF's names) marks (Gemma 2's alternation);
-    ``rope_local_theta`` gives those windowed layers rotary positions of their own base, unscaled (Gemma 3);
-    ``nope_layers`` lists the layers without rotary positions (SmolLM3, Cohere 2). Gemma: ``embed_scale`` multiplies
-    the token embeddings; ``attn_scale`` (None = head_dim ** -0.5) scales the scores; ``attn_softcap`` /
-    ``final_softcap`` (0: off) cap the scores / the logits as c * tanh(x / c); ``sandwich_norm`` adds a norm on each
-    sublayer's output before the residual add (pre-norm GPT only); ``input_norm`` False (with sandwich_norm: OLMo 2)
-    drops the norms on the sublayers' inputs, leaving only those on their outputs; ``first_input_norm`` False
-    (ModernBERT, whose embeddings end in a norm): the first block's attention reads its input unnormalised.
-    ``bias``: every Linear's bias; ``qkv_bias`` None = bias, else the query / key / value projections' own (Qwen2:
-    True with bias False); ``norm_bias`` None = bias, else the LayerNorms' own (Falcon, StableLM: True with bias
-    False). ``qk_norm``: queries and keys normalised per head (the model's ``norm`` over head_dim) before the rotary
-    positions (Qwen3), or over all heads' q and all heads' k at once when ``qk_norm_full`` (OLMo 2, OLMoE).
-    ``rotary_dim`` None = head_dim: rotary positions on that many leading channels of each head (GPT-NeoX's
-    rotary_pct, Phi's partial_rotary_factor). ``parallel_block`` (pre-norm GPT): attention and MLP read the same
-    residual stream and their outputs are added to it together, "two_norms" (GPT-NeoX / Pythia: each sublayer its
-    own norm) or "one_norm" (Phi: both read norm1). ``lm_head_bias``: a bias on the vocabulary projection (Phi's;
-    BART's final_logits_bias; not BERT, whose MLM head has its own). ``n_experts`` > 0: every MLP is a mixture of
-    that many experts (each an MLP of d_ff units), ``n_experts_per_tok`` of them per token, their router weights
-    renormalised over the chosen ones when ``moe_norm_topk`` (Mixtral, Qwen3-MoE: models/moe.py), plus a shared
-    expert of ``moe_shared_d_ff`` units that every token runs, gated by a sigmoid (Qwen2-MoE); a GPT's
-    ``router_aux_loss_coef`` > 0 adds that much of the load-balancing loss to a loss computed from labels in
-    training (transformers' Mixtral with output_router_logits; in eval mode the loss stays the task's, so perplexity
-    means perplexity)."""
+    "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, YaRN's
+    {"rope_type": "yarn", "factor", "original_max_position_embeddings", optional "attention_factor", "beta_fast",
+    "beta_slow", "mscale", "mscale_all_dim", "truncate"} or LongRoPE's {"rope_type": "longrope", "factor",
+    "original_max_position_embeddings", "short_factor", "long_factor" (one per rotary frequency), optional
+    "attention_factor"} (transformers' meanings; scale_frequencies). ``pos="alibi"`` (GPT): no position embedding;
+    each head's scores get -slope * distance (ALiBi), with BLOOM's slopes or ``alibi_slopes`` (one per head; Falcon-
+    RW's are BLOOM's scaled by 1 / sqrt(head_dim)). ``sliding_window`` W (GPT): a token attends to itself and the W
+    - 1 before it (Mistral's window), in training, prefill and decoding (BERT: and the W - 1 after it, ModernBERT's
+    local attention); on every layer, or on those ``layer_types`` (one "sliding_attention" / "full_attention" per
+    layer, HF's names) marks (Gemma 2's alternation); ``rope_local_theta`` gives those windowed layers rotary
+    positions of their own base, unscaled (Gemma 3); ``nope_layers`` lists the layers without rotary positions
+    (SmolLM3, Cohere 2). Gemma: ``embed_scale`` multiplies the token embeddings; ``attn_scale`` (None = head_dim **
+    -0.5) scales the scores; ``attn_softcap`` / ``final_softcap`` (0: off) cap the scores / the logits as c * tanh(x
+    / c); ``sandwich_norm`` adds a norm on each sublayer's output before the residual add (pre-norm GPT only);
+    ``input_norm`` False (with sandwich_norm: OLMo 2) drops the norms on the sublayers' inputs, leaving only those
+    on their outputs; ``first_input_norm`` False (ModernBERT, whose embeddings end in a norm): the first block's
+    attention reads its input unnormalised. ``bias``: every Linear's bias; ``qkv_bias`` None = bias, else the query
+    / key / value projections' own (Qwen2: True with bias False); ``norm_bias`` None = bias, else the LayerNorms'
+    own (Falcon, StableLM: True with bias False). ``qk_norm``: queries and keys normalised per head (the model's
+    ``norm`` over head_dim) before the rotary positions (Qwen3), or over all heads' q and all heads' k at once when
+    ``qk_norm_full`` (OLMo 2, OLMoE). ``rotary_dim`` None = head_dim: rotary positions on that many leading channels
+    of each head (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor). ``parallel_block`` (pre-norm GPT): attention
+    and MLP read the same residual stream and their outputs are added to it together, "two_norms" (GPT-NeoX /
+    Pythia: each sublayer its own norm) or "one_norm" (Phi: both read norm1). ``lm_head_bias``: a bias on the
+    vocabulary projection (Phi's; BART's final_logits_bias; not BERT, whose MLM head has its own). ``n_experts`` >
+    0: every MLP is a mixture of that many experts (each an MLP of d_ff units), ``n_experts_per_tok`` of them per
+    token, their router weights renormalised over the chosen ones when ``moe_norm_topk`` (Mixtral, Qwen3-MoE:
+    models/moe.py), plus a shared expert of ``moe_shared_d_ff`` units that every token runs, gated by a sigmoid
+    (Qwen2-MoE); a GPT's ``router_aux_loss_coef`` > 0 adds that much of the load-balancing loss to a loss computed
+    from labels in training (transformers' Mixtral with output_router_logits; in eval mode the loss stays the
+    task's, so perplexity means perplexity)."""
     vocab_size: int = 50257
     d_model: int = 768
     n_layer: int = 12
@@ -211,6 +214,11 @@ class ModelConfig:
             raise ValueError(f"{type(self).__name__}.qk_norm_full: needs qk_norm, in a GPT")
 
         check_rope_scaling(self.rope_scaling, type(self).__name__)
+        if (self.rope_scaling or {}).get("rope_type") == "longrope":
+            n = (self.rotary_dim or self.head_dim) // 2
+            if any(len(self.rope_scaling[k]) != n for k in ("short_factor", "long_factor")):
+                raise ValueError(f"{type(self).__name__}.rope_scaling: longrope's short_factor and long_factor need "
+                                 f"{n} entries each (one per rotary frequency)")
         if self.sliding_window is not None:
             self.check_ints(("sliding_window",), 1)
             if self.model_type not in ("gpt", "bert"):
@@ -344,8 +352,13 @@ def sinusoidal_table(n: int, dim: int) -> Tensor:
     return table
 
 
+# each rope type's keys: required (numbers > 0; longrope's factor lists, one per rotary frequency) and optional
 ROPE_SCALING_KEYS = {"linear": ("factor",),
-                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                     "yarn": ("factor", "original_max_position_embeddings"),
+                     "longrope": ("factor", "original_max_position_embeddings", "short_factor", "long_factor")}
+ROPE_SCALING_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+                         "longrope": ("attention_factor",)}
 
 
 def check_rope_scaling(scaling: Optional[Dict[str, Any]], owner: str) -> None:
@@ -355,36 +368,78 @@ def check_rope_scaling(scaling: Optional[Dict[str, Any]], owner: str) -> None:
     kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
     if kind not in ROPE_SCALING_KEYS:
         raise ValueError(f"{owner}.rope_scaling: rope_type {kind!r} is not one of {sorted(ROPE_SCALING_KEYS)}")
-    for key in ROPE_SCALING_KEYS[kind]:
-        v = scaling.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise ValueError(f"{owner}.rope_scaling: {key} must be a number > 0 for {kind}, got {v!r}")
+
+    def positive(v):
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0
+    for key in ROPE_SCALING_KEYS[kind] + ROPE_SCALING_OPTIONAL.get(kind, ()):
+        v, required = scaling.get(key), key in ROPE_SCALING_KEYS[kind]
+        if key in ("short_factor", "long_factor"):
+            ok = isinstance(v, list) and len(v) > 0 and all(positive(x) for x in v)
+        elif key == "truncate":
+            ok = v is None or isinstance(v, bool)
+        else:
+            ok = positive(v) or (v is None and not required) or (key in ("mscale", "mscale_all_dim") and v == 0)
+        if not ok:
+            want = "a list of numbers > 0" if key in ("short_factor", "long_factor") else \
+                "true or false" if key == "truncate" else "a number > 0"
+            raise ValueError(f"{owner}.rope_scaling: {key} must be {want} for {kind}, got {v!r}")
     if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
         raise ValueError(f"{owner}.rope_scaling: high_freq_factor must exceed low_freq_factor")
 
 
-def scale_frequencies(inv: Tensor, scaling: Dict[str, Any]) -> Tensor:
-    """Rotary inverse frequencies under a rope scaling. linear: all divided by factor. llama3: wavelengths longer
-    than original_max / low_freq_factor divided by factor, shorter than original_max / high_freq_factor kept, a
-    linear blend (in original_max / wavelength) between."""
-    factor = float(scaling["factor"])
-    if scaling["rope_type"] == "linear":
-        return inv / factor
-    lo, hi = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    ratio = float(scaling["original_max_position_embeddings"]) / (2 * math.pi / inv)  # original_max / wavelength
-    smooth = ((ratio - lo) / (hi - lo)).clamp(0, 1)
-    return (1 - smooth) * inv / factor + smooth * inv
+def scale_frequencies(inv: Tensor, scaling: Dict[str, Any], theta: float, long: bool = False) -> Tuple[Tensor, float]:
+    """Rotary inverse frequencies under a rope scaling, and the factor cos / sin are multiplied by (transformers'
+    attention_scaling). linear: all divided by factor. llama3: wavelengths longer than original_max /
+    low_freq_factor divided by factor, shorter than original_max / high_freq_factor kept, a linear blend (in
+    original_max / wavelength) between. yarn: a ramp between the interpolated (divided by factor) and the original
+    frequencies over the dimensions whose rotations in original_max positions fall between beta_slow and beta_fast;
+    its cos / sin scaled by 0.1 ln(factor) + 1 (or mscale's ratio). longrope: each frequency divided by its
+    short_factor (``long``: long_factor) entry; cos / sin scaled by sqrt(1 + ln(factor) / ln(original_max))."""
+    kind, factor = scaling["rope_type"], float(scaling["factor"])
+    orig = float(scaling.get("original_max_position_embeddings") or 0)
+    if kind == "linear":
+        return inv / factor, 1.0
+    if kind == "llama3":
+        lo, hi = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        ratio = orig / (2 * math.pi / inv)  # original_max / wavelength
+        smooth = ((ratio - lo) / (hi - lo)).clamp(0, 1)
+        return (1 - smooth) * inv / factor + smooth * inv, 1.0
+    attention = scaling.get("attention_factor")
+    if kind == "longrope":
+        ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        if attention is None:
+            attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        return inv / ext, float(attention)
+
+    def mscale(m=1.0):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = mscale(m) / mscale(m_all) if m and m_all else mscale()
+    dim = 2 * inv.numel()
+
+    def correction(rotations):
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = correction(scaling.get("beta_fast") or 32), correction(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high + 0.001 if low == high else high) - low))
+    keep = 1 - ramp.clamp(0, 1)  # 1: the original frequency (extrapolated), 0: interpolated
+    return inv / factor * (1 - keep) + inv * keep, float(attention)
 
 
-def rotary_tables(n: int, head_dim: int, theta: float,
-                  scaling: Optional[Dict[str, Any]] = None) -> Tuple[Tensor, Tensor]:
-    """cos, sin (n, head_dim) in HF Llama's layout: the frequencies repeated over the two halves."""
+def rotary_tables(n: int, head_dim: int, theta: float, scaling: Optional[Dict[str, Any]] = None,
+                  long: bool = False) -> Tuple[Tensor, Tensor]:
+    """cos, sin (n, head_dim) in HF Llama's layout: the frequencies repeated over the two halves (times a rope
+    scaling's attention factor; ``long``: longrope's long factors)."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    scale = 1.0
     if scaling is not None:
-        inv = scale_frequencies(inv, scaling)
+        inv, scale = scale_frequencies(inv, scaling, theta, long)
     freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)  # (n, head_dim / 2)
     emb = torch.cat([freqs, freqs], -1)
-    return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -406,7 +461,7 @@ class Positions(nn.Module):
 
     def __init__(self, cfg: ModelConfig, offset: int = 0):
         super().__init__()
-        self.kind, self.offset, self.local = cfg.pos, offset, False
+        self.kind, self.offset, self.local, self.long_from = cfg.pos, offset, False, None
         if cfg.pos == "learned":
             self.weight = nn.Parameter(torch.empty(cfg.max_seq_len + offset, cfg.d_model).normal_(std=0.02))
         elif cfg.pos == "sinusoidal":
@@ -416,6 +471,11 @@ class Positions(nn.Module):
             cos, sin = rotary_tables(cfg.max_seq_len, rot, cfg.rope_theta, cfg.rope_scaling)
             self.register_buffer("cos", cos, persistent=False)
             self.register_buffer("sin", sin, persistent=False)
+            if (cfg.rope_scaling or {}).get("rope_type") == "longrope":  # its long factors' tables too
+                self.long_from = int(cfg.rope_scaling["original_max_position_embeddings"])
+                cos, sin = rotary_tables(cfg.max_seq_len, rot, cfg.rope_theta, cfg.rope_scaling, long=True)
+                self.register_buffer("cos_long", cos, persistent=False)
+                self.register_buffer("sin_long", sin, persistent=False)
             self.local = cfg.rope_local_theta is not None  # Gemma 3: the windowed layers' own tables
             if self.local:
                 cos, sin = rotary_tables(cfg.max_seq_len, rot, cfg.rope_local_theta)
@@ -432,11 +492,16 @@ class Positions(nn.Module):
 
     def rotary(self, positions: Tensor, dtype: torch.dtype):
         """cos, sin (B, L, 1, D) at positions, or None; with local tables {False: global, True: local}, each
-        attention layer taking its own (``pick_rotary``)."""
+        attention layer taking its own (``pick_rotary``). longrope: the long factors' tables for every position of
+        a call whose positions reach original_max, else the short ones, as transformers chooses (per call)."""
         if self.kind != "rotary":
             return None
         out = (F.embedding(positions, self.cos).to(dtype).unsqueeze(2),  # (B, L, 1, D)
                F.embedding(positions, self.sin).to(dtype).unsqueeze(2))
+        if self.long_from is not None:  # (a device-side choice: no host sync)
+            long = positions.max() >= self.long_from
+            out = tuple(torch.where(long, F.embedding(positions, t).to(dtype).unsqueeze(2), o)
+                        for t, o in zip((self.cos_long, self.sin_long), out))
         if not self.local:
             return out
         return {False: out, True: (F.embedding(positions, self.cos_local).to(dtype).unsqueeze(2),
