@@ -64,7 +64,7 @@ fi
 # budget, so a slow one cuts the kernel rows after it, not the summary. Per-file JSON: OUT/bench_NAME.json.
 # bench_models: GPT-2-medium (issue 16's goal), 3 rounds (transformers' generate takes seconds a round).
 want bench && for spec in "decode:" "modules:" "hf:" "models:not interleaved" "train:not fastattn-compile" \
-            "cross_entropy:" "attention:" "dropout:" "add_norm:" "int8:" "seq2seq:" "moe:"; do
+            "cross_entropy:" "attention:" "dropout:" "add_norm:" "int8:" "seq2seq:" "moe:" "families:"; do
   name=${spec%%:*}; sel=${spec#*:}
   left=$(( BUDGET - $(elapsed) - 25 ))
   if [ $left -lt 20 ]; then log "bench_$name: skipped (budget spent)"; continue; fi
