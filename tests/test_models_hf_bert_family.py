@@ -1,8 +1,8 @@
 """BERT.from_hf / BERTForSequenceClassification.from_hf on the rest of the BERT family: RoBERTa (and XLM-RoBERTa,
-CamemBERT: the same model under other names), DistilBERT, ELECTRA and ModernBERT, small and randomly initialised,
-saved to tmp_path. Logits against transformers' own model on the same weights (fp32; error bounded by transformers'
-own fp32 error against its float64 run), with right and left padding (RoBERTa numbers positions past its padding
-tokens), and both of our backends; errors name what is wrong."""
+CamemBERT: the same model under other names), DistilBERT, ELECTRA, DeBERTa-v2 / v3 and ModernBERT, small and
+randomly initialised, saved to tmp_path. Logits against transformers' own model on the same weights (fp32; error
+bounded by transformers' own fp32 error against its float64 run), with right and left padding (RoBERTa numbers
+positions past its padding tokens), and both of our backends; errors name what is wrong."""
 import pytest
 import torch
 
@@ -172,23 +172,56 @@ def test_modernbert_matches_transformers(tmp_path, head, kw, left):
     transformers' own fp32 error against its float64 run, both backends."""
     torch.manual_seed(0)
     hf = _modernbert(head, **kw, **({"num_labels": 3} if "Classification" in head else {}))
-    with torch.no_grad():  # norm weights start at 1 (and biases at 0): make them matter
+    ids, mask = padded_batch(VOCAB, 16, 5, left, PAD, low=4)
+    for ours in _on_both_backends(tmp_path, hf, ids, mask, f"modernbert {head}"):
+        assert (ours.config.sliding_window, ours.config.layer_types[:2]) == (4, ["full_attention",
+                                                                                "sliding_attention"])
+
+
+def _on_both_backends(path, hf, ids, mask, name):
+    """hf (its 1-D weights, norms' and biases', drawn away from 1 / 0 so they matter) saved to path, imported on both
+    backends: each model's logits (on the real tokens for an MLM) within transformers' fp32 error; yields each."""
+    with torch.no_grad():
         for p in hf.parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
-    hf.save_pretrained(tmp_path)
-    cls = BERT if head == "ForMaskedLM" else BERTForSequenceClassification
-    ids, mask = padded_batch(VOCAB, 16, 5, left, PAD, low=4)
-    hf64 = _float64(hf, tmp_path)
+    hf.save_pretrained(path)
+    cls = BERTForSequenceClassification if "Classification" in type(hf).__name__ else BERT
+    keep = mask.bool() if cls is BERT else slice(None)
     with torch.no_grad():
-        b, c = hf(ids, attention_mask=mask).logits, hf64(ids, attention_mask=mask).logits
-        keep = mask.bool() if cls is BERT else slice(None)
+        b, c = hf(ids, attention_mask=mask).logits, _float64(hf, path)(ids, attention_mask=mask).logits
         for backend in ("fastattn", "torch"):
-            ours = cls.from_hf(tmp_path, backend=backend)
-            assert (ours.config.sliding_window, ours.config.layer_types[:2]) == (4, ["full_attention",
-                                                                                    "sliding_attention"])
+            ours = cls.from_hf(path, backend=backend)
             a = ours(ids, attention_mask=mask).logits
-            assert_bounded(f"modernbert {head} {backend}", a[keep], c[keep].double(), b[keep], torch.float32)
+            assert_bounded(f"{name} {backend}", a[keep], c[keep].double(), b[keep], torch.float32)
+            yield ours
+
+
+def _deberta(head="ForMaskedLM", **kw):
+    """DeBERTa-v3-shaped: disentangled attention over 8 log buckets out to 16 (the 20-token batch reaches past
+    both), no absolute positions, no token types."""
+    cfg = transformers.DebertaV2Config(**{**SMALL, **dict(
+        relative_attention=True, position_buckets=8, max_relative_positions=16, pos_att_type=["p2c", "c2p"],
+        share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0,
+        layer_norm_eps=1e-7, initializer_range=0.3), **kw})
+    return getattr(transformers, "DebertaV2" + head)(cfg).eval()
+
+
+@pytest.mark.parametrize("head, kw, left", [
+    ("ForMaskedLM", {}, False), ("ForMaskedLM", {}, True), ("ForMaskedLM", dict(legacy=False), True),
+    ("ForMaskedLM", dict(position_biased_input=True, type_vocab_size=2), True),
+    ("ForSequenceClassification", dict(num_labels=3), False)])  # (h[:, 0]: right padding)
+def test_deberta_matches_transformers(tmp_path, head, kw, left):
+    """DeBERTa-v2 / v3 (disentangled attention: content-to-position and position-to-content terms over bucketed
+    relative positions): MLM and classifier logits within transformers' own fp32 error, both backends; the
+    fastattn backend's training step matches the torch backend's."""
+    torch.manual_seed(0)
+    ids, mask = padded_batch(VOCAB, 20, 5, left, PAD, low=3)
+    for ours in _on_both_backends(tmp_path, _deberta(head, **kw), ids, mask, f"deberta {head}"):
+        assert (ours.config.rel_pos_buckets, ours.config.rel_pos_max) == (8, 16)
+    if head == "ForMaskedLM" and not left:
+        backends_train_alike(lambda backend: BERT.from_hf(tmp_path, backend=backend, dropout=0.0),
+                             dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)))
 
 
 def test_fine_tuning_a_roberta_import_trains(tmp_path):
@@ -226,5 +259,12 @@ def test_bert_family_errors(tmp_path):
     _electra(embedding_size=16).save_pretrained(tmp_path / "e")
     with pytest.raises(CheckpointError, match="embedding_size 16 != hidden_size 32"):
         BERT.from_hf(tmp_path / "e")
+    for kw, key in ((dict(conv_kernel_size=3), "conv_kernel_size"), (dict(pos_att_type=["c2p"]), "pos_att_type"),
+                    (dict(share_att_key=False), "share_att_key")):
+        _deberta(**kw).save_pretrained(tmp_path / key)
+        with pytest.raises(CheckpointError, match=key):
+            BERT.from_hf(tmp_path / key)
+    with pytest.raises(ValueError, match="BERTConfig.rel_pos_max"):
+        BERT.config_class(rel_pos_buckets=8, rel_pos_max=4)
     with pytest.raises(ValueError, match="roberta_positions: needs pos 'learned' and pos_offset = pad_token_id"):
         BERT.config_class(roberta_positions=True, pad_token_id=1)

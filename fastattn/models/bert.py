@@ -1,6 +1,6 @@
 """BERT: a bidirectional encoder on fastattn's fused ops, with the pre-training heads (masked LM, next sentence) and a
 sequence-classification model, and import of HF BERT-family checkpoints (BERT, RoBERTa / XLM-R / CamemBERT,
-DistilBERT, ELECTRA, ModernBERT: bert_hf.py).
+DistilBERT, ELECTRA, DeBERTa-v2 / v3, ModernBERT: bert_hf.py).
 
     model = BERT(BERTConfig(vocab_size=30522, d_model=768, n_layer=12, n_head=12))
     out = model(input_ids, attention_mask, token_type_ids, labels=mlm_labels, next_sentence_label=nsp)
@@ -44,6 +44,10 @@ class BERTConfig(ModelConfig):
     pooling: str = "cls"  # what the pooler reads: "cls" (h[:, 0]) or "mean" (the real tokens' mean; ModernBERT's)
     pooler_norm: bool = False  # a LayerNorm after the pooler's activation (ModernBERT's head)
     head_bias: bool = True  # the MLM head's and the pooler's dense biases (ModernBERT: none)
+    # > 0: DeBERTa-v2 / v3's disentangled attention over this many relative-position buckets each side, log-spaced
+    # out to rel_pos_max (models/disentangled.py)
+    rel_pos_buckets: int = 0
+    rel_pos_max: int = 512
     model_type = "bert"
 
     def validate(self) -> None:
@@ -60,6 +64,13 @@ class BERTConfig(ModelConfig):
         check_skip_padding(self, "roberta_positions")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"BERTConfig.pooling: {self.pooling!r} is not one of ('cls', 'mean')")
+        self.check_ints(("rel_pos_buckets",), 0)
+        if self.rel_pos_buckets:
+            self.check_ints(("rel_pos_buckets",), 2)
+            if isinstance(self.rel_pos_max, bool) or not isinstance(self.rel_pos_max, int) or \
+                    self.rel_pos_max <= self.rel_pos_buckets // 2 + 1:
+                raise ValueError(f"BERTConfig.rel_pos_max: an int > rel_pos_buckets / 2 + 1 "
+                                 f"({self.rel_pos_buckets // 2 + 1}), got {self.rel_pos_max!r}")
         for name in ("pooler_norm", "head_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BERTConfig.{name}: expected true or false, got {getattr(self, name)!r}")
@@ -77,6 +88,8 @@ class BERTEncoder(nn.Module):
         self.embed_norm = make_norm(cfg)
         self.blocks = nn.ModuleList(Block(cfg, layer=i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.norm_first else None
+        if cfg.rel_pos_buckets:  # DeBERTa's relative embeddings, shared by the layers, normalised once a call
+            self.rel_emb, self.rel_norm = nn.Embedding(2 * cfg.rel_pos_buckets, cfg.d_model), make_norm(cfg)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None) -> Tensor:
@@ -96,9 +109,13 @@ class BERTEncoder(nn.Module):
         x = drop(x, self.cfg.dropout, self.training, self.cfg.backend)
         pad = padding_or_none(keep, attention_mask)  # (B, L) True = padding, or None
         rotary = self.pos.rotary(positions, x.dtype)
-        h, residual = x, None
+        h, residual, extra = x, None, {}
+        if self.cfg.rel_pos_buckets:
+            from .disentangled import relative_buckets
+            extra["rel"] = (self.rel_norm(self.rel_emb.weight),
+                            relative_buckets(L, self.cfg.rel_pos_buckets, self.cfg.rel_pos_max, x.device))
         for block in self.blocks:
-            h, residual = block(h, residual, key_padding_mask=pad, rotary=rotary)
+            h, residual = block(h, residual, key_padding_mask=pad, rotary=rotary, **extra)
         return self.norm_f.post(h, residual) if self.norm_f is not None else h
 
 
@@ -182,8 +199,8 @@ class BERT(PretrainedMixin, nn.Module):
     @classmethod
     def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides) -> "BERT":
         """Import a local HF BERT-family folder (BertForPreTraining; BertForMaskedLM / BertModel, RoBERTa, XLM-R,
-        CamemBERT, DistilBERT, ELECTRA and ModernBERT masked LMs too, the heads they lack left at random init with a
-        warning, except the MLM head, which must be there); dtype / device as in GPT.from_hf."""
+        CamemBERT, DistilBERT, ELECTRA, DeBERTa-v2 / v3 and ModernBERT masked LMs too, the heads they lack left at
+        random init with a warning, except the MLM head, which must be there); dtype / device as in GPT.from_hf."""
         return load_bert(cls, path, dtype, device, overrides, "pretraining")
 
 

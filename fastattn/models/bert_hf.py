@@ -1,5 +1,5 @@
 """Import of HF BERT-family checkpoints into fastattn.models.BERT / BERTForSequenceClassification: BERT, RoBERTa
-(and XLM-RoBERTa, CamemBERT: the same model), DistilBERT, ELECTRA, ModernBERT (bert_hf_modern.py).
+(and XLM-RoBERTa, CamemBERT: the same model), DistilBERT, ELECTRA, DeBERTa-v2 / v3, ModernBERT (bert_hf_modern.py).
 
 How they differ from BERT, and how the config says it:
 - RoBERTa numbers positions past its padding tokens from table row pad_token_id + 1 (``roberta_positions``,
@@ -12,6 +12,10 @@ How they differ from BERT, and how the config says it:
   "gelu"``), its generator's MLM head is BERT's with gelu. A discriminator (ElectraForPreTraining) has neither: they
   start at random init (fine-tuning), with a warning. Embeddings narrower than the layers (ELECTRA-small's
   embedding_size, projected up) are refused.
+- DeBERTa-v2 / v3 add disentangled attention (``rel_pos_buckets``, ``rel_pos_max``: models/disentangled.py) and
+  usually drop the absolute positions (position_biased_input false: ``pos="none"``); the pooler reads h[:, 0]
+  through dense and gelu. Refused by name: attention without both position terms, unshared position projections,
+  the convolution of DeBERTa-v2-xlarge, relative embeddings without their LayerNorm.
 """
 from __future__ import annotations
 
@@ -27,14 +31,15 @@ from .checkpoint import CheckpointError, KeyMap, hf_activation, load_mapped, pla
 log = logging.getLogger("fastattn")
 
 FAMILIES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta",
-            "distilbert": "distilbert", "electra": "electra", "modernbert": "modernbert"}
+            "distilbert": "distilbert", "electra": "electra", "modernbert": "modernbert", "deberta-v2": "deberta"}
 _PREFIX = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert.", "electra": "electra.",
-           "modernbert": "model."}
+           "modernbert": "model.", "deberta": "deberta."}
 # per layer: HF's layer prefix, its q / k / v, and ours -> its name for the rest
 _BERT_LAYER = ("encoder.layer.{}.", ("attention.self.query", "attention.self.key", "attention.self.value"),
                {"attn.wo": "attention.output.dense", "norm1": "attention.output.LayerNorm",
                 "mlp.w_in": "intermediate.dense", "mlp.w_out": "output.dense", "norm2": "output.LayerNorm"})
 _LAYER = {"bert": _BERT_LAYER, "roberta": _BERT_LAYER, "electra": _BERT_LAYER,
+          "deberta": (_BERT_LAYER[0], tuple(n + "_proj" for n in _BERT_LAYER[1]), _BERT_LAYER[2]),
           "distilbert": ("transformer.layer.{}.", ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
                          {"attn.wo": "attention.out_lin", "norm1": "sa_layer_norm", "mlp.w_in": "ffn.lin1",
                           "mlp.w_out": "ffn.lin2", "norm2": "output_layer_norm"})}
@@ -44,11 +49,13 @@ _MLM = {"bert": ("cls.predictions.transform.dense", "cls.predictions.transform.L
         "roberta": ("lm_head.dense", "lm_head.layer_norm", "lm_head.bias", "lm_head.decoder.weight"),
         "distilbert": ("vocab_transform", "vocab_layer_norm", "vocab_projector.bias", "vocab_projector.weight"),
         "electra": ("generator_predictions.dense", "generator_predictions.LayerNorm", "generator_lm_head.bias",
-                    "generator_lm_head.weight")}
+                    "generator_lm_head.weight"),
+        "deberta-lm": tuple(f"lm_predictions.lm_head.{n}" for n in ("dense", "LayerNorm", "bias", "decoder.weight"))}
+_MLM["deberta"] = _MLM["bert"]  # (legacy; "deberta-lm": DeBERTa's legacy false)
 # the sentence-level heads, ours -> (HF's name, under the family's prefix?); absent: random init with a warning
 _HEADS = {"pretraining": {"bert": {"pooler.dense": ("pooler.dense", True), "nsp_head": ("cls.seq_relationship", False)},
                           "roberta": {"pooler.dense": ("pooler.dense", True)},
-                          "distilbert": {}, "electra": {}, "modernbert": {}},
+                          "distilbert": {}, "electra": {}, "modernbert": {}, "deberta": {}},
           "classify": {"bert": {"pooler.dense": ("pooler.dense", True), "classifier": ("classifier", False)},
                        "roberta": {"pooler.dense": ("classifier.dense", False),
                                    "classifier": ("classifier.out_proj", False)},
@@ -56,7 +63,8 @@ _HEADS = {"pretraining": {"bert": {"pooler.dense": ("pooler.dense", True), "nsp_
                        "electra": {"pooler.dense": ("classifier.dense", False),
                                    "classifier": ("classifier.out_proj", False)},
                        "modernbert": {"pooler.dense": ("head.dense", False), "pooler.norm": ("head.norm", False),
-                                      "classifier": ("classifier", False)}}}
+                                      "classifier": ("classifier", False)},
+                       "deberta": {"pooler.dense": ("pooler.dense", False), "classifier": ("classifier", False)}}}
 
 
 def load_bert(model_class, path: str, dtype: Optional[torch.dtype], device, overrides: dict, heads: str):
@@ -77,7 +85,8 @@ def load_bert(model_class, path: str, dtype: Optional[torch.dtype], device, over
     sd = modernbert_encoder_state(cfg, m) if modern else _encoder_state(cfg, family, m)
     if heads == "pretraining":
         tok = sd["encoder.tok_emb.weight"]
-        sd.update(modernbert_mlm_head(cfg, top, tok) if modern else _mlm_head(cfg, family, top, tok))
+        mlm = "deberta-lm" if family == "deberta" and not hf.get("legacy", True) else family
+        sd.update(modernbert_mlm_head(cfg, top, tok) if modern else _mlm_head(cfg, mlm, top, tok))
     model = place(model_class(cfg), dtype, device)
     missing, none = [], []
     for ours, (theirs, prefixed) in _HEADS[heads][family].items():
@@ -127,6 +136,8 @@ def _config(hf: dict, family: str) -> dict:
         base = dict(d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                     d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
                     norm_eps=hf.get("layer_norm_eps", 1e-12), type_vocab_size=hf.get("type_vocab_size", 2))
+    if family == "deberta":
+        base.update(_deberta(hf))
     if family == "electra":
         if hf.get("embedding_size", hf["hidden_size"]) != hf["hidden_size"]:
             raise CheckpointError(f"config.json: embedding_size {hf['embedding_size']} != hidden_size "
@@ -140,8 +151,33 @@ def _config(hf: dict, family: str) -> dict:
             raise CheckpointError(f"config.json: max_position_embeddings {hf['max_position_embeddings']} leaves no "
                                   f"position past pad_token_id {pad}")
     return dict(vocab_size=hf["vocab_size"], norm="layernorm", norm_first=False, mlp="gelu", activation=ours,
-                pos="learned", tie_embeddings=hf.get("tie_word_embeddings", True), bias=True, pad_token_id=pad,
-                **base)
+                tie_embeddings=hf.get("tie_word_embeddings", True), bias=True, pad_token_id=pad,
+                **{"pos": "learned", **base})
+
+
+def _deberta(hf: dict) -> dict:
+    """DeBERTa-v2 / v3's config fields (the module docstring says what is refused)."""
+    d = hf["hidden_size"]
+    checks = (("embedding_size", d), ("pooler_hidden_size", d), ("conv_kernel_size", 0), ("share_att_key", True),
+              ("relative_attention", hf.get("relative_attention", False)))
+    for key, want in checks:
+        if hf.get(key, want) != want:
+            raise CheckpointError(f"config.json: {key}={hf[key]!r} is not supported by from_hf (DeBERTa with "
+                                  f"{key}={want!r})")
+    out = dict(pos="learned" if hf.get("position_biased_input", True) else "none",
+               pooler_activation=hf.get("pooler_hidden_act", "gelu"))
+    if not hf.get("relative_attention", False):
+        return out
+    types, norm = hf.get("pos_att_type") or [], hf.get("norm_rel_ebd") or ""
+    types = types.split("|") if isinstance(types, str) else types
+    if sorted(t.strip() for t in types) != ["c2p", "p2c"] or "layer_norm" not in norm or \
+            hf.get("position_buckets", -1) < 2:
+        raise CheckpointError(f"config.json: pos_att_type {hf.get('pos_att_type')!r}, norm_rel_ebd {norm!r}, "
+                              f"position_buckets {hf.get('position_buckets')!r}: from_hf supports DeBERTa's c2p and "
+                              "p2c terms, layer_norm and log buckets (v2 / v3's)")
+    far = hf.get("max_relative_positions", -1)
+    return {**out, "rel_pos_buckets": hf["position_buckets"],
+            "rel_pos_max": far if far > 0 else hf["max_position_embeddings"]}
 
 
 def _encoder_state(cfg, family: str, m: KeyMap) -> Dict[str, Tensor]:
@@ -149,9 +185,13 @@ def _encoder_state(cfg, family: str, m: KeyMap) -> Dict[str, Tensor]:
     d, f, e = cfg.d_model, cfg.d_ff, "encoder."
     rows = cfg.max_seq_len + cfg.pos_offset
     sd = {e + "tok_emb.weight": m.take("embeddings.word_embeddings.weight", (cfg.vocab_size, d)),
-          e + "pos.weight": m.take("embeddings.position_embeddings.weight", (rows, d)),
           e + "embed_norm.weight": m.take("embeddings.LayerNorm.weight", (d,)),
           e + "embed_norm.bias": m.take("embeddings.LayerNorm.bias", (d,))}
+    if cfg.pos == "learned":
+        sd[e + "pos.weight"] = m.take("embeddings.position_embeddings.weight", (rows, d))
+    if cfg.rel_pos_buckets:  # DeBERTa's relative embeddings and their LayerNorm
+        sd[e + "rel_emb.weight"] = m.take("encoder.rel_embeddings.weight", (2 * cfg.rel_pos_buckets, d))
+        sd.update({f"{e}rel_norm.{p}": m.take(f"encoder.LayerNorm.{p}", (d,)) for p in ("weight", "bias")})
     if cfg.type_vocab_size:
         sd[e + "type_emb.weight"] = m.take("embeddings.token_type_embeddings.weight", (cfg.type_vocab_size, d))
     layer, qkv, rest = _LAYER[family]

@@ -728,7 +728,11 @@ class Block(nn.Module):
         self.norm_first, self.dropout, self.backend = cfg.norm_first, cfg.dropout, cfg.backend
         # input_norm False (OLMo 2): no norm before the sublayers, only the sandwich norms after them
         self.norm1 = make_norm(cfg) if cfg.input_norm and (layer or cfg.first_input_norm) else None
-        self.attn = Attention(cfg, window=cfg.layer_window(layer), rope=layer not in (cfg.nope_layers or ()))
+        if getattr(cfg, "rel_pos_buckets", 0):  # DeBERTa's (disentangled.py builds on this file's Attention)
+            from .disentangled import DisentangledAttention
+            self.attn = DisentangledAttention(cfg)
+        else:
+            self.attn = Attention(cfg, window=cfg.layer_window(layer), rope=layer not in (cfg.nope_layers or ()))
         if cross:
             self.norm_x, self.cross_attn = make_norm(cfg), Attention(cfg, cross=True)
         self.parallel = cfg.parallel_block
