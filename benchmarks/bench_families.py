@@ -6,7 +6,10 @@ weights, same run, rounds interleaved (conftest.interleaved; ratios of minima).
 - OLMo-2-shaped at GPT-2-small size (d 768, 12 layers, 12 heads, SwiGLU 2048, output-only norms, q / k norms over
   all heads): greedy generation of NEW tokens after PROMPT, ``GPT.from_hf`` against Olmo2ForCausalLM.generate;
 - Marian opus-mt-sized (d 512, 6 + 6 layers, 8 heads, vocab 58101, fixed sinusoidal positions): greedy translation
-  of a PROMPT-token source into NEW tokens, ``Seq2Seq.from_hf`` against MarianMTModel.generate.
+  of a PROMPT-token source into NEW tokens, ``Seq2Seq.from_hf`` against MarianMTModel.generate;
+- DeBERTa-v3-base-sized (d 768, 12 layers, 12 heads, 256 relative buckets, vocab 128100): the sequence classifier's
+  forward of BATCH x SEQ tokens, ``BERTForSequenceClassification.from_hf`` against DebertaV2ForSequenceClassification
+  (transformers runs its own eager attention here).
 
 CPU float32, GPU bfloat16. Environment (FASTATTN_BENCH_*): BATCH (4), SEQ (512), PROMPT (128), NEW (64), ROUNDS
 (3 on CPU). Skipped without transformers.
@@ -19,7 +22,7 @@ from conftest import env_int, interleaved, synced
 
 transformers = pytest.importorskip("transformers")
 fastattn.hf.register()  # before any model class loads (see fastattn.hf._installed_kernels_package)
-from fastattn.models import BERT, GPT, Seq2Seq  # noqa: E402
+from fastattn.models import BERT, GPT, BERTForSequenceClassification, Seq2Seq  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -89,3 +92,26 @@ def test_marian_greedy_translation(benchmark, tmp_path_factory):
     if DTYPE == torch.float32:  # the timed runs made the same tokens
         with torch.inference_mode():
             assert torch.equal(hf.generate(ids, **kw), ours.generate(ids, NEW, temperature=0, min_new_tokens=NEW))
+
+
+def test_deberta_classifier_forward(benchmark, tmp_path_factory):
+    cfg = transformers.DebertaV2Config(vocab_size=128100, hidden_size=768, intermediate_size=3072,
+                                       num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=512,
+                                       relative_attention=True, position_buckets=256, pos_att_type=["p2c", "c2p"],
+                                       norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
+                                       type_vocab_size=0, layer_norm_eps=1e-7, num_labels=3, pad_token_id=0)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("deberta")
+    transformers.DebertaV2ForSequenceClassification(cfg).save_pretrained(path)
+    hf = transformers.DebertaV2ForSequenceClassification.from_pretrained(path).to(DEVICE, DTYPE).eval()
+    ours = BERTForSequenceClassification.from_hf(path).to(DEVICE, DTYPE)
+    ids = _ids(cfg.vocab_size, (BATCH, SEQ))
+    mask = torch.ones_like(ids)
+    runs = {"transformers": synced(DEVICE, lambda: hf(input_ids=ids, attention_mask=mask)),
+            "fastattn": synced(DEVICE, lambda: ours(ids, attention_mask=mask))}
+    interleaved(benchmark, runs, "fastattn", BATCH * SEQ, f"deberta-v3-base classifier forward {BATCH}x{SEQ}",
+                ROUNDS, model="deberta-v3-base", batch=BATCH, seq=SEQ, **INFO)
+    if DTYPE == torch.float32:  # the same logits
+        with torch.inference_mode():
+            torch.testing.assert_close(ours(ids, attention_mask=mask).logits,
+                                       hf(input_ids=ids, attention_mask=mask).logits, rtol=1e-3, atol=1e-3)

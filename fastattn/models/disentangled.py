@@ -41,13 +41,16 @@ class DisentangledAttention(Attention):
         table, index = rel
         w, b = self.wqkv.weight, self.wqkv.bias
         q, k, v = (t.view(B, L, H, D).transpose(1, 2) for t in self.wqkv(x).split(H * D, -1))  # (B, H, L, D)
-        # the table through this layer's query and key projections: (H, 2 buckets, D) each
-        pos_q, pos_k = (F.linear(table, w[s], None if b is None else b[s]).view(-1, H, D).transpose(0, 1)
-                        for s in (slice(0, H * D), slice(H * D, 2 * H * D)))
+        # the table through this layer's query and key projections, times the scale: (H, 2 buckets, D) each
         scale = (3 * D) ** -0.5
-        c2p = torch.gather(q @ pos_k.transpose(-1, -2), -1, index.expand(B, H, L, L))  # q_i . K(r_ij)
-        p2c = torch.gather(k @ pos_q.transpose(-1, -2), -1, index.t().expand(B, H, L, L)).transpose(-1, -2)
-        bias = (c2p + p2c) * scale  # k_j . Q(r_ij): the bucket of i - j is minus that of j - i
+        pos_q, pos_k = ((F.linear(table, w[s], None if b is None else b[s]) * scale).view(-1, H, D).transpose(0, 1)
+                        for s in (slice(0, H * D), slice(H * D, 2 * H * D)))
+        bias = torch.gather(q @ pos_k.transpose(-1, -2), -1, index.expand(B, H, L, L))  # q_i . K(r_ij)
+        # k_j . Q(r_ij) (the bucket of i - j is minus that of j - i), gathered straight into (i, j) order: row j of
+        # the (B, H, L, 2 buckets) products, flattened, at j * 2 buckets + index[i, j]
+        n = pos_q.shape[1]
+        flat = (torch.arange(L, device=x.device) * n + index).view(1, 1, L * L).expand(B, H, L * L)
+        bias += torch.gather((k @ pos_q.transpose(-1, -2)).view(B, H, L * n), -1, flat).view(B, H, L, L)
         p = self.dropout if self.training else 0.0
         if self.backend == "torch":
             out = _torch_attention(q, k, v, None, key_padding_mask, p, scale=scale, bias=bias)
