@@ -346,6 +346,38 @@ def test_hf_roberta_folder_masked_lm_and_classifier(roberta_folder, tmp_path, ca
     assert json.loads(capsys.readouterr().out)["task"] == "classify"
 
 
+@pytest.mark.parametrize("family", ["ModernBert", "DebertaV2"])
+def test_more_encoder_folders_mlm_and_classifier(tmp_path, capsys, family):
+    """ModernBERT (windows, rotary, pre-norm without the first input norm) and DeBERTa-v3 (disentangled attention)
+    folders on a RoBERTa-style tokenizer: eval as masked LMs, a classifier fine-tuned from them with --init-hf, its
+    checkpoint (their config fields) evaluated."""
+    path = tmp_path / family
+    path.mkdir()
+    tok = _roberta_tokenizer(path)
+    kw = dict(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+              num_attention_heads=2, max_position_embeddings=64, pad_token_id=1)
+    kw.update(dict(local_attention=8, bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2)
+              if family == "ModernBert" else
+              dict(relative_attention=True, position_buckets=8, max_relative_positions=32, pos_att_type=["p2c", "c2p"],
+                   norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0))
+    torch.manual_seed(0)
+    getattr(transformers, f"{family}ForMaskedLM")(getattr(transformers, f"{family}Config")(**kw)).save_pretrained(path)
+    assert main(["eval", str(path), "--batches", "1", "--seq-len", "32"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "mlm"
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"text": ("good fine nice " if i % 2 else "bad awful poor ") * 2,
+                                          "label": ["neg", "pos"][i % 2]}) + "\n" for i in range(40)))
+    run = tmp_path / "clf"
+    assert main(["train", "--task", "classify", "--init-hf", str(path), "--data", str(labels), "--out", str(run),
+                 "--seq-len", "32", "--batch-size", "4", "--steps", "2", "--eval-every", "2", "--eval-batches", "1",
+                 "--warmup", "1"]) == 0
+    capsys.readouterr()
+    cfg = json.loads((run / "model" / "config.json").read_text())
+    assert (cfg["first_input_norm"] is False) if family == "ModernBert" else cfg["rel_pos_buckets"] == 8
+    assert main(["eval", str(run), "--batches", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "classify"
+
+
 @pytest.mark.parametrize("family, kw", [
     ("Olmo2", {}),  # output-only norms, q / k norms over all heads
     ("Cohere2", dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=3)),

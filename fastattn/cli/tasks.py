@@ -155,14 +155,16 @@ class MLMTask(CLMTask):
             special = (x == tok.cls_id) | (x == tok.sep_id)
         else:
             x = self.data.blocks(split, batch_size, L, g, index)
-            types, special = torch.zeros_like(x), torch.zeros_like(x, dtype=torch.bool)
+            special = torch.zeros_like(x, dtype=torch.bool)
         chosen = (torch.rand(x.shape, generator=g) < self.cfg.mask_prob) & ~special
         labels = torch.where(chosen, x, torch.full_like(x, IGNORE))
         r = torch.rand(x.shape, generator=g)
         rand_ids = torch.randint(0, tok.vocab_size - 5, x.shape, generator=g)
         inp = torch.where(chosen & (r < 0.8), torch.full_like(x, tok.mask_id), x)
         inp = torch.where(chosen & (r >= 0.8) & (r < 0.9), rand_ids, inp)
-        inputs = {"input_ids": inp, "attention_mask": torch.ones_like(x), "token_type_ids": types}
+        inputs = {"input_ids": inp, "attention_mask": torch.ones_like(x)}
+        if self.cfg.nsp:  # (without NSP every token is of type 0, the model's default: a model without token types,
+            inputs["token_type_ids"] = types  # DistilBERT, ModernBERT, DeBERTa-v3, refuses them)
         target = {"labels": labels}
         if self.cfg.nsp:
             target["nsp"] = (~is_next).long()  # BERT's convention: 0 = B follows A
