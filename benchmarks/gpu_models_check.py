@@ -323,6 +323,55 @@ def gpt_from_hf_gpt2():
     return res
 
 
+# families from_hf gained in session 21, on the device: (transformers class prefix, config, our class)
+FAMILIES = {
+    "olmo2": ("Olmo2", dict(num_key_value_heads=2), "GPT"),  # q / k norms over all heads, output-only norms
+    "cohere2": ("Cohere2", dict(num_hidden_layers=4, sliding_window=8), "GPT"),  # windows + layers without positions
+    "phi3-longrope": ("Phi3", dict(original_max_position_embeddings=48, rope_parameters=dict(
+        rope_type="longrope", rope_theta=1e4, original_max_position_embeddings=48, short_factor=[1.0] * 16,
+        long_factor=[4.0] * 16)), "GPT"),  # generation crossing the original context re-runs the sequence
+    "modernbert": ("ModernBert", dict(num_hidden_layers=3, local_attention=16), "BERT"),  # bidirectional windows
+    "deberta-v3": ("DebertaV2", dict(relative_attention=True, position_buckets=16, max_relative_positions=64,
+                                     pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True,
+                                     position_biased_input=False, type_vocab_size=0), "BERT"),  # float bias
+}
+
+
+@check
+def families_from_hf():
+    """Each family above, small and random, on the device: logits of a 60-token batch (right padding in the second
+    row) bounded by transformers' fp32 error against its float64 run, and for the decoders 16 greedy tokens after 40
+    equal to transformers' generate."""
+    import transformers
+    out = {}
+    for name, (prefix, kw, ours_cls) in FAMILIES.items():
+        torch.manual_seed(0)
+        cfg = getattr(transformers, f"{prefix}Config")(**{**dict(
+            vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256, pad_token_id=0, bos_token_id=0, eos_token_id=0, initializer_range=0.1),
+            **kw})
+        head = "ForCausalLM" if ours_cls == "GPT" else "ForMaskedLM"
+        hf_cls = getattr(transformers, prefix + head)
+        with tempfile.TemporaryDirectory() as d:
+            hf_cls(cfg).save_pretrained(d)
+            ours = (GPT if ours_cls == "GPT" else BERT).from_hf(d, device=DEV)
+            hf32 = hf_cls.from_pretrained(d, attn_implementation="sdpa" if prefix != "DebertaV2" else None).to(DEV)
+            hf64 = hf_cls.from_pretrained(d, dtype=torch.float64).to(DEV)
+        x, mask = ids(2, 60, 512), torch.ones(2, 60, dtype=torch.long, device=DEV)
+        if ours_cls == "BERT":
+            mask[1, 44:] = 0
+        keep = mask.bool()
+        with torch.no_grad():
+            out |= bounded(name, ours(x, attention_mask=mask).logits[keep], hf32(x, attention_mask=mask).logits[keep],
+                           hf64.eval()(x, attention_mask=mask).logits[keep], torch.float32)
+            if ours_cls == "GPT":
+                a = ours.generate(x[:, :40], 16, temperature=0)
+                b = hf32.eval().generate(x[:, :40], max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                         pad_token_id=0)
+                assert torch.equal(a, b), f"{name}: greedy tokens differ from transformers' generate"
+    return out
+
+
 def _cli(*args, timeout=240):
     t = time.time()
     p = subprocess.run([sys.executable, "-m", "fastattn", *args], capture_output=True, text=True, timeout=timeout)

@@ -359,7 +359,7 @@ def test_more_encoder_folders_mlm_and_classifier(tmp_path, capsys, family):
     kw.update(dict(local_attention=8, bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2)
               if family == "ModernBert" else
               dict(relative_attention=True, position_buckets=8, max_relative_positions=32, pos_att_type=["p2c", "c2p"],
-                   norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0))
+                   norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False, type_vocab_size=0))
     torch.manual_seed(0)
     getattr(transformers, f"{family}ForMaskedLM")(getattr(transformers, f"{family}Config")(**kw)).save_pretrained(path)
     assert main(["eval", str(path), "--batches", "1", "--seq-len", "32"]) == 0

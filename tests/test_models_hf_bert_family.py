@@ -3,6 +3,8 @@ CamemBERT: the same model under other names), DistilBERT, ELECTRA, DeBERTa-v2 / 
 randomly initialised, saved to tmp_path. Logits against transformers' own model on the same weights (fp32; error
 bounded by transformers' own fp32 error against its float64 run), with right and left padding (RoBERTa numbers
 positions past its padding tokens), and both of our backends; errors name what is wrong."""
+import json
+
 import pytest
 import torch
 
@@ -264,6 +266,11 @@ def test_bert_family_errors(tmp_path):
         _deberta(**kw).save_pretrained(tmp_path / key)
         with pytest.raises(CheckpointError, match=key):
             BERT.from_hf(tmp_path / key)
+    cfg = json.loads((tmp_path / "pos_att_type" / "config.json").read_text())
+    del cfg["share_att_key"]  # transformers' default where config.json lacks it: unshared projections
+    (tmp_path / "pos_att_type" / "config.json").write_text(json.dumps({**cfg, "pos_att_type": ["p2c", "c2p"]}))
+    with pytest.raises(CheckpointError, match="share_att_key=False"):
+        BERT.from_hf(tmp_path / "pos_att_type")
     with pytest.raises(ValueError, match="BERTConfig.rel_pos_max"):
         BERT.config_class(rel_pos_buckets=8, rel_pos_max=4)
     with pytest.raises(ValueError, match="roberta_positions: needs pos 'learned' and pos_offset = pad_token_id"):

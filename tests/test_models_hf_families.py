@@ -5,6 +5,8 @@ positions). Small random models (norm weights and biases drawn away from their 1
 the greedy tokens) saved to tmp_path: logits of a left-padded batch bounded by transformers' own fp32 error against
 its float64 run, greedy tokens through the bound decode step equal to transformers' generate, both backends training
 alike; what GPT cannot reproduce is refused naming the key."""
+import json
+
 import pytest
 import torch
 
@@ -116,6 +118,18 @@ def test_matches_transformers(tmp_path, arch, caplog):
     make, kw, fields = MODELS[arch]
     ours = matches_hf_causal_lm(tmp_path, _saved(tmp_path, make, kw), VOCAB, caplog)
     assert {k: getattr(ours.config, k) for k in fields} == fields
+
+
+def test_window_default_where_config_lacks_it(tmp_path):
+    """A config.json without sliding_window gets its config class's default (4096), as transformers reads it: an
+    EXAONE 4 folder then has windowed layers and global layers without positions."""
+    make, kw, _ = MODELS["exaone4"]
+    _saved(tmp_path, make, kw)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["sliding_window"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours = GPT.from_hf(tmp_path, max_seq_len=8192)
+    assert (ours.config.sliding_window, ours.config.nope_layers) == (4096, [3])
 
 
 def test_longrope_past_the_original_context(tmp_path, caplog):

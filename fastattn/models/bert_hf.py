@@ -157,16 +157,18 @@ def _config(hf: dict, family: str) -> dict:
 
 def _deberta(hf: dict) -> dict:
     """DeBERTa-v2 / v3's config fields (the module docstring says what is refused)."""
-    d = hf["hidden_size"]
-    checks = (("embedding_size", d), ("pooler_hidden_size", d), ("conv_kernel_size", 0), ("share_att_key", True),
-              ("relative_attention", hf.get("relative_attention", False)))
-    for key, want in checks:
-        if hf.get(key, want) != want:
-            raise CheckpointError(f"config.json: {key}={hf[key]!r} is not supported by from_hf (DeBERTa with "
-                                  f"{key}={want!r})")
+    d, rel = hf["hidden_size"], hf.get("relative_attention", False)
+    # (key, transformers' default where config.json lacks it, what from_hf supports)
+    checks = (("embedding_size", d, d), ("pooler_hidden_size", d, d), ("conv_kernel_size", 0, 0),
+              ("attention_head_size", d // hf["num_attention_heads"], d // hf["num_attention_heads"]),
+              ("share_att_key", False, True if rel else hf.get("share_att_key", False)))
+    for key, default, want in checks:
+        if hf.get(key, default) != want:
+            raise CheckpointError(f"config.json: {key}={hf.get(key, default)!r} is not supported by from_hf "
+                                  f"(DeBERTa with {key}={want!r})")
     out = dict(pos="learned" if hf.get("position_biased_input", True) else "none",
                pooler_activation=hf.get("pooler_hidden_act", "gelu"))
-    if not hf.get("relative_attention", False):
+    if not rel:
         return out
     types, norm = hf.get("pos_att_type") or [], hf.get("norm_rel_ebd") or ""
     types = types.split("|") if isinstance(types, str) else types

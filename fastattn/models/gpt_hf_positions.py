@@ -17,12 +17,22 @@ def sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
     on = {"mistral": True, "mixtral": True, "phi3": True, "qwen2": False, "qwen3": False, "qwen3_moe": False,
           "qwen2_moe": False, "gemma2": True, "gemma3_text": True, "olmo3": True, "cohere2": True,
           "smollm3": False, "exaone4": True, "starcoder2": True, "ministral": True}.get(kind)
-    if on is None or not hf.get("sliding_window") or not hf.get("use_sliding_window", on):
+    if on is None or not window_of(hf) or not hf.get("use_sliding_window", on):
         return None, None
     types = layer_types(hf)
     if types is not None and "sliding_attention" not in types:
         return None, None
-    return int(hf["sliding_window"]), (None if types is None or set(types) == {"sliding_attention"} else list(types))
+    return int(window_of(hf)), (None if types is None or set(types) == {"sliding_attention"} else list(types))
+
+
+# transformers' config classes whose sliding_window defaults to 4096 where config.json lacks the key
+_DEFAULT_WINDOW = dict.fromkeys(("mistral", "gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4",
+                                 "ministral"), 4096)
+
+
+def window_of(hf: dict) -> Optional[int]:
+    """config.json's sliding_window, or where it lacks one, its config class's default (as transformers reads it)."""
+    return hf.get("sliding_window", _DEFAULT_WINDOW.get(hf.get("model_type")))
 
 
 def layer_types(hf: dict) -> Optional[list]:
@@ -53,7 +63,7 @@ def nope_layers(hf: dict) -> list:
         flags = hf.get("no_rope_layers") or [int((i + 1) % hf.get("no_rope_layer_interval", 4) != 0)
                                              for i in range(n)]
         return [i for i, rope in enumerate(flags) if not rope]
-    if kind == "cohere2" or kind == "exaone4" and hf.get("sliding_window"):
+    if kind == "cohere2" or kind == "exaone4" and window_of(hf):
         return [i for i, t in enumerate(layer_types(hf)) if t == "full_attention"]
     return []
 
