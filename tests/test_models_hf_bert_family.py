@@ -1,5 +1,5 @@
 """BERT.from_hf / BERTForSequenceClassification.from_hf on the rest of the BERT family: RoBERTa (and XLM-RoBERTa,
-CamemBERT: the same model under other names), DistilBERT, ELECTRA, DeBERTa-v2 / v3 and ModernBERT, small and
+CamemBERT: the same model under other names), DistilBERT, ELECTRA, DeBERTa-v2 / v3, MPNet and ModernBERT, small and
 randomly initialised, saved to tmp_path. Logits against transformers' own model on the same weights (fp32; error
 bounded by transformers' own fp32 error against its float64 run), with right and left padding (RoBERTa numbers
 positions past its padding tokens), and both of our backends; errors name what is wrong."""
@@ -197,6 +197,24 @@ def _on_both_backends(path, hf, ids, mask, name):
             a = ours(ids, attention_mask=mask).logits
             assert_bounded(f"{name} {backend}", a[keep], c[keep].double(), b[keep], torch.float32)
             yield ours
+
+
+def _mpnet(head="ForMaskedLM", **kw):
+    """MPNet: RoBERTa's positions, no token types, T5's relative bias (32 buckets, 16 each way, exact up to 8)."""
+    cfg = transformers.MPNetConfig(**{**SMALL, "max_position_embeddings": 64, "initializer_range": 0.3, **kw})
+    return getattr(transformers, "MPNet" + head)(cfg).eval()
+
+
+@pytest.mark.parametrize("head, left", [("ForMaskedLM", False), ("ForMaskedLM", True),
+                                        ("ForSequenceClassification", False)])
+def test_mpnet_matches_transformers(tmp_path, head, left):
+    """MPNet (all-mpnet-base-v2's architecture): MLM and classifier logits of a 40-token batch (distances past the
+    exact buckets) within transformers' fp32 error on both backends."""
+    torch.manual_seed(0)
+    ids, mask = padded_batch(VOCAB, 40, 6, left, PAD, low=3)
+    for ours in _on_both_backends(tmp_path, _mpnet(head, **({"num_labels": 3} if "Class" in head else {})), ids,
+                                  mask, f"mpnet {head}"):
+        assert (ours.config.relative_buckets, ours.config.roberta_positions) == (32, True)
 
 
 def _deberta(head="ForMaskedLM", **kw):

@@ -1,6 +1,6 @@
 """BERT: a bidirectional encoder on fastattn's fused ops, with the pre-training heads (masked LM, next sentence) and a
 sequence-classification model, and import of HF BERT-family checkpoints (BERT, RoBERTa / XLM-R / CamemBERT,
-DistilBERT, ELECTRA, DeBERTa-v2 / v3, ModernBERT: bert_hf.py).
+DistilBERT, ELECTRA, DeBERTa-v2 / v3, MPNet, ModernBERT: bert_hf.py).
 
     model = BERT(BERTConfig(vocab_size=30522, d_model=768, n_layer=12, n_head=12))
     out = model(input_ids, attention_mask, token_type_ids, labels=mlm_labels, next_sentence_label=nsp)
@@ -48,6 +48,10 @@ class BERTConfig(ModelConfig):
     # out to rel_pos_max (models/disentangled.py)
     rel_pos_buckets: int = 0
     rel_pos_max: int = 512
+    # > 0: T5's relative-position bias (seq2seq.RelativeBias, both directions), one table shared by the layers and
+    # added to every layer's scores (MPNet)
+    relative_buckets: int = 0
+    relative_max_distance: int = 128
     model_type = "bert"
 
     def validate(self) -> None:
@@ -64,7 +68,13 @@ class BERTConfig(ModelConfig):
         check_skip_padding(self, "roberta_positions")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"BERTConfig.pooling: {self.pooling!r} is not one of ('cls', 'mean')")
-        self.check_ints(("rel_pos_buckets",), 0)
+        self.check_ints(("rel_pos_buckets", "relative_buckets"), 0)
+        self.check_ints(("relative_max_distance",), 1)
+        if self.relative_buckets and (self.relative_buckets < 4 or self.relative_buckets % 2 or
+                                      self.relative_max_distance <= self.relative_buckets // 4):
+            raise ValueError(f"BERTConfig.relative_buckets: an even number >= 4 with relative_max_distance > "
+                             f"relative_buckets / 4; got {self.relative_buckets} (relative_max_distance "
+                             f"{self.relative_max_distance})")
         if self.rel_pos_buckets:
             self.check_ints(("rel_pos_buckets",), 2)
             if isinstance(self.rel_pos_max, bool) or not isinstance(self.rel_pos_max, int) or \
@@ -90,6 +100,9 @@ class BERTEncoder(nn.Module):
         self.norm_f = make_norm(cfg) if cfg.norm_first else None
         if cfg.rel_pos_buckets:  # DeBERTa's relative embeddings, shared by the layers, normalised once a call
             self.rel_emb, self.rel_norm = nn.Embedding(2 * cfg.rel_pos_buckets, cfg.d_model), make_norm(cfg)
+        if cfg.relative_buckets:  # MPNet's: T5's bias table, shared by the layers
+            from .seq2seq import RelativeBias
+            self.rel_bias = RelativeBias(cfg, bidirectional=True)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None) -> Tensor:
@@ -114,6 +127,9 @@ class BERTEncoder(nn.Module):
             from .disentangled import relative_buckets
             extra["rel"] = (self.rel_norm(self.rel_emb.weight),
                             relative_buckets(L, self.cfg.rel_pos_buckets, self.cfg.rel_pos_max, x.device))
+        if self.cfg.relative_buckets:  # (1, H, L, L), from the columns: padding on the left shifts no distance
+            cols = torch.arange(L, device=x.device)
+            extra["attn_bias"] = self.rel_bias(cols[None], cols).to(x.dtype)
         for block in self.blocks:
             h, residual = block(h, residual, key_padding_mask=pad, rotary=rotary, **extra)
         return self.norm_f.post(h, residual) if self.norm_f is not None else h
@@ -199,8 +215,9 @@ class BERT(PretrainedMixin, nn.Module):
     @classmethod
     def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides) -> "BERT":
         """Import a local HF BERT-family folder (BertForPreTraining; BertForMaskedLM / BertModel, RoBERTa, XLM-R,
-        CamemBERT, DistilBERT, ELECTRA, DeBERTa-v2 / v3 and ModernBERT masked LMs too, the heads they lack left at
-        random init with a warning, except the MLM head, which must be there); dtype / device as in GPT.from_hf."""
+        CamemBERT, DistilBERT, ELECTRA, DeBERTa-v2 / v3, MPNet and ModernBERT masked LMs too, the heads they lack left
+        at random init with a warning, except the MLM head, which must be there); dtype / device as in
+        GPT.from_hf."""
         return load_bert(cls, path, dtype, device, overrides, "pretraining")
 
 

@@ -1,5 +1,6 @@
 """Import of HF BERT-family checkpoints into fastattn.models.BERT / BERTForSequenceClassification: BERT, RoBERTa
-(and XLM-RoBERTa, CamemBERT: the same model), DistilBERT, ELECTRA, DeBERTa-v2 / v3, ModernBERT (bert_hf_modern.py).
+(and XLM-RoBERTa, CamemBERT: the same model), DistilBERT, ELECTRA, DeBERTa-v2 / v3, MPNet, ModernBERT
+(bert_hf_modern.py).
 
 How they differ from BERT, and how the config says it:
 - RoBERTa numbers positions past its padding tokens from table row pad_token_id + 1 (``roberta_positions``,
@@ -16,6 +17,8 @@ How they differ from BERT, and how the config says it:
   usually drop the absolute positions (position_biased_input false: ``pos="none"``); the pooler reads h[:, 0]
   through dense and gelu. Refused by name: attention without both position terms, unshared position projections,
   the convolution of DeBERTa-v2-xlarge, relative embeddings without their LayerNorm.
+- MPNet is RoBERTa (its positions, MLM head and classifier) without token types, plus T5's relative-position bias
+  (``relative_buckets``: one table shared by the layers, both directions, distances up to 128).
 """
 from __future__ import annotations
 
@@ -31,15 +34,18 @@ from .checkpoint import CheckpointError, KeyMap, hf_activation, load_mapped, pla
 log = logging.getLogger("fastattn")
 
 FAMILIES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta",
-            "distilbert": "distilbert", "electra": "electra", "modernbert": "modernbert", "deberta-v2": "deberta"}
+            "distilbert": "distilbert", "electra": "electra", "modernbert": "modernbert", "deberta-v2": "deberta",
+            "mpnet": "mpnet"}
 _PREFIX = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert.", "electra": "electra.",
-           "modernbert": "model.", "deberta": "deberta."}
+           "modernbert": "model.", "deberta": "deberta.", "mpnet": "mpnet."}
 # per layer: HF's layer prefix, its q / k / v, and ours -> its name for the rest
 _BERT_LAYER = ("encoder.layer.{}.", ("attention.self.query", "attention.self.key", "attention.self.value"),
                {"attn.wo": "attention.output.dense", "norm1": "attention.output.LayerNorm",
                 "mlp.w_in": "intermediate.dense", "mlp.w_out": "output.dense", "norm2": "output.LayerNorm"})
 _LAYER = {"bert": _BERT_LAYER, "roberta": _BERT_LAYER, "electra": _BERT_LAYER,
           "deberta": (_BERT_LAYER[0], tuple(n + "_proj" for n in _BERT_LAYER[1]), _BERT_LAYER[2]),
+          "mpnet": (_BERT_LAYER[0], ("attention.attn.q", "attention.attn.k", "attention.attn.v"),
+                    {**_BERT_LAYER[2], "attn.wo": "attention.attn.o", "norm1": "attention.LayerNorm"}),
           "distilbert": ("transformer.layer.{}.", ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
                          {"attn.wo": "attention.out_lin", "norm1": "sa_layer_norm", "mlp.w_in": "ffn.lin1",
                           "mlp.w_out": "ffn.lin2", "norm2": "output_layer_norm"})}
@@ -52,10 +58,12 @@ _MLM = {"bert": ("cls.predictions.transform.dense", "cls.predictions.transform.L
                     "generator_lm_head.weight"),
         "deberta-lm": tuple(f"lm_predictions.lm_head.{n}" for n in ("dense", "LayerNorm", "bias", "decoder.weight"))}
 _MLM["deberta"] = _MLM["bert"]  # (legacy; "deberta-lm": DeBERTa's legacy false)
+_MLM["mpnet"] = _MLM["roberta"]
 # the sentence-level heads, ours -> (HF's name, under the family's prefix?); absent: random init with a warning
 _HEADS = {"pretraining": {"bert": {"pooler.dense": ("pooler.dense", True), "nsp_head": ("cls.seq_relationship", False)},
                           "roberta": {"pooler.dense": ("pooler.dense", True)},
-                          "distilbert": {}, "electra": {}, "modernbert": {}, "deberta": {}},
+                          "distilbert": {}, "electra": {}, "modernbert": {}, "deberta": {},
+                          "mpnet": {"pooler.dense": ("pooler.dense", True)}},
           "classify": {"bert": {"pooler.dense": ("pooler.dense", True), "classifier": ("classifier", False)},
                        "roberta": {"pooler.dense": ("classifier.dense", False),
                                    "classifier": ("classifier.out_proj", False)},
@@ -64,7 +72,9 @@ _HEADS = {"pretraining": {"bert": {"pooler.dense": ("pooler.dense", True), "nsp_
                                    "classifier": ("classifier.out_proj", False)},
                        "modernbert": {"pooler.dense": ("head.dense", False), "pooler.norm": ("head.norm", False),
                                       "classifier": ("classifier", False)},
-                       "deberta": {"pooler.dense": ("pooler.dense", False), "classifier": ("classifier", False)}}}
+                       "deberta": {"pooler.dense": ("pooler.dense", False), "classifier": ("classifier", False)},
+                       "mpnet": {"pooler.dense": ("classifier.dense", False),
+                                 "classifier": ("classifier.out_proj", False)}}}
 
 
 def load_bert(model_class, path: str, dtype: Optional[torch.dtype], device, overrides: dict, heads: str):
@@ -125,7 +135,8 @@ def _config(hf: dict, family: str) -> dict:
     key = "activation" if family == "distilbert" else "hidden_act"
     act = hf.get(key, "gelu")
     ours = hf_activation(key, act)
-    if family in ("roberta", "electra") and act != "gelu":  # its MLM head applies gelu whatever hidden_act says
+    # their MLM heads apply gelu whatever hidden_act says
+    if family in ("roberta", "electra", "mpnet") and act != "gelu":
         raise CheckpointError(f"config.json: hidden_act {act!r}: a {hf.get('model_type')} MLM head uses 'gelu', "
                               "and from_hf supports the models whose layers do too")
     if family == "distilbert":
@@ -144,8 +155,11 @@ def _config(hf: dict, family: str) -> dict:
                                   f"{hf['hidden_size']} (embeddings projected up) is not supported by from_hf")
         base.update(pooler_activation="gelu")
     pad = hf.get("pad_token_id")
-    pad = (1 if family == "roberta" else 0) if pad is None else pad
-    if family == "roberta":  # the table's first pad + 1 rows come before the first position
+    pad = (1 if family in ("roberta", "mpnet") else 0) if pad is None else pad
+    if family == "mpnet":  # no token types; T5's bias over 32 buckets, as MPNet's encoder computes it
+        base.update(type_vocab_size=0, relative_buckets=hf.get("relative_attention_num_buckets", 32),
+                    relative_max_distance=128)
+    if family in ("roberta", "mpnet"):  # the table's first pad + 1 rows come before the first position
         base.update(roberta_positions=True, pos_offset=pad + 1, max_seq_len=hf["max_position_embeddings"] - pad - 1)
         if base["max_seq_len"] < 1:
             raise CheckpointError(f"config.json: max_position_embeddings {hf['max_position_embeddings']} leaves no "
@@ -191,6 +205,8 @@ def _encoder_state(cfg, family: str, m: KeyMap) -> Dict[str, Tensor]:
           e + "embed_norm.bias": m.take("embeddings.LayerNorm.bias", (d,))}
     if cfg.pos == "learned":
         sd[e + "pos.weight"] = m.take("embeddings.position_embeddings.weight", (rows, d))
+    if cfg.relative_buckets:  # MPNet's relative-position bias table
+        sd[e + "rel_bias.weight"] = m.take("encoder.relative_attention_bias.weight", (cfg.relative_buckets, cfg.n_head))
     if cfg.rel_pos_buckets:  # DeBERTa's relative embeddings and their LayerNorm
         sd[e + "rel_emb.weight"] = m.take("encoder.rel_embeddings.weight", (2 * cfg.rel_pos_buckets, d))
         sd.update({f"{e}rel_norm.{p}": m.take(f"encoder.LayerNorm.{p}", (d,)) for p in ("weight", "bias")})
