@@ -1,7 +1,7 @@
 """BERT.from_hf / BERTForSequenceClassification.from_hf on the rest of the BERT family: RoBERTa (and XLM-RoBERTa,
-CamemBERT: the same model under other names), DistilBERT, ELECTRA, DeBERTa-v2 / v3, MPNet and ModernBERT, small and
-randomly initialised, saved to tmp_path. Logits against transformers' own model on the same weights (fp32; error
-bounded by transformers' own fp32 error against its float64 run), with right and left padding (RoBERTa numbers
+CamemBERT: the same model under other names), DistilBERT, ELECTRA, ALBERT, DeBERTa-v2 / v3, MPNet and ModernBERT,
+small and randomly initialised, saved to tmp_path. Logits against transformers' own model on the same weights (fp32;
+error bounded by transformers' own fp32 error against its float64 run), with right and left padding (RoBERTa numbers
 positions past its padding tokens), and both of our backends; errors name what is wrong."""
 import json
 
@@ -199,6 +199,34 @@ def _on_both_backends(path, hf, ids, mask, name):
             yield ours
 
 
+def _albert(head="ForMaskedLM", **kw):
+    """ALBERT: 16-wide embeddings projected up to 32, one layer used at all 3 depths."""
+    cfg = transformers.AlbertConfig(**{**SMALL, "embedding_size": 16, "num_hidden_layers": 3,
+                                       "initializer_range": 0.3, **kw})
+    return getattr(transformers, "Albert" + head)(cfg).eval()
+
+
+@pytest.mark.parametrize("make, head", [(_albert, "ForMaskedLM"), (_albert, "ForSequenceClassification"),
+                                        (_electra, "ForMaskedLM"), (_electra, "ForSequenceClassification")])
+def test_narrow_embeddings_and_shared_layers(tmp_path, make, head):
+    """ALBERT (narrow embeddings projected up, one layer shared by every depth) and ELECTRA-small (narrow
+    embeddings): MLM and classifier logits within transformers' fp32 error, both backends; ALBERT's shared block
+    is one module (its parameters counted once)."""
+    torch.manual_seed(0)
+    ids, mask = padded_batch(VOCAB, 20, 5, False, PAD, low=3)
+    kw = dict(embedding_size=16) if make is _electra else {}
+    hf = make(head, **kw, **({"num_labels": 3} if "Class" in head else {}))
+    for ours in _on_both_backends(tmp_path, hf, ids, mask, f"{type(hf).__name__}"):
+        assert ours.config.embed_dim == 16 and ours.config.shared_layers is (make is _albert)
+    if make is _albert:
+        blocks = ours.encoder.blocks
+        assert blocks[0] is blocks[2] and sum(p.numel() for p in ours.encoder.parameters()) == sum(
+            p.numel() for n, p in hf.albert.named_parameters() if not n.startswith("pooler"))
+        if head == "ForMaskedLM":  # the shared block's gradients summed over its uses, alike on both backends
+            backends_train_alike(lambda backend: BERT.from_hf(tmp_path, backend=backend, dropout=0.0),
+                                 dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)))
+
+
 def _mpnet(head="ForMaskedLM", **kw):
     """MPNet: RoBERTa's positions, no token types, T5's relative bias (32 buckets, 16 each way, exact up to 8)."""
     cfg = transformers.MPNetConfig(**{**SMALL, "max_position_embeddings": 64, "initializer_range": 0.3, **kw})
@@ -276,9 +304,9 @@ def test_bert_family_errors(tmp_path):
     assert clf(torch.ones(1, 4, dtype=torch.long)).logits.shape == (1, 2)
     with pytest.raises(ValueError, match="pooler_activation"):
         BERT.config_class(pooler_activation="swish")
-    _electra(embedding_size=16).save_pretrained(tmp_path / "e")
-    with pytest.raises(CheckpointError, match="embedding_size 16 != hidden_size 32"):
-        BERT.from_hf(tmp_path / "e")
+    _albert(num_hidden_groups=2).save_pretrained(tmp_path / "a")
+    with pytest.raises(CheckpointError, match="num_hidden_groups=2"):
+        BERT.from_hf(tmp_path / "a")
     for kw, key in ((dict(conv_kernel_size=3), "conv_kernel_size"), (dict(pos_att_type=["c2p"]), "pos_att_type"),
                     (dict(share_att_key=False), "share_att_key")):
         _deberta(**kw).save_pretrained(tmp_path / key)

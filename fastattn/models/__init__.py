@@ -43,10 +43,10 @@ The interface (stable; the CLI builds on it):
   StarCoder, Granite, OLMo 1 / 2 / 3, Cohere 1 / 2, SmolLM3, EXAONE 4, GLM / GLM-4, Helium, ERNIE 4.5, Seed-OSS,
   StarCoder2, Nemotron, Arcee, Ministral; Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE and OLMoE: mixtures of experts,
   models/moe.py), ``BERT.from_hf(dir)`` and ``BERTForSequenceClassification.from_hf(dir, num_labels=...)`` (BERT,
-  RoBERTa, XLM-R, CamemBERT, DistilBERT, ELECTRA, DeBERTa-v2 / v3, MPNet, ModernBERT), ``Seq2Seq.from_hf(dir)`` (BART,
-  mBART, Marian, Pegasus, M2M100 / NLLB, T5, mT5): bad checkpoints raise ``CheckpointError`` naming the key.
-  from_pretrained and from_hf return the model in eval mode, as transformers does. ``fastattn.quantize(model, ...)`` /
-  ``fastattn.convert(model, int8=...)`` apply as to any module.
+  RoBERTa, XLM-R, CamemBERT, DistilBERT, ELECTRA, ALBERT, DeBERTa-v2 / v3, MPNet, ModernBERT),
+  ``Seq2Seq.from_hf(dir)`` (BART, mBART, Marian, Pegasus, M2M100 / NLLB, T5, mT5): bad checkpoints raise
+  ``CheckpointError`` naming the key. from_pretrained and from_hf return the model in eval mode, as transformers does.
+  ``fastattn.quantize(model, ...)`` / ``fastattn.convert(model, int8=...)`` apply as to any module.
 """
 from .bert import BERT, BERTConfig, BERTForSequenceClassification
 from .checkpoint import CheckpointError

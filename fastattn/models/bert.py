@@ -1,6 +1,6 @@
 """BERT: a bidirectional encoder on fastattn's fused ops, with the pre-training heads (masked LM, next sentence) and a
 sequence-classification model, and import of HF BERT-family checkpoints (BERT, RoBERTa / XLM-R / CamemBERT,
-DistilBERT, ELECTRA, DeBERTa-v2 / v3, MPNet, ModernBERT: bert_hf.py).
+DistilBERT, ELECTRA, ALBERT, DeBERTa-v2 / v3, MPNet, ModernBERT: bert_hf.py).
 
     model = BERT(BERTConfig(vocab_size=30522, d_model=768, n_layer=12, n_head=12))
     out = model(input_ids, attention_mask, token_type_ids, labels=mlm_labels, next_sentence_label=nsp)
@@ -52,6 +52,10 @@ class BERTConfig(ModelConfig):
     # added to every layer's scores (MPNet)
     relative_buckets: int = 0
     relative_max_distance: int = 128
+    # the token / position / type embeddings' width when narrower than d_model: normalised at that width, then
+    # projected up (embed_proj); the MLM head projects back down to it (ALBERT, ELECTRA-small). None: d_model
+    embed_dim: Optional[int] = None
+    shared_layers: bool = False  # every layer the same module, weights and all (ALBERT)
     model_type = "bert"
 
     def validate(self) -> None:
@@ -81,7 +85,12 @@ class BERTConfig(ModelConfig):
                     self.rel_pos_max <= self.rel_pos_buckets // 2 + 1:
                 raise ValueError(f"BERTConfig.rel_pos_max: an int > rel_pos_buckets / 2 + 1 "
                                  f"({self.rel_pos_buckets // 2 + 1}), got {self.rel_pos_max!r}")
-        for name in ("pooler_norm", "head_bias"):
+        if self.embed_dim is not None:
+            self.check_ints(("embed_dim",), 1)
+        if self.shared_layers is True and (self.layer_types is not None or not self.first_input_norm):
+            raise ValueError("BERTConfig.shared_layers: one block for every layer cannot differ per layer "
+                             "(layer_types, first_input_norm)")
+        for name in ("pooler_norm", "head_bias", "shared_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BERTConfig.{name}: expected true or false, got {getattr(self, name)!r}")
 
@@ -92,11 +101,16 @@ class BERTEncoder(nn.Module):
     def __init__(self, cfg: BERTConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = Positions(cfg, cfg.pos_offset)
-        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
-        self.embed_norm = make_norm(cfg)
-        self.blocks = nn.ModuleList(Block(cfg, layer=i) for i in range(cfg.n_layer))
+        E = cfg.embed_dim or cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, E)
+        self.pos = Positions(cfg, cfg.pos_offset, E)
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, E) if cfg.type_vocab_size else None
+        self.embed_norm = make_norm(cfg, E)
+        self.embed_proj = nn.Linear(E, cfg.d_model) if E != cfg.d_model else None
+        if cfg.shared_layers:  # one block, n uses (its parameters counted, saved and sharded once)
+            self.blocks = nn.ModuleList([Block(cfg)] * cfg.n_layer)
+        else:
+            self.blocks = nn.ModuleList(Block(cfg, layer=i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.norm_first else None
         if cfg.rel_pos_buckets:  # DeBERTa's relative embeddings, shared by the layers, normalised once a call
             self.rel_emb, self.rel_norm = nn.Embedding(2 * cfg.rel_pos_buckets, cfg.d_model), make_norm(cfg)
@@ -120,6 +134,8 @@ class BERTEncoder(nn.Module):
             x = x * self.cfg.embed_scale
         x = self.embed_norm.post(x, extra)  # LayerNorm(tokens + positions + types)
         x = drop(x, self.cfg.dropout, self.training, self.cfg.backend)
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)
         pad = padding_or_none(keep, attention_mask)  # (B, L) True = padding, or None
         rotary = self.pos.rotary(positions, x.dtype)
         h, residual, extra = x, None, {}
@@ -162,10 +178,11 @@ class MLMHead(nn.Module):
 
     def __init__(self, cfg: BERTConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.head_bias)
+        E = cfg.embed_dim or cfg.d_model  # (back down to the embeddings' width, whose table it is tied to)
+        self.dense = nn.Linear(cfg.d_model, E, bias=cfg.head_bias)
         self.act = activation_fn(cfg.activation)
-        self.norm = make_norm(cfg)
-        self.decoder = nn.Linear(cfg.d_model, cfg.vocab_size)
+        self.norm = make_norm(cfg, E)
+        self.decoder = nn.Linear(E, cfg.vocab_size)
 
     def forward(self, h: Tensor) -> Tensor:
         return self.decoder(self.transform(h))
@@ -215,8 +232,8 @@ class BERT(PretrainedMixin, nn.Module):
     @classmethod
     def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides) -> "BERT":
         """Import a local HF BERT-family folder (BertForPreTraining; BertForMaskedLM / BertModel, RoBERTa, XLM-R,
-        CamemBERT, DistilBERT, ELECTRA, DeBERTa-v2 / v3, MPNet and ModernBERT masked LMs too, the heads they lack left
-        at random init with a warning, except the MLM head, which must be there); dtype / device as in
+        CamemBERT, DistilBERT, ELECTRA, ALBERT, DeBERTa-v2 / v3, MPNet and ModernBERT masked LMs too, the heads they
+        lack left at random init with a warning, except the MLM head, which must be there); dtype / device as in
         GPT.from_hf."""
         return load_bert(cls, path, dtype, device, overrides, "pretraining")
 

@@ -1,5 +1,5 @@
 """Import of HF BERT-family checkpoints into fastattn.models.BERT / BERTForSequenceClassification: BERT, RoBERTa
-(and XLM-RoBERTa, CamemBERT: the same model), DistilBERT, ELECTRA, DeBERTa-v2 / v3, MPNet, ModernBERT
+(and XLM-RoBERTa, CamemBERT: the same model), DistilBERT, ELECTRA, ALBERT, DeBERTa-v2 / v3, MPNet, ModernBERT
 (bert_hf_modern.py).
 
 How they differ from BERT, and how the config says it:
@@ -11,8 +11,10 @@ How they differ from BERT, and how the config says it:
   keeps it.
 - ELECTRA is BERT's encoder; its classifier reads h[:, 0] through dense, gelu, out_proj (``pooler_activation=
   "gelu"``), its generator's MLM head is BERT's with gelu. A discriminator (ElectraForPreTraining) has neither: they
-  start at random init (fine-tuning), with a warning. Embeddings narrower than the layers (ELECTRA-small's
-  embedding_size, projected up) are refused.
+  start at random init (fine-tuning), with a warning. ELECTRA-small's embeddings are narrower than its layers
+  (``embed_dim``, projected up by ``embed_proj``).
+- ALBERT: narrower embeddings too, and one layer used at every depth (``shared_layers``); its sentence-order head
+  is not BERT's next-sentence head (that one starts at random init, with a warning).
 - DeBERTa-v2 / v3 add disentangled attention (``rel_pos_buckets``, ``rel_pos_max``: models/disentangled.py) and
   usually drop the absolute positions (position_biased_input false: ``pos="none"``); the pooler reads h[:, 0]
   through dense and gelu. Refused by name: attention without both position terms, unshared position projections,
@@ -35,9 +37,9 @@ log = logging.getLogger("fastattn")
 
 FAMILIES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta",
             "distilbert": "distilbert", "electra": "electra", "modernbert": "modernbert", "deberta-v2": "deberta",
-            "mpnet": "mpnet"}
+            "mpnet": "mpnet", "albert": "albert"}
 _PREFIX = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert.", "electra": "electra.",
-           "modernbert": "model.", "deberta": "deberta.", "mpnet": "mpnet."}
+           "modernbert": "model.", "deberta": "deberta.", "mpnet": "mpnet.", "albert": "albert."}
 # per layer: HF's layer prefix, its q / k / v, and ours -> its name for the rest
 _BERT_LAYER = ("encoder.layer.{}.", ("attention.self.query", "attention.self.key", "attention.self.value"),
                {"attn.wo": "attention.output.dense", "norm1": "attention.output.LayerNorm",
@@ -46,6 +48,11 @@ _LAYER = {"bert": _BERT_LAYER, "roberta": _BERT_LAYER, "electra": _BERT_LAYER,
           "deberta": (_BERT_LAYER[0], tuple(n + "_proj" for n in _BERT_LAYER[1]), _BERT_LAYER[2]),
           "mpnet": (_BERT_LAYER[0], ("attention.attn.q", "attention.attn.k", "attention.attn.v"),
                     {**_BERT_LAYER[2], "attn.wo": "attention.attn.o", "norm1": "attention.LayerNorm"}),
+          # (one layer for every depth: the same keys for each)
+          "albert": ("encoder.albert_layer_groups.0.albert_layers.0.", ("attention.query", "attention.key",
+                                                                        "attention.value"),
+                     {"attn.wo": "attention.dense", "norm1": "attention.LayerNorm", "mlp.w_in": "ffn",
+                      "mlp.w_out": "ffn_output", "norm2": "full_layer_layer_norm"}),
           "distilbert": ("transformer.layer.{}.", ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
                          {"attn.wo": "attention.out_lin", "norm1": "sa_layer_norm", "mlp.w_in": "ffn.lin1",
                           "mlp.w_out": "ffn.lin2", "norm2": "output_layer_norm"})}
@@ -59,11 +66,13 @@ _MLM = {"bert": ("cls.predictions.transform.dense", "cls.predictions.transform.L
         "deberta-lm": tuple(f"lm_predictions.lm_head.{n}" for n in ("dense", "LayerNorm", "bias", "decoder.weight"))}
 _MLM["deberta"] = _MLM["bert"]  # (legacy; "deberta-lm": DeBERTa's legacy false)
 _MLM["mpnet"] = _MLM["roberta"]
+_MLM["albert"] = ("predictions.dense", "predictions.LayerNorm", "predictions.bias", "predictions.decoder.weight")
 # the sentence-level heads, ours -> (HF's name, under the family's prefix?); absent: random init with a warning
 _HEADS = {"pretraining": {"bert": {"pooler.dense": ("pooler.dense", True), "nsp_head": ("cls.seq_relationship", False)},
                           "roberta": {"pooler.dense": ("pooler.dense", True)},
                           "distilbert": {}, "electra": {}, "modernbert": {}, "deberta": {},
-                          "mpnet": {"pooler.dense": ("pooler.dense", True)}},
+                          "mpnet": {"pooler.dense": ("pooler.dense", True)},
+                          "albert": {"pooler.dense": ("pooler", True)}},
           "classify": {"bert": {"pooler.dense": ("pooler.dense", True), "classifier": ("classifier", False)},
                        "roberta": {"pooler.dense": ("classifier.dense", False),
                                    "classifier": ("classifier.out_proj", False)},
@@ -74,7 +83,8 @@ _HEADS = {"pretraining": {"bert": {"pooler.dense": ("pooler.dense", True), "nsp_
                                       "classifier": ("classifier", False)},
                        "deberta": {"pooler.dense": ("pooler.dense", False), "classifier": ("classifier", False)},
                        "mpnet": {"pooler.dense": ("classifier.dense", False),
-                                 "classifier": ("classifier.out_proj", False)}}}
+                                 "classifier": ("classifier.out_proj", False)},
+                       "albert": {"pooler.dense": ("pooler", True), "classifier": ("classifier", False)}}}
 
 
 def load_bert(model_class, path: str, dtype: Optional[torch.dtype], device, overrides: dict, heads: str):
@@ -149,11 +159,16 @@ def _config(hf: dict, family: str) -> dict:
                     norm_eps=hf.get("layer_norm_eps", 1e-12), type_vocab_size=hf.get("type_vocab_size", 2))
     if family == "deberta":
         base.update(_deberta(hf))
+    if family in ("electra", "albert") and hf.get("embedding_size", hf["hidden_size"]) != hf["hidden_size"]:
+        base.update(embed_dim=hf["embedding_size"])  # narrower embeddings, projected up
     if family == "electra":
-        if hf.get("embedding_size", hf["hidden_size"]) != hf["hidden_size"]:
-            raise CheckpointError(f"config.json: embedding_size {hf['embedding_size']} != hidden_size "
-                                  f"{hf['hidden_size']} (embeddings projected up) is not supported by from_hf")
         base.update(pooler_activation="gelu")
+    if family == "albert":
+        for key in ("num_hidden_groups", "inner_group_num"):
+            if hf.get(key, 1) != 1:
+                raise CheckpointError(f"config.json: {key}={hf[key]} is not supported by from_hf (ALBERT with one "
+                                      "layer shared by every depth)")
+        base.update(shared_layers=True)
     pad = hf.get("pad_token_id")
     pad = (1 if family in ("roberta", "mpnet") else 0) if pad is None else pad
     if family == "mpnet":  # no token types; T5's bias over 32 buckets, as MPNet's encoder computes it
@@ -198,20 +213,24 @@ def _deberta(hf: dict) -> dict:
 
 def _encoder_state(cfg, family: str, m: KeyMap) -> Dict[str, Tensor]:
     """Our encoder's state dict from the family's keys (q, k, v concatenated into wqkv)."""
-    d, f, e = cfg.d_model, cfg.d_ff, "encoder."
+    d, f, e, E = cfg.d_model, cfg.d_ff, "encoder.", cfg.embed_dim or cfg.d_model
     rows = cfg.max_seq_len + cfg.pos_offset
-    sd = {e + "tok_emb.weight": m.take("embeddings.word_embeddings.weight", (cfg.vocab_size, d)),
-          e + "embed_norm.weight": m.take("embeddings.LayerNorm.weight", (d,)),
-          e + "embed_norm.bias": m.take("embeddings.LayerNorm.bias", (d,))}
+    sd = {e + "tok_emb.weight": m.take("embeddings.word_embeddings.weight", (cfg.vocab_size, E)),
+          e + "embed_norm.weight": m.take("embeddings.LayerNorm.weight", (E,)),
+          e + "embed_norm.bias": m.take("embeddings.LayerNorm.bias", (E,))}
+    if E != d:  # ELECTRA-small's embeddings_project, ALBERT's embedding_hidden_mapping_in
+        proj = "embeddings_project" if family == "electra" else "encoder.embedding_hidden_mapping_in"
+        sd.update({f"{e}embed_proj.{p}": m.take(f"{proj}.{p}", (d, E) if p == "weight" else (d,))
+                   for p in ("weight", "bias")})
     if cfg.pos == "learned":
-        sd[e + "pos.weight"] = m.take("embeddings.position_embeddings.weight", (rows, d))
+        sd[e + "pos.weight"] = m.take("embeddings.position_embeddings.weight", (rows, E))
     if cfg.relative_buckets:  # MPNet's relative-position bias table
         sd[e + "rel_bias.weight"] = m.take("encoder.relative_attention_bias.weight", (cfg.relative_buckets, cfg.n_head))
     if cfg.rel_pos_buckets:  # DeBERTa's relative embeddings and their LayerNorm
         sd[e + "rel_emb.weight"] = m.take("encoder.rel_embeddings.weight", (2 * cfg.rel_pos_buckets, d))
         sd.update({f"{e}rel_norm.{p}": m.take(f"encoder.LayerNorm.{p}", (d,)) for p in ("weight", "bias")})
     if cfg.type_vocab_size:
-        sd[e + "type_emb.weight"] = m.take("embeddings.token_type_embeddings.weight", (cfg.type_vocab_size, d))
+        sd[e + "type_emb.weight"] = m.take("embeddings.token_type_embeddings.weight", (cfg.type_vocab_size, E))
     layer, qkv, rest = _LAYER[family]
     shapes = {"attn.wo": (d, d), "norm1": (d,), "mlp.w_in": (f, d), "mlp.w_out": (d, f), "norm2": (d,)}
     for i in range(cfg.n_layer):
@@ -225,11 +244,11 @@ def _encoder_state(cfg, family: str, m: KeyMap) -> Dict[str, Tensor]:
 
 
 def _mlm_head(cfg, family: str, top: KeyMap, tok_emb: Tensor) -> Dict[str, Tensor]:
-    d, (dense, norm, bias, decoder) = cfg.d_model, _MLM[family]
-    return {"mlm_head.dense.weight": top.take(f"{dense}.weight", (d, d)),
-            "mlm_head.dense.bias": top.take(f"{dense}.bias", (d,)),
-            "mlm_head.norm.weight": top.take(f"{norm}.weight", (d,)),
-            "mlm_head.norm.bias": top.take(f"{norm}.bias", (d,)),
+    d, E, (dense, norm, bias, decoder) = cfg.d_model, cfg.embed_dim or cfg.d_model, _MLM[family]
+    return {"mlm_head.dense.weight": top.take(f"{dense}.weight", (E, d)),
+            "mlm_head.dense.bias": top.take(f"{dense}.bias", (E,)),
+            "mlm_head.norm.weight": top.take(f"{norm}.weight", (E,)),
+            "mlm_head.norm.bias": top.take(f"{norm}.bias", (E,)),
             "mlm_head.decoder.bias": top.take(bias, (cfg.vocab_size,)),
-            "mlm_head.decoder.weight": tok_emb if cfg.tie_embeddings else top.take(decoder, (cfg.vocab_size, d))}
+            "mlm_head.decoder.weight": tok_emb if cfg.tie_embeddings else top.take(decoder, (cfg.vocab_size, E))}
 

@@ -459,13 +459,14 @@ class Positions(nn.Module):
     """Position information for a (B, L) tensor of positions: an embedding added to the tokens (learned,
     sinusoidal), or the rotary (cos, sin) the attention layers apply to q and k."""
 
-    def __init__(self, cfg: ModelConfig, offset: int = 0):
+    def __init__(self, cfg: ModelConfig, offset: int = 0, dim: Optional[int] = None):
         super().__init__()
         self.kind, self.offset, self.local, self.long_from = cfg.pos, offset, False, None
+        dim = dim or cfg.d_model  # (the embeddings' width: BERT's embed_dim)
         if cfg.pos == "learned":
-            self.weight = nn.Parameter(torch.empty(cfg.max_seq_len + offset, cfg.d_model).normal_(std=0.02))
+            self.weight = nn.Parameter(torch.empty(cfg.max_seq_len + offset, dim).normal_(std=0.02))
         elif cfg.pos == "sinusoidal":
-            self.register_buffer("table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+            self.register_buffer("table", sinusoidal_table(cfg.max_seq_len, dim), persistent=False)
         elif cfg.pos == "rotary":
             rot = cfg.rotary_dim or cfg.head_dim
             cos, sin = rotary_tables(cfg.max_seq_len, rot, cfg.rope_theta, cfg.rope_scaling)
