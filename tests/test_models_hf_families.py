@@ -86,6 +86,10 @@ MODELS = {"starcoder": (_bigcode, {}, dict(n_kv_head=1, activation="gelu_tanh"))
           "arcee": (_family("Arcee", mlp_bias=True, attention_bias=True), {}, dict(activation="relu2", bias=True)),
           "ministral": (_family("Ministral", 4, sliding_window=5, layer_types=FOUR, head_dim=8), {},
                         dict(sliding_window=5, layer_types=FOUR)),
+          # HunYuan: per-head q / k norms after the rotary positions; "dynamic" rope with a fixed alpha (a wider base)
+          "hunyuan": (_family("HunYuanDenseV1", head_dim=8, rope_parameters=dict(
+              rope_type="dynamic", alpha=50.0, factor=1.0, rope_theta=1e4)), {},
+                      dict(qk_norm=True, qk_norm_after_rope=True, rope_theta=1e4 * 50.0 ** (8 / 6), rope_scaling=None)),
           # rope scalings (original context 16; the 12-token prompts plus 10 new tokens cross it): YaRN (Qwen2.5,
           # Qwen3; with DeepSeek's mscale), LongRoPE (Phi-3.5, Phi-4-mini: per-frequency short and long factors, the
           # long ones for a call reaching past 16, partial rotary)
@@ -151,7 +155,7 @@ def test_longrope_past_the_original_context(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("arch", ["starcoder", "granite", "olmo2", "cohere2", "smollm3", "exaone4", "starcoder2",
-                                  "glm4", "nemotron"])
+                                  "glm4", "nemotron", "hunyuan"])
 def test_backends_train_alike(tmp_path, arch):
     make, kw, _ = MODELS[arch]
     _saved(tmp_path, make, kw)
@@ -180,6 +184,7 @@ LONGROPE = dict(rope_type="longrope", factor=4.0, original_max_position_embeddin
 @pytest.mark.parametrize("kw, field", [(dict(input_norm=False), "input_norm"),  # needs sandwich_norm
                                        (dict(input_norm=0, sandwich_norm=True), "input_norm"),
                                        (dict(qk_norm_full=True), "qk_norm_full"),  # needs qk_norm
+                                       (dict(qk_norm_after_rope=True), "qk_norm_after_rope"),
                                        (dict(pos="rotary", nope_layers=[1]), "nope_layers"),  # n_layer 1
                                        (dict(pos="learned", nope_layers=[0]), "nope_layers"),
                                        (dict(pos="rotary", rope_scaling=LONGROPE), "rope_scaling"),  # 3 of 4

@@ -10,13 +10,14 @@ The interface (stable; the CLI builds on it):
   (GPT) | "none"), alibi_slopes (None = BLOOM's), pos_offset (learned positions' first table row), rotary_dim (None =
   head_dim), rope_theta, rope_scaling (None | linear | llama3 | yarn | longrope), sliding_window, layer_types and
   rope_local_theta (GPT), nope_layers (GPT: layers without rotary positions), tie_embeddings, bias, qkv_bias (None =
-  bias), norm_bias (None = bias), qk_norm (per-head q / k norms; qk_norm_full: over all heads, GPT), embed_scale,
-  attn_scale, attn_softcap, final_softcap, sandwich_norm (Gemma), input_norm (False: OLMo 2's output-only norms),
-  parallel_block (None | "two_norms" | "one_norm"; GPT), embed_norm (GPT: BLOOM's embedding LayerNorm), lm_head_bias,
-  backend ("fastattn" | "torch"); BERT adds type_vocab_size (0: none), num_labels, problem_type, pad_token_id,
-  roberta_positions, pooler_activation, pooling, pooler_norm, head_bias, rel_pos_buckets and rel_pos_max (DeBERTa's
-  disentangled attention); Seq2Seq adds n_decoder_layer, embed_norm, pad / eos / decoder_start / forced_bos token ids,
-  relative_buckets and relative_max_distance (T5's relative-position bias).
+  bias), norm_bias (None = bias), qk_norm (per-head q / k norms; qk_norm_full: over all heads, qk_norm_after_rope:
+  after the rotary positions, GPT), embed_scale, attn_scale, attn_softcap, final_softcap, sandwich_norm (Gemma),
+  input_norm (False: OLMo 2's output-only norms), parallel_block (None | "two_norms" | "one_norm"; GPT), embed_norm
+  (GPT: BLOOM's embedding LayerNorm), lm_head_bias, backend ("fastattn" | "torch"); BERT adds type_vocab_size (0:
+  none), num_labels, problem_type, pad_token_id, roberta_positions, pooler_activation, pooling, pooler_norm,
+  head_bias, rel_pos_buckets and rel_pos_max (DeBERTa's disentangled attention); Seq2Seq adds n_decoder_layer,
+  embed_norm, pad / eos / decoder_start / forced_bos token ids, relative_buckets and relative_max_distance (T5's
+  relative-position bias).
   ``to_dict()`` / ``from_dict(d)`` (an unknown key raises ValueError naming it), ``save(path)`` / ``load(path)`` JSON.
   A bad value raises ValueError naming the field.
 - ``model(...)`` returns a ``ModelOutput`` with ``.logits`` and ``.loss`` (and BERT's ``.nsp_logits``).
@@ -41,9 +42,9 @@ The interface (stable; the CLI builds on it):
   ``GPT.from_hf(dir)`` (GPT-2, OPT, GPT-NeoX / Pythia, GPT-J, BLOOM, MPT, Phi-1 / 1.5 / 2, Falcon, StableLM, Llama
   incl. 3.1 / 3.2, Qwen2, Qwen3, Phi-3, Gemma 1 / 2 / 3 text, Mistral with its sliding window, GPT-BigCode /
   StarCoder, Granite, OLMo 1 / 2 / 3, Cohere 1 / 2, SmolLM3, EXAONE 4, GLM / GLM-4, Helium, ERNIE 4.5, Seed-OSS,
-  StarCoder2, Nemotron, Arcee, Ministral; Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE and OLMoE: mixtures of experts,
-  models/moe.py), ``BERT.from_hf(dir)`` and ``BERTForSequenceClassification.from_hf(dir, num_labels=...)`` (BERT,
-  RoBERTa, XLM-R, CamemBERT, DistilBERT, ELECTRA, ALBERT, DeBERTa-v2 / v3, MPNet, ModernBERT),
+  StarCoder2, Nemotron, Arcee, Ministral, HunYuan; Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE and OLMoE: mixtures of
+  experts, models/moe.py), ``BERT.from_hf(dir)`` and ``BERTForSequenceClassification.from_hf(dir, num_labels=...)``
+  (BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, ELECTRA, ALBERT, DeBERTa-v2 / v3, MPNet, ModernBERT),
   ``Seq2Seq.from_hf(dir)`` (BART, mBART, Marian, Pegasus, M2M100 / NLLB, T5, mT5): bad checkpoints raise
   ``CheckpointError`` naming the key. from_pretrained and from_hf return the model in eval mode, as transformers does.
   ``fastattn.quantize(model, ...)`` / ``fastattn.convert(model, int8=...)`` apply as to any module.

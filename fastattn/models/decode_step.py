@@ -102,7 +102,7 @@ class _SelfAttention:
         self.qkv, self.out = bind_linear(a.wqkv, dtype, rows), bind_linear(a.wo, dtype, rows)
         self.qk_norm = None if a.q_norm is None else (bind_head_norm(a.q_norm, dtype, device),
                                                       bind_head_norm(a.k_norm, dtype, device))
-        self.qk_full, self.rope = a.qk_full, a.rope
+        self.qk_full, self.qk_after, self.rope = a.qk_full, a.qk_after, a.rope
         S = a.cache.k.shape[2]
         self.scale = self.D ** -0.5 if a.scale is None else a.scale
         self.softcap, self.window, self.alibi = a.softcap, a.window, a.alibi
@@ -118,11 +118,13 @@ class _SelfAttention:
         if self.qk_full:  # one norm over all heads' q, another over all heads' k (OLMo 2)
             q = self.qk_norm[0](q.reshape(B, W, H * D)).view(B, W, H, D)
             k = self.qk_norm[1](k.reshape(B, W, Hk * D)).view(B, W, Hk, D)
-        elif self.qk_norm is not None:
+        elif self.qk_norm is not None and not self.qk_after:
             q, k = self.qk_norm[0](q), self.qk_norm[1](k)
         if st.rotary is not None and self.rope:
             rotary = pick_rotary(st.rotary, self.window)
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if self.qk_after:  # (HunYuan)
+            q, k = self.qk_norm[0](q), self.qk_norm[1](k)
         self.cache.k.index_copy_(2, st.input_pos, k.transpose(1, 2))
         self.cache.v.index_copy_(2, st.input_pos, v.transpose(1, 2))
         q = q.transpose(1, 2)  # (B, H, W, D)

@@ -8,10 +8,11 @@ biases from attention_bias / mlp_bias). The mixtures of experts among them add t
   gate_up_proj; GLM-4's sandwich norms);
 - StableLM (LayerNorms with biases, optional parallel block), StarCoder2 (LayerNorms with biases, a biased GELU MLP
   c_fc / c_proj, its window), Nemotron (LayerNorm1P: 1 + weight; ungated relu2 MLP; partial rotary), Arcee (an ungated
-  relu2 MLP), Ministral (its windowed layers), Cohere 1 / 2 (one bias-free LayerNorm for attention and MLP in
-  parallel, interleaved rotary pairs, logit_scale; Cohere 2's global layers without positions), OLMo (parameter-free
-  LayerNorms), OLMo 2 / 3 and EXAONE 4 (norms on the sublayers' outputs only; OLMo's q / k norms over all heads),
-  Granite (its multipliers; residual and logit scales folded into the weights).
+  relu2 MLP), Ministral (its windowed layers), HunYuan (q / k norms after the rotary positions; a fixed-alpha
+  "dynamic" rope: a wider base), Cohere 1 / 2 (one bias-free LayerNorm for attention and MLP in parallel, interleaved
+  rotary pairs, logit_scale; Cohere 2's global layers without positions), OLMo (parameter-free LayerNorms), OLMo 2 / 3
+  and EXAONE 4 (norms on the sublayers' outputs only; OLMo's q / k norms over all heads), Granite (its multipliers;
+  residual and logit scales folded into the weights).
 Whatever GPT cannot reproduce exactly is refused with a CheckpointError naming the key."""
 import dataclasses
 from typing import Dict, Optional, Tuple
@@ -27,7 +28,7 @@ from .gpt_hf_positions import layer_ropes, nope_layers, rope_scaling
 
 LLAMA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "stablelm", "granite", "olmo", "olmo2", "olmo3",
                   "cohere", "cohere2", "smollm3", "exaone4", "helium", "ernie4_5", "glm", "glm4", "seed_oss",
-                  "starcoder2", "ministral", "nemotron", "arcee")
+                  "starcoder2", "ministral", "nemotron", "arcee", "hunyuan_v1_dense")
 _UNGATED = {"starcoder2": ("c_fc", "c_proj", "gelu_pytorch_tanh"), "nemotron": ("up_proj", "down_proj", "relu2"),
             "arcee": ("up_proj", "down_proj", "relu2")}  # MLP keys and default activation of ungated MLPs
 _PRE = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"))
@@ -75,6 +76,12 @@ def from_llama(hf: dict, state, moe: Optional[dict] = None):
     moe = dict(moe or {})
     d_ff = moe.pop("d_ff", None) or hf["intermediate_size"]  # an expert's width (Qwen3-MoE's own)
     rope, local_theta = layer_ropes(hf)  # (OLMo 3: one rope per layer type)
+    d, H = hf["hidden_size"], hf["num_attention_heads"]
+    D = hf.get("head_dim") or d // H
+    theta = float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4)))
+    if rope.get("rope_type", rope.get("type")) == "dynamic" and rope.get("alpha"):
+        # HunYuan's "dynamic" with a fixed alpha only stretches the base (transformers' ntk_alpha): static
+        theta, rope = theta * float(rope["alpha"]) ** (D / (D - 2)), {}
     gated = kind not in _UNGATED  # StarCoder2: c_fc -> activation -> c_proj; Nemotron, Arcee: up, relu2, down
     act = hf.get("hidden_act", "silu" if gated else _UNGATED[kind][2])
     if (act != "silu") if gated else (act not in ACT):
@@ -85,8 +92,6 @@ def from_llama(hf: dict, state, moe: Optional[dict] = None):
     layernorm = kind in ("stablelm", "olmo", "cohere", "cohere2", "starcoder2", "nemotron")
     norm_bias = kind in ("stablelm", "starcoder2", "nemotron")
     bias, qkv_bias = _biases(hf, kind)
-    d, H = hf["hidden_size"], hf["num_attention_heads"]
-    D = hf.get("head_dim") or d // H
     if kind in ("glm", "glm4", "nemotron") and "partial_rotary_factor" not in hf and \
             "partial_rotary_factor" not in (hf.get("rope_parameters") or {}):
         hf = {**hf, "partial_rotary_factor": 0.5}  # GLM's and Nemotron's default
@@ -99,9 +104,11 @@ def from_llama(hf: dict, state, moe: Optional[dict] = None):
                     hf.get("rms_norm_eps", 1e-6),
                     parallel_block="one_norm" if cohere or kind == "stablelm" and hf.get("use_parallel_residual")
                     else None, norm_first=True, mlp="swiglu" if gated else "gelu", activation=ACT.get(act, "silu"),
-                    pos="rotary", rope_theta=float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4))),
+                    pos="rotary", rope_theta=theta,
                     tie_embeddings=hf.get("tie_word_embeddings", cohere or kind == "ernie4_5"), bias=bias,
-                    qkv_bias=qkv_bias, qk_norm=kind in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4"),
+                    qkv_bias=qkv_bias, qk_norm=kind in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4",
+                                                        "hunyuan_v1_dense"),
+                    qk_norm_after_rope=kind == "hunyuan_v1_dense",
                     qk_norm_full=kind in ("olmo2", "olmo3", "olmoe"), sandwich_norm=post_only or kind == "glm4",
                     input_norm=not post_only, rope_scaling=rope_scaling(rope, hf), rotary_dim=rot,
                     nope_layers=nope_layers(hf) or None, **moe)
@@ -127,8 +134,9 @@ def from_llama(hf: dict, state, moe: Optional[dict] = None):
             sd.update({f"{b}{ours}.{p}": t for p, t in norm(f"{h}{theirs}").items()})
         sd.update(projections(m, h, b, cfg, kind))
         if cfg.qk_norm:
-            sd[f"{b}attn.q_norm.weight"] = m.take(f"{h}self_attn.q_norm.weight", qk_dims[:1])
-            sd[f"{b}attn.k_norm.weight"] = m.take(f"{h}self_attn.k_norm.weight", qk_dims[1:])
+            qn, kn = ("query_layernorm", "key_layernorm") if cfg.qk_norm_after_rope else ("q_norm", "k_norm")
+            sd[f"{b}attn.q_norm.weight"] = m.take(f"{h}self_attn.{qn}.weight", qk_dims[:1])
+            sd[f"{b}attn.k_norm.weight"] = m.take(f"{h}self_attn.{kn}.weight", qk_dims[1:])
         if kind in _INTERLEAVED:
             for key in (k for k in (f"{b}attn.wqkv.weight", f"{b}attn.wqkv.bias") if k in sd):
                 sd[key] = sd[key][qk_rows]

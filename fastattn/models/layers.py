@@ -64,17 +64,18 @@ class ModelConfig:
     / key / value projections' own (Qwen2: True with bias False); ``norm_bias`` None = bias, else the LayerNorms'
     own (Falcon, StableLM: True with bias False). ``qk_norm``: queries and keys normalised per head (the model's
     ``norm`` over head_dim) before the rotary positions (Qwen3), or over all heads' q and all heads' k at once when
-    ``qk_norm_full`` (OLMo 2, OLMoE). ``rotary_dim`` None = head_dim: rotary positions on that many leading channels
-    of each head (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor). ``parallel_block`` (pre-norm GPT): attention
-    and MLP read the same residual stream and their outputs are added to it together, "two_norms" (GPT-NeoX /
-    Pythia: each sublayer its own norm) or "one_norm" (Phi: both read norm1). ``lm_head_bias``: a bias on the
-    vocabulary projection (Phi's; BART's final_logits_bias; not BERT, whose MLM head has its own). ``n_experts`` >
-    0: every MLP is a mixture of that many experts (each an MLP of d_ff units), ``n_experts_per_tok`` of them per
-    token, their router weights renormalised over the chosen ones when ``moe_norm_topk`` (Mixtral, Qwen3-MoE:
-    models/moe.py), plus a shared expert of ``moe_shared_d_ff`` units that every token runs, gated by a sigmoid
-    (Qwen2-MoE); a GPT's ``router_aux_loss_coef`` > 0 adds that much of the load-balancing loss to a loss computed
-    from labels in training (transformers' Mixtral with output_router_logits; in eval mode the loss stays the
-    task's, so perplexity means perplexity)."""
+    ``qk_norm_full`` (OLMo 2, OLMoE), or per head after the rotary positions when ``qk_norm_after_rope`` (HunYuan).
+    ``rotary_dim`` None = head_dim: rotary positions on that many leading channels of each head (GPT-NeoX's
+    rotary_pct, Phi's partial_rotary_factor). ``parallel_block`` (pre-norm GPT): attention and MLP read the same
+    residual stream and their outputs are added to it together, "two_norms" (GPT-NeoX / Pythia: each sublayer its
+    own norm) or "one_norm" (Phi: both read norm1). ``lm_head_bias``: a bias on the vocabulary projection (Phi's;
+    BART's final_logits_bias; not BERT, whose MLM head has its own). ``n_experts`` > 0: every MLP is a mixture of
+    that many experts (each an MLP of d_ff units), ``n_experts_per_tok`` of them per token, their router weights
+    renormalised over the chosen ones when ``moe_norm_topk`` (Mixtral, Qwen3-MoE: models/moe.py), plus a shared
+    expert of ``moe_shared_d_ff`` units that every token runs, gated by a sigmoid (Qwen2-MoE); a GPT's
+    ``router_aux_loss_coef`` > 0 adds that much of the load-balancing loss to a loss computed from labels in
+    training (transformers' Mixtral with output_router_logits; in eval mode the loss stays the task's, so perplexity
+    means perplexity)."""
     vocab_size: int = 50257
     d_model: int = 768
     n_layer: int = 12
@@ -112,6 +113,7 @@ class ModelConfig:
     norm_bias: Optional[bool] = None
     qk_norm: bool = False
     qk_norm_full: bool = False
+    qk_norm_after_rope: bool = False
     parallel_block: Optional[str] = None
     lm_head_bias: bool = False
     n_experts: int = 0  # > 0: each MLP a mixture of this many experts (models/moe.py)
@@ -143,7 +145,8 @@ class ModelConfig:
                                  f"d_model={self.d_model} (or set head_dim)")
             self.head_dim = self.d_model // self.n_head
         self.check_ints(("head_dim",), 1)
-        for name in ("bias", "qk_norm", "qk_norm_full", "sandwich_norm", "input_norm", "first_input_norm") + tuple(
+        for name in ("bias", "qk_norm", "qk_norm_full", "qk_norm_after_rope", "sandwich_norm", "input_norm",
+                     "first_input_norm") + tuple(
                 n for n in ("qkv_bias", "norm_bias") if getattr(self, n) is not None):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{type(self).__name__}.{name}: expected true or false, got {getattr(self, name)!r}")
@@ -212,6 +215,8 @@ class ModelConfig:
                              "normalised) and no parallel_block")
         if self.qk_norm_full and (not self.qk_norm or self.model_type != "gpt"):
             raise ValueError(f"{type(self).__name__}.qk_norm_full: needs qk_norm, in a GPT")
+        if self.qk_norm_after_rope and (not self.qk_norm or self.qk_norm_full or self.model_type != "gpt"):
+            raise ValueError(f"{type(self).__name__}.qk_norm_after_rope: needs per-head qk_norm, in a GPT")
 
         check_rope_scaling(self.rope_scaling, type(self).__name__)
         if (self.rope_scaling or {}).get("rope_type") == "longrope":
@@ -608,7 +613,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
         # Qwen3: q and k normalised over each head's dims (one weight shared by the heads); OLMo 2 (qk_norm_full):
         # over all heads' q (q_dim weights) and all heads' k (kv_dim)
-        self.qk_full = cfg.qk_norm_full
+        self.qk_full, self.qk_after = cfg.qk_norm_full, cfg.qk_norm_after_rope
         self.q_norm = make_norm(cfg, q_dim if self.qk_full else cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg, kv_dim if self.qk_full else cfg.head_dim) if cfg.qk_norm else None
         self.cache: Optional[KVCache] = None
@@ -656,11 +661,13 @@ class Attention(nn.Module):
             if self.qk_full:  # (rows of the fused projection: made contiguous for the norm kernel)
                 q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
             q, k, v = q.view(B, L, H, D), k.view(B, L, Hk, D), v.view(B, L, Hk, D)
-            if self.q_norm is not None and not self.qk_full:
+            if self.q_norm is not None and not self.qk_full and not self.qk_after:
                 q, k = self.q_norm(q), self.k_norm(k)
             if rotary is not None and self.rope:
                 rotary = pick_rotary(rotary, self.window)
                 q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            if self.qk_after:  # HunYuan: per head, after the rotary positions
+                q, k = self.q_norm(q), self.k_norm(k)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hk, L, D)
             if input_pos is not None:
                 k_all, v_all = self.cache.update(input_pos, k, v)
