@@ -237,11 +237,12 @@ def test_phi3_fused_projections_and_window(tmp_path, partial):
         GPT.from_hf(tmp_path)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, "vault"])
 def test_gemma(tmp_path, version):
     """Gemma (1 + weight norms, sqrt(d) embedding scale, GeGLU, head_dim 16 != d / heads), Gemma 2 (also sandwich
     norms, score and logit softcaps, query_pre_attn_scalar, a sliding window of 6 on every other layer) and Gemma 3
-    (q / k norms, local layers with their own rotary base, a linearly scaled global rope): logits of 20
+    (q / k norms, local layers with their own rotary base, a linearly scaled global rope), VaultGemma (Gemma 2
+    without the output norms): logits of 20
     tokens within transformers' own fp32 error and 10 greedy tokens after 6 equal to its generate (its hybrid cache),
     through the bound decode step, the modules' decode_one and the "torch" backend."""
     torch.manual_seed(0)
@@ -256,8 +257,9 @@ def test_gemma(tmp_path, version):
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
             rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                              "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}}))
-    else:
-        hf = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+    else:  # (VaultGemma: Gemma 2 without the norms on the sublayers' outputs)
+        name = "VaultGemma" if version == "vault" else "Gemma2"
+        hf = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(
             **kw, sliding_window=6, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
             query_pre_attn_scalar=24))
     with torch.no_grad():  # norm weights start at 0 (a scale of 1): make them matter; larger scores for the caps
@@ -271,9 +273,9 @@ def test_gemma(tmp_path, version):
     hf.set_attn_implementation("eager")
     hf64 = type(hf).from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="eager").eval()
     ours = GPT.from_hf(tmp_path)
-    assert ours.config.sandwich_norm == (version > 1) and ours.config.head_dim == 16
+    assert ours.config.sandwich_norm == (version in (2, 3)) and ours.config.head_dim == 16
     assert ours.config.qk_norm == (version == 3) and (ours.config.rope_local_theta == 1e4) == (version == 3)
-    if version == 2:  # a window of 6 on layer 0, none on layer 1
+    if version in (2, "vault"):  # a window of 6 on layer 0, none on layer 1
         assert (ours.config.sliding_window, ours.config.layer_types) == (6, ["sliding_attention", "full_attention"])
     ids = _ids(L=20)
     with torch.no_grad():

@@ -40,8 +40,8 @@ The interface (stable; the CLI builds on it):
 - Every model: ``save_pretrained(dir)`` / ``cls.from_pretrained(dir, **config_overrides)`` (config.json +
   model.safetensors), ``num_parameters(trainable_only=False)``, ``backbone_parameters()`` / ``head_parameters()``.
   ``GPT.from_hf(dir)`` (GPT-2, OPT, GPT-NeoX / Pythia, GPT-J, BLOOM, MPT, Phi-1 / 1.5 / 2, Falcon, StableLM, Llama
-  incl. 3.1 / 3.2, Qwen2, Qwen3, Phi-3, Gemma 1 / 2 / 3 text, Mistral with its sliding window, GPT-BigCode /
-  StarCoder, Granite, OLMo 1 / 2 / 3, Cohere 1 / 2, SmolLM3, EXAONE 4, GLM / GLM-4, Helium, ERNIE 4.5, Seed-OSS,
+  incl. 3.1 / 3.2, Qwen2, Qwen3, Phi-3, Gemma 1 / 2 / 3 text, VaultGemma, Mistral with its sliding window, GPT-BigCode
+  / StarCoder, Granite, OLMo 1 / 2 / 3, Cohere 1 / 2, SmolLM3, EXAONE 4, GLM / GLM-4, Helium, ERNIE 4.5, Seed-OSS,
   StarCoder2, Nemotron, Arcee, Ministral, HunYuan; Mixtral, Qwen3-MoE, Qwen2-MoE, GraniteMoE and OLMoE: mixtures of
   experts, models/moe.py), ``BERT.from_hf(dir)`` and ``BERTForSequenceClassification.from_hf(dir, num_labels=...)``
   (BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, ELECTRA, ALBERT, DeBERTa-v2 / v3, MPNet, ModernBERT),

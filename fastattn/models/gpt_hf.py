@@ -1,5 +1,5 @@
 """GPT.from_hf's importers: a Hugging Face config.json and state dict mapped onto GPTConfig and GPT's state dict,
-per family: GPT-2 and GPT-BigCode, OPT and Gemma 1 / 2 / 3 here; Llama and the families built like it in
+per family: GPT-2 and GPT-BigCode, OPT, Gemma 1 / 2 / 3 and VaultGemma here; Llama and the families built like it in
 gpt_hf_llama.py (their mixtures of experts' experts in gpt_hf_moe.py); GPT-NeoX / Pythia, Phi-1 / 1.5 / 2, Falcon
 and GPT-J in gpt_hf_parallel.py; BLOOM and MPT in gpt_hf_alibi.py.
 Whatever a family sets that GPT cannot reproduce exactly is refused with a CheckpointError naming the setting."""
@@ -18,8 +18,8 @@ from .gpt_hf_parallel import from_gptj, from_parallel, reorder_qkv
 from .gpt_hf_positions import layer_ropes, rope_scaling, sliding_window
 
 
-GPT_HF_TYPES = ("gpt2", "gpt_bigcode", "opt", "gemma", "gemma2", "gemma3_text") + LLAMA_FAMILIES + MOE_FAMILIES + (
-    "gpt_neox", "phi", "falcon", "gptj", "bloom", "mpt")  # the model_types import_gpt reads
+GPT_HF_TYPES = ("gpt2", "gpt_bigcode", "opt", "gemma", "gemma2", "gemma3_text", "vaultgemma") + LLAMA_FAMILIES + \
+    MOE_FAMILIES + ("gpt_neox", "phi", "falcon", "gptj", "bloom", "mpt")  # the model_types import_gpt reads
 
 
 def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]]:
@@ -32,7 +32,7 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
         cfg, sd, local_theta = from_llama(hf, state)
     elif kind in MOE_FAMILIES:
         cfg, sd, local_theta = from_llama(hf, state, moe_config(hf))
-    elif kind in ("gemma", "gemma2", "gemma3_text"):
+    elif kind in ("gemma", "gemma2", "gemma3_text", "vaultgemma"):
         cfg, sd, local_theta = _from_gemma(hf, state)
     elif kind == "opt":
         cfg, sd = _from_opt(hf, state)
@@ -142,9 +142,11 @@ def _from_gemma(hf: dict, state):
     """Gemma / Gemma 2 / Gemma 3 (text): RMSNorms scaling by (1 + weight) (imported as that sum), embeddings times
     sqrt(d_model), a GeGLU MLP, its own head_dim; Gemma 2 adds sandwich norms, score and logit softcaps,
     query_pre_attn_scalar and a sliding window on every other layer (import_gpt sets it from sliding_window);
-    Gemma 3 has q / k norms, no softcaps, and the windowed layers' own rotary base."""
+    Gemma 3 has q / k norms, no softcaps, and the windowed layers' own rotary base; VaultGemma is Gemma 2 without the
+    norms on the sublayers' outputs."""
     kind = hf.get("model_type")
-    two, three = kind == "gemma2", kind == "gemma3_text"
+    vault = kind == "vaultgemma"
+    two, three = kind == "gemma2" or vault, kind == "gemma3_text"
     if three and hf.get("use_bidirectional_attention"):
         raise CheckpointError("config.json: use_bidirectional_attention=true (an embedding model) is not supported "
                               "by GPT.from_hf")
@@ -160,7 +162,8 @@ def _from_gemma(hf: dict, state):
                     norm_eps=hf.get("rms_norm_eps", 1e-6), norm_first=True, mlp="geglu", activation=_GEMMA_ACT[act],
                     pos="rotary", rope_theta=float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4))),
                     rope_scaling=rope_scaling(rope, hf), tie_embeddings=True,
-                    bias=bool(hf.get("attention_bias", False)), embed_scale=d ** 0.5, sandwich_norm=two or three,
+                    bias=bool(hf.get("attention_bias", False)), embed_scale=d ** 0.5,
+                    sandwich_norm=(two or three) and not vault,
                     qk_norm=three,
                     attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
                     final_softcap=float(hf.get("final_logit_softcapping") or 0.0),
@@ -176,6 +179,7 @@ def _from_gemma(hf: dict, state):
     names = (("norm1", "input_layernorm"), ("norm2", "pre_feedforward_layernorm"), ("post_norm1",
              "post_attention_layernorm"), ("post_norm2", "post_feedforward_layernorm")) if two or three else \
         (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"))
+    names = names[:2] if vault else names
     for i in range(L):
         h, b = f"layers.{i}.", f"blocks.{i}."
         for ours, theirs in names:

@@ -15,7 +15,7 @@ def sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
     layer)."""
     kind = hf.get("model_type")
     on = {"mistral": True, "mixtral": True, "phi3": True, "qwen2": False, "qwen3": False, "qwen3_moe": False,
-          "qwen2_moe": False, "gemma2": True, "gemma3_text": True, "olmo3": True, "cohere2": True,
+          "qwen2_moe": False, "gemma2": True, "vaultgemma": True, "gemma3_text": True, "olmo3": True, "cohere2": True,
           "smollm3": False, "exaone4": True, "starcoder2": True, "ministral": True}.get(kind)
     if on is None or not window_of(hf) or not hf.get("use_sliding_window", on):
         return None, None
@@ -26,7 +26,7 @@ def sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
 
 
 # transformers' config classes whose sliding_window defaults to 4096 where config.json lacks the key
-_DEFAULT_WINDOW = dict.fromkeys(("mistral", "gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4",
+_DEFAULT_WINDOW = dict.fromkeys(("mistral", "gemma2", "vaultgemma", "gemma3_text", "olmo3", "cohere2", "exaone4",
                                  "ministral"), 4096)
 
 
@@ -39,13 +39,13 @@ def layer_types(hf: dict) -> Optional[list]:
     """Each layer's "sliding_attention" / "full_attention": config.json's layer_types, else the family's default
     pattern; None for families with one kind of layer (Mistral, Phi-3)."""
     kind, n = hf.get("model_type"), hf.get("num_hidden_layers", 0)
-    if hf.get("layer_types") or kind not in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "gemma2", "gemma3_text",
-                                             "olmo3", "cohere2", "smollm3", "exaone4"):
+    if hf.get("layer_types") or kind not in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "gemma2", "vaultgemma",
+                                             "gemma3_text", "olmo3", "cohere2", "smollm3", "exaone4"):
         return hf.get("layer_types")
     pattern = hf.get("sliding_window_pattern")
     if isinstance(pattern, str):  # EXAONE 4: "LLLG", repeated from layer 0
         return ["full_attention" if pattern[i % len(pattern)] == "G" else "sliding_attention" for i in range(n)]
-    if kind == "gemma2":
+    if kind in ("gemma2", "vaultgemma"):
         return ["full_attention" if i % 2 else "sliding_attention" for i in range(n)]
     if kind in ("gemma3_text", "olmo3", "cohere2", "exaone4"):  # 5 (the others: 3) local layers to 1 global
         every = pattern or (6 if kind == "gemma3_text" else 4)
