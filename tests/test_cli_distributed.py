@@ -150,3 +150,15 @@ def test_mixture_of_experts_matches_one(tmp_path, mode):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5, msg=k)
+
+
+@pytest.mark.parametrize("kw", [dict(rel_pos_buckets=8), dict(relative_buckets=8)], ids=["deberta", "mpnet"])
+def test_tensor_parallel_refuses_relative_position_tables(kw):
+    """--tp splits the heads across ranks; a relative-position table spanning every head (DeBERTa's disentangled
+    attention, MPNet's T5-style bias) is refused by name before any process group is needed."""
+    from fastattn.cli.config import CLIError
+    from fastattn.cli.distributed import tensor_parallel
+    from fastattn.models import BERT, BERTConfig
+    model = BERT(BERTConfig(vocab_size=50, d_model=32, n_layer=1, n_head=4, **kw))
+    with pytest.raises(CLIError, match="--tp 2: relative-position attention"):
+        tensor_parallel(model, 2, torch.device("cpu"))

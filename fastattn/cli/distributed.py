@@ -240,6 +240,9 @@ def tensor_parallel(model, tp, device):
                        f"it)")
     if getattr(cfg, "qk_norm", False):  # its weights would see only each rank's heads: gradients partial per rank
         raise CLIError(f"--tp {tp}: a model with qk_norm (Qwen3-style) is not supported by tensor parallelism")
+    if getattr(cfg, "rel_pos_buckets", 0) or getattr(cfg, "relative_buckets", 0):  # (their tables span all heads)
+        raise CLIError(f"--tp {tp}: relative-position attention (DeBERTa's, T5's, MPNet's) is not supported by "
+                       "tensor parallelism (--fsdp shards it)")
     mesh = init_device_mesh(device.type, (tp,))
     orders = {k: _rank_order(v, tp) for k, v in _fused_segments(cfg).items()}
     for block in _blocks(model):
