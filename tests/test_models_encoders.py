@@ -90,7 +90,9 @@ def test_bert_classifier_and_frozen_backbone(tmp_path):
 def test_bert_config_errors_name_the_field():
     for kw, field in ((dict(pooling="max"), "pooling"), (dict(pooler_norm=1), "pooler_norm"),
                       (dict(first_input_norm=False), "first_input_norm"),  # needs norm_first
-                      (dict(sliding_window=0), "sliding_window")):
+                      (dict(sliding_window=0), "sliding_window"),
+                      (dict(rel_pos_buckets=8, relative_buckets=8), "relative_buckets"),  # one scheme at a time
+                      (dict(shared_layers=1), "shared_layers")):
         with pytest.raises(ValueError, match=f"BERTConfig.{field}"):
             BERTConfig(**SMALL, **kw)
 

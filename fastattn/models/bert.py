@@ -87,12 +87,15 @@ class BERTConfig(ModelConfig):
                                  f"({self.rel_pos_buckets // 2 + 1}), got {self.rel_pos_max!r}")
         if self.embed_dim is not None:
             self.check_ints(("embed_dim",), 1)
-        if self.shared_layers is True and (self.layer_types is not None or not self.first_input_norm):
-            raise ValueError("BERTConfig.shared_layers: one block for every layer cannot differ per layer "
-                             "(layer_types, first_input_norm)")
         for name in ("pooler_norm", "head_bias", "shared_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BERTConfig.{name}: expected true or false, got {getattr(self, name)!r}")
+        if self.shared_layers and (self.layer_types is not None or not self.first_input_norm):
+            raise ValueError("BERTConfig.shared_layers: one block for every layer cannot differ per layer "
+                             "(layer_types, first_input_norm)")
+        if self.rel_pos_buckets and self.relative_buckets:
+            raise ValueError("BERTConfig.relative_buckets: one relative-position scheme at a time (rel_pos_buckets "
+                             "is set: DeBERTa's)")
 
 
 class BERTEncoder(nn.Module):
