@@ -138,3 +138,15 @@ def test_errors_name_the_setting(tmp_path):
         Seq2Seq.from_hf(path)
     with pytest.raises(ValueError, match="pos_offset: needs pos 'learned'"):
         Seq2Seq.config_class(pos="rotary", pos_offset=2)
+
+
+def test_sinusoidal_tables_equal_transformers():
+    """The fixed position tables the importer builds equal transformers' own, to the bit at even widths over 1026
+    rows (M2M100's in float32 as its code computes it: long positions' angles round alike)."""
+    from transformers.models.m2m_100.modeling_m2m_100 import M2M100SinusoidalPositionalEmbedding
+    from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
+    from fastattn.models.seq2seq_hf import sinusoidal_halves
+    for d in (32, 1024):
+        fairseq, marian = M2M100SinusoidalPositionalEmbedding, MarianSinusoidalPositionalEmbedding
+        assert torch.equal(sinusoidal_halves(1026, d, True), fairseq.get_embedding(1026, d))
+        assert torch.equal(sinusoidal_halves(1026, d, False), marian(1026, d).create_weight())

@@ -91,14 +91,15 @@ def _config(hf: dict, gen: dict) -> dict:
 
 
 def sinusoidal_halves(rows: int, d: int, fairseq: bool) -> Tensor:
-    """transformers' fixed position table (rows, d), float64 -> float32: sin of every frequency in the first half,
-    cos in the second; frequencies 10000^(-2i / d) (Marian, Pegasus) or fairseq's exp(-i log(10000) / (d / 2 - 1))
-    (M2M100, NLLB). An odd d: Marian's last sin column, fairseq's zero column."""
-    half = d // 2
-    i = torch.arange((d + 1) // 2 if not fairseq else half, dtype=torch.float64)
-    freq = torch.exp(-i * math.log(10000.0) / (half - 1)) if fairseq else 10000.0 ** (-2 * i / d)
-    angle = torch.arange(rows, dtype=torch.float64)[:, None] * freq
-    table = torch.zeros(rows, d, dtype=torch.float64)
+    """transformers' fixed position table (rows, d) in float32: sin of every frequency in the first half, cos in the
+    second; frequencies 10000^(-2i / d) (Marian, Pegasus: computed in float64, as its numpy code does) or fairseq's
+    exp(-i log(10000) / (d / 2 - 1)) (M2M100, NLLB: in float32, as its torch code does, so that long positions'
+    angles round alike). An odd d: Marian's last sin column, fairseq's zero column."""
+    half, dt = d // 2, torch.float32 if fairseq else torch.float64
+    i = torch.arange((d + 1) // 2 if not fairseq else half, dtype=dt)
+    pos = torch.arange(rows, dtype=dt)[:, None]  # (fairseq multiplies by the frequency, Marian divides by 10000^x)
+    angle = pos * torch.exp(i * -(math.log(10000.0) / (half - 1))) if fairseq else pos / 10000.0 ** (2 * i / d)
+    table = torch.zeros(rows, d, dtype=dt)
     table[:, :angle.shape[1]] = torch.sin(angle)
     table[:, angle.shape[1]:angle.shape[1] + half] = torch.cos(angle[:, :half])
     return table.float()
