@@ -81,8 +81,9 @@ MODELS = {"starcoder": (_bigcode, {}, dict(n_kv_head=1, activation="gelu_tanh"))
           "seed_oss": (_family("SeedOss"), {}, dict(qkv_bias=True, bias=False)),
           # Nemotron: LayerNorm1P (1 + weight, with bias), an ungated relu2 MLP, rotary on half of each head;
           # Arcee: Llama with the ungated relu2 MLP; Ministral: Mistral with its windows per layer_types
-          "nemotron": (_family("Nemotron", head_dim=8), {}, dict(activation="relu2", mlp="gelu", rotary_dim=4,
-                                                                norm="layernorm", norm_bias=True)),
+          "nemotron": (_family("Nemotron", head_dim=8, norm_eps=1e-3), {},
+                       dict(activation="relu2", mlp="gelu", rotary_dim=4, norm="layernorm", norm_bias=True,
+                            norm_eps=1e-3)),
           "arcee": (_family("Arcee", mlp_bias=True, attention_bias=True), {}, dict(activation="relu2", bias=True)),
           "ministral": (_family("Ministral", 4, sliding_window=5, layer_types=FOUR, head_dim=8), {},
                         dict(sliding_window=5, layer_types=FOUR)),

@@ -100,7 +100,7 @@ def from_llama(hf: dict, state, moe: Optional[dict] = None):
                     n_kv_head=hf.get("num_key_value_heads") or H, head_dim=D, d_ff=d_ff,
                     max_seq_len=hf.get("max_position_embeddings", 2048), norm="layernorm" if layernorm else "rmsnorm",
                     norm_bias=norm_bias if layernorm else None,
-                    norm_eps=hf_get(hf, "layer_norm_eps", "norm_epsilon", default=1e-5) if layernorm else
+                    norm_eps=hf_get(hf, "layer_norm_eps", "norm_epsilon", "norm_eps", default=1e-5) if layernorm else
                     hf.get("rms_norm_eps", 1e-6),
                     parallel_block="one_norm" if cohere or kind == "stablelm" and hf.get("use_parallel_residual")
                     else None, norm_first=True, mlp="swiglu" if gated else "gelu", activation=ACT.get(act, "silu"),
