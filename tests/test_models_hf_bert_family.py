@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import fastattn
 from conftest import assert_bounded, backends_train_alike, padded_batch
 from fastattn.models import BERT, BERTForSequenceClassification, CheckpointError
 transformers = pytest.importorskip("transformers")
@@ -225,6 +226,16 @@ def test_narrow_embeddings_and_shared_layers(tmp_path, make, head):
         if head == "ForMaskedLM":  # the shared block's gradients summed over its uses, alike on both backends
             backends_train_alike(lambda backend: BERT.from_hf(tmp_path, backend=backend, dropout=0.0),
                                  dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)))
+            ours = BERT.from_hf(tmp_path)  # our own format keeps the block shared (its tensors stored once)
+            ours.save_pretrained(tmp_path / "ours")
+            back = BERT.from_pretrained(tmp_path / "ours")
+            int8 = fastattn.quantize(BERT.from_hf(tmp_path), mode="w8a16")  # the one block's Linears quantized
+            with torch.no_grad():
+                want = ours(ids, attention_mask=mask).logits
+                assert torch.equal(back(ids, attention_mask=mask).logits, want)
+                assert (int8(ids, attention_mask=mask).logits - want).abs().max() < 0.05
+            assert back.encoder.blocks[0] is back.encoder.blocks[2]
+            assert type(int8.encoder.blocks[2].attn.wqkv).__name__ == "Int8Linear"
 
 
 def _mpnet(head="ForMaskedLM", **kw):
