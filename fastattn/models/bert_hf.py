@@ -30,7 +30,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from .bert_hf_modern import modernbert_config, modernbert_encoder_state, modernbert_mlm_head
+from .bert_hf_modern import modernbert_config, modernbert_encoder_state
 from .checkpoint import CheckpointError, KeyMap, hf_activation, load_mapped, place, read_hf_folder
 
 log = logging.getLogger("fastattn")
@@ -67,6 +67,7 @@ _MLM = {"bert": ("cls.predictions.transform.dense", "cls.predictions.transform.L
 _MLM["deberta"] = _MLM["bert"]  # (legacy; "deberta-lm": DeBERTa's legacy false)
 _MLM["mpnet"] = _MLM["roberta"]
 _MLM["albert"] = ("predictions.dense", "predictions.LayerNorm", "predictions.bias", "predictions.decoder.weight")
+_MLM["modernbert"] = ("head.dense", "head.norm", "decoder.bias", "decoder.weight")
 # the sentence-level heads, ours -> (HF's name, under the family's prefix?); absent: random init with a warning
 _HEADS = {"pretraining": {"bert": {"pooler.dense": ("pooler.dense", True), "nsp_head": ("cls.seq_relationship", False)},
                           "roberta": {"pooler.dense": ("pooler.dense", True)},
@@ -106,23 +107,23 @@ def load_bert(model_class, path: str, dtype: Optional[torch.dtype], device, over
     if heads == "pretraining":
         tok = sd["encoder.tok_emb.weight"]
         mlm = "deberta-lm" if family == "deberta" and not hf.get("legacy", True) else family
-        sd.update(modernbert_mlm_head(cfg, top, tok) if modern else _mlm_head(cfg, mlm, top, tok))
+        sd.update(_mlm_head(cfg, mlm, top, tok, decoder_bias=hf.get("decoder_bias", True)))
     model = place(model_class(cfg), dtype, device)
-    missing, none = [], []
+    own, missing, none = model.state_dict(), [], []
     for ours, (theirs, prefixed) in _HEADS[heads][family].items():
         keymap = m if prefixed else top
         for p in ("weight", "bias"):
-            if f"{ours}.{p}" not in model.state_dict():  # (bias-free heads: ModernBERT's)
+            if f"{ours}.{p}" not in own:  # (bias-free heads: ModernBERT's)
                 continue
-            want = model.state_dict()[f"{ours}.{p}"]
+            want = own[f"{ours}.{p}"]
             if keymap.has(f"{theirs}.{p}"):
                 sd[f"{ours}.{p}"] = keymap.take(f"{theirs}.{p}", tuple(want.shape))
             else:
                 sd[f"{ours}.{p}"] = want
                 missing.append(f"{theirs}.{p}")
-    for name in sorted(set(model.state_dict()) - set(sd)):  # heads this family has no weights for (NSP of RoBERTa)
+    for name in sorted(set(own) - set(sd)):  # heads this family has no weights for (NSP of RoBERTa)
         if not name.startswith("encoder."):
-            sd[name] = model.state_dict()[name]
+            sd[name] = own[name]
             none.append(name)
     if missing or none:
         log.warning("from_hf: left at random init: %s", "; ".join(
@@ -243,12 +244,15 @@ def _encoder_state(cfg, family: str, m: KeyMap) -> Dict[str, Tensor]:
     return sd
 
 
-def _mlm_head(cfg, family: str, top: KeyMap, tok_emb: Tensor) -> Dict[str, Tensor]:
-    d, E, (dense, norm, bias, decoder) = cfg.d_model, cfg.embed_dim or cfg.d_model, _MLM[family]
+def _mlm_head(cfg, family: str, top: KeyMap, tok_emb: Tensor, decoder_bias: bool = True) -> Dict[str, Tensor]:
+    """The MLM head (dense, norm, the vocabulary bias and untied weight) as ours; the dense and norm biases where the
+    config has them (not ModernBERT's), the vocabulary bias zeros without one (ModernBERT's decoder_bias false)."""
+    d, E, V, (dense, norm, bias, decoder) = cfg.d_model, cfg.embed_dim or cfg.d_model, cfg.vocab_size, _MLM[family]
+    norm_bias = cfg.bias if cfg.norm_bias is None else cfg.norm_bias
     return {"mlm_head.dense.weight": top.take(f"{dense}.weight", (E, d)),
-            "mlm_head.dense.bias": top.take(f"{dense}.bias", (E,)),
+            **({"mlm_head.dense.bias": top.take(f"{dense}.bias", (E,))} if cfg.head_bias else {}),
             "mlm_head.norm.weight": top.take(f"{norm}.weight", (E,)),
-            "mlm_head.norm.bias": top.take(f"{norm}.bias", (E,)),
-            "mlm_head.decoder.bias": top.take(bias, (cfg.vocab_size,)),
-            "mlm_head.decoder.weight": tok_emb if cfg.tie_embeddings else top.take(decoder, (cfg.vocab_size, E))}
+            **({"mlm_head.norm.bias": top.take(f"{norm}.bias", (E,))} if norm_bias else {}),
+            "mlm_head.decoder.bias": top.take(bias, (V,)) if decoder_bias else torch.zeros(V, dtype=tok_emb.dtype),
+            "mlm_head.decoder.weight": tok_emb if cfg.tie_embeddings else top.take(decoder, (V, E))}
 

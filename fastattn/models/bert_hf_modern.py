@@ -9,7 +9,6 @@ classifier head of dense, gelu and LayerNorm over the [CLS] state or the real to
 ``pooling``)."""
 from typing import Dict
 
-import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError, KeyMap, hf_activation
@@ -63,19 +62,4 @@ def modernbert_encoder_state(cfg, m: KeyMap) -> Dict[str, Tensor]:
                        for p in lin})
         for ours, theirs in (("norm1", "attn_norm"), ("norm2", "mlp_norm"))[0 if i else 1:]:
             sd.update({f"{b}{ours}.{p}": m.take(f"{h}{theirs}.{p}", (d,)) for p in norm})
-    return sd
-
-
-def modernbert_mlm_head(cfg, top: KeyMap, tok_emb: Tensor) -> Dict[str, Tensor]:
-    """The MLM head (head.dense, head.norm, decoder) as ours; no decoder bias (decoder_bias false): zeros."""
-    d, V = cfg.d_model, cfg.vocab_size
-    sd = {"mlm_head.dense.weight": top.take("head.dense.weight", (d, d)),
-          "mlm_head.norm.weight": top.take("head.norm.weight", (d,)),
-          "mlm_head.decoder.weight": tok_emb if cfg.tie_embeddings else top.take("decoder.weight", (V, d)),
-          "mlm_head.decoder.bias": top.take("decoder.bias", (V,)) if top.has("decoder.bias") else
-          torch.zeros(V, dtype=tok_emb.dtype)}
-    if cfg.head_bias:
-        sd["mlm_head.dense.bias"] = top.take("head.dense.bias", (d,))
-    if cfg.norm_bias:
-        sd["mlm_head.norm.bias"] = top.take("head.norm.bias", (d,))
     return sd
