@@ -289,9 +289,10 @@ def test_cpu_code_paths(env):
 def test_route_to_triton(backend_name, caplog):
     """fastattn.attention with a forced Triton backend routes to the Triton decode kernel: the key mask (a (B, S)
     view with stride-0 head and query dims in the kernel's layout) read through its strides."""
-    B, S = 2, D.MIN_KEYS["cpu"] + 9
-    q, k, v = _qkv(B=B, H=4, Hk=2, L=2, S=S, E=16)
-    pad = torch.zeros(B, S, dtype=torch.bool)
+    dev = backend_device(backend_name)
+    B, S = 2, D.MIN_KEYS[dev] + 9
+    q, k, v = (t.to(dev) for t in _qkv(B=B, H=4, Hk=2, L=2, S=S, E=16))
+    pad = torch.zeros(B, S, dtype=torch.bool, device=dev)
     pad[0, :5] = True
     pad[1, -7:] = True
     with fastattn.backend("triton"):

@@ -64,8 +64,8 @@ def test_values_and_keep_rate(backend, dtype):
 def test_cpu_and_triton_keep_the_same_elements(dtype, n, offset):
     """Chunk boundaries, tails shorter than a vector, and a 2**32 carry of the counter."""
     x = torch.randn(n).to(dtype)
-    a, b = _run("cpu", x, 0.25, 777, offset), _run("triton", x, 0.25, 777, offset)
-    _assert_same_values(b, a, "triton")
+    a, b = _run("cpu", x, 0.25, 777, offset), _run("triton", x.to(backend_device("triton")), 0.25, 777, offset)
+    _assert_same_values(b, a.to(b.device), "triton")
 
 
 @needs_cpu
@@ -83,7 +83,7 @@ def test_attention_masks_agree_across_backends(S, offset):
     words and crossing a 2**32 carry included."""
     from fastattn.ops.attention import dispatch as A
     p = A.AttnParams(scale=1.0, dropout_p=0.3, seed=2**40 + 17, offset=offset)
-    cpu, tri = (A.dropout_mask(b, p, 2, 3, 5, S, "cpu") for b in ("cpu", "triton"))
+    cpu, tri = (A.dropout_mask(b, p, 2, 3, 5, S, backend_device(b)).cpu() for b in ("cpu", "triton"))
     assert torch.equal(cpu, tri) and abs(cpu.float().mean().item() - 0.7) < 0.05
 
 

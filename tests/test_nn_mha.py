@@ -93,9 +93,9 @@ def run(mha, qkv, kw, grad_out, dtype=None):
     args = [leaves[ids[id(t)]] for t in qkv]
     mha.zero_grad()
     out, w = mha(*args, **kw)
-    loss = (out * grad_out[0].to(out.dtype)).sum()
+    loss = (out * grad_out[0].to(out)).sum()
     if w is not None:
-        loss = loss + (w * grad_out[1].to(w.dtype)).sum()
+        loss = loss + (w * grad_out[1].to(w)).sum()
     loss.backward()
     return [out, w] + [t.grad for t in leaves] + [p.grad for p in mha.parameters()]
 

@@ -49,7 +49,7 @@ def run(m, args, kw, grad_out, dtype=None):
     leaves = [a.detach().to(dtype or a.dtype).requires_grad_() for a in args]
     m.zero_grad()
     out = m(*leaves, **kw)
-    (out * grad_out.to(out.dtype)).sum().backward()
+    (out * grad_out.to(out)).sum().backward()
     return [out] + [t.grad for t in leaves] + [p.grad for p in m.parameters()]
 
 
