@@ -113,12 +113,13 @@ def test_trace_records_fastattn_ops_and_script_refuses(cls, args):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("cls", ["LayerNorm", "RMSNorm"])
 def test_cuda_autocast_norms_run_in_float32_as_torch(cls):
-    """CUDA autocast runs layer_norm and rms_norm in float32: torch's modules return float32 for a float16 input."""
+    """CUDA autocast runs layer_norm and rms_norm in float32: torch's LayerNorm returns float32 for a float16 input;
+    its RMSNorm float32 or, in some versions (2.11), the input's dtype: ours returns what the installed torch's does."""
     theirs = getattr(torch.nn, cls)(16).cuda()
     ours = getattr(fnn, cls)(16).cuda()
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(3, 16, device="cuda", dtype=torch.float16)
     with torch.autocast("cuda", dtype=torch.float16):
         y, want = ours(x), theirs(x)
-    assert y.dtype == want.dtype == torch.float32
+    assert y.dtype == want.dtype and (cls == "RMSNorm" or y.dtype == torch.float32)
     torch.testing.assert_close(y, want)

@@ -26,6 +26,20 @@ def autocast_fp32(x: Tensor, *params: Optional[Tensor]) -> Tuple[Optional[Tensor
     return tuple(t.float() if t is not None and t.dtype in _HALF else t for t in (x,) + params)
 
 
+_RMS_AUTOCAST_DTYPE = {}
+
+
+def _torch_rms_autocast_dtype(x: Tensor, weight: Optional[Tensor]) -> torch.dtype:
+    """The dtype torch's own rms_norm returns for x under CUDA autocast: float32 in some torch versions, x's dtype
+    (computed in float32, rounded back) in others (2.11); asked of torch once per dtype pair."""
+    key = (x.dtype, None if weight is None else weight.dtype)
+    if key not in _RMS_AUTOCAST_DTYPE:
+        probe = torch.ones(1, 2, device=x.device, dtype=x.dtype)
+        w = None if weight is None else torch.ones(2, device=x.device, dtype=weight.dtype)
+        _RMS_AUTOCAST_DTYPE[key] = torch.nn.functional.rms_norm(probe, (2,), w).dtype
+    return _RMS_AUTOCAST_DTYPE[key]
+
+
 class LayerNorm(nn.LayerNorm):
     """torch.nn.LayerNorm on fastattn's kernels."""
 
@@ -51,12 +65,15 @@ class RMSNorm(nn.RMSNorm):
         if tuple(x.shape[x.dim() - k:]) != tuple(self.normalized_shape):
             raise ValueError(f"x: trailing shape {tuple(x.shape[x.dim() - k:])} does not match "
                              f"normalized_shape {tuple(self.normalized_shape)}")
+        given = x
         x, weight = autocast_fp32(x, self.weight)
         if weight is not None and weight.dtype not in (x.dtype, torch.float32):
             weight = weight.float()  # the kernels take a weight of x's dtype or float32; torch takes any
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        y = add_rms_norm(x.flatten(-k) if k > 1 else x, None, _flat(weight), eps)
-        return y.view(x.shape)
+        y = add_rms_norm(x.flatten(-k) if k > 1 else x, None, _flat(weight), eps).view(x.shape)
+        if x is not given:  # upcast by autocast: return the dtype this torch's rms_norm returns
+            y = y.to(_torch_rms_autocast_dtype(given, self.weight))
+        return y
 
     __prepare_scriptable__ = refuse_script
 
