@@ -17,6 +17,9 @@ def speedups(path):
     median = {}
     for b in benches:
         e = b["extra_info"]
+        if not all(k in e for k in ("op", "direction", "dtype", "device", "width", "impl")) \
+                or not isinstance(e["width"], (int, float)):
+            continue  # no width curve: the verify-step timings, "prompt+new" generation rows (summary.md has them)
         median[(e["op"], e["direction"], e["dtype"], e["device"], e["width"], e["impl"])] = (
             b["stats"]["median"], e.get("GB/s", e.get("TFLOP/s", 0.0)))
     best_torch = {}
