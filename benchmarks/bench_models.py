@@ -3,8 +3,9 @@
 A GPT-2-small-sized (124M) model with random weights is saved once by transformers and loaded by both
 (``GPT.from_hf``). Greedy generation of NEW tokens after a PROMPT-token prompt: transformers' ``generate``
 (attn_implementation="sdpa") against ``GPT.generate`` in float and quantized (``fastattn.quantize``: w8a16, and w8a8
-for comparison); and the prompt's prefill alone. Each fastattn row records ``speedup_vs_transformers``: the ratio of
-the medians to the transformers row of its group measured earlier in the same run (rows run in that order).
+for comparison), on a GPU also with ``cuda_graph=True`` (the "-graph" rows); and the prompt's prefill alone. Each
+fastattn row records ``speedup_vs_transformers``: the ratio of the medians to the transformers row of its group
+measured earlier in the same run (rows run in that order).
 
 Shapes are selectable for larger machines (environment): FASTATTN_BENCH_MODEL (gpt2-small, gpt2-medium, gpt2-large,
 gpt2-xl), FASTATTN_BENCH_BATCH (1), FASTATTN_BENCH_PROMPT (128), FASTATTN_BENCH_NEW (128), FASTATTN_BENCH_ROUNDS
@@ -38,6 +39,7 @@ ROUNDS = int(os.environ.get("FASTATTN_BENCH_ROUNDS", "10" if GPU else "3"))
 if os.environ.get("FASTATTN_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["FASTATTN_BENCH_THREADS"]))
 IMPLS = ["transformers", "fastattn", "fastattn-w8a16", "fastattn-w8a8"]
+GRAPHED = ["fastattn-graph", "fastattn-w8a16-graph"]  # generate(cuda_graph=True): GPU only
 _medians = {}  # group -> transformers' median, for the ratios
 
 
@@ -76,9 +78,12 @@ def _run(benchmark, impl, step, group, tokens):
         benchmark.extra_info["speedup_vs_transformers"] = _medians[group] / median
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + GRAPHED)
 def test_greedy_generation(benchmark, models, impl):
     hf, ours = models
+    graphed = impl in GRAPHED
+    if graphed and not GPU:
+        pytest.skip("cuda_graph: GPU only")
     ids = _prompt(hf.config.vocab_size)
     if impl == "transformers":
         def step():
@@ -88,11 +93,11 @@ def test_greedy_generation(benchmark, models, impl):
             sync(DEVICE)
             return out
     else:
-        model = ours[impl]
+        model = ours[impl.removesuffix("-graph")]
 
         def step():
             with torch.inference_mode():
-                out = model.generate(ids, NEW, temperature=0)
+                out = model.generate(ids, NEW, temperature=0, cuda_graph=graphed)
             sync(DEVICE)
             return out
     _run(benchmark, impl, step, f"generate {SIZE} {str(DTYPE)[6:]} b{BATCH} {PROMPT}+{NEW} greedy", BATCH * NEW)

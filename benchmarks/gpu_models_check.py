@@ -491,6 +491,29 @@ def gpt_decode_step_cuda_graph():
     return out
 
 
+@check
+def gpt_generate_cuda_graph():
+    """generate(cuda_graph=True) gives eager generate's tokens: greedy on a left-padded batch, and sampling from the
+    same seed; ALiBi's step (a host sync) falls back to eager with a warning and the same tokens."""
+    if not GPU:
+        return {"skipped": "no GPU"}
+    out = {}
+    cases = [(name, {}) for name in GPT_CFGS] + [("gpt2-style", {"pos": "alibi"})]
+    for name, kw in cases:
+        model = gpt(name, **kw)
+        batch = ids(3, 30, 512)
+        mask = torch.ones_like(batch)
+        mask[1, :11] = 0
+        with torch.no_grad():
+            runs = {g: model.generate(batch, 40, temperature=0, attention_mask=mask, cuda_graph=g) for g in (0, 1)}
+            assert torch.equal(runs[0], runs[1]), f"{name} {kw}: greedy tokens differ with cuda_graph"
+            sampled = [model.generate(batch, 40, temperature=0.8, top_k=50, attention_mask=mask, cuda_graph=g,
+                                      generator=torch.Generator(DEV).manual_seed(7)) for g in (False, True)]
+            assert torch.equal(*sampled), f"{name} {kw}: sampled tokens differ with cuda_graph"
+        out[f"{name}{' alibi' if kw else ''}"] = "tokens equal"
+    return out
+
+
 def main(path):
     print(f"gpu_models_check on {torch.cuda.get_device_name() if GPU else 'cpu'}, torch {torch.__version__}",
           flush=True)

@@ -284,6 +284,8 @@ def test_generate_argument_errors():
         m(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="input_ids"):
         m(torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="cuda_graph: needs a model and input_ids on a CUDA device, got cpu"):
+        m.generate(ids, 2, cuda_graph=True)  # (gpu_models_check.gpt_generate_cuda_graph runs it on a GPU)
 
 
 def test_generate_input_errors_and_eos_list():

@@ -49,6 +49,8 @@ class GenerateConfig:
                                                     "(transformers' meaning; default 1 = none, or the folder's)")
     no_repeat_ngram_size: Optional[int] = opt(None, "never repeat an n-gram of this many tokens (default 0 = off, "
                                                     "or the folder's)")
+    cuda_graph: bool = opt(False, "replay each decode step from a CUDA graph (a GPT on a GPU, greedy or sampling: "
+                                  "the host's launch time leaves every token)")
 
     def validate(self):
         if self.max_new_tokens < 0:
@@ -82,6 +84,8 @@ class GenerateConfig:
             raise CLIError(f"--prompt-lookup must be >= 1, got {self.prompt_lookup}")
         if self.draft and self.prompt_lookup:
             raise CLIError("--draft, --prompt-lookup: choose one way of drafting")
+        if self.cuda_graph and ((self.num_beams or 1) > 1 or self.draft or self.prompt_lookup):
+            raise CLIError("--cuda-graph: greedy search and sampling only (not --num-beams, --draft, --prompt-lookup)")
 
 
 def read_prompts(cfg):
@@ -190,6 +194,9 @@ def generate(model, tok, prompts, cfg, device, out=None, draft=None, args=None):
     if stream and len(prompts) > 1:
         raise CLIError(f"--stream prints one continuation as it comes: give one prompt, not {len(prompts)}")
     _check_context(model, L - 1, n_prompt, cfg.max_new_tokens)
+    if cfg.cuda_graph and (hasattr(model, "encode") or device.type != "cuda" or beams):
+        raise CLIError(f"--cuda-graph: a GPT on a CUDA device, greedy or sampling (here: {type(model).__name__} on "
+                       f"{device.type}{', beam search' if beams else ''})")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     new, streamed = [], []
     stop_ids = torch.tensor(tok.stop_ids)  # end-of-text, and an HF model's other end ids (Llama 3's <|eot_id|>)
@@ -224,6 +231,8 @@ def generate(model, tok, prompts, cfg, device, out=None, draft=None, args=None):
         spec = dict(prompt_lookup_num_tokens=cfg.prompt_lookup)
     if spec and n_prompt:
         raise CLIError("--draft / --prompt-lookup: not with a soft-prompt model (its prompt is an embedding hook)")
+    if cfg.cuda_graph:
+        spec["cuda_graph"] = True
     start = time.perf_counter()
     try:
         with torch.no_grad():

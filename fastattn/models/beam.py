@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .. import hugepages
 from .layers import Sampling, check_sampling, eos_ids, generation_loop
+from .graphs import GraphedStep
 
 EarlyStopping = Union[bool, str]
 
@@ -86,17 +87,19 @@ class Search:
     def decode(self, model: nn.Module, logits: Tensor, out: Tensor, start: int, max_new_tokens: int,
                sampling: Sampling, eos_token_id, generator, streamer, min_new_tokens: int,
                forced_first: Optional[int] = None, forced_last: Optional[Tuple[int, int]] = None,
-               ignore: Optional[Tensor] = None) -> Tensor:
+               ignore: Optional[Tensor] = None, cuda_graph: bool = False) -> Tensor:
         """generate after the prefill's ``logits`` (B, V), out (B, start + max_new_tokens) holding the tokens so far:
         beam search when num_beams > 1, else greedy / sampling (``generation_loop``; ``model.token_logprobs`` when
-        output_scores). The processors' arguments as ``processors`` takes them."""
+        output_scores; ``cuda_graph``: its decode step replayed from a CUDA graph, models/graphs.py). The
+        processors' arguments as ``processors`` takes them."""
         eos = eos_ids(eos_token_id, out.device, logits.shape[-1])
         process = self.processors(eos, min_new_tokens, forced_first, forced_last, ignore)
         if self.num_beams > 1:
             return self.run(model, logits, out[:, :start], max_new_tokens, eos, process)
         scores = [] if self.output_scores else None
-        out = generation_loop(logits, model.bound_decode_one(), out, start, max_new_tokens, sampling, eos_token_id,
-                              generator, streamer, process, scores)
+        step = model.bound_decode_one()
+        out = generation_loop(logits, GraphedStep(step) if cuda_graph else step, out, start, max_new_tokens, sampling,
+                              eos_token_id, generator, streamer, process, scores)
         if scores is not None:
             model.token_logprobs = torch.stack(scores, 1)
         return out

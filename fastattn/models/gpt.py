@@ -161,7 +161,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
                  num_assistant_tokens: int = 4, prompt_lookup_num_tokens: Optional[int] = None,
                  max_matching_ngram_size: int = 2, num_beams: int = 1, num_return_sequences: int = 1,
                  length_penalty: float = 1.0, early_stopping: Union[bool, str] = False,
-                 repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, output_scores: bool = False) -> Tensor:
+                 repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, output_scores: bool = False,
+                 cuda_graph: bool = False) -> Tensor:
         """Continue prompts (B, L) by up to max_new_tokens: (B, L + new). temperature 0 = greedy; else sampling with
         top_k / top_p / min_p / typical_p (layers.Sampling: transformers' warpers) from ``generator`` (seeded:
         reproducible). Batches of different lengths: left padding and
@@ -179,7 +180,9 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         when sampling, R samples of each prompt in a row. ``repetition_penalty``, ``no_repeat_ngram_size``:
         transformers' processors, in any search but speculative. ``output_scores`` (greedy, sampling):
         ``self.token_logprobs`` (B, new), each new token's log-probability under the distribution it was picked
-        from (0 after an eos), as transformers' compute_transition_scores(normalize_logits=True) gives."""
+        from (0 after an eos), as transformers' compute_transition_scores(normalize_logits=True) gives.
+        ``cuda_graph`` (a CUDA model; greedy search and sampling): the decode step is captured once and replayed
+        from a CUDA graph (models/graphs.py), which takes the host's launch time out of every token."""
         sampling = Sampling(temperature, top_k, top_p, min_p, typical_p)
         search = Search(num_beams, num_return_sequences, length_penalty, early_stopping, repetition_penalty,
                         no_repeat_ngram_size, output_scores)
@@ -193,6 +196,12 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         if not bool(keep[:, -1].all()):
             raise ValueError("attention_mask: generate needs prompts padded on the left (the last column is padding "
                              "in some row)")
+        if cuda_graph:
+            if input_ids.device.type != "cuda":
+                raise ValueError(f"cuda_graph: needs a model and input_ids on a CUDA device, got {input_ids.device}")
+            if num_beams > 1 or speculative:
+                raise ValueError("cuda_graph: greedy search and sampling only, not beam search or speculative "
+                                 "decoding")
         if max_new_tokens == 0:
             return search.no_new_tokens(self, input_ids)
         spec = speculation(self, B, {"the prompt plus max_new_tokens": L + max_new_tokens}, assistant_model,
@@ -216,8 +225,11 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
                 return speculative_generate(self, out, L, logits, draft, spec.k, sampling=sampling,
                                             eos_token_id=eos_token_id, generator=generator,
                                             streamer=streamer, min_new_tokens=min_new_tokens)
+            if cuda_graph and self._refill is not None:
+                log.info("generate: cuda_graph off for this call (LongRoPE re-runs the sequence at step %d)", at)
             return search.decode(self, logits, out, L, max_new_tokens, sampling, eos_token_id, generator, streamer,
-                                 min_new_tokens, ignore=None if bool(keep.all()) else ~keep)
+                                 min_new_tokens, ignore=None if bool(keep.all()) else ~keep,
+                                 cuda_graph=cuda_graph and self._refill is None)
         finally:
             self._refill = None
 
