@@ -1,7 +1,8 @@
 """pytest-benchmark: split-KV decode attention (fastattn.decode_attention) against torch's
 F.scaled_dot_product_attention on the same KV cache, one query row per sequence (batch 1, D 64; MHA with 8 heads
 and GQA with 32 query heads on 8 kv heads; cache 8192, and 16384 on GPU). Each fastattn row records
-``speedup_vs_torch`` (torch's median in the same run / ours) and GB/s (K and V read once);
+``speedup_vs_torch`` (torch's median in the same run / ours) and GB/s (K and V read once); on a GPU,
+``test_decode_graphed`` times both from a CUDA graph (the kernels' own time, no launch cost);
 ``test_decode_interleaved`` alternates the two call by call for noisy shared hosts (ratio of the minima).
 
     python benchmarks/bench_decode.py --threshold   # decode kernel vs the flash kernel by cache length
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 import fastattn
 from fastattn.backends import available_backends
+from conftest import graphed
 from fastattn.testing import sync
 
 GPU = torch.cuda.is_available()
@@ -72,9 +74,7 @@ def test_decode(benchmark, impl, cache, S, H, Hk):
     """warm: the same cache every call (it may stay in the last-level cache: 33.5 MB at 8 heads, S 8192, fp32; a
     GPU's L2 holds 16k bf16); cold: four caches in turn, each read from memory."""
     sets = [make(H, Hk, S, seed=i) for i in range(4 if cache == "cold" else 1)]
-    q, k, v = sets[0]
     fn = rotating(impl, sets)
-    group = f"decode B=1 H={H} Hk={Hk} D=64 S={S} L=1 {str(DTYPE)[6:]} {cache}"
 
     def step():
         for _ in range(CALLS):
@@ -84,11 +84,37 @@ def test_decode(benchmark, impl, cache, S, H, Hk):
     with torch.no_grad():
         fn()
         sync(DEVICE)
-        benchmark.group = group
-        benchmark.extra_info.update(impl=impl, device=DEVICE, calls_per_round=CALLS,
-                                    op=f"decode-H{H}-Hk{Hk}-D64-L1-{cache}", direction="fwd", dtype=str(DTYPE)[6:],
-                                    width=S, heads=H, kv_heads=Hk)
-        benchmark.pedantic(step, warmup_rounds=3, rounds=ROUNDS, iterations=1)
+        _record(benchmark, impl, step, sets[0], cache, S, H, Hk)
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs: GPU only")
+@pytest.mark.parametrize("impl", ["torch"] + OURS)
+@pytest.mark.parametrize("S", CACHES)
+@pytest.mark.parametrize("H,Hk", CASES, ids=["mha", "gqa"])
+def test_decode_graphed(benchmark, impl, S, H, Hk):
+    """The kernels' GPU time, no host time on either side: CALLS calls over four caches in turn (cold) captured in
+    one CUDA graph and replayed, as a graphed decode step runs them (generate(cuda_graph=True))."""
+    sets = [make(H, Hk, S, seed=i) for i in range(4)]
+    fn = rotating(impl, sets)
+    with torch.no_grad():
+        replay = graphed(fn, CALLS, warmup=len(sets))
+
+    def step():
+        replay()
+        sync(DEVICE)
+
+    _record(benchmark, impl, step, sets[0], "graph", S, H, Hk)
+
+
+def _record(benchmark, impl, step, qkv, cache, S, H, Hk):
+    """Time step (CALLS calls) and record per-call ms, GB/s and, for ours, the ratio to torch's row of the group."""
+    _, k, v = qkv
+    group = f"decode B=1 H={H} Hk={Hk} D=64 S={S} L=1 {str(DTYPE)[6:]} {cache}"
+    benchmark.group = group
+    benchmark.extra_info.update(impl=impl, device=DEVICE, calls_per_round=CALLS,
+                                op=f"decode-H{H}-Hk{Hk}-D64-L1-{cache}", direction="fwd", dtype=str(DTYPE)[6:],
+                                width=S, heads=H, kv_heads=Hk)
+    benchmark.pedantic(step, warmup_rounds=3, rounds=ROUNDS, iterations=1)
     if benchmark.stats is None:  # --benchmark-disable: one plain run, no statistics
         return
     median = benchmark.stats.stats.median / CALLS

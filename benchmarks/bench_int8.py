@@ -12,6 +12,7 @@ import torch
 import fastattn
 from fastattn.backends import available_backends
 from fastattn.nn import Int8Linear
+from conftest import graphed
 from fastattn.testing import sync
 
 GPU = torch.cuda.is_available()
@@ -23,21 +24,6 @@ LINEARS = [(1, 4096, 4096), (4096, 4096, 4096)] if GPU else [(1, 1024, 1024), (5
 # CPU: 40 rounds of one call (~1 ms each at 1024^3), so that a burst of the host's other load cannot take the median.
 CALLS, ROUNDS = (10, 10) if GPU else (1, 40)
 OURS = [b for b in available_backends() if b in (("cuda", "triton") if GPU else ("cpu",))]
-
-
-def _graphed(fn):
-    """fn's CALLS calls captured once in a CUDA graph; returns the replay (after warm-up: autotuning runs eagerly)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
-    return graph.replay
 
 
 def _timings(M):
@@ -56,7 +42,7 @@ def _bench(benchmark, fn, ops, group, info, timing="eager"):
         raise
 
     if timing == "graph":
-        replay = _graphed(fn)
+        replay = graphed(fn, CALLS)
 
         def step():
             replay()

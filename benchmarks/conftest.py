@@ -76,3 +76,19 @@ def interleaved_speculative(benchmark, runs: dict, ours, tokens: int, group: str
     best = {name: extra[f"{name} min s"] for name in runs}
     extra["speedup_vs_transformers-lookup"] = best["transformers-lookup"] / best["fastattn-lookup"]
     extra["speedup_vs_fastattn"] = best["fastattn"] / best["fastattn-lookup"]
+
+
+def graphed(fn, calls: int, warmup: int = 3):
+    """fn's ``calls`` calls captured once in a CUDA graph; returns the replay. ``warmup`` eager calls first, on a
+    side stream (autotuning and compiling run there, as torch's CUDA-graph notes ask)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
