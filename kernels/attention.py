@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
-from .dropout import philox_keep
+from .dropout import philox_keep, philox_words
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in base 2 (exp2): x * LOG2E
 LN2 = tl.constexpr(0.6931471805599453)
@@ -68,9 +68,15 @@ def _head_bias(Mask, stride_mb, stride_mh, Alibi, b, h, bh, HAS_ALIBI: tl.conste
 
 
 @triton.jit
-def _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p):
-    counter = rng_offset + ((bh.to(tl.int64) * L + offs_m[:, None]) * S + offs_n[None, :])
-    return philox_keep(seed, counter, dropout_p)
+def _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p, DROPOUT: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep flags of the (offs_m, offs_n) tile at dispatch.py's counters (rows S rounded up to 4 apart). DROPOUT 2
+    (a multiple-of-4 offset; offs_n starts at one): one Philox4x32 evaluation gives four keys; 1: one per key."""
+    row = rng_offset + (bh.to(tl.int64) * L + offs_m[:, None]) * ((S + 3) // 4 * 4)
+    if DROPOUT == 2:
+        first = tl.split(tl.split(tl.reshape(offs_n, (BLOCK_N // 4, 2, 2)))[0])[0]  # offs_n[4c]: a block's first key
+        return tl.reshape(philox_words(seed, (row + first[None, :]) >> 2), (BLOCK_M, BLOCK_N)) >= dropout_p
+    return philox_keep(seed, row + offs_n[None, :], dropout_p)
 
 
 @triton.jit
@@ -128,7 +134,7 @@ def _fwd_inner(acc, l_i, m_i, q,  # running output, row sums and row maxima; the
                dropout_p, seed, rng_offset,
                MASKED: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None],
@@ -142,7 +148,7 @@ def _fwd_inner(acc, l_i, m_i, q,  # running output, row sums and row maxima; the
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p)
+            keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p, DROPOUT, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV), other=0.0).to(DOT_DTYPE)
@@ -190,7 +196,7 @@ def _attn_fwd_kernel(
                                sm_scale, softcap, diag_offset, window_left, window_right,
                                dropout_p, seed, rng_offset,
                                False, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
-                               DOT_DTYPE, PRECISION, BLOCK_N)
+                               DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q,
                                K, V, stride_kn, stride_vn,
                                offs_m, offs_d, offs_dv, mid, hi, bh, L, S, E, EV,
@@ -198,7 +204,7 @@ def _attn_fwd_kernel(
                                sm_scale, softcap, diag_offset, window_left, window_right,
                                dropout_p, seed, rng_offset,
                                True, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
-                               DOT_DTYPE, PRECISION, BLOCK_N)
+                               DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -249,7 +255,8 @@ def _bwd_tile(q, k, v, do, lse, delta,  # the query side's tiles and the key sid
               sm_scale, softcap, diag_offset, window_left, window_right,  # score transforms
               dropout_p, seed, rng_offset,
               MASKED: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+              HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of the backward: P as the forward applied it to V (dropout included) and dS.
     P is 0 where masked, for rows past L and for empty rows (their lse is +inf)."""
     s, capped = _scores(q, tl.trans(k), offs_m, offs_n, L, S, Mask, stride_mm, stride_mn, slope,
@@ -258,7 +265,7 @@ def _bwd_tile(q, k, v, do, lse, delta,  # the query side's tiles and the key sid
     p = tl.math.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:
-        keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p)
+        keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p, DROPOUT, BLOCK_M, BLOCK_N)
         pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     else:
@@ -278,7 +285,7 @@ def _dkdv_inner(dk, dv, k, v,  # running dK, dV; the key block
                 dropout_p, seed, rng_offset,
                 MASKED: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q, do, lse, delta = _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, DOT_DTYPE)
@@ -286,7 +293,8 @@ def _dkdv_inner(dk, dv, k, v,  # running dK, dV; the key block
                            Mask, stride_mm, stride_mn, slope,
                            sm_scale, softcap, diag_offset, window_left, window_right,
                            dropout_p, seed, rng_offset,
-                           MASKED, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT, PRECISION)
+                           MASKED, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT, PRECISION,
+                           BLOCK_M, BLOCK_N)
         dv += tl.dot(tl.trans(pd.to(DOT_DTYPE)), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(DOT_DTYPE)), q, input_precision=PRECISION)
     return dk, dv
@@ -329,14 +337,14 @@ def _attn_bwd_dkdv_kernel(
                              sm_scale, softcap, diag_offset, window_left, window_right,
                              dropout_p, seed, rng_offset,
                              True, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
-                             DOT_DTYPE, PRECISION, BLOCK_M)
+                             DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta,
                              offs_n, offs_d, offs_dv, mid, hi, bh, L, S, E, EV,
                              HeadMask, stride_mm, stride_mn, slope,
                              sm_scale, softcap, diag_offset, window_left, window_right,
                              dropout_p, seed, rng_offset,
                              False, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
-                             DOT_DTYPE, PRECISION, BLOCK_M)
+                             DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
     dk = dk * sm_scale
     tl.store(DK + kv_row[:, None] * E + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=(offs_n[:, None] < S) & (offs_d[None, :] < E))
@@ -353,7 +361,7 @@ def _dq_inner(dq, q, do, lse, delta,  # running dQ; the query block's tiles
               dropout_p, seed, rng_offset,
               MASKED: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, offs_n, offs_n, S, E, offs_d, DOT_DTYPE)
@@ -362,7 +370,8 @@ def _dq_inner(dq, q, do, lse, delta,  # running dQ; the query block's tiles
                           Mask, stride_mm, stride_mn, slope,
                           sm_scale, softcap, diag_offset, window_left, window_right,
                           dropout_p, seed, rng_offset,
-                          MASKED, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT, PRECISION)
+                          MASKED, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT, PRECISION,
+                          BLOCK_M, BLOCK_N)
         dq += tl.dot(ds.to(DOT_DTYPE), k, input_precision=PRECISION)
     return dq
 
@@ -401,14 +410,14 @@ def _attn_bwd_dq_kernel(
                    sm_scale, softcap, diag_offset, window_left, window_right,
                    dropout_p, seed, rng_offset,
                    False, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
-                   DOT_DTYPE, PRECISION, BLOCK_N)
+                   DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, K, V,
                    offs_m, offs_d, offs_dv, mid, hi, bh, L, S, E, EV,
                    Mask, stride_mm, stride_mn, slope,
                    sm_scale, softcap, diag_offset, window_left, window_right,
                    dropout_p, seed, rng_offset,
                    True, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
-                   DOT_DTYPE, PRECISION, BLOCK_N)
+                   DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
     dq = dq * sm_scale
     q_row = bh.to(tl.int64) * L + offs_m
     tl.store(DQ + q_row[:, None] * E + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -416,12 +425,13 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(Keep, H, L, S, dropout_p, seed, rng_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(Keep, H, L, S, dropout_p, seed, rng_offset, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
     """The keep mask the attention kernels draw, for tests: (B, H, L, S) bool."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bh = tl.program_id(2)
-    keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p)
+    keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p, DROPOUT, BLOCK_M, BLOCK_N)
     off = (bh.to(tl.int64) * L + offs_m[:, None]) * S + offs_n[None, :]
     tl.store(Keep + off, keep.to(tl.int8), mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
 
@@ -429,6 +439,11 @@ def _dropout_mask_kernel(Keep, H, L, S, dropout_p, seed, rng_offset, BLOCK_M: tl
 # ---- launchers ----------------------------------------------------------------------------------------------
 def _head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
+
+
+def _dropout_mode(p) -> int:
+    """0: no dropout; 2: an offset that is a multiple of 4 (the API's), four keys a Philox evaluation; 1: any other."""
+    return 0 if p.dropout_p == 0 else 2 if p.offset % 4 == 0 else 1
 
 
 def _common(q, k, v, mask, alibi, p):
@@ -454,7 +469,7 @@ def _common(q, k, v, mask, alibi, p):
                p.window_left if p.window_left >= 0 else big, p.window_right if p.window_right >= 0 else big,
                p.dropout_p, p.seed, p.offset)
     flags = dict(MASK_KIND=mask_kind, CAUSAL=p.causal, HAS_WINDOW=has_window, HAS_ALIBI=alibi is not None,
-                 SOFTCAP=p.softcap > 0, DROPOUT=p.dropout_p > 0, DOT_DTYPE=dot_dtype, PRECISION=precision,
+                 SOFTCAP=p.softcap > 0, DROPOUT=_dropout_mode(p), DOT_DTYPE=dot_dtype, PRECISION=precision,
                  BLOCK_D=_head_block(E), BLOCK_DV=_head_block(EV))
     return (B, H, Hk, L, S, E, EV), mask_arg, mstrides, (q if alibi is None else alibi), scalars, flags
 
@@ -556,5 +571,6 @@ def dropout_mask(p, B, H, L, S, device):
     """The (B, H, L, S) keep mask the kernels above draw for these parameters (for tests)."""
     keep = torch.empty((B, H, L, S), dtype=torch.int8, device=device)
     _dropout_mask_kernel[(triton.cdiv(L, 32), triton.cdiv(S, 32), B * H)](keep, H, L, S, p.dropout_p, p.seed,
-                                                                         p.offset, BLOCK_M=32, BLOCK_N=32)
+                                                                         p.offset, DROPOUT=_dropout_mode(p),
+                                                                         BLOCK_M=32, BLOCK_N=32)
     return keep.bool()

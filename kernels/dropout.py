@@ -17,15 +17,29 @@ def philox_keep(seed, counter, p):
 
 
 @triton.jit
-def _dropout_kernel(X, Out, n, p, scale, seed, offset, BLOCK: tl.constexpr):
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def philox_words(seed, block):
+    """Philox4x32-10 at counters ``block`` (any shape) as a (*block.shape, 2, 2) tensor: reshaped to (..., 4n), the
+    uniforms of counters 4 * block + 0, 1, 2, 3 in order (one evaluation for four counters, where philox_keep spends
+    one on each)."""
+    u0, u1, u2, u3 = tl.rand4x(seed, block)
+    return tl.join(tl.join(u0, u2), tl.join(u1, u3))
+
+
+@triton.jit
+def _dropout_kernel(X, Out, n, p, scale, seed, offset, GROUPED: tl.constexpr, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    idx = start + tl.arange(0, BLOCK)
     inside = idx < n
     x = tl.load(X + idx, mask=inside, other=0.0).to(tl.float32)
-    keep = philox_keep(seed, offset + idx, p)
+    if GROUPED:  # offset % 4 == 0: the block's counters start a Philox block
+        keep = tl.reshape(philox_words(seed, (offset + start) // 4 + tl.arange(0, BLOCK // 4)), (BLOCK,)) >= p
+    else:
+        keep = philox_keep(seed, offset + idx, p)
     tl.store(Out + idx, (x * tl.where(keep, scale, 0.0)).to(Out.dtype.element_ty), mask=inside)
 
 
 def dropout_fwd(x: torch.Tensor, out: torch.Tensor, p: float, seed: int, offset: int) -> None:
     n = x.numel()
     if n:
-        _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, p, 1.0 / (1.0 - p), seed, offset, BLOCK=BLOCK)
+        _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, p, 1.0 / (1.0 - p), seed, offset,
+                                                  GROUPED=offset % 4 == 0, BLOCK=BLOCK)

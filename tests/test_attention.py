@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import fastattn
 from fastattn.ops import attention as A
+from fastattn.ops.dropout import dropout_rng
 from fastattn.reference import attention_ref
 from conftest import HAS_GPU, assert_bounded, backend_device, backend_params, skip_if_not_built
 
@@ -247,8 +248,7 @@ def test_dropout(backend_name, p_drop):
     for a, b in zip(got, again):
         assert torch.equal(a, b), "same seed, different result"
     torch.manual_seed(1234)
-    seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
-    offset = int(torch.randint(0, 2**40, (1,), device="cpu"))
+    seed, offset = dropout_rng()  # attention()'s draw
     p = A.AttnParams(scale=E ** -0.5, diag_offset=S - L, dropout_p=p_drop, seed=seed, offset=offset)
     keep = A.dropout_mask(backend_name, p, B, H, L, S, dev)
     assert abs(keep.float().mean().item() - (1 - p_drop)) < 0.03

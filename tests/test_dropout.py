@@ -60,9 +60,10 @@ def test_values_and_keep_rate(backend, dtype):
 
 @needs_cpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n, offset", [(1, 0), (4097, 5), (12_345, 2**32 - 7), (33, 2**40 + 3)])
+@pytest.mark.parametrize("n, offset", [(1, 0), (4097, 5), (12_345, 2**32 - 7), (33, 2**40 + 3), (5000, 2**32 - 8)])
 def test_cpu_and_triton_keep_the_same_elements(dtype, n, offset):
-    """Chunk boundaries, tails shorter than a vector, and a 2**32 carry of the counter."""
+    """Chunk boundaries, tails shorter than a vector, and a 2**32 carry of the counter; offsets that are multiples of
+    4 (Triton's four elements per Philox evaluation: the API's) and others (one each)."""
     x = torch.randn(n).to(dtype)
     a, b = _run("cpu", x, 0.25, 777, offset), _run("triton", x.to(backend_device("triton")), 0.25, 777, offset)
     _assert_same_values(b, a.to(b.device), "triton")
@@ -70,17 +71,21 @@ def test_cpu_and_triton_keep_the_same_elements(dtype, n, offset):
 
 @needs_cpu
 def test_cpu_dropout_equals_the_attention_kernels_mask():
-    """One Philox stream in fastattn: the dropout's keep flags are the attention dropout mask's at the same counters."""
+    """One Philox stream in fastattn: the dropout's keep flags are the attention dropout mask's at the same counters;
+    the mask's rows are S rounded up to a multiple of 4 counters apart (dispatch.py's contract)."""
     keep = _run("cpu", torch.ones(5000), 0.2, 42, 1000) != 0
     mask = _ext._C.attention_dropout_mask_cpu(1, 1, 1, 5000, 0.2, 42, 1000).view(-1)
     assert torch.equal(keep, mask)
+    flat = (_run("cpu", torch.ones(2 * 3 * 40), 0.2, 42, 1000) != 0).view(2, 3, 40)[..., :37]
+    assert torch.equal(_ext._C.attention_dropout_mask_cpu(2, 1, 3, 37, 0.2, 42, 1000).view(2, 3, 37), flat)
 
 
 @needs_cpu
-@pytest.mark.parametrize("S, offset", [(37, 2**40 + 1), (130, 2**32 - 301)])
+@pytest.mark.parametrize("S, offset", [(37, 2**40 + 1), (130, 2**32 - 301), (37, 2**40 + 4), (130, 2**32 - 300)])
 def test_attention_masks_agree_across_backends(S, offset):
-    """The CPU and Triton attention kernels drop the same (b, h, i, j), rows starting inside a Philox counter's four
-    words and crossing a 2**32 carry included."""
+    """The CPU and Triton attention kernels drop the same (b, h, i, j): rows starting inside a Philox counter's four
+    words (an offset that is no multiple of 4: Triton draws one key per evaluation) or at their first (four keys per
+    evaluation, the API's offsets), a 2**32 carry crossed."""
     from fastattn.ops.attention import dispatch as A
     p = A.AttnParams(scale=1.0, dropout_p=0.3, seed=2**40 + 17, offset=offset)
     cpu, tri = (A.dropout_mask(b, p, 2, 3, 5, S, backend_device(b)).cpu() for b in ("cpu", "triton"))

@@ -101,8 +101,8 @@ class Attention {
     return static_cast<const X*>(v.data) + i0 * v.stride[0] + i1 * v.stride[1] + i2 * v.stride[2];
   }
   int64_t bk_of(int64_t b, int64_t h) const { return b * Hk + h / G; }
-  uint64_t counter(int64_t b, int64_t h, int64_t i) const {  // dropout counter of (b, h, i, 0)
-    return a_.offset + (uint64_t(b * H + h) * uint64_t(L) + uint64_t(i)) * uint64_t(S);
+  uint64_t counter(int64_t b, int64_t h, int64_t i) const {  // dropout counter of (b, h, i, 0): rows S4 apart
+    return a_.offset + (uint64_t(b * H + h) * uint64_t(L) + uint64_t(i)) * dropout_row_stride(S);
   }
 
   // keys [jlo, jhi) that some query of [i0, i0 + bm) may see
@@ -716,7 +716,7 @@ void attention_dropout_mask(int64_t B, int64_t H, int64_t L, int64_t S, double d
   uint8_t* out = reinterpret_cast<uint8_t*>(keep);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * S >= (1 << 14))
   for (int64_t r = 0; r < rows; ++r) {
-    const uint64_t ctr = offset + uint64_t(r) * uint64_t(S);
+    const uint64_t ctr = offset + uint64_t(r) * dropout_row_stride(S);
 #ifdef FA_X86
     if (cpu_use_avx512()) {
       Avx512::keep_row(seed, ctr, S, p, out + r * S);

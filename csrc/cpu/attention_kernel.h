@@ -60,8 +60,12 @@ struct AttnBwdArgs : AttnArgs {
 void attention_fwd(const AttnFwdArgs& a);
 void attention_bwd(const AttnBwdArgs& a);
 
-// keep[((b * H + h) * L + i) * S + j] = (the uniform of logical counter offset + that index) >= (float)dropout_p:
-// word (counter % 4) of Philox4x32-10 at (counter / 4) under key seed (philox.h; Triton's philox_keep).
+// The dropout counter of (b, h, i, j) is offset + ((b * H + h) * L + i) * S4 + j, S4 = S rounded up to a multiple of
+// 4 (rows start Philox blocks when offset is a multiple of 4: the Triton kernels then draw four keys per evaluation).
+inline uint64_t dropout_row_stride(int64_t S) { return (uint64_t(S) + 3) / 4 * 4; }
+
+// keep[((b * H + h) * L + i) * S + j] = (the uniform of that entry's counter) >= (float)dropout_p: word
+// (counter % 4) of Philox4x32-10 at (counter / 4) under key seed (philox.h; Triton's philox_keep).
 void attention_dropout_mask(int64_t B, int64_t H, int64_t L, int64_t S, double dropout_p, uint64_t seed,
                             uint64_t offset, bool* keep, int num_threads);
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..backends import forced_backend
 from ..ops.attention import AttnParams, attention, dropout_mask, select_backend
+from ..ops.dropout import dropout_rng
 from ..ops.batching import is_transformed
 from ._torchscript import refuse_script
 
@@ -171,8 +172,7 @@ class _AttnWeights(torch.autograd.Function):
 def _attention_with_keep(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float):
     """fastattn.attention's output and lse with dropout, and the (B, H, L, S) keep mask its kernel drew, so that
     the returned weights carry the dropout the output had. attention() draws its Philox seed and offset from
-    torch's default generator (two randint calls, documented there and relied on by its dropout test): the
-    generator is rewound to draw them again."""
+    torch's default generator (ops.dropout.dropout_rng): the generator is rewound to draw them again."""
     B, H, L, E = q.shape
     S = k.shape[2]
     if dropout_p >= 1.0:  # every probability dropped: out = 0, weights = 0
@@ -182,8 +182,7 @@ def _attention_with_keep(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
     out, lse = attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, return_lse=True)
     after = torch.get_rng_state()
     torch.set_rng_state(before)
-    seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
-    offset = int(torch.randint(0, 2**40, (1,), device="cpu"))
+    seed, offset = dropout_rng()
     torch.set_rng_state(after)
     p = AttnParams(E ** -0.5, False, S - L, dropout_p=float(dropout_p), seed=seed, offset=offset)
     if mask is not None and mask.requires_grad and torch.is_grad_enabled():

@@ -30,6 +30,15 @@ class DropoutRequest(NamedTuple):
     dtype: torch.dtype
 
 
+def dropout_rng() -> tuple:
+    """A dropout mask's Philox (seed, offset) for this op and attention's, drawn from torch's default generator so
+    that torch.manual_seed reproduces the mask (two randint calls): offsets below 2**40 (far from 2**63) and
+    multiples of 4, so that a Triton block (and each row of an attention mask) starts a Philox block: one Philox
+    evaluation gives four elements there (kernels/dropout.py)."""
+    seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
+    return seed, 4 * int(torch.randint(0, 2**38, (1,), device="cpu"))
+
+
 def dropout_ref(x: Tensor, out: Tensor, p: float, seed: int, offset: int) -> None:
     g = torch.Generator(device=x.device).manual_seed(seed + offset)
     keep = torch.rand(x.shape, generator=g, device=x.device) >= p
@@ -92,7 +101,5 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = Fa
         return F.dropout(x, p, training, inplace)
     if inplace and x.requires_grad and x.is_leaf and torch.is_grad_enabled():
         return F.dropout(x, p, training, inplace)  # torch's error for an in-place op on a leaf that requires grad
-    # from torch's default generator, so torch.manual_seed reproduces the mask; offsets stay far from 2**63
-    seed = int(torch.randint(0, 2**62, (1,)))
-    offset = int(torch.randint(0, 2**40, (1,)))
+    seed, offset = dropout_rng()  # torch.manual_seed reproduces the mask
     return DropoutFunctionEager.apply(x, float(p), seed, offset, inplace)

@@ -14,6 +14,7 @@ from .decode import route as decode_route
 from .dispatch import attention_fwd_op, dispatcher, ref_kwargs
 from ..batching import graph_capture, has_torch_function_subclass, is_transformed
 from .function import AttentionFunction, AttentionFunctionEager, DroppedAttention
+from ..dropout import dropout_rng
 from .params import AttnParams, request
 from .validation import CAUSAL, as_bhld, as_float, autocast_qkv, build_mask, causal_bias_alignment, check_qkv
 
@@ -71,11 +72,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
     scale = E ** -0.5 if scale is None else as_float("scale", scale)
     if dropout_p == 1.0 and not return_lse:  # every probability dropped
         return DroppedAttention.apply(qb, kb, vb).reshape(out_shape)
-    seed = offset = 0
-    if 0 < dropout_p < 1:
-        # from torch's default generator, so torch.manual_seed reproduces the mask; offsets stay far from 2**63
-        seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
-        offset = int(torch.randint(0, 2**40, (1,), device="cpu"))
+    seed, offset = dropout_rng() if 0 < dropout_p < 1 else (0, 0)
     p = AttnParams(scale, causal is not None,
                    attention_diag_offset(L, kb.shape[2], causal if causal is not None else "bottom_right"),
                    int(window[0]), int(window[1]), softcap, dropout_p if dropout_p < 1 else 0.0, seed, offset)

@@ -16,8 +16,10 @@ k, v have Hk heads, H % Hk == 0. mask is None or a (B, H, L, S) view (broadcast 
 materialized) of dtype bool (True = take part) or float (added to the scores). alibi is None or (B, H) float32.
 lse is the natural-log logsumexp of each row's scaled scores, +inf for a row with no key left (so exp(s - lse) = 0
 there and its output and gradients are 0); the public API returns it the same way. Dropout keeps entry
-(b, h, i, j) when the uniform of logical counter ``p.offset + ((b * H + h) * L + i) * S + j`` under key ``p.seed``
+(b, h, i, j) when the uniform of logical counter ``p.offset + ((b * H + h) * L + i) * S4 + j`` under key ``p.seed``
 is >= dropout_p, identically in fwd and bwd (word counter % 4 of Philox4x32-10 at counter // 4: kernels/dropout.py).
+S4 is S rounded up to a multiple of 4: with an offset that is one too (the API's are), every row starts a Philox
+block, so a kernel draws four keys' uniforms from one Philox evaluation.
 """
 from __future__ import annotations
 
