@@ -2,12 +2,15 @@
 # The GPU suite: on a fresh GPU machine with torch, triton and nvcc (no internet), build fastattn for this GPU, run
 # the test files that use the GPU (tests/test_cuda_*.py check the CUDA C++ kernels), the model-level checks
 # (benchmarks/gpu_models_check.py: models, KV cache, CUDA graphs, HF, the CLI on the GPU) and the GPU benchmarks, and
-# write OUTDIR/summary.md + summary.json (GPU, commit, measured copy bandwidth, each speedup vs torch) with the logs.
+# write OUTDIR/summary.md + summary.json (GPU, commit, measured copy bandwidth, each speedup vs torch) with the logs,
+# all of them archived as OUTDIR.tgz at the end.
 #   usage: bash benchmarks/gpu_suite.sh OUTDIR   (PYTHON=python3, FASTATTN_COMMIT=<sha> when .git is absent,
 #          SUITE_BUDGET_S=540: each stage is cut off so that the whole suite ends within it; CHECK_RESERVE_S=120 and
 #          BENCH_RESERVE_S=270 of it are kept for the checks and the benchmarks; BENCH_MODEL=gpt2-medium;
-#          SUITE_STAGES="tests check bench": a subset runs alone, its reserves dropped: with a 15-minute lease, run
-#          "tests check" and then, on the still-warm machine (the build is kept and not redone), "bench")
+#          SUITE_STAGES="tests check bench": a subset runs alone, its reserves dropped. Run 4 (H100): build 54 s,
+#          the tests cut at 142 s with 12 workers, the first check alone 51 s (compiling): one 600-s call does not
+#          hold all three; call "tests bench" and, at once (the machine goes back 30 s after a call; the build is
+#          kept), "check")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: gpu_suite.sh OUTDIR}
@@ -84,3 +87,5 @@ PYEOF
 $PY benchmarks/gpu_summary.py "$OUT" "$commit"
 $PY benchmarks/plot.py "$OUT/bench.json" "$OUT/speedup.png" > /dev/null 2>&1 || log "plot failed"
 log "done"
+# the device tool brings back 8 files at most: everything in one archive beside OUTDIR (run 4: OUTDIR=$OUT/suite)
+tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
