@@ -494,7 +494,8 @@ def gpt_decode_step_cuda_graph():
 @check
 def gpt_generate_cuda_graph():
     """generate(cuda_graph=True) gives eager generate's tokens: greedy on a left-padded batch, and sampling from the
-    same seed; ALiBi's step (a host sync) falls back to eager with a warning and the same tokens."""
+    same seed; ALiBi's step (a host sync) falls back to eager with a warning and the same tokens; a Seq2Seq's
+    greedy decoding (the cross-attention's K/V fixed in the graph)."""
     if not GPU:
         return {"skipped": "no GPU"}
     out = {}
@@ -511,6 +512,13 @@ def gpt_generate_cuda_graph():
                                       generator=torch.Generator(DEV).manual_seed(7)) for g in (False, True)]
             assert torch.equal(*sampled), f"{name} {kw}: sampled tokens differ with cuda_graph"
         out[f"{name}{' alibi' if kw else ''}"] = "tokens equal"
+    torch.manual_seed(0)
+    s2s = Seq2Seq(Seq2SeqConfig(vocab_size=512, d_model=128, n_layer=2, n_head=4, max_seq_len=128)).to(DEV).eval()
+    src = ids(2, 30, 512)
+    with torch.no_grad():
+        runs = [s2s.generate(src, 20, temperature=0, cuda_graph=g) for g in (False, True)]
+    assert torch.equal(*runs), "Seq2Seq: greedy tokens differ with cuda_graph"
+    out["seq2seq"] = "tokens equal"
     return out
 
 

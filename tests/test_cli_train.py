@@ -232,7 +232,8 @@ def test_generate_speculative(gpt_run, tmp_path, capsys):
     (["-p", "a", "--min-p", "2"], None, "--min-p must be in [0, 1]"),
     (["-p", "a", "--typical-p", "0"], None, "--typical-p must be in (0, 1]"),
     (["-p", "a", "--cuda-graph", "--num-beams", "2"], None, "--cuda-graph: greedy search and sampling only"),
-    (["-p", "a", "-n", "2", "--cuda-graph", "--device", "cpu"], None, "--cuda-graph: a GPT on a CUDA device"),
+    (["-p", "a", "-n", "2", "--cuda-graph", "--device", "cpu"], None, "--cuda-graph: a CUDA device, greedy or "
+                                                                       "sampling (here: cpu)"),
 ])
 def test_generate_user_errors(gpt_run, capsys, monkeypatch, args, stdin, needle):
     import io

@@ -188,6 +188,8 @@ def test_seq2seq_generate_after_inference_mode_and_bad_source():
     assert torch.equal(m.generate(src, 4, temperature=0), a)  # the inference-mode caches are made anew
     with pytest.raises(ValueError, match="input_ids"):
         m.generate(src[0], 4)
+    with pytest.raises(ValueError, match="cuda_graph: needs a model and input_ids on a CUDA device, got cpu"):
+        m.generate(src, 4, cuda_graph=True)  # (gpu_models_check.gpt_generate_cuda_graph runs it on a GPU)
 
 
 def test_seq2seq_needs_decoder_inputs_or_labels():

@@ -49,8 +49,8 @@ class GenerateConfig:
                                                     "(transformers' meaning; default 1 = none, or the folder's)")
     no_repeat_ngram_size: Optional[int] = opt(None, "never repeat an n-gram of this many tokens (default 0 = off, "
                                                     "or the folder's)")
-    cuda_graph: bool = opt(False, "replay each decode step from a CUDA graph (a GPT on a GPU, greedy or sampling: "
-                                  "the host's launch time leaves every token)")
+    cuda_graph: bool = opt(False, "replay each decode step from a CUDA graph (a GPU; greedy or sampling: the host's "
+                                  "launch time leaves every token)")
 
     def validate(self):
         if self.max_new_tokens < 0:
@@ -194,9 +194,9 @@ def generate(model, tok, prompts, cfg, device, out=None, draft=None, args=None):
     if stream and len(prompts) > 1:
         raise CLIError(f"--stream prints one continuation as it comes: give one prompt, not {len(prompts)}")
     _check_context(model, L - 1, n_prompt, cfg.max_new_tokens)
-    if cfg.cuda_graph and (hasattr(model, "encode") or device.type != "cuda" or beams):
-        raise CLIError(f"--cuda-graph: a GPT on a CUDA device, greedy or sampling (here: {type(model).__name__} on "
-                       f"{device.type}{', beam search' if beams else ''})")
+    if cfg.cuda_graph and (device.type != "cuda" or beams):
+        raise CLIError(f"--cuda-graph: a CUDA device, greedy or sampling (here: {device.type}"
+                       f"{', beam search' if beams else ''})")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     new, streamed = [], []
     stop_ids = torch.tensor(tok.stop_ids)  # end-of-text, and an HF model's other end ids (Llama 3's <|eot_id|>)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .beam import Search
 from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
+from .graphs import check_cuda_graph
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, drop,
                      init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none, shifted_target, softcap)
 from .moe import load_balancing_loss
@@ -197,11 +198,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
             raise ValueError("attention_mask: generate needs prompts padded on the left (the last column is padding "
                              "in some row)")
         if cuda_graph:
-            if input_ids.device.type != "cuda":
-                raise ValueError(f"cuda_graph: needs a model and input_ids on a CUDA device, got {input_ids.device}")
-            if num_beams > 1 or speculative:
-                raise ValueError("cuda_graph: greedy search and sampling only, not beam search or speculative "
-                                 "decoding")
+            check_cuda_graph(input_ids, num_beams, speculative)
         if max_new_tokens == 0:
             return search.no_new_tokens(self, input_ids)
         spec = speculation(self, B, {"the prompt plus max_new_tokens": L + max_new_tokens}, assistant_model,

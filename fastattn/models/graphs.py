@@ -20,6 +20,14 @@ log = logging.getLogger("fastattn")
 Step = Callable[[Tensor, Tensor], Tensor]
 
 
+def check_cuda_graph(input_ids: Tensor, num_beams: int, speculative: bool) -> None:
+    """generate's refusals of ``cuda_graph=True``, by name."""
+    if input_ids.device.type != "cuda":
+        raise ValueError(f"cuda_graph: needs a model and input_ids on a CUDA device, got {input_ids.device}")
+    if num_beams > 1 or speculative:
+        raise ValueError("cuda_graph: greedy search and sampling only, not beam search or speculative decoding")
+
+
 class GraphedStep:
     """``step(tokens (B, 1), input_pos (1,)) -> logits (B, V)`` from a CUDA graph after one eager call."""
 

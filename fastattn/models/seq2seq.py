@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .beam import Search
 from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
+from .graphs import check_cuda_graph
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, init_weights,
                      check_skip_padding, drop, keep_mask, lm_head_loss, make_norm, padding_or_none, token_positions)
 from .speculative import speculation, speculative_generate
@@ -252,13 +253,13 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
                  prompt_lookup_num_tokens: Optional[int] = None, max_matching_ngram_size: int = 2,
                  num_beams: int = 1, num_return_sequences: int = 1, length_penalty: float = 1.0,
                  early_stopping: Union[bool, str] = False, repetition_penalty: float = 1.0,
-                 no_repeat_ngram_size: int = 0, output_scores: bool = False) -> Tensor:
+                 no_repeat_ngram_size: int = 0, output_scores: bool = False, cuda_graph: bool = False) -> Tensor:
         """Decoder tokens (B, 1 + new) for the source input_ids (B, S): the start token, then up to max_new_tokens
         (temperature 0 = greedy; sampling, eos, min_new_tokens, streamer, speculative decoding, beam search, the
-        repetition processors and output_scores as in GPT.generate; prompt lookup searches the source, then the
-        tokens decoded so far; with T5's relative positions, speculative decoding takes one sequence at a time). The
-        first new token is ``forced_bos_token_id`` and the last (the max_new_tokens-th) ``forced_eos_token_id``
-        (None: the config's) when there is one, as transformers' generate forces them."""
+        repetition processors, output_scores and cuda_graph as in GPT.generate; prompt lookup searches the source,
+        then the tokens decoded so far; with T5's relative positions, speculative decoding takes one sequence at a
+        time). The first new token is ``forced_bos_token_id`` and the last (the max_new_tokens-th)
+        ``forced_eos_token_id`` (None: the config's) when there is one, as transformers' generate forces them."""
         sampling = Sampling(temperature, top_k, top_p, min_p, typical_p)
         search = Search(num_beams, num_return_sequences, length_penalty, early_stopping, repetition_penalty,
                         no_repeat_ngram_size, output_scores)
@@ -266,6 +267,8 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         input_ids, attention_mask = search.prepare(sampling, max_new_tokens, min_new_tokens, speculative, streamer,
                                                    input_ids, attention_mask)
         keep_mask(input_ids, attention_mask, self.config.max_seq_len)  # checks shapes and length
+        if cuda_graph:
+            check_cuda_graph(input_ids, num_beams, speculative)
         start = self.config.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
         B = input_ids.shape[0]
         out = input_ids.new_full((B, 1 + max_new_tokens), start)
@@ -295,7 +298,8 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
                                             generator=generator, streamer=streamer, min_new_tokens=min_new_tokens,
                                             forced_eos_token_id=last)
             return search.decode(self, logits, out, 1, max_new_tokens, sampling, eos_token_id, generator, streamer,
-                                 min_new_tokens, forced, None if last is None else (max_new_tokens - 1, last))
+                                 min_new_tokens, forced, None if last is None else (max_new_tokens - 1, last),
+                                 cuda_graph=cuda_graph)
         finally:
             self.memory_kv = self.memory_pad = None
             if spec is not None and spec.assistant is not None:
