@@ -224,6 +224,32 @@ def test_every_triton_config(backend_name, monkeypatch, which, E, config):
     check(backend_name, B=1, H=1, L=200, S=200, E=E, window=(70, 10), alibi=True)
 
 
+def test_launch_reuses_the_autotuners_pick(monkeypatch):
+    """Once the autotuner has picked a config for a key, the kernel is launched with it directly (the autotuner's own
+    dispatch skipped); another key (head dims, causality, a dtype) asks the autotuner again."""
+    triton = pytest.importorskip("triton")
+    from fastattn.kernels import attention as K
+    calls = []
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+            self.best_config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2)
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append((self.name, kw.get("BLOCK_M"), kw.get("num_warps")))
+
+    monkeypatch.setitem(K._KERNELS, "fwd", (Kernel("raw"), Kernel("tuned")))
+    monkeypatch.setattr(K, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(K, "PICKED", {})
+    x = torch.zeros(2)
+    for dims, causal, t in [((64, 64), True, x), ((64, 64), True, x), ((64, 32), True, x), ((64, 64), False, x),
+                            ((64, 64), True, x.half()), ((64, 64), False, x)]:
+        K._launch("fwd", None, t, 3, dims=dims, CAUSAL=causal)
+    assert calls == [("tuned", None, None), ("raw", 64, 8), ("tuned", None, None), ("tuned", None, None),
+                     ("tuned", None, None), ("raw", 64, 8)]
+
+
 @BK
 @pytest.mark.parametrize("p_drop", [0.17, 0.5])
 def test_dropout(backend_name, p_drop):
