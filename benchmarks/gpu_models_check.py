@@ -1,7 +1,8 @@
 """The GPU suite's model-level checks: the test suite runs fastattn.models, the CLI and the HF integration on the CPU
 only (CI has no GPU), so this script runs them once on the GPU. Each check prints PASS / FAIL with its numbers; all
 of them go to OUT.json.  usage: python benchmarks/gpu_models_check.py OUT.json  (on a machine without a GPU it runs
-on the CPU, the CUDA-graph check skipped: a dry run of the script itself).
+on the CPU, the CUDA-graph checks skipped: a dry run of the script itself). GPU_CHECKS=name,name runs those checks
+alone, in that order (run 4's budget cut every check after the first).
 
 Bounds are the tests' (tests/conftest.py): fastattn's error against a float64 reference <= 2x the error of torch's
 own computation in the same dtype + about one rounding step of that dtype."""
@@ -526,7 +527,13 @@ def main(path):
     print(f"gpu_models_check on {torch.cuda.get_device_name() if GPU else 'cpu'}, torch {torch.__version__}",
           flush=True)
     failed = 0
-    for fn in CHECKS:
+    chosen = [c for c in os.environ.get("GPU_CHECKS", "").split(",") if c]
+    unknown = sorted(set(chosen) - {fn.__name__ for fn in CHECKS})
+    if unknown:
+        print(f"GPU_CHECKS: no check named {', '.join(unknown)}", flush=True)
+        return 2
+    todo = [next(fn for fn in CHECKS if fn.__name__ == c) for c in chosen] if chosen else CHECKS
+    for fn in todo:
         t = time.time()
         try:
             RESULTS[fn.__name__] = {"ok": True, "result": fn()}
@@ -540,7 +547,7 @@ def main(path):
                   f"{traceback.format_exc()[-1500:]}", flush=True)
         with open(path, "w") as f:
             json.dump(RESULTS, f, indent=1)
-    print(f"{len(CHECKS) - failed} passed, {failed} failed", flush=True)
+    print(f"{len(todo) - failed} passed, {failed} failed", flush=True)
     return 1 if failed else 0
 
 
