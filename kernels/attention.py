@@ -544,10 +544,20 @@ def _launch(which: str, grid, *args, dims, **kwargs):
     return raw[grid](*args, **kwargs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
 
 
+def _empty_in_order_of(t, shape, dtype):
+    """An empty tensor of the 4-D ``shape`` laid out in t's dimension order, its last dim last: out for a (B, H, L, E)
+    view of a (B, L, H, E) projection is (B, L, H, EV) in memory, so the caller's way back to (B, L, H * EV) is a view
+    rather than a copy (the CPU backend does the same)."""
+    order = sorted(range(3), key=lambda d: -t.stride(d)) + [3]
+    return torch.empty([shape[d] for d in order], dtype=dtype, device=t.device).permute(
+        *[order.index(d) for d in range(4)])
+
+
 def attention_fwd(q, k, v, mask, alibi, p):
-    """q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, EV), last dims contiguous -> out, lse (see the contract)."""
+    """q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, EV), last dims contiguous -> out (laid out in q's dimension
+    order), lse (see the contract)."""
     (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, scalars, flags = _common(q, k, v, mask, alibi, p)
-    out = torch.empty((B, H, L, EV), dtype=q.dtype, device=q.device)
+    out = _empty_in_order_of(q, (B, H, L, EV), q.dtype)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or L == 0:
         return out.zero_(), lse.fill_(float("inf"))

@@ -85,6 +85,22 @@ def test_head_dims(backend_name, E):
     check(backend_name, B=1, H=2, L=40, S=70, E=E, dtype=torch.float16)
 
 
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"], indirect=True)
+def test_output_follows_the_query_layout(backend_name):
+    """q as the (B, H, L, E) view of a (B, L, H, E) projection: out comes laid out (B, L, H, Ev) in memory, so the
+    way back to (B, L, H * Ev) is a view, not a copy; the values are those of contiguous inputs."""
+    skip_if_not_built(backend_name, "attention_fwd")
+    dev = backend_device(backend_name)
+    B, L, H, E = 2, 9, 3, 16
+    x = rand((B, L, 3 * H * E), torch.float32, dev, torch.Generator().manual_seed(0))
+    q, k, v = (t.view(B, L, H, E).transpose(1, 2) for t in x.split(H * E, -1))
+    with fastattn.backend(backend_name), torch.no_grad():
+        out = fastattn.attention(q, k, v)
+        want = fastattn.attention(q.contiguous(), k.contiguous(), v.contiguous())
+    assert out.transpose(1, 2).is_contiguous(), out.stride()
+    torch.testing.assert_close(out, want)
+
+
 @BK
 @DT
 @pytest.mark.parametrize("L, S", [(1, 1), (17, 17), (97, 129), (129, 97), (1, 97), (97, 1)])

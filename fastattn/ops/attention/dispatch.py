@@ -9,8 +9,8 @@ have any stride, stride 0 included):
 
 out and the gradients may have any layout with a unit last-dim stride: the CPU backend lays each out in its input's
 dimension order (q read as the transposed view of a (B, L, H, D) projection gives a (B, L, H, D)-laid-out out and
-dq, so the way back to (B, L, H * D) is a view, as with torch's flash CPU kernel); the others are contiguous, or (the
-CUDA gradients) empty_like their inputs. The custom ops below return them contiguous.
+dq, so the way back to (B, L, H * D) is a view, as with torch's flash CPU kernel), the Triton one its out; the others
+are contiguous, or (the CUDA gradients) empty_like their inputs. The custom ops below return them contiguous.
 
 k, v have Hk heads, H % Hk == 0. mask is None or a (B, H, L, S) view (broadcast dims have stride 0: never
 materialized) of dtype bool (True = take part) or float (added to the scores). alibi is None or (B, H) float32.
