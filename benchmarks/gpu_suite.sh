@@ -10,7 +10,7 @@
 #          SUITE_STAGES="tests check bench": a subset runs alone, its reserves dropped. Run 4 (H100): build 54 s,
 #          the tests cut at 142 s with 12 workers, the first check alone 51 s (compiling): one 600-s call does not
 #          hold all three; call "tests bench" and, at once (the machine goes back 30 s after a call; the build is
-#          kept), "check")
+#          kept), "check"; SUITE_BENCHES: which benchmark files run, in what order (below))
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: gpu_suite.sh OUTDIR}
@@ -66,8 +66,10 @@ fi
 # Benchmarks one file at a time, the rows of the open issues' GPU goals first; each file gets what is left of the
 # budget, so a slow one cuts the kernel rows after it, not the summary. Per-file JSON: OUT/bench_NAME.json.
 # bench_models: GPT-2-medium (issue 16's goal), 3 rounds (transformers' generate takes seconds a round).
-want bench && for spec in "decode:" "modules:" "hf:" "models:not interleaved" "train:not fastattn-compile" \
-            "cross_entropy:" "attention:" "dropout:" "add_norm:" "int8:" "seq2seq:" "moe:" "families:"; do
+# SUITE_BENCHES: the files and their -k selections in order, comma-separated ("name:selection").
+IFS=',' read -r -a SPECS <<< "${SUITE_BENCHES:-decode:,modules:,hf:,models:not interleaved,train:not fastattn-compile,\
+cross_entropy:,attention:,dropout:,add_norm:,int8:,seq2seq:,moe:,families:}"
+want bench && for spec in "${SPECS[@]}"; do
   name=${spec%%:*}; sel=${spec#*:}
   left=$(( BUDGET - $(elapsed) - 25 ))
   if [ $left -lt 20 ]; then log "bench_$name: skipped (budget spent)"; continue; fi
