@@ -34,6 +34,20 @@ def test_auto_prefers_compiled_backend_on_cpu():
     assert op.select_backend(x) == expected
 
 
+def test_add_norm_forward_on_gpu_by_size():
+    """On a GPU the add+norm forward runs CUDA C++ below TRITON_FWD_MIN elements (a pybind launch: less host time)
+    and Triton from there (the faster kernel); each falls back on the other where it refuses."""
+    order = op._dispatch.priority["cuda"]
+    assert order(op.NormRequest("cuda", torch.float16, 1024, big=False))[0] == "cuda"
+    assert order(op.NormRequest("cuda", torch.float16, 1024, big=True))[0] == "triton"
+    assert op._request(torch.empty(op.TRITON_FWD_MIN // 1024, 1024, device="meta")).big
+    assert not op._request(torch.empty(op.TRITON_FWD_MIN // 1024 - 1, 1024, device="meta")).big
+    if HAS_GPU and {"cuda", "triton"} <= set(fastattn.available_backends()):
+        assert op.select_backend(torch.empty(8, 1024, device="cuda", dtype=torch.float16)) == "cuda"
+        assert op.select_backend(torch.empty(op.TRITON_FWD_MIN // 1024, 1024, device="cuda",
+                                             dtype=torch.float16)) == "triton"
+
+
 def test_forced_backend_context_and_env(monkeypatch):
     x = torch.randn(4, 8)
     with fastattn.backend("reference"):

@@ -30,6 +30,7 @@ class NormRequest(NamedTuple):
     device: str
     dtype: torch.dtype
     cols: int
+    big: bool = False  # at least TRITON_FWD_MIN elements
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,14 +81,19 @@ _IMPLS = [
          _FLOATS + (torch.float64,), _cols_check),
     Impl("reference", _ref_fwd, _ref_bwd, ("cpu", "cuda"), _FLOATS + (torch.float64,)),
 ]
-# On GPU the forward prefers Triton and the backward CUDA C++, the faster of each on an H100
-# (benchmarks/results/2026-11-26-h100-run1). Both share the (y, s, mean, rstd) contract, so they mix.
-_dispatch = Dispatcher("add_norm", _IMPLS, priority={"cuda": ("triton", "cuda", "reference")})
+# On GPU the backward prefers CUDA C++ (the faster on an H100: benchmarks/results/2026-11-26-h100-run1), the forward
+# Triton from TRITON_FWD_MIN elements (1.67-2.07x torch at 128M against CUDA C++'s 1.58-1.86x, run 3) and CUDA C++
+# below: a Triton launch costs ~50 us more host time than a pybind call (run 4: add_layer_norm took 84 us a call
+# against torch's 20), more than the kernels' difference until the tensors are tens of MB. Both share the
+# (y, s, mean, rstd) contract, so they mix.
+TRITON_FWD_MIN = 1 << 24
+_dispatch = Dispatcher("add_norm", _IMPLS, priority={
+    "cuda": lambda req: ("triton", "cuda", "reference") if req.big else ("cuda", "triton", "reference")})
 _bwd_dispatch = Dispatcher("add_norm_backward", _IMPLS, priority={"cuda": ("cuda", "triton", "reference")})
 
 
 def _request(t: Tensor) -> NormRequest:
-    return NormRequest(t.device.type, t.dtype, t.shape[-1])
+    return NormRequest(t.device.type, t.dtype, t.shape[-1], t.numel() >= TRITON_FWD_MIN)
 
 
 def select_backend(x: Tensor, backend: Optional[str] = None) -> str:
