@@ -1,0 +1,78 @@
+"""Host time per call of fastattn's eager entry points against torch's, at shapes so small that the kernels take
+microseconds: what a call costs in Python, dispatch and launches (GPU run 4: fastattn.attention 192 us against torch
+SDPA's 16, add_layer_norm 84 against 20). Calls are queued back to back and the device synchronised once at the end,
+so on a GPU the time is the host's unless the kernels are the slower side.
+
+    python benchmarks/host_overhead.py [OUT.json]      # bf16 on a GPU, float32 on the CPU (one thread)
+"""
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fastattn
+import fastattn.nn as fnn
+from fastattn.testing import sync
+
+GPU = torch.cuda.is_available()
+DEV, DT = ("cuda", torch.bfloat16) if GPU else ("cpu", torch.float32)
+
+
+def per_call_us(fn, n=300):
+    for _ in range(20):
+        fn()
+    sync(DEV)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(DEV)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def pairs():
+    """(name, torch's call, fastattn's call) at host-bound sizes."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(DEV, DT)
+    q, x, w = rand(1, 8, 16, 64), rand(16, 1024), rand(1024)
+    q1, cache = rand(1, 8, 1, 64), rand(1, 8, 4096, 64)
+    yield "attention (1, 8, 16, 64)", lambda: F.scaled_dot_product_attention(q, q, q), \
+        lambda: fastattn.attention(q, q, q)
+    yield "add + LayerNorm (16, 1024)", lambda: F.layer_norm(x + x, (1024,), w, w), \
+        lambda: fastattn.add_layer_norm(x, x, w, w)
+    yield "decode, cache 4096", lambda: F.scaled_dot_product_attention(q1, cache, cache), \
+        lambda: fastattn.attention(q1, cache, cache)
+    h = rand(1, 16, 256)
+    for cls, args in (("MultiheadAttention", (h, h, h)), ("TransformerEncoderLayer", (h,))):
+        kw = dict(batch_first=True, device=DEV, dtype=DT)
+        theirs = getattr(torch.nn, cls)(256, 4, **kw) if cls == "MultiheadAttention" else \
+            torch.nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, **kw)
+        ours = getattr(fnn, cls)(256, 4, **kw) if cls == "MultiheadAttention" else \
+            fnn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, **kw)
+        ours.load_state_dict(theirs.state_dict())
+        theirs.eval(), ours.eval()
+        extra = {"need_weights": False} if cls == "MultiheadAttention" else {}
+        yield f"{cls} (1, 16, 256) eval", (lambda m=theirs: m(*args, **extra)), (lambda m=ours: m(*args, **extra))
+
+
+def main(argv):
+    if not GPU:
+        torch.set_num_threads(1)
+    rows = []
+    print(f"host time per call, {DEV} {str(DT)[6:]} (torch {torch.__version__}): us")
+    with torch.inference_mode():
+        for name, theirs, ours in pairs():
+            t, o = per_call_us(theirs), per_call_us(ours)
+            rows.append({"op": name, "torch_us": t, "fastattn_us": o})
+            print(f"  {name:44s} torch {t:8.1f}  fastattn {o:8.1f}  ({o / t:.2f}x torch's time)")
+    if len(argv) > 1:
+        with open(argv[1], "w") as f:
+            json.dump({"device": DEV, "dtype": str(DT), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
