@@ -103,18 +103,19 @@ def cases():
         for dim, group in classes.items():
             m, n, w, st = group[0]
             for kind, mask in ((A.MASK_BOOL, "*i8"), (A.MASK_FLOAT, "*fp32")):
-                ce = dict(MASK_KIND=kind, CAUSAL=True, HAS_WINDOW=True, HAS_ALIBI=True, SOFTCAP=True, DROPOUT=True,
+                ce = dict(MASK_KIND=kind, CAUSAL=True, HAS_WINDOW=True, HAS_ALIBI=True, SOFTCAP=True, DROPOUT=2,
                           DOT_DTYPE=tl.bfloat16, PRECISION="tf32", BLOCK_M=m, BLOCK_N=n, BLOCK_D=dim, BLOCK_DV=dim)
                 yield (f"attention {which} d{dim} {m}x{n} every feature, mask {mask[1:]}", ATTN_KERNELS[which],
                        dict(ATTN_TYPES, Mask=mask), ce, w, st)
     yield ("attention bwd preprocess", A._attn_bwd_preprocess, {"Out": "*bf16", "DOut": "*bf16", "Delta": "*fp32"},
            dict(BLOCK_M=64, BLOCK_DV=128), 4, 1)
-    yield ("attention dropout mask", A._dropout_mask_kernel, dict(ATTN_TYPES, Keep="*i8"),
-           dict(BLOCK_M=32, BLOCK_N=32), 4, 1)
-    for dtype in ("bf16", "fp32"):
-        yield (f"dropout {dtype}", D._dropout_kernel, {"X": f"*{dtype}", "Out": f"*{dtype}", "n": "i64", "p": "fp32",
-                                                       "scale": "fp32", "seed": "i64", "offset": "i64"},
-               dict(BLOCK=D.BLOCK), 4, 1)
+    for mode in (1, 2):  # Philox per key, per four keys (dropout's offsets: any, multiples of 4)
+        yield (f"attention dropout mask, mode {mode}", A._dropout_mask_kernel, dict(ATTN_TYPES, Keep="*i8"),
+               dict(DROPOUT=mode, BLOCK_M=32, BLOCK_N=32), 4, 1)
+        for dtype in ("bf16", "fp32"):
+            yield (f"dropout {dtype}, grouped={mode == 2}", D._dropout_kernel,
+                   {"X": f"*{dtype}", "Out": f"*{dtype}", "n": "i64", "p": "fp32", "scale": "fp32", "seed": "i64",
+                    "offset": "i64"}, dict(GROUPED=mode == 2, BLOCK=D.BLOCK), 4, 1)
     for dtype in ("bf16", "fp32"):
         for grad in (False, True):
             yield (f"cross-entropy rows {dtype} write_grad={grad}", CE._cross_entropy_kernel,
