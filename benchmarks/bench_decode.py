@@ -10,7 +10,6 @@ and GQA with 32 query heads on 8 kv heads; cache 8192, and 16384 on GPU). Each f
 """
 import os
 import sys
-import time
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 
 import fastattn
 from fastattn.backends import available_backends
-from conftest import graphed
+from conftest import best_per_call, graphed
 from fastattn.testing import sync
 
 GPU = torch.cuda.is_available()
@@ -135,28 +134,13 @@ def test_decode_interleaved(benchmark, impl, H, Hk):
     result = {}
 
     def step():
-        result.update(_best({i: call(i, q, k, v) for i in ("torch", impl)}, rounds=3, calls=CALLS))
+        result.update(best_per_call({i: call(i, q, k, v) for i in ("torch", impl)}, rounds=3, calls=CALLS,
+                                    device=DEVICE))
 
     benchmark.group = f"decode interleaved H={H} Hk={Hk} S=8192"
     benchmark.pedantic(step, rounds=5, iterations=1)
     benchmark.extra_info.update(impl=impl, torch_ms=result["torch"] * 1e3, ours_ms=result[impl] * 1e3,
                                 speedup_vs_torch=result["torch"] / result[impl])
-
-
-def _best(fns, rounds, calls):
-    """The minimum per call of each function, the functions alternated round by round."""
-    best = dict.fromkeys(fns, float("inf"))
-    with torch.no_grad():
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                fn()
-                sync(DEVICE)
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                sync(DEVICE)
-                best[name] = min(best[name], (time.perf_counter() - t0) / calls)
-    return best
 
 
 def threshold_sweep():
@@ -169,9 +153,10 @@ def threshold_sweep():
         q, k, v = make(8, 8, S, B=4)
         p = AttnParams(scale=64 ** -0.5)
         with fastattn.backend(impl):
-            best = _best({"decode": lambda: fastattn.decode_attention(q, k, v),
-                          "flash": lambda: dispatch.fwd(q, k, v, None, None, p, impl),
-                          "torch": call("torch", q, k, v)}, rounds=15, calls=max(1, 20000 // S))
+            best = best_per_call({"decode": lambda: fastattn.decode_attention(q, k, v),
+                                  "flash": lambda: dispatch.fwd(q, k, v, None, None, p, impl),
+                                  "torch": call("torch", q, k, v)}, rounds=15, calls=max(1, 20000 // S),
+                                 device=DEVICE)
         print(f"S={S:>5} " + " ".join(f"{n} {t * 1e3:.3f}" for n, t in best.items())
               + f"  flash/decode {best['flash'] / best['decode']:.2f}")
 
@@ -193,9 +178,10 @@ def route_sweep(L):
                 Dec.MIN_KEYS[dev] = min_keys
                 Dec._route_backend.cache_clear()
                 return fastattn.attention(q, k, v, key_padding_mask=pad)
-            best = _best({"routed": lambda: run(1), "flash": lambda: run(1 << 40),
-                          "torch": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=~pad[:, None, None])},
-                         rounds=10, calls=100)
+            best = best_per_call({"routed": lambda: run(1), "flash": lambda: run(1 << 40),
+                                  "torch": lambda: F.scaled_dot_product_attention(q, k, v,
+                                                                                  attn_mask=~pad[:, None, None])},
+                                 rounds=10, calls=100, device=DEVICE)
             print(f"S={S:>5} " + " ".join(f"{n} {t * 1e6:.1f}" for n, t in best.items())
                   + f"  flash/routed {best['flash'] / best['routed']:.2f}")
     finally:

@@ -78,6 +78,25 @@ def interleaved_speculative(benchmark, runs: dict, ours, tokens: int, group: str
     extra["speedup_vs_fastattn"] = best["fastattn"] / best["fastattn-lookup"]
 
 
+def best_per_call(fns: dict, rounds: int, calls: int, device: str) -> dict:
+    """name -> the minimum seconds per call of each function of ``fns``, the functions alternated round by round
+    (a shared, noisy host only ever adds time), ``calls`` calls a round after one untimed call, synchronized."""
+    import time
+    from fastattn.testing import sync
+    best = dict.fromkeys(fns, float("inf"))
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                fn()
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                sync(device)
+                best[name] = min(best[name], (time.perf_counter() - t0) / calls)
+    return best
+
+
 def graphed(fn, calls: int, warmup: int = 3):
     """fn's ``calls`` calls captured once in a CUDA graph; returns the replay. ``warmup`` eager calls first, on a
     side stream (autotuning and compiling run there, as torch's CUDA-graph notes ask)."""

@@ -1,34 +1,20 @@
 """Host time per call of fastattn's eager entry points against torch's, at shapes so small that the kernels take
 microseconds: what a call costs in Python, dispatch and launches (GPU run 4: fastattn.attention 192 us against torch
-SDPA's 16, add_layer_norm 84 against 20). Calls are queued back to back and the device synchronised once at the end,
-so on a GPU the time is the host's unless the kernels are the slower side.
+SDPA's 16, add_layer_norm 84 against 20). Calls are queued back to back and the device synchronised once a round,
+so on a GPU the time is the host's unless the kernels are the slower side; torch and fastattn alternate round by round
+and each keeps its minimum (conftest.best_per_call).
 
     python benchmarks/host_overhead.py [OUT.json]      # bf16 on a GPU, float32 on the CPU (one thread)
 """
 import json
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from conftest import DEVICE as DEV, DTYPE as DT, GPU, best_per_call
 import fastattn
 import fastattn.nn as fnn
-from fastattn.testing import sync
-
-GPU = torch.cuda.is_available()
-DEV, DT = ("cuda", torch.bfloat16) if GPU else ("cpu", torch.float32)
-
-
-def per_call_us(fn, n=300):
-    for _ in range(20):
-        fn()
-    sync(DEV)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync(DEV)
-    return (time.perf_counter() - t0) / n * 1e6
 
 
 def pairs():
@@ -65,7 +51,8 @@ def main(argv):
     print(f"host time per call, {DEV} {str(DT)[6:]} (torch {torch.__version__}): us")
     with torch.inference_mode():
         for name, theirs, ours in pairs():
-            t, o = per_call_us(theirs), per_call_us(ours)
+            best = best_per_call({"torch": theirs, "fastattn": ours}, rounds=5, calls=60, device=DEV)
+            t, o = best["torch"] * 1e6, best["fastattn"] * 1e6
             rows.append({"op": name, "torch_us": t, "fastattn_us": o})
             print(f"  {name:44s} torch {t:8.1f}  fastattn {o:8.1f}  ({o / t:.2f}x torch's time)")
     if len(argv) > 1:
