@@ -165,7 +165,9 @@ class Dispatcher:
         self.priority = dict(PRIORITY, **(priority or {}))  # auto-mode order per device type (or req -> order)
 
     def select(self, req, forced: Optional[str] = None) -> Impl:
-        return self._select(req, forced if forced is not None else forced_backend())
+        """The Impl for req: forced names a backend, "" is auto mode as the caller has already read it (its
+        forced_backend_name()), None reads forced_backend() now."""
+        return self._select(req, (forced if forced is not None else forced_backend()) or None)
 
     @functools.lru_cache(maxsize=1024)  # noqa: B019 (the cache keeps self alive: dispatchers live as long as fastattn)
     def _select(self, req, forced: Optional[str]) -> Impl:

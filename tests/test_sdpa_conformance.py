@@ -9,6 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import fastattn
+from fastattn.ops.attention import api as attn_api
 from fastattn.ops.attention import function as attn_function
 from conftest import assert_bounded, backend_device
 
@@ -154,7 +155,8 @@ def test_broadcast_is_never_materialized(monkeypatch):
         seen.append((q.stride(0), k.stride(0), v.stride(0), mask.stride()))
         return real(q, k, v, mask, *args)
 
-    monkeypatch.setattr(attn_function, "fwd", spy)
+    monkeypatch.setattr(attn_function, "fwd", spy)  # with a gradient: through the autograd.Function
+    monkeypatch.setattr(attn_api, "fwd", spy)  # without: straight from the API
     q, k, v = randn(1, 4, 3, 8), randn(2, 4, 5, 8), randn(2, 4, 5, 8)
     fastattn.scaled_dot_product_attention(q, k, v, attn_mask=torch.rand(3, 5) > 0.2)
     assert seen[0][0] == 0 and seen[0][3][:2] == (0, 0), seen  # q and the mask read through stride-0 views

@@ -308,6 +308,8 @@ class AddNormBackward(torch.autograd.Function):
 def _check_tensor(name: str, t, x: Tensor, shape, dtypes) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+    if t.shape == shape and t.dtype in dtypes and t.device == x.device:
+        return
     if t.device != x.device:
         raise ValueError(f"{name}: on device {t.device}, but x is on {x.device}; all tensors must share a device")
     if tuple(t.shape) != tuple(shape):

@@ -11,7 +11,7 @@ from ...backends import forced_backend_name, log
 from ...errors import ArgumentError
 from ...reference import attention_diag_offset, attention_ref
 from .decode import route as decode_route
-from .dispatch import attention_fwd_op, dispatcher, ref_kwargs
+from .dispatch import attention_fwd_op, dispatcher, fwd, ref_kwargs
 from ..batching import graph_capture, has_torch_function_subclass, is_transformed
 from .function import AttentionFunction, AttentionFunctionEager, DroppedAttention
 from ..dropout import dropout_rng
@@ -44,7 +44,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
     lay = check_qkv(q, k, v, enable_gqa)
     if causal not in CAUSAL:
         raise ArgumentError(f"causal: expected one of {CAUSAL}, got {causal!r}")
-    bias_causal = causal_bias_alignment(attn_mask)
+    bias_causal = None if attn_mask is None else causal_bias_alignment(attn_mask)
     if bias_causal is not None:
         if causal is not None and causal != bias_causal:
             raise ArgumentError(f"attn_mask: a CausalBias ({bias_causal}) together with causal={causal!r}")
@@ -55,7 +55,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
     dropout_p = as_float("dropout_p", dropout_p)
     if not 0.0 <= dropout_p <= 1.0:
         raise ArgumentError(f"dropout_p: expected 0 <= dropout_p <= 1, got {dropout_p}")
-    if len(window) != 2 or any(int(w) < -1 for w in window):
+    if window != (-1, -1) and (len(window) != 2 or any(int(w) < -1 for w in window)):
         raise ArgumentError(f"window: expected (left, right) with -1 for unbounded, got {window!r}")
     softcap = as_float("softcap", softcap)
     if softcap < 0:
@@ -88,16 +88,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
         dispatcher.select(request(qb, kb, vb, mask, alibi, p), backend or None)  # raises if a kernel was forced
         # autograd through the reference gives the mask its gradient
         out, lse = attention_ref(qb, kb, vb, mask, return_lse=True, **ref_kwargs(qb, kb, mask, alibi, p))
-    elif graph_capture() and not (torch.is_grad_enabled() and any(t.requires_grad for t in (qb, kb, vb))):
-        # dynamo (torch 2.14) cannot inline a setup_context-style Function that records no graph: the op itself
-        out, lse = attention_fwd_op(qb, kb, vb, mask, alibi, *p.flat(), backend)
+    elif not (torch.is_grad_enabled() and (qb.requires_grad or kb.requires_grad or vb.requires_grad)):
+        if graph_capture():
+            # dynamo (torch 2.14) cannot inline a setup_context-style Function that records no graph: the op itself
+            out, lse = attention_fwd_op(qb, kb, vb, mask, alibi, *p.flat(), backend)
+        elif is_transformed(qb, kb, vb, mask):
+            out, lse = AttentionFunction.apply(qb, kb, vb, mask, alibi, backend, *p.flat())  # its vmap rule
+        else:  # no gradient asked for: the kernel without the Function around it (~10 us of host time a call)
+            out, lse = fwd(qb, kb, vb, mask, alibi, p, backend)  # "": auto, as read above
     else:
         fn = AttentionFunction if torch.compiler.is_compiling() or is_transformed(qb, kb, vb, mask) else \
             AttentionFunctionEager
         out, lse = fn.apply(qb, kb, vb, mask, alibi, backend, *p.flat())
     if dropout_p == 1.0:  # the lse was asked for: it does not depend on dropout
         out = DroppedAttention.apply(qb, kb, vb)
-    out = out.reshape(out_shape)
+    out = out if out.shape == out_shape else out.reshape(out_shape)
     return (out, lse.reshape(out_shape[:-1])) if return_lse else out
 
 

@@ -14,6 +14,7 @@ from ..batching import has_torch_function_subclass
 from .dispatch import FLOATS
 
 CAUSAL = (None, "top_left", "bottom_right")
+_DTYPES = FLOATS + (torch.float64,)
 
 
 class Layout(NamedTuple):
@@ -65,39 +66,48 @@ def check_qkv(q, k, v, enable_gqa: bool) -> Layout:
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in _DTYPES and min(len(qs), len(ks), len(vs)) >= 2):
+        _refuse_dtypes_dims(q, k, v)
+    if not (q.device == k.device == v.device):
+        raise ArgumentError(f"query, key, value: devices must match, got {q.device}, {k.device}, {v.device}")
+    if qs[-1] != ks[-1]:
+        raise ArgumentError(f"key: head dim {ks[-1]} != query's {qs[-1]}")
+    if ks[-2] != vs[-2]:
+        raise ArgumentError(f"value: {vs[-2]} keys (shape {tuple(vs)}) != key's {ks[-2]} (shape {tuple(ks)})")
+    L, S = qs[-2], ks[-2]
+    if len(qs) == 4 and qs[:2] == ks[:2] == vs[:2]:  # the common case: (B, H, seq, dim) each, same B and H
+        return Layout(qs[:1], qs[1], qs[1], L, S)
+    hq, hk, hv = (s[-3] if len(s) >= 3 else 1 for s in (qs, ks, vs))
+    if enable_gqa and min(len(qs), len(ks), len(vs)) >= 3 and not hq == hk == hv:
+        if hq % hk or hq % hv:
+            raise ArgumentError(f"key, value: {hk} and {hv} heads must each divide the query's {hq} for "
+                                "grouped-query attention")
+        batch = _broadcast("query, key, value", qs[:-3], ks[:-3], vs[:-3])
+        return Layout(batch, hq, max(hk, hv), L, S)
+    lead = _broadcast("query, key, value" + ("" if enable_gqa else " (pass enable_gqa=True for grouped-query "
+                                                                     "attention)"),
+                      qs[:-2], ks[:-2], vs[:-2])
+    return Layout(lead[:-1], lead[-1], lead[-1], L, S) if lead else Layout((), 0, 0, L, S)
+
+
+def _refuse_dtypes_dims(q: Tensor, k: Tensor, v: Tensor):
+    """check_qkv's error for an unsupported or mismatched dtype or too few dims, naming the argument."""
     for name, t in (("query", q), ("key", k), ("value", v)):
-        if t.dtype not in FLOATS + (torch.float64,):
+        if t.dtype not in _DTYPES:
             raise ArgumentError(f"{name}: dtype {t.dtype} is not supported (float16, bfloat16, float32, float64)")
         if t.dim() < 2:
             raise ArgumentError(f"{name}: expected (..., seq_len, head_dim), at least 2 dims, got shape "
                                 f"{tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ArgumentError(f"query, key, value: dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ArgumentError(f"query, key, value: devices must match, got {q.device}, {k.device}, {v.device}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ArgumentError(f"key: head dim {k.shape[-1]} != query's {q.shape[-1]}")
-    if k.shape[-2] != v.shape[-2]:
-        raise ArgumentError(f"value: {v.shape[-2]} keys (shape {tuple(v.shape)}) != key's {k.shape[-2]} "
-                            f"(shape {tuple(k.shape)})")
-    L, S = q.shape[-2], k.shape[-2]
-    hq, hk, hv = (t.shape[-3] if t.dim() >= 3 else 1 for t in (q, k, v))
-    if enable_gqa and min(q.dim(), k.dim(), v.dim()) >= 3 and not hq == hk == hv:
-        if hq % hk or hq % hv:
-            raise ArgumentError(f"key, value: {hk} and {hv} heads must each divide the query's {hq} for "
-                                "grouped-query attention")
-        batch = _broadcast("query, key, value", q.shape[:-3], k.shape[:-3], v.shape[:-3])
-        return Layout(batch, hq, max(hk, hv), L, S)
-    lead = _broadcast("query, key, value" + ("" if enable_gqa else " (pass enable_gqa=True for grouped-query "
-                                                                     "attention)"),
-                      q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    return Layout(lead[:-1], lead[-1], lead[-1], L, S) if lead else Layout((), 0, 0, L, S)
+    raise ArgumentError(f"query, key, value: dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def as_bhld(t: Tensor, lay: Layout, heads: int) -> Tensor:
     """t broadcast to (*batch, heads, seq, dim) and viewed as (B, heads, seq, dim) with a contiguous last dim: a view
     unless two batch dims must be merged across a broadcast one. GQA with k and v head counts that differ (one
     divides the other) repeats the smaller one's heads."""
+    if t.dim() == 4 and t.shape[:2] == (lay.B, heads) and len(lay.batch) == 1:  # already (B, heads, seq, dim)
+        return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
     if lay.H and t.dim() >= 3 and t.shape[-3] not in (1, heads):
         t = t.repeat_interleave(heads // t.shape[-3], dim=-3)
     t = t.expand(*lay.batch, max(heads, 1), *t.shape[-2:])
