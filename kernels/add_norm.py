@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import next_pow2, sm_count
+
 MAX_COLS = 65536
 
 
@@ -135,7 +137,7 @@ def _add_norm_bwd_kernel(
 
 
 def _block_and_warps(n: int, elem_size: int):
-    block_n = triton.next_power_of_2(n)
+    block_n = next_pow2(n)
     # about 8 to 16 elements per thread, between 1 and 16 warps
     num_warps = min(max(block_n * max(elem_size, 2) // 2048, 1), 16)
     return block_n, num_warps
@@ -167,11 +169,11 @@ def _bwd_launch(M: int, N: int, device: torch.device):
     """(programs, num_warps) of the backward. Each program walks its rows one after another, so latency is hidden
     by many programs per SM (a few per SM leave half the bandwidth unused); the (programs, N) float32 partials of
     dweight/dbias are capped near 16 MB."""
-    block_n = triton.next_power_of_2(N)
+    block_n = next_pow2(N)
     num_warps = 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
     if device.type != "cuda":
         return min(M, 4), num_warps  # the interpreter runs programs one by one
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     per_sm = max(1, 64 // num_warps)  # up to 64 resident warps per SM
     return max(1, min(M, sms * per_sm, max(sms, 2**22 // N))), num_warps
 
@@ -188,7 +190,7 @@ def add_norm_bwd(dy: torch.Tensor, s: torch.Tensor, mean: torch.Tensor, rstd: to
     dw = torch.empty((programs, N) if weight is not None else (0,), dtype=torch.float32, device=dev)
     db = torch.empty((programs, N) if has_bias else (0,), dtype=torch.float32, device=dev)
     if M > 0:
-        block_n = triton.next_power_of_2(N)
+        block_n = next_pow2(N)
         _add_norm_bwd_kernel[(programs,)](
             dy, s, dy if weight is None else weight, rstd if is_rms else mean, rstd,
             dy if ds is None else ds, dx, dres if dres_fp32 else dx, dw if weight is not None else dx,

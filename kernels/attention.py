@@ -9,7 +9,11 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
+from . import next_pow2
 from .dropout import philox_keep, philox_words
+
+# fixed at import, as triton.jit fixes it for the kernels below (a launch reads it: an environment lookup costs ~1 us)
+INTERPRETED = triton_interpreted()
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in base 2 (exp2): x * LOG2E
 LN2 = tl.constexpr(0.6931471805599453)
@@ -438,7 +442,7 @@ def _dropout_mask_kernel(Keep, H, L, S, dropout_p, seed, rng_offset, DROPOUT: tl
 
 # ---- launchers ----------------------------------------------------------------------------------------------
 def _head_block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 def _dropout_mode(p) -> int:
@@ -450,7 +454,6 @@ def _common(q, k, v, mask, alibi, p):
     """Kernel arguments shared by the forward and the backward kernels."""
     B, H, L, E = q.shape
     Hk, S, EV = k.shape[1], k.shape[2], v.shape[-1]
-    interp = triton_interpreted()
     big = L + S + 1  # an unbounded window side, as a bound that never binds
     has_window = (p.window_left, p.window_right) != (-1, -1)
     if mask is None:
@@ -461,7 +464,7 @@ def _common(q, k, v, mask, alibi, p):
         if mask_kind == MASK_BOOL:
             mask_arg = mask.view(torch.uint8)  # same strides, stride-0 broadcasts included
             mstrides = mask_arg.stride()
-    if q.dtype == torch.float32 or interp:  # the interpreter's bf16 dot is broken: compute in fp32 there
+    if q.dtype == torch.float32 or INTERPRETED:  # the interpreter's bf16 dot is broken: compute in fp32 there
         dot_dtype, precision = tl.float32, "ieee"
     else:
         dot_dtype, precision = (tl.float16 if q.dtype == torch.float16 else tl.bfloat16), "tf32"
@@ -471,7 +474,9 @@ def _common(q, k, v, mask, alibi, p):
     flags = dict(MASK_KIND=mask_kind, CAUSAL=p.causal, HAS_WINDOW=has_window, HAS_ALIBI=alibi is not None,
                  SOFTCAP=p.softcap > 0, DROPOUT=_dropout_mode(p), DOT_DTYPE=dot_dtype, PRECISION=precision,
                  BLOCK_D=_head_block(E), BLOCK_DV=_head_block(EV))
-    return (B, H, Hk, L, S, E, EV), mask_arg, mstrides, (q if alibi is None else alibi), scalars, flags
+    alibi_arg = q if alibi is None else alibi
+    key = (E, EV, q.dtype, mask_arg.dtype, alibi_arg.dtype)  # with CAUSAL: what the autotuner keys on (_launch)
+    return (B, H, Hk, L, S, E, EV), mask_arg, mstrides, alibi_arg, scalars, flags, key
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel and head-dim class (<= 64, <= 128, <= 256);
@@ -498,7 +503,7 @@ def _dim_class(d: int) -> int:
 
 def _tuned(kernel, which: str):
     """kernel autotuned over _CONFIGS[which] for its head-dim class (keyed on the head dims and causality)."""
-    if triton_interpreted():
+    if INTERPRETED:
         return kernel
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
                for cls, group in _CONFIGS[which].items() for (m, n, w, st) in group]
@@ -526,13 +531,15 @@ FORCED_CONFIG = {}
 PICKED = {}
 
 
-def _launch(which: str, grid, *args, dims, **kwargs):
-    """Launch kernel ``which``: the forced config, the interpreter's, the autotuner's pick for this key (E, EV, CAUSAL
-    and the tensors' dtypes, as its key: ``dims`` = (E, EV)) once it has made one, else the autotuner."""
+def _launch(which: str, grid, *args, key, **kwargs):
+    """Launch kernel ``which``: the forced config, the interpreter's, the autotuner's pick for this key once it has
+    made one, else the autotuner. key: what the autotuner's own key tells apart besides CAUSAL (E, EV and the tensor
+    arguments' dtypes: _common's (E, EV, q's, the mask argument's, the ALiBi argument's), the rest being q's or
+    float32)."""
     raw, tuned = _KERNELS[which]
-    config = FORCED_CONFIG.get(which) or (_INTERPRETER_CONFIG if triton_interpreted() else None)
+    config = FORCED_CONFIG.get(which) or (_INTERPRETER_CONFIG if INTERPRETED else None)
     if config is None:
-        key = (which, *dims, kwargs["CAUSAL"], *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        key = (which, kwargs["CAUSAL"], *key)
         config = PICKED.get(key)
         if config is None:
             out = tuned[grid](*args, **kwargs)
@@ -548,6 +555,9 @@ def _empty_in_order_of(t, shape, dtype):
     """An empty tensor of the 4-D ``shape`` laid out in t's dimension order, its last dim last: out for a (B, H, L, E)
     view of a (B, L, H, E) projection is (B, L, H, EV) in memory, so the caller's way back to (B, L, H * EV) is a view
     rather than a copy (the CPU backend does the same)."""
+    s0, s1, s2, _ = t.stride()
+    if s0 >= s1 >= s2:  # t's own order: (B, H, L, E)
+        return torch.empty(shape, dtype=dtype, device=t.device)
     order = sorted(range(3), key=lambda d: -t.stride(d)) + [3]
     return torch.empty([shape[d] for d in order], dtype=dtype, device=t.device).permute(
         *[order.index(d) for d in range(4)])
@@ -556,7 +566,7 @@ def _empty_in_order_of(t, shape, dtype):
 def attention_fwd(q, k, v, mask, alibi, p):
     """q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, EV), last dims contiguous -> out (laid out in q's dimension
     order), lse (see the contract)."""
-    (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, scalars, flags = _common(q, k, v, mask, alibi, p)
+    (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, scalars, flags, key = _common(q, k, v, mask, alibi, p)
     out = _empty_in_order_of(q, (B, H, L, EV), q.dtype)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or L == 0:
@@ -564,29 +574,28 @@ def attention_fwd(q, k, v, mask, alibi, p):
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     _launch(
         "fwd", grid, q, k, v, out, lse, mask_arg, alibi_arg,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), out.stride(0), out.stride(1), out.stride(2), *ms,
-        H, H // Hk, L, S, E, EV, *scalars, dims=(E, EV), **flags)
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *ms,
+        H, H // Hk, L, S, E, EV, *scalars, key=key, **flags)
     return out, lse
 
 
 def attention_bwd(dout, q, k, v, out, lse, mask, alibi, p):
     """Gradients of the forward above: dq (B, H, L, E), dk (B, Hk, S, E), dv (B, Hk, S, EV)."""
-    (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, scalars, flags = _common(q, k, v, mask, alibi, p)
+    (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, scalars, flags, key = _common(q, k, v, mask, alibi, p)
     q, k, v, dout, out, lse = (t.contiguous() for t in (q, k, v, dout, out, lse))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if L == 0 or S == 0 or B * H == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    pre_m = 64 if not triton_interpreted() else 32
+    pre_m = 64 if not INTERPRETED else 32
     _attn_bwd_preprocess[(triton.cdiv(B * H * L, pre_m),)](out, dout, delta, B * H * L, EV, BLOCK_M=pre_m,
                                                            BLOCK_DV=flags["BLOCK_DV"])
     args = (q, k, v, dout, lse, delta)
     tail = (mask_arg, alibi_arg, *ms, H, Hk, H // Hk, L, S, E, EV, *scalars)
     dkdv_grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hk)  # noqa: E731
     dq_grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _launch("dkdv", dkdv_grid, *args, dk, dv, *tail, dims=(E, EV), **flags)
-    _launch("dq", dq_grid, *args, dq, *tail, dims=(E, EV), **flags)
+    _launch("dkdv", dkdv_grid, *args, dk, dv, *tail, key=key, **flags)
+    _launch("dq", dq_grid, *args, dq, *tail, key=key, **flags)
     return dq, dk, dv
 
 

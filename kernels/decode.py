@@ -8,6 +8,9 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
+from . import next_pow2, sm_count
+
+INTERPRETED = triton_interpreted()  # fixed at import, as triton.jit fixes it for the kernels below
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -148,7 +151,7 @@ def _decode_combine_kernel(
 def _num_splits(B: int, Hk: int, row_blocks: int, S: int, block_n: int, device) -> int:
     """Enough programs to fill the GPU (about two per SM), each with at least a few key blocks. From the shapes
     only: a compiled / graphed decode step keeps one launch configuration."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = sm_count(device) if device.type == "cuda" else 4
     programs = B * Hk * row_blocks
     return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(S, 4 * block_n), 64))
 
@@ -163,9 +166,9 @@ def decode_fwd(q, k, v, seqlens, keep, scale: float, softcap: float, causal: boo
         lse.fill_(float("inf"))
         return out.zero_(), lse
     M = (H // Hk) * L
-    block_m = min(64, max(16, triton.next_power_of_2(M)))
-    block_n = 32 if triton_interpreted() else 64
-    block_d, block_dv = triton.next_power_of_2(max(E, 16)), triton.next_power_of_2(max(Ev, 16))
+    block_m = min(64, max(16, next_pow2(M)))
+    block_n = 32 if INTERPRETED else 64
+    block_d, block_dv = next_pow2(max(E, 16)), next_pow2(max(Ev, 16))
     row_blocks = triton.cdiv(M, block_m)
     nsplit = _num_splits(B, Hk, row_blocks, S, block_n, q.device)
     direct = nsplit == 1
@@ -175,11 +178,9 @@ def decode_fwd(q, k, v, seqlens, keep, scale: float, softcap: float, causal: boo
     kp = keep if keep is not None else lse
     keep_strides = (keep.stride(0), keep.stride(1)) if keep is not None else (0, 0)
     # the interpreter's bf16 tl.dot is broken (triton issue 11584): float32 dots there
-    dot_f32 = q.dtype == torch.float32 or (triton_interpreted() and q.dtype == torch.bfloat16)
+    dot_f32 = q.dtype == torch.float32 or (INTERPRETED and q.dtype == torch.bfloat16)
     _decode_split_kernel[(nsplit, B * Hk, row_blocks)](
-        q, q.stride(0), q.stride(1), q.stride(2),
-        k, k.stride(0), k.stride(1), k.stride(2),
-        v, v.stride(0), v.stride(1), v.stride(2),
+        q, *q.stride()[:3], k, *k.stride()[:3], v, *v.stride()[:3],
         seq, kp, *keep_strides, part_o, part_lse, out, lse,
         H, Hk, L, S, E, Ev, M, float(scale), float(softcap) if softcap > 0 else 1.0,
         NSPLIT=nsplit, HAS_LENS=seqlens is not None, HAS_KEEP=keep is not None, CAUSAL=bool(causal),
@@ -189,5 +190,5 @@ def decode_fwd(q, k, v, seqlens, keep, scale: float, softcap: float, causal: boo
     if not direct:
         _decode_combine_kernel[(B * H * L,)](
             part_o, part_lse, out, lse, H, Hk, L, Ev, M,
-            NSPLIT=nsplit, BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_DV=block_dv, num_warps=4)
+            NSPLIT=nsplit, BLOCK_S=next_pow2(nsplit), BLOCK_DV=block_dv, num_warps=4)
     return out, lse

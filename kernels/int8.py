@@ -7,6 +7,9 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
+from . import next_pow2
+
+INTERPRETED = triton_interpreted()  # fixed at import, as triton.jit fixes it for the kernels below
 
 _MM_SHAPES = [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 4),
               (128, 128, 128, 4, 4), (64, 128, 128, 4, 4), (16, 64, 256, 4, 5)]
@@ -28,7 +31,7 @@ def _mm_configs(all_configs: bool = False, w8a16: bool = False):
 def _prune(configs, named_args, **kwargs):
     """Drop tiles much larger than the problem (decode-sized M takes the BLOCK_M=16/32 configs)."""
     M = named_args["M"]
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(M))]
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, next_pow2(M))]
     return keep or configs[:1]
 
 
@@ -123,7 +126,7 @@ _int8_mm = _autotune(_int8_mm_kernel)
 
 
 def _meta():
-    return dict(_mm_configs()[0].kwargs, num_warps=4) if triton_interpreted() else {}
+    return dict(_mm_configs()[0].kwargs, num_warps=4) if INTERPRETED else {}
 
 
 @triton.jit
@@ -198,7 +201,7 @@ def _small_m(a, b, out, a_scale, b_scale, bias, tile=None):
     M, K = a.shape
     N = b.shape[0]
     kernel, meta = _small_m_mm, {}
-    if tile is not None or triton_interpreted():
+    if tile is not None or INTERPRETED:
         n, k, w, once = tile or (16, 64, 4, True)
         kernel, meta = _small_m_kernel, dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, REDUCE_ONCE=once)
     kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](
@@ -220,7 +223,7 @@ def int8_mm(a, b, a_scale, b_scale, bias, out_dtype):
         return _small_m(a, b, out, a_scale, b_scale, bias)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _int8_mm[grid](a, b, out, out if a_scale is None else a_scale, out if b_scale is None else b_scale,
-                   out if bias is None else bias, M, N, K, min(triton.next_power_of_2(M), 4096), a.stride(0),
+                   out if bias is None else bias, M, N, K, min(next_pow2(M), 4096), a.stride(0),
                    b.stride(0), out.stride(0),
                    HAS_AS=a_scale is not None, HAS_BS=b_scale is not None, HAS_BIAS=bias is not None,
                    OUT_INT32=out_dtype == torch.int32, **_meta())
@@ -277,8 +280,8 @@ def w8a16_mm(a, b, b_scale, bias):
     if M <= SMALL_M:
         return _small_m(a, b, out, None, b_scale, bias)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _w8a16_mm[grid](a, b, out, b_scale, out if bias is None else bias, M, N, K, min(triton.next_power_of_2(M), 4096),
-                    a.stride(0), b.stride(0), out.stride(0), HAS_BIAS=bias is not None, DOT_F32=triton_interpreted(),
+    _w8a16_mm[grid](a, b, out, b_scale, out if bias is None else bias, M, N, K, min(next_pow2(M), 4096),
+                    a.stride(0), b.stride(0), out.stride(0), HAS_BIAS=bias is not None, DOT_F32=INTERPRETED,
                     **_meta())
     return out
 
@@ -320,7 +323,7 @@ def quantize_rows(x, smooth):
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
     if M:
-        block = triton.next_power_of_2(K)
+        block = next_pow2(K)
         _quantize_rows_kernel[(M,)](x, x if smooth is None else smooth, q, scale, K, HAS_SMOOTH=smooth is not None,
                                     BLOCK_K=block, num_warps=min(max(block // 1024, 1), 16),
                                     enable_fp_fusion=False)  # x * inv + 0.5 as one FMA skips the rounding of x * inv

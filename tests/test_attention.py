@@ -256,12 +256,12 @@ def test_launch_reuses_the_autotuners_pick(monkeypatch):
             return lambda *a, **kw: calls.append((self.name, kw.get("BLOCK_M"), kw.get("num_warps")))
 
     monkeypatch.setitem(K._KERNELS, "fwd", (Kernel("raw"), Kernel("tuned")))
-    monkeypatch.setattr(K, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(K, "INTERPRETED", False)
     monkeypatch.setattr(K, "PICKED", {})
     x = torch.zeros(2)
     for dims, causal, t in [((64, 64), True, x), ((64, 64), True, x), ((64, 32), True, x), ((64, 64), False, x),
                             ((64, 64), True, x.half()), ((64, 64), False, x)]:
-        K._launch("fwd", None, t, 3, dims=dims, CAUSAL=causal)
+        K._launch("fwd", None, t, 3, key=(*dims, t.dtype), CAUSAL=causal)
     assert calls == [("tuned", None, None), ("raw", 64, 8), ("tuned", None, None), ("tuned", None, None),
                      ("tuned", None, None), ("raw", 64, 8)]
 
