@@ -48,6 +48,33 @@ def test_add_norm_forward_on_gpu_by_size():
                                              dtype=torch.float16)) == "triton"
 
 
+def test_attention_on_gpu_by_size():
+    """On a GPU, attention calls of at most SMALL_FLOP forward FLOPs go to CUDA C++ first (a pybind launch: less host
+    time), larger ones to Triton (the faster kernel); each falls back on the other where it refuses."""
+    from types import SimpleNamespace
+
+    from fastattn.ops.attention import dispatch as D
+    from fastattn.ops.attention.params import SMALL_FLOP, AttnParams, request
+
+    def on_cuda(*shape):  # request() reads only these of a tensor
+        return SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16, shape=shape)
+
+    def req(B, H, L, S, E=64):
+        q, k = on_cuda(B, H, L, E), on_cuda(B, H, S, E)
+        return request(q, k, k, None, None, AttnParams(1.0))
+
+    assert 4 * 8 * 16 * 512 * 512 * 64 == SMALL_FLOP
+    assert req(8, 16, 512, 512).small and not req(8, 16, 512, 513).small and not req(8, 16, 1024, 512).small
+    order = D.dispatcher.priority["cuda"]
+    assert order(req(8, 16, 512, 512))[0] == "cuda" and order(req(8, 16, 1024, 1024))[0] == "triton"
+    q = torch.empty(8, 16, 4, 64, device="meta")
+    assert not request(q, q, q, None, None, AttnParams(1.0)).small  # CPU and other devices: never
+    if HAS_GPU and {"cuda", "triton"} <= set(fastattn.available_backends()):
+        small, big = (torch.empty(8, 16, n, 64, device="cuda", dtype=torch.float16) for n in (512, 1024))
+        assert D.select_backend(small, small, small) == "cuda" and D.select_backend(big, big, big) == "triton"
+        assert D.select_backend(small, small, small, p=AttnParams(1.0, window_left=4)) == "triton"  # cuda refuses
+
+
 def test_forced_backend_context_and_env(monkeypatch):
     x = torch.randn(4, 8)
     with fastattn.backend("reference"):

@@ -98,8 +98,8 @@ def _cuda_check(req: AttnRequest):
     return reasons
 
 
-# On GPU, Triton first: it is faster than the CUDA C++ kernel both ways on an H100; CUDA C++ serves when forced or
-# without Triton.
+# On GPU, Triton first: it is faster than the CUDA C++ kernel both ways on an H100; CUDA C++ serves when forced, without
+# Triton, and first for small calls (params.SMALL_FLOP), where host time outweighs the kernels' difference.
 dispatcher = Dispatcher("attention", [
     Impl("cuda", _compiled("attention_fwd_cuda"), _compiled("attention_bwd_cuda"), ("cuda",),
          (torch.float16, torch.bfloat16), _cuda_check),
@@ -108,7 +108,7 @@ dispatcher = Dispatcher("attention", [
     Impl("cpu", _compiled("attention_fwd_cpu"), _compiled("attention_bwd_cpu"), ("cpu",),
          FLOATS + (torch.float64,), _cpu_check),
     Impl("reference", ref_fwd, ref_bwd, ("cpu", "cuda"), FLOATS + (torch.float64,)),
-], priority={"cuda": ("triton", "cuda", "reference")})
+], priority={"cuda": lambda req: ("cuda", "triton", "reference") if req.small else ("triton", "cuda", "reference")})
 
 
 def last_dim_unit(t: Optional[Tensor], broadcast_ok: bool = False) -> Optional[Tensor]:

@@ -60,12 +60,23 @@ class AttnRequest(NamedTuple):
     alibi: bool
     softcap: bool
     dropout: bool
+    small: bool = False  # a CUDA call of at most SMALL_FLOP forward FLOPs (dispatch.py's GPU order)
+
+
+# Forward FLOPs (4 * B * H * L * S * E) up to which a CUDA call counts as small: the CUDA C++ kernel, slower than
+# Triton's on the GPU (0.7x in run 4) but launched by one pybind call rather than Triton's launch path (run 4:
+# ~190 us of host time a fastattn.attention call), goes first there. At 2**33 (e.g. 8 x 16 heads x 512 x 512 x 64)
+# the CUDA C++ forward takes ~33 us on an H100 against Triton's ~23 (run 4's rates), the backward ~115 against ~75:
+# less than the host time saved (an estimate: the next GPU run's host_overhead.py and bench_modules' MHA rows check it).
+SMALL_FLOP = 1 << 33
 
 
 def request(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi: Optional[Tensor],
             p: AttnParams) -> AttnRequest:
-    return AttnRequest(q.device.type, q.dtype, q.shape[-1], v.shape[-1],
+    device = q.device.type
+    B, H, L, E = q.shape
+    return AttnRequest(device, q.dtype, E, v.shape[-1],
                        None if mask is None else "bool" if mask.dtype == torch.bool else "float",
                        mask is not None and mask.requires_grad, k.shape[1] != q.shape[1], p.causal,
                        (p.window_left, p.window_right) != (-1, -1), alibi is not None, p.softcap > 0,
-                       p.dropout_p > 0)
+                       p.dropout_p > 0, device == "cuda" and 4 * B * H * L * k.shape[2] * E <= SMALL_FLOP)
