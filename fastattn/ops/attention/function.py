@@ -17,7 +17,8 @@ class AttentionFunction(torch.autograd.Function):
     def forward(q, k, v, mask, alibi, backend: str, *flat):
         if graph_capture():
             return attention_fwd_op(q, k, v, mask, alibi, *flat, backend)
-        return tuple(fwd(q, k, v, mask, alibi, AttnParams(*flat), backend or None))  # the C++ ops return lists
+        # backend: read by the API in eager mode ("" = auto: not read again); the C++ ops return lists
+        return tuple(fwd(q, k, v, mask, alibi, AttnParams(*flat), backend))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
