@@ -70,7 +70,7 @@ fi
 IFS=',' read -r -a SPECS <<< "${SUITE_BENCHES:-decode:,modules:,hf:,models:not interleaved,train:not fastattn-compile,\
 cross_entropy:,attention:,dropout:,add_norm:,int8:,seq2seq:,moe:,families:}"
 # host time per call first (seconds): what the module and model rows below are made of at small sizes
-want bench && timeout 60 $PY benchmarks/host_overhead.py "$OUT/host_overhead.json" 2>&1 | tee -a "$OUT/bench.log"
+want bench && timeout 120 $PY benchmarks/host_overhead.py "$OUT/host_overhead.json" 2>&1 | tee -a "$OUT/bench.log"
 want bench && for spec in "${SPECS[@]}"; do
   name=${spec%%:*}; sel=${spec#*:}
   left=$(( BUDGET - $(elapsed) - 25 ))

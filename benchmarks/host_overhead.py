@@ -5,6 +5,9 @@ so on a GPU the time is the host's unless the kernels are the slower side; torch
 and each keeps its minimum (conftest.best_per_call).
 
     python benchmarks/host_overhead.py [OUT.json]      # bf16 on a GPU, float32 on the CPU (one thread)
+
+On a GPU it then times the CUDA C++ and Triton attention kernels, each forced, at sizes around the one up to which
+auto mode prefers CUDA C++ (fastattn.ops.attention.params.SMALL_FLOP): the data to set it by.
 """
 import json
 import sys
@@ -54,6 +57,27 @@ def pairs():
     yield "TransformerEncoderLayer (1, 16, 256) train step", lambda: step(theirs), lambda: step(ours)
 
 
+def backend_rows():
+    """GPU: forced CUDA C++ against forced Triton attention (bf16, 8 x 16 heads x L x L x 64), calls back to back,
+    around params.SMALL_FLOP (the size up to which auto mode takes CUDA C++ first): forward, and forward + backward.
+    Yields (name, {backend: call})."""
+    from fastattn.ops.attention.params import SMALL_FLOP
+    for L in (256, 512, 1024):
+        q = torch.randn(8, 16, L, 64, device=DEV, dtype=DT, requires_grad=True)
+        flop = 4 * 8 * 16 * L * L * 64
+
+        def call(backend, train):
+            def run():
+                with fastattn.backend(backend), torch.enable_grad():
+                    out = fastattn.attention(q, q, q)
+                    if train:
+                        out.backward(out)
+            return run
+        for train in (False, True):
+            name = f"attention (8, 16, {L}, 64) {'fwd+bwd' if train else 'fwd'}, {flop / SMALL_FLOP:g}x SMALL_FLOP"
+            yield name, {b: call(b, train) for b in ("cuda", "triton")}
+
+
 def main(argv):
     if not GPU:
         torch.set_num_threads(1)
@@ -65,6 +89,13 @@ def main(argv):
         t, o = best["torch"] * 1e6, best["fastattn"] * 1e6
         rows.append({"op": name, "torch_us": t, "fastattn_us": o})
         print(f"  {name:50s} torch {t:8.1f}  fastattn {o:8.1f}  ({o / t:.2f}x torch's time)")
+    if GPU and {"cuda", "triton"} <= set(fastattn.available_backends()):
+        print("attention backends, calls back to back: us a call")
+        for name, calls in backend_rows():
+            best = best_per_call(calls, rounds=5, calls=30, device=DEV)
+            c, t = best["cuda"] * 1e6, best["triton"] * 1e6
+            rows.append({"op": name, "cuda_us": c, "triton_us": t})
+            print(f"  {name:58s} CUDA C++ {c:8.1f}  Triton {t:8.1f}")
     if len(argv) > 1:
         with open(argv[1], "w") as f:
             json.dump({"device": DEV, "dtype": str(DT), "torch": torch.__version__, "rows": rows}, f, indent=1)
