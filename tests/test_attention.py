@@ -101,6 +101,36 @@ def test_output_follows_the_query_layout(backend_name):
     torch.testing.assert_close(out, want)
 
 
+@pytest.mark.parametrize("causal", [None, "bottom_right"])
+def test_cpu_strided_rows_equal_contiguous(causal):
+    """Heads of a packed (B, L, 3 * H * E) float32 projection, and an upstream gradient laid out (B, L, H, E): rows
+    far apart, which the CPU kernels copy into packed rows before use (read in place, they share a few L1 sets).
+    Output and gradients equal those of contiguous copies (read in place) bit for bit: the same products in the
+    same order. Both paths, several query and key blocks."""
+    skip_if_not_built("cpu", "attention_fwd")
+    B, L, S, H, E = 2, 150, 140, 3, 32
+    g = torch.Generator().manual_seed(0)
+    qx = rand((B, L, H * E), torch.float32, "cpu", g).requires_grad_()
+    kvx = rand((B, S, 2 * H * E), torch.float32, "cpu", g).requires_grad_()
+    dout = rand((B, L, H, E), torch.float32, "cpu", g).transpose(1, 2)
+
+    def heads(x, n):
+        return x.view(B, n, H, E).transpose(1, 2)
+
+    with fastattn.backend("cpu"):
+        k, v = (heads(t, S) for t in kvx.split(H * E, -1))
+        assert k.stride(2) == 2 * H * E and dout.stride(2) == H * E
+        out = fastattn.attention(heads(qx, L), k, v, causal=causal)
+        out.backward(dout)
+        leaves = [heads(t, n).detach().contiguous().requires_grad_() for t, n in
+                  ((qx, L), *((t, S) for t in kvx.split(H * E, -1)))]
+        want = fastattn.attention(*leaves, causal=causal)
+        want.backward(dout.contiguous())
+    got = [out, heads(qx.grad, L)] + [heads(t, S) for t in kvx.grad.split(H * E, -1)]
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, [want] + [t.grad for t in leaves]):
+        assert torch.equal(a, b), (name, (a - b).abs().max().item())
+
+
 @BK
 @DT
 @pytest.mark.parametrize("L, S", [(1, 1), (17, 17), (97, 129), (129, 97), (1, 97), (97, 1)])
@@ -456,7 +486,7 @@ def test_cpu_code_paths(env):
     if not hasattr(_ext._C, "attention_fwd_cpu"):
         pytest.skip("fastattn._C has no CPU attention kernels in this build")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "cpu and (masks or gqa or extended or dropout or 97-129) and not code_paths"],
+                        "cpu and (masks or gqa or extended or dropout or 97-129 or strided) and not code_paths"],
                        env=dict(os.environ, **env), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout

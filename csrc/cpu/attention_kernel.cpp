@@ -4,7 +4,9 @@
 //   through two strides so that it may be transposed), on operands in the compute type (float32; float64 for
 //   float64 inputs): K^T and V^T per key block of kBN keys ((E or Ev) x kBN, keys past S zero), packed lazily by the
 //   first work item that needs a block; Q / dO / K / V rows read in place when the input already is in the compute
-//   type (else converted into row buffers padded to a multiple of 8 columns).
+//   type and its rows are adjacent, else copied into row buffers padded to a multiple of 8 columns. (Rows a wide
+//   stride apart, a head of a packed (B, L, 3 * H * D) projection, share a few L1 sets: read in place as a B
+//   operand they made the products ~12% slower.)
 // Kernel sets (attention_ops.h, chosen once at run time): Avx512 (AVX-512F register tiles of 6 rows x 32 or 16
 //   columns and 16-lane exp), Avx2 (AVX2/FMA register tiles of 6 rows x 16 or 8 columns, 8-lane exp / tanh /
 //   Philox), Portable (plain loops; also the float64 path). FASTATTN_CPU_NO_AVX512=1 and FASTATTN_CPU_NO_AVX2=1
@@ -329,9 +331,9 @@ void Attention<T, Ops, In>::forward(const AttnFwdArgs& f) {
   // Work items: (batch, head, chunk of up to kChunk query blocks), dynamic schedule. Each thread packs the key
   // blocks its item needs into its own buffers (L2-resident; kept while it stays on the same kv head): K^T blocks
   // (or K rows, for short queries: dot mode) and V rows in the compute type. K / V rows already in the compute
-  // type are read in place.
+  // type are read in place (V only when its rows are adjacent: see the top of this file).
   const bool dot = L <= kDotMaxL, k_direct = dot && std::is_same_v<In, T>;
-  const bool v_direct = std::is_same_v<In, T> && Ev % 8 == 0;
+  const bool v_direct = std::is_same_v<In, T> && Ev % 8 == 0 && a_.v.stride[2] == Ev;
   const int64_t nkt = dot ? 0 : nkb * E * kBN, nkr = !dot || k_direct ? 0 : S * Ep, nvr = v_direct ? 0 : S * Evp;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(kChunk, B * H * nqb / (8 * nt)));
   const int64_t nch = cdiv(nqb, chunk), items = B * H * nch;
@@ -537,8 +539,10 @@ void Attention<T, Ops, In>::backward(const AttnBwdArgs& g) {
   }
   // Packed operands, each block packed by the first item that needs it: K^T, V^T blocks and K rows per key
   // block; Q, dO rows, delta = rowsum(dO * O) and lse (base 2) per query block.
-  // (Q, dO and K rows are read in place when they already are in the compute type with widths multiple of 8.)
-  const bool qk_direct = std::is_same_v<In, T> && E % 8 == 0, do_direct = std::is_same_v<In, T> && Ev % 8 == 0;
+  // (Q, dO and K rows are read in place when they already are in the compute type, with widths multiple of 8 and
+  // adjacent rows.)
+  const bool qk_direct = std::is_same_v<In, T> && E % 8 == 0 && a_.q.stride[2] == E && a_.k.stride[2] == E;
+  const bool do_direct = std::is_same_v<In, T> && Ev % 8 == 0 && g.dout.stride[2] == Ev;
   ABuf<T> kt(B * Hk * nkb * E * kBN), vt(B * Hk * nkb * Ev * kBN), kr(qk_direct ? 0 : B * Hk * S * Ep);
   ABuf<T> qr(qk_direct ? 0 : B * H * L * Ep), dor(do_direct ? 0 : B * H * L * Evp), delta(B * H * L), lse2(B * H * L);
   qr_ = qk_direct ? Rows<T>::input(a_.q) : Rows<T>::packed(qr.get(), H, L, Ep);
@@ -567,7 +571,11 @@ void Attention<T, Ops, In>::backward(const AttnBwdArgs& g) {
         const In* o = ptr<In>(g.out, b, h, i0 + r);
         const In* d = ptr<In>(g.dout, b, h, i0 + r);
         T acc = 0;
-        for (int64_t e = 0; e < Ev; ++e) acc += T(to_acc(d[e])) * T(to_acc(o[e]));
+        if constexpr (std::is_same_v<In, T>) {
+          acc = Ops::row_dot(d, o, Ev);
+        } else {
+          for (int64_t e = 0; e < Ev; ++e) acc += T(to_acc(d[e])) * T(to_acc(o[e]));
+        }
         delta.get()[bh * L + i0 + r] = acc;
         const float lv = g.lse[b * g.lse_stride[0] + h * g.lse_stride[1] + (i0 + r) * g.lse_stride[2]];
         // -inf (a public lse) also means "no key"

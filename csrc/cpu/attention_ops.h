@@ -2,7 +2,7 @@
 // path), Avx2 (AVX2/FMA register tiles of 6 rows x 16 or 8 columns, 8-lane exp / tanh / Philox) and Avx512
 // (AVX-512F register tiles of 6 rows x 32 or 16 columns and 16-lane exp, max, sum and Philox; the rest is Avx2's).
 // Each has the same static members: gemm, pack_t, the row passes of the softmax and its backward (row_max,
-// exp2_sum, exp2_sub, softcap_row, ds_row), dot_scores and the dropout rows (keep_row, dropout_fwd_row,
+// exp2_sum, exp2_sub, softcap_row, ds_row, row_dot), dot_scores and the dropout rows (keep_row, dropout_fwd_row,
 // dropout_bwd_row). Also the tile sizes they share with the schedule (attention_kernel.cpp) and the packing helpers.
 #pragma once
 
@@ -92,6 +92,11 @@ struct Portable {
     for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
     return m;
   }
+  static T row_dot(const T* a, const T* b, int64_t n) {
+    T s = 0;
+    for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+    return s;
+  }
   static T exp2_sum(T* x, int64_t n, T m, bool) {  // x = 2^(x - m); returns the sum
     T s = 0;
     for (int64_t j = 0; j < n; ++j) {
@@ -174,6 +179,7 @@ struct Avx2 {
     }
   }
   FA_AVX2 static float row_max(const float* x, int64_t n) { return avx2::row_max(x, n); }
+  FA_AVX2 static float row_dot(const float* a, const float* b, int64_t n) { return avx2::row_dot(a, b, n); }
   FA_AVX2 static float exp2_sum(float* x, int64_t n, float m, bool exact) {
     return exact ? exp2_sum_impl<true>(x, n, m) : exp2_sum_impl<false>(x, n, m);
   }
@@ -281,6 +287,7 @@ struct Avx512 : Avx2 {
   }
   FA_AVX512 static void gemm(const Gemm<float>& g) { avx512::gemm(g); }
   FA_AVX512 static float row_max(const float* x, int64_t n) { return avx512::row_max(x, n); }
+  FA_AVX512 static float row_dot(const float* a, const float* b, int64_t n) { return avx512::row_dot(a, b, n); }
   FA_AVX512 static float exp2_sum(float* x, int64_t n, float m, bool) {
     const __m512 vm = _mm512_set1_ps(m);
     __m512 s = _mm512_setzero_ps();

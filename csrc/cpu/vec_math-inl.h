@@ -9,3 +9,13 @@ inline float row_max(const float* x, int64_t n) {
   for (; j < n; ++j) r = x[j] > r ? x[j] : r;
   return r;
 }
+
+// sum_j a[j] * b[j], in Vec::W partial sums
+inline float row_dot(const float* a, const float* b, int64_t n) {
+  Vec::F s = Vec::zero();
+  int64_t j = 0;
+  for (; j + Vec::W <= n; j += Vec::W) s = Vec::fmadd(Vec::load(a + j), Vec::load(b + j), s);
+  float r = Vec::reduce_add(s);
+  for (; j < n; ++j) r += a[j] * b[j];
+  return r;
+}

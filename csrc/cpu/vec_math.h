@@ -1,5 +1,5 @@
 // Vector math of the attention kernels: 2^x and tanh on 8 lanes (AVX2/FMA), 2^x on 16 lanes (AVX-512F), and the
-// maximum of a row at both widths.
+// maximum and the dot product of rows at both widths.
 #pragma once
 
 #include "simd.h"

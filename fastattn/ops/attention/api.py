@@ -102,7 +102,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
         out, lse = fn.apply(qb, kb, vb, mask, alibi, backend, *p.flat())
     if dropout_p == 1.0:  # the lse was asked for: it does not depend on dropout
         out = DroppedAttention.apply(qb, kb, vb)
-    out = out if out.shape == out_shape else out.reshape(out_shape)
+    out = out.reshape(out_shape) if torch.jit.is_tracing() or out.shape != out_shape else out
     return (out, lse.reshape(out_shape[:-1])) if return_lse else out
 
 
