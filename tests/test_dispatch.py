@@ -1,4 +1,5 @@
 """Backend selection, refusal messages, bad input, build info, torch.compile."""
+import math
 import os
 import shutil
 
@@ -57,7 +58,8 @@ def test_attention_on_gpu_by_size():
     from fastattn.ops.attention.params import SMALL_FLOP, AttnParams, request
 
     def on_cuda(*shape):  # request() reads only these of a tensor
-        return SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16, shape=shape)
+        return SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16, shape=shape,
+                               numel=lambda: math.prod(shape))
 
     def req(B, H, L, S, E=64):
         q, k = on_cuda(B, H, L, E), on_cuda(B, H, S, E)

@@ -89,8 +89,8 @@ def test_other_tensor_subclasses_are_refused_not_read():
 
 
 # ---- exception types: torch raises RuntimeError; ours is also a ValueError -------------------------------------
-@pytest.mark.parametrize("case", ["mask-and-causal", "1-d", "dtypes", "batch", "gqa-heads", "no-gqa", "dropout>1",
-                                  "dropout<0", "head-dim"])
+@pytest.mark.parametrize("case", ["mask-and-causal", "1-d", "dtypes", "batch", "batch-3d-kv", "gqa-heads", "no-gqa",
+                                  "dropout>1", "dropout<0", "head-dim"])
 def test_errors_are_torchs_exception_type(case):
     q, k, v, kw = randn(2, 4, 5, 8), randn(2, 4, 6, 8), randn(2, 4, 6, 8), {}
     if case == "mask-and-causal":
@@ -101,6 +101,8 @@ def test_errors_are_torchs_exception_type(case):
         q = q.double()
     elif case == "batch":
         k, v = randn(3, 4, 6, 8), randn(3, 4, 6, 8)
+    elif case == "batch-3d-kv":  # k, v (2, 4, 8): 2 heads of 4 keys, whose first dims match q's (B, H) by chance
+        k, v = randn(2, 4, 8), randn(2, 4, 8)
     elif case == "gqa-heads":
         k, v, kw = randn(2, 3, 6, 8), randn(2, 3, 6, 8), dict(enable_gqa=True)
     elif case == "no-gqa":

@@ -74,9 +74,8 @@ SMALL_FLOP = 1 << 33
 def request(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi: Optional[Tensor],
             p: AttnParams) -> AttnRequest:
     device = q.device.type
-    B, H, L, E = q.shape
-    return AttnRequest(device, q.dtype, E, v.shape[-1],
+    return AttnRequest(device, q.dtype, q.shape[-1], v.shape[-1],
                        None if mask is None else "bool" if mask.dtype == torch.bool else "float",
                        mask is not None and mask.requires_grad, k.shape[1] != q.shape[1], p.causal,
                        (p.window_left, p.window_right) != (-1, -1), alibi is not None, p.softcap > 0,
-                       p.dropout_p > 0, device == "cuda" and 4 * B * H * L * k.shape[2] * E <= SMALL_FLOP)
+                       p.dropout_p > 0, device == "cuda" and 4 * q.numel() * k.shape[-2] <= SMALL_FLOP)

@@ -76,7 +76,7 @@ def check_qkv(q, k, v, enable_gqa: bool) -> Layout:
     if ks[-2] != vs[-2]:
         raise ArgumentError(f"value: {vs[-2]} keys (shape {tuple(vs)}) != key's {ks[-2]} (shape {tuple(ks)})")
     L, S = qs[-2], ks[-2]
-    if len(qs) == 4 and qs[:2] == ks[:2] == vs[:2]:  # the common case: (B, H, seq, dim) each, same B and H
+    if len(qs) == len(ks) == len(vs) == 4 and qs[:2] == ks[:2] == vs[:2]:  # (B, H, seq, dim) each, same B and H
         return Layout(qs[:1], qs[1], qs[1], L, S)
     hq, hk, hv = (s[-3] if len(s) >= 3 else 1 for s in (qs, ks, vs))
     if enable_gqa and min(len(qs), len(ks), len(vs)) >= 3 and not hq == hk == hv:
