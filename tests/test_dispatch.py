@@ -65,14 +65,14 @@ def test_attention_on_gpu_by_size():
         q, k = on_cuda(B, H, L, E), on_cuda(B, H, S, E)
         return request(q, k, k, None, None, AttnParams(1.0))
 
-    assert 4 * 8 * 16 * 512 * 512 * 64 == SMALL_FLOP
-    assert req(8, 16, 512, 512).small and not req(8, 16, 512, 513).small and not req(8, 16, 1024, 512).small
+    n = math.isqrt(SMALL_FLOP // (4 * 8 * 16 * 64))  # the longest n x n attention of 8 x 16 heads that is small
+    assert req(8, 16, n, n).small and not req(8, 16, n + 1, n + 1).small and not req(8, 16, 2 * n, n).small
     order = D.dispatcher.priority["cuda"]
-    assert order(req(8, 16, 512, 512))[0] == "cuda" and order(req(8, 16, 1024, 1024))[0] == "triton"
+    assert order(req(8, 16, n, n))[0] == "cuda" and order(req(8, 16, 2 * n, 2 * n))[0] == "triton"
     q = torch.empty(8, 16, 4, 64, device="meta")
     assert not request(q, q, q, None, None, AttnParams(1.0)).small  # CPU and other devices: never
     if HAS_GPU and {"cuda", "triton"} <= set(fastattn.available_backends()):
-        small, big = (torch.empty(8, 16, n, 64, device="cuda", dtype=torch.float16) for n in (512, 1024))
+        small, big = (torch.empty(8, 16, m, 64, device="cuda", dtype=torch.float16) for m in (n, 2 * n))
         assert D.select_backend(small, small, small) == "cuda" and D.select_backend(big, big, big) == "triton"
         assert D.select_backend(small, small, small, p=AttnParams(1.0, window_left=4)) == "triton"  # cuda refuses
 
