@@ -54,7 +54,7 @@ def compile_usage(kernel, types: dict, constexprs: dict, num_warps: int, num_sta
 
 # head dims, row widths and strides of the benchmarked shapes (sequence lengths and M are left unknown)
 ALIGNED = {"E", "EV", "N", "K", "stride_am", "stride_bn", "stride_cm"} | {
-    f"stride_{t}{d}" for t in "qkvom" for d in "bhmn"}
+    f"stride_{t}{d}" for t in ("q", "k", "v", "o", "m", "g", "dq", "dk", "dv") for d in "bhmn"}  # g: dout
 ATTN_TYPES = {**{n: "*bf16" for n in ("Q", "K", "V", "DOut", "Out", "DK", "DV", "DQ")},
               **{n: "*fp32" for n in ("Lse", "Delta", "Alibi")}, "Mask": "*i8",
               **{n: "fp32" for n in ("sm_scale", "softcap", "dropout_p")}, "seed": "i64", "rng_offset": "i64"}

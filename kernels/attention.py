@@ -220,33 +220,37 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_preprocess(
-    Out, DOut,  # (B, H, L, EV), contiguous
-    Delta,  # (B, H, L) float32: rowsum(dout * out)
-    rows, EV,
+    Out, DOut,  # (B, H, L, EV), through their strides
+    Delta,  # (B, H, L) float32, contiguous: rowsum(dout * out)
+    stride_ob, stride_oh, stride_om, stride_gb, stride_gh, stride_gm,
+    H, L, EV,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_DV)
-    msk = (offs_m[:, None] < rows) & (offs_d[None, :] < EV)
-    off = offs_m[:, None].to(tl.int64) * EV + offs_d[None, :]
-    o = tl.load(Out + off, mask=msk, other=0.0).to(tl.float32)
-    do = tl.load(DOut + off, mask=msk, other=0.0).to(tl.float32)
-    tl.store(Delta + offs_m, tl.sum(o * do, 1), mask=offs_m < rows)
+    o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, L, stride_om, EV, offs_d, tl.float32)
+    do = _load_rows(DOut + b * stride_gb + h * stride_gh, offs_m, L, stride_gm, EV, offs_d, tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
 
 
 @triton.jit
-def _load_rows(X, row, offs, n_rows, width, offs_d, DOT_DTYPE: tl.constexpr):
-    """Rows row[i] (offs[i] < n_rows) of a contiguous (.., width) tensor, zero-padded to the tile, as DOT_DTYPE."""
+def _load_rows(X, offs, n_rows, stride, width, offs_d, DOT_DTYPE: tl.constexpr):
+    """Rows offs (those < n_rows) of a (.., width) matrix at X whose rows are ``stride`` apart, zero-padded to the
+    tile, as DOT_DTYPE."""
     mask = (offs[:, None] < n_rows) & (offs_d[None, :] < width)
-    return tl.load(X + row[:, None] * width + offs_d[None, :], mask=mask, other=0.0).to(DOT_DTYPE)
+    return tl.load(X + offs[:, None].to(tl.int64) * stride + offs_d[None, :], mask=mask, other=0.0).to(DOT_DTYPE)
 
 
 @triton.jit
-def _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, DOT_DTYPE: tl.constexpr):
-    """A query block's q, dout, logsumexp (base 2; +inf past L) and delta."""
+def _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, stride_qm, stride_gm,
+                 DOT_DTYPE: tl.constexpr):
+    """A query block's q, dout (Q, DOut: this head's rows), logsumexp (base 2; +inf past L) and delta."""
+    q = _load_rows(Q, offs_m, L, stride_qm, E, offs_d, DOT_DTYPE)
+    do = _load_rows(DOut, offs_m, L, stride_gm, EV, offs_dv, DOT_DTYPE)
     q_row = bh.to(tl.int64) * L + offs_m
-    q = _load_rows(Q, q_row, offs_m, L, E, offs_d, DOT_DTYPE)
-    do = _load_rows(DOut, q_row, offs_m, L, EV, offs_dv, DOT_DTYPE)
     lse = tl.load(Lse + q_row, mask=offs_m < L, other=float("inf")) * LOG2E
     delta = tl.load(Delta + q_row, mask=offs_m < L, other=0.0)
     return q, do, lse, delta
@@ -282,8 +286,9 @@ def _bwd_tile(q, k, v, do, lse, delta,  # the query side's tiles and the key sid
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v,  # running dK, dV; the key block
-                Q, DOut, Lse, Delta,  # the query side, read one block at a time
+                Q, DOut, Lse, Delta,  # the query side (Q, DOut: this head's rows), read one block at a time
                 offs_n, offs_d, offs_dv, start, end, bh, L, S, E, EV,  # the block and the query range [start, end)
+                stride_qm, stride_gm,
                 Mask, stride_mm, stride_mn, slope,  # this head's mask and ALiBi slope
                 sm_scale, softcap, diag_offset, window_left, window_right,  # score transforms
                 dropout_p, seed, rng_offset,
@@ -292,7 +297,8 @@ def _dkdv_inner(dk, dv, k, v,  # running dK, dV; the key block
                 DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q, do, lse, delta = _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, DOT_DTYPE)
+        q, do, lse, delta = _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, stride_qm,
+                                         stride_gm, DOT_DTYPE)
         pd, ds = _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, bh, L, S,
                            Mask, stride_mm, stride_mn, slope,
                            sm_scale, softcap, diag_offset, window_left, window_right,
@@ -306,10 +312,12 @@ def _dkdv_inner(dk, dv, k, v,  # running dK, dV; the key block
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DOut,  # (B, H, L, E), (B, Hk, S, E), (B, Hk, S, EV), (B, H, L, EV) contiguous
-    Lse, Delta,  # (B, H, L) float32
-    DK, DV,  # (B, Hk, S, E), (B, Hk, S, EV) contiguous
+    Q, K, V, DOut,  # (B, H, L, E), (B, Hk, S, E), (B, Hk, S, EV), (B, H, L, EV) through their strides
+    Lse, Delta,  # (B, H, L) float32, contiguous
+    DK, DV,  # (B, Hk, S, E), (B, Hk, S, EV) through their strides
     Mask, Alibi,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gm, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     H, Hk, GROUP, L, S, E, EV,
     sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
@@ -324,9 +332,9 @@ def _attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kv_row = bhk.to(tl.int64) * S + offs_n
-    k = _load_rows(K, kv_row, offs_n, S, E, offs_d, DOT_DTYPE)
-    v = _load_rows(V, kv_row, offs_n, S, EV, offs_dv, DOT_DTYPE)
+    b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
+    k = _load_rows(K + b64 * stride_kb + hk64 * stride_kh, offs_n, S, stride_kn, E, offs_d, DOT_DTYPE)
+    v = _load_rows(V + b64 * stride_vb + hk64 * stride_vh, offs_n, S, stride_vn, EV, offs_dv, DOT_DTYPE)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
     lo, mid, hi = _query_range(start_n, L, S, diag_offset, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL,
@@ -335,31 +343,35 @@ def _attn_bwd_dkdv_kernel(
         h = hk * GROUP + g
         bh = b * H + h
         HeadMask, slope = _head_bias(Mask, stride_mb, stride_mh, Alibi, b, h, bh, HAS_ALIBI)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta,
-                             offs_n, offs_d, offs_dv, lo, mid, bh, L, S, E, EV,
+        Qh = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+        DOh = DOut + b64 * stride_gb + h.to(tl.int64) * stride_gh
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Lse, Delta,
+                             offs_n, offs_d, offs_dv, lo, mid, bh, L, S, E, EV, stride_qm, stride_gm,
                              HeadMask, stride_mm, stride_mn, slope,
                              sm_scale, softcap, diag_offset, window_left, window_right,
                              dropout_p, seed, rng_offset,
                              True, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
                              DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta,
-                             offs_n, offs_d, offs_dv, mid, hi, bh, L, S, E, EV,
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Lse, Delta,
+                             offs_n, offs_d, offs_dv, mid, hi, bh, L, S, E, EV, stride_qm, stride_gm,
                              HeadMask, stride_mm, stride_mn, slope,
                              sm_scale, softcap, diag_offset, window_left, window_right,
                              dropout_p, seed, rng_offset,
                              False, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
                              DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
     dk = dk * sm_scale
-    tl.store(DK + kv_row[:, None] * E + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=(offs_n[:, None] < S) & (offs_d[None, :] < E))
-    tl.store(DV + kv_row[:, None] * EV + offs_dv[None, :], dv.to(DV.dtype.element_ty),
-             mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV))
+    rows = offs_n[:, None].to(tl.int64)
+    tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_d[None, :] < E))
+    tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + rows * stride_dvn + offs_dv[None, :],
+             dv.to(DV.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV))
 
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta,  # running dQ; the query block's tiles
               K, V,  # this head's K and V, read one block at a time
               offs_m, offs_d, offs_dv, start, end, bh, L, S, E, EV,  # the block and the key range [start, end)
+              stride_kn, stride_vn,
               Mask, stride_mm, stride_mn, slope,  # this head's mask and ALiBi slope
               sm_scale, softcap, diag_offset, window_left, window_right,  # score transforms
               dropout_p, seed, rng_offset,
@@ -368,8 +380,8 @@ def _dq_inner(dq, q, do, lse, delta,  # running dQ; the query block's tiles
               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, offs_n, S, E, offs_d, DOT_DTYPE)
-        v = _load_rows(V, offs_n, offs_n, S, EV, offs_dv, DOT_DTYPE)
+        k = _load_rows(K, offs_n, S, stride_kn, E, offs_d, DOT_DTYPE)
+        v = _load_rows(V, offs_n, S, stride_vn, EV, offs_dv, DOT_DTYPE)
         _, ds = _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, bh, L, S,
                           Mask, stride_mm, stride_mn, slope,
                           sm_scale, softcap, diag_offset, window_left, window_right,
@@ -382,10 +394,12 @@ def _dq_inner(dq, q, do, lse, delta,  # running dQ; the query block's tiles
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DOut,  # contiguous, as in the dK/dV kernel
+    Q, K, V, DOut,  # through their strides, as in the dK/dV kernel
     Lse, Delta,
-    DQ,  # (B, H, L, E)
+    DQ,  # (B, H, L, E) through its strides
     Mask, Alibi,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gm, stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     H, Hk, GROUP, L, S, E, EV,
     sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
@@ -400,32 +414,33 @@ def _attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q, do, lse, delta = _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, DOT_DTYPE)
-    kv_base = (b * Hk + h // GROUP).to(tl.int64) * S
-    K += kv_base * E
-    V += kv_base * EV
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
+    q, do, lse, delta = _load_q_side(Q + b64 * stride_qb + h64 * stride_qh, DOut + b64 * stride_gb + h64 * stride_gh,
+                                     Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, stride_qm, stride_gm,
+                                     DOT_DTYPE)
+    K += b64 * stride_kb + hk64 * stride_kh
+    V += b64 * stride_vb + hk64 * stride_vh
     Mask, slope = _head_bias(Mask, stride_mb, stride_mh, Alibi, b, h, bh, HAS_ALIBI)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     lo, mid, hi = _key_range(start_m, L, S, diag_offset, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL,
                              HAS_WINDOW)
     dq = _dq_inner(dq, q, do, lse, delta, K, V,
-                   offs_m, offs_d, offs_dv, lo, mid, bh, L, S, E, EV,
+                   offs_m, offs_d, offs_dv, lo, mid, bh, L, S, E, EV, stride_kn, stride_vn,
                    Mask, stride_mm, stride_mn, slope,
                    sm_scale, softcap, diag_offset, window_left, window_right,
                    dropout_p, seed, rng_offset,
                    False, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
                    DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, K, V,
-                   offs_m, offs_d, offs_dv, mid, hi, bh, L, S, E, EV,
+                   offs_m, offs_d, offs_dv, mid, hi, bh, L, S, E, EV, stride_kn, stride_vn,
                    Mask, stride_mm, stride_mn, slope,
                    sm_scale, softcap, diag_offset, window_left, window_right,
                    dropout_p, seed, rng_offset,
                    True, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
                    DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
     dq = dq * sm_scale
-    q_row = bh.to(tl.int64) * L + offs_m
-    tl.store(DQ + q_row[:, None] * E + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=(offs_m[:, None] < L) & (offs_d[None, :] < E))
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_d[None, :] < E))
 
 
 @triton.jit
@@ -582,20 +597,24 @@ def attention_fwd(q, k, v, mask, alibi, p):
 def attention_bwd(dout, q, k, v, out, lse, mask, alibi, p):
     """Gradients of the forward above: dq (B, H, L, E), dk (B, Hk, S, E), dv (B, Hk, S, EV)."""
     (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, scalars, flags, key = _common(q, k, v, mask, alibi, p)
-    q, k, v, dout, out, lse = (t.contiguous() for t in (q, k, v, dout, out, lse))
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    lse = lse.contiguous()
+    # read through their strides (no copies of views of a packed projection); each gradient in its input's order
+    dq = _empty_in_order_of(q, (B, H, L, E), q.dtype)
+    dk, dv = _empty_in_order_of(k, (B, Hk, S, E), k.dtype), _empty_in_order_of(v, (B, Hk, S, EV), v.dtype)
     if L == 0 or S == 0 or B * H == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     pre_m = 64 if not INTERPRETED else 32
-    _attn_bwd_preprocess[(triton.cdiv(B * H * L, pre_m),)](out, dout, delta, B * H * L, EV, BLOCK_M=pre_m,
-                                                           BLOCK_DV=flags["BLOCK_DV"])
+    _attn_bwd_preprocess[(triton.cdiv(L, pre_m), B * H)](out, dout, delta, *out.stride()[:3], *dout.stride()[:3], H,
+                                                         L, EV, BLOCK_M=pre_m, BLOCK_DV=flags["BLOCK_DV"])
     args = (q, k, v, dout, lse, delta)
-    tail = (mask_arg, alibi_arg, *ms, H, Hk, H // Hk, L, S, E, EV, *scalars)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+    tail = (*ms, H, Hk, H // Hk, L, S, E, EV, *scalars)
     dkdv_grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hk)  # noqa: E731
     dq_grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _launch("dkdv", dkdv_grid, *args, dk, dv, *tail, key=key, **flags)
-    _launch("dq", dq_grid, *args, dq, *tail, key=key, **flags)
+    _launch("dkdv", dkdv_grid, *args, dk, dv, mask_arg, alibi_arg, *strides, *dk.stride()[:3], *dv.stride()[:3],
+            *tail, key=key, **flags)
+    _launch("dq", dq_grid, *args, dq, mask_arg, alibi_arg, *strides, *dq.stride()[:3], *tail, key=key, **flags)
     return dq, dk, dv
 
 

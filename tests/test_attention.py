@@ -101,23 +101,25 @@ def test_output_follows_the_query_layout(backend_name):
     torch.testing.assert_close(out, want)
 
 
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"], indirect=True)
 @pytest.mark.parametrize("causal", [None, "bottom_right"])
-def test_cpu_strided_rows_equal_contiguous(causal):
-    """Heads of a packed (B, L, 3 * H * E) float32 projection, and an upstream gradient laid out (B, L, H, E): rows
-    far apart, which the CPU kernels copy into packed rows before use (read in place, they share a few L1 sets).
-    Output and gradients equal those of contiguous copies (read in place) bit for bit: the same products in the
-    same order. Both paths, several query and key blocks."""
-    skip_if_not_built("cpu", "attention_fwd")
+def test_strided_rows_equal_contiguous(backend_name, causal):
+    """Heads of packed (B, L, H * E) / (B, S, 2 * H * E) float32 projections, and an upstream gradient laid out
+    (B, L, H, E): rows far apart. The CPU kernels copy them into packed rows before use (read in place, they share a
+    few L1 sets), the Triton ones read them through their strides (no contiguous copies). Output and gradients equal
+    those of contiguous copies bit for bit: the same products in the same order. Several query and key blocks."""
+    skip_if_not_built(backend_name, "attention_fwd")
+    dev = backend_device(backend_name)
     B, L, S, H, E = 2, 150, 140, 3, 32
     g = torch.Generator().manual_seed(0)
-    qx = rand((B, L, H * E), torch.float32, "cpu", g).requires_grad_()
-    kvx = rand((B, S, 2 * H * E), torch.float32, "cpu", g).requires_grad_()
-    dout = rand((B, L, H, E), torch.float32, "cpu", g).transpose(1, 2)
+    qx = rand((B, L, H * E), torch.float32, dev, g).requires_grad_()
+    kvx = rand((B, S, 2 * H * E), torch.float32, dev, g).requires_grad_()
+    dout = rand((B, L, H, E), torch.float32, dev, g).transpose(1, 2)
 
     def heads(x, n):
         return x.view(B, n, H, E).transpose(1, 2)
 
-    with fastattn.backend("cpu"):
+    with fastattn.backend(backend_name):
         k, v = (heads(t, S) for t in kvx.split(H * E, -1))
         assert k.stride(2) == 2 * H * E and dout.stride(2) == H * E
         out = fastattn.attention(heads(qx, L), k, v, causal=causal)

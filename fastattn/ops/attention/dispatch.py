@@ -7,10 +7,10 @@ have any stride, stride 0 included):
   fwd(q, k, v, mask, alibi, p: AttnParams) -> (out (B, H, L, Ev) q.dtype, lse (B, H, L) float32)
   bwd(dout, q, k, v, out, lse, mask, alibi, p) -> (dq, dk, dv)       (dk, dv summed over each GQA group)
 
-out and the gradients may have any layout with a unit last-dim stride: the CPU backend lays each out in its input's
-dimension order (q read as the transposed view of a (B, L, H, D) projection gives a (B, L, H, D)-laid-out out and
-dq, so the way back to (B, L, H * D) is a view, as with torch's flash CPU kernel), the Triton one its out; the others
-are contiguous, or (the CUDA gradients) empty_like their inputs. The custom ops below return them contiguous.
+out and the gradients may have any layout with a unit last-dim stride: the CPU and Triton backends lay each out in
+its input's dimension order (q read as the transposed view of a (B, L, H, D) projection gives a (B, L, H, D)-laid-out
+out and dq, so the way back to (B, L, H * D) is a view, as with torch's flash CPU kernel); the CUDA one's out is
+contiguous and its gradients empty_like their inputs. The custom ops below return them contiguous.
 
 k, v have Hk heads, H % Hk == 0. mask is None or a (B, H, L, S) view (broadcast dims have stride 0: never
 materialized) of dtype bool (True = take part) or float (added to the scores). alibi is None or (B, H) float32.
@@ -168,8 +168,8 @@ def _(q, k, v, mask, alibi, *args):
 def attention_bwd_op(dout, q, k, v, out, lse, mask, alibi, *flat_and_backend):
     *flat, backend = flat_and_backend
     dq, dk, dv = bwd(dout, q, k, v, out, lse, mask, alibi, AttnParams(*flat), backend or None)
-    # contiguous, as the fake promises: the Triton backend's gradients are, the CPU and CUDA ones' take the layout of
-    # q / k / v, and a traced graph that views a gradient laid out otherwise fails at run time
+    # contiguous, as the fake promises: the backends' gradients take the layout of q / k / v, and a traced graph that
+    # views a gradient laid out otherwise fails at run time
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
