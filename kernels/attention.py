@@ -594,13 +594,17 @@ def attention_fwd(q, k, v, mask, alibi, p):
     return out, lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, mask, alibi, p):
-    """Gradients of the forward above: dq (B, H, L, E), dk (B, Hk, S, E), dv (B, Hk, S, EV)."""
+def attention_bwd(dout, q, k, v, out, lse, mask, alibi, p, into=None):
+    """Gradients of the forward above: dq (B, H, L, E), dk (B, Hk, S, E), dv (B, Hk, S, EV), each in its input's
+    dimension order, or written into ``into`` = (dq, dk, dv) (views with a unit last stride) when given."""
     (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, scalars, flags, key = _common(q, k, v, mask, alibi, p)
     lse = lse.contiguous()
-    # read through their strides (no copies of views of a packed projection); each gradient in its input's order
-    dq = _empty_in_order_of(q, (B, H, L, E), q.dtype)
-    dk, dv = _empty_in_order_of(k, (B, Hk, S, E), k.dtype), _empty_in_order_of(v, (B, Hk, S, EV), v.dtype)
+    # read through their strides (no copies of views of a packed projection)
+    if into is not None:
+        dq, dk, dv = into
+    else:
+        dq = _empty_in_order_of(q, (B, H, L, E), q.dtype)
+        dk, dv = _empty_in_order_of(k, (B, Hk, S, E), k.dtype), _empty_in_order_of(v, (B, Hk, S, EV), v.dtype)
     if L == 0 or S == 0 or B * H == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)

@@ -133,6 +133,49 @@ def test_strided_rows_equal_contiguous(backend_name, causal):
         assert torch.equal(a, b), (name, (a - b).abs().max().item())
 
 
+@pytest.mark.parametrize("backend_name", ["cpu", "triton", "reference"], indirect=True)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_attention_packed_one_gradient(backend_name, dropout_p):
+    """attention_packed on the heads of a (B, L, 3 * H * E) projection: out and the projection's gradient equal those
+    of attention on the same views (autograd stacking three gradients) bit for bit, with the backward writing into
+    one tensor (PackedQKVAttention; the reference backend's results copied in); without a gradient and under
+    torch.func it is plain attention; an unknown keyword is a TypeError."""
+    from fastattn.ops.attention.api import attention_packed
+    skip_if_not_built(backend_name, "attention_fwd")
+    dev = backend_device(backend_name)
+    B, L, H, E = 2, 70, 3, 16
+    g = torch.Generator().manual_seed(0)
+    x = rand((B, L, 3 * H * E), torch.float32, dev, g)
+    dout = rand((B, H, L, E), torch.float32, dev, g)
+
+    def split(t):
+        return tuple(h.transpose(1, 2) for h in t.view(B, L, 3, H, E).unbind(2))
+
+    def run(packed):
+        proj = x.clone().requires_grad_()
+        torch.manual_seed(5)  # the dropout mask's seed
+        with fastattn.backend(backend_name):
+            out = attention_packed(proj, split, causal="top_left", dropout_p=dropout_p) if packed else \
+                fastattn.attention(*split(proj), causal="top_left", dropout_p=dropout_p)
+        name = type(out.grad_fn).__name__
+        out.backward(dout)
+        return out, proj.grad, name
+
+    (out, grad, name), (want, want_grad, _) = run(True), run(False)
+    assert name == "PackedQKVAttentionBackward", name
+    assert torch.equal(out, want) and torch.equal(grad, want_grad)
+    with torch.no_grad(), fastattn.backend(backend_name):
+        torch.testing.assert_close(attention_packed(x, split, causal="top_left"),
+                                   fastattn.attention(*split(x), causal="top_left"))
+    with fastattn.backend(backend_name):  # torch.func: the views' own path
+        got = torch.func.grad(lambda t: (attention_packed(t, split, causal="top_left") * dout).sum())(x)
+        proj = x.clone().requires_grad_()
+        (fastattn.attention(*split(proj), causal="top_left") * dout).sum().backward()
+    torch.testing.assert_close(got, proj.grad)
+    with pytest.raises(TypeError, match="is_causal"):
+        attention_packed(x, split, is_causal=True)
+
+
 @BK
 @DT
 @pytest.mark.parametrize("L, S", [(1, 1), (17, 17), (97, 129), (129, 97), (1, 97), (97, 1)])

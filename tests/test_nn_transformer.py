@@ -331,13 +331,15 @@ def test_decoder_detects_causal_tgt_mask(monkeypatch, mask_kind):
     with the same result as the mask."""
     import fastattn.nn.activation as act
     causal_calls = []
-    real = act.attention
 
-    def spy(q, k, v, **kw):
-        causal_calls.append(kw.get("causal"))
-        return real(q, k, v, **kw)
+    def spy(real):  # self-attention comes through attention_packed, cross-attention through attention
+        def call(*args, **kw):
+            causal_calls.append(kw.get("causal"))
+            return real(*args, **kw)
+        return call
 
-    monkeypatch.setattr(act, "attention", spy)
+    monkeypatch.setattr(act, "attention", spy(act.attention))
+    monkeypatch.setattr(act, "attention_packed", spy(act.attention_packed))
     g = torch.Generator().manual_seed(9)
     lt, lo = layer_twins("decoder")
     theirs, ours = torch.nn.TransformerDecoder(lt, 2), fnn.TransformerDecoder(lo, 2)
@@ -389,14 +391,16 @@ def test_dropout_statistics_and_seed(kind, norm_first):
 def test_key_padding_mask_never_expanded(monkeypatch):
     import fastattn.nn.activation as act
     shapes = []
-    real = act.attention
 
-    def spy(q, k, v, **kw):
-        m = kw.get("attn_mask")
-        shapes.append(None if m is None else (tuple(m.shape), m.numel()))
-        return real(q, k, v, **kw)
+    def spy(real):  # self-attention comes through attention_packed, cross-attention through attention
+        def call(*args, **kw):
+            m = kw.get("attn_mask")
+            shapes.append(None if m is None else (tuple(m.shape), m.numel()))
+            return real(*args, **kw)
+        return call
 
-    monkeypatch.setattr(act, "attention", spy)
+    monkeypatch.setattr(act, "attention", spy(act.attention))
+    monkeypatch.setattr(act, "attention_packed", spy(act.attention_packed))
     g = torch.Generator().manual_seed(11)
     _, ours = layer_twins("decoder", batch_first=True)
     B, T, S = 2, 5, 7

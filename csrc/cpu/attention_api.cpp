@@ -170,7 +170,10 @@ std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& dout, const at::Tens
                                           const c10::optional<at::Tensor>& mask,
                                           const c10::optional<at::Tensor>& alibi, double scale, bool causal,
                                           int64_t diag_offset, int64_t window_left, int64_t window_right,
-                                          double softcap, double dropout_p, int64_t seed, int64_t offset) {
+                                          double softcap, double dropout_p, int64_t seed, int64_t offset,
+                                          const c10::optional<at::Tensor>& dq_into,
+                                          const c10::optional<at::Tensor>& dk_into,
+                                          const c10::optional<at::Tensor>& dv_into) {
   const Checker c{"attention_bwd_cpu"};
   cpu::AttnBwdArgs a;
   fill_args(c, a, q, k, v, mask, alibi, scale, causal, diag_offset, window_left, window_right, softcap, dropout_p,
@@ -188,9 +191,18 @@ std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& dout, const at::Tens
   a.out = view_of(out);
   a.lse = lse.data_ptr<float>();
   for (int d = 0; d < 3; ++d) a.lse_stride[d] = lse.stride(d);
-  at::Tensor dq = empty_in_order_of(q, {a.B, a.H, a.L, a.E}, q.options());  // each in its input's layout
-  at::Tensor dk = empty_in_order_of(k, {a.B, a.Hk, a.S, a.E}, q.options());
-  at::Tensor dv = empty_in_order_of(v, {a.B, a.Hk, a.S, a.Ev}, q.options());
+  // each given (written in place: views of one packed gradient), else in its input's layout
+  auto grad = [&](const c10::optional<at::Tensor>& into, const at::Tensor& like, std::array<int64_t, 4> sizes,
+                  const char* name, const char* dims) {
+    if (!into.has_value()) return empty_in_order_of(like, sizes, q.options());
+    c.bhld(*into, name, dims);
+    c.same_dtype(*into, name, q);
+    c.shape_is(*into, name, {sizes[0], sizes[1], sizes[2], sizes[3]}, dims);
+    return *into;
+  };
+  at::Tensor dq = grad(dq_into, q, {a.B, a.H, a.L, a.E}, "dq", "(B, H, L, E)");
+  at::Tensor dk = grad(dk_into, k, {a.B, a.Hk, a.S, a.E}, "dk", "(B, Hk, S, E)");
+  at::Tensor dv = grad(dv_into, v, {a.B, a.Hk, a.S, a.Ev}, "dv", "(B, Hk, S, Ev)");
   a.dq = out_of(dq);
   a.dk = out_of(dk);
   a.dv = out_of(dv);
@@ -221,11 +233,12 @@ void register_cpu_attention(pybind11::module_& m) {
         py::arg("causal"), py::arg("diag_offset"), py::arg("window_left"), py::arg("window_right"),
         py::arg("softcap"), py::arg("dropout_p"), py::arg("seed"), py::arg("offset"));
   m.def("attention_bwd_cpu", &attention_bwd_cpu,
-        "Fused attention backward on CPU -> [dq, dk, dv] (each in its input's dimension order; dk, dv summed over "
-        "each GQA group)", py::arg("dout"),
+        "Fused attention backward on CPU -> [dq, dk, dv] (each in its input's dimension order, or written into "
+        "dq_into / dk_into / dv_into when given; dk, dv summed over each GQA group)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("mask"), py::arg("alibi"),
         py::arg("scale"), py::arg("causal"), py::arg("diag_offset"), py::arg("window_left"),
-        py::arg("window_right"), py::arg("softcap"), py::arg("dropout_p"), py::arg("seed"), py::arg("offset"));
+        py::arg("window_right"), py::arg("softcap"), py::arg("dropout_p"), py::arg("seed"), py::arg("offset"),
+        py::arg("dq_into") = py::none(), py::arg("dk_into") = py::none(), py::arg("dv_into") = py::none());
   m.def("attention_dropout_mask_cpu", &attention_dropout_mask_cpu,
         "The (B, H, L, S) bool keep mask of the CPU attention kernels (Philox, equal to Triton's)",
         py::arg("B"), py::arg("H"), py::arg("L"), py::arg("S"), py::arg("dropout_p"), py::arg("seed"),

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..backends import forced_backend
 from ..ops.attention import AttnParams, attention, dropout_mask, select_backend
+from ..ops.attention.api import attention_packed
 from ..ops.dropout import dropout_rng
 from ..ops.batching import is_transformed
 from ._torchscript import refuse_script
@@ -294,8 +295,10 @@ def mha_forward(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: T
     if b is not None:
         bq, bk, bv = b[:E], b[E:2 * E], b[2 * E:]
         bkv = b[E:]
+    packed = None  # self-attention: the projection Q, K and V are the heads of, and how to split it
     if mha._qkv_same_embed_dim and query is key and key is value:
-        q, k, v = _to_heads(_linear(query, w, b), 3, H, layout)  # one matmul for Q, K and V
+        packed = (_linear(query, w, b), lambda t: _to_heads(t, 3, H, layout))  # one matmul for Q, K and V
+        q, k, v = packed[1](packed[0])
     elif mha._qkv_same_embed_dim and key is value:
         q, = _to_heads(_linear(query, w[:E], bq), 1, H, layout)
         k, v = _to_heads(_linear(key, w[E:], bkv), 2, H, layout)  # one matmul for K and V
@@ -312,6 +315,8 @@ def mha_forward(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: T
     mask = None if causal else kernel_mask(attn_mask, None if key_padding_mask is None else
                                            key_padding_mask.view(B, S), B, H, L, S)
     extra = 0
+    if mha.bias_k is not None and mha.bias_v is not None or mha.add_zero_attn:
+        packed = None  # keys and values beyond the projection's
     if mha.bias_k is not None and mha.bias_v is not None:
         k = torch.cat([k, mha.bias_k.view(1, H, 1, D).expand(B, H, 1, D)], dim=2)
         v = torch.cat([v, mha.bias_v.view(1, H, 1, D).expand(B, H, 1, D)], dim=2)
@@ -324,7 +329,9 @@ def mha_forward(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: T
     dropout_p = mha.dropout if mha.training else 0.0
 
     weights = None
-    if not need_weights:
+    if not need_weights and packed is not None:  # the projection's gradient as one tensor (no stack of three)
+        out = attention_packed(*packed, causal="top_left" if causal else None, attn_mask=mask, dropout_p=dropout_p)
+    elif not need_weights:
         out = attention(q, k, v, causal="top_left" if causal else None, attn_mask=mask, dropout_p=dropout_p)
     else:
         keep = None

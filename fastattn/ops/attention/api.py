@@ -2,7 +2,7 @@
 ``fastattn.scaled_dot_product_attention`` (torch's signature and semantics)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -13,7 +13,7 @@ from ...reference import attention_diag_offset, attention_ref
 from .decode import route as decode_route
 from .dispatch import attention_fwd_op, dispatcher, fwd, ref_kwargs
 from ..batching import graph_capture, has_torch_function_subclass, is_transformed
-from .function import AttentionFunction, AttentionFunctionEager, DroppedAttention
+from .function import AttentionFunction, AttentionFunctionEager, DroppedAttention, PackedQKVAttention
 from ..dropout import dropout_rng
 from .params import AttnParams, request
 from .validation import CAUSAL, as_bhld, as_float, autocast_qkv, build_mask, causal_bias_alignment, check_qkv
@@ -40,6 +40,31 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
     (:func:`fastattn.decode_attention`); a debug log line says so. Under autocast q, k and v run in autocast's dtype
     (float64 excepted), as torch's SDPA does.
     """
+    return _attention(q, k, v, None, causal, attn_mask, key_padding_mask, dropout_p, scale, window, alibi_slopes,
+                      softcap, return_lse, enable_gqa)
+
+
+def attention_packed(packed: Tensor, split: Callable[[Tensor], Tuple[Tensor, Tensor, Tensor]], **kwargs):
+    """attention(*split(packed), **kwargs) for q, k, v that are three views tiling one tensor (each element of packed
+    in exactly one of them), such as the heads of a self-attention's (B, L, 3 * H * D) projection: in eager training
+    the gradient reaches packed as one tensor that the backward writes dq, dk and dv into, instead of three that
+    autograd stacks back (a copy of the projection). Anywhere else (no gradient, autocast casts, torch.compile,
+    torch.func, a mask that needs its gradient) it is attention(*split(packed), **kwargs)."""
+    unknown = set(kwargs) - {name for name, _ in _ATTENTION_KWARGS}
+    if unknown:
+        raise TypeError(f"attention_packed: unexpected keyword arguments {sorted(unknown)}")
+    return _attention(*split(packed), (packed, split), *(kwargs.get(n, d) for n, d in _ATTENTION_KWARGS))
+
+
+_ATTENTION_KWARGS = (("causal", None), ("attn_mask", None), ("key_padding_mask", None), ("dropout_p", 0.0),
+                     ("scale", None), ("window", (-1, -1)), ("alibi_slopes", None), ("softcap", 0.0),
+                     ("return_lse", False), ("enable_gqa", True))
+
+
+def _attention(q, k, v, packed, causal, attn_mask, key_padding_mask, dropout_p, scale, window, alibi_slopes, softcap,
+               return_lse, enable_gqa):
+    """attention(); packed: None or attention_packed's (packed, split), of which q, k, v are split(packed)."""
+    q0, k0, v0 = q, k, v
     q, k, v = autocast_qkv(q, k, v)
     lay = check_qkv(q, k, v, enable_gqa)
     if causal not in CAUSAL:
@@ -96,10 +121,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
             out, lse = AttentionFunction.apply(qb, kb, vb, mask, alibi, backend, *p.flat())  # its vmap rule
         else:  # no gradient asked for: the kernel without the Function around it (~10 us of host time a call)
             out, lse = fwd(qb, kb, vb, mask, alibi, p, backend)  # "": auto, as read above
+    elif torch.compiler.is_compiling() or is_transformed(qb, kb, vb, mask):
+        out, lse = AttentionFunction.apply(qb, kb, vb, mask, alibi, backend, *p.flat())
+    elif packed is not None and qb is q0 and kb is k0 and vb is v0:  # the views as given: one gradient for packed
+        out, lse = PackedQKVAttention.apply(*packed, mask, alibi, backend, *p.flat())
     else:
-        fn = AttentionFunction if torch.compiler.is_compiling() or is_transformed(qb, kb, vb, mask) else \
-            AttentionFunctionEager
-        out, lse = fn.apply(qb, kb, vb, mask, alibi, backend, *p.flat())
+        out, lse = AttentionFunctionEager.apply(qb, kb, vb, mask, alibi, backend, *p.flat())
     if dropout_p == 1.0:  # the lse was asked for: it does not depend on dropout
         out = DroppedAttention.apply(qb, kb, vb)
     out = out.reshape(out_shape) if torch.jit.is_tracing() or out.shape != out_shape else out

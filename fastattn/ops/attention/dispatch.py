@@ -132,6 +132,31 @@ def bwd(dout, q, k, v, out, lse, mask, alibi, p: AttnParams, backend: Optional[s
     return impl.bwd(dout, q, k, v, out, lse, mask, alibi, p)
 
 
+def _cpu_bwd_into(grads, dout, q, k, v, out, lse, mask, alibi, p):
+    _ext._C.attention_bwd_cpu(dout, q, k, v, out, lse, mask, alibi, *p.flat(), *grads)
+
+
+def _triton_bwd_into(grads, *args):
+    from ...kernels import attention as k
+    k.attention_bwd(*args, into=grads)
+
+
+# the backends whose backward writes dq, dk, dv into given tensors (bwd_into copies the others' results in)
+_BWD_INTO = {"cpu": _cpu_bwd_into, "triton": _triton_bwd_into}
+
+
+def bwd_into(grads, dout, q, k, v, out, lse, mask, alibi, p: AttnParams, backend: Optional[str]) -> None:
+    """bwd with its (dq, dk, dv) written into ``grads``: three views with a unit last stride, such as the slices of
+    one packed gradient (PackedQKVAttention)."""
+    impl = dispatcher.select(request(q, k, v, mask, alibi, p), backend)
+    into = _BWD_INTO.get(impl.backend)
+    if into is not None:
+        into(grads, dout, q, k, v, out, lse, mask, alibi, p)
+        return
+    for g, r in zip(grads, impl.bwd(dout, q, k, v, out, lse, mask, alibi, p)):
+        g.copy_(r)
+
+
 def dropout_mask(backend: str, p: AttnParams, B: int, H: int, L: int, S: int, device) -> Tensor:
     """The (B, H, L, S) keep mask that backend draws for p (for tests: the kernels never materialize it)."""
     if backend == "reference":

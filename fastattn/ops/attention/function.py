@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..batching import eager_twin, fold, graph_capture, is_legacy_batched, is_transformed, unfold
-from .dispatch import attention_bwd_op, attention_fwd_op, bwd, fwd, last_dim_unit
+from .dispatch import attention_bwd_op, attention_fwd_op, bwd, bwd_into, fwd, last_dim_unit
 from .params import AttnParams
 
 
@@ -75,6 +75,30 @@ class AttentionBackward(torch.autograd.Function):
         n = info.batch_size
         tensors = [last_dim_unit(fold(t, d, n), i == 6) for i, (t, d) in enumerate(zip(args[:8], in_dims))]
         return tuple(unfold(g, n) for g in AttentionBackward.apply(*tensors, *args[8:])), (0, 0, 0)
+
+
+class PackedQKVAttention(torch.autograd.Function):
+    """AttentionFunction (eager) for q, k, v = split(packed): three views of one tensor, such as the heads of a
+    self-attention's (B, L, 3 * H * D) projection. Its gradient is packed's, one tensor that the backward writes dq,
+    dk, dv into (the CPU and Triton backends in place), where q, k, v as inputs of their own get three gradients
+    that autograd stacks back into the projection's: a copy of it every step."""
+
+    @staticmethod
+    def forward(ctx, packed, split, mask, alibi, backend: str, *flat):
+        q, k, v = split(packed)
+        out, lse = fwd(q, k, v, mask, alibi, AttnParams(*flat), backend)
+        ctx.save_for_backward(packed, out, lse, mask, alibi)
+        ctx.split, ctx.backend, ctx.flat = split, backend, flat
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        packed, out, lse, mask, alibi = ctx.saved_tensors
+        grad = torch.empty_like(packed)
+        bwd_into(ctx.split(grad), last_dim_unit(dout), *ctx.split(packed), out, lse, mask, alibi,
+                 AttnParams(*ctx.flat), ctx.backend or None)
+        return (grad, None, None, None, None) + (None,) * len(ctx.flat)
 
 
 class DroppedAttention(torch.autograd.Function):
