@@ -138,6 +138,30 @@ def test_backends_match_over_training_steps(variant):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("variant", ["gpt2", "bloom-alibi-gqa"])
+def test_fused_projection_gradient_in_one_tensor(monkeypatch, variant):
+    """In training, self-attention on the fused projection's heads goes through attention_packed (the projection's
+    gradient as one tensor, not a stack of three), and every parameter's gradient equals, bit for bit, that of
+    attention on the same views."""
+    import fastattn.models.layers as layers
+    m = model(variant).train()
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+
+    def grads():
+        m.zero_grad()
+        m(ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in m.parameters()]
+
+    calls, real = [], layers.attention_packed
+    monkeypatch.setattr(layers, "attention_packed", lambda packed, split, **kw: calls.append(1) or
+                        real(packed, split, **kw))
+    packed = grads()
+    assert len(calls) == m.config.n_layer
+    monkeypatch.setattr(layers, "attention_packed", lambda packed, split, **kw: layers.attention(*split(packed), **kw))
+    for (name, _), a, b in zip(m.named_parameters(), packed, grads()):
+        assert torch.equal(a, b), name
+
+
 def test_loss_is_shifted_next_token_ce():
     m = model()
     ids = torch.randint(0, VOCAB, (2, 9))

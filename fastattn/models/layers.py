@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..ops.add_norm import add_layer_norm, add_rms_norm
 from ..backends import forced_backend_name
 from ..ops.attention import attention, decode_attention
+from ..ops.attention.api import attention_packed
 from ..ops.attention.decode import route_backend
 from ..ops.cross_entropy import linear_cross_entropy
 from ..ops.dropout import dropout as fa_dropout
@@ -651,13 +652,18 @@ class Attention(nn.Module):
         L, keys) (T5's relative positions)."""
         B, L, _ = x.shape
         H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
+        packed = None  # self-attention on the fused projection's heads as they are: its gradient in one tensor
         if self.cross:
             q = self.wq(x).view(B, L, H, D)
             if self.q_norm is not None:
                 q = self.q_norm(q)
             k, v = memory
         else:
-            q, k, v = self.wqkv(x).split([H * D, Hk * D, Hk * D], -1)
+            qkv = self.wqkv(x)
+            if self.q_norm is None and not (rotary is not None and self.rope) and input_pos is None:
+                packed = (qkv, lambda t: tuple(h.view(B, L, -1, D).transpose(1, 2)
+                                                for h in t.split([H * D, Hk * D, Hk * D], -1)))
+            q, k, v = qkv.split([H * D, Hk * D, Hk * D], -1)
             if self.qk_full:  # (rows of the fused projection: made contiguous for the norm kernel)
                 q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
             q, k, v = q.view(B, L, H, D), k.view(B, L, Hk, D), v.view(B, L, Hk, D)
@@ -689,9 +695,9 @@ class Attention(nn.Module):
             out = decode_attention(q, k, v, causal=causal is not None, key_padding_mask=key_padding_mask,
                                    scale=self.scale, softcap=self.softcap)
         else:
-            out = attention(q, k, v, causal=causal, attn_mask=attn_bias, key_padding_mask=key_padding_mask,
-                            dropout_p=p, window=window, scale=self.scale, softcap=self.softcap,
-                            alibi_slopes=self.alibi)
+            kw = dict(causal=causal, attn_mask=attn_bias, key_padding_mask=key_padding_mask, dropout_p=p,
+                      window=window, scale=self.scale, softcap=self.softcap, alibi_slopes=self.alibi)
+            out = attention(q, k, v, **kw) if packed is None else attention_packed(*packed, **kw)
         return self.wo(out.transpose(1, 2).reshape(B, L, H * D))
 
 
