@@ -123,7 +123,8 @@ def _attention(q, k, v, packed, causal, attn_mask, key_padding_mask, dropout_p, 
             out, lse = fwd(qb, kb, vb, mask, alibi, p, backend)  # "": auto, as read above
     elif torch.compiler.is_compiling() or is_transformed(qb, kb, vb, mask):
         out, lse = AttentionFunction.apply(qb, kb, vb, mask, alibi, backend, *p.flat())
-    elif packed is not None and qb is q0 and kb is k0 and vb is v0:  # the views as given: one gradient for packed
+    elif packed is not None and qb is q0 and kb is k0 and vb is v0 and not torch.jit.is_tracing():
+        # the views as given: one gradient for packed (torch.jit.trace keeps recording the views' Function)
         out, lse = PackedQKVAttention.apply(*packed, mask, alibi, backend, *p.flat())
     else:
         out, lse = AttentionFunctionEager.apply(qb, kb, vb, mask, alibi, backend, *p.flat())
