@@ -176,6 +176,37 @@ def test_attention_packed_one_gradient(backend_name, dropout_p):
         attention_packed(x, split, is_causal=True)
 
 
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"], indirect=True)
+def test_attention_qkvpacked(backend_name):
+    """fastattn.attention_qkvpacked on flash-attn's (B, L, 3, H, E) layout: out (B, L, H, E) and lse equal attention's
+    on the three views, qkv's gradient equals the views' path bit for bit (one tensor: the packed path), a key
+    padding mask keeps torch's meaning; a wrong shape or type is refused naming qkv."""
+    skip_if_not_built(backend_name, "attention_fwd")
+    dev = backend_device(backend_name)
+    B, L, H, E = 2, 40, 3, 16
+    g = torch.Generator().manual_seed(3)
+    qkv = rand((B, L, 3, H, E), torch.float32, dev, g)
+    dout = rand((B, L, H, E), torch.float32, dev, g)
+    pad = torch.zeros(B, L, dtype=torch.bool, device=dev)
+    pad[1, 30:] = True
+    kw = dict(causal="top_left", key_padding_mask=pad)
+    with fastattn.backend(backend_name):
+        packed = qkv.clone().requires_grad_()
+        out, lse = fastattn.attention_qkvpacked(packed, return_lse=True, **kw)
+        assert type(out.grad_fn.next_functions[0][0]).__name__ == "PackedQKVAttentionBackward"
+        assert out.shape == (B, L, H, E)
+        out.backward(dout)
+        views = qkv.clone().requires_grad_()
+        want, want_lse = fastattn.attention(*(t.transpose(1, 2) for t in views.unbind(2)), return_lse=True, **kw)
+        want.transpose(1, 2).backward(dout)
+    assert torch.equal(out, want.transpose(1, 2)) and torch.equal(lse, want_lse)
+    assert torch.equal(packed.grad, views.grad)
+    with pytest.raises(fastattn.ArgumentError, match="qkv"):
+        fastattn.attention_qkvpacked(qkv[:, :, :2])
+    with pytest.raises(TypeError, match="qkv"):
+        fastattn.attention_qkvpacked(None)
+
+
 @BK
 @DT
 @pytest.mark.parametrize("L, S", [(1, 1), (17, 17), (97, 129), (129, 97), (1, 97), (97, 1)])

@@ -2,11 +2,11 @@
 table and custom ops (dispatch.py, which states the kernels' contract), the autograd.Functions (function.py), the
 parameters every layer passes on (params.py), and the split-KV decode attention with its own backends, contract and
 route from ``attention`` (decode.py)."""
-from .api import attention, scaled_dot_product_attention
+from .api import attention, attention_qkvpacked, scaled_dot_product_attention
 from .decode import decode_attention
 from .dispatch import dispatcher, dropout_mask, select_backend
 from .function import AttentionFunction
 from .params import AttnParams, AttnRequest, request
 
-__all__ = ["attention", "scaled_dot_product_attention", "decode_attention", "dispatcher", "dropout_mask",
-           "select_backend", "AttentionFunction", "AttnParams", "AttnRequest", "request"]
+__all__ = ["attention", "attention_qkvpacked", "scaled_dot_product_attention", "decode_attention", "dispatcher",
+           "dropout_mask", "select_backend", "AttentionFunction", "AttnParams", "AttnRequest", "request"]

@@ -56,6 +56,28 @@ def attention_packed(packed: Tensor, split: Callable[[Tensor], Tuple[Tensor, Ten
     return _attention(*split(packed), (packed, split), *(kwargs.get(n, d) for n, d in _ATTENTION_KWARGS))
 
 
+def attention_qkvpacked(qkv: Tensor, *, causal: Optional[str] = None, attn_mask: Optional[Tensor] = None,
+                        key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                        scale: Optional[float] = None, window: Tuple[int, int] = (-1, -1),
+                        alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0, return_lse: bool = False):
+    """Self-attention on a packed (B, L, 3, H, E) q / k / v tensor (flash-attn's qkvpacked layout, a projection's
+    ``view(B, L, 3, H, E)``): :func:`attention` on its three (B, H, L, E) views, with the same keyword arguments,
+    returning out (B, L, H, E) (and lse (B, H, L)). In training the gradient of qkv comes back as one tensor that
+    the backward writes dq, dk and dv into, not three that autograd stacks back."""
+    if not isinstance(qkv, Tensor):
+        raise TypeError(f"qkv: expected a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ArgumentError(f"qkv: expected (B, L, 3, H, E), got shape {tuple(qkv.shape)}")
+    res = attention_packed(qkv, _qkvpacked_heads, causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                           dropout_p=dropout_p, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+                           return_lse=return_lse, enable_gqa=False)
+    return (res[0].transpose(1, 2), res[1]) if return_lse else res.transpose(1, 2)
+
+
+def _qkvpacked_heads(qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    return tuple(t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, L, E) views
+
+
 _ATTENTION_KWARGS = (("causal", None), ("attn_mask", None), ("key_padding_mask", None), ("dropout_p", 0.0),
                      ("scale", None), ("window", (-1, -1)), ("alibi_slopes", None), ("softcap", 0.0),
                      ("return_lse", False), ("enable_gqa", True))
