@@ -4,6 +4,12 @@ import functools
 
 import torch
 
+from ..backends import triton_interpreted
+
+# Triton's interpreter mode, fixed at import as triton.jit fixes it for every kernel defined below this package (a
+# launch that read the environment would pay ~1 us each time)
+INTERPRETED = triton_interpreted()
+
 
 def next_pow2(n: int) -> int:
     """triton.next_power_of_2 for host code (>= 1): Triton 3.8's is a constexpr function, ~1.5 us a call."""

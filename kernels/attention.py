@@ -8,12 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreted
-from . import next_pow2
+from . import INTERPRETED, next_pow2
 from .dropout import philox_keep, philox_words
-
-# fixed at import, as triton.jit fixes it for the kernels below (a launch reads it: an environment lookup costs ~1 us)
-INTERPRETED = triton_interpreted()
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in base 2 (exp2): x * LOG2E
 LN2 = tl.constexpr(0.6931471805599453)

@@ -7,10 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreted
-from . import next_pow2, sm_count
-
-INTERPRETED = triton_interpreted()  # fixed at import, as triton.jit fixes it for the kernels below
+from . import INTERPRETED, next_pow2, sm_count
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)

@@ -6,10 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreted
-from . import next_pow2
-
-INTERPRETED = triton_interpreted()  # fixed at import, as triton.jit fixes it for the kernels below
+from . import INTERPRETED, next_pow2
 
 _MM_SHAPES = [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 4),
               (128, 128, 128, 4, 4), (64, 128, 128, 4, 4), (16, 64, 256, 4, 5)]
@@ -20,7 +17,7 @@ _W8A16_TOO_BIG = {(256, 128, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 
 
 def _mm_configs(all_configs: bool = False, w8a16: bool = False):
     """Tile configs; FASTATTN_AUTOTUNE=0 (the test suite) keeps the first, so tests skip the tuning runs."""
-    if triton_interpreted():
+    if INTERPRETED:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     shapes = [sh for sh in _MM_SHAPES if not (w8a16 and sh in _W8A16_TOO_BIG)]
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
@@ -51,7 +48,7 @@ def int8_mm_with_config(a, b, config):
 def _autotune(fn, w8a16: bool = False):
     """EVEN_K from the tile; on a GPU, autotuned over _mm_configs (the interpreter runs its one config)."""
     fn = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(fn)
-    if triton_interpreted():
+    if INTERPRETED:
         return fn
     return triton.autotune(_mm_configs(w8a16=w8a16), key=["M_BUCKET", "N", "K"],
                            prune_configs_by={"early_config_prune": _prune})(fn)
@@ -186,7 +183,7 @@ SMALL_M = 8  # up to this many rows, the vector-product kernel beats padding M t
 # REDUCE_ONCE tiles hold 64 partial sums a thread.
 _SMALL_M_TILES = [(n, k, w, once) for once in (True, False) for n, k, w in
                   [(16, 512, 4), (8, 1024, 4), (16, 1024, 8), (4, 2048, 4), (8, 2048, 8), (32, 256, 4), (2, 4096, 4)]]
-if triton_interpreted():
+if INTERPRETED:
     _small_m_mm = _small_m_kernel
 else:
     _small_m_mm = triton.autotune(
