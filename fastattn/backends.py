@@ -105,8 +105,8 @@ def available_backends() -> List[str]:
 
 def triton_op(module: str, name: str) -> Callable:
     """fastattn.kernels.<module>.<name>, imported at its first call: triton loads only when a Triton backend runs."""
-    def call(*args):
-        return getattr(importlib.import_module(f"{__package__}.kernels.{module}"), name)(*args)
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(f"{__package__}.kernels.{module}"), name)(*args, **kwargs)
     return call
 
 

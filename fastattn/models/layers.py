@@ -659,11 +659,10 @@ class Attention(nn.Module):
                 q = self.q_norm(q)
             k, v = memory
         else:
-            qkv = self.wqkv(x)
+            qkv, widths = self.wqkv(x), [H * D, Hk * D, Hk * D]
             if self.q_norm is None and not (rotary is not None and self.rope) and input_pos is None:
-                packed = (qkv, lambda t: tuple(h.view(B, L, -1, D).transpose(1, 2)
-                                                for h in t.split([H * D, Hk * D, Hk * D], -1)))
-            q, k, v = qkv.split([H * D, Hk * D, Hk * D], -1)
+                packed = (qkv, lambda t: tuple(h.view(B, L, -1, D).transpose(1, 2) for h in t.split(widths, -1)))
+            q, k, v = qkv.split(widths, -1)
             if self.qk_full:  # (rows of the fused projection: made contiguous for the norm kernel)
                 q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
             q, k, v = q.view(B, L, H, D), k.view(B, L, Hk, D), v.view(B, L, Hk, D)

@@ -2,6 +2,7 @@
 ``fastattn.scaled_dot_product_attention`` (torch's signature and semantics)."""
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -50,10 +51,10 @@ def attention_packed(packed: Tensor, split: Callable[[Tensor], Tuple[Tensor, Ten
     the gradient reaches packed as one tensor that the backward writes dq, dk and dv into, instead of three that
     autograd stacks back (a copy of the projection). Anywhere else (no gradient, autocast casts, torch.compile,
     torch.func, a mask that needs its gradient) it is attention(*split(packed), **kwargs)."""
-    unknown = set(kwargs) - {name for name, _ in _ATTENTION_KWARGS}
+    unknown = kwargs.keys() - _ATTENTION_KWARGS.keys()
     if unknown:
         raise TypeError(f"attention_packed: unexpected keyword arguments {sorted(unknown)}")
-    return _attention(*split(packed), (packed, split), *(kwargs.get(n, d) for n, d in _ATTENTION_KWARGS))
+    return _attention(*split(packed), (packed, split), *{**_ATTENTION_KWARGS, **kwargs}.values())
 
 
 def attention_qkvpacked(qkv: Tensor, *, causal: Optional[str] = None, attn_mask: Optional[Tensor] = None,
@@ -78,9 +79,9 @@ def _qkvpacked_heads(qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return tuple(t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, L, E) views
 
 
-_ATTENTION_KWARGS = (("causal", None), ("attn_mask", None), ("key_padding_mask", None), ("dropout_p", 0.0),
-                     ("scale", None), ("window", (-1, -1)), ("alibi_slopes", None), ("softcap", 0.0),
-                     ("return_lse", False), ("enable_gqa", True))
+# attention()'s keyword arguments and their defaults, in _attention's order
+_ATTENTION_KWARGS = {name: p.default for name, p in inspect.signature(attention).parameters.items()
+                     if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def _attention(q, k, v, packed, causal, attn_mask, key_padding_mask, dropout_p, scale, window, alibi_slopes, softcap,

@@ -137,8 +137,7 @@ def _cpu_bwd_into(grads, dout, q, k, v, out, lse, mask, alibi, p):
 
 
 def _triton_bwd_into(grads, *args):
-    from ...kernels import attention as k
-    k.attention_bwd(*args, into=grads)
+    dispatcher.impls["triton"].bwd(*args, into=grads)
 
 
 # the backends whose backward writes dq, dk, dv into given tensors (bwd_into copies the others' results in)
