@@ -226,6 +226,70 @@ def test_inference_matches_torch_fast_path(batch_first, mask, need_weights):
         assert wa is None and wb is None
 
 
+@pytest.mark.parametrize("backend_name", ["cpu", "reference"], indirect=True)
+@pytest.mark.parametrize("ctor", ["plain", "batch_first", "no-bias"])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_short_way_equals_general_path(monkeypatch, backend_name, ctor, batched, dtype):
+    """Self-attention without masks, weights or gradient takes the short way (no checks, no autograd node): its
+    output is bit-equal to the general path's, on every backend it dispatches to."""
+    import fastattn.nn.activation as act
+    theirs, ours = pair(**CTORS[ctor])
+    ours = ours.to(dtype).eval()
+    x = inputs(ours, "self", 3, 7, 7, torch.Generator().manual_seed(5), batched)[0].to(dtype)
+    calls = []
+    real = act.attention_fwd_nograd
+    monkeypatch.setattr(act, "attention_fwd_nograd", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad(), fastattn.backend(backend_name):
+        short = ours(x, x, x, need_weights=False)[0]
+        assert len(calls) == 1
+        monkeypatch.setattr(act, "_plain_inference", lambda *a: None)
+        general = ours(x, x, x, need_weights=False)[0]
+    assert len(calls) == 1 and short.shape == x.shape and short.dtype == dtype
+    assert torch.equal(short, general)
+    if dtype == torch.float32:
+        with torch.no_grad():
+            torch.testing.assert_close(short, theirs.eval()(x, x, x, need_weights=False)[0], atol=2e-6, rtol=2e-5)
+
+
+def test_inference_short_way_only_where_it_may(monkeypatch):
+    """The short way is taken without gradient, dropout, masks, weights, extra keys, autocast or torch.func, and
+    for a plain tensor of the weights' dtype; everything else keeps the general path."""
+    import fastattn.nn.activation as act
+    calls = []
+    real = act.attention_fwd_nograd
+    monkeypatch.setattr(act, "attention_fwd_nograd", lambda *a: calls.append(1) or real(*a))
+    _, ours = pair(batch_first=True, dropout=0.5)
+    ours.eval()
+    g = torch.Generator().manual_seed(6)
+    x = inputs(ours, "self", 2, 5, 5, g)[0]
+    mask = make_masks("bool-2d", 2, 5, 5, g)["attn_mask"]
+
+    def taken(fn) -> bool:
+        before = len(calls)
+        fn()
+        return len(calls) > before
+    with torch.no_grad():
+        assert taken(lambda: ours(x, x, x, need_weights=False))
+        assert not taken(lambda: ours(x, x, x))  # need_weights defaults to True
+        assert not taken(lambda: ours(x, x, x, need_weights=False, attn_mask=mask))
+        assert not taken(lambda: ours(x, x.clone(), x.clone(), need_weights=False))  # not one tensor: cross path
+        assert not taken(lambda: ours(x, x, x, need_weights=False, key_padding_mask=torch.zeros(2, 5).bool()))
+        with pytest.raises(RuntimeError, match="dtype"):  # the weights' dtype differs: F.linear's error either way
+            copy.deepcopy(ours).double()(x, x, x, need_weights=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not taken(lambda: ours(x, x, x, need_weights=False))
+        vmapped = torch.vmap(lambda t: ours(t, t, t, need_weights=False)[0])
+        assert not taken(lambda: vmapped(x[None]))
+        ours.train()  # dropout 0.5 in training: the kernel's dropout, on the general path
+        assert not taken(lambda: ours(x, x, x, need_weights=False))
+    ours.eval()
+    assert not taken(lambda: ours(x, x, x, need_weights=False))  # autograd on: parameters need gradients
+    with pytest.raises(RuntimeError, match="is_causal"):  # the general path's checks still apply
+        with torch.no_grad():
+            ours(x, x, x, need_weights=False, is_causal=True)
+
+
 def test_double_precision_and_gradcheck():
     torch.manual_seed(0)
     theirs = torch.nn.MultiheadAttention(8, 2, add_bias_kv=True).double()

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from ..backends import forced_backend
 from ..ops.attention import AttnParams, attention, dropout_mask, select_backend
-from ..ops.attention.api import attention_packed
+from ..ops.attention.api import attention_fwd_nograd, attention_packed
 from ..ops.dropout import dropout_rng
-from ..ops.batching import is_transformed
+from ..ops.batching import graph_capture, has_torch_function_subclass, is_transformed
 from ._torchscript import refuse_script
 
 
@@ -277,12 +277,47 @@ class MultiheadAttention(nn.MultiheadAttention):
     __prepare_scriptable__ = refuse_script
 
 
+def _plain_inference(mha: nn.MultiheadAttention, x: Tensor) -> Optional[Tuple[Tensor, ...]]:
+    """The projections' (in weight, in bias, out weight, out bias) when self-attention on x may take the short way
+    (_self_attention_rows), else None. The short way: no gradient, no dropout, one
+    packed projection and no extra keys, a plain (un)batched x of the weights' dtype and device, and no autocast,
+    torch.compile, jit or torch.func around it (what the general path would otherwise check call by call: ~80 us
+    of host time against a kernel of a few at small sizes, where torch's fused inference path is one C++ call)."""
+    if torch.is_grad_enabled() or (mha.training and mha.dropout > 0) or not mha._qkv_same_embed_dim \
+            or mha.add_zero_attn:
+        return None
+    ps, out_ps = mha._parameters, mha.out_proj._parameters  # (nn.Module.__getattr__ costs ~0.5 us a name)
+    w = ps["in_proj_weight"]
+    if mha.bias_k is not None or type(x) is not Tensor or x.is_nested or x.dim() not in (2, 3) \
+            or x.shape[-1] != mha.embed_dim or x.dtype != w.dtype or x.device != w.device \
+            or x.device.type not in ("cpu", "cuda"):
+        return None
+    if graph_capture() or torch.is_autocast_enabled(x.device.type):
+        return None
+    params = (w, ps["in_proj_bias"], out_ps["weight"], out_ps["bias"])
+    return None if has_torch_function_subclass(*params) or is_transformed(x, *params) else params
+
+
+def _self_attention_rows(mha: nn.MultiheadAttention, x: Tensor, params: Tuple[Tensor, ...]) -> Tensor:
+    """mha_forward's output for self-attention without masks, with params = _plain_inference(mha, x): the
+    projection, the kernel on its heads and the output projection, the same calls as the general path's."""
+    w, b, ow, ob = params
+    layout = ("bld" if mha.batch_first else "lbd") if x.dim() == 3 else "ld"
+    q, k, v = _to_heads(_linear(x, w, b), 3, mha.num_heads, layout)
+    return linear_rows(_from_heads(attention_fwd_nograd(q, k, v), layout), ow, ob)
+
+
 def mha_forward(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
     """MultiheadAttention.forward with the output flat: (T, E) rows in query's layout (T = query.numel() // E),
     a tensor of its own (not a view), so a caller may modify it in place (the Transformer layers' dropout)."""
+    if query is key and key is value and not need_weights and attn_mask is None and key_padding_mask is None \
+            and not is_causal:
+        params = _plain_inference(mha, query)
+        if params is not None:
+            return _self_attention_rows(mha, query, params), None
     batched = check_inputs(mha, query, key, value, key_padding_mask, attn_mask)
     if is_causal and attn_mask is None:
         raise RuntimeError("MultiheadAttention: is_causal=True is a hint that attn_mask is the causal mask and "

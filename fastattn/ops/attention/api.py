@@ -75,6 +75,19 @@ def attention_qkvpacked(qkv: Tensor, *, causal: Optional[str] = None, attn_mask:
     return (res[0].transpose(1, 2), res[1]) if return_lse else res.transpose(1, 2)
 
 
+def attention_fwd_nograd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
+    """attention(q, k, v, causal="top_left" if causal else None) for a caller that built q, k, v itself and asks no
+    gradient: (B, H, L, E) / (B, Hk, S, E|Ev) plain tensors of one floating dtype and device, unit last-dim stride
+    (the heads of its own projection), no autocast, torch.compile, jit or torch.func around the call. Nothing is
+    checked and no autograd node is made: the dispatched backend's forward (or the decode route) straight away,
+    for modules whose calls are small enough that attention()'s checks would cost as much host time as the kernel."""
+    L, S = q.shape[2], k.shape[2]
+    p = AttnParams(q.shape[-1] ** -0.5, causal, 0 if causal else S - L)
+    backend = forced_backend_name()
+    routed = decode_route(q, k, v, None, None, p, backend)
+    return routed[0] if routed is not None else fwd(q, k, v, None, None, p, backend)[0]
+
+
 def _qkvpacked_heads(qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return tuple(t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, L, E) views
 
