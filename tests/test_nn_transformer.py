@@ -277,6 +277,37 @@ def test_inference_ffn_in_row_chunks(monkeypatch, kind, activation, bias):
         ours(*args)
     assert len(calls) == 2 and ours.linear1.weight.grad is not None
 
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_add_norm_short_way(monkeypatch, kind, norm_first, dtype):
+    """Without autograd the layers' residual add + LayerNorm calls go straight to the kernel
+    (add_norm_rows_nograd): the output is bit-equal to add_layer_norm's general path; with autograd, under autocast
+    or for a float64 residual beside float32 rows they take the general path."""
+    import fastattn.nn.transformer as tr
+    _, ours = layer_twins(kind, batch_first=True, norm_first=norm_first)
+    ours = ours.to(dtype).eval()
+    g = torch.Generator().manual_seed(9)
+    args = tuple(a.to(dtype) for a in ((seq(True, 2, 5, g),) if kind == "encoder" else
+                                       (seq(True, 2, 5, g), seq(True, 2, 4, g))))
+    calls = []
+    real = tr.add_norm_rows_nograd
+    monkeypatch.setattr(tr, "add_norm_rows_nograd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        short = ours(*args)
+        n = len(calls)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours(*args)
+    assert n == {("encoder", False): 2, ("encoder", True): 1, ("decoder", False): 3, ("decoder", True): 2}[
+        (kind, norm_first)] and len(calls) == n
+    ours(*args)  # autograd: the parameters need gradients
+    assert len(calls) == n
+    monkeypatch.setattr(tr, "plain_rows", lambda *a: False)
+    with torch.no_grad():
+        assert torch.equal(short, ours(*args))
+    assert len(calls) == n
+
+
 # ---- stacks and the whole Transformer ---------------------------------------------------------------------
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("mode", ["train", "eval"])

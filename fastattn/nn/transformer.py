@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.add_norm import add_layer_norm
+from ..ops.add_norm import add_layer_norm, add_norm_rows_nograd, plain_rows
 from ..ops.dropout import dropout
 from ._torchscript import refuse_script
 from .activation import MultiheadAttention, linear_rows, mha_forward
@@ -52,6 +52,8 @@ def _promoted(x: Tensor, residual: Tensor, promote: bool):
 def _add_norm(norm: nn.Module, x: Tensor, residual: Tensor, promote: bool = True) -> Tensor:
     """norm(x + residual), in one kernel call for a plain LayerNorm."""
     if _fusable(norm):
+        if plain_rows(x, residual, norm.weight, norm.bias, norm.eps):  # inference: straight to the kernel
+            return add_norm_rows_nograd(x, residual, norm.weight, norm.bias, norm.eps)
         x, residual, weight, bias = autocast_fp32(*_promoted(x, residual, promote), norm.weight, norm.bias)
         return add_layer_norm(x, residual, weight, bias, norm.eps)
     return norm(x + residual)
@@ -67,6 +69,8 @@ def _norm(norm: nn.Module, x: Tensor) -> Tensor:
 def _add_norm_prenorm(norm: nn.Module, x: Tensor, residual: Tensor, promote: bool = True):
     """(norm(x + residual), x + residual): the pre-norm layer's next input and its residual stream, in one call."""
     if _fusable(norm):
+        if plain_rows(x, residual, norm.weight, norm.bias, norm.eps):
+            return add_norm_rows_nograd(x, residual, norm.weight, norm.bias, norm.eps, prenorm=True)
         x, residual, weight, bias = autocast_fp32(*_promoted(x, residual, promote), norm.weight, norm.bias)
         return add_layer_norm(x, residual, weight, bias, norm.eps, prenorm=True)
     s = x + residual

@@ -358,6 +358,32 @@ def _add_norm(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32)
     return (y, s) if prenorm else y
 
 
+def add_norm_rows_nograd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                         eps: float, prenorm: bool = False):
+    """add_layer_norm(x, residual, weight, bias, eps, prenorm=prenorm) without its checks, for a caller that asks no
+    gradient and hands plain contiguous 2-D rows, residual and parameters of x's dtype and device, outside autocast,
+    torch.compile, jit and torch.func (see plain_rows): one call into the dispatched backend's forward. For the
+    Transformer layers' inference, where add_layer_norm's checks cost as much host time as a small kernel."""
+    y, s, _, _ = _dispatch.select(_request(x), forced_backend_name()).fwd(x, residual, weight, bias, float(eps), False,
+                                                                          prenorm, False)
+    return (y, s) if prenorm else y
+
+
+def plain_rows(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> bool:
+    """Whether add_norm_rows_nograd may take x, residual, weight, bias and eps (see there)."""
+    if torch.is_grad_enabled() or type(x) is not Tensor or type(residual) is not Tensor or x.dim() != 2 \
+            or not 0 < x.shape[-1] <= MAX_COLS or type(eps) is not float or not 0 <= eps < float("inf") \
+            or residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device \
+            or not (x.is_contiguous() and residual.is_contiguous()) or x.device.type not in ("cpu", "cuda"):
+        return False
+    for p in (weight, bias):
+        if p is not None and (p.dtype != x.dtype or p.device != x.device or p.shape != x.shape[-1:]):
+            return False
+    if graph_capture() or torch.is_autocast_enabled(x.device.type):
+        return False
+    return not (has_torch_function_subclass(weight, bias) or is_transformed(x, residual, weight, bias))
+
+
 def bind_rows(weight: Optional[Tensor], bias: Optional[Tensor], eps: float, is_rms: bool, prenorm: bool,
               dtype: torch.dtype, device: torch.device) -> Callable:
     """add+norm with these parameters on contiguous 2-D rows (x of ``dtype``, residual of ``dtype`` or None), as one
