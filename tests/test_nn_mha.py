@@ -252,6 +252,11 @@ def test_inference_short_way_equals_general_path(monkeypatch, backend_name, ctor
             torch.testing.assert_close(short, theirs.eval()(x, x, x, need_weights=False)[0], atol=2e-6, rtol=2e-5)
 
 
+class _Doubled(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
 def test_inference_short_way_only_where_it_may(monkeypatch):
     """The short way is taken without gradient, dropout, masks, weights, extra keys, autocast or torch.func, and
     for a plain tensor of the weights' dtype; everything else keeps the general path."""
@@ -279,6 +284,9 @@ def test_inference_short_way_only_where_it_may(monkeypatch):
             copy.deepcopy(ours).double()(x, x, x, need_weights=False)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not taken(lambda: ours(x, x, x, need_weights=False))
+        par = copy.deepcopy(ours)  # a parametrized projection: its weight is computed, not a parameter
+        torch.nn.utils.parametrize.register_parametrization(par.out_proj, "weight", _Doubled())
+        assert not taken(lambda: par(x, x, x, need_weights=False))
         vmapped = torch.vmap(lambda t: ours(t, t, t, need_weights=False)[0])
         assert not taken(lambda: vmapped(x[None]))
         ours.train()  # dropout 0.5 in training: the kernel's dropout, on the general path

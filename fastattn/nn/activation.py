@@ -279,22 +279,24 @@ class MultiheadAttention(nn.MultiheadAttention):
 
 def _plain_inference(mha: nn.MultiheadAttention, x: Tensor) -> Optional[Tuple[Tensor, ...]]:
     """The projections' (in weight, in bias, out weight, out bias) when self-attention on x may take the short way
-    (_self_attention_rows), else None. The short way: no gradient, no dropout, one
-    packed projection and no extra keys, a plain (un)batched x of the weights' dtype and device, and no autocast,
-    torch.compile, jit or torch.func around it (what the general path would otherwise check call by call: ~80 us
-    of host time against a kernel of a few at small sizes, where torch's fused inference path is one C++ call)."""
+    (_self_attention_rows), else None: no gradient, no dropout, one packed projection held as plain parameters (none
+    swapped or parametrized) and no extra keys, a plain (un)batched x of the weights' dtype and device, no autocast,
+    torch.compile, jit or torch.func around it. What the general path checks call by call instead cost ~80 us of
+    host time on our CPUs, against kernels of tens of us at small sizes (torch's fast path is one C++ call)."""
     if torch.is_grad_enabled() or (mha.training and mha.dropout > 0) or not mha._qkv_same_embed_dim \
             or mha.add_zero_attn:
         return None
     ps, out_ps = mha._parameters, mha.out_proj._parameters  # (nn.Module.__getattr__ costs ~0.5 us a name)
-    w = ps["in_proj_weight"]
+    w = ps.get("in_proj_weight")
+    if w is None or "weight" not in out_ps or "bias" not in out_ps:  # a swapped or wrapped projection
+        return None
     if mha.bias_k is not None or type(x) is not Tensor or x.is_nested or x.dim() not in (2, 3) \
             or x.shape[-1] != mha.embed_dim or x.dtype != w.dtype or x.device != w.device \
             or x.device.type not in ("cpu", "cuda"):
         return None
     if graph_capture() or torch.is_autocast_enabled(x.device.type):
         return None
-    params = (w, ps["in_proj_bias"], out_ps["weight"], out_ps["bias"])
+    params = (w, ps.get("in_proj_bias"), out_ps["weight"], out_ps["bias"])
     return None if has_torch_function_subclass(*params) or is_transformed(x, *params) else params
 
 
