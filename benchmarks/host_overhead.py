@@ -34,17 +34,19 @@ def pairs():
         lambda: fastattn.add_layer_norm(x, x, w, w)
     yield "decode, cache 4096", lambda: F.scaled_dot_product_attention(q1, cache, cache), \
         lambda: fastattn.attention(q1, cache, cache)
-    h = rand(1, 16, 256)
-    for cls, args in (("MultiheadAttention", (h, h, h)), ("TransformerEncoderLayer", (h,))):
+    h, mem = rand(1, 16, 256), rand(1, 24, 256)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(16, device=DEV, dtype=DT)
+    for cls, args, extra in (("MultiheadAttention", (h, h, h), {"need_weights": False}),
+                             ("TransformerEncoderLayer", (h,), {}),
+                             ("TransformerDecoderLayer", (h, mem), {"tgt_mask": causal, "tgt_is_causal": True})):
         kw = dict(batch_first=True, device=DEV, dtype=DT)
-        theirs = getattr(torch.nn, cls)(256, 4, **kw) if cls == "MultiheadAttention" else \
-            torch.nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, **kw)
-        ours = getattr(fnn, cls)(256, 4, **kw) if cls == "MultiheadAttention" else \
-            fnn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, **kw)
+        layer_kw = {} if cls == "MultiheadAttention" else dict(dim_feedforward=1024, dropout=0.0)
+        theirs = getattr(torch.nn, cls)(256, 4, **layer_kw, **kw)
+        ours = getattr(fnn, cls)(256, 4, **layer_kw, **kw)
         ours.load_state_dict(theirs.state_dict())
         theirs.eval(), ours.eval()
-        extra = {"need_weights": False} if cls == "MultiheadAttention" else {}
-        yield f"{cls} (1, 16, 256) eval", (lambda m=theirs: m(*args, **extra)), (lambda m=ours: m(*args, **extra))
+        name = f"{cls} (1, 16, 256){' causal' if cls == 'TransformerDecoderLayer' else ''} eval"
+        yield name, (lambda m=theirs: m(*args, **extra)), (lambda m=ours: m(*args, **extra))
     # a training step's forward and backward (dropout 0.1 in the attention and on both residual branches)
     theirs = torch.nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.1, batch_first=True, device=DEV, dtype=DT)
     ours = fnn.TransformerEncoderLayer(256, 4, 1024, dropout=0.1, batch_first=True, device=DEV, dtype=DT)

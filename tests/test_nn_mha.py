@@ -230,26 +230,40 @@ def test_inference_matches_torch_fast_path(batch_first, mask, need_weights):
 @pytest.mark.parametrize("ctor", ["plain", "batch_first", "no-bias"])
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_inference_short_way_equals_general_path(monkeypatch, backend_name, ctor, batched, dtype):
-    """Self-attention without masks, weights or gradient takes the short way (no checks, no autograd node): its
-    output is bit-equal to the general path's, on every backend it dispatches to."""
+@pytest.mark.parametrize("kind", ["self", "self-causal", "cross", "cross-causal"])
+def test_inference_short_way_equals_general_path(monkeypatch, backend_name, ctor, batched, dtype, kind):
+    """Self- or cross-attention (key is value) without weights, gradient or masks but a causal one (is_causal with
+    its attn_mask) takes the short way (no autograd node, checks only where inputs may differ): its output is
+    bit-equal to the general path's, on every backend it dispatches to, and torch's."""
     import fastattn.nn.activation as act
     theirs, ours = pair(**CTORS[ctor])
     ours = ours.to(dtype).eval()
-    x = inputs(ours, "self", 3, 7, 7, torch.Generator().manual_seed(5), batched)[0].to(dtype)
+    L, S = 7, 7 if kind.startswith("self") else 5
+    q, k, _ = inputs(ours, kind.split("-")[0], 3, L, S, torch.Generator().manual_seed(5), batched)
+    q = q.to(dtype)
+    k = v = q if kind.startswith("self") else k.to(dtype)  # self: one tensor three times; cross: key is value
+    kw = dict(need_weights=False)
+    if kind.endswith("causal"):
+        kw.update(attn_mask=torch.ones(L, S, dtype=torch.bool).triu(1), is_causal=True)
     calls = []
     real = act.attention_fwd_nograd
     monkeypatch.setattr(act, "attention_fwd_nograd", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad(), fastattn.backend(backend_name):
-        short = ours(x, x, x, need_weights=False)[0]
+        short = ours(q, k, v, **kw)[0]
         assert len(calls) == 1
         monkeypatch.setattr(act, "_plain_inference", lambda *a: None)
-        general = ours(x, x, x, need_weights=False)[0]
-    assert len(calls) == 1 and short.shape == x.shape and short.dtype == dtype
+        general = ours(q, k, v, **kw)[0]
+    assert len(calls) == 1 and short.shape == q.shape and short.dtype == dtype
     assert torch.equal(short, general)
     if dtype == torch.float32:
         with torch.no_grad():
-            torch.testing.assert_close(short, theirs.eval()(x, x, x, need_weights=False)[0], atol=2e-6, rtol=2e-5)
+            torch.testing.assert_close(short, theirs.eval()(q, k, v, **kw)[0], atol=2e-6, rtol=2e-5)
+
+
+class _Logged(torch.Tensor):
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_function__(func, types, args, kwargs or {})
 
 
 class _Doubled(torch.nn.Module):
@@ -278,7 +292,19 @@ def test_inference_short_way_only_where_it_may(monkeypatch):
         assert taken(lambda: ours(x, x, x, need_weights=False))
         assert not taken(lambda: ours(x, x, x))  # need_weights defaults to True
         assert not taken(lambda: ours(x, x, x, need_weights=False, attn_mask=mask))
-        assert not taken(lambda: ours(x, x.clone(), x.clone(), need_weights=False))  # not one tensor: cross path
+        kv = x[:, :3].clone()
+        assert taken(lambda: ours(x, kv, kv, need_weights=False))  # cross-attention, key is value
+        assert not taken(lambda: ours(x, kv, kv.clone(), need_weights=False))  # key is not value
+        assert not taken(lambda: ours(x, kv, kv, need_weights=False, attn_mask=mask[:, :3]))
+        with pytest.raises(RuntimeError, match="features"):  # cross-attention's inputs checked as before
+            ours(x, kv[..., :8], kv[..., :8], need_weights=False)
+        sub = kv.as_subclass(_Logged)  # a subclass that gives torch functions its own meaning: torch ops, not kernels
+        assert not taken(lambda: ours(x, sub, sub, need_weights=False))
+        nested = torch.nested.nested_tensor([kv[0], kv[1, :2]], layout=torch.jagged)
+        with pytest.raises(AssertionError, match="NestedTensor"):  # refused as by the general path
+            ours(x, nested, nested, need_weights=False)
+        with pytest.raises(RuntimeError, match="attn_mask has shape"):  # the causal hint's mask too
+            ours(x, x, x, need_weights=False, attn_mask=mask[:, :3], is_causal=True)
         assert not taken(lambda: ours(x, x, x, need_weights=False, key_padding_mask=torch.zeros(2, 5).bool()))
         with pytest.raises(RuntimeError, match="dtype"):  # the weights' dtype differs: F.linear's error either way
             copy.deepcopy(ours).double()(x, x, x, need_weights=False)

@@ -277,12 +277,12 @@ class MultiheadAttention(nn.MultiheadAttention):
     __prepare_scriptable__ = refuse_script
 
 
-def _plain_inference(mha: nn.MultiheadAttention, x: Tensor) -> Optional[Tuple[Tensor, ...]]:
-    """The projections' (in weight, in bias, out weight, out bias) when self-attention on x may take the short way
-    (_self_attention_rows), else None: no gradient, no dropout, one packed projection held as plain parameters (none
-    swapped or parametrized) and no extra keys, a plain (un)batched x of the weights' dtype and device, no autocast,
-    torch.compile, jit or torch.func around it. What the general path checks call by call instead cost ~80 us of
-    host time on our CPUs, against kernels of tens of us at small sizes (torch's fast path is one C++ call)."""
+def _plain_inference(mha: nn.MultiheadAttention, x: Tensor, kv: Tensor) -> Optional[Tuple[Tensor, ...]]:
+    """The projections' (in weight, in bias, out weight, out bias) when attention of x on kv may take the short way
+    (_attention_rows), else None: no gradient, no dropout, one packed projection held as plain parameters (none
+    swapped or parametrized) and no extra keys, plain (un)batched x and kv of the weights' dtype and device, no
+    autocast, torch.compile, jit or torch.func around it. What the general path checks call by call instead cost
+    ~80 us of host time on our CPUs, against kernels of tens of us at small sizes (torch's fast path: one C++ call)."""
     if torch.is_grad_enabled() or (mha.training and mha.dropout > 0) or not mha._qkv_same_embed_dim \
             or mha.add_zero_attn:
         return None
@@ -294,19 +294,28 @@ def _plain_inference(mha: nn.MultiheadAttention, x: Tensor) -> Optional[Tuple[Te
             or x.shape[-1] != mha.embed_dim or x.dtype != w.dtype or x.device != w.device \
             or x.device.type not in ("cpu", "cuda"):
         return None
+    if kv is not x and (type(kv) is not Tensor or kv.is_nested or kv.dtype != x.dtype or kv.device != x.device):
+        return None
     if graph_capture() or torch.is_autocast_enabled(x.device.type):
         return None
     params = (w, ps.get("in_proj_bias"), out_ps["weight"], out_ps["bias"])
-    return None if has_torch_function_subclass(*params) or is_transformed(x, *params) else params
+    return None if has_torch_function_subclass(*params) or is_transformed(x, kv, *params) else params
 
 
-def _self_attention_rows(mha: nn.MultiheadAttention, x: Tensor, params: Tuple[Tensor, ...]) -> Tensor:
-    """mha_forward's output for self-attention without masks, with params = _plain_inference(mha, x): the
-    projection, the kernel on its heads and the output projection, the same calls as the general path's."""
+def _attention_rows(mha: nn.MultiheadAttention, x: Tensor, kv: Tensor, params: Tuple[Tensor, ...],
+                    causal: bool) -> Tensor:
+    """mha_forward's output for attention of x on kv (validated) without masks (or causal), with params =
+    _plain_inference(mha, x, kv): the projections, the kernel on their heads and the output projection, the same
+    calls as the general path's."""
     w, b, ow, ob = params
+    H, E = mha.num_heads, mha.embed_dim
     layout = ("bld" if mha.batch_first else "lbd") if x.dim() == 3 else "ld"
-    q, k, v = _to_heads(_linear(x, w, b), 3, mha.num_heads, layout)
-    return linear_rows(_from_heads(attention_fwd_nograd(q, k, v), layout), ow, ob)
+    if kv is x:
+        q, k, v = _to_heads(_linear(x, w, b), 3, H, layout)
+    else:
+        q, = _to_heads(_linear(x, w[:E], None if b is None else b[:E]), 1, H, layout)
+        k, v = _to_heads(_linear(kv, w[E:], None if b is None else b[E:]), 2, H, layout)
+    return linear_rows(_from_heads(attention_fwd_nograd(q, k, v, causal), layout), ow, ob)
 
 
 def mha_forward(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
@@ -315,11 +324,12 @@ def mha_forward(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: T
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
     """MultiheadAttention.forward with the output flat: (T, E) rows in query's layout (T = query.numel() // E),
     a tensor of its own (not a view), so a caller may modify it in place (the Transformer layers' dropout)."""
-    if query is key and key is value and not need_weights and attn_mask is None and key_padding_mask is None \
-            and not is_causal:
-        params = _plain_inference(mha, query)
-        if params is not None:
-            return _self_attention_rows(mha, query, params), None
+    if key is value and not need_weights and key_padding_mask is None and (attn_mask is not None) == is_causal:
+        params = _plain_inference(mha, query, key)
+        if params is not None:  # no mask, or a causal one that the kernel runs as causal (as below)
+            if is_causal or query is not key:
+                check_inputs(mha, query, key, value, None, attn_mask)
+            return _attention_rows(mha, query, key, params, is_causal), None
     batched = check_inputs(mha, query, key, value, key_padding_mask, attn_mask)
     if is_causal and attn_mask is None:
         raise RuntimeError("MultiheadAttention: is_causal=True is a hint that attn_mask is the causal mask and "
