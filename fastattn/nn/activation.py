@@ -206,6 +206,15 @@ def _to_heads(t: Tensor, n: int, H: int, layout: str) -> Tuple[Tensor, ...]:
     return tuple(x.transpose(0, 1).unsqueeze(0) for x in parts)
 
 
+def _cross_heads(x: Tensor, kv: Tensor, w: Tensor, b: Optional[Tensor], H: int, layout: str) -> Tuple[Tensor, ...]:
+    """q, k, v heads of x (queries) and kv (keys and values) through the packed (3E, E) projection w, b: one matmul
+    for Q, one for K and V."""
+    E = w.shape[0] // 3
+    q, = _to_heads(_linear(x, w[:E], None if b is None else b[:E]), 1, H, layout)
+    k, v = _to_heads(_linear(kv, w[E:], None if b is None else b[E:]), 2, H, layout)
+    return q, k, v
+
+
 def _from_heads(out: Tensor, layout: str) -> Tensor:
     """(B, H, L, D) back to the caller's row order with the heads concatenated: (T, E) rows ordered as the
     query's (B, L), (L, B) or (L,) leading dims."""
@@ -259,7 +268,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     With need_weights=True the kernel still computes the output, and the weights are rebuilt from its
     log-sum-exp (one extra QK^T); they are differentiable, and under dropout they carry the kernel's dropout mask.
     is_causal is the hint torch takes it for: it needs an attn_mask, and the kernel runs causal (ignoring the mask)
-    exactly when torch's SDPA would, i.e. without a key_padding_mask and with need_weights=False.
+    exactly when torch's SDPA would, i.e. without a key_padding_mask and with need_weights=False. Inference calls
+    (no gradient) with key is value and no mask but that causal one go straight from the projections to the
+    kernel, as torch's fused fast path does in C++: the same results, a fraction of the host time.
 
     **One difference from torch:** a query whose keys are all masked out attends to nothing: its attention output is
     0 (so the module's output there is out_proj.bias), its weights 0 and its gradients 0, as everywhere in fastattn.
@@ -308,13 +319,9 @@ def _attention_rows(mha: nn.MultiheadAttention, x: Tensor, kv: Tensor, params: T
     _plain_inference(mha, x, kv): the projections, the kernel on their heads and the output projection, the same
     calls as the general path's."""
     w, b, ow, ob = params
-    H, E = mha.num_heads, mha.embed_dim
+    H = mha.num_heads
     layout = ("bld" if mha.batch_first else "lbd") if x.dim() == 3 else "ld"
-    if kv is x:
-        q, k, v = _to_heads(_linear(x, w, b), 3, H, layout)
-    else:
-        q, = _to_heads(_linear(x, w[:E], None if b is None else b[:E]), 1, H, layout)
-        k, v = _to_heads(_linear(kv, w[E:], None if b is None else b[E:]), 2, H, layout)
+    q, k, v = _to_heads(_linear(x, w, b), 3, H, layout) if kv is x else _cross_heads(x, kv, w, b, H, layout)
     return linear_rows(_from_heads(attention_fwd_nograd(q, k, v, causal), layout), ow, ob)
 
 
@@ -338,18 +345,14 @@ def mha_forward(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: T
     H = mha.num_heads
     E = mha.embed_dim
     w, b = mha.in_proj_weight, mha.in_proj_bias
-    bq = bk = bv = bkv = None
-    if b is not None:
-        bq, bk, bv = b[:E], b[E:2 * E], b[2 * E:]
-        bkv = b[E:]
     packed = None  # self-attention: the projection Q, K and V are the heads of, and how to split it
     if mha._qkv_same_embed_dim and query is key and key is value:
         packed = (_linear(query, w, b), lambda t: _to_heads(t, 3, H, layout))  # one matmul for Q, K and V
         q, k, v = packed[1](packed[0])
     elif mha._qkv_same_embed_dim and key is value:
-        q, = _to_heads(_linear(query, w[:E], bq), 1, H, layout)
-        k, v = _to_heads(_linear(key, w[E:], bkv), 2, H, layout)  # one matmul for K and V
+        q, k, v = _cross_heads(query, key, w, b, H, layout)
     else:
+        bq, bk, bv = (None,) * 3 if b is None else (b[:E], b[E:2 * E], b[2 * E:])
         wq, wk, wv = ((mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight) if w is None
                       else (w[:E], w[E:2 * E], w[2 * E:]))
         q, = _to_heads(_linear(query, wq, bq), 1, H, layout)
