@@ -61,6 +61,8 @@ def _add_norm(norm: nn.Module, x: Tensor, residual: Tensor, promote: bool = True
 
 def _norm(norm: nn.Module, x: Tensor) -> Tensor:
     if _fusable(norm):
+        if plain_rows(x, None, norm.weight, norm.bias, norm.eps):
+            return add_norm_rows_nograd(x, None, norm.weight, norm.bias, norm.eps)
         x, weight, bias = autocast_fp32(x, norm.weight, norm.bias)
         return add_layer_norm(x, None, weight, bias, norm.eps)
     return norm(x)

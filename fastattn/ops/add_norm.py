@@ -369,12 +369,15 @@ def add_norm_rows_nograd(x: Tensor, residual: Optional[Tensor], weight: Optional
     return (y, s) if prenorm else y
 
 
-def plain_rows(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> bool:
-    """Whether add_norm_rows_nograd may take x, residual, weight, bias and eps (see there)."""
-    if torch.is_grad_enabled() or type(x) is not Tensor or type(residual) is not Tensor or x.dim() != 2 \
+def plain_rows(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+               eps: float) -> bool:
+    """Whether add_norm_rows_nograd may take x, residual (or None), weight, bias and eps (see there)."""
+    if torch.is_grad_enabled() or type(x) is not Tensor or x.dim() != 2 or not x.is_contiguous() \
             or not 0 < x.shape[-1] <= MAX_COLS or type(eps) is not float or not 0 <= eps < float("inf") \
-            or residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device \
-            or not (x.is_contiguous() and residual.is_contiguous()) or x.device.type not in ("cpu", "cuda"):
+            or x.device.type not in ("cpu", "cuda"):
+        return False
+    if residual is not None and (type(residual) is not Tensor or residual.shape != x.shape or residual.dtype != x.dtype
+                                 or residual.device != x.device or not residual.is_contiguous()):
         return False
     for p in (weight, bias):
         if p is not None and (p.dtype != x.dtype or p.device != x.device or p.shape != x.shape[-1:]):
