@@ -550,6 +550,21 @@ def test_cuda_declared_support():
         assert any(word in r for r in reasons(**kw)), (kw, reasons(**kw))
 
 
+@pytest.mark.parametrize("causal", [None, "top_left"])
+def test_cpu_forward_items_of_several_query_blocks(causal):
+    """Enough heads and queries that the CPU forward's work items span several query blocks (9 blocks of 64 a head
+    here: one item of 8 and one of 1, heavy ones first under causal), in the layout of a packed projection."""
+    skip_if_not_built("cpu", "attention_fwd")
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(2, 520, 3, 8, 32, generator=g)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    with fastattn.backend("cpu"):
+        out = fastattn.attention(q, k, v, causal=causal)
+    ref = attention_ref(q.double(), k.double(), v.double(), causal=causal)
+    base = F.scaled_dot_product_attention(q, k, v, is_causal=causal is not None)
+    assert_bounded("out", out, ref, base, torch.float32)
+
+
 @pytest.mark.parametrize("env", [{"FASTATTN_CPU_NO_AVX512": "1"}, {"FASTATTN_CPU_NO_AVX2": "1"}],
                          ids=["avx2", "portable"])
 def test_cpu_code_paths(env):

@@ -41,7 +41,9 @@ namespace cpu {
 namespace {
 
 constexpr int kDotMaxL = 16;  // forward with L <= this: scores as dot products with K rows (no K^T packing)
-constexpr int kChunk = 4;     // forward: query blocks per work item (at most)
+// forward: query blocks per work item (at most). 8 (512 queries): up to L 512 a head is one item, so its K^T / V
+// blocks are packed once, not once by each thread that takes one of its chunks (L512 x batch 8: 2-5% faster than 4)
+constexpr int kChunk = 8;
 constexpr int kSubBM = 12;    // backward: queries per sub-tile of a tile the causal / window bounds cut
 constexpr double kLog2e = 1.44269504088896340736;
 constexpr double kLn2 = 0.69314718055994530942;
