@@ -198,12 +198,12 @@ def _to_heads(t: Tensor, n: int, H: int, layout: str) -> Tuple[Tensor, ...]:
     """A projection (*lead, n * H * D) as n (B, H, L, D) views (no copy; the kernel reads them through strides).
     layout: "bld" (batch_first), "lbd" (sequence first) or "ld" (unbatched)."""
     *lead, width = t.shape
-    parts = t.view(*lead, n, H, width // (n * H)).unbind(-3)  # each (*lead, H, D)
+    x = t.view(*lead, n, H, width // (n * H))  # one permute and one unbind: each op costs host time
     if layout == "bld":
-        return tuple(x.transpose(1, 2) for x in parts)  # (B, H, L, D)
+        return x.permute(2, 0, 3, 1, 4).unbind(0)  # n x (B, H, L, D)
     if layout == "lbd":
-        return tuple(x.permute(1, 2, 0, 3) for x in parts)
-    return tuple(x.transpose(0, 1).unsqueeze(0) for x in parts)
+        return x.permute(2, 1, 3, 0, 4).unbind(0)
+    return x.permute(1, 2, 0, 3).unsqueeze(1).unbind(0)
 
 
 def _cross_heads(x: Tensor, kv: Tensor, w: Tensor, b: Optional[Tensor], H: int, layout: str) -> Tuple[Tensor, ...]:
