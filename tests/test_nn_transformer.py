@@ -281,9 +281,9 @@ def test_inference_ffn_in_row_chunks(monkeypatch, kind, activation, bias):
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_inference_add_norm_short_way(monkeypatch, kind, norm_first, dtype):
-    """Without autograd the layers' residual add + LayerNorm calls go straight to the kernel
-    (add_norm_rows_nograd): the output is bit-equal to add_layer_norm's general path; with autograd, under autocast
-    or for a float64 residual beside float32 rows they take the general path."""
+    """Without autograd the layers' add + LayerNorm calls go straight to the kernel (add_norm_rows_nograd): the
+    output is bit-equal to add_layer_norm's general path; with autograd or under autocast they take the general
+    path."""
     import fastattn.nn.transformer as tr
     _, ours = layer_twins(kind, batch_first=True, norm_first=norm_first)
     ours = ours.to(dtype).eval()
@@ -306,6 +306,23 @@ def test_inference_add_norm_short_way(monkeypatch, kind, norm_first, dtype):
     with torch.no_grad():
         assert torch.equal(short, ours(*args))
     assert len(calls) == n
+
+
+def test_plain_rows_refuses_what_add_layer_norm_must_check():
+    """The short way's guard: rows, residual and parameters of one dtype and device, contiguous 2-D rows, a valid
+    float eps, no autograd; anything else goes to add_layer_norm (which converts, checks or raises)."""
+    from fastattn.ops.add_norm import plain_rows
+    x, r, w, b = torch.randn(4, 8), torch.randn(4, 8), torch.randn(8), torch.randn(8)
+    with torch.no_grad():
+        assert plain_rows(x, r, w, b, 1e-5) and plain_rows(x, None, None, None, 1e-5)
+        assert not plain_rows(x, r.double(), w, b, 1e-5)  # a float64 residual beside float32 rows
+        assert not plain_rows(x, r, w.double(), b, 1e-5)
+        assert not plain_rows(x, r[:, :4], w, b, 1e-5)
+        assert not plain_rows(x.t().contiguous().t(), r, w, b, 1e-5)  # not contiguous
+        assert not plain_rows(x.view(2, 2, 8), r.view(2, 2, 8), w, b, 1e-5)  # not 2-D rows
+        assert not plain_rows(x[:, :0], r[:, :0], None, None, 1e-5)  # no columns: add_layer_norm's error
+        assert not plain_rows(x, r, w, b, -1.0) and not plain_rows(x, r, w, b, 1)
+    assert not plain_rows(x, r, w, b, 1e-5)  # autograd enabled
 
 
 # ---- stacks and the whole Transformer ---------------------------------------------------------------------
