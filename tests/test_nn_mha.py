@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fastattn
 from fastattn.nn import MultiheadAttention
-from conftest import assert_bounded, backend_device
+from conftest import TorchFunctionSubclass, assert_bounded, backend_device
 
 E, H = 16, 4
 BACKENDS = pytest.mark.parametrize("backend_name", ["reference", "cpu", "triton"], indirect=True)
@@ -262,12 +262,6 @@ def test_inference_short_way_equals_general_path(monkeypatch, backend_name, ctor
             torch.testing.assert_close(short, theirs.eval()(q, k, v, **kw)[0], atol=2e-6, rtol=2e-5)
 
 
-class _Logged(torch.Tensor):
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        return super().__torch_function__(func, types, args, kwargs or {})
-
-
 class _Doubled(torch.nn.Module):
     def forward(self, w):
         return 2 * w
@@ -300,7 +294,7 @@ def test_inference_short_way_only_where_it_may(monkeypatch):
         assert not taken(lambda: ours(x, kv, kv, need_weights=False, attn_mask=mask[:, :3]))
         with pytest.raises(RuntimeError, match="features"):  # cross-attention's inputs checked as before
             ours(x, kv[..., :8], kv[..., :8], need_weights=False)
-        sub = kv.as_subclass(_Logged)  # a subclass that gives torch functions its own meaning: torch ops, not kernels
+        sub = kv.as_subclass(TorchFunctionSubclass)  # torch ops, not kernels
         assert not taken(lambda: ours(x, sub, sub, need_weights=False))
         nested = torch.nested.nested_tensor([kv[0], kv[1, :2]], layout=torch.jagged)
         with pytest.raises(AssertionError, match="NestedTensor"):  # refused as by the general path

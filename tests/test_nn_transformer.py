@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fastattn
 from fastattn import nn as fnn
-from conftest import assert_bounded, backend_device
+from conftest import TorchFunctionSubclass, assert_bounded, backend_device
 
 D, NHEAD, FF = 16, 4, 24
 
@@ -322,6 +322,7 @@ def test_plain_rows_refuses_what_add_layer_norm_must_check():
         assert not plain_rows(x.view(2, 2, 8), r.view(2, 2, 8), w, b, 1e-5)  # not 2-D rows
         assert not plain_rows(x[:, :0], r[:, :0], None, None, 1e-5)  # no columns: add_layer_norm's error
         assert not plain_rows(x, r, w, b, -1.0) and not plain_rows(x, r, w, b, 1)
+        assert not plain_rows(x, r, w.as_subclass(TorchFunctionSubclass), b, 1e-5)
     assert not plain_rows(x, r, w, b, 1e-5)  # autograd enabled
 
 

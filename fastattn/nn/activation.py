@@ -17,7 +17,7 @@ from ..backends import forced_backend
 from ..ops.attention import AttnParams, attention, dropout_mask, select_backend
 from ..ops.attention.api import attention_fwd_nograd, attention_packed
 from ..ops.dropout import dropout_rng
-from ..ops.batching import graph_capture, has_torch_function_subclass, is_transformed
+from ..ops.batching import direct_call_ok, is_transformed
 from ._torchscript import refuse_script
 
 
@@ -310,10 +310,8 @@ def _plain_inference(mha: nn.MultiheadAttention, x: Tensor, kv: Tensor) -> Optio
         return None
     if kv is not x and (type(kv) is not Tensor or kv.is_nested or kv.dtype != x.dtype or kv.device != x.device):
         return None
-    if graph_capture() or torch.is_autocast_enabled(x.device.type):
-        return None
     params = (w, ps.get("in_proj_bias"), out_ps["weight"], out_ps["bias"])
-    return None if has_torch_function_subclass(*params) or is_transformed(x, kv, *params) else params
+    return params if direct_call_ok(x.device.type, x, kv, *params) else None
 
 
 def _attention_rows(mha: nn.MultiheadAttention, x: Tensor, kv: Tensor, params: Tuple[Tensor, ...],

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from ..backends import Dispatcher, Impl, compiled_op, forced_backend_name, log, triton_op
 from ..reference import add_norm_ref, norm_residual_dtype
-from .batching import (eager_twin, fold, front, graph_capture, has_torch_function_subclass, is_legacy_batched,
-                       is_transformed, unfold)
+from .batching import (direct_call_ok, eager_twin, fold, front, graph_capture, has_torch_function_subclass,
+                       is_legacy_batched, is_transformed, unfold)
 
 MAX_COLS = 65536
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -382,9 +382,7 @@ def plain_rows(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], 
     for p in (weight, bias):
         if p is not None and (p.dtype != x.dtype or p.device != x.device or p.shape != x.shape[-1:]):
             return False
-    if graph_capture() or torch.is_autocast_enabled(x.device.type):
-        return False
-    return not (has_torch_function_subclass(weight, bias) or is_transformed(x, residual, weight, bias))
+    return direct_call_ok(x.device.type, x, residual, weight, bias)
 
 
 def bind_rows(weight: Optional[Tensor], bias: Optional[Tensor], eps: float, is_rms: bool, prenorm: bool,

@@ -39,6 +39,15 @@ def has_torch_function_subclass(*tensors: Optional[Tensor]) -> bool:
     return False
 
 
+def direct_call_ok(device_type: str, *tensors: Optional[Tensor]) -> bool:
+    """Whether a caller that asks no gradient may hand these tensors straight to a kernel's forward, skipping the op's
+    Function and custom op: nothing records (graph_capture), no autocast for device_type, and no tensor is a
+    torch-function subclass or torch.func-wrapped. The modules' inference short ways ask it."""
+    if graph_capture() or torch.is_autocast_enabled(device_type):
+        return False
+    return not (has_torch_function_subclass(*tensors) or is_transformed(*tensors))
+
+
 def is_legacy_batched(*tensors: Optional[Tensor]) -> bool:
     """True for the batched tensors of torch's legacy vmap, which gradcheck(check_batched_grad=True) still uses: they
     are batched by running the custom op once per sample (torch's fallback), since no vmap rule sees them."""
