@@ -51,7 +51,7 @@ FA_INLINE void gemm_portable(const Gemm<T>& g) {
   }
 }
 
-// Register tiles of 6 rows x 2 or 1 vectors: 16 / 8 columns (AVX2/FMA), 32 / 16 columns (AVX-512F).
+// Register tiles of 6 rows x 2 or 1 vectors: 16 / 8 columns (AVX2/FMA); x 4, 2 or 1: 64 / 32 / 16 (AVX-512F).
 #define FA_ISA_INCLUDE "gemm_f32_tiles-inl.h"
 #include "foreach_isa.h"
 
