@@ -47,20 +47,22 @@ def add_norm_bytes(M: int, N: int, dtype: torch.dtype, residual: bool = True, st
 
 
 def steady_cpu_allocator() -> bool:
-    """Has glibc keep freed memory mapped (fixed 32 MiB mmap threshold, no trimming), so a benchmark's repeated
-    multi-MB tensors are reused instead of handed back to the OS and page-faulted in again on every call (~1 us per
-    4 KiB page: on our 2-core machine that alone moved one CPU ratio between 0.8x and 10x from run to run). A caching
-    allocator (jemalloc, tcmalloc; PyTorch's CPU tuning guide recommends one) gives the same steady state. It acts on
-    torch's allocations and fastattn's alike. Returns whether it took effect: glibc only, and not when
-    FASTATTN_BENCH_DEFAULT_MALLOC=1."""
+    """Has glibc keep freed memory for reuse (every block from the heap, none mapped on its own; no trimming), so a
+    benchmark's repeated multi-MB tensors are reused instead of handed back to the OS and page-faulted in again on
+    every call (~0.6-1 us per 4 KiB page: on our 2-core machine that alone moved one CPU ratio between 0.8x and 10x
+    from run to run). A caching allocator (jemalloc, tcmalloc; PyTorch's CPU tuning guide recommends one) gives the
+    same steady state. It acts on torch's allocations and fastattn's alike. Returns whether it took effect: glibc
+    only, and not when FASTATTN_BENCH_DEFAULT_MALLOC=1. (Until session 25 it only fixed the mmap threshold at glibc's
+    32 MiB ceiling, so tensors above that, torch's attention scores, FFN hidden and logits at our benchmark shapes,
+    still faulted in fresh on every call: MHA eval read 1.50x there against 1.35x here.)"""
     import ctypes
     import os
     if os.environ.get("FASTATTN_BENCH_DEFAULT_MALLOC", "0") not in ("", "0"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+        m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):
         return False
 
