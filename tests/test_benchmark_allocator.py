@@ -7,17 +7,20 @@ import sys
 import pytest
 
 # 48 MB blocks: above glibc's largest mmap threshold (32 MiB), which is all the setting fixed before session 25;
-# blocks above it were mapped fresh and zero-filled page by page on every call (12,288 faults a fill).
-_PROBE = """
+# blocks above it were mapped fresh and zero-filled page by page on every call (12,288 faults a fill, every one of
+# the fills). On the heap glibc still grows by a fresh block now and then (a small allocation splitting a freed one):
+# 0-2 of 10 fills in 27 runs here. The bound: fewer than half of them.
+FILLS, FRESH = 10, 12288
+_PROBE = f"""
 import resource, torch
 from fastattn.testing import steady_cpu_allocator
 if not steady_cpu_allocator():
     print("unsupported")
     raise SystemExit
-for _ in range(2):
+for _ in range(3):
     torch.empty(12 << 20).fill_(1.0)
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+for _ in range({FILLS}):
     torch.empty(12 << 20).fill_(1.0)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 """
@@ -30,4 +33,4 @@ def test_steady_allocator_reuses_blocks_above_the_mmap_threshold():
     result = out.stdout.split()[-1]
     if result == "unsupported":
         pytest.skip("not glibc: steady_cpu_allocator has nothing to set")
-    assert int(result) < 1000, f"{result} page faults for three 48 MB fills of reused memory (fresh ones: ~36,000)"
+    assert int(result) < FILLS // 2 * FRESH, f"{result} faults for {FILLS} 48 MB fills (all fresh: {FILLS * FRESH})"
