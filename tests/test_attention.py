@@ -511,6 +511,20 @@ def test_bad_dtypes_and_arguments():
         fastattn.scaled_dot_product_attention(q, q.to("meta"), q.to("meta"))
     with pytest.raises(TypeError, match="scale"):
         fastattn.scaled_dot_product_attention(q, q, q, scale="0.5")
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(fastattn.ArgumentError, match="scale: expected a finite number"):
+            fastattn.attention(q, q, q, scale=bad)
+
+
+def test_head_dim_zero_weighs_every_key_alike():
+    """head_dim 0: every score is 0 (torch's SDPA averages the values, scale 1 / sqrt(0) or not)."""
+    q, v = torch.randn(2, 3, 5, 0), torch.randn(2, 3, 7, 4, requires_grad=True)
+    k = torch.randn(2, 3, 7, 0)
+    out = fastattn.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(out, v.mean(2, keepdim=True).expand(2, 3, 5, 4))
+    out.sum().backward()
+    torch.testing.assert_close(v.grad, torch.full_like(v, 5 / 7))
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"], indirect=True)

@@ -262,6 +262,8 @@ def test_bad_arguments():
         fastattn.decode_attention(q, k, v, key_padding_mask=torch.zeros(2, 39, dtype=torch.bool))
     with pytest.raises(fastattn.ArgumentError, match="softcap"):
         fastattn.decode_attention(q, k, v, softcap=-1.0)
+    with pytest.raises(fastattn.ArgumentError, match="scale"):
+        fastattn.decode_attention(q, k, v, scale=float("nan"))
     with pytest.raises(fastattn.ArgumentError, match="forward-only"):
         fastattn.decode_attention(q.requires_grad_(), k, v)
     with pytest.raises(fastattn.ArgumentError, match="4 dims"):

@@ -17,7 +17,8 @@ from ..batching import graph_capture, has_torch_function_subclass, is_transforme
 from .function import AttentionFunction, AttentionFunctionEager, DroppedAttention, PackedQKVAttention
 from ..dropout import dropout_rng
 from .params import AttnParams, request
-from .validation import CAUSAL, as_bhld, as_float, autocast_qkv, build_mask, causal_bias_alignment, check_qkv
+from .validation import (CAUSAL, as_bhld, as_float, autocast_qkv, build_mask, causal_bias_alignment, check_qkv,
+                         softmax_scale)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, attn_mask: Optional[Tensor] = None,
@@ -130,7 +131,7 @@ def _attention(q, k, v, packed, causal, attn_mask, key_padding_mask, dropout_p, 
         if alibi_slopes.shape not in ((H,), (B, H)):
             raise ArgumentError(f"alibi_slopes: shape {tuple(alibi_slopes.shape)}, expected ({H},) or ({B}, {H})")
         alibi = alibi_slopes.to(device=q.device, dtype=torch.float32).expand(B, H).contiguous()
-    scale = E ** -0.5 if scale is None else as_float("scale", scale)
+    scale = softmax_scale(scale, E)
     if dropout_p == 1.0 and not return_lse:  # every probability dropped
         return DroppedAttention.apply(qb, kb, vb).reshape(out_shape)
     seed, offset = dropout_rng() if 0 < dropout_p < 1 else (0, 0)

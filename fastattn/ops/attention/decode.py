@@ -28,7 +28,7 @@ from ...errors import ArgumentError
 from ...reference import decode_attention_ref
 from ..batching import graph_capture, is_transformed
 from .params import AttnParams
-from .validation import as_float
+from .validation import as_float, softmax_scale
 
 log = logging.getLogger("fastattn")
 
@@ -166,7 +166,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     softcap = as_float("softcap", softcap)
     if softcap < 0:
         raise ArgumentError(f"softcap: expected >= 0, got {softcap}")
-    scale = E ** -0.5 if scale is None else as_float("scale", scale)
+    scale = softmax_scale(scale, E)
     out, lse = _call(_unit_last(q), _unit_last(k_cache), _unit_last(v_cache), seqlens, keep, scale, softcap,
                      bool(causal), forced_backend_name())
     return (out, lse) if return_lse else out

@@ -186,3 +186,14 @@ def as_float(name: str, v) -> float:
     except (TypeError, ValueError, RuntimeError):
         pass
     raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
+
+
+def softmax_scale(scale, head_dim: int) -> float:
+    """The scores' scale: head_dim ** -0.5 by default (1 for head_dim 0, whose scores are all 0: every key weighs
+    the same, as in torch's SDPA), else the caller's, which must be finite."""
+    if scale is None:
+        return head_dim ** -0.5 if head_dim > 0 else 1.0
+    scale = as_float("scale", scale)
+    if not math.isfinite(scale):
+        raise ArgumentError(f"scale: expected a finite number, got {scale}")
+    return scale
