@@ -210,3 +210,24 @@ def test_embed_scale_scales_the_token_embeddings(cls):
     kw = {"decoder_input_ids": _ids(2, 4, 1)} if cls is Seq2Seq else {}
     with torch.no_grad():
         torch.testing.assert_close(scaled(ids, **kw).logits, m(ids, **kw).logits)
+
+
+@pytest.mark.parametrize("cls", ["GPT", "BERT", "Seq2Seq"])
+def test_token_ids_outside_the_vocabulary_and_empty_rows_name_input_ids(cls):
+    """An id outside the embedding table (F.embedding's bare IndexError on the CPU) and a (B, 0) batch (a reshape
+    error inside attention): ValueError naming input_ids, for every model."""
+    from fastattn.models import GPT, GPTConfig
+    make = {"GPT": lambda: GPT(GPTConfig(**SMALL)), "BERT": lambda: BERT(BERTConfig(**SMALL)),
+            "Seq2Seq": lambda: Seq2Seq(Seq2SeqConfig(**SMALL))}[cls]
+    m = make().eval()
+    for bad in (VOCAB, -1):
+        ids = torch.tensor([[1, 2, bad, 3]])
+        with pytest.raises(ValueError,
+                           match=rf"^input_ids: token ids must be in \[0, vocab_size={VOCAB}\), got \[{bad}\]"):
+            m(ids, decoder_input_ids=ids[:, :2].clamp(0)) if cls == "Seq2Seq" else m(ids)
+    empty, ids = torch.zeros(2, 0, dtype=torch.long), torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^input_ids: expected at least one token a row, got shape \(2, 0\)"):
+        m(empty, decoder_input_ids=ids) if cls == "Seq2Seq" else m(empty)
+    if cls == "Seq2Seq":
+        with pytest.raises(ValueError, match=r"^decoder_input_ids: expected at least one token a row"):
+            m(ids, decoder_input_ids=empty)

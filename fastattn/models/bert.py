@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from .bert_hf import load_bert
 from .layers import (Block, ModelConfig, ModelOutput, Positions, PretrainedMixin, activation_fn, init_weights,
-                     check_skip_padding, drop, keep_mask, lm_head_loss, make_norm, padding_or_none, token_positions)
+                     check_skip_padding, drop, embed_tokens, keep_mask, lm_head_loss, make_norm, padding_or_none,
+                     token_positions)
 
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 POOLER_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}
@@ -132,7 +133,7 @@ class BERTEncoder(nn.Module):
             extra = types if extra is None else extra + types
         elif token_type_ids is not None:
             raise ValueError("token_type_ids: this model has no token types (config.type_vocab_size 0)")
-        x = self.tok_emb(input_ids)
+        x = embed_tokens(self.tok_emb, input_ids)
         if self.cfg.embed_scale != 1.0:
             x = x * self.cfg.embed_scale
         x = self.embed_norm.post(x, extra)  # LayerNorm(tokens + positions + types)

@@ -26,7 +26,8 @@ from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
 from .graphs import check_cuda_graph
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, drop,
-                     init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none, shifted_target, softcap)
+                     embed_tokens, init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none, shifted_target,
+                     softcap)
 from .moe import load_balancing_loss
 from .speculative import speculation, speculative_generate
 
@@ -69,7 +70,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
     def embed(self, input_ids: Tensor, positions: Tensor) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
         """Token (+ position) embeddings (B, L, d_model) of tokens (B, L) at ``positions`` (B, L), and the rotary
         cos / sin (B, L, 1, head_dim) for the attention layers, or None."""
-        x = self.tok_emb(input_ids)
+        x = embed_tokens(self.tok_emb, input_ids)
         if self.config.embed_scale != 1.0:  # Gemma: sqrt(d_model), in the embedding's dtype as there
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         pe = self.pos.embed(positions)

@@ -924,20 +924,37 @@ def shifted_target(labels: Optional[Tensor], shift_labels: Optional[Tensor], inp
     return t if shift_labels is not None else F.pad(t[:, 1:], (0, 1), value=-100)
 
 
-def keep_mask(input_ids: Tensor, attention_mask: Optional[Tensor], max_len: Optional[int] = None) -> Tensor:
-    """HF's attention_mask (1 = keep) as bool (B, L); all True when None. Checks input_ids (B, L) and L <= max_len."""
+def keep_mask(input_ids: Tensor, attention_mask: Optional[Tensor], max_len: Optional[int] = None,
+              name: str = "input_ids") -> Tensor:
+    """HF's attention_mask (1 = keep) as bool (B, L); all True when None. Checks input_ids (B, L), 0 < L <= max_len
+    (errors name the argument ``name``)."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         what = getattr(input_ids, "dtype", type(input_ids).__name__)
-        raise ValueError(f"input_ids: expected an integer tensor (B, L), got {what} "
+        raise ValueError(f"{name}: expected an integer tensor (B, L), got {what} "
                          f"{tuple(getattr(input_ids, 'shape', ()))}")
     if max_len is not None and input_ids.shape[1] > max_len:
-        raise ValueError(f"input_ids: {input_ids.shape[1]} tokens > config.max_seq_len {max_len}")
+        raise ValueError(f"{name}: {input_ids.shape[1]} tokens > config.max_seq_len {max_len}")
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"{name}: expected at least one token a row, got shape {tuple(input_ids.shape)}")
     if attention_mask is None:
         return torch.ones_like(input_ids, dtype=torch.bool)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids' "
                          f"{tuple(input_ids.shape)}")
     return attention_mask.bool()
+
+
+def embed_tokens(emb: nn.Module, ids: Tensor) -> Tensor:
+    """emb(ids); on the CPU an id outside the table is refused naming input_ids (F.embedding's IndexError names
+    none; on a GPU it is a device-side assert, as in torch)."""
+    try:
+        return emb(ids)
+    except IndexError:
+        n = getattr(emb, "num_embeddings", None)
+        if n is None:
+            raise
+        bad = ids[(ids < 0) | (ids >= n)]
+        raise ValueError(f"input_ids: token ids must be in [0, vocab_size={n}), got {bad[:4].tolist()}") from None
 
 
 def token_positions(ids: Tensor, pad_id: int, skip_padding: bool) -> Tensor:

@@ -24,7 +24,8 @@ from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
 from .graphs import check_cuda_graph
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, init_weights,
-                     check_skip_padding, drop, keep_mask, lm_head_loss, make_norm, padding_or_none, token_positions)
+                     check_skip_padding, drop, embed_tokens, keep_mask, lm_head_loss, make_norm, padding_or_none,
+                     token_positions)
 from .speculative import speculation, speculative_generate
 
 
@@ -129,7 +130,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         return self.decoder
 
     def _embed(self, ids: Tensor, positions: Tensor, pos: Positions, norm: Optional[nn.Module]):
-        x = self.tok_emb(ids)
+        x = embed_tokens(self.tok_emb, ids)
         if self.config.embed_scale != 1.0:  # mBART, BART with scale_embedding: sqrt(d_model)
             x = x * self.config.embed_scale
         pe = pos.embed(positions)
@@ -188,7 +189,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
             if labels is None:
                 raise ValueError("decoder_input_ids: needed when labels is None")
             decoder_input_ids = self.shift_right(labels)
-        keep_mask(decoder_input_ids, None, self.config.max_seq_len)  # checks shape and length
+        keep_mask(decoder_input_ids, None, self.config.max_seq_len, "decoder_input_ids")  # checks shape and length
         memory, pad = self.encode(input_ids, attention_mask)
         positions = token_positions(decoder_input_ids, self.config.pad_token_id, self.config.roberta_positions)
         h = self.decode(decoder_input_ids, positions, [b.cross_attn.memory(memory) for b in self.decoder], pad)
