@@ -139,9 +139,9 @@ def _decode_combine_kernel(
     used = lse2 > float("-inf")
     po = tl.load(PartO + part[:, None] * EV + offs_dv[None, :], mask=used[:, None] & (offs_dv[None, :] < EV),
                  other=0.0)
-    o = tl.sum(po * w[:, None], 0) / tl.where(wsum > 0, wsum, 1.0)
+    o = tl.sum(po * w[:, None], 0) / tl.where(wsum != 0, wsum, 1.0)  # (NaN splits: a NaN sum, out and lse)
     tl.store(Out + row.to(tl.int64) * EV + offs_dv, o.to(Out.dtype.element_ty), mask=offs_dv < EV)
-    lse = tl.where(wsum > 0, (mx_safe + tl.log2(tl.where(wsum > 0, wsum, 1.0))) * LN2, float("inf"))
+    lse = tl.where(wsum != 0, (mx_safe + tl.log2(tl.where(wsum != 0, wsum, 1.0))) * LN2, float("inf"))
     tl.store(Lse + row, lse)
 
 

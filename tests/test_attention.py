@@ -234,6 +234,37 @@ def test_key_padding_mask(backend_name):
 
 
 @BK
+@pytest.mark.parametrize("causal", [None, "top_left"])
+@pytest.mark.parametrize("S", [5, 150])
+def test_nan_input_gives_nan_output(backend_name, causal, S):
+    """A NaN in a query row makes every score of the row NaN: its output, lse and dq row are NaN (as torch's), not
+    the 0 of a row with no key (the CPU kernel took an all-NaN row for one); the other rows, and heads, are as
+    without the NaN."""
+    dev = backend_device(backend_name)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (rand((1, 2, S, 32), torch.float32, dev, g) for _ in range(4))
+    qn = q.clone()
+    qn[0, 0, 2, 7] = float("nan")
+    res = []
+    for qq in (q, qn):
+        t = [x.clone().requires_grad_() for x in (qq, k, v)]
+        with fastattn.backend(backend_name):
+            out, lse = fastattn.attention(*t, causal=causal, return_lse=True)
+        out.backward(dout)
+        res.append((out.detach(), lse, t[0].grad, t[1].grad, t[2].grad))
+    (out, lse, dq, dk, dv), (out_n, lse_n, dq_n, dk_n, dv_n) = res
+    row = torch.zeros(1, 2, S, dtype=torch.bool, device=dev)
+    row[0, 0, 2] = True
+    assert out_n[row].isnan().all() and lse_n[row].isnan().all() and dq_n[row].isnan().all()
+    torch.testing.assert_close(out_n[~row], out[~row])
+    torch.testing.assert_close(lse_n[~row], lse[~row])
+    torch.testing.assert_close(dq_n[~row], dq[~row])
+    assert dk_n[0, 0, :3].isnan().all() and dv_n[0, 0, :3].isnan().all()  # the keys the row sees
+    torch.testing.assert_close(dk_n[0, 1], dk[0, 1])
+    torch.testing.assert_close(dv_n[0, 1], dv[0, 1])
+
+
+@BK
 @pytest.mark.parametrize("H, Hk", [(8, 2), (8, 1)], ids=["gqa", "mqa"])
 @pytest.mark.parametrize("causal", [None, "bottom_right"])
 def test_gqa(backend_name, H, Hk, causal):

@@ -223,6 +223,28 @@ def test_route_return_lse_and_batch_dims(caplog):
     torch.testing.assert_close(lse[0].double(), ref_lse.double(), rtol=0, atol=1e-4)
 
 
+@BK
+@pytest.mark.parametrize("S", [40, 4096])
+def test_nan_query_row_gives_nan_row(backend_name, S):
+    """A NaN in a query row: that row's output and lse are NaN (not the 0 / +inf of a row with no key), through
+    one split and through split-KV's combine; the other rows as without it."""
+    skip_unbuilt(backend_name)
+    dev = backend_device(backend_name)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = rand((2, 4, 2, 64), torch.float32, dev, g), rand((2, 2, S, 64), torch.float32, dev, g), \
+        rand((2, 2, S, 64), torch.float32, dev, g)
+    qn = q.clone()
+    qn[0, 1, 0, 5] = float("nan")
+    with fastattn.backend(backend_name):
+        out, lse = fastattn.decode_attention(q, k, v, return_lse=True)
+        out_n, lse_n = fastattn.decode_attention(qn, k, v, return_lse=True)
+    row = torch.zeros(2, 4, 2, dtype=torch.bool, device=dev)
+    row[0, 1, 0] = True
+    assert out_n[row].isnan().all() and lse_n[row].isnan().all()
+    torch.testing.assert_close(out_n[~row], out[~row])
+    torch.testing.assert_close(lse_n[~row], lse[~row])
+
+
 @pytest.mark.parametrize("backend_name", ["reference", "cpu"], indirect=True)
 def test_torch_compile_decode_step(backend_name):
     """A compiled decode step (static shapes, fullgraph) through fastattn.attention's route and decode_attention."""

@@ -294,7 +294,7 @@ void Attention<T, Ops, In>::fwd_item(const AttnFwdArgs& f, int64_t b, int64_t h,
       for (int64_t r = 0; r < mr; ++r) {
         T* row = s + r * kBN;
         const int64_t rr = r0 + r;
-        const T mx = Ops::row_max(row, nbp), mn = std::max(m[rr], mx);
+        const T mn = running_max(m[rr], Ops::row_max(row, nbp), row, nbp);
         if (mn == -std::numeric_limits<T>::infinity()) {  // no key for this row yet
           alpha[rr] = 1;
           std::fill(row, row + nbp, T(0));
@@ -319,7 +319,7 @@ void Attention<T, Ops, In>::fwd_item(const AttnFwdArgs& f, int64_t b, int64_t h,
     }
   }
   for (int64_t r = 0; r < bm; ++r) {
-    const bool empty = !(l[r] > 0);
+    const bool empty = l[r] == 0;  // (a NaN sum is no empty row: NaN out and lse)
     const T inv = empty ? T(0) : keep_scale / l[r];
     for (int64_t e = 0; e < Ev; ++e) out[r * so + e] = from_acc<In>(o[r * Evp + e] * inv);
     lse[r] = empty ? std::numeric_limits<float>::infinity()

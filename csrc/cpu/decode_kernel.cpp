@@ -195,7 +195,7 @@ void run(const DecodeArgs& a, KeysFn keys, int64_t W) {
       }
       for (int64_t r = 0; r < M; ++r) {
         const int64_t h = kvh * G + r / L, i = r % L;
-        const bool empty = !(l[r] > 0);
+        const bool empty = l[r] == 0;  // (a NaN sum is no empty row: NaN out and lse)
         const float inv = empty ? 0.0f : 1.0f / l[r];
         const float* orow = o + r * Dvp;
         if (nsplit == 1) {
@@ -218,7 +218,8 @@ void run(const DecodeArgs& a, KeysFn keys, int64_t W) {
         const int64_t h = kvh * G + r / L, i = r % L;
         const float* pl = part_lse.get() + grp * nsplit * M + r;  // split sp at pl[sp * M]
         float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t sp = 0; sp < nsplit; ++sp) mx = std::max(mx, pl[sp * M]);
+        for (int64_t sp = 0; sp < nsplit; ++sp)  // (a NaN split makes the row NaN)
+          mx = pl[sp * M] != pl[sp * M] ? pl[sp * M] : std::max(mx, pl[sp * M]);
         In* dst = out + ((b * H + h) * L + i) * Ev;
         float* lse = a.lse + (b * H + h) * L + i;
         if (mx == -std::numeric_limits<float>::infinity()) {

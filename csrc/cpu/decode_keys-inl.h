@@ -199,7 +199,7 @@ void decode_keys(const DecodeJob& J, const float* q, float* o, float* m, float* 
         const int64_t last = r % J.L + J.len - J.L;
         for (int64_t t = std::max<int64_t>(0, last + 1 - jb); t < n; ++t) sr[t] = ninf;
       }
-      const float mn = std::max(m[r], max_row(sr, n));
+      const float mn = running_max(m[r], max_row(sr, n), sr, n);
       if (mn == ninf) return false;
       const float alpha = std::exp2(m[r] - mn);
       l[r] = l[r] * alpha + exp2_sum_row(sr, n, mn);

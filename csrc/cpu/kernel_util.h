@@ -1,5 +1,6 @@
-// Small pieces shared by the CPU kernels, free of SIMD code: integer rounding, a 64-byte aligned buffer, run-once
-// flags for blocks that the first thread needing them packs, and the OpenMP thread id.
+// Small pieces shared by the CPU kernels, free of SIMD code: integer rounding, the online softmax's NaN-aware running
+// max, a 64-byte aligned buffer, run-once flags for blocks that the first thread needing them packs, and the OpenMP
+// thread id.
 #pragma once
 
 #include "simd.h"
@@ -8,6 +9,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <new>
 #include <thread>
@@ -27,6 +29,19 @@ namespace {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The online softmax's new running max from the old one and a block's row max mx (the SIMD maxima skip NaN scores,
+// or return one): NaN when the row holds a NaN score, so that NaN inputs give NaN outputs as in torch, never a row
+// taken for "no key". A finite mx needs no scan: a NaN score then makes its exponential, the sum and the row NaN.
+template <class T>
+T running_max(T m, T mx, const T* row, int64_t n) {
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  if (m != m || mx != mx) return nan;
+  if (mx == -std::numeric_limits<T>::infinity())
+    for (int64_t j = 0; j < n; ++j)
+      if (row[j] != row[j]) return nan;
+  return std::max(m, mx);
+}
 
 // 64-byte aligned buffer (allocated outside parallel regions: a throw there would terminate). Large ones are
 // 2 MiB aligned and ask for transparent huge pages (fewer page faults and TLB misses on the packed operands).

@@ -375,7 +375,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnFwdParams 
     float l = l_run[r];
     l += shfl_xor(l, 1);
     l += shfl_xor(l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = l != 0.f ? 1.f / l : 0.f;  // a NaN sum (NaN scores) stays NaN, lse too
     const int i = row0 + warp * 16 + g + r * 8;
     if (i < L) {
       T* orow = og + static_cast<int64_t>(i) * p.out.sr;
@@ -383,7 +383,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnFwdParams 
       for (int dt = 0; dt < D / 8; ++dt) {
         *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t) = pack2<T>(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
       }
-      if (t == 0) lseg[i] = l > 0.f ? m_run[r] * kLn2 + logf(l) : kInf;
+      if (t == 0) lseg[i] = l != 0.f ? m_run[r] * kLn2 + logf(l) : kInf;
     }
   }
 }
