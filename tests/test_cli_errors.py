@@ -34,6 +34,9 @@ def run_main(capsys, *args):
     (["train", "--tokenizer", "/no/tok.json"], "cannot read tokenizer"),
     # odd values: refused before anything runs (they were a traceback, NaN losses or a silent wrong run)
     (["train", "--lr", "-1"], "--lr must be >= 0"),
+    (["train", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),  # (was torch's traceback)
+    (["train", "--clip", "inf"], "argument --clip: expected a finite number, got 'inf'"),
+    (["generate", "x", "--temperature", "nan"], "argument --temperature: expected a finite number"),
     (["train", "--ckpt-every", "-1"], "--ckpt-every must be >= 0"),
     (["train", "--eval-every", "-2"], "--eval-every must be >= 0"),
     (["train", "--max-time", "-1"], "--max-time must be >= 0"),
@@ -68,6 +71,7 @@ def test_user_errors_are_one_line(capsys, tmp_path, monkeypatch, args, needle):
     ("steps = \"ten\"\n", "steps must be int"),
     ("task = \"nope\"\n", "task must be one of"),
     ("[train]\nlr = true\n", "lr must be float"),
+    ("lr = nan\n", "lr must be a finite number, got nan"),
     ("data = [\"a\", 3]\n", "data must be a list of str"),
     ("[generate]\nseed = 1\n", "no [train] table ([generate] is for another command)"),
 ])

@@ -5,6 +5,7 @@ only (tomllib / tomli; nothing is executed); an unknown key or a value of the wr
 """
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 from pathlib import Path
@@ -59,7 +60,19 @@ def add_options(parser, cls, positional=()):
         elif typing.get_origin(tp) is list:
             parser.add_argument(*names, nargs="+", action="extend", type=typing.get_args(tp)[0], **kw)
         else:
-            parser.add_argument(*names, type=tp, choices=meta.get("choices"), metavar=f.name.upper(), **kw)
+            parser.add_argument(*names, type=_finite_float if tp is float else tp, choices=meta.get("choices"),
+                                metavar=f.name.upper(), **kw)
+
+
+def _finite_float(text: str) -> float:
+    """argparse's float for the options, refusing nan and inf (every float option is a finite quantity)."""
+    value = float(text)  # ValueError: argparse's "invalid float value"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+_finite_float.__name__ = "float"
 
 
 def _check_value(cls_name, f, value, where):
@@ -80,6 +93,8 @@ def _check_value(cls_name, f, value, where):
     if not ok:
         want = f"a list of {typing.get_args(tp)[0].__name__}" if origin is list else tp.__name__
         raise CLIError(f"{where}: {f.name} must be {want}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise CLIError(f"{where}: {f.name} must be a finite number, got {value!r}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise CLIError(f"{where}: {f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
