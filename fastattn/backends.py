@@ -124,6 +124,10 @@ def compiled_has(name: str) -> Callable[..., List[str]]:
     return check
 
 
+# The reference backend's devices: meta too (shapes only), as torch's own modules run on meta tensors.
+REFERENCE_DEVICES = ("cpu", "cuda", "meta")
+
+
 @dataclass(frozen=True)
 class Impl:
     """One backend's implementation of one op and what it supports."""

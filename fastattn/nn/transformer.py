@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.add_norm import add_layer_norm, add_norm_rows_nograd, plain_rows
+from ..ops.batching import autocast_on
 from ..ops.dropout import dropout
 from ._torchscript import refuse_script
 from .activation import MultiheadAttention, linear_rows, mha_forward
@@ -291,7 +292,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         shape = src.shape
         # the dtypes of a sublayer's output and the residual stream differ under autocast only: torch's general
         # path adds them in the promoted dtype, its fused inference path in the sublayer's
-        promote = not (torch.is_autocast_enabled(src.device.type)
+        promote = not (autocast_on(src.device.type)
                        and _torch_fast_path(self, src, src_mask, src_key_padding_mask))
         if self.norm_first:
             a = _attn_rows(self, self.self_attn, _norm(self.norm1, x).view(shape), None, src_mask,

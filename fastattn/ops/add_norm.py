@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..backends import Dispatcher, Impl, compiled_op, forced_backend_name, log, triton_op
+from ..backends import Dispatcher, Impl, REFERENCE_DEVICES, compiled_op, forced_backend_name, log, triton_op
 from ..reference import add_norm_ref, norm_residual_dtype
 from .batching import (direct_call_ok, eager_twin, fold, front, graph_capture, has_torch_function_subclass,
                        is_legacy_batched, is_transformed, unfold)
@@ -79,7 +79,7 @@ _IMPLS = [
          _FLOATS, _cols_check),
     Impl("cpu", compiled_op("add_norm_fwd_cpu"), compiled_op("add_norm_bwd_cpu"), ("cpu",),
          _FLOATS + (torch.float64,), _cols_check),
-    Impl("reference", _ref_fwd, _ref_bwd, ("cpu", "cuda"), _FLOATS + (torch.float64,)),
+    Impl("reference", _ref_fwd, _ref_bwd, REFERENCE_DEVICES, _FLOATS + (torch.float64,)),
 ]
 # On GPU the backward prefers CUDA C++ (the faster on an H100: benchmarks/results/2026-11-26-h100-run1), the forward
 # Triton from TRITON_FWD_MIN elements (1.67-2.07x torch at 128M against CUDA C++'s 1.58-1.86x, run 3) and CUDA C++

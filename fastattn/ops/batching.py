@@ -4,6 +4,7 @@ kernel once, and splits it out again (no Python loop over the vmapped dimension)
 subclasses are told apart from plain ones."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -39,11 +40,22 @@ def has_torch_function_subclass(*tensors: Optional[Tensor]) -> bool:
     return False
 
 
+def autocast_on(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for a device type autocast does not know (meta: it raises)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def autocast_off(device_type: str):
+    """torch.autocast(device_type, enabled=False), a no-op context for a device type autocast does not know."""
+    return torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+        else contextlib.nullcontext()
+
+
 def direct_call_ok(device_type: str, *tensors: Optional[Tensor]) -> bool:
     """Whether a caller that asks no gradient may hand these tensors straight to a kernel's forward, skipping the op's
     Function and custom op: nothing records (graph_capture), no autocast for device_type, and no tensor is a
     torch-function subclass or torch.func-wrapped. The modules' inference short ways ask it."""
-    if graph_capture() or torch.is_autocast_enabled(device_type):
+    if graph_capture() or autocast_on(device_type):
         return False
     return not (has_torch_function_subclass(*tensors) or is_transformed(*tensors))
 

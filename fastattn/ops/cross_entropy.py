@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backends import Dispatcher, Impl, compiled_has, compiled_op, forced_backend_name, triton_op
+from ..backends import Dispatcher, Impl, REFERENCE_DEVICES, compiled_has, compiled_op, forced_backend_name, triton_op
 from ..errors import ArgumentError
 from ..reference import linear_cross_entropy_ref
-from .batching import graph_capture, has_torch_function_subclass, is_transformed
+from .batching import autocast_off, autocast_on, graph_capture, has_torch_function_subclass, is_transformed
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # Logits per chunk. CPU: 16 MB of float32, in L3 between the passes. GPU: 512 MB of bf16. Every chunk adds its
@@ -59,7 +59,7 @@ dispatcher = Dispatcher("cross_entropy", [
     Impl("triton", triton_op("cross_entropy", "cross_entropy_fwd"), None, ("cuda",), _FLOATS),
     Impl("cpu", compiled_op("cross_entropy_cpu"), None, ("cpu",), _FLOATS + (torch.float64,),
          compiled_has("cross_entropy_cpu")),
-    Impl("reference", cross_entropy_rows_ref, None, ("cpu", "cuda"), _FLOATS + (torch.float64,)),
+    Impl("reference", cross_entropy_rows_ref, None, REFERENCE_DEVICES, _FLOATS + (torch.float64,)),
 ])
 
 
@@ -72,6 +72,8 @@ def chunk_rows(N: int, V: int, device: torch.device) -> int:
 
 
 def _check_targets(t: Tensor, V: int, ignore_index: int) -> None:
+    if t.device.type == "meta":  # no values to check
+        return
     bad = (t != ignore_index) & ((t < 0) | (t >= V))
     if bool(bad.any()):
         raise ArgumentError(f"target: class index {t[bad][0].item()} is outside [0, {V}) and is not ignore_index "
@@ -87,7 +89,7 @@ def _fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, ignore_index
     N, V = x.shape[0], w.shape[0]
     acc = torch.float64 if cd == torch.float64 else torch.float32
     grad = need_x or need_w or need_b
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         xc, wc = x.to(cd).contiguous(), w.to(cd).contiguous()
         bc = None if b is None else b.to(cd)
         losses = torch.empty(N, dtype=acc, device=x.device)
@@ -192,7 +194,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
         raise ArgumentError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     x, t = input.reshape(-1, input.shape[-1]), target.reshape(-1).long()
     dev = x.device.type
-    cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and x.dtype in _FLOATS else x.dtype
+    cd = torch.get_autocast_dtype(dev) if autocast_on(dev) and x.dtype in _FLOATS else x.dtype
     if x.shape[0] == 0:  # torch: nan for a mean over no rows, 0 for a sum
         return F.linear(x, weight, bias).float().sum() / (0 if reduction == "mean" else 1)
     chunk = chunk_size or chunk_rows(x.shape[0], weight.shape[0], x.device)

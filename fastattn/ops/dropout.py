@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backends import Dispatcher, Impl, compiled_has, compiled_op, triton_op
+from ..backends import Dispatcher, Impl, REFERENCE_DEVICES, compiled_has, compiled_op, triton_op
 from .batching import eager_twin, graph_capture, has_torch_function_subclass, is_transformed
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -39,9 +39,16 @@ def dropout_rng() -> tuple:
     return seed, 4 * (r >> 24)
 
 
+def seeded_uniform(shape, seed: int, device) -> Tensor:
+    """torch.rand(shape) from a generator seeded with seed on device (the reference backends' dropout); on the meta
+    device, which has no generator, a meta tensor."""
+    if torch.device(device).type == "meta":
+        return torch.empty(shape, device=device)
+    return torch.rand(shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+
+
 def dropout_ref(x: Tensor, out: Tensor, p: float, seed: int, offset: int) -> None:
-    g = torch.Generator(device=x.device).manual_seed(seed + offset)
-    keep = torch.rand(x.shape, generator=g, device=x.device) >= p
+    keep = seeded_uniform(x.shape, seed + offset, x.device) >= p
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     out.copy_(x.to(cdt) * (keep.to(cdt) * (1.0 / (1.0 - p))))
 
@@ -49,7 +56,7 @@ def dropout_ref(x: Tensor, out: Tensor, p: float, seed: int, offset: int) -> Non
 dispatcher = Dispatcher("dropout", [
     Impl("triton", triton_op("dropout", "dropout_fwd"), None, ("cuda",), _FLOATS),
     Impl("cpu", compiled_op("dropout_cpu"), None, ("cpu",), _FLOATS + (torch.float64,), compiled_has("dropout_cpu")),
-    Impl("reference", dropout_ref, None, ("cpu", "cuda"), _FLOATS + (torch.float64,)),
+    Impl("reference", dropout_ref, None, REFERENCE_DEVICES, _FLOATS + (torch.float64,)),
 ])
 
 

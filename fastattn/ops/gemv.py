@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..backends import BackendNotSupported, Dispatcher, Impl, compiled_has, compiled_op, log
+from ..backends import BackendNotSupported, Dispatcher, Impl, REFERENCE_DEVICES, compiled_has, compiled_op, log
 from ..reference import gemv_ref
 
 MAX_ROWS = 16
@@ -36,7 +36,7 @@ def _cpu_check(req: GemvRequest):
 
 dispatcher = Dispatcher("gemv", [
     Impl("cpu", compiled_op("gemv_f32_cpu"), None, ("cpu",), (torch.float32,), _cpu_check),
-    Impl("reference", gemv_ref, None, ("cpu", "cuda"), (torch.float16, torch.bfloat16, torch.float32)),
+    Impl("reference", gemv_ref, None, REFERENCE_DEVICES, (torch.float16, torch.bfloat16, torch.float32)),
 ])
 
 

@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from ..backends import Dispatcher, Impl, compiled_has, compiled_op, triton_op
+from ..backends import Dispatcher, Impl, REFERENCE_DEVICES, compiled_has, compiled_op, triton_op
 from ..reference import int8_matmul_ref, quantize_rows_ref, w8a16_matmul_ref
 from .batching import fold, front, graph_capture, is_transformed, unfold
 
@@ -51,19 +51,19 @@ _mm = Dispatcher("int8_matmul", [
     Impl("cuda", compiled_op("int8_mm_cuda"), None, ("cuda",), OUT_DTYPES, compiled_has("int8_mm_cuda")),
     Impl("triton", triton_op("int8", "int8_mm"), None, ("cuda",), OUT_DTYPES),
     Impl("cpu", compiled_op("int8_mm_cpu"), None, ("cpu",), OUT_DTYPES, compiled_has("int8_mm_cpu")),
-    Impl("reference", _ref_mm, None, ("cpu", "cuda"), OUT_DTYPES),
+    Impl("reference", _ref_mm, None, REFERENCE_DEVICES, OUT_DTYPES),
 ], priority=_GPU_ORDER)
 _quant = Dispatcher("quantize_per_token", [
     Impl("cuda", compiled_op("quantize_rows_cuda"), None, ("cuda",), X_DTYPES, compiled_has("quantize_rows_cuda")),
     Impl("triton", triton_op("int8", "quantize_rows"), None, ("cuda",), X_DTYPES),
     Impl("cpu", compiled_op("quantize_rows_cpu"), None, ("cpu",), X_DTYPES, compiled_has("quantize_rows_cpu")),
-    Impl("reference", quantize_rows_ref, None, ("cpu", "cuda"), X_DTYPES),
+    Impl("reference", quantize_rows_ref, None, REFERENCE_DEVICES, X_DTYPES),
 ], priority=_QUANT_ORDER)
 
 _w8a16 = Dispatcher("w8a16_matmul", [
     Impl("triton", triton_op("int8", "w8a16_mm"), None, ("cuda",), (torch.float16, torch.bfloat16)),
     Impl("cpu", compiled_op("w8a16_mm_cpu"), None, ("cpu",), X_DTYPES, compiled_has("w8a16_mm_cpu")),
-    Impl("reference", w8a16_matmul_ref, None, ("cpu", "cuda"), X_DTYPES),
+    Impl("reference", w8a16_matmul_ref, None, REFERENCE_DEVICES, X_DTYPES),
 ])
 
 

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from ... import _ext
-from ...backends import BackendNotSupported, Dispatcher, Impl, compiled_has, forced_backend_name, triton_op
+from ...backends import (REFERENCE_DEVICES, BackendNotSupported, Dispatcher, Impl, compiled_has, forced_backend_name,
+                         triton_op)
 from ...errors import ArgumentError
 from ...reference import decode_attention_ref
 from ..batching import graph_capture, is_transformed
@@ -69,7 +70,7 @@ def _triton_check(req: DecodeRequest):
 dispatcher = Dispatcher("decode_attention", [
     Impl("triton", triton_op("decode", "decode_fwd"), _forward_only, ("cuda",), FLOATS, _triton_check),
     Impl("cpu", _cpu_fwd, _forward_only, ("cpu",), FLOATS, compiled_has("decode_attention_cpu")),
-    Impl("reference", _ref_fwd, _forward_only, ("cpu", "cuda"), FLOATS + (torch.float64,)),
+    Impl("reference", _ref_fwd, _forward_only, REFERENCE_DEVICES, FLOATS + (torch.float64,)),
 ], priority={"cuda": ("triton", "reference")})
 
 

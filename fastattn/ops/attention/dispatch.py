@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 from ... import _ext
-from ...backends import Dispatcher, Impl, triton_op
+from ...backends import Dispatcher, Impl, REFERENCE_DEVICES, triton_op
 from ...reference import attention_bwd_ref, attention_ref
+from ..dropout import seeded_uniform
 from .params import AttnParams, AttnRequest, params_schema, request
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -39,8 +40,7 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # ---- reference backend -------------------------------------------------------------------------------------
 def ref_dropout_mask(p: AttnParams, B: int, H: int, L: int, S: int, device) -> Tensor:
     """The reference backend's keep mask: torch's generator seeded by p.seed (reproducible, not Philox-equal)."""
-    g = torch.Generator(device=device).manual_seed(p.seed + p.offset)
-    return torch.rand(B, H, L, S, generator=g, device=device) >= p.dropout_p
+    return seeded_uniform((B, H, L, S), p.seed + p.offset, device) >= p.dropout_p
 
 
 def ref_kwargs(q, k, mask, alibi, p: AttnParams) -> dict:
@@ -107,7 +107,7 @@ dispatcher = Dispatcher("attention", [
          FLOATS, _triton_check),
     Impl("cpu", _compiled("attention_fwd_cpu"), _compiled("attention_bwd_cpu"), ("cpu",),
          FLOATS + (torch.float64,), _cpu_check),
-    Impl("reference", ref_fwd, ref_bwd, ("cpu", "cuda"), FLOATS + (torch.float64,)),
+    Impl("reference", ref_fwd, ref_bwd, REFERENCE_DEVICES, FLOATS + (torch.float64,)),
 ], priority={"cuda": lambda req: ("cuda", "triton", "reference") if req.small else ("triton", "cuda", "reference")})
 
 

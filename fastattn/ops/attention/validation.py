@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ...errors import ArgumentError
-from ..batching import has_torch_function_subclass
+from ..batching import autocast_on, has_torch_function_subclass
 from .dispatch import FLOATS
 
 CAUSAL = (None, "top_left", "bottom_right")
@@ -51,10 +51,7 @@ def autocast_qkv(q, k, v) -> Tuple[Tensor, Tensor, Tensor]:
     if not all(isinstance(t, Tensor) for t in (q, k, v)):
         return q, k, v  # check_qkv names the argument
     device = q.device.type
-    try:
-        if not torch.is_autocast_enabled(device):
-            return q, k, v
-    except RuntimeError:  # a device type autocast does not know (meta)
+    if not autocast_on(device):
         return q, k, v
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if t.dtype in FLOATS else t for t in (q, k, v))
