@@ -426,3 +426,39 @@ def test_loaded_models_come_back_in_eval_mode(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32)).save_pretrained(
         tmp_path / "hf")
     assert not GPT.from_hf(tmp_path / "hf").training
+
+
+def test_generate_from_several_threads_takes_turns():
+    """generate keeps its KV caches on the model: threads generating with one model at once wrote over each other's
+    caches (wrong tokens, no error). Now they take turns: each gets its sequential output; a generate re-entered from
+    its own streamer raises instead of overwriting the caches in use."""
+    import threading
+
+    from fastattn.models import Seq2Seq, Seq2SeqConfig
+    gpt = model()
+    torch.manual_seed(1)
+    s2s = Seq2Seq(Seq2SeqConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=4, max_seq_len=64)).eval()
+    prompts = [torch.randint(0, VOCAB, (2, 3 + i)) for i in range(4)]
+    calls = [(gpt, p, dict(temperature=0)) for p in prompts] + [(s2s, p, dict(temperature=0)) for p in prompts] + \
+        [(gpt, p, dict(temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(i)))
+         for i, p in enumerate(prompts)]
+    alone = [m.generate(p, 12, **kw) for m, p, kw in calls]
+    for _, _, kw in calls:  # a fresh generator per run
+        if "generator" in kw:
+            kw["generator"].manual_seed(kw["generator"].initial_seed())
+    got = [None] * len(calls)
+
+    def run(i):
+        m, p, kw = calls[i]
+        got[i] = m.generate(p, 12, **kw)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, got):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="already generating in this thread"):
+        gpt.generate(prompts[0], 3, temperature=0, streamer=lambda tokens: gpt.generate(prompts[1], 2))
+    assert torch.equal(gpt.generate(prompts[0], 12, temperature=0), alone[0])  # the model is free again

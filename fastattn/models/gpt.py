@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .beam import Search
 from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
+from .generation_lock import one_generation_at_a_time
 from .graphs import check_cuda_graph
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, drop,
                      embed_tokens, init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none, shifted_target,
@@ -153,6 +154,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
                         use_cache=True, cache_end=end)
         return self.logits(h)
 
+    @one_generation_at_a_time
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,

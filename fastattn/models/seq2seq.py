@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .beam import Search
 from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
+from .generation_lock import one_generation_at_a_time
 from .graphs import check_cuda_graph
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, init_weights,
                      check_skip_padding, drop, embed_tokens, keep_mask, lm_head_loss, make_norm, padding_or_none,
@@ -242,6 +243,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
                         key_padding_mask=self.cache_padding[:, :end], cache_end=end)
         return self.lm_head(h)
 
+    @one_generation_at_a_time
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
