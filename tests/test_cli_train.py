@@ -267,6 +267,23 @@ def test_compile_trains_the_same_model(tmp_path, task):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("task", ["clm", "mlm", "seq2seq"])
+def test_grad_checkpointing_trains_the_same_model(tmp_path, task, monkeypatch):
+    """--grad-checkpointing (blocks recomputed in the backward, dropout masks included) trains the weights of a plain
+    run."""
+    import torch.utils.checkpoint as tuc
+    calls, real = [], tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    plain = train(tmp_path, "plain", "--task", task, "--dropout", "0.1")
+    assert not calls
+    ckpt = train(tmp_path, "ckpt", "--task", task, "--dropout", "0.1", "--grad-checkpointing")
+    assert len(calls) >= 4  # (4 steps, a block each at least)
+    a, b = load_file(plain / "model" / "model.safetensors"), load_file(ckpt / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
 def test_generate_min_new_tokens(gpt_run, monkeypatch):
     """--min-new-tokens reaches generate, and no continuation ends on EOS before it (the demo's sample could be
     2 tokens long: the embedded corpus ends every paragraph with EOS)."""

@@ -231,3 +231,45 @@ def test_token_ids_outside_the_vocabulary_and_empty_rows_name_input_ids(cls):
     if cls == "Seq2Seq":
         with pytest.raises(ValueError, match=r"^decoder_input_ids: expected at least one token a row"):
             m(ids, decoder_input_ids=empty)
+
+
+@pytest.mark.parametrize("cls", ["GPT", "BERT", "Seq2Seq"])
+def test_gradient_checkpointing_same_gradients_less_saved(cls):
+    """gradient_checkpointing_enable (transformers' name): in training every block runs under torch.utils.checkpoint,
+    recomputed in the backward with the same dropout masks: the same loss and gradients as without, and far fewer
+    bytes kept for the backward. disable() turns it off; eval and no_grad never checkpoint."""
+    from fastattn.models import GPT, GPTConfig
+    make = {"GPT": lambda: GPT(GPTConfig(**SMALL, dropout=0.2)), "BERT": lambda: BERT(BERTConfig(**SMALL, dropout=0.2)),
+            "Seq2Seq": lambda: Seq2Seq(Seq2SeqConfig(**SMALL, dropout=0.2))}[cls]
+    torch.manual_seed(0)
+    m = make().train()
+    ids = torch.randint(0, VOCAB, (2, 24))
+    batch = dict(input_ids=ids, labels=ids)
+    if cls == "Seq2Seq":
+        batch["labels"] = ids[:, :10]
+
+    def step():
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = m(**batch).loss
+        m.zero_grad()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None], sum(saved)
+
+    loss, grads, kept = step()
+    assert not m.is_gradient_checkpointing
+    m.gradient_checkpointing_enable()
+    assert m.is_gradient_checkpointing
+    loss_c, grads_c, kept_c = step()
+    torch.testing.assert_close(loss_c, loss, rtol=0, atol=0)
+    assert len(grads_c) == len(grads)
+    for a, b in zip(grads_c, grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert kept_c < 0.6 * kept, (kept_c, kept)
+    m.gradient_checkpointing_disable()
+    assert not m.is_gradient_checkpointing and step()[2] == kept

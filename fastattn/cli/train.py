@@ -93,6 +93,8 @@ class TrainConfig:
     qat: bool = opt(False, "quantization-aware training (fastattn.prepare_qat), converted to int8 on export")
     fsdp: bool = opt(False, "under torchrun: shard parameters with FSDP (fully_shard) instead of DDP")
     tp: int = opt(1, "under torchrun: tensor-parallel degree over the attention / MLP projections")
+    grad_checkpointing: bool = opt(False, "activation checkpointing: each block's activations recomputed in the "
+                                          "backward instead of kept (less memory, about a third more compute)")
     compile: bool = opt(False, "torch.compile the model (the first steps of training and of evaluation are slower "
                                "while it compiles)")
     compile_backend: str = opt("inductor", "torch.compile backend for --compile (inductor, aot_eager, eager, ...)")
@@ -408,6 +410,9 @@ class Trainer:
         if cfg.qat:
             import fastattn
             self.model = fastattn.prepare_qat(self.model)
+        if cfg.grad_checkpointing:  # the model (under a soft prompt's wrapper, if any)
+            next(m for m in self.model.modules() if hasattr(m, "gradient_checkpointing_enable")) \
+                .gradient_checkpointing_enable()
         self.train_model = self.dist.wrap(self.model, cfg)
         if cfg.compile:  # the wrapper (DDP, FSDP) compiled, as torch recommends; self.model stays the module saved
             self.train_model = torch.compile(self.train_model, backend=cfg.compile_backend)

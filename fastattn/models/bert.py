@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .bert_hf import load_bert
 from .layers import (Block, ModelConfig, ModelOutput, Positions, PretrainedMixin, activation_fn, init_weights,
                      check_skip_padding, drop, embed_tokens, keep_mask, lm_head_loss, make_norm, padding_or_none,
-                     token_positions)
+                     token_positions, run_block)
 
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 POOLER_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}
@@ -101,6 +101,7 @@ class BERTConfig(ModelConfig):
 
 class BERTEncoder(nn.Module):
     """Embeddings, then the blocks: hidden states (B, L, d_model)."""
+    gradient_checkpointing = None  # torch.utils.checkpoint's arguments while on (gradient_checkpointing_enable)
 
     def __init__(self, cfg: BERTConfig):
         super().__init__()
@@ -151,7 +152,7 @@ class BERTEncoder(nn.Module):
             cols = torch.arange(L, device=x.device)
             extra["attn_bias"] = self.rel_bias(cols[None], cols).to(x.dtype)
         for block in self.blocks:
-            h, residual = block(h, residual, key_padding_mask=pad, rotary=rotary, **extra)
+            h, residual = run_block(self, block, h, residual, key_padding_mask=pad, rotary=rotary, **extra)
         return self.norm_f.post(h, residual) if self.norm_f is not None else h
 
 

@@ -28,7 +28,7 @@ from .generation_lock import one_generation_at_a_time
 from .graphs import check_cuda_graph
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, drop,
                      embed_tokens, init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none, shifted_target,
-                     softcap)
+                     softcap, run_block)
 from .moe import load_balancing_loss
 from .speculative import speculation, speculative_generate
 
@@ -50,6 +50,7 @@ class GPTConfig(ModelConfig):
 class GPT(CacheMixin, PretrainedMixin, nn.Module):
     config_class = GPTConfig
     head_modules = ("lm_head",)
+    gradient_checkpointing = None  # torch.utils.checkpoint's arguments while on (gradient_checkpointing_enable)
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -89,8 +90,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         h, rotary = self.embed(input_ids, positions)
         residual = None
         for block in self.blocks:
-            h, residual = block(h, residual, causal=causal, key_padding_mask=key_padding_mask, rotary=rotary,
-                                input_pos=input_pos, use_cache=use_cache, cache_end=cache_end)
+            h, residual = run_block(self, block, h, residual, causal=causal, key_padding_mask=key_padding_mask,
+                                    rotary=rotary, input_pos=input_pos, use_cache=use_cache, cache_end=cache_end)
         return self.norm_f.post(h, residual) if self.norm_f is not None else h
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,

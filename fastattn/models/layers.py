@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..ops.add_norm import add_layer_norm, add_rms_norm
@@ -1121,9 +1122,20 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 INT8_FILE = "quantization.json"  # a quantized model's int8 layout (fastattn.int8_layout)
 
 
+def run_block(owner: nn.Module, block: nn.Module, *args, **kwargs):
+    """block(*args, **kwargs) for the block loop of ``owner`` (a model, BERT's encoder); with gradient checkpointing
+    on (PretrainedMixin.gradient_checkpointing_enable) and in training, through torch.utils.checkpoint: the block's
+    activations are recomputed in the backward instead of kept (the RNG state too: the same dropout masks)."""
+    ckpt = owner.gradient_checkpointing
+    if ckpt is not None and owner.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, **ckpt, **kwargs)
+    return block(*args, **kwargs)
+
+
 class PretrainedMixin:
-    """save_pretrained / from_pretrained (config.json + model.safetensors), parameter counts and the backbone / head
-    split. A model lists its head modules' attribute names in ``head_modules``."""
+    """save_pretrained / from_pretrained (config.json + model.safetensors), parameter counts, the backbone / head
+    split and gradient checkpointing. A model lists its head modules' attribute names in ``head_modules``; a module
+    with a block loop (run_block) has the class attribute ``gradient_checkpointing = None``."""
 
     config_class = ModelConfig
     head_modules: Tuple[str, ...] = ()
@@ -1159,6 +1171,25 @@ class PretrainedMixin:
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[Dict[str, Any]] = None) -> None:
+        """Activation checkpointing of every block in training (transformers' name and argument): less memory, one
+        more forward of the blocks in the backward. ``gradient_checkpointing_kwargs`` go to torch.utils.checkpoint
+        (default use_reentrant=False)."""
+        kw = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        for m in self._block_loops():
+            m.gradient_checkpointing = kw
+
+    def gradient_checkpointing_disable(self) -> None:
+        for m in self._block_loops():
+            m.gradient_checkpointing = None
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(m.gradient_checkpointing is not None for m in self._block_loops())
+
+    def _block_loops(self) -> List[nn.Module]:
+        return [m for m in self.modules() if hasattr(type(m), "gradient_checkpointing")]
 
     def backbone_parameters(self) -> List[nn.Parameter]:
         """Parameters outside the task heads (``head_modules``): freeze these to fine-tune the heads only."""

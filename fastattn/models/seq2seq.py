@@ -26,7 +26,7 @@ from .generation_lock import one_generation_at_a_time
 from .graphs import check_cuda_graph
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, init_weights,
                      check_skip_padding, drop, embed_tokens, keep_mask, lm_head_loss, make_norm, padding_or_none,
-                     token_positions)
+                     token_positions, run_block)
 from .speculative import speculation, speculative_generate
 
 
@@ -104,6 +104,7 @@ class RelativeBias(nn.Module):
 class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
     config_class = Seq2SeqConfig
     head_modules = ("lm_head",)
+    gradient_checkpointing = None  # torch.utils.checkpoint's arguments while on (gradient_checkpointing_enable)
 
     def __init__(self, config: Seq2SeqConfig):
         super().__init__()
@@ -154,7 +155,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         bias = None if self.enc_rel is None else self.enc_rel(positions[:1], positions[0])
         residual = None
         for block in self.encoder:
-            h, residual = block(h, residual, key_padding_mask=pad, rotary=rotary, attn_bias=bias)
+            h, residual = run_block(self, block, h, residual, key_padding_mask=pad, rotary=rotary, attn_bias=bias)
         return (self.enc_norm_f.post(h, residual) if self.enc_norm_f is not None else h), pad
 
     def decode(self, decoder_input_ids: Tensor, positions: Tensor, memory_kv: List[Tuple[Tensor, Tensor]],
@@ -168,9 +169,9 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
             bias = self.dec_rel(positions, self.cache_index[:cache_end] if use_cache else positions[0])
         residual = None
         for block, mem in zip(self.decoder, memory_kv):
-            h, residual = block(h, residual, memory=mem, memory_mask=memory_pad, causal=causal,
-                                key_padding_mask=key_padding_mask, rotary=rotary, input_pos=input_pos,
-                                use_cache=use_cache, attn_bias=bias, cache_end=cache_end)
+            h, residual = run_block(self, block, h, residual, memory=mem, memory_mask=memory_pad, causal=causal,
+                                    key_padding_mask=key_padding_mask, rotary=rotary, input_pos=input_pos,
+                                    use_cache=use_cache, attn_bias=bias, cache_end=cache_end)
         return self.dec_norm_f.post(h, residual) if self.dec_norm_f is not None else h
 
     def shift_right(self, labels: Tensor) -> Tensor:
