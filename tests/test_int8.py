@@ -222,6 +222,38 @@ def test_int8linear_compiles_without_graph_breaks(mode):
     assert torch.equal(torch.compile(q, backend="aot_eager", fullgraph=True)(x), q(x))
 
 
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8_static", "w8a16"])
+def test_int8linear_passes_the_gradient_to_its_input(mode, smooth):
+    """The int8 weight is frozen, but x gets the gradient of x W^T with W the dequantized weight (columns / smooth;
+    w8a8's rounding of x passed straight through): layers and adapters before an Int8Linear train (it cut the graph:
+    their gradients were silently None)."""
+    torch.manual_seed(0)
+    s = torch.rand(64) + 0.5 if smooth else None
+    q = Int8Linear.from_float(nn.Linear(64, 32), mode, smooth=s, input_scale=0.03)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    y = q(x)
+    assert y.requires_grad and q.weight.grad is None
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    w = q.weight.double() * q.weight_scale.double()[:, None] / (1 if s is None else s.double())
+    torch.testing.assert_close(x.grad.double(), dy.double() @ w, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert not q(x).requires_grad
+
+
+def test_layers_before_a_quantized_model_train():
+    """A GPT quantized w8a16 keeps its float parts trainable through its int8 layers: the first block's norm gets a
+    gradient (it got none: the Int8Linears cut the graph)."""
+    from fastattn.models import GPT, GPTConfig
+    torch.manual_seed(0)
+    m = fastattn.quantize(GPT(GPTConfig(vocab_size=40, d_model=32, n_layer=2, n_head=4)), mode="w8a16").train()
+    ids = torch.randint(0, 40, (2, 9))
+    m(ids, labels=ids).loss.backward()
+    norm = m.blocks[0].norm1.weight
+    assert norm.grad is not None and norm.grad.abs().sum() > 0
+
+
 def _outlier_model_and_data():
     torch.manual_seed(0)
     model = nn.Sequential(nn.LayerNorm(128), nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 32))

@@ -32,8 +32,10 @@ class Int8Linear(nn.Module):
     "w8a8_static": x uses a calibrated per-tensor ``input_scale``; "w8a16": only the weight is int8 (for
     memory-bound decoding). ``smooth`` (in_features,) divides x's columns before quantization (SmoothQuant, when no
     preceding op absorbs it). Buffers: weight, weight_scale, bias (optional), input_scale, smooth (optional).
-    ``dtype`` is the bias buffer's (default float32, the epilogue's own: no conversion per call). Inference only: no
-    gradient flows to x or the weight (train with QATLinear, then convert).
+    ``dtype`` is the bias buffer's (default float32, the epilogue's own: no conversion per call). The int8 weight
+    is frozen (a buffer: train it with QATLinear, then convert), but the gradient flows to x, that of x W^T with W
+    the dequantized weight (w8a8's rounding of x passed straight through): adapters, prompts or layers before it
+    train over an int8 base, QLoRA-style.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "w8a8",
@@ -83,23 +85,26 @@ class Int8Linear(nn.Module):
             raise ValueError(f"x: shape {tuple(x.shape)}, expected (..., in_features={self.in_features})")
         if x.device != self.weight.device:
             raise ValueError(f"x: on {x.device}, but the layer's weight is on {self.weight.device}")
-        w_scale, bias, smooth = _f32(self.weight_scale), _f32(self.bias), _f32(self.smooth)
-        w = self.weight if self.weight.is_contiguous() else self.weight.contiguous()
         flat = x.dim() == 2  # no reshape / view either way (~0.7 us of host time each)
         x2 = (x if flat else x.reshape(-1, self.in_features)).contiguous()
-        if self.mode == "w8a16":
-            out = w8a16_rows(x2 if smooth is None else (x2 / smooth.to(x.dtype)).contiguous(), w, w_scale, bias)
-        else:
-            if self.mode == "w8a8":
-                q, s = quantize_rows(x2, smooth)
-            else:
-                xf = x2.float() if smooth is None else x2.float() / smooth
-                q = torch.round(xf / self.input_scale).clamp_(-127, 127).to(torch.int8)  # beyond the range: clamped
-                s = self.input_scale.to(torch.float32).reshape(1).expand(x2.shape[0])
-                # a row with inf or NaN gives NaN, as in the w8a8 mode (not a clamped or garbage int8 value)
-                s = torch.where(torch.isfinite(xf).all(-1), s, float("nan"))
-            out = mm_rows(q, w, s, w_scale, bias, x.dtype)
+        out = _InputGrad.apply(x2, self) if x.requires_grad and torch.is_grad_enabled() else self._rows(x2)
         return out if flat else out.view(*x.shape[:-1], self.out_features)
+
+    def _rows(self, x2: Tensor) -> Tensor:
+        """forward on contiguous, checked (T, in_features) rows."""
+        w_scale, bias, smooth = _f32(self.weight_scale), _f32(self.bias), _f32(self.smooth)
+        w = self.weight if self.weight.is_contiguous() else self.weight.contiguous()
+        if self.mode == "w8a16":
+            return w8a16_rows(x2 if smooth is None else (x2 / smooth.to(x2.dtype)).contiguous(), w, w_scale, bias)
+        if self.mode == "w8a8":
+            q, s = quantize_rows(x2, smooth)
+        else:
+            xf = x2.float() if smooth is None else x2.float() / smooth
+            q = torch.round(xf / self.input_scale).clamp_(-127, 127).to(torch.int8)  # beyond the range: clamped
+            s = self.input_scale.to(torch.float32).reshape(1).expand(x2.shape[0])
+            # a row with inf or NaN gives NaN, as in the w8a8 mode (not a clamped or garbage int8 value)
+            s = torch.where(torch.isfinite(xf).all(-1), s, float("nan"))
+        return mm_rows(q, w, s, w_scale, bias, x2.dtype)
 
     def bind_rows(self, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
         """This layer on contiguous 2-D rows of ``dtype``, forward's checks and conversions done once here and the
@@ -122,6 +127,23 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"mode={self.mode}, smooth={self.smooth is not None}")
+
+
+class _InputGrad(torch.autograd.Function):
+    """Int8Linear on rows x with the gradient to x of x W^T, W = weight * weight_scale (/ smooth's columns): the
+    quantization of x (w8a8) passed straight through; none to the int8 weight or the bias buffer."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer._rows(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        layer = ctx.layer
+        dt = dy.dtype
+        dx = (dy * layer.weight_scale.to(dt)) @ layer.weight.to(dt)
+        return (dx if layer.smooth is None else dx / layer.smooth.to(dt)), None
 
 
 class _FakeQuantSTE(torch.autograd.Function):
