@@ -1118,6 +1118,10 @@ class ModelOutput:
     aux_loss: Optional[Tensor] = None  # a mixture of experts' load-balancing loss (in training; included in .loss)
 
 
+# a pytree node (as transformers registers its outputs): torch.export and torch.func flatten and rebuild it
+torch.export.register_dataclass(ModelOutput, serialized_type_name="fastattn.models.ModelOutput")
+
+
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 INT8_FILE = "quantization.json"  # a quantized model's int8 layout (fastattn.int8_layout)
 

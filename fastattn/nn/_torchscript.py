@@ -9,5 +9,5 @@ def refuse_script(mod: nn.Module):
     """A __prepare_scriptable__ for fastattn's modules: torch.jit.script calls it on every module it compiles."""
     name = type(mod).__name__
     raise RuntimeError(f"torch.jit.script: fastattn.nn.{name} cannot be scripted: its forward runs fastattn's kernels "
-                       f"from Python. Use torch.compile or torch.jit.trace, or keep torch.nn.{name} in the model to "
-                       f"script (fastattn.convert(..., skip=...))")
+                       f"from Python. Use torch.compile, torch.export or torch.jit.trace, or keep torch.nn.{name} in "
+                       f"the model to script (fastattn.convert(..., skip=...))")
