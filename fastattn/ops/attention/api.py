@@ -35,7 +35,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, 
     (-1 = unbounded), aligned as causal (bottom-right when causal is None). alibi_slopes: (H,) or (B, H).
     softcap > 0: scores become softcap * tanh(scores / softcap). A row with no key left gives 0, never NaN.
     Returns out (..., H, L, Ev), and lse (..., H, L) float32 when return_lse (the natural-log logsumexp of each
-    row's scores; +inf for a row with no key, so that exp(score - lse) = 0 there).
+    row's scores; +inf for a row with no key, so that exp(score - lse) = 0 there). lse carries no gradient (it does
+    not require grad, as flash-attn's softmax_lse): a loss built from it gets none through it.
 
     Up to 16 queries against a long cache (no gradient, dropout, ALiBi or window; causal None or "bottom_right"; no
     mask or a per-key bool mask such as key_padding_mask) run on the split-KV decode kernel
