@@ -273,3 +273,5 @@ def test_gradient_checkpointing_same_gradients_less_saved(cls):
     assert kept_c < 0.6 * kept, (kept_c, kept)
     m.gradient_checkpointing_disable()
     assert not m.is_gradient_checkpointing and step()[2] == kept
+    with pytest.raises(ValueError, match="use_reentrant=True cannot pass the blocks' keyword arguments"):
+        m.gradient_checkpointing_enable({"use_reentrant": True})

@@ -411,8 +411,10 @@ class Trainer:
             import fastattn
             self.model = fastattn.prepare_qat(self.model)
         if cfg.grad_checkpointing:  # the model (under a soft prompt's wrapper, if any)
-            next(m for m in self.model.modules() if hasattr(m, "gradient_checkpointing_enable")) \
-                .gradient_checkpointing_enable()
+            base = next((m for m in self.model.modules() if hasattr(m, "gradient_checkpointing_enable")), None)
+            if base is None:
+                raise CLIError(f"--grad-checkpointing: a {self.arch} has no block loop to checkpoint")
+            base.gradient_checkpointing_enable()
         self.train_model = self.dist.wrap(self.model, cfg)
         if cfg.compile:  # the wrapper (DDP, FSDP) compiled, as torch recommends; self.model stays the module saved
             self.train_model = torch.compile(self.train_model, backend=cfg.compile_backend)

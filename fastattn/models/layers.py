@@ -1181,6 +1181,9 @@ class PretrainedMixin:
         more forward of the blocks in the backward. ``gradient_checkpointing_kwargs`` go to torch.utils.checkpoint
         (default use_reentrant=False)."""
         kw = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if kw["use_reentrant"]:
+            raise ValueError("gradient_checkpointing_kwargs: use_reentrant=True cannot pass the blocks' keyword "
+                             "arguments (masks, positions); use the default, use_reentrant=False")
         for m in self._block_loops():
             m.gradient_checkpointing = kw
 
