@@ -231,6 +231,8 @@ def test_token_ids_outside_the_vocabulary_and_empty_rows_name_input_ids(cls):
     if cls == "Seq2Seq":
         with pytest.raises(ValueError, match=r"^decoder_input_ids: expected at least one token a row"):
             m(ids, decoder_input_ids=empty)
+        with pytest.raises(ValueError, match=rf"^decoder_input_ids: token ids must be in \[0, vocab_size={VOCAB}\)"):
+            m(ids, decoder_input_ids=torch.tensor([[1, VOCAB], [2, 3]]))
 
 
 @pytest.mark.parametrize("cls", ["GPT", "BERT", "Seq2Seq"])

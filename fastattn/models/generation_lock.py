@@ -43,7 +43,7 @@ def _turn(model, what: str):
 
 def one_generation_at_a_time(fn):
     """Decorates a model's generate: the model (and ``assistant_model``, when given) held for the call."""
-    what = f"{fn.__qualname__}"
+    what = fn.__qualname__
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):

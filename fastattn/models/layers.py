@@ -945,9 +945,9 @@ def keep_mask(input_ids: Tensor, attention_mask: Optional[Tensor], max_len: Opti
     return attention_mask.bool()
 
 
-def embed_tokens(emb: nn.Module, ids: Tensor) -> Tensor:
-    """emb(ids); on the CPU an id outside the table is refused naming input_ids (F.embedding's IndexError names
-    none; on a GPU it is a device-side assert, as in torch)."""
+def embed_tokens(emb: nn.Module, ids: Tensor, name: str = "input_ids") -> Tensor:
+    """emb(ids); on the CPU an id outside the table is refused naming the argument ``name`` (F.embedding's
+    IndexError names none; on a GPU it is a device-side assert, as in torch)."""
     try:
         return emb(ids)
     except IndexError:
@@ -955,7 +955,7 @@ def embed_tokens(emb: nn.Module, ids: Tensor) -> Tensor:
         if n is None:
             raise
         bad = ids[(ids < 0) | (ids >= n)]
-        raise ValueError(f"input_ids: token ids must be in [0, vocab_size={n}), got {bad[:4].tolist()}") from None
+        raise ValueError(f"{name}: token ids must be in [0, vocab_size={n}), got {bad[:4].tolist()}") from None
 
 
 def token_positions(ids: Tensor, pad_id: int, skip_padding: bool) -> Tensor:

@@ -131,8 +131,8 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
     def cached_blocks(self) -> nn.ModuleList:
         return self.decoder
 
-    def _embed(self, ids: Tensor, positions: Tensor, pos: Positions, norm: Optional[nn.Module]):
-        x = embed_tokens(self.tok_emb, ids)
+    def _embed(self, ids: Tensor, positions: Tensor, pos: Positions, norm: Optional[nn.Module], name: str):
+        x = embed_tokens(self.tok_emb, ids, name)
         if self.config.embed_scale != 1.0:  # mBART, BART with scale_embedding: sqrt(d_model)
             x = x * self.config.embed_scale
         pe = pos.embed(positions)
@@ -144,14 +144,14 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         return x, pos.rotary(positions, x.dtype)
 
     def _embed_decoder(self, ids: Tensor, positions: Tensor):
-        return self._embed(ids, positions, self.dec_pos, self.dec_embed_norm)
+        return self._embed(ids, positions, self.dec_pos, self.dec_embed_norm, "decoder_input_ids")
 
     def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """Encoder output (B, S, d_model) and its key_padding_mask (B, S) (True = padding) or None."""
         B, S = input_ids.shape
         pad = padding_or_none(keep_mask(input_ids, attention_mask, self.config.max_seq_len), attention_mask)
         positions = token_positions(input_ids, self.config.pad_token_id, self.config.roberta_positions)
-        h, rotary = self._embed(input_ids, positions, self.enc_pos, self.enc_embed_norm)
+        h, rotary = self._embed(input_ids, positions, self.enc_pos, self.enc_embed_norm, "input_ids")
         bias = None if self.enc_rel is None else self.enc_rel(positions[:1], positions[0])
         residual = None
         for block in self.encoder:
