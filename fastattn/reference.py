@@ -156,7 +156,7 @@ def attention_bwd_ref(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         kc, vc = kc.repeat_interleave(H // Hk, dim=1), vc.repeat_interleave(H // Hk, dim=1)
     scores, capped = attention_scores(qc, kc, attn_mask, causal=causal, scale=scale, window=window,
                                       alibi_slopes=alibi_slopes, softcap=softcap)
-    row_max = scores.amax(-1, keepdim=True)
+    row_max = scores.amax(-1, keepdim=True) if S else scores.new_full((B, H, L, 1), float("-inf"))  # S 0: no key
     probs = torch.exp(scores - row_max.masked_fill(row_max == float("-inf"), 0.0))
     probs = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(cdt).tiny)  # (B, H, L, S); 0 for empty rows
     keep = dropout_mask.to(cdt) / (1 - dropout_p) if dropout_p > 0 else 1.0
@@ -168,8 +168,8 @@ def attention_bwd_ref(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     dq = (ds @ kc) * scale
     dk = (ds.transpose(-1, -2) @ qc) * scale
     if Hk != H:  # sum each GQA group's gradients into its shared K/V head
-        dk = dk.view(B, Hk, H // Hk, S, -1).sum(2)
-        dv = dv.view(B, Hk, H // Hk, S, -1).sum(2)
+        dk = dk.view(B, Hk, H // Hk, S, dk.shape[-1]).sum(2)
+        dv = dv.view(B, Hk, H // Hk, S, dv.shape[-1]).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

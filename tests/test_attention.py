@@ -558,6 +558,21 @@ def test_head_dim_zero_weighs_every_key_alike():
     torch.testing.assert_close(v.grad, torch.full_like(v, 5 / 7))
 
 
+@BK
+@pytest.mark.parametrize("Hk", [4, 2])
+def test_no_keys_gives_zeros_and_zero_gradients(backend_name, Hk):
+    """S = 0 (no key at all; with GQA too): out 0 and zero gradients, as torch's SDPA gives (the reference's
+    backward took the max over an empty dim, and could not sum an empty GQA group)."""
+    skip_if_not_built(backend_name, "attention_fwd")
+    dev = backend_device(backend_name)
+    q = torch.randn(2, 4, 3, 16, device=dev, requires_grad=True)
+    k, v = (torch.randn(2, Hk, 0, 16, device=dev, requires_grad=True) for _ in range(2))
+    with fastattn.backend(backend_name):
+        out = fastattn.attention(q, k, v)
+    out.sum().backward()
+    assert (out == 0).all() and (q.grad == 0).all() and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
 @pytest.mark.parametrize("backend_name", ["reference", "triton"], indirect=True)
 def test_torch_compile_traces_attention(backend_name):
     q, k, v = (torch.randn(1, 2, 9, 16, device=backend_device(backend_name), requires_grad=True) for _ in range(3))
