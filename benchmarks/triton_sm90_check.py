@@ -56,7 +56,7 @@ def compile_usage(kernel, types: dict, constexprs: dict, num_warps: int, num_sta
 ALIGNED = {"E", "EV", "N", "K", "stride_am", "stride_bn", "stride_cm"} | {
     f"stride_{t}{d}" for t in ("q", "k", "v", "o", "m", "g", "dq", "dk", "dv") for d in "bhmn"}  # g: dout
 ATTN_TYPES = {**{n: "*bf16" for n in ("Q", "K", "V", "DOut", "Out", "DK", "DV", "DQ")},
-              **{n: "*fp32" for n in ("Lse", "Delta", "Alibi")}, "Mask": "*i8",
+              **{n: "*fp32" for n in ("Lse", "Delta", "Alibi")}, "Mask": "*i8", "CuQ": "*i32", "CuK": "*i32",
               **{n: "fp32" for n in ("sm_scale", "softcap", "dropout_p")}, "seed": "i64", "rng_offset": "i64"}
 ATTN_KERNELS = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}
 MM_TYPES = {"A": "*i8", "B": "*i8", "C": "*bf16", "AS": "*fp32", "BS": "*fp32", "Bias": "*fp32"}
@@ -70,8 +70,8 @@ def cases():
             for m, n, w, st in group:
                 for causal in (False, True):
                     ce = dict(MASK_KIND=A.MASK_NONE, CAUSAL=causal, HAS_WINDOW=False, HAS_ALIBI=False,
-                              SOFTCAP=False, DROPOUT=False, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", BLOCK_M=m,
-                              BLOCK_N=n, BLOCK_D=dim, BLOCK_DV=dim)
+                              SOFTCAP=False, DROPOUT=False, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", VARLEN=False,
+                              BLOCK_M=m, BLOCK_N=n, BLOCK_D=dim, BLOCK_DV=dim)
                     yield (f"attention {which} d{dim} {m}x{n} w{w} s{st} causal={causal}", ATTN_KERNELS[which],
                            ATTN_TYPES, ce, w, st)
     for w8a16 in (False, True):
@@ -102,13 +102,17 @@ def cases():
     for which, classes in A._CONFIGS.items():  # every feature on, in each kernel's first config per head dim
         for dim, group in classes.items():
             m, n, w, st = group[0]
-            for kind, mask in ((A.MASK_BOOL, "*i8"), (A.MASK_FLOAT, "*fp32")):
+            for kind, mask in ((A.MASK_BOOL, "*i8"), (A.MASK_FLOAT, "*fp32"), (A.MASK_NONE, "varlen")):
                 ce = dict(MASK_KIND=kind, CAUSAL=True, HAS_WINDOW=True, HAS_ALIBI=True, SOFTCAP=True, DROPOUT=2,
-                          DOT_DTYPE=tl.bfloat16, PRECISION="tf32", BLOCK_M=m, BLOCK_N=n, BLOCK_D=dim, BLOCK_DV=dim)
-                yield (f"attention {which} d{dim} {m}x{n} every feature, mask {mask[1:]}", ATTN_KERNELS[which],
-                       dict(ATTN_TYPES, Mask=mask), ce, w, st)
-    yield ("attention bwd preprocess", A._attn_bwd_preprocess, {"Out": "*bf16", "DOut": "*bf16", "Delta": "*fp32"},
-           dict(BLOCK_M=64, BLOCK_DV=128), 4, 1)
+                          DOT_DTYPE=tl.bfloat16, PRECISION="tf32", VARLEN=kind == A.MASK_NONE, BLOCK_M=m, BLOCK_N=n,
+                          BLOCK_D=dim, BLOCK_DV=dim)
+                what = "packed sequences (varlen)" if kind == A.MASK_NONE else f"mask {mask[1:]}"
+                yield (f"attention {which} d{dim} {m}x{n} every feature, {what}", ATTN_KERNELS[which],
+                       dict(ATTN_TYPES, Mask=mask if kind != A.MASK_NONE else "*i8"), ce, w, st)
+    for varlen in (False, True):
+        yield (f"attention bwd preprocess varlen={varlen}", A._attn_bwd_preprocess,
+               {"Out": "*bf16", "DOut": "*bf16", "Delta": "*fp32", "CuQ": "*i32"},
+               dict(VARLEN=varlen, BLOCK_M=64, BLOCK_DV=128), 4, 1)
     for mode in (1, 2):  # Philox per key, per four keys (dropout's offsets: any, multiples of 4)
         yield (f"attention dropout mask, mode {mode}", A._dropout_mask_kernel, dict(ATTN_TYPES, Keep="*i8"),
                dict(DROPOUT=mode, BLOCK_M=32, BLOCK_N=32), 4, 1)

@@ -6,6 +6,7 @@ namespace fastattn {
 
 void register_cpu_add_norm(pybind11::module_& m);   // csrc/cpu/add_norm_api.cpp
 void register_cpu_attention(pybind11::module_& m);  // csrc/cpu/attention_api.cpp
+void register_cpu_attention_varlen(pybind11::module_& m);  // csrc/cpu/attention_varlen_api.cpp
 void register_cpu_int8(pybind11::module_& m);       // csrc/cpu/int8_api.cpp
 void register_cpu_decode(pybind11::module_& m);     // csrc/cpu/decode_api.cpp
 void register_cpu_dropout(pybind11::module_& m);    // csrc/cpu/dropout_api.cpp
@@ -14,6 +15,7 @@ void register_cpu_cross_entropy(pybind11::module_& m);  // csrc/cpu/cross_entrop
 inline void register_cpu_ops(pybind11::module_& m) {
   register_cpu_add_norm(m);
   register_cpu_attention(m);
+  register_cpu_attention_varlen(m);
   register_cpu_int8(m);
   register_cpu_decode(m);
   register_cpu_dropout(m);

@@ -1,7 +1,9 @@
 """Flash attention (FlashAttention-2 schedule) in Triton: forward with an online softmax in base 2 that saves the
 logsumexp, backward as a dK/dV kernel (one program per key block and KV head, looping over the query heads of its
 GQA group: no atomics, no repeated K/V) and a dQ kernel. Masks are read tile by tile through their strides.
-Contract (shapes, lse, dropout counters): fastattn/ops/attention/dispatch.py."""
+Contract (shapes, lse, dropout counters): fastattn/ops/attention/dispatch.py. With VARLEN the same kernels run packed
+variable-length sequences (fastattn/ops/attention/varlen.py): batch b's rows start at CuQ[b] / CuK[b] of the packed
+q / k, v; L and S are then the longest sequence's lengths, the padded geometry of lse and the dropout counters."""
 import os
 
 import torch
@@ -68,6 +70,27 @@ def _head_bias(Mask, stride_mb, stride_mh, Alibi, b, h, bh, HAS_ALIBI: tl.conste
 
 
 @triton.jit
+def _seq_bounds(CuQ, CuK, b, L, S, diag_offset, align_br, VARLEN: tl.constexpr):
+    """Batch b's first query and key rows (int64), its query and key counts, and its causal diagonal: read from the
+    cumulative lengths for packed sequences (bottom-right aligned per sequence when align_br), else (0, 0, L, S,
+    diag_offset)."""
+    q0 = 0
+    k0 = 0
+    Lb = L
+    Sb = S
+    diag = diag_offset
+    if VARLEN:
+        q0 = tl.load(CuQ + b)
+        k0 = tl.load(CuK + b)
+        Lb = tl.load(CuQ + b + 1) - q0
+        Sb = tl.load(CuK + b + 1) - k0
+        diag = diag_offset + align_br * (Sb - Lb)
+        q0 = q0.to(tl.int64)
+        k0 = k0.to(tl.int64)
+    return q0, k0, Lb, Sb, diag
+
+
+@triton.jit
 def _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p, DROPOUT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keep flags of the (offs_m, offs_n) tile at dispatch.py's counters (rows S rounded up to 4 apart). DROPOUT 2
@@ -129,6 +152,7 @@ def _query_range(start_n, L, S, diag_offset, window_left, window_right,
 def _fwd_inner(acc, l_i, m_i, q,  # running output, row sums and row maxima; the query tile
                K, V, stride_kn, stride_vn,  # this head's K and V
                offs_m, offs_d, offs_dv, start, end, bh, L, S, E, EV,  # the tile and the key range [start, end)
+               RL, RS,  # the dropout counters' (padded) geometry: L, S but for packed sequences
                Mask, stride_mm, stride_mn, slope,  # this head's mask and ALiBi slope
                sm_scale, softcap, diag_offset, window_left, window_right,  # score transforms
                dropout_p, seed, rng_offset,
@@ -148,7 +172,7 @@ def _fwd_inner(acc, l_i, m_i, q,  # running output, row sums and row maxima; the
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p, DROPOUT, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, RL, RS, dropout_p, DROPOUT, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV), other=0.0).to(DOT_DTYPE)
@@ -164,44 +188,52 @@ def _attn_fwd_kernel(
     Lse,  # (B, H, L) float32, natural log; +inf for rows with no key
     Mask,  # (B, H, L, S) strided view (bool or float), or a dummy
     Alibi,  # (B, H) float32 slopes, or a dummy
+    CuQ, CuK,  # VARLEN: (B + 1,) int32 cumulative query and key counts; else dummies
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om, stride_mb, stride_mh, stride_mm, stride_mn,
     H, GROUP, L, S, E, EV,
-    sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
+    sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset, align_br,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    q0, k0, Lb, Sb, diag = _seq_bounds(CuQ, CuK, b, L, S, diag_offset, align_br, VARLEN)
+    if VARLEN:
+        if start_m >= Lb:  # past this sequence's queries (its padded lse rows were filled by the launcher)
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    Q += q0 * stride_qm
+    Out += q0 * stride_om
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=(offs_m[:, None] < L) & (offs_d[None, :] < E), other=0.0).to(DOT_DTYPE)
-    K += b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
-    V += b.to(tl.int64) * stride_vb + (h // GROUP) * stride_vh
+                mask=(offs_m[:, None] < Lb) & (offs_d[None, :] < E), other=0.0).to(DOT_DTYPE)
+    K += b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh + k0 * stride_kn
+    V += b.to(tl.int64) * stride_vb + (h // GROUP) * stride_vh + k0 * stride_vn
     Mask, slope = _head_bias(Mask, stride_mb, stride_mh, Alibi, b, h, bh, HAS_ALIBI)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-    lo, mid, hi = _key_range(start_m, L, S, diag_offset, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL,
+    lo, mid, hi = _key_range(start_m, Lb, Sb, diag, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL,
                              HAS_WINDOW)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q,
                                K, V, stride_kn, stride_vn,
-                               offs_m, offs_d, offs_dv, lo, mid, bh, L, S, E, EV,
+                               offs_m, offs_d, offs_dv, lo, mid, bh, Lb, Sb, E, EV, L, S,
                                Mask, stride_mm, stride_mn, slope,
-                               sm_scale, softcap, diag_offset, window_left, window_right,
+                               sm_scale, softcap, diag, window_left, window_right,
                                dropout_p, seed, rng_offset,
                                False, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
                                DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q,
                                K, V, stride_kn, stride_vn,
-                               offs_m, offs_d, offs_dv, mid, hi, bh, L, S, E, EV,
+                               offs_m, offs_d, offs_dv, mid, hi, bh, Lb, Sb, E, EV, L, S,
                                Mask, stride_mm, stride_mn, slope,
-                               sm_scale, softcap, diag_offset, window_left, window_right,
+                               sm_scale, softcap, diag, window_left, window_right,
                                dropout_p, seed, rng_offset,
                                True, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
                                DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
@@ -209,27 +241,31 @@ def _attn_fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     lse = tl.where(empty, float("inf"), (m_safe + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
-    tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)
+    tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < Lb)
     tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
-             out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_dv[None, :] < EV))
+             out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lb) & (offs_dv[None, :] < EV))
 
 
 @triton.jit
 def _attn_bwd_preprocess(
     Out, DOut,  # (B, H, L, EV), through their strides
     Delta,  # (B, H, L) float32, contiguous: rowsum(dout * out)
+    CuQ,  # VARLEN: (B + 1,) int32 cumulative query counts; else a dummy
     stride_ob, stride_oh, stride_om, stride_gb, stride_gh, stride_gm,
     H, L, EV,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    q0, _, Lb, _, _ = _seq_bounds(CuQ, CuQ, b, L, L, 0, 0, VARLEN)
     offs_d = tl.arange(0, BLOCK_DV)
-    o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, L, stride_om, EV, offs_d, tl.float32)
-    do = _load_rows(DOut + b * stride_gb + h * stride_gh, offs_m, L, stride_gm, EV, offs_d, tl.float32)
-    tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
+    o = _load_rows(Out + b * stride_ob + h * stride_oh + q0 * stride_om, offs_m, Lb, stride_om, EV, offs_d,
+                   tl.float32)
+    do = _load_rows(DOut + b * stride_gb + h * stride_gh + q0 * stride_gm, offs_m, Lb, stride_gm, EV, offs_d,
+                    tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < Lb)
 
 
 @triton.jit
@@ -241,12 +277,13 @@ def _load_rows(X, offs, n_rows, stride, width, offs_d, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, stride_qm, stride_gm,
+def _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, RL, stride_qm, stride_gm,
                  DOT_DTYPE: tl.constexpr):
-    """A query block's q, dout (Q, DOut: this head's rows), logsumexp (base 2; +inf past L) and delta."""
+    """A query block's q, dout (Q, DOut: this head's rows), logsumexp (base 2; +inf past L) and delta (lse and delta
+    rows RL apart)."""
     q = _load_rows(Q, offs_m, L, stride_qm, E, offs_d, DOT_DTYPE)
     do = _load_rows(DOut, offs_m, L, stride_gm, EV, offs_dv, DOT_DTYPE)
-    q_row = bh.to(tl.int64) * L + offs_m
+    q_row = bh.to(tl.int64) * RL + offs_m
     lse = tl.load(Lse + q_row, mask=offs_m < L, other=float("inf")) * LOG2E
     delta = tl.load(Delta + q_row, mask=offs_m < L, other=0.0)
     return q, do, lse, delta
@@ -254,7 +291,7 @@ def _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, str
 
 @triton.jit
 def _bwd_tile(q, k, v, do, lse, delta,  # the query side's tiles and the key side's
-              offs_m, offs_n, bh, L, S,
+              offs_m, offs_n, bh, L, S, RL, RS,
               Mask, stride_mm, stride_mn, slope,  # this head's mask and ALiBi slope
               sm_scale, softcap, diag_offset, window_left, window_right,  # score transforms
               dropout_p, seed, rng_offset,
@@ -269,7 +306,7 @@ def _bwd_tile(q, k, v, do, lse, delta,  # the query side's tiles and the key sid
     p = tl.math.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:
-        keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p, DROPOUT, BLOCK_M, BLOCK_N)
+        keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, RL, RS, dropout_p, DROPOUT, BLOCK_M, BLOCK_N)
         pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     else:
@@ -284,7 +321,7 @@ def _bwd_tile(q, k, v, do, lse, delta,  # the query side's tiles and the key sid
 def _dkdv_inner(dk, dv, k, v,  # running dK, dV; the key block
                 Q, DOut, Lse, Delta,  # the query side (Q, DOut: this head's rows), read one block at a time
                 offs_n, offs_d, offs_dv, start, end, bh, L, S, E, EV,  # the block and the query range [start, end)
-                stride_qm, stride_gm,
+                RL, RS, stride_qm, stride_gm,
                 Mask, stride_mm, stride_mn, slope,  # this head's mask and ALiBi slope
                 sm_scale, softcap, diag_offset, window_left, window_right,  # score transforms
                 dropout_p, seed, rng_offset,
@@ -293,9 +330,9 @@ def _dkdv_inner(dk, dv, k, v,  # running dK, dV; the key block
                 DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q, do, lse, delta = _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, stride_qm,
+        q, do, lse, delta = _load_q_side(Q, DOut, Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, RL, stride_qm,
                                          stride_gm, DOT_DTYPE)
-        pd, ds = _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, bh, L, S,
+        pd, ds = _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, bh, L, S, RL, RS,
                            Mask, stride_mm, stride_mn, slope,
                            sm_scale, softcap, diag_offset, window_left, window_right,
                            dropout_p, seed, rng_offset,
@@ -311,29 +348,40 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DOut,  # (B, H, L, E), (B, Hk, S, E), (B, Hk, S, EV), (B, H, L, EV) through their strides
     Lse, Delta,  # (B, H, L) float32, contiguous
     DK, DV,  # (B, Hk, S, E), (B, Hk, S, EV) through their strides
-    Mask, Alibi,
+    Mask, Alibi, CuQ, CuK,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_gb, stride_gh, stride_gm, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     H, Hk, GROUP, L, S, E, EV,
-    sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
+    sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset, align_br,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = bhk // Hk
     hk = bhk % Hk
+    q0, k0, Lb, Sb, diag = _seq_bounds(CuQ, CuK, b, L, S, diag_offset, align_br, VARLEN)
+    if VARLEN:
+        if start_n >= Sb:  # past this sequence's keys
+            return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
-    k = _load_rows(K + b64 * stride_kb + hk64 * stride_kh, offs_n, S, stride_kn, E, offs_d, DOT_DTYPE)
-    v = _load_rows(V + b64 * stride_vb + hk64 * stride_vh, offs_n, S, stride_vn, EV, offs_dv, DOT_DTYPE)
+    K += k0 * stride_kn
+    V += k0 * stride_vn
+    DK += k0 * stride_dkn
+    DV += k0 * stride_dvn
+    Q += q0 * stride_qm
+    DOut += q0 * stride_gm
+    k = _load_rows(K + b64 * stride_kb + hk64 * stride_kh, offs_n, Sb, stride_kn, E, offs_d, DOT_DTYPE)
+    v = _load_rows(V + b64 * stride_vb + hk64 * stride_vh, offs_n, Sb, stride_vn, EV, offs_dv, DOT_DTYPE)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
-    lo, mid, hi = _query_range(start_n, L, S, diag_offset, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL,
+    lo, mid, hi = _query_range(start_n, Lb, Sb, diag, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL,
                                HAS_WINDOW)
     for g in range(GROUP):
         h = hk * GROUP + g
@@ -342,32 +390,32 @@ def _attn_bwd_dkdv_kernel(
         Qh = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
         DOh = DOut + b64 * stride_gb + h.to(tl.int64) * stride_gh
         dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Lse, Delta,
-                             offs_n, offs_d, offs_dv, lo, mid, bh, L, S, E, EV, stride_qm, stride_gm,
+                             offs_n, offs_d, offs_dv, lo, mid, bh, Lb, Sb, E, EV, L, S, stride_qm, stride_gm,
                              HeadMask, stride_mm, stride_mn, slope,
-                             sm_scale, softcap, diag_offset, window_left, window_right,
+                             sm_scale, softcap, diag, window_left, window_right,
                              dropout_p, seed, rng_offset,
                              True, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
                              DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
         dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Lse, Delta,
-                             offs_n, offs_d, offs_dv, mid, hi, bh, L, S, E, EV, stride_qm, stride_gm,
+                             offs_n, offs_d, offs_dv, mid, hi, bh, Lb, Sb, E, EV, L, S, stride_qm, stride_gm,
                              HeadMask, stride_mm, stride_mn, slope,
-                             sm_scale, softcap, diag_offset, window_left, window_right,
+                             sm_scale, softcap, diag, window_left, window_right,
                              dropout_p, seed, rng_offset,
                              False, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
                              DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
     dk = dk * sm_scale
     rows = offs_n[:, None].to(tl.int64)
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_d[None, :] < E))
+             dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < Sb) & (offs_d[None, :] < E))
     tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + rows * stride_dvn + offs_dv[None, :],
-             dv.to(DV.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV))
+             dv.to(DV.dtype.element_ty), mask=(offs_n[:, None] < Sb) & (offs_dv[None, :] < EV))
 
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta,  # running dQ; the query block's tiles
               K, V,  # this head's K and V, read one block at a time
               offs_m, offs_d, offs_dv, start, end, bh, L, S, E, EV,  # the block and the key range [start, end)
-              stride_kn, stride_vn,
+              RL, RS, stride_kn, stride_vn,
               Mask, stride_mm, stride_mn, slope,  # this head's mask and ALiBi slope
               sm_scale, softcap, diag_offset, window_left, window_right,  # score transforms
               dropout_p, seed, rng_offset,
@@ -378,7 +426,7 @@ def _dq_inner(dq, q, do, lse, delta,  # running dQ; the query block's tiles
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, offs_n, S, stride_kn, E, offs_d, DOT_DTYPE)
         v = _load_rows(V, offs_n, S, stride_vn, EV, offs_dv, DOT_DTYPE)
-        _, ds = _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, bh, L, S,
+        _, ds = _bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, bh, L, S, RL, RS,
                           Mask, stride_mm, stride_mn, slope,
                           sm_scale, softcap, diag_offset, window_left, window_right,
                           dropout_p, seed, rng_offset,
@@ -393,50 +441,58 @@ def _attn_bwd_dq_kernel(
     Q, K, V, DOut,  # through their strides, as in the dK/dV kernel
     Lse, Delta,
     DQ,  # (B, H, L, E) through its strides
-    Mask, Alibi,
+    Mask, Alibi, CuQ, CuK,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_gb, stride_gh, stride_gm, stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     H, Hk, GROUP, L, S, E, EV,
-    sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset,
+    sm_scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, rng_offset, align_br,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    q0, k0, Lb, Sb, diag = _seq_bounds(CuQ, CuK, b, L, S, diag_offset, align_br, VARLEN)
+    if VARLEN:
+        if start_m >= Lb:  # past this sequence's queries
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
+    Q += q0 * stride_qm
+    DOut += q0 * stride_gm
+    DQ += q0 * stride_dqm
     q, do, lse, delta = _load_q_side(Q + b64 * stride_qb + h64 * stride_qh, DOut + b64 * stride_gb + h64 * stride_gh,
-                                     Lse, Delta, bh, offs_m, offs_d, offs_dv, L, E, EV, stride_qm, stride_gm,
+                                     Lse, Delta, bh, offs_m, offs_d, offs_dv, Lb, E, EV, L, stride_qm, stride_gm,
                                      DOT_DTYPE)
-    K += b64 * stride_kb + hk64 * stride_kh
-    V += b64 * stride_vb + hk64 * stride_vh
+    K += b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
+    V += b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn
     Mask, slope = _head_bias(Mask, stride_mb, stride_mh, Alibi, b, h, bh, HAS_ALIBI)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    lo, mid, hi = _key_range(start_m, L, S, diag_offset, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL,
+    lo, mid, hi = _key_range(start_m, Lb, Sb, diag, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL,
                              HAS_WINDOW)
     dq = _dq_inner(dq, q, do, lse, delta, K, V,
-                   offs_m, offs_d, offs_dv, lo, mid, bh, L, S, E, EV, stride_kn, stride_vn,
+                   offs_m, offs_d, offs_dv, lo, mid, bh, Lb, Sb, E, EV, L, S, stride_kn, stride_vn,
                    Mask, stride_mm, stride_mn, slope,
-                   sm_scale, softcap, diag_offset, window_left, window_right,
+                   sm_scale, softcap, diag, window_left, window_right,
                    dropout_p, seed, rng_offset,
                    False, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
                    DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, K, V,
-                   offs_m, offs_d, offs_dv, mid, hi, bh, L, S, E, EV, stride_kn, stride_vn,
+                   offs_m, offs_d, offs_dv, mid, hi, bh, Lb, Sb, E, EV, L, S, stride_kn, stride_vn,
                    Mask, stride_mm, stride_mn, slope,
-                   sm_scale, softcap, diag_offset, window_left, window_right,
+                   sm_scale, softcap, diag, window_left, window_right,
                    dropout_p, seed, rng_offset,
                    True, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DROPOUT,
                    DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_d[None, :] < E))
+             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lb) & (offs_d[None, :] < E))
 
 
 @triton.jit
@@ -461,10 +517,14 @@ def _dropout_mode(p) -> int:
     return 0 if p.dropout_p == 0 else 2 if p.offset % 4 == 0 else 1
 
 
-def _common(q, k, v, mask, alibi, p):
-    """Kernel arguments shared by the forward and the backward kernels."""
+def _common(q, k, v, mask, alibi, p, varlen=None):
+    """Kernel arguments shared by the forward and the backward kernels. varlen: None, or (cu_q, cu_k, align_br,
+    max_q, max_k) for packed sequences, q, k, v then being views with batch stride 0 (_packed_view) and (L, S) the
+    longest sequence's (max_q, max_k)."""
     B, H, L, E = q.shape
     Hk, S, EV = k.shape[1], k.shape[2], v.shape[-1]
+    if varlen is not None:
+        L, S = varlen[3], varlen[4]
     big = L + S + 1  # an unbounded window side, as a bound that never binds
     has_window = (p.window_left, p.window_right) != (-1, -1)
     if mask is None:
@@ -479,15 +539,17 @@ def _common(q, k, v, mask, alibi, p):
         dot_dtype, precision = tl.float32, "ieee"
     else:
         dot_dtype, precision = (tl.float16 if q.dtype == torch.float16 else tl.bfloat16), "tf32"
+    cu_q, cu_k, align_br = varlen[:3] if varlen is not None else (q, q, 0)
     scalars = (p.scale, p.softcap if p.softcap > 0 else 1.0, p.diag_offset,
                p.window_left if p.window_left >= 0 else big, p.window_right if p.window_right >= 0 else big,
-               p.dropout_p, p.seed, p.offset)
+               p.dropout_p, p.seed, p.offset, int(align_br))
     flags = dict(MASK_KIND=mask_kind, CAUSAL=p.causal, HAS_WINDOW=has_window, HAS_ALIBI=alibi is not None,
                  SOFTCAP=p.softcap > 0, DROPOUT=_dropout_mode(p), DOT_DTYPE=dot_dtype, PRECISION=precision,
-                 BLOCK_D=_head_block(E), BLOCK_DV=_head_block(EV))
+                 VARLEN=varlen is not None, BLOCK_D=_head_block(E), BLOCK_DV=_head_block(EV))
     alibi_arg = q if alibi is None else alibi
-    key = (E, EV, q.dtype, mask_arg.dtype, alibi_arg.dtype)  # with CAUSAL: what the autotuner keys on (_launch)
-    return (B, H, Hk, L, S, E, EV), mask_arg, mstrides, alibi_arg, scalars, flags, key
+    # with CAUSAL: what the autotuner keys on (_launch)
+    key = (E, EV, q.dtype, mask_arg.dtype, alibi_arg.dtype, varlen is not None)
+    return (B, H, Hk, L, S, E, EV), mask_arg, mstrides, alibi_arg, (cu_q, cu_k), scalars, flags, key
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel and head-dim class (<= 64, <= 128, <= 256);
@@ -577,24 +639,30 @@ def _empty_in_order_of(t, shape, dtype):
 def attention_fwd(q, k, v, mask, alibi, p):
     """q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, EV), last dims contiguous -> out (laid out in q's dimension
     order), lse (see the contract)."""
-    (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, scalars, flags, key = _common(q, k, v, mask, alibi, p)
-    out = _empty_in_order_of(q, (B, H, L, EV), q.dtype)
+    B, H, L, _ = q.shape
+    out = _empty_in_order_of(q, (B, H, L, v.shape[-1]), q.dtype)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or L == 0:
         return out.zero_(), lse.fill_(float("inf"))
+    _fwd(q, k, v, out, lse, mask, alibi, p, None)
+    return out, lse
+
+
+def _fwd(q, k, v, out, lse, mask, alibi, p, varlen):
+    (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, cu, scalars, flags, key = _common(q, k, v, mask, alibi, p,
+                                                                                        varlen)
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     _launch(
-        "fwd", grid, q, k, v, out, lse, mask_arg, alibi_arg,
+        "fwd", grid, q, k, v, out, lse, mask_arg, alibi_arg, *cu,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *ms,
         H, H // Hk, L, S, E, EV, *scalars, key=key, **flags)
-    return out, lse
 
 
 def attention_bwd(dout, q, k, v, out, lse, mask, alibi, p, into=None):
     """Gradients of the forward above: dq (B, H, L, E), dk (B, Hk, S, E), dv (B, Hk, S, EV), each in its input's
     dimension order, or written into ``into`` = (dq, dk, dv) (views with a unit last stride) when given."""
-    (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, scalars, flags, key = _common(q, k, v, mask, alibi, p)
-    lse = lse.contiguous()
+    B, H, L, E = q.shape
+    Hk, S, EV = k.shape[1], k.shape[2], v.shape[-1]
     # read through their strides (no copies of views of a packed projection)
     if into is not None:
         dq, dk, dv = into
@@ -603,18 +671,60 @@ def attention_bwd(dout, q, k, v, out, lse, mask, alibi, p, into=None):
         dk, dv = _empty_in_order_of(k, (B, Hk, S, E), k.dtype), _empty_in_order_of(v, (B, Hk, S, EV), v.dtype)
     if L == 0 or S == 0 or B * H == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    _bwd(dout, q, k, v, out, lse.contiguous(), mask, alibi, p, (dq, dk, dv), None)
+    return dq, dk, dv
+
+
+def _bwd(dout, q, k, v, out, lse, mask, alibi, p, grads, varlen):
+    (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, cu, scalars, flags, key = _common(q, k, v, mask, alibi, p,
+                                                                                        varlen)
+    dq, dk, dv = grads
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     pre_m = 64 if not INTERPRETED else 32
-    _attn_bwd_preprocess[(triton.cdiv(L, pre_m), B * H)](out, dout, delta, *out.stride()[:3], *dout.stride()[:3], H,
-                                                         L, EV, BLOCK_M=pre_m, BLOCK_DV=flags["BLOCK_DV"])
+    _attn_bwd_preprocess[(triton.cdiv(L, pre_m), B * H)](out, dout, delta, cu[0], *out.stride()[:3],
+                                                         *dout.stride()[:3], H, L, EV, VARLEN=flags["VARLEN"],
+                                                         BLOCK_M=pre_m, BLOCK_DV=flags["BLOCK_DV"])
     args = (q, k, v, dout, lse, delta)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     tail = (*ms, H, Hk, H // Hk, L, S, E, EV, *scalars)
     dkdv_grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hk)  # noqa: E731
     dq_grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _launch("dkdv", dkdv_grid, *args, dk, dv, mask_arg, alibi_arg, *strides, *dk.stride()[:3], *dv.stride()[:3],
-            *tail, key=key, **flags)
-    _launch("dq", dq_grid, *args, dq, mask_arg, alibi_arg, *strides, *dq.stride()[:3], *tail, key=key, **flags)
+    _launch("dkdv", dkdv_grid, *args, dk, dv, mask_arg, alibi_arg, *cu, *strides, *dk.stride()[:3],
+            *dv.stride()[:3], *tail, key=key, **flags)
+    _launch("dq", dq_grid, *args, dq, mask_arg, alibi_arg, *cu, *strides, *dq.stride()[:3], *tail, key=key,
+            **flags)
+
+
+# ---- packed variable-length sequences (fastattn/ops/attention/varlen.py states the contract) -----------------
+def _packed_view(t, batch: int):
+    """A packed (T, heads, D) tensor as the (batch, heads, T, D) view the kernels index with VARLEN: batch stride 0,
+    each batch's rows offset by its cumulative length inside the kernel."""
+    return t.as_strided((batch, t.shape[1], t.shape[0], t.shape[2]), (0, t.stride(1), t.stride(0), t.stride(2)))
+
+
+def attention_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi, p, bottom_right):
+    """q (Tq, H, E), k (Tk, Hk, E), v (Tk, Hk, EV), cu_q / cu_k (B + 1,) int32 -> out (Tq, H, EV), lse (B, H, max_q)
+    float32 (+inf past each sequence's queries)."""
+    B = cu_q.shape[0] - 1
+    out = torch.empty((q.shape[0], q.shape[1], v.shape[2]), dtype=q.dtype, device=q.device)
+    lse = torch.full((B, q.shape[1], max_q), float("inf"), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or B == 0 or max_q == 0:
+        return out.zero_(), lse
+    if max_k == 0 or k.shape[1] == 0:
+        return out.zero_(), lse
+    _fwd(*(_packed_view(t, B) for t in (q, k, v, out)), lse, None, alibi, p, (cu_q, cu_k, bottom_right, max_q, max_k))
+    return out, lse
+
+
+def attention_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi, p, bottom_right):
+    """Gradients of attention_varlen_fwd: dq, dk, dv packed like q, k, v."""
+    B = cu_q.shape[0] - 1
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if B == 0 or max_q == 0 or max_k == 0 or q.shape[1] == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    views = [_packed_view(t, B) for t in (dout, q, k, v, out)]
+    grads = [_packed_view(t, B) for t in (dq, dk, dv)]
+    _bwd(*views, lse.contiguous(), None, alibi, p, grads, (cu_q, cu_k, bottom_right, max_q, max_k))
     return dq, dk, dv
 
 

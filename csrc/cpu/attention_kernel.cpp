@@ -106,7 +106,8 @@ class Attention {
   }
   int64_t bk_of(int64_t b, int64_t h) const { return b * Hk + h / G; }
   uint64_t counter(int64_t b, int64_t h, int64_t i) const {  // dropout counter of (b, h, i, 0): rows S4 apart
-    return a_.offset + (uint64_t(b * H + h) * uint64_t(L) + uint64_t(i)) * dropout_row_stride(S);
+    const int64_t rl = a_.rng_L > 0 ? a_.rng_L : L, rs = a_.rng_L > 0 ? a_.rng_S : S;
+    return a_.offset + (uint64_t((a_.rng_b + b) * H + h) * uint64_t(rl) + uint64_t(i)) * dropout_row_stride(rs);
   }
 
   // keys [jlo, jhi) that some query of [i0, i0 + bm) may see

@@ -34,6 +34,9 @@ struct AttnArgs {
   double softcap = 0.0;                   // > 0: s = softcap * tanh(s / softcap)
   double dropout_p = 0.0;                 // in [0, 1)
   uint64_t seed = 0, offset = 0;          // Philox key and counter offset of the dropout mask
+  // A packed (varlen) sequence run as a batch of its own: its dropout counters are those of batch rng_b of a padded
+  // (_, H, rng_L, rng_S) layout (rng_L == 0: this call's own (L, S))
+  int64_t rng_b = 0, rng_L = 0, rng_S = 0;
   int num_threads = 1;
 };
 
