@@ -20,8 +20,12 @@ bidirectional, each with padding) and hands the attention function only what the
   Qwen2-MoE build sliding-window masks and pass no ``sliding_window``. generate() with a compileable cache builds
   the masks first and hands them back to the model (made contiguous): the builder returns its own 3-D mask as is.
 - bidirectional: None, or a (B, 1, 1, S) view of the padding mask, read by the kernel through its strides.
-Any other pattern (packed sequences, block / chunked / custom mask functions, or a caller that asks for a full mask)
-is built by transformers' own ``sdpa_mask`` as a (B, 1, L, S) bool tensor, logged at debug level. The attention
+- packed sequences (position_ids restarting without an attention mask: transformers' DataCollatorWithFlattening):
+  the (B, L) int64 sequence ids transformers found (a 2-D mask of an integer dtype: every padding mask the builder
+  hands on is bool). The attention function turns them into cumulative lengths and runs
+  ``fastattn.attention_varlen`` over the B * L tokens: no (L, L) mask, no work across sequences.
+Any other pattern (packed sliding windows, block / chunked / custom mask functions, or a caller that asks for a full
+mask) is built by transformers' own ``sdpa_mask`` as a (B, 1, L, S) bool tensor, logged at debug level. The attention
 function accepts every mask transformers may pass (None, 2-D, 4-D bool or additive float), derives ``is_causal`` as
 transformers' SDPA integration does (the call's ``is_causal``, else ``module.is_causal``; a materialised mask
 already holds causality and windows), reads GQA from the key's head count, and passes ``scaling``, ``dropout``,
@@ -45,7 +49,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .ops.attention import attention
+from .ops.attention import attention, attention_varlen
 
 log = logging.getLogger("fastattn")
 
@@ -127,6 +131,11 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     sinks = kwargs.get("s_aux")
     if sinks is None:
         sinks = kwargs.get("sinks")
+    position_bias = kwargs.get("position_bias")
+    if _is_packed(attention_mask):
+        if sinks is None and position_bias is None:
+            return _packed_forward(query, key, value, attention_mask, dropout, scaling, kwargs.get("softcap"))
+        attention_mask = _packed_mask(attention_mask)  # what the varlen path has no slot for: with a full mask
     if sinks is not None and torch.is_grad_enabled() and any(
             t.requires_grad for t in (query, key, value, sinks)):
         return _eager_fallback(module, "attention sinks with gradients (the kernel's log-sum-exp carries none)",
@@ -146,7 +155,6 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
             attn_mask = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, S): a view, never expanded
         if is_causal:
             causal = "bottom_right"
-    position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         attn_mask = _with_position_bias(attn_mask, position_bias[..., :key.shape[2]])
     softcap = kwargs.get("softcap")
@@ -157,6 +165,35 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         out, lse = out
         out = out * torch.sigmoid(lse - sinks.to(torch.float32).view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
     return out.transpose(1, 2).contiguous(), None  # (B, L, H, Ev)
+
+
+def _is_packed(mask: Optional[Tensor]) -> bool:
+    """The mask builder's packed-sequence ids: 2-D, an integer dtype (its padding masks are bool)."""
+    return mask is not None and mask.dim() == 2 and not mask.is_floating_point() and mask.dtype != torch.bool
+
+
+def _packed_forward(query: Tensor, key: Tensor, value: Tensor, ids: Tensor, dropout: float, scaling, softcap):
+    """Causal attention within each packed sequence: ids (B, L) numbers the sequences of each row (non-decreasing);
+    the B * L tokens run as one varlen batch. Returns (out (B, L, H, Ev), None)."""
+    B, H, L, E = query.shape
+    if key.shape[2] != L or ids.shape != (B, L):
+        raise ValueError(f"attention_mask: packed sequence ids {tuple(ids.shape)} for queries {tuple(query.shape)} "
+                         f"and keys {tuple(key.shape)}: packing needs (B, L) ids and as many keys as queries")
+    rows = ids + torch.arange(B, device=ids.device)[:, None] * (L + 1)  # numbers unique across rows
+    flat = rows.reshape(-1)
+    starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
+    cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), B * L)]).to(torch.int32)
+    q, k, v = (t.transpose(1, 2).reshape(B * L, t.shape[1], t.shape[3]) for t in (query, key, value))
+    out = attention_varlen(q, k, v, cu, cu, causal="top_left", dropout_p=dropout, scale=scaling,
+                           softcap=0.0 if softcap is None else softcap)
+    return out.view(B, L, H, value.shape[-1]), None
+
+
+def _packed_mask(ids: Tensor) -> Tensor:
+    """The (B, 1, L, L) bool mask of packed sequence ids: causal within each sequence."""
+    L = ids.shape[-1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
+    return ((ids[:, :, None] == ids[:, None, :]) & causal)[:, None]
 
 
 def _with_position_bias(attn_mask: Optional[Tensor], position_bias: Tensor) -> Tensor:
@@ -224,8 +261,9 @@ def _closure(fn) -> dict:
 # Evaluated at trace time: torch 2.11's dynamo cannot read the cells of a closure made inside the traced code.
 @torch.compiler.assume_constant_result
 def _pattern(mask_function, local_size) -> Optional[str]:
-    """"causal", "sliding" (causal within local_size) or "bidirectional" when mask_function is exactly one of
-    transformers' plain patterns, else None. The sliding pattern is a closure: recognised by its code objects.
+    """"causal", "sliding" (causal within local_size), "bidirectional" or "packed" (causal within packed sequences)
+    when mask_function is exactly one of transformers' plain patterns, else None. The sliding and packed patterns
+    are closures: recognised by their code objects.
     Under torch.compile the answer is a constant of the graph: both arguments come from the model's config, which
     dynamo guards."""
     mu = _mu
@@ -234,15 +272,34 @@ def _pattern(mask_function, local_size) -> Optional[str]:
     if mask_function is mu.bidirectional_mask_function:
         return "bidirectional"
     and_code = mu.and_masks(mu.causal_mask_function).__code__
-    if local_size is None or getattr(mask_function, "__code__", None) is not and_code:
+    if getattr(mask_function, "__code__", None) is not and_code:
         return None
     parts = _closure(mask_function).get("mask_functions", ())
-    if len(parts) != 2 or parts[1] is not mu.causal_mask_function:
+    if _packed_ids(parts) is not None:
+        return "packed"
+    if local_size is None or len(parts) != 2 or parts[1] is not mu.causal_mask_function:
         return None
     overlay = parts[0]
     if getattr(overlay, "__code__", None) is not mu.sliding_window_overlay(1).__code__:
         return None
     return "sliding" if _closure(overlay).get("sliding_window") == local_size else None
+
+
+def _packed_ids(parts) -> Optional[Tensor]:
+    """The (B, L) sequence ids when the parts of an and_masks are exactly transformers' packed causal pattern:
+    causal on the positions remapped per sequence, and the same sequence."""
+    mu = _mu
+    if len(parts) != 2:
+        return None
+    remap, same = parts
+    if getattr(remap, "__code__", None) is not mu.remap_positions_for_packed_sequence(mu.causal_mask_function,
+                                                                                      None).__code__:
+        return None
+    if _closure(remap).get("mask_function") is not mu.causal_mask_function:
+        return None
+    if getattr(same, "__code__", None) is not mu.packed_sequence_mask_function(None).__code__:
+        return None
+    return _closure(same).get("packed_sequence_mask")
 
 
 def _attention_in_own_code(config) -> Optional[str]:
@@ -295,12 +352,18 @@ def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
         why = "a mask function other than causal, sliding-window causal or bidirectional"
     elif model_type in _READ_BY_MODEL:
         why = f"{model_type} reads the (B, 1, L, S) mask itself"
-    elif pattern != "bidirectional" and not allow_is_causal_skip:
+    elif pattern not in ("bidirectional", "packed") and not allow_is_causal_skip:  # packing always asks
         why = "the caller asked for a full causal mask"
     elif pattern == "bidirectional" and not allow_is_bidirectional_skip:
         why = "the caller asked for a full bidirectional mask"
     elif _exporting() or any(isinstance(t, Tensor) and mu.is_tracing(t) for t in (attention_mask, q_offset)):
         why = "tracing (the mask's values and offsets cannot be read)"
+    if why is None and pattern == "packed":
+        ids = _packed_ids(_closure(mask_function)["mask_functions"])
+        if attention_mask is None and q_length == kv_length and int(q_offset) == kv_offset == 0 \
+                and tuple(ids.shape) == (batch_size, q_length):
+            return ids.to(torch.int64)
+        why = "packed sequences with a padding mask or offsets"
     if why is None:
         padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)  # (B, >= kv_offset + kv_length)
         if pattern == "bidirectional":

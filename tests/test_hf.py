@@ -184,23 +184,41 @@ def test_generate_static_cache(saved, arch, monkeypatch):
         assert {c[4] for c in prefill} == {(3, 0)}
 
 
-def test_set_attn_implementation_and_packed_fallback(saved, monkeypatch, caplog):
+# two rows of packed sequences (position_ids restart at each sequence; lengths 4 + 6 and 3 + 1 + 6)
+PACKED_POS = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 0, 1, 2, 3, 4, 5]])
+
+
+def test_set_attn_implementation_and_packed_sequences(saved, monkeypatch):
     """set_attn_implementation switches a loaded model; packed sequences (position_ids restarting, no attention
-    mask) are a pattern the kernel cannot read from flags: transformers builds the full mask, and the log says so."""
+    mask: DataCollatorWithFlattening's batches) run as one fastattn.attention_varlen call per layer over the
+    cumulative lengths (no (L, L) mask), and match eager, which masks across sequences."""
     model = load(saved, "llama", "eager")
-    ids = torch.randint(1, VOCAB, (1, 10), generator=torch.Generator().manual_seed(2))
-    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        want64 = load(saved, "llama", "eager", torch.float64)(input_ids=ids, position_ids=pos, use_cache=False).logits
-        want = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        want64 = load(saved, "llama", "eager", torch.float64)(input_ids=ids, position_ids=PACKED_POS,
+                                                               use_cache=False).logits
+        want = model(input_ids=ids, position_ids=PACKED_POS, use_cache=False).logits
         model.set_attn_implementation("fastattn")
         spy = Spy(monkeypatch)
-        fhf._said.clear()
-        with caplog.at_level(logging.DEBUG, logger="fastattn"):
-            got = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-    assert any("building a full (B, 1, L, S) mask" in r.getMessage() for r in caplog.records)
-    assert spy.calls[0][2].shape == (1, 1, 10, 10) and spy.calls[0][3] is None
+        varlen = []
+        real = fhf.attention_varlen
+        monkeypatch.setattr(fhf, "attention_varlen", lambda *a, **kw: varlen.append(a[3].tolist()) or real(*a, **kw))
+        got = model(input_ids=ids, position_ids=PACKED_POS, use_cache=False).logits
+    assert not spy.calls and varlen == [[0, 4, 10, 13, 14, 20]] * 2  # one call per layer, the five sequences
     assert_bounded("llama packed", got, want64, want, torch.float32)
+
+
+def test_packed_sequences_backward_matches_eager(saved):
+    """Training on packed sequences (the point of packing): every parameter's gradient bounded like the outputs."""
+    ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for impl, dtype in (("fastattn", torch.float32), ("eager", torch.float32), ("eager", torch.float64)):
+        model = load(saved, "llama", impl, dtype).train()
+        model(input_ids=ids, position_ids=PACKED_POS, use_cache=False).logits.square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[2].keys() and len(grads[0]) > 10
+    for name, g in grads[0].items():
+        assert_bounded(f"packed d{name}", g, grads[2][name], grads[1][name], torch.float32)
 
 
 def test_convert_hf_model(saved):
