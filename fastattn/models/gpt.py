@@ -30,6 +30,7 @@ from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, Pre
                      embed_tokens, init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none, shifted_target,
                      softcap, run_block)
 from .moe import load_balancing_loss
+from .packing import Packing, check_position_ids, packing_of
 from .speculative import speculation, speculative_generate
 
 log = logging.getLogger("fastattn")
@@ -85,30 +86,44 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
 
     def hidden(self, input_ids: Tensor, positions: Tensor, *, causal: Optional[str] = "bottom_right",
                key_padding_mask: Optional[Tensor] = None, input_pos: Optional[Tensor] = None,
-               use_cache: bool = False, cache_end: Optional[int] = None) -> Tensor:
+               use_cache: bool = False, cache_end: Optional[int] = None,
+               packing: Optional[Packing] = None) -> Tensor:
         """Final hidden states (B, L, d_model) of tokens (B, L) at ``positions`` (B, L)."""
         h, rotary = self.embed(input_ids, positions)
         residual = None
         for block in self.blocks:
             h, residual = run_block(self, block, h, residual, causal=causal, key_padding_mask=key_padding_mask,
-                                    rotary=rotary, input_pos=input_pos, use_cache=use_cache, cache_end=cache_end)
+                                    rotary=rotary, input_pos=input_pos, use_cache=use_cache, cache_end=cache_end,
+                                    packing=packing)
         return self.norm_f.post(h, residual) if self.norm_f is not None else h
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                *, shift_labels: Optional[Tensor] = None, skip_logits: Optional[bool] = None) -> ModelOutput:
+                *, shift_labels: Optional[Tensor] = None, skip_logits: Optional[bool] = None,
+                position_ids: Optional[Tensor] = None) -> ModelOutput:
         """input_ids (B, L); attention_mask (B, L) 1 = token, 0 = padding; labels (B, L) (shifted here: position t
         predicts labels[t + 1]; -100 ignored) or shift_labels (B, L), already shifted (position t predicts
         shift_labels[t]), as transformers' loss functions name them. Returns .logits (B, L, V) and .loss.
+        ``position_ids`` (B, L) or (1, L): each token's position (default: counted over the real tokens); without
+        an attention_mask, positions that restart mark packed sequences (transformers' DataCollatorWithFlattening
+        batches), each attending only within itself (fastattn.attention_varlen: no work across sequences). Their
+        labels are the caller's: a sequence's first label should be -100 (as that collator writes it), or the token
+        before it learns to predict it.
         ``skip_logits`` (default: in training, given labels): on the fastattn backend the loss comes from
         fastattn.linear_cross_entropy without the logits, and .logits is None."""
         keep = keep_mask(input_ids, attention_mask, self.config.max_seq_len)
-        positions = (keep.cumsum(-1) - 1).clamp_min(0)
+        packing = None
+        if position_ids is None:
+            positions = (keep.cumsum(-1) - 1).clamp_min(0)
+        else:
+            positions = check_position_ids(position_ids, input_ids, self.config.max_seq_len)
+            packing = packing_of(positions) if attention_mask is None else None
         target = shifted_target(labels, shift_labels, input_ids)
         routers = [] if self.config.router_aux_loss_coef and target is not None and self.training else None
         for block in self.blocks if routers is not None else ():
             block.mlp.collect = routers
         try:
-            h = self.hidden(input_ids, positions, key_padding_mask=padding_or_none(keep, attention_mask))
+            h = self.hidden(input_ids, positions, key_padding_mask=padding_or_none(keep, attention_mask),
+                            packing=packing)
         finally:
             for block in self.blocks if routers is not None else ():
                 block.mlp.collect = None

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..ops.add_norm import add_layer_norm, add_rms_norm
 from ..backends import forced_backend_name
-from ..ops.attention import attention, decode_attention
+from ..ops.attention import attention, attention_varlen, decode_attention
 from ..ops.attention.api import attention_packed
 from ..ops.attention.decode import route_backend
 from ..ops.cross_entropy import linear_cross_entropy
@@ -29,6 +29,7 @@ from ..ops.dropout import dropout as fa_dropout
 from ..quantization import apply_int8_layout, int8_layout
 from .. import hugepages
 from .checkpoint import load_weights, place, save_weights
+from .packing import Packing
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu", "geglu")
@@ -644,13 +645,16 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, *, causal: Optional[str] = None, key_padding_mask: Optional[Tensor] = None,
                 rotary: Optional[Tuple[Tensor, Tensor]] = None, input_pos: Optional[Tensor] = None,
                 use_cache: bool = False, memory: Optional[Tuple[Tensor, Tensor]] = None,
-                attn_bias: Optional[Tensor] = None, cache_end: Optional[int] = None) -> Tensor:
+                attn_bias: Optional[Tensor] = None, cache_end: Optional[int] = None,
+                packing: Optional[Packing] = None) -> Tensor:
         """x (B, L, d_model). ``input_pos`` (L,): also write k, v into the cache there; ``use_cache``: attend over the
         whole cache (decode; ``key_padding_mask`` then covers the cache) instead of the keys of x (prefill), or over
         its first ``cache_end`` slots (several rows per sequence, ``causal`` bottom-right: each row sees its own
         slot and the ones before it).
         ``memory``: cross-attention keys and values (B, Hk, S, D). ``attn_bias``: added to the scores, (B | 1, H,
-        L, keys) (T5's relative positions)."""
+        L, keys) (T5's relative positions). ``packing``: several sequences a row (self-attention without a cache),
+        each attending within itself: fastattn.attention_varlen over the B * L tokens, or (torch backend,
+        torch.compile) a block-diagonal mask."""
         B, L, _ = x.shape
         H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
         packed = None  # self-attention on the fused projection's heads as they are: its gradient in one tensor
@@ -685,6 +689,17 @@ class Attention(nn.Module):
             (self.window - 1, self.window - 1) if self.bidirectional else (-1, -1)
         if self.window and use_cache and causal is None:  # one row: the slots W or more behind it join the padding
             key_padding_mask = key_padding_mask | window_padding(k.shape[2], input_pos, self.window)
+        if packing is not None and packing.cu_seqlens is not None and self.backend != "torch":
+            cu, n = packing.cu_seqlens, packing.max_len
+            out = attention_varlen(*(t.transpose(1, 2).reshape(B * L, t.shape[1], D) for t in (q, k, v)), cu, cu, n, n,
+                                   causal=None if causal is None else "top_left", dropout_p=p, window=window,
+                                   scale=self.scale, softcap=self.softcap, alibi_slopes=self.alibi)
+            return self.wo(out.view(B, L, H * D))
+        if packing is not None:  # one sequence's keys only: a block-diagonal mask
+            same = packing.same_sequence()
+            attn_bias = same if self.backend != "torch" else \
+                torch.zeros(same.shape, dtype=q.dtype, device=q.device).masked_fill_(~same, float("-inf"))
+            packed = None
         if self.backend == "torch":
             out = _torch_attention(q, k, v, causal, key_padding_mask, p, window,
                                    self.scale, self.softcap, attn_bias, self.alibi)
