@@ -403,3 +403,64 @@ def test_mixture_of_experts_run(tmp_path, capsys):
     assert main(["train", *TINY, "--out", str(run), "--resume", *moe, "--n-experts", "8"]) == 2
     err = capsys.readouterr().err
     assert "changed --n-experts 8 (the run's: 4)" in err and "--d-ff" not in err
+
+
+@pytest.fixture
+def sft_pairs(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    words = ["good day", "thank you", "the old house", "a small dog", "it is raining", "see you soon", "no"]
+    path.write_text("".join(json.dumps({"source": f"Say: {w}\n", "target": w.upper()}) + "\n" for w in words * 4))
+    return path
+
+
+def test_clm_pack_rows_train_each_example_alone(sft_pairs):
+    """--pack: rows of --seq-len tokens holding several examples back to back (position_ids restarting, targets as
+    the padded batches' and -100 on the filler); the model's loss on a packed batch equals its loss on the same
+    examples padded, one per row (each example attends only within itself)."""
+    import types
+    from fastattn.cli.tasks import IGNORE, CLMTask
+    from fastattn.data import Tokenizer
+    from fastattn.models import GPT, GPTConfig
+    tok = Tokenizer()
+    cfg = types.SimpleNamespace(data=[str(sft_pairs)], val_fraction=0.1, seq_len=48, pack=True)
+    task = CLMTask(cfg, tok)
+    inputs, target = task.batch("train", 3, torch.Generator().manual_seed(0))
+    ids, pos = inputs["input_ids"], inputs["position_ids"]
+    assert ids.shape == pos.shape == target.shape == (3, 48) and "attention_mask" not in inputs
+    examples = []  # each row's examples, read back from where its positions restart
+    for r in range(3):
+        starts = [t for t in range(48) if pos[r, t] == 0] + [48]
+        assert len(starts) >= 3  # at least two examples a row (and the filler, or none)
+        for a, b in zip(starts, starts[1:]):
+            assert pos[r, a:b].tolist() == list(range(b - a))
+            if (target[r, a:b] != IGNORE).any():  # an example, not the row's filler
+                examples.append((ids[r, a:b], target[r, a:b]))
+            else:
+                assert (ids[r, a:b] == tok.pad_id).all()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, d_model=32, n_layer=2, n_head=2, max_seq_len=48)).double()
+    packed = model(ids, position_ids=pos, shift_labels=target).loss
+    padded_ids = torch.nn.utils.rnn.pad_sequence([e for e, _ in examples], batch_first=True, padding_value=0)
+    padded_tgt = torch.nn.utils.rnn.pad_sequence([t for _, t in examples], batch_first=True, padding_value=IGNORE)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(e), dtype=torch.long) for e, _ in examples],
+                                           batch_first=True)
+    alone = model(padded_ids, attention_mask=mask, shift_labels=padded_tgt).loss
+    torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-10)
+
+
+def test_clm_pack_cli(tmp_path, sft_pairs, capsys):
+    out = tmp_path / "packed"
+    args = ["train", *TINY, "--seq-len", "48", "--data", str(sft_pairs), "--pack", "--out", str(out)]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
+    assert main(["eval", str(out), "--data", str(sft_pairs), "--batches", "1"]) == 0
+    capsys.readouterr()
+    for extra, msg in ((["--data", str(tmp_path / "none.txt")], "--pack: packs --data files of source / target"),
+                       (["--task", "mlm", "--arch", "bert"], "--pack packs the clm task's"),
+                       (["--mode", "prompt"], "--pack with --mode prompt")):
+        if "none.txt" in extra[1]:
+            (tmp_path / "none.txt").write_text("plain text, not pairs.\n" * 50)
+        rc = main(["train", *TINY, "--pack", "--out", str(tmp_path / "bad"), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and "Traceback" not in err, err

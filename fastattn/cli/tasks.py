@@ -2,7 +2,9 @@
 
     clm       next-token prediction on token blocks (GPT); --data files of source / target pairs: supervised
               fine-tuning, the loss on each target (and its end token) after its source (--chat: the source as a
-              user turn of the tokenizer's chat template, the target as the reply)
+              user turn of the tokenizer's chat template, the target as the reply; --pack: training rows of
+              --seq-len tokens, each several examples back to back, no padding: position_ids restart at each
+              example and each attends only within itself)
     mlm       BERT masking (15%: 80% <mask>, 10% random, 10% kept), --nsp adds next-sentence pairs
     seq2seq   BART-style denoising: the sentences of a block shuffled, then spans (Poisson(3) lengths, 30% of the
               tokens) each replaced by one <mask>; the decoder reconstructs the original block. With a tokenizer
@@ -73,6 +75,9 @@ class CLMTask:
         if self.pairs is not None and self.name not in ("clm", "seq2seq"):
             raise DataError(f"--task {self.name} reads text, not source / target pairs ({cfg.data[0]})")
         self.chat = getattr(cfg, "chat", False) and self.name == "clm"
+        self.pack = getattr(cfg, "pack", False) and self.name == "clm"
+        if self.pack and self.pairs is None:
+            raise DataError("--pack: packs --data files of source / target pairs (text blocks are full rows already)")
         if self.chat and (self.pairs is None or not hasattr(tokenizer, "encode_chat")):
             raise DataError("--chat: needs --data files of source / target pairs and a Hugging Face tokenizer "
                             "(--init-hf) with a chat template")
@@ -96,13 +101,45 @@ class CLMTask:
             self._enc[key] = ((src + self.tok.encode(target) + [self.tok.eos_id])[:self.cfg.seq_len + 1], len(src))
         return self._enc[key]
 
+    def _targets(self, e, n):
+        """Position p of example e (ids, n source ids) predicts e[p + 1]: the target's ids (from index max(n, 1))
+        count, the source's do not."""
+        return [IGNORE] * (max(n, 1) - 1) + e[max(n, 1):]
+
+    def _packed_batch(self, rows, batch_size, generator):
+        """batch_size rows of seq_len tokens, random examples back to back (one that does not fit starts the next
+        row; a row's unused end is padding, a sequence of its own with no target), position_ids restarting at
+        each example: the model runs each example alone (fastattn.attention_varlen)."""
+        L, pad = self.cfg.seq_len, self.tok.pad_id
+        ids, pos, tgt = [], [], []
+        row = ([], [], [])
+        while len(ids) < batch_size:
+            e, n = self._example(*rows[int(torch.randint(0, len(rows), (1,), generator=generator))])
+            if len(e) < 2:
+                continue
+            if len(row[0]) + len(e) - 1 > L:
+                filler = L - len(row[0])
+                for part, fill in zip(row, ([pad] * filler, list(range(filler)), [IGNORE] * filler)):
+                    part.extend(fill)
+                for out, part in zip((ids, pos, tgt), row):
+                    out.append(part)
+                row = ([], [], [])
+                if len(ids) == batch_size:
+                    break
+            row[0].extend(e[:-1])
+            row[1].extend(range(len(e) - 1))
+            row[2].extend(self._targets(e, n))
+        ids, pos, tgt = (torch.tensor(t, dtype=torch.long) for t in (ids, pos, tgt))
+        return {"input_ids": ids, "position_ids": pos}, tgt
+
     def batch(self, split, batch_size, generator=None, index=None):
+        if self.pack and split == "train":  # held-out batches stay padded: the same loss, a fixed order
+            return self._packed_batch(self.pairs[0], batch_size, generator)
         if self.pairs is not None:
             rows = self.pairs[0] if split == "train" else self.pairs[1]
             examples = [self._example(*rows[j]) for j in pick(rows, batch_size, generator, index)]
             ids, mask = pad_right([e[:-1] for e, _ in examples], self.tok.pad_id)
-            # position p predicts e[p + 1]: the target's ids (from index max(n, 1)) count, the source's do not
-            target, _ = pad_right([[IGNORE] * (max(n, 1) - 1) + e[max(n, 1):] for e, n in examples], IGNORE)
+            target, _ = pad_right([self._targets(e, n) for e, n in examples], IGNORE)
             return {"input_ids": ids, "attention_mask": mask}, target[:, :ids.shape[1]]
         x = self.data.blocks(split, batch_size, self.cfg.seq_len + 1, generator, index)
         return {"input_ids": x[:, :-1]}, x[:, 1:]
