@@ -68,7 +68,7 @@ fi
 # bench_models: GPT-2-medium (issue 16's goal), 3 rounds (transformers' generate takes seconds a round).
 # SUITE_BENCHES: the files and their -k selections in order, comma-separated ("name:selection").
 IFS=',' read -r -a SPECS <<< "${SUITE_BENCHES:-decode:,modules:,hf:,models:not interleaved,train:not fastattn-compile,\
-cross_entropy:,attention:,dropout:,add_norm:,int8:,seq2seq:,moe:,families:}"
+cross_entropy:,attention:,varlen:,dropout:,add_norm:,int8:,seq2seq:,moe:,families:}"
 # host time per call first (seconds): what the module and model rows below are made of at small sizes
 want bench && timeout 120 $PY benchmarks/host_overhead.py "$OUT/host_overhead.json" 2>&1 | tee -a "$OUT/bench.log"
 want bench && for spec in "${SPECS[@]}"; do
