@@ -20,12 +20,12 @@ bidirectional, each with padding) and hands the attention function only what the
   Qwen2-MoE build sliding-window masks and pass no ``sliding_window``. generate() with a compileable cache builds
   the masks first and hands them back to the model (made contiguous): the builder returns its own 3-D mask as is.
 - bidirectional: None, or a (B, 1, 1, S) view of the padding mask, read by the kernel through its strides.
-- packed sequences (position_ids restarting without an attention mask: transformers' DataCollatorWithFlattening):
-  the (B, L) int64 sequence ids transformers found (a 2-D mask of an integer dtype: every padding mask the builder
-  hands on is bool). The attention function turns them into cumulative lengths and runs
-  ``fastattn.attention_varlen`` over the B * L tokens: no (L, L) mask, no work across sequences.
-Any other pattern (packed sliding windows, block / chunked / custom mask functions, or a caller that asks for a full
-mask) is built by transformers' own ``sdpa_mask`` as a (B, 1, L, S) bool tensor, logged at debug level. The attention
+- packed sequences (position_ids restarting without an attention mask: transformers' DataCollatorWithFlattening),
+  causal or sliding-window causal: the (B, L) int64 sequence ids transformers found (a mask of an integer dtype:
+  every padding or window mask the builder hands on is bool), as a (B, W, L) stride-0 view with a window of W. The
+  attention function turns them into cumulative lengths and runs ``fastattn.attention_varlen`` over the B * L
+  tokens: no (L, L) mask, no work across sequences.
+Any other pattern (block / chunked / custom mask functions, or a caller that asks for a full mask) is built by transformers' own ``sdpa_mask`` as a (B, 1, L, S) bool tensor, logged at debug level. The attention
 function accepts every mask transformers may pass (None, 2-D, 4-D bool or additive float), derives ``is_causal`` as
 transformers' SDPA integration does (the call's ``is_causal``, else ``module.is_causal``; a materialised mask
 already holds causality and windows), reads GQA from the key's head count, and passes ``scaling``, ``dropout``,
@@ -168,13 +168,18 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
 
 
 def _is_packed(mask: Optional[Tensor]) -> bool:
-    """The mask builder's packed-sequence ids: 2-D, an integer dtype (its padding masks are bool)."""
-    return mask is not None and mask.dim() == 2 and not mask.is_floating_point() and mask.dtype != torch.bool
+    """The mask builder's packed-sequence ids: (B, L), or (B, W, L) with a sliding window of W, of an integer dtype
+    (its padding and window masks are bool)."""
+    return mask is not None and mask.dim() in (2, 3) and not mask.is_floating_point() and mask.dtype != torch.bool
 
 
 def _packed_forward(query: Tensor, key: Tensor, value: Tensor, ids: Tensor, dropout: float, scaling, softcap):
-    """Causal attention within each packed sequence: ids (B, L) numbers the sequences of each row (non-decreasing);
-    the B * L tokens run as one varlen batch. Returns (out (B, L, H, Ev), None)."""
+    """Causal attention (within a window of W keys when ids is (B, W, L)) within each packed sequence: ids (B, L)
+    numbers the sequences of each row (non-decreasing); the B * L tokens run as one varlen batch. Returns
+    (out (B, L, H, Ev), None)."""
+    window = (-1, -1)
+    if ids.dim() == 3:
+        window, ids = (ids.shape[1] - 1, 0), ids[:, 0]
     B, H, L, E = query.shape
     if key.shape[2] != L or ids.shape != (B, L):
         raise ValueError(f"attention_mask: packed sequence ids {tuple(ids.shape)} for queries {tuple(query.shape)} "
@@ -184,15 +189,19 @@ def _packed_forward(query: Tensor, key: Tensor, value: Tensor, ids: Tensor, drop
     starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
     cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), B * L)]).to(torch.int32)
     q, k, v = (t.transpose(1, 2).reshape(B * L, t.shape[1], t.shape[3]) for t in (query, key, value))
-    out = attention_varlen(q, k, v, cu, cu, causal="top_left", dropout_p=dropout, scale=scaling,
+    out = attention_varlen(q, k, v, cu, cu, causal="top_left", dropout_p=dropout, scale=scaling, window=window,
                            softcap=0.0 if softcap is None else softcap)
     return out.view(B, L, H, value.shape[-1]), None
 
 
 def _packed_mask(ids: Tensor) -> Tensor:
-    """The (B, 1, L, L) bool mask of packed sequence ids: causal within each sequence."""
-    L = ids.shape[-1]
+    """The (B, 1, L, L) bool mask of packed sequence ids (B, L) or (B, W, L): causal (within W keys) within each
+    sequence."""
+    W, L = (ids.shape[1] if ids.dim() == 3 else None), ids.shape[-1]
+    ids = ids[:, 0] if ids.dim() == 3 else ids
     causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
+    if W is not None:
+        causal = causal.triu(1 - W)
     return ((ids[:, :, None] == ids[:, None, :]) & causal)[:, None]
 
 
@@ -261,11 +270,15 @@ def _closure(fn) -> dict:
 # Evaluated at trace time: torch 2.11's dynamo cannot read the cells of a closure made inside the traced code.
 @torch.compiler.assume_constant_result
 def _pattern(mask_function, local_size) -> Optional[str]:
-    """"causal", "sliding" (causal within local_size), "bidirectional" or "packed" (causal within packed sequences)
-    when mask_function is exactly one of transformers' plain patterns, else None. The sliding and packed patterns
-    are closures: recognised by their code objects.
+    """"causal", "sliding" (causal within local_size), "bidirectional", "packed" or "packed-sliding" (causal, or
+    sliding, within packed sequences) when mask_function is exactly one of transformers' plain patterns, else None.
+    The sliding and packed patterns are closures: recognised by their code objects.
     Under torch.compile the answer is a constant of the graph: both arguments come from the model's config, which
     dynamo guards."""
+    return _plain_pattern(mask_function, local_size)
+
+
+def _plain_pattern(mask_function, local_size) -> Optional[str]:
     mu = _mu
     if mask_function is mu.causal_mask_function:
         return "causal"
@@ -275,8 +288,9 @@ def _pattern(mask_function, local_size) -> Optional[str]:
     if getattr(mask_function, "__code__", None) is not and_code:
         return None
     parts = _closure(mask_function).get("mask_functions", ())
-    if _packed_ids(parts) is not None:
-        return "packed"
+    packed = _packed_ids(parts, local_size)
+    if packed is not None:
+        return "packed" if packed[1] == "causal" else "packed-sliding"
     if local_size is None or len(parts) != 2 or parts[1] is not mu.causal_mask_function:
         return None
     overlay = parts[0]
@@ -285,9 +299,10 @@ def _pattern(mask_function, local_size) -> Optional[str]:
     return "sliding" if _closure(overlay).get("sliding_window") == local_size else None
 
 
-def _packed_ids(parts) -> Optional[Tensor]:
-    """The (B, L) sequence ids when the parts of an and_masks are exactly transformers' packed causal pattern:
-    causal on the positions remapped per sequence, and the same sequence."""
+def _packed_ids(parts, local_size) -> Optional[Tuple[Tensor, str]]:
+    """(the (B, L) sequence ids, "causal" or "sliding") when the parts of an and_masks are exactly transformers'
+    packed pattern: causal (or sliding-window causal) on the positions remapped per sequence, and the same
+    sequence."""
     mu = _mu
     if len(parts) != 2:
         return None
@@ -295,11 +310,13 @@ def _packed_ids(parts) -> Optional[Tensor]:
     if getattr(remap, "__code__", None) is not mu.remap_positions_for_packed_sequence(mu.causal_mask_function,
                                                                                       None).__code__:
         return None
-    if _closure(remap).get("mask_function") is not mu.causal_mask_function:
+    inner = _plain_pattern(_closure(remap).get("mask_function"), local_size)
+    if inner not in ("causal", "sliding"):
         return None
     if getattr(same, "__code__", None) is not mu.packed_sequence_mask_function(None).__code__:
         return None
-    return _closure(same).get("packed_sequence_mask")
+    ids = _closure(same).get("packed_sequence_mask")
+    return None if ids is None else (ids, inner)
 
 
 def _attention_in_own_code(config) -> Optional[str]:
@@ -352,17 +369,19 @@ def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
         why = "a mask function other than causal, sliding-window causal or bidirectional"
     elif model_type in _READ_BY_MODEL:
         why = f"{model_type} reads the (B, 1, L, S) mask itself"
-    elif pattern not in ("bidirectional", "packed") and not allow_is_causal_skip:  # packing always asks
+    elif pattern in ("causal", "sliding") and not allow_is_causal_skip:  # (packing always asks)
         why = "the caller asked for a full causal mask"
     elif pattern == "bidirectional" and not allow_is_bidirectional_skip:
         why = "the caller asked for a full bidirectional mask"
     elif _exporting() or any(isinstance(t, Tensor) and mu.is_tracing(t) for t in (attention_mask, q_offset)):
         why = "tracing (the mask's values and offsets cannot be read)"
-    if why is None and pattern == "packed":
-        ids = _packed_ids(_closure(mask_function)["mask_functions"])
+    if why is None and pattern.startswith("packed"):
+        ids, _ = _packed_ids(_closure(mask_function)["mask_functions"], local_size)
         if attention_mask is None and q_length == kv_length and int(q_offset) == kv_offset == 0 \
                 and tuple(ids.shape) == (batch_size, q_length):
-            return ids.to(torch.int64)
+            ids = ids.to(torch.int64)  # a window travels as the sliding mask's does: (B, W, L), stride 0
+            return ids if pattern == "packed" else ids[:, None, :].expand(batch_size, min(local_size, q_length),
+                                                                          q_length)
         why = "packed sequences with a padding mask or offsets"
     if why is None:
         padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)  # (B, >= kv_offset + kv_length)

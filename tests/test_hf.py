@@ -188,15 +188,17 @@ def test_generate_static_cache(saved, arch, monkeypatch):
 PACKED_POS = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 0, 1, 2, 3, 4, 5]])
 
 
-def test_set_attn_implementation_and_packed_sequences(saved, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
+def test_set_attn_implementation_and_packed_sequences(saved, arch, monkeypatch):
     """set_attn_implementation switches a loaded model; packed sequences (position_ids restarting, no attention
     mask: DataCollatorWithFlattening's batches) run as one fastattn.attention_varlen call per layer over the
-    cumulative lengths (no (L, L) mask), and match eager, which masks across sequences."""
-    model = load(saved, "llama", "eager")
+    cumulative lengths (no (L, L) mask; Mistral's sliding window and Gemma-2's alternating windows and softcap
+    too), and match eager, which masks across sequences."""
+    model = load(saved, arch, "eager")
     ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        want64 = load(saved, "llama", "eager", torch.float64)(input_ids=ids, position_ids=PACKED_POS,
-                                                               use_cache=False).logits
+        want64 = load(saved, arch, REF64.get(arch, "sdpa"), torch.float64)(input_ids=ids, position_ids=PACKED_POS,
+                                                                           use_cache=False).logits
         want = model(input_ids=ids, position_ids=PACKED_POS, use_cache=False).logits
         model.set_attn_implementation("fastattn")
         spy = Spy(monkeypatch)
@@ -205,7 +207,7 @@ def test_set_attn_implementation_and_packed_sequences(saved, monkeypatch):
         monkeypatch.setattr(fhf, "attention_varlen", lambda *a, **kw: varlen.append(a[3].tolist()) or real(*a, **kw))
         got = model(input_ids=ids, position_ids=PACKED_POS, use_cache=False).logits
     assert not spy.calls and varlen == [[0, 4, 10, 13, 14, 20]] * 2  # one call per layer, the five sequences
-    assert_bounded("llama packed", got, want64, want, torch.float32)
+    assert_bounded(f"{arch} packed", got, want64, want, torch.float32)
 
 
 def test_packed_sequences_backward_matches_eager(saved):
