@@ -25,12 +25,13 @@ bidirectional, each with padding) and hands the attention function only what the
   every padding or window mask the builder hands on is bool), as a (B, W, L) stride-0 view with a window of W. The
   attention function turns them into cumulative lengths and runs ``fastattn.attention_varlen`` over the B * L
   tokens: no (L, L) mask, no work across sequences.
-Any other pattern (block / chunked / custom mask functions, or a caller that asks for a full mask) is built by transformers' own ``sdpa_mask`` as a (B, 1, L, S) bool tensor, logged at debug level. The attention
-function accepts every mask transformers may pass (None, 2-D, 4-D bool or additive float), derives ``is_causal`` as
-transformers' SDPA integration does (the call's ``is_causal``, else ``module.is_causal``; a materialised mask
-already holds causality and windows), reads GQA from the key's head count, and passes ``scaling``, ``dropout``,
-``softcap`` and ``position_bias`` (as an additive mask) to the kernel. Under autocast, q, k and v run in
-autocast's dtype, as torch's SDPA does (fastattn.attention casts them).
+Any other pattern (block / chunked / custom mask functions, or a caller that asks for a full mask) is built by
+transformers' own ``sdpa_mask`` as a (B, 1, L, S) bool tensor, logged at debug level. The attention function accepts
+every mask transformers may pass (None, 2-D, 4-D bool or additive float), derives ``is_causal`` as transformers'
+SDPA integration does (the call's ``is_causal``, else ``module.is_causal``; a materialised mask already holds
+causality and windows), reads GQA from the key's head count, and passes ``scaling``, ``dropout``, ``softcap`` and
+``position_bias`` (as an additive mask) to the kernel. Under autocast, q, k and v run in autocast's dtype, as
+torch's SDPA does (fastattn.attention casts them).
 
 Differences from ``attn_implementation="eager"``: a query row whose keys are all masked (a left-padding position
 under a causal mask) gives 0 where eager averages the masked keys; those positions are padding, and no real token
@@ -44,6 +45,7 @@ import importlib
 import logging
 import os
 import sys
+import weakref
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -177,21 +179,37 @@ def _packed_forward(query: Tensor, key: Tensor, value: Tensor, ids: Tensor, drop
     """Causal attention (within a window of W keys when ids is (B, W, L)) within each packed sequence: ids (B, L)
     numbers the sequences of each row (non-decreasing); the B * L tokens run as one varlen batch. Returns
     (out (B, L, H, Ev), None)."""
-    window = (-1, -1)
+    window, mask = (-1, -1), ids
     if ids.dim() == 3:
         window, ids = (ids.shape[1] - 1, 0), ids[:, 0]
     B, H, L, E = query.shape
     if key.shape[2] != L or ids.shape != (B, L):
         raise ValueError(f"attention_mask: packed sequence ids {tuple(ids.shape)} for queries {tuple(query.shape)} "
                          f"and keys {tuple(key.shape)}: packing needs (B, L) ids and as many keys as queries")
-    rows = ids + torch.arange(B, device=ids.device)[:, None] * (L + 1)  # numbers unique across rows
-    flat = rows.reshape(-1)
+    cu, longest = _offsets_of(mask, ids)
+    q, k, v = (t.transpose(1, 2).reshape(B * L, t.shape[1], t.shape[3]) for t in (query, key, value))
+    out = attention_varlen(q, k, v, cu, cu, longest, longest, causal="top_left", dropout_p=dropout, scale=scaling,
+                           window=window, softcap=0.0 if softcap is None else softcap, validate=False)
+    return out.view(B, L, H, value.shape[-1]), None
+
+
+_last_offsets = (None, None)  # (a weak reference to the mask and its version, (cu_seqlens, longest))
+
+
+def _offsets_of(mask: Tensor, ids: Tensor) -> Tuple[Tensor, int]:
+    """The cumulative lengths (int32) and the longest sequence of packed ids (B, L), found once per mask: every
+    layer of a forward gets the same mask object, and finding them reads the ids on the host."""
+    global _last_offsets
+    key, found = _last_offsets
+    if key is not None and key[0]() is mask and key[1] == mask._version:
+        return found
+    B, L = ids.shape
+    flat = (ids + torch.arange(B, device=ids.device)[:, None] * (L + 1)).reshape(-1)  # numbers unique across rows
     starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
     cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), B * L)]).to(torch.int32)
-    q, k, v = (t.transpose(1, 2).reshape(B * L, t.shape[1], t.shape[3]) for t in (query, key, value))
-    out = attention_varlen(q, k, v, cu, cu, causal="top_left", dropout_p=dropout, scale=scaling, window=window,
-                           softcap=0.0 if softcap is None else softcap)
-    return out.view(B, L, H, value.shape[-1]), None
+    found = (cu, int((cu[1:] - cu[:-1]).max()))
+    _last_offsets = ((weakref.ref(mask), mask._version), found)
+    return found
 
 
 def _packed_mask(ids: Tensor) -> Tensor:

@@ -224,3 +224,15 @@ def test_bad_input_names_the_argument(change, match):
     args.update(change)
     with pytest.raises(ArgumentError, match=match):
         fastattn.attention_varlen(*args.values(), **extra)
+
+
+def test_validate_false_trusts_the_caller():
+    """validate=False reads no offset on the host (no device-to-host copy a call on a GPU): the max lengths must be
+    given; the result is the validated call's."""
+    g = torch.Generator().manual_seed(5)
+    q = packed([3, 4], 2, 8, torch.float32, "cpu", g)
+    cu = offsets([3, 4], "cpu")
+    with pytest.raises(ArgumentError, match="max_seqlen_q: required .* validate=False"):
+        fastattn.attention_varlen(q, q, q, cu, cu, validate=False)
+    torch.testing.assert_close(fastattn.attention_varlen(q, q, q, cu, cu, 4, 4, causal=True, validate=False),
+                               fastattn.attention_varlen(q, q, q, cu, cu, causal=True))

@@ -210,6 +210,16 @@ def test_set_attn_implementation_and_packed_sequences(saved, arch, monkeypatch):
     assert_bounded(f"{arch} packed", got, want64, want, torch.float32)
 
 
+def test_packed_offsets_found_once_per_mask():
+    """Every layer gets the same mask object: its offsets are read on the host once, not once a layer."""
+    ids = torch.tensor([[0, 0, 1, 1, 1], [2, 2, 2, 3, 3]])
+    first = fhf._offsets_of(ids, ids)
+    assert first[0].tolist() == [0, 2, 5, 8, 10] and first[1] == 3
+    assert fhf._offsets_of(ids, ids) is first
+    ids[1, 3:] = 2  # changed in place: found again
+    assert fhf._offsets_of(ids, ids)[0].tolist() == [0, 2, 5, 10]
+
+
 def test_packed_sequences_backward_matches_eager(saved):
     """Training on packed sequences (the point of packing): every parameter's gradient bounded like the outputs."""
     ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))

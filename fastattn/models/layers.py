@@ -693,7 +693,8 @@ class Attention(nn.Module):
             cu, n = packing.cu_seqlens, packing.max_len
             out = attention_varlen(*(t.transpose(1, 2).reshape(B * L, t.shape[1], D) for t in (q, k, v)), cu, cu, n, n,
                                    causal=None if causal is None else "top_left", dropout_p=p, window=window,
-                                   scale=self.scale, softcap=self.softcap, alibi_slopes=self.alibi)
+                                   scale=self.scale, softcap=self.softcap, alibi_slopes=self.alibi,
+                                   validate=False)  # packing_of made them: not read again in every layer
             return self.wo(out.view(B, L, H * D))
         if packing is not None:  # one sequence's keys only: a block-diagonal mask
             same = packing.same_sequence()

@@ -208,8 +208,9 @@ def _check_tensors(q, k, v) -> None:
         raise ArgumentError(f"k, v: {Hk} heads must divide q's {H} (grouped-query attention)")
 
 
-def _offsets(name: str, cu, rows: int, max_len, q: Tensor) -> Tuple[Tensor, int]:
-    """cu_seqlens as int32 on q's device, checked, and the max length (max_len, or the longest sequence)."""
+def _offsets(name: str, cu, rows: int, max_len, q: Tensor, validate: bool) -> Tuple[Tensor, int]:
+    """cu_seqlens as int32 on q's device, checked (its values too when ``validate``), and the max length (max_len,
+    or the longest sequence)."""
     if not isinstance(cu, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(cu).__name__}")
     if cu.dim() != 1 or cu.shape[0] < 1 or cu.dtype not in (torch.int32, torch.int64):
@@ -220,11 +221,11 @@ def _offsets(name: str, cu, rows: int, max_len, q: Tensor) -> Tuple[Tensor, int]
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, (int, torch.SymInt))
                                 or max_len < 0):
         raise ArgumentError(f"max_seqlen{name[10:]}: expected an int >= 0, got {max_len!r}")
-    if graph_capture():  # the offsets cannot be read while tracing: the caller's max length is taken as given
+    if graph_capture() or not validate:  # the offsets are not read: the caller's max length is taken as given
         if max_len is None:
-            raise ArgumentError(f"max_seqlen{name[10:]}: required under torch.compile / tracing (the offsets cannot "
-                                "be read there)")
-        return cu.to(torch.int32), max_len
+            raise ArgumentError(f"max_seqlen{name[10:]}: required under torch.compile / tracing, and with "
+                                "validate=False (the offsets are not read there)")
+        return cu.to(torch.int32).contiguous(), max_len
     off = cu.tolist()
     lengths = [b - a for a, b in zip(off, off[1:])]
     if off[0] != 0 or off[-1] != rows or min(lengths, default=0) < 0:
@@ -240,7 +241,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, *,
                      causal: Union[None, bool, str] = None, dropout_p: float = 0.0, scale: Optional[float] = None,
                      window: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
-                     softcap: float = 0.0, return_lse: bool = False):
+                     softcap: float = 0.0, return_lse: bool = False, validate: bool = True):
     """Attention over B variable-length sequences packed without padding (flash-attn's flash_attn_varlen_func).
 
     q (Tq, H, E), k (Tk, Hk, E), v (Tk, Hk, Ev), Hk dividing H (grouped-query attention): sequence b is rows
@@ -251,11 +252,15 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     flash-attn's bottom-right). window, alibi_slopes ((H,) or (B, H)), softcap, dropout_p and scale as in
     :func:`fastattn.attention`, per sequence. Returns out (Tq, H, Ev), and lse (Tq, H) float32 when return_lse.
     Equal to ``fastattn.attention`` of each sequence alone; one kernel launch for the whole batch on GPU (Triton).
+    validate: read the offsets on the host and check them (0 first, non-decreasing, the row count last, no sequence
+    longer than max_seqlen_*): one device-to-host copy a call on a GPU. validate=False (and torch.compile, which
+    cannot read them) trusts the caller, as flash-attn does: wrong offsets there give wrong rows on the GPU (the CPU
+    kernels check them anyway).
     """
     q, k, v = autocast_qkv(q, k, v)
     _check_tensors(q, k, v)
-    cu_q, max_q = _offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q)
-    cu_k, max_k = _offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q)
+    cu_q, max_q = _offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q, validate)
+    cu_k, max_k = _offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q, validate)
     B, H = cu_q.shape[0] - 1, q.shape[1]
     if cu_k.shape[0] != B + 1:
         raise ArgumentError(f"cu_seqlens_k: {cu_k.shape[0] - 1} sequences != cu_seqlens_q's {B}")
