@@ -73,3 +73,81 @@ def test_train_step(benchmark, impl):
         for base in ("torch", "torch-compile"):
             if base in _medians:
                 benchmark.extra_info[f"speedup_vs_{base}"] = _medians[base] / median
+
+
+# ---- supervised fine-tuning on examples of different lengths: padded batches against packed rows ----------------
+SFT_EXAMPLES = 256 if GPU else 64
+_sft_medians = {}
+
+
+def _sft_batches(packed: bool):
+    """The same SFT_EXAMPLES examples (lengths uniform in [SEQ / 8, SEQ], every token a target) as BATCH-example
+    batches padded to their longest (attention_mask), or as rows of SEQ tokens holding several examples back to
+    back (position_ids restarting, as ``fastattn train --pack`` builds them), BATCH rows a batch. Returns the
+    batches (model keyword arguments) and the number of real tokens."""
+    g = torch.Generator().manual_seed(2)
+    lens = torch.randint(SEQ // 8, SEQ + 1, (SFT_EXAMPLES,), generator=g).tolist()
+    examples = [torch.randint(0, CONFIG["vocab_size"], (n + 1,), generator=g) for n in lens]
+    rows = []
+    if not packed:
+        for e in examples:
+            rows.append((e[:-1], torch.arange(len(e) - 1), e[1:]))
+    else:
+        ids, pos, tgt = [], [], []
+        for e in examples + [None]:
+            if e is None or len(ids) + len(e) - 1 > SEQ:
+                fill = SEQ - len(ids)
+                rows.append((torch.tensor(ids + [0] * fill), torch.tensor(pos + list(range(fill))),
+                             torch.tensor(tgt + [-100] * fill)))
+                ids, pos, tgt = [], [], []
+            if e is not None:
+                ids, pos, tgt = ids + e[:-1].tolist(), pos + list(range(len(e) - 1)), tgt + e[1:].tolist()
+    batches = []
+    for i in range(0, len(rows), BATCH):
+        chunk = rows[i:i + BATCH]
+        width = max(len(r[0]) for r in chunk)
+        pad = (lambda t, v: torch.nn.functional.pad(t, (0, width - len(t)), value=v))  # noqa: E731
+        ids = torch.stack([pad(r[0], 0) for r in chunk]).to(DEVICE)
+        tgt = torch.stack([pad(r[2], -100) for r in chunk]).to(DEVICE)
+        if packed:
+            extra = dict(position_ids=torch.stack([r[1] for r in chunk]).to(DEVICE))
+        else:
+            extra = dict(attention_mask=torch.stack([pad(torch.ones(len(r[0]), dtype=torch.long), 0)
+                                                     for r in chunk]).to(DEVICE))
+        batches.append(dict(input_ids=ids, shift_labels=tgt, **extra))
+    return batches, sum(lens)
+
+
+@pytest.mark.parametrize("impl", ["torch-padded", "fastattn-padded", "fastattn-packed"])
+def test_sft_epoch(benchmark, impl):
+    """One pass over SFT_EXAMPLES examples of different lengths (a training step per batch): padded one example a
+    row (torch's layers, and fastattn's), or packed (fastattn.attention_varlen: no compute on padding). Records
+    real tokens/s and speedup_vs_torch-padded."""
+    backend, layout = impl.split("-")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**CONFIG, backend=backend)).to(DEVICE).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    batches, tokens = _sft_batches(layout == "packed")
+
+    def epoch():
+        for b in batches:
+            with torch.autocast(DEVICE, dtype=AMP, enabled=AMP is not None):
+                loss = model(**b).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync(DEVICE)
+
+    epoch()
+    benchmark.group = f"sft epoch gpt {CONFIG['d_model']}x{CONFIG['n_layer']} {SFT_EXAMPLES} examples <= {SEQ}"
+    benchmark.extra_info.update(op=f"gpt-{CONFIG['d_model']}x{CONFIG['n_layer']}-sft", direction="epoch",
+                                width=SEQ, batch=BATCH, impl=impl, device=DEVICE, steps=len(batches),
+                                dtype="bf16-autocast" if AMP else "float32")
+    benchmark.pedantic(epoch, rounds=max(3, ROUNDS // 2), iterations=1)
+    if benchmark.stats is None:
+        return
+    median = benchmark.stats.stats.median
+    benchmark.extra_info["tokens/s"] = tokens / median
+    _sft_medians[impl] = median
+    if impl != "torch-padded" and "torch-padded" in _sft_medians:
+        benchmark.extra_info["speedup_vs_torch-padded"] = _sft_medians["torch-padded"] / median
