@@ -1,7 +1,10 @@
 """pytest-benchmark: fastattn.nn's drop-in modules against torch.nn's, same weights, same run. MultiheadAttention
 forward (eval, need_weights=False, under inference_mode: torch's native fast path) and forward+backward (train);
 TransformerEncoderLayer / TransformerDecoderLayer training step (forward+backward, dropout 0.1) and inference (eval,
-inference_mode: for the encoder layer torch's fused torch._transformer_encoder_layer_fwd, checked to be taken).
+inference_mode: for the encoder layer torch's fused torch._transformer_encoder_layer_fwd, checked to be taken); a
+2-layer TransformerEncoder in inference on a padded batch (row lengths uniform in [L/4, L], left-aligned
+src_key_padding_mask: torch's nested-tensor path, which computes the real tokens only, checked to be taken; ours
+runs them as packed sequences).
 d_model 512, 8 heads, FFN 2048, batch_first, ReLU; CPU fp32 at L=512 x batch 8 and L=2048 x batch 2 (GPU bf16 at
 4x the batch). Each group holds torch and fastattn; benchmarks/plot.py prints and plots the ratios. On a shared,
 noisy CPU, ``python benchmarks/bench_modules.py`` times the same cases with torch and fastattn steps alternated."""
@@ -110,6 +113,26 @@ def layer_inference(impl, L, B, kind):
     return step, _layer_flops(L, B, kind == "decoder")
 
 
+def encoder_padded_inference(impl, L, B):
+    layer = _module(impl, "TransformerEncoderLayer", D_MODEL, NHEAD, FFN, 0.1, batch_first=True)
+    torch.manual_seed(0)
+    enc = (torch.nn if impl == "torch" else fnn).TransformerEncoder(layer, 2).to(DEVICE, DTYPE).eval()
+    x = torch.randn(B, L, D_MODEL, device=DEVICE, dtype=DTYPE)
+    lens = torch.randint(L // 4, L + 1, (B,), generator=torch.Generator().manual_seed(0))
+    pad = (torch.arange(L)[None, :] >= lens[:, None]).to(DEVICE)
+
+    def step():
+        with torch.inference_mode():
+            enc(x, src_key_padding_mask=pad)
+        sync(DEVICE)
+
+    if impl == "torch":
+        assert _torch_fast_path_taken(step, "aten::_nested_tensor_from_mask"), "torch's nested-tensor path not taken"
+    real = int(lens.sum())  # the real tokens' matmul FLOPs: projections, FFN, and attention within each row
+    per_layer = 2 * real * D_MODEL * 4 * D_MODEL + 2 * real * D_MODEL * FFN * 2 + 4 * int((lens ** 2).sum()) * D_MODEL
+    return step, 2 * per_layer
+
+
 CASES = {  # id -> (make(impl, L, B), op, direction, group title)
     "mha-fwd": (mha_forward, "mha", "fwd", "MultiheadAttention fwd eval"),
     **{f"mha-fwd+bwd-dropout{p}": (lambda impl, L, B, p=p: mha_train(impl, L, B, p), f"mha-dropout{p}", "fwd+bwd",
@@ -122,6 +145,8 @@ CASES = {  # id -> (make(impl, L, B), op, direction, group title)
     **{f"{kind}-inference": (lambda impl, L, B, kind=kind: layer_inference(impl, L, B, kind), f"{kind}-layer",
                              "inference", f"Transformer{kind.capitalize()}Layer inference") for kind in
        ("encoder", "decoder")},
+    "encoder-padded-inference": (encoder_padded_inference, "encoder-2-layers-padded", "inference",
+                                 "TransformerEncoder (2 layers) inference, padded rows"),
 }
 
 

@@ -343,11 +343,13 @@ def test_transformer_matches_torch(norm_first, mode):
     compare(ours, theirs, (src, tgt), kw)
 
 
+@pytest.mark.parametrize("hooked", [False, True])
 @pytest.mark.parametrize("left_aligned", [True, False])
 @pytest.mark.parametrize("kpm_dtype", [torch.bool, torch.float32])
-def test_encoder_inference_nested_tensor_path(left_aligned, kpm_dtype):
+def test_encoder_inference_nested_tensor_path(left_aligned, kpm_dtype, hooked, monkeypatch):
     """torch's TransformerEncoder in inference with a left-aligned src_key_padding_mask (and no mask) runs on a
-    NestedTensor and returns zeros at padded positions (then the final norm); ours returns the same."""
+    NestedTensor and returns zeros at padded positions (then the final norm); ours returns the same, computing the
+    real tokens only (packed sequences through attention_varlen; a hooked layer: the padded keys masked instead)."""
     g = torch.Generator().manual_seed(8)
     layer_t, layer_o = layer_twins("encoder", batch_first=True)
     theirs = torch.nn.TransformerEncoder(layer_t, 2, norm=torch.nn.LayerNorm(D))
@@ -355,6 +357,12 @@ def test_encoder_inference_nested_tensor_path(left_aligned, kpm_dtype):
     ours.load_state_dict(theirs.state_dict())
     theirs.eval()
     ours.eval()
+    if hooked:
+        ours.layers[1].register_forward_hook(lambda m, args, out: None)
+    packed = []
+    real_varlen = fnn.transformer.attention_varlen
+    monkeypatch.setattr(fnn.transformer, "attention_varlen", lambda *a, **kw: packed.append(a[3].tolist()) or
+                        real_varlen(*a, **kw))
     B, L = 3, 6
     x = seq(True, B, L, g)
     kpm = torch.zeros(B, L, dtype=torch.bool)
@@ -367,6 +375,7 @@ def test_encoder_inference_nested_tensor_path(left_aligned, kpm_dtype):
     with torch.inference_mode():
         a, b = theirs(x, src_key_padding_mask=kpm), ours(x, src_key_padding_mask=kpm)
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert packed == ([[0, 4, 10, 11]] * 2 if left_aligned and not hooked else [])  # rows of 4, 6 and 1 tokens
     with torch.no_grad():  # and out of inference mode (train mode has no nested path)
         theirs.train()
         ours.train()

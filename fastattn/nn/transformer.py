@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.add_norm import add_layer_norm, add_norm_rows_nograd, plain_rows
+from ..ops.attention import attention_varlen
 from ..ops.batching import autocast_on
 from ..ops.dropout import dropout
 from ._torchscript import refuse_script
@@ -266,6 +267,16 @@ def _attn_rows(layer: nn.Module, attn: nn.Module, x: Tensor, mem: Optional[Tenso
     return _dropout(dropout, a, layer.training)
 
 
+def _varlen_rows(attn: MultiheadAttention, x: Tensor, cu: Tensor, max_len: int) -> Tensor:
+    """Self-attention (inference, no dropout) of packed sequences: x (T, E) rows, sequence b being rows
+    cu[b]:cu[b + 1]; the projections of mha_forward and attention_varlen on their heads. Returns (T, E) rows."""
+    T, E = x.shape
+    H = attn.num_heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(T, 3, H, E // H)
+    out = attention_varlen(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, max_len, max_len, validate=False)
+    return linear_rows(out.reshape(T, E), attn.out_proj.weight, attn.out_proj.bias)
+
+
 class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     """torch.nn.TransformerEncoderLayer on fastattn's fused attention and add + LayerNorm kernels (same constructor,
     forward, parameters, state_dict keys and outputs; in eval mode too, where torch takes its fused fast path)."""
@@ -288,19 +299,23 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                 is_causal: bool = False) -> Tensor:
         _check_float_or_bool("src_key_padding_mask", src_key_padding_mask)
         _check_float_or_bool("src_mask", src_mask)
-        x = _rows(src, "src")  # (T, E): every step below works on rows, each result a tensor of its own
-        shape = src.shape
         # the dtypes of a sublayer's output and the residual stream differ under autocast only: torch's general
         # path adds them in the promoted dtype, its fused inference path in the sublayer's
         promote = not (autocast_on(src.device.type)
                        and _torch_fast_path(self, src, src_mask, src_key_padding_mask))
+        return self._forward_rows(src, lambda inp: _attn_rows(self, self.self_attn, inp, None, src_mask,
+                                                              src_key_padding_mask, is_causal, self.dropout1), promote)
+
+    def _forward_rows(self, src: Tensor, attend: Callable[[Tensor], Tensor], promote: bool = True) -> Tensor:
+        """The layer on src with its self-attention sublayer attend (its input in src's shape -> (T, E) rows)."""
+        x = _rows(src, "src")  # (T, E): every step below works on rows, each result a tensor of its own
+        shape = src.shape
         if self.norm_first:
-            a = _attn_rows(self, self.self_attn, _norm(self.norm1, x).view(shape), None, src_mask,
-                           src_key_padding_mask, is_causal, self.dropout1)
+            a = attend(_norm(self.norm1, x).view(shape))
             h, x = _add_norm_prenorm(self.norm2, a, x, promote)  # h = norm2(x + a), x = x + a
             out = _residual(self, _feed_forward(self, h, self.dropout2), self.dropout2, x, promote)
         else:
-            a = _attn_rows(self, self.self_attn, src, None, src_mask, src_key_padding_mask, is_causal, self.dropout1)
+            a = attend(src)
             x = _add_norm(self.norm1, a, x, promote)
             out = _add_norm(self.norm2, _feed_forward(self, x, self.dropout2), x, promote)
         return out.view(shape)
@@ -379,8 +394,10 @@ class TransformerEncoder(nn.TransformerEncoder):
     """torch.nn.TransformerEncoder, running fastattn layers when given one (the layer is deep-copied num_layers
     times, as in torch). Same constructor and forward; enable_nested_tensor is accepted and keeps its one visible
     effect: in inference with a left-aligned src_key_padding_mask and no mask, torch's nested-tensor path returns
-    zeros at padded positions (before the final norm), and so does this class (without a NestedTensor: the padded
-    keys are masked out in every layer instead)."""
+    zeros at padded positions (before the final norm), and so does this class. Like torch's path it computes the
+    real tokens only: they run through the layers as packed sequences (attention_varlen, one sequence a row), and
+    the padding is filled with zeros at the end (without a NestedTensor; when a layer is not this module's own, the
+    padded keys are masked out in every layer instead)."""
 
     def forward(self, src: Tensor, mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
                 is_causal: Optional[bool] = None) -> Tensor:
@@ -393,6 +410,8 @@ class TransformerEncoder(nn.TransformerEncoder):
             # torch drops padded tokens (kpm != 0 after its float conversion) and pads the result with zeros
             padded_rows = src_key_padding_mask if src_key_padding_mask.dtype == torch.bool \
                 else src_key_padding_mask != 0
+            if self._packable():
+                return self._packed_forward(src, padded_rows, batch_first)
             src_key_padding_mask = padded_rows
         is_causal = _detect_is_causal(mask, is_causal, _seq_len(src, batch_first))
         output = src
@@ -403,6 +422,29 @@ class TransformerEncoder(nn.TransformerEncoder):
         if self.norm is not None:
             output = self.norm(output)
         return output
+
+    def _packable(self) -> bool:
+        """Every layer is this module's own encoder layer with a plain packed self-attention (no extra keys)."""
+        return not torch.compiler.is_compiling() and all(
+            type(m) is TransformerEncoderLayer and not _has_hooks(m) and _plain(m.self_attn)
+            and m.self_attn._qkv_same_embed_dim and m.self_attn.bias_k is None and not m.self_attn.add_zero_attn
+            for m in self.layers)
+
+    def _packed_forward(self, src: Tensor, padded_rows: Tensor, batch_first: bool) -> Tensor:
+        """The nested path on the real tokens only: each row's (left-aligned) tokens a packed sequence through every
+        layer, then zeros at the padding and the final norm, as torch's nested tensors give."""
+        x = src if batch_first else src.transpose(0, 1)  # (B, L, E)
+        keep = padded_rows.logical_not()
+        lens = keep.sum(1)
+        cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+        max_len = int(lens.max()) if lens.numel() else 0
+        rows = x[keep]  # (T, E), row by row
+        for mod in self.layers:
+            rows = mod._forward_rows(rows, lambda inp, mod=mod: _varlen_rows(mod.self_attn, inp, cu, max_len))
+        out = x.new_zeros(x.shape)
+        out[keep] = rows
+        out = out if batch_first else out.transpose(0, 1)
+        return self.norm(out) if self.norm is not None else out
 
     def _nested_path(self, src: Tensor, mask: Optional[Tensor], src_key_padding_mask: Optional[Tensor]) -> bool:
         """Whether torch's TransformerEncoder.forward would take its nested-tensor (sparsity) fast path."""
