@@ -2,9 +2,10 @@
 forward+backward. fastattn.attention_varlen on the packed tokens against what a user does without it: pad the batch
 on the right to its longest sequence and run torch's F.scaled_dot_product_attention with is_causal=True (no mask
 needed: under a top-left causal mask a real query never sees the padding after it; torch's fused kernel), or
-fastattn.attention the same way. Lengths are drawn uniformly from [L/8, L] (fixed seed); the padded rows do work for
-(B * L) tokens where the packed ones do it for the real tokens only. Each row records ``speedup_vs_torch``
-(torch-padded's median in the same run / this row's) and the real tokens per second.
+fastattn.attention the same way; on a GPU also torch's own torch.nn.attention.varlen.varlen_attn (Flash Attention;
+CUDA only) on the packed tokens ("torch-varlen"). Lengths are drawn uniformly from [L/8, L] (fixed seed); the padded
+rows do work for (B * L) tokens where the packed ones do it for the real tokens only. Each row records
+``speedup_vs_torch`` (the fastest torch row's median in the same run / this row's) and the real tokens per second.
 """
 import pytest
 import torch
@@ -47,6 +48,11 @@ def fn_of(impl: str, lens, packed, cu, padded, backward: bool):
     if impl == "torch-padded":
         leaves = [t.detach().requires_grad_(backward) for t in padded]
         run = lambda: F.scaled_dot_product_attention(*leaves, is_causal=True)  # noqa: E731
+    elif impl == "torch-varlen":
+        from torch.nn.attention.varlen import varlen_attn
+        leaves = [t.detach().requires_grad_(backward) for t in packed]
+        m = max(lens)
+        run = lambda: varlen_attn(*leaves, cu, cu, m, m, window_size=(-1, 0))  # noqa: E731
     elif impl.endswith("-padded"):
         leaves = [t.detach().requires_grad_(backward) for t in padded]
 
@@ -72,7 +78,8 @@ def fn_of(impl: str, lens, packed, cu, padded, backward: bool):
     return step
 
 
-@pytest.mark.parametrize("impl", ["torch-padded"] + [f"{b}-padded" for b in OURS] + [f"{b}-varlen" for b in OURS])
+@pytest.mark.parametrize("impl", ["torch-padded"] + (["torch-varlen"] if GPU else []) + [f"{b}-padded" for b in OURS]
+                         + [f"{b}-varlen" for b in OURS])
 @pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("max_len", MAX_LENS)
 def test_varlen(benchmark, impl, direction, max_len):
@@ -95,7 +102,7 @@ def test_varlen(benchmark, impl, direction, max_len):
         return
     median = benchmark.stats.stats.median
     benchmark.extra_info["tokens_per_s"] = sum(lens) / median
-    if impl == "torch-padded":
-        _medians[group] = median
+    if impl.startswith("torch"):
+        _medians[group] = min(median, _medians.get(group, median))
     elif group in _medians:
         benchmark.extra_info["speedup_vs_torch"] = _medians[group] / median

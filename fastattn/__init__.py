@@ -9,7 +9,7 @@ from .errors import ArgumentError
 from .info import build_info
 from .ops.add_norm import add_layer_norm, add_rms_norm
 from .ops.attention import (attention, attention_qkvpacked, attention_varlen, decode_attention,
-                            scaled_dot_product_attention)
+                            scaled_dot_product_attention, varlen_attn)
 from .ops.cross_entropy import linear_cross_entropy
 from .ops.int8 import int8_matmul, quantize_per_channel, quantize_per_token, w8a16_matmul
 from . import nn  # noqa: E402
@@ -19,7 +19,7 @@ from . import hf  # noqa: E402  (transformers is imported only by fastattn.hf.re
 from .version import __version__ as __version__
 
 __all__ = ["add_layer_norm", "add_rms_norm", "attention", "attention_qkvpacked", "attention_varlen",
-           "decode_attention",
+           "varlen_attn", "decode_attention",
            "scaled_dot_product_attention",
            "linear_cross_entropy", "available_backends", "backend", "ArgumentError", "build_info", "int8_matmul",
            "quantize_per_token",

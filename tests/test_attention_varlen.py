@@ -236,3 +236,84 @@ def test_validate_false_trusts_the_caller():
         fastattn.attention_varlen(q, q, q, cu, cu, validate=False)
     torch.testing.assert_close(fastattn.attention_varlen(q, q, q, cu, cu, 4, 4, causal=True, validate=False),
                                fastattn.attention_varlen(q, q, q, cu, cu, causal=True))
+
+
+# ---- fastattn.varlen_attn: torch.nn.attention.varlen.varlen_attn's signature --------------------------------------
+def _torch_varlen():
+    return pytest.importorskip("torch.nn.attention.varlen")
+
+
+def test_varlen_attn_torch_signature_and_meaning():
+    """Same arguments as torch's varlen_attn (torch 2.14's runs on CUDA only); window_size (-1, 0) is causal
+    bottom-right, other windows align the same way; return_aux lse comes (Hq, Tq); GQA needs enable_gqa, with
+    torch's ValueError."""
+    import inspect
+    tv = _torch_varlen()
+    assert list(inspect.signature(fastattn.varlen_attn).parameters) == \
+        list(inspect.signature(tv.varlen_attn).parameters)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = packed(LENS_Q, 4, 16, torch.float32, "cpu", g), packed(LENS_K, 2, 16, torch.float32, "cpu", g), \
+        packed(LENS_K, 2, 16, torch.float32, "cpu", g)
+    cu_q, cu_k = offsets(LENS_Q, "cpu"), offsets(LENS_K, "cpu")
+    mq, mk = max(LENS_Q), max(LENS_K)
+    with pytest.raises(ValueError, match="Try setting enable_gqa=True"):
+        fastattn.varlen_attn(q, k, v, cu_q, cu_k, mq, mk)
+    for window, kw in (((-1, 0), dict(causal=True)), ((3, 1), dict(window=(3, 1))), ((-1, -1), {})):
+        out, lse = fastattn.varlen_attn(q, k, v, cu_q, cu_k, mq, mk, window_size=window, enable_gqa=True,
+                                        return_aux=tv.AuxRequest(lse=True), scale=0.3)
+        want, want_lse = fastattn.attention_varlen(q, k, v, cu_q, cu_k, scale=0.3, return_lse=True, **kw)
+        torch.testing.assert_close(out, want)
+        assert lse.shape == (4, q.shape[0])
+        torch.testing.assert_close(lse, want_lse.T)
+
+
+def test_varlen_attn_seqused_k_and_block_table():
+    """seqused_k: sequence i sees the first seqused_k[i] keys of its range (bottom-right aligned to them); with
+    block_table, of its pages in a shuffled page pool. Inference-only, as in torch."""
+    g = torch.Generator().manual_seed(7)
+    lens_q, cap, used = [2, 1, 3], [9, 16, 12], [5, 16, 0]
+    q = packed(lens_q, 2, 8, torch.float32, "cpu", g)
+    k, v = packed(cap, 2, 8, torch.float32, "cpu", g), packed(cap, 2, 8, torch.float32, "cpu", g)
+    cu_q, cu_k, seqused = offsets(lens_q, "cpu"), offsets(cap, "cpu"), torch.tensor(used, dtype=torch.int32)
+    want = torch.cat([fastattn.attention_varlen(
+        q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i] + u], v[cu_k[i]:cu_k[i] + u],
+        torch.tensor([0, lens_q[i]], dtype=torch.int32), torch.tensor([0, u], dtype=torch.int32), causal=True)
+        for i, u in enumerate(used)])
+    got = fastattn.varlen_attn(q, k, v, cu_q, cu_k, 3, 16, window_size=(-1, 0), seqused_k=seqused)
+    torch.testing.assert_close(got, want)
+    page, n_pages = 4, 4  # a pool of 3 * 4 shuffled pages holding each sequence's keys
+    perm = torch.randperm(3 * n_pages, generator=g)
+    pool_k, pool_v = torch.zeros(3 * n_pages, page, 2, 8), torch.zeros(3 * n_pages, page, 2, 8)
+    table = perm.view(3, n_pages).to(torch.int32)
+    for i in range(3):
+        seq_k = torch.zeros(n_pages * page, 2, 8)
+        seq_v = torch.zeros(n_pages * page, 2, 8)
+        seq_k[:cap[i]], seq_v[:cap[i]] = k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]]
+        pool_k[table[i].long()] = seq_k.view(n_pages, page, 2, 8)
+        pool_v[table[i].long()] = seq_v.view(n_pages, page, 2, 8)
+    paged = fastattn.varlen_attn(q, pool_k, pool_v, cu_q, None, 3, 16, window_size=(-1, 0), seqused_k=seqused,
+                                 block_table=table)
+    torch.testing.assert_close(paged, want)
+    with pytest.raises(ArgumentError, match="block_table: needs seqused_k"):
+        fastattn.varlen_attn(q, pool_k, pool_v, cu_q, None, 3, 16, block_table=table)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        fastattn.varlen_attn(q.requires_grad_(), k, v, cu_q, cu_k, 3, 16, seqused_k=seqused)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's varlen_attn runs on CUDA only")
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (8, 0)])
+def test_varlen_attn_matches_torch_on_gpu(window):
+    """fastattn.varlen_attn (Triton) and torch's own varlen_attn (Flash Attention) in bf16 against the float32
+    reference backend: ours within twice torch's error (GQA; every query has a key, so both give the same rows)."""
+    tv = _torch_varlen()
+    g = torch.Generator().manual_seed(8)
+    lens_q, lens_k = [5, 37, 12, 1, 30], [7, 37, 40, 2, 33]
+    q = packed(lens_q, 8, 64, torch.bfloat16, "cuda", g)
+    k, v = packed(lens_k, 2, 64, torch.bfloat16, "cuda", g), packed(lens_k, 2, 64, torch.bfloat16, "cuda", g)
+    cu = (offsets(lens_q, "cuda"), offsets(lens_k, "cuda"), max(lens_q), max(lens_k))
+    theirs = tv.varlen_attn(q, k, v, *cu, window_size=window, enable_gqa=True)
+    ours = fastattn.varlen_attn(q, k, v, *cu, window_size=window, enable_gqa=True)
+    with fastattn.backend("reference"):
+        exact = fastattn.varlen_attn(q.float(), k.float(), v.float(), *cu, window_size=window, enable_gqa=True)
+    assert_bounded("varlen_attn", ours, exact, theirs, torch.bfloat16)
