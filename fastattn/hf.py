@@ -24,7 +24,8 @@ bidirectional, each with padding) and hands the attention function only what the
   causal or sliding-window causal: the (B, L) int64 sequence ids transformers found (a mask of an integer dtype:
   every padding or window mask the builder hands on is bool), as a (B, W, L) stride-0 view with a window of W. The
   attention function turns them into cumulative lengths and runs ``fastattn.attention_varlen`` over the B * L
-  tokens: no (L, L) mask, no work across sequences.
+  tokens: no (L, L) mask, no work across sequences. flash-attention's kwargs (cu_seq_lens_q / _k, max_length_q /
+  _k) on a one-row batch are followed the same way, position_ids or not.
 Any other pattern (block / chunked / custom mask functions, or a caller that asks for a full mask) is built by
 transformers' own ``sdpa_mask`` as a (B, 1, L, S) bool tensor, logged at debug level. The attention function accepts
 every mask transformers may pass (None, 2-D, 4-D bool or additive float), derives ``is_causal`` as transformers'
@@ -134,6 +135,10 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     if sinks is None:
         sinks = kwargs.get("sinks")
     position_bias = kwargs.get("position_bias")
+    if kwargs.get("cu_seq_lens_q") is not None and sinks is None and position_bias is None:
+        out = _flash_kwargs_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+        if out is not None:
+            return out
     if _is_packed(attention_mask):
         if sinks is None and position_bias is None:
             return _packed_forward(query, key, value, attention_mask, dropout, scaling, kwargs.get("softcap"))
@@ -191,6 +196,30 @@ def _packed_forward(query: Tensor, key: Tensor, value: Tensor, ids: Tensor, drop
     out = attention_varlen(q, k, v, cu, cu, longest, longest, causal="top_left", dropout_p=dropout, scale=scaling,
                            window=window, softcap=0.0 if softcap is None else softcap, validate=False)
     return out.view(B, L, H, value.shape[-1]), None
+
+
+def _flash_kwargs_forward(module, query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], dropout: float,
+                          scaling, is_causal: Optional[bool], kwargs: dict):
+    """Sequences packed into one row as flash-attention's kwargs say (cu_seq_lens_q / _k, max_length_q / _k: what
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) adds; without position_ids the mask does not say it):
+    attention_varlen over them, causal as the module is, within the layer's window. None where they cannot apply
+    (a batch of several rows, or a full mask built for the call: it is followed instead)."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_k is None or query.shape[0] != 1 or (mask is not None and mask.dim() == 4):
+        return None
+    window = -1
+    if mask is not None and mask.dim() == 3:  # the builder's window view, bool or packed ids
+        window = mask.shape[1] - 1
+    elif kwargs.get("sliding_window"):
+        window = kwargs["sliding_window"] - 1
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, H, E)
+    max_q, max_k = (None if m is None else int(m) for m in (kwargs.get("max_length_q"), kwargs.get("max_length_k")))
+    out = attention_varlen(q, k, v, cu_q.to(q.device), cu_k.to(q.device), max_q, max_k,
+                           causal="bottom_right" if causal else None, dropout_p=dropout,
+                           scale=scaling, window=(window, 0 if causal else window),
+                           softcap=kwargs.get("softcap") or 0.0)
+    return out[None], None
 
 
 _last_offsets = (None, None)  # (a weak reference to the mask and its version, (cu_seqlens, longest))
