@@ -85,6 +85,31 @@ def gpt_logits_vs_torch_backend():
 
 
 @check
+def gpt_packed_sequences():
+    """Packed rows (position_ids restarting at each sequence: attention_varlen, Triton's VARLEN kernels on a GPU)
+    against the torch backend's block-diagonal mask, both against float64: logits, and a training step's gradients
+    of the attention projections (fp32)."""
+    lens = [37, 90, 5, 60]
+    x = ids(2, sum(lens), 512, seed=4)
+    pos = torch.cat([torch.arange(n) for n in lens])[None].expand(2, -1).to(DEV)
+    out = {}
+    with torch.no_grad():
+        ref = gpt("llama-style", "torch", torch.float64)(x, position_ids=pos).logits
+        for dt in (torch.float32, torch.bfloat16):
+            ours = gpt("llama-style", "fastattn", dt)(x, position_ids=pos).logits
+            theirs = gpt("llama-style", "torch", dt)(x, position_ids=pos).logits
+            out |= bounded(f"packed logits {str(dt)[6:]}", ours, theirs, ref, dt)
+    grads = {}
+    for backend, dt in (("fastattn", torch.float32), ("torch", torch.float32), ("torch", torch.float64)):
+        model = gpt("llama-style", backend, dt).train()
+        model(x, position_ids=pos, labels=x).loss.backward()
+        grads[backend, dt] = model.blocks[1].attn.wqkv.weight.grad
+    out |= bounded("packed dWqkv fp32", grads["fastattn", torch.float32], grads["torch", torch.float32],
+                   grads["torch", torch.float64], torch.float32)
+    return out
+
+
+@check
 def gpt_kv_cache_generation():
     """Greedy tokens from the cache equal the argmax of a full forward over the generated text, and a left-padded
     batch generates what each prompt does alone (fp32)."""
