@@ -210,27 +210,30 @@ def test_set_attn_implementation_and_packed_sequences(saved, arch, monkeypatch):
     assert_bounded(f"{arch} packed", got, want64, want, torch.float32)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "bert"])
 def test_flash_attention_kwargs_without_position_ids(saved, arch):
     """DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=False): one row, the sequences
     given only by cu_seq_lens_q / _k (positions run on across them, as with flash_attention_2). The sequences must
-    not see each other: the same logits as eager with the block-diagonal causal mask (and Mistral's window) given as a
-    4-D mask."""
+    not see each other: the same outputs as eager with the block-diagonal causal mask (Mistral's window; BERT's
+    bidirectional) given as a 4-D mask."""
     lens = [4, 7, 3]
     ids = torch.randint(1, VOCAB, (1, sum(lens)), generator=torch.Generator().manual_seed(4))
     cu = torch.tensor([0, 4, 11, 14], dtype=torch.int32)
     seq = torch.repeat_interleave(torch.arange(3), torch.tensor(lens))
     i = torch.arange(sum(lens))
-    keep = (seq[:, None] == seq[None, :]) & (i[None, :] <= i[:, None])
+    keep = (seq[:, None] == seq[None, :]) & ((i[None, :] <= i[:, None]) | (arch == "bert"))
     if arch == "mistral":
         keep &= i[None, :] > i[:, None] - 4  # its sliding window of 4
+    def out(o):
+        return o.last_hidden_state if arch == "bert" else o.logits
+
+    cache = {} if arch == "bert" else dict(use_cache=False)
     with torch.no_grad():
-        got = load(saved, arch, "fastattn")(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7,
-                                            max_length_k=7, use_cache=False).logits
+        got = out(load(saved, arch, "fastattn")(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7,
+                                                max_length_k=7, **cache))
         models = [load(saved, arch, "eager", dt) for dt in (torch.float32, torch.float64)]
-        want, want64 = (m(input_ids=ids, attention_mask=torch.zeros(1, 1, 14, 14, dtype=dt).masked_fill(
-            ~keep, torch.finfo(dt).min), use_cache=False).logits for m, dt in zip(models, (torch.float32,
-                                                                                           torch.float64)))
+        want, want64 = (out(m(input_ids=ids, attention_mask=torch.zeros(1, 1, 14, 14, dtype=dt).masked_fill(
+            ~keep, torch.finfo(dt).min), **cache)) for m, dt in zip(models, (torch.float32, torch.float64)))
     assert_bounded(f"{arch} flash kwargs", got, want64, want, torch.float32)
 
 
