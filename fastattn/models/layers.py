@@ -646,15 +646,15 @@ class Attention(nn.Module):
                 rotary: Optional[Tuple[Tensor, Tensor]] = None, input_pos: Optional[Tensor] = None,
                 use_cache: bool = False, memory: Optional[Tuple[Tensor, Tensor]] = None,
                 attn_bias: Optional[Tensor] = None, cache_end: Optional[int] = None,
-                packing: Optional[Packing] = None) -> Tensor:
+                packing: Optional[Packing] = None, packing_kv: Optional[Packing] = None) -> Tensor:
         """x (B, L, d_model). ``input_pos`` (L,): also write k, v into the cache there; ``use_cache``: attend over the
         whole cache (decode; ``key_padding_mask`` then covers the cache) instead of the keys of x (prefill), or over
         its first ``cache_end`` slots (several rows per sequence, ``causal`` bottom-right: each row sees its own
         slot and the ones before it).
         ``memory``: cross-attention keys and values (B, Hk, S, D). ``attn_bias``: added to the scores, (B | 1, H,
-        L, keys) (T5's relative positions). ``packing``: several sequences a row (self-attention without a cache),
-        each attending within itself: fastattn.attention_varlen over the B * L tokens, or (torch backend,
-        torch.compile) a block-diagonal mask."""
+        L, keys) (T5's relative positions). ``packing``: several sequences a row (without a cache), each attending
+        within itself (in cross-attention, to sequence n of the memory, packed as ``packing_kv`` says):
+        fastattn.attention_varlen over the tokens, or (torch backend, torch.compile, a bias) a block-diagonal mask."""
         B, L, _ = x.shape
         H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
         packed = None  # self-attention on the fused projection's heads as they are: its gradient in one tensor
@@ -689,17 +689,22 @@ class Attention(nn.Module):
             (self.window - 1, self.window - 1) if self.bidirectional else (-1, -1)
         if self.window and use_cache and causal is None:  # one row: the slots W or more behind it join the padding
             key_padding_mask = key_padding_mask | window_padding(k.shape[2], input_pos, self.window)
-        if packing is not None and packing.cu_seqlens is not None and self.backend != "torch":
-            cu, n = packing.cu_seqlens, packing.max_len
-            out = attention_varlen(*(t.transpose(1, 2).reshape(B * L, t.shape[1], D) for t in (q, k, v)), cu, cu, n, n,
+        keys = packing_kv if self.cross else packing
+        if packing is not None and packing.cu_seqlens is not None and keys.cu_seqlens is not None \
+                and attn_bias is None and self.backend != "torch":
+            out = attention_varlen(*(t.transpose(1, 2).reshape(-1, t.shape[1], D) for t in (q, k, v)),
+                                   packing.cu_seqlens, keys.cu_seqlens, packing.max_len, keys.max_len,
                                    causal=None if causal is None else "top_left", dropout_p=p, window=window,
                                    scale=self.scale, softcap=self.softcap, alibi_slopes=self.alibi,
                                    validate=False)  # packing_of made them: not read again in every layer
             return self.wo(out.view(B, L, H * D))
-        if packing is not None:  # one sequence's keys only: a block-diagonal mask
-            same = packing.same_sequence()
-            attn_bias = same if self.backend != "torch" else \
-                torch.zeros(same.shape, dtype=q.dtype, device=q.device).masked_fill_(~same, float("-inf"))
+        if packing is not None:  # one sequence's keys only: a block-diagonal mask (on T5's bias, if any)
+            same = packing.same_sequence(keys)
+            if attn_bias is not None:
+                attn_bias = attn_bias.masked_fill(~same, float("-inf"))
+            else:
+                attn_bias = same if self.backend != "torch" else \
+                    torch.zeros(same.shape, dtype=q.dtype, device=q.device).masked_fill_(~same, float("-inf"))
             packed = None
         if self.backend == "torch":
             out = _torch_attention(q, k, v, causal, key_padding_mask, p, window,
@@ -783,8 +788,9 @@ class Block(nn.Module):
         norm = getattr(self, post, None)
         return x if norm is None else norm(x)
 
-    def forward(self, h: Tensor, residual: Optional[Tensor], *, memory=None, memory_mask=None,
+    def forward(self, h: Tensor, residual: Optional[Tensor], *, memory=None, memory_mask=None, memory_packing=None,
                 **attn_kw) -> Tuple[Tensor, Optional[Tensor]]:
+        cross_kw = {} if memory_packing is None else dict(packing=attn_kw.get("packing"), packing_kv=memory_packing)
         if self.parallel:  # attention and MLP both read the stream; their outputs join it together
             x, residual = self.norm1.pre(h, residual)
             x2 = x if self.norm2 is None else self.norm2(residual)
@@ -794,12 +800,13 @@ class Block(nn.Module):
             h = self._drop(self._out(self.attn(x, **attn_kw), "post_norm1"))
             if memory is not None:
                 x, residual = self.norm_x.pre(h, residual)
-                h = self._drop(self.cross_attn(x, key_padding_mask=memory_mask, memory=memory))
+                h = self._drop(self.cross_attn(x, key_padding_mask=memory_mask, memory=memory, **cross_kw))
             x, residual = pre_norm(self.norm2, h, residual)
             return self._drop(self._out(self.mlp(x), "post_norm2")), residual
         h = self.norm1.post(self._drop(self.attn(h, **attn_kw)), h)
         if memory is not None:
-            h = self.norm_x.post(self._drop(self.cross_attn(h, key_padding_mask=memory_mask, memory=memory)), h)
+            h = self.norm_x.post(self._drop(self.cross_attn(h, key_padding_mask=memory_mask, memory=memory,
+                                                            **cross_kw)), h)
         return self.norm2.post(self._drop(self.mlp(h)), h), None
 
 

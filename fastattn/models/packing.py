@@ -14,9 +14,11 @@ class Packing(NamedTuple):
     cu_seqlens: Optional[Tensor]  # (N + 1,) int32 offsets of the N sequences over the B * L tokens; None when tracing
     max_len: int  # the longest sequence (0 when tracing)
 
-    def same_sequence(self) -> Tensor:
-        """(B, 1, L, L) bool: query i and key j are tokens of one sequence (the mask the dense path takes)."""
-        return (self.seq_ids[:, :, None] == self.seq_ids[:, None, :])[:, None]
+    def same_sequence(self, keys: Optional["Packing"] = None) -> Tensor:
+        """(B, 1, L, S) bool: query i and key j are tokens of one sequence (the mask the dense path takes); keys: the
+        keys' packing when they are another's (cross-attention: sequence n of the keys is sequence n here)."""
+        k = self.seq_ids if keys is None else keys.seq_ids
+        return (self.seq_ids[:, :, None] == k[:, None, :])[:, None]
 
 
 def check_position_ids(position_ids: Tensor, input_ids: Tensor, max_len: int) -> Tensor:
@@ -35,17 +37,17 @@ def check_position_ids(position_ids: Tensor, input_ids: Tensor, max_len: int) ->
     return position_ids
 
 
-def packing_of(position_ids: Tensor) -> Optional[Packing]:
-    """The packing that (B, L) position_ids describe, or None when each row is one sequence. Under torch.compile
-    (whose graphs cannot depend on the values) a Packing is always made, without offsets: the layers then take
-    the dense path with a block-diagonal mask."""
+def packing_of(position_ids: Tensor, always: bool = False) -> Optional[Packing]:
+    """The packing that (B, L) position_ids describe, or None when each row is one sequence (unless ``always``).
+    Under torch.compile (whose graphs cannot depend on the values) a Packing is always made, without offsets: the
+    layers then take the dense path with a block-diagonal mask."""
     B, L = position_ids.shape
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
     seq_ids = starts.reshape(-1).cumsum(0).view(B, L) - 1
     if torch.compiler.is_compiling():
         return Packing(seq_ids, None, 0)
-    if not bool(starts[:, 1:].any()):
+    if not always and not bool(starts[:, 1:].any()):
         return None
     first = torch.nonzero(starts.reshape(-1)).flatten()
     cu = torch.cat([first, first.new_full((1,), B * L)]).to(torch.int32)

@@ -27,6 +27,7 @@ from .graphs import check_cuda_graph
 from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, init_weights,
                      check_skip_padding, drop, embed_tokens, keep_mask, lm_head_loss, make_norm, padding_or_none,
                      token_positions, run_block)
+from .packing import Packing, check_position_ids, packing_of
 from .speculative import speculation, speculative_generate
 
 
@@ -146,32 +147,45 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
     def _embed_decoder(self, ids: Tensor, positions: Tensor):
         return self._embed(ids, positions, self.dec_pos, self.dec_embed_norm, "decoder_input_ids")
 
-    def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        """Encoder output (B, S, d_model) and its key_padding_mask (B, S) (True = padding) or None."""
+    def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *, positions: Optional[Tensor] = None,
+               packing: Optional[Packing] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """Encoder output (B, S, d_model) and its key_padding_mask (B, S) (True = padding) or None; ``positions`` and
+        ``packing``: packed sequences (forward's position_ids)."""
         B, S = input_ids.shape
         pad = padding_or_none(keep_mask(input_ids, attention_mask, self.config.max_seq_len), attention_mask)
-        positions = token_positions(input_ids, self.config.pad_token_id, self.config.roberta_positions)
+        if positions is None:
+            positions = token_positions(input_ids, self.config.pad_token_id, self.config.roberta_positions)
         h, rotary = self._embed(input_ids, positions, self.enc_pos, self.enc_embed_norm, "input_ids")
-        bias = None if self.enc_rel is None else self.enc_rel(positions[:1], positions[0])
+        bias, extra = None, {} if packing is None else {"packing": packing}
+        if self.enc_rel is not None:  # T5: by column when packed (a sequence's columns are its positions, shifted)
+            cols = torch.arange(S, device=input_ids.device) if packing is not None else positions[0]
+            bias = self.enc_rel(cols[None] if packing is not None else positions[:1], cols)
         residual = None
         for block in self.encoder:
-            h, residual = run_block(self, block, h, residual, key_padding_mask=pad, rotary=rotary, attn_bias=bias)
+            h, residual = run_block(self, block, h, residual, key_padding_mask=pad, rotary=rotary, attn_bias=bias,
+                                    **extra)
         return (self.enc_norm_f.post(h, residual) if self.enc_norm_f is not None else h), pad
 
     def decode(self, decoder_input_ids: Tensor, positions: Tensor, memory_kv: List[Tuple[Tensor, Tensor]],
                memory_pad: Optional[Tensor], *, causal: Optional[str] = "bottom_right",
                key_padding_mask: Optional[Tensor] = None, input_pos: Optional[Tensor] = None,
-               use_cache: bool = False, cache_end: Optional[int] = None) -> Tensor:
-        """Decoder hidden states (B, T, d_model); ``memory_kv``: each layer's cross-attention K/V."""
+               use_cache: bool = False, cache_end: Optional[int] = None, packing: Optional[Packing] = None,
+               memory_packing: Optional[Packing] = None) -> Tensor:
+        """Decoder hidden states (B, T, d_model); ``memory_kv``: each layer's cross-attention K/V; ``packing`` /
+        ``memory_packing``: packed sequences of the decoder and of the memory (sequence n reads sequence n)."""
         h, rotary = self._embed_decoder(decoder_input_ids, positions)
         bias = None  # keys: the (first cache_end slots of the) cache when decoding (slot = position), else the inputs
-        if self.dec_rel is not None:
+        if self.dec_rel is not None and packing is not None:  # by column when packed, as the encoder's
+            cols = torch.arange(decoder_input_ids.shape[1], device=decoder_input_ids.device)
+            bias = self.dec_rel(cols[None], cols)
+        elif self.dec_rel is not None:
             bias = self.dec_rel(positions, self.cache_index[:cache_end] if use_cache else positions[0])
+        extra = {} if packing is None else {"packing": packing, "memory_packing": memory_packing}
         residual = None
         for block, mem in zip(self.decoder, memory_kv):
             h, residual = run_block(self, block, h, residual, memory=mem, memory_mask=memory_pad, causal=causal,
                                     key_padding_mask=key_padding_mask, rotary=rotary, input_pos=input_pos,
-                                    use_cache=use_cache, attn_bias=bias, cache_end=cache_end)
+                                    use_cache=use_cache, attn_bias=bias, cache_end=cache_end, **extra)
         return self.dec_norm_f.post(h, residual) if self.dec_norm_f is not None else h
 
     def shift_right(self, labels: Tensor) -> Tensor:
@@ -182,19 +196,33 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 decoder_input_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None, *,
-                skip_logits: Optional[bool] = None) -> ModelOutput:
+                skip_logits: Optional[bool] = None, position_ids: Optional[Tensor] = None,
+                decoder_position_ids: Optional[Tensor] = None) -> ModelOutput:
         """.logits (B, T, V) of the decoder; .loss: cross-entropy against labels (B, T) (-100 ignored; no shift:
         the decoder inputs are the labels shifted right when decoder_input_ids is None). ``skip_logits`` (default:
         in training, given labels): on the fastattn backend the loss comes from fastattn.linear_cross_entropy
-        without the logits, and .logits is None."""
+        without the logits, and .logits is None. ``position_ids`` (B, S) and ``decoder_position_ids`` (B, T), both
+        or neither, without an attention_mask: packed pairs, each row holding the same number of sources and of
+        targets (positions restarting at each), source n of a row read by target n only, each attending within
+        itself (attention_varlen; decoder_input_ids are then the caller's: each target's own start token)."""
+        packed = position_ids is not None or decoder_position_ids is not None
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("decoder_input_ids: needed when labels is None")
+            if packed:
+                raise ValueError("decoder_input_ids: needed with position_ids (each packed target starts with its "
+                                 "own start token; shifting the labels right would start only the first)")
             decoder_input_ids = self.shift_right(labels)
         keep_mask(decoder_input_ids, None, self.config.max_seq_len, "decoder_input_ids")  # checks shape and length
-        memory, pad = self.encode(input_ids, attention_mask)
-        positions = token_positions(decoder_input_ids, self.config.pad_token_id, self.config.roberta_positions)
-        h = self.decode(decoder_input_ids, positions, [b.cross_attn.memory(memory) for b in self.decoder], pad)
+        enc_pack = dec_pack = enc_pos = None
+        if packed:
+            enc_pos, positions, enc_pack, dec_pack = self._packed(input_ids, attention_mask, decoder_input_ids,
+                                                                  position_ids, decoder_position_ids)
+        else:
+            positions = token_positions(decoder_input_ids, self.config.pad_token_id, self.config.roberta_positions)
+        memory, pad = self.encode(input_ids, attention_mask, positions=enc_pos, packing=enc_pack)
+        h = self.decode(decoder_input_ids, positions, [b.cross_attn.memory(memory) for b in self.decoder], pad,
+                        packing=dec_pack, memory_packing=enc_pack)
         if labels is None:
             return ModelOutput(logits=self.lm_head(h))
         if labels.shape != decoder_input_ids.shape:
@@ -203,6 +231,25 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         logits, loss = lm_head_loss(self.lm_head, h, labels, self.config.backend,
                                     self.training if skip_logits is None else skip_logits)
         return ModelOutput(logits=logits, loss=loss)
+
+    def _packed(self, input_ids, attention_mask, decoder_input_ids, position_ids, decoder_position_ids):
+        """forward's packed pairs: (encoder positions, decoder positions, their Packings), checked."""
+        if position_ids is None or decoder_position_ids is None:
+            raise ValueError("position_ids, decoder_position_ids: give both (the sources' and the targets' positions "
+                             "of packed pairs) or neither")
+        if attention_mask is not None:
+            raise ValueError("position_ids: packed pairs take no attention_mask (each sequence is found from its "
+                             "positions)")
+        n = self.config.max_seq_len
+        enc_pos = check_position_ids(position_ids, input_ids, n)
+        dec_pos = check_position_ids(decoder_position_ids, decoder_input_ids, n)
+        enc, dec = packing_of(enc_pos, always=True), packing_of(dec_pos, always=True)
+        if not torch.compiler.is_compiling():
+            counts = [pk.seq_ids[:, -1] - pk.seq_ids[:, 0] + 1 for pk in (enc, dec)]  # sequences a row
+            if not torch.equal(*counts):
+                raise ValueError(f"position_ids, decoder_position_ids: each row needs as many targets as sources, "
+                                 f"got {counts[0].tolist()} sources and {counts[1].tolist()} targets")
+        return enc_pos, dec_pos, enc, dec
 
     @classmethod
     def from_hf(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides) -> "Seq2Seq":
