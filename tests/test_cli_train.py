@@ -457,10 +457,47 @@ def test_clm_pack_cli(tmp_path, sft_pairs, capsys):
     assert main(["eval", str(out), "--data", str(sft_pairs), "--batches", "1"]) == 0
     capsys.readouterr()
     for extra, msg in ((["--data", str(tmp_path / "none.txt")], "--pack: packs --data files of source / target"),
-                       (["--task", "mlm", "--arch", "bert"], "--pack packs the clm task's"),
+                       (["--task", "mlm", "--arch", "bert"], "--pack packs the clm and seq2seq tasks'"),
                        (["--mode", "prompt"], "--pack with --mode prompt")):
         if "none.txt" in extra[1]:
             (tmp_path / "none.txt").write_text("plain text, not pairs.\n" * 50)
         rc = main(["train", *TINY, "--pack", "--out", str(tmp_path / "bad"), *extra])
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and "Traceback" not in err, err
+
+
+def test_seq2seq_pack_rows_train_each_pair_alone(sft_pairs, tmp_path, capsys):
+    """--task seq2seq --pack: encoder and decoder rows of --seq-len tokens holding several pairs each and a filler
+    pair; the Seq2Seq's loss on them equals its loss on the same pairs padded one a row; the CLI trains on them."""
+    import types
+    from fastattn.cli.tasks import IGNORE, Seq2SeqTask
+    from fastattn.data import Tokenizer
+    from fastattn.models import Seq2Seq, Seq2SeqConfig
+    tok = Tokenizer()
+    task = Seq2SeqTask(types.SimpleNamespace(data=[str(sft_pairs)], val_fraction=0.1, seq_len=40, pack=True), tok)
+    inputs, labels = task.batch("train", 2, torch.Generator().manual_seed(0))
+    assert set(inputs) == {"input_ids", "position_ids", "decoder_input_ids", "decoder_position_ids"}
+    assert labels.shape == inputs["decoder_input_ids"].shape == (2, 40)
+    pairs = []  # each row's pairs, read back from where the positions restart
+    for r in range(2):
+        bounds = [[t for t in range(40) if inputs[k][r, t] == 0] + [40] for k in ("position_ids",
+                                                                                  "decoder_position_ids")]
+        assert len(bounds[0]) == len(bounds[1]) >= 3  # as many sources as targets, and the filler pair
+        for (a, b), (c, d) in zip(zip(bounds[0], bounds[0][1:]), zip(bounds[1], bounds[1][1:])):
+            if (labels[r, c:d] != IGNORE).any():
+                pairs.append((inputs["input_ids"][r, a:b], inputs["decoder_input_ids"][r, c:d], labels[r, c:d]))
+    torch.manual_seed(0)
+    model = Seq2Seq(Seq2SeqConfig(vocab_size=tok.vocab_size, d_model=32, n_layer=1, n_decoder_layer=1, n_head=2,
+                                  max_seq_len=40)).double()
+    packed = model(**inputs, labels=labels).loss
+    pad = torch.nn.utils.rnn.pad_sequence
+    src = pad([s for s, _, _ in pairs], batch_first=True, padding_value=tok.pad_id)
+    mask = pad([torch.ones(len(s), dtype=torch.long) for s, _, _ in pairs], batch_first=True)
+    alone = model(src, attention_mask=mask, decoder_input_ids=pad([d for _, d, _ in pairs], batch_first=True,
+                                                                  padding_value=tok.pad_id),
+                  labels=pad([t for _, _, t in pairs], batch_first=True, padding_value=IGNORE)).loss
+    torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-10)
+    out = tmp_path / "s2s"
+    assert main(["train", *TINY, "--task", "seq2seq", "--seq-len", "40", "--data",
+                 str(sft_pairs), "--pack", "--out", str(out)]) == 0
+    capsys.readouterr()

@@ -12,7 +12,8 @@
               the tokens, mean length 3) each replaced by the next sentinel; the decoder writes the sentinels each
               followed by its span, then a last sentinel and the end token. --data files of source / target pairs
               (.jsonl {"source", "target"} or .csv source,target): supervised fine-tuning, the decoder writes
-              each target
+              each target (--pack: encoder and decoder rows of --seq-len tokens, several pairs each, target n
+              reading source n only)
     classify  labelled JSONL / CSV texts, one label per text (accuracy)
 
 Losses: ``label_kwargs(target)`` gives the model's own label arguments, whose loss equals ``loss(out, target)``
@@ -75,7 +76,7 @@ class CLMTask:
         if self.pairs is not None and self.name not in ("clm", "seq2seq"):
             raise DataError(f"--task {self.name} reads text, not source / target pairs ({cfg.data[0]})")
         self.chat = getattr(cfg, "chat", False) and self.name == "clm"
-        self.pack = getattr(cfg, "pack", False) and self.name == "clm"
+        self.pack = getattr(cfg, "pack", False) and self.name in ("clm", "seq2seq")
         if self.pack and self.pairs is None:
             raise DataError("--pack: packs --data files of source / target pairs (text blocks are full rows already)")
         if self.chat and (self.pairs is None or not hasattr(tokenizer, "encode_chat")):
@@ -307,8 +308,42 @@ class Seq2SeqTask(CLMTask):
         return {"input_ids": ids, "attention_mask": mask,
                 "decoder_input_ids": dec.masked_fill(dec == IGNORE, self.tok.pad_id)}
 
+    def _packed_pairs_batch(self, rows, batch_size, generator):
+        """batch_size rows of --seq-len encoder tokens and as many decoder tokens, random pairs back to back (one that
+        does not fit starts the next rows), each row ending in a filler pair of padding (at least one token on each
+        side, no target: the counts of sources and targets a row stay equal); positions restart at each."""
+        L, pad = self.cfg.seq_len, self.tok.pad_id
+        start = self.tok.pad_id if self.sentinels else self.tok.eos_id
+        out = {k: [] for k in ("input_ids", "position_ids", "decoder_input_ids", "decoder_position_ids", "labels")}
+        row = {k: [] for k in out}
+
+        def close():
+            fe, fd = L - len(row["input_ids"]), L - len(row["labels"])
+            for k, fill in (("input_ids", [pad] * fe), ("position_ids", list(range(fe))),
+                            ("decoder_input_ids", [pad] * fd), ("decoder_position_ids", list(range(fd))),
+                            ("labels", [IGNORE] * fd)):
+                out[k].append(row[k] + fill)
+                row[k] = []
+
+        while len(out["labels"]) < batch_size:
+            j = int(torch.randint(0, len(rows), (1,), generator=generator))
+            src, tgt = self._encode_text(rows[j][0])[:L - 1], self._encode_text(rows[j][1])[:L - 1]
+            if len(row["input_ids"]) + len(src) > L - 1 or len(row["labels"]) + len(tgt) > L - 1:
+                close()
+                if len(out["labels"]) == batch_size:
+                    break
+            row["input_ids"] += src
+            row["position_ids"] += range(len(src))
+            row["decoder_input_ids"] += [start] + tgt[:-1]
+            row["decoder_position_ids"] += range(len(tgt))
+            row["labels"] += tgt
+        batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+        return batch, batch.pop("labels")
+
     def batch(self, split, batch_size, generator=None, index=None):
         g = generator if generator is not None else torch.Generator().manual_seed(2000 + (index or 0))
+        if self.pack and split == "train":  # held-out batches stay padded: the same loss, a fixed order
+            return self._packed_pairs_batch(self.pairs[0], batch_size, generator)
         if self.pairs is not None:
             ids, mask, labels = self._pairs_batch(split, batch_size, generator, index)
             return self._inputs(ids, mask, labels), labels
@@ -322,7 +357,9 @@ class Seq2SeqTask(CLMTask):
         return self._inputs(ids, mask, x), x
 
     def tokens(self, inputs):
-        return inputs["attention_mask"].sum().item() + inputs["decoder_input_ids"].numel()
+        mask = inputs.get("attention_mask")  # none in packed rows
+        return (inputs["input_ids"].numel() if mask is None else mask.sum().item()) + \
+            inputs["decoder_input_ids"].numel()
 
     def label_kwargs(self, target):
         return {"labels": target}  # Seq2Seq: the decoder's position t predicts labels[t]

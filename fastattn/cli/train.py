@@ -74,8 +74,8 @@ class TrainConfig:
                                        "Marian, NLLB, T5, ... ; the README lists them)")
     chat: bool = opt(False, "clm on source / target pairs: each source as a user turn of the tokenizer's chat template "
                             "(an instruct model's), the target as the reply")
-    pack: bool = opt(False, "clm on source / target pairs: training rows of --seq-len tokens, several examples "
-                            "each, no padding (each example attends only within itself)")
+    pack: bool = opt(False, "clm / seq2seq on source / target pairs: training rows of --seq-len tokens, several "
+                            "examples each, no padding (each example attends only within itself)")
     mode: str = opt("full", "fine-tuning: full, frozen (heads only), lora (adapters), prompt (soft prompt)",
                     choices=["full", "frozen", "lora", "prompt"])
     lora_rank: int = opt(8, "LoRA rank")
@@ -124,8 +124,8 @@ class TrainConfig:
             raise CLIError("give --init or --init-hf, not both")
         if self.chat and self.task != "clm":
             raise CLIError(f"--chat formats the clm task's source / target pairs, not --task {self.task}")
-        if self.pack and self.task != "clm":
-            raise CLIError(f"--pack packs the clm task's source / target pairs, not --task {self.task}")
+        if self.pack and self.task not in ("clm", "seq2seq"):
+            raise CLIError(f"--pack packs the clm and seq2seq tasks' source / target pairs, not --task {self.task}")
         if self.pack and self.mode == "prompt":
             raise CLIError("--pack with --mode prompt: a soft prompt would sit in front of a whole row of examples")
         if self.tokenizer == "hf" and not self.init_hf:
