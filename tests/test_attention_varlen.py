@@ -317,3 +317,14 @@ def test_varlen_attn_matches_torch_on_gpu(window):
     with fastattn.backend("reference"):
         exact = fastattn.varlen_attn(q.float(), k.float(), v.float(), *cu, window_size=window, enable_gqa=True)
     assert_bounded("varlen_attn", ours, exact, theirs, torch.bfloat16)
+
+
+def test_meta_device_gives_shapes():
+    """On the meta device (shapes only, as torch's ops run there) the output, lse and gradients' shapes."""
+    q = torch.empty(12, 4, 16, device="meta", requires_grad=True)
+    k = torch.empty(9, 2, 16, device="meta")
+    cu_q = torch.empty(4, dtype=torch.int32, device="meta")
+    out, lse = fastattn.attention_varlen(q, k, k, cu_q, cu_q, causal=True, return_lse=True)
+    assert out.shape == (12, 4, 16) and lse.shape == (12, 4) and out.device.type == "meta"
+    out.sum().backward()
+    assert q.grad.shape == q.shape

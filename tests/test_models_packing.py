@@ -177,3 +177,13 @@ def test_seq2seq_packed_bad_input():
     two_targets[0, 4] = 4  # the second target joins the first: 2 targets for 3 sources
     with pytest.raises(ValueError, match=r"as many targets as sources, got \[3\] sources and \[2\] targets"):
         m(**{**batch, "decoder_position_ids": two_targets})
+
+
+def test_packed_rows_on_the_meta_device():
+    """Shapes only (a model built under torch.device("meta")): packed rows take the block-diagonal path, as under
+    torch.compile, since no offset can be read there."""
+    with torch.device("meta"):
+        m = GPT(GPTConfig(vocab_size=50, d_model=32, n_layer=2, n_head=4, max_seq_len=32))
+    ids, pos, _ = packed_batch(rows=2)
+    out = m(ids.to("meta"), position_ids=pos.to("meta"), labels=ids.to("meta"))
+    assert out.loss.device.type == "meta" and out.loss.shape == ()

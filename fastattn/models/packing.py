@@ -21,6 +21,11 @@ class Packing(NamedTuple):
         return (self.seq_ids[:, :, None] == k[:, None, :])[:, None]
 
 
+def _readable(t: Tensor) -> bool:
+    """Whether t's values can be read here: not while torch.compile traces, not on the meta device (shapes only)."""
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
+
+
 def check_position_ids(position_ids: Tensor, input_ids: Tensor, max_len: int) -> Tensor:
     """position_ids (B, L) or (1, L) integers in [0, max_len) as (B, L); errors name the argument."""
     if not isinstance(position_ids, Tensor) or position_ids.is_floating_point() or position_ids.dim() != 2 or \
@@ -30,7 +35,7 @@ def check_position_ids(position_ids: Tensor, input_ids: Tensor, max_len: int) ->
         raise ValueError(f"position_ids: expected an integer tensor {tuple(input_ids.shape)} (or (1, "
                          f"{input_ids.shape[1]})) like input_ids, got {what} {shape}")
     position_ids = position_ids.to(input_ids.device).expand(input_ids.shape)
-    if not torch.compiler.is_compiling() and position_ids.numel() and \
+    if _readable(position_ids) and position_ids.numel() and \
             (int(position_ids.min()) < 0 or int(position_ids.max()) >= max_len):
         raise ValueError(f"position_ids: expected values in [0, max_seq_len={max_len}), got "
                          f"[{int(position_ids.min())}, {int(position_ids.max())}]")
@@ -39,13 +44,13 @@ def check_position_ids(position_ids: Tensor, input_ids: Tensor, max_len: int) ->
 
 def packing_of(position_ids: Tensor, always: bool = False) -> Optional[Packing]:
     """The packing that (B, L) position_ids describe, or None when each row is one sequence (unless ``always``).
-    Under torch.compile (whose graphs cannot depend on the values) a Packing is always made, without offsets: the
-    layers then take the dense path with a block-diagonal mask."""
+    Under torch.compile (whose graphs cannot depend on the values) and on the meta device a Packing is always made,
+    without offsets: the layers then take the dense path with a block-diagonal mask."""
     B, L = position_ids.shape
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
     seq_ids = starts.reshape(-1).cumsum(0).view(B, L) - 1
-    if torch.compiler.is_compiling():
+    if not _readable(position_ids):
         return Packing(seq_ids, None, 0)
     if not always and not bool(starts[:, 1:].any()):
         return None

@@ -244,7 +244,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         enc_pos = check_position_ids(position_ids, input_ids, n)
         dec_pos = check_position_ids(decoder_position_ids, decoder_input_ids, n)
         enc, dec = packing_of(enc_pos, always=True), packing_of(dec_pos, always=True)
-        if not torch.compiler.is_compiling():
+        if enc.cu_seqlens is not None:  # values readable (not traced, not on the meta device)
             counts = [pk.seq_ids[:, -1] - pk.seq_ids[:, 0] + 1 for pk in (enc, dec)]  # sequences a row
             if not torch.equal(*counts):
                 raise ValueError(f"position_ids, decoder_position_ids: each row needs as many targets as sources, "

@@ -66,8 +66,11 @@ def _bhld(t: Tensor, rows: slice) -> Tensor:
 
 
 def ref_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi, p: AttnParams, bottom_right: bool):
-    """Each sequence on attention_ref; differentiable (torch ops) when its inputs require grad."""
+    """Each sequence on attention_ref; differentiable (torch ops) when its inputs require grad. On the meta device
+    (shapes only) the outputs' shapes."""
     B, H = cu_q.shape[0] - 1, q.shape[1]
+    if q.device.type == "meta":
+        return q.new_empty(q.shape[0], H, v.shape[2]), q.new_empty(B, H, max_q, dtype=torch.float32)
     dmask = ref_dropout_mask(p, B, H, max_q, max_k, q.device) if p.dropout_p > 0 else None
     outs, lse = [], torch.full((B, H, max_q), math.inf, dtype=torch.float32, device=q.device)
     for b, qs, ks in _sequences(cu_q, cu_k):
@@ -83,6 +86,8 @@ def ref_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi, p: AttnParams, bottom_righ
 
 
 def ref_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi, p: AttnParams, bottom_right: bool):
+    if q.device.type == "meta":
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     B, H = cu_q.shape[0] - 1, q.shape[1]
     dmask = ref_dropout_mask(p, B, H, max_q, max_k, q.device) if p.dropout_p > 0 else None
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -221,6 +226,8 @@ def _offsets(name: str, cu, rows: int, max_len, q: Tensor, validate: bool) -> Tu
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, (int, torch.SymInt))
                                 or max_len < 0):
         raise ArgumentError(f"max_seqlen{name[10:]}: expected an int >= 0, got {max_len!r}")
+    if cu.device.type == "meta":  # shapes only: nothing to read, nothing to check
+        return cu.to(torch.int32), 0 if max_len is None else max_len
     if graph_capture() or not validate:  # the offsets are not read: the caller's max length is taken as given
         if max_len is None:
             raise ArgumentError(f"max_seqlen{name[10:]}: required under torch.compile / tracing, and with "
