@@ -1,7 +1,9 @@
 """pytest-benchmark: HF transformers models with attn_implementation="fastattn" against "sdpa" (torch's attention),
 same weights, same run. BERT-base sized encoder forward (CPU: fp32, batch 8 x 128; GPU: bf16, batch 32 x 512),
 unpadded and with right padding (a quarter of each row but the first); "fastattn+convert" also swaps the
-LayerNorms (fastattn.convert). On GPU also a Llama-style 1B config's prefill (GQA, causal; bf16, 2 x 2048).
+LayerNorms (fastattn.convert). On GPU also a Llama-style 1B config's prefill (GQA, causal; bf16, 2 x 2048). A small
+Llama's training step on one row of packed sequences (padding-free training): "sdpa" on transformers' full mask
+against "fastattn" on attention_varlen.
 Random weights from configs: no hub. Skipped without transformers."""
 import copy
 
@@ -88,3 +90,44 @@ def test_llama_1b_prefill(benchmark, llama_1b, impl):
     ids, mask = _inputs(llama_1b[0].config.vocab_size, B, L, False)
     run(benchmark, llama_1b, impl, ids, mask, f"hf llama-1b prefill {B}x{L}",
         dict(op="hf-llama-1b-prefill", direction="fwd", width=L, batch=B))
+
+
+@pytest.fixture(scope="module")
+def llama_small():
+    cfg = (dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                num_key_value_heads=4) if GPU else
+           dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2))
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, vocab_size=32000,
+                                                                      max_position_embeddings=8192)).to(DTYPE)
+
+
+@pytest.mark.parametrize("impl", ["torch-sdpa", "fastattn"])
+def test_llama_packed_training_step(benchmark, llama_small, impl):
+    """Padding-free training (DataCollatorWithFlattening's batches: one row of sequences, position_ids restarting):
+    a forward + backward of a small Llama. "sdpa" gets transformers' full (1, 1, L, L) mask of the packed pattern;
+    "fastattn" runs attention_varlen on the sequences. Sequence lengths uniform in [L/16, L/4]."""
+    L = 4096 if GPU else 1024
+    g = torch.Generator().manual_seed(0)
+    lens = []
+    while sum(lens) < L:
+        lens.append(min(int(torch.randint(L // 16, L // 4 + 1, (1,), generator=g)), L - sum(lens)))
+    ids = torch.randint(0, 32000, (1, L), generator=g).to(DEVICE)
+    pos = torch.cat([torch.arange(n) for n in lens])[None].to(DEVICE)
+    model = llama_small.train()
+    model.set_attn_implementation("sdpa" if impl == "torch-sdpa" else "fastattn")
+
+    def step():
+        model(input_ids=ids, position_ids=pos, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+        sync(DEVICE)
+
+    step()
+    benchmark.group = f"hf llama packed training step 1x{L} ({len(lens)} sequences)"
+    benchmark.extra_info.update(op="hf-llama-packed-train", direction="fwd+bwd", width=L, batch=1, impl=impl,
+                                device=DEVICE, dtype=str(DTYPE)[6:], sequences=len(lens))
+    benchmark.pedantic(step, warmup_rounds=1, rounds=ROUNDS, iterations=1)
+    if benchmark.stats is not None:
+        benchmark.extra_info["tokens/s"] = L / benchmark.stats.stats.median
