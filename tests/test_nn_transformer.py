@@ -360,8 +360,8 @@ def test_encoder_inference_nested_tensor_path(left_aligned, kpm_dtype, hooked, m
     if hooked:
         ours.layers[1].register_forward_hook(lambda m, args, out: None)
     packed = []
-    real_varlen = fnn.transformer.attention_varlen
-    monkeypatch.setattr(fnn.transformer, "attention_varlen", lambda *a, **kw: packed.append(a[3].tolist()) or
+    real_varlen = fnn.packed.attention_varlen
+    monkeypatch.setattr(fnn.packed, "attention_varlen", lambda *a, **kw: packed.append(a[3].tolist()) or
                         real_varlen(*a, **kw))
     B, L = 3, 6
     x = seq(True, B, L, g)
@@ -586,3 +586,55 @@ def test_trace_records_fastattn_ops_and_script_refuses(name):
     assert any(n.kind() == "fastattn::add_norm_fwd" for n in traced.inlined_graph.nodes())
     with pytest.raises(RuntimeError, match=f"fastattn.nn.{name} cannot be scripted"):
         torch.jit.script(m)
+
+
+# ---- NestedTensor inputs (torch's inference fast path takes them) ----------------------------------------------
+def _nested(g, lens=(3, 5, 1)):
+    return torch.nested.nested_tensor([torch.randn(n, D, generator=g) for n in lens])
+
+
+def _equal_nested(a, b):
+    assert a.is_nested and b.is_nested
+    for u, v in zip(a.unbind(), b.unbind(), strict=True):
+        torch.testing.assert_close(v, u, atol=1e-5, rtol=1e-5)
+
+
+def test_mha_nested_tensor_input():
+    """torch's MultiheadAttention takes a (strided) NestedTensor on its inference fast path (self-attention,
+    batch_first, no mask, need_weights=False) and returns one; ours runs each sequence on attention_varlen and
+    returns the same. Where torch's fast path would not take it, both raise AssertionError."""
+    g = torch.Generator().manual_seed(12)
+    theirs, ours = twins("MultiheadAttention", D, NHEAD, batch_first=True)
+    theirs.eval()
+    ours.eval()
+    x, y = _nested(g), _nested(g)
+    with torch.inference_mode():
+        _equal_nested(theirs(x, x, x, need_weights=False)[0], ours(x, x, x, need_weights=False)[0])
+        for average in (True, False):  # weights as torch pads them: (N, [H,] L, L), zeros outside each sequence
+            (a, wa), (b, wb) = (m(x, x, x, average_attn_weights=average) for m in (theirs, ours))
+            _equal_nested(a, b)
+            torch.testing.assert_close(wb, wa, atol=1e-5, rtol=1e-5)
+        for m in (theirs, ours):  # cross-attention: not on torch's fast path
+            with pytest.raises(AssertionError, match="NestedTensor"):
+                m(x, y, y, need_weights=False)
+    ours.train()
+    with torch.no_grad(), pytest.raises(AssertionError, match="training is enabled"):
+        ours(x, x, x, need_weights=False)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_encoder_layer_and_encoder_nested_tensor_input(norm_first):
+    g = torch.Generator().manual_seed(13)
+    theirs, ours = layer_twins("encoder", batch_first=True, norm_first=norm_first)
+    enc_t = torch.nn.TransformerEncoder(theirs, 2, norm=torch.nn.LayerNorm(D), enable_nested_tensor=False)
+    enc_o = fnn.TransformerEncoder(ours, 2, norm=fnn.LayerNorm(D), enable_nested_tensor=False)
+    enc_o.load_state_dict(enc_t.state_dict())
+    for m in (theirs, ours, enc_t, enc_o):
+        m.eval()
+    x = _nested(g)
+    with torch.inference_mode():
+        _equal_nested(theirs(x), ours(x))
+        _equal_nested(enc_t(x), enc_o(x))
+    ours.train()
+    with torch.no_grad(), pytest.raises(AssertionError, match="training is enabled"):
+        ours(x)

@@ -278,12 +278,17 @@ class MultiheadAttention(nn.MultiheadAttention):
     **One difference from torch:** a query whose keys are all masked out attends to nothing: its attention output is
     0 (so the module's output there is out_proj.bias), its weights 0 and its gradients 0, as everywhere in fastattn.
     torch gives the same on the CPU with need_weights=False in its general path, but NaN with need_weights=True and
-    on its inference fast path. A NestedTensor input is refused (torch takes one on its inference fast path only).
+    on its inference fast path. A NestedTensor input (strided) runs where torch's fast path takes one (inference,
+self-attention, batch_first, no mask): each sequence on attention_varlen, a NestedTensor out (and the weights padded
+as torch's are); elsewhere it raises torch's AssertionError.
     """
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        if isinstance(query, Tensor) and query.is_nested:  # torch's inference fast path takes one
+            from .packed import mha_nested
+            return mha_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights)
         out, weights = mha_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         return out.view(*query.shape[:-1], self.embed_dim), weights

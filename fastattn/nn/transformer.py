@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.add_norm import add_layer_norm, add_norm_rows_nograd, plain_rows
-from ..ops.attention import attention_varlen
 from ..ops.batching import autocast_on
 from ..ops.dropout import dropout
 from ._torchscript import refuse_script
 from .activation import MultiheadAttention, linear_rows, mha_forward
+from .packed import Rows, nested_refusal, self_attention_rows
 from .normalization import LayerNorm, autocast_fp32
 
 _Activation = Union[str, Callable[[Tensor], Tensor]]
@@ -198,6 +198,19 @@ def _check_float_or_bool(name: str, mask: Optional[Tensor]) -> None:
         raise AssertionError(f"only bool and floating types of {name} are supported, got {mask.dtype}")
 
 
+def _refuse_nested(layer: nn.Module, src: Tensor, src_mask: Optional[Tensor],
+                   src_key_padding_mask: Optional[Tensor]) -> None:
+    """torch's AssertionError for a NestedTensor src its encoder layer's fast path would not take."""
+    why = nested_refusal(layer.self_attn, src, src, src, (src_mask, src_key_padding_mask),
+                         _fast_path_tensors(layer, src)) if layer.activation_relu_or_gelu else \
+        "activation is not relu or gelu"
+    if why is None and (layer.training or any(_has_hooks(m) for m in layer.modules())):
+        why = "training is enabled" if layer.training else "a module has hooks"
+    if why is not None:
+        raise AssertionError(f"TransformerEncoderLayer does not support a NestedTensor src outside of its fast "
+                             f"path: {why}")
+
+
 def _rows(x: Tensor, name: str) -> Tensor:
     """x (..., E) as (T, E) rows (a view when x is contiguous)."""
     if x.is_nested:  # torch's layers take one on their inference fast path only
@@ -267,16 +280,6 @@ def _attn_rows(layer: nn.Module, attn: nn.Module, x: Tensor, mem: Optional[Tenso
     return _dropout(dropout, a, layer.training)
 
 
-def _varlen_rows(attn: MultiheadAttention, x: Tensor, cu: Tensor, max_len: int) -> Tensor:
-    """Self-attention (inference, no dropout) of packed sequences: x (T, E) rows, sequence b being rows
-    cu[b]:cu[b + 1]; the projections of mha_forward and attention_varlen on their heads. Returns (T, E) rows."""
-    T, E = x.shape
-    H = attn.num_heads
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(T, 3, H, E // H)
-    out = attention_varlen(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, max_len, max_len, validate=False)
-    return linear_rows(out.reshape(T, E), attn.out_proj.weight, attn.out_proj.bias)
-
-
 class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     """torch.nn.TransformerEncoderLayer on fastattn's fused attention and add + LayerNorm kernels (same constructor,
     forward, parameters, state_dict keys and outputs; in eval mode too, where torch takes its fused fast path)."""
@@ -299,6 +302,11 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                 is_causal: bool = False) -> Tensor:
         _check_float_or_bool("src_key_padding_mask", src_key_padding_mask)
         _check_float_or_bool("src_mask", src_mask)
+        if isinstance(src, Tensor) and src.is_nested:  # torch's inference fast path takes one
+            _refuse_nested(self, src, src_mask, src_key_padding_mask)
+            packed = Rows.of_nested(src)
+            return packed.nested(self._forward_rows(packed.rows, lambda x: self_attention_rows(self.self_attn, x,
+                                                                                               packed)))
         # the dtypes of a sublayer's output and the residual stream differ under autocast only: torch's general
         # path adds them in the promoted dtype, its fused inference path in the sublayer's
         promote = not (autocast_on(src.device.type)
@@ -403,6 +411,10 @@ class TransformerEncoder(nn.TransformerEncoder):
                 is_causal: Optional[bool] = None) -> Tensor:
         _check_float_or_bool("src_key_padding_mask", src_key_padding_mask)
         _check_float_or_bool("mask", mask)
+        if isinstance(src, Tensor) and src.is_nested and self._packable():  # torch's layers' fast path takes one
+            for mod in self.layers:
+                _refuse_nested(mod, src, mask, src_key_padding_mask)
+            return self._rows_forward(Rows.of_nested(src), nested=True)
         first = self.layers[0]
         batch_first = first.self_attn.batch_first
         padded_rows = None
@@ -435,16 +447,19 @@ class TransformerEncoder(nn.TransformerEncoder):
         layer, then zeros at the padding and the final norm, as torch's nested tensors give."""
         x = src if batch_first else src.transpose(0, 1)  # (B, L, E)
         keep = padded_rows.logical_not()
-        lens = keep.sum(1)
-        cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
-        max_len = int(lens.max()) if lens.numel() else 0
-        rows = x[keep]  # (T, E), row by row
-        for mod in self.layers:
-            rows = mod._forward_rows(rows, lambda inp, mod=mod: _varlen_rows(mod.self_attn, inp, cu, max_len))
         out = x.new_zeros(x.shape)
-        out[keep] = rows
+        out[keep] = self._rows_forward(Rows(x[keep], keep.sum(1).tolist()))  # (T, E), row by row
         out = out if batch_first else out.transpose(0, 1)
         return self.norm(out) if self.norm is not None else out
+
+    def _rows_forward(self, packed: Rows, nested: bool = False) -> Tensor:
+        """Packed sequences through every layer: (T, E) rows, or (nested) a NestedTensor after the final norm."""
+        rows = packed.rows
+        for mod in self.layers:
+            rows = mod._forward_rows(rows, lambda inp, mod=mod: self_attention_rows(mod.self_attn, inp, packed))
+        if not nested:
+            return rows
+        return packed.nested(self.norm(rows) if self.norm is not None else rows)
 
     def _nested_path(self, src: Tensor, mask: Optional[Tensor], src_key_padding_mask: Optional[Tensor]) -> bool:
         """Whether torch's TransformerEncoder.forward would take its nested-tensor (sparsity) fast path."""
