@@ -211,7 +211,7 @@ def test_set_attn_implementation_and_packed_sequences(saved, arch, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "bert"])
-def test_flash_attention_kwargs_without_position_ids(saved, arch):
+def test_flash_attention_kwargs_without_position_ids(saved, arch, monkeypatch):
     """DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=False): one row, the sequences
     given only by cu_seq_lens_q / _k (positions run on across them, as with flash_attention_2). The sequences must
     not see each other: the same outputs as eager with the block-diagonal causal mask (Mistral's window; BERT's
@@ -228,12 +228,16 @@ def test_flash_attention_kwargs_without_position_ids(saved, arch):
         return o.last_hidden_state if arch == "bert" else o.logits
 
     cache = {} if arch == "bert" else dict(use_cache=False)
+    checked = []  # the offsets are checked on the host by the first layer only
+    real = fhf.attention_varlen
+    monkeypatch.setattr(fhf, "attention_varlen", lambda *a, **kw: checked.append(kw["validate"]) or real(*a, **kw))
     with torch.no_grad():
         got = out(load(saved, arch, "fastattn")(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7,
                                                 max_length_k=7, **cache))
         models = [load(saved, arch, "eager", dt) for dt in (torch.float32, torch.float64)]
         want, want64 = (out(m(input_ids=ids, attention_mask=torch.zeros(1, 1, 14, 14, dtype=dt).masked_fill(
             ~keep, torch.finfo(dt).min), **cache)) for m, dt in zip(models, (torch.float32, torch.float64)))
+    assert checked == [True, False]
     assert_bounded(f"{arch} flash kwargs", got, want64, want, torch.float32)
 
 
