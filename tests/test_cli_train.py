@@ -501,3 +501,23 @@ def test_seq2seq_pack_rows_train_each_pair_alone(sft_pairs, tmp_path, capsys):
     assert main(["train", *TINY, "--task", "seq2seq", "--seq-len", "40", "--data",
                  str(sft_pairs), "--pack", "--out", str(out)]) == 0
     capsys.readouterr()
+
+
+def test_pack_refuses_data_with_nothing_to_learn(tmp_path):
+    """--pack never draws forever: pairs whose every example is one token (or has an empty side) are a DataError."""
+    import types
+    from fastattn.cli.tasks import CLMTask, Seq2SeqTask
+    from fastattn.data import DataError, Tokenizer
+    path = tmp_path / "empty.jsonl"
+    path.write_text("".join(json.dumps({"source": "", "target": ""}) + "\n" for _ in range(10)))
+    cfg = types.SimpleNamespace(data=[str(path)], val_fraction=0.1, seq_len=16, pack=True)
+    task = CLMTask(cfg, Tokenizer())
+    task.tok = types.SimpleNamespace(pad_id=0, eos_id=1, encode=lambda s: [], encode_prompt=lambda s: [])
+    task._enc.clear()
+    with pytest.raises(DataError, match="every training example is a single token"):
+        task.batch("train", 2, torch.Generator().manual_seed(0))
+    s2s = Seq2SeqTask(cfg, Tokenizer())
+    s2s.tok = task.tok
+    s2s._enc.clear()
+    with pytest.raises(DataError, match="every training example has an empty source or target"):
+        s2s.batch("train", 2, torch.Generator().manual_seed(0))

@@ -52,6 +52,20 @@ def pick(rows, batch_size, generator, index):
     return [(index * batch_size + j) % len(rows) for j in range(batch_size)]
 
 
+class _Usable:
+    """A packer's guard against drawing forever: ``usable(ok)`` passes ok through, and after many draws in a row that
+    were not ok, checks every row once (``test``) and raises a DataError when none is."""
+
+    def __init__(self, rows, test, what: str):
+        self.rows, self.test, self.what, self.misses = rows, test, what, 0
+
+    def __call__(self, ok: bool) -> bool:
+        self.misses = 0 if ok else self.misses + 1
+        if self.misses > 4 * len(self.rows) + 16 and not any(self.test(r) for r in self.rows):
+            raise DataError(f"--pack: every training example {self.what}")
+        return ok
+
+
 def pair_splits(cfg):
     """(train, val) (source, target) pairs when every --data file holds pairs, else None (text to model)."""
     if not cfg.data or not all(is_pairs_file(p) for p in cfg.data):
@@ -114,9 +128,10 @@ class CLMTask:
         L, pad = self.cfg.seq_len, self.tok.pad_id
         ids, pos, tgt = [], [], []
         row = ([], [], [])
+        usable = _Usable(rows, lambda r: len(self._example(*r)[0]) >= 2, "is a single token (nothing to predict)")
         while len(ids) < batch_size:
             e, n = self._example(*rows[int(torch.randint(0, len(rows), (1,), generator=generator))])
-            if len(e) < 2:
+            if not usable(len(e) >= 2):
                 continue
             if len(row[0]) + len(e) - 1 > L:
                 filler = L - len(row[0])
@@ -325,9 +340,13 @@ class Seq2SeqTask(CLMTask):
                 out[k].append(row[k] + fill)
                 row[k] = []
 
+        usable = _Usable(rows, lambda r: bool(self._encode_text(r[0]) and self._encode_text(r[1])),
+                         "has an empty source or target")
         while len(out["labels"]) < batch_size:
             j = int(torch.randint(0, len(rows), (1,), generator=generator))
             src, tgt = self._encode_text(rows[j][0])[:L - 1], self._encode_text(rows[j][1])[:L - 1]
+            if not usable(bool(src and tgt)):
+                continue
             if len(row["input_ids"]) + len(src) > L - 1 or len(row["labels"]) + len(tgt) > L - 1:
                 close()
                 if len(out["labels"]) == batch_size:
