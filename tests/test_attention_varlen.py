@@ -328,3 +328,20 @@ def test_meta_device_gives_shapes():
     assert out.shape == (12, 4, 16) and lse.shape == (12, 4) and out.device.type == "meta"
     out.sum().backward()
     assert q.grad.shape == q.shape
+
+
+def test_cpu_binding_checks_its_arguments():
+    """The C++ entry point checks what it reads itself (it is callable without the Python checks): offsets, max
+    lengths, the ALiBi slopes' shape, each named in the error."""
+    skip_if_not_built("cpu", "attention_varlen_fwd")
+    from fastattn import _ext
+    q = torch.randn(7, 2, 8)
+    good = torch.tensor([0, 3, 7], dtype=torch.int32)
+    call = _ext._C.attention_varlen_fwd_cpu
+    tail = (1.0, False, True, -1, -1, 0.0, 0.0, 0, 0)
+    for cu, mx, alibi, match in ((torch.tensor([0, 5, 3, 7], dtype=torch.int32), 7, None, "cu_seqlens_q"),
+                                 (good, 3, None, r"cu_seqlens_q gives sequence 1 length 4 \(must be in \[0, "
+                                                 r"max_seqlen=3\]\)"),
+                                 (good, 4, torch.zeros(3, 2), r"alibi must have shape \[2, 2\]")):
+        with pytest.raises(RuntimeError, match=match):
+            call(q, q, q, cu, good if cu is not good else cu, mx, 7, alibi, *tail)

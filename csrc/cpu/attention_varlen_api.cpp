@@ -66,13 +66,15 @@ struct Batch {
 };
 
 Batch read_batch(const Checker& c, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
+                 const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
+                 const c10::optional<at::Tensor>& alibi) {
   check_packed(c, q, k, v);
   Batch s{read_offsets(c, cu_q, "cu_seqlens_q", q.size(0), max_q),
           read_offsets(c, cu_k, "cu_seqlens_k", k.size(0), max_k), 0};
   FA_CHECK(s.q_off.size() == s.k_off.size(), c.op, ": cu_seqlens_q and cu_seqlens_k must have one length, got ",
            s.q_off.size(), " and ", s.k_off.size());
   s.B = int64_t(s.q_off.size()) - 1;
+  if (alibi && alibi->defined()) c.shape_is(*alibi, "alibi", {s.B, q.size(1)}, "(B, H)");
   return s;
 }
 
@@ -86,10 +88,7 @@ struct Common {
 void fill_seq(const Checker& c, cpu::AttnArgs& a, const at::Tensor& qb, const at::Tensor& kb, const at::Tensor& vb,
               const c10::optional<at::Tensor>& alibi, int64_t b, const Common& p) {
   c10::optional<at::Tensor> alibi_b;
-  if (alibi && alibi->defined()) {
-    c.shape_is(*alibi, "alibi", {alibi->size(0), qb.size(1)}, "(B, H)");
-    alibi_b = alibi->narrow(0, b, 1);
-  }
+  if (alibi && alibi->defined()) alibi_b = alibi->narrow(0, b, 1);  // (B, H), checked by read_batch
   const int64_t diag = p.bottom_right ? kb.size(2) - qb.size(2) : 0;
   fill_args(c, a, qb, kb, vb, c10::nullopt, alibi_b, p.scale, p.causal, diag, p.window_left, p.window_right,
             p.softcap, p.dropout_p, p.seed, p.offset);
@@ -105,7 +104,7 @@ std::vector<at::Tensor> attention_varlen_fwd_cpu(const at::Tensor& q, const at::
                                                  int64_t window_right, double softcap, double dropout_p,
                                                  int64_t seed, int64_t offset) {
   const Checker c{"attention_varlen_fwd_cpu"};
-  const Batch s = read_batch(c, q, k, v, cu_q, cu_k, max_q, max_k);
+  const Batch s = read_batch(c, q, k, v, cu_q, cu_k, max_q, max_k, alibi);
   const auto &oq = s.q_off, &ok = s.k_off;
   const int64_t B = s.B, H = q.size(1);
   const Common p{scale, softcap, dropout_p, causal, bottom_right, window_left, window_right, seed, offset, max_q,
@@ -135,7 +134,7 @@ std::vector<at::Tensor> attention_varlen_bwd_cpu(const at::Tensor& dout, const a
                                                  int64_t window_right, double softcap, double dropout_p,
                                                  int64_t seed, int64_t offset) {
   const Checker c{"attention_varlen_bwd_cpu"};
-  const Batch s = read_batch(c, q, k, v, cu_q, cu_k, max_q, max_k);
+  const Batch s = read_batch(c, q, k, v, cu_q, cu_k, max_q, max_k, alibi);
   const auto &oq = s.q_off, &ok = s.k_off;
   const int64_t B = s.B, H = q.size(1);
   const std::vector<int64_t> o_shape = {q.size(0), H, v.size(2)};
