@@ -234,22 +234,22 @@ def _flash_kwargs_forward(module, query: Tensor, key: Tensor, value: Tensor, mas
 _last_checked = (None, None)  # the flash kwargs' offsets checked last (weak references, versions), their max lengths
 
 
-_last_offsets = (None, None)  # (a weak reference to the mask and its version, (cu_seqlens, longest))
+_last_offsets = []  # the last few masks' (weak reference, version, (cu_seqlens, longest)), newest last
 
 
 def _offsets_of(mask: Tensor, ids: Tensor) -> Tuple[Tensor, int]:
     """The cumulative lengths (int32) and the longest sequence of packed ids (B, L), found once per mask: every
-    layer of a forward gets the same mask object, and finding them reads the ids on the host."""
-    global _last_offsets
-    key, found = _last_offsets
-    if key is not None and key[0]() is mask and key[1] == mask._version:
-        return found
+    layer of a forward gets the same mask object (one per kind of layer: Gemma-2 alternates two), and finding them
+    reads the ids on the host."""
+    for ref, version, found in _last_offsets:
+        if ref() is mask and version == mask._version:
+            return found
     B, L = ids.shape
     flat = (ids + torch.arange(B, device=ids.device)[:, None] * (L + 1)).reshape(-1)  # numbers unique across rows
     starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
     cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), B * L)]).to(torch.int32)
     found = (cu, int((cu[1:] - cu[:-1]).max()))
-    _last_offsets = ((weakref.ref(mask), mask._version), found)
+    _last_offsets[:] = _last_offsets[-3:] + [(weakref.ref(mask), mask._version, found)]
     return found
 
 

@@ -247,6 +247,9 @@ def test_packed_offsets_found_once_per_mask():
     first = fhf._offsets_of(ids, ids)
     assert first[0].tolist() == [0, 2, 5, 8, 10] and first[1] == 3
     assert fhf._offsets_of(ids, ids) is first
+    other = torch.tensor([[0, 1, 1, 1, 1], [2, 2, 2, 2, 3]])  # another kind of layer's mask in between
+    assert fhf._offsets_of(other, other)[0].tolist() == [0, 1, 5, 9, 10]
+    assert fhf._offsets_of(ids, ids) is first
     ids[1, 3:] = 2  # changed in place: found again
     assert fhf._offsets_of(ids, ids)[0].tolist() == [0, 2, 5, 10]
 
