@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from .ops.attention import attention, attention_varlen
+from .ops.attention.varlen import cu_seqlens_of_starts
 
 log = logging.getLogger("fastattn")
 
@@ -244,11 +245,9 @@ def _offsets_of(mask: Tensor, ids: Tensor) -> Tuple[Tensor, int]:
     for ref, version, found in _last_offsets:
         if ref() is mask and version == mask._version:
             return found
-    B, L = ids.shape
-    flat = (ids + torch.arange(B, device=ids.device)[:, None] * (L + 1)).reshape(-1)  # numbers unique across rows
-    starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
-    cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), B * L)]).to(torch.int32)
-    found = (cu, int((cu[1:] - cu[:-1]).max()))
+    starts = torch.ones_like(ids, dtype=torch.bool)  # each row's first token, and where the ids change
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    found = cu_seqlens_of_starts(starts)
     _last_offsets[:] = _last_offsets[-3:] + [(weakref.ref(mask), mask._version, found)]
     return found
 

@@ -8,6 +8,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ..ops.attention.varlen import cu_seqlens_of_starts
+
 
 class Packing(NamedTuple):
     seq_ids: Tensor  # (B, L) int64: each token's sequence, numbered over the whole batch (unique across rows)
@@ -54,6 +56,4 @@ def packing_of(position_ids: Tensor, always: bool = False) -> Optional[Packing]:
         return Packing(seq_ids, None, 0)
     if not always and not bool(starts[:, 1:].any()):
         return None
-    first = torch.nonzero(starts.reshape(-1)).flatten()
-    cu = torch.cat([first, first.new_full((1,), B * L)]).to(torch.int32)
-    return Packing(seq_ids, cu, int((cu[1:] - cu[:-1]).max()))
+    return Packing(seq_ids, *cu_seqlens_of_starts(starts))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.attention import attention_varlen
+from ..ops.attention.varlen import cu_seqlens_of_lengths
 from ..ops.batching import autocast_on
 from .activation import linear_rows
 
@@ -20,7 +21,7 @@ class Rows:
 
     def __init__(self, rows: Tensor, lens: List[int]):
         self.rows, self.lens = rows, lens
-        self.cu = torch.tensor([0] + lens, device=rows.device).cumsum(0).to(torch.int32)
+        self.cu = cu_seqlens_of_lengths(lens, rows.device)
         self.max_len = max(lens, default=0)
 
     @classmethod

@@ -29,7 +29,7 @@ from ...errors import ArgumentError
 from ...reference import decode_attention_ref
 from ..batching import graph_capture, is_transformed
 from .params import AttnParams
-from .validation import as_float, softmax_scale
+from .validation import as_float, check_float_tensors, softmax_scale
 
 log = logging.getLogger("fastattn")
 
@@ -117,19 +117,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     torch's meaning (True = padding, ignored). softcap > 0: scores become softcap * tanh(scores / softcap).
     A row with no key gives 0. Returns out (B, H, L, Ev), and lse (B, H, L) float32 when return_lse.
     """
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ArgumentError(f"{name}: expected 4 dims, got shape {tuple(t.shape)}")
-        if t.dtype not in FLOATS + (torch.float64,):
-            raise ArgumentError(f"{name}: dtype {t.dtype} is not supported (float16, bfloat16, float32, float64)")
-    if not q.dtype == k_cache.dtype == v_cache.dtype:
-        raise ArgumentError(f"q, k_cache, v_cache: dtypes must match, got {q.dtype}, {k_cache.dtype}, "
-                            f"{v_cache.dtype}")
-    if not q.device == k_cache.device == v_cache.device:
-        raise ArgumentError(f"q, k_cache, v_cache: devices must match, got {q.device}, {k_cache.device}, "
-                            f"{v_cache.device}")
+    check_float_tensors((("q", q), ("k_cache", k_cache), ("v_cache", v_cache)), 4, "4 dims")
     B, H, L, E = q.shape
     Hk, S = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape[0] != B or k_cache.shape[3] != E:

@@ -57,6 +57,23 @@ def autocast_qkv(q, k, v) -> Tuple[Tensor, Tensor, Tensor]:
     return tuple(t.to(dtype) if t.dtype in FLOATS else t for t in (q, k, v))
 
 
+def check_float_tensors(named, ndim: int, shape_desc: str) -> None:
+    """Each (name, t) of named a Tensor of ndim dims and a supported float dtype, all of one dtype and one device;
+    errors name the argument (``shape_desc``: what ndim dims mean, for the message)."""
+    for name, t in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != ndim:
+            raise ArgumentError(f"{name}: expected {shape_desc}, got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise ArgumentError(f"{name}: dtype {t.dtype} is not supported (float16, bfloat16, float32, float64)")
+    names, ts = ", ".join(n for n, _ in named), [t for _, t in named]
+    if len({t.dtype for t in ts}) > 1:
+        raise ArgumentError(f"{names}: dtypes must match, got {', '.join(str(t.dtype) for t in ts)}")
+    if len({t.device for t in ts}) > 1:
+        raise ArgumentError(f"{names}: devices must match, got {', '.join(str(t.device) for t in ts)}")
+
+
 def check_qkv(q, k, v, enable_gqa: bool) -> Layout:
     """Checks query, key, value as torch's SDPA does and returns the broadcast layout: every dim but the last two
     broadcasts; with enable_gqa the heads (dim -3) of key and value each divide the query's instead."""

@@ -23,7 +23,7 @@ cpu (each sequence a batch of one on the CPU kernels, through views: csrc/cpu/at
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -37,7 +37,7 @@ from ..dropout import dropout_rng
 from .dispatch import FLOATS, ref_dropout_mask
 from .function import DroppedAttention
 from .params import AttnParams, params_schema
-from .validation import CAUSAL, as_float, autocast_qkv, softmax_scale
+from .validation import CAUSAL, as_float, autocast_qkv, check_float_tensors, softmax_scale
 
 
 class VarlenRequest(NamedTuple):
@@ -193,17 +193,7 @@ varlen_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- the public API ------------------------------------------------------------------------------------------
 def _check_tensors(q, k, v) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ArgumentError(f"{name}: expected 3-D (total rows, heads, head dim), got shape {tuple(t.shape)}")
-        if t.dtype not in FLOATS + (torch.float64,):
-            raise ArgumentError(f"{name}: dtype {t.dtype} is not supported (float16, bfloat16, float32, float64)")
-    if not q.dtype == k.dtype == v.dtype:
-        raise ArgumentError(f"q, k, v: dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not q.device == k.device == v.device:
-        raise ArgumentError(f"q, k, v: devices must match, got {q.device}, {k.device}, {v.device}")
+    check_float_tensors((("q", q), ("k", k), ("v", v)), 3, "3-D (total rows, heads, head dim)")
     if k.shape[2] != q.shape[2]:
         raise ArgumentError(f"k: head dim {k.shape[2]} != q's {q.shape[2]}")
     if v.shape[:2] != k.shape[:2]:
@@ -309,6 +299,19 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if not return_lse:
         return out
     return out, _packed_lse(lse, cu_q, q.shape[0])
+
+
+def cu_seqlens_of_starts(starts: Tensor) -> Tuple[Tensor, int]:
+    """The int32 offsets (over the B * L tokens, row by row) and the longest of the sequences that begin where
+    ``starts`` (B, L) bool is True (each row's first token one of them). Reads the starts on the host."""
+    first = torch.nonzero(starts.reshape(-1)).flatten()
+    cu = torch.cat([first, first.new_full((1,), starts.numel())]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+
+def cu_seqlens_of_lengths(lens: List[int], device) -> Tensor:
+    """The int32 offsets of sequences of these lengths: 0, lens[0], lens[0] + lens[1], ..."""
+    return torch.tensor([0] + list(lens), device=device).cumsum(0).to(torch.int32)
 
 
 def _packed_lse(lse: Tensor, cu_q: Tensor, rows: int) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ...errors import ArgumentError
-from .varlen import attention_varlen
+from .varlen import attention_varlen, cu_seqlens_of_lengths
 
 
 def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Optional[Tensor], max_q: int,
@@ -82,5 +82,4 @@ def _used_keys(key: Tensor, value: Tensor, cu_k: Optional[Tensor], used: Optiona
         idx = torch.cat([torch.arange(a, a + u) for a, u in zip(off, lens)] or [torch.zeros(0, dtype=torch.long)])
         flat_k, flat_v = key, value
     idx = idx.to(key.device)
-    cu = torch.tensor([0] + lens, device=key.device).cumsum(0).to(torch.int32)
-    return flat_k[idx], flat_v[idx], cu, max(lens, default=0)
+    return flat_k[idx], flat_v[idx], cu_seqlens_of_lengths(lens, key.device), max(lens, default=0)
