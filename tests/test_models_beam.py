@@ -271,11 +271,11 @@ def test_processors_equal_transformers_processors():
 @pytest.mark.parametrize("warp", [dict(min_p=0.2), dict(typical_p=0.7), dict(top_k=20, top_p=0.9, min_p=0.05),
                                   dict(top_p=0.8, typical_p=0.9), dict(min_p=0.0), dict(typical_p=1.0)])
 def test_sampling_warpers_equal_transformers(warp):
-    """The distribution sampling draws from (layers.warped_probs) equals softmax of transformers' warpers applied in
+    """The distribution sampling draws from (generation.warped_probs) equals softmax of transformers' warpers applied in
     its order (temperature, top-k, top-p, min-p, typical) to the same logits."""
     from transformers.generation import logits_process as lp
 
-    from fastattn.models.layers import Sampling, warped_probs
+    from fastattn.models.generation import Sampling, warped_probs
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
     T = 0.7
     chain = [lp.TemperatureLogitsWarper(T)]

@@ -92,7 +92,7 @@ def test_sliding_window_and_alibi_are_for_gpt_only():
 
 def test_alibi_slopes_are_blooms():
     """Press et al.'s slopes: 2^(-8i/n) for n a power of two; else the lower power's and every other of the next."""
-    from fastattn.models.layers import alibi_slopes
+    from fastattn.models.positions import alibi_slopes
     assert alibi_slopes(4).tolist() == [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8]
     assert alibi_slopes(6).tolist() == [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3]
 

@@ -10,7 +10,7 @@ import torch
 from conftest import assert_bounded
 from fastattn.models import GPT, GPTConfig, Seq2Seq, Seq2SeqConfig
 from fastattn.models.decode_step import DecodeStep
-from fastattn.models.layers import CacheMixin
+from fastattn.models.generation import CacheMixin
 from fastattn.models.speculative import _LookupDraft
 
 VOCAB = 53
@@ -336,7 +336,7 @@ def test_sampling_follows_the_model_distribution(draft, warp):
     codes = (out[:, -new:] * V ** torch.arange(new - 1, -1, -1)).sum(1)
     counts = torch.bincount(codes, minlength=V ** new).double()
     # exact probabilities: the product of each step's warped distribution, every continuation at once
-    from fastattn.models.layers import Sampling, warped_probs
+    from fastattn.models.generation import Sampling, warped_probs
     seqs = torch.cartesian_prod(*[torch.arange(V)] * new)  # (V^new, new), in the codes' order
     full = torch.cat([prompt.expand(len(seqs), -1), seqs], 1)
     with torch.no_grad():

@@ -52,7 +52,8 @@ The interface (stable; the CLI builds on it):
 from .bert import BERT, BERTConfig, BERTForSequenceClassification
 from .checkpoint import CheckpointError
 from .gpt import GPT, GPTConfig
-from .layers import ModelConfig, ModelOutput
+from .config import ModelConfig
+from .layers import ModelOutput
 from .seq2seq import Seq2Seq, Seq2SeqConfig
 from .speculative import SpeculationStats
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import hugepages
-from .layers import Sampling, check_sampling, eos_ids, generation_loop
+from .generation import Sampling, check_sampling, eos_ids, generation_loop
 from .graphs import GraphedStep
 
 EarlyStopping = Union[bool, str]

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bert_hf import load_bert
-from .layers import (Block, ModelConfig, ModelOutput, Positions, PretrainedMixin, activation_fn, init_weights,
-                     check_skip_padding, drop, embed_tokens, keep_mask, lm_head_loss, make_norm, padding_or_none,
-                     token_positions, run_block)
+from .config import ModelConfig
+from .layers import (Block, ModelOutput, PretrainedMixin, activation_fn, init_weights, check_skip_padding, drop,
+                     embed_tokens, keep_mask, lm_head_loss, make_norm, padding_or_none, token_positions, run_block)
+from .positions import Positions
 
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 POOLER_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}

@@ -30,7 +30,8 @@ from ..ops.attention import attention
 from ..ops.attention.decode import routed_kernel
 from ..ops.batching import has_torch_function_subclass
 from ..ops.gemv import gemv_kernel
-from .layers import MLP, Attention, Block, Norm, apply_rotary, pick_rotary, pre_norm, softcap, window_padding
+from .layers import MLP, Attention, Block, Norm, pre_norm, softcap, window_padding
+from .positions import apply_rotary, pick_rotary
 from .moe import MoE
 
 log = logging.getLogger("fastattn")

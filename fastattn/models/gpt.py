@@ -26,9 +26,11 @@ from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
 from .generation_lock import one_generation_at_a_time
 from .graphs import check_cuda_graph
-from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, drop,
-                     embed_tokens, init_weights, keep_mask, lm_head_loss, make_norm, padding_or_none, shifted_target,
-                     softcap, run_block)
+from .config import ModelConfig
+from .generation import CacheMixin, Sampling
+from .layers import (Block, ModelOutput, PretrainedMixin, drop, embed_tokens, init_weights, keep_mask, lm_head_loss,
+                     make_norm, padding_or_none, shifted_target, softcap, run_block)
+from .positions import Positions
 from .moe import load_balancing_loss
 from .packing import Packing, check_position_ids, packing_of
 from .speculative import speculation, speculative_generate
@@ -184,7 +186,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
                  repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, output_scores: bool = False,
                  cuda_graph: bool = False) -> Tensor:
         """Continue prompts (B, L) by up to max_new_tokens: (B, L + new). temperature 0 = greedy; else sampling with
-        top_k / top_p / min_p / typical_p (layers.Sampling: transformers' warpers) from ``generator`` (seeded:
+        top_k / top_p / min_p / typical_p (generation.Sampling: transformers' warpers) from ``generator`` (seeded:
         reproducible). Batches of different lengths: left padding and
         attention_mask (1 = token). eos_token_id: an id or a list of ids (as in HF's generation_config); after one a
         sequence is padded with the first; generation stops when every sequence has finished. ``min_new_tokens``: no

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, KeyMap, hf_get
 from .gpt import GPTConfig
-from .layers import alibi_slopes
+from .positions import alibi_slopes
 
 ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu", "relu2": "relu2"}
 

@@ -4,7 +4,7 @@ sliding layers' own rotary base where rope_parameters holds one per layer type),
 from typing import Optional, Tuple
 
 from .checkpoint import CheckpointError
-from .layers import ROPE_SCALING_KEYS, ROPE_SCALING_OPTIONAL, check_rope_scaling
+from .positions import ROPE_SCALING_KEYS, ROPE_SCALING_OPTIONAL, check_rope_scaling
 
 
 def sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:

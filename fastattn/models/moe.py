@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import MLP, ModelConfig
+from .config import ModelConfig
+from .layers import MLP
 
 
 class Router(nn.Module):

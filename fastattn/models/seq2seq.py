@@ -24,9 +24,11 @@ from .checkpoint import load_mapped, place
 from .decode_step import bind_decode
 from .generation_lock import one_generation_at_a_time
 from .graphs import check_cuda_graph
-from .layers import (Block, CacheMixin, ModelConfig, ModelOutput, Positions, PretrainedMixin, Sampling, init_weights,
-                     check_skip_padding, drop, embed_tokens, keep_mask, lm_head_loss, make_norm, padding_or_none,
-                     token_positions, run_block)
+from .config import ModelConfig
+from .generation import CacheMixin, Sampling
+from .layers import (Block, ModelOutput, PretrainedMixin, init_weights, check_skip_padding, drop, embed_tokens,
+                     keep_mask, lm_head_loss, make_norm, padding_or_none, token_positions, run_block)
+from .positions import Positions
 from .packing import Packing, check_position_ids, packing_of
 from .speculative import speculation, speculative_generate
 

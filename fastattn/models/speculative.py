@@ -11,7 +11,7 @@ the weights once for up to k + 1 tokens. Drafts:
 
 Greedy (temperature 0): the output is the model's own greedy output, token for token. Sampling: draft token d is
 kept with probability min(1, p(d) / q(d)) and the first one rejected is replaced by a draw from max(p - q, 0)
-normalised (p, q: the model's and the draft's distributions after the warpers, layers.Sampling; q is one-hot for
+normalised (p, q: the model's and the draft's distributions after the warpers, generation.Sampling; q is one-hot for
 prompt lookup), so every token follows the model's distribution exactly; seeded runs repeat, but draw differently
 from generation without a draft.
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import Sampling, eos_ids, sample_next, stream_calls, warped_probs
+from .generation import Sampling, eos_ids, sample_next, stream_calls, warped_probs
 
 
 @dataclass
