@@ -18,6 +18,7 @@ from ..ops.attention import AttnParams, attention, dropout_mask, select_backend
 from ..ops.attention.api import attention_fwd_nograd, attention_packed
 from ..ops.dropout import dropout_rng
 from ..ops.batching import direct_call_ok, is_transformed
+from ..reference import attention_scores
 from ._torchscript import refuse_script
 
 
@@ -156,6 +157,8 @@ class _AttnWeights(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dw, _):
         q, k, mask, p, keep = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a double backward follows
+            return _weights_grads_with_graph(ctx, dw, q, k, mask, keep) + (None,) * 4
         dp = dw.to(p.dtype)
         if keep is not None:
             dp = dp * keep / (1.0 - ctx.dropout_p)
@@ -168,6 +171,23 @@ class _AttnWeights(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dmask = ds.sum_to_size(mask.shape).to(mask.dtype)
         return dq, dk, dmask, None, None, None, None
+
+
+def _weights_grads_with_graph(ctx, dw: Tensor, q: Tensor, k: Tensor, mask: Optional[Tensor],
+                              keep: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """_AttnWeights' gradients of q, k, mask with a graph of their own (a backward under create_graph=True): the
+    weights recomputed by torch ops (the saved P has none) and differentiated by autograd."""
+    with torch.enable_grad():
+        leaves = [t.view_as(t) if t is not None and t.requires_grad else t for t in (q, k, mask)]
+        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        s, _ = attention_scores(leaves[0].to(cdt), leaves[1].to(cdt), leaves[2], scale=ctx.scale)
+        lse = torch.logsumexp(s, -1, keepdim=True)
+        w = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0))  # a row with no key: 0
+        if keep is not None:
+            w = w * keep / (1.0 - ctx.dropout_p)
+        want = [t for t, n in zip(leaves, ctx.needs_input_grad) if n]
+        grads = iter(torch.autograd.grad(w.to(q.dtype), want, dw, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if n else None for n in ctx.needs_input_grad[:3])
 
 
 def _attention_with_keep(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float):

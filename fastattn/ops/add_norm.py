@@ -201,7 +201,7 @@ class AddNormFunction(torch.autograd.Function):
         ctx.leaf_pair = (residual is not None and all(ctx.needs_input_grad[:2]) and (x.is_leaf or residual.is_leaf))
         ctx.leaf_accumulation = None if not ctx.leaf_pair or torch.compiler.is_compiling() or \
             is_transformed(x, residual) else _LeafAccumulation(x, residual)
-        ctx.y_dtype, ctx.prenorm = y.dtype, prenorm
+        ctx.y_dtype, ctx.prenorm, ctx.eps, ctx.s_stored = y.dtype, prenorm, eps, bool(s.numel())
         ctx.meta = (x.shape, is_rms, bias is not None, backend, None if residual is None else residual.dtype,
                     None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
@@ -223,6 +223,8 @@ class AddNormFunction(torch.autograd.Function):
             ctx.leaf_accumulation is None or ctx.leaf_accumulation.runs())))
         flags = (has_bias, is_rms, dres_fp32, backend)
         compiling = torch.compiler.is_compiling()
+        if torch.is_grad_enabled() and not compiling and not is_transformed(dy2, s, weight, ds2):
+            return _grads_with_graph(ctx, dy, ds, *ctx.saved_tensors[::3])  # create_graph=True: a double backward
         if not compiling and is_transformed(dy2, s, mean, rstd, weight, ds2):  # torch.func
             dx, dres, dw, db = AddNormBackward.apply(dy2, s, mean, rstd, weight, ds2, *flags)
         else:  # the custom op for torch.compile and gradcheck's batched grads (legacy vmap)
@@ -251,6 +253,37 @@ class AddNormFunction(torch.autograd.Function):
 
 
 AddNormFunctionEager = eager_twin(AddNormFunction)
+
+
+def _grads_with_graph(ctx, dy: Optional[Tensor], ds: Optional[Tensor], base: Tensor, weight: Optional[Tensor]):
+    """AddNormFunction's gradients with a graph of their own (a backward under create_graph=True): y recomputed by
+    torch ops from the saved ``base`` (x, or with prenorm s = x + residual, itself an output whose gradient goes
+    back through this Function) and differentiated by autograd. Post-norm with a residual keeps s but not x and
+    residual, so there is no graph to give them: refused."""
+    shape, is_rms, has_bias, _, res_dtype, w_dtype, b_dtype = ctx.meta
+    need = ctx.needs_input_grad
+    if ctx.s_stored and not ctx.prenorm and (need[0] or need[1]):
+        raise RuntimeError("fastattn add+norm: a double backward (create_graph=True) through x and residual is not "
+                           "supported with prenorm=False and a residual (the forward keeps x + residual, not x and "
+                           "residual); torch's x + residual and F.layer_norm / F.rms_norm support it")
+    N = shape[-1]
+    with torch.enable_grad():
+        t = base.view_as(base) if base.requires_grad else base
+        w = weight.view_as(weight) if weight is not None and need[2] else weight
+        leaves = [x for x in (t, w) if x is not None and x.requires_grad]
+        dt = dw = None
+        if dy is not None and leaves:
+            y = add_norm_ref(t, None, w, None, ctx.eps, is_rms=is_rms, upcast=True).to(ctx.y_dtype)
+            grads = dict(zip(map(id, leaves), torch.autograd.grad(y, leaves, dy, create_graph=True,
+                                                                  allow_unused=True)))
+            dt, dw = grads.get(id(t)), grads.get(id(w))
+    if ds is not None and ctx.prenorm:
+        dt = ds if dt is None else dt + ds
+    dx = None if dt is None or not need[0] else dt.to(ctx.y_dtype)
+    dr = None if dt is None or res_dtype is None or not need[1] else dt.to(res_dtype)
+    dw = None if dw is None else dw.to(w_dtype)
+    db = dy.reshape(-1, N).sum(0).to(b_dtype) if has_bias and need[3] and dy is not None else None
+    return dx, dr, dw, db, None, None, None, None, None, None
 
 
 def _vmapped_ref_fwd(info, in_dims, x, residual, weight, bias, eps, is_rms, prenorm, s_dtype, backend, needs_grad):

@@ -146,6 +146,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if torch.is_grad_enabled() and any(ctx.needs_input_grad[:3]):  # create_graph=True
+            raise RuntimeError("fastattn.linear_cross_entropy: a double backward (create_graph=True) is not supported "
+                               "(its gradients are computed in the forward, with no graph); F.cross_entropy of "
+                               "F.linear's logits supports it")
         *grads, count = ctx.saved_tensors
         scale = g / count if count is not None else g
         out = [None if t is None else (t * scale.to(t.dtype)).to(dt) for t, dt in zip(grads, ctx.dtypes)]

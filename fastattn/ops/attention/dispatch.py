@@ -23,6 +23,7 @@ block, so a kernel draws four keys' uniforms from one Philox evaluation.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -130,6 +131,27 @@ def fwd(q, k, v, mask, alibi, p: AttnParams, backend: Optional[str]):
 def bwd(dout, q, k, v, out, lse, mask, alibi, p: AttnParams, backend: Optional[str]):
     impl = dispatcher.select(request(q, k, v, mask, alibi, p), backend)
     return impl.bwd(dout, q, k, v, out, lse, mask, alibi, p)
+
+
+def bwd_with_graph(dout, inputs, split, mask, alibi, p: AttnParams, backend: Optional[str]):
+    """The gradients of ``inputs`` (q, k, v, or the one tensor that ``split`` cuts them from) for a backward under
+    create_graph=True (a double backward: gradient penalties, MAML, Hessian-vector products), with a graph of their
+    own: the reference's forward recomputed, with the dropout mask the forward's backend drew, and differentiated by
+    autograd. The kernels' gradients have no graph: returned as the answer, they would give a silently wrong (or
+    missing) second derivative."""
+    with torch.enable_grad():
+        # views: q, k, v passed as one tensor get a gradient each; a tensor not needing one stays as it is
+        leaves = [t.view_as(t) if t.requires_grad else t for t in inputs]
+        q, k, v = split(*leaves)
+        impl = dispatcher.select(request(q, k, v, mask, alibi, p), backend or None)
+        kw = ref_kwargs(q, k, mask, alibi, dataclasses.replace(p, dropout_p=0.0))
+        if p.dropout_p > 0:
+            B, H, L, _ = q.shape
+            kw.update(dropout_p=p.dropout_p, dropout_mask=dropout_mask(impl.backend, p, B, H, L, k.shape[2], q.device))
+        out = attention_ref(q, k, v, mask, **kw)
+        want = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, want, dout, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if t.requires_grad else None for t in leaves)
 
 
 def _cpu_bwd_into(grads, dout, q, k, v, out, lse, mask, alibi, p):

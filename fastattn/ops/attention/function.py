@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..batching import eager_twin, fold, graph_capture, is_legacy_batched, is_transformed, unfold
-from .dispatch import attention_bwd_op, attention_fwd_op, bwd, bwd_into, fwd, last_dim_unit
+from .dispatch import attention_bwd_op, attention_fwd_op, bwd, bwd_into, bwd_with_graph, fwd, last_dim_unit
 from .params import AttnParams
 
 
@@ -36,6 +36,8 @@ class AttentionFunction(torch.autograd.Function):
             dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, mask, alibi, *ctx.flat, ctx.backend)
         elif is_transformed(dout, q, k, v, out, lse, mask, alibi):  # torch.func
             dq, dk, dv = AttentionBackward.apply(dout, *args)
+        elif torch.is_grad_enabled():  # create_graph=True: a double backward follows
+            dq, dk, dv = bwd_with_graph(dout, (q, k, v), _three, mask, alibi, AttnParams(*ctx.flat), ctx.backend)
         else:
             dq, dk, dv = AttentionBackward.forward(dout, *args)
         return (dq, dk, dv, None, None, None) + (None,) * len(ctx.flat)
@@ -52,9 +54,14 @@ class AttentionFunction(torch.autograd.Function):
 AttentionFunctionEager = eager_twin(AttentionFunction)
 
 
+def _three(q, k, v):
+    return q, k, v
+
+
 class AttentionBackward(torch.autograd.Function):
     """(dq, dk, dv) of AttentionFunction as a function of its own, so that torch.func can batch it (jacrev, per-sample
-    gradients) and run it on the unwrapped tensors; it has no derivative itself (no double backward)."""
+    gradients) and run it on the unwrapped tensors; it has no derivative itself (a double backward
+    outside torch.func runs on AttentionFunction.backward's create_graph path)."""
 
     @staticmethod
     def forward(dout, q, k, v, out, lse, mask, alibi, backend: str, *flat):
@@ -95,6 +102,9 @@ class PackedQKVAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         packed, out, lse, mask, alibi = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a double backward follows
+            grad, = bwd_with_graph(dout, (packed,), ctx.split, mask, alibi, AttnParams(*ctx.flat), ctx.backend)
+            return (grad, None, None, None, None) + (None,) * len(ctx.flat)
         grad = torch.empty_like(packed)
         bwd_into(ctx.split(grad), last_dim_unit(dout), *ctx.split(packed), out, lse, mask, alibi,
                  AttnParams(*ctx.flat), ctx.backend or None)
