@@ -181,6 +181,35 @@ def test_mha_gradcheck_batched():
                                     check_batched_grad=True)
 
 
+@pytest.mark.parametrize("case", ["mha-q", "mha-kv", "decoder-layer", "transformer"])
+def test_vmap_with_inputs_not_vmapped(case):
+    """vmap over some inputs only (a shared memory, one query for many key sets), parameters requiring grad: the
+    projections of the inputs that are not vmapped are plain tensors under the transform (before, an old-style
+    autograd.Function was applied to them, which torch.func refuses)."""
+    q, mem = randn(3, 4, 16), randn(5, 16, seed=1)
+    if case.startswith("mha"):
+        mods = _twins("MultiheadAttention", 16, 4)
+        if case == "mha-q":
+            def call(m):
+                return vmap(lambda a: m(a, mem, mem, need_weights=False)[0])(q)
+        else:
+            def call(m):
+                return vmap(lambda a: m(q[0], a, a, need_weights=False)[0])(q)
+    elif case == "decoder-layer":
+        mods = _twins("TransformerDecoderLayer", 16, 4, 32, dropout=0.0)
+
+        def call(m):
+            return vmap(lambda a: m(a, mem))(q)
+    else:
+        mods = _twins("Transformer", 16, 4, 1, 1, 32, dropout=0.0)
+
+        def call(m):
+            return vmap(lambda a: m(a, q[0]))(q)
+    ours, theirs = (m.eval() for m in mods)
+    assert all(p.requires_grad for p in ours.parameters())
+    torch.testing.assert_close(call(ours), call(theirs), rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
 def test_encoder_layer_per_sample_grads(norm_first):
     ours, theirs = _twins("TransformerEncoderLayer", 16, 4, 32, dropout=0.0, batch_first=True, norm_first=norm_first)

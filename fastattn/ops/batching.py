@@ -19,13 +19,17 @@ def graph_capture() -> bool:
 
 
 def is_transformed(*tensors: Optional[Tensor]) -> bool:
-    """True when any tensor is wrapped by a torch.func transform (vmap's BatchedTensor, grad's wrapper): the
-    compiled kernels cannot read such a tensor's memory, so the call must go through an autograd.Function or custom
-    op whose vmap rule torch.func applies. False while torch.compile traces: dynamo cannot call the check (a
-    graph break, an error under fullgraph), and the traced graph reaches the kernels through their custom ops."""
+    """True under a torch.func transform, or when any tensor is wrapped by one (vmap's BatchedTensor, grad's
+    wrapper): the compiled kernels cannot read such a tensor's memory, so the call must go through an
+    autograd.Function or custom op whose vmap rule torch.func applies. False while torch.compile traces: dynamo
+    cannot call the check (a graph break, an error under fullgraph), and the traced graph reaches the kernels through
+    their custom ops."""
     if torch.compiler.is_compiling():
         return False
-    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    # any transform running counts, wrapped tensors or not: under vmap a tensor that is not vmapped (a shared key, a
+    # parameter) is a plain one, and an old-style autograd.Function applied to it raises
+    return torch._C._are_functorch_transforms_active() or \
+        any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def has_torch_function_subclass(*tensors: Optional[Tensor]) -> bool:
