@@ -17,7 +17,7 @@ import functools
 import logging
 import sys
 from collections import Counter
-from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -133,10 +133,13 @@ def _same_layers(layers: nn.ModuleList) -> dict:
     first = layers[0]
     if any(type(layer) is not type(first) for layer in layers):
         raise _CannotSwap("its layers are not all of one class")
-    kw = _layer_kwargs(first)
-    if any(_layer_kwargs(layer) != kw for layer in layers[1:]):
+    def shape(layer):  # what _carry_settings does not set layer by layer
+        kw = _layer_kwargs(layer)
+        return {k: v for k, v in kw.items() if k not in ("dropout", "layer_norm_eps")}
+
+    if any(shape(layer) != shape(first) for layer in layers[1:]):
         raise _CannotSwap("its layers are not all configured alike")
-    return kw
+    return _layer_kwargs(first)
 
 
 def _build(kind: str, old: nn.Module, device, layernorm: bool) -> nn.Module:
@@ -250,11 +253,48 @@ def _swap(kind: str, old: nn.Module, layernorm: bool) -> nn.Module:
     if hooks:  # checked before _carry, whose state_dict() call would run a state_dict hook
         raise _CannotSwap(f"it has {hooks} hooks, which a new module would not carry")
     new = _build(kind, old, "meta", layernorm)
+    _carry_settings(kind, old, new)
     _carry(old, new)
     if any(t.is_meta for t in list(new.parameters()) + list(new.buffers())):  # fastattn's own extra buffers
         new = _build(kind, old, _device(old), layernorm)
+        _carry_settings(kind, old, new)
         _carry(old, new)
     return new
+
+
+def _layer_pairs(kind: str, old: nn.Module, new: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
+    """(torch's layer, its twin) for every Transformer layer in a swapped module of ``kind``."""
+    if kind in ("TransformerEncoderLayer", "TransformerDecoderLayer"):
+        return [(old, new)]
+    if kind in ("TransformerEncoder", "TransformerDecoder"):
+        return list(zip(old.layers, new.layers))
+    if kind == "Transformer":
+        return _layer_pairs("TransformerEncoder", old.encoder, new.encoder) + \
+            _layer_pairs("TransformerDecoder", old.decoder, new.decoder)
+    return []
+
+
+def _carry_settings(kind: str, old: nn.Module, new: nn.Module) -> None:
+    """What a layer's constructor does not set alike and its forward reads, as each original layer has it: every
+    norm's eps, every dropout's p and each attention's dropout (a layer may have been changed after construction,
+    and an encoder's layers one by one). A norm or dropout that is not torch's plain class is kept as it is (the
+    layer's forward calls it)."""
+    for o, n in _layer_pairs(kind, old, new):
+        for name in ("norm1", "norm2", "norm3"):
+            if hasattr(o, name):
+                if type(getattr(o, name)) is nn.LayerNorm:
+                    getattr(n, name).eps = getattr(o, name).eps
+                else:
+                    setattr(n, name, getattr(o, name))
+        for name in ("dropout", "dropout1", "dropout2", "dropout3"):
+            if hasattr(o, name):
+                if type(getattr(o, name)) is nn.Dropout:
+                    getattr(n, name).p = getattr(o, name).p
+                else:
+                    setattr(n, name, getattr(o, name))
+        for name in ("self_attn", "multihead_attn"):
+            if hasattr(o, name):
+                getattr(n, name).dropout = getattr(o, name).dropout
 
 
 # ---- skip ------------------------------------------------------------------------------------------------------

@@ -316,3 +316,25 @@ def test_state_dict_hooks_and_parametrizations_kept(caplog):
     model.load_state_dict(model.state_dict())
     assert fired == ["state_dict", "load"]
     torch.testing.assert_close(model(x), want)
+
+
+def test_layer_settings_set_after_construction_are_carried():
+    """Each norm's eps, each dropout's p and the attentions' dropout, as every original layer has them (changed
+    after construction, one layer of an encoder alone; a norm of another class is kept as it is): before, the twin
+    took the constructor's, and outputs changed silently."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, 24, dropout=0.0, batch_first=True), 3,
+                                enable_nested_tensor=False).double().eval()
+    enc.layers[1].norm2.eps = 0.5
+    enc.layers[2].norm1 = nn.RMSNorm(D, eps=1e-3, dtype=torch.float64)
+    enc.layers[0].dropout1.p, enc.layers[0].self_attn.dropout = 0.25, 0.125
+    dec = nn.TransformerDecoderLayer(D, H, 24, dropout=0.0, batch_first=True).double().eval()
+    dec.norm3.eps = 0.25
+    x, mem = torch.randn(2, 5, D, dtype=torch.float64), torch.randn(2, 6, D, dtype=torch.float64)
+    ref_enc, ref_dec = enc(x), dec(x, mem)
+    new_enc, new_dec = fastattn.convert(enc), fastattn.convert(dec)
+    assert type(new_enc) is fnn.TransformerEncoder and type(new_dec) is fnn.TransformerDecoderLayer
+    assert (new_enc(x) - ref_enc).abs().max() <= 1e-12 and (new_dec(x, mem) - ref_dec).abs().max() <= 1e-12
+    assert [layer.norm2.eps for layer in new_enc.layers] == [1e-5, 0.5, 1e-5] and new_dec.norm3.eps == 0.25
+    assert new_enc.layers[2].norm1 is enc.layers[2].norm1
+    assert (new_enc.layers[0].dropout1.p, new_enc.layers[0].self_attn.dropout) == (0.25, 0.125)
