@@ -551,3 +551,18 @@ def test_trace_records_fastattn_ops_and_script_refuses(need_weights):
     assert any(n.kind() == "fastattn::attention_fwd" for n in traced.inlined_graph.nodes())
     with pytest.raises(RuntimeError, match="fastattn.nn.MultiheadAttention cannot be scripted"):
         torch.jit.script(m)
+
+
+def test_two_float_masks_add_in_their_promoted_dtype():
+    """A float16 attn_mask beside a float32 key_padding_mask: torch adds them in float32 (before, the padding mask
+    was rounded to float16: ~1e-3 off)."""
+    theirs, ours = pair(batch_first=True)
+    theirs.eval(), ours.eval()
+    x = torch.randn(2, 5, E) * 3
+    am, kpm = torch.randn(5, 5).half(), torch.randn(2, 5) * 4
+    for need_weights in (False, True):
+        a, wa = theirs(x, x, x, attn_mask=am, key_padding_mask=kpm, need_weights=need_weights)
+        b, wb = ours(x, x, x, attn_mask=am, key_padding_mask=kpm, need_weights=need_weights)
+        assert (a - b).abs().max() <= 1e-5
+        if need_weights:
+            assert (wa - wb).abs().max() <= 1e-6

@@ -102,7 +102,8 @@ def kernel_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
         return m.logical_not() if m.dtype == torch.bool else m
     if am.dtype == torch.bool and pm.dtype == torch.bool:
         return (am | pm).logical_not()  # (B, 1, L, S) or (B, H, L, S)
-    fdt = am.dtype if am.is_floating_point() else pm.dtype
+    fdt = torch.promote_types(am.dtype, pm.dtype) if am.is_floating_point() and pm.is_floating_point() else \
+        (am.dtype if am.is_floating_point() else pm.dtype)  # two float masks add in their promoted dtype, as in torch
     am = am.to(fdt) if am.is_floating_point() else torch.zeros(am.shape, dtype=fdt, device=am.device).masked_fill_(
         am, float("-inf"))
     return am + (pm.to(fdt) if pm.is_floating_point() else pm.to(fdt).masked_fill_(pm, float("-inf")))
@@ -299,8 +300,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     0 (so the module's output there is out_proj.bias), its weights 0 and its gradients 0, as everywhere in fastattn.
     torch gives the same on the CPU with need_weights=False in its general path, but NaN with need_weights=True and
     on its inference fast path. A NestedTensor input (strided) runs where torch's fast path takes one (inference,
-self-attention, batch_first, no mask): each sequence on attention_varlen, a NestedTensor out (and the weights padded
-as torch's are); elsewhere it raises torch's AssertionError.
+    self-attention, batch_first, no mask; also with an odd head count or bias=False, which torch's refuses): each
+    sequence on attention_varlen, a NestedTensor out (and the weights padded as torch's are); elsewhere it raises
+    torch's AssertionError.
     """
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
