@@ -71,10 +71,23 @@ def test_add_layer_norm_module_prenorm():
 
 
 def test_module_rejects_wrong_trailing_shape():
+    for m in (fnn.LayerNorm(16), fnn.RMSNorm(16)):  # torch raises RuntimeError (ArgumentError is both)
+        with pytest.raises(RuntimeError, match="normalized_shape"):
+            m(torch.randn(3, 8))
     with pytest.raises(ValueError, match="normalized_shape"):
         fnn.LayerNorm(16)(torch.randn(3, 8))
     with pytest.raises(ValueError, match="normalized_shape"):
         fnn.AddLayerNorm((4, 4))
+
+
+def test_layer_norm_parameters_of_another_dtype_refused_as_torch():
+    """torch's layer_norm takes parameters of the input's dtype, or float32 beside a half input."""
+    for pdt, xdt in ((torch.float32, torch.float64), (torch.float64, torch.float32)):
+        with pytest.raises(RuntimeError, match="weight: dtype"):
+            fnn.LayerNorm(16, dtype=pdt)(torch.randn(3, 16, dtype=xdt))
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    m = fnn.LayerNorm(16)
+    torch.testing.assert_close(m(x), torch.nn.functional.layer_norm(x, (16,), m.weight, m.bias))
 
 
 def test_rmsnorm_weight_of_another_dtype_as_torch():

@@ -7,6 +7,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..errors import ArgumentError
 from ..ops.add_norm import add_layer_norm, add_rms_norm
 from ._torchscript import refuse_script
 
@@ -46,9 +47,13 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, input: Tensor) -> Tensor:
         k = len(self.normalized_shape)
         if tuple(input.shape[input.dim() - k:]) != tuple(self.normalized_shape):
-            raise ValueError(f"input: trailing shape {tuple(input.shape[input.dim() - k:])} does not match "
-                             f"normalized_shape {tuple(self.normalized_shape)}")
+            raise ArgumentError(f"input: trailing shape {tuple(input.shape[input.dim() - k:])} does not match "
+                                f"normalized_shape {tuple(self.normalized_shape)}")
         input, weight, bias = autocast_fp32(input, self.weight, self.bias)
+        for name, p in (("weight", weight), ("bias", bias)):
+            if p is not None and p.dtype != input.dtype and not (input.dtype in _HALF and p.dtype == torch.float32):
+                raise ArgumentError(f"{name}: dtype {p.dtype} with an input of {input.dtype} (torch's layer_norm "
+                                    f"takes parameters of the input's dtype, or float32 for a half input)")
         x = input.flatten(-k) if k > 1 else input
         y = add_layer_norm(x, None, _flat(weight), _flat(bias), self.eps)
         return y.view(input.shape)
@@ -63,8 +68,8 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, x: Tensor) -> Tensor:
         k = len(self.normalized_shape)
         if tuple(x.shape[x.dim() - k:]) != tuple(self.normalized_shape):
-            raise ValueError(f"x: trailing shape {tuple(x.shape[x.dim() - k:])} does not match "
-                             f"normalized_shape {tuple(self.normalized_shape)}")
+            raise ArgumentError(f"x: trailing shape {tuple(x.shape[x.dim() - k:])} does not match "
+                                f"normalized_shape {tuple(self.normalized_shape)}")
         given = x
         x, weight = autocast_fp32(x, self.weight)
         if weight is not None and weight.dtype not in (x.dtype, torch.float32):
