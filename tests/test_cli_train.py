@@ -521,3 +521,28 @@ def test_pack_refuses_data_with_nothing_to_learn(tmp_path):
     s2s._enc.clear()
     with pytest.raises(DataError, match="every training example has an empty source or target"):
         s2s.batch("train", 2, torch.Generator().manual_seed(0))
+
+
+def test_generate_seq2seq_batch_equals_each_prompt_alone(tmp_path, capsys):
+    """An encoder-decoder's sources go in right-padded (its learned positions count from the first column): before,
+    the CLI left-padded them and a shorter prompt's continuation changed in a batch. Weights scaled up, so that
+    greedy text depends on the source."""
+    from fastattn.models import Seq2Seq
+    run = train(tmp_path, "s2s", "--task", "seq2seq")
+    model = Seq2Seq.from_pretrained(str(run / "model"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    model.save_pretrained(str(run / "model"))
+    (run / "model" / "manifest.json").unlink()  # its SHA-256 sums are the trained weights' ones
+    prompts = ["Emma", "It is a truth, she said"]
+    for extra in (["--temperature", "0"], ["--num-beams", "3"]):
+        alone = []
+        for p in prompts:
+            assert main(["generate", str(run), "-p", p, "-n", "8", "--no-stream", *extra]) == 0
+            alone.append(capsys.readouterr().out.split("--- [0] ---\n")[1])
+        assert main(["generate", str(run), "-p", prompts[0], "-p", prompts[1], "-n", "8", *extra]) == 0
+        out = capsys.readouterr().out
+        assert out == f"--- [0] ---\n{alone[0]}--- [1] ---\n{alone[1]}", (out, alone)
+        assert alone[0] != alone[1]

@@ -166,7 +166,8 @@ def streams(cfg, n_prompts: int, args: dict) -> bool:
 
 
 def generate(model, tok, prompts, cfg, device, out=None, draft=None, args=None):
-    """Generate for every prompt (one left-padded batch), speculatively with the ``draft`` model or
+    """Generate for every prompt (one batch: a GPT's left-padded, an encoder-decoder's sources right-padded, as HF's
+    tokenizers pad them: its learned positions count from the first column), speculatively with the ``draft`` model or
     --prompt-lookup; ``args``: generate's sampling and search arguments (generation_args.py; from cfg when None);
     returns (texts, new tokens, seconds)."""
     out = out or sys.stdout
@@ -182,9 +183,11 @@ def generate(model, tok, prompts, cfg, device, out=None, draft=None, args=None):
     ids = torch.full((len(enc), L + n_prompt), tok.pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     mask[:, :n_prompt] = 1  # a soft prompt's placeholders (its embedding hook fills the first n_prompt positions)
+    right = hasattr(model, "encode")
     for i, e in enumerate(enc):
-        ids[i, L + n_prompt - len(e):] = torch.tensor(e)
-        mask[i, L + n_prompt - len(e):] = 1
+        at = n_prompt if right else L + n_prompt - len(e)
+        ids[i, at:at + len(e)] = torch.tensor(e)
+        mask[i, at:at + len(e)] = 1
     ids, mask = ids.to(device), mask.to(device)
     args = generation_args(cfg) if args is None else args
     beams = args.get("num_beams", 1) > 1
