@@ -92,6 +92,27 @@ def test_classify(tmp_path, labelled, mode, capsys):
     assert res["task"] == "classify" and 0 <= res["accuracy"] <= 1 and "perplexity" not in res
 
 
+def test_eval_scores_every_row_of_the_given_file(tmp_path, labelled, capsys):
+    """eval --data FILE scores each of its rows once: accuracy over the whole file, its real row count (before, the
+    10% held out of it, cycled to --batches x --batch-size)."""
+    run = train(tmp_path, "run", "--task", "classify", "--data", str(labelled), "--steps", "8", "--lr", "3e-3")
+    rows = [json.loads(line) for line in labelled.read_text().splitlines()]
+    flipped = tmp_path / "flipped.jsonl"
+    flipped.write_text("".join(json.dumps({**r, "label": {"neg": "pos", "pos": "neg"}[r["label"]]}) + "\n"
+                               for r in rows[:30]))
+    accuracy = []
+    for path, n in ((labelled, 40), (flipped, 30)):
+        assert main(["eval", str(run), "--data", str(path), "--batch-size", "7"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["examples"] == n and res["split"] == "all"
+        accuracy.append(res["accuracy"])
+    # every row scored once: the flipped file's accuracy is one minus the original's on those rows
+    (tmp_path / "first30.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:30]))
+    assert main(["eval", str(run), "--data", str(tmp_path / "first30.jsonl")]) == 0
+    first30 = json.loads(capsys.readouterr().out)["accuracy"]
+    assert abs(accuracy[1] - (1 - first30)) < 1e-9
+
+
 def test_classify_from_mlm_checkpoint(tmp_path, labelled):
     bert = train(tmp_path, "bert", "--task", "mlm")
     run = train(tmp_path, "clf", "--task", "classify", "--data", str(labelled), "--init", str(bert), "--mode",

@@ -20,8 +20,9 @@ class EvalConfig:
     checkpoint: str = opt("runs/train", "checkpoint folder, or a run folder")
     data: List[str] = opt([], "held-out data (files / folders; classify: .jsonl / .csv); default: the run's data")
     task: Optional[str] = opt(None, "clm, mlm, seq2seq or classify (default: the checkpoint's)", choices=list(TASKS))
-    split: str = opt("val", "val: the held-out split; train: the training split", choices=["val", "train"])
-    batches: int = opt(16, "batches to evaluate")
+    split: str = opt("val", "val: the held-out split; train: the training split (classify with --data: every row of "
+                     "the file is scored, once)", choices=["val", "train"])
+    batches: int = opt(16, "batches to evaluate (classify with --data: as many as its rows take)")
     batch_size: int = opt(8, "sequences per batch")
     seq_len: Optional[int] = opt(None, "tokens per sequence (default: the run's)")
     device: str = opt("auto", "cpu, cuda or auto")
@@ -81,22 +82,25 @@ def main(cfg: EvalConfig) -> int:
     if state.get("int8") and not state["int8"].get("stored") and not cfg.int8:  # QAT export: quantized on load
         from fastattn.cli.quantize import apply_recipe
         model = apply_recipe(model, state["int8"], task)
-    loss, correct, count, ntok = 0.0, 0, 0, 0
+    whole_file = tcfg.task == "classify" and bool(cfg.data)  # the user's labelled file: every row, once
+    batches = task.every_row(cfg.batch_size) if whole_file else \
+        (task.batch(cfg.split, cfg.batch_size, index=i) for i in range(cfg.batches))
+    loss, correct, count, ntok, examples, nbatches = 0.0, 0, 0, 0, 0, 0
     start = time.perf_counter()
     with torch.no_grad():
-        for i in range(cfg.batches):
-            inputs, target = task.batch(cfg.split, cfg.batch_size, index=i)
+        for inputs, target in batches:
             ntok += task.tokens(inputs)
+            rows = inputs["input_ids"].shape[0]
             inputs = {k: v.to(device) for k, v in inputs.items()}
             target = {k: v.to(device) for k, v in target.items()} if isinstance(target, dict) else target.to(device)
             out = model(**inputs)
-            loss += task.loss(out, target).item()
+            loss += task.loss(out, target).item() * (rows if whole_file else 1)  # a mean over rows / over batches
             c, n = task.correct(out, target)
-            correct, count = correct + c, count + n
+            correct, count, examples, nbatches = correct + c, count + n, examples + rows, nbatches + 1
     secs = time.perf_counter() - start
-    loss /= cfg.batches
-    result = {"checkpoint": str(cfg.checkpoint), "task": tcfg.task, "split": cfg.split, "loss": loss,
-              "accuracy": correct / max(count, 1), "examples": cfg.batches * cfg.batch_size,
+    loss /= examples if whole_file else nbatches
+    result = {"checkpoint": str(cfg.checkpoint), "task": tcfg.task, "split": "all" if whole_file else cfg.split,
+              "loss": loss, "accuracy": correct / max(count, 1), "examples": examples,
               "tokens_per_s": ntok / max(secs, 1e-9)}
     if tcfg.task in ("clm", "seq2seq", "mlm"):
         result["perplexity"] = perplexity(loss)

@@ -396,6 +396,8 @@ class ClassifyTask:
         if len(cfg.data) > 1:
             raise CLIError(f"--task classify reads one --data file (text, label per example), got {len(cfg.data)}")
         self.train, self.val, self.labels = load_labelled(cfg.data[0], max(cfg.val_fraction, 0.1))
+        # every row of the file once, in order (load_labelled hands a file too small to split as both splits)
+        self.rows = self.train if self.train is self.val else self.train + self.val
         if labels is not None:  # the data's label indices -> the model's
             unseen = [lab for lab in self.labels if lab not in labels]
             if unseen:
@@ -404,6 +406,7 @@ class ClassifyTask:
             to_model = [labels.index(lab) for lab in self.labels]
             self.train = [(text, to_model[i]) for text, i in self.train]
             self.val = [(text, to_model[i]) for text, i in self.val]
+            self.rows = [(text, to_model[i]) for text, i in self.rows]
             self.labels = list(labels)
         self._enc = {}
 
@@ -416,9 +419,16 @@ class ClassifyTask:
 
     def batch(self, split, batch_size, generator=None, index=None):
         rows = self.train if split == "train" else self.val
-        chosen = pick(rows, batch_size, generator, index)
-        ids, mask = pad_right([self._encode(rows[j][0]) for j in chosen], self.tok.pad_id)
-        return {"input_ids": ids, "attention_mask": mask}, torch.tensor([rows[j][1] for j in chosen])
+        return self._rows([rows[j] for j in pick(rows, batch_size, generator, index)])
+
+    def every_row(self, batch_size):
+        """Batches of every row of the file once, in order (``fastattn eval --data``: the user's test set)."""
+        for start in range(0, len(self.rows), batch_size):
+            yield self._rows(self.rows[start:start + batch_size])
+
+    def _rows(self, rows):
+        ids, mask = pad_right([self._encode(text) for text, _ in rows], self.tok.pad_id)
+        return {"input_ids": ids, "attention_mask": mask}, torch.tensor([label for _, label in rows])
 
     def label_kwargs(self, target):
         return None  # the loss is computed here (single-label cross-entropy over the classes)
