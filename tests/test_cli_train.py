@@ -1,6 +1,7 @@
 """CLI smoke tests of `fastattn train` (tiny models, byte tokenizer, a slice of the embedded corpus): every task and
 fine-tuning mode, the run folder's files, generate / eval / quantize / prune / distillation on the results."""
 import json
+import math
 
 import pytest
 import torch
@@ -525,20 +526,19 @@ def test_seq2seq_pack_rows_train_each_pair_alone(sft_pairs, tmp_path, capsys):
 
 
 def test_pack_refuses_data_with_nothing_to_learn(tmp_path):
-    """--pack never draws forever: pairs whose every example is one token (or has an empty side) are a DataError."""
+    """Pairs whose every example has no target token (or, packed seq2seq, an empty side) are a DataError, never an
+    endless draw."""
     import types
     from fastattn.cli.tasks import CLMTask, Seq2SeqTask
     from fastattn.data import DataError, Tokenizer
     path = tmp_path / "empty.jsonl"
     path.write_text("".join(json.dumps({"source": "", "target": ""}) + "\n" for _ in range(10)))
     cfg = types.SimpleNamespace(data=[str(path)], val_fraction=0.1, seq_len=16, pack=True)
-    task = CLMTask(cfg, Tokenizer())
-    task.tok = types.SimpleNamespace(pad_id=0, eos_id=1, encode=lambda s: [], encode_prompt=lambda s: [])
-    task._enc.clear()
-    with pytest.raises(DataError, match="every training example is a single token"):
-        task.batch("train", 2, torch.Generator().manual_seed(0))
+    tok = types.SimpleNamespace(pad_id=0, eos_id=1, encode=lambda s: [], encode_prompt=lambda s: [])
+    with pytest.raises(DataError, match="every training example has no target token within --seq-len 16"):
+        CLMTask(cfg, tok)  # (found when the task is made: before the run folder is)
     s2s = Seq2SeqTask(cfg, Tokenizer())
-    s2s.tok = task.tok
+    s2s.tok = tok
     s2s._enc.clear()
     with pytest.raises(DataError, match="every training example has an empty source or target"):
         s2s.batch("train", 2, torch.Generator().manual_seed(0))
@@ -567,3 +567,30 @@ def test_generate_seq2seq_batch_equals_each_prompt_alone(tmp_path, capsys):
         out = capsys.readouterr().out
         assert out == f"--- [0] ---\n{alone[0]}--- [1] ---\n{alone[1]}", (out, alone)
         assert alone[0] != alone[1]
+
+
+def test_clm_pairs_with_long_sources_train(tmp_path, capsys):
+    """Pairs whose source fills --seq-len (no target token left) are drawn again, padded or packed (before: a batch of
+    them had no label, a NaN loss, and --pack crashed on its targets' length)."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"source": ("a long source " * (1 if i % 2 else 8)) + str(i),
+                                        "target": f"answer {i}"}) + "\n" for i in range(40)))
+    for extra in ([], ["--pack"]):
+        run = train(tmp_path, f"run{len(extra)}", "--data", str(path), "--seq-len", "40", *extra)
+        losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert all(math.isfinite(m.get("loss", m.get("val_loss"))) for m in losses)
+
+
+def test_a_loss_that_is_not_finite_stops_before_the_update(tmp_path, capsys, monkeypatch):
+    from fastattn.cli.train import Trainer
+    real = Trainer._loss
+
+    def loss(self, inputs, target):
+        out = real(self, inputs, target)
+        return out * float("nan") if self.step == 2 else out
+    monkeypatch.setattr(Trainer, "_loss", loss)
+    assert main(["train", *TINY, "--out", str(tmp_path / "run"), "--ckpt-every", "2", "--steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "step 3: the training loss is nan (not finite); stopped before the update" in err
+    assert sorted(p.name for p in (tmp_path / "run").glob("ckpt-*")) == ["ckpt-0000002"]
+    assert not (tmp_path / "run" / "model").exists()

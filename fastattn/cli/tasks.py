@@ -53,8 +53,8 @@ def pick(rows, batch_size, generator, index):
 
 
 class _Usable:
-    """A packer's guard against drawing forever: ``usable(ok)`` passes ok through, and after many draws in a row that
-    were not ok, checks every row once (``test``) and raises a DataError when none is."""
+    """A training draw's guard against drawing forever: ``usable(ok)`` passes ok through, and after many draws in a
+    row that were not ok, checks every row once (``test``) and raises a DataError when none is."""
 
     def __init__(self, rows, test, what: str):
         self.rows, self.test, self.what, self.misses = rows, test, what, 0
@@ -62,7 +62,7 @@ class _Usable:
     def __call__(self, ok: bool) -> bool:
         self.misses = 0 if ok else self.misses + 1
         if self.misses > 4 * len(self.rows) + 16 and not any(self.test(r) for r in self.rows):
-            raise DataError(f"--pack: every training example {self.what}")
+            raise DataError(f"every training example {self.what}")
         return ok
 
 
@@ -100,6 +100,9 @@ class CLMTask:
             self._enc = {}
             if self.chat:
                 self._example(*self.pairs[0][0])  # a tokenizer without a chat template fails here, not mid-run
+            if not any(self._has_target(r) for r in self.pairs[0]):  # (stops at the first one that has)
+                raise DataError(f"every training example has no target token within --seq-len {cfg.seq_len}: "
+                                "nothing to learn")
             return
         self.data = TokenSplits(tokenizer, cfg.data or None, cfg.val_fraction, cfg.max_data_tokens)
         self.data.check_window(cfg.seq_len + 1)  # the longest window a task reads (clm: seq_len inputs + 1 target)
@@ -118,8 +121,29 @@ class CLMTask:
 
     def _targets(self, e, n):
         """Position p of example e (ids, n source ids) predicts e[p + 1]: the target's ids (from index max(n, 1))
-        count, the source's do not."""
-        return [IGNORE] * (max(n, 1) - 1) + e[max(n, 1):]
+        count, the source's do not. len(e) - 1 of them (a source cut at seq_len + 1 ids leaves no target)."""
+        return [IGNORE] * (min(max(n, 1), len(e)) - 1) + e[max(n, 1):]
+
+    def _has_target(self, row) -> bool:
+        """Whether the pair's target keeps a token within seq_len + 1 ids (a long source may fill them)."""
+        e, n = self._example(*row)
+        return len(e) > max(n, 1)
+
+    def _no_target_guard(self, rows):
+        return _Usable(rows, self._has_target, f"has no target token within --seq-len {self.cfg.seq_len}: nothing "
+                                               "to learn")
+
+    def _rows_with_targets(self, split):
+        """The held-out (or training) pairs whose target survives the cut, found once: evaluation batches of
+        pairs with no target token would have no loss (NaN)."""
+        cache = self.__dict__.setdefault("_with_targets", {})
+        if split not in cache:
+            rows = self.pairs[0] if split == "train" else self.pairs[1]
+            cache[split] = [r for r in rows if self._has_target(r)]
+            if not cache[split]:
+                raise DataError(f"every {'training' if split == 'train' else 'held-out'} example has no target token "
+                                f"within --seq-len {self.cfg.seq_len}: nothing to predict")
+        return cache[split]
 
     def _packed_batch(self, rows, batch_size, generator):
         """batch_size rows of seq_len tokens, random examples back to back (one that does not fit starts the next
@@ -128,11 +152,12 @@ class CLMTask:
         L, pad = self.cfg.seq_len, self.tok.pad_id
         ids, pos, tgt = [], [], []
         row = ([], [], [])
-        usable = _Usable(rows, lambda r: len(self._example(*r)[0]) >= 2, "is a single token (nothing to predict)")
+        usable = self._no_target_guard(rows)
         while len(ids) < batch_size:
-            e, n = self._example(*rows[int(torch.randint(0, len(rows), (1,), generator=generator))])
-            if not usable(len(e) >= 2):
+            pair = rows[int(torch.randint(0, len(rows), (1,), generator=generator))]
+            if not usable(self._has_target(pair)):
                 continue
+            e, n = self._example(*pair)
             if len(row[0]) + len(e) - 1 > L:
                 filler = L - len(row[0])
                 for part, fill in zip(row, ([pad] * filler, list(range(filler)), [IGNORE] * filler)):
@@ -152,8 +177,19 @@ class CLMTask:
         if self.pack and split == "train":  # held-out batches stay padded: the same loss, a fixed order
             return self._packed_batch(self.pairs[0], batch_size, generator)
         if self.pairs is not None:
-            rows = self.pairs[0] if split == "train" else self.pairs[1]
-            examples = [self._example(*rows[j]) for j in pick(rows, batch_size, generator, index)]
+            if index is None:  # a training draw: a pair with no target token is drawn again
+                rows, usable = self.pairs[0] if split == "train" else self.pairs[1], None
+                chosen = pick(rows, batch_size, generator, index)
+                for i, j in enumerate(chosen):
+                    while not self._has_target(rows[j]):
+                        usable = usable or self._no_target_guard(rows)
+                        usable(False)
+                        j = int(torch.randint(0, len(rows), (1,), generator=generator))
+                    chosen[i] = j
+            else:
+                rows = self._rows_with_targets(split)
+                chosen = pick(rows, batch_size, generator, index)
+            examples = [self._example(*rows[j]) for j in chosen]
             ids, mask = pad_right([e[:-1] for e, _ in examples], self.tok.pad_id)
             target, _ = pad_right([self._targets(e, n) for e, n in examples], IGNORE)
             return {"input_ids": ids, "attention_mask": mask}, target[:, :ids.shape[1]]

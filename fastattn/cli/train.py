@@ -551,6 +551,9 @@ class Trainer:
                 loss = self._loss(inputs, target) / cfg.grad_accum
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
+        if self.dist.any(not math.isfinite(total)):  # an update would spread it to every weight: stop before it
+            raise CLIError(f"step {self.step + 1}: the training loss is {total} (not finite); stopped before the "
+                           f"update, the last checkpoint kept (a lower --lr, --clip, or --precision fp32 may help)")
         for p in self.unused:  # as eager leaves them: untouched by the optimizer (compiled, they got zeros)
             p.grad = None
         if self.scaler:
