@@ -1,5 +1,6 @@
 """Errors a user can cause: one line on stderr, exit code 2, no traceback, nothing written."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,10 @@ def run_main(capsys, *args):
     (["quantize", "x", "--smoothquant", "--calib", "0"], "--calib must be at least 1 with --smoothquant"),
     (["quantize", "x", "--eval-batches", "-1"], "--eval-batches must be >= 0"),
     (["prune", "x"], "nothing to prune"),
+    (["train", "--max-data-tokens", "0"], "--max-data-tokens must be at least 1"),  # (0 read all, -1 one document)
+    (["train", "--step-delay", "-1"], "--step-delay must be >= 0"),  # (a traceback, the run folder made)
+    (["train", "--seed", str(2 ** 70)], "--seed must be in [0, 2**63 - 1)"),  # (torch's overflow traceback)
+    (["generate", "x", "--seed", "-1"], "--seed must be in [0, 2**63 - 1)"),
 ])
 def test_user_errors_are_one_line(capsys, tmp_path, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)
@@ -74,6 +79,7 @@ def test_user_errors_are_one_line(capsys, tmp_path, monkeypatch, args, needle):
     ("lr = nan\n", "lr must be a finite number, got nan"),
     ("data = [\"a\", 3]\n", "data must be a list of str"),
     ("[generate]\nseed = 1\n", "no [train] table ([generate] is for another command)"),
+    ("[train]\n[train.sub]\nx = 1\n", "unknown key 'sub'"),  # (was: "no [train] table")
 ])
 def test_bad_config_files(capsys, tmp_path, monkeypatch, text, needle):
     monkeypatch.chdir(tmp_path)
@@ -133,3 +139,51 @@ def test_pairs_for_a_task_that_reads_text(tmp_path, capsys):
     pairs.write_text("".join(json.dumps({"source": f"a {i}", "target": f"b {i}"}) + "\n" for i in range(10)))
     rc, err = run_main(capsys, "train", "--task", "mlm", "--data", str(pairs), "--out", str(tmp_path / "r"))
     assert rc == 2 and "--task mlm reads text, not source / target pairs" in err and "Traceback" not in err
+
+
+def _one_line(capsys, *args):
+    rc = main(list(args))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("fastattn: error:") and "Traceback" not in err, err
+    return err
+
+
+def test_bad_checkpoint_side_files(tmp_path, capsys):
+    """A manifest, config or train state that is valid JSON of the wrong shape, a bad tokenizer.json, a folder
+    without tokenizer.json whose model the embedded BPE does not fit: one line each (were tracebacks, or for the
+    last a wrong tokenizer used silently)."""
+    run = tmp_path / "run"
+    assert main(["train", "--tokenizer", "bytes", "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--seq-len",
+                 "16", "--batch-size", "2", "--steps", "1", "--eval-batches", "1", "--max-data-tokens", "5000",
+                 "--out", str(run)]) == 0
+    capsys.readouterr()
+    cases = [("manifest.json", "[]", "corrupt manifest.json"), ("manifest.json", '{"model.safetensors": 3}',
+                                                                  "corrupt manifest.json"),
+             ("config.json", "[]", "config.json: corrupt (a JSON list, not an object)"),
+             ("train_state.json", "[1]", "train_state.json: corrupt (a JSON list, not an object)"),
+             ("tokenizer.json", "{bad", "tokenizer.json"), ("tokenizer.json", '{"type": "x"}', "tokenizer.json"),
+             ("tokenizer.json", None, "no tokenizer.json, and the embedded BPE (4096 ids) is not the model's")]
+    for i, (name, text, needle) in enumerate(cases):
+        folder = tmp_path / f"c{i}"
+        shutil.copytree(run / "model", folder)
+        if name != "manifest.json":
+            (folder / "manifest.json").unlink()  # a save_pretrained folder: accepted without one
+        if text is None:
+            (folder / name).unlink()
+        else:
+            (folder / name).write_text(text)
+        for cmd in (["generate", str(folder), "-p", "a", "-n", "1"], ["eval", str(folder)]):
+            assert needle in _one_line(capsys, *cmd)
+
+
+def test_stdin_that_is_not_utf8(tmp_path, capsys, monkeypatch):
+    """Bytes that are not UTF-8 on stdin are named as such (were decoded with surrogates, then blamed on --chat)."""
+    import io
+    import types
+    run = tmp_path / "run"
+    assert main(["train", "--tokenizer", "bytes", "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--seq-len",
+                 "16", "--batch-size", "2", "--steps", "1", "--eval-batches", "1", "--max-data-tokens", "5000",
+                 "--out", str(run)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(b"Emma \xff\n"), isatty=lambda: False))
+    assert "stdin: not UTF-8 text (invalid start byte at byte 5)" in _one_line(capsys, "generate", str(run), "-p", "-")

@@ -594,3 +594,21 @@ def test_a_loss_that_is_not_finite_stops_before_the_update(tmp_path, capsys, mon
     assert "step 3: the training loss is nan (not finite); stopped before the update" in err
     assert sorted(p.name for p in (tmp_path / "run").glob("ckpt-*")) == ["ckpt-0000002"]
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_init_refuses_shape_options_and_applies_dropout(gpt_run, tmp_path, capsys):
+    """Beside --init, an option that shapes the model must be the checkpoint's (it was ignored silently, and
+    train_config.json recorded it); --dropout is applied to the loaded model."""
+    assert main(["train", *TINY, "--init", str(gpt_run), "--out", str(tmp_path / "a"), "--n-layer", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--n-layer 3: the --init model has n_layer 1" in err and not (tmp_path / "a").exists()
+    assert main(["train", *TINY, "--init", str(gpt_run), "--out", str(tmp_path / "b"), "--n-layer", "1",
+                 "--dropout", "0.25"]) == 0
+    assert json.loads((tmp_path / "b" / "model" / "config.json").read_text())["dropout"] == 0.25
+
+
+def test_classify_needs_two_labels(tmp_path, capsys):
+    path = tmp_path / "one.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}", "label": "pos"}) + "\n" for i in range(10)))
+    assert main(["train", *TINY, "--task", "classify", "--data", str(path), "--out", str(tmp_path / "r")]) == 2
+    assert "one label ('pos') only: a classifier needs at least 2" in capsys.readouterr().err

@@ -89,8 +89,12 @@ def verify(path):
         raise CheckpointError(f"{path}: not a checkpoint (no manifest.json / model.safetensors)")
     try:
         manifest = json.loads(mf.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt manifest.json ({e})") from None
+    if not isinstance(manifest, dict) or not all(
+            isinstance(w, dict) and isinstance(w.get("bytes"), int) and isinstance(w.get("sha256"), str)
+            for w in manifest.values()):
+        raise CheckpointError(f"{path}: corrupt manifest.json (expected {{file: {{\"sha256\", \"bytes\"}}}})")
     for name, want in manifest.items():
         f = path / name
         if not f.is_file():
@@ -152,12 +156,16 @@ def load_state(path):
 
 
 def read_json(path):
+    """A checkpoint's JSON object (config.json, train_state.json, ...); anything else is a CheckpointError."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: corrupt (a JSON {type(obj).__name__}, not an object)")
+    return obj
 
 
 def save_weights(model, path):

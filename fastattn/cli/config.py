@@ -102,7 +102,8 @@ def _check_value(cls_name, f, value, where):
 
 
 def read_toml(path, section=None):
-    """The key/values of a TOML file (its [section] table if it has one, else the top level)."""
+    """(key/values, whether they are the [section] table) of a TOML file: its [section] table if it has one, else
+    the top level."""
     p = Path(path)
     try:
         with open(p, "rb") as fh:
@@ -112,8 +113,8 @@ def read_toml(path, section=None):
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise CLIError(f"config file {p}: {e}") from None
     if section and isinstance(data.get(section), dict):
-        data = data[section]
-    return data
+        return data[section], True
+    return data, False
 
 
 def build(cls, args, section=None):
@@ -122,9 +123,10 @@ def build(cls, args, section=None):
     values = {}
     path = getattr(args, "config", None)
     if path:
-        for key, value in read_toml(path, section).items():
+        data, in_table = read_toml(path, section)
+        for key, value in data.items():
             name = key.replace("-", "_")
-            if name not in fields and isinstance(value, dict) and section:
+            if name not in fields and isinstance(value, dict) and section and not in_table:
                 raise CLIError(f"config file {path}: no [{section}] table ([{key}] is for another command)")
             if name not in fields:
                 close = [n for n in fields if n.startswith(name[:4])][:3]
@@ -138,6 +140,7 @@ def build(cls, args, section=None):
                 continue
             values[name] = v
     cfg = cls(**values)
+    cfg.given = frozenset(values)  # the options the user set (file or command line), not defaults
     check = getattr(cfg, "validate", None)
     if check:
         check()
@@ -176,3 +179,9 @@ def _toml_value(v):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     s = str(v).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{s}"'
+
+
+def check_seed(seed: int) -> None:
+    """A seed torch's generators take (theirs is a 64-bit integer; training also seeds with seed + 1)."""
+    if not 0 <= seed < 2 ** 63 - 1:
+        raise CLIError(f"--seed must be in [0, 2**63 - 1), got {seed}")

@@ -130,6 +130,14 @@ def freeze_backbone(model):
     return model
 
 
+def set_dropout(model, p: float) -> None:
+    """A loaded model's dropout probability (its config's, and each layer's copy of it) set to p."""
+    model.config.dropout = p
+    for m in model.modules():
+        if isinstance(getattr(m, "dropout", None), float):
+            m.dropout = p
+
+
 def apply(model, mode, lora_rank=8, lora_alpha=16.0, prompt_len=16, seed=0):
     if mode == "frozen":
         return freeze_backbone(model)

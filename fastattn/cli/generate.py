@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import torch
 
-from fastattn.cli.config import CLIError, opt
+from fastattn.cli.config import CLIError, check_seed, opt
 from fastattn.cli.finetune import soft_prompt_len
 from fastattn.cli.generation_args import generation_args
 
@@ -53,6 +53,7 @@ class GenerateConfig:
                                   "launch time leaves every token)")
 
     def validate(self):
+        check_seed(self.seed)
         if self.max_new_tokens < 0:
             raise CLIError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
         if self.min_new_tokens < 0:
@@ -104,10 +105,12 @@ def read_prompts(cfg):
             raise CLIError(f"--prompt-file {cfg.prompt_file}: no prompts in it (only blank lines)")
         prompts += from_file
     if "-" in cfg.prompt or (not prompts and not sys.stdin.isatty()):
-        try:
-            from_stdin = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+        try:  # bytes decoded here: a text stdin may decode with surrogateescape (a C locale), letting bad bytes by
+            buf = getattr(sys.stdin, "buffer", None)
+            text = buf.read().decode("utf-8") if buf is not None else sys.stdin.read()
         except UnicodeDecodeError as e:
             raise CLIError(f"stdin: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        from_stdin = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
         if not from_stdin and "-" in cfg.prompt:
             raise CLIError("--prompt -: no prompts on stdin (only blank lines)")
         prompts += from_stdin
@@ -176,7 +179,7 @@ def generate(model, tok, prompts, cfg, device, out=None, draft=None, args=None):
     try:
         enc = [tok.encode_chat(p) if cfg.chat else tok.encode_prompt(p) for p in prompts]
     except ValueError as e:
-        raise CLIError(f"--chat: {e}") from None
+        raise CLIError(f"{'--chat' if cfg.chat else 'prompt'}: {e}") from None
     shown = [""] * len(prompts) if cfg.chat else prompts  # what the output repeats before each continuation
     n_prompt = soft_prompt_len(model)
     L = max(len(e) for e in enc)

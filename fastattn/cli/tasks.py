@@ -432,6 +432,8 @@ class ClassifyTask:
         if len(cfg.data) > 1:
             raise CLIError(f"--task classify reads one --data file (text, label per example), got {len(cfg.data)}")
         self.train, self.val, self.labels = load_labelled(cfg.data[0], max(cfg.val_fraction, 0.1))
+        if labels is None and len(self.labels) < 2:  # (a trained classifier may be evaluated on one label's rows)
+            raise DataError(f"{cfg.data[0]}: one label ({self.labels[0]!r}) only: a classifier needs at least 2")
         # every row of the file once, in order (load_labelled hands a file too small to split as both splits)
         self.rows = self.train if self.train is self.val else self.train + self.val
         if labels is not None:  # the data's label indices -> the model's

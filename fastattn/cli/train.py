@@ -14,7 +14,7 @@ import torch
 from fastattn import hugepages
 from fastattn.cli import checkpoint as ckpt
 from fastattn.cli import finetune
-from fastattn.cli.config import CLIError, check_new_folder, opt
+from fastattn.cli.config import CLIError, check_new_folder, check_seed, opt
 from fastattn.cli.models import TASK_ARCH, build_config, check_task, class_for_type, model_class
 from fastattn.cli.tasks import TASKS, perplexity
 from fastattn.models.bert_hf import FAMILIES as BERT_FAMILIES
@@ -107,7 +107,8 @@ class TrainConfig:
                      "lora_rank", "prompt_len"):
             if getattr(self, name) < 1:
                 raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "warmup", "ckpt_every", "eval_every", "max_time", "weight_decay", "clip", "peak_tflops"):
+        for name in ("lr", "warmup", "ckpt_every", "eval_every", "max_time", "weight_decay", "clip", "peak_tflops",
+                     "step_delay"):
             if getattr(self, name) < 0:
                 raise CLIError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("min_lr_ratio", "distill_alpha"):
@@ -117,6 +118,9 @@ class TrainConfig:
             raise CLIError(f"--mask-prob must be in (0, 1], got {self.mask_prob}")
         if self.temperature <= 0:
             raise CLIError(f"--temperature (distillation) must be > 0, got {self.temperature}")
+        if self.max_data_tokens is not None and self.max_data_tokens < 1:
+            raise CLIError(f"--max-data-tokens must be at least 1 (leave it out for all), got {self.max_data_tokens}")
+        check_seed(self.seed)
         if self.num_labels is not None and self.num_labels < 2:
             raise CLIError(f"--num-labels must be at least 2, got {self.num_labels}")
         check_task(self.arch, self.task, f"--arch {self.arch}")
@@ -188,6 +192,12 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
             "num_labels": cfg.num_labels, "pad_token_id": pad_id, "decoder_start_token_id": eos_id}
 
 
+# the options that shape a model (-> its config field): with --init / --init-hf the checkpoint decides them
+INIT_SHAPE = {"d_model": "d_model", "n_layer": "n_layer", "n_head": "n_head", "n_kv_head": "n_kv_head", "d_ff": "d_ff",
+              "norm": "norm", "pos": "pos", "mlp": "mlp", "n_experts": "n_experts",
+              "experts_per_tok": "n_experts_per_tok"}
+
+
 HF_MODEL_TYPES = {**dict.fromkeys(GPT_HF_TYPES, "GPT"), **dict.fromkeys(BERT_FAMILIES, "BERT"),
                   **dict.fromkeys(SEQ2SEQ_FAMILIES + T5_FAMILIES, "Seq2Seq")}
 
@@ -254,7 +264,12 @@ def load_model(path, backend=None, map_location="cpu", purpose=None):
             raise ckpt.CheckpointError(f"{path}/{INT8_FILE}: {e}") from None
     ckpt.load_weights(model, path / "model.safetensors")
     finetune.merge(model)
-    return hugepages.place(model.to(map_location)), state, checkpoint_tokenizer(path)
+    tok = checkpoint_tokenizer(path)
+    vocab = getattr(model.config, "vocab_size", None)
+    if not (path / "tokenizer.json").is_file() and vocab != tok.vocab_size:
+        raise CLIError(f"{path}: no tokenizer.json, and the embedded BPE ({tok.vocab_size} ids) is not the model's "
+                       f"(vocab_size {vocab}): copy the tokenizer.json of the run that trained it there")
+    return hugepages.place(model.to(map_location)), state, tok
 
 
 def checkpoint_tokenizer(path):
@@ -262,7 +277,13 @@ def checkpoint_tokenizer(path):
     Hugging Face one it carried from --init-hf), else the embedded BPE."""
     from fastattn.data import Tokenizer
     path = ckpt.resolve(path)
-    return Tokenizer.load(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else load_tokenizer("bpe")
+    if not (path / "tokenizer.json").is_file():
+        return load_tokenizer("bpe")
+    try:
+        return Tokenizer.load(path / "tokenizer.json")
+    except ValueError as e:
+        where = str(path / "tokenizer.json")
+        raise ckpt.CheckpointError(str(e) if where in str(e) else f"{where}: {e}") from None
 
 
 def configure_optimizer(model, cfg, device):
@@ -477,6 +498,7 @@ class Trainer:
                 if model.config.vocab_size < self.tok.vocab_size:
                     raise CLIError(f"--init-hf: the model's vocabulary ({model.config.vocab_size}) is smaller than "
                                    f"the tokenizer's ({self.tok.vocab_size})")
+            self._init_options(model)
             if cfg.task == "classify" and type(model).__name__ != TASK_ARCH["classify"]:
                 model = self._with_classifier(model)
             check_task(type(model).__name__, cfg.task, f"--init {cfg.init or cfg.init_hf}")
@@ -498,6 +520,18 @@ class Trainer:
             raise CLIError(f"--mode {cfg.mode}: nothing left to train in a {type(model).__name__} (a head tied to "
                            "the embedding is part of the backbone: try --mode lora)")
         return model
+
+    def _init_options(self, model):
+        """The model options given beside --init / --init-hf: those that shape the model must be the checkpoint's
+        (its weights decide them), --dropout is applied (fine-tuning may want another)."""
+        given = getattr(self.cfg, "given", frozenset())
+        for opt_name, field in INIT_SHAPE.items():
+            have = getattr(model.config, field, None)
+            if opt_name in given and getattr(self.cfg, opt_name) != have:
+                raise CLIError(f"--{opt_name.replace('_', '-')} {getattr(self.cfg, opt_name)}: the --init model has "
+                               f"{field} {have} (its checkpoint decides it: leave the option out)")
+        if "dropout" in given:
+            finetune.set_dropout(model, self.cfg.dropout)
 
     def _with_classifier(self, model):
         """A classification model holding the encoder (and pooler) weights of model (e.g. an MLM-trained BERT)."""
