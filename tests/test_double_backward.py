@@ -129,3 +129,32 @@ def test_linear_cross_entropy_double_backward_is_refused():
     loss = fastattn.linear_cross_entropy(x, w, torch.randint(0, 11, (6,)))
     with pytest.raises(RuntimeError, match="linear_cross_entropy: a double backward"):
         torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"], indirect=True)
+def test_varlen_gradgradcheck(backend_name):
+    q, k, v = randn(7, 2, 4, seed=1), randn(9, 1, 4, seed=2), randn(9, 1, 3, seed=3)
+    cu_q, cu_k = torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([0, 5, 9], dtype=torch.int32)
+
+    def f(q, k, v):
+        with fastattn.backend(backend_name):
+            return fastattn.attention_varlen(q, k, v, cu_q, cu_k, causal=True)
+    assert gradgradcheck(f, [t.requires_grad_() for t in (q, k, v)])
+
+
+@pytest.mark.parametrize("backend_name", backend_params()[:3], indirect=True)
+def test_varlen_create_graph_keeps_the_dropout_mask(backend_name):
+    dev = backend_device(backend_name)
+    dt = torch.float64 if backend_name != "triton" else torch.float32
+    q, k, v = (randn(9, 2, 8, seed=s, dtype=dt, dev=dev).requires_grad_() for s in (1, 2, 3))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=dev)
+    dout = randn(9, 2, 8, seed=4, dtype=dt, dev=dev)
+    grads = []
+    for create_graph in (False, True):
+        torch.manual_seed(0)
+        with fastattn.backend(backend_name):
+            out = fastattn.attention_varlen(q, k, v, cu, cu, dropout_p=0.4)
+        grads.append(torch.autograd.grad(out, (q, k, v), dout, create_graph=create_graph))
+    tol = 1e-12 if dt == torch.float64 else 2e-5
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= tol * b.abs().max()

@@ -34,7 +34,7 @@ from ...errors import ArgumentError
 from ...reference import attention_bwd_ref, attention_ref
 from ..batching import graph_capture, has_torch_function_subclass, is_transformed
 from ..dropout import dropout_rng
-from .dispatch import FLOATS, ref_dropout_mask
+from .dispatch import FLOATS, dropout_mask, ref_dropout_mask
 from .function import DroppedAttention
 from .params import AttnParams, params_schema
 from .validation import CAUSAL, as_float, autocast_qkv, check_float_tensors, softmax_scale
@@ -65,13 +65,15 @@ def _bhld(t: Tensor, rows: slice) -> Tensor:
     return t[rows].transpose(0, 1).unsqueeze(0)  # (1, heads, rows, dim)
 
 
-def ref_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi, p: AttnParams, bottom_right: bool):
+def ref_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi, p: AttnParams, bottom_right: bool, dmask=None):
     """Each sequence on attention_ref; differentiable (torch ops) when its inputs require grad. On the meta device
-    (shapes only) the outputs' shapes."""
+    (shapes only) the outputs' shapes. ``dmask``: the padded (B, H, max_q, max_k) keep mask (default: this
+    backend's draw for p)."""
     B, H = cu_q.shape[0] - 1, q.shape[1]
     if q.device.type == "meta":
         return q.new_empty(q.shape[0], H, v.shape[2]), q.new_empty(B, H, max_q, dtype=torch.float32)
-    dmask = ref_dropout_mask(p, B, H, max_q, max_k, q.device) if p.dropout_p > 0 else None
+    if dmask is None and p.dropout_p > 0:
+        dmask = ref_dropout_mask(p, B, H, max_q, max_k, q.device)
     outs, lse = [], torch.full((B, H, max_q), math.inf, dtype=torch.float32, device=q.device)
     for b, qs, ks in _sequences(cu_q, cu_k):
         Lb, Sb = qs.stop - qs.start, ks.stop - ks.start
@@ -181,9 +183,27 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+def _grads_with_graph(dout, q, k, v, cu_q, cu_k, max_q, max_k, alibi, p: AttnParams, bottom_right: bool, backend):
+    """(dq, dk, dv) with a graph of their own, for a backward under create_graph=True (a double backward): the
+    reference's forward recomputed with the dropout mask the forward's backend drew, differentiated by autograd."""
+    B, H = cu_q.shape[0] - 1, q.shape[1]
+    used = dispatcher.select(_request(q, v), backend or None).backend
+    dmask = dropout_mask(used, p, B, H, max_q, max_k, q.device) if p.dropout_p > 0 else None
+    with torch.enable_grad():
+        leaves = [t.view_as(t) if t.requires_grad else t for t in (q, k, v)]
+        out, _ = ref_fwd(*leaves, cu_q, cu_k, max_q, max_k, alibi, p, bottom_right, dmask)
+        want = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, want, dout, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if t.requires_grad else None for t in leaves)
+
+
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
     max_q, max_k, bottom_right, flat, backend = ctx.args
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True: a double backward
+        grads = _grads_with_graph(dout, q, k, v, cu_q, cu_k, max_q, max_k, alibi, AttnParams(*flat), bottom_right,
+                                  backend)
+        return grads + (None,) * (7 + len(flat))
     dq, dk, dv = varlen_bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi, bottom_right, *flat, backend)
     return (dq, dk, dv) + (None,) * (7 + len(flat))  # the gradient of lse is none (it is not differentiable)
 
