@@ -27,6 +27,11 @@ def _fail(exc, msg: str):
     raise exc(f"MultiheadAttention: {msg}")
 
 
+class ShapeMismatch(AssertionError, RuntimeError):
+    """A wrong feature size or key_padding_mask shape: torch raises AssertionError for it in its general path and
+    RuntimeError on its fused inference path (eval, no grad); this is both, so either ``except`` catches it."""
+
+
 def _check_mask_dtype(name: str, mask: Optional[Tensor]) -> None:
     if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
         _fail(AssertionError, f"{name} must be bool (True = masked out) or floating (added to the scores), got "
@@ -56,7 +61,7 @@ def check_inputs(mha: "nn.MultiheadAttention", query: Tensor, key: Tensor, value
         _fail(AssertionError, f"attn_mask must be 2-D (L, S) or 3-D (N * num_heads, L, S), got shape "
                               f"{tuple(attn_mask.shape)}")
     if query.shape[-1] != mha.embed_dim:
-        _fail(AssertionError, f"query has {query.shape[-1]} features, expected embed_dim={mha.embed_dim}")
+        _fail(ShapeMismatch, f"query has {query.shape[-1]} features, expected embed_dim={mha.embed_dim}")
     if key.shape[:-1] != value.shape[:-1] or (mha._qkv_same_embed_dim and key.shape != value.shape):
         _fail(AssertionError, f"key {tuple(key.shape)} and value {tuple(value.shape)} must have the same shape"
                               + ("" if mha._qkv_same_embed_dim else " but for their features"))
@@ -78,7 +83,7 @@ def check_inputs(mha: "nn.MultiheadAttention", query: Tensor, key: Tensor, value
             _fail(exc, f"attn_mask has shape {tuple(attn_mask.shape)}, expected {want} "
                        f"({'(L, S)' if len(want) == 2 else '(N * num_heads, L, S)'})")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != ((B, S) if batched else (S,)):
-        _fail(AssertionError, f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected "
+        _fail(ShapeMismatch, f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected "
                               f"{(B, S) if batched else (S,)}")
     return batched
 
