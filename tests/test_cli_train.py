@@ -411,7 +411,7 @@ def test_generate_beam_search(gpt_run, capsys, monkeypatch):
 def test_mixture_of_experts_run(tmp_path, capsys):
     """--n-experts trains a mixture-of-experts GPT with the load-balancing loss (and its LoRA adapters over every
     expert); the run generates, and --resume refuses another expert count."""
-    from fastattn.cli.train import load_model
+    from fastattn.cli.loading import load_model
     moe = ["--n-experts", "4", "--experts-per-tok", "2", "--mlp", "swiglu", "--d-ff", "24"]
     run = train(tmp_path, "moe", *moe, "--ckpt-every", "2")
     model, _, _ = load_model(run)

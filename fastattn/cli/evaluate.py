@@ -67,7 +67,7 @@ def _check_fits(model, seq_len):
 
 
 def main(cfg: EvalConfig) -> int:
-    from fastattn.cli.train import load_model, pick_device
+    from fastattn.cli.loading import load_model, pick_device
     device = pick_device(cfg.device)
     model, state, tok = load_model(cfg.checkpoint, backend=cfg.model_backend, map_location=device)
     model.eval()

@@ -264,7 +264,7 @@ def generate(model, tok, prompts, cfg, device, out=None, draft=None, args=None):
 
 
 def main(cfg: GenerateConfig) -> int:
-    from fastattn.cli.train import load_model, pick_device
+    from fastattn.cli.loading import load_model, pick_device
     device = pick_device(cfg.device)
     model, state, tok = load_model(cfg.checkpoint, backend=cfg.model_backend, map_location=device)
     model.eval()
@@ -302,7 +302,7 @@ def main(cfg: GenerateConfig) -> int:
 def load_draft(cfg, model, tok, device):
     """The --draft model: one of the model's class (a checkpoint or HF folder) on the model's tokenizer, in eval
     mode, int8 (w8a16) too when --int8."""
-    from fastattn.cli.train import load_model
+    from fastattn.cli.loading import load_model
     draft, _, dtok = load_model(cfg.draft, backend=cfg.model_backend, map_location=device)
     if type(draft) is not type(model):
         raise CLIError(f"--draft {cfg.draft}: a {type(draft).__name__}; the model is a {type(model).__name__}")

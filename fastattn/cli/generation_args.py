@@ -36,7 +36,7 @@ _SAMPLING = {"do_sample": lambda v: isinstance(v, bool), "temperature": _number(
 def folder_config(checkpoint) -> Optional[dict]:
     """The search and sampling fields of a Hugging Face folder's generation_config.json (checked; {} without the
     file: transformers' defaults), None when the checkpoint is not a Hugging Face folder."""
-    from fastattn.cli.train import hf_model_type
+    from fastattn.cli.loading import hf_model_type
     path = Path(checkpoint) / "generation_config.json"
     if not hf_model_type(checkpoint):
         return None

@@ -90,7 +90,7 @@ def prune_unstructured(model, frac):
 
 
 def main(cfg: PruneConfig) -> int:
-    from fastattn.cli.train import hf_model_type, load_model
+    from fastattn.cli.loading import hf_model_type, load_model
     src = Path(cfg.checkpoint) if hf_model_type(cfg.checkpoint) else ckpt.resolve(cfg.checkpoint)
     out = Path(cfg.out or f"{str(src).rstrip('/')}-pruned")
     check_new_folder(out)

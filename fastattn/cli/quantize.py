@@ -69,7 +69,7 @@ def _weight_bytes(folder: Path) -> int:
 
 def main(cfg: QuantizeConfig) -> int:
     from fastattn.cli.evaluate import make_task
-    from fastattn.cli.train import hf_model_type, load_model
+    from fastattn.cli.loading import hf_model_type, load_model
     src = Path(cfg.checkpoint) if hf_model_type(cfg.checkpoint) else ckpt.resolve(cfg.checkpoint)
     out = Path(cfg.out or f"{str(src).rstrip('/')}-int8")
     check_new_folder(out)

@@ -11,16 +11,13 @@ from typing import List, Optional
 
 import torch
 
-from fastattn import hugepages
 from fastattn.cli import checkpoint as ckpt
 from fastattn.cli import finetune
 from fastattn.cli.config import CLIError, check_new_folder, check_seed, opt
-from fastattn.cli.models import TASK_ARCH, build_config, check_task, class_for_type, model_class
+from fastattn.cli.loading import (DEFAULT_SEQ_LEN, checkpoint_tokenizer, hf_model_type, load_model, load_tokenizer,
+                                  pick_device)
+from fastattn.cli.models import TASK_ARCH, build_config, check_task, model_class
 from fastattn.cli.tasks import TASKS, perplexity
-from fastattn.models.bert_hf import FAMILIES as BERT_FAMILIES
-from fastattn.models.gpt_hf import GPT_HF_TYPES
-from fastattn.models.seq2seq_hf import FAMILIES as SEQ2SEQ_FAMILIES
-from fastattn.models.seq2seq_t5 import FAMILIES as T5_FAMILIES
 
 
 @dataclass
@@ -40,7 +37,7 @@ class TrainConfig:
     n_head: int = opt(4, "attention heads")
     n_kv_head: Optional[int] = opt(None, "key/value heads (GQA; default n_head)")
     d_ff: Optional[int] = opt(None, "MLP width (default 4 x d_model)")
-    seq_len: int = opt(128, "tokens per training sequence")
+    seq_len: int = opt(DEFAULT_SEQ_LEN, "tokens per training sequence")
     dropout: float = opt(0.0, "dropout")
     norm: str = opt("layernorm", "layernorm or rmsnorm", choices=["layernorm", "rmsnorm"])
     pos: str = opt("learned", "positions", choices=["learned", "sinusoidal", "rotary", "none"])
@@ -153,37 +150,6 @@ RESUME_FIXED = ("task", "arch", "tokenizer", "d_model", "n_layer", "n_head", "n_
 TASK_SPECIALS = {"mlm": ("mask", "cls", "sep"), "classify": ("cls",)}  # seq2seq: a mask, or T5's sentinels (its task)
 
 
-def load_tokenizer(spec, init_hf=None):
-    from fastattn.data import Tokenizer, default_tokenizer
-    if init_hf and (spec == "hf" or (spec == "bpe" and (Path(init_hf) / "tokenizer.json").is_file())):
-        from fastattn.data.hf_tokenizer import HFTokenizer
-        try:
-            tok = HFTokenizer.from_folder(init_hf)
-        except ValueError as e:
-            raise CLIError(f"--init-hf {init_hf}: {e}") from None
-        return tok
-    if spec == "bpe":
-        return default_tokenizer()
-    if spec == "bytes":
-        return Tokenizer()
-    try:
-        return Tokenizer.load(spec)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-
-
-def pick_device(spec):
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise CLIError(f"--device {spec!r}: not a device") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {spec}: no CUDA device here")
-    return dev
-
-
 def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
     return {"vocab_size": vocab_size, "d_model": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
             "n_kv_head": cfg.n_kv_head, "d_ff": cfg.d_ff, "max_seq_len": cfg.seq_len + cfg.prompt_len + 8,
@@ -196,94 +162,6 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
 INIT_SHAPE = {"d_model": "d_model", "n_layer": "n_layer", "n_head": "n_head", "n_kv_head": "n_kv_head", "d_ff": "d_ff",
               "norm": "norm", "pos": "pos", "mlp": "mlp", "n_experts": "n_experts",
               "experts_per_tok": "n_experts_per_tok"}
-
-
-HF_MODEL_TYPES = {**dict.fromkeys(GPT_HF_TYPES, "GPT"), **dict.fromkeys(BERT_FAMILIES, "BERT"),
-                  **dict.fromkeys(SEQ2SEQ_FAMILIES + T5_FAMILIES, "Seq2Seq")}
-
-
-def hf_model_type(path):
-    """The model_type of a Hugging Face model folder (its config.json, not one of fastattn's, whose fields include
-    d_model, n_layer and backend; "bert" names both) that from_hf imports, else None."""
-    try:
-        d = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    ours = isinstance(d, dict) and {"d_model", "n_layer", "backend"} <= d.keys()
-    kind = d.get("model_type") if isinstance(d, dict) and not ours else None
-    return kind if kind in HF_MODEL_TYPES else None
-
-
-def _load_hf(path, kind, backend, map_location):
-    """(model, train state, tokenizer) from a Hugging Face folder: from_hf, the folder's tokenizer.json, and a
-    train state naming the task and sequence length eval / quantize / prune use by default."""
-    from fastattn.data.hf_tokenizer import HFTokenizer
-    from fastattn.models import CheckpointError
-    cls = model_class(HF_MODEL_TYPES[kind])
-    try:
-        model = cls.from_hf(path, **({"backend": backend} if backend else {}))
-        tok = HFTokenizer.from_folder(path)
-    except (CheckpointError, ValueError) as e:
-        raise CLIError(f"{path}: {e}") from None
-    task = {"BERT": "mlm", "Seq2Seq": "seq2seq"}.get(cls.__name__, "clm")  # what eval / quantize / prune measure
-    state = {"task": task, "train_config": {"task": task, "seq_len": min(TrainConfig.seq_len,
-                                                                          model.config.max_seq_len)}}
-    return hugepages.place(model.to(map_location)), state, tok
-
-
-def load_model(path, backend=None, map_location="cpu", purpose=None):
-    """(model, train_state dict, tokenizer) from a checkpoint folder (or a run folder: its newest valid one),
-    with the fine-tuning adapters of its run merged (LoRA) or kept (soft prompt); an int8 checkpoint (`fastattn
-    quantize`) comes back int8, unless ``purpose`` (e.g. "--init") names a use that needs float weights. A Hugging
-    Face folder (a model_type of HF_MODEL_TYPES) is imported with from_hf and its own tokenizer.json."""
-    from fastattn.models.layers import INT8_FILE
-    from fastattn.quantization import apply_int8_layout
-    kind = hf_model_type(path)
-    if kind:
-        return _load_hf(path, kind, backend, map_location)
-    path = ckpt.resolve(path)
-    mcfg = ckpt.read_json(path / "config.json")
-    state = ckpt.read_json(path / "train_state.json") if (path / "train_state.json").is_file() else {}
-    cls = class_for_type(mcfg.get("model_type"), state.get("arch"))
-    if backend:
-        mcfg["backend"] = backend
-    try:
-        model = cls(cls.config_class.from_dict(mcfg))
-    except (TypeError, ValueError) as e:
-        raise ckpt.CheckpointError(f"{path}/config.json: {e}") from None
-    tcfg = state.get("train_config", {})
-    finetune.apply(model, tcfg.get("mode", "full"), tcfg.get("lora_rank", 8), tcfg.get("lora_alpha", 16.0),
-                   tcfg.get("prompt_len", 16), seed=0)
-    if (path / INT8_FILE).is_file():
-        if purpose:
-            raise CLIError(f"{purpose} {path}: an int8 checkpoint (fastattn quantize) cannot be trained, pruned or "
-                           "quantized again: use the float checkpoint it was made from")
-        try:
-            apply_int8_layout(model, ckpt.read_json(path / INT8_FILE))
-        except (TypeError, ValueError) as e:
-            raise ckpt.CheckpointError(f"{path}/{INT8_FILE}: {e}") from None
-    ckpt.load_weights(model, path / "model.safetensors")
-    finetune.merge(model)
-    tok = checkpoint_tokenizer(path)
-    vocab = getattr(model.config, "vocab_size", None)
-    if not (path / "tokenizer.json").is_file() and vocab != tok.vocab_size:
-        raise CLIError(f"{path}: no tokenizer.json, and the embedded BPE ({tok.vocab_size} ids) is not the model's "
-                       f"(vocab_size {vocab}): copy the tokenizer.json of the run that trained it there")
-    return hugepages.place(model.to(map_location)), state, tok
-
-
-def checkpoint_tokenizer(path):
-    """The tokenizer a checkpoint (or a run folder's newest) was trained with: its tokenizer.json (ours or a
-    Hugging Face one it carried from --init-hf), else the embedded BPE."""
-    from fastattn.data import Tokenizer
-    path = ckpt.resolve(path)
-    if not (path / "tokenizer.json").is_file():
-        return load_tokenizer("bpe")
-    try:
-        return Tokenizer.load(path / "tokenizer.json")
-    except ValueError as e:
-        where = str(path / "tokenizer.json")
-        raise ckpt.CheckpointError(str(e) if where in str(e) else f"{where}: {e}") from None
 
 
 def configure_optimizer(model, cfg, device):
