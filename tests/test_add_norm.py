@@ -234,3 +234,18 @@ def test_cpu_env_path(env):
         code = "import fastattn; print(fastattn.build_info()['cpu_stream_min_bytes'])"
         info = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert info.stdout.strip() == "0", info.stdout + info.stderr
+
+
+@pytest.mark.parametrize("backend_name", backend_params(), indirect=True)
+def test_strided_and_expanded_weight_and_bias(backend_name):
+    """A weight / bias that is a strided slice or an expanded scalar: the Triton kernel read it as contiguous (off by
+    up to 5.7, or past a 1-element buffer), the C++ kernels refused it."""
+    dev = backend_device(backend_name)
+    x, r = torch.randn(3, 16, device=dev), torch.randn(3, 16, device=dev)
+    fused = torch.randn(32, device=dev)
+    for w, b in ((fused[0::2], fused[1::2]), (torch.randn(1, device=dev).expand(16), None)):
+        with fastattn.backend(backend_name):
+            y = fastattn.add_layer_norm(x, r, w, b)
+            y_rms = fastattn.add_rms_norm(x, r, w)
+        torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + r, (16,), w, b))
+        torch.testing.assert_close(y_rms, torch.nn.functional.rms_norm(x + r, (16,), w, 1e-6))

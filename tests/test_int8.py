@@ -147,6 +147,25 @@ def test_w8a16(backend_name, M, K, dtype, has_bias):
     assert_bounded("w8a16", out.cpu(), ref, w8a16_matmul_ref(x, w, s, bias).cpu(), dtype)
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "cpu", "triton"], indirect=True)
+def test_strided_bias(backend_name):
+    """A float32 bias that is a strided view (every other element of a fused vector): Triton read it as contiguous
+    (off by ~2), the CPU kernels refused it."""
+    skip_if_not_built(backend_name, "w8a16_mm")
+    dev = backend_device(backend_name)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (17, 64), generator=g, dtype=torch.int8).to(dev)
+    b = torch.randint(-127, 128, (24, 64), generator=g, dtype=torch.int8).to(dev)
+    x = torch.randn(17, 64, generator=g).half().to(dev)
+    sa, sb = torch.rand(17, generator=g).to(dev) / 100, torch.rand(24, generator=g).to(dev) / 100
+    bias = torch.randn(48, generator=g).to(dev)[::2]
+    with fastattn.backend(backend_name):
+        got = fastattn.int8_matmul(a, b, sa, sb, bias, out_dtype=torch.float32)
+        got16 = fastattn.w8a16_matmul(x, b, sb, bias)
+    torch.testing.assert_close(got, int8_matmul_ref(a, b, sa, sb, bias.contiguous(), out_dtype=torch.float32))
+    torch.testing.assert_close(got16, w8a16_matmul_ref(x, b, sb, bias.contiguous()))
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("M", [4, 12, 300])
 def test_w8a16_cpu_schedule(threads, M):

@@ -380,6 +380,8 @@ def _add_norm(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32)
                   ", ".join(type(t).__name__ for t in (x, residual, weight, bias) if t is not None))
         return add_norm_ref(x, residual, weight, bias, eps, is_rms=is_rms, prenorm=prenorm,
                             residual_in_fp32=residual_in_fp32, upcast=True)
+    # the kernels read weight and bias as contiguous vectors (a strided or expanded view: a copy, its gradient kept)
+    weight, bias = (None if p is None else p.contiguous() for p in (weight, bias))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias))
     args = (x, residual, weight, bias, float(eps), is_rms, bool(prenorm), s_dtype, forced_backend_name(), needs_grad)
     if torch.compiler.is_compiling() or is_transformed(x, residual, weight, bias):
@@ -413,7 +415,8 @@ def plain_rows(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], 
                                  or residual.device != x.device or not residual.is_contiguous()):
         return False
     for p in (weight, bias):
-        if p is not None and (p.dtype != x.dtype or p.device != x.device or p.shape != x.shape[-1:]):
+        if p is not None and (p.dtype != x.dtype or p.device != x.device or p.shape != x.shape[-1:]
+                              or not p.is_contiguous()):
             return False
     return direct_call_ok(x.device.type, x, residual, weight, bias)
 

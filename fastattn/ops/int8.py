@@ -169,7 +169,7 @@ def int8_matmul(a: Tensor, b: Tensor, a_scale: Union[Tensor, float, None] = None
             raise ValueError(f"bias: expected a ({N},) tensor, got {getattr(bias, 'shape', type(bias).__name__)}")
         if bias.device != a.device:
             raise ValueError(f"bias: on {bias.device}, but a is on {a.device}")
-        bias = bias.to(torch.float32)
+        bias = bias.to(torch.float32).contiguous()  # the kernels read it as a vector
     if out_dtype == torch.int32 and (sa is not None or sb is not None or bias is not None):
         raise ValueError("out_dtype: torch.int32 returns the raw accumulator: pass no a_scale, b_scale or bias")
     out = mm_rows(a2.contiguous(), b.contiguous(), sa, sb, bias, out_dtype)
@@ -267,7 +267,7 @@ def w8a16_matmul(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] =
         if not isinstance(bias, Tensor) or tuple(bias.shape) != (N,) or bias.device != x.device:
             got = f"{tuple(bias.shape)} on {bias.device}" if isinstance(bias, Tensor) else type(bias).__name__
             raise ValueError(f"bias: expected a ({N},) tensor on {x.device}, got {got}")
-        bias = bias.to(torch.float32)
+        bias = bias.to(torch.float32).contiguous()
     return w8a16_rows(x.reshape(-1, K).contiguous(), w.contiguous(), w_scale, bias).reshape(*x.shape[:-1], N)
 
 
