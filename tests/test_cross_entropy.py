@@ -130,6 +130,13 @@ def test_reduction_none_and_edge_cases():
     everything_ignored = torch.full_like(t, -100)
     assert torch.isnan(linear_cross_entropy(x, w, everything_ignored, b))  # torch: 0 / 0
     assert torch.isnan(F.cross_entropy(F.linear(x, w, b), everything_ignored))
+    # ... and its gradients are 0, as torch's (they were nan: one such micro-batch poisoned the accumulated ones)
+    xg, wg, bg = (p.detach().requires_grad_() for p in (x, w, b))
+    linear_cross_entropy(xg, wg, everything_ignored, bg).backward()
+    assert all(bool((p.grad == 0).all()) for p in (xg, wg, bg))
+    with pytest.raises(ArgumentError, match="target: class index"):  # (reduction none: torch's bare IndexError)
+        linear_cross_entropy(x, w, torch.full_like(t, w.shape[0]), b, reduction="none")
+    assert linear_cross_entropy(x[:0].double(), w.double(), t[:0], b.double()).dtype == torch.float64
     assert linear_cross_entropy(x, w, everything_ignored, b, reduction="sum").item() == 0.0
     empty = linear_cross_entropy(x[:0], w, t[:0], b)
     assert torch.isnan(empty) and torch.isnan(F.cross_entropy(F.linear(x[:0], w, b), t[:0]))

@@ -151,7 +151,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                                "(its gradients are computed in the forward, with no graph); F.cross_entropy of "
                                "F.linear's logits supports it")
         *grads, count = ctx.saved_tensors
-        scale = g / count if count is not None else g
+        # a mean over no target (every one ignored) is nan, as torch's; its gradients are 0, as torch's
+        scale = g / count.clamp_min(1) if count is not None else g
         out = [None if t is None else (t * scale.to(t.dtype)).to(dt) for t, dt in zip(grads, ctx.dtypes)]
         return (*out, None, None, None, None, None, None, None)
 
@@ -193,14 +194,17 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     _check(input, weight, target, bias, reduction)
     if reduction == "none" or is_transformed(input, weight, bias) or \
             has_torch_function_subclass(input, weight, target, bias):
+        if not is_transformed(target) and not has_torch_function_subclass(target):
+            _check_targets(target, weight.shape[0], ignore_index)
         return linear_cross_entropy_ref(input, weight, target, bias, ignore_index=ignore_index, reduction=reduction)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ArgumentError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     x, t = input.reshape(-1, input.shape[-1]), target.reshape(-1).long()
     dev = x.device.type
     cd = torch.get_autocast_dtype(dev) if autocast_on(dev) and x.dtype in _FLOATS else x.dtype
-    if x.shape[0] == 0:  # torch: nan for a mean over no rows, 0 for a sum
-        return F.linear(x, weight, bias).float().sum() / (0 if reduction == "mean" else 1)
+    if x.shape[0] == 0:  # torch: nan for a mean over no rows, 0 for a sum (float64 stays)
+        logits = F.linear(x, weight, bias)
+        return (logits if logits.dtype == torch.float64 else logits.float()).sum() / (0 if reduction == "mean" else 1)
     chunk = chunk_size or chunk_rows(x.shape[0], weight.shape[0], x.device)
     grad = torch.is_grad_enabled()
     need = (grad and x.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
