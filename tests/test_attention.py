@@ -545,6 +545,24 @@ def test_bad_dtypes_and_arguments():
     for bad in (float("nan"), float("inf")):
         with pytest.raises(fastattn.ArgumentError, match="scale: expected a finite number"):
             fastattn.attention(q, q, q, scale=bad)
+        with pytest.raises(fastattn.ArgumentError, match="softcap: expected a finite number"):  # (ran on the reference)
+            fastattn.attention(q, q, q, softcap=bad)
+        with pytest.raises(fastattn.ArgumentError, match="softcap: expected a finite number"):
+            fastattn.decode_attention(q[:, :, :1], q, q, softcap=bad)
+    with pytest.raises(fastattn.ArgumentError, match="window: expected"):  # (was truncated to (1, 0))
+        fastattn.attention(q, q, q, causal="top_left", window=(1.7, 0))
+    with pytest.raises(fastattn.ArgumentError, match="alibi_slopes: expected a tensor"):  # (was an AttributeError)
+        fastattn.attention(q, q, q, alibi_slopes=[0.5, 0.25])
+
+
+def test_triton_refuses_a_zero_head_dim():
+    """An empty output (Ev = 0) still has the scores' logsumexp: the Triton kernel returned +inf for it."""
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 0)
+    from fastattn.ops.attention.dispatch import request, dispatcher
+    from fastattn.ops.attention.params import AttnParams
+    assert "head dim 0" in dispatcher.impls["triton"].check(request(q, k, v, None, None, AttnParams(scale=0.5)))
+    out, lse = fastattn.attention(q, k, v, return_lse=True)  # auto: a backend that computes it
+    torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) * 0.5, -1))
 
 
 def test_head_dim_zero_weighs_every_key_alike():

@@ -214,7 +214,7 @@ def test_torch_compile_fullgraph():
     (dict(causal="upper"), "causal: expected one of"),
     (dict(window=(2,)), "window: expected"),
     (dict(dropout_p=1.5), "dropout_p: expected a probability"),
-    (dict(alibi_slopes=torch.zeros(3)), r"alibi_slopes: expected shape \(2,\) or \(2, 2\)"),
+    (dict(alibi_slopes=torch.zeros(3)), r"alibi_slopes: expected a tensor of shape \(2,\) or \(2, 2\)"),
 ])
 def test_bad_input_names_the_argument(change, match):
     args = dict(q=torch.zeros(7, 2, 8), k=torch.zeros(7, 2, 8), v=torch.zeros(7, 2, 8),
@@ -296,6 +296,13 @@ def test_varlen_attn_seqused_k_and_block_table():
     torch.testing.assert_close(paged, want)
     with pytest.raises(ArgumentError, match="block_table: needs seqused_k"):
         fastattn.varlen_attn(q, pool_k, pool_v, cu_q, None, 3, 16, block_table=table)
+    for bad in (-1, 3 * n_pages):  # a negative page wrapped around to another page, silently
+        wrong = table.clone()
+        wrong[1, 0] = bad
+        with pytest.raises(ArgumentError, match=rf"block_table: page indices must be in \[0, {3 * n_pages}\)"):
+            fastattn.varlen_attn(q, pool_k, pool_v, cu_q, None, 3, 16, seqused_k=seqused, block_table=wrong)
+    with pytest.raises(ArgumentError, match="seqused_k: expected an integer tensor"):
+        fastattn.varlen_attn(q, k, v, cu_q, cu_k, 3, 16, seqused_k=seqused > 0)
     with pytest.raises(RuntimeError, match="inference-only"):
         fastattn.varlen_attn(q.requires_grad_(), k, v, cu_q, cu_k, 3, 16, seqused_k=seqused)
 

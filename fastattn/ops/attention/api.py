@@ -17,8 +17,8 @@ from ..batching import graph_capture, has_torch_function_subclass, is_transforme
 from .function import AttentionFunction, AttentionFunctionEager, DroppedAttention, PackedQKVAttention
 from ..dropout import dropout_rng
 from .params import AttnParams, request
-from .validation import (CAUSAL, as_bhld, as_float, autocast_qkv, build_mask, causal_bias_alignment, check_qkv,
-                         softmax_scale)
+from .validation import (CAUSAL, as_bhld, as_float, autocast_qkv, build_mask, causal_bias_alignment, check_alibi,
+                         check_qkv, check_softcap, check_window, softmax_scale)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: Optional[str] = None, attn_mask: Optional[Tensor] = None,
@@ -118,19 +118,15 @@ def _attention(q, k, v, packed, causal, attn_mask, key_padding_mask, dropout_p, 
     dropout_p = as_float("dropout_p", dropout_p)
     if not 0.0 <= dropout_p <= 1.0:
         raise ArgumentError(f"dropout_p: expected 0 <= dropout_p <= 1, got {dropout_p}")
-    if window != (-1, -1) and (len(window) != 2 or any(int(w) < -1 for w in window)):
-        raise ArgumentError(f"window: expected (left, right) with -1 for unbounded, got {window!r}")
-    softcap = as_float("softcap", softcap)
-    if softcap < 0:
-        raise ArgumentError(f"softcap: expected >= 0, got {softcap}")
+    window = check_window(window)
+    softcap = check_softcap(softcap)
     out_shape = (*lay.lead, lay.L, v.shape[-1])
     qb, kb, vb = as_bhld(q, lay, lay.H), as_bhld(k, lay, lay.Hk), as_bhld(v, lay, lay.Hk)  # (B, H|Hk, L|S, E)
     B, H, L, E = qb.shape
     mask = build_mask(attn_mask, key_padding_mask, q, lay)
     alibi = None
     if alibi_slopes is not None:
-        if alibi_slopes.shape not in ((H,), (B, H)):
-            raise ArgumentError(f"alibi_slopes: shape {tuple(alibi_slopes.shape)}, expected ({H},) or ({B}, {H})")
+        check_alibi(alibi_slopes, B, H)
         alibi = alibi_slopes.to(device=q.device, dtype=torch.float32).expand(B, H).contiguous()
     scale = softmax_scale(scale, E)
     if dropout_p == 1.0 and not return_lse:  # every probability dropped

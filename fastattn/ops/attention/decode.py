@@ -29,7 +29,7 @@ from ...errors import ArgumentError
 from ...reference import decode_attention_ref
 from ..batching import graph_capture, is_transformed
 from .params import AttnParams
-from .validation import as_float, check_float_tensors, softmax_scale
+from .validation import check_float_tensors, check_softcap, softmax_scale
 
 log = logging.getLogger("fastattn")
 
@@ -152,9 +152,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
         if key_padding_mask.device != q.device:
             raise ArgumentError(f"key_padding_mask: on {key_padding_mask.device}, q on {q.device}")
         keep = ~key_padding_mask
-    softcap = as_float("softcap", softcap)
-    if softcap < 0:
-        raise ArgumentError(f"softcap: expected >= 0, got {softcap}")
+    softcap = check_softcap(softcap)
     scale = softmax_scale(scale, E)
     out, lse = _call(_unit_last(q), _unit_last(k_cache), _unit_last(v_cache), seqlens, keep, scale, softcap,
                      bool(causal), forced_backend_name())

@@ -75,6 +75,8 @@ def _triton_check(req: AttnRequest):
     reasons = _no_mask_grad(req)
     if max(req.head_dim, req.head_dim_v) > 256:
         reasons.append(f"head dim {max(req.head_dim, req.head_dim_v)} > 256")
+    if min(req.head_dim, req.head_dim_v) == 0:  # (an empty output's lse is still the scores')
+        reasons.append("head dim 0")
     return reasons
 
 

@@ -4,6 +4,7 @@ materialized). Errors name the argument and raise :class:`fastattn.ArgumentError
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -200,6 +201,26 @@ def as_float(name: str, v) -> float:
     except (TypeError, ValueError, RuntimeError):
         pass
     raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
+
+
+def check_softcap(softcap) -> float:
+    softcap = as_float("softcap", softcap)
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise ArgumentError(f"softcap: expected a finite number >= 0 (0: off), got {softcap}")
+    return softcap
+
+
+def check_window(window) -> Tuple[int, int]:
+    if not isinstance(window, (tuple, list)) or len(window) != 2 or \
+            any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1 for w in window):
+        raise ArgumentError(f"window: expected (left, right) ints >= -1 (-1: unbounded), got {window!r}")
+    return int(window[0]), int(window[1])
+
+
+def check_alibi(alibi_slopes, B: int, H: int) -> None:
+    if not isinstance(alibi_slopes, Tensor) or tuple(alibi_slopes.shape) not in ((H,), (B, H)):
+        raise ArgumentError(f"alibi_slopes: expected a tensor of shape ({H},) or ({B}, {H}), got "
+                            f"{type(alibi_slopes).__name__} {tuple(getattr(alibi_slopes, 'shape', ()))}")
 
 
 def softmax_scale(scale, head_dim: int) -> float:

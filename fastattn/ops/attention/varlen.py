@@ -37,7 +37,8 @@ from ..dropout import dropout_rng
 from .dispatch import FLOATS, dropout_mask, ref_dropout_mask
 from .function import DroppedAttention
 from .params import AttnParams, params_schema
-from .validation import CAUSAL, as_float, autocast_qkv, check_float_tensors, softmax_scale
+from .validation import (CAUSAL, as_float, autocast_qkv, check_alibi, check_float_tensors, check_softcap,
+                         check_window, softmax_scale)
 
 
 class VarlenRequest(NamedTuple):
@@ -288,16 +289,11 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     dropout_p = as_float("dropout_p", dropout_p)
     if not 0.0 <= dropout_p <= 1.0:
         raise ArgumentError(f"dropout_p: expected a probability in [0, 1], got {dropout_p}")
-    softcap = as_float("softcap", softcap)
-    if not (softcap >= 0 and math.isfinite(softcap)):
-        raise ArgumentError(f"softcap: expected a finite number >= 0, got {softcap}")
-    if len(window) != 2 or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window):
-        raise ArgumentError(f"window: expected (left, right) ints >= -1 (-1: unbounded), got {window!r}")
+    softcap = check_softcap(softcap)
+    window = check_window(window)
     alibi = None
     if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, Tensor) or tuple(alibi_slopes.shape) not in ((H,), (B, H)):
-            raise ArgumentError(f"alibi_slopes: expected shape ({H},) or ({B}, {H}), got "
-                                f"{tuple(getattr(alibi_slopes, 'shape', ()))}")
+        check_alibi(alibi_slopes, B, H)
         alibi = alibi_slopes.to(device=q.device, dtype=torch.float32).expand(B, H).contiguous()
     scale = softmax_scale(scale, q.shape[2])
     q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in (q, k, v))

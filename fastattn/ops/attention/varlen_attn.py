@@ -57,19 +57,24 @@ def _used_keys(key: Tensor, value: Tensor, cu_k: Optional[Tensor], used: Optiona
     (table, a pool of (pages, page_size, Hkv, D)); their offsets and the longest."""
     if table is not None and used is None:
         raise ArgumentError("block_table: needs seqused_k (how many tokens of its pages each sequence uses)")
-    if not isinstance(used, Tensor) or used.dim() != 1 or used.numel() != n or used.is_floating_point():
+    if not isinstance(used, Tensor) or used.dim() != 1 or used.numel() != n or used.is_floating_point() or \
+            used.dtype == torch.bool:
         raise ArgumentError(f"seqused_k: expected an integer tensor ({n},), got "
                             f"{getattr(used, 'dtype', type(used).__name__)} {tuple(getattr(used, 'shape', ()))}")
     lens = used.tolist()
     if table is not None:
         page = key.shape[1]
-        if table.dim() != 2 or table.shape[0] != n or table.is_floating_point():
+        if table.dim() != 2 or table.shape[0] != n or table.is_floating_point() or table.dtype == torch.bool:
             raise ArgumentError(f"block_table: expected an integer tensor ({n}, max_pages), got "
                                 f"{table.dtype} {tuple(table.shape)}")
         if any(u < 0 or u > table.shape[1] * page for u in lens):
             raise ArgumentError(f"seqused_k: each in [0, max_pages * page_size = {table.shape[1] * page}], "
                                 f"got {lens}")
         pages = [table[i, :math.ceil(u / page)] for i, u in enumerate(lens)]
+        bad = [int(p) for p in torch.cat(pages).tolist() if not 0 <= p < key.shape[0]] if pages else []
+        if bad:  # (a negative index would wrap around to another page)
+            raise ArgumentError(f"block_table: page indices must be in [0, {key.shape[0]}) (the pool's pages), got "
+                                f"{bad[:4]}")
         idx = torch.cat([(p.long()[:, None] * page + torch.arange(page, device=p.device)).reshape(-1)[:u]
                          for p, u in zip(pages, lens)])
         flat_k, flat_v = key.reshape(-1, *key.shape[2:]), value.reshape(-1, *value.shape[2:])
