@@ -438,6 +438,23 @@ def test_compile_fullgraph(saved, arch):
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_compile_without_a_mask(saved, arch):
+    """No attention_mask and no cache (a pre-training or scoring call): under torch.compile transformers' packing
+    detection hands a mask function whose closures hold traced tensors; reading them at trace time raised inside
+    dynamo (InternalTorchDynamoError, with or without fullgraph). The full mask is built there, as for sdpa."""
+    ids, _ = batch()
+    model = load(saved, arch, "fastattn")
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+        torch._dynamo.reset()
+        try:
+            got = torch.compile(model, fullgraph=True, backend="eager")(input_ids=ids, use_cache=False).logits
+        finally:
+            torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_compile_fullgraph_training(saved, arch):
     """A training step of an HF model on "fastattn" under torch.compile(fullgraph=True): the same loss and gradients
