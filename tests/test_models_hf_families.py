@@ -104,7 +104,18 @@ MODELS = {"starcoder": (_bigcode, {}, dict(n_kv_head=1, activation="gelu_tanh"))
                                     rope_parameters=dict(rope_type="longrope", rope_theta=1e4,
                                                          original_max_position_embeddings=16, partial_rotary_factor=0.5,
                                                          short_factor=[1.0, 1.5], long_factor=[2.0, 8.0])), {},
-                            dict(rotary_dim=4))}
+                            dict(rotary_dim=4)),
+          # an untied head in the Gemma families (one importer: the import tied them, dropping lm_head.weight: argmax agreed 0%)
+          "gemma-untied": (_family("Gemma", head_dim=8), dict(tie_word_embeddings=False), dict(tie_embeddings=False)),
+          # transformers 5's Gemma 3 keeps attn_logit_softcapping in its config but never applies it
+          "gemma3-softcap-unused": (lambda **kw: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**{
+              **dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.3,
+                     attn_logit_softcapping=1.0), **kw})), {}, dict(attn_softcap=0.0)),
+          # Llama's model in transformers 5 rotates the whole head whatever partial_rotary_factor says
+          "llama-partial-rotary-unused": (_family("Llama", head_dim=8, partial_rotary_factor=0.5), {},
+                                          dict(rotary_dim=None))}
 
 
 def _saved(tmp_path, make, kw):

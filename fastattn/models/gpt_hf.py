@@ -47,6 +47,8 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
     else:
         raise CheckpointError(f"{path}: model_type {kind!r} is not supported by GPT.from_hf "
                               f"({', '.join(GPT_HF_TYPES)})")
+    if hf.get("tie_word_embeddings") is False and cfg.tie_embeddings:  # a family importer must never tie it
+        raise CheckpointError(f"{path}: tie_word_embeddings is false, and the {kind} import would tie the head")
     window, types = sliding_window(hf)
     if local_theta is not None and window is not None:  # Gemma 3, OLMo 3: the windowed layers' rotary base
         overrides = {"rope_local_theta": local_theta, **overrides}
@@ -161,11 +163,12 @@ def _from_gemma(hf: dict, state):
                     d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 8192), norm="rmsnorm",
                     norm_eps=hf.get("rms_norm_eps", 1e-6), norm_first=True, mlp="geglu", activation=_GEMMA_ACT[act],
                     pos="rotary", rope_theta=float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 1e4))),
-                    rope_scaling=rope_scaling(rope, hf), tie_embeddings=True,
+                    rope_scaling=rope_scaling(rope, hf), tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
                     bias=bool(hf.get("attention_bias", False)), embed_scale=d ** 0.5,
                     sandwich_norm=(two or three) and not vault,
                     qk_norm=three,
-                    attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+                    # (Gemma 3's config keeps attn_logit_softcapping, which its model in transformers never applies)
+                    attn_softcap=0.0 if three else float(hf.get("attn_logit_softcapping") or 0.0),
                     final_softcap=float(hf.get("final_logit_softcapping") or 0.0),
                     attn_scale=float(hf["query_pre_attn_scalar"]) ** -0.5 if two or three else None)
     if cfg.bias:
@@ -188,5 +191,6 @@ def _from_gemma(hf: dict, state):
             sd[f"{b}attn.q_norm.weight"] = norm(f"{h}self_attn.q_norm.weight", D)
             sd[f"{b}attn.k_norm.weight"] = norm(f"{h}self_attn.k_norm.weight", D)
         sd.update(projections(m, h, b, cfg))
-    sd["lm_head.weight"] = sd["tok_emb.weight"]
+    sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else \
+        KeyMap(state).take("lm_head.weight", (cfg.vocab_size, d))
     return cfg, sd, local_theta

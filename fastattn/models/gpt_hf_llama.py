@@ -15,6 +15,7 @@ biases from attention_bias / mlp_bias). The mixtures of experts among them add t
   residual and logit scales folded into the weights).
 Whatever GPT cannot reproduce exactly is refused with a CheckpointError naming the key."""
 import dataclasses
+import logging
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -26,6 +27,7 @@ from .gpt_hf_moe import moe_projections
 from .gpt_hf_parallel import ACT, pair_rows, rotary
 from .gpt_hf_positions import layer_ropes, nope_layers, rope_scaling
 
+log = logging.getLogger("fastattn")
 LLAMA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "stablelm", "granite", "olmo", "olmo2", "olmo3",
                   "cohere", "cohere2", "smollm3", "exaone4", "helium", "ernie4_5", "glm", "glm4", "seed_oss",
                   "starcoder2", "ministral", "nemotron", "arcee", "hunyuan_v1_dense")
@@ -34,6 +36,7 @@ _UNGATED = {"starcoder2": ("c_fc", "c_proj", "gelu_pytorch_tanh"), "nemotron": (
 _PRE = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"))
 _POST_ONLY = (("post_norm1", "post_attention_layernorm"), ("post_norm2", "post_feedforward_layernorm"))
 _INTERLEAVED = ("cohere", "cohere2", "helium", "ernie4_5", "glm", "glm4")
+PARTIAL_ROTARY = ("phi3", "stablelm", "glm", "glm4", "nemotron")  # the families whose models read partial_rotary_factor
 
 
 def _biases(hf: dict, kind: str) -> Tuple[bool, bool]:
@@ -96,6 +99,10 @@ def from_llama(hf: dict, state, moe: Optional[dict] = None):
             "partial_rotary_factor" not in (hf.get("rope_parameters") or {}):
         hf = {**hf, "partial_rotary_factor": 0.5}  # GLM's and Nemotron's default
     _, rot = rotary(hf, D)  # Phi-4-mini: partial_rotary_factor 0.75
+    if rot is not None and kind not in PARTIAL_ROTARY:  # transformers 5 rotates the whole head there
+        log.warning("config.json: partial_rotary_factor is set, and %s's model in transformers rotates the whole head "
+                    "regardless: so does this import", kind)
+        rot = None
     cfg = GPTConfig(vocab_size=hf["vocab_size"], d_model=d, n_layer=hf["num_hidden_layers"], n_head=H,
                     n_kv_head=hf.get("num_key_value_heads") or H, head_dim=D, d_ff=d_ff,
                     max_seq_len=hf.get("max_position_embeddings", 2048), norm="layernorm" if layernorm else "rmsnorm",
