@@ -105,7 +105,7 @@ MODELS = {"starcoder": (_bigcode, {}, dict(n_kv_head=1, activation="gelu_tanh"))
                                                          original_max_position_embeddings=16, partial_rotary_factor=0.5,
                                                          short_factor=[1.0, 1.5], long_factor=[2.0, 8.0])), {},
                             dict(rotary_dim=4)),
-          # an untied head in the Gemma families (one importer: the import tied them, dropping lm_head.weight: argmax agreed 0%)
+          # an untied head in the Gemma families (one importer; it tied them, dropping lm_head.weight: argmax agreed 0%)
           "gemma-untied": (_family("Gemma", head_dim=8), dict(tie_word_embeddings=False), dict(tie_embeddings=False)),
           # transformers 5's Gemma 3 keeps attn_logit_softcapping in its config but never applies it
           "gemma3-softcap-unused": (lambda **kw: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**{
