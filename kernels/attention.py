@@ -199,9 +199,8 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b, h = tl.program_id(2), tl.program_id(1)  # heads and batch on axes of their own (each up to 65535 programs)
+    bh = b * H + h
     q0, k0, Lb, Sb, diag = _seq_bounds(CuQ, CuK, b, L, S, diag_offset, align_br, VARLEN)
     if VARLEN:
         if start_m >= Lb:  # past this sequence's queries (its padded lse rows were filled by the launcher)
@@ -256,9 +255,8 @@ def _attn_bwd_preprocess(
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h = tl.program_id(2).to(tl.int64), tl.program_id(1).to(tl.int64)
+    bh = b * H + h
     q0, _, Lb, _, _ = _seq_bounds(CuQ, CuQ, b, L, L, 0, 0, VARLEN)
     offs_d = tl.arange(0, BLOCK_DV)
     o = _load_rows(Out + b * stride_ob + h * stride_oh + q0 * stride_om, offs_m, Lb, stride_om, EV, offs_d,
@@ -360,9 +358,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    b = bhk // Hk
-    hk = bhk % Hk
+    b, hk = tl.program_id(2), tl.program_id(1)
     q0, k0, Lb, Sb, diag = _seq_bounds(CuQ, CuK, b, L, S, diag_offset, align_br, VARLEN)
     if VARLEN:
         if start_n >= Sb:  # past this sequence's keys
@@ -453,9 +449,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b, h = tl.program_id(2), tl.program_id(1)  # heads and batch on axes of their own (each up to 65535 programs)
+    bh = b * H + h
     q0, k0, Lb, Sb, diag = _seq_bounds(CuQ, CuK, b, L, S, diag_offset, align_br, VARLEN)
     if VARLEN:
         if start_m >= Lb:  # past this sequence's queries
@@ -651,7 +646,7 @@ def attention_fwd(q, k, v, mask, alibi, p):
 def _fwd(q, k, v, out, lse, mask, alibi, p, varlen):
     (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, cu, scalars, flags, key = _common(q, k, v, mask, alibi, p,
                                                                                         varlen)
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)  # noqa: E731
     _launch(
         "fwd", grid, q, k, v, out, lse, mask_arg, alibi_arg, *cu,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *ms,
@@ -681,14 +676,14 @@ def _bwd(dout, q, k, v, out, lse, mask, alibi, p, grads, varlen):
     dq, dk, dv = grads
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     pre_m = 64 if not INTERPRETED else 32
-    _attn_bwd_preprocess[(triton.cdiv(L, pre_m), B * H)](out, dout, delta, cu[0], *out.stride()[:3],
-                                                         *dout.stride()[:3], H, L, EV, VARLEN=flags["VARLEN"],
-                                                         BLOCK_M=pre_m, BLOCK_DV=flags["BLOCK_DV"])
+    _attn_bwd_preprocess[(triton.cdiv(L, pre_m), H, B)](out, dout, delta, cu[0], *out.stride()[:3],
+                                                        *dout.stride()[:3], H, L, EV, VARLEN=flags["VARLEN"],
+                                                        BLOCK_M=pre_m, BLOCK_DV=flags["BLOCK_DV"])
     args = (q, k, v, dout, lse, delta)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     tail = (*ms, H, Hk, H // Hk, L, S, E, EV, *scalars)
-    dkdv_grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hk)  # noqa: E731
-    dq_grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    dkdv_grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hk, B)  # noqa: E731
+    dq_grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)  # noqa: E731
     _launch("dkdv", dkdv_grid, *args, dk, dv, mask_arg, alibi_arg, *cu, *strides, *dk.stride()[:3],
             *dv.stride()[:3], *tail, key=key, **flags)
     _launch("dq", dq_grid, *args, dq, mask_arg, alibi_arg, *cu, *strides, *dq.stride()[:3], *tail, key=key,

@@ -377,6 +377,24 @@ def test_every_triton_config(backend_name, monkeypatch, which, E, config):
     check(backend_name, B=1, H=1, L=200, S=200, E=E, window=(70, 10), alibi=True)
 
 
+def test_triton_grids_keep_batch_and_heads_on_axes_of_their_own(monkeypatch):
+    """CUDA caps a grid's axes 1 and 2 at 65535 programs: batch x heads on one axis could not launch from 65536 on
+    (batch 4096 x 16 heads of short sequences). The forward and both backward kernels take (blocks, heads, batch)."""
+    pytest.importorskip("triton")
+    from fastattn.kernels import attention as K
+    grids = {}
+
+    def launch(which, grid, *args, key, **kwargs):
+        grids[which] = grid({"BLOCK_M": 64, "BLOCK_N": 64})
+    monkeypatch.setattr(K, "_launch", launch)
+    monkeypatch.setattr(K, "_attn_bwd_preprocess", {(1, 16, 4096): lambda *a, **kw: None})  # its one launch
+    q, k = torch.randn(4096, 16, 3, 8), torch.randn(4096, 4, 5, 8)
+    p = A.AttnParams(scale=0.5)
+    out, lse = K.attention_fwd(q, k, k, None, None, p)
+    K.attention_bwd(out, q, k, k, out, lse, None, None, p)
+    assert grids == {"fwd": (1, 16, 4096), "dq": (1, 16, 4096), "dkdv": (1, 4, 4096)}
+
+
 def test_launch_reuses_the_autotuners_pick(monkeypatch):
     """Once the autotuner has picked a config for a key, the kernel is launched with it directly (the autotuner's own
     dispatch skipped); another key (head dims, causality, a dtype) asks the autotuner again."""
