@@ -644,3 +644,50 @@ def test_encoder_layer_and_encoder_nested_tensor_input(norm_first):
     ours.train()
     with torch.no_grad(), pytest.raises(AssertionError, match="training is enabled"):
         ours(x)
+
+
+@pytest.mark.parametrize("kind", ["Encoder", "Decoder"])
+def test_autocast_training_step(kind):
+    """A training step under CPU autocast (bfloat16): the projections' backward met a bfloat16 gradient and a float32
+    weight in one matmul and raised. Outputs and gradients against the float32 step, bounded by torch's own bfloat16
+    error there (4 times it, plus 2% of the tensor's scale). Default init and GELU: with randomized weights and ReLU
+    the bfloat16 step is ill-conditioned (a flipped ReLU), for torch's run as for ours."""
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, f"Transformer{kind}Layer")(D, NHEAD, FF, 0.0, "gelu", batch_first=True)
+    ours = getattr(fnn, f"Transformer{kind}Layer")(D, NHEAD, FF, 0.0, "gelu", batch_first=True)
+    ours.load_state_dict(theirs.state_dict())
+    x, mem, g = torch.randn(2, 5, D), torch.randn(2, 4, D), torch.randn(2, 5, D)
+    args = (x,) if kind == "Encoder" else (x, mem)
+    res = []
+    for m, on in ((theirs, False), (theirs, True), (ours, True)):
+        leaves = [a.clone().requires_grad_() for a in args]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+            out = m(*leaves)
+        (out.float() * g).sum().backward()
+        res.append([out.float()] + [t.grad for t in leaves] + [p.grad.clone() for p in m.parameters()])
+        m.zero_grad()
+    for ref, t, o in zip(*res):
+        assert (o - ref).abs().max() <= 4 * (t - ref).abs().max() + 0.02 * ref.abs().max()
+
+
+def test_submodule_hooks_fire_as_in_torch():
+    """A backward hook on a layer's part (gradient monitoring, Grad-CAM) fires as in torch: the layer calls a hooked
+    part instead of fusing past it (only forward hooks were checked). Global module hooks too."""
+    fired = {}
+    for name, m in zip(("torch", "ours"), layer_twins("encoder", batch_first=True)):
+        fired[name] = []
+        for part in ("linear1", "linear2", "norm1", "norm2", "self_attn"):
+            getattr(m, part).register_full_backward_hook(lambda mod, gi, go, part=part, n=name: fired[n].append(part))
+        m.train()
+        m(torch.randn(2, 5, D, requires_grad=True)).sum().backward()
+    assert sorted(fired["ours"]) == sorted(fired["torch"]) == ["linear1", "linear2", "norm1", "norm2", "self_attn"]
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, i, o: calls.append(type(mod).__name__))
+    try:
+        theirs, ours = layer_twins("encoder", batch_first=True)
+        theirs(torch.randn(2, 5, D))
+        n = len(calls)
+        ours(torch.randn(2, 5, D))
+    finally:
+        handle.remove()
+    assert sorted(calls[n:]) == sorted(calls[:n])

@@ -277,7 +277,8 @@ def linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """F.linear on (T, K) rows (a tensor of its own, (T, N)); under autograd through :class:`_RowLinear`, except
     under torch.func transforms (F.linear itself: they batch and differentiate it)."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
-                                    (bias is not None and bias.requires_grad)) and not is_transformed(x, weight, bias):
+                                    (bias is not None and bias.requires_grad)) and not is_transformed(x, weight, bias) \
+            and not torch.is_autocast_enabled(x.device.type):  # (autocast: F.linear's own backward casts back)
         return _RowLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 

@@ -32,8 +32,16 @@ def _activation_fn(activation: _Activation) -> Callable[[Tensor], Tensor]:
     return activation
 
 
-def _has_hooks(m: nn.Module) -> bool:
+def _has_forward_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    """Whether calling m runs hooks (its own forward or backward ones, or global module hooks): then the layer calls
+    it instead of fusing past it (a backward hook on linear1 or norm1 fired in torch and was skipped)."""
+    g = torch.nn.modules.module
+    return bool(_has_forward_hooks(m) or m._backward_hooks or m._backward_pre_hooks or g._global_forward_hooks
+                or g._global_forward_pre_hooks or g._global_backward_hooks or g._global_backward_pre_hooks)
 
 
 def _fusable(norm: nn.Module) -> bool:
@@ -238,7 +246,8 @@ def _torch_fast_path(layer: nn.Module, src: Tensor, src_mask: Optional[Tensor],
             or attn.in_proj_bias is None or not attn._qkv_same_embed_dim or not layer.activation_relu_or_gelu
             or layer.norm1.eps != layer.norm2.eps
             or (src.is_nested and (src_key_padding_mask is not None or src_mask is not None))
-            or attn.num_heads % 2 == 1 or torch.is_autocast_enabled() or any(_has_hooks(m) for m in layer.modules())):
+            or attn.num_heads % 2 == 1 or torch.is_autocast_enabled()
+            or any(_has_forward_hooks(m) for m in layer.modules())):  # (torch's checks: forward hooks only)
         return False
     tensor_args = _fast_path_tensors(layer, src)
     devices = _FAST_PATH_DEVICES + (torch.utils.backend_registration._privateuse1_backend_name,)
