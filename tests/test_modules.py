@@ -136,3 +136,12 @@ def test_cuda_autocast_norms_run_in_float32_as_torch(cls):
         y, want = ours(x), theirs(x)
     assert y.dtype == want.dtype and (cls == "RMSNorm" or y.dtype == torch.float32)
     torch.testing.assert_close(y, want)
+
+
+def test_rmsnorm_default_eps_for_half_inputs_is_float32s():
+    """eps=None is the computation dtype's machine epsilon, as torch's rms_norm takes it (float32 for bfloat16 and
+    float16): the input dtype's (7.8e-3 for bfloat16) shrank small inputs' outputs (rms 0.11 for |x| ~ 0.01)."""
+    for dt in (torch.bfloat16, torch.float16):
+        x = (torch.randn(4, 64) * 0.01).to(dt)
+        ours, theirs = fnn.RMSNorm(64, dtype=dt), torch.nn.RMSNorm(64, dtype=dt)
+        torch.testing.assert_close(ours(x), theirs(x))

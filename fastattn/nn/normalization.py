@@ -41,6 +41,12 @@ def _torch_rms_autocast_dtype(x: Tensor, weight: Optional[Tensor]) -> torch.dtyp
     return _RMS_AUTOCAST_DTYPE[key]
 
 
+def _default_rms_eps(dtype: torch.dtype) -> float:
+    """torch's rms_norm eps for eps=None: the machine epsilon of the computation's dtype (float32 for a half input,
+    not the input's own, which is ~1e4 times larger for bfloat16)."""
+    return torch.finfo(torch.float32 if dtype in _HALF else dtype).eps
+
+
 class LayerNorm(nn.LayerNorm):
     """torch.nn.LayerNorm on fastattn's kernels."""
 
@@ -62,8 +68,8 @@ class LayerNorm(nn.LayerNorm):
 
 
 class RMSNorm(nn.RMSNorm):
-    """torch.nn.RMSNorm on fastattn's kernels (eps=None means torch.finfo(input.dtype).eps, as in torch; the
-    output has the input's dtype whatever the weight's, as in torch)."""
+    """torch.nn.RMSNorm on fastattn's kernels (eps=None means the machine epsilon of the computation's dtype,
+    float32 for a half input, as in torch; the output has the input's dtype whatever the weight's, as in torch)."""
 
     def forward(self, x: Tensor) -> Tensor:
         k = len(self.normalized_shape)
@@ -74,7 +80,7 @@ class RMSNorm(nn.RMSNorm):
         x, weight = autocast_fp32(x, self.weight)
         if weight is not None and weight.dtype not in (x.dtype, torch.float32):
             weight = weight.float()  # the kernels take a weight of x's dtype or float32; torch takes any
-        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        eps = _default_rms_eps(x.dtype) if self.eps is None else self.eps
         y = add_rms_norm(x.flatten(-k) if k > 1 else x, None, _flat(weight), eps).view(x.shape)
         if x is not given:  # upcast by autocast: return the dtype this torch's rms_norm returns
             y = y.to(_torch_rms_autocast_dtype(given, self.weight))
@@ -115,7 +121,7 @@ class AddRMSNorm(nn.RMSNorm):
         self.prenorm, self.residual_in_fp32 = prenorm, residual_in_fp32
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
-        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        eps = _default_rms_eps(x.dtype) if self.eps is None else self.eps
         return add_rms_norm(x, residual, self.weight, eps, prenorm=self.prenorm,
                             residual_in_fp32=self.residual_in_fp32)
 
