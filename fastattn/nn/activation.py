@@ -17,7 +17,7 @@ from ..backends import forced_backend
 from ..ops.attention import AttnParams, attention, dropout_mask, select_backend
 from ..ops.attention.api import attention_fwd_nograd, attention_packed
 from ..ops.dropout import dropout_rng
-from ..ops.batching import direct_call_ok, is_transformed
+from ..ops.batching import autocast_on, direct_call_ok, is_transformed
 from ..reference import attention_scores
 from ._torchscript import refuse_script
 
@@ -278,7 +278,7 @@ def linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     under torch.func transforms (F.linear itself: they batch and differentiate it)."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)) and not is_transformed(x, weight, bias) \
-            and not torch.is_autocast_enabled(x.device.type):  # (autocast: F.linear's own backward casts back)
+            and not autocast_on(x.device.type):  # (autocast: F.linear's own backward casts back)
         return _RowLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
