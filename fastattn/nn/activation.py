@@ -17,7 +17,7 @@ from ..backends import forced_backend
 from ..ops.attention import AttnParams, attention, dropout_mask, select_backend
 from ..ops.attention.api import attention_fwd_nograd, attention_packed
 from ..ops.dropout import dropout_rng
-from ..ops.batching import autocast_on, direct_call_ok, is_transformed
+from ..ops.batching import autocast_on, direct_call_ok, grads_with_graph, is_transformed
 from ..reference import attention_scores
 from ._torchscript import refuse_script
 
@@ -183,17 +183,14 @@ def _weights_grads_with_graph(ctx, dw: Tensor, q: Tensor, k: Tensor, mask: Optio
                               keep: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     """_AttnWeights' gradients of q, k, mask with a graph of their own (a backward under create_graph=True): the
     weights recomputed by torch ops (the saved P has none) and differentiated by autograd."""
-    with torch.enable_grad():
-        leaves = [t.view_as(t) if t is not None and t.requires_grad else t for t in (q, k, mask)]
+    def weights(q, k, mask):
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        s, _ = attention_scores(leaves[0].to(cdt), leaves[1].to(cdt), leaves[2], scale=ctx.scale)
+        s, _ = attention_scores(q.to(cdt), k.to(cdt), mask, scale=ctx.scale)
         lse = torch.logsumexp(s, -1, keepdim=True)
         w = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0))  # a row with no key: 0
-        if keep is not None:
-            w = w * keep / (1.0 - ctx.dropout_p)
-        want = [t for t, n in zip(leaves, ctx.needs_input_grad) if n]
-        grads = iter(torch.autograd.grad(w.to(q.dtype), want, dw, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if n else None for n in ctx.needs_input_grad[:3])
+        return (w if keep is None else w * keep / (1.0 - ctx.dropout_p)).to(q.dtype)
+
+    return grads_with_graph(weights, (q, k, mask), dw)
 
 
 def _attention_with_keep(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float):

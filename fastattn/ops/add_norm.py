@@ -19,8 +19,8 @@ from torch import Tensor
 
 from ..backends import Dispatcher, Impl, REFERENCE_DEVICES, compiled_op, forced_backend_name, log, triton_op
 from ..reference import add_norm_ref, norm_residual_dtype
-from .batching import (direct_call_ok, eager_twin, fold, front, graph_capture, has_torch_function_subclass,
-                       is_legacy_batched, is_transformed, unfold)
+from .batching import (direct_call_ok, eager_twin, fold, front, grads_with_graph, graph_capture,
+                       has_torch_function_subclass, is_legacy_batched, is_transformed, unfold)
 
 MAX_COLS = 65536
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -267,16 +267,10 @@ def _grads_with_graph(ctx, dy: Optional[Tensor], ds: Optional[Tensor], base: Ten
                            "supported with prenorm=False and a residual (the forward keeps x + residual, not x and "
                            "residual); torch's x + residual and F.layer_norm / F.rms_norm support it")
     N = shape[-1]
-    with torch.enable_grad():
-        t = base.view_as(base) if base.requires_grad else base
-        w = weight.view_as(weight) if weight is not None and need[2] else weight
-        leaves = [x for x in (t, w) if x is not None and x.requires_grad]
-        dt = dw = None
-        if dy is not None and leaves:
-            y = add_norm_ref(t, None, w, None, ctx.eps, is_rms=is_rms, upcast=True).to(ctx.y_dtype)
-            grads = dict(zip(map(id, leaves), torch.autograd.grad(y, leaves, dy, create_graph=True,
-                                                                  allow_unused=True)))
-            dt, dw = grads.get(id(t)), grads.get(id(w))
+    dt = dw = None
+    if dy is not None:
+        dt, dw = grads_with_graph(lambda s, w: add_norm_ref(s, None, w, None, ctx.eps, is_rms=is_rms,
+                                                            upcast=True).to(ctx.y_dtype), (base, weight), dy)
     if ds is not None and ctx.prenorm:
         dt = ds if dt is None else dt + ds
     dx = None if dt is None or not need[0] else dt.to(ctx.y_dtype)

@@ -5,7 +5,7 @@ subclasses are told apart from plain ones."""
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -99,3 +99,21 @@ def eager_twin(cls):
 
     return type(f"{cls.__name__}Eager", (torch.autograd.Function,), {
         "forward": staticmethod(forward), "backward": staticmethod(cls.backward), "__doc__": eager_twin.__doc__})
+
+
+def grads_with_graph(forward: Callable[..., Tensor], inputs: Sequence[Optional[Tensor]],
+                     grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
+    """The gradients of ``forward(*inputs)`` (torch ops) in those inputs that require grad, given ``grad_out``, with a
+    graph of their own: what an autograd.Function's backward returns under create_graph=True (a double backward),
+    where its kernels' gradients, graph-less, would make the second derivative silently wrong. Each input goes in as
+    a view of itself, so that one tensor passed twice (q, k, v the same) gets a gradient per use; None where an input
+    needs none."""
+    needs = [t is not None and t.requires_grad for t in inputs]
+    if not any(needs):
+        return (None,) * len(needs)
+    with torch.enable_grad():
+        leaves = [t.view_as(t) if n else t for t, n in zip(inputs, needs)]
+        out = forward(*leaves)
+        grads = iter(torch.autograd.grad(out, [t for t, n in zip(leaves, needs) if n], grad_out, create_graph=True,
+                                         allow_unused=True))
+    return tuple(next(grads) if n else None for n in needs)

@@ -32,6 +32,7 @@ from torch import Tensor
 from ... import _ext
 from ...backends import Dispatcher, Impl, REFERENCE_DEVICES, triton_op
 from ...reference import attention_bwd_ref, attention_ref
+from ..batching import grads_with_graph
 from ..dropout import seeded_uniform
 from .params import AttnParams, AttnRequest, params_schema, request
 
@@ -141,19 +142,16 @@ def bwd_with_graph(dout, inputs, split, mask, alibi, p: AttnParams, backend: Opt
     own: the reference's forward recomputed, with the dropout mask the forward's backend drew, and differentiated by
     autograd. The kernels' gradients have no graph: returned as the answer, they would give a silently wrong (or
     missing) second derivative."""
-    with torch.enable_grad():
-        # views: q, k, v passed as one tensor get a gradient each; a tensor not needing one stays as it is
-        leaves = [t.view_as(t) if t.requires_grad else t for t in inputs]
+    def forward(*leaves):
         q, k, v = split(*leaves)
         impl = dispatcher.select(request(q, k, v, mask, alibi, p), backend or None)
         kw = ref_kwargs(q, k, mask, alibi, dataclasses.replace(p, dropout_p=0.0))
         if p.dropout_p > 0:
             B, H, L, _ = q.shape
             kw.update(dropout_p=p.dropout_p, dropout_mask=dropout_mask(impl.backend, p, B, H, L, k.shape[2], q.device))
-        out = attention_ref(q, k, v, mask, **kw)
-        want = [t for t in leaves if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, want, dout, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if t.requires_grad else None for t in leaves)
+        return attention_ref(q, k, v, mask, **kw)
+
+    return grads_with_graph(forward, inputs, dout)
 
 
 def _cpu_bwd_into(grads, dout, q, k, v, out, lse, mask, alibi, p):

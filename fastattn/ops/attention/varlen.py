@@ -32,7 +32,7 @@ from ... import _ext
 from ...backends import REFERENCE_DEVICES, Dispatcher, Impl, compiled_has, forced_backend_name, log, triton_op
 from ...errors import ArgumentError
 from ...reference import attention_bwd_ref, attention_ref
-from ..batching import graph_capture, has_torch_function_subclass, is_transformed
+from ..batching import grads_with_graph, graph_capture, has_torch_function_subclass, is_transformed
 from ..dropout import dropout_rng
 from .dispatch import FLOATS, dropout_mask, ref_dropout_mask
 from .function import DroppedAttention
@@ -190,12 +190,8 @@ def _grads_with_graph(dout, q, k, v, cu_q, cu_k, max_q, max_k, alibi, p: AttnPar
     B, H = cu_q.shape[0] - 1, q.shape[1]
     used = dispatcher.select(_request(q, v), backend or None).backend
     dmask = dropout_mask(used, p, B, H, max_q, max_k, q.device) if p.dropout_p > 0 else None
-    with torch.enable_grad():
-        leaves = [t.view_as(t) if t.requires_grad else t for t in (q, k, v)]
-        out, _ = ref_fwd(*leaves, cu_q, cu_k, max_q, max_k, alibi, p, bottom_right, dmask)
-        want = [t for t in leaves if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, want, dout, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if t.requires_grad else None for t in leaves)
+    return grads_with_graph(lambda q, k, v: ref_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi, p, bottom_right,
+                                                    dmask)[0], (q, k, v), dout)
 
 
 def _backward(ctx, dout, dlse):
