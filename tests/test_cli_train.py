@@ -579,6 +579,12 @@ def test_clm_pairs_with_long_sources_train(tmp_path, capsys):
         run = train(tmp_path, f"run{len(extra)}", "--data", str(path), "--seq-len", "40", *extra)
         losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert all(math.isfinite(m.get("loss", m.get("val_loss"))) for m in losses)
+    # every source long: nothing to learn for clm, but a seq2seq target has --seq-len ids of its own
+    path.write_text("".join(json.dumps({"source": "a long source " * 8 + str(i), "target": f"answer {i}"}) + "\n"
+                            for i in range(40)))
+    assert main(["train", *TINY, "--data", str(path), "--seq-len", "40", "--out", str(tmp_path / "clm")]) == 2
+    assert "every training example has no target token" in capsys.readouterr().err
+    train(tmp_path, "s2s", "--data", str(path), "--seq-len", "40", "--task", "seq2seq")
 
 
 def test_a_loss_that_is_not_finite_stops_before_the_update(tmp_path, capsys, monkeypatch):

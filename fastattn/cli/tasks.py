@@ -97,10 +97,11 @@ class CLMTask:
             raise DataError("--chat: needs --data files of source / target pairs and a Hugging Face tokenizer "
                             "(--init-hf) with a chat template")
         if self.pairs is not None:
-            self._enc = {}
+            self._enc, self._with_targets = {}, {}
             if self.chat:
                 self._example(*self.pairs[0][0])  # a tokenizer without a chat template fails here, not mid-run
-            if not any(self._has_target(r) for r in self.pairs[0]):  # (stops at the first one that has)
+            # clm: source and target share the seq_len + 1 ids (a seq2seq target has its own)
+            if self.name == "clm" and not any(self._has_target(r) for r in self.pairs[0]):
                 raise DataError(f"every training example has no target token within --seq-len {cfg.seq_len}: "
                                 "nothing to learn")
             return
@@ -136,7 +137,7 @@ class CLMTask:
     def _rows_with_targets(self, split):
         """The held-out (or training) pairs whose target survives the cut, found once: evaluation batches of
         pairs with no target token would have no loss (NaN)."""
-        cache = self.__dict__.setdefault("_with_targets", {})
+        cache = self._with_targets
         if split not in cache:
             rows = self.pairs[0] if split == "train" else self.pairs[1]
             cache[split] = [r for r in rows if self._has_target(r)]
@@ -178,12 +179,10 @@ class CLMTask:
             return self._packed_batch(self.pairs[0], batch_size, generator)
         if self.pairs is not None:
             if index is None:  # a training draw: a pair with no target token is drawn again
-                rows, usable = self.pairs[0] if split == "train" else self.pairs[1], None
-                chosen = pick(rows, batch_size, generator, index)
+                rows = self.pairs[0] if split == "train" else self.pairs[1]
+                chosen, usable = pick(rows, batch_size, generator, index), self._no_target_guard(rows)
                 for i, j in enumerate(chosen):
-                    while not self._has_target(rows[j]):
-                        usable = usable or self._no_target_guard(rows)
-                        usable(False)
+                    while not usable(self._has_target(rows[j])):
                         j = int(torch.randint(0, len(rows), (1,), generator=generator))
                     chosen[i] = j
             else:
