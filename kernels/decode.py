@@ -1,8 +1,9 @@
-"""Split-KV decode attention (flash-decoding) in Triton: a split kernel, one program per (split of a sequence's
-keys, batch and kv head, block of query rows), holds the G * L query rows of its kv head's GQA group (G query heads
-x L queries: one pass over K/V for the whole group) and runs an online softmax in base 2 over its keys; a combine
-kernel merges the splits of each row by their logsumexps. Keys past a sequence's length are never loaded, nor the
-V rows of masked keys. Contract: fastattn/ops/attention/decode.py."""
+"""Split-KV decode attention (flash-decoding) in Triton: a split kernel, one program per (split of a sequence's keys,
+batch and kv head, block of query rows; all on grid axis 0, which CUDA does not cap at 65535 programs), holds the
+G * L query rows of its kv head's GQA group (G query heads x L queries: one pass over K/V for the whole group) and
+runs an online softmax in base 2 over its keys; a combine kernel merges the splits of each row by their logsumexps.
+Keys past a sequence's length are never loaded, nor the V rows of masked keys. Contract:
+fastattn/ops/attention/decode.py."""
 import torch
 import triton
 import triton.language as tl
@@ -35,12 +36,14 @@ def _decode_split_kernel(
     SOFTCAP: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    bk = tl.program_id(1)  # b * Hk + kv head
+    pid = tl.program_id(0)  # ((b * Hk + kv head) * row blocks + row block) * NSPLIT + split
+    split = pid % NSPLIT
+    row_blocks = tl.cdiv(M, BLOCK_M)
+    bk = pid // NSPLIT // row_blocks  # b * Hk + kv head
     b = bk // Hk
     kvh = bk % Hk
     G = H // Hk
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows r = g * L + i
+    offs_m = (pid // NSPLIT % row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows r = g * L + i
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < M
@@ -176,7 +179,7 @@ def decode_fwd(q, k, v, seqlens, keep, scale: float, softcap: float, causal: boo
     keep_strides = (keep.stride(0), keep.stride(1)) if keep is not None else (0, 0)
     # the interpreter's bf16 tl.dot is broken (triton issue 11584): float32 dots there
     dot_f32 = q.dtype == torch.float32 or (INTERPRETED and q.dtype == torch.bfloat16)
-    _decode_split_kernel[(nsplit, B * Hk, row_blocks)](
+    _decode_split_kernel[(B * Hk * row_blocks * nsplit,)](
         q, *q.stride()[:3], k, *k.stride()[:3], v, *v.stride()[:3],
         seq, kp, *keep_strides, part_o, part_lse, out, lse,
         H, Hk, L, S, E, Ev, M, float(scale), float(softcap) if softcap > 0 else 1.0,

@@ -150,6 +150,26 @@ def test_triton_splits(backend_name, monkeypatch):
     from fastattn.kernels import decode as K
     monkeypatch.setattr(K, "_num_splits", lambda *a: 3)
     check(backend_name, B=2, H=2, Hk=1, L=2, S=200, E=16, lens=[200, 40])
+    # two blocks of query rows (GQA group 4 x 20 queries = 80 rows) x three splits x batch x kv heads on one axis
+    check(backend_name, B=2, H=8, Hk=2, L=20, S=150, E=16, lens=[150, 70])
+
+
+def test_triton_grid_takes_any_batch_x_heads(monkeypatch):
+    """CUDA caps a grid's axes 1 and 2 at 65535 programs: the split kernel takes all its programs on axis 0."""
+    pytest.importorskip("triton")
+    from fastattn.kernels import decode as K
+    grids = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *a, **kw: None
+    monkeypatch.setattr(K, "_decode_split_kernel", Kernel())
+    monkeypatch.setattr(K, "_decode_combine_kernel", Kernel())
+    monkeypatch.setattr(K, "_num_splits", lambda *a: 3)
+    q, k = torch.empty(8192, 8, 1, 16), torch.empty(1, 1, 1, 16).expand(8192, 8, 9000, 16)
+    K.decode_fwd(q, k, k, None, None, 0.25, 0.0, True)
+    assert grids == [(8192 * 8 * 3,), (8192 * 8,)]
 
 
 # ---- the route from fastattn.attention ---------------------------------------------------------------------
