@@ -1,5 +1,6 @@
 """CLI smoke tests of `fastattn train` (tiny models, byte tokenizer, a slice of the embedded corpus): every task and
 fine-tuning mode, the run folder's files, generate / eval / quantize / prune / distillation on the results."""
+import copy
 import json
 import math
 
@@ -176,6 +177,48 @@ def test_init_distill_prune_quantize(gpt_run, tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert "int8 checkpoint" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("qk_norm_full", [False, True])
+def test_prune_heads_removes_exactly_those_heads(qk_norm_full):
+    """The pruned model equals the unpruned one with the removed heads' output columns zeroed. With q normalised
+    over all heads (OLMo 2) the removed heads' query rows must stay: zeroing them changed every other head's norm."""
+    from fastattn.cli.prune import prune_heads
+    from fastattn.models import GPT, GPTConfig
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, d_model=64, n_layer=2, n_head=4, d_ff=128, max_seq_len=32, norm="rmsnorm",
+                    pos="rotary", qk_norm=True, qk_norm_full=qk_norm_full)
+    model = GPT(cfg).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # norm weights away from 1, attention away from uniform
+            p.uniform_(0.5, 1.5) if p.dim() == 1 else p.normal_(0, 0.3)
+    expected = copy.deepcopy(model)
+    assert prune_heads(model, 0.25) == (2, 8)
+    D = cfg.d_model // cfg.n_head
+    for block, ref in zip(model.blocks, expected.blocks):
+        for h in range(cfg.n_head):
+            if not block.attn.wo.weight[:, h * D:(h + 1) * D].any():
+                ref.attn.wo.weight.data[:, h * D:(h + 1) * D] = 0
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected(ids).logits, rtol=1e-12, atol=1e-12)
+
+
+def test_prune_a_soft_prompt_run(tmp_path, capsys):
+    """A pruned soft-prompt run keeps its prompt and says so (mode "prompt"): eval, generate and --init read it."""
+    run = train(tmp_path, "run", "--mode", "prompt", "--prompt-len", "3")
+    assert main(["prune", str(run), "--heads", "0.5", "--out", str(tmp_path / "p")]) == 0
+    assert "soft_prompt" in load_file(tmp_path / "p" / "model.safetensors")
+    assert main(["eval", str(tmp_path / "p"), "--batches", "1"]) == 0
+    assert main(["generate", str(tmp_path / "p"), "-p", "Hi", "-n", "2"]) == 0
+    again = train(tmp_path, "again", "--init", str(tmp_path / "p"), "--mode", "prompt", "--prompt-len", "3")
+    before, after = (load_file(r / "model.safetensors") for r in (tmp_path / "p", again / "model"))
+    assert set(before) == set(after) and not torch.equal(before["soft_prompt"], after["soft_prompt"])
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "soft_prompt")  # the model stays frozen
+    capsys.readouterr()
+    for mode in (["--mode", "full"], ["--mode", "prompt", "--prompt-len", "4"]):
+        assert main(["train", *TINY, "--init", str(tmp_path / "p"), *mode, "--out", str(tmp_path / "x")]) == 2
+        assert "continue it with --mode prompt --prompt-len 3" in capsys.readouterr().err
 
 
 def test_qat(tmp_path, capsys):

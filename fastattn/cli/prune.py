@@ -1,10 +1,11 @@
 """``fastattn prune``: zero the least important attention heads and the smallest weights, permanently.
 
 Head importance (per layer, per query head h): ||W_o[:, h]||_F * ||W_q[h]||_F, ranked over the whole model, the lowest
-``--heads`` fraction removed (at least one head kept per layer); the head's query rows and output columns are zeroed
-through torch.nn.utils.prune masks, then made permanent (prune.remove). ``--unstructured``: global L1 magnitude pruning
-of every Linear weight (torch.nn.utils.prune.global_unstructured), made permanent. Fine-tune afterwards with
-``fastattn train --init OUT``."""
+``--heads`` fraction removed (at least one head kept per layer); the head's output columns are zeroed (which removes it
+exactly), and its query rows unless q is normalised over all heads (OLMo 2: zero rows would change every other head's
+norm), through torch.nn.utils.prune masks, then made permanent (prune.remove). ``--unstructured``: global L1
+magnitude pruning of every Linear weight (torch.nn.utils.prune.global_unstructured), made permanent. Fine-tune
+afterwards with ``fastattn train --init OUT``."""
 import json
 import sys
 from dataclasses import dataclass
@@ -64,10 +65,12 @@ def prune_heads(model, frac):
     masks = {}
     for m, h in removed:
         D = m.head_dim
-        qm = masks.setdefault((id(m), "q"), (m.wqkv, torch.ones_like(m.wqkv.weight)))[1]
         om = masks.setdefault((id(m), "o"), (m.wo, torch.ones_like(m.wo.weight)))[1]
-        qm[h * D:(h + 1) * D] = 0
         om[:, h * D:(h + 1) * D] = 0
+        if getattr(m, "qk_full", False):  # q normalised over all heads: its rows stay
+            continue
+        qm = masks.setdefault((id(m), "q"), (m.wqkv, torch.ones_like(m.wqkv.weight)))[1]
+        qm[h * D:(h + 1) * D] = 0
         if m.wqkv.bias is not None:
             with torch.no_grad():
                 m.wqkv.bias[h * D:(h + 1) * D] = 0
@@ -101,7 +104,8 @@ def main(cfg: PruneConfig) -> int:
     sparsity = prune_unstructured(model, cfg.unstructured) if cfg.unstructured else None
     cfg_dict = model.config.to_dict()
     meta = {**state, "pruned": {"heads_removed": removed, "heads": total, "linear_sparsity": sparsity}}
-    meta.setdefault("train_config", {})["mode"] = "full"
+    tcfg = meta["train_config"] = dict(state.get("train_config", {}))
+    tcfg["mode"] = "prompt" if tcfg.get("mode") == "prompt" else "full"  # the soft prompt is saved; LoRA was merged
     files = {"model.safetensors": lambda p: ckpt.save_weights(model, p),
              "config.json": lambda p: p.write_text(json.dumps(cfg_dict, indent=2)),
              "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2)),

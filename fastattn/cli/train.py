@@ -367,6 +367,11 @@ class Trainer:
                 model, _, tok = load_model(cfg.init, backend=cfg.model_backend, purpose="--init")
                 if tok.vocab_size != self.tok.vocab_size:
                     raise CLIError("--init: the checkpoint's tokenizer differs from --tokenizer")
+                n = finetune.soft_prompt_len(model)
+                if n and (cfg.mode, cfg.prompt_len) != ("prompt", n):
+                    raise CLIError(f"--init {cfg.init}: a soft-prompt run (its model frozen under a {n}-token prompt):"
+                                   f" continue it with --mode prompt --prompt-len {n}, or --init the run it started "
+                                   "from")
             else:
                 cls = model_class(cfg.arch or TASK_ARCH[cfg.task])
                 try:
@@ -391,7 +396,8 @@ class Trainer:
                 raise CLIError(f"--router-aux-loss-coef must be >= 0, got {cfg.router_aux_loss_coef}")
             model.config.router_aux_loss_coef = float(cfg.router_aux_loss_coef)
         try:
-            finetune.apply(model, cfg.mode, cfg.lora_rank, cfg.lora_alpha, cfg.prompt_len, seed=cfg.seed)
+            if not finetune.soft_prompt_len(model):  # (an --init soft-prompt run goes on training its prompt)
+                finetune.apply(model, cfg.mode, cfg.lora_rank, cfg.lora_alpha, cfg.prompt_len, seed=cfg.seed)
         except ValueError as e:
             raise CLIError(str(e)) from None
         if not any(p.requires_grad for p in model.parameters()):
