@@ -43,6 +43,11 @@ def test_two_processes_match_one(single, tmp_path, mode, local_batch):
     la = [json.loads(x)["loss"] for x in (single / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     lb = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert lb == pytest.approx(la, rel=1e-5)
+    # held-out: each data-parallel rank scores its rows of the global batch (not all of them the same rows)
+    va, vb = ([json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines() if '"val_loss"' in x]
+              for r in (single, out))
+    assert [r["val_loss"] for r in vb] == pytest.approx([r["val_loss"] for r in va], rel=1e-5)
+    assert [r["val_acc"] for r in vb] == pytest.approx([r["val_acc"] for r in va], rel=1e-5)
     ck = out / "ckpt-0000003"
     assert (ck / "manifest.json").is_file()
     if mode:  # sharded state through torch.distributed.checkpoint

@@ -489,17 +489,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self):
+        """Held-out loss and accuracy; data-parallel ranks each score their rows of the global batch (as in
+        training), so N processes report what one process reports at N times the batch."""
         self.train_model.eval()
         loss, correct, count = 0.0, 0, 0
+        n, world = self.cfg.batch_size, self.dist.dp_world
         for i in range(self.cfg.eval_batches):
-            inputs, target = self.task.batch("val", self.cfg.batch_size, index=i)
+            inputs, target = self.task.batch("val", n * world, index=i)
+            if world > 1:
+                inputs, target = _rows(inputs, self.dist.dp_rank, n), _rows(target, self.dist.dp_rank, n)
             inputs, target = _to(inputs, self.device), _to(target, self.device)
             out = self._forward(self.train_model, inputs)
             loss += self.task.loss(out, target).item()
             c, n = self.task.correct(out, target)
             correct, count = correct + c, count + n
         loss = self.dist.mean(loss / self.cfg.eval_batches)
-        acc = self.dist.mean(correct / max(count, 1))
+        correct, count = self.dist.mean(correct), self.dist.mean(count)  # (sums / world: their ratio is the sums')
+        acc = correct / count if count else 0.0
         return {"val_loss": loss, "val_ppl": perplexity(loss), "val_acc": acc}
 
     # ---- checkpoints ----
