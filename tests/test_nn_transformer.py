@@ -670,6 +670,27 @@ def test_autocast_training_step(kind):
         assert (o - ref).abs().max() <= 4 * (t - ref).abs().max() + 0.02 * ref.abs().max()
 
 
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_forward_replaced_on_a_part_runs_as_in_torch(kind, norm_first):
+    """A part whose forward is replaced on the instance (accelerate's add_hook_to_module, cpu_offload, adapters) is
+    called, as torch's layer calls it: the layer used to read its weights and fuse past it."""
+    g = torch.Generator().manual_seed(5)
+    args = (seq(True, 2, 5, g),) if kind == "encoder" else (seq(True, 2, 5, g), seq(True, 2, 4, g))
+    for part in ("linear1", "linear2", "norm1", "norm2", "self_attn", "dropout"):
+        outs = []
+        for m in layer_twins(kind, norm_first=norm_first, batch_first=True):
+            sub, forward = getattr(m, part), getattr(m, part).forward
+
+            def scaled(*a, forward=forward, **kw):
+                out = forward(*a, **kw)
+                return (out[0] * 3, *out[1:]) if isinstance(out, tuple) else out * 3
+            sub.forward = scaled
+            m.train()
+            outs.append(m(*args))
+        torch.testing.assert_close(outs[1], outs[0], msg=part)
+
+
 def test_submodule_hooks_fire_as_in_torch():
     """A backward hook on a layer's part (gradient monitoring, Grad-CAM) fires as in torch: the layer calls a hooked
     part instead of fusing past it (only forward hooks were checked). Global module hooks too."""

@@ -37,10 +37,12 @@ def _has_forward_hooks(m: nn.Module) -> bool:
 
 
 def _has_hooks(m: nn.Module) -> bool:
-    """Whether calling m runs hooks (its own forward or backward ones, or global module hooks): then the layer calls
-    it instead of fusing past it (a backward hook on linear1 or norm1 fired in torch and was skipped)."""
+    """Whether calling m runs more than its class's forward: hooks (its own forward or backward ones, or global
+    module hooks) or a forward replaced on the instance (accelerate's hooks, adapters). Then the layer calls it
+    instead of fusing past it (a backward hook on linear1 or norm1 fired in torch and was skipped)."""
     g = torch.nn.modules.module
-    return bool(_has_forward_hooks(m) or m._backward_hooks or m._backward_pre_hooks or g._global_forward_hooks
+    return bool("forward" in vars(m) or _has_forward_hooks(m) or m._backward_hooks or m._backward_pre_hooks
+                or g._global_forward_hooks
                 or g._global_forward_pre_hooks or g._global_backward_hooks or g._global_backward_pre_hooks)
 
 
