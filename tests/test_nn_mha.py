@@ -428,6 +428,56 @@ def test_dropout_gradients_use_the_forward_mask():
         assert torch.isfinite(u).all() and torch.equal(u, v)
 
 
+def _weights_match_output(m, x, out, w):
+    """out == out_proj(weights @ V) for self-attention on sequence-first x: the weights carry the output's mask."""
+    L, B, _ = x.shape
+    v = F.linear(x, m.in_proj_weight[2 * E:], m.in_proj_bias[2 * E:]).view(L, B, H, E // H).permute(1, 2, 0, 3)
+    torch.testing.assert_close(out, m.out_proj((w @ v).permute(2, 0, 1, 3).reshape(L, B, E)), atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_weights_from_one_draw_in_threads(monkeypatch):
+    """The weights' dropout mask comes from the seed the output used, drawn once: the generator used to be rewound
+    and drawn again, so a draw in another thread in between gave weights of another mask (off by 0.16)."""
+    import threading
+    _, ours = pair(dropout=0.3)
+    ours.train()
+    x = torch.randn(6, 2, E)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(20):
+                with torch.no_grad():
+                    _weights_match_output(ours, x, *ours(x, x, x, average_attn_weights=False))
+        except AssertionError as e:
+            errors.append(e)
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+    def rewind(state):
+        raise AssertionError("torch.set_rng_state: MultiheadAttention rewound the global generator")
+    monkeypatch.setattr(torch, "set_rng_state", rewind)
+    ours(x, x, x)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compile_fullgraph_training_dropout_with_weights(backend):
+    """torch.compile(fullgraph=True) of a training call with dropout and the default need_weights=True (the weights'
+    mask used to be drawn by a call dynamo cannot trace)."""
+    torch._dynamo.reset()
+    _, ours = pair(dropout=0.3)
+    ours.train()
+    x = torch.randn(6, 2, E, requires_grad=True)
+    out, w = torch.compile(ours, fullgraph=True, backend=backend)(x, x, x, average_attn_weights=False)
+    _weights_match_output(ours, x.detach(), out.detach(), w.detach())
+    (out.sum() + w.sum()).backward()
+    assert torch.isfinite(x.grad).all()
+
+
 # ---- what the kernel is handed --------------------------------------------------------------------------------
 @pytest.mark.parametrize("mask, want", [
     ("kpm-bool", (2, 1, 1, 7)), ("kpm-float", (2, 1, 1, 7)), ("bool-2d", (1, 1, 5, 7)),

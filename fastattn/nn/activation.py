@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from ..backends import forced_backend
 from ..ops.attention import AttnParams, attention, dropout_mask, select_backend
-from ..ops.attention.api import attention_fwd_nograd, attention_packed
+from ..ops.attention.api import attention_fwd_nograd, attention_packed, attention_seeded
+from ..ops.attention.dispatch import dropout_mask_op
 from ..ops.dropout import dropout_rng
 from ..ops.batching import autocast_on, direct_call_ok, grads_with_graph, is_transformed
 from ..reference import attention_scores
@@ -195,24 +196,22 @@ def _weights_grads_with_graph(ctx, dw: Tensor, q: Tensor, k: Tensor, mask: Optio
 
 def _attention_with_keep(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float):
     """fastattn.attention's output and lse with dropout, and the (B, H, L, S) keep mask its kernel drew, so that
-    the returned weights carry the dropout the output had. attention() draws its Philox seed and offset from
-    torch's default generator (ops.dropout.dropout_rng): the generator is rewound to draw them again."""
+    the returned weights carry the dropout the output had: the Philox seed and offset drawn here (one draw from
+    torch's generator, as attention() makes) serve both."""
     B, H, L, E = q.shape
     S = k.shape[2]
     if dropout_p >= 1.0:  # every probability dropped: out = 0, weights = 0
         out, lse = attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, return_lse=True)
         return out, lse, torch.zeros(B, H, L, S, dtype=torch.bool, device=q.device)
-    before = torch.get_rng_state()
-    out, lse = attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, return_lse=True)
-    after = torch.get_rng_state()
-    torch.set_rng_state(before)
     seed, offset = dropout_rng()
-    torch.set_rng_state(after)
+    out, lse = attention_seeded(q, k, v, (seed, offset), attn_mask=mask, dropout_p=dropout_p, return_lse=True)
     p = AttnParams(E ** -0.5, False, S - L, dropout_p=float(dropout_p), seed=seed, offset=offset)
     if mask is not None and mask.requires_grad and torch.is_grad_enabled():
         backend = "reference"  # attention() runs a mask that needs a gradient on the reference
     else:
         backend = select_backend(q, k, v, mask, None, p, forced_backend() or None)
+    if torch.compiler.is_compiling():
+        return out, lse, dropout_mask_op(B, H, L, S, p.dropout_p, seed, offset, backend, q.device)
     return out, lse, dropout_mask(backend, p, B, H, L, S, q.device)
 
 

@@ -59,6 +59,15 @@ def attention_packed(packed: Tensor, split: Callable[[Tensor], Tuple[Tensor, Ten
     return _attention(*split(packed), (packed, split), *{**_ATTENTION_KWARGS, **kwargs}.values())
 
 
+def attention_seeded(q: Tensor, k: Tensor, v: Tensor, rng: Tuple[int, int], **kwargs):
+    """attention(q, k, v, **kwargs) with its dropout mask's Philox (seed, offset) given instead of drawn from torch's
+    generator (nn.MultiheadAttention draws them once and rebuilds the same mask for the weights it returns)."""
+    unknown = kwargs.keys() - _ATTENTION_KWARGS.keys()
+    if unknown:
+        raise TypeError(f"attention_seeded: unexpected keyword arguments {sorted(unknown)}")
+    return _attention(q, k, v, None, *{**_ATTENTION_KWARGS, **kwargs}.values(), rng=rng)
+
+
 def attention_qkvpacked(qkv: Tensor, *, causal: Optional[str] = None, attn_mask: Optional[Tensor] = None,
                         key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
                         scale: Optional[float] = None, window: Tuple[int, int] = (-1, -1),
@@ -100,8 +109,9 @@ _ATTENTION_KWARGS = {name: p.default for name, p in inspect.signature(attention)
 
 
 def _attention(q, k, v, packed, causal, attn_mask, key_padding_mask, dropout_p, scale, window, alibi_slopes, softcap,
-               return_lse, enable_gqa):
-    """attention(); packed: None or attention_packed's (packed, split), of which q, k, v are split(packed)."""
+               return_lse, enable_gqa, rng=None):
+    """attention(); packed: None or attention_packed's (packed, split), of which q, k, v are split(packed); rng: the
+    dropout's (seed, offset), else drawn here."""
     q0, k0, v0 = q, k, v
     q, k, v = autocast_qkv(q, k, v)
     lay = check_qkv(q, k, v, enable_gqa)
@@ -131,7 +141,7 @@ def _attention(q, k, v, packed, causal, attn_mask, key_padding_mask, dropout_p, 
     scale = softmax_scale(scale, E)
     if dropout_p == 1.0 and not return_lse:  # every probability dropped
         return DroppedAttention.apply(qb, kb, vb).reshape(out_shape)
-    seed, offset = dropout_rng() if 0 < dropout_p < 1 else (0, 0)
+    seed, offset = (rng or dropout_rng()) if 0 < dropout_p < 1 else (0, 0)
     p = AttnParams(scale, causal is not None,
                    attention_diag_offset(L, kb.shape[2], causal if causal is not None else "bottom_right"),
                    int(window[0]), int(window[1]), softcap, dropout_p if dropout_p < 1 else 0.0, seed, offset)

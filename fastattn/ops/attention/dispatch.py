@@ -188,6 +188,19 @@ def dropout_mask(backend: str, p: AttnParams, B: int, H: int, L: int, S: int, de
     return getattr(_ext._C, f"attention_dropout_mask_{backend}")(B, H, L, S, p.dropout_p, p.seed, p.offset)
 
 
+@torch.library.custom_op("fastattn::attention_dropout_mask", mutates_args=(), schema="(int B, int H, int L, int S, "
+                         "float dropout_p, SymInt seed, SymInt offset, str backend, Device device) -> Tensor")
+def dropout_mask_op(B, H, L, S, dropout_p, seed, offset, backend, device):
+    """dropout_mask as an op torch.compile traces (MultiheadAttention's returned weights under dropout)."""
+    p = AttnParams(1.0, False, 0, dropout_p=dropout_p, seed=seed, offset=offset)
+    return dropout_mask(backend, p, B, H, L, S, device)
+
+
+@dropout_mask_op.register_fake
+def _(B, H, L, S, dropout_p, seed, offset, backend, device):
+    return torch.empty(B, H, L, S, dtype=torch.bool, device=device)
+
+
 # ---- custom ops ----------------------------------------------------------------------------------------------
 # What torch.compile traces (eager calls skip this layer: its dispatch costs microseconds). AttnParams travel as
 # their flat fields; backend "" is auto.
