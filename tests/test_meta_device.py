@@ -42,6 +42,13 @@ CASES = {  # name -> (build (under torch.device), call(module, device) -> tensor
     "bert": (lambda: BERT(BERTConfig(vocab_size=V, d_model=E, n_layer=1, n_head=H)), lambda m, d: m(_ids(d)).logits),
     "seq2seq": (lambda: Seq2Seq(Seq2SeqConfig(vocab_size=V, d_model=E, n_layer=1, n_head=H)),
                 lambda m, d: m(_ids(d), decoder_input_ids=_ids(d, 3)).logits),
+    # with an attention_mask (its "anything padded?" test has no data to read on meta)
+    "gpt-mask": (lambda: GPT(GPTConfig(vocab_size=V, d_model=E, n_layer=1, n_head=H)),
+                 lambda m, d: m(_ids(d), attention_mask=(~_pad(d)).long(), labels=_ids(d)).loss),
+    "bert-mask": (lambda: BERT(BERTConfig(vocab_size=V, d_model=E, n_layer=1, n_head=H)),
+                  lambda m, d: m(_ids(d), attention_mask=(~_pad(d)).long()).logits),
+    "seq2seq-mask": (lambda: Seq2Seq(Seq2SeqConfig(vocab_size=V, d_model=E, n_layer=1, n_head=H)),
+                     lambda m, d: m(_ids(d), attention_mask=(~_pad(d)).long(), decoder_input_ids=_ids(d, 3)).logits),
 }
 
 

@@ -467,10 +467,11 @@ def check_skip_padding(cfg, field: str) -> None:
 def padding_or_none(keep: Tensor, attention_mask: Optional[Tensor]) -> Optional[Tensor]:
     """The kernel's key_padding_mask (True = padding) from keep_mask's result, or None when nothing is padded
     (``attention_mask``, the mask the caller was given, is None; or, in eager mode, it keeps every token: under
-    torch.compile that test would be a data-dependent branch, and the all-False mask gives the same result)."""
+    torch.compile that test would be a data-dependent branch, and the all-False mask gives the same result; on the
+    meta device there is no data to test)."""
     if attention_mask is None:
         return None
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or keep.is_meta:
         return ~keep
     return None if bool(keep.all()) else ~keep
 
