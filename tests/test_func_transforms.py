@@ -174,11 +174,30 @@ def test_mha_with_weights_under_vmap_and_per_sample_grads():
         torch.testing.assert_close(ga[k], gb[k], rtol=1e-7, atol=1e-9, msg=k)
 
 
-def test_mha_gradcheck_batched():
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_mha_gradcheck_batched(need_weights):
+    """need_weights=False: self-attention's packed-QKV Function, whose backward wrote into a tensor the kernel
+    reads (no batched gradient: 'Cannot access data pointer')."""
     ours, _ = _twins("MultiheadAttention", 16, 4, batch_first=True)
     x = randn(2, 5, 16).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: ours(x, x, x, need_weights=True, average_attn_weights=False), (x,),
+    def f(x):
+        out, w = ours(x, x, x, need_weights=need_weights, average_attn_weights=False)
+        return (out, w) if need_weights else out
+    assert torch.autograd.gradcheck(f, (x,), check_batched_grad=True)
+
+
+def test_qkvpacked_and_encoder_layer_batched_grads():
+    qkv = randn(2, 3, 3, 4, 8).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: fastattn.attention_qkvpacked(t, causal="top_left"), (qkv,),
                                     check_batched_grad=True)
+    ours, theirs = _twins("TransformerEncoderLayer", 16, 4, 32, dropout=0.0, batch_first=True, norm_first=True)
+    x = randn(2, 3, 16).requires_grad_()
+    vs = randn(4, 2, 3, 16)
+    for m in (ours, theirs):
+        m.train()
+    got, = torch.autograd.grad(ours(x), x, vs, is_grads_batched=True)
+    want, = torch.autograd.grad(theirs(x), x, vs, is_grads_batched=True)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("case", ["mha-q", "mha-kv", "decoder-layer", "transformer"])
