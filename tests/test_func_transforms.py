@@ -229,6 +229,37 @@ def test_vmap_with_inputs_not_vmapped(case):
     torch.testing.assert_close(call(ours), call(theirs), rtol=1e-9, atol=1e-10)
 
 
+def test_attention_dropout_follows_vmap_randomness():
+    """Under vmap, attention dropout does what torch's random ops do: randomness="same" one mask for every sample
+    (it gave each its own), "different" a mask per sample (it raised), "error" raises."""
+    sdpa = fastattn.scaled_dot_product_attention
+    q = randn(2, 4, 5, 8)
+    qs = torch.stack([q] * 3)
+
+    def f(a):
+        return sdpa(a, a, a, dropout_p=0.5)
+    torch.manual_seed(3)
+    eager = f(q)
+    torch.manual_seed(3)
+    same = vmap(f, randomness="same")(qs)
+    assert all(torch.equal(same[i], eager) for i in range(3))  # the eager call's mask: the same single draw
+    torch.manual_seed(4)
+    g = grad(lambda a: f(a).sin().sum())(q)
+    torch.manual_seed(4)
+    per_sample = vmap(grad(lambda a: f(a).sin().sum()), randomness="same")(qs)
+    assert all(torch.equal(per_sample[i], g) for i in range(3))  # the backward's mask is the forward's
+    different = vmap(f, randomness="different")(qs)
+    assert not torch.equal(different[0], different[1]) and not torch.equal(different[1], different[2])
+    with pytest.raises(RuntimeError, match="randomness"):
+        vmap(f)(qs)
+    mha = fastattn.nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True).double().train()
+    x = randn(3, 2, 5, 8)
+    out = vmap(lambda a: mha(a, a, a)[0], randomness="same")(x)  # need_weights: the weights' mask is the output's
+    assert out.shape == x.shape
+    with pytest.raises(fastattn.ArgumentError, match="randomness='different'"):
+        vmap(lambda a: mha(a, a, a)[0], randomness="different")(x)
+
+
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
 def test_encoder_layer_per_sample_grads(norm_first):
     ours, theirs = _twins("TransformerEncoderLayer", 16, 4, 32, dropout=0.0, batch_first=True, norm_first=norm_first)

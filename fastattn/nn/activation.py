@@ -203,7 +203,7 @@ def _attention_with_keep(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
     if dropout_p >= 1.0:  # every probability dropped: out = 0, weights = 0
         out, lse = attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, return_lse=True)
         return out, lse, torch.zeros(B, H, L, S, dtype=torch.bool, device=q.device)
-    seed, offset = dropout_rng()
+    seed, offset = dropout_rng("MultiheadAttention with need_weights=True")
     out, lse = attention_seeded(q, k, v, (seed, offset), attn_mask=mask, dropout_p=dropout_p, return_lse=True)
     p = AttnParams(E ** -0.5, False, S - L, dropout_p=float(dropout_p), seed=seed, offset=offset)
     if mask is not None and mask.requires_grad and torch.is_grad_enabled():

@@ -13,12 +13,13 @@ transform, and for tensor subclasses, ``dropout`` is torch's own F.dropout (whic
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import ArgumentError
 from ..backends import Dispatcher, Impl, REFERENCE_DEVICES, compiled_has, compiled_op, triton_op
 from .batching import eager_twin, graph_capture, has_torch_function_subclass, is_transformed
 
@@ -30,12 +31,24 @@ class DropoutRequest(NamedTuple):
     dtype: torch.dtype
 
 
-def dropout_rng() -> tuple:
+def dropout_rng(one_mask: Optional[str] = None) -> tuple:
     """A dropout mask's Philox (seed, offset) for this op and attention's, drawn from torch's default generator so
     that torch.manual_seed reproduces the mask (one randint call of two values: each call costs ~3 us of host time):
     offsets below 2**40 (far from 2**63) and multiples of 4, so that a Triton block (and each row of an attention
-    mask) starts a Philox block: one Philox evaluation gives four elements there (kernels/dropout.py)."""
-    seed, r = torch.randint(0, 2**62, (2,), device="cpu").tolist()
+    mask) starts a Philox block: one Philox evaluation gives four elements there (kernels/dropout.py).
+
+    Under vmap(randomness="different") the draw is one per sample: the first sample's serves, as the kernels fold
+    the samples into their batch, whose Philox counters differ (a mask per sample). ``one_mask``: the caller's name
+    when it needs one mask for every sample, refused there."""
+    t = torch.randint(0, 2**62, (2,), device="cpu")
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_batchedtensor(t):
+        if one_mask:
+            raise ArgumentError(f"{one_mask}: dropout under vmap(randomness='different') (its masks differ per "
+                                "sample): use randomness='same', or no dropout")
+        while torch._C._functorch.is_batchedtensor(t):
+            t = torch._C._functorch.get_unwrapped(t)
+        t = t.reshape(-1, 2)[0]
+    seed, r = t.tolist()
     return seed, 4 * (r >> 24)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..batching import eager_twin, fold, graph_capture, is_legacy_batched, is_transformed, unfold
+from ..batching import eager_twin, fold, front, graph_capture, is_legacy_batched, is_transformed, unfold
 from .dispatch import attention_bwd_op, attention_fwd_op, bwd, bwd_into, bwd_with_graph, fwd, last_dim_unit
 from .params import AttnParams
 
@@ -45,6 +45,12 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, q, k, v, mask, alibi, backend, *flat):
         n = info.batch_size
+        if info.randomness == "same" and AttnParams(*flat).dropout_p > 0:  # one mask for every sample, as torch's
+            ts = [front(t, d, n) for t, d in zip((q, k, v, mask, alibi), in_dims)]
+            res = [AttentionFunction.apply(*(None if t is None else last_dim_unit(t[i], j == 3) for j, t in
+                                             enumerate(ts)), backend, *flat) for i in range(n)]
+            return tuple(torch.stack(r) for r in zip(*res)), (0, 0)
+        # samples folded into the batch: a dropout mask per sample (randomness="different")
         q, k, v, mask, alibi = (fold(t, d, n) for t, d in zip((q, k, v, mask, alibi), in_dims))
         q, k, v, mask = last_dim_unit(q), last_dim_unit(k), last_dim_unit(v), last_dim_unit(mask, True)
         out, lse = AttentionFunction.apply(q, k, v, mask, alibi, backend, *flat)
@@ -80,6 +86,11 @@ class AttentionBackward(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, *args):
         n = info.batch_size
+        if info.randomness == "same" and AttnParams(*args[9:]).dropout_p > 0:  # the forward's mask, sample by sample
+            ts = [front(t, d, n) for t, d in zip(args[:8], in_dims)]
+            res = [AttentionBackward.apply(*(None if t is None else last_dim_unit(t[i], j == 6) for j, t in
+                                             enumerate(ts)), *args[8:]) for i in range(n)]
+            return tuple(torch.stack(g) for g in zip(*res)), (0, 0, 0)
         tensors = [last_dim_unit(fold(t, d, n), i == 6) for i, (t, d) in enumerate(zip(args[:8], in_dims))]
         return tuple(unfold(g, n) for g in AttentionBackward.apply(*tensors, *args[8:])), (0, 0, 0)
 
