@@ -51,6 +51,17 @@ def test_clm_run_folder(gpt_run):
     assert all(torch.equal(final[k], last[k]) for k in last)
 
 
+def test_held_out_batches_keep_their_size(tmp_path, monkeypatch):
+    """Each held-out batch has --batch-size rows (a token count once took the row count's name: every batch then
+    had as many rows as the previous one had tokens, 4 -> 64 -> 1024 ..., out of memory at the default 8)."""
+    from fastattn.cli.tasks import CLMTask
+    sizes, real = [], CLMTask.batch
+    monkeypatch.setattr(CLMTask, "batch", lambda self, split, n, *a, **kw: sizes.append((split, n)) or
+                        real(self, split, n, *a, **kw))
+    train(tmp_path, "run", "--eval-batches", "3", "--steps", "2")
+    assert [n for split, n in sizes if split == "val"] == [4, 4, 4]  # one evaluation (step 2: eval-every and end)
+
+
 def test_generate_and_eval(gpt_run, capsys, tmp_path):
     assert main(["generate", str(gpt_run), "-p", "It is", "-p", "Emma", "-n", "5", "--temperature", "0"]) == 0
     out = capsys.readouterr()

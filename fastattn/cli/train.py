@@ -493,11 +493,11 @@ class Trainer:
         training), so N processes report what one process reports at N times the batch."""
         self.train_model.eval()
         loss, correct, count = 0.0, 0, 0
-        n, world = self.cfg.batch_size, self.dist.dp_world
+        rows, world = self.cfg.batch_size, self.dist.dp_world
         for i in range(self.cfg.eval_batches):
-            inputs, target = self.task.batch("val", n * world, index=i)
+            inputs, target = self.task.batch("val", rows * world, index=i)
             if world > 1:
-                inputs, target = _rows(inputs, self.dist.dp_rank, n), _rows(target, self.dist.dp_rank, n)
+                inputs, target = _rows(inputs, self.dist.dp_rank, rows), _rows(target, self.dist.dp_rank, rows)
             inputs, target = _to(inputs, self.device), _to(target, self.device)
             out = self._forward(self.train_model, inputs)
             loss += self.task.loss(out, target).item()
