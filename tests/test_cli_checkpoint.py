@@ -94,6 +94,24 @@ def test_corrupt_checkpoint_refused_previous_used(tmp_path, capsys):
     assert err.count("\n") == 1 and "corrupt" in err and "Traceback" not in err
 
 
+def test_keep_never_counts_a_corrupt_checkpoint(tmp_path, capsys):
+    """Resumed past a corrupt newest checkpoint (or one without its manifest), the run sets it aside: --keep kept
+    it as the newest and deleted every new checkpoint as it was written, leaving nothing to resume from."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "6", "--ckpt-every", "2", "--keep", "5", "--out", str(run)]) == 0
+    f = run / "ckpt-0000006" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    (run / "ckpt-0000004" / "manifest.json").unlink()
+    shutil.rmtree(run / "model")
+    assert main(["train", *TINY, "--steps", "7", "--ckpt-every", "1", "--keep", "1", "--out", str(run),
+                 "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "ckpt-0000006 does not verify: moved to ckpt-0000006.corrupt" in err and "manifest.json is missing" in err
+    names = sorted(p.name for p in run.iterdir() if p.name.startswith("ckpt-"))
+    assert names == ["ckpt-0000004.corrupt", "ckpt-0000006.corrupt", "ckpt-0000007"], names
+    verify(run / "ckpt-0000007")
+
+
 def test_run_folder_not_overwritten(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--steps", "2", "--out", str(run)]) == 0

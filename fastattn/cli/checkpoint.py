@@ -80,10 +80,13 @@ def write_folder(final, writers):
 
 
 def verify(path):
-    """Raise CheckpointError unless every file in path's manifest is there with its size and sha256."""
+    """Raise CheckpointError unless every file in path's manifest is there with its size and sha256 (a folder
+    without a manifest passes as a plain save_pretrained folder, unless it is named as a run's checkpoint)."""
     path = Path(path)
     mf = path / "manifest.json"
     if not mf.is_file():
+        if CKPT_RE.match(path.name):  # train writes the manifest of each of its checkpoints
+            raise CheckpointError(f"{path}: manifest.json is missing")
         if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
             return  # a plain save_pretrained folder: safetensors checks its own header
         raise CheckpointError(f"{path}: not a checkpoint (no manifest.json / model.safetensors)")
@@ -140,6 +143,20 @@ def resolve(path):
         p = ck
     verify(p)
     return p
+
+
+def set_aside_newer(run_dir, path, warn=print):
+    """Move the run's checkpoints newer than ``path`` (those latest_valid skipped: they do not verify) to
+    NAME.corrupt, out of its list: the resumed run writes those steps again, and --keep counted them (it kept a
+    corrupt newest checkpoint and deleted each new one)."""
+    for p in list_checkpoints(run_dir):
+        if p == path:
+            break
+        dest, i = p.with_name(p.name + ".corrupt"), 1
+        while dest.exists():
+            dest, i = p.with_name(f"{p.name}.corrupt{i}"), i + 1
+        p.rename(dest)
+        warn(f"warning: {p.name} does not verify: moved to {dest.name}")
 
 
 def prune(run_dir, keep):

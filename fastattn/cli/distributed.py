@@ -163,6 +163,8 @@ class Distributed(Single):
         path = ckpt.latest_valid(trainer.run_dir, warn=lambda m: print(m) if self.rank == 0 else None)
         if path is None or not (path / "dcp").is_dir():
             raise CLIError(f"--resume: no valid sharded checkpoint in {trainer.run_dir}")
+        if self.rank == 0:
+            ckpt.set_aside_newer(trainer.run_dir, path)
         state = {"model": get_model_state_dict(trainer.model),
                  "optim": get_optimizer_state_dict(trainer.model, trainer.opt)}
         dcp.load(state, checkpoint_id=str(path / "dcp"))

@@ -547,6 +547,8 @@ class Trainer:
         path = ckpt.latest_valid(self.run_dir, warn=lambda m: print(m, file=sys.stderr))
         if path is None:
             raise CLIError(f"--resume: no valid checkpoint in {self.run_dir}")
+        if self.dist.rank == 0:
+            ckpt.set_aside_newer(self.run_dir, path, warn=lambda m: print(m, file=sys.stderr))
         try:
             ckpt.load_weights(self.model, path / "model.safetensors")
         except ckpt.CheckpointError as e:
