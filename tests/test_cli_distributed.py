@@ -1,6 +1,7 @@
 """`torchrun --nproc_per_node 2 -m fastattn train` on gloo: DDP, FSDP (fully_shard) and tensor parallelism each
 train what one process trains at the same global batch (fp32 tolerance)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -121,6 +122,20 @@ def test_lora_fsdp_matches_one_process(tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5, msg=k)
     p = torchrun(tmp_path / "tp", "--tp", "2")
     assert p.returncode != 0 and "--tp with --mode lora" in p.stderr
+
+
+def test_ddp_masked_lm_without_nsp(tmp_path):
+    """BERT computes its next-sentence head, which MLM-only training never reaches: DDP is told (it raised 'Expected
+    to have finished reduction in the prior iteration' at step 2)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "fastattn", "train", *TINY, "--task", "mlm", "--batch-size", "2",
+                        "--out", str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in x]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
 
 
 def test_tp_refuses_what_it_cannot_split():

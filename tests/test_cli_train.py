@@ -62,6 +62,16 @@ def test_held_out_batches_keep_their_size(tmp_path, monkeypatch):
     assert [n for split, n in sizes if split == "val"] == [4, 4, 4]  # one evaluation (step 2: eval-every and end)
 
 
+def test_mlm_every_row_has_a_masked_token(tmp_path, monkeypatch):
+    """A row the masking draw left without a masked token takes one (its lowest draw): a micro-batch of such rows had
+    no label, a NaN loss that stopped the run ('a lower --lr may help'). Rows with masks keep them."""
+    from fastattn.cli.tasks import IGNORE, MLMTask
+    batches, real = [], MLMTask.batch
+    monkeypatch.setattr(MLMTask, "batch", lambda self, *a, **kw: batches.append(real(self, *a, **kw)) or batches[-1])
+    train(tmp_path, "run", "--task", "mlm", "--batch-size", "1", "--mask-prob", "0.01", "--steps", "6")
+    assert batches and all(((target["labels"] != IGNORE).sum(1) >= 1).all() for _, target in batches)
+
+
 def test_generate_and_eval(gpt_run, capsys, tmp_path):
     assert main(["generate", str(gpt_run), "-p", "It is", "-p", "Emma", "-n", "5", "--temperature", "0"]) == 0
     out = capsys.readouterr()

@@ -24,7 +24,7 @@ class Single:
     dp_rank, dp_world = 0, 1
     device = None
 
-    def wrap(self, model, cfg):
+    def wrap(self, model, cfg, find_unused=False):
         return model
 
     def no_sync(self, model, skip):
@@ -59,7 +59,9 @@ class Distributed(Single):
             self.device = torch.device("cpu")
         self.kind = "ddp"
 
-    def wrap(self, model, cfg):
+    def wrap(self, model, cfg, find_unused=False):
+        """model for --tp, --fsdp or DDP; find_unused: parameters the task's loss never reaches (BERT's NSP head in
+        MLM-only training), which DDP must be told of."""
         from fastattn.cli.config import CLIError
         if cfg.tp > 1:
             if cfg.tp != self.world:
@@ -85,7 +87,8 @@ class Distributed(Single):
                                     category=UserWarning)
             return model
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                       find_unused_parameters=find_unused)
 
     def no_sync(self, model, skip):
         if skip and hasattr(model, "no_sync"):

@@ -244,7 +244,14 @@ class MLMTask(CLMTask):
         else:
             x = self.data.blocks(split, batch_size, L, g, index)
             special = torch.zeros_like(x, dtype=torch.bool)
-        chosen = (torch.rand(x.shape, generator=g) < self.cfg.mask_prob) & ~special
+        u = torch.rand(x.shape, generator=g)
+        chosen = (u < self.cfg.mask_prob) & ~special
+        # a row with no masked token would leave a small batch (or a rank's rows) no label: a NaN loss. Such a
+        # row masks its lowest-drawn position (no extra draw: other rows are as before)
+        none = ~chosen.any(1)
+        if none.any():
+            rows = none.nonzero()[:, 0]
+            chosen[rows, u[rows].masked_fill(special[rows], 2.0).argmin(1)] = True
         labels = torch.where(chosen, x, torch.full_like(x, IGNORE))
         r = torch.rand(x.shape, generator=g)
         rand_ids = torch.randint(0, tok.vocab_size - 5, x.shape, generator=g)

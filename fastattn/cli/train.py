@@ -320,10 +320,10 @@ class Trainer:
             if base is None:
                 raise CLIError(f"--grad-checkpointing: a {self.arch} has no block loop to checkpoint")
             base.gradient_checkpointing_enable()
-        self.train_model = self.dist.wrap(self.model, cfg)
+        self.unused = self.task.unused(self.model)
+        self.train_model = self.dist.wrap(self.model, cfg, find_unused=bool(self.unused))
         if cfg.compile:  # the wrapper (DDP, FSDP) compiled, as torch recommends; self.model stays the module saved
             self.train_model = torch.compile(self.train_model, backend=cfg.compile_backend)
-        self.unused = self.task.unused(self.model)
         self.opt = configure_optimizer(self.model, cfg, self.device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
