@@ -37,6 +37,7 @@ def test_two_processes_match_one(single, tmp_path, mode, local_batch):
                         "-m", "fastattn", "train", *TINY, "--batch-size", local_batch, *mode, "--out", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "global batch 4 x 16" in p.stdout + p.stderr  # TP's ranks share one batch (it said 8)
     a, b = load_file(single / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:

@@ -614,10 +614,10 @@ class Trainer:
         flops_per_token = 6 * n_params + 12 * self.model.config.n_layer * self.model.config.d_model * cfg.seq_len
         peak = peak_flops(cfg, self.device) * self.dist.world
         prog = Progress(cfg.steps, self.rank0)
+        batch = cfg.batch_size * cfg.grad_accum * self.dist.dp_world  # (tensor-parallel ranks share theirs)
         prog.line(f"{cfg.task} | {type(self.model).__name__} {n_params / 1e6:.2f}M params | "
-                  f"{cfg.model_backend} | {self.device} {cfg.precision} | global batch "
-                  f"{cfg.batch_size * cfg.grad_accum * self.dist.world} x {cfg.seq_len} | {self._tokenizer_name()} | "
-                  f"run {self.run_dir}")
+                  f"{cfg.model_backend} | {self.device} {cfg.precision} | global batch {batch} x {cfg.seq_len} | "
+                  f"{self._tokenizer_name()} | run {self.run_dir}")
         if self.rank0 and cfg.resume:
             _drop_metrics_after(self.run_dir / "metrics.jsonl", self.step)  # rows the interrupted run logged later
         # a fresh run starts the file anew (a run killed before its first checkpoint may have left rows)
