@@ -57,6 +57,19 @@ def make_task(state, tok, task=None, data=None, seq_len=None):
     return TASKS[tcfg.task](tcfg, tok)
 
 
+def quantize_on_load(model, state, tok, int8: bool):
+    """What eval and generate run: a QAT export (train --qat) quantized by its run's recipe, --int8 or not; else
+    with ``int8`` a float checkpoint's Linears to w8a16 (a ``fastattn quantize`` checkpoint is int8 already)."""
+    recipe = state.get("int8")
+    if recipe and not recipe.get("stored"):
+        from fastattn.cli.quantize import apply_recipe
+        return apply_recipe(model, recipe, make_task(state, tok) if recipe["smoothquant"] else None)
+    if int8 and not recipe:
+        import fastattn
+        return fastattn.quantize(model, mode="w8a16")
+    return model
+
+
 def _check_fits(model, seq_len):
     """seq_len (and the model's soft prompt) within the model's positions."""
     n_prompt = soft_prompt_len(model)
@@ -71,17 +84,12 @@ def main(cfg: EvalConfig) -> int:
     device = pick_device(cfg.device)
     model, state, tok = load_model(cfg.checkpoint, backend=cfg.model_backend, map_location=device)
     model.eval()
-    if cfg.int8:
-        import fastattn
-        model = fastattn.quantize(model, mode="w8a16")
     check_task(type(model).__name__, cfg.task or state.get("task", "clm"), f"{cfg.checkpoint}")
     _check_fits(model, cfg.seq_len or state.get("train_config", {}).get("seq_len"))  # before the data is read
     task = make_task(state, tok, cfg.task, cfg.data, cfg.seq_len)
     tcfg = task.cfg
     _check_fits(model, tcfg.seq_len)
-    if state.get("int8") and not state["int8"].get("stored") and not cfg.int8:  # QAT export: quantized on load
-        from fastattn.cli.quantize import apply_recipe
-        model = apply_recipe(model, state["int8"], task)
+    model = quantize_on_load(model, state, tok, cfg.int8)
     whole_file = tcfg.task == "classify" and bool(cfg.data)  # the user's labelled file: every row, once
     batches = task.every_row(cfg.batch_size) if whole_file else \
         (task.batch(cfg.split, cfg.batch_size, index=i) for i in range(cfg.batches))

@@ -270,14 +270,8 @@ def main(cfg: GenerateConfig) -> int:
     model.eval()
     if not hasattr(model, "generate"):
         raise CLIError(f"{cfg.checkpoint}: a {type(model).__name__} does not generate text")
-    if state.get("int8") and not state["int8"].get("stored"):  # QAT export: quantized on load
-        from fastattn.cli.evaluate import make_task
-        from fastattn.cli.quantize import apply_recipe
-        recipe = state["int8"]
-        model = apply_recipe(model, recipe, make_task(state, tok) if recipe["smoothquant"] else None)
-    elif cfg.int8 and not state.get("int8"):
-        import fastattn
-        model = fastattn.quantize(model, mode="w8a16")
+    from fastattn.cli.evaluate import quantize_on_load
+    model = quantize_on_load(model, state, tok, cfg.int8)
     draft = load_draft(cfg, model, tok, device) if cfg.draft else None
     if (draft is not None or cfg.prompt_lookup) and not hasattr(model, "decode_many"):
         raise CLIError(f"--draft / --prompt-lookup: speculative decoding runs on a GPT or Seq2Seq, not a "

@@ -23,13 +23,16 @@ class QuantizeConfig:
     checkpoint: str = opt("runs/train", "checkpoint folder, or a run folder")
     out: Optional[str] = opt(None, "output folder (default: CHECKPOINT-int8)")
     mode: str = opt("w8a8", "w8a8: int8 weights and activations; w8a16: int8 weights only", choices=["w8a8", "w8a16"])
-    smoothquant: bool = opt(False, "SmoothQuant: move activation outliers into the weights (needs calibration)")
+    smoothquant: bool = opt(False, "SmoothQuant: move activation outliers into the weights (w8a8; needs calibration)")
     alpha: float = opt(0.5, "SmoothQuant migration strength")
     calib: int = opt(8, "calibration batches (from the run's held-out data)")
     batch_size: int = opt(4, "sequences per calibration / evaluation batch")
     eval_batches: int = opt(4, "held-out batches to compare float and int8 loss; 0: skip")
 
     def validate(self):
+        if self.smoothquant and self.mode == "w8a16":
+            raise CLIError("--smoothquant with --mode w8a16: SmoothQuant smooths int8 activations, and w8a16 keeps "
+                           "them float (use --mode w8a8, or drop --smoothquant)")
         if not 0 <= self.alpha <= 1:
             raise CLIError(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.batch_size < 1:
