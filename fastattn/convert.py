@@ -25,6 +25,7 @@ from torch import nn
 
 from . import nn as fnn
 from .nn.quantized import MODES, Int8Linear, reads_linear_weights
+from .quantization import _check_float_weights, _fast_path_linears
 
 log = logging.getLogger("fastattn")
 
@@ -493,6 +494,10 @@ def convert(model: nn.Module, *, attention: bool = True, layernorm: bool = True,
     if skip.match("", model) is not None:
         log.info("fastattn.convert: the model (%s) is in skip: nothing swapped", type(model).__name__)
         return model
+    if int8:  # refused up front, as fastattn.quantize does, before anything is swapped
+        fast_path = set() if attention else _fast_path_linears(model)  # these stay float
+        _check_float_weights([(n, m) for n, m in model.named_modules() if type(m) is nn.Linear
+                              and id(m) not in conv.kept and id(m) not in fast_path])
     root = conv.swapped("", model)
     if root is not None:
         model = root

@@ -217,7 +217,7 @@ def test_int8linear_modes_and_state_dict(mode):
 
 def test_int8linear_bias_is_float32_and_exact():
     """The bias is kept in the epilogue's float32 (no cast kernel per call); a bf16 layer's bias converts exactly,
-    and a layer moved to bf16 later (its buffers cast) still computes through float32 vectors."""
+    and a layer built with a bf16 bias (dtype=) still computes through float32 vectors."""
     torch.manual_seed(0)
     lin = nn.Linear(64, 32).to(torch.bfloat16)
     q = Int8Linear.from_float(lin)
@@ -226,10 +226,34 @@ def test_int8linear_bias_is_float32_and_exact():
     xq, sx = fastattn.quantize_per_token(x)
     expect = fastattn.int8_matmul(xq, q.weight, sx, q.weight_scale, lin.bias, out_dtype=torch.bfloat16)
     assert torch.equal(q(x), expect)
-    q16 = Int8Linear.from_float(lin).to(torch.bfloat16)  # weight_scale and bias now bf16: converted per call
+    q16 = Int8Linear(64, 32, dtype=torch.bfloat16)  # a bf16 bias: converted per call
+    q16.load_state_dict(q.state_dict())
     assert q16.bias.dtype == torch.bfloat16
     expect16 = fastattn.int8_matmul(xq, q.weight, sx, q16.weight_scale, q16.bias, out_dtype=torch.bfloat16)
     assert torch.equal(q16(x), expect16)
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double(),
+                                  lambda m: m.to("meta", torch.bfloat16)], ids=["bf16", "half", "double", "meta"])
+def test_int8linear_casts_keep_float32_buffers(cast):
+    """Casting a model (model.to(bfloat16), .half()) keeps an Int8Linear's scales, smooth and bias float32, as
+    from_pretrained(dtype=...) and torch.ao's quantized Linear do (they were rounded to 16 bits: up to 3.5e-3 of a
+    weight scale); a device move still moves them."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    q = Int8Linear.from_float(lin, "w8a8_static", smooth=torch.rand(64) + 0.5, input_scale=0.0123)
+    names = ("weight_scale", "input_scale", "smooth", "bias")
+    before = {n: getattr(q, n).clone() for n in names}
+    assert not torch.equal(before["weight_scale"].bfloat16().float(), before["weight_scale"])  # a cast rounds them
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    y = q(x)
+    m = cast(nn.Sequential(q))
+    assert m[0] is q and q.weight.dtype == torch.int8
+    for n in names:
+        buf = getattr(q, n)
+        assert buf.dtype == torch.float32 and buf.device == q.weight.device, n
+        assert buf.is_meta or torch.equal(buf, before[n]), n
+    assert q.weight.is_meta or torch.equal(q(x), y)
 
 
 @pytest.mark.parametrize("mode", ["w8a8", "w8a8_static", "w8a16"])
@@ -694,3 +718,73 @@ def test_gemv_cpu_bad_input_named():
         gemv(x, w.double())
     assert torch.equal(C.gemv_f32_cpu(torch.randn(2, 0), torch.randn(3, 0), torch.arange(3.0)),
                        torch.arange(3.0).expand(2, 3))
+
+
+@BK
+def test_k_zero_gives_what_f_linear_gives(backend_name):
+    """K = 0 (empty sums): scaled zeros plus the bias, of F.linear's shape, as F.linear gives (a 3-D a or any x
+    raised a reshape error)."""
+    skip_if_not_built(backend_name, "int8_mm")
+    dev = backend_device(backend_name)
+    a, b = torch.zeros(2, 3, 0, dtype=torch.int8, device=dev), torch.zeros(5, 0, dtype=torch.int8, device=dev)
+    bias = torch.arange(5.0, device=dev)
+    want = F.linear(torch.zeros(2, 3, 0, device=dev), torch.zeros(5, 0, device=dev), bias)
+    with fastattn.backend(backend_name):
+        out = fastattn.int8_matmul(a, b, torch.ones(2, 3, device=dev), 2.0, bias, out_dtype=torch.bfloat16)
+        assert out.dtype == torch.bfloat16 and torch.equal(out.float(), want)
+        assert torch.equal(fastattn.int8_matmul(a, b, out_dtype=torch.int32), torch.zeros_like(want, dtype=torch.int32))
+        for x in (torch.randn(3, 0), torch.randn(2, 3, 0)):
+            y = fastattn.w8a16_matmul(x.to(dev, torch.bfloat16), b, torch.ones(5, device=dev), bias)
+            assert y.dtype == torch.bfloat16 and torch.equal(y.float(), want[0] if x.dim() == 2 else want)
+
+
+def test_k_past_the_int32_accumulator(caplog):
+    """K > 131071: the sum of K int8 products (each up to 2**14) can overflow an int32. The int32-accumulator
+    backends declare the limit, so auto mode falls back to the reference (logged) instead of the CPU kernel raising;
+    out_dtype=torch.int32 is refused (the reference's int32 result wrapped silently)."""
+    from fastattn.ops.int8 import MAX_K_INT32, Int8Request, _mm
+    K = MAX_K_INT32 + 1
+    reasons = _mm.why_not(Int8Request("cpu", torch.float32, K))
+    for name in ("cpu", "cuda", "triton"):
+        assert any(f"K={K} > 131071" in r for r in _mm.impls[name].declared_reasons(Int8Request("cuda", torch.float32,
+                                                                                                 K))), name
+    assert reasons["reference"] == []
+    a, b = torch.full((1, K), -128, dtype=torch.int8), torch.full((2, K), -128, dtype=torch.int8)
+    _mm._select.cache_clear()  # the choice is cached per request: log it afresh
+    with caplog.at_level("DEBUG", logger="fastattn"):
+        out = fastattn.int8_matmul(a, b, 1.0, 1.0, out_dtype=torch.float32)  # auto: the reference
+    assert torch.equal(out, torch.full((1, 2), 2.0 ** 31))
+    assert f"running on 'reference' for Int8Request(device='cpu', dtype=torch.float32, K={K}" in caplog.text
+    assert f"refused: cpu: K={K} > 131071" in caplog.text
+    with pytest.raises(fastattn.BackendNotSupported, match=f"K={K} > 131071"), fastattn.backend("cpu"):
+        fastattn.int8_matmul(a, b, 1.0, 1.0, out_dtype=torch.float32)
+    for bk in ("cpu", "reference", None):
+        with fastattn.backend(bk), pytest.raises(ValueError, match=f"torch.int32 with K={K}: the sum of K products"):
+            fastattn.int8_matmul(a, b, out_dtype=torch.int32)
+    acc = fastattn.int8_matmul(a[:, 1:], b[:, 1:], out_dtype=torch.int32)  # K = 131071: exact on every backend
+    assert acc[0, 0].item() == MAX_K_INT32 * 2 ** 14
+
+
+def test_convert_int8_refuses_float64_up_front():
+    """convert(int8=...) refuses a float64 model as fastattn.quantize does, naming the Linear, and changes nothing
+    (it converted it, and the first forward raised a TypeError about an x the user never passed)."""
+    m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    with pytest.raises(TypeError, match="its Linear '0' holds float64 weights.*model.float"):
+        fastattn.convert(m, int8=True)
+    assert [type(c) for c in m] == [nn.Linear, nn.LayerNorm, nn.Linear]
+    with pytest.raises(TypeError, match="the Linear holds float64 weights"):
+        fastattn.convert(nn.Linear(4, 4).double(), int8="w8a16")
+    fastattn.convert(m, int8=True, skip=("0", "2"))  # no Linear to quantize: nothing to refuse
+    assert type(m[0]) is nn.Linear and isinstance(m[1], fastattn.nn.LayerNorm)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_qat_swaps_keep_the_training_flag(training):
+    """prepare_qat / convert_qat: the new layers take the replaced ones' mode (an eval model got training QATLinear
+    layers, and convert_qat then training Int8Linear ones)."""
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).train(training)
+    m = fastattn.prepare_qat(m)
+    assert isinstance(m[0], fastattn.nn.QATLinear) and all(c.training == training for c in m.modules())
+    m = fastattn.convert_qat(m)
+    assert isinstance(m[0], Int8Linear) and all(c.training == training for c in m.modules())
+    assert fastattn.prepare_qat(nn.Linear(4, 4).eval()).training is False  # a bare Linear alike

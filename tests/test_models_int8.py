@@ -151,3 +151,19 @@ def test_int8_layout_bad_input(trained_gpt):
         fastattn.apply_int8_layout(_copy(model), [spec])
     q = fastattn.apply_int8_layout(_copy(model), {"lm_head": spec})
     assert isinstance(q.lm_head, Int8Linear) and q.lm_head.mode == "w8a16" and q.lm_head.bias is None
+
+
+def test_cast_after_loading_is_loading_in_the_dtype(trained_gpt, tmp_path):
+    """GPT.from_pretrained(int8 folder).to(bfloat16) is the model from_pretrained(..., dtype=bfloat16) gives: the
+    Int8Linear scales, smooth and bias stay float32 either way (the cast rounded them to bf16)."""
+    model, train, held = trained_gpt
+    q = _copy(model)
+    fastattn.quantize(q, calib_data=_batches(train, 2, 4, torch.Generator().manual_seed(1)), mode="w8a8_static")
+    q.save_pretrained(tmp_path)
+    a = GPT.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    b = GPT.from_pretrained(tmp_path).to(torch.bfloat16)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+    assert b.lm_head.weight_scale.dtype == torch.float32 and b.lm_head.weight.dtype == torch.int8
+    with torch.no_grad():
+        assert torch.equal(a(held[:CTX][None]).logits, b(held[:CTX][None]).logits)

@@ -10,6 +10,7 @@ from ..ops.int8 import (X_DTYPES, mm_rows, quantize_per_channel, quantize_per_to
                         w8a16_rows)
 
 MODES = ("w8a8", "w8a8_static", "w8a16")
+_KEPT_DTYPE = ("weight_scale", "input_scale", "smooth", "bias")  # Int8Linear's float buffers: not cast with the model
 
 
 def reads_linear_weights(layer: nn.Module) -> bool:
@@ -50,6 +51,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
         self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32, device=device) if smooth else None)
+
+    def _apply(self, fn, recurse=True):
+        """model.half() / .to(bfloat16) keep the scales, smooth and bias in their dtype (float32: the epilogue's, as
+        from_pretrained(dtype=...) and torch.ao's quantized Linear keep them); device moves still move them."""
+        kept = {n: b for n in _KEPT_DTYPE if (b := self._buffers.get(n)) is not None}
+        super()._apply(fn, recurse)
+        for n, old in kept.items():
+            new = self._buffers[n]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[n] = old.to(new.device)
+        return self
 
     @classmethod
     def from_float(cls, linear: nn.Linear, mode: str = "w8a8", smooth: Optional[Tensor] = None,
@@ -177,4 +189,5 @@ class QATLinear(nn.Linear):
         nn.Module.__init__(m)
         m.in_features, m.out_features = linear.in_features, linear.out_features
         m.weight, m.bias = linear.weight, linear.bias  # shared parameters
+        m.train(linear.training)
         return m

@@ -5,12 +5,13 @@ Backend contract, on 2-D row-major tensors:
   mm(a int8 (M, K), b int8 (N, K), a_scale f32 (M,) | None, b_scale f32 (N,) | None, bias f32 (N,) | None, out_dtype)
      -> out (M, N) = acc * a_scale[m] * b_scale[n] + bias[n] computed in float32 (acc rounded to float32 first),
         cast to out_dtype; out_dtype=torch.int32 returns the exact int32 accumulator (scales and bias None).
+     A backend with an int32 accumulator declares K <= MAX_K_INT32 (dispatch falls back past it).
   quantize(x float (M, K), smooth f32 (K,) | None) -> (q int8 (M, K), scale f32 (M,)): see quantize_rows_ref.
 Scales and bias arrive contiguous (a scalar scale is expanded by the caller).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import Callable, List, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -24,6 +25,8 @@ X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 DECODE_M = 16  # rows up to which a call counts as decode-sized
+# The largest K whose int32 accumulator cannot overflow: K products of int8s, each up to (-128)**2 = 2**14
+MAX_K_INT32 = (2 ** 31 - 1) // 2 ** 14  # 131071
 
 
 class Int8Request(NamedTuple):
@@ -37,6 +40,14 @@ def _ref_mm(a, b, a_scale, b_scale, bias, out_dtype):
     return int8_matmul_ref(a, b, a_scale, b_scale, bias, out_dtype)
 
 
+def _int32_acc_check(has: Optional[Callable] = None) -> Callable:
+    """An Impl check for a kernel with an int32 accumulator: K <= MAX_K_INT32 (and the op compiled, if ``has``)."""
+    def check(req: Int8Request) -> List[str]:
+        k = [f"K={req.K} > {MAX_K_INT32} (int32 accumulator)"] if req.K > MAX_K_INT32 else []
+        return (has(req) if has else []) + k
+    return check
+
+
 def _gpu_order(req: Int8Request):
     """The faster GEMM on an H100 (benchmarks/results/2026-11-26-h100-run3): Triton's at large M; the CUDA C++
     kernels at decode sizes (a pybind call launches faster than Triton, and their small-M kernel is the faster one)."""
@@ -48,9 +59,10 @@ _GPU_ORDER = {"cuda": _gpu_order}
 # Triton's): about twice as fast as Triton's on an H100, at one row and at thousands (2026-11-26-h100-run3).
 _QUANT_ORDER = {"cuda": ("cuda", "triton", "reference")}
 _mm = Dispatcher("int8_matmul", [
-    Impl("cuda", compiled_op("int8_mm_cuda"), None, ("cuda",), OUT_DTYPES, compiled_has("int8_mm_cuda")),
-    Impl("triton", triton_op("int8", "int8_mm"), None, ("cuda",), OUT_DTYPES),
-    Impl("cpu", compiled_op("int8_mm_cpu"), None, ("cpu",), OUT_DTYPES, compiled_has("int8_mm_cpu")),
+    Impl("cuda", compiled_op("int8_mm_cuda"), None, ("cuda",), OUT_DTYPES,
+         _int32_acc_check(compiled_has("int8_mm_cuda"))),
+    Impl("triton", triton_op("int8", "int8_mm"), None, ("cuda",), OUT_DTYPES, _int32_acc_check()),
+    Impl("cpu", compiled_op("int8_mm_cpu"), None, ("cpu",), OUT_DTYPES, _int32_acc_check(compiled_has("int8_mm_cpu"))),
     Impl("reference", _ref_mm, None, REFERENCE_DEVICES, OUT_DTYPES),
 ], priority=_GPU_ORDER)
 _quant = Dispatcher("quantize_per_token", [
@@ -142,7 +154,8 @@ def int8_matmul(a: Tensor, b: Tensor, a_scale: Union[Tensor, float, None] = None
     """out = (a @ b.T) * a_scale[m] * b_scale[n] (+ bias[n]) with exact int32 accumulation, cast to out_dtype.
 
     a: int8 (..., K) (rows flattened to M); b: int8 (N, K), the nn.Linear weight layout; a_scale: scalar, (M,) or
-    a.shape[:-1]; b_scale: scalar or (N,); bias: (N,). out_dtype=torch.int32 returns the raw accumulator.
+    a.shape[:-1]; b_scale: scalar or (N,); bias: (N,). out_dtype=torch.int32 returns the raw accumulator (K at most
+    MAX_K_INT32 = 131071, where it cannot overflow; a float out_dtype takes any K).
     """
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, Tensor):
@@ -160,7 +173,7 @@ def int8_matmul(a: Tensor, b: Tensor, a_scale: Union[Tensor, float, None] = None
         raise TypeError(f"out_dtype: {out_dtype} is not one of {OUT_DTYPES}")
     lead, K, N = a.shape[:-1], a.shape[-1], b.shape[0]
     flat = a.dim() == 2  # the common case: no reshape either way (each costs ~0.7 us of host time)
-    a2 = a if flat else a.reshape(-1, K)
+    a2 = a if flat else a.reshape(lead.numel(), K)  # not -1: K may be 0
     M = a2.shape[0]
     sa = _scale_vector("a_scale", a_scale, M, lead, a.device)
     sb = _scale_vector("b_scale", b_scale, N, (N,), a.device)
@@ -172,6 +185,9 @@ def int8_matmul(a: Tensor, b: Tensor, a_scale: Union[Tensor, float, None] = None
         bias = bias.to(torch.float32).contiguous()  # the kernels read it as a vector
     if out_dtype == torch.int32 and (sa is not None or sb is not None or bias is not None):
         raise ValueError("out_dtype: torch.int32 returns the raw accumulator: pass no a_scale, b_scale or bias")
+    if out_dtype == torch.int32 and K > MAX_K_INT32:
+        raise ValueError(f"out_dtype: torch.int32 with K={K}: the sum of K products of int8s (each up to 2**14) can "
+                         f"exceed int32 for K > {MAX_K_INT32}; use a float out_dtype (exact accumulation)")
     out = mm_rows(a2.contiguous(), b.contiguous(), sa, sb, bias, out_dtype)
     return out if flat else out.reshape(*lead, N)
 
@@ -268,7 +284,8 @@ def w8a16_matmul(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] =
             got = f"{tuple(bias.shape)} on {bias.device}" if isinstance(bias, Tensor) else type(bias).__name__
             raise ValueError(f"bias: expected a ({N},) tensor on {x.device}, got {got}")
         bias = bias.to(torch.float32).contiguous()
-    return w8a16_rows(x.reshape(-1, K).contiguous(), w.contiguous(), w_scale, bias).reshape(*x.shape[:-1], N)
+    x2 = x.reshape(x.shape[:-1].numel(), K)  # not -1: K may be 0
+    return w8a16_rows(x2.contiguous(), w.contiguous(), w_scale, bias).reshape(*x.shape[:-1], N)
 
 
 def w8a16_kernel(device: torch.device, dtype: torch.dtype, K: int):
