@@ -57,6 +57,10 @@ def run_main(capsys, *args):
     (["quantize", "x", "--smoothquant", "--calib", "0"], "--calib must be at least 1 with --smoothquant"),
     (["quantize", "x", "--eval-batches", "-1"], "--eval-batches must be >= 0"),
     (["quantize", "x", "--mode", "w8a16", "--smoothquant"], "--smoothquant with --mode w8a16"),  # (did nothing)
+    (["generate", "x", "--prompt-lookup", "3", "--repetition-penalty", "1.2"],  # (the prompt streamed first)
+     "--repetition-penalty / --no-repeat-ngram-size: not with --draft / --prompt-lookup"),
+    (["generate", "x", "--draft", "y", "--no-repeat-ngram-size", "2"],
+     "--repetition-penalty / --no-repeat-ngram-size: not with --draft / --prompt-lookup"),
     (["prune", "x"], "nothing to prune"),
     (["train", "--max-data-tokens", "0"], "--max-data-tokens must be at least 1"),  # (0 read all, -1 one document)
     (["train", "--step-delay", "-1"], "--step-delay must be >= 0"),  # (a traceback, the run folder made)

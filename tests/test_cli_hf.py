@@ -694,6 +694,11 @@ def test_generate_takes_sampling_from_the_folders_generation_config(hf_folder, t
         {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": None}
     assert main(args + ["--temperature", "1.1", "--top-k", "0"]) == 0
     assert (seen[-1]["temperature"], seen[-1]["top_k"], seen[-1]["top_p"]) == (1.1, None, 0.9)
+    # a folder that does not sample, asked to with --temperature: its top_k / top_p, as generate(do_sample=True)
+    (folder / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False, "top_p": 0.5, "top_k": 3}))
+    assert main(args + ["--temperature", "1.0"]) == 0
+    assert (seen[-1]["temperature"], seen[-1]["top_k"], seen[-1]["top_p"]) == (1.0, 3, 0.5)
+    assert main(args) == 0 and seen[-1]["temperature"] == 0.0  # and greedy without it
     (folder / "generation_config.json").write_text(json.dumps({**gen, "temperature": -1}))
     capsys.readouterr()
     assert main(args) == 2

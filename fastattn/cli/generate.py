@@ -85,6 +85,10 @@ class GenerateConfig:
             raise CLIError(f"--prompt-lookup must be >= 1, got {self.prompt_lookup}")
         if self.draft and self.prompt_lookup:
             raise CLIError("--draft, --prompt-lookup: choose one way of drafting")
+        if (self.draft or self.prompt_lookup) and ((self.repetition_penalty or 1.0) != 1.0
+                                                   or self.no_repeat_ngram_size):
+            raise CLIError("--repetition-penalty / --no-repeat-ngram-size: not with --draft / --prompt-lookup "
+                           "(speculative decoding takes no search settings)")
         if self.cuda_graph and ((self.num_beams or 1) > 1 or self.draft or self.prompt_lookup):
             raise CLIError("--cuda-graph: greedy search and sampling only (not --num-beams, --draft, --prompt-lookup)")
 

@@ -4,9 +4,11 @@ folder, its ``generation_config.json`` as transformers' generate reads it, else 
 From a folder: the search (``num_beams``, ``length_penalty``, ``early_stopping``, ``repetition_penalty``,
 ``no_repeat_ngram_size``: BART-large-CNN decodes with 4 beams) and the sampling (``do_sample`` with ``temperature``,
 ``top_k``, ``top_p``, ``min_p``, ``typical_p``: an instruct model's recommended settings; without ``do_sample``,
-transformers decodes greedily, and so does the CLI). Without a folder: sampling at temperature 0.8 with top-k 50, or
-greedy beam search with --num-beams. A folder's beams give way to sampling asked for with --temperature (beam sampling
-is not supported), and its search settings to --draft / --prompt-lookup (speculative decoding takes none of them).
+transformers decodes greedily, and so does the CLI; asked to sample with --temperature, it samples with the folder's
+top_k / top_p / min_p / typical_p, as transformers' generate(do_sample=True) does). Without a folder: sampling at
+temperature 0.8 with top-k 50, or greedy beam search with --num-beams. A folder's beams give way to sampling asked
+for with --temperature (beam sampling is not supported), and its search settings to --draft / --prompt-lookup
+(speculative decoding takes none of them).
 """
 import json
 from pathlib import Path
@@ -72,7 +74,7 @@ def generation_args(cfg) -> dict:
     if temperature:  # sampling: the folder's beams give way
         search.pop("num_beams", None)
     search.update(given)
-    top_k = cfg.top_k if cfg.top_k is not None else folder.get("top_k", 50) if sample else 50
-    warpers = {k: getattr(cfg, k) if getattr(cfg, k) is not None else folder.get(k) if sample else None
+    top_k = cfg.top_k if cfg.top_k is not None else folder.get("top_k", 50)  # (a folder's: sampling, when asked)
+    warpers = {k: getattr(cfg, k) if getattr(cfg, k) is not None else folder.get(k)
                for k in ("top_p", "min_p", "typical_p")}
     return dict(temperature=temperature, top_k=top_k or None, **warpers, **search)
