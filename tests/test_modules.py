@@ -145,3 +145,25 @@ def test_rmsnorm_default_eps_for_half_inputs_is_float32s():
         x = (torch.randn(4, 64) * 0.01).to(dt)
         ours, theirs = fnn.RMSNorm(64, dtype=dt), torch.nn.RMSNorm(64, dtype=dt)
         torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_fx_symbolic_trace_keeps_the_norms_as_calls():
+    """torch.fx.symbolic_trace of a model holding fastattn's norms (after fastattn.convert, say) works as with
+    torch's (whose modules fx keeps as leaves): their shape checks made it raise 'Proxy object cannot be iterated'.
+    The graph calls fastattn's functions, and the traced model gives the module's outputs and gradients."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), fnn.LayerNorm(8), torch.nn.GELU(), fnn.RMSNorm(8),
+                            fnn.LayerNorm(8, elementwise_affine=False))
+    g = torch.fx.symbolic_trace(m)
+    called = [n.target.__name__ for n in g.graph.nodes if n.op == "call_function"]
+    assert called.count("layer_norm") == 2 and called.count("rms_norm") == 1
+    assert all(n.target.__module__ == "fastattn.nn.normalization" for n in g.graph.nodes
+               if n.op == "call_function" and n.target.__name__.endswith("_norm"))
+    x = torch.randn(3, 8, requires_grad=True)
+    y, yg = m(x), g(x)
+    assert torch.equal(y, yg)
+    ga = torch.autograd.grad(y.sin().sum(), [x, m[1].weight])
+    gb = torch.autograd.grad(yg.sin().sum(), [x, g.get_submodule("1").weight])
+    assert all(torch.equal(a, b) for a, b in zip(ga, gb))
+    with pytest.raises(RuntimeError, match="trailing shape"):  # the module's checks run in the traced model
+        torch.fx.symbolic_trace(fnn.LayerNorm(8))(torch.randn(3, 7))

@@ -47,22 +47,52 @@ def _default_rms_eps(dtype: torch.dtype) -> float:
     return torch.finfo(torch.float32 if dtype in _HALF else dtype).eps
 
 
+def layer_norm(input: Tensor, normalized_shape: Tuple[int, ...], weight: Optional[Tensor], bias: Optional[Tensor],
+               eps: float) -> Tensor:
+    """torch's F.layer_norm on fastattn's kernels (LayerNorm's forward; a leaf of torch.fx traces, as torch's
+    LayerNorm is one)."""
+    k = len(normalized_shape)
+    if tuple(input.shape[input.dim() - k:]) != tuple(normalized_shape):
+        raise ArgumentError(f"input: trailing shape {tuple(input.shape[input.dim() - k:])} does not match "
+                            f"normalized_shape {tuple(normalized_shape)}")
+    input, weight, bias = autocast_fp32(input, weight, bias)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.dtype != input.dtype and not (input.dtype in _HALF and p.dtype == torch.float32):
+            raise ArgumentError(f"{name}: dtype {p.dtype} with an input of {input.dtype} (torch's layer_norm "
+                                f"takes parameters of the input's dtype, or float32 for a half input)")
+    x = input.flatten(-k) if k > 1 else input
+    y = add_layer_norm(x, None, _flat(weight), _flat(bias), eps)
+    return y.view(input.shape)
+
+
+def rms_norm(x: Tensor, normalized_shape: Tuple[int, ...], weight: Optional[Tensor], eps: Optional[float]) -> Tensor:
+    """torch's F.rms_norm on fastattn's kernels (RMSNorm's forward; a leaf of torch.fx traces)."""
+    k = len(normalized_shape)
+    if tuple(x.shape[x.dim() - k:]) != tuple(normalized_shape):
+        raise ArgumentError(f"x: trailing shape {tuple(x.shape[x.dim() - k:])} does not match "
+                            f"normalized_shape {tuple(normalized_shape)}")
+    given, given_weight = x, weight
+    x, weight = autocast_fp32(x, weight)
+    if weight is not None and weight.dtype not in (x.dtype, torch.float32):
+        weight = weight.float()  # the kernels take a weight of x's dtype or float32; torch takes any
+    eps = _default_rms_eps(x.dtype) if eps is None else eps
+    y = add_rms_norm(x.flatten(-k) if k > 1 else x, None, _flat(weight), eps).view(x.shape)
+    if x is not given:  # upcast by autocast: return the dtype this torch's rms_norm returns
+        y = y.to(_torch_rms_autocast_dtype(given, given_weight))
+    return y
+
+
+# torch.fx.symbolic_trace records these as calls (their shape checks are Python control flow, which a trace cannot
+# follow): a model holding fastattn's norms traces as one holding torch's, whose modules fx keeps as leaves
+torch.fx.wrap("layer_norm")
+torch.fx.wrap("rms_norm")
+
+
 class LayerNorm(nn.LayerNorm):
     """torch.nn.LayerNorm on fastattn's kernels."""
 
     def forward(self, input: Tensor) -> Tensor:
-        k = len(self.normalized_shape)
-        if tuple(input.shape[input.dim() - k:]) != tuple(self.normalized_shape):
-            raise ArgumentError(f"input: trailing shape {tuple(input.shape[input.dim() - k:])} does not match "
-                                f"normalized_shape {tuple(self.normalized_shape)}")
-        input, weight, bias = autocast_fp32(input, self.weight, self.bias)
-        for name, p in (("weight", weight), ("bias", bias)):
-            if p is not None and p.dtype != input.dtype and not (input.dtype in _HALF and p.dtype == torch.float32):
-                raise ArgumentError(f"{name}: dtype {p.dtype} with an input of {input.dtype} (torch's layer_norm "
-                                    f"takes parameters of the input's dtype, or float32 for a half input)")
-        x = input.flatten(-k) if k > 1 else input
-        y = add_layer_norm(x, None, _flat(weight), _flat(bias), self.eps)
-        return y.view(input.shape)
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
     __prepare_scriptable__ = refuse_script
 
@@ -72,19 +102,7 @@ class RMSNorm(nn.RMSNorm):
     float32 for a half input, as in torch; the output has the input's dtype whatever the weight's, as in torch)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        k = len(self.normalized_shape)
-        if tuple(x.shape[x.dim() - k:]) != tuple(self.normalized_shape):
-            raise ArgumentError(f"x: trailing shape {tuple(x.shape[x.dim() - k:])} does not match "
-                                f"normalized_shape {tuple(self.normalized_shape)}")
-        given = x
-        x, weight = autocast_fp32(x, self.weight)
-        if weight is not None and weight.dtype not in (x.dtype, torch.float32):
-            weight = weight.float()  # the kernels take a weight of x's dtype or float32; torch takes any
-        eps = _default_rms_eps(x.dtype) if self.eps is None else self.eps
-        y = add_rms_norm(x.flatten(-k) if k > 1 else x, None, _flat(weight), eps).view(x.shape)
-        if x is not given:  # upcast by autocast: return the dtype this torch's rms_norm returns
-            y = y.to(_torch_rms_autocast_dtype(given, self.weight))
-        return y
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
     __prepare_scriptable__ = refuse_script
 
