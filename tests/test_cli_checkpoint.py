@@ -112,6 +112,26 @@ def test_keep_never_counts_a_corrupt_checkpoint(tmp_path, capsys):
     verify(run / "ckpt-0000007")
 
 
+def test_resume_cleans_what_a_killed_save_left(tmp_path, capsys):
+    """A save killed mid-write leaves .NAME.tmp-PID (removed on --resume) or, between its renames, .NAME.old-PID:
+    the step's previous checkpoint, put back when NAME is missing. Folders of a live process are left alone."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "4", "--ckpt-every", "2", "--keep", "5", "--out", str(run)]) == 0
+    dead = next(p for p in range(4_000_000, 4_100_000) if not os.path.exists(f"/proc/{p}"))
+    (run / "ckpt-0000004").rename(run / f".ckpt-0000004.old-{dead}")
+    (run / f".ckpt-0000006.tmp-{dead}").mkdir()
+    (run / f".ckpt-0000006.tmp-{dead}" / "model.safetensors").write_bytes(b"half")
+    (run / f".ckpt-0000008.tmp-{os.getpid()}").mkdir()  # a live process's: not touched
+    shutil.rmtree(run / "model")
+    assert main(["train", *TINY, "--steps", "5", "--ckpt-every", "5", "--keep", "5", "--out", str(run),
+                 "--resume"]) == 0
+    assert "ckpt-0000004 restored" in capsys.readouterr().err
+    names = sorted(p.name for p in run.iterdir() if "ckpt" in p.name)
+    assert names == [f".ckpt-0000008.tmp-{os.getpid()}", "ckpt-0000002", "ckpt-0000004", "ckpt-0000005"], names
+    state = json.loads((run / "ckpt-0000005" / "train_state.json").read_text())
+    assert state["step"] == 5
+
+
 def test_run_folder_not_overwritten(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--steps", "2", "--out", str(run)]) == 0

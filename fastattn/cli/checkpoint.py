@@ -145,6 +145,38 @@ def resolve(path):
     return p
 
 
+_LEFTOVER_RE = re.compile(r"^\.(ckpt-\d{7,})\.(tmp|old)-(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def clean_leftovers(run_dir, warn=print):
+    """What write_folder leaves when its process is killed (kill -9, OOM) mid-write: a .NAME.tmp-PID folder
+    (removed) and, killed between its two renames, a .NAME.old-PID folder, the step's previous checkpoint (put back
+    when NAME is missing, else removed). Only those of processes no longer running on this machine."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for p in sorted(run_dir.iterdir()):
+        m = _LEFTOVER_RE.match(p.name)
+        if not m or not p.is_dir() or _alive(int(m.group(3))):
+            continue
+        final = run_dir / m.group(1)
+        if m.group(2) == "old" and not final.exists():
+            p.rename(final)
+            warn(f"warning: {final.name} restored from {p.name} (a save was interrupted)")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def set_aside_newer(run_dir, path, warn=print):
     """Move the run's checkpoints newer than ``path`` (those latest_valid skipped: they do not verify) to
     NAME.corrupt, out of its list: the resumed run writes those steps again, and --keep counted them (it kept a

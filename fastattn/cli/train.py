@@ -544,6 +544,9 @@ class Trainer:
     def _restore(self):
         if self.dist.world > 1 and not self.dist.replicated:
             return self.dist.load_sharded(self)
+        if self.dist.rank == 0:
+            ckpt.clean_leftovers(self.run_dir, warn=lambda m: print(m, file=sys.stderr))
+        self.dist.barrier()
         path = ckpt.latest_valid(self.run_dir, warn=lambda m: print(m, file=sys.stderr))
         if path is None:
             raise CLIError(f"--resume: no valid checkpoint in {self.run_dir}")
