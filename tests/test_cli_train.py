@@ -242,6 +242,26 @@ def test_prune_a_soft_prompt_run(tmp_path, capsys):
         assert "continue it with --mode prompt --prompt-len 3" in capsys.readouterr().err
 
 
+def test_distill_loss_by_hand():
+    """(1 - a) * task + a * T^2 * KL(teacher || student) at the scored positions only (padding and prompt positions
+    were averaged in): computed by hand from the softmaxes, and blind to the teacher elsewhere."""
+    from fastattn.cli.finetune import distill_loss
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    pos = torch.tensor([[True, True, False, False, False], [False, True, True, True, False]])
+    a, T, task = 0.7, 2.0, torch.tensor(1.5)
+    ps, pt = torch.softmax(s[pos].double() / T, -1), torch.softmax(t[pos].double() / T, -1)
+    kl = (pt * (pt.log() - ps.log())).sum(-1).mean()
+    want = (1 - a) * 1.5 + a * T * T * kl
+    got = distill_loss(task, s, t, a, T, pos)
+    assert abs(got.item() - want.item()) < 1e-5
+    t2 = t.clone()
+    t2[~pos] = 100.0  # the teacher where nothing is scored
+    assert torch.equal(distill_loss(task, s, t2, a, T, pos), got)
+    assert abs(distill_loss(task, s, t, a, T, None).item() - got.item()) > 1e-3  # (all positions: another number)
+    assert distill_loss(task, s, t, a, T, torch.zeros_like(pos)).item() == pytest.approx((1 - a) * 1.5)
+
+
 def test_qat(tmp_path, capsys):
     run = train(tmp_path, "run", "--qat")
     assert json.loads((run / "model" / "train_state.json").read_text())["int8"]["mode"] == "w8a8"

@@ -148,10 +148,15 @@ def apply(model, mode, lora_rank=8, lora_alpha=16.0, prompt_len=16, seed=0):
     return model
 
 
-def distill_loss(task_loss, student_logits, teacher_logits, alpha, temperature):
-    """(1 - alpha) * task loss + alpha * T^2 * KL(teacher || student) on logits softened by T (Hinton et al.)."""
+def distill_loss(task_loss, student_logits, teacher_logits, alpha, temperature, positions=None):
+    """(1 - alpha) * task loss + alpha * T^2 * KL(teacher || student) on logits softened by T (Hinton et al.),
+    averaged over ``positions`` (a bool mask of the logits' leading shape: those the task loss scores; None: all).
+    Padding, prompts and unmasked MLM tokens were averaged in, diluting the KL of the positions that count."""
     T = temperature
-    s = F.log_softmax(student_logits.float() / T, -1).flatten(0, -2)
-    t = F.log_softmax(teacher_logits.float() / T, -1).flatten(0, -2)
-    kl = F.kl_div(s, t, log_target=True, reduction="batchmean") * T * T
+    s, t = student_logits.flatten(0, -2), teacher_logits.flatten(0, -2)
+    if positions is not None:
+        keep = positions.reshape(-1).to(s.device)
+        s, t = s[keep], t[keep]
+    s, t = (F.log_softmax(x.float() / T, -1) for x in (s, t))
+    kl = F.kl_div(s, t, log_target=True, reduction="sum") / max(s.shape[0], 1) * T * T
     return (1 - alpha) * task_loss + alpha * kl

@@ -198,6 +198,10 @@ class CLMTask:
     def loss(self, out, target):
         return _ce(out.logits, target)
 
+    def distill_positions(self, target):
+        """The positions distillation compares teacher and student at: those the task loss scores."""
+        return target != IGNORE
+
     def label_kwargs(self, target):
         return {"shift_labels": target}  # GPT: position t predicts target[t]
 
@@ -276,6 +280,9 @@ class MLMTask(CLMTask):
 
     def correct(self, out, target):
         return super().correct(out, target["labels"])
+
+    def distill_positions(self, target):
+        return target["labels"] != IGNORE  # the masked tokens, as DistilBERT distils
 
 
 class Seq2SeqTask(CLMTask):
@@ -479,6 +486,9 @@ class ClassifyTask:
 
     def loss(self, out, target):
         return F.cross_entropy(out.logits.float(), target)
+
+    def distill_positions(self, target):
+        return None  # one prediction a row: every row
 
     def logits(self, out):
         return out.logits

@@ -448,7 +448,8 @@ class Trainer:
             with torch.no_grad():
                 tout = self._forward(self.teacher, inputs)
             loss = finetune.distill_loss(loss, self.task.logits(out), self.task.logits(tout),
-                                         self.cfg.distill_alpha, self.cfg.temperature)
+                                         self.cfg.distill_alpha, self.cfg.temperature,
+                                         self.task.distill_positions(target))
         return loss
 
     def train_step(self):
