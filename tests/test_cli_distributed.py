@@ -74,7 +74,7 @@ def test_tp_swiglu_gqa_matches_one(tmp_path):
 
 
 @pytest.mark.parametrize("mode", [["--fsdp"], ["--tp", "2"]], ids=["fsdp", "tp"])
-def test_sharded_resume_is_bit_exact(tmp_path, mode):
+def test_sharded_resume_is_bit_exact(tmp_path, mode, capsys):
     """A sharded run (torch.distributed.checkpoint) that stops after its step-3 checkpoint and resumes from it ends
     where the uninterrupted run ends, bit for bit."""
     import shutil
@@ -92,6 +92,9 @@ def test_sharded_resume_is_bit_exact(tmp_path, mode):
     straight, _ = torchrun()
     shutil.rmtree(out / "ckpt-0000006")  # as if killed after the step-3 checkpoint
     shutil.rmtree(out / "model")
+    capsys.readouterr()
+    assert main(["train", *TINY, "--steps", "6", "--batch-size", "2", "--out", str(out), "--resume"]) == 2  # 1 process
+    assert "a sharded checkpoint (--fsdp / --tp): resume it under torchrun" in capsys.readouterr().err
     resumed, log = torchrun("--resume")
     assert "ckpt-0000003 at step 3 (sharded" in log, log[-3000:]
     assert (out / "ckpt-0000006" / "dcp").is_dir()

@@ -551,6 +551,9 @@ class Trainer:
         path = ckpt.latest_valid(self.run_dir, warn=lambda m: print(m, file=sys.stderr))
         if path is None:
             raise CLIError(f"--resume: no valid checkpoint in {self.run_dir}")
+        if (path / "dcp").is_dir():
+            raise CLIError(f"--resume {path}: a sharded checkpoint (--fsdp / --tp): resume it under torchrun with "
+                           "the options and number of processes the run was started with")
         if self.dist.rank == 0:
             ckpt.set_aside_newer(self.run_dir, path, warn=lambda m: print(m, file=sys.stderr))
         try:
