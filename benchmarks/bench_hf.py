@@ -118,9 +118,17 @@ def test_llama_packed_training_step(benchmark, llama_small, impl):
     pos = torch.cat([torch.arange(n) for n in lens])[None].to(DEVICE)
     model = llama_small.train()
     model.set_attn_implementation("sdpa" if impl == "torch-sdpa" else "fastattn")
+    # the packed pattern is what runs: the second sequence's logits are its own alone (without use_cache=False
+    # transformers builds a cache and attends over the whole row: plain causal attention on both sides, 2.4 off)
+    second = slice(lens[0], lens[0] + lens[1])
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0, second]
+        alone = model(input_ids=ids[:, second], use_cache=False).logits[0]
+    tol = 3e-2 if GPU else 1e-3
+    torch.testing.assert_close(packed, alone, rtol=tol, atol=tol)
 
     def step():
-        model(input_ids=ids, position_ids=pos, labels=ids).loss.backward()
+        model(input_ids=ids, position_ids=pos, labels=ids, use_cache=False).loss.backward()
         model.zero_grad(set_to_none=True)
         sync(DEVICE)
 

@@ -19,7 +19,7 @@ import torch
 
 import fastattn
 import fastattn.hf
-from conftest import interleaved, interleaved_speculative, synced
+from conftest import GUARD, interleaved, interleaved_speculative, synced
 from fastattn.testing import sync
 
 transformers = pytest.importorskip("transformers")
@@ -216,7 +216,8 @@ def test_verify_step(benchmark, models, impl, width):
         benchmark.pedantic(run, warmup_rounds=3, rounds=max(ROUNDS, 20), iterations=1)
 
 
-def test_same_greedy_tokens(models):
+@GUARD
+def test_same_greedy_tokens(benchmark, models):
     """The float rows generate the same tokens (a benchmark of two different computations would be worthless)."""
     hf, ours = models
     ids = _prompt(hf.config.vocab_size)[:, :16]

@@ -10,10 +10,13 @@ FASTATTN_BENCH_NEW (64), FASTATTN_BENCH_ROUNDS (3 on CPU). Skipped without trans
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPE, GPU, env_int, interleaved, synced
+from conftest import DEVICE, DTYPE, GPU, GUARD, env_int, interleaved, synced
 
 transformers = pytest.importorskip("transformers")
+import fastattn.hf  # noqa: E402
 from fastattn.models import GPT  # noqa: E402
+
+fastattn.hf.register()  # before any model class loads (see fastattn.hf._installed_kernels_package)
 
 PROMPT, NEW, ROUNDS = env_int("PROMPT", 128), env_int("NEW", 64), env_int("ROUNDS", 10 if GPU else 3)
 
@@ -52,7 +55,8 @@ def test_prefill_interleaved(benchmark, models):
                 ROUNDS, device=DEVICE, dtype=str(DTYPE)[6:], prompt=PROMPT, threads=torch.get_num_threads())
 
 
-def test_same_greedy_tokens(models):
+@GUARD
+def test_same_greedy_tokens(benchmark, models):
     hf, ours = models
     ids = _ids()[:, :32]
     with torch.inference_mode():

@@ -16,7 +16,7 @@ import torch
 
 import fastattn
 import fastattn.hf
-from conftest import interleaved, interleaved_speculative, synced
+from conftest import GUARD, interleaved, interleaved_speculative, synced
 from fastattn.testing import sync
 
 transformers = pytest.importorskip("transformers")
@@ -125,7 +125,8 @@ def test_beam_search_interleaved(benchmark, models):
                 threads=torch.get_num_threads())
 
 
-def test_same_greedy_tokens(models):
+@GUARD
+def test_same_greedy_tokens(benchmark, models):
     """The float rows generate the same tokens (a benchmark of two different computations would be worthless)."""
     _, hf, ours, eos = models
     ids = _source(hf.config.vocab_size)[:, :32]
