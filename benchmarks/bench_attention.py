@@ -72,7 +72,8 @@ def run_benchmark(benchmark, impl, fn, flops, group, info):
     benchmark.group = group
     benchmark.extra_info.update(info, impl=impl, device=DEVICE, calls_per_round=CALLS)
     benchmark.pedantic(step, warmup_rounds=2, rounds=ROUNDS, iterations=1)
-    benchmark.extra_info["TFLOP/s"] = flops * CALLS / benchmark.stats.stats.median / 1e12
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["TFLOP/s"] = flops * CALLS / benchmark.stats.stats.median / 1e12
     if GPU:
         benchmark.extra_info["peak_mem_MiB"] = torch.cuda.max_memory_allocated() / 2**20
 

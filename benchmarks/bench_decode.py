@@ -190,6 +190,8 @@ def route_sweep(L):
 
 
 if __name__ == "__main__":
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        sys.exit(print(__doc__))
     if "--threshold" in sys.argv:
         threshold_sweep()
     elif "--route" in sys.argv:

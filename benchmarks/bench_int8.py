@@ -57,7 +57,7 @@ def _bench(benchmark, fn, ops, group, info, timing="eager"):
     benchmark.group = group
     benchmark.extra_info.update(info, device=DEVICE, calls_per_round=CALLS)
     benchmark.pedantic(step, warmup_rounds=2, rounds=ROUNDS, iterations=1)
-    if ops:
+    if ops and benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["TFLOP/s"] = ops * CALLS / benchmark.stats.stats.median / 1e12
 
 
@@ -128,7 +128,8 @@ def test_w8a16_cpu(benchmark, impl, M, N, K):
     _bench(benchmark, fn, 2 * M * N * K, f"w8a16 cpu M={M} N={N} K={K}",
            dict(op="w8a16", impl=impl, width=M, dtype="float32", direction=f"N{N}K{K}"))
     weight_bytes = N * K * (4 if impl.startswith("torch") else 1)
-    benchmark.extra_info["GB/s"] = weight_bytes * CALLS / benchmark.stats.stats.median / 1e9
+    if benchmark.stats is not None:
+        benchmark.extra_info["GB/s"] = weight_bytes * CALLS / benchmark.stats.stats.median / 1e9
 
 
 
@@ -152,7 +153,8 @@ def test_gemv_cpu(benchmark, impl, M, N, K):
         fn = lambda: torch.nn.functional.linear(x, wt, bias)  # noqa: E731
     _bench(benchmark, fn, 2 * M * N * K, f"gemv cpu M={M} N={N} K={K}",
            dict(op="gemv", impl=impl, width=M, dtype="float32", direction=f"N{N}K{K}"))
-    benchmark.extra_info["GB/s"] = N * K * 4 * CALLS / benchmark.stats.stats.median / 1e9
+    if benchmark.stats is not None:
+        benchmark.extra_info["GB/s"] = N * K * 4 * CALLS / benchmark.stats.stats.median / 1e9
 
 @pytest.mark.parametrize("impl", ["torch"] + OURS)
 @pytest.mark.parametrize("M, K", [(1, 4096), (4096, 4096)], ids=lambda v: str(v))
@@ -169,4 +171,5 @@ def test_quantize(benchmark, impl, M, K):
                 return fastattn.quantize_per_token(x)
     _bench(benchmark, fn, 0, f"quantize M={M} K={K}",
            dict(op="quantize", impl=impl, width=M, dtype=str(FLOAT)[6:], direction=f"K{K}"))
-    benchmark.extra_info["GB/s"] = M * K * (x.element_size() + 1) * CALLS / benchmark.stats.stats.median / 1e9
+    if benchmark.stats is not None:
+        benchmark.extra_info["GB/s"] = M * K * (x.element_size() + 1) * CALLS / benchmark.stats.stats.median / 1e9

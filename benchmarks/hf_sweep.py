@@ -173,4 +173,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        sys.exit(print(__doc__))
     main(sys.argv[1:])

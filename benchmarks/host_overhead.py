@@ -105,4 +105,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        sys.exit(print(__doc__))
     sys.exit(main(sys.argv))

@@ -36,10 +36,14 @@ def speedups(path):
 
 
 def main(argv):
-    if len(argv) < 2:
+    if len(argv) < 2 or argv[1] in ("-h", "--help"):
         print(__doc__)
-        return 2
+        return 2 if len(argv) < 2 else 0
     data = speedups(argv[1])
+    if not data:
+        print(f"{argv[1]}: no benchmark with a torch baseline at several widths to plot (the model benchmarks' "
+              "rows carry their own speedup_vs_* ratios in extra_info)", file=sys.stderr)
+        return 1
     png = argv[2] if len(argv) > 2 else argv[1].rsplit(".", 1)[0] + ".png"
     for key, impls in data.items():
         for impl, pts in impls.items():
