@@ -46,10 +46,7 @@ class AttentionFunction(torch.autograd.Function):
     def vmap(info, in_dims, q, k, v, mask, alibi, backend, *flat):
         n = info.batch_size
         if info.randomness == "same" and AttnParams(*flat).dropout_p > 0:  # one mask for every sample, as torch's
-            ts = [front(t, d, n) for t, d in zip((q, k, v, mask, alibi), in_dims)]
-            res = [AttentionFunction.apply(*(None if t is None else last_dim_unit(t[i], j == 3) for j, t in
-                                             enumerate(ts)), backend, *flat) for i in range(n)]
-            return tuple(torch.stack(r) for r in zip(*res)), (0, 0)
+            return _sample_by_sample(AttentionFunction, (q, k, v, mask, alibi), in_dims, n, 3, (backend, *flat)), (0, 0)
         # samples folded into the batch: a dropout mask per sample (randomness="different")
         q, k, v, mask, alibi = (fold(t, d, n) for t, d in zip((q, k, v, mask, alibi), in_dims))
         q, k, v, mask = last_dim_unit(q), last_dim_unit(k), last_dim_unit(v), last_dim_unit(mask, True)
@@ -58,6 +55,15 @@ class AttentionFunction(torch.autograd.Function):
 
 
 AttentionFunctionEager = eager_twin(AttentionFunction)
+
+
+def _sample_by_sample(fn, tensors, in_dims, n: int, mask_at: int, rest) -> tuple:
+    """fn.apply on each of n vmapped samples in turn (the same dropout seed: one mask for all, as vmap's
+    randomness="same" asks), its outputs stacked; tensors[mask_at] is the mask (its last dim may broadcast)."""
+    ts = [front(t, d, n) for t, d in zip(tensors, in_dims)]
+    res = [fn.apply(*(None if t is None else last_dim_unit(t[i], j == mask_at) for j, t in enumerate(ts)), *rest)
+           for i in range(n)]
+    return tuple(torch.stack(r) for r in zip(*res))
 
 
 def _three(q, k, v):
@@ -87,10 +93,7 @@ class AttentionBackward(torch.autograd.Function):
     def vmap(info, in_dims, *args):
         n = info.batch_size
         if info.randomness == "same" and AttnParams(*args[9:]).dropout_p > 0:  # the forward's mask, sample by sample
-            ts = [front(t, d, n) for t, d in zip(args[:8], in_dims)]
-            res = [AttentionBackward.apply(*(None if t is None else last_dim_unit(t[i], j == 6) for j, t in
-                                             enumerate(ts)), *args[8:]) for i in range(n)]
-            return tuple(torch.stack(g) for g in zip(*res)), (0, 0, 0)
+            return _sample_by_sample(AttentionBackward, args[:8], in_dims, n, 6, args[8:]), (0, 0, 0)
         tensors = [last_dim_unit(fold(t, d, n), i == 6) for i, (t, d) in enumerate(zip(args[:8], in_dims))]
         return tuple(unfold(g, n) for g in AttentionBackward.apply(*tensors, *args[8:])), (0, 0, 0)
 
