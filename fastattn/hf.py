@@ -414,13 +414,13 @@ def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
                              kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                              local_size=local_size, allow_is_bidirectional_skip=allow_is_bidirectional_skip,
                              use_vmap=use_vmap, device=device, **kwargs)
-    why = None
+    composite = False
     if mask_function is mu.causal_mask_function or mask_function is mu.bidirectional_mask_function:
         pattern = _plain_pattern(mask_function, local_size)  # (by identity: no closure to read)
     elif torch.compiler.is_compiling() and not allow_is_causal_skip:
         # transformers' packing detection (and its overlays) under torch.compile: the mask function's closures hold
         # traced tensors, which no trace-time constant can read (dynamo raised); sdpa's full mask, as sdpa builds it
-        pattern, why = None, "a composite mask function under torch.compile (packed sequences, an overlay)"
+        pattern, composite = None, True
     else:
         pattern = _pattern(mask_function, local_size)
     if isinstance(attention_mask, Tensor) and attention_mask.dim() == 3:
@@ -430,8 +430,9 @@ def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
         raise ValueError(f"attention_mask: a 3-D mask {tuple(attention_mask.shape)} is not one fastattn's mask "
                          f"builder made for this layer; pass the 2-D padding mask (batch, keys)")
     model_type = getattr(kwargs.get("config"), "model_type", None)
-    if why is not None:
-        pass
+    why = None
+    if composite:
+        why = "a composite mask function under torch.compile (packed sequences, an overlay)"
     elif pattern is None:
         why = "a mask function other than causal, sliding-window causal or bidirectional"
     elif model_type in _READ_BY_MODEL:
