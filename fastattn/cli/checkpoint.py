@@ -177,6 +177,15 @@ def clean_leftovers(run_dir, warn=print):
             shutil.rmtree(p, ignore_errors=True)
 
 
+def resume_point(run_dir, rank0: bool, barrier, warn=print):
+    """The newest checkpoint of run_dir that verifies (None: none), after rank 0 has cleaned what killed saves left
+    (clean_leftovers; the other ranks wait at ``barrier``)."""
+    if rank0:
+        clean_leftovers(run_dir, warn)
+    barrier()
+    return latest_valid(run_dir, warn)
+
+
 def set_aside_newer(run_dir, path, warn=print):
     """Move the run's checkpoints newer than ``path`` (those latest_valid skipped: they do not verify) to
     NAME.corrupt, out of its list: the resumed run writes those steps again, and --keep counted them (it kept a

@@ -163,10 +163,8 @@ class Distributed(Single):
 
         from fastattn.cli import checkpoint as ckpt
         from fastattn.cli.config import CLIError
-        if self.rank == 0:
-            ckpt.clean_leftovers(trainer.run_dir)
-        self.barrier()
-        path = ckpt.latest_valid(trainer.run_dir, warn=lambda m: print(m) if self.rank == 0 else None)
+        path = ckpt.resume_point(trainer.run_dir, self.rank == 0, self.barrier,
+                                 warn=lambda m: print(m) if self.rank == 0 else None)
         if path is None or not (path / "dcp").is_dir():
             raise CLIError(f"--resume: no valid sharded checkpoint in {trainer.run_dir}")
         if self.rank == 0:

@@ -545,17 +545,15 @@ class Trainer:
     def _restore(self):
         if self.dist.world > 1 and not self.dist.replicated:
             return self.dist.load_sharded(self)
-        if self.dist.rank == 0:
-            ckpt.clean_leftovers(self.run_dir, warn=lambda m: print(m, file=sys.stderr))
-        self.dist.barrier()
-        path = ckpt.latest_valid(self.run_dir, warn=lambda m: print(m, file=sys.stderr))
+        warn = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        path = ckpt.resume_point(self.run_dir, self.dist.rank == 0, self.dist.barrier, warn)
         if path is None:
             raise CLIError(f"--resume: no valid checkpoint in {self.run_dir}")
         if (path / "dcp").is_dir():
             raise CLIError(f"--resume {path}: a sharded checkpoint (--fsdp / --tp): resume it under torchrun with "
                            "the options and number of processes the run was started with")
         if self.dist.rank == 0:
-            ckpt.set_aside_newer(self.run_dir, path, warn=lambda m: print(m, file=sys.stderr))
+            ckpt.set_aside_newer(self.run_dir, path, warn)
         try:
             ckpt.load_weights(self.model, path / "model.safetensors")
         except ckpt.CheckpointError as e:
