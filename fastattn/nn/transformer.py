@@ -42,8 +42,8 @@ def _has_hooks(m: nn.Module) -> bool:
     instead of fusing past it (a backward hook on linear1 or norm1 fired in torch and was skipped)."""
     g = torch.nn.modules.module
     return bool("forward" in vars(m) or _has_forward_hooks(m) or m._backward_hooks or m._backward_pre_hooks
-                or g._global_forward_hooks
-                or g._global_forward_pre_hooks or g._global_backward_hooks or g._global_backward_pre_hooks)
+                or g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks)
 
 
 def _fusable(norm: nn.Module) -> bool:
