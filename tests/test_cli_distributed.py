@@ -21,6 +21,14 @@ TINY = ["--tokenizer", "bytes", "--d-model", "32", "--n-layer", "2", "--n-head",
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
 
+def torchrun_train(*args):
+    """`torchrun --nproc_per_node 2 -m fastattn train TINY *args` (gloo, one thread a process): the finished process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "fastattn", "train", *TINY, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "run"
@@ -32,10 +40,7 @@ def single(tmp_path_factory):
                          ids=["ddp", "fsdp", "tp"])
 def test_two_processes_match_one(single, tmp_path, mode, local_batch):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "fastattn", "train", *TINY, "--batch-size", local_batch, *mode, "--out", str(out)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = torchrun_train("--batch-size", local_batch, *mode, "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "global batch 4 x 16" in p.stdout + p.stderr  # TP's ranks share one batch (it said 8)
     a, b = load_file(single / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
@@ -62,10 +67,7 @@ def test_tp_swiglu_gqa_matches_one(tmp_path):
     arch = ["--mlp", "swiglu", "--n-head", "4", "--n-kv-head", "2", "--batch-size", "4"]
     one = tmp_path / "one"
     assert main(["train", *TINY, *arch, "--out", str(one)]) == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "fastattn", "train", *TINY, *arch, "--tp", "2", "--out", str(tmp_path / "tp")],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = torchrun_train(*arch, "--tp", "2", "--out", str(tmp_path / "tp"))
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = load_file(one / "model" / "model.safetensors"), load_file(tmp_path / "tp" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and a["blocks.0.mlp.w_in.weight"].shape == (2 * 128, 32)
@@ -79,13 +81,9 @@ def test_sharded_resume_is_bit_exact(tmp_path, mode, capsys):
     where the uninterrupted run ends, bit for bit."""
     import shutil
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
     def torchrun(*extra):
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "-m", "fastattn", "train", *TINY, "--steps", "6", "--batch-size", "2", *mode,
-                            "--out", str(out), *extra], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=300)
+        p = torchrun_train("--steps", "6", "--batch-size", "2", *mode, "--out", str(out), *extra)
         assert p.returncode == 0, p.stderr[-3000:]
         return load_file(out / "model" / "model.safetensors"), p.stderr
 
@@ -111,12 +109,9 @@ def test_lora_fsdp_matches_one_process(tmp_path):
     lora = ["--mode", "lora", "--init", str(base)]
     one = tmp_path / "one"
     assert main(["train", *TINY, "--batch-size", "4", *lora, "--out", str(one)]) == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
     def torchrun(out, *mode):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "-m", "fastattn", "train", *TINY, "--batch-size", "2", *lora, *mode, "--out", str(out)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        return torchrun_train("--batch-size", "2", *lora, *mode, "--out", str(out))
 
     p = torchrun(tmp_path / "fsdp", "--fsdp")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -131,11 +126,7 @@ def test_lora_fsdp_matches_one_process(tmp_path):
 def test_ddp_masked_lm_without_nsp(tmp_path):
     """BERT computes its next-sentence head, which MLM-only training never reaches: DDP is told (it raised 'Expected
     to have finished reduction in the prior iteration' at step 2)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "fastattn", "train", *TINY, "--task", "mlm", "--batch-size", "2",
-                        "--out", str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+    p = torchrun_train("--task", "mlm", "--batch-size", "2", "--out", str(tmp_path / "run"))
     assert p.returncode == 0, p.stderr[-3000:]
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in x]
@@ -165,10 +156,7 @@ def test_mixture_of_experts_matches_one(tmp_path, mode):
             "--router-aux-loss-coef", "0"]
     one = tmp_path / "one"
     assert main(["train", *TINY, *arch, "--batch-size", "2", "--out", str(one)]) == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "fastattn", "train", *TINY, *arch, "--batch-size", "1", *mode, "--out",
-                        str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = torchrun_train(*arch, "--batch-size", "1", *mode, "--out", str(tmp_path / "two"))
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = load_file(one / "model" / "model.safetensors"), load_file(tmp_path / "two" / "model" / "model.safetensors")
     assert a.keys() == b.keys()
