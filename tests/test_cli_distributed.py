@@ -125,12 +125,18 @@ def test_lora_fsdp_matches_one_process(tmp_path):
 
 def test_ddp_masked_lm_without_nsp(tmp_path):
     """BERT computes its next-sentence head, which MLM-only training never reaches: DDP is told (it raised 'Expected
-    to have finished reduction in the prior iteration' at step 2)."""
+    to have finished reduction in the prior iteration' at step 2). The ranks' rows mask different numbers of tokens:
+    each masked token weighs the same (a mean of the ranks' means trained another model than one process)."""
     p = torchrun_train("--task", "mlm", "--batch-size", "2", "--out", str(tmp_path / "run"))
     assert p.returncode == 0, p.stderr[-3000:]
-    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-              if '"loss"' in x]
-    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert main(["train", *TINY, "--task", "mlm", "--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in x] for r in ("run", "one")]
+    assert len(losses[0]) == 3 and all(math.isfinite(v) for v in losses[0])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    a, b = (load_file(tmp_path / r / "model" / "model.safetensors") for r in ("one", "run"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5, msg=k)
 
 
 def test_tp_refuses_what_it_cannot_split():

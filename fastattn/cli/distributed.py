@@ -33,6 +33,9 @@ class Single:
     def mean(self, x):
         return x
 
+    def total(self, x):
+        return x
+
     def any(self, flag):
         return bool(flag)
 
@@ -99,6 +102,12 @@ class Distributed(Single):
         t = torch.tensor([float(x)], device=self.device)
         self.dist.all_reduce(t)
         return t.item() / self.world
+
+    def total(self, x):
+        """x summed over the data-parallel processes (tensor-parallel ranks hold the same x)."""
+        t = torch.tensor([float(x)], dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(t)
+        return t.item() * self.dp_world / self.world
 
     def any(self, flag):
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)

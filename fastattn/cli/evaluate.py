@@ -12,7 +12,7 @@ import torch
 from fastattn.cli.config import CLIError, opt
 from fastattn.cli.finetune import soft_prompt_len
 from fastattn.cli.models import check_task
-from fastattn.cli.tasks import TASKS, perplexity
+from fastattn.cli.tasks import TASKS, LossTotal, perplexity
 
 
 @dataclass
@@ -93,7 +93,7 @@ def main(cfg: EvalConfig) -> int:
     whole_file = tcfg.task == "classify" and bool(cfg.data)  # the user's labelled file: every row, once
     batches = task.every_row(cfg.batch_size) if whole_file else \
         (task.batch(cfg.split, cfg.batch_size, index=i) for i in range(cfg.batches))
-    loss, correct, count, ntok, examples, nbatches = 0.0, 0, 0, 0, 0, 0
+    loss, correct, count, ntok, examples = LossTotal(), 0, 0, 0, 0
     start = time.perf_counter()
     with torch.no_grad():
         for inputs, target in batches:
@@ -102,11 +102,11 @@ def main(cfg: EvalConfig) -> int:
             inputs = {k: v.to(device) for k, v in inputs.items()}
             target = {k: v.to(device) for k, v in target.items()} if isinstance(target, dict) else target.to(device)
             out = model(**inputs)
-            loss += task.loss(out, target).item() * (rows if whole_file else 1)  # a mean over rows / over batches
+            loss.add(task.loss_parts(out, target), task.scored(target))  # a mean over every scored token (row)
             c, n = task.correct(out, target)
-            correct, count, examples, nbatches = correct + c, count + n, examples + rows, nbatches + 1
+            correct, count, examples = correct + c, count + n, examples + rows
     secs = time.perf_counter() - start
-    loss /= examples if whole_file else nbatches
+    loss = loss.value()
     result = {"checkpoint": str(cfg.checkpoint), "task": tcfg.task, "split": "all" if whole_file else cfg.split,
               "loss": loss, "accuracy": correct / max(count, 1), "examples": examples,
               "tokens_per_s": ntok / max(secs, 1e-9)}

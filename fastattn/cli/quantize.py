@@ -14,6 +14,7 @@ import torch
 
 from fastattn.cli import checkpoint as ckpt
 from fastattn.cli.config import CLIError, check_new_folder, opt
+from fastattn.cli.tasks import LossTotal
 from fastattn.models.layers import INT8_FILE
 from fastattn.quantization import int8_layout
 
@@ -56,12 +57,12 @@ def apply_recipe(model, recipe, task):
 
 
 def _loss(model, task, n, batch_size):
-    total = 0.0
+    total = LossTotal()
     with torch.no_grad():
         for i in range(n):
             inputs, target = task.batch("val", batch_size, index=i)
-            total += task.loss(model(**inputs), target).item()
-    return total / max(n, 1)
+            total.add(task.loss_parts(model(**inputs), target), task.scored(target))
+    return total.value()
 
 
 def _weight_bytes(folder: Path) -> int:

@@ -16,9 +16,12 @@
               reading source n only)
     classify  labelled JSONL / CSV texts, one label per text (accuracy)
 
-Losses: ``label_kwargs(target)`` gives the model's own label arguments, whose loss equals ``loss(out, target)``
-(the trainer uses them so that the fastattn backend computes the loss without the logits); distillation, soft
-prompts and evaluation compute it here from the model's logits.
+Losses: ``loss_parts(out, target)`` is (the mean over the ``scored(target)`` tokens (rows) the loss scores, a
+per-batch term or None: next-sentence prediction's); ``loss`` their sum. ``label_kwargs(target)`` gives the model's
+own label arguments, whose loss is the first part (the trainer uses them so that the fastattn backend computes the
+loss without the logits; ``extra_loss(out, target)`` the second); distillation, soft prompts and evaluation compute
+both here from the model's logits. :class:`LossTotal` adds batches up as one batch: each token (row) weighs the same
+whatever its batch, as in transformers' Trainer (num_items_in_batch).
 """
 import math
 
@@ -32,6 +35,27 @@ IGNORE = -100
 
 def _ce(logits, labels):
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+
+
+class LossTotal:
+    """A loss over batches as one batch of them all would have it: the scored tokens' (rows') mean, plus the mean of
+    the per-batch terms. ``value(dist)`` over every data-parallel process (dist: the trainer's Distributed)."""
+
+    def __init__(self):
+        self.sum, self.items, self.extra, self.batches = 0.0, 0, 0.0, 0
+
+    def add(self, parts, items):
+        token, extra = parts
+        self.sum += float(token) * items if items else 0.0  # (a mean over no token is nan)
+        self.items += items
+        self.extra += 0.0 if extra is None else float(extra)
+        self.batches += 1
+
+    def value(self, dist=None):
+        total, items, extra = self.sum, self.items, self.extra / max(self.batches, 1)
+        if dist is not None:
+            total, items, extra = dist.total(total), dist.total(items), dist.mean(extra)
+        return (total / items if items else float("nan")) + extra
 
 
 def pad_right(seqs, pad_id):
@@ -195,8 +219,19 @@ class CLMTask:
         x = self.data.blocks(split, batch_size, self.cfg.seq_len + 1, generator, index)
         return {"input_ids": x[:, :-1]}, x[:, 1:]
 
+    def loss_parts(self, out, target):
+        return _ce(out.logits, target), None
+
     def loss(self, out, target):
-        return _ce(out.logits, target)
+        token, extra = self.loss_parts(out, target)
+        return token if extra is None else token + extra
+
+    def extra_loss(self, out, target):
+        return None
+
+    def scored(self, target) -> int:
+        """The tokens the loss averages over."""
+        return int((target != IGNORE).sum())
 
     def distill_positions(self, target):
         """The positions distillation compares teacher and student at: those the task loss scores."""
@@ -270,13 +305,18 @@ class MLMTask(CLMTask):
         return inputs, target
 
     def label_kwargs(self, target):
-        return {"labels": target["labels"], "next_sentence_label": target.get("nsp")}
+        return {"labels": target["labels"]}  # (the next-sentence loss: extra_loss, a mean over rows)
 
-    def loss(self, out, target):
-        loss = _ce(out.logits, target["labels"])
+    def loss_parts(self, out, target):
+        return _ce(out.logits, target["labels"]), self.extra_loss(out, target)
+
+    def extra_loss(self, out, target):
         if "nsp" in target and getattr(out, "nsp_logits", None) is not None:
-            loss = loss + F.cross_entropy(out.nsp_logits.float(), target["nsp"])
-        return loss
+            return F.cross_entropy(out.nsp_logits.float(), target["nsp"])
+        return None
+
+    def scored(self, target) -> int:
+        return super().scored(target["labels"])
 
     def correct(self, out, target):
         return super().correct(out, target["labels"])
@@ -484,8 +524,13 @@ class ClassifyTask:
     def label_kwargs(self, target):
         return None  # the loss is computed here (single-label cross-entropy over the classes)
 
-    def loss(self, out, target):
-        return F.cross_entropy(out.logits.float(), target)
+    def loss_parts(self, out, target):
+        return F.cross_entropy(out.logits.float(), target), None
+
+    loss, extra_loss = CLMTask.loss, CLMTask.extra_loss
+
+    def scored(self, target) -> int:
+        return target.numel()
 
     def distill_positions(self, target):
         return None  # one prediction a row: every row

@@ -17,7 +17,7 @@ from fastattn.cli.config import CLIError, check_new_folder, check_seed, opt
 from fastattn.cli.loading import (DEFAULT_SEQ_LEN, checkpoint_tokenizer, hf_model_type, load_model, load_tokenizer,
                                   pick_device)
 from fastattn.cli.models import TASK_ARCH, build_config, check_task, model_class
-from fastattn.cli.tasks import TASKS, perplexity
+from fastattn.cli.tasks import TASKS, LossTotal, perplexity
 
 
 @dataclass
@@ -438,19 +438,26 @@ class Trainer:
             return model(**inputs)
 
     def _loss(self, inputs, target):
+        """(the mean over the scored tokens (rows), a per-batch term or None): the task's loss parts."""
         labels = self.task.label_kwargs(target)
         if labels is not None and self.teacher is None and self.cfg.mode != "prompt":
             # the model's own loss: on the fastattn backend it skips the logits (fastattn.linear_cross_entropy)
-            return self._forward(self.train_model, {**inputs, **labels}).loss
+            out = self._forward(self.train_model, {**inputs, **labels})
+            token, extra = out.loss, self.task.extra_loss(out, target)
+            if out.aux_loss is not None:  # a mixture of experts' load balancing, included in .loss: per batch
+                aux = self.model.config.router_aux_loss_coef * out.aux_loss
+                token, extra = token - aux, aux if extra is None else extra + aux
+            return token, extra
         out = self._forward(self.train_model, inputs)
-        loss = self.task.loss(out, target)
+        token, extra = self.task.loss_parts(out, target)
         if self.teacher is not None:
             with torch.no_grad():
                 tout = self._forward(self.teacher, inputs)
-            loss = finetune.distill_loss(loss, self.task.logits(out), self.task.logits(tout),
-                                         self.cfg.distill_alpha, self.cfg.temperature,
-                                         self.task.distill_positions(target))
-        return loss
+            a = self.cfg.distill_alpha
+            token = finetune.distill_loss(token, self.task.logits(out), self.task.logits(tout), a,
+                                          self.cfg.temperature, self.task.distill_positions(target))
+            extra = None if extra is None else (1 - a) * extra
+        return token, extra
 
     def train_step(self):
         cfg = self.cfg
@@ -458,16 +465,24 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.train_model.train()
-        total, ntok = 0.0, 0
-        for micro in range(cfg.grad_accum):
-            inputs, target = self.task.batch("train", cfg.batch_size * self.dist.dp_world, self.gen)
-            if self.dist.dp_world > 1:
+        total, ntok, world, micros = 0.0, 0, self.dist.dp_world, []
+        for _ in range(cfg.grad_accum):
+            inputs, target = self.task.batch("train", cfg.batch_size * world, self.gen)
+            if world > 1:
                 inputs, target = _rows(inputs, self.dist.dp_rank, cfg.batch_size), _rows(target, self.dist.dp_rank,
                                                                                          cfg.batch_size)
             ntok += self.task.tokens(inputs)
+            micros.append((inputs, target, self.task.scored(target)))
+        # each scored token (row) of the step weighs the same, in any micro-batch and process (transformers'
+        # num_items_in_batch): a micro-batch's mean weighs its share of them (x world: DDP / FSDP average ranks)
+        items = self.dist.total(sum(n for _, _, n in micros))
+        for micro, (inputs, target, n) in enumerate(micros):
             inputs, target = _to(inputs, self.device), _to(target, self.device)
             with self.dist.no_sync(self.train_model, micro < cfg.grad_accum - 1):
-                loss = self._loss(inputs, target) / cfg.grad_accum
+                token, extra = self._loss(inputs, target)
+                loss = token * (n * world / items)  # (every row of every task scores a token)
+                if extra is not None:
+                    loss = loss + extra / cfg.grad_accum
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
         if self.dist.any(not math.isfinite(total)):  # an update would spread it to every weight: stop before it
@@ -493,7 +508,7 @@ class Trainer:
         """Held-out loss and accuracy; data-parallel ranks each score their rows of the global batch (as in
         training), so N processes report what one process reports at N times the batch."""
         self.train_model.eval()
-        loss, correct, count = 0.0, 0, 0
+        loss, correct, count = LossTotal(), 0, 0
         rows, world = self.cfg.batch_size, self.dist.dp_world
         for i in range(self.cfg.eval_batches):
             inputs, target = self.task.batch("val", rows * world, index=i)
@@ -501,10 +516,10 @@ class Trainer:
                 inputs, target = _rows(inputs, self.dist.dp_rank, rows), _rows(target, self.dist.dp_rank, rows)
             inputs, target = _to(inputs, self.device), _to(target, self.device)
             out = self._forward(self.train_model, inputs)
-            loss += self.task.loss(out, target).item()
+            loss.add(self.task.loss_parts(out, target), self.task.scored(target))
             c, n = self.task.correct(out, target)
             correct, count = correct + c, count + n
-        loss = self.dist.mean(loss / self.cfg.eval_batches)
+        loss = loss.value(self.dist)
         correct, count = self.dist.mean(correct), self.dist.mean(count)  # (sums / world: their ratio is the sums')
         acc = correct / count if count else 0.0
         return {"val_loss": loss, "val_ppl": perplexity(loss), "val_acc": acc}
