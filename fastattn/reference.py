@@ -85,6 +85,18 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch
     return scores.masked_fill(~keep, float("-inf")), capped
 
 
+def _softmax(scores: torch.Tensor):
+    """(probabilities, logsumexp (..., 1)) of scores (..., S) over the last dim: exp(s - row max) over its row sum,
+    0 (and lse -inf) for a row with no key. (exp(s - logsumexp) is 1 for every key of a row of scores ~1e9 in float32,
+    whose logsumexp loses log(S): the row summed to S.)"""
+    row_max = scores.amax(-1, keepdim=True) if scores.shape[-1] else scores.new_full((*scores.shape[:-1], 1),
+                                                                                      float("-inf"))
+    shift = row_max.masked_fill(row_max == float("-inf"), 0.0)
+    e = torch.exp(scores - shift)
+    total = e.sum(-1, keepdim=True)
+    return e / total.clamp_min(torch.finfo(scores.dtype).tiny), shift + total.log()
+
+
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, *,
                   causal: Optional[str] = None, scale: Optional[float] = None, window=(-1, -1),
                   alibi_slopes: Optional[torch.Tensor] = None, softcap: float = 0.0,
@@ -106,8 +118,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
         kc, vc = kc.repeat_interleave(H // Hk, dim=1), vc.repeat_interleave(H // Hk, dim=1)
     scores, _ = attention_scores(qc, kc, attn_mask, causal=causal, scale=scale, window=window,
                                  alibi_slopes=alibi_slopes, softcap=softcap)
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, H, L, 1)
-    p = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0))  # rows with no key: all zeros
+    p, lse = _softmax(scores)
     if dropout_p > 0:
         p = p * dropout_mask / (1 - dropout_p)
     out = (p @ vc).to(q.dtype)
@@ -156,9 +167,7 @@ def attention_bwd_ref(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         kc, vc = kc.repeat_interleave(H // Hk, dim=1), vc.repeat_interleave(H // Hk, dim=1)
     scores, capped = attention_scores(qc, kc, attn_mask, causal=causal, scale=scale, window=window,
                                       alibi_slopes=alibi_slopes, softcap=softcap)
-    row_max = scores.amax(-1, keepdim=True) if S else scores.new_full((B, H, L, 1), float("-inf"))  # S 0: no key
-    probs = torch.exp(scores - row_max.masked_fill(row_max == float("-inf"), 0.0))
-    probs = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(cdt).tiny)  # (B, H, L, S); 0 for empty rows
+    probs = _softmax(scores)[0]  # (B, H, L, S)
     keep = dropout_mask.to(cdt) / (1 - dropout_p) if dropout_p > 0 else 1.0
     dv = (probs * keep).transpose(-1, -2) @ do
     dp = (do @ vc.transpose(-1, -2)) * keep

@@ -254,6 +254,23 @@ def test_fully_masked_rows_match_torch_sdpa_on_cpu():
             torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
+@BK
+@pytest.mark.parametrize("bias", [-1e9, -1e6])
+def test_rows_of_large_finite_scores(backend_name, bias):
+    """A float mask writing "masked" as a big finite number over a whole row (a learned bias, which makes auto
+    dispatch choose the reference backend): torch's softmax is still a distribution there. The reference's
+    exp(s - logsumexp) in float32 dropped logsumexp's log(S): that row came out S times too large."""
+    q, k, v = randn(1, 2, 4, 8), randn(1, 2, 16, 8, seed=1), randn(1, 2, 16, 8, seed=2)
+    mask = randn(4, 16, seed=3)
+    mask[1] = bias
+    mask[2, 5:] = bias
+    if backend_name == "reference":  # the mask's gradient too
+        compare(backend_name, fastattn.scaled_dot_product_attention, F.scaled_dot_product_attention, q, k, v, mask)
+    else:
+        compare(backend_name, lambda *x: fastattn.scaled_dot_product_attention(*x, attn_mask=mask),
+                lambda *x: F.scaled_dot_product_attention(*x, attn_mask=mask.to(x[0].dtype)), q, k, v)
+
+
 def test_vmap_of_a_decode_sized_call():
     """One query against a long cache is routed to the decode kernel outside transforms; under vmap the attention
     Function's rule runs it (the decode kernel cannot read batched tensors)."""
