@@ -271,6 +271,17 @@ def test_rows_of_large_finite_scores(backend_name, bias):
                 lambda *x: F.scaled_dot_product_attention(*x, attn_mask=mask.to(x[0].dtype)), q, k, v)
 
 
+@BK
+@pytest.mark.parametrize("qs, kvs", [((2, 0, 7, 16), (2, 0, 9, 16)), ((0, 7, 16), (0, 9, 16)),
+                                     ((0, 2, 5, 8), (0, 2, 6, 8)), ((1, 2, 0, 8), (1, 2, 6, 8)), ((7, 8), (9, 8))],
+                         ids=["no-heads", "3d-empty-batch", "empty-batch", "no-queries", "2d"])
+def test_empty_dims_as_torch(backend_name, qs, kvs):
+    """Zero heads, an empty (3-D) batch, no queries: torch's shapes, forward and backward (zero heads were taken
+    for 2-D inputs' missing head dim; an empty gradient kept an expanded dout's zero strides)."""
+    compare(backend_name, fastattn.scaled_dot_product_attention, F.scaled_dot_product_attention,
+            randn(*qs), randn(*kvs, seed=1), randn(*kvs, seed=2))
+
+
 def test_vmap_of_a_decode_sized_call():
     """One query against a long cache is routed to the decode kernel outside transforms; under vmap the attention
     Function's rule runs it (the decode kernel cannot read batched tensors)."""

@@ -119,6 +119,8 @@ def last_dim_unit(t: Optional[Tensor], broadcast_ok: bool = False) -> Optional[T
     """t with the unit last-dim stride every backend needs (a mask may also broadcast its last dim: stride 0)."""
     if t is None or t.stride(-1) == 1 or t.shape[-1] <= 1 or (broadcast_ok and t.stride(-1) == 0):
         return t
+    if t.numel() == 0:  # (contiguous() keeps an empty tensor's strides: an expanded gradient's are 0)
+        return t.new_empty(t.shape)
     return t.contiguous()
 
 

@@ -25,6 +25,7 @@ class Layout(NamedTuple):
     Hk: int
     L: int
     S: int
+    has_heads: bool = True  # False: 2-D inputs (L, E), seen as one head
 
     @property
     def B(self) -> int:
@@ -32,7 +33,7 @@ class Layout(NamedTuple):
 
     @property
     def lead(self) -> Tuple[int, ...]:
-        return (*self.batch, self.H) if self.H else self.batch
+        return (*self.batch, self.H) if self.has_heads else self.batch
 
 
 def _broadcast(name: str, *shapes) -> Tuple[int, ...]:
@@ -103,7 +104,7 @@ def check_qkv(q, k, v, enable_gqa: bool) -> Layout:
     lead = _broadcast("query, key, value" + ("" if enable_gqa else " (pass enable_gqa=True for grouped-query "
                                                                      "attention)"),
                       qs[:-2], ks[:-2], vs[:-2])
-    return Layout(lead[:-1], lead[-1], lead[-1], L, S) if lead else Layout((), 0, 0, L, S)
+    return Layout(lead[:-1], lead[-1], lead[-1], L, S) if lead else Layout((), 1, 1, L, S, has_heads=False)
 
 
 def _refuse_dtypes_dims(q: Tensor, k: Tensor, v: Tensor):
@@ -123,10 +124,10 @@ def as_bhld(t: Tensor, lay: Layout, heads: int) -> Tensor:
     divides the other) repeats the smaller one's heads."""
     if t.dim() == 4 and t.shape[:2] == (lay.B, heads) and len(lay.batch) == 1:  # already (B, heads, seq, dim)
         return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-    if lay.H and t.dim() >= 3 and t.shape[-3] not in (1, heads):
+    if t.dim() >= 3 and t.shape[-3] not in (1, heads):
         t = t.repeat_interleave(heads // t.shape[-3], dim=-3)
-    t = t.expand(*lay.batch, max(heads, 1), *t.shape[-2:])
-    t = t.reshape(lay.B, max(heads, 1), *t.shape[-2:]) if t.dim() != 4 else t
+    t = t.expand(*lay.batch, heads, *t.shape[-2:])
+    t = t.reshape(lay.B, heads, *t.shape[-2:]) if t.dim() != 4 else t
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
@@ -187,7 +188,7 @@ def build_mask(attn_mask, key_padding_mask, q: Tensor, lay: Layout) -> Optional[
         what = "attn_mask" if key_padding_mask is None else "attn_mask with key_padding_mask"
         raise ArgumentError(f"{what}: shape {tuple(mask.shape)} does not broadcast to {target}") from None
     if mask.dim() != 4:
-        mask = mask.reshape(lay.B, max(lay.H, 1), lay.L, lay.S)
+        mask = mask.reshape(lay.B, lay.H, lay.L, lay.S)
     if mask.stride(-1) not in (0, 1):
         mask = mask.contiguous()
     return mask
