@@ -285,6 +285,34 @@ def test_int8linear_passes_the_gradient_to_its_input(mode, smooth):
         assert not q(x).requires_grad
 
 
+def test_functional_w8a16_gradients_and_refusals():
+    """fastattn.w8a16_matmul passes x's and the bias's gradients (x's through the dequantized weight; the output
+    had no grad_fn: x's gradient was silently dropped). Scales that ask for a gradient no op computes are refused
+    by name (int8_matmul's output had none either)."""
+    torch.manual_seed(0)
+    w, ws = fastattn.quantize_per_channel(torch.randn(6, 8))
+    x, bias = torch.randn(2, 3, 8, requires_grad=True), torch.randn(6, requires_grad=True)
+    y = fastattn.w8a16_matmul(x, w, ws, bias)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    wd = w.double() * ws.double()[:, None]
+    torch.testing.assert_close(x.grad.double(), dy.double() @ wd, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias.grad, dy.sum((0, 1)))
+    with pytest.raises(ValueError, match="w_scale: requires grad"):
+        fastattn.w8a16_matmul(x, w, ws.clone().requires_grad_())
+    a, sa = fastattn.quantize_per_token(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="a_scale: requires grad"):
+        fastattn.int8_matmul(a, w, sa.requires_grad_(), ws, out_dtype=torch.float32)
+    with torch.no_grad():  # inference: fine
+        assert fastattn.int8_matmul(a, w, sa, ws, out_dtype=torch.float32).shape == (4, 6)
+    bias.grad = None  # a bias parameter: its gradient, the epilogue's value
+    y = fastattn.int8_matmul(a, w, sa.detach(), ws, bias, out_dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(y, fastattn.int8_matmul(a, w, sa, ws, bias, out_dtype=torch.float32))
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(bias.grad, torch.full((6,), 4.0))
+
+
 def test_layers_before_a_quantized_model_train():
     """A GPT quantized w8a16 keeps its float parts trainable through its int8 layers: the first block's norm gets a
     gradient (it got none: the Int8Linears cut the graph)."""

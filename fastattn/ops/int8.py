@@ -171,6 +171,7 @@ def int8_matmul(a: Tensor, b: Tensor, a_scale: Union[Tensor, float, None] = None
         raise ValueError(f"b: on {b.device}, but a is on {a.device}")
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype: {out_dtype} is not one of {OUT_DTYPES}")
+    _refuse_grad("int8_matmul", a_scale=a_scale, b_scale=b_scale)
     lead, K, N = a.shape[:-1], a.shape[-1], b.shape[0]
     flat = a.dim() == 2  # the common case: no reshape either way (each costs ~0.7 us of host time)
     a2 = a if flat else a.reshape(lead.numel(), K)  # not -1: K may be 0
@@ -188,8 +189,20 @@ def int8_matmul(a: Tensor, b: Tensor, a_scale: Union[Tensor, float, None] = None
     if out_dtype == torch.int32 and K > MAX_K_INT32:
         raise ValueError(f"out_dtype: torch.int32 with K={K}: the sum of K products of int8s (each up to 2**14) can "
                          f"exceed int32 for K > {MAX_K_INT32}; use a float out_dtype (exact accumulation)")
-    out = mm_rows(a2.contiguous(), b.contiguous(), sa, sb, bias, out_dtype)
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled():  # (the epilogue's sum, differentiable)
+        out = (mm_rows(a2.contiguous(), b.contiguous(), sa, sb, None, torch.float32) + bias).to(out_dtype)
+    else:
+        out = mm_rows(a2.contiguous(), b.contiguous(), sa, sb, bias, out_dtype)
     return out if flat else out.reshape(*lead, N)
+
+
+def _refuse_grad(op: str, **named) -> None:
+    """A clear error for a float argument that asks for a gradient the op does not compute (its output would
+    silently have none)."""
+    for name, t in named.items():
+        if isinstance(t, Tensor) and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name}: requires grad, but {op} computes no gradient for it (train in floating point "
+                             "or with fastattn.prepare_qat; detach it for inference)")
 
 
 def mm_rows(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Optional[Tensor], bias: Optional[Tensor],
@@ -277,6 +290,7 @@ def w8a16_matmul(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] =
         raise ValueError(f"w: on {w.device}, but x is on {x.device}")
     if w_scale is None:
         raise TypeError("w_scale: required (the weight's scale: a float, or a (N,) tensor from quantize_per_channel)")
+    _refuse_grad("w8a16_matmul", w_scale=w_scale)
     N, K = w.shape
     w_scale = _scale_vector("w_scale", w_scale, N, (N,), x.device)
     if bias is not None:
@@ -284,8 +298,25 @@ def w8a16_matmul(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] =
             got = f"{tuple(bias.shape)} on {bias.device}" if isinstance(bias, Tensor) else type(bias).__name__
             raise ValueError(f"bias: expected a ({N},) tensor on {x.device}, got {got}")
         bias = bias.to(torch.float32).contiguous()
-    x2 = x.reshape(x.shape[:-1].numel(), K)  # not -1: K may be 0
-    return w8a16_rows(x2.contiguous(), w.contiguous(), w_scale, bias).reshape(*x.shape[:-1], N)
+    x2, w = x.reshape(x.shape[:-1].numel(), K).contiguous(), w.contiguous()  # not -1: K may be 0
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _W8A16Grad.apply(x2, w, w_scale, bias).reshape(*x.shape[:-1], N)
+    return w8a16_rows(x2, w, w_scale, bias).reshape(*x.shape[:-1], N)
+
+
+class _W8A16Grad(torch.autograd.Function):
+    """w8a16_rows with the gradients of x (through the dequantized weight, as Int8Linear's) and of the bias."""
+
+    @staticmethod
+    def forward(ctx, x, w, w_scale, bias):
+        ctx.save_for_backward(w, w_scale)
+        return w8a16_rows(x, w, w_scale, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        w, w_scale = ctx.saved_tensors
+        dx = (dy * w_scale.to(dy.dtype)) @ w.to(dy.dtype) if ctx.needs_input_grad[0] else None
+        return dx, None, None, dy.sum(0) if ctx.needs_input_grad[3] else None
 
 
 def w8a16_kernel(device: torch.device, dtype: torch.dtype, K: int):
