@@ -102,8 +102,8 @@ def _check_value(cls_name, f, value, where):
 
 
 def read_toml(path, section=None):
-    """(key/values, whether they are the [section] table) of a TOML file: its [section] table if it has one, else
-    the top level."""
+    """(key/values, whether they are the [section] table) of a TOML file: its [section] table if it has one (a key
+    beside it, at the top level, is an error; other commands' tables are not), else the top level."""
     p = Path(path)
     try:
         with open(p, "rb") as fh:
@@ -113,6 +113,13 @@ def read_toml(path, section=None):
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise CLIError(f"config file {p}: {e}") from None
     if section and isinstance(data.get(section), dict):
+        from fastattn.cli import COMMANDS
+        for key, value in data.items():
+            if not isinstance(value, dict):
+                raise CLIError(f"config file {p}: {key!r} is at the top level, beside the [{section}] table, which "
+                               f"is all that is read: move it into [{section}]")
+            if key not in COMMANDS:
+                raise CLIError(f"config file {p}: unknown table [{key}] (tables: {', '.join(COMMANDS)})")
         return data[section], True
     return data, False
 

@@ -18,11 +18,12 @@ from fastattn.cli.tasks import TASKS, LossTotal, perplexity
 @dataclass
 class EvalConfig:
     checkpoint: str = opt("runs/train", "checkpoint folder, or a run folder")
-    data: List[str] = opt([], "held-out data (files / folders; classify: .jsonl / .csv); default: the run's data")
+    data: List[str] = opt([], "data to evaluate, all of it: every document, pair or row once (files / folders; "
+                          "classify: .jsonl / .csv); default: the run's held-out split")
     task: Optional[str] = opt(None, "clm, mlm, seq2seq or classify (default: the checkpoint's)", choices=list(TASKS))
-    split: str = opt("val", "val: the held-out split; train: the training split (classify with --data: every row of "
-                     "the file is scored, once)", choices=["val", "train"])
-    batches: int = opt(16, "batches to evaluate (classify with --data: as many as its rows take)")
+    split: str = opt("val", "val: the held-out split of the run's data; train: its training split (with --data: "
+                     "all of the files)", choices=["val", "train"])
+    batches: int = opt(16, "batches to evaluate (with --data: as many as its windows of text, pairs or rows take)")
     batch_size: int = opt(8, "sequences per batch")
     seq_len: Optional[int] = opt(None, "tokens per sequence (default: the run's)")
     device: str = opt("auto", "cpu, cuda or auto")
@@ -41,7 +42,8 @@ class EvalConfig:
 
 
 def make_task(state, tok, task=None, data=None, seq_len=None):
-    """The task a checkpoint was trained on (its data, sequence length and label names), with overrides."""
+    """The task a checkpoint was trained on (its data, sequence length and label names), with overrides; data given:
+    all of it is the held-out split (val_fraction 1), none of it cut (max_data_tokens)."""
     from fastattn.cli.tasks import ClassifyTask
     from fastattn.cli.train import TrainConfig
     saved = state.get("train_config", {})
@@ -49,7 +51,7 @@ def make_task(state, tok, task=None, data=None, seq_len=None):
     tcfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
     tcfg.task = task or tcfg.task
     if data:
-        tcfg.data = list(data)
+        tcfg.data, tcfg.val_fraction, tcfg.max_data_tokens = list(data), 1.0, None
     if seq_len:
         tcfg.seq_len = seq_len
     if tcfg.task == "classify":
@@ -90,7 +92,7 @@ def main(cfg: EvalConfig) -> int:
     tcfg = task.cfg
     _check_fits(model, tcfg.seq_len)
     model = quantize_on_load(model, state, tok, cfg.int8)
-    whole_file = tcfg.task == "classify" and bool(cfg.data)  # the user's labelled file: every row, once
+    whole_file = bool(cfg.data)  # the user's files: every window of text, pair or row, once
     batches = task.every_row(cfg.batch_size) if whole_file else \
         (task.batch(cfg.split, cfg.batch_size, index=i) for i in range(cfg.batches))
     loss, correct, count, ntok, examples = LossTotal(), 0, 0, 0, 0

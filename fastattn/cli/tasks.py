@@ -69,6 +69,11 @@ def pad_right(seqs, pad_id):
     return ids, mask
 
 
+def _first_rows(batch, n):
+    """The first n rows of a tensor, or of each tensor of a dict."""
+    return {k: v[:n] for k, v in batch.items()} if isinstance(batch, dict) else batch[:n]
+
+
 def pick(rows, batch_size, generator, index):
     """batch_size row indices: random (training) or the index-th consecutive run (evaluation), wrapping."""
     if index is None:
@@ -219,6 +224,23 @@ class CLMTask:
         x = self.data.blocks(split, batch_size, self.cfg.seq_len + 1, generator, index)
         return {"input_ids": x[:, :-1]}, x[:, 1:]
 
+    def window(self) -> int:
+        """The tokens of text one row of a batch reads (clm: seq_len inputs + 1 target)."""
+        return self.cfg.seq_len + 1
+
+    def every_row(self, batch_size):
+        """Batches of the held-out data once, in order (``fastattn eval --data``: all of the files): each pair
+        (clm's with a target token within --seq-len), or each window of the text (a last part shorter than one
+        left out)."""
+        if self.pairs is None:
+            n = len(self.data.split("val")) // self.window()
+        else:
+            n = len(self._rows_with_targets("val") if self.name == "clm" else self.pairs[1])
+        for i in range(-(-n // batch_size)):
+            inputs, target = self.batch("val", batch_size, index=i)
+            rows = min(batch_size, n - i * batch_size)  # the last batch: the rows left, not wrapped around
+            yield _first_rows(inputs, rows), _first_rows(target, rows)
+
     def loss_parts(self, out, target):
         return _ce(out.logits, target), None
 
@@ -260,6 +282,16 @@ class CLMTask:
 class MLMTask(CLMTask):
     name = "mlm"
 
+    def __init__(self, cfg, tokenizer):
+        if getattr(cfg, "nsp", False) and cfg.seq_len < 5:
+            from fastattn.cli.config import CLIError
+            raise CLIError(f"--nsp: --seq-len {cfg.seq_len} leaves no token for the sentences ([CLS] A [SEP] B [SEP] "
+                           "needs at least 5)")
+        super().__init__(cfg, tokenizer)
+
+    def window(self):
+        return 2 * ((self.cfg.seq_len - 3) // 2) if self.cfg.nsp else self.cfg.seq_len
+
     def unused(self, model):  # BERT always computes its NSP logits
         if self.cfg.nsp or not hasattr(model, "nsp_head"):
             return []
@@ -283,6 +315,7 @@ class MLMTask(CLMTask):
         else:
             x = self.data.blocks(split, batch_size, L, g, index)
             special = torch.zeros_like(x, dtype=torch.bool)
+        special |= x == tok.eos_id  # the end tokens between documents: never masked (as HF's collator, specials)
         u = torch.rand(x.shape, generator=g)
         chosen = (u < self.cfg.mask_prob) & ~special
         # a row with no masked token would leave a small batch (or a rank's rows) no label: a NaN loss. Such a
@@ -345,29 +378,33 @@ class Seq2SeqTask(CLMTask):
             ends[i] = b.rstrip().endswith((b".", b"!", b"?"))
         self.sentence_end = ends
 
+    def window(self):
+        return self.cfg.seq_len
+
     def _corrupt(self, row, g):
-        """Sentence shuffle then span masking of one block (1-D)."""
+        """Sentence shuffle then span masking of one block (1-D). As fairseq's BART: Poisson(3) span lengths drawn
+        until they add up to the budget, 2 x mask_prob of the tokens (the last span cut to fit), each span one
+        <mask> (a span of 0: a <mask> inserted), the spans at random places among the tokens kept."""
         cuts = (torch.nonzero(self.sentence_end[row]).flatten() + 1).tolist()
         bounds = [0] + [c for c in cuts if c < len(row)] + [len(row)]
         sents = [row[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
         order = torch.randperm(len(sents), generator=g).tolist()
-        row = torch.cat([sents[i] for i in order])
-        out, i, n = [], 0, len(row)
-        budget = int(round(self.cfg.mask_prob * 2 * n))  # 30% of the tokens at mask_prob 0.15
-        lam = torch.tensor(3.0)
-        while i < n:
-            if budget > 0 and torch.rand(1, generator=g).item() < self.cfg.mask_prob * 2 / 3:
-                span = int(torch.poisson(lam, generator=g).item())
-                out.append(self.tok.mask_id)
-                i += span
-                budget -= max(span, 1)
-                if span == 0:
-                    out.append(row[i].item() if i < n else self.tok.eos_id)
-                    i += 1
-            else:
-                out.append(row[i].item())
-                i += 1
-        return out
+        row = torch.cat([sents[i] for i in order]).tolist()
+        n = len(row)
+        budget = min(n, int(round(self.cfg.mask_prob * 2 * n)))  # 30% of the tokens at mask_prob 0.15
+        spans, lam = [], torch.tensor(3.0)
+        while sum(spans) < budget:
+            spans.append(int(torch.poisson(lam, generator=g).item()))
+        if spans:
+            spans[-1] -= sum(spans) - budget
+        # span k replaces the tokens after the first at[k] tokens kept (n - budget of them)
+        at = torch.randint(0, n - budget + 1, (len(spans),), generator=g).tolist()
+        out, i, kept = [], 0, 0
+        for gap, span in sorted(zip(at, spans)):
+            out += row[i:i + gap - kept] + [self.tok.mask_id]
+            i += gap - kept + span
+            kept = gap
+        return out + row[i:]
 
     def _span_corrupt(self, row, g):
         """T5's span corruption of one block (1-D): (inputs, targets) as lists of ids. As T5's random_spans_noise_mask:
@@ -487,8 +524,6 @@ class ClassifyTask:
         self.train, self.val, self.labels = load_labelled(cfg.data[0], max(cfg.val_fraction, 0.1))
         if labels is None and len(self.labels) < 2:  # (a trained classifier may be evaluated on one label's rows)
             raise DataError(f"{cfg.data[0]}: one label ({self.labels[0]!r}) only: a classifier needs at least 2")
-        # every row of the file once, in order (load_labelled hands a file too small to split as both splits)
-        self.rows = self.train if self.train is self.val else self.train + self.val
         if labels is not None:  # the data's label indices -> the model's
             unseen = [lab for lab in self.labels if lab not in labels]
             if unseen:
@@ -497,7 +532,6 @@ class ClassifyTask:
             to_model = [labels.index(lab) for lab in self.labels]
             self.train = [(text, to_model[i]) for text, i in self.train]
             self.val = [(text, to_model[i]) for text, i in self.val]
-            self.rows = [(text, to_model[i]) for text, i in self.rows]
             self.labels = list(labels)
         self._enc = {}
 
@@ -513,9 +547,9 @@ class ClassifyTask:
         return self._rows([rows[j] for j in pick(rows, batch_size, generator, index)])
 
     def every_row(self, batch_size):
-        """Batches of every row of the file once, in order (``fastattn eval --data``: the user's test set)."""
-        for start in range(0, len(self.rows), batch_size):
-            yield self._rows(self.rows[start:start + batch_size])
+        """Batches of every held-out row once, in order (``fastattn eval --data``: every row of the file)."""
+        for start in range(0, len(self.val), batch_size):
+            yield self._rows(self.val[start:start + batch_size])
 
     def _rows(self, rows):
         ids, mask = pad_right([self._encode(text) for text, _ in rows], self.tok.pad_id)

@@ -4,6 +4,8 @@ import csv
 import io
 import json
 import lzma
+import os
+import sys
 from array import array
 from pathlib import Path
 
@@ -36,15 +38,18 @@ def default_tokenizer() -> Tokenizer:
 
 
 def _files(paths, suffixes):
+    """The files named and those in the folders named (suffixes in any case; hidden files and folders, .git/ or
+    .ipynb_checkpoints/, left out)."""
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in suffixes)
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in suffixes and
+                           not any(part.startswith(".") for part in q.relative_to(p).parts))
             if not found:
                 raise DataError(f"{p}: no {' / '.join(suffixes)} files in this folder")
             yield from found
         elif p.is_file():
-            if p.suffix not in suffixes:
+            if p.suffix.lower() not in suffixes:
                 raise DataError(f"{p}: expected a {' / '.join(suffixes)} file or a folder of them")
             yield p
         else:
@@ -64,13 +69,38 @@ def _paragraphs(lines):
 
 
 def _jsonl(f, path):
-    """(line number, object) of every non-blank line of a JSONL file."""
+    """(line number, object) of every non-blank line of a JSONL file; a string with a lone surrogate ("\\ud800":
+    valid JSON, not text) is a DataError."""
     for n, line in enumerate(f, 1):
         if line.strip():
             try:
-                yield n, json.loads(line)
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if "\\u" in line:  # (only an escape can make one)
+                for value in obj.values() if isinstance(obj, dict) else [obj]:
+                    if isinstance(value, str) and not _is_text(value):
+                        raise DataError(f"{path}:{n}: a string with a lone surrogate (an escape such as \\ud800), "
+                                        "not text")
+            yield n, obj
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_WARNED = set()
+
+
+def _warn_once(message):
+    """message on stderr, once a process (and from rank 0 only in a torchrun launch)."""
+    if message not in _WARNED and os.environ.get("RANK", "0") in ("", "0"):
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def iter_documents(paths=None):
@@ -81,8 +111,8 @@ def iter_documents(paths=None):
         return
     for path in _files(paths, TEXT_SUFFIXES):
         try:
-            with open(path, encoding="utf-8") as f:
-                if path.suffix == ".txt":
+            with open(path, encoding="utf-8-sig") as f:  # (-sig: a byte-order mark, Excel's or Notepad's, is no text)
+                if path.suffix.lower() == ".txt":
                     yield from _paragraphs(f)
                     continue
                 for n, obj in _jsonl(f, path):
@@ -99,22 +129,48 @@ def held_out(i, fraction):
     return int((i + 1) * fraction) > int(i * fraction)
 
 
+def split_rows(rows, fraction):
+    """(train, val) lists of rows (at least 2): held_out's spread, at least one row held out (the last, where
+    there are fewer than 1 / fraction); fraction 1: every row in both (``fastattn eval --data``: a test file)."""
+    if fraction >= 1:
+        return list(rows), list(rows)
+    train, val = [], []
+    for i, row in enumerate(rows):
+        (val if held_out(i, fraction) else train).append(row)
+    if not val:
+        val.append(train.pop())
+    return train, val
+
+
 class TokenSplits:
-    """Every document tokenized into one train and one held-out stream of ids, documents separated by EOS."""
+    """Every document tokenized into one train and one held-out stream of ids, documents separated by EOS: at
+    least one document held out where there are two; val_fraction 1: every document in both streams (``fastattn
+    eval --data``: the whole file is evaluated)."""
 
     def __init__(self, tokenizer, paths=None, val_fraction=0.02, max_tokens=None):
-        self.tokenizer = tokenizer
-        train, val = array("i"), array("i")
-        for i, doc in enumerate(iter_documents(paths)):
+        self.tokenizer, self.whole = tokenizer, val_fraction >= 1
+        train, val, last, docs = array("i"), array("i"), 0, 0
+        for docs, doc in enumerate(iter_documents(paths), 1):
             ids = tokenizer.encode(doc)
             ids.append(tokenizer.eos_id)
-            (val if held_out(i, val_fraction) else train).extend(ids)
+            if self.whole or held_out(docs - 1, val_fraction):
+                val.extend(ids)
+            else:
+                last = len(train)
+                train.extend(ids)
             if max_tokens and len(train) + len(val) >= max_tokens:
                 break
+        if self.whole:
+            train = val
+        elif not val and docs >= 2:  # fewer than 1 / val_fraction documents: the last one is held out
+            train, val = train[:last], train[last:]
         self.train = torch.frombuffer(train, dtype=torch.int32).long() if train else torch.zeros(0, dtype=torch.long)
         self.val = torch.frombuffer(val, dtype=torch.int32).long() if val else torch.zeros(0, dtype=torch.long)
         if len(self.train) < 2:
-            raise DataError("the training data is empty")
+            raise DataError("the data is empty" if self.whole else "the training data is empty")
+        if len(self.val) < 2:
+            _warn_once("the data is one document: none is held out (--val-fraction), so held-out losses are the "
+                       "training data's")
 
     def split(self, name):
         return self.train if name == "train" or len(self.val) < 2 else self.val
@@ -122,11 +178,14 @@ class TokenSplits:
     def check_window(self, length):
         """Raise DataError unless each split holds more than length tokens (windows are never cut short); a
         held-out split of fewer than 2 tokens is none: evaluation reads the training split then."""
-        for name, data in (("training", self.train), ("held-out", self.val)):
-            if len(data) <= length and not (name == "held-out" and len(data) < 2):
-                more = " or a larger held-out share (--val-fraction)" if name == "held-out" else ""
-                raise DataError(f"the {name} data has {len(data)} tokens, too few for windows of {length}: give "
-                                f"more text, a shorter --seq-len{more}")
+        splits = [("the data", self.val)] if self.whole else \
+            [("the training data", self.train), ("the held-out data", self.val)]
+        for what, data in splits:
+            held = what == "the held-out data"
+            if len(data) <= length and not (held and len(data) < 2):
+                more = " or a larger held-out share (--val-fraction)" if held else ""
+                raise DataError(f"{what} has {len(data)} tokens, too few for windows of {length}: give more text, a "
+                                f"shorter --seq-len{more}")
 
     def blocks(self, split, batch, length, generator=None, index=None):
         """(batch, length) windows: at random offsets (from generator), or the index-th run of consecutive ones."""
@@ -137,7 +196,7 @@ class TokenSplits:
         if index is None:
             starts = torch.randint(0, hi, (batch,), generator=generator)
         else:
-            starts = (torch.arange(batch) + index * batch) * length % hi
+            starts = (torch.arange(batch) + index * batch) * length % (hi + 1)  # (hi: the last full window)
         return torch.stack([data[s:s + length] for s in starts.tolist()])
 
 
@@ -163,13 +222,13 @@ def load_labelled(path, val_fraction=0.1):
         raise DataError(f"{path}: no such file")
     rows = []
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            if path.suffix == ".csv":
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            if path.suffix.lower() == ".csv":
                 reader = csv.DictReader(f)
                 if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
                     raise DataError(f"{path}: the CSV header must name the columns text and label")
                 rows = [(r["text"], _label(r["label"], f"{path}:{reader.line_num}")) for r in reader]
-            elif path.suffix == ".jsonl":
+            elif path.suffix.lower() == ".jsonl":
                 for n, obj in _jsonl(f, path):
                     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or "label" not in obj:
                         raise DataError(f"{path}:{n}: expected {{\"text\": string, \"label\": ...}}")
@@ -182,10 +241,7 @@ def load_labelled(path, val_fraction=0.1):
         raise DataError(f"{path}: needs at least two labelled examples")
     labels = sorted({lab for _, lab in rows})
     index = {lab: i for i, lab in enumerate(labels)}
-    train, val = [], []
-    for i, (text, lab) in enumerate(rows):
-        (val if held_out(i, val_fraction) else train).append((text, index[lab]))
-    return train or val, val or train, labels
+    return (*split_rows([(text, index[lab]) for text, lab in rows], val_fraction), labels)
 
 
 def is_pairs_file(path) -> bool:
@@ -193,10 +249,10 @@ def is_pairs_file(path) -> bool:
     clm and seq2seq tasks' supervised pairs (else their files are text)."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            if path.suffix == ".csv":
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            if path.suffix.lower() == ".csv":
                 return {"source", "target"} <= set(csv.DictReader(f).fieldnames or ())
-            if path.suffix == ".jsonl":
+            if path.suffix.lower() == ".jsonl":
                 first = next((line for line in f if line.strip()), "")
                 obj = json.loads(first) if first else None
                 return isinstance(obj, dict) and "source" in obj and "target" in obj
@@ -211,8 +267,8 @@ def load_pairs(path, val_fraction=0.1):
     path = Path(path)
     rows = []
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            if path.suffix == ".csv":
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            if path.suffix.lower() == ".csv":
                 reader = csv.DictReader(f)
                 for r in reader:
                     if not isinstance(r.get("source"), str) or not isinstance(r.get("target"), str):
@@ -228,7 +284,4 @@ def load_pairs(path, val_fraction=0.1):
         raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
     if len(rows) < 2:
         raise DataError(f"{path}: needs at least two source / target pairs")
-    train, val = [], []
-    for i, row in enumerate(rows):
-        (val if held_out(i, val_fraction) else train).append(row)
-    return train or val, val or train
+    return split_rows(rows, val_fraction)
