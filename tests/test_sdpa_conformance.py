@@ -272,6 +272,21 @@ def test_rows_of_large_finite_scores(backend_name, bias):
 
 
 @BK
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (the Triton interpreter's numpy)
+def test_rows_masked_with_the_lowest_float(backend_name):
+    """README: a row whose float mask is torch.finfo(dtype).min throughout counts as masked on the kernels (their
+    scaling by log2(e) overflows to -inf): 0 there; the reference follows torch (the row spread evenly)."""
+    q, k, v = randn(1, 1, 3, 8), randn(1, 1, 5, 8, seed=1), randn(1, 1, 5, 8, seed=2)
+    mask = torch.zeros(3, 5)
+    mask[1] = torch.finfo(torch.float32).min
+    with fastattn.backend(backend_name):
+        out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out[:, :, ::2], F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[:, :, ::2])
+    expect = v.mean(2) if backend_name == "reference" else torch.zeros(1, 1, 8)
+    torch.testing.assert_close(out[:, :, 1], expect)
+
+
+@BK
 @pytest.mark.parametrize("qs, kvs", [((2, 0, 7, 16), (2, 0, 9, 16)), ((0, 7, 16), (0, 9, 16)),
                                      ((0, 2, 5, 8), (0, 2, 6, 8)), ((1, 2, 0, 8), (1, 2, 6, 8)), ((7, 8), (9, 8))],
                          ids=["no-heads", "3d-empty-batch", "empty-batch", "no-queries", "2d"])
