@@ -303,6 +303,9 @@ class _Skip:
     def __init__(self, skip: Iterable[SkipEntry]):
         if isinstance(skip, (str, type)):
             skip = (skip,)
+        if not isinstance(skip, Iterable):
+            raise TypeError(f"skip: expected module names or classes (an iterable of them), got "
+                            f"{type(skip).__name__} {skip!r}")
         self.entries = tuple(skip)
         for e in self.entries:
             if not isinstance(e, (str, type)):

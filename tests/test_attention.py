@@ -302,6 +302,14 @@ def test_windows_past_the_sequence_ends(backend_name, B, L, S, window, causal):
         check(backend_name, B=B, H=2, L=L, S=S, E=16, dtype=torch.float32, window=window, causal=causal, seed=seed)
 
 
+def test_windows_wider_than_int64_are_unbounded():
+    """A window past the kernels' int64 (2**64) is wider than any sequence: no window (it raised pybind's
+    TypeError, naming no argument)."""
+    q = torch.randn(1, 2, 4, 8)
+    torch.testing.assert_close(fastattn.attention(q, q, q, window=(2 ** 64, 0)),
+                               fastattn.attention(q, q, q, window=(-1, 0)))
+
+
 @BK
 @pytest.mark.parametrize("causal", [None, "top_left"])
 def test_fully_masked_rows_give_zero(backend_name, causal):

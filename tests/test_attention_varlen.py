@@ -226,6 +226,21 @@ def test_bad_input_names_the_argument(change, match):
         fastattn.attention_varlen(*args.values(), **extra)
 
 
+def test_varlen_attn_bad_input_names_the_argument():
+    """torch's varlen_attn signature: a list, a bare int or a float window, and a value pool smaller than the key
+    pool raised AttributeError / TypeError / IndexError or truncated 1.7 to 1."""
+    q, cu = torch.zeros(7, 2, 8), torch.tensor([0, 3, 7], dtype=torch.int32)
+    with pytest.raises(TypeError, match="query: expected a torch.Tensor, got list"):
+        fastattn.varlen_attn([0.0], q, q, cu, cu, 4, 4)
+    for window in (3, (1.7, 0)):
+        with pytest.raises(ArgumentError, match="window_size: expected"):
+            fastattn.varlen_attn(q, q, q, cu, cu, 4, 4, window_size=window)
+    pool = torch.zeros(4, 4, 2, 8)
+    with torch.no_grad(), pytest.raises(ArgumentError, match=r"value: a pool of \(3, 4\)"):
+        fastattn.varlen_attn(q, pool, pool[:3], cu, None, 4, 8, seqused_k=torch.tensor([3, 8]),
+                             block_table=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32))
+
+
 def test_validate_false_trusts_the_caller():
     """validate=False reads no offset on the host (no device-to-host copy a call on a GPU): the max lengths must be
     given; the result is the validated call's."""

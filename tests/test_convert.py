@@ -288,6 +288,8 @@ def test_bad_arguments():
         fastattn.convert(nn.Linear(2, 2), int8="w8a8_static")
     with pytest.raises(TypeError, match="skip"):
         fastattn.convert(nn.Linear(2, 2), skip=[3])
+    with pytest.raises(TypeError, match="skip: expected .* got int 3"):  # (was: 'int' object is not iterable)
+        fastattn.convert(nn.Linear(2, 2), skip=3)
 
 
 def test_state_dict_hooks_and_parametrizations_kept(caplog):

@@ -215,7 +215,7 @@ def check_window(window) -> Tuple[int, int]:
     if not isinstance(window, (tuple, list)) or len(window) != 2 or \
             any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1 for w in window):
         raise ArgumentError(f"window: expected (left, right) ints >= -1 (-1: unbounded), got {window!r}")
-    return int(window[0]), int(window[1])
+    return tuple(min(int(w), 2 ** 62) for w in window)  # (wider than any sequence: the kernels' int64 holds it)
 
 
 def check_alibi(alibi_slopes, B: int, H: int) -> None:

@@ -3,6 +3,7 @@ Flash Attention on CUDA only) on fastattn.attention_varlen's kernels: Triton on 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -26,6 +27,9 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     ``block_table`` are inference-only, as in torch; here their keys are gathered into a packed copy first.
     ``num_splits`` is accepted: each sequence is computed on its own, so outputs are batch-invariant anyway.
     """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     Hq = query.size(1)
     Hk = key.size(2) if block_table is not None else key.size(1)
     if not enable_gqa and Hq != Hk:  # torch's messages
@@ -34,8 +38,9 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     if enable_gqa and Hq % Hk != 0:
         raise ValueError(f"Expect number of query heads to be a multiple of kv heads for GQA but got Hq={Hq} and "
                          f"Hkv={Hk}.")
-    if len(window_size) != 2:
-        raise ArgumentError(f"window_size: expected (left, right), got {window_size!r}")
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or \
+            any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in window_size):
+        raise ArgumentError(f"window_size: expected (left, right) ints, got {window_size!r}")
     if seqused_k is not None or block_table is not None:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
             raise RuntimeError("varlen_attn: seqused_k and block_table are inference-only (no backward), as in torch")
@@ -64,6 +69,9 @@ def _used_keys(key: Tensor, value: Tensor, cu_k: Optional[Tensor], used: Optiona
     lens = used.tolist()
     if table is not None:
         page = key.shape[1]
+        if value.shape[:2] != key.shape[:2]:
+            raise ArgumentError(f"value: a pool of {tuple(value.shape[:2])} (pages, page_size), key's is "
+                                f"{tuple(key.shape[:2])}")
         if table.dim() != 2 or table.shape[0] != n or table.is_floating_point() or table.dtype == torch.bool:
             raise ArgumentError(f"block_table: expected an integer tensor ({n}, max_pages), got "
                                 f"{table.dtype} {tuple(table.shape)}")
