@@ -462,3 +462,14 @@ def test_generate_from_several_threads_takes_turns():
     with pytest.raises(RuntimeError, match="already generating in this thread"):
         gpt.generate(prompts[0], 3, temperature=0, streamer=lambda tokens: gpt.generate(prompts[1], 2))
     assert torch.equal(gpt.generate(prompts[0], 12, temperature=0), alone[0])  # the model is free again
+
+
+@pytest.mark.parametrize("kw", [{}, dict(n_kv_head=1)], ids=["mha", "gqa"])
+def test_an_empty_batch_as_the_torch_backend(kw):
+    """A batch of 0 rows: (0, L, V) logits and a loss, as the torch backend gives (the packed Q/K/V heads' view
+    took its head count as -1, which 0 elements leave undecided)."""
+    ids = torch.zeros(0, 5, dtype=torch.long)
+    for backend in ("fastattn", "torch"):
+        model = GPT(tiny(backend=backend, **kw))
+        assert model(ids).logits.shape == (0, 5, model.config.vocab_size)
+        assert model(ids, labels=ids).loss.isnan()  # (a mean over no token, as torch's cross_entropy)

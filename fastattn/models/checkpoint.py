@@ -4,6 +4,7 @@ name the missing key or the wrong shape."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -36,20 +37,25 @@ class HFConfig(dict):
         raise CheckpointError(f"config.json: no {key!r}, which this model type needs")
 
 
+def read_json_object(path: str) -> dict:
+    """The JSON object in file ``path``; a CheckpointError naming the file when it is unreadable or not one."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
 def read_hf_folder(path: str) -> Tuple[dict, Dict[str, Tensor]]:
     """(config dict, state dict) of a local HF model folder. Weights: model.safetensors, else pytorch_model.bin
     (loaded with ``weights_only=True``). Sharded checkpoints (an index JSON) are read shard by shard."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{path}: no config.json")
-    try:
-        with open(cfg_path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{cfg_path}: not readable JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
-    config = HFConfig(config)
+    config = HFConfig(read_json_object(cfg_path))
     state: Dict[str, Tensor] = {}
     for index, single, loader in (("model.safetensors.index.json", "model.safetensors", _load_safetensors),
                                   ("pytorch_model.bin.index.json", "pytorch_model.bin", _load_bin)):
@@ -153,10 +159,34 @@ def save_weights(model: nn.Module, file: str) -> None:
     save_file(state, str(file), metadata={"format": "pt"})
 
 
+_SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def stored_dtype(file: str, skip: Sequence[str] = ()) -> Optional[torch.dtype]:
+    """The float dtype that most of the weights in save_weights' ``file`` are stored in (by element count; read
+    from its header), leaving out the modules named in ``skip`` (int8 layers: their scales are float32 whatever the
+    model's dtype); None when it holds no such weight."""
+    from safetensors import SafetensorError, safe_open
+    counts: Dict[torch.dtype, int] = {}
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if any(key.startswith(m + ".") for m in skip):
+                    continue
+                t = f.get_slice(key)
+                dtype = _SAFETENSORS_FLOATS.get(t.get_dtype())
+                if dtype is not None:
+                    counts[dtype] = counts.get(dtype, 0) + math.prod(t.get_shape())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable ({e})") from None
+    return max(counts, key=counts.get) if counts else None
+
+
 def load_weights(model: nn.Module, file: str) -> None:
     """Copy what save_weights wrote into model, in place (parameters keep their identity and layout). Every key
     must be the model's, with its shape and kind (an int8 weight for an int8 buffer); a key not in the file must
-    share its tensor with one that is (tied)."""
+    share its tensor with one that is (tied); two keys of one tied tensor must hold the same values (an untied
+    checkpoint loaded with tie_embeddings=True is refused, where copying both would keep one silently)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
@@ -167,7 +197,7 @@ def load_weights(model: nn.Module, file: str) -> None:
     unknown = sorted(set(state) - set(own))
     if unknown:
         raise CheckpointError(f"{file}: weights the model does not have: {', '.join(unknown[:4])}")
-    loaded = set()
+    loaded, first = set(), {}  # first: the file key each (tied) tensor was copied from
     with torch.no_grad():
         for name, t in own.items():
             if name in state:
@@ -176,6 +206,11 @@ def load_weights(model: nn.Module, file: str) -> None:
                                           f"{tuple(t.shape)}")
                 if state[name].is_floating_point() != t.is_floating_point():  # int8 weights, float model or back
                     raise CheckpointError(f"{file}: {name} is {state[name].dtype}, the model's {t.dtype}")
+                tensor = (t.data_ptr(), tuple(t.shape), t.stride())
+                other = first.setdefault(tensor, name) if t.numel() else name
+                if other != name and not torch.equal(state[other], state[name]):
+                    raise CheckpointError(f"{file}: {other} and {name} hold different values, but the model ties "
+                                          f"them (one tensor): load it untied (e.g. tie_embeddings=False)")
                 t.copy_(state[name])
                 loaded.add(t.data_ptr())
     missing = [n for n, t in own.items() if n not in state and t.data_ptr() not in loaded]

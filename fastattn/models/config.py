@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from .checkpoint import CheckpointError, read_json_object
 from .positions import check_rope_scaling
 
 
@@ -264,7 +265,12 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str):
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """The config saved in JSON file ``path``; a CheckpointError naming the file when it is missing, not JSON or
+        not a valid config."""
+        d = read_json_object(path)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
 
     model_type = "base"

@@ -109,6 +109,17 @@ def eos_ids(eos_token_id, device, vocab_size: int) -> Optional[Tensor]:
     return ids.long().to(device)
 
 
+def cache_len(prompt: int, max_new_tokens: int, max_seq_len: int, what: str) -> int:
+    """Cache slots (positions) that a generation of max_new_tokens >= 1 after ``prompt`` tokens (``what`` they are)
+    fills: the last new token is never fed back (a 15-token prompt and 2 new tokens fit 16 positions, as in
+    transformers). A ValueError in generate's own arguments when that passes config.max_seq_len."""
+    n = prompt + max_new_tokens - 1
+    if n > max_seq_len:
+        raise ValueError(f"max_new_tokens: {what} and {max_new_tokens} new tokens take {n} positions (all but the "
+                         f"last new token), more than config.max_seq_len {max_seq_len}")
+    return n
+
+
 class CacheMixin:
     """``setup_caches`` for a model whose ``cached_blocks()`` attend causally over their own past (GPT's blocks, the
     Seq2Seq decoder's). Buffers (not in the state_dict): each block's KVCache, ``cache_padding`` (B, max_len) True =
@@ -155,10 +166,12 @@ class CacheMixin:
 
     def claim_slots(self, tokens: Tensor, input_pos: Tensor, valid: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """decode_many's bookkeeping before its pass (the bound step's too): the W slots ``input_pos`` kept, or
-        padding for fillers; returns ``valid`` (all True when None) and the tokens' positions (B, W)."""
+        padding for fillers; returns ``valid`` (all True when None) and the tokens' positions (B, W). A batch drafts
+        as many tokens for a sequence near its end as for the others: the drafts past its max_new_tokens, never
+        kept, take the last position (a learned position table has no row for theirs)."""
         valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
         self.cache_padding[:, input_pos] = ~valid
-        return valid, (self.next_pos + valid.cumsum(-1) - 1).clamp_min(0)
+        return valid, (self.next_pos + valid.cumsum(-1) - 1).clamp(0, self.config.max_seq_len - 1)
 
     def reject_slots(self, start: int, reject: Tensor) -> None:
         """Take back the tokens written at cache slots start, start + 1, ... that ``reject`` (B, W) marks (drafts that

@@ -27,7 +27,7 @@ from .decode_step import bind_decode
 from .generation_lock import one_generation_at_a_time
 from .graphs import check_cuda_graph
 from .config import ModelConfig
-from .generation import CacheMixin, Sampling
+from .generation import CacheMixin, Sampling, cache_len
 from .layers import (Block, ModelOutput, PretrainedMixin, drop, embed_tokens, init_weights, keep_mask, lm_head_loss,
                      make_norm, padding_or_none, shifted_target, softcap, run_block)
 from .positions import Positions
@@ -188,9 +188,11 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         """Continue prompts (B, L) by up to max_new_tokens: (B, L + new). temperature 0 = greedy; else sampling with
         top_k / top_p / min_p / typical_p (generation.Sampling: transformers' warpers) from ``generator`` (seeded:
         reproducible). Batches of different lengths: left padding and
-        attention_mask (1 = token). eos_token_id: an id or a list of ids (as in HF's generation_config); after one a
-        sequence is padded with the first; generation stops when every sequence has finished. ``min_new_tokens``: no
-        eos id is sampled before that many new tokens (HF's min_new_tokens).
+        attention_mask (1 = token). eos_token_id: an id or a list of ids (as in HF's generation_config; None: no
+        eos, a GPTConfig holding none); after one a sequence is padded with the first; generation stops when every
+        sequence has finished. The prompt and max_new_tokens - 1 new tokens (the last is not fed back) fit
+        config.max_seq_len. ``min_new_tokens``: no eos id is sampled before that many new tokens (HF's
+        min_new_tokens).
         ``streamer(tokens (B,))`` is called with each new token batch; a streamer object of transformers'
         (TextStreamer, TextIteratorStreamer: put / end) is called as HF's generate calls it.
         Speculative decoding (models/speculative.py; the same output when greedy, the same distribution when
@@ -222,9 +224,10 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
             check_cuda_graph(input_ids, num_beams, speculative)
         if max_new_tokens == 0:
             return search.no_new_tokens(self, input_ids)
+        slots = cache_len(L, max_new_tokens, self.config.max_seq_len, f"a prompt of {L} tokens (input_ids)")
         spec = speculation(self, B, {"the prompt plus max_new_tokens": L + max_new_tokens}, assistant_model,
                            num_assistant_tokens, prompt_lookup_num_tokens, max_matching_ngram_size)
-        self.setup_caches(B, L + max_new_tokens, headroom=spec.headroom if spec else 0)
+        self.setup_caches(B, slots, headroom=spec.headroom if spec else 0)
         out = input_ids.new_empty(B, L + max_new_tokens)
         out[:, :L] = input_ids
         logits = self.prefill(input_ids, keep)

@@ -28,7 +28,7 @@ from ..ops.cross_entropy import linear_cross_entropy
 from ..ops.dropout import dropout as fa_dropout
 from ..quantization import apply_int8_layout, int8_layout
 from .. import hugepages
-from .checkpoint import load_weights, place, save_weights
+from .checkpoint import CheckpointError, load_weights, place, read_json_object, save_weights, stored_dtype
 from .packing import Packing
 from .config import ModelConfig
 from .positions import alibi_slopes, apply_rotary, pick_rotary
@@ -227,7 +227,8 @@ class Attention(nn.Module):
         else:
             qkv, widths = self.wqkv(x), [H * D, Hk * D, Hk * D]
             if self.q_norm is None and not (rotary is not None and self.rope) and input_pos is None:
-                packed = (qkv, lambda t: tuple(h.view(B, L, -1, D).transpose(1, 2) for h in t.split(widths, -1)))
+                packed = (qkv, lambda t: tuple(h.view(B, L, n, D).transpose(1, 2)  # (n, not -1: B may be 0)
+                                               for h, n in zip(t.split(widths, -1), (H, Hk, Hk))))
             q, k, v = qkv.split(widths, -1)
             if self.qk_full:  # (rows of the fused projection: made contiguous for the norm kernel)
                 q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
@@ -494,6 +495,11 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 INT8_FILE = "quantization.json"  # a quantized model's int8 layout (fastattn.int8_layout)
 
 
+def _int8_layout_file(file: str) -> Optional[Dict[str, dict]]:
+    """The int8 layout in save_pretrained's quantization.json (fastattn.int8_layout), None without that file."""
+    return read_json_object(file) if os.path.exists(file) else None
+
+
 def run_block(owner: nn.Module, block: nn.Module, *args, **kwargs):
     """block(*args, **kwargs) for the block loop of ``owner`` (a model, BERT's encoder); with gradient checkpointing
     on (PretrainedMixin.gradient_checkpointing_enable) and in training, through torch.utils.checkpoint: the block's
@@ -528,17 +534,23 @@ class PretrainedMixin:
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: Optional[torch.dtype] = None, device=None, **overrides):
         """Load what save_pretrained wrote (a quantized model comes back int8, its scales float32); ``dtype`` /
-        ``device``: the model's (e.g. torch.bfloat16, "cuda"), the weights converted as they load; ``overrides``
-        replace config fields (e.g. backend="torch"). A bad weights file raises CheckpointError naming the key. The
-        model comes back in eval mode, as transformers' from_pretrained returns it (``.train()`` to fine-tune)."""
+        ``device``: the model's (e.g. torch.bfloat16, "cuda"), the weights converted as they load; dtype None: the
+        dtype the weights were saved in (a bfloat16 model comes back bfloat16, as transformers' dtype="auto");
+        ``overrides`` replace config fields (e.g. backend="torch"). A missing folder, a bad config.json or weights
+        file raises CheckpointError naming the file (and the key). The model comes back in eval mode, as
+        transformers' from_pretrained returns it (``.train()`` to fine-tune)."""
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path}: no such folder (save_pretrained writes {CONFIG_FILE} and {WEIGHTS_FILE})")
         cfg = cls.config_class.load(os.path.join(path, CONFIG_FILE))
         if overrides:
             cfg = cls.config_class.from_dict({**dataclasses.asdict(cfg), **overrides})
+        layout, weights = _int8_layout_file(os.path.join(path, INT8_FILE)), os.path.join(path, WEIGHTS_FILE)
+        if dtype is None:  # the stored one (int8 layers' float32 scales aside)
+            dtype = stored_dtype(weights, layout if isinstance(layout, dict) else ())
         model = place(cls(cfg), dtype, device)
-        if os.path.exists(os.path.join(path, INT8_FILE)):
-            with open(os.path.join(path, INT8_FILE)) as f:
-                apply_int8_layout(model, json.load(f))
-        load_weights(model, os.path.join(path, WEIGHTS_FILE))
+        if layout is not None:
+            apply_int8_layout(model, layout)
+        load_weights(model, weights)
         return model.eval()
 
     def num_parameters(self, trainable_only: bool = False) -> int:

@@ -25,7 +25,7 @@ from .decode_step import bind_decode
 from .generation_lock import one_generation_at_a_time
 from .graphs import check_cuda_graph
 from .config import ModelConfig
-from .generation import CacheMixin, Sampling
+from .generation import CacheMixin, Sampling, cache_len
 from .layers import (Block, ModelOutput, PretrainedMixin, init_weights, check_skip_padding, drop, embed_tokens,
                      keep_mask, lm_head_loss, make_norm, padding_or_none, token_positions, run_block)
 from .positions import Positions
@@ -327,9 +327,10 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         out = input_ids.new_full((B, 1 + max_new_tokens), start)
         if max_new_tokens == 0:
             return search.no_new_tokens(self, out)
+        slots = cache_len(1, max_new_tokens, self.config.max_seq_len, "the decoder start token")
         spec = speculation(self, B, {"the source": input_ids.shape[1], "1 + max_new_tokens": 1 + max_new_tokens},
                            assistant_model, num_assistant_tokens, prompt_lookup_num_tokens, max_matching_ngram_size)
-        self.setup_caches(B, 1 + max_new_tokens, headroom=spec.headroom if spec else 0)
+        self.setup_caches(B, slots, headroom=spec.headroom if spec else 0)
         try:
             logits = self.prefill(input_ids, attention_mask, out[:, :1])
             forced = self.config.forced_bos_token_id if forced_bos_token_id is None else forced_bos_token_id
