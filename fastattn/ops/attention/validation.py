@@ -212,6 +212,8 @@ def check_softcap(softcap) -> float:
 
 
 def check_window(window) -> Tuple[int, int]:
+    if window == (-1, -1) and type(window) is tuple:  # the default: no per-item ABC checks (~5 us a call)
+        return window
     if not isinstance(window, (tuple, list)) or len(window) != 2 or \
             any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1 for w in window):
         raise ArgumentError(f"window: expected (left, right) ints >= -1 (-1: unbounded), got {window!r}")
