@@ -66,6 +66,8 @@ _exporting = None
 # Models that read the mask themselves before calling the attention function (Doge's dynamic mask indexes it as
 # (B, 1, L, S)); transformers 5.25 asks for a full mask for them, 5.17 did not
 _READ_BY_MODEL = frozenset({"doge"})
+# ... and Gemma 4 with KV-shared layers (its prefill slices every mask's queries as (B, 1, L, S))
+_KV_SHARING = frozenset({"gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text"})
 _said = set()
 
 
@@ -136,10 +138,16 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     if sinks is None:
         sinks = kwargs.get("sinks")
     position_bias = kwargs.get("position_bias")
-    if kwargs.get("cu_seq_lens_q") is not None and sinks is None and position_bias is None:
-        out = _flash_kwargs_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
-        if out is not None:
-            return out
+    if kwargs.get("indices") is not None or kwargs.get("block_indices") is not None:
+        attention_mask = _sparse_mask(module, query, key, attention_mask, is_causal, kwargs)
+    if kwargs.get("cu_seq_lens_q") is not None:
+        if sinks is None and position_bias is None:
+            out = _flash_kwargs_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+            if out is not None:
+                return out
+        elif query.shape[0] == 1 and query.shape[2] == key.shape[2] and \
+                (attention_mask is None or attention_mask.dim() == 3):  # (causal or the builder's window view)
+            attention_mask = _packed_mask(_ids_of_offsets(kwargs["cu_seq_lens_q"], attention_mask, query.shape[2]))
     if _is_packed(attention_mask):
         if sinks is None and position_bias is None:
             return _packed_forward(query, key, value, attention_mask, dropout, scaling, kwargs.get("softcap"))
@@ -261,6 +269,33 @@ def _packed_mask(ids: Tensor) -> Tensor:
     if W is not None:
         causal = causal.triu(1 - W)
     return ((ids[:, :, None] == ids[:, None, :]) & causal)[:, None]
+
+
+def _ids_of_offsets(cu: Tensor, window_view: Optional[Tensor], L: int) -> Tensor:
+    """The packed sequence ids (1, L) of flash-attention's cu_seq_lens (the sequence each token is in), as
+    _packed_mask reads them: (1, W, L) within the builder's window view (1, W, S)."""
+    ids = torch.searchsorted(cu[1:].to(torch.int64), torch.arange(L, device=cu.device), right=True)[None]
+    return ids if window_view is None else ids[:, None].expand(1, window_view.shape[1], L)
+
+
+def _sparse_mask(module, query: Tensor, key: Tensor, mask: Optional[Tensor], is_causal: Optional[bool],
+                 kwargs: dict) -> Tensor:
+    """The mask with a sparse-attention model's key selection folded in, as transformers folds it for eager / sdpa
+    (other implementations get it as a kwarg): the indexer's top-k ``indices`` (B, L, k) (DeepSeek-V3.2, GLM-5),
+    or MiniMax-M3's ``block_indices`` through its indexer's build_block_mask. A float (B | 1, 1 | H, L, S) mask."""
+    L, S = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    full = _eager_mask(mask, L, S, causal, query.dtype)
+    indices = kwargs.get("indices")
+    if indices is not None:
+        keep = torch.zeros(query.shape[0], L, S, dtype=torch.bool, device=query.device)
+        return full.masked_fill(~keep.scatter(-1, indices.long(), True)[:, None], float("-inf"))
+    indexer = getattr(module, "indexer", None)
+    if not hasattr(indexer, "build_block_mask"):
+        raise NotImplementedError(f"fastattn.hf: {type(module).__name__} passes block_indices, but has no "
+                                  "indexer.build_block_mask to fold them into the mask with")
+    position_ids = kwargs.get("position_ids")  # (only read without a mask; there is one here)
+    return indexer.build_block_mask(kwargs["block_indices"], full, S, query.dtype, query.device, position_ids)
 
 
 def _with_position_bias(attn_mask: Optional[Tensor], position_bias: Tensor) -> Tensor:
@@ -435,7 +470,8 @@ def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
         why = "a composite mask function under torch.compile (packed sequences, an overlay)"
     elif pattern is None:
         why = "a mask function other than causal, sliding-window causal or bidirectional"
-    elif model_type in _READ_BY_MODEL:
+    elif model_type in _READ_BY_MODEL or (model_type in _KV_SHARING and
+                                          getattr(kwargs.get("config"), "num_kv_shared_layers", 0)):
         why = f"{model_type} reads the (B, 1, L, S) mask itself"
     elif pattern in ("causal", "sliding") and not allow_is_causal_skip:  # (packing always asks)
         why = "the caller asked for a full causal mask"
