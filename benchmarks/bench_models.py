@@ -97,7 +97,7 @@ def test_greedy_generation(benchmark, models, impl):
 
         def step():
             with torch.inference_mode():
-                out = model.generate(ids, NEW, temperature=0, cuda_graph=graphed)
+                out = model.generate(ids, NEW, temperature=0, min_new_tokens=NEW, cuda_graph=graphed)
             sync(DEVICE)
             return out
     _run(benchmark, impl, step, f"generate {SIZE} {str(DTYPE)[6:]} b{BATCH} {PROMPT}+{NEW} greedy", BATCH * NEW)
@@ -138,7 +138,7 @@ def test_greedy_generation_interleaved(benchmark, models, impl):
 
     def mine():
         with torch.inference_mode():
-            ours[impl].generate(ids, NEW, temperature=0)
+            ours[impl].generate(ids, NEW, temperature=0, min_new_tokens=NEW)
         sync(DEVICE)
 
     interleaved(benchmark, {"transformers": theirs, impl: mine}, impl, BATCH * NEW,
@@ -162,8 +162,8 @@ def test_prompt_lookup_interleaved(benchmark, models):
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
     runs = {"transformers": synced(DEVICE, lambda: hf.generate(ids, **kw)),
             "transformers-lookup": synced(DEVICE, lambda: hf.generate(ids, prompt_lookup_num_tokens=LOOKUP, **kw)),
-            "fastattn": synced(DEVICE, lambda: model.generate(ids, NEW, temperature=0)),
-            "fastattn-lookup": synced(DEVICE, lambda: model.generate(ids, NEW, temperature=0,
+            "fastattn": synced(DEVICE, lambda: model.generate(ids, NEW, temperature=0, min_new_tokens=NEW)),
+            "fastattn-lookup": synced(DEVICE, lambda: model.generate(ids, NEW, temperature=0, min_new_tokens=NEW,
                                                                      prompt_lookup_num_tokens=LOOKUP))}
     interleaved_speculative(
         benchmark, runs, model, BATCH * NEW,
@@ -183,7 +183,8 @@ def test_beam_search_interleaved(benchmark, models, impl):
     ids = _prompt(hf.config.vocab_size)
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0, num_beams=BEAMS)
     runs = {"transformers": synced(DEVICE, lambda: hf.generate(ids, **kw)),
-            impl: synced(DEVICE, lambda: ours[impl].generate(ids, NEW, temperature=0, num_beams=BEAMS))}
+            impl: synced(DEVICE, lambda: ours[impl].generate(ids, NEW, temperature=0, min_new_tokens=NEW,
+                                                              num_beams=BEAMS))}
     interleaved(benchmark, runs, impl, BATCH * NEW,
                 f"generate beams {SIZE} {str(DTYPE)[6:]} b{BATCH} {PROMPT}+{NEW} {BEAMS} beams", ROUNDS,
                 device=DEVICE, dtype=str(DTYPE)[6:], model=SIZE, batch=BATCH, prompt=PROMPT, new=NEW, beams=BEAMS,
@@ -223,9 +224,9 @@ def test_same_greedy_tokens(benchmark, models):
     ids = _prompt(hf.config.vocab_size)[:, :16]
     with torch.inference_mode():
         theirs = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-        mine = ours["fastattn"].generate(ids, 8, temperature=0)
-        lookup = ours["fastattn"].generate(ids, 8, temperature=0, prompt_lookup_num_tokens=LOOKUP)
-        beams = ours["fastattn"].generate(ids, 8, temperature=0, num_beams=BEAMS)
+        mine = ours["fastattn"].generate(ids, 8, temperature=0, min_new_tokens=8)  # (as theirs: eos held back)
+        lookup = ours["fastattn"].generate(ids, 8, temperature=0, min_new_tokens=8, prompt_lookup_num_tokens=LOOKUP)
+        beams = ours["fastattn"].generate(ids, 8, temperature=0, min_new_tokens=8, num_beams=BEAMS)
         theirs_beams = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
                                    num_beams=BEAMS)
     assert torch.equal(mine, theirs) and torch.equal(lookup, theirs) and torch.equal(beams, theirs_beams)

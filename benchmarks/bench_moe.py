@@ -42,7 +42,7 @@ def test_generation_interleaved(benchmark, models):
     ids = _ids()
     runs = {"transformers": synced(DEVICE, lambda: hf.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW,
                                                                do_sample=False, pad_token_id=0)),
-            "fastattn": synced(DEVICE, lambda: ours.generate(ids, NEW, temperature=0))}
+            "fastattn": synced(DEVICE, lambda: ours.generate(ids, NEW, temperature=0, min_new_tokens=NEW))}
     interleaved(benchmark, runs, "fastattn", NEW, f"mixtral-small generate {str(DTYPE)[6:]} {PROMPT}+{NEW} greedy",
                 ROUNDS, device=DEVICE, dtype=str(DTYPE)[6:], prompt=PROMPT, new=NEW, threads=torch.get_num_threads())
 
@@ -61,4 +61,4 @@ def test_same_greedy_tokens(benchmark, models):
     ids = _ids()[:, :32]
     with torch.inference_mode():
         want = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-        assert torch.equal(ours.generate(ids, 8, temperature=0), want)
+        assert torch.equal(ours.generate(ids, 8, temperature=0, min_new_tokens=8), want)

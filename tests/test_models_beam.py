@@ -173,12 +173,12 @@ def test_greedy_processors_match_transformers(tmp_path, kw):
     ids, mask = _prompts()
     want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
                        pad_token_id=0, **kw)
-    assert torch.equal(ours.generate(ids, 12, temperature=0, attention_mask=mask, **kw), want)
+    assert torch.equal(ours.generate(ids, 12, temperature=0, attention_mask=mask, eos_token_id=None, **kw), want)
     hf = _bart(tmp_path / "bart")
     ours = Seq2Seq.from_hf(tmp_path / "bart", dtype=torch.float64)
     want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
                        pad_token_id=1, min_length=0, **kw)
-    assert torch.equal(ours.generate(ids, 12, temperature=0, attention_mask=mask, **kw), want)
+    assert torch.equal(ours.generate(ids, 12, temperature=0, attention_mask=mask, eos_token_id=None, **kw), want)
 
 
 def test_forced_eos_in_every_search(tmp_path):
@@ -316,3 +316,28 @@ def test_bad_search_arguments_name_the_argument():
     tiny = GPT(GPTConfig(vocab_size=3, d_model=32, n_layer=1, n_head=4, max_seq_len=32)).eval()
     with pytest.raises(ValueError, match="num_beams: 2 beams with 3 eos ids take 8 candidates"):
         tiny.generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=0, num_beams=2, eos_token_id=[0, 1, 2])
+
+
+def test_default_eos_is_the_generation_configs(tmp_path):
+    """generate without eos_token_id stops where transformers' generate does without it: at the end tokens of the
+    checkpoint's generation_config (a list, as Llama 3's), which from_hf reads; eos_token_id=None still means none
+    (ours ran past every end token by default)."""
+    hf = _gpt2(tmp_path / "gpt2")
+    hf.generation_config.eos_token_id = EOS
+    hf.save_pretrained(tmp_path / "gpt2")
+    ours = GPT.from_hf(tmp_path / "gpt2", dtype=torch.float64)
+    assert ours.config.eos_token_id == EOS
+    ids, mask = _prompts()
+    want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=EOS[0])
+    got = ours.generate(ids, 12, temperature=0, attention_mask=mask)
+    assert torch.equal(got, want)
+    assert got.shape[1] < ids.shape[1] + 12 or torch.isin(got[:, ids.shape[1]:-1], torch.tensor(EOS)).any()
+    assert ours.generate(ids, 12, temperature=0, attention_mask=mask, eos_token_id=None).shape[1] == \
+        ids.shape[1] + 12
+    bart = _bart(tmp_path / "bart")
+    s2s = Seq2Seq.from_hf(tmp_path / "bart", dtype=torch.float64)
+    eos = bart.generation_config.eos_token_id
+    assert s2s.config.eos_token_id == eos
+    want = bart.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=eos,
+                         min_length=0)
+    assert torch.equal(s2s.generate(ids, 12, temperature=0, attention_mask=mask), want)

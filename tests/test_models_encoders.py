@@ -155,10 +155,10 @@ def test_seq2seq_batched_generation_equals_alone(variant):
     for i, s in enumerate(srcs):
         ids[i, :len(s)] = s
         mask[i, :len(s)] = 1
-    batched = m.generate(ids, 7, temperature=0, attention_mask=mask)
+    batched = m.generate(ids, 7, temperature=0, attention_mask=mask, eos_token_id=None)  # (every row 7 tokens)
     assert batched.shape == (3, 8) and (batched[:, 0] == m.config.decoder_start_token_id).all()
     for i, s in enumerate(srcs):
-        assert torch.equal(batched[i], m.generate(s[None], 7, temperature=0)[0]), f"source {i}"
+        assert torch.equal(batched[i], m.generate(s[None], 7, temperature=0, eos_token_id=None)[0]), f"source {i}"
     assert m.memory_kv is None  # the cross-attention K/V are dropped after generation
 
 
@@ -168,7 +168,7 @@ def test_seq2seq_sampling_eos_streamer_and_save(tmp_path):
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     a = m.generate(src, 6, top_p=0.9, generator=g())
     assert torch.equal(a, m.generate(src, 6, top_p=0.9, generator=g()))
-    greedy = m.generate(src, 6, temperature=0)
+    greedy = m.generate(src, 6, temperature=0, eos_token_id=None)
     eos = greedy[0, 2].item()
     seen = []
     out = m.generate(src, 6, temperature=0, eos_token_id=eos, streamer=seen.append)
@@ -176,7 +176,7 @@ def test_seq2seq_sampling_eos_streamer_and_save(tmp_path):
     assert (out[0, 2:] == eos).all()
     m.save_pretrained(tmp_path)
     back = Seq2Seq.from_pretrained(tmp_path)
-    assert back.config == m.config and torch.equal(back.generate(src, 6, temperature=0), greedy)
+    assert back.config == m.config and torch.equal(back.generate(src, 6, temperature=0, eos_token_id=None), greedy)
     assert m.config.n_decoder_layer == 2 and Seq2SeqConfig.from_dict(m.config.to_dict()) == m.config
 
 

@@ -82,7 +82,7 @@ def test_greedy_generation_matches_transformers(tmp_path, kind):
     ids, mask = _source(left=False)
     want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=1,
                        min_length=0, eos_token_id=None, pad_token_id=1, no_repeat_ngram_size=0)
-    got = ours.generate(ids, 12, temperature=0, attention_mask=mask)
+    got = ours.generate(ids, 12, temperature=0, attention_mask=mask, eos_token_id=None)
     assert torch.equal(got, want)
     assert (got[:, 1] == 0).all()
 

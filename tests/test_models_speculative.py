@@ -282,10 +282,10 @@ def test_seq2seq_decode_many_equals_full_forward(variant, bound):
 def test_seq2seq_greedy_equals_plain_greedy(variant, draft):
     m = _s2s(variant)
     src, mask = _sources(1 if variant == "t5" else 3)
-    plain = m.generate(src, 24, temperature=0, attention_mask=mask)
+    plain = m.generate(src, 24, temperature=0, attention_mask=mask, eos_token_id=None)  # (all 24: drafts to check)
     kw = {"lookup": dict(prompt_lookup_num_tokens=3), "near-copy": dict(assistant_model=_near_copy(m, 0.01)),
           "copy": dict(assistant_model=_near_copy(m, 0.0))}[draft]
-    assert torch.equal(m.generate(src, 24, temperature=0, attention_mask=mask, **kw), plain)
+    assert torch.equal(m.generate(src, 24, temperature=0, attention_mask=mask, eos_token_id=None, **kw), plain)
     if draft == "copy":  # a draft that is the model proposes what it generates
         assert m.speculation_stats.acceptance == 1.0
     assert m.memory_kv is None and all(getattr(v, "memory_kv", None) is None for v in kw.values())

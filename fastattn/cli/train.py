@@ -155,7 +155,8 @@ def model_fields(cfg, vocab_size, pad_id=None, eos_id=None):
             "n_kv_head": cfg.n_kv_head, "d_ff": cfg.d_ff, "max_seq_len": cfg.seq_len + cfg.prompt_len + 8,
             "dropout": cfg.dropout, "norm": cfg.norm, "pos": cfg.pos, "mlp": cfg.mlp, "backend": cfg.model_backend,
             "n_experts": cfg.n_experts, "n_experts_per_tok": cfg.experts_per_tok if cfg.n_experts else None,
-            "num_labels": cfg.num_labels, "pad_token_id": pad_id, "decoder_start_token_id": eos_id}
+            "num_labels": cfg.num_labels, "pad_token_id": pad_id, "decoder_start_token_id": eos_id,
+            "eos_token_id": eos_id}
 
 
 # the options that shape a model (-> its config field): with --init / --init-hf the checkpoint decides them

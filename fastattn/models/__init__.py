@@ -28,10 +28,11 @@ The interface (stable; the CLI builds on it):
   skip_logits=None)``. attention_mask is HF's: 1 = token, 0 = padding. Labels -100 are ignored. GPT's labels are
   shifted inside (shift_labels: already shifted). In training with labels (``skip_logits`` None) the fastattn
   backend computes the LM loss with fastattn.linear_cross_entropy and returns ``.logits`` None.
-- ``generate(input_ids, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
+- ``generate(input_ids, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, eos_token_id=<config's>,
   attention_mask=None, generator=None, streamer=None, min_new_tokens=0)`` (GPT; Seq2Seq adds
   ``decoder_start_token_id``, ``forced_bos_token_id``, ``forced_eos_token_id``):
-  temperature 0 = greedy; eos_token_id may be a list of ids. GPT batches of different lengths are padded on the
+  temperature 0 = greedy; eos_token_id may be a list of ids (left out: config.eos_token_id, which from_hf reads from
+  the checkpoint's generation_config; None: none). GPT batches of different lengths are padded on the
   left. Speculative decoding (GPT and Seq2Seq): ``assistant_model`` (a smaller model of the same class, same
   tokenizer) with ``num_assistant_tokens``, or ``prompt_lookup_num_tokens`` with ``max_matching_ngram_size``; greedy
   output unchanged, sampling from the same distribution; ``model.speculation_stats`` (a ``SpeculationStats``).

@@ -49,6 +49,13 @@ def read_json_object(path: str) -> dict:
     return d
 
 
+def read_generation_config(path: str) -> dict:
+    """The generation_config.json of the HF folder at path ({} without one): transformers' generate reads its
+    defaults there first (end tokens, forced tokens), config.json after."""
+    p = os.path.join(path, "generation_config.json")
+    return read_json_object(p) if os.path.isfile(p) else {}
+
+
 def read_hf_folder(path: str) -> Tuple[dict, Dict[str, Tensor]]:
     """(config dict, state dict) of a local HF model folder. Weights: model.safetensors, else pytorch_model.bin
     (loaded with ``weights_only=True``). Sharded checkpoints (an index JSON) are read shard by shard."""

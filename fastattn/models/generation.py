@@ -92,6 +92,22 @@ def check_sampling(max_new_tokens: int, sampling: Sampling, min_new_tokens: int 
     sampling.check()
 
 
+class _FromConfig:
+    """generate's ``eos_token_id`` default: the model config's (transformers' generate reads its generation_config
+    when the argument is not passed; passing None means no end token)."""
+
+    def __repr__(self) -> str:
+        return "<the config's>"
+
+
+FROM_CONFIG = _FromConfig()
+
+
+def default_eos(eos_token_id, config):
+    """eos_token_id as given, or the config's when it was not (FROM_CONFIG)."""
+    return getattr(config, "eos_token_id", None) if eos_token_id is FROM_CONFIG else eos_token_id
+
+
 def eos_ids(eos_token_id, device, vocab_size: int) -> Optional[Tensor]:
     """``eos_token_id`` (a token id, a list of them as in HF's generation_config, or None) as a 1-D long tensor on
     device; ValueError naming it unless every id is a token of the ``vocab_size`` the model predicts."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ from .decode_step import bind_decode
 from .generation_lock import one_generation_at_a_time
 from .graphs import check_cuda_graph
 from .config import ModelConfig
-from .generation import CacheMixin, Sampling, cache_len
+from .generation import FROM_CONFIG, CacheMixin, Sampling, cache_len, default_eos
 from .layers import (Block, ModelOutput, PretrainedMixin, drop, embed_tokens, init_weights, keep_mask, lm_head_loss,
                      make_norm, padding_or_none, shifted_target, softcap, run_block)
 from .positions import Positions
@@ -43,11 +43,23 @@ class GPTConfig(ModelConfig):
     """ModelConfig, and ``embed_norm``: a LayerNorm on the token embeddings (BLOOM's word_embeddings_layernorm)."""
     model_type = "gpt"
     embed_norm: bool = False
+    # generate's end token(s) when it is given none: an id or a list (transformers' generation_config.eos_token_id,
+    # which from_hf reads); None: none
+    eos_token_id: Union[int, List[int], None] = None
 
     def validate(self) -> None:
         super().validate()
         if not isinstance(self.embed_norm, bool):
             raise ValueError(f"GPTConfig.embed_norm: expected true or false, got {self.embed_norm!r}")
+        eos = self.eos_token_id
+        if eos is not None and not (isinstance(eos, list) and eos and all(_token(e, self.vocab_size) for e in eos)
+                                    or _token(eos, self.vocab_size)):
+            raise ValueError(f"GPTConfig.eos_token_id: expected a token id (< vocab_size {self.vocab_size}), a "
+                             f"non-empty list of them or None, got {eos!r}")
+
+
+def _token(i, vocab_size: int) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
 
 
 class GPT(CacheMixin, PretrainedMixin, nn.Module):
@@ -177,7 +189,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
                  typical_p: Optional[float] = None,
-                 eos_token_id: Union[int, Sequence[int], None] = None, attention_mask: Optional[Tensor] = None,
+                 eos_token_id: Union[int, Sequence[int], None] = FROM_CONFIG,
+                 attention_mask: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None,
                  streamer: Optional[Any] = None, min_new_tokens: int = 0, assistant_model: Optional["GPT"] = None,
                  num_assistant_tokens: int = 4, prompt_lookup_num_tokens: Optional[int] = None,
@@ -188,9 +201,10 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         """Continue prompts (B, L) by up to max_new_tokens: (B, L + new). temperature 0 = greedy; else sampling with
         top_k / top_p / min_p / typical_p (generation.Sampling: transformers' warpers) from ``generator`` (seeded:
         reproducible). Batches of different lengths: left padding and
-        attention_mask (1 = token). eos_token_id: an id or a list of ids (as in HF's generation_config; None: no
-        eos, a GPTConfig holding none); after one a sequence is padded with the first; generation stops when every
-        sequence has finished. The prompt and max_new_tokens - 1 new tokens (the last is not fed back) fit
+        attention_mask (1 = token). eos_token_id: an id or a list of ids (as in HF's generation_config); not given:
+        config.eos_token_id (from_hf reads the checkpoint's generation_config, as transformers' generate does);
+        None: no end token. After one a sequence is padded with the first; generation stops when every sequence has
+        finished. The prompt and max_new_tokens - 1 new tokens (the last is not fed back) fit
         config.max_seq_len. ``min_new_tokens``: no eos id is sampled before that many new tokens (HF's
         min_new_tokens).
         ``streamer(tokens (B,))`` is called with each new token batch; a streamer object of transformers'
@@ -207,6 +221,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         from (0 after an eos), as transformers' compute_transition_scores(normalize_logits=True) gives.
         ``cuda_graph`` (a CUDA model; greedy search and sampling): the decode step is captured once and replayed
         from a CUDA graph (models/graphs.py), which takes the host's launch time out of every token."""
+        eos_token_id = default_eos(eos_token_id, self.config)
         sampling = Sampling(temperature, top_k, top_p, min_p, typical_p)
         search = Search(num_beams, num_return_sequences, length_penalty, early_stopping, repetition_penalty,
                         no_repeat_ngram_size, output_scores)

@@ -8,7 +8,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, KeyMap, hf_get, read_hf_folder
+from .checkpoint import CheckpointError, KeyMap, hf_get, read_generation_config, read_hf_folder
 from .gpt import GPTConfig
 from .gpt_hf_parallel import ACT
 from .gpt_hf_alibi import from_bloom, from_mpt
@@ -57,7 +57,17 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
             window < max_len or overrides.get("rope_local_theta") is not None):
         # (a window of >= max_seq_len keys cuts nothing: then none is set, unless it marks Gemma 3's local layers)
         overrides = {"sliding_window": window, "layer_types": types, **overrides}
+    eos = read_generation_config(path).get("eos_token_id", hf.get("eos_token_id"))
+    overrides = {"eos_token_id": _eos(eos, cfg.vocab_size), **overrides}
     return GPTConfig.from_dict({**cfg.to_dict(), **overrides}), sd
+
+
+def _eos(eos, vocab_size: int):
+    """The end token(s) generate stops at by default, as transformers reads them (an id or a list); ids past the
+    vocabulary (a tiny test config's GPT-2 50256) can never be generated: left out."""
+    ids = [e for e in (eos if isinstance(eos, list) else [eos])
+           if isinstance(e, int) and not isinstance(e, bool) and 0 <= e < vocab_size]
+    return None if not ids else ids[0] if len(ids) == 1 and not isinstance(eos, list) else ids
 
 
 def _from_gpt2(hf: dict, state):

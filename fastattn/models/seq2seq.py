@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from .decode_step import bind_decode
 from .generation_lock import one_generation_at_a_time
 from .graphs import check_cuda_graph
 from .config import ModelConfig
-from .generation import CacheMixin, Sampling, cache_len
+from .generation import FROM_CONFIG, CacheMixin, Sampling, cache_len, default_eos
 from .layers import (Block, ModelOutput, PretrainedMixin, init_weights, check_skip_padding, drop, embed_tokens,
                      keep_mask, lm_head_loss, make_norm, padding_or_none, token_positions, run_block)
 from .positions import Positions
@@ -297,7 +297,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
-                 typical_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+                 typical_p: Optional[float] = None, eos_token_id: Union[int, Sequence[int], None] = FROM_CONFIG,
                  attention_mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
                  streamer: Optional[Any] = None, decoder_start_token_id: Optional[int] = None,
                  min_new_tokens: int = 0, forced_bos_token_id: Optional[int] = None,
@@ -312,7 +312,10 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         repetition processors, output_scores and cuda_graph as in GPT.generate; prompt lookup searches the source,
         then the tokens decoded so far; with T5's relative positions, speculative decoding takes one sequence at a
         time). The first new token is ``forced_bos_token_id`` and the last (the max_new_tokens-th)
-        ``forced_eos_token_id`` (None: the config's) when there is one, as transformers' generate forces them."""
+        ``forced_eos_token_id`` (None: the config's) when there is one, as transformers' generate forces them.
+        ``eos_token_id`` not given: config.eos_token_id, as transformers' generate reads its generation_config (None:
+        no end token)."""
+        eos_token_id = default_eos(eos_token_id, self.config)
         sampling = Sampling(temperature, top_k, top_p, min_p, typical_p)
         search = Search(num_beams, num_return_sequences, length_penalty, early_stopping, repetition_penalty,
                         no_repeat_ngram_size, output_scores)

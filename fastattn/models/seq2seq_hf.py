@@ -13,15 +13,13 @@ the last token when max_new_tokens is reached) are read from generation_config.j
 label shift (its last token, the language code, wrapped to the front) is not Seq2Seq's: fine-tuning mBART-cc25
 through ``forward(labels=...)`` needs explicit ``decoder_input_ids``.
 """
-import json
 import math
-import os
 from typing import Dict, Tuple
 
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, KeyMap, hf_activation, read_hf_folder
+from .checkpoint import CheckpointError, KeyMap, hf_activation, read_generation_config, read_hf_folder
 from .seq2seq import Seq2SeqConfig
 from .seq2seq_t5 import FAMILIES as T5_FAMILIES
 from .seq2seq_t5 import import_t5
@@ -38,25 +36,13 @@ _CROSS = {"cross_attn.wq": "encoder_attn.q_proj", "cross_attn.wo": "encoder_attn
 def import_seq2seq(path: str, overrides: dict) -> Tuple[Seq2SeqConfig, Dict[str, Tensor]]:
     """(config with ``overrides`` applied, Seq2Seq state dict) of the HF folder at path."""
     hf, state = read_hf_folder(path)
-    gen = _generation_config(path)
+    gen = read_generation_config(path)
     if hf.get("model_type") in T5_FAMILIES:
         return import_t5(hf, state, gen, overrides)
     bias = state.get("final_logits_bias")
     cfg = Seq2SeqConfig.from_dict({**_config(hf, gen),
                                    "lm_head_bias": bias is not None and bool(bias.any()), **overrides})
     return cfg, _state(cfg, KeyMap(state, ("model.", "")), KeyMap(state), bias, hf.get("model_type"))
-
-
-def _generation_config(path: str) -> dict:
-    p = os.path.join(path, "generation_config.json")
-    if not os.path.isfile(p):
-        return {}
-    try:
-        with open(p) as f:
-            d = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{p}: not readable JSON ({e})") from None
-    return d if isinstance(d, dict) else {}
 
 
 def _config(hf: dict, gen: dict) -> dict:
