@@ -85,16 +85,18 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch
     return scores.masked_fill(~keep, float("-inf")), capped
 
 
-def _softmax(scores: torch.Tensor):
-    """(probabilities, logsumexp (..., 1)) of scores (..., S) over the last dim: exp(s - row max) over its row sum,
-    0 (and lse -inf) for a row with no key. (exp(s - logsumexp) is 1 for every key of a row of scores ~1e9 in float32,
-    whose logsumexp loses log(S): the row summed to S.)"""
-    row_max = scores.amax(-1, keepdim=True) if scores.shape[-1] else scores.new_full((*scores.shape[:-1], 1),
-                                                                                      float("-inf"))
-    shift = row_max.masked_fill(row_max == float("-inf"), 0.0)
-    e = torch.exp(scores - shift)
-    total = e.sum(-1, keepdim=True)
-    return e / total.clamp_min(torch.finfo(scores.dtype).tiny), shift + total.log()
+def _softmax(scores: torch.Tensor, with_lse: bool = False):
+    """(probabilities, has_key (..., 1) bool, logsumexp (..., 1) or None) of scores (..., S) over the last dim.
+    torch.softmax subtracts each row's max (exp(s - logsumexp) in float32 was 1 for every key of a row of scores ~1e9,
+    whose logsumexp loses log(S): the row summed to S), and its output is all autograd keeps of it. A row with no key
+    (all -inf) comes out uniform with has_key False: the caller zeroes what it gives (lse -inf there)."""
+    with torch.no_grad():
+        row_max = scores.amax(-1, keepdim=True) if scores.shape[-1] else scores.new_full((*scores.shape[:-1], 1),
+                                                                                          float("-inf"))
+        has_key = row_max != float("-inf")
+        shift = row_max.masked_fill(~has_key, 0.0)
+        lse = shift + torch.exp(scores - shift).sum(-1, keepdim=True).log() if with_lse else None
+    return torch.softmax(scores.masked_fill(~has_key, 0.0), -1), has_key, lse
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, *,
@@ -118,10 +120,10 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
         kc, vc = kc.repeat_interleave(H // Hk, dim=1), vc.repeat_interleave(H // Hk, dim=1)
     scores, _ = attention_scores(qc, kc, attn_mask, causal=causal, scale=scale, window=window,
                                  alibi_slopes=alibi_slopes, softcap=softcap)
-    p, lse = _softmax(scores)
+    p, has_key, lse = _softmax(scores, return_lse)
     if dropout_p > 0:
         p = p * dropout_mask / (1 - dropout_p)
-    out = (p @ vc).to(q.dtype)
+    out = ((p @ vc) * has_key).to(q.dtype)  # (rows with no key: 0)
     if not return_lse:
         return out
     return out, lse.squeeze(-1).float().masked_fill(lse.squeeze(-1) == float("-inf"), float("inf"))
@@ -167,7 +169,8 @@ def attention_bwd_ref(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         kc, vc = kc.repeat_interleave(H // Hk, dim=1), vc.repeat_interleave(H // Hk, dim=1)
     scores, capped = attention_scores(qc, kc, attn_mask, causal=causal, scale=scale, window=window,
                                       alibi_slopes=alibi_slopes, softcap=softcap)
-    probs = _softmax(scores)[0]  # (B, H, L, S)
+    probs, has_key, _ = _softmax(scores)
+    probs = probs * has_key  # (B, H, L, S); 0 for rows with no key
     keep = dropout_mask.to(cdt) / (1 - dropout_p) if dropout_p > 0 else 1.0
     dv = (probs * keep).transpose(-1, -2) @ do
     dp = (do @ vc.transpose(-1, -2)) * keep

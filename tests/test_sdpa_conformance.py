@@ -271,6 +271,22 @@ def test_rows_of_large_finite_scores(backend_name, bias):
                 lambda *x: F.scaled_dot_product_attention(*x, attn_mask=mask.to(x[0].dtype)), q, k, v)
 
 
+def test_learned_mask_keeps_what_torch_keeps():
+    """A float mask that requires grad runs on the reference under autograd: it keeps the (B, H, L, S) scores' size
+    twice for the backward, as torch's SDPA does (it kept four: the masked scores, exp, the probabilities, twice
+    the memory of torch's at L 2048)."""
+    q, k, v = (randn(2, 2, 64, 8, seed=s).requires_grad_() for s in range(3))
+    mask = randn(2, 64, 64, seed=3)[:, None].requires_grad_()
+    square = 2 * 2 * 64 * 64
+
+    def saved_squares(fn):
+        n = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: n.append(t.numel() >= square) or t, lambda t: t):
+            fn(q, k, v, attn_mask=mask).sum()
+        return sum(n)
+    assert saved_squares(fastattn.scaled_dot_product_attention) <= saved_squares(F.scaled_dot_product_attention)
+
+
 @BK
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (the Triton interpreter's numpy)
 def test_rows_masked_with_the_lowest_float(backend_name):
