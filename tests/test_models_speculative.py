@@ -370,3 +370,21 @@ def test_bad_draft_arguments_name_the_argument():
     for kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             m.generate(ids, 6, temperature=0, **kw)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rotary"])
+def test_drafts_at_the_end_of_max_seq_len(pos):
+    """Generations that fill max_seq_len (the last token never fed back): an assistant drafts as far ahead of the
+    end as k says, at positions past a learned table (IndexError), and was refused one token short of the limit the
+    model itself takes; greedy drafts must still give plain greedy's tokens."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=50, d_model=32, n_layer=2, n_head=2, max_seq_len=16, pos=pos)).eval()
+    a = GPT(GPTConfig(vocab_size=50, d_model=32, n_layer=1, n_head=2, max_seq_len=16, pos=pos)).eval()
+    for L, n in [(15, 2), (10, 7), (1, 16)]:
+        ids = torch.randint(0, 50, (3, L), generator=torch.Generator().manual_seed(L))
+        plain = m.generate(ids, n, temperature=0, eos_token_id=None)
+        for k in (1, 8):
+            assert torch.equal(m.generate(ids, n, temperature=0, eos_token_id=None, assistant_model=a,
+                                          num_assistant_tokens=k), plain), (L, n, k)
+            assert torch.equal(m.generate(ids, n, temperature=0, eos_token_id=None, prompt_lookup_num_tokens=k),
+                               plain), (L, n, k)

@@ -260,7 +260,7 @@ class DecodeStep:
         m, W = self.model, self.width
         if W == 1:
             m.cache_padding.index_fill_(1, input_pos, False)
-            positions = m.next_pos
+            positions = m.step_positions()
         else:
             valid, positions = m.claim_slots(tokens, input_pos, valid)
         x, rotary = self.embed(tokens, positions)  # (B, W, d); cos, sin (B, W, 1, D) or None

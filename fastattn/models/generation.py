@@ -180,6 +180,11 @@ class CacheMixin:
         self.next_pos += valid.sum(-1, keepdim=True)
         return logits
 
+    def step_positions(self) -> Tensor:
+        """next_pos for a one-token step (B, 1), clamped as claim_slots clamps: an assistant model drafts as far ahead
+        of a sequence near its end as of the others, and those drafts, never kept, take the last position."""
+        return self.next_pos.clamp(max=self.config.max_seq_len - 1)
+
     def claim_slots(self, tokens: Tensor, input_pos: Tensor, valid: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """decode_many's bookkeeping before its pass (the bound step's too): the W slots ``input_pos`` kept, or
         padding for fillers; returns ``valid`` (all True when None) and the tokens' positions (B, W). A batch drafts

@@ -173,8 +173,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         """One token per sequence (B, 1), written at cache slot ``input_pos`` (1,); attends over the whole cache with
         the unwritten slots masked (static shapes). Returns logits (B, V)."""
         self.cache_padding.index_fill_(1, input_pos, False)
-        h = self.hidden(tokens, self.next_pos, causal=None, key_padding_mask=self.cache_padding, input_pos=input_pos,
-                        use_cache=True)
+        h = self.hidden(tokens, self.step_positions(), causal=None, key_padding_mask=self.cache_padding,
+                        input_pos=input_pos, use_cache=True)
         self.next_pos += 1
         return self.logits(h[:, -1])
 
@@ -240,7 +240,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         if max_new_tokens == 0:
             return search.no_new_tokens(self, input_ids)
         slots = cache_len(L, max_new_tokens, self.config.max_seq_len, f"a prompt of {L} tokens (input_ids)")
-        spec = speculation(self, B, {"the prompt plus max_new_tokens": L + max_new_tokens}, assistant_model,
+        spec = speculation(self, B, {"the prompt plus max_new_tokens - 1": slots}, assistant_model,
                            num_assistant_tokens, prompt_lookup_num_tokens, max_matching_ngram_size)
         self.setup_caches(B, slots, headroom=spec.headroom if spec else 0)
         out = input_ids.new_empty(B, L + max_new_tokens)

@@ -282,7 +282,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
     def decode_one(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """One decoder token per sequence (B, 1) at cache slot ``input_pos`` (1,), over the whole (static) cache."""
         self.cache_padding.index_fill_(1, input_pos, False)
-        h = self.decode(tokens, self.next_pos, self.memory_kv, self.memory_pad, causal=None,
+        h = self.decode(tokens, self.step_positions(), self.memory_kv, self.memory_pad, causal=None,
                         key_padding_mask=self.cache_padding, input_pos=input_pos, use_cache=True)
         self.next_pos += 1
         return self.lm_head(h[:, -1])
@@ -331,7 +331,7 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         if max_new_tokens == 0:
             return search.no_new_tokens(self, out)
         slots = cache_len(1, max_new_tokens, self.config.max_seq_len, "the decoder start token")
-        spec = speculation(self, B, {"the source": input_ids.shape[1], "1 + max_new_tokens": 1 + max_new_tokens},
+        spec = speculation(self, B, {"the source": input_ids.shape[1], "max_new_tokens": slots},
                            assistant_model, num_assistant_tokens, prompt_lookup_num_tokens, max_matching_ngram_size)
         self.setup_caches(B, slots, headroom=spec.headroom if spec else 0)
         try:

@@ -202,7 +202,7 @@ class Speculation:
         set up and ``prefill(assistant)`` run; or prompt lookup over ``prefix`` and each row from column ``first``."""
         if self.assistant is None:
             return _LookupDraft(out, first, self.ngram, prefix)
-        self.assistant.setup_caches(out.shape[0], out.shape[1], headroom=self.headroom)
+        self.assistant.setup_caches(out.shape[0], out.shape[1] - 1, headroom=self.headroom)  # (as the model's)
         prefill(self.assistant)
         return _ModelDraft(self.assistant, L, V)
 
