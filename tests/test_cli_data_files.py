@@ -60,16 +60,21 @@ def test_lone_surrogate_is_a_data_error(tmp_path, kind):
 
 def test_small_data_holds_one_document_out(tmp_path, monkeypatch, capsys):
     """Fewer documents (rows) than 1 / --val-fraction: the last one is held out, not the training data evaluated as
-    held-out; one document: a warning naming --val-fraction, once."""
+    held-out, where it and the rest each fill a window (check_window decides); else (one document, or one too
+    short for --seq-len, data that trained before) none is, with a warning naming --val-fraction, once."""
     monkeypatch.setattr(data, "_WARNED", set(), raising=False)
     (tmp_path / "d.txt").write_text("".join(f"document {i} of a few\n\n" for i in range(3)))
     tok = Tokenizer()
     splits = TokenSplits(tok, [tmp_path / "d.txt"], 0.02)
+    splits.check_window(8)
     assert tok.decode(splits.val.tolist()) == "document 2 of a few\n" and (splits.train == tok.eos_id).sum() == 2
     assert splits.split("val") is splits.val and capsys.readouterr().err == ""
     (tmp_path / "one.txt").write_text("a single document\n")
-    for _ in range(2):
-        assert TokenSplits(Tokenizer(), [tmp_path / "one.txt"], 0.02).split("val").numel() == 19
+    (tmp_path / "short_last.txt").write_text("a first document, long enough for a window or two\n\nshort\n")
+    for name in ("one.txt", "one.txt", "short_last.txt"):
+        splits = TokenSplits(Tokenizer(), [tmp_path / name], 0.02)
+        splits.check_window(8)
+        assert splits.split("val") is splits.train
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: ") and "--val-fraction" in err
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(9)))

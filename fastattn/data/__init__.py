@@ -162,15 +162,23 @@ class TokenSplits:
                 break
         if self.whole:
             train = val
-        elif not val and docs >= 2:  # fewer than 1 / val_fraction documents: the last one is held out
-            train, val = train[:last], train[last:]
         self.train = torch.frombuffer(train, dtype=torch.int32).long() if train else torch.zeros(0, dtype=torch.long)
         self.val = torch.frombuffer(val, dtype=torch.int32).long() if val else torch.zeros(0, dtype=torch.long)
         if len(self.train) < 2:
             raise DataError("the data is empty" if self.whole else "the training data is empty")
-        if len(self.val) < 2:
-            _warn_once("the data is one document: none is held out (--val-fraction), so held-out losses are the "
-                       "training data's")
+        # fewer than 1 / val_fraction documents: the last one is held out, where both parts fill a window
+        self._last = last if not self.whole and not val and docs >= 2 else None
+
+    def _hold_out_last(self, length: int) -> None:
+        """check_window's part: hold out the last document when held_out's spread kept none (small data), if the
+        training part and it each hold more than length tokens; else none is, said once (held-out losses are then
+        the training data's)."""
+        last, self._last = self._last, None
+        if last is not None and last > length and len(self.train) - last > length:
+            self.train, self.val = self.train[:last], self.train[last:]
+        elif len(self.val) < 2:
+            _warn_once("no document is held out (too few, or too short, for --val-fraction and --seq-len): held-out "
+                       "losses are the training data's")
 
     def split(self, name):
         return self.train if name == "train" or len(self.val) < 2 else self.val
@@ -178,6 +186,7 @@ class TokenSplits:
     def check_window(self, length):
         """Raise DataError unless each split holds more than length tokens (windows are never cut short); a
         held-out split of fewer than 2 tokens is none: evaluation reads the training split then."""
+        self._hold_out_last(length)
         splits = [("the data", self.val)] if self.whole else \
             [("the training data", self.train), ("the held-out data", self.val)]
         for what, data in splits:
