@@ -2,6 +2,7 @@
 in the same dtype; conformance with F.scaled_dot_product_attention; dropout; bad input."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -308,6 +309,9 @@ def test_windows_wider_than_int64_are_unbounded():
     q = torch.randn(1, 2, 4, 8)
     torch.testing.assert_close(fastattn.attention(q, q, q, window=(2 ** 64, 0)),
                                fastattn.attention(q, q, q, window=(-1, 0)))
+    for bad in (np.array([2, 0]), (torch.tensor([1, 2]), 0), (2, -2), (True, 0)):  # (a fast path read them first)
+        with pytest.raises(fastattn.ArgumentError, match="window: expected"):
+            fastattn.attention(q, q, q, window=bad)
 
 
 @BK

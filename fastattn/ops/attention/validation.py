@@ -212,7 +212,8 @@ def check_softcap(softcap) -> float:
 
 
 def check_window(window) -> Tuple[int, int]:
-    if window == (-1, -1) and type(window) is tuple:  # the default: no per-item ABC checks (~5 us a call)
+    if type(window) is tuple and len(window) == 2 and type(window[0]) is int and type(window[1]) is int and \
+            -1 <= window[0] < 2 ** 62 and -1 <= window[1] < 2 ** 62:  # plain ints: no ABC checks (~5 us a call)
         return window
     if not isinstance(window, (tuple, list)) or len(window) != 2 or \
             any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1 for w in window):
