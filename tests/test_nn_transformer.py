@@ -518,14 +518,20 @@ def test_hooks_and_swapped_submodules_still_run(norm_first):
     torch_attn = torch.nn.MultiheadAttention(D, NHEAD)
     torch_attn.load_state_dict(ours.multihead_attn.state_dict())
     ours.multihead_attn = torch_attn
-    fired = []
+    fired, shapes = [], {}
     for name in ("self_attn", "linear1", "linear2", "norm1", "norm3", "dropout", "activation"):
         if name == "activation":
             ours.activation = torch.nn.ReLU()
         getattr(ours, name).register_forward_hook(lambda m, i, o, name=name: fired.append(name))
+    for m in (theirs, ours):  # the shapes a part's hook sees: torch's (L, B, E), not fastattn's (T, E) rows
+        for name in ("norm1", "linear1", "dropout2"):
+            getattr(m, name).register_forward_hook(
+                lambda mod, i, o, name=name, m=m: shapes.setdefault(id(m), {}).update({name: tuple(o.shape)}))
     x, mem = seq(False, 2, 5, g), seq(False, 2, 4, g)
     compare(ours, theirs, (x, mem), {})
     assert set(fired) == {"self_attn", "linear1", "linear2", "norm1", "norm3", "dropout", "activation"}
+    assert shapes[id(ours)] == shapes[id(theirs)] == {"norm1": (5, 2, D), "linear1": (5, 2, FF),
+                                                      "dropout2": (5, 2, D)}
 
 
 def test_in_place_activation_keeps_autograd_and_inputs():

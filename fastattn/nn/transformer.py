@@ -197,6 +197,15 @@ def _residual(layer: nn.Module, f: Tensor, dropout_out: nn.Module, x: Tensor, pr
     return f.add_(x) if in_place and _fresh_ffn(layer) and _plain_dropout(dropout_out) else f + x
 
 
+def _parts_as_torch(layer: nn.Module) -> bool:
+    """Whether a part other than the attention is intercepted (hooks, a forward replaced on the instance) in a layer
+    of nn.Linear feed-forwards: the layer then runs torch's own forward, where the parts see torch's shapes ((L, B, E)
+    or (B, L, E); fastattn's path hands them (T, E) rows: a hook reading o[:, 0] got another tensor). (Other linears,
+    Int8Linear: torch's inference fast path would read their int8 weights; they stay on fastattn's path.)"""
+    return type(layer.linear1) is nn.Linear and type(layer.linear2) is nn.Linear and any(
+        _has_hooks(m) for name, m in layer.named_children() if name not in ("self_attn", "multihead_attn"))
+
+
 def _plain(attn: nn.Module) -> bool:
     """A fastattn MultiheadAttention nobody intercepts: called through mha_forward, its output comes as rows."""
     return isinstance(attn, MultiheadAttention) and type(attn).forward is MultiheadAttention.forward \
@@ -318,6 +327,8 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             packed = Rows.of_nested(src)
             return packed.nested(self._forward_rows(packed.rows, lambda x: self_attention_rows(self.self_attn, x,
                                                                                                packed)))
+        if _parts_as_torch(self):
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
         # the dtypes of a sublayer's output and the residual stream differ under autocast only: torch's general
         # path adds them in the promoted dtype, its fused inference path in the sublayer's
         promote = not (autocast_on(src.device.type)
@@ -357,6 +368,9 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
                 memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
                 memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: bool = False,
                 memory_is_causal: bool = False) -> Tensor:
+        if _parts_as_torch(self):
+            return super().forward(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
+                                   tgt_is_causal, memory_is_causal)
         x = _rows(tgt, "tgt")  # (T, E) rows
         shape = tgt.shape
         if self.norm_first:
@@ -449,7 +463,7 @@ class TransformerEncoder(nn.TransformerEncoder):
     def _packable(self) -> bool:
         """Every layer is this module's own encoder layer with a plain packed self-attention (no extra keys)."""
         return not torch.compiler.is_compiling() and all(
-            type(m) is TransformerEncoderLayer and not _has_hooks(m) and _plain(m.self_attn)
+            type(m) is TransformerEncoderLayer and not _has_hooks(m) and not _parts_as_torch(m) and _plain(m.self_attn)
             and m.self_attn._qkv_same_embed_dim and m.self_attn.bias_k is None and not m.self_attn.add_zero_attn
             for m in self.layers)
 
