@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from fastattn.cli.tasks import LossTotal
-from fastattn.cli.train import Trainer, TrainConfig, _rows
+from fastattn.cli.tasks import LossTotal, take_rows
+from fastattn.cli.train import Trainer, TrainConfig
 
 TINY = dict(tokenizer="bytes", d_model=32, n_layer=1, n_head=2, seq_len=24, clip=0.0, warmup=1, max_data_tokens=20000)
 
@@ -26,7 +26,7 @@ def step_grads(tmp_path, batch, grad_accum, **kw):
     trainer = Trainer(TrainConfig(**TINY, **kw, batch_size=len(batch[0]["input_ids"]) // grad_accum,
                                   grad_accum=grad_accum, out=str(tmp_path / f"run{grad_accum}")))
     rows = trainer.cfg.batch_size
-    micros = iter([tuple(_rows(x, i, rows) for x in batch) for i in range(grad_accum)])
+    micros = iter([tuple(take_rows(x, i * rows, rows) for x in batch) for i in range(grad_accum)])
     trainer.task.batch = lambda split, n, *a, **k: next(micros)
     grads = {}
     trainer.opt.step = lambda: grads.update({k: p.grad.clone() for k, p in trainer.model.named_parameters()
@@ -42,7 +42,7 @@ def test_grad_accumulation_equals_one_batch(tmp_path, pairs, kw):
     kw = {k: [pairs] if v == ["PAIRS"] else v for k, v in kw.items()}
     probe = Trainer(TrainConfig(**TINY, **kw, batch_size=4, out=str(tmp_path / "probe")))
     batch = probe.task.batch("train", 4, torch.Generator().manual_seed(3))
-    counts = [probe.task.scored(_rows(batch[1], i, 2)) for i in range(2)]
+    counts = [probe.task.scored(take_rows(batch[1], 2 * i, 2)) for i in range(2)]
     assert counts[0] != counts[1]  # (else any weighting passes)
     loss1, one = step_grads(tmp_path, batch, 1, **kw)
     loss2, two = step_grads(tmp_path, batch, 2, **kw)

@@ -69,9 +69,11 @@ def pad_right(seqs, pad_id):
     return ids, mask
 
 
-def _first_rows(batch, n):
-    """The first n rows of a tensor, or of each tensor of a dict."""
-    return {k: v[:n] for k, v in batch.items()} if isinstance(batch, dict) else batch[:n]
+def take_rows(batch, start: int, n: int):
+    """Rows start .. start + n - 1 of a tensor, or of each tensor of a dict (a batch's inputs or targets)."""
+    if isinstance(batch, dict):
+        return {k: v[start:start + n] for k, v in batch.items()}
+    return batch[start:start + n]
 
 
 def pick(rows, batch_size, generator, index):
@@ -239,7 +241,7 @@ class CLMTask:
         for i in range(-(-n // batch_size)):
             inputs, target = self.batch("val", batch_size, index=i)
             rows = min(batch_size, n - i * batch_size)  # the last batch: the rows left, not wrapped around
-            yield _first_rows(inputs, rows), _first_rows(target, rows)
+            yield take_rows(inputs, 0, rows), take_rows(target, 0, rows)
 
     def loss_parts(self, out, target):
         return _ce(out.logits, target), None

@@ -17,7 +17,7 @@ from fastattn.cli.config import CLIError, check_new_folder, check_seed, opt
 from fastattn.cli.loading import (DEFAULT_SEQ_LEN, checkpoint_tokenizer, hf_model_type, load_model, load_tokenizer,
                                   pick_device)
 from fastattn.cli.models import TASK_ARCH, build_config, check_task, model_class
-from fastattn.cli.tasks import TASKS, LossTotal, perplexity
+from fastattn.cli.tasks import TASKS, LossTotal, perplexity, take_rows
 
 
 @dataclass
@@ -470,8 +470,8 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             inputs, target = self.task.batch("train", cfg.batch_size * world, self.gen)
             if world > 1:
-                inputs, target = _rows(inputs, self.dist.dp_rank, cfg.batch_size), _rows(target, self.dist.dp_rank,
-                                                                                         cfg.batch_size)
+                first = self.dist.dp_rank * cfg.batch_size  # this rank's rows of the global batch
+                inputs, target = take_rows(inputs, first, cfg.batch_size), take_rows(target, first, cfg.batch_size)
             ntok += self.task.tokens(inputs)
             micros.append((inputs, target, self.task.scored(target)))
         # each scored token (row) of the step weighs the same, in any micro-batch and process (transformers'
@@ -514,7 +514,8 @@ class Trainer:
         for i in range(self.cfg.eval_batches):
             inputs, target = self.task.batch("val", rows * world, index=i)
             if world > 1:
-                inputs, target = _rows(inputs, self.dist.dp_rank, rows), _rows(target, self.dist.dp_rank, rows)
+                first = self.dist.dp_rank * rows
+                inputs, target = take_rows(inputs, first, rows), take_rows(target, first, rows)
             inputs, target = _to(inputs, self.device), _to(target, self.device)
             out = self._forward(self.train_model, inputs)
             loss.add(self.task.loss_parts(out, target), self.task.scored(target))
@@ -733,12 +734,6 @@ def clip_grad_norm(params, max_norm):
     for g in grads:
         g.mul_(coef)
     return total
-
-
-def _rows(x, rank, n):
-    if isinstance(x, dict):
-        return {k: v[rank * n:(rank + 1) * n] for k, v in x.items()}
-    return x[rank * n:(rank + 1) * n]
 
 
 def _to(x, device):
