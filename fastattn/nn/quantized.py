@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.int8 import (X_DTYPES, mm_rows, quantize_per_channel, quantize_per_token, quantize_rows, w8a16_kernel,
-                        w8a16_rows)
+from ..ops.int8 import (X_DTYPES, dequantized_input_grad, mm_rows, quantize_per_channel, quantize_per_token,
+                        quantize_rows, w8a16_kernel, w8a16_rows)
 
 MODES = ("w8a8", "w8a8_static", "w8a16")
 _KEPT_DTYPE = ("weight_scale", "input_scale", "smooth", "bias")  # Int8Linear's float buffers: not cast with the model
@@ -153,9 +153,8 @@ class _InputGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         layer = ctx.layer
-        dt = dy.dtype
-        dx = (dy * layer.weight_scale.to(dt)) @ layer.weight.to(dt)
-        return (dx if layer.smooth is None else dx / layer.smooth.to(dt)), None
+        dx = dequantized_input_grad(dy, layer.weight, layer.weight_scale)
+        return (dx if layer.smooth is None else dx / layer.smooth.to(dy.dtype)), None
 
 
 class _FakeQuantSTE(torch.autograd.Function):

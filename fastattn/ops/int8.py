@@ -315,8 +315,14 @@ class _W8A16Grad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         w, w_scale = ctx.saved_tensors
-        dx = (dy * w_scale.to(dy.dtype)) @ w.to(dy.dtype) if ctx.needs_input_grad[0] else None
+        dx = dequantized_input_grad(dy, w, w_scale) if ctx.needs_input_grad[0] else None
         return dx, None, None, dy.sum(0) if ctx.needs_input_grad[3] else None
+
+
+def dequantized_input_grad(dy: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
+    """The gradient of x in x W^T for the output gradient dy (..., N), W = w (N, K) int8 * w_scale (N,) per row, in
+    dy's dtype: what the int8 layers hand back to their input."""
+    return (dy * w_scale.to(dy.dtype)) @ w.to(dy.dtype)
 
 
 def w8a16_kernel(device: torch.device, dtype: torch.dtype, K: int):
