@@ -340,3 +340,43 @@ def test_layer_settings_set_after_construction_are_carried():
     assert [layer.norm2.eps for layer in new_enc.layers] == [1e-5, 0.5, 1e-5] and new_dec.norm3.eps == 0.25
     assert new_enc.layers[2].norm1 is enc.layers[2].norm1
     assert (new_enc.layers[0].dropout1.p, new_enc.layers[0].self_attn.dropout) == (0.25, 0.125)
+
+
+class MixedWithDropout(Mixed):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.25)
+
+    def forward(self, x, k, v):
+        return self.drop(super().forward(x, k, v))
+
+
+@pytest.mark.parametrize("int8", [False, "w8a16"])
+def test_fx_symbolic_trace_as_torchs(int8):
+    """torch.fx keeps torch.nn's modules as leaves; after convert a model traces the same way: one call_module node
+    per module (the norms: calls of fastattn's layer_norm / rms_norm), the traced model's outputs and gradients
+    equal the model's. fx traced into the drop-ins' forwards and raised (their checks are control flow)."""
+    torch_model = build(MixedWithDropout)
+    model = fastattn.convert(copy.deepcopy(torch_model), int8=int8)
+
+    def modules(g):
+        return [n.target for n in g.graph.nodes if n.op == "call_module"]
+
+    g = torch.fx.symbolic_trace(model)
+    assert modules(g) == [m for m in modules(torch.fx.symbolic_trace(torch_model)) if m not in ("ln", "rms")]
+    assert [n.target.__name__ for n in g.graph.nodes if n.op == "call_function"][:2] == ["layer_norm", "rms_norm"]
+    args = inputs()
+    for training in (False, True):
+        model.train(training)
+        g.train(training)
+        torch.manual_seed(1)
+        y = model(*args)
+        torch.manual_seed(1)
+        yg = g(*args)
+        assert torch.equal(y, yg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ga = torch.autograd.grad(y.square().sum(), params)
+    gb = torch.autograd.grad(yg.square().sum(), params)
+    assert all(torch.equal(a, b) for a, b in zip(ga, gb))
+    with pytest.raises(torch.fx.proxy.TraceError, match="cannot be the root"):  # torch's raises TraceError too
+        torch.fx.symbolic_trace(fnn.MultiheadAttention(D, H))

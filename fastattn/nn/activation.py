@@ -20,6 +20,7 @@ from ..ops.attention.dispatch import dropout_mask_op
 from ..ops.dropout import dropout_rng
 from ..ops.batching import autocast_on, direct_call_ok, grads_with_graph, is_transformed
 from ..reference import attention_scores
+from ._fx import fx_leaf
 from ._torchscript import refuse_script
 
 
@@ -307,6 +308,7 @@ class MultiheadAttention(nn.MultiheadAttention):
     torch's AssertionError.
     """
 
+    @fx_leaf
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..ops.int8 import (X_DTYPES, dequantized_input_grad, mm_rows, quantize_per_channel, quantize_per_token,
                         quantize_rows, w8a16_kernel, w8a16_rows)
+from ._fx import fx_leaf
 
 MODES = ("w8a8", "w8a8_static", "w8a16")
 _KEPT_DTYPE = ("weight_scale", "input_scale", "smooth", "bias")  # Int8Linear's float buffers: not cast with the model
@@ -90,6 +91,7 @@ class Int8Linear(nn.Module):
             m.input_scale.fill_(float(input_scale))
         return m
 
+    @fx_leaf
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dtype not in X_DTYPES:
             raise TypeError(f"x: expected a tensor of {X_DTYPES}, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -179,6 +181,7 @@ def fake_quantize_rows(x: Tensor) -> Tensor:
 class QATLinear(nn.Linear):
     """nn.Linear that trains through int8 fake quantization of its weight (per channel) and input (per token)."""
 
+    @fx_leaf
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(fake_quantize_rows(x), fake_quantize_rows(self.weight), self.bias)
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..ops.add_norm import add_layer_norm, add_norm_rows_nograd, plain_rows
 from ..ops.batching import autocast_on
 from ..ops.dropout import dropout
+from ._fx import fx_leaf
 from ._torchscript import refuse_script
 from .activation import MultiheadAttention, linear_rows, mha_forward
 from .packed import Rows, nested_refusal, self_attention_rows
@@ -318,6 +319,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             self.activation_relu_or_gelu = 0
         self.activation = activation
 
+    @fx_leaf
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
                 is_causal: bool = False) -> Tensor:
         _check_float_or_bool("src_key_padding_mask", src_key_padding_mask)
@@ -364,6 +366,7 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
                      {"device": device, "dtype": dtype}, decoder=True)
         self.activation = _activation_fn(activation)
 
+    @fx_leaf
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
                 memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
                 memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: bool = False,
@@ -432,6 +435,7 @@ class TransformerEncoder(nn.TransformerEncoder):
     the padding is filled with zeros at the end (without a NestedTensor; when a layer is not this module's own, the
     padded keys are masked out in every layer instead)."""
 
+    @fx_leaf
     def forward(self, src: Tensor, mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
                 is_causal: Optional[bool] = None) -> Tensor:
         _check_float_or_bool("src_key_padding_mask", src_key_padding_mask)
@@ -511,6 +515,7 @@ class TransformerDecoder(nn.TransformerDecoder):
     """torch.nn.TransformerDecoder, running fastattn layers when given one (deep-copied num_layers times, as in
     torch). Same constructor, forward (tgt_is_causal=None detects a causal tgt_mask as torch does) and outputs."""
 
+    @fx_leaf
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
                 memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
                 memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: Optional[bool] = None,
@@ -560,4 +565,5 @@ class Transformer(nn.Transformer):
         self.nhead = nhead
         self.batch_first = batch_first
 
+    forward = fx_leaf(nn.Transformer.forward)
     __prepare_scriptable__ = refuse_script
