@@ -90,7 +90,7 @@ def test_other_tensor_subclasses_are_refused_not_read():
 
 # ---- exception types: torch raises RuntimeError; ours is also a ValueError -------------------------------------
 @pytest.mark.parametrize("case", ["mask-and-causal", "1-d", "dtypes", "batch", "batch-3d-kv", "gqa-heads", "no-gqa",
-                                  "dropout>1", "dropout<0", "head-dim"])
+                                  "dropout>1", "dropout<0", "head-dim", "mask-dtype", "half-mask"])
 def test_errors_are_torchs_exception_type(case):
     q, k, v, kw = randn(2, 4, 5, 8), randn(2, 4, 6, 8), randn(2, 4, 6, 8), {}
     if case == "mask-and-causal":
@@ -113,6 +113,10 @@ def test_errors_are_torchs_exception_type(case):
         kw = dict(dropout_p=-0.1)
     elif case == "head-dim":
         k = randn(2, 4, 6, 4)
+    elif case == "mask-dtype":  # a float mask: float32 or q's dtype
+        kw = dict(attn_mask=torch.zeros(5, 6, dtype=torch.float64))
+    elif case == "half-mask":
+        q, k, v, kw = q.bfloat16(), k.bfloat16(), v.bfloat16(), dict(attn_mask=torch.zeros(5, 6, dtype=torch.half))
     try:
         F.scaled_dot_product_attention(q, k, v, **kw)
     except RuntimeError:
@@ -123,6 +127,17 @@ def test_errors_are_torchs_exception_type(case):
         fastattn.scaled_dot_product_attention(q, k, v, **kw)
     assert isinstance(err.value, ValueError) and isinstance(err.value, fastattn.ArgumentError)
     assert any(name in str(err.value) for name in ("query", "key", "value", "attn_mask", "dropout_p")), err.value
+
+
+def test_signature_is_torchs():
+    """scale and enable_gqa are keyword-only, as in torch; a float32 mask goes with a half query."""
+    q = randn(1, 2, 3, 4)
+    for f in (F.scaled_dot_product_attention, fastattn.scaled_dot_product_attention):
+        with pytest.raises(TypeError, match="positional"):
+            f(q, q, q, None, 0.0, False, 0.5)
+    qh = q.bfloat16()
+    torch.testing.assert_close(fastattn.scaled_dot_product_attention(qh, qh, qh, attn_mask=torch.ones(3, 3)),
+                               F.scaled_dot_product_attention(qh, qh, qh, attn_mask=torch.ones(3, 3)))
 
 
 # ---- batch broadcasting ----------------------------------------------------------------------------------------

@@ -179,7 +179,7 @@ def _attention(q, k, v, packed, causal, attn_mask, key_padding_mask, dropout_p, 
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
-                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, *, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention: same signature, semantics and errors (an
     :class:`fastattn.ArgumentError` is the RuntimeError torch raises), batch dims broadcast, torch's CausalBias
@@ -191,5 +191,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     elif is_causal and attn_mask is not None:
         raise ArgumentError("attn_mask: must be None when is_causal=True (as in torch's scaled_dot_product_attention)"
                             "; fastattn.attention(q, k, v, causal='top_left', attn_mask=...) applies both")
+    elif isinstance(attn_mask, Tensor) and isinstance(query, Tensor) and attn_mask.is_floating_point() and \
+            attn_mask.dtype not in (torch.float32, query.dtype):
+        raise ArgumentError(f"attn_mask: a float mask of {attn_mask.dtype} with a query of {query.dtype}: torch's "
+                            f"scaled_dot_product_attention takes float32 or the query's dtype")
     return attention(query, key, value, causal="top_left" if is_causal else None, attn_mask=attn_mask,
                      dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa)
