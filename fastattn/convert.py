@@ -472,7 +472,7 @@ def convert(model: nn.Module, *, attention: bool = True, layernorm: bool = True,
     """Swap, in place, torch's nn.MultiheadAttention and nn.Transformer{,Encoder,Decoder}{,Layer} (attention=True),
     nn.LayerNorm, nn.RMSNorm and HF transformers' Llama-style RMSNorms (layernorm=True), nn.Dropout (dropout=True:
     fastattn's Philox dropout, which draws other masks than torch's generator) and nn.Linear (int8=True or a mode:
-    "w8a8", "w8a8_static", "w8a16") for fastattn's, carrying the weights; HF transformers models (attention=True)
+    "w8a8" (= True) or "w8a16"; "w8a8_static" needs calibration: fastattn.quantize) for fastattn's, carrying the weights; HF transformers models (attention=True)
     switch to attn_implementation="fastattn". ``skip``: module names as in ``named_modules()`` (fnmatch patterns
     allowed) or classes; a skipped module is left whole, with everything inside it.
 
@@ -487,7 +487,7 @@ def convert(model: nn.Module, *, attention: bool = True, layernorm: bool = True,
     elif int8 is False or int8 is None:
         int8 = None
     elif int8 not in MODES:
-        raise ValueError(f"int8: expected True, False or one of {MODES}, got {int8!r}")
+        raise ValueError(f"int8: expected True, False, 'w8a8' or 'w8a16', got {int8!r}")
     if int8 == "w8a8_static":
         raise ValueError("int8: 'w8a8_static' needs calibrated input scales: use fastattn.quantize(model, calib_data, "
                          "mode='w8a8_static')")

@@ -171,6 +171,7 @@ def test_autocast_bfloat16_matches_unfused():
     (dict(bias=torch.randn(100)), r"bias: expected shape \(101,\)"),
     (dict(reduction="avg"), r"reduction: expected 'mean', 'sum' or 'none'"),
     (dict(chunk_size=0), r"chunk_size: expected a positive int"),
+    (dict(chunk_size=0, reduction="none"), r"chunk_size: expected a positive int"),
     (dict(input=torch.zeros(3, 24, dtype=torch.long)), r"input: expected a floating tensor"),
 ])
 def test_errors_name_the_argument(bad, match):

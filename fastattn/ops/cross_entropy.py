@@ -186,19 +186,20 @@ def _check(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor]
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
                          ignore_index: int = -100, reduction: str = "mean",
                          chunk_size: Optional[int] = None) -> Tensor:
-    """``F.cross_entropy(F.linear(input, weight, bias).float(), target, ignore_index=ignore_index,
-    reduction=reduction)`` with input (..., d), weight (V, d), target (...) class indices, without materialising the
-    logits: an LM head's loss in a fraction of its memory and time. Under autocast the GEMMs run in the autocast
+    """``F.cross_entropy(F.linear(input, weight, bias).float().flatten(0, -2), target.flatten(),
+    ignore_index=ignore_index, reduction=reduction)`` with input (..., d), weight (V, d), target (...) class indices,
+    without materialising the logits: an LM head's loss in a fraction of its memory and time. reduction="none"
+    returns the per-token losses shaped like ``target`` (the unfused expression, logits materialised). Under autocast the GEMMs run in the autocast
     dtype and the softmax in float32, as the unfused expression does. ``chunk_size``: rows per chunk (default: see
     :func:`chunk_rows`). Targets outside [0, V) other than ignore_index raise ArgumentError."""
     _check(input, weight, target, bias, reduction)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ArgumentError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     if reduction == "none" or is_transformed(input, weight, bias) or \
             has_torch_function_subclass(input, weight, target, bias):
         if not is_transformed(target) and not has_torch_function_subclass(target):
             _check_targets(target, weight.shape[0], ignore_index)
         return linear_cross_entropy_ref(input, weight, target, bias, ignore_index=ignore_index, reduction=reduction)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ArgumentError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     x, t = input.reshape(-1, input.shape[-1]), target.reshape(-1).long()
     dev = x.device.type
     cd = torch.get_autocast_dtype(dev) if autocast_on(dev) and x.dtype in _FLOATS else x.dtype
