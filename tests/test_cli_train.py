@@ -350,6 +350,19 @@ def test_generate_user_errors(gpt_run, capsys, monkeypatch, args, stdin, needle)
     assert out.out == "" and out.err.count("\n") == 1 and needle in out.err, out.err
 
 
+def test_generate_fills_the_context_as_generate_does(gpt_run, capsys):
+    """The prompt's tokens (its leading end token too) plus --max-new-tokens - 1 may fill the context, as
+    GPT.generate allows (the last new token is never fed back); one more is refused naming the real prompt length.
+    The check refused one token early and said the prompt was a token shorter."""
+    from fastattn.cli.loading import load_model
+    model, _, tok = load_model(gpt_run)
+    T, n = len(tok.encode_prompt("It is")), model.config.max_seq_len
+    assert main(["generate", str(gpt_run), "-p", "It is", "-n", str(n - T + 1), "--temperature", "0"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(gpt_run), "-p", "It is", "-n", str(n - T + 2)]) == 2
+    assert f"the prompt ({T} tokens)" in capsys.readouterr().err
+
+
 def test_generate_top_k_zero_is_off(gpt_run, capsys, monkeypatch):
     from fastattn.models import GPT
     seen, real = [], GPT.generate

@@ -141,18 +141,19 @@ def _safe_to_show(text, stops):
 
 
 def _check_context(model, prompt_len, n_prompt, max_new):
-    """The longest prompt (after its EOS and any soft prompt) and the new tokens fit the model's positions: a GPT
-    holds both in one context, an encoder-decoder the prompt in its encoder and the new tokens in its decoder."""
+    """The longest prompt (all its tokens, and any soft prompt) and the new tokens fit the model's positions, by
+    generate's rule (the last new token is never fed back): a GPT holds both in one context, an encoder-decoder the
+    prompt in its encoder and the start token and new tokens in its decoder."""
     max_len = getattr(model.config, "max_seq_len", None)
     if max_len is None:
         return
     soft = f" + a soft prompt of {n_prompt}" if n_prompt else ""
     if hasattr(model, "encode"):
-        if 1 + prompt_len + n_prompt > max_len:
+        if prompt_len + n_prompt > max_len:
             raise CLIError(f"the prompt ({prompt_len} tokens{soft}) is longer than the model's {max_len} positions")
-        if 1 + max_new > max_len:
-            raise CLIError(f"--max-new-tokens {max_new} exceeds the model's {max_len - 1} decoder positions")
-    elif 1 + prompt_len + n_prompt + max_new > max_len:
+        if max_new > max_len:
+            raise CLIError(f"--max-new-tokens {max_new} exceeds the model's {max_len} decoder positions")
+    elif prompt_len + n_prompt + max(max_new - 1, 0) > max_len:
         raise CLIError(f"the prompt ({prompt_len} tokens{soft}) + --max-new-tokens {max_new} exceed the model's "
                        f"context of {max_len} tokens: shorten the prompt or lower --max-new-tokens")
 
@@ -203,7 +204,7 @@ def generate(model, tok, prompts, cfg, device, out=None, draft=None, args=None):
     stream = streams(cfg, len(prompts), args)
     if stream and len(prompts) > 1:
         raise CLIError(f"--stream prints one continuation as it comes: give one prompt, not {len(prompts)}")
-    _check_context(model, L - 1, n_prompt, cfg.max_new_tokens)
+    _check_context(model, L, n_prompt, cfg.max_new_tokens)
     if cfg.cuda_graph and (device.type != "cuda" or beams):
         raise CLIError(f"--cuda-graph: a CUDA device, greedy or sampling (here: {device.type}"
                        f"{', beam search' if beams else ''})")
