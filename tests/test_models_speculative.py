@@ -291,6 +291,19 @@ def test_seq2seq_greedy_equals_plain_greedy(variant, draft):
     assert m.memory_kv is None and all(getattr(v, "memory_kv", None) is None for v in kw.values())
 
 
+def test_int32_prompts():
+    """int32 input_ids (greedy, sampling and beams take them; out keeps their dtype): drafting wrote int64 tokens
+    into the int32 output and raised."""
+    m, s = _model("gpt2"), _s2s(list(S2S)[0])
+    ids, mask = _prompts(3, 14)
+    src, smask = _sources(3)
+    for model, x, am in ((m, ids, mask), (s, src, smask)):
+        plain = model.generate(x.int(), 12, temperature=0, attention_mask=am)
+        assert plain.dtype == torch.int32
+        for kw in (dict(prompt_lookup_num_tokens=3), dict(assistant_model=_near_copy(model, 0.01))):
+            assert torch.equal(model.generate(x.int(), 12, temperature=0, attention_mask=am, **kw), plain)
+
+
 def test_seq2seq_t5_batches_are_refused():
     m = _s2s("t5")
     src, mask = _sources(2)

@@ -319,7 +319,7 @@ def speculative_generate(model: nn.Module, out: Tensor, L: int, logits: Tensor, 
             take &= cols[None] <= first[:, None]
             finished.logical_or_(hit.any(1))
         b, c = take.nonzero(as_tuple=True)
-        out[b, L + n[b] + c] = tokens[b, c]
+        out[b, L + n[b] + c] = tokens[b, c].to(out.dtype)  # out: the prompts' dtype (int32 prompts too)
         n.add_(take.sum(1))
         if eos is not None:  # a finished sequence is padded with the first eos id, as without a draft
             pad = (torch.arange(max_new_tokens, device=dev)[None] >= n[:, None]) & finished[:, None]
