@@ -200,6 +200,12 @@ def test_forced_eos_in_every_search(tmp_path):
         sampled = ours.generate(ids, 8, temperature=1.0, attention_mask=mask, generator=g, **spec)
         assert (sampled[:, -1] == EOS[1]).all() and (sampled[:, 1] == 0).all()
     assert (ours.generate(ids, 8, temperature=0, attention_mask=mask, forced_eos_token_id=9)[:, -1] == 9).all()
+    # None turns forcing off for the call, as in transformers (not given: the config's)
+    off = dict(forced_bos_token_id=None, forced_eos_token_id=None)
+    want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                       pad_token_id=1, min_length=0, **off)
+    assert not torch.equal(want, got)
+    assert torch.equal(ours.generate(ids, 8, temperature=0, attention_mask=mask, **off), want)
 
 
 def test_several_samples_per_prompt():

@@ -300,8 +300,8 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
                  typical_p: Optional[float] = None, eos_token_id: Union[int, Sequence[int], None] = FROM_CONFIG,
                  attention_mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
                  streamer: Optional[Any] = None, decoder_start_token_id: Optional[int] = None,
-                 min_new_tokens: int = 0, forced_bos_token_id: Optional[int] = None,
-                 forced_eos_token_id: Optional[int] = None,
+                 min_new_tokens: int = 0, forced_bos_token_id: Optional[int] = FROM_CONFIG,
+                 forced_eos_token_id: Optional[int] = FROM_CONFIG,
                  assistant_model: Optional["Seq2Seq"] = None, num_assistant_tokens: int = 4,
                  prompt_lookup_num_tokens: Optional[int] = None, max_matching_ngram_size: int = 2,
                  num_beams: int = 1, num_return_sequences: int = 1, length_penalty: float = 1.0,
@@ -312,7 +312,8 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         repetition processors, output_scores and cuda_graph as in GPT.generate; prompt lookup searches the source,
         then the tokens decoded so far; with T5's relative positions, speculative decoding takes one sequence at a
         time). The first new token is ``forced_bos_token_id`` and the last (the max_new_tokens-th)
-        ``forced_eos_token_id`` (None: the config's) when there is one, as transformers' generate forces them.
+        ``forced_eos_token_id`` when there is one, as transformers' generate forces them (not given: the config's;
+        None: none).
         ``eos_token_id`` not given: config.eos_token_id, as transformers' generate reads its generation_config (None:
         no end token)."""
         eos_token_id = default_eos(eos_token_id, self.config)
@@ -336,8 +337,8 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         self.setup_caches(B, slots, headroom=spec.headroom if spec else 0)
         try:
             logits = self.prefill(input_ids, attention_mask, out[:, :1])
-            forced = self.config.forced_bos_token_id if forced_bos_token_id is None else forced_bos_token_id
-            last = self.config.forced_eos_token_id if forced_eos_token_id is None else forced_eos_token_id
+            forced = self.config.forced_bos_token_id if forced_bos_token_id is FROM_CONFIG else forced_bos_token_id
+            last = self.config.forced_eos_token_id if forced_eos_token_id is FROM_CONFIG else forced_eos_token_id
             for name, t in (("forced_bos_token_id", forced), ("forced_eos_token_id", last)):
                 if t is not None and not 0 <= t < logits.shape[-1]:
                     raise ValueError(f"{name}: {t} is not a token id (vocab_size {logits.shape[-1]})")
