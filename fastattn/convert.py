@@ -472,9 +472,10 @@ def convert(model: nn.Module, *, attention: bool = True, layernorm: bool = True,
     """Swap, in place, torch's nn.MultiheadAttention and nn.Transformer{,Encoder,Decoder}{,Layer} (attention=True),
     nn.LayerNorm, nn.RMSNorm and HF transformers' Llama-style RMSNorms (layernorm=True), nn.Dropout (dropout=True:
     fastattn's Philox dropout, which draws other masks than torch's generator) and nn.Linear (int8=True or a mode:
-    "w8a8" (= True) or "w8a16"; "w8a8_static" needs calibration: fastattn.quantize) for fastattn's, carrying the weights; HF transformers models (attention=True)
-    switch to attn_implementation="fastattn". ``skip``: module names as in ``named_modules()`` (fnmatch patterns
-    allowed) or classes; a skipped module is left whole, with everything inside it.
+    "w8a8" (= True) or "w8a16"; "w8a8_static" needs calibration: fastattn.quantize) for fastattn's, carrying the
+    weights; HF transformers models (attention=True) switch to attn_implementation="fastattn". ``skip``: module
+    names as in ``named_modules()`` (fnmatch patterns allowed) or classes; a skipped module is left whole, with
+    everything inside it.
 
     Returns the model (a new module only when ``model`` itself is one of the swapped classes). Idempotent. The
     state_dict keys stay the same, except that Int8Linear adds its scales. Logs (logger "fastattn", level INFO) one

@@ -189,9 +189,10 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     """``F.cross_entropy(F.linear(input, weight, bias).float().flatten(0, -2), target.flatten(),
     ignore_index=ignore_index, reduction=reduction)`` with input (..., d), weight (V, d), target (...) class indices,
     without materialising the logits: an LM head's loss in a fraction of its memory and time. reduction="none"
-    returns the per-token losses shaped like ``target`` (the unfused expression, logits materialised). Under autocast the GEMMs run in the autocast
-    dtype and the softmax in float32, as the unfused expression does. ``chunk_size``: rows per chunk (default: see
-    :func:`chunk_rows`). Targets outside [0, V) other than ignore_index raise ArgumentError."""
+    returns the per-token losses shaped like ``target`` (the unfused expression, logits materialised). Under autocast
+    the GEMMs run in the autocast dtype and the softmax in float32, as the unfused expression does. ``chunk_size``:
+    rows per chunk (default: see :func:`chunk_rows`). Targets outside [0, V) other than ignore_index raise
+    ArgumentError."""
     _check(input, weight, target, bias, reduction)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ArgumentError(f"chunk_size: expected a positive int, got {chunk_size!r}")
