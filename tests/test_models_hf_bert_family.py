@@ -283,6 +283,23 @@ def test_deberta_matches_transformers(tmp_path, head, kw, left):
                              dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)))
 
 
+@pytest.mark.parametrize("make", [lambda **kw: transformers.BertForMaskedLM(transformers.BertConfig(**SMALL, **kw)),
+                                  _roberta, _albert, _mpnet, _deberta], ids=["bert", "roberta", "albert", "mpnet",
+                                                                             "deberta"])
+def test_untied_mlm_head_takes_its_decoders_bias(tmp_path, make):
+    """An untied MLM head (tie_word_embeddings false): transformers ties the decoder's bias to the head's only with
+    the embeddings, so its logits add the decoder's own (cls.predictions.decoder.bias, lm_head.decoder.bias), drawn
+    apart from the head's here; both backends within transformers' fp32 error."""
+    torch.manual_seed(0)
+    ids, mask = padded_batch(VOCAB, 12, 4, False, PAD, low=3)
+    hf = make(tie_word_embeddings=False).eval()
+    for ours in _on_both_backends(tmp_path, hf, ids, mask, type(hf).__name__):
+        assert not ours.config.tie_embeddings
+    sd = hf.state_dict()
+    own = next(k for k in sd if k.endswith("decoder.bias"))
+    assert not torch.equal(sd[own], sd[own.replace("decoder.bias", "bias")])
+
+
 def test_fine_tuning_a_roberta_import_trains(tmp_path):
     """The imported model trains on both backends alike (same losses over a few AdamW steps), and round-trips
     through our own save_pretrained / from_pretrained with its position scheme."""

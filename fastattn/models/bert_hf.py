@@ -246,8 +246,13 @@ def _encoder_state(cfg, family: str, m: KeyMap) -> Dict[str, Tensor]:
 
 def _mlm_head(cfg, family: str, top: KeyMap, tok_emb: Tensor, decoder_bias: bool = True) -> Dict[str, Tensor]:
     """The MLM head (dense, norm, the vocabulary bias and untied weight) as ours; the dense and norm biases where the
-    config has them (not ModernBERT's), the vocabulary bias zeros without one (ModernBERT's decoder_bias false)."""
+    config has them (not ModernBERT's), the vocabulary bias zeros without one (ModernBERT's decoder_bias false).
+    An untied head's vocabulary bias is its decoder's own where the checkpoint has one (BERT's
+    cls.predictions.decoder.bias): transformers ties that to the head's bias only with the embeddings."""
     d, E, V, (dense, norm, bias, decoder) = cfg.d_model, cfg.embed_dim or cfg.d_model, cfg.vocab_size, _MLM[family]
+    own_bias = decoder.rsplit(".", 1)[0] + ".bias"
+    if not cfg.tie_embeddings and top.has(own_bias):
+        bias = own_bias
     norm_bias = cfg.bias if cfg.norm_bias is None else cfg.norm_bias
     return {"mlm_head.dense.weight": top.take(f"{dense}.weight", (E, d)),
             **({"mlm_head.dense.bias": top.take(f"{dense}.bias", (E,))} if cfg.head_bias else {}),
