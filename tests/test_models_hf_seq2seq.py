@@ -100,6 +100,21 @@ def test_forced_bos_from_generation_config(tmp_path):
         ours.generate(_source(False)[0], 3, temperature=0, forced_bos_token_id=99)
 
 
+def test_decoder_start_falls_back_to_bos(tmp_path):
+    """mBART's config class leaves decoder_start_token_id null: transformers' generate then starts the decoder with
+    bos_token_id (0, not eos 2), and so does Seq2Seq's."""
+    torch.manual_seed(0)
+    hf = _bart("mbart", decoder_start_token_id=None, bos_token_id=0, eos_token_id=2, init_std=0.3,
+               scale_embedding=True)
+    ours = Seq2Seq.from_hf(_saved(tmp_path, hf))
+    assert ours.config.decoder_start_token_id == 0
+    ids, mask = _source(left=False)
+    want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, num_beams=1,
+                       min_length=0, eos_token_id=None, pad_token_id=1, no_repeat_ngram_size=0)
+    assert torch.equal(ours.generate(ids, 8, temperature=0, attention_mask=mask, eos_token_id=None), want)
+    assert (want[:, 0] == 0).all()
+
+
 def test_backends_train_alike_and_round_trip(tmp_path):
     torch.manual_seed(0)
     path = _saved(tmp_path / "hf", _bart(scale_embedding=True), bias=True)
