@@ -38,6 +38,8 @@ def _family(cls: str, n_layer=2, **fixed):
 # Granite's four multipliers scale the embeddings, scores, sublayer outputs and logits
 GRANITE = dict(embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0)
 FOUR = ["sliding_attention"] * 3 + ["full_attention"]
+LLAMA_LONGROPE = dict(original_max_position_embeddings=16, short_factor=[1.0, 1.2, 1.5, 2.0],
+                      long_factor=[2.0, 4.0, 8.0, 16.0])
 # name: (make, kwargs, {GPTConfig field: expected value})
 MODELS = {"starcoder": (_bigcode, {}, dict(n_kv_head=1, activation="gelu_tanh")),  # multi-query
           "bigcode-mha": (_bigcode, dict(multi_query=False, activation_function="gelu"),
@@ -105,6 +107,12 @@ MODELS = {"starcoder": (_bigcode, {}, dict(n_kv_head=1, activation="gelu_tanh"))
                                                          original_max_position_embeddings=16, partial_rotary_factor=0.5,
                                                          short_factor=[1.0, 1.5], long_factor=[2.0, 8.0])), {},
                             dict(rotary_dim=4)),
+          # Llama's LongRoPE: transformers' Llama keeps the short factors' cache when generate crosses the original
+          # context (its Phi-3 re-runs the sequence with the long ones there): refill_cache false
+          "llama-longrope": (_family("Llama", max_position_embeddings=64, rope_parameters=dict(
+              rope_type="longrope", rope_theta=1e4, **LLAMA_LONGROPE)), {},
+                             dict(rope_scaling=dict(rope_type="longrope", factor=4.0, **LLAMA_LONGROPE,
+                                                    refill_cache=False))),
           # an untied head in the Gemma families (one importer; it tied them, dropping lm_head.weight: argmax agreed 0%)
           "gemma-untied": (_family("Gemma", head_dim=8), dict(tie_word_embeddings=False), dict(tie_embeddings=False)),
           # transformers 5's Gemma 3 keeps attn_logit_softcapping in its config but never applies it
@@ -156,6 +164,7 @@ def test_longrope_past_the_original_context(tmp_path, caplog):
     hf = _saved(tmp_path, make, kw)
     ours = GPT.from_hf(tmp_path)
     assert ours.config.rope_scaling["factor"] == 4.0  # max_position_embeddings / original, as transformers infers
+    assert ours.config.rope_scaling["refill_cache"] is True  # (Phi-3's generate re-runs the sequence)
     ids = padded_batch(VOCAB, 24, 0, left=True, pad_id=0, low=1)[0]
     with torch.no_grad():
         a, b = ours(ids).logits, hf(ids).logits
@@ -164,6 +173,24 @@ def test_longrope_past_the_original_context(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="fastattn"):
         ours.generate(ids[:, :12], 8, temperature=0, num_beams=2)
     assert "past LongRoPE's original context (16)" in caplog.text
+
+
+def test_longrope_refills_unless_told_not_to():
+    """A LongRoPE config without refill_cache (saved before it existed) re-runs the sequence when generate crosses
+    the original context, as refill_cache true does; refill_cache false keeps the short factors' cache."""
+    scaling = {**LONGROPE, "short_factor": [1.0, 1.0, 1.0, 1.0], "long_factor": [2.0, 4.0, 8.0, 16.0]}
+    ids = padded_batch(VOCAB, 12, 0, left=True, pad_id=0, low=1)[0]
+    out = {}
+    for refill in (None, True, False):
+        torch.manual_seed(0)
+        cfg = GPTConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, max_seq_len=64, pos="rotary",
+                        rope_scaling={**scaling, **({} if refill is None else {"refill_cache": refill})})
+        model = GPT(cfg).eval()
+        with torch.no_grad():  # weights that move the greedy tokens
+            for w in (p for p in model.parameters() if p.dim() == 2):
+                w.normal_(0, 0.3)
+        out[refill] = model.generate(ids, 10, temperature=0, eos_token_id=None)
+    assert torch.equal(out[None], out[True]) and not torch.equal(out[True], out[False])
 
 
 @pytest.mark.parametrize("arch", ["starcoder", "granite", "olmo2", "cohere2", "smollm3", "exaone4", "starcoder2",
@@ -202,6 +229,8 @@ LONGROPE = dict(rope_type="longrope", factor=4.0, original_max_position_embeddin
                                        (dict(pos="rotary", rope_scaling=LONGROPE), "rope_scaling"),  # 3 of 4
                                        (dict(pos="rotary", rope_scaling={**LONGROPE, "short_factor": [1, 0, 1, 1]}),
                                         "rope_scaling"),
+                                       (dict(pos="rotary", rope_scaling={**LONGROPE, "short_factor": [1, 1, 1, 1],
+                                                                         "refill_cache": 1}), "rope_scaling"),
                                        (dict(pos="rotary", rope_scaling=dict(rope_type="yarn", factor=4)),
                                         "rope_scaling")])  # no original_max_position_embeddings
 def test_bad_configs_name_the_field(kw, field):

@@ -31,7 +31,9 @@ class ModelConfig:
     {"rope_type": "yarn", "factor", "original_max_position_embeddings", optional "attention_factor", "beta_fast",
     "beta_slow", "mscale", "mscale_all_dim", "truncate"} or LongRoPE's {"rope_type": "longrope", "factor",
     "original_max_position_embeddings", "short_factor", "long_factor" (one per rotary frequency), optional
-    "attention_factor"} (transformers' meanings; scale_frequencies). ``pos="alibi"`` (GPT): no position embedding;
+    "attention_factor"} (transformers' meanings; scale_frequencies), and fastattn's optional "refill_cache":
+    GPT.generate crossing original_max re-runs the sequence with the long factors (true, the default: transformers'
+    Phi-3) or keeps the short factors' cache (false: its Llama). ``pos="alibi"`` (GPT): no position embedding;
     each head's scores get -slope * distance (ALiBi), with BLOOM's slopes or ``alibi_slopes`` (one per head; Falcon-
     RW's are BLOOM's scaled by 1 / sqrt(head_dim)). ``sliding_window`` W (GPT): a token attends to itself and the W
     - 1 before it (Mistral's window), in training, prefill and decoding (BERT: and the W - 1 after it, ModernBERT's

@@ -246,14 +246,15 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         out = input_ids.new_empty(B, L + max_new_tokens)
         out[:, :L] = input_ids
         logits = self.prefill(input_ids, keep)
-        at = self.pos.long_from  # LongRoPE's original context, when this generation will cross it
-        if at is not None and L <= at < L + max_new_tokens - 1:
+        at = self.pos.long_from  # LongRoPE's original context, when this generation will cross it and re-run there
+        if at is not None and L <= at < L + max_new_tokens - 1 and self.config.rope_scaling.get("refill_cache", True):
             if spec is None and num_beams == 1:
                 self._refill = (at, out, keep)
             else:
                 log.warning("generate: beam search and speculative decoding past LongRoPE's original context (%d) "
-                            "keep the cache of the short factors (transformers' Phi-3 re-runs the sequence with the "
-                            "long ones at that step; greedy search and sampling do here too)", at)
+                            "keep the cache of the short factors (with rope_scaling's refill_cache, as transformers' "
+                            "Phi-3, greedy search and sampling re-run the sequence with the long ones at that step)",
+                            at)
         try:
             if spec is not None:
                 draft = spec.draft(out, L, self.config.vocab_size, lambda m: m.prefill(input_ids, keep),

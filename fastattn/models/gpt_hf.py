@@ -8,7 +8,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, KeyMap, hf_get, read_generation_config, read_hf_folder
+from .checkpoint import CheckpointError, HFConfig, KeyMap, hf_get, read_generation_config, read_hf_folder
 from .gpt import GPTConfig
 from .gpt_hf_parallel import ACT
 from .gpt_hf_alibi import from_bloom, from_mpt
@@ -21,11 +21,42 @@ from .gpt_hf_positions import layer_ropes, rope_scaling, sliding_window
 GPT_HF_TYPES = ("gpt2", "gpt_bigcode", "opt", "gemma", "gemma2", "gemma3_text", "vaultgemma") + LLAMA_FAMILIES + \
     MOE_FAMILIES + ("gpt_neox", "phi", "falcon", "gptj", "bloom", "mpt")  # the model_types import_gpt reads
 
+# transformers' config class defaults (transformers.<Family>Config()) of the keys that change the model where they
+# differ from the importers' own fallbacks: filled in where config.json lacks them, as transformers reads it (without
+# needing transformers; tests/test_hf_import_defaults.py checks each entry against its config class)
+_WINDOW = {"sliding_window": 4096}
+_LONG = {"max_position_embeddings": 131072}
+_QWEN = {"max_position_embeddings": 32768, "sliding_window": 4096}  # (the window where use_sliding_window is on)
+_GLM = {**_LONG, "rms_norm_eps": 1.5625e-07, "partial_rotary_factor": 0.5}
+_SOFTCAPS = {**_WINDOW, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+HF_DEFAULTS = {
+    "mistral": {**_LONG, **_WINDOW}, "ministral": {**_LONG, **_WINDOW},
+    **dict.fromkeys(("qwen2", "qwen3", "qwen2_moe"), {**_QWEN, "max_window_layers": 28}), "qwen3_moe": _QWEN,
+    "phi3": {"max_position_embeddings": 4096, "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
+    "stablelm": {"max_position_embeddings": 4096, "partial_rotary_factor": 0.25},
+    "olmo2": {"rms_norm_eps": 1e-5}, "olmo3": {"rms_norm_eps": 1e-5, "rope_theta": 5e5, **_WINDOW},
+    "cohere": {"max_position_embeddings": 8192, "rope_theta": 5e5, "tie_word_embeddings": True},
+    "cohere2": {"max_position_embeddings": 8192, "tie_word_embeddings": True, **_WINDOW},
+    "smollm3": {"max_position_embeddings": 32768, "rope_theta": 2e6, "tie_word_embeddings": True},
+    "exaone4": {"rms_norm_eps": 1e-5, **_WINDOW},
+    "helium": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-8, "rope_theta": 1e5},
+    "ernie4_5": {**_LONG, "rms_norm_eps": 1e-5, "rope_theta": 5e5, "tie_word_embeddings": True},
+    "glm": _GLM, "glm4": _GLM, "seed_oss": {"max_position_embeddings": 524288},
+    "starcoder2": {"max_position_embeddings": 4096, "tie_word_embeddings": True},
+    "nemotron": {"max_position_embeddings": 4096, "partial_rotary_factor": 0.5},
+    "arcee": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5}, "hunyuan_v1_dense": {"rms_norm_eps": 1e-5},
+    "mixtral": {**_LONG, "rms_norm_eps": 1e-5, "rope_theta": 1e6},
+    "olmoe": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "router_aux_loss_coef": 0.01},
+    "gpt_neox": {"rotary_pct": 0.25}, "phi": {"partial_rotary_factor": 0.5}, "gptj": {"rotary_dim": 64},
+    "gemma2": _SOFTCAPS, "vaultgemma": _SOFTCAPS,
+    "gemma3_text": {**_LONG, "rope_theta": 1e6, **_WINDOW}}
+
 
 def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]]:
     """(config with ``overrides`` applied, GPT state dict) of the HF folder at path."""
     hf, state = read_hf_folder(path)
     kind, local_theta = hf.get("model_type"), None
+    hf = HFConfig({**HF_DEFAULTS.get(kind, {}), **hf})
     if kind in ("gpt2", "gpt_bigcode"):
         cfg, sd = _from_gpt2(hf, state)
     elif kind in LLAMA_FAMILIES:

@@ -95,9 +95,6 @@ def from_llama(hf: dict, state, moe: Optional[dict] = None):
     layernorm = kind in ("stablelm", "olmo", "cohere", "cohere2", "starcoder2", "nemotron")
     norm_bias = kind in ("stablelm", "starcoder2", "nemotron")
     bias, qkv_bias = _biases(hf, kind)
-    if kind in ("glm", "glm4", "nemotron") and "partial_rotary_factor" not in hf and \
-            "partial_rotary_factor" not in (hf.get("rope_parameters") or {}):
-        hf = {**hf, "partial_rotary_factor": 0.5}  # GLM's and Nemotron's default
     _, rot = rotary(hf, D)  # Phi-4-mini: partial_rotary_factor 0.75
     if rot is not None and kind not in PARTIAL_ROTARY:  # transformers 5 rotates the whole head there
         log.warning("config.json: partial_rotary_factor is set, and %s's model in transformers rotates the whole head "
@@ -112,7 +109,7 @@ def from_llama(hf: dict, state, moe: Optional[dict] = None):
                     parallel_block="one_norm" if cohere or kind == "stablelm" and hf.get("use_parallel_residual")
                     else None, norm_first=True, mlp="swiglu" if gated else "gelu", activation=ACT.get(act, "silu"),
                     pos="rotary", rope_theta=theta,
-                    tie_embeddings=hf.get("tie_word_embeddings", cohere or kind == "ernie4_5"), bias=bias,
+                    tie_embeddings=hf.get("tie_word_embeddings", False), bias=bias,
                     qkv_bias=qkv_bias, qk_norm=kind in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4",
                                                         "hunyuan_v1_dense"),
                     qk_norm_after_rope=kind == "hunyuan_v1_dense",

@@ -12,27 +12,17 @@ def sliding_window(hf: dict) -> Tuple[Optional[int], Optional[list]]:
     layers have it, else None), or (None, None): Mistral and Phi-3 (every layer), Qwen2 / Qwen3 with
     use_sliding_window (the layers from max_window_layers on, or as layer_types says), Gemma 2 (every other layer,
     the first included), Gemma 3, OLMo 3, Cohere 2 and EXAONE 4 (all but every 6th / 4th layer), StarCoder2 (every
-    layer)."""
-    kind = hf.get("model_type")
+    layer). ``hf``: config.json with its config class's defaults filled in (gpt_hf.HF_DEFAULTS: Mistral's 4096)."""
+    kind, window = hf.get("model_type"), hf.get("sliding_window")
     on = {"mistral": True, "mixtral": True, "phi3": True, "qwen2": False, "qwen3": False, "qwen3_moe": False,
           "qwen2_moe": False, "gemma2": True, "vaultgemma": True, "gemma3_text": True, "olmo3": True, "cohere2": True,
           "smollm3": False, "exaone4": True, "starcoder2": True, "ministral": True}.get(kind)
-    if on is None or not window_of(hf) or not hf.get("use_sliding_window", on):
+    if on is None or not window or not hf.get("use_sliding_window", on):
         return None, None
     types = layer_types(hf)
     if types is not None and "sliding_attention" not in types:
         return None, None
-    return int(window_of(hf)), (None if types is None or set(types) == {"sliding_attention"} else list(types))
-
-
-# transformers' config classes whose sliding_window defaults to 4096 where config.json lacks the key
-_DEFAULT_WINDOW = dict.fromkeys(("mistral", "gemma2", "vaultgemma", "gemma3_text", "olmo3", "cohere2", "exaone4",
-                                 "ministral"), 4096)
-
-
-def window_of(hf: dict) -> Optional[int]:
-    """config.json's sliding_window, or where it lacks one, its config class's default (as transformers reads it)."""
-    return hf.get("sliding_window", _DEFAULT_WINDOW.get(hf.get("model_type")))
+    return int(window), (None if types is None or set(types) == {"sliding_attention"} else list(types))
 
 
 def layer_types(hf: dict) -> Optional[list]:
@@ -63,7 +53,7 @@ def nope_layers(hf: dict) -> list:
         flags = hf.get("no_rope_layers") or [int((i + 1) % hf.get("no_rope_layer_interval", 4) != 0)
                                              for i in range(n)]
         return [i for i, rope in enumerate(flags) if not rope]
-    if kind == "cohere2" or kind == "exaone4" and window_of(hf):
+    if kind == "cohere2" or kind == "exaone4" and hf.get("sliding_window"):
         return [i for i, t in enumerate(layer_types(hf)) if t == "full_attention"]
     return []
 
@@ -84,8 +74,11 @@ def layer_ropes(hf: dict) -> Tuple[dict, Optional[float]]:
 
 def rope_scaling(rope: dict, hf: Optional[dict] = None) -> Optional[dict]:
     """GPTConfig.rope_scaling of an HF rope dict (rope_parameters / rope_scaling): None for the default rope. As
-    transformers reads them: original_max_position_embeddings may sit at the top of ``hf`` (config.json; Phi-3),
-    and YaRN's and LongRoPE's missing factor is max_position_embeddings / original_max_position_embeddings."""
+    transformers reads them: original_max_position_embeddings may sit at the top of ``hf`` (config.json; Phi-3's
+    comes first there, as its config class always has one), and YaRN's and LongRoPE's missing factor is
+    max_position_embeddings / original_max_position_embeddings. LongRoPE's generate re-runs the sequence with the
+    long factors when it crosses the original context (``refill_cache``) in the families whose transformers models
+    do (Phi-3); Llama's keeps the short factors' cache."""
     hf = hf or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "default":
@@ -95,8 +88,12 @@ def rope_scaling(rope: dict, hf: Optional[dict] = None) -> Optional[dict]:
                               f"{', '.join(ROPE_SCALING_KEYS)})")
     scaling = {"rope_type": rope_type, **{k: rope.get(k) for k in ROPE_SCALING_KEYS[rope_type]},
                **{k: rope[k] for k in ROPE_SCALING_OPTIONAL.get(rope_type, ()) if rope.get(k) is not None}}
-    if "original_max_position_embeddings" in scaling and scaling["original_max_position_embeddings"] is None:
-        scaling["original_max_position_embeddings"] = hf.get("original_max_position_embeddings")
+    top, phi3 = hf.get("original_max_position_embeddings"), hf.get("model_type") == "phi3"
+    if "original_max_position_embeddings" in scaling and (scaling["original_max_position_embeddings"] is None or
+                                                           phi3 and top):
+        scaling["original_max_position_embeddings"] = top
+    if rope_type == "longrope":
+        scaling["refill_cache"] = phi3
     if rope_type in ("yarn", "longrope") and scaling["factor"] is None and scaling["original_max_position_embeddings"]:
         scaling["factor"] = hf.get("max_position_embeddings", 0) / scaling["original_max_position_embeddings"]
     try:

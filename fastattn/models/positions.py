@@ -29,7 +29,7 @@ ROPE_SCALING_KEYS = {"linear": ("factor",),
                      "yarn": ("factor", "original_max_position_embeddings"),
                      "longrope": ("factor", "original_max_position_embeddings", "short_factor", "long_factor")}
 ROPE_SCALING_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
-                         "longrope": ("attention_factor",)}
+                         "longrope": ("attention_factor", "refill_cache")}  # (refill_cache: fastattn's, GPT.generate)
 
 
 def check_rope_scaling(scaling: Optional[Dict[str, Any]], owner: str) -> None:
@@ -46,13 +46,13 @@ def check_rope_scaling(scaling: Optional[Dict[str, Any]], owner: str) -> None:
         v, required = scaling.get(key), key in ROPE_SCALING_KEYS[kind]
         if key in ("short_factor", "long_factor"):
             ok = isinstance(v, list) and len(v) > 0 and all(positive(x) for x in v)
-        elif key == "truncate":
+        elif key in ("truncate", "refill_cache"):
             ok = v is None or isinstance(v, bool)
         else:
             ok = positive(v) or (v is None and not required) or (key in ("mscale", "mscale_all_dim") and v == 0)
         if not ok:
             want = "a list of numbers > 0" if key in ("short_factor", "long_factor") else \
-                "true or false" if key == "truncate" else "a number > 0"
+                "true or false" if key in ("truncate", "refill_cache") else "a number > 0"
             raise ValueError(f"{owner}.rope_scaling: {key} must be {want} for {kind}, got {v!r}")
     if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
         raise ValueError(f"{owner}.rope_scaling: high_freq_factor must exceed low_freq_factor")
