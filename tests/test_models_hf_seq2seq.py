@@ -100,6 +100,26 @@ def test_forced_bos_from_generation_config(tmp_path):
         ours.generate(_source(False)[0], 3, temperature=0, forced_bos_token_id=99)
 
 
+def test_end_tokens_list_from_generation_config(tmp_path):
+    """generation_config.json's eos_token_id list is generate's default, every id in it (the first: the start
+    token's fallback); from_hf kept the first alone, so rows ran past the others."""
+    torch.manual_seed(0)
+    path = _saved(tmp_path, _bart(init_std=0.3, pad_token_id=1))  # weights that move the tokens
+    ids, mask = _source(True)
+    plain = Seq2Seq.from_hf(path).generate(ids, 12, temperature=0, attention_mask=mask, eos_token_id=None)
+    stop = next(int(t) for t in plain[0, 1:-2] if t not in (1, 2))  # a token the first row makes, not eos / pad
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, stop], "decoder_start_token_id": 2,
+                                                             "forced_eos_token_id": None}))
+    ours = Seq2Seq.from_hf(path)
+    assert ours.config.eos_token_id == [2, stop]
+    hf = transformers.BartForConditionalGeneration.from_pretrained(path).eval()
+    want = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=2)
+    got = ours.generate(ids, 12, temperature=0, attention_mask=mask)
+    assert torch.equal(got, want)
+    j = int((plain[0] == stop).nonzero()[0, 0])  # row 0 ends at its first `stop`, then holds eos[0]
+    assert got[0, j] == stop and (got[0, j + 1:] == 2).all() and not torch.equal(got[0], plain[0, :got.shape[1]])
+
+
 def test_decoder_start_falls_back_to_bos(tmp_path):
     """mBART's config class leaves decoder_start_token_id null: transformers' generate then starts the decoder with
     bos_token_id (0, not eos 2), and so does Seq2Seq's."""

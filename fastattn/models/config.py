@@ -239,6 +239,17 @@ class ModelConfig:
             return 0
         return self.sliding_window
 
+    def check_eos(self) -> None:
+        """eos_token_id (generate's default end tokens): a token id, a non-empty list of them, or None."""
+        eos = self.eos_token_id
+        if eos is not None and not (isinstance(eos, list) and eos and all(self._is_token(e) for e in eos)
+                                    or self._is_token(eos)):
+            raise ValueError(f"{type(self).__name__}.eos_token_id: expected a token id (< vocab_size "
+                             f"{self.vocab_size}), a non-empty list of them or None, got {eos!r}")
+
+    def _is_token(self, i) -> bool:
+        return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size
+
     def check_ints(self, names, low: int) -> None:
         """Each of ``names`` an int >= low (ValueError naming the field)."""
         for name in names:

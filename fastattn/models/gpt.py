@@ -51,15 +51,7 @@ class GPTConfig(ModelConfig):
         super().validate()
         if not isinstance(self.embed_norm, bool):
             raise ValueError(f"GPTConfig.embed_norm: expected true or false, got {self.embed_norm!r}")
-        eos = self.eos_token_id
-        if eos is not None and not (isinstance(eos, list) and eos and all(_token(e, self.vocab_size) for e in eos)
-                                    or _token(eos, self.vocab_size)):
-            raise ValueError(f"GPTConfig.eos_token_id: expected a token id (< vocab_size {self.vocab_size}), a "
-                             f"non-empty list of them or None, got {eos!r}")
-
-
-def _token(i, vocab_size: int) -> bool:
-    return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
+        self.check_eos()
 
 
 class GPT(CacheMixin, PretrainedMixin, nn.Module):

@@ -38,7 +38,8 @@ class Seq2SeqConfig(ModelConfig):
     n_decoder_layer: Optional[int] = None  # None: n_layer
     embed_norm: bool = True
     pad_token_id: int = 1
-    eos_token_id: int = 2
+    # generate's end token(s) when it is given none: an id or a list (transformers' generation_config), None: none
+    eos_token_id: Union[int, List[int], None] = 2
     decoder_start_token_id: int = 2
     forced_bos_token_id: Optional[int] = None  # generate's first new token, forced (BART-large-CNN's 0, mBART-50's)
     forced_eos_token_id: Optional[int] = None  # and its last (max_new_tokens reached), as BART's generation configs
@@ -57,7 +58,8 @@ class Seq2SeqConfig(ModelConfig):
 
     def validate(self) -> None:
         super().validate()
-        ids = ("pad_token_id", "eos_token_id", "decoder_start_token_id") + tuple(
+        self.check_eos()
+        ids = ("pad_token_id", "decoder_start_token_id") + tuple(
             name for name in ("forced_bos_token_id", "forced_eos_token_id") if getattr(self, name) is not None)
         self.check_ints(("n_decoder_layer", "relative_buckets") + ids, 0)
         self.check_ints(("relative_max_distance",), 1)

@@ -58,8 +58,8 @@ def _config(hf: dict, gen: dict) -> dict:
 
     def generation(name):  # generation_config.json first, as transformers' generate reads it
         return gen.get(name, hf.get(name))
-    eos = generation("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else 2 if eos is None else eos
+    eos = generation("eos_token_id")  # an id or a list (generate's end tokens; the first: the start's fallback)
+    eos = 2 if eos is None else eos
     start = generation("decoder_start_token_id")  # else bos (mBART's null), as transformers' generate falls back
     d = hf["d_model"]
     pad = 1 if hf.get("pad_token_id") is None else hf["pad_token_id"]
@@ -71,7 +71,8 @@ def _config(hf: dict, gen: dict) -> dict:
                 roberta_positions=kind == "m2m_100",
                 embed_norm=kind in ("bart", "mbart"), embed_scale=math.sqrt(d) if hf.get("scale_embedding") else 1.0,
                 tie_embeddings=hf.get("tie_word_embeddings", True), bias=True, pad_token_id=pad, eos_token_id=eos,
-                decoder_start_token_id=next(t for t in (start, generation("bos_token_id"), eos) if t is not None),
+                decoder_start_token_id=next(t for t in (start, generation("bos_token_id"),
+                                                        eos[0] if isinstance(eos, list) else eos) if t is not None),
                 forced_bos_token_id=generation("forced_bos_token_id"),
                 forced_eos_token_id=generation("forced_eos_token_id"))
 

@@ -43,7 +43,7 @@ def import_t5(hf: dict, state: Dict[str, Tensor], gen: dict, overrides: dict) ->
                 norm_eps=hf.get("layer_norm_epsilon", 1e-6), norm_first=True,
                 mlp=("swiglu" if act == "silu" else "geglu") if gated else "gelu", activation=ours,
                 pos="none", embed_norm=False, attn_scale=1.0, tie_embeddings=tied, bias=False, pad_token_id=pad,
-                eos_token_id=eos[0] if isinstance(eos, list) else eos,
+                eos_token_id=eos,
                 decoder_start_token_id=pad if start is None else start,
                 relative_buckets=hf.get("relative_attention_num_buckets", 32),
                 relative_max_distance=hf.get("relative_attention_max_distance", 128))
