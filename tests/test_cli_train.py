@@ -136,6 +136,17 @@ def test_eval_scores_every_row_of_the_given_file(tmp_path, labelled, capsys):
     assert abs(accuracy[1] - (1 - first30)) < 1e-9
 
 
+
+def test_eval_of_the_held_out_split_counts_each_row_once(tmp_path, labelled, capsys):
+    """eval RUN (no --data) scores the run's held-out rows once each, --batches at most: a 4-row split gave
+    "examples": 128, its rows cycled to --batches x --batch-size, and an accuracy no row count gives."""
+    run = train(tmp_path, "run", "--task", "classify", "--data", str(labelled), "--steps", "4")
+    assert main(["eval", str(run), "--batch-size", "3"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["examples"] == 4 and res["accuracy"] in (0, 0.25, 0.5, 0.75, 1)
+    assert main(["eval", str(run), "--split", "train", "--batch-size", "5", "--batches", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 10
+
 def test_classify_from_mlm_checkpoint(tmp_path, labelled):
     bert = train(tmp_path, "bert", "--task", "mlm")
     run = train(tmp_path, "clf", "--task", "classify", "--data", str(labelled), "--init", str(bert), "--mode",

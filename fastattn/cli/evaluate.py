@@ -23,7 +23,8 @@ class EvalConfig:
     task: Optional[str] = opt(None, "clm, mlm, seq2seq or classify (default: the checkpoint's)", choices=list(TASKS))
     split: str = opt("val", "val: the held-out split of the run's data; train: its training split (with --data: "
                      "all of the files)", choices=["val", "train"])
-    batches: int = opt(16, "batches to evaluate (with --data: as many as its windows of text, pairs or rows take)")
+    batches: int = opt(16, "batches to evaluate at most, each row once (with --data: as many as its windows of "
+                       "text, pairs or rows take)")
     batch_size: int = opt(8, "sequences per batch")
     seq_len: Optional[int] = opt(None, "tokens per sequence (default: the run's)")
     device: str = opt("auto", "cpu, cuda or auto")
@@ -93,8 +94,8 @@ def main(cfg: EvalConfig) -> int:
     _check_fits(model, tcfg.seq_len)
     model = quantize_on_load(model, state, tok, cfg.int8)
     whole_file = bool(cfg.data)  # the user's files: every window of text, pair or row, once
-    batches = task.every_row(cfg.batch_size) if whole_file else \
-        (task.batch(cfg.split, cfg.batch_size, index=i) for i in range(cfg.batches))
+    # every window of text, pair or row once: all of the user's files, or up to --batches of the run's split
+    batches = task.every_row(cfg.batch_size) if whole_file else task.every_row(cfg.batch_size, cfg.split, cfg.batches)
     loss, correct, count, ntok, examples = LossTotal(), 0, 0, 0, 0
     start = time.perf_counter()
     with torch.no_grad():

@@ -230,16 +230,16 @@ class CLMTask:
         """The tokens of text one row of a batch reads (clm: seq_len inputs + 1 target)."""
         return self.cfg.seq_len + 1
 
-    def every_row(self, batch_size):
-        """Batches of the held-out data once, in order (``fastattn eval --data``: all of the files): each pair
-        (clm's with a target token within --seq-len), or each window of the text (a last part shorter than one
-        left out)."""
+    def every_row(self, batch_size, split="val", max_batches=None):
+        """Batches of a split once, in order, up to max_batches (``fastattn eval``; with --data: all of the files):
+        each pair (clm's with a target token within --seq-len), or each window of the text (a last part shorter
+        than one left out); never a row twice."""
         if self.pairs is None:
-            n = len(self.data.split("val")) // self.window()
+            n = len(self.data.split(split)) // self.window()
         else:
-            n = len(self._rows_with_targets("val") if self.name == "clm" else self.pairs[1])
-        for i in range(-(-n // batch_size)):
-            inputs, target = self.batch("val", batch_size, index=i)
+            n = len(self._rows_with_targets(split) if self.name == "clm" else self.pairs[0 if split == "train" else 1])
+        for i in range(min(-(-n // batch_size), max_batches or n)):
+            inputs, target = self.batch(split, batch_size, index=i)
             rows = min(batch_size, n - i * batch_size)  # the last batch: the rows left, not wrapped around
             yield take_rows(inputs, 0, rows), take_rows(target, 0, rows)
 
@@ -548,10 +548,12 @@ class ClassifyTask:
         rows = self.train if split == "train" else self.val
         return self._rows([rows[j] for j in pick(rows, batch_size, generator, index)])
 
-    def every_row(self, batch_size):
-        """Batches of every held-out row once, in order (``fastattn eval --data``: every row of the file)."""
-        for start in range(0, len(self.val), batch_size):
-            yield self._rows(self.val[start:start + batch_size])
+    def every_row(self, batch_size, split="val", max_batches=None):
+        """Batches of a split's rows once, in order, up to max_batches (``fastattn eval``; with --data: every row
+        of the file)."""
+        rows = self.train if split == "train" else self.val
+        for start in range(0, min(len(rows), (max_batches or len(rows)) * batch_size), batch_size):
+            yield self._rows(rows[start:start + batch_size])
 
     def _rows(self, rows):
         ids, mask = pad_right([self._encode(text) for text, _ in rows], self.tok.pad_id)
