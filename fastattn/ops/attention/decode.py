@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ... import _ext
 from ...backends import (REFERENCE_DEVICES, BackendNotSupported, Dispatcher, Impl, compiled_has, forced_backend_name,
@@ -185,9 +186,11 @@ def route(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi: Option
     mask (the same for every head and query: a key_padding_mask)."""
     B, H, L, E = q.shape
     S = k.shape[2]
-    if type(L) is not int or type(S) is not int:  # symbolic sizes (a dynamic-shape export): no guard on them here
-        return None
-    if not (0 < L <= MAX_QUERIES and S >= MIN_KEYS.get(q.device.type, 1 << 62)):
+    if torch.compiler.is_compiling():  # sizes may be symbolic (dynamic shapes): decided without guarding on them
+        fits = (L > 0, L <= MAX_QUERIES, S >= MIN_KEYS.get(q.device.type, 1 << 62))
+        if not all(statically_known_true(c) for c in fits):
+            return None
+    elif not (0 < L <= MAX_QUERIES and S >= MIN_KEYS.get(q.device.type, 1 << 62)):
         return None  # most calls: decided before the checks below (route_for repeats it for binders)
     if p.dropout_p > 0 or alibi is not None or (p.window_left, p.window_right) != (-1, -1):
         return None

@@ -206,7 +206,7 @@ def as_float(name: str, v) -> float:
 
 def check_softcap(softcap) -> float:
     softcap = as_float("softcap", softcap)
-    if not (softcap >= 0 and math.isfinite(softcap)):
+    if not 0 <= softcap < math.inf:  # (not math.isfinite: dynamo cannot trace it on a symbolic float)
         raise ArgumentError(f"softcap: expected a finite number >= 0 (0: off), got {softcap}")
     return softcap
 
@@ -233,6 +233,6 @@ def softmax_scale(scale, head_dim: int) -> float:
     if scale is None:
         return head_dim ** -0.5 if head_dim > 0 else 1.0
     scale = as_float("scale", scale)
-    if not math.isfinite(scale):
+    if not -math.inf < scale < math.inf:
         raise ArgumentError(f"scale: expected a finite number, got {scale}")
     return scale
