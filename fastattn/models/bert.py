@@ -21,10 +21,12 @@ from torch import Tensor, nn
 from .bert_hf import load_bert
 from .config import ModelConfig
 from .layers import (Block, ModelOutput, PretrainedMixin, activation_fn, init_weights, check_skip_padding, drop,
-                     embed_tokens, keep_mask, lm_head_loss, make_norm, padding_or_none, token_positions, run_block)
+                     embed_tokens, keep_mask, lm_head_loss, make_norm, padding_or_none, token_positions, run_block,
+                     upcast)
 from .positions import Positions
 
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+LOSS_RULES = ("bert", "deberta")  # how problem_type None picks the loss: transformers' BERT's or DeBERTa-v2's
 POOLER_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}
 
 
@@ -38,7 +40,11 @@ class BERTConfig(ModelConfig):
     type_vocab_size: int = 2  # 0: no token-type embedding (DistilBERT)
     num_labels: int = 2
     problem_type: Optional[str] = None  # the classifier's loss, as transformers' config.problem_type (None: inferred)
+    loss_rule: str = "bert"  # problem_type None's inference (LOSS_RULES; "deberta": from_hf on DeBERTa-v2 / v3)
     pad_token_id: int = 0
+    # the token embedding's padding_idx is pad_token_id: lookups send no gradient into that row (transformers' BERT
+    # family; from_hf sets it); the init is unchanged
+    embed_padding_idx: bool = False
     # RoBERTa's position ids: the real tokens numbered in order, skipping padding, from table row pos_offset (which
     # must be pad_token_id + 1); padding tokens (pad_token_id) at row pad_token_id
     roberta_positions: bool = False
@@ -68,6 +74,8 @@ class BERTConfig(ModelConfig):
             raise ValueError(f"BERTConfig.pad_token_id: {self.pad_token_id} is not below vocab_size {self.vocab_size}")
         if self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"BERTConfig.problem_type: {self.problem_type!r} is not one of {PROBLEM_TYPES}")
+        if self.loss_rule not in LOSS_RULES:
+            raise ValueError(f"BERTConfig.loss_rule: {self.loss_rule!r} is not one of {LOSS_RULES}")
         if self.pooler_activation not in POOLER_ACTIVATIONS:
             raise ValueError(f"BERTConfig.pooler_activation: {self.pooler_activation!r} is not one of "
                              f"{tuple(POOLER_ACTIVATIONS)}")
@@ -89,7 +97,7 @@ class BERTConfig(ModelConfig):
                                  f"({self.rel_pos_buckets // 2 + 1}), got {self.rel_pos_max!r}")
         if self.embed_dim is not None:
             self.check_ints(("embed_dim",), 1)
-        for name in ("pooler_norm", "head_bias", "shared_layers"):
+        for name in ("pooler_norm", "head_bias", "shared_layers", "embed_padding_idx"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BERTConfig.{name}: expected true or false, got {getattr(self, name)!r}")
         if self.shared_layers and (self.layer_types is not None or not self.first_input_norm):
@@ -109,6 +117,8 @@ class BERTEncoder(nn.Module):
         self.cfg = cfg
         E = cfg.embed_dim or cfg.d_model
         self.tok_emb = nn.Embedding(cfg.vocab_size, E)
+        if cfg.embed_padding_idx:  # (after construction: the init stays as without it)
+            self.tok_emb.padding_idx = cfg.pad_token_id
         self.pos = Positions(cfg, cfg.pos_offset, E)
         self.type_emb = nn.Embedding(cfg.type_vocab_size, E) if cfg.type_vocab_size else None
         self.embed_norm = make_norm(cfg, E)
@@ -231,7 +241,7 @@ class BERT(PretrainedMixin, nn.Module):
             logits, loss = lm_head_loss(self.mlm_head.decoder, self.mlm_head.transform(h), labels,
                                         self.config.backend, self.training if skip_logits is None else skip_logits)
         if next_sentence_label is not None:
-            nsp = F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
+            nsp = F.cross_entropy(upcast(nsp_logits), next_sentence_label.view(-1))
             loss = nsp if loss is None else loss + nsp
         return ModelOutput(logits=logits, loss=loss, nsp_logits=nsp_logits, hidden_states=h)
 
@@ -240,7 +250,8 @@ class BERT(PretrainedMixin, nn.Module):
         """Import a local HF BERT-family folder (BertForPreTraining; BertForMaskedLM / BertModel, RoBERTa, XLM-R,
         CamemBERT, DistilBERT, ELECTRA, ALBERT, DeBERTa-v2 / v3, MPNet and ModernBERT masked LMs too, the heads they
         lack left at random init with a warning, except the MLM head, which must be there); dtype / device as in
-        GPT.from_hf."""
+        GPT.from_hf. ``dropout`` is the checkpoint's hidden dropout (its attention and classifier rates are not
+        taken: bert_hf.py); ``overrides`` set config fields (e.g. dropout=0.0)."""
         return load_bert(cls, path, dtype, device, overrides, "pretraining")
 
 
@@ -248,8 +259,11 @@ class BERTForSequenceClassification(PretrainedMixin, nn.Module):
     """The encoder, the pooler and a classifier: .logits (B, num_labels); .loss from ``labels`` by
     ``config.problem_type``, as transformers' BertForSequenceClassification: "regression" (mean squared error),
     "single_label_classification" (cross-entropy of class ids (B,)), "multi_label_classification" (binary
-    cross-entropy of multi-hot (B, num_labels)); None: regression when num_labels == 1, else single-label for
-    integer labels and multi-label for float ones."""
+    cross-entropy of multi-hot (B, num_labels)); None: regression when num_labels == 1, else (``config.loss_rule``
+    "bert") single-label for integer labels and multi-label for float ones, or ("deberta", DeBERTa-v2's rule)
+    cross-entropy of class ids (B,) or (B, 1), integer or float, over the rows whose label is >= 0 (0 when none is),
+    and for other (B, num_labels) labels the soft-label cross-entropy -(log_softmax(logits) * labels).sum(-1).mean().
+    The loss is float32 for 16-bit models, in the model's dtype otherwise."""
     config_class = BERTConfig
     head_modules = ("pooler", "classifier")
 
@@ -266,18 +280,7 @@ class BERTForSequenceClassification(PretrainedMixin, nn.Module):
         pooled = self.pooler(self.encoder(input_ids, attention_mask, token_type_ids), attention_mask)
         pooled = drop(pooled, self.config.dropout, self.training, self.config.backend)
         logits = self.classifier(pooled)
-        loss = None
-        if labels is not None:
-            kind = self.config.problem_type or ("regression" if self.config.num_labels == 1 else
-                                                "multi_label_classification" if labels.is_floating_point() else
-                                                "single_label_classification")
-            if kind == "regression":
-                out = logits.squeeze(-1) if self.config.num_labels == 1 else logits
-                loss = F.mse_loss(out.float(), labels.float().view(out.shape))
-            elif kind == "single_label_classification":
-                loss = F.cross_entropy(logits.float(), labels.long().view(-1))
-            else:
-                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float().view(logits.shape))
+        loss = None if labels is None else classification_loss(self.config, logits, labels)
         return ModelOutput(logits=logits, loss=loss)
 
     @classmethod
@@ -285,6 +288,31 @@ class BERTForSequenceClassification(PretrainedMixin, nn.Module):
                 **overrides) -> "BERTForSequenceClassification":
         """Import a local HF BERT-family folder; a *ForSequenceClassification's classifier is loaded, any other
         checkpoint's classifier (and a missing pooler) starts at random init (fine-tuning), with a warning;
-        dtype / device as in GPT.from_hf."""
+        dtype / device / overrides and dropout as in BERT.from_hf; DeBERTa-v2 / v3's loss rule
+        (``loss_rule="deberta"``)."""
         return load_bert(cls, path, dtype, device, overrides, "classify")
 
+
+def classification_loss(cfg: BERTConfig, logits: Tensor, labels: Tensor) -> Tensor:
+    """BERTForSequenceClassification's loss of logits (B, num_labels) against labels (its docstring)."""
+    logits, kind = upcast(logits), cfg.problem_type
+    if kind is None and cfg.num_labels > 1 and cfg.loss_rule == "deberta":
+        return _deberta_loss(logits, labels)
+    kind = kind or ("regression" if cfg.num_labels == 1 else
+                    "multi_label_classification" if labels.is_floating_point() else "single_label_classification")
+    if kind == "regression":
+        out = logits.squeeze(-1) if cfg.num_labels == 1 else logits
+        return F.mse_loss(out, labels.to(out.dtype).view(out.shape))
+    if kind == "single_label_classification":
+        return F.cross_entropy(logits, labels.long().view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype).view(logits.shape))
+
+
+def _deberta_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """DebertaV2ForSequenceClassification's loss with problem_type None and num_labels > 1."""
+    if labels.dim() == 1 or labels.shape[-1] == 1:  # class ids, negative ones ignored
+        labels = labels.reshape(-1)
+        keep = labels >= 0
+        ce = F.cross_entropy(logits, torch.where(keep, labels, 0).long(), reduction="none")
+        return (ce * keep).sum() / keep.sum().clamp_min(1)  # the kept rows' mean (0 without any)
+    return -(torch.log_softmax(logits, -1) * labels.to(logits.dtype)).sum(-1).mean()  # soft labels (B, C)

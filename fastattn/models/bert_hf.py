@@ -21,6 +21,14 @@ How they differ from BERT, and how the config says it:
   the convolution of DeBERTa-v2-xlarge, relative embeddings without their LayerNorm.
 - MPNet is RoBERTa (its positions, MLM head and classifier) without token types, plus T5's relative-position bias
   (``relative_buckets``: one table shared by the layers, both directions, distances up to 128).
+
+Every family: the token embedding's pad_token_id row gets no gradient from the lookups, as transformers' padding_idx
+(``embed_padding_idx``). Dropout: BERTConfig has one probability (``dropout``: the embeddings, the attention
+probabilities, each sublayer's output, the pooled output before the classifier), set to the checkpoint's hidden
+dropout (hidden_dropout_prob; DistilBERT's dropout; ModernBERT's mlp_dropout). Not taken, those places dropping at
+that one rate: the attention rates (attention_probs_dropout_prob, attention_dropout), ModernBERT's
+embedding_dropout, the classifier's (classifier_dropout, cls_dropout, seq_classif_dropout, ALBERT's
+classifier_dropout_prob) and DeBERTa's pooler_dropout. ``from_hf(path, dropout=p)`` sets another.
 """
 from __future__ import annotations
 
@@ -64,6 +72,8 @@ _MLM = {"bert": ("cls.predictions.transform.dense", "cls.predictions.transform.L
         "electra": ("generator_predictions.dense", "generator_predictions.LayerNorm", "generator_lm_head.bias",
                     "generator_lm_head.weight"),
         "deberta-lm": tuple(f"lm_predictions.lm_head.{n}" for n in ("dense", "LayerNorm", "bias", "decoder.weight"))}
+# the hidden dropout's key where it is not hidden_dropout_prob, and transformers' default where that is not 0.1
+_DROPOUT = {"albert": ("hidden_dropout_prob", 0.0), "distilbert": ("dropout", 0.1)}
 _MLM["deberta"] = _MLM["bert"]  # (legacy; "deberta-lm": DeBERTa's legacy false)
 _MLM["mpnet"] = _MLM["roberta"]
 _MLM["albert"] = ("predictions.dense", "predictions.LayerNorm", "predictions.bias", "predictions.decoder.weight")
@@ -182,7 +192,15 @@ def _config(hf: dict, family: str) -> dict:
                                   f"position past pad_token_id {pad}")
     return dict(vocab_size=hf["vocab_size"], norm="layernorm", norm_first=False, mlp="gelu", activation=ours,
                 tie_embeddings=hf.get("tie_word_embeddings", True), bias=True, pad_token_id=pad,
+                embed_padding_idx=hf.get("pad_token_id", pad) is not None, dropout=hidden_dropout(hf, family),
                 **{"pos": "learned", **base})
+
+
+def hidden_dropout(hf: dict, family: str) -> float:
+    """The checkpoint's hidden (residual) dropout, transformers' default where config.json lacks it."""
+    key, default = _DROPOUT.get(family, ("hidden_dropout_prob", 0.1))
+    v = hf.get(key, default)
+    return default if v is None else float(v)
 
 
 def _deberta(hf: dict) -> dict:
@@ -197,7 +215,7 @@ def _deberta(hf: dict) -> dict:
             raise CheckpointError(f"config.json: {key}={hf.get(key, default)!r} is not supported by from_hf "
                                   f"(DeBERTa with {key}={want!r})")
     out = dict(pos="learned" if hf.get("position_biased_input", True) else "none",
-               pooler_activation=hf.get("pooler_hidden_act", "gelu"))
+               pooler_activation=hf.get("pooler_hidden_act", "gelu"), loss_rule="deberta")
     if not rel:
         return out
     types, norm = hf.get("pos_att_type") or [], hf.get("norm_rel_ebd") or ""

@@ -32,6 +32,7 @@ def modernbert_config(hf: dict) -> dict:
     types = hf.get("layer_types") or ["sliding_attention" if i % every else "full_attention" for i in range(n)]
     rope, local = layer_ropes(hf)
     windowed = "sliding_attention" in types
+    pad = hf.get("pad_token_id", 50283)  # (transformers' default)
     return dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layer=n, n_head=hf["num_attention_heads"],
                 d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 8192), norm="layernorm",
                 norm_eps=hf.get("norm_eps", 1e-5), norm_bias=bool(hf.get("norm_bias", False)), norm_first=True,
@@ -42,7 +43,9 @@ def modernbert_config(hf: dict) -> dict:
                 sliding_window=hf.get("local_attention", 128) // 2 + 1 if windowed else None,
                 layer_types=list(types) if windowed else None, bias=bias, type_vocab_size=0,
                 tie_embeddings=hf.get("tie_word_embeddings", True), pooling=hf.get("classifier_pooling", "cls"),
-                pooler_norm=True, pooler_activation=head, head_bias=bool(hf.get("classifier_bias", False)))
+                pooler_norm=True, pooler_activation=head, head_bias=bool(hf.get("classifier_bias", False)),
+                pad_token_id=pad if pad is not None else 0, embed_padding_idx=pad is not None,
+                dropout=float(hf.get("mlp_dropout", 0.0)))  # (the MLP's residual dropout; bert_hf.hidden_dropout)
 
 
 def modernbert_encoder_state(cfg, m: KeyMap) -> Dict[str, Tensor]:

@@ -2,7 +2,13 @@
 per family: GPT-2 and GPT-BigCode, OPT, Gemma 1 / 2 / 3 and VaultGemma here; Llama and the families built like it in
 gpt_hf_llama.py (their mixtures of experts' experts in gpt_hf_moe.py); GPT-NeoX / Pythia, Phi-1 / 1.5 / 2, Falcon
 and GPT-J in gpt_hf_parallel.py; BLOOM and MPT in gpt_hf_alibi.py.
-Whatever a family sets that GPT cannot reproduce exactly is refused with a CheckpointError naming the setting."""
+Whatever a family sets that GPT cannot reproduce exactly is refused with a CheckpointError naming the setting.
+
+Dropout: GPTConfig has one probability (``dropout``: the embeddings, the attention probabilities, each sublayer's
+output), set to the family's hidden (residual) dropout (_DROPOUT: GPT-2's resid_pdrop, OPT's dropout, GPT-NeoX's
+hidden_dropout, ...); the attention (attn_pdrop, attention_dropout) and embedding (embd_pdrop) rates are not taken.
+Families with no residual dropout (Llama's and Gemma's, whose only one is attention_dropout) import with 0.
+``GPT.from_hf(path, dropout=p)`` sets another."""
 from typing import Dict, Tuple
 
 import torch
@@ -52,6 +58,24 @@ HF_DEFAULTS = {
     "gemma3_text": {**_LONG, "rope_theta": 1e6, **_WINDOW}}
 
 
+# each family's hidden (residual) dropout: its config.json key and transformers' default (MPT: attn_config's
+# attn_pdrop, which transformers' MPT drops its residuals at); any other family has none
+_DROPOUT = {"gpt2": ("resid_pdrop", 0.1), "gpt_bigcode": ("resid_pdrop", 0.1), "opt": ("dropout", 0.1),
+            "phi": ("resid_pdrop", 0.0), "phi3": ("resid_pdrop", 0.0), "gptj": ("resid_pdrop", 0.0),
+            "gpt_neox": ("hidden_dropout", 0.0), "falcon": ("hidden_dropout", 0.0), "bloom": ("hidden_dropout", 0.0),
+            "stablelm": ("hidden_dropout", 0.0), "seed_oss": ("residual_dropout", 0.1),
+            "starcoder2": ("residual_dropout", 0.0)}
+
+
+def hidden_dropout(hf: dict, kind: str) -> float:
+    """The checkpoint's hidden (residual) dropout (_DROPOUT), 0 for a family without one."""
+    if kind == "mpt":
+        return float((hf.get("attn_config") or {}).get("attn_pdrop", 0.0))
+    key, default = _DROPOUT.get(kind, (None, 0.0))
+    v = None if key is None else hf.get(key, default)
+    return 0.0 if v is None else float(v)
+
+
 def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]]:
     """(config with ``overrides`` applied, GPT state dict) of the HF folder at path."""
     hf, state = read_hf_folder(path)
@@ -89,7 +113,7 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
         # (a window of >= max_seq_len keys cuts nothing: then none is set, unless it marks Gemma 3's local layers)
         overrides = {"sliding_window": window, "layer_types": types, **overrides}
     eos = read_generation_config(path).get("eos_token_id", hf.get("eos_token_id"))
-    overrides = {"eos_token_id": _eos(eos, cfg.vocab_size), **overrides}
+    overrides = {"eos_token_id": _eos(eos, cfg.vocab_size), "dropout": hidden_dropout(hf, kind), **overrides}
     return GPTConfig.from_dict({**cfg.to_dict(), **overrides}), sd
 
 

@@ -395,7 +395,12 @@ def lm_head_loss(head: nn.Module, h: Tensor, target: Tensor, backend: str, skip_
     if skip_logits and backend == "fastattn" and transform is None and type(head) is nn.Linear:
         return None, linear_cross_entropy(h, head.weight, target, head.bias)
     logits = head(h) if transform is None else transform(head(h))
-    return logits, F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(), ignore_index=-100)
+    return logits, F.cross_entropy(upcast(logits.flatten(0, -2)), target.flatten(), ignore_index=-100)
+
+
+def upcast(x: Tensor) -> Tensor:
+    """x in the dtype a loss is computed in: float32 for half types (and integers), float64 kept."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def shifted_target(labels: Optional[Tensor], shift_labels: Optional[Tensor], input_ids: Tensor) -> Optional[Tensor]:

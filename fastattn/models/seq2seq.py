@@ -38,6 +38,9 @@ class Seq2SeqConfig(ModelConfig):
     n_decoder_layer: Optional[int] = None  # None: n_layer
     embed_norm: bool = True
     pad_token_id: int = 1
+    # the token embedding's padding_idx is pad_token_id: lookups send no gradient into that row (transformers' BART
+    # family; from_hf sets it); the init is unchanged
+    embed_padding_idx: bool = False
     # generate's end token(s) when it is given none: an id or a list (transformers' generation_config), None: none
     eos_token_id: Union[int, List[int], None] = 2
     decoder_start_token_id: int = 2
@@ -69,6 +72,8 @@ class Seq2SeqConfig(ModelConfig):
                              f"relative_max_distance > relative_buckets / 2; got {self.relative_buckets} (pos "
                              f"{self.pos!r}, relative_max_distance {self.relative_max_distance})")
         check_skip_padding(self, "roberta_positions")
+        if not isinstance(self.embed_padding_idx, bool):
+            raise ValueError(f"Seq2SeqConfig.embed_padding_idx: expected true or false, got {self.embed_padding_idx!r}")
         for name in ids:
             if getattr(self, name) >= self.vocab_size:
                 raise ValueError(f"Seq2SeqConfig.{name}: {getattr(self, name)} is not a token id (vocab_size "
@@ -117,6 +122,8 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
             raise TypeError(f"config: expected a Seq2SeqConfig, got {type(config).__name__}")
         self.config = cfg = config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.embed_padding_idx:  # (after construction: the init stays as without it)
+            self.tok_emb.padding_idx = cfg.pad_token_id
         self.enc_pos, self.dec_pos = Positions(cfg, cfg.pos_offset), Positions(cfg, cfg.pos_offset)
         self.enc_embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.dec_embed_norm = make_norm(cfg) if cfg.embed_norm else None
@@ -260,7 +267,11 @@ class Seq2Seq(CacheMixin, PretrainedMixin, nn.Module):
         """Import a local HF BART, mBART, Marian, Pegasus, M2M100 / NLLB, T5 (v1.0, v1.1 / Flan-T5) or mT5 folder
         (the *ForConditionalGeneration models or their base models; seq2seq_hf.py and seq2seq_t5.py say what carries
         over); dtype / device / overrides as in GPT.from_hf. In eval mode, as transformers' from_pretrained returns
-        it."""
+        it. ``dropout`` is the checkpoint's hidden one (BART's dropout, T5's dropout_rate; their attention and
+        activation dropouts are not taken); ``dropout=p`` overrides it. The BART family's pad row of the token
+        embedding gets no gradient from the lookups (``embed_padding_idx``), as transformers' padding_idx. Original
+        T5's output scale d_model ** -0.5 is folded into dec_norm_f.weight: exact in inference, but fine-tuning
+        moves that weight differently from transformers' (seq2seq_t5.py)."""
         from .seq2seq_hf import import_seq2seq
         cfg, sd = import_seq2seq(path, overrides)
         model = place(cls(cfg), dtype, device)

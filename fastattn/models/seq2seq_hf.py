@@ -12,6 +12,12 @@ the learned table, so inference matches; fine-tuning then trains it, where trans
 the last token when max_new_tokens is reached) are read from generation_config.json or config.json. mBART's own
 label shift (its last token, the language code, wrapped to the front) is not Seq2Seq's: fine-tuning mBART-cc25
 through ``forward(labels=...)`` needs explicit ``decoder_input_ids``.
+
+The token embedding's pad_token_id row gets no gradient from the lookups, as transformers' padding_idx
+(``embed_padding_idx``). Dropout: Seq2SeqConfig has one probability (``dropout``: the embeddings, the attention
+probabilities, each sublayer's output), set to the checkpoint's ``dropout`` (the hidden one); its attention_dropout
+and activation_dropout (inside the MLP) and LayerDrop (encoder_layerdrop, decoder_layerdrop) are not taken.
+``Seq2Seq.from_hf(path, dropout=p)`` sets another.
 """
 import math
 from typing import Dict, Tuple
@@ -71,6 +77,7 @@ def _config(hf: dict, gen: dict) -> dict:
                 roberta_positions=kind == "m2m_100",
                 embed_norm=kind in ("bart", "mbart"), embed_scale=math.sqrt(d) if hf.get("scale_embedding") else 1.0,
                 tie_embeddings=hf.get("tie_word_embeddings", True), bias=True, pad_token_id=pad, eos_token_id=eos,
+                embed_padding_idx=hf.get("pad_token_id", pad) is not None, dropout=float(hf.get("dropout", 0.1)),
                 decoder_start_token_id=next(t for t in (start, generation("bos_token_id"),
                                                         eos[0] if isinstance(eos, list) else eos) if t is not None),
                 forced_bos_token_id=generation("forced_bos_token_id"),

@@ -4,7 +4,12 @@ Seq2Seq's state dict.
 T5 is a pre-norm encoder-decoder with RMSNorms, no biases, unscaled attention scores (``attn_scale=1``), no absolute
 positions but a relative-position bias per head (``relative_buckets``: one table per side, shared by its layers),
 a ReLU or gated (GeGLU / SwiGLU) MLP, and ``head_dim`` (d_kv) of its own. Original T5 scales the decoder's output by
-d_model ** -0.5 before the tied LM head: folded here into the decoder's final norm weight (the same product).
+d_model ** -0.5 before the tied LM head: folded here into the decoder's final norm weight (the same product, so
+inference is exact). Fine-tuning then trains the product where transformers trains the unscaled weight: the folded
+weight gets a d_model ** 0.5 times larger gradient, so the effective weight moves differently (about d_model ** 0.5
+times more per Adam step, d_model times more per SGD step; weight decay pulls it differently too). The token
+embedding has no padding_idx here, as in transformers. Dropout: ``dropout`` is the checkpoint's dropout_rate (T5's
+one rate); the dropouts T5 also has inside the MLP and after each side's final norm are not taken.
 The decode step adds the decoder's bias itself (the flash kernel with it as a float mask; the split-KV kernel takes
 none); in training the bias' gradient takes the reference attention (autograd through torch ops). T5's relative
 positions have no length limit, but ``max_seq_len`` (the config's n_positions, else 512) still bounds the inputs:
@@ -43,6 +48,7 @@ def import_t5(hf: dict, state: Dict[str, Tensor], gen: dict, overrides: dict) ->
                 norm_eps=hf.get("layer_norm_epsilon", 1e-6), norm_first=True,
                 mlp=("swiglu" if act == "silu" else "geglu") if gated else "gelu", activation=ours,
                 pos="none", embed_norm=False, attn_scale=1.0, tie_embeddings=tied, bias=False, pad_token_id=pad,
+                dropout=float(hf.get("dropout_rate", 0.1)),
                 eos_token_id=eos,
                 decoder_start_token_id=pad if start is None else start,
                 relative_buckets=hf.get("relative_attention_num_buckets", 32),
