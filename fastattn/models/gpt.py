@@ -191,8 +191,10 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
                  repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, output_scores: bool = False,
                  cuda_graph: bool = False) -> Tensor:
         """Continue prompts (B, L) by up to max_new_tokens: (B, L + new). temperature 0 = greedy; else sampling with
-        top_k / top_p / min_p / typical_p (generation.Sampling: transformers' warpers) from ``generator`` (seeded:
-        reproducible). Batches of different lengths: left padding and
+        top_k / top_p / min_p / typical_p (generation.Sampling: transformers' warpers; each off when None, so
+        sampling draws from the whole distribution unless asked: transformers' do_sample applies top_k=50 by default,
+        `fastattn generate` too) from ``generator`` (seeded: reproducible). Batches of different lengths: left padding
+        and
         attention_mask (1 = token). eos_token_id: an id or a list of ids (as in HF's generation_config); not given:
         config.eos_token_id (from_hf reads the checkpoint's generation_config, as transformers' generate does);
         None: no end token. After one a sequence is padded with the first; generation stops when every sequence has
