@@ -380,3 +380,21 @@ def test_fx_symbolic_trace_as_torchs(int8):
     assert all(torch.equal(a, b) for a, b in zip(ga, gb))
     with pytest.raises(torch.fx.proxy.TraceError, match="cannot be the root"):  # torch's raises TraceError too
         torch.fx.symbolic_trace(fnn.MultiheadAttention(D, H))
+
+
+def test_fx_symbolic_trace_refuses_a_hooked_drop_in():
+    """The record is made inside the call, after the module's hooks ran on the Proxies: they would be in the graph and
+    run again in the recorded call (an output 101.8 off). A hooked drop-in (own or global hook) is refused."""
+    model = nn.Sequential(nn.Linear(8, 8), fnn.Dropout(0.5)).eval()
+    h = model[1].register_forward_hook(lambda mod, a, out: out + 100)
+    with pytest.raises(torch.fx.proxy.TraceError, match=r"1 \(fastattn.nn.Dropout\) has hooks \(_forward_hooks\)"):
+        torch.fx.symbolic_trace(model)
+    h.remove()
+    g = torch.nn.modules.module.register_module_forward_pre_hook(lambda mod, a: None)
+    try:
+        with pytest.raises(torch.fx.proxy.TraceError, match="_global_forward_pre_hooks"):
+            torch.fx.symbolic_trace(model)
+    finally:
+        g.remove()
+    x = torch.randn(3, 8)
+    assert torch.equal(torch.fx.symbolic_trace(model)(x), model(x))
