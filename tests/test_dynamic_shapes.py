@@ -67,3 +67,20 @@ def test_strict_export_with_a_dynamic_sequence_dim():
         x = torch.randn(2, L, E)
         assert_bounded(f"L={L}", ep.module()(x), _double(theirs)(*(x.double(),) * 3, need_weights=False)[0],
                        theirs(x, x, x, need_weights=False)[0], torch.float32)
+
+
+def test_compiled_decode_keeps_the_split_kv_kernel_as_the_cache_grows():
+    """Under torch.compile (default: the growing cache length turns dynamic after a recompile) one query against a
+    long cache still runs the decode kernel; only torch.export decides without guarding on the sizes. The export
+    fix routed every dynamic call to the flash kernel."""
+    from torch.profiler import ProfilerActivity, profile
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v: fastattn.attention(q, k, v) * 2, backend="eager")
+    ran = []
+    with torch.no_grad():
+        for S in range(64, 68):
+            q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, S, 8), torch.randn(1, 2, S, 8)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                torch.testing.assert_close(f(q, k, v), 2 * torch.nn.functional.scaled_dot_product_attention(q, k, v))
+            ran.append({e.name for e in prof.events() if e.name.startswith("fastattn::")})
+    assert all(names == {"fastattn::decode_attention"} for names in ran), ran

@@ -163,9 +163,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
 # ---- the route from fastattn.attention -----------------------------------------------------------------------
 @functools.lru_cache(maxsize=256)  # outside: dynamo looks through the cache to the constant-result function
 @torch.compiler.assume_constant_result
-def _route_backend(device: str, dtype: torch.dtype, E: int, Ev: int, L: int, S: int, forced: str) -> str:
-    """The decode backend fastattn.attention hands this call to, or "" to keep it on the flash kernels: when the
-    decode kernel (not its reference) can run it. Decided once per shape (a constant under torch.compile)."""
+def _route_backend(device: str, dtype: torch.dtype, E: int, Ev: int, forced: str) -> str:
+    """The decode backend fastattn.attention hands calls of this kind to, or "" to keep them on the flash kernels:
+    when the decode kernel (not its reference) can run them. Decided once per kind (a constant under torch.compile;
+    no sizes among its arguments, which may be symbolic there)."""
     req = DecodeRequest(device, dtype, E, Ev)
     try:
         impl = dispatcher.select(req, forced or None)
@@ -173,8 +174,8 @@ def _route_backend(device: str, dtype: torch.dtype, E: int, Ev: int, L: int, S: 
         return ""
     if impl.backend == "reference":
         return ""
-    log.debug("fastattn.attention: the split-KV decode kernel (%s) runs L=%d queries against S=%d keys (%s, E=%d)",
-              impl.backend, L, S, dtype, E)
+    log.debug("fastattn.attention: the split-KV decode kernel (%s) runs short queries against long caches (%s, E=%d)",
+              impl.backend, dtype, E)
     return impl.backend
 
 
@@ -186,12 +187,15 @@ def route(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi: Option
     mask (the same for every head and query: a key_padding_mask)."""
     B, H, L, E = q.shape
     S = k.shape[2]
-    if torch.compiler.is_compiling():  # sizes may be symbolic (dynamic shapes): decided without guarding on them
+    if torch.compiler.is_exporting():  # sizes may be symbolic: a guard on them would narrow an exported dim
         fits = (L > 0, L <= MAX_QUERIES, S >= MIN_KEYS.get(q.device.type, 1 << 62))
         if not all(statically_known_true(c) for c in fits):
             return None
     elif not (0 < L <= MAX_QUERIES and S >= MIN_KEYS.get(q.device.type, 1 << 62)):
         return None  # most calls: decided before the checks below (route_for repeats it for binders)
+    if torch.compiler.is_compiling() and not (statically_known_true(E <= 256) and
+                                              statically_known_true(v.shape[-1] <= 256)):
+        return None  # a head dim made symbolic (dynamic=True) cannot key the cached backend choice: flash kernels
     if p.dropout_p > 0 or alibi is not None or (p.window_left, p.window_right) != (-1, -1):
         return None
     if p.causal and p.diag_offset != S - L:
@@ -222,7 +226,7 @@ def route_for(device: str, dtype: torch.dtype, E: int, Ev: int, L: int, S: int, 
     """route_backend by the numbers alone (for a caller that binds the kernel once, ahead of the tensors)."""
     if not (0 < L <= MAX_QUERIES and S >= MIN_KEYS.get(device, 1 << 62)) or forced == "cuda":
         return ""
-    return _route_backend(device, dtype, E, Ev, L, S, forced)
+    return _route_backend(device, dtype, E, Ev, forced)
 
 
 def routed_kernel(device: str, dtype: torch.dtype, E: int, Ev: int, L: int, S: int, forced: str):
