@@ -1,9 +1,12 @@
 """torch.export (the deployment path torch recommends over TorchScript): the drop-in modules and the models export,
 with dynamic batch and sequence sizes, and the exported program computes what eager does at other sizes."""
+import copy
+
 import pytest
 import torch
 from torch.export import Dim, export
 
+import fastattn
 import fastattn.nn as fnn
 from fastattn.models import BERT, GPT, BERTConfig, GPTConfig, Seq2Seq, Seq2SeqConfig
 
@@ -74,3 +77,157 @@ def test_export_int8_linear():
     q = fnn.Int8Linear.from_float(torch.nn.Linear(E, 8), "w8a16")
     x = _x(2, 5)
     assert torch.equal(export(q, (x,)).module()(x), q(x))
+
+
+# ---- training an exported program: the custom ops' own autograd formulas (export keeps no autograd.Function's
+# backward: non-strict records the ops bare, strict runs the Function without grad) -------------------------------
+class _NormAttention(torch.nn.Module):
+    """torch's Linear, LayerNorm, MultiheadAttention and TransformerEncoderLayer (fastattn.convert swaps the last
+    three), and fastattn.add_layer_norm with a residual (prenorm: s is an output)."""
+
+    def __init__(self, layer: bool = True):
+        super().__init__()
+        self.lin = torch.nn.Linear(E, E)
+        self.norm = torch.nn.LayerNorm(E)
+        self.mha = torch.nn.MultiheadAttention(E, H, batch_first=True)
+        self.layer = torch.nn.TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True) if layer else None
+
+    def forward(self, x):
+        h = self.norm(self.lin(x))
+        y, s = fastattn.add_layer_norm(h, x, self.norm.weight, prenorm=True)
+        h = self.mha(y, y, y, need_weights=False)[0] + s
+        return h if self.layer is None else self.layer(h)
+
+
+class _ProjectedSDPA(torch.nn.Module):
+    """fastattn.scaled_dot_product_attention between torch projections, and fastattn.add_rms_norm (prenorm: eager
+    has a double backward for it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(E, 3 * E)
+        self.weight = torch.nn.Parameter(torch.rand(E) + 0.5)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(*x.shape[:2], 3, H, E // H).permute(2, 0, 3, 1, 4).unbind(0)
+        out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, D)
+        y, s = fastattn.add_rms_norm(out.transpose(1, 2).reshape(x.shape), x, self.weight, prenorm=True)
+        return y * s
+
+
+def _grads(m):
+    return {n: p.grad for n, p in m.named_parameters()}
+
+
+def _check_exported_training(m, x, strict, loss=lambda y: y.pow(2).sum()):
+    """The exported program of m computes m's output and, through backward, m's parameter gradients (eager
+    fastattn's, every one present)."""
+    exported = copy.deepcopy(m)
+    gm = export(exported, (x,), strict=strict).module()
+    y = gm(x)
+    torch.testing.assert_close(y, m(x), rtol=0, atol=0)
+    loss(y).backward()
+    loss(m(x)).backward()
+    got, want = _grads(gm), _grads(m)
+    assert [n for n, g in got.items() if g is None] == []
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], msg=n)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_exported_program_trains_like_eager_linear_layernorm(strict):
+    torch.manual_seed(0)
+    m = fastattn.convert(torch.nn.Sequential(torch.nn.Linear(E, E), torch.nn.LayerNorm(E), torch.nn.Linear(E, 4)))
+    _check_exported_training(m, _x(3, 5), strict)
+
+
+def test_exported_program_trains_like_eager_mha_and_encoder_layer():
+    torch.manual_seed(0)
+    _check_exported_training(fastattn.convert(_NormAttention()), _x(2, 5), strict=False)
+
+
+def test_strict_exported_program_trains_like_eager_mha():
+    """Strict export runs an autograd.Function's forward without grad: MultiheadAttention's projections and the
+    encoder layer's FFN (_RowLinear) are plain F.linear under export."""
+    torch.manual_seed(0)
+    _check_exported_training(fastattn.convert(_NormAttention()), _x(2, 5), strict=True)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_exported_program_trains_like_eager_attention_op(strict):
+    torch.manual_seed(0)
+    _check_exported_training(_ProjectedSDPA(), _x(2, 5), strict)
+
+
+def test_exported_program_double_backward_like_eager():
+    """A gradient penalty (create_graph=True) through the exported attention and norms: the ops' backward with a
+    graph of its own, as eager's."""
+    torch.manual_seed(0)
+    m, x = _ProjectedSDPA(), _x(2, 5).requires_grad_()
+    gm = export(copy.deepcopy(m), (x,)).module()
+
+    def penalty(f):
+        dx, = torch.autograd.grad(f(x).sum(), x, create_graph=True)
+        dx.pow(2).sum().backward()
+        return {n: p.grad for n, p in f.named_parameters()}
+
+    got, want = penalty(gm), penalty(m)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], msg=n)
+
+
+class _LMHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(E, E)
+        self.head = torch.nn.Linear(E, V)
+
+    def forward(self, x, target):
+        return fastattn.linear_cross_entropy(self.lin(x), self.head.weight, target, self.head.bias)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_exported_program_trains_like_eager_linear_cross_entropy(strict):
+    torch.manual_seed(0)
+    m, x, t = _LMHead(), _x(2, 5), _ids(2, 5)
+    t[0, :2] = -100  # ignored
+    gm = export(copy.deepcopy(m), (x, t), strict=strict).module()
+    loss = gm(x, t)
+    torch.testing.assert_close(loss, m(x, t), rtol=0, atol=0)
+    loss.backward()
+    m(x, t).backward()
+    got = _grads(gm)
+    for n, g in _grads(m).items():
+        torch.testing.assert_close(got[n], g, msg=n)
+    t[:] = -100  # a mean over no target: nan, its gradients 0 (as eager's)
+    gm.zero_grad()
+    loss = gm(x, t)
+    loss.backward()
+    assert loss.isnan() and all(bool((p.grad == 0).all()) for p in gm.parameters())
+
+
+class _PostNorm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(E, E)
+
+    def forward(self, x):
+        return fastattn.add_layer_norm(self.lin(x), x)
+
+
+def test_exported_add_norm_traced_without_grad_refuses_backward():
+    """Traced under no_grad, the op kept no x + residual: training the program raises, gradients are not lost."""
+    m, x = _PostNorm(), _x(2, 5)
+    with torch.no_grad():
+        gm = export(m, (x,)).module()
+    with pytest.raises(RuntimeError, match="kept no x \\+ residual"):
+        gm(x).sum().backward()
+
+
+def test_linear_cross_entropy_op_refuses_unequal_loss_gradients():
+    """The op's weight gradient is a sum over the rows: per-row loss weights cannot be applied, and raise."""
+    x, w, t = _x(1, 6)[0].requires_grad_(), torch.randn(V, E, requires_grad=True), _ids(1, 6)[0]
+    need = (True, True, False)  # x, w, bias
+    losses = torch.ops.fastattn.linear_cross_entropy_fwd(x, w, None, t, -100, 4, torch.float32, *need, "")[0]
+    with pytest.raises(RuntimeError, match="gradients differ"):
+        (losses * torch.arange(6.0)).sum().backward()

@@ -272,10 +272,12 @@ class _RowLinear(torch.autograd.Function):
 
 def linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """F.linear on (T, K) rows (a tensor of its own, (T, N)); under autograd through :class:`_RowLinear`, except
-    under torch.func transforms (F.linear itself: they batch and differentiate it)."""
+    under torch.func transforms (F.linear itself: they batch and differentiate it) and torch.export (which keeps no
+    autograd.Function's backward)."""
+    # (autocast: F.linear's own backward casts back)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)) and not is_transformed(x, weight, bias) \
-            and not autocast_on(x.device.type):  # (autocast: F.linear's own backward casts back)
+            and not autocast_on(x.device.type) and not torch.compiler.is_exporting():
         return _RowLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 

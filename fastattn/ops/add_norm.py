@@ -255,6 +255,33 @@ class AddNormFunction(torch.autograd.Function):
 AddNormFunctionEager = eager_twin(AddNormFunction)
 
 
+def _op_setup_context(ctx, inputs, output):
+    """add_norm_fwd_op's context, in AddNormFunction's fields: the op on 2-D rows, with s (when stored) a
+    differentiable output, as prenorm's."""
+    x, residual, weight, bias, eps, is_rms, store_s, s_fp32, backend = inputs
+    y, s, mean, rstd = output
+    ctx.no_s = not store_s and (residual is not None or s_fp32)  # the backward reads s: here neither kept nor x
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*((mean, rstd) if store_s else (s, mean, rstd)))
+    ctx.save_for_backward(s if store_s else x, mean, rstd, weight)
+    ctx.leaf_pair, ctx.leaf_accumulation = False, None
+    ctx.y_dtype, ctx.prenorm, ctx.eps, ctx.s_stored = y.dtype, store_s, eps, store_s
+    ctx.meta = (x.shape, is_rms, bias is not None, backend, None if residual is None else residual.dtype,
+                None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+
+
+def _op_backward(ctx, dy, ds, dmean, drstd):
+    if ctx.no_s:
+        raise RuntimeError("fastattn::add_norm_fwd: called with store_s=False and a residual (or s_fp32), it kept no "
+                           "x + residual for the backward (a program traced without gradients: trace it with them)")
+    return AddNormFunction.backward(ctx, dy, ds, dmean, drstd)[:9]  # (the op has no needs_grad argument)
+
+
+# The op differentiable by itself, with AddNormFunction's backward: what torch.export's programs record (export drops
+# an autograd.Function's backward: _add_norm calls the op without the Function there).
+add_norm_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
 def _grads_with_graph(ctx, dy: Optional[Tensor], ds: Optional[Tensor], base: Tensor, weight: Optional[Tensor]):
     """AddNormFunction's gradients with a graph of their own (a backward under create_graph=True): y recomputed by
     torch ops from the saved ``base`` (x, or with prenorm s = x + residual, itself an output whose gradient goes
@@ -379,7 +406,9 @@ def _add_norm(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias))
     args = (x, residual, weight, bias, float(eps), is_rms, bool(prenorm), s_dtype, forced_backend_name(), needs_grad)
     if torch.compiler.is_compiling() or is_transformed(x, residual, weight, bias):
-        y, s, _, _ = AddNormFunction.apply(*args)
+        # torch.export keeps no autograd.Function's backward (strict: none at all), the op's own formula records
+        fn = AddNormFunction.forward if torch.compiler.is_exporting() else AddNormFunction.apply
+        y, s, _, _ = fn(*args)
     elif needs_grad:
         y, s, _, _ = AddNormFunctionEager.apply(*args)
     else:  # nothing to differentiate (inference, decode): no autograd node, no apply() host time

@@ -129,6 +129,50 @@ def _(x, w, b, target, ignore_index, chunk, cd, need_x, need_w, need_b, backend)
             x.new_empty((V, d) if need_w else (0,), dtype=acc), x.new_empty(V if need_b else 0, dtype=acc))
 
 
+def _op_setup_context(ctx, inputs, output):
+    x, w, b, target, ignore_index, chunk, cd, need_x, need_w, need_b, backend = inputs
+    losses, gx, gw, gb = output
+    ctx.mark_non_differentiable(gx, gw, gb)
+    ctx.save_for_backward(gx, gw, gb)
+    ctx.dtypes, ctx.need = (x.dtype, w.dtype, None if b is None else b.dtype), (need_x, need_w, need_b)
+
+
+def _op_backward(ctx, dlosses, dgx, dgw, dgb):
+    """The gradients the forward computed, scaled by the losses': exact for x (row by row); w's and b's are sums
+    over the rows, so every loss must have one gradient, as under linear_cross_entropy's sum or mean."""
+    if torch.is_grad_enabled() and any(ctx.needs_input_grad[:3]):
+        raise RuntimeError("fastattn::linear_cross_entropy_fwd: a double backward (create_graph=True) is not supported "
+                           "(its gradients are computed in the forward, with no graph)")
+    for name, wanted, computed in zip(("x", "w", "b"), ctx.needs_input_grad[:3], ctx.need):
+        if wanted and not computed:
+            raise RuntimeError(f"fastattn::linear_cross_entropy_fwd: the gradient of {name} was not computed "
+                               f"(need_{name}=False: traced without it requiring grad)")
+    if any(ctx.needs_input_grad[1:3]) and not torch.compiler.is_compiling() and dlosses.numel() and \
+            bool((dlosses - dlosses[:1]).abs().amax() > 0):  # (a nan gradient passes: nan > 0 is False)
+        raise RuntimeError("fastattn::linear_cross_entropy_fwd: the losses' gradients differ, but w's and b's "
+                           "gradients are sums over the rows (differentiate the losses' sum or mean)")
+    scales = (dlosses[:, None], dlosses[:1], dlosses[:1])  # x's row by row; w's and b's one for every row
+    out = [(g * c.to(g.dtype)).to(dt) if wanted else None
+           for g, c, dt, wanted in zip(ctx.saved_tensors, scales, ctx.dtypes, ctx.needs_input_grad[:3])]
+    return (*out,) + (None,) * 8
+
+
+# The op differentiable by itself: what torch.export's programs record (export keeps no autograd.Function's backward:
+# linear_cross_entropy calls the op without the Function there, in _exported_loss).
+linear_cross_entropy_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def _exported_loss(x, w, b, target, ignore_index: int, mean: bool, chunk: int, cd: torch.dtype, need, backend):
+    """LinearCrossEntropyFunction's loss from the differentiable op, for torch.export."""
+    losses = linear_cross_entropy_fwd_op(x, w, b, target, ignore_index, chunk, cd, *need, backend)[0]
+    total = losses.sum()
+    if not mean:
+        return total
+    count = (target != ignore_index).sum()
+    # a mean over no target is nan with gradients 0, as the Function's (and torch's)
+    return torch.where(count > 0, total / count.clamp_min(1), float("nan"))
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """sum or mean over the non-ignored rows of cross_entropy(x @ w.T + b, target), x (N, d), w (V, d), b (V,) or
     None, target (N,), in compute dtype cd (the autocast dtype, or x's). The gradients named by ``need`` are computed
@@ -210,5 +254,5 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     chunk = chunk_size or chunk_rows(x.shape[0], weight.shape[0], x.device)
     grad = torch.is_grad_enabled()
     need = (grad and x.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
-    return LinearCrossEntropyFunction.apply(x, weight, bias, t, int(ignore_index), reduction == "mean", chunk, cd,
-                                            need, forced_backend_name())
+    fn = _exported_loss if torch.compiler.is_exporting() else LinearCrossEntropyFunction.apply
+    return fn(x, weight, bias, t, int(ignore_index), reduction == "mean", chunk, cd, need, forced_backend_name())

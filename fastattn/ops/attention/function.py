@@ -16,6 +16,11 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, mask, alibi, backend: str, *flat):
         if graph_capture():
+            if torch.compiler.is_exporting() and torch.compiler.is_dynamo_compiling():
+                # strict torch.export runs a Function's forward without grad and keeps no backward: the op, run with
+                # grad, records its own autograd formula (non-strict export records the op as called here)
+                with torch.enable_grad():
+                    return attention_fwd_op(q, k, v, mask, alibi, *flat, backend)
             return attention_fwd_op(q, k, v, mask, alibi, *flat, backend)
         # backend: read by the API in eager mode ("" = auto: not read again); the C++ ops return lists
         return tuple(fwd(q, k, v, mask, alibi, AttnParams(*flat), backend))
@@ -55,6 +60,16 @@ class AttentionFunction(torch.autograd.Function):
 
 
 AttentionFunctionEager = eager_twin(AttentionFunction)
+
+
+def _op_setup_context(ctx, inputs, output):
+    q, k, v, mask, alibi, *flat, backend = inputs  # the custom op's order: backend last
+    AttentionFunction.setup_context(ctx, (q, k, v, mask, alibi, backend, *flat), output)
+
+
+# The custom op differentiable by itself, with AttentionFunction's backward (its gradients line up with the op's
+# inputs): what a graph that records the op without the Function around it (torch.export's programs) trains with.
+attention_fwd_op.register_autograd(AttentionFunction.backward, setup_context=_op_setup_context)
 
 
 def _sample_by_sample(fn, tensors, in_dims, n: int, mask_at: int, rest) -> tuple:
