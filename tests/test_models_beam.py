@@ -184,6 +184,7 @@ def test_greedy_processors_match_transformers(tmp_path, kw):
 def test_forced_eos_in_every_search(tmp_path):
     """BART's forced_eos_token_id, read from its generation config: the last new token when max_new_tokens is
     reached, in greedy (as transformers'), speculative (prompt lookup: plain greedy's output) and sampling."""
+    torch.manual_seed(0)  # (unseeded, a sampled row could end early on eos 2 and never reach the forced one)
     hf = _bart(tmp_path)
     ours = Seq2Seq.from_hf(tmp_path, dtype=torch.float64)
     assert ours.config.forced_eos_token_id == EOS[1]
@@ -197,7 +198,7 @@ def test_forced_eos_in_every_search(tmp_path):
     assert torch.equal(ours.generate(ids, 8, temperature=0, attention_mask=mask, prompt_lookup_num_tokens=3), got)
     g = torch.Generator().manual_seed(0)
     for spec in ({}, dict(prompt_lookup_num_tokens=2)):
-        sampled = ours.generate(ids, 8, temperature=1.0, attention_mask=mask, generator=g, **spec)
+        sampled = ours.generate(ids, 8, temperature=1.0, attention_mask=mask, generator=g, eos_token_id=None, **spec)
         assert (sampled[:, -1] == EOS[1]).all() and (sampled[:, 1] == 0).all()
     assert (ours.generate(ids, 8, temperature=0, attention_mask=mask, forced_eos_token_id=9)[:, -1] == 9).all()
     # None turns forcing off for the call, as in transformers (not given: the config's)
