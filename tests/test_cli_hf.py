@@ -703,3 +703,137 @@ def test_generate_takes_sampling_from_the_folders_generation_config(hf_folder, t
     capsys.readouterr()
     assert main(args) == 2
     assert "generation_config.json: temperature -1 is not a valid value" in capsys.readouterr().err
+
+
+def test_seq2seq_pairs_start_at_the_models_decoder_start(tmp_path, capsys):
+    """A Pegasus-like folder (decoder_start_token_id = pad, not eos): eval on source / target pairs starts the
+    decoder where the model does, its loss transformers' (labels shifted right after the model's start token)."""
+    path = tmp_path / "pegasus"
+    path.mkdir()
+    tok = _roberta_tokenizer(path)  # (no T5 sentinels: the task's own guess would be eos)
+    torch.manual_seed(0)
+    hf = transformers.PegasusForConditionalGeneration(transformers.PegasusConfig(
+        vocab_size=tok.get_vocab_size(), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64, init_std=0.3,
+        pad_token_id=1, eos_token_id=2, decoder_start_token_id=1, forced_eos_token_id=2)).eval()
+    hf.save_pretrained(path)
+    rows = [("It is a truth universally acknowledged", "a truth"), ("Emma Woodhouse, handsome", "handsome and rich"),
+            ("She was the youngest", "the youngest of two")]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in rows))
+    total = count = 0
+    with torch.no_grad():
+        for s, t in rows:
+            src, labels = torch.tensor([tok.encode(s).ids]), torch.tensor([tok.encode(t).ids])
+            total += hf(input_ids=src, labels=labels).loss.item() * labels.numel()
+            count += labels.numel()
+    assert main(["eval", str(path), "--data", str(pairs)]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(total / count, rel=1e-6)
+
+
+def test_quantize_and_prune_keep_the_folders_generation_config(tmp_path, capsys, monkeypatch):
+    """quantize / prune of an HF folder whose generation_config.json asks for beam search: the output carries it,
+    and generate on it searches as on the folder (was: sampling at the CLI's temperature)."""
+    from fastattn.models import Seq2Seq
+    path = tmp_path / "bart"
+    hf, tok = _bart(path)
+    hf.generation_config.update(num_beams=3, no_repeat_ngram_size=2)
+    hf.save_pretrained(path)
+    seen, real = [], Seq2Seq.generate
+    monkeypatch.setattr(Seq2Seq, "generate", lambda self, *a, **kw: seen.append(kw) or real(self, *a, **kw))
+    assert main(["quantize", str(path), "--mode", "w8a16", "--eval-batches", "0"]) == 0
+    assert main(["prune", str(path), "--heads", "0.5"]) == 0
+    for folder in (path, tmp_path / "bart-int8", tmp_path / "bart-pruned"):
+        assert main(["generate", str(folder), "-p", "It is a truth", "-n", "4"]) == 0
+        assert (seen[-1]["num_beams"], seen[-1]["no_repeat_ngram_size"], seen[-1]["temperature"]) == (3, 2, 0.0)
+    capsys.readouterr()
+
+
+def test_encoder_tokenizer_without_eos(bert_folder, tmp_path, capsys):
+    """A BERT folder as bert-base-uncased ships it (no eos_token): its [SEP] ends each text; eval, mlm and classify
+    runs take it (were refused: 'the tokenizer has no end-of-text token')."""
+    import shutil
+
+    from fastattn.data.hf_tokenizer import HFTokenizer
+    folder = tmp_path / "bert"
+    shutil.copytree(bert_folder, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "eos_token"}))
+    tok = HFTokenizer.from_folder(folder)
+    assert tok.eos_id == tok.sep_id == 3
+    assert main(["eval", str(folder), "--batches", "1", "--seq-len", "32"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "mlm"
+    assert main(["train", "--task", "mlm", "--init-hf", str(folder), "--out", str(tmp_path / "run"), "--seq-len", "32",
+                 "--batch-size", "2", "--steps", "1", "--eval-batches", "1", "--max-data-tokens", "20000"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("labels, given, want", [(3, [], 3), (2, ["--num-labels", "4"], 4)])
+def test_classify_init_hf_takes_the_label_count(bert_folder, tmp_path, capsys, labels, given, want):
+    """train --task classify --init-hf from a masked-LM folder: the classifier has the data's label count, or
+    --num-labels' (were: the folder config's 2, refusing 3 labels and ignoring --num-labels)."""
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps({"text": f"word {i} " * 3, "label": f"l{i % labels}"}) + "\n"
+                            for i in range(30)))
+    run = tmp_path / "run"
+    assert main(["train", "--task", "classify", "--init-hf", str(bert_folder), "--data", str(data), "--out", str(run),
+                 "--seq-len", "16", "--batch-size", "4", "--steps", "1", "--eval-batches", "1", "--warmup", "0",
+                 *given]) == 0
+    capsys.readouterr()
+    assert json.loads((run / "model" / "config.json").read_text())["num_labels"] == want
+
+
+def test_empty_prompt_without_bos_in_the_encoding(hf_folder, capsys, monkeypatch):
+    """A GPT-2 tokenizer adds no BOS: an empty prompt starts from the bos token, as transformers' generate does
+    without input (was: 'expected at least one token a row'); beside other prompts too."""
+    import io
+    import sys
+    import types
+
+    from fastattn.data.hf_tokenizer import HFTokenizer
+    tok = HFTokenizer.from_folder(hf_folder)
+    assert tok.encode_prompt("") == [0] and tok.encode_prompt("It is") == tok.encode("It is")
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(b""), isatty=lambda: False))
+    assert main(["generate", str(hf_folder), "-n", "5", "--min-new-tokens", "5", "--temperature", "0"]) == 0
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_folder).eval()
+    with torch.no_grad():
+        want = hf.generate(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert want[0, 0] == 0 and capsys.readouterr().out.strip() == tok.decode(want[0, 1:].tolist()).strip()
+    assert main(["generate", str(hf_folder), "-p", "", "-p", "It is", "-n", "3", "--temperature", "0"]) == 0
+    assert "--- [1] ---\nIt is" in capsys.readouterr().out
+
+
+def test_hf_folder_messages(hf_folder, tmp_path, capsys):
+    """One line each, exit code 2: a folder without tokenizer.json (named once), an HF model_type from_hf does not
+    import (named as such, not 'unknown model_type'), resuming an --init-hf run without --init-hf."""
+    import shutil
+
+    def one_line(*args):
+        assert main(list(args)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        return err
+
+    notok = tmp_path / "notok"
+    shutil.copytree(hf_folder, notok)
+    (notok / "tokenizer.json").unlink()
+    err = one_line("eval", str(notok))
+    assert f"{notok}: no readable tokenizer.json" in err and err.count(str(notok)) == 1, err
+    neo = tmp_path / "neo"
+    transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+        vocab_size=400, hidden_size=16, num_layers=1, num_heads=2, attention_types=[[["global"], 1]],
+        max_position_embeddings=32, bos_token_id=0, eos_token_id=0)).save_pretrained(neo)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf_folder / name, neo / name)
+    capsys.readouterr()
+    for args in (["eval", str(neo)], ["generate", str(neo), "-p", "a"], ["quantize", str(neo)],
+                 ["train", "--init-hf", str(neo), "--out", str(tmp_path / "x")],
+                 ["train", "--init", str(neo), "--out", str(tmp_path / "x")]):
+        assert f"{neo}: a Hugging Face 'gpt_neo' folder, which from_hf cannot import" in one_line(*args)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "neo-int8").exists()
+    run = tmp_path / "run"
+    short = ["--out", str(run), "--seq-len", "16", "--batch-size", "2", "--steps", "2", "--eval-batches", "1",
+             "--max-data-tokens", "20000", "--warmup", "1"]
+    assert main(["train", "--init-hf", str(hf_folder), *short, "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert f"--init-hf None (the run's: '{hf_folder}')" in one_line("train", "--resume", *short)

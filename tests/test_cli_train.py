@@ -147,6 +147,34 @@ def test_eval_of_the_held_out_split_counts_each_row_once(tmp_path, labelled, cap
     assert main(["eval", str(run), "--split", "train", "--batch-size", "5", "--batches", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["examples"] == 10
 
+def test_training_evaluation_is_evals(tmp_path, capsys):
+    """The held-out loss training records scores each held-out row once, as `fastattn eval` does at the same
+    --batches / --batch-size: equal on the final checkpoint (its batches wrapped around the rows, counting some
+    twice)."""
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{'good fine' if i < 20 else 'bad'} {i} " * (1 + i % 4),
+                                        "label": ["neg", "pos"][i < 20]}) + "\n" for i in range(40)))
+    run = train(tmp_path, "run", "--task", "classify", "--data", str(data), "--batch-size", "3", "--eval-batches",
+                "2", "--eval-every", "0", "--steps", "2")
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    assert main(["eval", str(run), "--batches", "2", "--batch-size", "3"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["examples"] == 4  # (the 4 held-out rows: 2 batches of 3 had wrapped around to 2 of them again)
+    assert val[-1]["val_loss"] == pytest.approx(res["loss"], rel=1e-6)
+    assert val[-1]["val_acc"] == pytest.approx(res["accuracy"], rel=1e-6)
+
+
+def test_prompts_keep_the_command_line_order(monkeypatch):
+    """-p a -p - -p b: stdin's prompts where '-' stands (were put last); --prompt-file's after."""
+    import io
+    import types
+
+    from fastattn.cli.generate import read_prompts
+    monkeypatch.setattr("sys.stdin", io.StringIO("x\n\ny\n"))
+    cfg = types.SimpleNamespace(prompt=["a", "-", "b"], prompt_file=None)
+    assert read_prompts(cfg) == ["a", "x", "y", "b"]
+
+
 def test_classify_from_mlm_checkpoint(tmp_path, labelled):
     bert = train(tmp_path, "bert", "--task", "mlm")
     run = train(tmp_path, "clf", "--task", "classify", "--data", str(labelled), "--init", str(bert), "--mode",

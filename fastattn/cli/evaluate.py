@@ -42,10 +42,11 @@ class EvalConfig:
             raise CLIError(f"--output {self.output}: a folder, not a file")
 
 
-def make_task(state, tok, task=None, data=None, seq_len=None):
+def make_task(state, tok, task=None, data=None, seq_len=None, model=None):
     """The task a checkpoint was trained on (its data, sequence length and label names), with overrides; data given:
-    all of it is the held-out split (val_fraction 1), none of it cut (max_data_tokens)."""
-    from fastattn.cli.tasks import ClassifyTask
+    all of it is the held-out split (val_fraction 1), none of it cut (max_data_tokens); set to the checkpoint's
+    ``model`` (a seq2seq decoder's start token) when given."""
+    from fastattn.cli.tasks import ClassifyTask, for_model
     from fastattn.cli.train import TrainConfig
     saved = state.get("train_config", {})
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -57,7 +58,8 @@ def make_task(state, tok, task=None, data=None, seq_len=None):
         tcfg.seq_len = seq_len
     if tcfg.task == "classify":
         return ClassifyTask(tcfg, tok, labels=state.get("labels"))
-    return TASKS[tcfg.task](tcfg, tok)
+    task = TASKS[tcfg.task](tcfg, tok)
+    return for_model(task, model) if model is not None else task
 
 
 def quantize_on_load(model, state, tok, int8: bool):
@@ -66,7 +68,8 @@ def quantize_on_load(model, state, tok, int8: bool):
     recipe = state.get("int8")
     if recipe and not recipe.get("stored"):
         from fastattn.cli.quantize import apply_recipe
-        return apply_recipe(model, recipe, make_task(state, tok) if recipe["smoothquant"] else None)
+        task = make_task(state, tok, model=model) if recipe["smoothquant"] else None
+        return apply_recipe(model, recipe, task)
     if int8 and not recipe:
         import fastattn
         return fastattn.quantize(model, mode="w8a16")
@@ -89,7 +92,7 @@ def main(cfg: EvalConfig) -> int:
     model.eval()
     check_task(type(model).__name__, cfg.task or state.get("task", "clm"), f"{cfg.checkpoint}")
     _check_fits(model, cfg.seq_len or state.get("train_config", {}).get("seq_len"))  # before the data is read
-    task = make_task(state, tok, cfg.task, cfg.data, cfg.seq_len)
+    task = make_task(state, tok, cfg.task, cfg.data, cfg.seq_len, model=model)
     tcfg = task.cfg
     _check_fits(model, tcfg.seq_len)
     model = quantize_on_load(model, state, tok, cfg.int8)

@@ -93,10 +93,30 @@ class GenerateConfig:
             raise CLIError("--cuda-graph: greedy search and sampling only (not --num-beams, --draft, --prompt-lookup)")
 
 
+def _stdin_prompts(required: bool):
+    """The lines of stdin, blank ones skipped (required: some, for -p -)."""
+    try:  # bytes decoded here: a text stdin may decode with surrogateescape (a C locale), letting bad bytes by
+        buf = getattr(sys.stdin, "buffer", None)
+        text = buf.read().decode("utf-8") if buf is not None else sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise CLIError(f"stdin: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    prompts = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    if not prompts and required:
+        raise CLIError("--prompt -: no prompts on stdin (only blank lines)")
+    return prompts
+
+
 def read_prompts(cfg):
-    """The prompts of -p, --prompt-file and stdin ('-', or no prompt given and stdin not a terminal), blank lines
-    skipped; none given at all: one empty prompt (unconditional generation)."""
-    prompts = [p for p in cfg.prompt if p != "-"]
+    """The prompts of -p in their order (stdin's where the first '-' is), then --prompt-file's, then stdin's when no
+    prompt is given and stdin is not a terminal, blank lines skipped; none given at all: one empty prompt
+    (unconditional generation)."""
+    prompts, stdin_read = [], False
+    for p in cfg.prompt:
+        if p != "-":
+            prompts.append(p)
+        elif not stdin_read:
+            prompts += _stdin_prompts(required=True)
+            stdin_read = True
     if cfg.prompt_file:
         try:
             with open(cfg.prompt_file, encoding="utf-8") as f:
@@ -108,16 +128,8 @@ def read_prompts(cfg):
         if not from_file:
             raise CLIError(f"--prompt-file {cfg.prompt_file}: no prompts in it (only blank lines)")
         prompts += from_file
-    if "-" in cfg.prompt or (not prompts and not sys.stdin.isatty()):
-        try:  # bytes decoded here: a text stdin may decode with surrogateescape (a C locale), letting bad bytes by
-            buf = getattr(sys.stdin, "buffer", None)
-            text = buf.read().decode("utf-8") if buf is not None else sys.stdin.read()
-        except UnicodeDecodeError as e:
-            raise CLIError(f"stdin: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        from_stdin = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
-        if not from_stdin and "-" in cfg.prompt:
-            raise CLIError("--prompt -: no prompts on stdin (only blank lines)")
-        prompts += from_stdin
+    if not prompts and not stdin_read and not sys.stdin.isatty():
+        prompts = _stdin_prompts(required=False)
     return prompts or [""]
 
 

@@ -1,14 +1,14 @@
 """The arguments ``fastattn generate`` passes to a model's ``generate``: the options given, else, for a Hugging Face
 folder, its ``generation_config.json`` as transformers' generate reads it, else the CLI's defaults.
 
-From a folder: the search (``num_beams``, ``length_penalty``, ``early_stopping``, ``repetition_penalty``,
-``no_repeat_ngram_size``: BART-large-CNN decodes with 4 beams) and the sampling (``do_sample`` with ``temperature``,
-``top_k``, ``top_p``, ``min_p``, ``typical_p``: an instruct model's recommended settings; without ``do_sample``,
-transformers decodes greedily, and so does the CLI; asked to sample with --temperature, it samples with the folder's
-top_k / top_p / min_p / typical_p, as transformers' generate(do_sample=True) does). Without a folder: sampling at
-temperature 0.8 with top-k 50, or greedy beam search with --num-beams. A folder's beams give way to sampling asked
-for with --temperature (beam sampling is not supported), and its search settings to --draft / --prompt-lookup
-(speculative decoding takes none of them).
+From a folder (or a checkpoint ``fastattn quantize`` / ``prune`` made of one, which carries the file): the search
+(``num_beams``, ``length_penalty``, ``early_stopping``, ``repetition_penalty``, ``no_repeat_ngram_size``: BART-large-CNN
+decodes with 4 beams) and the sampling (``do_sample`` with ``temperature``, ``top_k``, ``top_p``, ``min_p``,
+``typical_p``: an instruct model's recommended settings; without ``do_sample``, transformers decodes greedily, and so
+does the CLI; asked to sample with --temperature, it samples with the folder's top_k / top_p / min_p / typical_p, as
+transformers' generate(do_sample=True) does). Without a folder: sampling at temperature 0.8 with top-k 50, or greedy
+beam search with --num-beams. A folder's beams give way to sampling asked for with --temperature (beam sampling is not
+supported), and its search settings to --draft / --prompt-lookup (speculative decoding takes none of them).
 """
 import json
 from pathlib import Path
@@ -35,15 +35,38 @@ _SAMPLING = {"do_sample": lambda v: isinstance(v, bool), "temperature": _number(
              "top_p": _number(0, 1, low_open=True), "min_p": _number(0, 1), "typical_p": _number(0, 1, low_open=True)}
 
 
-def folder_config(checkpoint) -> Optional[dict]:
-    """The search and sampling fields of a Hugging Face folder's generation_config.json (checked; {} without the
-    file: transformers' defaults), None when the checkpoint is not a Hugging Face folder."""
+GENERATION_FILE = "generation_config.json"
+
+
+def _generation_file(checkpoint) -> Optional[Path]:
+    """The generation_config.json of a Hugging Face folder, or of a fastattn checkpoint (or run folder's final
+    model) that carries one; None where there is none."""
+    folder = Path(checkpoint)
+    if not (folder / "config.json").is_file():
+        folder = folder / "model"  # a run folder: its final model
+    path = folder / GENERATION_FILE
+    return path if path.is_file() else None
+
+
+def carried(src) -> dict:
+    """{file name: writer} of the generation settings a checkpoint made from src (quantize, prune) keeps: src's
+    generation_config.json; for a Hugging Face folder without one, transformers' defaults ({})."""
     from fastattn.cli.loading import hf_model_type
-    path = Path(checkpoint) / "generation_config.json"
-    if not hf_model_type(checkpoint):
-        return None
-    if not path.is_file():
-        return {}
+    path = _generation_file(src)
+    if path is not None:
+        data = path.read_bytes()
+        return {GENERATION_FILE: lambda p: p.write_bytes(data)}
+    return {GENERATION_FILE: lambda p: p.write_text("{}\n")} if hf_model_type(src) else {}
+
+
+def folder_config(checkpoint) -> Optional[dict]:
+    """The search and sampling fields of a Hugging Face folder's generation_config.json, or of the one a checkpoint
+    made from such a folder carries (checked; {} for a Hugging Face folder without the file: transformers'
+    defaults), None for a checkpoint without one."""
+    from fastattn.cli.loading import hf_model_type
+    path = _generation_file(checkpoint)
+    if path is None:
+        return {} if hf_model_type(checkpoint) else None
     try:
         d = json.loads(path.read_text())
     except (OSError, ValueError) as e:

@@ -9,7 +9,7 @@ from fastattn import hugepages
 from fastattn.cli import checkpoint as ckpt
 from fastattn.cli import finetune
 from fastattn.cli.config import CLIError
-from fastattn.cli.models import class_for_type, model_class
+from fastattn.cli.models import class_for_type, known_type, model_class
 from fastattn.models.bert_hf import FAMILIES as BERT_FAMILIES
 from fastattn.models.gpt_hf import GPT_HF_TYPES
 from fastattn.models.seq2seq_hf import FAMILIES as SEQ2SEQ_FAMILIES
@@ -53,16 +53,32 @@ HF_MODEL_TYPES = {**dict.fromkeys(GPT_HF_TYPES, "GPT"), **dict.fromkeys(BERT_FAM
                   **dict.fromkeys(SEQ2SEQ_FAMILIES + T5_FAMILIES, "Seq2Seq")}
 
 
-def hf_model_type(path):
+def hf_config_type(path):
     """The model_type of a Hugging Face model folder (its config.json, not one of fastattn's, whose fields include
-    d_model, n_layer and backend; "bert" names both) that from_hf imports, else None."""
+    d_model, n_layer and backend; "bert" names both), whether from_hf imports it or not; else None."""
     try:
         d = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return None
     ours = isinstance(d, dict) and {"d_model", "n_layer", "backend"} <= d.keys()
     kind = d.get("model_type") if isinstance(d, dict) and not ours else None
+    return kind if isinstance(kind, str) else None
+
+
+def hf_model_type(path):
+    """The model_type of a Hugging Face model folder that from_hf imports, else None."""
+    kind = hf_config_type(path)
     return kind if kind in HF_MODEL_TYPES else None
+
+
+def check_importable(path, what=None):
+    """Raise CLIError for a Hugging Face folder whose model_type from_hf does not import (what: the option that
+    named it)."""
+    kind = hf_config_type(path)
+    if kind and kind not in HF_MODEL_TYPES and not known_type(kind):  # (a registered class's own checkpoint)
+        raise CLIError(f"{what + ' ' if what else ''}{path}: a Hugging Face {kind!r} folder, which from_hf cannot "
+                       f"import (it imports {len(HF_MODEL_TYPES)} model types, e.g. gpt2, llama, qwen2, gemma, "
+                       "mistral, bert, roberta, bart, t5; the README lists them)")
 
 
 def _load_hf(path, kind, backend, map_location):
@@ -92,6 +108,7 @@ def load_model(path, backend=None, map_location="cpu", purpose=None):
     kind = hf_model_type(path)
     if kind:
         return _load_hf(path, kind, backend, map_location)
+    check_importable(path)
     path = ckpt.resolve(path)
     mcfg = ckpt.read_json(path / "config.json")
     state = ckpt.read_json(path / "train_state.json") if (path / "train_state.json").is_file() else {}

@@ -35,6 +35,11 @@ def model_class(name):
     return classes[name]
 
 
+def known_type(model_type) -> bool:
+    """Whether model_type is a config's of the classes above (a checkpoint of theirs, not a Hugging Face folder)."""
+    return any(getattr(cls.config_class, "model_type", None) == model_type for cls in _classes().values())
+
+
 def class_for_type(model_type, arch=None):
     """The class a checkpoint names (train_state.json's arch), else the first whose config's model_type is
     model_type (what config.json names)."""

@@ -4,8 +4,8 @@ Head importance (per layer, per query head h): ||W_o[:, h]||_F * ||W_q[h]||_F, r
 ``--heads`` fraction removed (at least one head kept per layer); the head's output columns are zeroed (which removes it
 exactly), and its query rows unless q is normalised over all heads (OLMo 2: zero rows would change every other head's
 norm), through torch.nn.utils.prune masks, then made permanent (prune.remove). ``--unstructured``: global L1
-magnitude pruning of every Linear weight (torch.nn.utils.prune.global_unstructured), made permanent. Fine-tune
-afterwards with ``fastattn train --init OUT``."""
+magnitude pruning of every Linear weight (torch.nn.utils.prune.global_unstructured), made permanent. A Hugging Face
+folder's generation_config.json comes along. Fine-tune afterwards with ``fastattn train --init OUT``."""
 import json
 import sys
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ from torch.nn.utils import prune
 
 from fastattn.cli import checkpoint as ckpt
 from fastattn.cli.config import CLIError, check_new_folder, opt
+from fastattn.cli.generation_args import carried
 
 
 @dataclass
@@ -109,7 +110,8 @@ def main(cfg: PruneConfig) -> int:
     files = {"model.safetensors": lambda p: ckpt.save_weights(model, p),
              "config.json": lambda p: p.write_text(json.dumps(cfg_dict, indent=2)),
              "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2)),
-             "tokenizer.json": lambda p: tok.save(p)}  # src may be a Hugging Face folder: fastattn's format
+             "tokenizer.json": lambda p: tok.save(p),  # src may be a Hugging Face folder: fastattn's format
+             **carried(src)}  # and its generation settings
     ckpt.write_folder(out, files)
     print(json.dumps({"out": str(out), **meta["pruned"]}, indent=2))
     print(f"removed {removed} of {total} heads; Linear sparsity {sparsity}", file=sys.stderr)

@@ -2,8 +2,9 @@
 
 The output folder is a checkpoint of the quantized model: int8 weights with their scales in model.safetensors and
 the int8 layout (fastattn.int8_layout) in quantization.json, so ``generate`` / ``eval`` / ``from_pretrained`` load
-it as it was measured here, without the float weights or calibration data. The recipe is recorded in
-train_state.json, and the held-out loss before and after quantization is reported."""
+it as it was measured here, without the float weights or calibration data; a Hugging Face folder's
+generation_config.json comes along (generate searches as it did). The recipe is recorded in train_state.json, and
+the held-out loss before and after quantization is reported."""
 import json
 import sys
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import torch
 
 from fastattn.cli import checkpoint as ckpt
 from fastattn.cli.config import CLIError, check_new_folder, opt
+from fastattn.cli.generation_args import carried
 from fastattn.cli.tasks import LossTotal
 from fastattn.models.layers import INT8_FILE
 from fastattn.quantization import int8_layout
@@ -79,7 +81,7 @@ def main(cfg: QuantizeConfig) -> int:
     check_new_folder(out)
     model, state, tok = load_model(src, purpose="quantize")
     model.eval()
-    task = make_task(state, tok)
+    task = make_task(state, tok, model=model)
     recipe = {"mode": cfg.mode, "smoothquant": cfg.smoothquant, "alpha": cfg.alpha, "calib": cfg.calib,
               "batch_size": cfg.batch_size}
     before = _loss(model, task, cfg.eval_batches, cfg.batch_size) if cfg.eval_batches else None
@@ -93,7 +95,7 @@ def main(cfg: QuantizeConfig) -> int:
     files = {"config.json": lambda p: model.config.save(p), "tokenizer.json": lambda p: tok.save(p),
              "model.safetensors": lambda p: ckpt.save_weights(model, p),
              INT8_FILE: lambda p: p.write_text(json.dumps(layout, indent=1)),
-             "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2))}
+             "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2)), **carried(src)}
     ckpt.write_folder(out, files)
     n8 = len(layout)
     size_float, size = (_weight_bytes(f) for f in (src, out))

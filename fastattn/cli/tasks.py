@@ -363,6 +363,8 @@ class MLMTask(CLMTask):
 class Seq2SeqTask(CLMTask):
     name = "seq2seq"
 
+    decoder_start = None  # the model's first decoder token (for_model), as its generate starts
+
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)  # (with pairs, the supervised source -> target pairs)
         self.sentinels = None
@@ -443,11 +445,18 @@ class Seq2SeqTask(CLMTask):
         labels, _ = pad_right([self._encode_text(rows[j][1]) for j in chosen], IGNORE)
         return ids, mask, labels
 
+    @property
+    def start(self) -> int:
+        """The decoder's first input: the model's decoder start, else pad for a T5 tokenizer (sentinels) and eos
+        otherwise (BART), each family's."""
+        if self.decoder_start is not None:
+            return self.decoder_start
+        return self.tok.pad_id if self.sentinels else self.tok.eos_id
+
     def _inputs(self, ids, mask, labels):
         """The batch's inputs for labels (B, T): the decoder's are the labels shifted right (-100 -> pad) after the
-        start token, pad for a T5 tokenizer (sentinels) and eos otherwise (BART): each family's decoder_start."""
-        start = self.tok.pad_id if self.sentinels else self.tok.eos_id
-        dec = torch.cat([torch.full((labels.shape[0], 1), start), labels[:, :-1]], 1)
+        start token."""
+        dec = torch.cat([torch.full((labels.shape[0], 1), self.start), labels[:, :-1]], 1)
         return {"input_ids": ids, "attention_mask": mask,
                 "decoder_input_ids": dec.masked_fill(dec == IGNORE, self.tok.pad_id)}
 
@@ -455,8 +464,7 @@ class Seq2SeqTask(CLMTask):
         """batch_size rows of --seq-len encoder tokens and as many decoder tokens, random pairs back to back (one that
         does not fit starts the next rows), each row ending in a filler pair of padding (at least one token on each
         side, no target: the counts of sources and targets a row stay equal); positions restart at each."""
-        L, pad = self.cfg.seq_len, self.tok.pad_id
-        start = self.tok.pad_id if self.sentinels else self.tok.eos_id
+        L, pad, start = self.cfg.seq_len, self.tok.pad_id, self.start
         out = {k: [] for k in ("input_ids", "position_ids", "decoder_input_ids", "decoder_position_ids", "labels")}
         row = {k: [] for k in out}
 
@@ -587,6 +595,14 @@ class ClassifyTask:
 
 
 TASKS = {"clm": CLMTask, "mlm": MLMTask, "seq2seq": Seq2SeqTask, "classify": ClassifyTask}
+
+
+def for_model(task, model):
+    """task (returned) set to what it takes from the model it trains or measures: a seq2seq model's decoder start
+    (config.decoder_start_token_id: Pegasus' and T5's pad, BART's eos)."""
+    if isinstance(task, Seq2SeqTask):
+        task.decoder_start = getattr(model.config, "decoder_start_token_id", None)
+    return task
 
 
 def perplexity(loss):

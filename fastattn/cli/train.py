@@ -14,10 +14,10 @@ import torch
 from fastattn.cli import checkpoint as ckpt
 from fastattn.cli import finetune
 from fastattn.cli.config import CLIError, check_new_folder, check_seed, opt
-from fastattn.cli.loading import (DEFAULT_SEQ_LEN, checkpoint_tokenizer, hf_model_type, load_model, load_tokenizer,
-                                  pick_device)
+from fastattn.cli.loading import (DEFAULT_SEQ_LEN, check_importable, checkpoint_tokenizer, hf_model_type, load_model,
+                                  load_tokenizer, pick_device)
 from fastattn.cli.models import TASK_ARCH, build_config, check_task, model_class
-from fastattn.cli.tasks import TASKS, LossTotal, perplexity, take_rows
+from fastattn.cli.tasks import TASKS, LossTotal, for_model, perplexity, take_rows
 
 
 @dataclass
@@ -61,7 +61,7 @@ class TrainConfig:
                          choices=["fp32", "bf16", "fp16"])
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
     eval_every: int = opt(100, "evaluate on held-out data every N steps (and at the end); 0: only at the end")
-    eval_batches: int = opt(8, "held-out batches per evaluation")
+    eval_batches: int = opt(8, "held-out batches per evaluation, at most (each row once)")
     ckpt_every: int = opt(200, "checkpoint every N steps (and at the end); 0: only at the end")
     keep: int = opt(3, "checkpoints kept")
     resume: bool = opt(False, "continue the run in --out from its newest valid checkpoint")
@@ -144,7 +144,7 @@ class TrainConfig:
 # options that define the model, its tokens or its data stream: --resume refuses to change them
 RESUME_FIXED = ("task", "arch", "tokenizer", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "norm", "pos",
                 "mlp", "n_experts", "experts_per_tok", "mode", "lora_rank", "lora_alpha", "prompt_len", "nsp",
-                "num_labels", "qat", "data", "seq_len", "chat", "max_data_tokens", "val_fraction")
+                "num_labels", "qat", "data", "seq_len", "chat", "max_data_tokens", "val_fraction", "init", "init_hf")
 
 
 TASK_SPECIALS = {"mlm": ("mask", "cls", "sep"), "classify": ("cls",)}  # seq2seq: a mask, or T5's sentinels (its task)
@@ -287,6 +287,9 @@ class Trainer:
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise CLIError("--precision fp16 needs a CUDA device (use bf16 on CPU)")
         torch.manual_seed(cfg.seed)
+        for what, path in (("--init", cfg.init), ("--init-hf", cfg.init_hf)):
+            if path:
+                check_importable(path, what)
         # --init: the checkpoint's own tokenizer, unless --tokenizer names another (an HF folder is refused below)
         self.tok_from_init = bool(cfg.init) and cfg.tokenizer == "bpe" and not hf_model_type(cfg.init)
         if self.tok_from_init:
@@ -300,6 +303,7 @@ class Trainer:
                 raise CLIError(f"--task {cfg.task}: {e}") from None
         self.task = TASKS[cfg.task](cfg, self.tok)
         self.model = self._build_model().to(self.device)
+        for_model(self.task, self.model)  # (a seq2seq decoder starts at the model's start token, as generate does)
         self.arch = type(self.model).__name__
         self._check_fits(self.model, "the model")
         self.teacher = None
@@ -376,7 +380,7 @@ class Trainer:
             else:
                 cls = model_class(cfg.arch or TASK_ARCH[cfg.task])
                 try:
-                    model = cls.from_hf(cfg.init_hf)
+                    model = cls.from_hf(cfg.init_hf, **self._hf_labels(cls))
                 except (OSError, ValueError, KeyError) as e:
                     raise CLIError(f"--init-hf {cfg.init_hf}: {e}") from None
                 if model.config.vocab_size < self.tok.vocab_size:
@@ -417,6 +421,21 @@ class Trainer:
                                f"{field} {have} (its checkpoint decides it: leave the option out)")
         if "dropout" in given:
             finetune.set_dropout(model, self.cfg.dropout)
+
+    def _hf_labels(self, cls):
+        """from_hf's label count for a classifier: --num-labels, else the data's, unless the folder is a classifier
+        already (a *ForSequenceClassification: its own count, which the data's labels must fit)."""
+        if cls.__name__ != TASK_ARCH["classify"]:
+            return {}
+        if self.cfg.num_labels:
+            return {"num_labels": self.cfg.num_labels}
+        try:
+            archs = json.loads((Path(self.cfg.init_hf) / "config.json").read_text()).get("architectures") or []
+        except (OSError, ValueError, AttributeError):
+            archs = []  # (from_hf reports an unreadable config.json)
+        if any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in archs):
+            return {}
+        return {"num_labels": len(self.task.labels)}
 
     def _with_classifier(self, model):
         """A classification model holding the encoder (and pooler) weights of model (e.g. an MLM-trained BERT)."""
@@ -506,18 +525,22 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self):
-        """Held-out loss and accuracy; data-parallel ranks each score their rows of the global batch (as in
-        training), so N processes report what one process reports at N times the batch."""
+        """Held-out loss and accuracy over up to --eval-batches batches, each held-out row once (as ``fastattn eval
+        --batches N --batch-size B`` scores them); data-parallel ranks each score their rows of the global batch (as
+        in training), so N processes report what one process reports at N times the batch."""
         self.train_model.eval()
         loss, correct, count = LossTotal(), 0, 0
         rows, world = self.cfg.batch_size, self.dist.dp_world
-        for i in range(self.cfg.eval_batches):
-            inputs, target = self.task.batch("val", rows * world, index=i)
+        for inputs, target in self.task.every_row(rows * world, "val", self.cfg.eval_batches):
+            first, mine, scored = self.dist.dp_rank * rows, rows, True
+            if first >= inputs["input_ids"].shape[0]:  # a last, short batch with no row for this rank: one row run,
+                first, mine, scored = 0, 1, False       # not scored (every rank takes part in each forward)
             if world > 1:
-                first = self.dist.dp_rank * rows
-                inputs, target = take_rows(inputs, first, rows), take_rows(target, first, rows)
+                inputs, target = take_rows(inputs, first, mine), take_rows(target, first, mine)
             inputs, target = _to(inputs, self.device), _to(target, self.device)
             out = self._forward(self.train_model, inputs)
+            if not scored:
+                continue
             loss.add(self.task.loss_parts(out, target), self.task.scored(target))
             c, n = self.task.correct(out, target)
             correct, count = correct + c, count + n

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Dict, Optional
 
-ROLES = ("eos", "pad", "mask", "cls", "sep")
+ROLES = ("eos", "pad", "mask", "cls", "sep", "bos")
 log = logging.getLogger("fastattn")
 
 
@@ -18,9 +18,13 @@ class HFTokenizer:
         self._tok = _parse(tokenizer_json) if parsed is None else parsed  # (from_folder has parsed it already)
         self._json, self.special_ids = tokenizer_json, dict(special_ids)
         self.chat, self._hf = chat, None  # {"template", "bos_token", "eos_token"}; transformers' tokenizer for it
-        if self.special_ids.get("eos") is None:
-            raise ValueError("the tokenizer has no end-of-text token (eos_token in tokenizer_config.json or "
-                             "eos_token_id in config.json)")
+        if self.special_ids.get("eos") is None:  # an encoder's (BERT's): [SEP] ends each text, else [CLS]
+            end = next((self.special_ids.get(r) for r in ("sep", "cls") if self.special_ids.get(r) is not None), None)
+            if end is None:
+                raise ValueError("the tokenizer has no end-of-text token (eos_token, or an encoder's sep_token / "
+                                 "cls_token, in tokenizer_config.json, or eos_token_id in config.json)")
+            log.debug("the tokenizer has no eos token: its sep (else cls) token ends a text")
+            self.special_ids["eos"] = end
         if self.special_ids.get("pad") is None:
             self.special_ids["pad"] = self.special_ids["eos"]
         stop = [self.special_ids["eos"]] + list(self.special_ids.get("stop") or [])
@@ -34,7 +38,7 @@ class HFTokenizer:
         try:
             text = (path / "tokenizer.json").read_text(encoding="utf-8")
         except OSError as e:
-            raise ValueError(f"{path}: no readable tokenizer.json ({e.strerror})") from None
+            raise ValueError(f"no readable tokenizer.json ({e.strerror})") from None  # (callers name the folder)
         configs = {}
         for name in ("tokenizer_config.json", "config.json", "generation_config.json"):
             try:
@@ -88,8 +92,13 @@ class HFTokenizer:
 
     def encode_prompt(self, text: str):
         """A generation prompt as transformers encodes it: with the tokenizer's own specials (Llama's BOS; none for
-        GPT-2 or Qwen)."""
-        return self._tok.encode(text, add_special_tokens=True).ids
+        GPT-2 or Qwen); an empty one (unconditional generation) as transformers' generate starts it: the bos token,
+        else eos."""
+        ids = self._tok.encode(text, add_special_tokens=True).ids
+        if ids:
+            return ids
+        bos = self.special_ids.get("bos")
+        return [self.eos_id if bos is None else bos]
 
     def encode_chat(self, text: str):
         """text as the user's turn of the model's chat template, ending where the assistant's reply starts, rendered
