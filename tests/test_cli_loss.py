@@ -53,10 +53,39 @@ def test_grad_accumulation_equals_one_batch(tmp_path, pairs, kw):
 
 
 def test_loss_total_is_one_batchs_loss():
-    """Per-token means of batches with 1 and 3 scored tokens, and per-batch terms: their total is the mean over the 4
-    tokens plus the terms' mean (a mean of the batches' means weighed the lone token 3 times too much)."""
+    """Per-token means of batches with 1 and 3 scored tokens, and per-batch (per-row mean) terms of batches of 2, 1
+    and 3 rows: their total is the mean over the 4 tokens plus the terms' mean over the 6 rows (a mean of the batches'
+    means weighed the lone token 3 times too much; a mean of the terms weighed a short last batch's rows more)."""
     total = LossTotal()
-    total.add((torch.tensor(4.0), torch.tensor(1.0)), 1)
-    total.add((torch.tensor(2.0), None), 3)
-    total.add((torch.tensor(float("nan")), torch.tensor(0.5)), 0)  # (no scored token: adds its term only)
-    assert total.value() == pytest.approx((4.0 + 3 * 2.0) / 4 + 1.5 / 3)
+    total.add((torch.tensor(4.0), torch.tensor(1.0)), 1, 2)
+    total.add((torch.tensor(2.0), None), 3, 1)
+    total.add((torch.tensor(float("nan")), torch.tensor(0.5)), 0, 3)  # (no scored token: adds its term only)
+    assert total.value() == pytest.approx((4.0 + 3 * 2.0) / 4 + (2 * 1.0 + 3 * 0.5) / 6)
+
+
+def test_loss_total_over_ranks_with_a_short_last_batch():
+    """Two data-parallel ranks, global batches of 6 rows, the last one 3 rows (all on rank 0): the per-batch term
+    (NSP's per-row mean) over the ranks equals one process's over the 9 rows. A mean of the ranks' means of their
+    batches' means weighed rank 1's rows more (training's held-out loss drifted from `fastattn eval`)."""
+    nsp = torch.arange(9, dtype=torch.float64) / 4  # each row's next-sentence loss
+    tok = torch.tensor(1.0)
+
+    def part(rows):
+        return tok, nsp[rows].mean()
+
+    one = LossTotal()
+    one.add(part([0, 1, 2, 3, 4, 5]), 6, 6)
+    one.add(part([6, 7, 8]), 3, 3)
+    ranks = [LossTotal(), LossTotal()]
+    ranks[0].add(part([0, 1, 2]), 3, 3)
+    ranks[1].add(part([3, 4, 5]), 3, 3)
+    ranks[0].add(part([6, 7, 8]), 3, 3)  # rank 1 has no row of the last batch
+
+    class Summed:  # dist.total over the two ranks, as the trainer's all_reduce gives it
+        other = list(vars(ranks[1]).values())  # rank 1's fields, in the order value() reduces them
+
+        def total(self, x):
+            return x + self.other.pop(0)
+
+    assert ranks[0].value(Summed()) == pytest.approx(1.0 + float(nsp.mean()))
+    assert one.value() == pytest.approx(1.0 + float(nsp.mean()))

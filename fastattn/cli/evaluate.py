@@ -108,7 +108,7 @@ def main(cfg: EvalConfig) -> int:
             inputs = {k: v.to(device) for k, v in inputs.items()}
             target = {k: v.to(device) for k, v in target.items()} if isinstance(target, dict) else target.to(device)
             out = model(**inputs)
-            loss.add(task.loss_parts(out, target), task.scored(target))  # a mean over every scored token (row)
+            loss.add(task.loss_parts(out, target), task.scored(target), rows)  # a mean over every scored token (row)
             c, n = task.correct(out, target)
             correct, count, examples = correct + c, count + n, examples + rows
     secs = time.perf_counter() - start

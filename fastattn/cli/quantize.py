@@ -63,7 +63,7 @@ def _loss(model, task, n, batch_size):
     with torch.no_grad():
         for i in range(n):
             inputs, target = task.batch("val", batch_size, index=i)
-            total.add(task.loss_parts(model(**inputs), target), task.scored(target))
+            total.add(task.loss_parts(model(**inputs), target), task.scored(target), inputs["input_ids"].shape[0])
     return total.value()
 
 

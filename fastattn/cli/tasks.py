@@ -38,24 +38,25 @@ def _ce(logits, labels):
 
 
 class LossTotal:
-    """A loss over batches as one batch of them all would have it: the scored tokens' (rows') mean, plus the mean of
-    the per-batch terms. ``value(dist)`` over every data-parallel process (dist: the trainer's Distributed)."""
+    """A loss over batches as one batch of them all would have it: the scored tokens' (rows') mean, plus the
+    per-batch terms' (NSP's) mean over the batches' rows. ``value(dist)`` over every data-parallel process (dist: the
+    trainer's Distributed): N processes give what one gives at N times the batch, short last batches included."""
 
     def __init__(self):
-        self.sum, self.items, self.extra, self.batches = 0.0, 0, 0.0, 0
+        self.sum, self.items, self.extra, self.rows = 0.0, 0, 0.0, 0
 
-    def add(self, parts, items):
+    def add(self, parts, items, rows):
         token, extra = parts
         self.sum += float(token) * items if items else 0.0  # (a mean over no token is nan)
         self.items += items
-        self.extra += 0.0 if extra is None else float(extra)
-        self.batches += 1
+        self.extra += 0.0 if extra is None else float(extra) * rows
+        self.rows += rows
 
     def value(self, dist=None):
-        total, items, extra = self.sum, self.items, self.extra / max(self.batches, 1)
+        total, items, extra, rows = self.sum, self.items, self.extra, self.rows
         if dist is not None:
-            total, items, extra = dist.total(total), dist.total(items), dist.mean(extra)
-        return (total / items if items else float("nan")) + extra
+            total, items, extra, rows = dist.total(total), dist.total(items), dist.total(extra), dist.total(rows)
+        return (total / items if items else float("nan")) + extra / max(rows, 1)
 
 
 def pad_right(seqs, pad_id):

@@ -541,7 +541,7 @@ class Trainer:
             out = self._forward(self.train_model, inputs)
             if not scored:
                 continue
-            loss.add(self.task.loss_parts(out, target), self.task.scored(target))
+            loss.add(self.task.loss_parts(out, target), self.task.scored(target), inputs["input_ids"].shape[0])
             c, n = self.task.correct(out, target)
             correct, count = correct + c, count + n
         loss = loss.value(self.dist)
