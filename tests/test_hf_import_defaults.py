@@ -10,7 +10,7 @@ import torch
 
 from conftest import assert_bounded, padded_batch
 from fastattn.models import GPT
-from fastattn.models.gpt_hf import HF_DEFAULTS
+from fastattn.models.gpt_hf import _NO_PADDING_IDX, _PAD, GPT_HF_TYPES, HF_DEFAULTS
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 71
@@ -32,6 +32,12 @@ def _class_default(kind: str, key: str):
 @pytest.mark.parametrize("kind, key", [(k, key) for k, entry in HF_DEFAULTS.items() for key in entry])
 def test_table_equals_the_config_class_default(kind, key):
     assert HF_DEFAULTS[kind][key] == _class_default(kind, key)
+
+
+@pytest.mark.parametrize("kind", [k for k in GPT_HF_TYPES if k not in _NO_PADDING_IDX])
+def test_pad_table_equals_the_config_class_default(kind):
+    """The padding_idx from_hf gives a config.json without pad_token_id: transformers' config class default."""
+    assert _PAD.get(kind) == transformers.AutoConfig.for_model(kind).pad_token_id
 
 
 # the keys whose defaults the table holds, and the rope dict transformers 5 writes them into
@@ -78,6 +84,7 @@ def test_a_stripped_config_imports_as_transformers_reads_it(tmp_path, kind):
     ours = GPT.from_hf(tmp_path)
     assert ours.config.max_seq_len == hf.config.max_position_embeddings
     assert ours.config.tie_embeddings == hf.config.tie_word_embeddings
+    assert ours.tok_emb.padding_idx == hf.get_input_embeddings().padding_idx
     if kind == "mistral":  # its default window, within its default context
         assert ours.config.sliding_window == hf.config.sliding_window == 4096
     eager = {"experts_implementation": "eager"} if kind in ("mixtral", "olmoe") else {}  # (float64 experts)

@@ -72,6 +72,7 @@ def test_gpt_from_hf_matches_transformers(tmp_path, arch):
         arch, lambda: _llama(tie=arch == "llama-tied"))().eval()
     hf.save_pretrained(tmp_path)
     ours = GPT.from_hf(tmp_path).eval()
+    assert ours.tok_emb.padding_idx == hf.get_input_embeddings().padding_idx == (None if arch == "gpt2" else 0)
     assert ours.config.n_kv_head == (4 if arch == "gpt2" else 2)
     assert (ours.config.head_dim, ours.config.qk_norm) == ((16, True) if arch == "qwen3" else (8, False))
     if arch == "qwen2":
@@ -86,6 +87,29 @@ def test_gpt_from_hf_matches_transformers(tmp_path, arch):
         mine = ours.generate(ids[:, :5], 8, temperature=0)
         theirs = hf.generate(ids[:, :5], max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(mine, theirs)
+
+
+def test_pad_row_gets_no_gradient_as_in_transformers(tmp_path):
+    """Llama's embedding has padding_idx = pad_token_id: a training step on a padded batch leaves the pad row's
+    gradient zero in both models, the other rows' equal (the tied head's gradient still reaches every row)."""
+    torch.manual_seed(0)
+    hf = _llama(tie=True).train()
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_hf(tmp_path).train()
+    ids = _ids(L=10)
+    ids[:, :3] = 0  # left padding with pad_token_id 0
+    mask = (ids != 0).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    ours(ids, attention_mask=mask, labels=labels).loss.backward()
+    hf(ids, attention_mask=mask, labels=labels).loss.backward()
+    a, b = ours.tok_emb.weight.grad, hf.get_input_embeddings().weight.grad
+    assert a[0].abs().sum() > 0 and b[0].abs().sum() > 0  # (the tied head's gradient)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    ours.zero_grad()
+    ours.tok_emb.padding_idx = None  # without it, the pad row's lookups add their gradient
+    ours(ids, attention_mask=mask, labels=labels).loss.backward()
+    assert not torch.allclose(ours.tok_emb.weight.grad[0], a[0])
+    assert torch.equal(ours.tok_emb.weight.grad[1:], a[1:])
 
 
 def _opt(**kw):

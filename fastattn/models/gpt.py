@@ -43,6 +43,9 @@ class GPTConfig(ModelConfig):
     """ModelConfig, and ``embed_norm``: a LayerNorm on the token embeddings (BLOOM's word_embeddings_layernorm)."""
     model_type = "gpt"
     embed_norm: bool = False
+    # the token embedding row that lookups send no gradient into (nn.Embedding's padding_idx: transformers' Llama,
+    # Mistral, Gemma, OPT, ... set it to their pad_token_id; from_hf reads it); None: none
+    padding_idx: Optional[int] = None
     # generate's end token(s) when it is given none: an id or a list (transformers' generation_config.eos_token_id,
     # which from_hf reads); None: none
     eos_token_id: Union[int, List[int], None] = None
@@ -51,6 +54,9 @@ class GPTConfig(ModelConfig):
         super().validate()
         if not isinstance(self.embed_norm, bool):
             raise ValueError(f"GPTConfig.embed_norm: expected true or false, got {self.embed_norm!r}")
+        if self.padding_idx is not None and not self._is_token(self.padding_idx):
+            raise ValueError(f"GPTConfig.padding_idx: expected a token id (< vocab_size {self.vocab_size}) or None, "
+                             f"got {self.padding_idx!r}")
         self.check_eos()
 
 
@@ -65,6 +71,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
             raise TypeError(f"config: expected a GPTConfig, got {type(config).__name__}")
         self.config = cfg = config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok_emb.padding_idx = cfg.padding_idx  # (after construction: the init stays as without it)
         self.emb_norm = make_norm(cfg) if cfg.embed_norm else None
         self.pos = Positions(cfg, cfg.pos_offset)
         self._refill = None  # during a generate that crosses LongRoPE's original context (_longrope_step)

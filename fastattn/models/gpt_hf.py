@@ -66,6 +66,13 @@ _DROPOUT = {"gpt2": ("resid_pdrop", 0.1), "gpt_bigcode": ("resid_pdrop", 0.1), "
             "stablelm": ("hidden_dropout", 0.0), "seed_oss": ("residual_dropout", 0.1),
             "starcoder2": ("residual_dropout", 0.0)}
 
+# the families whose token embedding has no padding_idx; and transformers' pad_token_id defaults, where not None
+_NO_PADDING_IDX = ("gpt2", "gpt_bigcode", "gpt_neox", "falcon", "gptj", "bloom", "mpt")
+_PAD = {"opt": 1, "olmo": 1, "olmo2": 1, "olmo3": 1, "olmoe": 1, "seed_oss": 1, "helium": 3, "phi3": 32000,
+        "smollm3": 128004, "glm": 151329, "glm4": 151329,
+        **dict.fromkeys(("gemma", "gemma2", "gemma3_text", "vaultgemma", "cohere", "cohere2", "ernie4_5",
+                         "hunyuan_v1_dense"), 0)}
+
 
 def hidden_dropout(hf: dict, kind: str) -> float:
     """The checkpoint's hidden (residual) dropout (_DROPOUT), 0 for a family without one."""
@@ -113,8 +120,17 @@ def import_gpt(path: str, overrides: dict) -> Tuple[GPTConfig, Dict[str, Tensor]
         # (a window of >= max_seq_len keys cuts nothing: then none is set, unless it marks Gemma 3's local layers)
         overrides = {"sliding_window": window, "layer_types": types, **overrides}
     eos = read_generation_config(path).get("eos_token_id", hf.get("eos_token_id"))
-    overrides = {"eos_token_id": _eos(eos, cfg.vocab_size), "dropout": hidden_dropout(hf, kind), **overrides}
+    overrides = {"eos_token_id": _eos(eos, cfg.vocab_size), "dropout": hidden_dropout(hf, kind),
+                 "padding_idx": padding_idx(hf, kind, cfg.vocab_size), **overrides}
     return GPTConfig.from_dict({**cfg.to_dict(), **overrides}), sd
+
+
+def padding_idx(hf: dict, kind: str, vocab_size: int):
+    """The token embedding's padding_idx as transformers builds it: pad_token_id (its config class's default where
+    config.json lacks it: _PAD) in the families whose embedding takes one; None for the others (_NO_PADDING_IDX)
+    and for an id past the vocabulary (which transformers' embedding would refuse)."""
+    pad = None if kind in _NO_PADDING_IDX else hf.get("pad_token_id", _PAD.get(kind))
+    return pad if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < vocab_size else None
 
 
 def _eos(eos, vocab_size: int):
