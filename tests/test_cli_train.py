@@ -115,6 +115,21 @@ def test_classify(tmp_path, labelled, mode, capsys):
     assert res["task"] == "classify" and 0 <= res["accuracy"] <= 1 and "perplexity" not in res
 
 
+def test_quantize_scores_each_held_out_row_once(tmp_path, capsys):
+    """quantize's float / int8 losses read each held-out row once, as eval's (4 held-out rows in batches of 3: before,
+    3 batches cycled through them, the first row counted 3 times and the others twice)."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i} " * (1 + i % 5), "label": "abc"[i % 3]}) + "\n"
+                            for i in range(40)))
+    run = train(tmp_path, "run", "--task", "classify", "--data", str(data), "--steps", "8", "--lr", "3e-3")
+    assert main(["quantize", str(run), "--eval-batches", "3", "--batch-size", "3", "--out", str(tmp_path / "q")]) == 0
+    q = json.loads(capsys.readouterr().out)
+    for folder, key in ((run, "loss_float"), (tmp_path / "q", "loss_int8")):
+        assert main(["eval", str(folder), "--batches", "3", "--batch-size", "3"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["examples"] == 4 and res["loss"] == pytest.approx(q[key], rel=1e-6)
+
+
 def test_eval_scores_every_row_of_the_given_file(tmp_path, labelled, capsys):
     """eval --data FILE scores each of its rows once: accuracy over the whole file, its real row count (before, the
     10% held out of it, cycled to --batches x --batch-size)."""

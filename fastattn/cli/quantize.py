@@ -59,10 +59,10 @@ def apply_recipe(model, recipe, task):
 
 
 def _loss(model, task, n, batch_size):
+    """The held-out loss over up to n batches, each row once (as ``fastattn eval``'s)."""
     total = LossTotal()
     with torch.no_grad():
-        for i in range(n):
-            inputs, target = task.batch("val", batch_size, index=i)
+        for inputs, target in task.every_row(batch_size, "val", n):
             total.add(task.loss_parts(model(**inputs), target), task.scored(target), inputs["input_ids"].shape[0])
     return total.value()
 
