@@ -731,9 +731,10 @@ def test_seq2seq_pairs_start_at_the_models_decoder_start(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(total / count, rel=1e-6)
 
 
-def test_quantize_and_prune_keep_the_folders_generation_config(tmp_path, capsys, monkeypatch):
-    """quantize / prune of an HF folder whose generation_config.json asks for beam search: the output carries it,
-    and generate on it searches as on the folder (was: sampling at the CLI's temperature)."""
+def test_quantize_prune_and_train_keep_the_folders_generation_config(tmp_path, capsys, monkeypatch):
+    """quantize / prune / train --init-hf of an HF folder whose generation_config.json asks for beam search (and
+    train --init from that run): the output carries it, and generate on it searches as on the folder (was: sampling
+    at the CLI's temperature)."""
     from fastattn.models import Seq2Seq
     path = tmp_path / "bart"
     hf, tok = _bart(path)
@@ -743,7 +744,12 @@ def test_quantize_and_prune_keep_the_folders_generation_config(tmp_path, capsys,
     monkeypatch.setattr(Seq2Seq, "generate", lambda self, *a, **kw: seen.append(kw) or real(self, *a, **kw))
     assert main(["quantize", str(path), "--mode", "w8a16", "--eval-batches", "0"]) == 0
     assert main(["prune", str(path), "--heads", "0.5"]) == 0
-    for folder in (path, tmp_path / "bart-int8", tmp_path / "bart-pruned"):
+    tiny = ["--seq-len", "32", "--batch-size", "2", "--steps", "1", "--eval-every", "0", "--max-data-tokens", "20000"]
+    assert main(["train", "--task", "seq2seq", "--init-hf", str(path), "--out", str(tmp_path / "run"), *tiny]) == 0
+    assert main(["train", "--task", "seq2seq", "--init", str(tmp_path / "run"), "--out", str(tmp_path / "run2"),
+                 *tiny]) == 0
+    assert (tmp_path / "run" / "ckpt-0000001" / "generation_config.json").is_file()
+    for folder in (path, tmp_path / "bart-int8", tmp_path / "bart-pruned", tmp_path / "run", tmp_path / "run2"):
         assert main(["generate", str(folder), "-p", "It is a truth", "-n", "4"]) == 0
         assert (seen[-1]["num_beams"], seen[-1]["no_repeat_ngram_size"], seen[-1]["temperature"]) == (3, 2, 0.0)
     capsys.readouterr()

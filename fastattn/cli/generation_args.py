@@ -1,7 +1,8 @@
 """The arguments ``fastattn generate`` passes to a model's ``generate``: the options given, else, for a Hugging Face
 folder, its ``generation_config.json`` as transformers' generate reads it, else the CLI's defaults.
 
-From a folder (or a checkpoint ``fastattn quantize`` / ``prune`` made of one, which carries the file): the search
+From a folder (or a checkpoint ``fastattn quantize`` / ``prune`` / ``train --init-hf`` made of one, which carries
+the file): the search
 (``num_beams``, ``length_penalty``, ``early_stopping``, ``repetition_penalty``, ``no_repeat_ngram_size``: BART-large-CNN
 decodes with 4 beams) and the sampling (``do_sample`` with ``temperature``, ``top_k``, ``top_p``, ``min_p``,
 ``typical_p``: an instruct model's recommended settings; without ``do_sample``, transformers decodes greedily, and so
@@ -49,7 +50,7 @@ def _generation_file(checkpoint) -> Optional[Path]:
 
 
 def carried(src) -> dict:
-    """{file name: writer} of the generation settings a checkpoint made from src (quantize, prune) keeps: src's
+    """{file name: writer} of the generation settings a checkpoint made from src (quantize, prune, train) keeps: src's
     generation_config.json; for a Hugging Face folder without one, transformers' defaults ({})."""
     from fastattn.cli.loading import hf_model_type
     path = _generation_file(src)

@@ -14,6 +14,7 @@ import torch
 from fastattn.cli import checkpoint as ckpt
 from fastattn.cli import finetune
 from fastattn.cli.config import CLIError, check_new_folder, check_seed, opt
+from fastattn.cli.generation_args import carried
 from fastattn.cli.loading import (DEFAULT_SEQ_LEN, check_importable, checkpoint_tokenizer, hf_model_type, load_model,
                                   load_tokenizer, pick_device)
 from fastattn.cli.models import TASK_ARCH, build_config, check_task, model_class
@@ -365,6 +366,9 @@ class Trainer:
     # ---- model ----
     def _build_model(self):
         cfg = self.cfg
+        # the starting model's generation settings come along into models that generate (as save_pretrained's)
+        self.carry = carried(cfg.init or cfg.init_hf) if (cfg.init or cfg.init_hf) and \
+            cfg.task in ("clm", "seq2seq") else {}
         if cfg.init or cfg.init_hf:
             if cfg.init:
                 if hf_model_type(cfg.init):
@@ -576,7 +580,7 @@ class Trainer:
             "config.json": lambda p: p.write_text(json.dumps(cfg_dict, indent=2)),
             "tokenizer.json": lambda p: self.tok.save(p),
             "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2)),
-            "state.pt": lambda p: torch.save(self._state(), p),
+            "state.pt": lambda p: torch.save(self._state(), p), **self.carry,
         })
         if tag is None:
             ckpt.prune(self.run_dir, self.cfg.keep)
@@ -635,7 +639,7 @@ class Trainer:
             "model.safetensors": lambda p: ckpt.save_weights(model, p),
             "config.json": lambda p: p.write_text(json.dumps(cfg_dict, indent=2)),
             "tokenizer.json": lambda p: self.tok.save(p),
-            "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2)),
+            "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2)), **self.carry,
         })
 
     # ---- the loop ----
