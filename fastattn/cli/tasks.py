@@ -166,12 +166,16 @@ class CLMTask:
         return _Usable(rows, self._has_target, f"has no target token within --seq-len {self.cfg.seq_len}: nothing "
                                                "to learn")
 
+    def split_pairs(self, split):
+        """The (source, target) pairs of a split: "train", else the held-out ones."""
+        return self.pairs[0] if split == "train" else self.pairs[1]
+
     def _rows_with_targets(self, split):
         """The held-out (or training) pairs whose target survives the cut, found once: evaluation batches of
         pairs with no target token would have no loss (NaN)."""
         cache = self._with_targets
         if split not in cache:
-            rows = self.pairs[0] if split == "train" else self.pairs[1]
+            rows = self.split_pairs(split)
             cache[split] = [r for r in rows if self._has_target(r)]
             if not cache[split]:
                 raise DataError(f"every {'training' if split == 'train' else 'held-out'} example has no target token "
@@ -211,7 +215,7 @@ class CLMTask:
             return self._packed_batch(self.pairs[0], batch_size, generator)
         if self.pairs is not None:
             if index is None:  # a training draw: a pair with no target token is drawn again
-                rows = self.pairs[0] if split == "train" else self.pairs[1]
+                rows = self.split_pairs(split)
                 chosen, usable = pick(rows, batch_size, generator, index), self._no_target_guard(rows)
                 for i, j in enumerate(chosen):
                     while not usable(self._has_target(rows[j])):
@@ -238,7 +242,7 @@ class CLMTask:
         if self.pairs is None:
             n = len(self.data.split(split)) // self.window()
         else:
-            n = len(self._rows_with_targets(split) if self.name == "clm" else self.pairs[0 if split == "train" else 1])
+            n = len(self._rows_with_targets(split) if self.name == "clm" else self.split_pairs(split))
         for i in range(min(-(-n // batch_size), max_batches or n)):
             inputs, target = self.batch(split, batch_size, index=i)
             rows = min(batch_size, n - i * batch_size)  # the last batch: the rows left, not wrapped around
@@ -440,7 +444,7 @@ class Seq2SeqTask(CLMTask):
         return ids
 
     def _pairs_batch(self, split, batch_size, generator, index):
-        rows = self.pairs[0] if split == "train" else self.pairs[1]
+        rows = self.split_pairs(split)
         chosen = pick(rows, batch_size, generator, index)
         ids, mask = pad_right([self._encode_text(rows[j][0]) for j in chosen], self.tok.pad_id)
         labels, _ = pad_right([self._encode_text(rows[j][1]) for j in chosen], IGNORE)
