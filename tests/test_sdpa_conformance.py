@@ -60,6 +60,27 @@ def test_causal_bias_under_compile(variant):
     torch.testing.assert_close(compiled(q, k, v, bias), F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
 
 
+@pytest.mark.parametrize("same", ["qkv", "kv", "qk"])
+def test_one_tensor_as_several_inputs_under_fullgraph_compile(same):
+    """attention(x, x, x) (and k is v, q is k) compiles with fullgraph=True and trains: dynamo refuses one tensor as
+    two inputs of an autograd.Function, so the duplicates go in as views; output and gradients as eager torch's
+    (float64)."""
+    def fn(a, b):
+        q, k, v = {"qkv": (a, a, a), "kv": (a, b, b), "qk": (a, a, b)}[same]
+        return q, k, v
+
+    outs = []
+    for sdpa in (torch.compile(lambda a, b: fastattn.scaled_dot_product_attention(*fn(a, b), is_causal=True),
+                               backend="aot_eager", fullgraph=True),
+                 lambda a, b: F.scaled_dot_product_attention(*fn(a, b), is_causal=True)):
+        a, b = randn(2, 3, 6, 16).double().requires_grad_(), randn(2, 3, 6, 16, seed=1).double().requires_grad_()
+        out = sdpa(a, b)
+        out.square().sum().backward()
+        outs.append((out, a.grad, b.grad))
+    for x, y in zip(*outs):
+        torch.testing.assert_close(x, y)
+
+
 def test_causal_bias_errors():
     q = randn(1, 2, 6, 8)
     for fn in (F.scaled_dot_product_attention, fastattn.scaled_dot_product_attention):  # torch's error, ours

@@ -132,6 +132,9 @@ def _attention(q, k, v, packed, causal, attn_mask, key_padding_mask, dropout_p, 
     softcap = check_softcap(softcap)
     out_shape = (*lay.lead, lay.L, v.shape[-1])
     qb, kb, vb = as_bhld(q, lay, lay.H), as_bhld(k, lay, lay.Hk), as_bhld(v, lay, lay.Hk)  # (B, H|Hk, L|S, E)
+    if torch.compiler.is_compiling() and (kb is qb or vb is qb or vb is kb):
+        # attention(x, x, x): dynamo refuses one tensor as two inputs of an autograd.Function; views are distinct
+        kb, vb = kb.view_as(kb) if kb is qb else kb, vb.view_as(vb) if vb is qb or vb is kb else vb
     B, H, L, E = qb.shape
     mask = build_mask(attn_mask, key_padding_mask, q, lay)
     alibi = None
