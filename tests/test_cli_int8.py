@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import fastattn
 from fastattn.cli import main
@@ -43,3 +44,72 @@ def test_eval_int8_quantizes_a_float_run_w8a16(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(fastattn, "quantize", lambda *a, **kw: modes.append(kw.get("mode")) or quantize(*a, **kw))
     assert main(["eval", str(run), "--batches", "1"]) == 0 and modes == []
     assert main(["eval", str(run), "--batches", "1", "--int8"]) == 0 and modes == ["w8a16"]
+
+
+@pytest.mark.parametrize("int8_base", ["w8a16", "w8a8"])
+def test_lora_over_an_int8_base(tmp_path, capsys, int8_base):
+    """train --mode lora --int8-base: the backbone's Linears are frozen int8 (checkpoints store int8 weights and
+    quantization.json; they never change), only the adapters train, --resume continues bit-exactly, eval on a
+    checkpoint rebuilds the int8 base, and the export is the float model the run trained: each Linear's dequantized
+    weight plus its adapter's B A (the head, tied to the embedding, stays float)."""
+    from safetensors.torch import load_file
+    base = tmp_path / "base"
+    assert main(["train", *TINY, "--out", str(base)]) == 0
+    args = ["train", *TINY, "--init", str(base), "--mode", "lora", "--int8-base", int8_base, "--ckpt-every", "2",
+            "--steps", "4"]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    assert main([*args, "--out", str(tmp_path / "resumed"), "--steps", "2"]) == 0
+    assert main([*args, "--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    run = tmp_path / "straight"
+    first, last = (load_file(run / f"ckpt-000000{s}" / "model.safetensors") for s in (2, 4))
+    assert load_file(tmp_path / "resumed" / "ckpt-0000004" / "model.safetensors").keys() == last.keys()
+    assert all(t.equal(last[k]) for k, t in load_file(tmp_path / "resumed" / "ckpt-0000004" /
+                                                      "model.safetensors").items())
+    int8 = [k for k, t in last.items() if t.dtype == torch.int8]
+    layout = json.loads((run / "ckpt-0000004" / "quantization.json").read_text())
+    assert int8 and len(int8) == len(layout) and all(k.endswith(".base.weight") for k in int8)
+    assert all(first[k].equal(last[k]) for k in last if ".lora_" not in k)  # only the adapters trained
+    assert not all(first[k].equal(last[k]) for k in last if ".lora_b" in k)
+    exported = load_file(run / "model" / "model.safetensors")
+    assert not any(t.dtype == torch.int8 or ".lora_" in k for k, t in exported.items())
+    scale = 16.0 / 8  # --lora-alpha / --lora-rank defaults
+    for k in int8:
+        name = k[:-len(".base.weight")]
+        w = last[k].float() * last[f"{name}.base.weight_scale"][:, None]
+        w += last[f"{name}.lora_b"] @ last[f"{name}.lora_a"] * scale
+        torch.testing.assert_close(exported[f"{name}.weight"], w)
+    losses = []
+    for folder in (run / "ckpt-0000004", run):
+        capsys.readouterr()
+        assert main(["eval", str(folder), "--batches", "2"]) == 0
+        losses.append(json.loads(capsys.readouterr().out)["loss"])
+    # w8a16 computes with the dequantized weight itself; w8a8 rounds the activations too
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5 if int8_base == "w8a16" else 2e-2)
+    assert main(["generate", str(run / "ckpt-0000004"), "-p", "Hi", "-n", "2"]) == 0
+
+
+def test_soft_prompt_over_an_int8_base(tmp_path, capsys):
+    """--mode prompt --int8-base w8a16: the export is float (the int8 base dequantized) and evaluates as the run's
+    last checkpoint, whose int8 base eval rebuilds."""
+    from safetensors.torch import load_file
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--mode", "prompt", "--prompt-len", "2", "--int8-base", "w8a16", "--out", str(run)]) \
+        == 0
+    assert any(t.dtype == torch.int8 for t in load_file(run / "ckpt-0000002" / "model.safetensors").values())
+    assert not any(t.dtype == torch.int8 for t in load_file(run / "model" / "model.safetensors").values())
+    losses = []
+    for folder in (run / "ckpt-0000002", run):
+        capsys.readouterr()
+        assert main(["eval", str(folder), "--batches", "2"]) == 0
+        losses.append(json.loads(capsys.readouterr().out)["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("extra, needle", [(["--mode", "full"], "--mode lora, frozen or prompt"),
+                                           (["--mode", "lora", "--qat"], "--qat"),
+                                           (["--mode", "lora", "--fsdp"], "--fsdp")])
+def test_int8_base_refusals(tmp_path, capsys, extra, needle):
+    assert main(["train", *TINY, "--int8-base", "w8a16", *extra, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()

@@ -6,6 +6,9 @@
             ``merge`` folds B A into W and puts the plain nn.Linear back (what is exported)
     prompt  ``prompt_len`` learned vectors replace the embeddings of as many placeholder tokens put before the input
             (forward hooks on the model and its token embedding); only the soft prompt trains
+
+An int8 base (``quantize_backbone``, train --int8-base: QLoRA-style) makes the backbone's Linears frozen Int8Linears
+before any of these: adapters wrap them, and merging folds B A into their dequantized weight (a float nn.Linear).
 """
 import math
 
@@ -13,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastattn.nn.quantized import Int8Linear
+
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Module, rank: int, alpha: float):  # base: an nn.Linear or an Int8Linear
         super().__init__()
         self.base = base
         self.scale = alpha / rank
@@ -27,10 +32,42 @@ class LoRALinear(nn.Module):
         return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
 
     def merged(self) -> nn.Linear:
+        base = float_linear(self.base) if isinstance(self.base, Int8Linear) else self.base
         with torch.no_grad():
             delta = (self.lora_b.float() @ self.lora_a.float()) * self.scale
-            self.base.weight.add_(delta.to(self.base.weight.dtype))
-        return self.base
+            base.weight.add_(delta.to(base.weight.dtype))
+        return base
+
+
+def float_linear(layer: Int8Linear) -> nn.Linear:
+    """The float32 nn.Linear an Int8Linear computes with: its weight dequantized (per-channel scale; SmoothQuant's
+    factor taken back out of the columns), its bias."""
+    w = layer.weight.float() * layer.weight_scale.float()[:, None]
+    if layer.smooth is not None:
+        w = w / layer.smooth.float()
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=w.device)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if layer.bias is not None:
+            out.bias.copy_(layer.bias)
+    return out.train(layer.training).requires_grad_(False)
+
+
+def quantize_backbone(model, mode: str):
+    """The backbone's nn.Linears (every module but the heads, ``model.head_modules``) as frozen Int8Linears of
+    ``mode`` (w8a16 or w8a8), in place: the int8 base of train --int8-base."""
+    import fastattn
+    heads = getattr(model, "head_modules", ())
+    return fastattn.quantize(model, mode=mode, smoothquant_alpha=None,
+                             skip=[p for h in heads for p in (h, f"{h}.*")])
+
+
+def dequantize_backbone(model):
+    """Every Int8Linear of model back to the float nn.Linear it computes with (float_linear), in place."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, Int8Linear):
+            _replace(model, name, float_linear(mod))
+    return model
 
 
 def _backbone_modules(model):
@@ -48,7 +85,7 @@ def _replace(root, dotted, new):
 def add_lora(model, rank, alpha):
     for prefix, child in list(_backbone_modules(model)):
         for name, mod in list(child.named_modules()):
-            if type(mod) is nn.Linear:
+            if type(mod) in (nn.Linear, Int8Linear):
                 _replace(model, f"{prefix}.{name}" if name else prefix, LoRALinear(mod, rank, alpha))
     model.requires_grad_(False)
     for m in model.modules():
@@ -59,7 +96,8 @@ def add_lora(model, rank, alpha):
 
 
 def merge(model):
-    """Fold every LoRA adapter into its Linear (in place); a model without adapters is left as it is."""
+    """Fold every LoRA adapter into its Linear (in place; over an int8 base: into its dequantized weight, a float
+    nn.Linear); a model without adapters is left as it is."""
     for name, mod in list(model.named_modules()):
         if isinstance(mod, LoRALinear):
             _replace(model, name, mod.merged())

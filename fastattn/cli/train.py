@@ -91,6 +91,9 @@ class TrainConfig:
     distill_alpha: float = opt(0.5, "weight of the distillation loss (KL on softened logits)")
     temperature: float = opt(2.0, "distillation temperature")
     qat: bool = opt(False, "quantization-aware training (fastattn.prepare_qat), converted to int8 on export")
+    int8_base: Optional[str] = opt(None, "QLoRA-style: the backbone's Linears frozen as int8 (w8a16 or w8a8) under "
+                                         "--mode lora, frozen or prompt; exported dequantized (LoRA merged in)",
+                                   choices=["w8a16", "w8a8"])
     fsdp: bool = opt(False, "under torchrun: shard parameters with FSDP (fully_shard) instead of DDP")
     tp: int = opt(1, "under torchrun: tensor-parallel degree over the attention / MLP projections")
     grad_checkpointing: bool = opt(False, "activation checkpointing: each block's activations recomputed in the "
@@ -128,6 +131,12 @@ class TrainConfig:
             raise CLIError(f"--chat formats the clm task's source / target pairs, not --task {self.task}")
         if self.pack and self.task not in ("clm", "seq2seq"):
             raise CLIError(f"--pack packs the clm and seq2seq tasks' source / target pairs, not --task {self.task}")
+        if self.int8_base and (self.mode == "full" or self.qat):
+            raise CLIError(f"--int8-base freezes the backbone's Linears as int8: train them with --mode lora, frozen "
+                           f"or prompt (--mode {self.mode}{' --qat' if self.qat else ''} trains them)")
+        if self.int8_base and (self.fsdp or self.tp > 1):
+            raise CLIError(f"--int8-base with {'--fsdp' if self.fsdp else '--tp'}: int8 layers are not sharded; "
+                           "use data parallelism (torchrun without --fsdp / --tp)")
         if self.pack and self.mode == "prompt":
             raise CLIError("--pack with --mode prompt: a soft prompt would sit in front of a whole row of examples")
         if self.tokenizer == "hf" and not self.init_hf:
@@ -145,7 +154,8 @@ class TrainConfig:
 # options that define the model, its tokens or its data stream: --resume refuses to change them
 RESUME_FIXED = ("task", "arch", "tokenizer", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "norm", "pos",
                 "mlp", "n_experts", "experts_per_tok", "mode", "lora_rank", "lora_alpha", "prompt_len", "nsp",
-                "num_labels", "qat", "data", "seq_len", "chat", "max_data_tokens", "val_fraction", "init", "init_hf")
+                "num_labels", "qat", "int8_base", "data", "seq_len", "chat", "max_data_tokens", "val_fraction", "init",
+                "init_hf")
 
 
 TASK_SPECIALS = {"mlm": ("mask", "cls", "sep"), "classify": ("cls",)}  # seq2seq: a mask, or T5's sentinels (its task)
@@ -404,6 +414,8 @@ class Trainer:
             if cfg.router_aux_loss_coef < 0:
                 raise CLIError(f"--router-aux-loss-coef must be >= 0, got {cfg.router_aux_loss_coef}")
             model.config.router_aux_loss_coef = float(cfg.router_aux_loss_coef)
+        if cfg.int8_base:
+            finetune.quantize_backbone(model, cfg.int8_base)
         try:
             if not finetune.soft_prompt_len(model):  # (an --init soft-prompt run goes on training its prompt)
                 finetune.apply(model, cfg.mode, cfg.lora_rank, cfg.lora_alpha, cfg.prompt_len, seed=cfg.seed)
@@ -580,11 +592,21 @@ class Trainer:
             "config.json": lambda p: p.write_text(json.dumps(cfg_dict, indent=2)),
             "tokenizer.json": lambda p: self.tok.save(p),
             "train_state.json": lambda p: p.write_text(json.dumps(meta, indent=2)),
-            "state.pt": lambda p: torch.save(self._state(), p), **self.carry,
+            "state.pt": lambda p: torch.save(self._state(), p), **self.carry, **self._int8_layout(model),
         })
         if tag is None:
             ckpt.prune(self.run_dir, self.cfg.keep)
         return path
+
+    def _int8_layout(self, model):
+        """{quantization.json: writer} of an --int8-base run's checkpoints (eval / generate rebuild the int8 base
+        from it, under the adapters), else {}."""
+        if not self.cfg.int8_base:
+            return {}
+        from fastattn.models.layers import INT8_FILE
+        from fastattn.quantization import int8_layout
+        layout = int8_layout(model)
+        return {INT8_FILE: lambda p: p.write_text(json.dumps(layout, indent=1))}
 
     def _restore(self):
         if self.dist.world > 1 and not self.dist.replicated:
@@ -629,6 +651,8 @@ class Trainer:
         else:
             model = self.model
         finetune.merge(model)
+        if self.cfg.int8_base:  # adapters merged above; the frozen int8 base, dequantized, is the model trained
+            finetune.dequantize_backbone(model)
         meta = {"step": self.step, "task": self.cfg.task, "arch": self.arch,
                 "train_config": {**self.meta_config(), "mode": "prompt" if self.cfg.mode == "prompt"
                                  else "full"}, **self.label_meta()}
