@@ -123,6 +123,20 @@ def test_lora_fsdp_matches_one_process(tmp_path):
     assert p.returncode != 0 and "--tp with --mode lora" in p.stderr
 
 
+def test_lora_over_an_int8_base_ddp_matches_one_process(tmp_path):
+    """--int8-base w8a16 LoRA under DDP trains what one process trains (the int8 base is a buffer on each rank)."""
+    base = tmp_path / "base"
+    assert main(["train", *TINY, "--batch-size", "4", "--out", str(base)]) == 0
+    args = ["--mode", "lora", "--int8-base", "w8a16", "--init", str(base)]
+    assert main(["train", *TINY, "--batch-size", "4", *args, "--out", str(tmp_path / "one")]) == 0
+    p = torchrun_train("--batch-size", "2", *args, "--out", str(tmp_path / "ddp"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (load_file(tmp_path / r / "model" / "model.safetensors") for r in ("one", "ddp"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5, msg=k)
+
+
 def test_ddp_masked_lm_without_nsp(tmp_path):
     """BERT computes its next-sentence head, which MLM-only training never reaches: DDP is told (it raised 'Expected
     to have finished reduction in the prior iteration' at step 2). The ranks' rows mask different numbers of tokens:
