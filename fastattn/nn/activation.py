@@ -185,14 +185,20 @@ def _weights_grads_with_graph(ctx, dw: Tensor, q: Tensor, k: Tensor, mask: Optio
                               keep: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     """_AttnWeights' gradients of q, k, mask with a graph of their own (a backward under create_graph=True): the
     weights recomputed by torch ops (the saved P has none) and differentiated by autograd."""
-    def weights(q, k, mask):
-        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        s, _ = attention_scores(q.to(cdt), k.to(cdt), mask, scale=ctx.scale)
-        lse = torch.logsumexp(s, -1, keepdim=True)
-        w = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0))  # a row with no key: 0
-        return (w if keep is None else w * keep / (1.0 - ctx.dropout_p)).to(q.dtype)
+    return grads_with_graph(lambda q, k, mask: _weights_by_ops(q, k, mask, ctx.scale, keep, ctx.dropout_p),
+                            (q, k, mask), dw)
 
-    return grads_with_graph(weights, (q, k, mask), dw)
+
+def _weights_by_ops(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, keep: Optional[Tensor],
+                    dropout_p: float) -> Tensor:
+    """_AttnWeights' weights by differentiable torch ops (a row with no key: 0): for a double backward, and under
+    torch.export, whose tracing differentiates the ops it records (strict export's trace of _AttnWeights gave wrong
+    gradients; non-strict export's, a failed backward over its in-place ops)."""
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s, _ = attention_scores(q.to(cdt), k.to(cdt), mask, scale=scale)
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    w = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0))
+    return (w if keep is None else w * keep / (1.0 - dropout_p)).to(q.dtype)
 
 
 def _attention_with_keep(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float):
@@ -423,7 +429,10 @@ def mha_forward(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: T
             out, lse, keep = _attention_with_keep(q, k, v, mask, dropout_p)
         else:
             out, lse = attention(q, k, v, attn_mask=mask, return_lse=True)
-        weights = _AttnWeights.apply(q, k, mask, lse.detach(), D ** -0.5, keep, dropout_p)[0]  # (B, H, L, S')
+        if torch.compiler.is_exporting():
+            weights = _weights_by_ops(q, k, mask, D ** -0.5, keep, dropout_p)
+        else:
+            weights = _AttnWeights.apply(q, k, mask, lse.detach(), D ** -0.5, keep, dropout_p)[0]  # (B, H, L, S')
         if average_attn_weights:
             weights = weights.mean(dim=1)
         if not batched:
