@@ -13,11 +13,11 @@ The interface (stable; the CLI builds on it):
   bias), norm_bias (None = bias), qk_norm (per-head q / k norms; qk_norm_full: over all heads, qk_norm_after_rope:
   after the rotary positions, GPT), embed_scale, attn_scale, attn_softcap, final_softcap, sandwich_norm (Gemma),
   input_norm (False: OLMo 2's output-only norms), parallel_block (None | "two_norms" | "one_norm"; GPT), embed_norm
-  (GPT: BLOOM's embedding LayerNorm), padding_idx (GPT: the embedding row without gradient), lm_head_bias, backend ("fastattn" | "torch"); BERT adds type_vocab_size (0:
-  none), num_labels, problem_type, pad_token_id, roberta_positions, pooler_activation, pooling, pooler_norm,
-  head_bias, rel_pos_buckets and rel_pos_max (DeBERTa's disentangled attention); Seq2Seq adds n_decoder_layer,
-  embed_norm, pad / eos / decoder_start / forced_bos token ids, relative_buckets and relative_max_distance (T5's
-  relative-position bias).
+  (GPT: BLOOM's embedding LayerNorm), padding_idx (GPT: the embedding row without gradient), lm_head_bias, backend
+  ("fastattn" | "torch"); BERT adds type_vocab_size (0: none), num_labels, problem_type, pad_token_id,
+  roberta_positions, pooler_activation, pooling, pooler_norm, head_bias, rel_pos_buckets and rel_pos_max (DeBERTa's
+  disentangled attention); Seq2Seq adds n_decoder_layer, embed_norm, pad / eos / decoder_start / forced_bos token ids,
+  relative_buckets and relative_max_distance (T5's relative-position bias).
   ``to_dict()`` / ``from_dict(d)`` (an unknown key raises ValueError naming it), ``save(path)`` / ``load(path)`` JSON.
   A bad value raises ValueError naming the field.
 - ``model(...)`` returns a ``ModelOutput`` with ``.logits`` and ``.loss`` (and BERT's ``.nsp_logits``).
