@@ -216,8 +216,9 @@ def reorder_caches(model: nn.Module, parent: Tensor, end: int) -> None:
     src = parent[moved]
     for block in model.cached_blocks():
         c = block.attn.cache
-        c.k[moved, :, :end] = c.k[src, :, :end]
-        c.v[moved, :, :end] = c.v[src, :, :end]
+        e = end - model.window_offset if c.bounded else end  # (a bounded window cache: from its first slot)
+        c.k[moved, :, :e] = c.k[src, :, :e]
+        c.v[moved, :, :e] = c.v[src, :, :e]
     model.cache_padding[moved] = model.cache_padding[src]
     model.next_pos[moved] = model.next_pos[src]
 

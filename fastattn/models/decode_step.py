@@ -85,16 +85,18 @@ def bind_output_norm(norm: Optional[Norm], dtype: torch.dtype, device: torch.dev
 
 class _Step(NamedTuple):
     """What every layer of one step shares: the W cache slots, per sliding window (0: none) the cache's keep mask
-    (False = padding, not written, or out of the window; None when no layer's kernel reads it) and padding mask (True
-    = padding), rotary cos / sin (B, W, 1, D) or None, the self-attention scores' bias (B, H, W, S) or None (T5), and
-    for W > 1 rows per sequence (or ALiBi) the slots' end: each row then sees the slots up to its own (causal,
-    bottom-right), and the masks cover the first ``end`` slots only."""
+    (False = padding, not written, or, one row per sequence, out of the window; None when no layer's kernel reads it)
+    and padding mask (True = padding), rotary cos / sin (B, W, 1, D) or None, the self-attention scores' bias (B, H,
+    W, S) or None (T5), and for W > 1 rows per sequence (or ALiBi) the slots' end: each row then sees the slots up to
+    its own (causal, bottom-right), and the masks cover the first ``end`` slots only. ``window``: the slots and end
+    in the windowed layers' bounded caches (CacheMixin.make_room), or None; their masks are those of ``pad``."""
     input_pos: Tensor
     keep: Dict[int, Optional[Tensor]]
     pad: Dict[int, Tensor]
     rotary: Optional[Tuple[Tensor, Tensor]]
     bias: Optional[Tensor] = None
     end: Optional[int] = None
+    window: Optional[Tuple[Tensor, Optional[int]]] = None
 
 
 class _SelfAttention:
@@ -104,7 +106,7 @@ class _SelfAttention:
         self.qk_norm = None if a.q_norm is None else (bind_head_norm(a.q_norm, dtype, device),
                                                       bind_head_norm(a.k_norm, dtype, device))
         self.qk_full, self.qk_after, self.rope = a.qk_full, a.qk_after, a.rope
-        S = a.cache.k.shape[2]
+        S, self.bounded = a.cache.k.shape[2], a.cache.bounded
         self.scale = self.D ** -0.5 if a.scale is None else a.scale
         self.softcap, self.window, self.alibi = a.softcap, a.window, a.alibi
         # W > 1 rows of a windowed layer: each row has its own window, which the flash kernel takes as an argument;
@@ -126,20 +128,20 @@ class _SelfAttention:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if self.qk_after:  # (HunYuan)
             q, k = self.qk_norm[0](q), self.qk_norm[1](k)
-        self.cache.k.index_copy_(2, st.input_pos, k.transpose(1, 2))
-        self.cache.v.index_copy_(2, st.input_pos, v.transpose(1, 2))
+        input_pos, end = st.window if self.bounded else (st.input_pos, st.end)
+        self.cache.k.index_copy_(2, input_pos, k.transpose(1, 2))
+        self.cache.v.index_copy_(2, input_pos, v.transpose(1, 2))
         q = q.transpose(1, 2)  # (B, H, W, D)
         K, V = self.cache.k, self.cache.v
-        if st.end is not None:  # the first `end` slots, each row seeing the slots up to its own
-            K, V = K[:, :, :st.end], V[:, :, :st.end]
+        if end is not None:  # the first `end` slots, each row seeing the slots up to its own
+            K, V = K[:, :, :end], V[:, :, :end]
         if st.bias is not None:  # the split-KV kernel adds no bias: the flash kernel with it as a float mask
-            out = attention(q, K, V, attn_mask=st.bias, key_padding_mask=st.pad[0 if W > 1 else self.window],
+            out = attention(q, K, V, attn_mask=st.bias, key_padding_mask=st.pad[self.window],
                             scale=self.scale, softcap=self.softcap, causal="bottom_right" if W > 1 else None)
         elif self.kernel is not None:
-            out = self.kernel(q, K, V, None, st.keep[0 if W > 1 else self.window], self.scale, self.softcap,
-                              W > 1)[0]
+            out = self.kernel(q, K, V, None, st.keep[self.window], self.scale, self.softcap, W > 1)[0]
         elif W > 1:
-            out = attention(q, K, V, causal="bottom_right", key_padding_mask=st.pad[0], scale=self.scale,
+            out = attention(q, K, V, causal="bottom_right", key_padding_mask=st.pad[self.window], scale=self.scale,
                             softcap=self.softcap, window=(self.window - 1, 0) if self.window else (-1, -1),
                             alibi_slopes=self.alibi)
         else:  # (with ALiBi the cache ends at the token's slot: distances count from it)
@@ -266,14 +268,21 @@ class DecodeStep:
         x, rotary = self.embed(tokens, positions)  # (B, W, d); cos, sin (B, W, 1, D) or None
         B = x.shape[0]
         end = int(input_pos[-1]) + 1 if W > 1 or self.alibi else None
-        pad = {0: m.cache_padding[:, :end]}
-        if W == 1:  # (W > 1: windowed layers take the window as the flash kernel's argument)
-            for w in self.windows:  # each sliding window's layers also leave out the slots w or more behind the token
-                pad[w] = pad[0] | window_padding(pad[0].shape[1], input_pos, w)
-        keep = {w: ~p if self.needs_keep else None for w, p in pad.items()}
+        pad, window = {0: m.cache_padding[:, :end]}, None
+        if m.window_slots:  # the windowed layers' bounded caches: their slots, end and part of the padding
+            last = int(input_pos[-1])
+            m.make_room(last - W + 1, last)
+            kw = m.window_args(input_pos, m.cache_padding, end, True)
+            window = kw["input_pos"], kw["cache_end"]
+        for w in self.windows:  # (W > 1: windowed layers take the window as the flash kernel's argument)
+            p = pad[0] if window is None else kw["key_padding_mask"]
+            # one row: each sliding window's layers also leave out the slots w or more behind the token
+            pad[w] = p | window_padding(p.shape[1], input_pos if window is None else window[0], w) if W == 1 else p
+        keep = {0: ~pad[0] if self.needs_keep else None}
+        keep.update({w: keep[0] if p is pad[0] else ~p if self.needs_keep else None for w, p in pad.items() if w})
         # T5's relative positions: slot = position (speculative batches of one: no holes)
         bias = None if self.rel is None else self.rel(positions, m.cache_index[:end])
-        st = _Step(input_pos, keep, pad, rotary, bias, end)
+        st = _Step(input_pos, keep, pad, rotary, bias, end, window)
         h, residual = x.view(B * W, x.shape[-1]), None
         for block in self.blocks:
             h, residual = block(h, residual, st)

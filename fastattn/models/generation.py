@@ -146,29 +146,71 @@ class CacheMixin:
     def cached_blocks(self) -> nn.ModuleList:
         return self.blocks
 
+    window_slots = 0  # slots of a bounded windowed layer's cache (0: every cache holds the whole generation)
+    window_offset = 0  # the generation's slot in such a cache's first slot
+    window_margin = 0  # slots written and taken back (speculative headroom) a bounded cache keeps behind the window
+
     def setup_caches(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None, device=None, *,
-                     headroom: int = 0) -> None:
+                     headroom: int = 0, bound_windows: bool = False) -> None:
         """Preallocate every layer's K/V cache for ``batch`` sequences of up to ``max_len`` tokens (kept when the
         shapes already match), plus ``headroom`` slots for tokens that may be written and then taken back
-        (speculative decoding's rejected drafts)."""
+        (speculative decoding's rejected drafts). ``bound_windows``: a sliding-window layer's cache holds only
+        ``bounded_slots`` of them (when fewer), moved along as the generation goes (``make_room``; host syncs and
+        shifts: not for a step to compile or graph)."""
         if max_len > self.config.max_seq_len:
             raise ValueError(f"max_len: {max_len} > config.max_seq_len {self.config.max_seq_len}")
         max_len += headroom
         ref = self.tok_emb.weight
         dtype, device = dtype or ref.dtype, device or ref.device
         blocks, cfg = self.cached_blocks(), self.config
-        cache = blocks[0].attn.cache if len(blocks) else None
-        # a cache made under torch.inference_mode cannot be written outside it: made anew then
-        if cache is None or tuple(cache.k.shape) != (batch, cfg.n_kv_head, max_len, cfg.head_dim) or \
-                cache.k.dtype != dtype or cache.k.device != torch.device(device) or \
-                (cache.k.is_inference() and not torch.is_inference_mode_enabled()):
-            for block in blocks:
-                block.attn.cache = KVCache(batch, cfg.n_kv_head, max_len, cfg.head_dim, dtype, device)
+        window = getattr(cfg, "sliding_window", None) or 0
+        S = bounded_slots(window, headroom) if bound_windows and window else 0
+        self.window_slots = S if S < max_len else 0
+        self.window_offset, self.window_margin = 0, headroom
+        for block in blocks:
+            bounded = bool(self.window_slots and block.attn.window)
+            cache = block.attn.cache
+            # a cache made under torch.inference_mode cannot be written outside it: made anew then
+            if cache is None or cache.bounded != bounded or \
+                    tuple(cache.k.shape) != (batch, cfg.n_kv_head, S if bounded else max_len, cfg.head_dim) or \
+                    cache.k.dtype != dtype or cache.k.device != torch.device(device) or \
+                    (cache.k.is_inference() and not torch.is_inference_mode_enabled()):
+                block.attn.cache = KVCache(batch, cfg.n_kv_head, S if bounded else max_len, cfg.head_dim, dtype,
+                                           device, bounded)
         self.register_buffer("cache_padding", torch.ones(batch, max_len, dtype=torch.bool, device=device),
                              persistent=False)
         self.register_buffer("next_pos", torch.zeros(batch, 1, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("cache_index", torch.arange(max_len, device=device), persistent=False)
 
+    # ---- bounded sliding-window caches: the slots [window_offset, window_offset + window_slots) ----
+    def window_args(self, input_pos: Tensor, padding: Optional[Tensor], end: Optional[int],
+                    use_cache: bool) -> dict:
+        """A bounded cache's attention arguments for a pass written at slots ``input_pos``: the positions in it, and
+        when the pass reads the cache (``use_cache``), its part of the ``padding`` (the cache's, or its first ``end``
+        slots') and its end."""
+        off, S = self.window_offset, self.window_slots
+        if use_cache:
+            padding = padding[:, off:off + S] if end is None else padding[:, off:end]
+        return dict(input_pos=input_pos - off, key_padding_mask=padding,
+                    cache_end=None if end is None else end - off)
+
+    def bounded_caches(self) -> List[KVCache]:
+        return [b.attn.cache for b in self.cached_blocks() if b.attn.cache.bounded] if self.window_slots else []
+
+    def make_room(self, first: int, last: int) -> None:
+        """Before a pass writes slots first..last, whose rows see the window behind ``first``: when ``last`` falls
+        past the bounded caches, shift them so that they start ``window_margin`` slots before that window (one copy
+        per bounded_slots' chunk of steps)."""
+        off, S = self.window_offset, self.window_slots
+        start = first - self.config.sliding_window + 1  # the first slot a row sees
+        if max(start, 0) < off or last - start + 1 + self.window_margin > S:
+            raise RuntimeError(f"bounded window cache: slots {first}..{last} do not fit its {S} slots from {off}")
+        if last < off + S:
+            return
+        new = min(start - self.window_margin, self.cache_padding.shape[1] - S)
+        for c in self.bounded_caches():
+            c.shift(new - off)
+        self.window_offset = new
 
     def decode_many(self, tokens: Tensor, input_pos: Tensor, valid: Optional[Tensor] = None) -> Tensor:
         """Several tokens per sequence (B, W), written at the consecutive cache slots ``input_pos`` (W,), each
@@ -176,7 +218,10 @@ class CacheMixin:
         bool, False = a filler: its slot stays padding and its position is not counted (its logits mean nothing).
         Returns logits (B, W, V)."""
         valid, positions = self.claim_slots(tokens, input_pos, valid)
-        logits = self.cached_logits(tokens, positions, input_pos, int(input_pos[-1]) + 1)
+        end = int(input_pos[-1]) + 1
+        if self.window_slots:
+            self.make_room(end - tokens.shape[1], end - 1)
+        logits = self.cached_logits(tokens, positions, input_pos, end)
         self.next_pos += valid.sum(-1, keepdim=True)
         return logits
 
@@ -210,12 +255,36 @@ class CacheMixin:
         src = torch.sort(keep.to(torch.uint8), dim=1, stable=True).indices[:, end - n:]  # (B, n)
         for block in self.cached_blocks():
             c = block.attn.cache
+            if c.bounded:
+                continue
             idx = src[:, None, :, None].expand(c.k.shape[0], c.k.shape[1], n, c.k.shape[3])
             k, v = c.k[:, :, :end].gather(2, idx), c.v[:, :, :end].gather(2, idx)
             c.k[:, :, :n], c.v[:, :, :n] = k, v
+        if self.window_slots:
+            self._compact_bounded(src, n)
         self.cache_padding[:, :n] = ~keep.gather(1, src)
         self.cache_padding[:, n:] = True
         return n
+
+    def _compact_bounded(self, src: Tensor, n: int) -> None:
+        """compact_caches for the bounded caches: they start again window_margin slots before the window of slot n,
+        each slot gathered from its source ``src`` (B, n). The sources of the slots in that window (the last kept ones
+        of each active sequence: holes are closed after every step) are in the cache; older ones, never seen again,
+        are clamped into it."""
+        off, S = self.window_offset, self.window_slots
+        new = min(max(n - self.config.sliding_window + 1 - self.window_margin, 0), self.cache_padding.shape[1] - S)
+        local = (src[:, new:] - off).clamp(0, S - 1)  # (B, n - new)
+        for c in self.bounded_caches():
+            idx = local[:, None, :, None].expand(c.k.shape[0], c.k.shape[1], local.shape[1], c.k.shape[3])
+            k, v = c.k.gather(2, idx), c.v.gather(2, idx)
+            c.k[:, :, :local.shape[1]], c.v[:, :, :local.shape[1]] = k, v
+        self.window_offset = new
+
+
+def bounded_slots(window: int, headroom: int = 0) -> int:
+    """Slots of a bounded sliding-window cache: the window, a chunk of min(window, 256) slots written between two
+    shifts, and twice the headroom (rows written at once, and rows taken back)."""
+    return window + min(window, 256) + 2 * headroom
 
 
 def generation_loop(logits: Tensor, decode_one, out: Tensor, start: int, max_new_tokens: int, sampling: Sampling,

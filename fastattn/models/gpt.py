@@ -10,7 +10,9 @@ Generation: ``setup_caches(batch, max_len)`` preallocates each layer's K/V (B, H
 prompt (left-padded batches: ``attention_mask`` 1 = token, 0 = padding on the left), writes the cache and gives the
 last position's logits; ``decode_one`` runs one token per sequence against the whole cache with static shapes (the
 empty and padded slots masked), so it can be compiled or graphed. Positions count each sequence's real tokens only,
-so a left-padded prompt generates what it would alone.
+so a left-padded prompt generates what it would alone. ``generate`` bounds the caches of sliding-window layers
+(``setup_caches(..., bound_windows=True)``): each keeps the window and a chunk after it, shifted along on the host, so
+their memory does not grow with max_new_tokens (not under ``cuda_graph``, whose captured step needs static caches).
 """
 from __future__ import annotations
 
@@ -104,10 +106,14 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         """Final hidden states (B, L, d_model) of tokens (B, L) at ``positions`` (B, L)."""
         h, rotary = self.embed(input_ids, positions)
         residual = None
+        cache_kw = dict(key_padding_mask=key_padding_mask, input_pos=input_pos, cache_end=cache_end)
+        # the windowed layers' bounded caches (setup_caches' bound_windows) hold a run of the slots: their own view
+        window_kw = self.window_args(input_pos, key_padding_mask, cache_end, use_cache) \
+            if self.window_slots and input_pos is not None else None
         for block in self.blocks:
-            h, residual = run_block(self, block, h, residual, causal=causal, key_padding_mask=key_padding_mask,
-                                    rotary=rotary, input_pos=input_pos, use_cache=use_cache, cache_end=cache_end,
-                                    packing=packing)
+            kw = window_kw if window_kw is not None and block.attn.cache.bounded else cache_kw
+            h, residual = run_block(self, block, h, residual, causal=causal, rotary=rotary, use_cache=use_cache,
+                                    packing=packing, **kw)
         return self.norm_f.post(h, residual) if self.norm_f is not None else h
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
@@ -164,14 +170,19 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         self.cache_padding.fill_(True)
         self.cache_padding[:, :L] = ~keep
         self.next_pos.copy_(positions[:, -1:] + 1)
+        self.window_offset = max(L - self.window_slots, 0) if self.window_slots else 0  # (a longer prompt's end)
         h = self.hidden(input_ids, positions, key_padding_mask=padding_or_none(keep, keep),
                         input_pos=self.cache_index[:L])
         return self.logits(h[:, -1])
 
     def decode_one(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """One token per sequence (B, 1), written at cache slot ``input_pos`` (1,); attends over the whole cache with
-        the unwritten slots masked (static shapes). Returns logits (B, V)."""
+        the unwritten slots masked (static shapes; a bounded window cache first makes room: CacheMixin.make_room).
+        Returns logits (B, V)."""
         self.cache_padding.index_fill_(1, input_pos, False)
+        if self.window_slots:
+            slot = int(input_pos[0])
+            self.make_room(slot, slot)
         h = self.hidden(tokens, self.step_positions(), causal=None, key_padding_mask=self.cache_padding,
                         input_pos=input_pos, use_cache=True)
         self.next_pos += 1
@@ -221,7 +232,8 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         ``self.token_logprobs`` (B, new), each new token's log-probability under the distribution it was picked
         from (0 after an eos), as transformers' compute_transition_scores(normalize_logits=True) gives.
         ``cuda_graph`` (a CUDA model; greedy search and sampling): the decode step is captured once and replayed
-        from a CUDA graph (models/graphs.py), which takes the host's launch time out of every token."""
+        from a CUDA graph (models/graphs.py), which takes the host's launch time out of every token; the windowed
+        layers then keep caches of the whole generation (otherwise bounded: ``setup_caches``' bound_windows)."""
         eos_token_id = default_eos(eos_token_id, self.config)
         sampling = Sampling(temperature, top_k, top_p, min_p, typical_p)
         search = Search(num_beams, num_return_sequences, length_penalty, early_stopping, repetition_penalty,
@@ -243,7 +255,7 @@ class GPT(CacheMixin, PretrainedMixin, nn.Module):
         slots = cache_len(L, max_new_tokens, self.config.max_seq_len, f"a prompt of {L} tokens (input_ids)")
         spec = speculation(self, B, {"the prompt plus max_new_tokens - 1": slots}, assistant_model,
                            num_assistant_tokens, prompt_lookup_num_tokens, max_matching_ngram_size)
-        self.setup_caches(B, slots, headroom=spec.headroom if spec else 0)
+        self.setup_caches(B, slots, headroom=spec.headroom if spec else 0, bound_windows=not cuda_graph)
         out = input_ids.new_empty(B, L + max_new_tokens)
         out[:, :L] = input_ids
         logits = self.prefill(input_ids, keep)

@@ -6,7 +6,8 @@ The step has static shapes (the cache preallocated, the unwritten slots masked, 
 capture serves the whole generation, as gpt-fast's compiled step and transformers' static cache do: the first call
 runs eagerly on a side stream (Triton compiles and autotunes there), the second is captured and every call from then
 on copies its inputs into the graph's and replays it. A step that cannot be captured (a host sync: ALiBi's cache end,
-say) is logged and runs eagerly for the rest of the generation.
+say) is logged and runs eagerly for the rest of the generation. The sliding-window layers' caches are not bounded
+here (``setup_caches``' bound_windows shifts them on the host): the graph reads the whole ones.
 """
 from __future__ import annotations
 

@@ -94,19 +94,33 @@ def make_norm(cfg: ModelConfig, dim: Optional[int] = None) -> Norm:
 
 # ---- attention ------------------------------------------------------------------------------------------------
 class KVCache(nn.Module):
-    """Preallocated keys and values (B, Hk, max_len, D), written at ``input_pos``; static shapes for decoding."""
+    """Preallocated keys and values (B, Hk, max_len, D), written at ``input_pos``; static shapes for decoding.
+    ``bounded``: a sliding-window layer's cache that holds a run of the generation's slots only (its owner,
+    CacheMixin, keeps the first one's index and passes positions relative to it), moved along by ``shift``."""
 
-    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype, device):
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype, device,
+                 bounded: bool = False):
         super().__init__()
         shape = (batch, n_kv_head, max_len, head_dim)
+        self.bounded = bounded
         self.register_buffer("k", hugepages.zeros(shape, dtype, device), persistent=False)
         self.register_buffer("v", hugepages.zeros(shape, dtype, device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-        """k, v (B, Hk, L, D) written at the L positions ``input_pos`` (L,); returns the whole cache."""
+        """k, v (B, Hk, L, D) written at the L positions ``input_pos`` (L,); returns the whole cache. A bounded cache
+        keeps the last S of a longer write (a prompt longer than its S slots, positioned to end at slot S - 1)."""
+        S = self.k.shape[2]
+        if self.bounded and k.shape[2] > S:
+            input_pos, k, v = input_pos[-S:], k[:, :, -S:], v[:, :, -S:]
         self.k.index_copy_(2, input_pos, k)
         self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
+
+    def shift(self, n: int) -> None:
+        """Drop the first n slots: the others move to the front (the last n keep stale values)."""
+        S = self.k.shape[2]
+        self.k[:, :, :S - n] = self.k[:, :, n:].clone()
+        self.v[:, :, :S - n] = self.v[:, :, n:].clone()
 
 
 def window_padding(S: int, input_pos: Tensor, window: int) -> Tensor:

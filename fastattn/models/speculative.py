@@ -17,7 +17,8 @@ from generation without a draft.
 
 Batches: each sequence keeps its own number of drafts. Slots of rejected drafts become padding (holes); the next step
 writes after the furthest slot any sequence kept, and the cache is compacted (``CacheMixin.compact_caches``) when
-its headroom runs out, and after every step with holes on a model with sliding windows or ALiBi (which count slots). An
+its headroom runs out, and after every step with holes on a model with sliding windows or ALiBi (which count slots);
+bounded window caches (``setup_caches``' bound_windows) keep the headroom behind the window for the slots taken back. An
 assistant's step with fillers (sequences with one token pending beside sequences with two) counts the filler in its
 windows: its drafts may differ there, never the output. T5's relative positions take slot = position, so a T5
 decodes speculatively one sequence at a time.
@@ -202,7 +203,8 @@ class Speculation:
         set up and ``prefill(assistant)`` run; or prompt lookup over ``prefix`` and each row from column ``first``."""
         if self.assistant is None:
             return _LookupDraft(out, first, self.ngram, prefix)
-        self.assistant.setup_caches(out.shape[0], out.shape[1] - 1, headroom=self.headroom)  # (as the model's)
+        self.assistant.setup_caches(out.shape[0], out.shape[1] - 1, headroom=self.headroom,  # (as the model's)
+                                    bound_windows=True)
         prefill(self.assistant)
         return _ModelDraft(self.assistant, L, V)
 
