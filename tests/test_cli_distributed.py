@@ -137,6 +137,18 @@ def test_lora_over_an_int8_base_ddp_matches_one_process(tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5, msg=k)
 
 
+def test_sharded_checkpoints_carry_the_generation_config(tmp_path):
+    """--fsdp checkpoints (torch.distributed.checkpoint) keep the --init model's generation_config.json, as one
+    process's checkpoints do."""
+    base = tmp_path / "base"
+    assert main(["train", *TINY, "--batch-size", "4", "--out", str(base)]) == 0
+    (base / "model" / "generation_config.json").write_text('{"num_beams": 3}')
+    p = torchrun_train("--batch-size", "2", "--fsdp", "--init", str(base), "--out", str(tmp_path / "fsdp"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    ck = tmp_path / "fsdp" / "ckpt-0000003"
+    assert (ck / "dcp").is_dir() and json.loads((ck / "generation_config.json").read_text()) == {"num_beams": 3}
+
+
 def test_ddp_masked_lm_without_nsp(tmp_path):
     """BERT computes its next-sentence head, which MLM-only training never reaches: DDP is told (it raised 'Expected
     to have finished reduction in the prior iteration' at step 2). The ranks' rows mask different numbers of tokens:

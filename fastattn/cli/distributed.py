@@ -157,6 +157,7 @@ class Distributed(Single):
             writers["train_state.json"] = lambda p: p.write_text(json.dumps(meta, indent=2))
             writers["state.pt"] = lambda p: torch.save({"step": trainer.step, "data_rng": trainer.gen.get_state()}, p)
             writers["tokenizer.json"] = lambda p: trainer.tok.save(p)
+            writers.update(trainer.carry)  # (the starting folder's generation_config.json)
             ckpt.write_folder(trainer.run_dir / name, writers)
             import shutil
             shutil.rmtree(tmp, ignore_errors=True)
