@@ -94,6 +94,17 @@ def test_generate_greedy_is_reproducible(gpt_run, capsys):
     assert outs[0] == outs[1]
 
 
+def test_init_from_a_lora_checkpoint_trains_every_weight(gpt_run, tmp_path):
+    """--init from a LoRA run's checkpoint (its adapters folded in) trains in --mode full as from any checkpoint
+    (was refused: 'nothing left to train', the weights loaded frozen as the adapters had left them)."""
+    from fastattn.cli.loading import load_model
+    lora = train(tmp_path, "lora", "--init", str(gpt_run), "--mode", "lora", "--steps", "2", "--eval-every", "0")
+    model = load_model(lora / "ckpt-0000002", purpose="--init")[0]
+    assert all(p.requires_grad for p in model.parameters())
+    run = train(tmp_path, "full", "--init", str(lora / "ckpt-0000002"), "--steps", "2", "--eval-every", "0")
+    assert (run / "model" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("args", [["--task", "mlm"], ["--task", "mlm", "--nsp"], ["--task", "seq2seq"],
                                   ["--mode", "lora"], ["--mode", "prompt", "--prompt-len", "3"],
                                   ["--precision", "bf16"], ["--model-backend", "torch"],

@@ -95,11 +95,12 @@ def add_lora(model, rank, alpha):
     return model
 
 
-def merge(model):
+def merge(model, keep_int8: bool = False):
     """Fold every LoRA adapter into its Linear (in place; over an int8 base: into its dequantized weight, a float
-    nn.Linear); a model without adapters is left as it is."""
+    nn.Linear, unless ``keep_int8`` keeps those adapters as they trained); a model without adapters is left as it
+    is."""
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, LoRALinear):
+        if isinstance(mod, LoRALinear) and not (keep_int8 and isinstance(mod.base, Int8Linear)):
             _replace(model, name, mod.merged())
     return model
 

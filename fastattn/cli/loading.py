@@ -101,7 +101,9 @@ def _load_hf(path, kind, backend, map_location):
 def load_model(path, backend=None, map_location="cpu", purpose=None):
     """(model, train_state dict, tokenizer) from a checkpoint folder (or a run folder: its newest valid one),
     with the fine-tuning adapters of its run merged (LoRA) or kept (soft prompt); an int8 checkpoint (`fastattn
-    quantize`) comes back int8, unless ``purpose`` (e.g. "--init") names a use that needs float weights. A Hugging
+    quantize`) comes back int8, unless ``purpose`` (e.g. "--init") names a use that needs float weights (refused;
+    a checkpoint of a train --int8-base run: its adapters kept over the int8 base, or with ``purpose`` the float model
+    its run exports). A Hugging
     Face folder (a model_type of HF_MODEL_TYPES) is imported with from_hf and its own tokenizer.json."""
     from fastattn.models.layers import INT8_FILE
     from fastattn.quantization import apply_int8_layout
@@ -122,8 +124,9 @@ def load_model(path, backend=None, map_location="cpu", purpose=None):
     tcfg = state.get("train_config", {})
     finetune.apply(model, tcfg.get("mode", "full"), tcfg.get("lora_rank", 8), tcfg.get("lora_alpha", 16.0),
                    tcfg.get("prompt_len", 16), seed=0)
+    int8_base = bool(tcfg.get("int8_base"))  # a checkpoint of a train --int8-base run: adapters over an int8 base
     if (path / INT8_FILE).is_file():
-        if purpose:
+        if purpose and not int8_base:
             raise CLIError(f"{purpose} {path}: an int8 checkpoint (fastattn quantize) cannot be trained, pruned or "
                            "quantized again: use the float checkpoint it was made from")
         try:
@@ -131,7 +134,14 @@ def load_model(path, backend=None, map_location="cpu", purpose=None):
         except (TypeError, ValueError) as e:
             raise ckpt.CheckpointError(f"{path}/{INT8_FILE}: {e}") from None
     ckpt.load_weights(model, path / "model.safetensors")
-    finetune.merge(model)
+    if int8_base and not purpose:
+        finetune.merge(model, keep_int8=True)  # eval / generate: the model as it trained, over its int8 base
+    else:
+        finetune.merge(model)
+        if int8_base:  # to train, prune or quantize: the float model the run exports
+            finetune.dequantize_backbone(model)
+    if not finetune.soft_prompt_len(model):  # (a soft-prompt run's model stays frozen under its prompt)
+        model.requires_grad_(True)  # a LoRA / frozen run's checkpoint trains on as a full run's (--init)
     tok = checkpoint_tokenizer(path)
     vocab = getattr(model.config, "vocab_size", None)
     if not (path / "tokenizer.json").is_file() and vocab != tok.vocab_size:
