@@ -293,6 +293,21 @@ def test_init_from_a_run_that_started_from_hf_keeps_its_tokenizer(hf_folder, tmp
     assert capsys.readouterr().out.startswith("It is")
 
 
+def test_init_hf_with_another_tokenizer_moves_the_padding_row(hf_folder, tmp_path, capsys):
+    """A Llama folder's embedding keeps its pad token's row out of training (padding_idx = pad_token_id 3); with
+    another tokenizer (--tokenizer bytes) that row is byte 3, a real token: the run's pad token's row is kept out."""
+    from fastattn.data import Tokenizer
+    folder = _beside(hf_folder, tmp_path / "llama", lambda vocab: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=64, pad_token_id=3)))
+    short = ["--seq-len", "16", "--batch-size", "4", "--steps", "1", "--eval-every", "0", "--max-data-tokens", "20000"]
+    for tok, want in ((["--tokenizer", "bytes"], Tokenizer().pad_id), ([], 3)):
+        run = tmp_path / f"run{want}"
+        assert main(["train", "--init-hf", str(folder), *tok, "--out", str(run), *short]) == 0
+        assert json.loads((run / "model" / "config.json").read_text())["padding_idx"] == want
+    capsys.readouterr()
+
+
 ROBERTA_SPECIALS = {"bos_token": "<s>", "cls_token": "<s>", "eos_token": "</s>", "sep_token": "</s>",
                     "pad_token": "<pad>", "mask_token": "<mask>", "unk_token": "<unk>"}
 

@@ -400,6 +400,9 @@ class Trainer:
                 if model.config.vocab_size < self.tok.vocab_size:
                     raise CLIError(f"--init-hf: the model's vocabulary ({model.config.vocab_size}) is smaller than "
                                    f"the tokenizer's ({self.tok.vocab_size})")
+                if getattr(model.config, "padding_idx", None) is not None and type(self.tok).__name__ != "HFTokenizer":
+                    # another tokenizer than the folder's: the embedding row without gradient is its pad token's
+                    model.config.padding_idx = model.tok_emb.padding_idx = self.tok.pad_id
             self._init_options(model)
             if cfg.task == "classify" and type(model).__name__ != TASK_ARCH["classify"]:
                 model = self._with_classifier(model)
