@@ -19,11 +19,12 @@ DEVICE = "cuda" if GPU else "cpu"
 ELEMENTS = 128 * 2**20 if GPU else 4 * 2**20
 SUITE = os.environ.get("FASTATTN_BENCH_SUITE") == "1"  # the GPU suite's shorter grid
 WIDTHS = ([1024, 4096, 16384] if SUITE else [512, 1024, 2048, 4096, 8192, 16384, 65536]) if GPU else \
-    [256, 1024, 4096, 16384]
+    [7, 33, 256, 1024, 4096, 16384]  # (7, 33: narrow rows, where auto mode trains on torch's LayerNorm)
 DTYPES = [torch.float16, torch.bfloat16] if GPU else [torch.float32]
 # Triton on a CPU tensor would be the interpreter: not a benchmark.
 CALLS = 10 if GPU else 1  # calls per timed round
-IMPLS = ["torch"] + [b for b in available_backends() if b in (("cuda", "triton") if GPU else ("cpu",))]
+IMPLS = ["torch"] + [b for b in available_backends() if b in (("cuda", "triton") if GPU else ("cpu",))] + \
+    ([] if GPU else ["auto"])  # auto mode's choice (fastattn.ops.add_norm.NATIVE_MAX_COLS)
 
 
 def _inputs(width, dtype, norm, grad):

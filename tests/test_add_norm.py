@@ -249,3 +249,65 @@ def test_strided_and_expanded_weight_and_bias(backend_name):
             y_rms = fastattn.add_rms_norm(x, r, w)
         torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + r, (16,), w, b))
         torch.testing.assert_close(y_rms, torch.nn.functional.rms_norm(x + r, (16,), w, 1e-6))
+
+
+def _layer_norm_grad_fn(y) -> str:
+    return type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("width", [7, 33, 64, 4099])
+def test_cpu_small_float32_training_runs_torch_layer_norm(case, width):
+    """CPU float32 add + LayerNorm with a gradient, at most NATIVE_MAX_COLS wide or NATIVE_MAX_ELEMENTS in all, runs
+    torch's F.layer_norm in auto mode (host time: see op.NATIVE_MAX_COLS); outputs and gradients within the bounds of
+    the kernels' tests. No timing here: the choice is checked, not its speed."""
+    assert width <= op.NATIVE_MAX_COLS or 3 * 5 * width <= op.NATIVE_MAX_ELEMENTS
+    check_against_reference("auto", (3, 5, width), torch.float32, CASES[case], False, "cpu")
+    x, r, w, b = (None if t is None else t.requires_grad_() for t in make_inputs((3, 5, width), torch.float32, "cpu",
+                                                                                  **CASES[case]))
+    prenorm = CASES[case].get("prenorm", False)
+    out = fastattn.add_layer_norm(x, r, w, b, prenorm=prenorm)
+    assert _layer_norm_grad_fn(out[0] if prenorm else out) == "NativeLayerNormBackward0"
+
+
+@pytest.mark.parametrize("backend_name", ["cpu"], indirect=True)
+def test_cpu_layer_norm_stays_on_kernels_outside_the_rule(backend_name):
+    """The kernels keep: rows wider than NATIVE_MAX_COLS past NATIVE_MAX_ELEMENTS, inference (no gradient: eager
+    equals jit.trace programs bit for bit), other dtypes, RMSNorm, prenorm without a residual, a forced backend; the
+    fastattn.nn modules follow the same rule."""
+    def on_kernels(y):
+        return "AddNormFunction" in _layer_norm_grad_fn(y)
+
+    wide = torch.randn(op.NATIVE_MAX_ELEMENTS // 64 + 1, 65, requires_grad=True)
+    assert on_kernels(fastattn.add_layer_norm(wide))
+    small = torch.randn(4, 16, requires_grad=True)
+    assert not on_kernels(fastattn.add_layer_norm(small))
+    assert on_kernels(fastattn.add_layer_norm(small.double()))
+    assert on_kernels(fastattn.add_layer_norm(small.bfloat16()))
+    assert on_kernels(fastattn.add_rms_norm(small))
+    assert on_kernels(fastattn.add_layer_norm(small, None, prenorm=True)[0])
+    assert not on_kernels(fastattn.add_layer_norm(small, small.detach(), prenorm=True)[0])
+    with fastattn.backend(backend_name):
+        assert on_kernels(fastattn.add_layer_norm(small))
+    assert not op.native_faster(small.detach(), None, None, None, False)  # no gradient wanted
+    with torch.no_grad():
+        assert not op.native_faster(small, None, None, None, False)
+    assert not on_kernels(fastattn.nn.LayerNorm(16)(small)) and on_kernels(fastattn.nn.LayerNorm(65)(wide))
+
+
+def test_cpu_layer_norm_module_small_rows_equals_torch():
+    """fastattn.nn.LayerNorm on narrow float32 rows with a gradient: torch's own LayerNorm, so the same values and
+    gradients (input and parameters) as torch.nn.LayerNorm."""
+    theirs, ours = torch.nn.LayerNorm(7), fastattn.nn.LayerNorm(7)
+    with torch.no_grad():
+        theirs.weight.normal_(), theirs.bias.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 9, 7)
+    outs = []
+    for m in (theirs, ours):
+        xg = x.clone().requires_grad_()
+        y = m(xg)
+        y.backward(torch.ones_like(y).cumsum(-1))
+        outs.append((y, xg.grad, m.weight.grad, m.bias.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

@@ -206,3 +206,26 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(op.add_norm_fwd_op, (x, r, w, b, 1e-5, False, True, False, ""))
     y, s, mean, rstd = op._fwd(x, r, w, b, 1e-5, False, True, False, "")
     torch.library.opcheck(op.add_norm_bwd_op, (torch.randn(M, N), s, mean, rstd, w, None, True, False, False, ""))
+
+
+def test_cpu_shape_rules_apply_alike_eager_and_compiled():
+    """The CPU shape rules that hand small float32 problems to torch's ops (add_norm.NATIVE_MAX_COLS,
+    cross_entropy.TORCH_MAX_LOGITS) decide the same under torch.compile: aot_eager computes eager's bits, losses and
+    gradients."""
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(6, 7, generator=g), torch.randn(6, 7, generator=g)
+    w, b, head = torch.randn(7, generator=g), torch.randn(7, generator=g), torch.randn(11, 7, generator=g)
+    t = torch.randint(0, 11, (6,), generator=g)
+
+    def f(x, r, w, b, head):
+        y = fastattn.add_layer_norm(x, r, w, b)
+        return fastattn.linear_cross_entropy(y, head, t) + y.square().mean()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (f, compiled):
+        leaves = [u.clone().requires_grad_() for u in (x, r, w, b, head)]
+        loss = fn(*leaves)
+        results.append([loss, *torch.autograd.grad(loss, leaves)])
+    for a, c in zip(*results):
+        assert torch.equal(a, c)

@@ -5,10 +5,11 @@ import numbers
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ArgumentError
-from ..ops.add_norm import add_layer_norm, add_rms_norm
+from ..ops.add_norm import add_layer_norm, add_rms_norm, native_faster
 from ._torchscript import refuse_script
 
 _Shape = Union[int, Tuple[int, ...], torch.Size]
@@ -16,7 +17,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.reshape(-1)
+    return t if t is None or t.dim() == 1 else t.reshape(-1)
 
 
 def autocast_fp32(x: Tensor, *params: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
@@ -60,9 +61,11 @@ def layer_norm(input: Tensor, normalized_shape: Tuple[int, ...], weight: Optiona
         if p is not None and p.dtype != input.dtype and not (input.dtype in _HALF and p.dtype == torch.float32):
             raise ArgumentError(f"{name}: dtype {p.dtype} with an input of {input.dtype} (torch's layer_norm "
                                 f"takes parameters of the input's dtype, or float32 for a half input)")
+    if k == 1 and native_faster(input, None, weight, bias, False):
+        return F.layer_norm(input, normalized_shape, weight, bias, eps)
     x = input.flatten(-k) if k > 1 else input
     y = add_layer_norm(x, None, _flat(weight), _flat(bias), eps)
-    return y.view(input.shape)
+    return y if k == 1 else y.view(input.shape)
 
 
 def rms_norm(x: Tensor, normalized_shape: Tuple[int, ...], weight: Optional[Tensor], eps: Optional[float]) -> Tensor:
@@ -76,7 +79,8 @@ def rms_norm(x: Tensor, normalized_shape: Tuple[int, ...], weight: Optional[Tens
     if weight is not None and weight.dtype not in (x.dtype, torch.float32):
         weight = weight.float()  # the kernels take a weight of x's dtype or float32; torch takes any
     eps = _default_rms_eps(x.dtype) if eps is None else eps
-    y = add_rms_norm(x.flatten(-k) if k > 1 else x, None, _flat(weight), eps).view(x.shape)
+    y = add_rms_norm(x.flatten(-k) if k > 1 else x, None, _flat(weight), eps)
+    y = y if k == 1 else y.view(x.shape)
     if x is not given:  # upcast by autocast: return the dtype this torch's rms_norm returns
         y = y.to(_torch_rms_autocast_dtype(given, given_weight))
     return y

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import Dispatcher, Impl, REFERENCE_DEVICES, compiled_op, forced_backend_name, log, triton_op
@@ -181,12 +182,15 @@ class AddNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, residual, weight, bias, eps, is_rms, prenorm, s_dtype, backend, needs_grad):
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()  # (M, N)
-        r2 = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
+        flat = x.dim() == 2  # rows already: no reshape / view either way (~1-3 us of host time each)
+        x2 = (x if flat else x.reshape(-1, shape[-1])).contiguous()  # (M, N)
+        r2 = None if residual is None else (residual if flat else residual.reshape(-1, shape[-1])).contiguous()
         s_fp32 = s_dtype == torch.float32 and x.dtype != torch.float32
         store_s = prenorm or (needs_grad and (residual is not None or s_fp32))
         fwd = add_norm_fwd_op if graph_capture() else _fwd
         y, s, mean, rstd = fwd(x2, r2, weight, bias, eps, is_rms, store_s, s_fp32, backend)
+        if flat:  # (s is x itself when the reference kept it: a view, as before, not the input as an output)
+            return y, (s.view(shape) if s is x else s), mean, rstd
         return y.view(shape), (s.view(shape) if store_s else s), mean, rstd
 
     @staticmethod
@@ -391,6 +395,66 @@ def _validate(x, residual, weight, bias, eps) -> None:
         raise ValueError(f"eps: expected a finite non-negative float, got {eps!r}")
 
 
+# Where torch's own LayerNorm (F.layer_norm of x + residual, differentiated by torch) beats the kernels on CPU, float32,
+# auto mode, when a gradient is wanted: rows of at most NATIVE_MAX_COLS, or at most NATIVE_MAX_ELEMENTS in all. A call
+# through AddNormFunction and the C++ kernels costs ~40-90 us of host time more than torch's (a 2-core Zen 3: checks,
+# reshapes, the Function's forward and backward in Python), which only larger tensors repay; and on narrow rows the
+# kernels lose to torch's outright (widths not a multiple of 8 or 16: the forward 1.1-1.4x torch's, the backward ~2x
+# at M 16384). Measured interleaved, one thread, fwd+bwd time / torch's (kernel path -> torch's),
+# fastattn.nn.LayerNorm against torch.nn.LayerNorm: M 64 N 7-1024 2.7-2.0 -> 1.3-1.2; M 1024 N 7 1.7 -> 1.1, N 33
+# 2.3 -> 1.2, N 64 1.9 -> 1.2, N 128 1.30 -> 1.07, N 256 1.16 -> 1.13; M 512 N 512 1.45 -> 1.09; M 4096 N 33 2.0 ->
+# 1.1; M 16384 N 7 1.07 -> 1.02, N 9 1.7 -> 1.0, N 33 1.8 -> 1.0; add_layer_norm with a residual alike (M 64: 2.5 ->
+# 1.4, M 256 N 512 1.50 -> 1.12). Past the bounds, kept on the kernels: M 4096 N 128 (512k elements) 1.13 / 1.37,
+# add_layer_norm 1.12 / 1.29; M 4096 N 1024 0.71 / 0.98; M 16384 N 96 0.87 / 0.96, N 128 0.97 / 0.95. Without a
+# gradient the kernels stay: their forward is 0.55-0.95x torch's from ~256k elements at widths that are multiples of
+# 16, and jit.trace (also with a gradient) and dynamic torch.export keep fastattn's op in their graphs, whose results
+# eager inference then matches bit for bit (tests/test_func_transforms.py). RMSNorm stays on the kernels: torch's CPU
+# rms_norm is composite (several ops and their backwards), 0.12-0.9x the kernels' from M 1024 N 64 / M 256 N 128 on,
+# within 0.05-0.3x of them below.
+NATIVE_MAX_COLS = 64
+NATIVE_MAX_ELEMENTS = 1 << 18
+
+
+def native_faster(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                  prenorm: bool) -> bool:
+    """Whether add + LayerNorm of x (rows of its last dim) runs on torch's ops rather than a kernel (see
+    NATIVE_MAX_COLS): float32 x, residual, weight and bias on the CPU, a gradient wanted, auto mode, eager, compiled or
+    a static export (shape_rule_ok), not under torch.func. Prenorm without a residual stays on the kernels (torch's ops
+    would hand back x itself as s)."""
+    if not torch.is_grad_enabled():  # (first: inference pays one check)
+        return False
+    f32 = torch.float32
+    if not x.is_cpu or x.dtype != f32 or (residual is None and prenorm) or any(
+            t is not None and t.dtype != f32 for t in (residual, weight, bias)):
+        return False
+    if x.shape[-1] > NATIVE_MAX_COLS and x.numel() > NATIVE_MAX_ELEMENTS:
+        return False
+    if not any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
+        return False
+    return shape_rule_ok(x) and not forced_backend_name() and not is_transformed(x, residual, weight, bias)
+
+
+def shape_rule_ok(x: Tensor) -> bool:
+    """Whether a call may leave fastattn's ops for torch's by its shapes (the CPU rules of add_norm, cross_entropy):
+    eager, under torch.compile (which then traces torch's ops: a compiled program computes what eager computes, bit
+    for bit under aot_eager; dynamo guards on the shapes) and torch.export of a static x. Not under jit.trace, whose
+    graphs keep fastattn's ops, nor for an export with x's shape dynamic (a rule on it would specialize the shape).
+    Under torch.compile a forced backend cannot be read (forced_backend_name): the rule applies there regardless."""
+    if torch.jit.is_tracing():
+        return False
+    if torch.compiler.is_exporting():
+        return all(type(n) is int for n in x.shape)
+    return True
+
+
+def _native_layer_norm(x, residual, weight, bias, eps, prenorm):
+    """add_norm_ref(..., upcast=True) of a LayerNorm on float32 tensors (x, residual, weight, bias all float32), where
+    its casts are no-ops: the same torch calls without them (~1.4 us of host time each)."""
+    s = x if residual is None else x + residual
+    y = F.layer_norm(s, (x.shape[-1],), weight, bias, eps)
+    return (y, s) if prenorm else y
+
+
 def _add_norm(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32):
     _validate(x, residual, weight, bias, eps)
     s_dtype = norm_residual_dtype(x, residual, residual_in_fp32)
@@ -401,6 +465,8 @@ def _add_norm(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32)
                   ", ".join(type(t).__name__ for t in (x, residual, weight, bias) if t is not None))
         return add_norm_ref(x, residual, weight, bias, eps, is_rms=is_rms, prenorm=prenorm,
                             residual_in_fp32=residual_in_fp32, upcast=True)
+    if not is_rms and native_faster(x, residual, weight, bias, prenorm):
+        return _native_layer_norm(x, residual, weight, bias, float(eps), prenorm)
     # the kernels read weight and bias as contiguous vectors (a strided or expanded view: a copy, its gradient kept)
     weight, bias = (None if p is None else p.contiguous() for p in (weight, bias))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias))
