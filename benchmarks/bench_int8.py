@@ -102,11 +102,12 @@ def test_int8_linear(benchmark, impl, M, N, K, timing):
 
 # GPT-2 small's Linear layers (768 x 768 attention out, 3072 x 768 MLP up, 768 x 3072 MLP down, 50257 x 768 LM
 # head) at one decode token and at a 128-token prefill.
-W8A16_CPU = [(1, 768, 768), (1, 3072, 768), (1, 768, 3072), (1, 50257, 768), (128, 768, 768), (128, 3072, 768)]
+W8A16_CPU = [(1, 768, 768), (1, 3072, 768), (1, 768, 3072), (1, 50257, 768), (128, 768, 768), (128, 3072, 768),
+             (512, 768, 64)]  # a short K: auto mode runs the reference there (fastattn.ops.int8.W8A16_TORCH_MIN_M)
 
 
 @pytest.mark.skipif(GPU, reason="the CPU w8a16 kernel")
-@pytest.mark.parametrize("impl", ["torch-linear-fp32", "reference", "cpu"])
+@pytest.mark.parametrize("impl", ["torch-linear-fp32", "reference", "cpu", "auto"])
 @pytest.mark.parametrize("M, N, K", W8A16_CPU, ids=lambda v: str(v))
 def test_w8a16_cpu(benchmark, impl, M, N, K):
     """fastattn.w8a16_matmul's CPU kernel against F.linear on the float32 weight (4x the bytes) and the reference

@@ -816,3 +816,57 @@ def test_qat_swaps_keep_the_training_flag(training):
     m = fastattn.convert_qat(m)
     assert isinstance(m[0], Int8Linear) and all(c.training == training for c in m.modules())
     assert fastattn.prepare_qat(nn.Linear(4, 4).eval()).training is False  # a bare Linear alike
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
+def test_w8a16_reference_rows_equal_the_reference(dtype, has_bias):
+    """The reference backend's w8a16 on rows (its epilogue in place) computes w8a16_matmul_ref's bits."""
+    from fastattn.ops.int8 import _w8a16_ref_rows
+    x, w, s, bias, _ = _w8a16_case(33, 40, 70, dtype, has_bias, seed=5)
+    assert torch.equal(_w8a16_ref_rows(x, w, s, bias), w8a16_matmul_ref(x, w, s, bias))
+
+
+@pytest.mark.parametrize("K", [1, 64, 128])
+@pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
+def test_w8a16_cpu_short_k_runs_torch_gemm(K, has_bias):
+    """CPU float32 w8a16 of at least W8A16_TORCH_MIN_M rows and at most W8A16_TORCH_MAX_K columns runs the reference
+    (torch's GEMM beats the kernel's GEMM path there: see fastattn.ops.int8.W8A16_TORCH_MIN_M): in auto mode its bits,
+    within the kernels' error bound; Int8Linear's output and input gradient too. No timing: the choice is checked."""
+    from fastattn.ops import int8 as i8
+    M = i8.W8A16_TORCH_MIN_M
+    x, w, s, bias, ref = _w8a16_case(M, 203, K, torch.float32, has_bias, seed=K)
+    assert i8._w8a16.select(i8._w8a16_request(x)).backend == "reference"
+    out = fastattn.w8a16_matmul(x, w, s, bias)
+    assert torch.equal(out, w8a16_matmul_ref(x, w, s, bias))
+    assert_bounded("w8a16", out, ref, w8a16_matmul_ref(x, w, s, bias), torch.float32)
+    if i8._w8a16.why_not(i8._w8a16_request(x))["cpu"] == []:
+        with fastattn.backend("cpu"):
+            kernel = fastattn.w8a16_matmul(x, w, s, bias)
+        assert_bounded("w8a16 (kernel)", kernel, ref, w8a16_matmul_ref(x, w, s, bias), torch.float32)
+    lin = nn.Linear(K, 203, bias=has_bias)
+    layer = Int8Linear.from_float(lin, mode="w8a16")
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    assert torch.equal(y, w8a16_matmul_ref(x, layer.weight, layer.weight_scale, layer.bias))
+    y.backward(torch.ones_like(y))
+    dq = layer.weight.float() * layer.weight_scale[:, None]
+    torch.testing.assert_close(xg.grad, torch.ones_like(y) @ dq)
+
+
+def test_w8a16_cpu_kernel_keeps_other_shapes():
+    """The CPU kernel keeps fewer rows (its GEMV path and small GEMMs), longer K, half inputs and a forced backend."""
+    from fastattn.ops import int8 as i8
+    if "cpu" not in fastattn.available_backends():
+        pytest.skip("no CPU kernels")
+    M, K = i8.W8A16_TORCH_MIN_M, i8.W8A16_TORCH_MAX_K
+
+    def chosen(x, forced=""):
+        return i8._w8a16.select(i8._w8a16_request(x), forced).backend
+    assert chosen(torch.empty(M, K)) == "reference"
+    assert chosen(torch.empty(M - 1, K)) == "cpu"
+    assert chosen(torch.empty(M, K + 1)) == "cpu"
+    assert chosen(torch.empty(i8.DECODE_M, 64)) == "cpu"
+    assert chosen(torch.empty(M, K, dtype=torch.bfloat16)) == "cpu"
+    assert chosen(torch.empty(M, K), "cpu") == "cpu"
+    assert i8.w8a16_kernel("cpu", torch.float32, 64) is i8._w8a16.impls["cpu"].fwd  # bound for a decode step
