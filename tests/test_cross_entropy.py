@@ -252,3 +252,52 @@ def test_gpt_shift_labels():
         model(ids, labels=ids, shift_labels=shifted)
     with pytest.raises(ValueError, match=r"shift_labels: expected integer class ids of input_ids' shape \(2, 12\)"):
         model(ids, shift_labels=shifted[:, :5])
+
+
+def _fused(loss) -> bool:
+    return type(loss.grad_fn).__name__ == "LinearCrossEntropyFunctionBackward"
+
+
+@pytest.mark.parametrize("N, V, d", [(16, 100, 32), (300, 100, 16), (16, 16384, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_small_float32_runs_unfused_within_bounds(N, V, d, bias):
+    """CPU float32 in auto mode, at most TORCH_MAX_LOGITS logits, or with the weight's gradient at most
+    TORCH_MAX_ROWS_PER_D rows per hidden unit: the unfused reference runs (faster there: see
+    fastattn.ops.cross_entropy.TORCH_MAX_LOGITS); loss and gradients within the fused path's float32 bounds and equal
+    to the reference's. No timing: the choice is checked."""
+    from fastattn.ops import cross_entropy as ce
+    assert N * V <= ce.TORCH_MAX_LOGITS or N <= ce.TORCH_MAX_ROWS_PER_D * d
+    x, w, b, t = _problem(N=N, d=d, V=V, bias=bias)
+    x32, w32, b32 = (None if u is None else u.detach().float().requires_grad_() for u in (x, w, b))
+    got = linear_cross_entropy(x32, w32, t, b32)
+    assert not _fused(got)
+    torch_out = linear_cross_entropy_ref(x32, w32, t, b32)
+    assert torch.equal(got, torch_out)
+    ref = linear_cross_entropy_ref(x, w, t, b)
+    assert_bounded("loss", got.detach(), ref.detach(), torch_out.detach(), torch.float32)
+    for name, a, c, r in zip("xwb", _grads(got, (x32, w32, b32)), _grads(torch_out, (x32, w32, b32)),
+                             _grads(ref, (x, w, b))):
+        assert torch.equal(a, c), name
+        assert_bounded(f"grad {name}", a, r, c, torch.float32, scale=r.abs().max().item())
+    with pytest.raises(ArgumentError, match="target: class index"):  # still checked, as on the fused path
+        linear_cross_entropy(x32, w32, torch.full_like(t, V), b32)
+
+
+def test_fused_path_keeps_larger_problems():
+    """The fused path keeps more logits than TORCH_MAX_LOGITS (with more rows than TORCH_MAX_ROWS_PER_D per hidden
+    unit, or without the weight's gradient), an explicit chunk_size, other dtypes and a forced backend."""
+    from fastattn.ops import cross_entropy as ce
+    x, w, b, t = _problem(N=300, d=64, V=1000)
+    assert 300 * 1000 > ce.TORCH_MAX_LOGITS and 300 > ce.TORCH_MAX_ROWS_PER_D * 64
+    x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    assert _fused(linear_cross_entropy(x32, w32, t))
+    assert not _fused(linear_cross_entropy(x32[:16], w32, t[:16]))
+    assert _fused(linear_cross_entropy(x32[:16], w32, t[:16], chunk_size=8))
+    assert _fused(linear_cross_entropy(x[:16], w, t[:16]))  # float64
+    with fastattn.backend("reference"):
+        assert _fused(linear_cross_entropy(x32[:16], w32, t[:16]))
+    big_v = torch.randn(ce.TORCH_MAX_LOGITS // 16 + 1, 64)
+    t16 = torch.randint(0, big_v.shape[0], (16,))
+    assert ce.torch_faster(x32[:16], big_v.requires_grad_(), None, torch.float32, True)  # 16 rows <= d / 4
+    assert not ce.torch_faster(x32[:16], big_v, None, torch.float32, False)  # no weight gradient: fused
+    assert _fused(linear_cross_entropy(x32[:16], big_v.detach(), t16))

@@ -26,6 +26,7 @@ from torch import Tensor
 from ..backends import Dispatcher, Impl, REFERENCE_DEVICES, compiled_has, compiled_op, forced_backend_name, triton_op
 from ..errors import ArgumentError
 from ..reference import linear_cross_entropy_ref
+from .add_norm import shape_rule_ok
 from .batching import autocast_off, autocast_on, graph_capture, has_torch_function_subclass, is_transformed
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -227,6 +228,33 @@ def _check(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor]
         raise ArgumentError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
 
 
+# Where the unfused reference (F.linear + F.cross_entropy: the logits, their log-softmax and gradient materialised)
+# beats the fused path on CPU, float32: (a) at most TORCH_MAX_LOGITS logits, where the fused path's fixed host work
+# (its buffers, the gradients' zeroing and rescaling, a dozen more torch calls: ~150 us a call on a 2-core Zen 3)
+# outweighs the logits' passes; (b) with the weight's gradient, at most TORCH_MAX_ROWS_PER_D rows per unit of the
+# hidden size d: the fused path's (V, d) float32 weight gradient (zeroed, accumulated into, rescaled in the backward:
+# ~3 V d passes) costs more than the (N, V) logits passes it saves, and holds more memory than those logits.
+# Measured interleaved, one thread, fwd+bwd, time / torch's (fused -> reference): d 256: N 16 V 100 2.41 -> 1.58,
+# V 1000 1.67 -> 1.23, V 8192 1.30 -> 0.98; N 64 V 100 1.92 -> 1.42, V 8192 1.17 -> 0.98; N 256 V 100 1.47 -> 1.19;
+# N 1024 V 100 1.12 -> 1.06; d 64: N 16 V 8192 1.20 -> 1.02; d 768: N 192 V 8192 1.09 -> 1.02. The other side: d 256
+# N 256 V 1000 (256k logits) 1.05 / 1.06, N 128 V 8192 (N = d / 2) 0.91 / 1.09, N 1024 V 1000 0.93 / 0.98; d 64
+# N 32 V 8192 1.04 / 1.13; without gradients (where (b) does not apply) d 256 N 64 V 32768 0.87 / 1.08.
+TORCH_MAX_LOGITS = 1 << 17
+TORCH_MAX_ROWS_PER_D = 0.25
+
+
+def torch_faster(x: Tensor, weight: Tensor, bias: Optional[Tensor], cd: torch.dtype, need_w: bool) -> bool:
+    """Whether linear_cross_entropy on rows x (N, d) runs the unfused reference (CPU, float32, auto mode; eager,
+    compiled or a static torch.export: add_norm.shape_rule_ok): see TORCH_MAX_LOGITS."""
+    if not x.is_cpu or cd != torch.float32 or x.dtype != torch.float32 or weight.dtype != torch.float32 \
+            or (bias is not None and bias.dtype != torch.float32):
+        return False
+    N, d = x.shape
+    if N * weight.shape[0] > TORCH_MAX_LOGITS and not (need_w and N <= TORCH_MAX_ROWS_PER_D * d):
+        return False
+    return shape_rule_ok(x) and not forced_backend_name()
+
+
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
                          ignore_index: int = -100, reduction: str = "mean",
                          chunk_size: Optional[int] = None) -> Tensor:
@@ -235,7 +263,8 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     without materialising the logits: an LM head's loss in a fraction of its memory and time. reduction="none"
     returns the per-token losses shaped like ``target`` (the unfused expression, logits materialised). Under autocast
     the GEMMs run in the autocast dtype and the softmax in float32, as the unfused expression does. ``chunk_size``:
-    rows per chunk (default: see :func:`chunk_rows`). Targets outside [0, V) other than ignore_index raise
+    rows per chunk (default: see :func:`chunk_rows`; small float32 problems on the CPU then run the unfused
+    expression, faster there: TORCH_MAX_LOGITS). Targets outside [0, V) other than ignore_index raise
     ArgumentError."""
     _check(input, weight, target, bias, reduction)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -251,8 +280,12 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     if x.shape[0] == 0:  # torch: nan for a mean over no rows, 0 for a sum (float64 stays)
         logits = F.linear(x, weight, bias)
         return (logits if logits.dtype == torch.float64 else logits.float()).sum() / (0 if reduction == "mean" else 1)
-    chunk = chunk_size or chunk_rows(x.shape[0], weight.shape[0], x.device)
     grad = torch.is_grad_enabled()
     need = (grad and x.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
+    if chunk_size is None and torch_faster(x, weight, bias, cd, need[1]):
+        if not torch.compiler.is_compiling():  # (data-dependent: a compiled program has torch's own target check)
+            _check_targets(t, weight.shape[0], ignore_index)
+        return linear_cross_entropy_ref(input, weight, target, bias, ignore_index=ignore_index, reduction=reduction)
+    chunk = chunk_size or chunk_rows(x.shape[0], weight.shape[0], x.device)
     fn = _exported_loss if torch.compiler.is_exporting() else LinearCrossEntropyFunction.apply
     return fn(x, weight, bias, t, int(ignore_index), reduction == "mean", chunk, cd, need, forced_backend_name())
