@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..ops.int8 import (X_DTYPES, dequantized_input_grad, mm_rows, quantize_per_channel, quantize_per_token,
                         quantize_rows, w8a16_kernel, w8a16_rows)
+from ..ops.batching import forward_ad_active
 from ._fx import fx_leaf
 
 MODES = ("w8a8", "w8a8_static", "w8a16")
@@ -102,7 +103,17 @@ class Int8Linear(nn.Module):
         flat = x.dim() == 2  # no reshape / view either way (~0.7 us of host time each)
         x2 = (x if flat else x.reshape(-1, self.in_features)).contiguous()
         out = _InputGrad.apply(x2, self) if x.requires_grad and torch.is_grad_enabled() else self._rows(x2)
+        if forward_ad_active() and self.mode != "w8a16":  # (w8a16: its reference carries the tangent)
+            out = out + self._tangent_path(x2)
         return out if flat else out.view(*x.shape[:-1], self.out_features)
+
+    def _tangent_path(self, x2: Tensor) -> Tensor:
+        """Zero, with the tangent that forward-mode AD gives x W^T through the dequantized weight (w8a8's rounding of x
+        passed straight through, as _InputGrad's gradient): the kernels drop an input's tangent."""
+        w = self.weight.to(torch.float32) * self.weight_scale.to(torch.float32)[:, None]
+        xs = x2.float() if self.smooth is None else x2.float() / self.smooth
+        lin = F.linear(xs, w)
+        return (lin - lin.detach()).to(x2.dtype)
 
     def _rows(self, x2: Tensor) -> Tensor:
         """forward on contiguous, checked (T, in_features) rows."""

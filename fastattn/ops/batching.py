@@ -11,6 +11,13 @@ import torch
 from torch import Tensor
 
 
+def forward_ad_active() -> bool:
+    """True while a forward-mode AD level is open (torch.autograd.forward_ad.dual_level; torch.func.jvp, jacfwd,
+    hessian): any input may carry a tangent, which a kernel would drop. The ops then run their reference, torch ops
+    that forward AD differentiates (torch's own SDPA refuses forward AD on its fused CPU path)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 def graph_capture() -> bool:
     """torch.compile (dynamo) or torch.jit.trace is recording: kernels must be called through their custom ops,
     which both record (a direct call into the compiled kernels is invisible to them: a trace would keep only the
@@ -59,7 +66,7 @@ def direct_call_ok(device_type: str, *tensors: Optional[Tensor]) -> bool:
     """Whether a caller that asks no gradient may hand these tensors straight to a kernel's forward, skipping the op's
     Function and custom op: nothing records (graph_capture), no autocast for device_type, and no tensor is a
     torch-function subclass or torch.func-wrapped. The modules' inference short ways ask it."""
-    if graph_capture() or autocast_on(device_type):
+    if graph_capture() or autocast_on(device_type) or forward_ad_active():
         return False
     return not (has_torch_function_subclass(*tensors) or is_transformed(*tensors))
 

@@ -27,7 +27,8 @@ from ..backends import Dispatcher, Impl, REFERENCE_DEVICES, compiled_has, compil
 from ..errors import ArgumentError
 from ..reference import linear_cross_entropy_ref
 from .add_norm import shape_rule_ok
-from .batching import autocast_off, autocast_on, graph_capture, has_torch_function_subclass, is_transformed
+from .batching import (autocast_off, autocast_on, forward_ad_active, graph_capture, has_torch_function_subclass,
+                       is_transformed)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # Logits per chunk. CPU: 16 MB of float32, in L3 between the passes. GPU: 512 MB of bf16. Every chunk adds its
@@ -269,7 +270,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     _check(input, weight, target, bias, reduction)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ArgumentError(f"chunk_size: expected a positive int, got {chunk_size!r}")
-    if reduction == "none" or is_transformed(input, weight, bias) or \
+    if reduction == "none" or is_transformed(input, weight, bias) or forward_ad_active() or \
             has_torch_function_subclass(input, weight, target, bias):
         if not is_transformed(target) and not has_torch_function_subclass(target):
             _check_targets(target, weight.shape[0], ignore_index)

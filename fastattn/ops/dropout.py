@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..errors import ArgumentError
 from ..backends import Dispatcher, Impl, REFERENCE_DEVICES, compiled_has, compiled_op, triton_op
-from .batching import eager_twin, graph_capture, has_torch_function_subclass, is_transformed
+from .batching import eager_twin, forward_ad_active, graph_capture, has_torch_function_subclass, is_transformed
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -119,7 +119,7 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = Fa
         raise ValueError(f"p: dropout probability has to be between 0 and 1, but got {p!r}")
     if not training or p == 0.0:
         return x
-    if p == 1.0 or not x.is_floating_point() or graph_capture() or is_transformed(x) or \
+    if p == 1.0 or not x.is_floating_point() or graph_capture() or is_transformed(x) or forward_ad_active() or \
             has_torch_function_subclass(x) or x.dtype not in _FLOATS + (torch.float64,):
         return F.dropout(x, p, training, inplace)
     if inplace and x.requires_grad and x.is_leaf and torch.is_grad_enabled():

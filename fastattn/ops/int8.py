@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..backends import Dispatcher, Impl, REFERENCE_DEVICES, compiled_has, compiled_op, triton_op
 from ..reference import int8_matmul_ref, quantize_rows_ref, w8a16_matmul_ref
-from .batching import fold, front, graph_capture, is_transformed, unfold
+from .batching import fold, forward_ad_active, front, graph_capture, is_transformed, unfold
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int32)
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -362,6 +362,8 @@ def w8a16_kernel(device: torch.device, dtype: torch.dtype, K: int):
 
 def w8a16_rows(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """w8a16_matmul on checked contiguous 2-D x, w and float32 (N,) w_scale / bias (or None)."""
+    if forward_ad_active():  # x's tangent: through the reference's torch ops
+        return w8a16_matmul_ref(x, w, w_scale, bias)
     if graph_capture() or is_transformed(x, w, w_scale, bias):
         return w8a16_mm_op(x, w, w_scale, bias)
     return _w8a16.select(_w8a16_request(x)).fwd(x, w, w_scale, bias)

@@ -13,7 +13,7 @@ from ...errors import ArgumentError
 from ...reference import attention_diag_offset, attention_ref
 from .decode import route as decode_route
 from .dispatch import attention_fwd_op, dispatcher, fwd, ref_kwargs
-from ..batching import graph_capture, has_torch_function_subclass, is_transformed
+from ..batching import forward_ad_active, graph_capture, has_torch_function_subclass, is_transformed
 from .function import AttentionFunction, AttentionFunctionEager, DroppedAttention, PackedQKVAttention
 from ..dropout import dropout_rng
 from .params import AttnParams, request
@@ -152,6 +152,7 @@ def _attention(q, k, v, packed, causal, attn_mask, key_padding_mask, dropout_p, 
     subclass = has_torch_function_subclass(qb, kb, vb)  # e.g. DTensor: torch ops understand it, kernels cannot
     if subclass:
         log.debug("fastattn.attention: a tensor subclass (%s) runs on the reference (torch ops)", type(qb).__name__)
+    subclass = subclass or forward_ad_active()  # (tangents: the reference's torch ops carry them)
     # short queries against a long cache, forward only: the split-KV decode kernel (decode.py says when it fits)
     routed = None if dropout_p > 0 or subclass else decode_route(qb, kb, vb, mask, alibi, p, backend)
     if routed is not None:
