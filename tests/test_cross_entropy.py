@@ -283,6 +283,27 @@ def test_small_float32_runs_unfused_within_bounds(N, V, d, bias):
         linear_cross_entropy(x32, w32, torch.full_like(t, V), b32)
 
 
+def test_small_problems_under_compile_keep_the_target_error():
+    """The unfused small-problem path, compiled or exported, still raises ArgumentError for a class index outside
+    [0, V) (torch's own IndexError / an inductor bounds assert before)."""
+    x, w = torch.randn(12, 16), torch.randn(30, 16)
+    bad = torch.randint(0, 30, (12,))
+    bad[3] = 32
+
+    class Loss(torch.nn.Module):
+        def forward(self, x, t):
+            return fastattn.linear_cross_entropy(x, w, t)
+
+    compiled = torch.compile(Loss(), backend="aot_eager", fullgraph=True)
+    good = torch.randint(0, 30, (12,))
+    torch.testing.assert_close(compiled(x, good), F.cross_entropy(x @ w.t(), good))
+    with pytest.raises(ArgumentError, match="class index 32"):
+        compiled(x, bad)
+    exported = torch.export.export(Loss(), (x, good)).module()
+    with pytest.raises(ArgumentError, match="class index 32"):
+        exported(x, bad)
+
+
 def test_fused_path_keeps_larger_problems():
     """The fused path keeps more logits than TORCH_MAX_LOGITS (with more rows than TORCH_MAX_ROWS_PER_D per hidden
     unit, or without the weight's gradient), an explicit chunk_size, other dtypes and a forced backend."""

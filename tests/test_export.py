@@ -72,6 +72,29 @@ def test_export_with_dynamic_batch_and_sequence(case):
         torch.testing.assert_close(_logits(program.module()(*args)), _logits(m(*args)), rtol=1e-5, atol=1e-5)
 
 
+class _WideNorms(torch.nn.Module):
+    """A LayerNorm wider than add_norm.NATIVE_MAX_COLS, add_layer_norm with prenorm, linear_cross_entropy: the CPU
+    shape rules (torch's ops for small problems) must not guard a dynamic dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.head = fnn.LayerNorm(128), torch.nn.Linear(128, 30, bias=False)
+
+    def forward(self, x, t):
+        y, s = fastattn.add_layer_norm(self.norm(x), x, self.norm.weight, self.norm.bias, prenorm=True)
+        return fastattn.linear_cross_entropy((y + s).flatten(0, 1), self.head.weight, t.flatten())
+
+
+def test_export_shape_rules_keep_dynamic_dims():
+    torch.manual_seed(0)
+    m = _WideNorms()
+    b = Dim("b")  # (unbounded: a size test on it would have to guard)
+    program = export(m, (torch.randn(2, 5, 128), torch.randint(0, 30, (2, 5))), dynamic_shapes=({0: b}, {0: b}))
+    for B in (1, 3, 40):
+        x, t = torch.randn(B, 5, 128), torch.randint(0, 30, (B, 5))
+        torch.testing.assert_close(program.module()(x, t), m(x, t))
+
+
 def test_export_int8_linear():
     torch.manual_seed(0)
     q = fnn.Int8Linear.from_float(torch.nn.Linear(E, 8), "w8a16")

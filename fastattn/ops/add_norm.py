@@ -427,11 +427,13 @@ def native_faster(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor
     if not x.is_cpu or x.dtype != f32 or (residual is None and prenorm) or any(
             t is not None and t.dtype != f32 for t in (residual, weight, bias)):
         return False
+    if not shape_rule_ok(x):  # (before any test of the sizes: under a dynamic export it would guard them)
+        return False
     if x.shape[-1] > NATIVE_MAX_COLS and x.numel() > NATIVE_MAX_ELEMENTS:
         return False
     if not any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
         return False
-    return shape_rule_ok(x) and not forced_backend_name() and not is_transformed(x, residual, weight, bias)
+    return not forced_backend_name() and not is_transformed(x, residual, weight, bias)
 
 
 def shape_rule_ok(x: Tensor) -> bool:

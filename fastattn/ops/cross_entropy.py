@@ -82,6 +82,19 @@ def _check_targets(t: Tensor, V: int, ignore_index: int) -> None:
                             f"({ignore_index})")
 
 
+@torch.library.custom_op("fastattn::checked_targets", mutates_args=())
+def checked_targets_op(target: Tensor, V: int, ignore_index: int) -> Tensor:
+    """A copy of target after _check_targets: compiled and exported programs on the unfused path keep the
+    ArgumentError for a class index outside [0, V) (the fused op checks its targets itself)."""
+    _check_targets(target.reshape(-1), V, ignore_index)
+    return target.clone()
+
+
+@checked_targets_op.register_fake
+def _(target, V, ignore_index):
+    return torch.empty_like(target)
+
+
 def _fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, ignore_index: int, chunk: int, cd: torch.dtype,
          need_x: bool, need_w: bool, need_b: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row losses (N,) and the unscaled gradients of x (N, d) in cd, w (V, d) and b (V,) in float32 (float64
@@ -250,10 +263,12 @@ def torch_faster(x: Tensor, weight: Tensor, bias: Optional[Tensor], cd: torch.dt
     if not x.is_cpu or cd != torch.float32 or x.dtype != torch.float32 or weight.dtype != torch.float32 \
             or (bias is not None and bias.dtype != torch.float32):
         return False
+    if not shape_rule_ok(x):  # (before any test of the sizes: under a dynamic export it would guard them)
+        return False
     N, d = x.shape
     if N * weight.shape[0] > TORCH_MAX_LOGITS and not (need_w and N <= TORCH_MAX_ROWS_PER_D * d):
         return False
-    return shape_rule_ok(x) and not forced_backend_name()
+    return not forced_backend_name()
 
 
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
@@ -284,7 +299,9 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     grad = torch.is_grad_enabled()
     need = (grad and x.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
     if chunk_size is None and torch_faster(x, weight, bias, cd, need[1]):
-        if not torch.compiler.is_compiling():  # (data-dependent: a compiled program has torch's own target check)
+        if torch.compiler.is_compiling():  # (data-dependent: checked inside an op the graph keeps)
+            target = checked_targets_op(target, weight.shape[0], int(ignore_index))
+        else:
             _check_targets(t, weight.shape[0], ignore_index)
         return linear_cross_entropy_ref(input, weight, target, bias, ignore_index=ignore_index, reduction=reduction)
     chunk = chunk_size or chunk_rows(x.shape[0], weight.shape[0], x.device)
