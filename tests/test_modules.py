@@ -167,3 +167,13 @@ def test_fx_symbolic_trace_keeps_the_norms_as_calls():
     assert all(torch.equal(a, b) for a, b in zip(ga, gb))
     with pytest.raises(RuntimeError, match="trailing shape"):  # the module's checks run in the traced model
         torch.fx.symbolic_trace(fnn.LayerNorm(8))(torch.randn(3, 7))
+
+
+@pytest.mark.parametrize("eps", [-1.0, float("nan")])
+def test_layer_norm_bad_eps_is_refused_in_training_too(eps):
+    """A negative or NaN eps: ValueError naming it, with a gradient as without (the small-row path runs torch's
+    layer_norm, which returned NaN)."""
+    norm = fnn.LayerNorm(16, eps=eps)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="eps"):
+            norm(torch.randn(4, 16, requires_grad=grad))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ArgumentError
-from ..ops.add_norm import add_layer_norm, add_rms_norm, native_faster
+from ..ops.add_norm import _validate, add_layer_norm, add_rms_norm, native_faster
 from ._torchscript import refuse_script
 
 _Shape = Union[int, Tuple[int, ...], torch.Size]
@@ -62,6 +62,7 @@ def layer_norm(input: Tensor, normalized_shape: Tuple[int, ...], weight: Optiona
             raise ArgumentError(f"{name}: dtype {p.dtype} with an input of {input.dtype} (torch's layer_norm "
                                 f"takes parameters of the input's dtype, or float32 for a half input)")
     if k == 1 and native_faster(input, None, weight, bias, False):
+        _validate(input, None, weight, bias, eps)  # (add_layer_norm's checks: its errors, not torch's NaN)
         return F.layer_norm(input, normalized_shape, weight, bias, eps)
     x = input.flatten(-k) if k > 1 else input
     y = add_layer_norm(x, None, _flat(weight), _flat(bias), eps)
