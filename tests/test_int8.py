@@ -836,11 +836,11 @@ def test_w8a16_cpu_short_k_runs_torch_gemm(K, has_bias):
     from fastattn.ops import int8 as i8
     M = i8.W8A16_TORCH_MIN_M
     x, w, s, bias, ref = _w8a16_case(M, 203, K, torch.float32, has_bias, seed=K)
-    assert i8._w8a16.select(i8._w8a16_request(x)).backend == "reference"
+    assert i8._w8a16.select(i8._w8a16_request(x, 203)).backend == "reference"
     out = fastattn.w8a16_matmul(x, w, s, bias)
     assert torch.equal(out, w8a16_matmul_ref(x, w, s, bias))
     assert_bounded("w8a16", out, ref, w8a16_matmul_ref(x, w, s, bias), torch.float32)
-    if i8._w8a16.why_not(i8._w8a16_request(x))["cpu"] == []:
+    if i8._w8a16.why_not(i8._w8a16_request(x, 203))["cpu"] == []:
         with fastattn.backend("cpu"):
             kernel = fastattn.w8a16_matmul(x, w, s, bias)
         assert_bounded("w8a16 (kernel)", kernel, ref, w8a16_matmul_ref(x, w, s, bias), torch.float32)
@@ -861,11 +861,12 @@ def test_w8a16_cpu_kernel_keeps_other_shapes():
         pytest.skip("no CPU kernels")
     M, K = i8.W8A16_TORCH_MIN_M, i8.W8A16_TORCH_MAX_K
 
-    def chosen(x, forced=""):
-        return i8._w8a16.select(i8._w8a16_request(x), forced).backend
+    def chosen(x, forced="", N=i8.W8A16_TORCH_MIN_N):
+        return i8._w8a16.select(i8._w8a16_request(x, N), forced).backend
     assert chosen(torch.empty(M, K)) == "reference"
     assert chosen(torch.empty(M - 1, K)) == "cpu"
     assert chosen(torch.empty(M, K + 1)) == "cpu"
+    assert chosen(torch.empty(M, K), N=i8.W8A16_TORCH_MIN_N - 1) == "cpu"  # narrow outputs: the kernel's small panels
     assert chosen(torch.empty(i8.DECODE_M, 64)) == "cpu"
     assert chosen(torch.empty(M, K, dtype=torch.bfloat16)) == "cpu"
     assert chosen(torch.empty(M, K), "cpu") == "cpu"
