@@ -103,8 +103,8 @@ def load_model(path, backend=None, map_location="cpu", purpose=None):
     with the fine-tuning adapters of its run merged (LoRA) or kept (soft prompt); an int8 checkpoint (`fastattn
     quantize`) comes back int8, unless ``purpose`` (e.g. "--init") names a use that needs float weights (refused;
     a checkpoint of a train --int8-base run: its adapters kept over the int8 base, or with ``purpose`` the float model
-    its run exports). A Hugging
-    Face folder (a model_type of HF_MODEL_TYPES) is imported with from_hf and its own tokenizer.json."""
+    its run exports). A Hugging Face folder (a model_type of HF_MODEL_TYPES) is imported with from_hf and its own
+    tokenizer.json."""
     from fastattn.models.layers import INT8_FILE
     from fastattn.quantization import apply_int8_layout
     kind = hf_model_type(path)
