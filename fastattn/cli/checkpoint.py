@@ -130,18 +130,22 @@ def latest_valid(run_dir, warn=print):
 
 def resolve(path):
     """A checkpoint folder from a path to one, or to a run folder (its final RUN/model, else its newest valid
-    checkpoint)."""
+    checkpoint), verified."""
+    p = locate(path, warn=lambda m: print(m, file=sys.stderr))
+    verify(p)
+    return p
+
+
+def locate(path, warn=print):
+    """The folder resolve picks, not verified itself (a run folder's newest checkpoint is: latest_valid)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint")
     if not (p / "config.json").is_file():
-        ck = p / "model" if (p / "model" / "config.json").is_file() else None
-        if ck is None:
-            ck = latest_valid(p, warn=lambda m: print(m, file=sys.stderr))
+        ck = p / "model" if (p / "model" / "config.json").is_file() else latest_valid(p, warn)
         if ck is None:
             raise CheckpointError(f"{p}: no valid checkpoint in this folder")
         p = ck
-    verify(p)
     return p
 
 

@@ -43,12 +43,10 @@ def _generation_file(checkpoint) -> Optional[Path]:
     """The generation_config.json of a Hugging Face folder, or of a fastattn checkpoint that carries one (a run
     folder: the checkpoint its weights are loaded from, as checkpoint.resolve picks it); None where there is none."""
     from fastattn.cli import checkpoint as ckpt
-    folder = Path(checkpoint)
-    if not (folder / "config.json").is_file():  # a run folder: its final model, else its newest valid checkpoint
-        folder = folder / "model" if (folder / "model" / "config.json").is_file() else \
-            ckpt.latest_valid(folder, warn=lambda m: None)
-        if folder is None:
-            return None
+    try:
+        folder = ckpt.locate(checkpoint, warn=lambda m: None)  # (load_model reports skipped checkpoints)
+    except ckpt.CheckpointError:
+        return None
     path = folder / GENERATION_FILE
     return path if path.is_file() else None
 
