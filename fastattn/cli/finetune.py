@@ -40,11 +40,8 @@ class LoRALinear(nn.Module):
 
 
 def float_linear(layer: Int8Linear) -> nn.Linear:
-    """The float32 nn.Linear an Int8Linear computes with: its weight dequantized (per-channel scale; SmoothQuant's
-    factor taken back out of the columns), its bias."""
-    w = layer.weight.float() * layer.weight_scale.float()[:, None]
-    if layer.smooth is not None:
-        w = w / layer.smooth.float()
+    """The float32 nn.Linear an Int8Linear computes with: its dequantized weight, its bias."""
+    w = layer.dequantized_weight()
     out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=w.device)
     with torch.no_grad():
         out.weight.copy_(w)

@@ -107,12 +107,16 @@ class Int8Linear(nn.Module):
             out = out + self._tangent_path(x2)
         return out if flat else out.view(*x.shape[:-1], self.out_features)
 
+    def dequantized_weight(self) -> Tensor:
+        """The float32 (out_features, in_features) weight this layer computes with: the int8 weight times its
+        per-channel scale, SmoothQuant's factor taken back out of the columns."""
+        w = self.weight.to(torch.float32) * self.weight_scale.to(torch.float32)[:, None]
+        return w if self.smooth is None else w / self.smooth.to(torch.float32)
+
     def _tangent_path(self, x2: Tensor) -> Tensor:
         """Zero, with the tangent that forward-mode AD gives x W^T through the dequantized weight (w8a8's rounding of x
         passed straight through, as _InputGrad's gradient): the kernels drop an input's tangent."""
-        w = self.weight.to(torch.float32) * self.weight_scale.to(torch.float32)[:, None]
-        xs = x2.float() if self.smooth is None else x2.float() / self.smooth
-        lin = F.linear(xs, w)
+        lin = F.linear(x2.float(), self.dequantized_weight())
         return (lin - lin.detach()).to(x2.dtype)
 
     def _rows(self, x2: Tensor) -> Tensor:
