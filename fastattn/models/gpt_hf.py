@@ -130,14 +130,17 @@ def padding_idx(hf: dict, kind: str, vocab_size: int):
     config.json lacks it: _PAD) in the families whose embedding takes one; None for the others (_NO_PADDING_IDX)
     and for an id past the vocabulary (which transformers' embedding would refuse)."""
     pad = None if kind in _NO_PADDING_IDX else hf.get("pad_token_id", _PAD.get(kind))
-    return pad if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < vocab_size else None
+    return pad if _in_vocab(pad, vocab_size) else None
+
+
+def _in_vocab(i, vocab_size: int) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
 
 
 def _eos(eos, vocab_size: int):
     """The end token(s) generate stops at by default, as transformers reads them (an id or a list); ids past the
     vocabulary (a tiny test config's GPT-2 50256) can never be generated: left out."""
-    ids = [e for e in (eos if isinstance(eos, list) else [eos])
-           if isinstance(e, int) and not isinstance(e, bool) and 0 <= e < vocab_size]
+    ids = [e for e in (eos if isinstance(eos, list) else [eos]) if _in_vocab(e, vocab_size)]
     return None if not ids else ids[0] if len(ids) == 1 and not isinstance(eos, list) else ids
 
 
