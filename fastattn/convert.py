@@ -8,7 +8,9 @@ exactly the torch class are swapped: a subclass may compute something else, so i
 transformers' RMSNorm classes are swapped when their forward is LlamaRMSNorm's own bytecode (Mistral's, Qwen's,
 DeepSeek's, ... copies; not Gemma's 1 + weight), for ``fastattn.nn.HFRMSNorm``. A whole nn.Transformer /
 TransformerEncoder / TransformerDecoder is swapped as one module (its layers come from fastattn's class), unless
-something inside it is in ``skip``: then its parts are swapped one by one.
+something inside it is in ``skip``: then its parts are swapped one by one. A layer's norms, dropouts and feed-forward
+linears of other classes (prepare_qat's QATLinear, Int8Linear, a subclass) are kept in fastattn's layer, which calls
+them; a layer whose attention is not exactly nn.MultiheadAttention stays torch's, its parts swapped one by one.
 """
 from __future__ import annotations
 
@@ -120,11 +122,17 @@ def _activation(fn):
 
 
 def _layer_kwargs(layer: nn.Module) -> dict:
-    return dict(d_model=layer.linear1.in_features, nhead=layer.self_attn.num_heads,
-                dim_feedforward=layer.linear1.out_features, dropout=layer.dropout.p,
-                activation=_activation(layer.activation), layer_norm_eps=layer.norm1.eps,
-                batch_first=layer.self_attn.batch_first, norm_first=layer.norm_first,
-                bias=layer.linear1.bias is not None)
+    for name in ("self_attn", "multihead_attn"):  # (a subclass's forward may differ; torch's fast path skips it)
+        if hasattr(layer, name) and type(getattr(layer, name)) is not nn.MultiheadAttention:
+            raise _CannotSwap(f"its {name} is a {type(getattr(layer, name)).__name__}, not nn.MultiheadAttention")
+    try:
+        return dict(d_model=layer.linear1.in_features, nhead=layer.self_attn.num_heads,
+                    dim_feedforward=layer.linear1.out_features, dropout=layer.dropout.p,
+                    activation=_activation(layer.activation), layer_norm_eps=layer.norm1.eps,
+                    batch_first=layer.self_attn.batch_first, norm_first=layer.norm_first,
+                    bias=layer.linear1.bias is not None)
+    except AttributeError as e:  # a part replaced by a module without torch's attributes
+        raise _CannotSwap(f"a part of it lacks what torch's has ({e})") from None
 
 
 def _same_layers(layers: nn.ModuleList) -> dict:
@@ -169,9 +177,11 @@ def _build(kind: str, old: nn.Module, device, layernorm: bool) -> nn.Module:
         _same_layers(old.layers)
         layer = _build(layer_kind, old.layers[0], device, layernorm)
         norm = _norm_twin(old.norm, device, layernorm)
-        if kind == "TransformerEncoder":
-            return cls(layer, len(old.layers), norm=norm, enable_nested_tensor=old.enable_nested_tensor,
-                       mask_check=old.mask_check)
+        if kind == "TransformerEncoder":  # (torch's constructor would warn again about the nested path it turns off)
+            new = cls(layer, len(old.layers), norm=norm, enable_nested_tensor=False, mask_check=old.mask_check)
+            new.enable_nested_tensor = old.enable_nested_tensor
+            new.use_nested_tensor = getattr(old, "use_nested_tensor", old.enable_nested_tensor)
+            return new
         return cls(layer, len(old.layers), norm=norm)
     if kind == "Transformer":
         parts = {}
@@ -278,9 +288,12 @@ def _layer_pairs(kind: str, old: nn.Module, new: nn.Module) -> List[Tuple[nn.Mod
 def _carry_settings(kind: str, old: nn.Module, new: nn.Module) -> None:
     """What a layer's constructor does not set alike and its forward reads, as each original layer has it: every
     norm's eps, every dropout's p and each attention's dropout (a layer may have been changed after construction,
-    and an encoder's layers one by one). A norm or dropout that is not torch's plain class is kept as it is (the
-    layer's forward calls it)."""
+    and an encoder's layers one by one). A norm, dropout or feed-forward linear that is not torch's plain class
+    (prepare_qat's QATLinear, an Int8Linear, a subclass) is kept as it is (the layer's forward calls it)."""
     for o, n in _layer_pairs(kind, old, new):
+        for name in ("linear1", "linear2"):
+            if type(getattr(o, name)) is not nn.Linear:
+                setattr(n, name, getattr(o, name))
         for name in ("norm1", "norm2", "norm3"):
             if hasattr(o, name):
                 if type(getattr(o, name)) is nn.LayerNorm:

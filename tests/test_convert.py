@@ -342,6 +342,78 @@ def test_layer_settings_set_after_construction_are_carried():
     assert (new_enc.layers[0].dropout1.p, new_enc.layers[0].self_attn.dropout) == (0.25, 0.125)
 
 
+def test_layer_parts_of_other_classes_are_kept():
+    """A Transformer layer's feed-forward linears that are not plain nn.Linear (prepare_qat's QATLinear, a subclass)
+    stay in fastattn's layer, called as torch's layer calls them; an attention that is not exactly
+    nn.MultiheadAttention (a subclass, or a module without its attributes) keeps the whole layer torch's, and the
+    walk swaps what is inside it. Before, the layer was rebuilt with plain parts: the fake quantization or the
+    subclass's forward dropped silently, and an attention without num_heads crashed convert. (torch's own inference
+    fast path reads linear1 / linear2's weights past their forward: the reference runs torch's general path, which
+    calls them, as fastattn's layers do.)"""
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 1.5
+
+    class MyMHA(nn.MultiheadAttention):
+        def forward(self, *args, **kwargs):
+            out, w = super().forward(*args, **kwargs)
+            return out * 2, w
+
+    class Bare(nn.Module):  # an attention of the user's own, with torch's call signature and no num_heads
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(D, D)
+
+        def forward(self, q, k, v, **kwargs):
+            return self.proj(q), None
+
+    torch.manual_seed(0)
+    qat = fastattn.prepare_qat(nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(D, H, 24, dropout=0.0, batch_first=True), 2, enable_nested_tensor=False))
+    sub = nn.TransformerEncoderLayer(D, H, 24, dropout=0.0, batch_first=True)
+    sub.linear2 = Scaled(24, D)
+    custom_attn = nn.TransformerEncoderLayer(D, H, 24, dropout=0.0, batch_first=True)
+    custom_attn.self_attn = MyMHA(D, H, batch_first=True)
+    bare = nn.TransformerEncoderLayer(D, H, 24, dropout=0.0, batch_first=True)
+    bare.self_attn = Bare()
+    x = torch.randn(2, 5, D)
+    # (torch's own layer runs Bare in training only: its inference checks read self_attn.batch_first)
+    for model, kept_layer, modes in ((qat, False, (True, False)), (sub, False, (True, False)),
+                                     (custom_attn, True, (True, False)), (bare, True, (True,))):
+        ref = copy.deepcopy(model)
+        new = fastattn.convert(model)
+        layer, ref_layer = (new.layers[0], ref.layers[0]) if isinstance(new, nn.TransformerEncoder) else (new, ref)
+        assert (type(layer) is nn.TransformerEncoderLayer) == kept_layer
+        assert type(layer.linear2) is type(ref_layer.linear2)
+        assert type(layer.self_attn) is type(ref_layer.self_attn) or not kept_layer
+        for train in modes:
+            ref.train(train), new.train(train)
+            with torch.set_grad_enabled(train):
+                torch.backends.mha.set_fastpath_enabled(kept_layer)  # (a kept layer is torch's on both sides)
+                try:
+                    want = ref(x)
+                finally:
+                    torch.backends.mha.set_fastpath_enabled(True)
+                assert (new(x) - want).abs().max() <= 1e-5
+
+
+def test_encoder_use_nested_tensor_carried():
+    """TransformerEncoder.use_nested_tensor (what torch's forward reads) as the original has it: set False after
+    construction, the padded positions keep their values, as in torch (before: convert rebuilt it True, and they
+    became zeros)."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, 24, dropout=0.0, batch_first=True), 2).eval()
+    enc.use_nested_tensor = False
+    x = torch.randn(2, 4, D)
+    pad = torch.tensor([[False, False, True, True], [False, False, False, True]])
+    with torch.no_grad():
+        ref = enc(x, src_key_padding_mask=pad)
+        new = fastattn.convert(copy.deepcopy(enc))
+        assert type(new) is fnn.TransformerEncoder and not new.use_nested_tensor
+        assert (new(x, src_key_padding_mask=pad) - ref).abs().max() <= 1e-5
+        assert ref[pad].abs().min() > 0
+
+
 class MixedWithDropout(Mixed):
     def __init__(self):
         super().__init__()

@@ -652,6 +652,39 @@ def test_encoder_layer_and_encoder_nested_tensor_input(norm_first):
         ours(x)
 
 
+def test_layer_norm_inside_torchs_nested_path():
+    """fastattn.nn.LayerNorm in a torch encoder layer (what convert leaves when a part of the layer is hooked): torch's
+    encoder hands its layers a strided NestedTensor in inference with a padding mask, and the norm takes it as
+    torch's does (before: "NestedTensorImpl doesn't support sizes"). add_layer_norm refuses one by name."""
+    g = torch.Generator().manual_seed(14)
+    enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(D, NHEAD, FF, 0.0, batch_first=True), 2).eval()
+    ours = copy.deepcopy(enc)
+    for layer in ours.layers:
+        layer.norm1, layer.norm2 = (fnn.LayerNorm(D) for _ in range(2))
+        layer.norm1.load_state_dict(enc.layers[0].norm1.state_dict())
+    ours.load_state_dict(enc.state_dict())
+    x, kpm = torch.randn(2, 5, D, generator=g), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, src_key_padding_mask=kpm), enc(x, src_key_padding_mask=kpm),
+                                   atol=1e-5, rtol=1e-5)
+    nt = _nested(g)
+    _equal_nested(torch.nn.LayerNorm(D)(nt), fnn.LayerNorm(D)(nt))
+    with pytest.raises(TypeError, match="x: a NestedTensor of torch.strided layout"):
+        fastattn.add_layer_norm(nt, None, torch.ones(D), torch.zeros(D))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_encoder_padding_mask_of_a_wrong_shape(batch_first):
+    """A src_key_padding_mask that is not (batch, sequence): torch's RuntimeError on its nested inference path (and
+    the layers' AssertionError elsewhere), naming the argument (before: an IndexError from a boolean index)."""
+    layer = fnn.TransformerEncoderLayer(D, NHEAD, FF, 0.0, batch_first=batch_first)
+    enc = fnn.TransformerEncoder(layer, 2).eval()
+    x = torch.randn(3, 6, D) if batch_first else torch.randn(6, 3, D)
+    for shape in ((3, 5), (3, 7), (1, 6), (2, 6)):
+        with torch.no_grad(), pytest.raises(RuntimeError, match=r"key_padding_mask has shape .*, expected \(3, 6\)"):
+            enc(x, src_key_padding_mask=torch.zeros(shape, dtype=torch.bool))
+
+
 @pytest.mark.parametrize("kind", ["Encoder", "Decoder"])
 def test_autocast_training_step(kind):
     """A training step under CPU autocast (bfloat16): the projections' backward met a bfloat16 gradient and a float32

@@ -52,6 +52,8 @@ def layer_norm(input: Tensor, normalized_shape: Tuple[int, ...], weight: Optiona
                eps: float) -> Tensor:
     """torch's F.layer_norm on fastattn's kernels (LayerNorm's forward; a leaf of torch.fx traces, as torch's
     LayerNorm is one)."""
+    if input.is_nested and input.layout == torch.strided:  # (a jagged one is a subclass: the reference takes it)
+        return F.layer_norm(input, normalized_shape, weight, bias, eps)  # torch's encoder layers hand one over
     k = len(normalized_shape)
     if tuple(input.shape[input.dim() - k:]) != tuple(normalized_shape):
         raise ArgumentError(f"input: trailing shape {tuple(input.shape[input.dim() - k:])} does not match "

@@ -16,7 +16,7 @@ from ..ops.batching import autocast_on
 from ..ops.dropout import dropout
 from ._fx import fx_leaf
 from ._torchscript import refuse_script
-from .activation import MultiheadAttention, linear_rows, mha_forward
+from .activation import MultiheadAttention, ShapeMismatch, linear_rows, mha_forward
 from .packed import Rows, nested_refusal, self_attention_rows
 from .normalization import LayerNorm, autocast_fp32
 
@@ -497,6 +497,10 @@ class TransformerEncoder(nn.TransformerEncoder):
                 or first.training or src.dim() != 3 or src_key_padding_mask is None or mask is not None
                 or src.is_nested or torch.is_autocast_enabled()):
             return False
+        want = tuple(src.shape[:2]) if first.self_attn.batch_first else (src.shape[1], src.shape[0])
+        if tuple(src_key_padding_mask.shape) != want:  # (torch: "Mask size should match input size")
+            raise ShapeMismatch(f"TransformerEncoder: src_key_padding_mask has shape "
+                                f"{tuple(src_key_padding_mask.shape)}, expected {want} (batch, sequence)")
         if getattr(self, "mask_check", True):
             if torch.compiler.is_compiling():
                 return False

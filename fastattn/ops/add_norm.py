@@ -380,6 +380,11 @@ def _check_tensor(name: str, t, x: Tensor, shape, dtypes) -> None:
 def _validate(x, residual, weight, bias, eps) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested or getattr(residual, "is_nested", False):
+        for name, t in (("x", x), ("residual", residual)):
+            if getattr(t, "is_nested", False) and t.layout == torch.strided:  # (jagged ones run on the reference)
+                raise TypeError(f"{name}: a NestedTensor of torch.strided layout is not supported (one of "
+                                f"layout=torch.jagged is, or a padded tensor)")
     if x.dtype not in _FLOATS + (torch.float64,):
         raise TypeError(f"x: dtype {x.dtype} is not supported (float16, bfloat16, float32, float64)")
     if x.dim() == 0 or x.shape[-1] == 0:
