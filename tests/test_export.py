@@ -9,14 +9,22 @@ from torch.export import Dim, export
 import fastattn
 import fastattn.nn as fnn
 from fastattn.models import BERT, GPT, BERTConfig, GPTConfig, Seq2Seq, Seq2SeqConfig
+from conftest import HAS_GPU, assert_bounded
 
 E, H, V = 16, 4, 50
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")]
+# cpu always; cuda (the programs run the GPU's kernels: Triton, CUDA C++) marked gpu, skipped without one
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
+
+
+def _to(args, device):
+    return tuple(a if a is None else a.to(device) for a in args)
 
 
 class SelfAttention(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, e=E, h=H):
         super().__init__()
-        self.mha = fnn.MultiheadAttention(E, H, batch_first=True)
+        self.mha = fnn.MultiheadAttention(e, h, batch_first=True)
 
     def forward(self, x, pad):
         return self.mha(x, x, x, key_padding_mask=pad, need_weights=False)[0]
@@ -59,17 +67,44 @@ def _logits(out):
     return out.logits if hasattr(out, "logits") else out
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_export_with_dynamic_batch_and_sequence(case):
+def test_export_with_dynamic_batch_and_sequence(case, device):
     make, inputs, dynamic = CASES[case]
     torch.manual_seed(0)
-    m = make().eval()
+    m = make().eval().to(device)
     b, s = Dim("b", min=1, max=16), Dim("s", min=3, max=32)
     shapes = tuple({0: b, 1: s} if d else None for d in dynamic)
-    program = export(m, inputs(2, 5), dynamic_shapes=shapes)
+    program = export(m, _to(inputs(2, 5), device), dynamic_shapes=shapes)
     for B, L in ((2, 5), (3, 17), (1, 32)):  # past the decode route's 16 queries: one program for every size
-        args = inputs(B, L)
-        torch.testing.assert_close(_logits(program.module()(*args)), _logits(m(*args)), rtol=1e-5, atol=1e-5)
+        args = _to(inputs(B, L), device)
+        got = _logits(program.module()(*args))
+        assert got.device.type == device
+        torch.testing.assert_close(got, _logits(m(*args)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_export_runs_each_gpu_backend(backend):
+    """A bf16 MultiheadAttention of head dim 32 (one the CUDA C++ kernel takes) with a key padding mask, exported with
+    dynamic sizes and run under the backend forced (the custom op reads it when the program runs; a kernel that
+    cannot run raises): within 2x the eager module's own bf16 error (same backend) of the float64 CPU result."""
+    torch.manual_seed(0)
+    m = SelfAttention(64, 2).eval()
+    ref = copy.deepcopy(m).double()
+    m = m.to("cuda", torch.bfloat16)
+    b, s = Dim("b", min=1, max=16), Dim("s", min=3, max=64)
+    program = export(m, _to((torch.randn(2, 5, 64).bfloat16(), _pad(2, 5)), "cuda"),
+                     dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}))
+    for B, L in ((2, 5), (3, 40)):
+        x, pad = torch.randn(B, L, 64), _pad(B, L)
+        args = _to((x.bfloat16(), pad), "cuda")
+        with fastattn.backend(backend), torch.no_grad():
+            got, eager = program.module()(*args), m(*args)
+        with torch.no_grad():
+            want = ref(x.double(), pad)
+        assert_bounded(f"{backend} B={B} L={L}", got.cpu(), want, eager.cpu(), torch.bfloat16)
 
 
 class _WideNorms(torch.nn.Module):
@@ -85,13 +120,16 @@ class _WideNorms(torch.nn.Module):
         return fastattn.linear_cross_entropy((y + s).flatten(0, 1), self.head.weight, t.flatten())
 
 
-def test_export_shape_rules_keep_dynamic_dims():
+@pytest.mark.parametrize("device", DEVICES)
+def test_export_shape_rules_keep_dynamic_dims(device):
+    """(On the GPU: its own rules, the add+norm kernel's choice by size among them, must not guard either.)"""
     torch.manual_seed(0)
-    m = _WideNorms()
+    m = _WideNorms().to(device)
     b = Dim("b")  # (unbounded: a size test on it would have to guard)
-    program = export(m, (torch.randn(2, 5, 128), torch.randint(0, 30, (2, 5))), dynamic_shapes=({0: b}, {0: b}))
+    program = export(m, _to((torch.randn(2, 5, 128), torch.randint(0, 30, (2, 5))), device),
+                     dynamic_shapes=({0: b}, {0: b}))
     for B in (1, 3, 40):
-        x, t = torch.randn(B, 5, 128), torch.randint(0, 30, (B, 5))
+        x, t = _to((torch.randn(B, 5, 128), torch.randint(0, 30, (B, 5))), device)
         torch.testing.assert_close(program.module()(x, t), m(x, t))
 
 
@@ -142,13 +180,16 @@ def _grads(m):
     return {n: p.grad for n, p in m.named_parameters()}
 
 
-def _check_exported_training(m, x, strict, loss=lambda y: y.pow(2).sum()):
+def _check_exported_training(m, x, strict, loss=lambda y: y.pow(2).sum(), device="cpu"):
     """The exported program of m computes m's output and, through backward, m's parameter gradients (eager
-    fastattn's, every one present)."""
+    fastattn's, every one present). On the GPU (m and x moved there) the outputs to float32 rounding, not bit for
+    bit: eager and the program may reach cuBLAS for the projections through different calls."""
+    m, x = m.to(device), x.to(device)
     exported = copy.deepcopy(m)
     gm = export(exported, (x,), strict=strict).module()
     y = gm(x)
-    torch.testing.assert_close(y, m(x), rtol=0, atol=0)
+    assert y.device.type == device
+    torch.testing.assert_close(y, m(x), **(dict(rtol=0, atol=0) if device == "cpu" else {}))
     loss(y).backward()
     loss(m(x)).backward()
     got, want = _grads(gm), _grads(m)
@@ -164,9 +205,10 @@ def test_exported_program_trains_like_eager_linear_layernorm(strict):
     _check_exported_training(m, _x(3, 5), strict)
 
 
-def test_exported_program_trains_like_eager_mha_and_encoder_layer():
+@pytest.mark.parametrize("device", DEVICES)
+def test_exported_program_trains_like_eager_mha_and_encoder_layer(device):
     torch.manual_seed(0)
-    _check_exported_training(fastattn.convert(_NormAttention()), _x(2, 5), strict=False)
+    _check_exported_training(fastattn.convert(_NormAttention()), _x(2, 5), strict=False, device=device)
 
 
 def test_strict_exported_program_trains_like_eager_mha():
@@ -176,10 +218,11 @@ def test_strict_exported_program_trains_like_eager_mha():
     _check_exported_training(fastattn.convert(_NormAttention()), _x(2, 5), strict=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strict", [False, True])
-def test_exported_program_trains_like_eager_attention_op(strict):
+def test_exported_program_trains_like_eager_attention_op(strict, device):
     torch.manual_seed(0)
-    _check_exported_training(_ProjectedSDPA(), _x(2, 5), strict)
+    _check_exported_training(_ProjectedSDPA(), _x(2, 5), strict, device=device)
 
 
 class _MHAWeights(torch.nn.Module):

@@ -10,6 +10,14 @@ import torch.nn.functional as F
 from torch.func import hessian, jacfwd, jacrev, jvp
 
 import fastattn
+from conftest import HAS_GPU
+
+# cpu always; cuda (the ops' forward-AD route with CUDA tensors: their dispatch, then the reference's torch ops on the
+# GPU) marked gpu, skipped without one. The expected tangents stay the CPU float64 ones.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")])]
+# On the GPU: float64 (to the CPU's rounding) and float32, the dtype its kernels take (the tolerance: a few float32
+# rounding steps of these O(1) outputs and tangents, as torch.testing's float32 default but for the longer sums).
+GPU_DTYPES = {torch.float64: {}, torch.float32: dict(atol=1e-5, rtol=1e-5)}
 
 
 def randn(*shape, seed=0, dtype=torch.float64):
@@ -32,14 +40,18 @@ def _dual_tangent(f, primals, tangents):
         return fwAD.unpack_dual(out).tangent
 
 
-def _check(f, ref, *primals, atol=None, rtol=None):
+def _check(f, ref, *primals, atol=None, rtol=None, device="cpu", dtype=None):
+    """f's jvp (torch.func's, and the dual tensors') against ref's on the CPU primals; f runs on the primals and
+    tangents moved to ``device`` (and ``dtype``), its results compared back on the CPU in ref's dtype."""
     tangents = tuple(randn(*p.shape, seed=10 + i, dtype=p.dtype) for i, p in enumerate(primals))
-    (out, want), (got_out, got) = jvp(ref, primals, tangents), jvp(f, primals, tangents)
-    torch.testing.assert_close(got_out, out, atol=atol, rtol=rtol)
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    out, want = jvp(ref, primals, tangents)
+    primals, tangents = ([t.to(device, dtype or t.dtype) for t in ts] for ts in (primals, tangents))
+    got_out, got = jvp(f, tuple(primals), tuple(tangents))
     dual = _dual_tangent(f, primals, tangents)
     assert dual is not None  # (was None: the tangent dropped)
-    torch.testing.assert_close(dual, want, atol=atol, rtol=rtol)
+    assert got_out.device == got.device == dual.device == primals[0].device
+    for a, b in ((got_out, out), (got, want), (dual, want)):
+        torch.testing.assert_close(a.to("cpu", b.dtype), b, atol=atol, rtol=rtol)
 
 
 MASK = torch.rand(6, 6, generator=torch.Generator().manual_seed(3)) > 0.4
@@ -48,7 +60,7 @@ ATTENTION = {
     "plain": (lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v), _attention_math),
     "causal": (lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, is_causal=True),
                lambda q, k, v: _attention_math(q, k, v, causal=True)),
-    "mask": (lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=MASK),
+    "mask": (lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=MASK.to(q.device)),
              lambda q, k, v: _attention_math(q, k, v, mask=MASK)),
     "gqa": (lambda q, k, v: fastattn.attention(q, k[:, :1], v[:, :1]),
             lambda q, k, v: _attention_math(q, k[:, :1], v[:, :1])),
@@ -61,8 +73,25 @@ def test_attention(case):
     _check(f, ref, randn(2, 3, 6, 8), randn(2, 3, 6, 8, seed=1), randn(2, 3, 6, 8, seed=2))
 
 
+def _on_gpu(check):
+    """check(device="cuda", dtype=..., tolerances) for each of GPU_DTYPES."""
+    for dtype, tol in GPU_DTYPES.items():
+        check(device="cuda", dtype=dtype, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("case", list(ATTENTION))
+def test_attention_cuda(case):
+    """test_attention with CUDA tensors (float64 and float32): the CPU float64 tangents."""
+    f, ref = ATTENTION[case]
+    primals = randn(2, 3, 6, 8), randn(2, 3, 6, 8, seed=1), randn(2, 3, 6, 8, seed=2)
+    _on_gpu(lambda **kw: _check(f, ref, *primals, **kw))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("prenorm", [False, True])
-def test_add_norms(prenorm):
+def test_add_norms(prenorm, device):
     x, r, w, b = randn(4, 16), randn(4, 16, seed=1), randn(16, seed=2), randn(16, seed=3)
 
     def ln_ref(x, r, w, b):
@@ -73,16 +102,21 @@ def test_add_norms(prenorm):
         out = fastattn.add_layer_norm(x, r, w, b, prenorm=prenorm)
         return torch.cat(out) if prenorm else out
 
-    _check(ln, ln_ref, x, r, w, b)
-    _check(lambda x, w: fastattn.add_rms_norm(x, None, w),
-           lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w, x, w)
+    def check(**kw):
+        _check(ln, ln_ref, x, r, w, b, **kw)
+        _check(lambda x, w: fastattn.add_rms_norm(x, None, w),
+               lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w, x, w, **kw)
+
+    check() if device == "cpu" else _on_gpu(check)
 
 
-def test_frozen_float32_layer_norm_keeps_the_tangent():
-    """fastattn.nn.LayerNorm with no parameter requiring grad, on a dual input: the kernel path used to drop it."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_float32_layer_norm_keeps_the_tangent(device):
+    """fastattn.nn.LayerNorm with no parameter requiring grad, on a dual input: the kernel path used to drop it (on
+    the GPU: against torch's LayerNorm on the CPU, both float32)."""
     torch.manual_seed(0)
     ours, theirs = fastattn.nn.LayerNorm(16).requires_grad_(False), torch.nn.LayerNorm(16)
-    _check(ours, theirs, randn(5, 16, dtype=torch.float32))
+    _check(ours.to(device), theirs, randn(5, 16, dtype=torch.float32), device=device)
 
 
 def test_linear_cross_entropy():
@@ -122,13 +156,15 @@ def test_multihead_attention_against_finite_differences():
     torch.testing.assert_close(tangent, fd, atol=1e-7, rtol=1e-6)
 
 
-def test_jacfwd_and_hessian_of_attention_and_layer_norm():
-    """jacfwd (vmap over jvp) and hessian (jacfwd over jacrev) of a block: attention, then add + LayerNorm."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_jacfwd_and_hessian_of_attention_and_layer_norm(device):
+    """jacfwd (vmap over jvp) and hessian (jacfwd over jacrev) of a block: attention, then add + LayerNorm (on the
+    GPU, float64: against the CPU's)."""
     w, b = randn(8, seed=5), randn(8, seed=6)
 
     def block(x, attend, add_norm):
         q = x.view(1, 1, 4, 8)
-        return add_norm(attend(q, q, q).view(4, 8), x, w, b).sum(-1).square().sum()
+        return add_norm(attend(q, q, q).view(4, 8), x, w.to(x.device), b.to(x.device)).sum(-1).square().sum()
 
     def ours(x):
         return block(x, lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, is_causal=True),
@@ -139,5 +175,5 @@ def test_jacfwd_and_hessian_of_attention_and_layer_norm():
                      lambda x, r, w, b: F.layer_norm(x + r, (8,), w, b))
 
     x = randn(4, 8)
-    torch.testing.assert_close(jacfwd(ours)(x), jacrev(ref)(x))
-    torch.testing.assert_close(hessian(ours)(x), hessian(ref)(x))
+    torch.testing.assert_close(jacfwd(ours)(x.to(device)).cpu(), jacrev(ref)(x))
+    torch.testing.assert_close(hessian(ours)(x.to(device)).cpu(), hessian(ref)(x))

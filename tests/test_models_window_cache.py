@@ -4,12 +4,15 @@ the window gives the tokens of the whole-cache path (forced here by bounded_slot
 greedy loop over full forwards: Mistral-style (every layer windowed) and Gemma-2-style (alternating) tiny models,
 left-padded prompts of different lengths (one longer than the bounded cache), greedy, sampling, beams, speculative
 decoding (prompt lookup, an assistant), streaming, the modules' decode_one and the bound step."""
+import copy
+
 import pytest
 import torch
 
 from fastattn.models import GPT, GPTConfig, generation
 from fastattn.models.decode_step import DecodeStep
 from fastattn.models.generation import CacheMixin, bounded_slots
+from conftest import HAS_GPU
 
 VOCAB, W = 53, 5
 SMALL = dict(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, d_ff=48, max_seq_len=256, pos="rotary",
@@ -213,3 +216,71 @@ def test_shift_keeps_the_window_and_refuses_a_lost_one():
     with pytest.raises(RuntimeError, match="bounded window cache"):
         m.make_room(m.window_offset, m.window_offset)
     assert CacheMixin.window_slots == 0  # (a class default: the model without bounded caches)
+
+
+# ---- on the GPU: a float32 copy of the model, its steps on the GPU's kernels (Triton attention with a window) ----
+def _greedy_far_from_ties(m, ids, mask, n):
+    """The float64 model m's n greedy tokens (the CPU), having checked that float32 cannot change one: along their
+    path each chosen logit leads the next by over 20x the largest error of a float32 copy's logits there (so a float32
+    run elsewhere, within a few times that error, picks the same tokens)."""
+    out = m.generate(ids, n, temperature=0, attention_mask=mask, eos_token_id=None)
+    keep = torch.cat([mask.bool(), torch.ones(len(ids), n, dtype=torch.bool)], 1)[:, :-1]
+    L = ids.shape[1]
+    with torch.no_grad():
+        logits = m(out[:, :-1], attention_mask=keep).logits[:, L - 1:]
+        err = (copy.deepcopy(m).float()(out[:, :-1], attention_mask=keep).logits[:, L - 1:] - logits).abs().max()
+    assert torch.equal(logits.argmax(-1), out[:, L:])
+    top2 = logits.topk(2, -1).values
+    assert (top2[..., 0] - top2[..., 1]).min() > 20 * err
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cuda_greedy_and_speculative(variant, monkeypatch):
+    """A float32 copy on the GPU, bounded caches there: greedy far past the window, then speculative (prompt lookup,
+    an assistant also on the GPU) greedy: the float64 model's tokens on the CPU (no float32 near-tie on their path)
+    and the whole cache's; the windowed caches bounded, on the GPU."""
+    m64 = _model(variant)
+    ids, mask = _prompts()
+    want = _greedy_far_from_ties(m64, ids, mask, 60)
+    m = copy.deepcopy(m64).float().cuda()
+    kw = dict(temperature=0, attention_mask=mask.cuda(), eos_token_id=None)
+    ids = ids.cuda()
+    out = m.generate(ids, 60, **kw)
+    _check_bounded(m)
+    assert m.window_offset > 40 and all(b.attn.cache.k.is_cuda for b in m.blocks)
+    assert out.is_cuda and torch.equal(out.cpu(), want)
+    assert torch.equal(_whole(monkeypatch, m, ids, 60, **kw).cpu(), want)
+    for draft, make in DRAFTS.items():
+        spec = make(variant)
+        if "assistant_model" in spec:
+            spec["assistant_model"] = spec["assistant_model"].float().cuda()
+        assert torch.equal(m.generate(ids, 60, **kw, **spec).cpu(), want), draft
+        assert 0 < m.speculation_stats.accepted < m.speculation_stats.drafted, (draft, m.speculation_stats)
+        _check_bounded(m, 2 * (3 + 2))
+        assert m.window_offset > 40
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+def test_cuda_beams(monkeypatch):
+    """Beam search on the GPU (float32; the beams' caches reordered in bounded caches there): the whole cache's
+    hypotheses on the GPU, and the float64 model's on the CPU; the scores to float32 rounding of the float64 ones
+    (the hypotheses compared without a check for near-ties: the greedy paths' margins above make them unlikely)."""
+    m64 = _model("gemma2-alternating")
+    ids, mask = _prompts()
+    kw = dict(temperature=0, eos_token_id=None, num_beams=3, num_return_sequences=2)
+    want = m64.generate(ids, 40, attention_mask=mask, **kw)
+    want_scores = m64.beam_scores
+    m = copy.deepcopy(m64).float().cuda()
+    ids, kw["attention_mask"] = ids.cuda(), mask.cuda()
+    out = m.generate(ids, 40, **kw)
+    _check_bounded(m)
+    scores = m.beam_scores
+    assert torch.equal(out.cpu(), want)
+    # (float32 logits off by about 5e-5 here: each log-probability by about twice that, their length-normalized sum too)
+    torch.testing.assert_close(scores.cpu(), want_scores, rtol=0, atol=2e-4)
+    assert torch.equal(_whole(monkeypatch, m, ids, 40, **kw), out)
+    torch.testing.assert_close(m.beam_scores, scores, rtol=1e-5, atol=1e-5)
