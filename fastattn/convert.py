@@ -123,8 +123,9 @@ def _activation(fn):
 
 def _layer_kwargs(layer: nn.Module) -> dict:
     for name in ("self_attn", "multihead_attn"):  # (a subclass's forward may differ; torch's fast path skips it)
-        if hasattr(layer, name) and type(getattr(layer, name)) is not nn.MultiheadAttention:
-            raise _CannotSwap(f"its {name} is a {type(getattr(layer, name)).__name__}, not nn.MultiheadAttention")
+        cls = type(getattr(layer, name, None))
+        if hasattr(layer, name) and cls not in (nn.MultiheadAttention, fnn.MultiheadAttention):
+            raise _CannotSwap(f"its {name} is a {cls.__module__}.{cls.__qualname__}, not nn.MultiheadAttention")
     try:
         return dict(d_model=layer.linear1.in_features, nhead=layer.self_attn.num_heads,
                     dim_feedforward=layer.linear1.out_features, dropout=layer.dropout.p,

@@ -376,16 +376,19 @@ def test_layer_parts_of_other_classes_are_kept():
     custom_attn.self_attn = MyMHA(D, H, batch_first=True)
     bare = nn.TransformerEncoderLayer(D, H, 24, dropout=0.0, batch_first=True)
     bare.self_attn = Bare()
+    ours_attn = nn.TransformerEncoderLayer(D, H, 24, dropout=0.0, batch_first=True)  # (a part-by-part convert's)
+    ours_attn.self_attn = fastattn.convert(ours_attn.self_attn)
     x = torch.randn(2, 5, D)
     # (torch's own layer runs Bare in training only: its inference checks read self_attn.batch_first)
     for model, kept_layer, modes in ((qat, False, (True, False)), (sub, False, (True, False)),
-                                     (custom_attn, True, (True, False)), (bare, True, (True,))):
+                                     (custom_attn, True, (True, False)), (bare, True, (True,)),
+                                     (ours_attn, False, (True, False))):
         ref = copy.deepcopy(model)
         new = fastattn.convert(model)
         layer, ref_layer = (new.layers[0], ref.layers[0]) if isinstance(new, nn.TransformerEncoder) else (new, ref)
         assert (type(layer) is nn.TransformerEncoderLayer) == kept_layer
         assert type(layer.linear2) is type(ref_layer.linear2)
-        assert type(layer.self_attn) is type(ref_layer.self_attn) or not kept_layer
+        assert type(layer.self_attn) is (type(ref_layer.self_attn) if kept_layer else fnn.MultiheadAttention)
         for train in modes:
             ref.train(train), new.train(train)
             with torch.set_grad_enabled(train):

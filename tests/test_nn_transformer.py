@@ -659,14 +659,17 @@ def test_layer_norm_inside_torchs_nested_path():
     g = torch.Generator().manual_seed(14)
     enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(D, NHEAD, FF, 0.0, batch_first=True), 2).eval()
     ours = copy.deepcopy(enc)
+    calls = []
     for layer in ours.layers:
         layer.norm1, layer.norm2 = (fnn.LayerNorm(D) for _ in range(2))
-        layer.norm1.load_state_dict(enc.layers[0].norm1.state_dict())
+        layer.norm1.register_forward_pre_hook(lambda m, args: calls.append(args[0].is_nested))
+        layer.linear1.register_forward_hook(lambda m, args, out: None)  # (the layers' own fast path would skip norms)
     ours.load_state_dict(enc.state_dict())
     x, kpm = torch.randn(2, 5, D, generator=g), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
     with torch.no_grad():
         torch.testing.assert_close(ours(x, src_key_padding_mask=kpm), enc(x, src_key_padding_mask=kpm),
                                    atol=1e-5, rtol=1e-5)
+    assert calls == [True, True]  # each layer's norm1 took the encoder's NestedTensor
     nt = _nested(g)
     _equal_nested(torch.nn.LayerNorm(D)(nt), fnn.LayerNorm(D)(nt))
     with pytest.raises(TypeError, match="x: a NestedTensor of torch.strided layout"):
