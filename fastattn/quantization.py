@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import hugepages
+from .backends import log
 from .nn.quantized import MODES, Int8Linear, QATLinear, reads_linear_weights
 
 _PRODUCERS = (nn.LayerNorm, nn.RMSNorm, nn.Linear)
@@ -36,7 +37,17 @@ def _skip_patterns(skip) -> Sequence[str]:
 
 
 def _skipped(name: str, skip: Sequence[str]) -> bool:
-    return any(name == s or fnmatch.fnmatch(name, s) for s in skip)
+    """Whether module ``name`` or a module it is inside matches a pattern (a skipped module is left whole, as in
+    fastattn.convert)."""
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), s) for s in skip for i in range(1, len(parts) + 1))
+
+
+def _warn_unmatched(what: str, model: nn.Module, skip: Sequence[str]) -> None:
+    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+    for s in skip:
+        if not any(fnmatch.fnmatchcase(n, s) for n in names):
+            log.warning("fastattn.%s: skip entry %r matched no module", what, s)
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -95,9 +106,15 @@ def _calibrate(model, linears: Dict[str, nn.Linear], calib_data: Iterable):
         return hook
 
     def in_hook(name):
-        def hook(mod, inp):
-            x = inp[0]
+        def hook(mod, args, kwargs):
+            x = args[0] if args else kwargs.get("input")  # (nn.Linear's argument, by keyword too)
+            if not isinstance(x, torch.Tensor) or x.numel() == 0:  # (an empty batch: nothing to measure)
+                return
             m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
+            if not bool(torch.isfinite(m).all()):
+                which = repr(name) if name else "the model"
+                raise ValueError(f"calib_data: batch {len(batches)} gives {which} (an nn.Linear) inf or NaN inputs: "
+                                 f"calibration needs finite activations (they would make its scales inf or NaN)")
             act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m)
             src = outputs.get(id(x), (None,))[0]
             producer[name] = src if producer.get(name, src) == src else None  # must agree across batches
@@ -107,7 +124,7 @@ def _calibrate(model, linears: Dict[str, nn.Linear], calib_data: Iterable):
         if isinstance(mod, _PRODUCERS):
             hooks.append(mod.register_forward_hook(out_hook(name)))
         if name in linears:
-            hooks.append(mod.register_forward_pre_hook(in_hook(name)))
+            hooks.append(mod.register_forward_pre_hook(in_hook(name), with_kwargs=True))
     batches = []
     try:
         for batch in calib_data:
@@ -183,8 +200,9 @@ def _check_float_weights(named) -> None:
 @torch.no_grad()
 def quantize(model: nn.Module, calib_data: Optional[Iterable] = None, smoothquant_alpha: float = 0.5,
              mode: str = "w8a8", skip: Sequence[str] = ()) -> nn.Module:
-    """Replace every nn.Linear of model (in place; names matching a ``skip`` pattern, one string or a sequence of
-    fnmatch patterns, stay float) by an Int8Linear. A Linear registered at several places is replaced at each by
+    """Replace every nn.Linear of model (in place; a module whose name matches a ``skip`` pattern, one string or a
+    sequence of fnmatch patterns, stays float with everything inside it; a pattern that matches nothing is logged)
+    by an Int8Linear. A Linear registered at several places is replaced at each by
     one Int8Linear; the Linears torch's TransformerEncoderLayer reads directly (its fast path) stay float.
 
     calib_data: an iterable of model inputs (a tensor, a tuple of args or a dict of kwargs), run once in eval mode.
@@ -197,9 +215,14 @@ def quantize(model: nn.Module, calib_data: Optional[Iterable] = None, smoothquan
     if smoothquant_alpha is not None and not 0.0 <= smoothquant_alpha <= 1.0:
         raise ValueError(f"smoothquant_alpha: expected a float in [0, 1] (or None), got {smoothquant_alpha!r}")
     skip = _skip_patterns(skip)
+    _warn_unmatched("quantize", model, skip)
     aliases, keep = _aliases(model), _fast_path_linears(model)
     linears = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, QATLinear) and id(m) not in keep
                and not any(_skipped(a, skip) for a in aliases[id(m)])}
+    done = {m.mode for m in model.modules() if isinstance(m, Int8Linear)}
+    if not linears and done:
+        log.warning("fastattn.quantize: nothing to quantize: the model's Linears are Int8Linear already (%s); "
+                    "quantize the float model for another mode or new calibration", ", ".join(sorted(done)))
     _check_float_weights(linears.items())
     smooth: Dict[str, torch.Tensor] = {}
     input_scale: Dict[str, float] = {}
@@ -317,10 +340,12 @@ def apply_int8_layout(model: nn.Module, layout: Dict[str, dict]) -> nn.Module:
 
 
 def prepare_qat(model: nn.Module, skip: Sequence[str] = ()) -> nn.Module:
-    """Swap every nn.Linear (not matching ``skip``) for a QATLinear sharing its parameters, in place (at every place
-    a shared Linear is registered). Returns the model (the QATLinear when model itself is an nn.Linear)."""
+    """Swap every nn.Linear (not in a module matching ``skip``, as quantize's) for a QATLinear sharing its
+    parameters, in place (at every place a shared Linear is registered). Returns the model (the QATLinear when model
+    itself is an nn.Linear)."""
     _check_model(model)
     skip, aliases = _skip_patterns(skip), _aliases(model)
+    _warn_unmatched("prepare_qat", model, skip)
     new = {id(m): QATLinear.from_linear(m) for _, m in model.named_modules()
            if type(m) is nn.Linear and not any(_skipped(a, skip) for a in aliases[id(m)])}
     return _replace(model, new)

@@ -1,5 +1,7 @@
 """INT8 matmul and quantization on every backend: exact int32 accumulators, epilogue within float tolerance,
 quantization bit-exact with the reference; Int8Linear within its quantization-step bound; SmoothQuant; QAT."""
+import copy
+import logging
 import os
 
 import pytest
@@ -485,6 +487,66 @@ def test_quantize_skip_as_one_string():
     assert type(m[0]) is fastattn.nn.quantized.QATLinear and type(m[1]) is nn.Linear
 
 
+def test_skip_keeps_a_module_whole_and_logs_unmatched_patterns(caplog):
+    """A skipped module keeps every Linear inside it float (quantize, prepare_qat; as convert's skip), and a pattern
+    that matches no module is logged (before: only the Linears' own names were matched, so skip="decoder"
+    quantized the whole decoder silently)."""
+    def model():
+        return nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4))), nn.Linear(4, 4))
+    for fn, cls in ((fastattn.quantize, Int8Linear), (fastattn.prepare_qat, fastattn.nn.quantized.QATLinear)):
+        m = fn(model(), skip="0")
+        assert type(m[0][0]) is nn.Linear and type(m[0][1][0]) is nn.Linear and type(m[1]) is cls
+        m = fn(model(), skip="0.1")
+        assert type(m[0][0]) is cls and type(m[0][1][0]) is nn.Linear
+        with caplog.at_level(logging.WARNING, logger="fastattn"):
+            caplog.clear()
+            fn(model(), skip=("no_such_layer", "0.*"))
+        assert [r.getMessage() for r in caplog.records] == [
+            f"fastattn.{fn.__name__}: skip entry 'no_such_layer' matched no module"]
+
+
+def test_calibration_inputs_nonfinite_empty_or_by_keyword(caplog):
+    """Calibration: an inf / NaN activation is refused naming the Linear and the batch (it made every scale and,
+    through SmoothQuant, every weight NaN, silently); an empty batch is passed over; a Linear called with input=...
+    is measured. Int8Linear and QATLinear take nn.Linear's keyword. Quantizing an int8 model again is logged (it
+    changes nothing)."""
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(input=self.norm(x))
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 8)
+    bad = x.clone()
+    bad[2, 3] = float("inf")
+    for mode, alpha in (("w8a8", 0.5), ("w8a8_static", None)):
+        with pytest.raises(ValueError, match="calib_data: batch 1 gives 'fc' .* inf or NaN"):
+            fastattn.quantize(Keyword(), [x, bad * float("nan")], mode=mode, smoothquant_alpha=alpha)
+    m = Keyword()
+    want = m(x)
+    q = fastattn.quantize(copy.deepcopy(m), [x, x[:0]], mode="w8a8_static")
+    assert isinstance(q.fc, Int8Linear) and q.fc.input_scale.item() > 0
+    assert (q(x) - want).abs().max() < 0.05 * want.abs().max()
+    assert (fastattn.prepare_qat(copy.deepcopy(m))(x) - want).abs().max() < 0.05 * want.abs().max()
+    with caplog.at_level(logging.WARNING, logger="fastattn"):
+        fastattn.quantize(q, [x], mode="w8a16")
+    assert "nothing to quantize: the model's Linears are Int8Linear already (w8a8_static)" in caplog.text
+
+
+def test_float_state_dict_into_int8_refused():
+    """A float checkpoint loaded into an Int8Linear (strict=False too) is refused by name: the copy truncated the
+    float weight into the int8 buffer (zeros)."""
+    lin = nn.Linear(8, 4)
+    q = fastattn.quantize(copy.deepcopy(lin))
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="weight: a float weight .* for an Int8Linear"):
+            q.load_state_dict(lin.state_dict(), strict=strict)
+    q.load_state_dict(fastattn.quantize(copy.deepcopy(lin)).state_dict())
+
+
 def test_quantize_calibration_errors_are_clear_and_change_nothing():
     """No calibration batch (an empty list, a generator used up) and, for w8a8_static, a Linear the calibration
     never reached: a ValueError naming it, before the model is changed (it failed half-converted, unnamed)."""
@@ -584,7 +646,7 @@ def test_int8linear_from_float_on_meta():
     (lambda: fastattn.quantize_per_token(torch.zeros(4, 8), torch.ones(7)), "smooth", ValueError),
     (lambda: fastattn.quantize_per_channel(torch.zeros(2, 4, 8)), "w:", ValueError),
     (lambda: Int8Linear(4, 4, mode="int4"), "mode", ValueError),
-    (lambda: Int8Linear(4, 4)(torch.zeros(2, 4, dtype=torch.int32)), "x: expected", TypeError),
+    (lambda: Int8Linear(4, 4)(torch.zeros(2, 4, dtype=torch.int32)), "input: expected", TypeError),
     (lambda: Int8Linear(4, 4)(torch.zeros(2, 5)), "in_features", ValueError),
     (lambda: Int8Linear.from_float(nn.Conv1d(4, 4, 1)), "linear: expected a torch.nn.Linear", TypeError),
     (lambda: fastattn.quantize("model"), "model: expected a torch.nn.Module", TypeError),
@@ -597,7 +659,7 @@ def test_int8linear_from_float_on_meta():
      TypeError),
     (lambda: fastattn.w8a16_matmul(torch.tensor(1.0), torch.zeros(3, 4, dtype=torch.int8), torch.ones(3)), "x: shape",
      ValueError),
-    (lambda: Int8Linear(4, 4)(torch.tensor(1.0)), "x: shape", ValueError),
+    (lambda: Int8Linear(4, 4)(torch.tensor(1.0)), "input: shape", ValueError),
     (lambda: fastattn.convert_qat(fastattn.prepare_qat(nn.Sequential(nn.Linear(4, 4))), "w8a8_static"), "mode:",
      ValueError),
     (lambda: fastattn.quantize(nn.Sequential(nn.Linear(4, 4)), skip=[3]), "skip:", TypeError),

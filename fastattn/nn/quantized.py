@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..ops.int8 import (X_DTYPES, dequantized_input_grad, mm_rows, quantize_per_channel, quantize_per_token,
                         quantize_rows, w8a16_kernel, w8a16_rows)
-from ..ops.batching import forward_ad_active
+from ..ops.batching import forward_ad_active, is_transformed
 from ._fx import fx_leaf
 
 MODES = ("w8a8", "w8a8_static", "w8a16")
@@ -93,19 +93,35 @@ class Int8Linear(nn.Module):
         return m
 
     @fx_leaf
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # (nn.Linear's name: callers may pass it by keyword)
+        x = input
         if not isinstance(x, Tensor) or x.dtype not in X_DTYPES:
-            raise TypeError(f"x: expected a tensor of {X_DTYPES}, got {getattr(x, 'dtype', type(x).__name__)}")
+            raise TypeError(f"input: expected a tensor of {X_DTYPES}, got {getattr(x, 'dtype', type(x).__name__)}")
         if not x.dim() or x.shape[-1] != self.in_features:
-            raise ValueError(f"x: shape {tuple(x.shape)}, expected (..., in_features={self.in_features})")
+            raise ValueError(f"input: shape {tuple(x.shape)}, expected (..., in_features={self.in_features})")
         if x.device != self.weight.device:
-            raise ValueError(f"x: on {x.device}, but the layer's weight is on {self.weight.device}")
+            raise ValueError(f"input: on {x.device}, but the layer's weight is on {self.weight.device}")
         flat = x.dim() == 2  # no reshape / view either way (~0.7 us of host time each)
         x2 = (x if flat else x.reshape(-1, self.in_features)).contiguous()
-        out = _InputGrad.apply(x2, self) if x.requires_grad and torch.is_grad_enabled() else self._rows(x2)
-        if forward_ad_active() and self.mode != "w8a16":  # (w8a16: its reference carries the tangent)
-            out = out + self._tangent_path(x2)
+        if is_transformed(x2) or (forward_ad_active() and self.mode != "w8a16"):
+            # torch.func (grad, jacrev, vmap, jvp) and forward AD: the kernels' value, x's gradient and tangent through
+            # the dequantized weight (w8a16 under forward AD alone: its reference carries the tangent)
+            out = self._rows(x2.detach()) + self._tangent_path(x2)
+        elif x.requires_grad and torch.is_grad_enabled():
+            out = _InputGrad.apply(x2, self)
+        else:
+            out = self._rows(x2)
         return out if flat else out.view(*x.shape[:-1], self.out_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        w = state_dict.get(prefix + "weight")
+        if isinstance(w, Tensor) and w.is_floating_point():  # (copy_ would truncate it into the int8 buffer: zeros)
+            error_msgs.append(f"{prefix}weight: a float weight ({w.dtype}) for an Int8Linear: load the float "
+                              f"checkpoint into the float model, then quantize it")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def dequantized_weight(self) -> Tensor:
         """The float32 (out_features, in_features) weight this layer computes with: the int8 weight times its
@@ -114,8 +130,8 @@ class Int8Linear(nn.Module):
         return w if self.smooth is None else w / self.smooth.to(torch.float32)
 
     def _tangent_path(self, x2: Tensor) -> Tensor:
-        """Zero, with the tangent that forward-mode AD gives x W^T through the dequantized weight (w8a8's rounding of x
-        passed straight through, as _InputGrad's gradient): the kernels drop an input's tangent."""
+        """Zero, with the gradient and tangent of x W^T through the dequantized weight (w8a8's rounding of x passed
+        straight through, as _InputGrad's gradient): what the kernels' value lacks under torch.func."""
         lin = F.linear(x2.float(), self.dequantized_weight())
         return (lin - lin.detach()).to(x2.dtype)
 
@@ -174,13 +190,18 @@ class _InputGrad(torch.autograd.Function):
         return (dx if layer.smooth is None else dx / layer.smooth.to(dy.dtype)), None
 
 
+def _rounded_rows(x: Tensor) -> Tensor:
+    """x with each row quantized to int8 (per token) and back."""
+    q, s = quantize_per_token(x)
+    return (q.to(torch.float32) * s[..., None]).to(x.dtype)
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Quantize-dequantize rows in the forward; pass the gradient straight through in the backward."""
 
     @staticmethod
     def forward(ctx, x):
-        q, s = quantize_per_token(x)
-        return (q.to(torch.float32) * s[..., None]).to(x.dtype)
+        return _rounded_rows(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -189,16 +210,21 @@ class _FakeQuantSTE(torch.autograd.Function):
 
 def fake_quantize_rows(x: Tensor) -> Tensor:
     """x with each row rounded to its int8 grid (per-token for activations, per-channel for weights); identity
-    gradient (straight-through estimator)."""
-    return _FakeQuantSTE.apply(x.float() if x.dtype == torch.float64 else x).to(x.dtype)
+    gradient (straight-through estimator). Under torch.func or forward AD the same as x + (rounded - x) with the
+    difference detached (the Function is eager autograd's shortcut)."""
+    xf = x.float() if x.dtype == torch.float64 else x
+    if is_transformed(xf) or forward_ad_active():
+        d = xf.detach()
+        return (xf + (_rounded_rows(d) - d)).to(x.dtype)
+    return _FakeQuantSTE.apply(xf).to(x.dtype)
 
 
 class QATLinear(nn.Linear):
     """nn.Linear that trains through int8 fake quantization of its weight (per channel) and input (per token)."""
 
     @fx_leaf
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(fake_quantize_rows(x), fake_quantize_rows(self.weight), self.bias)
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(fake_quantize_rows(input), fake_quantize_rows(self.weight), self.bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "QATLinear":

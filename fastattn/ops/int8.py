@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable, List, NamedTuple, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import Dispatcher, Impl, REFERENCE_DEVICES, compiled_has, compiled_op, triton_op
@@ -331,6 +332,10 @@ def w8a16_matmul(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] =
             raise ValueError(f"bias: expected a ({N},) tensor on {x.device}, got {got}")
         bias = bias.to(torch.float32).contiguous()
     x2, w = x.reshape(x.shape[:-1].numel(), K).contiguous(), w.contiguous()  # not -1: K may be 0
+    if is_transformed(x2, bias):  # torch.func: the kernel's value, the gradients of _W8A16Grad by torch ops
+        y = w8a16_rows(x2.detach(), w, w_scale, None if bias is None else bias.detach())
+        lin = F.linear(x2.float(), w.float() * w_scale[:, None], None if bias is None else bias.float())
+        return (y + (lin - lin.detach()).to(y.dtype)).reshape(*x.shape[:-1], N)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _W8A16Grad.apply(x2, w, w_scale, bias).reshape(*x.shape[:-1], N)
     return w8a16_rows(x2, w, w_scale, bias).reshape(*x.shape[:-1], N)
