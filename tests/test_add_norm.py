@@ -311,3 +311,30 @@ def test_cpu_layer_norm_module_small_rows_equals_torch():
         outs.append((y, xg.grad, m.weight.grad, m.bias.grad))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_weight_trains_on_inference_tensors_and_prenorm_s_follows_its_inputs():
+    """An input made under torch.inference_mode beside a weight that trains (cached features): the weight's gradient,
+    as torch's rms_norm gives it (before: "Inference tensors cannot be saved for backward"). With prenorm, s = x +
+    residual needs a gradient only when x or residual does, as torch's x + residual (it required one for a weight
+    alone, and torch.autograd.grad(s, weight) gave zeros where torch raises)."""
+    with torch.inference_mode():
+        x = torch.randn(3, 96)
+    w = torch.rand(96) + 0.5
+    grads = []
+    for f in (lambda x, w: torch.nn.functional.rms_norm(x, (96,), w, 1e-6),
+              lambda x, w: fastattn.add_rms_norm(x, None, w, 1e-6)):
+        wl = w.clone().requires_grad_()
+        f(x, wl).pow(2).sum().backward()
+        grads.append(wl.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+    r = torch.randn(3, 96)
+    xs = x.clone()
+    for fn in (fastattn.add_rms_norm, fastattn.add_layer_norm):
+        wl = w.clone().requires_grad_()
+        y, s = fn(xs, r, wl, prenorm=True)
+        assert y.requires_grad and not s.requires_grad
+        xl = xs.clone().requires_grad_()
+        y, s = fn(xl, r, wl, prenorm=True)
+        assert s.requires_grad
+        torch.testing.assert_close(torch.autograd.grad(s.sum(), xl)[0], torch.ones_like(xl))

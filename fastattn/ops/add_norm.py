@@ -198,9 +198,13 @@ class AddNormFunction(torch.autograd.Function):
         x, residual, weight, bias, eps, is_rms, prenorm, s_dtype, backend, needs_grad = inputs
         y, s, mean, rstd = output
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*((mean, rstd) if prenorm else (s, mean, rstd)))
+        # s = x + residual is differentiable (prenorm's residual stream) when x or residual is: not by weight or bias
+        s_grad = prenorm and any(ctx.needs_input_grad[:2])
+        ctx.mark_non_differentiable(*((mean, rstd) if s_grad else (s, mean, rstd)))
         if needs_grad:
-            ctx.save_for_backward(s if s.numel() or not x.numel() else x, mean, rstd, weight)
+            base = s if s.numel() or not x.numel() else x
+            # (an inference-mode x beside a weight that trains: torch refuses to save it, torch's rms_norm does not)
+            ctx.save_for_backward(base.clone() if base.is_inference() else base, mean, rstd, weight)
         # Both gradients wanted and one of x, residual a leaf: its AccumulateGrad would clone a dx shared by two edges.
         ctx.leaf_pair = (residual is not None and all(ctx.needs_input_grad[:2]) and (x.is_leaf or residual.is_leaf))
         ctx.leaf_accumulation = None if not ctx.leaf_pair or torch.compiler.is_compiling() or \
