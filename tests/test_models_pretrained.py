@@ -149,3 +149,22 @@ def test_seq2seq_generate_fills_max_seq_len():
     with pytest.raises(ValueError, match=r"max_new_tokens: the decoder start token and 9 new tokens take 9 "
                                          r"positions .* config\.max_seq_len 8"):
         m.generate(src, 9, temperature=0)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu", "relu2"])
+def test_models_pickle_with_every_activation(activation):
+    """torch.save(model) / pickle of a model with each activation (gelu_tanh, every GPT-2 import, and relu2 were
+    lambdas stored on the MLP: "Can't pickle local object"), BERT's MLM head too; the copy computes the same."""
+    import io
+    from fastattn.models import BERT, BERTConfig
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 6))
+    for model in (GPT(GPTConfig(vocab_size=50, d_model=32, n_layer=1, n_head=4, max_seq_len=32, activation=activation)),
+                  BERT(BERTConfig(vocab_size=50, d_model=32, n_layer=1, n_head=4, max_seq_len=32,
+                                  activation=activation))):
+        buf = io.BytesIO()
+        torch.save(model.eval(), buf)
+        buf.seek(0)
+        copy = torch.load(buf, weights_only=False)
+        with torch.no_grad():
+            torch.testing.assert_close(copy(ids).logits, model(ids).logits, rtol=0, atol=0)

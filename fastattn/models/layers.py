@@ -299,9 +299,18 @@ class Attention(nn.Module):
 
 
 # ---- MLP ------------------------------------------------------------------------------------------------------
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def relu2(x: Tensor) -> Tensor:
+    return F.relu(x).square()
+
+
 def activation_fn(name: str):
-    return {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
-            "silu": F.silu, "relu2": lambda x: F.relu(x).square()}[name]
+    """The activation by its config name: module-level functions, so that a model holding one pickles
+    (torch.save(model), spawned workers)."""
+    return {"gelu": F.gelu, "gelu_tanh": gelu_tanh, "relu": F.relu, "silu": F.silu, "relu2": relu2}[name]
 
 
 class MLP(nn.Module):
