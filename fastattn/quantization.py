@@ -44,7 +44,7 @@ def _skipped(name: str, skip: Sequence[str]) -> bool:
 
 
 def _warn_unmatched(what: str, model: nn.Module, skip: Sequence[str]) -> None:
-    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+    names = [n for n, _ in model.named_modules(remove_duplicate=False)]  # ("" too: the model itself)
     for s in skip:
         if not any(fnmatch.fnmatchcase(n, s) for n in names):
             log.warning("fastattn.%s: skip entry %r matched no module", what, s)

@@ -149,12 +149,26 @@ def test_int8_layers_grad_jacrev_per_sample(mode):
     torch.testing.assert_close(vmap(grad(lambda t, gi: (layer(t[None]) * gi).sum()))(x, g), torch.stack(per_row),
                                rtol=1e-6, atol=1e-6)
     jac = jacrev(lambda t: layer(t[None])[0])(x[0])  # (8, 16): d out_n / d x_k
+    eager_jac = []
     for n in range(8):
         xi = x[:1].clone().requires_grad_()
         layer(xi)[0, n].backward()
-        torch.testing.assert_close(jac[n], xi.grad[0], rtol=1e-6, atol=1e-6)
+        eager_jac.append(xi.grad[0])
+    eager_jac = torch.stack(eager_jac)  # (the same for every row: the rounding passed straight through)
+    torch.testing.assert_close(jac, eager_jac, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(vmap(lambda t: layer(t[None])[0])(x), layer(x), rtol=0, atol=0)
+    # forward and reverse AD at once (an input that requires grad and carries a tangent: w8a16 raised "You must
+    # implement the jvp function"): the tangent and the gradient each once
+    import torch.autograd.forward_ad as fwAD
+    tangent = torch.randn(4, 16)
+    lin_x = x.clone().requires_grad_()
+    with fwAD.dual_level():
+        out = layer(fwAD.make_dual(lin_x, tangent))
+        jvp_out = fwAD.unpack_dual(out).tangent
+    (out * g).sum().backward()
+    torch.testing.assert_close(lin_x.grad, xe.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(jvp_out, tangent @ eager_jac.T, rtol=1e-5, atol=1e-5)
 
 
 # ---- tensor subclasses (DTensor, AsyncCollectiveTensor, ...): torch ops, never the kernels' raw reads -------------

@@ -503,6 +503,10 @@ def test_skip_keeps_a_module_whole_and_logs_unmatched_patterns(caplog):
             fn(model(), skip=("no_such_layer", "0.*"))
         assert [r.getMessage() for r in caplog.records] == [
             f"fastattn.{fn.__name__}: skip entry 'no_such_layer' matched no module"]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fastattn"):
+            assert type(fn(nn.Linear(4, 4), skip="*")) is nn.Linear  # (the model itself matched: no warning)
+        assert not caplog.records
 
 
 def test_calibration_inputs_nonfinite_empty_or_by_keyword(caplog):

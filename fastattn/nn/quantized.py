@@ -103,9 +103,9 @@ class Int8Linear(nn.Module):
             raise ValueError(f"input: on {x.device}, but the layer's weight is on {self.weight.device}")
         flat = x.dim() == 2  # no reshape / view either way (~0.7 us of host time each)
         x2 = (x if flat else x.reshape(-1, self.in_features)).contiguous()
-        if is_transformed(x2) or (forward_ad_active() and self.mode != "w8a16"):
+        if is_transformed(x2) or forward_ad_active():
             # torch.func (grad, jacrev, vmap, jvp) and forward AD: the kernels' value, x's gradient and tangent through
-            # the dequantized weight (w8a16 under forward AD alone: its reference carries the tangent)
+            # the dequantized weight
             out = self._rows(x2.detach()) + self._tangent_path(x2)
         elif x.requires_grad and torch.is_grad_enabled():
             out = _InputGrad.apply(x2, self)

@@ -204,7 +204,8 @@ class AddNormFunction(torch.autograd.Function):
         if needs_grad:
             base = s if s.numel() or not x.numel() else x
             # (an inference-mode x beside a weight that trains: torch refuses to save it, torch's rms_norm does not)
-            ctx.save_for_backward(base.clone() if base.is_inference() else base, mean, rstd, weight)
+            inference = not torch.compiler.is_compiling() and base.is_inference()  # (dynamo cannot trace the test)
+            ctx.save_for_backward(base.clone() if inference else base, mean, rstd, weight)
         # Both gradients wanted and one of x, residual a leaf: its AccumulateGrad would clone a dx shared by two edges.
         ctx.leaf_pair = (residual is not None and all(ctx.needs_input_grad[:2]) and (x.is_leaf or residual.is_leaf))
         ctx.leaf_accumulation = None if not ctx.leaf_pair or torch.compiler.is_compiling() or \

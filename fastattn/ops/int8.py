@@ -332,7 +332,8 @@ def w8a16_matmul(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] =
             raise ValueError(f"bias: expected a ({N},) tensor on {x.device}, got {got}")
         bias = bias.to(torch.float32).contiguous()
     x2, w = x.reshape(x.shape[:-1].numel(), K).contiguous(), w.contiguous()  # not -1: K may be 0
-    if is_transformed(x2, bias):  # torch.func: the kernel's value, the gradients of _W8A16Grad by torch ops
+    if is_transformed(x2, bias) or forward_ad_active():  # torch.func, forward AD: the kernel's value, the gradients
+        # (and tangents) of _W8A16Grad by torch ops
         y = w8a16_rows(x2.detach(), w, w_scale, None if bias is None else bias.detach())
         lin = F.linear(x2.float(), w.float() * w_scale[:, None], None if bias is None else bias.float())
         return (y + (lin - lin.detach()).to(y.dtype)).reshape(*x.shape[:-1], N)
