@@ -157,9 +157,9 @@ def _attention(q, k, v, packed, causal, attn_mask, key_padding_mask, dropout_p, 
     routed = None if dropout_p > 0 or subclass else decode_route(qb, kb, vb, mask, alibi, p, backend)
     if routed is not None:
         out, lse = routed
-    elif subclass or (mask is not None and mask.requires_grad and torch.is_grad_enabled()):
+    elif subclass or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (mask, alibi))):
         dispatcher.select(request(qb, kb, vb, mask, alibi, p), backend or None)  # raises if a kernel was forced
-        # autograd through the reference gives the mask its gradient
+        # autograd through the reference gives the mask (or the ALiBi slopes) its gradient
         out, lse = attention_ref(qb, kb, vb, mask, return_lse=True, **ref_kwargs(qb, kb, mask, alibi, p))
     elif not (torch.is_grad_enabled() and (qb.requires_grad or kb.requires_grad or vb.requires_grad)):
         if graph_capture():

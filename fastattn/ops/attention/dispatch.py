@@ -69,7 +69,8 @@ def _compiled(name):
 
 
 def _no_mask_grad(req: AttnRequest):
-    return ["attn_mask requires grad (only the reference computes its gradient)"] if req.mask_grad else []
+    return ["attn_mask or alibi_slopes requires grad (only the reference computes its gradient)"] if req.mask_grad \
+        else []
 
 
 def _triton_check(req: AttnRequest):

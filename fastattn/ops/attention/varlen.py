@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from ... import _ext
-from ...backends import REFERENCE_DEVICES, Dispatcher, Impl, compiled_has, forced_backend_name, log, triton_op
+from ...backends import (REFERENCE_DEVICES, BackendNotSupported, Dispatcher, Impl, compiled_has, forced_backend_name,
+                         log, triton_op)
 from ...errors import ArgumentError
 from ...reference import attention_bwd_ref, attention_ref
 from ..batching import grads_with_graph, graph_capture, has_torch_function_subclass, is_transformed
@@ -300,9 +301,14 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                    dropout_p if dropout_p < 1 else 0.0, seed, offset)
     bottom_right = causal != "top_left"
     backend = forced_backend_name()
-    if has_torch_function_subclass(q, k, v) or is_transformed(q, k, v):
+    slopes_grad = alibi is not None and alibi.requires_grad and torch.is_grad_enabled()
+    if has_torch_function_subclass(q, k, v) or is_transformed(q, k, v) or slopes_grad:
         dispatcher.select(_request(q, v), backend or None)  # raises if a kernel was forced
-        log.debug("fastattn.attention_varlen: a tensor subclass or torch.func transform runs on the reference")
+        if slopes_grad and backend not in ("", "reference"):
+            raise BackendNotSupported(f"fastattn.attention_varlen: the forced backend {backend!r} cannot run this "
+                                      "call: alibi_slopes requires grad (only the reference computes its gradient)")
+        log.debug("fastattn.attention_varlen: a tensor subclass, torch.func transform or ALiBi slopes that require "
+                  "grad: the reference")
         out, lse = ref_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi, p, bottom_right)
     else:
         out, lse = varlen_fwd_op(q, k, v, cu_q, cu_k, max_q, max_k, alibi, bottom_right, *p.flat(), backend)
