@@ -65,6 +65,7 @@ def run_main(capsys, *args):
     (["train", "--max-data-tokens", "0"], "--max-data-tokens must be at least 1"),  # (0 read all, -1 one document)
     (["train", "--step-delay", "-1"], "--step-delay must be >= 0"),  # (a traceback, the run folder made)
     (["train", "--seed", str(2 ** 70)], "--seed must be in [0, 2**63 - 1)"),  # (torch's overflow traceback)
+    (["train", "--tp", "2"], "--tp 2: tensor parallelism needs torchrun with 2 processes"),  # (one process ran)
     (["generate", "x", "--seed", "-1"], "--seed must be in [0, 2**63 - 1)"),
 ])
 def test_user_errors_are_one_line(capsys, tmp_path, monkeypatch, args, needle):
@@ -85,6 +86,7 @@ def test_user_errors_are_one_line(capsys, tmp_path, monkeypatch, args, needle):
     ("data = [\"a\", 3]\n", "data must be a list of str"),
     ("[generate]\nseed = 1\n", "no [train] table ([generate] is for another command)"),
     ("[train]\n[train.sub]\nx = 1\n", "unknown key 'sub'"),  # (was: "no [train] table")
+    ("seq_len = 16\nseq-len = 20\n", "'seq-len' given twice"),  # (the last spelling won, silently)
 ])
 def test_bad_config_files(capsys, tmp_path, monkeypatch, text, needle):
     monkeypatch.chdir(tmp_path)
@@ -108,6 +110,10 @@ def test_bad_data_files(capsys, tmp_path):
     labels.write_text("sentence,y\na,1\n")
     rc, err = run_main(capsys, "train", "--task", "classify", "--data", str(labels), "--out", str(tmp_path / "r"))
     assert rc == 2 and "text and label" in err
+    short = tmp_path / "short.csv"  # (a traceback at the first evaluation, the run folder left behind)
+    short.write_text("label,text\npos,hello\nneg\n")
+    rc, err = run_main(capsys, "train", "--task", "classify", "--data", str(short), "--out", str(tmp_path / "r"))
+    assert rc == 2 and err.count("\n") == 1 and "short.csv:3: a row without its text or label" in err, err
     assert not (tmp_path / "r").exists()
 
 
@@ -192,3 +198,12 @@ def test_stdin_that_is_not_utf8(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(b"Emma \xff\n"), isatty=lambda: False))
     assert "stdin: not UTF-8 text (invalid start byte at byte 5)" in _one_line(capsys, "generate", str(run), "-p", "-")
+    # a byte-order mark (a Windows editor's) is not prompt text: the same output as without it, from a file and stdin
+    outs = []
+    for prompt in (b"Emma\n", b"\xef\xbb\xbfEmma\n"):
+        (tmp_path / "p.txt").write_bytes(prompt)
+        for source in (["--prompt-file", str(tmp_path / "p.txt")], ["-p", "-"]):
+            monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(prompt), isatty=lambda: False))
+            assert main(["generate", str(run), *source, "-n", "4", "--temperature", "0"]) == 0
+            outs.append(capsys.readouterr().out)
+    assert outs[0].startswith("Emma") and len(set(outs)) == 1, outs

@@ -780,3 +780,59 @@ def test_classify_needs_two_labels(tmp_path, capsys):
     path.write_text("".join(json.dumps({"text": f"row {i}", "label": "pos"}) + "\n" for i in range(10)))
     assert main(["train", *TINY, "--task", "classify", "--data", str(path), "--out", str(tmp_path / "r")]) == 2
     assert "one label ('pos') only: a classifier needs at least 2" in capsys.readouterr().err
+
+
+def test_classifier_continued_keeps_its_labels(tmp_path, capsys):
+    """train --init of a classifier on data lacking one of its labels: the data's labels mapped onto the checkpoint's
+    outputs (before: renumbered from the data, so "pos" rows trained and scored the old "neu" output, silently); a
+    label the checkpoint lacks is refused."""
+    path = tmp_path / "three.jsonl"
+    words = {"neg": "bad awful poor ", "neu": "plain usual fair ", "pos": "good fine nice "}
+    with open(path, "w") as f:
+        for i in range(60):
+            lab = ["neg", "neu", "pos"][i % 3]
+            f.write(json.dumps({"text": words[lab] * 2, "label": lab}) + "\n")
+    first = train(tmp_path, "c1", "--task", "classify", "--data", str(path))
+    two = tmp_path / "two.jsonl"
+    two.write_text("".join(line for line in path.read_text().splitlines(True) if '"neu"' not in line))
+    second = train(tmp_path, "c2", "--task", "classify", "--data", str(two), "--init", str(first), "--lr", "0",
+                   "--steps", "1")
+    state = json.loads((second / "model" / "train_state.json").read_text())
+    assert state["labels"] == ["neg", "neu", "pos"]
+    capsys.readouterr()
+    losses = []
+    for run in (first, second):
+        assert main(["eval", str(run), "--data", str(two)]) == 0
+        losses.append(json.loads(capsys.readouterr().out)["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)  # (--lr 0: the same weights, the same labels)
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"text": "what now", "label": lab}) + "\n" for lab in ["neg", "meh"] * 10))
+    assert main(["train", *TINY, "--task", "classify", "--data", str(other), "--init", str(first), "--out",
+                 str(tmp_path / "c3")]) == 2
+    assert "label 'meh' is not one the model was trained on" in capsys.readouterr().err
+
+
+def test_run_records_absolute_data_paths(tmp_path, monkeypatch, capsys):
+    """A run records its --data (and --init) absolute: eval / quantize of the run from another folder read the files
+    it was trained on (before: the relative path as typed, so a file of that name elsewhere was evaluated silently)."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "data").mkdir(parents=True)
+    (elsewhere / "data").mkdir(parents=True)
+    (work / "data" / "a.txt").write_text("One paragraph of text.\n\nAnother paragraph here.\n" * 50)
+    (elsewhere / "data" / "a.txt").write_text("Something else entirely, and much shorter.\n")
+    monkeypatch.chdir(work)
+    run = train(tmp_path, "run", "--data", "data/a.txt", "--val-fraction", "0.2")
+    want = [str((work / "data" / "a.txt").resolve())]
+    assert json.loads((run / "train_config.json").read_text())["data"] == want
+    assert json.loads((run / "model" / "train_state.json").read_text())["train_config"]["data"] == want
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    here = json.loads(capsys.readouterr().out)
+    monkeypatch.chdir(elsewhere)
+    assert main(["eval", str(run)]) == 0
+    there = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in there.items() if k != "tokens_per_s"} == {k: v for k, v in here.items()
+                                                                        if k != "tokens_per_s"}
+    monkeypatch.chdir(work)  # and --resume with the relative path as first typed is the same run
+    assert main(["train", *TINY, "--data", "data/a.txt", "--val-fraction", "0.2", "--out", str(run), "--resume",
+                 "--steps", "6"]) == 0

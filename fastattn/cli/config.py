@@ -133,6 +133,8 @@ def build(cls, args, section=None):
         data, in_table = read_toml(path, section)
         for key, value in data.items():
             name = key.replace("-", "_")
+            if name in values:
+                raise CLIError(f"config file {path}: {key!r} given twice (as {name!r} and with dashes)")
             if name not in fields and isinstance(value, dict) and section and not in_table:
                 raise CLIError(f"config file {path}: no [{section}] table ([{key}] is for another command)")
             if name not in fields:

@@ -287,4 +287,8 @@ def _waited(t):
 def setup(cfg):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return Distributed()
+    if getattr(cfg, "tp", 1) > 1:
+        from fastattn.cli.config import CLIError
+        raise CLIError(f"--tp {cfg.tp}: tensor parallelism needs torchrun with {cfg.tp} processes "
+                       f"(torchrun --nproc_per_node {cfg.tp} -m fastattn train ...); one process here")
     return Single()

@@ -97,7 +97,7 @@ def _stdin_prompts(required: bool):
     """The lines of stdin, blank ones skipped (required: some, for -p -)."""
     try:  # bytes decoded here: a text stdin may decode with surrogateescape (a C locale), letting bad bytes by
         buf = getattr(sys.stdin, "buffer", None)
-        text = buf.read().decode("utf-8") if buf is not None else sys.stdin.read()
+        text = buf.read().decode("utf-8-sig") if buf is not None else sys.stdin.read().removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise CLIError(f"stdin: not UTF-8 text ({e.reason} at byte {e.start})") from None
     prompts = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
@@ -119,7 +119,7 @@ def read_prompts(cfg):
             stdin_read = True
     if cfg.prompt_file:
         try:
-            with open(cfg.prompt_file, encoding="utf-8") as f:
+            with open(cfg.prompt_file, encoding="utf-8-sig") as f:  # (a byte-order mark is not prompt text)
                 from_file = [line.rstrip("\r\n") for line in f if line.strip()]
         except OSError as e:
             raise CLIError(f"--prompt-file {cfg.prompt_file}: {e.strerror or e}") from None

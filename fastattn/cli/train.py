@@ -152,6 +152,19 @@ class TrainConfig:
 
 
 # options that define the model, its tokens or its data stream: --resume refuses to change them
+PATH_KEYS = ("data", "init", "init_hf", "teacher")  # recorded absolute: eval / quantize / prune of the run, from any
+# folder, read the files it was trained on
+
+
+def absolute_paths(key: str, value):
+    """A train option's value as a run records it: the paths of PATH_KEYS absolute (resolved against the cwd)."""
+    if key not in PATH_KEYS or not value:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [str(Path(p).resolve()) for p in value]
+    return str(Path(value).resolve())
+
+
 RESUME_FIXED = ("task", "arch", "tokenizer", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "norm", "pos",
                 "mlp", "n_experts", "experts_per_tok", "mode", "lora_rank", "lora_alpha", "prompt_len", "nsp",
                 "num_labels", "qat", "int8_base", "data", "seq_len", "chat", "max_data_tokens", "val_fraction", "init",
@@ -312,7 +325,7 @@ class Trainer:
                 getattr(self.tok, f"{role}_id")
             except ValueError as e:
                 raise CLIError(f"--task {cfg.task}: {e}") from None
-        self.task = TASKS[cfg.task](cfg, self.tok)
+        self.task = self._make_task()
         self.model = self._build_model().to(self.device)
         for_model(self.task, self.model)  # (a seq2seq decoder starts at the model's start token, as generate does)
         self.arch = type(self.model).__name__
@@ -349,6 +362,18 @@ class Trainer:
         if cfg.resume:
             self._restore()
 
+    def _make_task(self):
+        """The run's task; a classifier continued from --init keeps the checkpoint's label names and order (the data's
+        labels mapped onto its outputs, one it lacks refused), as eval reads them."""
+        cfg = self.cfg
+        if cfg.task == "classify" and cfg.init:
+            from fastattn.cli import checkpoint as ckpt
+            path = ckpt.locate(cfg.init)
+            state = ckpt.read_json(path / "train_state.json") if (path / "train_state.json").is_file() else {}
+            if state.get("labels"):
+                return TASKS["classify"](cfg, self.tok, labels=state["labels"])
+        return TASKS[cfg.task](cfg, self.tok)
+
     def _check_resume_options(self, path):
         """--resume with an option that changes the model, its tokens or its data: one clear error."""
         try:
@@ -356,7 +381,8 @@ class Trainer:
         except (OSError, ValueError, AttributeError):
             return  # a corrupt newest checkpoint: latest_valid reports it and takes an older one
         changed = [f"--{k.replace('_', '-')} {getattr(self.cfg, k)!r} (the run's: {saved[k]!r})"
-                   for k in RESUME_FIXED if k in saved and saved[k] != getattr(self.cfg, k)]
+                   for k in RESUME_FIXED if k in saved and
+                   absolute_paths(k, saved[k]) != absolute_paths(k, getattr(self.cfg, k))]
         if changed:
             raise CLIError(f"--resume {self.run_dir}: changed {', '.join(changed)}: resume with the options the run "
                            "was started with, or start a new --out")
@@ -570,7 +596,7 @@ class Trainer:
 
     # ---- checkpoints ----
     def meta_config(self):
-        return dataclasses.asdict(self.cfg)
+        return {k: absolute_paths(k, v) for k, v in dataclasses.asdict(self.cfg).items()}
 
     def label_meta(self):
         """classify: the label names, in the order of the classifier's outputs (eval maps its data by them)."""
@@ -684,7 +710,7 @@ class Trainer:
         cfg = self.cfg
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            (self.run_dir / "train_config.json").write_text(json.dumps(self.meta_config(), indent=2))
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         n_params = sum(p.numel() for p in self.model.parameters())
         flops_per_token = 6 * n_params + 12 * self.model.config.n_layer * self.model.config.d_model * cfg.seq_len

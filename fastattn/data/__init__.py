@@ -236,7 +236,10 @@ def load_labelled(path, val_fraction=0.1):
                 reader = csv.DictReader(f)
                 if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
                     raise DataError(f"{path}: the CSV header must name the columns text and label")
-                rows = [(r["text"], _label(r["label"], f"{path}:{reader.line_num}")) for r in reader]
+                for r in reader:
+                    if not isinstance(r["text"], str) or r["label"] is None:  # (a short row: DictReader fills None)
+                        raise DataError(f"{path}:{reader.line_num}: a row without its text or label")
+                    rows.append((r["text"], _label(r["label"], f"{path}:{reader.line_num}")))
             elif path.suffix.lower() == ".jsonl":
                 for n, obj in _jsonl(f, path):
                     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or "label" not in obj:
