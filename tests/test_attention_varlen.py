@@ -349,6 +349,9 @@ def test_alibi_slopes_that_require_grad_get_their_gradient():
         torch.testing.assert_close(torch.func.grad(loss)(slopes), fd, rtol=1e-4, atol=1e-6, msg=name)
         with fastattn.backend("cpu"), pytest.raises(fastattn.BackendNotSupported, match="alibi_slopes requires grad"):
             loss(slopes.clone().requires_grad_())
+        # without grad (eval of a model whose slopes are parameters): the kernels, as for detached slopes
+        with torch.no_grad(), fastattn.backend("cpu"):
+            assert torch.equal(loss(torch.nn.Parameter(slopes.float())), loss(slopes.float()))  # (float32: no copy)
 
 
 @pytest.mark.gpu

@@ -97,7 +97,7 @@ def _stdin_prompts(required: bool):
     """The lines of stdin, blank ones skipped (required: some, for -p -)."""
     try:  # bytes decoded here: a text stdin may decode with surrogateescape (a C locale), letting bad bytes by
         buf = getattr(sys.stdin, "buffer", None)
-        text = buf.read().decode("utf-8-sig") if buf is not None else sys.stdin.read().removeprefix("\ufeff")
+        text = (buf.read().decode("utf-8") if buf is not None else sys.stdin.read()).removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise CLIError(f"stdin: not UTF-8 text ({e.reason} at byte {e.start})") from None
     prompts = [line.rstrip("\r") for line in text.split("\n") if line.strip()]

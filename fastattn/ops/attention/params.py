@@ -53,7 +53,7 @@ class AttnRequest(NamedTuple):
     head_dim: int
     head_dim_v: int
     mask: Optional[str]  # None, "bool" or "float"
-    mask_grad: bool  # attn_mask or alibi_slopes requires grad (only the reference differentiates them)
+    mask_grad: bool  # attn_mask or alibi_slopes requires grad, grad enabled (only the reference differentiates them)
     gqa: bool
     causal: bool
     window: bool
@@ -76,7 +76,8 @@ def request(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi: Opti
     device = q.device.type
     return AttnRequest(device, q.dtype, q.shape[-1], v.shape[-1],
                        None if mask is None else "bool" if mask.dtype == torch.bool else "float",
-                       (mask is not None and mask.requires_grad) or (alibi is not None and alibi.requires_grad),
+                       torch.is_grad_enabled() and ((mask is not None and mask.requires_grad) or
+                                                    (alibi is not None and alibi.requires_grad)),
                        k.shape[1] != q.shape[1], p.causal,
                        (p.window_left, p.window_right) != (-1, -1), alibi is not None, p.softcap > 0,
                        p.dropout_p > 0, device == "cuda" and 4 * q.numel() * k.shape[-2] <= SMALL_FLOP)
