@@ -217,6 +217,13 @@ def load_state(path):
         raise CheckpointError(f"{path}: cannot read state.pt ({type(e).__name__}: {e})") from None
 
 
+def train_state(folder):
+    """A checkpoint folder's train_state.json (model type, task, labels, train config), {} where it has none (an
+    exported or imported model)."""
+    path = Path(folder) / "train_state.json"
+    return read_json(path) if path.is_file() else {}
+
+
 def read_json(path):
     """A checkpoint's JSON object (config.json, train_state.json, ...); anything else is a CheckpointError."""
     try:

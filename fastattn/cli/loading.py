@@ -113,7 +113,7 @@ def load_model(path, backend=None, map_location="cpu", purpose=None):
     check_importable(path)
     path = ckpt.resolve(path)
     mcfg = ckpt.read_json(path / "config.json")
-    state = ckpt.read_json(path / "train_state.json") if (path / "train_state.json").is_file() else {}
+    state = ckpt.train_state(path)
     cls = class_for_type(mcfg.get("model_type"), state.get("arch"))
     if backend:
         mcfg["backend"] = backend

@@ -368,8 +368,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.task == "classify" and cfg.init:
             from fastattn.cli import checkpoint as ckpt
-            path = ckpt.locate(cfg.init)
-            state = ckpt.read_json(path / "train_state.json") if (path / "train_state.json").is_file() else {}
+            state = ckpt.train_state(ckpt.locate(cfg.init))
             if state.get("labels"):
                 return TASKS["classify"](cfg, self.tok, labels=state["labels"])
         return TASKS[cfg.task](cfg, self.tok)

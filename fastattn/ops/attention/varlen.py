@@ -29,8 +29,7 @@ import torch
 from torch import Tensor
 
 from ... import _ext
-from ...backends import (REFERENCE_DEVICES, BackendNotSupported, Dispatcher, Impl, compiled_has, forced_backend_name,
-                         log, triton_op)
+from ...backends import REFERENCE_DEVICES, Dispatcher, Impl, compiled_has, forced_backend_name, log, triton_op
 from ...errors import ArgumentError
 from ...reference import attention_bwd_ref, attention_ref
 from ..batching import grads_with_graph, graph_capture, has_torch_function_subclass, is_transformed
@@ -47,6 +46,7 @@ class VarlenRequest(NamedTuple):
     dtype: torch.dtype
     head_dim: int
     head_dim_v: int
+    slopes_grad: bool = False  # ALiBi slopes that require grad, grad enabled (only the reference differentiates them)
 
 
 # ---- reference backend ---------------------------------------------------------------------------------------
@@ -119,21 +119,29 @@ def _cpu_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi, p: AttnPa
                                             p.dropout_p, p.seed, p.offset)
 
 
+def _no_slopes_grad(req: VarlenRequest):
+    return ["alibi_slopes requires grad (only the reference computes its gradient)"] if req.slopes_grad else []
+
+
 def _triton_check(req: VarlenRequest):
     d = max(req.head_dim, req.head_dim_v)
-    return [f"head dim {d} > 256"] if d > 256 else []
+    return ([f"head dim {d} > 256"] if d > 256 else []) + _no_slopes_grad(req)
+
+
+def _cpu_check(req: VarlenRequest):
+    return compiled_has("attention_varlen_fwd_cpu")(req) + _no_slopes_grad(req)
 
 
 dispatcher = Dispatcher("attention_varlen", [
     Impl("triton", triton_op("attention", "attention_varlen_fwd"), triton_op("attention", "attention_varlen_bwd"),
          ("cuda",), FLOATS, _triton_check),
-    Impl("cpu", _cpu_fwd, _cpu_bwd, ("cpu",), FLOATS + (torch.float64,), compiled_has("attention_varlen_fwd_cpu")),
+    Impl("cpu", _cpu_fwd, _cpu_bwd, ("cpu",), FLOATS + (torch.float64,), _cpu_check),
     Impl("reference", ref_fwd, ref_bwd, REFERENCE_DEVICES, FLOATS + (torch.float64,)),
 ])
 
 
-def _request(q: Tensor, v: Tensor) -> VarlenRequest:
-    return VarlenRequest(q.device.type, q.dtype, q.shape[-1], v.shape[-1])
+def _request(q: Tensor, v: Tensor, slopes_grad: bool = False) -> VarlenRequest:
+    return VarlenRequest(q.device.type, q.dtype, q.shape[-1], v.shape[-1], slopes_grad)
 
 
 def select_backend(q: Tensor, v: Tensor, backend: Optional[str] = None) -> str:
@@ -303,10 +311,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     backend = forced_backend_name()
     slopes_grad = alibi is not None and alibi.requires_grad and torch.is_grad_enabled()
     if has_torch_function_subclass(q, k, v) or is_transformed(q, k, v) or slopes_grad:
-        dispatcher.select(_request(q, v), backend or None)  # raises if a kernel was forced
-        if slopes_grad and backend not in ("", "reference"):
-            raise BackendNotSupported(f"fastattn.attention_varlen: the forced backend {backend!r} cannot run this "
-                                      "call: alibi_slopes requires grad (only the reference computes its gradient)")
+        dispatcher.select(_request(q, v, slopes_grad), backend or None)  # raises if a kernel was forced
         log.debug("fastattn.attention_varlen: a tensor subclass, torch.func transform or ALiBi slopes that require "
                   "grad: the reference")
         out, lse = ref_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi, p, bottom_right)
