@@ -22,6 +22,12 @@ from . import _ext
 
 log = logging.getLogger("fastattn")
 
+
+def debug(msg: str, *args) -> None:
+    """log.debug, skipped while dynamo traces: a logger call there breaks the graph (fullgraph=True fails)."""
+    if not torch.compiler.is_compiling():
+        log.debug(msg, *args)
+
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 # Auto-mode order per tensor device type. Triton on CPU tensors runs only in the (slow) interpreter, so auto
 # mode never picks it there; force it to test the Triton kernels without a GPU.
@@ -181,7 +187,7 @@ class Dispatcher:
             if reasons:
                 raise BackendNotSupported(
                     f"fastattn.{self.op}: the forced backend {forced!r} cannot run this call: " + "; ".join(reasons))
-            log.debug("fastattn.%s: running on forced backend %r for %s", self.op, forced, req)
+            debug("fastattn.%s: running on forced backend %r for %s", self.op, forced, req)
             return impl
         refused = []
         order = self.priority.get(req.device, ("reference",))
@@ -190,7 +196,7 @@ class Dispatcher:
             reasons = ["not implemented for this op"] if impl is None else impl.not_supported_reasons(req)
             if not reasons:
                 if refused:
-                    log.debug("fastattn.%s: running on %r for %s; refused: %s", self.op, name, req, " | ".join(refused))
+                    debug("fastattn.%s: running on %r for %s; refused: %s", self.op, name, req, " | ".join(refused))
                 return impl
             refused.append(f"{name}: " + "; ".join(reasons))
         raise BackendNotSupported(f"fastattn.{self.op}: no backend can run this call: " + " | ".join(refused))

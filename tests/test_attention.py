@@ -636,6 +636,24 @@ def test_torch_compile_traces_attention(backend_name):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("what", ["mask", "alibi"])
+def test_torch_compile_fullgraph_with_bias_gradient(what):
+    """A float mask or ALiBi slopes that require grad (the reference route) compile into one graph: the route's debug
+    log line is skipped while dynamo traces (a logger call breaks the graph)."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 7, 8, requires_grad=True)
+    bias = (torch.randn(7, 7) if what == "mask" else torch.rand(2)).requires_grad_()
+
+    def f(q, bias):
+        kw = dict(attn_mask=bias) if what == "mask" else dict(alibi_slopes=bias)
+        return fastattn.attention(q, q, q, **kw).square().sum()
+
+    loss = torch.compile(f, backend="aot_eager", fullgraph=True)(q, bias)
+    grads = torch.autograd.grad(loss, (q, bias))
+    for a, b in zip(grads, torch.autograd.grad(f(q, bias), (q, bias))):
+        torch.testing.assert_close(a, b)
+
+
 def test_cuda_declared_support():
     """The CUDA C++ kernel's declared support, pinned: check() skips what it declares unsupported on that backend, so
     a declaration that silently narrowed would skip tests instead of failing them."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backends import Dispatcher, Impl, REFERENCE_DEVICES, compiled_op, forced_backend_name, log, triton_op
+from ..backends import Dispatcher, Impl, REFERENCE_DEVICES, compiled_op, debug, forced_backend_name, triton_op
 from ..reference import add_norm_ref, norm_residual_dtype
 from .batching import (direct_call_ok, eager_twin, fold, forward_ad_active, front, grads_with_graph, graph_capture,
                        has_torch_function_subclass, is_legacy_batched, is_transformed, unfold)
@@ -473,8 +473,8 @@ def _add_norm(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32)
     if residual is not None and x.dtype == torch.float64 and residual.dtype != torch.float64:
         residual = residual.double()  # kernels take a residual of x's dtype or float32 (s is float64 here)
     if has_torch_function_subclass(x, residual, weight, bias) or forward_ad_active():
-        log.debug("fastattn.add_norm: a tensor subclass (%s) or forward-mode AD: the reference (torch ops)",
-                  ", ".join(type(t).__name__ for t in (x, residual, weight, bias) if t is not None))
+        debug("fastattn.add_norm: a tensor subclass (%s) or forward-mode AD: the reference (torch ops)",
+              ", ".join(type(t).__name__ for t in (x, residual, weight, bias) if t is not None))
         return add_norm_ref(x, residual, weight, bias, eps, is_rms=is_rms, prenorm=prenorm,
                             residual_in_fp32=residual_in_fp32, upcast=True)
     if not is_rms and native_faster(x, residual, weight, bias, prenorm):

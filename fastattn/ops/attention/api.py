@@ -8,7 +8,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ...backends import forced_backend_name, log
+from ...backends import debug, forced_backend_name
 from ...errors import ArgumentError
 from ...reference import attention_diag_offset, attention_ref
 from .decode import route as decode_route
@@ -151,7 +151,7 @@ def _attention(q, k, v, packed, causal, attn_mask, key_padding_mask, dropout_p, 
     backend = forced_backend_name()
     subclass = has_torch_function_subclass(qb, kb, vb)  # e.g. DTensor: torch ops understand it, kernels cannot
     if subclass:
-        log.debug("fastattn.attention: a tensor subclass (%s) runs on the reference (torch ops)", type(qb).__name__)
+        debug("fastattn.attention: a tensor subclass (%s) runs on the reference (torch ops)", type(qb).__name__)
     subclass = subclass or forward_ad_active()  # (tangents: the reference's torch ops carry them)
     # short queries against a long cache, forward only: the split-KV decode kernel (decode.py says when it fits)
     routed = None if dropout_p > 0 or subclass else decode_route(qb, kb, vb, mask, alibi, p, backend)

@@ -16,7 +16,6 @@ each row, +inf for a row with no key (its output is 0), as for attention.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import NamedTuple, Optional
 
 import torch
@@ -24,15 +23,13 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ... import _ext
-from ...backends import (REFERENCE_DEVICES, BackendNotSupported, Dispatcher, Impl, compiled_has, forced_backend_name,
-                         triton_op)
+from ...backends import (REFERENCE_DEVICES, BackendNotSupported, Dispatcher, Impl, compiled_has, debug,
+                         forced_backend_name, triton_op)
 from ...errors import ArgumentError
 from ...reference import decode_attention_ref
 from ..batching import graph_capture, is_transformed
 from .params import AttnParams
 from .validation import check_float_tensors, check_softcap, softmax_scale
-
-log = logging.getLogger("fastattn")
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 MAX_QUERIES = 16  # fastattn.attention routes queries up to this long ...
@@ -174,8 +171,8 @@ def _route_backend(device: str, dtype: torch.dtype, E: int, Ev: int, forced: str
         return ""
     if impl.backend == "reference":
         return ""
-    log.debug("fastattn.attention: the split-KV decode kernel (%s) runs short queries against long caches (%s, E=%d)",
-              impl.backend, dtype, E)
+    debug("fastattn.attention: the split-KV decode kernel (%s) runs short queries against long caches (%s, E=%d)",
+          impl.backend, dtype, E)
     return impl.backend
 
 

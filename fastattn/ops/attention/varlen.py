@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ... import _ext
-from ...backends import REFERENCE_DEVICES, Dispatcher, Impl, compiled_has, forced_backend_name, log, triton_op
+from ...backends import REFERENCE_DEVICES, Dispatcher, Impl, compiled_has, debug, forced_backend_name, triton_op
 from ...errors import ArgumentError
 from ...reference import attention_bwd_ref, attention_ref
 from ..batching import grads_with_graph, graph_capture, has_torch_function_subclass, is_transformed
@@ -312,8 +312,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     slopes_grad = alibi is not None and alibi.requires_grad and torch.is_grad_enabled()
     if has_torch_function_subclass(q, k, v) or is_transformed(q, k, v) or slopes_grad:
         dispatcher.select(_request(q, v, slopes_grad), backend or None)  # raises if a kernel was forced
-        log.debug("fastattn.attention_varlen: a tensor subclass, torch.func transform or ALiBi slopes that require "
-                  "grad: the reference")
+        debug("fastattn.attention_varlen: a tensor subclass, torch.func transform or ALiBi slopes that require "
+              "grad: the reference")
         out, lse = ref_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi, p, bottom_right)
     else:
         out, lse = varlen_fwd_op(q, k, v, cu_q, cu_k, max_q, max_k, alibi, bottom_right, *p.flat(), backend)
