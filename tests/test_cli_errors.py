@@ -97,6 +97,19 @@ def test_bad_config_files(capsys, tmp_path, monkeypatch, text, needle):
     assert [p.name for p in tmp_path.iterdir()] == ["c.toml"]
 
 
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_a_second_data_file_is_not_a_checkpoint(capsys, tmp_path, monkeypatch, command):
+    """`eval --data a.txt b.txt`: options take one value each, so b.txt is the checkpoint: the error says so (it was
+    "no valid checkpoint in this folder")."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("Some text.\n")
+    rc, err = run_main(capsys, command, "--data" if command != "generate" else "--prompt-file", "a.txt", "b.txt")
+    assert rc == 2 and err.count("\n") == 1
+    assert "b.txt: a file, not a checkpoint folder (each option takes one value: repeat it" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
 def test_bad_data_files(capsys, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{not json\n')

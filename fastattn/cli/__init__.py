@@ -18,7 +18,8 @@ COMMANDS = {
     "eval": ("fastattn.cli.evaluate", "EvalConfig", ("checkpoint",), "held-out loss / perplexity / accuracy as JSON"),
     "quantize": ("fastattn.cli.quantize", "QuantizeConfig", ("checkpoint",), "int8 weights (w8a8 / w8a16, "
                                                                                "SmoothQuant)"),
-    "prune": ("fastattn.cli.prune", "PruneConfig", ("checkpoint",), "remove attention heads and small weights"),
+    "prune": ("fastattn.cli.prune", "PruneConfig", ("checkpoint",), "zero the least important attention heads "
+                                                                         "and the smallest weights"),
 }
 
 EXAMPLES = """examples:

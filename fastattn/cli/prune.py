@@ -25,7 +25,8 @@ from fastattn.cli.generation_args import carried
 class PruneConfig:
     checkpoint: str = opt("runs/train", "checkpoint folder, or a run folder")
     out: Optional[str] = opt(None, "output folder (default: CHECKPOINT-pruned)")
-    heads: float = opt(0.0, "fraction of attention heads to remove")
+    heads: float = opt(0.0, "fraction of attention heads to zero, least important first (their weights: "
+                            "fine-tuning can train them again)")
     unstructured: float = opt(0.0, "fraction of Linear weights to zero (global magnitude)")
 
     def validate(self):
