@@ -171,6 +171,23 @@ def test_int8_layers_grad_jacrev_per_sample(mode):
     torch.testing.assert_close(jvp_out, tangent @ eager_jac.T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8_static", "w8a16"])
+def test_int8_layer_grad_compiled(mode):
+    """torch.compile(torch.func.grad(f)) through an Int8Linear gives eager's gradient: dynamo reads the grad-wrapped
+    input as not requiring grad, and w8a8_static's torch-op rounding then traced with a zero gradient, silently."""
+    from fastattn.nn import Int8Linear
+    torch.manual_seed(0)
+    layer = Int8Linear.from_float(torch.nn.Linear(16, 8), mode, smooth=torch.rand(16) + 0.5, input_scale=0.05)
+    x, g = torch.randn(4, 16), torch.randn(4, 8)
+
+    def loss(t):
+        return (layer(t) * g).sum()
+    expected = grad(loss)(x)
+    assert expected.abs().max() > 0.1
+    torch._dynamo.reset()  # (a frame another mode's trace gave up on would run eagerly)
+    torch.testing.assert_close(torch.compile(grad(loss), backend="aot_eager")(x), expected, rtol=1e-6, atol=1e-6)
+
+
 # ---- tensor subclasses (DTensor, AsyncCollectiveTensor, ...): torch ops, never the kernels' raw reads -------------
 class Traced(torch.Tensor):
     """A subclass that sees every torch function (as DTensor and AsyncCollectiveTensor do)."""

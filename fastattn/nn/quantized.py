@@ -107,7 +107,9 @@ class Int8Linear(nn.Module):
             # torch.func (grad, jacrev, vmap, jvp) and forward AD: the kernels' value, x's gradient and tangent through
             # the dequantized weight
             out = self._rows(x2.detach()) + self._tangent_path(x2)
-        elif x.requires_grad and torch.is_grad_enabled():
+        elif torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+            # (compiling: dynamo reads a torch.func.grad input as not requiring grad; traced without grad, the
+            # Function is its forward)
             out = _InputGrad.apply(x2, self)
         else:
             out = self._rows(x2)
