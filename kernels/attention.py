@@ -491,12 +491,12 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(Keep, H, L, S, dropout_p, seed, rng_offset, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+def _dropout_mask_kernel(Keep, bh0, L, S, dropout_p, seed, rng_offset, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr):
-    """The keep mask the attention kernels draw, for tests: (B, H, L, S) bool."""
+    """The keep mask the attention kernels draw: (B, H, L, S), (batch, head) pairs from bh0 on axis 2."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    bh = tl.program_id(2)
+    bh = bh0 + tl.program_id(2)
     keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, L, S, dropout_p, DROPOUT, BLOCK_M, BLOCK_N)
     off = (bh.to(tl.int64) * L + offs_m[:, None]) * S + offs_n[None, :]
     tl.store(Keep + off, keep.to(tl.int8), mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
@@ -723,10 +723,11 @@ def attention_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alib
     return dq, dk, dv
 
 
-def dropout_mask(p, B, H, L, S, device):
-    """The (B, H, L, S) keep mask the kernels above draw for these parameters (for tests)."""
+def dropout_mask(p, B, H, L, S, device, grid_z=65535):
+    """The (B, H, L, S) keep mask the kernels above draw for these parameters (returned attention weights, double
+    backward, tests): (batch, head) pairs in launches of at most grid_z (a CUDA grid's limit on axis z)."""
     keep = torch.empty((B, H, L, S), dtype=torch.int8, device=device)
-    _dropout_mask_kernel[(triton.cdiv(L, 32), triton.cdiv(S, 32), B * H)](keep, H, L, S, p.dropout_p, p.seed,
-                                                                         p.offset, DROPOUT=_dropout_mode(p),
-                                                                         BLOCK_M=32, BLOCK_N=32)
+    for bh0 in range(0, B * H, grid_z):
+        _dropout_mask_kernel[(triton.cdiv(L, 32), triton.cdiv(S, 32), min(grid_z, B * H - bh0))](
+            keep, bh0, L, S, p.dropout_p, p.seed, p.offset, DROPOUT=_dropout_mode(p), BLOCK_M=32, BLOCK_N=32)
     return keep.bool()

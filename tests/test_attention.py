@@ -676,6 +676,44 @@ def test_cuda_declared_support():
         assert any(word in r for r in reasons(**kw)), (kw, reasons(**kw))
 
 
+class _OnCuda:
+    """Shape, dtype and device of a CUDA tensor, for building dispatch requests on a machine without a GPU."""
+    def __init__(self, *shape):
+        self.shape, self.dtype, self.device = torch.Size(shape), torch.float16, torch.device("cuda")
+
+    def numel(self):
+        return self.shape.numel()
+
+
+@pytest.mark.parametrize("B, H", [(65536, 1), (1, 65536), (65535, 65535)])
+def test_gpu_grid_limits_are_declared(B, H):
+    """Batch or heads past 65535 (a CUDA grid's axes y and z, where the Triton and CUDA C++ kernels put them): both
+    GPU backends decline with the reason, so auto mode runs the reference instead of failing at launch (the CUDA
+    binding's check raised; Triton's launch failed)."""
+    from fastattn.ops.attention.params import GRID_YZ, request
+    from fastattn.ops.attention import varlen as V
+    q = _OnCuda(B, H, 4, 64)
+    req = request(q, q, q, None, None, A.AttnParams(scale=1.0))
+    vreq = V._request(_OnCuda(4, H, 64), _OnCuda(4, H, 64), _OnCuda(B + 1))
+    huge = max(B, H) > GRID_YZ
+    assert req.huge_grid == huge and vreq.huge_grid == huge
+    for impl, r in [(A.dispatcher.impls["triton"], req), (V.dispatcher.impls["triton"], vreq)] + (
+            [(A.dispatcher.impls["cuda"], req)] if hasattr(fastattn._ext._C, "attention_fwd_cuda") else []):
+        assert any("65535" in why for why in impl.declared_reasons(r)) == huge, (impl.backend, impl.declared_reasons(r))
+    cpu = torch.empty(65536, 1, 1, 8)  # (the CPU kernels have no such limit)
+    assert not request(cpu, cpu, cpu, None, None, A.AttnParams(scale=1.0)).huge_grid
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+def test_gpu_batch_past_the_grid_runs():
+    """70000 sequences on a GPU, auto mode: an answer equal to torch's (the reference runs), no launch failure."""
+    q, k, v = (torch.randn(70000, 1, 8, 32, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
+    out = fastattn.attention(q, k, v, causal="top_left")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-3, rtol=2e-3)
+    out.float().sum().backward()
+    assert q.grad.isfinite().all() and k.grad.isfinite().all()
+
+
 @pytest.mark.parametrize("causal", [None, "top_left"])
 def test_cpu_forward_items_of_several_query_blocks(causal):
     """Enough heads and queries that the CPU forward's work items span several query blocks (9 blocks of 64 a head

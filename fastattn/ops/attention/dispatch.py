@@ -34,7 +34,7 @@ from ...backends import Dispatcher, Impl, REFERENCE_DEVICES, triton_op
 from ...reference import attention_bwd_ref, attention_ref
 from ..batching import grads_with_graph
 from ..dropout import seeded_uniform
-from .params import AttnParams, AttnRequest, params_schema, request
+from .params import GRID_YZ, AttnParams, AttnRequest, params_schema, request
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -68,13 +68,15 @@ def _compiled(name):
     return call
 
 
-def _no_mask_grad(req: AttnRequest):
-    return ["attn_mask or alibi_slopes requires grad (only the reference computes its gradient)"] if req.mask_grad \
-        else []
+def _kernel_reasons(req: AttnRequest):
+    """What no kernel backend runs: gradients of a mask or ALiBi slopes; GPU grids past GRID_YZ."""
+    reasons = ["attn_mask or alibi_slopes requires grad (only the reference computes its gradient)"] \
+        if req.mask_grad else []
+    return reasons + ([f"batch or heads > {GRID_YZ} (the GPU kernels' grid axes y, z)"] if req.huge_grid else [])
 
 
 def _triton_check(req: AttnRequest):
-    reasons = _no_mask_grad(req)
+    reasons = _kernel_reasons(req)
     if max(req.head_dim, req.head_dim_v) > 256:
         reasons.append(f"head dim {max(req.head_dim, req.head_dim_v)} > 256")
     if min(req.head_dim, req.head_dim_v) == 0:  # (an empty output's lse is still the scores')
@@ -83,14 +85,14 @@ def _triton_check(req: AttnRequest):
 
 
 def _cpu_check(req: AttnRequest):
-    reasons = _no_mask_grad(req)
+    reasons = _kernel_reasons(req)
     if not hasattr(_ext._C, "attention_fwd_cpu"):
         reasons.append("fastattn._C has no CPU attention kernel")
     return reasons
 
 
 def _cuda_check(req: AttnRequest):
-    reasons = _no_mask_grad(req)
+    reasons = _kernel_reasons(req)
     if not hasattr(_ext._C, "attention_fwd_cuda"):
         return reasons + ["fastattn._C has no CUDA attention kernel"]
     if req.head_dim not in (32, 64, 128) or req.head_dim_v != req.head_dim:

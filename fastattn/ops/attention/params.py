@@ -61,6 +61,10 @@ class AttnRequest(NamedTuple):
     softcap: bool
     dropout: bool
     small: bool = False  # a CUDA call of at most SMALL_FLOP forward FLOPs (dispatch.py's GPU order)
+    huge_grid: bool = False  # a CUDA call with batch or heads past GRID_YZ (the kernels' grid axes y and z)
+
+
+GRID_YZ = 65535  # a CUDA grid's most blocks along y and z: the GPU attention kernels put heads and batch there
 
 
 # Forward FLOPs (4 * B * H * L * S * E) up to which a CUDA call counts as small: the CUDA C++ kernel, slower than
@@ -80,4 +84,5 @@ def request(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi: Opti
                                                     (alibi is not None and alibi.requires_grad)),
                        k.shape[1] != q.shape[1], p.causal,
                        (p.window_left, p.window_right) != (-1, -1), alibi is not None, p.softcap > 0,
-                       p.dropout_p > 0, device == "cuda" and 4 * q.numel() * k.shape[-2] <= SMALL_FLOP)
+                       p.dropout_p > 0, device == "cuda" and 4 * q.numel() * k.shape[-2] <= SMALL_FLOP,
+                       device == "cuda" and max(q.shape[0], q.shape[1]) > GRID_YZ)
