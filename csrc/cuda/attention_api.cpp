@@ -216,7 +216,11 @@ std::vector<at::Tensor> attention_bwd_cuda(const at::Tensor& dout, const at::Ten
   at::Tensor dq = at::empty_like(q);
   at::Tensor dk = at::empty_like(k);
   at::Tensor dv = at::empty_like(v);
-  if (pr.B == 0 || pr.H == 0 || (pr.L == 0 && pr.S == 0)) return {dq, dk, dv};
+  if (pr.B == 0 || pr.H == 0 || (pr.L == 0 && pr.S == 0)) {
+    dk.zero_();  // (no query heads: keys and values with no gradient, as the other backends give)
+    dv.zero_();
+    return {dq, dk, dv};
+  }
 
   // dout may arrive with any strides (autograd): copied when its rows are not 16-byte aligned
   const at::Tensor qa = aligned_rows(q), ka = aligned_rows(k), va = aligned_rows(v);
