@@ -1,6 +1,7 @@
 """Attention on every backend against the float64 reference (outputs and dQ/dK/dV), bounded by torch's own error
 in the same dtype; conformance with F.scaled_dot_product_attention; dropout; bad input."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -551,6 +552,18 @@ def test_bad_shapes(args, match):
     m = torch.ones(args["mask"], dtype=torch.bool) if "mask" in args else None
     with pytest.raises(fastattn.ArgumentError, match=match):
         fastattn.scaled_dot_product_attention(q, k, v, m, enable_gqa=args.get("gqa", False))
+
+
+@pytest.mark.parametrize("q_shape, kpm_shape", [((2, 5, 8), (1, 7)), ((1, 2, 5, 8), (2, 7)), ((3, 2, 5, 8), (2, 7))])
+def test_key_padding_mask_that_does_not_broadcast_to_batch_s(q_shape, kpm_shape):
+    """A key_padding_mask must broadcast to (batch, S), not only with it: the error names it and (batch, S) (a
+    (1, S) mask on unbatched inputs blamed an attn_mask never given, at an internal 4-D shape)."""
+    q = torch.randn(q_shape)
+    k = torch.randn(*q_shape[:-2], 7, 8)
+    want = f"key_padding_mask: shape {kpm_shape} does not broadcast to (batch, S) = {(*q_shape[:-3], 7)}"
+    with pytest.raises(fastattn.ArgumentError, match=re.escape(want)):
+        fastattn.attention(q, k, k, key_padding_mask=torch.zeros(kpm_shape, dtype=torch.bool))
+    fastattn.attention(q, k, k, key_padding_mask=torch.zeros(7, dtype=torch.bool))  # (S,) broadcasts to any batch
 
 
 def test_bad_dtypes_and_arguments():

@@ -162,12 +162,15 @@ def build_mask(attn_mask, key_padding_mask, q: Tensor, lay: Layout) -> Optional[
     mask = None if attn_mask is None else _plain_tensor("attn_mask", attn_mask, q)
     if key_padding_mask is not None:
         kpm = _plain_tensor("key_padding_mask", key_padding_mask, q)
-        if kpm.shape != (*lay.batch, lay.S):
-            try:
-                torch.broadcast_shapes(kpm.shape, (*lay.batch, lay.S))
+        want = (*lay.batch, lay.S)
+        if kpm.shape != want:
+            try:  # broadcast to it, not only with it: (2, S) for batch (1,) or (1, S) unbatched are refused
+                fits = torch.broadcast_shapes(kpm.shape, want) == want
             except RuntimeError:
+                fits = False
+            if not fits:
                 raise ArgumentError(f"key_padding_mask: shape {tuple(kpm.shape)} does not broadcast to (batch, S) = "
-                                    f"{(*lay.batch, lay.S)}") from None
+                                    f"{want}")
         kpm = kpm[..., None, None, :]  # (*batch, 1, 1, S)
         if mask is None:
             mask = ~kpm if kpm.dtype == torch.bool else kpm
