@@ -12,15 +12,11 @@ import triton.language as tl
 
 from . import INTERPRETED, next_pow2
 from .dropout import philox_keep, philox_words
+from .softcap import tanh_sech2
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in base 2 (exp2): x * LOG2E
 LN2 = tl.constexpr(0.6931471805599453)
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
 
 @triton.jit
@@ -30,20 +26,21 @@ def _scores(q, kT, offs_m, offs_n, L, S,
             sm_scale, softcap, diag_offset, window_left, window_right,
             MASKED: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
             HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-    """Scores of a (BLOCK_M, BLOCK_N) tile in base 2, -inf where masked; also tanh(x / softcap) for the backward."""
+    """Scores of a (BLOCK_M, BLOCK_N) tile in base 2, -inf where masked; also the softcap's derivative factor
+    1 - tanh(x / softcap)^2 for the backward (without SOFTCAP: the scores, unused)."""
     s = tl.dot(q, kT, input_precision=PRECISION)
     if SOFTCAP:
-        capped = _tanh(s * (sm_scale / softcap))
+        capped, dcap = tanh_sech2(s * (sm_scale / softcap))
         s = capped * (softcap * LOG2E)
     else:
-        capped = s
+        dcap = s
         s = s * (sm_scale * LOG2E)
     if HAS_ALIBI:
         dist = tl.abs(offs_m[:, None] + diag_offset - offs_n[None, :]).to(tl.float32)
         s = s - (slope * LOG2E) * dist
     if MASK_KIND != 0:
         in_bounds = (offs_m[:, None] < L) & (offs_n[None, :] < S)
-        mptr = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        mptr = Mask + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn  # (L * S may pass 2^31)
         if MASK_KIND == 1:
             s = tl.where(tl.load(mptr, mask=in_bounds, other=0) != 0, s, float("-inf"))
         else:
@@ -56,7 +53,7 @@ def _scores(q, kT, offs_m, offs_n, L, S,
             keep = keep & (offs_n[None, :] >= offs_m[:, None] + diag_offset - window_left)
             keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag_offset + window_right)
         s = tl.where(keep, s, float("-inf"))
-    return s, capped
+    return s, dcap
 
 
 @triton.jit
@@ -161,7 +158,8 @@ def _fwd_inner(acc, l_i, m_i, q,  # running output, row sums and row maxima; the
                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None],
+        Kb = K + tl.cast(start_n, tl.int64) * stride_kn  # the block's first row in int64 (S * stride may pass 2^31)
+        kT = tl.load(Kb + tl.arange(0, BLOCK_N)[None, :] * stride_kn + offs_d[:, None],
                      mask=(offs_n[None, :] < S) & (offs_d[:, None] < E), other=0.0).to(DOT_DTYPE)
         s, _ = _scores(q, kT, offs_m, offs_n, L, S, Mask, stride_mm, stride_mn, slope,
                        sm_scale, softcap, diag_offset, window_left, window_right,
@@ -174,7 +172,8 @@ def _fwd_inner(acc, l_i, m_i, q,  # running output, row sums and row maxima; the
         if DROPOUT:
             keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, RL, RS, dropout_p, DROPOUT, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :],
+        Vb = V + tl.cast(start_n, tl.int64) * stride_vn
+        v = tl.load(Vb + tl.arange(0, BLOCK_N)[:, None] * stride_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV), other=0.0).to(DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
         m_i = m_new
@@ -208,12 +207,14 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    Q += q0 * stride_qm
-    Out += q0 * stride_om
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+    # the tile's first row in int64 (a head or row may start past 2^31 elements), rows within it in int32
+    b64, h64, m64 = b.to(tl.int64), h.to(tl.int64), tl.cast(q0 + start_m, tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm + rows[:, None] * stride_qm + offs_d[None, :],
                 mask=(offs_m[:, None] < Lb) & (offs_d[None, :] < E), other=0.0).to(DOT_DTYPE)
-    K += b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh + k0 * stride_kn
-    V += b.to(tl.int64) * stride_vb + (h // GROUP) * stride_vh + k0 * stride_vn
+    kvh64 = (h // GROUP).to(tl.int64)
+    K += b64 * stride_kb + kvh64 * stride_kh + k0 * stride_kn
+    V += b64 * stride_vb + kvh64 * stride_vh + k0 * stride_vn
     Mask, slope = _head_bias(Mask, stride_mb, stride_mh, Alibi, b, h, bh, HAS_ALIBI)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -241,7 +242,7 @@ def _attn_fwd_kernel(
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     lse = tl.where(empty, float("inf"), (m_safe + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < Lb)
-    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
+    tl.store(Out + b64 * stride_ob + h64 * stride_oh + m64 * stride_om + rows[:, None] * stride_om + offs_dv[None, :],
              out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lb) & (offs_dv[None, :] < EV))
 
 
@@ -298,9 +299,9 @@ def _bwd_tile(q, k, v, do, lse, delta,  # the query side's tiles and the key sid
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of the backward: P as the forward applied it to V (dropout included) and dS.
     P is 0 where masked, for rows past L and for empty rows (their lse is +inf)."""
-    s, capped = _scores(q, tl.trans(k), offs_m, offs_n, L, S, Mask, stride_mm, stride_mn, slope,
-                        sm_scale, softcap, diag_offset, window_left, window_right,
-                        MASKED, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, PRECISION)
+    s, dcap = _scores(q, tl.trans(k), offs_m, offs_n, L, S, Mask, stride_mm, stride_mn, slope,
+                      sm_scale, softcap, diag_offset, window_left, window_right,
+                      MASKED, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, PRECISION)
     p = tl.math.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:
@@ -311,7 +312,7 @@ def _bwd_tile(q, k, v, do, lse, delta,  # the query side's tiles and the key sid
         pd = p
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
-        ds = ds * (1.0 - capped * capped)
+        ds = ds * dcap
     return pd, ds
 
 

@@ -9,14 +9,10 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED, next_pow2, sm_count
+from .softcap import tanh
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
 
 @triton.jit
@@ -72,20 +68,22 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
+        s64 = tl.cast(start, tl.int64)  # the block's first key in int64 (S * stride may pass 2^31)
         in_len = offs_n < hi
         key_ok = in_len
         if HAS_KEEP:
-            key_ok = key_ok & (tl.load(Keep + offs_n * stride_keeps, mask=in_len, other=0) != 0)
-        k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :],
+            key_ok = key_ok & (tl.load(Keep + s64 * stride_keeps + tl.arange(0, BLOCK_N) * stride_keeps, mask=in_len,
+                                       other=0) != 0)
+        k = tl.load(K + s64 * stride_ks + tl.arange(0, BLOCK_N)[:, None] * stride_ks + offs_d[None, :],
                     mask=in_len[:, None] & (offs_d[None, :] < E), other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vs + offs_dv[None, :],
+        v = tl.load(V + s64 * stride_vs + tl.arange(0, BLOCK_N)[:, None] * stride_vs + offs_dv[None, :],
                     mask=key_ok[:, None] & (offs_dv[None, :] < EV), other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if SOFTCAP:
-            s = _tanh(s * qk_scale) * (softcap * LOG2E)
+            s = tanh(s * qk_scale) * (softcap * LOG2E)
         else:
             s = s * qk_scale
         ok = key_ok[None, :]

@@ -290,6 +290,30 @@ def test_extended_features(backend_name, kw):
     check(backend_name, B=1, H=2, L=50, S=66, **kw)
 
 
+@pytest.mark.parametrize("backend_name", ["triton"], indirect=True)
+def test_triton_forward_rows_past_2_31_elements(backend_name):
+    """Heads that start past 2^31 elements of q's storage (a 300k-token (B, H, L, D) input, a packed projection): the
+    forward computes its offsets in int64, as the backward does (int32 products read 4 GiB before q: a crash in the
+    interpreter). Here 3 heads 2^30 + 64 elements apart in a 6.4 GB allocation that is never touched but for them."""
+    dev = backend_device(backend_name)
+    hs = 2**30 + 64
+    q = torch.empty(2 * hs + 8 * 16, dtype=torch.float16, device=dev).as_strided((1, 3, 8, 16), (0, hs, 16, 1))
+    g = torch.Generator().manual_seed(0)
+    vals, k, v = (torch.randn(1, 3, 8, 16, generator=g).half().to(dev) for _ in range(3))
+    q.copy_(vals)
+    with torch.no_grad(), fastattn.backend(backend_name):
+        out = fastattn.attention(q, k, v)
+    torch.testing.assert_close(out.double(), attention_ref(vals.double(), k.double(), v.double()), atol=2e-3, rtol=0)
+
+
+@BK
+@pytest.mark.parametrize("softcap", [50.0, 200.0])
+def test_large_softcap_float32(backend_name, softcap):
+    """Gemma-2's softcap (50) and past it, float32: within torch's own error, forward and backward (Triton's tanh,
+    2 / (1 + exp(-2x)) - 1, was ~1e-7 off everywhere: x 200, 20 times torch's error)."""
+    check(backend_name, B=1, H=2, L=64, S=64, E=64, dtype=torch.float32, softcap=softcap)
+
+
 @BK
 @pytest.mark.parametrize("B, L, S, window, causal", [
     (1, 300, 1, (3, -1), "top_left"),     # a left window past the last key: queries >= 4 see no key
