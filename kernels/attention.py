@@ -4,6 +4,7 @@ GQA group: no atomics, no repeated K/V) and a dQ kernel. Masks are read tile by 
 Contract (shapes, lse, dropout counters): fastattn/ops/attention/dispatch.py. With VARLEN the same kernels run packed
 variable-length sequences (fastattn/ops/attention/varlen.py): batch b's rows start at CuQ[b] / CuK[b] of the packed
 q / k, v; L and S are then the longest sequence's lengths, the padded geometry of lse and the dropout counters."""
+import dataclasses
 import os
 
 import torch
@@ -644,7 +645,37 @@ def attention_fwd(q, k, v, mask, alibi, p):
     return out, lse
 
 
+GRID_Z = 65535  # a CUDA grid's most blocks on axis z, where the attention kernels put the batch
+
+
+def _batch_chunks(q, k, p, varlen):
+    """For a batch past GRID_Z: (index, params, varlen) of each launch of at most GRID_Z batches, the dropout offset
+    moved past the earlier batches' counters (_dropout_keep's (b * H + h, row) layout) so each draws what one launch
+    would; else None."""
+    B, H = q.shape[:2]
+    grid_z = GRID_Z
+    if B <= grid_z:
+        return None
+    L, S = (q.shape[2], k.shape[2]) if varlen is None else varlen[3:5]
+    per_batch = H * L * ((S + 3) // 4 * 4)
+    chunks = []
+    for b0 in range(0, B, grid_z):
+        b1 = min(B, b0 + grid_z)
+        vl = None if varlen is None else (varlen[0][b0:b1 + 1], varlen[1][b0:b1 + 1], *varlen[2:])
+        chunks.append((slice(b0, b1), dataclasses.replace(p, offset=p.offset + b0 * per_batch), vl))
+    return chunks
+
+
+def _cut(t, i):
+    return None if t is None else t[i]
+
+
 def _fwd(q, k, v, out, lse, mask, alibi, p, varlen):
+    chunks = _batch_chunks(q, k, p, varlen)
+    if chunks is not None:
+        for i, pc, vl in chunks:
+            _fwd(q[i], k[i], v[i], out[i], lse[i], _cut(mask, i), _cut(alibi, i), pc, vl)
+        return
     (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, cu, scalars, flags, key = _common(q, k, v, mask, alibi, p,
                                                                                         varlen)
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)  # noqa: E731
@@ -672,6 +703,12 @@ def attention_bwd(dout, q, k, v, out, lse, mask, alibi, p, into=None):
 
 
 def _bwd(dout, q, k, v, out, lse, mask, alibi, p, grads, varlen):
+    chunks = _batch_chunks(q, k, p, varlen)
+    if chunks is not None:
+        for i, pc, vl in chunks:
+            _bwd(dout[i], q[i], k[i], v[i], out[i], lse[i], _cut(mask, i), _cut(alibi, i), pc,
+                 tuple(g[i] for g in grads), vl)
+        return
     (B, H, Hk, L, S, E, EV), mask_arg, ms, alibi_arg, cu, scalars, flags, key = _common(q, k, v, mask, alibi, p,
                                                                                         varlen)
     dq, dk, dv = grads
@@ -724,7 +761,7 @@ def attention_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alib
     return dq, dk, dv
 
 
-def dropout_mask(p, B, H, L, S, device, grid_z=65535):
+def dropout_mask(p, B, H, L, S, device, grid_z=GRID_Z):
     """The (B, H, L, S) keep mask the kernels above draw for these parameters (returned attention weights, double
     backward, tests): (batch, head) pairs in launches of at most grid_z (a CUDA grid's limit on axis z)."""
     keep = torch.empty((B, H, L, S), dtype=torch.int8, device=device)

@@ -743,26 +743,61 @@ class _OnCuda:
 
 @pytest.mark.parametrize("B, H", [(65536, 1), (1, 65536), (65535, 65535)])
 def test_gpu_grid_limits_are_declared(B, H):
-    """Batch or heads past 65535 (a CUDA grid's axes y and z, where the Triton and CUDA C++ kernels put them): both
-    GPU backends decline with the reason, so auto mode runs the reference instead of failing at launch (the CUDA
-    binding's check raised; Triton's launch failed)."""
+    """A CUDA grid holds 65535 blocks on axes y and z, where the GPU kernels put heads and batch: the CUDA C++ kernel
+    declines either past it (its binding's check raised), Triton declines heads past it and launches a batch past it
+    in chunks (test below); auto mode then runs what remains (the reference for heads)."""
     from fastattn.ops.attention.params import GRID_YZ, request
     from fastattn.ops.attention import varlen as V
     q = _OnCuda(B, H, 4, 64)
     req = request(q, q, q, None, None, A.AttnParams(scale=1.0))
-    vreq = V._request(_OnCuda(4, H, 64), _OnCuda(4, H, 64), _OnCuda(B + 1))
-    huge = max(B, H) > GRID_YZ
-    assert req.huge_grid == huge and vreq.huge_grid == huge
-    for impl, r in [(A.dispatcher.impls["triton"], req), (V.dispatcher.impls["triton"], vreq)] + (
-            [(A.dispatcher.impls["cuda"], req)] if hasattr(fastattn._ext._C, "attention_fwd_cuda") else []):
-        assert any("65535" in why for why in impl.declared_reasons(r)) == huge, (impl.backend, impl.declared_reasons(r))
+    vreq = V._request(_OnCuda(4, H, 64), _OnCuda(4, H, 64))
+    assert (req.big_batch, req.big_heads, vreq.big_heads) == (B > GRID_YZ, H > GRID_YZ, H > GRID_YZ)
+
+    def declines(impl, r):
+        return [why for why in impl.declared_reasons(r) if "65535" in why]
+    assert bool(declines(A.dispatcher.impls["triton"], req)) == (H > GRID_YZ)
+    assert bool(declines(V.dispatcher.impls["triton"], vreq)) == (H > GRID_YZ)
+    if hasattr(fastattn._ext._C, "attention_fwd_cuda"):
+        assert bool(declines(A.dispatcher.impls["cuda"], req)) == (max(B, H) > GRID_YZ)
     cpu = torch.empty(65536, 1, 1, 8)  # (the CPU kernels have no such limit)
-    assert not request(cpu, cpu, cpu, None, None, A.AttnParams(scale=1.0)).huge_grid
+    r = request(cpu, cpu, cpu, None, None, A.AttnParams(scale=1.0))
+    assert not r.big_batch and not r.big_heads
+
+
+@pytest.mark.parametrize("backend_name", ["triton"], indirect=True)
+def test_triton_launches_batches_past_the_grid_in_chunks(backend_name, monkeypatch):
+    """A batch past the grid's axis z (65535; 2 here) in several launches: outputs, lse and gradients bit-equal to one
+    launch, dropout masks included (each chunk's counters start where the batches before it end); dense with a
+    per-batch mask and ALiBi slopes, and varlen with 5 sequences."""
+    from fastattn.kernels import attention as K
+    dev = backend_device(backend_name)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(5, 2, 7, 16, generator=g).to(dev) for _ in range(3))
+    mask = (torch.rand(5, 2, 7, 7, generator=g) > 0.2).to(dev)
+    slopes = torch.rand(5, 2, generator=g).to(dev)
+    qv, kv, vv = (torch.randn(23, 2, 16, generator=g).to(dev) for _ in range(3))
+    cu = torch.tensor([0, 3, 3, 10, 17, 23], dtype=torch.int32, device=dev)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, qv, kv, vv)]
+        torch.manual_seed(1)
+        with fastattn.backend(backend_name):
+            out, lse = fastattn.attention(*leaves[:3], attn_mask=mask, alibi_slopes=slopes, causal="top_left",
+                                          dropout_p=0.3, return_lse=True)
+            out_v, lse_v = fastattn.attention_varlen(*leaves[3:], cu, cu, alibi_slopes=slopes, causal=True,
+                                                     dropout_p=0.3, return_lse=True)
+        (out.square().sum() + out_v.square().sum()).backward()
+        return [out, lse, out_v, lse_v] + [t.grad for t in leaves]
+    whole = run()
+    monkeypatch.setattr(K, "GRID_Z", 2)
+    for name, a, b in zip(["out", "lse", "out_v", "lse_v", "dq", "dk", "dv", "dq_v", "dk_v", "dv_v"], run(), whole):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
 def test_gpu_batch_past_the_grid_runs():
-    """70000 sequences on a GPU, auto mode: an answer equal to torch's (the reference runs), no launch failure."""
+    """70000 sequences on a GPU, auto mode: an answer equal to torch's (Triton, in two launches; CUDA C++ declines),
+    no launch failure."""
     q, k, v = (torch.randn(70000, 1, 8, 32, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
     out = fastattn.attention(q, k, v, causal="top_left")
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-3, rtol=2e-3)

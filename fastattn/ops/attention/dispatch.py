@@ -69,10 +69,10 @@ def _compiled(name):
 
 
 def _kernel_reasons(req: AttnRequest):
-    """What no kernel backend runs: gradients of a mask or ALiBi slopes; GPU grids past GRID_YZ."""
+    """What no kernel backend runs: gradients of a mask or ALiBi slopes; heads past a GPU grid's axis y."""
     reasons = ["attn_mask or alibi_slopes requires grad (only the reference computes its gradient)"] \
         if req.mask_grad else []
-    return reasons + ([f"batch or heads > {GRID_YZ} (the GPU kernels' grid axes y, z)"] if req.huge_grid else [])
+    return reasons + ([f"heads > {GRID_YZ} (the GPU kernels' grid axis y)"] if req.big_heads else [])
 
 
 def _triton_check(req: AttnRequest):
@@ -102,6 +102,8 @@ def _cuda_check(req: AttnRequest):
     for feature in ("window", "alibi", "softcap", "dropout"):
         if getattr(req, feature):
             reasons.append(f"{feature} is not implemented in the CUDA C++ kernel")
+    if req.big_batch:  # (Triton launches such a batch in chunks)
+        reasons.append(f"batch > {GRID_YZ} (the CUDA C++ kernel's grid axis z)")
     return reasons
 
 

@@ -61,7 +61,8 @@ class AttnRequest(NamedTuple):
     softcap: bool
     dropout: bool
     small: bool = False  # a CUDA call of at most SMALL_FLOP forward FLOPs (dispatch.py's GPU order)
-    huge_grid: bool = False  # a CUDA call with batch or heads past GRID_YZ (the kernels' grid axes y and z)
+    big_batch: bool = False  # a CUDA call with batch past GRID_YZ (grid axis z: CUDA C++ declines, Triton chunks it)
+    big_heads: bool = False  # a CUDA call with heads past GRID_YZ (grid axis y of both GPU kernels)
 
 
 GRID_YZ = 65535  # a CUDA grid's most blocks along y and z: the GPU attention kernels put heads and batch there
@@ -85,4 +86,4 @@ def request(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi: Opti
                        k.shape[1] != q.shape[1], p.causal,
                        (p.window_left, p.window_right) != (-1, -1), alibi is not None, p.softcap > 0,
                        p.dropout_p > 0, device == "cuda" and 4 * q.numel() * k.shape[-2] <= SMALL_FLOP,
-                       device == "cuda" and max(q.shape[0], q.shape[1]) > GRID_YZ)
+                       device == "cuda" and q.shape[0] > GRID_YZ, device == "cuda" and q.shape[1] > GRID_YZ)

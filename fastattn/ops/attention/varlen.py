@@ -47,7 +47,7 @@ class VarlenRequest(NamedTuple):
     head_dim: int
     head_dim_v: int
     slopes_grad: bool = False  # ALiBi slopes that require grad, grad enabled (only the reference differentiates them)
-    huge_grid: bool = False  # on a GPU, sequences or heads past GRID_YZ (the Triton kernels' grid axes z and y)
+    big_heads: bool = False  # on a GPU, heads past GRID_YZ (grid axis y; Triton launches many sequences in chunks)
 
 
 # ---- reference backend ---------------------------------------------------------------------------------------
@@ -121,9 +121,9 @@ def _cpu_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi, p: AttnPa
 
 
 def _kernel_reasons(req: VarlenRequest):
-    """What no kernel backend runs: gradients of ALiBi slopes; GPU grids past GRID_YZ."""
+    """What no kernel backend runs: gradients of ALiBi slopes; heads past a GPU grid's axis y."""
     reasons = ["alibi_slopes requires grad (only the reference computes its gradient)"] if req.slopes_grad else []
-    return reasons + ([f"sequences or heads > {GRID_YZ} (the GPU kernels' grid axes z, y)"] if req.huge_grid else [])
+    return reasons + ([f"heads > {GRID_YZ} (the GPU kernels' grid axis y)"] if req.big_heads else [])
 
 
 def _triton_check(req: VarlenRequest):
@@ -143,10 +143,10 @@ dispatcher = Dispatcher("attention_varlen", [
 ])
 
 
-def _request(q: Tensor, v: Tensor, cu_q: Tensor, slopes_grad: bool = False) -> VarlenRequest:
+def _request(q: Tensor, v: Tensor, slopes_grad: bool = False) -> VarlenRequest:
     device = q.device.type
     return VarlenRequest(device, q.dtype, q.shape[-1], v.shape[-1], slopes_grad,
-                         device == "cuda" and max(cu_q.shape[0] - 1, q.shape[1]) > GRID_YZ)
+                         device == "cuda" and q.shape[1] > GRID_YZ)
 
 
 # ---- custom ops, differentiable (eager and torch.compile alike; an autograd.Function would refuse, under dynamo,
@@ -159,7 +159,7 @@ _ARGS = "Tensor cu_q, Tensor cu_k, SymInt max_q, SymInt max_k, Tensor? alibi"
                                 f"str backend) -> (Tensor, Tensor)")
 def varlen_fwd_op(q, k, v, cu_q, cu_k, max_q, max_k, alibi, bottom_right, *flat_and_backend):
     *flat, backend = flat_and_backend
-    impl = dispatcher.select(_request(q, v, cu_q), backend or None)
+    impl = dispatcher.select(_request(q, v), backend or None)
     out, lse = impl.fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi, AttnParams(*flat), bottom_right)
     return out.contiguous(), lse.contiguous()
 
@@ -175,7 +175,7 @@ def _(q, k, v, cu_q, cu_k, max_q, max_k, alibi, *args):
                                 f"bool bottom_right, {params_schema()}, str backend) -> (Tensor, Tensor, Tensor)")
 def varlen_bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi, bottom_right, *flat_and_backend):
     *flat, backend = flat_and_backend
-    impl = dispatcher.select(_request(q, v, cu_q), backend or None)
+    impl = dispatcher.select(_request(q, v), backend or None)
     grads = impl.bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi, AttnParams(*flat),
                      bottom_right)
     return tuple(g.contiguous() for g in grads)
@@ -198,7 +198,7 @@ def _grads_with_graph(dout, q, k, v, cu_q, cu_k, max_q, max_k, alibi, p: AttnPar
     """(dq, dk, dv) with a graph of their own, for a backward under create_graph=True (a double backward): the
     reference's forward recomputed with the dropout mask the forward's backend drew, differentiated by autograd."""
     B, H = cu_q.shape[0] - 1, q.shape[1]
-    used = dispatcher.select(_request(q, v, cu_q), backend or None).backend
+    used = dispatcher.select(_request(q, v), backend or None).backend
     dmask = dropout_mask(used, p, B, H, max_q, max_k, q.device) if p.dropout_p > 0 else None
     return grads_with_graph(lambda q, k, v: ref_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi, p, bottom_right,
                                                     dmask)[0], (q, k, v), dout)
@@ -312,7 +312,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     backend = forced_backend_name()
     slopes_grad = alibi is not None and alibi.requires_grad and torch.is_grad_enabled()
     if has_torch_function_subclass(q, k, v) or is_transformed(q, k, v) or slopes_grad:
-        dispatcher.select(_request(q, v, cu_q, slopes_grad), backend or None)  # raises if a kernel was forced
+        dispatcher.select(_request(q, v, slopes_grad), backend or None)  # raises if a kernel was forced
         debug("fastattn.attention_varlen: a tensor subclass, torch.func transform or ALiBi slopes that require "
               "grad: the reference")
         out, lse = ref_fwd(q, k, v, cu_q, cu_k, max_q, max_k, alibi, p, bottom_right)
