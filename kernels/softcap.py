@@ -17,7 +17,7 @@ def tanh_sech2(x):
     e = tl.exp(-2.0 * a)
     d = 1.0 + e
     far = (1.0 - e) / d
-    x2 = x * x
+    x2 = tl.minimum(x * x, NEAR * NEAR)  # (the same where the polynomial is used; no overflow where it is not)
     p = 0.0005900274409  # 6404582 / 10854718875, then down to -1/3: tanh(x) = x + x^3 p(x^2)
     p = p * x2 - 0.001455834387
     p = p * x2 + 0.003592128037

@@ -294,7 +294,8 @@ def test_extended_features(backend_name, kw):
 def test_triton_forward_rows_past_2_31_elements(backend_name):
     """Heads that start past 2^31 elements of q's storage (a 300k-token (B, H, L, D) input, a packed projection): the
     forward computes its offsets in int64, as the backward does (int32 products read 4 GiB before q: a crash in the
-    interpreter). Here 3 heads 2^30 + 64 elements apart in a 6.4 GB allocation that is never touched but for them."""
+    interpreter). Here 3 heads 2^30 + 64 elements apart in a 4.3 GB allocation that is never touched but for them;
+    then keys past 2^31 elements (a window reads only the cache's tail) and mask rows 2^28 apart."""
     dev = backend_device(backend_name)
     hs = 2**30 + 64
     q = torch.empty(2 * hs + 8 * 16, dtype=torch.float16, device=dev).as_strided((1, 3, 8, 16), (0, hs, 16, 1))
@@ -304,6 +305,25 @@ def test_triton_forward_rows_past_2_31_elements(backend_name):
     with torch.no_grad(), fastattn.backend(backend_name):
         out = fastattn.attention(q, k, v)
     torch.testing.assert_close(out.double(), attention_ref(vals.double(), k.double(), v.double()), atol=2e-3, rtol=0)
+    S = 2**25 + 40  # x E 64: the last keys start past 2^31 elements
+    k, v = (torch.empty(1, 1, S, 64, dtype=torch.float16, device=dev) for _ in range(2))
+    q = torch.randn(1, 1, 8, 64, generator=g).half().to(dev)
+    tail_k, tail_v = (torch.randn(1, 1, 16, 64, generator=g).half().to(dev) for _ in range(2))
+    k[:, :, -16:], v[:, :, -16:] = tail_k, tail_v
+    win = dict(causal="bottom_right", window=(7, 0))  # 8 queries against the last 15 keys
+    with torch.no_grad(), fastattn.backend(backend_name):
+        out = fastattn.attention(q, k, v, **win)
+    torch.testing.assert_close(out.double(), attention_ref(q.double(), tail_k.double(), tail_v.double(), **win),
+                               atol=2e-3, rtol=0)
+    rows = 2**28
+    keep = torch.rand(1, 1, 9, 9, generator=g) > 0.3
+    keep[..., 0] = True
+    mask = torch.empty(8 * rows + 9, dtype=torch.bool, device=dev).as_strided((1, 1, 9, 9), (0, 0, rows, 1))
+    mask.copy_(keep)
+    q = torch.randn(1, 1, 9, 16, generator=g).half().to(dev)
+    with torch.no_grad(), fastattn.backend(backend_name):
+        out = fastattn.attention(q, q, q, attn_mask=mask)
+    torch.testing.assert_close(out.double(), attention_ref(*(q.double(),) * 3, keep.to(dev)), atol=2e-3, rtol=0)
 
 
 @BK

@@ -106,7 +106,8 @@ def test_a_second_data_file_is_not_a_checkpoint(capsys, tmp_path, monkeypatch, c
         (tmp_path / name).write_text("Some text.\n")
     rc, err = run_main(capsys, command, "--data" if command != "generate" else "--prompt-file", "a.txt", "b.txt")
     assert rc == 2 and err.count("\n") == 1
-    assert "b.txt: a file, not a checkpoint folder (each option takes one value: repeat it" in err, err
+    assert "b.txt: a file, not a checkpoint folder (the folder holding config.json; if it was meant as a second " \
+        "--data file: --data a.txt --data b.txt)" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
 
 

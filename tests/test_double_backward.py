@@ -31,7 +31,7 @@ def test_attention_gradgradcheck(backend_name, kw):
     assert gradgradcheck(f, [t.requires_grad_() for t in (q, k, v)])
 
 
-@pytest.mark.parametrize("backend_name", ["triton", "cpu"], indirect=True)  # the kernels that draw dropout masks
+@pytest.mark.parametrize("backend_name", ["reference", "cpu", "triton"], indirect=True)
 def test_attention_create_graph_keeps_the_dropout_mask(backend_name):
     """Under create_graph the gradients are the reference's on the mask the forward's kernel drew: equal to the
     kernel's own backward on the same call."""
@@ -142,7 +142,7 @@ def test_varlen_gradgradcheck(backend_name):
     assert gradgradcheck(f, [t.requires_grad_() for t in (q, k, v)])
 
 
-@pytest.mark.parametrize("backend_name", ["triton", "cpu"], indirect=True)  # the kernels that draw dropout masks
+@pytest.mark.parametrize("backend_name", ["reference", "cpu", "triton"], indirect=True)
 def test_varlen_create_graph_keeps_the_dropout_mask(backend_name):
     dev = backend_device(backend_name)
     dt = torch.float64 if backend_name != "triton" else torch.float32

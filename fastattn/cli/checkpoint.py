@@ -141,9 +141,9 @@ def locate(path, warn=print):
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint")
-    if p.is_file():  # e.g. `eval --data a.txt b.txt`: the options of these commands take one value each
-        raise CheckpointError(f"{p}: a file, not a checkpoint folder (each option takes one value: repeat it for "
-                              "more, as in --data a.txt --data b.txt)")
+    if p.is_file():  # e.g. `eval --data a.txt b.txt`: these commands' options take one value each
+        raise CheckpointError(f"{p}: a file, not a checkpoint folder (the folder holding config.json; if it was "
+                              "meant as a second --data file: --data a.txt --data b.txt)")
     if not (p / "config.json").is_file():
         ck = p / "model" if (p / "model" / "config.json").is_file() else latest_valid(p, warn)
         if ck is None:
