@@ -28,6 +28,7 @@ def debug(msg: str, *args) -> None:
     if not torch.compiler.is_compiling():
         log.debug(msg, *args)
 
+
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 # Auto-mode order per tensor device type. Triton on CPU tensors runs only in the (slow) interpreter, so auto
 # mode never picks it there; force it to test the Triton kernels without a GPU.
