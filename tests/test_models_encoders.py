@@ -92,6 +92,7 @@ def test_bert_config_errors_name_the_field():
                       (dict(first_input_norm=False), "first_input_norm"),  # needs norm_first
                       (dict(sliding_window=0), "sliding_window"),
                       (dict(rel_pos_buckets=8, relative_buckets=8), "relative_buckets"),  # one scheme at a time
+                      (dict(rel_pos_buckets=4, rel_pos_max=16, n_kv_head=1), "n_kv_head"),  # (was a shape error)
                       (dict(shared_layers=1), "shared_layers")):
         with pytest.raises(ValueError, match=f"BERTConfig.{field}"):
             BERTConfig(**SMALL, **kw)

@@ -111,6 +111,16 @@ def test_config_fields_are_the_documented_ones():
 
 
 # ---- forward, backends, training ------------------------------------------------------------------------------
+def test_torch_backend_softcap_keeps_float64():
+    """backend="torch" with attn_softcap computes a float64 model's scores in float64 (it cast them to float32: 3e-9
+    off the fastattn backend, which matches the float64 reference)."""
+    fa = model("gpt2", attn_softcap=50.0).double()
+    th = twin(fa, backend="torch").double()
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(th(ids).logits, fa(ids).logits, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_backends_match_over_training_steps(variant):
     """fastattn and torch backends: same state_dict, same losses and parameters over a few SGD steps (padding

@@ -95,6 +95,10 @@ class BERTConfig(ModelConfig):
                     self.rel_pos_max <= self.rel_pos_buckets // 2 + 1:
                 raise ValueError(f"BERTConfig.rel_pos_max: an int > rel_pos_buckets / 2 + 1 "
                                  f"({self.rel_pos_buckets // 2 + 1}), got {self.rel_pos_max!r}")
+            if self.n_kv_head is not None and self.n_kv_head != self.n_head:
+                raise ValueError(f"BERTConfig.n_kv_head: DeBERTa's disentangled attention (rel_pos_buckets) has one "
+                                 f"key and value head per query head; got n_kv_head {self.n_kv_head} for n_head "
+                                 f"{self.n_head}")
         if self.embed_dim is not None:
             self.check_ints(("embed_dim",), 1)
         for name in ("pooler_norm", "head_bias", "shared_layers", "embed_padding_idx"):

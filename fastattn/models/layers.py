@@ -155,7 +155,8 @@ def _torch_attention(q, k, v, causal, key_padding_mask, dropout_p, window: Tuple
     if softcap:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        s = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5 if scale is None else scale)
+        s = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))  # (float64 stays)
+        s = s * (q.shape[-1] ** -0.5 if scale is None else scale)
         s = softcap * torch.tanh(s / softcap)
         if bias is not None:
             s = s + bias
