@@ -151,7 +151,6 @@ class TrainConfig:
                                f"{known})")
 
 
-# options that define the model, its tokens or its data stream: --resume refuses to change them
 PATH_KEYS = ("data", "init", "init_hf", "teacher")  # recorded absolute: eval / quantize / prune of the run, from any
 # folder, read the files it was trained on
 
@@ -165,6 +164,7 @@ def absolute_paths(key: str, value):
     return str(Path(value).resolve())
 
 
+# options that define the model, its tokens or its data stream: --resume refuses to change them
 RESUME_FIXED = ("task", "arch", "tokenizer", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "norm", "pos",
                 "mlp", "n_experts", "experts_per_tok", "mode", "lora_rank", "lora_alpha", "prompt_len", "nsp",
                 "num_labels", "qat", "int8_base", "data", "seq_len", "chat", "max_data_tokens", "val_fraction", "init",

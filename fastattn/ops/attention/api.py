@@ -16,7 +16,7 @@ from .dispatch import attention_fwd_op, dispatcher, fwd, ref_kwargs
 from ..batching import forward_ad_active, graph_capture, has_torch_function_subclass, is_transformed
 from .function import AttentionFunction, AttentionFunctionEager, DroppedAttention, PackedQKVAttention
 from ..dropout import dropout_rng
-from .params import AttnParams, request
+from .params import AttnParams, bias_grad, request
 from .validation import (CAUSAL, as_bhld, as_float, autocast_qkv, build_mask, causal_bias_alignment, check_alibi,
                          check_qkv, check_softcap, check_window, softmax_scale)
 
@@ -157,7 +157,7 @@ def _attention(q, k, v, packed, causal, attn_mask, key_padding_mask, dropout_p, 
     routed = None if dropout_p > 0 or subclass else decode_route(qb, kb, vb, mask, alibi, p, backend)
     if routed is not None:
         out, lse = routed
-    elif subclass or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (mask, alibi))):
+    elif subclass or bias_grad(mask, alibi):
         dispatcher.select(request(qb, kb, vb, mask, alibi, p), backend or None)  # raises if a kernel was forced
         # autograd through the reference gives the mask (or the ALiBi slopes) its gradient
         out, lse = attention_ref(qb, kb, vb, mask, return_lse=True, **ref_kwargs(qb, kb, mask, alibi, p))

@@ -34,7 +34,7 @@ from ...backends import Dispatcher, Impl, REFERENCE_DEVICES, triton_op
 from ...reference import attention_bwd_ref, attention_ref
 from ..batching import grads_with_graph
 from ..dropout import seeded_uniform
-from .params import GRID_YZ, AttnParams, AttnRequest, params_schema, request
+from .params import GRID_YZ, AttnParams, AttnRequest, grid_reasons, params_schema, request
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -72,7 +72,7 @@ def _kernel_reasons(req: AttnRequest):
     """What no kernel backend runs: gradients of a mask or ALiBi slopes; heads past a GPU grid's axis y."""
     reasons = ["attn_mask or alibi_slopes requires grad (only the reference computes its gradient)"] \
         if req.mask_grad else []
-    return reasons + ([f"heads > {GRID_YZ} (the GPU kernels' grid axis y)"] if req.big_heads else [])
+    return reasons + grid_reasons(req.big_heads)
 
 
 def _triton_check(req: AttnRequest):

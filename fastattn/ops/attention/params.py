@@ -68,6 +68,17 @@ class AttnRequest(NamedTuple):
 GRID_YZ = 65535  # a CUDA grid's most blocks along y and z: the GPU attention kernels put heads and batch there
 
 
+def bias_grad(mask: Optional[Tensor], alibi: Optional[Tensor]) -> bool:
+    """A mask or ALiBi slopes that require grad, grad enabled: only the reference differentiates them."""
+    return torch.is_grad_enabled() and ((mask is not None and mask.requires_grad) or
+                                        (alibi is not None and alibi.requires_grad))
+
+
+def grid_reasons(big_heads: bool) -> list:
+    """Why the GPU kernels refuse a call (heads past GRID_YZ: grid axis y), for the backends' checks."""
+    return [f"heads > {GRID_YZ} (the GPU kernels' grid axis y)"] if big_heads else []
+
+
 # Forward FLOPs (4 * B * H * L * S * E) up to which a CUDA call counts as small: the CUDA C++ kernel, slower than
 # Triton's on the GPU (0.7x in run 4) but launched by one pybind call rather than Triton's launch path (run 4:
 # ~190 us of host time a fastattn.attention call), goes first there. At 2**33 (e.g. 8 x 16 heads x 512 x 512 x 64)
@@ -81,9 +92,7 @@ def request(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi: Opti
     device = q.device.type
     return AttnRequest(device, q.dtype, q.shape[-1], v.shape[-1],
                        None if mask is None else "bool" if mask.dtype == torch.bool else "float",
-                       torch.is_grad_enabled() and ((mask is not None and mask.requires_grad) or
-                                                    (alibi is not None and alibi.requires_grad)),
-                       k.shape[1] != q.shape[1], p.causal,
+                       bias_grad(mask, alibi), k.shape[1] != q.shape[1], p.causal,
                        (p.window_left, p.window_right) != (-1, -1), alibi is not None, p.softcap > 0,
                        p.dropout_p > 0, device == "cuda" and 4 * q.numel() * k.shape[-2] <= SMALL_FLOP,
                        device == "cuda" and q.shape[0] > GRID_YZ, device == "cuda" and q.shape[1] > GRID_YZ)

@@ -36,7 +36,7 @@ from ..batching import grads_with_graph, graph_capture, has_torch_function_subcl
 from ..dropout import dropout_rng
 from .dispatch import FLOATS, dropout_mask, ref_dropout_mask
 from .function import DroppedAttention
-from .params import GRID_YZ, AttnParams, params_schema
+from .params import GRID_YZ, AttnParams, bias_grad, grid_reasons, params_schema
 from .validation import (CAUSAL, as_float, autocast_qkv, check_alibi, check_float_tensors, check_softcap,
                          check_window, softmax_scale)
 
@@ -123,7 +123,7 @@ def _cpu_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi, p: AttnPa
 def _kernel_reasons(req: VarlenRequest):
     """What no kernel backend runs: gradients of ALiBi slopes; heads past a GPU grid's axis y."""
     reasons = ["alibi_slopes requires grad (only the reference computes its gradient)"] if req.slopes_grad else []
-    return reasons + ([f"heads > {GRID_YZ} (the GPU kernels' grid axis y)"] if req.big_heads else [])
+    return reasons + grid_reasons(req.big_heads)
 
 
 def _triton_check(req: VarlenRequest):
@@ -310,7 +310,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                    dropout_p if dropout_p < 1 else 0.0, seed, offset)
     bottom_right = causal != "top_left"
     backend = forced_backend_name()
-    slopes_grad = alibi is not None and alibi.requires_grad and torch.is_grad_enabled()
+    slopes_grad = bias_grad(None, alibi)
     if has_torch_function_subclass(q, k, v) or is_transformed(q, k, v) or slopes_grad:
         dispatcher.select(_request(q, v, slopes_grad), backend or None)  # raises if a kernel was forced
         debug("fastattn.attention_varlen: a tensor subclass, torch.func transform or ALiBi slopes that require "

@@ -84,7 +84,7 @@ def _used_keys(key: Tensor, value: Tensor, cu_k: Optional[Tensor], used: Optiona
             raise ArgumentError(f"block_table: page indices must be in [0, {key.shape[0]}) (the pool's pages), got "
                                 f"{bad[:4]}")
         idx = torch.cat([(p.long()[:, None] * page + torch.arange(page, device=p.device)).reshape(-1)[:u]
-                         for p, u in zip(pages, lens)] or [torch.zeros(0, dtype=torch.long)])
+                         for p, u in zip(pages, lens)] or [torch.zeros(0, dtype=torch.long, device=key.device)])
         flat_k, flat_v = key.reshape(-1, *key.shape[2:]), value.reshape(-1, *value.shape[2:])
     else:
         if not isinstance(cu_k, Tensor):
