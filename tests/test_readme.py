@@ -52,8 +52,8 @@ def _tensor_fixtures():
     B, H, L, E = 2, 4, 16, 8
     d = 32
 
-    def varlen(h):
-        return _randn(10, h, E)
+    def mlp():
+        return torch.nn.Sequential(torch.nn.Linear(d, 48), torch.nn.GELU(), torch.nn.Linear(48, d))
 
     return {
         # add + norm
@@ -72,8 +72,7 @@ def _tensor_fixtures():
         "lens": lambda: torch.tensor([L, 9], dtype=torch.int32),
         # int8
         "linear": lambda: torch.nn.Linear(d, d),
-        "model": lambda: torch.nn.Sequential(torch.nn.Linear(d, 48), torch.nn.GELU(), torch.nn.Linear(48, d)),
-        "float_model": lambda: torch.nn.Sequential(torch.nn.Linear(d, 48), torch.nn.GELU(), torch.nn.Linear(48, d)),
+        "model": mlp, "float_model": mlp,
         "batches": lambda: [_randn(4, d, seed=s) for s in range(3)],
         "train": lambda: _qat_train,
         # cross-entropy
@@ -174,13 +173,9 @@ def _names(node, ctx):
 
 
 def _run_block(first_line, source, fixtures, namespace):
-    tree = ast.parse(source)
-    assigned, skipped = set(), []
-    for stmt in tree.body:
-        text = ast.get_source_segment(source, stmt)
-        line = first_line + stmt.lineno - 1
-        if re.search(r"\bcuda", text) and not HAS_GPU:
-            skipped.append(line)
+    assigned = set()
+    for stmt in ast.parse(source).body:
+        if re.search(r"\bcuda", ast.get_source_segment(source, stmt)) and not HAS_GPU:
             continue
         for name in sorted(_names(stmt, ast.Load) - assigned):
             if name in fixtures:
@@ -189,7 +184,6 @@ def _run_block(first_line, source, fixtures, namespace):
         ast.increment_lineno(module, first_line - 1)  # tracebacks point at the README's own lines
         exec(compile(module, str(README), "exec"), namespace)
         assigned |= _names(stmt, ast.Store)
-    return skipped
 
 
 def _namespace():
